@@ -1,0 +1,257 @@
+// Token-level divergence kernels: forward KL, reverse KL and generalized JSD between student
+// and teacher logits, loss and gradient w.r.t. the student logits.
+//
+// One block per row. Passes over the row (each a stream of 16-byte loads):
+//   forward / reverse KL: 1) online max + sum-exp of both sides and the KL sum, 2) gradient;
+//   JSD:                  1) online max + sum-exp, 2) KL(p||m) and KL(q||m), 3) gradient.
+// Forward-only skips the gradient pass. Reductions are fixed trees: results are bitwise
+// reproducible. dk_div_prepare computes the loss scale on the device (no host sync) and
+// dk_div_finish reduces the per-row losses in a fixed order.
+//
+// The math (a = t/T, b = s/T, log p = a - log Zt, log q = b - log Zs):
+//   forward KL = Σ p (a - b) + log Zs - log Zt,    dL/db = q - p
+//   reverse KL = Σ q (b - a) + log Zt - log Zs,    dL/db = q (log q - log p - L)
+//   JSD        = β KL(p||m) + (1-β) KL(q||m),      dL/db = (1-β) q (log q - log m - KL(q||m))
+// and dL/ds = scale / T · dL/db.
+
+#include "dk_divergence_args.h"
+#include "dk_reduce.cuh"
+#include "dk_vec.cuh"
+
+namespace dk {
+namespace divergence {
+
+enum class Kind { ForwardKl, ReverseKl, Jsd };
+
+constexpr int kThreads = 256;
+
+// x * d with 0 * anything = 0: masked entries (probability 0) contribute nothing.
+__device__ __forceinline__ float xlog(float x, float d) { return x == 0.f ? 0.f : x * d; }
+
+// Calls f(i, s_i, t_i) for the thread's share of the row, 8 elements per 16-byte step when
+// both rows are aligned, then the tail (and everything, when unaligned) one element at a time.
+template <typename TS, typename TT, typename F>
+__device__ __forceinline__ void for_each(const TS* s, const TT* t, int v, bool vec, F&& f) {
+  int start = 0;
+  if (vec) {
+    const int chunks = v / kVec;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+      float sv[kVec], tv[kVec];
+      load8(s + c * kVec, sv);
+      load8(t + c * kVec, tv);
+      f.template chunk<kVec>(c * kVec, sv, tv);
+    }
+    start = chunks * kVec;
+  }
+  for (int i = start + threadIdx.x; i < v; i += blockDim.x) {
+    const float sv[1] = {to_float(s[i])}, tv[1] = {to_float(t[i])};
+    f.template chunk<1>(i, sv, tv);
+  }
+}
+
+// Pass 1: online statistics of both sides; for the KL kinds also the KL sum.
+template <Kind K>
+struct StatsPass {
+  float inv_t;
+  Online st, ss;  // teacher, student
+  template <int N>
+  __device__ __forceinline__ void chunk(int, const float (&s)[N], const float (&t)[N]) {
+    float a[N], b[N], ab[N], ba[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      a[k] = t[k] * inv_t;
+      b[k] = s[k] * inv_t;
+      ab[k] = a[k] - b[k];
+      ba[k] = b[k] - a[k];
+    }
+    st.add<K == Kind::ForwardKl>(a, ab);
+    ss.add<K == Kind::ReverseKl>(b, ba);
+  }
+};
+
+// Pass 2 of JSD: Σ p (log p - log m) and Σ q (log q - log m), m in log space.
+struct JsdPass {
+  float inv_t, lzt, lzs, log_beta, log_1mbeta;
+  float kl_pm = 0.f, kl_qm = 0.f;
+  template <int N>
+  __device__ __forceinline__ void chunk(int, const float (&s)[N], const float (&t)[N]) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float lp = t[k] * inv_t - lzt, lq = s[k] * inv_t - lzs;
+      const float x = lp + log_beta, y = lq + log_1mbeta;
+      const float hi = fmaxf(x, y);
+      const float lm = hi == -INFINITY ? -INFINITY : hi + log1pf(__expf(-fabsf(x - y)));
+      kl_pm += xlog(__expf(lp), lp - lm);
+      kl_qm += xlog(__expf(lq), lq - lm);
+    }
+  }
+};
+
+// Final pass: the gradient, stored 8 at a time when aligned.
+template <Kind K, typename TS>
+struct GradPass {
+  TS* g;
+  float inv_t, lzt, lzs, loss, kl_qm, one_m_beta, log_beta, log_1mbeta, gscale;
+  template <int N>
+  __device__ __forceinline__ void chunk(int i, const float (&s)[N], const float (&t)[N]) {
+    float out[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float lp = t[k] * inv_t - lzt, lq = s[k] * inv_t - lzs;
+      const float q = __expf(lq);
+      float d;
+      if (K == Kind::ForwardKl) {
+        d = q - __expf(lp);
+      } else if (K == Kind::ReverseKl) {
+        d = xlog(q, lq - lp - loss);
+      } else {
+        const float x = lp + log_beta, y = lq + log_1mbeta;
+        const float hi = fmaxf(x, y);
+        const float lm = hi == -INFINITY ? -INFINITY : hi + log1pf(__expf(-fabsf(x - y)));
+        d = one_m_beta * xlog(q, lq - lm - kl_qm);
+      }
+      out[k] = d * gscale;
+    }
+    if (N == kVec) {
+      store8(g + i, reinterpret_cast<const float(&)[kVec]>(out));
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k) g[i + k] = from_float<TS>(out[k]);
+    }
+  }
+};
+
+// Zeroes a gradient row (ignored or fully masked rows).
+template <typename TS>
+__device__ __forceinline__ void zero_row(TS* g, int v, bool vec) {
+  int start = 0;
+  if (vec) {
+    const float z[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    const int chunks = v / kVec;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) store8(g + c * kVec, z);
+    start = chunks * kVec;
+  }
+  for (int i = start + threadIdx.x; i < v; i += blockDim.x) g[i] = from_float<TS>(0.f);
+}
+
+template <Kind K, typename TS, typename TT>
+__device__ __forceinline__ void rows(const DkDivergenceArgs& a) {
+  __shared__ Online smem_online[32];
+  __shared__ float smem_sum[32];
+  const int64_t row = blockIdx.x;
+  const int v = static_cast<int>(a.v);
+  const TS* s = reinterpret_cast<const TS*>(a.student) + row * a.student_stride;
+  const TT* t = reinterpret_cast<const TT*>(a.teacher) + row * a.teacher_stride;
+  TS* g = a.grad ? reinterpret_cast<TS*>(a.grad) + row * a.grad_stride : nullptr;
+  float* per_row = reinterpret_cast<float*>(a.per_row);
+  const bool vec = aligned16(s) && aligned16(t) && (g == nullptr || aligned16(g));
+
+  const bool ignored =
+      a.labels != 0 && reinterpret_cast<const int64_t*>(a.labels)[row] == a.ignore_index;
+  if (ignored) {
+    if (threadIdx.x == 0) per_row[row] = 0.f;
+    if (g) zero_row(g, v, vec);
+    return;
+  }
+
+  StatsPass<K> stats{a.inv_temperature};
+  for_each(s, t, v, vec, stats);
+  const Online st = block_merge(stats.st, smem_online);
+  const Online ss = block_merge(stats.ss, smem_online);
+  const float lzt = st.log_z(), lzs = ss.log_z();
+
+  // A side with no finite entry has no distribution: loss 0, gradient 0 (NaN rows go on).
+  if (lzt == -INFINITY || lzs == -INFINITY) {
+    if (threadIdx.x == 0) per_row[row] = 0.f;
+    if (g) zero_row(g, v, vec);
+    return;
+  }
+
+  float loss, kl_qm = 0.f;
+  const float beta = a.beta, log_beta = logf(beta), log_1mbeta = log1pf(-beta);
+  if (K == Kind::ForwardKl) {
+    loss = st.acc / st.s + lzs - lzt;
+  } else if (K == Kind::ReverseKl) {
+    loss = ss.acc / ss.s + lzt - lzs;
+  } else {
+    JsdPass jp{a.inv_temperature, lzt, lzs, log_beta, log_1mbeta};
+    for_each(s, t, v, vec, jp);
+    const float kl_pm = block_sum(jp.kl_pm, smem_sum);
+    kl_qm = block_sum(jp.kl_qm, smem_sum);
+    loss = beta * kl_pm + (1.f - beta) * kl_qm;
+  }
+  if (threadIdx.x == 0) per_row[row] = loss;
+  if (!g) return;
+
+  const float gscale = *reinterpret_cast<const float*>(a.scale) * a.inv_temperature;
+  GradPass<K, TS> gp{g, a.inv_temperature, lzt, lzs, loss, kl_qm, 1.f - beta, log_beta, log_1mbeta, gscale};
+  for_each(s, t, v, vec, gp);
+}
+
+}  // namespace divergence
+}  // namespace dk
+
+using dk::divergence::Kind;
+
+#define DK_DIV_KERNEL(kname, KIND, sname, TS, tname, TT)                                     \
+  extern "C" __global__ void __launch_bounds__(dk::divergence::kThreads)                    \
+      dk_div_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                     \
+    dk::divergence::rows<KIND, TS, TT>(args);                                               \
+  }
+
+#define DK_DIV_KERNELS_FOR_KIND(kname, KIND)                                   \
+  DK_DIV_KERNEL(kname, KIND, f32, float, f32, float)                           \
+  DK_DIV_KERNEL(kname, KIND, f32, float, bf16, __nv_bfloat16)                  \
+  DK_DIV_KERNEL(kname, KIND, f32, float, f16, __half)                          \
+  DK_DIV_KERNEL(kname, KIND, bf16, __nv_bfloat16, f32, float)                  \
+  DK_DIV_KERNEL(kname, KIND, bf16, __nv_bfloat16, bf16, __nv_bfloat16)         \
+  DK_DIV_KERNEL(kname, KIND, bf16, __nv_bfloat16, f16, __half)                 \
+  DK_DIV_KERNEL(kname, KIND, f16, __half, f32, float)                          \
+  DK_DIV_KERNEL(kname, KIND, f16, __half, bf16, __nv_bfloat16)                 \
+  DK_DIV_KERNEL(kname, KIND, f16, __half, f16, __half)
+
+DK_DIV_KERNELS_FOR_KIND(fkl, Kind::ForwardKl)
+DK_DIV_KERNELS_FOR_KIND(rkl, Kind::ReverseKl)
+DK_DIV_KERNELS_FOR_KIND(jsd, Kind::Jsd)
+
+// One block: the factor d(reduced loss)/d(row loss), from the labels when batchmean has no
+// num_items. Runs on the device so the trainer's stream never waits on the host.
+extern "C" __global__ void __launch_bounds__(1024)
+    dk_div_prepare(const int64_t* labels, int64_t n, int64_t ignore_index, int reduction,
+                   float num_items, float* scale_out) {
+  __shared__ float smem[32];
+  if (reduction != DK_ARGS_REDUCTION_BATCHMEAN) {
+    if (threadIdx.x == 0) *scale_out = 1.f;
+    return;
+  }
+  if (num_items > 0.f) {
+    if (threadIdx.x == 0) *scale_out = 1.f / num_items;
+    return;
+  }
+  float valid = 0.f;  // exact: counts below 2^24 per thread
+  if (labels == nullptr) {
+    valid = threadIdx.x == 0 ? static_cast<float>(n) : 0.f;
+  } else {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) valid += labels[i] != ignore_index ? 1.f : 0.f;
+  }
+  const float total = dk::block_sum(valid, smem);
+  if (threadIdx.x == 0) *scale_out = 1.f / fmaxf(total, 1.f);
+}
+
+// One block: loss = scale * Σ per_row, summed in f64 in a fixed order.
+extern "C" __global__ void __launch_bounds__(1024)
+    dk_div_finish(const float* per_row, int64_t n, const float* scale, float* loss) {
+  __shared__ double smem[32];
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += per_row[i];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(dk::kFullMask, acc, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) smem[warp] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int w = 0; w < (blockDim.x >> 5); ++w) total += smem[w];
+    *loss = static_cast<float>(total * static_cast<double>(*scale));
+  }
+}

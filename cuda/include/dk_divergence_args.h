@@ -1,0 +1,31 @@
+// Arguments of the divergence kernels, passed by value. Plain C so the Rust mirror
+// (`DivergenceArgs` in src/divergence/cuda.rs) can be checked against it: tests/abi_layout.rs
+// compiles this header with the host C compiler and compares sizes and offsets.
+#ifndef DK_DIVERGENCE_ARGS_H
+#define DK_DIVERGENCE_ARGS_H
+
+#include <stdint.h>
+
+typedef struct DkDivergenceArgs {
+  uint64_t student;        // const TS*, row-major [n, v] with student_stride
+  uint64_t teacher;        // const TT*, [n, v] with teacher_stride
+  uint64_t grad;           // TS*, [n, v] with grad_stride; 0 = forward only (may equal student)
+  uint64_t labels;         // const int64_t* [n]; 0 = no labels
+  uint64_t per_row;        // float* [n]: per-row loss (always set: caller's buffer or workspace)
+  uint64_t scale;          // const float*: d(reduced loss)/d(row loss), written by dk_div_prepare
+  int64_t n;
+  int64_t v;
+  int64_t student_stride;  // elements
+  int64_t teacher_stride;
+  int64_t grad_stride;
+  int64_t ignore_index;
+  float beta;              // jsd only, strictly inside (0, 1)
+  float inv_temperature;
+} DkDivergenceArgs;
+
+// Reduction codes shared with the C ABI (dk_reduction).
+#define DK_ARGS_REDUCTION_BATCHMEAN 0
+#define DK_ARGS_REDUCTION_SUM 1
+#define DK_ARGS_REDUCTION_NONE 2
+
+#endif

@@ -1,0 +1,87 @@
+//! Context lifetime, version and device queries.
+
+use std::ffi::c_char;
+
+use super::{boundary, DkStatus};
+use crate::device::{cuda_device_count, Context};
+use crate::error::{bail, Result};
+
+/// Opaque handle of a [`Context`] (`dk_context` in C).
+pub struct DkContext {
+    pub(crate) inner: Context,
+}
+
+/// Borrows the context behind a handle, rejecting null.
+///
+/// # Safety
+/// `ctx` must be null or a handle from `dk_context_create` not yet destroyed.
+pub(crate) unsafe fn context<'a>(ctx: *const DkContext) -> Result<&'a Context> {
+    if ctx.is_null() {
+        bail!(NullPointer, "context is null");
+    }
+    // SAFETY: non-null and, by the caller's contract, a live handle.
+    Ok(unsafe { &(*ctx).inner })
+}
+
+/// The library version, `"MAJOR.MINOR.PATCH"` (static storage).
+#[no_mangle]
+pub extern "C" fn dk_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// Number of CUDA devices present (0 without a driver).
+#[no_mangle]
+pub extern "C" fn dk_cuda_device_count() -> i32 {
+    std::panic::catch_unwind(cuda_device_count).map_or(0, |n| n as i32)
+}
+
+/// Creates a context: `device = -1` for the CPU, `n >= 0` for CUDA device `n`.
+///
+/// # Safety
+/// `out` must be null (rejected) or valid for one pointer write.
+#[no_mangle]
+pub unsafe extern "C" fn dk_context_create(device: i32, out: *mut *mut DkContext) -> DkStatus {
+    boundary(|| {
+        if out.is_null() {
+            bail!(NullPointer, "out (context handle) is null");
+        }
+        let ctx = Box::new(DkContext { inner: Context::new(device)? });
+        // SAFETY: checked non-null; the caller owns the handle until dk_context_destroy.
+        unsafe { *out = Box::into_raw(ctx) };
+        Ok(())
+    })
+}
+
+/// Destroys a context (NULL is a no-op). Work queued on streams must not depend on it afterwards.
+///
+/// # Safety
+/// `ctx` must be null or a handle from `dk_context_create`, destroyed once.
+#[no_mangle]
+pub unsafe extern "C" fn dk_context_destroy(ctx: *mut DkContext) -> DkStatus {
+    boundary(|| {
+        if !ctx.is_null() {
+            // SAFETY: the handle came from Box::into_raw in dk_context_create.
+            drop(unsafe { Box::from_raw(ctx) });
+        }
+        Ok(())
+    })
+}
+
+/// Writes the context's device (-1 for the CPU) to `out`.
+///
+/// # Safety
+/// `ctx` must be null or a live handle; `out` null or valid for one write.
+#[no_mangle]
+pub unsafe extern "C" fn dk_context_device(ctx: *const DkContext, out: *mut i32) -> DkStatus {
+    boundary(|| {
+        // SAFETY: forwarded contract.
+        let c = unsafe { context(ctx)? };
+        if out.is_null() {
+            bail!(NullPointer, "out is null");
+        }
+        let dev = c.cuda_device().map_or(-1, |d| d.ordinal() as i32);
+        // SAFETY: checked non-null.
+        unsafe { *out = dev };
+        Ok(())
+    })
+}

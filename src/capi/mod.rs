@@ -1,0 +1,49 @@
+//! The C ABI (`include/distill_kernels.h`): one status enum, a thread-local last-error message,
+//! and a panic boundary on every export. One file per operation.
+//!
+//! Conventions: every function returns `dk_status`; on error nothing has been written and
+//! `dk_last_error()` says why. Pointers are host memory on a CPU context and device memory of
+//! the context's device on a CUDA context. Streams are the caller's (`cudaStream_t`/`CUstream`,
+//! NULL = the legacy default stream).
+
+pub mod context;
+pub mod divergence;
+pub mod error;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Status codes returned by every C function (`dk_status`).
+pub type DkStatus = i32;
+/// Success.
+pub const DK_OK: DkStatus = 0;
+
+/// Runs `f` behind the panic boundary: maps its error (or a caught panic) to a status code and
+/// records the message for `dk_last_error`.
+pub(crate) fn boundary(f: impl FnOnce() -> Result<()>) -> DkStatus {
+    let outcome = catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(Error::new(ErrorKind::Panic, what))
+    });
+    match outcome {
+        Ok(()) => {
+            error::clear();
+            DK_OK
+        }
+        Err(e) => {
+            let code = e.kind() as DkStatus;
+            error::set(&e);
+            code
+        }
+    }
+}
+
+/// Converts a C size to `usize`, rejecting negatives.
+pub(crate) fn to_usize(what: &str, x: i64) -> Result<usize> {
+    usize::try_from(x).map_err(|_| Error::new(ErrorKind::Shape, format!("{what} must be >= 0, got {x}")))
+}

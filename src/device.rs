@@ -1,0 +1,253 @@
+//! Execution contexts: the CPU, or one CUDA device with the embedded kernels loaded.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+
+use crate::error::{bail, Error, ErrorKind, Result};
+use crate::tensor::{Location, VectorMut};
+
+/// The embedded fatbin, when the build found `nvcc`.
+#[cfg(dk_cuda_kernels)]
+pub(crate) const FATBIN: Option<&[u8]> = Some(include_bytes!(env!("DK_FATBIN_PATH")));
+/// The embedded fatbin, when the build found `nvcc`.
+#[cfg(not(dk_cuda_kernels))]
+pub(crate) const FATBIN: Option<&[u8]> = None;
+
+/// GPU architectures compiled into the library (empty without kernels).
+pub fn compiled_cuda_archs() -> Vec<&'static str> {
+    #[cfg(dk_cuda_kernels)]
+    {
+        env!("DK_CUDA_ARCHS").split(',').collect()
+    }
+    #[cfg(not(dk_cuda_kernels))]
+    {
+        Vec::new()
+    }
+}
+
+/// The `nvcc` release the kernels were compiled with, if any.
+pub fn nvcc_version() -> Option<&'static str> {
+    #[cfg(dk_cuda_kernels)]
+    {
+        Some(env!("DK_NVCC_VERSION"))
+    }
+    #[cfg(not(dk_cuda_kernels))]
+    {
+        None
+    }
+}
+
+/// True when the CUDA driver library can be loaded (never panics, unlike cudarc's loaders).
+pub fn cuda_driver_present() -> bool {
+    // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
+    unsafe { sys::is_culib_present() }
+}
+
+/// Number of CUDA devices, 0 when there is no driver or no device.
+pub fn cuda_device_count() -> usize {
+    if !cuda_driver_present() {
+        return 0;
+    }
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+/// One CUDA device: its primary context (the one PyTorch uses) and the loaded kernels.
+#[derive(Debug)]
+pub struct CudaDevice {
+    pub(crate) ctx: Arc<CudaContext>,
+    functions: HashMap<&'static str, CudaFunction>,
+    _module: Arc<CudaModule>,
+    name: String,
+    compute_capability: (i32, i32),
+}
+
+impl CudaDevice {
+    fn open(ordinal: usize) -> Result<Self> {
+        let Some(fatbin) = FATBIN else {
+            bail!(
+                NoDevice,
+                "this build of distill-kernels has no CUDA kernels (nvcc was not found at build time)"
+            );
+        };
+        if !cuda_driver_present() {
+            bail!(NoDevice, "no CUDA driver (libcuda) could be loaded on this machine");
+        }
+        let count = cuda_device_count();
+        if ordinal >= count {
+            bail!(NoDevice, "CUDA device {ordinal} requested but {count} device(s) are present");
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // SAFETY: the library never hands out CudaSlices across streams; every launch is ordered
+        // on the caller's stream, so cudarc's event tracking would only add overhead.
+        unsafe { ctx.disable_event_tracking() };
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))?;
+        let mut functions = HashMap::new();
+        for &name in crate::divergence::cuda::KERNEL_NAMES {
+            functions.insert(name, module.load_function(name)?);
+        }
+        let name = ctx.name()?;
+        let compute_capability = ctx.compute_capability()?;
+        Ok(CudaDevice { ctx, functions, _module: module, name, compute_capability })
+    }
+
+    /// A loaded kernel by name.
+    pub(crate) fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions
+            .get(name)
+            .ok_or_else(|| Error::new(ErrorKind::Cuda, format!("kernel {name} is not in the fatbin")))
+    }
+
+    /// The CUDA ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    /// The device name reported by the driver.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// (major, minor) compute capability.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// Checks that `ptr` is device memory of this device.
+    pub(crate) fn check_pointer(&self, what: &str, ptr: *const c_void) -> Result<()> {
+        if ptr.is_null() {
+            return Ok(());
+        }
+        let mut ordinal: i32 = -1;
+        self.ctx.bind_to_thread()?;
+        // SAFETY: a query only; `ordinal` is a valid out-pointer for an int.
+        let rc = unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut ordinal as *mut i32).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                ptr as sys::CUdeviceptr,
+            )
+        };
+        if rc != sys::CUresult::CUDA_SUCCESS {
+            bail!(WrongDevice, "{what} is not CUDA device memory (host pointer on a CUDA context?)");
+        }
+        if ordinal != self.ordinal() as i32 {
+            bail!(WrongDevice, "{what} lives on CUDA device {ordinal}, the context is device {}", self.ordinal());
+        }
+        Ok(())
+    }
+
+    /// Wraps the caller's stream (null = the legacy default stream) without owning it.
+    ///
+    /// # Safety
+    /// `stream` must be null or a live stream of this device's primary context.
+    pub(crate) unsafe fn borrow_stream(&self, stream: *mut c_void) -> Arc<CudaStream> {
+        // SAFETY: forwarded from the caller; the wrapper never destroys the stream.
+        unsafe { self.ctx.wrap_borrowed_stream(stream as sys::CUstream) }
+    }
+}
+
+/// Which backend a context runs on.
+#[derive(Debug)]
+pub(crate) enum Backend {
+    Cpu,
+    Cuda(CudaDevice),
+}
+
+/// Where operations run: the CPU reference, or one CUDA device.
+#[derive(Debug)]
+pub struct Context {
+    backend: Backend,
+}
+
+impl Context {
+    /// The CPU backend (always available).
+    pub fn cpu() -> Self {
+        Context { backend: Backend::Cpu }
+    }
+
+    /// The CUDA device `ordinal`: retains its primary context and loads the embedded kernels.
+    /// Errors with [`ErrorKind::NoDevice`] where there is no driver, no such device, or no kernels.
+    pub fn cuda(ordinal: usize) -> Result<Self> {
+        Ok(Context { backend: Backend::Cuda(CudaDevice::open(ordinal)?) })
+    }
+
+    /// `-1` for the CPU, `n ≥ 0` for CUDA device `n` (the C ABI's convention).
+    pub fn new(device: i32) -> Result<Self> {
+        match device {
+            -1 => Ok(Context::cpu()),
+            n if n >= 0 => Context::cuda(n as usize),
+            n => bail!(InvalidArgument, "device must be -1 (CPU) or a CUDA ordinal, got {n}"),
+        }
+    }
+
+    /// The best backend present: CUDA device 0 when it can be opened, else the CPU.
+    pub fn best() -> Self {
+        Context::cuda(0).unwrap_or_else(|_| Context::cpu())
+    }
+
+    /// Where this context expects its operands' memory.
+    pub fn location(&self) -> Location {
+        match &self.backend {
+            Backend::Cpu => Location::Host,
+            Backend::Cuda(d) => Location::Cuda(d.ordinal()),
+        }
+    }
+
+    /// The CUDA device, if this is a CUDA context.
+    pub fn cuda_device(&self) -> Option<&CudaDevice> {
+        match &self.backend {
+            Backend::Cuda(d) => Some(d),
+            Backend::Cpu => None,
+        }
+    }
+
+    /// A one-line description (`cpu`, or `cuda:0 (NVIDIA H100, sm_90)`).
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Cpu => "cpu".to_string(),
+            Backend::Cuda(d) => {
+                let (ma, mi) = d.compute_capability();
+                format!("cuda:{} ({}, sm_{ma}{mi})", d.ordinal(), d.name())
+            }
+        }
+    }
+
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.backend
+    }
+}
+
+/// How a call is launched on a CUDA context: the stream, and optionally a caller-owned
+/// workspace. Ignored by the CPU backend. `Launch::default()` is the legacy default stream with
+/// a workspace allocated (stream-ordered) by the library.
+#[derive(Debug)]
+pub struct Launch<'a> {
+    pub(crate) stream: *mut c_void,
+    pub(crate) workspace: Option<VectorMut<'a, u8>>,
+}
+
+impl Default for Launch<'_> {
+    fn default() -> Self {
+        Launch { stream: std::ptr::null_mut(), workspace: None }
+    }
+}
+
+impl<'a> Launch<'a> {
+    /// Launches on a caller-owned stream (a `CUstream` / `cudaStream_t`; null = legacy default).
+    ///
+    /// # Safety
+    /// `stream` must be null or a live stream of the context's device (its primary context),
+    /// alive until the queued work has finished.
+    pub unsafe fn on_stream(stream: *mut c_void) -> Self {
+        Launch { stream, workspace: None }
+    }
+
+    /// Uses `workspace` (device memory of at least `*_workspace_size` bytes) for scratch.
+    pub fn with_workspace(mut self, workspace: VectorMut<'a, u8>) -> Self {
+        self.workspace = Some(workspace);
+        self
+    }
+}

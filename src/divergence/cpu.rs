@@ -1,0 +1,221 @@
+//! CPU backend: the exact reference. f64 throughout, multi-threaded over rows, deterministic
+//! (each row is computed by one thread and the row losses are summed in row order).
+
+use half::{bf16, f16};
+
+use super::{Kind, Params, RawDivergence, Reduction};
+use crate::tensor::{DType, Element};
+
+/// Loss of one row and, when `grad` is given, d(loss)/dz for z = logits / T (unscaled).
+///
+/// `b` and `a` are the student and teacher logits already divided by T. Masked entries (−inf)
+/// contribute 0; a row with no finite entry on either side has loss 0 and gradient 0; NaN or
+/// +inf anywhere makes the loss NaN.
+pub fn row_divergence(kind: Kind, beta: f64, b: &[f64], a: &[f64], grad: Option<&mut [f64]>) -> f64 {
+    let lse = |x: &[f64]| {
+        let m = x.iter().fold(f64::NEG_INFINITY, |m, &v| if v > m || v.is_nan() { v } else { m });
+        if m == f64::NEG_INFINITY || m.is_nan() {
+            return m;
+        }
+        m + x.iter().map(|&v| (v - m).exp()).sum::<f64>().ln()
+    };
+    let (lzs, lzt) = (lse(b), lse(a));
+    if lzs.is_nan() || lzt.is_nan() || lzs == f64::INFINITY || lzt == f64::INFINITY {
+        if let Some(g) = grad {
+            g.fill(f64::NAN);
+        }
+        return f64::NAN;
+    }
+    if lzs == f64::NEG_INFINITY || lzt == f64::NEG_INFINITY {
+        if let Some(g) = grad {
+            g.fill(0.0);
+        }
+        return 0.0;
+    }
+    // log p, log q and p, q for entry i; masked entries give log = −inf and prob = 0.
+    let lp = |i: usize| a[i] - lzt;
+    let lq = |i: usize| b[i] - lzs;
+    let (lb, l1b) = (beta.ln(), (-beta).ln_1p());
+    let lm = |i: usize| log_add_exp(lp(i) + lb, lq(i) + l1b);
+    // x · (y − z) with the convention 0 · anything = 0 (masked entries).
+    let xlog = |x: f64, d: f64| if x == 0.0 { 0.0 } else { x * d };
+    let v = b.len();
+    match kind {
+        Kind::ForwardKl => {
+            let loss: f64 = (0..v).map(|i| xlog(lp(i).exp(), lp(i) - lq(i))).sum();
+            if let Some(g) = grad {
+                for (i, gi) in g.iter_mut().enumerate() {
+                    *gi = lq(i).exp() - lp(i).exp();
+                }
+            }
+            loss
+        }
+        Kind::ReverseKl => {
+            let loss: f64 = (0..v).map(|i| xlog(lq(i).exp(), lq(i) - lp(i))).sum();
+            if let Some(g) = grad {
+                for (i, gi) in g.iter_mut().enumerate() {
+                    *gi = xlog(lq(i).exp(), lq(i) - lp(i) - loss);
+                }
+            }
+            loss
+        }
+        Kind::Jsd => {
+            let kl_pm: f64 = (0..v).map(|i| xlog(lp(i).exp(), lp(i) - lm(i))).sum();
+            let kl_qm: f64 = (0..v).map(|i| xlog(lq(i).exp(), lq(i) - lm(i))).sum();
+            if let Some(g) = grad {
+                for (i, gi) in g.iter_mut().enumerate() {
+                    *gi = (1.0 - beta) * xlog(lq(i).exp(), lq(i) - lm(i) - kl_qm);
+                }
+            }
+            beta * kl_pm + (1.0 - beta) * kl_qm
+        }
+    }
+}
+
+/// log(e^x + e^y) without overflow; −inf when both are −inf.
+pub fn log_add_exp(x: f64, y: f64) -> f64 {
+    let m = x.max(y);
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    m + ((x - m).exp() + (y - m).exp()).ln()
+}
+
+/// Reads `v` elements of row `row` and multiplies them by `scale`.
+///
+/// # Safety
+/// `ptr` must point to host memory holding row `row` of a `dtype` matrix with `stride`.
+unsafe fn read_row(ptr: *const u8, dtype: DType, stride: usize, row: usize, scale: f64, out: &mut [f64]) {
+    unsafe fn widen<T: Element>(p: *const u8, stride: usize, row: usize, scale: f64, out: &mut [f64]) {
+        // SAFETY: the caller guarantees the row is in bounds.
+        let src = unsafe { std::slice::from_raw_parts(p.cast::<T>().add(row * stride), out.len()) };
+        for (o, &x) in out.iter_mut().zip(src) {
+            *o = x.to_f64() * scale;
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match dtype {
+            DType::F32 => widen::<f32>(ptr, stride, row, scale, out),
+            DType::BF16 => widen::<bf16>(ptr, stride, row, scale, out),
+            DType::F16 => widen::<f16>(ptr, stride, row, scale, out),
+        }
+    }
+}
+
+/// Writes `values × scale` into row `row`, rounding to `dtype`.
+///
+/// # Safety
+/// `ptr` must point to writable host memory holding row `row` of a `dtype` matrix with `stride`,
+/// not read or written by another thread meanwhile.
+unsafe fn write_row(ptr: *mut u8, dtype: DType, stride: usize, row: usize, scale: f64, values: &[f64]) {
+    unsafe fn narrow<T: Element>(p: *mut u8, stride: usize, row: usize, scale: f64, values: &[f64]) {
+        // SAFETY: the caller guarantees the row is in bounds and exclusively ours.
+        let dst = unsafe { std::slice::from_raw_parts_mut(p.cast::<T>().add(row * stride), values.len()) };
+        for (d, &x) in dst.iter_mut().zip(values) {
+            *d = T::from_f64(x * scale);
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match dtype {
+            DType::F32 => narrow::<f32>(ptr, stride, row, scale, values),
+            DType::BF16 => narrow::<bf16>(ptr, stride, row, scale, values),
+            DType::F16 => narrow::<f16>(ptr, stride, row, scale, values),
+        }
+    }
+}
+
+/// The divisor `batchmean` uses and the factor the gradient is scaled by.
+///
+/// # Safety
+/// `raw.labels` is null or points to `raw.n` host i64 values.
+pub(crate) unsafe fn loss_scale(raw: &RawDivergence, params: &Params) -> f64 {
+    match params.reduction {
+        Reduction::Sum | Reduction::None => 1.0,
+        Reduction::BatchMean => {
+            if let Some(n) = params.num_items {
+                return 1.0 / n as f64;
+            }
+            let valid = if raw.labels.is_null() {
+                raw.n
+            } else {
+                // SAFETY: the caller guarantees n labels.
+                let labels = unsafe { std::slice::from_raw_parts(raw.labels, raw.n) };
+                labels.iter().filter(|&&l| l != params.ignore_index).count()
+            };
+            1.0 / valid.max(1) as f64
+        }
+    }
+}
+
+/// Copyable raw pointers for the worker threads.
+#[derive(Clone, Copy)]
+struct Shared(RawDivergence);
+// SAFETY: each worker reads shared inputs and writes only its own rows of the outputs.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+/// Runs the whole call on the host.
+///
+/// # Safety
+/// The pointers of `raw` must be valid host memory for the shape it describes (validated by the
+/// caller), with outputs not aliasing inputs except a gradient exactly over the student logits.
+pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) {
+    let kind = params.effective_kind();
+    let beta = params.beta as f64;
+    let inv_t = 1.0 / params.temperature as f64;
+    // SAFETY: labels validated by the caller.
+    let scale = unsafe { loss_scale(raw, params) };
+    let (n, v) = (raw.n, raw.v);
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n).max(1);
+    let rows_per = n.div_ceil(threads);
+    let shared = Shared(*raw);
+    let ignore = params.ignore_index;
+    let mut row_loss = vec![0.0f64; n];
+    std::thread::scope(|scope| {
+        for (chunk_idx, chunk) in row_loss.chunks_mut(rows_per).enumerate() {
+            let shared = &shared;
+            scope.spawn(move || {
+                let raw = &shared.0;
+                let mut b = vec![0.0f64; v];
+                let mut a = vec![0.0f64; v];
+                let mut g = vec![0.0f64; if raw.grad.is_null() { 0 } else { v }];
+                for (k, out) in chunk.iter_mut().enumerate() {
+                    let row = chunk_idx * rows_per + k;
+                    // SAFETY: row < n, labels hold n values when non-null.
+                    let ignored = !raw.labels.is_null() && unsafe { *raw.labels.add(row) } == ignore;
+                    if ignored {
+                        *out = 0.0;
+                        g.fill(0.0);
+                    } else {
+                        // SAFETY: row < n within the validated shapes.
+                        unsafe {
+                            read_row(raw.student, raw.student_dtype, raw.student_stride, row, inv_t, &mut b);
+                            read_row(raw.teacher, raw.teacher_dtype, raw.teacher_stride, row, inv_t, &mut a);
+                        }
+                        let grad = (!raw.grad.is_null()).then_some(g.as_mut_slice());
+                        *out = row_divergence(kind, beta, &b, &a, grad);
+                    }
+                    if !raw.grad.is_null() {
+                        // SAFETY: this thread owns row `row` of the gradient; the student row
+                        // (which may be the same memory) was read above.
+                        unsafe { write_row(raw.grad, raw.student_dtype, raw.grad_stride, row, scale * inv_t, &g) };
+                    }
+                }
+            });
+        }
+    });
+    if !raw.per_token.is_null() {
+        for (i, &l) in row_loss.iter().enumerate() {
+            // SAFETY: per_token holds n f32 values.
+            unsafe { *raw.per_token.add(i) = l as f32 };
+        }
+    }
+    if !raw.loss.is_null() {
+        let total: f64 = row_loss.iter().sum();
+        // SAFETY: loss holds one f32.
+        unsafe { *raw.loss = (total * scale) as f32 };
+    }
+}

@@ -1,0 +1,208 @@
+//! CUDA backend of the divergence: argument struct shared with `cuda/divergence.cu`, workspace
+//! layout, and the three launches (prepare the scale, the row kernel, reduce the loss).
+
+use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::{Kind, Params, RawDivergence};
+use crate::device::{CudaDevice, Launch};
+use crate::error::{bail, Result};
+use crate::tensor::{DType, Location};
+
+/// Rust mirror of `DkDivergenceArgs` (cuda/include/dk_divergence_args.h), passed by value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct DivergenceArgs {
+    pub student: u64,
+    pub teacher: u64,
+    pub grad: u64,
+    pub labels: u64,
+    pub per_row: u64,
+    pub scale: u64,
+    pub n: i64,
+    pub v: i64,
+    pub student_stride: i64,
+    pub teacher_stride: i64,
+    pub grad_stride: i64,
+    pub ignore_index: i64,
+    pub beta: f32,
+    pub inv_temperature: f32,
+}
+
+// SAFETY: plain-old-data with the C layout of DkDivergenceArgs (checked by tests/abi_layout.rs).
+unsafe impl DeviceRepr for DivergenceArgs {}
+
+/// Size and field offsets of [`DivergenceArgs`], for the layout test against the C header.
+#[doc(hidden)]
+pub fn divergence_args_layout() -> Vec<(&'static str, usize)> {
+    use std::mem::{offset_of, size_of};
+    vec![
+        ("sizeof", size_of::<DivergenceArgs>()),
+        ("student", offset_of!(DivergenceArgs, student)),
+        ("teacher", offset_of!(DivergenceArgs, teacher)),
+        ("grad", offset_of!(DivergenceArgs, grad)),
+        ("labels", offset_of!(DivergenceArgs, labels)),
+        ("per_row", offset_of!(DivergenceArgs, per_row)),
+        ("scale", offset_of!(DivergenceArgs, scale)),
+        ("n", offset_of!(DivergenceArgs, n)),
+        ("v", offset_of!(DivergenceArgs, v)),
+        ("student_stride", offset_of!(DivergenceArgs, student_stride)),
+        ("teacher_stride", offset_of!(DivergenceArgs, teacher_stride)),
+        ("grad_stride", offset_of!(DivergenceArgs, grad_stride)),
+        ("ignore_index", offset_of!(DivergenceArgs, ignore_index)),
+        ("beta", offset_of!(DivergenceArgs, beta)),
+        ("inv_temperature", offset_of!(DivergenceArgs, inv_temperature)),
+    ]
+}
+
+/// Every kernel of `cuda/divergence.cu`, loaded when a CUDA context opens.
+pub(crate) const KERNEL_NAMES: &[&str] = &[
+    "dk_div_prepare", "dk_div_finish",
+    "dk_div_fkl_f32_f32", "dk_div_fkl_f32_bf16", "dk_div_fkl_f32_f16",
+    "dk_div_fkl_bf16_f32", "dk_div_fkl_bf16_bf16", "dk_div_fkl_bf16_f16",
+    "dk_div_fkl_f16_f32", "dk_div_fkl_f16_bf16", "dk_div_fkl_f16_f16",
+    "dk_div_rkl_f32_f32", "dk_div_rkl_f32_bf16", "dk_div_rkl_f32_f16",
+    "dk_div_rkl_bf16_f32", "dk_div_rkl_bf16_bf16", "dk_div_rkl_bf16_f16",
+    "dk_div_rkl_f16_f32", "dk_div_rkl_f16_bf16", "dk_div_rkl_f16_f16",
+    "dk_div_jsd_f32_f32", "dk_div_jsd_f32_bf16", "dk_div_jsd_f32_f16",
+    "dk_div_jsd_bf16_f32", "dk_div_jsd_bf16_bf16", "dk_div_jsd_bf16_f16",
+    "dk_div_jsd_f16_f32", "dk_div_jsd_f16_bf16", "dk_div_jsd_f16_f16",
+];
+
+/// Threads per block of the row kernel (`kThreads` in divergence.cu).
+const ROW_THREADS: u32 = 256;
+/// Byte offset of the per-row scratch in the workspace (the scale sits at 0).
+const PER_ROW_OFFSET: usize = 256;
+
+/// Workspace bytes for `n` rows: the loss scale, then `n` per-row losses.
+pub(crate) fn workspace_size(n: usize) -> usize {
+    PER_ROW_OFFSET + (4 * n).next_multiple_of(256)
+}
+
+fn row_kernel_name(kind: Kind, student: DType, teacher: DType) -> String {
+    let k = match kind {
+        Kind::ForwardKl => "fkl",
+        Kind::ReverseKl => "rkl",
+        Kind::Jsd => "jsd",
+    };
+    format!("dk_div_{k}_{}_{}", student.name(), teacher.name())
+}
+
+/// Queues the divergence on the caller's stream.
+pub(crate) fn divergence(
+    dev: &CudaDevice,
+    raw: &RawDivergence,
+    params: &Params,
+    launch: &Launch<'_>,
+) -> Result<()> {
+    for (what, p) in [
+        ("student logits", raw.student as *const _),
+        ("teacher logits", raw.teacher as *const _),
+        ("gradient", raw.grad as *const _),
+        ("labels", raw.labels as *const _),
+        ("per-token loss", raw.per_token as *const _),
+        ("loss", raw.loss as *const _),
+    ] {
+        dev.check_pointer(what, p)?;
+    }
+    let need = workspace_size(raw.n);
+    if let Some(ws) = &launch.workspace {
+        if ws.location != Location::Cuda(dev.ordinal()) {
+            bail!(WrongDevice, "workspace is in {:?} memory, the context is CUDA device {}", ws.location, dev.ordinal());
+        }
+        if ws.ptr.is_null() {
+            bail!(NullPointer, "workspace pointer is null");
+        }
+        if ws.len < need {
+            bail!(WorkspaceTooSmall, "workspace has {} bytes, {need} are needed for N = {}", ws.len, raw.n);
+        }
+        dev.check_pointer("workspace", ws.ptr as *const _)?;
+    }
+    let kind = params.effective_kind();
+    let row_kernel = dev.function(&row_kernel_name(kind, raw.student_dtype, raw.teacher_dtype))?;
+    let prepare = dev.function("dk_div_prepare")?;
+    let finish = dev.function("dk_div_finish")?;
+
+    // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
+    // is unsafe for that reason), or null for the legacy default stream.
+    let stream = unsafe { dev.borrow_stream(launch.stream) };
+    // Library-owned workspace: allocated and freed in stream order (cuMemAllocAsync).
+    let owned = match &launch.workspace {
+        Some(_) => None,
+        // SAFETY: the scratch is written by the kernels before it is read.
+        None => Some(unsafe { stream.alloc::<u8>(need) }?),
+    };
+    let ws_base: u64 = match (&launch.workspace, &owned) {
+        (Some(ws), _) => ws.ptr as u64,
+        (None, Some(buf)) => {
+            let (ptr, _sync) = buf.device_ptr(&stream);
+            ptr
+        }
+        (None, None) => unreachable!("workspace is either given or allocated"),
+    };
+    let scale_ptr = ws_base;
+    let per_row = if raw.per_token.is_null() {
+        ws_base + PER_ROW_OFFSET as u64
+    } else {
+        raw.per_token as u64
+    };
+
+    let n = raw.n as i64;
+    let labels = raw.labels as u64;
+    let reduction = params.reduction as i32;
+    let num_items = params.num_items.unwrap_or(0.0);
+    let single = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: argument types and order match dk_div_prepare's signature; pointers are device
+    // memory of this device, checked above.
+    unsafe {
+        stream
+            .launch_builder(prepare)
+            .arg(&labels)
+            .arg(&n)
+            .arg(&params.ignore_index)
+            .arg(&reduction)
+            .arg(&num_items)
+            .arg(&scale_ptr)
+            .launch(single)?;
+    }
+
+    let args = DivergenceArgs {
+        student: raw.student as u64,
+        teacher: raw.teacher as u64,
+        grad: raw.grad as u64,
+        labels,
+        per_row,
+        scale: scale_ptr,
+        n,
+        v: raw.v as i64,
+        student_stride: raw.student_stride as i64,
+        teacher_stride: raw.teacher_stride as i64,
+        grad_stride: raw.grad_stride as i64,
+        ignore_index: params.ignore_index,
+        beta: params.beta,
+        inv_temperature: 1.0 / params.temperature,
+    };
+    let rows_cfg = LaunchConfig {
+        grid_dim: (raw.n as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: DivergenceArgs has the kernel's C layout; the shapes were validated and every
+    // pointer checked to be device memory of this device.
+    unsafe { stream.launch_builder(row_kernel).arg(&args).launch(rows_cfg)? };
+
+    if !raw.loss.is_null() {
+        let loss = raw.loss as u64;
+        // SAFETY: matches dk_div_finish(const float*, int64_t, const float*, float*).
+        unsafe {
+            stream
+                .launch_builder(finish)
+                .arg(&per_row)
+                .arg(&n)
+                .arg(&scale_ptr)
+                .arg(&loss)
+                .launch(single)?;
+        }
+    }
+    drop(owned); // stream-ordered free after the kernels that use it
+    Ok(())
+}

@@ -1,0 +1,350 @@
+//! Token-level divergence between student and teacher logits: forward KL, reverse KL and
+//! generalized JSD, with temperature, ignored rows, reductions and the gradient w.r.t. the
+//! student logits — on the CPU (f64 reference) or on CUDA (fused kernels).
+//!
+//! With `p = softmax(t / T)` (teacher) and `q = softmax(s / T)` (student) over a row:
+//! - forward KL `= Σ p (log p − log q)`, reverse KL `= Σ q (log q − log p)`;
+//! - `jsd(β) = β KL(p ‖ m) + (1 − β) KL(q ‖ m)`, `m = β p + (1 − β) q`, with `β = 0` defined as
+//!   forward KL and `β = 1` as reverse KL (TRL's `generalized_jsd_loss`, Liger's `LigerJSD`).
+//!
+//! Edge cases: `−inf` logits are masked entries and contribute 0 (never NaN); a row whose
+//! student or teacher logits are all `−inf` has loss 0 and gradient 0; a row whose label equals
+//! `ignore_index` has loss 0 and gradient 0 and is not counted by `batchmean`; NaN (or `+inf`)
+//! in a row makes that row's loss and gradient NaN and leaves other rows alone (the reduced loss
+//! is then NaN). Reverse KL is `+inf` where the student puts mass on an entry the teacher masks.
+
+pub(crate) mod cpu;
+pub(crate) mod cuda;
+mod params;
+
+pub use params::{Kind, Params, Reduction};
+
+use crate::device::{Backend, Context, Launch};
+use crate::error::{bail, Result};
+use crate::tensor::{span_elems, DType, Location, Matrix, MatrixMut, Vector, VectorMut};
+
+/// Inputs and outputs of one divergence call with the gradient in a separate buffer (or none).
+#[derive(Debug)]
+pub struct Divergence<'a> {
+    /// Student logits `[N, V]`.
+    pub student: Matrix<'a>,
+    /// Teacher logits `[N, V]` (dtype may differ from the student's).
+    pub teacher: Matrix<'a>,
+    /// Optional labels `[N]`; rows whose label equals `ignore_index` are skipped.
+    pub labels: Option<Vector<'a, i64>>,
+    /// Optional per-row loss output `[N]` (f32).
+    pub per_token: Option<VectorMut<'a, f32>>,
+    /// Optional reduced loss output (one f32).
+    pub loss: Option<VectorMut<'a, f32>>,
+    /// Optional gradient of the reduced loss w.r.t. the student logits, `[N, V]` in the
+    /// student's dtype. `None` computes the forward pass only.
+    pub grad: Option<MatrixMut<'a>>,
+}
+
+/// Inputs and outputs of one divergence call that overwrites the student logits with the gradient.
+#[derive(Debug)]
+pub struct DivergenceInPlace<'a> {
+    /// Student logits `[N, V]`, replaced by the gradient.
+    pub student: MatrixMut<'a>,
+    /// Teacher logits `[N, V]`.
+    pub teacher: Matrix<'a>,
+    /// Optional labels `[N]`.
+    pub labels: Option<Vector<'a, i64>>,
+    /// Optional per-row loss output `[N]` (f32).
+    pub per_token: Option<VectorMut<'a, f32>>,
+    /// Optional reduced loss output (one f32).
+    pub loss: Option<VectorMut<'a, f32>>,
+}
+
+/// A validated call in raw pointers, what the backends consume.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawDivergence {
+    pub n: usize,
+    pub v: usize,
+    pub student: *const u8,
+    pub student_dtype: DType,
+    pub student_stride: usize,
+    pub teacher: *const u8,
+    pub teacher_dtype: DType,
+    pub teacher_stride: usize,
+    /// Null for forward-only. Same dtype as the student.
+    pub grad: *mut u8,
+    pub grad_stride: usize,
+    /// Null when absent.
+    pub labels: *const i64,
+    /// Null when absent.
+    pub per_token: *mut f32,
+    /// Null when absent.
+    pub loss: *mut f32,
+}
+
+/// Bytes of the address range a matrix spans.
+fn byte_range(ptr: *const u8, rows: usize, cols: usize, stride: usize, dtype: DType) -> (usize, usize) {
+    let start = ptr as usize;
+    (start, start + span_elems(rows, cols, stride) * dtype.size())
+}
+
+fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+impl RawDivergence {
+    /// Checks everything that can be checked without touching memory; on error nothing is written.
+    fn validate(&self, in_place: bool) -> Result<()> {
+        if self.student.is_null() {
+            bail!(NullPointer, "student logits pointer is null");
+        }
+        if self.teacher.is_null() {
+            bail!(NullPointer, "teacher logits pointer is null");
+        }
+        if self.n == 0 || self.v == 0 {
+            bail!(Shape, "empty logits: N = {}, V = {} (both must be at least 1)", self.n, self.v);
+        }
+        if self.n > i32::MAX as usize || self.v > i32::MAX as usize {
+            bail!(Shape, "N = {} or V = {} exceeds 2^31 - 1", self.n, self.v);
+        }
+        if self.student_stride < self.v {
+            bail!(Shape, "student row stride {} is smaller than V = {}", self.student_stride, self.v);
+        }
+        if self.teacher_stride < self.v {
+            bail!(Shape, "teacher row stride {} is smaller than V = {}", self.teacher_stride, self.v);
+        }
+        let student = byte_range(self.student, self.n, self.v, self.student_stride, self.student_dtype);
+        let teacher = byte_range(self.teacher, self.n, self.v, self.teacher_stride, self.teacher_dtype);
+        let mut outputs: Vec<(&str, (usize, usize))> = Vec::new();
+        if !self.per_token.is_null() {
+            let s = self.per_token as usize;
+            outputs.push(("per-token loss", (s, s + 4 * self.n)));
+        }
+        if !self.loss.is_null() {
+            let s = self.loss as usize;
+            outputs.push(("loss", (s, s + 4)));
+        }
+        if !self.grad.is_null() {
+            if self.grad_stride < self.v {
+                bail!(Shape, "gradient row stride {} is smaller than V = {}", self.grad_stride, self.v);
+            }
+            let grad = byte_range(self.grad, self.n, self.v, self.grad_stride, self.student_dtype);
+            if in_place {
+                // The student's own memory: only the other inputs must stay clear of it.
+            } else if self.grad as *const u8 == self.student && self.grad_stride == self.student_stride {
+                // Same buffer, same layout: an in-place call through the separate-buffer entry (C ABI).
+            } else if overlaps(grad, student) {
+                bail!(Shape, "gradient buffer partly overlaps the student logits (in place needs the same pointer and stride)");
+            }
+            outputs.push(("gradient", grad));
+        }
+        for (i, (name, range)) in outputs.iter().enumerate() {
+            if overlaps(*range, teacher) {
+                bail!(Shape, "{name} output overlaps the teacher logits");
+            }
+            if *name != "gradient" && overlaps(*range, student) {
+                bail!(Shape, "{name} output overlaps the student logits");
+            }
+            if !self.labels.is_null() {
+                let l = self.labels as usize;
+                if overlaps(*range, (l, l + 8 * self.n)) {
+                    bail!(Shape, "{name} output overlaps the labels");
+                }
+            }
+            for (other, orange) in &outputs[i + 1..] {
+                if overlaps(*range, *orange) {
+                    bail!(Shape, "{name} output overlaps the {other} output");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_location(ctx: &Context, what: &str, location: Location) -> Result<()> {
+    if location != ctx.location() {
+        bail!(
+            WrongDevice,
+            "{what} is in {location:?} memory but the context runs on {:?}",
+            ctx.location()
+        );
+    }
+    Ok(())
+}
+
+struct Optionals<'a, 'b> {
+    labels: &'b Option<Vector<'a, i64>>,
+    per_token: &'b Option<VectorMut<'a, f32>>,
+    loss: &'b Option<VectorMut<'a, f32>>,
+}
+
+/// Checks the optional vectors against `n` and the context, returning their raw pointers.
+fn raw_optionals(
+    ctx: &Context,
+    n: usize,
+    o: Optionals<'_, '_>,
+) -> Result<(*const i64, *mut f32, *mut f32)> {
+    let mut labels = std::ptr::null();
+    if let Some(l) = o.labels {
+        check_location(ctx, "labels", l.location)?;
+        if l.ptr.is_null() {
+            bail!(NullPointer, "labels pointer is null");
+        }
+        if l.len != n {
+            bail!(Shape, "labels have {} entries for N = {n} rows", l.len);
+        }
+        labels = l.ptr;
+    }
+    let mut per_token = std::ptr::null_mut();
+    if let Some(p) = o.per_token {
+        check_location(ctx, "per-token loss", p.location)?;
+        if p.ptr.is_null() {
+            bail!(NullPointer, "per-token loss pointer is null");
+        }
+        if p.len != n {
+            bail!(Shape, "per-token loss has {} entries for N = {n} rows", p.len);
+        }
+        per_token = p.ptr;
+    }
+    let mut loss = std::ptr::null_mut();
+    if let Some(l) = o.loss {
+        check_location(ctx, "loss", l.location)?;
+        if l.ptr.is_null() {
+            bail!(NullPointer, "loss pointer is null");
+        }
+        if l.len != 1 {
+            bail!(Shape, "loss output must hold exactly 1 element, it has {}", l.len);
+        }
+        loss = l.ptr;
+    }
+    Ok((labels, per_token, loss))
+}
+
+fn check_pair(ctx: &Context, student: &Matrix<'_>, teacher: &Matrix<'_>) -> Result<()> {
+    check_location(ctx, "student logits", student.location)?;
+    check_location(ctx, "teacher logits", teacher.location)?;
+    if student.rows != teacher.rows || student.cols != teacher.cols {
+        bail!(
+            Shape,
+            "student logits are {} x {} but teacher logits are {} x {}",
+            student.rows,
+            student.cols,
+            teacher.rows,
+            teacher.cols
+        );
+    }
+    Ok(())
+}
+
+impl Context {
+    /// Bytes of device workspace a divergence over `n` rows needs (0 on the CPU). Pass at least
+    /// this much through [`Launch::workspace`], or none to let the library allocate on the stream.
+    pub fn divergence_workspace_size(&self, n: usize) -> usize {
+        match self.backend() {
+            Backend::Cpu => 0,
+            Backend::Cuda(_) => cuda::workspace_size(n),
+        }
+    }
+
+    /// Runs the divergence: writes the requested outputs (loss, per-token loss, gradient).
+    ///
+    /// Stream-ordered on CUDA: returns once the work is queued on `launch.stream`, without
+    /// synchronising. On error nothing has been written.
+    pub fn divergence(&self, call: Divergence<'_>, params: &Params, launch: &Launch<'_>) -> Result<()> {
+        params.validate()?;
+        check_pair(self, &call.student, &call.teacher)?;
+        let (mut grad, mut grad_stride) = (std::ptr::null_mut(), 0);
+        if let Some(g) = &call.grad {
+            check_location(self, "gradient", g.location)?;
+            if g.ptr.is_null() {
+                bail!(NullPointer, "gradient pointer is null");
+            }
+            if g.dtype != call.student.dtype {
+                bail!(
+                    UnsupportedDtype,
+                    "gradient dtype {} differs from the student dtype {}",
+                    g.dtype.name(),
+                    call.student.dtype.name()
+                );
+            }
+            if g.rows != call.student.rows || g.cols != call.student.cols {
+                bail!(
+                    Shape,
+                    "gradient is {} x {} but the logits are {} x {}",
+                    g.rows,
+                    g.cols,
+                    call.student.rows,
+                    call.student.cols
+                );
+            }
+            grad = g.ptr;
+            grad_stride = g.row_stride;
+        }
+        let n = call.student.rows;
+        let (labels, per_token, loss) = raw_optionals(
+            self,
+            n,
+            Optionals { labels: &call.labels, per_token: &call.per_token, loss: &call.loss },
+        )?;
+        let raw = RawDivergence {
+            n,
+            v: call.student.cols,
+            student: call.student.ptr,
+            student_dtype: call.student.dtype,
+            student_stride: call.student.row_stride,
+            teacher: call.teacher.ptr,
+            teacher_dtype: call.teacher.dtype,
+            teacher_stride: call.teacher.row_stride,
+            grad,
+            grad_stride,
+            labels,
+            per_token,
+            loss,
+        };
+        raw.validate(false)?;
+        self.run_divergence(&raw, params, launch)
+    }
+
+    /// Runs the divergence and overwrites the student logits with the gradient.
+    pub fn divergence_in_place(
+        &self,
+        call: DivergenceInPlace<'_>,
+        params: &Params,
+        launch: &Launch<'_>,
+    ) -> Result<()> {
+        params.validate()?;
+        let student = call.student.as_matrix();
+        check_pair(self, &student, &call.teacher)?;
+        let n = student.rows;
+        let (labels, per_token, loss) = raw_optionals(
+            self,
+            n,
+            Optionals { labels: &call.labels, per_token: &call.per_token, loss: &call.loss },
+        )?;
+        let raw = RawDivergence {
+            n,
+            v: student.cols,
+            student: student.ptr,
+            student_dtype: student.dtype,
+            student_stride: student.row_stride,
+            teacher: call.teacher.ptr,
+            teacher_dtype: call.teacher.dtype,
+            teacher_stride: call.teacher.row_stride,
+            grad: call.student.ptr,
+            grad_stride: student.row_stride,
+            labels,
+            per_token,
+            loss,
+        };
+        raw.validate(true)?;
+        self.run_divergence(&raw, params, launch)
+    }
+
+    fn run_divergence(&self, raw: &RawDivergence, params: &Params, launch: &Launch<'_>) -> Result<()> {
+        match self.backend() {
+            Backend::Cpu => {
+                // SAFETY: every pointer was checked non-null (or is an absent optional), in host
+                // memory, and spans the validated shape by the views' construction contracts.
+                unsafe { cpu::divergence(raw, params) };
+                Ok(())
+            }
+            Backend::Cuda(dev) => cuda::divergence(dev, raw, params, launch),
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! One error type for the whole crate, and the status codes the C ABI returns for it.
+
+use std::fmt;
+
+/// What went wrong, coarsely: the C ABI returns this as its status code (`dk_status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(i32)]
+pub enum ErrorKind {
+    /// A required pointer was null.
+    NullPointer = 1,
+    /// A parameter is out of range (β outside [0, 1], temperature ≤ 0, …).
+    InvalidArgument = 2,
+    /// Shapes, lengths or strides do not fit together.
+    Shape = 3,
+    /// A dtype the operation does not accept.
+    UnsupportedDtype = 4,
+    /// No usable CUDA driver or device for a CUDA context, or the library was built without kernels.
+    NoDevice = 5,
+    /// A pointer lives on another device (or on the host where device memory is needed).
+    WrongDevice = 6,
+    /// The caller's workspace is smaller than `*_workspace_size` asked for.
+    WorkspaceTooSmall = 7,
+    /// The CUDA driver returned an error.
+    Cuda = 8,
+    /// A panic was caught at the C boundary (a bug: please report it).
+    Panic = 9,
+}
+
+impl ErrorKind {
+    /// The stable name used in messages and in the C header.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::NullPointer => "null pointer",
+            ErrorKind::InvalidArgument => "invalid argument",
+            ErrorKind::Shape => "shape mismatch",
+            ErrorKind::UnsupportedDtype => "unsupported dtype",
+            ErrorKind::NoDevice => "no device",
+            ErrorKind::WrongDevice => "wrong device",
+            ErrorKind::WorkspaceTooSmall => "workspace too small",
+            ErrorKind::Cuda => "CUDA error",
+            ErrorKind::Panic => "internal panic",
+        }
+    }
+}
+
+/// An error with its kind and a message that says which argument was wrong and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl Error {
+    /// Builds an error of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The kind (the C status code).
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The human-readable message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.name(), self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<cudarc::driver::DriverError> for Error {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        Error::new(ErrorKind::Cuda, e.to_string())
+    }
+}
+
+/// Result with the crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Returns early with an error of the given kind and a formatted message.
+macro_rules! bail {
+    ($kind:ident, $($fmt:tt)+) => {
+        return Err($crate::error::Error::new($crate::error::ErrorKind::$kind, format!($($fmt)+)))
+    };
+}
+pub(crate) use bail;

@@ -1,0 +1,53 @@
+//! # distill-kernels
+//!
+//! Fused kernels for the math of LLM distillation: token-level forward KL, reverse KL and
+//! generalized JSD over 128k–262k vocabularies, with the gradient w.r.t. the student logits —
+//! exact, deterministic, on the CPU (f64 reference) or CUDA (fused kernels embedded in the
+//! library, loaded at run time, no link-time CUDA dependency).
+//!
+//! Faces: this Rust API, a C ABI (`include/distill_kernels.h`) and a ctypes Python package
+//! (`python/`), all on the same [`Context`].
+//!
+//! ```
+//! use distill_kernels::{divergence::{Divergence, Kind, Params}, Context, Launch, Matrix, MatrixMut, VectorMut};
+//! let (n, v) = (2, 5);
+//! let student: Vec<f32> = (0..n * v).map(|i| (i as f32 * 0.37).sin()).collect();
+//! let teacher: Vec<f32> = (0..n * v).map(|i| (i as f32 * 0.91).cos()).collect();
+//! let mut grad = vec![0f32; n * v];
+//! let mut loss = [0f32];
+//! let ctx = Context::cpu();
+//! ctx.divergence(
+//!     Divergence {
+//!         student: Matrix::host(&student, n, v, v)?,
+//!         teacher: Matrix::host(&teacher, n, v, v)?,
+//!         labels: None,
+//!         per_token: None,
+//!         loss: Some(VectorMut::host(&mut loss)),
+//!         grad: Some(MatrixMut::host(&mut grad, n, v, v)?),
+//!     },
+//!     &Params::new(Kind::Jsd),
+//!     &Launch::default(),
+//! )?;
+//! assert!(loss[0] > 0.0);
+//! # Ok::<(), distill_kernels::Error>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod capi;
+pub mod device;
+pub mod divergence;
+pub mod error;
+pub mod tensor;
+
+pub use device::{Context, Launch};
+pub use error::{Error, ErrorKind, Result};
+pub use tensor::{DType, Element, Location, Matrix, MatrixMut, Vector, VectorMut};
+
+/// The crate version (also returned by the C ABI's `dk_version()`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[doc(hidden)]
+pub use divergence::cuda::divergence_args_layout;
+#[doc(hidden)]
+pub use divergence::cpu::row_divergence as reference_row_divergence;
