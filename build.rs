@@ -129,7 +129,9 @@ fn write_unity_source(out_dir: &Path) -> Result<PathBuf, String> {
 
 fn compile_fatbin(nvcc: &Path, out_dir: &Path) -> Result<String, String> {
     let unity = write_unity_source(out_dir)?;
-    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda").join("include");
+    let include = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("cuda")
+        .join("include");
     let fatbin = out_dir.join("distill_kernels.fatbin");
     let mut cmd = Command::new(nvcc);
     cmd.arg("-fatbin")

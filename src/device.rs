@@ -73,11 +73,17 @@ impl CudaDevice {
             );
         };
         if !cuda_driver_present() {
-            bail!(NoDevice, "no CUDA driver (libcuda) could be loaded on this machine");
+            bail!(
+                NoDevice,
+                "no CUDA driver (libcuda) could be loaded on this machine"
+            );
         }
         let count = cuda_device_count();
         if ordinal >= count {
-            bail!(NoDevice, "CUDA device {ordinal} requested but {count} device(s) are present");
+            bail!(
+                NoDevice,
+                "CUDA device {ordinal} requested but {count} device(s) are present"
+            );
         }
         let ctx = CudaContext::new(ordinal)?;
         // SAFETY: the library never hands out CudaSlices across streams; every launch is ordered
@@ -90,14 +96,23 @@ impl CudaDevice {
         }
         let name = ctx.name()?;
         let compute_capability = ctx.compute_capability()?;
-        Ok(CudaDevice { ctx, functions, _module: module, name, compute_capability })
+        Ok(CudaDevice {
+            ctx,
+            functions,
+            _module: module,
+            name,
+            compute_capability,
+        })
     }
 
     /// A loaded kernel by name.
     pub(crate) fn function(&self, name: &str) -> Result<&CudaFunction> {
-        self.functions
-            .get(name)
-            .ok_or_else(|| Error::new(ErrorKind::Cuda, format!("kernel {name} is not in the fatbin")))
+        self.functions.get(name).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Cuda,
+                format!("kernel {name} is not in the fatbin"),
+            )
+        })
     }
 
     /// The CUDA ordinal.
@@ -131,10 +146,17 @@ impl CudaDevice {
             )
         };
         if rc != sys::CUresult::CUDA_SUCCESS {
-            bail!(WrongDevice, "{what} is not CUDA device memory (host pointer on a CUDA context?)");
+            bail!(
+                WrongDevice,
+                "{what} is not CUDA device memory (host pointer on a CUDA context?)"
+            );
         }
         if ordinal != self.ordinal() as i32 {
-            bail!(WrongDevice, "{what} lives on CUDA device {ordinal}, the context is device {}", self.ordinal());
+            bail!(
+                WrongDevice,
+                "{what} lives on CUDA device {ordinal}, the context is device {}",
+                self.ordinal()
+            );
         }
         Ok(())
     }
@@ -165,13 +187,17 @@ pub struct Context {
 impl Context {
     /// The CPU backend (always available).
     pub fn cpu() -> Self {
-        Context { backend: Backend::Cpu }
+        Context {
+            backend: Backend::Cpu,
+        }
     }
 
     /// The CUDA device `ordinal`: retains its primary context and loads the embedded kernels.
     /// Errors with [`ErrorKind::NoDevice`] where there is no driver, no such device, or no kernels.
     pub fn cuda(ordinal: usize) -> Result<Self> {
-        Ok(Context { backend: Backend::Cuda(CudaDevice::open(ordinal)?) })
+        Ok(Context {
+            backend: Backend::Cuda(CudaDevice::open(ordinal)?),
+        })
     }
 
     /// `-1` for the CPU, `n ≥ 0` for CUDA device `n` (the C ABI's convention).
@@ -179,7 +205,10 @@ impl Context {
         match device {
             -1 => Ok(Context::cpu()),
             n if n >= 0 => Context::cuda(n as usize),
-            n => bail!(InvalidArgument, "device must be -1 (CPU) or a CUDA ordinal, got {n}"),
+            n => bail!(
+                InvalidArgument,
+                "device must be -1 (CPU) or a CUDA ordinal, got {n}"
+            ),
         }
     }
 
@@ -231,7 +260,10 @@ pub struct Launch<'a> {
 
 impl Default for Launch<'_> {
     fn default() -> Self {
-        Launch { stream: std::ptr::null_mut(), workspace: None }
+        Launch {
+            stream: std::ptr::null_mut(),
+            workspace: None,
+        }
     }
 }
 
@@ -242,7 +274,10 @@ impl<'a> Launch<'a> {
     /// `stream` must be null or a live stream of the context's device (its primary context),
     /// alive until the queued work has finished.
     pub unsafe fn on_stream(stream: *mut c_void) -> Self {
-        Launch { stream, workspace: None }
+        Launch {
+            stream,
+            workspace: None,
+        }
     }
 
     /// Uses `workspace` (device memory of at least `*_workspace_size` bytes) for scratch.

@@ -114,7 +114,10 @@ pub(crate) fn span_elems(rows: usize, cols: usize, row_stride: usize) -> usize {
 
 fn check_host_matrix(len: usize, rows: usize, cols: usize, row_stride: usize) -> Result<()> {
     if row_stride < cols {
-        bail!(Shape, "row stride {row_stride} is smaller than the row length {cols}");
+        bail!(
+            Shape,
+            "row stride {row_stride} is smaller than the row length {cols}"
+        );
     }
     let need = span_elems(rows, cols, row_stride);
     if len < need {

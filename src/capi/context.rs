@@ -45,7 +45,9 @@ pub unsafe extern "C" fn dk_context_create(device: i32, out: *mut *mut DkContext
         if out.is_null() {
             bail!(NullPointer, "out (context handle) is null");
         }
-        let ctx = Box::new(DkContext { inner: Context::new(device)? });
+        let ctx = Box::new(DkContext {
+            inner: Context::new(device)?,
+        });
         // SAFETY: checked non-null; the caller owns the handle until dk_context_destroy.
         unsafe { *out = Box::into_raw(ctx) };
         Ok(())

@@ -62,16 +62,27 @@ pub struct DkDivergenceArgs {
 fn dtype(what: &str, code: i32) -> Result<DType> {
     match DType::from_code(code) {
         Some(d) => Ok(d),
-        None => bail!(UnsupportedDtype, "{what} dtype code {code} is not f32 (0), bf16 (1) or f16 (2)"),
+        None => bail!(
+            UnsupportedDtype,
+            "{what} dtype code {code} is not f32 (0), bf16 (1) or f16 (2)"
+        ),
     }
 }
 
 fn params_from_c(p: &DkDivergenceParams) -> Result<Params> {
     let Some(kind) = Kind::from_code(p.kind) else {
-        bail!(InvalidArgument, "kind {} is not forward_kl (0), reverse_kl (1) or jsd (2)", p.kind);
+        bail!(
+            InvalidArgument,
+            "kind {} is not forward_kl (0), reverse_kl (1) or jsd (2)",
+            p.kind
+        );
     };
     let Some(reduction) = Reduction::from_code(p.reduction) else {
-        bail!(InvalidArgument, "reduction {} is not batchmean (0), sum (1) or none (2)", p.reduction);
+        bail!(
+            InvalidArgument,
+            "reduction {} is not batchmean (0), sum (1) or none (2)",
+            p.reduction
+        );
     };
     let params = Params {
         kind,
@@ -144,7 +155,10 @@ pub unsafe extern "C" fn dk_divergence(
             bail!(NullPointer, "args is null");
         }
         if params.is_null() {
-            bail!(NullPointer, "params is null (use dk_divergence_params_default())");
+            bail!(
+                NullPointer,
+                "params is null (use dk_divergence_params_default())"
+            );
         }
         // SAFETY: non-null, and by contract valid structs.
         let (a, p) = unsafe { (*args, *params) };
@@ -162,13 +176,21 @@ pub unsafe extern "C" fn dk_divergence(
                 student: Matrix::from_raw(a.student.cast(), s_dtype, n, v, s_stride, loc),
                 teacher: Matrix::from_raw(a.teacher.cast(), t_dtype, n, v, t_stride, loc),
                 labels: (!a.labels.is_null()).then(|| Vector::from_raw(a.labels, n, loc)),
-                per_token: (!a.per_token.is_null()).then(|| VectorMut::from_raw(a.per_token, n, loc)),
+                per_token: (!a.per_token.is_null())
+                    .then(|| VectorMut::from_raw(a.per_token, n, loc)),
                 loss: (!a.loss.is_null()).then(|| VectorMut::from_raw(a.loss, 1, loc)),
                 grad: if a.grad.is_null() {
                     None
                 } else {
                     let g_stride = to_usize("grad_stride", a.grad_stride)?;
-                    Some(MatrixMut::from_raw(a.grad.cast(), s_dtype, n, v, g_stride, loc))
+                    Some(MatrixMut::from_raw(
+                        a.grad.cast(),
+                        s_dtype,
+                        n,
+                        v,
+                        g_stride,
+                        loc,
+                    ))
                 },
             }
         };

@@ -45,5 +45,6 @@ pub(crate) fn boundary(f: impl FnOnce() -> Result<()>) -> DkStatus {
 
 /// Converts a C size to `usize`, rejecting negatives.
 pub(crate) fn to_usize(what: &str, x: i64) -> Result<usize> {
-    usize::try_from(x).map_err(|_| Error::new(ErrorKind::Shape, format!("{what} must be >= 0, got {x}")))
+    usize::try_from(x)
+        .map_err(|_| Error::new(ErrorKind::Shape, format!("{what} must be >= 0, got {x}")))
 }

@@ -11,9 +11,18 @@ use crate::tensor::{DType, Element};
 /// `b` and `a` are the student and teacher logits already divided by T. Masked entries (−inf)
 /// contribute 0; a row with no finite entry on either side has loss 0 and gradient 0; NaN or
 /// +inf anywhere makes the loss NaN.
-pub fn row_divergence(kind: Kind, beta: f64, b: &[f64], a: &[f64], grad: Option<&mut [f64]>) -> f64 {
+pub fn row_divergence(
+    kind: Kind,
+    beta: f64,
+    b: &[f64],
+    a: &[f64],
+    grad: Option<&mut [f64]>,
+) -> f64 {
     let lse = |x: &[f64]| {
-        let m = x.iter().fold(f64::NEG_INFINITY, |m, &v| if v > m || v.is_nan() { v } else { m });
+        let m = x.iter().fold(
+            f64::NEG_INFINITY,
+            |m, &v| if v > m || v.is_nan() { v } else { m },
+        );
         if m == f64::NEG_INFINITY || m.is_nan() {
             return m;
         }
@@ -85,8 +94,21 @@ pub fn log_add_exp(x: f64, y: f64) -> f64 {
 ///
 /// # Safety
 /// `ptr` must point to host memory holding row `row` of a `dtype` matrix with `stride`.
-unsafe fn read_row(ptr: *const u8, dtype: DType, stride: usize, row: usize, scale: f64, out: &mut [f64]) {
-    unsafe fn widen<T: Element>(p: *const u8, stride: usize, row: usize, scale: f64, out: &mut [f64]) {
+unsafe fn read_row(
+    ptr: *const u8,
+    dtype: DType,
+    stride: usize,
+    row: usize,
+    scale: f64,
+    out: &mut [f64],
+) {
+    unsafe fn widen<T: Element>(
+        p: *const u8,
+        stride: usize,
+        row: usize,
+        scale: f64,
+        out: &mut [f64],
+    ) {
         // SAFETY: the caller guarantees the row is in bounds.
         let src = unsafe { std::slice::from_raw_parts(p.cast::<T>().add(row * stride), out.len()) };
         for (o, &x) in out.iter_mut().zip(src) {
@@ -108,10 +130,25 @@ unsafe fn read_row(ptr: *const u8, dtype: DType, stride: usize, row: usize, scal
 /// # Safety
 /// `ptr` must point to writable host memory holding row `row` of a `dtype` matrix with `stride`,
 /// not read or written by another thread meanwhile.
-unsafe fn write_row(ptr: *mut u8, dtype: DType, stride: usize, row: usize, scale: f64, values: &[f64]) {
-    unsafe fn narrow<T: Element>(p: *mut u8, stride: usize, row: usize, scale: f64, values: &[f64]) {
+unsafe fn write_row(
+    ptr: *mut u8,
+    dtype: DType,
+    stride: usize,
+    row: usize,
+    scale: f64,
+    values: &[f64],
+) {
+    unsafe fn narrow<T: Element>(
+        p: *mut u8,
+        stride: usize,
+        row: usize,
+        scale: f64,
+        values: &[f64],
+    ) {
         // SAFETY: the caller guarantees the row is in bounds and exclusively ours.
-        let dst = unsafe { std::slice::from_raw_parts_mut(p.cast::<T>().add(row * stride), values.len()) };
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(p.cast::<T>().add(row * stride), values.len())
+        };
         for (d, &x) in dst.iter_mut().zip(values) {
             *d = T::from_f64(x * scale);
         }
@@ -169,7 +206,10 @@ pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) {
     // SAFETY: labels validated by the caller.
     let scale = unsafe { loss_scale(raw, params) };
     let (n, v) = (raw.n, raw.v);
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n).max(1);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(n)
+        .max(1);
     let rows_per = n.div_ceil(threads);
     let shared = Shared(*raw);
     let ignore = params.ignore_index;
@@ -185,15 +225,30 @@ pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) {
                 for (k, out) in chunk.iter_mut().enumerate() {
                     let row = chunk_idx * rows_per + k;
                     // SAFETY: row < n, labels hold n values when non-null.
-                    let ignored = !raw.labels.is_null() && unsafe { *raw.labels.add(row) } == ignore;
+                    let ignored =
+                        !raw.labels.is_null() && unsafe { *raw.labels.add(row) } == ignore;
                     if ignored {
                         *out = 0.0;
                         g.fill(0.0);
                     } else {
                         // SAFETY: row < n within the validated shapes.
                         unsafe {
-                            read_row(raw.student, raw.student_dtype, raw.student_stride, row, inv_t, &mut b);
-                            read_row(raw.teacher, raw.teacher_dtype, raw.teacher_stride, row, inv_t, &mut a);
+                            read_row(
+                                raw.student,
+                                raw.student_dtype,
+                                raw.student_stride,
+                                row,
+                                inv_t,
+                                &mut b,
+                            );
+                            read_row(
+                                raw.teacher,
+                                raw.teacher_dtype,
+                                raw.teacher_stride,
+                                row,
+                                inv_t,
+                                &mut a,
+                            );
                         }
                         let grad = (!raw.grad.is_null()).then_some(g.as_mut_slice());
                         *out = row_divergence(kind, beta, &b, &a, grad);
@@ -201,7 +256,16 @@ pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) {
                     if !raw.grad.is_null() {
                         // SAFETY: this thread owns row `row` of the gradient; the student row
                         // (which may be the same memory) was read above.
-                        unsafe { write_row(raw.grad, raw.student_dtype, raw.grad_stride, row, scale * inv_t, &g) };
+                        unsafe {
+                            write_row(
+                                raw.grad,
+                                raw.student_dtype,
+                                raw.grad_stride,
+                                row,
+                                scale * inv_t,
+                                &g,
+                            )
+                        };
                     }
                 }
             });

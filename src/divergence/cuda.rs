@@ -50,22 +50,44 @@ pub fn divergence_args_layout() -> Vec<(&'static str, usize)> {
         ("grad_stride", offset_of!(DivergenceArgs, grad_stride)),
         ("ignore_index", offset_of!(DivergenceArgs, ignore_index)),
         ("beta", offset_of!(DivergenceArgs, beta)),
-        ("inv_temperature", offset_of!(DivergenceArgs, inv_temperature)),
+        (
+            "inv_temperature",
+            offset_of!(DivergenceArgs, inv_temperature),
+        ),
     ]
 }
 
 /// Every kernel of `cuda/divergence.cu`, loaded when a CUDA context opens.
 pub(crate) const KERNEL_NAMES: &[&str] = &[
-    "dk_div_prepare", "dk_div_finish",
-    "dk_div_fkl_f32_f32", "dk_div_fkl_f32_bf16", "dk_div_fkl_f32_f16",
-    "dk_div_fkl_bf16_f32", "dk_div_fkl_bf16_bf16", "dk_div_fkl_bf16_f16",
-    "dk_div_fkl_f16_f32", "dk_div_fkl_f16_bf16", "dk_div_fkl_f16_f16",
-    "dk_div_rkl_f32_f32", "dk_div_rkl_f32_bf16", "dk_div_rkl_f32_f16",
-    "dk_div_rkl_bf16_f32", "dk_div_rkl_bf16_bf16", "dk_div_rkl_bf16_f16",
-    "dk_div_rkl_f16_f32", "dk_div_rkl_f16_bf16", "dk_div_rkl_f16_f16",
-    "dk_div_jsd_f32_f32", "dk_div_jsd_f32_bf16", "dk_div_jsd_f32_f16",
-    "dk_div_jsd_bf16_f32", "dk_div_jsd_bf16_bf16", "dk_div_jsd_bf16_f16",
-    "dk_div_jsd_f16_f32", "dk_div_jsd_f16_bf16", "dk_div_jsd_f16_f16",
+    "dk_div_prepare",
+    "dk_div_finish",
+    "dk_div_fkl_f32_f32",
+    "dk_div_fkl_f32_bf16",
+    "dk_div_fkl_f32_f16",
+    "dk_div_fkl_bf16_f32",
+    "dk_div_fkl_bf16_bf16",
+    "dk_div_fkl_bf16_f16",
+    "dk_div_fkl_f16_f32",
+    "dk_div_fkl_f16_bf16",
+    "dk_div_fkl_f16_f16",
+    "dk_div_rkl_f32_f32",
+    "dk_div_rkl_f32_bf16",
+    "dk_div_rkl_f32_f16",
+    "dk_div_rkl_bf16_f32",
+    "dk_div_rkl_bf16_bf16",
+    "dk_div_rkl_bf16_f16",
+    "dk_div_rkl_f16_f32",
+    "dk_div_rkl_f16_bf16",
+    "dk_div_rkl_f16_f16",
+    "dk_div_jsd_f32_f32",
+    "dk_div_jsd_f32_bf16",
+    "dk_div_jsd_f32_f16",
+    "dk_div_jsd_bf16_f32",
+    "dk_div_jsd_bf16_bf16",
+    "dk_div_jsd_bf16_f16",
+    "dk_div_jsd_f16_f32",
+    "dk_div_jsd_f16_bf16",
+    "dk_div_jsd_f16_f16",
 ];
 
 /// Threads per block of the row kernel (`kThreads` in divergence.cu).
@@ -107,13 +129,23 @@ pub(crate) fn divergence(
     let need = workspace_size(raw.n);
     if let Some(ws) = &launch.workspace {
         if ws.location != Location::Cuda(dev.ordinal()) {
-            bail!(WrongDevice, "workspace is in {:?} memory, the context is CUDA device {}", ws.location, dev.ordinal());
+            bail!(
+                WrongDevice,
+                "workspace is in {:?} memory, the context is CUDA device {}",
+                ws.location,
+                dev.ordinal()
+            );
         }
         if ws.ptr.is_null() {
             bail!(NullPointer, "workspace pointer is null");
         }
         if ws.len < need {
-            bail!(WorkspaceTooSmall, "workspace has {} bytes, {need} are needed for N = {}", ws.len, raw.n);
+            bail!(
+                WorkspaceTooSmall,
+                "workspace has {} bytes, {need} are needed for N = {}",
+                ws.len,
+                raw.n
+            );
         }
         dev.check_pointer("workspace", ws.ptr as *const _)?;
     }
@@ -150,7 +182,11 @@ pub(crate) fn divergence(
     let labels = raw.labels as u64;
     let reduction = params.reduction as i32;
     let num_items = params.num_items.unwrap_or(0.0);
-    let single = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    let single = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: argument types and order match dk_div_prepare's signature; pointers are device
     // memory of this device, checked above.
     unsafe {
@@ -188,7 +224,12 @@ pub(crate) fn divergence(
     };
     // SAFETY: DivergenceArgs has the kernel's C layout; the shapes were validated and every
     // pointer checked to be device memory of this device.
-    unsafe { stream.launch_builder(row_kernel).arg(&args).launch(rows_cfg)? };
+    unsafe {
+        stream
+            .launch_builder(row_kernel)
+            .arg(&args)
+            .launch(rows_cfg)?
+    };
 
     if !raw.loss.is_null() {
         let loss = raw.loss as u64;

@@ -11,7 +11,10 @@
 //! student or teacher logits are all `−inf` has loss 0 and gradient 0; a row whose label equals
 //! `ignore_index` has loss 0 and gradient 0 and is not counted by `batchmean`; NaN (or `+inf`)
 //! in a row makes that row's loss and gradient NaN and leaves other rows alone (the reduced loss
-//! is then NaN). Reverse KL is `+inf` where the student puts mass on an entry the teacher masks.
+//! is then NaN). Where the two sides mask different entries the divergence can be infinite:
+//! forward KL is `+inf` where the teacher has mass on an entry the student masks (its gradient
+//! stays finite), reverse KL where the student has mass on an entry the teacher masks (its
+//! gradient row is then non-finite). Pointers must be aligned to their element size.
 
 pub(crate) mod cpu;
 pub(crate) mod cuda;
@@ -79,7 +82,13 @@ pub(crate) struct RawDivergence {
 }
 
 /// Bytes of the address range a matrix spans.
-fn byte_range(ptr: *const u8, rows: usize, cols: usize, stride: usize, dtype: DType) -> (usize, usize) {
+fn byte_range(
+    ptr: *const u8,
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    dtype: DType,
+) -> (usize, usize) {
     let start = ptr as usize;
     (start, start + span_elems(rows, cols, stride) * dtype.size())
 }
@@ -98,19 +107,70 @@ impl RawDivergence {
             bail!(NullPointer, "teacher logits pointer is null");
         }
         if self.n == 0 || self.v == 0 {
-            bail!(Shape, "empty logits: N = {}, V = {} (both must be at least 1)", self.n, self.v);
+            bail!(
+                Shape,
+                "empty logits: N = {}, V = {} (both must be at least 1)",
+                self.n,
+                self.v
+            );
         }
         if self.n > i32::MAX as usize || self.v > i32::MAX as usize {
             bail!(Shape, "N = {} or V = {} exceeds 2^31 - 1", self.n, self.v);
         }
         if self.student_stride < self.v {
-            bail!(Shape, "student row stride {} is smaller than V = {}", self.student_stride, self.v);
+            bail!(
+                Shape,
+                "student row stride {} is smaller than V = {}",
+                self.student_stride,
+                self.v
+            );
         }
         if self.teacher_stride < self.v {
-            bail!(Shape, "teacher row stride {} is smaller than V = {}", self.teacher_stride, self.v);
+            bail!(
+                Shape,
+                "teacher row stride {} is smaller than V = {}",
+                self.teacher_stride,
+                self.v
+            );
         }
-        let student = byte_range(self.student, self.n, self.v, self.student_stride, self.student_dtype);
-        let teacher = byte_range(self.teacher, self.n, self.v, self.teacher_stride, self.teacher_dtype);
+        let misaligned = [
+            (
+                "student logits",
+                self.student as usize,
+                self.student_dtype.size(),
+            ),
+            (
+                "teacher logits",
+                self.teacher as usize,
+                self.teacher_dtype.size(),
+            ),
+            ("gradient", self.grad as usize, self.student_dtype.size()),
+            ("labels", self.labels as usize, 8),
+            ("per-token loss", self.per_token as usize, 4),
+            ("loss", self.loss as usize, 4),
+        ]
+        .into_iter()
+        .find(|(_, addr, align)| addr % align != 0);
+        if let Some((what, addr, align)) = misaligned {
+            bail!(
+                InvalidArgument,
+                "{what} pointer {addr:#x} is not aligned to its {align}-byte elements"
+            );
+        }
+        let student = byte_range(
+            self.student,
+            self.n,
+            self.v,
+            self.student_stride,
+            self.student_dtype,
+        );
+        let teacher = byte_range(
+            self.teacher,
+            self.n,
+            self.v,
+            self.teacher_stride,
+            self.teacher_dtype,
+        );
         let mut outputs: Vec<(&str, (usize, usize))> = Vec::new();
         if !self.per_token.is_null() {
             let s = self.per_token as usize;
@@ -122,12 +182,25 @@ impl RawDivergence {
         }
         if !self.grad.is_null() {
             if self.grad_stride < self.v {
-                bail!(Shape, "gradient row stride {} is smaller than V = {}", self.grad_stride, self.v);
+                bail!(
+                    Shape,
+                    "gradient row stride {} is smaller than V = {}",
+                    self.grad_stride,
+                    self.v
+                );
             }
-            let grad = byte_range(self.grad, self.n, self.v, self.grad_stride, self.student_dtype);
+            let grad = byte_range(
+                self.grad,
+                self.n,
+                self.v,
+                self.grad_stride,
+                self.student_dtype,
+            );
             if in_place {
                 // The student's own memory: only the other inputs must stay clear of it.
-            } else if self.grad as *const u8 == self.student && self.grad_stride == self.student_stride {
+            } else if std::ptr::eq(self.grad, self.student)
+                && self.grad_stride == self.student_stride
+            {
                 // Same buffer, same layout: an in-place call through the separate-buffer entry (C ABI).
             } else if overlaps(grad, student) {
                 bail!(Shape, "gradient buffer partly overlaps the student logits (in place needs the same pointer and stride)");
@@ -198,7 +271,11 @@ fn raw_optionals(
             bail!(NullPointer, "per-token loss pointer is null");
         }
         if p.len != n {
-            bail!(Shape, "per-token loss has {} entries for N = {n} rows", p.len);
+            bail!(
+                Shape,
+                "per-token loss has {} entries for N = {n} rows",
+                p.len
+            );
         }
         per_token = p.ptr;
     }
@@ -209,7 +286,11 @@ fn raw_optionals(
             bail!(NullPointer, "loss pointer is null");
         }
         if l.len != 1 {
-            bail!(Shape, "loss output must hold exactly 1 element, it has {}", l.len);
+            bail!(
+                Shape,
+                "loss output must hold exactly 1 element, it has {}",
+                l.len
+            );
         }
         loss = l.ptr;
     }
@@ -246,7 +327,12 @@ impl Context {
     ///
     /// Stream-ordered on CUDA: returns once the work is queued on `launch.stream`, without
     /// synchronising. On error nothing has been written.
-    pub fn divergence(&self, call: Divergence<'_>, params: &Params, launch: &Launch<'_>) -> Result<()> {
+    pub fn divergence(
+        &self,
+        call: Divergence<'_>,
+        params: &Params,
+        launch: &Launch<'_>,
+    ) -> Result<()> {
         params.validate()?;
         check_pair(self, &call.student, &call.teacher)?;
         let (mut grad, mut grad_stride) = (std::ptr::null_mut(), 0);
@@ -280,7 +366,11 @@ impl Context {
         let (labels, per_token, loss) = raw_optionals(
             self,
             n,
-            Optionals { labels: &call.labels, per_token: &call.per_token, loss: &call.loss },
+            Optionals {
+                labels: &call.labels,
+                per_token: &call.per_token,
+                loss: &call.loss,
+            },
         )?;
         let raw = RawDivergence {
             n,
@@ -315,7 +405,11 @@ impl Context {
         let (labels, per_token, loss) = raw_optionals(
             self,
             n,
-            Optionals { labels: &call.labels, per_token: &call.per_token, loss: &call.loss },
+            Optionals {
+                labels: &call.labels,
+                per_token: &call.per_token,
+                loss: &call.loss,
+            },
         )?;
         let raw = RawDivergence {
             n,
@@ -336,7 +430,12 @@ impl Context {
         self.run_divergence(&raw, params, launch)
     }
 
-    fn run_divergence(&self, raw: &RawDivergence, params: &Params, launch: &Launch<'_>) -> Result<()> {
+    fn run_divergence(
+        &self,
+        raw: &RawDivergence,
+        params: &Params,
+        launch: &Launch<'_>,
+    ) -> Result<()> {
         match self.backend() {
             Backend::Cpu => {
                 // SAFETY: every pointer was checked non-null (or is an absent optional), in host

@@ -108,7 +108,10 @@ impl Default for Params {
 impl Params {
     /// Parameters of `kind` with everything else at its default.
     pub fn new(kind: Kind) -> Self {
-        Params { kind, ..Params::default() }
+        Params {
+            kind,
+            ..Params::default()
+        }
     }
 
     /// Rejects out-of-range values with a message naming the parameter.
@@ -117,7 +120,11 @@ impl Params {
             bail!(InvalidArgument, "beta must be in [0, 1], got {}", self.beta);
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            bail!(InvalidArgument, "temperature must be finite and > 0, got {}", self.temperature);
+            bail!(
+                InvalidArgument,
+                "temperature must be finite and > 0, got {}",
+                self.temperature
+            );
         }
         if let Some(n) = self.num_items {
             if !(n.is_finite() && n > 0.0) {

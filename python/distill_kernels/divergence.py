@@ -1,0 +1,187 @@
+"""numpy face of the token-level divergence, on the library's CPU backend.
+
+Shapes: ``student`` and ``teacher`` are ``[N, V]`` (or ``[V]``, a single row). The per-token loss
+has the leading shape (``[N]``, or ``()`` for a single row), the gradient the student's shape and
+dtype. Rows may be strided (``big[:, :V]`` is passed without a copy); arrays whose elements are
+not contiguous within a row, or that are misaligned, byte-swapped or have rows that overlap, are
+copied first. The inputs are never written.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+from . import _lib
+
+__all__ = ["DivergenceResult", "divergence"]
+
+try:  # bfloat16 support is optional: without ml_dtypes there is no bf16 array to pass anyway.
+    import ml_dtypes as _ml_dtypes
+
+    _BF16 = np.dtype(_ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - depends on the environment
+    _BF16 = None
+
+
+# Tests set this to fill the gradient with NaN before the call, to check every element is written.
+_POISON = False
+
+
+def _dtype_code(name: str, dt: np.dtype) -> int:
+    if dt.kind == "f" and dt.itemsize == 4:
+        return _lib.DTYPE_F32
+    if dt.kind == "f" and dt.itemsize == 2:
+        return _lib.DTYPE_F16
+    if _BF16 is not None and dt == _BF16:
+        return _lib.DTYPE_BF16
+    raise TypeError(
+        f"{name} dtype {dt} is not supported: use float32, float16 or ml_dtypes.bfloat16"
+        + (" (float64 inputs: convert with .astype(np.float32))" if dt == np.float64 else "")
+    )
+
+
+@dataclass(frozen=True)
+class DivergenceResult:
+    """Result of :func:`divergence`."""
+
+    loss: float
+    """The reduced loss (for ``reduction="none"``: the sum of the per-token losses)."""
+    per_token: np.ndarray
+    """float32 per-row losses, 0 for ignored rows."""
+    grad: Optional[np.ndarray]
+    """d(loss)/d(student), same shape and dtype as ``student``; None when ``grad=False``."""
+
+    def __iter__(self):
+        return iter((self.loss, self.per_token, self.grad))
+
+
+def _as_logits(name: str, x) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
+            x = np.asarray(x)
+        else:
+            raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    _dtype_code(name, x.dtype)  # raises TypeError on anything else
+    if x.ndim not in (1, 2):
+        raise ValueError(f"{name} must be 2-D [N, V] (or 1-D [V]), got shape {x.shape}")
+    return x
+
+
+def _row_layout(x: np.ndarray) -> Tuple[np.ndarray, int]:
+    """(array, row stride in elements) for a 2-D array the library can read without a copy,
+    copying only when the layout cannot be expressed as rows of contiguous elements."""
+    n, v = x.shape
+    item = x.dtype.itemsize
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    elem_ok = v == 1 or x.strides[1] == item
+    if n == 1:
+        row_ok, stride = True, v
+    else:
+        s0 = x.strides[0]
+        row_ok = s0 % item == 0 and s0 // item >= v
+        stride = s0 // item if row_ok else v
+    if not (elem_ok and row_ok and x.flags.aligned):
+        x = np.ascontiguousarray(x)
+        stride = v
+    return x, stride
+
+
+def _labels(labels, n: int, lead_shape: Tuple[int, ...]) -> Optional[np.ndarray]:
+    if labels is None:
+        return None
+    lab = np.asarray(labels)
+    if lab.dtype == np.bool_ or lab.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integers (int64 preferred), got dtype {lab.dtype}")
+    single_row_ok = lead_shape == () and lab.shape == (1,)
+    if lab.shape != lead_shape and not single_row_ok:
+        raise ValueError(f"labels must have shape {lead_shape} (one per row), got {lab.shape}")
+    if lab.dtype == np.uint64 and int(lab.max()) >= 2**63:
+        raise ValueError("labels do not fit in int64")
+    return np.ascontiguousarray(lab.reshape(n), dtype=np.int64)
+
+
+def _ptr(a: Optional[np.ndarray]) -> Optional[int]:
+    return None if a is None else a.ctypes.data
+
+
+def divergence(
+    student,
+    teacher,
+    kind: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    labels=None,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    num_items: Optional[float] = None,
+    grad: bool = True,
+) -> DivergenceResult:
+    """Token-level divergence between student and teacher logits, with its gradient.
+
+    p = softmax(teacher / T), q = softmax(student / T) over the last axis;
+    ``forward_kl`` = KL(p‖q), ``reverse_kl`` = KL(q‖p), ``jsd`` = β KL(p‖m) + (1−β) KL(q‖m) with
+    m = βp + (1−β)q (β = 0 is forward KL, β = 1 reverse KL, as TRL's generalized_jsd_loss).
+    Rows whose label equals ``ignore_index`` get loss 0 and gradient 0. ``batchmean`` divides the
+    sum by the number of counted rows (at least 1) or by ``num_items``; ``sum`` sums; ``none``
+    returns the per-row losses as the result (``loss`` is their sum, the gradient that of the sum).
+    The gradient (``grad=True``) is d(loss)/d(student), 1/T included, in the student's dtype.
+
+    Raises ValueError / TypeError for bad arguments (a :class:`DistillKernelsError` subclass when
+    the library rejects them, with its message); the inputs are never modified.
+    """
+    params = _lib.make_params(kind, beta, temperature, ignore_index, reduction, num_items)
+    if not isinstance(grad, (bool, np.bool_)):
+        raise TypeError(f"grad must be a bool, got {grad!r}")
+    s = _as_logits("student", student)
+    t = _as_logits("teacher", teacher)
+    if s.shape != t.shape:
+        raise ValueError(f"student shape {s.shape} and teacher shape {t.shape} differ")
+    out_shape = s.shape
+    lead_shape = s.shape[:-1]
+    if s.ndim == 1:
+        s, t = s[None, :], t[None, :]
+    n, v = s.shape
+    if n == 0 or v == 0:
+        raise ValueError(f"empty logits: shape {out_shape} (N and V must be at least 1)")
+    s_code = _dtype_code("student", s.dtype)
+    t_code = _dtype_code("teacher", t.dtype)
+    s, s_stride = _row_layout(s)
+    t, t_stride = _row_layout(t)
+    lab = _labels(labels, n, lead_shape)
+
+    loss = ctypes.c_float(float("nan"))
+    per_token = np.full(n, np.nan, dtype=np.float32)
+    g = None
+    if grad:
+        g = np.empty((n, v), dtype=s.dtype)
+        if _POISON:
+            g.fill(np.nan)
+    args = _lib.DivergenceArgs(
+        n=n,
+        v=v,
+        student=_ptr(s),
+        student_dtype=s_code,
+        student_stride=s_stride,
+        teacher=_ptr(t),
+        teacher_dtype=t_code,
+        teacher_stride=t_stride,
+        labels=_ptr(lab),
+        loss=ctypes.addressof(loss),
+        per_token=_ptr(per_token),
+        grad=_ptr(g),
+        grad_stride=v if grad else 0,
+    )
+    l = _lib.lib()
+    ctx = _lib.context(-1)
+    status = l.dk_divergence(ctx, ctypes.byref(args), ctypes.byref(params), None, 0, None)
+    _lib.check(status, "divergence")
+    return DivergenceResult(
+        loss=float(loss.value),
+        per_token=per_token.reshape(lead_shape),
+        grad=None if g is None else g.reshape(out_shape),
+    )

@@ -1,0 +1,367 @@
+"""distill_kernels.torch.divergence against F.kl_div and TRL's generalized_jsd_loss formula.
+
+Needs torch; the CUDA tests also need a GPU (and a library built with nvcc). Without them the
+tests are skipped with the reason shown by ``pytest -rs``. The CPU-tensor tests run wherever torch
+is installed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed: torch tests skipped")
+import torch.nn.functional as F  # noqa: E402
+
+import distill_kernels as dk  # noqa: E402
+import distill_kernels.torch as dkt  # noqa: E402
+
+HAVE_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAVE_CUDA, reason="CUDA is not available: CUDA torch tests skipped")
+
+KIND_BETAS = [
+    ("forward_kl", 0.5),
+    ("reverse_kl", 0.5),
+    ("jsd", 0.0),
+    ("jsd", 0.3),
+    ("jsd", 0.5),
+    ("jsd", 1.0),
+]
+
+
+# ---- references written from the formulas ------------------------------------------------------
+
+
+def kl_div_reference(student, teacher, kind, temperature=1.0, reduction="batchmean"):
+    """forward / reverse KL through F.kl_div, in float64."""
+    s = F.log_softmax(student.double() / temperature, dim=-1)
+    t = F.log_softmax(teacher.double() / temperature, dim=-1)
+    if kind == "forward_kl":  # KL(teacher || student)
+        rows = F.kl_div(s, t, reduction="none", log_target=True).sum(-1)
+        total = F.kl_div(s, t, reduction="sum", log_target=True)
+        batchmean = F.kl_div(s, t, reduction="batchmean", log_target=True)
+    else:  # KL(student || teacher)
+        rows = F.kl_div(t, s, reduction="none", log_target=True).sum(-1)
+        total = F.kl_div(t, s, reduction="sum", log_target=True)
+        batchmean = F.kl_div(t, s, reduction="batchmean", log_target=True)
+    return {"batchmean": batchmean, "sum": total, "none": rows}[reduction]
+
+
+def trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5,
+                             temperature=1.0, reduction="batchmean"):
+    """TRL's GKDTrainer.generalized_jsd_loss (float64 here), written out."""
+    student_logits = student_logits.double() / temperature
+    teacher_logits = teacher_logits.double() / temperature
+    student_log_probs = F.log_softmax(student_logits, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
+    if beta == 0:
+        jsd = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=student_log_probs.dtype, device=student_log_probs.device)
+        mixture_log_probs = torch.logsumexp(
+            torch.stack([student_log_probs + torch.log(1 - b), teacher_log_probs + torch.log(b)]),
+            dim=0,
+        )
+        kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none", log_target=True)
+        kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction="none", log_target=True)
+        jsd = beta * kl_teacher + (1 - beta) * kl_student
+    if labels is not None:
+        mask = labels != -100
+        jsd = jsd[mask]
+    if reduction == "batchmean":
+        return jsd.sum() / mask.sum() if labels is not None else jsd.sum() / jsd.size(0)
+    if reduction == "sum":
+        return jsd.sum()
+    if reduction == "mean":
+        return jsd.mean()
+    return jsd
+
+
+def rel_err(out, ref):
+    out = out.detach().double()
+    ref = ref.detach().double().to(out.device)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert not torch.isnan(out).any(), "NaN in output"
+    nr = torch.linalg.vector_norm(ref).item()
+    nd = torch.linalg.vector_norm(out - ref).item()
+    return nd if nr == 0 else nd / nr
+
+
+def tol(dtype):
+    """(loss, grad) tolerances of DESIGN.md for student/teacher of this dtype."""
+    return (1e-5, 1e-5) if dtype == torch.float32 else (1e-4, 1e-2)
+
+
+def make(n, v, dtype, device, seed, scale=2.0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    s = (torch.randn(n, v, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+    t = (torch.randn(n, v, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+    return s, t
+
+
+def reference(student, teacher, kind, beta, temperature, labels=None, reduction="batchmean"):
+    if kind == "jsd":
+        return trl_generalized_jsd_loss(student, teacher, labels, beta, temperature, reduction)
+    assert labels is None
+    return kl_div_reference(student, teacher, kind, temperature, reduction)
+
+
+def ours_and_reference(s, t, kind, beta, temperature, labels=None, reduction="batchmean",
+                       upstream=None):
+    """(loss, grad) from distill_kernels and from the float64 torch reference."""
+    s1 = s.detach().clone().requires_grad_(True)
+    out = dkt.divergence(s1, t, kind=kind, beta=beta, temperature=temperature, labels=labels,
+                         reduction=reduction)
+    s2 = s.detach().double().clone().requires_grad_(True)
+    ref = reference(s2, t.double(), kind, beta, temperature, labels, reduction)
+    if reduction == "none":
+        if labels is not None:  # TRL drops ignored rows; ours keeps zeros there
+            full = torch.zeros(s.shape[0], dtype=torch.float64, device=s.device)
+            full[labels != -100] = ref.sum(-1) if ref.dim() == 2 else ref
+            ref = full
+        elif ref.dim() == 2:
+            ref = ref.sum(-1)
+    w = upstream if upstream is not None else torch.ones_like(ref)
+    (out * w.to(out.dtype)).sum().backward()
+    (ref * w.double()).sum().backward()
+    return out, s1.grad, ref, s2.grad
+
+
+# ---- CUDA ---------------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,beta", KIND_BETAS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_cuda_matches_kl_div_and_trl(dtype, kind, beta, temperature):
+    s, t = make(32, 4099, dtype, "cuda", seed=1)
+    out, g, ref, g_ref = ours_and_reference(s, t, kind, beta, temperature)
+    assert out.shape == () and out.dtype == torch.float32 and out.is_cuda
+    assert g.dtype == dtype and g.shape == s.shape
+    tl, tg = tol(dtype)
+    assert rel_err(out, ref) <= tl
+    assert rel_err(g, g_ref) <= tg
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,beta", [("jsd", 0.5), ("jsd", 0.3)])
+def test_cuda_labels_and_ignore_index(dtype, kind, beta):
+    s, t = make(40, 1000, dtype, "cuda", seed=2)
+    labels = torch.randint(0, 1000, (40,), device="cuda")
+    labels[::3] = -100
+    for reduction in ("batchmean", "sum", "none"):
+        out, g, ref, g_ref = ours_and_reference(s, t, kind, beta, 1.0, labels, reduction)
+        tl, tg = tol(dtype)
+        assert rel_err(out, ref) <= tl, reduction
+        assert rel_err(g, g_ref) <= tg, reduction
+        assert torch.all(g[::3] == 0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5)])
+def test_cuda_reduction_none_non_uniform_grad_output(dtype, kind, beta):
+    s, t = make(24, 3001, dtype, "cuda", seed=3)
+    w = torch.randn(24, device="cuda", dtype=torch.float32)
+    out, g, ref, g_ref = ours_and_reference(s, t, kind, beta, 0.7, reduction="none", upstream=w)
+    assert out.shape == (24,) and out.dtype == torch.float32
+    tl, tg = tol(dtype)
+    assert rel_err(out, ref) <= tl
+    assert rel_err(g, g_ref) <= tg
+
+
+@needs_cuda
+def test_cuda_grad_output_scaling_and_num_items():
+    s, t = make(16, 777, torch.float32, "cuda", seed=4)
+    s1 = s.clone().requires_grad_(True)
+    (dkt.divergence(s1, t, kind="forward_kl", num_items=50.0) * 3.5).backward()
+    s2 = s.double().clone().requires_grad_(True)
+    (kl_div_reference(s2, t, "forward_kl", reduction="sum") / 50.0 * 3.5).backward()
+    assert rel_err(s1.grad, s2.grad) <= 1e-5
+
+
+@needs_cuda
+def test_cuda_side_stream():
+    side = torch.cuda.Stream()
+    s0, t0 = make(64, 8192, torch.bfloat16, "cuda", seed=5)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        # Inputs produced on the side stream right before the call: only stream order keeps it
+        # correct. A large matmul first keeps the stream busy.
+        big = torch.randn(4096, 4096, device="cuda")
+        for _ in range(4):
+            big = big @ big
+            big = big / big.norm()
+        s = (s0.float() * 1.0 + big[0, 0] * 0).to(torch.bfloat16).requires_grad_(True)
+        t = t0 * 1
+        loss = dkt.divergence(s, t, kind="jsd", beta=0.5)
+        loss.backward()
+        g = s.grad
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    _, _, ref, g_ref = ours_and_reference(s0, t0, "jsd", 0.5, 1.0)
+    assert rel_err(loss, ref) <= 1e-4
+    assert rel_err(g, g_ref) <= 1e-2
+
+
+@needs_cuda
+def test_cuda_no_host_sync_on_hot_path():
+    s, t = make(32, 2048, torch.bfloat16, "cuda", seed=6)
+    labels = torch.randint(0, 2048, (32,), device="cuda")
+    for _ in range(2):  # warm up: contexts, module load, allocator pools
+        s1 = s.clone().requires_grad_(True)
+        dkt.divergence(s1, t, kind="jsd", labels=labels).backward()
+    torch.cuda.synchronize()
+    s1 = s.clone().requires_grad_(True)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = dkt.divergence(s1, t, kind="jsd", labels=labels)
+        loss.backward()
+        per = dkt.divergence(s, t, kind="forward_kl", reduction="none")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item() and per.shape == (32,)
+
+
+@needs_cuda
+def test_cuda_row_views_and_one_row():
+    big_s, big_t = make(8, 5000, torch.bfloat16, "cuda", seed=7)
+    s, t = big_s[:, :4093], big_t[:, 7:4100]
+    # Row views go to the library as they are (same pointer, row stride of the big tensor).
+    m, stride = dkt._matrix("student", t)
+    assert m.data_ptr() == t.data_ptr() and stride == 5000
+    leaf = big_s.clone().requires_grad_(True)
+    out = dkt.divergence(leaf[:, :4093], t, kind="jsd", beta=0.3)
+    out.backward()
+    s2 = s.double().clone().requires_grad_(True)
+    ref = trl_generalized_jsd_loss(s2, t, beta=0.3)
+    ref.backward()
+    assert rel_err(out, ref) <= 1e-4
+    assert rel_err(leaf.grad[:, :4093], s2.grad) <= 1e-2
+    assert torch.all(leaf.grad[:, 4093:] == 0)
+    # Non-unit inner stride: copied, same results.
+    out, g, ref, g_ref = ours_and_reference(s[:, ::2], t[:, ::2], "forward_kl", 0.5, 1.0)
+    assert rel_err(out, ref) <= 1e-4 and rel_err(g, g_ref) <= 1e-2
+    one = dkt.divergence(s[0], t[0], kind="reverse_kl", reduction="none")
+    assert one.shape == ()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind,beta", KIND_BETAS)
+def test_cuda_matches_cpu_backend_edge_cases(dtype, kind, beta):
+    """CUDA against the library's CPU backend (the exact reference) on masked, NaN, ignored rows."""
+    n, v = 12, 2053
+    s, t = make(n, v, dtype, "cpu", seed=8)
+    mask = torch.rand(n, v, generator=torch.Generator().manual_seed(9)) < 0.2
+    mask[:, 0] = False
+    mask[3] = True
+    s[mask] = -math.inf
+    t[mask] = -math.inf
+    s[5] = -math.inf  # student row all masked
+    t[6, 11] = math.nan  # NaN confined to row 6
+    labels = torch.arange(n)
+    labels[7] = -100
+    kw = dict(kind=kind, beta=beta, temperature=1.3, labels=labels, reduction="sum")
+    sc = s.clone().requires_grad_(True)
+    loss_cpu = dkt.divergence(sc, t, **kw)
+    loss_cpu.backward()
+    sg = s.cuda().requires_grad_(True)
+    kwc = dict(kw, labels=labels.cuda())
+    per_cuda = dkt.divergence(sg, t.cuda(), **dict(kwc, reduction="none"))
+    per_cuda.sum().backward()
+    per_cpu = dkt.divergence(s, t, **dict(kw, reduction="none"))
+    assert torch.isnan(per_cuda[6]).item() and torch.isnan(sg.grad[6]).all().item()
+    keep = [i for i in range(n) if i != 6]
+    tl, tg = tol(dtype)
+    assert rel_err(per_cuda[keep].cpu(), per_cpu[keep]) <= tl
+    assert rel_err(sg.grad[keep].cpu(), sc.grad[keep]) <= tg
+    assert torch.all(sg.grad[mask.cuda()].nan_to_num(0) == 0)
+    assert torch.all(sg.grad[[3, 5, 7]] == 0) and torch.all(per_cuda[[3, 5, 7]] == 0)
+
+
+@needs_cuda
+def test_cuda_large_vocabulary_and_determinism():
+    s, t = make(4, 262145, torch.bfloat16, "cuda", seed=10)
+    out, g, ref, g_ref = ours_and_reference(s, t, "jsd", 0.5, 1.0)
+    assert rel_err(out, ref) <= 1e-4 and rel_err(g, g_ref) <= 1e-2
+    s1 = s.clone().requires_grad_(True)
+    dkt.divergence(s1, t, kind="jsd").backward()
+    s2 = s.clone().requires_grad_(True)
+    dkt.divergence(s2, t, kind="jsd").backward()
+    assert torch.equal(s1.grad.view(torch.int16), s2.grad.view(torch.int16))
+
+
+@needs_cuda
+def test_cuda_graph_capture():
+    s, t = make(16, 4096, torch.bfloat16, "cuda", seed=11)
+    dkt.divergence(s, t, kind="forward_kl")  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = dkt.divergence(s, t, kind="forward_kl")
+    s2, t2 = make(16, 4096, torch.bfloat16, "cuda", seed=12)
+    s.copy_(s2)
+    t.copy_(t2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(loss, kl_div_reference(s2, t2, "forward_kl")) <= 1e-4
+
+
+@needs_cuda
+def test_cuda_bad_input():
+    s, t = make(4, 64, torch.float32, "cuda", seed=13)
+    with pytest.raises(ValueError):
+        dkt.divergence(s, t.cpu())
+    with pytest.raises(ValueError):
+        dkt.divergence(s, t, labels=torch.zeros(4, dtype=torch.int64))  # labels on the CPU
+    with pytest.raises(TypeError):
+        dkt.divergence(s.double(), t)
+    with pytest.raises(ValueError):
+        dkt.divergence(s, t[:3])
+    with pytest.raises(ValueError):
+        dkt.divergence(s, t, beta=2.0)
+
+
+# ---- CPU tensors (no GPU needed) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,beta", KIND_BETAS)
+def test_cpu_tensors(dtype, kind, beta):
+    s, t = make(6, 301, dtype, "cpu", seed=14)
+    out, g, ref, g_ref = ours_and_reference(s, t, kind, beta, 1.5)
+    tl, tg = tol(dtype)
+    assert rel_err(out, ref) <= tl and rel_err(g, g_ref) <= tg
+    w = torch.rand(6)
+    out, g, ref, g_ref = ours_and_reference(s, t, kind, beta, 1.0, reduction="none", upstream=w)
+    assert rel_err(out, ref) <= tl and rel_err(g, g_ref) <= tg
+
+
+def test_cpu_forward_only_and_backward_twice():
+    s, t = make(3, 50, torch.float32, "cpu", seed=15)
+    out = dkt.divergence(s, t, kind="jsd")
+    assert not out.requires_grad
+    s1 = s.clone().requires_grad_(True)
+    out = dkt.divergence(s1, t, kind="jsd", grad=False)
+    assert not out.requires_grad
+    out = dkt.divergence(s1, t, kind="jsd")
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already consumed"):
+        out.backward()
+
+
+def test_cpu_matches_numpy_face():
+    np = pytest.importorskip("numpy")
+    s, t = make(5, 40, torch.float32, "cpu", seed=16)
+    r = dk.divergence(s.numpy(), t.numpy(), kind="jsd", beta=0.3)
+    s1 = s.clone().requires_grad_(True)
+    out = dkt.divergence(s1, t, kind="jsd", beta=0.3)
+    out.backward()
+    assert out.item() == r.loss
+    np.testing.assert_array_equal(s1.grad.numpy(), r.grad)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command: builds the library, runs every Rust test (unit, integration, the C ABI
+# program, proptests, doc tests) and the Python tests against the freshly built library.
+# CUDA tests run when a GPU is present and say SKIPPED otherwise.
+#
+# Python dependencies (numpy, pytest, ml_dtypes) are installed into .venv on first use.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+venv="$root/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "== creating $venv (numpy, pytest, ml_dtypes)"
+  python3 -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c "import numpy, pytest, ml_dtypes" 2>/dev/null; then
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check numpy pytest ml_dtypes
+fi
+
+echo "== cargo test --release"
+cargo test --release
+
+echo "== pytest python/tests"
+DISTILL_KERNELS_LIB="$root/target/release/libdistill_kernels.so" \
+  "$venv/bin/python" -m pytest python/tests -q -rs
