@@ -86,7 +86,8 @@ def _row_layout(x: np.ndarray) -> Tuple[np.ndarray, int]:
         row_ok = s0 % item == 0 and s0 // item >= v
         stride = s0 // item if row_ok else v
     if not (elem_ok and row_ok and x.flags.aligned):
-        x = np.ascontiguousarray(x)
+        # A fresh copy: ascontiguousarray would hand back a contiguous-but-misaligned array as is.
+        x = np.array(x, order="C", copy=True)
         stride = v
     return x, stride
 

@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Builds everything scripts/gpu-check.sh needs, HERE (Rust, no GPU), into gpu-bundle/ (git-ignored),
+# for a GPU machine that has python3 + torch but no Rust:
+#
+#   gpu-bundle/bin/dk                        the dk command (kernels embedded)
+#   gpu-bundle/lib/libdistill_kernels.so     the C ABI library (kernels embedded), for Python and C
+#   gpu-bundle/tests/<name>                  every Rust test executable (hash suffix stripped)
+#   gpu-bundle/tests/MANIFEST.tsv            name, target kind, source, original executable
+#   gpu-bundle/include/                      the public C header
+#   gpu-bundle/python/                       the Python package source (and its tests, bench.py)
+#   gpu-bundle/c-tests/                      C sources under tests/ (if any)
+#   gpu-bundle/wheels/                       the Liger-Kernel wheel (its deps are on the GPU machine)
+#   gpu-bundle/BUILD-INFO                    commit, dirty state, date, toolchain, build root
+#
+# The kernels MUST compile (DISTILL_KERNELS_REQUIRE_NVCC=1, zero spills) with the pinned nvcc from
+# scripts/install-cuda-toolchain.sh (or $NVCC when set). Binaries are stripped; the bundle must stay
+# well under the 64 MiB the device tool carries.
+#
+# usage: bash scripts/build-gpu-bundle.sh
+# env:   NVCC (skip the install), LIGER_VERSION (default 0.8.5, the version of ANCHORS.md;
+#        'latest' for the newest), BUNDLE_STATIC=1 (also carry libdistill_kernels.a, gzipped),
+#        NO_LIGER=1 (skip the wheel)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bundle="$root/gpu-bundle"
+liger_version=${LIGER_VERSION:-0.8.5}
+max_mib=56
+
+say() { echo "== $*" >&2; }
+
+# ---- the pinned compiler ------------------------------------------------------------------------
+if [ -z "${NVCC:-}" ]; then
+  NVCC=$(bash scripts/install-cuda-toolchain.sh | tail -n 1)
+fi
+export NVCC DISTILL_KERNELS_REQUIRE_NVCC=1
+say "nvcc: $NVCC ($("$NVCC" --version | grep -o 'release [0-9.]*' || echo '?'))"
+
+# ---- build ----------------------------------------------------------------------------------------
+say "cargo build --release (kernels required)"
+cargo build --release
+
+say "cargo test --release --no-run (collecting the test executables)"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+cargo test --release --no-run --message-format=json-render-diagnostics >"$tmp/build.json"
+
+python3 - "$tmp/build.json" >"$tmp/tests.tsv" <<'PY'
+import json, os, sys
+
+seen = {}
+for line in open(sys.argv[1]):
+    line = line.strip()
+    if not line.startswith("{"):
+        continue
+    msg = json.loads(line)
+    if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):
+        continue
+    if not msg.get("profile", {}).get("test"):
+        continue
+    t = msg["target"]
+    kinds = t["kind"]
+    name = t["name"]
+    if "test" in kinds:
+        kind, out = "test", name
+    elif "bench" in kinds:
+        kind, out = "bench", "bench-" + name
+    elif "bin" in kinds:
+        kind, out = "bin", "unit-bin-" + name
+    else:
+        kind, out = "lib", "unit-" + name
+    src = os.path.relpath(t["src_path"], os.getcwd())
+    seen[out] = (out, kind, src, msg["executable"])
+for out in sorted(seen):
+    print("\t".join(seen[out]))
+PY
+
+if [ ! -s "$tmp/tests.tsv" ]; then
+  echo "no test executables found in the cargo output" >&2
+  exit 1
+fi
+
+# ---- assemble -------------------------------------------------------------------------------------
+say "assembling $bundle"
+rm -rf "$bundle"
+mkdir -p "$bundle"/{bin,lib,tests,include,wheels}
+strip_into() { # src dst
+  cp "$1" "$2"
+  if command -v strip >/dev/null; then strip --strip-unneeded "$2" 2>/dev/null || strip "$2" || true; fi
+  chmod +x "$2"
+}
+strip_into target/release/dk "$bundle/bin/dk"
+strip_into target/release/libdistill_kernels.so "$bundle/lib/libdistill_kernels.so"
+chmod -x "$bundle/lib/libdistill_kernels.so"
+if [ "${BUNDLE_STATIC:-0}" = 1 ] || grep -rqs -e 'distill_kernels\.a' -e 'static=distill_kernels' tests/; then
+  gzip -9 -c target/release/libdistill_kernels.a >"$bundle/lib/libdistill_kernels.a.gz"
+fi
+
+printf 'name\tkind\tsource\tbuilt_as\n' >"$bundle/tests/MANIFEST.tsv"
+while IFS=$'\t' read -r name kind src exe; do
+  strip_into "$exe" "$bundle/tests/$name"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$kind" "$src" "$exe" >>"$bundle/tests/MANIFEST.tsv"
+done <"$tmp/tests.tsv"
+
+cp -r include/. "$bundle/include/"
+mkdir -p "$bundle/python"
+(cd python && find . -type f \
+  ! -path '*/__pycache__/*' ! -path '*/.pytest_cache/*' ! -path './build/*' ! -name '*.egg-info' \
+  -print0 | while IFS= read -r -d '' f; do
+    mkdir -p "$bundle/python/$(dirname "$f")"
+    cp "$f" "$bundle/python/$f"
+  done)
+c_sources=$(find tests -type f \( -name '*.c' -o -name '*.h' \) 2>/dev/null || true)
+if [ -n "$c_sources" ]; then
+  mkdir -p "$bundle/c-tests"
+  for f in $c_sources; do
+    mkdir -p "$bundle/c-tests/$(dirname "$f")"
+    cp "$f" "$bundle/c-tests/$f"
+  done
+fi
+
+# ---- Liger-Kernel wheel (pure Python; torch and triton are on the GPU machine) ------------------
+if [ "${NO_LIGER:-0}" != 1 ]; then
+  spec=liger-kernel
+  [ "$liger_version" != latest ] && spec="liger-kernel==$liger_version"
+  say "pip download $spec"
+  if ! python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+      --only-binary=:all: --python-version 3.12 -d "$bundle/wheels" "$spec"; then
+    echo "warning: could not download $spec; gpu-check.sh will run without Liger" >&2
+  fi
+fi
+
+# ---- build info -------------------------------------------------------------------------------------
+commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+dirty=$(git status --porcelain 2>/dev/null | grep -vc '^??' || true)
+untracked=$(git status --porcelain 2>/dev/null | grep -c '^??' || true)
+{
+  echo "commit=$commit"
+  echo "modified_tracked_files=$dirty"
+  echo "untracked_files=$untracked"
+  echo "built_utc=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "build_root=$root"
+  echo "rustc=$(rustc --version)"
+  echo "nvcc=$("$NVCC" --version | grep -o 'release [0-9.]*, V[0-9.]*' || echo unknown)"
+  echo "archs=$(./target/release/dk info | sed -n 's/^GPU archs: *//p')"
+  echo "crate_version=$(./target/release/dk --version | awk '{print $2}')"
+  echo "liger_wheel=$(cd "$bundle/wheels" && ls 2>/dev/null | tr '\n' ' ')"
+} >"$bundle/BUILD-INFO"
+
+# ---- checks -------------------------------------------------------------------------------------------
+info=$("$bundle/bin/dk" info)
+grep -q 'compiled with nvcc' <<<"$info" || { echo "bundle dk has no kernels:" >&2; echo "$info" >&2; exit 1; }
+for f in bin/dk lib/libdistill_kernels.so include/distill_kernels.h python/distill_kernels/__init__.py; do
+  [ -e "$bundle/$f" ] || { echo "bundle incomplete: $f missing" >&2; exit 1; }
+done
+bytes=$(du -sb "$bundle" | cut -f1)
+mib=$(( (bytes + 1048575) / 1048576 ))
+echo
+cat "$bundle/BUILD-INFO"
+echo
+echo "test executables:"
+tail -n +2 "$bundle/tests/MANIFEST.tsv" | while IFS=$'\t' read -r name kind src _; do
+  printf '  %-36s %-5s %s (%s KiB)\n' "$name" "$kind" "$src" $(( $(stat -c %s "$bundle/tests/$name") / 1024 ))
+done
+echo
+du -sh "$bundle"/* | sed 's/^/  /'
+echo "gpu-bundle: $bytes bytes (${mib} MiB; the device tool carries at most 64 MiB with the working tree)"
+if [ "$mib" -gt "$max_mib" ]; then
+  echo "gpu-bundle is over ${max_mib} MiB: too big to carry alongside the working tree" >&2
+  exit 1
+fi

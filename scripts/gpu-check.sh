@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# The one-shot GPU check. Runs ON the GPU machine, from the repository root, with gpu-bundle/
+# (made here by scripts/build-gpu-bundle.sh) carried along. No Rust there: python3 with torch,
+# triton, numpy, pytest and ml_dtypes.
+#
+#   bash scripts/gpu-check.sh
+#
+# Steps, each under its own time limit and all inside GPU_CHECK_BUDGET seconds (default 285, with
+# time kept back for the later steps); a failing step is recorded and the next one runs:
+#   1. nvidia-smi one-liner          5. every Rust test executable (their CUDA variants run here)
+#   2. dk info                       6. pip install the carried Liger-Kernel wheel (--target)
+#   3. dk bench on CUDA, bf16,       7. pytest python/tests against the bundled library
+#      N=4096, 4 vocabs, all kinds   8. python/bench.py (torch eager, torch.compile, Liger, this
+#   4. dk bench, one f32 row            crate; --quick when under 150 s are left)
+#                                    9. optional: compute-sanitizer memcheck of a small dk bench
+#
+# Output: logs and JSON in $OUT (when set, as on the device tool; else ./gpu-check-out), at most
+# 8 files: summary.txt, gpu-check.log (every step's output), dk-bench.json, dk-bench-f32.json,
+# python-bench.json. Printed last: the summary table (step, status, seconds), then the dk bench and
+# python bench tables. Exit status: 0 when every required step passed, else 1.
+set -uo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bundle=${GPU_BUNDLE:-$root/gpu-bundle}
+out=${OUT:-$root/gpu-check-out}
+budget=${GPU_CHECK_BUDGET:-285}
+mkdir -p "$out"
+logs=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
+t0=$(date +%s.%N)
+
+now() { date +%s.%N; }
+elapsed() { awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%d", b - a }'; }
+left() { awk -v a="$t0" -v b="$(now)" -v t="$budget" 'BEGIN { printf "%d", t - (b - a) }'; }
+
+if [ ! -x "$bundle/bin/dk" ]; then
+  echo "gpu-check: $bundle/bin/dk not found: run scripts/build-gpu-bundle.sh on the build machine" >&2
+  echo "and carry gpu-bundle (device tool: carry=[\"gpu-bundle\"])" >&2
+  exit 2
+fi
+
+# ---- environment ----------------------------------------------------------------------------------
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PATH="/usr/local/cuda/bin:$PATH"
+export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1
+export DISTILL_KERNELS_LIB="$bundle/lib/libdistill_kernels.so"
+export CARGO_MANIFEST_DIR="$root"
+dk="$bundle/bin/dk"
+py=${PYTHON:-python3}
+
+# Test executables carry paths of the build machine (env!("CARGO_MANIFEST_DIR")) and look for the
+# library in the folder above their own (cargo's target/release/deps layout): point the build
+# root at this checkout, and lay out target/release as a build would (the executables are copied,
+# not linked, as the tests resolve their own path).
+build_root=$(sed -n 's/^build_root=//p' "$bundle/BUILD-INFO" 2>/dev/null)
+setup_notes=""
+if [ -n "$build_root" ] && [ "$build_root" != "$root" ] && [ ! -e "$build_root" ]; then
+  if mkdir -p "$(dirname "$build_root")" 2>/dev/null && ln -s "$root" "$build_root" 2>/dev/null; then
+    setup_notes+="linked build root $build_root -> $root; "
+  else
+    setup_notes+="could not link build root $build_root (tests using it may fail); "
+  fi
+fi
+mkdir -p target/release/deps target/tmp
+for f in libdistill_kernels.so; do
+  [ -e "target/release/$f" ] || cp "$bundle/lib/$f" "target/release/$f"
+done
+[ -e target/release/dk ] || cp "$dk" target/release/dk
+if [ -e "$bundle/lib/libdistill_kernels.a.gz" ] && [ ! -e target/release/libdistill_kernels.a ]; then
+  gunzip -c "$bundle/lib/libdistill_kernels.a.gz" >target/release/libdistill_kernels.a
+fi
+while IFS=$'\t' read -r name kind _; do
+  [ "$name" = name ] || [ "$kind" = bench ] || cp -f "$bundle/tests/$name" "target/release/deps/$name"
+done <"$bundle/tests/MANIFEST.tsv"
+if [ -d "$bundle/c-tests/tests" ]; then
+  cp -rn "$bundle/c-tests/tests/." tests/ 2>/dev/null || true
+fi
+
+# ---- step runner -----------------------------------------------------------------------------------
+names=()
+statuses=()
+seconds=()
+required_failed=0
+
+# Seconds kept back for the steps after the current one (set per phase below).
+reserve=0
+
+# run_step NAME CAP_SECONDS REQUIRED(1|0) CMD...: stdout -> $logs/NAME.out, stderr -> $logs/NAME.err
+# The step gets min(CAP, budget left - reserve) seconds.
+run_step() {
+  local name=$1 cap=$2 required=$3
+  shift 3
+  local l t status rc s1 s2
+  l=$(( $(left) - reserve ))
+  if [ "$l" -lt 8 ]; then
+    names+=("$name"); statuses+=("skipped (out of time)"); seconds+=("0")
+    [ "$required" = 1 ] && required_failed=$((required_failed + 1))
+    echo "[$(elapsed)s] $name: skipped (out of time)"
+    return 0
+  fi
+  t=$cap
+  [ "$l" -lt "$t" ] && t=$l
+  echo "[$(elapsed)s] $name (limit ${t}s) ..."
+  s1=$(now)
+  timeout -k 5 "$t" "$@" >"$logs/$name.out" 2>"$logs/$name.err" </dev/null
+  rc=$?
+  s2=$(now)
+  case $rc in
+    0) status=ok ;;
+    124 | 137) status="TIMEOUT (${t}s)" ;;
+    *) status="FAIL (rc $rc)" ;;
+  esac
+  if [ "$rc" != 0 ]; then
+    if [ "$required" = 1 ]; then
+      required_failed=$((required_failed + 1))
+    else
+      status="$status, optional"
+    fi
+  fi
+  names+=("$name"); statuses+=("$status")
+  seconds+=("$(awk -v a="$s1" -v b="$s2" 'BEGIN { printf "%.1f", b - a }')")
+  echo "[$(elapsed)s] $name: $status"
+}
+
+skip_step() { # NAME REASON
+  names+=("$1"); statuses+=("skipped ($2)"); seconds+=("0")
+  echo "[$(elapsed)s] $1: skipped ($2)"
+}
+
+# ---- 1. the card --------------------------------------------------------------------------------------
+run_step nvidia-smi 15 1 nvidia-smi \
+  --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem,temperature.gpu,power.draw \
+  --format=csv,noheader
+
+# ---- 2. dk info ------------------------------------------------------------------------------------------
+run_step dk-info 30 1 "$dk" info
+
+# ---- 3./4. dk bench on CUDA (first: the numbers this check is for) -------------------------
+run_step dk-bench-bf16 120 1 "$dk" bench --device cuda --dtype bf16 --rows 4096 \
+  --vocab 151936,200064,202048,262144 --kinds forward_kl,reverse_kl,jsd --json "$out/dk-bench.json"
+run_step dk-bench-f32 45 1 "$dk" bench --device cuda --dtype f32 --rows 4096 --vocab 151936 \
+  --kinds jsd --passes fwd+bwd --json "$out/dk-bench-f32.json"
+
+# ---- 5. Rust test executables (CUDA variants run when a GPU is present) ------------------------------
+reserve=150 # pytest and the Python benchmark come after
+while IFS=$'\t' read -r name kind _src _built; do
+  [ "$name" = name ] && continue
+  [ "$kind" = bench ] && continue
+  run_step "test-$name" 90 1 "target/release/deps/$name"
+done <"$bundle/tests/MANIFEST.tsv"
+reserve=0
+
+# ---- 6. Liger-Kernel from the carried wheel ---------------------------------------------------------
+site=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-site.XXXXXX")
+if compgen -G "$bundle/wheels/liger*.whl" >/dev/null; then
+  run_step liger-install 60 0 "$py" -m pip install -q --no-index --no-deps --no-compile \
+    --disable-pip-version-check --target "$site" "$bundle"/wheels/liger*.whl
+else
+  skip_step liger-install "no wheel in $bundle/wheels"
+fi
+export PYTHONPATH="$root/python:$site${PYTHONPATH:+:$PYTHONPATH}"
+
+# ---- 7. Python tests (torch tests on CUDA) --------------------------------------------------------
+reserve=90 # the Python benchmark
+run_step pytest 120 1 "$py" -m pytest python/tests -q -rs -p no:cacheprovider
+
+# ---- 8. Python benchmark against torch eager, torch.compile, Liger ------------------------------
+reserve=0
+if [ -f python/bench.py ]; then
+  quick=()
+  [ "$(left)" -lt 150 ] && quick=(--quick)
+  run_step python-bench 240 1 "$py" python/bench.py "${quick[@]}" --json "$out/python-bench.json"
+else
+  skip_step python-bench "python/bench.py missing"
+fi
+
+# ---- 9. optional: memcheck of a small dk bench ------------------------------------------------------
+sanitizer=$(command -v compute-sanitizer || true)
+if [ -z "$sanitizer" ]; then
+  skip_step memcheck "compute-sanitizer not found"
+elif [ "$(left)" -lt 30 ]; then
+  skip_step memcheck "out of time"
+else
+  run_step memcheck 60 0 "$sanitizer" --tool memcheck --error-exitcode 3 \
+    "$dk" bench --device cuda --rows 64 --vocab 1000,151936 --iters 1 --check-rows 4 \
+    --kinds forward_kl,jsd
+fi
+
+# ---- results --------------------------------------------------------------------------------------------
+total=$(elapsed)
+{
+  echo "gpu-check of $(sed -n 's/^commit=//p' "$bundle/BUILD-INFO") ($(sed -n 's/^built_utc=//p' "$bundle/BUILD-INFO")), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  [ -s "$logs/nvidia-smi.out" ] && echo "card: $(head -n 1 "$logs/nvidia-smi.out")"
+  [ -n "$setup_notes" ] && echo "setup: $setup_notes"
+  printf '%-30s %-40s %8s\n' step status seconds
+  for i in "${!names[@]}"; do
+    printf '%-30s %-40s %8s\n' "${names[$i]}" "${statuses[$i]}" "${seconds[$i]}"
+  done
+  echo "total ${total}s; required steps failed: $required_failed"
+} >"$out/summary.txt"
+
+{
+  cat "$bundle/BUILD-INFO"
+  echo
+  cat "$out/summary.txt"
+  for i in "${!names[@]}"; do
+    n=${names[$i]}
+    echo
+    echo "======== $n: ${statuses[$i]} (${seconds[$i]} s)"
+    for s in out err; do
+      f="$logs/$n.$s"
+      [ -s "$f" ] || continue
+      echo "-------- $n std$s (last 400 kB)"
+      tail -c 400000 "$f"
+    done
+  done
+} >"$out/gpu-check.log"
+
+# The dk bench table: from the header line to the end of stdout.
+bench_table() { [ -s "$1" ] && sed -n '/^shape /,$p' "$1"; }
+
+echo
+echo "================ summary"
+cat "$out/summary.txt"
+for n in dk-bench-bf16 dk-bench-f32; do
+  echo
+  echo "================ $n"
+  if [ -s "$logs/$n.out" ]; then
+    sed -n '2p' "$logs/$n.out"
+    bench_table "$logs/$n.out"
+  else
+    echo "(no output)"
+    tail -n 5 "$logs/$n.err" 2>/dev/null
+  fi
+done
+echo
+echo "================ python bench"
+if [ -s "$logs/python-bench.out" ]; then
+  tail -n 40 "$logs/python-bench.out"
+else
+  echo "(no output)"
+  tail -n 10 "$logs/python-bench.err" 2>/dev/null
+fi
+echo
+echo "gpu-check: $( [ "$required_failed" = 0 ] && echo PASSED || echo "FAILED ($required_failed required steps)" ) in ${total}s; logs in $out"
+rm -rf "$logs" "$site"
+[ "$required_failed" = 0 ]

@@ -1,0 +1,931 @@
+//! `dk bench`: the divergence on the best backend present (or the one asked for), over
+//! model-realistic vocabularies, every result checked on sampled rows against the f64 reference,
+//! timed, and reported as a fraction of the copy-bandwidth floor measured in the same run.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use distill_kernels::device::{cuda_device_count, cuda_driver_present};
+use distill_kernels::divergence::{Kind, Params};
+use distill_kernels::{reference_row_divergence, Context, DType};
+
+use crate::backend::{median, Inputs, Outputs, Runner};
+use crate::cli::{self, usage, Opt, UsageError};
+use crate::data::{mix, sample_rows};
+
+/// Qwen2.5/Qwen3, Phi-4-mini, Llama 4, Gemma-class vocabularies.
+pub const DEFAULT_VOCABS: [usize; 4] = [151_936, 200_064, 202_048, 262_144];
+
+pub const HELP: &str = "\
+dk bench: the divergence (forward KL, reverse KL, JSD) on the best backend present, checked and timed
+
+usage: dk bench [options]
+
+options:
+  --device D        cpu | cuda | cuda:N | auto (default auto: CUDA device 0 when it is present
+                    and its kernels load, else the CPU)
+  --kinds K,...     forward_kl,reverse_kl,jsd (default all three; 'all' also works)
+  --dtype T,...     bf16 | f16 | f32, or a list (default bf16); student and teacher share it
+  --rows N          rows per call (default 4096 on CUDA, 8 on the CPU; --quick: 1024 / 2)
+  --vocab V,...     vocabulary sizes (default 151936,200064,202048,262144)
+  --iters K         timed runs per row, the median is reported (default 20 on CUDA, 5 on the
+                    CPU; --quick: 5 / 1)
+  --passes P        all | fwd+bwd | fwd (default all: forward+backward, then forward only)
+  --beta B          JSD teacher weight in [0, 1] (default 0.5)
+  --temperature T   softmax temperature > 0 (default 1.0)
+  --check-rows K    rows checked against the f64 reference per result (default 8; all rows when
+                    N <= K)
+  --seed S          seed of the random logits (default: from the clock, printed)
+  --quick           fewer rows and runs (what CI runs)
+  --json PATH       also write every result to PATH as JSON
+  -h, --help        this help
+
+Inputs: fresh random logits, student ~ N(0, 3^2), teacher = 0.9 * student + N(0, 1.5^2),
+reduction batchmean. The reference is distill_kernels' f64 row divergence on the same (rounded)
+inputs; the gradient compared is scale/T times its gradient.
+
+Each result row: shape, dtype, kind, pass, median time, GB/s (bytes: both inputs read + the
+gradient written for fwd+bwd; both inputs read for fwd), that rate as a fraction of the copy
+bandwidth measured in the same run (host memcpy on the CPU, device-to-device copy on CUDA;
+bytes read + written), and the errors against the reference over the checked rows: the gradient
+as ||g - r|| / ||ref|| (and max |g - r|), r being the f64 reference rounded to the gradient's dtype
+(the best answer the output can hold: f16 gradients of a batchmean over thousands of rows are
+subnormal and lose several % to rounding alone; the error against the unrounded reference is in
+the JSON), the loss as the largest relative error of the checked per-row losses and of the reduced
+loss. Tolerances: bf16/f16 gradient 1e-2, loss 1e-4; f32 both 1e-5. Every output is poisoned
+with NaN before the checked run; NaN never passes.
+
+exit status: 0 all checks passed, 1 a check failed or the run failed, 2 bad usage.
+";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    FwdBwd,
+    Fwd,
+}
+
+impl Pass {
+    fn name(self) -> &'static str {
+        match self {
+            Pass::FwdBwd => "fwd+bwd",
+            Pass::Fwd => "fwd",
+        }
+    }
+}
+
+struct Config {
+    device: DeviceChoice,
+    kinds: Vec<Kind>,
+    dtypes: Vec<DType>,
+    rows: Option<usize>,
+    vocabs: Vec<usize>,
+    iters: Option<usize>,
+    passes: Vec<Pass>,
+    beta: f32,
+    temperature: f32,
+    check_rows: usize,
+    seed: Option<u64>,
+    quick: bool,
+    json: Option<PathBuf>,
+}
+
+fn parse_kind(s: &str) -> Result<Vec<Kind>, UsageError> {
+    if s == "all" {
+        return Ok(vec![Kind::ForwardKl, Kind::ReverseKl, Kind::Jsd]);
+    }
+    match Kind::from_name(s) {
+        Some(k) => Ok(vec![k]),
+        None => usage!("--kinds: unknown kind '{s}' (forward_kl, reverse_kl, jsd or all)"),
+    }
+}
+
+fn parse_dtype(s: &str) -> Result<DType, UsageError> {
+    match DType::ALL.into_iter().find(|d| d.name() == s) {
+        Some(d) => Ok(d),
+        None => usage!("--dtype: unknown dtype '{s}' (bf16, f16 or f32)"),
+    }
+}
+
+fn dedup<T: PartialEq>(v: Vec<T>) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(v.len());
+    for x in v {
+        if !out.contains(&x) {
+            out.push(x);
+        }
+    }
+    out
+}
+
+/// Parses `dk bench` options; `Ok(None)` means help was asked for.
+fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
+    let opts = cli::parse(
+        "bench",
+        args,
+        &["quick", "help"],
+        &[
+            "device",
+            "kinds",
+            "kind",
+            "dtype",
+            "rows",
+            "vocab",
+            "iters",
+            "passes",
+            "beta",
+            "temperature",
+            "check-rows",
+            "seed",
+            "json",
+        ],
+    )?;
+    let mut c = Config {
+        device: DeviceChoice::Auto,
+        kinds: vec![Kind::ForwardKl, Kind::ReverseKl, Kind::Jsd],
+        dtypes: vec![DType::BF16],
+        rows: None,
+        vocabs: DEFAULT_VOCABS.to_vec(),
+        iters: None,
+        passes: vec![Pass::FwdBwd, Pass::Fwd],
+        beta: 0.5,
+        temperature: 1.0,
+        check_rows: 8,
+        seed: None,
+        quick: false,
+        json: None,
+    };
+    for opt in opts {
+        match opt {
+            Opt::Flag(f) if f == "help" => return Ok(None),
+            Opt::Flag(_) => c.quick = true,
+            Opt::Value(name, value) => {
+                let v = value.as_str();
+                match name.as_str() {
+                    "device" => {
+                        c.device = match v {
+                            "auto" => DeviceChoice::Auto,
+                            "cpu" => DeviceChoice::Cpu,
+                            "cuda" => DeviceChoice::Cuda(0),
+                            _ => match v.strip_prefix("cuda:").map(|n| n.parse::<usize>()) {
+                                Some(Ok(n)) => DeviceChoice::Cuda(n),
+                                _ => {
+                                    usage!("--device: '{v}' is not one of cpu, cuda, cuda:N, auto")
+                                }
+                            },
+                        }
+                    }
+                    "kinds" | "kind" => {
+                        c.kinds = dedup(cli::list(&name, v, parse_kind)?.concat());
+                    }
+                    "dtype" => c.dtypes = dedup(cli::list(&name, v, parse_dtype)?),
+                    "rows" => {
+                        let n: usize = cli::number(&name, v)?;
+                        if n == 0 {
+                            usage!("--rows must be at least 1");
+                        }
+                        c.rows = Some(n);
+                    }
+                    "vocab" => {
+                        let vs = cli::list(&name, v, |s| cli::number::<usize>("vocab", s))?;
+                        if let Some(bad) = vs.iter().find(|&&x| x == 0 || x > i32::MAX as usize) {
+                            usage!("--vocab: {bad} is out of range (1 ..= 2^31 - 1)");
+                        }
+                        c.vocabs = dedup(vs);
+                    }
+                    "iters" => {
+                        let k: usize = cli::number(&name, v)?;
+                        if k == 0 {
+                            usage!("--iters must be at least 1");
+                        }
+                        c.iters = Some(k);
+                    }
+                    "passes" => {
+                        c.passes = match v {
+                            "all" => vec![Pass::FwdBwd, Pass::Fwd],
+                            "fwd+bwd" | "fwdbwd" => vec![Pass::FwdBwd],
+                            "fwd" => vec![Pass::Fwd],
+                            _ => usage!("--passes: '{v}' is not one of all, fwd+bwd, fwd"),
+                        }
+                    }
+                    "beta" => {
+                        c.beta = cli::number(&name, v)?;
+                        if !(0.0..=1.0).contains(&c.beta) {
+                            usage!("--beta must be in [0, 1], got {v}");
+                        }
+                    }
+                    "temperature" => {
+                        c.temperature = cli::number(&name, v)?;
+                        if !(c.temperature.is_finite() && c.temperature > 0.0) {
+                            usage!("--temperature must be finite and > 0, got {v}");
+                        }
+                    }
+                    "check-rows" => {
+                        c.check_rows = cli::number(&name, v)?;
+                        if c.check_rows == 0 {
+                            usage!("--check-rows must be at least 1");
+                        }
+                    }
+                    "seed" => c.seed = Some(cli::number(&name, v)?),
+                    "json" => c.json = Some(PathBuf::from(v)),
+                    _ => unreachable!("cli::parse only returns declared options"),
+                }
+            }
+        }
+    }
+    Ok(Some(c))
+}
+
+/// Gradient and loss tolerances (relative) for a dtype, as DESIGN.md sets them.
+fn tolerances(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F32 => (1e-5, 1e-5),
+        DType::BF16 | DType::F16 => (1e-2, 1e-4),
+    }
+}
+
+/// The reference for one sampled row: loss and the unscaled gradient w.r.t. s/T.
+struct RefRow {
+    loss: f64,
+    grad: Vec<f64>,
+}
+
+fn reference(params: &Params, inputs: &Inputs) -> Vec<RefRow> {
+    let kind = params.effective_kind();
+    let beta = params.beta as f64;
+    let inv_t = 1.0 / params.temperature as f64;
+    let mut out: Vec<Option<RefRow>> = (0..inputs.student.len()).map(|_| None).collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(out.len())
+        .max(1);
+    let per = out.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (k, chunk) in out.chunks_mut(per).enumerate() {
+            scope.spawn(move || {
+                for (j, slot) in chunk.iter_mut().enumerate() {
+                    let i = k * per + j;
+                    let b: Vec<f64> = inputs.student[i].iter().map(|x| x * inv_t).collect();
+                    let a: Vec<f64> = inputs.teacher[i].iter().map(|x| x * inv_t).collect();
+                    let mut grad = vec![0.0; b.len()];
+                    let loss = reference_row_divergence(kind, beta, &b, &a, Some(&mut grad));
+                    *slot = Some(RefRow { loss, grad });
+                }
+            });
+        }
+    });
+    out.into_iter()
+        .map(|r| r.expect("every row computed"))
+        .collect()
+}
+
+#[derive(Default)]
+struct Check {
+    /// ||g - round(ref)|| / ||ref||, the largest over the checked rows.
+    grad_rel: Option<f64>,
+    /// ||g - ref|| / ||ref|| against the unrounded reference (JSON only).
+    grad_rel_exact: Option<f64>,
+    grad_abs: Option<f64>,
+    loss_rel: f64,
+    loss_abs: f64,
+    problems: Vec<String>,
+}
+
+fn rel(diff: f64, reference: f64) -> f64 {
+    if reference != 0.0 {
+        diff / reference.abs()
+    } else {
+        diff
+    }
+}
+
+/// Compares one run with the reference on the sampled rows. `scale` is the reduction's factor.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    out: &Outputs,
+    refs: &[RefRow],
+    samples: &[usize],
+    dtype: DType,
+    scale: f64,
+    inv_t: f64,
+    with_grad: bool,
+) -> Check {
+    let mut c = Check::default();
+    let bad_rows = out.per_token.iter().filter(|x| !x.is_finite()).count();
+    if bad_rows > 0 {
+        c.problems.push(format!(
+            "{bad_rows} per-row losses not finite (unwritten or NaN)"
+        ));
+    }
+    let mut sampled_sum = 0.0;
+    for (i, &r) in samples.iter().enumerate() {
+        let got = out.per_token[r] as f64;
+        let d = (got - refs[i].loss).abs();
+        c.loss_abs = c.loss_abs.max(d);
+        c.loss_rel = c.loss_rel.max(rel(d, refs[i].loss));
+        if d.is_nan() {
+            c.loss_rel = f64::NAN;
+        }
+        sampled_sum += refs[i].loss;
+    }
+    // Reduced loss: the reference on sampled rows, the backend's own per-row values elsewhere
+    // (all rows are sampled on small runs, so there it is the reference throughout).
+    let others: f64 = (0..out.per_token.len())
+        .filter(|r| samples.binary_search(r).is_err())
+        .map(|r| out.per_token[r] as f64)
+        .sum();
+    let want = scale * (sampled_sum + others);
+    let d = (out.loss as f64 - want).abs();
+    c.loss_abs = c.loss_abs.max(d);
+    c.loss_rel = if d.is_nan() {
+        f64::NAN
+    } else {
+        c.loss_rel.max(rel(d, want))
+    };
+    if with_grad {
+        let (mut gr, mut gx, mut ga) = (0.0f64, 0.0f64, 0.0f64);
+        let mut unwritten = 0usize;
+        let max_nan = |acc: f64, x: f64| {
+            if acc.is_nan() || x.is_nan() {
+                f64::NAN
+            } else {
+                acc.max(x)
+            }
+        };
+        for (i, row) in out.grad_rows.iter().enumerate() {
+            let (mut num, mut num_exact, mut den) = (0.0, 0.0, 0.0);
+            for (&g, &e) in row.iter().zip(&refs[i].grad) {
+                let exact = e * scale * inv_t;
+                // The closest answer the gradient's dtype can hold: f16 gradients of a batchmean
+                // over thousands of rows are subnormal, and their rounding alone is several %.
+                let best = round_to(dtype, exact);
+                if !g.is_finite() {
+                    unwritten += 1;
+                }
+                num += (g - best) * (g - best);
+                num_exact += (g - exact) * (g - exact);
+                den += exact * exact;
+                ga = max_nan(ga, (g - best).abs());
+            }
+            let ratio = |num: f64| {
+                if den > 0.0 {
+                    (num / den).sqrt()
+                } else {
+                    num.sqrt()
+                }
+            };
+            gr = max_nan(gr, ratio(num));
+            gx = max_nan(gx, ratio(num_exact));
+        }
+        if unwritten > 0 {
+            c.problems.push(format!(
+                "{unwritten} gradient entries in the checked rows not finite (unwritten or NaN)"
+            ));
+            gr = f64::NAN;
+        }
+        c.grad_rel = Some(gr);
+        c.grad_rel_exact = Some(gx);
+        c.grad_abs = Some(ga);
+    }
+    c
+}
+
+/// Rounds an f64 to the nearest value of `dtype` (what a perfect kernel would store).
+fn round_to(dtype: DType, x: f64) -> f64 {
+    match dtype {
+        DType::F32 => x as f32 as f64,
+        DType::BF16 => half::bf16::from_f64(x).to_f64(),
+        DType::F16 => half::f16::from_f64(x).to_f64(),
+    }
+}
+
+struct Row {
+    dtype: DType,
+    kind: Kind,
+    n: usize,
+    v: usize,
+    pass: Pass,
+    iters: usize,
+    median_s: f64,
+    min_s: f64,
+    bytes: f64,
+    check: Check,
+    error: Option<String>,
+    ok: bool,
+}
+
+impl Row {
+    fn gbps(&self) -> f64 {
+        self.bytes / self.median_s / 1e9
+    }
+}
+
+fn pct(x: f64) -> String {
+    if !x.is_finite() {
+        "-".into()
+    } else if x < 0.01 {
+        format!("{:.3}%", 100.0 * x)
+    } else if x < 0.1 {
+        format!("{:.2}%", 100.0 * x)
+    } else {
+        format!("{:.1}%", 100.0 * x)
+    }
+}
+
+fn sci(x: Option<f64>) -> String {
+    match x {
+        Some(x) if x.is_nan() => "NaN".into(),
+        Some(0.0) => "0".into(),
+        Some(x) => format!("{x:.1e}"),
+        None => "-".into(),
+    }
+}
+
+const HEADER: &str = "shape           dtype  kind        pass      time ms       GB/s  of floor  grad rel  grad abs  loss rel  check";
+
+fn format_row(r: &Row, copy_bw: f64) -> String {
+    let shape = format!("{}x{}", r.n, r.v);
+    let (time, gbps, floor) = if r.error.is_some() || r.median_s.is_nan() {
+        ("-".to_string(), "-".to_string(), "-".to_string())
+    } else {
+        (
+            format!("{:.3}", r.median_s * 1e3),
+            format!("{:.1}", r.gbps()),
+            pct(r.gbps() * 1e9 / copy_bw),
+        )
+    };
+    let status = match (&r.error, r.ok) {
+        (Some(e), _) => format!("ERROR: {e}"),
+        (None, true) => "ok".into(),
+        (None, false) => {
+            let mut s = "FAIL".to_string();
+            if !r.check.problems.is_empty() {
+                s += &format!(" ({})", r.check.problems.join("; "));
+            }
+            s
+        }
+    };
+    format!(
+        "{shape:<15} {:<6} {:<11} {:<8} {time:>8} {gbps:>10} {floor:>9} {:>9} {:>9} {:>9}  {status}",
+        r.dtype.name(),
+        r.kind.name(),
+        r.pass.name(),
+        sci(r.check.grad_rel),
+        sci(r.check.grad_abs),
+        sci((r.error.is_none()).then_some(r.check.loss_rel)),
+    )
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn json_num(x: f64) -> String {
+    if !x.is_finite() {
+        "null".into()
+    } else if x == 0.0 || (1e-4..1e15).contains(&x.abs()) {
+        format!("{x}")
+    } else {
+        format!("{x:e}")
+    }
+}
+
+fn json_opt(x: Option<f64>) -> String {
+    x.map_or("null".into(), json_num)
+}
+
+struct RunInfo<'a> {
+    device: &'a str,
+    backend: &'a str,
+    copy_bw: f64,
+    copy_method: &'a str,
+    n: usize,
+    iters: usize,
+    seed: u64,
+    started: u64,
+    cfg: &'a Config,
+}
+
+fn to_json(info: &RunInfo<'_>, rows: &[Row]) -> String {
+    let failed = rows.iter().filter(|r| !r.ok).count();
+    let mut s = String::from("{\n");
+    s += &format!(
+        "  \"tool\": \"dk bench\",\n  \"version\": {},\n",
+        json_str(distill_kernels::VERSION)
+    );
+    s += &format!("  \"started_unix\": {},\n", info.started);
+    s += &format!(
+        "  \"device\": {},\n  \"backend\": {},\n",
+        json_str(info.device),
+        json_str(info.backend)
+    );
+    s += &format!(
+        "  \"copy_gbps\": {},\n  \"copy_method\": {},\n",
+        json_num(info.copy_bw / 1e9),
+        json_str(info.copy_method)
+    );
+    s += &format!(
+        "  \"rows\": {},\n  \"iters\": {},\n  \"seed\": {},\n  \"beta\": {},\n  \"temperature\": {},\n  \"reduction\": \"batchmean\",\n",
+        info.n, info.iters, info.seed, info.cfg.beta, info.cfg.temperature
+    );
+    s += &format!("  \"check_rows\": {},\n", info.cfg.check_rows.min(info.n));
+    s += &format!(
+        "  \"passed\": {},\n  \"failed\": {},\n  \"ok\": {},\n  \"results\": [\n",
+        rows.len() - failed,
+        failed,
+        failed == 0
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let (gt, lt) = tolerances(r.dtype);
+        let ok_time = r.error.is_none();
+        s += &format!(
+            "    {{\"dtype\": {}, \"kind\": {}, \"n\": {}, \"v\": {}, \"pass\": {}, \"iters\": {}, \
+             \"median_ms\": {}, \"min_ms\": {}, \"bytes\": {}, \"gbps\": {}, \"floor_fraction\": {}, \
+             \"grad_rel_err\": {}, \"grad_rel_err_vs_unrounded\": {}, \"grad_abs_err\": {}, \"loss_rel_err\": {}, \"loss_abs_err\": {}, \
+             \"grad_tol\": {gt}, \"loss_tol\": {lt}, \"ok\": {}, \"problems\": [{}], \"error\": {}}}{}\n",
+            json_str(r.dtype.name()),
+            json_str(r.kind.name()),
+            r.n,
+            r.v,
+            json_str(r.pass.name()),
+            r.iters,
+            json_opt(ok_time.then_some(r.median_s * 1e3)),
+            json_opt(ok_time.then_some(r.min_s * 1e3)),
+            r.bytes,
+            json_opt(ok_time.then(|| r.gbps())),
+            json_opt(ok_time.then(|| r.gbps() * 1e9 / info.copy_bw)),
+            json_opt(r.check.grad_rel),
+            json_opt(r.check.grad_rel_exact),
+            json_opt(r.check.grad_abs),
+            json_opt(ok_time.then_some(r.check.loss_rel)),
+            json_opt(ok_time.then_some(r.check.loss_abs)),
+            r.ok,
+            r.check
+                .problems
+                .iter()
+                .map(|p| json_str(p))
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.error.as_deref().map_or("null".into(), json_str),
+            if i + 1 < rows.len() { "," } else { "" }
+        );
+    }
+    s += "  ]\n}\n";
+    s
+}
+
+/// Progress on stderr: rewritten in place on a terminal, one line each otherwise.
+struct Progress {
+    tty: bool,
+    dirty: bool,
+}
+
+impl Progress {
+    fn show(&mut self, msg: &str) {
+        let mut e = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(e, "\r\x1b[2K{msg}");
+            self.dirty = true;
+        } else {
+            let _ = writeln!(e, "{msg}");
+        }
+        let _ = e.flush();
+    }
+
+    fn clear(&mut self) {
+        if self.dirty {
+            let _ = write!(std::io::stderr(), "\r\x1b[2K");
+            self.dirty = false;
+        }
+    }
+}
+
+fn choose_runner(device: DeviceChoice) -> Result<Runner, String> {
+    match device {
+        DeviceChoice::Cpu => Ok(Runner::cpu()),
+        DeviceChoice::Cuda(i) => {
+            let ctx = Context::cuda(i).map_err(|e| format!("--device cuda:{i}: {e}"))?;
+            Runner::cuda(ctx)
+        }
+        DeviceChoice::Auto => {
+            if !cuda_driver_present() {
+                eprintln!("note: no CUDA driver on this machine: running on the CPU");
+                return Ok(Runner::cpu());
+            }
+            if cuda_device_count() == 0 {
+                eprintln!("note: no CUDA device visible: running on the CPU");
+                return Ok(Runner::cpu());
+            }
+            match Context::cuda(0) {
+                Ok(ctx) => Runner::cuda(ctx),
+                Err(e) => {
+                    eprintln!("note: CUDA device 0 not usable ({e}): running on the CPU");
+                    Ok(Runner::cpu())
+                }
+            }
+        }
+    }
+}
+
+pub fn run(args: &[String]) -> i32 {
+    let cfg = match parse(args) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            out!("{HELP}");
+            return 0;
+        }
+        Err(e) => {
+            eprintln!("dk bench: error: {e}\n(see 'dk help bench')");
+            return 2;
+        }
+    };
+    let mut runner = match choose_runner(cfg.device) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dk bench: error: {e}");
+            return 1;
+        }
+    };
+    let cuda = runner.is_cuda();
+    let n = cfg.rows.unwrap_or(match (cuda, cfg.quick) {
+        (true, false) => 4096,
+        (true, true) => 1024,
+        (false, false) => 8,
+        (false, true) => 2,
+    });
+    let iters = cfg.iters.unwrap_or(match (cuda, cfg.quick) {
+        (true, false) => 20,
+        (true, true) => 5,
+        (false, false) => 5,
+        (false, true) => 1,
+    });
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let seed = cfg.seed.unwrap_or_else(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        mix(&[nanos, std::process::id() as u64]) % 1_000_000_007
+    });
+    let device = runner.describe();
+    let t_start = Instant::now();
+
+    let mut progress = Progress {
+        tty: std::io::stderr().is_terminal(),
+        dirty: false,
+    };
+    progress.show("measuring copy bandwidth ...");
+    let (copy_bw, copy_method) = match runner.copy_bandwidth() {
+        Ok(x) => x,
+        Err(e) => {
+            progress.clear();
+            eprintln!("dk bench: error: {e}");
+            return 1;
+        }
+    };
+    progress.clear();
+    outln!("dk bench {} on {device}", distill_kernels::VERSION);
+    outln!(
+        "copy bandwidth {:.1} GB/s ({copy_method}; bytes read + written)",
+        copy_bw / 1e9
+    );
+    outln!(
+        "rows {n}, median of {iters} timed run(s) after a checked one, seed {seed}, beta {}, T {}, batchmean, {} rows checked per result",
+        cfg.beta,
+        cfg.temperature,
+        cfg.check_rows.min(n)
+    );
+    outln!(
+        "floor = bytes / copy bandwidth; bytes = 3*N*V*size (fwd+bwd: read s, t, write grad), 2*N*V*size (fwd)"
+    );
+    outln!(
+        "grad rel = ||g - r|| / ||ref||, r = f64 reference rounded to the dtype; loss rel = max over checked rows and the reduced loss"
+    );
+    if !cuda {
+        outln!("note: the CPU backend is the exact f64 reference; its times say nothing about the GPU kernels");
+    }
+    outln!();
+    outln!("{HEADER}");
+    let _ = std::io::stdout().flush();
+
+    let total = cfg.dtypes.len() * cfg.vocabs.len() * cfg.kinds.len() * cfg.passes.len();
+    let mut done = 0;
+    let mut rows: Vec<Row> = Vec::with_capacity(total);
+    for &dtype in &cfg.dtypes {
+        for &v in &cfg.vocabs {
+            let samples = sample_rows(n, cfg.check_rows, mix(&[seed, v as u64]));
+            progress.show(&format!(
+                "[{}/{total}] {} {n}x{v}: generating inputs ...",
+                done + 1,
+                dtype.name()
+            ));
+            let loaded = runner.load(dtype, n, v, seed, &samples);
+            for &kind in &cfg.kinds {
+                let params = Params {
+                    kind,
+                    beta: cfg.beta,
+                    temperature: cfg.temperature,
+                    ..Params::default()
+                };
+                let mut refs: Option<Vec<RefRow>> = None;
+                for &pass in &cfg.passes {
+                    done += 1;
+                    progress.show(&format!(
+                        "[{done}/{total}] {} {} {n}x{v} {} ...",
+                        dtype.name(),
+                        kind.name(),
+                        pass.name()
+                    ));
+                    let with_grad = pass == Pass::FwdBwd;
+                    let bytes = ((if with_grad { 3 } else { 2 }) * n * v * dtype.size()) as f64;
+                    let mut row = Row {
+                        dtype,
+                        kind,
+                        n,
+                        v,
+                        pass,
+                        iters,
+                        median_s: f64::NAN,
+                        min_s: f64::NAN,
+                        bytes,
+                        check: Check::default(),
+                        error: None,
+                        ok: false,
+                    };
+                    let result = match &loaded {
+                        Err(e) => Err(e.clone()),
+                        Ok(_) => runner.run(&params, with_grad, iters, &samples),
+                    };
+                    match result {
+                        Err(e) => row.error = Some(e),
+                        Ok(out) => {
+                            let inputs = loaded.as_ref().expect("loaded when the run succeeded");
+                            let refs = refs.get_or_insert_with(|| reference(&params, inputs));
+                            row.median_s = median(&out.times);
+                            row.min_s = out.times.iter().copied().fold(f64::INFINITY, f64::min);
+                            row.check = check(
+                                &out,
+                                refs,
+                                &samples,
+                                dtype,
+                                1.0 / n as f64,
+                                1.0 / cfg.temperature as f64,
+                                with_grad,
+                            );
+                            let (gt, lt) = tolerances(dtype);
+                            row.ok = row.check.problems.is_empty()
+                                && row.check.loss_rel <= lt
+                                && row.check.grad_rel.map_or(true, |g| g <= gt);
+                        }
+                    }
+                    progress.clear();
+                    outln!("{}", format_row(&row, copy_bw));
+                    let _ = std::io::stdout().flush();
+                    rows.push(row);
+                }
+            }
+            runner.unload();
+        }
+    }
+    progress.clear();
+
+    let failed = rows.iter().filter(|r| !r.ok).count();
+    if let Some(path) = &cfg.json {
+        let info = RunInfo {
+            device: &device,
+            backend: if cuda { "cuda" } else { "cpu" },
+            copy_bw,
+            copy_method: &copy_method,
+            n,
+            iters,
+            seed,
+            started,
+            cfg: &cfg,
+        };
+        if let Err(e) = std::fs::write(path, to_json(&info, &rows)) {
+            eprintln!("dk bench: error: cannot write {}: {e}", path.display());
+            return 1;
+        }
+    }
+    let best = rows
+        .iter()
+        .filter(|r| r.ok && r.pass == Pass::FwdBwd)
+        .max_by(|a, b| a.gbps().total_cmp(&b.gbps()));
+    let best_txt = best.map_or(String::new(), |r| {
+        format!(
+            "; best fwd+bwd {} of floor ({} {} {}x{})",
+            pct(r.gbps() * 1e9 / copy_bw),
+            r.dtype.name(),
+            r.kind.name(),
+            r.n,
+            r.v
+        )
+    });
+    outln!();
+    if failed == 0 {
+        outln!(
+            "dk bench: all {} results passed on {device}{best_txt}; copy {:.1} GB/s; {:.1} s",
+            rows.len(),
+            copy_bw / 1e9,
+            t_start.elapsed().as_secs_f64()
+        );
+        0
+    } else {
+        outln!(
+            "dk bench: FAILED {failed} of {} results on {device}{best_txt}; copy {:.1} GB/s; {:.1} s",
+            rows.len(),
+            copy_bw / 1e9,
+            t_start.elapsed().as_secs_f64()
+        );
+        1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn parses_lists_and_defaults() {
+        let c = parse(&args(&[
+            "--kinds",
+            "jsd,forward_kl",
+            "--dtype=f32,bf16",
+            "--vocab",
+            "1000",
+            "--device",
+            "cuda:1",
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.kinds, vec![Kind::Jsd, Kind::ForwardKl]);
+        assert_eq!(c.dtypes, vec![DType::F32, DType::BF16]);
+        assert_eq!(c.vocabs, vec![1000]);
+        assert_eq!(c.device, DeviceChoice::Cuda(1));
+        assert!(parse(&args(&["--help"])).unwrap().is_none());
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for bad in [
+            &["--kinds", "kl"][..],
+            &["--dtype", "f64"],
+            &["--rows", "0"],
+            &["--beta", "2"],
+            &["--temperature", "0"],
+            &["--device", "tpu"],
+            &["--vocab", "0"],
+            &["--frobnicate"],
+        ] {
+            assert!(parse(&args(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn check_catches_unwritten_and_wrong_values() {
+        let refs = vec![RefRow {
+            loss: 1.0,
+            grad: vec![0.5, -0.5],
+        }];
+        let good = Outputs {
+            times: vec![1.0],
+            loss: 0.5,
+            per_token: vec![1.0, 0.0],
+            grad_rows: vec![vec![0.25, -0.25]],
+        };
+        // two rows, row 0 sampled; scale 1/2.
+        let c = check(&good, &refs, &[0], DType::F32, 0.5, 1.0, true);
+        assert!(c.problems.is_empty());
+        assert!(c.grad_rel.unwrap() < 1e-12 && c.loss_rel < 1e-12);
+        let nan = Outputs {
+            grad_rows: vec![vec![f64::NAN, -0.25]],
+            ..good
+        };
+        let c = check(&nan, &refs, &[0], DType::F32, 0.5, 1.0, true);
+        assert!(!c.problems.is_empty());
+        assert!(c.grad_rel.unwrap().is_nan());
+    }
+}
