@@ -8,25 +8,22 @@
 // reproducible. dk_div_prepare computes the loss scale on the device (no host sync) and
 // dk_div_finish reduces the per-row losses in a fixed order.
 //
-// The math (a = t/T, b = s/T, log p = a - log Zt, log q = b - log Zs):
-//   forward KL = Σ p (a - b) + log Zs - log Zt,    dL/db = q - p
-//   reverse KL = Σ q (b - a) + log Zt - log Zs,    dL/db = q (log q - log p - L)
-//   JSD        = β KL(p||m) + (1-β) KL(q||m),      dL/db = (1-β) q (log q - log m - KL(q||m))
-// and dL/ds = scale / T · dL/db.
+// The math (a = t/T, b = s/T, p = softmax(a), q = softmax(b)):
+//   forward KL = Σ p (log p - log q),               dL/db = q - p
+//   reverse KL = Σ q (log q - log p),               dL/db = q (log q - log p - L)
+//   JSD        = β KL(p||m) + (1-β) KL(q||m),       dL/db = (1-β) q (log q - log m - KL(q||m))
+// and dL/ds = scale / T · dL/db. Everything is computed relative to the row maxima (see
+// RowStats and Row) so f32 keeps the loss accurate to ~1e-6 relative.
 
 #include "dk_divergence_args.h"
+#include "dk_divergence_math.cuh"
 #include "dk_reduce.cuh"
 #include "dk_vec.cuh"
 
 namespace dk {
 namespace divergence {
 
-enum class Kind { ForwardKl, ReverseKl, Jsd };
-
 constexpr int kThreads = 256;
-
-// x * d with 0 * anything = 0: masked entries (probability 0) contribute nothing.
-__device__ __forceinline__ float xlog(float x, float d) { return x == 0.f ? 0.f : x * d; }
 
 // Calls f(i, s_i, t_i) for the thread's share of the row, 8 elements per 16-byte step when
 // both rows are aligned, then the tail (and everything, when unaligned) one element at a time.
@@ -49,40 +46,34 @@ __device__ __forceinline__ void for_each(const TS* s, const TT* t, int v, bool v
   }
 }
 
-// Pass 1: online statistics of both sides; for the KL kinds also the KL sum.
+// Pass 1: the row statistics.
 template <Kind K>
 struct StatsPass {
   float inv_t;
-  Online st, ss;  // teacher, student
+  RowStats<K> stats;
   template <int N>
   __device__ __forceinline__ void chunk(int, const float (&s)[N], const float (&t)[N]) {
-    float a[N], b[N], ab[N], ba[N];
+    float a[N], b[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       a[k] = t[k] * inv_t;
       b[k] = s[k] * inv_t;
-      ab[k] = a[k] - b[k];
-      ba[k] = b[k] - a[k];
     }
-    st.add<K == Kind::ForwardKl>(a, ab);
-    ss.add<K == Kind::ReverseKl>(b, ba);
+    stats.add(a, b);
   }
 };
 
-// Pass 2 of JSD: Σ p (log p - log m) and Σ q (log q - log m), m in log space.
+// Pass 2 of JSD: Σ p (log p - log m) and Σ q (log q - log m).
 struct JsdPass {
-  float inv_t, lzt, lzs, log_beta, log_1mbeta;
+  Row row;
   float kl_pm = 0.f, kl_qm = 0.f;
   template <int N>
   __device__ __forceinline__ void chunk(int, const float (&s)[N], const float (&t)[N]) {
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float lp = t[k] * inv_t - lzt, lq = s[k] * inv_t - lzs;
-      const float x = lp + log_beta, y = lq + log_1mbeta;
-      const float hi = fmaxf(x, y);
-      const float lm = hi == -INFINITY ? -INFINITY : hi + log1pf(__expf(-fabsf(x - y)));
-      kl_pm += xlog(__expf(lp), lp - lm);
-      kl_qm += xlog(__expf(lq), lq - lm);
+      const float2 terms = jsd_terms(row, s[k], t[k]);
+      kl_pm += terms.x;
+      kl_qm += terms.y;
     }
   }
 };
@@ -90,27 +81,15 @@ struct JsdPass {
 // Final pass: the gradient, stored 8 at a time when aligned.
 template <Kind K, typename TS>
 struct GradPass {
+  Row row;
   TS* g;
-  float inv_t, lzt, lzs, loss, kl_qm, one_m_beta, log_beta, log_1mbeta, gscale;
+  float center, one_m_beta, gscale;
   template <int N>
   __device__ __forceinline__ void chunk(int i, const float (&s)[N], const float (&t)[N]) {
     float out[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float lp = t[k] * inv_t - lzt, lq = s[k] * inv_t - lzs;
-      const float q = __expf(lq);
-      float d;
-      if (K == Kind::ForwardKl) {
-        d = q - __expf(lp);
-      } else if (K == Kind::ReverseKl) {
-        d = xlog(q, lq - lp - loss);
-      } else {
-        const float x = lp + log_beta, y = lq + log_1mbeta;
-        const float hi = fmaxf(x, y);
-        const float lm = hi == -INFINITY ? -INFINITY : hi + log1pf(__expf(-fabsf(x - y)));
-        d = one_m_beta * xlog(q, lq - lm - kl_qm);
-      }
-      out[k] = d * gscale;
+      out[k] = grad_entry<K>(row, s[k], t[k], center, one_m_beta) * gscale;
     }
     if (N == kVec) {
       store8(g + i, reinterpret_cast<const float(&)[kVec]>(out));
@@ -136,7 +115,7 @@ __device__ __forceinline__ void zero_row(TS* g, int v, bool vec) {
 
 template <Kind K, typename TS, typename TT>
 __device__ __forceinline__ void rows(const DkDivergenceArgs& a) {
-  __shared__ Online smem_online[32];
+  __shared__ RowStats<K> smem_stats[32];
   __shared__ float smem_sum[32];
   const int64_t row = blockIdx.x;
   const int v = static_cast<int>(a.v);
@@ -154,37 +133,39 @@ __device__ __forceinline__ void rows(const DkDivergenceArgs& a) {
     return;
   }
 
-  StatsPass<K> stats{a.inv_temperature};
-  for_each(s, t, v, vec, stats);
-  const Online st = block_merge(stats.st, smem_online);
-  const Online ss = block_merge(stats.ss, smem_online);
-  const float lzt = st.log_z(), lzs = ss.log_z();
+  StatsPass<K> pass1{a.inv_temperature};
+  for_each(s, t, v, vec, pass1);
+  const RowStats<K> st = block_merge(pass1.stats, smem_stats);
 
   // A side with no finite entry has no distribution: loss 0, gradient 0 (NaN rows go on).
-  if (lzt == -INFINITY || lzs == -INFINITY) {
+  if (st.mt == -INFINITY || st.ms == -INFINITY) {
     if (threadIdx.x == 0) per_row[row] = 0.f;
     if (g) zero_row(g, v, vec);
     return;
   }
 
-  float loss, kl_qm = 0.f;
-  const float beta = a.beta, log_beta = logf(beta), log_1mbeta = log1pf(-beta);
+  const float beta = a.beta;
+  const Row r{a.inv_temperature, st.mt, st.ms, 1.f / st.st, 1.f / st.ss, logf(st.ss / st.st),
+              logf(beta), log1pf(-beta)};
+  float loss, center = 0.f;
   if (K == Kind::ForwardKl) {
-    loss = st.acc / st.s + lzs - lzt;
+    loss = st.acc * r.inv_st + r.log_ratio;
   } else if (K == Kind::ReverseKl) {
-    loss = ss.acc / ss.s + lzt - lzs;
+    center = st.acc * r.inv_ss;
+    loss = center - r.log_ratio;
   } else {
-    JsdPass jp{a.inv_temperature, lzt, lzs, log_beta, log_1mbeta};
+    JsdPass jp{r};
     for_each(s, t, v, vec, jp);
     const float kl_pm = block_sum(jp.kl_pm, smem_sum);
-    kl_qm = block_sum(jp.kl_qm, smem_sum);
-    loss = beta * kl_pm + (1.f - beta) * kl_qm;
+    center = block_sum(jp.kl_qm, smem_sum);
+    loss = beta * kl_pm + (1.f - beta) * center;
   }
-  if (threadIdx.x == 0) per_row[row] = loss;
+  // A divergence is >= 0; rounding of near-equal rows may give -1e-9 (NaN passes through).
+  if (threadIdx.x == 0) per_row[row] = loss < 0.f ? 0.f : loss;
   if (!g) return;
 
   const float gscale = *reinterpret_cast<const float*>(a.scale) * a.inv_temperature;
-  GradPass<K, TS> gp{g, a.inv_temperature, lzt, lzs, loss, kl_qm, 1.f - beta, log_beta, log_1mbeta, gscale};
+  GradPass<K, TS> gp{r, g, center, 1.f - beta, gscale};
   for_each(s, t, v, vec, gp);
 }
 

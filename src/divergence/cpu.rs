@@ -251,7 +251,9 @@ pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) {
                             );
                         }
                         let grad = (!raw.grad.is_null()).then_some(g.as_mut_slice());
-                        *out = row_divergence(kind, beta, &b, &a, grad);
+                        let loss = row_divergence(kind, beta, &b, &a, grad);
+                        // A divergence is >= 0; rounding of equal rows can give -1e-16 (NaN stays).
+                        *out = if loss < 0.0 { 0.0 } else { loss };
                     }
                     if !raw.grad.is_null() {
                         // SAFETY: this thread owns row `row` of the gradient; the student row

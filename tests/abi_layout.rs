@@ -1,0 +1,348 @@
+//! Layouts shared between C and Rust: a C probe (compiled with the system compiler through the
+//! `cc` crate) prints sizeof / alignment / offsetof of every field of the structs the headers
+//! declare — parsed from the headers, so a new field cannot be missed — and the values of the
+//! code macros. They must equal the Rust mirrors: `divergence_args_layout()` for the kernel
+//! argument struct (cuda/include/dk_divergence_args.h) and `offset_of!` on the C ABI structs
+//! (include/distill_kernels.h).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::mem::{align_of, offset_of, size_of};
+use std::process::Command;
+
+use common::*;
+use distill_kernels::capi::divergence::{DkDivergenceArgs, DkDivergenceParams};
+use distill_kernels::divergence::{Kind, Reduction};
+use distill_kernels::{DType, ErrorKind};
+
+/// Strips /* */ and // comments.
+fn strip_comments(src: &str) -> String {
+    let mut out = String::new();
+    let mut rest = src;
+    while !rest.is_empty() {
+        let b = rest.find("/*");
+        let l = rest.find("//");
+        let cut = match (b, l) {
+            (Some(b), Some(l)) => b.min(l),
+            (Some(b), None) => b,
+            (None, Some(l)) => l,
+            (None, None) => {
+                out.push_str(rest);
+                break;
+            }
+        };
+        out.push_str(&rest[..cut]);
+        if rest[cut..].starts_with("/*") {
+            let end = rest[cut..].find("*/").expect("unterminated comment");
+            rest = &rest[cut + end + 2..];
+        } else {
+            let end = rest[cut..].find('\n').unwrap_or(rest.len() - cut);
+            rest = &rest[cut + end..];
+        }
+    }
+    out
+}
+
+/// `typedef struct TAG { fields } NAME;` → (NAME, field names in order).
+fn structs(header: &str) -> Vec<(String, Vec<String>)> {
+    let code = strip_comments(header);
+    let mut out = Vec::new();
+    let mut rest = code.as_str();
+    while let Some(pos) = rest.find("typedef struct") {
+        rest = &rest[pos + "typedef struct".len()..];
+        let Some(open) = rest.find('{') else { break };
+        let semi = rest.find(';').unwrap_or(usize::MAX);
+        if semi < open {
+            continue; // `typedef struct x x;` (opaque)
+        }
+        let close = rest.find('}').expect("struct body");
+        let body = &rest[open + 1..close];
+        let after = &rest[close + 1..];
+        let name: String = after
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let fields = body
+            .split(';')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(|d| {
+                let d = d.split('[').next().unwrap().trim_end();
+                d.rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        out.push((name, fields));
+        rest = &rest[close..];
+    }
+    out
+}
+
+const MACROS: &[&str] = &[
+    "DK_OK",
+    "DK_ERR_NULL_POINTER",
+    "DK_ERR_INVALID_ARGUMENT",
+    "DK_ERR_SHAPE",
+    "DK_ERR_UNSUPPORTED_DTYPE",
+    "DK_ERR_NO_DEVICE",
+    "DK_ERR_WRONG_DEVICE",
+    "DK_ERR_WORKSPACE_TOO_SMALL",
+    "DK_ERR_CUDA",
+    "DK_ERR_PANIC",
+    "DK_DTYPE_F32",
+    "DK_DTYPE_BF16",
+    "DK_DTYPE_F16",
+    "DK_FORWARD_KL",
+    "DK_REVERSE_KL",
+    "DK_JSD",
+    "DK_REDUCTION_BATCHMEAN",
+    "DK_REDUCTION_SUM",
+    "DK_REDUCTION_NONE",
+    "DK_ARGS_REDUCTION_BATCHMEAN",
+    "DK_ARGS_REDUCTION_SUM",
+    "DK_ARGS_REDUCTION_NONE",
+];
+
+type Probe = (BTreeMap<String, usize>, BTreeMap<String, Vec<String>>);
+
+/// Compiles and runs the probe; returns "STRUCT.FIELD" / "STRUCT sizeof" / "MACRO" → value, and
+/// the fields of each struct. `None` (with a visible SKIPPED line) without a C compiler.
+fn probe(test: &str) -> Option<Probe> {
+    let mut cmd = c_compiler(test)?;
+    let root = repo_root();
+    let mut all = Vec::new();
+    for h in [
+        "cuda/include/dk_divergence_args.h",
+        "include/distill_kernels.h",
+    ] {
+        all.extend(structs(&std::fs::read_to_string(root.join(h)).unwrap()));
+    }
+    let mut c = String::from(
+        "#include <stddef.h>\n#include <stdio.h>\n#include \"dk_divergence_args.h\"\n\
+         #include \"distill_kernels.h\"\n",
+    );
+    for (name, _) in &all {
+        c += &format!("typedef struct {{ char c; {name} x; }} align_{name};\n");
+    }
+    c += "int main(void) {\n";
+    for (name, fields) in &all {
+        c += &format!("  printf(\"{name} sizeof %zu\\n\", sizeof({name}));\n");
+        c += &format!("  printf(\"{name} alignof %zu\\n\", offsetof(align_{name}, x));\n");
+        for f in fields {
+            c += &format!("  printf(\"{name}.{f} %zu\\n\", offsetof({name}, {f}));\n");
+        }
+    }
+    for m in MACROS {
+        c += &format!("  printf(\"{m} %d\\n\", (int)({m}));\n");
+    }
+    c += "  return 0;\n}\n";
+    let dir = scratch_dir("abi_probe");
+    let src = dir.join("probe.c");
+    std::fs::write(&src, c).unwrap();
+    let exe = dir.join("probe");
+    cmd.arg("-I")
+        .arg(root.join("include"))
+        .arg("-I")
+        .arg(root.join("cuda/include"))
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe);
+    let (ok, out) = run_command(&mut cmd);
+    assert!(ok, "compiling the layout probe failed:\n{out}");
+    let (ok, out) = run_command(&mut Command::new(&exe));
+    assert!(ok, "probe failed:\n{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let values = out
+        .lines()
+        .skip(1) // the command line
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect();
+    Some((values, all.into_iter().collect()))
+}
+
+/// Compares the probe's view of `c_name` with Rust's (size, align, field offsets).
+fn compare(
+    values: &BTreeMap<String, usize>,
+    fields: &BTreeMap<String, Vec<String>>,
+    c_name: &str,
+    size: usize,
+    align: Option<usize>,
+    rust: &[(&str, usize)],
+) {
+    let c_fields = fields
+        .get(c_name)
+        .unwrap_or_else(|| panic!("{c_name} not found in the headers"));
+    let rust_names: Vec<&str> = rust.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        c_fields, &rust_names,
+        "{c_name}: C fields (in order) vs the Rust mirror's"
+    );
+    assert_eq!(values[&format!("{c_name} sizeof")], size, "{c_name} sizeof");
+    if let Some(a) = align {
+        assert_eq!(
+            values[&format!("{c_name} alignof")],
+            a,
+            "{c_name} alignment"
+        );
+    }
+    for (f, off) in rust {
+        assert_eq!(
+            values[&format!("{c_name}.{f}")],
+            *off,
+            "{c_name}.{f} offset (C vs Rust)"
+        );
+    }
+}
+
+#[test]
+fn kernel_args_struct_matches_rust_mirror() {
+    let Some((values, fields)) = probe("kernel_args_struct_matches_rust_mirror") else {
+        return;
+    };
+    let layout = distill_kernels::divergence_args_layout();
+    let size = layout
+        .iter()
+        .find(|(n, _)| *n == "sizeof")
+        .expect("sizeof entry")
+        .1;
+    let rust: Vec<(&str, usize)> = layout
+        .iter()
+        .filter(|(n, _)| *n != "sizeof")
+        .copied()
+        .collect();
+    compare(&values, &fields, "DkDivergenceArgs", size, None, &rust);
+}
+
+#[test]
+fn c_abi_structs_match_rust() {
+    let Some((values, fields)) = probe("c_abi_structs_match_rust") else {
+        return;
+    };
+    compare(
+        &values,
+        &fields,
+        "dk_divergence_args",
+        size_of::<DkDivergenceArgs>(),
+        Some(align_of::<DkDivergenceArgs>()),
+        &[
+            ("n", offset_of!(DkDivergenceArgs, n)),
+            ("v", offset_of!(DkDivergenceArgs, v)),
+            ("student", offset_of!(DkDivergenceArgs, student)),
+            ("student_dtype", offset_of!(DkDivergenceArgs, student_dtype)),
+            (
+                "student_stride",
+                offset_of!(DkDivergenceArgs, student_stride),
+            ),
+            ("teacher", offset_of!(DkDivergenceArgs, teacher)),
+            ("teacher_dtype", offset_of!(DkDivergenceArgs, teacher_dtype)),
+            (
+                "teacher_stride",
+                offset_of!(DkDivergenceArgs, teacher_stride),
+            ),
+            ("labels", offset_of!(DkDivergenceArgs, labels)),
+            ("loss", offset_of!(DkDivergenceArgs, loss)),
+            ("per_token", offset_of!(DkDivergenceArgs, per_token)),
+            ("grad", offset_of!(DkDivergenceArgs, grad)),
+            ("grad_stride", offset_of!(DkDivergenceArgs, grad_stride)),
+        ],
+    );
+    compare(
+        &values,
+        &fields,
+        "dk_divergence_params",
+        size_of::<DkDivergenceParams>(),
+        Some(align_of::<DkDivergenceParams>()),
+        &[
+            ("kind", offset_of!(DkDivergenceParams, kind)),
+            ("beta", offset_of!(DkDivergenceParams, beta)),
+            ("temperature", offset_of!(DkDivergenceParams, temperature)),
+            ("reduction", offset_of!(DkDivergenceParams, reduction)),
+            ("ignore_index", offset_of!(DkDivergenceParams, ignore_index)),
+            ("num_items", offset_of!(DkDivergenceParams, num_items)),
+        ],
+    );
+    // Every struct the headers declare is covered above.
+    let covered = [
+        "DkDivergenceArgs",
+        "dk_divergence_args",
+        "dk_divergence_params",
+    ];
+    for name in fields.keys() {
+        assert!(
+            covered.contains(&name.as_str()),
+            "struct {name} has no layout check"
+        );
+    }
+}
+
+#[test]
+fn code_macros_match_rust_enums() {
+    let Some((values, _)) = probe("code_macros_match_rust_enums") else {
+        return;
+    };
+    let m = |name: &str| values[name] as i32;
+    assert_eq!(m("DK_OK"), distill_kernels::capi::DK_OK);
+    for (name, kind) in [
+        ("DK_ERR_NULL_POINTER", ErrorKind::NullPointer),
+        ("DK_ERR_INVALID_ARGUMENT", ErrorKind::InvalidArgument),
+        ("DK_ERR_SHAPE", ErrorKind::Shape),
+        ("DK_ERR_UNSUPPORTED_DTYPE", ErrorKind::UnsupportedDtype),
+        ("DK_ERR_NO_DEVICE", ErrorKind::NoDevice),
+        ("DK_ERR_WRONG_DEVICE", ErrorKind::WrongDevice),
+        ("DK_ERR_WORKSPACE_TOO_SMALL", ErrorKind::WorkspaceTooSmall),
+        ("DK_ERR_CUDA", ErrorKind::Cuda),
+        ("DK_ERR_PANIC", ErrorKind::Panic),
+    ] {
+        assert_eq!(m(name), kind as i32, "{name}");
+    }
+    for (name, d) in [
+        ("DK_DTYPE_F32", DType::F32),
+        ("DK_DTYPE_BF16", DType::BF16),
+        ("DK_DTYPE_F16", DType::F16),
+    ] {
+        assert_eq!(m(name), d as i32, "{name}");
+        assert_eq!(DType::from_code(m(name)), Some(d));
+    }
+    for (name, k) in [
+        ("DK_FORWARD_KL", Kind::ForwardKl),
+        ("DK_REVERSE_KL", Kind::ReverseKl),
+        ("DK_JSD", Kind::Jsd),
+    ] {
+        assert_eq!(Kind::from_code(m(name)), Some(k), "{name}");
+    }
+    for (name, args_name, r) in [
+        (
+            "DK_REDUCTION_BATCHMEAN",
+            "DK_ARGS_REDUCTION_BATCHMEAN",
+            Reduction::BatchMean,
+        ),
+        ("DK_REDUCTION_SUM", "DK_ARGS_REDUCTION_SUM", Reduction::Sum),
+        (
+            "DK_REDUCTION_NONE",
+            "DK_ARGS_REDUCTION_NONE",
+            Reduction::None,
+        ),
+    ] {
+        assert_eq!(Reduction::from_code(m(name)), Some(r), "{name}");
+        assert_eq!(m(args_name), r as i32, "{args_name}");
+    }
+}
+
+#[test]
+fn header_struct_parser() {
+    let h = "typedef struct a a; /* x */\ntypedef struct S {\n  int64_t n; // c\n  const void* p; /* d */\n  float x[4];\n} S;";
+    assert_eq!(
+        structs(h),
+        vec![(
+            "S".to_string(),
+            vec!["n".to_string(), "p".to_string(), "x".to_string()]
+        )]
+    );
+}

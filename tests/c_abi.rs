@@ -1,0 +1,292 @@
+//! The C ABI from C: tests/c/divergence_test.c is compiled with the system C compiler (found by
+//! the `cc` crate), linked against the crate's cdylib (and, separately, its staticlib) and run.
+//! Also: the header's version macros equal the crate version, and the `dk_` functions the
+//! header declares are exactly the ones src/capi exports.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+fn library(kind: &str) -> PathBuf {
+    let name = match (kind, std::env::consts::OS) {
+        ("static", _) => "libdistill_kernels.a".to_string(),
+        (_, "macos") => "libdistill_kernels.dylib".to_string(),
+        _ => "libdistill_kernels.so".to_string(),
+    };
+    // `cargo test` builds the library (all its crate types) into deps/ as a dependency of the
+    // tests; the copy one level up is only refreshed by `cargo build`. Take the newer one.
+    let dir = profile_dir();
+    [dir.join("deps").join(&name), dir.join(&name)]
+        .into_iter()
+        .filter_map(|p| {
+            let t = std::fs::metadata(&p).and_then(|m| m.modified()).ok()?;
+            Some((t, p))
+        })
+        .max_by_key(|(t, _)| *t)
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not found in {} (it is built with the test's profile by `cargo test`)",
+                dir.display()
+            )
+        })
+}
+
+fn cuda_expected() -> &'static str {
+    if cuda_unavailable().is_none() {
+        "1"
+    } else {
+        "0"
+    }
+}
+
+fn run_c_program(exe: &Path, lib_dir: &Path) {
+    let seed = Rng::fresh("c_program").next_u64();
+    let mut cmd = Command::new(exe);
+    cmd.arg(seed.to_string())
+        .arg(cuda_expected())
+        .env("LD_LIBRARY_PATH", lib_dir)
+        .env("DYLD_LIBRARY_PATH", lib_dir);
+    let (ok, out) = run_command(&mut cmd);
+    println!("{out}");
+    assert!(ok, "C test program failed (seed {seed}):\n{out}");
+    assert!(out.contains(", 0 failures"), "{out}");
+    if cuda_expected() == "0" {
+        visible("SKIPPED cuda part of the C ABI program: no CUDA device or no compiled kernels");
+    }
+}
+
+#[test]
+fn c_program_against_cdylib() {
+    let lib = library("dynamic");
+    let lib_dir = lib.parent().unwrap();
+    let Some(mut cmd) = c_compiler("c_program_against_cdylib") else {
+        return;
+    };
+    let dir = scratch_dir("c_program_cdylib");
+    let exe = dir.join("divergence_test");
+    let root = repo_root();
+    cmd.arg("-I")
+        .arg(root.join("include"))
+        .arg(root.join("tests/c/divergence_test.c"))
+        .arg("-o")
+        .arg(&exe)
+        .arg(format!("-L{}", lib_dir.display()))
+        .arg("-ldistill_kernels")
+        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+        .arg("-lm");
+    let (ok, out) = run_command(&mut cmd);
+    assert!(ok, "compiling the C test failed:\n{out}");
+    run_c_program(&exe, lib_dir);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn c_program_against_staticlib() {
+    if std::env::consts::OS != "linux" {
+        visible("SKIPPED c_program_against_staticlib: native link flags only known for Linux");
+        return;
+    }
+    let lib = library("static");
+    let Some(mut cmd) = c_compiler("c_program_against_staticlib") else {
+        return;
+    };
+    let dir = scratch_dir("c_program_staticlib");
+    let exe = dir.join("divergence_test_static");
+    let root = repo_root();
+    cmd.arg("-I")
+        .arg(root.join("include"))
+        .arg(root.join("tests/c/divergence_test.c"))
+        .arg("-o")
+        .arg(&exe)
+        .arg(&lib)
+        // What rustc's --print native-static-libs lists for a std staticlib on Linux.
+        .args([
+            "-lgcc_s",
+            "-lutil",
+            "-lrt",
+            "-lpthread",
+            "-lm",
+            "-ldl",
+            "-lc",
+        ]);
+    let (ok, out) = run_command(&mut cmd);
+    assert!(
+        ok,
+        "linking the C test against the staticlib failed:\n{out}"
+    );
+    run_c_program(&exe, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Strips /* */ and // comments.
+fn strip_c_comments(src: &str) -> String {
+    let mut out = String::with_capacity(src.len());
+    let mut rest = src;
+    loop {
+        let block = rest.find("/*");
+        let line = rest.find("//");
+        match (block, line) {
+            (Some(b), l) if l.map_or(true, |l| b < l) => {
+                out.push_str(&rest[..b]);
+                let end = rest[b + 2..].find("*/").expect("unterminated comment") + b + 4;
+                rest = &rest[end..];
+            }
+            (_, Some(l)) => {
+                out.push_str(&rest[..l]);
+                let end = rest[l..].find('\n').map_or(rest.len(), |e| l + e);
+                rest = &rest[end..];
+            }
+            (None, None) => {
+                out.push_str(rest);
+                return out;
+            }
+            (Some(_), None) => unreachable!(),
+        }
+    }
+}
+
+fn ident_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
+}
+
+/// `dk_*` identifiers immediately followed by `(`: the functions the header declares.
+fn header_functions(header: &str) -> BTreeSet<String> {
+    let code = strip_c_comments(header);
+    let mut out = BTreeSet::new();
+    let bytes: Vec<char> = code.chars().collect();
+    let mut i = 0;
+    while i < bytes.len() {
+        let at_start = i == 0 || !ident_char(bytes[i - 1]);
+        if at_start && code[..].chars().skip(i).take(3).collect::<String>() == "dk_" {
+            let mut j = i;
+            while j < bytes.len() && ident_char(bytes[j]) {
+                j += 1;
+            }
+            let name: String = bytes[i..j].iter().collect();
+            let mut k = j;
+            while k < bytes.len() && bytes[k].is_whitespace() {
+                k += 1;
+            }
+            if k < bytes.len() && bytes[k] == '(' {
+                out.insert(name);
+            }
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Functions marked `#[no_mangle]` in the Rust sources under `dir`.
+fn exported_functions(dir: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                files.push(p);
+            }
+        }
+    }
+    for f in files {
+        let src = std::fs::read_to_string(&f).unwrap();
+        let mut rest = src.as_str();
+        while let Some(pos) = rest.find("#[no_mangle]") {
+            rest = &rest[pos + "#[no_mangle]".len()..];
+            let fn_pos = rest.find("fn ").expect("fn after #[no_mangle]");
+            let name: String = rest[fn_pos + 3..]
+                .chars()
+                .take_while(|&c| ident_char(c))
+                .collect();
+            assert!(
+                rest[..fn_pos].contains("extern \"C\""),
+                "{name} in {} is #[no_mangle] but not extern \"C\"",
+                f.display()
+            );
+            out.insert(name);
+        }
+    }
+    out
+}
+
+#[test]
+fn header_and_exports_agree() {
+    let root = repo_root();
+    let header = std::fs::read_to_string(root.join("include/distill_kernels.h")).unwrap();
+    let declared = header_functions(&header);
+    let exported = exported_functions(&root.join("src/capi"));
+    assert!(declared.contains("dk_divergence") && declared.contains("dk_version"));
+    let missing: Vec<_> = declared.difference(&exported).collect();
+    let undeclared: Vec<_> = exported.difference(&declared).collect();
+    assert!(
+        missing.is_empty() && undeclared.is_empty(),
+        "declared in the header but not exported: {missing:?}; exported but not declared: {undeclared:?}"
+    );
+    // Every export starts with dk_.
+    for name in &exported {
+        assert!(name.starts_with("dk_"), "{name} lacks the dk_ prefix");
+    }
+    // And the built cdylib really exports them (when `nm` is available).
+    let lib = library("dynamic");
+    if let Ok(out) = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(&lib)
+        .output()
+    {
+        if out.status.success() {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let symbols: BTreeSet<String> = text
+                .lines()
+                .filter_map(|l| l.split_whitespace().last())
+                .filter(|s| s.starts_with("dk_"))
+                .map(str::to_string)
+                .collect();
+            assert_eq!(symbols, declared, "dynamic symbols of {}", lib.display());
+        }
+    }
+}
+
+#[test]
+fn header_version_matches_crate() {
+    let header = std::fs::read_to_string(repo_root().join("include/distill_kernels.h")).unwrap();
+    let define = |name: &str| -> String {
+        header
+            .lines()
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some("#define") && w.next() == Some(name))
+                    .then(|| w.next().unwrap_or("").trim_matches('"').to_string())
+            })
+            .unwrap_or_else(|| panic!("{name} not defined in the header"))
+    };
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(define("DK_VERSION_STRING"), version);
+    let numeric = format!(
+        "{}.{}.{}",
+        define("DK_VERSION_MAJOR"),
+        define("DK_VERSION_MINOR"),
+        define("DK_VERSION_PATCH")
+    );
+    assert_eq!(numeric, version);
+    assert_eq!(distill_kernels::VERSION, version);
+    // SAFETY: dk_version returns a static NUL-terminated string.
+    let from_c = unsafe { std::ffi::CStr::from_ptr(distill_kernels::capi::context::dk_version()) };
+    assert_eq!(from_c.to_str().unwrap(), version);
+}
+
+#[test]
+fn comment_stripping_and_parsing() {
+    let h = "/* dk_fake(void) */ int dk_a(int x); // dk_b(\nint dk_c (void);\ntypedef int dk_t;";
+    let f = header_functions(h);
+    assert_eq!(f, ["dk_a", "dk_c"].iter().map(|s| s.to_string()).collect());
+}

@@ -1,0 +1,152 @@
+// Host simulation of the divergence row kernel's arithmetic (cuda/include/dk_divergence_math.cuh,
+// the same code the kernels compile), with the kernel's thread layout played out in order:
+// each of `threads` lanes walks its share of the row as for_each does (8-element chunks, then a
+// scalar tail), the per-lane states are merged by the warp butterfly and the cross-warp stage
+// of block_merge / block_sum, and the loss and gradient are formed as in rows(). Lets the f32
+// kernel math be checked against the f64 reference on a machine without a GPU.
+//
+// Protocol (binary, native endianness) on stdin, repeated until EOF:
+//   i32 kind (0 forward KL, 1 reverse KL, 2 JSD), f32 beta, f32 inv_t, i32 v, i32 threads,
+//   i32 vec (1: 8-element chunks + tail, 0: scalar), f32 s[v], f32 t[v]
+// and on stdout per case: f32 loss, f32 grad[v] (d loss / d s with scale 1, i.e. including 1/T),
+// u8 lanes_agree (1 when every lane ended each reduction with bitwise the same state).
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "dk_divergence_math.cuh"
+
+using namespace dk::divergence;
+
+namespace {
+
+constexpr int kVec = 8;
+
+template <typename T>
+bool same_bits(const T& a, const T& b) {
+  return std::memcmp(&a, &b, sizeof(T)) == 0;
+}
+
+// Butterfly over 32 lanes, then the cross-warp stage: what block_merge / block_sum compute.
+template <typename State, typename Merge>
+State block_reduce(std::vector<State> lanes, Merge merge, bool* agree) {
+  const int threads = static_cast<int>(lanes.size()), warps = threads / 32;
+  auto butterfly = [&](State* x) {
+    for (int o = 16; o > 0; o >>= 1) {
+      State next[32];
+      for (int l = 0; l < 32; ++l) next[l] = merge(x[l], x[l ^ o]);
+      for (int l = 0; l < 32; ++l) x[l] = next[l];
+    }
+    for (int l = 1; l < 32; ++l) *agree = *agree && same_bits(x[l], x[0]);
+  };
+  std::vector<State> per_warp(warps);
+  for (int w = 0; w < warps; ++w) {
+    butterfly(&lanes[w * 32]);
+    per_warp[w] = lanes[w * 32];
+  }
+  State y[32];
+  for (int l = 0; l < 32; ++l) y[l] = l < warps ? per_warp[l] : State();
+  butterfly(y);
+  return y[0];
+}
+
+// Calls f(i, s, t, n) on each lane's share in the kernel's order.
+template <typename F>
+void for_each_lane(int lane, int threads, int v, bool vec, F&& f) {
+  int start = 0;
+  if (vec) {
+    const int chunks = v / kVec;
+    for (int c = lane; c < chunks; c += threads) f(c * kVec, kVec);
+    start = chunks * kVec;
+  }
+  for (int i = start + lane; i < v; i += threads) f(i, 1);
+}
+
+template <Kind K>
+void run_row(float beta, float inv_t, const float* s, const float* t, int v, int threads, bool vec,
+             float* loss_out, float* grad, bool* agree) {
+  std::vector<RowStats<K>> lanes(threads);
+  for (int lane = 0; lane < threads; ++lane) {
+    for_each_lane(lane, threads, v, vec, [&](int i, int n) {
+      float a[kVec], b[kVec];
+      for (int k = 0; k < n; ++k) {
+        a[k] = t[i + k] * inv_t;
+        b[k] = s[i + k] * inv_t;
+      }
+      if (n == kVec) {
+        lanes[lane].add(reinterpret_cast<const float(&)[kVec]>(a), reinterpret_cast<const float(&)[kVec]>(b));
+      } else {
+        lanes[lane].add(reinterpret_cast<const float(&)[1]>(a), reinterpret_cast<const float(&)[1]>(b));
+      }
+    });
+  }
+  auto merge = [](RowStats<K> x, const RowStats<K>& y) {
+    x.merge(y);
+    return x;
+  };
+  const RowStats<K> st = block_reduce(lanes, merge, agree);
+  if (st.mt == -INFINITY || st.ms == -INFINITY) {
+    *loss_out = 0.f;
+    for (int i = 0; i < v; ++i) grad[i] = 0.f;
+    return;
+  }
+  const Row r{inv_t, st.mt, st.ms, 1.f / st.st, 1.f / st.ss, logf(st.ss / st.st), logf(beta), log1pf(-beta)};
+  float loss, center = 0.f;
+  if (K == Kind::ForwardKl) {
+    loss = st.acc * r.inv_st + r.log_ratio;
+  } else if (K == Kind::ReverseKl) {
+    center = st.acc * r.inv_ss;
+    loss = center - r.log_ratio;
+  } else {
+    std::vector<float> pm(threads, 0.f), qm(threads, 0.f);
+    for (int lane = 0; lane < threads; ++lane) {
+      for_each_lane(lane, threads, v, vec, [&](int i, int n) {
+        for (int k = 0; k < n; ++k) {
+          const float2 terms = jsd_terms(r, s[i + k], t[i + k]);
+          pm[lane] += terms.x;
+          qm[lane] += terms.y;
+        }
+      });
+    }
+    auto add = [](float x, float y) { return x + y; };
+    const float kl_pm = block_reduce(pm, add, agree);
+    center = block_reduce(qm, add, agree);
+    loss = beta * kl_pm + (1.f - beta) * center;
+  }
+  *loss_out = loss < 0.f ? 0.f : loss;
+  for (int i = 0; i < v; ++i) grad[i] = grad_entry<K>(r, s[i], t[i], center, 1.f - beta) * inv_t;
+}
+
+template <typename T>
+bool read(T* x, size_t n = 1) {
+  return std::fread(x, sizeof(T), n, stdin) == n;
+}
+
+}  // namespace
+
+int main() {
+  int32_t kind, v, threads, vec;
+  float beta, inv_t;
+  while (read(&kind) && read(&beta) && read(&inv_t) && read(&v) && read(&threads) && read(&vec)) {
+    if (v < 1 || threads < 32 || threads % 32 != 0 || threads > 1024 || kind < 0 || kind > 2) {
+      std::fprintf(stderr, "bad case header: kind %d v %d threads %d\n", kind, v, threads);
+      return 2;
+    }
+    std::vector<float> s(v), t(v), grad(v);
+    if (!read(s.data(), v) || !read(t.data(), v)) {
+      std::fprintf(stderr, "truncated case\n");
+      return 2;
+    }
+    float loss = 0.f;
+    bool agree = true;
+    if (kind == 0) run_row<Kind::ForwardKl>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, &loss, grad.data(), &agree);
+    if (kind == 1) run_row<Kind::ReverseKl>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, &loss, grad.data(), &agree);
+    if (kind == 2) run_row<Kind::Jsd>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, &loss, grad.data(), &agree);
+    const uint8_t ok = agree ? 1 : 0;
+    std::fwrite(&loss, sizeof(float), 1, stdout);
+    std::fwrite(grad.data(), sizeof(float), v, stdout);
+    std::fwrite(&ok, 1, 1, stdout);
+  }
+  return 0;
+}
