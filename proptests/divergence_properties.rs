@@ -247,7 +247,9 @@ proptest! {
             }
             let ga: Vec<f64> = a.grad.iter().map(|&x| x as f64).collect();
             let gb: Vec<f64> = b.grad.iter().map(|&x| x as f64).collect();
-            let e = common::rel_err(&gb, &ga, 1e-9);
+            // Floor 1e-7: near-equal rows have gradients of ~1e-10 whose f64 rounding (~1e-15
+            // from logits shifted by up to 32) is then a large fraction of themselves.
+            let e = common::rel_err(&gb, &ga, 1e-7);
             prop_assert!(e <= 1e-6, "gradient changed by {e}");
         }
     }
