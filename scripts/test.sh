@@ -17,6 +17,9 @@ if ! "$venv/bin/python" -c "import numpy, pytest, ml_dtypes" 2>/dev/null; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check numpy pytest ml_dtypes
 fi
 
+echo "== cargo build --release (the library the C and Python tests load)"
+cargo build --release
+
 echo "== cargo test --release"
 cargo test --release
 
