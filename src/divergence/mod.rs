@@ -315,7 +315,7 @@ fn check_pair(ctx: &Context, student: &Matrix<'_>, teacher: &Matrix<'_>) -> Resu
 
 impl Context {
     /// Bytes of device workspace a divergence over `n` rows needs (0 on the CPU). Pass at least
-    /// this much through [`Launch::workspace`], or none to let the library allocate on the stream.
+    /// this much through [`Launch::with_workspace`], or none to let the library allocate on the stream.
     pub fn divergence_workspace_size(&self, n: usize) -> usize {
         match self.backend() {
             Backend::Cpu => 0,
