@@ -105,6 +105,116 @@ dk_status dk_divergence(const dk_context* ctx, const dk_divergence_args* args,
                         const dk_divergence_params* params, void* workspace, size_t workspace_bytes,
                         void* stream);
 
+/* ---- MoE dispatch --------------------------------------------------------------------- */
+/*
+ * Route: router logits [n, e] -> top-k experts per token, their weights, and a deterministic
+ * permutation into expert-major order (expert, then token, then slot). Permute gathers token
+ * rows into that order, combine writes each token's weighted sum of its k expert rows (no
+ * atomics: bitwise reproducible), slot_dot gives the per-slot dot products the backward passes
+ * need. Backward of permute = combine (weighted by the weights when permute scaled, plus
+ * slot_dot for the weights' gradient); backward of combine = permute (scaled by the weights)
+ * for the expert rows and slot_dot for the weights.
+ *
+ * Selection: a higher selection score (score + bias) first, equal scores to the lower expert
+ * (group) index; a NaN selection score ranks below every number. Activations (permute, combine,
+ * slot_dot): h a multiple of 8 in 8..16384, every row start 16-byte aligned (base pointer and
+ * stride * element size multiples of 16), on every backend. Index contents (perm, position): an
+ * entry outside -1..limit is an error (DK_ERR_INVALID_ARGUMENT, nothing written) on the CPU and
+ * is treated as -1 on CUDA, which cannot read them before launching.
+ */
+
+/* Score functions (dk_moe_route_params.score). */
+#define DK_MOE_SOFTMAX 0
+#define DK_MOE_SIGMOID 1
+
+typedef struct dk_moe_route_params {
+  int32_t k;           /* experts per token, 1 <= k <= e (and k <= 32) */
+  int32_t score;       /* DK_MOE_SOFTMAX (over the e logits) or DK_MOE_SIGMOID */
+  int32_t renormalize; /* 1: the k weights are divided by their sum */
+  int32_t n_groups;    /* e experts in n_groups contiguous groups (1 = no grouping) */
+  int32_t topk_groups; /* groups kept, ranked by the sum of their top-2 selection scores */
+  float scale;         /* weights are multiplied by it (after renormalisation) */
+  int64_t capacity;    /* tokens per expert, later tokens dropped in token order; 0 = unlimited,
+                          < 0 invalid */
+  int32_t block;       /* each expert's segment padded to a multiple of it (>= 1) */
+} dk_moe_route_params;
+
+typedef struct dk_moe_route_args {
+  int64_t n;              /* tokens, >= 1 */
+  int32_t e;              /* experts, 1..1024 */
+  const void* logits;     /* [n, e] router logits */
+  int32_t logits_dtype;   /* DK_DTYPE_F32 or DK_DTYPE_BF16 */
+  int64_t logits_stride;  /* elements between rows, >= e */
+  const float* bias;      /* [e] added to the scores for selection only, or NULL */
+  int32_t* expert_ids;    /* [n, k] out: by descending selection score, ties to the lower id */
+  float* weights;         /* [n, k] out: unbiased scores of the chosen experts (renorm, scale) */
+  int32_t* counts;        /* [e] out: tokens per expert after drops */
+  int32_t* offsets;       /* [e + 1] out: segment starts in the permuted rows (padded); R = offsets[e] */
+  int32_t* perm;          /* [perm_rows] out: flat index n*k + j held by each permuted row, -1 = padding */
+  int64_t perm_rows;      /* >= dk_moe_max_rows(n, e, k, block, capacity); rows past R are -1 */
+  int32_t* position;      /* [n, k] out: permuted row of (n, j), -1 if dropped */
+} dk_moe_route_args;
+
+/* Upper bound on R = offsets[e]: min(n*k, e*capacity) + e*(block-1) (capacity 0 = unlimited).
+ * -1 on bad arguments (n < 0; e, k or block < 1; capacity < 0) or int64 overflow. */
+int64_t dk_moe_max_rows(int64_t n, int32_t e, int32_t k, int32_t block, int64_t capacity);
+/* Defaults: k = 1, softmax, no renormalisation, 1 group, scale 1, no capacity, block 1. */
+dk_moe_route_params dk_moe_route_params_default(void);
+dk_status dk_moe_route_workspace_size(const dk_context* ctx, int64_t n, int32_t e, int32_t k,
+                                      size_t* bytes);
+dk_status dk_moe_route(const dk_context* ctx, const dk_moe_route_args* args,
+                       const dk_moe_route_params* params, void* workspace, size_t workspace_bytes,
+                       void* stream);
+
+/* out[r] = x[perm[r] / k] (times weights[perm[r]] when weights != NULL), 0 where perm[r] = -1. */
+typedef struct dk_moe_permute_args {
+  int64_t n;             /* tokens */
+  int64_t h;             /* hidden size, a multiple of 8 */
+  int32_t k;             /* slots per token, 1..32 */
+  int64_t rows;          /* permuted rows (entries of perm), >= 1 */
+  int32_t dtype;         /* DK_DTYPE_* of x and out */
+  const void* x;         /* [n, h] */
+  int64_t x_stride;      /* >= h */
+  const int32_t* perm;   /* [rows], from dk_moe_route */
+  const float* weights;  /* [n, k] or NULL (no scaling) */
+  void* out;             /* [rows, h] */
+  int64_t out_stride;    /* >= h */
+} dk_moe_permute_args;
+dk_status dk_moe_permute(const dk_context* ctx, const dk_moe_permute_args* args, void* stream);
+
+/* y[t] = sum over j of weights[t, j] * rows[position[t, j]] (weights NULL: unweighted), slots
+ * with position -1 skipped, accumulated in f32 in slot order and rounded once to the dtype. */
+typedef struct dk_moe_combine_args {
+  int64_t n;                 /* tokens */
+  int64_t h;                 /* hidden size, a multiple of 8 */
+  int32_t k;                 /* slots per token */
+  int64_t rows;              /* rows of the permuted buffer */
+  int32_t dtype;             /* DK_DTYPE_* of rows and y */
+  const void* rows_in;       /* [rows, h] expert outputs (or gradients) in permuted order */
+  int64_t rows_stride;       /* >= h */
+  const int32_t* position;   /* [n, k], from dk_moe_route */
+  const float* weights;      /* [n, k] or NULL */
+  void* y;                   /* [n, h] */
+  int64_t y_stride;          /* >= h */
+} dk_moe_combine_args;
+dk_status dk_moe_combine(const dk_context* ctx, const dk_moe_combine_args* args, void* stream);
+
+/* out[t, j] = dot(tokens[t], rows[position[t, j]]) in f32 (0 where position is -1). */
+typedef struct dk_moe_slot_dot_args {
+  int64_t n;                 /* tokens */
+  int64_t h;                 /* hidden size, a multiple of 8 */
+  int32_t k;                 /* slots per token */
+  int64_t rows;              /* rows of the permuted buffer */
+  int32_t dtype;             /* DK_DTYPE_* of both inputs */
+  const void* tokens;        /* [n, h] */
+  int64_t tokens_stride;     /* >= h */
+  const void* rows_in;       /* [rows, h] */
+  int64_t rows_stride;       /* >= h */
+  const int32_t* position;   /* [n, k] */
+  float* out;                /* [n, k] */
+} dk_moe_slot_dot_args;
+dk_status dk_moe_slot_dot(const dk_context* ctx, const dk_moe_slot_dot_args* args, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""GPU benchmark of the token-level divergence, forward + backward, against what users would pick.
+"""GPU benchmark of the token-level divergence (forward + backward) and of the MoE dispatch
+(route, permute, combine, forward and backward), against what users would pick.
 
-    python python/bench.py                 # shapes of ANCHORS.md: 4096x151936, 4096x202048
+    python python/bench.py                 # shapes of ANCHORS.md (divergence and MoE)
     python python/bench.py --quick         # smaller shapes, for a smoke run
     python python/bench.py --shapes 4096x151936,16384x151936 --kinds forward_kl --json out.json
+    python python/bench.py --ops moe_route,moe_permute,moe_combine --impls distill_kernels
+
+``--ops`` picks among divergence, moe_route, moe_permute, moe_combine (``moe`` = the three MoE
+ones; default: all).
 
 For every shape (bf16 logits) and kind (forward_kl, jsd with beta = 0.5) it times, with
 triton.testing.do_bench medians (CUDA events when triton is missing):
@@ -17,6 +22,30 @@ and reports the time, the fraction of the floor (3 * N * V * 2 bytes over the de
 copy bandwidth measured in this run), the extra peak memory of one forward + backward (the
 gradient included), and the error against a float64 reference (loss over all rows, gradient on a
 few sampled rows). Failures (OOM included) become rows of the table instead of stopping the run.
+
+MoE dispatch (bf16 activations; ANCHORS.md, "MoE dispatch in plain PyTorch"):
+
+- route: N = 16384 router logits (bf16) over E = 128 experts, k = 8, softmax, renormalised, every
+  output (ids, weights, counts, offsets, permutation, positions). torch eager = softmax + topk +
+  stable argsort + bincount/cumsum + scatter of the positions.
+- permute / combine, forward and backward, for the three shapes of ANCHORS.md's MoE table
+  (Llama 4 Scout 16384 x 5120, E 16, top-1 sigmoid; Llama 4 Maverick 16384 x 5120, E 128, top-1
+  sigmoid; Qwen3-MoE 16384 x 2048, E 128, top-8 softmax renormalised). Permute is unscaled,
+  combine weighted. torch eager = x.index_select (permute), index_add of the weighted rows
+  (combine), and the ops their autograd runs for the backward (index_add for index_select;
+  gather + multiply + row sums for the weighted combine), all through torch.autograd.grad.
+  distill_kernels = distill_kernels.torch.moe_permute / moe_combine, backward through autograd.
+
+Each MoE row gives the time and the fraction of its memory floor: the minimal bytes, every
+operand read once and every result written once (R = N·k permuted rows, bf16), over the copy
+bandwidth measured in the same run:
+  permute forward  (N + R)·H·2     combine forward  (R + N)·H·2   (+ weights)
+  permute backward (R + N)·H·2     combine backward (N + 2R)·H·2  (grad_y, expert_out; grad rows)
+  route            N·E·2 + 16·N·k  (logits; ids, weights, positions, permutation)
+Note: ANCHORS.md's 94 % for the Qwen3-MoE permute counts R rows read (2·R·H·2 bytes); with the
+minimal floor above the same time is about 52 %. The error column compares with a float32
+computation of the same math on the same routing; "bitwise" says whether two runs of
+distill_kernels gave identical bits.
 """
 
 from __future__ import annotations
@@ -254,6 +283,241 @@ def fmt_row(r) -> str:
     )
 
 
+# ---- MoE dispatch ------------------------------------------------------------------------------
+
+MOE_ROUTE_SHAPE = (16384, 128, 8)  # N, E, k: softmax, renormalised
+MOE_SHAPES = [  # (name, N, H, E, k, score)
+    ("Llama 4 Scout", 16384, 5120, 16, 1, "sigmoid"),
+    ("Llama 4 Maverick", 16384, 5120, 128, 1, "sigmoid"),
+    ("Qwen3-MoE", 16384, 2048, 128, 8, "softmax"),
+]
+MOE_QUICK_N = 4096
+MOE_OPS = ("moe_route", "moe_permute", "moe_combine")
+
+
+def plain_route(logits, k, score="softmax", renormalize=False):
+    """Routing in plain PyTorch: scores, topk, stable argsort (expert-major, token order)."""
+    n, e = logits.shape
+    s = logits.float().softmax(-1) if score == "softmax" else logits.float().sigmoid()
+    w, ids = s.topk(k, dim=-1)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=e)
+    offsets = torch.zeros(e + 1, dtype=torch.long, device=logits.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(n * k, device=logits.device)
+    return ids, w, counts, offsets, order, position.view(n, k)
+
+
+def _moe_impls(wanted):
+    impls = {"torch eager": None, "distill_kernels": None}
+    try:
+        import distill_kernels.torch as dkt
+        from distill_kernels import _lib as dk_lib
+
+        dk_lib.moe_lib()
+        impls["distill_kernels"] = dkt
+    except Exception as e:  # noqa: BLE001
+        impls["distill_kernels"] = e
+    if wanted:
+        impls = {k: v for k, v in impls.items() if any(w in k.lower() for w in wanted)}
+    return impls
+
+
+def _moe_row(op, impl, shape, floor_bytes, bw, fn, args, err=None, bitwise=None):
+    row = {"op": op, "impl": impl, "shape": shape}
+    if isinstance(fn, Exception):
+        row["error"] = f"{type(fn).__name__}: {str(fn).splitlines()[0][:160] if str(fn) else ''}"
+        return row
+    try:
+        fn()
+        torch.cuda.synchronize()
+        ms = bench_ms(fn, args.warmup_ms, args.rep_ms)
+        row["ms"] = ms
+        row["floor_ms"] = floor_bytes / bw * 1e3
+        row["pct_floor"] = 100.0 * row["floor_ms"] / ms
+        if err is not None:
+            row["err"] = err() if callable(err) else err
+        if bitwise is not None:
+            row["bitwise"] = bitwise() if callable(bitwise) else bitwise
+    except torch.cuda.OutOfMemoryError as e:
+        row["error"] = "OOM: " + str(e).split("\n")[0][:120]
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        if args.verbose:
+            traceback.print_exc()
+    return row
+
+
+def _same_bits(run):
+    a = run()
+    b = run()
+    torch.cuda.synchronize()
+    if not isinstance(a, (tuple, list)):
+        a, b = (a,), (b,)
+    return all(torch.equal(x, y) for x, y in zip(a, b) if x is not None)
+
+
+def _grad_fn(out, inputs, grad):
+    return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+
+
+def run_moe(ops, impls, bw, args, log_fn):
+    """The MoE rows of the table."""
+    rows = []
+
+    def add(row):
+        rows.append(row)
+        log_fn("    " + fmt_moe_row(row))
+
+    if "moe_route" in ops:
+        n, e, k = MOE_ROUTE_SHAPE
+        if args.quick:
+            n = MOE_QUICK_N
+        shape = f"N {n}, E {e}, k {k}, softmax renorm"
+        lg = (torch.randn(n, e, device="cuda") * 2).to(torch.bfloat16)
+        floor = n * e * 2 + 16 * n * k
+        # stable sort: the tie rule (lower expert first) that torch.topk does not promise
+        ref_ids = torch.sort(lg.float().softmax(-1), dim=-1, descending=True,
+                             stable=True).indices[:, :k]
+        for impl, mod in impls.items():
+            log_fn(f"route {impl} {shape} ...")
+            if impl == "torch eager":
+                fn = lambda: plain_route(lg, k, "softmax", True)  # noqa: E731
+                add(_moe_row("route", impl, shape, floor, bw, fn, args))
+            elif isinstance(mod, Exception):
+                add(_moe_row("route", impl, shape, floor, bw, mod, args))
+            else:
+                fn = lambda: mod.moe_route(lg, k, renormalize=True)  # noqa: E731
+
+                def agree():
+                    ids = mod.moe_route(lg, k, renormalize=True).expert_ids.long()
+                    return 1.0 - (ids == ref_ids).all(-1).float().mean().item()  # tokens differing
+
+                def run():
+                    r = mod.moe_route(lg, k, renormalize=True)
+                    return (r.expert_ids, r.weights, r.perm, r.position, r.offsets)
+
+                add(_moe_row("route", impl, shape, floor, bw, fn, args, err=agree,
+                             bitwise=lambda: _same_bits(run)))
+        lg = ref_ids = None
+        torch.cuda.empty_cache()
+
+    for name, n, h, e, k, score in MOE_SHAPES:
+        if not any(o in ops for o in ("moe_permute", "moe_combine")):
+            break
+        if args.quick:
+            n = MOE_QUICK_N
+        shape = f"{name}: N {n}, H {h}, E {e}, k {k}, {score}"
+        renorm = score == "softmax"
+        R = n * k
+        try:
+            lg = (torch.randn(n, e, device="cuda") * 2).to(torch.bfloat16)
+            ids, w, _, _, order, position = plain_route(lg, k, score, renorm)
+            x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
+            eo = torch.randn(R, h, device="cuda", dtype=torch.bfloat16)
+            gxp = torch.randn(R, h, device="cuda", dtype=torch.bfloat16)
+            gy = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
+        except torch.cuda.OutOfMemoryError as ex:
+            add({"op": "permute/combine", "impl": "-", "shape": shape, "error": f"OOM: {ex}"[:120]})
+            continue
+        tok = order // k
+        w_perm = w.flatten()[order]
+        route = None
+        dkt = impls.get("distill_kernels")
+        if dkt is not None and not isinstance(dkt, Exception):
+            try:
+                route = dkt.moe_route(lg, k, score=score, renormalize=renorm)
+            except Exception as ex:  # noqa: BLE001
+                dkt = ex
+        # float32 references on the distill_kernels routing (the same as the plain one barring ties)
+        if route is not None:
+            rtok = route.perm.long() // k
+            rw = route.weights.flatten()[route.perm.long()]
+            rpos = route.position.long().flatten()
+        for op, fwd_bytes, bwd_bytes in (("moe_permute", (n + R) * h * 2, (R + n) * h * 2),
+                                         ("moe_combine", (R + n) * h * 2, (n + 2 * R) * h * 2)):
+            if op not in ops:
+                continue
+            for impl, mod in impls.items():
+                log_fn(f"{op} {impl} {shape} ...")
+                label = op.replace("moe_", "")
+                if impl != "torch eager" and (isinstance(dkt, Exception) or route is None):
+                    err = dkt if isinstance(dkt, Exception) else RuntimeError("no route")
+                    add(_moe_row(label + " fwd", impl, shape, fwd_bytes, bw, err, args))
+                    add(_moe_row(label + " bwd", impl, shape, bwd_bytes, bw, err, args))
+                    continue
+                try:
+                    if op == "moe_permute":
+                        xa = x.detach().requires_grad_(True)
+                        if impl == "torch eager":
+                            fwd = lambda: xa.index_select(0, tok)  # noqa: E731
+                            out = fwd()
+                            bwd = _grad_fn(out, (xa,), gxp)
+                            e_f = e_b = None
+                            same_f = same_b = None
+                        else:
+                            fwd = lambda: dkt.moe_permute(xa, route)  # noqa: E731
+                            out = fwd()
+                            bwd = _grad_fn(out, (xa,), gxp)
+                            e_f = lambda: rel_err(dkt.moe_permute(x, route), x.index_select(0, rtok))  # noqa: E731
+                            e_b = lambda: rel_err(  # noqa: E731
+                                bwd()[0], torch.zeros(n, h, device="cuda").index_add_(0, rtok, gxp.float()))
+                            same_f = lambda: _same_bits(lambda: dkt.moe_permute(x, route))  # noqa: E731
+                            same_b = lambda: _same_bits(lambda: bwd()[0])  # noqa: E731
+                    else:
+                        ea = eo.detach().requires_grad_(True)
+                        if impl == "torch eager":
+                            wa = w_perm.detach().requires_grad_(True)
+                            fwd = lambda: torch.zeros(n, h, device="cuda", dtype=eo.dtype).index_add_(  # noqa: E731
+                                0, tok, ea * wa.unsqueeze(1).to(ea.dtype))
+                            out = fwd()
+                            bwd = _grad_fn(out, (ea, wa), gy)
+                            e_f = e_b = same_f = same_b = None
+                        else:
+                            wa = route.weights.detach().clone().requires_grad_(True)
+                            fwd = lambda: dkt.moe_combine(ea, route, weights=wa)  # noqa: E731
+                            out = fwd()
+                            bwd = _grad_fn(out, (ea, wa), gy)
+                            ref_y = torch.zeros(n, h, device="cuda").index_add_(
+                                0, rtok, eo.float() * rw.unsqueeze(1))
+                            e_f = lambda: rel_err(dkt.moe_combine(eo, route), ref_y)  # noqa: E731
+
+                            def e_b():
+                                g_eo, g_w = bwd()
+                                ref_eo = gy.float()[rtok] * rw.unsqueeze(1)
+                                ref_w = torch.zeros(n * k, device="cuda")
+                                ref_w[route.perm.long()] = (gy.float()[rtok] * eo.float()).sum(-1)
+                                return max(rel_err(g_eo, ref_eo),
+                                           rel_err(g_w.flatten()[rpos >= 0], ref_w[rpos >= 0]))
+
+                            same_f = lambda: _same_bits(lambda: dkt.moe_combine(eo, route))  # noqa: E731
+                            same_b = lambda: _same_bits(bwd)  # noqa: E731
+                    add(_moe_row(label + " fwd", impl, shape, fwd_bytes, bw, fwd, args, e_f, same_f))
+                    add(_moe_row(label + " bwd", impl, shape, bwd_bytes, bw, bwd, args, e_b, same_b))
+                    out = bwd = None
+                except Exception as ex:  # noqa: BLE001
+                    if args.verbose:
+                        traceback.print_exc()
+                    add(_moe_row(label, impl, shape, fwd_bytes, bw, ex, args))
+                torch.cuda.empty_cache()
+        lg = x = eo = gxp = gy = route = None
+        torch.cuda.empty_cache()
+    return rows
+
+
+def fmt_moe_row(r) -> str:
+    if "error" in r:
+        return f"| {r['op']} | {r['impl']} | {r['shape']} | {r['error']} | | | |"
+    err = f"{r['err']:.1e}" if r.get("err") is not None else ""
+    bits = {True: "yes", False: "NO", None: ""}[r.get("bitwise")]
+    return (f"| {r['op']} | {r['impl']} | {r['shape']} | {r['ms'] * 1e3:.1f} µs "
+            f"| {r['pct_floor']:.1f} % | {err} | {bits} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller shapes (smoke run)")
@@ -261,6 +525,8 @@ def main(argv=None) -> int:
     p.add_argument("--kinds", default="forward_kl,jsd", help="forward_kl and/or jsd (beta 0.5)")
     p.add_argument("--impls", default="", help="only these implementations (comma-separated "
                    "substrings of: torch eager, torch.compile, Liger, distill_kernels)")
+    p.add_argument("--ops", default="divergence,moe", help="comma-separated: divergence, "
+                   "moe_route, moe_permute, moe_combine, moe (the three MoE ops)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--warmup-ms", type=float, default=25)
     p.add_argument("--rep-ms", type=float, default=100)
@@ -281,6 +547,14 @@ def main(argv=None) -> int:
         if k not in EAGER:
             p.error(f"unknown kind {k!r} (forward_kl, jsd)")
     wanted = [w.strip().lower() for w in args.impls.split(",") if w.strip()]
+    ops = set()
+    for o in (x.strip() for x in args.ops.split(",") if x.strip()):
+        if o == "moe":
+            ops.update(MOE_OPS)
+        elif o == "divergence" or o in MOE_OPS:
+            ops.add(o)
+        else:
+            p.error(f"unknown op {o!r} (divergence, moe_route, moe_permute, moe_combine, moe)")
 
     torch.manual_seed(args.seed)
     started = time.time()
@@ -302,10 +576,12 @@ def main(argv=None) -> int:
     except ImportError:
         meta["triton"] = None
 
-    impls = make_impls(kinds)
+    impls = make_impls(kinds) if "divergence" in ops else {}
     if wanted:
         impls = {k: v for k, v in impls.items() if any(w in k[0].lower() for w in wanted)}
     results = []
+    if "divergence" not in ops:
+        shapes = []
     for n, v in shapes:
         floor_ms = 3 * n * v * 2 / bw * 1e3
         try:
@@ -332,6 +608,11 @@ def main(argv=None) -> int:
         del s, t, refs
         torch.cuda.empty_cache()
 
+    moe_results = []
+    if ops & set(MOE_OPS):
+        log(f"[{time.time() - started:6.1f} s] MoE dispatch ...")
+        moe_results = run_moe(ops, _moe_impls(wanted), bw, args, log)
+
     print()
     print(f"{dev}, copy {bw / 1e9:.0f} GB/s, torch {torch.__version__}, "
           f"distill_kernels {meta['distill_kernels']}, bf16 forward + backward, "
@@ -339,14 +620,23 @@ def main(argv=None) -> int:
     for n, v in shapes:
         print(f"floor {n} × {v}: {3 * n * v * 2 / bw * 1e3:.3f} ms")
     print()
-    print("| implementation | kind | N × V | time | % of floor | extra peak memory "
-          "| loss rel err | grad rel err |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in results:
-        print(fmt_row(r))
+    if results:
+        print("| implementation | kind | N × V | time | % of floor | extra peak memory "
+              "| loss rel err | grad rel err |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in results:
+            print(fmt_row(r))
+    if moe_results:
+        print()
+        print("MoE dispatch, bf16; % of floor = minimal bytes over the copy rate (see --help); "
+              "route err = fraction of tokens whose experts differ from a stable sort's")
+        print("| op | implementation | shape | time | % of floor | rel err | bitwise |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in moe_results:
+            print(fmt_moe_row(r))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+            json.dump({"meta": meta, "results": results, "moe": moe_results}, f, indent=2)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -91,7 +91,10 @@ impl CudaDevice {
         unsafe { ctx.disable_event_tracking() };
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))?;
         let mut functions = HashMap::new();
-        for &name in crate::divergence::cuda::KERNEL_NAMES {
+        let names = crate::divergence::cuda::KERNEL_NAMES
+            .iter()
+            .chain(crate::moe::cuda::KERNEL_NAMES);
+        for &name in names {
             functions.insert(name, module.load_function(name)?);
         }
         let name = ctx.name()?;

@@ -38,6 +38,7 @@ pub mod capi;
 pub mod device;
 pub mod divergence;
 pub mod error;
+pub mod moe;
 pub mod tensor;
 
 pub use device::{Context, Launch};
@@ -51,3 +52,5 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub use divergence::cpu::row_divergence as reference_row_divergence;
 #[doc(hidden)]
 pub use divergence::cuda::divergence_args_layout;
+#[doc(hidden)]
+pub use moe::cuda::{moe_route_args_layout, moe_rows_args_layout};

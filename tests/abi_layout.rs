@@ -3,7 +3,7 @@
 //! declare — parsed from the headers, so a new field cannot be missed — and the values of the
 //! code macros. They must equal the Rust mirrors: `divergence_args_layout()` for the kernel
 //! argument struct (cuda/include/dk_divergence_args.h) and `offset_of!` on the C ABI structs
-//! (include/distill_kernels.h).
+//! (include/distill_kernels.h: divergence and MoE dispatch).
 
 mod common;
 
@@ -13,7 +13,11 @@ use std::process::Command;
 
 use common::*;
 use distill_kernels::capi::divergence::{DkDivergenceArgs, DkDivergenceParams};
+use distill_kernels::capi::moe::{
+    DkMoeCombineArgs, DkMoePermuteArgs, DkMoeRouteArgs, DkMoeRouteParams, DkMoeSlotDotArgs,
+};
 use distill_kernels::divergence::{Kind, Reduction};
+use distill_kernels::moe::Score;
 use distill_kernels::{DType, ErrorKind};
 
 /// Strips /* */ and // comments.
@@ -105,6 +109,10 @@ const MACROS: &[&str] = &[
     "DK_ARGS_REDUCTION_BATCHMEAN",
     "DK_ARGS_REDUCTION_SUM",
     "DK_ARGS_REDUCTION_NONE",
+    "DK_MOE_SOFTMAX",
+    "DK_MOE_SIGMOID",
+    "DK_MOE_ARGS_SOFTMAX",
+    "DK_MOE_ARGS_SIGMOID",
 ];
 
 type Probe = (BTreeMap<String, usize>, BTreeMap<String, Vec<String>>);
@@ -117,13 +125,14 @@ fn probe(test: &str) -> Option<Probe> {
     let mut all = Vec::new();
     for h in [
         "cuda/include/dk_divergence_args.h",
+        "cuda/include/dk_moe_args.h",
         "include/distill_kernels.h",
     ] {
         all.extend(structs(&std::fs::read_to_string(root.join(h)).unwrap()));
     }
     let mut c = String::from(
         "#include <stddef.h>\n#include <stdio.h>\n#include \"dk_divergence_args.h\"\n\
-         #include \"distill_kernels.h\"\n",
+         #include \"dk_moe_args.h\"\n#include \"distill_kernels.h\"\n",
     );
     for (name, _) in &all {
         c += &format!("typedef struct {{ char c; {name} x; }} align_{name};\n");
@@ -202,22 +211,30 @@ fn compare(
 }
 
 #[test]
-fn kernel_args_struct_matches_rust_mirror() {
-    let Some((values, fields)) = probe("kernel_args_struct_matches_rust_mirror") else {
+fn kernel_args_structs_match_rust_mirrors() {
+    let Some((values, fields)) = probe("kernel_args_structs_match_rust_mirrors") else {
         return;
     };
-    let layout = distill_kernels::divergence_args_layout();
-    let size = layout
-        .iter()
-        .find(|(n, _)| *n == "sizeof")
-        .expect("sizeof entry")
-        .1;
-    let rust: Vec<(&str, usize)> = layout
-        .iter()
-        .filter(|(n, _)| *n != "sizeof")
-        .copied()
-        .collect();
-    compare(&values, &fields, "DkDivergenceArgs", size, None, &rust);
+    for (c_name, layout) in [
+        (
+            "DkDivergenceArgs",
+            distill_kernels::divergence_args_layout(),
+        ),
+        ("DkMoeRouteArgs", distill_kernels::moe_route_args_layout()),
+        ("DkMoeRowsArgs", distill_kernels::moe_rows_args_layout()),
+    ] {
+        let size = layout
+            .iter()
+            .find(|(n, _)| *n == "sizeof")
+            .expect("sizeof entry")
+            .1;
+        let rust: Vec<(&str, usize)> = layout
+            .iter()
+            .filter(|(n, _)| *n != "sizeof")
+            .copied()
+            .collect();
+        compare(&values, &fields, c_name, size, None, &rust);
+    }
 }
 
 #[test]
@@ -268,11 +285,117 @@ fn c_abi_structs_match_rust() {
             ("num_items", offset_of!(DkDivergenceParams, num_items)),
         ],
     );
+    compare(
+        &values,
+        &fields,
+        "dk_moe_route_params",
+        size_of::<DkMoeRouteParams>(),
+        Some(align_of::<DkMoeRouteParams>()),
+        &[
+            ("k", offset_of!(DkMoeRouteParams, k)),
+            ("score", offset_of!(DkMoeRouteParams, score)),
+            ("renormalize", offset_of!(DkMoeRouteParams, renormalize)),
+            ("n_groups", offset_of!(DkMoeRouteParams, n_groups)),
+            ("topk_groups", offset_of!(DkMoeRouteParams, topk_groups)),
+            ("scale", offset_of!(DkMoeRouteParams, scale)),
+            ("capacity", offset_of!(DkMoeRouteParams, capacity)),
+            ("block", offset_of!(DkMoeRouteParams, block)),
+        ],
+    );
+    compare(
+        &values,
+        &fields,
+        "dk_moe_route_args",
+        size_of::<DkMoeRouteArgs>(),
+        Some(align_of::<DkMoeRouteArgs>()),
+        &[
+            ("n", offset_of!(DkMoeRouteArgs, n)),
+            ("e", offset_of!(DkMoeRouteArgs, e)),
+            ("logits", offset_of!(DkMoeRouteArgs, logits)),
+            ("logits_dtype", offset_of!(DkMoeRouteArgs, logits_dtype)),
+            ("logits_stride", offset_of!(DkMoeRouteArgs, logits_stride)),
+            ("bias", offset_of!(DkMoeRouteArgs, bias)),
+            ("expert_ids", offset_of!(DkMoeRouteArgs, expert_ids)),
+            ("weights", offset_of!(DkMoeRouteArgs, weights)),
+            ("counts", offset_of!(DkMoeRouteArgs, counts)),
+            ("offsets", offset_of!(DkMoeRouteArgs, offsets)),
+            ("perm", offset_of!(DkMoeRouteArgs, perm)),
+            ("perm_rows", offset_of!(DkMoeRouteArgs, perm_rows)),
+            ("position", offset_of!(DkMoeRouteArgs, position)),
+        ],
+    );
+    compare(
+        &values,
+        &fields,
+        "dk_moe_permute_args",
+        size_of::<DkMoePermuteArgs>(),
+        Some(align_of::<DkMoePermuteArgs>()),
+        &[
+            ("n", offset_of!(DkMoePermuteArgs, n)),
+            ("h", offset_of!(DkMoePermuteArgs, h)),
+            ("k", offset_of!(DkMoePermuteArgs, k)),
+            ("rows", offset_of!(DkMoePermuteArgs, rows)),
+            ("dtype", offset_of!(DkMoePermuteArgs, dtype)),
+            ("x", offset_of!(DkMoePermuteArgs, x)),
+            ("x_stride", offset_of!(DkMoePermuteArgs, x_stride)),
+            ("perm", offset_of!(DkMoePermuteArgs, perm)),
+            ("weights", offset_of!(DkMoePermuteArgs, weights)),
+            ("out", offset_of!(DkMoePermuteArgs, out)),
+            ("out_stride", offset_of!(DkMoePermuteArgs, out_stride)),
+        ],
+    );
+    compare(
+        &values,
+        &fields,
+        "dk_moe_combine_args",
+        size_of::<DkMoeCombineArgs>(),
+        Some(align_of::<DkMoeCombineArgs>()),
+        &[
+            ("n", offset_of!(DkMoeCombineArgs, n)),
+            ("h", offset_of!(DkMoeCombineArgs, h)),
+            ("k", offset_of!(DkMoeCombineArgs, k)),
+            ("rows", offset_of!(DkMoeCombineArgs, rows)),
+            ("dtype", offset_of!(DkMoeCombineArgs, dtype)),
+            ("rows_in", offset_of!(DkMoeCombineArgs, rows_in)),
+            ("rows_stride", offset_of!(DkMoeCombineArgs, rows_stride)),
+            ("position", offset_of!(DkMoeCombineArgs, position)),
+            ("weights", offset_of!(DkMoeCombineArgs, weights)),
+            ("y", offset_of!(DkMoeCombineArgs, y)),
+            ("y_stride", offset_of!(DkMoeCombineArgs, y_stride)),
+        ],
+    );
+    compare(
+        &values,
+        &fields,
+        "dk_moe_slot_dot_args",
+        size_of::<DkMoeSlotDotArgs>(),
+        Some(align_of::<DkMoeSlotDotArgs>()),
+        &[
+            ("n", offset_of!(DkMoeSlotDotArgs, n)),
+            ("h", offset_of!(DkMoeSlotDotArgs, h)),
+            ("k", offset_of!(DkMoeSlotDotArgs, k)),
+            ("rows", offset_of!(DkMoeSlotDotArgs, rows)),
+            ("dtype", offset_of!(DkMoeSlotDotArgs, dtype)),
+            ("tokens", offset_of!(DkMoeSlotDotArgs, tokens)),
+            ("tokens_stride", offset_of!(DkMoeSlotDotArgs, tokens_stride)),
+            ("rows_in", offset_of!(DkMoeSlotDotArgs, rows_in)),
+            ("rows_stride", offset_of!(DkMoeSlotDotArgs, rows_stride)),
+            ("position", offset_of!(DkMoeSlotDotArgs, position)),
+            ("out", offset_of!(DkMoeSlotDotArgs, out)),
+        ],
+    );
     // Every struct the headers declare is covered above.
     let covered = [
         "DkDivergenceArgs",
+        "DkMoeRouteArgs",
+        "DkMoeRowsArgs",
         "dk_divergence_args",
         "dk_divergence_params",
+        "dk_moe_route_params",
+        "dk_moe_route_args",
+        "dk_moe_permute_args",
+        "dk_moe_combine_args",
+        "dk_moe_slot_dot_args",
     ];
     for name in fields.keys() {
         assert!(
@@ -316,6 +439,14 @@ fn code_macros_match_rust_enums() {
         ("DK_JSD", Kind::Jsd),
     ] {
         assert_eq!(Kind::from_code(m(name)), Some(k), "{name}");
+    }
+    for (name, args_name, score) in [
+        ("DK_MOE_SOFTMAX", "DK_MOE_ARGS_SOFTMAX", Score::Softmax),
+        ("DK_MOE_SIGMOID", "DK_MOE_ARGS_SIGMOID", Score::Sigmoid),
+    ] {
+        assert_eq!(m(name), score as i32, "{name}");
+        assert_eq!(Score::from_code(m(name)), Some(score), "{name}");
+        assert_eq!(m(args_name), score as i32, "{args_name}");
     }
     for (name, args_name, r) in [
         (

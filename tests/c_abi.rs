@@ -1,5 +1,6 @@
-//! The C ABI from C: tests/c/divergence_test.c is compiled with the system C compiler (found by
-//! the `cc` crate), linked against the crate's cdylib (and, separately, its staticlib) and run.
+//! The C ABI from C: tests/c/divergence_test.c and tests/c/moe_test.c are compiled with the
+//! system C compiler (found by the `cc` crate), linked against the crate's cdylib (and,
+//! separately, its staticlib) and run.
 //! Also: the header's version macros equal the crate version, and the `dk_` functions the
 //! header declares are exactly the ones src/capi exports.
 
@@ -60,67 +61,87 @@ fn run_c_program(exe: &Path, lib_dir: &Path) {
     }
 }
 
-#[test]
-fn c_program_against_cdylib() {
-    let lib = library("dynamic");
-    let lib_dir = lib.parent().unwrap();
-    let Some(mut cmd) = c_compiler("c_program_against_cdylib") else {
+/// How a C test program links the library.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Link {
+    Dynamic,
+    Static,
+}
+
+/// Compiles tests/c/`program`.c against the cdylib or the staticlib and runs it.
+fn c_program(test: &str, program: &str, link: Link) {
+    if link == Link::Static && std::env::consts::OS != "linux" {
+        visible(&format!(
+            "SKIPPED {test}: native link flags only known for Linux"
+        ));
+        return;
+    }
+    let lib = library(match link {
+        Link::Dynamic => "dynamic",
+        Link::Static => "static",
+    });
+    let Some(mut cmd) = c_compiler(test) else {
         return;
     };
-    let dir = scratch_dir("c_program_cdylib");
-    let exe = dir.join("divergence_test");
+    let dir = scratch_dir(test);
+    let exe = dir.join(program);
     let root = repo_root();
     cmd.arg("-I")
         .arg(root.join("include"))
-        .arg(root.join("tests/c/divergence_test.c"))
+        .arg(root.join(format!("tests/c/{program}.c")))
         .arg("-o")
-        .arg(&exe)
-        .arg(format!("-L{}", lib_dir.display()))
-        .arg("-ldistill_kernels")
-        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
-        .arg("-lm");
+        .arg(&exe);
+    let lib_dir = match link {
+        Link::Dynamic => {
+            let lib_dir = lib.parent().unwrap().to_path_buf();
+            cmd.arg(format!("-L{}", lib_dir.display()))
+                .arg("-ldistill_kernels")
+                .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+                .arg("-lm");
+            lib_dir
+        }
+        Link::Static => {
+            cmd.arg(&lib)
+                // What rustc's --print native-static-libs lists for a std staticlib on Linux.
+                .args([
+                    "-lgcc_s",
+                    "-lutil",
+                    "-lrt",
+                    "-lpthread",
+                    "-lm",
+                    "-ldl",
+                    "-lc",
+                ]);
+            dir.clone()
+        }
+    };
     let (ok, out) = run_command(&mut cmd);
-    assert!(ok, "compiling the C test failed:\n{out}");
-    run_c_program(&exe, lib_dir);
+    assert!(
+        ok,
+        "compiling / linking {program}.c ({link:?}) failed:\n{out}"
+    );
+    run_c_program(&exe, &lib_dir);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
+fn c_program_against_cdylib() {
+    c_program("c_program_cdylib", "divergence_test", Link::Dynamic);
+}
+
+#[test]
 fn c_program_against_staticlib() {
-    if std::env::consts::OS != "linux" {
-        visible("SKIPPED c_program_against_staticlib: native link flags only known for Linux");
-        return;
-    }
-    let lib = library("static");
-    let Some(mut cmd) = c_compiler("c_program_against_staticlib") else {
-        return;
-    };
-    let dir = scratch_dir("c_program_staticlib");
-    let exe = dir.join("divergence_test_static");
-    let root = repo_root();
-    cmd.arg("-I")
-        .arg(root.join("include"))
-        .arg(root.join("tests/c/divergence_test.c"))
-        .arg("-o")
-        .arg(&exe)
-        .arg(&lib)
-        // What rustc's --print native-static-libs lists for a std staticlib on Linux.
-        .args([
-            "-lgcc_s",
-            "-lutil",
-            "-lrt",
-            "-lpthread",
-            "-lm",
-            "-ldl",
-            "-lc",
-        ]);
-    let (ok, out) = run_command(&mut cmd);
-    assert!(
-        ok,
-        "linking the C test against the staticlib failed:\n{out}"
-    );
-    run_c_program(&exe, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
+    c_program("c_program_staticlib", "divergence_test", Link::Static);
+}
+
+#[test]
+fn c_moe_program_against_cdylib() {
+    c_program("c_moe_program_cdylib", "moe_test", Link::Dynamic);
+}
+
+#[test]
+fn c_moe_program_against_staticlib() {
+    c_program("c_moe_program_staticlib", "moe_test", Link::Static);
 }
 
 /// Strips /* */ and // comments.

@@ -1,7 +1,9 @@
-"""distill_kernels: fused KL / JSD divergences for LLM distillation, over the library's C ABI.
+"""distill_kernels: fused KL / JSD divergences and MoE token dispatch for LLM distillation, over
+the library's C ABI.
 
-``distill_kernels.divergence`` works on numpy arrays (CPU backend);
-``distill_kernels.torch.divergence`` is the autograd function for torch tensors (CUDA, zero-copy,
+``distill_kernels.divergence`` and ``distill_kernels.moe_route`` / ``moe_permute`` /
+``moe_combine`` (and their ``*_backward``) work on numpy arrays (CPU backend);
+``distill_kernels.torch`` has the same as autograd functions for torch tensors (CUDA, zero-copy,
 on torch's current stream). Importing this package needs numpy, never torch. The shared library is loaded on first use; see ``_lib`` for where it is
 looked for (``DISTILL_KERNELS_LIB`` first).
 """
@@ -24,6 +26,14 @@ from ._lib import (
     version,
 )
 from .divergence import DivergenceResult, divergence  # noqa: E402  (the function shadows the module)
+from .moe import (  # noqa: E402
+    MoeRoute,
+    moe_combine,
+    moe_combine_backward,
+    moe_permute,
+    moe_permute_backward,
+    moe_route,
+)
 
 __all__ = [
     "__version__",
@@ -32,6 +42,12 @@ __all__ = [
     "library_path",
     "divergence",
     "DivergenceResult",
+    "moe_route",
+    "moe_permute",
+    "moe_combine",
+    "moe_permute_backward",
+    "moe_combine_backward",
+    "MoeRoute",
     "DistillKernelsError",
     "NullPointerError",
     "InvalidArgumentError",

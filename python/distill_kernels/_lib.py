@@ -38,7 +38,14 @@ __all__ = [
     "LibraryNotFoundError",
     "DivergenceParams",
     "DivergenceArgs",
+    "MoeRouteParams",
+    "MoeRouteArgs",
+    "MoePermuteArgs",
+    "MoeCombineArgs",
+    "MoeSlotDotArgs",
+    "MOE_SCORES",
     "lib",
+    "moe_lib",
     "library_path",
     "check",
     "context",
@@ -59,6 +66,9 @@ DK_OK = 0
 DTYPE_F32, DTYPE_BF16, DTYPE_F16 = 0, 1, 2
 KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 REDUCTIONS = {"batchmean": 0, "sum": 1, "none": 2}
+MOE_SCORES = {"softmax": 0, "sigmoid": 1}
+MOE_MAX_K = 32  # dk_moe_route_params.k: 1 <= k <= min(e, 32)
+MOE_MAX_EXPERTS = 1024  # dk_moe_route_args.e: 1..1024
 
 # ---- errors ----------------------------------------------------------------------------------
 
@@ -166,6 +176,95 @@ class DivergenceArgs(ctypes.Structure):
     ]
 
 
+class MoeRouteParams(ctypes.Structure):
+    """``dk_moe_route_params``."""
+
+    _fields_ = [
+        ("k", ctypes.c_int32),
+        ("score", ctypes.c_int32),
+        ("renormalize", ctypes.c_int32),
+        ("n_groups", ctypes.c_int32),
+        ("topk_groups", ctypes.c_int32),
+        ("scale", ctypes.c_float),
+        ("capacity", ctypes.c_int64),
+        ("block", ctypes.c_int32),
+    ]
+
+
+class MoeRouteArgs(ctypes.Structure):
+    """``dk_moe_route_args``."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("e", ctypes.c_int32),
+        ("logits", ctypes.c_void_p),
+        ("logits_dtype", ctypes.c_int32),
+        ("logits_stride", ctypes.c_int64),
+        ("bias", ctypes.c_void_p),
+        ("expert_ids", ctypes.c_void_p),
+        ("weights", ctypes.c_void_p),
+        ("counts", ctypes.c_void_p),
+        ("offsets", ctypes.c_void_p),
+        ("perm", ctypes.c_void_p),
+        ("perm_rows", ctypes.c_int64),
+        ("position", ctypes.c_void_p),
+    ]
+
+
+class MoePermuteArgs(ctypes.Structure):
+    """``dk_moe_permute_args``."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("h", ctypes.c_int64),
+        ("k", ctypes.c_int32),
+        ("rows", ctypes.c_int64),
+        ("dtype", ctypes.c_int32),
+        ("x", ctypes.c_void_p),
+        ("x_stride", ctypes.c_int64),
+        ("perm", ctypes.c_void_p),
+        ("weights", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("out_stride", ctypes.c_int64),
+    ]
+
+
+class MoeCombineArgs(ctypes.Structure):
+    """``dk_moe_combine_args``."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("h", ctypes.c_int64),
+        ("k", ctypes.c_int32),
+        ("rows", ctypes.c_int64),
+        ("dtype", ctypes.c_int32),
+        ("rows_in", ctypes.c_void_p),
+        ("rows_stride", ctypes.c_int64),
+        ("position", ctypes.c_void_p),
+        ("weights", ctypes.c_void_p),
+        ("y", ctypes.c_void_p),
+        ("y_stride", ctypes.c_int64),
+    ]
+
+
+class MoeSlotDotArgs(ctypes.Structure):
+    """``dk_moe_slot_dot_args``."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("h", ctypes.c_int64),
+        ("k", ctypes.c_int32),
+        ("rows", ctypes.c_int64),
+        ("dtype", ctypes.c_int32),
+        ("tokens", ctypes.c_void_p),
+        ("tokens_stride", ctypes.c_int64),
+        ("rows_in", ctypes.c_void_p),
+        ("rows_stride", ctypes.c_int64),
+        ("position", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+    ]
+
+
 # ---- finding and loading the library ------------------------------------------------------------
 
 
@@ -261,6 +360,51 @@ def _declare(l: ctypes.CDLL) -> None:
     l.dk_divergence.restype = ctypes.c_int32
 
 
+_MOE_SYMBOLS = (
+    "dk_moe_max_rows",
+    "dk_moe_route_params_default",
+    "dk_moe_route_workspace_size",
+    "dk_moe_route",
+    "dk_moe_permute",
+    "dk_moe_combine",
+    "dk_moe_slot_dot",
+)
+
+
+def _declare_moe(l: ctypes.CDLL) -> Optional[str]:
+    """Declares the MoE functions; returns the first missing symbol's name (None if all exist).
+
+    A library built before the MoE operation lacks them: the divergence must keep working with
+    it, so a missing symbol is only reported when an MoE function is called (see moe_lib)."""
+    for name in _MOE_SYMBOLS:
+        if not hasattr(l, name):
+            return name
+    c_ctx_p = ctypes.c_void_p
+    i32, i64, vp = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+    l.dk_moe_max_rows.argtypes = [i64, i32, i32, i32, i64]
+    l.dk_moe_max_rows.restype = i64
+    l.dk_moe_route_params_default.argtypes = []
+    l.dk_moe_route_params_default.restype = MoeRouteParams
+    l.dk_moe_route_workspace_size.argtypes = [c_ctx_p, i64, i32, i32, ctypes.POINTER(ctypes.c_size_t)]
+    l.dk_moe_route_workspace_size.restype = i32
+    l.dk_moe_route.argtypes = [
+        c_ctx_p,
+        ctypes.POINTER(MoeRouteArgs),
+        ctypes.POINTER(MoeRouteParams),
+        vp,
+        ctypes.c_size_t,
+        vp,
+    ]
+    l.dk_moe_route.restype = i32
+    l.dk_moe_permute.argtypes = [c_ctx_p, ctypes.POINTER(MoePermuteArgs), vp]
+    l.dk_moe_permute.restype = i32
+    l.dk_moe_combine.argtypes = [c_ctx_p, ctypes.POINTER(MoeCombineArgs), vp]
+    l.dk_moe_combine.restype = i32
+    l.dk_moe_slot_dot.argtypes = [c_ctx_p, ctypes.POINTER(MoeSlotDotArgs), vp]
+    l.dk_moe_slot_dot.restype = i32
+    return None
+
+
 def _check_version(found: str, path: Path) -> None:
     if found == PACKAGE_VERSION:
         return
@@ -277,11 +421,12 @@ def _check_version(found: str, path: Path) -> None:
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _lib_path: Optional[Path] = None
+_moe_missing: Optional[str] = None
 
 
 def lib() -> ctypes.CDLL:
     """The loaded library (loaded, declared and version-checked on first use)."""
-    global _lib, _lib_path
+    global _lib, _lib_path, _moe_missing
     if _lib is not None:
         return _lib
     with _lock:
@@ -292,10 +437,22 @@ def lib() -> ctypes.CDLL:
             except OSError as e:
                 raise LibraryNotFoundError(f"could not load {path}: {e}; " + _HOW_TO_BUILD) from e
             _declare(l)
+            _moe_missing = _declare_moe(l)
             _check_version(l.dk_version().decode(), path)
             _lib_path = path
             _lib = l
     return _lib
+
+
+def moe_lib() -> ctypes.CDLL:
+    """The loaded library, checked to export the MoE dispatch functions (``dk_moe_*``)."""
+    l = lib()
+    if _moe_missing is not None:
+        raise LibraryNotFoundError(
+            f"libdistill_kernels at {_lib_path} does not export {_moe_missing} (it was built "
+            "without the MoE dispatch operation); rebuild it with `cargo build --release`"
+        )
+    return l
 
 
 def library_path() -> Path:
@@ -420,3 +577,131 @@ def _real(name: str, x) -> float:
             pass
         raise TypeError(f"{name} must be a real number, got {x!r}")
     return float(x)
+
+
+# ---- MoE dispatch: parameters and calls shared by the numpy and torch faces --------------------
+
+
+def _int(name: str, x, lo: int, hi: int) -> int:
+    if isinstance(x, bool) or not _is_int(x):
+        # 0-d integer numpy arrays are accepted; anything else is a type error.
+        if getattr(x, "shape", None) == () and getattr(getattr(x, "dtype", None), "kind", "") in "iu":
+            x = int(x)
+        else:
+            raise TypeError(f"{name} must be an integer, got {x!r}")
+    x = int(x)
+    if not (lo <= x <= hi):
+        raise ValueError(f"{name} must be in {lo}..={hi}, got {x}")
+    return x
+
+
+def _bool(name: str, x) -> bool:
+    """A Python or numpy bool (0 / 1 integers are refused: they are usually a misplaced argument)."""
+    if isinstance(x, bool):
+        return x
+    t = type(x)
+    if t.__module__ == "numpy" and t.__name__ in ("bool_", "bool"):
+        return bool(x)
+    raise TypeError(f"{name} must be a bool, got {x!r}")
+
+
+def make_moe_route_params(
+    e: int,
+    k,
+    score: str,
+    renormalize,
+    n_groups,
+    topk_groups,
+    scale,
+    capacity,
+    block,
+) -> MoeRouteParams:
+    """Validates the routing parameters against ``e`` experts (ValueError / TypeError, with the
+    rule that was broken) and packs them for the C ABI."""
+    import math
+
+    if not (1 <= e <= MOE_MAX_EXPERTS):
+        raise ValueError(f"E = {e} experts: must be in 1..={MOE_MAX_EXPERTS}")
+    if not isinstance(score, str) or score not in MOE_SCORES:
+        raise ValueError(f"score must be one of {sorted(MOE_SCORES)}, got {score!r}")
+    k = _int("k", k, 1, min(e, MOE_MAX_K))
+    renormalize = _bool("renormalize", renormalize)
+    n_groups = _int("n_groups", n_groups, 1, e)
+    if e % n_groups != 0:
+        raise ValueError(f"n_groups = {n_groups} must divide E = {e}")
+    if n_groups > 1 and e // n_groups < 2:
+        raise ValueError(
+            f"group scores (sum of a group's top-2 scores) need at least 2 experts per group "
+            f"(E = {e}, n_groups = {n_groups})"
+        )
+    topk_groups = _int("topk_groups", topk_groups, 1, n_groups)
+    kept = topk_groups * (e // n_groups)
+    if k > kept:
+        raise ValueError(
+            f"k = {k} exceeds the {kept} experts of the kept groups "
+            f"(topk_groups = {topk_groups} of n_groups = {n_groups}, E = {e})"
+        )
+    scale = _real("scale", scale)
+    s32 = ctypes.c_float(scale).value
+    if not (math.isfinite(scale) and math.isfinite(s32)):
+        raise ValueError(f"scale must be finite (as a float32), got {scale}")
+    if capacity is None:
+        cap = 0
+    else:
+        cap = _int("capacity", capacity, 1, 2**62)
+    block = _int("block", block, 1, 2**31 - 1)
+    return MoeRouteParams(
+        k=k,
+        score=MOE_SCORES[score],
+        renormalize=1 if renormalize else 0,
+        n_groups=n_groups,
+        topk_groups=topk_groups,
+        scale=scale,
+        capacity=cap,
+        block=block,
+    )
+
+
+def moe_max_rows(n: int, e: int, k: int, block: int, capacity: int) -> int:
+    """``dk_moe_max_rows``: the bound on R = offsets[E] (``capacity`` 0 = unlimited)."""
+    rows = int(moe_lib().dk_moe_max_rows(n, e, k, block, capacity))
+    if rows < 0:
+        raise ValueError(
+            f"dk_moe_max_rows rejected n = {n}, e = {e}, k = {k}, block = {block}, "
+            f"capacity = {capacity}"
+        )
+    if rows >= 2**31:
+        raise ValueError(
+            f"the permuted buffer would have {rows} rows (N·k + E·(block − 1)), more than the "
+            "int32 row indices of perm / position can address"
+        )
+    return rows
+
+
+def moe_route_workspace_size(handle: int, n: int, e: int, k: int) -> int:
+    size = ctypes.c_size_t(0)
+    check(
+        moe_lib().dk_moe_route_workspace_size(handle, n, e, k, ctypes.byref(size)),
+        "dk_moe_route_workspace_size",
+    )
+    return int(size.value)
+
+
+def moe_route_call(handle, args: MoeRouteArgs, params: MoeRouteParams, workspace, ws_bytes,
+                   stream) -> None:
+    status = moe_lib().dk_moe_route(
+        handle, ctypes.byref(args), ctypes.byref(params), workspace, ws_bytes, stream
+    )
+    check(status, "moe_route")
+
+
+def moe_permute_call(handle, args: MoePermuteArgs, stream, what: str = "moe_permute") -> None:
+    check(moe_lib().dk_moe_permute(handle, ctypes.byref(args), stream), what)
+
+
+def moe_combine_call(handle, args: MoeCombineArgs, stream, what: str = "moe_combine") -> None:
+    check(moe_lib().dk_moe_combine(handle, ctypes.byref(args), stream), what)
+
+
+def moe_slot_dot_call(handle, args: MoeSlotDotArgs, stream, what: str = "moe_slot_dot") -> None:
+    check(moe_lib().dk_moe_slot_dot(handle, ctypes.byref(args), stream), what)

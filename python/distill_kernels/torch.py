@@ -204,3 +204,401 @@ def divergence(
     return DivergenceFunction.apply(
         student, teacher, lab, params, reduction == "none", want_grad
     )
+
+
+# ---- MoE dispatch ------------------------------------------------------------------------------
+#
+# Routes are the numpy face's MoeRoute dataclass holding device tensors. Every kernel runs on
+# the current stream of the tensors' device; the only host synchronisation is the one documented
+# in moe_route (reading R when it depends on the data).
+
+from .moe import MoeRoute  # noqa: E402
+
+__all__ += [
+    "MoeRoute",
+    "moe_route",
+    "moe_permute",
+    "moe_combine",
+    "moe_permute_backward",
+    "moe_combine_backward",
+    "MoePermuteFunction",
+    "MoeCombineFunction",
+]
+
+
+def _stream(device: int):
+    return torch.cuda.current_stream(device).cuda_stream if device >= 0 else None
+
+
+def _on_device(device: int, fn):
+    """Runs fn() with `device` current (the library and torch's allocator follow it)."""
+    if device >= 0 and device != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return fn()
+    return fn()
+
+
+def _check_flag(name: str, v) -> bool:
+    return _lib._bool(name, v)
+
+
+def _check_route(route, device: torch.device) -> None:
+    if not isinstance(route, MoeRoute):
+        raise TypeError(f"route must be a MoeRoute (from distill_kernels.torch.moe_route), got "
+                        f"{type(route).__name__}")
+    n, k = route.n, route.k
+    full = route.perm_full if route.perm_full is not None else route.perm
+    for name, t, shape in (("position", route.position, (n, k)), ("perm_full", full, None)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"route.{name} must be a torch tensor (a route from "
+                            f"distill_kernels.torch.moe_route), got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"route.{name} must be int32, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"route.{name} is on {t.device} but the activations are on {device}")
+        if shape is not None and tuple(t.shape) != shape:
+            raise ValueError(f"route.{name} must have shape {shape}, got {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"route.{name} must be contiguous")
+    if full.dim() != 1 or full.shape[0] < route.num_rows:
+        raise ValueError(f"route.perm_full must be 1-D with at least num_rows = {route.num_rows} "
+                         f"entries, got {tuple(full.shape)}")
+
+
+def _route_weights(route, weights, device: torch.device) -> torch.Tensor:
+    w = route.weights if weights is None else weights
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"weights must be a torch tensor, got {type(w).__name__}")
+    if not w.dtype.is_floating_point:
+        raise TypeError(f"weights must be floating point, got {w.dtype}")
+    if tuple(w.shape) != (route.n, route.k):
+        raise ValueError(f"weights must have shape ({route.n}, {route.k}), got {tuple(w.shape)}")
+    if w.device != device:
+        raise ValueError(f"weights are on {w.device} but the activations are on {device}")
+    return w.to(torch.float32).contiguous()  # differentiable: the gradient flows back through it
+
+
+def _activation(name: str, x, h: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name} dtype {x.dtype} is not supported: use float32, bfloat16 or float16")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, H], got shape {tuple(x.shape)}")
+    if x.shape[1] == 0 or x.shape[1] % 8 != 0:
+        raise ValueError(f"{name}: the hidden size H = {x.shape[1]} must be a positive multiple of 8")
+    if h is not None and x.shape[1] != h:
+        raise ValueError(f"{name} has H = {x.shape[1]}, expected {h}")
+    _device_ordinal(x)
+    return x
+
+
+def _permuted_rows(name: str, x: torch.Tensor, route) -> int:
+    full = route.perm_full if route.perm_full is not None else route.perm
+    rows = x.shape[0]
+    if not (route.num_rows <= rows <= full.shape[0]):
+        raise ValueError(
+            f"{name} has {rows} rows; the route has {route.num_rows} permuted rows (buffers of "
+            f"num_rows up to max_rows = {full.shape[0]} rows are accepted)"
+        )
+    return rows
+
+
+# The three primitives on tensors (validated shapes; x / rows 2-D with H a multiple of 8).
+
+
+def _permute_t(x: torch.Tensor, perm_full: torch.Tensor, k: int, w: Optional[torch.Tensor],
+               rows: int) -> torch.Tensor:
+    device = _device_ordinal(x)
+    xm, xs = _matrix("x", x)
+    n, h = xm.shape
+    out = torch.empty((rows, h), dtype=xm.dtype, device=xm.device)
+
+    def go():
+        args = _lib.MoePermuteArgs(
+            n=n, h=h, k=k, rows=rows, dtype=_DTYPES[xm.dtype], x=xm.data_ptr(), x_stride=xs,
+            perm=perm_full.data_ptr(), weights=_ptr(w), out=out.data_ptr(), out_stride=h,
+        )
+        _lib.moe_permute_call(_lib.context(device), args, _stream(device))
+
+    _on_device(device, go)
+    return out
+
+
+def _combine_t(rows_in: torch.Tensor, position: torch.Tensor, w: Optional[torch.Tensor]
+               ) -> torch.Tensor:
+    device = _device_ordinal(rows_in)
+    rm, rs = _matrix("rows", rows_in)
+    n, k = position.shape
+    h = rm.shape[1]
+    y = torch.empty((n, h), dtype=rm.dtype, device=rm.device)
+
+    def go():
+        args = _lib.MoeCombineArgs(
+            n=n, h=h, k=k, rows=rm.shape[0], dtype=_DTYPES[rm.dtype], rows_in=rm.data_ptr(),
+            rows_stride=rs, position=position.data_ptr(), weights=_ptr(w), y=y.data_ptr(),
+            y_stride=h,
+        )
+        _lib.moe_combine_call(_lib.context(device), args, _stream(device))
+
+    _on_device(device, go)
+    return y
+
+
+def _slot_dot_t(tokens: torch.Tensor, rows_in: torch.Tensor, position: torch.Tensor
+                ) -> torch.Tensor:
+    device = _device_ordinal(tokens)
+    tm, ts = _matrix("tokens", tokens)
+    rm, rs = _matrix("rows", rows_in)
+    n, k = position.shape
+    out = torch.empty((n, k), dtype=torch.float32, device=tm.device)
+
+    def go():
+        args = _lib.MoeSlotDotArgs(
+            n=n, h=tm.shape[1], k=k, rows=rm.shape[0], dtype=_DTYPES[tm.dtype],
+            tokens=tm.data_ptr(), tokens_stride=ts, rows_in=rm.data_ptr(), rows_stride=rs,
+            position=position.data_ptr(), out=out.data_ptr(),
+        )
+        _lib.moe_slot_dot_call(_lib.context(device), args, _stream(device))
+
+    _on_device(device, go)
+    return out
+
+
+class MoePermuteFunction(torch.autograd.Function):
+    """autograd.Function behind :func:`moe_permute` (arguments already validated).
+
+    forward(x, weights or None, perm_full, position, k, rows) -> [rows, H]."""
+
+    @staticmethod
+    def forward(ctx, x, weights, perm_full, position, k, rows):
+        out = _permute_t(x, perm_full, k, weights, rows)
+        want_w = weights is not None and ctx.needs_input_grad[1]
+        ctx.save_for_backward(x if want_w else None, weights, position)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weights, position = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _combine_t(grad_out, position, weights)
+        if weights is not None and ctx.needs_input_grad[1]:
+            grad_w = _slot_dot_t(x, grad_out.to(x.dtype), position)
+        return grad_x, grad_w, None, None, None, None
+
+
+class MoeCombineFunction(torch.autograd.Function):
+    """autograd.Function behind :func:`moe_combine` (arguments already validated).
+
+    forward(expert_out, weights or None, perm_full, position, k) -> [N, H]."""
+
+    @staticmethod
+    def forward(ctx, expert_out, weights, perm_full, position, k):
+        y = _combine_t(expert_out, position, weights)
+        want_w = weights is not None and ctx.needs_input_grad[1]
+        ctx.save_for_backward(expert_out if want_w else None, weights, perm_full, position)
+        ctx.rows = expert_out.shape[0]
+        ctx.k = k
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        expert_out, weights, perm_full, position = ctx.saved_tensors
+        grad_eo = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_eo = _permute_t(grad_y, perm_full, ctx.k, weights, ctx.rows)
+        if weights is not None and ctx.needs_input_grad[1]:
+            grad_w = _slot_dot_t(grad_y.to(expert_out.dtype), expert_out, position)
+        return grad_eo, grad_w, None, None, None
+
+
+def moe_route(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    score: str = "softmax",
+    renormalize: bool = False,
+    bias: Optional[torch.Tensor] = None,
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    scale: float = 1.0,
+    capacity: Optional[int] = None,
+    block: int = 1,
+    exact_rows: bool = True,
+) -> MoeRoute:
+    """Top-k routing and the deterministic permutation; same parameters and math as
+    :func:`distill_kernels.moe_route`, on router logits ``[N, E]`` (float32 or bfloat16; float16
+    is widened to float32) on a CUDA device (or the CPU). No gradient flows to the logits.
+
+    Returns a :class:`MoeRoute` of device tensors. ``route.weights`` is a plain float32 leaf
+    tensor: call ``route.weights.requires_grad_()`` (or pass your own differentiable ``weights=``
+    to :func:`moe_permute` / :func:`moe_combine`) to get its gradient.
+
+    Host synchronisation: the number of permuted rows R = offsets[E] sizes the permuted tensor.
+    Without ``capacity`` and with ``block=1``, R = N·k is known up front and nothing is
+    synchronised. Otherwise R depends on the routing: with ``exact_rows=True`` (the default) it is
+    read back to the host (one synchronisation of the current stream, in this call); with
+    ``exact_rows=False`` nothing is synchronised and ``route.num_rows`` is the bound
+    ``max_rows`` = min(N·k, E·capacity) + E·(block − 1): permuted tensors then have max_rows rows,
+    the rows past R are zero (``perm`` −1, like padding) and are ignored by combine; read the
+    real R from ``route.offsets[-1]`` when you need it.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch tensor, got {type(logits).__name__}")
+    exact_rows = _check_flag("exact_rows", exact_rows)
+    if logits.dtype == torch.float16:
+        logits = logits.float()  # exact
+    if logits.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"router logits dtype {logits.dtype} is not supported: use float32 or "
+                        "bfloat16")
+    if logits.dim() != 2:
+        raise ValueError(f"router logits must be 2-D [N, E], got shape {tuple(logits.shape)}")
+    if logits.numel() == 0:
+        raise ValueError(f"empty router logits: shape {tuple(logits.shape)}")
+    if isinstance(scale, torch.Tensor):
+        raise TypeError("scale must be a Python number (a tensor would force a host sync)")
+    device = _device_ordinal(logits)
+    n, e = logits.shape
+    params = _lib.make_moe_route_params(e, k, score, renormalize, n_groups, topk_groups, scale,
+                                        capacity, block)
+    k = params.k
+    if n * k >= 2**31:
+        raise ValueError(f"N·k = {n}·{k} slots do not fit the int32 slot indices of perm")
+    dev = logits.device
+    b = None
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch tensor, got {type(bias).__name__}")
+        if not bias.dtype.is_floating_point:
+            raise TypeError(f"bias must be floating point, got {bias.dtype}")
+        if tuple(bias.shape) != (e,):
+            raise ValueError(f"bias must have shape ({e},), got {tuple(bias.shape)}")
+        if bias.device != dev:
+            raise ValueError(f"bias is on {bias.device} but the logits are on {dev}")
+        b = bias.detach().to(torch.float32).contiguous()
+    lg, stride = _matrix("logits", logits.detach())
+    max_rows = _lib.moe_max_rows(n, e, k, params.block, params.capacity)
+    i32 = dict(dtype=torch.int32, device=dev)
+    expert_ids = torch.empty((n, k), **i32)
+    weights = torch.empty((n, k), dtype=torch.float32, device=dev)
+    counts = torch.empty(e, **i32)
+    offsets = torch.empty(e + 1, **i32)
+    perm = torch.empty(max_rows, **i32)
+    position = torch.empty((n, k), **i32)
+
+    def go():
+        handle = _lib.context(device)
+        workspace, ws_bytes = None, 0
+        if device >= 0:
+            ws_bytes = _lib.moe_route_workspace_size(handle, n, e, k)
+            if ws_bytes:  # torch's caching allocator, ordered on the current stream
+                workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=dev)
+        args = _lib.MoeRouteArgs(
+            n=n, e=e, logits=lg.data_ptr(), logits_dtype=_DTYPES[lg.dtype], logits_stride=stride,
+            bias=_ptr(b), expert_ids=expert_ids.data_ptr(), weights=weights.data_ptr(),
+            counts=counts.data_ptr(), offsets=offsets.data_ptr(), perm=perm.data_ptr(),
+            perm_rows=max_rows, position=position.data_ptr(),
+        )
+        _lib.moe_route_call(handle, args, params, _ptr(workspace), ws_bytes, _stream(device))
+
+    _on_device(device, go)
+    if params.capacity == 0 and params.block == 1:
+        num_rows = n * k  # every slot kept, no padding
+    elif exact_rows:
+        num_rows = int(offsets[e].item())  # the one host synchronisation
+    else:
+        num_rows = max_rows
+    return MoeRoute(
+        expert_ids=expert_ids, weights=weights, counts=counts, offsets=offsets,
+        perm=perm[:num_rows], position=position, n=n, e=e, k=k, num_rows=num_rows,
+        perm_full=perm,
+    )
+
+
+def moe_permute(x: torch.Tensor, route: MoeRoute, scale: bool = False, *,
+                weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gathers token rows ``x [N, H]`` into expert order: ``[route.num_rows, H]`` in x's dtype,
+    ``out[r] = x[perm[r] // k]`` (times the slot's weight when ``scale``), zero padding rows.
+
+    Differentiable in ``x`` and, when ``scale``, in the weights (``route.weights`` or
+    ``weights``): backward is a combine (weighted when scaled) and a per-slot dot product."""
+    scale = _check_flag("scale", scale)
+    _activation("x", x)
+    _check_route(route, x.device)
+    if x.shape[0] != route.n:
+        raise ValueError(f"x has {x.shape[0]} rows, the route has N = {route.n} tokens")
+    w = _route_weights(route, weights, x.device) if scale else None
+    full = route.perm_full if route.perm_full is not None else route.perm
+    return MoePermuteFunction.apply(x, w, full, route.position, route.k, route.num_rows)
+
+
+def moe_combine(expert_out: torch.Tensor, route: MoeRoute, weighted: bool = True, *,
+                weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``y[n] = Σ_j w[n, j] · expert_out[position[n, j]]`` (``weighted=False``: w = 1), dropped
+    slots skipped, f32 accumulation in slot order, no atomics (bitwise reproducible).
+
+    ``expert_out`` is ``[num_rows, H]`` in permuted order (up to ``max_rows`` rows accepted);
+    the result ``[N, H]`` has its dtype. Differentiable in ``expert_out`` and, when weighted, in
+    the weights: backward is a permute scaled by the weights and a per-slot dot product."""
+    weighted = _check_flag("weighted", weighted)
+    _activation("expert_out", expert_out)
+    _check_route(route, expert_out.device)
+    _permuted_rows("expert_out", expert_out, route)
+    w = _route_weights(route, weights, expert_out.device) if weighted else None
+    full = route.perm_full if route.perm_full is not None else route.perm
+    return MoeCombineFunction.apply(expert_out, w, full, route.position, route.k)
+
+
+def moe_permute_backward(grad_xp: torch.Tensor, route: MoeRoute, x: Optional[torch.Tensor] = None,
+                         scale: bool = False, *, weights: Optional[torch.Tensor] = None):
+    """The gradient of :func:`moe_permute` without autograd (same contract as
+    :func:`distill_kernels.moe_permute_backward`): ``grad_x``, or ``(grad_x, grad_weights)``
+    when ``scale`` (which needs ``x``)."""
+    scale = _check_flag("scale", scale)
+    _activation("grad_xp", grad_xp)
+    _check_route(route, grad_xp.device)
+    _permuted_rows("grad_xp", grad_xp, route)
+    if not scale:
+        return _combine_t(grad_xp, route.position, None)
+    if x is None:
+        raise ValueError("moe_permute_backward(scale=True) needs x, the forward input")
+    _activation("x", x, grad_xp.shape[1])
+    if x.shape[0] != route.n:
+        raise ValueError(f"x has {x.shape[0]} rows, the route has N = {route.n} tokens")
+    if x.dtype != grad_xp.dtype or x.device != grad_xp.device:
+        raise TypeError(f"x ({x.dtype}, {x.device}) and grad_xp ({grad_xp.dtype}, "
+                        f"{grad_xp.device}) must have the same dtype and device")
+    w = _route_weights(route, weights, grad_xp.device).detach()
+    return _combine_t(grad_xp, route.position, w), _slot_dot_t(x, grad_xp, route.position)
+
+
+def moe_combine_backward(grad_y: torch.Tensor, expert_out: Optional[torch.Tensor],
+                         route: MoeRoute, weighted: bool = True, *,
+                         weights: Optional[torch.Tensor] = None):
+    """The gradient of :func:`moe_combine` without autograd (same contract as
+    :func:`distill_kernels.moe_combine_backward`): ``(grad_expert_out, grad_weights)``."""
+    weighted = _check_flag("weighted", weighted)
+    _activation("grad_y", grad_y)
+    _check_route(route, grad_y.device)
+    if grad_y.shape[0] != route.n:
+        raise ValueError(f"grad_y has {grad_y.shape[0]} rows, the route has N = {route.n} tokens")
+    full = route.perm_full if route.perm_full is not None else route.perm
+    if expert_out is None:
+        if weighted:
+            raise ValueError("moe_combine_backward(weighted=True) needs expert_out")
+        rows = route.num_rows
+    else:
+        _activation("expert_out", expert_out, grad_y.shape[1])
+        rows = _permuted_rows("expert_out", expert_out, route)
+        if expert_out.dtype != grad_y.dtype or expert_out.device != grad_y.device:
+            raise TypeError(f"grad_y ({grad_y.dtype}, {grad_y.device}) and expert_out "
+                            f"({expert_out.dtype}, {expert_out.device}) must have the same dtype "
+                            "and device")
+    if not weighted:
+        return _permute_t(grad_y, full, route.k, None, rows), None
+    w = _route_weights(route, weights, grad_y.device).detach()
+    return (_permute_t(grad_y, full, route.k, w, rows),
+            _slot_dot_t(grad_y, expert_out, route.position))

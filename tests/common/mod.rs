@@ -8,7 +8,10 @@
 //!   CUDA device 0 with poisoned outputs, returning every buffer before and after the call.
 //! - Checks: relative-norm errors, "every output element written", "padding and inputs
 //!   untouched", NaN confined to its row.
+//! - MoE dispatch: buffers, call specs and a device runner in [`moe`].
 #![allow(dead_code)]
+
+pub mod moe;
 
 use std::ffi::c_void;
 use std::io::Write;

@@ -1,0 +1,497 @@
+// MoE dispatch kernels: routing (top-k, per-chunk counts, scan, assignment) and the row
+// movers (permute, combine, slot dot). Design, bytes moved and floors: cuda/MOE.md.
+//
+// Route = three launches on the caller's stream, no atomics on global memory, no float atomics:
+//   1. dk_moe_topk_<dtype>_p<P>: one block per chunk of 32 tokens, one warp per token (lane l
+//      holds experts l, l + 32, ...: P = 32-expert slices). Scores, group selection, k rounds
+//      of warp argmax (dk_moe_route_math.cuh) -> expert_ids, weights. Each chosen (token,
+//      expert) sets bit t of the chunk's mask of that expert in shared memory (atomicOr: the
+//      result does not depend on the order). Then the in-chunk rank of each slot, popc(mask &
+//      lanes below t), goes to `position` (temporarily) and popc(mask) to the workspace
+//      chunk_counts[e, chunk].
+//   2. dk_moe_scan: one block per expert: exclusive prefix of its chunk counts (in place: the
+//      base rank of each chunk), total, capacity clamp -> counts[e].
+//   3. dk_moe_assign: every block rebuilds the padded offsets from counts in shared memory
+//      (block 0 writes `offsets`); each slot's rank = base + in-chunk rank gives its row (or -1
+//      past the capacity): position[slot] = row, perm[row] = slot; every other perm entry (block
+//      padding, rows past R up to perm_rows) is written -1 by a disjoint set of threads.
+// The order of the permutation (expert, then token, then slot) follows from the ranks.
+
+#include "dk_moe_args.h"
+#include "dk_moe_route_math.cuh"
+#include "dk_vec.cuh"
+
+namespace dk {
+namespace moe {
+
+constexpr unsigned kFull = 0xffffffffu;
+
+// The warp interface of route_token (dk_moe_route_math.cuh) on the device.
+struct DeviceWarp {
+  __device__ __forceinline__ int lane() const { return threadIdx.x & 31; }
+  __device__ __forceinline__ uint32_t redux_max(uint32_t v) const { return __reduce_max_sync(kFull, v); }
+  __device__ __forceinline__ uint32_t redux_min(uint32_t v) const { return __reduce_min_sync(kFull, v); }
+  __device__ __forceinline__ float shfl(float v, int src) const { return __shfl_sync(kFull, v, src); }
+  __device__ __forceinline__ uint32_t shfl(uint32_t v, int src) const { return __shfl_sync(kFull, v, src); }
+  __device__ __forceinline__ float shfl_xor(float v, int m) const { return __shfl_xor_sync(kFull, v, m); }
+  __device__ __forceinline__ uint32_t shfl_xor(uint32_t v, int m) const { return __shfl_xor_sync(kFull, v, m); }
+  __device__ __forceinline__ void syncwarp() const { __syncwarp(); }
+};
+
+// Exclusive prefix sum of one int per thread over the block (blockDim a multiple of 32); every
+// thread also gets the block total. `smem` holds 32 ints; reusable after the call.
+__device__ __forceinline__ int block_exclusive_scan(int x, int* smem, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  int incl = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(kFull, incl, o);
+    if (lane >= o) incl += y;
+  }
+  __syncthreads();  // smem may still be read by a previous scan
+  if (lane == 31) smem[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int v = lane < warps ? smem[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(kFull, v, o);
+      if (lane >= o) v += y;
+    }
+    smem[lane] = v;  // inclusive prefix of the warp totals
+  }
+  __syncthreads();
+  total = smem[warps - 1];
+  return (warp > 0 ? smem[warp - 1] : 0) + incl - x;
+}
+
+// ---- 1. top-k and per-chunk counts ----------------------------------------------------------
+constexpr int kTopkWarps = 8;
+constexpr int kTokensPerWarp = DK_MOE_CHUNK / kTopkWarps;
+static_assert(DK_MOE_CHUNK % kTopkWarps == 0, "chunk split over the warps");
+
+template <int P, typename T>
+__device__ __forceinline__ void load_logits(const T* row, int e, float (&x)[P]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    const int idx = i * 32 + lane;
+    x[i] = idx < e ? to_float(row[idx]) : -INFINITY;
+  }
+}
+
+template <int P, typename T>
+__device__ __forceinline__ void topk(const DkMoeRouteArgs& a) {
+  __shared__ uint32_t smask[32 * P];
+  __shared__ uint32_t scratch[kTopkWarps][32 * P];
+  // The next token's logits are loaded while the current one is routed, where registers allow.
+  constexpr bool kPrefetch = P <= 8;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int e = threadIdx.x; e < a.e; e += blockDim.x) smask[e] = 0u;
+  __syncthreads();
+
+  const RouteConfig cfg{a.e, a.k, a.score, a.renormalize, a.n_groups, a.topk_groups, a.scale,
+                        reinterpret_cast<const float*>(a.bias)};
+  const T* logits = reinterpret_cast<const T*>(a.logits);
+  int* expert_ids = reinterpret_cast<int*>(a.expert_ids);
+  float* weights = reinterpret_cast<float*>(a.weights);
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * DK_MOE_CHUNK;
+  const int k = a.k;
+  DeviceWarp w;
+
+  int chosen[kTokensPerWarp];
+  float x[P];
+  if (kPrefetch && n0 + warp < a.n) load_logits(logits + (n0 + warp) * a.logits_stride, a.e, x);
+#pragma unroll
+  for (int t = 0; t < kTokensPerWarp; ++t) {
+    const int tt = warp + t * kTopkWarps;  // token within the chunk
+    const int64_t n = n0 + tt;
+    chosen[t] = -1;
+    if (n < a.n) {  // uniform over the warp
+      float xn[P];
+      if (kPrefetch) {
+        if (t + 1 < kTokensPerWarp && n + kTopkWarps < a.n) {
+          load_logits(logits + (n + kTopkWarps) * a.logits_stride, a.e, xn);
+        }
+      } else {
+        load_logits(logits + n * a.logits_stride, a.e, x);
+      }
+      int ex;
+      float wt;
+      route_token<P>(w, x, cfg, scratch[warp], ex, wt);
+      if (lane < k) {
+        expert_ids[n * k + lane] = ex;
+        weights[n * k + lane] = wt;
+        if (ex >= 0) {
+          atomicOr(&smask[ex], 1u << tt);
+          chosen[t] = ex;
+        }
+      }
+      if (kPrefetch) {
+#pragma unroll
+        for (int i = 0; i < P; ++i) x[i] = xn[i];
+      }
+    }
+  }
+  __syncthreads();
+
+  int* position = reinterpret_cast<int*>(a.position);
+#pragma unroll
+  for (int t = 0; t < kTokensPerWarp; ++t) {
+    const int tt = warp + t * kTopkWarps;
+    const int64_t n = n0 + tt;
+    if (n < a.n && chosen[t] >= 0) {
+      position[n * k + lane] = popcount(smask[chosen[t]] & lanes_below(tt));
+    }
+  }
+  int* cc = reinterpret_cast<int*>(a.chunk_counts);
+  for (int e = threadIdx.x; e < a.e; e += blockDim.x) {
+    cc[static_cast<int64_t>(e) * a.chunks + blockIdx.x] = popcount(smask[e]);
+  }
+}
+
+// ---- 2. per-expert scan over the chunks -----------------------------------------------------
+constexpr int kScanThreads = 256;
+constexpr int kScanPerThread = 4;
+
+__device__ __forceinline__ void scan(const DkMoeRouteArgs& a) {
+  __shared__ int smem[32];
+  const int e = blockIdx.x;
+  int* cc = reinterpret_cast<int*>(a.chunk_counts) + static_cast<int64_t>(e) * a.chunks;
+  int carry = 0;
+  for (int base = 0; base < a.chunks; base += kScanThreads * kScanPerThread) {
+    const int c0 = base + threadIdx.x * kScanPerThread;
+    int v[kScanPerThread];
+    int local = 0;
+#pragma unroll
+    for (int u = 0; u < kScanPerThread; ++u) {
+      v[u] = c0 + u < a.chunks ? cc[c0 + u] : 0;
+      local += v[u];
+    }
+    int tile_total;
+    int run = carry + block_exclusive_scan(local, smem, tile_total);
+#pragma unroll
+    for (int u = 0; u < kScanPerThread; ++u) {
+      if (c0 + u < a.chunks) {
+        cc[c0 + u] = run;
+        run += v[u];
+      }
+    }
+    carry += tile_total;
+  }
+  if (threadIdx.x == 0) {
+    reinterpret_cast<int*>(a.counts)[e] = carry < a.capacity ? carry : a.capacity;
+  }
+}
+
+// ---- 3. offsets, positions and the permutation ----------------------------------------------
+constexpr int kAssignThreads = 256;
+constexpr int kAssignPerThread = 4;  // slots per thread (grid sizing); also experts in the prelude
+constexpr int kMaxExperts = kAssignThreads * kAssignPerThread;  // 1024
+
+__device__ __forceinline__ void assign(const DkMoeRouteArgs& a) {
+  __shared__ int off[kMaxExperts + 1];
+  __shared__ int kept[kMaxExperts];
+  __shared__ int smem[32];
+  const int E = a.e;
+  const int* counts = reinterpret_cast<const int*>(a.counts);
+
+  // Padded segment starts, rebuilt by every block from the E counts (cheap, L2-resident).
+  const int e0 = threadIdx.x * kAssignPerThread;
+  int pad[kAssignPerThread];
+  int local = 0;
+#pragma unroll
+  for (int u = 0; u < kAssignPerThread; ++u) {
+    const int e = e0 + u;
+    const int kv = e < E ? counts[e] : 0;
+    if (e < E) kept[e] = kv;
+    pad[u] = e < E ? round_up(kv, a.block) : 0;
+    local += pad[u];
+  }
+  int total;
+  int run = block_exclusive_scan(local, smem, total);
+#pragma unroll
+  for (int u = 0; u < kAssignPerThread; ++u) {
+    if (e0 + u < E) off[e0 + u] = run;
+    run += pad[u];
+  }
+  if (threadIdx.x == 0) off[E] = total;
+  __syncthreads();
+  if (blockIdx.x == 0) {
+    int* offsets = reinterpret_cast<int*>(a.offsets);
+    for (int e = threadIdx.x; e <= E; e += blockDim.x) offsets[e] = off[e];
+  }
+
+  const int* ids = reinterpret_cast<const int*>(a.expert_ids);
+  const int* cc = reinterpret_cast<const int*>(a.chunk_counts);
+  int* position = reinterpret_cast<int*>(a.position);
+  int* perm = reinterpret_cast<int*>(a.perm);
+  const int k = a.k;
+  const int nk = static_cast<int>(a.n * k);  // < 2^31, checked on the host
+  const int stride = gridDim.x * blockDim.x;
+  for (int s = blockIdx.x * blockDim.x + threadIdx.x; s < nk; s += stride) {
+    const int e = ids[s];
+    if (e < 0 || e >= E) {  // never happens: top-k always picks an expert
+      position[s] = -1;
+      continue;
+    }
+    const int c = (s / k) / DK_MOE_CHUNK;
+    const int rank = cc[static_cast<int64_t>(e) * a.chunks + c] + position[s];
+    if (rank < a.capacity) {
+      const int row = off[e] + rank;
+      position[s] = row;
+      perm[row] = s;
+    } else {
+      position[s] = -1;
+    }
+  }
+
+  // Every row that holds no slot: disjoint from the rows written above.
+  const int64_t stride64 = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < a.perm_rows;
+       r += stride64) {
+    const bool empty = a.block == 1 ? r >= total : is_empty_row(off, kept, E, r);
+    if (empty) perm[r] = -1;
+  }
+}
+
+// ---- Row movers -----------------------------------------------------------------------------
+// One warp per (row, segment): a segment is 32 lanes x kSegVecs chunks of 8 elements, each
+// chunk one 16-byte load (two for f32), all of a lane's loads issued before its stores.
+constexpr int kRowsThreads = 256;
+constexpr int kRowsWarps = kRowsThreads / 32;
+constexpr int kSegVecs = 4;
+constexpr int kSegChunks = 32 * kSegVecs;
+
+// 8 elements as raw 16-byte words (a copy that never converts).
+template <typename T>
+struct Raw8 {
+  static constexpr int kWords = static_cast<int>(sizeof(T)) / 2;
+  uint4 w[kWords];
+  __device__ __forceinline__ void load(const T* p) {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) w[i] = reinterpret_cast<const uint4*>(p)[i];
+  }
+  __device__ __forceinline__ void store(T* p) const {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) reinterpret_cast<uint4*>(p)[i] = w[i];
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void permute(const DkMoeRowsArgs& a) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t hv = a.h / kVec;
+  const int64_t nseg = (hv + kSegChunks - 1) / kSegChunks;
+  const int64_t items = a.items * nseg;
+  const T* x = reinterpret_cast<const T*>(a.src);
+  const int* perm = reinterpret_cast<const int*>(a.index);
+  const float* wts = reinterpret_cast<const float*>(a.weights);
+  T* out = reinterpret_cast<T*>(a.dst);
+  for (int64_t it = static_cast<int64_t>(blockIdx.x) * kRowsWarps + warp; it < items;
+       it += static_cast<int64_t>(gridDim.x) * kRowsWarps) {
+    const int64_t r = it / nseg;
+    const int64_t c0 = (it - r * nseg) * kSegChunks + lane;
+    const int p = perm[r];
+    T* dst = out + r * a.dst_stride;
+    if (p < 0 || p >= a.limit) {
+      const float z[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int u = 0; u < kSegVecs; ++u) {
+        const int64_t c = c0 + 32 * u;
+        if (c < hv) store8(dst + c * kVec, z);
+      }
+      continue;
+    }
+    const T* src = x + static_cast<int64_t>(p / a.k) * a.src_stride;
+    if (wts == nullptr) {
+      Raw8<T> v[kSegVecs];
+#pragma unroll
+      for (int u = 0; u < kSegVecs; ++u) {
+        const int64_t c = c0 + 32 * u;
+        if (c < hv) v[u].load(src + c * kVec);
+      }
+#pragma unroll
+      for (int u = 0; u < kSegVecs; ++u) {
+        const int64_t c = c0 + 32 * u;
+        if (c < hv) v[u].store(dst + c * kVec);
+      }
+    } else {
+      const float wt = wts[p];
+      float v[kSegVecs][kVec];
+#pragma unroll
+      for (int u = 0; u < kSegVecs; ++u) {
+        const int64_t c = c0 + 32 * u;
+        if (c < hv) load8(src + c * kVec, v[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kSegVecs; ++u) {
+        const int64_t c = c0 + 32 * u;
+        if (c < hv) {
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) v[u][i] *= wt;
+          store8(dst + c * kVec, v[u]);
+        }
+      }
+    }
+  }
+}
+
+// Loads one segment of a row: the lane's chunks c0 + 32 u that lie inside the row.
+template <typename T>
+__device__ __forceinline__ void load_segment(const T* row, int64_t c0, int64_t hv,
+                                             float (&v)[kSegVecs][kVec]) {
+#pragma unroll
+  for (int u = 0; u < kSegVecs; ++u) {
+    const int64_t c = c0 + 32 * u;
+    if (c < hv) load8(row + c * kVec, v[u]);
+  }
+}
+
+// acc += w * v over the lane's chunks inside the row, one fma per element (f32).
+__device__ __forceinline__ void fma_segment(float w, const float (&v)[kSegVecs][kVec], int64_t c0,
+                                            int64_t hv, float (&acc)[kSegVecs][kVec]) {
+#pragma unroll
+  for (int u = 0; u < kSegVecs; ++u) {
+    if (c0 + 32 * u < hv) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[u][i] = fmaf(w, v[u][i], acc[u][i]);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void combine(const DkMoeRowsArgs& a) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t hv = a.h / kVec;
+  const int64_t nseg = (hv + kSegChunks - 1) / kSegChunks;
+  const int64_t items = a.items * nseg;
+  const T* rows = reinterpret_cast<const T*>(a.src);
+  const int* position = reinterpret_cast<const int*>(a.index);
+  const float* wts = reinterpret_cast<const float*>(a.weights);
+  T* y = reinterpret_cast<T*>(a.dst);
+  const int k = a.k;
+  for (int64_t it = static_cast<int64_t>(blockIdx.x) * kRowsWarps + warp; it < items;
+       it += static_cast<int64_t>(gridDim.x) * kRowsWarps) {
+    const int64_t n = it / nseg;
+    const int64_t c0 = (it - n * nseg) * kSegChunks + lane;
+    // Lane j holds slot j's row and weight (unweighted: 1, and fma(1, v, acc) == acc + v).
+    int my_p = -1;
+    float my_w = 1.f;
+    if (lane < k) {
+      my_p = position[n * k + lane];
+      if (my_p >= a.limit) my_p = -1;
+      if (wts != nullptr) my_w = wts[n * k + lane];
+    }
+    float acc[kSegVecs][kVec];
+#pragma unroll
+    for (int u = 0; u < kSegVecs; ++u) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[u][i] = 0.f;
+    }
+    // Two slots' loads in flight, accumulated strictly in slot order.
+    for (int j = 0; j < k; j += 2) {
+      const int p0 = __shfl_sync(kFull, my_p, j);
+      const float w0 = __shfl_sync(kFull, my_w, j);
+      const int p1_raw = __shfl_sync(kFull, my_p, (j + 1) & 31);
+      const float w1 = __shfl_sync(kFull, my_w, (j + 1) & 31);
+      const int p1 = j + 1 < k ? p1_raw : -1;
+      float v0[kSegVecs][kVec], v1[kSegVecs][kVec];
+      if (p0 >= 0) load_segment(rows + static_cast<int64_t>(p0) * a.src_stride, c0, hv, v0);
+      if (p1 >= 0) load_segment(rows + static_cast<int64_t>(p1) * a.src_stride, c0, hv, v1);
+      if (p0 >= 0) fma_segment(w0, v0, c0, hv, acc);
+      if (p1 >= 0) fma_segment(w1, v1, c0, hv, acc);
+    }
+    T* dst = y + n * a.dst_stride;
+#pragma unroll
+    for (int u = 0; u < kSegVecs; ++u) {
+      const int64_t c = c0 + 32 * u;
+      if (c < hv) store8(dst + c * kVec, acc[u]);
+    }
+  }
+}
+
+// out[s] = <tokens[s / k], rows[position[s]]>: one warp per slot; each lane accumulates its
+// chunks into 8 partial sums (element i of every chunk), added in order, then the warp
+// butterfly: a fixed order.
+template <typename T>
+__device__ __forceinline__ void slot_dot(const DkMoeRowsArgs& a) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t hv = a.h / kVec;
+  const T* tokens = reinterpret_cast<const T*>(a.src);
+  const T* rows = reinterpret_cast<const T*>(a.src2);
+  const int* position = reinterpret_cast<const int*>(a.index);
+  float* out = reinterpret_cast<float*>(a.dst);
+  for (int64_t s = static_cast<int64_t>(blockIdx.x) * kRowsWarps + warp; s < a.items;
+       s += static_cast<int64_t>(gridDim.x) * kRowsWarps) {
+    const int p = position[s];
+    float result = 0.f;
+    if (p >= 0 && p < a.limit) {  // uniform over the warp
+      const T* tk = tokens + (s / a.k) * a.src_stride;
+      const T* rw = rows + static_cast<int64_t>(p) * a.src2_stride;
+      float acc[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int64_t c0 = lane; c0 < hv; c0 += kSegChunks) {
+        float ta[kSegVecs][kVec], rb[kSegVecs][kVec];
+        load_segment(tk, c0, hv, ta);
+        load_segment(rw, c0, hv, rb);
+#pragma unroll
+        for (int u = 0; u < kSegVecs; ++u) {
+          if (c0 + 32 * u < hv) {
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) acc[i] = fmaf(ta[u][i], rb[u][i], acc[i]);
+          }
+        }
+      }
+      float t = acc[0];
+#pragma unroll
+      for (int i = 1; i < kVec; ++i) t += acc[i];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(kFull, t, o);
+      result = t;
+    }
+    if (lane == 0) out[s] = result;
+  }
+}
+
+}  // namespace moe
+}  // namespace dk
+
+#define DK_MOE_TOPK(tname, T, P)                                                      \
+  extern "C" __global__ void __launch_bounds__(dk::moe::kTopkWarps * 32, 1)           \
+      dk_moe_topk_##tname##_p##P(const DkMoeRouteArgs args) {                         \
+    dk::moe::topk<P, T>(args);                                                        \
+  }
+#define DK_MOE_TOPK_ALL_P(tname, T) \
+  DK_MOE_TOPK(tname, T, 1)          \
+  DK_MOE_TOPK(tname, T, 2)          \
+  DK_MOE_TOPK(tname, T, 4)          \
+  DK_MOE_TOPK(tname, T, 8)          \
+  DK_MOE_TOPK(tname, T, 16)         \
+  DK_MOE_TOPK(tname, T, 32)
+
+DK_MOE_TOPK_ALL_P(f32, float)
+DK_MOE_TOPK_ALL_P(bf16, __nv_bfloat16)
+
+extern "C" __global__ void __launch_bounds__(dk::moe::kScanThreads)
+    dk_moe_scan(const DkMoeRouteArgs args) {
+  dk::moe::scan(args);
+}
+
+extern "C" __global__ void __launch_bounds__(dk::moe::kAssignThreads)
+    dk_moe_assign(const DkMoeRouteArgs args) {
+  dk::moe::assign(args);
+}
+
+#define DK_MOE_ROWS(op, tname, T)                                                     \
+  extern "C" __global__ void __launch_bounds__(dk::moe::kRowsThreads)                 \
+      dk_moe_##op##_##tname(const DkMoeRowsArgs args) {                               \
+    dk::moe::op<T>(args);                                                             \
+  }
+#define DK_MOE_ROWS_ALL(op)               \
+  DK_MOE_ROWS(op, f32, float)             \
+  DK_MOE_ROWS(op, bf16, __nv_bfloat16)    \
+  DK_MOE_ROWS(op, f16, __half)
+
+DK_MOE_ROWS_ALL(permute)
+DK_MOE_ROWS_ALL(combine)
+DK_MOE_ROWS_ALL(slot_dot)

@@ -1,0 +1,316 @@
+"""distill_kernels.torch MoE dispatch (CUDA) against the plain-PyTorch implementation and autograd.
+
+The reference is what a PyTorch user writes (ANCHORS.md, "MoE dispatch in plain PyTorch"): route
+by softmax / sigmoid + sort + argsort, permute by index_select, combine by index_add, gradients
+by torch autograd; evaluated in float64. Needs torch and a CUDA device (and a library built with
+nvcc); otherwise the tests are skipped with the reason shown by ``pytest -rs``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed: MoE torch tests skipped")
+
+import distill_kernels as dk  # noqa: E402
+import distill_kernels.torch as dkt  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA is not available: MoE torch tests skipped"
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def tol(dtype):
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN in the output"
+    den = torch.linalg.vector_norm(ref).item()
+    return torch.linalg.vector_norm(out - ref).item() / (den if den > 0 else 1.0)
+
+
+# ---- plain PyTorch (float64) -------------------------------------------------------------------
+
+
+def torch_route(logits, k, *, score="softmax", renormalize=False, bias=None, n_groups=1,
+                topk_groups=1, scale=1.0, capacity=None, block=1):
+    """Routing the way a PyTorch user writes it (stable sorts for the tie rule), in float64."""
+    lg = logits.double()
+    n, e = lg.shape
+    s = lg.softmax(-1) if score == "softmax" else lg.sigmoid()
+    sel = s if bias is None else s + bias.float().double()
+    if n_groups > 1:
+        gs = sel.view(n, n_groups, -1).topk(2, dim=-1).values.sum(-1)
+        keep = torch.sort(gs, dim=-1, descending=True, stable=True).indices[:, :topk_groups]
+        mask = torch.zeros(n, n_groups, dtype=torch.bool, device=lg.device)
+        mask.scatter_(1, keep, True)
+        sel = sel.masked_fill(~mask.repeat_interleave(e // n_groups, dim=1), float("-inf"))
+    ids = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :k]
+    w = s.gather(1, ids)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    w = w * torch.tensor(scale, dtype=torch.float32).item()
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)  # expert-major, then token, then slot
+    raw = torch.bincount(flat, minlength=e)
+    start = torch.cumsum(raw, 0) - raw
+    rank = torch.arange(n * k, device=lg.device) - start[flat[order]]
+    keep = rank < capacity if capacity is not None else torch.ones_like(rank, dtype=torch.bool)
+    counts = torch.bincount(flat[order][keep], minlength=e)
+    padded = (counts + block - 1) // block * block
+    offsets = torch.zeros(e + 1, dtype=torch.long, device=lg.device)
+    offsets[1:] = torch.cumsum(padded, 0)
+    position = torch.full((n * k,), -1, dtype=torch.long, device=lg.device)
+    position[order[keep]] = offsets[flat[order][keep]] + rank[keep]
+    R = int(offsets[-1])
+    perm = torch.full((R,), -1, dtype=torch.long, device=lg.device)
+    perm[position[position >= 0]] = torch.nonzero(position >= 0).flatten()
+    return dict(expert_ids=ids, weights=w, counts=counts, offsets=offsets, perm=perm,
+                position=position.view(n, k), num_rows=R)
+
+
+def torch_permute(x, perm, k, w=None):
+    valid = perm >= 0
+    tok = torch.where(valid, perm, 0) // k
+    out = x.index_select(0, tok)
+    if w is not None:
+        out = out * w.flatten()[torch.where(valid, perm, 0)].unsqueeze(1).to(out.dtype)
+    return out * valid.unsqueeze(1).to(out.dtype)
+
+
+def torch_combine(rows, position, w=None):
+    n, k = position.shape
+    pos = position.flatten()
+    valid = pos >= 0
+    src = rows.index_select(0, pos[valid])
+    if w is not None:
+        src = src * w.flatten()[valid].unsqueeze(1).to(src.dtype)
+    tok = torch.arange(n * k, device=rows.device)[valid] // k
+    return torch.zeros(n, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, tok, src)
+
+
+def check_route(got, ref):
+    for name in ("expert_ids", "counts", "offsets", "perm", "position"):
+        a = getattr(got, name)
+        assert a.dtype == torch.int32 and a.is_cuda, name
+        assert torch.equal(a.long(), ref[name]), name
+    assert got.num_rows == ref["num_rows"]
+    torch.testing.assert_close(got.weights.double(), ref["weights"], rtol=3e-6, atol=1e-7)
+    assert (got.perm_full[got.num_rows:] == -1).all()
+
+
+ROUTES = {
+    "llama4": (64, 16, 1, dict(score="sigmoid")),
+    "qwen3": (257, 128, 8, dict(renormalize=True)),
+    "deepseek_v3": (129, 256, 8, dict(score="sigmoid", bias=True, n_groups=8, topk_groups=4,
+                                      renormalize=True, scale=2.5)),
+    "capacity_block": (301, 16, 4, dict(capacity=50, block=8, renormalize=True)),
+    "e512": (33, 512, 8, dict(n_groups=16, topk_groups=3)),
+    "n1": (1, 64, 4, dict(block=4)),
+}
+
+
+def make_logits(n, e, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(n, e, device="cuda", generator=g) * 2).to(dtype)
+
+
+def route_kw(kw, e):
+    kw = dict(kw)
+    if kw.get("bias") is True:
+        kw["bias"] = torch.randn(e, device="cuda") * 0.5
+    return kw
+
+
+@pytest.mark.parametrize("logit_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(ROUTES))
+def test_route_matches_plain_torch_and_the_cpu_backend(case, logit_dtype):
+    n, e, k, kw = ROUTES[case]
+    kw = route_kw(kw, e)
+    lg = make_logits(n, e, logit_dtype, seed=len(case) + n)
+    got = dkt.moe_route(lg, k, **kw)
+    check_route(got, torch_route(lg, k, **kw))
+    # the numpy face (CPU backend) gives the same routing
+    np_kw = {kk: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for kk, v in kw.items()}
+    cpu = dk.moe_route(lg.float().cpu().numpy(), k, **np_kw)  # bf16 values are exact in f32
+    for name in ("expert_ids", "counts", "offsets", "perm_full", "position"):
+        assert (getattr(got, name).cpu().numpy() == getattr(cpu, name)).all(), name
+    assert abs(got.weights.cpu().numpy() - cpu.weights).max() <= 3e-6 * max(1.0, kw.get("scale", 1))
+
+
+def test_route_ties_go_to_the_lower_expert():
+    g = torch.Generator(device="cuda").manual_seed(3)
+    lg = torch.randint(0, 3, (97, 32), device="cuda", generator=g).float()
+    for kw in (dict(), dict(score="sigmoid", renormalize=True), dict(block=4, capacity=9)):
+        for k in (1, 4, 8):
+            check_route(dkt.moe_route(lg, k, **kw), torch_route(lg, k, **kw))
+
+
+def test_route_without_host_sync_when_r_is_known_or_bounded():
+    lg = make_logits(128, 64, torch.bfloat16, seed=4)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        a = dkt.moe_route(lg, 4)  # R = N·k: no sync
+        b = dkt.moe_route(lg, 4, capacity=5, block=8, exact_rows=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert a.num_rows == 128 * 4
+    assert b.num_rows == b.max_rows == min(128 * 4, 64 * 5) + 64 * 7
+    exact = dkt.moe_route(lg, 4, capacity=5, block=8)
+    R = exact.num_rows
+    assert R == int(b.offsets[-1]) and R <= b.num_rows
+    assert torch.equal(exact.perm, b.perm[:R]) and (b.perm[R:] == -1).all()
+    x = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16)
+    xp_b = dkt.moe_permute(x, b)
+    assert xp_b.shape == (b.num_rows, 64)
+    assert torch.equal(xp_b[:R], dkt.moe_permute(x, exact)) and (xp_b[R:] == 0).all()
+    eo = torch.randn(b.num_rows, 64, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(dkt.moe_combine(eo, b), dkt.moe_combine(eo[:R], exact))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["llama4", "qwen3", "deepseek_v3", "capacity_block"])
+def test_forward_and_autograd_match_plain_torch(case, dtype):
+    n, e, k, kw = ROUTES[case]
+    kw = route_kw(kw, e)
+    h = 64
+    lg = make_logits(n, e, torch.float32, seed=7)
+    route = dkt.moe_route(lg, k, **kw)
+    R = route.num_rows
+    perm, pos = route.perm.long(), route.position.long()
+    x = torch.randn(n, h, device="cuda").to(dtype)
+    eo = torch.randn(R, h, device="cuda").to(dtype)
+    gxp = torch.randn(R, h, device="cuda").to(dtype)
+    gy = torch.randn(n, h, device="cuda").to(dtype)
+    for scale in (False, True):
+        xa = x.clone().requires_grad_(True)
+        wa = route.weights.clone().requires_grad_(True)
+        out = dkt.moe_permute(xa, route, scale=scale, weights=wa)
+        assert out.dtype == dtype and out.shape == (R, h)
+        xr = x.double().requires_grad_(True)
+        wr = route.weights.double().requires_grad_(True)
+        ref = torch_permute(xr, perm, k, wr if scale else None)
+        if scale:
+            assert rel_err(out, ref) <= tol(dtype)
+        else:
+            assert torch.equal(out.double(), ref.detach()), "unscaled permute is a copy"
+        out.backward(gxp)
+        ref.backward(gxp.double())
+        assert rel_err(xa.grad, xr.grad) <= tol(dtype), scale
+        if scale:
+            assert rel_err(wa.grad, wr.grad) <= 1e-5
+        else:
+            assert wa.grad is None
+    for weighted in (True, False):
+        ea = eo.clone().requires_grad_(True)
+        wa = route.weights.clone().requires_grad_(True)
+        y = dkt.moe_combine(ea, route, weighted=weighted, weights=wa)
+        assert y.dtype == dtype and y.shape == (n, h)
+        er = eo.double().requires_grad_(True)
+        wr = route.weights.double().requires_grad_(True)
+        ref = torch_combine(er, pos, wr if weighted else None)
+        assert rel_err(y, ref) <= tol(dtype), weighted
+        y.backward(gy)
+        ref.backward(gy.double())
+        assert rel_err(ea.grad, er.grad) <= tol(dtype)
+        if weighted:
+            assert rel_err(wa.grad, wr.grad) <= 1e-5
+    # the functional backward matches autograd
+    g_eo, g_w = dkt.moe_combine_backward(gy, eo, route)
+    ea = eo.clone().requires_grad_(True)
+    wa = route.weights.clone().requires_grad_(True)
+    dkt.moe_combine(ea, route, weights=wa).backward(gy)
+    assert torch.equal(g_eo, ea.grad) and torch.equal(g_w, wa.grad)
+    g_x, g_w = dkt.moe_permute_backward(gxp, route, x=x, scale=True)
+    xa = x.clone().requires_grad_(True)
+    wa = route.weights.clone().requires_grad_(True)
+    dkt.moe_permute(xa, route, scale=True, weights=wa).backward(gxp)
+    assert torch.equal(g_x, xa.grad) and torch.equal(g_w, wa.grad)
+
+
+def test_gradient_reaches_the_router_through_weights():
+    """A full MoE layer: router weights from the logits (differentiable), permute, a per-expert
+    linear map, combine; every gradient against plain torch in float64."""
+    n, e, k, h = 96, 8, 2, 32
+    g = torch.Generator(device="cuda").manual_seed(8)
+    lg = torch.randn(n, e, device="cuda", generator=g).requires_grad_(True)
+    x = torch.randn(n, h, device="cuda", generator=g).requires_grad_(True)
+    wexp = (torch.randn(e, h, h, device="cuda", generator=g) / h**0.5).requires_grad_(True)
+    route = dkt.moe_route(lg, k, renormalize=True)
+    counts = route.counts.tolist()
+
+    def layer(lg_, x_, wexp_, ours):
+        p = lg_.softmax(-1).gather(1, route.expert_ids.long())
+        p = p / p.sum(-1, keepdim=True)
+        if ours:
+            xp = dkt.moe_permute(x_, route)
+        else:
+            xp = torch_permute(x_, route.perm.long(), k)
+        outs, o = [], 0
+        for ex in range(e):
+            outs.append(xp[o : o + counts[ex]] @ wexp_[ex])
+            o += counts[ex]
+        eo = torch.cat(outs)
+        if ours:
+            return dkt.moe_combine(eo, route, weights=p)
+        return torch_combine(eo, route.position.long(), p)
+
+    gy = torch.randn(n, h, device="cuda", generator=g)
+    grads = torch.autograd.grad((layer(lg, x, wexp, True) * gy).sum(), (lg, x, wexp))
+    ld, xd, wd = (t.detach().double().requires_grad_(True) for t in (lg, x, wexp))
+    refs = torch.autograd.grad((layer(ld, xd, wd, False) * gy.double()).sum(), (ld, xd, wd))
+    for a, b in zip(grads, refs):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_bitwise_deterministic_and_on_a_side_stream():
+    n, e, k, h = 4096, 128, 8, 256
+    lg = make_logits(n, e, torch.bfloat16, seed=9)
+    x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for run in range(2):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            route = dkt.moe_route(lg, k, renormalize=True)
+            xa = x.clone().requires_grad_(True)
+            wa = route.weights.clone().requires_grad_(True)
+            xp = dkt.moe_permute(xa, route)
+            y = dkt.moe_combine(xp * 2, route, weights=wa)
+            y.backward(torch.ones_like(y))
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        results.append([t.clone() for t in (route.perm, route.weights, y, xa.grad, wa.grad)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_bad_input():
+    lg = make_logits(8, 16, torch.float32, seed=10)
+    route = dkt.moe_route(lg, 2)
+    x = torch.randn(8, 32, device="cuda")
+    cases = [
+        (lambda: dkt.moe_route(lg.double(), 2), TypeError),
+        (lambda: dkt.moe_route(lg, 0), ValueError),
+        (lambda: dkt.moe_route(lg, 2, n_groups=3), ValueError),
+        (lambda: dkt.moe_route(lg, 2, bias=torch.zeros(16)), ValueError),  # bias on the CPU
+        (lambda: dkt.moe_route(lg.cpu().numpy(), 2), TypeError),
+        (lambda: dkt.moe_permute(x[:, :12], route), ValueError),
+        (lambda: dkt.moe_permute(x[:-1], route), ValueError),
+        (lambda: dkt.moe_permute(x.cpu(), route), ValueError),
+        (lambda: dkt.moe_permute(x.double(), route), TypeError),
+        (lambda: dkt.moe_combine(x[:3], route), ValueError),
+        (lambda: dkt.moe_combine(x.repeat(2, 1), route, weights=torch.ones(8, 3, device="cuda")),
+         ValueError),
+        (lambda: dkt.moe_permute_backward(x.repeat(2, 1), route, scale=True), ValueError),
+    ]
+    before = x.clone()
+    for fn, exc in cases:
+        with pytest.raises(exc):
+            fn()
+    assert torch.equal(x, before)

@@ -1,0 +1,503 @@
+//! C ABI of MoE dispatch (`dk_moe_*`): route, permute, combine, slot dot.
+
+use std::ffi::c_void;
+
+use super::context::{context, DkContext};
+use super::{boundary, to_usize, DkStatus};
+use crate::device::{Context, Launch};
+use crate::error::{bail, Result};
+use crate::moe::{Combine, Permute, Route, RouteParams, Score, SlotDot};
+use crate::tensor::{DType, Matrix, MatrixMut, Vector, VectorMut};
+
+/// `dk_moe_route_params`: routing parameters.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DkMoeRouteParams {
+    /// Experts per token, 1 ≤ k ≤ min(e, 32).
+    pub k: i32,
+    /// `DK_MOE_SOFTMAX` or `DK_MOE_SIGMOID`.
+    pub score: i32,
+    /// 1: the k weights are divided by their sum; 0: not.
+    pub renormalize: i32,
+    /// Experts in this many contiguous groups (1 = no grouping).
+    pub n_groups: i32,
+    /// Groups kept, ranked by the sum of their top-2 selection scores.
+    pub topk_groups: i32,
+    /// Weights are multiplied by it (after renormalisation).
+    pub scale: f32,
+    /// Tokens per expert (later tokens dropped in token order); 0 = unlimited.
+    pub capacity: i64,
+    /// Each expert's segment is padded to a multiple of it (≥ 1).
+    pub block: i32,
+}
+
+/// `dk_moe_route_args`: operands and outputs of `dk_moe_route`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DkMoeRouteArgs {
+    /// Tokens (≥ 1).
+    pub n: i64,
+    /// Experts (1..=1024).
+    pub e: i32,
+    /// Router logits `[n, e]`.
+    pub logits: *const c_void,
+    /// `DK_DTYPE_F32` or `DK_DTYPE_BF16`.
+    pub logits_dtype: i32,
+    /// Elements between logits rows (≥ e).
+    pub logits_stride: i64,
+    /// `[e]` selection bias, or NULL.
+    pub bias: *const f32,
+    /// Out `[n, k]`.
+    pub expert_ids: *mut i32,
+    /// Out `[n, k]`.
+    pub weights: *mut f32,
+    /// Out `[e]`.
+    pub counts: *mut i32,
+    /// Out `[e + 1]`.
+    pub offsets: *mut i32,
+    /// Out `[perm_rows]`.
+    pub perm: *mut i32,
+    /// Entries of `perm` (≥ `dk_moe_max_rows`).
+    pub perm_rows: i64,
+    /// Out `[n, k]`.
+    pub position: *mut i32,
+}
+
+/// `dk_moe_permute_args`: `out[r] = x[perm[r] / k] (· weights[perm[r]])`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DkMoePermuteArgs {
+    /// Tokens.
+    pub n: i64,
+    /// Hidden size (a multiple of 8).
+    pub h: i64,
+    /// Slots per token.
+    pub k: i32,
+    /// Permuted rows (entries of `perm`).
+    pub rows: i64,
+    /// `dk_dtype` of `x` and `out`.
+    pub dtype: i32,
+    /// `[n, h]` token rows.
+    pub x: *const c_void,
+    /// Elements between rows of `x` (≥ h).
+    pub x_stride: i64,
+    /// `[rows]` from `dk_moe_route`.
+    pub perm: *const i32,
+    /// `[n, k]` or NULL (no scaling).
+    pub weights: *const f32,
+    /// Out `[rows, h]`.
+    pub out: *mut c_void,
+    /// Elements between rows of `out` (≥ h).
+    pub out_stride: i64,
+}
+
+/// `dk_moe_combine_args`: `y[t] = Σ_j weights[t, j] · rows[position[t, j]]`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DkMoeCombineArgs {
+    /// Tokens.
+    pub n: i64,
+    /// Hidden size (a multiple of 8).
+    pub h: i64,
+    /// Slots per token.
+    pub k: i32,
+    /// Rows of the permuted buffer.
+    pub rows: i64,
+    /// `dk_dtype` of `rows_in` and `y`.
+    pub dtype: i32,
+    /// `[rows, h]` in permuted order.
+    pub rows_in: *const c_void,
+    /// Elements between rows of `rows_in` (≥ h).
+    pub rows_stride: i64,
+    /// `[n, k]` from `dk_moe_route`.
+    pub position: *const i32,
+    /// `[n, k]` or NULL (unweighted).
+    pub weights: *const f32,
+    /// Out `[n, h]`.
+    pub y: *mut c_void,
+    /// Elements between rows of `y` (≥ h).
+    pub y_stride: i64,
+}
+
+/// `dk_moe_slot_dot_args`: `out[t, j] = ⟨tokens[t], rows[position[t, j]]⟩`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DkMoeSlotDotArgs {
+    /// Tokens.
+    pub n: i64,
+    /// Hidden size (a multiple of 8).
+    pub h: i64,
+    /// Slots per token.
+    pub k: i32,
+    /// Rows of the permuted buffer.
+    pub rows: i64,
+    /// `dk_dtype` of both inputs.
+    pub dtype: i32,
+    /// `[n, h]`.
+    pub tokens: *const c_void,
+    /// Elements between rows of `tokens` (≥ h).
+    pub tokens_stride: i64,
+    /// `[rows, h]`.
+    pub rows_in: *const c_void,
+    /// Elements between rows of `rows_in` (≥ h).
+    pub rows_stride: i64,
+    /// `[n, k]`.
+    pub position: *const i32,
+    /// Out `[n, k]` (f32).
+    pub out: *mut f32,
+}
+
+fn dtype(what: &str, code: i32) -> Result<DType> {
+    match DType::from_code(code) {
+        Some(d) => Ok(d),
+        None => bail!(
+            UnsupportedDtype,
+            "{what} dtype code {code} is not f32 (0), bf16 (1) or f16 (2)"
+        ),
+    }
+}
+
+/// Converts a C count that must be ≥ 1 (k, e, block).
+fn positive(what: &str, x: i64) -> Result<usize> {
+    if x < 1 {
+        bail!(InvalidArgument, "{what} must be >= 1, got {x}");
+    }
+    to_usize(what, x)
+}
+
+/// `n · k` slots, rejecting overflow.
+fn slots(n: usize, k: usize) -> Result<usize> {
+    match n.checked_mul(k) {
+        Some(s) => Ok(s),
+        None => bail!(Shape, "n·k = {n}·{k} overflows"),
+    }
+}
+
+fn params_from_c(p: &DkMoeRouteParams) -> Result<RouteParams> {
+    let Some(score) = Score::from_code(p.score) else {
+        bail!(
+            InvalidArgument,
+            "score {} is not softmax (0) or sigmoid (1)",
+            p.score
+        );
+    };
+    let renormalize = match p.renormalize {
+        0 => false,
+        1 => true,
+        r => bail!(InvalidArgument, "renormalize must be 0 or 1, got {r}"),
+    };
+    let capacity = match p.capacity {
+        0 => None,
+        c if c < 0 => bail!(
+            InvalidArgument,
+            "capacity must be >= 0 (0 = unlimited), got {c}"
+        ),
+        c => Some(to_usize("capacity", c)?),
+    };
+    Ok(RouteParams {
+        k: positive("k", p.k as i64)?,
+        score,
+        renormalize,
+        n_groups: positive("n_groups", p.n_groups as i64)?,
+        topk_groups: positive("topk_groups", p.topk_groups as i64)?,
+        scale: p.scale,
+        capacity,
+        block: positive("block", p.block as i64)?,
+    })
+}
+
+/// Upper bound on the permuted rows R: `min(n·k, e·capacity) + e·(block − 1)` (capacity 0 =
+/// unlimited). −1 when an argument is out of range (n < 0, e, k or block < 1, capacity < 0) or
+/// the bound overflows int64.
+#[no_mangle]
+pub extern "C" fn dk_moe_max_rows(n: i64, e: i32, k: i32, block: i32, capacity: i64) -> i64 {
+    if n < 0 || e < 1 || k < 1 || block < 1 || capacity < 0 {
+        return -1;
+    }
+    let (n, e, k, block) = (n as i128, e as i128, k as i128, block as i128);
+    let slots = n * k;
+    let kept = if capacity == 0 {
+        slots
+    } else {
+        slots.min(e * capacity as i128)
+    };
+    i64::try_from(kept + e * (block - 1)).unwrap_or(-1)
+}
+
+/// The default routing parameters: k = 1, softmax, no renormalisation, one group, scale 1, no
+/// capacity, block 1.
+#[no_mangle]
+pub extern "C" fn dk_moe_route_params_default() -> DkMoeRouteParams {
+    let d = RouteParams::default();
+    DkMoeRouteParams {
+        k: d.k as i32,
+        score: d.score as i32,
+        renormalize: d.renormalize as i32,
+        n_groups: d.n_groups as i32,
+        topk_groups: d.topk_groups as i32,
+        scale: d.scale,
+        capacity: 0,
+        block: d.block as i32,
+    }
+}
+
+/// Bytes of workspace `dk_moe_route` needs on this context (0 on the CPU).
+///
+/// # Safety
+/// `ctx` null or live; `bytes` null or valid for one write.
+#[no_mangle]
+pub unsafe extern "C" fn dk_moe_route_workspace_size(
+    ctx: *const DkContext,
+    n: i64,
+    e: i32,
+    k: i32,
+    bytes: *mut usize,
+) -> DkStatus {
+    boundary(|| {
+        // SAFETY: forwarded contract.
+        let c = unsafe { context(ctx)? };
+        if bytes.is_null() {
+            bail!(NullPointer, "bytes (output) is null");
+        }
+        let n = to_usize("n", n)?;
+        let e = to_usize("e", e as i64)?;
+        let k = to_usize("k", k as i64)?;
+        // SAFETY: checked non-null.
+        unsafe { *bytes = c.moe_route_workspace_size(n, e, k) };
+        Ok(())
+    })
+}
+
+/// Borrows the caller's stream and workspace.
+///
+/// # Safety
+/// `stream` null or a live stream of the context's device; `workspace` null or device memory of
+/// `workspace_bytes` bytes (checked against the device by the operation).
+unsafe fn launch<'a>(
+    c: &Context,
+    stream: *mut c_void,
+    workspace: *mut c_void,
+    workspace_bytes: usize,
+) -> Launch<'a> {
+    // SAFETY: forwarded contract.
+    let l = unsafe { Launch::on_stream(stream) };
+    if workspace.is_null() {
+        l
+    } else {
+        // SAFETY: forwarded contract.
+        l.with_workspace(unsafe {
+            VectorMut::from_raw(workspace.cast(), workspace_bytes, c.location())
+        })
+    }
+}
+
+/// Routes tokens to experts and builds the permutation on the caller's stream. `workspace` may
+/// be NULL (the library allocates, stream-ordered) or hold at least
+/// `dk_moe_route_workspace_size` bytes.
+///
+/// # Safety
+/// Every non-null pointer must be valid for the shapes `args` describes, in the context's memory;
+/// `stream` null or a live stream of the context's device.
+#[no_mangle]
+pub unsafe extern "C" fn dk_moe_route(
+    ctx: *const DkContext,
+    args: *const DkMoeRouteArgs,
+    params: *const DkMoeRouteParams,
+    workspace: *mut c_void,
+    workspace_bytes: usize,
+    stream: *mut c_void,
+) -> DkStatus {
+    boundary(|| {
+        // SAFETY: forwarded contract.
+        let c = unsafe { context(ctx)? };
+        if args.is_null() {
+            bail!(NullPointer, "args is null");
+        }
+        if params.is_null() {
+            bail!(
+                NullPointer,
+                "params is null (use dk_moe_route_params_default())"
+            );
+        }
+        // SAFETY: non-null, and by contract valid structs.
+        let (a, p) = unsafe { (*args, *params) };
+        let params = params_from_c(&p)?;
+        let n = to_usize("n", a.n)?;
+        let e = to_usize("e", a.e as i64)?;
+        let logits_dtype = dtype("logits", a.logits_dtype)?;
+        let stride = to_usize("logits_stride", a.logits_stride)?;
+        let perm_rows = to_usize("perm_rows", a.perm_rows)?;
+        let slots = slots(n, params.k)?;
+        let loc = c.location();
+        // SAFETY (all views): the caller guarantees the pointers cover the shapes in the
+        // context's memory; null pointers are rejected by the operation before any access.
+        let call = unsafe {
+            Route {
+                logits: Matrix::from_raw(a.logits.cast(), logits_dtype, n, e, stride, loc),
+                bias: (!a.bias.is_null()).then(|| Vector::from_raw(a.bias, e, loc)),
+                expert_ids: VectorMut::from_raw(a.expert_ids, slots, loc),
+                weights: VectorMut::from_raw(a.weights, slots, loc),
+                counts: VectorMut::from_raw(a.counts, e, loc),
+                offsets: VectorMut::from_raw(a.offsets, e + 1, loc),
+                perm: VectorMut::from_raw(a.perm, perm_rows, loc),
+                position: VectorMut::from_raw(a.position, slots, loc),
+            }
+        };
+        // SAFETY: forwarded contract.
+        let launch = unsafe { launch(c, stream, workspace, workspace_bytes) };
+        c.moe_route(call, &params, &launch)
+    })
+}
+
+/// Gathers token rows into the permuted order on the caller's stream.
+///
+/// # Safety
+/// As [`dk_moe_route`].
+#[no_mangle]
+pub unsafe extern "C" fn dk_moe_permute(
+    ctx: *const DkContext,
+    args: *const DkMoePermuteArgs,
+    stream: *mut c_void,
+) -> DkStatus {
+    boundary(|| {
+        // SAFETY: forwarded contract.
+        let c = unsafe { context(ctx)? };
+        if args.is_null() {
+            bail!(NullPointer, "args is null");
+        }
+        // SAFETY: non-null, and by contract a valid struct.
+        let a = unsafe { *args };
+        let (n, h) = (to_usize("n", a.n)?, to_usize("h", a.h)?);
+        let k = positive("k", a.k as i64)?;
+        let rows = to_usize("rows", a.rows)?;
+        let dt = dtype("x", a.dtype)?;
+        let x_stride = to_usize("x_stride", a.x_stride)?;
+        let out_stride = to_usize("out_stride", a.out_stride)?;
+        let slots = slots(n, k)?;
+        let loc = c.location();
+        // SAFETY (all views): as in dk_moe_route.
+        let call = unsafe {
+            Permute {
+                x: Matrix::from_raw(a.x.cast(), dt, n, h, x_stride, loc),
+                k,
+                perm: Vector::from_raw(a.perm, rows, loc),
+                weights: (!a.weights.is_null()).then(|| Vector::from_raw(a.weights, slots, loc)),
+                out: MatrixMut::from_raw(a.out.cast(), dt, rows, h, out_stride, loc),
+            }
+        };
+        // SAFETY: forwarded contract.
+        let launch = unsafe { Launch::on_stream(stream) };
+        c.moe_permute(call, &launch)
+    })
+}
+
+/// Writes each token's (weighted) sum of its permuted rows on the caller's stream.
+///
+/// # Safety
+/// As [`dk_moe_route`].
+#[no_mangle]
+pub unsafe extern "C" fn dk_moe_combine(
+    ctx: *const DkContext,
+    args: *const DkMoeCombineArgs,
+    stream: *mut c_void,
+) -> DkStatus {
+    boundary(|| {
+        // SAFETY: forwarded contract.
+        let c = unsafe { context(ctx)? };
+        if args.is_null() {
+            bail!(NullPointer, "args is null");
+        }
+        // SAFETY: non-null, and by contract a valid struct.
+        let a = unsafe { *args };
+        let (n, h) = (to_usize("n", a.n)?, to_usize("h", a.h)?);
+        let k = positive("k", a.k as i64)?;
+        let rows = to_usize("rows", a.rows)?;
+        let dt = dtype("rows_in", a.dtype)?;
+        let rows_stride = to_usize("rows_stride", a.rows_stride)?;
+        let y_stride = to_usize("y_stride", a.y_stride)?;
+        let slots = slots(n, k)?;
+        let loc = c.location();
+        // SAFETY (all views): as in dk_moe_route.
+        let call = unsafe {
+            Combine {
+                rows: Matrix::from_raw(a.rows_in.cast(), dt, rows, h, rows_stride, loc),
+                position: Vector::from_raw(a.position, slots, loc),
+                weights: (!a.weights.is_null()).then(|| Vector::from_raw(a.weights, slots, loc)),
+                y: MatrixMut::from_raw(a.y.cast(), dt, n, h, y_stride, loc),
+            }
+        };
+        // SAFETY: forwarded contract.
+        let launch = unsafe { Launch::on_stream(stream) };
+        c.moe_combine(call, &launch)
+    })
+}
+
+/// Per-slot dot products of token rows with their permuted rows, on the caller's stream.
+///
+/// # Safety
+/// As [`dk_moe_route`].
+#[no_mangle]
+pub unsafe extern "C" fn dk_moe_slot_dot(
+    ctx: *const DkContext,
+    args: *const DkMoeSlotDotArgs,
+    stream: *mut c_void,
+) -> DkStatus {
+    boundary(|| {
+        // SAFETY: forwarded contract.
+        let c = unsafe { context(ctx)? };
+        if args.is_null() {
+            bail!(NullPointer, "args is null");
+        }
+        // SAFETY: non-null, and by contract a valid struct.
+        let a = unsafe { *args };
+        let (n, h) = (to_usize("n", a.n)?, to_usize("h", a.h)?);
+        let k = positive("k", a.k as i64)?;
+        let rows = to_usize("rows", a.rows)?;
+        let dt = dtype("tokens", a.dtype)?;
+        let tokens_stride = to_usize("tokens_stride", a.tokens_stride)?;
+        let rows_stride = to_usize("rows_stride", a.rows_stride)?;
+        let slots = slots(n, k)?;
+        let loc = c.location();
+        // SAFETY (all views): as in dk_moe_route.
+        let call = unsafe {
+            SlotDot {
+                tokens: Matrix::from_raw(a.tokens.cast(), dt, n, h, tokens_stride, loc),
+                rows: Matrix::from_raw(a.rows_in.cast(), dt, rows, h, rows_stride, loc),
+                position: Vector::from_raw(a.position, slots, loc),
+                out: VectorMut::from_raw(a.out, slots, loc),
+            }
+        };
+        // SAFETY: forwarded contract.
+        let launch = unsafe { Launch::on_stream(stream) };
+        c.moe_slot_dot(call, &launch)
+    })
+}
+
+/// Keeps `max_rows` (the Rust bound) and `dk_moe_max_rows` in step for in-range arguments.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::moe::max_rows;
+
+    #[test]
+    fn c_and_rust_bounds_agree() {
+        for (n, e, k, block, cap) in [
+            (10, 4, 2, 1, 0),
+            (10, 4, 2, 8, 0),
+            (10, 4, 2, 1, 3),
+            (1, 1, 1, 1, 0),
+        ] {
+            let rust = max_rows(n, e, k, block, (cap != 0).then_some(cap));
+            assert_eq!(
+                dk_moe_max_rows(n as i64, e as i32, k as i32, block as i32, cap as i64),
+                rust as i64
+            );
+        }
+        assert_eq!(dk_moe_max_rows(-1, 4, 2, 1, 0), -1);
+        assert_eq!(dk_moe_max_rows(1, 0, 2, 1, 0), -1);
+        assert_eq!(dk_moe_max_rows(1, 4, 0, 1, 0), -1);
+        assert_eq!(dk_moe_max_rows(1, 4, 2, 0, 0), -1);
+        assert_eq!(dk_moe_max_rows(1, 4, 2, 1, -5), -1);
+        assert_eq!(dk_moe_max_rows(i64::MAX, 4, 2, 1, 0), -1);
+    }
+}

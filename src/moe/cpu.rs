@@ -1,0 +1,493 @@
+//! CPU backend of MoE dispatch: the exact reference. Scores, sums and dot products in f64,
+//! multi-threaded over tokens (or permuted rows), deterministic: every output element is computed
+//! by one thread in a fixed order, and the permutation is a sequential counting sort.
+//!
+//! Selection order: a higher selection score first, equal scores to the lower expert (group)
+//! index; a NaN selection score ranks as −∞ (so the choice is always defined; its weight stays
+//! NaN). The index contents (`perm`, `position`) are checked before anything is written.
+
+use std::cmp::Ordering;
+use std::ops::Range;
+
+use half::{bf16, f16};
+
+use super::{RawCombine, RawPermute, RawRoute, RawSlotDot, RouteParams, Score};
+use crate::error::{bail, Result};
+use crate::tensor::{DType, Element};
+
+/// Elements of work below which a call stays on one thread.
+const WORK_PER_THREAD: usize = 1 << 15;
+
+/// Raw pointers shared with the worker threads.
+struct Shared<T>(T);
+// SAFETY: the workers read shared inputs and each writes only its own rows of the outputs.
+unsafe impl<T> Send for Shared<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// The wrapped value (a method, so closures capture the whole `Shared`, not its field).
+    fn get(&self) -> &T {
+        &self.0
+    }
+}
+
+/// How many threads `items` items of `work_per_item` elements each deserve.
+fn threads_for(items: usize, work_per_item: usize) -> usize {
+    let by_work = items.saturating_mul(work_per_item.max(1)) / WORK_PER_THREAD;
+    std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(by_work)
+        .min(items)
+        .max(1)
+}
+
+/// Runs `f` over contiguous ranges covering `0..items`, on as many threads as the work deserves.
+fn for_each_range(items: usize, work_per_item: usize, f: impl Fn(Range<usize>) + Sync) {
+    let threads = threads_for(items, work_per_item);
+    if threads == 1 {
+        f(0..items);
+        return;
+    }
+    let per = items.div_ceil(threads);
+    std::thread::scope(|scope| {
+        for start in (0..items).step_by(per) {
+            let f = &f;
+            scope.spawn(move || f(start..(start + per).min(items)));
+        }
+    });
+}
+
+// ------------------------------------------------------------------------------------------
+// Route
+// ------------------------------------------------------------------------------------------
+
+/// The ranking key of a selection score: NaN ranks as −∞.
+fn key(x: f64) -> f64 {
+    if x.is_nan() {
+        f64::NEG_INFINITY
+    } else {
+        x
+    }
+}
+
+/// Descending key, then ascending index: a total order on `(key, index)` pairs.
+fn by_rank(a: (f64, usize), b: (f64, usize)) -> Ordering {
+    b.0.partial_cmp(&a.0)
+        .unwrap_or(Ordering::Equal)
+        .then(a.1.cmp(&b.1))
+}
+
+/// Scores of one token's logits `l` into `scores` (f64).
+fn score_row(score: Score, l: &[f64], scores: &mut [f64]) {
+    match score {
+        Score::Sigmoid => {
+            for (s, &x) in scores.iter_mut().zip(l) {
+                *s = 1.0 / (1.0 + (-x).exp());
+            }
+        }
+        Score::Softmax => {
+            let m = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let mut sum = 0.0;
+            for (s, &x) in scores.iter_mut().zip(l) {
+                *s = (x - m).exp();
+                sum += *s;
+            }
+            for s in scores.iter_mut() {
+                *s /= sum;
+            }
+        }
+    }
+}
+
+/// Per-token scratch of the selection.
+struct Selector {
+    logits: Vec<f64>,
+    scores: Vec<f64>,
+    /// (selection key, expert) of the candidate experts.
+    candidates: Vec<(f64, usize)>,
+    /// (group score, group).
+    groups: Vec<(f64, usize)>,
+}
+
+impl Selector {
+    fn new(e: usize, n_groups: usize) -> Self {
+        Selector {
+            logits: vec![0.0; e],
+            scores: vec![0.0; e],
+            candidates: Vec::with_capacity(e),
+            groups: Vec::with_capacity(n_groups),
+        }
+    }
+
+    /// Chooses the experts of one token (logits already in `self.logits`): writes the k expert
+    /// ids by descending selection score and their weights.
+    fn select(&mut self, p: &RouteParams, bias: &[f64], ids: &mut [i32], weights: &mut [f32]) {
+        let e = self.logits.len();
+        score_row(p.score, &self.logits, &mut self.scores);
+        let sel = |i: usize| key(self.scores[i] + bias.get(i).copied().unwrap_or(0.0));
+        self.candidates.clear();
+        if p.n_groups > 1 {
+            let size = e / p.n_groups;
+            self.groups.clear();
+            for g in 0..p.n_groups {
+                let (mut first, mut second) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+                for i in g * size..(g + 1) * size {
+                    let s = sel(i);
+                    if s > first {
+                        second = first;
+                        first = s;
+                    } else if s > second {
+                        second = s;
+                    }
+                }
+                self.groups.push((key(first + second), g));
+            }
+            self.groups.sort_by(|&a, &b| by_rank(a, b));
+            for &(_, g) in &self.groups[..p.topk_groups] {
+                self.candidates
+                    .extend((g * size..(g + 1) * size).map(|i| (sel(i), i)));
+            }
+        } else {
+            self.candidates.extend((0..e).map(|i| (sel(i), i)));
+        }
+        let k = p.k;
+        if k < self.candidates.len() {
+            self.candidates
+                .select_nth_unstable_by(k - 1, |&a, &b| by_rank(a, b));
+        }
+        let chosen = &mut self.candidates[..k];
+        chosen.sort_by(|&a, &b| by_rank(a, b));
+        let total: f64 = chosen.iter().map(|&(_, i)| self.scores[i]).sum();
+        let norm = if p.renormalize { total } else { 1.0 };
+        let scale = p.scale as f64;
+        for (j, &(_, i)) in chosen.iter().enumerate() {
+            ids[j] = i as i32;
+            weights[j] = (self.scores[i] / norm * scale) as f32;
+        }
+    }
+}
+
+/// Widens row `row` of a logits matrix into `out`.
+///
+/// # Safety
+/// `ptr` must hold row `row` of a `dtype` host matrix with `stride` and at least `out.len()`
+/// columns.
+unsafe fn read_logits(ptr: *const u8, dtype: DType, stride: usize, row: usize, out: &mut [f64]) {
+    unsafe fn widen<T: Element>(p: *const u8, stride: usize, row: usize, out: &mut [f64]) {
+        // SAFETY: the caller guarantees the row is in bounds.
+        let src = unsafe { std::slice::from_raw_parts(p.cast::<T>().add(row * stride), out.len()) };
+        for (o, &x) in out.iter_mut().zip(src) {
+            *o = x.to_f64();
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match dtype {
+            DType::F32 => widen::<f32>(ptr, stride, row, out),
+            DType::BF16 => widen::<bf16>(ptr, stride, row, out),
+            DType::F16 => widen::<f16>(ptr, stride, row, out),
+        }
+    }
+}
+
+/// The permutation of the chosen experts: counts, padded offsets, perm (−1 filled) and positions.
+struct Permutation {
+    counts: Vec<i32>,
+    offsets: Vec<i32>,
+    perm: Vec<i32>,
+    position: Vec<i32>,
+}
+
+/// Counting sort of the slots (expert-major, then token, then slot) with capacity drops and
+/// block padding. `ids` holds `n·k` valid expert indices below `e`.
+fn permutation(ids: &[i32], e: usize, perm_rows: usize, p: &RouteParams) -> Permutation {
+    let mut seen = vec![0usize; e];
+    for &id in ids {
+        seen[id as usize] += 1;
+    }
+    let cap = p.capacity.unwrap_or(usize::MAX);
+    let counts: Vec<usize> = seen.iter().map(|&c| c.min(cap)).collect();
+    let mut offsets = Vec::with_capacity(e + 1);
+    offsets.push(0usize);
+    for &c in &counts {
+        let last = offsets[offsets.len() - 1];
+        offsets.push(last + c.next_multiple_of(p.block));
+    }
+    let mut perm = vec![-1i32; perm_rows];
+    let mut position = vec![-1i32; ids.len()];
+    let mut cursor = vec![0usize; e];
+    // Slots in flat order n·k + j are already token-major, slot-minor: walking them once and
+    // appending to each expert's segment gives expert, then token, then slot.
+    for (slot, &id) in ids.iter().enumerate() {
+        let ex = id as usize;
+        let i = cursor[ex];
+        cursor[ex] += 1;
+        if i < counts[ex] {
+            let row = offsets[ex] + i;
+            perm[row] = slot as i32;
+            position[slot] = row as i32;
+        }
+    }
+    Permutation {
+        counts: counts.iter().map(|&c| c as i32).collect(),
+        offsets: offsets.iter().map(|&o| o as i32).collect(),
+        perm,
+        position,
+    }
+}
+
+/// Copies `src` to the `dst` host pointer.
+///
+/// # Safety
+/// `dst` must be valid for `src.len()` writes and not overlap `src`.
+unsafe fn store<T: Copy>(dst: *mut T, src: &[T]) {
+    // SAFETY: forwarded from the caller.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+}
+
+/// Routes every token and writes all outputs.
+///
+/// # Safety
+/// The pointers of `raw` must be valid host memory for the shapes it describes (validated by
+/// [`RawRoute::validate`](super::RawRoute), with `params` checked against `raw.e`).
+pub(crate) unsafe fn route(raw: &RawRoute, params: &RouteParams) -> Result<()> {
+    let (n, e, k) = (raw.n, raw.e, params.k);
+    let bias: Vec<f64> = if raw.bias.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: the bias holds e values.
+        unsafe { std::slice::from_raw_parts(raw.bias, e) }
+            .iter()
+            .map(|&b| b as f64)
+            .collect()
+    };
+    let mut ids = vec![0i32; n * k];
+    let mut weights = vec![0f32; n * k];
+    let threads = threads_for(n, e * 8);
+    let per = n.div_ceil(threads);
+    let shared = Shared(*raw);
+    std::thread::scope(|scope| {
+        for (chunk, (ids, weights)) in ids
+            .chunks_mut(per * k)
+            .zip(weights.chunks_mut(per * k))
+            .enumerate()
+        {
+            let (shared, bias) = (&shared, &bias);
+            scope.spawn(move || {
+                let raw = shared.get();
+                let mut selector = Selector::new(e, params.n_groups);
+                for (t, (ids, weights)) in ids.chunks_mut(k).zip(weights.chunks_mut(k)).enumerate()
+                {
+                    let token = chunk * per + t;
+                    // SAFETY: token < n rows of e logits with the validated stride.
+                    unsafe {
+                        read_logits(
+                            raw.logits,
+                            raw.logits_dtype,
+                            raw.logits_stride,
+                            token,
+                            &mut selector.logits,
+                        )
+                    };
+                    selector.select(params, bias, ids, weights);
+                }
+            });
+        }
+    });
+    let p = permutation(&ids, e, raw.perm_rows, params);
+    // SAFETY: validated output lengths (n·k, e, e + 1, perm_rows, n·k), disjoint from the inputs
+    // and from each other.
+    unsafe {
+        store(raw.expert_ids, &ids);
+        store(raw.weights, &weights);
+        store(raw.counts, &p.counts);
+        store(raw.offsets, &p.offsets);
+        store(raw.perm, &p.perm);
+        store(raw.position, &p.position);
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Permute, combine, slot dot
+// ------------------------------------------------------------------------------------------
+
+/// Checks that every index is −1 or in `0..bound`, before anything is written.
+fn check_indices(what: &str, indices: &[i32], bound: usize) -> Result<()> {
+    if let Some((i, &v)) = indices
+        .iter()
+        .enumerate()
+        .find(|&(_, &v)| v < -1 || (v >= 0 && v as usize >= bound))
+    {
+        bail!(InvalidArgument, "{what}[{i}] = {v} is outside -1..{bound}");
+    }
+    Ok(())
+}
+
+/// Row `row` of a host matrix of `T`.
+///
+/// # Safety
+/// The row must be in bounds of a live matrix with `stride`, `h` columns.
+unsafe fn row<'a, T>(ptr: *const u8, stride: usize, row: usize, h: usize) -> &'a [T] {
+    // SAFETY: forwarded from the caller.
+    unsafe { std::slice::from_raw_parts(ptr.cast::<T>().add(row * stride), h) }
+}
+
+/// Row `row` of a writable host matrix of `T`.
+///
+/// # Safety
+/// As [`row`], and no other live reference to that row.
+unsafe fn row_mut<'a, T>(ptr: *mut u8, stride: usize, row: usize, h: usize) -> &'a mut [T] {
+    // SAFETY: forwarded from the caller.
+    unsafe { std::slice::from_raw_parts_mut(ptr.cast::<T>().add(row * stride), h) }
+}
+
+/// Gathers token rows into the permuted order (scaled by the weights when given).
+///
+/// # Safety
+/// The pointers of `raw` must be valid host memory for the shapes it describes (validated by
+/// [`RawPermute::validate`](super::RawPermute)).
+pub(crate) unsafe fn permute(raw: &RawPermute) -> Result<()> {
+    // SAFETY: perm holds `rows` values.
+    let perm = unsafe { std::slice::from_raw_parts(raw.perm, raw.rows) };
+    check_indices("perm", perm, raw.n * raw.k)?;
+    let weights = if raw.weights.is_null() {
+        None
+    } else {
+        // SAFETY: the weights hold n·k values.
+        Some(unsafe { std::slice::from_raw_parts(raw.weights, raw.n * raw.k) })
+    };
+    unsafe fn typed<T: Element>(raw: &RawPermute, perm: &[i32], weights: Option<&[f32]>) {
+        let shared = Shared(*raw);
+        for_each_range(raw.rows, raw.h, |range| {
+            let raw = shared.get();
+            for r in range {
+                // SAFETY: r < rows of the output, owned by this range.
+                let out = unsafe { row_mut::<T>(raw.out, raw.out_stride, r, raw.h) };
+                let p = perm[r];
+                if p < 0 {
+                    out.fill(T::from_f64(0.0));
+                    continue;
+                }
+                let p = p as usize;
+                // SAFETY: p < n·k (checked), so p / k < n rows of x.
+                let x = unsafe { row::<T>(raw.x, raw.x_stride, p / raw.k, raw.h) };
+                let w = weights.map_or(1.0, |w| w[p] as f64);
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = T::from_f64(v.to_f64() * w);
+                }
+            }
+        });
+    }
+    // SAFETY: validated shapes, indices checked above.
+    unsafe {
+        match raw.dtype {
+            DType::F32 => typed::<f32>(raw, perm, weights),
+            DType::BF16 => typed::<bf16>(raw, perm, weights),
+            DType::F16 => typed::<f16>(raw, perm, weights),
+        }
+    }
+    Ok(())
+}
+
+/// Each token's (weighted) sum of its rows, in slot order, rounded once.
+///
+/// # Safety
+/// The pointers of `raw` must be valid host memory for the shapes it describes (validated by
+/// [`RawCombine::validate`](super::RawCombine)).
+pub(crate) unsafe fn combine(raw: &RawCombine) -> Result<()> {
+    let slots = raw.n * raw.k;
+    // SAFETY: position holds n·k values.
+    let position = unsafe { std::slice::from_raw_parts(raw.position, slots) };
+    check_indices("position", position, raw.rows)?;
+    let weights = if raw.weights.is_null() {
+        None
+    } else {
+        // SAFETY: the weights hold n·k values.
+        Some(unsafe { std::slice::from_raw_parts(raw.weights, slots) })
+    };
+    unsafe fn typed<T: Element>(raw: &RawCombine, position: &[i32], weights: Option<&[f32]>) {
+        let shared = Shared(*raw);
+        for_each_range(raw.n, raw.h * raw.k, |range| {
+            let raw = shared.get();
+            let mut acc = vec![0.0f64; raw.h];
+            for t in range {
+                acc.fill(0.0);
+                for slot in t * raw.k..(t + 1) * raw.k {
+                    let Ok(r) = usize::try_from(position[slot]) else {
+                        continue;
+                    };
+                    let w = weights.map_or(1.0, |w| w[slot] as f64);
+                    // SAFETY: r < rows (checked).
+                    let src = unsafe { row::<T>(raw.rows_in, raw.rows_stride, r, raw.h) };
+                    for (a, &v) in acc.iter_mut().zip(src) {
+                        *a += w * v.to_f64();
+                    }
+                }
+                // SAFETY: t < n rows of y, owned by this range.
+                let y = unsafe { row_mut::<T>(raw.y, raw.y_stride, t, raw.h) };
+                for (o, &a) in y.iter_mut().zip(&acc) {
+                    *o = T::from_f64(a);
+                }
+            }
+        });
+    }
+    // SAFETY: validated shapes, indices checked above.
+    unsafe {
+        match raw.dtype {
+            DType::F32 => typed::<f32>(raw, position, weights),
+            DType::BF16 => typed::<bf16>(raw, position, weights),
+            DType::F16 => typed::<f16>(raw, position, weights),
+        }
+    }
+    Ok(())
+}
+
+/// Per-slot dot products of each token's row with its permuted rows.
+///
+/// # Safety
+/// The pointers of `raw` must be valid host memory for the shapes it describes (validated by
+/// [`RawSlotDot::validate`](super::RawSlotDot)).
+pub(crate) unsafe fn slot_dot(raw: &RawSlotDot) -> Result<()> {
+    let slots = raw.n * raw.k;
+    // SAFETY: position holds n·k values.
+    let position = unsafe { std::slice::from_raw_parts(raw.position, slots) };
+    check_indices("position", position, raw.rows)?;
+    unsafe fn typed<T: Element>(raw: &RawSlotDot, position: &[i32]) {
+        let shared = Shared(*raw);
+        for_each_range(raw.n, raw.h * raw.k, |range| {
+            let raw = shared.get();
+            for t in range {
+                // SAFETY: t < n rows of tokens.
+                let x = unsafe { row::<T>(raw.tokens, raw.tokens_stride, t, raw.h) };
+                let first = t * raw.k;
+                for (j, &pos) in position[first..first + raw.k].iter().enumerate() {
+                    let slot = first + j;
+                    let dot = match usize::try_from(pos) {
+                        Err(_) => 0.0,
+                        Ok(r) => {
+                            // SAFETY: r < rows (checked).
+                            let src = unsafe { row::<T>(raw.rows_in, raw.rows_stride, r, raw.h) };
+                            x.iter()
+                                .zip(src)
+                                .map(|(&a, &b)| a.to_f64() * b.to_f64())
+                                .sum()
+                        }
+                    };
+                    // SAFETY: slot < n·k outputs; this range owns token t's slots.
+                    unsafe { *raw.out.add(slot) = dot as f32 };
+                }
+            }
+        });
+    }
+    // SAFETY: validated shapes, indices checked above.
+    unsafe {
+        match raw.dtype {
+            DType::F32 => typed::<f32>(raw, position),
+            DType::BF16 => typed::<bf16>(raw, position),
+            DType::F16 => typed::<f16>(raw, position),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,559 @@
+//! CUDA backend of MoE dispatch: the argument structs shared with `cuda/moe.cu`
+//! (`cuda/include/dk_moe_args.h`), the route workspace, and the launches. Design notes, bytes
+//! moved and floors: `cuda/MOE.md`.
+//!
+//! Route is three kernels on the caller's stream: top-k with per-chunk expert counts, a
+//! per-expert scan of those counts, and the assignment of rows (positions, perm, offsets).
+//! Permute, combine and slot-dot are one kernel each, a warp per (row, segment of the row) with
+//! 16-byte loads and stores, so they require 16-byte aligned rows.
+
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use std::sync::Arc;
+
+use super::{
+    max_rows, RawCombine, RawPermute, RawRoute, RawSlotDot, RouteParams, Score, MAX_EXPERTS, MAX_K,
+};
+use crate::device::{CudaDevice, Launch};
+use crate::error::{bail, Result};
+use crate::tensor::{DType, Location};
+
+/// Rust mirror of `DkMoeRouteArgs` (cuda/include/dk_moe_args.h), passed by value to every
+/// route kernel.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct MoeRouteArgs {
+    pub logits: u64,
+    pub bias: u64,
+    pub expert_ids: u64,
+    pub weights: u64,
+    pub counts: u64,
+    pub offsets: u64,
+    pub perm: u64,
+    pub position: u64,
+    pub chunk_counts: u64,
+    pub n: i64,
+    pub logits_stride: i64,
+    pub perm_rows: i64,
+    pub e: i32,
+    pub k: i32,
+    pub score: i32,
+    pub renormalize: i32,
+    pub n_groups: i32,
+    pub topk_groups: i32,
+    pub capacity: i32,
+    pub block: i32,
+    pub chunks: i32,
+    pub scale: f32,
+}
+
+// SAFETY: plain-old-data with the C layout of DkMoeRouteArgs (see moe_route_args_layout).
+unsafe impl DeviceRepr for MoeRouteArgs {}
+
+/// Rust mirror of `DkMoeRowsArgs` (cuda/include/dk_moe_args.h): permute, combine, slot-dot.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct MoeRowsArgs {
+    pub src: u64,
+    pub src2: u64,
+    pub index: u64,
+    pub weights: u64,
+    pub dst: u64,
+    pub items: i64,
+    pub h: i64,
+    pub src_stride: i64,
+    pub src2_stride: i64,
+    pub dst_stride: i64,
+    pub k: i32,
+    pub limit: i32,
+}
+
+// SAFETY: plain-old-data with the C layout of DkMoeRowsArgs (see moe_rows_args_layout).
+unsafe impl DeviceRepr for MoeRowsArgs {}
+
+/// Size and field offsets of [`MoeRouteArgs`], for the layout test against the C header.
+#[doc(hidden)]
+pub fn moe_route_args_layout() -> Vec<(&'static str, usize)> {
+    use std::mem::{offset_of, size_of};
+    vec![
+        ("sizeof", size_of::<MoeRouteArgs>()),
+        ("logits", offset_of!(MoeRouteArgs, logits)),
+        ("bias", offset_of!(MoeRouteArgs, bias)),
+        ("expert_ids", offset_of!(MoeRouteArgs, expert_ids)),
+        ("weights", offset_of!(MoeRouteArgs, weights)),
+        ("counts", offset_of!(MoeRouteArgs, counts)),
+        ("offsets", offset_of!(MoeRouteArgs, offsets)),
+        ("perm", offset_of!(MoeRouteArgs, perm)),
+        ("position", offset_of!(MoeRouteArgs, position)),
+        ("chunk_counts", offset_of!(MoeRouteArgs, chunk_counts)),
+        ("n", offset_of!(MoeRouteArgs, n)),
+        ("logits_stride", offset_of!(MoeRouteArgs, logits_stride)),
+        ("perm_rows", offset_of!(MoeRouteArgs, perm_rows)),
+        ("e", offset_of!(MoeRouteArgs, e)),
+        ("k", offset_of!(MoeRouteArgs, k)),
+        ("score", offset_of!(MoeRouteArgs, score)),
+        ("renormalize", offset_of!(MoeRouteArgs, renormalize)),
+        ("n_groups", offset_of!(MoeRouteArgs, n_groups)),
+        ("topk_groups", offset_of!(MoeRouteArgs, topk_groups)),
+        ("capacity", offset_of!(MoeRouteArgs, capacity)),
+        ("block", offset_of!(MoeRouteArgs, block)),
+        ("chunks", offset_of!(MoeRouteArgs, chunks)),
+        ("scale", offset_of!(MoeRouteArgs, scale)),
+    ]
+}
+
+/// Size and field offsets of [`MoeRowsArgs`], for the layout test against the C header.
+#[doc(hidden)]
+pub fn moe_rows_args_layout() -> Vec<(&'static str, usize)> {
+    use std::mem::{offset_of, size_of};
+    vec![
+        ("sizeof", size_of::<MoeRowsArgs>()),
+        ("src", offset_of!(MoeRowsArgs, src)),
+        ("src2", offset_of!(MoeRowsArgs, src2)),
+        ("index", offset_of!(MoeRowsArgs, index)),
+        ("weights", offset_of!(MoeRowsArgs, weights)),
+        ("dst", offset_of!(MoeRowsArgs, dst)),
+        ("items", offset_of!(MoeRowsArgs, items)),
+        ("h", offset_of!(MoeRowsArgs, h)),
+        ("src_stride", offset_of!(MoeRowsArgs, src_stride)),
+        ("src2_stride", offset_of!(MoeRowsArgs, src2_stride)),
+        ("dst_stride", offset_of!(MoeRowsArgs, dst_stride)),
+        ("k", offset_of!(MoeRowsArgs, k)),
+        ("limit", offset_of!(MoeRowsArgs, limit)),
+    ]
+}
+
+/// Every kernel of `cuda/moe.cu`, loaded when a CUDA context opens.
+pub(crate) const KERNEL_NAMES: &[&str] = &[
+    "dk_moe_topk_f32_p1",
+    "dk_moe_topk_f32_p2",
+    "dk_moe_topk_f32_p4",
+    "dk_moe_topk_f32_p8",
+    "dk_moe_topk_f32_p16",
+    "dk_moe_topk_f32_p32",
+    "dk_moe_topk_bf16_p1",
+    "dk_moe_topk_bf16_p2",
+    "dk_moe_topk_bf16_p4",
+    "dk_moe_topk_bf16_p8",
+    "dk_moe_topk_bf16_p16",
+    "dk_moe_topk_bf16_p32",
+    "dk_moe_scan",
+    "dk_moe_assign",
+    "dk_moe_permute_f32",
+    "dk_moe_permute_bf16",
+    "dk_moe_permute_f16",
+    "dk_moe_combine_f32",
+    "dk_moe_combine_bf16",
+    "dk_moe_combine_f16",
+    "dk_moe_slot_dot_f32",
+    "dk_moe_slot_dot_bf16",
+    "dk_moe_slot_dot_f16",
+];
+
+/// Tokens per chunk of the counting pass (`DK_MOE_CHUNK`).
+const CHUNK: usize = 32;
+/// Threads per block of the top-k kernel (`kTopkWarps * 32`); one block per chunk.
+const TOPK_THREADS: u32 = 256;
+/// Threads per block of the scan (`kScanThreads`); one block per expert.
+const SCAN_THREADS: u32 = 256;
+/// Threads per block of the assignment (`kAssignThreads`) and slots (or perm rows) per thread.
+const ASSIGN_THREADS: u32 = 256;
+const ASSIGN_PER_THREAD: usize = 4;
+/// Warps per block of the row movers (`kRowsThreads / 32`) and 8-element chunks per warp item
+/// (`kSegChunks`).
+const ROWS_THREADS: u32 = 256;
+const ROWS_WARPS: usize = 8;
+const SEG_CHUNKS: usize = 128;
+/// Grid-stride loops cover the rest beyond this many blocks.
+const MAX_BLOCKS: usize = 1 << 24;
+
+/// Workspace bytes of a route call: one int per (expert, 32-token chunk).
+pub(crate) fn route_workspace_size(n: usize, e: usize, _k: usize) -> usize {
+    (4 * e * n.div_ceil(CHUNK)).next_multiple_of(256).max(256)
+}
+
+/// The top-k kernel for `e` experts: lanes hold P = 32-expert slices (P a power of two).
+fn topk_kernel_name(dtype: DType, e: usize) -> String {
+    let p = e.div_ceil(32).next_power_of_two();
+    format!("dk_moe_topk_{}_p{p}", dtype.name())
+}
+
+fn check_i32(what: &str, v: usize) -> Result<i32> {
+    match i32::try_from(v) {
+        Ok(x) => Ok(x),
+        Err(_) => bail!(
+            InvalidArgument,
+            "{what} = {v} exceeds the CUDA kernels' 32-bit indices"
+        ),
+    }
+}
+
+/// The caller's workspace, or one allocated on the stream (returned so it lives until the
+/// launches are queued; dropping it frees in stream order).
+fn workspace(
+    dev: &CudaDevice,
+    launch: &Launch<'_>,
+    stream: &Arc<CudaStream>,
+    need: usize,
+    what: &str,
+) -> Result<(u64, Option<CudaSlice<u8>>)> {
+    if let Some(ws) = &launch.workspace {
+        if ws.location != Location::Cuda(dev.ordinal()) {
+            bail!(
+                WrongDevice,
+                "workspace is in {:?} memory, the context is CUDA device {}",
+                ws.location,
+                dev.ordinal()
+            );
+        }
+        if ws.ptr.is_null() {
+            bail!(NullPointer, "workspace pointer is null");
+        }
+        if ws.len < need {
+            bail!(
+                WorkspaceTooSmall,
+                "workspace has {} bytes, {need} are needed for {what}",
+                ws.len
+            );
+        }
+        dev.check_pointer("workspace", ws.ptr as *const _)?;
+        return Ok((ws.ptr as u64, None));
+    }
+    // SAFETY: the scratch is written by the kernels before it is read.
+    let buf = unsafe { stream.alloc::<u8>(need) }?;
+    let ptr = {
+        let (ptr, _sync) = buf.device_ptr(stream);
+        ptr
+    };
+    Ok((ptr, Some(buf)))
+}
+
+fn launch_route(
+    stream: &Arc<CudaStream>,
+    f: &CudaFunction,
+    args: &MoeRouteArgs,
+    blocks: usize,
+    threads: u32,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: MoeRouteArgs has the C layout of DkMoeRouteArgs, the kernels' only parameter;
+    // every pointer in it is device memory of this device covering the validated shapes.
+    unsafe { stream.launch_builder(f).arg(args).launch(cfg)? };
+    Ok(())
+}
+
+/// Queues the route (top-k, scan, assignment) on the caller's stream.
+pub(crate) fn route(
+    dev: &CudaDevice,
+    raw: &RawRoute,
+    params: &RouteParams,
+    launch: &Launch<'_>,
+) -> Result<()> {
+    for (what, p) in [
+        ("router logits", raw.logits as *const _),
+        ("bias", raw.bias as *const _),
+        ("expert_ids", raw.expert_ids as *const _),
+        ("weights", raw.weights as *const _),
+        ("counts", raw.counts as *const _),
+        ("offsets", raw.offsets as *const _),
+        ("perm", raw.perm as *const _),
+        ("position", raw.position as *const _),
+    ] {
+        dev.check_pointer(what, p)?;
+    }
+    if !matches!(raw.logits_dtype, DType::F32 | DType::BF16) {
+        bail!(
+            UnsupportedDtype,
+            "router logits must be f32 or bf16, got {}",
+            raw.logits_dtype.name()
+        );
+    }
+    let (n, e, k) = (raw.n, raw.e, params.k);
+    // The kernels' limits (1024 experts: the assignment's shared offsets; 32 slots: one per lane).
+    if e == 0 || e > MAX_EXPERTS || k == 0 || k > MAX_K {
+        bail!(
+            InvalidArgument,
+            "E = {e}, k = {k}: the CUDA kernels take 1 <= E <= {MAX_EXPERTS}, 1 <= k <= {MAX_K}"
+        );
+    }
+    check_i32("N·k", n.saturating_mul(k))?;
+    check_i32(
+        "the permuted rows bound",
+        max_rows(n, e, k, params.block, params.capacity),
+    )?;
+    let chunks = n.div_ceil(CHUNK);
+
+    let topk = dev.function(&topk_kernel_name(raw.logits_dtype, e))?;
+    let scan = dev.function("dk_moe_scan")?;
+    let assign = dev.function("dk_moe_assign")?;
+
+    // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
+    // is unsafe for that reason), or null for the legacy default stream.
+    let stream = unsafe { dev.borrow_stream(launch.stream) };
+    let need = route_workspace_size(n, e, k);
+    let (ws, owned) = workspace(dev, launch, &stream, need, &format!("N = {n}, E = {e}"))?;
+
+    let args = MoeRouteArgs {
+        logits: raw.logits as u64,
+        bias: raw.bias as u64,
+        expert_ids: raw.expert_ids as u64,
+        weights: raw.weights as u64,
+        counts: raw.counts as u64,
+        offsets: raw.offsets as u64,
+        perm: raw.perm as u64,
+        position: raw.position as u64,
+        chunk_counts: ws,
+        n: n as i64,
+        logits_stride: raw.logits_stride as i64,
+        perm_rows: raw.perm_rows as i64,
+        e: e as i32,
+        k: k as i32,
+        score: match params.score {
+            Score::Softmax => 0,
+            Score::Sigmoid => 1,
+        },
+        renormalize: params.renormalize as i32,
+        n_groups: params.n_groups as i32,
+        topk_groups: params.topk_groups as i32,
+        capacity: params
+            .capacity
+            .map_or(i32::MAX, |c| c.min(i32::MAX as usize) as i32),
+        block: check_i32("block", params.block)?,
+        chunks: chunks as i32,
+        scale: params.scale,
+    };
+    if chunks > 0 {
+        launch_route(&stream, topk, &args, chunks, TOPK_THREADS)?;
+    }
+    launch_route(&stream, scan, &args, e, SCAN_THREADS)?;
+    let per_block = ASSIGN_THREADS as usize * ASSIGN_PER_THREAD;
+    let work = (n * k).max(raw.perm_rows).max(1);
+    launch_route(
+        &stream,
+        assign,
+        &args,
+        work.div_ceil(per_block).min(MAX_BLOCKS),
+        ASSIGN_THREADS,
+    )?;
+    drop(owned); // stream-ordered free after the kernels that use it
+    Ok(())
+}
+
+/// Row starts must be 16-byte aligned for the kernels' vector loads and stores.
+fn check_rows_alignment(h: usize, dtype: DType, mats: &[(&str, *const u8, usize)]) -> Result<()> {
+    if h % 8 != 0 {
+        bail!(
+            InvalidArgument,
+            "H = {h}: the CUDA kernels need a multiple of 8"
+        );
+    }
+    for &(what, ptr, stride) in mats {
+        if (ptr as usize) % 16 != 0 {
+            bail!(
+                InvalidArgument,
+                "{what} is not 16-byte aligned (the CUDA kernels load 16 bytes at a time)"
+            );
+        }
+        if (stride * dtype.size()) % 16 != 0 {
+            bail!(
+                InvalidArgument,
+                "{what} row stride {stride} ({}) is not a multiple of 16 bytes (the CUDA kernels load 16 bytes at a time)",
+                dtype.name()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn launch_rows(
+    dev: &CudaDevice,
+    launch: &Launch<'_>,
+    name: &str,
+    args: &MoeRowsArgs,
+    warp_items: usize,
+) -> Result<()> {
+    let f = dev.function(name)?;
+    // SAFETY: see `route`.
+    let stream = unsafe { dev.borrow_stream(launch.stream) };
+    let cfg = LaunchConfig {
+        grid_dim: (warp_items.div_ceil(ROWS_WARPS).min(MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (ROWS_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: MoeRowsArgs has the C layout of DkMoeRowsArgs, the kernel's only parameter; every
+    // pointer is device memory of this device covering the validated shapes, rows aligned.
+    unsafe { stream.launch_builder(f).arg(args).launch(cfg)? };
+    Ok(())
+}
+
+/// Warp items of a row mover: one per (row, 128-chunk segment).
+fn segments(h: usize) -> usize {
+    (h / 8).div_ceil(SEG_CHUNKS)
+}
+
+/// Queues the permute (gather into expert order) on the caller's stream.
+pub(crate) fn permute(dev: &CudaDevice, raw: &RawPermute, launch: &Launch<'_>) -> Result<()> {
+    for (what, p) in [
+        ("x", raw.x as *const _),
+        ("perm", raw.perm as *const _),
+        ("weights", raw.weights as *const _),
+        ("out", raw.out as *const _),
+    ] {
+        dev.check_pointer(what, p)?;
+    }
+    if raw.rows == 0 || raw.h == 0 {
+        return Ok(());
+    }
+    check_rows_alignment(
+        raw.h,
+        raw.dtype,
+        &[
+            ("x", raw.x, raw.x_stride),
+            ("out", raw.out as *const u8, raw.out_stride),
+        ],
+    )?;
+    let slots = check_i32("N·k", raw.n.saturating_mul(raw.k))?;
+    let args = MoeRowsArgs {
+        src: raw.x as u64,
+        src2: 0,
+        index: raw.perm as u64,
+        weights: raw.weights as u64,
+        dst: raw.out as u64,
+        items: raw.rows as i64,
+        h: raw.h as i64,
+        src_stride: raw.x_stride as i64,
+        src2_stride: 0,
+        dst_stride: raw.out_stride as i64,
+        k: check_i32("k", raw.k)?,
+        limit: slots,
+    };
+    let name = format!("dk_moe_permute_{}", raw.dtype.name());
+    launch_rows(dev, launch, &name, &args, raw.rows * segments(raw.h))
+}
+
+/// Queues the combine (each token's weighted sum of its rows) on the caller's stream.
+pub(crate) fn combine(dev: &CudaDevice, raw: &RawCombine, launch: &Launch<'_>) -> Result<()> {
+    for (what, p) in [
+        ("rows", raw.rows_in as *const _),
+        ("position", raw.position as *const _),
+        ("weights", raw.weights as *const _),
+        ("y", raw.y as *const _),
+    ] {
+        dev.check_pointer(what, p)?;
+    }
+    if raw.n == 0 || raw.h == 0 {
+        return Ok(());
+    }
+    if raw.k > MAX_K {
+        bail!(
+            InvalidArgument,
+            "k = {}: the CUDA combine takes at most 32 slots per token",
+            raw.k
+        );
+    }
+    check_rows_alignment(
+        raw.h,
+        raw.dtype,
+        &[
+            ("rows", raw.rows_in, raw.rows_stride),
+            ("y", raw.y as *const u8, raw.y_stride),
+        ],
+    )?;
+    check_i32("N·k", raw.n.saturating_mul(raw.k))?;
+    let args = MoeRowsArgs {
+        src: raw.rows_in as u64,
+        src2: 0,
+        index: raw.position as u64,
+        weights: raw.weights as u64,
+        dst: raw.y as u64,
+        items: raw.n as i64,
+        h: raw.h as i64,
+        src_stride: raw.rows_stride as i64,
+        src2_stride: 0,
+        dst_stride: raw.y_stride as i64,
+        k: raw.k as i32,
+        limit: raw.rows.min(i32::MAX as usize) as i32,
+    };
+    let name = format!("dk_moe_combine_{}", raw.dtype.name());
+    launch_rows(dev, launch, &name, &args, raw.n * segments(raw.h))
+}
+
+/// Queues the per-slot dot products on the caller's stream.
+pub(crate) fn slot_dot(dev: &CudaDevice, raw: &RawSlotDot, launch: &Launch<'_>) -> Result<()> {
+    for (what, p) in [
+        ("tokens", raw.tokens as *const _),
+        ("rows", raw.rows_in as *const _),
+        ("position", raw.position as *const _),
+        ("out", raw.out as *const _),
+    ] {
+        dev.check_pointer(what, p)?;
+    }
+    let slots = raw.n.saturating_mul(raw.k);
+    if slots == 0 {
+        return Ok(());
+    }
+    if raw.h > 0 {
+        check_rows_alignment(
+            raw.h,
+            raw.dtype,
+            &[
+                ("tokens", raw.tokens, raw.tokens_stride),
+                ("rows", raw.rows_in, raw.rows_stride),
+            ],
+        )?;
+    }
+    check_i32("N·k", slots)?;
+    let args = MoeRowsArgs {
+        src: raw.tokens as u64,
+        src2: raw.rows_in as u64,
+        index: raw.position as u64,
+        weights: 0,
+        dst: raw.out as u64,
+        items: slots as i64,
+        h: raw.h as i64,
+        src_stride: raw.tokens_stride as i64,
+        src2_stride: raw.rows_stride as i64,
+        dst_stride: 0,
+        k: raw.k as i32,
+        limit: raw.rows.min(i32::MAX as usize) as i32,
+    };
+    let name = format!("dk_moe_slot_dot_{}", raw.dtype.name());
+    launch_rows(dev, launch, &name, &args, slots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topk_kernel_for_every_expert_count_is_listed() {
+        for dtype in [DType::F32, DType::BF16] {
+            for e in 1..=1024 {
+                let name = topk_kernel_name(dtype, e);
+                assert!(KERNEL_NAMES.contains(&name.as_str()), "{name} (E = {e})");
+                let p: usize = name.rsplit('p').next().unwrap().parse().unwrap();
+                assert!(32 * p >= e && (p == 1 || 16 * p < e), "E = {e} -> P = {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn workspace_covers_every_chunk() {
+        assert_eq!(route_workspace_size(1, 1, 1), 256);
+        assert_eq!(route_workspace_size(16384, 128, 8), 4 * 128 * 512);
+        assert!(route_workspace_size(33, 1024, 8) >= 4 * 1024 * 2);
+    }
+
+    #[test]
+    fn layouts_are_c_like() {
+        let route = moe_route_args_layout();
+        assert_eq!(route[0], ("sizeof", 136));
+        let rows = moe_rows_args_layout();
+        assert_eq!(rows[0], ("sizeof", 88));
+    }
+}

@@ -1,0 +1,214 @@
+//! MoE token dispatch: routing (top-k experts per token with softmax or sigmoid scores,
+//! selection bias, group-limited selection, renormalisation, scaling, capacity and block
+//! padding), and the deterministic permute / combine / slot-dot primitives the forward and
+//! backward passes are built from — on the CPU (reference) or CUDA.
+//!
+//! The permuted order is expert-major, then token index, then slot: deterministic. Combine
+//! computes each token's weighted sum of its k expert rows in slot order without atomics, so
+//! results are bitwise reproducible.
+//!
+//! Backward passes in terms of the primitives:
+//! - permute (unscaled): `grad_x = combine(grad_xp, weights = None)`;
+//! - permute scaled by the weights: `grad_x = combine(grad_xp, weights)`,
+//!   `grad_weights = slot_dot(x, grad_xp)`;
+//! - combine (weighted): `grad_expert_out = permute(grad_y, weights)`,
+//!   `grad_weights = slot_dot(grad_y, expert_out)`; unweighted: `permute(grad_y, None)`.
+
+pub(crate) mod cpu;
+pub(crate) mod cuda;
+mod params;
+mod validate;
+
+pub use params::{max_rows, RouteParams, Score, MAX_EXPERTS, MAX_HIDDEN, MAX_K, ROW_ALIGN};
+
+use crate::device::{Backend, Context, Launch};
+use crate::error::Result;
+use crate::tensor::{DType, Matrix, MatrixMut, Vector, VectorMut};
+
+/// Operands of [`Context::moe_route`].
+#[derive(Debug)]
+pub struct Route<'a> {
+    /// Router logits `[N, E]`, f32 or bf16.
+    pub logits: Matrix<'a>,
+    /// Optional `[E]` bias added to the scores for selection only.
+    pub bias: Option<Vector<'a, f32>>,
+    /// Out `[N·k]`: chosen experts per token, by descending selection score (ties: lower id).
+    pub expert_ids: VectorMut<'a, i32>,
+    /// Out `[N·k]`: weights of the chosen experts.
+    pub weights: VectorMut<'a, f32>,
+    /// Out `[E]`: tokens per expert after capacity drops.
+    pub counts: VectorMut<'a, i32>,
+    /// Out `[E + 1]`: padded segment starts; `offsets[E]` is the number of permuted rows R.
+    pub offsets: VectorMut<'a, i32>,
+    /// Out, at least [`max_rows`] entries: the flat slot index `n·k + j` each permuted row holds,
+    /// −1 for padding and for every entry past R.
+    pub perm: VectorMut<'a, i32>,
+    /// Out `[N·k]`: the permuted row of slot `(n, j)`, −1 when dropped.
+    pub position: VectorMut<'a, i32>,
+}
+
+/// Operands of [`Context::moe_permute`]: `out[r] = x[perm[r] / k] (· weights[perm[r]])`.
+#[derive(Debug)]
+pub struct Permute<'a> {
+    /// Token rows `[N, H]`.
+    pub x: Matrix<'a>,
+    /// Slots per token.
+    pub k: usize,
+    /// `[R]` from [`Route::perm`].
+    pub perm: Vector<'a, i32>,
+    /// Optional `[N·k]` weights scaling each gathered row (Llama 4 scales the expert input).
+    pub weights: Option<Vector<'a, f32>>,
+    /// Out `[R, H]`, same dtype as `x`; padding rows are zero.
+    pub out: MatrixMut<'a>,
+}
+
+/// Operands of [`Context::moe_combine`]: `y[n] = Σ_j w[n, j] · rows[position[n, j]]`.
+#[derive(Debug)]
+pub struct Combine<'a> {
+    /// Rows in permuted order `[R, H]` (expert outputs, or gradients in the backward pass).
+    pub rows: Matrix<'a>,
+    /// `[N·k]` from [`Route::position`]; −1 slots are skipped.
+    pub position: Vector<'a, i32>,
+    /// Optional `[N·k]` weights (None: unweighted sum).
+    pub weights: Option<Vector<'a, f32>>,
+    /// Out `[N, H]`, same dtype as `rows`.
+    pub y: MatrixMut<'a>,
+}
+
+/// Operands of [`Context::moe_slot_dot`]: `out[n, j] = ⟨tokens[n], rows[position[n, j]]⟩`.
+#[derive(Debug)]
+pub struct SlotDot<'a> {
+    /// Per-token rows `[N, H]`.
+    pub tokens: Matrix<'a>,
+    /// Rows in permuted order `[R, H]`, same dtype as `tokens`.
+    pub rows: Matrix<'a>,
+    /// `[N·k]` from [`Route::position`]; −1 slots give 0.
+    pub position: Vector<'a, i32>,
+    /// Out `[N·k]` (f32).
+    pub out: VectorMut<'a, f32>,
+}
+
+/// A validated route call in raw pointers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawRoute {
+    pub n: usize,
+    pub e: usize,
+    pub logits: *const u8,
+    pub logits_dtype: DType,
+    pub logits_stride: usize,
+    /// Null when absent.
+    pub bias: *const f32,
+    pub expert_ids: *mut i32,
+    pub weights: *mut f32,
+    pub counts: *mut i32,
+    pub offsets: *mut i32,
+    pub perm: *mut i32,
+    /// Entries of `perm` (>= max_rows).
+    pub perm_rows: usize,
+    pub position: *mut i32,
+}
+
+/// A validated permute call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawPermute {
+    pub n: usize,
+    pub h: usize,
+    pub k: usize,
+    pub rows: usize,
+    pub dtype: DType,
+    pub x: *const u8,
+    pub x_stride: usize,
+    pub perm: *const i32,
+    /// Null: no scaling.
+    pub weights: *const f32,
+    pub out: *mut u8,
+    pub out_stride: usize,
+}
+
+/// A validated combine call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawCombine {
+    pub n: usize,
+    pub h: usize,
+    pub k: usize,
+    pub rows: usize,
+    pub dtype: DType,
+    pub rows_in: *const u8,
+    pub rows_stride: usize,
+    pub position: *const i32,
+    /// Null: unweighted.
+    pub weights: *const f32,
+    pub y: *mut u8,
+    pub y_stride: usize,
+}
+
+/// A validated slot-dot call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawSlotDot {
+    pub n: usize,
+    pub h: usize,
+    pub k: usize,
+    pub rows: usize,
+    pub dtype: DType,
+    pub tokens: *const u8,
+    pub tokens_stride: usize,
+    pub rows_in: *const u8,
+    pub rows_stride: usize,
+    pub position: *const i32,
+    pub out: *mut f32,
+}
+
+impl Context {
+    /// Bytes of device workspace [`Context::moe_route`] needs (0 on the CPU).
+    pub fn moe_route_workspace_size(&self, n: usize, e: usize, k: usize) -> usize {
+        match self.backend() {
+            Backend::Cpu => 0,
+            Backend::Cuda(_) => cuda::route_workspace_size(n, e, k),
+        }
+    }
+
+    /// Routes tokens to experts and builds the permutation. On error nothing is written.
+    pub fn moe_route(
+        &self,
+        call: Route<'_>,
+        params: &RouteParams,
+        launch: &Launch<'_>,
+    ) -> Result<()> {
+        let raw = RawRoute::validate(self, call, params)?;
+        match self.backend() {
+            // SAFETY: validated host pointers covering the shapes.
+            Backend::Cpu => unsafe { cpu::route(&raw, params) },
+            Backend::Cuda(dev) => cuda::route(dev, &raw, params, launch),
+        }
+    }
+
+    /// Gathers token rows into the permuted (expert-major) order.
+    pub fn moe_permute(&self, call: Permute<'_>, launch: &Launch<'_>) -> Result<()> {
+        let raw = RawPermute::validate(self, call)?;
+        match self.backend() {
+            // SAFETY: validated host pointers covering the shapes.
+            Backend::Cpu => unsafe { cpu::permute(&raw) },
+            Backend::Cuda(dev) => cuda::permute(dev, &raw, launch),
+        }
+    }
+
+    /// Each token's weighted sum of its expert rows, deterministic (no atomics).
+    pub fn moe_combine(&self, call: Combine<'_>, launch: &Launch<'_>) -> Result<()> {
+        let raw = RawCombine::validate(self, call)?;
+        match self.backend() {
+            // SAFETY: validated host pointers covering the shapes.
+            Backend::Cpu => unsafe { cpu::combine(&raw) },
+            Backend::Cuda(dev) => cuda::combine(dev, &raw, launch),
+        }
+    }
+
+    /// Per-slot dot products of token rows with their permuted rows (weights' gradients).
+    pub fn moe_slot_dot(&self, call: SlotDot<'_>, launch: &Launch<'_>) -> Result<()> {
+        let raw = RawSlotDot::validate(self, call)?;
+        match self.backend() {
+            // SAFETY: validated host pointers covering the shapes.
+            Backend::Cpu => unsafe { cpu::slot_dot(&raw) },
+            Backend::Cuda(dev) => cuda::slot_dot(dev, &raw, launch),
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! Validation of MoE calls: everything that can be checked without touching memory (locations,
+//! null pointers, dtypes, shapes, strides, lengths, 32-bit index ranges, alignment, overlaps),
+//! turning the public views into the raw structs the backends consume. On error nothing has been
+//! written.
+//!
+//! Alignment: index, weight and logit pointers to their element size; activation rows (permute,
+//! combine, slot dot) to [`ROW_ALIGN`] bytes (base pointer and row stride), on every backend.
+//!
+//! The index contents (`perm`, `position`) cannot be checked here: the CPU backend checks them
+//! before writing; the CUDA kernels trust them.
+
+use super::params::{MAX_HIDDEN, MAX_K, ROW_ALIGN};
+use super::{
+    Combine, Permute, RawCombine, RawPermute, RawRoute, RawSlotDot, Route, RouteParams, SlotDot,
+};
+use crate::device::Context;
+use crate::error::{bail, Result};
+use crate::tensor::{span_elems, DType, Location, Matrix, MatrixMut, Vector, VectorMut};
+
+/// Largest count or index that fits the int32 outputs (`perm`, `position`, `offsets`).
+const MAX_I32: usize = i32::MAX as usize;
+
+/// A half-open byte range `[start, end)` some operand spans.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    what: &'static str,
+    start: usize,
+    end: usize,
+}
+
+impl Span {
+    fn of(what: &'static str, ptr: *const u8, elems: usize, elem_size: usize) -> Span {
+        let start = ptr as usize;
+        Span {
+            what,
+            start,
+            end: start.saturating_add(elems.saturating_mul(elem_size)),
+        }
+    }
+
+    fn matrix(
+        what: &'static str,
+        ptr: *const u8,
+        rows: usize,
+        cols: usize,
+        stride: usize,
+        dtype: DType,
+    ) -> Span {
+        Span::of(what, ptr, span_elems(rows, cols, stride), dtype.size())
+    }
+
+    fn vector<T>(what: &'static str, ptr: *const T, len: usize) -> Span {
+        Span::of(what, ptr.cast(), len, std::mem::size_of::<T>())
+    }
+
+    fn overlaps(&self, other: &Span) -> bool {
+        self.start < other.end && other.start < self.end
+    }
+}
+
+/// Every output must be disjoint from every input and from every other output.
+fn check_disjoint(outputs: &[Span], inputs: &[Span]) -> Result<()> {
+    for (i, out) in outputs.iter().enumerate() {
+        if let Some(input) = inputs.iter().find(|s| out.overlaps(s)) {
+            bail!(Shape, "{} output overlaps input {}", out.what, input.what);
+        }
+        if let Some(other) = outputs[i + 1..].iter().find(|s| out.overlaps(s)) {
+            bail!(
+                Shape,
+                "{} output overlaps the {} output",
+                out.what,
+                other.what
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Every pointer must be aligned to its element size.
+fn check_aligned(spans: &[(Span, usize)]) -> Result<()> {
+    for (span, align) in spans {
+        if span.start % align != 0 {
+            bail!(
+                InvalidArgument,
+                "{} pointer {:#x} is not aligned to its {align}-byte elements",
+                span.what,
+                span.start
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Activation matrices `(what, pointer, row stride, dtype)`: base pointer and row stride in bytes
+/// must be multiples of [`ROW_ALIGN`].
+fn check_rows_aligned(mats: &[(&str, *const u8, usize, DType)]) -> Result<()> {
+    for &(what, ptr, stride, dtype) in mats {
+        if ptr as usize % ROW_ALIGN != 0 {
+            bail!(
+                InvalidArgument,
+                "{what} pointer {:#x} is not {ROW_ALIGN}-byte aligned (rows are moved {ROW_ALIGN} bytes at a time)",
+                ptr as usize
+            );
+        }
+        if stride * dtype.size() % ROW_ALIGN != 0 {
+            bail!(
+                InvalidArgument,
+                "{what} row stride {stride} ({}) is not a multiple of {ROW_ALIGN} bytes",
+                dtype.name()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_location(ctx: &Context, what: &str, location: Location) -> Result<()> {
+    if location != ctx.location() {
+        bail!(
+            WrongDevice,
+            "{what} is in {location:?} memory but the context runs on {:?}",
+            ctx.location()
+        );
+    }
+    Ok(())
+}
+
+fn check_non_null<T>(what: &str, ptr: *const T) -> Result<()> {
+    if ptr.is_null() {
+        bail!(NullPointer, "{what} pointer is null");
+    }
+    Ok(())
+}
+
+/// Location and null checks of a read-only vector.
+fn vector_in<T>(ctx: &Context, what: &str, v: &Vector<'_, T>) -> Result<()> {
+    check_location(ctx, what, v.location)?;
+    check_non_null(what, v.ptr)
+}
+
+/// Location and null checks of an output vector.
+fn vector_out<T>(ctx: &Context, what: &str, v: &VectorMut<'_, T>) -> Result<()> {
+    check_location(ctx, what, v.location)?;
+    check_non_null(what, v.ptr)
+}
+
+fn check_len(what: &str, len: usize, want: usize, of: &str) -> Result<()> {
+    if len != want {
+        bail!(Shape, "{what} has {len} entries, {want} expected ({of})");
+    }
+    Ok(())
+}
+
+/// Location, null, stride and hidden-size checks of an activation matrix `[rows, h]`.
+fn activations_in(ctx: &Context, what: &str, m: &Matrix<'_>) -> Result<()> {
+    check_location(ctx, what, m.location)?;
+    check_non_null(what, m.ptr)?;
+    check_hidden(what, m.cols)?;
+    if m.row_stride < m.cols {
+        bail!(
+            Shape,
+            "{what} row stride {} is smaller than H = {}",
+            m.row_stride,
+            m.cols
+        );
+    }
+    Ok(())
+}
+
+/// As [`activations_in`] for an output matrix, which must be `[rows, h]` of `dtype`.
+fn activations_out(
+    ctx: &Context,
+    what: &str,
+    m: &MatrixMut<'_>,
+    rows: usize,
+    h: usize,
+    dtype: DType,
+) -> Result<()> {
+    check_location(ctx, what, m.location)?;
+    check_non_null(what, m.ptr)?;
+    if m.dtype != dtype {
+        bail!(
+            UnsupportedDtype,
+            "{what} dtype {} differs from the input dtype {}",
+            m.dtype.name(),
+            dtype.name()
+        );
+    }
+    if m.rows != rows || m.cols != h {
+        bail!(
+            Shape,
+            "{what} is {} x {}, {rows} x {h} expected",
+            m.rows,
+            m.cols
+        );
+    }
+    if m.row_stride < h {
+        bail!(
+            Shape,
+            "{what} row stride {} is smaller than H = {h}",
+            m.row_stride
+        );
+    }
+    Ok(())
+}
+
+fn check_hidden(what: &str, h: usize) -> Result<()> {
+    if h < 8 || h % 8 != 0 || h > MAX_HIDDEN {
+        bail!(
+            Shape,
+            "{what}: H = {h} must be a multiple of 8 in 8..={MAX_HIDDEN}"
+        );
+    }
+    Ok(())
+}
+
+fn check_tokens(n: usize) -> Result<()> {
+    if n == 0 {
+        bail!(Shape, "N = 0 tokens (at least 1 needed)");
+    }
+    Ok(())
+}
+
+/// Checks `1 ≤ k ≤ 32` and that the `n·k` slots index in int32; returns `n·k`.
+fn check_slots(n: usize, k: usize) -> Result<usize> {
+    if k == 0 || k > MAX_K {
+        bail!(InvalidArgument, "k = {k} must be in 1..={MAX_K}");
+    }
+    match n.checked_mul(k) {
+        Some(slots) if slots <= MAX_I32 => Ok(slots),
+        _ => bail!(Shape, "N·k = {n}·{k} slots exceed 2^31 - 1 (int32 indices)"),
+    }
+}
+
+/// Checks the number of permuted rows (≥ 1, int32-indexable).
+fn check_rows(what: &str, rows: usize) -> Result<()> {
+    if rows == 0 || rows > MAX_I32 {
+        bail!(Shape, "{what} has {rows} rows: must be in 1..=2^31 - 1");
+    }
+    Ok(())
+}
+
+fn check_same_dtype(what: &str, dtype: DType, want: DType) -> Result<()> {
+    if dtype != want {
+        bail!(
+            UnsupportedDtype,
+            "{what} dtype {} differs from {}",
+            dtype.name(),
+            want.name()
+        );
+    }
+    Ok(())
+}
+
+impl RawRoute {
+    /// Checks a route call against `ctx` and `params`.
+    pub(crate) fn validate(ctx: &Context, call: Route<'_>, params: &RouteParams) -> Result<Self> {
+        let logits = &call.logits;
+        let (n, e) = (logits.rows, logits.cols);
+        params.validate(e)?;
+        check_location(ctx, "router logits", logits.location)?;
+        check_non_null("router logits", logits.ptr)?;
+        if let Some(b) = &call.bias {
+            vector_in(ctx, "bias", b)?;
+        }
+        vector_out(ctx, "expert_ids", &call.expert_ids)?;
+        vector_out(ctx, "weights", &call.weights)?;
+        vector_out(ctx, "counts", &call.counts)?;
+        vector_out(ctx, "offsets", &call.offsets)?;
+        vector_out(ctx, "perm", &call.perm)?;
+        vector_out(ctx, "position", &call.position)?;
+        if !matches!(logits.dtype, DType::F32 | DType::BF16) {
+            bail!(
+                UnsupportedDtype,
+                "router logits must be f32 or bf16, got {}",
+                logits.dtype.name()
+            );
+        }
+        check_tokens(n)?;
+        if logits.row_stride < e {
+            bail!(
+                Shape,
+                "router logits row stride {} is smaller than E = {e}",
+                logits.row_stride
+            );
+        }
+        let slots = check_slots(n, params.k)?;
+        let need = params.max_rows(n, e);
+        if need > MAX_I32 {
+            bail!(
+                Shape,
+                "up to {need} permuted rows (N = {n}, k = {}, block = {}) exceed 2^31 - 1",
+                params.k,
+                params.block
+            );
+        }
+        if let Some(b) = &call.bias {
+            check_len("bias", b.len, e, "one per expert")?;
+        }
+        let per_slot = format!("N·k = {n}·{}", params.k);
+        check_len("expert_ids", call.expert_ids.len, slots, &per_slot)?;
+        check_len("weights", call.weights.len, slots, &per_slot)?;
+        check_len("position", call.position.len, slots, &per_slot)?;
+        check_len("counts", call.counts.len, e, "one per expert")?;
+        check_len("offsets", call.offsets.len, e + 1, "E + 1")?;
+        let perm_rows = call.perm.len;
+        if perm_rows < need {
+            bail!(
+                Shape,
+                "perm has {perm_rows} entries, at least max_rows = {need} needed"
+            );
+        }
+        if perm_rows > MAX_I32 {
+            bail!(Shape, "perm has {perm_rows} entries, more than 2^31 - 1");
+        }
+        let bias = call.bias.as_ref().map_or(std::ptr::null(), |b| b.ptr);
+        let logits_span = Span::matrix(
+            "router logits",
+            logits.ptr,
+            n,
+            e,
+            logits.row_stride,
+            logits.dtype,
+        );
+        let bias_span = Span::vector("bias", bias, if bias.is_null() { 0 } else { e });
+        let outputs = [
+            Span::vector("expert_ids", call.expert_ids.ptr, slots),
+            Span::vector("weights", call.weights.ptr, slots),
+            Span::vector("counts", call.counts.ptr, e),
+            Span::vector("offsets", call.offsets.ptr, e + 1),
+            Span::vector("perm", call.perm.ptr, perm_rows),
+            Span::vector("position", call.position.ptr, slots),
+        ];
+        let mut aligned: Vec<(Span, usize)> = outputs.iter().map(|s| (*s, 4)).collect();
+        aligned.push((logits_span, logits.dtype.size()));
+        aligned.push((bias_span, 4));
+        check_aligned(&aligned)?;
+        check_disjoint(&outputs, &[logits_span, bias_span])?;
+        Ok(RawRoute {
+            n,
+            e,
+            logits: logits.ptr,
+            logits_dtype: logits.dtype,
+            logits_stride: logits.row_stride,
+            bias,
+            expert_ids: call.expert_ids.ptr,
+            weights: call.weights.ptr,
+            counts: call.counts.ptr,
+            offsets: call.offsets.ptr,
+            perm: call.perm.ptr,
+            perm_rows,
+            position: call.position.ptr,
+        })
+    }
+}
+
+impl RawPermute {
+    /// Checks a permute call against `ctx`.
+    pub(crate) fn validate(ctx: &Context, call: Permute<'_>) -> Result<Self> {
+        let x = &call.x;
+        activations_in(ctx, "x", x)?;
+        vector_in(ctx, "perm", &call.perm)?;
+        if let Some(w) = &call.weights {
+            vector_in(ctx, "weights", w)?;
+        }
+        let (n, h, dtype) = (x.rows, x.cols, x.dtype);
+        let rows = call.perm.len;
+        activations_out(ctx, "permuted output", &call.out, rows, h, dtype)?;
+        check_tokens(n)?;
+        let slots = check_slots(n, call.k)?;
+        check_rows("perm", rows)?;
+        if let Some(w) = &call.weights {
+            check_len("weights", w.len, slots, &format!("N·k = {n}·{}", call.k))?;
+        }
+        let weights = call.weights.as_ref().map_or(std::ptr::null(), |w| w.ptr);
+        let out = &call.out;
+        let x_span = Span::matrix("x", x.ptr, n, h, x.row_stride, dtype);
+        let perm_span = Span::vector("perm", call.perm.ptr, rows);
+        let w_span = Span::vector(
+            "weights",
+            weights,
+            if weights.is_null() { 0 } else { slots },
+        );
+        let out_span = Span::matrix("permuted", out.ptr, rows, h, out.row_stride, dtype);
+        check_aligned(&[(perm_span, 4), (w_span, 4)])?;
+        check_rows_aligned(&[
+            ("x", x.ptr, x.row_stride, dtype),
+            ("permuted output", out.ptr, out.row_stride, dtype),
+        ])?;
+        check_disjoint(&[out_span], &[x_span, perm_span, w_span])?;
+        Ok(RawPermute {
+            n,
+            h,
+            k: call.k,
+            rows,
+            dtype,
+            x: x.ptr,
+            x_stride: x.row_stride,
+            perm: call.perm.ptr,
+            weights,
+            out: out.ptr,
+            out_stride: out.row_stride,
+        })
+    }
+}
+
+/// The slots per token implied by a `[N·k]` position vector for `n` tokens.
+fn slots_per_token(n: usize, position_len: usize) -> Result<usize> {
+    if position_len == 0 || position_len % n != 0 {
+        bail!(
+            Shape,
+            "position has {position_len} entries, not a positive multiple of N = {n}"
+        );
+    }
+    Ok(position_len / n)
+}
+
+impl RawCombine {
+    /// Checks a combine call against `ctx`.
+    pub(crate) fn validate(ctx: &Context, call: Combine<'_>) -> Result<Self> {
+        let rows_in = &call.rows;
+        activations_in(ctx, "rows", rows_in)?;
+        vector_in(ctx, "position", &call.position)?;
+        if let Some(w) = &call.weights {
+            vector_in(ctx, "weights", w)?;
+        }
+        let y = &call.y;
+        let (n, h, dtype, rows) = (y.rows, rows_in.cols, rows_in.dtype, rows_in.rows);
+        activations_out(ctx, "y", y, n, h, dtype)?;
+        check_tokens(n)?;
+        check_rows("rows", rows)?;
+        let k = slots_per_token(n, call.position.len)?;
+        let slots = check_slots(n, k)?;
+        if let Some(w) = &call.weights {
+            check_len("weights", w.len, slots, &format!("N·k = {n}·{k}"))?;
+        }
+        let weights = call.weights.as_ref().map_or(std::ptr::null(), |w| w.ptr);
+        let rows_span = Span::matrix("rows", rows_in.ptr, rows, h, rows_in.row_stride, dtype);
+        let pos_span = Span::vector("position", call.position.ptr, slots);
+        let w_span = Span::vector(
+            "weights",
+            weights,
+            if weights.is_null() { 0 } else { slots },
+        );
+        let y_span = Span::matrix("y", y.ptr, n, h, y.row_stride, dtype);
+        check_aligned(&[(pos_span, 4), (w_span, 4)])?;
+        check_rows_aligned(&[
+            ("rows", rows_in.ptr, rows_in.row_stride, dtype),
+            ("y", y.ptr, y.row_stride, dtype),
+        ])?;
+        check_disjoint(&[y_span], &[rows_span, pos_span, w_span])?;
+        Ok(RawCombine {
+            n,
+            h,
+            k,
+            rows,
+            dtype,
+            rows_in: rows_in.ptr,
+            rows_stride: rows_in.row_stride,
+            position: call.position.ptr,
+            weights,
+            y: y.ptr,
+            y_stride: y.row_stride,
+        })
+    }
+}
+
+impl RawSlotDot {
+    /// Checks a slot-dot call against `ctx`.
+    pub(crate) fn validate(ctx: &Context, call: SlotDot<'_>) -> Result<Self> {
+        let (tokens, rows_in) = (&call.tokens, &call.rows);
+        activations_in(ctx, "tokens", tokens)?;
+        activations_in(ctx, "rows", rows_in)?;
+        vector_in(ctx, "position", &call.position)?;
+        vector_out(ctx, "slot-dot output", &call.out)?;
+        let (n, h, dtype, rows) = (tokens.rows, tokens.cols, tokens.dtype, rows_in.rows);
+        check_same_dtype("rows", rows_in.dtype, dtype)?;
+        if rows_in.cols != h {
+            bail!(
+                Shape,
+                "rows have H = {} but tokens have H = {h}",
+                rows_in.cols
+            );
+        }
+        check_tokens(n)?;
+        check_rows("rows", rows)?;
+        let k = slots_per_token(n, call.position.len)?;
+        let slots = check_slots(n, k)?;
+        check_len(
+            "slot-dot output",
+            call.out.len,
+            slots,
+            &format!("N·k = {n}·{k}"),
+        )?;
+        let tokens_span = Span::matrix("tokens", tokens.ptr, n, h, tokens.row_stride, dtype);
+        let rows_span = Span::matrix("rows", rows_in.ptr, rows, h, rows_in.row_stride, dtype);
+        let pos_span = Span::vector("position", call.position.ptr, slots);
+        let out_span = Span::vector("slot-dot", call.out.ptr, slots);
+        check_aligned(&[(pos_span, 4), (out_span, 4)])?;
+        check_rows_aligned(&[
+            ("tokens", tokens.ptr, tokens.row_stride, dtype),
+            ("rows", rows_in.ptr, rows_in.row_stride, dtype),
+        ])?;
+        check_disjoint(&[out_span], &[tokens_span, rows_span, pos_span])?;
+        Ok(RawSlotDot {
+            n,
+            h,
+            k,
+            rows,
+            dtype,
+            tokens: tokens.ptr,
+            tokens_stride: tokens.row_stride,
+            rows_in: rows_in.ptr,
+            rows_stride: rows_in.row_stride,
+            position: call.position.ptr,
+            out: call.out.ptr,
+        })
+    }
+}
