@@ -153,7 +153,7 @@ impl RouteParams {
     }
 }
 
-/// Upper bound on the permuted rows R = offsets[E]: min(N·k, E·capacity) + E·(block − 1),
+/// Upper bound on the permuted rows `R = offsets[E]`: `min(N·k, E·capacity) + E·(block − 1)`,
 /// saturating at `usize::MAX` (such a bound is rejected by the operations, whose row indices are
 /// 32-bit).
 pub fn max_rows(n: usize, e: usize, k: usize, block: usize, capacity: Option<usize>) -> usize {
