@@ -215,6 +215,58 @@ typedef struct dk_moe_slot_dot_args {
 } dk_moe_slot_dot_args;
 dk_status dk_moe_slot_dot(const dk_context* ctx, const dk_moe_slot_dot_args* args, void* stream);
 
+/* ---- Fused linear divergence ------------------------------------------------------------ */
+/*
+ * The divergence of dk_divergence computed straight from hidden states and lm_head weights:
+ * student logits = student_hidden @ student_weight^T, teacher logits = teacher_hidden @
+ * teacher_weight^T, both multiplied by logit_scale and then soft-capped
+ * (softcap * tanh(z / softcap)) when softcap > 0. Rows are processed in chunks, so extra memory
+ * is O(chunk_rows * v), never O(n * v); the logits never exist whole. Outputs: the loss, per-row
+ * losses, and the gradients of the reduced loss w.r.t. student_hidden and student_weight (the
+ * teacher gets none). With accumulate = 1 the gradients are added to the buffers' contents
+ * (gradient accumulation across micro-batches).
+ */
+typedef struct dk_fused_linear_params {
+  dk_divergence_params divergence; /* kind, beta, temperature, reduction, ignore_index, num_items */
+  float logit_scale;               /* logits multiplied by it (finite, > 0; 1 = none) */
+  float softcap;                   /* > 0: logits = softcap * tanh(logits / softcap); 0 = none */
+  int64_t chunk_rows;              /* rows per chunk, >= 1; 0 = chosen from v and h */
+  int32_t accumulate;              /* 1: add into grad_hidden / grad_weight instead of overwriting */
+} dk_fused_linear_params;
+
+typedef struct dk_fused_linear_args {
+  int64_t n;                     /* rows (tokens), >= 1 */
+  int64_t v;                     /* vocabulary size (student and teacher), >= 1 */
+  int64_t h;                     /* student hidden size */
+  int64_t ht;                    /* teacher hidden size */
+  int32_t dtype;                 /* DK_DTYPE_* of all four inputs (bf16, f16 or f32) */
+  const void* student_hidden;    /* [n, h] */
+  int64_t student_hidden_stride; /* >= h */
+  const void* student_weight;    /* [v, h] */
+  int64_t student_weight_stride; /* >= h */
+  const void* teacher_hidden;    /* [n, ht] */
+  int64_t teacher_hidden_stride; /* >= ht */
+  const void* teacher_weight;    /* [v, ht]; may be the student's (self-distillation) */
+  int64_t teacher_weight_stride; /* >= ht */
+  const int64_t* labels;         /* [n] or NULL */
+  float* loss;                   /* 1 float or NULL */
+  float* per_token;              /* [n] or NULL */
+  void* grad_hidden;             /* [n, h] d(loss)/d(student_hidden) or NULL */
+  int32_t grad_hidden_dtype;     /* the input dtype, or DK_DTYPE_F32 */
+  int64_t grad_hidden_stride;    /* >= h */
+  void* grad_weight;             /* [v, h] d(loss)/d(student_weight) or NULL */
+  int32_t grad_weight_dtype;     /* the input dtype, or DK_DTYPE_F32 (f32 accumulation) */
+  int64_t grad_weight_stride;    /* >= h */
+} dk_fused_linear_args;
+
+/* Defaults: the divergence defaults, logit_scale 1, no softcap, automatic chunks, overwrite. */
+dk_fused_linear_params dk_fused_linear_params_default(void);
+dk_status dk_fused_linear_workspace_size(const dk_context* ctx, const dk_fused_linear_args* args,
+                                         const dk_fused_linear_params* params, size_t* bytes);
+dk_status dk_fused_linear_divergence(const dk_context* ctx, const dk_fused_linear_args* args,
+                                     const dk_fused_linear_params* params, void* workspace,
+                                     size_t workspace_bytes, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -8,7 +8,17 @@
     python python/bench.py --ops moe_route,moe_permute,moe_combine --impls distill_kernels
 
 ``--ops`` picks among divergence, moe_route, moe_permute, moe_combine (``moe`` = the three MoE
-ones; default: all).
+ones; default: divergence and moe) and fused.
+
+Fused linear JSD (``--ops fused``; ANCHORS.md "Fused linear JSD"): bf16 hidden states and lm_head
+weights, JSD beta = 0.5, N = 4096, H = 3072, V = 200064 (Phi-4-mini head) and N = 16384, H = 5120,
+V = 202048 (Llama 4 Scout head; an OOM becomes a row). Rows: the four cuBLAS GEMMs (torch.matmul:
+student logits, teacher logits, grad of hidden, grad of weight) timed in the same run as the
+floor; torch eager (matmul + TRL's JSD + autograd); Liger LigerFusedLinearJSD and the chunked
+LigerFusedLinearJSDLoss (compiled, chunk 1024) when importable; this crate (bf16 and f32 grads).
+Each gives the time, its ratio to the four GEMMs, the extra peak memory of one forward + backward
+(gradients included) and the errors of the loss and both gradients against a chunked fp32
+PyTorch computation on the same inputs.
 
 For every shape (bf16 logits) and kind (forward_kl, jsd with beta = 0.5) it times, with
 triton.testing.do_bench medians (CUDA events when triton is missing):
@@ -518,6 +528,193 @@ def fmt_moe_row(r) -> str:
             f"| {r['pct_floor']:.1f} % | {err} | {bits} |")
 
 
+# ---- fused linear divergence (lm_head + JSD) ------------------------------------------------------
+
+FUSED_SHAPES = [("Phi-4-mini", 4096, 3072, 200064), ("Llama 4 Scout", 16384, 5120, 202048)]
+FUSED_QUICK = [("Phi-4-mini (quick)", 1024, 3072, 200064)]
+FUSED_CHUNK = 1024  # Liger chunked loss chunk size, as in ANCHORS.md
+
+
+def _fused_eager(hs, ws, ht, wt):
+    """torch eager: both logits by matmul, TRL's JSD formula in float32, autograd."""
+    return eager_jsd(hs @ ws.T, (ht @ wt.T).detach())
+
+
+def _fused_impls(wanted):
+    impls = {"torch eager": _fused_eager}
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        lj = LigerFusedLinearJSD(jsd_beta=BETA, temperature=1.0)
+        impls["Liger LigerFusedLinearJSD"] = lambda hs, ws, ht, wt: lj(hs, ws, ht, wt)
+    except Exception as e:  # noqa: BLE001
+        impls["Liger LigerFusedLinearJSD"] = ImportError(f"not importable: {e}")
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        lc = LigerFusedLinearJSDLoss(beta=BETA, temperature=1.0, compiled=True, chunk_size=FUSED_CHUNK)
+
+        def liger_chunked(hs, ws, ht, wt):
+            n = hs.shape[0]
+            labels = torch.zeros(n, dtype=torch.long, device=hs.device)
+            return lc(hs, ws, ht, wt, labels)
+
+        impls["Liger chunked LigerFusedLinearJSDLoss"] = liger_chunked
+    except Exception as e:  # noqa: BLE001
+        impls["Liger chunked LigerFusedLinearJSDLoss"] = ImportError(f"not importable: {e}")
+    try:
+        import distill_kernels.torch as dkt
+        from distill_kernels import _lib as dk_lib
+
+        dk_lib.fused_lib()
+        impls["distill_kernels"] = lambda hs, ws, ht, wt: dkt.fused_linear_divergence(
+            hs, ws, ht, wt, kind="jsd", beta=BETA)
+        impls["distill_kernels (f32 grads)"] = lambda hs, ws, ht, wt: dkt.fused_linear_divergence(
+            hs, ws, ht, wt, kind="jsd", beta=BETA, grad_dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001
+        impls["distill_kernels"] = e
+    if wanted:
+        impls = {k: v for k, v in impls.items() if any(w in k.lower() for w in wanted)}
+    return impls
+
+
+def _fused_reference(hs, ws, ht, wt, chunk=512):
+    """fp32 PyTorch on the same (bf16) inputs, chunked over rows: (loss, grad_hidden,
+    grad_weight). The JSD gradient w.r.t. the logits is taken per chunk by autograd."""
+    n = hs.shape[0]
+    w32 = ws.float()
+    wt32 = wt.float()
+    gw = torch.zeros_like(w32)
+    gh = torch.empty(hs.shape, dtype=torch.float32, device=hs.device)
+    total = 0.0
+    for i in range(0, n, chunk):
+        z = (hs[i:i + chunk].float() @ w32.T).requires_grad_(True)
+        with torch.no_grad():
+            zt = ht[i:i + chunk].float() @ wt32.T
+        ls = F.log_softmax(z, -1)
+        lt = F.log_softmax(zt, -1)
+        lm = torch.logaddexp(lt + math.log(BETA), ls + math.log1p(-BETA))
+        rows = BETA * (lt.exp() * (lt - lm)).sum(-1) + (1 - BETA) * (ls.exp() * (ls - lm)).sum(-1)
+        (g,) = torch.autograd.grad(rows.sum() / n, z)
+        total += rows.sum().item()
+        gh[i:i + chunk] = g @ w32
+        gw += g.T @ hs[i:i + chunk].float()
+        del z, zt, ls, lt, lm, rows, g
+    return total / n, gh, gw
+
+
+def run_fused(shapes, impls, args, log_fn):
+    rows = []
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    for name, n, h, v in shapes:
+        shape = f"{name}: N {n}, H {h}, V {v}"
+        try:
+            torch.cuda.empty_cache()
+            hs = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
+            ws = (torch.randn(v, h, device="cuda") * (2.0 / math.sqrt(h))).to(torch.bfloat16)
+            ht = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
+            wt = (torch.randn(v, h, device="cuda") * (2.0 / math.sqrt(h))).to(torch.bfloat16)
+        except torch.cuda.OutOfMemoryError as e:
+            rows.append({"impl": "-", "shape": shape, "error": f"OOM allocating inputs: {e}"[:120]})
+            continue
+        # Floor: the four cuBLAS GEMMs, timed in this run.
+        try:
+            gl = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)  # a logits gradient
+            t_s = bench_ms(lambda: hs @ ws.T, args.warmup_ms, args.rep_ms)
+            t_t = bench_ms(lambda: ht @ wt.T, args.warmup_ms, args.rep_ms)
+            t_h = bench_ms(lambda: gl @ ws, args.warmup_ms, args.rep_ms)
+            t_w = bench_ms(lambda: gl.T @ hs, args.warmup_ms, args.rep_ms)
+            gl = None
+            gemm_ms = t_s + t_t + t_h + t_w
+            tflops = 4 * 2 * n * h * v / (gemm_ms * 1e-3) / 1e12
+            rows.append({"impl": "4 cuBLAS GEMMs (torch.matmul)", "shape": shape, "ms": gemm_ms,
+                         "ratio": 1.0, "detail": f"{t_s:.2f} + {t_t:.2f} + {t_h:.2f} + {t_w:.2f} ms,"
+                         f" {tflops:.0f} TFLOP/s"})
+            log_fn("    " + fmt_fused_row(rows[-1]))
+        except torch.cuda.OutOfMemoryError as e:
+            gemm_ms = float("nan")
+            rows.append({"impl": "4 cuBLAS GEMMs", "shape": shape, "error": f"OOM: {e}"[:120]})
+        torch.cuda.empty_cache()
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            ref = _fused_reference(hs, ws, ht, wt)
+        except torch.cuda.OutOfMemoryError as e:
+            ref = None
+            log_fn(f"    fp32 reference: OOM ({str(e)[:80]})")
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old_tf32
+        torch.cuda.empty_cache()
+        for impl, fn in impls.items():
+            log_fn(f"fused {impl} {shape} ...")
+            row = {"impl": impl, "shape": shape}
+            if isinstance(fn, Exception):
+                row["error"] = f"{type(fn).__name__}: {str(fn).splitlines()[0][:160] if str(fn) else ''}"
+                rows.append(row)
+                log_fn("    " + fmt_fused_row(row))
+                continue
+            a = hs.detach().clone().requires_grad_(True)
+            b = ws.detach().clone().requires_grad_(True)
+
+            def step():
+                a.grad = b.grad = None
+                fn(a, b, ht, wt).backward()
+
+            try:
+                t0 = time.time()
+                a.grad = b.grad = None
+                loss = fn(a, b, ht, wt)
+                loss.backward()
+                torch.cuda.synchronize()
+                row["first_call_s"] = round(time.time() - t0, 2)
+                if ref is not None:
+                    row["loss_err"] = abs(loss.item() - ref[0]) / abs(ref[0])
+                    row["grad_hidden_err"] = rel_err(a.grad, ref[1])
+                    row["grad_weight_err"] = rel_err(b.grad, ref[2])
+                del loss
+                a.grad = b.grad = None
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                step()
+                torch.cuda.synchronize()
+                # Extra peak memory beyond the inputs, gradients of hidden and weight included.
+                row["extra_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
+                row["ms"] = bench_ms(step, args.warmup_ms, args.rep_ms)
+                row["ratio"] = row["ms"] / gemm_ms
+            except torch.cuda.OutOfMemoryError as e:
+                row["error"] = "OOM: " + str(e).split("\n")[0][:120]
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                if args.verbose:
+                    traceback.print_exc()
+            finally:
+                a.grad = b.grad = None
+                a = b = None
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            rows.append(row)
+            log_fn("    " + fmt_fused_row(row))
+        hs = ws = ht = wt = ref = None
+        torch.cuda.empty_cache()
+    return rows
+
+
+def fmt_fused_row(r) -> str:
+    if "error" in r:
+        return f"| {r['impl']} | {r['shape']} | {r['error']} | | | | |"
+    if "detail" in r:
+        return f"| {r['impl']} | {r['shape']} | {r['ms']:.2f} ms | 1.00 × | {r['detail']} | | |"
+    errs = ""
+    if "loss_err" in r:
+        errs = (f"{r['loss_err']:.1e} | {r['grad_hidden_err']:.1e} / "
+                f"{r['grad_weight_err']:.1e}")
+    else:
+        errs = " | "
+    return (f"| {r['impl']} | {r['shape']} | {r['ms']:.2f} ms | {r['ratio']:.2f} × "
+            f"| {r['extra_gib']:.2f} GiB | {errs} |")
+
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller shapes (smoke run)")
@@ -526,7 +723,8 @@ def main(argv=None) -> int:
     p.add_argument("--impls", default="", help="only these implementations (comma-separated "
                    "substrings of: torch eager, torch.compile, Liger, distill_kernels)")
     p.add_argument("--ops", default="divergence,moe", help="comma-separated: divergence, "
-                   "moe_route, moe_permute, moe_combine, moe (the three MoE ops)")
+                   "moe_route, moe_permute, moe_combine, moe (the three MoE ops), fused (the "
+                   "fused linear JSD; not in the default set)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--warmup-ms", type=float, default=25)
     p.add_argument("--rep-ms", type=float, default=100)
@@ -551,10 +749,11 @@ def main(argv=None) -> int:
     for o in (x.strip() for x in args.ops.split(",") if x.strip()):
         if o == "moe":
             ops.update(MOE_OPS)
-        elif o == "divergence" or o in MOE_OPS:
+        elif o in ("divergence", "fused") or o in MOE_OPS:
             ops.add(o)
         else:
-            p.error(f"unknown op {o!r} (divergence, moe_route, moe_permute, moe_combine, moe)")
+            p.error(f"unknown op {o!r} (divergence, moe_route, moe_permute, moe_combine, moe, "
+                    "fused)")
 
     torch.manual_seed(args.seed)
     started = time.time()
@@ -613,6 +812,12 @@ def main(argv=None) -> int:
         log(f"[{time.time() - started:6.1f} s] MoE dispatch ...")
         moe_results = run_moe(ops, _moe_impls(wanted), bw, args, log)
 
+    fused_results = []
+    if "fused" in ops:
+        log(f"[{time.time() - started:6.1f} s] fused linear JSD ...")
+        fused_results = run_fused(FUSED_QUICK if args.quick else FUSED_SHAPES,
+                                  _fused_impls(wanted), args, log)
+
     print()
     print(f"{dev}, copy {bw / 1e9:.0f} GB/s, torch {torch.__version__}, "
           f"distill_kernels {meta['distill_kernels']}, bf16 forward + backward, "
@@ -634,9 +839,20 @@ def main(argv=None) -> int:
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in moe_results:
             print(fmt_moe_row(r))
+    if fused_results:
+        print()
+        print(f"Fused linear JSD (beta = {BETA}), bf16, forward + backward (grad of hidden and "
+              "weight); ratio to the four cuBLAS GEMMs of the same run; errors vs fp32 PyTorch on "
+              "the same inputs")
+        print("| implementation | shape | time | × GEMMs | extra peak memory | loss rel err "
+              "| grad rel err (hidden / weight) |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in fused_results:
+            print(fmt_fused_row(r))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results, "moe": moe_results}, f, indent=2)
+            json.dump({"meta": meta, "results": results, "moe": moe_results,
+                       "fused": fused_results}, f, indent=2)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -7,17 +7,20 @@
 #
 # Steps, each under its own time limit and all inside GPU_CHECK_BUDGET seconds (default 285, with
 # time kept back for the later steps); a failing step is recorded and the next one runs:
-#   1. nvidia-smi one-liner          5. every Rust test executable (their CUDA variants run here)
-#   2. dk info                       6. pip install the carried Liger-Kernel wheel (--target)
-#   3. dk bench on CUDA, bf16,       7. pytest python/tests against the bundled library
-#      N=4096, 4 vocabs, all kinds   8. python/bench.py (torch eager, torch.compile, Liger, this
+#   1. nvidia-smi one-liner          6. every Rust test executable (their CUDA variants run here)
+#   2. dk info                       7. pip install the carried Liger-Kernel wheel (--target)
+#   3. dk bench on CUDA, bf16,       8. pytest python/tests against the bundled library
+#      N=4096, 4 vocabs, all kinds   9. python/bench.py (torch eager, torch.compile, Liger, this
 #   4. dk bench, one f32 row            crate; --quick when under 150 s are left)
-#                                    9. optional: compute-sanitizer memcheck of a small dk bench
+#   5. dk bench --ops moe: route,   10. optional: compute-sanitizer memcheck of a small dk bench
+#      permute, combine fwd/bwd,        (divergence), then of a small dk bench --ops moe
+#      3 ANCHORS shapes, N=16384
 #
 # Output: logs and JSON in $OUT (when set, as on the device tool; else ./gpu-check-out), at most
 # 8 files: summary.txt, gpu-check.log (every step's output), dk-bench.json, dk-bench-f32.json,
-# python-bench.json. Printed last: the summary table (step, status, seconds), then the dk bench and
-# python bench tables. Exit status: 0 when every required step passed, else 1.
+# dk-bench-moe.json, python-bench.json. Printed last: the summary table (step, status, seconds),
+# then the dk bench tables (divergence, f32, MoE) and the python bench table. Exit status: 0 when
+# every required step passed, else 1.
 set -uo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -136,12 +139,18 @@ run_step nvidia-smi 15 1 nvidia-smi \
 run_step dk-info 30 1 "$dk" info
 
 # ---- 3./4. dk bench on CUDA (first: the numbers this check is for) -------------------------
-run_step dk-bench-bf16 120 1 "$dk" bench --device cuda --dtype bf16 --rows 4096 \
+run_step dk-bench-bf16 120 1 "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 4096 \
   --vocab 151936,200064,202048,262144 --kinds forward_kl,reverse_kl,jsd --json "$out/dk-bench.json"
-run_step dk-bench-f32 45 1 "$dk" bench --device cuda --dtype f32 --rows 4096 --vocab 151936 \
-  --kinds jsd --passes fwd+bwd --json "$out/dk-bench-f32.json"
+run_step dk-bench-f32 45 1 "$dk" bench --device cuda --ops divergence --dtype f32 --rows 4096 \
+  --vocab 151936 --kinds jsd --passes fwd+bwd --json "$out/dk-bench-f32.json"
 
-# ---- 5. Rust test executables (CUDA variants run when a GPU is present) ------------------------------
+# ---- 5. dk bench MoE: route, permute / combine fwd + bwd for the 3 shapes of ANCHORS.md --------
+# 15 results at N = 16384 (bf16 activations, f32 router logits), each checked against the CPU
+# backend and run twice for bitwise identity; ~20 s expected (input generation, downloads).
+run_step dk-bench-moe 60 1 "$dk" bench --device cuda --ops moe --dtype bf16 --tokens 16384 \
+  --moe-shapes scout,maverick,qwen3 --json "$out/dk-bench-moe.json"
+
+# ---- 6. Rust test executables (CUDA variants run when a GPU is present) ------------------------------
 reserve=150 # pytest and the Python benchmark come after
 while IFS=$'\t' read -r name kind _src _built; do
   [ "$name" = name ] && continue
@@ -150,7 +159,7 @@ while IFS=$'\t' read -r name kind _src _built; do
 done <"$bundle/tests/MANIFEST.tsv"
 reserve=0
 
-# ---- 6. Liger-Kernel from the carried wheel ---------------------------------------------------------
+# ---- 7. Liger-Kernel from the carried wheel ---------------------------------------------------------
 site=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-site.XXXXXX")
 if compgen -G "$bundle/wheels/liger*.whl" >/dev/null; then
   run_step liger-install 60 0 "$py" -m pip install -q --no-index --no-deps --no-compile \
@@ -160,11 +169,11 @@ else
 fi
 export PYTHONPATH="$root/python:$site${PYTHONPATH:+:$PYTHONPATH}"
 
-# ---- 7. Python tests (torch tests on CUDA) --------------------------------------------------------
+# ---- 8. Python tests (torch tests on CUDA) --------------------------------------------------------
 reserve=90 # the Python benchmark
 run_step pytest 120 1 "$py" -m pytest python/tests -q -rs -p no:cacheprovider
 
-# ---- 8. Python benchmark against torch eager, torch.compile, Liger ------------------------------
+# ---- 9. Python benchmark against torch eager, torch.compile, Liger ------------------------------
 reserve=0
 if [ -f python/bench.py ]; then
   quick=()
@@ -174,16 +183,27 @@ else
   skip_step python-bench "python/bench.py missing"
 fi
 
-# ---- 9. optional: memcheck of a small dk bench ------------------------------------------------------
+# ---- 10. optional: memcheck of a small dk bench (divergence, then MoE) ---------------------------
 sanitizer=$(command -v compute-sanitizer || true)
 if [ -z "$sanitizer" ]; then
   skip_step memcheck "compute-sanitizer not found"
-elif [ "$(left)" -lt 30 ]; then
-  skip_step memcheck "out of time"
+  skip_step memcheck-moe "compute-sanitizer not found"
 else
-  run_step memcheck 60 0 "$sanitizer" --tool memcheck --error-exitcode 3 \
-    "$dk" bench --device cuda --rows 64 --vocab 1000,151936 --iters 1 --check-rows 4 \
-    --kinds forward_kl,jsd
+  if [ "$(left)" -lt 30 ]; then
+    skip_step memcheck "out of time"
+  else
+    run_step memcheck 60 0 "$sanitizer" --tool memcheck --error-exitcode 3 \
+      "$dk" bench --device cuda --ops divergence --rows 64 --vocab 1000,151936 --iters 1 \
+      --check-rows 4 --kinds forward_kl,jsd
+  fi
+  # Every MoE kernel (top-k P = 1 and 4, scan, assign, permute, combine, slot-dot) on 300 tokens
+  # (not a multiple of the 32-token chunk).
+  if [ "$(left)" -lt 30 ]; then
+    skip_step memcheck-moe "out of time"
+  else
+    run_step memcheck-moe 60 0 "$sanitizer" --tool memcheck --error-exitcode 3 \
+      "$dk" bench --device cuda --ops moe --tokens 300 --iters 1 --check-rows 8
+  fi
 fi
 
 # ---- results --------------------------------------------------------------------------------------------
@@ -222,7 +242,7 @@ bench_table() { [ -s "$1" ] && sed -n '/^shape /,$p' "$1"; }
 echo
 echo "================ summary"
 cat "$out/summary.txt"
-for n in dk-bench-bf16 dk-bench-f32; do
+for n in dk-bench-bf16 dk-bench-f32 dk-bench-moe; do
   echo
   echo "================ $n"
   if [ -s "$logs/$n.out" ]; then

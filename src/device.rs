@@ -62,6 +62,8 @@ pub struct CudaDevice {
     _module: Arc<CudaModule>,
     name: String,
     compute_capability: (i32, i32),
+    /// The cuBLAS handle, created on first use by the fused linear divergence.
+    pub(crate) blas: crate::fused::cuda::BlasSlot,
 }
 
 impl CudaDevice {
@@ -93,7 +95,8 @@ impl CudaDevice {
         let mut functions = HashMap::new();
         let names = crate::divergence::cuda::KERNEL_NAMES
             .iter()
-            .chain(crate::moe::cuda::KERNEL_NAMES);
+            .chain(crate::moe::cuda::KERNEL_NAMES)
+            .chain(crate::fused::cuda::KERNEL_NAMES);
         for &name in names {
             functions.insert(name, module.load_function(name)?);
         }
@@ -105,6 +108,7 @@ impl CudaDevice {
             _module: module,
             name,
             compute_capability,
+            blas: Default::default(),
         })
     }
 

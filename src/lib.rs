@@ -38,6 +38,7 @@ pub mod capi;
 pub mod device;
 pub mod divergence;
 pub mod error;
+pub mod fused;
 pub mod moe;
 pub mod tensor;
 

@@ -3,7 +3,7 @@
 //! declare — parsed from the headers, so a new field cannot be missed — and the values of the
 //! code macros. They must equal the Rust mirrors: `divergence_args_layout()` for the kernel
 //! argument struct (cuda/include/dk_divergence_args.h) and `offset_of!` on the C ABI structs
-//! (include/distill_kernels.h: divergence and MoE dispatch).
+//! (include/distill_kernels.h: divergence, fused linear divergence and MoE dispatch).
 
 mod common;
 
@@ -13,6 +13,7 @@ use std::process::Command;
 
 use common::*;
 use distill_kernels::capi::divergence::{DkDivergenceArgs, DkDivergenceParams};
+use distill_kernels::capi::fused::{DkFusedLinearArgs, DkFusedLinearParams};
 use distill_kernels::capi::moe::{
     DkMoeCombineArgs, DkMoePermuteArgs, DkMoeRouteArgs, DkMoeRouteParams, DkMoeSlotDotArgs,
 };
@@ -384,6 +385,96 @@ fn c_abi_structs_match_rust() {
             ("out", offset_of!(DkMoeSlotDotArgs, out)),
         ],
     );
+    compare(
+        &values,
+        &fields,
+        "dk_fused_linear_params",
+        size_of::<DkFusedLinearParams>(),
+        Some(align_of::<DkFusedLinearParams>()),
+        &[
+            ("divergence", offset_of!(DkFusedLinearParams, divergence)),
+            ("logit_scale", offset_of!(DkFusedLinearParams, logit_scale)),
+            ("softcap", offset_of!(DkFusedLinearParams, softcap)),
+            ("chunk_rows", offset_of!(DkFusedLinearParams, chunk_rows)),
+            ("accumulate", offset_of!(DkFusedLinearParams, accumulate)),
+        ],
+    );
+    compare(
+        &values,
+        &fields,
+        "dk_fused_linear_args",
+        size_of::<DkFusedLinearArgs>(),
+        Some(align_of::<DkFusedLinearArgs>()),
+        &[
+            ("n", offset_of!(DkFusedLinearArgs, n)),
+            ("v", offset_of!(DkFusedLinearArgs, v)),
+            ("h", offset_of!(DkFusedLinearArgs, h)),
+            ("ht", offset_of!(DkFusedLinearArgs, ht)),
+            ("dtype", offset_of!(DkFusedLinearArgs, dtype)),
+            (
+                "student_hidden",
+                offset_of!(DkFusedLinearArgs, student_hidden),
+            ),
+            (
+                "student_hidden_stride",
+                offset_of!(DkFusedLinearArgs, student_hidden_stride),
+            ),
+            (
+                "student_weight",
+                offset_of!(DkFusedLinearArgs, student_weight),
+            ),
+            (
+                "student_weight_stride",
+                offset_of!(DkFusedLinearArgs, student_weight_stride),
+            ),
+            (
+                "teacher_hidden",
+                offset_of!(DkFusedLinearArgs, teacher_hidden),
+            ),
+            (
+                "teacher_hidden_stride",
+                offset_of!(DkFusedLinearArgs, teacher_hidden_stride),
+            ),
+            (
+                "teacher_weight",
+                offset_of!(DkFusedLinearArgs, teacher_weight),
+            ),
+            (
+                "teacher_weight_stride",
+                offset_of!(DkFusedLinearArgs, teacher_weight_stride),
+            ),
+            ("labels", offset_of!(DkFusedLinearArgs, labels)),
+            ("loss", offset_of!(DkFusedLinearArgs, loss)),
+            ("per_token", offset_of!(DkFusedLinearArgs, per_token)),
+            ("grad_hidden", offset_of!(DkFusedLinearArgs, grad_hidden)),
+            (
+                "grad_hidden_dtype",
+                offset_of!(DkFusedLinearArgs, grad_hidden_dtype),
+            ),
+            (
+                "grad_hidden_stride",
+                offset_of!(DkFusedLinearArgs, grad_hidden_stride),
+            ),
+            ("grad_weight", offset_of!(DkFusedLinearArgs, grad_weight)),
+            (
+                "grad_weight_dtype",
+                offset_of!(DkFusedLinearArgs, grad_weight_dtype),
+            ),
+            (
+                "grad_weight_stride",
+                offset_of!(DkFusedLinearArgs, grad_weight_stride),
+            ),
+        ],
+    );
+    // The embedded divergence parameters have the layout checked above, at the same offset.
+    assert_eq!(
+        values["dk_fused_linear_params.divergence"], 0,
+        "dk_fused_linear_params.divergence offset"
+    );
+    assert_eq!(
+        size_of::<DkDivergenceParams>(),
+        values["dk_divergence_params sizeof"]
+    );
     // Every struct the headers declare is covered above.
     let covered = [
         "DkDivergenceArgs",
@@ -391,6 +482,8 @@ fn c_abi_structs_match_rust() {
         "DkMoeRowsArgs",
         "dk_divergence_args",
         "dk_divergence_params",
+        "dk_fused_linear_params",
+        "dk_fused_linear_args",
         "dk_moe_route_params",
         "dk_moe_route_args",
         "dk_moe_permute_args",

@@ -1,6 +1,6 @@
-//! The C ABI from C: tests/c/divergence_test.c and tests/c/moe_test.c are compiled with the
-//! system C compiler (found by the `cc` crate), linked against the crate's cdylib (and,
-//! separately, its staticlib) and run.
+//! The C ABI from C: tests/c/divergence_test.c, tests/c/moe_test.c and tests/c/fused_test.c are
+//! compiled with the system C compiler (found by the `cc` crate), linked against the crate's
+//! cdylib (and, separately, its staticlib) and run.
 //! Also: the header's version macros equal the crate version, and the `dk_` functions the
 //! header declares are exactly the ones src/capi exports.
 
@@ -144,6 +144,16 @@ fn c_moe_program_against_staticlib() {
     c_program("c_moe_program_staticlib", "moe_test", Link::Static);
 }
 
+#[test]
+fn c_fused_program_against_cdylib() {
+    c_program("c_fused_program_cdylib", "fused_test", Link::Dynamic);
+}
+
+#[test]
+fn c_fused_program_against_staticlib() {
+    c_program("c_fused_program_staticlib", "fused_test", Link::Static);
+}
+
 /// Strips /* */ and // comments.
 fn strip_c_comments(src: &str) -> String {
     let mut out = String::with_capacity(src.len());
@@ -247,6 +257,13 @@ fn header_and_exports_agree() {
     let declared = header_functions(&header);
     let exported = exported_functions(&root.join("src/capi"));
     assert!(declared.contains("dk_divergence") && declared.contains("dk_version"));
+    for f in [
+        "dk_fused_linear_params_default",
+        "dk_fused_linear_workspace_size",
+        "dk_fused_linear_divergence",
+    ] {
+        assert!(declared.contains(f), "{f} is not declared in the header");
+    }
     let missing: Vec<_> = declared.difference(&exported).collect();
     let undeclared: Vec<_> = exported.difference(&declared).collect();
     assert!(

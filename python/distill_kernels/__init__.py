@@ -1,7 +1,8 @@
-"""distill_kernels: fused KL / JSD divergences and MoE token dispatch for LLM distillation, over
-the library's C ABI.
+"""distill_kernels: fused KL / JSD divergences (from logits, or fused with the lm_head) and MoE
+token dispatch for LLM distillation, over the library's C ABI.
 
-``distill_kernels.divergence`` and ``distill_kernels.moe_route`` / ``moe_permute`` /
+``distill_kernels.divergence``, ``distill_kernels.fused_linear_divergence`` (the divergence
+straight from hidden states and lm_head weights) and ``distill_kernels.moe_route`` / ``moe_permute`` /
 ``moe_combine`` (and their ``*_backward``) work on numpy arrays (CPU backend);
 ``distill_kernels.torch`` has the same as autograd functions for torch tensors (CUDA, zero-copy,
 on torch's current stream). Importing this package needs numpy, never torch. The shared library is loaded on first use; see ``_lib`` for where it is
@@ -26,6 +27,7 @@ from ._lib import (
     version,
 )
 from .divergence import DivergenceResult, divergence  # noqa: E402  (the function shadows the module)
+from .fused import FusedLinearResult, fused_linear_divergence  # noqa: E402
 from .moe import (  # noqa: E402
     MoeRoute,
     moe_combine,
@@ -42,6 +44,8 @@ __all__ = [
     "library_path",
     "divergence",
     "DivergenceResult",
+    "fused_linear_divergence",
+    "FusedLinearResult",
     "moe_route",
     "moe_permute",
     "moe_combine",

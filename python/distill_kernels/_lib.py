@@ -44,8 +44,11 @@ __all__ = [
     "MoeCombineArgs",
     "MoeSlotDotArgs",
     "MOE_SCORES",
+    "FusedLinearParams",
+    "FusedLinearArgs",
     "lib",
     "moe_lib",
+    "fused_lib",
     "library_path",
     "check",
     "context",
@@ -265,6 +268,47 @@ class MoeSlotDotArgs(ctypes.Structure):
     ]
 
 
+class FusedLinearParams(ctypes.Structure):
+    """``dk_fused_linear_params`` (embeds ``dk_divergence_params``)."""
+
+    _fields_ = [
+        ("divergence", DivergenceParams),
+        ("logit_scale", ctypes.c_float),
+        ("softcap", ctypes.c_float),
+        ("chunk_rows", ctypes.c_int64),
+        ("accumulate", ctypes.c_int32),
+    ]
+
+
+class FusedLinearArgs(ctypes.Structure):
+    """``dk_fused_linear_args``."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("v", ctypes.c_int64),
+        ("h", ctypes.c_int64),
+        ("ht", ctypes.c_int64),
+        ("dtype", ctypes.c_int32),
+        ("student_hidden", ctypes.c_void_p),
+        ("student_hidden_stride", ctypes.c_int64),
+        ("student_weight", ctypes.c_void_p),
+        ("student_weight_stride", ctypes.c_int64),
+        ("teacher_hidden", ctypes.c_void_p),
+        ("teacher_hidden_stride", ctypes.c_int64),
+        ("teacher_weight", ctypes.c_void_p),
+        ("teacher_weight_stride", ctypes.c_int64),
+        ("labels", ctypes.c_void_p),
+        ("loss", ctypes.c_void_p),
+        ("per_token", ctypes.c_void_p),
+        ("grad_hidden", ctypes.c_void_p),
+        ("grad_hidden_dtype", ctypes.c_int32),
+        ("grad_hidden_stride", ctypes.c_int64),
+        ("grad_weight", ctypes.c_void_p),
+        ("grad_weight_dtype", ctypes.c_int32),
+        ("grad_weight_stride", ctypes.c_int64),
+    ]
+
+
 # ---- finding and loading the library ------------------------------------------------------------
 
 
@@ -405,6 +449,42 @@ def _declare_moe(l: ctypes.CDLL) -> Optional[str]:
     return None
 
 
+_FUSED_SYMBOLS = (
+    "dk_fused_linear_params_default",
+    "dk_fused_linear_workspace_size",
+    "dk_fused_linear_divergence",
+)
+
+
+def _declare_fused(l: ctypes.CDLL) -> Optional[str]:
+    """Declares the fused linear divergence functions; returns the first missing symbol's name
+    (None if all exist). Like the MoE ones, a missing symbol is only reported when the fused
+    operation is called (see fused_lib)."""
+    for name in _FUSED_SYMBOLS:
+        if not hasattr(l, name):
+            return name
+    c_ctx_p, vp = ctypes.c_void_p, ctypes.c_void_p
+    l.dk_fused_linear_params_default.argtypes = []
+    l.dk_fused_linear_params_default.restype = FusedLinearParams
+    l.dk_fused_linear_workspace_size.argtypes = [
+        c_ctx_p,
+        ctypes.POINTER(FusedLinearArgs),
+        ctypes.POINTER(FusedLinearParams),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
+    l.dk_fused_linear_workspace_size.restype = ctypes.c_int32
+    l.dk_fused_linear_divergence.argtypes = [
+        c_ctx_p,
+        ctypes.POINTER(FusedLinearArgs),
+        ctypes.POINTER(FusedLinearParams),
+        vp,
+        ctypes.c_size_t,
+        vp,
+    ]
+    l.dk_fused_linear_divergence.restype = ctypes.c_int32
+    return None
+
+
 def _check_version(found: str, path: Path) -> None:
     if found == PACKAGE_VERSION:
         return
@@ -422,11 +502,12 @@ _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _lib_path: Optional[Path] = None
 _moe_missing: Optional[str] = None
+_fused_missing: Optional[str] = None
 
 
 def lib() -> ctypes.CDLL:
     """The loaded library (loaded, declared and version-checked on first use)."""
-    global _lib, _lib_path, _moe_missing
+    global _lib, _lib_path, _moe_missing, _fused_missing
     if _lib is not None:
         return _lib
     with _lock:
@@ -438,6 +519,7 @@ def lib() -> ctypes.CDLL:
                 raise LibraryNotFoundError(f"could not load {path}: {e}; " + _HOW_TO_BUILD) from e
             _declare(l)
             _moe_missing = _declare_moe(l)
+            _fused_missing = _declare_fused(l)
             _check_version(l.dk_version().decode(), path)
             _lib_path = path
             _lib = l
@@ -451,6 +533,17 @@ def moe_lib() -> ctypes.CDLL:
         raise LibraryNotFoundError(
             f"libdistill_kernels at {_lib_path} does not export {_moe_missing} (it was built "
             "without the MoE dispatch operation); rebuild it with `cargo build --release`"
+        )
+    return l
+
+
+def fused_lib() -> ctypes.CDLL:
+    """The loaded library, checked to export the fused linear divergence (``dk_fused_linear_*``)."""
+    l = lib()
+    if _fused_missing is not None:
+        raise LibraryNotFoundError(
+            f"libdistill_kernels at {_lib_path} does not export {_fused_missing} (it was built "
+            "without the fused linear divergence); rebuild it with `cargo build --release`"
         )
     return l
 
@@ -705,3 +798,64 @@ def moe_combine_call(handle, args: MoeCombineArgs, stream, what: str = "moe_comb
 
 def moe_slot_dot_call(handle, args: MoeSlotDotArgs, stream, what: str = "moe_slot_dot") -> None:
     check(moe_lib().dk_moe_slot_dot(handle, ctypes.byref(args), stream), what)
+
+
+# ---- fused linear divergence: parameters and calls shared by the numpy and torch faces ---------
+
+
+def make_fused_params(
+    kind: str,
+    beta: float,
+    temperature: float,
+    ignore_index: int,
+    reduction: str,
+    num_items: Optional[float],
+    logit_scale,
+    softcap,
+    chunk_rows,
+    accumulate: bool,
+) -> FusedLinearParams:
+    """Validates the parameters of the fused linear divergence (ValueError / TypeError, with the
+    rule that was broken) and packs them for the C ABI."""
+    import math
+
+    div = make_params(kind, beta, temperature, ignore_index, reduction, num_items)
+    logit_scale = _real("logit_scale", logit_scale)
+    s32 = ctypes.c_float(logit_scale).value
+    if not (math.isfinite(logit_scale) and logit_scale > 0 and math.isfinite(s32) and s32 > 0):
+        raise ValueError(f"logit_scale must be finite and > 0 (as a float32), got {logit_scale}")
+    cap = 0.0
+    if softcap is not None:
+        softcap = _real("softcap", softcap)
+        cap = ctypes.c_float(softcap).value
+        if not (math.isfinite(softcap) and softcap > 0 and math.isfinite(cap) and cap > 0):
+            raise ValueError(
+                f"softcap must be None (no cap) or finite and > 0 (as a float32), got {softcap}"
+            )
+    chunk = 0 if chunk_rows is None else _int("chunk_rows", chunk_rows, 1, 2**62)
+    return FusedLinearParams(
+        divergence=div,
+        logit_scale=logit_scale,
+        softcap=cap,
+        chunk_rows=chunk,
+        accumulate=1 if accumulate else 0,
+    )
+
+
+def fused_workspace_size(handle, args: FusedLinearArgs, params: FusedLinearParams) -> int:
+    size = ctypes.c_size_t(0)
+    check(
+        fused_lib().dk_fused_linear_workspace_size(
+            handle, ctypes.byref(args), ctypes.byref(params), ctypes.byref(size)
+        ),
+        "dk_fused_linear_workspace_size",
+    )
+    return int(size.value)
+
+
+def fused_call(handle, args: FusedLinearArgs, params: FusedLinearParams, workspace, ws_bytes,
+               stream) -> None:
+    status = fused_lib().dk_fused_linear_divergence(
+        handle, ctypes.byref(args), ctypes.byref(params), workspace, ws_bytes, stream
+    )
+    check(status, "fused_linear_divergence")

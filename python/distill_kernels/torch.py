@@ -602,3 +602,271 @@ def moe_combine_backward(grad_y: torch.Tensor, expert_out: Optional[torch.Tensor
     w = _route_weights(route, weights, grad_y.device).detach()
     return (_permute_t(grad_y, full, route.k, w, rows),
             _slot_dot_t(grad_y, expert_out, route.position))
+
+
+# ---- fused linear divergence -------------------------------------------------------------------
+#
+# The loss straight from hidden states and lm_head weights (the [N, V] logits never exist whole):
+# an autograd function whose gradients are computed in the forward pass, like `divergence`, and
+# scaled by grad_output in backward (in place, no host synchronisation).
+
+__all__ += ["fused_linear_divergence", "FusedLinearFunction"]
+
+
+def _fused_grad_dtype(grad_dtype, in_dtype: torch.dtype) -> torch.dtype:
+    if grad_dtype is None:
+        return in_dtype
+    if grad_dtype in (torch.float32, "float32", "f32"):
+        return torch.float32
+    if grad_dtype == in_dtype or grad_dtype == str(in_dtype).replace("torch.", ""):
+        return in_dtype
+    raise ValueError(
+        f"grad_dtype must be None (the input dtype {in_dtype}), the input dtype or "
+        f"torch.float32 / 'float32', got {grad_dtype!r}"
+    )
+
+
+def _fused_launch(device: int, hs, ws, ht, wt, labels, params, loss, per_token, gh, gw) -> None:
+    """One dk_fused_linear_divergence call on the current stream of `device` (2-D operands whose
+    rows are contiguous; gh / gw: (tensor, stride) or None)."""
+    (hs, hs_stride), (ws, ws_stride), (ht, ht_stride), (wt, wt_stride) = hs, ws, ht, wt
+    n, h = hs.shape
+    v = ws.shape[0]
+
+    def go():
+        handle = _lib.context(device)
+        args = _lib.FusedLinearArgs(
+            n=n, v=v, h=h, ht=ht.shape[1], dtype=_DTYPES[hs.dtype],
+            student_hidden=hs.data_ptr(), student_hidden_stride=hs_stride,
+            student_weight=ws.data_ptr(), student_weight_stride=ws_stride,
+            teacher_hidden=ht.data_ptr(), teacher_hidden_stride=ht_stride,
+            teacher_weight=wt.data_ptr(), teacher_weight_stride=wt_stride,
+            labels=_ptr(labels), loss=_ptr(loss), per_token=_ptr(per_token),
+            grad_hidden=None if gh is None else gh[0].data_ptr(),
+            grad_hidden_dtype=_DTYPES[hs.dtype] if gh is None else _DTYPES[gh[0].dtype],
+            grad_hidden_stride=0 if gh is None else gh[1],
+            grad_weight=None if gw is None else gw[0].data_ptr(),
+            grad_weight_dtype=_DTYPES[hs.dtype] if gw is None else _DTYPES[gw[0].dtype],
+            grad_weight_stride=0 if gw is None else gw[1],
+        )
+        workspace, ws_bytes = None, 0
+        if device >= 0:
+            ws_bytes = _lib.fused_workspace_size(handle, args, params)
+            if ws_bytes:  # torch's caching allocator, ordered on the current stream
+                workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=hs.device)
+        _lib.fused_call(handle, args, params, _ptr(workspace), ws_bytes, _stream(device))
+
+    _on_device(device, go)
+
+
+class FusedLinearFunction(torch.autograd.Function):
+    """autograd.Function behind :func:`fused_linear_divergence` (arguments already validated).
+
+    forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, params,
+    reduction_none, want_grad_hidden, want_grad_weight, grad_dtype) -> loss or per-token."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                params, reduction_none, want_gh, want_gw, grad_dtype):
+        device = _device_ordinal(student_hidden)
+        hidden_shape = student_hidden.shape
+        lead_shape = student_hidden.shape[:-1]
+        h = student_hidden.shape[-1]
+        hs = _matrix("student_hidden", student_hidden.reshape(-1, h))
+        ht = _matrix("teacher_hidden", teacher_hidden.reshape(-1, teacher_hidden.shape[-1]))
+        ws = _matrix("student_weight", student_weight)
+        wt = ws if teacher_weight is student_weight else _matrix("teacher_weight", teacher_weight)
+        n, v = hs[0].shape[0], ws[0].shape[0]
+        dev = student_hidden.device
+        loss = torch.empty((), dtype=torch.float32, device=dev)
+        per_token = torch.empty(n, dtype=torch.float32, device=dev) if reduction_none else None
+        gh = torch.empty((n, h), dtype=grad_dtype, device=dev) if want_gh else None
+        gw = torch.empty((v, h), dtype=grad_dtype, device=dev) if want_gw else None
+        _fused_launch(device, hs, ws, ht, wt, labels, params, loss, per_token,
+                      None if gh is None else (gh, h), None if gw is None else (gw, h))
+        ctx.grads = (gh, gw)
+        ctx.hidden_shape = hidden_shape
+        ctx.reduction_none = reduction_none
+        if reduction_none:
+            return per_token.reshape(lead_shape)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        gh, gw = ctx.grads if ctx.grads is not None else (None, None)
+        wanted = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        if ctx.grads is None and wanted:
+            raise RuntimeError(
+                "distill_kernels.torch.fused_linear_divergence: the gradient buffers were already "
+                "consumed by an earlier backward (they are scaled in place); run the forward "
+                "again instead of backpropagating the same graph twice"
+            )
+        ctx.grads = None
+        if ctx.reduction_none:
+            # Only the hidden-state gradient can be scaled per row (checked in the forward).
+            scale = grad_output.reshape(-1, 1)
+        else:
+            scale = grad_output.reshape(())
+        if gh is not None:
+            gh.mul_(scale)  # no host sync; f32 buffers are cast to the input dtype by autograd
+            gh = gh.view(ctx.hidden_shape)
+        if gw is not None:
+            gw.mul_(scale)
+        return gh, gw, None, None, None, None, None, None, None, None
+
+
+def _fused_out_buffer(name: str, out, shape, in_dtype: torch.dtype, grad_dtype, device):
+    """(buffer, row stride) of a caller's gradient buffer, validated (no copy: it is written)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a torch tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.dtype not in (torch.float32, in_dtype):
+        raise TypeError(f"{name} dtype {out.dtype} must be float32 or the input dtype {in_dtype}")
+    if grad_dtype is not None and _fused_grad_dtype(grad_dtype, in_dtype) != out.dtype:
+        raise ValueError(f"{name} has dtype {out.dtype} but grad_dtype is {grad_dtype!r}")
+    if out.device != device:
+        raise ValueError(f"{name} is on {out.device} but the inputs are on {device}")
+    if out.requires_grad:
+        raise ValueError(f"{name} requires grad: pass a plain buffer (e.g. param.grad or a "
+                         "detached tensor)")
+    try:
+        o = out.view(-1, shape[-1])  # no copy: the library writes into it
+    except RuntimeError as e:
+        raise ValueError(f"{name}: its leading axes must flatten to rows without a copy") from e
+    rows, cols = o.shape
+    if (cols > 1 and o.stride(1) != 1) or (rows > 1 and o.stride(0) < cols):
+        raise ValueError(f"{name} must have contiguous rows (stride(-1) == 1, row stride >= H, "
+                         f"rows not overlapping), got strides {tuple(out.stride())}")
+    return o, (cols if rows == 1 else o.stride(0))
+
+
+def fused_linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    kind: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    num_items: Optional[float] = None,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    chunk_rows: Optional[int] = None,
+    grad: Optional[bool] = None,
+    grad_dtype=None,
+    grad_hidden_out: Optional[torch.Tensor] = None,
+    grad_weight_out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Fused lm_head + divergence on torch tensors; same parameters and math as
+    :func:`distill_kernels.fused_linear_divergence`.
+
+    ``student_hidden [..., H]``, ``student_weight [V, H]``, ``teacher_hidden [..., Ht]``,
+    ``teacher_weight [V, Ht]`` (may be ``student_weight`` itself), one dtype (bf16, f16, f32), on
+    one CUDA device (CPU tensors go through the CPU backend). Runs on the current stream without
+    host synchronisation; extra memory is O(chunk_rows × V) from torch's caching allocator.
+    Returns the 0-d float32 loss (``batchmean`` / ``sum``) or the per-token float32 losses
+    (``none``).
+
+    Autograd (no ``*_out`` buffers): differentiable in ``student_hidden`` and ``student_weight``
+    (the teacher side is a constant). Gradients are computed in the forward pass for the inputs
+    that require grad (``grad=False`` skips them) into buffers of ``grad_dtype`` (None: the input
+    dtype; ``torch.float32``: f32 accumulation, cast to the parameter's dtype by autograd on
+    return) and scaled by ``grad_output`` in backward, in place (a graph is backpropagated once).
+    With ``reduction="none"`` only ``student_hidden`` may require grad: the weight gradient of a
+    per-token weighted sum cannot be scaled after the fact.
+
+    Accumulation (``grad_hidden_out`` and / or ``grad_weight_out`` given, input dtype or float32,
+    contiguous rows): no autograd; the gradients of the returned loss itself (grad_output = 1) are
+    added to the given buffers in this call (the others are not computed) and the loss returned
+    does not require grad. Scale the loss through ``num_items`` if needed.
+    """
+    for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
+                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"{name} dtype {x.dtype} is not supported: use float32, bfloat16 or "
+                            "float16")
+        if x.numel() == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+    for name, x in (("num_items", num_items), ("logit_scale", logit_scale), ("softcap", softcap)):
+        if isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a Python number (a tensor would force a host sync)")
+    accumulate = grad_hidden_out is not None or grad_weight_out is not None
+    params = _lib.make_fused_params(kind, beta, temperature, ignore_index, reduction, num_items,
+                                    logit_scale, softcap, chunk_rows, accumulate)
+    if grad is not None and not isinstance(grad, bool):
+        raise TypeError(f"grad must be None or a bool, got {grad!r}")
+    hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
+    dtype = hs.dtype
+    for name, x in (("student_weight", ws), ("teacher_hidden", ht), ("teacher_weight", wt)):
+        if x.dtype != dtype:
+            raise TypeError(f"all four inputs must have one dtype: student_hidden is {dtype}, "
+                            f"{name} is {x.dtype}")
+        if x.device != hs.device:
+            raise ValueError(f"student_hidden is on {hs.device} but {name} is on {x.device}")
+    _device_ordinal(hs)
+    if hs.dim() < 2 or ht.dim() < 2:
+        raise ValueError(f"hidden states must be [..., H] with at least 2 axes, got "
+                         f"{tuple(hs.shape)} and {tuple(ht.shape)}")
+    if ws.dim() != 2 or wt.dim() != 2:
+        raise ValueError(f"weights must be 2-D [V, H], got {tuple(ws.shape)} and {tuple(wt.shape)}")
+    h, v = hs.shape[-1], ws.shape[0]
+    if ws.shape[1] != h:
+        raise ValueError(f"student_weight {tuple(ws.shape)} must be [V, H] with H = {h}")
+    if tuple(wt.shape) != (v, ht.shape[-1]):
+        raise ValueError(f"teacher_weight {tuple(wt.shape)} must be [V, Ht] = ({v}, "
+                         f"{ht.shape[-1]})")
+    if ht.shape[:-1] != hs.shape[:-1]:
+        raise ValueError(f"teacher_hidden {tuple(ht.shape)} and student_hidden {tuple(hs.shape)} "
+                         "must have the same leading shape")
+    lead_shape = hs.shape[:-1]
+    n = 1
+    for d in lead_shape:
+        n *= d
+    lab = _labels(labels, n, lead_shape, hs.device)
+    g_dtype = _fused_grad_dtype(grad_dtype, dtype)
+    device = _device_ordinal(hs)
+
+    if accumulate:
+        if grad is False:
+            raise ValueError("grad_hidden_out / grad_weight_out need grad=None or True")
+        gh = gw = None
+        if grad_hidden_out is not None:
+            gh = _fused_out_buffer("grad_hidden_out", grad_hidden_out, hs.shape, dtype,
+                                   grad_dtype, hs.device)
+        if grad_weight_out is not None:
+            gw = _fused_out_buffer("grad_weight_out", grad_weight_out, ws.shape, dtype,
+                                   grad_dtype, hs.device)
+        with torch.no_grad():
+            m_hs = _matrix("student_hidden", hs.detach().reshape(-1, h))
+            m_ht = _matrix("teacher_hidden", ht.detach().reshape(-1, ht.shape[-1]))
+            m_ws = _matrix("student_weight", ws.detach())
+            m_wt = m_ws if wt is ws else _matrix("teacher_weight", wt.detach())
+            loss = torch.empty((), dtype=torch.float32, device=hs.device)
+            per_token = (torch.empty(n, dtype=torch.float32, device=hs.device)
+                         if reduction == "none" else None)
+            _fused_launch(device, m_hs, m_ws, m_ht, m_wt, lab, params, loss, per_token, gh, gw)
+        return per_token.reshape(lead_shape) if per_token is not None else loss
+
+    on = torch.is_grad_enabled() and grad is not False
+    want_gh = bool(on and hs.requires_grad)
+    want_gw = bool(on and ws.requires_grad)
+    if reduction == "none" and want_gw:
+        raise ValueError(
+            "reduction='none' with student_weight requiring grad is not supported: the weight "
+            "gradient of a per-token weighted sum cannot be scaled after the fact; use "
+            "reduction='sum' or 'batchmean' (num_items for custom divisors), or freeze the weight"
+        )
+    same_weight = wt is ws
+    hs_in = hs if want_gh else hs.detach()
+    ws_in = ws if want_gw else ws.detach()
+    wt_in = ws_in if same_weight else wt.detach()
+    return FusedLinearFunction.apply(hs_in, ws_in, ht.detach(), wt_in, lab, params,
+                                     reduction == "none", want_gh, want_gw, g_dtype)

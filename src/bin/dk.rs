@@ -2,7 +2,9 @@
 //!
 //! - `dk info`: version, backends found (or why not), compiled GPU architectures, nvcc version.
 //! - `dk bench`: the divergence on the best backend present over model-realistic vocabularies,
-//!   checked against the f64 reference and reported as a fraction of the copy-bandwidth floor.
+//!   checked against the f64 reference, and MoE dispatch (route, permute, combine, forward and
+//!   backward) for the shapes of ANCHORS.md, checked against the CPU backend; both reported as
+//!   fractions of the copy-bandwidth floor.
 //!
 //! Argument parsing is std only (no dependencies beyond the library's).
 
@@ -49,17 +51,20 @@ mod cli;
 mod data;
 #[path = "dk/info.rs"]
 mod info;
+#[path = "dk/moe.rs"]
+mod moe;
 
 const HELP: &str = "\
-dk: fused KL / JSD divergence kernels for LLM distillation (distill-kernels)
+dk: fused kernels for LLM distillation (distill-kernels): KL / JSD divergence, MoE dispatch
 
 usage: dk <command> [options]
 
 commands:
   info          version, backends found (CPU; CUDA devices or why not), compiled GPU
                 architectures, the nvcc that built the kernels
-  bench         the divergence on the best backend present, every result checked against the
-                f64 reference, timed, and reported against the copy-bandwidth floor
+  bench         the divergence and MoE dispatch (route, permute, combine, forward and
+                backward) on the best backend present, every result checked (the f64 reference,
+                the CPU backend), timed, and reported against the copy-bandwidth floor
   help [cmd]    this help, or the help of a command
 
 options:
@@ -70,6 +75,7 @@ examples:
   dk info
   dk bench --quick
   dk bench --device cuda --dtype bf16 --vocab 151936 --kinds jsd --json bench.json
+  dk bench --ops moe --moe-shapes qwen3 --json moe.json
 ";
 
 const INFO_HELP: &str = "\

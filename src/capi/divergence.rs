@@ -59,7 +59,7 @@ pub struct DkDivergenceArgs {
     pub grad_stride: i64,
 }
 
-fn dtype(what: &str, code: i32) -> Result<DType> {
+pub(crate) fn dtype(what: &str, code: i32) -> Result<DType> {
     match DType::from_code(code) {
         Some(d) => Ok(d),
         None => bail!(
@@ -69,7 +69,7 @@ fn dtype(what: &str, code: i32) -> Result<DType> {
     }
 }
 
-fn params_from_c(p: &DkDivergenceParams) -> Result<Params> {
+pub(crate) fn params_from_c(p: &DkDivergenceParams) -> Result<Params> {
     let Some(kind) = Kind::from_code(p.kind) else {
         bail!(
             InvalidArgument,

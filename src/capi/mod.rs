@@ -9,6 +9,7 @@
 pub mod context;
 pub mod divergence;
 pub mod error;
+pub mod fused;
 pub mod moe;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -168,17 +168,28 @@ unsafe fn write_row(
 /// # Safety
 /// `raw.labels` is null or points to `raw.n` host i64 values.
 pub(crate) unsafe fn loss_scale(raw: &RawDivergence, params: &Params) -> f64 {
+    // SAFETY: forwarded from the caller.
+    unsafe { reduction_scale(raw.labels, raw.n, params) }
+}
+
+/// The factor the reduction multiplies the summed row losses (and the gradient) by: 1 for
+/// `sum` / `none`, `1 / num_items` or `1 / max(1, valid rows)` for `batchmean`, the valid rows
+/// counted over all `n` labels (rows whose label is not `ignore_index`; all rows without labels).
+///
+/// # Safety
+/// `labels` is null or points to `n` host i64 values.
+pub(crate) unsafe fn reduction_scale(labels: *const i64, n: usize, params: &Params) -> f64 {
     match params.reduction {
         Reduction::Sum | Reduction::None => 1.0,
         Reduction::BatchMean => {
             if let Some(n) = params.num_items {
                 return 1.0 / n as f64;
             }
-            let valid = if raw.labels.is_null() {
-                raw.n
+            let valid = if labels.is_null() {
+                n
             } else {
                 // SAFETY: the caller guarantees n labels.
-                let labels = unsafe { std::slice::from_raw_parts(raw.labels, raw.n) };
+                let labels = unsafe { std::slice::from_raw_parts(labels, n) };
                 labels.iter().filter(|&&l| l != params.ignore_index).count()
             };
             1.0 / valid.max(1) as f64

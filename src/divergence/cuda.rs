@@ -1,7 +1,11 @@
 //! CUDA backend of the divergence: argument struct shared with `cuda/divergence.cu`, workspace
 //! layout, and the three launches (prepare the scale, the row kernel, reduce the loss).
 
-use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaFunction, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 
 use super::{Kind, Params, RawDivergence};
 use crate::device::{CudaDevice, Launch};
@@ -109,6 +113,103 @@ fn row_kernel_name(kind: Kind, student: DType, teacher: DType) -> String {
     format!("dk_div_{k}_{}_{}", student.name(), teacher.name())
 }
 
+/// The three kernels of one divergence: looked up together so that a missing kernel is an error
+/// before anything is queued. Shared with the fused linear divergence (src/fused/cuda.rs), which
+/// runs the row kernel chunk by chunk over its own f32 logits.
+pub(crate) struct RowKernels<'d> {
+    prepare: &'d CudaFunction,
+    rows: &'d CudaFunction,
+    finish: &'d CudaFunction,
+}
+
+/// One block of 1024 threads: `dk_div_prepare` and `dk_div_finish`.
+const SINGLE_BLOCK: LaunchConfig = LaunchConfig {
+    grid_dim: (1, 1, 1),
+    block_dim: (1024, 1, 1),
+    shared_mem_bytes: 0,
+};
+
+impl<'d> RowKernels<'d> {
+    /// The kernels of `kind` (already the effective kind: see [`Params::effective_kind`]) for
+    /// these student and teacher dtypes.
+    pub(crate) fn new(
+        dev: &'d CudaDevice,
+        kind: Kind,
+        student: DType,
+        teacher: DType,
+    ) -> Result<Self> {
+        Ok(RowKernels {
+            prepare: dev.function("dk_div_prepare")?,
+            rows: dev.function(&row_kernel_name(kind, student, teacher))?,
+            finish: dev.function("dk_div_finish")?,
+        })
+    }
+
+    /// Queues `dk_div_prepare`: writes d(reduced loss)/d(row loss) to `scale_out` (one f32 of
+    /// device memory), from the `n` labels (0 = none), the reduction and `num_items`.
+    pub(crate) fn prepare(
+        &self,
+        stream: &Arc<CudaStream>,
+        labels: u64,
+        n: i64,
+        params: &Params,
+        scale_out: u64,
+    ) -> Result<()> {
+        let reduction = params.reduction as i32;
+        let num_items = params.num_items.unwrap_or(0.0);
+        // SAFETY: argument types and order match dk_div_prepare's signature; the caller passes
+        // device memory of this device (labels: n entries or 0; scale_out: one f32).
+        unsafe {
+            stream
+                .launch_builder(self.prepare)
+                .arg(&labels)
+                .arg(&n)
+                .arg(&params.ignore_index)
+                .arg(&reduction)
+                .arg(&num_items)
+                .arg(&scale_out)
+                .launch(SINGLE_BLOCK)?;
+        }
+        Ok(())
+    }
+
+    /// Queues the row kernel over `args.n` rows (one block per row).
+    pub(crate) fn rows(&self, stream: &Arc<CudaStream>, args: &DivergenceArgs) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (args.n as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: DivergenceArgs has the kernel's C layout; the caller guarantees the shapes and
+        // that every pointer is device memory of this device covering them.
+        unsafe { stream.launch_builder(self.rows).arg(args).launch(cfg)? };
+        Ok(())
+    }
+
+    /// Queues `dk_div_finish`: `loss = *scale · Σ per_row[0..n]` (f64, fixed order).
+    pub(crate) fn finish(
+        &self,
+        stream: &Arc<CudaStream>,
+        per_row: u64,
+        n: i64,
+        scale: u64,
+        loss: u64,
+    ) -> Result<()> {
+        // SAFETY: matches dk_div_finish(const float*, int64_t, const float*, float*); device
+        // pointers of this device from the caller.
+        unsafe {
+            stream
+                .launch_builder(self.finish)
+                .arg(&per_row)
+                .arg(&n)
+                .arg(&scale)
+                .arg(&loss)
+                .launch(SINGLE_BLOCK)?;
+        }
+        Ok(())
+    }
+}
+
 /// Queues the divergence on the caller's stream.
 pub(crate) fn divergence(
     dev: &CudaDevice,
@@ -149,10 +250,12 @@ pub(crate) fn divergence(
         }
         dev.check_pointer("workspace", ws.ptr as *const _)?;
     }
-    let kind = params.effective_kind();
-    let row_kernel = dev.function(&row_kernel_name(kind, raw.student_dtype, raw.teacher_dtype))?;
-    let prepare = dev.function("dk_div_prepare")?;
-    let finish = dev.function("dk_div_finish")?;
+    let kernels = RowKernels::new(
+        dev,
+        params.effective_kind(),
+        raw.student_dtype,
+        raw.teacher_dtype,
+    )?;
 
     // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
     // is unsafe for that reason), or null for the legacy default stream.
@@ -180,26 +283,7 @@ pub(crate) fn divergence(
 
     let n = raw.n as i64;
     let labels = raw.labels as u64;
-    let reduction = params.reduction as i32;
-    let num_items = params.num_items.unwrap_or(0.0);
-    let single = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: argument types and order match dk_div_prepare's signature; pointers are device
-    // memory of this device, checked above.
-    unsafe {
-        stream
-            .launch_builder(prepare)
-            .arg(&labels)
-            .arg(&n)
-            .arg(&params.ignore_index)
-            .arg(&reduction)
-            .arg(&num_items)
-            .arg(&scale_ptr)
-            .launch(single)?;
-    }
+    kernels.prepare(&stream, labels, n, params, scale_ptr)?;
 
     let args = DivergenceArgs {
         student: raw.student as u64,
@@ -217,32 +301,11 @@ pub(crate) fn divergence(
         beta: params.beta,
         inv_temperature: 1.0 / params.temperature,
     };
-    let rows_cfg = LaunchConfig {
-        grid_dim: (raw.n as u32, 1, 1),
-        block_dim: (ROW_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: DivergenceArgs has the kernel's C layout; the shapes were validated and every
-    // pointer checked to be device memory of this device.
-    unsafe {
-        stream
-            .launch_builder(row_kernel)
-            .arg(&args)
-            .launch(rows_cfg)?
-    };
+    // The shapes were validated and every pointer checked to be device memory of this device.
+    kernels.rows(&stream, &args)?;
 
     if !raw.loss.is_null() {
-        let loss = raw.loss as u64;
-        // SAFETY: matches dk_div_finish(const float*, int64_t, const float*, float*).
-        unsafe {
-            stream
-                .launch_builder(finish)
-                .arg(&per_row)
-                .arg(&n)
-                .arg(&scale_ptr)
-                .arg(&loss)
-                .launch(single)?;
-        }
+        kernels.finish(&stream, per_row, n, scale_ptr, raw.loss as u64)?;
     }
     drop(owned); // stream-ordered free after the kernels that use it
     Ok(())

@@ -124,6 +124,207 @@ impl Runner {
 }
 
 // ------------------------------------------------------------------------------------------
+// Buffers and timed calls for operations beyond the divergence (the MoE rows of `dk bench`)
+
+/// Memory the runner's backend works on: host memory for the CPU, device memory for CUDA.
+pub enum Buf {
+    Host(HostBuf),
+    Cuda(CudaSlice<u8>),
+}
+
+impl Buf {
+    pub fn len(&self) -> usize {
+        match self {
+            Buf::Host(b) => b.len(),
+            Buf::Cuda(b) => b.len(),
+        }
+    }
+}
+
+/// One call of a timed sequence (a kernel launch on CUDA; the whole operation on the CPU).
+pub type Part<'a> = &'a dyn Fn() -> Result<(), String>;
+
+impl Runner {
+    /// The library context the operations run on.
+    pub fn context(&self) -> &Context {
+        match self {
+            Runner::Cpu(c) => &c.ctx,
+            Runner::Cuda(c) => &c.ctx,
+        }
+    }
+
+    /// Where the buffers of [`Runner::alloc`] live.
+    pub fn location(&self) -> Location {
+        self.context().location()
+    }
+
+    /// Free device memory (CUDA), or None on the CPU.
+    pub fn free_memory(&self) -> Option<usize> {
+        match self {
+            Runner::Cpu(_) => None,
+            Runner::Cuda(c) => c.cu.mem_get_info().ok().map(|(free, _)| free),
+        }
+    }
+
+    /// A buffer of `bytes` bytes (at least 1), 16-byte aligned; its contents are unspecified
+    /// until written.
+    pub fn alloc(&self, bytes: usize) -> Result<Buf, String> {
+        let bytes = bytes.max(1);
+        match self {
+            Runner::Cpu(_) => Ok(Buf::Host(HostBuf::zeroed(bytes))),
+            // SAFETY: callers write (upload or poison) a buffer before any read of it.
+            Runner::Cuda(c) => Ok(Buf::Cuda(drv("cuMemAlloc", unsafe {
+                c.stream.alloc::<u8>(bytes)
+            })?)),
+        }
+    }
+
+    /// Copies `src` to the start of `dst` and waits for the copy.
+    pub fn upload(&self, dst: &mut Buf, src: &[u8]) -> Result<(), String> {
+        if src.len() > dst.len() {
+            return Err(format!(
+                "upload of {} bytes into a buffer of {}",
+                src.len(),
+                dst.len()
+            ));
+        }
+        match (self, dst) {
+            (Runner::Cpu(_), Buf::Host(d)) => {
+                d.as_bytes_mut()[..src.len()].copy_from_slice(src);
+                Ok(())
+            }
+            (Runner::Cuda(c), Buf::Cuda(d)) => {
+                let s = &c.stream;
+                drv(
+                    "cuMemcpyHtoD",
+                    s.memcpy_htod(src, &mut d.slice_mut(0..src.len())),
+                )?;
+                drv("cuStreamSynchronize", s.synchronize())
+            }
+            _ => Err("buffer of another backend".into()),
+        }
+    }
+
+    /// The whole buffer, copied to the host (after the work queued before it).
+    pub fn download(&self, src: &Buf) -> Result<Vec<u8>, String> {
+        match (self, src) {
+            (Runner::Cpu(_), Buf::Host(b)) => Ok(b.as_bytes().to_vec()),
+            (Runner::Cuda(c), Buf::Cuda(b)) => {
+                let s = &c.stream;
+                let v = drv("cuMemcpyDtoH", s.clone_dtoh(b))?;
+                drv("cuStreamSynchronize", s.synchronize())?;
+                Ok(v)
+            }
+            _ => Err("buffer of another backend".into()),
+        }
+    }
+
+    /// Fills the buffer with 0xFF bytes: NaN in every float type, −1 in every integer type.
+    pub fn poison(&self, buf: &mut Buf) -> Result<(), String> {
+        match (self, buf) {
+            (Runner::Cpu(_), Buf::Host(b)) => {
+                b.as_bytes_mut().fill(0xFF);
+                Ok(())
+            }
+            (Runner::Cuda(c), Buf::Cuda(b)) => {
+                let len = b.len();
+                let p = c.ptr(b);
+                // SAFETY: the pointer and length are those of a live allocation used on this
+                // stream.
+                drv("cuMemsetD8", unsafe {
+                    cudarc::driver::result::memset_d8_async(p, 0xFF, len, c.stream.cu_stream())
+                })
+            }
+            _ => Err("buffer of another backend".into()),
+        }
+    }
+
+    /// The address of the buffer, for the library's raw views (valid while the buffer lives).
+    pub fn addr(&self, buf: &mut Buf) -> *mut u8 {
+        match (self, buf) {
+            (_, Buf::Host(b)) => b.ptr_mut(),
+            (Runner::Cuda(c), Buf::Cuda(b)) => c.ptr(b) as *mut u8,
+            (Runner::Cpu(_), Buf::Cuda(_)) => std::ptr::null_mut(),
+        }
+    }
+
+    /// How the library queues work: the runner's stream on CUDA (with `workspace`, device
+    /// memory of `len` bytes, when given), nothing on the CPU.
+    pub fn launch(&self, workspace: Option<(*mut u8, usize)>) -> Launch<'static> {
+        match self {
+            Runner::Cpu(_) => Launch::default(),
+            Runner::Cuda(c) => {
+                // SAFETY: the runner's stream belongs to the device's primary context and lives
+                // as long as the runner, which outlives every call made with this launch.
+                let launch = unsafe { Launch::on_stream(c.stream.cu_stream() as *mut c_void) };
+                match workspace {
+                    // SAFETY: the caller hands a live device allocation of `len` bytes that
+                    // outlives the calls.
+                    Some((p, len)) => launch.with_workspace(unsafe {
+                        VectorMut::from_raw(p, len, Location::Cuda(c.ordinal))
+                    }),
+                    None => launch,
+                }
+            }
+        }
+    }
+
+    /// Runs `parts` once, in order, and waits for them.
+    pub fn run_parts(&self, parts: &[Part<'_>]) -> Result<(), String> {
+        for p in parts {
+            p()?;
+        }
+        self.sync()
+    }
+
+    /// Waits for the queued work (CUDA).
+    pub fn sync(&self) -> Result<(), String> {
+        match self {
+            Runner::Cpu(_) => Ok(()),
+            Runner::Cuda(c) => drv("cuStreamSynchronize", c.stream.synchronize()),
+        }
+    }
+
+    /// `iters` runs of the sequence `parts`, each part timed on its own. On the CPU: the host
+    /// clock around each call. On CUDA: events around each launch; before each run a 256 MiB
+    /// memset evicts the L2 cache (outside the timed events, as `triton.testing.do_bench`
+    /// does), and the runs are queued behind GPU work long enough to cover their enqueueing, so
+    /// that the events time the GPU, not the host's launch rate.
+    pub fn time_parts(&self, iters: usize, parts: &[Part<'_>]) -> Result<Timed, String> {
+        let mut out = vec![Vec::with_capacity(iters); parts.len()];
+        match self {
+            Runner::Cpu(_) => {
+                for _ in 0..iters {
+                    for (i, p) in parts.iter().enumerate() {
+                        let t0 = Instant::now();
+                        p()?;
+                        out[i].push(t0.elapsed().as_secs_f64());
+                    }
+                }
+                Ok(Timed {
+                    parts: out,
+                    host_s: None,
+                })
+            }
+            Runner::Cuda(c) => c.time_parts(iters, parts),
+        }
+    }
+}
+
+/// Times of [`Runner::time_parts`].
+pub struct Timed {
+    /// Seconds, `[part][iteration]`.
+    pub parts: Vec<Vec<f64>>,
+    /// CUDA: host seconds to enqueue one run of the parts (library call, validation, launches),
+    /// measured while the GPU was busy.
+    pub host_s: Option<f64>,
+}
+
+/// Bytes of the scratch buffer the CUDA timing writes to evict the L2 cache (50 MB on H100,
+/// 60 MB on H200) and to hold the GPU busy while runs are queued.
+const FLUSH_BYTES: usize = 256 << 20;
+
+// ------------------------------------------------------------------------------------------
 // CPU
 
 struct CpuGroup {
@@ -286,6 +487,9 @@ pub struct CudaRunner {
     stream: Arc<CudaStream>,
     ordinal: usize,
     group: Option<CudaGroup>,
+    /// The copy bandwidth measured by `copy_bandwidth` (bytes read + written per second), 0
+    /// before.
+    copy_bw: f64,
 }
 
 fn drv<T>(what: &str, r: Result<T, cudarc::driver::DriverError>) -> Result<T, String> {
@@ -308,6 +512,7 @@ impl CudaRunner {
             stream,
             ordinal,
             group: None,
+            copy_bw: 0.0,
         })
     }
 
@@ -335,6 +540,65 @@ impl CudaRunner {
             .collect()
     }
 
+    /// See [`Runner::time_parts`].
+    fn time_parts(&self, iters: usize, parts: &[Part<'_>]) -> Result<Timed, String> {
+        let s = &self.stream;
+        // Enqueue cost of one run (its results are overwritten by the timed runs).
+        let t0 = Instant::now();
+        for p in parts {
+            p()?;
+        }
+        let enqueue = t0.elapsed().as_secs_f64();
+        drv("cuStreamSynchronize", s.synchronize())?;
+        // SAFETY: the scratch is only written.
+        let scratch = drv("cuMemAlloc", unsafe { s.alloc::<u8>(FLUSH_BYTES) })?;
+        let sp = self.ptr(&scratch);
+        let memset = || {
+            // SAFETY: a live allocation of FLUSH_BYTES bytes used on this stream.
+            drv("cuMemsetD8", unsafe {
+                cudarc::driver::result::memset_d8_async(sp, 0, FLUSH_BYTES, s.cu_stream())
+            })
+        };
+        // GPU work ahead of the runs: at least 1.5 times what enqueueing them takes, assuming
+        // a memset writes no faster than the copy rate (read + write) measured in this run.
+        let rate = if self.copy_bw > 0.0 {
+            self.copy_bw
+        } else {
+            5e12
+        };
+        let ahead = 1.5 * enqueue * iters as f64 + 200e-6;
+        let count = ((ahead * rate / FLUSH_BYTES as f64).ceil() as usize).clamp(1, 64);
+        for _ in 0..count {
+            memset()?;
+        }
+        let per = parts.len() + 1;
+        let events = self.timing_events(iters * per)?;
+        let mut host = 0.0;
+        for run in events.chunks(per) {
+            memset()?; // evict the L2 cache: each run starts from DRAM
+            drv("cuEventRecord", run[0].record(s))?;
+            for (p, e) in parts.iter().zip(&run[1..]) {
+                let t0 = Instant::now();
+                p()?;
+                host += t0.elapsed().as_secs_f64();
+                drv("cuEventRecord", e.record(s))?;
+            }
+        }
+        let host_s = host / iters.max(1) as f64;
+        drv("cuStreamSynchronize (timed runs)", s.synchronize())?;
+        let mut out = vec![Vec::with_capacity(iters); parts.len()];
+        for run in events.chunks(per) {
+            for (j, t) in Self::elapsed(run)?.into_iter().enumerate() {
+                out[j].push(t);
+            }
+        }
+        drop(scratch);
+        Ok(Timed {
+            parts: out,
+            host_s: Some(host_s),
+        })
+    }
+
     /// A device-to-device copy of up to 1 GiB, timed with events, median of 10 after a warm-up.
     fn copy_bandwidth(&mut self) -> Result<(f64, String), String> {
         let (free, _) = drv("cuMemGetInfo", self.cu.mem_get_info())?;
@@ -358,6 +622,7 @@ impl CudaRunner {
         }
         drv("cuStreamSynchronize", self.stream.synchronize())?;
         let t = median(&Self::elapsed(&events)?);
+        self.copy_bw = 2.0 * bytes as f64 / t;
         Ok((
             2.0 * bytes as f64 / t,
             format!(

@@ -1,6 +1,8 @@
 //! `dk bench`: the divergence on the best backend present (or the one asked for), over
 //! model-realistic vocabularies, every result checked on sampled rows against the f64 reference,
-//! timed, and reported as a fraction of the copy-bandwidth floor measured in the same run.
+//! timed, and reported as a fraction of the copy-bandwidth floor measured in the same run; then
+//! MoE dispatch (route, permute, combine, forward and backward) for the shapes of ANCHORS.md,
+//! checked against the CPU backend (`moe.rs`).
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -13,29 +15,43 @@ use distill_kernels::{reference_row_divergence, Context, DType};
 use crate::backend::{median, Inputs, Outputs, Runner};
 use crate::cli::{self, usage, Opt, UsageError};
 use crate::data::{mix, sample_rows};
+use crate::moe::{self, MoeConfig, MoeRow, Shape, ALL_SHAPES};
 
 /// Qwen2.5/Qwen3, Phi-4-mini, Llama 4, Gemma-class vocabularies.
 pub const DEFAULT_VOCABS: [usize; 4] = [151_936, 200_064, 202_048, 262_144];
 
 pub const HELP: &str = "\
-dk bench: the divergence (forward KL, reverse KL, JSD) on the best backend present, checked and timed
+dk bench: the divergence (forward KL, reverse KL, JSD) and MoE dispatch (route, permute, combine,
+forward and backward) on the best backend present, checked and timed
 
 usage: dk bench [options]
 
 options:
   --device D        cpu | cuda | cuda:N | auto (default auto: CUDA device 0 when it is present
                     and its kernels load, else the CPU)
+  --ops O,...       divergence,moe (default both; 'all' also works)
   --kinds K,...     forward_kl,reverse_kl,jsd (default all three; 'all' also works)
-  --dtype T,...     bf16 | f16 | f32, or a list (default bf16); student and teacher share it
-  --rows N          rows per call (default 4096 on CUDA, 8 on the CPU; --quick: 1024 / 2)
+  --dtype T,...     bf16 | f16 | f32, or a list (default bf16); student and teacher share it,
+                    and it is the MoE activations' dtype (router logits are always f32)
+  --rows N          divergence rows per call (default 4096 on CUDA, 8 on the CPU; --quick:
+                    1024 / 2)
   --vocab V,...     vocabulary sizes (default 151936,200064,202048,262144)
   --iters K         timed runs per row, the median is reported (default 20 on CUDA, 5 on the
                     CPU; --quick: 5 / 1)
   --passes P        all | fwd+bwd | fwd (default all: forward+backward, then forward only)
   --beta B          JSD teacher weight in [0, 1] (default 0.5)
   --temperature T   softmax temperature > 0 (default 1.0)
-  --check-rows K    rows checked against the f64 reference per result (default 8; all rows when
-                    N <= K)
+  --check-rows K    rows checked against the reference per result (default 8 for the
+                    divergence, 64 for MoE outputs; all rows when there are at most K)
+  --tokens N        MoE tokens per shape (default 16384 on CUDA, 2048 on the CPU; --quick:
+                    2048 / 256)
+  --moe-shapes S,.. scout,maverick,qwen3 (default all three; 'all' also works):
+                      scout     Llama 4 Scout, H 5120, E 16, sigmoid top-1, weight scales the
+                                expert input (permute scaled, combine unweighted)
+                      maverick  H 5120, E 128, sigmoid top-1 (Llama 4 Maverick's router), weight
+                                on the combine
+                      qwen3     Qwen3-MoE, H 2048, E 128, softmax top-8 renormalised, weight on
+                                the combine
   --seed S          seed of the random logits (default: from the clock, printed)
   --quick           fewer rows and runs (what CI runs)
   --json PATH       also write every result to PATH as JSON
@@ -55,6 +71,20 @@ subnormal and lose several % to rounding alone; the error against the unrounded 
 the JSON), the loss as the largest relative error of the checked per-row losses and of the reduced
 loss. Tolerances: bf16/f16 gradient 1e-2, loss 1e-4; f32 both 1e-5. Every output is poisoned
 with NaN before the checked run; NaN never passes.
+
+MoE rows (per shape: route, permute fwd/bwd, combine fwd/bwd; backward = the kernels the
+library's backward is made of: permute's is a combine (weighted, plus a slot-dot for the weight
+gradient, when the forward scaled), combine's a permute (scaled, plus a slot-dot, when weighted)):
+median time, GB/s and fraction of the floor as cuda/MOE.md defines it (route N*E*4 + 4*(3*N*k + R);
+permute 2*R*H*b; combine and slot-dot (R + N)*H*b; b = element size, R = N*k permuted rows), and
+of the strict floor (each operand once). Checks: the route against the CPU backend on every token
+(on CUDA, f32 near-ties within 1e-5 may pick either expert: validated and counted), weights 1e-5,
+counts/offsets/perm/position exact; permute/combine/slot-dot against the CPU backend on sampled
+rows (unscaled permute bitwise; activations 1e-2 bf16/f16, 1e-5 f32; weight gradient 1e-5);
+outputs poisoned first and scanned for unwritten elements; and a second poisoned run must give
+bitwise identical outputs. On CUDA each MoE run is timed with events after a 256 MiB memset that
+evicts the L2 cache, queued behind GPU work so that the events time the GPU, not the host's
+launch rate; 'host us' is the host's time to enqueue one run (library calls and launches).
 
 exit status: 0 all checks passed, 1 a check failed or the run failed, 2 bad usage.
 ";
@@ -83,6 +113,10 @@ impl Pass {
 
 struct Config {
     device: DeviceChoice,
+    divergence: bool,
+    moe: bool,
+    moe_shapes: Vec<Shape>,
+    tokens: Option<usize>,
     kinds: Vec<Kind>,
     dtypes: Vec<DType>,
     rows: Option<usize>,
@@ -91,7 +125,8 @@ struct Config {
     passes: Vec<Pass>,
     beta: f32,
     temperature: f32,
-    check_rows: usize,
+    /// `--check-rows`, when given.
+    check_rows: Option<usize>,
     seed: Option<u64>,
     quick: bool,
     json: Option<PathBuf>,
@@ -104,6 +139,16 @@ fn parse_kind(s: &str) -> Result<Vec<Kind>, UsageError> {
     match Kind::from_name(s) {
         Some(k) => Ok(vec![k]),
         None => usage!("--kinds: unknown kind '{s}' (forward_kl, reverse_kl, jsd or all)"),
+    }
+}
+
+fn parse_shape(s: &str) -> Result<Vec<Shape>, UsageError> {
+    if s == "all" {
+        return Ok(ALL_SHAPES.to_vec());
+    }
+    match Shape::from_name(s) {
+        Some(x) => Ok(vec![x]),
+        None => usage!("--moe-shapes: unknown shape '{s}' (scout, maverick, qwen3 or all)"),
     }
 }
 
@@ -132,6 +177,9 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
         &["quick", "help"],
         &[
             "device",
+            "ops",
+            "moe-shapes",
+            "tokens",
             "kinds",
             "kind",
             "dtype",
@@ -148,6 +196,10 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
     )?;
     let mut c = Config {
         device: DeviceChoice::Auto,
+        divergence: true,
+        moe: true,
+        moe_shapes: ALL_SHAPES.to_vec(),
+        tokens: None,
         kinds: vec![Kind::ForwardKl, Kind::ReverseKl, Kind::Jsd],
         dtypes: vec![DType::BF16],
         rows: None,
@@ -156,7 +208,7 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
         passes: vec![Pass::FwdBwd, Pass::Fwd],
         beta: 0.5,
         temperature: 1.0,
-        check_rows: 8,
+        check_rows: None,
         seed: None,
         quick: false,
         json: None,
@@ -180,6 +232,25 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
                                 }
                             },
                         }
+                    }
+                    "ops" => {
+                        let ops = cli::list(&name, v, |s| match s {
+                            "divergence" | "moe" | "all" => Ok(s.to_string()),
+                            _ => usage!("--ops: unknown operation '{s}' (divergence, moe or all)"),
+                        })?;
+                        let all = ops.iter().any(|o| o == "all");
+                        c.divergence = all || ops.iter().any(|o| o == "divergence");
+                        c.moe = all || ops.iter().any(|o| o == "moe");
+                    }
+                    "moe-shapes" => {
+                        c.moe_shapes = dedup(cli::list(&name, v, parse_shape)?.concat());
+                    }
+                    "tokens" => {
+                        let n: usize = cli::number(&name, v)?;
+                        if n == 0 || n.saturating_mul(32) > i32::MAX as usize {
+                            usage!("--tokens must be in 1 ..= 2^26");
+                        }
+                        c.tokens = Some(n);
                     }
                     "kinds" | "kind" => {
                         c.kinds = dedup(cli::list(&name, v, parse_kind)?.concat());
@@ -227,10 +298,11 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
                         }
                     }
                     "check-rows" => {
-                        c.check_rows = cli::number(&name, v)?;
-                        if c.check_rows == 0 {
+                        let k: usize = cli::number(&name, v)?;
+                        if k == 0 {
                             usage!("--check-rows must be at least 1");
                         }
+                        c.check_rows = Some(k);
                     }
                     "seed" => c.seed = Some(cli::number(&name, v)?),
                     "json" => c.json = Some(PathBuf::from(v)),
@@ -426,7 +498,7 @@ impl Row {
     }
 }
 
-fn pct(x: f64) -> String {
+pub(crate) fn pct(x: f64) -> String {
     if !x.is_finite() {
         "-".into()
     } else if x < 0.01 {
@@ -438,7 +510,7 @@ fn pct(x: f64) -> String {
     }
 }
 
-fn sci(x: Option<f64>) -> String {
+pub(crate) fn sci(x: Option<f64>) -> String {
     match x {
         Some(x) if x.is_nan() => "NaN".into(),
         Some(0.0) => "0".into(),
@@ -482,7 +554,7 @@ fn format_row(r: &Row, copy_bw: f64) -> String {
     )
 }
 
-fn json_str(s: &str) -> String {
+pub(crate) fn json_str(s: &str) -> String {
     let mut o = String::with_capacity(s.len() + 2);
     o.push('"');
     for ch in s.chars() {
@@ -498,7 +570,7 @@ fn json_str(s: &str) -> String {
     o
 }
 
-fn json_num(x: f64) -> String {
+pub(crate) fn json_num(x: f64) -> String {
     if !x.is_finite() {
         "null".into()
     } else if x == 0.0 || (1e-4..1e15).contains(&x.abs()) {
@@ -508,7 +580,7 @@ fn json_num(x: f64) -> String {
     }
 }
 
-fn json_opt(x: Option<f64>) -> String {
+pub(crate) fn json_opt(x: Option<f64>) -> String {
     x.map_or("null".into(), json_num)
 }
 
@@ -522,10 +594,13 @@ struct RunInfo<'a> {
     seed: u64,
     started: u64,
     cfg: &'a Config,
+    check_rows: usize,
+    moe: Option<&'a MoeConfig<'a>>,
 }
 
-fn to_json(info: &RunInfo<'_>, rows: &[Row]) -> String {
-    let failed = rows.iter().filter(|r| !r.ok).count();
+fn to_json(info: &RunInfo<'_>, rows: &[Row], moe_rows: &[MoeRow]) -> String {
+    let failed = rows.iter().filter(|r| !r.ok).count() + moe_rows.iter().filter(|r| !r.ok).count();
+    let total = rows.len() + moe_rows.len();
     let mut s = String::from("{\n");
     s += &format!(
         "  \"tool\": \"dk bench\",\n  \"version\": {},\n",
@@ -546,10 +621,31 @@ fn to_json(info: &RunInfo<'_>, rows: &[Row]) -> String {
         "  \"rows\": {},\n  \"iters\": {},\n  \"seed\": {},\n  \"beta\": {},\n  \"temperature\": {},\n  \"reduction\": \"batchmean\",\n",
         info.n, info.iters, info.seed, info.cfg.beta, info.cfg.temperature
     );
-    s += &format!("  \"check_rows\": {},\n", info.cfg.check_rows.min(info.n));
+    s += &format!("  \"check_rows\": {},\n", info.check_rows.min(info.n));
+    let mut ops = Vec::new();
+    if info.cfg.divergence {
+        ops.push("\"divergence\"");
+    }
+    if info.moe.is_some() {
+        ops.push("\"moe\"");
+    }
+    s += &format!("  \"ops\": [{}],\n", ops.join(", "));
+    if let Some(m) = info.moe {
+        s += &format!(
+            "  \"moe\": {{\"tokens\": {}, \"iters\": {}, \"check_rows\": {}, \"shapes\": [{}], \"logits_dtype\": \"f32\"}},\n",
+            m.tokens,
+            m.iters,
+            m.check_rows,
+            m.shapes
+                .iter()
+                .map(|x| json_str(x.name()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     s += &format!(
         "  \"passed\": {},\n  \"failed\": {},\n  \"ok\": {},\n  \"results\": [\n",
-        rows.len() - failed,
+        total - failed,
         failed,
         failed == 0
     );
@@ -588,18 +684,22 @@ fn to_json(info: &RunInfo<'_>, rows: &[Row]) -> String {
             if i + 1 < rows.len() { "," } else { "" }
         );
     }
-    s += "  ]\n}\n";
+    s += "  ],\n";
+    s += &format!(
+        "  \"moe_results\": {}\n}}\n",
+        moe::to_json(moe_rows, info.copy_bw)
+    );
     s
 }
 
 /// Progress on stderr: rewritten in place on a terminal, one line each otherwise.
-struct Progress {
+pub(crate) struct Progress {
     tty: bool,
     dirty: bool,
 }
 
 impl Progress {
-    fn show(&mut self, msg: &str) {
+    pub(crate) fn show(&mut self, msg: &str) {
         let mut e = std::io::stderr().lock();
         if self.tty {
             let _ = write!(e, "\r\x1b[2K{msg}");
@@ -610,7 +710,7 @@ impl Progress {
         let _ = e.flush();
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         if self.dirty {
             let _ = write!(std::io::stderr(), "\r\x1b[2K");
             self.dirty = false;
@@ -657,6 +757,10 @@ pub fn run(args: &[String]) -> i32 {
             return 2;
         }
     };
+    if !cfg.divergence && !cfg.moe {
+        eprintln!("dk bench: error: nothing to run (--ops)");
+        return 2;
+    }
     let mut runner = match choose_runner(cfg.device) {
         Ok(r) => r,
         Err(e) => {
@@ -677,6 +781,13 @@ pub fn run(args: &[String]) -> i32 {
         (false, false) => 5,
         (false, true) => 1,
     });
+    let tokens = cfg.tokens.unwrap_or(match (cuda, cfg.quick) {
+        (true, false) => 16384,
+        (true, true) => 2048,
+        (false, false) => 2048,
+        (false, true) => 256,
+    });
+    let check_rows = cfg.check_rows.unwrap_or(8);
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -686,6 +797,14 @@ pub fn run(args: &[String]) -> i32 {
             .map_or(0, |d| d.as_nanos() as u64);
         mix(&[nanos, std::process::id() as u64]) % 1_000_000_007
     });
+    let moe_cfg = MoeConfig {
+        shapes: &cfg.moe_shapes,
+        dtypes: &cfg.dtypes,
+        tokens,
+        iters,
+        check_rows: cfg.check_rows.unwrap_or(64),
+        seed,
+    };
     let device = runner.describe();
     let t_start = Instant::now();
 
@@ -705,40 +824,145 @@ pub fn run(args: &[String]) -> i32 {
     progress.clear();
     outln!("dk bench {} on {device}", distill_kernels::VERSION);
     outln!(
-        "copy bandwidth {:.1} GB/s ({copy_method}; bytes read + written)",
+        "copy bandwidth {:.1} GB/s ({copy_method}; bytes read + written), seed {seed}",
         copy_bw / 1e9
-    );
-    outln!(
-        "rows {n}, median of {iters} timed run(s) after a checked one, seed {seed}, beta {}, T {}, batchmean, {} rows checked per result",
-        cfg.beta,
-        cfg.temperature,
-        cfg.check_rows.min(n)
-    );
-    outln!(
-        "floor = bytes / copy bandwidth; bytes = 3*N*V*size (fwd+bwd: read s, t, write grad), 2*N*V*size (fwd)"
-    );
-    outln!(
-        "grad rel = ||g - r|| / ||ref||, r = f64 reference rounded to the dtype; loss rel = max over checked rows and the reduced loss"
     );
     if !cuda {
         outln!("note: the CPU backend is the exact f64 reference; its times say nothing about the GPU kernels");
     }
-    outln!();
-    outln!("{HEADER}");
-    let _ = std::io::stdout().flush();
 
-    let total = cfg.dtypes.len() * cfg.vocabs.len() * cfg.kinds.len() * cfg.passes.len();
+    let div_total = if cfg.divergence {
+        cfg.dtypes.len() * cfg.vocabs.len() * cfg.kinds.len() * cfg.passes.len()
+    } else {
+        0
+    };
+    let total = div_total + if cfg.moe { moe::count(&moe_cfg) } else { 0 };
     let mut done = 0;
-    let mut rows: Vec<Row> = Vec::with_capacity(total);
+    let mut rows: Vec<Row> = Vec::with_capacity(div_total);
+    if cfg.divergence {
+        outln!();
+        outln!(
+            "divergence: rows {n}, median of {iters} timed run(s) after a checked one, beta {}, T {}, batchmean, {} rows checked per result",
+            cfg.beta,
+            cfg.temperature,
+            check_rows.min(n)
+        );
+        outln!(
+            "floor = bytes / copy bandwidth; bytes = 3*N*V*size (fwd+bwd: read s, t, write grad), 2*N*V*size (fwd)"
+        );
+        outln!(
+            "grad rel = ||g - r|| / ||ref||, r = f64 reference rounded to the dtype; loss rel = max over checked rows and the reduced loss"
+        );
+        outln!();
+        outln!("{HEADER}");
+        let _ = std::io::stdout().flush();
+        let div = DivergenceRun {
+            n,
+            iters,
+            seed,
+            check_rows,
+            copy_bw,
+            total,
+        };
+        rows = run_divergence(&mut runner, &cfg, &div, &mut progress, &mut done);
+    }
+    let mut moe_rows: Vec<MoeRow> = Vec::new();
+    if cfg.moe {
+        outln!();
+        moe::print_header(&moe_cfg, cuda);
+        let _ = std::io::stdout().flush();
+        moe_rows = moe::run(&runner, &moe_cfg, copy_bw, &mut progress, &mut done, total);
+    }
+    progress.clear();
+
+    let failed = rows.iter().filter(|r| !r.ok).count() + moe_rows.iter().filter(|r| !r.ok).count();
+    let results = rows.len() + moe_rows.len();
+    if let Some(path) = &cfg.json {
+        let info = RunInfo {
+            device: &device,
+            backend: if cuda { "cuda" } else { "cpu" },
+            copy_bw,
+            copy_method: &copy_method,
+            n,
+            iters,
+            seed,
+            started,
+            cfg: &cfg,
+            check_rows,
+            moe: cfg.moe.then_some(&moe_cfg),
+        };
+        if let Err(e) = std::fs::write(path, to_json(&info, &rows, &moe_rows)) {
+            eprintln!("dk bench: error: cannot write {}: {e}", path.display());
+            return 1;
+        }
+    }
+    let best = rows
+        .iter()
+        .filter(|r| r.ok && r.pass == Pass::FwdBwd)
+        .max_by(|a, b| a.gbps().total_cmp(&b.gbps()));
+    let best_txt = best.map_or(String::new(), |r| {
+        format!(
+            "; best fwd+bwd {} of floor ({} {} {}x{})",
+            pct(r.gbps() * 1e9 / copy_bw),
+            r.dtype.name(),
+            r.kind.name(),
+            r.n,
+            r.v
+        )
+    });
+    let split = match (cfg.divergence, cfg.moe) {
+        (true, true) => format!(" ({} divergence, {} MoE)", rows.len(), moe_rows.len()),
+        (true, false) => " (divergence)".to_string(),
+        (false, _) => " (MoE)".to_string(),
+    };
+    outln!();
+    if failed == 0 {
+        outln!(
+            "dk bench: all {results} results{split} passed on {device}{best_txt}; copy {:.1} GB/s; {:.1} s",
+            copy_bw / 1e9,
+            t_start.elapsed().as_secs_f64()
+        );
+        0
+    } else {
+        outln!(
+            "dk bench: FAILED {failed} of {results} results{split} on {device}{best_txt}; copy {:.1} GB/s; {:.1} s",
+            copy_bw / 1e9,
+            t_start.elapsed().as_secs_f64()
+        );
+        1
+    }
+}
+
+/// The divergence section's settings.
+struct DivergenceRun {
+    n: usize,
+    iters: usize,
+    seed: u64,
+    check_rows: usize,
+    copy_bw: f64,
+    /// Results of the whole run (for the progress line).
+    total: usize,
+}
+
+/// The divergence rows: every dtype × vocabulary × kind × pass, printed as they complete.
+fn run_divergence(
+    runner: &mut Runner,
+    cfg: &Config,
+    d: &DivergenceRun,
+    progress: &mut Progress,
+    done: &mut usize,
+) -> Vec<Row> {
+    let (n, iters, total) = (d.n, d.iters, d.total);
+    let mut rows: Vec<Row> = Vec::new();
     for &dtype in &cfg.dtypes {
         for &v in &cfg.vocabs {
-            let samples = sample_rows(n, cfg.check_rows, mix(&[seed, v as u64]));
+            let samples = sample_rows(n, d.check_rows, mix(&[d.seed, v as u64]));
             progress.show(&format!(
                 "[{}/{total}] {} {n}x{v}: generating inputs ...",
-                done + 1,
+                *done + 1,
                 dtype.name()
             ));
-            let loaded = runner.load(dtype, n, v, seed, &samples);
+            let loaded = runner.load(dtype, n, v, d.seed, &samples);
             for &kind in &cfg.kinds {
                 let params = Params {
                     kind,
@@ -748,7 +972,7 @@ pub fn run(args: &[String]) -> i32 {
                 };
                 let mut refs: Option<Vec<RefRow>> = None;
                 for &pass in &cfg.passes {
-                    done += 1;
+                    *done += 1;
                     progress.show(&format!(
                         "[{done}/{total}] {} {} {n}x{v} {} ...",
                         dtype.name(),
@@ -798,7 +1022,7 @@ pub fn run(args: &[String]) -> i32 {
                         }
                     }
                     progress.clear();
-                    outln!("{}", format_row(&row, copy_bw));
+                    outln!("{}", format_row(&row, d.copy_bw));
                     let _ = std::io::stdout().flush();
                     rows.push(row);
                 }
@@ -807,57 +1031,7 @@ pub fn run(args: &[String]) -> i32 {
         }
     }
     progress.clear();
-
-    let failed = rows.iter().filter(|r| !r.ok).count();
-    if let Some(path) = &cfg.json {
-        let info = RunInfo {
-            device: &device,
-            backend: if cuda { "cuda" } else { "cpu" },
-            copy_bw,
-            copy_method: &copy_method,
-            n,
-            iters,
-            seed,
-            started,
-            cfg: &cfg,
-        };
-        if let Err(e) = std::fs::write(path, to_json(&info, &rows)) {
-            eprintln!("dk bench: error: cannot write {}: {e}", path.display());
-            return 1;
-        }
-    }
-    let best = rows
-        .iter()
-        .filter(|r| r.ok && r.pass == Pass::FwdBwd)
-        .max_by(|a, b| a.gbps().total_cmp(&b.gbps()));
-    let best_txt = best.map_or(String::new(), |r| {
-        format!(
-            "; best fwd+bwd {} of floor ({} {} {}x{})",
-            pct(r.gbps() * 1e9 / copy_bw),
-            r.dtype.name(),
-            r.kind.name(),
-            r.n,
-            r.v
-        )
-    });
-    outln!();
-    if failed == 0 {
-        outln!(
-            "dk bench: all {} results passed on {device}{best_txt}; copy {:.1} GB/s; {:.1} s",
-            rows.len(),
-            copy_bw / 1e9,
-            t_start.elapsed().as_secs_f64()
-        );
-        0
-    } else {
-        outln!(
-            "dk bench: FAILED {failed} of {} results on {device}{best_txt}; copy {:.1} GB/s; {:.1} s",
-            rows.len(),
-            copy_bw / 1e9,
-            t_start.elapsed().as_secs_f64()
-        );
-        1
-    }
+    rows
 }
 
 #[cfg(test)]
@@ -885,7 +1059,25 @@ mod tests {
         assert_eq!(c.dtypes, vec![DType::F32, DType::BF16]);
         assert_eq!(c.vocabs, vec![1000]);
         assert_eq!(c.device, DeviceChoice::Cuda(1));
+        assert!(c.divergence && c.moe);
+        assert_eq!(c.moe_shapes, ALL_SHAPES.to_vec());
         assert!(parse(&args(&["--help"])).unwrap().is_none());
+        let c = parse(&args(&[
+            "--ops",
+            "moe",
+            "--moe-shapes",
+            "qwen3,scout",
+            "--tokens=512",
+            "--check-rows",
+            "3",
+        ]))
+        .unwrap()
+        .unwrap();
+        assert!(!c.divergence && c.moe);
+        assert_eq!(c.moe_shapes, vec![Shape::Qwen3, Shape::Scout]);
+        assert_eq!((c.tokens, c.check_rows), (Some(512), Some(3)));
+        let c = parse(&args(&["--ops", "divergence"])).unwrap().unwrap();
+        assert!(c.divergence && !c.moe);
     }
 
     #[test]
@@ -898,6 +1090,9 @@ mod tests {
             &["--temperature", "0"],
             &["--device", "tpu"],
             &["--vocab", "0"],
+            &["--ops", "attention"],
+            &["--moe-shapes", "mixtral"],
+            &["--tokens", "0"],
             &["--frobnicate"],
         ] {
             assert!(parse(&args(bad)).is_err(), "{bad:?}");

@@ -60,36 +60,46 @@ pub fn mix(parts: &[u64]) -> u64 {
     r.next_u64()
 }
 
-/// A host buffer aligned for any element type (the CPU backend reads it as `f32`/`bf16`/`f16`).
+/// 16 bytes, 16-byte aligned: the storage unit of [`HostBuf`].
+#[derive(Clone, Copy)]
+#[repr(C, align(16))]
+struct Block([u8; 16]);
+
+/// A host buffer aligned to 16 bytes: for any element type (the CPU backend reads it as
+/// `f32`/`bf16`/`f16`) and for the MoE row operations, whose rows must start on 16 bytes.
 pub struct HostBuf {
-    words: Vec<u64>,
+    blocks: Vec<Block>,
     bytes: usize,
 }
 
 impl HostBuf {
     pub fn zeroed(bytes: usize) -> Self {
         HostBuf {
-            words: vec![0u64; bytes.div_ceil(8)],
+            blocks: vec![Block([0; 16]); bytes.div_ceil(16)],
             bytes,
         }
     }
 
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
-        // SAFETY: u64 storage reinterpreted as the first `bytes` bytes it holds.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.bytes) }
+        // SAFETY: the blocks' bytes reinterpreted as the first `bytes` bytes they hold.
+        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr().cast::<u8>(), self.bytes) }
     }
 
     pub fn as_bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as above, uniquely borrowed.
-        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.bytes) }
+        unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast::<u8>(), self.bytes) }
     }
 
     pub fn ptr(&self) -> *const u8 {
-        self.words.as_ptr().cast()
+        self.blocks.as_ptr().cast()
     }
 
     pub fn ptr_mut(&mut self) -> *mut u8 {
-        self.words.as_mut_ptr().cast()
+        self.blocks.as_mut_ptr().cast()
     }
 }
 
@@ -175,6 +185,42 @@ fn fill_one_row(seed: u64, dtype: DType, s_row: &mut [u8], t_row: &mut [u8]) {
         store(dtype, x, s);
         store(dtype, TEACHER_SLOPE * x + TEACHER_NOISE * z2, t);
     }
+}
+
+/// Fills `out` (rows of `cols` elements of `dtype`, contiguous) with N(0, `sigma`²) values, on
+/// all available cores. Row `i` of the buffer is drawn from its own generator (seeded from
+/// `seed`, the dtype, `cols` and `i`), so the values do not depend on the thread count.
+pub fn fill_normal(seed: u64, dtype: DType, cols: usize, sigma: f64, out: &mut [u8]) {
+    let row_bytes = cols * dtype.size();
+    if row_bytes == 0 {
+        return;
+    }
+    let rows = out.len() / row_bytes;
+    debug_assert_eq!(out.len(), rows * row_bytes);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(rows)
+        .max(1);
+    let per = rows.div_ceil(threads).max(1);
+    let size = dtype.size();
+    std::thread::scope(|scope| {
+        for (c, chunk) in out.chunks_mut(per * row_bytes).enumerate() {
+            scope.spawn(move || {
+                for (j, row) in chunk.chunks_mut(row_bytes).enumerate() {
+                    let i = c * per + j;
+                    let mut rng = Rng::new(mix(&[seed, dtype as u64, cols as u64, i as u64]));
+                    for pair in row.chunks_mut(2 * size) {
+                        let (z1, z2) = rng.normal_pair();
+                        let (a, b) = pair.split_at_mut(size);
+                        store(dtype, sigma * z1, a);
+                        if !b.is_empty() {
+                            store(dtype, sigma * z2, b);
+                        }
+                    }
+                }
+            });
+        }
+    });
 }
 
 /// Distinct rows to check against the reference (sorted): all when `n ≤ k`, else the first, the

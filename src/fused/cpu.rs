@@ -1,0 +1,380 @@
+//! CPU backend of the fused linear divergence: the exact reference. f64 throughout (logits by
+//! plain dot products, the divergence of [`crate::divergence::cpu::row_divergence`], the chain
+//! rule, both gradient products), multi-threaded over rows (and over vocabulary rows for the
+//! weight gradient), one rounding per output element.
+//!
+//! Chunks only bound the scratch memory: every f64 sum runs in the same order whatever the chunk
+//! size (a weight-gradient row accumulates its rows in row order, across chunks), so the results
+//! are bitwise independent of `chunk_rows`.
+
+use half::{bf16, f16};
+
+use super::{FusedLinearParams, RawFusedLinear};
+use crate::divergence::cpu::{reduction_scale, row_divergence};
+use crate::divergence::Kind;
+use crate::error::Result;
+use crate::tensor::{DType, Element};
+
+/// Reads a `rows × cols` matrix with `stride` into a compact f64 buffer.
+///
+/// # Safety
+/// `ptr` must be valid host memory for the matrix.
+unsafe fn read_matrix(
+    ptr: *const u8,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    stride: usize,
+) -> Vec<f64> {
+    unsafe fn widen<T: Element>(p: *const u8, rows: usize, cols: usize, stride: usize) -> Vec<f64> {
+        let mut out = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            // SAFETY: the caller guarantees the rows are in bounds.
+            let src = unsafe { std::slice::from_raw_parts(p.cast::<T>().add(r * stride), cols) };
+            out.extend(src.iter().map(|x| x.to_f64()));
+        }
+        out
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match dtype {
+            DType::F32 => widen::<f32>(ptr, rows, cols, stride),
+            DType::BF16 => widen::<bf16>(ptr, rows, cols, stride),
+            DType::F16 => widen::<f16>(ptr, rows, cols, stride),
+        }
+    }
+}
+
+/// Writes the compact `rows × cols` values into a matrix with `stride`, rounding once to
+/// `dtype`; with `accumulate` the matrix's previous values are added first (in f64).
+///
+/// # Safety
+/// `ptr` must be valid, writable host memory for the matrix, not accessed by anyone else meanwhile.
+unsafe fn store_matrix(
+    ptr: *mut u8,
+    dtype: DType,
+    stride: usize,
+    cols: usize,
+    values: &[f64],
+    accumulate: bool,
+) {
+    unsafe fn narrow<T: Element>(
+        p: *mut u8,
+        stride: usize,
+        cols: usize,
+        values: &[f64],
+        accumulate: bool,
+    ) {
+        for (r, row) in values.chunks_exact(cols).enumerate() {
+            // SAFETY: the caller guarantees the rows are in bounds and exclusively ours.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(p.cast::<T>().add(r * stride), cols) };
+            for (d, &x) in dst.iter_mut().zip(row) {
+                let prev = if accumulate { d.to_f64() } else { 0.0 };
+                *d = T::from_f64(if accumulate { prev + x } else { x });
+            }
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match dtype {
+            DType::F32 => narrow::<f32>(ptr, stride, cols, values, accumulate),
+            DType::BF16 => narrow::<bf16>(ptr, stride, cols, values, accumulate),
+            DType::F16 => narrow::<f16>(ptr, stride, cols, values, accumulate),
+        }
+    }
+}
+
+/// Runs `f(first_row, rows_a, rows_b)` over contiguous row ranges of `a` (`wa` values per row)
+/// and `b` (`wb` per row) on up to all cores; `rows` rows in all.
+fn par_rows(
+    rows: usize,
+    a: &mut [f64],
+    wa: usize,
+    b: &mut [f64],
+    wb: usize,
+    f: impl Fn(usize, &mut [f64], &mut [f64]) + Sync,
+) {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(rows)
+        .max(1);
+    let per = rows.div_ceil(threads);
+    if threads == 1 {
+        f(0, a, b);
+        return;
+    }
+    std::thread::scope(|scope| {
+        let mut a_rest = a;
+        let mut b_rest = b;
+        let mut first = 0;
+        while first < rows {
+            let take = per.min(rows - first);
+            let (a_now, a_next) = std::mem::take(&mut a_rest).split_at_mut(take * wa);
+            let (b_now, b_next) = std::mem::take(&mut b_rest).split_at_mut(take * wb);
+            (a_rest, b_rest) = (a_next, b_next);
+            let f = &f;
+            scope.spawn(move || f(first, a_now, b_now));
+            first += take;
+        }
+    });
+}
+
+fn dot(x: &[f64], y: &[f64]) -> f64 {
+    x.iter().zip(y).map(|(a, b)| a * b).sum()
+}
+
+/// Logits of one row, `z_j = scale · (hidden · weight_j)`, soft-capped when `cap` is set, written
+/// to `out`; `dcap` (when not empty) receives `d(capped)/d(scaled)` = `1 − tanh²(z / cap)`.
+fn row_logits(
+    hidden: &[f64],
+    weight: &[f64],
+    scale: f64,
+    cap: Option<f64>,
+    out: &mut [f64],
+    dcap: &mut [f64],
+) {
+    let h = hidden.len();
+    for (j, o) in out.iter_mut().enumerate() {
+        let z = scale * dot(hidden, &weight[j * h..(j + 1) * h]);
+        *o = match cap {
+            None => z,
+            Some(c) => {
+                let t = (z / c).tanh();
+                if !dcap.is_empty() {
+                    dcap[j] = 1.0 - t * t;
+                }
+                c * t
+            }
+        };
+    }
+}
+
+/// The divergence settings every row uses.
+#[derive(Clone, Copy)]
+struct RowMath {
+    kind: Kind,
+    beta: f64,
+    inv_t: f64,
+    logit_scale: f64,
+    cap: Option<f64>,
+    /// The reduction's factor (1, 1 / valid rows or 1 / num_items).
+    reduction: f64,
+}
+
+/// Copyable raw pointers for the worker threads (only the labels are read through it).
+#[derive(Clone, Copy)]
+struct Labels(*const i64);
+// SAFETY: read-only host memory, valid for the whole call.
+unsafe impl Send for Labels {}
+// SAFETY: as above.
+unsafe impl Sync for Labels {}
+
+impl Labels {
+    /// True when row `r` has a label equal to `ignore`.
+    ///
+    /// # Safety
+    /// `r` must be below the number of labels (when there are labels).
+    unsafe fn ignored(&self, r: usize, ignore: i64) -> bool {
+        // SAFETY: forwarded from the caller.
+        !self.0.is_null() && unsafe { *self.0.add(r) } == ignore
+    }
+}
+
+/// Runs the whole call on the host.
+///
+/// # Safety
+/// The pointers of `raw` must be valid host memory for the shapes it describes, outputs disjoint
+/// from the inputs and from each other (validated by the caller).
+pub(crate) unsafe fn fused_linear(raw: &RawFusedLinear, params: &FusedLinearParams) -> Result<()> {
+    let (n, v, h, ht) = (raw.n, raw.v, raw.h, raw.ht);
+    let dp = &params.divergence;
+    let math = RowMath {
+        kind: dp.effective_kind(),
+        beta: dp.beta as f64,
+        inv_t: 1.0 / dp.temperature as f64,
+        logit_scale: params.logit_scale as f64,
+        cap: params.softcap.map(|c| c as f64),
+        // SAFETY: labels are null or n host values (validated).
+        reduction: unsafe { reduction_scale(raw.labels, n, dp) },
+    };
+    // SAFETY: the four inputs are valid host matrices of the validated shapes.
+    let (sh, sw, th, tw) = unsafe {
+        (
+            read_matrix(
+                raw.student_hidden,
+                raw.dtype,
+                n,
+                h,
+                raw.student_hidden_stride,
+            ),
+            read_matrix(
+                raw.student_weight,
+                raw.dtype,
+                v,
+                h,
+                raw.student_weight_stride,
+            ),
+            read_matrix(
+                raw.teacher_hidden,
+                raw.dtype,
+                n,
+                ht,
+                raw.teacher_hidden_stride,
+            ),
+            read_matrix(
+                raw.teacher_weight,
+                raw.dtype,
+                v,
+                ht,
+                raw.teacher_weight_stride,
+            ),
+        )
+    };
+    let (want_gh, want_gw) = (!raw.grad_hidden.is_null(), !raw.grad_weight.is_null());
+    let want_grad = want_gh || want_gw;
+    let labels = Labels(raw.labels);
+    let ignore = dp.ignore_index;
+    let chunk = params.rows_per_chunk(n, v, h, ht);
+
+    let mut row_loss = vec![0.0f64; n];
+    let mut grad_hidden = vec![0.0f64; if want_gh { n * h } else { 0 }];
+    let mut grad_weight = vec![0.0f64; if want_gw { v * h } else { 0 }];
+    // G = d(reduced loss) / d(raw logits) of the chunk's rows, `rows × v`.
+    let mut g = vec![0.0f64; if want_grad { chunk * v } else { 0 }];
+    let gw = if want_grad { v } else { 0 };
+
+    for r0 in (0..n).step_by(chunk) {
+        let rows = chunk.min(n - r0);
+        let g = &mut g[..rows * gw];
+        // Logits, divergence and G, row by row.
+        par_rows(
+            rows,
+            g,
+            gw,
+            &mut row_loss[r0..r0 + rows],
+            1,
+            |first, g_rows, losses| {
+                let mut b = vec![0.0f64; v];
+                let mut a = vec![0.0f64; v];
+                let mut dcap = vec![
+                    0.0f64;
+                    if want_grad && math.cap.is_some() {
+                        v
+                    } else {
+                        0
+                    }
+                ];
+                let mut none: [f64; 0] = [];
+                for (k, loss) in losses.iter_mut().enumerate() {
+                    let r = r0 + first + k;
+                    let g_row = &mut g_rows[k * gw..(k + 1) * gw];
+                    // SAFETY: r < n, and the labels hold n values when non-null.
+                    if unsafe { labels.ignored(r, ignore) } {
+                        *loss = 0.0;
+                        g_row.fill(0.0);
+                        continue;
+                    }
+                    let s = math.logit_scale;
+                    row_logits(&sh[r * h..(r + 1) * h], &sw, s, math.cap, &mut b, &mut dcap);
+                    row_logits(
+                        &th[r * ht..(r + 1) * ht],
+                        &tw,
+                        s,
+                        math.cap,
+                        &mut a,
+                        &mut none,
+                    );
+                    b.iter_mut().for_each(|x| *x *= math.inv_t);
+                    a.iter_mut().for_each(|x| *x *= math.inv_t);
+                    let grad = want_grad.then_some(&mut *g_row);
+                    let l = row_divergence(math.kind, math.beta, &b, &a, grad);
+                    // A divergence is >= 0; rounding of equal rows can give -1e-16 (NaN stays).
+                    *loss = if l < 0.0 { 0.0 } else { l };
+                    if want_grad {
+                        let f = math.reduction * math.inv_t * math.logit_scale;
+                        for (j, x) in g_row.iter_mut().enumerate() {
+                            *x *= if dcap.is_empty() { f } else { f * dcap[j] };
+                        }
+                    }
+                }
+            },
+        );
+        let g = &*g;
+        // grad_hidden[r] = Σ_j G[r, j] · W_j.
+        if want_gh {
+            let mut unused: [f64; 0] = [];
+            par_rows(
+                rows,
+                &mut grad_hidden[r0 * h..(r0 + rows) * h],
+                h,
+                &mut unused,
+                0,
+                |first, out, _| {
+                    for (k, o) in out.chunks_exact_mut(h).enumerate() {
+                        let g_row = &g[(first + k) * v..(first + k + 1) * v];
+                        for (j, &gj) in g_row.iter().enumerate() {
+                            let w = &sw[j * h..(j + 1) * h];
+                            for (oc, &wc) in o.iter_mut().zip(w) {
+                                *oc += gj * wc;
+                            }
+                        }
+                    }
+                },
+            );
+        }
+        // grad_weight[j] += Σ_r G[r, j] · hidden_r, rows in order (across chunks too).
+        if want_gw {
+            let mut unused: [f64; 0] = [];
+            par_rows(v, &mut grad_weight, h, &mut unused, 0, |first, out, _| {
+                for (jj, o) in out.chunks_exact_mut(h).enumerate() {
+                    let j = first + jj;
+                    for k in 0..rows {
+                        let gkj = g[k * v + j];
+                        let x = &sh[(r0 + k) * h..(r0 + k + 1) * h];
+                        for (oc, &xc) in o.iter_mut().zip(x) {
+                            *oc += gkj * xc;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    if !raw.per_token.is_null() {
+        // SAFETY: per_token holds n f32 values, disjoint from everything else.
+        let out = unsafe { std::slice::from_raw_parts_mut(raw.per_token, n) };
+        for (o, &l) in out.iter_mut().zip(&row_loss) {
+            *o = l as f32;
+        }
+    }
+    if !raw.loss.is_null() {
+        let total: f64 = row_loss.iter().sum();
+        // SAFETY: loss holds one f32.
+        unsafe { *raw.loss = (total * math.reduction) as f32 };
+    }
+    // SAFETY: validated, disjoint output matrices of the described shapes.
+    unsafe {
+        if want_gh {
+            store_matrix(
+                raw.grad_hidden,
+                raw.grad_hidden_dtype,
+                raw.grad_hidden_stride,
+                h,
+                &grad_hidden,
+                params.accumulate,
+            );
+        }
+        if want_gw {
+            store_matrix(
+                raw.grad_weight,
+                raw.grad_weight_dtype,
+                raw.grad_weight_stride,
+                h,
+                &grad_weight,
+                params.accumulate,
+            );
+        }
+    }
+    Ok(())
+}

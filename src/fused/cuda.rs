@@ -1,0 +1,952 @@
+//! CUDA backend of the fused linear divergence: cuBLAS matrix products (cudarc, `libcublas`
+//! loaded at run time) around the divergence's row kernel and the elementwise kernels of
+//! `cuda/fused.cu`, chunk by chunk on the caller's stream. Design, memory and costs:
+//! `cuda/FUSED.md`.
+//!
+//! Per chunk of `c` rows, with `S` and `T` the chunk's f32 logits in the workspace
+//! (`c × ld` each, `ld` = V rounded up to 8, `T` right after `S`):
+//!
+//! 1. `S = logit_scale · Xs Wsᵀ`, `T = logit_scale · Xt Wtᵀ` (two GEMMs, f32 output, f32 compute);
+//! 2. with a softcap, `dk_fused_softcap` in place over `S` and `T`;
+//! 3. the divergence row kernel (f32 student, f32 teacher) on the chunk, its per-row losses into
+//!    the chunk's slice of the per-row buffer and its gradient w.r.t. the capped logits written
+//!    over `T` (each element is read and written by the same thread: see cuda/fused.cu), with a
+//!    loss scale of 1;
+//! 4. `dk_fused_grad_<dtype>`: `G = T · (1 − (S/cap)²)` converted to the input dtype and written
+//!    over `S` (bf16/f16, row stride `2·ld`), or over `T` in place (f32; skipped without softcap);
+//! 5. `grad_hidden[chunk] = α · G Ws` and `grad_weight (+)= α · Gᵀ Xs[chunk]`, `α` = loss scale ×
+//!    logit_scale read from device memory (the scale is only known on the device: it counts the
+//!    valid labels), `β` = 1 when accumulating (and for `grad_weight` after the first chunk).
+//!
+//! Before the chunks `dk_div_prepare` writes the loss scale over all N labels and
+//! `dk_fused_constants` derives `α` and the constants 0 and 1 that `β` points to; after them
+//! `dk_div_finish` reduces the N per-row losses once.
+//!
+//! ## Row-major operands through column-major cuBLAS
+//!
+//! A row-major `[r, k]` matrix with row stride `s` is, read column-major with leading dimension
+//! `s`, its transpose (`k × r`). So, with every matrix below stored row-major:
+//!
+//! - logits `L[c, V] = X[c, H] · W[V, H]ᵀ` ⇔ `Lᵀ (V×c) = W (V×H) · Xᵀ (H×c)`: the W buffer read
+//!   column-major is `Wᵀ` (H×V), so `transa = T` (lda = W's row stride), the X buffer is `Xᵀ`,
+//!   `transb = N` (ldb = X's row stride), `C` = L's buffer (ldc = `ld`); `m = V, n = c, k = H`.
+//! - `grad_hidden GH[c, H] = G[c, V] · W[V, H]` ⇔ `GHᵀ (H×c) = Wᵀ (H×V) · Gᵀ (V×c)`: `transa = N`
+//!   on the W buffer, `transb = N` on the G buffer (ldb = G's row stride), `C` = GH's buffer;
+//!   `m = H, n = c, k = V`.
+//! - `grad_weight GW[V, H] = Gᵀ[V, c] · X[c, H]` ⇔ `GWᵀ (H×V) = Xᵀ (H×c) · G (c×V)`: `transa = N`
+//!   on the X buffer, `transb = T` on the G buffer, `C` = GW's buffer; `m = H, n = V, k = c`.
+//!
+//! (PyTorch's `F.linear` and its two backward products use the same TN / NN / NT forms.)
+
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use cudarc::cublas::result::{self as blas, CublasError};
+use cudarc::cublas::sys as bsys;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+
+use super::{FusedLinearParams, RawFusedLinear};
+use crate::device::{CudaDevice, Launch};
+use crate::divergence::cuda::{DivergenceArgs, RowKernels};
+use crate::error::{bail, Error, ErrorKind, Result};
+use crate::tensor::{DType, Location};
+
+/// Every kernel of `cuda/fused.cu`, loaded when a CUDA context opens.
+pub(crate) const KERNEL_NAMES: &[&str] = &[
+    "dk_fused_constants",
+    "dk_fused_softcap",
+    "dk_fused_grad_f32",
+    "dk_fused_grad_bf16",
+    "dk_fused_grad_f16",
+];
+
+/// Alignment of every region of the workspace (cuBLAS wants 256 bytes for its workspace).
+const ALIGN: usize = 256;
+/// cuBLAS's workspace, handed to it with `cublasSetWorkspace` on every call: NVIDIA recommends
+/// 32 MiB on Hopper (4 MiB before). Our own buffer makes concurrent calls on different streams
+/// safe (cuBLAS's default pool is shared by the handle's streams) and keeps cuBLAS from
+/// allocating inside a CUDA graph capture.
+const CUBLAS_WORKSPACE: usize = 32 << 20;
+/// Automatic chunks: the chunk's two f32 logit buffers stay within this many bytes.
+const AUTO_CHUNK_BYTES: usize = 3 << 29; // 1.5 GiB
+/// Automatic chunks are multiples of this many rows (GEMM tiles), unless one chunk holds all N.
+const CHUNK_MULTIPLE: usize = 64;
+/// Threads per block of the elementwise kernels (`kThreads` in fused.cu).
+const THREADS: u32 = 256;
+
+/// The constant block at the start of the workspace (f32 indices).
+const C_ZERO: usize = 0;
+const C_ONE: usize = 1;
+const C_SCALE: usize = 2;
+const C_GRAD_ALPHA: usize = 3;
+
+/// Row stride (f32 elements) of the chunk's logit buffers: 32-byte aligned rows, so the
+/// kernels' 16-byte vectors and cuBLAS's aligned paths apply, also to the bf16/f16 `G` written
+/// over them with row stride `2·ld`.
+fn logits_ld(v: usize) -> usize {
+    v.next_multiple_of(8)
+}
+
+/// Rows per chunk: the request (clamped to [1, N]) or, automatically, the largest multiple of
+/// 64 rows whose two f32 logit buffers fit in 1.5 GiB (at least 64), balanced over the chunks
+/// that N then needs (so the last chunk is not a sliver), and at most N.
+pub(crate) fn chunk_rows(n: usize, v: usize, requested: Option<usize>) -> usize {
+    let n = n.max(1);
+    if let Some(c) = requested {
+        return c.clamp(1, n);
+    }
+    let per_row = 2 * 4 * logits_ld(v.max(1));
+    let max = (AUTO_CHUNK_BYTES / per_row / CHUNK_MULTIPLE * CHUNK_MULTIPLE).max(CHUNK_MULTIPLE);
+    if n <= max {
+        return n;
+    }
+    let chunks = n.div_ceil(max);
+    n.div_ceil(chunks).next_multiple_of(CHUNK_MULTIPLE).min(max)
+}
+
+/// Byte offsets of the workspace regions, relative to the workspace start rounded up to 256.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    /// Rows per chunk.
+    chunk: usize,
+    /// Row stride of the logit buffers (f32 elements).
+    ld: usize,
+    /// Per-row losses `[N]` (f32) when the caller gave no per-token buffer.
+    per_row: Option<usize>,
+    /// `S` (`chunk × ld` f32), then `T` right after the chunk's rows of `S`.
+    logits: usize,
+    /// cuBLAS's workspace.
+    cublas: usize,
+    /// Total bytes, including 256 bytes of slack to align an unaligned workspace pointer.
+    total: usize,
+}
+
+fn layout(raw: &RawFusedLinear, params: &FusedLinearParams) -> Layout {
+    let chunk = chunk_rows(raw.n, raw.v, params.chunk_rows);
+    let ld = logits_ld(raw.v);
+    let mut off = ALIGN; // the constant block (4 floats used)
+    let per_row = if raw.per_token.is_null() {
+        let at = off;
+        off += (4 * raw.n).next_multiple_of(ALIGN);
+        Some(at)
+    } else {
+        None
+    };
+    let logits = off;
+    off += (2 * 4 * chunk * ld).next_multiple_of(ALIGN);
+    let cublas = off;
+    off += CUBLAS_WORKSPACE;
+    Layout {
+        chunk,
+        ld,
+        per_row,
+        logits,
+        cublas,
+        total: off + ALIGN,
+    }
+}
+
+/// Exact bytes of device workspace [`fused_linear`] uses for this call.
+pub(crate) fn workspace_size(raw: &RawFusedLinear, params: &FusedLinearParams) -> usize {
+    layout(raw, params).total
+}
+
+// ---- cuBLAS: loading and the per-device handle ------------------------------------------------
+
+/// The cuBLAS entry points used here: checked once, so a library without one of them is an
+/// error instead of a panic inside cudarc's loader.
+const CUBLAS_SYMBOLS: &[&str] = &[
+    "cublasCreate_v2",
+    "cublasDestroy_v2",
+    "cublasSetStream_v2",
+    "cublasSetWorkspace_v2",
+    "cublasSetPointerMode_v2",
+    "cublasSetMathMode",
+    "cublasSetAtomicsMode",
+    "cublasGemmEx",
+];
+
+/// Ok when libcublas can be loaded with every symbol used here. Success is cached; a failure is
+/// checked again on the next call (a host process may load libcublas later, e.g. with torch).
+fn cublas_loadable() -> Result<()> {
+    static PRESENT: OnceLock<()> = OnceLock::new();
+    if PRESENT.get().is_some() {
+        return Ok(());
+    }
+    // SAFETY: only tries to dlopen the library; no cuBLAS call is made.
+    if !unsafe { bsys::is_culib_present() } {
+        bail!(
+            NoDevice,
+            "cuBLAS (libcublas) could not be loaded: the fused linear divergence needs it for its \
+             matrix products (install cuBLAS 12 or 13, e.g. the CUDA toolkit or the nvidia-cublas \
+             wheel, and make libcublas.so findable through LD_LIBRARY_PATH)"
+        );
+    }
+    // SAFETY: the library loads (checked above), so `culib` does not panic; symbol lookups only.
+    let lib = unsafe { bsys::culib() };
+    for &name in CUBLAS_SYMBOLS {
+        // SAFETY: a lookup; the symbol is never called through this pointer.
+        if unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_err() {
+            bail!(
+                NoDevice,
+                "cuBLAS (libcublas) was loaded but has no {name}: cuBLAS 11.4 or newer is needed"
+            );
+        }
+    }
+    let _ = PRESENT.set(());
+    Ok(())
+}
+
+fn blas_error(what: &str, e: CublasError) -> Error {
+    Error::new(ErrorKind::Cuda, format!("cuBLAS {what} failed: {:?}", e.0))
+}
+
+fn blas_check(what: &str, status: bsys::cublasStatus_t) -> Result<()> {
+    status.result().map_err(|e| blas_error(what, e))
+}
+
+/// One cuBLAS handle of a device's primary context. It keeps the context alive, so it is
+/// destroyed while its context still exists whatever order `CudaDevice` drops its fields in.
+struct BlasHandle {
+    handle: bsys::cublasHandle_t,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: a cuBLAS handle may be used from any thread as long as calls are not concurrent; the
+// `Mutex` in `BlasSlot` serialises them.
+unsafe impl Send for BlasHandle {}
+
+impl BlasHandle {
+    fn create(ctx: &Arc<CudaContext>) -> Result<Self> {
+        ctx.bind_to_thread()?;
+        let handle = blas::create_handle().map_err(|e| {
+            blas_error("cublasCreate (is libcublas newer than the CUDA driver?)", e)
+        })?;
+        let this = BlasHandle {
+            handle,
+            ctx: ctx.clone(),
+        };
+        // SAFETY: a live handle; plain setters. Tensor cores for bf16/f16 (f32 compute), no TF32
+        // for f32 inputs (CUBLAS_DEFAULT_MATH), no atomics (reproducible results).
+        unsafe {
+            blas_check(
+                "cublasSetMathMode",
+                bsys::cublasSetMathMode(handle, bsys::cublasMath_t::CUBLAS_DEFAULT_MATH),
+            )?;
+            blas_check(
+                "cublasSetAtomicsMode",
+                bsys::cublasSetAtomicsMode(
+                    handle,
+                    bsys::cublasAtomicsMode_t::CUBLAS_ATOMICS_NOT_ALLOWED,
+                ),
+            )?;
+        }
+        Ok(this)
+    }
+}
+
+impl Drop for BlasHandle {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: created by cublasCreate and destroyed once, here. Errors (e.g. at process
+            // exit, when the driver is already shutting down) are ignored.
+            let _ = unsafe { blas::destroy_handle(self.handle) };
+        }
+    }
+}
+
+/// The lazily created cuBLAS handle of a [`CudaDevice`], behind a mutex: a handle's stream and
+/// workspace are handle state, so one call's GEMMs must not interleave with another thread's.
+#[derive(Default)]
+pub(crate) struct BlasSlot(Mutex<Option<BlasHandle>>);
+
+impl std::fmt::Debug for BlasSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BlasSlot")
+    }
+}
+
+impl BlasSlot {
+    /// Locks the slot, creating the handle on first use.
+    fn acquire(&self, ctx: &Arc<CudaContext>) -> Result<MutexGuard<'_, Option<BlasHandle>>> {
+        // A panic while the lock was held cannot leave the handle half-made: keep using it.
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(BlasHandle::create(ctx)?);
+        }
+        Ok(guard)
+    }
+}
+
+fn cuda_type(d: DType) -> bsys::cudaDataType {
+    match d {
+        DType::F32 => bsys::cudaDataType::CUDA_R_32F,
+        DType::BF16 => bsys::cudaDataType::CUDA_R_16BF,
+        DType::F16 => bsys::cudaDataType::CUDA_R_16F,
+    }
+}
+
+/// One `cublasGemmEx` in column-major terms (see the module docs for the row-major mapping).
+struct Gemm {
+    transa: bool,
+    transb: bool,
+    m: i32,
+    n: i32,
+    k: i32,
+    a: u64,
+    a_type: DType,
+    lda: i32,
+    b: u64,
+    b_type: DType,
+    ldb: i32,
+    c: u64,
+    c_type: DType,
+    ldc: i32,
+}
+
+impl Gemm {
+    /// # Safety
+    /// A live handle whose stream and workspace are set; `a`, `b`, `c` device memory covering
+    /// the shapes; `alpha` / `beta` f32 pointers valid in the handle's current pointer mode.
+    unsafe fn run(
+        &self,
+        handle: bsys::cublasHandle_t,
+        alpha: *const c_void,
+        beta: *const c_void,
+        what: &str,
+    ) -> Result<()> {
+        let op = |t: bool| {
+            if t {
+                bsys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                bsys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        // SAFETY: forwarded from the caller.
+        let r = unsafe {
+            blas::gemm_ex(
+                handle,
+                op(self.transa),
+                op(self.transb),
+                self.m,
+                self.n,
+                self.k,
+                alpha,
+                self.a as *const c_void,
+                cuda_type(self.a_type),
+                self.lda,
+                self.b as *const c_void,
+                cuda_type(self.b_type),
+                self.ldb,
+                beta,
+                self.c as *mut c_void,
+                cuda_type(self.c_type),
+                self.ldc,
+                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        r.map_err(|e| blas_error(&format!("cublasGemmEx ({what})"), e))
+    }
+}
+
+fn set_pointer_mode(handle: bsys::cublasHandle_t, device: bool) -> Result<()> {
+    let mode = if device {
+        bsys::cublasPointerMode_t::CUBLAS_POINTER_MODE_DEVICE
+    } else {
+        bsys::cublasPointerMode_t::CUBLAS_POINTER_MODE_HOST
+    };
+    // SAFETY: a live handle, locked by the caller.
+    blas_check("cublasSetPointerMode", unsafe {
+        bsys::cublasSetPointerMode_v2(handle, mode)
+    })
+}
+
+// ---- the call ------------------------------------------------------------------------------------
+
+fn to_i32(what: &str, x: usize) -> Result<i32> {
+    match i32::try_from(x) {
+        Ok(v) => Ok(v),
+        Err(_) => bail!(
+            InvalidArgument,
+            "{what} = {x} exceeds the 32-bit sizes of cuBLAS's GEMM (2^31 - 1)"
+        ),
+    }
+}
+
+/// The caller's workspace (checked) or one allocated on the stream; returns its start address.
+fn workspace(
+    launch: &Launch<'_>,
+    stream: &Arc<CudaStream>,
+    need: usize,
+) -> Result<(u64, Option<CudaSlice<u8>>)> {
+    if let Some(ws) = &launch.workspace {
+        return Ok((ws.ptr as u64, None));
+    }
+    // SAFETY: every region is written (by cuBLAS or the kernels) before it is read.
+    let buf = unsafe { stream.alloc::<u8>(need) }?;
+    let ptr = {
+        let (ptr, _sync) = buf.device_ptr(stream);
+        ptr
+    };
+    Ok((ptr, Some(buf)))
+}
+
+fn check_workspace(dev: &CudaDevice, launch: &Launch<'_>, need: usize) -> Result<()> {
+    if let Some(ws) = &launch.workspace {
+        if ws.location != Location::Cuda(dev.ordinal()) {
+            bail!(
+                WrongDevice,
+                "workspace is in {:?} memory, the context is CUDA device {}",
+                ws.location,
+                dev.ordinal()
+            );
+        }
+        if ws.ptr.is_null() {
+            bail!(NullPointer, "workspace pointer is null");
+        }
+        if ws.len < need {
+            bail!(
+                WorkspaceTooSmall,
+                "workspace has {} bytes, {need} are needed (fused_linear_workspace_size)",
+                ws.len
+            );
+        }
+        dev.check_pointer("workspace", ws.ptr as *const _)?;
+    }
+    Ok(())
+}
+
+/// The fused kernels, looked up before anything is queued.
+struct FusedKernels<'d> {
+    constants: &'d CudaFunction,
+    softcap: &'d CudaFunction,
+    grad: &'d CudaFunction,
+}
+
+/// Queues the fused linear divergence on the caller's stream.
+pub(crate) fn fused_linear(
+    dev: &CudaDevice,
+    raw: &RawFusedLinear,
+    params: &FusedLinearParams,
+    launch: &Launch<'_>,
+) -> Result<()> {
+    for (what, p) in [
+        ("student hidden states", raw.student_hidden as *const c_void),
+        ("student weight", raw.student_weight as *const c_void),
+        ("teacher hidden states", raw.teacher_hidden as *const c_void),
+        ("teacher weight", raw.teacher_weight as *const c_void),
+        ("labels", raw.labels as *const c_void),
+        ("loss", raw.loss as *const c_void),
+        ("per-token loss", raw.per_token as *const c_void),
+        ("grad_hidden", raw.grad_hidden as *const c_void),
+        ("grad_weight", raw.grad_weight as *const c_void),
+    ] {
+        dev.check_pointer(what, p)?;
+    }
+    let want_hidden = !raw.grad_hidden.is_null();
+    let want_weight = !raw.grad_weight.is_null();
+    let want_grad = want_hidden || want_weight;
+    if !want_grad && raw.loss.is_null() && raw.per_token.is_null() {
+        return Ok(()); // nothing requested
+    }
+    for (what, wanted, dtype) in [
+        ("grad_hidden", want_hidden, raw.grad_hidden_dtype),
+        ("grad_weight", want_weight, raw.grad_weight_dtype),
+    ] {
+        if wanted && dtype != raw.dtype && dtype != DType::F32 {
+            bail!(
+                UnsupportedDtype,
+                "{what} must be {} (the input dtype) or f32, got {}",
+                raw.dtype.name(),
+                dtype.name()
+            );
+        }
+    }
+
+    let lay = layout(raw, params);
+    let (n, v, h, ht) = (raw.n, raw.v, raw.h, raw.ht);
+    let esize = raw.dtype.size();
+    // cuBLAS's int sizes: checked up front so no GEMM fails halfway.
+    let v_i = to_i32("V", v)?;
+    let h_i = to_i32("H", h)?;
+    let ht_i = to_i32("Ht", ht)?;
+    to_i32("N", n)?;
+    to_i32("the bf16/f16 gradient row stride", 2 * lay.ld)?;
+    let ld_i = lay.ld as i32;
+    let sxs = to_i32("student hidden row stride", raw.student_hidden_stride)?;
+    let sws = to_i32("student weight row stride", raw.student_weight_stride)?;
+    let sxt = to_i32("teacher hidden row stride", raw.teacher_hidden_stride)?;
+    let swt = to_i32("teacher weight row stride", raw.teacher_weight_stride)?;
+    let sgh = if want_hidden {
+        to_i32("grad_hidden row stride", raw.grad_hidden_stride)?
+    } else {
+        0
+    };
+    let sgw = if want_weight {
+        to_i32("grad_weight row stride", raw.grad_weight_stride)?
+    } else {
+        0
+    };
+
+    check_workspace(dev, launch, lay.total)?;
+    cublas_loadable()?;
+    let div = &params.divergence;
+    let rows = RowKernels::new(dev, div.effective_kind(), DType::F32, DType::F32)?;
+    let kernels = FusedKernels {
+        constants: dev.function("dk_fused_constants")?,
+        softcap: dev.function("dk_fused_softcap")?,
+        grad: dev.function(&format!("dk_fused_grad_{}", raw.dtype.name()))?,
+    };
+    let guard = dev.blas.acquire(&dev.ctx)?;
+    let Some(handle) = guard.as_ref().map(|b| b.handle) else {
+        bail!(
+            Cuda,
+            "cuBLAS handle missing after creation (a bug: please report it)"
+        );
+    };
+
+    // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
+    // is unsafe for that reason), or null for the legacy default stream.
+    let stream = unsafe { dev.borrow_stream(launch.stream) };
+    let (ws_start, owned) = workspace(launch, &stream, lay.total)?;
+    let base = ws_start.next_multiple_of(ALIGN as u64);
+    let konst = |i: usize| base + 4 * i as u64;
+    let per_row_base = match lay.per_row {
+        Some(off) => base + off as u64,
+        None => raw.per_token as u64,
+    };
+    let s_buf = base + lay.logits as u64;
+
+    dev.ctx.bind_to_thread()?;
+    // SAFETY: a live handle (locked), the caller's stream of this context, and a 256-byte
+    // aligned device buffer of CUBLAS_WORKSPACE bytes that lives until the queued work is done
+    // (the caller's, or ours, freed in stream order below). SetStream resets the workspace, so
+    // it comes first.
+    unsafe {
+        blas_check(
+            "cublasSetStream",
+            bsys::cublasSetStream_v2(handle, stream.cu_stream() as bsys::cudaStream_t),
+        )?;
+        blas_check(
+            "cublasSetWorkspace",
+            bsys::cublasSetWorkspace_v2(
+                handle,
+                (base + lay.cublas as u64) as *mut c_void,
+                CUBLAS_WORKSPACE,
+            ),
+        )?;
+    }
+
+    // The loss scale over all N rows, and the GEMM constants.
+    if want_grad || !raw.loss.is_null() {
+        rows.prepare(&stream, raw.labels as u64, n as i64, div, konst(C_SCALE))?;
+    }
+    if want_grad {
+        let (scale, zero, one, alpha) = (
+            konst(C_SCALE),
+            konst(C_ZERO),
+            konst(C_ONE),
+            konst(C_GRAD_ALPHA),
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches dk_fused_constants(const float*, float, float*, float*, float*); all
+        // four pointers are floats of the workspace's constant block.
+        unsafe {
+            stream
+                .launch_builder(kernels.constants)
+                .arg(&scale)
+                .arg(&params.logit_scale)
+                .arg(&zero)
+                .arg(&one)
+                .arg(&alpha)
+                .launch(cfg)?;
+        }
+    }
+
+    let cap = params.softcap;
+    let inv_cap = cap.map_or(0.0, |c| 1.0 / c);
+    let zero_host = 0.0f32;
+    let mut r0 = 0usize;
+    while r0 < n {
+        let c = lay.chunk.min(n - r0);
+        let c_i = c as i32; // <= N, checked above
+        let t_buf = s_buf + (4 * c * lay.ld) as u64;
+        let xs = raw.student_hidden as u64 + (r0 * raw.student_hidden_stride * esize) as u64;
+        let xt = raw.teacher_hidden as u64 + (r0 * raw.teacher_hidden_stride * esize) as u64;
+
+        // 1. Logits of the chunk, f32: S = logit_scale · Xs Wsᵀ, T = logit_scale · Xt Wtᵀ.
+        set_pointer_mode(handle, false)?;
+        let logits = |x: u64, x_ld: i32, w: u64, w_ld: i32, k: i32, out: u64| Gemm {
+            transa: true,
+            transb: false,
+            m: v_i,
+            n: c_i,
+            k,
+            a: w,
+            a_type: raw.dtype,
+            lda: w_ld,
+            b: x,
+            b_type: raw.dtype,
+            ldb: x_ld,
+            c: out,
+            c_type: DType::F32,
+            ldc: ld_i,
+        };
+        // SAFETY: validated operands (device memory of this device, shapes and strides checked);
+        // S and T are inside the workspace; host scalars in host pointer mode.
+        unsafe {
+            logits(xs, sxs, raw.student_weight as u64, sws, h_i, s_buf).run(
+                handle,
+                (&params.logit_scale as *const f32).cast(),
+                (&zero_host as *const f32).cast(),
+                "student logits",
+            )?;
+            logits(xt, sxt, raw.teacher_weight as u64, swt, ht_i, t_buf).run(
+                handle,
+                (&params.logit_scale as *const f32).cast(),
+                (&zero_host as *const f32).cast(),
+                "teacher logits",
+            )?;
+        }
+
+        // 2. Softcap, in place over S and T (2c rows of stride ld).
+        if let Some(cap) = cap {
+            let (x, rows2, vv, ld) = (s_buf, 2 * c as i64, v as i64, lay.ld as i64);
+            let nvec = (v / 8) as u64;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    nvec.div_ceil(THREADS as u64).clamp(1, 1 << 16) as u32,
+                    (2 * c).min(65535) as u32,
+                    1,
+                ),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches dk_fused_softcap(float*, int64_t, int64_t, int64_t, float, float);
+            // S and T are 2c contiguous rows of ld f32 in the workspace, 256-byte aligned.
+            unsafe {
+                stream
+                    .launch_builder(kernels.softcap)
+                    .arg(&x)
+                    .arg(&rows2)
+                    .arg(&vv)
+                    .arg(&ld)
+                    .arg(&cap)
+                    .arg(&inv_cap)
+                    .launch(cfg)?;
+            }
+        }
+
+        // 3. The divergence of the chunk: per-row losses, gradient (loss scale 1) over T.
+        let per_row = per_row_base + 4 * r0 as u64;
+        let labels = if raw.labels.is_null() {
+            0
+        } else {
+            raw.labels as u64 + 8 * r0 as u64
+        };
+        let args = DivergenceArgs {
+            student: s_buf,
+            teacher: t_buf,
+            grad: if want_grad { t_buf } else { 0 },
+            labels,
+            per_row,
+            scale: konst(C_ONE),
+            n: c as i64,
+            v: v as i64,
+            student_stride: lay.ld as i64,
+            teacher_stride: lay.ld as i64,
+            grad_stride: lay.ld as i64,
+            ignore_index: div.ignore_index,
+            beta: div.beta,
+            inv_temperature: 1.0 / div.temperature,
+        };
+        rows.rows(&stream, &args)?;
+
+        if want_grad {
+            // 4. G = dL/d(raw logits) / (scale · logit_scale), in the GEMM input dtype.
+            let (g, g_ld) = match raw.dtype {
+                DType::F32 => (t_buf, ld_i),
+                DType::BF16 | DType::F16 => (s_buf, 2 * ld_i),
+            };
+            if cap.is_some() || raw.dtype != DType::F32 {
+                let capped = if cap.is_some() { s_buf } else { 0 };
+                let (ld, out_ld, rows_c, vv) = (lay.ld as i64, g_ld as i64, c as i64, v as i64);
+                let cfg = LaunchConfig {
+                    grid_dim: (c as u32, 1, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: matches dk_fused_grad_<dtype>(const float*, int64_t, const float*,
+                // int64_t, TO*, int64_t, int64_t, int64_t, float); the output aliases S row by
+                // row with the same byte stride (4·ld = sizeof(TO)·out_ld) or equals T, the
+                // cases the kernel is written for.
+                unsafe {
+                    stream
+                        .launch_builder(kernels.grad)
+                        .arg(&t_buf)
+                        .arg(&ld)
+                        .arg(&capped)
+                        .arg(&ld)
+                        .arg(&g)
+                        .arg(&out_ld)
+                        .arg(&rows_c)
+                        .arg(&vv)
+                        .arg(&inv_cap)
+                        .launch(cfg)?;
+                }
+            }
+
+            // 5. The gradient GEMMs, α = loss scale · logit_scale and β from device memory.
+            set_pointer_mode(handle, true)?;
+            let alpha = konst(C_GRAD_ALPHA) as *const c_void;
+            if want_hidden {
+                let gh = raw.grad_hidden as u64
+                    + (r0 * raw.grad_hidden_stride * raw.grad_hidden_dtype.size()) as u64;
+                let beta = konst(if params.accumulate { C_ONE } else { C_ZERO });
+                let gemm = Gemm {
+                    transa: false,
+                    transb: false,
+                    m: h_i,
+                    n: c_i,
+                    k: v_i,
+                    a: raw.student_weight as u64,
+                    a_type: raw.dtype,
+                    lda: sws,
+                    b: g,
+                    b_type: raw.dtype,
+                    ldb: g_ld,
+                    c: gh,
+                    c_type: raw.grad_hidden_dtype,
+                    ldc: sgh,
+                };
+                // SAFETY: validated operands; G in the workspace; α, β device floats of the
+                // constant block, written by dk_fused_constants earlier on this stream.
+                unsafe { gemm.run(handle, alpha, beta as *const c_void, "grad_hidden")? };
+            }
+            if want_weight {
+                let beta = konst(if params.accumulate || r0 > 0 {
+                    C_ONE
+                } else {
+                    C_ZERO
+                });
+                let gemm = Gemm {
+                    transa: false,
+                    transb: true,
+                    m: h_i,
+                    n: v_i,
+                    k: c_i,
+                    a: xs,
+                    a_type: raw.dtype,
+                    lda: sxs,
+                    b: g,
+                    b_type: raw.dtype,
+                    ldb: g_ld,
+                    c: raw.grad_weight as u64,
+                    c_type: raw.grad_weight_dtype,
+                    ldc: sgw,
+                };
+                // SAFETY: as above.
+                unsafe { gemm.run(handle, alpha, beta as *const c_void, "grad_weight")? };
+            }
+        }
+        r0 += c;
+    }
+
+    if !raw.loss.is_null() {
+        rows.finish(
+            &stream,
+            per_row_base,
+            n as i64,
+            konst(C_SCALE),
+            raw.loss as u64,
+        )?;
+    }
+    // Leave the handle in host pointer mode, on the legacy default stream and with cuBLAS's own
+    // workspace pool (SetStream resets it): it must not keep the caller's stream or a workspace
+    // that is freed after this call. The next call sets both again.
+    set_pointer_mode(handle, false)?;
+    // SAFETY: a live handle; the null stream is the legacy default stream.
+    blas_check("cublasSetStream", unsafe {
+        bsys::cublasSetStream_v2(handle, std::ptr::null_mut())
+    })?;
+    drop(guard);
+    drop(owned); // stream-ordered free after the work that uses it
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(n: usize, v: usize, per_token: bool) -> RawFusedLinear {
+        RawFusedLinear {
+            n,
+            v,
+            h: 64,
+            ht: 64,
+            dtype: DType::BF16,
+            student_hidden: std::ptr::null(),
+            student_hidden_stride: 64,
+            student_weight: std::ptr::null(),
+            student_weight_stride: 64,
+            teacher_hidden: std::ptr::null(),
+            teacher_hidden_stride: 64,
+            teacher_weight: std::ptr::null(),
+            teacher_weight_stride: 64,
+            labels: std::ptr::null(),
+            loss: std::ptr::null_mut(),
+            per_token: if per_token {
+                std::ptr::NonNull::<f32>::dangling().as_ptr()
+            } else {
+                std::ptr::null_mut()
+            },
+            grad_hidden: std::ptr::null_mut(),
+            grad_hidden_dtype: DType::BF16,
+            grad_hidden_stride: 64,
+            grad_weight: std::ptr::null_mut(),
+            grad_weight_dtype: DType::F32,
+            grad_weight_stride: 64,
+        }
+    }
+
+    #[test]
+    fn automatic_chunks() {
+        for &(n, v) in &[
+            (1, 1),
+            (63, 1000),
+            (4096, 200_064),
+            (16_384, 202_048),
+            (5000, 262_144),
+            (100_000, 32_000),
+            (1_000_000, 8),
+        ] {
+            let c = chunk_rows(n, v, None);
+            assert!(c >= 1 && c <= n, "n = {n}, v = {v}: chunk {c}");
+            assert!(
+                c == n || c % CHUNK_MULTIPLE == 0,
+                "n = {n}, v = {v}: chunk {c}"
+            );
+            assert!(
+                c <= CHUNK_MULTIPLE || 8 * c * logits_ld(v) <= AUTO_CHUNK_BYTES,
+                "n = {n}, v = {v}: chunk {c} exceeds the budget"
+            );
+            // No more chunks than the budget forces.
+            let max = (AUTO_CHUNK_BYTES / (8 * logits_ld(v)) / CHUNK_MULTIPLE * CHUNK_MULTIPLE)
+                .max(CHUNK_MULTIPLE);
+            assert_eq!(n.div_ceil(c), n.div_ceil(max.min(n)), "n = {n}, v = {v}");
+        }
+        // The benchmark shape: 5 chunks of 832 rows (the last 768), 1.24 GiB of logits.
+        assert_eq!(chunk_rows(4096, 200_064, None), 832);
+        assert_eq!(chunk_rows(16_384, 202_048, None), 960);
+        assert_eq!(chunk_rows(10, 5, Some(0)), 1);
+        assert_eq!(chunk_rows(10, 5, Some(3)), 3);
+        assert_eq!(chunk_rows(10, 5, Some(64)), 10);
+    }
+
+    #[test]
+    fn workspace_layout() {
+        let params = FusedLinearParams {
+            chunk_rows: Some(100),
+            ..FusedLinearParams::default()
+        };
+        for per_token in [false, true] {
+            let r = raw(1000, 1001, per_token);
+            let l = layout(&r, &params);
+            assert_eq!(l.chunk, 100);
+            assert_eq!(l.ld, 1008);
+            let per_row = if per_token { 0 } else { 4096 };
+            assert_eq!(l.per_row, (!per_token).then_some(256));
+            assert_eq!(l.logits, 256 + per_row);
+            assert_eq!(l.cublas, l.logits + 2 * 4 * 100 * 1008);
+            assert_eq!(l.total, l.cublas + CUBLAS_WORKSPACE + 256);
+            assert_eq!(workspace_size(&r, &params), l.total);
+            for off in [l.logits, l.cublas] {
+                assert_eq!(off % ALIGN, 0);
+            }
+        }
+    }
+
+    /// Plays out dk_fused_grad_bf16 writing over the capped logits it reads (cuda/fused.cu,
+    /// grad_rows): per row, tiles of `threads` 8-element vectors, each tile's loads, a barrier,
+    /// its stores; a tile's stores either land before the next tile's loads or after them (a
+    /// slow thread), and both must give the out-of-place result.
+    #[test]
+    fn grad_over_capped_tiles_never_clobber_unread_input() {
+        let (cap, inv_cap) = (7.5f32, 1.0 / 7.5f32);
+        let slope = |c: f32| {
+            let t = c * inv_cap;
+            (1.0 - t) * (1.0 + t)
+        };
+        for &(v, threads) in &[
+            (1usize, 4usize),
+            (7, 4),
+            (8, 4),
+            (9, 4),
+            (33, 2),
+            (64, 4),
+            (200, 4),
+            (1001, 8),
+        ] {
+            let ld = logits_ld(v);
+            let rows = 3;
+            let capped: Vec<f32> = (0..rows * ld)
+                .map(|i| cap * ((i as f32 * 0.37).sin()))
+                .collect();
+            let g: Vec<f32> = (0..rows * ld).map(|i| (i as f32 * 0.11).cos()).collect();
+            let expected = |r: usize, i: usize| {
+                half::bf16::from_f32(g[r * ld + i] * slope(capped[r * ld + i])).to_bits()
+            };
+            for delayed in [false, true] {
+                let mut bytes: Vec<u8> = capped.iter().flat_map(|x| x.to_le_bytes()).collect();
+                let read = |b: &[u8], r: usize, i: usize| {
+                    let at = 4 * (r * ld + i);
+                    f32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+                };
+                for r in 0..rows {
+                    let out_at = |i: usize| 4 * r * ld + 2 * i;
+                    // Elements of each tile: vectors [base, base + threads), then the tail.
+                    let nvec = v / 8;
+                    let mut tiles: Vec<Vec<usize>> = (0..nvec)
+                        .step_by(threads)
+                        .map(|b| (8 * b..8 * (b + threads).min(nvec)).collect())
+                        .collect();
+                    tiles.push((8 * nvec..v).collect());
+                    let mut pending: Vec<(usize, u16)> = Vec::new();
+                    for tile in tiles {
+                        let loaded: Vec<(usize, f32)> = tile
+                            .iter()
+                            .map(|&i| (i, g[r * ld + i] * slope(read(&bytes, r, i))))
+                            .collect();
+                        for (at, bits) in pending.drain(..) {
+                            bytes[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+                        }
+                        // barrier
+                        for (i, x) in loaded {
+                            let bits = half::bf16::from_f32(x).to_bits();
+                            if delayed {
+                                pending.push((out_at(i), bits));
+                            } else {
+                                bytes[out_at(i)..out_at(i) + 2]
+                                    .copy_from_slice(&bits.to_le_bytes());
+                            }
+                        }
+                    }
+                    for (at, bits) in pending.drain(..) {
+                        bytes[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+                    }
+                    for i in 0..v {
+                        let got = u16::from_le_bytes([bytes[out_at(i)], bytes[out_at(i) + 1]]);
+                        assert_eq!(got, expected(r, i), "v = {v}, row {r}, element {i}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Fused linear divergence: the token-level divergence of [`crate::divergence`] computed from
+//! hidden states and lm_head weights, chunk by chunk, so the `[N, V]` logits never exist whole.
+//!
+//! Per chunk of rows: student and teacher logits by matrix products (`hidden @ weightᵀ`), times
+//! `logit_scale`, soft-capped (`c · tanh(z / c)`) when `softcap` is set; the divergence and its
+//! gradient w.r.t. the (capped) student logits; the chain rule through the cap and the scale;
+//! then `grad_hidden[chunk] = G @ W` and `grad_weight += Gᵀ @ hidden[chunk]`. The reduction's
+//! divisor (batchmean over valid rows, or `num_items`) is taken over all N rows, so the result
+//! does not depend on the chunk size.
+
+pub(crate) mod cpu;
+pub(crate) mod cuda;
+mod params;
+mod validate;
+
+pub use params::FusedLinearParams;
+
+use crate::device::{Backend, Context, Launch};
+use crate::error::Result;
+use crate::tensor::{DType, Matrix, MatrixMut, Vector, VectorMut};
+
+/// Operands and outputs of [`Context::fused_linear_divergence`].
+#[derive(Debug)]
+pub struct FusedLinear<'a> {
+    /// Student hidden states `[N, H]` (bf16, f16 or f32; all four inputs share one dtype).
+    pub student_hidden: Matrix<'a>,
+    /// Student lm_head weight `[V, H]`.
+    pub student_weight: Matrix<'a>,
+    /// Teacher hidden states `[N, Ht]`.
+    pub teacher_hidden: Matrix<'a>,
+    /// Teacher lm_head weight `[V, Ht]` (may be the student's, in self-distillation).
+    pub teacher_weight: Matrix<'a>,
+    /// Optional labels `[N]`; rows equal to `ignore_index` are skipped.
+    pub labels: Option<Vector<'a, i64>>,
+    /// Optional per-row loss `[N]` (f32).
+    pub per_token: Option<VectorMut<'a, f32>>,
+    /// Optional reduced loss (one f32).
+    pub loss: Option<VectorMut<'a, f32>>,
+    /// Optional `[N, H]` gradient w.r.t. the student hidden states (input dtype or f32).
+    pub grad_hidden: Option<MatrixMut<'a>>,
+    /// Optional `[V, H]` gradient w.r.t. the student weight (input dtype or f32).
+    pub grad_weight: Option<MatrixMut<'a>>,
+}
+
+/// A validated call in raw pointers, what the backends consume.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawFusedLinear {
+    pub n: usize,
+    pub v: usize,
+    pub h: usize,
+    pub ht: usize,
+    pub dtype: DType,
+    pub student_hidden: *const u8,
+    pub student_hidden_stride: usize,
+    pub student_weight: *const u8,
+    pub student_weight_stride: usize,
+    pub teacher_hidden: *const u8,
+    pub teacher_hidden_stride: usize,
+    pub teacher_weight: *const u8,
+    pub teacher_weight_stride: usize,
+    /// Null when absent.
+    pub labels: *const i64,
+    /// Null when absent.
+    pub loss: *mut f32,
+    /// Null when absent.
+    pub per_token: *mut f32,
+    /// Null when absent.
+    pub grad_hidden: *mut u8,
+    pub grad_hidden_dtype: DType,
+    pub grad_hidden_stride: usize,
+    /// Null when absent.
+    pub grad_weight: *mut u8,
+    pub grad_weight_dtype: DType,
+    pub grad_weight_stride: usize,
+}
+
+impl Context {
+    /// Bytes of device workspace the call needs with these parameters (0 on the CPU).
+    pub fn fused_linear_workspace_size(
+        &self,
+        call: &FusedLinear<'_>,
+        params: &FusedLinearParams,
+    ) -> Result<usize> {
+        let raw = RawFusedLinear::describe(self, call)?;
+        Ok(match self.backend() {
+            Backend::Cpu => 0,
+            Backend::Cuda(_) => cuda::workspace_size(&raw, params),
+        })
+    }
+
+    /// Runs the fused linear divergence. Stream-ordered on CUDA; on error nothing is written.
+    pub fn fused_linear_divergence(
+        &self,
+        call: FusedLinear<'_>,
+        params: &FusedLinearParams,
+        launch: &Launch<'_>,
+    ) -> Result<()> {
+        let raw = RawFusedLinear::validate(self, call, params)?;
+        match self.backend() {
+            // SAFETY: validated host pointers covering the shapes.
+            Backend::Cpu => unsafe { cpu::fused_linear(&raw, params) },
+            Backend::Cuda(dev) => cuda::fused_linear(dev, &raw, params, launch),
+        }
+    }
+}
