@@ -3,7 +3,7 @@
 use std::ffi::c_void;
 
 use super::context::{context, DkContext};
-use super::{boundary, to_usize, DkStatus};
+use super::{boundary, read_arg, to_usize, DkStatus};
 use crate::device::Launch;
 use crate::divergence::{Divergence, Kind, Params, Reduction};
 use crate::error::{bail, Result};
@@ -151,17 +151,10 @@ pub unsafe extern "C" fn dk_divergence(
     boundary(|| {
         // SAFETY: forwarded contract.
         let c = unsafe { context(ctx)? };
-        if args.is_null() {
-            bail!(NullPointer, "args is null");
-        }
-        if params.is_null() {
-            bail!(
-                NullPointer,
-                "params is null (use dk_divergence_params_default())"
-            );
-        }
-        // SAFETY: non-null, and by contract valid structs.
-        let (a, p) = unsafe { (*args, *params) };
+        // SAFETY: forwarded contract (null is rejected).
+        let a = unsafe { read_arg("args", args)? };
+        // SAFETY: as above.
+        let p = unsafe { read_arg("params (start from dk_divergence_params_default())", params)? };
         let params = params_from_c(&p)?;
         let (n, v) = (to_usize("n", a.n)?, to_usize("v", a.v)?);
         let s_dtype = dtype("student", a.student_dtype)?;

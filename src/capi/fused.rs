@@ -4,7 +4,7 @@ use std::ffi::c_void;
 
 use super::context::{context, DkContext};
 use super::divergence::{dtype, params_from_c, DkDivergenceParams};
-use super::{boundary, to_usize, DkStatus};
+use super::{boundary, read_arg, to_usize, DkStatus};
 use crate::device::{Context, Launch};
 use crate::error::{bail, Result};
 use crate::fused::{FusedLinear, FusedLinearParams};
@@ -113,17 +113,15 @@ unsafe fn call_from_c<'a>(
     args: *const DkFusedLinearArgs,
     params: *const DkFusedLinearParams,
 ) -> Result<(FusedLinear<'a>, FusedLinearParams)> {
-    if args.is_null() {
-        bail!(NullPointer, "args is null");
-    }
-    if params.is_null() {
-        bail!(
-            NullPointer,
-            "params is null (use dk_fused_linear_params_default())"
-        );
-    }
-    // SAFETY: non-null, and by contract valid structs.
-    let (a, p) = unsafe { (*args, *params) };
+    // SAFETY: forwarded contract (null is rejected).
+    let a = unsafe { read_arg("args", args)? };
+    // SAFETY: as above.
+    let p = unsafe {
+        read_arg(
+            "params (start from dk_fused_linear_params_default())",
+            params,
+        )?
+    };
     let params = fused_params_from_c(&p)?;
     let (n, v) = (to_usize("n", a.n)?, to_usize("v", a.v)?);
     let (h, ht) = (to_usize("h", a.h)?, to_usize("ht", a.ht)?);

@@ -45,6 +45,21 @@ pub(crate) fn boundary(f: impl FnOnce() -> Result<()>) -> DkStatus {
     }
 }
 
+/// Copies the struct behind a C pointer, rejecting null with a message that names it.
+///
+/// # Safety
+/// `p` must be null or point to a valid `T`.
+pub(crate) unsafe fn read_arg<T: Copy>(what: &str, p: *const T) -> Result<T> {
+    if p.is_null() {
+        return Err(Error::new(
+            ErrorKind::NullPointer,
+            format!("{what} is null"),
+        ));
+    }
+    // SAFETY: non-null and, by the caller's contract, a valid `T`.
+    Ok(unsafe { *p })
+}
+
 /// Converts a C size to `usize`, rejecting negatives.
 pub(crate) fn to_usize(what: &str, x: i64) -> Result<usize> {
     usize::try_from(x)

@@ -3,7 +3,7 @@
 use std::ffi::c_void;
 
 use super::context::{context, DkContext};
-use super::{boundary, to_usize, DkStatus};
+use super::{boundary, read_arg, to_usize, DkStatus};
 use crate::device::{Context, Launch};
 use crate::error::{bail, Result};
 use crate::moe::{Combine, Permute, Route, RouteParams, Score, SlotDot};
@@ -310,17 +310,10 @@ pub unsafe extern "C" fn dk_moe_route(
     boundary(|| {
         // SAFETY: forwarded contract.
         let c = unsafe { context(ctx)? };
-        if args.is_null() {
-            bail!(NullPointer, "args is null");
-        }
-        if params.is_null() {
-            bail!(
-                NullPointer,
-                "params is null (use dk_moe_route_params_default())"
-            );
-        }
-        // SAFETY: non-null, and by contract valid structs.
-        let (a, p) = unsafe { (*args, *params) };
+        // SAFETY: forwarded contract (null is rejected).
+        let a = unsafe { read_arg("args", args)? };
+        // SAFETY: as above.
+        let p = unsafe { read_arg("params (start from dk_moe_route_params_default())", params)? };
         let params = params_from_c(&p)?;
         let n = to_usize("n", a.n)?;
         let e = to_usize("e", a.e as i64)?;
@@ -362,11 +355,8 @@ pub unsafe extern "C" fn dk_moe_permute(
     boundary(|| {
         // SAFETY: forwarded contract.
         let c = unsafe { context(ctx)? };
-        if args.is_null() {
-            bail!(NullPointer, "args is null");
-        }
-        // SAFETY: non-null, and by contract a valid struct.
-        let a = unsafe { *args };
+        // SAFETY: forwarded contract (null is rejected).
+        let a = unsafe { read_arg("args", args)? };
         let (n, h) = (to_usize("n", a.n)?, to_usize("h", a.h)?);
         let k = positive("k", a.k as i64)?;
         let rows = to_usize("rows", a.rows)?;
@@ -404,11 +394,8 @@ pub unsafe extern "C" fn dk_moe_combine(
     boundary(|| {
         // SAFETY: forwarded contract.
         let c = unsafe { context(ctx)? };
-        if args.is_null() {
-            bail!(NullPointer, "args is null");
-        }
-        // SAFETY: non-null, and by contract a valid struct.
-        let a = unsafe { *args };
+        // SAFETY: forwarded contract (null is rejected).
+        let a = unsafe { read_arg("args", args)? };
         let (n, h) = (to_usize("n", a.n)?, to_usize("h", a.h)?);
         let k = positive("k", a.k as i64)?;
         let rows = to_usize("rows", a.rows)?;
@@ -445,11 +432,8 @@ pub unsafe extern "C" fn dk_moe_slot_dot(
     boundary(|| {
         // SAFETY: forwarded contract.
         let c = unsafe { context(ctx)? };
-        if args.is_null() {
-            bail!(NullPointer, "args is null");
-        }
-        // SAFETY: non-null, and by contract a valid struct.
-        let a = unsafe { *args };
+        // SAFETY: forwarded contract (null is rejected).
+        let a = unsafe { read_arg("args", args)? };
         let (n, h) = (to_usize("n", a.n)?, to_usize("h", a.h)?);
         let k = positive("k", a.k as i64)?;
         let rows = to_usize("rows", a.rows)?;
