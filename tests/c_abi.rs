@@ -88,6 +88,8 @@ fn c_program(test: &str, program: &str, link: Link) {
     let root = repo_root();
     cmd.arg("-I")
         .arg(root.join("include"))
+        .arg("-I")
+        .arg(root.join("tests/c"))
         .arg(root.join(format!("tests/c/{program}.c")))
         .arg("-o")
         .arg(&exe);

@@ -19,31 +19,7 @@
 #include <string.h>
 
 #include "distill_kernels.h"
-
-static int failures = 0;
-static int checks = 0;
-
-#define CHECK(cond, ...)                                      \
-  do {                                                        \
-    ++checks;                                                 \
-    if (!(cond)) {                                            \
-      ++failures;                                             \
-      fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);    \
-      fprintf(stderr, __VA_ARGS__);                           \
-      fprintf(stderr, "  [%s]\n", #cond);                     \
-    }                                                         \
-  } while (0)
-
-static uint64_t rng_state = 88172645463325252ull;
-
-static uint64_t rng_next(void) {
-  rng_state ^= rng_state >> 12;
-  rng_state ^= rng_state << 25;
-  rng_state ^= rng_state >> 27;
-  return rng_state * 2685821657736338717ull;
-}
-
-static double rng_uniform(void) { return (double)(rng_next() >> 11) * (1.0 / 9007199254740992.0); }
+#include "dk_check.h"
 
 static double rng_normal(void) {
   double u1 = 1.0 - rng_uniform(), u2 = rng_uniform();
