@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+};
 
 use crate::error::{bail, Error, ErrorKind, Result};
 use crate::tensor::{Location, VectorMut};
@@ -166,6 +168,59 @@ impl CudaDevice {
             );
         }
         Ok(())
+    }
+
+    /// Checks the caller's workspace, when one is given: this device's memory, non-null, at
+    /// least `need` bytes (`what` says what the size is for, in the message).
+    pub(crate) fn check_workspace(
+        &self,
+        launch: &Launch<'_>,
+        need: usize,
+        what: &str,
+    ) -> Result<()> {
+        let Some(ws) = &launch.workspace else {
+            return Ok(());
+        };
+        if ws.location != Location::Cuda(self.ordinal()) {
+            bail!(
+                WrongDevice,
+                "workspace is in {:?} memory, the context is CUDA device {}",
+                ws.location,
+                self.ordinal()
+            );
+        }
+        if ws.ptr.is_null() {
+            bail!(NullPointer, "workspace pointer is null");
+        }
+        if ws.len < need {
+            bail!(
+                WorkspaceTooSmall,
+                "workspace has {} bytes, {need} are needed for {what}",
+                ws.len
+            );
+        }
+        self.check_pointer("workspace", ws.ptr as *const c_void)
+    }
+
+    /// The start of the workspace: the caller's (checked by [`CudaDevice::check_workspace`]), or
+    /// `need` bytes allocated in stream order, returned so the caller keeps them alive until its
+    /// launches are queued (dropping the buffer frees it in stream order).
+    pub(crate) fn workspace(
+        &self,
+        launch: &Launch<'_>,
+        stream: &Arc<CudaStream>,
+        need: usize,
+    ) -> Result<(u64, Option<CudaSlice<u8>>)> {
+        if let Some(ws) = &launch.workspace {
+            return Ok((ws.ptr as u64, None));
+        }
+        // SAFETY: every user of the scratch writes a region before reading it.
+        let buf = unsafe { stream.alloc::<u8>(need) }?;
+        let ptr = {
+            let (ptr, _sync) = buf.device_ptr(stream);
+            ptr
+        };
+        Ok((ptr, Some(buf)))
     }
 
     /// Wraps the caller's stream (null = the legacy default stream) without owning it.

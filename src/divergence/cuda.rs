@@ -3,14 +3,12 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaFunction, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{Kind, Params, RawDivergence};
 use crate::device::{CudaDevice, Launch};
-use crate::error::{bail, Result};
-use crate::tensor::{DType, Location};
+use crate::error::Result;
+use crate::tensor::DType;
 
 /// Rust mirror of `DkDivergenceArgs` (cuda/include/dk_divergence_args.h), passed by value.
 #[repr(C)]
@@ -228,28 +226,7 @@ pub(crate) fn divergence(
         dev.check_pointer(what, p)?;
     }
     let need = workspace_size(raw.n);
-    if let Some(ws) = &launch.workspace {
-        if ws.location != Location::Cuda(dev.ordinal()) {
-            bail!(
-                WrongDevice,
-                "workspace is in {:?} memory, the context is CUDA device {}",
-                ws.location,
-                dev.ordinal()
-            );
-        }
-        if ws.ptr.is_null() {
-            bail!(NullPointer, "workspace pointer is null");
-        }
-        if ws.len < need {
-            bail!(
-                WorkspaceTooSmall,
-                "workspace has {} bytes, {need} are needed for N = {}",
-                ws.len,
-                raw.n
-            );
-        }
-        dev.check_pointer("workspace", ws.ptr as *const _)?;
-    }
+    dev.check_workspace(launch, need, &format!("N = {}", raw.n))?;
     let kernels = RowKernels::new(
         dev,
         params.effective_kind(),
@@ -260,20 +237,8 @@ pub(crate) fn divergence(
     // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
     // is unsafe for that reason), or null for the legacy default stream.
     let stream = unsafe { dev.borrow_stream(launch.stream) };
-    // Library-owned workspace: allocated and freed in stream order (cuMemAllocAsync).
-    let owned = match &launch.workspace {
-        Some(_) => None,
-        // SAFETY: the scratch is written by the kernels before it is read.
-        None => Some(unsafe { stream.alloc::<u8>(need) }?),
-    };
-    let ws_base: u64 = match (&launch.workspace, &owned) {
-        (Some(ws), _) => ws.ptr as u64,
-        (None, Some(buf)) => {
-            let (ptr, _sync) = buf.device_ptr(&stream);
-            ptr
-        }
-        (None, None) => unreachable!("workspace is either given or allocated"),
-    };
+    // Library-owned workspace (when none is given): allocated and freed in stream order.
+    let (ws_base, owned) = dev.workspace(launch, &stream, need)?;
     let scale_ptr = ws_base;
     let per_row = if raw.per_token.is_null() {
         ws_base + PER_ROW_OFFSET as u64

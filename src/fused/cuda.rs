@@ -43,15 +43,13 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::cublas::result::{self as blas, CublasError};
 use cudarc::cublas::sys as bsys;
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
 
 use super::{FusedLinearParams, RawFusedLinear};
 use crate::device::{CudaDevice, Launch};
 use crate::divergence::cuda::{DivergenceArgs, RowKernels};
 use crate::error::{bail, Error, ErrorKind, Result};
-use crate::tensor::{DType, Location};
+use crate::tensor::DType;
 
 /// Every kernel of `cuda/fused.cu`, loaded when a CUDA context opens.
 pub(crate) const KERNEL_NAMES: &[&str] = &[
@@ -376,49 +374,6 @@ fn to_i32(what: &str, x: usize) -> Result<i32> {
     }
 }
 
-/// The caller's workspace (checked) or one allocated on the stream; returns its start address.
-fn workspace(
-    launch: &Launch<'_>,
-    stream: &Arc<CudaStream>,
-    need: usize,
-) -> Result<(u64, Option<CudaSlice<u8>>)> {
-    if let Some(ws) = &launch.workspace {
-        return Ok((ws.ptr as u64, None));
-    }
-    // SAFETY: every region is written (by cuBLAS or the kernels) before it is read.
-    let buf = unsafe { stream.alloc::<u8>(need) }?;
-    let ptr = {
-        let (ptr, _sync) = buf.device_ptr(stream);
-        ptr
-    };
-    Ok((ptr, Some(buf)))
-}
-
-fn check_workspace(dev: &CudaDevice, launch: &Launch<'_>, need: usize) -> Result<()> {
-    if let Some(ws) = &launch.workspace {
-        if ws.location != Location::Cuda(dev.ordinal()) {
-            bail!(
-                WrongDevice,
-                "workspace is in {:?} memory, the context is CUDA device {}",
-                ws.location,
-                dev.ordinal()
-            );
-        }
-        if ws.ptr.is_null() {
-            bail!(NullPointer, "workspace pointer is null");
-        }
-        if ws.len < need {
-            bail!(
-                WorkspaceTooSmall,
-                "workspace has {} bytes, {need} are needed (fused_linear_workspace_size)",
-                ws.len
-            );
-        }
-        dev.check_pointer("workspace", ws.ptr as *const _)?;
-    }
-    Ok(())
-}
-
 /// The fused kernels, looked up before anything is queued.
 struct FusedKernels<'d> {
     constants: &'d CudaFunction,
@@ -491,7 +446,11 @@ pub(crate) fn fused_linear(
         0
     };
 
-    check_workspace(dev, launch, lay.total)?;
+    dev.check_workspace(
+        launch,
+        lay.total,
+        "these shapes (fused_linear_workspace_size)",
+    )?;
     cublas_loadable()?;
     let div = &params.divergence;
     let rows = RowKernels::new(dev, div.effective_kind(), DType::F32, DType::F32)?;
@@ -511,7 +470,7 @@ pub(crate) fn fused_linear(
     // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
     // is unsafe for that reason), or null for the legacy default stream.
     let stream = unsafe { dev.borrow_stream(launch.stream) };
-    let (ws_start, owned) = workspace(launch, &stream, lay.total)?;
+    let (ws_start, owned) = dev.workspace(launch, &stream, lay.total)?;
     let base = ws_start.next_multiple_of(ALIGN as u64);
     let konst = |i: usize| base + 4 * i as u64;
     let per_row_base = match lay.per_row {

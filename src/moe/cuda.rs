@@ -7,9 +7,7 @@
 //! Permute, combine and slot-dot are one kernel each, a warp per (row, segment of the row) with
 //! 16-byte loads and stores, so they require 16-byte aligned rows.
 
-use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 use super::{
@@ -17,7 +15,7 @@ use super::{
 };
 use crate::device::{CudaDevice, Launch};
 use crate::error::{bail, Result};
-use crate::tensor::{DType, Location};
+use crate::tensor::DType;
 
 /// Rust mirror of `DkMoeRouteArgs` (cuda/include/dk_moe_args.h), passed by value to every
 /// route kernel.
@@ -189,46 +187,6 @@ fn check_i32(what: &str, v: usize) -> Result<i32> {
     }
 }
 
-/// The caller's workspace, or one allocated on the stream (returned so it lives until the
-/// launches are queued; dropping it frees in stream order).
-fn workspace(
-    dev: &CudaDevice,
-    launch: &Launch<'_>,
-    stream: &Arc<CudaStream>,
-    need: usize,
-    what: &str,
-) -> Result<(u64, Option<CudaSlice<u8>>)> {
-    if let Some(ws) = &launch.workspace {
-        if ws.location != Location::Cuda(dev.ordinal()) {
-            bail!(
-                WrongDevice,
-                "workspace is in {:?} memory, the context is CUDA device {}",
-                ws.location,
-                dev.ordinal()
-            );
-        }
-        if ws.ptr.is_null() {
-            bail!(NullPointer, "workspace pointer is null");
-        }
-        if ws.len < need {
-            bail!(
-                WorkspaceTooSmall,
-                "workspace has {} bytes, {need} are needed for {what}",
-                ws.len
-            );
-        }
-        dev.check_pointer("workspace", ws.ptr as *const _)?;
-        return Ok((ws.ptr as u64, None));
-    }
-    // SAFETY: the scratch is written by the kernels before it is read.
-    let buf = unsafe { stream.alloc::<u8>(need) }?;
-    let ptr = {
-        let (ptr, _sync) = buf.device_ptr(stream);
-        ptr
-    };
-    Ok((ptr, Some(buf)))
-}
-
 fn launch_route(
     stream: &Arc<CudaStream>,
     f: &CudaFunction,
@@ -296,7 +254,8 @@ pub(crate) fn route(
     // is unsafe for that reason), or null for the legacy default stream.
     let stream = unsafe { dev.borrow_stream(launch.stream) };
     let need = route_workspace_size(n, e, k);
-    let (ws, owned) = workspace(dev, launch, &stream, need, &format!("N = {n}, E = {e}"))?;
+    dev.check_workspace(launch, need, &format!("N = {n}, E = {e}"))?;
+    let (ws, owned) = dev.workspace(launch, &stream, need)?;
 
     let args = MoeRouteArgs {
         logits: raw.logits as u64,
