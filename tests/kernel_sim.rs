@@ -13,44 +13,8 @@ use std::process::{Command, Stdio};
 use common::*;
 use distill_kernels::divergence::Kind;
 
-/// Builds the simulator with the system C++ compiler (None, with a visible SKIPPED line, where
-/// there is none outside CI).
 fn simulator() -> Option<PathBuf> {
-    let triple = host_triple();
-    let tool = cc::Build::new()
-        .cpp(true)
-        .target(&triple)
-        .host(&triple)
-        .opt_level(2)
-        .debug(false)
-        .cargo_metadata(false)
-        .cargo_warnings(false)
-        .try_get_compiler();
-    let Ok(tool) = tool else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "kernel_sim: no C++ compiler"
-        );
-        visible("SKIPPED kernel_sim: no C++ compiler");
-        return None;
-    };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let exe = scratch_dir("kernel_sim").join("divergence_sim");
-    let mut cmd = tool.to_command();
-    cmd.args([
-        "-std=c++17",
-        "-Wall",
-        "-Wextra",
-        "-Werror",
-        "-fno-fast-math",
-    ])
-    .arg(format!("-I{}", root.join("cuda/include").display()))
-    .arg(root.join("tests/kernel_sim/divergence_sim.cpp"))
-    .arg("-o")
-    .arg(&exe);
-    let (ok, out) = run_command(&mut cmd);
-    assert!(ok, "building the kernel simulator failed:\n{out}");
-    Some(exe)
+    kernel_simulator("kernel_sim", "divergence_sim.cpp")
 }
 
 struct SimCase {

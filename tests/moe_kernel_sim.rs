@@ -25,41 +25,7 @@ use distill_kernels::moe::{max_rows, Route, RouteParams, Score};
 use distill_kernels::{Context, Launch, Matrix, Vector, VectorMut};
 
 fn simulator() -> Option<PathBuf> {
-    let triple = host_triple();
-    let tool = cc::Build::new()
-        .cpp(true)
-        .target(&triple)
-        .host(&triple)
-        .opt_level(2)
-        .debug(false)
-        .cargo_metadata(false)
-        .cargo_warnings(false)
-        .try_get_compiler();
-    let Ok(tool) = tool else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "moe_kernel_sim: no C++ compiler"
-        );
-        visible("SKIPPED moe_kernel_sim: no C++ compiler");
-        return None;
-    };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let exe = scratch_dir("moe_kernel_sim").join("moe_sim");
-    let mut cmd = tool.to_command();
-    cmd.args([
-        "-std=c++17",
-        "-Wall",
-        "-Wextra",
-        "-Werror",
-        "-fno-fast-math",
-    ])
-    .arg(format!("-I{}", root.join("cuda/include").display()))
-    .arg(root.join("tests/kernel_sim/moe_sim.cpp"))
-    .arg("-o")
-    .arg(&exe);
-    let (ok, out) = run_command(&mut cmd);
-    assert!(ok, "building the MoE kernel simulator failed:\n{out}");
-    Some(exe)
+    kernel_simulator("moe_kernel_sim", "moe_sim.cpp")
 }
 
 #[derive(Clone, Debug)]

@@ -1437,6 +1437,44 @@ pub fn c_compiler(test: &str) -> Option<std::process::Command> {
     Some(cmd)
 }
 
+/// Builds a host simulator of kernel code (`tests/kernel_sim/<source>`, compiled as C++17 with
+/// `cuda/include` on the include path) with the system C++ compiler. `None`, with a visible
+/// SKIPPED line, where there is no C++ compiler — except under CI, where that is a failure.
+pub fn kernel_simulator(test: &str, source: &str) -> Option<std::path::PathBuf> {
+    let triple = host_triple();
+    let tool = cc::Build::new()
+        .cpp(true)
+        .target(&triple)
+        .host(&triple)
+        .opt_level(2)
+        .debug(false)
+        .cargo_metadata(false)
+        .cargo_warnings(false)
+        .try_get_compiler();
+    let Ok(tool) = tool else {
+        assert!(std::env::var_os("CI").is_none(), "{test}: no C++ compiler");
+        visible(&format!("SKIPPED {test}: no C++ compiler"));
+        return None;
+    };
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let exe = scratch_dir(test).join(source.trim_end_matches(".cpp"));
+    let mut cmd = tool.to_command();
+    cmd.args([
+        "-std=c++17",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-fno-fast-math",
+    ])
+    .arg(format!("-I{}", root.join("cuda/include").display()))
+    .arg(root.join("tests/kernel_sim").join(source))
+    .arg("-o")
+    .arg(&exe);
+    let (ok, out) = run_command(&mut cmd);
+    assert!(ok, "{test}: building the kernel simulator failed:\n{out}");
+    Some(exe)
+}
+
 /// The program and its arguments (without the environment), for messages.
 pub fn describe(cmd: &std::process::Command) -> String {
     std::iter::once(cmd.get_program())
