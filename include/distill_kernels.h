@@ -267,6 +267,92 @@ dk_status dk_fused_linear_divergence(const dk_context* ctx, const dk_fused_linea
                                      const dk_fused_linear_params* params, void* workspace,
                                      size_t workspace_bytes, void* stream);
 
+/* ---- Grouped-query attention ----------------------------------------------------------- */
+
+/*
+ * FlashAttention layout: every operand is token rows. q / out / dout / dq are [rows_q, heads_q *
+ * head_dim], k / v / dk / dv [rows_k, heads_kv * head_dim]; inside a row, head h occupies elements
+ * h * head_dim .. (h + 1) * head_dim. Strides are elements between token rows (>= the row length;
+ * base pointers and strides * element size must be multiples of 16 bytes). Query head h reads KV
+ * head h / (heads_q / heads_kv). A query row that sees no key outputs 0 with lse = -inf.
+ *
+ * Padded batch (cu_seqlens_q == cu_seqlens_k == NULL): batch sequences of seqlen_q queries and
+ * seqlen_k keys; rows_q = batch * seqlen_q (row b * seqlen_q + s), rows_k = batch * seqlen_k;
+ * lse is [batch, heads_q, seqlen_q].
+ * Varlen batch (both non-NULL, [batch + 1] int32 each, starting at 0, non-decreasing, ending at
+ * rows_q / rows_k): sequence b holds query rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1]; seqlen_q /
+ * seqlen_k are then upper bounds on the longest sequences (they size the CUDA grid); lse is
+ * [heads_q, rows_q]. On a CUDA context the offsets are device memory read only by the kernels
+ * (not checked; out-of-range entries are clamped so memory stays safe).
+ */
+typedef struct dk_attention_params {
+  int64_t heads_q;       /* >= 1, a multiple of heads_kv */
+  int64_t heads_kv;      /* >= 1 */
+  int64_t head_dim;      /* 64 or 128 */
+  int32_t causal;        /* 1: query i sees keys j <= i + Sk - Sq (bottom-right), per sequence */
+  float softmax_scale;   /* 0: 1 / sqrt(head_dim); else finite and > 0 */
+  int32_t deterministic; /* backward: 1 = bitwise reproducible dq / dk / dv (no float atomics) */
+} dk_attention_params;
+
+typedef struct dk_attention_batch {
+  int64_t batch;               /* sequences B, >= 0 */
+  int64_t seqlen_q;            /* padded: queries per sequence; varlen: bound on the longest */
+  int64_t seqlen_k;            /* padded: keys per sequence; varlen: bound on the longest */
+  const int32_t* cu_seqlens_q; /* NULL (padded) or [batch + 1] */
+  const int32_t* cu_seqlens_k; /* NULL (padded) or [batch + 1] */
+  int64_t rows_q;              /* varlen: rows of q (= cu_seqlens_q[batch]); padded: ignored */
+  int64_t rows_k;              /* varlen: rows of k (= cu_seqlens_k[batch]); padded: ignored */
+} dk_attention_batch;
+
+typedef struct dk_attention_args {
+  dk_attention_batch batch;
+  int32_t dtype;      /* DK_DTYPE_BF16 or DK_DTYPE_F16 (DK_DTYPE_F32 on the CPU context only) */
+  const void* q;      /* [rows_q, heads_q * head_dim] */
+  int64_t q_stride;
+  const void* k;      /* [rows_k, heads_kv * head_dim] */
+  int64_t k_stride;
+  const void* v;      /* [rows_k, heads_kv * head_dim] */
+  int64_t v_stride;
+  void* out;          /* out [rows_q, heads_q * head_dim], dtype */
+  int64_t out_stride;
+  float* lse;         /* out, f32: [batch, heads_q, seqlen_q] (padded) or [heads_q, rows_q] */
+} dk_attention_args;
+
+typedef struct dk_attention_backward_args {
+  dk_attention_batch batch;
+  int32_t dtype;      /* of every tensor operand below (lse is f32) */
+  const void* dout;   /* d(loss)/d(out), [rows_q, heads_q * head_dim] */
+  int64_t dout_stride;
+  const void* q;
+  int64_t q_stride;
+  const void* k;
+  int64_t k_stride;
+  const void* v;
+  int64_t v_stride;
+  const void* out;    /* out of the forward call */
+  int64_t out_stride;
+  const float* lse;   /* lse of the forward call */
+  void* dq;           /* out [rows_q, heads_q * head_dim] */
+  int64_t dq_stride;
+  void* dk;           /* out [rows_k, heads_kv * head_dim], summed over the query group */
+  int64_t dk_stride;
+  void* dv;           /* out [rows_k, heads_kv * head_dim] */
+  int64_t dv_stride;
+} dk_attention_backward_args;
+
+/* heads_q = heads_kv = 1, head_dim = 128, not causal, default scale, deterministic. */
+dk_attention_params dk_attention_params_default(void);
+/* out and lse. Needs no workspace. */
+dk_status dk_attention_forward(const dk_context* ctx, const dk_attention_args* args,
+                               const dk_attention_params* params, void* stream);
+dk_status dk_attention_backward_workspace_size(const dk_context* ctx,
+                                               const dk_attention_backward_args* args,
+                                               const dk_attention_params* params, size_t* bytes);
+/* dq, dk, dv. */
+dk_status dk_attention_backward(const dk_context* ctx, const dk_attention_backward_args* args,
+                                const dk_attention_params* params, void* workspace,
+                                size_t workspace_bytes, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -98,7 +98,8 @@ impl CudaDevice {
         let names = crate::divergence::cuda::KERNEL_NAMES
             .iter()
             .chain(crate::moe::cuda::KERNEL_NAMES)
-            .chain(crate::fused::cuda::KERNEL_NAMES);
+            .chain(crate::fused::cuda::KERNEL_NAMES)
+            .chain(crate::attention::cuda::KERNEL_NAMES);
         for &name in names {
             functions.insert(name, module.load_function(name)?);
         }

@@ -1,7 +1,8 @@
 //! # distill-kernels
 //!
 //! Fused kernels for the math of LLM distillation: token-level forward KL, reverse KL and
-//! generalized JSD over 128k–262k vocabularies, with the gradient w.r.t. the student logits —
+//! generalized JSD over 128k–262k vocabularies, with the gradient w.r.t. the student logits, the
+//! same fused with the lm_head product, MoE token dispatch and grouped-query attention —
 //! exact, deterministic, on the CPU (f64 reference) or CUDA (fused kernels embedded in the
 //! library, loaded at run time, no link-time CUDA dependency).
 //!
@@ -34,6 +35,7 @@
 
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod capi;
 pub mod device;
 pub mod divergence;

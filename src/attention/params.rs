@@ -1,0 +1,101 @@
+//! Attention parameters: heads, head dimension, mask, softmax scale, determinism.
+
+use crate::error::{bail, Result};
+
+/// Head dimensions the kernels (and, to keep every backend accepting the same calls, the CPU
+/// reference) support.
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Bytes every token row start (base pointer and token stride) of q, k, v, out, dout, dq, dk and
+/// dv must be a multiple of: the CUDA kernels move 16 bytes at a time, and the rule is checked on
+/// every backend so a call the CPU accepts CUDA accepts too.
+pub const ROW_ALIGN: usize = 16;
+
+/// Largest number of token rows of any operand, and of heads × rows of the LSE: the kernels
+/// index with 32-bit integers.
+pub const MAX_ROWS: usize = i32::MAX as usize;
+
+/// Parameters of [`crate::Context::attention`] and [`crate::Context::attention_backward`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionParams {
+    /// Query heads Hq (≥ 1, a multiple of `heads_kv`).
+    pub heads_q: usize,
+    /// Key / value heads Hkv (≥ 1). Query head `h` reads KV head `h / (Hq / Hkv)`.
+    pub heads_kv: usize,
+    /// Head dimension D, one of [`HEAD_DIMS`].
+    pub head_dim: usize,
+    /// Causal mask aligned bottom-right: query `i` of a sequence sees keys `j ≤ i + Sk − Sq`.
+    pub causal: bool,
+    /// Scale applied to `q·k` before the softmax; `None` is `1/√D`. Finite and > 0 when set.
+    pub softmax_scale: Option<f32>,
+    /// Backward only: bitwise reproducible dQ, dK and dV (no floating-point atomics). The
+    /// forward pass is always deterministic.
+    pub deterministic: bool,
+}
+
+impl AttentionParams {
+    /// Non-causal, default scale, deterministic backward.
+    pub fn new(heads_q: usize, heads_kv: usize, head_dim: usize) -> Self {
+        AttentionParams {
+            heads_q,
+            heads_kv,
+            head_dim,
+            causal: false,
+            softmax_scale: None,
+            deterministic: true,
+        }
+    }
+
+    /// The same parameters with the causal mask on or off.
+    pub fn causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+
+    /// Query heads per KV head (Hq / Hkv).
+    pub fn group(&self) -> usize {
+        self.heads_q / self.heads_kv.max(1)
+    }
+
+    /// The softmax scale in effect: the one set, or `1/√D`.
+    pub fn scale(&self) -> f32 {
+        self.softmax_scale
+            .unwrap_or_else(|| 1.0 / (self.head_dim as f32).sqrt())
+    }
+
+    /// Checks heads, head dimension and scale.
+    pub fn validate(&self) -> Result<()> {
+        if self.heads_q == 0 || self.heads_kv == 0 {
+            bail!(
+                Shape,
+                "heads_q = {} and heads_kv = {} must both be >= 1",
+                self.heads_q,
+                self.heads_kv
+            );
+        }
+        if self.heads_q % self.heads_kv != 0 {
+            bail!(
+                Shape,
+                "heads_q = {} must be a multiple of heads_kv = {}",
+                self.heads_q,
+                self.heads_kv
+            );
+        }
+        if !HEAD_DIMS.contains(&self.head_dim) {
+            bail!(
+                Shape,
+                "head_dim = {} is not supported: must be one of {HEAD_DIMS:?}",
+                self.head_dim
+            );
+        }
+        if let Some(s) = self.softmax_scale {
+            if !(s.is_finite() && s > 0.0) {
+                bail!(
+                    InvalidArgument,
+                    "softmax_scale = {s} must be finite and > 0"
+                );
+            }
+        }
+        Ok(())
+    }
+}
