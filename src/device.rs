@@ -99,7 +99,11 @@ impl CudaDevice {
             .iter()
             .chain(crate::moe::cuda::KERNEL_NAMES)
             .chain(crate::fused::cuda::KERNEL_NAMES)
-            .chain(crate::attention::cuda::KERNEL_NAMES);
+            .chain(
+                crate::attention::cuda::KERNEL_NAMES
+                    .iter()
+                    .flat_map(|names| names.iter()),
+            );
         for &name in names {
             functions.insert(name, module.load_function(name)?);
         }

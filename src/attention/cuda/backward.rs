@@ -4,6 +4,9 @@ use crate::attention::RawAttentionBackward;
 use crate::device::{CudaDevice, Launch};
 use crate::error::{bail, Result};
 
+/// Kernels this file launches.
+pub(crate) const KERNEL_NAMES: &[&str] = &[];
+
 /// Device workspace the backward needs.
 pub(crate) fn backward_workspace_size(_raw: &RawAttentionBackward) -> usize {
     0
