@@ -6,6 +6,7 @@
 //! the context's device on a CUDA context. Streams are the caller's (`cudaStream_t`/`CUstream`,
 //! NULL = the legacy default stream).
 
+pub mod attention;
 pub mod context;
 pub mod divergence;
 pub mod error;
