@@ -283,7 +283,8 @@ dk_status dk_fused_linear_divergence(const dk_context* ctx, const dk_fused_linea
  * rows_q / rows_k): sequence b holds query rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1]; seqlen_q /
  * seqlen_k are then upper bounds on the longest sequences (they size the CUDA grid); lse is
  * [heads_q, rows_q]. On a CUDA context the offsets are device memory read only by the kernels
- * (not checked; out-of-range entries are clamped so memory stays safe).
+ * (not checked; out-of-range entries are clamped so memory stays safe). Exactly one of the two
+ * offset pointers NULL is DK_ERR_INVALID_ARGUMENT; a negative count or stride is DK_ERR_SHAPE.
  */
 typedef struct dk_attention_params {
   int64_t heads_q;       /* >= 1, a multiple of heads_kv */
