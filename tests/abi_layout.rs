@@ -3,7 +3,7 @@
 //! declare — parsed from the headers, so a new field cannot be missed — and the values of the
 //! code macros. They must equal the Rust mirrors: `divergence_args_layout()` for the kernel
 //! argument struct (cuda/include/dk_divergence_args.h) and `offset_of!` on the C ABI structs
-//! (include/distill_kernels.h: divergence, fused linear divergence and MoE dispatch).
+//! (include/distill_kernels.h: divergence, fused linear divergence, MoE dispatch and attention).
 
 mod common;
 
@@ -12,6 +12,9 @@ use std::mem::{align_of, offset_of, size_of};
 use std::process::Command;
 
 use common::*;
+use distill_kernels::capi::attention::{
+    DkAttentionArgs, DkAttentionBackwardArgs, DkAttentionBatch, DkAttentionParams,
+};
 use distill_kernels::capi::divergence::{DkDivergenceArgs, DkDivergenceParams};
 use distill_kernels::capi::fused::{DkFusedLinearArgs, DkFusedLinearParams};
 use distill_kernels::capi::moe::{
@@ -466,6 +469,100 @@ fn c_abi_structs_match_rust() {
             ),
         ],
     );
+    compare(
+        &values,
+        &fields,
+        "dk_attention_params",
+        size_of::<DkAttentionParams>(),
+        Some(align_of::<DkAttentionParams>()),
+        &[
+            ("heads_q", offset_of!(DkAttentionParams, heads_q)),
+            ("heads_kv", offset_of!(DkAttentionParams, heads_kv)),
+            ("head_dim", offset_of!(DkAttentionParams, head_dim)),
+            ("causal", offset_of!(DkAttentionParams, causal)),
+            (
+                "softmax_scale",
+                offset_of!(DkAttentionParams, softmax_scale),
+            ),
+            (
+                "deterministic",
+                offset_of!(DkAttentionParams, deterministic),
+            ),
+        ],
+    );
+    compare(
+        &values,
+        &fields,
+        "dk_attention_batch",
+        size_of::<DkAttentionBatch>(),
+        Some(align_of::<DkAttentionBatch>()),
+        &[
+            ("batch", offset_of!(DkAttentionBatch, batch)),
+            ("seqlen_q", offset_of!(DkAttentionBatch, seqlen_q)),
+            ("seqlen_k", offset_of!(DkAttentionBatch, seqlen_k)),
+            ("cu_seqlens_q", offset_of!(DkAttentionBatch, cu_seqlens_q)),
+            ("cu_seqlens_k", offset_of!(DkAttentionBatch, cu_seqlens_k)),
+            ("rows_q", offset_of!(DkAttentionBatch, rows_q)),
+            ("rows_k", offset_of!(DkAttentionBatch, rows_k)),
+        ],
+    );
+    compare(
+        &values,
+        &fields,
+        "dk_attention_args",
+        size_of::<DkAttentionArgs>(),
+        Some(align_of::<DkAttentionArgs>()),
+        &[
+            ("batch", offset_of!(DkAttentionArgs, batch)),
+            ("dtype", offset_of!(DkAttentionArgs, dtype)),
+            ("q", offset_of!(DkAttentionArgs, q)),
+            ("q_stride", offset_of!(DkAttentionArgs, q_stride)),
+            ("k", offset_of!(DkAttentionArgs, k)),
+            ("k_stride", offset_of!(DkAttentionArgs, k_stride)),
+            ("v", offset_of!(DkAttentionArgs, v)),
+            ("v_stride", offset_of!(DkAttentionArgs, v_stride)),
+            ("out", offset_of!(DkAttentionArgs, out)),
+            ("out_stride", offset_of!(DkAttentionArgs, out_stride)),
+            ("lse", offset_of!(DkAttentionArgs, lse)),
+        ],
+    );
+    compare(
+        &values,
+        &fields,
+        "dk_attention_backward_args",
+        size_of::<DkAttentionBackwardArgs>(),
+        Some(align_of::<DkAttentionBackwardArgs>()),
+        &[
+            ("batch", offset_of!(DkAttentionBackwardArgs, batch)),
+            ("dtype", offset_of!(DkAttentionBackwardArgs, dtype)),
+            ("dout", offset_of!(DkAttentionBackwardArgs, dout)),
+            (
+                "dout_stride",
+                offset_of!(DkAttentionBackwardArgs, dout_stride),
+            ),
+            ("q", offset_of!(DkAttentionBackwardArgs, q)),
+            ("q_stride", offset_of!(DkAttentionBackwardArgs, q_stride)),
+            ("k", offset_of!(DkAttentionBackwardArgs, k)),
+            ("k_stride", offset_of!(DkAttentionBackwardArgs, k_stride)),
+            ("v", offset_of!(DkAttentionBackwardArgs, v)),
+            ("v_stride", offset_of!(DkAttentionBackwardArgs, v_stride)),
+            ("out", offset_of!(DkAttentionBackwardArgs, out)),
+            (
+                "out_stride",
+                offset_of!(DkAttentionBackwardArgs, out_stride),
+            ),
+            ("lse", offset_of!(DkAttentionBackwardArgs, lse)),
+            ("dq", offset_of!(DkAttentionBackwardArgs, dq)),
+            ("dq_stride", offset_of!(DkAttentionBackwardArgs, dq_stride)),
+            ("dk", offset_of!(DkAttentionBackwardArgs, dk)),
+            ("dk_stride", offset_of!(DkAttentionBackwardArgs, dk_stride)),
+            ("dv", offset_of!(DkAttentionBackwardArgs, dv)),
+            ("dv_stride", offset_of!(DkAttentionBackwardArgs, dv_stride)),
+        ],
+    );
+    // The embedded batch structs have the layout checked above, at offset 0 of both args.
+    assert_eq!(values["dk_attention_args.batch"], 0);
+    assert_eq!(values["dk_attention_backward_args.batch"], 0);
     // The embedded divergence parameters have the layout checked above, at the same offset.
     assert_eq!(
         values["dk_fused_linear_params.divergence"], 0,
@@ -489,6 +586,10 @@ fn c_abi_structs_match_rust() {
         "dk_moe_permute_args",
         "dk_moe_combine_args",
         "dk_moe_slot_dot_args",
+        "dk_attention_params",
+        "dk_attention_batch",
+        "dk_attention_args",
+        "dk_attention_backward_args",
     ];
     for name in fields.keys() {
         assert!(
