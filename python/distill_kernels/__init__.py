@@ -1,9 +1,11 @@
-"""distill_kernels: fused KL / JSD divergences (from logits, or fused with the lm_head) and MoE
-token dispatch for LLM distillation, over the library's C ABI.
+"""distill_kernels: fused KL / JSD divergences (from logits, or fused with the lm_head), MoE
+token dispatch and grouped-query attention for LLM distillation, over the library's C ABI.
 
 ``distill_kernels.divergence``, ``distill_kernels.fused_linear_divergence`` (the divergence
 straight from hidden states and lm_head weights) and ``distill_kernels.moe_route`` / ``moe_permute`` /
-``moe_combine`` (and their ``*_backward``) work on numpy arrays (CPU backend);
+``moe_combine`` (and their ``*_backward``) and ``distill_kernels.attention`` /
+``attention_backward`` (grouped-query attention, padded or packed variable-length) work on numpy
+arrays (CPU backend);
 ``distill_kernels.torch`` has the same as autograd functions for torch tensors (CUDA, zero-copy,
 on torch's current stream). Importing this package needs numpy, never torch. The shared library is loaded on first use; see ``_lib`` for where it is
 looked for (``DISTILL_KERNELS_LIB`` first).
@@ -28,6 +30,7 @@ from ._lib import (
 )
 from .divergence import DivergenceResult, divergence  # noqa: E402  (the function shadows the module)
 from .fused import FusedLinearResult, fused_linear_divergence  # noqa: E402
+from .attention import AttentionResult, attention, attention_backward  # noqa: E402
 from .moe import (  # noqa: E402
     MoeRoute,
     moe_combine,
@@ -52,6 +55,9 @@ __all__ = [
     "moe_permute_backward",
     "moe_combine_backward",
     "MoeRoute",
+    "attention",
+    "attention_backward",
+    "AttentionResult",
     "DistillKernelsError",
     "NullPointerError",
     "InvalidArgumentError",

@@ -46,9 +46,15 @@ __all__ = [
     "MOE_SCORES",
     "FusedLinearParams",
     "FusedLinearArgs",
+    "AttentionParams",
+    "AttentionBatch",
+    "AttentionArgs",
+    "AttentionBackwardArgs",
+    "ATTENTION_HEAD_DIMS",
     "lib",
     "moe_lib",
     "fused_lib",
+    "attention_lib",
     "library_path",
     "check",
     "context",
@@ -72,6 +78,8 @@ REDUCTIONS = {"batchmean": 0, "sum": 1, "none": 2}
 MOE_SCORES = {"softmax": 0, "sigmoid": 1}
 MOE_MAX_K = 32  # dk_moe_route_params.k: 1 <= k <= min(e, 32)
 MOE_MAX_EXPERTS = 1024  # dk_moe_route_args.e: 1..1024
+ATTENTION_HEAD_DIMS = (64, 128)  # dk_attention_params.head_dim
+ATTENTION_ROW_ALIGN = 16  # bytes: token row starts (base pointers and strides) of every operand
 
 # ---- errors ----------------------------------------------------------------------------------
 
@@ -309,6 +317,77 @@ class FusedLinearArgs(ctypes.Structure):
     ]
 
 
+class AttentionParams(ctypes.Structure):
+    """``dk_attention_params``."""
+
+    _fields_ = [
+        ("heads_q", ctypes.c_int64),
+        ("heads_kv", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64),
+        ("causal", ctypes.c_int32),
+        ("softmax_scale", ctypes.c_float),
+        ("deterministic", ctypes.c_int32),
+    ]
+
+
+class AttentionBatch(ctypes.Structure):
+    """``dk_attention_batch``."""
+
+    _fields_ = [
+        ("batch", ctypes.c_int64),
+        ("seqlen_q", ctypes.c_int64),
+        ("seqlen_k", ctypes.c_int64),
+        ("cu_seqlens_q", ctypes.c_void_p),
+        ("cu_seqlens_k", ctypes.c_void_p),
+        ("rows_q", ctypes.c_int64),
+        ("rows_k", ctypes.c_int64),
+    ]
+
+
+class AttentionArgs(ctypes.Structure):
+    """``dk_attention_args``."""
+
+    _fields_ = [
+        ("batch", AttentionBatch),
+        ("dtype", ctypes.c_int32),
+        ("q", ctypes.c_void_p),
+        ("q_stride", ctypes.c_int64),
+        ("k", ctypes.c_void_p),
+        ("k_stride", ctypes.c_int64),
+        ("v", ctypes.c_void_p),
+        ("v_stride", ctypes.c_int64),
+        ("out", ctypes.c_void_p),
+        ("out_stride", ctypes.c_int64),
+        ("lse", ctypes.c_void_p),
+    ]
+
+
+class AttentionBackwardArgs(ctypes.Structure):
+    """``dk_attention_backward_args``."""
+
+    _fields_ = [
+        ("batch", AttentionBatch),
+        ("dtype", ctypes.c_int32),
+        ("dout", ctypes.c_void_p),
+        ("dout_stride", ctypes.c_int64),
+        ("q", ctypes.c_void_p),
+        ("q_stride", ctypes.c_int64),
+        ("k", ctypes.c_void_p),
+        ("k_stride", ctypes.c_int64),
+        ("v", ctypes.c_void_p),
+        ("v_stride", ctypes.c_int64),
+        ("out", ctypes.c_void_p),
+        ("out_stride", ctypes.c_int64),
+        ("lse", ctypes.c_void_p),
+        ("dq", ctypes.c_void_p),
+        ("dq_stride", ctypes.c_int64),
+        ("dk", ctypes.c_void_p),
+        ("dk_stride", ctypes.c_int64),
+        ("dv", ctypes.c_void_p),
+        ("dv_stride", ctypes.c_int64),
+    ]
+
+
 # ---- finding and loading the library ------------------------------------------------------------
 
 
@@ -485,6 +564,50 @@ def _declare_fused(l: ctypes.CDLL) -> Optional[str]:
     return None
 
 
+_ATTENTION_SYMBOLS = (
+    "dk_attention_params_default",
+    "dk_attention_forward",
+    "dk_attention_backward_workspace_size",
+    "dk_attention_backward",
+)
+
+
+def _declare_attention(l: ctypes.CDLL) -> Optional[str]:
+    """Declares the attention functions; returns the first missing symbol's name (None if all
+    exist). Like the MoE ones, a missing symbol is only reported when attention is called (see
+    attention_lib)."""
+    for name in _ATTENTION_SYMBOLS:
+        if not hasattr(l, name):
+            return name
+    c_ctx_p, vp = ctypes.c_void_p, ctypes.c_void_p
+    l.dk_attention_params_default.argtypes = []
+    l.dk_attention_params_default.restype = AttentionParams
+    l.dk_attention_forward.argtypes = [
+        c_ctx_p,
+        ctypes.POINTER(AttentionArgs),
+        ctypes.POINTER(AttentionParams),
+        vp,
+    ]
+    l.dk_attention_forward.restype = ctypes.c_int32
+    l.dk_attention_backward_workspace_size.argtypes = [
+        c_ctx_p,
+        ctypes.POINTER(AttentionBackwardArgs),
+        ctypes.POINTER(AttentionParams),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
+    l.dk_attention_backward_workspace_size.restype = ctypes.c_int32
+    l.dk_attention_backward.argtypes = [
+        c_ctx_p,
+        ctypes.POINTER(AttentionBackwardArgs),
+        ctypes.POINTER(AttentionParams),
+        vp,
+        ctypes.c_size_t,
+        vp,
+    ]
+    l.dk_attention_backward.restype = ctypes.c_int32
+    return None
+
+
 def _check_version(found: str, path: Path) -> None:
     if found == PACKAGE_VERSION:
         return
@@ -503,11 +626,12 @@ _lib: Optional[ctypes.CDLL] = None
 _lib_path: Optional[Path] = None
 _moe_missing: Optional[str] = None
 _fused_missing: Optional[str] = None
+_attention_missing: Optional[str] = None
 
 
 def lib() -> ctypes.CDLL:
     """The loaded library (loaded, declared and version-checked on first use)."""
-    global _lib, _lib_path, _moe_missing, _fused_missing
+    global _lib, _lib_path, _moe_missing, _fused_missing, _attention_missing
     if _lib is not None:
         return _lib
     with _lock:
@@ -520,6 +644,7 @@ def lib() -> ctypes.CDLL:
             _declare(l)
             _moe_missing = _declare_moe(l)
             _fused_missing = _declare_fused(l)
+            _attention_missing = _declare_attention(l)
             _check_version(l.dk_version().decode(), path)
             _lib_path = path
             _lib = l
@@ -544,6 +669,17 @@ def fused_lib() -> ctypes.CDLL:
         raise LibraryNotFoundError(
             f"libdistill_kernels at {_lib_path} does not export {_fused_missing} (it was built "
             "without the fused linear divergence); rebuild it with `cargo build --release`"
+        )
+    return l
+
+
+def attention_lib() -> ctypes.CDLL:
+    """The loaded library, checked to export grouped-query attention (``dk_attention_*``)."""
+    l = lib()
+    if _attention_missing is not None:
+        raise LibraryNotFoundError(
+            f"libdistill_kernels at {_lib_path} does not export {_attention_missing} (it was "
+            "built without attention); rebuild it with `cargo build --release`"
         )
     return l
 
@@ -859,3 +995,80 @@ def fused_call(handle, args: FusedLinearArgs, params: FusedLinearParams, workspa
         handle, ctypes.byref(args), ctypes.byref(params), workspace, ws_bytes, stream
     )
     check(status, "fused_linear_divergence")
+
+
+# ---- attention: parameters and calls shared by the numpy and torch faces -----------------------
+
+
+def make_attention_params(
+    heads_q: int,
+    heads_kv: int,
+    head_dim: int,
+    causal,
+    softmax_scale,
+    deterministic,
+) -> AttentionParams:
+    """Validates the attention parameters (ValueError / TypeError, with the rule that was broken)
+    and packs them for the C ABI (``softmax_scale`` None is 0: the library's 1/sqrt(head_dim))."""
+    import math
+
+    if heads_q < 1 or heads_kv < 1:
+        raise ValueError(f"heads_q = {heads_q} and heads_kv = {heads_kv} must both be >= 1")
+    if heads_q % heads_kv != 0:
+        raise ValueError(
+            f"the query heads Hq = {heads_q} must be a multiple of the key/value heads "
+            f"Hkv = {heads_kv} (grouped-query attention: query head h reads KV head "
+            "h // (Hq // Hkv))"
+        )
+    if head_dim not in ATTENTION_HEAD_DIMS:
+        raise ValueError(
+            f"head dimension D = {head_dim} is not supported: must be one of "
+            f"{list(ATTENTION_HEAD_DIMS)}"
+        )
+    causal = _bool("causal", causal)
+    deterministic = _bool("deterministic", deterministic)
+    scale = 0.0
+    if softmax_scale is not None:
+        softmax_scale = _real("softmax_scale", softmax_scale)
+        scale = ctypes.c_float(softmax_scale).value
+        if not (math.isfinite(softmax_scale) and softmax_scale > 0 and math.isfinite(scale)
+                and scale > 0):
+            raise ValueError(
+                f"softmax_scale must be None (1/sqrt(D)) or finite and > 0 (as a float32), got "
+                f"{softmax_scale}"
+            )
+    return AttentionParams(
+        heads_q=heads_q,
+        heads_kv=heads_kv,
+        head_dim=head_dim,
+        causal=1 if causal else 0,
+        softmax_scale=scale,
+        deterministic=1 if deterministic else 0,
+    )
+
+
+def attention_forward_call(handle, args: AttentionArgs, params: AttentionParams, stream) -> None:
+    status = attention_lib().dk_attention_forward(
+        handle, ctypes.byref(args), ctypes.byref(params), stream
+    )
+    check(status, "attention")
+
+
+def attention_backward_workspace_size(handle, args: AttentionBackwardArgs,
+                                      params: AttentionParams) -> int:
+    size = ctypes.c_size_t(0)
+    check(
+        attention_lib().dk_attention_backward_workspace_size(
+            handle, ctypes.byref(args), ctypes.byref(params), ctypes.byref(size)
+        ),
+        "dk_attention_backward_workspace_size",
+    )
+    return int(size.value)
+
+
+def attention_backward_call(handle, args: AttentionBackwardArgs, params: AttentionParams,
+                            workspace, ws_bytes, stream) -> None:
+    status = attention_lib().dk_attention_backward(
+        handle, ctypes.byref(args), ctypes.byref(params), workspace, ws_bytes, stream
+    )
+    check(status, "attention_backward")
