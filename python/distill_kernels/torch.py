@@ -870,3 +870,288 @@ def fused_linear_divergence(
     wt_in = ws_in if same_weight else wt.detach()
     return FusedLinearFunction.apply(hs_in, ws_in, ht.detach(), wt_in, lab, params,
                                      reduction == "none", want_gh, want_gw, g_dtype)
+
+
+# ---- grouped-query attention -------------------------------------------------------------------
+#
+# q [B, Sq, Hq, D], k / v [B, Sk, Hkv, D] (padded) or q [Tq, Hq, D], k / v [Tk, Hkv, D] with
+# cu_seqlens_q / cu_seqlens_k (packed), on one CUDA device (CPU tensors go through the CPU
+# backend). Forward and backward run on the current stream; the forward saves q, k, v, out and
+# lse, the backward gets its workspace from torch's caching allocator.
+
+__all__ += ["attention", "AttentionFunction"]
+
+_ATTN_DTYPES_CUDA = (torch.bfloat16, torch.float16)
+
+
+def _attn_rows(name: str, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """(tensor, token stride in elements) for ``x [..tokens.., H, D]``: x itself when the library
+    can read its tokens as rows (H·D contiguous values per token, one stride over the leading
+    axes, 16-byte aligned rows), else ``x.contiguous()`` (a copy)."""
+    h, d = x.shape[-2], x.shape[-1]
+    row = h * d
+    item = x.element_size()
+    ok = (d == 1 or x.stride(-1) == 1) and (h == 1 or x.stride(-2) == d)
+    stride = None
+    if ok:
+        expect = None
+        for size, st in zip(reversed(x.shape[:-2]), reversed(x.stride()[:-2])):
+            if size == 1:
+                continue
+            if expect is None:
+                stride, expect = st, st * size
+            elif st == expect:
+                expect = st * size
+            else:
+                ok = False
+                break
+    if stride is None:
+        stride = row
+    if ok and stride < row:
+        ok = False  # broadcast (stride 0) or overlapping tokens
+    if ok and x.numel() and (x.data_ptr() % _lib.ATTENTION_ROW_ALIGN
+                             or (stride * item) % _lib.ATTENTION_ROW_ALIGN):
+        ok = False
+    if not ok:
+        x = x.contiguous()
+        if x.numel() and x.data_ptr() % _lib.ATTENTION_ROW_ALIGN:  # a view at an odd offset
+            x = x.clone(memory_format=torch.contiguous_format)
+        stride = row
+    return x, stride
+
+
+class _AttnMeta:
+    """Shapes and parameters of one attention call (not tensors: autograd passes them through)."""
+
+    __slots__ = ("params", "batch", "seqlen_q", "seqlen_k", "rows_q", "rows_k", "varlen",
+                 "heads_q", "heads_kv", "head_dim", "device")
+
+    def c_batch(self, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor]):
+        return _lib.AttentionBatch(
+            batch=self.batch, seqlen_q=self.seqlen_q, seqlen_k=self.seqlen_k,
+            cu_seqlens_q=_ptr(cu_q), cu_seqlens_k=_ptr(cu_k), rows_q=self.rows_q,
+            rows_k=self.rows_k,
+        )
+
+    def lse_shape(self):
+        if self.varlen:
+            return (self.heads_q, self.rows_q)
+        return (self.batch, self.heads_q, self.seqlen_q)
+
+
+def _attn_forward(meta: _AttnMeta, q, k, v, cu_q, cu_k):
+    q2, qs = _attn_rows("q", q)
+    k2, ks = _attn_rows("k", k)
+    v2, vs = _attn_rows("v", v)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(meta.lse_shape(), dtype=torch.float32, device=q.device)
+    device = meta.device
+
+    def go():
+        args = _lib.AttentionArgs(
+            batch=meta.c_batch(cu_q, cu_k), dtype=_DTYPES[q.dtype],
+            q=q2.data_ptr(), q_stride=qs, k=k2.data_ptr(), k_stride=ks,
+            v=v2.data_ptr(), v_stride=vs, out=out.data_ptr(), out_stride=meta.heads_q * meta.head_dim,
+            lse=lse.data_ptr(),
+        )
+        _lib.attention_forward_call(_lib.context(device), args, meta.params, _stream(device))
+
+    _on_device(device, go)
+    return out, lse
+
+
+def _attn_backward(meta: _AttnMeta, dout, q, k, v, out, lse, cu_q, cu_k):
+    do2, dos = _attn_rows("dout", dout)
+    q2, qs = _attn_rows("q", q)
+    k2, ks = _attn_rows("k", k)
+    v2, vs = _attn_rows("v", v)
+    o2, os_ = _attn_rows("out", out)
+    lse = lse.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    device = meta.device
+    hq_d, hkv_d = meta.heads_q * meta.head_dim, meta.heads_kv * meta.head_dim
+
+    def go():
+        handle = _lib.context(device)
+        args = _lib.AttentionBackwardArgs(
+            batch=meta.c_batch(cu_q, cu_k), dtype=_DTYPES[q.dtype],
+            dout=do2.data_ptr(), dout_stride=dos, q=q2.data_ptr(), q_stride=qs,
+            k=k2.data_ptr(), k_stride=ks, v=v2.data_ptr(), v_stride=vs,
+            out=o2.data_ptr(), out_stride=os_, lse=lse.data_ptr(),
+            dq=dq.data_ptr(), dq_stride=hq_d, dk=dk.data_ptr(), dk_stride=hkv_d,
+            dv=dv.data_ptr(), dv_stride=hkv_d,
+        )
+        workspace, ws_bytes = None, 0
+        ws_bytes = _lib.attention_backward_workspace_size(handle, args, meta.params)
+        if ws_bytes:  # torch's caching allocator, ordered on the current stream
+            workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=q.device)
+        _lib.attention_backward_call(handle, args, meta.params, _ptr(workspace), ws_bytes,
+                                     _stream(device))
+
+    _on_device(device, go)
+    return dq, dk, dv
+
+
+class AttentionFunction(torch.autograd.Function):
+    """autograd.Function behind :func:`attention` (arguments already validated).
+
+    forward(q, k, v, cu_seqlens_q or None, cu_seqlens_k or None, meta) -> (out, lse); lse is
+    not differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, meta):
+        out, lse = _attn_forward(meta, q, k, v, cu_q, cu_k)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.meta = meta
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dout.dtype != q.dtype:
+            dout = dout.to(q.dtype)
+        dq, dk, dv = _attn_backward(ctx.meta, dout, q, k, v, out, lse, cu_q, cu_k)
+        return dq, dk, dv, None, None, None
+
+
+def _cu_seqlens_t(name: str, c, device: torch.device) -> torch.Tensor:
+    if not isinstance(c, torch.Tensor):
+        raise TypeError(f"{name} must be a torch tensor (int32), got {type(c).__name__}")
+    if c.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {c.dtype}")
+    if c.dim() != 1 or c.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D [B + 1], got shape {tuple(c.shape)}")
+    if c.device != device:
+        raise ValueError(f"{name} is on {c.device} but q is on {device}")
+    return c.contiguous()
+
+
+def _max_seqlen(name: str, x) -> int:
+    if isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a Python int (a tensor would force a host sync)")
+    return _lib._int(name, x, 0, 2**31 - 1)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    deterministic: bool = True,
+    return_lse: bool = False,
+):
+    """Grouped-query attention on torch tensors, differentiable in q, k and v; same layouts and
+    math as :func:`distill_kernels.attention`.
+
+    ``q [B, Sq, Hq, D]``, ``k`` / ``v [B, Sk, Hkv, D]``, or packed ``q [Tq, Hq, D]``, ``k`` /
+    ``v [Tk, Hkv, D]`` with int32 ``cu_seqlens_q`` / ``cu_seqlens_k [B + 1]`` on the same device.
+    bf16 or f16 on CUDA (f32 too on CPU tensors, which run on the CPU backend), D 64 or 128, Hq a
+    multiple of Hkv. Runs on the current stream. Tokens whose heads·D values are contiguous are
+    read in place with any 16-byte-multiple token stride (``qkv[:, :, :Hq]`` is not copied);
+    other layouts are copied with ``.contiguous()``.
+
+    Varlen: ``max_seqlen_q`` / ``max_seqlen_k`` (Python ints, upper bounds on the longest
+    sequences; they size the CUDA grid) avoid any host synchronisation; when either is missing
+    both are computed, and the offsets checked (start 0, non-decreasing, end at the row counts),
+    with one device-to-host read. With both given the offsets are trusted (out-of-range entries
+    are clamped by the kernels: memory stays safe, results are meaningless).
+
+    Returns ``out`` (like q), or ``(out, lse)`` with ``return_lse=True`` (float32 ``[B, Hq, Sq]``
+    or ``[Hq, Tq]``, not differentiable). The backward computes dq, dk, dv in one call, with
+    ``deterministic`` (default True) bitwise reproducible dk / dv.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"{name} dtype {x.dtype} is not supported: use bfloat16 or float16 "
+                            "(float32 on CPU tensors only)")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"q, k and v must have one dtype: q is {q.dtype}, {name} is {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"q is on {q.device} but {name} is on {x.device}")
+    device = _device_ordinal(q)
+    if device >= 0 and q.dtype not in _ATTN_DTYPES_CUDA:
+        raise TypeError(f"CUDA attention takes bfloat16 or float16, got {q.dtype} (float32 runs "
+                        "on CPU tensors only)")
+    return_lse = _check_flag("return_lse", return_lse)
+    if isinstance(softmax_scale, torch.Tensor):
+        raise TypeError("softmax_scale must be a Python number (a tensor would force a host sync)")
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (varlen) or not at "
+                         "all (padded)")
+    meta = _AttnMeta()
+    meta.device = device
+    meta.varlen = cu_seqlens_q is not None
+    cu_q = cu_k = None
+    if meta.varlen:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.dim() != 3:
+                raise ValueError(f"with cu_seqlens (packed sequences) {name} must be 3-D [tokens, "
+                                 f"heads, D], got shape {tuple(x.shape)}")
+        cu_q = _cu_seqlens_t("cu_seqlens_q", cu_seqlens_q, q.device)
+        cu_k = _cu_seqlens_t("cu_seqlens_k", cu_seqlens_k, q.device)
+        if cu_q.shape != cu_k.shape:
+            raise ValueError(f"cu_seqlens_q has {cu_q.shape[0]} entries and cu_seqlens_k "
+                             f"{cu_k.shape[0]}: both must be [B + 1] for the same B")
+        meta.batch = cu_q.shape[0] - 1
+        meta.rows_q, meta.rows_k = q.shape[0], k.shape[0]
+        if max_seqlen_q is not None and max_seqlen_k is not None:
+            meta.seqlen_q = _max_seqlen("max_seqlen_q", max_seqlen_q)
+            meta.seqlen_k = _max_seqlen("max_seqlen_k", max_seqlen_k)
+        elif meta.batch == 0:
+            meta.seqlen_q = meta.seqlen_k = 0
+        else:
+            # The one host synchronisation: lengths and the offsets' consistency in one read.
+            lq = (cu_q[1:] - cu_q[:-1]).to(torch.int64)
+            lk = (cu_k[1:] - cu_k[:-1]).to(torch.int64)
+            stats = torch.stack([lq.max(), lk.max(), lq.min(), lk.min(),
+                                 cu_q[0].to(torch.int64), cu_q[-1].to(torch.int64),
+                                 cu_k[0].to(torch.int64), cu_k[-1].to(torch.int64)]).tolist()
+            mq, mk, nq, nk, q0, qn, k0, kn = stats
+            if q0 != 0 or k0 != 0 or nq < 0 or nk < 0 or qn != meta.rows_q or kn != meta.rows_k:
+                raise ValueError(
+                    f"cu_seqlens must start at 0, never decrease and end at the row counts "
+                    f"(q has {meta.rows_q} rows, k {meta.rows_k}): cu_seqlens_q runs {q0} .. {qn}"
+                    f" (smallest step {nq}), cu_seqlens_k {k0} .. {kn} (smallest step {nk})")
+            meta.seqlen_q = int(mq) if max_seqlen_q is None else _max_seqlen("max_seqlen_q",
+                                                                               max_seqlen_q)
+            meta.seqlen_k = int(mk) if max_seqlen_k is None else _max_seqlen("max_seqlen_k",
+                                                                               max_seqlen_k)
+    else:
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError("max_seqlen_q / max_seqlen_k only apply with cu_seqlens (varlen)")
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.dim() != 4:
+                raise ValueError(f"{name} must be 4-D [B, S, heads, D] (or 3-D [tokens, heads, D] "
+                                 f"with cu_seqlens), got shape {tuple(x.shape)}")
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same "
+                             "batch size B")
+        meta.batch, meta.seqlen_q, meta.seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        meta.rows_q, meta.rows_k = meta.batch * meta.seqlen_q, meta.batch * meta.seqlen_k
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same head "
+                         "dimension D (last axis)")
+    meta.heads_q, meta.head_dim, meta.heads_kv = q.shape[-2], q.shape[-1], k.shape[-2]
+    if max(meta.rows_q, meta.rows_k) >= 2**31 or meta.heads_q * meta.rows_q >= 2**31:
+        raise ValueError("too many rows: token rows and heads × rows must fit in int32")
+    meta.params = _lib.make_attention_params(meta.heads_q, meta.heads_kv, meta.head_dim, causal,
+                                             softmax_scale, deterministic)
+    out, lse = AttentionFunction.apply(q, k, v, cu_q, cu_k, meta)
+    return (out, lse) if return_lse else out
