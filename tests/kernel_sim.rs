@@ -2,7 +2,9 @@
 //! compiles the same math header the kernels use (cuda/include/dk_divergence_math.cuh) for the
 //! host, plays out the kernel's thread layout (lanes, 8-element chunks, butterfly merges) and is
 //! compared here with the independent f64 reference at DESIGN.md's f32 tolerance (1e-5).
-//! It also checks that every lane of every reduction ends with bitwise the same state.
+//! It also checks that every lane of every reduction ends with bitwise the same state. Every
+//! case runs on both row kernels: one block per row, and the Hopper cluster kernel (the row
+//! split over C blocks, merged in rank order).
 
 mod common;
 
@@ -17,6 +19,7 @@ fn simulator() -> Option<PathBuf> {
     kernel_simulator("kernel_sim", "divergence_sim.cpp")
 }
 
+#[derive(Clone)]
 struct SimCase {
     kind: Kind,
     beta: f32,
@@ -24,6 +27,26 @@ struct SimCase {
     s: Vec<f32>,
     t: Vec<f32>,
     vec: bool,
+    /// 0: the one-block-per-row kernel; C > 0: the Hopper kernel with C blocks per row.
+    cluster: i32,
+}
+
+/// The same row played by the cluster kernel with `cluster` blocks (always 16-byte chunks).
+fn cluster_variant(c: &SimCase, cluster: i32) -> SimCase {
+    SimCase {
+        vec: true,
+        cluster,
+        ..c.clone()
+    }
+}
+
+/// Appends a cluster-kernel variant (random cluster size) of every case.
+fn add_cluster_variants(rng: &mut Rng, cases: &mut Vec<SimCase>) {
+    for i in 0..cases.len() {
+        let cluster = [1, 2, 4, 8, 16][rng.below(0, 5)];
+        let c = cluster_variant(&cases[i], cluster);
+        cases.push(c);
+    }
 }
 
 struct SimOut {
@@ -44,8 +67,11 @@ fn run_sim(exe: &PathBuf, cases: &[SimCase]) -> Vec<SimOut> {
         input.extend(c.beta.to_ne_bytes());
         input.extend((1.0 / c.temperature).to_ne_bytes());
         input.extend((c.s.len() as i32).to_ne_bytes());
-        input.extend(256i32.to_ne_bytes());
+        // kThreads of divergence.cu, kClusterThreads of divergence_cluster.cu.
+        let threads: i32 = if c.cluster > 0 { 512 } else { 256 };
+        input.extend(threads.to_ne_bytes());
         input.extend((c.vec as i32).to_ne_bytes());
+        input.extend(c.cluster.to_ne_bytes());
         c.s.iter().for_each(|x| input.extend(x.to_ne_bytes()));
         c.t.iter().for_each(|x| input.extend(x.to_ne_bytes()));
     }
@@ -114,6 +140,7 @@ fn random_case_with(
         s: s64.iter().map(|&x| x as f32).collect(),
         t: t64.iter().map(|&x| x as f32).collect(),
         vec,
+        cluster: 0,
     }
 }
 
@@ -210,6 +237,7 @@ fn kernel_math_matches_f64_reference_across_kinds_temperatures_and_sizes() {
             }
         }
     }
+    add_cluster_variants(&mut rng, &mut cases);
     let outs = run_sim(&exe, &cases);
     check(&cases, &outs, "random rows");
 }
@@ -223,6 +251,14 @@ fn kernel_math_at_model_vocabularies() {
         for &v in &[151_936usize, 262_144] {
             let temperature = [1.0f32, 2.0][rng.below(0, 2)];
             cases.push(random_case(&mut rng, kind, beta, temperature, v, true));
+        }
+    }
+    // The cluster sizes the launcher picks for these vocabularies (8 and 16), and 4.
+    let single = cases.len();
+    for i in 0..single {
+        for cluster in [4, 8, 16] {
+            let c = cluster_variant(&cases[i], cluster);
+            cases.push(c);
         }
     }
     let outs = run_sim(&exe, &cases);
@@ -260,6 +296,7 @@ fn kernel_math_masked_entries_nan_rows_and_fully_masked_rows() {
             cases.push(c);
         }
     }
+    add_cluster_variants(&mut rng, &mut cases);
     let outs = run_sim(&exe, &cases);
     check(&cases, &outs, "masked entries");
 
@@ -273,9 +310,14 @@ fn kernel_math_masked_entries_nan_rows_and_fully_masked_rows() {
         c.t[137] = f32::NAN;
         edge.push(c);
     }
+    // Each edge row on both kernels: (one-block, cluster of 4) pairs.
+    let edge: Vec<SimCase> = edge
+        .iter()
+        .flat_map(|c| [c.clone(), cluster_variant(c, 4)])
+        .collect();
     let outs = run_sim(&exe, &edge);
     for (i, (c, o)) in edge.iter().zip(&outs).enumerate() {
-        if i % 2 == 0 {
+        if (i / 2) % 2 == 0 {
             assert_eq!(o.loss, 0.0, "{:?}: fully masked row loss", c.kind);
             assert!(
                 o.grad.iter().all(|&g| g == 0.0),
@@ -304,6 +346,7 @@ fn kernel_math_identical_rows_give_zero() {
             c.t = c.s.clone();
             c
         })
+        .flat_map(|c| [cluster_variant(&c, 8), c])
         .collect();
     for (c, o) in cases.iter().zip(run_sim(&exe, &cases)) {
         assert!(
@@ -342,6 +385,7 @@ fn kernel_math_one_hot_rows_stay_within_f32_cancellation() {
             ));
         }
     }
+    add_cluster_variants(&mut rng, &mut cases);
     let outs = run_sim(&exe, &cases);
     check_tol(&cases, &outs, "one-hot rows", 1e-4);
 }

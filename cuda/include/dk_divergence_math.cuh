@@ -145,5 +145,10 @@ DK_HD float2 jsd_terms(const Row& row, float s, float t) {
 }
 
 
+// Hopper cluster path: block `rank` of a cluster of `c` blocks owns the elements
+// [rank · slice, min(v, (rank + 1) · slice)) of the row, slice a multiple of 8 so every block's
+// share starts 16-byte aligned. The last blocks' shares may be short or empty.
+DK_HD int cluster_slice(int v, int c) { return ((v + c - 1) / c + 7) / 8 * 8; }
+
 }  // namespace divergence
 }  // namespace dk

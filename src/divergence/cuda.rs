@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::{Kind, Params, RawDivergence};
+use super::{cluster, Kind, Params, RawDivergence};
 use crate::device::{CudaDevice, Launch};
 use crate::error::Result;
 use crate::tensor::DType;
@@ -59,7 +59,9 @@ pub fn divergence_args_layout() -> Vec<(&'static str, usize)> {
     ]
 }
 
-/// Every kernel of `cuda/divergence.cu`, loaded when a CUDA context opens.
+/// Every kernel of `cuda/divergence.cu` and `cuda/divergence_cluster.cu`, loaded when a CUDA
+/// context opens (the cluster kernels have empty bodies in the sm_80 cubin and are only launched
+/// on sm_90+).
 pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_div_prepare",
     "dk_div_finish",
@@ -90,6 +92,33 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_div_jsd_f16_f32",
     "dk_div_jsd_f16_bf16",
     "dk_div_jsd_f16_f16",
+    "dk_divc_fkl_f32_f32",
+    "dk_divc_fkl_f32_bf16",
+    "dk_divc_fkl_f32_f16",
+    "dk_divc_fkl_bf16_f32",
+    "dk_divc_fkl_bf16_bf16",
+    "dk_divc_fkl_bf16_f16",
+    "dk_divc_fkl_f16_f32",
+    "dk_divc_fkl_f16_bf16",
+    "dk_divc_fkl_f16_f16",
+    "dk_divc_rkl_f32_f32",
+    "dk_divc_rkl_f32_bf16",
+    "dk_divc_rkl_f32_f16",
+    "dk_divc_rkl_bf16_f32",
+    "dk_divc_rkl_bf16_bf16",
+    "dk_divc_rkl_bf16_f16",
+    "dk_divc_rkl_f16_f32",
+    "dk_divc_rkl_f16_bf16",
+    "dk_divc_rkl_f16_f16",
+    "dk_divc_jsd_f32_f32",
+    "dk_divc_jsd_f32_bf16",
+    "dk_divc_jsd_f32_f16",
+    "dk_divc_jsd_bf16_f32",
+    "dk_divc_jsd_bf16_bf16",
+    "dk_divc_jsd_bf16_f16",
+    "dk_divc_jsd_f16_f32",
+    "dk_divc_jsd_f16_bf16",
+    "dk_divc_jsd_f16_f16",
 ];
 
 /// Threads per block of the row kernel (`kThreads` in divergence.cu).
@@ -117,6 +146,10 @@ fn row_kernel_name(kind: Kind, student: DType, teacher: DType) -> String {
 pub(crate) struct RowKernels<'d> {
     prepare: &'d CudaFunction,
     rows: &'d CudaFunction,
+    /// The cluster variant of `rows` (sm_90+ only).
+    cluster_rows: Option<&'d CudaFunction>,
+    /// Bytes per element of the student and teacher logits.
+    elem_bytes: (usize, usize),
     finish: &'d CudaFunction,
 }
 
@@ -139,6 +172,14 @@ impl<'d> RowKernels<'d> {
         Ok(RowKernels {
             prepare: dev.function("dk_div_prepare")?,
             rows: dev.function(&row_kernel_name(kind, student, teacher))?,
+            cluster_rows: if super::cluster::available(dev.compute_capability()) {
+                Some(dev.function(
+                    &row_kernel_name(kind, student, teacher).replace("dk_div_", "dk_divc_"),
+                )?)
+            } else {
+                None
+            },
+            elem_bytes: (student.size(), teacher.size()),
             finish: dev.function("dk_div_finish")?,
         })
     }
@@ -171,8 +212,19 @@ impl<'d> RowKernels<'d> {
         Ok(())
     }
 
-    /// Queues the row kernel over `args.n` rows (one block per row).
+    /// Queues the row kernel over `args.n` rows: on sm_90+ with 16-byte aligned rows that fit,
+    /// one cluster per row (each logit read from DRAM once); otherwise one block per row.
     pub(crate) fn rows(&self, stream: &Arc<CudaStream>, args: &DivergenceArgs) -> Result<()> {
+        let (sb, tb) = self.elem_bytes;
+        if let Some(f) = self.cluster_rows {
+            let (n, v) = (args.n as usize, args.v as usize);
+            if let Some(c) = cluster::cluster_size(n, v, sb + tb) {
+                if cluster::rows_aligned(args, sb, tb) {
+                    let smem = cluster::slice(v, c) * (sb + tb);
+                    return cluster::launch(f, stream, args, c, smem);
+                }
+            }
+        }
         let cfg = LaunchConfig {
             grid_dim: (args.n as u32, 1, 1),
             block_dim: (ROW_THREADS, 1, 1),

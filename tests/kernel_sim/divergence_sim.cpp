@@ -5,13 +5,19 @@
 // of block_merge / block_sum, and the loss and gradient are formed as in rows(). Lets the f32
 // kernel math be checked against the f64 reference on a machine without a GPU.
 //
+// With cluster = C >= 1 it plays the Hopper cluster kernel (cuda/divergence_cluster.cu) instead:
+// C blocks each own cluster_slice(v, C) elements, reduce them as a block, and the C block
+// results are merged in rank order.
+//
 // Protocol (binary, native endianness) on stdin, repeated until EOF:
 //   i32 kind (0 forward KL, 1 reverse KL, 2 JSD), f32 beta, f32 inv_t, i32 v, i32 threads,
-//   i32 vec (1: 8-element chunks + tail, 0: scalar), f32 s[v], f32 t[v]
+//   i32 vec (1: 8-element chunks + tail, 0: scalar), i32 cluster (0: one block per row, else
+//   blocks per row), f32 s[v], f32 t[v]
 // and on stdout per case: f32 loss, f32 grad[v] (d loss / d s with scale 1, i.e. including 1/T),
 // u8 lanes_agree (1 when every lane ended each reduction with bitwise the same state).
 #include <cstdint>
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -63,29 +69,55 @@ void for_each_lane(int lane, int threads, int v, bool vec, F&& f) {
   for (int i = start + lane; i < v; i += threads) f(i, 1);
 }
 
+// The share [start, start + len) of the row one block reduces (the whole row, or a cluster
+// block's slice).
+struct Part {
+  int start, len;
+};
+
+std::vector<Part> parts_of(int v, int cluster) {
+  if (cluster == 0) return {Part{0, v}};
+  std::vector<Part> parts;
+  const int slice = cluster_slice(v, cluster);
+  for (int r = 0; r < cluster; ++r) {
+    const int start = std::min(v, r * slice);
+    parts.push_back(Part{start, std::min(v, start + slice) - start});
+  }
+  return parts;
+}
+
 template <Kind K>
 void run_row(float beta, float inv_t, const float* s, const float* t, int v, int threads, bool vec,
-             float* loss_out, float* grad, bool* agree) {
-  std::vector<RowStats<K>> lanes(threads);
-  for (int lane = 0; lane < threads; ++lane) {
-    for_each_lane(lane, threads, v, vec, [&](int i, int n) {
-      float a[kVec], b[kVec];
-      for (int k = 0; k < n; ++k) {
-        a[k] = t[i + k] * inv_t;
-        b[k] = s[i + k] * inv_t;
-      }
-      if (n == kVec) {
-        lanes[lane].add(reinterpret_cast<const float(&)[kVec]>(a), reinterpret_cast<const float(&)[kVec]>(b));
-      } else {
-        lanes[lane].add(reinterpret_cast<const float(&)[1]>(a), reinterpret_cast<const float(&)[1]>(b));
-      }
-    });
-  }
+             int cluster, float* loss_out, float* grad, bool* agree) {
   auto merge = [](RowStats<K> x, const RowStats<K>& y) {
     x.merge(y);
     return x;
   };
-  const RowStats<K> st = block_reduce(lanes, merge, agree);
+  const std::vector<Part> parts = parts_of(v, cluster);
+  std::vector<RowStats<K>> blocks;
+  for (const Part& part : parts) {
+    std::vector<RowStats<K>> lanes(threads);
+    const float* ps = s + part.start;
+    const float* pt = t + part.start;
+    for (int lane = 0; lane < threads; ++lane) {
+      for_each_lane(lane, threads, part.len, vec, [&](int i, int n) {
+        float a[kVec], b[kVec];
+        for (int k = 0; k < n; ++k) {
+          a[k] = pt[i + k] * inv_t;
+          b[k] = ps[i + k] * inv_t;
+        }
+        if (n == kVec) {
+          lanes[lane].add(reinterpret_cast<const float(&)[kVec]>(a), reinterpret_cast<const float(&)[kVec]>(b));
+        } else {
+          lanes[lane].add(reinterpret_cast<const float(&)[1]>(a), reinterpret_cast<const float(&)[1]>(b));
+        }
+      });
+    }
+    blocks.push_back(block_reduce(lanes, merge, agree));
+  }
+  // Cluster kernel: slot 0 merged with slots 1.. in rank order (what every block computes).
+  RowStats<K> st = blocks[0];
+  for (size_t r = 1; r < blocks.size(); ++r) st.merge(blocks[r]);
   if (st.mt == -INFINITY || st.ms == -INFINITY) {
     *loss_out = 0.f;
     for (int i = 0; i < v; ++i) grad[i] = 0.f;
@@ -99,19 +131,29 @@ void run_row(float beta, float inv_t, const float* s, const float* t, int v, int
     center = st.acc * r.inv_ss;
     loss = center - r.log_ratio;
   } else {
-    std::vector<float> pm(threads, 0.f), qm(threads, 0.f);
-    for (int lane = 0; lane < threads; ++lane) {
-      for_each_lane(lane, threads, v, vec, [&](int i, int n) {
-        for (int k = 0; k < n; ++k) {
-          const float2 terms = jsd_terms(r, s[i + k], t[i + k]);
-          pm[lane] += terms.x;
-          qm[lane] += terms.y;
-        }
-      });
-    }
     auto add = [](float x, float y) { return x + y; };
-    const float kl_pm = block_reduce(pm, add, agree);
-    center = block_reduce(qm, add, agree);
+    float kl_pm = 0.f;
+    for (const Part& part : parts) {
+      std::vector<float> pm(threads, 0.f), qm(threads, 0.f);
+      for (int lane = 0; lane < threads; ++lane) {
+        for_each_lane(lane, threads, part.len, vec, [&](int i, int n) {
+          for (int k = 0; k < n; ++k) {
+            const float2 terms = jsd_terms(r, s[part.start + i + k], t[part.start + i + k]);
+            pm[lane] += terms.x;
+            qm[lane] += terms.y;
+          }
+        });
+      }
+      const float block_pm = block_reduce(pm, add, agree);
+      const float block_qm = block_reduce(qm, add, agree);
+      if (cluster == 0) {
+        kl_pm = block_pm;
+        center = block_qm;
+      } else {
+        kl_pm += block_pm;
+        center += block_qm;
+      }
+    }
     loss = beta * kl_pm + (1.f - beta) * center;
   }
   *loss_out = loss < 0.f ? 0.f : loss;
@@ -126,10 +168,12 @@ bool read(T* x, size_t n = 1) {
 }  // namespace
 
 int main() {
-  int32_t kind, v, threads, vec;
+  int32_t kind, v, threads, vec, cluster;
   float beta, inv_t;
-  while (read(&kind) && read(&beta) && read(&inv_t) && read(&v) && read(&threads) && read(&vec)) {
-    if (v < 1 || threads < 32 || threads % 32 != 0 || threads > 1024 || kind < 0 || kind > 2) {
+  while (read(&kind) && read(&beta) && read(&inv_t) && read(&v) && read(&threads) && read(&vec) &&
+         read(&cluster)) {
+    if (v < 1 || threads < 32 || threads % 32 != 0 || threads > 1024 || kind < 0 || kind > 2 ||
+        cluster < 0 || cluster > 16) {
       std::fprintf(stderr, "bad case header: kind %d v %d threads %d\n", kind, v, threads);
       return 2;
     }
@@ -140,9 +184,9 @@ int main() {
     }
     float loss = 0.f;
     bool agree = true;
-    if (kind == 0) run_row<Kind::ForwardKl>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, &loss, grad.data(), &agree);
-    if (kind == 1) run_row<Kind::ReverseKl>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, &loss, grad.data(), &agree);
-    if (kind == 2) run_row<Kind::Jsd>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, &loss, grad.data(), &agree);
+    if (kind == 0) run_row<Kind::ForwardKl>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, cluster, &loss, grad.data(), &agree);
+    if (kind == 1) run_row<Kind::ReverseKl>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, cluster, &loss, grad.data(), &agree);
+    if (kind == 2) run_row<Kind::Jsd>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, cluster, &loss, grad.data(), &agree);
     const uint8_t ok = agree ? 1 : 0;
     std::fwrite(&loss, sizeof(float), 1, stdout);
     std::fwrite(grad.data(), sizeof(float), v, stdout);

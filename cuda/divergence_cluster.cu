@@ -1,0 +1,193 @@
+// Token-level divergence on Hopper (sm_90+): one thread-block cluster of C blocks per row, each
+// block holding its slice of the student and teacher rows in shared memory, so every logit is
+// read from DRAM exactly once and the gradient written once — the memory floor — whatever the
+// number of passes the math needs.
+//
+//   1. every block copies its slice (cluster_slice(v, C) elements of each input) into shared
+//      memory with cp.async, all of it in flight at once;
+//   2. statistics of the slice (max, sum-exp of both sides, KL sum) from shared memory, merged
+//      over the block, published in a shared slot; cluster barrier; every block merges the C
+//      slots through distributed shared memory in rank order (so all blocks hold bitwise the
+//      same row statistics, and the result does not depend on scheduling);
+//   3. JSD only: Σ p log(p/m), Σ q log(q/m) of the slice, merged the same way;
+//   4. the gradient from shared memory, 16-byte stores to global;
+//   5. a last cluster barrier: no block may leave while another still reads its slots.
+//
+// The per-chunk arithmetic is the one of the single-block kernel (dk_divergence_passes.cuh);
+// only the partition of the row and the merge order differ (replayed on the host by
+// tests/kernel_sim). Launched with a runtime cluster size (cuLaunchKernelEx) by
+// src/divergence/cuda.rs, only on sm_90+ with 16-byte aligned rows; elsewhere the kernel body is
+// empty and never launched.
+
+#include <cooperative_groups.h>
+
+#include "dk_divergence_args.h"
+#include "dk_divergence_math.cuh"
+#include "dk_divergence_passes.cuh"
+#include "dk_mma.cuh"
+#include "dk_reduce.cuh"
+#include "dk_vec.cuh"
+
+namespace dk {
+namespace divergence {
+
+// Threads per cluster block: one or two blocks share an SM, so each needs many warps to keep
+// the special-function unit and the shared-memory pipe busy.
+constexpr int kClusterThreads = 512;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+
+// Queues the copy of `len` elements at `g` (16-byte aligned) into `s`: whole 16-byte pieces with
+// cp.async, a partial last piece with cp.async's zero-fill (only the valid bytes are read).
+template <typename T>
+__device__ __forceinline__ void copy_slice_async(T* s, const T* g, int len) {
+  constexpr int kPer16 = 16 / sizeof(T);
+  const int pieces = (len + kPer16 - 1) / kPer16;
+  for (int i = threadIdx.x; i < pieces; i += blockDim.x) {
+    const int valid = min(kPer16, len - i * kPer16);
+    cp_async_16(smem_addr(s + i * kPer16), g + i * kPer16, valid * static_cast<int>(sizeof(T)));
+  }
+}
+
+// Calls f.chunk on this thread's share of a slice held in shared memory: 8-element chunks, then
+// the scalar tail (only at the row's end, when v is not a multiple of 8).
+template <typename TS, typename TT, typename F>
+__device__ __forceinline__ void for_each_shared(const TS* s, const TT* t, int len, F&& f) {
+  const int chunks = len / kVec;
+  for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+    float sv[kVec], tv[kVec];
+    load8(s + c * kVec, sv);
+    load8(t + c * kVec, tv);
+    f.template chunk<kVec>(c * kVec, sv, tv);
+  }
+  for (int i = chunks * kVec + threadIdx.x; i < len; i += blockDim.x) {
+    const float sv[1] = {to_float(s[i])}, tv[1] = {to_float(t[i])};
+    f.template chunk<1>(i, sv, tv);
+  }
+}
+
+template <Kind K, typename TS, typename TT>
+__device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
+  namespace cg = cooperative_groups;
+  extern __shared__ __align__(16) unsigned char dk_divc_smem[];
+  __shared__ RowStats<K> smem_stats[32];
+  __shared__ float smem_sum[32];
+  __shared__ RowStats<K> slot_stats;  // this block's statistics, read by the whole cluster
+  __shared__ float2 slot_kl;          // this block's JSD sums
+
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int c = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t row = blockIdx.x / c;
+  const int v = static_cast<int>(a.v);
+  const int slice = cluster_slice(v, c);
+  const int start = min(v, rank * slice);
+  const int len = min(v, start + slice) - start;
+
+  const TS* s = reinterpret_cast<const TS*>(a.student) + row * a.student_stride + start;
+  const TT* t = reinterpret_cast<const TT*>(a.teacher) + row * a.teacher_stride + start;
+  TS* g = a.grad ? reinterpret_cast<TS*>(a.grad) + row * a.grad_stride + start : nullptr;
+  float* per_row = reinterpret_cast<float*>(a.per_row);
+  const bool writer = rank == 0 && threadIdx.x == 0;
+
+  // Ignored rows: the same branch in every block of the cluster, no shared slot is touched.
+  if (a.labels != 0 && reinterpret_cast<const int64_t*>(a.labels)[row] == a.ignore_index) {
+    if (writer) per_row[row] = 0.f;
+    if (g) zero_row(g, len, true);
+    return;
+  }
+
+  TS* ss = reinterpret_cast<TS*>(dk_divc_smem);
+  TT* ts = reinterpret_cast<TT*>(dk_divc_smem + static_cast<size_t>(slice) * sizeof(TS));
+  copy_slice_async(ss, s, len);
+  copy_slice_async(ts, t, len);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  StatsPass<K> pass1{a.inv_temperature};
+  for_each_shared(ss, ts, len, pass1);
+  const RowStats<K> mine = block_merge(pass1.stats, smem_stats);
+  if (threadIdx.x == 0) slot_stats = mine;
+  cluster.sync();
+  RowStats<K> st = *cluster.map_shared_rank(&slot_stats, 0);
+  for (int r = 1; r < c; ++r) st.merge(*cluster.map_shared_rank(&slot_stats, r));
+
+  // A side with no finite entry has no distribution: loss 0, gradient 0 (NaN rows go on).
+  const bool empty = st.mt == -INFINITY || st.ms == -INFINITY;
+  const float beta = a.beta;
+  const Row r{a.inv_temperature, st.mt, st.ms, 1.f / st.st, 1.f / st.ss, logf(st.ss / st.st),
+              logf(beta), log1pf(-beta)};
+  float loss = 0.f, center = 0.f;
+  if (!empty) {
+    if (K == Kind::ForwardKl) {
+      loss = st.acc * r.inv_st + r.log_ratio;
+    } else if (K == Kind::ReverseKl) {
+      center = st.acc * r.inv_ss;
+      loss = center - r.log_ratio;
+    }
+  }
+  if (K == Kind::Jsd) {
+    // Every block takes this branch (empty is the same everywhere), so the barrier is uniform.
+    JsdPass jp{r};
+    if (!empty) for_each_shared(ss, ts, len, jp);
+    const float pm = block_sum(jp.kl_pm, smem_sum);
+    const float qm = block_sum(jp.kl_qm, smem_sum);
+    if (threadIdx.x == 0) slot_kl = make_float2(pm, qm);
+    cluster.sync();
+    float kl_pm = 0.f;
+    for (int q = 0; q < c; ++q) {
+      const float2 part = *cluster.map_shared_rank(&slot_kl, q);
+      kl_pm += part.x;
+      center += part.y;
+    }
+    loss = empty ? 0.f : beta * kl_pm + (1.f - beta) * center;
+  }
+  // A divergence is >= 0; rounding of near-equal rows may give -1e-9 (NaN passes through).
+  if (writer) per_row[row] = loss < 0.f ? 0.f : loss;
+
+  if (g) {
+    if (empty) {
+      zero_row(g, len, true);
+    } else {
+      const float gscale = *reinterpret_cast<const float*>(a.scale) * a.inv_temperature;
+      // The gradient goes straight from registers to global: shared memory keeps the inputs,
+      // so writing over the student row (in place) is safe.
+      GradPass<K, TS> gp{r, g, center, 1.f - beta, gscale};
+      for_each_shared(ss, ts, len, gp);
+    }
+  }
+  cluster.sync();  // the other blocks may still be reading this block's slots
+}
+
+#endif  // __CUDA_ARCH__ >= 900
+
+}  // namespace divergence
+}  // namespace dk
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define DK_DIVC_BODY(KIND, TS, TT) dk::divergence::cluster_rows<KIND, TS, TT>(args);
+#else
+#define DK_DIVC_BODY(KIND, TS, TT) (void)args;
+#endif
+
+#define DK_DIVC_KERNEL(kname, KIND, sname, TS, tname, TT)                                     \
+  extern "C" __global__ void __launch_bounds__(dk::divergence::kClusterThreads)              \
+      dk_divc_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                     \
+    DK_DIVC_BODY(KIND, TS, TT)                                                               \
+  }
+
+#define DK_DIVC_KERNELS_FOR_KIND(kname, KIND)                                   \
+  DK_DIVC_KERNEL(kname, KIND, f32, float, f32, float)                           \
+  DK_DIVC_KERNEL(kname, KIND, f32, float, bf16, __nv_bfloat16)                  \
+  DK_DIVC_KERNEL(kname, KIND, f32, float, f16, __half)                          \
+  DK_DIVC_KERNEL(kname, KIND, bf16, __nv_bfloat16, f32, float)                  \
+  DK_DIVC_KERNEL(kname, KIND, bf16, __nv_bfloat16, bf16, __nv_bfloat16)         \
+  DK_DIVC_KERNEL(kname, KIND, bf16, __nv_bfloat16, f16, __half)                 \
+  DK_DIVC_KERNEL(kname, KIND, f16, __half, f32, float)                          \
+  DK_DIVC_KERNEL(kname, KIND, f16, __half, bf16, __nv_bfloat16)                 \
+  DK_DIVC_KERNEL(kname, KIND, f16, __half, f16, __half)
+
+DK_DIVC_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl)
+DK_DIVC_KERNELS_FOR_KIND(rkl, dk::divergence::Kind::ReverseKl)
+DK_DIVC_KERNELS_FOR_KIND(jsd, dk::divergence::Kind::Jsd)

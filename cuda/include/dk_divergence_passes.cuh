@@ -1,0 +1,80 @@
+// The per-chunk work of each divergence pass (statistics, JSD sums, gradient) as functors over
+// 8-element (or 1-element tail) chunks, shared by the one-block-per-row kernel
+// (divergence.cu) and the Hopper cluster kernel (divergence_cluster.cu).
+#pragma once
+
+#include "dk_divergence_math.cuh"
+#include "dk_vec.cuh"
+
+namespace dk {
+namespace divergence {
+
+// Pass 1: the row statistics.
+template <Kind K>
+struct StatsPass {
+  float inv_t;
+  RowStats<K> stats;
+  template <int N>
+  __device__ __forceinline__ void chunk(int, const float (&s)[N], const float (&t)[N]) {
+    float a[N], b[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      a[k] = t[k] * inv_t;
+      b[k] = s[k] * inv_t;
+    }
+    stats.add(a, b);
+  }
+};
+
+// Pass 2 of JSD: Σ p (log p - log m) and Σ q (log q - log m).
+struct JsdPass {
+  Row row;
+  float kl_pm = 0.f, kl_qm = 0.f;
+  template <int N>
+  __device__ __forceinline__ void chunk(int, const float (&s)[N], const float (&t)[N]) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float2 terms = jsd_terms(row, s[k], t[k]);
+      kl_pm += terms.x;
+      kl_qm += terms.y;
+    }
+  }
+};
+
+// Final pass: the gradient, stored 8 at a time when aligned.
+template <Kind K, typename TS>
+struct GradPass {
+  Row row;
+  TS* g;
+  float center, one_m_beta, gscale;
+  template <int N>
+  __device__ __forceinline__ void chunk(int i, const float (&s)[N], const float (&t)[N]) {
+    float out[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      out[k] = grad_entry<K>(row, s[k], t[k], center, one_m_beta) * gscale;
+    }
+    if (N == kVec) {
+      store8(g + i, reinterpret_cast<const float(&)[kVec]>(out));
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k) g[i + k] = from_float<TS>(out[k]);
+    }
+  }
+};
+
+// Zeroes a gradient row (ignored or fully masked rows).
+template <typename TS>
+__device__ __forceinline__ void zero_row(TS* g, int v, bool vec) {
+  int start = 0;
+  if (vec) {
+    const float z[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    const int chunks = v / kVec;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) store8(g + c * kVec, z);
+    start = chunks * kVec;
+  }
+  for (int i = start + threadIdx.x; i < v; i += blockDim.x) g[i] = from_float<TS>(0.f);
+}
+
+}  // namespace divergence
+}  // namespace dk

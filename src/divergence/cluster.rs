@@ -1,0 +1,167 @@
+//! The Hopper path of the divergence row kernel (`cuda/divergence_cluster.cu`): one
+//! thread-block cluster per row, the row held in the cluster's shared memory so each logit is
+//! read from DRAM once. This file chooses the cluster size and launches with
+//! `cuLaunchKernelEx` (cudarc's launch builder has no cluster attribute).
+
+use std::ffi::c_void;
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::sys;
+use cudarc::driver::{CudaFunction, CudaStream};
+
+use super::cuda::DivergenceArgs;
+use crate::error::{Error, ErrorKind, Result};
+
+/// Threads per cluster block (`kClusterThreads` in divergence_cluster.cu).
+const CLUSTER_THREADS: u32 = 512;
+/// Cluster sizes tried, smallest first; 16 is Hopper's non-portable maximum.
+const CLUSTER_SIZES: [usize; 5] = [1, 2, 4, 8, 16];
+/// Slice bytes (both inputs) that let two blocks share an SM (228 KB of shared memory each).
+const TWO_PER_SM_BYTES: usize = 100 * 1024;
+/// The most dynamic shared memory one block may use (227 KB opt-in minus the static slots).
+const MAX_SLICE_BYTES: usize = 220 * 1024;
+/// Grids smaller than this many blocks leave SMs idle (132 SMs × 2): short batches split rows
+/// over more blocks.
+const MIN_BLOCKS: usize = 264;
+/// Slices are not split below this many elements (a block must have work for its 512 threads).
+const MIN_SLICE: usize = 4096;
+
+/// `DK_DIVERGENCE_CLUSTER=0` in the environment turns the cluster path off (A/B measurements).
+fn disabled_by_env() -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("DK_DIVERGENCE_CLUSTER").is_ok_and(|v| v == "0"))
+}
+
+/// Whether the cluster kernels may be used on a device of this compute capability.
+pub(crate) fn available(compute_capability: (i32, i32)) -> bool {
+    compute_capability.0 >= 9 && !disabled_by_env()
+}
+
+/// Elements of the row each cluster block holds (`cluster_slice` in dk_divergence_math.cuh).
+pub(crate) fn slice(v: usize, c: usize) -> usize {
+    v.div_ceil(c).next_multiple_of(8)
+}
+
+/// The cluster size for `n` rows of `v` elements with `elem_bytes` bytes per element pair, or
+/// None when even 16 blocks cannot hold a row (the one-block kernel then runs).
+pub(crate) fn cluster_size(n: usize, v: usize, elem_bytes: usize) -> Option<usize> {
+    let fits = |c: usize, budget: usize| slice(v, c) * elem_bytes <= budget;
+    let mut c = CLUSTER_SIZES
+        .into_iter()
+        .find(|&c| fits(c, TWO_PER_SM_BYTES))
+        .or_else(|| {
+            CLUSTER_SIZES
+                .into_iter()
+                .find(|&c| fits(c, MAX_SLICE_BYTES))
+        })?;
+    while n * c < MIN_BLOCKS && c < 8 && slice(v, 2 * c) >= MIN_SLICE {
+        c *= 2;
+    }
+    Some(c)
+}
+
+/// Whether every row start of the call is 16-byte aligned (the kernel copies with cp.async).
+pub(crate) fn rows_aligned(
+    args: &DivergenceArgs,
+    student_bytes: usize,
+    teacher_bytes: usize,
+) -> bool {
+    let ok = |ptr: u64, stride: i64, elem: usize| {
+        ptr % 16 == 0 && (stride as u64 * elem as u64) % 16 == 0
+    };
+    ok(args.student, args.student_stride, student_bytes)
+        && ok(args.teacher, args.teacher_stride, teacher_bytes)
+        && (args.grad == 0 || ok(args.grad, args.grad_stride, student_bytes))
+}
+
+/// Queues `f` over `args.n` rows with clusters of `c` blocks and `smem` bytes of dynamic shared
+/// memory per block.
+pub(crate) fn launch(
+    f: &CudaFunction,
+    stream: &Arc<CudaStream>,
+    args: &DivergenceArgs,
+    c: usize,
+    smem: usize,
+) -> Result<()> {
+    use sys::CUfunction_attribute_enum as Attr;
+    f.set_attribute(
+        Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )?;
+    if c > 8 {
+        f.set_attribute(Attr::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)?;
+    }
+    let blocks = u32::try_from(args.n as usize * c).map_err(|_| {
+        Error::new(
+            ErrorKind::Shape,
+            format!("{} rows x {c} blocks exceed the grid limit", args.n),
+        )
+    })?;
+    // SAFETY: an all-zero CUlaunchAttribute is a valid (ignored) attribute; the id and the
+    // clusterDim member are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
+        x: c as u32,
+        y: 1,
+        z: 1,
+    };
+    let config = sys::CUlaunchConfig {
+        gridDimX: blocks,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: CLUSTER_THREADS,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem as u32,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut params = [args as *const DivergenceArgs as *mut c_void];
+    stream.context().bind_to_thread()?;
+    // SAFETY: the kernel takes one DkDivergenceArgs by value (params[0] points at it, alive for
+    // the call); the grid is a whole number of clusters; the caller checked the pointers, shapes
+    // and alignment (rows_aligned) and that the device is sm_90+.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            f.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_sizes_for_model_vocabularies() {
+        // bf16 pair (4 bytes per element): 151936 fits 8 blocks of 76 KB, two per SM.
+        assert_eq!(cluster_size(4096, 151936, 4), Some(8));
+        assert_eq!(cluster_size(4096, 262144, 4), Some(16));
+        // f32 pair at 262144: 16 blocks of 128 KB, one per SM.
+        assert_eq!(cluster_size(4096, 262144, 8), Some(16));
+        // Too large for 16 blocks: the one-block kernel.
+        assert_eq!(cluster_size(16, 1 << 20, 8), None);
+        // Small rows: one block, unless the batch is short.
+        assert_eq!(cluster_size(4096, 1000, 4), Some(1));
+        assert_eq!(cluster_size(2, 32768, 4), Some(8));
+        assert_eq!(cluster_size(256, 151936, 4), Some(8));
+    }
+
+    #[test]
+    fn slices_cover_the_row_and_start_aligned() {
+        for v in [1usize, 7, 8, 9, 1000, 151936, 202048, 262143] {
+            for c in CLUSTER_SIZES {
+                let s = slice(v, c);
+                assert_eq!(s % 8, 0);
+                assert!(s * c >= v, "v {v} c {c}");
+            }
+        }
+    }
+}
