@@ -1,6 +1,6 @@
-//! The C ABI from C: tests/c/divergence_test.c, tests/c/moe_test.c and tests/c/fused_test.c are
-//! compiled with the system C compiler (found by the `cc` crate), linked against the crate's
-//! cdylib (and, separately, its staticlib) and run.
+//! The C ABI from C: tests/c/divergence_test.c, tests/c/moe_test.c, tests/c/fused_test.c and
+//! tests/c/attention_test.c are compiled with the system C compiler (found by the `cc` crate),
+//! linked against the crate's cdylib (and, separately, its staticlib) and run.
 //! Also: the header's version macros equal the crate version, and the `dk_` functions the
 //! header declares are exactly the ones src/capi exports.
 
@@ -156,6 +156,24 @@ fn c_fused_program_against_staticlib() {
     c_program("c_fused_program_staticlib", "fused_test", Link::Static);
 }
 
+#[test]
+fn c_attention_program_against_cdylib() {
+    c_program(
+        "c_attention_program_cdylib",
+        "attention_test",
+        Link::Dynamic,
+    );
+}
+
+#[test]
+fn c_attention_program_against_staticlib() {
+    c_program(
+        "c_attention_program_staticlib",
+        "attention_test",
+        Link::Static,
+    );
+}
+
 /// Strips /* */ and // comments.
 fn strip_c_comments(src: &str) -> String {
     let mut out = String::with_capacity(src.len());
@@ -263,6 +281,10 @@ fn header_and_exports_agree() {
         "dk_fused_linear_params_default",
         "dk_fused_linear_workspace_size",
         "dk_fused_linear_divergence",
+        "dk_attention_params_default",
+        "dk_attention_forward",
+        "dk_attention_backward_workspace_size",
+        "dk_attention_backward",
     ] {
         assert!(declared.contains(f), "{f} is not declared in the header");
     }
