@@ -284,7 +284,8 @@ dk_status dk_fused_linear_divergence(const dk_context* ctx, const dk_fused_linea
  * seqlen_k are then upper bounds on the longest sequences (they size the CUDA grid); lse is
  * [heads_q, rows_q]. On a CUDA context the offsets are device memory read only by the kernels
  * (not checked; out-of-range entries are clamped so memory stays safe). Exactly one of the two
- * offset pointers NULL is DK_ERR_INVALID_ARGUMENT; a negative count or stride is DK_ERR_SHAPE.
+ * offset pointers NULL is DK_ERR_INVALID_ARGUMENT; a negative count or stride is DK_ERR_SHAPE;
+ * causal and deterministic other than 0 or 1 are DK_ERR_INVALID_ARGUMENT.
  */
 typedef struct dk_attention_params {
   int64_t heads_q;       /* >= 1, a multiple of heads_kv */
