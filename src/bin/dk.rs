@@ -4,7 +4,8 @@
 //! - `dk bench`: the divergence on the best backend present over model-realistic vocabularies,
 //!   checked against the f64 reference, and MoE dispatch (route, permute, combine, forward and
 //!   backward) for the shapes of ANCHORS.md, checked against the CPU backend; both reported as
-//!   fractions of the copy-bandwidth floor.
+//!   fractions of the copy-bandwidth floor; and grouped-query attention (forward, forward +
+//!   backward) in FLOP/s, checked against an f64 computation on sampled rows.
 //!
 //! Argument parsing is std only (no dependencies beyond the library's).
 
@@ -41,6 +42,8 @@ macro_rules! outln {
     ($($arg:tt)*) => { $crate::emit(format_args!($($arg)*), true) };
 }
 
+#[path = "dk/attention.rs"]
+mod attention;
 #[path = "dk/backend.rs"]
 mod backend;
 #[path = "dk/bench.rs"]
@@ -55,16 +58,18 @@ mod info;
 mod moe;
 
 const HELP: &str = "\
-dk: fused kernels for LLM distillation (distill-kernels): KL / JSD divergence, MoE dispatch
+dk: fused kernels for LLM distillation (distill-kernels): KL / JSD divergence, MoE dispatch,
+grouped-query attention
 
 usage: dk <command> [options]
 
 commands:
   info          version, backends found (CPU; CUDA devices or why not), compiled GPU
                 architectures, the nvcc that built the kernels
-  bench         the divergence and MoE dispatch (route, permute, combine, forward and
-                backward) on the best backend present, every result checked (the f64 reference,
-                the CPU backend), timed, and reported against the copy-bandwidth floor
+  bench         the divergence, MoE dispatch (route, permute, combine, forward and
+                backward) and attention (forward, forward + backward) on the best backend
+                present, every result checked (the f64 reference, the CPU backend), timed, and
+                reported against the copy-bandwidth floor (attention: in FLOP/s)
   help [cmd]    this help, or the help of a command
 
 options:
@@ -76,6 +81,7 @@ examples:
   dk bench --quick
   dk bench --device cuda --dtype bf16 --vocab 151936 --kinds jsd --json bench.json
   dk bench --ops moe --moe-shapes qwen3 --json moe.json
+  dk bench attention --device cuda --json attention.json
 ";
 
 const INFO_HELP: &str = "\

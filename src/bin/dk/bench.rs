@@ -2,7 +2,8 @@
 //! model-realistic vocabularies, every result checked on sampled rows against the f64 reference,
 //! timed, and reported as a fraction of the copy-bandwidth floor measured in the same run; then
 //! MoE dispatch (route, permute, combine, forward and backward) for the shapes of ANCHORS.md,
-//! checked against the CPU backend (`moe.rs`).
+//! checked against the CPU backend (`moe.rs`); then grouped-query attention, forward and
+//! forward + backward, checked against an f64 computation on sampled rows (`attention.rs`).
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use distill_kernels::device::{cuda_device_count, cuda_driver_present};
 use distill_kernels::divergence::{Kind, Params};
 use distill_kernels::{reference_row_divergence, Context, DType};
 
+use crate::attention::{self, AttnConfig, AttnRow, AttnShape, CPU_ATTN_SHAPES, CUDA_ATTN_SHAPES};
 use crate::backend::{median, Inputs, Outputs, Runner};
 use crate::cli::{self, usage, Opt, UsageError};
 use crate::data::{mix, sample_rows};
@@ -24,12 +26,12 @@ pub const HELP: &str = "\
 dk bench: the divergence (forward KL, reverse KL, JSD) and MoE dispatch (route, permute, combine,
 forward and backward) on the best backend present, checked and timed
 
-usage: dk bench [options]
+usage: dk bench [OPS] [options]     (OPS: 'dk bench attention' = 'dk bench --ops attention')
 
 options:
   --device D        cpu | cuda | cuda:N | auto (default auto: CUDA device 0 when it is present
                     and its kernels load, else the CPU)
-  --ops O,...       divergence,moe (default both; 'all' also works)
+  --ops O,...       divergence,moe,attention (default all three; 'all' also works)
   --kinds K,...     forward_kl,reverse_kl,jsd (default all three; 'all' also works)
   --dtype T,...     bf16 | f16 | f32, or a list (default bf16); student and teacher share it,
                     and it is the MoE activations' dtype (router logits are always f32)
@@ -52,6 +54,14 @@ options:
                                 on the combine
                       qwen3     Qwen3-MoE, H 2048, E 128, softmax top-8 renormalised, weight on
                                 the combine
+  --attn-shapes S,. attention shapes (default on CUDA phi4-mini,llama4,varlen; on the CPU
+                    small,small-varlen; 'all' also works: the CUDA shapes take minutes on
+                    the CPU):
+                      phi4-mini     B 4, S 4096, 24/8 heads, D 128, causal (ANCHORS.md)
+                      llama4        B 1, S 16384, 40/8 heads, D 128, causal (ANCHORS.md)
+                      varlen        8 packed sequences, 16384 tokens, 24/8, D 128, causal
+                      small         B 2, Sq 96, Sk 160, 8/2, D 64, causal (CPU)
+                      small-varlen  5 packed sequences (empty, 1 token, Sq > Sk), 6/2, D 128
   --seed S          seed of the random logits (default: from the clock, printed)
   --quick           fewer rows and runs (what CI runs)
   --json PATH       also write every result to PATH as JSON
@@ -86,6 +96,18 @@ bitwise identical outputs. On CUDA each MoE run is timed with events after a 256
 evicts the L2 cache, queued behind GPU work so that the events time the GPU, not the host's
 launch rate; 'host us' is the host's time to enqueue one run (library calls and launches).
 
+Attention rows (per shape and dtype: fwd, fwd+bwd = the forward call then the backward call,
+deterministic): median time and FLOP/s (TFLOP/s on CUDA, GFLOP/s on the CPU) counted as
+ANCHORS.md does: 4*Hq*D per visible (query, key) pair, S^2/2 pairs for causal Sq = Sk, x3.5 for
+fwd+bwd; on CUDA, for the ANCHORS.md shapes, the ratio to ANCHORS.md's FlashAttention-2 rate
+(an H200 in another run; python/bench.py --ops attention measures FA2 and cuDNN in the same run).
+Checks: out and lse on sampled query rows (all heads) against an f64 forward written in dk; rows
+that see no key exactly out 0, lse -inf; dq on the sampled query rows and dk / dv on sampled key
+rows against the f64 backward given the run's own out and lse; tolerances out / dq / dk / dv
+1e-2 bf16/f16, 1e-5 f32 (||x - ref|| / ||ref||), lse 1e-4 (relative to max(1, |ref|)); outputs
+poisoned first and scanned; a second poisoned run must give the same bits. f32 runs on the CPU
+backend only.
+
 exit status: 0 all checks passed, 1 a check failed or the run failed, 2 bad usage.
 ";
 
@@ -115,6 +137,9 @@ struct Config {
     device: DeviceChoice,
     divergence: bool,
     moe: bool,
+    attention: bool,
+    /// `--attn-shapes`, when given.
+    attn_shapes: Option<Vec<AttnShape>>,
     moe_shapes: Vec<Shape>,
     tokens: Option<usize>,
     kinds: Vec<Kind>,
@@ -152,6 +177,18 @@ fn parse_shape(s: &str) -> Result<Vec<Shape>, UsageError> {
     }
 }
 
+fn parse_attn_shape(s: &str) -> Result<Vec<AttnShape>, UsageError> {
+    if s == "all" {
+        return Ok(attention::ALL_ATTN_SHAPES.to_vec());
+    }
+    match AttnShape::from_name(s) {
+        Some(x) => Ok(vec![x]),
+        None => usage!(
+            "--attn-shapes: unknown shape '{s}' (phi4-mini, llama4, varlen, small, small-varlen or all)"
+        ),
+    }
+}
+
 fn parse_dtype(s: &str) -> Result<DType, UsageError> {
     match DType::ALL.into_iter().find(|d| d.name() == s) {
         Some(d) => Ok(d),
@@ -179,6 +216,7 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
             "device",
             "ops",
             "moe-shapes",
+            "attn-shapes",
             "tokens",
             "kinds",
             "kind",
@@ -198,6 +236,8 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
         device: DeviceChoice::Auto,
         divergence: true,
         moe: true,
+        attention: true,
+        attn_shapes: None,
         moe_shapes: ALL_SHAPES.to_vec(),
         tokens: None,
         kinds: vec![Kind::ForwardKl, Kind::ReverseKl, Kind::Jsd],
@@ -235,15 +275,22 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
                     }
                     "ops" => {
                         let ops = cli::list(&name, v, |s| match s {
-                            "divergence" | "moe" | "all" => Ok(s.to_string()),
-                            _ => usage!("--ops: unknown operation '{s}' (divergence, moe or all)"),
+                            "divergence" | "moe" | "attention" | "all" => Ok(s.to_string()),
+                            _ => usage!(
+                                "--ops: unknown operation '{s}' (divergence, moe, attention or all)"
+                            ),
                         })?;
                         let all = ops.iter().any(|o| o == "all");
                         c.divergence = all || ops.iter().any(|o| o == "divergence");
                         c.moe = all || ops.iter().any(|o| o == "moe");
+                        c.attention = all || ops.iter().any(|o| o == "attention");
                     }
                     "moe-shapes" => {
                         c.moe_shapes = dedup(cli::list(&name, v, parse_shape)?.concat());
+                    }
+                    "attn-shapes" => {
+                        c.attn_shapes =
+                            Some(dedup(cli::list(&name, v, parse_attn_shape)?.concat()));
                     }
                     "tokens" => {
                         let n: usize = cli::number(&name, v)?;
@@ -596,11 +643,14 @@ struct RunInfo<'a> {
     cfg: &'a Config,
     check_rows: usize,
     moe: Option<&'a MoeConfig<'a>>,
+    attention: Option<&'a AttnConfig<'a>>,
 }
 
-fn to_json(info: &RunInfo<'_>, rows: &[Row], moe_rows: &[MoeRow]) -> String {
-    let failed = rows.iter().filter(|r| !r.ok).count() + moe_rows.iter().filter(|r| !r.ok).count();
-    let total = rows.len() + moe_rows.len();
+fn to_json(info: &RunInfo<'_>, rows: &[Row], moe_rows: &[MoeRow], attn_rows: &[AttnRow]) -> String {
+    let failed = rows.iter().filter(|r| !r.ok).count()
+        + moe_rows.iter().filter(|r| !r.ok).count()
+        + attn_rows.iter().filter(|r| !r.ok).count();
+    let total = rows.len() + moe_rows.len() + attn_rows.len();
     let mut s = String::from("{\n");
     s += &format!(
         "  \"tool\": \"dk bench\",\n  \"version\": {},\n",
@@ -628,6 +678,9 @@ fn to_json(info: &RunInfo<'_>, rows: &[Row], moe_rows: &[MoeRow]) -> String {
     }
     if info.moe.is_some() {
         ops.push("\"moe\"");
+    }
+    if info.attention.is_some() {
+        ops.push("\"attention\"");
     }
     s += &format!("  \"ops\": [{}],\n", ops.join(", "));
     if let Some(m) = info.moe {
@@ -686,8 +739,24 @@ fn to_json(info: &RunInfo<'_>, rows: &[Row], moe_rows: &[MoeRow]) -> String {
     }
     s += "  ],\n";
     s += &format!(
-        "  \"moe_results\": {}\n}}\n",
+        "  \"moe_results\": {},\n",
         moe::to_json(moe_rows, info.copy_bw)
+    );
+    if let Some(a) = info.attention {
+        s += &format!(
+            "  \"attention\": {{\"iters\": {}, \"check_rows\": {}, \"shapes\": [{}]}},\n",
+            a.iters,
+            a.check_rows,
+            a.shapes
+                .iter()
+                .map(|x| json_str(x.name()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    s += &format!(
+        "  \"attention_results\": {}\n}}\n",
+        attention::to_json(attn_rows, info.backend == "cuda")
     );
     s
 }
@@ -745,8 +814,21 @@ fn choose_runner(device: DeviceChoice) -> Result<Runner, String> {
     }
 }
 
+/// `dk bench attention moe --quick` = `dk bench --ops attention,moe --quick`: leading bare
+/// words are operations.
+fn ops_shorthand(args: &[String]) -> Vec<String> {
+    let words = args.iter().take_while(|a| !a.starts_with('-')).count();
+    if words == 0 {
+        return args.to_vec();
+    }
+    let mut out = vec![format!("--ops={}", args[..words].join(","))];
+    out.extend_from_slice(&args[words..]);
+    out
+}
+
 pub fn run(args: &[String]) -> i32 {
-    let cfg = match parse(args) {
+    let args = ops_shorthand(args);
+    let cfg = match parse(&args) {
         Ok(Some(c)) => c,
         Ok(None) => {
             out!("{HELP}");
@@ -757,7 +839,7 @@ pub fn run(args: &[String]) -> i32 {
             return 2;
         }
     };
-    if !cfg.divergence && !cfg.moe {
+    if !cfg.divergence && !cfg.moe && !cfg.attention {
         eprintln!("dk bench: error: nothing to run (--ops)");
         return 2;
     }
@@ -805,6 +887,20 @@ pub fn run(args: &[String]) -> i32 {
         check_rows: cfg.check_rows.unwrap_or(64),
         seed,
     };
+    let attn_shapes = cfg.attn_shapes.clone().unwrap_or_else(|| {
+        if cuda {
+            CUDA_ATTN_SHAPES.to_vec()
+        } else {
+            CPU_ATTN_SHAPES.to_vec()
+        }
+    });
+    let attn_cfg = AttnConfig {
+        shapes: &attn_shapes,
+        dtypes: &cfg.dtypes,
+        iters,
+        check_rows,
+        seed,
+    };
     let device = runner.describe();
     let t_start = Instant::now();
 
@@ -836,7 +932,13 @@ pub fn run(args: &[String]) -> i32 {
     } else {
         0
     };
-    let total = div_total + if cfg.moe { moe::count(&moe_cfg) } else { 0 };
+    let total = div_total
+        + if cfg.moe { moe::count(&moe_cfg) } else { 0 }
+        + if cfg.attention {
+            attention::count(&attn_cfg, cuda)
+        } else {
+            0
+        };
     let mut done = 0;
     let mut rows: Vec<Row> = Vec::with_capacity(div_total);
     if cfg.divergence {
@@ -873,10 +975,19 @@ pub fn run(args: &[String]) -> i32 {
         let _ = std::io::stdout().flush();
         moe_rows = moe::run(&runner, &moe_cfg, copy_bw, &mut progress, &mut done, total);
     }
+    let mut attn_rows: Vec<AttnRow> = Vec::new();
+    if cfg.attention {
+        outln!();
+        attention::print_header(&attn_cfg, cuda);
+        let _ = std::io::stdout().flush();
+        attn_rows = attention::run(&runner, &attn_cfg, &mut progress, &mut done, total);
+    }
     progress.clear();
 
-    let failed = rows.iter().filter(|r| !r.ok).count() + moe_rows.iter().filter(|r| !r.ok).count();
-    let results = rows.len() + moe_rows.len();
+    let failed = rows.iter().filter(|r| !r.ok).count()
+        + moe_rows.iter().filter(|r| !r.ok).count()
+        + attn_rows.iter().filter(|r| !r.ok).count();
+    let results = rows.len() + moe_rows.len() + attn_rows.len();
     if let Some(path) = &cfg.json {
         let info = RunInfo {
             device: &device,
@@ -890,8 +1001,9 @@ pub fn run(args: &[String]) -> i32 {
             cfg: &cfg,
             check_rows,
             moe: cfg.moe.then_some(&moe_cfg),
+            attention: cfg.attention.then_some(&attn_cfg),
         };
-        if let Err(e) = std::fs::write(path, to_json(&info, &rows, &moe_rows)) {
+        if let Err(e) = std::fs::write(path, to_json(&info, &rows, &moe_rows, &attn_rows)) {
             eprintln!("dk bench: error: cannot write {}: {e}", path.display());
             return 1;
         }
@@ -910,11 +1022,17 @@ pub fn run(args: &[String]) -> i32 {
             r.v
         )
     });
-    let split = match (cfg.divergence, cfg.moe) {
-        (true, true) => format!(" ({} divergence, {} MoE)", rows.len(), moe_rows.len()),
-        (true, false) => " (divergence)".to_string(),
-        (false, _) => " (MoE)".to_string(),
-    };
+    let mut parts = Vec::new();
+    if cfg.divergence {
+        parts.push(format!("{} divergence", rows.len()));
+    }
+    if cfg.moe {
+        parts.push(format!("{} MoE", moe_rows.len()));
+    }
+    if cfg.attention {
+        parts.push(format!("{} attention", attn_rows.len()));
+    }
+    let split = format!(" ({})", parts.join(", "));
     outln!();
     if failed == 0 {
         outln!(
@@ -1077,7 +1195,19 @@ mod tests {
         assert_eq!(c.moe_shapes, vec![Shape::Qwen3, Shape::Scout]);
         assert_eq!((c.tokens, c.check_rows), (Some(512), Some(3)));
         let c = parse(&args(&["--ops", "divergence"])).unwrap().unwrap();
-        assert!(c.divergence && !c.moe);
+        assert!(c.divergence && !c.moe && !c.attention);
+        let c = parse(&ops_shorthand(&args(&[
+            "attention",
+            "--attn-shapes",
+            "small,llama4",
+        ])))
+        .unwrap()
+        .unwrap();
+        assert!(!c.divergence && !c.moe && c.attention);
+        assert_eq!(
+            c.attn_shapes,
+            Some(vec![AttnShape::Small, AttnShape::Llama4])
+        );
     }
 
     #[test]
@@ -1090,7 +1220,8 @@ mod tests {
             &["--temperature", "0"],
             &["--device", "tpu"],
             &["--vocab", "0"],
-            &["--ops", "attention"],
+            &["--ops", "mamba"],
+            &["--attn-shapes", "gpt2"],
             &["--moe-shapes", "mixtral"],
             &["--tokens", "0"],
             &["--frobnicate"],
