@@ -8,7 +8,19 @@
     python python/bench.py --ops moe_route,moe_permute,moe_combine --impls distill_kernels
 
 ``--ops`` picks among divergence, moe_route, moe_permute, moe_combine (``moe`` = the three MoE
-ones; default: divergence and moe) and fused.
+ones; default: divergence and moe), fused and attention.
+
+Grouped-query attention (``--ops attention``; ANCHORS.md "Grouped-query attention"): bf16,
+causal, D = 128, B = 4, S = 4096, Hq / Hkv = 24 / 8 (Phi-4-mini) and B = 1, S = 16384, 40 / 8
+(Llama 4); ``--quick``: B = 2, S = 2048 and B = 1, S = 4096. Rows, forward and forward +
+backward (torch.autograd.grad of q, k, v): SDPA's flash backend (FlashAttention-2), SDPA's cuDNN
+backend (both on [B, H, S, D] copies of the inputs, GQA through enable_gqa=True, or K / V
+expanded with repeat_interleave inside the timed call when a backend refuses it: the row says so
+and the expansion is timed alone too) and this crate (distill_kernels.torch.attention on
+[B, S, H, D]). Each gives the time, TFLOP/s counted as ANCHORS.md does (4·B·Hq·S²·D / 2 forward,
+× 3.5 forward + backward), the ratio to the flash backend measured in the same run, the extra
+peak memory of one timed call, and the errors of out and of dq / dk / dv on one (sequence, KV
+head) slice against a float64 computation (chunked over queries).
 
 Fused linear JSD (``--ops fused``; ANCHORS.md "Fused linear JSD"): bf16 hidden states and lm_head
 weights, JSD beta = 0.5, N = 4096, H = 3072, V = 200064 (Phi-4-mini head) and N = 16384, H = 5120,
@@ -714,6 +726,250 @@ def fmt_fused_row(r) -> str:
             f"| {r['extra_gib']:.2f} GiB | {errs} |")
 
 
+# ---- grouped-query attention ----------------------------------------------------------------------
+
+# (name, B, S, Hq, Hkv, D): ANCHORS.md "Grouped-query attention", bf16, causal.
+ATTN_SHAPES = [("Phi-4-mini", 4, 4096, 24, 8, 128), ("Llama 4", 1, 16384, 40, 8, 128)]
+ATTN_QUICK = [("Phi-4-mini (quick)", 2, 2048, 24, 8, 128), ("Llama 4 (quick)", 1, 4096, 40, 8, 128)]
+ATTN_FA2 = "SDPA flash (FA2)"
+
+
+def attn_flops(b, s, hq, d, causal=True):
+    """Forward FLOPs as ANCHORS.md counts them: 4·B·Hq·S²·D, halved when causal."""
+    return 4 * b * hq * s * s * d / (2 if causal else 1)
+
+
+def _sdpa_backend_fn(backend_name):
+    """fn(qh, kh, vh) -> out for SDPA restricted to one backend, on [B, H, S, D] tensors, or the
+    exception that says why it cannot run. GQA through enable_gqa=True when the backend takes
+    it; otherwise K / V are expanded with repeat_interleave inside the timed call (the note says
+    so, and the expansion alone is timed as its own row)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def gqa(qh, kh, vh):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+
+    def expanded(qh, kh, vh):
+        g = qh.shape[1] // kh.shape[1]
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qh, kh.repeat_interleave(g, dim=1),
+                                                  vh.repeat_interleave(g, dim=1), is_causal=True)
+
+    return gqa, expanded
+
+
+@torch.no_grad()
+def _attn_reference(q, k, v, do, b, hk, chunk=256):
+    """float64 forward and backward of one (sequence b, KV head hk) slice, causal, default scale:
+    (out [S, g, D], dq [S, g, D], dk [S, D], dv [S, D]) for the g query heads of KV head hk,
+    chunked over queries so the S x S scores never exist whole."""
+    s_len, hq, d = q.shape[1], q.shape[2], q.shape[3]
+    g = hq // k.shape[2]
+    heads = slice(hk * g, (hk + 1) * g)
+    scale = 1.0 / math.sqrt(d)
+    Q = q[b, :, heads].double().transpose(0, 1)  # [g, S, D]
+    dO = do[b, :, heads].double().transpose(0, 1)
+    K = k[b, :, hk].double()  # [S, D]
+    V = v[b, :, hk].double()
+    out = torch.empty_like(Q)
+    dq = torch.empty_like(Q)
+    dk_ = torch.zeros_like(K)
+    dv = torch.zeros_like(V)
+    j = torch.arange(s_len, device=q.device)
+    for i0 in range(0, s_len, chunk):
+        i1 = min(s_len, i0 + chunk)
+        n = i1 - i0
+        kv = i1  # causal, Sq = Sk: rows i0..i1 see keys < i1
+        sc = Q[:, i0:i1] @ K[:kv].T * scale  # [g, n, kv]
+        mask = j[None, :kv] <= torch.arange(i0, i1, device=q.device)[:, None]
+        sc = sc.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(sc, dim=-1)
+        o = p @ V[:kv]
+        out[:, i0:i1] = o
+        dp = dO[:, i0:i1] @ V[:kv].T
+        delta = (dO[:, i0:i1] * o).sum(-1, keepdim=True)
+        ds = p * (dp - delta)
+        dq[:, i0:i1] = ds @ K[:kv] * scale
+        dk_[:kv] += (ds.transpose(1, 2) @ Q[:, i0:i1]).sum(0) * scale
+        dv[:kv] += (p.transpose(1, 2) @ dO[:, i0:i1]).sum(0)
+        del sc, p, dp, ds, o, n
+    return out.transpose(0, 1), dq.transpose(0, 1), dk_, dv
+
+
+def _attn_impls(wanted):
+    impls = {}
+    try:
+        from torch.nn.attention import SDPBackend  # noqa: F401
+
+        impls[ATTN_FA2] = _sdpa_backend_fn("FLASH_ATTENTION")
+        impls["SDPA cuDNN"] = _sdpa_backend_fn("CUDNN_ATTENTION")
+    except Exception as e:  # noqa: BLE001
+        impls[ATTN_FA2] = impls["SDPA cuDNN"] = e
+    try:
+        import distill_kernels.torch as dkt
+        from distill_kernels import _lib as dk_lib
+
+        dk_lib.attention_lib()
+        impls["distill_kernels"] = lambda q, k, v: dkt.attention(q, k, v, causal=True)
+    except Exception as e:  # noqa: BLE001
+        impls["distill_kernels"] = e
+    if wanted:
+        impls = {k: v for k, v in impls.items()
+                 if any(w in k.lower() for w in wanted) or k == ATTN_FA2}
+    return impls
+
+
+def run_attention(shapes, impls, args, log_fn):
+    """Rows per shape: forward and forward + backward of each implementation (TFLOP/s, ratio to
+    SDPA flash = FA2 measured in this run, extra peak memory of the timed call, errors of out /
+    dq / dk / dv on one (sequence, KV head) slice against float64), K / V expansion when a
+    backend needed it."""
+    rows = []
+
+    def add(row):
+        rows.append(row)
+        log_fn("    " + fmt_attn_row(row))
+
+    for name, b, s, hq, hkv, d in shapes:
+        shape = f"{name}: B {b}, S {s}, {hq}/{hkv}, D {d}"
+        fwd_flops = attn_flops(b, s, hq, d)
+        try:
+            torch.cuda.empty_cache()
+            # FlashAttention layout [B, S, H, D] for this crate; SDPA gets its own [B, H, S, D]
+            # copies of the same values, so each is timed on the layout it prefers.
+            q = torch.randn(b, s, hq, d, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16)
+            do = torch.randn(b, s, hq, d, device="cuda", dtype=torch.bfloat16)
+            qh, kh, vh, doh = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))
+        except torch.cuda.OutOfMemoryError as e:
+            add({"impl": "-", "shape": shape, "pass": "-", "error": f"OOM allocating inputs: {e}"[:120]})
+            continue
+        sb, shk = b - 1, hkv - 1  # the checked slice: last sequence, last KV head
+        try:
+            ref = _attn_reference(q, k, v, do, sb, shk)
+        except torch.cuda.OutOfMemoryError as e:
+            ref = None
+            log_fn(f"    float64 reference: OOM ({str(e)[:80]})")
+        torch.cuda.empty_cache()
+        fa2 = {}
+        for impl, fn in impls.items():
+            g = hq // hkv
+            heads = slice(shk * g, (shk + 1) * g)
+            if isinstance(fn, Exception):
+                for ps in ("fwd", "fwd+bwd"):
+                    add({"impl": impl, "shape": shape, "pass": ps,
+                         "error": f"{type(fn).__name__}: {str(fn).splitlines()[0][:160] if str(fn) else ''}"})
+                continue
+            bhsd = isinstance(fn, tuple)
+            if bhsd:  # SDPA: enable_gqa first, expanded K / V when the backend refuses it
+                call, note = fn[0], ""
+                try:
+                    call(qh, kh, vh)
+                    torch.cuda.synchronize()
+                except Exception as e:  # noqa: BLE001
+                    call, note = fn[1], "K/V expanded (repeat_interleave, in the timed call)"
+                    log_fn(f"    {impl}: enable_gqa refused ({str(e).splitlines()[0][:100]}); "
+                           "expanding K/V")
+                ins = (qh, kh, vh)
+                grad_out = doh
+            else:
+                call, note = fn, ""
+                ins = (q, k, v)
+                grad_out = do
+
+            def as_bshd(x):
+                return x.transpose(1, 2) if bhsd else x
+
+            for ps in ("fwd", "fwd+bwd"):
+                log_fn(f"attention {impl} {shape} {ps} ...")
+                row = {"impl": impl, "shape": shape, "pass": ps, "b": b, "s": s, "hq": hq,
+                       "hkv": hkv, "d": d}
+                if note:
+                    row["note"] = note
+                flops = fwd_flops * (3.5 if ps == "fwd+bwd" else 1.0)
+                xs = [x.detach().requires_grad_(ps == "fwd+bwd") for x in ins]
+                if ps == "fwd":
+                    def step():
+                        with torch.no_grad():
+                            return call(*xs)
+                else:
+                    def step():
+                        out = call(*xs)
+                        return (out,) + torch.autograd.grad(out, xs, grad_out)
+                try:
+                    t0 = time.time()
+                    res = step()
+                    torch.cuda.synchronize()
+                    row["first_call_s"] = round(time.time() - t0, 2)
+                    if ref is not None:
+                        r_out, r_dq, r_dk, r_dv = ref
+                        out = res if ps == "fwd" else res[0]
+                        row["out_err"] = rel_err(as_bshd(out)[sb, :, heads], r_out)
+                        if ps == "fwd+bwd":
+                            dq, dk_, dv = (as_bshd(x) for x in res[1:])
+                            row["grad_err"] = max(rel_err(dq[sb, :, heads], r_dq),
+                                                  rel_err(dk_[sb, :, shk], r_dk),
+                                                  rel_err(dv[sb, :, shk], r_dv))
+                    if impl == "distill_kernels":  # two runs, the same bits?
+                        again = step()
+                        first = res if isinstance(res, tuple) else (res,)
+                        second = again if isinstance(again, tuple) else (again,)
+                        row["bitwise"] = all(torch.equal(x, y) for x, y in zip(first, second))
+                        del again, first, second
+                    del res
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    tmp = step()
+                    torch.cuda.synchronize()
+                    row["extra_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
+                    del tmp
+                    ms = bench_ms(step, args.warmup_ms, args.rep_ms)
+                    row["ms"] = ms
+                    row["tflops"] = flops / (ms * 1e-3) / 1e12
+                    if impl == ATTN_FA2:
+                        fa2[ps] = row["tflops"]
+                    if ps in fa2:
+                        row["vs_fa2"] = row["tflops"] / fa2[ps]
+                except torch.cuda.OutOfMemoryError as e:
+                    row["error"] = "OOM: " + str(e).split("\n")[0][:120]
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                    if args.verbose:
+                        traceback.print_exc()
+                finally:
+                    xs = None
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                add(row)
+            if note:  # what the expansion alone costs (it is inside the timed calls above)
+                g_ = hq // hkv
+                ms = bench_ms(lambda: (kh.repeat_interleave(g_, dim=1),
+                                       vh.repeat_interleave(g_, dim=1)), args.warmup_ms, args.rep_ms)
+                add({"impl": f"{impl}: K/V expansion alone", "shape": shape, "pass": "fwd",
+                     "ms": ms, "note": "repeat_interleave of K and V"})
+        q = k = v = do = qh = kh = vh = doh = ref = None
+        torch.cuda.empty_cache()
+    return rows
+
+
+def fmt_attn_row(r) -> str:
+    if "error" in r:
+        return f"| {r['impl']} | {r['shape']} | {r['pass']} | {r['error']} | | | | | | |"
+    tf = f"{r['tflops']:.0f}" if "tflops" in r else ""
+    vs = f"{r['vs_fa2']:.2f} ×" if "vs_fa2" in r else ""
+    mem = f"{r['extra_gib']:.2f} GiB" if "extra_gib" in r else ""
+    oe = f"{r['out_err']:.1e}" if r.get("out_err") is not None else ""
+    ge = f"{r['grad_err']:.1e}" if r.get("grad_err") is not None else ""
+    bits = {True: "yes", False: "NO", None: ""}[r.get("bitwise")]
+    note = f" ({r['note']})" if r.get("note") else ""
+    return (f"| {r['impl']}{note} | {r['shape']} | {r['pass']} | {r['ms']:.3f} ms | {tf} | {vs} "
+            f"| {mem} | {oe} | {ge} | {bits} |")
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -724,7 +980,8 @@ def main(argv=None) -> int:
                    "substrings of: torch eager, torch.compile, Liger, distill_kernels)")
     p.add_argument("--ops", default="divergence,moe", help="comma-separated: divergence, "
                    "moe_route, moe_permute, moe_combine, moe (the three MoE ops), fused (the "
-                   "fused linear JSD; not in the default set)")
+                   "fused linear JSD) and attention (grouped-query attention, forward and "
+                   "forward + backward; fused and attention are not in the default set)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--warmup-ms", type=float, default=25)
     p.add_argument("--rep-ms", type=float, default=100)
@@ -749,11 +1006,13 @@ def main(argv=None) -> int:
     for o in (x.strip() for x in args.ops.split(",") if x.strip()):
         if o == "moe":
             ops.update(MOE_OPS)
-        elif o in ("divergence", "fused") or o in MOE_OPS:
+        elif o in ("divergence", "fused", "attention") or o in MOE_OPS:
             ops.add(o)
+        elif o == "attention_bwd":  # forward + backward rows are part of "attention"
+            ops.add("attention")
         else:
             p.error(f"unknown op {o!r} (divergence, moe_route, moe_permute, moe_combine, moe, "
-                    "fused)")
+                    "fused, attention)")
 
     torch.manual_seed(args.seed)
     started = time.time()
@@ -818,6 +1077,12 @@ def main(argv=None) -> int:
         fused_results = run_fused(FUSED_QUICK if args.quick else FUSED_SHAPES,
                                   _fused_impls(wanted), args, log)
 
+    attn_results = []
+    if "attention" in ops:
+        log(f"[{time.time() - started:6.1f} s] grouped-query attention ...")
+        attn_results = run_attention(ATTN_QUICK if args.quick else ATTN_SHAPES,
+                                     _attn_impls(wanted), args, log)
+
     print()
     print(f"{dev}, copy {bw / 1e9:.0f} GB/s, torch {torch.__version__}, "
           f"distill_kernels {meta['distill_kernels']}, bf16 forward + backward, "
@@ -849,10 +1114,22 @@ def main(argv=None) -> int:
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in fused_results:
             print(fmt_fused_row(r))
+    if attn_results:
+        print()
+        print("Grouped-query attention, bf16, causal, D 128, q/k/v [B, S, H, D] for this crate "
+              "and [B, H, S, D] for SDPA; TFLOP/s = 4·B·Hq·S²·D/2 forward, × 3.5 forward + "
+              "backward (ANCHORS.md); vs FA2 = ratio to SDPA's flash backend in this run; errors "
+              "= ‖x − ref‖ / ‖ref‖ on one (sequence, KV head) slice against float64 (grad: the "
+              "largest of dq, dk, dv); bitwise = two runs gave the same bits")
+        print("| implementation | shape | pass | time | TFLOP/s | vs FA2 | extra peak memory "
+              "| out rel err | grad rel err | bitwise |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in attn_results:
+            print(fmt_attn_row(r))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results, "moe": moe_results,
-                       "fused": fused_results}, f, indent=2)
+                       "fused": fused_results, "attention": attn_results}, f, indent=2)
         print(f"\nwrote {args.json}")
     return 0
 
