@@ -141,9 +141,9 @@ class _Problem:
     """The checked shapes of one call."""
 
     def __init__(self, q, k, v, cu_seqlens_q, cu_seqlens_k):
-        self.dtype = q.dtype
+        self.dtype = _native(q.dtype)
         for name, x in (("k", k), ("v", v)):
-            if x.dtype != q.dtype:
+            if _native(x.dtype) != self.dtype:
                 raise TypeError(f"q, k and v must have one dtype: q is {q.dtype}, {name} is "
                                 f"{x.dtype}")
         self.code = _dtype_code("q", q.dtype)
@@ -217,6 +217,11 @@ class _Problem:
         )
 
 
+def _native(dt: np.dtype) -> np.dtype:
+    """The dtype in native byte order (byte-swapped inputs are compared and copied as such)."""
+    return dt.newbyteorder("=") if dt.byteorder not in ("=", "|") else dt
+
+
 def _fresh(shape, dtype) -> np.ndarray:
     a = np.empty(shape, dtype=dtype)
     if _POISON:
@@ -228,7 +233,7 @@ def _like(name: str, x, shape, dtype) -> np.ndarray:
     a = _float_input(name, x)
     if a.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
-    if a.dtype != dtype:
+    if _native(a.dtype) != dtype:
         raise TypeError(f"{name} dtype {a.dtype} must be the dtype of q, {dtype}")
     return a
 
@@ -310,7 +315,7 @@ def attention_backward(
     dout = _like("dout", dout, p.q_shape, p.dtype)
     out = _like("out", out, p.q_shape, p.dtype)
     l = _as_array("lse", lse)
-    if l.dtype != np.float32:
+    if _native(l.dtype) != np.float32:
         raise TypeError(f"lse must be float32 (the forward's lse), got dtype {l.dtype}")
     if l.shape != p.lse_shape():
         raise ValueError(
@@ -318,7 +323,7 @@ def attention_backward(
             + ("[Hq, Tq]" if p.varlen else "[B, Hq, Sq]")
             + f"), got {l.shape}"
         )
-    l = np.ascontiguousarray(l)
+    l = np.ascontiguousarray(l, dtype=np.float32)
     q2, q_stride = _token_rows(q)
     k2, k_stride = _token_rows(k)
     v2, v_stride = _token_rows(v)
