@@ -9,18 +9,22 @@
 # time kept back for the later steps); a failing step is recorded and the next one runs:
 #   1. nvidia-smi one-liner          6. every Rust test executable (their CUDA variants run here)
 #   2. dk info                       7. pip install the carried Liger-Kernel wheel (--target)
-#   3. dk bench on CUDA, bf16,       8. pytest python/tests against the bundled library
-#      N=4096, 4 vocabs, all kinds   9. python/bench.py (torch eager, torch.compile, Liger, this
-#   4. dk bench, one f32 row            crate; --quick when under 150 s are left)
-#   5. dk bench --ops moe: route,   10. optional: compute-sanitizer memcheck of a small dk bench
-#      permute, combine fwd/bwd,        (divergence), then of a small dk bench --ops moe
-#      3 ANCHORS shapes, N=16384
+#   3. dk bench on CUDA, bf16,       8. pytest python/tests against the bundled library (the
+#      N=4096, 4 vocabs, all kinds      attention torch tests compare with SDPA here)
+#   4. dk bench, one f32 row         9. python/bench.py --ops attention: SDPA flash (FA2) and
+#   5. dk bench --ops moe: route,       cuDNN vs this crate, ANCHORS shapes (--quick when short)
+#      permute, combine fwd/bwd,    10. python/bench.py (torch eager, torch.compile, Liger, this
+#      3 ANCHORS shapes, N=16384        crate; --quick when under 150 s are left)
+#  5b. dk bench --ops attention:    11. optional: compute-sanitizer memcheck of small dk benches
+#      fwd, fwd+bwd, ANCHORS shapes     (divergence, MoE, attention), racecheck of attention
+#      + varlen, bf16, TFLOP/s
 #
 # Output: logs and JSON in $OUT (when set, as on the device tool; else ./gpu-check-out), at most
 # 8 files: summary.txt, gpu-check.log (every step's output), dk-bench.json, dk-bench-f32.json,
-# dk-bench-moe.json, python-bench.json. Printed last: the summary table (step, status, seconds),
-# then the dk bench tables (divergence, f32, MoE) and the python bench table. Exit status: 0 when
-# every required step passed, else 1.
+# dk-bench-moe.json, dk-bench-attention.json, python-bench-attention.json, python-bench.json.
+# Printed last: the summary table (step, status, seconds), then the dk bench tables (divergence,
+# f32, MoE, attention) and the python bench tables (attention, then the rest). Exit status: 0
+# when every required step passed, else 1.
 set -uo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -150,8 +154,14 @@ run_step dk-bench-f32 45 1 "$dk" bench --device cuda --ops divergence --dtype f3
 run_step dk-bench-moe 60 1 "$dk" bench --device cuda --ops moe --dtype bf16 --tokens 16384 \
   --moe-shapes scout,maverick,qwen3 --json "$out/dk-bench-moe.json"
 
+# ---- 5b. dk bench attention: fwd and fwd+bwd, the ANCHORS shapes and a varlen batch, bf16 --------
+# 6 results (TFLOP/s, ratio to ANCHORS.md's FA2 numbers), each checked on sampled rows against an
+# f64 computation and run twice for bitwise identity; ~15 s expected (input generation, checks).
+run_step dk-bench-attention 60 1 "$dk" bench --device cuda --ops attention --dtype bf16 \
+  --attn-shapes phi4-mini,llama4,varlen --json "$out/dk-bench-attention.json"
+
 # ---- 6. Rust test executables (CUDA variants run when a GPU is present) ------------------------------
-reserve=150 # pytest and the Python benchmark come after
+reserve=170 # pytest and the Python benchmarks come after
 while IFS=$'\t' read -r name kind _src _built; do
   [ "$name" = name ] && continue
   [ "$kind" = bench ] && continue
@@ -170,10 +180,21 @@ fi
 export PYTHONPATH="$root/python:$site${PYTHONPATH:+:$PYTHONPATH}"
 
 # ---- 8. Python tests (torch tests on CUDA) --------------------------------------------------------
-reserve=90 # the Python benchmark
+reserve=110 # the Python benchmarks
 run_step pytest 120 1 "$py" -m pytest python/tests -q -rs -p no:cacheprovider
 
-# ---- 9. Python benchmark against torch eager, torch.compile, Liger ------------------------------
+# ---- 9. Python benchmark of attention against SDPA's flash (FA2) and cuDNN backends -------------
+reserve=75 # the other Python benchmark
+if [ -f python/bench.py ]; then
+  aquick=()
+  [ "$(left)" -lt 150 ] && aquick=(--quick)
+  run_step python-bench-attention 60 1 "$py" python/bench.py --ops attention "${aquick[@]}" \
+    --json "$out/python-bench-attention.json"
+else
+  skip_step python-bench-attention "python/bench.py missing"
+fi
+
+# ---- 10. Python benchmark against torch eager, torch.compile, Liger ------------------------------
 reserve=0
 if [ -f python/bench.py ]; then
   quick=()
@@ -183,11 +204,13 @@ else
   skip_step python-bench "python/bench.py missing"
 fi
 
-# ---- 10. optional: memcheck of a small dk bench (divergence, then MoE) ---------------------------
+# ---- 11. optional: memcheck of small dk benches (divergence, MoE, attention), racecheck ----------
 sanitizer=$(command -v compute-sanitizer || true)
 if [ -z "$sanitizer" ]; then
   skip_step memcheck "compute-sanitizer not found"
   skip_step memcheck-moe "compute-sanitizer not found"
+  skip_step memcheck-attention "compute-sanitizer not found"
+  skip_step racecheck-attention "compute-sanitizer not found"
 else
   if [ "$(left)" -lt 30 ]; then
     skip_step memcheck "out of time"
@@ -204,6 +227,17 @@ else
     run_step memcheck-moe 60 0 "$sanitizer" --tool memcheck --error-exitcode 3 \
       "$dk" bench --device cuda --ops moe --tokens 300 --iters 1 --check-rows 8
   fi
+  # Every attention kernel (forward, backward; D 64 and 128; padded Sq != Sk, and varlen with an
+  # empty sequence, a 1-token one and rows that see no key) on the small shapes.
+  for tool in memcheck racecheck; do
+    if [ "$(left)" -lt 30 ]; then
+      skip_step "$tool-attention" "out of time"
+    else
+      run_step "$tool-attention" 60 0 "$sanitizer" --tool "$tool" --error-exitcode 3 \
+        "$dk" bench --device cuda --ops attention --attn-shapes small,small-varlen --iters 1 \
+        --check-rows 4
+    fi
+  done
 fi
 
 # ---- results --------------------------------------------------------------------------------------------
@@ -242,7 +276,7 @@ bench_table() { [ -s "$1" ] && sed -n '/^shape /,$p' "$1"; }
 echo
 echo "================ summary"
 cat "$out/summary.txt"
-for n in dk-bench-bf16 dk-bench-f32 dk-bench-moe; do
+for n in dk-bench-bf16 dk-bench-f32 dk-bench-moe dk-bench-attention; do
   echo
   echo "================ $n"
   if [ -s "$logs/$n.out" ]; then
@@ -253,6 +287,14 @@ for n in dk-bench-bf16 dk-bench-f32 dk-bench-moe; do
     tail -n 5 "$logs/$n.err" 2>/dev/null
   fi
 done
+echo
+echo "================ python bench attention"
+if [ -s "$logs/python-bench-attention.out" ]; then
+  sed -n '/^Grouped-query attention/,$p' "$logs/python-bench-attention.out"
+else
+  echo "(no output)"
+  tail -n 10 "$logs/python-bench-attention.err" 2>/dev/null
+fi
 echo
 echo "================ python bench"
 if [ -s "$logs/python-bench.out" ]; then
