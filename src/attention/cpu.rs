@@ -1,20 +1,474 @@
-//! CPU backend of attention (stub: replaced by the f64 reference).
+//! CPU backend of attention: the exact reference. Inputs are widened to f64 and every score,
+//! softmax, product and sum is computed in f64; each output element is rounded to its dtype once.
+//!
+//! Work is split into items, each computed by one thread in a fixed order, so the results do not
+//! depend on the number of threads or on which thread takes which item (bitwise deterministic):
+//!
+//! - forward: one item per (sequence, query head) writes that head's columns of the sequence's
+//!   out rows and its LSE entries;
+//! - backward: one item per (sequence, KV head) walks the head's query group in order, writes dQ
+//!   of those query heads and the sum over the group of dK and dV.
+//!
+//! The backward works from the caller's out and LSE, like the CUDA kernels:
+//! `P = exp(scale·q·k − lse)` (0 where the LSE is −∞), `Delta = rowsum(dO ∘ out)`,
+//! `dS = P ∘ (dO·vᵀ − Delta)`, `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, `dV = Pᵀ·dO`.
 
-use super::{RawAttention, RawAttentionBackward};
-use crate::error::{bail, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Forward pass.
-///
-/// # Safety
-/// `raw` was validated and its host pointers cover the shapes.
-pub(crate) unsafe fn forward(_raw: &RawAttention) -> Result<()> {
-    bail!(InvalidArgument, "attention is not implemented yet")
+use half::{bf16, f16};
+
+use super::{RawAttention, RawAttentionBackward, RawBatch};
+use crate::error::Result;
+use crate::tensor::{DType, Element};
+
+/// Multiply-adds of work below which a call stays on one thread (per extra thread).
+const WORK_PER_THREAD: usize = 1 << 18;
+
+/// Raw pointers shared with the worker threads.
+struct Shared<T>(T);
+// SAFETY: the workers read shared inputs and each writes only the output elements of its own
+// items (disjoint by construction, see the module docs).
+unsafe impl<T> Send for Shared<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// The wrapped value (a method, so closures capture the whole `Shared`, not its field).
+    fn get(&self) -> &T {
+        &self.0
+    }
 }
 
-/// Backward pass.
+/// One sequence: its first query row and query count, its first key row and key count.
+#[derive(Debug, Clone, Copy)]
+struct Seq {
+    q0: usize,
+    sq: usize,
+    k0: usize,
+    sk: usize,
+}
+
+/// The sequences of a validated batch.
 ///
 /// # Safety
-/// `raw` was validated and its host pointers cover the shapes.
-pub(crate) unsafe fn backward(_raw: &RawAttentionBackward) -> Result<()> {
-    bail!(InvalidArgument, "attention is not implemented yet")
+/// For a varlen batch the offset pointers must be host memory of `batch + 1` entries each,
+/// checked by validation (starting at 0, non-decreasing, ending at the row counts).
+unsafe fn sequences(b: &RawBatch) -> Vec<Seq> {
+    if !b.is_varlen() {
+        return (0..b.batch)
+            .map(|i| Seq {
+                q0: i * b.seqlen_q,
+                sq: b.seqlen_q,
+                k0: i * b.seqlen_k,
+                sk: b.seqlen_k,
+            })
+            .collect();
+    }
+    // SAFETY: forwarded from the caller.
+    let (cq, ck) = unsafe {
+        (
+            std::slice::from_raw_parts(b.cu_seqlens_q, b.batch + 1),
+            std::slice::from_raw_parts(b.cu_seqlens_k, b.batch + 1),
+        )
+    };
+    (0..b.batch)
+        .map(|i| Seq {
+            q0: cq[i] as usize,
+            sq: (cq[i + 1] - cq[i]) as usize,
+            k0: ck[i] as usize,
+            sk: (ck[i + 1] - ck[i]) as usize,
+        })
+        .collect()
+}
+
+/// Keys query `i` of a sequence of `sq` queries and `sk` keys sees: `0..visible`. Causal is
+/// aligned bottom-right: key `j` is visible iff `j ≤ i + sk − sq`.
+fn visible(i: usize, sq: usize, sk: usize, causal: bool) -> usize {
+    if causal {
+        (i + sk + 1).saturating_sub(sq).min(sk)
+    } else {
+        sk
+    }
+}
+
+/// Widens `out.len()` elements of a `dtype` host array starting at element `index`.
+///
+/// # Safety
+/// The elements must be valid, initialised host memory of `dtype`.
+unsafe fn load(ptr: *const u8, dtype: DType, index: usize, out: &mut [f64]) {
+    unsafe fn widen<T: Element>(p: *const u8, index: usize, out: &mut [f64]) {
+        // SAFETY: the caller guarantees the elements are in bounds and aligned (rows start
+        // 16-byte aligned).
+        let src = unsafe { std::slice::from_raw_parts(p.cast::<T>().add(index), out.len()) };
+        for (o, &x) in out.iter_mut().zip(src) {
+            *o = x.to_f64();
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match dtype {
+            DType::F32 => widen::<f32>(ptr, index, out),
+            DType::BF16 => widen::<bf16>(ptr, index, out),
+            DType::F16 => widen::<f16>(ptr, index, out),
+        }
+    }
+}
+
+/// Rounds `values·scale` to `dtype` and writes them at element `index` of a host array.
+///
+/// # Safety
+/// The elements must be valid host memory of `dtype`, written by no one else meanwhile (no
+/// reference to them is formed: other threads may write neighbouring elements).
+unsafe fn store(ptr: *mut u8, dtype: DType, index: usize, values: &[f64], scale: f64) {
+    unsafe fn narrow<T: Element>(p: *mut u8, index: usize, values: &[f64], scale: f64) {
+        let dst = p.cast::<T>();
+        for (k, &x) in values.iter().enumerate() {
+            // SAFETY: forwarded from the caller.
+            unsafe { dst.add(index + k).write(T::from_f64(x * scale)) };
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match dtype {
+            DType::F32 => narrow::<f32>(ptr, index, values, scale),
+            DType::BF16 => narrow::<bf16>(ptr, index, values, scale),
+            DType::F16 => narrow::<f16>(ptr, index, values, scale),
+        }
+    }
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `acc += a·x`.
+fn axpy(acc: &mut [f64], a: f64, x: &[f64]) {
+    for (o, &v) in acc.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
+/// Runs `f(state, item)` for every item in `0..items` on up to `threads` threads (items handed
+/// out one at a time, so uneven sequences balance), with one `init()` state per thread.
+fn for_each_item<S>(
+    items: usize,
+    threads: usize,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, usize) + Sync,
+) {
+    let threads = threads.min(items).max(1);
+    if threads == 1 {
+        let mut state = init();
+        for i in 0..items {
+            f(&mut state, i);
+        }
+        return;
+    }
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let mut state = init();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= items {
+                        break;
+                    }
+                    f(&mut state, i);
+                }
+            });
+        }
+    });
+}
+
+/// Threads that `work` multiply-adds deserve.
+fn threads_for(work: usize) -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(work / WORK_PER_THREAD)
+        .max(1)
+}
+
+/// Multiply-adds of a call with `heads` query heads of dimension `d` over `seqs` (upper bound:
+/// no causal discount).
+fn work(seqs: &[Seq], heads: usize, d: usize) -> usize {
+    seqs.iter()
+        .map(|s| s.sq.saturating_mul(s.sk))
+        .fold(0usize, |a, b| a.saturating_add(b))
+        .saturating_mul(heads)
+        .saturating_mul(d)
+}
+
+/// Index of the LSE entry of query `i` (row `row`) of sequence `b` for head `h`.
+fn lse_index(shape: &RawBatch, heads_q: usize, b: usize, h: usize, i: usize, row: usize) -> usize {
+    if shape.is_varlen() {
+        h * shape.total_q + row
+    } else {
+        (b * heads_q + h) * shape.seqlen_q + i
+    }
+}
+
+/// Per-thread scratch: K and V of one head, and per-query rows.
+struct Scratch {
+    k: Vec<f64>,
+    v: Vec<f64>,
+    dk: Vec<f64>,
+    dv: Vec<f64>,
+    q: Vec<f64>,
+    o: Vec<f64>,
+    dout: Vec<f64>,
+    acc: Vec<f64>,
+    scores: Vec<f64>,
+}
+
+impl Scratch {
+    fn new(d: usize) -> Self {
+        Scratch {
+            k: Vec::new(),
+            v: Vec::new(),
+            dk: Vec::new(),
+            dv: Vec::new(),
+            q: vec![0.0; d],
+            o: vec![0.0; d],
+            dout: vec![0.0; d],
+            acc: vec![0.0; d],
+            scores: Vec::new(),
+        }
+    }
+
+    /// Loads the `sk` keys and values of KV head `g` starting at key row `k0`.
+    ///
+    /// # Safety
+    /// The rows must be inside the validated k and v matrices.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn load_kv(
+        &mut self,
+        (k, k_stride): (*const u8, usize),
+        (v, v_stride): (*const u8, usize),
+        dtype: DType,
+        d: usize,
+        g: usize,
+        k0: usize,
+        sk: usize,
+    ) {
+        self.k.resize(sk * d, 0.0);
+        self.v.resize(sk * d, 0.0);
+        for j in 0..sk {
+            let row = k0 + j;
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                load(
+                    k,
+                    dtype,
+                    row * k_stride + g * d,
+                    &mut self.k[j * d..(j + 1) * d],
+                );
+                load(
+                    v,
+                    dtype,
+                    row * v_stride + g * d,
+                    &mut self.v[j * d..(j + 1) * d],
+                );
+            }
+        }
+    }
+}
+
+/// Forward pass: out and LSE.
+///
+/// # Safety
+/// `raw` was validated for a host context: its pointers are valid host memory covering the
+/// shapes, the outputs are disjoint from the inputs and from each other.
+pub(crate) unsafe fn forward(raw: &RawAttention) -> Result<()> {
+    // SAFETY: validated offsets (host context).
+    let seqs = unsafe { sequences(&raw.shape) };
+    let (hq, d) = (raw.heads_q, raw.head_dim);
+    let group = raw.heads_q / raw.heads_kv;
+    let scale = raw.scale as f64;
+    let shared = Shared(*raw);
+    let threads = threads_for(work(&seqs, hq, d));
+    for_each_item(
+        seqs.len() * hq,
+        threads,
+        || Scratch::new(d),
+        |s, item| {
+            let raw = shared.get();
+            let (b, h) = (item / hq, item % hq);
+            let seq = seqs[b];
+            // SAFETY: key rows k0..k0 + sk of a validated sequence, KV head h / group < Hkv.
+            unsafe {
+                s.load_kv(
+                    (raw.k, raw.k_stride),
+                    (raw.v, raw.v_stride),
+                    raw.dtype,
+                    d,
+                    h / group,
+                    seq.k0,
+                    seq.sk,
+                )
+            };
+            for i in 0..seq.sq {
+                let row = seq.q0 + i;
+                let lse_at = lse_index(&raw.shape, hq, b, h, i, row);
+                let n = visible(i, seq.sq, seq.sk, raw.causal);
+                s.acc.fill(0.0);
+                let lse = if n == 0 {
+                    f64::NEG_INFINITY
+                } else {
+                    // SAFETY: query row `row` < Tq, head h < Hq.
+                    unsafe { load(raw.q, raw.dtype, row * raw.q_stride + h * d, &mut s.q) };
+                    s.scores.clear();
+                    for j in 0..n {
+                        s.scores.push(scale * dot(&s.q, &s.k[j * d..(j + 1) * d]));
+                    }
+                    let m = s.scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let mut sum = 0.0;
+                    for j in 0..n {
+                        let p = (s.scores[j] - m).exp();
+                        sum += p;
+                        axpy(&mut s.acc, p, &s.v[j * d..(j + 1) * d]);
+                    }
+                    for a in s.acc.iter_mut() {
+                        *a /= sum;
+                    }
+                    m + sum.ln()
+                };
+                // SAFETY: this item owns head h's columns of row `row` of out and LSE entry
+                // `lse_at` (< Hq·Tq); nothing else writes them.
+                unsafe {
+                    store(
+                        raw.out,
+                        raw.dtype,
+                        row * raw.out_stride + h * d,
+                        &s.acc,
+                        1.0,
+                    );
+                    raw.lse.add(lse_at).write(lse as f32);
+                }
+            }
+        },
+    );
+    Ok(())
+}
+
+/// Backward pass: dQ, dK, dV.
+///
+/// # Safety
+/// `raw` was validated for a host context: its pointers are valid host memory covering the
+/// shapes, the outputs are disjoint from the inputs and from each other.
+pub(crate) unsafe fn backward(raw: &RawAttentionBackward) -> Result<()> {
+    // SAFETY: validated offsets (host context).
+    let seqs = unsafe { sequences(&raw.shape) };
+    let (hq, hkv, d) = (raw.heads_q, raw.heads_kv, raw.head_dim);
+    let group = hq / hkv;
+    let scale = raw.scale as f64;
+    // Bitwise reproducible whatever `raw.deterministic` asks: no item depends on another.
+    let _ = raw.deterministic;
+    let shared = Shared(*raw);
+    // Backward is about 2.5× the forward's multiply-adds.
+    let threads = threads_for(work(&seqs, hq, d).saturating_mul(5) / 2);
+    for_each_item(
+        seqs.len() * hkv,
+        threads,
+        || Scratch::new(d),
+        |s, item| {
+            let raw = shared.get();
+            let (b, g) = (item / hkv, item % hkv);
+            let seq = seqs[b];
+            // SAFETY: key rows k0..k0 + sk of a validated sequence, KV head g < Hkv.
+            unsafe {
+                s.load_kv(
+                    (raw.k, raw.k_stride),
+                    (raw.v, raw.v_stride),
+                    raw.dtype,
+                    d,
+                    g,
+                    seq.k0,
+                    seq.sk,
+                )
+            };
+            s.dk.clear();
+            s.dk.resize(seq.sk * d, 0.0);
+            s.dv.clear();
+            s.dv.resize(seq.sk * d, 0.0);
+            for h in g * group..(g + 1) * group {
+                for i in 0..seq.sq {
+                    let row = seq.q0 + i;
+                    let n = visible(i, seq.sq, seq.sk, raw.causal);
+                    // SAFETY: LSE entry of a query row < Tq and head < Hq (< Hq·Tq entries).
+                    let lse = unsafe { *raw.lse.add(lse_index(&raw.shape, hq, b, h, i, row)) };
+                    let lse = lse as f64;
+                    s.acc.fill(0.0);
+                    if n > 0 && lse != f64::NEG_INFINITY {
+                        // SAFETY: query row `row` < Tq, head h < Hq, of q, dout and out.
+                        unsafe {
+                            load(raw.q, raw.dtype, row * raw.q_stride + h * d, &mut s.q);
+                            load(
+                                raw.dout,
+                                raw.dtype,
+                                row * raw.dout_stride + h * d,
+                                &mut s.dout,
+                            );
+                            load(raw.out, raw.dtype, row * raw.out_stride + h * d, &mut s.o);
+                        }
+                        let delta = dot(&s.dout, &s.o);
+                        for j in 0..n {
+                            let kj = &s.k[j * d..(j + 1) * d];
+                            let vj = &s.v[j * d..(j + 1) * d];
+                            let p = (scale * dot(&s.q, kj) - lse).exp();
+                            let ds = p * (dot(&s.dout, vj) - delta);
+                            axpy(&mut s.acc, ds, kj);
+                            axpy(&mut s.dk[j * d..(j + 1) * d], ds, &s.q);
+                            axpy(&mut s.dv[j * d..(j + 1) * d], p, &s.dout);
+                        }
+                    }
+                    // SAFETY: this item owns head h's columns of dq row `row` (h is in its
+                    // KV head's group, the sequence is its own).
+                    unsafe {
+                        store(
+                            raw.dq,
+                            raw.dtype,
+                            row * raw.dq_stride + h * d,
+                            &s.acc,
+                            scale,
+                        )
+                    };
+                }
+            }
+            for j in 0..seq.sk {
+                let row = seq.k0 + j;
+                // SAFETY: this item owns KV head g's columns of the sequence's dk and dv rows.
+                unsafe {
+                    let (dk, dv) = (&s.dk[j * d..(j + 1) * d], &s.dv[j * d..(j + 1) * d]);
+                    store(raw.dk, raw.dtype, row * raw.dk_stride + g * d, dk, scale);
+                    store(raw.dv, raw.dtype, row * raw.dv_stride + g * d, dv, 1.0);
+                }
+            }
+        },
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::visible;
+
+    #[test]
+    fn causal_alignment_is_bottom_right() {
+        // Sq = Sk: the usual lower triangle.
+        assert_eq!(visible(0, 4, 4, true), 1);
+        assert_eq!(visible(3, 4, 4, true), 4);
+        // Sq < Sk: the last query sees every key, the first Sk − Sq + 1.
+        assert_eq!(visible(0, 2, 5, true), 4);
+        assert_eq!(visible(1, 2, 5, true), 5);
+        // Sq > Sk: the first Sq − Sk queries see nothing.
+        assert_eq!(visible(0, 5, 2, true), 0);
+        assert_eq!(visible(2, 5, 2, true), 0);
+        assert_eq!(visible(3, 5, 2, true), 1);
+        assert_eq!(visible(4, 5, 2, true), 2);
+        // No keys.
+        assert_eq!(visible(0, 1, 0, true), 0);
+        assert_eq!(visible(0, 1, 0, false), 0);
+        assert_eq!(visible(0, 3, 2, false), 2);
+    }
 }
