@@ -9,8 +9,10 @@
 //! - Checks: relative-norm errors, "every output element written", "padding and inputs
 //!   untouched", NaN confined to its row.
 //! - MoE dispatch: buffers, call specs and a device runner in [`moe`].
+//! - Attention: an independent naive reference, cases, call specs and a runner in [`attention`].
 #![allow(dead_code)]
 
+pub mod attention;
 pub mod moe;
 
 use std::ffi::c_void;
