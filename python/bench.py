@@ -946,7 +946,9 @@ def run_attention(shapes, impls, args, log_fn):
                     torch.cuda.synchronize()
                     torch.cuda.empty_cache()
                 add(row)
-            if note:  # what the expansion alone costs (it is inside the timed calls above)
+            ran = any(r.get("impl") == impl and r.get("shape") == shape and "ms" in r
+                      for r in rows)
+            if note and ran:  # what the expansion alone costs (it is inside the timed calls above)
                 g_ = hq // hkv
                 ms = bench_ms(lambda: (kh.repeat_interleave(g_, dim=1),
                                        vh.repeat_interleave(g_, dim=1)), args.warmup_ms, args.rep_ms)
