@@ -1,0 +1,658 @@
+// Attention backward on tensor cores (mma.sync m16n8k16, f32 accumulators), deterministic: no
+// atomics, every output element is written once by one thread, so dQ, dK and dV are bitwise
+// reproducible. Design, budgets and costs: cuda/ATTENTION.md, "## Backward".
+//
+// Three launches on the caller's stream, every one taking DkAttentionBwdArgs by value:
+//   1. dk_attn_bwd_delta_<t>_d<D>: Delta[row, h] = sum_d dO[row, h, d] * O[row, h, d] (f32), into
+//      the workspace, laid out like the LSE. D / 8 threads per (row, head), 16-byte loads.
+//   2. dk_attn_bwd_dkdv_<t>_d<D>: one block (4 warps) per (tile of 64 key rows, KV head,
+//      sequence); warp w owns key rows 16w .. 16w + 15 of the tile. K and V of the tile sit in
+//      shared memory; the block loops over the G query heads of the KV head and over the query
+//      tiles (Br rows) that see the key tile, double-buffering Q, dO, LSE and Delta with cp.async.
+//      Per query tile and warp, with everything transposed so that the warp's key rows are the
+//      MMA rows:  S^T = K Q^T,  P^T = exp2(S^T scale log2 e - LSE log2 e),  dV += P^T dO,
+//      dP^T = V dO^T,  dS^T = P^T o (dP^T - Delta),  dK += dS^T Q. The C fragments of P^T and
+//      dS^T are the A fragments of the next MMA (dk_mma.cuh), dO and Q are read as B operands
+//      with ldmatrix (.trans for the products over the query axis). dK, dV stay in registers for
+//      the whole loop and are written once (dK times the scale): the sum over the query group
+//      happens in the accumulators.
+//   3. dk_attn_bwd_dq_<t>_d<D>: one block (4 warps) per (tile of 64 query rows, query head,
+//      sequence); warp w owns query rows 16w .. 16w + 15, whose Q and dO fragments stay in
+//      registers. Loop over the key tiles the query tile sees (K and V double-buffered):
+//      S = Q K^T, P, dP = dO V^T, dS = P o (dP - Delta), dQ += dS K (ldmatrix.trans on K).
+//      dQ written once, times the scale.
+//
+// Masking: rows past the end of a sequence are zero-filled by cp.async (no out-of-bounds read)
+// and get LSE = -inf (so P = 0) and Delta = 0; score entries of keys past the end or above the
+// causal diagonal (query i sees key j iff j <= i + Sk - Sq) are set to -inf before the exp.
+// A LSE of -inf (a query row that sees no key) is turned into +inf in the exponent, so P = 0
+// and dS = 0 for that row: its dQ is 0, never NaN.
+//
+// Shared tiles are [rows][D] of 16-byte chunks, chunk c of row r stored at chunk c ^ (r & 7):
+// the eight row addresses of every ldmatrix phase and of the cp.async writes hit distinct banks.
+
+#include <limits.h>
+#include <stddef.h>
+
+#include "dk_attention_bwd_args.h"
+#include "dk_mma.cuh"
+#include "dk_vec.cuh"
+
+// The layout the Rust mirror (AttentionBwdArgs, src/attention/cuda/backward.rs) asserts in its
+// unit test: both sides checked against the same numbers.
+static_assert(sizeof(DkAttentionShape) == 56 && sizeof(DkAttentionBwdArgs) == 200,
+              "DkAttentionBwdArgs layout changed: update the Rust mirror");
+static_assert(offsetof(DkAttentionShape, batch) == 16 && offsetof(DkAttentionShape, causal) == 44 &&
+                  offsetof(DkAttentionShape, scale_log2) == 52,
+              "DkAttentionShape layout changed: update the Rust mirror");
+static_assert(offsetof(DkAttentionBwdArgs, dout) == 56 && offsetof(DkAttentionBwdArgs, delta) == 104 &&
+                  offsetof(DkAttentionBwdArgs, dv) == 128 &&
+                  offsetof(DkAttentionBwdArgs, dout_stride) == 136 &&
+                  offsetof(DkAttentionBwdArgs, dv_stride) == 192,
+              "DkAttentionBwdArgs layout changed: update the Rust mirror");
+
+namespace dk {
+namespace attn_bwd {
+
+constexpr int kThreads = 128;       // dK/dV and dQ kernels: 4 warps, 16 rows each
+// Blocks per SM the dK/dV and dQ kernels are compiled for (caps registers at 65536 / (128 x n)):
+// 2 for D = 128 (the accumulators alone take 128 / 64 registers), 3 for D = 64.
+template <int D> constexpr int min_blocks() { return D == 64 ? 3 : 2; }
+constexpr int kDeltaThreads = 256;  // Delta kernel
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Tile shapes (the Rust launcher mirrors them: src/attention/cuda/backward.rs).
+template <int D> struct DkdvTile {
+  static constexpr int kBc = 64;               // key rows per block (4 warps x 16)
+  static constexpr int kBr = D == 64 ? 64 : 32;  // query rows per loop step
+  static constexpr int kSmemBytes = (2 * kBc * D + 4 * kBr * D) * 2 + 4 * kBr * 4;
+};
+template <int D> struct DqTile {
+  static constexpr int kBr = 64;               // query rows per block (4 warps x 16)
+  static constexpr int kBc = D == 64 ? 64 : 32;  // key rows per loop step
+  static constexpr int kSmemBytes = (2 * kBr * D + 4 * kBc * D) * 2;
+};
+
+__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// The LSE in base 2 as it enters the exponent; -inf (a row that sees no key) becomes +inf so
+// that exp2(s - lse) = 0 for every finite or -inf s.
+__device__ __forceinline__ float lse_exponent(float lse) {
+  return lse == neg_inf() ? pos_inf() : lse * kLog2e;
+}
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] tile.
+template <int D> __device__ __forceinline__ int swz(int row, int chunk) {
+  return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+// ldmatrix addressing. In a 16-row block of a swizzled tile, lane l hands ldmatrix the address
+// of row `lrow` (0..15), chunk `c0 + lc` (c0 even, lc 0 or 1): since row & 7 = lrow & 7 and
+// c0 + lc = c0 ^ lc, its byte offset is lane_off ^ (c0 * 16) with the per-lane constant
+// lane_off = lrow * 2D + ((lc ^ (lrow & 7)) * 16) (the XOR only touches the chunk bits, below
+// 2D). So each fragment address is one XOR with an immediate plus the tile and row-block base.
+template <int D> __device__ __forceinline__ uint32_t lane_offset(int lrow, int lc) {
+  return static_cast<uint32_t>(lrow * 2 * D + ((lc ^ (lrow & 7)) << 4));
+}
+template <int D>
+__device__ __forceinline__ uint32_t frag_addr(uint32_t tile, int row16, int c0, uint32_t lane_off) {
+  return tile + static_cast<uint32_t>(row16 * 2 * D) + (lane_off ^ static_cast<uint32_t>(c0 << 4));
+}
+
+// One sequence of the batch: its first row and length on each side. Varlen offsets are clamped
+// into [0, total] and made non-decreasing, so any offsets give in-bounds rows.
+struct Seq {
+  int q_start, len_q, k_start, len_k;
+};
+
+__device__ __forceinline__ void seq_range(uint64_t cu, int b, int seqlen, int total, int& start,
+                                          int& len) {
+  if (cu == 0) {
+    start = b * seqlen;
+    len = seqlen;
+  } else {
+    const int* p = reinterpret_cast<const int*>(cu);
+    const int a = min(max(__ldg(p + b), 0), total);
+    const int e = min(max(__ldg(p + b + 1), a), total);
+    start = a;
+    len = e - a;
+  }
+}
+
+__device__ __forceinline__ Seq seq_of(const DkAttentionShape& s, int b) {
+  Seq r;
+  seq_range(s.cu_seqlens_q, b, s.seqlen_q, s.total_q, r.q_start, r.len_q);
+  seq_range(s.cu_seqlens_k, b, s.seqlen_k, s.total_k, r.k_start, r.len_k);
+  return r;
+}
+
+// Index of (sequence b, query head h, row 0 of the sequence) in the LSE / Delta layout:
+// [batch, heads_q, seqlen_q] padded, [heads_q, total_q] varlen.
+__device__ __forceinline__ int64_t lse_base(const DkAttentionShape& s, int b, int h, int q_start) {
+  return s.cu_seqlens_q != 0
+             ? static_cast<int64_t>(h) * s.total_q + q_start
+             : (static_cast<int64_t>(b) * s.heads_q + h) * s.seqlen_q;
+}
+
+__device__ __forceinline__ int cdiv(int x, int y) { return x / y + (x % y != 0 ? 1 : 0); }
+
+// cp.async of `ROWS` rows of one head (D elements from `src`, row stride `stride`) into a
+// swizzled tile; rows >= `valid` are zero-filled without reading (their source address is row
+// 0, which the callers guarantee exists). Thread tid moves chunk tid % (D / 8) of rows
+// tid / (D / 8) + k * kStep: kStep is a multiple of 8, so the swizzle is the same for all k.
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride, int valid, int tid) {
+  constexpr int kChunks = D / 8, kStep = kThreads / kChunks;
+  static_assert(ROWS % kStep == 0 && kStep % 8 == 0, "tile not a multiple of the block");
+  const int r0 = tid / kChunks, c = tid % kChunks;
+  const uint32_t d0 = smem_addr(dst + swz<D>(r0, c));
+  const T* s0 = src + static_cast<int64_t>(r0) * stride + c * 8;
+#pragma unroll
+  for (int k = 0; k < ROWS / kStep; ++k) {
+    const bool ok = r0 + k * kStep < valid;
+    cp_async_16(d0 + k * kStep * D * 2, ok ? s0 + static_cast<int64_t>(k * kStep) * stride : src,
+                ok ? 16 : 0);
+  }
+}
+
+// acc[2n .. 2n+1] (16 rows x 16 columns each pair) += A (16 x D, fragments from the tile rows
+// `a_row16`.., or preloaded) times the transpose of the B tile rows (N rows x D): the B operand
+// of an n-tile is 8 B rows, read with non-transposed ldmatrix (B[k][n] = rowsB[n][k]).
+template <typename T, int D, int N>
+__device__ __forceinline__ void mma_abt_smem(float (&acc)[N / 8][4], uint32_t a_tile, int a_row16,
+                                             uint32_t b_tile, uint32_t a_off, uint32_t b_off) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t af[4];
+    ldmatrix_x4(af, frag_addr<D>(a_tile, a_row16, 2 * kk, a_off));
+#pragma unroll
+    for (int nn = 0; nn < N / 16; ++nn) {
+      uint32_t bf[4];
+      ldmatrix_x4(bf, frag_addr<D>(b_tile, nn * 16, 2 * kk, b_off));
+      mma_16816<T>(acc[2 * nn], af, bf);
+      mma_16816<T>(acc[2 * nn + 1], af, bf + 2);
+    }
+  }
+}
+
+// As mma_abt_smem with the A fragments already in registers.
+template <typename T, int D, int N>
+__device__ __forceinline__ void mma_abt_regs(float (&acc)[N / 8][4], const uint32_t (&af)[D / 16][4],
+                                             uint32_t b_tile, uint32_t b_off) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int nn = 0; nn < N / 16; ++nn) {
+      uint32_t bf[4];
+      ldmatrix_x4(bf, frag_addr<D>(b_tile, nn * 16, 2 * kk, b_off));
+      mma_16816<T>(acc[2 * nn], af[kk], bf);
+      mma_16816<T>(acc[2 * nn + 1], af[kk], bf + 2);
+    }
+  }
+}
+
+// out (16 x D, D / 8 n-tiles) += X (16 x K, the C fragments of K / 8 n-tiles, converted to A
+// fragments) times the B tile (K rows x D, read with ldmatrix.trans: B[k][n] = rows[k][n]).
+template <typename T, int D, int K>
+__device__ __forceinline__ void mma_xb_trans(float (&out)[D / 8][4], const float (&x)[K / 8][4],
+                                             uint32_t b_tile, uint32_t lane_off) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    const uint32_t a[4] = {pack2<T>(x[2 * kk][0], x[2 * kk][1]), pack2<T>(x[2 * kk][2], x[2 * kk][3]),
+                           pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]),
+                           pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn) {
+      uint32_t bf[4];
+      ldmatrix_x4_trans(bf, frag_addr<D>(b_tile, kk * 16, 2 * dn, lane_off));
+      mma_16816<T>(out[2 * dn], a, bf);
+      mma_16816<T>(out[2 * dn + 1], a, bf + 2);
+    }
+  }
+}
+
+// Writes a warp's 16 x D accumulator block (times `mul`, in T) to global rows
+// `row0 + 0..15` of `dst` (row stride `stride`), rows >= `valid` skipped. Goes through the
+// warp's own 16 rows of the swizzled tile `stage` for 16-byte coalesced stores; those rows must
+// be read only by this warp (the callers' A-operand rows).
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float mul, T* stage,
+                                           T* dst, int64_t stride, int valid, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  __syncwarp();
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    *reinterpret_cast<uint32_t*>(stage + swz<D>(g, dt) + 2 * t) =
+        pack2<T>(acc[dt][0] * mul, acc[dt][1] * mul);
+    *reinterpret_cast<uint32_t*>(stage + swz<D>(g + 8, dt) + 2 * t) =
+        pack2<T>(acc[dt][2] * mul, acc[dt][3] * mul);
+  }
+  __syncwarp();
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int it = 0; it < 16 * kChunks / 32; ++it) {
+    const int i = it * 32 + lane;
+    const int r = i / kChunks, c = i % kChunks;
+    if (r < valid) {
+      const uint4 v = *reinterpret_cast<const uint4*>(stage + swz<D>(r, c));
+      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(r) * stride + c * 8) = v;
+    }
+  }
+}
+
+// ---- 1. Delta ------------------------------------------------------------------------------
+
+template <typename T, int D>
+__device__ __forceinline__ void delta_kernel(const DkAttentionBwdArgs& a) {
+  constexpr int kLanes = D / 8;  // threads per (row, head), 8 elements each
+  constexpr int kItems = kDeltaThreads / kLanes;
+  const DkAttentionShape& s = a.shape;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kItems + threadIdx.x / kLanes;
+  const int sub = threadIdx.x % kLanes;
+  const bool ok = item < static_cast<int64_t>(s.total_q) * s.heads_q;
+  int row = 0, h = 0;
+  float acc = 0.f;
+  if (ok) {
+    row = static_cast<int>(item / s.heads_q);
+    h = static_cast<int>(item % s.heads_q);
+    const T* dout = reinterpret_cast<const T*>(a.dout) + static_cast<int64_t>(row) * a.dout_stride +
+                    h * D + sub * 8;
+    const T* out = reinterpret_cast<const T*>(a.out) + static_cast<int64_t>(row) * a.out_stride +
+                   h * D + sub * 8;
+    float x[kVec], y[kVec];
+    load8(dout, x);
+    load8(out, y);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) acc = fmaf(x[i], y[i], acc);
+  }
+  // The kLanes threads of an item are consecutive lanes of one warp.
+#pragma unroll
+  for (int o = kLanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (ok && sub == 0) {
+    int64_t idx;
+    if (s.cu_seqlens_q != 0) {
+      idx = static_cast<int64_t>(h) * s.total_q + row;
+    } else {
+      const int b = row / s.seqlen_q, sq = row % s.seqlen_q;
+      idx = (static_cast<int64_t>(b) * s.heads_q + h) * s.seqlen_q + sq;
+    }
+    reinterpret_cast<float*>(a.delta)[idx] = acc;
+  }
+}
+
+// ---- 2. dK, dV -----------------------------------------------------------------------------
+
+template <typename T, int D>
+__device__ __forceinline__ void dkdv_kernel(const DkAttentionBwdArgs& a, char* smem) {
+  constexpr int Bc = DkdvTile<D>::kBc, Br = DkdvTile<D>::kBr;
+  const DkAttentionShape& s = a.shape;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+
+  // Block -> (key tile, sequence, KV head); key tiles outermost so the causal-heavy first tiles
+  // of every head start first.
+  const unsigned bh = static_cast<unsigned>(s.batch) * static_cast<unsigned>(s.heads_kv);
+  const int tile = static_cast<int>(blockIdx.x / bh);
+  const int rest = static_cast<int>(blockIdx.x % bh);
+  const int b = rest / s.heads_kv, hk = rest % s.heads_kv;
+  const Seq sq = seq_of(s, b);
+  const int k0 = tile * Bc;
+  if (k0 >= sq.len_k) return;  // past this sequence's keys (varlen grid bound): owns no row
+  const int group = s.heads_q / s.heads_kv;
+  const int off = sq.len_k - sq.len_q;  // causal: query i sees key j iff j <= i + off
+
+  // Query tiles that see some key of the tile: from the one holding the first query that sees
+  // key k0 (causal) to the last.
+  int m_begin = 0, n_m = 0;
+  {
+    const int i_min = s.causal ? max(0, k0 - off) : 0;
+    if (i_min < sq.len_q) {
+      m_begin = i_min / Br;
+      n_m = cdiv(sq.len_q, Br) - m_begin;
+    }
+  }
+  const int n_iter = group * n_m;
+
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + Bc * D;
+  T* sQ = sV + Bc * D;       // [2][Br][D]
+  T* sdO = sQ + 2 * Br * D;  // [2][Br][D]
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * Br * D);  // [2][Br]
+  float* sDelta = sLse + 2 * Br;                              // [2][Br]
+
+  // Lane roles in ldmatrix: matrix mi = lane / 8 gets rows l7 of ...
+  const int mi = lane >> 3, l7 = lane & 7;
+  // A operand and transposed B operand: matrices (rows 0-7 | 8-15) x (chunk c0 | c0 + 1);
+  // non-transposed B operand: (chunk c0 | c0 + 1) x (rows 0-7 | 8-15).
+  const uint32_t a_off = lane_offset<D>((mi & 1) * 8 + l7, mi >> 1);
+  const uint32_t b_off = lane_offset<D>((mi >> 1) * 8 + l7, mi & 1);
+
+  // Per-thread key rows g and g + 8 of the warp: a score column (query i) is masked when
+  // i < qmin (keys past the end: every query; causal: queries before j - off).
+  int qmin[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = k0 + warp * 16 + g + 8 * r;
+    qmin[r] = j >= sq.len_k ? INT_MAX : (s.causal ? j - off : INT_MIN);
+  }
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+
+  if (n_iter > 0) {
+    const T* gq = reinterpret_cast<const T*>(a.q);
+    const T* gdo = reinterpret_cast<const T*>(a.dout);
+    const float* glse = reinterpret_cast<const float*>(a.lse);
+    const float* gdelta = reinterpret_cast<const float*>(a.delta);
+
+    // Stage `st` of iteration `idx`: Q and dO tiles by cp.async; the LSE and Delta entries of the
+    // tile (threads 0 .. 2 Br - 1, one each) by a plain load into `lse_delta`, which the caller
+    // stores to shared memory after the loop step (the load's latency hides behind the MMAs).
+    float lse_delta = 0.f;
+    auto load_stage = [&](int idx, int st) {
+      const int hq = hk * group + idx / n_m;
+      const int q0 = (m_begin + idx % n_m) * Br;
+      const int64_t row = static_cast<int64_t>(sq.q_start) + q0;
+      load_rows<T, D, Br>(sQ + st * Br * D, gq + row * a.q_stride + hq * D, a.q_stride,
+                          sq.len_q - q0, tid);
+      load_rows<T, D, Br>(sdO + st * Br * D, gdo + row * a.dout_stride + hq * D, a.dout_stride,
+                          sq.len_q - q0, tid);
+      if (tid < 2 * Br) {
+        const bool is_delta = tid >= Br;
+        const int r = is_delta ? tid - Br : tid;
+        if (q0 + r < sq.len_q) {
+          lse_delta = (is_delta ? gdelta : glse)[lse_base(s, b, hq, sq.q_start) + q0 + r];
+        } else {
+          lse_delta = is_delta ? 0.f : neg_inf();  // past the end: P = 0, Delta = 0
+        }
+      }
+    };
+    // Thread tid < Br owns sLse[st][tid], Br <= tid < 2 Br owns sDelta[st][tid - Br].
+    auto store_lse_delta = [&](int st) {
+      if (tid < 2 * Br) (tid < Br ? sLse : sDelta)[st * Br + tid % Br] = lse_delta;
+    };
+
+    {
+      const int64_t krow = static_cast<int64_t>(sq.k_start) + k0;
+      load_rows<T, D, Bc>(sK, reinterpret_cast<const T*>(a.k) + krow * a.k_stride + hk * D,
+                          a.k_stride, sq.len_k - k0, tid);
+      load_rows<T, D, Bc>(sV, reinterpret_cast<const T*>(a.v) + krow * a.v_stride + hk * D,
+                          a.v_stride, sq.len_k - k0, tid);
+    }
+    load_stage(0, 0);
+    cp_async_commit();
+    store_lse_delta(0);
+
+    const uint32_t sK_a = smem_addr(sK), sV_a = smem_addr(sV);
+    const float scale_log2 = s.scale_log2;
+
+    for (int idx = 0; idx < n_iter; ++idx) {
+      const int st = idx & 1;
+      // Stage idx has landed for every thread, and every warp is done with stage idx - 1,
+      // whose buffers the next loads overwrite.
+      cp_async_wait<0>();
+      __syncthreads();
+      if (idx + 1 < n_iter) {
+        load_stage(idx + 1, st ^ 1);
+        cp_async_commit();
+      }
+      const int q0 = (m_begin + idx % n_m) * Br;
+      const bool need_mask = k0 + Bc > sq.len_k || (s.causal && k0 + Bc - 1 > q0 + off);
+      const uint32_t sQ_a = smem_addr(sQ + st * Br * D), sdO_a = smem_addr(sdO + st * Br * D);
+
+      // S^T = K Q^T (16 key rows x Br queries per warp).
+      float sc[Br / 8][4];
+#pragma unroll
+      for (int i = 0; i < Br / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[i][e] = 0.f;
+      mma_abt_smem<T, D, Br>(sc, sK_a, warp * 16, sQ_a, a_off, b_off);
+
+      // P^T = exp2(S^T scale log2 e - LSE log2 e); element (row g + 8r, column 8nt + 2t + e).
+      const float* lse_st = sLse + st * Br;
+#pragma unroll
+      for (int nt = 0; nt < Br / 8; ++nt) {
+        const float2 l = *reinterpret_cast<const float2*>(lse_st + nt * 8 + 2 * t);
+        const float le[2] = {lse_exponent(l.x), lse_exponent(l.y)};
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float x = sc[nt][2 * r + e];
+            if (need_mask && q0 + nt * 8 + 2 * t + e < qmin[r]) x = neg_inf();
+            sc[nt][2 * r + e] = exp2_fast(fmaf(x, scale_log2, -le[e]));
+          }
+      }
+
+      // dV += P^T dO.
+      mma_xb_trans<T, D, Br>(dv, sc, sdO_a, a_off);
+
+      // dP^T = V dO^T.
+      float dp[Br / 8][4];
+#pragma unroll
+      for (int i = 0; i < Br / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[i][e] = 0.f;
+      mma_abt_smem<T, D, Br>(dp, sV_a, warp * 16, sdO_a, a_off, b_off);
+
+      // dS^T = P^T o (dP^T - Delta), over dP^T.
+      const float* delta_st = sDelta + st * Br;
+#pragma unroll
+      for (int nt = 0; nt < Br / 8; ++nt) {
+        const float2 d = *reinterpret_cast<const float2*>(delta_st + nt * 8 + 2 * t);
+        dp[nt][0] = sc[nt][0] * (dp[nt][0] - d.x);
+        dp[nt][1] = sc[nt][1] * (dp[nt][1] - d.y);
+        dp[nt][2] = sc[nt][2] * (dp[nt][2] - d.x);
+        dp[nt][3] = sc[nt][3] * (dp[nt][3] - d.y);
+      }
+
+      // dK += dS^T Q.
+      mma_xb_trans<T, D, Br>(dk, dp, sQ_a, a_off);
+
+      // The next stage's LSE and Delta (its buffers were released by this step's barrier).
+      if (idx + 1 < n_iter) store_lse_delta(st ^ 1);
+    }
+  }
+
+  // Each warp stages its rows through its own 16 rows of sK / sV (only it ever read them).
+  const int valid = sq.len_k - k0 - warp * 16;
+  const int64_t row0 = static_cast<int64_t>(sq.k_start) + k0 + warp * 16;
+  store_rows<T, D>(dk, s.scale, sK + warp * 16 * D,
+                   reinterpret_cast<T*>(a.dk) + row0 * a.dk_stride + hk * D, a.dk_stride, valid,
+                   lane);
+  store_rows<T, D>(dv, 1.f, sV + warp * 16 * D,
+                   reinterpret_cast<T*>(a.dv) + row0 * a.dv_stride + hk * D, a.dv_stride, valid,
+                   lane);
+}
+
+// ---- 3. dQ ---------------------------------------------------------------------------------
+
+template <typename T, int D>
+__device__ __forceinline__ void dq_kernel(const DkAttentionBwdArgs& a, char* smem) {
+  constexpr int Br = DqTile<D>::kBr, Bc = DqTile<D>::kBc;
+  const DkAttentionShape& s = a.shape;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+
+  // Block -> (query tile, sequence, query head); the last query tiles (the most keys under a
+  // causal mask) first.
+  const unsigned bh = static_cast<unsigned>(s.batch) * static_cast<unsigned>(s.heads_q);
+  const int n_tiles = cdiv(s.seqlen_q, Br);
+  const int tile = n_tiles - 1 - static_cast<int>(blockIdx.x / bh);
+  const int rest = static_cast<int>(blockIdx.x % bh);
+  const int b = rest / s.heads_q, hq = rest % s.heads_q;
+  if (tile < 0) return;
+  const Seq sq = seq_of(s, b);
+  const int q0 = tile * Br;
+  if (q0 >= sq.len_q) return;  // past this sequence's queries: owns no row
+  const int hk = hq / (s.heads_q / s.heads_kv);
+  const int off = sq.len_k - sq.len_q;
+
+  // Key tiles the query tile sees.
+  int n_end;
+  if (s.causal) {
+    const int64_t kmax = min(static_cast<int64_t>(q0) + Br - 1 + off,
+                             static_cast<int64_t>(sq.len_k) - 1);
+    n_end = kmax < 0 ? 0 : static_cast<int>(kmax / Bc) + 1;
+  } else {
+    n_end = cdiv(sq.len_k, Bc);
+  }
+
+  T* sQ = reinterpret_cast<T*>(smem);  // [Br][D]
+  T* sdO = sQ + Br * D;                // [Br][D]
+  T* sK = sdO + Br * D;                // [2][Bc][D]
+  T* sV = sK + 2 * Bc * D;             // [2][Bc][D]
+
+  const int mi = lane >> 3, l7 = lane & 7;
+  const uint32_t a_off = lane_offset<D>((mi & 1) * 8 + l7, mi >> 1);
+  const uint32_t b_off = lane_offset<D>((mi >> 1) * 8 + l7, mi & 1);
+
+  float dq[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[i][e] = 0.f;
+
+  if (n_end > 0) {
+    // Per-thread query rows g and g + 8 of the warp: LSE exponent, Delta and the last visible key.
+    float le[2], dl[2];
+    int kmax[2];
+    {
+      const int64_t base = lse_base(s, b, hq, sq.q_start);
+      const float* glse = reinterpret_cast<const float*>(a.lse);
+      const float* gdelta = reinterpret_cast<const float*>(a.delta);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = q0 + warp * 16 + g + 8 * r;
+        const bool ok = i < sq.len_q;
+        le[r] = ok ? lse_exponent(glse[base + i]) : pos_inf();
+        dl[r] = ok ? gdelta[base + i] : 0.f;
+        kmax[r] = s.causal ? static_cast<int>(min(static_cast<int64_t>(i) + off,
+                                                  static_cast<int64_t>(sq.len_k) - 1))
+                           : sq.len_k - 1;
+      }
+    }
+
+    const T* gk = reinterpret_cast<const T*>(a.k);
+    const T* gv = reinterpret_cast<const T*>(a.v);
+    auto load_kv = [&](int n, int st) {
+      const int k0 = n * Bc;
+      const int64_t row = static_cast<int64_t>(sq.k_start) + k0;
+      load_rows<T, D, Bc>(sK + st * Bc * D, gk + row * a.k_stride + hk * D, a.k_stride,
+                          sq.len_k - k0, tid);
+      load_rows<T, D, Bc>(sV + st * Bc * D, gv + row * a.v_stride + hk * D, a.v_stride,
+                          sq.len_k - k0, tid);
+    };
+
+    {
+      const int64_t row = static_cast<int64_t>(sq.q_start) + q0;
+      load_rows<T, D, Br>(sQ, reinterpret_cast<const T*>(a.q) + row * a.q_stride + hq * D,
+                          a.q_stride, sq.len_q - q0, tid);
+      load_rows<T, D, Br>(sdO, reinterpret_cast<const T*>(a.dout) + row * a.dout_stride + hq * D,
+                          a.dout_stride, sq.len_q - q0, tid);
+      cp_async_commit();
+    }
+    load_kv(0, 0);
+    cp_async_commit();
+
+    // The warp's Q and dO rows as A fragments, kept in registers for the whole loop.
+    uint32_t qf[D / 16][4], of[D / 16][4];
+    cp_async_wait<1>();
+    __syncthreads();
+    {
+      const uint32_t sQ_a = smem_addr(sQ), sdO_a = smem_addr(sdO);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        ldmatrix_x4(qf[kk], frag_addr<D>(sQ_a, warp * 16, 2 * kk, a_off));
+        ldmatrix_x4(of[kk], frag_addr<D>(sdO_a, warp * 16, 2 * kk, a_off));
+      }
+    }
+
+    const float scale_log2 = s.scale_log2;
+    for (int n = 0; n < n_end; ++n) {
+      const int st = n & 1;
+      cp_async_wait<0>();
+      __syncthreads();
+      if (n + 1 < n_end) {
+        load_kv(n + 1, st ^ 1);
+        cp_async_commit();
+      }
+      const int k0 = n * Bc;
+      const bool need_mask = k0 + Bc > sq.len_k || (s.causal && k0 + Bc - 1 > q0 + off);
+      const uint32_t sK_a = smem_addr(sK + st * Bc * D), sV_a = smem_addr(sV + st * Bc * D);
+
+      // S = Q K^T (16 query rows x Bc keys per warp).
+      float sc[Bc / 8][4];
+#pragma unroll
+      for (int i = 0; i < Bc / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[i][e] = 0.f;
+      mma_abt_regs<T, D, Bc>(sc, qf, sK_a, b_off);
+
+      // P; element (row g + 8r, key column 8nt + 2t + e).
+#pragma unroll
+      for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float x = sc[nt][2 * r + e];
+            if (need_mask && k0 + nt * 8 + 2 * t + e > kmax[r]) x = neg_inf();
+            sc[nt][2 * r + e] = exp2_fast(fmaf(x, scale_log2, -le[r]));
+          }
+
+      // dP = dO V^T.
+      float dp[Bc / 8][4];
+#pragma unroll
+      for (int i = 0; i < Bc / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[i][e] = 0.f;
+      mma_abt_regs<T, D, Bc>(dp, of, sV_a, b_off);
+
+      // dS = P o (dP - Delta), over dP.
+#pragma unroll
+      for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[nt][e] = sc[nt][e] * (dp[nt][e] - dl[e >> 1]);
+
+      // dQ += dS K.
+      mma_xb_trans<T, D, Bc>(dq, dp, sK_a, a_off);
+    }
+  }
+
+  // Each warp stages its rows through its own 16 rows of sQ (only it ever read them).
+  const int64_t row0 = static_cast<int64_t>(sq.q_start) + q0 + warp * 16;
+  store_rows<T, D>(dq, s.scale, sQ + warp * 16 * D,
+                   reinterpret_cast<T*>(a.dq) + row0 * a.dq_stride + hq * D, a.dq_stride,
+                   sq.len_q - q0 - warp * 16, lane);
+}
+
+}  // namespace attn_bwd
+}  // namespace dk
+
+#define DK_ATTN_BWD_KERNELS(tname, T, D)                                                       \
+  extern "C" __global__ void __launch_bounds__(dk::attn_bwd::kDeltaThreads)                    \
+      dk_attn_bwd_delta_##tname##_d##D(const DkAttentionBwdArgs args) {                        \
+    dk::attn_bwd::delta_kernel<T, D>(args);                                                    \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(dk::attn_bwd::kThreads,                         \
+                                              dk::attn_bwd::min_blocks<D>())                   \
+      dk_attn_bwd_dkdv_##tname##_d##D(const DkAttentionBwdArgs args) {                         \
+    extern __shared__ __align__(16) char dk_attn_bwd_smem[];                                   \
+    dk::attn_bwd::dkdv_kernel<T, D>(args, dk_attn_bwd_smem);                                   \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(dk::attn_bwd::kThreads,                         \
+                                              dk::attn_bwd::min_blocks<D>())                   \
+      dk_attn_bwd_dq_##tname##_d##D(const DkAttentionBwdArgs args) {                           \
+    extern __shared__ __align__(16) char dk_attn_bwd_smem[];                                   \
+    dk::attn_bwd::dq_kernel<T, D>(args, dk_attn_bwd_smem);                                     \
+  }
+
+DK_ATTN_BWD_KERNELS(bf16, __nv_bfloat16, 64)
+DK_ATTN_BWD_KERNELS(bf16, __nv_bfloat16, 128)
+DK_ATTN_BWD_KERNELS(f16, __half, 64)
+DK_ATTN_BWD_KERNELS(f16, __half, 128)
