@@ -1,22 +1,449 @@
-//! Launchers of the attention backward kernels (stub).
+//! Launchers of the attention backward kernels (`cuda/attention_backward.cu`): the argument
+//! struct shared with them (`cuda/include/dk_attention_bwd_args.h`), the workspace and the three
+//! launches. Design, tiling and budgets: `cuda/ATTENTION.md`, "Backward".
+//!
+//! On the caller's stream, in order:
+//!
+//! 1. `dk_attn_bwd_delta_<t>_d<D>`: `Delta = rowsum(dout ∘ out)` per (query row, head), f32,
+//!    into the workspace (laid out like the LSE);
+//! 2. `dk_attn_bwd_dkdv_<t>_d<D>`: dK and dV, one block per (64 key rows, KV head, sequence),
+//!    looping over the query heads of the group and the query tiles that see the keys;
+//! 3. `dk_attn_bwd_dq_<t>_d<D>`: dQ, one block per (64 query rows, query head, sequence),
+//!    looping over the key tiles the queries see.
+//!
+//! No atomics: every element of dq, dk and dv is written once, by one thread, after a
+//! reduction in a fixed order, so the results are bitwise reproducible run after run. This is
+//! the only mode: `deterministic = false` runs the same kernels (an atomic-accumulation dQ, as
+//! in FlashAttention-2, is not implemented).
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 
 use crate::attention::RawAttentionBackward;
 use crate::device::{CudaDevice, Launch};
 use crate::error::{bail, Result};
+use crate::tensor::DType;
 
-/// Kernels this file launches.
-pub(crate) const KERNEL_NAMES: &[&str] = &[];
-
-/// Device workspace the backward needs.
-pub(crate) fn backward_workspace_size(_raw: &RawAttentionBackward) -> usize {
-    0
+/// Rust mirror of `DkAttentionShape` (cuda/include/dk_attention_shape.h).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AttentionShape {
+    /// `const int32_t*` `[batch + 1]`; 0 = padded layout.
+    pub cu_seqlens_q: u64,
+    /// `const int32_t*` `[batch + 1]`; 0 = padded layout.
+    pub cu_seqlens_k: u64,
+    /// Sequences.
+    pub batch: i32,
+    /// Padded: queries per sequence; varlen: bound on the longest.
+    pub seqlen_q: i32,
+    /// Padded: keys per sequence; varlen: bound on the longest.
+    pub seqlen_k: i32,
+    /// Rows of q.
+    pub total_q: i32,
+    /// Rows of k.
+    pub total_k: i32,
+    /// Query heads.
+    pub heads_q: i32,
+    /// Key / value heads.
+    pub heads_kv: i32,
+    /// 1: bottom-right causal mask, per sequence.
+    pub causal: i32,
+    /// Softmax scale applied to q·k.
+    pub scale: f32,
+    /// `scale · log2(e)`: the kernels exponentiate with exp2.
+    pub scale_log2: f32,
 }
 
-/// Backward pass on the caller's stream.
-pub(crate) fn backward(
-    _dev: &CudaDevice,
-    _raw: &RawAttentionBackward,
-    _launch: &Launch<'_>,
+/// Rust mirror of `DkAttentionBwdArgs` (cuda/include/dk_attention_bwd_args.h), passed by value
+/// to the three backward kernels. Pointers are device addresses; strides are elements between
+/// token rows.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AttentionBwdArgs {
+    /// Sequences, heads, mask, scale.
+    pub shape: AttentionShape,
+    /// Gradient of the loss w.r.t. out, `[total_q, Hq·D]`.
+    pub dout: u64,
+    /// Queries `[total_q, Hq·D]`.
+    pub q: u64,
+    /// Keys `[total_k, Hkv·D]`.
+    pub k: u64,
+    /// Values `[total_k, Hkv·D]`.
+    pub v: u64,
+    /// Out of the forward call `[total_q, Hq·D]`.
+    pub out: u64,
+    /// f32 natural-log LSE of the forward call: `[B, Hq, Sq]` padded, `[Hq, total_q]` varlen.
+    pub lse: u64,
+    /// f32 workspace region laid out like `lse`: `Delta = rowsum(dout ∘ out)`.
+    pub delta: u64,
+    /// Out: dQ `[total_q, Hq·D]`.
+    pub dq: u64,
+    /// Out: dK `[total_k, Hkv·D]`, summed over the query group.
+    pub dk: u64,
+    /// Out: dV `[total_k, Hkv·D]`, summed over the query group.
+    pub dv: u64,
+    /// Token stride of `dout`.
+    pub dout_stride: i64,
+    /// Token stride of `q`.
+    pub q_stride: i64,
+    /// Token stride of `k`.
+    pub k_stride: i64,
+    /// Token stride of `v`.
+    pub v_stride: i64,
+    /// Token stride of `out`.
+    pub out_stride: i64,
+    /// Token stride of `dq`.
+    pub dq_stride: i64,
+    /// Token stride of `dk`.
+    pub dk_stride: i64,
+    /// Token stride of `dv`.
+    pub dv_stride: i64,
+}
+
+// SAFETY: plain-old-data with the C layout of DkAttentionBwdArgs (see
+// attention_bwd_args_layout and its test).
+unsafe impl DeviceRepr for AttentionBwdArgs {}
+
+/// Size and field offsets of [`AttentionBwdArgs`] (shape fields as `shape.<name>`), for a
+/// layout test against the C header.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn attention_bwd_args_layout() -> Vec<(&'static str, usize)> {
+    use std::mem::{offset_of, size_of};
+    vec![
+        ("sizeof", size_of::<AttentionBwdArgs>()),
+        ("shape", offset_of!(AttentionBwdArgs, shape)),
+        (
+            "shape.cu_seqlens_q",
+            offset_of!(AttentionShape, cu_seqlens_q),
+        ),
+        (
+            "shape.cu_seqlens_k",
+            offset_of!(AttentionShape, cu_seqlens_k),
+        ),
+        ("shape.batch", offset_of!(AttentionShape, batch)),
+        ("shape.seqlen_q", offset_of!(AttentionShape, seqlen_q)),
+        ("shape.seqlen_k", offset_of!(AttentionShape, seqlen_k)),
+        ("shape.total_q", offset_of!(AttentionShape, total_q)),
+        ("shape.total_k", offset_of!(AttentionShape, total_k)),
+        ("shape.heads_q", offset_of!(AttentionShape, heads_q)),
+        ("shape.heads_kv", offset_of!(AttentionShape, heads_kv)),
+        ("shape.causal", offset_of!(AttentionShape, causal)),
+        ("shape.scale", offset_of!(AttentionShape, scale)),
+        ("shape.scale_log2", offset_of!(AttentionShape, scale_log2)),
+        ("dout", offset_of!(AttentionBwdArgs, dout)),
+        ("q", offset_of!(AttentionBwdArgs, q)),
+        ("k", offset_of!(AttentionBwdArgs, k)),
+        ("v", offset_of!(AttentionBwdArgs, v)),
+        ("out", offset_of!(AttentionBwdArgs, out)),
+        ("lse", offset_of!(AttentionBwdArgs, lse)),
+        ("delta", offset_of!(AttentionBwdArgs, delta)),
+        ("dq", offset_of!(AttentionBwdArgs, dq)),
+        ("dk", offset_of!(AttentionBwdArgs, dk)),
+        ("dv", offset_of!(AttentionBwdArgs, dv)),
+        ("dout_stride", offset_of!(AttentionBwdArgs, dout_stride)),
+        ("q_stride", offset_of!(AttentionBwdArgs, q_stride)),
+        ("k_stride", offset_of!(AttentionBwdArgs, k_stride)),
+        ("v_stride", offset_of!(AttentionBwdArgs, v_stride)),
+        ("out_stride", offset_of!(AttentionBwdArgs, out_stride)),
+        ("dq_stride", offset_of!(AttentionBwdArgs, dq_stride)),
+        ("dk_stride", offset_of!(AttentionBwdArgs, dk_stride)),
+        ("dv_stride", offset_of!(AttentionBwdArgs, dv_stride)),
+    ]
+}
+
+/// Kernels this file launches.
+pub(crate) const KERNEL_NAMES: &[&str] = &[
+    "dk_attn_bwd_delta_bf16_d64",
+    "dk_attn_bwd_delta_bf16_d128",
+    "dk_attn_bwd_delta_f16_d64",
+    "dk_attn_bwd_delta_f16_d128",
+    "dk_attn_bwd_dkdv_bf16_d64",
+    "dk_attn_bwd_dkdv_bf16_d128",
+    "dk_attn_bwd_dkdv_f16_d64",
+    "dk_attn_bwd_dkdv_f16_d128",
+    "dk_attn_bwd_dq_bf16_d64",
+    "dk_attn_bwd_dq_bf16_d128",
+    "dk_attn_bwd_dq_f16_d64",
+    "dk_attn_bwd_dq_f16_d128",
+];
+
+/// Threads per block of the Delta kernel (`kDeltaThreads`); D / 8 threads per (row, head).
+const DELTA_THREADS: u32 = 256;
+/// Threads per block of the dK/dV and dQ kernels (`kThreads`: 4 warps of 16 rows).
+const THREADS: u32 = 128;
+/// Key rows per dK/dV block (`DkdvTile::kBc`).
+const DKDV_KEYS: usize = 64;
+/// Query rows per dQ block (`DqTile::kBr`).
+const DQ_QUERIES: usize = 64;
+/// Alignment of every workspace region.
+const REGION_ALIGN: usize = 256;
+
+/// Query rows per loop step of the dK/dV kernel (`DkdvTile::kBr`).
+fn dkdv_queries(head_dim: usize) -> usize {
+    if head_dim == 64 {
+        64
+    } else {
+        32
+    }
+}
+
+/// Key rows per loop step of the dQ kernel (`DqTile::kBc`).
+fn dq_keys(head_dim: usize) -> usize {
+    if head_dim == 64 {
+        64
+    } else {
+        32
+    }
+}
+
+/// Dynamic shared memory of the dK/dV kernel (`DkdvTile::kSmemBytes`): K and V of the block's
+/// keys, two stages of Q and dO tiles, two stages of LSE and Delta.
+fn dkdv_smem_bytes(head_dim: usize) -> usize {
+    let (bc, br) = (DKDV_KEYS, dkdv_queries(head_dim));
+    (2 * bc * head_dim + 4 * br * head_dim) * 2 + 4 * br * 4
+}
+
+/// Dynamic shared memory of the dQ kernel (`DqTile::kSmemBytes`): Q and dO of the block's
+/// queries, two stages of K and V tiles.
+fn dq_smem_bytes(head_dim: usize) -> usize {
+    let (br, bc) = (DQ_QUERIES, dq_keys(head_dim));
+    (2 * br * head_dim + 4 * bc * head_dim) * 2
+}
+
+/// Device workspace the backward needs: one region, `Delta` (f32, `Hq·Tq` entries, laid out like
+/// the LSE), rounded up to 256 bytes; 0 when there is no query row.
+pub(crate) fn backward_workspace_size(raw: &RawAttentionBackward) -> usize {
+    (4 * raw.heads_q * raw.shape.total_q).next_multiple_of(REGION_ALIGN)
+}
+
+fn to_i32(what: &str, v: usize) -> Result<i32> {
+    match i32::try_from(v) {
+        Ok(x) => Ok(x),
+        Err(_) => bail!(
+            InvalidArgument,
+            "{what} = {v} exceeds the CUDA kernels' 32-bit indices"
+        ),
+    }
+}
+
+/// Blocks of a grid over (tiles, sequences, heads), flattened into x.
+fn grid_blocks(what: &str, seqlen: usize, tile: usize, batch: usize, heads: usize) -> Result<u32> {
+    let blocks = seqlen
+        .div_ceil(tile)
+        .saturating_mul(batch)
+        .saturating_mul(heads);
+    Ok(to_i32(&format!("the {what} grid (blocks)"), blocks)? as u32)
+}
+
+fn launch(
+    stream: &Arc<CudaStream>,
+    f: &CudaFunction,
+    args: &AttentionBwdArgs,
+    blocks: u32,
+    threads: u32,
+    smem: usize,
 ) -> Result<()> {
-    bail!(NoDevice, "attention kernels are not built yet")
+    if blocks == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: AttentionBwdArgs has the C layout of DkAttentionBwdArgs, the kernels' only
+    // parameter; every pointer in it is device memory of this device covering the validated
+    // shapes (or the workspace region sized by backward_workspace_size), and `smem` is at most
+    // the dynamic shared memory the function was opted into.
+    unsafe { stream.launch_builder(f).arg(args).launch(cfg)? };
+    Ok(())
+}
+
+/// Backward pass on the caller's stream: dq, dk, dv.
+///
+/// Always deterministic: `raw.deterministic = false` runs the same atomic-free kernels (see the
+/// module documentation).
+pub(crate) fn backward(
+    dev: &CudaDevice,
+    raw: &RawAttentionBackward,
+    launch_cfg: &Launch<'_>,
+) -> Result<()> {
+    for (what, p) in [
+        ("dout", raw.dout as *const _),
+        ("q", raw.q as *const _),
+        ("k", raw.k as *const _),
+        ("v", raw.v as *const _),
+        ("out", raw.out as *const _),
+        ("lse", raw.lse as *const _),
+        ("dq", raw.dq as *const _),
+        ("dk", raw.dk as *const _),
+        ("dv", raw.dv as *const _),
+        ("cu_seqlens_q", raw.shape.cu_seqlens_q as *const _),
+        ("cu_seqlens_k", raw.shape.cu_seqlens_k as *const _),
+    ] {
+        dev.check_pointer(what, p)?;
+    }
+    let t = match raw.dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F32 => bail!(
+            UnsupportedDtype,
+            "the CUDA attention kernels take bf16 or f16, got f32"
+        ),
+    };
+    let d = raw.head_dim;
+    if d != 64 && d != 128 {
+        bail!(
+            Shape,
+            "head_dim = {d}: the CUDA attention kernels take 64 or 128"
+        );
+    }
+    let sh = &raw.shape;
+    let need = backward_workspace_size(raw);
+    dev.check_workspace(
+        launch_cfg,
+        need,
+        &format!("Delta of Hq·Tq = {}·{}", raw.heads_q, sh.total_q),
+    )?;
+
+    let shape = AttentionShape {
+        cu_seqlens_q: sh.cu_seqlens_q as u64,
+        cu_seqlens_k: sh.cu_seqlens_k as u64,
+        batch: to_i32("batch", sh.batch)?,
+        seqlen_q: to_i32("seqlen_q", sh.seqlen_q)?,
+        seqlen_k: to_i32("seqlen_k", sh.seqlen_k)?,
+        total_q: to_i32("rows of q", sh.total_q)?,
+        total_k: to_i32("rows of k", sh.total_k)?,
+        heads_q: to_i32("heads_q", raw.heads_q)?,
+        heads_kv: to_i32("heads_kv", raw.heads_kv)?,
+        causal: raw.causal as i32,
+        scale: raw.scale,
+        scale_log2: raw.scale * std::f32::consts::LOG2_E,
+    };
+    to_i32("Hq·Tq", raw.heads_q.saturating_mul(sh.total_q))?;
+    let delta_items = raw.heads_q * sh.total_q;
+    let delta_blocks = to_i32(
+        "the Delta grid (blocks)",
+        delta_items.div_ceil(DELTA_THREADS as usize / (d / 8)),
+    )? as u32;
+    let dkdv_blocks = grid_blocks("dK/dV", sh.seqlen_k, DKDV_KEYS, sh.batch, raw.heads_kv)?;
+    let dq_blocks = grid_blocks("dQ", sh.seqlen_q, DQ_QUERIES, sh.batch, raw.heads_q)?;
+    if sh.total_q == 0 && sh.total_k == 0 {
+        return Ok(()); // no row to write
+    }
+
+    // Every kernel looked up and opted into its shared memory before anything is queued.
+    let f_delta = dev.function(&format!("dk_attn_bwd_delta_{t}_d{d}"))?;
+    let f_dkdv = dev.function(&format!("dk_attn_bwd_dkdv_{t}_d{d}"))?;
+    let f_dq = dev.function(&format!("dk_attn_bwd_dq_{t}_d{d}"))?;
+    let (dkdv_smem, dq_smem) = (dkdv_smem_bytes(d), dq_smem_bytes(d));
+    dev.ctx.bind_to_thread()?;
+    for (f, bytes) in [(f_dkdv, dkdv_smem), (f_dq, dq_smem)] {
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )?;
+    }
+
+    // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
+    // is unsafe for that reason), or null for the legacy default stream.
+    let stream = unsafe { dev.borrow_stream(launch_cfg.stream) };
+    // Library-owned workspace (when none is given and one is needed): stream-ordered.
+    let (ws, owned) = if need > 0 {
+        dev.workspace(launch_cfg, &stream, need)?
+    } else {
+        (0, None)
+    };
+
+    let args = AttentionBwdArgs {
+        shape,
+        dout: raw.dout as u64,
+        q: raw.q as u64,
+        k: raw.k as u64,
+        v: raw.v as u64,
+        out: raw.out as u64,
+        lse: raw.lse as u64,
+        delta: ws,
+        dq: raw.dq as u64,
+        dk: raw.dk as u64,
+        dv: raw.dv as u64,
+        dout_stride: raw.dout_stride as i64,
+        q_stride: raw.q_stride as i64,
+        k_stride: raw.k_stride as i64,
+        v_stride: raw.v_stride as i64,
+        out_stride: raw.out_stride as i64,
+        dq_stride: raw.dq_stride as i64,
+        dk_stride: raw.dk_stride as i64,
+        dv_stride: raw.dv_stride as i64,
+    };
+    // Delta first (the other two read it); dK/dV also runs without query rows (it writes the
+    // zero gradients of keys no query sees), dQ also without keys (zero gradients).
+    if sh.total_q > 0 {
+        launch(&stream, f_delta, &args, delta_blocks, DELTA_THREADS, 0)?;
+    }
+    if sh.total_k > 0 {
+        launch(&stream, f_dkdv, &args, dkdv_blocks, THREADS, dkdv_smem)?;
+    }
+    if sh.total_q > 0 {
+        launch(&stream, f_dq, &args, dq_blocks, THREADS, dq_smem)?;
+    }
+    drop(owned); // stream-ordered free after the kernels that use it
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The C layout of DkAttentionBwdArgs, worked out by hand from the header (natural
+    /// alignment, no packing): tests/abi_layout.rs can check the same numbers against the
+    /// compiled header once this layout function is exported.
+    #[test]
+    fn args_layout_matches_the_header() {
+        let want: &[(&str, usize)] = &[
+            ("sizeof", 200),
+            ("shape", 0),
+            ("shape.cu_seqlens_q", 0),
+            ("shape.cu_seqlens_k", 8),
+            ("shape.batch", 16),
+            ("shape.seqlen_q", 20),
+            ("shape.seqlen_k", 24),
+            ("shape.total_q", 28),
+            ("shape.total_k", 32),
+            ("shape.heads_q", 36),
+            ("shape.heads_kv", 40),
+            ("shape.causal", 44),
+            ("shape.scale", 48),
+            ("shape.scale_log2", 52),
+            ("dout", 56),
+            ("q", 64),
+            ("k", 72),
+            ("v", 80),
+            ("out", 88),
+            ("lse", 96),
+            ("delta", 104),
+            ("dq", 112),
+            ("dk", 120),
+            ("dv", 128),
+            ("dout_stride", 136),
+            ("q_stride", 144),
+            ("k_stride", 152),
+            ("v_stride", 160),
+            ("out_stride", 168),
+            ("dq_stride", 176),
+            ("dk_stride", 184),
+            ("dv_stride", 192),
+        ];
+        assert_eq!(attention_bwd_args_layout(), want);
+    }
+
+    #[test]
+    fn shared_memory_budgets() {
+        // The kernels' kSmemBytes (cuda/attention_backward.cu); all above 48 KB, hence the opt-in.
+        assert_eq!(dkdv_smem_bytes(64), 50_176);
+        assert_eq!(dkdv_smem_bytes(128), 66_048);
+        assert_eq!(dq_smem_bytes(64), 49_152);
+        assert_eq!(dq_smem_bytes(128), 65_536);
+    }
 }
