@@ -93,3 +93,22 @@ __device__ __forceinline__ float exp2_fast(float x) {
 }
 
 }  // namespace dk
+
+// ---- Shared-memory accesses by address ------------------------------------------------
+namespace dk {
+
+// 32-bit store / 16-byte load at a shared-memory address (from smem_addr), e.g. staging an
+// output tile written from mma accumulators and read back as 16-byte rows.
+__device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 r;
+  asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "r"(addr)
+               : "memory");
+  return r;
+}
+
+}  // namespace dk

@@ -1,13 +1,325 @@
-//! Launcher of the attention forward kernel (stub).
+//! Launcher of the attention forward kernels (`cuda/attention_forward.cu`): the argument structs
+//! shared with them (`cuda/include/dk_attention_shape.h`, `cuda/include/dk_attention_fwd_args.h`),
+//! the choice of instantiation (dtype × head dimension) and the grid. Design notes:
+//! `cuda/ATTENTION.md`.
 
-use crate::attention::RawAttention;
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+use crate::attention::{RawAttention, RawBatch};
 use crate::device::{CudaDevice, Launch};
 use crate::error::{bail, Result};
+use crate::tensor::DType;
 
-/// Kernels this file launches.
-pub(crate) const KERNEL_NAMES: &[&str] = &[];
+/// Every kernel of `cuda/attention_forward.cu`, loaded when a CUDA context opens.
+pub(crate) const KERNEL_NAMES: &[&str] = &[
+    "dk_attn_fwd_bf16_d64",
+    "dk_attn_fwd_bf16_d128",
+    "dk_attn_fwd_f16_d64",
+    "dk_attn_fwd_f16_d128",
+];
 
-/// Forward pass on the caller's stream.
-pub(crate) fn forward(_dev: &CudaDevice, _raw: &RawAttention, _launch: &Launch<'_>) -> Result<()> {
-    bail!(NoDevice, "attention kernels are not built yet")
+/// Threads per block (`kThreads` in attention_forward.cu: 4 warps).
+const THREADS: u32 = 128;
+/// Query rows per block (`kBlockM`: 16 per warp).
+const BLOCK_M: usize = 64;
+/// Largest `gridDim.y`; the kernels loop over (head, sequence) jobs beyond it.
+const MAX_GRID_Y: usize = 65535;
+
+/// Rust mirror of `DkAttentionShape` (cuda/include/dk_attention_shape.h): the sequence structure
+/// and head layout shared by the forward and backward argument structs.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AttentionShape {
+    /// `const int32_t*` `[batch + 1]` query row offsets; 0 for the padded layout.
+    pub cu_seqlens_q: u64,
+    /// `const int32_t*` `[batch + 1]` key row offsets; 0 for the padded layout.
+    pub cu_seqlens_k: u64,
+    /// Sequences B.
+    pub batch: i32,
+    /// Padded: queries per sequence. Varlen: bound on the longest (sizes the grid).
+    pub seqlen_q: i32,
+    /// Padded: keys per sequence. Varlen: bound on the longest.
+    pub seqlen_k: i32,
+    /// Rows of q / out (the varlen offsets are clamped to it).
+    pub total_q: i32,
+    /// Rows of k / v.
+    pub total_k: i32,
+    /// Query heads Hq.
+    pub heads_q: i32,
+    /// KV heads Hkv (divides Hq).
+    pub heads_kv: i32,
+    /// 1: causal mask aligned bottom-right per sequence.
+    pub causal: i32,
+    /// Softmax scale applied to q·k.
+    pub scale: f32,
+    /// `scale · log2(e)`: the kernels exponentiate with exp2.
+    pub scale_log2: f32,
+}
+
+/// A size the kernels index with `int`: validation bounds every size by `MAX_ROWS`, so this only
+/// fails on a broken invariant.
+fn to_i32(what: &str, v: usize) -> Result<i32> {
+    match i32::try_from(v) {
+        Ok(x) => Ok(x),
+        Err(_) => bail!(
+            Shape,
+            "{what} = {v} does not fit the kernels' 32-bit indexing"
+        ),
+    }
+}
+
+impl AttentionShape {
+    /// The shape of a validated call.
+    pub(crate) fn new(
+        shape: &RawBatch,
+        heads_q: usize,
+        heads_kv: usize,
+        causal: bool,
+        scale: f32,
+    ) -> Result<Self> {
+        Ok(AttentionShape {
+            cu_seqlens_q: shape.cu_seqlens_q as u64,
+            cu_seqlens_k: shape.cu_seqlens_k as u64,
+            batch: to_i32("batch", shape.batch)?,
+            seqlen_q: to_i32("seqlen_q", shape.seqlen_q)?,
+            seqlen_k: to_i32("seqlen_k", shape.seqlen_k)?,
+            total_q: to_i32("rows of q", shape.total_q)?,
+            total_k: to_i32("rows of k", shape.total_k)?,
+            heads_q: to_i32("heads_q", heads_q)?,
+            heads_kv: to_i32("heads_kv", heads_kv)?,
+            causal: causal as i32,
+            scale,
+            scale_log2: scale * std::f32::consts::LOG2_E,
+        })
+    }
+}
+
+// SAFETY: plain-old-data with the C layout of DkAttentionShape (see attention_fwd_args_layout).
+unsafe impl DeviceRepr for AttentionShape {}
+
+/// Rust mirror of `DkAttentionFwdArgs` (cuda/include/dk_attention_fwd_args.h), passed by value.
+/// Pointers are device addresses (0 = null); strides are elements between token rows.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AttentionFwdArgs {
+    /// Sequence structure, heads, mask and scale.
+    pub shape: AttentionShape,
+    /// `const T*` queries `[total_q, heads_q · D]`.
+    pub q: u64,
+    /// `const T*` keys `[total_k, heads_kv · D]`.
+    pub k: u64,
+    /// `const T*` values `[total_k, heads_kv · D]`.
+    pub v: u64,
+    /// `T*` out `[total_q, heads_q · D]`.
+    pub out: u64,
+    /// `float*` LSE: `[batch, heads_q, seqlen_q]` (padded) or `[heads_q, total_q]` (varlen).
+    pub lse: u64,
+    /// Token stride of q.
+    pub q_stride: i64,
+    /// Token stride of k.
+    pub k_stride: i64,
+    /// Token stride of v.
+    pub v_stride: i64,
+    /// Token stride of out.
+    pub out_stride: i64,
+}
+
+// SAFETY: plain-old-data with the C layout of DkAttentionFwdArgs (see attention_fwd_args_layout).
+unsafe impl DeviceRepr for AttentionFwdArgs {}
+
+/// Size and field offsets of [`AttentionFwdArgs`] (the fields of the embedded shape as
+/// `shape.<field>`), for the layout test against the C headers. Used by this file's tests until
+/// src/lib.rs re-exports it (through `pub use` in attention/cuda/mod.rs) for tests/abi_layout.rs.
+#[doc(hidden)]
+#[allow(dead_code)]
+pub fn attention_fwd_args_layout() -> Vec<(&'static str, usize)> {
+    use std::mem::{offset_of, size_of};
+    let shape = offset_of!(AttentionFwdArgs, shape);
+    vec![
+        ("sizeof", size_of::<AttentionFwdArgs>()),
+        ("shape", shape),
+        (
+            "shape.cu_seqlens_q",
+            shape + offset_of!(AttentionShape, cu_seqlens_q),
+        ),
+        (
+            "shape.cu_seqlens_k",
+            shape + offset_of!(AttentionShape, cu_seqlens_k),
+        ),
+        ("shape.batch", shape + offset_of!(AttentionShape, batch)),
+        (
+            "shape.seqlen_q",
+            shape + offset_of!(AttentionShape, seqlen_q),
+        ),
+        (
+            "shape.seqlen_k",
+            shape + offset_of!(AttentionShape, seqlen_k),
+        ),
+        ("shape.total_q", shape + offset_of!(AttentionShape, total_q)),
+        ("shape.total_k", shape + offset_of!(AttentionShape, total_k)),
+        ("shape.heads_q", shape + offset_of!(AttentionShape, heads_q)),
+        (
+            "shape.heads_kv",
+            shape + offset_of!(AttentionShape, heads_kv),
+        ),
+        ("shape.causal", shape + offset_of!(AttentionShape, causal)),
+        ("shape.scale", shape + offset_of!(AttentionShape, scale)),
+        (
+            "shape.scale_log2",
+            shape + offset_of!(AttentionShape, scale_log2),
+        ),
+        ("q", offset_of!(AttentionFwdArgs, q)),
+        ("k", offset_of!(AttentionFwdArgs, k)),
+        ("v", offset_of!(AttentionFwdArgs, v)),
+        ("out", offset_of!(AttentionFwdArgs, out)),
+        ("lse", offset_of!(AttentionFwdArgs, lse)),
+        ("q_stride", offset_of!(AttentionFwdArgs, q_stride)),
+        ("k_stride", offset_of!(AttentionFwdArgs, k_stride)),
+        ("v_stride", offset_of!(AttentionFwdArgs, v_stride)),
+        ("out_stride", offset_of!(AttentionFwdArgs, out_stride)),
+    ]
+}
+
+/// The forward kernel for a dtype and head dimension (one of [`KERNEL_NAMES`]).
+fn kernel_name(dtype: DType, head_dim: usize) -> Result<&'static str> {
+    Ok(match (dtype, head_dim) {
+        (DType::BF16, 64) => "dk_attn_fwd_bf16_d64",
+        (DType::BF16, 128) => "dk_attn_fwd_bf16_d128",
+        (DType::F16, 64) => "dk_attn_fwd_f16_d64",
+        (DType::F16, 128) => "dk_attn_fwd_f16_d128",
+        (DType::F32, _) => bail!(
+            UnsupportedDtype,
+            "attention on CUDA takes bf16 or f16 (f32 runs on the CPU backend only)"
+        ),
+        (_, d) => bail!(Shape, "head_dim = {d} has no CUDA kernel (64 or 128)"),
+    })
+}
+
+/// The launch grid: `(⌈seqlen_q / 64⌉, min(Hq · B, 65535), 1)` blocks of 128 threads, or `None`
+/// when no query row exists.
+fn grid(raw: &RawAttention) -> Option<LaunchConfig> {
+    let s = &raw.shape;
+    if s.batch == 0 || s.seqlen_q == 0 || s.total_q == 0 || raw.heads_q == 0 {
+        return None;
+    }
+    let jobs = raw.heads_q.saturating_mul(s.batch);
+    Some(LaunchConfig {
+        // seqlen_q ≤ MAX_ROWS = i32::MAX, so the block count fits u32.
+        grid_dim: (
+            s.seqlen_q.div_ceil(BLOCK_M) as u32,
+            jobs.min(MAX_GRID_Y) as u32,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0, // static: 2 tiles of 64 × D, 16 KB (D = 64) or 32 KB (D = 128)
+    })
+}
+
+/// Forward pass on the caller's stream: out and LSE.
+pub(crate) fn forward(dev: &CudaDevice, raw: &RawAttention, launch: &Launch<'_>) -> Result<()> {
+    let name = kernel_name(raw.dtype, raw.head_dim)?;
+    let Some(cfg) = grid(raw) else {
+        return Ok(()); // no query row: nothing to write
+    };
+    for (what, p) in [
+        ("q", raw.q as *const _),
+        ("k", raw.k as *const _),
+        ("v", raw.v as *const _),
+        ("out", raw.out as *const _),
+        ("lse", raw.lse as *const _),
+        ("cu_seqlens_q", raw.shape.cu_seqlens_q as *const _),
+        ("cu_seqlens_k", raw.shape.cu_seqlens_k as *const _),
+    ] {
+        dev.check_pointer(what, p)?;
+    }
+    let function = dev.function(name)?;
+    let args = AttentionFwdArgs {
+        shape: AttentionShape::new(&raw.shape, raw.heads_q, raw.heads_kv, raw.causal, raw.scale)?,
+        q: raw.q as u64,
+        k: raw.k as u64,
+        v: raw.v as u64,
+        out: raw.out as u64,
+        lse: raw.lse as u64,
+        q_stride: raw.q_stride as i64,
+        k_stride: raw.k_stride as i64,
+        v_stride: raw.v_stride as i64,
+        out_stride: raw.out_stride as i64,
+    };
+    // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
+    // is unsafe for that reason), or null for the legacy default stream.
+    let stream = unsafe { dev.borrow_stream(launch.stream) };
+    // SAFETY: AttentionFwdArgs has the kernel's C layout (DkAttentionFwdArgs); the call was
+    // validated (shapes, strides, 16-byte aligned rows, dtype, head dimension) and every pointer
+    // checked above to be device memory of this device covering those shapes.
+    unsafe { stream.launch_builder(function).arg(&args).launch(cfg)? };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_c_like() {
+        let layout = attention_fwd_args_layout();
+        let at = |name: &str| layout.iter().find(|(n, _)| *n == name).unwrap().1;
+        assert_eq!(at("sizeof"), 128);
+        assert_eq!(at("shape.batch"), 16);
+        assert_eq!(at("shape.scale_log2"), 52);
+        assert_eq!(at("q"), 56);
+        assert_eq!(at("lse"), 88);
+        assert_eq!(at("q_stride"), 96);
+        assert_eq!(at("out_stride"), 120);
+    }
+
+    #[test]
+    fn every_instantiation_is_listed() {
+        for dtype in [DType::BF16, DType::F16] {
+            for d in crate::attention::HEAD_DIMS {
+                let name = kernel_name(dtype, d).unwrap();
+                assert!(KERNEL_NAMES.contains(&name), "{name}");
+            }
+        }
+        assert!(kernel_name(DType::F32, 64).is_err());
+    }
+
+    fn raw(batch: usize, seqlen_q: usize, total_q: usize, heads_q: usize) -> RawAttention {
+        RawAttention {
+            shape: RawBatch {
+                batch,
+                seqlen_q,
+                seqlen_k: 7,
+                total_q,
+                total_k: 7 * batch,
+                cu_seqlens_q: std::ptr::null(),
+                cu_seqlens_k: std::ptr::null(),
+            },
+            heads_q,
+            heads_kv: 1,
+            head_dim: 64,
+            dtype: DType::BF16,
+            causal: false,
+            scale: 0.125,
+            q: std::ptr::null(),
+            q_stride: 64 * heads_q,
+            k: std::ptr::null(),
+            k_stride: 64,
+            v: std::ptr::null(),
+            v_stride: 64,
+            out: std::ptr::null_mut(),
+            out_stride: 64 * heads_q,
+            lse: std::ptr::null_mut(),
+        }
+    }
+
+    #[test]
+    fn grid_covers_rows_and_caps_y() {
+        assert!(grid(&raw(0, 5, 0, 4)).is_none());
+        assert!(grid(&raw(3, 0, 0, 4)).is_none());
+        let cfg = grid(&raw(2, 65, 130, 3)).unwrap();
+        assert_eq!(cfg.grid_dim, (2, 6, 1));
+        assert_eq!(cfg.block_dim, (THREADS, 1, 1));
+        let cfg = grid(&raw(40000, 1, 40000, 8)).unwrap();
+        assert_eq!(cfg.grid_dim, (1, MAX_GRID_Y as u32, 1));
+    }
 }
