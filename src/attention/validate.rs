@@ -22,8 +22,10 @@
 //!    with 32-bit integers); every row stride is at least its row length and every view fits
 //!    the address space;
 //! 6. alignment ([`InvalidArgument`](crate::ErrorKind::InvalidArgument)): the base pointer and
-//!    the byte stride of every matrix are multiples of [`ROW_ALIGN`] (on every backend, so a call
-//!    the CPU accepts CUDA accepts too); the LSE and the offsets are aligned to 4 bytes;
+//!    the byte stride of every non-empty matrix are multiples of [`ROW_ALIGN`] (on every
+//!    backend, so a call the CPU accepts CUDA accepts too); the non-empty LSE and the offsets are
+//!    aligned to 4 bytes. Empty operands have nothing to align (an empty `Vec`'s pointer is only
+//!    element-aligned);
 //! 7. overlaps ([`Shape`](crate::ErrorKind::Shape)): no output shares a byte with an input or
 //!    with another output. Inputs may alias each other. The test is exact for strided matrices
 //!    of equal stride, so outputs interleaved with inputs or with each other in one buffer are
@@ -502,9 +504,10 @@ fn check_strides_and_extent(mats: &[Operand], vecs: &[Vec1]) -> Result<()> {
     Ok(())
 }
 
-/// Row alignment of every matrix, element alignment of every vector.
+/// Row alignment of every matrix, element alignment of every vector. Empty operands have no
+/// rows to align and are skipped (an empty `Vec` has a dangling, merely element-aligned pointer).
 fn check_alignment(mats: &[Operand], vecs: &[Vec1]) -> Result<()> {
-    for m in mats {
+    for m in mats.iter().filter(|m| !m.is_empty()) {
         if m.ptr as usize % ROW_ALIGN != 0 {
             bail!(
                 InvalidArgument,
@@ -524,7 +527,7 @@ fn check_alignment(mats: &[Operand], vecs: &[Vec1]) -> Result<()> {
             );
         }
     }
-    for v in vecs {
+    for v in vecs.iter().filter(|v| v.len > 0) {
         if v.ptr as usize % v.elem != 0 {
             bail!(
                 InvalidArgument,
