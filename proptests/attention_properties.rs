@@ -528,10 +528,11 @@ proptest! {
                         let at = row * qc + h * d;
                         let mut delta_abs = 0f64;
                         let mut q_abs = 0f64;
-                        for c in 0..d {
-                            dout_sum[c] += p.dout[at + c] as f64;
-                            delta_abs += (p.dout[at + c] as f64 * f.out[at + c] as f64).abs();
-                            q_abs += (p.q[at + c] as f64).abs();
+                        let rows = p.dout[at..at + d].iter().zip(&f.out[at..]).zip(&p.q[at..]);
+                        for (sum, ((&g, &o), &q)) in dout_sum.iter_mut().zip(rows) {
+                            *sum += g as f64;
+                            delta_abs += (g as f64 * o as f64).abs();
+                            q_abs += (q as f64).abs();
                         }
                         let lse = f.lse[p.lse_index(b, h, i)] as f64;
                         dk_bound += p.params.scale() as f64
