@@ -17,6 +17,7 @@
 //!
 //! Cases: Sq ≠ Sk both ways with causal alignment, length-1 sequences, fully masked rows,
 //! varlen batches with empty and uneven sequences and loose length bounds, empty batches,
+//! lengths across the CUDA kernels' 64- and 128-row tiles,
 //! Hq / Hkv ∈ {1, 3, 8}, D ∈ {64, 128}, non-contiguous token strides (q, k, v sliced from a fused
 //! qkv buffer, gradients into a packed dqkv buffer), custom softmax scales; gradients against
 //! central finite differences on tiny f32 shapes (the reference itself too); determinism.
@@ -680,5 +681,40 @@ fn deterministic_bitwise() {
             "[{}] backward (deterministic mode) differs between runs",
             dev.name()
         );
+    }
+}
+
+#[test]
+fn lengths_across_tile_boundaries() {
+    // Lengths around the 64- and 128-row tiles of the CUDA kernels (partial tiles, masked tails,
+    // causal diagonals crossing tiles), padded with Sq ≠ Sk and varlen.
+    let test = "lengths_across_tile_boundaries";
+    let mut rng = Rng::fresh(test);
+    let cases = [
+        (Seqs::padded(1, 190, 257), true, DType::BF16),
+        (Seqs::padded(2, 129, 65), true, DType::F16),
+        (
+            Seqs::varlen(
+                &[1, 63, 64, 65, 127, 0, 129],
+                &[64, 65, 1, 130, 127, 3, 200],
+            ),
+            true,
+            DType::BF16,
+        ),
+        (
+            Seqs::varlen(&[128, 200, 17], &[256, 77, 17]),
+            false,
+            DType::F16,
+        ),
+    ];
+    for (i, (seqs, causal, dtype)) in cases.into_iter().enumerate() {
+        let case = AttnCase::random(
+            &mut rng,
+            dtype,
+            seqs,
+            params(6, 2, [128, 64][i % 2], causal),
+            Layout::Separate { pad: 8 },
+        );
+        check_everywhere(test, &case);
     }
 }
