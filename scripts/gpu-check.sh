@@ -5,19 +5,25 @@
 #
 #   bash scripts/gpu-check.sh
 #
-# Steps, each under its own time limit and all inside GPU_CHECK_BUDGET seconds (default 285, with
+# Steps, each under its own time limit and all inside GPU_CHECK_BUDGET seconds (default 330, with
 # time kept back for the later steps); a failing step is recorded and the next one runs:
-#   1. nvidia-smi one-liner          6. every Rust test executable (their CUDA variants run here)
-#   2. dk info                       7. pip install the carried Liger-Kernel wheel (--target)
-#   3. dk bench on CUDA, bf16,       8. pytest python/tests against the bundled library (the
-#      N=4096, 4 vocabs, all kinds      attention torch tests compare with SDPA here)
-#   4. dk bench, one f32 row         9. python/bench.py --ops attention: SDPA flash (FA2) and
-#   5. dk bench --ops moe: route,       cuDNN vs this crate, ANCHORS shapes (--quick when short)
-#      permute, combine fwd/bwd,    10. python/bench.py (torch eager, torch.compile, Liger, this
-#      3 ANCHORS shapes, N=16384        crate; --quick when under 150 s are left)
-#  5b. dk bench --ops attention:    11. optional: compute-sanitizer memcheck of small dk benches
-#      fwd, fwd+bwd, ANCHORS shapes     (divergence, MoE, attention), racecheck of attention
-#      + varlen, bf16, TFLOP/s
+#   1. nvidia-smi one-liner
+#   2. dk info
+#   3. dk bench on CUDA, bf16, N=4096, 4 vocabs, all kinds, fwd+bwd and fwd
+#   4. dk bench: one f32 row; N=256 and N=16384 (issue 3); version 1 (DK_DIVERGENCE_CLUSTER=0)
+#      side by side with the cluster kernel
+#   5. dk bench --ops moe: route, permute, combine fwd/bwd, 3 ANCHORS shapes, N=16384
+#  5b. dk bench --ops attention: fwd, fwd+bwd, ANCHORS shapes + varlen, bf16, TFLOP/s
+#   6. every Rust test executable (their CUDA variants run here), and the divergence reference
+#      tests again on version 1
+#   7. pip install the carried Liger-Kernel wheel (--target)
+#   8. pytest python/tests against the bundled library (attention torch tests vs SDPA here)
+#   9. python/bench.py --ops attention: SDPA flash (FA2) and cuDNN vs this crate (--quick when
+#      short)
+#  10. python/bench.py (torch eager, torch.compile, Liger, this crate; --quick when under 150 s
+#      are left)
+#  11. optional: compute-sanitizer memcheck of small dk benches (divergence, MoE, attention),
+#      racecheck of attention
 #
 # Output: logs and JSON in $OUT (when set, as on the device tool; else ./gpu-check-out), at most
 # 8 files: summary.txt, gpu-check.log (every step's output), dk-bench.json, dk-bench-f32.json,
@@ -31,7 +37,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bundle=${GPU_BUNDLE:-$root/gpu-bundle}
 out=${OUT:-$root/gpu-check-out}
-budget=${GPU_CHECK_BUDGET:-285}
+budget=${GPU_CHECK_BUDGET:-330}
 mkdir -p "$out"
 logs=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 t0=$(date +%s.%N)
@@ -147,6 +153,16 @@ run_step dk-bench-bf16 120 1 "$dk" bench --device cuda --ops divergence --dtype 
   --vocab 151936,200064,202048,262144 --kinds forward_kl,reverse_kl,jsd --json "$out/dk-bench.json"
 run_step dk-bench-f32 45 1 "$dk" bench --device cuda --ops divergence --dtype f32 --rows 4096 \
   --vocab 151936 --kinds jsd --passes fwd+bwd --json "$out/dk-bench-f32.json"
+# Issue 3's other targets: a short batch (N = 256, rows split over a cluster), N = 16384, and
+# version 1 (one block per row, DK_DIVERGENCE_CLUSTER=0) side by side with the cluster kernel.
+# No JSON files for these (the device tool returns at most 8 files): their tables are printed
+# below and kept in gpu-check.log.
+run_step dk-bench-short 30 1 "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 256 \
+  --vocab 151936 --kinds forward_kl,jsd
+run_step dk-bench-16k 45 1 "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 16384 \
+  --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd --iters 5
+run_step dk-bench-v1 45 1 env DK_DIVERGENCE_CLUSTER=0 "$dk" bench --device cuda --ops divergence \
+  --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd
 
 # ---- 5. dk bench MoE: route, permute / combine fwd + bwd for the 3 shapes of ANCHORS.md --------
 # 15 results at N = 16384 (bf16 activations, f32 router logits), each checked against the CPU
@@ -167,6 +183,11 @@ while IFS=$'\t' read -r name kind _src _built; do
   [ "$kind" = bench ] && continue
   run_step "test-$name" 90 1 "target/release/deps/$name"
 done <"$bundle/tests/MANIFEST.tsv"
+# The one-block-per-row kernel stays correct on Hopper (it serves unaligned and very long rows).
+if [ -x target/release/deps/divergence_reference ]; then
+  run_step test-divergence_reference-v1 90 1 env DK_DIVERGENCE_CLUSTER=0 \
+    target/release/deps/divergence_reference
+fi
 reserve=0
 
 # ---- 7. Liger-Kernel from the carried wheel ---------------------------------------------------------
@@ -276,7 +297,7 @@ bench_table() { [ -s "$1" ] && sed -n '/^shape /,$p' "$1"; }
 echo
 echo "================ summary"
 cat "$out/summary.txt"
-for n in dk-bench-bf16 dk-bench-f32 dk-bench-moe dk-bench-attention; do
+for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-moe dk-bench-attention; do
   echo
   echo "================ $n"
   if [ -s "$logs/$n.out" ]; then
