@@ -281,7 +281,8 @@ dk_status dk_fused_linear_divergence(const dk_context* ctx, const dk_fused_linea
  * lse is [batch, heads_q, seqlen_q].
  * Varlen batch (both non-NULL, [batch + 1] int32 each, starting at 0, non-decreasing, ending at
  * rows_q / rows_k): sequence b holds query rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1]; seqlen_q /
- * seqlen_k are then upper bounds on the longest sequences (they size the CUDA grid); lse is
+ * seqlen_k are then upper bounds on the longest sequences (they size the CUDA grid; at most
+ * INT32_MAX, and batch * seqlen must cover rows_q / rows_k, checked on every context); lse is
  * [heads_q, rows_q]. On a CUDA context the offsets are device memory read only by the kernels
  * (not checked; out-of-range entries are clamped so memory stays safe). Exactly one of the two
  * offset pointers NULL is DK_ERR_INVALID_ARGUMENT; a negative count or stride is DK_ERR_SHAPE;

@@ -50,9 +50,12 @@ pub enum Batch<'a> {
         cu_seqlens_q: Vector<'a, i32>,
         /// `[B + 1]` key row offsets.
         cu_seqlens_k: Vector<'a, i32>,
-        /// The longest query sequence (an upper bound is fine; it sizes the CUDA grid).
+        /// The longest query sequence (an upper bound is fine; it sizes the CUDA grid). At
+        /// most `i32::MAX`, and `B · max_seqlen_q` must cover the rows of q (checked on every
+        /// backend; a true bound always does).
         max_seqlen_q: usize,
-        /// The longest key sequence (an upper bound is fine).
+        /// The longest key sequence (an upper bound is fine), with the same two rules against
+        /// the rows of k.
         max_seqlen_k: usize,
     },
 }
