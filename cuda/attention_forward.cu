@@ -26,8 +26,6 @@ namespace attn_fwd {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kBlockM = 16 * kWarps;  // query rows per block
-constexpr int kBlockN = 64;           // keys per tile
 
 template <bool B> struct BoolTag {
   static constexpr bool value = B;
@@ -38,20 +36,41 @@ __device__ __forceinline__ int key_limit(int k_len, int64_t x) {
   return x < k_len ? static_cast<int>(x) : k_len;
 }
 
-template <typename T, int D>
-__device__ __forceinline__ void forward(const DkAttentionFwdArgs& a) {
-  constexpr int kRowBytes = D * 2;
-  constexpr int kTileBytes = kBlockN * kRowBytes;
+// Tiling of one instantiation: D head dimension, kMT m-tiles of 16 query rows per warp, kN keys
+// per tile. The Q fragments stay in registers when they are few (kMT · D ≤ 128); otherwise they
+// are read from the Q tile in shared memory at every key tile.
+// min(k_len, lim + off) for lim <= k_len and off >= 0, without overflow: a row `off` below one
+// whose limit is lim. Only the causal mask calls it, where the limits grow by one per row.
+__device__ __forceinline__ int row_limit(int k_len, int lim, int off) {
+  return min(k_len - off, lim) + off;
+}
+
+template <int D, int kMT, int kN>
+struct Tiling {
+  static constexpr int kBlockM = 16 * kMT * kWarps;  // query rows per block
+  static constexpr int kRowBytes = D * 2;
+  static constexpr int kQBytes = kBlockM * kRowBytes;
+  static constexpr int kKVBytes = kN * kRowBytes;
+  static constexpr int kSmemBytes = kQBytes + 2 * kKVBytes;  // Q (later O), K, V
+  static constexpr bool kQInRegs = kMT * D <= 128;
+};
+
+template <typename T, int D, int kMT, int kN>
+__device__ __forceinline__ void forward(const DkAttentionFwdArgs& a, unsigned char* smem) {
+  using Tl = Tiling<D, kMT, kN>;
+  constexpr int kBlockM = Tl::kBlockM;
+  constexpr int kRowBytes = Tl::kRowBytes;
   constexpr int kKSteps = D / 16;     // k-steps of Q·Kᵀ (16 dims each)
   constexpr int kDTiles = D / 8;      // n-tiles of O (8 dims each)
-  constexpr int kKeyTiles = kBlockN / 8;
-  static_assert(kBlockM == kBlockN, "the Q tile is staged in the V buffer");
+  constexpr int kKeyTiles = kN / 8;   // n-tiles of S (8 keys each)
+  constexpr int kPSteps = kN / 16;    // k-steps of P·V (16 keys each)
+  constexpr int kRows = 2 * kMT;      // query rows per thread: 16 mt + g + 8 i, index 2 mt + i
+  static_assert(kN % 16 == 0 && D % 64 == 0, "tile shapes");
 
-  // [0, kTileBytes): K tile, later the output staging; [kTileBytes, 2 kTileBytes): V tile, first
-  // the Q tile.
-  __shared__ uint4 smem[2 * kTileBytes / 16];
-  const uint32_t s_k = smem_addr(smem);
-  const uint32_t s_v = s_k + kTileBytes;
+  // Q tile (then the output staging), K tile, V tile; all swizzled (dk_attention_tile.cuh).
+  const uint32_t s_q = smem_addr(smem);
+  const uint32_t s_k = s_q + Tl::kQBytes;
+  const uint32_t s_v = s_k + Tl::kKVBytes;
 
   const DkAttentionShape& s = a.shape;
   const int tid = threadIdx.x;
@@ -59,249 +78,287 @@ __device__ __forceinline__ void forward(const DkAttentionFwdArgs& a) {
   const int warp = tid >> 5;
   const int g = lane >> 2;  // row of the fragments (and g + 8)
   const int t = lane & 3;   // column pair of the fragments
+  const int warp_row = warp * 16 * kMT;
 
-  // ldmatrix row addresses. K (non-trans, two key n-tiles × one 16-dim k-step per x4): lane l
-  // reads key row (l & 7) + 8 (l >> 4), chunk 2 kk + ((l >> 3) & 1). V (trans, one 16-key step ×
-  // two dim n-tiles) and Q (A fragments): row (l & 7) + 8 ((l >> 3) & 1), chunk 2 kk + (l >> 4).
-  // With the swizzle the chunk becomes (2 kk + x) ^ (l & 7) = (2 kk) ^ (x ^ (l & 7)): bit 3 of
-  // 2 kk is an immediate, bits 1..2 pick one of four per-lane offsets.
-  const int xk = ((lane >> 3) & 1) ^ (lane & 7);
-  const int xv = (lane >> 4) ^ (lane & 7);
-  uint32_t k_off[4], v_off[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    k_off[i] = static_cast<uint32_t>(((2 * i) ^ xk) << 4);
-    v_off[i] = static_cast<uint32_t>(((2 * i) ^ xv) << 4);
-  }
-  const uint32_t k_lane = s_k + ((lane & 7) + ((lane >> 4) << 3)) * kRowBytes;
-  const uint32_t v_lane = s_v + ((lane & 7) + (((lane >> 3) & 1) << 3)) * kRowBytes;
-  const uint32_t q_lane = s_v + (warp * 16 + (lane & 15)) * kRowBytes;
+  // ldmatrix row addresses (byte offsets in a tile). K (non-trans, two key n-tiles × one
+  // 16-dim k-step per x4): lane l reads key row (l & 7) + 8 (l >> 4), chunk 2 kk + ((l >> 3) & 1).
+  // V (trans, one 16-key step × two dim n-tiles) and Q (A fragments): row (l & 7) +
+  // 8 ((l >> 3) & 1) (Q: l & 15), chunk 2 kk + (l >> 4). Swizzled, chunk c + x (c even, x < 2)
+  // is stored at ((c + x) ^ (row & 7)) · 16 = (c · 16) ^ (((x ^ (row & 7)) · 16): the per-lane
+  // offset below XOR an immediate, which cannot carry into the row bits (c · 16 < D · 2).
+  const uint32_t k_lane = ((lane & 7) + ((lane >> 4) << 3)) * kRowBytes +
+                          ((((lane >> 3) & 1) ^ (lane & 7)) << 4);
+  const uint32_t v_lane =
+      ((lane & 7) + (((lane >> 3) & 1) << 3)) * kRowBytes + (((lane >> 4) ^ (lane & 7)) << 4);
+  const uint32_t q_lane = (warp_row + (lane & 15)) * kRowBytes + (((lane >> 4) ^ (lane & 7)) << 4);
 
   const float scale_log2 = s.scale_log2;
   const int heads_q = s.heads_q;
-  const int group = s.heads_q / s.heads_kv;
-  const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);  // heaviest causal first
+  // Block → (query tile, head, sequence): x = query tile, last first (the most keys under a
+  // causal mask); y = query head (consecutive heads share a KV head); z = sequence.
+  const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
+  const int h = a.head_offset + static_cast<int>(blockIdx.y);
+  const int b = a.batch_offset + static_cast<int>(blockIdx.z);
+  const attn::SeqRows seq = attn::sequence_rows(s, b);
   const int m0 = m_block * kBlockM;
-  const int64_t jobs = static_cast<int64_t>(heads_q) * s.batch;
+  if (m0 >= seq.q_len) return;  // past this sequence's end (varlen)
+  const int q_rows = min(kBlockM, seq.q_len - m0);
+  const int hk = h / (s.heads_q / s.heads_kv);
 
-  for (int64_t job = blockIdx.y; job < jobs; job += gridDim.y) {
-    const int h = static_cast<int>(job % heads_q);
-    const int b = static_cast<int>(job / heads_q);
-    const attn::SeqRows seq = attn::sequence_rows(s, b);
-    if (m0 >= seq.q_len) continue;  // uniform over the block
-    const int q_rows = min(kBlockM, seq.q_len - m0);
-    const int hk = h / group;
+  const T* q = reinterpret_cast<const T*>(a.q) +
+               static_cast<int64_t>(seq.q_start + m0) * a.q_stride + h * D;
+  const T* k =
+      reinterpret_cast<const T*>(a.k) + static_cast<int64_t>(seq.k_start) * a.k_stride + hk * D;
+  const T* v =
+      reinterpret_cast<const T*>(a.v) + static_cast<int64_t>(seq.k_start) * a.v_stride + hk * D;
 
-    const T* q = reinterpret_cast<const T*>(a.q) +
-                 static_cast<int64_t>(seq.q_start + m0) * a.q_stride + h * D;
-    const T* k =
-        reinterpret_cast<const T*>(a.k) + static_cast<int64_t>(seq.k_start) * a.k_stride + hk * D;
-    const T* v =
-        reinterpret_cast<const T*>(a.v) + static_cast<int64_t>(seq.k_start) * a.v_stride + hk * D;
+  // Key limits (exclusive): query row i of the sequence sees keys j < limit(i), where
+  // limit(i) = k_len, or min(k_len, i + 1 + k_len − q_len) with the causal mask. lim_lo is the
+  // limit of the block's first row (the smallest), lim_hi that of its last valid row.
+  const int64_t diag1 = static_cast<int64_t>(seq.k_len) - seq.q_len + 1;
+  int lim_lo = seq.k_len, lim_hi = seq.k_len;
+  int lim_g = seq.k_len;  // limit of this thread's first row (warp_row + g); rows + 8, + 16, ...
+  if (s.causal) {
+    lim_lo = key_limit(seq.k_len, m0 + diag1);
+    lim_hi = key_limit(seq.k_len, m0 + q_rows - 1 + diag1);
+    lim_g = key_limit(seq.k_len, m0 + warp_row + g + diag1);
+  }
+  // Tiles 0 .. n_tiles hold keys some row sees; tiles below n_full need no mask.
+  const int n_tiles = lim_hi > 0 ? (lim_hi + kN - 1) / kN : 0;
+  const int n_full = lim_lo > 0 ? lim_lo / kN : 0;
 
-    // Key limits (exclusive): query row i of the sequence sees keys j < limit(i), where
-    // limit(i) = k_len, or min(k_len, i + 1 + k_len − q_len) with the causal mask. lim_lo is the
-    // limit of the block's first row (the smallest), lim_hi that of its last valid row.
-    const int64_t diag1 = static_cast<int64_t>(seq.k_len) - seq.q_len + 1;
-    int lim_lo = seq.k_len, lim_hi = seq.k_len;
-    int lim_row[2] = {seq.k_len, seq.k_len};
-    if (s.causal) {
-      lim_lo = key_limit(seq.k_len, m0 + diag1);
-      lim_hi = key_limit(seq.k_len, m0 + q_rows - 1 + diag1);
-#pragma unroll
-      for (int i = 0; i < 2; ++i) lim_row[i] = key_limit(seq.k_len, m0 + warp * 16 + g + 8 * i + diag1);
-    }
-    // Tiles 0 .. n_tiles hold keys some row sees; tiles below n_full need no mask.
-    const int n_tiles = lim_hi > 0 ? (lim_hi + kBlockN - 1) / kBlockN : 0;
-    const int n_full = lim_lo > 0 ? lim_lo / kBlockN : 0;
-
-    // Prologue: Q into the V buffer, the first (highest) K tile into the K buffer.
-    attn::load_tile_async<D, kBlockM, kThreads>(s_v, q, a.q_stride, q_rows, tid);
-    cp_async_commit();
-    if (n_tiles > 0) {
-      const int n = n_tiles - 1;
-      attn::load_tile_async<D, kBlockN, kThreads>(
-          s_k, k + static_cast<int64_t>(n) * kBlockN * a.k_stride, a.k_stride,
-          seq.k_len - n * kBlockN, tid);
-    }
-    cp_async_commit();  // possibly empty: the wait below counts on two groups
+  // Prologue: the Q tile, the first (highest) K tile.
+  attn::load_tile_async<D, kBlockM, kThreads>(s_q, q, a.q_stride, q_rows, tid);
+  cp_async_commit();
+  if (n_tiles > 0) {
+    const int n = n_tiles - 1;
+    attn::load_tile_async<D, kN, kThreads>(s_k, k + static_cast<int64_t>(n) * kN * a.k_stride,
+                                           a.k_stride, seq.k_len - n * kN, tid);
+  }
+  cp_async_commit();  // possibly empty: the wait below counts on two groups
+  uint32_t qf[Tl::kQInRegs ? kMT : 1][Tl::kQInRegs ? kKSteps : 1][4];
+  if constexpr (Tl::kQInRegs) {
     cp_async_wait<1>();
     __syncthreads();
-    uint32_t qf[kKSteps][4];
 #pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-      ldmatrix_x4(qf[kk], q_lane + v_off[kk & 3] + (kk >> 2) * 128);
-    }
-
-    float o[kDTiles][4];
-#pragma unroll
-    for (int d = 0; d < kDTiles; ++d) {
-      o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
-    }
-    float m_run[2] = {-INFINITY, -INFINITY};  // running max of the raw scores q·k
-    float l_run[2] = {0.f, 0.f};              // this lane's part of the row sum (relative to m_run)
-
-    auto tile = [&](int n, auto masked) {
-      // K(n) has landed (this thread's copies), then everyone's; everyone is done with the V
-      // buffer (previous P·V, or the Q fragments): queue V(n).
-      cp_async_wait<0>();
-      __syncthreads();
-      attn::load_tile_async<D, kBlockN, kThreads>(
-          s_v, v + static_cast<int64_t>(n) * kBlockN * a.v_stride, a.v_stride,
-          seq.k_len - n * kBlockN, tid);
-      cp_async_commit();
-
-      // S = Q · K(n)ᵀ: 16 rows × 64 keys per warp, sc[j] = keys 8j .. 8j + 7.
-      float sc[kKeyTiles][4];
-#pragma unroll
-      for (int j = 0; j < kKeyTiles; ++j) {
-        sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
-      }
+    for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
       for (int kk = 0; kk < kKSteps; ++kk) {
+        ldmatrix_x4(qf[mt][kk], s_q + (q_lane ^ (kk * 32)) + mt * 16 * kRowBytes);
+      }
+    }
+  }
+
+  float o[kMT][kDTiles][4];
 #pragma unroll
-        for (int p = 0; p < kKeyTiles / 2; ++p) {
-          uint32_t bk[4];
-          ldmatrix_x4(bk, k_lane + k_off[kk & 3] + (kk >> 2) * 128 + p * 16 * kRowBytes);
-          mma_16816<T>(sc[2 * p], qf[kk], bk);
-          mma_16816<T>(sc[2 * p + 1], qf[kk], bk + 2);
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d) o[mt][d][0] = o[mt][d][1] = o[mt][d][2] = o[mt][d][3] = 0.f;
+  }
+  float m_run[kRows];  // running max of the raw scores q·k
+  float l_run[kRows];  // this lane's part of the row sum (relative to m_run)
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    m_run[r] = -INFINITY;
+    l_run[r] = 0.f;
+  }
+
+  auto tile = [&](int n, auto masked) {
+    // K(n) (and Q) landed for this thread's copies, then for everyone's; everyone is done with
+    // the V buffer (previous P·V): queue V(n).
+    cp_async_wait<0>();
+    __syncthreads();
+    attn::load_tile_async<D, kN, kThreads>(s_v, v + static_cast<int64_t>(n) * kN * a.v_stride,
+                                           a.v_stride, seq.k_len - n * kN, tid);
+    cp_async_commit();
+
+    // Opaque copies of the lane offsets: without them the compiler precomputes every
+    // `offset ^ immediate` outside the loop and holds each in a register.
+    uint32_t kl = k_lane, vl = v_lane, ql = q_lane;
+    asm volatile("" : "+r"(kl), "+r"(vl), "+r"(ql));
+
+    // S = Q · K(n)ᵀ: 16 kMT rows × kN keys per warp, sc[mt][j] = keys 8j .. 8j + 7.
+    float sc[kMT][kKeyTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int j = 0; j < kKeyTiles; ++j) sc[mt][j][0] = sc[mt][j][1] = sc[mt][j][2] = sc[mt][j][3] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      uint32_t qa[kMT][4];
+      if constexpr (!Tl::kQInRegs) {
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          ldmatrix_x4(qa[mt], s_q + (ql ^ (kk * 32)) + mt * 16 * kRowBytes);
         }
       }
+#pragma unroll
+      for (int p = 0; p < kKeyTiles / 2; ++p) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, s_k + (kl ^ (kk * 32)) + p * 16 * kRowBytes);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          const uint32_t* af = Tl::kQInRegs ? qf[Tl::kQInRegs ? mt : 0][Tl::kQInRegs ? kk : 0]
+                                            : qa[mt];
+          mma_16816<T>(sc[mt][2 * p], af, bk);
+          mma_16816<T>(sc[mt][2 * p + 1], af, bk + 2);
+        }
+      }
+    }
 
-      if constexpr (decltype(masked)::value) {
-        // Key of sc[j][e] (and sc[j][2 + e]) relative to tile start: 8j + 2t + e.
-        const int lim0 = lim_row[0] - n * kBlockN - 2 * t;
-        const int lim1 = lim_row[1] - n * kBlockN - 2 * t;
+    if constexpr (decltype(masked)::value) {
+      // Key of sc[mt][j][e] (and [2 + e]) relative to the tile start: 8j + 2t + e.
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        // Row 16 mt + 8 i + g: limit min(k_len, lim_g + 16 mt + 8 i), formed without overflow.
+        const int lim0 = row_limit(seq.k_len, lim_g, 16 * mt) - n * kN - 2 * t;
+        const int lim1 = row_limit(seq.k_len, lim_g, 16 * mt + 8) - n * kN - 2 * t;
 #pragma unroll
         for (int j = 0; j < kKeyTiles; ++j) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            if (8 * j + e >= lim0) sc[j][e] = -INFINITY;
-            if (8 * j + e >= lim1) sc[j][2 + e] = -INFINITY;
+            if (8 * j + e >= lim0) sc[mt][j][e] = -INFINITY;
+            if (8 * j + e >= lim1) sc[mt][j][2 + e] = -INFINITY;
           }
         }
       }
+    }
 
-      // Online softmax. Row g: sc[j][0..1]; row g + 8: sc[j][2..3]; a row spans a quad.
-      float mx[2] = {m_run[0], m_run[1]};
+    // Online softmax. Row 2 mt: sc[mt][j][0..1]; row 2 mt + 1: sc[mt][j][2..3]; a row spans a
+    // quad. P = exp2(s · scale_log2 − m · scale_log2) becomes the A fragments of P·V: key step
+    // kk uses the accumulators of key n-tiles 2 kk (a0, a1) and 2 kk + 1 (a2, a3).
+    uint32_t pa[kMT][kPSteps][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      float mx[2] = {m_run[2 * mt], m_run[2 * mt + 1]};
 #pragma unroll
       for (int j = 0; j < kKeyTiles; ++j) {
-        mx[0] = fmaxf(mx[0], fmaxf(sc[j][0], sc[j][1]));
-        mx[1] = fmaxf(mx[1], fmaxf(sc[j][2], sc[j][3]));
+        mx[0] = fmaxf(mx[0], fmaxf(sc[mt][j][0], sc[mt][j][1]));
+        mx[1] = fmaxf(mx[1], fmaxf(sc[mt][j][2], sc[mt][j][3]));
       }
       float ms[2];
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
+        const int r = 2 * mt + i;
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
         // A row with every key so far masked keeps max −∞: subtract 0 so exp2(−∞ − 0) = 0
         // instead of exp2(−∞ + ∞) = NaN.
         ms[i] = mx[i] == -INFINITY ? 0.f : mx[i] * scale_log2;
-        const float alpha = exp2_fast(m_run[i] * scale_log2 - ms[i]);  // 0 while m_run = −∞
-        m_run[i] = mx[i];
-        l_run[i] *= alpha;
+        const float alpha = exp2_fast(m_run[r] * scale_log2 - ms[i]);  // 0 while m_run = −∞
+        m_run[r] = mx[i];
+        l_run[r] *= alpha;
 #pragma unroll
         for (int d = 0; d < kDTiles; ++d) {
-          o[d][2 * i] *= alpha;
-          o[d][2 * i + 1] *= alpha;
+          o[mt][d][2 * i] *= alpha;
+          o[mt][d][2 * i + 1] *= alpha;
         }
       }
-      // P = exp2(s · scale_log2 − m · scale_log2) as A fragments of P·V: key step kk uses the
-      // accumulators of key n-tiles 2 kk (a0, a1) and 2 kk + 1 (a2, a3).
-      uint32_t pa[kBlockN / 16][4];
 #pragma unroll
       for (int j = 0; j < kKeyTiles; ++j) {
-        const float p0 = exp2_fast(fmaf(sc[j][0], scale_log2, -ms[0]));
-        const float p1 = exp2_fast(fmaf(sc[j][1], scale_log2, -ms[0]));
-        const float p2 = exp2_fast(fmaf(sc[j][2], scale_log2, -ms[1]));
-        const float p3 = exp2_fast(fmaf(sc[j][3], scale_log2, -ms[1]));
-        l_run[0] += p0 + p1;
-        l_run[1] += p2 + p3;
-        pa[j >> 1][(j & 1) * 2] = pack2<T>(p0, p1);
-        pa[j >> 1][(j & 1) * 2 + 1] = pack2<T>(p2, p3);
-      }
-
-      // V(n) has landed everywhere and everyone is done with K(n): queue K(n − 1) (a full tile:
-      // it lies below the last tile, which holds key lim_hi − 1 < k_len).
-      cp_async_wait<0>();
-      __syncthreads();
-      if (n > 0) {
-        attn::load_tile_async<D, kBlockN, kThreads>(
-            s_k, k + static_cast<int64_t>(n - 1) * kBlockN * a.k_stride, a.k_stride, kBlockN,
-            tid);
-      }
-      cp_async_commit();
-
-      // O += P · V(n): 16 rows × D per warp.
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-#pragma unroll
-        for (int dp = 0; dp < kDTiles / 2; ++dp) {
-          uint32_t bv[4];
-          ldmatrix_x4_trans(bv, v_lane + v_off[dp & 3] + (dp >> 2) * 128 + kk * 16 * kRowBytes);
-          mma_16816<T>(o[2 * dp], pa[kk], bv);
-          mma_16816<T>(o[2 * dp + 1], pa[kk], bv + 2);
-        }
-      }
-    };
-
-    int n = n_tiles - 1;
-    for (; n >= n_full; --n) tile(n, BoolTag<true>());
-    for (; n >= 0; --n) tile(n, BoolTag<false>());
-
-    // Finalise: full row sums, LSE, O / l.
-    float inv[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
-      l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
-      // l > 0 whenever m is finite (its own term is exp2(0) = 1); l = 0: the row saw no key.
-      inv[i] = l_run[i] > 0.f ? 1.f / l_run[i] : 0.f;
-    }
-    if (t == 0) {
-      float* lse = reinterpret_cast<float*>(a.lse);
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int r = warp * 16 + g + 8 * i;
-        if (r < q_rows) {
-          const int64_t at = s.cu_seqlens_q != 0
-                                 ? static_cast<int64_t>(h) * s.total_q + seq.q_start + m0 + r
-                                 : (static_cast<int64_t>(b) * heads_q + h) * s.seqlen_q + m0 + r;
-          lse[at] = l_run[i] > 0.f ? fmaf(m_run[i], s.scale, logf(l_run[i])) : -INFINITY;
-        }
+        const float p0 = exp2_fast(fmaf(sc[mt][j][0], scale_log2, -ms[0]));
+        const float p1 = exp2_fast(fmaf(sc[mt][j][1], scale_log2, -ms[0]));
+        const float p2 = exp2_fast(fmaf(sc[mt][j][2], scale_log2, -ms[1]));
+        const float p3 = exp2_fast(fmaf(sc[mt][j][3], scale_log2, -ms[1]));
+        l_run[2 * mt] += p0 + p1;
+        l_run[2 * mt + 1] += p2 + p3;
+        pa[mt][j >> 1][(j & 1) * 2] = pack2<T>(p0, p1);
+        pa[mt][j >> 1][(j & 1) * 2 + 1] = pack2<T>(p2, p3);
       }
     }
 
-    // Stage O (in T) in the K buffer: nobody reads it after the last tile's second barrier and
-    // no copy into it is pending (the last tile, n = 0, queued none).
+    // V(n) has landed everywhere and everyone is done with K(n) (and Q): queue K(n − 1), a
+    // full tile (it lies below the last tile, which holds key lim_hi − 1 < k_len).
     cp_async_wait<0>();
+    __syncthreads();
+    if (n > 0) {
+      attn::load_tile_async<D, kN, kThreads>(
+          s_k, k + static_cast<int64_t>(n - 1) * kN * a.k_stride, a.k_stride, kN, tid);
+    }
+    cp_async_commit();
+
+    // O += P · V(n): 16 kMT rows × D per warp.
+#pragma unroll
+    for (int kk = 0; kk < kPSteps; ++kk) {
+#pragma unroll
+      for (int dp = 0; dp < kDTiles / 2; ++dp) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, s_v + (vl ^ (dp * 32)) + kk * 16 * kRowBytes);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_16816<T>(o[mt][2 * dp], pa[mt][kk], bv);
+          mma_16816<T>(o[mt][2 * dp + 1], pa[mt][kk], bv + 2);
+        }
+      }
+    }
+  };
+
+  int n = n_tiles - 1;
+  for (; n >= n_full; --n) tile(n, BoolTag<true>());
+  for (; n >= 0; --n) tile(n, BoolTag<false>());
+
+  // Finalise: full row sums, LSE, O / l.
+  float inv[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+    // l > 0 whenever m is finite (its own term is exp2(0) = 1); l = 0: the row saw no key.
+    inv[r] = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
+  }
+  if (t == 0) {
+    float* lse = reinterpret_cast<float*>(a.lse);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int row = warp_row + 16 * (r >> 1) + 8 * (r & 1) + g;
+      if (row < q_rows) {
+        const int64_t at = s.cu_seqlens_q != 0
+                               ? static_cast<int64_t>(h) * s.total_q + seq.q_start + m0 + row
+                               : (static_cast<int64_t>(b) * heads_q + h) * s.seqlen_q + m0 + row;
+        lse[at] = l_run[r] > 0.f ? fmaf(m_run[r], s.scale, logf(l_run[r])) : -INFINITY;
+      }
+    }
+  }
+
+  // Stage O (in T) in the Q buffer, once every Q copy has landed and every warp is done reading
+  // Q (with no key tile at all, the Q fragment loads of the prologue are the last reads).
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
     for (int d = 0; d < kDTiles; ++d) {
-      const int r = warp * 16 + g;
-      const uint32_t at = s_k + r * kRowBytes + ((d ^ g) << 4) + t * 4;  // r & 7 == g
-      st_shared_b32(at, pack2<T>(o[d][0] * inv[0], o[d][1] * inv[0]));
-      st_shared_b32(at + 8 * kRowBytes, pack2<T>(o[d][2] * inv[1], o[d][3] * inv[1]));
+      const int row = warp_row + 16 * mt + g;
+      const uint32_t at = s_q + row * kRowBytes + ((d ^ g) << 4) + t * 4;  // row & 7 == g
+      st_shared_b32(at, pack2<T>(o[mt][d][0] * inv[2 * mt], o[mt][d][1] * inv[2 * mt]));
+      st_shared_b32(at + 8 * kRowBytes,
+                    pack2<T>(o[mt][d][2] * inv[2 * mt + 1], o[mt][d][3] * inv[2 * mt + 1]));
     }
-    __syncthreads();
-    T* out = reinterpret_cast<T*>(a.out) + static_cast<int64_t>(seq.q_start + m0) * a.out_stride +
-             h * D;
-    attn::store_tile<D, kBlockM, kThreads>(out, a.out_stride, s_k, q_rows, tid);
-    __syncthreads();  // the next job refills both buffers
   }
+  __syncthreads();
+  T* out = reinterpret_cast<T*>(a.out) + static_cast<int64_t>(seq.q_start + m0) * a.out_stride +
+           h * D;
+  attn::store_tile<D, kBlockM, kThreads>(out, a.out_stride, s_q, q_rows, tid);
 }
 
 }  // namespace attn_fwd
 }  // namespace dk
 
-// Registers: D = 128 keeps O (64), the Q fragments (32) and S (32) live; 2 blocks per SM leave
-// 255 per thread. D = 64: 3 blocks per SM (170 per thread; at 4 blocks = 128 ptxas spills).
-#define DK_ATTN_FWD_KERNEL(tname, T, D, MIN_BLOCKS)                                          \
+// Instantiations: kernel name, element type, D, m-tiles per warp (MT), keys per tile (N), min
+// blocks per SM. The launcher (src/attention/cuda/forward.rs) mirrors the query rows per block
+// (64 · MT) and the dynamic shared memory (Tiling::kSmemBytes). D = 64 runs 32 rows per warp with
+// the Q fragments in registers (246-254 registers, 2 blocks per SM); at D = 128 the O accumulators
+// alone take 128 registers for 32 rows, and ptxas spills at 255, so it runs 16 rows per warp
+// (224-232 registers, 2 blocks per SM). See cuda/ATTENTION.md.
+#define DK_ATTN_FWD_KERNEL(tname, T, D, MT, N, MIN_BLOCKS)                                   \
   extern "C" __global__ void __launch_bounds__(dk::attn_fwd::kThreads, MIN_BLOCKS)           \
       dk_attn_fwd_##tname##_d##D(const DkAttentionFwdArgs args) {                           \
-    dk::attn_fwd::forward<T, D>(args);                                                      \
+    extern __shared__ __align__(16) unsigned char dk_attn_fwd_smem[];                       \
+    dk::attn_fwd::forward<T, D, MT, N>(args, dk_attn_fwd_smem);                             \
   }
 
-DK_ATTN_FWD_KERNEL(bf16, __nv_bfloat16, 64, 3)
-DK_ATTN_FWD_KERNEL(bf16, __nv_bfloat16, 128, 2)
-DK_ATTN_FWD_KERNEL(f16, __half, 64, 3)
-DK_ATTN_FWD_KERNEL(f16, __half, 128, 2)
+DK_ATTN_FWD_KERNEL(bf16, __nv_bfloat16, 64, 2, 64, 2)
+DK_ATTN_FWD_KERNEL(bf16, __nv_bfloat16, 128, 1, 64, 2)
+DK_ATTN_FWD_KERNEL(f16, __half, 64, 2, 64, 2)
+DK_ATTN_FWD_KERNEL(f16, __half, 128, 1, 64, 2)

@@ -19,6 +19,8 @@ typedef struct DkAttentionFwdArgs {
   int64_t k_stride;
   int64_t v_stride;
   int64_t out_stride;
+  int32_t head_offset;   // query head of blockIdx.y = 0 (grids are split into launches of at
+  int32_t batch_offset;  // most 65535 heads × 65535 sequences); sequence of blockIdx.z = 0
 } DkAttentionFwdArgs;
 
 #endif

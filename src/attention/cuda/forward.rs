@@ -20,10 +20,18 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
 
 /// Threads per block (`kThreads` in attention_forward.cu: 4 warps).
 const THREADS: u32 = 128;
-/// Query rows per block (`kBlockM`: 16 per warp).
-const BLOCK_M: usize = 64;
-/// Largest `gridDim.y`; the kernels loop over (head, sequence) jobs beyond it.
-const MAX_GRID_Y: usize = 65535;
+/// Largest `gridDim.y` and `gridDim.z`: more heads or sequences take several launches.
+const MAX_GRID_YZ: usize = 65535;
+/// Largest static-or-default dynamic shared memory per block without an opt-in.
+const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
+
+/// Tiling of the instantiation for head dimension `d`, mirroring the `DK_ATTN_FWD_KERNEL` lines
+/// of attention_forward.cu: (query rows per block = 64 · MT, dynamic shared memory = Q tile of
+/// those rows + one K and one V tile of 64 keys, D · 2 bytes a row).
+fn tiling(head_dim: usize) -> (usize, usize) {
+    let (block_m, keys) = if head_dim == 64 { (128, 64) } else { (64, 64) };
+    (block_m, (block_m + 2 * keys) * head_dim * 2)
+}
 
 /// Rust mirror of `DkAttentionShape` (cuda/include/dk_attention_shape.h): the sequence structure
 /// and head layout shared by the forward and backward argument structs.
@@ -122,6 +130,10 @@ pub(crate) struct AttentionFwdArgs {
     pub v_stride: i64,
     /// Token stride of out.
     pub out_stride: i64,
+    /// Query head of `blockIdx.y = 0` (launches cover at most 65535 heads).
+    pub head_offset: i32,
+    /// Sequence of `blockIdx.z = 0` (launches cover at most 65535 sequences).
+    pub batch_offset: i32,
 }
 
 // SAFETY: plain-old-data with the C layout of DkAttentionFwdArgs (see attention_fwd_args_layout).
@@ -177,6 +189,8 @@ pub fn attention_fwd_args_layout() -> Vec<(&'static str, usize)> {
         ("k_stride", offset_of!(AttentionFwdArgs, k_stride)),
         ("v_stride", offset_of!(AttentionFwdArgs, v_stride)),
         ("out_stride", offset_of!(AttentionFwdArgs, out_stride)),
+        ("head_offset", offset_of!(AttentionFwdArgs, head_offset)),
+        ("batch_offset", offset_of!(AttentionFwdArgs, batch_offset)),
     ]
 }
 
@@ -195,32 +209,40 @@ fn kernel_name(dtype: DType, head_dim: usize) -> Result<&'static str> {
     })
 }
 
-/// The launch grid: `(⌈seqlen_q / 64⌉, min(Hq · B, 65535), 1)` blocks of 128 threads, or `None`
-/// when no query row exists.
-fn grid(raw: &RawAttention) -> Option<LaunchConfig> {
+/// The launches of a call: `(head_offset, batch_offset, config)` with grid
+/// `(⌈seqlen_q / rows per block⌉, heads, sequences)` over chunks of at most 65535 heads and
+/// 65535 sequences (one launch unless Hq or B exceeds that); none when no query row exists.
+fn launches(raw: &RawAttention) -> Vec<(usize, usize, LaunchConfig)> {
     let s = &raw.shape;
     if s.batch == 0 || s.seqlen_q == 0 || s.total_q == 0 || raw.heads_q == 0 {
-        return None;
+        return Vec::new();
     }
-    let jobs = raw.heads_q.saturating_mul(s.batch);
-    Some(LaunchConfig {
-        // seqlen_q ≤ MAX_ROWS = i32::MAX, so the block count fits u32.
-        grid_dim: (
-            s.seqlen_q.div_ceil(BLOCK_M) as u32,
-            jobs.min(MAX_GRID_Y) as u32,
-            1,
-        ),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0, // static: 2 tiles of 64 × D, 16 KB (D = 64) or 32 KB (D = 128)
-    })
+    let (block_m, smem) = tiling(raw.head_dim);
+    // seqlen_q ≤ MAX_ROWS = i32::MAX, so the tile count fits u32.
+    let tiles = s.seqlen_q.div_ceil(block_m) as u32;
+    let mut out = Vec::new();
+    for h0 in (0..raw.heads_q).step_by(MAX_GRID_YZ) {
+        for b0 in (0..s.batch).step_by(MAX_GRID_YZ) {
+            let heads = (raw.heads_q - h0).min(MAX_GRID_YZ) as u32;
+            let seqs = (s.batch - b0).min(MAX_GRID_YZ) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (tiles, heads, seqs),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            out.push((h0, b0, cfg));
+        }
+    }
+    out
 }
 
 /// Forward pass on the caller's stream: out and LSE.
 pub(crate) fn forward(dev: &CudaDevice, raw: &RawAttention, launch: &Launch<'_>) -> Result<()> {
     let name = kernel_name(raw.dtype, raw.head_dim)?;
-    let Some(cfg) = grid(raw) else {
+    let launches = launches(raw);
+    if launches.is_empty() {
         return Ok(()); // no query row: nothing to write
-    };
+    }
     for (what, p) in [
         ("q", raw.q as *const _),
         ("k", raw.k as *const _),
@@ -233,7 +255,7 @@ pub(crate) fn forward(dev: &CudaDevice, raw: &RawAttention, launch: &Launch<'_>)
         dev.check_pointer(what, p)?;
     }
     let function = dev.function(name)?;
-    let args = AttentionFwdArgs {
+    let mut args = AttentionFwdArgs {
         shape: AttentionShape::new(&raw.shape, raw.heads_q, raw.heads_kv, raw.causal, raw.scale)?,
         q: raw.q as u64,
         k: raw.k as u64,
@@ -244,14 +266,23 @@ pub(crate) fn forward(dev: &CudaDevice, raw: &RawAttention, launch: &Launch<'_>)
         k_stride: raw.k_stride as i64,
         v_stride: raw.v_stride as i64,
         out_stride: raw.out_stride as i64,
+        head_offset: 0,
+        batch_offset: 0,
     };
     // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
     // is unsafe for that reason), or null for the legacy default stream.
     let stream = unsafe { dev.borrow_stream(launch.stream) };
-    // SAFETY: AttentionFwdArgs has the kernel's C layout (DkAttentionFwdArgs); the call was
-    // validated (shapes, strides, 16-byte aligned rows, dtype, head dimension) and every pointer
-    // checked above to be device memory of this device covering those shapes.
-    unsafe { stream.launch_builder(function).arg(&args).launch(cfg)? };
+    for (h0, b0, cfg) in launches {
+        debug_assert!(cfg.shared_mem_bytes as usize <= DEFAULT_SMEM_LIMIT);
+        // Below heads_q and batch, which AttentionShape::new checked to fit i32.
+        args.head_offset = h0 as i32;
+        args.batch_offset = b0 as i32;
+        // SAFETY: AttentionFwdArgs has the kernel's C layout (DkAttentionFwdArgs); the call was
+        // validated (shapes, strides, 16-byte aligned rows, dtype, head dimension), every pointer
+        // checked above to be device memory of this device covering those shapes, and the
+        // dynamic shared memory is within the default 48 KB (see the tests).
+        unsafe { stream.launch_builder(function).arg(&args).launch(cfg)? };
+    }
     Ok(())
 }
 
@@ -260,16 +291,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn layout_is_c_like() {
-        let layout = attention_fwd_args_layout();
-        let at = |name: &str| layout.iter().find(|(n, _)| *n == name).unwrap().1;
-        assert_eq!(at("sizeof"), 128);
-        assert_eq!(at("shape.batch"), 16);
-        assert_eq!(at("shape.scale_log2"), 52);
-        assert_eq!(at("q"), 56);
-        assert_eq!(at("lse"), 88);
-        assert_eq!(at("q_stride"), 96);
-        assert_eq!(at("out_stride"), 120);
+    fn args_layout_matches_the_header() {
+        // offsetof / sizeof of DkAttentionFwdArgs from the host C compiler.
+        let want: &[(&str, usize)] = &[
+            ("sizeof", 136),
+            ("shape", 0),
+            ("shape.cu_seqlens_q", 0),
+            ("shape.cu_seqlens_k", 8),
+            ("shape.batch", 16),
+            ("shape.seqlen_q", 20),
+            ("shape.seqlen_k", 24),
+            ("shape.total_q", 28),
+            ("shape.total_k", 32),
+            ("shape.heads_q", 36),
+            ("shape.heads_kv", 40),
+            ("shape.causal", 44),
+            ("shape.scale", 48),
+            ("shape.scale_log2", 52),
+            ("q", 56),
+            ("k", 64),
+            ("v", 72),
+            ("out", 80),
+            ("lse", 88),
+            ("q_stride", 96),
+            ("k_stride", 104),
+            ("v_stride", 112),
+            ("out_stride", 120),
+            ("head_offset", 128),
+            ("batch_offset", 132),
+        ];
+        assert_eq!(attention_fwd_args_layout(), want);
     }
 
     #[test]
@@ -313,13 +364,30 @@ mod tests {
     }
 
     #[test]
-    fn grid_covers_rows_and_caps_y() {
-        assert!(grid(&raw(0, 5, 0, 4)).is_none());
-        assert!(grid(&raw(3, 0, 0, 4)).is_none());
-        let cfg = grid(&raw(2, 65, 130, 3)).unwrap();
-        assert_eq!(cfg.grid_dim, (2, 6, 1));
-        assert_eq!(cfg.block_dim, (THREADS, 1, 1));
-        let cfg = grid(&raw(40000, 1, 40000, 8)).unwrap();
-        assert_eq!(cfg.grid_dim, (1, MAX_GRID_Y as u32, 1));
+    fn shared_memory_needs_no_opt_in() {
+        for d in crate::attention::HEAD_DIMS {
+            let (block_m, smem) = tiling(d);
+            assert!(block_m == 64 || block_m == 128);
+            assert!(smem <= DEFAULT_SMEM_LIMIT, "D = {d}: {smem} bytes");
+        }
+        assert_eq!(tiling(64), (128, 32768));
+        assert_eq!(tiling(128), (64, 49152));
+    }
+
+    #[test]
+    fn launches_cover_rows_heads_and_sequences() {
+        assert!(launches(&raw(0, 5, 0, 4)).is_empty());
+        assert!(launches(&raw(3, 0, 0, 4)).is_empty());
+        let l = launches(&raw(2, 129, 258, 3));
+        assert_eq!(l.len(), 1);
+        assert_eq!((l[0].0, l[0].1), (0, 0));
+        assert_eq!(l[0].2.grid_dim, (2, 3, 2)); // D = 64: 128 rows per block
+        assert_eq!(l[0].2.block_dim, (THREADS, 1, 1));
+        let l = launches(&raw(70000, 1, 70000, 8));
+        let starts: Vec<_> = l.iter().map(|(h, b, c)| (*h, *b, c.grid_dim)).collect();
+        assert_eq!(
+            starts,
+            vec![(0, 0, (1, 8, 65535)), (0, 65535, (1, 8, 70000 - 65535))]
+        );
     }
 }
