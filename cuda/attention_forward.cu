@@ -2,17 +2,18 @@
 // mask) v per query head and the natural-log LSE of each query row. Design notes, budgets and the
 // SASS check: cuda/ATTENTION.md ("Forward").
 //
-// One block of 4 warps owns 64 query rows (16 per warp) of one (sequence, query head) and walks
-// the 64-key tiles of its KV head from the last one it sees down to 0, so the few tiles that need
-// the mask (the causal diagonal, the ragged end of the keys) come first and the rest run without
-// it. Shared memory holds one K tile and one V tile (swizzled, dk_attention_tile.cuh); the Q tile
-// is staged through the V buffer once and kept as mma A fragments in registers. Per key tile:
+// One block of 4 warps owns 64 · MT query rows (16 · MT per warp) of one (sequence, query head)
+// and walks the 64-key tiles of its KV head from the last one it sees down to 0, so the few
+// tiles that need the mask (the causal diagonal, the ragged end of the keys) come first and the
+// rest run a copy of the loop without it. Shared memory holds the Q tile, one K tile and one V
+// tile (swizzled, dk_attention_tile.cuh); Q is kept as mma A fragments in registers when they are
+// few (MT · D <= 128), else re-read with ldmatrix at every key tile. Per key tile:
 //   wait K(n); sync; queue V(n)        -- V(n) loads during S = Q·Kᵀ and the softmax
 //   S = Q·K(n)ᵀ; mask; online softmax; P as A fragments (straight from the S accumulators)
 //   wait V(n); sync; queue K(n-1)      -- K(n-1) loads during O += P·V(n)
 //   O += P·V(n)
 // Rows of a warp live in quads (lane / 4 = row, lane % 4 = column pair), so row max and sum need
-// two __shfl_xor_sync. The output is divided by the row sum, staged through the K buffer and
+// two __shfl_xor_sync. The output is divided by the row sum, staged through the Q tile and
 // written with 16-byte stores; rows that see no key write 0 and LSE −∞.
 #include <math.h>
 #include <stdint.h>
