@@ -1,8 +1,8 @@
 //! Layouts shared between C and Rust: a C probe (compiled with the system compiler through the
 //! `cc` crate) prints sizeof / alignment / offsetof of every field of the structs the headers
 //! declare — parsed from the headers, so a new field cannot be missed — and the values of the
-//! code macros. They must equal the Rust mirrors: `divergence_args_layout()` for the kernel
-//! argument struct (cuda/include/dk_divergence_args.h) and `offset_of!` on the C ABI structs
+//! code macros. They must equal the Rust mirrors: the `*_args_layout()` functions for the kernel
+//! argument structs (cuda/include/dk_*_args.h, dk_attention_shape.h) and `offset_of!` on the C ABI structs
 //! (include/distill_kernels.h: divergence, fused linear divergence, MoE dispatch and attention).
 
 mod common;
@@ -130,13 +130,17 @@ fn probe(test: &str) -> Option<Probe> {
     for h in [
         "cuda/include/dk_divergence_args.h",
         "cuda/include/dk_moe_args.h",
+        "cuda/include/dk_attention_shape.h",
+        "cuda/include/dk_attention_fwd_args.h",
+        "cuda/include/dk_attention_bwd_args.h",
         "include/distill_kernels.h",
     ] {
         all.extend(structs(&std::fs::read_to_string(root.join(h)).unwrap()));
     }
     let mut c = String::from(
         "#include <stddef.h>\n#include <stdio.h>\n#include \"dk_divergence_args.h\"\n\
-         #include \"dk_moe_args.h\"\n#include \"distill_kernels.h\"\n",
+         #include \"dk_moe_args.h\"\n#include \"dk_attention_fwd_args.h\"\n\
+         #include \"dk_attention_bwd_args.h\"\n#include \"distill_kernels.h\"\n",
     );
     for (name, _) in &all {
         c += &format!("typedef struct {{ char c; {name} x; }} align_{name};\n");
@@ -226,18 +230,40 @@ fn kernel_args_structs_match_rust_mirrors() {
         ),
         ("DkMoeRouteArgs", distill_kernels::moe_route_args_layout()),
         ("DkMoeRowsArgs", distill_kernels::moe_rows_args_layout()),
+        (
+            "DkAttentionFwdArgs",
+            distill_kernels::attention_fwd_args_layout(),
+        ),
+        (
+            "DkAttentionBwdArgs",
+            distill_kernels::attention_bwd_args_layout(),
+        ),
     ] {
         let size = layout
             .iter()
             .find(|(n, _)| *n == "sizeof")
             .expect("sizeof entry")
             .1;
+        // Top-level fields here; the embedded DkAttentionShape's `shape.<field>` entries below.
         let rust: Vec<(&str, usize)> = layout
             .iter()
-            .filter(|(n, _)| *n != "sizeof")
+            .filter(|(n, _)| *n != "sizeof" && !n.contains('.'))
             .copied()
             .collect();
         compare(&values, &fields, c_name, size, None, &rust);
+    }
+    // DkAttentionShape, as embedded in both argument structs (relative to the `shape` field).
+    for layout in [
+        distill_kernels::attention_fwd_args_layout(),
+        distill_kernels::attention_bwd_args_layout(),
+    ] {
+        let base = layout.iter().find(|(n, _)| *n == "shape").expect("shape").1;
+        let rust: Vec<(&str, usize)> = layout
+            .iter()
+            .filter_map(|(n, off)| Some((n.strip_prefix("shape.")?, off - base)))
+            .collect();
+        let size = values["DkAttentionShape sizeof"];
+        compare(&values, &fields, "DkAttentionShape", size, None, &rust);
     }
 }
 
@@ -577,6 +603,9 @@ fn c_abi_structs_match_rust() {
         "DkDivergenceArgs",
         "DkMoeRouteArgs",
         "DkMoeRowsArgs",
+        "DkAttentionShape",
+        "DkAttentionFwdArgs",
+        "DkAttentionBwdArgs",
         "dk_divergence_args",
         "dk_divergence_params",
         "dk_fused_linear_params",

@@ -20,40 +20,11 @@ use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
+use super::shape::{to_i32, AttentionShape};
 use crate::attention::RawAttentionBackward;
 use crate::device::{CudaDevice, Launch};
 use crate::error::{bail, Result};
 use crate::tensor::DType;
-
-/// Rust mirror of `DkAttentionShape` (cuda/include/dk_attention_shape.h).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct AttentionShape {
-    /// `const int32_t*` `[batch + 1]`; 0 = padded layout.
-    pub cu_seqlens_q: u64,
-    /// `const int32_t*` `[batch + 1]`; 0 = padded layout.
-    pub cu_seqlens_k: u64,
-    /// Sequences.
-    pub batch: i32,
-    /// Padded: queries per sequence; varlen: bound on the longest.
-    pub seqlen_q: i32,
-    /// Padded: keys per sequence; varlen: bound on the longest.
-    pub seqlen_k: i32,
-    /// Rows of q.
-    pub total_q: i32,
-    /// Rows of k.
-    pub total_k: i32,
-    /// Query heads.
-    pub heads_q: i32,
-    /// Key / value heads.
-    pub heads_kv: i32,
-    /// 1: bottom-right causal mask, per sequence.
-    pub causal: i32,
-    /// Softmax scale applied to q·k.
-    pub scale: f32,
-    /// `scale · log2(e)`: the kernels exponentiate with exp2.
-    pub scale_log2: f32,
-}
 
 /// Rust mirror of `DkAttentionBwdArgs` (cuda/include/dk_attention_bwd_args.h), passed by value
 /// to the three backward kernels. Pointers are device addresses; strides are elements between
@@ -107,8 +78,8 @@ unsafe impl DeviceRepr for AttentionBwdArgs {}
 
 /// Size and field offsets of [`AttentionBwdArgs`] (shape fields as `shape.<name>`), for a
 /// layout test against the C header.
-#[cfg_attr(not(test), allow(dead_code))]
-pub(crate) fn attention_bwd_args_layout() -> Vec<(&'static str, usize)> {
+#[doc(hidden)]
+pub fn attention_bwd_args_layout() -> Vec<(&'static str, usize)> {
     use std::mem::{offset_of, size_of};
     vec![
         ("sizeof", size_of::<AttentionBwdArgs>()),
@@ -217,16 +188,6 @@ pub(crate) fn backward_workspace_size(raw: &RawAttentionBackward) -> usize {
     (4 * raw.heads_q * raw.shape.total_q).next_multiple_of(REGION_ALIGN)
 }
 
-fn to_i32(what: &str, v: usize) -> Result<i32> {
-    match i32::try_from(v) {
-        Ok(x) => Ok(x),
-        Err(_) => bail!(
-            InvalidArgument,
-            "{what} = {v} exceeds the CUDA kernels' 32-bit indices"
-        ),
-    }
-}
-
 /// Blocks of a grid over (tiles, sequences, heads), flattened into x.
 fn grid_blocks(what: &str, seqlen: usize, tile: usize, batch: usize, heads: usize) -> Result<u32> {
     let blocks = seqlen
@@ -307,20 +268,7 @@ pub(crate) fn backward(
         &format!("Delta of Hq·Tq = {}·{}", raw.heads_q, sh.total_q),
     )?;
 
-    let shape = AttentionShape {
-        cu_seqlens_q: sh.cu_seqlens_q as u64,
-        cu_seqlens_k: sh.cu_seqlens_k as u64,
-        batch: to_i32("batch", sh.batch)?,
-        seqlen_q: to_i32("seqlen_q", sh.seqlen_q)?,
-        seqlen_k: to_i32("seqlen_k", sh.seqlen_k)?,
-        total_q: to_i32("rows of q", sh.total_q)?,
-        total_k: to_i32("rows of k", sh.total_k)?,
-        heads_q: to_i32("heads_q", raw.heads_q)?,
-        heads_kv: to_i32("heads_kv", raw.heads_kv)?,
-        causal: raw.causal as i32,
-        scale: raw.scale,
-        scale_log2: raw.scale * std::f32::consts::LOG2_E,
-    };
+    let shape = AttentionShape::new(sh, raw.heads_q, raw.heads_kv, raw.causal, raw.scale)?;
     to_i32("Hq·Tq", raw.heads_q.saturating_mul(sh.total_q))?;
     let delta_items = raw.heads_q * sh.total_q;
     let delta_blocks = to_i32(

@@ -5,7 +5,8 @@
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
-use crate::attention::{RawAttention, RawBatch};
+use super::shape::AttentionShape;
+use crate::attention::RawAttention;
 use crate::device::{CudaDevice, Launch};
 use crate::error::{bail, Result};
 use crate::tensor::DType;
@@ -32,78 +33,6 @@ fn tiling(head_dim: usize) -> (usize, usize) {
     let (block_m, keys) = if head_dim == 64 { (128, 64) } else { (64, 64) };
     (block_m, (block_m + 2 * keys) * head_dim * 2)
 }
-
-/// Rust mirror of `DkAttentionShape` (cuda/include/dk_attention_shape.h): the sequence structure
-/// and head layout shared by the forward and backward argument structs.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct AttentionShape {
-    /// `const int32_t*` `[batch + 1]` query row offsets; 0 for the padded layout.
-    pub cu_seqlens_q: u64,
-    /// `const int32_t*` `[batch + 1]` key row offsets; 0 for the padded layout.
-    pub cu_seqlens_k: u64,
-    /// Sequences B.
-    pub batch: i32,
-    /// Padded: queries per sequence. Varlen: bound on the longest (sizes the grid).
-    pub seqlen_q: i32,
-    /// Padded: keys per sequence. Varlen: bound on the longest.
-    pub seqlen_k: i32,
-    /// Rows of q / out (the varlen offsets are clamped to it).
-    pub total_q: i32,
-    /// Rows of k / v.
-    pub total_k: i32,
-    /// Query heads Hq.
-    pub heads_q: i32,
-    /// KV heads Hkv (divides Hq).
-    pub heads_kv: i32,
-    /// 1: causal mask aligned bottom-right per sequence.
-    pub causal: i32,
-    /// Softmax scale applied to q·k.
-    pub scale: f32,
-    /// `scale · log2(e)`: the kernels exponentiate with exp2.
-    pub scale_log2: f32,
-}
-
-/// A size the kernels index with `int`: validation bounds every size by `MAX_ROWS`, so this only
-/// fails on a broken invariant.
-fn to_i32(what: &str, v: usize) -> Result<i32> {
-    match i32::try_from(v) {
-        Ok(x) => Ok(x),
-        Err(_) => bail!(
-            Shape,
-            "{what} = {v} does not fit the kernels' 32-bit indexing"
-        ),
-    }
-}
-
-impl AttentionShape {
-    /// The shape of a validated call.
-    pub(crate) fn new(
-        shape: &RawBatch,
-        heads_q: usize,
-        heads_kv: usize,
-        causal: bool,
-        scale: f32,
-    ) -> Result<Self> {
-        Ok(AttentionShape {
-            cu_seqlens_q: shape.cu_seqlens_q as u64,
-            cu_seqlens_k: shape.cu_seqlens_k as u64,
-            batch: to_i32("batch", shape.batch)?,
-            seqlen_q: to_i32("seqlen_q", shape.seqlen_q)?,
-            seqlen_k: to_i32("seqlen_k", shape.seqlen_k)?,
-            total_q: to_i32("rows of q", shape.total_q)?,
-            total_k: to_i32("rows of k", shape.total_k)?,
-            heads_q: to_i32("heads_q", heads_q)?,
-            heads_kv: to_i32("heads_kv", heads_kv)?,
-            causal: causal as i32,
-            scale,
-            scale_log2: scale * std::f32::consts::LOG2_E,
-        })
-    }
-}
-
-// SAFETY: plain-old-data with the C layout of DkAttentionShape (see attention_fwd_args_layout).
-unsafe impl DeviceRepr for AttentionShape {}
 
 /// Rust mirror of `DkAttentionFwdArgs` (cuda/include/dk_attention_fwd_args.h), passed by value.
 /// Pointers are device addresses (0 = null); strides are elements between token rows.
@@ -143,7 +72,6 @@ unsafe impl DeviceRepr for AttentionFwdArgs {}
 /// `shape.<field>`), for the layout test against the C headers. Used by this file's tests until
 /// src/lib.rs re-exports it (through `pub use` in attention/cuda/mod.rs) for tests/abi_layout.rs.
 #[doc(hidden)]
-#[allow(dead_code)]
 pub fn attention_fwd_args_layout() -> Vec<(&'static str, usize)> {
     use std::mem::{offset_of, size_of};
     let shape = offset_of!(AttentionFwdArgs, shape);
@@ -289,6 +217,7 @@ pub(crate) fn forward(dev: &CudaDevice, raw: &RawAttention, launch: &Launch<'_>)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attention::RawBatch;
 
     #[test]
     fn args_layout_matches_the_header() {

@@ -2,8 +2,13 @@
 
 mod backward;
 mod forward;
+mod shape;
 
+#[doc(hidden)]
+pub use backward::attention_bwd_args_layout;
 pub(crate) use backward::{backward, backward_workspace_size};
+#[doc(hidden)]
+pub use forward::attention_fwd_args_layout;
 pub(crate) use forward::forward;
 
 /// Kernels the attention launchers use (loaded from the fatbin when a device opens).
