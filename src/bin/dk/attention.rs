@@ -20,9 +20,11 @@
 use distill_kernels::attention::{Attention, AttentionBackward, AttentionParams, Batch};
 use distill_kernels::{DType, Location, Matrix, MatrixMut, Vector, VectorMut};
 
-use crate::backend::{median, Buf, Part, Runner};
-use crate::bench::{json_num, json_opt, json_str, sci, Progress};
-use crate::data::{fill_normal, mix, sample_rows, widen, HostBuf};
+use crate::backend::{measure, median, Buf, Runner};
+use crate::bench::{json_num, json_opt, json_str, json_strs, sci, Progress};
+use crate::data::{
+    count_nonfinite, err_string, f32s, fill_normal, mix, sample_rows, widen, HostBuf,
+};
 
 /// The shapes `dk bench` runs attention on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -585,31 +587,6 @@ fn rel_rows(got: &[Vec<f64>], want: &[Vec<f64>]) -> f64 {
     }
 }
 
-fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
-/// Elements of `dtype` whose exponent is all ones (NaN or ±inf: unwritten 0xFF poison, or a
-/// computed non-finite value).
-fn count_nonfinite(dtype: DType, bytes: &[u8]) -> usize {
-    match dtype {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .filter(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000)
-            .count(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80)
-            .count(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00)
-            .count(),
-    }
-}
-
 // ------------------------------------------------------------------------------------------
 // One shape: buffers, calls, rows
 
@@ -662,10 +639,6 @@ fn batch<'a>(spec: &Spec, a: Addrs, loc: Location) -> Batch<'a> {
             max_seqlen_k: lk.iter().copied().max().unwrap_or(0),
         },
     }
-}
-
-fn err_string<E: std::fmt::Display>(e: E) -> String {
-    e.to_string()
 }
 
 /// Generates the inputs, allocates and fills the backend buffers.
@@ -801,50 +774,6 @@ fn backward_call<'a>(spec: &Spec, dtype: DType, a: Addrs, loc: Location) -> Atte
             dv: MatrixMut::from_raw(a.dv, dtype, tk, kw, kw, loc),
         }
     }
-}
-
-/// What a measured result produced.
-struct Measured {
-    /// The outputs of the checked (first) run, downloaded.
-    first: Vec<Vec<u8>>,
-    /// Seconds, `[part][iteration]`.
-    part_times: Vec<Vec<f64>>,
-    host_s: Option<f64>,
-    /// A second poisoned run gave bitwise identical outputs.
-    same: bool,
-}
-
-/// Poisons `outputs`, runs `parts` once (checked run) and downloads the outputs, times `iters`
-/// runs, then poisons and runs once more and compares every output bitwise with the first.
-fn measure(
-    runner: &Runner,
-    parts: &[Part<'_>],
-    outputs: &mut [&mut Buf],
-    iters: usize,
-) -> Result<Measured, String> {
-    for o in outputs.iter_mut() {
-        runner.poison(o)?;
-    }
-    runner.run_parts(parts)?;
-    let first = outputs
-        .iter()
-        .map(|o| runner.download(o))
-        .collect::<Result<Vec<_>, _>>()?;
-    let timed = runner.time_parts(iters, parts)?;
-    for o in outputs.iter_mut() {
-        runner.poison(o)?;
-    }
-    runner.run_parts(parts)?;
-    let mut same = true;
-    for (o, a) in outputs.iter().zip(&first) {
-        same &= runner.download(o)? == *a;
-    }
-    Ok(Measured {
-        first,
-        part_times: timed.parts,
-        host_s: timed.host_s,
-        same,
-    })
 }
 
 /// Query rows that see no key: (global row, sequence, position).
@@ -1280,11 +1209,7 @@ pub fn to_json(rows: &[AttnRow], cuda: bool) -> String {
             checks,
             r.same.map_or("null".into(), |b| b.to_string()),
             r.ok,
-            r.problems
-                .iter()
-                .map(|p| json_str(p))
-                .collect::<Vec<_>>()
-                .join(", "),
+            json_strs(&r.problems),
             r.error.as_deref().map_or("null".into(), json_str),
             if i + 1 < rows.len() { "," } else { "" }
         );

@@ -320,6 +320,51 @@ pub struct Timed {
     pub host_s: Option<f64>,
 }
 
+/// What [`measure`] produced.
+pub struct Measured {
+    /// The outputs of the checked (first) run, downloaded.
+    pub first: Vec<Vec<u8>>,
+    /// Seconds, `[part][iteration]`.
+    pub part_times: Vec<Vec<f64>>,
+    /// CUDA: host seconds to enqueue one run.
+    pub host_s: Option<f64>,
+    /// A second poisoned run gave bitwise identical outputs.
+    pub same: bool,
+}
+
+/// Poisons `outputs`, runs `parts` once (checked run) and downloads the outputs, times `iters`
+/// runs, then poisons and runs once more and compares every output bitwise with the first.
+pub fn measure(
+    runner: &Runner,
+    parts: &[Part<'_>],
+    outputs: &mut [&mut Buf],
+    iters: usize,
+) -> Result<Measured, String> {
+    for o in outputs.iter_mut() {
+        runner.poison(o)?;
+    }
+    runner.run_parts(parts)?;
+    let first = outputs
+        .iter()
+        .map(|o| runner.download(o))
+        .collect::<Result<Vec<_>, _>>()?;
+    let timed = runner.time_parts(iters, parts)?;
+    for o in outputs.iter_mut() {
+        runner.poison(o)?;
+    }
+    runner.run_parts(parts)?;
+    let mut same = true;
+    for (o, a) in outputs.iter().zip(&first) {
+        same &= runner.download(o)? == *a;
+    }
+    Ok(Measured {
+        first,
+        part_times: timed.parts,
+        host_s: timed.host_s,
+        same,
+    })
+}
+
 /// Bytes of the scratch buffer the CUDA timing writes to evict the L2 cache (50 MB on H100,
 /// 60 MB on H200) and to hold the GPU busy while runs are queued.
 const FLUSH_BYTES: usize = 256 << 20;

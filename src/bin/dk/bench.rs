@@ -617,6 +617,15 @@ pub(crate) fn json_str(s: &str) -> String {
     o
 }
 
+/// The items of a JSON array of strings, `"a", "b"` (without the brackets).
+pub(crate) fn json_strs<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> String {
+    items
+        .into_iter()
+        .map(|x| json_str(x.as_ref()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub(crate) fn json_num(x: f64) -> String {
     if !x.is_finite() {
         "null".into()
@@ -689,11 +698,7 @@ fn to_json(info: &RunInfo<'_>, rows: &[Row], moe_rows: &[MoeRow], attn_rows: &[A
             m.tokens,
             m.iters,
             m.check_rows,
-            m.shapes
-                .iter()
-                .map(|x| json_str(x.name()))
-                .collect::<Vec<_>>()
-                .join(", ")
+            json_strs(m.shapes.iter().map(|x| x.name()))
         );
     }
     s += &format!(
@@ -727,12 +732,7 @@ fn to_json(info: &RunInfo<'_>, rows: &[Row], moe_rows: &[MoeRow], attn_rows: &[A
             json_opt(ok_time.then_some(r.check.loss_rel)),
             json_opt(ok_time.then_some(r.check.loss_abs)),
             r.ok,
-            r.check
-                .problems
-                .iter()
-                .map(|p| json_str(p))
-                .collect::<Vec<_>>()
-                .join(", "),
+            json_strs(&r.check.problems),
             r.error.as_deref().map_or("null".into(), json_str),
             if i + 1 < rows.len() { "," } else { "" }
         );
@@ -747,11 +747,7 @@ fn to_json(info: &RunInfo<'_>, rows: &[Row], moe_rows: &[MoeRow], attn_rows: &[A
             "  \"attention\": {{\"iters\": {}, \"check_rows\": {}, \"shapes\": [{}]}},\n",
             a.iters,
             a.check_rows,
-            a.shapes
-                .iter()
-                .map(|x| json_str(x.name()))
-                .collect::<Vec<_>>()
-                .join(", ")
+            json_strs(a.shapes.iter().map(|x| x.name()))
         );
     }
     s += &format!(

@@ -111,6 +111,37 @@ fn store(dtype: DType, x: f64, out: &mut [u8]) {
     }
 }
 
+/// Little-endian f32 values of `b`.
+pub fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Elements of `dtype` in `bytes` whose exponent is all ones (NaN or ±inf: the 0xFF poison of
+/// an unwritten element, or a computed non-finite value).
+pub fn count_nonfinite(dtype: DType, bytes: &[u8]) -> usize {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .filter(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000)
+            .count(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80)
+            .count(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00)
+            .count(),
+    }
+}
+
+/// An error's message (for `map_err`).
+pub fn err_string<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
 /// Widens one row stored as `dtype` bytes to f64 (exact).
 pub fn widen(dtype: DType, bytes: &[u8]) -> Vec<f64> {
     match dtype {

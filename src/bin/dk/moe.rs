@@ -23,9 +23,11 @@
 use distill_kernels::moe::{max_rows, Combine, Permute, Route, RouteParams, Score, SlotDot};
 use distill_kernels::{Context, DType, Launch, Location, Matrix, MatrixMut, Vector, VectorMut};
 
-use crate::backend::{median, Buf, Part, Runner};
-use crate::bench::{json_num, json_opt, json_str, pct, sci, Progress};
-use crate::data::{fill_normal, mix, sample_rows, widen, HostBuf};
+use crate::backend::{measure, median, Buf, Measured, Part, Runner};
+use crate::bench::{json_num, json_opt, json_str, json_strs, pct, sci, Progress};
+use crate::data::{
+    count_nonfinite, err_string, f32s, fill_normal, mix, sample_rows, widen, HostBuf,
+};
 
 /// The MoE shapes of `ANCHORS.md`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,31 +234,6 @@ fn i32s(b: &[u8]) -> Vec<i32> {
     b.chunks_exact(4)
         .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
-}
-
-fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
-/// Elements of `dtype` in `bytes` whose exponent is all ones (NaN or ±inf: the 0xFF poison of
-/// an unwritten element, or a computed non-finite value).
-fn count_nonfinite(dtype: DType, bytes: &[u8]) -> usize {
-    match dtype {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .filter(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000)
-            .count(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80)
-            .count(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00)
-            .count(),
-    }
 }
 
 /// `||got - want|| / ||want||` (or the absolute norm where `want` is 0); NaN if any value is.
@@ -737,53 +714,6 @@ struct Addrs {
     out_rows: *mut u8,
     out_tok: *mut u8,
     grad_w: *mut u8,
-}
-
-/// What one measured result produced: the outputs of the checked run, per-kernel times, and
-/// whether a second poisoned run wrote the same bits.
-struct Measured {
-    first: Vec<Vec<u8>>,
-    part_times: Vec<Vec<f64>>,
-    /// CUDA: host seconds to enqueue one run.
-    host_s: Option<f64>,
-    same: bool,
-}
-
-/// Poisons `outputs`, runs `parts` once (checked run) and downloads the outputs, times `iters`
-/// runs, then poisons and runs once more and compares every output bitwise with the first.
-fn measure(
-    runner: &Runner,
-    parts: &[Part<'_>],
-    outputs: &mut [&mut Buf],
-    iters: usize,
-) -> Result<Measured, String> {
-    for o in outputs.iter_mut() {
-        runner.poison(o)?;
-    }
-    runner.run_parts(parts)?;
-    let first = outputs
-        .iter()
-        .map(|o| runner.download(o))
-        .collect::<Result<Vec<_>, _>>()?;
-    let timed = runner.time_parts(iters, parts)?;
-    for o in outputs.iter_mut() {
-        runner.poison(o)?;
-    }
-    runner.run_parts(parts)?;
-    let mut same = true;
-    for (o, a) in outputs.iter().zip(&first) {
-        same &= runner.download(o)? == *a;
-    }
-    Ok(Measured {
-        first,
-        part_times: timed.parts,
-        host_s: timed.host_s,
-        same,
-    })
-}
-
-fn err_string<E: std::fmt::Display>(e: E) -> String {
-    e.to_string()
 }
 
 /// Rows of one shape (all ops), run in order; a failure to set up marks every row.
@@ -1498,11 +1428,7 @@ pub fn to_json(rows: &[MoeRow], copy_bw: f64) -> String {
             r.near_ties,
             r.same.map_or("null".into(), |b| b.to_string()),
             r.ok,
-            r.problems
-                .iter()
-                .map(|p| json_str(p))
-                .collect::<Vec<_>>()
-                .join(", "),
+            json_strs(&r.problems),
             r.error.as_deref().map_or("null".into(), json_str),
             if i + 1 < rows.len() { "," } else { "" }
         );
