@@ -37,6 +37,7 @@
 
 pub mod attention;
 pub mod capi;
+mod checks;
 pub mod device;
 pub mod divergence;
 pub mod error;

@@ -43,6 +43,7 @@ use super::{
     Attention, AttentionBackward, AttentionParams, Batch, RawAttention, RawAttentionBackward,
     RawBatch,
 };
+use crate::checks::{check_disjoint, check_location, Footprint};
 use crate::device::Context;
 use crate::error::{bail, Result};
 use crate::tensor::{DType, Location, Matrix, MatrixMut, Vector, VectorMut};
@@ -169,6 +170,12 @@ impl Region {
             self.start + (self.rows - 1) * self.stride_bytes + self.row_bytes
         }
     }
+}
+
+impl Footprint for Region {
+    fn what(&self) -> &str {
+        self.what
+    }
 
     /// Whether some byte lies in both regions. Exact when the two share a stride (or either has
     /// a single row); otherwise the byte ranges are compared.
@@ -199,17 +206,6 @@ impl Region {
         let hi = hi.min(self.rows as i128 - 1);
         lo <= hi
     }
-}
-
-fn check_location(ctx: &Context, what: &str, location: Location) -> Result<()> {
-    if location != ctx.location() {
-        bail!(
-            WrongDevice,
-            "{what} is in {location:?} memory but the context runs on {:?}",
-            ctx.location()
-        );
-    }
-    Ok(())
 }
 
 /// Locations of every view, then nulls, then dtypes (`mats[0]` is q, whose dtype every other
@@ -541,29 +537,6 @@ fn check_alignment(mats: &[Operand], vecs: &[Vec1]) -> Result<()> {
     Ok(())
 }
 
-/// Every output must be disjoint from every input and from every other output.
-fn check_disjoint(outputs: &[Region], inputs: &[Region]) -> Result<()> {
-    for (i, out) in outputs.iter().enumerate() {
-        if let Some(input) = inputs.iter().find(|s| out.overlaps(s)) {
-            bail!(
-                Shape,
-                "{} output overlaps the {} input",
-                out.what,
-                input.what
-            );
-        }
-        if let Some(other) = outputs[i + 1..].iter().find(|s| out.overlaps(s)) {
-            bail!(
-                Shape,
-                "{} output overlaps the {} output",
-                out.what,
-                other.what
-            );
-        }
-    }
-    Ok(())
-}
-
 /// Checks one host offset array: `cu[0] = 0`, non-decreasing, `cu[B]` = `rows`, every length
 /// at most `bound`.
 fn check_offsets(
@@ -767,7 +740,7 @@ impl RawAttentionBackward {
 
 #[cfg(test)]
 mod tests {
-    use super::Region;
+    use super::{Footprint, Region};
 
     fn mat(start: u128, rows: u128, row_bytes: u128, stride_bytes: u128) -> Region {
         Region {

@@ -23,9 +23,10 @@ mod params;
 
 pub use params::{Kind, Params, Reduction};
 
+use crate::checks::check_location;
 use crate::device::{Backend, Context, Launch};
 use crate::error::{bail, Result};
-use crate::tensor::{span_elems, DType, Location, Matrix, MatrixMut, Vector, VectorMut};
+use crate::tensor::{span_elems, DType, Matrix, MatrixMut, Vector, VectorMut};
 
 /// Inputs and outputs of one divergence call with the gradient in a separate buffer (or none).
 #[derive(Debug)]
@@ -229,17 +230,6 @@ impl RawDivergence {
         }
         Ok(())
     }
-}
-
-fn check_location(ctx: &Context, what: &str, location: Location) -> Result<()> {
-    if location != ctx.location() {
-        bail!(
-            WrongDevice,
-            "{what} is in {location:?} memory but the context runs on {:?}",
-            ctx.location()
-        );
-    }
-    Ok(())
 }
 
 struct Optionals<'a, 'b> {

@@ -7,9 +7,10 @@
 //! output must be disjoint from every input and from every other output.
 
 use super::{FusedLinear, FusedLinearParams, RawFusedLinear};
+use crate::checks::{check_disjoint, check_location, check_non_null, Footprint};
 use crate::device::Context;
 use crate::error::{bail, Result};
-use crate::tensor::{DType, Location, Matrix, MatrixMut, Vector, VectorMut};
+use crate::tensor::{DType, Matrix, MatrixMut, Vector, VectorMut};
 
 /// Largest N, V, H or Ht: the kernels and cuBLAS index with 32-bit integers.
 const MAX_DIM: usize = i32::MAX as usize;
@@ -61,28 +62,16 @@ impl Span {
             ),
         }
     }
+}
+
+impl Footprint for Span {
+    fn what(&self) -> &str {
+        self.what
+    }
 
     fn overlaps(&self, other: &Span) -> bool {
         self.start < other.end && other.start < self.end
     }
-}
-
-fn check_location(ctx: &Context, what: &str, location: Location) -> Result<()> {
-    if location != ctx.location() {
-        bail!(
-            WrongDevice,
-            "{what} is in {location:?} memory but the context runs on {:?}",
-            ctx.location()
-        );
-    }
-    Ok(())
-}
-
-fn check_non_null<T>(what: &str, ptr: *const T) -> Result<()> {
-    if ptr.is_null() {
-        bail!(NullPointer, "{what} pointer is null");
-    }
-    Ok(())
 }
 
 fn check_aligned(what: &str, ptr: *const u8, align: usize) -> Result<()> {
@@ -175,29 +164,6 @@ fn vector_out<T>(ctx: &Context, what: &str, v: &VectorMut<'_, T>, len: usize) ->
         bail!(Shape, "{what} has {} entries, {len} expected", v.len);
     }
     check_aligned(what, v.ptr.cast_const().cast(), std::mem::size_of::<T>())
-}
-
-/// Every output must be disjoint from every input and from every other output.
-fn check_disjoint(outputs: &[Span], inputs: &[Span]) -> Result<()> {
-    for (i, out) in outputs.iter().enumerate() {
-        if let Some(input) = inputs.iter().find(|s| out.overlaps(s)) {
-            bail!(
-                Shape,
-                "{} output overlaps the {} input",
-                out.what,
-                input.what
-            );
-        }
-        if let Some(other) = outputs[i + 1..].iter().find(|s| out.overlaps(s)) {
-            bail!(
-                Shape,
-                "{} output overlaps the {} output",
-                out.what,
-                other.what
-            );
-        }
-    }
-    Ok(())
 }
 
 impl RawFusedLinear {

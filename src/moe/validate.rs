@@ -13,9 +13,10 @@ use super::params::{MAX_HIDDEN, MAX_K, ROW_ALIGN};
 use super::{
     Combine, Permute, RawCombine, RawPermute, RawRoute, RawSlotDot, Route, RouteParams, SlotDot,
 };
+use crate::checks::{check_location, check_non_null};
 use crate::device::Context;
 use crate::error::{bail, Result};
-use crate::tensor::{span_elems, DType, Location, Matrix, MatrixMut, Vector, VectorMut};
+use crate::tensor::{span_elems, DType, Matrix, MatrixMut, Vector, VectorMut};
 
 /// Largest count or index that fits the int32 outputs (`perm`, `position`, `offsets`).
 const MAX_I32: usize = i32::MAX as usize;
@@ -109,24 +110,6 @@ fn check_rows_aligned(mats: &[(&str, *const u8, usize, DType)]) -> Result<()> {
                 dtype.name()
             );
         }
-    }
-    Ok(())
-}
-
-fn check_location(ctx: &Context, what: &str, location: Location) -> Result<()> {
-    if location != ctx.location() {
-        bail!(
-            WrongDevice,
-            "{what} is in {location:?} memory but the context runs on {:?}",
-            ctx.location()
-        );
-    }
-    Ok(())
-}
-
-fn check_non_null<T>(what: &str, ptr: *const T) -> Result<()> {
-    if ptr.is_null() {
-        bail!(NullPointer, "{what} pointer is null");
     }
     Ok(())
 }

@@ -1,0 +1,57 @@
+//! Validation checks shared by the operations' `validate` modules: a view's location against
+//! the context's, null pointers, and output regions disjoint from inputs and from each other.
+
+use crate::device::Context;
+use crate::error::{bail, Result};
+use crate::tensor::Location;
+
+/// A view must live where the context runs.
+pub(crate) fn check_location(ctx: &Context, what: &str, location: Location) -> Result<()> {
+    if location != ctx.location() {
+        bail!(
+            WrongDevice,
+            "{what} is in {location:?} memory but the context runs on {:?}",
+            ctx.location()
+        );
+    }
+    Ok(())
+}
+
+/// A required pointer must not be null.
+pub(crate) fn check_non_null<T>(what: &str, ptr: *const T) -> Result<()> {
+    if ptr.is_null() {
+        bail!(NullPointer, "{what} pointer is null");
+    }
+    Ok(())
+}
+
+/// The memory an operand touches, named for error messages.
+pub(crate) trait Footprint {
+    /// The operand's name.
+    fn what(&self) -> &str;
+    /// Whether some byte lies in both footprints.
+    fn overlaps(&self, other: &Self) -> bool;
+}
+
+/// Every output must be disjoint from every input and from every other output.
+pub(crate) fn check_disjoint<F: Footprint>(outputs: &[F], inputs: &[F]) -> Result<()> {
+    for (i, out) in outputs.iter().enumerate() {
+        if let Some(input) = inputs.iter().find(|s| out.overlaps(s)) {
+            bail!(
+                Shape,
+                "{} output overlaps the {} input",
+                out.what(),
+                input.what()
+            );
+        }
+        if let Some(other) = outputs[i + 1..].iter().find(|s| out.overlaps(s)) {
+            bail!(
+                Shape,
+                "{} output overlaps the {} output",
+                out.what(),
+                other.what()
+            );
+        }
+    }
+    Ok(())
+}
