@@ -5,7 +5,7 @@ use std::ffi::c_void;
 
 use super::context::{context, DkContext};
 use super::divergence::dtype;
-use super::{boundary, read_arg, to_usize, DkStatus};
+use super::{boundary, read_arg, to_usize, write_workspace_size, DkStatus};
 use crate::attention::{Attention, AttentionBackward, AttentionParams, Batch};
 use crate::device::{Context, Launch};
 use crate::error::{bail, Result};
@@ -366,19 +366,13 @@ pub unsafe extern "C" fn dk_attention_backward_workspace_size(
     params: *const DkAttentionParams,
     bytes: *mut usize,
 ) -> DkStatus {
-    boundary(|| {
-        // SAFETY: forwarded contract.
-        let c = unsafe { context(ctx)? };
-        if bytes.is_null() {
-            bail!(NullPointer, "bytes (output) is null");
-        }
+    let size = |c: &Context| {
         // SAFETY: forwarded contract.
         let (call, params) = unsafe { backward_from_c(c, args, params)? };
-        let size = c.attention_backward_workspace_size(&call, &params)?;
-        // SAFETY: checked non-null.
-        unsafe { *bytes = size };
-        Ok(())
-    })
+        c.attention_backward_workspace_size(&call, &params)
+    };
+    // SAFETY: forwarded contract.
+    unsafe { write_workspace_size(ctx, bytes, size) }
 }
 
 /// Attention backward on the caller's stream: `dq`, `dk` and `dv`. `workspace` may be NULL (the

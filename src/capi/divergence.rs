@@ -3,7 +3,7 @@
 use std::ffi::c_void;
 
 use super::context::{context, DkContext};
-use super::{boundary, read_arg, to_usize, DkStatus};
+use super::{boundary, read_arg, to_usize, write_workspace_size, DkStatus};
 use crate::device::Launch;
 use crate::divergence::{Divergence, Kind, Params, Reduction};
 use crate::error::{bail, Result};
@@ -120,17 +120,12 @@ pub unsafe extern "C" fn dk_divergence_workspace_size(
     n: i64,
     bytes: *mut usize,
 ) -> DkStatus {
-    boundary(|| {
-        // SAFETY: forwarded contract.
-        let c = unsafe { context(ctx)? };
-        if bytes.is_null() {
-            bail!(NullPointer, "bytes (output) is null");
-        }
-        let n = to_usize("n", n)?;
-        // SAFETY: checked non-null.
-        unsafe { *bytes = c.divergence_workspace_size(n) };
-        Ok(())
-    })
+    // SAFETY: forwarded contract.
+    unsafe {
+        write_workspace_size(ctx, bytes, |c| {
+            Ok(c.divergence_workspace_size(to_usize("n", n)?))
+        })
+    }
 }
 
 /// Runs the divergence on the caller's stream. `workspace` may be NULL (the library allocates,

@@ -4,7 +4,7 @@ use std::ffi::c_void;
 
 use super::context::{context, DkContext};
 use super::divergence::{dtype, params_from_c, DkDivergenceParams};
-use super::{boundary, read_arg, to_usize, DkStatus};
+use super::{boundary, read_arg, to_usize, write_workspace_size, DkStatus};
 use crate::device::{Context, Launch};
 use crate::error::{bail, Result};
 use crate::fused::{FusedLinear, FusedLinearParams};
@@ -192,19 +192,13 @@ pub unsafe extern "C" fn dk_fused_linear_workspace_size(
     params: *const DkFusedLinearParams,
     bytes: *mut usize,
 ) -> DkStatus {
-    boundary(|| {
-        // SAFETY: forwarded contract.
-        let c = unsafe { context(ctx)? };
-        if bytes.is_null() {
-            bail!(NullPointer, "bytes (output) is null");
-        }
+    let size = |c: &Context| {
         // SAFETY: forwarded contract.
         let (call, params) = unsafe { call_from_c(c, args, params)? };
-        let size = c.fused_linear_workspace_size(&call, &params)?;
-        // SAFETY: checked non-null.
-        unsafe { *bytes = size };
-        Ok(())
-    })
+        c.fused_linear_workspace_size(&call, &params)
+    };
+    // SAFETY: forwarded contract.
+    unsafe { write_workspace_size(ctx, bytes, size) }
 }
 
 /// Runs the fused linear divergence on the caller's stream. `workspace` may be NULL (the library

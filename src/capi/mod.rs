@@ -15,6 +15,7 @@ pub mod moe;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use crate::device::Context;
 use crate::error::{Error, ErrorKind, Result};
 
 /// Status codes returned by every C function (`dk_status`).
@@ -65,4 +66,27 @@ pub(crate) unsafe fn read_arg<T: Copy>(what: &str, p: *const T) -> Result<T> {
 pub(crate) fn to_usize(what: &str, x: i64) -> Result<usize> {
     usize::try_from(x)
         .map_err(|_| Error::new(ErrorKind::Shape, format!("{what} must be >= 0, got {x}")))
+}
+
+/// The body of a `dk_*_workspace_size` export: checks `ctx` and then `bytes` for null, computes
+/// the size with `size` and writes it to `bytes`, behind the panic boundary.
+///
+/// # Safety
+/// `ctx` null or a live context; `bytes` null or valid for one write.
+pub(crate) unsafe fn write_workspace_size(
+    ctx: *const context::DkContext,
+    bytes: *mut usize,
+    size: impl FnOnce(&Context) -> Result<usize>,
+) -> DkStatus {
+    boundary(|| {
+        // SAFETY: forwarded contract.
+        let c = unsafe { context::context(ctx)? };
+        if bytes.is_null() {
+            return Err(Error::new(ErrorKind::NullPointer, "bytes (output) is null"));
+        }
+        let n = size(c)?;
+        // SAFETY: checked non-null.
+        unsafe { *bytes = n };
+        Ok(())
+    })
 }

@@ -3,7 +3,7 @@
 use std::ffi::c_void;
 
 use super::context::{context, DkContext};
-use super::{boundary, read_arg, to_usize, DkStatus};
+use super::{boundary, read_arg, to_usize, write_workspace_size, DkStatus};
 use crate::device::{Context, Launch};
 use crate::error::{bail, Result};
 use crate::moe::{Combine, Permute, Route, RouteParams, Score, SlotDot};
@@ -253,19 +253,15 @@ pub unsafe extern "C" fn dk_moe_route_workspace_size(
     k: i32,
     bytes: *mut usize,
 ) -> DkStatus {
-    boundary(|| {
-        // SAFETY: forwarded contract.
-        let c = unsafe { context(ctx)? };
-        if bytes.is_null() {
-            bail!(NullPointer, "bytes (output) is null");
-        }
-        let n = to_usize("n", n)?;
-        let e = to_usize("e", e as i64)?;
-        let k = to_usize("k", k as i64)?;
-        // SAFETY: checked non-null.
-        unsafe { *bytes = c.moe_route_workspace_size(n, e, k) };
-        Ok(())
-    })
+    // SAFETY: forwarded contract.
+    unsafe {
+        write_workspace_size(ctx, bytes, |c| {
+            let n = to_usize("n", n)?;
+            let e = to_usize("e", e as i64)?;
+            let k = to_usize("k", k as i64)?;
+            Ok(c.moe_route_workspace_size(n, e, k))
+        })
+    }
 }
 
 /// Borrows the caller's stream and workspace.
