@@ -25,6 +25,9 @@ use distill_kernels::{
 };
 use half::bf16;
 
+mod common;
+use common::bf16s;
+
 /// A benchmarked attention shape (padded batch, Sq = Sk = S).
 #[derive(Clone, Copy)]
 struct Shape {
@@ -79,20 +82,6 @@ impl Shape {
 const FWD: (&str, u64) = ("forward", 10);
 const BWD: (&str, u64) = ("backward", 25);
 const FWD_BWD: (&str, u64) = ("forward_backward", 35);
-
-/// SplitMix64 mapped to uniform values in [-2, 2), as bf16.
-fn bf16s(count: usize, seed: u64) -> Vec<bf16> {
-    let mut state = seed;
-    (0..count)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            bf16::from_f32(((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0)
-        })
-        .collect()
-}
 
 fn cpu_shapes() -> Vec<Shape> {
     let mut out = Vec::new();
@@ -176,7 +165,8 @@ fn bench_cpu(c: &mut Criterion) {
 
 mod cuda {
     use super::*;
-    use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+    use common::cuda::{iter_synced, ptr, setup};
+    use cudarc::driver::{CudaSlice, CudaStream};
     use std::sync::Arc;
 
     /// The shapes of ANCHORS.md.
@@ -199,21 +189,6 @@ mod cuda {
                 causal: true,
             },
         ]
-    }
-
-    /// Why CUDA benches cannot run here, or the context to run them on.
-    fn open() -> Result<Context, String> {
-        if !distill_kernels::device::cuda_driver_present() {
-            return Err("no CUDA driver".into());
-        }
-        if distill_kernels::device::cuda_device_count() == 0 {
-            return Err("no CUDA device".into());
-        }
-        Context::cuda(0).map_err(|e| e.to_string())
-    }
-
-    fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
-        s.device_ptr(stream).0
     }
 
     /// Device buffers of one shape.
@@ -334,17 +309,9 @@ mod cuda {
     }
 
     pub fn bench(c: &mut Criterion) {
-        let ctx = match open() {
-            Ok(ctx) => ctx,
-            Err(why) => {
-                println!("attention/cuda: skipped ({why})");
-                return;
-            }
+        let Some((ctx, stream)) = setup("attention/cuda") else {
+            return;
         };
-        let cu = CudaContext::new(0).expect("primary context");
-        // SAFETY: one stream only, so cudarc's cross-stream event tracking is not needed.
-        unsafe { cu.disable_event_tracking() };
-        let stream = cu.new_stream().expect("stream");
         let mut group = c.benchmark_group("attention/cuda");
         for sh in shapes() {
             let (rows, qc, kc) = (sh.rows(), sh.qc(), sh.kc());
@@ -391,12 +358,6 @@ mod cuda {
             }
             stream.synchronize().expect("sync");
             let id = |pass: &str| BenchmarkId::new(pass.to_string(), sh.name());
-            let timed = |b: &mut criterion::Bencher<'_>, f: &dyn Fn()| {
-                b.iter(|| {
-                    f();
-                    stream.synchronize().unwrap();
-                })
-            };
             let fwd = || run.forward().unwrap();
             let bwd = || run.backward(true).unwrap();
             let bwd_nondet = || run.backward(false).unwrap();
@@ -411,7 +372,7 @@ mod cuda {
                 (FWD_BWD.0, FWD_BWD.1, &both),
             ] {
                 group.throughput(Throughput::Elements(sh.flops() * tenths / 10));
-                group.bench_function(id(name), |b| timed(b, f));
+                group.bench_function(id(name), |b| iter_synced(b, &stream, f));
             }
             stream.synchronize().expect("sync");
         }

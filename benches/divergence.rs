@@ -18,6 +18,8 @@ use distill_kernels::divergence::{Divergence, Kind, Params};
 use distill_kernels::{Context, DType, Launch, Location, Matrix, MatrixMut, VectorMut};
 use half::bf16;
 
+mod common;
+
 const V: usize = 151_936;
 const CPU_ROWS: usize = 4;
 const CUDA_ROWS: usize = 4096;
@@ -90,32 +92,14 @@ fn bench_cpu(c: &mut Criterion) {
 
 mod cuda {
     use super::*;
-    use cudarc::driver::{CudaContext, CudaSlice, DevicePtr};
-
-    /// Why CUDA benches cannot run here, or the context to run them on.
-    fn open() -> Result<Context, String> {
-        if !distill_kernels::device::cuda_driver_present() {
-            return Err("no CUDA driver".into());
-        }
-        if distill_kernels::device::cuda_device_count() == 0 {
-            return Err("no CUDA device".into());
-        }
-        Context::cuda(0).map_err(|e| e.to_string())
-    }
+    use common::cuda::{ptr, setup};
+    use cudarc::driver::CudaSlice;
 
     pub fn bench(c: &mut Criterion) {
-        let ctx = match open() {
-            Ok(ctx) => ctx,
-            Err(why) => {
-                println!("divergence/cuda: skipped ({why})");
-                return;
-            }
+        let Some((ctx, stream)) = setup("divergence/cuda") else {
+            return;
         };
         let (n, v) = (CUDA_ROWS, V);
-        let cu = CudaContext::new(0).expect("primary context");
-        // SAFETY: one stream only, so cudarc's cross-stream event tracking is not needed.
-        unsafe { cu.disable_event_tracking() };
-        let stream = cu.new_stream().expect("stream");
         // 256 distinct random rows, tiled over N rows at distinct addresses (no cache reuse).
         let tile = 256.min(n);
         let (s_host, t_host) = logits(tile * v, 2);
@@ -141,11 +125,11 @@ mod cuda {
             r0 += k;
         }
         let (sp, tp, gp, lp, wp) = (
-            student.device_ptr(&stream).0,
-            teacher.device_ptr(&stream).0,
-            grad.device_ptr(&stream).0,
-            loss.device_ptr(&stream).0,
-            ws.device_ptr(&stream).0,
+            ptr(&student, &stream),
+            ptr(&teacher, &stream),
+            ptr(&grad, &stream),
+            ptr(&loss, &stream),
+            ptr(&ws, &stream),
         );
         let loc = Location::Cuda(0);
         let mut group = c.benchmark_group("divergence/cuda");

@@ -22,6 +22,9 @@ use distill_kernels::moe::{Combine, Permute, Route, RouteParams, Score, SlotDot}
 use distill_kernels::{Context, DType, Launch, Location, Matrix, MatrixMut, Vector, VectorMut};
 use half::bf16;
 
+mod common;
+use common::{bf16s, uniform};
+
 const CPU_ROUTE_TOKENS: usize = 1024;
 const CPU_TOKENS: usize = 128;
 const CUDA_TOKENS: usize = 16384;
@@ -68,27 +71,6 @@ fn shapes() -> [Shape; 3] {
             scaled_input: false,
         },
     ]
-}
-
-/// SplitMix64 mapped to uniform values in [-2, 2).
-fn uniform(count: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed;
-    (0..count)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-        })
-        .collect()
-}
-
-fn bf16s(count: usize, seed: u64) -> Vec<bf16> {
-    uniform(count, seed)
-        .into_iter()
-        .map(bf16::from_f32)
-        .collect()
 }
 
 /// Floor bytes of a route call.
@@ -233,36 +215,13 @@ fn bench_cpu(c: &mut Criterion) {
 
 mod cuda {
     use super::*;
-    use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
-    use std::sync::Arc;
-
-    /// Why CUDA benches cannot run here, or the context to run them on.
-    fn open() -> Result<Context, String> {
-        if !distill_kernels::device::cuda_driver_present() {
-            return Err("no CUDA driver".into());
-        }
-        if distill_kernels::device::cuda_device_count() == 0 {
-            return Err("no CUDA device".into());
-        }
-        Context::cuda(0).map_err(|e| e.to_string())
-    }
-
-    fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
-        s.device_ptr(stream).0
-    }
+    use common::cuda::{iter_synced, ptr, setup};
+    use cudarc::driver::CudaSlice;
 
     pub fn bench(c: &mut Criterion) {
-        let ctx = match open() {
-            Ok(ctx) => ctx,
-            Err(why) => {
-                println!("moe/cuda: skipped ({why})");
-                return;
-            }
+        let Some((ctx, stream)) = setup("moe/cuda") else {
+            return;
         };
-        let cu = CudaContext::new(0).expect("primary context");
-        // SAFETY: one stream only, so cudarc's cross-stream event tracking is not needed.
-        unsafe { cu.disable_event_tracking() };
-        let stream = cu.new_stream().expect("stream");
         let loc = Location::Cuda(0);
         let n = CUDA_TOKENS;
         let mut group = c.benchmark_group("moe/cuda");
@@ -364,12 +323,7 @@ mod cuda {
                 ("combine", cb, &combine),
             ] {
                 group.throughput(Throughput::Bytes(bytes));
-                group.bench_function(id(name), |b| {
-                    b.iter(|| {
-                        f();
-                        stream.synchronize().unwrap();
-                    })
-                });
+                group.bench_function(id(name), |b| iter_synced(b, &stream, f));
             }
             stream.synchronize().expect("sync");
         }
