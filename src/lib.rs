@@ -43,6 +43,7 @@ pub mod divergence;
 pub mod error;
 pub mod fused;
 pub mod moe;
+mod parallel;
 pub mod tensor;
 
 pub use device::{Context, Launch};

@@ -19,25 +19,11 @@ use half::{bf16, f16};
 
 use super::{RawAttention, RawAttentionBackward, RawBatch};
 use crate::error::Result;
+use crate::parallel::Shared;
 use crate::tensor::{DType, Element};
 
 /// Multiply-adds of work below which a call stays on one thread (per extra thread).
 const WORK_PER_THREAD: usize = 1 << 18;
-
-/// Raw pointers shared with the worker threads.
-struct Shared<T>(T);
-// SAFETY: the workers read shared inputs and each writes only the output elements of its own
-// items (disjoint by construction, see the module docs).
-unsafe impl<T> Send for Shared<T> {}
-// SAFETY: as above.
-unsafe impl<T> Sync for Shared<T> {}
-
-impl<T> Shared<T> {
-    /// The wrapped value (a method, so closures capture the whole `Shared`, not its field).
-    fn get(&self) -> &T {
-        &self.0
-    }
-}
 
 /// One sequence: its first query row and query count, its first key row and key count.
 #[derive(Debug, Clone, Copy)]
@@ -285,7 +271,9 @@ pub(crate) unsafe fn forward(raw: &RawAttention) -> Result<()> {
     let (hq, d) = (raw.heads_q, raw.head_dim);
     let group = raw.heads_q / raw.heads_kv;
     let scale = raw.scale as f64;
-    let shared = Shared(*raw);
+    // SAFETY: the workers read shared inputs and each writes only the output elements of its
+    // own items (disjoint by construction, see the module docs).
+    let shared = unsafe { Shared::new(*raw) };
     let threads = threads_for(work(&seqs, hq, d));
     for_each_item(
         seqs.len() * hq,
@@ -364,7 +352,9 @@ pub(crate) unsafe fn backward(raw: &RawAttentionBackward) -> Result<()> {
     let scale = raw.scale as f64;
     // Bitwise reproducible whatever `raw.deterministic` asks: no item depends on another.
     let _ = raw.deterministic;
-    let shared = Shared(*raw);
+    // SAFETY: the workers read shared inputs and each writes only the output elements of its
+    // own items (disjoint by construction, see the module docs).
+    let shared = unsafe { Shared::new(*raw) };
     // Backward is about 2.5× the forward's multiply-adds.
     let threads = threads_for(work(&seqs, hq, d).saturating_mul(5) / 2);
     for_each_item(

@@ -4,6 +4,7 @@
 use half::{bf16, f16};
 
 use super::{Kind, Params, RawDivergence, Reduction};
+use crate::parallel::Shared;
 use crate::tensor::{DType, Element};
 
 /// Loss of one row and, when `grad` is given, d(loss)/dz for z = logits / T (unscaled).
@@ -197,14 +198,6 @@ pub(crate) unsafe fn reduction_scale(labels: *const i64, n: usize, params: &Para
     }
 }
 
-/// Copyable raw pointers for the worker threads.
-#[derive(Clone, Copy)]
-struct Shared(RawDivergence);
-// SAFETY: each worker reads shared inputs and writes only its own rows of the outputs.
-unsafe impl Send for Shared {}
-// SAFETY: as above.
-unsafe impl Sync for Shared {}
-
 /// Runs the whole call on the host.
 ///
 /// # Safety
@@ -222,14 +215,15 @@ pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) {
         .min(n)
         .max(1);
     let rows_per = n.div_ceil(threads);
-    let shared = Shared(*raw);
+    // SAFETY: each worker reads shared inputs and writes only its own rows of the outputs.
+    let shared = unsafe { Shared::new(*raw) };
     let ignore = params.ignore_index;
     let mut row_loss = vec![0.0f64; n];
     std::thread::scope(|scope| {
         for (chunk_idx, chunk) in row_loss.chunks_mut(rows_per).enumerate() {
             let shared = &shared;
             scope.spawn(move || {
-                let raw = &shared.0;
+                let raw = shared.get();
                 let mut b = vec![0.0f64; v];
                 let mut a = vec![0.0f64; v];
                 let mut g = vec![0.0f64; if raw.grad.is_null() { 0 } else { v }];

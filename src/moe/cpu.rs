@@ -13,24 +13,11 @@ use half::{bf16, f16};
 
 use super::{RawCombine, RawPermute, RawRoute, RawSlotDot, RouteParams, Score};
 use crate::error::{bail, Result};
+use crate::parallel::Shared;
 use crate::tensor::{DType, Element};
 
 /// Elements of work below which a call stays on one thread.
 const WORK_PER_THREAD: usize = 1 << 15;
-
-/// Raw pointers shared with the worker threads.
-struct Shared<T>(T);
-// SAFETY: the workers read shared inputs and each writes only its own rows of the outputs.
-unsafe impl<T> Send for Shared<T> {}
-// SAFETY: as above.
-unsafe impl<T> Sync for Shared<T> {}
-
-impl<T> Shared<T> {
-    /// The wrapped value (a method, so closures capture the whole `Shared`, not its field).
-    fn get(&self) -> &T {
-        &self.0
-    }
-}
 
 /// How many threads `items` items of `work_per_item` elements each deserve.
 fn threads_for(items: usize, work_per_item: usize) -> usize {
@@ -266,7 +253,8 @@ pub(crate) unsafe fn route(raw: &RawRoute, params: &RouteParams) -> Result<()> {
     let mut weights = vec![0f32; n * k];
     let threads = threads_for(n, e * 8);
     let per = n.div_ceil(threads);
-    let shared = Shared(*raw);
+    // SAFETY: the workers read shared inputs and each writes only its own rows of the outputs.
+    let shared = unsafe { Shared::new(*raw) };
     std::thread::scope(|scope| {
         for (chunk, (ids, weights)) in ids
             .chunks_mut(per * k)
@@ -359,7 +347,8 @@ pub(crate) unsafe fn permute(raw: &RawPermute) -> Result<()> {
         Some(unsafe { std::slice::from_raw_parts(raw.weights, raw.n * raw.k) })
     };
     unsafe fn typed<T: Element>(raw: &RawPermute, perm: &[i32], weights: Option<&[f32]>) {
-        let shared = Shared(*raw);
+        // SAFETY: the workers read shared inputs and each writes only its own rows of the outputs.
+        let shared = unsafe { Shared::new(*raw) };
         for_each_range(raw.rows, raw.h, |range| {
             let raw = shared.get();
             for r in range {
@@ -408,7 +397,8 @@ pub(crate) unsafe fn combine(raw: &RawCombine) -> Result<()> {
         Some(unsafe { std::slice::from_raw_parts(raw.weights, slots) })
     };
     unsafe fn typed<T: Element>(raw: &RawCombine, position: &[i32], weights: Option<&[f32]>) {
-        let shared = Shared(*raw);
+        // SAFETY: the workers read shared inputs and each writes only its own rows of the outputs.
+        let shared = unsafe { Shared::new(*raw) };
         for_each_range(raw.n, raw.h * raw.k, |range| {
             let raw = shared.get();
             let mut acc = vec![0.0f64; raw.h];
@@ -455,7 +445,8 @@ pub(crate) unsafe fn slot_dot(raw: &RawSlotDot) -> Result<()> {
     let position = unsafe { std::slice::from_raw_parts(raw.position, slots) };
     check_indices("position", position, raw.rows)?;
     unsafe fn typed<T: Element>(raw: &RawSlotDot, position: &[i32]) {
-        let shared = Shared(*raw);
+        // SAFETY: the workers read shared inputs and each writes only its own rows of the outputs.
+        let shared = unsafe { Shared::new(*raw) };
         for_each_range(raw.n, raw.h * raw.k, |range| {
             let raw = shared.get();
             for t in range {
