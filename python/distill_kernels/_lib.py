@@ -483,6 +483,11 @@ def _declare(l: ctypes.CDLL) -> None:
     l.dk_divergence.restype = ctypes.c_int32
 
 
+def _first_missing(l: ctypes.CDLL, names) -> Optional[str]:
+    """The first of ``names`` that ``l`` does not export (None if it exports them all)."""
+    return next((name for name in names if not hasattr(l, name)), None)
+
+
 _MOE_SYMBOLS = (
     "dk_moe_max_rows",
     "dk_moe_route_params_default",
@@ -499,9 +504,9 @@ def _declare_moe(l: ctypes.CDLL) -> Optional[str]:
 
     A library built before the MoE operation lacks them: the divergence must keep working with
     it, so a missing symbol is only reported when an MoE function is called (see moe_lib)."""
-    for name in _MOE_SYMBOLS:
-        if not hasattr(l, name):
-            return name
+    missing = _first_missing(l, _MOE_SYMBOLS)
+    if missing is not None:
+        return missing
     c_ctx_p = ctypes.c_void_p
     i32, i64, vp = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
     l.dk_moe_max_rows.argtypes = [i64, i32, i32, i32, i64]
@@ -539,9 +544,9 @@ def _declare_fused(l: ctypes.CDLL) -> Optional[str]:
     """Declares the fused linear divergence functions; returns the first missing symbol's name
     (None if all exist). Like the MoE ones, a missing symbol is only reported when the fused
     operation is called (see fused_lib)."""
-    for name in _FUSED_SYMBOLS:
-        if not hasattr(l, name):
-            return name
+    missing = _first_missing(l, _FUSED_SYMBOLS)
+    if missing is not None:
+        return missing
     c_ctx_p, vp = ctypes.c_void_p, ctypes.c_void_p
     l.dk_fused_linear_params_default.argtypes = []
     l.dk_fused_linear_params_default.restype = FusedLinearParams
@@ -576,9 +581,9 @@ def _declare_attention(l: ctypes.CDLL) -> Optional[str]:
     """Declares the attention functions; returns the first missing symbol's name (None if all
     exist). Like the MoE ones, a missing symbol is only reported when attention is called (see
     attention_lib)."""
-    for name in _ATTENTION_SYMBOLS:
-        if not hasattr(l, name):
-            return name
+    missing = _first_missing(l, _ATTENTION_SYMBOLS)
+    if missing is not None:
+        return missing
     c_ctx_p, vp = ctypes.c_void_p, ctypes.c_void_p
     l.dk_attention_params_default.argtypes = []
     l.dk_attention_params_default.restype = AttentionParams
@@ -624,14 +629,14 @@ def _check_version(found: str, path: Path) -> None:
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _lib_path: Optional[Path] = None
-_moe_missing: Optional[str] = None
-_fused_missing: Optional[str] = None
-_attention_missing: Optional[str] = None
+# Per optional operation ("moe", "fused", "attention"): the first of its symbols the loaded
+# library lacks, or None.
+_missing: Dict[str, Optional[str]] = {}
 
 
 def lib() -> ctypes.CDLL:
     """The loaded library (loaded, declared and version-checked on first use)."""
-    global _lib, _lib_path, _moe_missing, _fused_missing, _attention_missing
+    global _lib, _lib_path
     if _lib is not None:
         return _lib
     with _lock:
@@ -642,46 +647,41 @@ def lib() -> ctypes.CDLL:
             except OSError as e:
                 raise LibraryNotFoundError(f"could not load {path}: {e}; " + _HOW_TO_BUILD) from e
             _declare(l)
-            _moe_missing = _declare_moe(l)
-            _fused_missing = _declare_fused(l)
-            _attention_missing = _declare_attention(l)
+            _missing["moe"] = _declare_moe(l)
+            _missing["fused"] = _declare_fused(l)
+            _missing["attention"] = _declare_attention(l)
             _check_version(l.dk_version().decode(), path)
             _lib_path = path
             _lib = l
     return _lib
 
 
-def moe_lib() -> ctypes.CDLL:
-    """The loaded library, checked to export the MoE dispatch functions (``dk_moe_*``)."""
+def _lib_exporting(key: str, operation: str) -> ctypes.CDLL:
+    """The loaded library, or LibraryNotFoundError naming the first symbol of ``operation`` (the
+    ``_missing`` entry ``key``) it lacks."""
     l = lib()
-    if _moe_missing is not None:
+    missing = _missing[key]
+    if missing is not None:
         raise LibraryNotFoundError(
-            f"libdistill_kernels at {_lib_path} does not export {_moe_missing} (it was built "
-            "without the MoE dispatch operation); rebuild it with `cargo build --release`"
+            f"libdistill_kernels at {_lib_path} does not export {missing} (it was built "
+            f"without {operation}); rebuild it with `cargo build --release`"
         )
     return l
+
+
+def moe_lib() -> ctypes.CDLL:
+    """The loaded library, checked to export the MoE dispatch functions (``dk_moe_*``)."""
+    return _lib_exporting("moe", "the MoE dispatch operation")
 
 
 def fused_lib() -> ctypes.CDLL:
     """The loaded library, checked to export the fused linear divergence (``dk_fused_linear_*``)."""
-    l = lib()
-    if _fused_missing is not None:
-        raise LibraryNotFoundError(
-            f"libdistill_kernels at {_lib_path} does not export {_fused_missing} (it was built "
-            "without the fused linear divergence); rebuild it with `cargo build --release`"
-        )
-    return l
+    return _lib_exporting("fused", "the fused linear divergence")
 
 
 def attention_lib() -> ctypes.CDLL:
     """The loaded library, checked to export grouped-query attention (``dk_attention_*``)."""
-    l = lib()
-    if _attention_missing is not None:
-        raise LibraryNotFoundError(
-            f"libdistill_kernels at {_lib_path} does not export {_attention_missing} (it was "
-            "built without attention); rebuild it with `cargo build --release`"
-        )
-    return l
+    return _lib_exporting("attention", "attention")
 
 
 def library_path() -> Path:
@@ -907,13 +907,18 @@ def moe_max_rows(n: int, e: int, k: int, block: int, capacity: int) -> int:
     return rows
 
 
-def moe_route_workspace_size(handle: int, n: int, e: int, k: int) -> int:
+def _workspace_size(fn, name: str, *args) -> int:
+    """Calls the ``dk_*_workspace_size`` function ``fn`` (named ``name``) with ``args`` and a
+    ``size_t`` out-pointer; the size it wrote."""
     size = ctypes.c_size_t(0)
-    check(
-        moe_lib().dk_moe_route_workspace_size(handle, n, e, k, ctypes.byref(size)),
-        "dk_moe_route_workspace_size",
-    )
+    check(fn(*args, ctypes.byref(size)), name)
     return int(size.value)
+
+
+def moe_route_workspace_size(handle: int, n: int, e: int, k: int) -> int:
+    return _workspace_size(
+        moe_lib().dk_moe_route_workspace_size, "dk_moe_route_workspace_size", handle, n, e, k
+    )
 
 
 def moe_route_call(handle, args: MoeRouteArgs, params: MoeRouteParams, workspace, ws_bytes,
@@ -979,14 +984,10 @@ def make_fused_params(
 
 
 def fused_workspace_size(handle, args: FusedLinearArgs, params: FusedLinearParams) -> int:
-    size = ctypes.c_size_t(0)
-    check(
-        fused_lib().dk_fused_linear_workspace_size(
-            handle, ctypes.byref(args), ctypes.byref(params), ctypes.byref(size)
-        ),
-        "dk_fused_linear_workspace_size",
+    return _workspace_size(
+        fused_lib().dk_fused_linear_workspace_size, "dk_fused_linear_workspace_size",
+        handle, ctypes.byref(args), ctypes.byref(params),
     )
-    return int(size.value)
 
 
 def fused_call(handle, args: FusedLinearArgs, params: FusedLinearParams, workspace, ws_bytes,
@@ -1056,14 +1057,11 @@ def attention_forward_call(handle, args: AttentionArgs, params: AttentionParams,
 
 def attention_backward_workspace_size(handle, args: AttentionBackwardArgs,
                                       params: AttentionParams) -> int:
-    size = ctypes.c_size_t(0)
-    check(
-        attention_lib().dk_attention_backward_workspace_size(
-            handle, ctypes.byref(args), ctypes.byref(params), ctypes.byref(size)
-        ),
+    return _workspace_size(
+        attention_lib().dk_attention_backward_workspace_size,
         "dk_attention_backward_workspace_size",
+        handle, ctypes.byref(args), ctypes.byref(params),
     )
-    return int(size.value)
 
 
 def attention_backward_call(handle, args: AttentionBackwardArgs, params: AttentionParams,
