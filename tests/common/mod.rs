@@ -1443,6 +1443,25 @@ pub fn c_compiler(test: &str) -> Option<std::process::Command> {
 /// `cuda/include` on the include path) with the system C++ compiler. `None`, with a visible
 /// SKIPPED line, where there is no C++ compiler — except under CI, where that is a failure.
 pub fn kernel_simulator(test: &str, source: &str) -> Option<std::path::PathBuf> {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    build_kernel_simulator(
+        test,
+        &root.join("tests/kernel_sim").join(source),
+        &[root.join("cuda/include")],
+        &[],
+    )
+}
+
+/// Builds the C++17 program `source` (strict warnings, `-O2`, plus `extra` flags) with
+/// `includes` on the include path, in order, into this test's scratch directory. `None`, with a
+/// visible SKIPPED line, where there is no C++ compiler that runs — except under CI, where that
+/// is a failure.
+pub fn build_kernel_simulator(
+    test: &str,
+    source: &std::path::Path,
+    includes: &[std::path::PathBuf],
+    extra: &[&str],
+) -> Option<std::path::PathBuf> {
     let triple = host_triple();
     let tool = cc::Build::new()
         .cpp(true)
@@ -1453,14 +1472,24 @@ pub fn kernel_simulator(test: &str, source: &str) -> Option<std::path::PathBuf> 
         .cargo_metadata(false)
         .cargo_warnings(false)
         .try_get_compiler();
-    let Ok(tool) = tool else {
-        assert!(std::env::var_os("CI").is_none(), "{test}: no C++ compiler");
-        visible(&format!("SKIPPED {test}: no C++ compiler"));
-        return None;
+    let why = match &tool {
+        Err(e) => Some(format!("no C++ compiler ({e})")),
+        Ok(t) => {
+            let runs = std::process::Command::new(t.path())
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success());
+            (!runs).then(|| format!("no C++ compiler ({} does not run)", t.path().display()))
+        }
     };
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let exe = scratch_dir(test).join(source.trim_end_matches(".cpp"));
-    let mut cmd = tool.to_command();
+    if let Some(why) = why {
+        assert!(std::env::var_os("CI").is_none(), "{test}: {why}");
+        visible(&format!("SKIPPED {test}: {why}"));
+        return None;
+    }
+    let stem = source.file_stem().expect("source file name");
+    let exe = scratch_dir(test).join(stem);
+    let mut cmd = tool.unwrap().to_command();
     cmd.args([
         "-std=c++17",
         "-Wall",
@@ -1468,10 +1497,11 @@ pub fn kernel_simulator(test: &str, source: &str) -> Option<std::path::PathBuf> 
         "-Werror",
         "-fno-fast-math",
     ])
-    .arg(format!("-I{}", root.join("cuda/include").display()))
-    .arg(root.join("tests/kernel_sim").join(source))
-    .arg("-o")
-    .arg(&exe);
+    .args(extra);
+    for dir in includes {
+        cmd.arg(format!("-I{}", dir.display()));
+    }
+    cmd.arg(source).arg("-o").arg(&exe);
     let (ok, out) = run_command(&mut cmd);
     assert!(ok, "{test}: building the kernel simulator failed:\n{out}");
     Some(exe)
