@@ -1,0 +1,267 @@
+// Driver of the attention kernel emulator (tests/attention_kernel_sim.rs): compiles the REAL
+// kernel sources (cuda/attention_forward.cu, cuda/attention_backward.cu, staged by the test
+// next to the emulator's dk_mma.cuh; see sim_core.h for what is emulated and checked) and runs
+// one call (the forward, or the three backward kernels) on the buffers it is given.
+//
+// Protocol (binary, native endianness), one job per process:
+//   stdin:  u32 magic 0x53414b44 ("DKAS"); i32 kind (0 forward, 1 backward), dtype (0 bf16,
+//           1 f16), head_dim, late_copies, reverse_order, single_stores (1: an output chunk
+//           stored twice in one launch is an error; 0 for garbage offsets, where sequences
+//           overlap);
+//           DkAttentionShape scalars: i32 batch, seqlen_q, seqlen_k, total_q, total_k, heads_q,
+//           heads_kv, causal, varlen; f32 scale, scale_log2;
+//           u64 delta_workspace_bytes (backward);
+//           i32 n_buffers; per buffer: str name, u64 bytes, the bytes;
+//           i32 n_operands; per operand: str name, i32 buffer, u64 byte offset, u64 rows,
+//             u64 columns, u64 stride (elements between rows), u32 element bytes, i32 writable
+//             forward order: q, k, v, out, lse[, cu_seqlens_q, cu_seqlens_k]
+//             backward order: dout, q, k, v, out, lse, dq, dk, dv[, cu_seqlens_q, cu_seqlens_k]
+//           i32 n_launches; per launch: i32 kernel (0 forward, 1 Delta, 2 dK/dV, 3 dQ),
+//             u32 grid x, y, z, block x, dynamic shared bytes; i32 head_offset, batch_offset
+//   (str = u32 length + bytes). The launches are the Rust launchers' (the test computes them
+//   with the same formulas as src/attention/cuda/{forward,backward}.rs).
+//   stdout: every buffer after the run, in order, same sizes.
+//   stderr: statistics, or "EMULATOR ERROR: ..." and exit status 3 (a check failed) or 4 (a
+//           guard page was hit).
+#include "sim_impl.h"
+
+#include <chrono>
+#include <string>
+
+// The kernels' `extern __shared__ T name[]` become calls returning the launch's guarded
+// dynamic shared memory (a pointer to an array of unknown bound, dereferenced).
+#define dk_attn_fwd_smem (*sim_fwd_smem())
+#define dk_attn_bwd_smem (*sim_bwd_smem())
+unsigned char (*sim_fwd_smem())[];
+char (*sim_bwd_smem())[];
+unsigned char (*sim_fwd_smem())[] { return reinterpret_cast<unsigned char(*)[]>(sim::S.smem); }
+char (*sim_bwd_smem())[] { return reinterpret_cast<char(*)[]>(sim::S.smem); }
+
+#include "attention_forward.cu"
+#include "attention_backward.cu"
+
+#ifndef DK_ATTENTION_SIM_MMA_SHIM
+#error "the kernels were compiled against the real dk_mma.cuh instead of the emulator's"
+#endif
+
+namespace {
+
+struct Reader {
+  std::vector<char> data;
+  size_t at = 0;
+  template <typename T> T get() {
+    if (at + sizeof(T) > data.size()) sim::fail("truncated input");
+    T v;
+    memcpy(&v, data.data() + at, sizeof(T));
+    at += sizeof(T);
+    return v;
+  }
+  std::string str() {
+    const uint32_t n = get<uint32_t>();
+    if (at + n > data.size()) sim::fail("truncated input");
+    std::string s(data.data() + at, n);
+    at += n;
+    return s;
+  }
+  const char* bytes(size_t n) {
+    if (at + n > data.size()) sim::fail("truncated input");
+    const char* p = data.data() + at;
+    at += n;
+    return p;
+  }
+};
+
+struct Operand {
+  std::string name;
+  char* ptr;
+  int64_t stride;  // elements
+};
+
+using FwdKernel = void (*)(const DkAttentionFwdArgs);
+using BwdKernel = void (*)(const DkAttentionBwdArgs);
+
+DkAttentionFwdArgs g_fwd;
+DkAttentionBwdArgs g_bwd;
+FwdKernel g_fwd_fn;
+BwdKernel g_bwd_fn;
+void fwd_entry() { g_fwd_fn(g_fwd); }
+void bwd_entry() { g_bwd_fn(g_bwd); }
+
+FwdKernel fwd_kernel(bool bf16, int d) {
+  if (bf16) return d == 64 ? dk_attn_fwd_bf16_d64 : dk_attn_fwd_bf16_d128;
+  return d == 64 ? dk_attn_fwd_f16_d64 : dk_attn_fwd_f16_d128;
+}
+
+// Backward kernel `which` (1 Delta, 2 dK/dV, 3 dQ) and its name.
+BwdKernel bwd_kernel(bool bf16, int d, int which, const char** name) {
+#define DK_SIM_PICK(t, D)                                                    \
+  if (which == 1) { *name = "dk_attn_bwd_delta_" #t "_d" #D; return dk_attn_bwd_delta_##t##_d##D; } \
+  if (which == 2) { *name = "dk_attn_bwd_dkdv_" #t "_d" #D; return dk_attn_bwd_dkdv_##t##_d##D; }   \
+  *name = "dk_attn_bwd_dq_" #t "_d" #D;                                      \
+  return dk_attn_bwd_dq_##t##_d##D;
+  if (bf16 && d == 64) { DK_SIM_PICK(bf16, 64) }
+  if (bf16) { DK_SIM_PICK(bf16, 128) }
+  if (d == 64) { DK_SIM_PICK(f16, 64) }
+  DK_SIM_PICK(f16, 128)
+#undef DK_SIM_PICK
+}
+
+}  // namespace
+
+int main() {
+  sim::install_fault_handler();
+  Reader in;
+  {
+    char buf[1 << 16];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, stdin)) > 0) in.data.insert(in.data.end(), buf, buf + n);
+  }
+  if (in.get<uint32_t>() != 0x53414b44u) sim::fail("bad magic");
+  const int kind = in.get<int32_t>();
+  const bool bf16 = in.get<int32_t>() == 0;
+  const int d = in.get<int32_t>();
+  sim::S.late_copies = in.get<int32_t>() != 0;
+  sim::S.reverse = in.get<int32_t>() != 0;
+  sim::S.single_stores = in.get<int32_t>() != 0;
+  if (d != 64 && d != 128) sim::fail("head_dim %d", d);
+  DkAttentionShape shape;
+  memset(&shape, 0, sizeof shape);
+  shape.batch = in.get<int32_t>();
+  shape.seqlen_q = in.get<int32_t>();
+  shape.seqlen_k = in.get<int32_t>();
+  shape.total_q = in.get<int32_t>();
+  shape.total_k = in.get<int32_t>();
+  shape.heads_q = in.get<int32_t>();
+  shape.heads_kv = in.get<int32_t>();
+  shape.causal = in.get<int32_t>();
+  const bool varlen = in.get<int32_t>() != 0;
+  shape.scale = in.get<float>();
+  shape.scale_log2 = in.get<float>();
+  const uint64_t ws_bytes = in.get<uint64_t>();
+
+  std::vector<std::string> names;
+  std::vector<std::pair<char*, uint64_t>> bufs;
+  const int nbuf = in.get<int32_t>();
+  names.reserve(nbuf);
+  for (int i = 0; i < nbuf; ++i) {
+    names.push_back(in.str());
+    const uint64_t n = in.get<uint64_t>();
+    char* p = sim::alloc_global(n, names.back().c_str());
+    memcpy(p, in.bytes(n), n);
+    bufs.push_back({p, n});
+  }
+  std::vector<Operand> ops;
+  std::vector<std::string> op_names;
+  const int nops = in.get<int32_t>();
+  op_names.reserve(nops);
+  for (int i = 0; i < nops; ++i) {
+    op_names.push_back(in.str());
+    const int b = in.get<int32_t>();
+    const uint64_t off = in.get<uint64_t>(), rows = in.get<uint64_t>(), cols = in.get<uint64_t>(),
+                   stride = in.get<uint64_t>();
+    const int64_t elem = in.get<uint32_t>();
+    const bool writable = in.get<int32_t>() != 0;
+    if (b < 0 || b >= nbuf) sim::fail("operand %s: buffer %d", op_names.back().c_str(), b);
+    char* p = bufs[b].first + off;
+    sim::add_extent(op_names.back().c_str(), p, static_cast<int64_t>(rows), static_cast<int64_t>(cols) * elem,
+                    static_cast<int64_t>(stride) * elem, writable);
+    ops.push_back({op_names.back(), p, static_cast<int64_t>(stride)});
+  }
+  auto op = [&](size_t i, const char* want) -> const Operand& {
+    if (i >= ops.size() || ops[i].name != want) sim::fail("operand %zu should be %s", i, want);
+    return ops[i];
+  };
+  const size_t base = kind == 0 ? 5 : 9;
+  if (varlen) {
+    shape.cu_seqlens_q = reinterpret_cast<uint64_t>(op(base, "cu_seqlens_q").ptr);
+    shape.cu_seqlens_k = reinterpret_cast<uint64_t>(op(base + 1, "cu_seqlens_k").ptr);
+  }
+  if (kind == 0) {
+    g_fwd.shape = shape;
+    g_fwd.q = reinterpret_cast<uint64_t>(op(0, "q").ptr);
+    g_fwd.q_stride = op(0, "q").stride;
+    g_fwd.k = reinterpret_cast<uint64_t>(op(1, "k").ptr);
+    g_fwd.k_stride = op(1, "k").stride;
+    g_fwd.v = reinterpret_cast<uint64_t>(op(2, "v").ptr);
+    g_fwd.v_stride = op(2, "v").stride;
+    g_fwd.out = reinterpret_cast<uint64_t>(op(3, "out").ptr);
+    g_fwd.out_stride = op(3, "out").stride;
+    g_fwd.lse = reinterpret_cast<uint64_t>(op(4, "lse").ptr);
+  } else {
+    g_bwd.shape = shape;
+    const char* mats[] = {"dout", "q", "k", "v", "out"};
+    uint64_t* ptrs[] = {&g_bwd.dout, &g_bwd.q, &g_bwd.k, &g_bwd.v, &g_bwd.out};
+    int64_t* strides[] = {&g_bwd.dout_stride, &g_bwd.q_stride, &g_bwd.k_stride, &g_bwd.v_stride,
+                          &g_bwd.out_stride};
+    for (int i = 0; i < 5; ++i) {
+      *ptrs[i] = reinterpret_cast<uint64_t>(op(i, mats[i]).ptr);
+      *strides[i] = op(i, mats[i]).stride;
+    }
+    g_bwd.lse = reinterpret_cast<uint64_t>(op(5, "lse").ptr);
+    const char* grads[] = {"dq", "dk", "dv"};
+    uint64_t* gptrs[] = {&g_bwd.dq, &g_bwd.dk, &g_bwd.dv};
+    int64_t* gstrides[] = {&g_bwd.dq_stride, &g_bwd.dk_stride, &g_bwd.dv_stride};
+    for (int i = 0; i < 3; ++i) {
+      *gptrs[i] = reinterpret_cast<uint64_t>(op(6 + i, grads[i]).ptr);
+      *gstrides[i] = op(6 + i, grads[i]).stride;
+    }
+    // The Delta workspace (the launcher's size); the kernels use Hq * Tq floats of it.
+    char* ws = sim::alloc_global(ws_bytes, "delta workspace");
+    const uint32_t poison = 0xffbadbadu;
+    for (uint64_t i = 0; i + 4 <= ws_bytes; i += 4) memcpy(ws + i, &poison, 4);
+    const int64_t entries = static_cast<int64_t>(shape.heads_q) * shape.total_q;
+    sim::add_extent("delta", ws, 1, entries * 4, entries * 4, true);
+    g_bwd.delta = entries > 0 ? reinterpret_cast<uint64_t>(ws) : 0;
+  }
+
+  const int nl = in.get<int32_t>();
+  for (int i = 0; i < nl; ++i) {
+    const int which = in.get<int32_t>();
+    dim3 grid, block;
+    grid.x = in.get<uint32_t>();
+    grid.y = in.get<uint32_t>();
+    grid.z = in.get<uint32_t>();
+    block.x = in.get<uint32_t>();
+    const uint32_t smem = in.get<uint32_t>();
+    const int32_t head_offset = in.get<int32_t>(), batch_offset = in.get<int32_t>();
+    const auto t0 = std::chrono::steady_clock::now();
+    const long c0 = sim::S.collectives, b0 = sim::S.blocks;
+    const char* name;
+    if (which == 0) {
+      if (kind != 0) sim::fail("forward launch in a backward job");
+      g_fwd.head_offset = head_offset;
+      g_fwd.batch_offset = batch_offset;
+      g_fwd_fn = fwd_kernel(bf16, d);
+      name = bf16 ? (d == 64 ? "dk_attn_fwd_bf16_d64" : "dk_attn_fwd_bf16_d128")
+                  : (d == 64 ? "dk_attn_fwd_f16_d64" : "dk_attn_fwd_f16_d128");
+      sim::launch(name, fwd_entry, grid, block, smem);
+    } else {
+      if (kind != 1) sim::fail("backward launch in a forward job");
+      g_bwd_fn = bwd_kernel(bf16, d, which, &name);
+      sim::launch(name, bwd_entry, grid, block, smem);
+    }
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    fprintf(stderr, "%s grid (%u,%u,%u) x %u threads, %u B shared: %ld blocks, %ld warp collectives, %.2fs\n",
+            name, grid.x, grid.y, grid.z, block.x, smem, sim::S.blocks - b0, sim::S.collectives - c0, secs);
+  }
+  if (kind == 1 && shape.total_q > 0) {
+    // Delta (not returned): every one of its Hq * Tq entries written (every row exists in both
+    // layouts), nothing past them.
+    const char* ws = reinterpret_cast<const char*>(g_bwd.delta);
+    const int64_t entries = static_cast<int64_t>(shape.heads_q) * shape.total_q;
+    for (int64_t i = 0; i * 4 + 4 <= static_cast<int64_t>(ws_bytes); ++i) {
+      uint32_t v;
+      memcpy(&v, ws + 4 * i, 4);
+      if (i < entries && v == 0xffbadbadu) sim::fail("Delta entry %lld was not written", (long long)i);
+      if (i >= entries && v != 0xffbadbadu)
+        sim::fail("Delta workspace entry %lld (past the %lld entries) was written", (long long)i,
+                  (long long)entries);
+    }
+  }
+  for (const auto& b : bufs) {
+    if (b.second && fwrite(b.first, 1, b.second, stdout) != b.second) sim::fail("short write");
+  }
+  fflush(stdout);
+  return 0;
+}

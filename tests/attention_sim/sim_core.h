@@ -1,0 +1,515 @@
+// Host emulator of the CUDA features the attention kernels use (cuda/attention_forward.cu,
+// cuda/attention_backward.cu), so that the REAL kernel source runs on a machine without a GPU.
+// Used by tests/attention_sim/attention_sim.cpp (driver) through tests/attention_kernel_sim.rs.
+//
+// Execution model
+//   Every CUDA thread of a block is a fiber with its own stack (a hand-written context switch on
+//   x86-64 Linux, ucontext elsewhere). A fiber runs until it reaches a scheduling point: a warp
+//   collective (ldmatrix, mma.sync, __shfl_*_sync, __syncwarp), __syncthreads, or its exit.
+//   The scheduler runs one warp at a time: it resumes each runnable lane of the warp (ascending
+//   or descending lane order), and when all 32 lanes wait at a collective it checks that they
+//   wait at the SAME one (a converged warp, as the .sync.aligned instructions require), executes
+//   it once for the whole warp from the lanes' operands, and resumes them. When every warp waits
+//   at __syncthreads (or has exited), the barrier opens. Warps run in ascending or descending
+//   order, so between two barriers one warp runs its whole phase before the next starts: a
+//   shared-memory race between warps (or between lanes between two collectives) gives different
+//   results in the two orders. Blocks run one after the other, in ascending or descending order
+//   of their linear index (with the descending lane and warp order).
+//
+// Warp collectives, from the PTX ISA fragment tables (g = lane / 4, t = lane % 4):
+//   ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l supplies the address of row l % 8
+//     of matrix l / 8 (16 contiguous bytes, 16-byte aligned). Destination register i of lane l
+//     holds matrix i: non-trans: row g, elements 2t (low half) and 2t + 1 (high half);
+//     .trans: element (row 2t, column g) low and (row 2t + 1, column g) high.
+//   mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, D = A B + C:
+//     A (16x16): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9],
+//                a3 = A[g+8][2t+8, 2t+9] (low half = lower column);
+//     B (16x8):  b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g] (low half = lower k);
+//     C, D (16x8 f32): c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1].
+//     Products are exact (16-bit inputs), the 16 products and C are summed in double and rounded
+//     once to f32 (the hardware's internal order and precision are unspecified; the test's
+//     tolerances cover the difference).
+//   shfl.sync.bfly / idx: full mask required; the value of lane l ^ m (or lane src).
+//   ex2.approx.ftz.f32: exp2f with subnormal inputs and results flushed to zero.
+//
+// cp.async (cp.async.cg.shared.global, 16 bytes, src-size s: bytes s..15 zero-filled, nothing
+// read when s = 0), cp.async.commit_group, cp.async.wait_group N. Two timing models, chosen
+// per run: EAGER (the copy lands when issued) and LATE (it lands only when a wait_group forces
+// its group: the oldest groups beyond the N most recent). In the LATE model a shadow map
+// counts the copies in flight into each 16-byte shared chunk; any emulated shared-memory read
+// or write of a chunk with a copy in flight (by any thread) is reported, so a missing wait (or
+// a wait without the __syncthreads that publishes other threads' copies) is caught even when
+// the stale data would not change the result. A thread exiting with copies in flight is an
+// error.
+//
+// Memory checks
+//   Shared memory: the block's dynamic shared memory (the launch's byte count, rounded up to 16)
+//   ends exactly where an inaccessible 64 KiB guard region starts, with another before it, and
+//   is filled with 0xff (NaN in bf16, f16 and f32) before every block. Every emulated access
+//   (ldmatrix rows, cp.async destinations, st.shared.b32, ld.shared.v4, 16-byte uint4 loads and
+//   stores) is checked against [0, bytes) and for alignment; plain pointer accesses (float,
+//   float2, uint32_t) are covered by the guard regions only.
+//   Global memory: every buffer sits between guard regions in the same way. Every operand the
+//   driver registers (matrix rows [rows x cols] with a token stride, LSE and Delta vectors,
+//   cu_seqlens) is an extent; cp.async sources, 16-byte uint4 loads and stores and __ldg reads
+//   must lie inside one row of a registered extent (stores: of a writable one), and a 16-byte
+//   output chunk stored twice in one launch is an error (every output element is written once).
+//   Other plain accesses (the LSE and Delta stores and loads) are covered by the guards, by the
+//   NaN padding of the inputs and by the poisoned outputs and workspace the test checks.
+//   A fault in a guard region is reported with the buffer it belongs to, the kernel, the block
+//   and the thread.
+//
+// Not modelled: timing, warps actually running concurrently inside a phase (a warp's lanes and
+// the warps run one after the other between scheduling points; the two orders stand in for
+// all interleavings, and there is no happens-before race detector: a race shows only as a
+// difference between the two runs), bank conflicts, register limits and spills, the memory
+// consistency model beyond barriers, partial-warp masks, and the exact rounding of the tensor
+// cores and of ex2.approx.
+#pragma once
+
+#include <limits.h>
+#include <math.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <vector>
+
+#if !(defined(__x86_64__) && defined(__linux__)) || defined(SIM_UCONTEXT)
+#define SIM_USE_UCONTEXT 1
+#include <ucontext.h>
+#endif
+
+// ---- CUDA keywords ----------------------------------------------------------------------------
+#define __device__
+#define __host__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__
+#define __align__(n)
+
+using std::max;
+using std::min;
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+namespace sim {
+
+// ---- Errors -----------------------------------------------------------------------------------
+
+void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+
+// ---- Fibers -----------------------------------------------------------------------------------
+
+enum class St : uint8_t { Run, Warp, Bar, Done };
+enum class Op : uint8_t { None, Ldsm, LdsmT, MmaBf16, MmaF16, ShflXor, ShflIdx, SyncWarp };
+
+inline const char* op_name(Op o) {
+  switch (o) {
+    case Op::Ldsm: return "ldmatrix.x4";
+    case Op::LdsmT: return "ldmatrix.x4.trans";
+    case Op::MmaBf16: return "mma.m16n8k16.bf16";
+    case Op::MmaF16: return "mma.m16n8k16.f16";
+    case Op::ShflXor: return "shfl.sync.bfly";
+    case Op::ShflIdx: return "shfl.sync.idx";
+    case Op::SyncWarp: return "__syncwarp";
+    default: return "none";
+  }
+}
+
+struct Copy {
+  uint32_t dst;      // shared offset
+  const char* src;   // global source
+  int bytes;         // 0..16, rest zero-filled
+};
+
+struct Lane {
+  void* sp = nullptr;  // saved stack pointer (fast switch)
+#ifdef SIM_USE_UCONTEXT
+  ucontext_t uc;
+#endif
+  char* stack = nullptr;  // mmap'd, lowest page a guard
+  St st = St::Run;
+  Op op = Op::None;
+  dim3 tid;
+  int arg = 0;         // shfl: lane mask / source lane
+  uint32_t in[6];      // ldsm: in[0] = address; mma: a0..a3, b0, b1
+  float f[4];          // mma: C; shfl: f[0] value
+  uint32_t out[4];     // ldsm result
+  float fo[4];         // mma D / shfl result
+  std::vector<Copy> open;                  // issued, not committed
+  std::vector<std::vector<Copy>> groups;   // committed, oldest first
+};
+
+struct Extent {
+  const char* base;
+  int64_t rows;
+  int64_t row_bytes;     // accessible bytes per row
+  int64_t stride_bytes;  // between rows
+  bool writable;
+  const char* name;
+};
+
+struct Alloc {
+  char* map;  // start of the mapping (guard page)
+  size_t map_bytes;
+  char* lo;   // data
+  char* hi;
+  const char* name;
+  std::vector<uint8_t> stores;  // 16-byte stores per 16-byte chunk in the current launch
+};
+
+struct State {
+  // launch
+  const char* kernel = "";
+  dim3 grid, block, block_idx;
+  int nthreads = 0;
+  std::vector<Lane> lanes;
+  int cur = -1;
+  void* sched_sp = nullptr;
+#ifdef SIM_USE_UCONTEXT
+  ucontext_t sched_uc;
+#endif
+  void (*entry)() = nullptr;
+  // models
+  bool late_copies = false;
+  bool reverse = false;
+  bool single_stores = true;  // a 16-byte output chunk stored twice in one launch is an error
+  // shared memory
+  char* smem = nullptr;  // block's dynamic shared memory (ends at a guard region)
+  uint32_t smem_bytes = 0;
+  char* smem_map = nullptr;
+  size_t smem_map_bytes = 0;
+  std::vector<uint16_t> inflight;  // copies in flight per 16-byte chunk
+  // global memory
+  std::vector<Extent> extents;
+  std::vector<Alloc> allocs;
+  // statistics
+  long blocks = 0, collectives = 0, mmas = 0, barriers = 0, copies = 0;
+};
+
+extern State S;
+
+inline Lane& me() { return S.lanes[S.cur]; }
+
+#ifndef SIM_USE_UCONTEXT
+extern "C" void sim_ctx_switch(void** save_sp, void* to_sp);
+#endif
+
+// Lane -> scheduler.
+inline void yield_to_sched() {
+#ifdef SIM_USE_UCONTEXT
+  swapcontext(&me().uc, &S.sched_uc);
+#else
+  sim_ctx_switch(&me().sp, S.sched_sp);
+#endif
+}
+
+// ---- Memory checks ----------------------------------------------------------------------------
+
+inline bool in_smem_map(const void* p) {
+  const char* c = static_cast<const char*>(p);
+  return S.smem_map && c >= S.smem_map && c < S.smem_map + S.smem_map_bytes;
+}
+
+inline const Alloc* alloc_of(const void* p) {
+  const char* c = static_cast<const char*>(p);
+  for (const Alloc& a : S.allocs)
+    if (c >= a.map && c < a.map + a.map_bytes) return &a;
+  return nullptr;
+}
+
+const char* where();  // "kernel K block (x,y,z) thread t"
+
+// Shared-memory range [off, off + n) by offset.
+inline void check_smem(uint32_t off, uint32_t n, uint32_t align, const char* what, bool write) {
+  if (static_cast<uint64_t>(off) + n > S.smem_bytes)
+    fail("%s: shared-memory %s of %u bytes at offset %u, outside the %u bytes of the launch", where(),
+         what, n, off, S.smem_bytes);
+  if (off % align) fail("%s: %s at shared offset %u is not %u-byte aligned", where(), what, off, align);
+  if (S.late_copies) {
+    for (uint32_t c = off / 16; c <= (off + n - 1) / 16; ++c) {
+      if (S.inflight[c])
+        fail("%s: %s %s shared bytes %u..%u while a cp.async into chunk %u (bytes %u..%u) is still in "
+             "flight (missing cp.async.wait_group or __syncthreads)",
+             where(), what, write ? "writes" : "reads", off, off + n - 1, c, 16 * c, 16 * c + 15);
+    }
+  }
+}
+
+// A global access of n bytes at p: inside one row of a registered extent (writable for stores).
+inline void check_global(const void* p, int64_t n, bool write, const char* what) {
+  const char* c = static_cast<const char*>(p);
+  for (const Extent& e : S.extents) {
+    if (e.rows <= 0 || c < e.base) continue;
+    const int64_t off = c - e.base;
+    const int64_t r = off / e.stride_bytes, col = off % e.stride_bytes;
+    if (r >= e.rows || col + n > e.row_bytes) continue;
+    if (write && !e.writable)
+      fail("%s: %s writes %lld bytes into the input %s (row %lld, byte %lld)", where(), what,
+           (long long)n, e.name, (long long)r, (long long)col);
+    if (write && n == 16 && S.single_stores) {
+      // Every output element is written once per launch (the kernels' determinism claim).
+      Alloc* a = const_cast<Alloc*>(alloc_of(p));
+      const size_t chunk = static_cast<size_t>(c - a->lo) / 16;
+      if (a->stores.size() <= chunk) a->stores.resize(chunk + 1, 0);
+      if (++a->stores[chunk] > 1)
+        fail("%s: %s writes %s row %lld bytes %lld..%lld a second time in this launch", where(),
+             what, e.name, (long long)r, (long long)col, (long long)(col + 15));
+    }
+    return;
+  }
+  // Locate the access relative to the nearest operand starting at or before it in its buffer.
+  const Alloc* a = alloc_of(p);
+  const Extent* near = nullptr;
+  for (const Extent& e : S.extents)
+    if (a && alloc_of(e.base) == a && e.base <= c && (!near || e.base > near->base)) near = &e;
+  char loc[256] = "";
+  if (near) {
+    const int64_t off = c - near->base;
+    snprintf(loc, sizeof loc, ": row %lld byte %lld of %s (%lld rows of %lld bytes, %lld apart)",
+             (long long)(off / near->stride_bytes), (long long)(off % near->stride_bytes), near->name,
+             (long long)near->rows, (long long)near->row_bytes, (long long)near->stride_bytes);
+  } else if (a) {
+    snprintf(loc, sizeof loc, ": byte %lld of buffer %s", (long long)(c - a->lo), a->name);
+  }
+  fail("%s: %s %s %lld bytes outside every operand's rows%s", where(), what, write ? "writes" : "reads",
+       (long long)n, loc);
+}
+
+// An access through a pointer of unknown kind: shared memory, a registered buffer, or a local.
+inline void check_any(const void* p, int64_t n, bool write, const char* what) {
+  if (in_smem_map(p)) {
+    const char* c = static_cast<const char*>(p);
+    if (c < S.smem) fail("%s: %s %s shared memory before its start", where(), what, write ? "writes" : "reads");
+    check_smem(static_cast<uint32_t>(c - S.smem), static_cast<uint32_t>(n), 16, what, write);
+    return;
+  }
+  if (alloc_of(p)) check_global(p, n, write, what);
+  // else: a local on the fiber stack
+}
+
+// ---- 16-bit floats ----------------------------------------------------------------------------
+
+inline uint32_t fbits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+inline float bitsf(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+// f32 -> bf16, round to nearest even (NaN -> canonical NaN, as __float2bfloat16_rn).
+inline uint16_t f2bf(float x) {
+  uint32_t u = fbits(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fff;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float bf2f(uint16_t h) { return bitsf(static_cast<uint32_t>(h) << 16); }
+
+// f32 -> f16, round to nearest even, overflow to inf, subnormals (as __float2half_rn).
+inline uint16_t f2h(float f) {
+  uint32_t x = fbits(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7fffffffu;
+  if (x >= 0x7f800000u) return sign | (x > 0x7f800000u ? 0x7e00 : 0x7c00);
+  if (x >= 0x477ff000u) return sign | 0x7c00;  // >= 65520: rounds to inf
+  if (x < 0x38800000u) {                        // below 2^-14: subnormal (or zero) half
+    const float a = bitsf(x) * 16777216.0f;      // exact: the value in units of 2^-24
+    return sign | static_cast<uint16_t>(nearbyintf(a));  // ties to even; 1024 = smallest normal
+  }
+  uint32_t h = ((((x >> 23) - 127 + 15) << 10) | ((x & 0x7fffffu) >> 13));
+  const uint32_t rem = x & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  return sign | static_cast<uint16_t>(h);
+}
+inline float h2f(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1f, m = h & 0x3ff;
+  if (e == 0) {
+    const float v = static_cast<float>(m) * (1.0f / 16777216.0f);
+    return sign ? -v : v;
+  }
+  if (e == 31) return bitsf(sign | 0x7f800000u | (m << 13));
+  return bitsf(sign | ((e - 15 + 127) << 23) | (m << 13));
+}
+
+// ---- Warp collectives (lane side) -----------------------------------------------------------
+
+inline void post(Op op) {
+  Lane& l = me();
+  l.op = op;
+  l.st = St::Warp;
+  yield_to_sched();
+}
+
+inline void ldsm(uint32_t r[4], uint32_t addr, bool trans) {
+  Lane& l = me();
+  l.in[0] = addr;
+  post(trans ? Op::LdsmT : Op::Ldsm);
+  for (int i = 0; i < 4; ++i) r[i] = me().out[i];
+}
+
+inline void mma(bool bf16, float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  Lane& l = me();
+  for (int i = 0; i < 4; ++i) { l.in[i] = a[i]; l.f[i] = d[i]; }
+  l.in[4] = b[0];
+  l.in[5] = b[1];
+  post(bf16 ? Op::MmaBf16 : Op::MmaF16);
+  for (int i = 0; i < 4; ++i) d[i] = me().fo[i];
+}
+
+inline float shfl(unsigned mask, float v, int arg, bool is_xor) {
+  if (mask != 0xffffffffu) fail("%s: shuffle with mask %#x (the emulator needs full warps)", where(), mask);
+  Lane& l = me();
+  l.f[0] = v;
+  l.arg = arg;
+  post(is_xor ? Op::ShflXor : Op::ShflIdx);
+  return me().fo[0];
+}
+
+inline void syncwarp() { post(Op::SyncWarp); }
+
+inline void syncthreads() {
+  Lane& l = me();
+  l.st = St::Bar;
+  yield_to_sched();
+}
+
+// ---- cp.async ---------------------------------------------------------------------------------
+
+inline void land(const Copy& c) {
+  char* d = S.smem + c.dst;
+  if (c.bytes > 0) memcpy(d, c.src, c.bytes);
+  memset(d + c.bytes, 0, 16 - c.bytes);
+}
+
+inline void cp_async(uint32_t dst, const void* src, int bytes) {
+  if (bytes < 0 || bytes > 16) fail("%s: cp.async src-size %d (0..16)", where(), bytes);
+  check_smem(dst, 16, 16, "cp.async destination", true);
+  if (bytes > 0) {
+    if (reinterpret_cast<uintptr_t>(src) % 16) fail("%s: cp.async source %p not 16-byte aligned", where(), src);
+    check_global(src, bytes, false, "cp.async");
+  }
+  S.copies++;
+  const Copy c{dst, static_cast<const char*>(src), bytes};
+  if (!S.late_copies) {
+    land(c);
+  } else {
+    if (S.inflight[dst / 16]) fail("%s: two cp.async in flight into shared chunk %u", where(), dst / 16);
+    S.inflight[dst / 16]++;
+    me().open.push_back(c);
+  }
+}
+
+inline void cp_commit() {
+  Lane& l = me();
+  l.groups.push_back(std::move(l.open));
+  l.open.clear();
+}
+
+inline void cp_wait(int n) {
+  Lane& l = me();
+  // Copies not yet committed are not waited for by wait_group (they stay in flight).
+  while (static_cast<int>(l.groups.size()) > n) {
+    for (const Copy& c : l.groups.front()) {
+      if (S.late_copies) {
+        S.inflight[c.dst / 16]--;
+        land(c);
+      }
+    }
+    l.groups.erase(l.groups.begin());
+  }
+}
+
+// ---- ex2.approx.ftz ---------------------------------------------------------------------------
+
+inline float ex2_ftz(float x) {
+  if (fpclassify(x) == FP_SUBNORMAL) x = 0.f;
+  float y = exp2f(x);
+  if (fpclassify(y) == FP_SUBNORMAL) y = 0.f;
+  return y;
+}
+
+// ---- Launch -----------------------------------------------------------------------------------
+
+// Runs the grid of `kernel` (a function taking the argument struct by value, called through
+// `entry` on every fiber). Defined in sim_impl.h.
+void launch(const char* name, void (*entry)(), dim3 grid, dim3 block, uint32_t smem_bytes);
+
+}  // namespace sim
+
+// ---- CUDA built-ins ---------------------------------------------------------------------------
+
+#define threadIdx (sim::me().tid)
+#define blockIdx (sim::S.block_idx)
+#define gridDim (sim::S.grid)
+#define blockDim (sim::S.block)
+
+inline void __syncthreads() { sim::syncthreads(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) sim::fail("%s: __syncwarp with a partial mask", sim::where());
+  sim::syncwarp();
+}
+inline float __shfl_xor_sync(unsigned mask, float v, int m, int width = 32) {
+  if (width != 32) sim::fail("%s: shuffle width %d", sim::where(), width);
+  return sim::shfl(mask, v, m, true);
+}
+inline float __shfl_sync(unsigned mask, float v, int src, int width = 32) {
+  if (width != 32) sim::fail("%s: shuffle width %d", sim::where(), width);
+  return sim::shfl(mask, v, src, false);
+}
+inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+inline float __uint_as_float(unsigned i) { float f; memcpy(&f, &i, 4); return f; }
+inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
+inline unsigned __float_as_uint(float f) { unsigned i; memcpy(&i, &f, 4); return i; }
+
+// Read-only global load: checked against the registered extents.
+template <typename T> inline T __ldg(const T* p) {
+  sim::check_global(p, sizeof(T), false, "__ldg");
+  return *p;
+}
+
+struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+// 16-byte vector: its copies through pointers are the kernels' 16-byte global and shared
+// accesses, so copy construction (a load from the source's address) and copy assignment (a
+// store to this address) are checked. Locals on a fiber stack are not checked.
+struct uint4 {
+  unsigned x, y, z, w;
+  uint4() = default;
+  uint4(unsigned a, unsigned b, unsigned c, unsigned d) : x(a), y(b), z(c), w(d) {}
+  uint4(const uint4& o) {
+    sim::check_any(&o, 16, false, "16-byte load");
+    x = o.x; y = o.y; z = o.z; w = o.w;
+  }
+  uint4& operator=(const uint4& o) {
+    sim::check_any(this, 16, true, "16-byte store");
+    x = o.x; y = o.y; z = o.z; w = o.w;
+    return *this;
+  }
+};
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4(a, b, c, d); }
+
+// cuda_bf16.h / cuda_fp16.h: storage types and the conversions the kernels use.
+struct __nv_bfloat16 { uint16_t x; };
+struct __half { uint16_t x; };
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+struct __half2 { __half x, y; };
+
+inline float __bfloat162float(__nv_bfloat16 h) { return sim::bf2f(h.x); }
+inline float __half2float(__half h) { return sim::h2f(h.x); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {sim::f2bf(f)}; }
+inline __half __float2half_rn(float f) { return {sim::f2h(f)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {{sim::f2bf(a)}, {sim::f2bf(b)}}; }
+inline __half2 __floats2half2_rn(float a, float b) { return {{sim::f2h(a)}, {sim::f2h(b)}}; }
+inline float2 __half22float2(__half2 h) { return {sim::h2f(h.x.x), sim::h2f(h.y.x)}; }
+inline float2 __bfloat1622float2(__nv_bfloat162 h) { return {sim::bf2f(h.x.x), sim::bf2f(h.y.x)}; }

@@ -1,0 +1,371 @@
+// Definitions of the emulator (sim_core.h): scheduler, warp collectives, guarded memory, fault
+// reports. Included by exactly one translation unit (attention_sim.cpp).
+#pragma once
+
+#include <stdarg.h>
+
+#include "sim_core.h"
+
+namespace sim {
+
+State S;
+
+static const size_t kPage = 4096;
+static const size_t kGuard = 16 * kPage;  // inaccessible bytes before and after every buffer
+static const size_t kStackBytes = 256 * 1024;  // per fiber; the lowest page is a guard
+
+static size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
+const char* where() {
+  static char buf[256];
+  if (S.cur >= 0) {
+    snprintf(buf, sizeof buf, "%s block (%u,%u,%u) thread %d (warp %d lane %d)", S.kernel,
+             S.block_idx.x, S.block_idx.y, S.block_idx.z, S.cur, S.cur / 32, S.cur % 32);
+  } else {
+    snprintf(buf, sizeof buf, "%s block (%u,%u,%u)", S.kernel, S.block_idx.x, S.block_idx.y,
+             S.block_idx.z);
+  }
+  return buf;
+}
+
+void fail(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  fputs("EMULATOR ERROR: ", stderr);
+  vfprintf(stderr, fmt, ap);
+  fputc('\n', stderr);
+  va_end(ap);
+  fflush(stderr);
+  _exit(3);
+}
+
+// ---- Context switch ---------------------------------------------------------------------------
+
+#ifndef SIM_USE_UCONTEXT
+// sim_ctx_switch(save, to): pushes the callee-saved registers, stores the stack pointer in
+// *save, switches to `to` and pops the registers saved there (System V x86-64).
+asm(R"(
+  .text
+  .globl sim_ctx_switch
+  .type sim_ctx_switch, @function
+sim_ctx_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size sim_ctx_switch, .-sim_ctx_switch
+  .section .note.GNU-stack,"",@progbits
+  .text
+)");
+#endif
+
+[[noreturn]] static void fiber_main() {
+  S.entry();
+  Lane& l = me();
+  bool pending = !l.open.empty();
+  for (const auto& g : l.groups) pending |= !g.empty();
+  if (pending) fail("%s: the thread exits with cp.async copies in flight", where());
+  l.st = St::Done;
+  yield_to_sched();
+  fail("a finished fiber was resumed");
+}
+
+static void resume(int i) {
+  S.cur = i;
+#ifdef SIM_USE_UCONTEXT
+  swapcontext(&S.sched_uc, &S.lanes[i].uc);
+#else
+  sim_ctx_switch(&S.sched_sp, S.lanes[i].sp);
+#endif
+  S.cur = -1;
+}
+
+static void init_fiber(Lane& l) {
+  if (!l.stack) {
+    void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) fail("mmap of a fiber stack failed");
+    l.stack = static_cast<char*>(p);
+    mprotect(l.stack, kPage, PROT_NONE);
+  }
+#ifdef SIM_USE_UCONTEXT
+  getcontext(&l.uc);
+  l.uc.uc_stack.ss_sp = l.stack + kPage;
+  l.uc.uc_stack.ss_size = kStackBytes - kPage;
+  l.uc.uc_link = &S.sched_uc;
+  makecontext(&l.uc, reinterpret_cast<void (*)()>(fiber_main), 0);
+#else
+  void** sp = reinterpret_cast<void**>(l.stack + kStackBytes);  // 16-byte aligned
+  *--sp = nullptr;                                  // return address of fiber_main (never used)
+  *--sp = reinterpret_cast<void*>(&fiber_main);     // popped by `ret`
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;      // rbp rbx r12 r13 r14 r15
+  l.sp = sp;
+#endif
+}
+
+// ---- Warp collectives (scheduler side) ----------------------------------------------------
+
+static inline uint16_t smem16(uint32_t off) {
+  uint16_t v;
+  memcpy(&v, S.smem + off, 2);
+  return v;
+}
+static inline float elem16(uint32_t reg, int half, bool bf16) {
+  const uint16_t h = static_cast<uint16_t>(half ? reg >> 16 : reg & 0xffffu);
+  return bf16 ? bf2f(h) : h2f(h);
+}
+
+static void exec_warp(int w, Op op) {
+  Lane* L = &S.lanes[w * 32];
+  S.collectives++;
+  switch (op) {
+    case Op::Ldsm:
+    case Op::LdsmT: {
+      for (int l = 0; l < 32; ++l) {
+        S.cur = w * 32 + l;  // for the message
+        check_smem(L[l].in[0], 16, 16, op == Op::Ldsm ? "ldmatrix row" : "ldmatrix.trans row", false);
+      }
+      S.cur = -1;
+      for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        for (int i = 0; i < 4; ++i) {
+          uint16_t lo, hi;
+          if (op == Op::Ldsm) {
+            lo = smem16(L[8 * i + g].in[0] + 4 * t);
+            hi = smem16(L[8 * i + g].in[0] + 4 * t + 2);
+          } else {
+            lo = smem16(L[8 * i + 2 * t].in[0] + 2 * g);
+            hi = smem16(L[8 * i + 2 * t + 1].in[0] + 2 * g);
+          }
+          L[l].out[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+        }
+      }
+      break;
+    }
+    case Op::MmaBf16:
+    case Op::MmaF16: {
+      S.mmas++;
+      const bool bf = op == Op::MmaBf16;
+      double A[16][16], B[16][8];
+      for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        for (int h = 0; h < 2; ++h) {
+          A[g][2 * t + h] = elem16(L[l].in[0], h, bf);
+          A[g + 8][2 * t + h] = elem16(L[l].in[1], h, bf);
+          A[g][2 * t + 8 + h] = elem16(L[l].in[2], h, bf);
+          A[g + 8][2 * t + 8 + h] = elem16(L[l].in[3], h, bf);
+          B[2 * t + h][g] = elem16(L[l].in[4], h, bf);
+          B[2 * t + 8 + h][g] = elem16(L[l].in[5], h, bf);
+        }
+      }
+      for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        for (int i = 0; i < 4; ++i) {
+          const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+          double acc = L[l].f[i];
+          for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+          L[l].fo[i] = static_cast<float>(acc);
+        }
+      }
+      break;
+    }
+    case Op::ShflXor:
+    case Op::ShflIdx: {
+      float v[32];
+      for (int l = 0; l < 32; ++l) v[l] = L[l].f[0];
+      for (int l = 0; l < 32; ++l) {
+        const int src = op == Op::ShflXor ? (l ^ L[l].arg) : (L[l].arg & 31);
+        L[l].fo[0] = src >= 0 && src < 32 ? v[src] : v[l];
+      }
+      break;
+    }
+    case Op::SyncWarp:
+    case Op::None:
+      break;
+  }
+}
+
+// ---- Blocks -------------------------------------------------------------------------------
+
+static void run_block() {
+  const int n = S.nthreads, nwarps = n / 32;
+  for (int i = 0; i < n; ++i) {
+    Lane& l = S.lanes[i];
+    l.st = St::Run;
+    l.op = Op::None;
+    l.tid = dim3{static_cast<unsigned>(i), 0, 0};
+    l.open.clear();
+    l.groups.clear();
+    init_fiber(l);
+  }
+  if (S.smem_bytes) memset(S.smem, 0xff, S.smem_bytes);  // NaN in bf16, f16 and f32
+  std::fill(S.inflight.begin(), S.inflight.end(), 0);
+  S.blocks++;
+  for (;;) {
+    for (int wi = 0; wi < nwarps; ++wi) {
+      const int w = S.reverse ? nwarps - 1 - wi : wi;
+      for (;;) {
+        for (int li = 0; li < 32; ++li) {
+          const int i = w * 32 + (S.reverse ? 31 - li : li);
+          if (S.lanes[i].st == St::Run) resume(i);
+        }
+        int nw = 0, nb = 0, nd = 0;
+        for (int l = 0; l < 32; ++l) {
+          const St st = S.lanes[w * 32 + l].st;
+          nw += st == St::Warp;
+          nb += st == St::Bar;
+          nd += st == St::Done;
+        }
+        if (nw == 0) break;
+        int first = -1;
+        for (int l = 0; l < 32; ++l)
+          if (S.lanes[w * 32 + l].st == St::Warp) { first = l; break; }
+        const Op op = S.lanes[w * 32 + first].op;
+        if (nw < 32)
+          fail("%s warp %d: %d lanes wait at %s while %d wait at __syncthreads and %d exited (a warp "
+               "collective needs all 32 lanes)",
+               where(), w, nw, op_name(op), nb, nd);
+        for (int l = 0; l < 32; ++l) {
+          if (S.lanes[w * 32 + l].op != op)
+            fail("%s warp %d diverged: lane %d at %s, lane %d at %s", where(), w, first, op_name(op), l,
+                 op_name(S.lanes[w * 32 + l].op));
+        }
+        exec_warp(w, op);
+        for (int l = 0; l < 32; ++l) S.lanes[w * 32 + l].st = St::Run;
+      }
+    }
+    int nb = 0, nd = 0;
+    for (int i = 0; i < n; ++i) {
+      nb += S.lanes[i].st == St::Bar;
+      nd += S.lanes[i].st == St::Done;
+    }
+    if (nd == n) break;
+    if (nd > 0)
+      fail("%s: __syncthreads reached by %d threads while %d exited", where(), nb, nd);
+    S.barriers++;
+    for (int i = 0; i < n; ++i) S.lanes[i].st = St::Run;
+  }
+}
+
+// ---- Guarded memory -----------------------------------------------------------------------
+
+// `bytes` of memory whose end (rounded up to 16) touches kGuard inaccessible bytes, with as
+// many before the start.
+static char* guarded(size_t bytes, char** map_out, size_t* map_bytes) {
+  const size_t body = round_up(std::max<size_t>(bytes, 1), kPage);
+  const size_t total = body + 2 * kGuard;
+  void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) fail("mmap of %zu bytes failed", total);
+  char* m = static_cast<char*>(p);
+  mprotect(m, kGuard, PROT_NONE);
+  mprotect(m + kGuard + body, kGuard, PROT_NONE);
+  *map_out = m;
+  *map_bytes = total;
+  return m + kGuard + body - round_up(bytes, 16);
+}
+
+char* alloc_global(size_t bytes, const char* name) {
+  Alloc a;
+  a.lo = guarded(bytes, &a.map, &a.map_bytes);
+  a.hi = a.lo + bytes;
+  a.name = name;
+  S.allocs.push_back(a);
+  return a.lo;
+}
+
+void add_extent(const char* name, const void* base, int64_t rows, int64_t row_bytes,
+                int64_t stride_bytes, bool writable) {
+  if (rows <= 0 || row_bytes <= 0) return;
+  const Alloc* a = alloc_of(base);
+  if (!a) fail("extent %s is not in a registered buffer", name);
+  const char* end = static_cast<const char*>(base) + (rows - 1) * stride_bytes + row_bytes;
+  if (static_cast<const char*>(base) < a->lo || end > a->hi)
+    fail("extent %s does not fit its buffer %s", name, a->name);
+  S.extents.push_back(Extent{static_cast<const char*>(base), rows, row_bytes,
+                             stride_bytes > 0 ? stride_bytes : row_bytes, writable, name});
+}
+
+// ---- Faults -------------------------------------------------------------------------------
+
+static void on_fault(int sig, siginfo_t* si, void*) {
+  const char* a = static_cast<const char*>(si->si_addr);
+  char what[256] = "an unmapped address";
+  if (in_smem_map(a)) {
+    snprintf(what, sizeof what, "the shared-memory guard (offset %ld; the launch has %u bytes)",
+             static_cast<long>(a - S.smem), S.smem_bytes);
+  } else if (const Alloc* al = alloc_of(a)) {
+    if (a < al->lo)
+      snprintf(what, sizeof what, "the guard %ld bytes before buffer %s", static_cast<long>(al->lo - a),
+               al->name);
+    else
+      snprintf(what, sizeof what, "the guard %ld bytes past the end of buffer %s (%ld bytes)",
+               static_cast<long>(a - al->hi), al->name, static_cast<long>(al->hi - al->lo));
+  } else {
+    for (size_t i = 0; i < S.lanes.size(); ++i) {
+      const char* s = S.lanes[i].stack;
+      if (s && a >= s && a < s + kPage) snprintf(what, sizeof what, "the stack guard of thread %zu", i);
+    }
+  }
+  char msg[768];
+  const int len = snprintf(msg, sizeof msg, "EMULATOR ERROR: %s: signal %d, access to %p in %s\n",
+                           where(), sig, si->si_addr, what);
+  if (len > 0) {
+    ssize_t r = write(2, msg, static_cast<size_t>(std::min<int>(len, sizeof msg - 1)));
+    (void)r;
+  }
+  _exit(4);
+}
+
+void install_fault_handler() {
+  static char alt[1 << 16];
+  stack_t ss;
+  memset(&ss, 0, sizeof ss);
+  ss.ss_sp = alt;
+  ss.ss_size = sizeof alt;
+  sigaltstack(&ss, nullptr);
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = on_fault;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigaction(SIGSEGV, &sa, nullptr);
+  sigaction(SIGBUS, &sa, nullptr);
+}
+
+// ---- Launch -------------------------------------------------------------------------------
+
+void launch(const char* name, void (*entry)(), dim3 grid, dim3 block, uint32_t smem_bytes) {
+  if (block.y != 1 || block.z != 1 || block.x % 32 != 0 || block.x == 0 || block.x > 1024)
+    fail("%s: block (%u,%u,%u) not supported (1-D, whole warps)", name, block.x, block.y, block.z);
+  S.kernel = name;
+  S.grid = grid;
+  S.block = block;
+  S.entry = entry;
+  S.nthreads = static_cast<int>(block.x);
+  if (S.lanes.size() < static_cast<size_t>(S.nthreads)) S.lanes.resize(S.nthreads);
+  // Dynamic shared memory: [smem, smem + bytes) ends at a guard page (bytes rounded up to 16).
+  if (S.smem_map) munmap(S.smem_map, S.smem_map_bytes);
+  S.smem = guarded(smem_bytes, &S.smem_map, &S.smem_map_bytes);
+  S.smem_bytes = smem_bytes;
+  S.inflight.assign(round_up(smem_bytes, 16) / 16 + 1, 0);
+  for (Alloc& a : S.allocs) a.stores.clear();
+  const unsigned nx = grid.x, ny = grid.y, nz = grid.z;
+  const uint64_t nblocks = static_cast<uint64_t>(nx) * ny * nz;
+  for (uint64_t k = 0; k < nblocks; ++k) {
+    const uint64_t b = S.reverse ? nblocks - 1 - k : k;
+    S.block_idx = dim3{static_cast<unsigned>(b % nx), static_cast<unsigned>(b / nx % ny),
+                       static_cast<unsigned>(b / nx / ny)};
+    run_block();
+  }
+}
+
+}  // namespace sim
