@@ -1,0 +1,991 @@
+//! The CUDA attention kernels, checked without a GPU: tests/attention_sim/ is a host emulator
+//! (one fiber per CUDA thread; ldmatrix, mma.sync m16n8k16, shuffles and cp.async from the PTX
+//! ISA; guarded shared and global memory; see tests/attention_sim/sim_core.h) that compiles the
+//! REAL kernel sources, cuda/attention_forward.cu and cuda/attention_backward.cu, with their
+//! headers. They are staged into a scratch directory next to the emulator's dk_mma.cuh (the
+//! only header replaced: it holds the inline PTX), since dk_attention_tile.cuh includes
+//! "dk_mma.cuh" from its own directory.
+//!
+//! Each case draws fresh random inputs (never zeros; the seed is printed), runs the forward
+//! kernel and then the three backward kernels (fed the emulated forward's out and LSE) with the
+//! grids, blocks and shared-memory sizes of the Rust launchers (src/attention/cuda/forward.rs,
+//! src/attention/cuda/backward.rs: the formulas are repeated below), on poisoned outputs, and
+//! checks:
+//! - every output element was written, nothing else changed (padding, slack, inputs);
+//! - out, dq, dk, dv within DESIGN.md's 1e-2 relative norm of the crate's CPU backend (the f64
+//!   reference) on the same inputs (f16: 2e-3, tighter where it holds), and the f32 LSE within
+//!   1e-6 (DESIGN.md: 1e-4), −∞ exactly where the CPU has it;
+//! - rows that see no key: out = 0, LSE = −∞, dq = 0 exactly; keys no query sees: dk = dv = 0;
+//! - two runs, one with every cp.async landing at issue and threads, warps and blocks in
+//!   ascending order, the other with copies landing only at the cp.async.wait_group that
+//!   forces them and everything in descending order, give bitwise the same outputs;
+//! - the emulator's own checks (shared-memory bounds and alignment, reads of shared memory
+//!   with a copy in flight, global accesses outside the operands' rows, guard pages, converged
+//!   warps at every collective, barriers, outputs stored twice).
+//!
+//! Cases (small shapes: the emulator plays every thread of every block): bf16 and f16, D 64 and
+//! 128, padded and varlen (empty sequences, length-1 sequences, queries without keys, keys
+//! without queries, no query or no key rows at all, loose bounds), causal with Sq < Sk and
+//! Sq > Sk, Hq/Hkv 1, 3 and 8, lengths off the 32-, 64- and 128-row tiles and several tiles
+//! long, q/k/v sliced from a fused qkv buffer (token stride > row) and padded rows, a sharp
+//! softmax (scale 2); plus random shapes drawn from the seed every run.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use common::attention::*;
+use common::*;
+use distill_kernels::attention::AttentionParams;
+use distill_kernels::{Context, DType};
+
+const TEST: &str = "attention_kernel_sim";
+
+/// Outputs, relative norm: DESIGN.md's 1e-2 for bf16; for f16 the emulated kernels hold 2e-3
+/// (their error is ~3e-4, the f16 rounding of P and of the outputs), so that a bf16-precision
+/// step inside an f16 kernel (~3e-3) shows.
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 2e-3,
+        _ => 1e-2,
+    }
+}
+/// The f32 LSE (finite entries), relative norm. DESIGN.md allows 1e-4; the emulated kernel
+/// holds 1e-6 (its error is ~5e-8: f32 accumulation and logf; the emulator's ex2 is exact).
+const TOL_LSE: f64 = 1e-6;
+/// Denominator floor of the relative errors.
+const FLOOR: f64 = 1e-6;
+
+// ------------------------------------------------------------------------------------------
+// Building the emulator
+// ------------------------------------------------------------------------------------------
+
+/// The emulator, built once per test process (both tests share it).
+fn simulator() -> Option<PathBuf> {
+    static SIM: OnceLock<Option<PathBuf>> = OnceLock::new();
+    SIM.get_or_init(build_simulator).clone()
+}
+
+/// Copies the kernel sources and headers into a scratch directory with the emulator's
+/// dk_mma.cuh in place of the real one, and builds the driver against them.
+fn build_simulator() -> Option<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let stage = scratch_dir(TEST).join("kernel");
+    std::fs::create_dir_all(&stage).expect("create the staging directory");
+    let copy = |from: &Path| {
+        let to = stage.join(from.file_name().unwrap());
+        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+    };
+    copy(&root.join("cuda/attention_forward.cu"));
+    copy(&root.join("cuda/attention_backward.cu"));
+    for entry in std::fs::read_dir(root.join("cuda/include")).expect("cuda/include") {
+        let path = entry.expect("cuda/include entry").path();
+        if path.file_name().is_some_and(|n| n != "dk_mma.cuh") {
+            copy(&path);
+        }
+    }
+    let sim_dir = root.join("tests/attention_sim");
+    copy(&sim_dir.join("dk_mma.cuh"));
+    build_kernel_simulator(
+        TEST,
+        &sim_dir.join("attention_sim.cpp"),
+        &[stage, sim_dir.clone()],
+        // The kernels' `#pragma unroll` is CUDA's; the host compiler ignores it.
+        &["-Wno-unknown-pragmas"],
+    )
+}
+
+// ------------------------------------------------------------------------------------------
+// Launch configurations (the Rust launchers' formulas)
+// ------------------------------------------------------------------------------------------
+
+/// One kernel launch: kernel (0 forward, 1 Delta, 2 dK/dV, 3 dQ), grid, threads, dynamic
+/// shared memory, and the forward's head / batch offsets.
+#[derive(Debug, Clone, Copy)]
+struct LaunchCfg {
+    kernel: i32,
+    grid: (u32, u32, u32),
+    threads: u32,
+    smem: u32,
+    head_offset: i32,
+    batch_offset: i32,
+}
+
+/// The launcher's limit on gridDim.y and gridDim.z (`MAX_GRID_YZ` in forward.rs).
+const MAX_GRID_YZ: usize = 65535;
+
+/// `launches()` and `tiling()` of src/attention/cuda/forward.rs: grid (⌈Sq / rows per block⌉,
+/// Hq, B) in chunks of `split` (the launcher: 65535) heads and sequences, 128 threads,
+/// (rows + 2·64 keys)·D·2 bytes of shared memory with 128 query rows per block at D = 64 and 64
+/// at D = 128.
+fn forward_launches(case: &AttnCase, split: usize) -> Vec<LaunchCfg> {
+    let s = &case.seqs;
+    let (batch, hq, d) = (s.batch(), case.hq(), case.d());
+    if batch == 0 || s.max_q == 0 || case.tq() == 0 || hq == 0 {
+        return Vec::new();
+    }
+    let block_m = if d == 64 { 128 } else { 64 };
+    let smem = (block_m + 2 * 64) * d * 2;
+    let tiles = s.max_q.div_ceil(block_m) as u32;
+    let mut out = Vec::new();
+    for h0 in (0..hq).step_by(split) {
+        for b0 in (0..batch).step_by(split) {
+            out.push(LaunchCfg {
+                kernel: 0,
+                grid: (
+                    tiles,
+                    (hq - h0).min(split) as u32,
+                    (batch - b0).min(split) as u32,
+                ),
+                threads: 128,
+                smem: smem as u32,
+                head_offset: h0 as i32,
+                batch_offset: b0 as i32,
+            });
+        }
+    }
+    out
+}
+
+/// `backward()` of src/attention/cuda/backward.rs: Delta (256 threads, D/8 per (row, head))
+/// when there are query rows, dK/dV (⌈Sk / 64⌉·B·Hkv blocks) when there are key rows, dQ
+/// (⌈Sq / 64⌉·B·Hq blocks) when there are query rows; 128 threads; shared memory
+/// `dkdv_smem_bytes` / `dq_smem_bytes`; grids of 0 blocks are not launched. Also returns the
+/// Delta workspace size (`backward_workspace_size`).
+fn backward_launches(case: &AttnCase) -> (Vec<LaunchCfg>, usize) {
+    let s = &case.seqs;
+    let (batch, hq, hkv, d, tq, tk) = (
+        s.batch(),
+        case.hq(),
+        case.hkv(),
+        case.d(),
+        case.tq(),
+        case.tk(),
+    );
+    let ws = (4 * hq * tq).next_multiple_of(256);
+    if tq == 0 && tk == 0 {
+        return (Vec::new(), ws);
+    }
+    let (br_dkdv, bc_dq) = if d == 64 { (64, 64) } else { (32, 32) };
+    let dkdv_smem = (2 * 64 * d + 4 * br_dkdv * d) * 2 + 4 * br_dkdv * 4;
+    let dq_smem = (2 * 64 * d + 4 * bc_dq * d) * 2;
+    let one = |kernel, blocks: usize, threads, smem: usize| LaunchCfg {
+        kernel,
+        grid: (blocks as u32, 1, 1),
+        threads,
+        smem: smem as u32,
+        head_offset: 0,
+        batch_offset: 0,
+    };
+    let mut out = Vec::new();
+    if tq > 0 {
+        out.push(one(1, (hq * tq).div_ceil(256 / (d / 8)), 256, 0));
+    }
+    if tk > 0 {
+        out.push(one(2, s.max_k.div_ceil(64) * batch * hkv, 128, dkdv_smem));
+    }
+    if tq > 0 {
+        out.push(one(3, s.max_q.div_ceil(64) * batch * hq, 128, dq_smem));
+    }
+    out.retain(|l| l.grid.0 > 0);
+    (out, ws)
+}
+
+// ------------------------------------------------------------------------------------------
+// Jobs
+// ------------------------------------------------------------------------------------------
+
+/// An operand for the driver: buffer, byte offset, rows, columns, stride (elements), element
+/// bytes, writable.
+struct Operand {
+    name: &'static str,
+    buf: usize,
+    offset_bytes: usize,
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    elem: u32,
+    writable: bool,
+}
+
+/// The two timing / ordering models of a run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    /// cp.async copies land when issued; threads, warps and blocks in ascending order.
+    EagerAscending,
+    /// Copies land at the wait that forces them; everything in descending order.
+    LateDescending,
+}
+
+struct Job<'a> {
+    backward: bool,
+    case: &'a AttnCase,
+    mode: Mode,
+    bufs: &'a [Bytes],
+    buf_names: &'a [&'static str],
+    operands: Vec<Operand>,
+    launches: Vec<LaunchCfg>,
+    workspace: usize,
+    /// An output chunk stored twice in one launch is an error (off for garbage offsets).
+    single_stores: bool,
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u32).to_ne_bytes());
+    out.extend(s.as_bytes());
+}
+
+impl Job<'_> {
+    fn encode(&self) -> Vec<u8> {
+        let c = self.case;
+        let mut o = Vec::new();
+        let i32s = |o: &mut Vec<u8>, v: &[i32]| v.iter().for_each(|x| o.extend(x.to_ne_bytes()));
+        o.extend(0x5341_4b44u32.to_ne_bytes());
+        let dtype = match c.dtype {
+            DType::BF16 => 0,
+            DType::F16 => 1,
+            DType::F32 => panic!("the CUDA kernels take bf16 or f16"),
+        };
+        i32s(
+            &mut o,
+            &[
+                self.backward as i32,
+                dtype,
+                c.d() as i32,
+                (self.mode == Mode::LateDescending) as i32,
+                (self.mode == Mode::LateDescending) as i32,
+                self.single_stores as i32,
+                c.seqs.batch() as i32,
+                c.seqs.max_q as i32,
+                c.seqs.max_k as i32,
+                c.tq() as i32,
+                c.tk() as i32,
+                c.hq() as i32,
+                c.hkv() as i32,
+                c.params.causal as i32,
+                c.seqs.varlen as i32,
+            ],
+        );
+        // As AttentionShape::new / backward(): the scale in effect and scale · log2(e) in f32.
+        let scale = c.params.scale();
+        o.extend(scale.to_ne_bytes());
+        o.extend((scale * std::f32::consts::LOG2_E).to_ne_bytes());
+        o.extend((self.workspace as u64).to_ne_bytes());
+        i32s(&mut o, &[self.bufs.len() as i32]);
+        for (b, name) in self.bufs.iter().zip(self.buf_names) {
+            put_str(&mut o, name);
+            o.extend((b.len() as u64).to_ne_bytes());
+            o.extend(b.as_ref());
+        }
+        i32s(&mut o, &[self.operands.len() as i32]);
+        for op in &self.operands {
+            put_str(&mut o, op.name);
+            i32s(&mut o, &[op.buf as i32]);
+            for v in [op.offset_bytes, op.rows, op.cols, op.stride] {
+                o.extend((v as u64).to_ne_bytes());
+            }
+            o.extend(op.elem.to_ne_bytes());
+            i32s(&mut o, &[op.writable as i32]);
+        }
+        i32s(&mut o, &[self.launches.len() as i32]);
+        for l in &self.launches {
+            i32s(&mut o, &[l.kernel]);
+            for v in [l.grid.0, l.grid.1, l.grid.2, l.threads, l.smem] {
+                o.extend(v.to_ne_bytes());
+            }
+            i32s(&mut o, &[l.head_offset, l.batch_offset]);
+        }
+        o
+    }
+
+    /// Runs the driver: every buffer after the call, and its statistics; or the error it
+    /// reported.
+    fn run(&self, exe: &Path) -> Result<(Vec<Bytes>, String), String> {
+        let input = self.encode();
+        let mut child = Command::new(exe)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the attention emulator");
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().expect("emulator output");
+        let _ = writer.join().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            return Err(format!(
+                "the emulator stopped ({}):\n{}",
+                out.status,
+                log.trim_end()
+            ));
+        }
+        let total: usize = self.bufs.iter().map(|b| b.len()).sum();
+        if out.stdout.len() != total {
+            return Err(format!(
+                "the emulator returned {} bytes, {total} expected",
+                out.stdout.len()
+            ));
+        }
+        let mut at = 0;
+        let bufs = self
+            .bufs
+            .iter()
+            .map(|b| {
+                let r = Bytes::from_slice(&out.stdout[at..at + b.len()]);
+                at += b.len();
+                r
+            })
+            .collect();
+        Ok((bufs, log))
+    }
+}
+
+fn matrix(
+    name: &'static str,
+    case: &AttnCase,
+    s: Slot,
+    rows: usize,
+    cols: usize,
+    w: bool,
+) -> Operand {
+    Operand {
+        name,
+        buf: s.buf,
+        offset_bytes: s.offset * case.dtype.size(),
+        rows,
+        cols,
+        stride: s.stride,
+        elem: case.dtype.size() as u32,
+        writable: w,
+    }
+}
+
+fn vector(name: &'static str, buf: usize, len: usize, w: bool) -> Operand {
+    Operand {
+        name,
+        buf,
+        offset_bytes: 0,
+        rows: 1,
+        cols: len,
+        stride: len,
+        elem: 4,
+        writable: w,
+    }
+}
+
+fn offsets(case: &AttnCase, cu_q: usize, cu_k: usize) -> Vec<Operand> {
+    if !case.seqs.varlen {
+        return Vec::new();
+    }
+    let n = case.seqs.batch() + 1;
+    vec![
+        vector("cu_seqlens_q", cu_q, n, false),
+        vector("cu_seqlens_k", cu_k, n, false),
+    ]
+}
+
+const FWD_NAMES: [&str; fwd_buf::COUNT] = [
+    "q buffer",
+    "k buffer",
+    "v buffer",
+    "out buffer",
+    "lse buffer",
+    "cu_seqlens_q buffer",
+    "cu_seqlens_k buffer",
+];
+const BWD_NAMES: [&str; bwd_buf::COUNT] = [
+    "dout buffer",
+    "q buffer",
+    "k buffer",
+    "v buffer",
+    "out buffer",
+    "lse buffer",
+    "dq buffer",
+    "dk buffer",
+    "dv buffer",
+    "cu_seqlens_q buffer",
+    "cu_seqlens_k buffer",
+];
+
+/// The forward job; `split`: launches cover at most this many heads and sequences each (the
+/// launcher's 65535; less to exercise the kernel's head_offset and batch_offset).
+fn forward_job<'a>(case: &'a AttnCase, bufs: &'a [Bytes], mode: Mode, split: usize) -> Job<'a> {
+    let [q, k, v, out] = case.fwd_slots();
+    let (tq, tk, qc, kc) = (case.tq(), case.tk(), case.qc(), case.kc());
+    let mut operands = vec![
+        matrix("q", case, q, tq, qc, false),
+        matrix("k", case, k, tk, kc, false),
+        matrix("v", case, v, tk, kc, false),
+        matrix("out", case, out, tq, qc, true),
+        vector("lse", fwd_buf::LSE, case.lse_len(), true),
+    ];
+    operands.extend(offsets(case, fwd_buf::CU_Q, fwd_buf::CU_K));
+    Job {
+        backward: false,
+        case,
+        mode,
+        bufs,
+        buf_names: &FWD_NAMES,
+        operands,
+        launches: forward_launches(case, split),
+        workspace: 0,
+        single_stores: true,
+    }
+}
+
+fn backward_job<'a>(case: &'a AttnCase, bufs: &'a [Bytes], mode: Mode) -> Job<'a> {
+    let [dout, q, k, v, out, dq, dk, dv] = case.bwd_slots();
+    let (tq, tk, qc, kc) = (case.tq(), case.tk(), case.qc(), case.kc());
+    let mut operands = vec![
+        matrix("dout", case, dout, tq, qc, false),
+        matrix("q", case, q, tq, qc, false),
+        matrix("k", case, k, tk, kc, false),
+        matrix("v", case, v, tk, kc, false),
+        matrix("out", case, out, tq, qc, false),
+        vector("lse", bwd_buf::LSE, case.lse_len(), false),
+        matrix("dq", case, dq, tq, qc, true),
+        matrix("dk", case, dk, tk, kc, true),
+        matrix("dv", case, dv, tk, kc, true),
+    ];
+    operands.extend(offsets(case, bwd_buf::CU_Q, bwd_buf::CU_K));
+    let (launches, workspace) = backward_launches(case);
+    Job {
+        backward: true,
+        case,
+        mode,
+        bufs,
+        buf_names: &BWD_NAMES,
+        operands,
+        launches,
+        workspace,
+        single_stores: true,
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Checks
+// ------------------------------------------------------------------------------------------
+
+/// Errors of one case (relative norms).
+#[derive(Debug, Default, Clone)]
+struct Errors {
+    out: f64,
+    lse: f64,
+    dq: f64,
+    dk: f64,
+    dv: f64,
+    secs: f64,
+    /// The emulator's statistics (launches, blocks, collectives) of the first run of each job.
+    log: String,
+}
+
+fn close(what: &str, got: &[f64], want: &[f64], tol: f64) -> Result<f64, String> {
+    let e = rel_err(got, want, FLOOR);
+    if e <= tol {
+        Ok(e)
+    } else {
+        Err(format!(
+            "{what}: relative error {e:.3e} > {tol:.0e} against the CPU backend"
+        ))
+    }
+}
+
+fn check_lse(got: &[f32], want: &[f32]) -> Result<f64, String> {
+    let (mut g, mut w) = (Vec::new(), Vec::new());
+    for (i, (&x, &y)) in got.iter().zip(want).enumerate() {
+        if y == f32::NEG_INFINITY {
+            if x != f32::NEG_INFINITY {
+                return Err(format!(
+                    "lse[{i}] = {x}, −inf expected (the row sees no key)"
+                ));
+            }
+        } else if !x.is_finite() {
+            return Err(format!("lse[{i}] = {x}, {y} expected"));
+        } else {
+            g.push(x as f64);
+            w.push(y as f64);
+        }
+    }
+    close("lse", &g, &w, TOL_LSE)
+}
+
+/// Exact zeros: out and dq of rows that see no key, dk and dv of keys no query sees.
+fn check_zeros(case: &AttnCase, out: &[f64], g: Option<&Grads>) -> Result<(), String> {
+    let (d, qc, kc) = (case.d(), case.qc(), case.kc());
+    for (row, h) in masked_rows(case) {
+        let cols = row * qc + h * d..row * qc + (h + 1) * d;
+        if out[cols.clone()].iter().any(|&x| x != 0.0) {
+            return Err(format!("out of row {row} head {h} (sees no key) is not 0"));
+        }
+        if g.is_some_and(|g| g.dq[cols].iter().any(|&x| x != 0.0)) {
+            return Err(format!("dq of row {row} head {h} (sees no key) is not 0"));
+        }
+    }
+    if let Some(g) = g {
+        for row in unseen_keys(case) {
+            let cols = row * kc..(row + 1) * kc;
+            if g.dk[cols.clone()]
+                .iter()
+                .chain(&g.dv[cols])
+                .any(|&x| x != 0.0)
+            {
+                return Err(format!(
+                    "dk / dv of key row {row} (no query sees it) is not 0"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Job<'_> {
+    /// Where byte `at` of buffer `buf` is: "row r column c of <operand>" or the buffer offset.
+    fn locate(&self, buf: usize, at: usize) -> String {
+        for op in self.operands.iter().filter(|o| o.buf == buf) {
+            let row_bytes = op.stride * op.elem as usize;
+            if at < op.offset_bytes || row_bytes == 0 {
+                continue;
+            }
+            let (r, c) = (
+                (at - op.offset_bytes) / row_bytes,
+                (at - op.offset_bytes) % row_bytes / op.elem as usize,
+            );
+            if r < op.rows && c < op.cols {
+                return format!("{} row {r} column {c}", op.name);
+            }
+        }
+        format!("{} byte {at}", self.buf_names[buf])
+    }
+}
+
+/// Runs a job in both modes: the first run's buffers, after checking that the second gives
+/// the same bits.
+fn run_both<'a>(exe: &Path, job: impl Fn(Mode) -> Job<'a>) -> Result<(Vec<Bytes>, String), String> {
+    let first = job(Mode::EagerAscending);
+    let (a, log) = first.run(exe)?;
+    let (b, _) = job(Mode::LateDescending)
+        .run(exe)
+        .map_err(|e| format!("late cp.async, descending order: {e}"))?;
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        if let Some(at) = x.as_ref().iter().zip(y.as_ref()).position(|(p, q)| p != q) {
+            return Err(format!(
+                "{} differs between the run with eager cp.async and threads, warps and blocks in \
+                 ascending order and the run with late cp.async in descending order (a race or \
+                 a missing wait)",
+                first.locate(i, at)
+            ));
+        }
+    }
+    Ok((a, log))
+}
+
+/// A case and the forward launches' head / sequence chunk.
+struct SimCase {
+    case: AttnCase,
+    split: usize,
+}
+
+impl SimCase {
+    fn what(&self) -> String {
+        if self.split < MAX_GRID_YZ {
+            format!(
+                "{} [forward in launches of ≤ {} heads × sequences]",
+                self.case.what, self.split
+            )
+        } else {
+            self.case.what.clone()
+        }
+    }
+}
+
+fn check_case(exe: &Path, sc: &SimCase) -> Result<Errors, String> {
+    let case = &sc.case;
+    let t0 = Instant::now();
+    let cpu = Device::Cpu(Context::cpu());
+    let mut e = Errors::default();
+
+    // Forward.
+    let bufs = case.fwd_bufs();
+    let (after, log) = run_both(exe, |m| forward_job(case, &bufs, m, sc.split))
+        .map_err(|e| format!("forward: {e}"))?;
+    e.log += &log;
+    let fwd = case
+        .fwd_outputs(&bufs, &after)
+        .map_err(|e| format!("forward: {e}"))?;
+    let (res, before, cpu_after) = case.run_fwd(&cpu);
+    res.expect("CPU forward");
+    let want = case
+        .fwd_outputs(&before, &cpu_after)
+        .expect("CPU forward outputs");
+    e.out = close("out", &fwd.out, &want.out, tol(case.dtype))?;
+    e.lse = check_lse(&fwd.lse, &want.lse)?;
+    check_zeros(case, &fwd.out, None)?;
+
+    // Backward from the emulated forward's out and LSE.
+    let bufs = case.bwd_bufs(&fwd.out, &fwd.lse);
+    let (after, log) =
+        run_both(exe, |m| backward_job(case, &bufs, m)).map_err(|e| format!("backward: {e}"))?;
+    e.log += &log;
+    let grads = case
+        .bwd_outputs(&bufs, &after)
+        .map_err(|e| format!("backward: {e}"))?;
+    let (res, before, cpu_after) = case.run_bwd(&cpu, &fwd.out, &fwd.lse);
+    res.expect("CPU backward");
+    let want = case
+        .bwd_outputs(&before, &cpu_after)
+        .expect("CPU backward outputs");
+    e.dq = close("dq", &grads.dq, &want.dq, tol(case.dtype))?;
+    e.dk = close("dk", &grads.dk, &want.dk, tol(case.dtype))?;
+    e.dv = close("dv", &grads.dv, &want.dv, tol(case.dtype))?;
+    check_zeros(case, &fwd.out, Some(&grads))?;
+    e.secs = t0.elapsed().as_secs_f64();
+    Ok(e)
+}
+
+// ------------------------------------------------------------------------------------------
+// Cases
+// ------------------------------------------------------------------------------------------
+
+fn cases(rng: &mut Rng) -> Vec<SimCase> {
+    let sep = Layout::Separate { pad: 8 };
+    let mut out = Vec::new();
+    let mut add = |dtype, d, seqs: Seqs, hq, hkv, causal, layout, scale: Option<f32>| {
+        let mut params = AttentionParams::new(hq, hkv, d).causal(causal);
+        params.softmax_scale = scale;
+        out.push(AttnCase::random(rng, dtype, seqs, params, layout));
+    };
+    use DType::{BF16, F16};
+    for (dtype, d) in [(BF16, 64), (F16, 128), (F16, 64), (BF16, 128)] {
+        // Lengths off every tile size, two sequences, no mask.
+        add(dtype, d, Seqs::padded(2, 77, 77), 1, 1, false, sep, None);
+        // Causal, Sq < Sk (the diagonal crosses key tiles) and Sq > Sk (rows that see no key).
+        add(dtype, d, Seqs::padded(1, 45, 130), 3, 1, true, sep, None);
+        add(dtype, d, Seqs::padded(1, 140, 50), 3, 3, true, sep, None);
+        // Several query and key tiles: the K/V pipeline, masked then unmasked key tiles, the
+        // dK/dV loop over query tiles and heads of the group.
+        add(dtype, d, Seqs::padded(1, 300, 300), 2, 1, true, sep, None);
+        // Varlen: an empty sequence, length-1 sequences, queries without keys, keys without
+        // queries, causal.
+        add(
+            dtype,
+            d,
+            Seqs::varlen(&[5, 0, 1, 70, 33, 2], &[40, 3, 1, 0, 90, 0]),
+            2,
+            1,
+            true,
+            sep,
+            None,
+        );
+        // No query rows at all (dK = dV = 0 written), and no key rows at all (out 0, LSE −∞,
+        // dQ 0).
+        add(
+            dtype,
+            d,
+            Seqs::varlen(&[0, 0], &[3, 70]),
+            2,
+            1,
+            false,
+            sep,
+            None,
+        );
+        add(
+            dtype,
+            d,
+            Seqs::varlen(&[5, 66], &[0, 0]),
+            2,
+            2,
+            true,
+            sep,
+            None,
+        );
+    }
+    for (dtype, d) in [(BF16, 64), (F16, 128)] {
+        // Varlen without the mask, loose bounds (blocks past every sequence).
+        add(
+            dtype,
+            d,
+            Seqs::varlen(&[1, 66, 0, 17], &[1, 0, 65, 130]).loose_bounds(40, 70),
+            3,
+            3,
+            false,
+            sep,
+            None,
+        );
+        // A sharp softmax (large scale: exponents far below 0 underflow), long keys.
+        add(
+            dtype,
+            d,
+            Seqs::padded(1, 70, 200),
+            1,
+            1,
+            false,
+            sep,
+            Some(2.0),
+        );
+    }
+    for (dtype, d) in [(F16, 64), (BF16, 128)] {
+        // q, k, v sliced from a fused qkv buffer (token stride (Hq + 2 Hkv)·D), gradients into
+        // a packed dqkv buffer.
+        add(
+            dtype,
+            d,
+            Seqs::padded(2, 40, 40),
+            3,
+            1,
+            true,
+            Layout::Fused,
+            None,
+        );
+        // GQA 8:1.
+        add(dtype, d, Seqs::padded(1, 97, 97), 8, 1, true, sep, None);
+        add(
+            dtype,
+            d,
+            Seqs::varlen(&[20, 1, 9], &[9, 20, 1]),
+            8,
+            1,
+            false,
+            Layout::Fused,
+            None,
+        );
+        // Length-1 query sequences. (With every sequence 1 × 1, P = 1 and out = v exactly, so
+        // dS = P·(dout·v − dout·out) and dq are exactly 0 and the kernel's dq is f32 rounding
+        // noise: a relative error has nothing to measure. One sequence of 3 keys keeps dq
+        // meaningful, as in attention_reference.)
+        add(
+            dtype,
+            d,
+            Seqs::varlen(&[1, 1, 1], &[1, 3, 1]),
+            8,
+            2,
+            true,
+            sep,
+            None,
+        );
+    }
+    let mut out: Vec<SimCase> = out
+        .into_iter()
+        .map(|case| {
+            // GQA 8:1 and six-sequence batches: the forward also in launches of at most 2 heads
+            // and 2 sequences each, so the kernel's head_offset and batch_offset are used (the
+            // launcher splits only above 65535).
+            let split = if case.hq() == 8 || case.seqs.batch() >= 6 {
+                2
+            } else {
+                MAX_GRID_YZ
+            };
+            SimCase { case, split }
+        })
+        .collect();
+    for _ in 0..RANDOM_CASES {
+        let case = random_case(rng);
+        let split = [MAX_GRID_YZ, MAX_GRID_YZ, 1, 2][rng.below(0, 4)];
+        out.push(SimCase { case, split });
+    }
+    out
+}
+
+/// Random cases per run, on top of the fixed ones (new shapes every run; the seed replays them).
+const RANDOM_CASES: usize = 10;
+
+/// A random shape: dtype, D, heads, mask, padded or varlen lengths up to 160 (empty sequences
+/// included), loose bounds, row padding 0..16 or fused qkv, sometimes a custom scale.
+fn random_case(rng: &mut Rng) -> AttnCase {
+    let dtype = [DType::BF16, DType::F16][rng.below(0, 2)];
+    let d = [64, 128][rng.below(0, 2)];
+    let (hq, hkv) = [(1, 1), (2, 1), (3, 3), (4, 2), (6, 3), (8, 1), (8, 4)][rng.below(0, 7)];
+    let causal = rng.below(0, 2) == 1;
+    let seqs = if rng.below(0, 2) == 0 {
+        let (sq, sk) = (rng.below(1, 161), rng.below(1, 161));
+        let sk = if rng.below(0, 3) == 0 { sq } else { sk };
+        Seqs::padded(rng.below(1, 3), sq, sk)
+    } else {
+        let b = rng.below(1, 5);
+        let len = |rng: &mut Rng| {
+            if rng.below(0, 5) == 0 {
+                0
+            } else {
+                rng.below(1, 161)
+            }
+        };
+        let q: Vec<usize> = (0..b).map(|_| len(rng)).collect();
+        let k: Vec<usize> = (0..b).map(|_| len(rng)).collect();
+        let (eq, ek) = if rng.below(0, 3) == 0 {
+            (rng.below(0, 70), rng.below(0, 70))
+        } else {
+            (0, 0)
+        };
+        Seqs::varlen(&q, &k).loose_bounds(eq, ek)
+    };
+    let layout = if seqs.total_q() == seqs.total_k() && rng.below(0, 2) == 0 {
+        Layout::Fused
+    } else {
+        Layout::Separate {
+            pad: 8 * rng.below(0, 3),
+        }
+    };
+    let mut params = AttentionParams::new(hq, hkv, d).causal(causal);
+    if rng.below(0, 4) == 0 {
+        params.softmax_scale = Some(rng.range(0.05, 1.5) as f32);
+    }
+    AttnCase::random(rng, dtype, seqs, params, layout)
+}
+
+#[test]
+fn attention_kernels_match_the_cpu_backend() {
+    let Some(exe) = simulator() else {
+        return;
+    };
+    let mut rng = Rng::fresh(TEST);
+    let all = cases(&mut rng);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, Result<Errors, String>)>> = Mutex::new(Vec::new());
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(all.len());
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= all.len() {
+                    break;
+                }
+                let r = check_case(&exe, &all[i]);
+                results.lock().unwrap().push((i, r));
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap();
+    results.sort_by_key(|r| r.0);
+    let mut failures = Vec::new();
+    for (i, r) in &results {
+        let what = all[*i].what();
+        match r {
+            Ok(e) => {
+                eprintln!(
+                    "ok   {what}: out {:.1e} lse {:.1e} dq {:.1e} dk {:.1e} dv {:.1e} ({:.1}s)",
+                    e.out, e.lse, e.dq, e.dk, e.dv, e.secs
+                );
+                if std::env::var_os("DK_ATTENTION_SIM_LOG").is_some() {
+                    eprint!("{}", e.log);
+                }
+            }
+            Err(msg) => {
+                eprintln!("FAIL {what}: {msg}");
+                failures.push(format!("{what}: {msg}"));
+            }
+        }
+    }
+    eprintln!(
+        "{} cases, {} failed, {:.1}s on {workers} threads",
+        all.len(),
+        failures.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        failures.is_empty(),
+        "the emulated attention kernels failed {} case(s) (seed in the output above):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Bytes outside every writable operand's rows are unchanged (inputs, padding, slack).
+fn untouched_outside_outputs(job: &Job<'_>, after: &[Bytes]) -> Result<(), String> {
+    for (b, (before, after)) in job.bufs.iter().zip(after).enumerate() {
+        let mut inside = vec![false; before.len()];
+        for op in job.operands.iter().filter(|o| o.writable && o.buf == b) {
+            let e = op.elem as usize;
+            for r in 0..op.rows {
+                let at = op.offset_bytes + r * op.stride * e;
+                inside[at..at + op.cols * e]
+                    .iter_mut()
+                    .for_each(|x| *x = true);
+            }
+        }
+        let changed = before
+            .as_ref()
+            .iter()
+            .zip(after.as_ref())
+            .zip(&inside)
+            .position(|((x, y), &ins)| !ins && x != y);
+        if let Some(at) = changed {
+            return Err(format!("{} was written", job.locate(b, at)));
+        }
+    }
+    Ok(())
+}
+
+/// Garbage `cu_seqlens` (negative, decreasing, past the row counts, i32::MIN / i32::MAX): the
+/// kernels clamp the offsets into the rows that exist (src/attention/mod.rs, `Batch::Varlen`),
+/// so every access must stay inside the operands' rows and nothing outside dq, dk, dv, out and
+/// the LSE may change. The results are meaningless and not checked (sequences overlap, so an
+/// output chunk may be stored twice, and rows may be left unwritten).
+#[test]
+fn garbage_offsets_stay_in_bounds() {
+    let Some(exe) = simulator() else {
+        return;
+    };
+    let mut rng = Rng::fresh("attention_kernel_sim_garbage");
+    let cu =
+        |v: &[i32]| Bytes::from_slice(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>());
+    let garbage_q = cu(&[0, 500, -3, 40, 30, i32::MIN]);
+    let garbage_k = cu(&[3, 50, -4, 2000, i32::MAX, 5]);
+    let mut failures = Vec::new();
+    for (dtype, d) in [
+        (DType::BF16, 64),
+        (DType::F16, 128),
+        (DType::F16, 64),
+        (DType::BF16, 128),
+    ] {
+        for causal in [false, true] {
+            let seqs = Seqs::varlen(&[10, 20, 30, 0, 5], &[15, 25, 35, 3, 0]).loose_bounds(100, 60);
+            let params = AttentionParams::new(4, 2, d).causal(causal);
+            let case = AttnCase::random(&mut rng, dtype, seqs, params, Layout::Separate { pad: 8 });
+            let mut fwd = case.fwd_bufs();
+            fwd[fwd_buf::CU_Q] = garbage_q.clone();
+            fwd[fwd_buf::CU_K] = garbage_k.clone();
+            let out: Vec<f64> = case.q.iter().map(|x| 0.5 * x).collect();
+            let lse: Vec<f32> = (0..case.lse_len())
+                .map(|i| {
+                    if i % 7 == 3 {
+                        f32::NEG_INFINITY
+                    } else {
+                        rng.range(2.0, 6.0) as f32
+                    }
+                })
+                .collect();
+            let mut bwd = case.bwd_bufs(&out, &lse);
+            bwd[bwd_buf::CU_Q] = garbage_q.clone();
+            bwd[bwd_buf::CU_K] = garbage_k.clone();
+            for mode in [Mode::EagerAscending, Mode::LateDescending] {
+                let mut jobs = [
+                    forward_job(&case, &fwd, mode, MAX_GRID_YZ),
+                    backward_job(&case, &bwd, mode),
+                ];
+                for job in &mut jobs {
+                    job.single_stores = false;
+                    let what = if job.backward { "backward" } else { "forward" };
+                    let res = job
+                        .run(&exe)
+                        .and_then(|(after, _)| untouched_outside_outputs(job, &after));
+                    if let Err(e) = res {
+                        failures.push(format!("{} {what} {mode:?}: {e}", case.what));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "garbage offsets led outside the operands:\n{}",
+        failures.join("\n")
+    );
+}
