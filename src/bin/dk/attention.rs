@@ -428,7 +428,7 @@ fn locate(seqs: &[(usize, usize, usize, usize)], r: usize, keys: bool) -> (usize
     unreachable!("row {r} is in no sequence")
 }
 
-/// f64 forward of one query row, all heads: (out [Hq·D], lse [Hq]).
+/// f64 forward of one query row, all heads: (out `[Hq·D]`, lse `[Hq]`).
 fn ref_forward_row(
     spec: &Spec,
     h: &Host,
