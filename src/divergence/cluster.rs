@@ -84,9 +84,12 @@ pub(crate) fn launch(
     smem: usize,
 ) -> Result<()> {
     use sys::CUfunction_attribute_enum as Attr;
+    // Always the same cap (not this launch's size), so concurrent launches of the same function
+    // from several host threads never lower it under one another.
+    debug_assert!(smem <= MAX_SLICE_BYTES);
     f.set_attribute(
         Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        smem as i32,
+        MAX_SLICE_BYTES as i32,
     )?;
     if c > 8 {
         f.set_attribute(Attr::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)?;
