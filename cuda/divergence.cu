@@ -79,23 +79,18 @@ __device__ __forceinline__ void rows(const DkDivergenceArgs& a) {
   }
 
   const float beta = a.beta;
-  const Row r{a.inv_temperature, st.mt, st.ms, 1.f / st.st, 1.f / st.ss, logf(st.ss / st.st),
-              logf(beta), log1pf(-beta)};
-  float loss, center = 0.f;
-  if (K == Kind::ForwardKl) {
-    loss = st.acc * r.inv_st + r.log_ratio;
-  } else if (K == Kind::ReverseKl) {
-    center = st.acc * r.inv_ss;
-    loss = center - r.log_ratio;
+  const Row r = row_of(st, a.inv_temperature, beta);
+  float loss, center;
+  if (K != Kind::Jsd) {
+    loss = kl_loss(st, r, &center);
   } else {
     JsdPass jp{r};
     for_each(s, t, v, vec, jp);
     const float kl_pm = block_sum(jp.kl_pm, smem_sum);
     center = block_sum(jp.kl_qm, smem_sum);
-    loss = beta * kl_pm + (1.f - beta) * center;
+    loss = jsd_loss(beta, kl_pm, center);
   }
-  // A divergence is >= 0; rounding of near-equal rows may give -1e-9 (NaN passes through).
-  if (threadIdx.x == 0) per_row[row] = loss < 0.f ? 0.f : loss;
+  if (threadIdx.x == 0) per_row[row] = clamp_loss(loss);
   if (!g) return;
 
   const float gscale = *reinterpret_cast<const float*>(a.scale) * a.inv_temperature;

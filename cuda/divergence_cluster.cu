@@ -116,17 +116,9 @@ __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
   // A side with no finite entry has no distribution: loss 0, gradient 0 (NaN rows go on).
   const bool empty = st.mt == -INFINITY || st.ms == -INFINITY;
   const float beta = a.beta;
-  const Row r{a.inv_temperature, st.mt, st.ms, 1.f / st.st, 1.f / st.ss, logf(st.ss / st.st),
-              logf(beta), log1pf(-beta)};
+  const Row r = row_of(st, a.inv_temperature, beta);
   float loss = 0.f, center = 0.f;
-  if (!empty) {
-    if (K == Kind::ForwardKl) {
-      loss = st.acc * r.inv_st + r.log_ratio;
-    } else if (K == Kind::ReverseKl) {
-      center = st.acc * r.inv_ss;
-      loss = center - r.log_ratio;
-    }
-  }
+  if (K != Kind::Jsd && !empty) loss = kl_loss(st, r, &center);
   if (K == Kind::Jsd) {
     // Every block takes this branch (empty is the same everywhere), so the barrier is uniform.
     JsdPass jp{r};
@@ -141,10 +133,9 @@ __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
       kl_pm += part.x;
       center += part.y;
     }
-    loss = empty ? 0.f : beta * kl_pm + (1.f - beta) * center;
+    loss = empty ? 0.f : jsd_loss(beta, kl_pm, center);
   }
-  // A divergence is >= 0; rounding of near-equal rows may give -1e-9 (NaN passes through).
-  if (writer) per_row[row] = loss < 0.f ? 0.f : loss;
+  if (writer) per_row[row] = clamp_loss(loss);
 
   if (g) {
     if (empty) {

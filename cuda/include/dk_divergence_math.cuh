@@ -126,6 +126,33 @@ struct Row {
   }
 };
 
+// The later passes' row constants from the merged statistics.
+template <Kind K>
+DK_HD Row row_of(const RowStats<K>& st, float inv_t, float beta) {
+  return Row{inv_t, st.mt, st.ms, 1.f / st.st, 1.f / st.ss, logf(st.ss / st.st), logf(beta),
+             log1pf(-beta)};
+}
+
+// Loss of the KL kinds from the statistics alone, and the gradient's row constant `center`
+// (reverse KL: Σ q · diff; forward KL: unused, 0). JSD needs its mixture pass: jsd_loss.
+template <Kind K>
+DK_HD float kl_loss(const RowStats<K>& st, const Row& r, float* center) {
+  if (K == Kind::ForwardKl) {
+    *center = 0.f;
+    return st.acc * r.inv_st + r.log_ratio;
+  }
+  *center = st.acc * r.inv_ss;
+  return *center - r.log_ratio;
+}
+
+// JSD from the mixture pass's sums KL(p || m) and KL(q || m).
+DK_HD float jsd_loss(float beta, float kl_pm, float kl_qm) {
+  return beta * kl_pm + (1.f - beta) * kl_qm;
+}
+
+// A divergence is >= 0; rounding of near-equal rows may give -1e-9 (NaN passes through).
+DK_HD float clamp_loss(float loss) { return loss < 0.f ? 0.f : loss; }
+
 // Per-entry gradient dL/db of the passes after the statistics. `center` is the row constant the
 // gradient subtracts: for reverse KL Σ q · diff (= L + log(Ss/St), so the log ratio cancels
 // exactly instead of being subtracted twice), for JSD KL(q || m); unused by forward KL.

@@ -123,13 +123,10 @@ void run_row(float beta, float inv_t, const float* s, const float* t, int v, int
     for (int i = 0; i < v; ++i) grad[i] = 0.f;
     return;
   }
-  const Row r{inv_t, st.mt, st.ms, 1.f / st.st, 1.f / st.ss, logf(st.ss / st.st), logf(beta), log1pf(-beta)};
+  const Row r = row_of(st, inv_t, beta);
   float loss, center = 0.f;
-  if (K == Kind::ForwardKl) {
-    loss = st.acc * r.inv_st + r.log_ratio;
-  } else if (K == Kind::ReverseKl) {
-    center = st.acc * r.inv_ss;
-    loss = center - r.log_ratio;
+  if (K != Kind::Jsd) {
+    loss = kl_loss(st, r, &center);
   } else {
     auto add = [](float x, float y) { return x + y; };
     float kl_pm = 0.f;
@@ -154,9 +151,9 @@ void run_row(float beta, float inv_t, const float* s, const float* t, int v, int
         center += block_qm;
       }
     }
-    loss = beta * kl_pm + (1.f - beta) * center;
+    loss = jsd_loss(beta, kl_pm, center);
   }
-  *loss_out = loss < 0.f ? 0.f : loss;
+  *loss_out = clamp_loss(loss);
   for (int i = 0; i < v; ++i) grad[i] = grad_entry<K>(r, s[i], t[i], center, 1.f - beta) * inv_t;
 }
 
