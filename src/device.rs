@@ -109,6 +109,12 @@ impl CudaDevice {
         }
         let name = ctx.name()?;
         let compute_capability = ctx.compute_capability()?;
+        // Function attributes set once here, not on every launch.
+        ctx.bind_to_thread()?;
+        if crate::divergence::cluster::available(compute_capability) {
+            crate::divergence::cluster::configure(&functions)?;
+        }
+        crate::attention::cuda::configure(&functions)?;
         Ok(CudaDevice {
             ctx,
             functions,

@@ -3,6 +3,7 @@
 //! read from DRAM once. This file chooses the cluster size and launches with
 //! `cuLaunchKernelEx` (cudarc's launch builder has no cluster attribute).
 
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, OnceLock};
 
@@ -74,7 +75,23 @@ pub(crate) fn rows_aligned(
         && (args.grad == 0 || ok(args.grad, args.grad_stride, student_bytes))
 }
 
-/// Queues `f` over `args.n` rows with clusters of `c` blocks and `smem` bytes of dynamic shared
+/// Opts the cluster kernels in to their shared memory and to 16-block clusters, once when a
+/// device opens (not per launch): a fixed cap, so launches of any size from any thread fit it.
+pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Result<()> {
+    use sys::CUfunction_attribute_enum as Attr;
+    for (name, f) in functions {
+        if name.starts_with("dk_divc_") {
+            f.set_attribute(
+                Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                MAX_SLICE_BYTES as i32,
+            )?;
+            f.set_attribute(Attr::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)?;
+        }
+    }
+    Ok(())
+}
+
+/// Queues `f` (configured by [`configure`]) over `args.n` rows with clusters of `c` blocks and `smem` bytes of dynamic shared
 /// memory per block.
 pub(crate) fn launch(
     f: &CudaFunction,
@@ -83,17 +100,7 @@ pub(crate) fn launch(
     c: usize,
     smem: usize,
 ) -> Result<()> {
-    use sys::CUfunction_attribute_enum as Attr;
-    // Always the same cap (not this launch's size), so concurrent launches of the same function
-    // from several host threads never lower it under one another.
     debug_assert!(smem <= MAX_SLICE_BYTES);
-    f.set_attribute(
-        Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        MAX_SLICE_BYTES as i32,
-    )?;
-    if c > 8 {
-        f.set_attribute(Attr::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)?;
-    }
     let blocks = u32::try_from(args.n as usize * c).map_err(|_| {
         Error::new(
             ErrorKind::Shape,

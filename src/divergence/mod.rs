@@ -16,7 +16,7 @@
 //! stays finite), reverse KL where the student has mass on an entry the teacher masks (its
 //! gradient row is then non-finite). Pointers must be aligned to their element size.
 
-mod cluster;
+pub(crate) mod cluster;
 pub(crate) mod cpu;
 pub(crate) mod cuda;
 mod params;

@@ -18,6 +18,7 @@
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::shape::{to_i32, AttentionShape};
@@ -221,6 +222,25 @@ fn launch(
     Ok(())
 }
 
+/// Opts the dK/dV and dQ kernels in to their dynamic shared memory (over the 48 KB default),
+/// once when a device opens.
+pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Result<()> {
+    for t in ["bf16", "f16"] {
+        for d in [64, 128] {
+            for (kernel, bytes) in [("dkdv", dkdv_smem_bytes(d)), ("dq", dq_smem_bytes(d))] {
+                let name = format!("dk_attn_bwd_{kernel}_{t}_d{d}");
+                if let Some(f) = functions.get(name.as_str()) {
+                    f.set_attribute(
+                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Backward pass on the caller's stream: dq, dk, dv.
 ///
 /// Always deterministic: `raw.deterministic = false` runs the same atomic-free kernels (see the
@@ -281,19 +301,12 @@ pub(crate) fn backward(
         return Ok(()); // no row to write
     }
 
-    // Every kernel looked up and opted into its shared memory before anything is queued.
+    // Every kernel looked up before anything is queued (opted into its shared memory by
+    // `configure` when the device opened).
     let f_delta = dev.function(&format!("dk_attn_bwd_delta_{t}_d{d}"))?;
     let f_dkdv = dev.function(&format!("dk_attn_bwd_dkdv_{t}_d{d}"))?;
     let f_dq = dev.function(&format!("dk_attn_bwd_dq_{t}_d{d}"))?;
     let (dkdv_smem, dq_smem) = (dkdv_smem_bytes(d), dq_smem_bytes(d));
-    dev.ctx.bind_to_thread()?;
-    for (f, bytes) in [(f_dkdv, dkdv_smem), (f_dq, dq_smem)] {
-        f.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )?;
-    }
-
     // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
     // is unsafe for that reason), or null for the legacy default stream.
     let stream = unsafe { dev.borrow_stream(launch_cfg.stream) };

@@ -6,7 +6,7 @@ mod shape;
 
 #[doc(hidden)]
 pub use backward::attention_bwd_args_layout;
-pub(crate) use backward::{backward, backward_workspace_size};
+pub(crate) use backward::{backward, backward_workspace_size, configure};
 #[doc(hidden)]
 pub use forward::attention_fwd_args_layout;
 pub(crate) use forward::forward;
