@@ -1,8 +1,13 @@
-// Attention backward on tensor cores (mma.sync m16n8k16, f32 accumulators), deterministic: no
-// atomics, every output element is written once by one thread, so dQ, dK and dV are bitwise
-// reproducible. Design, budgets and costs: cuda/ATTENTION.md, "## Backward".
+// Attention backward on tensor cores (mma.sync m16n8k16, f32 accumulators). Two modes, three
+// launches each on the caller's stream, every kernel taking DkAttentionBwdArgs by value. Design,
+// budgets and costs: cuda/ATTENTION.md, "## Backward".
 //
-// Three launches on the caller's stream, every one taking DkAttentionBwdArgs by value:
+// Deterministic mode (1, 2, 3): no atomics, every output element is written once by one thread,
+// so dQ, dK and dV are bitwise reproducible. Seven GEMMs per (query tile, key tile).
+// Atomic-dQ mode (1', 2', 4): five GEMMs, as FlashAttention-2; dK and dV are still written once
+// (bitwise reproducible), dQ is summed over key tiles by f32 reductions in L2 (not reproducible
+// bit for bit: the order of the additions varies from run to run).
+//
 //   1. dk_attn_bwd_delta_<t>_d<D>: Delta[row, h] = sum_d dO[row, h, d] * O[row, h, d] (f32), into
 //      the workspace, laid out like the LSE. D / 8 threads per (row, head), 16-byte loads.
 //   2. dk_attn_bwd_dkdv_<t>_d<D>: one block (4 warps) per (tile of 64 key rows, KV head,
@@ -21,6 +26,11 @@
 //      registers. Loop over the key tiles the query tile sees (K and V double-buffered):
 //      S = Q K^T, P, dP = dO V^T, dS = P o (dP - Delta), dQ += dS K (ldmatrix.trans on K).
 //      dQ written once, times the scale.
+//   1'. The Delta kernel also zeroes the f32 dQ accumulator (workspace, [total_q, heads_q * D]).
+//   2'. dk_attn_bwd_dkdvdq_<t>_d<D>: kernel 2, and per loop step dS^T goes to shared memory,
+//      then the 4 warps (2 x 2 over query rows and head columns) compute dQ_tile = dS K and add
+//      it into the accumulator with red.global.add (.v2 on sm_90).
+//   4. dk_attn_bwd_dq_convert_<t>_d<D>: dQ = scale * accumulator, in T, 16-byte stores.
 //
 // Masking: rows past the end of a sequence are zero-filled by cp.async (no out-of-bounds read)
 // and get LSE = -inf (so P = 0) and Delta = 0; score entries of keys past the end or above the
@@ -40,7 +50,7 @@
 
 // The layout the Rust mirror (AttentionBwdArgs, src/attention/cuda/backward.rs) asserts in its
 // unit test: both sides checked against the same numbers.
-static_assert(sizeof(DkAttentionShape) == 56 && sizeof(DkAttentionBwdArgs) == 200,
+static_assert(sizeof(DkAttentionShape) == 56 && sizeof(DkAttentionBwdArgs) == 208,
               "DkAttentionBwdArgs layout changed: update the Rust mirror");
 static_assert(offsetof(DkAttentionShape, batch) == 16 && offsetof(DkAttentionShape, causal) == 44 &&
                   offsetof(DkAttentionShape, scale_log2) == 52,
@@ -48,7 +58,8 @@ static_assert(offsetof(DkAttentionShape, batch) == 16 && offsetof(DkAttentionSha
 static_assert(offsetof(DkAttentionBwdArgs, dout) == 56 && offsetof(DkAttentionBwdArgs, delta) == 104 &&
                   offsetof(DkAttentionBwdArgs, dv) == 128 &&
                   offsetof(DkAttentionBwdArgs, dout_stride) == 136 &&
-                  offsetof(DkAttentionBwdArgs, dv_stride) == 192,
+                  offsetof(DkAttentionBwdArgs, dv_stride) == 192 &&
+                  offsetof(DkAttentionBwdArgs, dq_accum) == 200,
               "DkAttentionBwdArgs layout changed: update the Rust mirror");
 
 namespace dk {
@@ -66,6 +77,11 @@ template <int D> struct DkdvTile {
   static constexpr int kBc = 64;               // key rows per block (4 warps x 16)
   static constexpr int kBr = D == 64 ? 64 : 32;  // query rows per loop step
   static constexpr int kSmemBytes = (2 * kBc * D + 4 * kBr * D) * 2 + 4 * kBr * 4;
+  // Atomic-dQ mode: plus the dS^T tile, [kBc][kDsW] with rows 64 elements wide (8 chunks, so the
+  // [rows][64] swizzle applies; at kBr = 32 the upper half of each row is unused).
+  static constexpr int kDsW = 64;
+  static_assert(kBr <= kDsW, "dS^T tile row too narrow");
+  static constexpr int kSmemBytesAtomicDq = kSmemBytes + kBc * kDsW * 2;
 };
 template <int D> struct DqTile {
   static constexpr int kBr = 64;               // query rows per block (4 warps x 16)
@@ -265,6 +281,10 @@ __device__ __forceinline__ void delta_kernel(const DkAttentionBwdArgs& a) {
     load8(out, y);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) acc = fmaf(x[i], y[i], acc);
+    if (a.dq_accum != 0) {  // atomic-dQ mode: this (row, head)'s accumulator starts at 0
+      const float zero[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      store8(reinterpret_cast<float*>(a.dq_accum) + item * D + sub * 8, zero);
+    }
   }
   // The kLanes threads of an item are consecutive lanes of one warp.
 #pragma unroll
@@ -283,9 +303,60 @@ __device__ __forceinline__ void delta_kernel(const DkAttentionBwdArgs& a) {
 
 // ---- 2. dK, dV -----------------------------------------------------------------------------
 
-template <typename T, int D>
+// dQ_tile (Br query rows x D) = dS (Br x Bc, stored transposed in the swizzled [Bc][W] tile at
+// `ds_tile`) times K (the block's [Bc][D] tile), added into the f32 accumulator rows `accum`
+// (row stride `accum_stride`), rows >= `valid` skipped. Warps 2 x 2: warp w owns query rows
+// (w / 2) Br / 2 .. and columns (w % 2) D / 2 .. (32 accumulators per thread at both sizes).
+// A fragments of dS by ldmatrix.trans from [key][query] rows (ds_off: the lane's row / chunk
+// pattern of a transposed operand), B fragments of K by ldmatrix.trans as in mma_xb_trans.
+template <typename T, int D, int Br, int Bc, int W>
+__device__ __forceinline__ void dq_tile_red(uint32_t ds_tile, uint32_t k_tile, uint32_t ds_off,
+                                            uint32_t k_off, float* accum, int64_t accum_stride,
+                                            int valid, int warp, int lane) {
+  constexpr int WM = Br / 2, WN = D / 2, MT = WM / 16, NP = WN / 16;
+  const int wm = warp >> 1, wn = warp & 1;
+  float acc[MT][2 * NP][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < 2 * NP; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < Bc / 16; ++kk) {
+    uint32_t af[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      ldmatrix_x4_trans(af[mt], frag_addr<W>(ds_tile, kk * 16, (wm * WM + mt * 16) / 8, ds_off));
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      uint32_t bf[4];
+      ldmatrix_x4_trans(bf, frag_addr<D>(k_tile, kk * 16, (wn * WN) / 8 + 2 * p, k_off));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(acc[mt][2 * p], af[mt], bf);
+        mma_16816<T>(acc[mt][2 * p + 1], af[mt], bf + 2);
+      }
+    }
+  }
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = wm * WM + mt * 16 + g + 8 * r;
+      if (row < valid) {
+        float* dst = accum + row * accum_stride + wn * WN + 2 * t;
+#pragma unroll
+        for (int nt = 0; nt < 2 * NP; ++nt)
+          red_add_f32x2(dst + nt * 8, acc[mt][nt][2 * r], acc[mt][nt][2 * r + 1]);
+      }
+    }
+}
+
+template <typename T, int D, bool kAtomicDq>
 __device__ __forceinline__ void dkdv_kernel(const DkAttentionBwdArgs& a, char* smem) {
-  constexpr int Bc = DkdvTile<D>::kBc, Br = DkdvTile<D>::kBr;
+  constexpr int Bc = DkdvTile<D>::kBc, Br = DkdvTile<D>::kBr, W = DkdvTile<D>::kDsW;
   const DkAttentionShape& s = a.shape;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -320,6 +391,7 @@ __device__ __forceinline__ void dkdv_kernel(const DkAttentionBwdArgs& a, char* s
   T* sdO = sQ + 2 * Br * D;  // [2][Br][D]
   float* sLse = reinterpret_cast<float*>(sdO + 2 * Br * D);  // [2][Br]
   float* sDelta = sLse + 2 * Br;                              // [2][Br]
+  T* sdS = reinterpret_cast<T*>(sDelta + 2 * Br);  // [Bc][W], atomic-dQ mode only
 
   // Lane roles in ldmatrix: matrix mi = lane / 8 gets rows l7 of ...
   const int mi = lane >> 3, l7 = lane & 7;
@@ -327,6 +399,9 @@ __device__ __forceinline__ void dkdv_kernel(const DkAttentionBwdArgs& a, char* s
   // non-transposed B operand: (chunk c0 | c0 + 1) x (rows 0-7 | 8-15).
   const uint32_t a_off = lane_offset<D>((mi & 1) * 8 + l7, mi >> 1);
   const uint32_t b_off = lane_offset<D>((mi >> 1) * 8 + l7, mi & 1);
+  // A operand stored transposed ([k][m] rows, read with .trans): matrices (rows 0-7 | 8-15 of
+  // k) x (chunk c0 | c0 + 1 of m), k-major: the non-transposed B pattern on W-wide rows.
+  const uint32_t ds_off = lane_offset<W>((mi >> 1) * 8 + l7, mi & 1);
 
   // Per-thread key rows g and g + 8 of the warp: a score column (query i) is masked when
   // i < qmin (keys past the end: every query; causal: queries before j - off).
@@ -453,9 +528,31 @@ __device__ __forceinline__ void dkdv_kernel(const DkAttentionBwdArgs& a, char* s
       // dK += dS^T Q.
       mma_xb_trans<T, D, Br>(dk, dp, sQ_a, a_off);
 
+      if constexpr (kAtomicDq) {
+        // dS^T rows of this warp to shared memory (the previous step's readers passed this
+        // step's first barrier), then dQ_tile = dS K for the whole block, added in L2.
+        const uint32_t sdS_a = smem_addr(sdS);
+#pragma unroll
+        for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            st_shared_b32(sdS_a + 2 * (swz<W>(warp * 16 + g + 8 * r, nt) + 2 * t),
+                          pack2<T>(dp[nt][2 * r], dp[nt][2 * r + 1]));
+        __syncthreads();
+        const int hq = hk * group + idx / n_m;
+        const int64_t stride = static_cast<int64_t>(s.heads_q) * D;
+        dq_tile_red<T, D, Br, Bc, W>(
+            sdS_a, sK_a, ds_off, a_off,
+            reinterpret_cast<float*>(a.dq_accum) + (static_cast<int64_t>(sq.q_start) + q0) * stride +
+                hq * D,
+            stride, sq.len_q - q0, warp, lane);
+      }
+
       // The next stage's LSE and Delta (its buffers were released by this step's barrier).
       if (idx + 1 < n_iter) store_lse_delta(st ^ 1);
     }
+    // Atomic-dQ mode: every warp read all of sK for dQ; the staging below overwrites it.
+    if constexpr (kAtomicDq) __syncthreads();
   }
 
   // Each warp stages its rows through its own 16 rows of sK / sV (only it ever read them).
@@ -631,6 +728,25 @@ __device__ __forceinline__ void dq_kernel(const DkAttentionBwdArgs& a, char* sme
                    sq.len_q - q0 - warp * 16, lane);
 }
 
+// ---- 4. dQ from the accumulator (atomic-dQ mode) ------------------------------------------
+
+// dq[row, h, :] = scale * accumulator[row, h, :] in T; D / 8 threads per (row, head) as Delta.
+template <typename T, int D>
+__device__ __forceinline__ void dq_convert_kernel(const DkAttentionBwdArgs& a) {
+  constexpr int kLanes = D / 8;
+  constexpr int kItems = kDeltaThreads / kLanes;
+  const DkAttentionShape& s = a.shape;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kItems + threadIdx.x / kLanes;
+  const int sub = threadIdx.x % kLanes;
+  if (item >= static_cast<int64_t>(s.total_q) * s.heads_q) return;
+  const int row = static_cast<int>(item / s.heads_q), h = static_cast<int>(item % s.heads_q);
+  float x[kVec];
+  load8(reinterpret_cast<const float*>(a.dq_accum) + item * D + sub * 8, x);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) x[i] *= s.scale;
+  store8(reinterpret_cast<T*>(a.dq) + static_cast<int64_t>(row) * a.dq_stride + h * D + sub * 8, x);
+}
+
 }  // namespace attn_bwd
 }  // namespace dk
 
@@ -643,7 +759,17 @@ __device__ __forceinline__ void dq_kernel(const DkAttentionBwdArgs& a, char* sme
                                               dk::attn_bwd::min_blocks<D>())                   \
       dk_attn_bwd_dkdv_##tname##_d##D(const DkAttentionBwdArgs args) {                         \
     extern __shared__ __align__(16) char dk_attn_bwd_smem[];                                   \
-    dk::attn_bwd::dkdv_kernel<T, D>(args, dk_attn_bwd_smem);                                   \
+    dk::attn_bwd::dkdv_kernel<T, D, false>(args, dk_attn_bwd_smem);                            \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(dk::attn_bwd::kThreads,                         \
+                                              dk::attn_bwd::min_blocks<D>())                   \
+      dk_attn_bwd_dkdvdq_##tname##_d##D(const DkAttentionBwdArgs args) {                       \
+    extern __shared__ __align__(16) char dk_attn_bwd_smem[];                                   \
+    dk::attn_bwd::dkdv_kernel<T, D, true>(args, dk_attn_bwd_smem);                             \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(dk::attn_bwd::kDeltaThreads)                    \
+      dk_attn_bwd_dq_convert_##tname##_d##D(const DkAttentionBwdArgs args) {                   \
+    dk::attn_bwd::dq_convert_kernel<T, D>(args);                                               \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(dk::attn_bwd::kThreads,                         \
                                               dk::attn_bwd::min_blocks<D>())                   \

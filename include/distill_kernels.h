@@ -294,7 +294,9 @@ typedef struct dk_attention_params {
   int64_t head_dim;      /* 64 or 128 */
   int32_t causal;        /* 1: query i sees keys j <= i + Sk - Sq (bottom-right), per sequence */
   float softmax_scale;   /* 0: 1 / sqrt(head_dim); else finite and > 0 */
-  int32_t deterministic; /* backward: 1 = bitwise reproducible dq / dk / dv (no float atomics) */
+  int32_t deterministic; /* backward: 1 = bitwise reproducible dq / dk / dv (no float atomics);
+                            0 = dq summed by f32 atomics on CUDA (faster, last bits vary from run
+                            to run; dk / dv still reproducible; needs a larger workspace) */
 } dk_attention_params;
 
 typedef struct dk_attention_batch {

@@ -17,7 +17,8 @@ backward (torch.autograd.grad of q, k, v): SDPA's flash backend (FlashAttention-
 backend (both on [B, H, S, D] copies of the inputs, GQA through enable_gqa=True, or K / V
 expanded with repeat_interleave inside the timed call when a backend refuses it: the row says so
 and the expansion is timed alone too) and this crate (distill_kernels.torch.attention on
-[B, S, H, D]). Each gives the time, TFLOP/s counted as ANCHORS.md does (4·B·Hq·S²·D / 2 forward,
+[B, S, H, D]; deterministic, and forward + backward again with deterministic=False, dQ summed
+by f32 atomics as FlashAttention-2 does). Each gives the time, TFLOP/s counted as ANCHORS.md does (4·B·Hq·S²·D / 2 forward,
 × 3.5 forward + backward), the ratio to the flash backend measured in the same run, the extra
 peak memory of one timed call, and the errors of out and of dq / dk / dv on one (sequence, KV
 head) slice against a float64 computation (chunked over queries).
@@ -732,6 +733,7 @@ def fmt_fused_row(r) -> str:
 ATTN_SHAPES = [("Phi-4-mini", 4, 4096, 24, 8, 128), ("Llama 4", 1, 16384, 40, 8, 128)]
 ATTN_QUICK = [("Phi-4-mini (quick)", 2, 2048, 24, 8, 128), ("Llama 4 (quick)", 1, 4096, 40, 8, 128)]
 ATTN_FA2 = "SDPA flash (FA2)"
+ATTN_DK_ATOMIC = "distill_kernels (atomic dQ)"
 
 
 def attn_flops(b, s, hq, d, causal=True):
@@ -814,8 +816,11 @@ def _attn_impls(wanted):
 
         dk_lib.attention_lib()
         impls["distill_kernels"] = lambda q, k, v: dkt.attention(q, k, v, causal=True)
+        # FlashAttention-2's own backward mode: dQ summed with f32 atomics (forward identical).
+        impls[ATTN_DK_ATOMIC] = lambda q, k, v: dkt.attention(q, k, v, causal=True,
+                                                              deterministic=False)
     except Exception as e:  # noqa: BLE001
-        impls["distill_kernels"] = e
+        impls["distill_kernels"] = impls[ATTN_DK_ATOMIC] = e
     if wanted:
         impls = {k: v for k, v in impls.items()
                  if any(w in k.lower() for w in wanted) or k == ATTN_FA2}
@@ -884,7 +889,8 @@ def run_attention(shapes, impls, args, log_fn):
             def as_bshd(x):
                 return x.transpose(1, 2) if bhsd else x
 
-            for ps in ("fwd", "fwd+bwd"):
+            # The atomic-dQ mode changes only the backward: its forward is the row above.
+            for ps in (("fwd+bwd",) if impl == ATTN_DK_ATOMIC else ("fwd", "fwd+bwd")):
                 log_fn(f"attention {impl} {shape} {ps} ...")
                 row = {"impl": impl, "shape": shape, "pass": ps, "b": b, "s": s, "hq": hq,
                        "hkv": hkv, "d": d}
@@ -914,10 +920,13 @@ def run_attention(shapes, impls, args, log_fn):
                             row["grad_err"] = max(rel_err(dq[sb, :, heads], r_dq),
                                                   rel_err(dk_[sb, :, shk], r_dk),
                                                   rel_err(dv[sb, :, shk], r_dv))
-                    if impl == "distill_kernels":  # two runs, the same bits?
+                    if impl.startswith("distill_kernels"):  # two runs, the same bits?
                         again = step()
                         first = res if isinstance(res, tuple) else (res,)
                         second = again if isinstance(again, tuple) else (again,)
+                        if impl == ATTN_DK_ATOMIC:  # out, dk, dv (dq's addition order varies)
+                            first, second = (first[0],) + first[2:], (second[0],) + second[2:]
+                            row["note"] = "bitwise column: out, dk, dv"
                         row["bitwise"] = all(torch.equal(x, y) for x, y in zip(first, second))
                         del again, first, second
                     del res

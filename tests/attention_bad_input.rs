@@ -1063,6 +1063,17 @@ fn workspace_size_query() {
                 "workspace",
                 run,
             );
+            // The atomic-dQ mode's f32 accumulator is zeroed and read 16 bytes at a time.
+            let mut atomic = case.clone();
+            atomic.params.deterministic = false;
+            let run = atomic.run_bwd_with(&dev, &bufs, Ws::Misaligned, |_| {});
+            assert_rejected(
+                &dev,
+                "misaligned workspace, deterministic = false",
+                ErrorKind::InvalidArgument,
+                "16-byte aligned",
+                run,
+            );
         }
     }
 }

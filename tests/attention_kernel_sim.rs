@@ -7,7 +7,8 @@
 //! "dk_mma.cuh" from its own directory.
 //!
 //! Each case draws fresh random inputs (never zeros; the seed is printed), runs the forward
-//! kernel and then the three backward kernels (fed the emulated forward's out and LSE) with the
+//! kernel and then the backward kernels of both modes (deterministic, and atomic dQ; fed the
+//! emulated forward's out and LSE) with the
 //! grids, blocks and shared-memory sizes of the Rust launchers (src/attention/cuda/forward.rs,
 //! src/attention/cuda/backward.rs: the formulas are repeated below), on poisoned outputs, and
 //! checks:
@@ -18,7 +19,9 @@
 //! - rows that see no key: out = 0, LSE = −∞, dq = 0 exactly; keys no query sees: dk = dv = 0;
 //! - two runs, one with every cp.async landing at issue and threads, warps and blocks in
 //!   ascending order, the other with copies landing only at the cp.async.wait_group that
-//!   forces them and everything in descending order, give bitwise the same outputs;
+//!   forces them and everything in descending order, give bitwise the same outputs (in the
+//!   atomic-dQ mode: all but dq, whose addition order changes; its dk and dv are bitwise those
+//!   of the deterministic mode, and the dq of both runs is checked against the reference);
 //! - the emulator's own checks (shared-memory bounds and alignment, reads of shared memory
 //!   with a copy in flight, global accesses outside the operands' rows, guard pages, converged
 //!   warps at every collective, barriers, outputs stored twice).
@@ -155,9 +158,11 @@ fn forward_launches(case: &AttnCase, split: usize) -> Vec<LaunchCfg> {
 /// `backward()` of src/attention/cuda/backward.rs: Delta (256 threads, D/8 per (row, head))
 /// when there are query rows, dK/dV (⌈Sk / 64⌉·B·Hkv blocks) when there are key rows, dQ
 /// (⌈Sq / 64⌉·B·Hq blocks) when there are query rows; 128 threads; shared memory
-/// `dkdv_smem_bytes` / `dq_smem_bytes`; grids of 0 blocks are not launched. Also returns the
-/// Delta workspace size (`backward_workspace_size`).
-fn backward_launches(case: &AttnCase) -> (Vec<LaunchCfg>, usize) {
+/// `dkdv_smem_bytes` / `dq_smem_bytes`; grids of 0 blocks are not launched. With `atomic_dq`
+/// (`deterministic = false`): dK/dV with atomic dQ (`dkdvdq_smem_bytes`: 8 KiB more) and the dQ
+/// conversion on the Delta grid instead of dQ. Also returns the workspace size
+/// (`backward_workspace_size`).
+fn backward_launches(case: &AttnCase, atomic_dq: bool) -> (Vec<LaunchCfg>, usize) {
     let s = &case.seqs;
     let (batch, hq, hkv, d, tq, tk) = (
         s.batch(),
@@ -167,13 +172,14 @@ fn backward_launches(case: &AttnCase) -> (Vec<LaunchCfg>, usize) {
         case.tq(),
         case.tk(),
     );
-    let ws = (4 * hq * tq).next_multiple_of(256);
+    let ws = (4 * hq * tq).next_multiple_of(256) + if atomic_dq { 4 * tq * hq * d } else { 0 };
     if tq == 0 && tk == 0 {
         return (Vec::new(), ws);
     }
     let (br_dkdv, bc_dq) = if d == 64 { (64, 64) } else { (32, 32) };
     let dkdv_smem = (2 * 64 * d + 4 * br_dkdv * d) * 2 + 4 * br_dkdv * 4;
     let dq_smem = (2 * 64 * d + 4 * bc_dq * d) * 2;
+    let dkdvdq_smem = dkdv_smem + 64 * 64 * 2;
     let one = |kernel, blocks: usize, threads, smem: usize| LaunchCfg {
         kernel,
         grid: (blocks as u32, 1, 1),
@@ -183,14 +189,24 @@ fn backward_launches(case: &AttnCase) -> (Vec<LaunchCfg>, usize) {
         batch_offset: 0,
     };
     let mut out = Vec::new();
+    let delta_blocks = (hq * tq).div_ceil(256 / (d / 8));
     if tq > 0 {
-        out.push(one(1, (hq * tq).div_ceil(256 / (d / 8)), 256, 0));
+        out.push(one(1, delta_blocks, 256, 0));
     }
     if tk > 0 {
-        out.push(one(2, s.max_k.div_ceil(64) * batch * hkv, 128, dkdv_smem));
+        let blocks = s.max_k.div_ceil(64) * batch * hkv;
+        out.push(if atomic_dq {
+            one(4, blocks, 128, dkdvdq_smem)
+        } else {
+            one(2, blocks, 128, dkdv_smem)
+        });
     }
     if tq > 0 {
-        out.push(one(3, s.max_q.div_ceil(64) * batch * hq, 128, dq_smem));
+        out.push(if atomic_dq {
+            one(5, delta_blocks, 256, 0)
+        } else {
+            one(3, s.max_q.div_ceil(64) * batch * hq, 128, dq_smem)
+        });
     }
     out.retain(|l| l.grid.0 > 0);
     (out, ws)
@@ -231,6 +247,8 @@ struct Job<'a> {
     operands: Vec<Operand>,
     launches: Vec<LaunchCfg>,
     workspace: usize,
+    /// Backward: the atomic-dQ mode (`deterministic = false`).
+    atomic_dq: bool,
     /// An output chunk stored twice in one launch is an error (off for garbage offsets).
     single_stores: bool,
 }
@@ -276,6 +294,7 @@ impl Job<'_> {
         o.extend(scale.to_ne_bytes());
         o.extend((scale * std::f32::consts::LOG2_E).to_ne_bytes());
         o.extend((self.workspace as u64).to_ne_bytes());
+        i32s(&mut o, &[self.atomic_dq as i32]);
         i32s(&mut o, &[self.bufs.len() as i32]);
         for (b, name) in self.bufs.iter().zip(self.buf_names) {
             put_str(&mut o, name);
@@ -435,11 +454,12 @@ fn forward_job<'a>(case: &'a AttnCase, bufs: &'a [Bytes], mode: Mode, split: usi
         operands,
         launches: forward_launches(case, split),
         workspace: 0,
+        atomic_dq: false,
         single_stores: true,
     }
 }
 
-fn backward_job<'a>(case: &'a AttnCase, bufs: &'a [Bytes], mode: Mode) -> Job<'a> {
+fn backward_job<'a>(case: &'a AttnCase, bufs: &'a [Bytes], mode: Mode, atomic_dq: bool) -> Job<'a> {
     let [dout, q, k, v, out, dq, dk, dv] = case.bwd_slots();
     let (tq, tk, qc, kc) = (case.tq(), case.tk(), case.qc(), case.kc());
     let mut operands = vec![
@@ -454,7 +474,7 @@ fn backward_job<'a>(case: &'a AttnCase, bufs: &'a [Bytes], mode: Mode) -> Job<'a
         matrix("dv", case, dv, tk, kc, true),
     ];
     operands.extend(offsets(case, bwd_buf::CU_Q, bwd_buf::CU_K));
-    let (launches, workspace) = backward_launches(case);
+    let (launches, workspace) = backward_launches(case, atomic_dq);
     Job {
         backward: true,
         case,
@@ -464,6 +484,7 @@ fn backward_job<'a>(case: &'a AttnCase, bufs: &'a [Bytes], mode: Mode) -> Job<'a
         operands,
         launches,
         workspace,
+        atomic_dq,
         single_stores: true,
     }
 }
@@ -478,6 +499,8 @@ struct Errors {
     out: f64,
     lse: f64,
     dq: f64,
+    /// dQ of the atomic-dQ mode, the worse of its two runs.
+    dq_atomic: f64,
     dk: f64,
     dv: f64,
     secs: f64,
@@ -579,16 +602,41 @@ impl Job<'_> {
     }
 }
 
-/// Runs a job in both modes: the first run's buffers, after checking that the second gives
-/// the same bits.
-fn run_both<'a>(exe: &Path, job: impl Fn(Mode) -> Job<'a>) -> Result<(Vec<Bytes>, String), String> {
+/// Runs a job in both modes: both runs' buffers, after checking that the second gives the same
+/// bits, except in the rows of the operands named in `may_differ` (outputs summed by atomics,
+/// whose order the two runs change).
+fn run_both<'a>(
+    exe: &Path,
+    job: impl Fn(Mode) -> Job<'a>,
+    may_differ: &[&str],
+) -> Result<(Vec<Bytes>, Vec<Bytes>, String), String> {
     let first = job(Mode::EagerAscending);
     let (a, log) = first.run(exe)?;
     let (b, _) = job(Mode::LateDescending)
         .run(exe)
         .map_err(|e| format!("late cp.async, descending order: {e}"))?;
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        if let Some(at) = x.as_ref().iter().zip(y.as_ref()).position(|(p, q)| p != q) {
+        let mut exempt = vec![false; x.len()];
+        for op in first
+            .operands
+            .iter()
+            .filter(|o| o.buf == i && may_differ.contains(&o.name))
+        {
+            let e = op.elem as usize;
+            for r in 0..op.rows {
+                let at = op.offset_bytes + r * op.stride * e;
+                exempt[at..at + op.cols * e]
+                    .iter_mut()
+                    .for_each(|z| *z = true);
+            }
+        }
+        let differs = x
+            .as_ref()
+            .iter()
+            .zip(y.as_ref())
+            .zip(&exempt)
+            .position(|((p, q), &ex)| !ex && p != q);
+        if let Some(at) = differs {
             return Err(format!(
                 "{} differs between the run with eager cp.async and threads, warps and blocks in \
                  ascending order and the run with late cp.async in descending order (a race or \
@@ -597,7 +645,7 @@ fn run_both<'a>(exe: &Path, job: impl Fn(Mode) -> Job<'a>) -> Result<(Vec<Bytes>
             ));
         }
     }
-    Ok((a, log))
+    Ok((a, b, log))
 }
 
 /// A case and the forward launches' head / sequence chunk.
@@ -627,7 +675,7 @@ fn check_case(exe: &Path, sc: &SimCase) -> Result<Errors, String> {
 
     // Forward.
     let bufs = case.fwd_bufs();
-    let (after, log) = run_both(exe, |m| forward_job(case, &bufs, m, sc.split))
+    let (after, _, log) = run_both(exe, |m| forward_job(case, &bufs, m, sc.split), &[])
         .map_err(|e| format!("forward: {e}"))?;
     e.log += &log;
     let fwd = case
@@ -644,8 +692,8 @@ fn check_case(exe: &Path, sc: &SimCase) -> Result<Errors, String> {
 
     // Backward from the emulated forward's out and LSE.
     let bufs = case.bwd_bufs(&fwd.out, &fwd.lse);
-    let (after, log) =
-        run_both(exe, |m| backward_job(case, &bufs, m)).map_err(|e| format!("backward: {e}"))?;
+    let (after, _, log) = run_both(exe, |m| backward_job(case, &bufs, m, false), &[])
+        .map_err(|e| format!("backward: {e}"))?;
     e.log += &log;
     let grads = case
         .bwd_outputs(&bufs, &after)
@@ -660,6 +708,27 @@ fn check_case(exe: &Path, sc: &SimCase) -> Result<Errors, String> {
     e.dk = close_floor("dk", &grads.dk, &want.dk, tol(case.dtype), floor)?;
     e.dv = close("dv", &grads.dv, &want.dv, tol(case.dtype))?;
     check_zeros(case, &fwd.out, Some(&grads))?;
+
+    // Atomic-dQ mode: dK and dV bitwise those of the deterministic mode (same kernels' order of
+    // operations), dQ of both runs (different addition orders) within tolerance.
+    let (first, second, log) = run_both(exe, |m| backward_job(case, &bufs, m, true), &["dq"])
+        .map_err(|e| format!("backward, atomic dQ: {e}"))?;
+    e.log += &log;
+    for (run, after) in [("ascending", &first), ("descending", &second)] {
+        let g = case
+            .bwd_outputs(&bufs, after)
+            .map_err(|e| format!("backward, atomic dQ, {run} run: {e}"))?;
+        if g.dk != grads.dk || g.dv != grads.dv {
+            return Err(format!(
+                "backward, atomic dQ, {run} run: dk / dv differ from the deterministic mode's"
+            ));
+        }
+        let err = close_floor("dq (atomic)", &g.dq, &want.dq, tol(case.dtype), floor)
+            .map_err(|e| format!("backward, atomic dQ, {run} run: {e}"))?;
+        e.dq_atomic = e.dq_atomic.max(err);
+        check_zeros(case, &fwd.out, Some(&g))
+            .map_err(|e| format!("backward, atomic dQ, {run} run: {e}"))?;
+    }
     e.secs = t0.elapsed().as_secs_f64();
     Ok(e)
 }
@@ -885,8 +954,9 @@ fn attention_kernels_match_the_cpu_backend() {
         match r {
             Ok(e) => {
                 eprintln!(
-                    "ok   {what}: out {:.1e} lse {:.1e} dq {:.1e} dk {:.1e} dv {:.1e} ({:.1}s)",
-                    e.out, e.lse, e.dq, e.dk, e.dv, e.secs
+                    "ok   {what}: out {:.1e} lse {:.1e} dq {:.1e} (atomic {:.1e}) dk {:.1e} \
+                     dv {:.1e} ({:.1}s)",
+                    e.out, e.lse, e.dq, e.dq_atomic, e.dk, e.dv, e.secs
                 );
                 if std::env::var_os("DK_ATTENTION_SIM_LOG").is_some() {
                     eprint!("{}", e.log);
@@ -983,11 +1053,16 @@ fn garbage_offsets_stay_in_bounds() {
             for mode in [Mode::EagerAscending, Mode::LateDescending] {
                 let mut jobs = [
                     forward_job(&case, &fwd, mode, MAX_GRID_YZ),
-                    backward_job(&case, &bwd, mode),
+                    backward_job(&case, &bwd, mode, false),
+                    backward_job(&case, &bwd, mode, true),
                 ];
                 for job in &mut jobs {
                     job.single_stores = false;
-                    let what = if job.backward { "backward" } else { "forward" };
+                    let what = match (job.backward, job.atomic_dq) {
+                        (false, _) => "forward",
+                        (true, false) => "backward",
+                        (true, true) => "backward (atomic dQ)",
+                    };
                     let res = job
                         .run(&exe)
                         .and_then(|(after, _)| untouched_outside_outputs(job, &after));

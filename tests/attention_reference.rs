@@ -684,6 +684,58 @@ fn deterministic_bitwise() {
     }
 }
 
+/// `deterministic = false` (CUDA: dQ summed by f32 atomics in L2): the same results within
+/// tolerance, against the reference and the CPU backend; on CUDA dk and dv bitwise those of the
+/// deterministic mode (the same kernels' arithmetic), dq within the bf16 / f16 tolerance of it.
+/// Both workspace kinds: the library's and a caller buffer of exactly the queried size.
+#[test]
+fn atomic_dq_mode() {
+    let test = "atomic_dq_mode";
+    let mut rng = Rng::fresh(test);
+    let shapes = [
+        (Seqs::padded(2, 150, 150), 8, 1, 128, true, DType::BF16),
+        (Seqs::padded(1, 70, 200), 3, 1, 64, true, DType::F16),
+        (Seqs::padded(1, 130, 40), 4, 2, 128, true, DType::F16),
+        (
+            Seqs::varlen(&[37, 0, 130, 5, 1], &[40, 3, 64, 0, 70]),
+            6,
+            2,
+            64,
+            true,
+            DType::BF16,
+        ),
+        (Seqs::padded(3, 33, 97), 2, 2, 128, false, DType::BF16),
+    ];
+    for dev in devices(test) {
+        for (i, (seqs, hq, hkv, d, causal, dtype)) in shapes.iter().cloned().enumerate() {
+            let dtype = if dev.is_cuda() { dtype } else { DType::F32 };
+            let atomic = AttentionParams {
+                deterministic: false,
+                ..params(hq, hkv, d, causal)
+            };
+            let case = AttnCase::random(&mut rng, dtype, seqs, atomic, Layout::Separate { pad: 8 });
+            let ws = if i % 2 == 0 { Ws::Library } else { Ws::Exact };
+            let (fwd, grads) = check_case_ws(&dev, &case, ws);
+            let mut det = case.clone();
+            det.params.deterministic = true;
+            let g = backward(&dev, &det, &fwd.out, &fwd.lse, Ws::Library);
+            assert!(
+                g.dk == grads.dk && g.dv == grads.dv,
+                "[{}] {}: dk / dv of the atomic-dQ mode differ from the deterministic mode's",
+                dev.name(),
+                case.what
+            );
+            let e = rel_err(&grads.dq, &g.dq, FLOOR);
+            assert!(
+                e <= design_tol(dtype),
+                "[{}] {}: dq of the two modes differ by {e:.2e}",
+                dev.name(),
+                case.what
+            );
+        }
+    }
+}
+
 #[test]
 fn lengths_across_tile_boundaries() {
     // Lengths around the 64- and 128-row tiles of the CUDA kernels (partial tiles, masked tails,

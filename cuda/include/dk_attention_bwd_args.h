@@ -1,5 +1,6 @@
 // Arguments of the attention backward kernels (cuda/attention_backward.cu), passed by value to
-// each of the three kernels (Delta preprocess, dK/dV, dQ). Plain C so the Rust mirror
+// each of its kernels (Delta preprocess, dK/dV, dQ; or, in the atomic-dQ mode, Delta, dK/dV with
+// dQ accumulation, dQ conversion). Plain C so the Rust mirror
 // (`AttentionBwdArgs` in src/attention/cuda/backward.rs) can be checked against it by
 // tests/abi_layout.rs.
 #ifndef DK_ATTENTION_BWD_ARGS_H
@@ -29,6 +30,7 @@ typedef struct DkAttentionBwdArgs {
   int64_t dq_stride;
   int64_t dk_stride;
   int64_t dv_stride;
+  uint64_t dq_accum;       // float* workspace [total_q, heads_q * D] (atomic-dQ mode), else 0
 } DkAttentionBwdArgs;
 
 #endif

@@ -112,3 +112,20 @@ __device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
 }
 
 }  // namespace dk
+
+// ---- Global f32 reductions -------------------------------------------------------------
+namespace dk {
+
+// p[0] += x, p[1] += y in global memory, relaxed, no return value (the RED path of L2; the order
+// of concurrent additions is unspecified, so sums of several adders are not bitwise
+// reproducible). p is 8-byte aligned. sm_90 adds both in one vector reduction.
+__device__ __forceinline__ void red_add_f32x2(float* p, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+  asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p), "f"(x) : "memory");
+  asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p + 1), "f"(y) : "memory");
+#endif
+}
+
+}  // namespace dk

@@ -304,8 +304,9 @@ def attention_backward(
     """Gradients of :func:`attention`: given ``dout = dL/d(out)`` and the forward's ``out`` and
     ``lse``, returns ``(dq, dk, dv)`` shaped like q, k, v, in their dtype (dK / dV summed over
     each KV head's query group). Same layouts and keywords as :func:`attention`, which must be
-    the ones of the forward call; ``deterministic`` asks for bitwise reproducible gradients (the
-    CPU backend always is).
+    the ones of the forward call; ``deterministic`` asks for bitwise reproducible gradients;
+    ``False`` lets CUDA sum dQ with f32 atomics (faster; dQ's last bits then vary between runs,
+    dK / dV do not). The CPU backend is always reproducible.
     """
     q = _float_input("q", q)
     k = _float_input("k", k)

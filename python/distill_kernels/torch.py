@@ -1070,7 +1070,8 @@ def attention(
 
     Returns ``out`` (like q), or ``(out, lse)`` with ``return_lse=True`` (float32 ``[B, Hq, Sq]``
     or ``[Hq, Tq]``, not differentiable). The backward computes dq, dk, dv in one call, with
-    ``deterministic`` (default True) bitwise reproducible dk / dv.
+    ``deterministic`` (default True) bitwise reproducible dq / dk / dv; ``False`` sums dq with
+    f32 atomics as FlashAttention-2 does (faster; dq's last bits vary between runs, dk / dv do not).
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):

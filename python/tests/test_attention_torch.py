@@ -234,6 +234,27 @@ def test_backward_is_deterministic():
 
 
 @needs_cuda
+@pytest.mark.parametrize("d,causal,sq,sk", [(128, True, 512, 512), (64, True, 77, 200),
+                                             (128, False, 200, 77)])
+def test_atomic_dq_mode_vs_sdpa_and_the_deterministic_mode(d, causal, sq, sk):
+    # deterministic=False: dq summed by f32 atomics; dk / dv bitwise those of the default mode.
+    seed = zlib.crc32(repr(("atomic", d, causal, sq, sk)).encode())
+    q = make((2, sq, 24, d), torch.bfloat16, seed).requires_grad_(True)
+    k = make((2, sk, 8, d), torch.bfloat16, seed + 1).requires_grad_(True)
+    v = make((2, sk, 8, d), torch.bfloat16, seed + 2).requires_grad_(True)
+    do = make((2, sq, 24, d), torch.bfloat16, seed + 3)
+    _, _, _, rdq, rdk, rdv = sdpa_reference(q, k, v, causal, dout=do)
+    grads = {}
+    for det in (True, False):
+        out = dkt.attention(q, k, v, causal=causal, deterministic=det)
+        grads[det] = torch.autograd.grad(out, (q, k, v), do)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads[False], (rdq, rdk, rdv)):
+        assert rel_err(got, ref) <= TOL[torch.bfloat16], (name, rel_err(got, ref))
+    assert torch.equal(grads[False][1], grads[True][1])
+    assert torch.equal(grads[False][2], grads[True][2])
+
+
+@needs_cuda
 def test_runs_on_the_current_stream():
     q = make((1, 256, 4, 64), torch.float16, 21)
     k = make((1, 256, 2, 64), torch.float16, 22)

@@ -28,8 +28,11 @@ pub struct AttentionParams {
     pub causal: bool,
     /// Scale applied to `q·k` before the softmax; `None` is `1/√D`. Finite and > 0 when set.
     pub softmax_scale: Option<f32>,
-    /// Backward only: bitwise reproducible dQ, dK and dV (no floating-point atomics). The
-    /// forward pass is always deterministic.
+    /// Backward only: bitwise reproducible dQ, dK and dV (no floating-point atomics). `false`
+    /// lets the CUDA backend sum dQ over key tiles with f32 atomics, as FlashAttention-2 does:
+    /// five GEMMs instead of seven and a workspace of `4·Tq·Hq·D` more bytes; dQ's last bits then
+    /// vary from run to run, dK and dV stay reproducible. The CPU backend and the forward pass
+    /// are always deterministic.
     pub deterministic: bool,
 }
 

@@ -10,13 +10,15 @@
 //           overlap);
 //           DkAttentionShape scalars: i32 batch, seqlen_q, seqlen_k, total_q, total_k, heads_q,
 //           heads_kv, causal, varlen; f32 scale, scale_log2;
-//           u64 delta_workspace_bytes (backward);
+//           u64 workspace_bytes (backward: the Delta region, rounded up to 256 bytes, then in the
+//             atomic-dQ mode the f32 dQ accumulator); i32 atomic_dq;
 //           i32 n_buffers; per buffer: str name, u64 bytes, the bytes;
 //           i32 n_operands; per operand: str name, i32 buffer, u64 byte offset, u64 rows,
 //             u64 columns, u64 stride (elements between rows), u32 element bytes, i32 writable
 //             forward order: q, k, v, out, lse[, cu_seqlens_q, cu_seqlens_k]
 //             backward order: dout, q, k, v, out, lse, dq, dk, dv[, cu_seqlens_q, cu_seqlens_k]
-//           i32 n_launches; per launch: i32 kernel (0 forward, 1 Delta, 2 dK/dV, 3 dQ),
+//           i32 n_launches; per launch: i32 kernel (0 forward, 1 Delta, 2 dK/dV, 3 dQ, 4 dK/dV
+//             with atomic dQ, 5 dQ conversion),
 //             u32 grid x, y, z, block x, dynamic shared bytes; i32 head_offset, batch_offset
 //   (str = u32 length + bytes). The launches are the Rust launchers' (the test computes them
 //   with the same formulas as src/attention/cuda/{forward,backward}.rs).
@@ -92,11 +94,17 @@ FwdKernel fwd_kernel(bool bf16, int d) {
   return d == 64 ? dk_attn_fwd_f16_d64 : dk_attn_fwd_f16_d128;
 }
 
-// Backward kernel `which` (1 Delta, 2 dK/dV, 3 dQ) and its name.
+// Backward kernel `which` (1 Delta, 2 dK/dV, 3 dQ, 4 dK/dV + atomic dQ, 5 dQ conversion) and
+// its name.
 BwdKernel bwd_kernel(bool bf16, int d, int which, const char** name) {
 #define DK_SIM_PICK(t, D)                                                    \
   if (which == 1) { *name = "dk_attn_bwd_delta_" #t "_d" #D; return dk_attn_bwd_delta_##t##_d##D; } \
   if (which == 2) { *name = "dk_attn_bwd_dkdv_" #t "_d" #D; return dk_attn_bwd_dkdv_##t##_d##D; }   \
+  if (which == 4) { *name = "dk_attn_bwd_dkdvdq_" #t "_d" #D; return dk_attn_bwd_dkdvdq_##t##_d##D; } \
+  if (which == 5) {                                                          \
+    *name = "dk_attn_bwd_dq_convert_" #t "_d" #D;                            \
+    return dk_attn_bwd_dq_convert_##t##_d##D;                                \
+  }                                                                          \
   *name = "dk_attn_bwd_dq_" #t "_d" #D;                                      \
   return dk_attn_bwd_dq_##t##_d##D;
   if (bf16 && d == 64) { DK_SIM_PICK(bf16, 64) }
@@ -138,6 +146,7 @@ int main() {
   shape.scale = in.get<float>();
   shape.scale_log2 = in.get<float>();
   const uint64_t ws_bytes = in.get<uint64_t>();
+  const bool atomic_dq = in.get<int32_t>() != 0;
 
   std::vector<std::string> names;
   std::vector<std::pair<char*, uint64_t>> bufs;
@@ -205,13 +214,26 @@ int main() {
       *gptrs[i] = reinterpret_cast<uint64_t>(op(6 + i, grads[i]).ptr);
       *gstrides[i] = op(6 + i, grads[i]).stride;
     }
-    // The Delta workspace (the launcher's size); the kernels use Hq * Tq floats of it.
-    char* ws = sim::alloc_global(ws_bytes, "delta workspace");
+    // The workspace (the launcher's size): Hq * Tq floats of Delta, then from the next
+    // multiple of 256 bytes, in the atomic-dQ mode, the [Tq, Hq * D] f32 dQ accumulator.
+    char* ws = sim::alloc_global(ws_bytes, "workspace");
     const uint32_t poison = 0xffbadbadu;
     for (uint64_t i = 0; i + 4 <= ws_bytes; i += 4) memcpy(ws + i, &poison, 4);
     const int64_t entries = static_cast<int64_t>(shape.heads_q) * shape.total_q;
     sim::add_extent("delta", ws, 1, entries * 4, entries * 4, true);
     g_bwd.delta = entries > 0 ? reinterpret_cast<uint64_t>(ws) : 0;
+    const int64_t delta_region = (entries * 4 + 255) / 256 * 256;
+    if (atomic_dq && entries > 0) {
+      if (static_cast<uint64_t>(delta_region + entries * d * 4) > ws_bytes)
+        sim::fail("workspace of %llu bytes too small for the dQ accumulator",
+                  (unsigned long long)ws_bytes);
+      char* acc = ws + delta_region;
+      sim::add_extent("dq_accum", acc, shape.total_q, static_cast<int64_t>(shape.heads_q) * d * 4,
+                      static_cast<int64_t>(shape.heads_q) * d * 4, true);
+      g_bwd.dq_accum = reinterpret_cast<uint64_t>(acc);
+    } else {
+      g_bwd.dq_accum = 0;
+    }
   }
 
   const int nl = in.get<int32_t>();
@@ -250,13 +272,21 @@ int main() {
     // layouts), nothing past them.
     const char* ws = reinterpret_cast<const char*>(g_bwd.delta);
     const int64_t entries = static_cast<int64_t>(shape.heads_q) * shape.total_q;
-    for (int64_t i = 0; i * 4 + 4 <= static_cast<int64_t>(ws_bytes); ++i) {
+    const int64_t delta_region = (entries * 4 + 255) / 256 * 256;
+    const int64_t checked = atomic_dq ? delta_region : static_cast<int64_t>(ws_bytes);
+    for (int64_t i = 0; i * 4 + 4 <= checked; ++i) {
       uint32_t v;
       memcpy(&v, ws + 4 * i, 4);
       if (i < entries && v == 0xffbadbadu) sim::fail("Delta entry %lld was not written", (long long)i);
       if (i >= entries && v != 0xffbadbadu)
         sim::fail("Delta workspace entry %lld (past the %lld entries) was written", (long long)i,
                   (long long)entries);
+    }
+    // The dQ accumulator: every entry zeroed by Delta, then only added to (poison is a NaN).
+    for (int64_t i = 0; atomic_dq && i < entries * d; ++i) {
+      float v;
+      memcpy(&v, reinterpret_cast<const char*>(g_bwd.dq_accum) + 4 * i, 4);
+      if (v != v) sim::fail("dQ accumulator entry %lld was not zeroed by the Delta kernel", (long long)i);
     }
   }
   for (const auto& b : bufs) {

@@ -65,4 +65,14 @@ inline uint4 ld_shared_v4(uint32_t addr) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// red.global.add(.v2).f32: checked like a store into an output row (not counted as one of the
+// once-per-launch stores: several blocks add into the same accumulator row).
+inline void red_add_f32x2(float* p, float x, float y) {
+  if (reinterpret_cast<uintptr_t>(p) % 8 != 0)
+    sim::fail("%s: red.global.add.v2.f32 at an address that is not 8-byte aligned", sim::where());
+  sim::check_global(p, 8, true, "red.global.add.v2.f32");
+  p[0] += x;
+  p[1] += y;
+}
+
 }  // namespace dk

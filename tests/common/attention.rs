@@ -906,6 +906,8 @@ pub enum Ws {
     Exact,
     /// A caller buffer of this many bytes (at least 1 allocated).
     Bytes(usize),
+    /// A caller buffer of the queried size starting 4 bytes past a 16-byte boundary.
+    Misaligned,
 }
 
 /// Runs a spec built by `make` over copies of `bufs` on `dev`: host pointers on the CPU; on
@@ -941,25 +943,28 @@ pub fn run_bufs<S>(
             let res = (|| {
                 let ws_buf = match ws {
                     Ws::Library => None,
-                    Ws::Exact | Ws::Bytes(_) => {
+                    Ws::Exact | Ws::Bytes(_) | Ws::Misaligned => {
                         let bytes = match ws {
                             Ws::Bytes(b) => b,
                             _ => ws_size(&spec, &c.ctx)?,
                         };
+                        let skew = if matches!(ws, Ws::Misaligned) { 4 } else { 0 };
                         // SAFETY: scratch memory; the library writes before it reads.
                         Some((
-                            unsafe { c.stream.alloc::<u8>(bytes.max(1)) }.expect("workspace"),
+                            unsafe { c.stream.alloc::<u8>(bytes.max(1) + skew) }
+                                .expect("workspace"),
                             bytes,
+                            skew,
                         ))
                     }
                 };
                 // SAFETY: the stream is live for the whole call and belongs to device 0's
                 // primary context, like the library's context.
                 let mut launch = unsafe { Launch::on_stream(c.stream.cu_stream() as *mut c_void) };
-                if let Some((buf, bytes)) = &ws_buf {
-                    // SAFETY: device memory of at least `bytes` bytes on device 0.
+                if let Some((buf, bytes, skew)) = &ws_buf {
+                    // SAFETY: device memory of at least `bytes` bytes on device 0 from `skew`.
                     launch = launch.with_workspace(unsafe {
-                        VectorMut::from_raw(c.ptr(buf), *bytes, Location::Cuda(0))
+                        VectorMut::from_raw(c.ptr(buf).add(*skew), *bytes, Location::Cuda(0))
                     });
                 }
                 c.stream.synchronize().expect("sync before");

@@ -1,8 +1,8 @@
 //! Launchers of the attention backward kernels (`cuda/attention_backward.cu`): the argument
 //! struct shared with them (`cuda/include/dk_attention_bwd_args.h`), the workspace and the three
-//! launches. Design, tiling and budgets: `cuda/ATTENTION.md`, "Backward".
+//! launches of each mode. Design, tiling and budgets: `cuda/ATTENTION.md`, "Backward".
 //!
-//! On the caller's stream, in order:
+//! Deterministic mode (`deterministic = true`), on the caller's stream, in order:
 //!
 //! 1. `dk_attn_bwd_delta_<t>_d<D>`: `Delta = rowsum(dout ∘ out)` per (query row, head), f32,
 //!    into the workspace (laid out like the LSE);
@@ -12,9 +12,13 @@
 //!    looping over the key tiles the queries see.
 //!
 //! No atomics: every element of dq, dk and dv is written once, by one thread, after a
-//! reduction in a fixed order, so the results are bitwise reproducible run after run. This is
-//! the only mode: `deterministic = false` runs the same kernels (an atomic-accumulation dQ, as
-//! in FlashAttention-2, is not implemented).
+//! reduction in a fixed order, so the results are bitwise reproducible run after run.
+//!
+//! Atomic-dQ mode (`deterministic = false`, as FlashAttention-2's default): five GEMMs instead
+//! of seven. Delta also zeroes an f32 dQ accumulator in the workspace; `dk_attn_bwd_dkdvdq_*`
+//! computes dK and dV as kernel 2 and adds each step's `dS·K` into the accumulator with f32
+//! reductions in L2; `dk_attn_bwd_dq_convert_*` writes `dq = scale · accumulator`. dk and dv stay
+//! bitwise reproducible; dq varies in its last bits from run to run (addition order).
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -71,6 +75,9 @@ pub(crate) struct AttentionBwdArgs {
     pub dk_stride: i64,
     /// Token stride of `dv`.
     pub dv_stride: i64,
+    /// f32 workspace region `[total_q, Hq·D]`: the dQ accumulator of the atomic-dQ mode; 0 in
+    /// the deterministic mode.
+    pub dq_accum: u64,
 }
 
 // SAFETY: plain-old-data with the C layout of DkAttentionBwdArgs (see
@@ -121,6 +128,7 @@ pub fn attention_bwd_args_layout() -> Vec<(&'static str, usize)> {
         ("dq_stride", offset_of!(AttentionBwdArgs, dq_stride)),
         ("dk_stride", offset_of!(AttentionBwdArgs, dk_stride)),
         ("dv_stride", offset_of!(AttentionBwdArgs, dv_stride)),
+        ("dq_accum", offset_of!(AttentionBwdArgs, dq_accum)),
     ]
 }
 
@@ -138,6 +146,14 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_attn_bwd_dq_bf16_d128",
     "dk_attn_bwd_dq_f16_d64",
     "dk_attn_bwd_dq_f16_d128",
+    "dk_attn_bwd_dkdvdq_bf16_d64",
+    "dk_attn_bwd_dkdvdq_bf16_d128",
+    "dk_attn_bwd_dkdvdq_f16_d64",
+    "dk_attn_bwd_dkdvdq_f16_d128",
+    "dk_attn_bwd_dq_convert_bf16_d64",
+    "dk_attn_bwd_dq_convert_bf16_d128",
+    "dk_attn_bwd_dq_convert_f16_d64",
+    "dk_attn_bwd_dq_convert_f16_d128",
 ];
 
 /// Threads per block of the Delta kernel (`kDeltaThreads`); D / 8 threads per (row, head).
@@ -176,6 +192,12 @@ fn dkdv_smem_bytes(head_dim: usize) -> usize {
     (2 * bc * head_dim + 4 * br * head_dim) * 2 + 4 * br * 4
 }
 
+/// Dynamic shared memory of the dK/dV kernel with atomic dQ (`DkdvTile::kSmemBytesAtomicDq`):
+/// that of [`dkdv_smem_bytes`] plus the block's dSᵀ tile (64 keys × 64 columns of 16 bits).
+fn dkdvdq_smem_bytes(head_dim: usize) -> usize {
+    dkdv_smem_bytes(head_dim) + DKDV_KEYS * 64 * 2
+}
+
 /// Dynamic shared memory of the dQ kernel (`DqTile::kSmemBytes`): Q and dO of the block's
 /// queries, two stages of K and V tiles.
 fn dq_smem_bytes(head_dim: usize) -> usize {
@@ -183,10 +205,22 @@ fn dq_smem_bytes(head_dim: usize) -> usize {
     (2 * br * head_dim + 4 * bc * head_dim) * 2
 }
 
-/// Device workspace the backward needs: one region, `Delta` (f32, `Hq·Tq` entries, laid out like
-/// the LSE), rounded up to 256 bytes; 0 when there is no query row.
-pub(crate) fn backward_workspace_size(raw: &RawAttentionBackward) -> usize {
+/// Bytes of the Delta region of the workspace (f32, `Hq·Tq` entries laid out like the LSE),
+/// rounded up to 256: the dQ accumulator, when there is one, starts there.
+fn delta_region_bytes(raw: &RawAttentionBackward) -> usize {
     (4 * raw.heads_q * raw.shape.total_q).next_multiple_of(REGION_ALIGN)
+}
+
+/// Device workspace the backward needs: the Delta region and, in the atomic-dQ mode
+/// (`deterministic = false`), the f32 dQ accumulator `[Tq, Hq·D]` after it; 0 when there is no
+/// query row.
+pub(crate) fn backward_workspace_size(raw: &RawAttentionBackward) -> usize {
+    let accum = if raw.deterministic {
+        0
+    } else {
+        4 * raw.shape.total_q * raw.heads_q * raw.head_dim
+    };
+    delta_region_bytes(raw) + accum
 }
 
 /// Blocks of a grid over (tiles, sequences, heads), flattened into x.
@@ -227,7 +261,11 @@ fn launch(
 pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Result<()> {
     for t in ["bf16", "f16"] {
         for d in [64, 128] {
-            for (kernel, bytes) in [("dkdv", dkdv_smem_bytes(d)), ("dq", dq_smem_bytes(d))] {
+            for (kernel, bytes) in [
+                ("dkdv", dkdv_smem_bytes(d)),
+                ("dkdvdq", dkdvdq_smem_bytes(d)),
+                ("dq", dq_smem_bytes(d)),
+            ] {
                 let name = format!("dk_attn_bwd_{kernel}_{t}_d{d}");
                 if let Some(f) = functions.get(name.as_str()) {
                     f.set_attribute(
@@ -241,10 +279,8 @@ pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Resu
     Ok(())
 }
 
-/// Backward pass on the caller's stream: dq, dk, dv.
-///
-/// Always deterministic: `raw.deterministic = false` runs the same atomic-free kernels (see the
-/// module documentation).
+/// Backward pass on the caller's stream: dq, dk, dv, in the mode `raw.deterministic` asks for
+/// (see the module documentation).
 pub(crate) fn backward(
     dev: &CudaDevice,
     raw: &RawAttentionBackward,
@@ -288,6 +324,18 @@ pub(crate) fn backward(
         &format!("Delta of Hq·Tq = {}·{}", raw.heads_q, sh.total_q),
     )?;
 
+    // The dQ accumulator is read and zeroed 16 bytes at a time.
+    if !raw.deterministic {
+        if let Some(ws) = &launch_cfg.workspace {
+            if (ws.ptr as usize) % 16 != 0 {
+                bail!(
+                    InvalidArgument,
+                    "the workspace of a non-deterministic attention backward must be 16-byte \
+                     aligned (it holds the f32 dQ accumulator)"
+                );
+            }
+        }
+    }
     let shape = AttentionShape::new(sh, raw.heads_q, raw.heads_kv, raw.causal, raw.scale)?;
     to_i32("Hq·Tq", raw.heads_q.saturating_mul(sh.total_q))?;
     let delta_items = raw.heads_q * sh.total_q;
@@ -303,10 +351,30 @@ pub(crate) fn backward(
 
     // Every kernel looked up before anything is queued (opted into its shared memory by
     // `configure` when the device opened).
+    let atomic_dq = !raw.deterministic;
     let f_delta = dev.function(&format!("dk_attn_bwd_delta_{t}_d{d}"))?;
-    let f_dkdv = dev.function(&format!("dk_attn_bwd_dkdv_{t}_d{d}"))?;
-    let f_dq = dev.function(&format!("dk_attn_bwd_dq_{t}_d{d}"))?;
-    let (dkdv_smem, dq_smem) = (dkdv_smem_bytes(d), dq_smem_bytes(d));
+    let (f_dkdv, dkdv_smem) = if atomic_dq {
+        (
+            dev.function(&format!("dk_attn_bwd_dkdvdq_{t}_d{d}"))?,
+            dkdvdq_smem_bytes(d),
+        )
+    } else {
+        (
+            dev.function(&format!("dk_attn_bwd_dkdv_{t}_d{d}"))?,
+            dkdv_smem_bytes(d),
+        )
+    };
+    let (f_dq, dq_smem) = if atomic_dq {
+        (
+            dev.function(&format!("dk_attn_bwd_dq_convert_{t}_d{d}"))?,
+            0,
+        )
+    } else {
+        (
+            dev.function(&format!("dk_attn_bwd_dq_{t}_d{d}"))?,
+            dq_smem_bytes(d),
+        )
+    };
     // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
     // is unsafe for that reason), or null for the legacy default stream.
     let stream = unsafe { dev.borrow_stream(launch_cfg.stream) };
@@ -337,6 +405,11 @@ pub(crate) fn backward(
         dq_stride: raw.dq_stride as i64,
         dk_stride: raw.dk_stride as i64,
         dv_stride: raw.dv_stride as i64,
+        dq_accum: if atomic_dq && sh.total_q > 0 {
+            ws + delta_region_bytes(raw) as u64
+        } else {
+            0
+        },
     };
     // Delta first (the other two read it); dK/dV also runs without query rows (it writes the
     // zero gradients of keys no query sees), dQ also without keys (zero gradients).
@@ -347,7 +420,12 @@ pub(crate) fn backward(
         launch(&stream, f_dkdv, &args, dkdv_blocks, THREADS, dkdv_smem)?;
     }
     if sh.total_q > 0 {
-        launch(&stream, f_dq, &args, dq_blocks, THREADS, dq_smem)?;
+        if atomic_dq {
+            // Same items as Delta: D/8 threads per (row, head).
+            launch(&stream, f_dq, &args, delta_blocks, DELTA_THREADS, 0)?;
+        } else {
+            launch(&stream, f_dq, &args, dq_blocks, THREADS, dq_smem)?;
+        }
     }
     drop(owned); // stream-ordered free after the kernels that use it
     Ok(())
@@ -363,7 +441,7 @@ mod tests {
     #[test]
     fn args_layout_matches_the_header() {
         let want: &[(&str, usize)] = &[
-            ("sizeof", 200),
+            ("sizeof", 208),
             ("shape", 0),
             ("shape.cu_seqlens_q", 0),
             ("shape.cu_seqlens_k", 8),
@@ -395,6 +473,7 @@ mod tests {
             ("dq_stride", 176),
             ("dk_stride", 184),
             ("dv_stride", 192),
+            ("dq_accum", 200),
         ];
         assert_eq!(attention_bwd_args_layout(), want);
     }
@@ -406,5 +485,7 @@ mod tests {
         assert_eq!(dkdv_smem_bytes(128), 66_048);
         assert_eq!(dq_smem_bytes(64), 49_152);
         assert_eq!(dq_smem_bytes(128), 65_536);
+        assert_eq!(dkdvdq_smem_bytes(64), 58_368);
+        assert_eq!(dkdvdq_smem_bytes(128), 74_240);
     }
 }

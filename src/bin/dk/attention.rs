@@ -15,7 +15,10 @@
 //! heads) out and lse against the f64 forward; rows that see no key exactly out 0, lse −inf; for
 //! the backward, dq on the sampled query rows and dk / dv on sampled key rows against the f64
 //! backward given the forward's own out and lse (the backward's inputs); and a second poisoned
-//! run must give bitwise identical outputs (the deterministic mode).
+//! run must give bitwise identical outputs (the deterministic mode). A third row per shape,
+//! `fwd+bwd/a`, runs the backward with `deterministic = false` (dQ summed by f32 atomics, as
+//! FlashAttention-2 does): checked the same way, except that only out, lse, dk and dv must
+//! repeat bit for bit.
 
 use distill_kernels::attention::{Attention, AttentionBackward, AttentionParams, Batch};
 use distill_kernels::{DType, Location, Matrix, MatrixMut, Vector, VectorMut};
@@ -285,6 +288,8 @@ impl CheckVal {
 enum Pass {
     Fwd,
     FwdBwd,
+    /// Forward + backward with `deterministic = false` (atomic dQ).
+    FwdBwdAtomic,
 }
 
 impl Pass {
@@ -292,7 +297,12 @@ impl Pass {
         match self {
             Pass::Fwd => "fwd",
             Pass::FwdBwd => "fwd+bwd",
+            Pass::FwdBwdAtomic => "fwd+bwd/a",
         }
+    }
+
+    fn backward(self) -> bool {
+        self != Pass::Fwd
     }
 }
 
@@ -730,7 +740,11 @@ fn setup(
         .context()
         .attention_backward_workspace_size(
             &backward_call(spec, dtype, a, runner.location()),
-            &spec.params(),
+            // The larger of the two modes' workspaces (the atomic-dQ mode adds the accumulator).
+            &AttentionParams {
+                deterministic: false,
+                ..spec.params()
+            },
         )
         .map_err(|e| format!("backward workspace size: {e}"))?;
     bufs.ws = runner.alloc(ws_len)?;
@@ -800,7 +814,7 @@ fn run_shape(
     total: usize,
 ) -> Vec<AttnRow> {
     let spec = shape.spec();
-    let mut rows: Vec<AttnRow> = [Pass::Fwd, Pass::FwdBwd]
+    let mut rows: Vec<AttnRow> = [Pass::Fwd, Pass::FwdBwd, Pass::FwdBwdAtomic]
         .into_iter()
         .map(|pass| AttnRow {
             shape,
@@ -813,7 +827,7 @@ fn run_shape(
             min_s: f64::NAN,
             bwd_s: None,
             host_s: None,
-            flops: spec.flops() * if pass == Pass::FwdBwd { 3.5 } else { 1.0 },
+            flops: spec.flops() * if pass.backward() { 3.5 } else { 1.0 },
             checks: Vec::new(),
             masked_rows: 0,
             same: None,
@@ -868,7 +882,8 @@ fn run_row(
     let dtype = row.dtype;
     let ctx = runner.context();
     let loc = runner.location();
-    let params = spec.params();
+    let mut params = spec.params();
+    params.deterministic = row.pass != Pass::FwdBwdAtomic;
     let (tq, tk) = spec.rows();
     let (qw, kw) = (spec.heads_q * spec.head_dim, spec.heads_kv * spec.head_dim);
     let fwd = || -> Result<(), String> {
@@ -895,7 +910,7 @@ fn run_row(
             &mut [&mut bufs.out, &mut bufs.lse],
             row.iters,
         )?,
-        Pass::FwdBwd => measure(
+        Pass::FwdBwd | Pass::FwdBwdAtomic => measure(
             runner,
             &[&fwd, &bwd],
             &mut [
@@ -915,10 +930,15 @@ fn run_row(
     row.median_s = median(&totals);
     row.min_s = totals.iter().copied().fold(f64::INFINITY, f64::min);
     row.host_s = m.host_s;
-    if row.pass == Pass::FwdBwd {
+    if row.pass.backward() {
         row.bwd_s = Some(median(&m.part_times[1]));
     }
-    row.same = Some(m.same);
+    row.same = Some(if row.pass == Pass::FwdBwdAtomic {
+        // dq (output 2) is summed in an order that varies from run to run.
+        m.same_each.iter().enumerate().all(|(i, &s)| i == 2 || s)
+    } else {
+        m.same
+    });
 
     // Unwritten or non-finite outputs (lse: NaN only; −inf is a row that sees no key).
     let lse = f32s(&m.first[1]);
@@ -1054,7 +1074,7 @@ fn dtypes_for(cfg: &AttnConfig<'_>, cuda: bool) -> Vec<DType> {
 }
 
 pub fn count(cfg: &AttnConfig<'_>, cuda: bool) -> usize {
-    2 * cfg.shapes.len() * dtypes_for(cfg, cuda).len()
+    3 * cfg.shapes.len() * dtypes_for(cfg, cuda).len()
 }
 
 pub fn print_header(cfg: &AttnConfig<'_>, cuda: bool) {
@@ -1081,13 +1101,16 @@ pub fn print_header(cfg: &AttnConfig<'_>, cuda: bool) {
     outln!(
         "out / dq / dk / dv rel = ||x - ref|| / ||ref|| on the checked rows; lse = max |lse - ref| / max(1, |ref|); same = a second run gave the same bits"
     );
+    outln!(
+        "fwd+bwd/a: the backward with deterministic = false (dQ summed by f32 atomics, as FA2 does); its same column covers out, lse, dk, dv"
+    );
     outln!();
     outln!("{}", header(cuda));
 }
 
 fn header(cuda: bool) -> String {
     format!(
-        "shape                    dtype  pass      time ms  {:>9}  {:>7}  out rel   lse err   grad rel  same  check",
+        "shape                    dtype  pass       time ms  {:>9}  {:>7}  out rel   lse err   grad rel  same  check",
         if cuda { "TFLOP/s" } else { "GFLOP/s" },
         if cuda { "vs FA2*" } else { "" }
     )
@@ -1136,7 +1159,7 @@ fn format_row(r: &AttnRow, cuda: bool) -> String {
         None => "-",
     };
     format!(
-        "{:<24} {:<6} {:<8} {time:>8}  {rate:>9}  {vs:>7}  {:>8}  {:>8}  {:>8}  {same:>4}  {status}",
+        "{:<24} {:<6} {:<9} {time:>8}  {rate:>9}  {vs:>7}  {:>8}  {:>8}  {:>8}  {same:>4}  {status}",
         format!("{} {}", r.shape.name(), r.short),
         r.dtype.name(),
         r.pass.name(),

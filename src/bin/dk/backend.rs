@@ -330,6 +330,8 @@ pub struct Measured {
     pub host_s: Option<f64>,
     /// A second poisoned run gave bitwise identical outputs.
     pub same: bool,
+    /// The same, per output (in the order of `outputs`).
+    pub same_each: Vec<bool>,
 }
 
 /// Poisons `outputs`, runs `parts` once (checked run) and downloads the outputs, times `iters`
@@ -353,15 +355,17 @@ pub fn measure(
         runner.poison(o)?;
     }
     runner.run_parts(parts)?;
-    let mut same = true;
-    for (o, a) in outputs.iter().zip(&first) {
-        same &= runner.download(o)? == *a;
-    }
+    let same_each = outputs
+        .iter()
+        .zip(&first)
+        .map(|(o, a)| Ok(runner.download(o)? == *a))
+        .collect::<Result<Vec<_>, String>>()?;
     Ok(Measured {
         first,
         part_times: timed.parts,
         host_s: timed.host_s,
-        same,
+        same: same_each.iter().all(|&s| s),
+        same_each,
     })
 }
 
