@@ -4,8 +4,12 @@
 #
 #   gpu-bundle/bin/dk                        the dk command (kernels embedded)
 #   gpu-bundle/lib/libdistill_kernels.so     the C ABI library (kernels embedded), for Python and C
-#   gpu-bundle/tests/<name>                  every Rust test executable with a CUDA part (hash suffix
-#                                            stripped; the host-only simulators and layout probe stay)
+#   gpu-bundle/packed.tar.xz                 tests/<name>: every Rust test executable with a CUDA part
+#                                            (hash suffix stripped; the host-only simulators and
+#                                            layout probe stay), and lib/libdistill_kernels.a when
+#                                            the C test links it statically: one solid xz archive,
+#                                            unpacked by gpu-check.sh (each executable embeds the
+#                                            same kernels; solid, they are stored about once)
 #   gpu-bundle/tests/MANIFEST.tsv            name, target kind, source, original executable
 #   gpu-bundle/include/                      the public C header
 #   gpu-bundle/python/                       the Python package source (and its tests, bench.py)
@@ -19,7 +23,7 @@
 #
 # usage: bash scripts/build-gpu-bundle.sh
 # env:   NVCC (skip the install), LIGER_VERSION (default 0.8.5, the version of ANCHORS.md;
-#        'latest' for the newest), BUNDLE_STATIC=1 (also carry libdistill_kernels.a, gzipped),
+#        'latest' for the newest), BUNDLE_STATIC=1 (also carry libdistill_kernels.a),
 #        NO_LIGER=1 (skip the wheel)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -97,7 +101,7 @@ if [ "${BUNDLE_STATIC:-0}" = 1 ] || grep -rqs -e 'distill_kernels\.a' -e 'static
   # Debug sections of the archive are not needed to link the C test (30 MB instead of 39 MB).
   cp target/release/libdistill_kernels.a "$tmp/libdistill_kernels.a"
   command -v strip >/dev/null && strip --strip-debug "$tmp/libdistill_kernels.a"
-  gzip -9 -c "$tmp/libdistill_kernels.a" >"$bundle/lib/libdistill_kernels.a.gz"
+  cp "$tmp/libdistill_kernels.a" "$bundle/lib/libdistill_kernels.a" # packed below
 fi
 
 # Host-only tests (no CUDA part: the kernel arithmetic / emulators and the C layout probe) run in
@@ -162,8 +166,6 @@ grep -q 'compiled with nvcc' <<<"$info" || { echo "bundle dk has no kernels:" >&
 for f in bin/dk lib/libdistill_kernels.so include/distill_kernels.h python/distill_kernels/__init__.py; do
   [ -e "$bundle/$f" ] || { echo "bundle incomplete: $f missing" >&2; exit 1; }
 done
-bytes=$(du -sb "$bundle" | cut -f1)
-mib=$(( (bytes + 1048575) / 1048576 ))
 echo
 cat "$bundle/BUILD-INFO"
 echo
@@ -171,6 +173,27 @@ echo "test executables:"
 tail -n +2 "$bundle/tests/MANIFEST.tsv" | while IFS=$'\t' read -r name kind src _; do
   printf '  %-36s %-5s %s (%s KiB)\n' "$name" "$kind" "$src" $(( $(stat -c %s "$bundle/tests/$name") / 1024 ))
 done
+
+# ---- one solid xz archive of the test executables and the static library ------------------------
+# Every test executable embeds the same fatbin and much of the same code: a solid archive (xz's
+# 64 MiB window) stores that about once, where separate files carry it once per executable.
+say "packing the test executables and the static library (xz, solid)"
+python3 - "$bundle" <<'PY'
+import lzma, os, sys, tarfile
+
+b = sys.argv[1]
+members = sorted(os.path.join("tests", n) for n in os.listdir(os.path.join(b, "tests"))
+                 if n != "MANIFEST.tsv")
+if os.path.exists(os.path.join(b, "lib", "libdistill_kernels.a")):
+    members.append(os.path.join("lib", "libdistill_kernels.a"))
+with tarfile.open(os.path.join(b, "packed.tar.xz"), "w:xz", preset=9 | lzma.PRESET_EXTREME) as t:
+    for m in members:
+        t.add(os.path.join(b, m), arcname=m)
+for m in members:
+    os.remove(os.path.join(b, m))
+PY
+bytes=$(du -sb "$bundle" | cut -f1)
+mib=$(( (bytes + 1048575) / 1048576 ))
 echo
 du -sh "$bundle"/* | sed 's/^/  /'
 echo "gpu-bundle: $bytes bytes (${mib} MiB; the device tool carries at most 64 MiB with the working tree)"

@@ -22,8 +22,17 @@
 #      short)
 #  10. python/bench.py (torch eager, torch.compile, Liger, this crate; --quick when under 150 s
 #      are left)
+#  10b. optional, when time is left: Nsight Compute (ncu --clock-control none) speed-of-light
+#      and compute-workload sections of the key kernels: the cluster divergence kernels (KL, JSD;
+#      bf16, N 4096, V 151936) and the attention kernels at the Phi-4-mini shape (forward D 128,
+#      backward dK/dV + dQ, dK/dV with atomic dQ): what limits each (DRAM, shared memory,
+#      tensor or MUFU pipe)
 #  11. optional: compute-sanitizer memcheck of small dk benches (divergence, MoE, attention),
 #      racecheck of attention
+#
+# GPU_CHECK_ONLY=a,b,...: run only the steps whose names start with one of these (e.g.
+# GPU_CHECK_ONLY=ncu for a second call that profiles, or =dk-bench-attention,python-bench-attention);
+# the others are listed as not selected.
 #
 # Output: logs and JSON in $OUT (when set, as on the device tool; else ./gpu-check-out), at most
 # 8 files: summary.txt, gpu-check.log (every step's output), dk-bench.json, dk-bench-f32.json,
@@ -50,6 +59,27 @@ if [ ! -x "$bundle/bin/dk" ]; then
   echo "gpu-check: $bundle/bin/dk not found: run scripts/build-gpu-bundle.sh on the build machine" >&2
   echo "and carry gpu-bundle (device tool: carry=[\"gpu-bundle\"])" >&2
   exit 2
+fi
+
+# ---- the packed executables ---------------------------------------------------------------------------
+# build-gpu-bundle.sh carries the test executables (and the static library) as one solid xz
+# archive; unpacked here once, with their modes.
+if [ -f "$bundle/packed.tar.xz" ] && [ ! -e "$bundle/.unpacked" ]; then
+  if python3 - "$bundle" <<'PY'
+import sys, tarfile
+
+b = sys.argv[1]
+with tarfile.open(f"{b}/packed.tar.xz") as t:
+    if hasattr(tarfile, "data_filter"):
+        t.extractall(b, filter="data")
+    else:
+        t.extractall(b)
+PY
+  then
+    touch "$bundle/.unpacked"
+  else
+    echo "gpu-check: could not unpack $bundle/packed.tar.xz (the test steps will fail)" >&2
+  fi
 fi
 
 # ---- environment ----------------------------------------------------------------------------------
@@ -79,7 +109,9 @@ for f in libdistill_kernels.so; do
   [ -e "target/release/$f" ] || cp "$bundle/lib/$f" "target/release/$f"
 done
 [ -e target/release/dk ] || cp "$dk" target/release/dk
-if [ -e "$bundle/lib/libdistill_kernels.a.gz" ] && [ ! -e target/release/libdistill_kernels.a ]; then
+if [ -e "$bundle/lib/libdistill_kernels.a" ] && [ ! -e target/release/libdistill_kernels.a ]; then
+  cp "$bundle/lib/libdistill_kernels.a" target/release/libdistill_kernels.a
+elif [ -e "$bundle/lib/libdistill_kernels.a.gz" ] && [ ! -e target/release/libdistill_kernels.a ]; then
   gunzip -c "$bundle/lib/libdistill_kernels.a.gz" >target/release/libdistill_kernels.a
 fi
 while IFS=$'\t' read -r name kind _; do
@@ -100,10 +132,24 @@ reserve=0
 
 # run_step NAME CAP_SECONDS REQUIRED(1|0) CMD...: stdout -> $logs/NAME.out, stderr -> $logs/NAME.err
 # The step gets min(CAP, budget left - reserve) seconds.
+# GPU_CHECK_ONLY: a comma-separated list of step-name prefixes; unset = every step.
+want() {
+  [ -z "${GPU_CHECK_ONLY:-}" ] && return 0
+  local w
+  for w in ${GPU_CHECK_ONLY//,/ }; do
+    case $1 in "$w"*) return 0 ;; esac
+  done
+  return 1
+}
+
 run_step() {
   local name=$1 cap=$2 required=$3
   shift 3
   local l t status rc s1 s2
+  if ! want "$name"; then
+    names+=("$name"); statuses+=("not selected (GPU_CHECK_ONLY)"); seconds+=("0")
+    return 0
+  fi
   l=$(( $(left) - reserve ))
   if [ "$l" -lt 8 ]; then
     names+=("$name"); statuses+=("skipped (out of time)"); seconds+=("0")
@@ -225,6 +271,33 @@ else
   skip_step python-bench "python/bench.py missing"
 fi
 
+# ---- 10b. optional: Nsight Compute sections of the key kernels (what limits them) ----------------
+# One launch per kernel (the first that matches: a checked run), --clock-control none (the card's
+# clocks are left alone). SpeedOfLight gives DRAM / L1+shared / L2 / SM throughput as % of peak;
+# ComputeWorkloadAnalysis names the busiest pipe (tensor, FMA, XU = MUFU, LSU) in its rule text.
+ncu_bin=$(command -v ncu || true)
+ncu_run() { # NAME CAP KERNEL_REGEX LAUNCHES DK_BENCH_ARGS...
+  local name=$1 cap=$2 re=$3 count=$4
+  shift 4
+  if [ -z "$ncu_bin" ]; then
+    skip_step "$name" "ncu not found"
+  elif want "$name" && [ "$(left)" -lt 25 ]; then
+    skip_step "$name" "out of time"
+  else
+    run_step "$name" "$cap" 0 "$ncu_bin" --clock-control none --section SpeedOfLight \
+      --section ComputeWorkloadAnalysis --kernel-name "regex:$re" --launch-count "$count" \
+      "$dk" bench --device cuda "$@"
+  fi
+}
+ncu_run ncu-divergence 40 'dk_divc_(fkl|jsd)_bf16_bf16' 4 --ops divergence --dtype bf16 \
+  --rows 4096 --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd --iters 1 --check-rows 2
+ncu_run ncu-attention-fwd 40 'dk_attn_fwd_bf16_d128' 1 --ops attention --dtype bf16 \
+  --attn-shapes phi4-mini --iters 1 --check-rows 2
+ncu_run ncu-attention-bwd 40 'dk_attn_bwd_(dkdv|dq)_bf16_d128' 2 --ops attention --dtype bf16 \
+  --attn-shapes phi4-mini --iters 1 --check-rows 2
+ncu_run ncu-attention-bwd-atomic 40 'dk_attn_bwd_dkdvdq_bf16_d128' 1 --ops attention \
+  --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
+
 # ---- 11. optional: memcheck of small dk benches (divergence, MoE, attention), racecheck ----------
 sanitizer=$(command -v compute-sanitizer || true)
 if [ -z "$sanitizer" ]; then
@@ -324,6 +397,13 @@ else
   echo "(no output)"
   tail -n 10 "$logs/python-bench.err" 2>/dev/null
 fi
+for n in ncu-divergence ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic; do
+  [ -s "$logs/$n.out" ] || continue
+  echo
+  echo "================ $n (Nsight Compute, clocks untouched)"
+  grep -E '^  [a-z_0-9]+ \(|Duration|DRAM Throughput|Memory Throughput|L1/TEX Cache Throughput|L2 Cache Throughput|Compute \(SM\) Throughput|SM Busy|Issue Slots Busy|highest-utilized' \
+    "$logs/$n.out" | cut -c1-160
+done
 echo
 echo "gpu-check: $( [ "$required_failed" = 0 ] && echo PASSED || echo "FAILED ($required_failed required steps)" ) in ${total}s; logs in $out"
 rm -rf "$logs" "$site"
