@@ -64,6 +64,8 @@ pub struct CudaDevice {
     _module: Arc<CudaModule>,
     name: String,
     compute_capability: (i32, i32),
+    /// The divergence cluster kernels are usable here (sm_90+, not disabled, configured).
+    cluster_divergence: bool,
     /// The cuBLAS handle, created on first use by the fused linear divergence.
     pub(crate) blas: crate::fused::cuda::BlasSlot,
 }
@@ -111,9 +113,19 @@ impl CudaDevice {
         let compute_capability = ctx.compute_capability()?;
         // Function attributes set once here, not on every launch.
         ctx.bind_to_thread()?;
-        if crate::divergence::cluster::available(compute_capability) {
-            crate::divergence::cluster::configure(&functions)?;
-        }
+        // A cluster configuration the driver refuses only costs speed: the one-block kernel
+        // serves every row then (the reason is kept for `divergence::cluster_fallback_reason`).
+        let cluster_divergence = crate::divergence::cluster::available(compute_capability)
+            && match crate::divergence::cluster::configure(&functions) {
+                Ok(()) => true,
+                Err(e) => {
+                    crate::divergence::cluster::note_fallback(format!(
+                        "the cluster kernels' attributes were refused when the device opened \
+                         ({e}); every row runs the one-block kernel"
+                    ));
+                    false
+                }
+            };
         crate::attention::cuda::configure(&functions)?;
         Ok(CudaDevice {
             ctx,
@@ -121,6 +133,7 @@ impl CudaDevice {
             _module: module,
             name,
             compute_capability,
+            cluster_divergence,
             blas: Default::default(),
         })
     }
@@ -148,6 +161,12 @@ impl CudaDevice {
     /// (major, minor) compute capability.
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
+    }
+
+    /// Whether the divergence rows may run on the Hopper cluster kernel (sm_90+, not turned off
+    /// by `DK_DIVERGENCE_CLUSTER=0`, its attributes accepted when the device opened).
+    pub(crate) fn cluster_divergence(&self) -> bool {
+        self.cluster_divergence
     }
 
     /// Checks that `ptr` is device memory of this device.

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys;
 use cudarc::driver::{CudaFunction, CudaStream};
@@ -31,6 +31,34 @@ const MIN_SLICE: usize = 4096;
 fn disabled_by_env() -> bool {
     static OFF: OnceLock<bool> = OnceLock::new();
     *OFF.get_or_init(|| std::env::var("DK_DIVERGENCE_CLUSTER").is_ok_and(|v| v == "0"))
+}
+
+/// The first refused cluster launch of this process (the call then ran the one-block kernel).
+static FALLBACK: Mutex<Option<String>> = Mutex::new(None);
+
+/// Records why the cluster path was not taken (kept: the first reason) for [`fallback_reason`].
+pub(crate) fn note_fallback(why: String) {
+    let mut slot = FALLBACK.lock().unwrap_or_else(|p| p.into_inner());
+    if slot.is_none() {
+        *slot = Some(why);
+    }
+}
+
+/// [`note_fallback`] for a refused launch.
+pub(crate) fn note_refused_launch(c: usize, smem: usize, err: &Error) {
+    note_fallback(format!(
+        "a cluster of {c} blocks with {smem} bytes of shared memory each was refused ({err}); \
+         such rows run the one-block kernel"
+    ));
+}
+
+/// Why the Hopper cluster kernel was not used in this process where it would have been, if
+/// that happened: the driver may refuse a cluster shape the card cannot place (e.g. 16 blocks of
+/// one SM each on a card with smaller GPCs), or the kernels' attributes when a device opens. The
+/// calls still complete, on the one-block-per-row kernel, so the results are right and only the
+/// speed differs; benchmarks print this reason.
+pub fn fallback_reason() -> Option<String> {
+    FALLBACK.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Whether the cluster kernels may be used on a device of this compute capability.

@@ -172,7 +172,7 @@ impl<'d> RowKernels<'d> {
         Ok(RowKernels {
             prepare: dev.function("dk_div_prepare")?,
             rows: dev.function(&row_kernel_name(kind, student, teacher))?,
-            cluster_rows: if super::cluster::available(dev.compute_capability()) {
+            cluster_rows: if dev.cluster_divergence() {
                 Some(dev.function(
                     &row_kernel_name(kind, student, teacher).replace("dk_div_", "dk_divc_"),
                 )?)
@@ -221,7 +221,11 @@ impl<'d> RowKernels<'d> {
             if let Some(c) = cluster::cluster_size(n, v, sb + tb) {
                 if cluster::rows_aligned(args, sb, tb) {
                     let smem = cluster::slice(v, c) * (sb + tb);
-                    return cluster::launch(f, stream, args, c, smem);
+                    // A refused launch queues nothing: the one-block kernel below takes over.
+                    match cluster::launch(f, stream, args, c, smem) {
+                        Ok(()) => return Ok(()),
+                        Err(e) => cluster::note_refused_launch(c, smem, &e),
+                    }
                 }
             }
         }

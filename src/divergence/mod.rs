@@ -21,6 +21,7 @@ pub(crate) mod cpu;
 pub(crate) mod cuda;
 mod params;
 
+pub use cluster::fallback_reason as cluster_fallback_reason;
 pub use params::{Kind, Params, Reduction};
 
 use crate::checks::check_location;

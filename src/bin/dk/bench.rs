@@ -1030,6 +1030,10 @@ pub fn run(args: &[String]) -> i32 {
     }
     let split = format!(" ({})", parts.join(", "));
     outln!();
+    if let Some(why) = distill_kernels::divergence::cluster_fallback_reason() {
+        // The results are right, but some rows ran the one-block kernel: say so by the numbers.
+        outln!("note: the divergence cluster kernel fell back: {why}");
+    }
     if failed == 0 {
         outln!(
             "dk bench: all {results} results{split} passed on {device}{best_txt}; copy {:.1} GB/s; {:.1} s",
