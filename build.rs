@@ -64,6 +64,11 @@ fn main() {
                 "cargo::rustc-env=DK_FATBIN_PATH={}",
                 out_dir.join("distill_kernels.fatbin").display()
             );
+            // For the unit test that every kernel the launchers name was compiled.
+            println!(
+                "cargo::rustc-env=DK_PTXAS_REPORT={}",
+                out_dir.join("ptxas-report.txt").display()
+            );
             let archs: Vec<&str> = GENCODES.iter().map(|(_, code)| *code).collect();
             println!("cargo::rustc-env=DK_CUDA_ARCHS={}", archs.join(","));
             println!(

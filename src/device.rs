@@ -378,3 +378,47 @@ impl<'a> Launch<'a> {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every kernel a launcher names is in the fatbin for every compiled architecture: a missing
+    /// one would make every device open fail (the names are loaded when a device opens), which
+    /// only a GPU would otherwise show. Checked against the ptxas report of this build.
+    #[test]
+    fn every_launched_kernel_was_compiled() {
+        let names: Vec<&str> = crate::divergence::cuda::KERNEL_NAMES
+            .iter()
+            .chain(crate::moe::cuda::KERNEL_NAMES)
+            .chain(crate::fused::cuda::KERNEL_NAMES)
+            .chain(
+                crate::attention::cuda::KERNEL_NAMES
+                    .iter()
+                    .flat_map(|names| names.iter()),
+            )
+            .copied()
+            .collect();
+        assert!(names.len() > 100, "only {} kernel names", names.len());
+        #[cfg(dk_cuda_kernels)]
+        {
+            let report = std::fs::read_to_string(env!("DK_PTXAS_REPORT")).expect("ptxas report");
+            let mut missing = Vec::new();
+            // Cubins (sm_*); the compute_* entry is PTX, which ptxas does not report.
+            for arch in super::compiled_cuda_archs()
+                .into_iter()
+                .filter(|a| a.starts_with("sm_"))
+            {
+                for name in &names {
+                    let line = format!("Compiling entry function '{name}' for '{arch}'");
+                    if !report.contains(&line) {
+                        missing.push(format!("{name} ({arch})"));
+                    }
+                }
+            }
+            assert!(missing.is_empty(), "not compiled: {}", missing.join(", "));
+        }
+        #[cfg(not(dk_cuda_kernels))]
+        eprintln!(
+            "SKIPPED the fatbin part of every_launched_kernel_was_compiled: built without nvcc"
+        );
+    }
+}
