@@ -365,6 +365,29 @@ fn kernel_math_identical_rows_give_zero() {
 }
 
 #[test]
+fn kernel_math_near_identical_rows_keep_relative_accuracy() {
+    // Teacher = student + small noise: divergences of 1e-8 .. 1e-4, where an absolute error of a
+    // few 1e-8 per entry (a cheaper exp or log) would show as a large relative error. The
+    // batch criterion is relative (no floor); per row, the check's floor of 0.1 applies.
+    let Some(exe) = simulator() else { return };
+    let mut rng = Rng::fresh("kernel_sim_near_identical");
+    let mut cases = Vec::new();
+    for &(kind, beta) in &KINDS {
+        for &sigma in &[1e-3f64, 1e-2] {
+            let mut c = random_case(&mut rng, kind, beta, 1.0, 5000, true);
+            c.t = c
+                .s
+                .iter()
+                .map(|&x| (x as f64 + sigma * rng.normal()) as f32)
+                .collect();
+            cases.push(c);
+        }
+    }
+    let outs = run_sim(&exe, &cases);
+    check_tol(&cases, &outs, "near-identical rows", 1e-2);
+}
+
+#[test]
 fn kernel_math_one_hot_rows_stay_within_f32_cancellation() {
     // logits / T with a standard deviation of 8–24: the softmax is nearly one-hot, the gradient
     // is a small difference of O(spread) numbers, and f32 rounding of those numbers (~1e-6

@@ -121,7 +121,7 @@ struct Row {
   // (log p - log m, log q - log m) for the JSD mixture.
   DK_HD float2 log_ratios_to_mixture(float delta) const {
     const float u = delta + log_1mbeta - log_beta;
-    const float l = log1pf(expf(-fabsf(u)));
+    const float l = fast_log1p_unit(expf(-fabsf(u)));
     return make_float2(-(log_beta + fmaxf(u, 0.f) + l), -(log_1mbeta + fmaxf(-u, 0.f) + l));
   }
 };

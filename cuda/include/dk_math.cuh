@@ -17,6 +17,21 @@ namespace dk {
 // max that propagates NaN (fmaxf drops it): a NaN logit must poison its row.
 DK_HD float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
 
+// log(1 + e) for e in [0, 1] (the JSD softplus tail): one FADD, one MUFU.LG2 and one FMUL on the
+// device (lg2.approx: absolute error ~2^-22 on [1, 2]) instead of libm's ~25-instruction log1pf
+// with its range reduction, which the JSD passes run once per element (cuda/DIVERGENCE.md,
+// "Instruction budget"). The host version (tests/kernel_sim) rounds 1 + e the same way (small e
+// lose their low bits, as on the device) and takes an exact log2.
+DK_HD float fast_log1p_unit(float e) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(1.f + e));
+  return y * 0.6931471805599453f;
+#else
+  return log2f(1.f + e) * 0.6931471805599453f;
+#endif
+}
+
 // e^(m_old - m_new), with 0 when nothing has been accumulated yet (m_old = -inf).
 DK_HD float rescale(float m_old, float m_new) { return m_old == -INFINITY ? 0.f : expf(m_old - m_new); }
 
