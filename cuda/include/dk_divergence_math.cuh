@@ -57,8 +57,8 @@ DK_UNROLL
     for (int k = 0; k < N; ++k) {
       // Masked entries (-inf) add nothing; testing them first avoids -inf - (-inf).
       const float A = a[k] - mt, B = b[k] - ms;
-      const float et = a[k] == -INFINITY ? 0.f : expf(A);
-      const float es = b[k] == -INFINITY ? 0.f : expf(B);
+      const float et = a[k] == -INFINITY ? 0.f : fast_exp(A);
+      const float es = b[k] == -INFINITY ? 0.f : fast_exp(B);
       st += et;
       ss += es;
       if (kAcc) {
@@ -111,8 +111,8 @@ struct Row {
     const float a = t * inv_t, b = s * inv_t;
     const float A = a - mt, B = b - ms;
     Entry e;
-    e.p = a == -INFINITY ? 0.f : expf(A) * inv_st;
-    e.q = b == -INFINITY ? 0.f : expf(B) * inv_ss;
+    e.p = a == -INFINITY ? 0.f : fast_exp(A) * inv_st;
+    e.q = b == -INFINITY ? 0.f : fast_exp(B) * inv_ss;
     e.diff = B - A;
     e.delta = e.diff - log_ratio;
     return e;
@@ -121,7 +121,7 @@ struct Row {
   // (log p - log m, log q - log m) for the JSD mixture.
   DK_HD float2 log_ratios_to_mixture(float delta) const {
     const float u = delta + log_1mbeta - log_beta;
-    const float l = fast_log1p_unit(expf(-fabsf(u)));
+    const float l = fast_log1p_unit(fast_exp(-fabsf(u)));
     return make_float2(-(log_beta + fmaxf(u, 0.f) + l), -(log_1mbeta + fmaxf(-u, 0.f) + l));
   }
 };

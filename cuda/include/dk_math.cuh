@@ -17,6 +17,23 @@ namespace dk {
 // max that propagates NaN (fmaxf drops it): a NaN logit must poison its row.
 DK_HD float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
 
+// e^x on the special-function unit: ex2.approx.ftz(x · log2 e), one FMUL and one MUFU.EX2
+// where libm's expf spends 8 instructions on an exact range reduction (cuda/DIVERGENCE.md,
+// "Instruction budget"). Relative error ≈ 2 ulp from MUFU plus |x| · 6e-8 from rounding the
+// product: the divergence kernels pass a logit minus its row maximum, so the entries that carry
+// the mass have small |x|. Results below 2^-126 flush to 0; -inf gives 0, NaN stays NaN. The
+// host version (tests/kernel_sim) rounds the same product, takes an exact exp2 and flushes.
+DK_HD float fast_exp(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+#else
+  const float y = exp2f(x * 1.4426950408889634f);
+  return y < 1.17549435e-38f ? 0.f : y;
+#endif
+}
+
 // log(1 + e) for e in [0, 1] (the JSD softplus tail): one FADD, one MUFU.LG2 and one FMUL on the
 // device (lg2.approx: absolute error ~2^-22 on [1, 2]) instead of libm's ~25-instruction log1pf
 // with its range reduction, which the JSD passes run once per element (cuda/DIVERGENCE.md,
@@ -33,7 +50,9 @@ DK_HD float fast_log1p_unit(float e) {
 }
 
 // e^(m_old - m_new), with 0 when nothing has been accumulated yet (m_old = -inf).
-DK_HD float rescale(float m_old, float m_new) { return m_old == -INFINITY ? 0.f : expf(m_old - m_new); }
+DK_HD float rescale(float m_old, float m_new) {
+  return m_old == -INFINITY ? 0.f : fast_exp(m_old - m_new);
+}
 
 // x * d with 0 * anything = 0: entries of probability 0 contribute nothing, even where d is inf.
 DK_HD float xlog(float x, float d) { return x == 0.f ? 0.f : x * d; }
