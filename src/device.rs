@@ -42,6 +42,20 @@ pub fn nvcc_version() -> Option<&'static str> {
     }
 }
 
+/// Every kernel the launchers use: all are loaded when a device opens.
+fn kernel_names() -> impl Iterator<Item = &'static str> {
+    crate::divergence::cuda::KERNEL_NAMES
+        .iter()
+        .chain(crate::moe::cuda::KERNEL_NAMES)
+        .chain(crate::fused::cuda::KERNEL_NAMES)
+        .chain(
+            crate::attention::cuda::KERNEL_NAMES
+                .iter()
+                .flat_map(|names| names.iter()),
+        )
+        .copied()
+}
+
 /// True when the CUDA driver library can be loaded (never panics, unlike cudarc's loaders).
 pub fn cuda_driver_present() -> bool {
     // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
@@ -97,16 +111,7 @@ impl CudaDevice {
         unsafe { ctx.disable_event_tracking() };
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))?;
         let mut functions = HashMap::new();
-        let names = crate::divergence::cuda::KERNEL_NAMES
-            .iter()
-            .chain(crate::moe::cuda::KERNEL_NAMES)
-            .chain(crate::fused::cuda::KERNEL_NAMES)
-            .chain(
-                crate::attention::cuda::KERNEL_NAMES
-                    .iter()
-                    .flat_map(|names| names.iter()),
-            );
-        for &name in names {
+        for name in kernel_names() {
             functions.insert(name, module.load_function(name)?);
         }
         let name = ctx.name()?;
@@ -386,17 +391,7 @@ mod tests {
     /// only a GPU would otherwise show. Checked against the ptxas report of this build.
     #[test]
     fn every_launched_kernel_was_compiled() {
-        let names: Vec<&str> = crate::divergence::cuda::KERNEL_NAMES
-            .iter()
-            .chain(crate::moe::cuda::KERNEL_NAMES)
-            .chain(crate::fused::cuda::KERNEL_NAMES)
-            .chain(
-                crate::attention::cuda::KERNEL_NAMES
-                    .iter()
-                    .flat_map(|names| names.iter()),
-            )
-            .copied()
-            .collect();
+        let names: Vec<&str> = super::kernel_names().collect();
         assert!(names.len() > 100, "only {} kernel names", names.len());
         #[cfg(dk_cuda_kernels)]
         {

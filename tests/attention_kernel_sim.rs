@@ -602,6 +602,21 @@ impl Job<'_> {
     }
 }
 
+/// Of a buffer of `len` bytes, the bytes inside the rows of `ops` (operands of that buffer).
+fn rows_mask<'o>(len: usize, ops: impl Iterator<Item = &'o Operand>) -> Vec<bool> {
+    let mut mask = vec![false; len];
+    for op in ops {
+        let e = op.elem as usize;
+        for r in 0..op.rows {
+            let at = op.offset_bytes + r * op.stride * e;
+            mask[at..at + op.cols * e]
+                .iter_mut()
+                .for_each(|x| *x = true);
+        }
+    }
+    mask
+}
+
 /// Runs a job in both modes: both runs' buffers, after checking that the second gives the same
 /// bits, except in the rows of the operands named in `may_differ` (outputs summed by atomics,
 /// whose order the two runs change).
@@ -616,20 +631,13 @@ fn run_both<'a>(
         .run(exe)
         .map_err(|e| format!("late cp.async, descending order: {e}"))?;
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        let mut exempt = vec![false; x.len()];
-        for op in first
-            .operands
-            .iter()
-            .filter(|o| o.buf == i && may_differ.contains(&o.name))
-        {
-            let e = op.elem as usize;
-            for r in 0..op.rows {
-                let at = op.offset_bytes + r * op.stride * e;
-                exempt[at..at + op.cols * e]
-                    .iter_mut()
-                    .for_each(|z| *z = true);
-            }
-        }
+        let exempt = rows_mask(
+            x.len(),
+            first
+                .operands
+                .iter()
+                .filter(|o| o.buf == i && may_differ.contains(&o.name)),
+        );
         let differs = x
             .as_ref()
             .iter()
@@ -985,16 +993,10 @@ fn attention_kernels_match_the_cpu_backend() {
 /// Bytes outside every writable operand's rows are unchanged (inputs, padding, slack).
 fn untouched_outside_outputs(job: &Job<'_>, after: &[Bytes]) -> Result<(), String> {
     for (b, (before, after)) in job.bufs.iter().zip(after).enumerate() {
-        let mut inside = vec![false; before.len()];
-        for op in job.operands.iter().filter(|o| o.writable && o.buf == b) {
-            let e = op.elem as usize;
-            for r in 0..op.rows {
-                let at = op.offset_bytes + r * op.stride * e;
-                inside[at..at + op.cols * e]
-                    .iter_mut()
-                    .for_each(|x| *x = true);
-            }
-        }
+        let inside = rows_mask(
+            before.len(),
+            job.operands.iter().filter(|o| o.writable && o.buf == b),
+        );
         let changed = before
             .as_ref()
             .iter()

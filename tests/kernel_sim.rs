@@ -375,11 +375,10 @@ fn kernel_math_near_identical_rows_keep_relative_accuracy() {
     for &(kind, beta) in &KINDS {
         for &sigma in &[1e-3f64, 1e-2] {
             let mut c = random_case(&mut rng, kind, beta, 1.0, 5000, true);
-            c.t = c
-                .s
-                .iter()
-                .map(|&x| (x as f64 + sigma * rng.normal()) as f32)
-                .collect();
+            c.t =
+                c.s.iter()
+                    .map(|&x| (x as f64 + sigma * rng.normal()) as f32)
+                    .collect();
             cases.push(c);
         }
     }
