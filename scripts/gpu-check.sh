@@ -14,6 +14,8 @@
 #      side by side with the cluster kernel
 #   5. dk bench --ops moe: route, permute, combine fwd/bwd, 3 ANCHORS shapes, N=16384
 #  5b. dk bench --ops attention: fwd, fwd+bwd, ANCHORS shapes + varlen, bf16, TFLOP/s
+#  5c. dk bench --ops fused: fused linear JSD (N 4096, H 3072, V 200064; N 16384, H 5120,
+#      V 202048) against its four cuBLAS GEMMs alone, measured in the same run (issue 4)
 #   6. every Rust test executable (their CUDA variants run here), and the divergence reference
 #      tests again on version 1
 #   7. pip install the carried Liger-Kernel wheel (--target)
@@ -222,6 +224,10 @@ run_step dk-bench-moe 60 1 "$dk" bench --device cuda --ops moe --dtype bf16 --to
 run_step dk-bench-attention 60 1 "$dk" bench --device cuda --ops attention --dtype bf16 \
   --attn-shapes phi4-mini,llama4,varlen --json "$out/dk-bench-attention.json"
 
+# ---- 5c. dk bench fused linear JSD against the four GEMMs alone (issue 4's two shapes) ---------
+# No JSON (the device tool returns at most 8 files): the table is printed below and in the log.
+run_step dk-bench-fused 75 1 "$dk" bench --device cuda --ops fused --dtype bf16
+
 # ---- 6. Rust test executables (CUDA variants run when a GPU is present) ------------------------------
 reserve=170 # pytest and the Python benchmarks come after
 while IFS=$'\t' read -r name kind _src _built; do
@@ -370,7 +376,7 @@ bench_table() { [ -s "$1" ] && sed -n '/^shape /,$p' "$1"; }
 echo
 echo "================ summary"
 cat "$out/summary.txt"
-for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-moe dk-bench-attention; do
+for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-moe dk-bench-attention dk-bench-fused; do
   echo
   echo "================ $n"
   if [ -s "$logs/$n.out" ]; then

@@ -52,6 +52,8 @@ mod bench;
 mod cli;
 #[path = "dk/data.rs"]
 mod data;
+#[path = "dk/fused.rs"]
+mod fused;
 #[path = "dk/info.rs"]
 mod info;
 #[path = "dk/moe.rs"]

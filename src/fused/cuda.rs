@@ -382,6 +382,131 @@ struct FusedKernels<'d> {
 }
 
 /// Queues the fused linear divergence on the caller's stream.
+/// The four products of [`crate::fused::ReferenceGemms`] on the caller's stream, host scalars
+/// α = 1, β = 0, the operation's `GemmEx` settings (see `fused_linear`, steps 1 and 5).
+pub(crate) fn reference_gemms(
+    dev: &CudaDevice,
+    g: &crate::fused::ReferenceGemms<'_>,
+    launch: &Launch<'_>,
+) -> Result<()> {
+    let ptrs = [
+        g.hidden.ptr as *const c_void,
+        g.weight.ptr as *const c_void,
+        g.logits.ptr as *const c_void,
+        g.grad_logits.ptr as *const c_void,
+        g.grad_hidden.ptr as *const c_void,
+        g.grad_weight.ptr as *const c_void,
+    ];
+    for p in ptrs {
+        dev.check_pointer("reference GEMM operand", p)?;
+    }
+    let (n, h, v) = (g.hidden.rows, g.hidden.cols, g.weight.rows);
+    let dt = g.hidden.dtype;
+    let (n_i, h_i, v_i) = (to_i32("N", n)?, to_i32("H", h)?, to_i32("V", v)?);
+    let ld = |what: &str, m_stride: usize| to_i32(what, m_stride);
+    let (lx, lw) = (
+        ld("hidden stride", g.hidden.row_stride)?,
+        ld("weight stride", g.weight.row_stride)?,
+    );
+    let (ll, lg) = (
+        ld("logits stride", g.logits.row_stride)?,
+        ld("grad_logits stride", g.grad_logits.row_stride)?,
+    );
+    let (lgh, lgw) = (
+        ld("grad_hidden stride", g.grad_hidden.row_stride)?,
+        ld("grad_weight stride", g.grad_weight.row_stride)?,
+    );
+    cublas_loadable()?;
+    let guard = dev.blas.acquire(&dev.ctx)?;
+    let Some(handle) = guard.as_ref().map(|b| b.handle) else {
+        bail!(
+            Cuda,
+            "cuBLAS handle missing after creation (a bug: please report it)"
+        );
+    };
+    // SAFETY: the caller of the safe API handed a live stream of this device.
+    let stream = unsafe { dev.borrow_stream(launch.stream) };
+    let (ws, owned) = dev.workspace(launch, &stream, CUBLAS_WORKSPACE + ALIGN)?;
+    dev.ctx.bind_to_thread()?;
+    // SAFETY: a live handle (locked), the caller's stream, a 256-byte aligned workspace of
+    // CUBLAS_WORKSPACE bytes freed in stream order after the products.
+    unsafe {
+        blas_check(
+            "cublasSetStream",
+            bsys::cublasSetStream_v2(handle, stream.cu_stream() as bsys::cudaStream_t),
+        )?;
+        blas_check(
+            "cublasSetWorkspace",
+            bsys::cublasSetWorkspace_v2(
+                handle,
+                ws.next_multiple_of(ALIGN as u64) as *mut c_void,
+                CUBLAS_WORKSPACE,
+            ),
+        )?;
+    }
+    set_pointer_mode(handle, false)?;
+    let (one, zero) = (1.0f32, 0.0f32);
+    let (alpha, beta) = ((&one as *const f32).cast(), (&zero as *const f32).cast());
+    let logits = Gemm {
+        transa: true,
+        transb: false,
+        m: v_i,
+        n: n_i,
+        k: h_i,
+        a: g.weight.ptr as u64,
+        a_type: dt,
+        lda: lw,
+        b: g.hidden.ptr as u64,
+        b_type: dt,
+        ldb: lx,
+        c: g.logits.ptr as u64,
+        c_type: DType::F32,
+        ldc: ll,
+    };
+    let grad_hidden = Gemm {
+        transa: false,
+        transb: false,
+        m: h_i,
+        n: n_i,
+        k: v_i,
+        a: g.weight.ptr as u64,
+        a_type: dt,
+        lda: lw,
+        b: g.grad_logits.ptr as u64,
+        b_type: dt,
+        ldb: lg,
+        c: g.grad_hidden.ptr as u64,
+        c_type: dt,
+        ldc: lgh,
+    };
+    let grad_weight = Gemm {
+        transa: false,
+        transb: true,
+        m: h_i,
+        n: v_i,
+        k: n_i,
+        a: g.hidden.ptr as u64,
+        a_type: dt,
+        lda: lx,
+        b: g.grad_logits.ptr as u64,
+        b_type: dt,
+        ldb: lg,
+        c: g.grad_weight.ptr as u64,
+        c_type: dt,
+        ldc: lgw,
+    };
+    // SAFETY: device operands of this device covering the checked shapes; host scalars in host
+    // pointer mode.
+    unsafe {
+        logits.run(handle, alpha, beta, "student logits")?;
+        logits.run(handle, alpha, beta, "teacher logits")?;
+        grad_hidden.run(handle, alpha, beta, "grad_hidden")?;
+        grad_weight.run(handle, alpha, beta, "grad_weight")?;
+    }
+    drop(owned); // stream-ordered
+    Ok(())
+}
+
 pub(crate) fn fused_linear(
     dev: &CudaDevice,
     raw: &RawFusedLinear,

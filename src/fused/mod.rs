@@ -42,6 +42,26 @@ pub struct FusedLinear<'a> {
     pub grad_weight: Option<MatrixMut<'a>>,
 }
 
+/// Operands of [`Context::fused_linear_reference_gemms`]: the four matrix products a fused
+/// linear divergence call of these shapes performs, at full N, alone (self-distillation shapes:
+/// the teacher product reuses `hidden` and `weight`).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct ReferenceGemms<'a> {
+    /// `[N, H]`, bf16 or f16.
+    pub hidden: Matrix<'a>,
+    /// `[V, H]`, the dtype of `hidden`.
+    pub weight: Matrix<'a>,
+    /// `[N, V]` f32: receives `hidden · weightᵀ` twice (student, then teacher logits).
+    pub logits: MatrixMut<'a>,
+    /// `[N, V]` in the dtype of `hidden`: the logits' gradient the last two products read.
+    pub grad_logits: Matrix<'a>,
+    /// `[N, H]` in the dtype of `hidden`: `grad_logits · weight`.
+    pub grad_hidden: MatrixMut<'a>,
+    /// `[V, H]` in the dtype of `hidden`: `grad_logitsᵀ · hidden`.
+    pub grad_weight: MatrixMut<'a>,
+}
+
 /// A validated call in raw pointers, what the backends consume.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RawFusedLinear {
@@ -86,6 +106,50 @@ impl Context {
             Backend::Cpu => 0,
             Backend::Cuda(_) => cuda::workspace_size(&raw, params),
         })
+    }
+
+    /// The floor a fused linear divergence is measured against (`dk bench`): its four matrix
+    /// products alone, with the settings the operation uses (cuBLAS `GemmEx`, f32 accumulation,
+    /// f32 logits). CUDA only; stream-ordered. Not a user operation: hidden from the docs.
+    #[doc(hidden)]
+    pub fn fused_linear_reference_gemms(
+        &self,
+        g: &ReferenceGemms<'_>,
+        launch: &Launch<'_>,
+    ) -> Result<()> {
+        let (n, h, v) = (g.hidden.rows(), g.hidden.cols(), g.weight.rows());
+        let dt = g.hidden.dtype();
+        let shapes_ok = g.weight.cols() == h
+            && (g.logits.rows(), g.logits.cols()) == (n, v)
+            && (g.grad_logits.rows(), g.grad_logits.cols()) == (n, v)
+            && (g.grad_hidden.rows(), g.grad_hidden.cols()) == (n, h)
+            && (g.grad_weight.rows(), g.grad_weight.cols()) == (v, h);
+        if !shapes_ok {
+            crate::error::bail!(
+                Shape,
+                "reference GEMMs: operand shapes do not fit [N, H] · [V, H]"
+            );
+        }
+        let dtypes_ok = dt != DType::F32
+            && g.logits.dtype() == DType::F32
+            && [
+                g.weight.dtype(),
+                g.grad_logits.dtype(),
+                g.grad_hidden.dtype(),
+                g.grad_weight.dtype(),
+            ]
+            .iter()
+            .all(|&d| d == dt);
+        if !dtypes_ok {
+            crate::error::bail!(
+                UnsupportedDtype,
+                "reference GEMMs: bf16 or f16 operands, f32 logits"
+            );
+        }
+        match self.backend() {
+            Backend::Cpu => crate::error::bail!(NoDevice, "reference GEMMs run on CUDA only"),
+            Backend::Cuda(dev) => cuda::reference_gemms(dev, g, launch),
+        }
     }
 
     /// Runs the fused linear divergence. Stream-ordered on CUDA; on error nothing is written.

@@ -400,7 +400,7 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// Runs `f` over `items` on all cores, results in order.
-fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+pub(crate) fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |t| t.get())
         .min(items.len())

@@ -3,7 +3,8 @@
 //! timed, and reported as a fraction of the copy-bandwidth floor measured in the same run; then
 //! MoE dispatch (route, permute, combine, forward and backward) for the shapes of ANCHORS.md,
 //! checked against the CPU backend (`moe.rs`); then grouped-query attention, forward and
-//! forward + backward, checked against an f64 computation on sampled rows (`attention.rs`).
+//! forward + backward, checked against an f64 computation on sampled rows (`attention.rs`); then
+//! the fused linear divergence against its four GEMMs alone (`fused.rs`).
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use crate::attention::{self, AttnConfig, AttnRow, AttnShape, CPU_ATTN_SHAPES, CU
 use crate::backend::{median, Inputs, Outputs, Runner};
 use crate::cli::{self, usage, Opt, UsageError};
 use crate::data::{mix, sample_rows};
+use crate::fused::{self, FusedConfig, FusedRow, CPU_FUSED_SHAPES, CUDA_FUSED_SHAPES};
 use crate::moe::{self, MoeConfig, MoeRow, Shape, ALL_SHAPES};
 
 /// Qwen2.5/Qwen3, Phi-4-mini, Llama 4, Gemma-class vocabularies.
@@ -31,7 +33,10 @@ usage: dk bench [OPS] [options]     (OPS: 'dk bench attention' = 'dk bench --ops
 options:
   --device D        cpu | cuda | cuda:N | auto (default auto: CUDA device 0 when it is present
                     and its kernels load, else the CPU)
-  --ops O,...       divergence,moe,attention (default all three; 'all' also works)
+  --ops O,...       divergence,moe,attention,fused (default all four; 'all' also works); fused:
+                    the fused linear JSD from hidden states and the lm_head (CUDA: N 4096,
+                    H 3072, V 200064 and N 16384, H 5120, V 202048, against the four GEMMs
+                    alone; CPU: N 40, H 64, V 3001)
   --kinds K,...     forward_kl,reverse_kl,jsd (default all three; 'all' also works)
   --dtype T,...     bf16 | f16 | f32, or a list (default bf16); student and teacher share it,
                     and it is the MoE activations' dtype (router logits are always f32)
@@ -138,6 +143,7 @@ struct Config {
     divergence: bool,
     moe: bool,
     attention: bool,
+    fused: bool,
     /// `--attn-shapes`, when given.
     attn_shapes: Option<Vec<AttnShape>>,
     moe_shapes: Vec<Shape>,
@@ -237,6 +243,7 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
         divergence: true,
         moe: true,
         attention: true,
+        fused: true,
         attn_shapes: None,
         moe_shapes: ALL_SHAPES.to_vec(),
         tokens: None,
@@ -274,16 +281,21 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
                         }
                     }
                     "ops" => {
-                        let ops = cli::list(&name, v, |s| match s {
-                            "divergence" | "moe" | "attention" | "all" => Ok(s.to_string()),
+                        let ops = cli::list(&name, v, |s| {
+                            match s {
+                            "divergence" | "moe" | "attention" | "fused" | "all" => {
+                                Ok(s.to_string())
+                            }
                             _ => usage!(
-                                "--ops: unknown operation '{s}' (divergence, moe, attention or all)"
+                                "--ops: unknown operation '{s}' (divergence, moe, attention, fused or all)"
                             ),
+                        }
                         })?;
                         let all = ops.iter().any(|o| o == "all");
                         c.divergence = all || ops.iter().any(|o| o == "divergence");
                         c.moe = all || ops.iter().any(|o| o == "moe");
                         c.attention = all || ops.iter().any(|o| o == "attention");
+                        c.fused = all || ops.iter().any(|o| o == "fused");
                     }
                     "moe-shapes" => {
                         c.moe_shapes = dedup(cli::list(&name, v, parse_shape)?.concat());
@@ -655,11 +667,18 @@ struct RunInfo<'a> {
     attention: Option<&'a AttnConfig<'a>>,
 }
 
-fn to_json(info: &RunInfo<'_>, rows: &[Row], moe_rows: &[MoeRow], attn_rows: &[AttnRow]) -> String {
+fn to_json(
+    info: &RunInfo<'_>,
+    rows: &[Row],
+    moe_rows: &[MoeRow],
+    attn_rows: &[AttnRow],
+    fused_rows: &[FusedRow],
+) -> String {
     let failed = rows.iter().filter(|r| !r.ok).count()
         + moe_rows.iter().filter(|r| !r.ok).count()
-        + attn_rows.iter().filter(|r| !r.ok).count();
-    let total = rows.len() + moe_rows.len() + attn_rows.len();
+        + attn_rows.iter().filter(|r| !r.ok).count()
+        + fused_rows.iter().filter(|r| !r.ok).count();
+    let total = rows.len() + moe_rows.len() + attn_rows.len() + fused_rows.len();
     let mut s = String::from("{\n");
     s += &format!(
         "  \"tool\": \"dk bench\",\n  \"version\": {},\n",
@@ -690,6 +709,9 @@ fn to_json(info: &RunInfo<'_>, rows: &[Row], moe_rows: &[MoeRow], attn_rows: &[A
     }
     if info.attention.is_some() {
         ops.push("\"attention\"");
+    }
+    if info.cfg.fused {
+        ops.push("\"fused\"");
     }
     s += &format!("  \"ops\": [{}],\n", ops.join(", "));
     if let Some(m) = info.moe {
@@ -751,9 +773,10 @@ fn to_json(info: &RunInfo<'_>, rows: &[Row], moe_rows: &[MoeRow], attn_rows: &[A
         );
     }
     s += &format!(
-        "  \"attention_results\": {}\n}}\n",
+        "  \"attention_results\": {},\n",
         attention::to_json(attn_rows, info.backend == "cuda")
     );
+    s += &format!("  \"fused_results\": {}\n}}\n", fused::to_json(fused_rows));
     s
 }
 
@@ -835,7 +858,7 @@ pub fn run(args: &[String]) -> i32 {
             return 2;
         }
     };
-    if !cfg.divergence && !cfg.moe && !cfg.attention {
+    if !cfg.divergence && !cfg.moe && !cfg.attention && !cfg.fused {
         eprintln!("dk bench: error: nothing to run (--ops)");
         return 2;
     }
@@ -897,6 +920,19 @@ pub fn run(args: &[String]) -> i32 {
         check_rows,
         seed,
     };
+    let fused_shapes = if cuda {
+        CUDA_FUSED_SHAPES.to_vec()
+    } else {
+        CPU_FUSED_SHAPES.to_vec()
+    };
+    let fused_cfg = FusedConfig {
+        shapes: &fused_shapes,
+        dtypes: &cfg.dtypes,
+        iters: iters.min(10),
+        check_rows: cfg.check_rows.unwrap_or(4),
+        seed,
+        beta: cfg.beta,
+    };
     let device = runner.describe();
     let t_start = Instant::now();
 
@@ -932,6 +968,11 @@ pub fn run(args: &[String]) -> i32 {
         + if cfg.moe { moe::count(&moe_cfg) } else { 0 }
         + if cfg.attention {
             attention::count(&attn_cfg, cuda)
+        } else {
+            0
+        }
+        + if cfg.fused {
+            fused::count(&fused_cfg, cuda)
         } else {
             0
         };
@@ -978,12 +1019,20 @@ pub fn run(args: &[String]) -> i32 {
         let _ = std::io::stdout().flush();
         attn_rows = attention::run(&runner, &attn_cfg, &mut progress, &mut done, total);
     }
+    let mut fused_rows: Vec<FusedRow> = Vec::new();
+    if cfg.fused {
+        outln!();
+        fused::print_header(&fused_cfg, cuda);
+        let _ = std::io::stdout().flush();
+        fused_rows = fused::run(&runner, &fused_cfg, &mut progress, &mut done, total);
+    }
     progress.clear();
 
     let failed = rows.iter().filter(|r| !r.ok).count()
         + moe_rows.iter().filter(|r| !r.ok).count()
-        + attn_rows.iter().filter(|r| !r.ok).count();
-    let results = rows.len() + moe_rows.len() + attn_rows.len();
+        + attn_rows.iter().filter(|r| !r.ok).count()
+        + fused_rows.iter().filter(|r| !r.ok).count();
+    let results = rows.len() + moe_rows.len() + attn_rows.len() + fused_rows.len();
     if let Some(path) = &cfg.json {
         let info = RunInfo {
             device: &device,
@@ -999,7 +1048,10 @@ pub fn run(args: &[String]) -> i32 {
             moe: cfg.moe.then_some(&moe_cfg),
             attention: cfg.attention.then_some(&attn_cfg),
         };
-        if let Err(e) = std::fs::write(path, to_json(&info, &rows, &moe_rows, &attn_rows)) {
+        if let Err(e) = std::fs::write(
+            path,
+            to_json(&info, &rows, &moe_rows, &attn_rows, &fused_rows),
+        ) {
             eprintln!("dk bench: error: cannot write {}: {e}", path.display());
             return 1;
         }
@@ -1027,6 +1079,9 @@ pub fn run(args: &[String]) -> i32 {
     }
     if cfg.attention {
         parts.push(format!("{} attention", attn_rows.len()));
+    }
+    if cfg.fused {
+        parts.push(format!("{} fused", fused_rows.len()));
     }
     let split = format!(" ({})", parts.join(", "));
     outln!();

@@ -1,0 +1,531 @@
+//! `dk bench --ops fused` (or `dk bench fused`): the fused linear divergence (JSD, β from
+//! `--beta`, batchmean) from hidden states and an lm_head, forward + backward (loss, per-token
+//! loss, grad of the hidden states, grad of the weight), on the runner's backend.
+//!
+//! Shapes: on CUDA the two of issue 4 (Phi-4-mini: N 4096, H 3072, V 200064; Llama 4 Scout:
+//! N 16384, H 5120, V 202048), in self-distillation form (the teacher's weight is the student's;
+//! its hidden states are `0.9 · student + noise`); on the CPU a small one (the CPU backend is the
+//! f64 reference: its time says nothing about the GPU).
+//!
+//! The floor, on CUDA, is the four matrix products the operation needs (student and teacher
+//! logits, grad of the hidden states, grad of the weight) run alone by cuBLAS with the
+//! operation's settings in the same run (`Context::fused_linear_reference_gemms`); each row
+//! reports its time over that floor (issue 4 asks ≤ 1.25×).
+//!
+//! Checks against an f64 computation written here (independent of the library): the per-token
+//! loss and the grad of the hidden states on `check_rows` sampled rows, the reduced loss against
+//! the per-token losses, and on the CPU shape every row and the grad of the weight too. Every
+//! output is poisoned before the checked run; a second run must give the same bits.
+
+use distill_kernels::divergence::{Kind, Params, Reduction};
+use distill_kernels::fused::{FusedLinear, FusedLinearParams, ReferenceGemms};
+use distill_kernels::{DType, Matrix, MatrixMut, VectorMut};
+
+use crate::backend::{measure, median, Buf, Runner};
+use crate::bench::{json_num, json_opt, json_str, sci, Progress};
+use crate::data::{
+    count_nonfinite, err_string, f32s, fill_normal, fill_rows, mix, sample_rows, widen,
+};
+
+/// The shapes `dk bench` runs the fused linear divergence on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FusedShape {
+    /// Phi-4-mini head: N 4096, H 3072, V 200064.
+    Phi4,
+    /// Llama 4 Scout head: N 16384, H 5120, V 202048.
+    Scout,
+    /// CPU: N 40, H 64, V 3001.
+    Small,
+}
+
+pub const CUDA_FUSED_SHAPES: [FusedShape; 2] = [FusedShape::Phi4, FusedShape::Scout];
+pub const CPU_FUSED_SHAPES: [FusedShape; 1] = [FusedShape::Small];
+
+impl FusedShape {
+    pub fn name(self) -> &'static str {
+        match self {
+            FusedShape::Phi4 => "phi4-mini",
+            FusedShape::Scout => "scout",
+            FusedShape::Small => "small",
+        }
+    }
+
+    /// (N, H, V).
+    fn dims(self) -> (usize, usize, usize) {
+        match self {
+            FusedShape::Phi4 => (4096, 3072, 200064),
+            FusedShape::Scout => (16384, 5120, 202048),
+            FusedShape::Small => (40, 64, 3001),
+        }
+    }
+}
+
+/// What `dk bench` asks of this section.
+pub struct FusedConfig<'a> {
+    pub shapes: &'a [FusedShape],
+    pub dtypes: &'a [DType],
+    pub iters: usize,
+    pub check_rows: usize,
+    pub seed: u64,
+    pub beta: f32,
+}
+
+/// One result row.
+pub struct FusedRow {
+    shape: FusedShape,
+    dtype: DType,
+    median_s: f64,
+    /// CUDA: the four GEMMs alone, median.
+    gemm_s: Option<f64>,
+    workspace: usize,
+    loss: Option<f64>,
+    checks: Vec<(&'static str, f64, f64)>,
+    same: Option<bool>,
+    problems: Vec<String>,
+    error: Option<String>,
+    pub ok: bool,
+}
+
+impl FusedRow {
+    fn finish(&mut self) {
+        self.ok = self.error.is_none()
+            && self.problems.is_empty()
+            && self.checks.iter().all(|c| c.1 <= c.2)
+            && self.same != Some(false);
+    }
+}
+
+/// The dtypes this backend runs: the CUDA path takes bf16 / f16 operands.
+fn dtypes_for(cfg: &FusedConfig<'_>, cuda: bool) -> Vec<DType> {
+    cfg.dtypes
+        .iter()
+        .copied()
+        .filter(|&d| !(cuda && d == DType::F32))
+        .collect()
+}
+
+pub fn count(cfg: &FusedConfig<'_>, cuda: bool) -> usize {
+    cfg.shapes.len() * dtypes_for(cfg, cuda).len()
+}
+
+pub fn print_header(cfg: &FusedConfig<'_>, cuda: bool) {
+    outln!(
+        "fused linear divergence: JSD beta {}, batchmean, forward + backward (loss, per-token, grad hidden, grad weight); median of {} timed run(s) after a checked one",
+        cfg.beta,
+        cfg.iters
+    );
+    for &s in cfg.shapes {
+        let (n, h, v) = s.dims();
+        outln!(
+            "  {:<10} N {n}, H {h}, V {v}, teacher weight = student weight",
+            s.name()
+        );
+    }
+    if cuda {
+        outln!(
+            "x GEMMs = time / the four cuBLAS GEMMs alone (student and teacher logits in f32, grad hidden, grad weight), measured in this run; issue 4 asks <= 1.25"
+        );
+    }
+    outln!(
+        "checks vs an f64 computation: per-token loss (rel, tol 1e-4) and grad hidden (||g - r|| / ||r||, tol 1e-2 bf16/f16, 1e-5 f32) on sampled rows; on the CPU shape all rows and grad weight"
+    );
+    outln!();
+    outln!("{}", header(cuda));
+}
+
+fn header(cuda: bool) -> String {
+    format!(
+        "shape       dtype  time ms  {}  workspace    loss      tok err   gh err    gw err    same  check",
+        if cuda { "GEMMs ms  x GEMMs" } else { "                 " }
+    )
+}
+
+fn format_row(r: &FusedRow, cuda: bool) -> String {
+    let get = |w: &str| r.checks.iter().find(|c| c.0 == w).map(|c| c.1);
+    let (time, gemm, ratio) = match (r.error.is_some(), r.gemm_s) {
+        (true, _) => ("-".into(), "-".into(), "-".into()),
+        (false, Some(g)) => (
+            format!("{:.3}", r.median_s * 1e3),
+            format!("{:.3}", g * 1e3),
+            format!("{:.2}x", r.median_s / g),
+        ),
+        (false, None) => (
+            format!("{:.3}", r.median_s * 1e3),
+            if cuda { "-".into() } else { String::new() },
+            String::new(),
+        ),
+    };
+    let status = match (&r.error, r.ok) {
+        (Some(e), _) => format!("ERROR {e}"),
+        (None, true) => "ok".into(),
+        (None, false) => format!("FAIL {}", r.problems.join("; ")),
+    };
+    format!(
+        "{:<11} {:<6} {time:>7}  {gemm:>8}  {ratio:>7}  {:>7.2} GiB  {:>8}  {:>8}  {:>8}  {:>8}  {:>4}  {status}",
+        r.shape.name(),
+        r.dtype.name(),
+        r.workspace as f64 / (1u64 << 30) as f64,
+        r.loss.map_or("-".into(), |l| format!("{l:.5}")),
+        sci(get("per-token")),
+        sci(get("grad hidden")),
+        sci(get("grad weight")),
+        match r.same {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        }
+    )
+}
+
+/// Host inputs: hidden states of both sides and the shared weight, in the dtype.
+struct Host {
+    hs: Vec<u8>,
+    ht: Vec<u8>,
+    w: Vec<u8>,
+}
+
+/// One row's f64 reference: (JSD loss, dL/d(student logits) of the batchmean over `n` rows).
+fn ref_row(beta: f64, n: usize, s: &[f64], t: &[f64]) -> (f64, Vec<f64>) {
+    let lse = |x: &[f64]| {
+        let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        m + x.iter().map(|&y| (y - m).exp()).sum::<f64>().ln()
+    };
+    let (ls, lt) = (lse(s), lse(t));
+    let (mut kl_p, mut kl_q) = (0.0, 0.0);
+    let mut lqm = Vec::with_capacity(s.len());
+    for (&sv, &tv) in s.iter().zip(t) {
+        let (lq, lp) = (sv - ls, tv - lt);
+        let (q, p) = (lq.exp(), lp.exp());
+        let lm = (beta * p + (1.0 - beta) * q).ln();
+        kl_p += p * (lp - lm);
+        kl_q += q * (lq - lm);
+        lqm.push(lq - lm);
+    }
+    let loss = beta * kl_p + (1.0 - beta) * kl_q;
+    // dL/ds_j = (1 - β) q_j (log(q_j / m_j) - KL(q || m)), then / N for batchmean.
+    let g = s
+        .iter()
+        .zip(&lqm)
+        .map(|(&sv, &d)| (1.0 - beta) * (sv - ls).exp() * (d - kl_q) / n as f64)
+        .collect();
+    (loss, g)
+}
+
+/// Logits of row `r` of `hidden` against every weight row, f64.
+fn logits_row(dtype: DType, hidden: &[u8], w: &[u8], h: usize, r: usize) -> Vec<f64> {
+    let es = dtype.size();
+    let x = widen(dtype, &hidden[r * h * es..(r + 1) * h * es]);
+    w.chunks_exact(h * es)
+        .map(|row| widen(dtype, row).iter().zip(&x).map(|(a, b)| a * b).sum())
+        .collect()
+}
+
+fn rel(got: &[f64], want: &[f64]) -> f64 {
+    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
+    let den: f64 = want.iter().map(|b| b * b).sum();
+    if num.is_nan() {
+        f64::NAN
+    } else {
+        (num / den.max(1e-300)).sqrt()
+    }
+}
+
+/// Runs every configured shape × dtype, printing each row as it completes.
+pub fn run(
+    runner: &Runner,
+    cfg: &FusedConfig<'_>,
+    progress: &mut Progress,
+    done: &mut usize,
+    total: usize,
+) -> Vec<FusedRow> {
+    let cuda = runner.is_cuda();
+    let mut out = Vec::new();
+    for dtype in dtypes_for(cfg, cuda) {
+        for &shape in cfg.shapes {
+            *done += 1;
+            progress.show(&format!(
+                "[{done}/{total}] fused {} {} ...",
+                shape.name(),
+                dtype.name()
+            ));
+            let mut row = FusedRow {
+                shape,
+                dtype,
+                median_s: f64::NAN,
+                gemm_s: None,
+                workspace: 0,
+                loss: None,
+                checks: Vec::new(),
+                same: None,
+                problems: Vec::new(),
+                error: None,
+                ok: false,
+            };
+            if let Err(e) = run_row(runner, cfg, &mut row, progress) {
+                row.error = Some(e);
+            }
+            row.finish();
+            progress.clear();
+            outln!("{}", format_row(&row, cuda));
+            out.push(row);
+        }
+    }
+    out
+}
+
+fn run_row(
+    runner: &Runner,
+    cfg: &FusedConfig<'_>,
+    row: &mut FusedRow,
+    progress: &mut Progress,
+) -> Result<(), String> {
+    let (n, h, v) = row.shape.dims();
+    let dtype = row.dtype;
+    let es = dtype.size();
+    let cuda = runner.is_cuda();
+    let seed = mix(&[cfg.seed, 0xF05E, row.shape as u64, dtype as u64]);
+    if let Some(free) = runner.free_memory() {
+        // Inputs, gradients, the op's chunk logits (≤ ~2 GiB), the GEMM floor's f32 logits and
+        // bf16 gradient, and the 256 MiB the timing uses to evict L2.
+        let need =
+            (2 * n * h + 2 * v * h + n * h) * es + 2 * v * h * es + n * v * (4 + es) + (3 << 30);
+        if need > free {
+            return Err(format!(
+                "needs about {:.1} GiB of device memory, {:.1} GiB are free",
+                need as f64 / (1u64 << 30) as f64,
+                free as f64 / (1u64 << 30) as f64
+            ));
+        }
+    }
+    // Hidden states: student ~ N(0, 3²) per feature, teacher = 0.9 · student + noise (as the
+    // divergence rows); weight ~ N(0, 1/H): logits of standard deviation ≈ 3.
+    let mut host = Host {
+        hs: vec![0u8; n * h * es],
+        ht: vec![0u8; n * h * es],
+        w: vec![0u8; v * h * es],
+    };
+    fill_rows(seed, dtype, h, 0, &mut host.hs, &mut host.ht);
+    fill_normal(seed ^ 0x57, dtype, h, 1.0 / (h as f64).sqrt(), &mut host.w);
+    let up = |data: &[u8]| -> Result<Buf, String> {
+        let mut b = runner.alloc(data.len())?;
+        runner.upload(&mut b, data)?;
+        Ok(b)
+    };
+    let (mut hs, mut ht, mut w) = (up(&host.hs)?, up(&host.ht)?, up(&host.w)?);
+    let mut per_token = runner.alloc(4 * n)?;
+    let mut loss = runner.alloc(4)?;
+    let mut gh = runner.alloc(n * h * es)?;
+    let mut gw = runner.alloc(v * h * es)?;
+    let (hs_p, ht_p, w_p) = (
+        runner.addr(&mut hs),
+        runner.addr(&mut ht),
+        runner.addr(&mut w),
+    );
+    let (pt_p, loss_p) = (runner.addr(&mut per_token), runner.addr(&mut loss));
+    let (gh_p, gw_p) = (runner.addr(&mut gh), runner.addr(&mut gw));
+    let loc = runner.location();
+    let params = FusedLinearParams {
+        divergence: Params {
+            kind: Kind::Jsd,
+            beta: cfg.beta,
+            reduction: Reduction::BatchMean,
+            ..Params::default()
+        },
+        ..FusedLinearParams::default()
+    };
+    // SAFETY: every pointer is a live buffer of the runner's backend of the size the view
+    // describes (allocated above); outputs are distinct from inputs and from each other.
+    let call = || unsafe {
+        FusedLinear {
+            student_hidden: Matrix::from_raw(hs_p, dtype, n, h, h, loc),
+            student_weight: Matrix::from_raw(w_p, dtype, v, h, h, loc),
+            teacher_hidden: Matrix::from_raw(ht_p, dtype, n, h, h, loc),
+            teacher_weight: Matrix::from_raw(w_p, dtype, v, h, h, loc),
+            labels: None,
+            per_token: Some(VectorMut::from_raw(pt_p.cast::<f32>(), n, loc)),
+            loss: Some(VectorMut::from_raw(loss_p.cast::<f32>(), 1, loc)),
+            grad_hidden: Some(MatrixMut::from_raw(gh_p, dtype, n, h, h, loc)),
+            grad_weight: Some(MatrixMut::from_raw(gw_p, dtype, v, h, h, loc)),
+        }
+    };
+    let ctx = runner.context();
+    row.workspace = ctx
+        .fused_linear_workspace_size(&call(), &params)
+        .map_err(err_string)?;
+    let mut ws = runner.alloc(row.workspace.max(1))?;
+    let ws_p = runner.addr(&mut ws);
+    let ws_len = row.workspace;
+    let op = || -> Result<(), String> {
+        let launch = runner.launch((ws_len > 0).then_some((ws_p, ws_len)));
+        ctx.fused_linear_divergence(call(), &params, &launch)
+            .map_err(err_string)
+    };
+    let m = measure(
+        runner,
+        &[&op],
+        &mut [&mut per_token, &mut loss, &mut gh, &mut gw],
+        cfg.iters,
+    )?;
+    row.median_s = median(&m.part_times[0]);
+    row.same = Some(m.same);
+
+    if cuda {
+        // The floor: the four GEMMs alone, at full N, in this run.
+        progress.show(&format!(
+            "fused {} {}: the four GEMMs alone ...",
+            row.shape.name(),
+            dtype.name()
+        ));
+        let mut logits = runner.alloc(4 * n * v)?;
+        let mut g = runner.alloc(n * v * es)?;
+        runner.poison(&mut g)?; // any values: the products' speed does not depend on them
+        let (l_p, g_p) = (runner.addr(&mut logits), runner.addr(&mut g));
+        let gemms = || -> Result<(), String> {
+            // SAFETY: live device buffers of the described sizes (above).
+            let r = unsafe {
+                ReferenceGemms {
+                    hidden: Matrix::from_raw(hs_p, dtype, n, h, h, loc),
+                    weight: Matrix::from_raw(w_p, dtype, v, h, h, loc),
+                    logits: MatrixMut::from_raw(l_p, DType::F32, n, v, v, loc),
+                    grad_logits: Matrix::from_raw(g_p, dtype, n, v, v, loc),
+                    grad_hidden: MatrixMut::from_raw(gh_p, dtype, n, h, h, loc),
+                    grad_weight: MatrixMut::from_raw(gw_p, dtype, v, h, h, loc),
+                }
+            };
+            ctx.fused_linear_reference_gemms(&r, &runner.launch(None))
+                .map_err(err_string)
+        };
+        let t = runner.time_parts(cfg.iters, &[&gemms])?;
+        row.gemm_s = Some(median(&t.parts[0]));
+    }
+
+    // Checks.
+    let tok = f32s(&m.first[0]);
+    let l = f32s(&m.first[1])[0] as f64;
+    row.loss = Some(l);
+    for (what, bytes, dt) in [
+        ("grad hidden", &m.first[2], dtype),
+        ("grad weight", &m.first[3], dtype),
+    ] {
+        let bad = count_nonfinite(dt, bytes);
+        if bad > 0 {
+            row.problems
+                .push(format!("{bad} {what} elements not finite"));
+        }
+    }
+    if tok.iter().any(|x| !x.is_finite()) {
+        row.problems.push("per-token losses not finite".into());
+    }
+    let mean: f64 = tok.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+    if (mean - l).abs() > 1e-4 * mean.abs().max(1e-30) {
+        row.problems
+            .push(format!("loss {l} != mean of per-token {mean}"));
+    }
+    let all = !cuda;
+    let rows = if all {
+        (0..n).collect()
+    } else {
+        sample_rows(n, cfg.check_rows, seed ^ 0xC4)
+    };
+    progress.show(&format!(
+        "fused {} {}: f64 check of {} rows ...",
+        row.shape.name(),
+        dtype.name(),
+        rows.len()
+    ));
+    let beta = cfg.beta as f64;
+    let refs: Vec<(f64, Vec<f64>, Vec<f64>)> = crate::attention::par_map(&rows, |&r| {
+        let s = logits_row(dtype, &host.hs, &host.w, h, r);
+        let t = logits_row(dtype, &host.ht, &host.w, h, r);
+        let (loss, g) = ref_row(beta, n, &s, &t);
+        // grad hidden row = Σ_v g_v W[v, :]
+        let mut gh_row = vec![0.0; h];
+        for (gv, wrow) in g.iter().zip(host.w.chunks_exact(h * es)) {
+            for (acc, x) in gh_row.iter_mut().zip(widen(dtype, wrow)) {
+                *acc += gv * x;
+            }
+        }
+        (loss, gh_row, if all { g } else { Vec::new() })
+    });
+    let mut tok_err = 0.0f64;
+    let (mut got_gh, mut want_gh) = (Vec::new(), Vec::new());
+    let gh_host = &m.first[2];
+    for (&r, (rl, rg, _)) in rows.iter().zip(&refs) {
+        let e = (tok[r] as f64 - rl).abs() / rl.abs().max(1e-6);
+        tok_err = if e.is_nan() { f64::NAN } else { tok_err.max(e) };
+        got_gh.extend(widen(dtype, &gh_host[r * h * es..(r + 1) * h * es]));
+        want_gh.extend_from_slice(rg);
+    }
+    let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+    row.checks.push(("per-token", tok_err, 1e-4));
+    row.checks
+        .push(("grad hidden", rel(&got_gh, &want_gh), tol));
+    if all {
+        // grad weight = Gᵀ · hidden, G the [N, V] logit gradients of every row.
+        let mut want = vec![0.0; v * h];
+        for (r, (_, _, g)) in refs.iter().enumerate() {
+            let x = widen(dtype, &host.hs[r * h * es..(r + 1) * h * es]);
+            for (vi, gv) in g.iter().enumerate() {
+                for (acc, xv) in want[vi * h..(vi + 1) * h].iter_mut().zip(&x) {
+                    *acc += gv * xv;
+                }
+            }
+        }
+        row.checks
+            .push(("grad weight", rel(&widen(dtype, &m.first[3]), &want), tol));
+    }
+    Ok(())
+}
+
+pub fn to_json(rows: &[FusedRow]) -> String {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let (n, h, v) = r.shape.dims();
+            let checks: Vec<String> = r
+                .checks
+                .iter()
+                .map(|c| format!("{{\"what\": {}, \"err\": {}, \"tol\": {}}}", json_str(c.0), json_num(c.1), json_num(c.2)))
+                .collect();
+            let ok_time = r.error.is_none() && !r.median_s.is_nan();
+            format!(
+                "    {{\"shape\": {}, \"n\": {n}, \"h\": {h}, \"v\": {v}, \"dtype\": {}, \"kind\": \"jsd\", \"ms\": {}, \"gemms_ms\": {}, \"x_gemms\": {}, \"workspace_bytes\": {}, \"loss\": {}, \"checks\": [{}], \"same_bits\": {}, \"ok\": {}, \"error\": {}}}",
+                json_str(r.shape.name()),
+                json_str(r.dtype.name()),
+                json_opt(ok_time.then_some(r.median_s * 1e3)),
+                json_opt(r.gemm_s.map(|g| g * 1e3)),
+                json_opt(r.gemm_s.filter(|_| ok_time).map(|g| r.median_s / g)),
+                r.workspace,
+                json_opt(r.loss),
+                checks.join(", "),
+                r.same.map_or("null".into(), |s| s.to_string()),
+                r.ok,
+                r.error.as_deref().map_or("null".into(), json_str),
+            )
+        })
+        .collect();
+    if items.is_empty() {
+        "[]".into()
+    } else {
+        format!("[\n{}\n  ]", items.join(",\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_gradient_matches_finite_differences() {
+        let s = [0.3, -1.2, 2.0, 0.1, -0.5];
+        let t = [1.0, 0.2, -0.7, 0.4, 0.0];
+        let (_, g) = ref_row(0.3, 1, &s, &t);
+        for j in 0..s.len() {
+            let (mut a, mut b) = (s, s);
+            a[j] += 1e-6;
+            b[j] -= 1e-6;
+            let fd = (ref_row(0.3, 1, &a, &t).0 - ref_row(0.3, 1, &b, &t).0) / 2e-6;
+            assert!((fd - g[j]).abs() < 1e-7, "entry {j}: fd {fd} vs {}", g[j]);
+        }
+    }
+}
