@@ -22,6 +22,8 @@
 #   8. pytest python/tests against the bundled library (attention torch tests vs SDPA here)
 #   9. python/bench.py --ops attention: SDPA flash (FA2) and cuDNN vs this crate (--quick when
 #      short)
+#  9b. python/bench.py --ops fused: the fused linear JSD vs torch eager / compile / Liger and the
+#      four GEMMs (--quick when short)
 #  10. python/bench.py (torch eager, torch.compile, Liger, this crate; --quick when under 150 s
 #      are left)
 #  10b. optional, when time is left: Nsight Compute (ncu --clock-control none) speed-of-light
@@ -259,7 +261,7 @@ reserve=110 # the Python benchmarks
 run_step pytest 120 1 "$py" -m pytest python/tests -q -rs -p no:cacheprovider
 
 # ---- 9. Python benchmark of attention against SDPA's flash (FA2) and cuDNN backends -------------
-reserve=75 # the other Python benchmark
+reserve=130 # the fused and the other Python benchmark
 if [ -f python/bench.py ]; then
   aquick=()
   [ "$(left)" -lt 150 ] && aquick=(--quick)
@@ -267,6 +269,18 @@ if [ -f python/bench.py ]; then
     --json "$out/python-bench-attention.json"
 else
   skip_step python-bench-attention "python/bench.py missing"
+fi
+
+# ---- 9b. Python benchmark of the fused linear JSD (issue 4): torch eager, torch.compile, Liger's
+# chunked and fused-linear JSD, this crate, and the four GEMMs alone, from one run. No JSON (at
+# most 8 files come back): the table is printed below and kept in the log.
+reserve=75 # the other Python benchmark
+if [ -f python/bench.py ]; then
+  fquick=()
+  [ "$(left)" -lt 170 ] && fquick=(--quick)
+  run_step python-bench-fused 60 1 "$py" python/bench.py --ops fused "${fquick[@]}"
+else
+  skip_step python-bench-fused "python/bench.py missing"
 fi
 
 # ---- 10. Python benchmark against torch eager, torch.compile, Liger ------------------------------
@@ -396,6 +410,14 @@ if [ -s "$logs/python-bench-attention.out" ]; then
 else
   echo "(no output)"
   tail -n 10 "$logs/python-bench-attention.err" 2>/dev/null
+fi
+echo
+echo "================ python bench fused"
+if [ -s "$logs/python-bench-fused.out" ]; then
+  sed -n '/^Fused linear JSD/,$p' "$logs/python-bench-fused.out"
+else
+  echo "(no output)"
+  tail -n 10 "$logs/python-bench-fused.err" 2>/dev/null
 fi
 echo
 echo "================ python bench"
