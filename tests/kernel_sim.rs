@@ -336,6 +336,41 @@ fn kernel_math_masked_entries_nan_rows_and_fully_masked_rows() {
 }
 
 #[test]
+fn kernel_math_mass_below_f32_range_against_a_masked_entry_is_infinite() {
+    // Forward KL: the teacher has mass e^-95 (relative to its maximum; 0 in f32, not in f64)
+    // on an entry the student masks: KL(p || q) = +inf, as the f64 reference says. Reverse KL
+    // the other way round. Also after a later, larger maximum (the rescale of +inf).
+    let Some(exe) = simulator() else { return };
+    let mut rng = Rng::fresh("kernel_sim_underflow_mass");
+    let mut cases = Vec::new();
+    for (kind, at) in [
+        (Kind::ForwardKl, 5usize),
+        (Kind::ReverseKl, 5),
+        (Kind::ForwardKl, 900),
+        (Kind::ReverseKl, 900),
+    ] {
+        let mut c = random_case(&mut rng, kind, 0.5, 1.0, 1000, true);
+        let (w, o) = if kind == Kind::ForwardKl {
+            (&mut c.t, &mut c.s)
+        } else {
+            (&mut c.s, &mut c.t)
+        };
+        let max = w.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        w[at] = max - 95.0;
+        o[at] = f32::NEG_INFINITY;
+        cases.push(c);
+    }
+    let cases: Vec<SimCase> = cases
+        .iter()
+        .flat_map(|c| [c.clone(), cluster_variant(c, 4)])
+        .collect();
+    for (c, o) in cases.iter().zip(run_sim(&exe, &cases)) {
+        assert_eq!(reference_row(c).0, f64::INFINITY, "the f64 reference");
+        assert_eq!(o.loss, f32::INFINITY, "{:?}: loss {}", c.kind, o.loss);
+    }
+}
+
+#[test]
 fn kernel_math_identical_rows_give_zero() {
     let Some(exe) = simulator() else { return };
     let mut rng = Rng::fresh("kernel_sim_identical");

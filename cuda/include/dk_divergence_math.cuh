@@ -36,7 +36,9 @@ struct RowStats {
       // Every d shifts by -(mw2 - mw) + (mo2 - mo). An unseen other side (mo = -inf) means all
       // accumulated d were +inf already, and they stay +inf.
       const float shift = (mw2 - mw) - (mo2 == mo ? 0.f : mo2 - mo);
-      acc = mw == -INFINITY ? 0.f : (acc - sw * shift) * rescale(mw, mw2);
+      // +inf (mass against a masked entry) stays +inf, also when the rescale underflows to 0.
+      acc = mw == -INFINITY ? 0.f
+                            : (acc == INFINITY ? acc : (acc - sw * shift) * rescale(mw, mw2));
     }
     st *= rescale(mt, mt2);
     ss *= rescale(ms, ms2);
@@ -63,9 +65,16 @@ DK_UNROLL
       ss += es;
       if (kAcc) {
         const float ew = kTeacherWeights ? et : es, dw = kTeacherWeights ? A : B;
+        const float xw = kTeacherWeights ? a[k] : b[k];
         const float xo = kTeacherWeights ? b[k] : a[k], dox = kTeacherWeights ? B : A;
-        // Mass where the other side is masked makes the KL +inf, as it should.
-        if (ew != 0.f) acc += ew * (dw - (xo == -INFINITY ? -INFINITY : dox));
+        if (xo == -INFINITY) {
+          // Mass where the other side is masked makes the KL +inf, as it should: any finite
+          // logit has mass, even one whose e^(x - max) is below f32's range (fast_exp flushes
+          // it to 0), as in the f64 reference.
+          if (xw != -INFINITY) acc = INFINITY;
+        } else if (ew != 0.f) {
+          acc += ew * (dw - dox);
+        }
       }
     }
   }
