@@ -67,14 +67,10 @@ DK_UNROLL
         const float ew = kTeacherWeights ? et : es, dw = kTeacherWeights ? A : B;
         const float xw = kTeacherWeights ? a[k] : b[k];
         const float xo = kTeacherWeights ? b[k] : a[k], dox = kTeacherWeights ? B : A;
-        if (xo == -INFINITY) {
-          // Mass where the other side is masked makes the KL +inf, as it should: any finite
-          // logit has mass, even one whose e^(x - max) is below f32's range (fast_exp flushes
-          // it to 0), as in the f64 reference.
-          if (xw != -INFINITY) acc = INFINITY;
-        } else if (ew != 0.f) {
-          acc += ew * (dw - dox);
-        }
+        // Mass where the other side is masked makes the KL +inf, as it should: any finite
+        // logit has mass, even one whose e^(x - max) is below f32's range (fast_exp flushes it
+        // to 0), as in the f64 reference. A masked weighting entry adds nothing.
+        acc += xw == -INFINITY ? 0.f : (xo == -INFINITY ? INFINITY : ew * (dw - dox));
       }
     }
   }

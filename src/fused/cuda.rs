@@ -381,7 +381,6 @@ struct FusedKernels<'d> {
     grad: &'d CudaFunction,
 }
 
-/// Queues the fused linear divergence on the caller's stream.
 /// The four products of [`crate::fused::ReferenceGemms`] on the caller's stream, host scalars
 /// α = 1, β = 0, the operation's `GemmEx` settings (see `fused_linear`, steps 1 and 5).
 pub(crate) fn reference_gemms(
@@ -416,6 +415,7 @@ pub(crate) fn reference_gemms(
         ld("grad_hidden stride", g.grad_hidden.row_stride)?,
         ld("grad_weight stride", g.grad_weight.row_stride)?,
     );
+    dev.check_workspace(launch, CUBLAS_WORKSPACE + ALIGN, "cuBLAS's workspace")?;
     cublas_loadable()?;
     let guard = dev.blas.acquire(&dev.ctx)?;
     let Some(handle) = guard.as_ref().map(|b| b.handle) else {
@@ -503,10 +503,18 @@ pub(crate) fn reference_gemms(
         grad_hidden.run(handle, alpha, beta, "grad_hidden")?;
         grad_weight.run(handle, alpha, beta, "grad_weight")?;
     }
+    // As at the end of fused_linear: the handle keeps neither the caller's stream nor a
+    // workspace freed after this call.
+    // SAFETY: a live handle; the null stream is the legacy default stream.
+    blas_check("cublasSetStream", unsafe {
+        bsys::cublasSetStream_v2(handle, std::ptr::null_mut())
+    })?;
+    drop(guard);
     drop(owned); // stream-ordered
     Ok(())
 }
 
+/// Queues the fused linear divergence on the caller's stream.
 pub(crate) fn fused_linear(
     dev: &CudaDevice,
     raw: &RawFusedLinear,
