@@ -61,9 +61,12 @@ pub fn fallback_reason() -> Option<String> {
     FALLBACK.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
-/// Whether the cluster kernels may be used on a device of this compute capability.
+/// Whether the cluster kernels may be used on a device of this compute capability: the sm_90
+/// family only, the one the fatbin has a cubin for. On a newer card the driver would JIT the
+/// compute_80 PTX, where these kernels are empty (clusters need sm_90), so they would write
+/// nothing; the one-block kernel serves those cards.
 pub(crate) fn available(compute_capability: (i32, i32)) -> bool {
-    compute_capability.0 >= 9 && !disabled_by_env()
+    compute_capability.0 == 9 && !disabled_by_env()
 }
 
 /// Elements of the row each cluster block holds (`cluster_slice` in dk_divergence_math.cuh).
@@ -119,15 +122,25 @@ pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Resu
     Ok(())
 }
 
+/// What [`launch`] did.
+pub(crate) enum Launched {
+    /// The kernel is queued.
+    Queued,
+    /// The driver refused the cluster shape (out of cluster resources, an unsupported cluster
+    /// size or launch value); nothing was queued. The reason, for [`note_refused_launch`].
+    Refused(Error),
+}
+
 /// Queues `f` (configured by [`configure`]) over `args.n` rows with clusters of `c` blocks and `smem` bytes of dynamic shared
-/// memory per block.
+/// memory per block. A refusal of the cluster shape is `Ok(Launched::Refused)`; any other
+/// error (a sticky one from earlier work, say) is an error.
 pub(crate) fn launch(
     f: &CudaFunction,
     stream: &Arc<CudaStream>,
     args: &DivergenceArgs,
     c: usize,
     smem: usize,
-) -> Result<()> {
+) -> Result<Launched> {
     debug_assert!(smem <= MAX_SLICE_BYTES);
     let blocks = u32::try_from(args.n as usize * c).map_err(|_| {
         Error::new(
@@ -160,17 +173,25 @@ pub(crate) fn launch(
     stream.context().bind_to_thread()?;
     // SAFETY: the kernel takes one DkDivergenceArgs by value (params[0] points at it, alive for
     // the call); the grid is a whole number of clusters; the caller checked the pointers, shapes
-    // and alignment (rows_aligned) and that the device is sm_90+.
-    unsafe {
+    // and alignment (rows_aligned) and that the device is sm_90 (Hopper).
+    let r = unsafe {
         sys::cuLaunchKernelEx(
             &config,
             f.cu_function(),
             params.as_mut_ptr(),
             std::ptr::null_mut(),
         )
-        .result()?;
+    };
+    use sys::CUresult as R;
+    match r {
+        R::CUDA_SUCCESS => Ok(Launched::Queued),
+        // The cluster shape itself: a card that cannot place it (launch-time, not sticky).
+        R::CUDA_ERROR_INVALID_CLUSTER_SIZE
+        | R::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES
+        | R::CUDA_ERROR_INVALID_VALUE
+        | R::CUDA_ERROR_NOT_SUPPORTED => Ok(Launched::Refused(r.result().unwrap_err().into())),
+        _ => Err(r.result().unwrap_err().into()),
     }
-    Ok(())
 }
 
 #[cfg(test)]
