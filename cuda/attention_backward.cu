@@ -78,7 +78,8 @@ template <int D> struct DkdvTile {
   static constexpr int kBr = D == 64 ? 64 : 32;  // query rows per loop step
   static constexpr int kSmemBytes = (2 * kBc * D + 4 * kBr * D) * 2 + 4 * kBr * 4;
   // Atomic-dQ mode: plus the dS^T tile, [kBc][kDsW] with rows 64 elements wide (8 chunks, so the
-  // [rows][64] swizzle applies; at kBr = 32 the upper half of each row is unused).
+  // [rows][64] swizzle applies; at kBr = 32 only 4 of each row's 8 chunks hold data, spread over
+  // the row by the swizzle).
   static constexpr int kDsW = 64;
   static_assert(kBr <= kDsW, "dS^T tile row too narrow");
   static constexpr int kSmemBytesAtomicDq = kSmemBytes + kBc * kDsW * 2;

@@ -244,7 +244,7 @@ if [ -x target/release/deps/divergence_reference ]; then
   run_step test-divergence_reference-v1 90 1 env DK_DIVERGENCE_CLUSTER=0 \
     target/release/deps/divergence_reference
 fi
-reserve=0
+reserve=140 # as pytest: the Python benchmarks come after
 
 # ---- 7. Liger-Kernel from the carried wheel ---------------------------------------------------------
 site=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-site.XXXXXX")
@@ -257,11 +257,13 @@ fi
 export PYTHONPATH="$root/python:$site${PYTHONPATH:+:$PYTHONPATH}"
 
 # ---- 8. Python tests (torch tests on CUDA) --------------------------------------------------------
-reserve=110 # the Python benchmarks
+# Kept back for the Python benchmarks: each later step's reserve plus ~40 s for the next one
+# (9: 100 + 40; 9b: 60; 10: at least ~60 s, --quick when short).
+reserve=140 # the Python benchmarks
 run_step pytest 120 1 "$py" -m pytest python/tests -q -rs -p no:cacheprovider
 
 # ---- 9. Python benchmark of attention against SDPA's flash (FA2) and cuDNN backends -------------
-reserve=130 # the fused and the other Python benchmark
+reserve=100 # the fused and the other Python benchmark
 if [ -f python/bench.py ]; then
   aquick=()
   [ "$(left)" -lt 150 ] && aquick=(--quick)
@@ -274,7 +276,7 @@ fi
 # ---- 9b. Python benchmark of the fused linear JSD (issue 4): torch eager, torch.compile, Liger's
 # chunked and fused-linear JSD, this crate, and the four GEMMs alone, from one run. No JSON (at
 # most 8 files come back): the table is printed below and kept in the log.
-reserve=75 # the other Python benchmark
+reserve=60 # the other Python benchmark
 if [ -f python/bench.py ]; then
   fquick=()
   [ "$(left)" -lt 170 ] && fquick=(--quick)
@@ -301,7 +303,9 @@ ncu_bin=$(command -v ncu || true)
 ncu_run() { # NAME CAP KERNEL_REGEX LAUNCHES DK_BENCH_ARGS...
   local name=$1 cap=$2 re=$3 count=$4
   shift 4
-  if [ -z "$ncu_bin" ]; then
+  if ! want "$name"; then
+    run_step "$name" 0 0 true # listed as not selected
+  elif [ -z "$ncu_bin" ]; then
     skip_step "$name" "ncu not found"
   elif want "$name" && [ "$(left)" -lt 25 ]; then
     skip_step "$name" "out of time"

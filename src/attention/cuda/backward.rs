@@ -321,7 +321,14 @@ pub(crate) fn backward(
     dev.check_workspace(
         launch_cfg,
         need,
-        &format!("Delta of Hq·Tq = {}·{}", raw.heads_q, sh.total_q),
+        &if raw.deterministic {
+            format!("Delta of Hq·Tq = {}·{}", raw.heads_q, sh.total_q)
+        } else {
+            format!(
+                "Delta and the f32 dQ accumulator of Hq·Tq = {}·{} rows of D = {d}",
+                raw.heads_q, sh.total_q
+            )
+        },
     )?;
 
     // The dQ accumulator is read and zeroed 16 bytes at a time.
