@@ -280,6 +280,8 @@ struct Raw8 {
 
 template <typename T>
 __device__ __forceinline__ void permute(const DkMoeRowsArgs& a) {
+  // After perm_invert (a.src2 set): only when perm turned out not to be a permutation.
+  if (a.src2 != 0 && reinterpret_cast<const int*>(a.src2)[a.limit] == 0) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t hv = a.h / kVec;
   const int64_t nseg = (hv + kSegChunks - 1) / kSegChunks;
@@ -332,6 +334,120 @@ __device__ __forceinline__ void permute(const DkMoeRowsArgs& a) {
           for (int i = 0; i < kVec; ++i) v[u][i] *= wt;
           store8(dst + c * kVec, v[u]);
         }
+      }
+    }
+  }
+}
+
+// ---- Token-major permute (k > 1): each token row read once -----------------------------------
+
+// dst = src over the lane's chunks c0 + 32 u of a row (raw 16-byte copies). Not inlined: inlined
+// into permute_tokens (slot loop, row from a shuffle) the 16-byte stores came out as 4-byte ones.
+template <typename T>
+__device__ __noinline__ void copy_segment(const T* src, T* dst, int64_t c0, int64_t hv) {
+  Raw8<T> v[kSegVecs];
+#pragma unroll
+  for (int u = 0; u < kSegVecs; ++u) {
+    const int64_t c = c0 + 32 * u;
+    if (c < hv) v[u].load(src + c * kVec);
+  }
+#pragma unroll
+  for (int u = 0; u < kSegVecs; ++u) {
+    const int64_t c = c0 + 32 * u;
+    if (c < hv) v[u].store(dst + c * kVec);
+  }
+}
+
+// dst = w · src over the lane's chunks c0 + 32 u of a row.
+template <typename T>
+__device__ __noinline__ void scale_segment(const T* src, T* dst, float w, int64_t c0, int64_t hv) {
+  float v[kSegVecs][kVec];
+#pragma unroll
+  for (int u = 0; u < kSegVecs; ++u) {
+    const int64_t c = c0 + 32 * u;
+    if (c < hv) load8(src + c * kVec, v[u]);
+  }
+#pragma unroll
+  for (int u = 0; u < kSegVecs; ++u) {
+    const int64_t c = c0 + 32 * u;
+    if (c < hv) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) v[u][i] *= w;
+      store8(dst + c * kVec, v[u]);
+    }
+  }
+}
+// The gather above reads x[n] once per slot, k times in all and far apart in time (rows are in
+// expert order), so from DRAM at the ANCHORS shapes. When perm is a permutation of the kept
+// slots (what the route makes), its inverse gives each token's destination rows and one read of
+// x[n] serves all of them. The contract stays the gather's for any perm: perm_invert sets a flag
+// when a slot is claimed twice, and then permute_tokens does nothing and the gather runs.
+//
+// a.src2: int workspace, pos[a.limit] preset to -1 (slot -> row), then the flag (preset 0).
+
+// One warp per row: a kept row claims its slot in pos; a padding row (perm -1 or out of range)
+// is zeroed here.
+template <typename T>
+__device__ __forceinline__ void perm_invert(const DkMoeRowsArgs& a) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t hv = a.h / kVec;
+  const int* perm = reinterpret_cast<const int*>(a.index);
+  int* pos = reinterpret_cast<int*>(a.src2);
+  int* flag = pos + a.limit;
+  T* out = reinterpret_cast<T*>(a.dst);
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsWarps + warp; r < a.items;
+       r += static_cast<int64_t>(gridDim.x) * kRowsWarps) {
+    const int p = perm[r];
+    if (p >= 0 && p < a.limit) {
+      if (lane == 0 && atomicCAS(pos + p, -1, static_cast<int>(r)) != -1) atomicExch(flag, 1);
+    } else {
+      const float z[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      T* dst = out + r * a.dst_stride;
+      for (int64_t c = lane; c < hv; c += 32) store8(dst + c * kVec, z);
+    }
+  }
+}
+
+// One warp per (token, segment): the segment of x[n] loaded once, stored to each of the token's
+// rows (times the slot's weight when scaling). Every kept row is written by exactly one warp.
+template <typename T>
+__device__ __forceinline__ void permute_tokens(const DkMoeRowsArgs& a) {
+  const int* pos = reinterpret_cast<const int*>(a.src2);
+  if (pos[a.limit] != 0) return;  // not a permutation: the gather does the work
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int k = a.k;
+  const int64_t hv = a.h / kVec;
+  const int64_t nseg = (hv + kSegChunks - 1) / kSegChunks;
+  const int64_t tokens = a.limit / k;
+  const int64_t items = tokens * nseg;
+  const T* x = reinterpret_cast<const T*>(a.src);
+  const float* wts = reinterpret_cast<const float*>(a.weights);
+  T* out = reinterpret_cast<T*>(a.dst);
+  for (int64_t it = static_cast<int64_t>(blockIdx.x) * kRowsWarps + warp; it < items;
+       it += static_cast<int64_t>(gridDim.x) * kRowsWarps) {
+    const int64_t n = it / nseg;
+    const int64_t c0 = (it - n * nseg) * kSegChunks + lane;
+    // Lane j holds slot j's row (-1: dropped) and weight.
+    int my_r = -1;
+    float my_w = 1.f;
+    if (lane < k) {
+      my_r = pos[n * k + lane];
+      if (wts != nullptr) my_w = wts[n * k + lane];
+    }
+    const T* src = x + n * a.src_stride;
+    // The segment is re-loaded for every slot: the first load reads DRAM, the others hit L1
+    // (same warp, just before); held in registers across the slot loop instead, the 16-byte
+    // stores came out split into 4-byte ones.
+    if (wts == nullptr) {
+      for (int j = 0; j < k; ++j) {
+        const int r = __shfl_sync(kFull, my_r, j);
+        if (r >= 0) copy_segment(src, out + static_cast<int64_t>(r) * a.dst_stride, c0, hv);
+      }
+    } else {
+      for (int j = 0; j < k; ++j) {
+        const int r = __shfl_sync(kFull, my_r, j);
+        const float w = __shfl_sync(kFull, my_w, j);
+        if (r >= 0) scale_segment(src, out + static_cast<int64_t>(r) * a.dst_stride, w, c0, hv);
       }
     }
   }
@@ -493,5 +609,7 @@ extern "C" __global__ void __launch_bounds__(dk::moe::kAssignThreads)
   DK_MOE_ROWS(op, f16, __half)
 
 DK_MOE_ROWS_ALL(permute)
+DK_MOE_ROWS_ALL(perm_invert)
+DK_MOE_ROWS_ALL(permute_tokens)
 DK_MOE_ROWS_ALL(combine)
 DK_MOE_ROWS_ALL(slot_dot)

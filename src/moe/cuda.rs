@@ -4,10 +4,13 @@
 //!
 //! Route is three kernels on the caller's stream: top-k with per-chunk expert counts, a
 //! per-expert scan of those counts, and the assignment of rows (positions, perm, offsets).
-//! Permute, combine and slot-dot are one kernel each, a warp per (row, segment of the row) with
-//! 16-byte loads and stores, so they require 16-byte aligned rows.
+//! Permute, combine and slot-dot are a warp per (row, segment of the row) with 16-byte loads and
+//! stores, so they require 16-byte aligned rows. Permute with k > 1 first inverts `perm` and then
+//! reads each token row once for all of its slots (`cuda/MOE.md`, "Token-major permute").
 
-use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use std::sync::Arc;
 
 use super::{
@@ -141,6 +144,12 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_moe_permute_f32",
     "dk_moe_permute_bf16",
     "dk_moe_permute_f16",
+    "dk_moe_perm_invert_f32",
+    "dk_moe_perm_invert_bf16",
+    "dk_moe_perm_invert_f16",
+    "dk_moe_permute_tokens_f32",
+    "dk_moe_permute_tokens_bf16",
+    "dk_moe_permute_tokens_f16",
     "dk_moe_combine_f32",
     "dk_moe_combine_bf16",
     "dk_moe_combine_f16",
@@ -377,7 +386,7 @@ pub(crate) fn permute(dev: &CudaDevice, raw: &RawPermute, launch: &Launch<'_>) -
         ],
     )?;
     let slots = check_i32("N·k", raw.n.saturating_mul(raw.k))?;
-    let args = MoeRowsArgs {
+    let mut args = MoeRowsArgs {
         src: raw.x as u64,
         src2: 0,
         index: raw.perm as u64,
@@ -391,8 +400,58 @@ pub(crate) fn permute(dev: &CudaDevice, raw: &RawPermute, launch: &Launch<'_>) -
         k: check_i32("k", raw.k)?,
         limit: slots,
     };
-    let name = format!("dk_moe_permute_{}", raw.dtype.name());
-    launch_rows(dev, launch, &name, &args, raw.rows * segments(raw.h))
+    let t = raw.dtype.name();
+    let gather = format!("dk_moe_permute_{t}");
+    if raw.k == 1 || slots == 0 || gather_forced() {
+        // One slot per token: the gather reads every token row once already.
+        return launch_rows(dev, launch, &gather, &args, raw.rows * segments(raw.h));
+    }
+    // k > 1: token-major (cuda/moe.cu, "Token-major permute"): the inverse of perm in scratch
+    // memory (slots ints, preset -1, then a flag, preset 0), one read of each token row; the
+    // gather runs only if perm turns out not to be a permutation (the flag).
+    // Looked up before anything is queued (launch_rows looks them up again).
+    dev.function(&format!("dk_moe_perm_invert_{t}"))?;
+    dev.function(&format!("dk_moe_permute_tokens_{t}"))?;
+    dev.function(&gather)?;
+    // SAFETY: see `route`.
+    let stream = unsafe { dev.borrow_stream(launch.stream) };
+    let bytes = 4 * (slots as usize + 1);
+    // SAFETY: scratch memory, preset below before any kernel reads it.
+    let scratch = unsafe { stream.alloc::<u8>(bytes) }?;
+    let ptr = {
+        let (ptr, _sync) = scratch.device_ptr(&stream);
+        ptr
+    };
+    // SAFETY: `ptr` is `bytes` bytes of device memory allocated on this stream.
+    unsafe {
+        cudarc::driver::result::memset_d8_async(ptr, 0xff, 4 * slots as usize, stream.cu_stream())?;
+        cudarc::driver::result::memset_d8_async(ptr + 4 * slots as u64, 0, 4, stream.cu_stream())?;
+    }
+    args.src2 = ptr;
+    launch_rows(
+        dev,
+        launch,
+        &format!("dk_moe_perm_invert_{t}"),
+        &args,
+        raw.rows,
+    )?;
+    launch_rows(
+        dev,
+        launch,
+        &format!("dk_moe_permute_tokens_{t}"),
+        &args,
+        raw.n * segments(raw.h),
+    )?;
+    launch_rows(dev, launch, &gather, &args, raw.rows * segments(raw.h))?;
+    drop(scratch); // stream-ordered free after the kernels
+    Ok(())
+}
+
+/// `DK_MOE_PERMUTE=gather` in the environment keeps the row-major gather for every k (A/B
+/// measurements, or a way around the token-major path).
+fn gather_forced() -> bool {
+    static GATHER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GATHER.get_or_init(|| std::env::var("DK_MOE_PERMUTE").is_ok_and(|v| v == "gather"))
 }
 
 /// Queues the combine (each token's weighted sum of its rows) on the caller's stream.
