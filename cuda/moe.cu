@@ -278,71 +278,9 @@ struct Raw8 {
   }
 };
 
-template <typename T>
-__device__ __forceinline__ void permute(const DkMoeRowsArgs& a) {
-  // After perm_invert (a.src2 set): only when perm turned out not to be a permutation.
-  if (a.src2 != 0 && reinterpret_cast<const int*>(a.src2)[a.limit] == 0) return;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t hv = a.h / kVec;
-  const int64_t nseg = (hv + kSegChunks - 1) / kSegChunks;
-  const int64_t items = a.items * nseg;
-  const T* x = reinterpret_cast<const T*>(a.src);
-  const int* perm = reinterpret_cast<const int*>(a.index);
-  const float* wts = reinterpret_cast<const float*>(a.weights);
-  T* out = reinterpret_cast<T*>(a.dst);
-  for (int64_t it = static_cast<int64_t>(blockIdx.x) * kRowsWarps + warp; it < items;
-       it += static_cast<int64_t>(gridDim.x) * kRowsWarps) {
-    const int64_t r = it / nseg;
-    const int64_t c0 = (it - r * nseg) * kSegChunks + lane;
-    const int p = perm[r];
-    T* dst = out + r * a.dst_stride;
-    if (p < 0 || p >= a.limit) {
-      const float z[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int u = 0; u < kSegVecs; ++u) {
-        const int64_t c = c0 + 32 * u;
-        if (c < hv) store8(dst + c * kVec, z);
-      }
-      continue;
-    }
-    const T* src = x + static_cast<int64_t>(p / a.k) * a.src_stride;
-    if (wts == nullptr) {
-      Raw8<T> v[kSegVecs];
-#pragma unroll
-      for (int u = 0; u < kSegVecs; ++u) {
-        const int64_t c = c0 + 32 * u;
-        if (c < hv) v[u].load(src + c * kVec);
-      }
-#pragma unroll
-      for (int u = 0; u < kSegVecs; ++u) {
-        const int64_t c = c0 + 32 * u;
-        if (c < hv) v[u].store(dst + c * kVec);
-      }
-    } else {
-      const float wt = wts[p];
-      float v[kSegVecs][kVec];
-#pragma unroll
-      for (int u = 0; u < kSegVecs; ++u) {
-        const int64_t c = c0 + 32 * u;
-        if (c < hv) load8(src + c * kVec, v[u]);
-      }
-#pragma unroll
-      for (int u = 0; u < kSegVecs; ++u) {
-        const int64_t c = c0 + 32 * u;
-        if (c < hv) {
-#pragma unroll
-          for (int i = 0; i < kVec; ++i) v[u][i] *= wt;
-          store8(dst + c * kVec, v[u]);
-        }
-      }
-    }
-  }
-}
-
-// ---- Token-major permute (k > 1): each token row read once -----------------------------------
-
-// dst = src over the lane's chunks c0 + 32 u of a row (raw 16-byte copies). Not inlined: inlined
-// into permute_tokens (slot loop, row from a shuffle) the 16-byte stores came out as 4-byte ones.
+// dst = src over the lane's chunks c0 + 32 u of a row (raw 16-byte copies): the row movers'
+// copy. Not inlined: inlined into permute_tokens (slot loop, row from a shuffle) the 16-byte
+// stores came out as 4-byte ones.
 template <typename T>
 __device__ __noinline__ void copy_segment(const T* src, T* dst, int64_t c0, int64_t hv) {
   Raw8<T> v[kSegVecs];
@@ -384,6 +322,44 @@ __device__ __noinline__ void scale_segment(const T* src, T* dst, float w, int64_
 // when a slot is claimed twice, and then permute_tokens does nothing and the gather runs.
 //
 // a.src2: int workspace, pos[a.limit] preset to -1 (slot -> row), then the flag (preset 0).
+
+template <typename T>
+__device__ __forceinline__ void permute(const DkMoeRowsArgs& a) {
+  // After perm_invert (a.src2 set): only when perm turned out not to be a permutation.
+  if (a.src2 != 0 && reinterpret_cast<const int*>(a.src2)[a.limit] == 0) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t hv = a.h / kVec;
+  const int64_t nseg = (hv + kSegChunks - 1) / kSegChunks;
+  const int64_t items = a.items * nseg;
+  const T* x = reinterpret_cast<const T*>(a.src);
+  const int* perm = reinterpret_cast<const int*>(a.index);
+  const float* wts = reinterpret_cast<const float*>(a.weights);
+  T* out = reinterpret_cast<T*>(a.dst);
+  for (int64_t it = static_cast<int64_t>(blockIdx.x) * kRowsWarps + warp; it < items;
+       it += static_cast<int64_t>(gridDim.x) * kRowsWarps) {
+    const int64_t r = it / nseg;
+    const int64_t c0 = (it - r * nseg) * kSegChunks + lane;
+    const int p = perm[r];
+    T* dst = out + r * a.dst_stride;
+    if (p < 0 || p >= a.limit) {
+      const float z[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int u = 0; u < kSegVecs; ++u) {
+        const int64_t c = c0 + 32 * u;
+        if (c < hv) store8(dst + c * kVec, z);
+      }
+      continue;
+    }
+    const T* src = x + static_cast<int64_t>(p / a.k) * a.src_stride;
+    if (wts == nullptr) {
+      copy_segment(src, dst, c0, hv);
+    } else {
+      scale_segment(src, dst, wts[p], c0, hv);
+    }
+  }
+}
+
+// ---- Token-major permute (k > 1): each token row read once -----------------------------------
 
 // One warp per row: a kept row claims its slot in pos; a padding row (perm -1 or out of range)
 // is zeroed here.

@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::cublas::result::{self as blas, CublasError};
 use cudarc::cublas::sys as bsys;
-use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
 use super::{FusedLinearParams, RawFusedLinear};
 use crate::device::{CudaDevice, Launch};
@@ -350,6 +350,30 @@ impl Gemm {
     }
 }
 
+/// Points the handle at the caller's stream and at `workspace` (CUBLAS_WORKSPACE bytes, 256-byte
+/// aligned). SetStream resets the workspace, so it comes first.
+///
+/// # Safety
+/// A live handle that this thread holds; `stream` a live stream of the handle's context;
+/// `workspace` device memory that outlives the work queued with the handle.
+unsafe fn bind_handle(
+    handle: bsys::cublasHandle_t,
+    stream: &CudaStream,
+    workspace: u64,
+) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        blas_check(
+            "cublasSetStream",
+            bsys::cublasSetStream_v2(handle, stream.cu_stream() as bsys::cudaStream_t),
+        )?;
+        blas_check(
+            "cublasSetWorkspace",
+            bsys::cublasSetWorkspace_v2(handle, workspace as *mut c_void, CUBLAS_WORKSPACE),
+        )
+    }
+}
+
 fn set_pointer_mode(handle: bsys::cublasHandle_t, device: bool) -> Result<()> {
     let mode = if device {
         bsys::cublasPointerMode_t::CUBLAS_POINTER_MODE_DEVICE
@@ -430,20 +454,7 @@ pub(crate) fn reference_gemms(
     dev.ctx.bind_to_thread()?;
     // SAFETY: a live handle (locked), the caller's stream, a 256-byte aligned workspace of
     // CUBLAS_WORKSPACE bytes freed in stream order after the products.
-    unsafe {
-        blas_check(
-            "cublasSetStream",
-            bsys::cublasSetStream_v2(handle, stream.cu_stream() as bsys::cudaStream_t),
-        )?;
-        blas_check(
-            "cublasSetWorkspace",
-            bsys::cublasSetWorkspace_v2(
-                handle,
-                ws.next_multiple_of(ALIGN as u64) as *mut c_void,
-                CUBLAS_WORKSPACE,
-            ),
-        )?;
-    }
+    unsafe { bind_handle(handle, &stream, ws.next_multiple_of(ALIGN as u64))? };
     set_pointer_mode(handle, false)?;
     let (one, zero) = (1.0f32, 0.0f32);
     let (alpha, beta) = ((&one as *const f32).cast(), (&zero as *const f32).cast());
@@ -615,22 +626,8 @@ pub(crate) fn fused_linear(
     dev.ctx.bind_to_thread()?;
     // SAFETY: a live handle (locked), the caller's stream of this context, and a 256-byte
     // aligned device buffer of CUBLAS_WORKSPACE bytes that lives until the queued work is done
-    // (the caller's, or ours, freed in stream order below). SetStream resets the workspace, so
-    // it comes first.
-    unsafe {
-        blas_check(
-            "cublasSetStream",
-            bsys::cublasSetStream_v2(handle, stream.cu_stream() as bsys::cudaStream_t),
-        )?;
-        blas_check(
-            "cublasSetWorkspace",
-            bsys::cublasSetWorkspace_v2(
-                handle,
-                (base + lay.cublas as u64) as *mut c_void,
-                CUBLAS_WORKSPACE,
-            ),
-        )?;
-    }
+    // (the caller's, or ours, freed in stream order below).
+    unsafe { bind_handle(handle, &stream, base + lay.cublas as u64)? };
 
     // The loss scale over all N rows, and the GEMM constants.
     if want_grad || !raw.loss.is_null() {
