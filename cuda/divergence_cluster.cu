@@ -1,4 +1,4 @@
-// Token-level divergence on Hopper (sm_90 (Hopper)): one thread-block cluster of C blocks per row, each
+// Token-level divergence on Hopper (sm_90): one thread-block cluster of C blocks per row, each
 // block holding its slice of the student and teacher rows in shared memory, so every logit is
 // read from DRAM exactly once and the gradient written once — the memory floor — whatever the
 // number of passes the math needs.
@@ -16,7 +16,7 @@
 // The per-chunk arithmetic is the one of the single-block kernel (dk_divergence_passes.cuh);
 // only the partition of the row and the merge order differ (replayed on the host by
 // tests/kernel_sim). Launched with a runtime cluster size (cuLaunchKernelEx) by
-// src/divergence/cuda.rs, only on sm_90 (Hopper) with 16-byte aligned rows; elsewhere the kernel body is
+// src/divergence/cuda.rs, only on Hopper (sm_90) with 16-byte aligned rows; elsewhere the kernel body is
 // empty and never launched.
 
 #include <cooperative_groups.h>

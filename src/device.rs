@@ -78,7 +78,7 @@ pub struct CudaDevice {
     _module: Arc<CudaModule>,
     name: String,
     compute_capability: (i32, i32),
-    /// The divergence cluster kernels are usable here (sm_90 (Hopper), not disabled, configured).
+    /// The divergence cluster kernels are usable here (Hopper sm_90, not disabled, configured).
     cluster_divergence: bool,
     /// The cuBLAS handle, created on first use by the fused linear divergence.
     pub(crate) blas: crate::fused::cuda::BlasSlot,
@@ -168,7 +168,7 @@ impl CudaDevice {
         self.compute_capability
     }
 
-    /// Whether the divergence rows may run on the Hopper cluster kernel (sm_90 (Hopper), not turned off
+    /// Whether the divergence rows may run on the Hopper cluster kernel (sm_90, not turned off
     /// by `DK_DIVERGENCE_CLUSTER=0`, its attributes accepted when the device opened).
     pub(crate) fn cluster_divergence(&self) -> bool {
         self.cluster_divergence

@@ -173,7 +173,7 @@ pub(crate) fn launch(
     stream.context().bind_to_thread()?;
     // SAFETY: the kernel takes one DkDivergenceArgs by value (params[0] points at it, alive for
     // the call); the grid is a whole number of clusters; the caller checked the pointers, shapes
-    // and alignment (rows_aligned) and that the device is sm_90 (Hopper).
+    // and alignment (rows_aligned) and that the device is Hopper (sm_90).
     let r = unsafe {
         sys::cuLaunchKernelEx(
             &config,

@@ -61,7 +61,7 @@ pub fn divergence_args_layout() -> Vec<(&'static str, usize)> {
 
 /// Every kernel of `cuda/divergence.cu` and `cuda/divergence_cluster.cu`, loaded when a CUDA
 /// context opens (the cluster kernels have empty bodies in the sm_80 cubin and are only launched
-/// on sm_90 (Hopper)).
+/// on Hopper, sm_90).
 pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_div_prepare",
     "dk_div_finish",
@@ -146,7 +146,7 @@ fn row_kernel_name(kind: Kind, student: DType, teacher: DType) -> String {
 pub(crate) struct RowKernels<'d> {
     prepare: &'d CudaFunction,
     rows: &'d CudaFunction,
-    /// The cluster variant of `rows` (sm_90 (Hopper) only).
+    /// The cluster variant of `rows` (Hopper, sm_90, only).
     cluster_rows: Option<&'d CudaFunction>,
     /// Bytes per element of the student and teacher logits.
     elem_bytes: (usize, usize),
@@ -212,7 +212,7 @@ impl<'d> RowKernels<'d> {
         Ok(())
     }
 
-    /// Queues the row kernel over `args.n` rows: on sm_90 (Hopper) with 16-byte aligned rows that fit,
+    /// Queues the row kernel over `args.n` rows: on Hopper (sm_90) with 16-byte aligned rows that fit,
     /// one cluster per row (each logit read from DRAM once); otherwise one block per row.
     pub(crate) fn rows(&self, stream: &Arc<CudaStream>, args: &DivergenceArgs) -> Result<()> {
         let (sb, tb) = self.elem_bytes;

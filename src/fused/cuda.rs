@@ -278,6 +278,17 @@ impl BlasSlot {
     }
 }
 
+/// The handle [`BlasSlot::acquire`] holds (always present once acquired).
+fn handle_of(guard: &Option<BlasHandle>) -> Result<bsys::cublasHandle_t> {
+    match guard {
+        Some(b) => Ok(b.handle),
+        None => bail!(
+            Cuda,
+            "cuBLAS handle missing after creation (a bug: please report it)"
+        ),
+    }
+}
+
 fn cuda_type(d: DType) -> bsys::cudaDataType {
     match d {
         DType::F32 => bsys::cudaDataType::CUDA_R_32F,
@@ -442,12 +453,7 @@ pub(crate) fn reference_gemms(
     dev.check_workspace(launch, CUBLAS_WORKSPACE + ALIGN, "cuBLAS's workspace")?;
     cublas_loadable()?;
     let guard = dev.blas.acquire(&dev.ctx)?;
-    let Some(handle) = guard.as_ref().map(|b| b.handle) else {
-        bail!(
-            Cuda,
-            "cuBLAS handle missing after creation (a bug: please report it)"
-        );
-    };
+    let handle = handle_of(&guard)?;
     // SAFETY: the caller of the safe API handed a live stream of this device.
     let stream = unsafe { dev.borrow_stream(launch.stream) };
     let (ws, owned) = dev.workspace(launch, &stream, CUBLAS_WORKSPACE + ALIGN)?;
@@ -604,12 +610,7 @@ pub(crate) fn fused_linear(
         grad: dev.function(&format!("dk_fused_grad_{}", raw.dtype.name()))?,
     };
     let guard = dev.blas.acquire(&dev.ctx)?;
-    let Some(handle) = guard.as_ref().map(|b| b.handle) else {
-        bail!(
-            Cuda,
-            "cuBLAS handle missing after creation (a bug: please report it)"
-        );
-    };
+    let handle = handle_of(&guard)?;
 
     // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
     // is unsafe for that reason), or null for the legacy default stream.
