@@ -26,27 +26,6 @@ namespace divergence {
 
 constexpr int kThreads = 256;
 
-// Calls f(i, s_i, t_i) for the thread's share of the row, 8 elements per 16-byte step when
-// both rows are aligned, then the tail (and everything, when unaligned) one element at a time.
-template <typename TS, typename TT, typename F>
-__device__ __forceinline__ void for_each(const TS* s, const TT* t, int v, bool vec, F&& f) {
-  int start = 0;
-  if (vec) {
-    const int chunks = v / kVec;
-    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-      float sv[kVec], tv[kVec];
-      load8(s + c * kVec, sv);
-      load8(t + c * kVec, tv);
-      f.template chunk<kVec>(c * kVec, sv, tv);
-    }
-    start = chunks * kVec;
-  }
-  for (int i = start + threadIdx.x; i < v; i += blockDim.x) {
-    const float sv[1] = {to_float(s[i])}, tv[1] = {to_float(t[i])};
-    f.template chunk<1>(i, sv, tv);
-  }
-}
-
 template <Kind K, typename TS, typename TT>
 __device__ __forceinline__ void rows(const DkDivergenceArgs& a) {
   __shared__ RowStats<K> smem_stats[32];
@@ -72,7 +51,7 @@ __device__ __forceinline__ void rows(const DkDivergenceArgs& a) {
   const RowStats<K> st = block_merge(pass1.stats, smem_stats);
 
   // A side with no finite entry has no distribution: loss 0, gradient 0 (NaN rows go on).
-  if (st.mt == -INFINITY || st.ms == -INFINITY) {
+  if (st.empty()) {
     if (threadIdx.x == 0) per_row[row] = 0.f;
     if (g) zero_row(g, v, vec);
     return;
@@ -93,7 +72,7 @@ __device__ __forceinline__ void rows(const DkDivergenceArgs& a) {
   if (threadIdx.x == 0) per_row[row] = clamp_loss(loss);
   if (!g) return;
 
-  const float gscale = *reinterpret_cast<const float*>(a.scale) * a.inv_temperature;
+  const float gscale = grad_scale(*reinterpret_cast<const float*>(a.scale) * a.inv_temperature, loss);
   GradPass<K, TS> gp{r, g, center, 1.f - beta, gscale};
   for_each(s, t, v, vec, gp);
 }

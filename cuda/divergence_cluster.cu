@@ -1,10 +1,23 @@
-// Token-level divergence on Hopper (sm_90): one thread-block cluster of C blocks per row, each
-// block holding its slice of the student and teacher rows in shared memory, so every logit is
-// read from DRAM exactly once and the gradient written once — the memory floor — whatever the
-// number of passes the math needs.
+// Token-level divergence on Hopper (sm_90): one thread-block cluster of C blocks per row, block
+// `rank` owning the slice [rank · slice, (rank + 1) · slice) of the student and teacher rows, so
+// that a row's later passes re-read its logits while they are still on chip. Two variants:
 //
-//   1. every block copies its slice (cluster_slice(v, C) elements of each input) into shared
-//      memory with cp.async, all of it in flight at once;
+//   dk_divc_*  (smem):   every block holds its slice in shared memory (cp.async, all in flight
+//                        at once), the passes read it from there: each logit leaves DRAM once
+//                        whatever the passes, but a 76 KB slice allows two blocks per SM and a
+//                        block computes only once its whole slice has landed.
+//   dk_divcs_* (stream): the passes stream the slice from global memory like the one-block
+//                        kernel, 16-byte loads overlapping the math; the later passes hit L2
+//                        because the slices in flight (blocks per SM x slice x SMs, ~20 MB)
+//                        fit in it, where the one-block kernel's rows in flight (hundreds of
+//                        whole rows) do not. No shared memory to limit the blocks per SM.
+//
+// The H100 measurement of 2026-11-26 (cuda/DIVERGENCE.md, version 3) found the smem variant at
+// 46-53 % of the floor and the one-block kernel at 58 % (forward KL, fwd+bwd, V 151936) and
+// 96 % forward-only: hence the stream variant.
+//
+//   1. smem variant: every block copies its slice (cluster_slice(v, C) elements of each input)
+//      into shared memory with cp.async;
 //   2. statistics of the slice (max, sum-exp of both sides, KL sum) from shared memory, merged
 //      over the block, published in a shared slot; cluster barrier; every block merges the C
 //      slots through distributed shared memory in rank order (so all blocks hold bitwise the
@@ -49,24 +62,20 @@ __device__ __forceinline__ void copy_slice_async(T* s, const T* g, int len) {
   }
 }
 
-// Calls f.chunk on this thread's share of a slice held in shared memory: 8-element chunks, then
-// the scalar tail (only at the row's end, when v is not a multiple of 8).
-template <typename TS, typename TT, typename F>
-__device__ __forceinline__ void for_each_shared(const TS* s, const TT* t, int len, F&& f) {
-  const int chunks = len / kVec;
-  for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-    float sv[kVec], tv[kVec];
-    load8(s + c * kVec, sv);
-    load8(t + c * kVec, tv);
-    f.template chunk<kVec>(c * kVec, sv, tv);
-  }
-  for (int i = chunks * kVec + threadIdx.x; i < len; i += blockDim.x) {
-    const float sv[1] = {to_float(s[i])}, tv[1] = {to_float(t[i])};
-    f.template chunk<1>(i, sv, tv);
+// Runs pass `f` over the block's slice: from shared memory (smem variant) or global memory
+// (stream variant; the rows are 16-byte aligned, which the launcher checks).
+template <bool kStream, typename TS, typename TT, typename F>
+__device__ __forceinline__ void slice_pass(const TS* ss, const TT* ts, const TS* s, const TT* t,
+                                           int len, F&& f) {
+  // for_each inlined over pointers into the shared-memory array compiles to shared loads.
+  if (kStream) {
+    for_each(s, t, len, true, f);
+  } else {
+    for_each(ss, ts, len, true, f);
   }
 }
 
-template <Kind K, typename TS, typename TT>
+template <Kind K, typename TS, typename TT, bool kStream>
 __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
   namespace cg = cooperative_groups;
   extern __shared__ __align__(16) unsigned char dk_divc_smem[];
@@ -99,14 +108,16 @@ __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
 
   TS* ss = reinterpret_cast<TS*>(dk_divc_smem);
   TT* ts = reinterpret_cast<TT*>(dk_divc_smem + static_cast<size_t>(slice) * sizeof(TS));
-  copy_slice_async(ss, s, len);
-  copy_slice_async(ts, t, len);
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
+  if (!kStream) {
+    copy_slice_async(ss, s, len);
+    copy_slice_async(ts, t, len);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+  }
 
   StatsPass<K> pass1{a.inv_temperature};
-  for_each_shared(ss, ts, len, pass1);
+  slice_pass<kStream>(ss, ts, s, t, len, pass1);
   const RowStats<K> mine = block_merge(pass1.stats, smem_stats);
   if (threadIdx.x == 0) slot_stats = mine;
   cluster.sync();
@@ -114,7 +125,7 @@ __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
   for (int r = 1; r < c; ++r) st.merge(*cluster.map_shared_rank(&slot_stats, r));
 
   // A side with no finite entry has no distribution: loss 0, gradient 0 (NaN rows go on).
-  const bool empty = st.mt == -INFINITY || st.ms == -INFINITY;
+  const bool empty = st.empty();
   const float beta = a.beta;
   const Row r = row_of(st, a.inv_temperature, beta);
   float loss = 0.f, center = 0.f;
@@ -122,7 +133,7 @@ __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
   if (K == Kind::Jsd) {
     // Every block takes this branch (empty is the same everywhere), so the barrier is uniform.
     JsdPass jp{r};
-    if (!empty) for_each_shared(ss, ts, len, jp);
+    if (!empty) slice_pass<kStream>(ss, ts, s, t, len, jp);
     const float pm = block_sum(jp.kl_pm, smem_sum);
     const float qm = block_sum(jp.kl_qm, smem_sum);
     if (threadIdx.x == 0) slot_kl = make_float2(pm, qm);
@@ -141,11 +152,13 @@ __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
     if (empty) {
       zero_row(g, len, true);
     } else {
-      const float gscale = *reinterpret_cast<const float*>(a.scale) * a.inv_temperature;
-      // The gradient goes straight from registers to global: shared memory keeps the inputs,
-      // so writing over the student row (in place) is safe.
+      const float gscale =
+          grad_scale(*reinterpret_cast<const float*>(a.scale) * a.inv_temperature, loss);
+      // In place over the student row is safe: the smem variant reads its copy; the stream
+      // variant's thread reads each chunk before it writes that chunk's gradient, and no other
+      // thread or block touches the chunk.
       GradPass<K, TS> gp{r, g, center, 1.f - beta, gscale};
-      for_each_shared(ss, ts, len, gp);
+      slice_pass<kStream>(ss, ts, s, t, len, gp);
     }
   }
   cluster.sync();  // the other blocks may still be reading this block's slots
@@ -157,15 +170,19 @@ __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
 }  // namespace dk
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define DK_DIVC_BODY(KIND, TS, TT) dk::divergence::cluster_rows<KIND, TS, TT>(args);
+#define DK_DIVC_BODY(KIND, TS, TT, STREAM) dk::divergence::cluster_rows<KIND, TS, TT, STREAM>(args);
 #else
-#define DK_DIVC_BODY(KIND, TS, TT) (void)args;
+#define DK_DIVC_BODY(KIND, TS, TT, STREAM) (void)args;
 #endif
 
 #define DK_DIVC_KERNEL(kname, KIND, sname, TS, tname, TT)                                     \
   extern "C" __global__ void __launch_bounds__(dk::divergence::kClusterThreads)              \
       dk_divc_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                     \
-    DK_DIVC_BODY(KIND, TS, TT)                                                               \
+    DK_DIVC_BODY(KIND, TS, TT, false)                                                        \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(dk::divergence::kClusterThreads, 2)           \
+      dk_divcs_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                    \
+    DK_DIVC_BODY(KIND, TS, TT, true)                                                         \
   }
 
 #define DK_DIVC_KERNELS_FOR_KIND(kname, KIND)                                   \

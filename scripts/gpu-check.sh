@@ -10,14 +10,16 @@
 #   1. nvidia-smi one-liner
 #   2. dk info
 #   3. dk bench on CUDA, bf16, N=4096, 4 vocabs, all kinds, fwd+bwd and fwd
-#   4. dk bench: one f32 row; N=256 and N=16384 (issue 3); version 1 (DK_DIVERGENCE_CLUSTER=0)
-#      side by side with the cluster kernel
+#   4. dk bench: one f32 row; N=256 and N=16384 (issue 3); the one-block kernel
+#      (DK_DIVERGENCE_CLUSTER=0), the shared-memory cluster variant (=smem) and the stream
+#      variant with 16-block clusters (DK_DIVERGENCE_CLUSTER_SIZE=16) side by side with the
+#      default
 #   5. dk bench --ops moe: route, permute, combine fwd/bwd, 3 ANCHORS shapes, N=16384
 #  5b. dk bench --ops attention: fwd, fwd+bwd, ANCHORS shapes + varlen, bf16, TFLOP/s
 #  5c. dk bench --ops fused: fused linear JSD (N 4096, H 3072, V 200064; N 16384, H 5120,
 #      V 202048) against its four cuBLAS GEMMs alone, measured in the same run (issue 4)
 #   6. every Rust test executable (their CUDA variants run here), and the divergence reference
-#      tests again on version 1
+#      tests again on the one-block kernel and on the shared-memory cluster variant
 #   7. pip install the carried Liger-Kernel wheel (--target)
 #   8. pytest python/tests against the bundled library (attention torch tests vs SDPA here)
 #   9. python/bench.py --ops attention: SDPA flash (FA2) and cuDNN vs this crate (--quick when
@@ -213,6 +215,12 @@ run_step dk-bench-16k 45 1 "$dk" bench --device cuda --ops divergence --dtype bf
   --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd --iters 5
 run_step dk-bench-v1 45 1 env DK_DIVERGENCE_CLUSTER=0 "$dk" bench --device cuda --ops divergence \
   --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd
+# The other Hopper variants side by side with the default (stream, cluster size by slice bytes):
+# the shared-memory cluster kernel, and the stream kernel with 16-block clusters.
+run_step dk-bench-smem 45 1 env DK_DIVERGENCE_CLUSTER=smem "$dk" bench --device cuda \
+  --ops divergence --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd
+run_step dk-bench-c16 45 1 env DK_DIVERGENCE_CLUSTER_SIZE=16 "$dk" bench --device cuda \
+  --ops divergence --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd
 
 # ---- 5. dk bench MoE: route, permute / combine fwd + bwd for the 3 shapes of ANCHORS.md --------
 # 15 results at N = 16384 (bf16 activations, f32 router logits), each checked against the CPU
@@ -239,9 +247,12 @@ while IFS=$'\t' read -r name kind _src _built; do
   [ "$kind" = bench ] && continue
   run_step "test-$name" 90 1 "target/release/deps/$name"
 done <"$bundle/tests/MANIFEST.tsv"
-# The one-block-per-row kernel stays correct on Hopper (it serves unaligned and very long rows).
+# The one-block-per-row kernel stays correct on Hopper (it serves unaligned rows and
+# forward-only KL), and so does the shared-memory cluster variant.
 if [ -x target/release/deps/divergence_reference ]; then
   run_step test-divergence_reference-v1 90 1 env DK_DIVERGENCE_CLUSTER=0 \
+    target/release/deps/divergence_reference
+  run_step test-divergence_reference-smem 90 1 env DK_DIVERGENCE_CLUSTER=smem \
     target/release/deps/divergence_reference
 fi
 reserve=140 # as pytest: the Python benchmarks come after
@@ -315,7 +326,7 @@ ncu_run() { # NAME CAP KERNEL_REGEX LAUNCHES DK_BENCH_ARGS...
       "$dk" bench --device cuda "$@"
   fi
 }
-ncu_run ncu-divergence 40 'dk_divc_(fkl|jsd)_bf16_bf16' 4 --ops divergence --dtype bf16 \
+ncu_run ncu-divergence 40 'dk_divcs?_(fkl|jsd)_bf16_bf16' 4 --ops divergence --dtype bf16 \
   --rows 4096 --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd --iters 1 --check-rows 2
 ncu_run ncu-attention-fwd 40 'dk_attn_fwd_bf16_d128' 1 --ops attention --dtype bf16 \
   --attn-shapes phi4-mini --iters 1 --check-rows 2
@@ -396,7 +407,7 @@ bench_table() { [ -s "$1" ] && sed -n '/^shape /,$p' "$1"; }
 echo
 echo "================ summary"
 cat "$out/summary.txt"
-for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-moe dk-bench-attention dk-bench-fused; do
+for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-smem dk-bench-c16 dk-bench-moe dk-bench-attention dk-bench-fused; do
   echo
   echo "================ $n"
   if [ -s "$logs/$n.out" ]; then

@@ -78,8 +78,9 @@ pub struct CudaDevice {
     _module: Arc<CudaModule>,
     name: String,
     compute_capability: (i32, i32),
-    /// The divergence cluster kernels are usable here (Hopper sm_90, not disabled, configured).
-    cluster_divergence: bool,
+    /// The divergence cluster kernel variant usable here (Hopper sm_90, not turned off,
+    /// configured), if any.
+    cluster_divergence: Option<crate::divergence::cluster::Variant>,
     /// The cuBLAS handle, created on first use by the fused linear divergence.
     pub(crate) blas: crate::fused::cuda::BlasSlot,
 }
@@ -120,17 +121,19 @@ impl CudaDevice {
         ctx.bind_to_thread()?;
         // A cluster configuration the driver refuses only costs speed: the one-block kernel
         // serves every row then (the reason is kept for `divergence::cluster_fallback_reason`).
-        let cluster_divergence = crate::divergence::cluster::available(compute_capability)
-            && match crate::divergence::cluster::configure(&functions) {
-                Ok(()) => true,
-                Err(e) => {
-                    crate::divergence::cluster::note_fallback(format!(
-                        "the cluster kernels' attributes were refused when the device opened \
+        let cluster_divergence =
+            crate::divergence::cluster::available(compute_capability).filter(|_| {
+                match crate::divergence::cluster::configure(&functions) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        crate::divergence::cluster::note_fallback(format!(
+                            "the cluster kernels' attributes were refused when the device opened \
                          ({e}); every row runs the one-block kernel"
-                    ));
-                    false
+                        ));
+                        false
+                    }
                 }
-            };
+            });
         crate::attention::cuda::configure(&functions)?;
         Ok(CudaDevice {
             ctx,
@@ -168,9 +171,9 @@ impl CudaDevice {
         self.compute_capability
     }
 
-    /// Whether the divergence rows may run on the Hopper cluster kernel (sm_90, not turned off
-    /// by `DK_DIVERGENCE_CLUSTER=0`, its attributes accepted when the device opened).
-    pub(crate) fn cluster_divergence(&self) -> bool {
+    /// The Hopper cluster kernel variant the divergence rows may run on, if any (sm_90, not
+    /// turned off by `DK_DIVERGENCE_CLUSTER=0`, its attributes accepted when the device opened).
+    pub(crate) fn cluster_divergence(&self) -> Option<crate::divergence::cluster::Variant> {
         self.cluster_divergence
     }
 
@@ -395,7 +398,9 @@ mod tests {
         assert!(names.len() > 100, "only {} kernel names", names.len());
         #[cfg(dk_cuda_kernels)]
         {
-            let report = std::fs::read_to_string(env!("DK_PTXAS_REPORT")).expect("ptxas report");
+            // Embedded at build time: the executable also runs on the GPU machine, where the
+            // build folder is not.
+            let report = include_str!(env!("DK_PTXAS_REPORT"));
             let mut missing = Vec::new();
             // Cubins (sm_*); the compute_* entry is PTX, which ptxas does not report.
             for arch in super::compiled_cuda_archs()

@@ -306,8 +306,27 @@ fn kernel_math_masked_entries_nan_rows_and_fully_masked_rows() {
         let mut c = random_case(&mut rng, kind, beta, 1.0, 300, true);
         c.s.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
         edge.push(c);
+        // With masked entries on both sides (their gradient must be NaN too, as on the CPU).
         let mut c = random_case(&mut rng, kind, beta, 1.0, 300, true);
         c.t[137] = f32::NAN;
+        for i in [3, 40, 41, 299] {
+            c.s[i] = f32::NEG_INFINITY;
+            c.t[i] = f32::NEG_INFINITY;
+        }
+        c.s[7] = f32::NEG_INFINITY;
+        c.t[9] = f32::NEG_INFINITY;
+        edge.push(c);
+        // NaN on the student side only.
+        let mut c = random_case(&mut rng, kind, beta, 1.0, 300, true);
+        c.s[5] = f32::NAN;
+        c.s[6] = f32::NEG_INFINITY;
+        c.t[6] = f32::NEG_INFINITY;
+        edge.push(c);
+        // A teacher row of -inf but one NaN: the maxima (fmaxf) skip the NaN and see a masked
+        // row, the sums do not: NaN, not the fully masked row's 0.
+        let mut c = random_case(&mut rng, kind, beta, 1.0, 300, true);
+        c.t.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+        c.t[150] = f32::NAN;
         edge.push(c);
     }
     // Each edge row on both kernels: (one-block, cluster of 4) pairs.
@@ -316,8 +335,10 @@ fn kernel_math_masked_entries_nan_rows_and_fully_masked_rows() {
         .flat_map(|c| [c.clone(), cluster_variant(c, 4)])
         .collect();
     let outs = run_sim(&exe, &edge);
+    // Four rows per kind (fully masked, teacher NaN, student NaN, masked teacher with a NaN),
+    // each twice.
     for (i, (c, o)) in edge.iter().zip(&outs).enumerate() {
-        if (i / 2) % 2 == 0 {
+        if (i / 2) % 4 == 0 {
             assert_eq!(o.loss, 0.0, "{:?}: fully masked row loss", c.kind);
             assert!(
                 o.grad.iter().all(|&g| g == 0.0),

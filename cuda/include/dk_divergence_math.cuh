@@ -48,11 +48,13 @@ struct RowStats {
 
   template <int N>
   DK_HD void add(const float (&a)[N], const float (&b)[N]) {
+    // fmaxf drops NaN (one FMNMX where a NaN-propagating max takes three instructions): a NaN
+    // logit poisons the sums instead, e^(NaN - m) = NaN, and `empty` below keeps such a row.
     float mt2 = mt, ms2 = ms;
 DK_UNROLL
     for (int k = 0; k < N; ++k) {
-      mt2 = nan_max(mt2, a[k]);
-      ms2 = nan_max(ms2, b[k]);
+      mt2 = fmaxf(mt2, a[k]);
+      ms2 = fmaxf(ms2, b[k]);
     }
     if (!(mt2 == mt && ms2 == ms)) rebase(mt2, ms2);  // one rescale per 8 elements at most
 DK_UNROLL
@@ -73,6 +75,12 @@ DK_UNROLL
         acc += xw == -INFINITY ? 0.f : (xo == -INFINITY ? INFINITY : ew * (dw - dox));
       }
     }
+  }
+
+  // A side with no finite entry has no distribution: the row's loss and gradient are 0. Not
+  // when a sum is NaN: a NaN logit (which the maxima skip) makes the row NaN, as on the CPU.
+  DK_HD bool empty() const {
+    return (mt == -INFINITY || ms == -INFINITY) && st == st && ss == ss;
   }
 
   DK_HD void merge(const RowStats& o) {
@@ -154,6 +162,11 @@ DK_HD float kl_loss(const RowStats<K>& st, const Row& r, float* center) {
 DK_HD float jsd_loss(float beta, float kl_pm, float kl_qm) {
   return beta * kl_pm + (1.f - beta) * kl_qm;
 }
+
+// The gradient pass's per-row factor (reduction scale / T): NaN for a NaN row (NaN or +inf
+// logit on either side; its loss is then NaN), so that the whole gradient row is NaN as in the
+// CPU reference, masked entries included, whose per-entry gradient is a clean 0 otherwise.
+DK_HD float grad_scale(float scale, float loss) { return loss != loss ? NAN : scale; }
 
 // A divergence is >= 0; rounding of near-equal rows may give -1e-9 (NaN passes through).
 DK_HD float clamp_loss(float loss) { return loss < 0.f ? 0.f : loss; }

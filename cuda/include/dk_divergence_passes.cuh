@@ -1,6 +1,7 @@
 // The per-chunk work of each divergence pass (statistics, JSD sums, gradient) as functors over
-// 8-element (or 1-element tail) chunks, shared by the one-block-per-row kernel
-// (divergence.cu) and the Hopper cluster kernel (divergence_cluster.cu).
+// 8-element (or 1-element tail) chunks, and the loop that feeds them, shared by the
+// one-block-per-row kernel (divergence.cu) and the Hopper cluster kernels
+// (divergence_cluster.cu).
 #pragma once
 
 #include "dk_divergence_math.cuh"
@@ -8,6 +9,27 @@
 
 namespace dk {
 namespace divergence {
+
+// Calls f(i, s_i, t_i) for the thread's share of the row, 8 elements per 16-byte step when
+// both rows are aligned, then the tail (and everything, when unaligned) one element at a time.
+template <typename TS, typename TT, typename F>
+__device__ __forceinline__ void for_each(const TS* s, const TT* t, int v, bool vec, F&& f) {
+  int start = 0;
+  if (vec) {
+    const int chunks = v / kVec;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+      float sv[kVec], tv[kVec];
+      load8(s + c * kVec, sv);
+      load8(t + c * kVec, tv);
+      f.template chunk<kVec>(c * kVec, sv, tv);
+    }
+    start = chunks * kVec;
+  }
+  for (int i = start + threadIdx.x; i < v; i += blockDim.x) {
+    const float sv[1] = {to_float(s[i])}, tv[1] = {to_float(t[i])};
+    f.template chunk<1>(i, sv, tv);
+  }
+}
 
 // Pass 1: the row statistics.
 template <Kind K>

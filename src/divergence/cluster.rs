@@ -1,6 +1,7 @@
 //! The Hopper path of the divergence row kernel (`cuda/divergence_cluster.cu`): one
-//! thread-block cluster per row, the row held in the cluster's shared memory so each logit is
-//! read from DRAM once. This file chooses the cluster size and launches with
+//! thread-block cluster per row, each block owning a slice of the row, so that the later passes
+//! find the row on chip (in L2 for the stream variant, the default; in shared memory for the
+//! smem variant). This file chooses the variant and the cluster size and launches with
 //! `cuLaunchKernelEx` (cudarc's launch builder has no cluster attribute).
 
 use std::collections::HashMap;
@@ -23,14 +24,55 @@ const TWO_PER_SM_BYTES: usize = 100 * 1024;
 const MAX_SLICE_BYTES: usize = 220 * 1024;
 /// Grids smaller than this many blocks leave SMs idle (132 SMs × 2): short batches split rows
 /// over more blocks.
-const MIN_BLOCKS: usize = 264;
+pub(crate) const MIN_BLOCKS: usize = 264;
 /// Slices are not split below this many elements (a block must have work for its 512 threads).
 const MIN_SLICE: usize = 4096;
 
-/// `DK_DIVERGENCE_CLUSTER=0` in the environment turns the cluster path off (A/B measurements).
-fn disabled_by_env() -> bool {
-    static OFF: OnceLock<bool> = OnceLock::new();
-    *OFF.get_or_init(|| std::env::var("DK_DIVERGENCE_CLUSTER").is_ok_and(|v| v == "0"))
+/// Stream variant: the largest slice (bytes of both inputs) a block streams. The slices in
+/// flight (132 SMs x 2 blocks x this) stay well inside the 50 MB L2, so the passes after the
+/// first hit it.
+const STREAM_SLICE_BYTES: usize = 80 * 1024;
+
+/// Which Hopper kernel serves the rows (A/B measurements choose with `DK_DIVERGENCE_CLUSTER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Variant {
+    /// `dk_divcs_*`: each block streams its slice from global memory, later passes from L2.
+    Stream,
+    /// `dk_divc_*`: each block holds its slice in shared memory.
+    Smem,
+}
+
+impl Variant {
+    /// The kernel name prefix (replacing the one-block kernel's `dk_div_`).
+    pub(crate) fn prefix(self) -> &'static str {
+        match self {
+            Variant::Stream => "dk_divcs_",
+            Variant::Smem => "dk_divc_",
+        }
+    }
+}
+
+/// `DK_DIVERGENCE_CLUSTER`: `0` turns the cluster path off (one block per row), `smem` picks
+/// the shared-memory variant; unset or anything else, the stream variant.
+fn variant_from_env() -> Option<Variant> {
+    static V: OnceLock<Option<Variant>> = OnceLock::new();
+    *V.get_or_init(|| match std::env::var("DK_DIVERGENCE_CLUSTER").as_deref() {
+        Ok("0") => None,
+        Ok("smem") => Some(Variant::Smem),
+        _ => Some(Variant::Stream),
+    })
+}
+
+/// `DK_DIVERGENCE_CLUSTER_SIZE=<1|2|4|8|16>`: forces the stream variant's cluster size (A/B
+/// measurements); ignored when it is not one of those.
+fn forced_size() -> Option<usize> {
+    static C: OnceLock<Option<usize>> = OnceLock::new();
+    *C.get_or_init(|| {
+        std::env::var("DK_DIVERGENCE_CLUSTER_SIZE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|c| CLUSTER_SIZES.contains(c))
+    })
 }
 
 /// The first refused cluster launch of this process (the call then ran the one-block kernel).
@@ -65,8 +107,12 @@ pub fn fallback_reason() -> Option<String> {
 /// family only, the one the fatbin has a cubin for. On a newer card the driver would JIT the
 /// compute_80 PTX, where these kernels are empty (clusters need sm_90), so they would write
 /// nothing; the one-block kernel serves those cards.
-pub(crate) fn available(compute_capability: (i32, i32)) -> bool {
-    compute_capability.0 == 9 && !disabled_by_env()
+pub(crate) fn available(compute_capability: (i32, i32)) -> Option<Variant> {
+    if compute_capability.0 == 9 {
+        variant_from_env()
+    } else {
+        None
+    }
 }
 
 /// Elements of the row each cluster block holds (`cluster_slice` in dk_divergence_math.cuh).
@@ -74,9 +120,38 @@ pub(crate) fn slice(v: usize, c: usize) -> usize {
     v.div_ceil(c).next_multiple_of(8)
 }
 
-/// The cluster size for `n` rows of `v` elements with `elem_bytes` bytes per element pair, or
-/// None when even 16 blocks cannot hold a row (the one-block kernel then runs).
-pub(crate) fn cluster_size(n: usize, v: usize, elem_bytes: usize) -> Option<usize> {
+/// The cluster size of `variant` for `n` rows of `v` elements with `elem_bytes` bytes per element
+/// pair, or None when the one-block kernel should run instead.
+pub(crate) fn cluster_size(
+    variant: Variant,
+    n: usize,
+    v: usize,
+    elem_bytes: usize,
+) -> Option<usize> {
+    match variant {
+        Variant::Smem => smem_cluster_size(n, v, elem_bytes),
+        Variant::Stream => {
+            Some(forced_size().unwrap_or_else(|| stream_cluster_size(n, v, elem_bytes)))
+        }
+    }
+}
+
+/// Stream variant: the smallest cluster whose slices fit [`STREAM_SLICE_BYTES`] (16 at most:
+/// longer rows stream larger slices), doubled while a short batch leaves SMs idle.
+fn stream_cluster_size(n: usize, v: usize, elem_bytes: usize) -> usize {
+    let mut c = CLUSTER_SIZES
+        .into_iter()
+        .find(|&c| slice(v, c) * elem_bytes <= STREAM_SLICE_BYTES)
+        .unwrap_or(16);
+    while n * c < MIN_BLOCKS && c < 16 && slice(v, 2 * c) >= MIN_SLICE {
+        c *= 2;
+    }
+    c
+}
+
+/// Smem variant: the smallest cluster that holds the row two blocks per SM, else one per SM;
+/// None when even 16 blocks cannot hold it.
+fn smem_cluster_size(n: usize, v: usize, elem_bytes: usize) -> Option<usize> {
     let fits = |c: usize, budget: usize| slice(v, c) * elem_bytes <= budget;
     let mut c = CLUSTER_SIZES
         .into_iter()
@@ -116,6 +191,8 @@ pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Resu
                 Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 MAX_SLICE_BYTES as i32,
             )?;
+        }
+        if name.starts_with("dk_divc_") || name.starts_with("dk_divcs_") {
             f.set_attribute(Attr::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)?;
         }
     }
@@ -200,17 +277,30 @@ mod tests {
 
     #[test]
     fn cluster_sizes_for_model_vocabularies() {
+        let smem = |n, v, e| cluster_size(Variant::Smem, n, v, e);
         // bf16 pair (4 bytes per element): 151936 fits 8 blocks of 76 KB, two per SM.
-        assert_eq!(cluster_size(4096, 151936, 4), Some(8));
-        assert_eq!(cluster_size(4096, 262144, 4), Some(16));
+        assert_eq!(smem(4096, 151936, 4), Some(8));
+        assert_eq!(smem(4096, 262144, 4), Some(16));
         // f32 pair at 262144: 16 blocks of 128 KB, one per SM.
-        assert_eq!(cluster_size(4096, 262144, 8), Some(16));
+        assert_eq!(smem(4096, 262144, 8), Some(16));
         // Too large for 16 blocks: the one-block kernel.
-        assert_eq!(cluster_size(16, 1 << 20, 8), None);
+        assert_eq!(smem(16, 1 << 20, 8), None);
         // Small rows: one block, unless the batch is short.
-        assert_eq!(cluster_size(4096, 1000, 4), Some(1));
-        assert_eq!(cluster_size(2, 32768, 4), Some(8));
-        assert_eq!(cluster_size(256, 151936, 4), Some(8));
+        assert_eq!(smem(4096, 1000, 4), Some(1));
+        assert_eq!(smem(2, 32768, 4), Some(8));
+        assert_eq!(smem(256, 151936, 4), Some(8));
+        // Stream: slices of at most 80 KB, 16 blocks at most (longer rows stream more each).
+        let stream = |n, v, e| stream_cluster_size(n, v, e);
+        assert_eq!(stream(4096, 151936, 4), 8);
+        assert_eq!(stream(4096, 202048, 4), 16);
+        assert_eq!(stream(4096, 262144, 4), 16);
+        assert_eq!(stream(4096, 151936, 8), 16);
+        assert_eq!(stream(16, 1 << 20, 8), 16);
+        assert_eq!(stream(4096, 1000, 4), 1);
+        // Short batches: more blocks per row while slices keep 4096 elements.
+        assert_eq!(stream(256, 151936, 4), 8);
+        assert_eq!(stream(16, 151936, 4), 16);
+        assert_eq!(stream(2, 32768, 4), 8);
     }
 
     #[test]

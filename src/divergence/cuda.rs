@@ -119,6 +119,33 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_divc_jsd_f16_f32",
     "dk_divc_jsd_f16_bf16",
     "dk_divc_jsd_f16_f16",
+    "dk_divcs_fkl_f32_f32",
+    "dk_divcs_fkl_f32_bf16",
+    "dk_divcs_fkl_f32_f16",
+    "dk_divcs_fkl_bf16_f32",
+    "dk_divcs_fkl_bf16_bf16",
+    "dk_divcs_fkl_bf16_f16",
+    "dk_divcs_fkl_f16_f32",
+    "dk_divcs_fkl_f16_bf16",
+    "dk_divcs_fkl_f16_f16",
+    "dk_divcs_rkl_f32_f32",
+    "dk_divcs_rkl_f32_bf16",
+    "dk_divcs_rkl_f32_f16",
+    "dk_divcs_rkl_bf16_f32",
+    "dk_divcs_rkl_bf16_bf16",
+    "dk_divcs_rkl_bf16_f16",
+    "dk_divcs_rkl_f16_f32",
+    "dk_divcs_rkl_f16_bf16",
+    "dk_divcs_rkl_f16_f16",
+    "dk_divcs_jsd_f32_f32",
+    "dk_divcs_jsd_f32_bf16",
+    "dk_divcs_jsd_f32_f16",
+    "dk_divcs_jsd_bf16_f32",
+    "dk_divcs_jsd_bf16_bf16",
+    "dk_divcs_jsd_bf16_f16",
+    "dk_divcs_jsd_f16_f32",
+    "dk_divcs_jsd_f16_bf16",
+    "dk_divcs_jsd_f16_f16",
 ];
 
 /// Threads per block of the row kernel (`kThreads` in divergence.cu).
@@ -146,8 +173,10 @@ fn row_kernel_name(kind: Kind, student: DType, teacher: DType) -> String {
 pub(crate) struct RowKernels<'d> {
     prepare: &'d CudaFunction,
     rows: &'d CudaFunction,
-    /// The cluster variant of `rows` (Hopper, sm_90, only).
-    cluster_rows: Option<&'d CudaFunction>,
+    /// The cluster variant of `rows` (Hopper, sm_90, only) and which one it is.
+    cluster_rows: Option<(&'d CudaFunction, cluster::Variant)>,
+    /// Whether the kind needs a pass after the statistics when no gradient is asked for (JSD).
+    fwd_multi_pass: bool,
     /// Bytes per element of the student and teacher logits.
     elem_bytes: (usize, usize),
     finish: &'d CudaFunction,
@@ -172,13 +201,17 @@ impl<'d> RowKernels<'d> {
         Ok(RowKernels {
             prepare: dev.function("dk_div_prepare")?,
             rows: dev.function(&row_kernel_name(kind, student, teacher))?,
-            cluster_rows: if dev.cluster_divergence() {
-                Some(dev.function(
-                    &row_kernel_name(kind, student, teacher).replace("dk_div_", "dk_divc_"),
-                )?)
-            } else {
-                None
+            cluster_rows: match dev.cluster_divergence() {
+                Some(variant) => Some((
+                    dev.function(
+                        &row_kernel_name(kind, student, teacher)
+                            .replace("dk_div_", variant.prefix()),
+                    )?,
+                    variant,
+                )),
+                None => None,
             },
+            fwd_multi_pass: kind == Kind::Jsd,
             elem_bytes: (student.size(), teacher.size()),
             finish: dev.function("dk_div_finish")?,
         })
@@ -212,15 +245,25 @@ impl<'d> RowKernels<'d> {
         Ok(())
     }
 
-    /// Queues the row kernel over `args.n` rows: on Hopper (sm_90) with 16-byte aligned rows that fit,
-    /// one cluster per row (each logit read from DRAM once); otherwise one block per row.
+    /// Queues the row kernel over `args.n` rows: on Hopper (sm_90) with 16-byte aligned rows,
+    /// one cluster per row (the later passes find the row on chip); otherwise, and for a
+    /// single-pass call (forward-only KL) over enough rows to fill the card, one block per row.
     pub(crate) fn rows(&self, stream: &Arc<CudaStream>, args: &DivergenceArgs) -> Result<()> {
         let (sb, tb) = self.elem_bytes;
-        if let Some(f) = self.cluster_rows {
-            let (n, v) = (args.n as usize, args.v as usize);
-            if let Some(c) = cluster::cluster_size(n, v, sb + tb) {
+        let (n, v) = (args.n as usize, args.v as usize);
+        // One pass over the row has nothing to re-read: the one-block kernel streams it at 96 %
+        // of the floor (H100, 2026-11-26), which the cluster kernels' merging can only lose.
+        let single_pass = args.grad == 0 && !self.fwd_multi_pass;
+        if let Some((f, variant)) = self
+            .cluster_rows
+            .filter(|_| !(single_pass && n >= cluster::MIN_BLOCKS))
+        {
+            if let Some(c) = cluster::cluster_size(variant, n, v, sb + tb) {
                 if cluster::rows_aligned(args, sb, tb) {
-                    let smem = cluster::slice(v, c) * (sb + tb);
+                    let smem = match variant {
+                        cluster::Variant::Smem => cluster::slice(v, c) * (sb + tb),
+                        cluster::Variant::Stream => 0,
+                    };
                     // A refused launch queues nothing: the one-block kernel below takes over.
                     match cluster::launch(f, stream, args, c, smem)? {
                         cluster::Launched::Queued => return Ok(()),

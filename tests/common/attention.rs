@@ -1003,6 +1003,12 @@ pub struct RefGrads {
     pub dq: Vec<f64>,
     pub dk: Vec<f64>,
     pub dv: Vec<f64>,
+    /// ‖dq‖ and ‖dk‖ (Frobenius) of the same sums with every term taken in absolute value
+    /// (|dS| ≤ P (|dP| + |Delta|), |K|, |Q|): the scale of what cancels. Where a query sees one
+    /// key, dS = P (dP − Delta) is 0 exactly and so is dq, while an f32 kernel leaves rounding
+    /// of the size ~1e-7 of these norms; a relative error needs them as its floor.
+    pub dq_magnitude: f64,
+    pub dk_magnitude: f64,
 }
 
 type Mat = Vec<Vec<f64>>;
@@ -1109,11 +1115,19 @@ pub fn reference_backward(case: &AttnCase, delta_out: Option<&[f64]>) -> RefGrad
     let mut dq = vec![0.0; case.tq() * qc];
     let mut dk = vec![0.0; case.tk() * kc];
     let mut dv = vec![0.0; case.tk() * kc];
+    let mut dq_mag2 = 0.0;
+    let mut dk_mag = vec![0.0; case.tk() * kc];
+    let abs = |m: &Mat| -> Mat {
+        m.iter()
+            .map(|r| r.iter().map(|x| x.abs()).collect())
+            .collect()
+    };
     for b in 0..case.seqs.batch() {
         let (sq, sk) = (case.seqs.q[b], case.seqs.k[b]);
         let (q0, k0) = (case.seqs.q_start(b), case.seqs.k_start(b));
         // Per query head gradients of the expanded K and V, reduced over the group below.
         let mut dk_heads: Vec<Mat> = Vec::new();
+        let mut dk_mag_heads: Vec<Mat> = Vec::new();
         let mut dv_heads: Vec<Mat> = Vec::new();
         for h in 0..hq {
             let q = head_rows(&case.q, qc, d, h, q0, sq);
@@ -1141,6 +1155,20 @@ pub fn reference_backward(case: &AttnCase, delta_out: Option<&[f64]>) -> RefGrad
             let dq_h = matmul(&ds, &k, sk, d);
             let dk_h = matmul(&transpose(&ds, sq, sk), &q, sq, d);
             dk_heads.push(dk_h);
+            let ds_abs: Mat = (0..sq)
+                .map(|i| {
+                    (0..sk)
+                        .map(|j| p[i][j] * (dp[i][j].abs() + delta[i].abs()))
+                        .collect()
+                })
+                .collect();
+            let dq_mag_h = matmul(&ds_abs, &abs(&k), sk, d);
+            dq_mag2 += dq_mag_h
+                .iter()
+                .flatten()
+                .map(|x| (scale * x).powi(2))
+                .sum::<f64>();
+            dk_mag_heads.push(matmul(&transpose(&ds_abs, sq, sk), &abs(&q), sq, d));
             for i in 0..sq {
                 for c in 0..d {
                     dq[(q0 + i) * qc + h * d + c] = scale * dq_h[i][c];
@@ -1152,12 +1180,19 @@ pub fn reference_backward(case: &AttnCase, delta_out: Option<&[f64]>) -> RefGrad
             for j in 0..sk {
                 for c in 0..d {
                     dk[(k0 + j) * kc + g * d + c] += scale * dk_heads[h][j][c];
+                    dk_mag[(k0 + j) * kc + g * d + c] += scale * dk_mag_heads[h][j][c];
                     dv[(k0 + j) * kc + g * d + c] += dv_heads[h][j][c];
                 }
             }
         }
     }
-    RefGrads { dq, dk, dv }
+    RefGrads {
+        dq,
+        dk,
+        dv,
+        dq_magnitude: dq_mag2.sqrt(),
+        dk_magnitude: dk_mag.iter().map(|x| x * x).sum::<f64>().sqrt(),
+    }
 }
 
 /// Query rows (global) × heads that see no key: `(row, head)`.

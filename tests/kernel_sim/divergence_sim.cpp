@@ -118,7 +118,7 @@ void run_row(float beta, float inv_t, const float* s, const float* t, int v, int
   // Cluster kernel: slot 0 merged with slots 1.. in rank order (what every block computes).
   RowStats<K> st = blocks[0];
   for (size_t r = 1; r < blocks.size(); ++r) st.merge(blocks[r]);
-  if (st.mt == -INFINITY || st.ms == -INFINITY) {
+  if (st.empty()) {
     *loss_out = 0.f;
     for (int i = 0; i < v; ++i) grad[i] = 0.f;
     return;
@@ -154,7 +154,8 @@ void run_row(float beta, float inv_t, const float* s, const float* t, int v, int
     loss = jsd_loss(beta, kl_pm, center);
   }
   *loss_out = clamp_loss(loss);
-  for (int i = 0; i < v; ++i) grad[i] = grad_entry<K>(r, s[i], t[i], center, 1.f - beta) * inv_t;
+  const float gscale = grad_scale(inv_t, loss);
+  for (int i = 0; i < v; ++i) grad[i] = grad_entry<K>(r, s[i], t[i], center, 1.f - beta) * gscale;
 }
 
 template <typename T>
