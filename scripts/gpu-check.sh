@@ -38,7 +38,10 @@
 #
 # GPU_CHECK_ONLY=a,b,...: run only the steps whose names start with one of these (e.g.
 # GPU_CHECK_ONLY=ncu for a second call that profiles, or =dk-bench-attention,python-bench-attention);
-# the others are listed as not selected.
+# the others are listed as not selected. GPU_CHECK_SKIP=a,b,...: leave out the steps whose names
+# start with one of these (e.g. the benchmarks of code a run has not changed).
+# PY_BENCH_OPS: the --ops of step 10 (default: divergence,moe); PY_BENCH_FULL_SECONDS: the seconds
+# left under which step 10 runs --quick (default 150).
 #
 # Output: logs and JSON in $OUT (when set, as on the device tool; else ./gpu-check-out), at most
 # 8 files: summary.txt, gpu-check.log (every step's output), dk-bench.json, dk-bench-f32.json,
@@ -53,6 +56,7 @@ cd "$root"
 bundle=${GPU_BUNDLE:-$root/gpu-bundle}
 out=${OUT:-$root/gpu-check-out}
 budget=${GPU_CHECK_BUDGET:-330}
+GPU_CHECK_SKIP=${GPU_CHECK_SKIP:-}
 mkdir -p "$out"
 logs=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 t0=$(date +%s.%N)
@@ -140,8 +144,11 @@ reserve=0
 # The step gets min(CAP, budget left - reserve) seconds.
 # GPU_CHECK_ONLY: a comma-separated list of step-name prefixes; unset = every step.
 want() {
-  [ -z "${GPU_CHECK_ONLY:-}" ] && return 0
   local w
+  for w in ${GPU_CHECK_SKIP//,/ }; do
+    case $1 in "$w"*) return 1 ;; esac
+  done
+  [ -z "${GPU_CHECK_ONLY:-}" ] && return 0
   for w in ${GPU_CHECK_ONLY//,/ }; do
     case $1 in "$w"*) return 0 ;; esac
   done
@@ -153,7 +160,7 @@ run_step() {
   shift 3
   local l t status rc s1 s2
   if ! want "$name"; then
-    names+=("$name"); statuses+=("not selected (GPU_CHECK_ONLY)"); seconds+=("0")
+    names+=("$name"); statuses+=("not selected (GPU_CHECK_ONLY / _SKIP)"); seconds+=("0")
     return 0
   fi
   l=$(( $(left) - reserve ))
@@ -300,8 +307,9 @@ fi
 reserve=0
 if [ -f python/bench.py ]; then
   quick=()
-  [ "$(left)" -lt 150 ] && quick=(--quick)
-  run_step python-bench 240 1 "$py" python/bench.py "${quick[@]}" --json "$out/python-bench.json"
+  [ "$(left)" -lt "${PY_BENCH_FULL_SECONDS:-150}" ] && quick=(--quick)
+  run_step python-bench 240 1 "$py" python/bench.py --ops "${PY_BENCH_OPS:-divergence,moe}" \
+    "${quick[@]}" --json "$out/python-bench.json"
 else
   skip_step python-bench "python/bench.py missing"
 fi
