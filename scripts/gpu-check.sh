@@ -10,10 +10,9 @@
 #   1. nvidia-smi one-liner
 #   2. dk info
 #   3. dk bench on CUDA, bf16, N=4096, 4 vocabs, all kinds, fwd+bwd and fwd
-#   4. dk bench: one f32 row; N=256 and N=16384 (issue 3); the one-block kernel
-#      (DK_DIVERGENCE_CLUSTER=0), the shared-memory cluster variant (=smem) and the stream
-#      variant with 16-block clusters (DK_DIVERGENCE_CLUSTER_SIZE=16) side by side with the
-#      default
+#   4. dk bench: one f32 row; N=256 and N=16384 (issue 3); the one-block kernel alone
+#      (DK_DIVERGENCE_CLUSTER=0), and the shared-memory and stream cluster variants forced onto
+#      N=4096 (=smem, =stream), side by side with the default
 #   5. dk bench --ops moe: route, permute, combine fwd/bwd, 3 ANCHORS shapes, N=16384
 #  5b. dk bench --ops attention: fwd, fwd+bwd, ANCHORS shapes + varlen, bf16, TFLOP/s
 #  5c. dk bench --ops fused: fused linear JSD (N 4096, H 3072, V 200064; N 16384, H 5120,
@@ -222,11 +221,11 @@ run_step dk-bench-16k 45 1 "$dk" bench --device cuda --ops divergence --dtype bf
   --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd --iters 5
 run_step dk-bench-v1 45 1 env DK_DIVERGENCE_CLUSTER=0 "$dk" bench --device cuda --ops divergence \
   --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd
-# The other Hopper variants side by side with the default (stream, cluster size by slice bytes):
-# the shared-memory cluster kernel, and the stream kernel with 16-block clusters.
+# The Hopper cluster variants forced onto the long batch, side by side with the default (one
+# block per row from 512 rows): the shared-memory and the stream cluster kernels.
 run_step dk-bench-smem 45 1 env DK_DIVERGENCE_CLUSTER=smem "$dk" bench --device cuda \
   --ops divergence --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd
-run_step dk-bench-c16 45 1 env DK_DIVERGENCE_CLUSTER_SIZE=16 "$dk" bench --device cuda \
+run_step dk-bench-stream 45 1 env DK_DIVERGENCE_CLUSTER=stream "$dk" bench --device cuda \
   --ops divergence --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd
 
 # ---- 5. dk bench MoE: route, permute / combine fwd + bwd for the 3 shapes of ANCHORS.md --------
@@ -254,12 +253,14 @@ while IFS=$'\t' read -r name kind _src _built; do
   [ "$kind" = bench ] && continue
   run_step "test-$name" 90 1 "target/release/deps/$name"
 done <"$bundle/tests/MANIFEST.tsv"
-# The one-block-per-row kernel stays correct on Hopper (it serves unaligned rows and
-# forward-only KL), and so does the shared-memory cluster variant.
+# Every path stays correct on Hopper: the default (one block per row from 512 rows, stream
+# clusters below), the one-block kernel alone, and each cluster variant on every row count.
 if [ -x target/release/deps/divergence_reference ]; then
   run_step test-divergence_reference-v1 90 1 env DK_DIVERGENCE_CLUSTER=0 \
     target/release/deps/divergence_reference
   run_step test-divergence_reference-smem 90 1 env DK_DIVERGENCE_CLUSTER=smem \
+    target/release/deps/divergence_reference
+  run_step test-divergence_reference-stream 90 1 env DK_DIVERGENCE_CLUSTER=stream \
     target/release/deps/divergence_reference
 fi
 reserve=140 # as pytest: the Python benchmarks come after
@@ -415,7 +416,7 @@ bench_table() { [ -s "$1" ] && sed -n '/^shape /,$p' "$1"; }
 echo
 echo "================ summary"
 cat "$out/summary.txt"
-for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-smem dk-bench-c16 dk-bench-moe dk-bench-attention dk-bench-fused; do
+for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-smem dk-bench-stream dk-bench-moe dk-bench-attention dk-bench-fused; do
   echo
   echo "================ $n"
   if [ -s "$logs/$n.out" ]; then

@@ -25,6 +25,11 @@ const MAX_SLICE_BYTES: usize = 220 * 1024;
 /// Grids smaller than this many blocks leave SMs idle (132 SMs × 2): short batches split rows
 /// over more blocks.
 pub(crate) const MIN_BLOCKS: usize = 264;
+/// From this many rows the one-block kernel (256 threads, six blocks per SM) has at least four
+/// blocks per SM and beats both cluster variants: at N = 4096 it ran forward KL fwd+bwd at 58 %
+/// of the floor against 47–49 %, JSD at 42 % against 35–37 % (H100, 2026-11-26). Below it,
+/// rows are split over clusters (N = 256: 41 %).
+pub(crate) const ONE_BLOCK_MIN_ROWS: usize = 512;
 /// Slices are not split below this many elements (a block must have work for its 512 threads).
 const MIN_SLICE: usize = 4096;
 
@@ -52,14 +57,27 @@ impl Variant {
     }
 }
 
-/// `DK_DIVERGENCE_CLUSTER`: `0` turns the cluster path off (one block per row), `smem` picks
-/// the shared-memory variant; unset or anything else, the stream variant.
+/// `DK_DIVERGENCE_CLUSTER`: `0` turns the cluster path off (one block per row); `smem` or
+/// `stream` runs every aligned call on that variant, whatever the number of rows (A/B
+/// measurements); unset or anything else, the stream variant for short batches only.
 fn variant_from_env() -> Option<Variant> {
     static V: OnceLock<Option<Variant>> = OnceLock::new();
     *V.get_or_init(|| match std::env::var("DK_DIVERGENCE_CLUSTER").as_deref() {
         Ok("0") => None,
         Ok("smem") => Some(Variant::Smem),
         _ => Some(Variant::Stream),
+    })
+}
+
+/// Whether `DK_DIVERGENCE_CLUSTER` names a variant (`smem`, `stream`): the cluster path then
+/// serves long batches too.
+pub(crate) fn forced_by_env() -> bool {
+    static F: OnceLock<bool> = OnceLock::new();
+    *F.get_or_init(|| {
+        matches!(
+            std::env::var("DK_DIVERGENCE_CLUSTER").as_deref(),
+            Ok("smem" | "stream")
+        )
     })
 }
 
@@ -136,14 +154,17 @@ pub(crate) fn cluster_size(
     }
 }
 
-/// Stream variant: the smallest cluster whose slices fit [`STREAM_SLICE_BYTES`] (16 at most:
-/// longer rows stream larger slices), doubled while a short batch leaves SMs idle.
+/// Stream variant: the smallest cluster whose slices fit [`STREAM_SLICE_BYTES`] (8 at most:
+/// longer rows stream larger slices), doubled while a short batch leaves SMs idle. Never 16:
+/// 16-block clusters ran at 21 % of the floor where 8 ran at 47 % (H100, forward KL, V 151936).
 fn stream_cluster_size(n: usize, v: usize, elem_bytes: usize) -> usize {
+    const MAX: usize = 8;
     let mut c = CLUSTER_SIZES
         .into_iter()
+        .take_while(|&c| c <= MAX)
         .find(|&c| slice(v, c) * elem_bytes <= STREAM_SLICE_BYTES)
-        .unwrap_or(16);
-    while n * c < MIN_BLOCKS && c < 16 && slice(v, 2 * c) >= MIN_SLICE {
+        .unwrap_or(MAX);
+    while n * c < MIN_BLOCKS && c < MAX && slice(v, 2 * c) >= MIN_SLICE {
         c *= 2;
     }
     c
@@ -289,18 +310,20 @@ mod tests {
         assert_eq!(smem(4096, 1000, 4), Some(1));
         assert_eq!(smem(2, 32768, 4), Some(8));
         assert_eq!(smem(256, 151936, 4), Some(8));
-        // Stream: slices of at most 80 KB, 16 blocks at most (longer rows stream more each).
+        // Stream: slices of at most 80 KB, 8 blocks at most (longer rows stream more each).
         let stream = |n, v, e| stream_cluster_size(n, v, e);
         assert_eq!(stream(4096, 151936, 4), 8);
-        assert_eq!(stream(4096, 202048, 4), 16);
-        assert_eq!(stream(4096, 262144, 4), 16);
-        assert_eq!(stream(4096, 151936, 8), 16);
-        assert_eq!(stream(16, 1 << 20, 8), 16);
+        assert_eq!(stream(4096, 202048, 4), 8);
+        assert_eq!(stream(4096, 262144, 8), 8);
+        assert_eq!(stream(16, 1 << 20, 8), 8);
         assert_eq!(stream(4096, 1000, 4), 1);
+        assert_eq!(stream(4096, 16384, 4), 1);
+        assert_eq!(stream(4096, 32768, 4), 2);
         // Short batches: more blocks per row while slices keep 4096 elements.
         assert_eq!(stream(256, 151936, 4), 8);
-        assert_eq!(stream(16, 151936, 4), 16);
+        assert_eq!(stream(16, 151936, 4), 8);
         assert_eq!(stream(2, 32768, 4), 8);
+        assert_eq!(stream(2, 8192, 4), 2);
     }
 
     #[test]

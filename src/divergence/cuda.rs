@@ -245,19 +245,18 @@ impl<'d> RowKernels<'d> {
         Ok(())
     }
 
-    /// Queues the row kernel over `args.n` rows: on Hopper (sm_90) with 16-byte aligned rows,
-    /// one cluster per row (the later passes find the row on chip); otherwise, and for a
-    /// single-pass call (forward-only KL) over enough rows to fill the card, one block per row.
+    /// Queues the row kernel over `args.n` rows: one block per row, except on Hopper (sm_90)
+    /// for a short batch of 16-byte aligned rows, which runs one cluster per row so that the
+    /// card fills (the H100 measurements behind this are in cuda/DIVERGENCE.md, version 3).
     pub(crate) fn rows(&self, stream: &Arc<CudaStream>, args: &DivergenceArgs) -> Result<()> {
         let (sb, tb) = self.elem_bytes;
         let (n, v) = (args.n as usize, args.v as usize);
-        // One pass over the row has nothing to re-read: the one-block kernel streams it at 96 %
-        // of the floor (H100, 2026-11-26), which the cluster kernels' merging can only lose.
+        // One pass over the row has nothing to re-read: the one-block kernel streams it at
+        // 96–100 % of the floor once a wave of blocks fills the card.
         let single_pass = args.grad == 0 && !self.fwd_multi_pass;
-        if let Some((f, variant)) = self
-            .cluster_rows
-            .filter(|_| !(single_pass && n >= cluster::MIN_BLOCKS))
-        {
+        let one_block = !cluster::forced_by_env()
+            && (n >= cluster::ONE_BLOCK_MIN_ROWS || (single_pass && n >= cluster::MIN_BLOCKS));
+        if let Some((f, variant)) = self.cluster_rows.filter(|_| !one_block) {
             if let Some(c) = cluster::cluster_size(variant, n, v, sb + tb) {
                 if cluster::rows_aligned(args, sb, tb) {
                     let smem = match variant {
