@@ -12,9 +12,10 @@
 //                        fit in it, where the one-block kernel's rows in flight (hundreds of
 //                        whole rows) do not. No shared memory to limit the blocks per SM.
 //
-// The H100 measurement of 2026-11-26 (cuda/DIVERGENCE.md, version 3) found the smem variant at
-// 46-53 % of the floor and the one-block kernel at 58 % (forward KL, fwd+bwd, V 151936) and
-// 96 % forward-only: hence the stream variant.
+// Measured on an H100 (cuda/DIVERGENCE.md, versions 2-4): both variants ran at 47-53 % of the
+// floor (forward KL, fwd+bwd, N 4096, V 151936) against the one-block kernel's 58 %, so they
+// now serve only short batches (fewer than 512 rows), on the stream variant; the smem variant is
+// kept for A/B runs (DK_DIVERGENCE_CLUSTER=smem).
 //
 //   1. smem variant: every block copies its slice (cluster_slice(v, C) elements of each input)
 //      into shared memory with cp.async;

@@ -50,6 +50,11 @@ fn params(hq: usize, hkv: usize, d: usize, causal: bool) -> AttentionParams {
 /// the f32 rounding the kernels leave there and far below any real defect's error.
 const MAGNITUDE_FLOOR: f64 = 1e-2;
 
+/// The denominator floor of a relative error given the output's cancellation-free magnitude.
+fn floor_for(magnitude: f64) -> f64 {
+    FLOOR.max(MAGNITUDE_FLOOR * magnitude)
+}
+
 /// Compares one output against its reference: the CPU within the rounding error of the
 /// reference plus 2e-6, CUDA within DESIGN.md's tolerance. `magnitude`: the cancellation-free
 /// norm of a gradient that can cancel (dq, dk), 0 for the others.
@@ -61,7 +66,7 @@ fn compare(
     reference: &[f64],
     magnitude: f64,
 ) {
-    let floor = FLOOR.max(MAGNITUDE_FLOOR * magnitude);
+    let floor = floor_for(magnitude);
     let e = rel_err(got, reference, floor);
     let rounded: Vec<f64> = reference.iter().map(|&x| round_to(case.dtype, x)).collect();
     let inherent = rel_err(&rounded, reference, floor);
@@ -188,7 +193,7 @@ fn check_case_ws(dev: &Device, case: &AttnCase, ws: Ws) -> (FwdOut, Grads) {
             ("dk", &grads.dk, &cg.dk, rg.dk_magnitude),
             ("dv", &grads.dv, &cg.dv, 0.0),
         ] {
-            let e = rel_err(got, want, FLOOR.max(MAGNITUDE_FLOOR * magnitude));
+            let e = rel_err(got, want, floor_for(magnitude));
             assert!(
                 e <= tol,
                 "[cuda vs cpu backend] {}: {what} error {e:.3e} > {tol:.0e}",

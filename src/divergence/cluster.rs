@@ -1,8 +1,10 @@
 //! The Hopper path of the divergence row kernel (`cuda/divergence_cluster.cu`): one
 //! thread-block cluster per row, each block owning a slice of the row, so that the later passes
-//! find the row on chip (in L2 for the stream variant, the default; in shared memory for the
-//! smem variant). This file chooses the variant and the cluster size and launches with
-//! `cuLaunchKernelEx` (cudarc's launch builder has no cluster attribute).
+//! find the row on chip (in L2 for the stream variant, in shared memory for the smem variant).
+//! Since the H100 runs (cuda/DIVERGENCE.md, version 4) it serves short batches only, on the
+//! stream variant; `src/divergence/cuda.rs` decides. This file chooses the variant and the
+//! cluster size and launches with `cuLaunchKernelEx` (cudarc's launch builder has no cluster
+//! attribute).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -57,28 +59,24 @@ impl Variant {
     }
 }
 
-/// `DK_DIVERGENCE_CLUSTER`: `0` turns the cluster path off (one block per row); `smem` or
-/// `stream` runs every aligned call on that variant, whatever the number of rows (A/B
-/// measurements); unset or anything else, the stream variant for short batches only.
-fn variant_from_env() -> Option<Variant> {
-    static V: OnceLock<Option<Variant>> = OnceLock::new();
-    *V.get_or_init(|| match std::env::var("DK_DIVERGENCE_CLUSTER").as_deref() {
-        Ok("0") => None,
-        Ok("smem") => Some(Variant::Smem),
-        _ => Some(Variant::Stream),
+/// `DK_DIVERGENCE_CLUSTER`, read once: `0` turns the cluster path off (one block per row);
+/// `smem` or `stream` runs every aligned call on that variant, whatever the number of rows (A/B
+/// measurements); unset or anything else, the stream variant for short batches only. Returns
+/// the variant, if any, and whether it was named.
+fn env_choice() -> (Option<Variant>, bool) {
+    static C: OnceLock<(Option<Variant>, bool)> = OnceLock::new();
+    *C.get_or_init(|| match std::env::var("DK_DIVERGENCE_CLUSTER").as_deref() {
+        Ok("0") => (None, false),
+        Ok("smem") => (Some(Variant::Smem), true),
+        Ok("stream") => (Some(Variant::Stream), true),
+        _ => (Some(Variant::Stream), false),
     })
 }
 
 /// Whether `DK_DIVERGENCE_CLUSTER` names a variant (`smem`, `stream`): the cluster path then
 /// serves long batches too.
 pub(crate) fn forced_by_env() -> bool {
-    static F: OnceLock<bool> = OnceLock::new();
-    *F.get_or_init(|| {
-        matches!(
-            std::env::var("DK_DIVERGENCE_CLUSTER").as_deref(),
-            Ok("smem" | "stream")
-        )
-    })
+    env_choice().1
 }
 
 /// `DK_DIVERGENCE_CLUSTER_SIZE=<1|2|4|8|16>`: forces the stream variant's cluster size (A/B
@@ -127,7 +125,7 @@ pub fn fallback_reason() -> Option<String> {
 /// nothing; the one-block kernel serves those cards.
 pub(crate) fn available(compute_capability: (i32, i32)) -> Option<Variant> {
     if compute_capability.0 == 9 {
-        variant_from_env()
+        env_choice().0
     } else {
         None
     }

@@ -361,6 +361,99 @@ impl Gemm {
     }
 }
 
+/// A row-major matrix operand of a product: device address and row stride (elements).
+#[derive(Debug, Clone, Copy)]
+struct Operand {
+    ptr: u64,
+    ld: i32,
+}
+
+/// The three products of the operation, in row-major terms (`rows` tokens, vocabulary `v`,
+/// hidden size `h`; `dt` the dtype of the hidden states and weights). The fused call and the
+/// reference GEMMs build them here, so both time the same cuBLAS calls.
+impl Gemm {
+    /// `out [rows, V]` (f32) = `x [rows, H]` · `w [V, H]`ᵀ: a chunk's logits.
+    fn logits(
+        dt: DType,
+        (rows, h, v): (i32, i32, i32),
+        x: Operand,
+        w: Operand,
+        out: Operand,
+    ) -> Gemm {
+        Gemm {
+            transa: true,
+            transb: false,
+            m: v,
+            n: rows,
+            k: h,
+            a: w.ptr,
+            a_type: dt,
+            lda: w.ld,
+            b: x.ptr,
+            b_type: dt,
+            ldb: x.ld,
+            c: out.ptr,
+            c_type: DType::F32,
+            ldc: out.ld,
+        }
+    }
+
+    /// `out [rows, H]` (`out_type`) = `g [rows, V]` · `w [V, H]`: the gradient of the hidden
+    /// states from the logits' gradient `g` (in `dt`).
+    fn grad_hidden(
+        dt: DType,
+        (rows, h, v): (i32, i32, i32),
+        g: Operand,
+        w: Operand,
+        out: Operand,
+        out_type: DType,
+    ) -> Gemm {
+        Gemm {
+            transa: false,
+            transb: false,
+            m: h,
+            n: rows,
+            k: v,
+            a: w.ptr,
+            a_type: dt,
+            lda: w.ld,
+            b: g.ptr,
+            b_type: dt,
+            ldb: g.ld,
+            c: out.ptr,
+            c_type: out_type,
+            ldc: out.ld,
+        }
+    }
+
+    /// `out [V, H]` (`out_type`) = `g [rows, V]`ᵀ · `x [rows, H]`: the weight's gradient.
+    fn grad_weight(
+        dt: DType,
+        (rows, h, v): (i32, i32, i32),
+        g: Operand,
+        x: Operand,
+        out: Operand,
+        out_type: DType,
+    ) -> Gemm {
+        Gemm {
+            transa: false,
+            transb: true,
+            m: h,
+            n: v,
+            k: rows,
+            a: x.ptr,
+            a_type: dt,
+            lda: x.ld,
+            b: g.ptr,
+            b_type: dt,
+            ldb: g.ld,
+            c: out.ptr,
+            c_type: out_type,
+            ldc: out.ld,
+        }
+    }
+}
+
 /// Points the handle at the caller's stream and at `workspace` (CUBLAS_WORKSPACE bytes, 256-byte
 /// aligned). SetStream resets the workspace, so it comes first.
 ///
@@ -464,54 +557,30 @@ pub(crate) fn reference_gemms(
     set_pointer_mode(handle, false)?;
     let (one, zero) = (1.0f32, 0.0f32);
     let (alpha, beta) = ((&one as *const f32).cast(), (&zero as *const f32).cast());
-    let logits = Gemm {
-        transa: true,
-        transb: false,
-        m: v_i,
-        n: n_i,
-        k: h_i,
-        a: g.weight.ptr as u64,
-        a_type: dt,
-        lda: lw,
-        b: g.hidden.ptr as u64,
-        b_type: dt,
-        ldb: lx,
-        c: g.logits.ptr as u64,
-        c_type: DType::F32,
-        ldc: ll,
+    let op = |ptr: *const u8, ld: i32| Operand {
+        ptr: ptr as u64,
+        ld,
     };
-    let grad_hidden = Gemm {
-        transa: false,
-        transb: false,
-        m: h_i,
-        n: n_i,
-        k: v_i,
-        a: g.weight.ptr as u64,
-        a_type: dt,
-        lda: lw,
-        b: g.grad_logits.ptr as u64,
-        b_type: dt,
-        ldb: lg,
-        c: g.grad_hidden.ptr as u64,
-        c_type: dt,
-        ldc: lgh,
-    };
-    let grad_weight = Gemm {
-        transa: false,
-        transb: true,
-        m: h_i,
-        n: v_i,
-        k: n_i,
-        a: g.hidden.ptr as u64,
-        a_type: dt,
-        lda: lx,
-        b: g.grad_logits.ptr as u64,
-        b_type: dt,
-        ldb: lg,
-        c: g.grad_weight.ptr as u64,
-        c_type: dt,
-        ldc: lgw,
-    };
+    let (hidden, weight) = (op(g.hidden.ptr, lx), op(g.weight.ptr, lw));
+    let grad_logits = op(g.grad_logits.ptr, lg);
+    let dims = (n_i, h_i, v_i);
+    let logits = Gemm::logits(dt, dims, hidden, weight, op(g.logits.ptr, ll));
+    let grad_hidden = Gemm::grad_hidden(
+        dt,
+        dims,
+        grad_logits,
+        weight,
+        op(g.grad_hidden.ptr, lgh),
+        dt,
+    );
+    let grad_weight = Gemm::grad_weight(
+        dt,
+        dims,
+        grad_logits,
+        hidden,
+        op(g.grad_weight.ptr, lgw),
+        dt,
+    );
     // SAFETY: device operands of this device covering the checked shapes; host scalars in host
     // pointer mode.
     unsafe {
@@ -673,21 +742,15 @@ pub(crate) fn fused_linear(
 
         // 1. Logits of the chunk, f32: S = logit_scale · Xs Wsᵀ, T = logit_scale · Xt Wtᵀ.
         set_pointer_mode(handle, false)?;
-        let logits = |x: u64, x_ld: i32, w: u64, w_ld: i32, k: i32, out: u64| Gemm {
-            transa: true,
-            transb: false,
-            m: v_i,
-            n: c_i,
-            k,
-            a: w,
-            a_type: raw.dtype,
-            lda: w_ld,
-            b: x,
-            b_type: raw.dtype,
-            ldb: x_ld,
-            c: out,
-            c_type: DType::F32,
-            ldc: ld_i,
+        let logits = |x: u64, x_ld: i32, w: u64, w_ld: i32, h: i32, out: u64| {
+            let op = |ptr, ld| Operand { ptr, ld };
+            Gemm::logits(
+                raw.dtype,
+                (c_i, h, v_i),
+                op(x, x_ld),
+                op(w, w_ld),
+                op(out, ld_i),
+            )
         };
         // SAFETY: validated operands (device memory of this device, shapes and strides checked);
         // S and T are inside the workspace; host scalars in host pointer mode.
@@ -800,22 +863,17 @@ pub(crate) fn fused_linear(
                 let gh = raw.grad_hidden as u64
                     + (r0 * raw.grad_hidden_stride * raw.grad_hidden_dtype.size()) as u64;
                 let beta = konst(if params.accumulate { C_ONE } else { C_ZERO });
-                let gemm = Gemm {
-                    transa: false,
-                    transb: false,
-                    m: h_i,
-                    n: c_i,
-                    k: v_i,
-                    a: raw.student_weight as u64,
-                    a_type: raw.dtype,
-                    lda: sws,
-                    b: g,
-                    b_type: raw.dtype,
-                    ldb: g_ld,
-                    c: gh,
-                    c_type: raw.grad_hidden_dtype,
-                    ldc: sgh,
-                };
+                let gemm = Gemm::grad_hidden(
+                    raw.dtype,
+                    (c_i, h_i, v_i),
+                    Operand { ptr: g, ld: g_ld },
+                    Operand {
+                        ptr: raw.student_weight as u64,
+                        ld: sws,
+                    },
+                    Operand { ptr: gh, ld: sgh },
+                    raw.grad_hidden_dtype,
+                );
                 // SAFETY: validated operands; G in the workspace; α, β device floats of the
                 // constant block, written by dk_fused_constants earlier on this stream.
                 unsafe { gemm.run(handle, alpha, beta as *const c_void, "grad_hidden")? };
@@ -826,22 +884,17 @@ pub(crate) fn fused_linear(
                 } else {
                     C_ZERO
                 });
-                let gemm = Gemm {
-                    transa: false,
-                    transb: true,
-                    m: h_i,
-                    n: v_i,
-                    k: c_i,
-                    a: xs,
-                    a_type: raw.dtype,
-                    lda: sxs,
-                    b: g,
-                    b_type: raw.dtype,
-                    ldb: g_ld,
-                    c: raw.grad_weight as u64,
-                    c_type: raw.grad_weight_dtype,
-                    ldc: sgw,
-                };
+                let gemm = Gemm::grad_weight(
+                    raw.dtype,
+                    (c_i, h_i, v_i),
+                    Operand { ptr: g, ld: g_ld },
+                    Operand { ptr: xs, ld: sxs },
+                    Operand {
+                        ptr: raw.grad_weight as u64,
+                        ld: sgw,
+                    },
+                    raw.grad_weight_dtype,
+                );
                 // SAFETY: as above.
                 unsafe { gemm.run(handle, alpha, beta as *const c_void, "grad_weight")? };
             }
