@@ -46,7 +46,7 @@ __device__ __forceinline__ void rows(const DkDivergenceArgs& a) {
     return;
   }
 
-  StatsPass<K> pass1{a.inv_temperature};
+  StatsPass<K, TS, TT> pass1{exp2_scale(a.inv_temperature), s, t};
   for_each(s, t, v, vec, pass1);
   const RowStats<K> st = block_merge(pass1.stats, smem_stats);
 

@@ -70,7 +70,7 @@ __device__ __forceinline__ void slice_pass(const TS* ss, const TT* ts, const TS*
                                            int len, F&& f) {
   // for_each inlined over pointers into the shared-memory array compiles to shared loads.
   if (kStream) {
-    for_each(s, t, len, true, f);
+    for_each<2>(s, t, len, true, f);
   } else {
     for_each(ss, ts, len, true, f);
   }
@@ -117,7 +117,8 @@ __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
     __syncthreads();
   }
 
-  StatsPass<K> pass1{a.inv_temperature};
+  StatsPass<K, TS, TT> pass1{exp2_scale(a.inv_temperature), kStream ? s : ss,
+                                 kStream ? t : ts};
   slice_pass<kStream>(ss, ts, s, t, len, pass1);
   const RowStats<K> mine = block_merge(pass1.stats, smem_stats);
   if (threadIdx.x == 0) slot_stats = mine;

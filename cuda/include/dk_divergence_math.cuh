@@ -16,11 +16,14 @@ namespace divergence {
 
 enum class Kind { ForwardKl, ReverseKl, Jsd };
 
-// Online statistics of a row pair: running maxima and sums of e^(x - max) of both sides and,
-// for the KL kinds, acc = Σ e^(x_w - m_w) d with d = (x_w - m_w) - (x_o - m_o), where w is the
-// side that weights the KL sum (teacher for forward KL, student for reverse KL) and o the
-// other. Keeping every quantity relative to the row maxima avoids subtracting two log
-// normalisers of size ~log V + max: KL = acc / S_w + log(S_o / S_w) is accurate in f32.
+// Online statistics of a row pair, in base-2 units: with k = log2(e) / T and x a raw logit,
+// every exponent is x·k − m where m = k · (raw row maximum), one FFMA per element and side
+// (the maximum commutes with the positive scale k, so it is taken on the raw logits). The state
+// holds both scaled maxima, the sums of 2^(x·k − m) of both sides and, for the KL kinds,
+// acc = Σ 2^(X_w) (X_w − X_o) with X = x·k − m, where w is the side that weights the KL sum
+// (teacher for forward KL, student for reverse KL) and o the other. Keeping every quantity
+// relative to the row maxima avoids subtracting two log normalisers of size ~log V + max:
+// KL = ln 2 · acc / S_w + log(S_o / S_w) is accurate in f32.
 template <Kind K>
 struct RowStats {
   static constexpr bool kAcc = K != Kind::Jsd;
@@ -38,44 +41,69 @@ struct RowStats {
       const float shift = (mw2 - mw) - (mo2 == mo ? 0.f : mo2 - mo);
       // +inf (mass against a masked entry) stays +inf, also when the rescale underflows to 0.
       acc = mw == -INFINITY ? 0.f
-                            : (acc == INFINITY ? acc : (acc - sw * shift) * rescale(mw, mw2));
+                            : (acc == INFINITY ? acc : (acc - sw * shift) * rescale2(mw, mw2));
     }
-    st *= rescale(mt, mt2);
-    ss *= rescale(ms, ms2);
+    st *= rescale2(mt, mt2);
+    ss *= rescale2(ms, ms2);
     mt = mt2;
     ms = ms2;
   }
 
+  // Adds a chunk of raw teacher (t) and student (s) logits; k = log2(e) / T. Returns true when
+  // the chunk's KL sum still has to be added with add_masked (a masked or NaN logit in it).
   template <int N>
-  DK_HD void add(const float (&a)[N], const float (&b)[N]) {
+  DK_HD bool add(const float (&t)[N], const float (&s)[N], float k) {
     // fmaxf drops NaN (one FMNMX where a NaN-propagating max takes three instructions): a NaN
-    // logit poisons the sums instead, e^(NaN - m) = NaN, and `empty` below keeps such a row.
-    float mt2 = mt, ms2 = ms;
+    // logit poisons the sums instead, 2^(NaN) = NaN, and `empty` below keeps such a row.
+    float rt = -INFINITY, rs = -INFINITY;
 DK_UNROLL
-    for (int k = 0; k < N; ++k) {
-      mt2 = fmaxf(mt2, a[k]);
-      ms2 = fmaxf(ms2, b[k]);
+    for (int j = 0; j < N; ++j) {
+      rt = fmaxf(rt, t[j]);
+      rs = fmaxf(rs, s[j]);
     }
-    if (!(mt2 == mt && ms2 == ms)) rebase(mt2, ms2);  // one rescale per 8 elements at most
+    // Rounding is monotone, so round(k · max) is the maximum of the rounded products.
+    const float mt2 = fmaxf(mt, rt * k), ms2 = fmaxf(ms, rs * k);
+    if (!(mt2 == mt && ms2 == ms)) rebase(mt2, ms2);  // one rescale per chunk at most
+    const float nt = shift_of(mt), ns = shift_of(ms);
+    float chunk_acc = 0.f;
 DK_UNROLL
-    for (int k = 0; k < N; ++k) {
-      // Masked entries (-inf) add nothing; testing them first avoids -inf - (-inf).
-      const float A = a[k] - mt, B = b[k] - ms;
-      const float et = a[k] == -INFINITY ? 0.f : fast_exp(A);
-      const float es = b[k] == -INFINITY ? 0.f : fast_exp(B);
+    for (int j = 0; j < N; ++j) {
+      const float X = fmaf(t[j], k, nt), Y = fmaf(s[j], k, ns);
+      const float et = fast_exp2(X), es = fast_exp2(Y);
       st += et;
       ss += es;
       if (kAcc) {
-        const float ew = kTeacherWeights ? et : es, dw = kTeacherWeights ? A : B;
-        const float xw = kTeacherWeights ? a[k] : b[k];
-        const float xo = kTeacherWeights ? b[k] : a[k], dox = kTeacherWeights ? B : A;
-        // Mass where the other side is masked makes the KL +inf, as it should: any finite
-        // logit has mass, even one whose e^(x - max) is below f32's range (fast_exp flushes it
-        // to 0), as in the f64 reference. A masked weighting entry adds nothing.
-        acc += xw == -INFINITY ? 0.f : (xo == -INFINITY ? INFINITY : ew * (dw - dox));
+        chunk_acc = kTeacherWeights ? fmaf(et, X - Y, chunk_acc) : fmaf(es, Y - X, chunk_acc);
       }
     }
+    // A masked entry (-inf) on either side makes the fast sum NaN (0 · ∞ or ∞ − ∞); so does a
+    // NaN logit. Only then does the chunk's KL sum go through add_masked. The caller reloads
+    // the chunk for it rather than keeping 16 logits live in registers across this loop.
+    if (kAcc && chunk_acc != chunk_acc) return true;
+    acc += chunk_acc;
+    return false;
   }
+
+  // The KL sum of a chunk that `add` has already counted in the maxima and sums, entry by
+  // entry with the rules for masked logits: a masked weighting entry adds nothing; mass where
+  // the other side is masked makes the KL +inf, as it should: any finite logit has mass, even
+  // one whose 2^X is below f32's range (fast_exp2 flushes it to 0), as in the f64 reference.
+  template <int N>
+  DK_HD void add_masked(const float (&t)[N], const float (&s)[N], float k) {
+    const float nt = shift_of(mt), ns = shift_of(ms);
+DK_UNROLL
+    for (int j = 0; j < N; ++j) {
+      const float X = fmaf(t[j], k, nt), Y = fmaf(s[j], k, ns);
+      const float xw = kTeacherWeights ? t[j] : s[j], xo = kTeacherWeights ? s[j] : t[j];
+      const float ew = fast_exp2(kTeacherWeights ? X : Y);
+      const float d = kTeacherWeights ? X - Y : Y - X;
+      acc += xw == -INFINITY ? 0.f : (xo == -INFINITY ? INFINITY : ew * d);
+    }
+  }
+
+  // The exponent offset of a side: minus its maximum, or 0 while it has nothing finite (its
+  // entries are then all -inf and give 2^-inf = 0, where subtracting -inf would give NaN).
+  static DK_HD float shift_of(float m) { return m == -INFINITY ? 0.f : -m; }
 
   // A side with no finite entry has no distribution: the row's loss and gradient are 0. Not
   // when a sum is NaN: a NaN logit (which the maxima skip) makes the row NaN, as on the CPU.
@@ -106,55 +134,60 @@ DK_UNROLL
 #endif
 };
 
-// Per-row constants of the later passes. For entry i with A = a - mt, B = b - ms:
-//   p = e^A / St, q = e^B / Ss, delta = log q - log p = (B - A) - log(Ss / St),
+// Per-row constants of the later passes. For entry i with X = t·k − mt, Y = s·k − ms (base-2
+// exponents relative to the maxima, as in RowStats; k = log2(e) / T) and d = Y − X:
+//   p = 2^X / St, q = 2^Y / Ss, log q - log p = d ln 2 - log(Ss / St),
 //   log p - log m = -(log β + softplus(u)), log q - log m = -(log(1-β) + softplus(-u)),
-//   u = delta + log(1-β) - log β (both softplus share one exp and one log1p).
-// Masked entries give delta = ±inf and stay finite where their probability is non-zero.
+//   u = log q - log p + log(1-β) - log β = (d + c2) ln 2 with the row constant
+//   c2 = (log(1-β) - log β - log(Ss / St)) log2 e; both softplus share 2^-|u2| and one log2:
+//   softplus(±u) = ln 2 · (max(±u2, 0) + log2(1 + 2^-|u2|)), u2 = d + c2.
+// Masked entries give d = ±inf and stay finite where their probability is non-zero.
 struct Row {
-  float inv_t, mt, ms, inv_st, inv_ss, log_ratio, log_beta, log_1mbeta;
+  float k, nmt, nms, inv_st, inv_ss, log_ratio, log_beta, log_1mbeta, c2;
 
   struct Entry {
     float p, q;
-    float diff;   // (b - ms) - (a - mt) = log q - log p + log(Ss / St)
-    float delta;  // log q - log p
+    float d;  // Y - X: (log q - log p + log(Ss / St)) / ln 2
   };
 
   DK_HD Entry entry(float s, float t) const {
-    const float a = t * inv_t, b = s * inv_t;
-    const float A = a - mt, B = b - ms;
+    const float X = fmaf(t, k, nmt), Y = fmaf(s, k, nms);
     Entry e;
-    e.p = a == -INFINITY ? 0.f : fast_exp(A) * inv_st;
-    e.q = b == -INFINITY ? 0.f : fast_exp(B) * inv_ss;
-    e.diff = B - A;
-    e.delta = e.diff - log_ratio;
+    e.p = fast_exp2(X) * inv_st;  // 2^-inf = 0 for a masked entry
+    e.q = fast_exp2(Y) * inv_ss;
+    e.d = Y - X;
     return e;
   }
 
-  // (log p - log m, log q - log m) for the JSD mixture.
-  DK_HD float2 log_ratios_to_mixture(float delta) const {
-    const float u = delta + log_1mbeta - log_beta;
-    const float l = fast_log1p_unit(fast_exp(-fabsf(u)));
-    return make_float2(-(log_beta + fmaxf(u, 0.f) + l), -(log_1mbeta + fmaxf(-u, 0.f) + l));
+  // (log p - log m, log q - log m) for the JSD mixture, from an entry's d.
+  DK_HD float2 log_ratios_to_mixture(float d) const {
+    const float u2 = d + c2;
+    const float l2 = fast_log2_1p_unit(fast_exp2(-fabsf(u2)));
+    return make_float2(-fmaf(fmaxf(u2, 0.f) + l2, kLn2, log_beta),
+                       -fmaf(fmaxf(-u2, 0.f) + l2, kLn2, log_1mbeta));
   }
 };
+
+// log2(e) / T: the factor of every base-2 exponent of the divergence kernels.
+DK_HD float exp2_scale(float inv_t) { return inv_t * 1.4426950408889634f; }
 
 // The later passes' row constants from the merged statistics.
 template <Kind K>
 DK_HD Row row_of(const RowStats<K>& st, float inv_t, float beta) {
-  return Row{inv_t, st.mt, st.ms, 1.f / st.st, 1.f / st.ss, logf(st.ss / st.st), logf(beta),
-             log1pf(-beta)};
+  const float log_ratio = logf(st.ss / st.st), log_beta = logf(beta), log_1mbeta = log1pf(-beta);
+  return Row{exp2_scale(inv_t), -st.mt, -st.ms, 1.f / st.st, 1.f / st.ss, log_ratio,
+             log_beta, log_1mbeta, (log_1mbeta - log_beta - log_ratio) * 1.4426950408889634f};
 }
 
 // Loss of the KL kinds from the statistics alone, and the gradient's row constant `center`
-// (reverse KL: Σ q · diff; forward KL: unused, 0). JSD needs its mixture pass: jsd_loss.
+// (reverse KL: Σ q · d ln 2; forward KL: unused, 0). JSD needs its mixture pass: jsd_loss.
 template <Kind K>
 DK_HD float kl_loss(const RowStats<K>& st, const Row& r, float* center) {
   if (K == Kind::ForwardKl) {
     *center = 0.f;
-    return st.acc * r.inv_st + r.log_ratio;
+    return st.acc * r.inv_st * kLn2 + r.log_ratio;
   }
-  *center = st.acc * r.inv_ss;
+  *center = st.acc * r.inv_ss * kLn2;
   return *center - r.log_ratio;
 }
 
@@ -172,20 +205,20 @@ DK_HD float grad_scale(float scale, float loss) { return loss != loss ? NAN : sc
 DK_HD float clamp_loss(float loss) { return loss < 0.f ? 0.f : loss; }
 
 // Per-entry gradient dL/db of the passes after the statistics. `center` is the row constant the
-// gradient subtracts: for reverse KL Σ q · diff (= L + log(Ss/St), so the log ratio cancels
+// gradient subtracts: for reverse KL Σ q · d ln 2 (= L + log(Ss/St), so the log ratio cancels
 // exactly instead of being subtracted twice), for JSD KL(q || m); unused by forward KL.
 template <Kind K>
 DK_HD float grad_entry(const Row& row, float s, float t, float center, float one_m_beta) {
   const Row::Entry e = row.entry(s, t);
   if (K == Kind::ForwardKl) return e.q - e.p;
-  if (K == Kind::ReverseKl) return xlog(e.q, e.diff - center);
-  return one_m_beta * xlog(e.q, row.log_ratios_to_mixture(e.delta).y - center);
+  if (K == Kind::ReverseKl) return xlog(e.q, fmaf(e.d, kLn2, -center));
+  return one_m_beta * xlog(e.q, row.log_ratios_to_mixture(e.d).y - center);
 }
 
 // (p (log p - log m), q (log q - log m)) of one entry, summed by the JSD pass.
 DK_HD float2 jsd_terms(const Row& row, float s, float t) {
   const Row::Entry e = row.entry(s, t);
-  const float2 lr = row.log_ratios_to_mixture(e.delta);
+  const float2 lr = row.log_ratios_to_mixture(e.d);
   return make_float2(xlog(e.p, lr.x), xlog(e.q, lr.y));
 }
 

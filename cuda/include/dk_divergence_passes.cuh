@@ -12,12 +12,32 @@ namespace divergence {
 
 // Calls f(i, s_i, t_i) for the thread's share of the row, 8 elements per 16-byte step when
 // both rows are aligned, then the tail (and everything, when unaligned) one element at a time.
-template <typename TS, typename TT, typename F>
+// With kSteps = 2 the vector loop issues the loads of two steps before it computes either, so
+// each thread keeps twice the bytes in flight (the stream cluster kernel, with few blocks per
+// SM); chunks still reach f in the same order (c, c + blockDim, ...). kSteps = 1 keeps the
+// register count of the one-block kernel low enough for eight blocks per SM.
+template <int kSteps = 1, typename TS, typename TT, typename F>
 __device__ __forceinline__ void for_each(const TS* s, const TT* t, int v, bool vec, F&& f) {
+  static_assert(kSteps == 1 || kSteps == 2, "one or two steps in flight");
   int start = 0;
   if (vec) {
     const int chunks = v / kVec;
-    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+    const int step = blockDim.x;
+    int c = threadIdx.x;
+    if (kSteps == 2) {
+      for (; c + step < chunks; c += 2 * step) {
+        const Raw8<TS> s0 = load_raw8(s + c * kVec), s1 = load_raw8(s + (c + step) * kVec);
+        const Raw8<TT> t0 = load_raw8(t + c * kVec), t1 = load_raw8(t + (c + step) * kVec);
+        float sv[kVec], tv[kVec];
+        unpack8(s0, sv);
+        unpack8(t0, tv);
+        f.template chunk<kVec>(c * kVec, sv, tv);
+        unpack8(s1, sv);
+        unpack8(t1, tv);
+        f.template chunk<kVec>((c + step) * kVec, sv, tv);
+      }
+    }
+    for (; c < chunks; c += step) {
       float sv[kVec], tv[kVec];
       load8(s + c * kVec, sv);
       load8(t + c * kVec, tv);
@@ -31,20 +51,23 @@ __device__ __forceinline__ void for_each(const TS* s, const TT* t, int v, bool v
   }
 }
 
-// Pass 1: the row statistics.
-template <Kind K>
+// Pass 1: the row statistics, from the raw logits (RowStats scales them by k = log2(e) / T).
+// `s` and `t` are the pointers the pass walks (global or shared memory): a chunk holding a
+// masked logit is read again from there for RowStats::add_masked.
+template <Kind K, typename TS, typename TT>
 struct StatsPass {
-  float inv_t;
+  float k;
+  const TS* s;
+  const TT* t;
   RowStats<K> stats;
   template <int N>
-  __device__ __forceinline__ void chunk(int, const float (&s)[N], const float (&t)[N]) {
-    float a[N], b[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      a[k] = t[k] * inv_t;
-      b[k] = s[k] * inv_t;
+  __device__ __forceinline__ void chunk(int i, const float (&sv)[N], const float (&tv)[N]) {
+    if (stats.add(tv, sv, k)) {
+      float s2[N], t2[N];
+      reload(s + i, s2);
+      reload(t + i, t2);
+      stats.add_masked(t2, s2, k);
     }
-    stats.add(a, b);
   }
 };
 

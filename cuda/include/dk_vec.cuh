@@ -21,18 +21,37 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
+// 8 consecutive elements as loaded, before widening to f32: one 16-byte word for bf16 / f16,
+// two for f32. Loading all raw words of a step before converting any keeps the loads together.
+template <typename T>
+struct Raw8 {
+  uint4 w[sizeof(T) == 4 ? 2 : 1];
+};
+
 // Loads 8 consecutive elements starting at a 16-byte aligned address. Plain (coherent) loads:
 // the student row may be overwritten in place by the gradient later in the same kernel.
-__device__ __forceinline__ void load8(const float* p, float out[kVec]) {
-  const float4 a = reinterpret_cast<const float4*>(p)[0];
-  const float4 b = reinterpret_cast<const float4*>(p)[1];
-  out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
-  out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+template <typename T>
+__device__ __forceinline__ Raw8<T> load_raw8(const T* p) {
+  Raw8<T> r;
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(r.w) / sizeof(uint4)); ++i) {
+    r.w[i] = reinterpret_cast<const uint4*>(p)[i];
+  }
+  return r;
 }
 
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float out[kVec]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+__device__ __forceinline__ void unpack8(const Raw8<float>& r, float out[kVec]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    out[4 * i] = __uint_as_float(r.w[i].x);
+    out[4 * i + 1] = __uint_as_float(r.w[i].y);
+    out[4 * i + 2] = __uint_as_float(r.w[i].z);
+    out[4 * i + 3] = __uint_as_float(r.w[i].w);
+  }
+}
+
+__device__ __forceinline__ void unpack8(const Raw8<__nv_bfloat16>& r, float out[kVec]) {
+  const uint32_t w[4] = {r.w[0].x, r.w[0].y, r.w[0].z, r.w[0].w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     // bf16 is the top half of an f32: widening is a shift.
@@ -41,9 +60,8 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float out[kVec]) {
   }
 }
 
-__device__ __forceinline__ void load8(const __half* p, float out[kVec]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+__device__ __forceinline__ void unpack8(const Raw8<__half>& r, float out[kVec]) {
+  const uint32_t w[4] = {r.w[0].x, r.w[0].y, r.w[0].z, r.w[0].w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     __half2 h;
@@ -51,6 +69,37 @@ __device__ __forceinline__ void load8(const __half* p, float out[kVec]) {
     const float2 f = __half22float2(h);
     out[2 * i] = f.x;
     out[2 * i + 1] = f.y;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float out[kVec]) {
+  unpack8(load_raw8(p), out);
+}
+
+// Reads N elements again with volatile loads (generic: global or shared memory), for a rare
+// path that must not keep the first load's registers alive until it runs.
+template <int N>
+__device__ __forceinline__ void reload(const float* p, float (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = reinterpret_cast<const volatile float*>(p)[i];
+}
+
+template <int N>
+__device__ __forceinline__ void reload(const __nv_bfloat16* p, float (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const uint32_t bits = reinterpret_cast<const volatile uint16_t*>(p)[i];
+    out[i] = __uint_as_float(bits << 16);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void reload(const __half* p, float (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const uint16_t bits = reinterpret_cast<const volatile uint16_t*>(p)[i];
+    out[i] = __half2float(__ushort_as_half(bits));
   }
 }
 

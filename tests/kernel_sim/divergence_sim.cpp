@@ -101,15 +101,17 @@ void run_row(float beta, float inv_t, const float* s, const float* t, int v, int
     const float* pt = t + part.start;
     for (int lane = 0; lane < threads; ++lane) {
       for_each_lane(lane, threads, part.len, vec, [&](int i, int n) {
-        float a[kVec], b[kVec];
-        for (int k = 0; k < n; ++k) {
-          a[k] = pt[i + k] * inv_t;
-          b[k] = ps[i + k] * inv_t;
-        }
+        // StatsPass hands the raw logits to RowStats::add, which scales them by k.
+        const float k = exp2_scale(inv_t);
+        // A chunk with a masked logit is read again for add_masked (StatsPass::chunk).
         if (n == kVec) {
-          lanes[lane].add(reinterpret_cast<const float(&)[kVec]>(a), reinterpret_cast<const float(&)[kVec]>(b));
+          const auto& tc = reinterpret_cast<const float(&)[kVec]>(pt[i]);
+          const auto& sc = reinterpret_cast<const float(&)[kVec]>(ps[i]);
+          if (lanes[lane].add(tc, sc, k)) lanes[lane].add_masked(tc, sc, k);
         } else {
-          lanes[lane].add(reinterpret_cast<const float(&)[1]>(a), reinterpret_cast<const float(&)[1]>(b));
+          const auto& tc = reinterpret_cast<const float(&)[1]>(pt[i]);
+          const auto& sc = reinterpret_cast<const float(&)[1]>(ps[i]);
+          if (lanes[lane].add(tc, sc, k)) lanes[lane].add_masked(tc, sc, k);
         }
       });
     }
