@@ -337,6 +337,9 @@ ncu_run() { # NAME CAP KERNEL_REGEX LAUNCHES DK_BENCH_ARGS...
 }
 ncu_run ncu-divergence 40 'dk_divcs?_(fkl|jsd)_bf16_bf16' 4 --ops divergence --dtype bf16 \
   --rows 4096 --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd --iters 1 --check-rows 2
+# Route's three launches one by one (issue 5: which of top-k, scan and assign holds the 35 us).
+ncu_run ncu-moe-route 40 'dk_moe_(topk|scan|assign)' 3 --ops moe --dtype bf16 --tokens 16384 \
+  --moe-shapes qwen3 --iters 1
 ncu_run ncu-attention-fwd 40 'dk_attn_fwd_bf16_d128' 1 --ops attention --dtype bf16 \
   --attn-shapes phi4-mini --iters 1 --check-rows 2
 ncu_run ncu-attention-bwd 40 'dk_attn_bwd_(dkdv|dq)_bf16_d128' 2 --ops attention --dtype bf16 \
