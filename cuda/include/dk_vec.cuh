@@ -99,7 +99,9 @@ __device__ __forceinline__ void reload(const __half* p, float (&out)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     const uint16_t bits = reinterpret_cast<const volatile uint16_t*>(p)[i];
-    out[i] = __half2float(__ushort_as_half(bits));
+    __half h;
+    memcpy(&h, &bits, sizeof(h));
+    out[i] = __half2float(h);
   }
 }
 
