@@ -105,6 +105,28 @@ dk_status dk_divergence(const dk_context* ctx, const dk_divergence_args* args,
                         const dk_divergence_params* params, void* workspace, size_t workspace_bytes,
                         void* stream);
 
+/* ---- Row scaling ------------------------------------------------------------------------ */
+/*
+ * In place: x[i, j] = round(x[i, j] * factors[i * factor_stride]), the product in f32 rounded
+ * once (to nearest even) to x's dtype (as torch's x.mul_(f) for an f32 [n, 1] tensor f; the
+ * factor itself is never rounded to x's dtype). factor_stride 0 applies factors[0] to every
+ * row. A row whose factor is exactly 1.0f is not read or written (its bits stay, NaN payloads
+ * included); every other factor (0, negative, inf, NaN) scales its row. The factors are read on
+ * the device when the kernel runs: scaling a gradient by a grad_output that lives on the GPU
+ * needs no host synchronisation and costs almost nothing when it is 1. Row starts need only be
+ * aligned to the element size. No workspace.
+ */
+typedef struct dk_scale_rows_args {
+  int64_t n;              /* rows, >= 1 */
+  int64_t v;              /* elements per row, >= 1 */
+  void* x;                /* [n, v], scaled in place */
+  int32_t dtype;          /* DK_DTYPE_* of x */
+  int64_t stride;         /* elements between rows, >= v */
+  const float* factors;   /* (n - 1) * factor_stride + 1 floats, disjoint from x */
+  int64_t factor_stride;  /* >= 0; 0 = one factor for every row */
+} dk_scale_rows_args;
+dk_status dk_scale_rows(const dk_context* ctx, const dk_scale_rows_args* args, void* stream);
+
 /* ---- MoE dispatch --------------------------------------------------------------------- */
 /*
  * Route: router logits [n, e] -> top-k experts per token, their weights, and a deterministic

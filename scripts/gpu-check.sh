@@ -39,6 +39,7 @@
 # GPU_CHECK_ONLY=ncu for a second call that profiles, or =dk-bench-attention,python-bench-attention);
 # the others are listed as not selected. GPU_CHECK_SKIP=a,b,...: leave out the steps whose names
 # start with one of these (e.g. the benchmarks of code a run has not changed).
+# PYTEST_K: a pytest -k expression for step 8.
 # PY_BENCH_OPS: the --ops of step 10 (default: divergence,moe); PY_BENCH_FULL_SECONDS: the seconds
 # left under which step 10 runs --quick (default 150).
 #
@@ -245,6 +246,11 @@ run_step dk-bench-attention 60 1 "$dk" bench --device cuda --ops attention --dty
 # ~15 s expected (inputs made on the host, 2 rows per shape checked in f64 there).
 run_step dk-bench-fused 45 1 "$dk" bench --device cuda --ops fused --dtype bf16 --iters 5 \
   --check-rows 2
+# A/B: the chunks' f32 rows (1.6 MB pairs at V 200064) on 16-block stream clusters (100 KB slices,
+# within L2) instead of the default one block per row (re-reads from DRAM).
+run_step dk-bench-fused-stream16 45 0 env DK_DIVERGENCE_CLUSTER=stream \
+  DK_DIVERGENCE_CLUSTER_SIZE=16 "$dk" bench --device cuda --ops fused --dtype bf16 --iters 5 \
+  --check-rows 2
 
 # ---- 6. Rust test executables (CUDA variants run when a GPU is present) ------------------------------
 reserve=170 # pytest and the Python benchmarks come after
@@ -279,7 +285,9 @@ export PYTHONPATH="$root/python:$site${PYTHONPATH:+:$PYTHONPATH}"
 # Kept back for the Python benchmarks: each later step's reserve plus ~40 s for the next one
 # (9: 100 + 40; 9b: 60; 10: at least ~60 s, --quick when short).
 reserve=140 # the Python benchmarks
-run_step pytest 120 1 "$py" -m pytest python/tests -q -rs -p no:cacheprovider
+# PYTEST_K: a pytest -k expression to run a subset (a second call after a fix).
+run_step pytest 120 1 "$py" -m pytest python/tests -q -rs -p no:cacheprovider \
+  ${PYTEST_K:+-k "$PYTEST_K"}
 
 # ---- 9. Python benchmark of attention against SDPA's flash (FA2) and cuDNN backends -------------
 reserve=100 # the fused and the other Python benchmark

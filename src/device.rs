@@ -48,6 +48,7 @@ fn kernel_names() -> impl Iterator<Item = &'static str> {
         .iter()
         .chain(crate::moe::cuda::KERNEL_NAMES)
         .chain(crate::fused::cuda::KERNEL_NAMES)
+        .chain(crate::scale_rows::cuda::KERNEL_NAMES)
         .chain(
             crate::attention::cuda::KERNEL_NAMES
                 .iter()

@@ -4,7 +4,9 @@
 //! generalized JSD over 128k–262k vocabularies, with the gradient w.r.t. the student logits, the
 //! same fused with the lm_head product, MoE token dispatch and grouped-query attention —
 //! exact, deterministic, on the CPU (f64 reference) or CUDA (fused kernels embedded in the
-//! library, loaded at run time, no link-time CUDA dependency).
+//! library, loaded at run time, no link-time CUDA dependency). [`scale_rows`] scales rows in
+//! place on the device's own factors, skipping rows whose factor is exactly 1 (the backward
+//! passes' `grad_output` scaling).
 //!
 //! Faces: this Rust API, a C ABI (`include/distill_kernels.h`) and a ctypes Python package
 //! (`python/`), all on the same [`Context`].
@@ -44,6 +46,7 @@ pub mod error;
 pub mod fused;
 pub mod moe;
 mod parallel;
+pub mod scale_rows;
 pub mod tensor;
 
 pub use device::{Context, Launch};

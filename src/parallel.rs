@@ -1,4 +1,5 @@
-//! What the multi-threaded CPU backends share: raw call structs handed to worker threads.
+//! What the multi-threaded CPU backends share: raw call structs handed to worker threads, and
+//! splitting a call's rows over threads.
 
 /// A value of raw pointers (a validated raw call) shared with worker threads.
 pub(crate) struct Shared<T>(T);
@@ -23,4 +24,33 @@ impl<T> Shared<T> {
     pub(crate) fn get(&self) -> &T {
         &self.0
     }
+}
+
+/// Elements of work below which [`for_each_range`] stays on the calling thread.
+const WORK_PER_THREAD: usize = 1 << 15;
+
+/// Runs `f` over contiguous ranges covering `0..items` (each item `work_per_item` elements of
+/// work), on as many threads as the work deserves (one, for small calls).
+pub(crate) fn for_each_range(
+    items: usize,
+    work_per_item: usize,
+    f: impl Fn(std::ops::Range<usize>) + Sync,
+) {
+    let by_work = items.saturating_mul(work_per_item.max(1)) / WORK_PER_THREAD;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(by_work)
+        .min(items)
+        .max(1);
+    if threads == 1 {
+        f(0..items);
+        return;
+    }
+    let per = items.div_ceil(threads);
+    std::thread::scope(|scope| {
+        for start in (0..items).step_by(per) {
+            let f = &f;
+            scope.spawn(move || f(start..(start + per).min(items)));
+        }
+    });
 }

@@ -3,7 +3,8 @@
 //! declare — parsed from the headers, so a new field cannot be missed — and the values of the
 //! code macros. They must equal the Rust mirrors: the `*_args_layout()` functions for the kernel
 //! argument structs (cuda/include/dk_*_args.h, dk_attention_shape.h) and `offset_of!` on the C ABI structs
-//! (include/distill_kernels.h: divergence, fused linear divergence, MoE dispatch and attention).
+//! (include/distill_kernels.h: divergence, row scaling, fused linear divergence, MoE dispatch and
+//! attention).
 
 mod common;
 
@@ -20,6 +21,7 @@ use distill_kernels::capi::fused::{DkFusedLinearArgs, DkFusedLinearParams};
 use distill_kernels::capi::moe::{
     DkMoeCombineArgs, DkMoePermuteArgs, DkMoeRouteArgs, DkMoeRouteParams, DkMoeSlotDotArgs,
 };
+use distill_kernels::capi::scale_rows::DkScaleRowsArgs;
 use distill_kernels::divergence::{Kind, Reduction};
 use distill_kernels::moe::Score;
 use distill_kernels::{DType, ErrorKind};
@@ -318,6 +320,22 @@ fn c_abi_structs_match_rust() {
     compare(
         &values,
         &fields,
+        "dk_scale_rows_args",
+        size_of::<DkScaleRowsArgs>(),
+        Some(align_of::<DkScaleRowsArgs>()),
+        &[
+            ("n", offset_of!(DkScaleRowsArgs, n)),
+            ("v", offset_of!(DkScaleRowsArgs, v)),
+            ("x", offset_of!(DkScaleRowsArgs, x)),
+            ("dtype", offset_of!(DkScaleRowsArgs, dtype)),
+            ("stride", offset_of!(DkScaleRowsArgs, stride)),
+            ("factors", offset_of!(DkScaleRowsArgs, factors)),
+            ("factor_stride", offset_of!(DkScaleRowsArgs, factor_stride)),
+        ],
+    );
+    compare(
+        &values,
+        &fields,
         "dk_moe_route_params",
         size_of::<DkMoeRouteParams>(),
         Some(align_of::<DkMoeRouteParams>()),
@@ -608,6 +626,7 @@ fn c_abi_structs_match_rust() {
         "DkAttentionBwdArgs",
         "dk_divergence_args",
         "dk_divergence_params",
+        "dk_scale_rows_args",
         "dk_fused_linear_params",
         "dk_fused_linear_args",
         "dk_moe_route_params",

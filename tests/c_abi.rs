@@ -285,6 +285,7 @@ fn header_and_exports_agree() {
         "dk_attention_forward",
         "dk_attention_backward_workspace_size",
         "dk_attention_backward",
+        "dk_scale_rows",
     ] {
         assert!(declared.contains(f), "{f} is not declared in the header");
     }

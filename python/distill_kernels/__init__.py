@@ -4,8 +4,9 @@ token dispatch and grouped-query attention for LLM distillation, over the librar
 ``distill_kernels.divergence``, ``distill_kernels.fused_linear_divergence`` (the divergence
 straight from hidden states and lm_head weights) and ``distill_kernels.moe_route`` / ``moe_permute`` /
 ``moe_combine`` (and their ``*_backward``) and ``distill_kernels.attention`` /
-``attention_backward`` (grouped-query attention, padded or packed variable-length) work on numpy
-arrays (CPU backend);
+``attention_backward`` (grouped-query attention, padded or packed variable-length) and
+``distill_kernels.scale_rows`` (in-place row scaling that skips rows whose factor is exactly 1)
+work on numpy arrays (CPU backend);
 ``distill_kernels.torch`` has the same as autograd functions for torch tensors (CUDA, zero-copy,
 on torch's current stream). Importing this package needs numpy, never torch. The shared library is loaded on first use; see ``_lib`` for where it is
 looked for (``DISTILL_KERNELS_LIB`` first).
@@ -31,6 +32,7 @@ from ._lib import (
 from .divergence import DivergenceResult, divergence  # noqa: E402  (the function shadows the module)
 from .fused import FusedLinearResult, fused_linear_divergence  # noqa: E402
 from .attention import AttentionResult, attention, attention_backward  # noqa: E402
+from .scale_rows import scale_rows  # noqa: E402
 from .moe import (  # noqa: E402
     MoeRoute,
     moe_combine,
@@ -58,6 +60,7 @@ __all__ = [
     "attention",
     "attention_backward",
     "AttentionResult",
+    "scale_rows",
     "DistillKernelsError",
     "NullPointerError",
     "InvalidArgumentError",

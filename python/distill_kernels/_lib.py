@@ -38,6 +38,7 @@ __all__ = [
     "LibraryNotFoundError",
     "DivergenceParams",
     "DivergenceArgs",
+    "ScaleRowsArgs",
     "MoeRouteParams",
     "MoeRouteArgs",
     "MoePermuteArgs",
@@ -52,6 +53,8 @@ __all__ = [
     "AttentionBackwardArgs",
     "ATTENTION_HEAD_DIMS",
     "lib",
+    "scale_rows_lib",
+    "scale_rows_call",
     "moe_lib",
     "fused_lib",
     "attention_lib",
@@ -184,6 +187,20 @@ class DivergenceArgs(ctypes.Structure):
         ("per_token", ctypes.c_void_p),
         ("grad", ctypes.c_void_p),
         ("grad_stride", ctypes.c_int64),
+    ]
+
+
+class ScaleRowsArgs(ctypes.Structure):
+    """``dk_scale_rows_args``."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("v", ctypes.c_int64),
+        ("x", ctypes.c_void_p),
+        ("dtype", ctypes.c_int32),
+        ("stride", ctypes.c_int64),
+        ("factors", ctypes.c_void_p),
+        ("factor_stride", ctypes.c_int64),
     ]
 
 
@@ -488,6 +505,20 @@ def _first_missing(l: ctypes.CDLL, names) -> Optional[str]:
     return next((name for name in names if not hasattr(l, name)), None)
 
 
+_SCALE_ROWS_SYMBOLS = ("dk_scale_rows",)
+
+
+def _declare_scale_rows(l: ctypes.CDLL) -> Optional[str]:
+    """Declares dk_scale_rows; returns its name if the library lacks it (a library built before
+    the operation: reported when it is called, see scale_rows_lib), else None."""
+    missing = _first_missing(l, _SCALE_ROWS_SYMBOLS)
+    if missing is not None:
+        return missing
+    l.dk_scale_rows.argtypes = [ctypes.c_void_p, ctypes.POINTER(ScaleRowsArgs), ctypes.c_void_p]
+    l.dk_scale_rows.restype = ctypes.c_int32
+    return None
+
+
 _MOE_SYMBOLS = (
     "dk_moe_max_rows",
     "dk_moe_route_params_default",
@@ -629,8 +660,8 @@ def _check_version(found: str, path: Path) -> None:
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _lib_path: Optional[Path] = None
-# Per optional operation ("moe", "fused", "attention"): the first of its symbols the loaded
-# library lacks, or None.
+# Per optional operation ("scale_rows", "moe", "fused", "attention"): the first of its symbols
+# the loaded library lacks, or None.
 _missing: Dict[str, Optional[str]] = {}
 
 
@@ -647,6 +678,7 @@ def lib() -> ctypes.CDLL:
             except OSError as e:
                 raise LibraryNotFoundError(f"could not load {path}: {e}; " + _HOW_TO_BUILD) from e
             _declare(l)
+            _missing["scale_rows"] = _declare_scale_rows(l)
             _missing["moe"] = _declare_moe(l)
             _missing["fused"] = _declare_fused(l)
             _missing["attention"] = _declare_attention(l)
@@ -667,6 +699,11 @@ def _lib_exporting(key: str, operation: str) -> ctypes.CDLL:
             f"without {operation}); rebuild it with `cargo build --release`"
         )
     return l
+
+
+def scale_rows_lib() -> ctypes.CDLL:
+    """The loaded library, checked to export the row scaling (``dk_scale_rows``)."""
+    return _lib_exporting("scale_rows", "the row scaling")
 
 
 def moe_lib() -> ctypes.CDLL:
@@ -806,6 +843,18 @@ def _real(name: str, x) -> float:
             pass
         raise TypeError(f"{name} must be a real number, got {x!r}")
     return float(x)
+
+
+# ---- row scaling: the call shared by the numpy and torch faces ----------------------------------
+
+
+def scale_rows_call(handle, x_ptr: int, dtype: int, n: int, v: int, stride: int,
+                    factors_ptr: int, factor_stride: int, stream, what: str = "scale_rows") -> None:
+    """``dk_scale_rows``: ``x[i, :] *= factors[i * factor_stride]`` in place (f32 product, rounded
+    once; rows whose factor is exactly 1.0 untouched), on ``stream`` for a CUDA context."""
+    args = ScaleRowsArgs(n=n, v=v, x=x_ptr, dtype=dtype, stride=stride, factors=factors_ptr,
+                         factor_stride=factor_stride)
+    check(scale_rows_lib().dk_scale_rows(handle, ctypes.byref(args), stream), what)
 
 
 # ---- MoE dispatch: parameters and calls shared by the numpy and torch faces --------------------

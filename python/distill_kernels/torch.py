@@ -5,8 +5,10 @@ runs zero-copy on that device's current torch stream, with no host synchronisati
 written into a device tensor. It returns a 0-d float32 tensor for ``batchmean`` / ``sum`` and the
 per-token float32 ``[N]`` tensor for ``none``. When the student requires grad, the gradient is
 computed in the same pass into a buffer of the student's dtype; backward scales it by
-``grad_output`` (in place, so each graph can be backpropagated once). The teacher is treated as a
-constant (as in TRL and Liger): no gradient flows to it.
+``grad_output`` (in place, so each graph can be backpropagated once; on CUDA through
+dk_scale_rows, see :func:`scale_rows_`, which reads ``grad_output`` on the device and skips the
+pass when it is exactly 1). The teacher is treated as a constant (as in TRL and Liger): no
+gradient flows to it.
 
 CPU tensors work too, through the library's CPU backend (blocking).
 """
@@ -104,6 +106,83 @@ def _launch(device: int, student, s_stride, teacher, t_stride, labels, params, l
     _lib.check(status, "divergence")
 
 
+def _scale_rows_launch(x: torch.Tensor, factors: torch.Tensor, factor_stride: int) -> None:
+    """dk_scale_rows over the 2-D `x` (rows of contiguous elements, row stride x.stride(0)) with
+    the float32 `factors` on x's device, on that device's current stream."""
+    n, v = x.shape
+    device = _device_ordinal(x)
+
+    def go():
+        stream = torch.cuda.current_stream(device).cuda_stream if device >= 0 else None
+        _lib.scale_rows_call(_lib.context(device), x.data_ptr(), _DTYPES[x.dtype], n, v,
+                             x.stride(0) if n > 1 else v, factors.data_ptr(), factor_stride,
+                             stream)
+
+    if device >= 0 and device != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            go()
+    else:
+        go()
+
+
+def _scale_by_grad_output(g: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> None:
+    """g *= grad_output in place, over the rows of the 2-D buffer g (per_row: one grad_output
+    value per row; else one for all). On CUDA through dk_scale_rows, which reads grad_output on
+    the device and skips the rows whose factor is exactly 1 (the usual case: no pass over g at
+    all); on the CPU through mul_. The product in float32 with the float32 grad_output, rounded
+    once to g's dtype (torch's own mul_ by a 0-d CUDA tensor would first round the factor to g's
+    dtype); no host sync."""
+    if g.device.type != "cuda":
+        g.mul_(grad_output.reshape(-1, 1) if per_row else grad_output.reshape(()))
+        return
+    factors = grad_output.to(torch.float32).contiguous()
+    _scale_rows_launch(g, factors, 1 if per_row else 0)
+
+
+__all__ += ["scale_rows_"]
+
+
+def scale_rows_(x: torch.Tensor, factors) -> torch.Tensor:
+    """Scales the rows of ``x`` in place, ``x[i, :] = round(x[i, :] * factors[i])``; returns ``x``.
+
+    ``x``: ``[N, V]`` (or ``[V]``) float32 / bfloat16 / float16 on a CUDA device (or the CPU,
+    through the library's CPU backend), with contiguous rows (a row stride above V is fine); it
+    is written through its pointer, so it must not require grad. ``factors``: a tensor on x's
+    device with 1 value (every row) or N values (converted to float32), or a Python number. The
+    product is computed in float32 and rounded once to x's dtype (as ``x.mul_(f)`` for a float32
+    ``f`` of shape ``[N, 1]``; for a 0-d float32 ``f`` on CUDA torch rounds the factor to x's dtype
+    first, this does not); rows whose factor is exactly 1.0 are not read or written. On CUDA the
+    factors are read by the kernel on the current stream: no host synchronisation, and a factor of
+    1 costs no pass over x.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x dtype {x.dtype} is not supported: use float32, bfloat16 or float16")
+    if x.dim() not in (1, 2) or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty 2-D [N, V] (or 1-D [V]) tensor, got shape "
+                         f"{tuple(x.shape)}")
+    if x.requires_grad:
+        raise ValueError("x requires grad: scale a plain buffer (detached, or under no_grad)")
+    _device_ordinal(x)
+    m = x.unsqueeze(0) if x.dim() == 1 else x
+    n, v = m.shape
+    if (v > 1 and m.stride(1) != 1) or (n > 1 and m.stride(0) < v):
+        raise ValueError(f"x must have contiguous, non-overlapping rows (stride(-1) == 1, row "
+                         f"stride >= V), got strides {tuple(x.stride())}: it is scaled in place")
+    if isinstance(factors, torch.Tensor):
+        if factors.device != x.device:
+            raise ValueError(f"factors are on {factors.device} but x is on {x.device}")
+        f = factors.detach().to(torch.float32).reshape(-1).contiguous()
+    else:
+        f = torch.full((1,), _lib._real("factors", factors), dtype=torch.float32, device=x.device)
+    if f.numel() not in (1, n):
+        raise ValueError(f"factors must hold 1 value (every row) or N = {n} values, got "
+                         f"{f.numel()}")
+    _scale_rows_launch(m, f, 0 if f.numel() == 1 else 1)
+    return x
+
+
 class DivergenceFunction(torch.autograd.Function):
     """autograd.Function behind :func:`divergence` (arguments already validated)."""
 
@@ -144,11 +223,7 @@ class DivergenceFunction(torch.autograd.Function):
                 )
             return None, None, None, None, None, None
         ctx.grad_buf = None
-        if ctx.reduction_none:
-            scale = grad_output.reshape(-1, 1)
-        else:
-            scale = grad_output.reshape(())
-        g.mul_(scale)  # computed in float32, stored in the student's dtype; no host sync
+        _scale_by_grad_output(g, grad_output, ctx.reduction_none)
         return g.view(ctx.out_shape), None, None, None, None, None
 
 
@@ -703,16 +778,16 @@ class FusedLinearFunction(torch.autograd.Function):
                 "again instead of backpropagating the same graph twice"
             )
         ctx.grads = None
-        if ctx.reduction_none:
-            # Only the hidden-state gradient can be scaled per row (checked in the forward).
-            scale = grad_output.reshape(-1, 1)
-        else:
-            scale = grad_output.reshape(())
+        # With reduction "none" only the hidden-state gradient exists (checked in the forward):
+        # it is scaled per row; the weight gradient by the one grad_output value.
+        # On CUDA dk_scale_rows (all three buffer dtypes: the input's or float32): no pass over
+        # the buffers when grad_output is exactly 1. No host sync; f32 buffers are cast to the
+        # input dtype by autograd.
         if gh is not None:
-            gh.mul_(scale)  # no host sync; f32 buffers are cast to the input dtype by autograd
+            _scale_by_grad_output(gh, grad_output, ctx.reduction_none)
             gh = gh.view(ctx.hidden_shape)
         if gw is not None:
-            gw.mul_(scale)
+            _scale_by_grad_output(gw, grad_output, False)
         return gh, gw, None, None, None, None, None, None, None, None
 
 

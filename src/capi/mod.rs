@@ -12,6 +12,7 @@ pub mod divergence;
 pub mod error;
 pub mod fused;
 pub mod moe;
+pub mod scale_rows;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

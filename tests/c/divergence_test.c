@@ -5,7 +5,8 @@
  * reverse KL, JSD; batchmean / sum / none; labels with ignore_index; temperature; num_items;
  * row strides; a bf16 student; in place; forward only) against its own double-precision
  * implementation below, poisoned outputs written everywhere and padding untouched, and the
- * error paths (NULL arguments, bad codes, bad shapes: status, dk_last_error, nothing written).
+ * error paths (NULL arguments, bad codes, bad shapes: status, dk_last_error, nothing written);
+ * and the row scaling (dk_scale_rows: f32 and bf16, factor-1 rows untouched, its error paths).
  * On CUDA (argv[2] = "1": a device and compiled kernels are present) it opens a context and
  * checks the device queries and that host pointers are refused; the numerical CUDA checks live
  * in the Rust tests, which own device memory through cudarc.
@@ -444,6 +445,134 @@ static void check_cuda(void) {
          ws);
 }
 
+/* ---- row scaling (dk_scale_rows) ---------------------------------------------------------- */
+
+/* f32 and bf16 rows in a strided buffer: rows with factor 1 hold NaN payloads and must keep their
+ * bits, the others are scaled (the float product rounded once: exact in float for f32,
+ * f32_to_bf16's round to nearest even for bf16), the padding stays, one factor (stride 0) for
+ * all rows works both ways, and bad arguments return their status with nothing written. */
+static void check_scale_rows(dk_context* ctx) {
+  enum { N = 6, V = 37, S = 40 };
+  static const float factors[N] = {2.5f, 1.0f, -0.75f, 0.0f, 1.0f, 1.0e-3f};
+  float xf[N * S], xf0[N * S], two = 2.0f, one = 1.0f;
+  uint16_t xb[N * S], xb0[N * S];
+  dk_scale_rows_args a;
+  dk_status st;
+  int i, j, wrong = 0, changed;
+
+  for (i = 0; i < N; ++i) {
+    for (j = 0; j < S; ++j) {
+      int k = i * S + j;
+      if (j >= V) {
+        memcpy(&xf[k], &POISON, 4);
+        xb[k] = POISON16;
+      } else if (factors[i] == 1.0f) {
+        uint32_t nan = 0x7F800001u + (uint32_t)j; /* signalling NaNs: arithmetic would quiet them */
+        memcpy(&xf[k], &nan, 4);
+        xb[k] = (uint16_t)(0xFF81u + (unsigned)j);
+      } else {
+        xf[k] = (float)(rng_normal() * 3.0);
+        xb[k] = f32_to_bf16(xf[k]);
+      }
+    }
+  }
+  memcpy(xf0, xf, sizeof xf);
+  memcpy(xb0, xb, sizeof xb);
+
+  memset(&a, 0, sizeof a);
+  a.n = N;
+  a.v = V;
+  a.x = xf;
+  a.dtype = DK_DTYPE_F32;
+  a.stride = S;
+  a.factors = factors;
+  a.factor_stride = 1;
+  st = dk_scale_rows(ctx, &a, NULL);
+  CHECK(st == DK_OK, "scale_rows f32: status %d (%s)\n", (int)st, dk_last_error());
+  a.x = xb;
+  a.dtype = DK_DTYPE_BF16;
+  st = dk_scale_rows(ctx, &a, NULL);
+  CHECK(st == DK_OK, "scale_rows bf16: status %d (%s)\n", (int)st, dk_last_error());
+  for (i = 0; i < N; ++i) {
+    for (j = 0; j < S; ++j) {
+      int k = i * S + j;
+      float want = xf0[k];
+      uint16_t want_b = xb0[k];
+      if (j < V && factors[i] != 1.0f) {
+        want = xf0[k] * factors[i];
+        want_b = f32_to_bf16((float)bf16_to_double(xb0[k]) * factors[i]);
+      }
+      wrong += memcmp(&xf[k], &want, 4) != 0;
+      wrong += xb[k] != want_b;
+    }
+  }
+  CHECK(wrong == 0, "scale_rows: %d elements differ from the reference or changed\n", wrong);
+
+  /* One factor for every row: 1 leaves the buffer alone, 2 doubles every row (not the padding). */
+  memcpy(xf, xf0, sizeof xf);
+  a.x = xf;
+  a.dtype = DK_DTYPE_F32;
+  a.factors = &one;
+  a.factor_stride = 0;
+  st = dk_scale_rows(ctx, &a, NULL);
+  CHECK(st == DK_OK && memcmp(xf, xf0, sizeof xf) == 0, "scale_rows by 1: %d, changed %d\n",
+        (int)st, memcmp(xf, xf0, sizeof xf) != 0);
+  a.factors = &two;
+  st = dk_scale_rows(ctx, &a, NULL);
+  wrong = 0;
+  for (i = 0; i < N; ++i) {
+    for (j = 0; j < S; ++j) {
+      int k = i * S + j;
+      float want = j < V ? xf0[k] * 2.0f : xf0[k];
+      /* NaN rows: any NaN is right (payloads may be quieted) */
+      if (j < V && xf0[k] != xf0[k]) wrong += xf[k] == xf[k];
+      else wrong += memcmp(&xf[k], &want, 4) != 0;
+    }
+  }
+  CHECK(st == DK_OK && wrong == 0, "scale_rows by 2: status %d, %d wrong\n", (int)st, wrong);
+  printf("ok   scale_rows: f32 and bf16, factor-1 rows untouched, one factor for all rows\n");
+
+  /* Errors: the status, a message, and nothing written. */
+  memcpy(xf, xf0, sizeof xf);
+  a.factors = factors;
+  a.factor_stride = 1;
+#define EXPECT_SCALE(call, code, what)                                                      \
+  do {                                                                                      \
+    st = (call);                                                                            \
+    changed = memcmp(xf, xf0, sizeof xf) != 0;                                              \
+    CHECK(st == (code) && strlen(dk_last_error()) > 0 && !changed,                          \
+          "scale_rows %s: status %d, expected %d (%s), changed %d\n", what, (int)st,        \
+          (int)(code), dk_last_error(), changed);                                           \
+    printf("ok   error: scale_rows %-26s -> %d \"%s\"\n", what, (int)st, dk_last_error());    \
+  } while (0)
+  EXPECT_SCALE(dk_scale_rows(NULL, &a, NULL), DK_ERR_NULL_POINTER, "NULL context");
+  EXPECT_SCALE(dk_scale_rows(ctx, NULL, NULL), DK_ERR_NULL_POINTER, "NULL args");
+  a.x = NULL;
+  EXPECT_SCALE(dk_scale_rows(ctx, &a, NULL), DK_ERR_NULL_POINTER, "NULL x");
+  a.x = xf;
+  a.factors = NULL;
+  EXPECT_SCALE(dk_scale_rows(ctx, &a, NULL), DK_ERR_NULL_POINTER, "NULL factors");
+  a.factors = factors;
+  a.dtype = 5;
+  EXPECT_SCALE(dk_scale_rows(ctx, &a, NULL), DK_ERR_UNSUPPORTED_DTYPE, "dtype 5");
+  a.dtype = DK_DTYPE_F32;
+  a.stride = V - 1;
+  EXPECT_SCALE(dk_scale_rows(ctx, &a, NULL), DK_ERR_SHAPE, "stride < v");
+  a.stride = S;
+  a.factor_stride = -1;
+  EXPECT_SCALE(dk_scale_rows(ctx, &a, NULL), DK_ERR_SHAPE, "factor_stride -1");
+  a.factor_stride = 1;
+  a.n = 0;
+  EXPECT_SCALE(dk_scale_rows(ctx, &a, NULL), DK_ERR_SHAPE, "n = 0");
+  a.n = N;
+  a.v = -3;
+  EXPECT_SCALE(dk_scale_rows(ctx, &a, NULL), DK_ERR_SHAPE, "v = -3");
+  a.v = V;
+  a.factors = xf + 3; /* inside the matrix */
+  EXPECT_SCALE(dk_scale_rows(ctx, &a, NULL), DK_ERR_SHAPE, "factors overlapping x");
+#undef EXPECT_SCALE
+}
+
 int main(int argc, char** argv) {
   dk_context* ctx = NULL;
   int32_t dev = 7;
@@ -506,6 +635,7 @@ int main(int argc, char** argv) {
            make_params(DK_REVERSE_KL, 0.5f, 1.0f, DK_REDUCTION_BATCHMEAN));
 
   check_errors(ctx);
+  check_scale_rows(ctx);
   CHECK(dk_context_destroy(ctx) == DK_OK, "destroy\n");
   CHECK(dk_context_destroy(NULL) == DK_OK, "destroy NULL\n");
 

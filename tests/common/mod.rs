@@ -10,10 +10,12 @@
 //!   untouched", NaN confined to its row.
 //! - MoE dispatch: buffers, call specs and a device runner in [`moe`].
 //! - Attention: an independent naive reference, cases, call specs and a runner in [`attention`].
+//! - Row scaling: cases, an independent reference of the rounding and a runner in [`scale_rows`].
 #![allow(dead_code)]
 
 pub mod attention;
 pub mod moe;
+pub mod scale_rows;
 
 use std::ffi::c_void;
 use std::io::Write;

@@ -1,0 +1,59 @@
+"""numpy face of the row scaling, on the library's CPU backend.
+
+``scale_rows(x, factors)`` multiplies each row of ``x`` in place by its factor: the product in
+float32, rounded once (to nearest even) to ``x``'s dtype, and rows whose factor is exactly 1.0 are
+not touched at all. The torch face (``distill_kernels.torch.scale_rows_``) runs the same on CUDA
+tensors, where the factors are read on the device (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _lib
+from .divergence import _dtype_code
+
+__all__ = ["scale_rows"]
+
+
+def scale_rows(x: np.ndarray, factors) -> np.ndarray:
+    """Scales the rows of ``x`` in place: ``x[i, :] = round(x[i, :] * factors[i])``; returns ``x``.
+
+    ``x``: a writeable ``[N, V]`` (or ``[V]``, one row) array of float32, float16 or
+    ml_dtypes.bfloat16 whose rows are contiguous (a row stride larger than V is fine, e.g.
+    ``big[:, :V]``); it is never copied, so other layouts raise ValueError. ``factors``: a number
+    or a 0-d / 1-element array (one factor for every row), or N values, converted to float32.
+    The product is computed in float32 and rounded once to ``x``'s dtype; rows whose factor is
+    exactly 1.0 keep their bits (NaN payloads included); 0, negative, inf and NaN factors scale
+    as IEEE arithmetic says.
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x must be a numpy array (scaled in place), got {type(x).__name__}")
+    code = _dtype_code("x", x.dtype)
+    if x.ndim not in (1, 2):
+        raise ValueError(f"x must be 2-D [N, V] (or 1-D [V]), got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"x is empty: shape {x.shape}")
+    if not x.flags.writeable:
+        raise ValueError("x is read-only (it is scaled in place)")
+    m = x.reshape(1, -1) if x.ndim == 1 else x
+    n, v = m.shape
+    item = m.dtype.itemsize
+    s0, s1 = m.strides
+    if not (m.dtype.isnative and m.flags.aligned and (v == 1 or s1 == item)
+            and (n == 1 or (s0 % item == 0 and s0 // item >= v))):
+        raise ValueError(
+            f"x must have contiguous, aligned rows in native byte order (strides {x.strides}, "
+            f"dtype {x.dtype}): it is scaled in place, so it cannot be copied"
+        )
+    stride = v if n == 1 else s0 // item
+    f = np.ascontiguousarray(np.asarray(factors, dtype=np.float32).reshape(-1))
+    if f.size == 1:
+        factor_stride = 0
+    elif f.size == n:
+        factor_stride = 1
+    else:
+        raise ValueError(f"factors must hold 1 value (all rows) or N = {n} values, got {f.size}")
+    _lib.scale_rows_call(_lib.context(-1), m.ctypes.data, code, n, v, stride, f.ctypes.data,
+                         factor_stride, None)
+    return x
