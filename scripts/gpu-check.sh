@@ -228,6 +228,13 @@ run_step dk-bench-smem 45 1 env DK_DIVERGENCE_CLUSTER=smem "$dk" bench --device 
   --ops divergence --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd
 run_step dk-bench-stream 45 1 env DK_DIVERGENCE_CLUSTER=stream "$dk" bench --device cuda \
   --ops divergence --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd
+# The stream variant with fewer, longer blocks per row (its 8-block clusters ran at a fixed
+# ~2.6 ms on both the H100 and the H200: per-block latency, not bandwidth).
+for c in 2 4; do
+  run_step "dk-bench-stream-c$c" 30 0 env DK_DIVERGENCE_CLUSTER=stream DK_DIVERGENCE_CLUSTER_SIZE=$c \
+    "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 4096 --vocab 151936 \
+    --kinds forward_kl --passes fwd+bwd
+done
 
 # ---- 5. dk bench MoE: route, permute / combine fwd + bwd for the 3 shapes of ANCHORS.md --------
 # 15 results at N = 16384 (bf16 activations, f32 router logits), each checked against the CPU

@@ -16,19 +16,23 @@ namespace divergence {
 
 enum class Kind { ForwardKl, ReverseKl, Jsd };
 
-// Online statistics of a row pair, in base-2 units: with k = log2(e) / T and x a raw logit,
-// every exponent is x·k − m where m = k · (raw row maximum), one FFMA per element and side
-// (the maximum commutes with the positive scale k, so it is taken on the raw logits). The state
-// holds both scaled maxima, the sums of 2^(x·k − m) of both sides and, for the KL kinds,
-// acc = Σ 2^(X_w) (X_w − X_o) with X = x·k − m, where w is the side that weights the KL sum
-// (teacher for forward KL, student for reverse KL) and o the other. Keeping every quantity
-// relative to the row maxima avoids subtracting two log normalisers of size ~log V + max:
-// KL = ln 2 · acc / S_w + log(S_o / S_w) is accurate in f32.
+// Online statistics of a row pair, in base-2 units: with k = log2(e) / T, a raw logit x and its
+// side's raw running maximum M, every exponent is X = (x − M)·k (one FADD, one FMUL), exactly
+// 0 at the maximum. An FFMA x·k − round(M·k) would save the FADD, but its exponent at the
+// maximum is the rounding residual of M·k, and on the GPU ex2.approx of that residual does not
+// cancel against the log ratio of the sums: one-element rows then had losses of ~1e-7 instead of
+// 0, and small KL losses (~1e-5) errors of 1e-2 relative (H200, 2026-11-26). The state holds
+// both raw maxima, the sums of 2^X of both sides and, for the KL kinds,
+// acc = Σ 2^(X_w) (X_w − X_o), where w is the side that weights the KL sum (teacher for forward
+// KL, student for reverse KL) and o the other. Keeping every quantity relative to the row
+// maxima avoids subtracting two log normalisers of size ~log V + max:
+// KL = ln 2 · acc / S_w + log(S_o / S_w) is accurate in f32. k is part of the state (0 in a
+// default-constructed, empty one) because merging rescales by 2^((M_old − M_new)·k).
 template <Kind K>
 struct RowStats {
   static constexpr bool kAcc = K != Kind::Jsd;
   static constexpr bool kTeacherWeights = K == Kind::ForwardKl;
-  float mt = -INFINITY, st = 0.f, ms = -INFINITY, ss = 0.f, acc = 0.f;
+  float mt = -INFINITY, st = 0.f, ms = -INFINITY, ss = 0.f, acc = 0.f, k = 0.f;
 
   // Re-expresses the state relative to new maxima (each no smaller than the old one).
   DK_HD void rebase(float mt2, float ms2) {
@@ -36,39 +40,38 @@ struct RowStats {
       const float mw = kTeacherWeights ? mt : ms, mw2 = kTeacherWeights ? mt2 : ms2;
       const float mo = kTeacherWeights ? ms : mt, mo2 = kTeacherWeights ? ms2 : mt2;
       const float sw = kTeacherWeights ? st : ss;
-      // Every d shifts by -(mw2 - mw) + (mo2 - mo). An unseen other side (mo = -inf) means all
-      // accumulated d were +inf already, and they stay +inf.
-      const float shift = (mw2 - mw) - (mo2 == mo ? 0.f : mo2 - mo);
+      // Every d shifts by (-(mw2 - mw) + (mo2 - mo))·k. An unseen other side (mo = -inf) means
+      // all accumulated d were +inf already, and they stay +inf.
+      const float shift = ((mw2 - mw) - (mo2 == mo ? 0.f : mo2 - mo)) * k;
       // +inf (mass against a masked entry) stays +inf, also when the rescale underflows to 0.
       acc = mw == -INFINITY ? 0.f
-                            : (acc == INFINITY ? acc : (acc - sw * shift) * rescale2(mw, mw2));
+                            : (acc == INFINITY ? acc : (acc - sw * shift) * rescale2(mw, mw2, k));
     }
-    st *= rescale2(mt, mt2);
-    ss *= rescale2(ms, ms2);
+    st *= rescale2(mt, mt2, k);
+    ss *= rescale2(ms, ms2, k);
     mt = mt2;
     ms = ms2;
   }
 
-  // Adds a chunk of raw teacher (t) and student (s) logits; k = log2(e) / T. Returns true when
+  // Adds a chunk of raw teacher (t) and student (s) logits; kk = log2(e) / T. Returns true when
   // the chunk's KL sum still has to be added with add_masked (a masked or NaN logit in it).
   template <int N>
-  DK_HD bool add(const float (&t)[N], const float (&s)[N], float k) {
+  DK_HD bool add(const float (&t)[N], const float (&s)[N], float kk) {
+    k = kk;
     // fmaxf drops NaN (one FMNMX where a NaN-propagating max takes three instructions): a NaN
     // logit poisons the sums instead, 2^(NaN) = NaN, and `empty` below keeps such a row.
-    float rt = -INFINITY, rs = -INFINITY;
+    float mt2 = mt, ms2 = ms;
 DK_UNROLL
     for (int j = 0; j < N; ++j) {
-      rt = fmaxf(rt, t[j]);
-      rs = fmaxf(rs, s[j]);
+      mt2 = fmaxf(mt2, t[j]);
+      ms2 = fmaxf(ms2, s[j]);
     }
-    // Rounding is monotone, so round(k · max) is the maximum of the rounded products.
-    const float mt2 = fmaxf(mt, rt * k), ms2 = fmaxf(ms, rs * k);
     if (!(mt2 == mt && ms2 == ms)) rebase(mt2, ms2);  // one rescale per chunk at most
     const float nt = shift_of(mt), ns = shift_of(ms);
     float chunk_acc = 0.f;
 DK_UNROLL
     for (int j = 0; j < N; ++j) {
-      const float X = fmaf(t[j], k, nt), Y = fmaf(s[j], k, ns);
+      const float X = (t[j] + nt) * k, Y = (s[j] + ns) * k;
       const float et = fast_exp2(X), es = fast_exp2(Y);
       st += et;
       ss += es;
@@ -89,11 +92,11 @@ DK_UNROLL
   // the other side is masked makes the KL +inf, as it should: any finite logit has mass, even
   // one whose 2^X is below f32's range (fast_exp2 flushes it to 0), as in the f64 reference.
   template <int N>
-  DK_HD void add_masked(const float (&t)[N], const float (&s)[N], float k) {
+  DK_HD void add_masked(const float (&t)[N], const float (&s)[N]) {
     const float nt = shift_of(mt), ns = shift_of(ms);
 DK_UNROLL
     for (int j = 0; j < N; ++j) {
-      const float X = fmaf(t[j], k, nt), Y = fmaf(s[j], k, ns);
+      const float X = (t[j] + nt) * k, Y = (s[j] + ns) * k;
       const float xw = kTeacherWeights ? t[j] : s[j], xo = kTeacherWeights ? s[j] : t[j];
       const float ew = fast_exp2(kTeacherWeights ? X : Y);
       const float d = kTeacherWeights ? X - Y : Y - X;
@@ -113,7 +116,9 @@ DK_UNROLL
 
   DK_HD void merge(const RowStats& o) {
     const float mt2 = nan_max(mt, o.mt), ms2 = nan_max(ms, o.ms);
+    k = fmaxf(k, o.k);  // an empty default state has k = 0; every real one the row's k
     RowStats other = o;
+    other.k = k;
     other.rebase(mt2, ms2);
     rebase(mt2, ms2);
     st += other.st;
@@ -129,21 +134,23 @@ DK_UNROLL
     o.ms = __shfl_xor_sync(0xffffffffu, ms, offset);
     o.ss = __shfl_xor_sync(0xffffffffu, ss, offset);
     o.acc = __shfl_xor_sync(0xffffffffu, acc, offset);
+    o.k = __shfl_xor_sync(0xffffffffu, k, offset);
     return o;
   }
 #endif
 };
 
-// Per-row constants of the later passes. For entry i with X = t·k − mt, Y = s·k − ms (base-2
-// exponents relative to the maxima, as in RowStats; k = log2(e) / T) and d = Y − X:
-//   p = 2^X / St, q = 2^Y / Ss, log q - log p = d ln 2 - log(Ss / St),
+// Per-row constants of the later passes. For entry i with X = (t − Mt)·k, Y = (s − Ms)·k
+// (base-2 exponents relative to the raw maxima, as in RowStats; k = log2(e) / T), d = Y − X:
+//   p = 2^X / St, q = 2^Y / Ss, delta = log q - log p = d ln 2 - log(Ss / St),
 //   log p - log m = -(log β + softplus(u)), log q - log m = -(log(1-β) + softplus(-u)),
-//   u = log q - log p + log(1-β) - log β = (d + c2) ln 2 with the row constant
-//   c2 = (log(1-β) - log β - log(Ss / St)) log2 e; both softplus share 2^-|u2| and one log2:
-//   softplus(±u) = ln 2 · (max(±u2, 0) + log2(1 + 2^-|u2|)), u2 = d + c2.
-// Masked entries give d = ±inf and stay finite where their probability is non-zero.
+//   u = delta + log(1-β) - log β (both softplus share one exp and one log1p).
+// Masked entries give delta = ±inf and stay finite where their probability is non-zero.
+// (A base-2 softplus, u2 = d + a row constant, saves three instructions per element but put
+// a self-distillation JSD of identical f32 rows at 1.06e-5 against the fused tests' 1e-5 on
+// the H200; this natural-log form passed them on the H100.)
 struct Row {
-  float k, nmt, nms, inv_st, inv_ss, log_ratio, log_beta, log_1mbeta, c2;
+  float k, nmt, nms, inv_st, inv_ss, log_ratio, log_beta, log_1mbeta;
 
   struct Entry {
     float p, q;
@@ -151,7 +158,7 @@ struct Row {
   };
 
   DK_HD Entry entry(float s, float t) const {
-    const float X = fmaf(t, k, nmt), Y = fmaf(s, k, nms);
+    const float X = (t + nmt) * k, Y = (s + nms) * k;
     Entry e;
     e.p = fast_exp2(X) * inv_st;  // 2^-inf = 0 for a masked entry
     e.q = fast_exp2(Y) * inv_ss;
@@ -161,10 +168,9 @@ struct Row {
 
   // (log p - log m, log q - log m) for the JSD mixture, from an entry's d.
   DK_HD float2 log_ratios_to_mixture(float d) const {
-    const float u2 = d + c2;
-    const float l2 = fast_log2_1p_unit(fast_exp2(-fabsf(u2)));
-    return make_float2(-fmaf(fmaxf(u2, 0.f) + l2, kLn2, log_beta),
-                       -fmaf(fmaxf(-u2, 0.f) + l2, kLn2, log_1mbeta));
+    const float u = fmaf(d, kLn2, -log_ratio) + log_1mbeta - log_beta;
+    const float l = fast_log1p_unit(fast_exp(-fabsf(u)));
+    return make_float2(-(log_beta + fmaxf(u, 0.f) + l), -(log_1mbeta + fmaxf(-u, 0.f) + l));
   }
 };
 
@@ -174,9 +180,8 @@ DK_HD float exp2_scale(float inv_t) { return inv_t * 1.4426950408889634f; }
 // The later passes' row constants from the merged statistics.
 template <Kind K>
 DK_HD Row row_of(const RowStats<K>& st, float inv_t, float beta) {
-  const float log_ratio = logf(st.ss / st.st), log_beta = logf(beta), log_1mbeta = log1pf(-beta);
-  return Row{exp2_scale(inv_t), -st.mt, -st.ms, 1.f / st.st, 1.f / st.ss, log_ratio,
-             log_beta, log_1mbeta, (log_1mbeta - log_beta - log_ratio) * 1.4426950408889634f};
+  return Row{exp2_scale(inv_t), -st.mt, -st.ms, 1.f / st.st, 1.f / st.ss, logf(st.ss / st.st),
+             logf(beta), log1pf(-beta)};
 }
 
 // Loss of the KL kinds from the statistics alone, and the gradient's row constant `center`

@@ -66,7 +66,7 @@ struct StatsPass {
       float s2[N], t2[N];
       reload(s + i, s2);
       reload(t + i, t2);
-      stats.add_masked(t2, s2, k);
+      stats.add_masked(t2, s2);
     }
   }
 };

@@ -1,8 +1,8 @@
 //! The Hopper path of the divergence row kernel (`cuda/divergence_cluster.cu`): one
 //! thread-block cluster per row, each block owning a slice of the row, so that the later passes
 //! find the row on chip (in L2 for the stream variant, in shared memory for the smem variant).
-//! It serves short batches, and long batches whose passes re-read rows that stay L2-sized
-//! (cuda/DIVERGENCE.md, version 5), on the stream variant; `src/divergence/cuda.rs` decides. This file chooses the variant and the
+//! Since the H100 runs (cuda/DIVERGENCE.md, version 4) it serves short batches only, on the
+//! stream variant; `src/divergence/cuda.rs` decides. This file chooses the variant and the
 //! cluster size and launches with `cuLaunchKernelEx` (cudarc's launch builder has no cluster
 //! attribute).
 
@@ -27,15 +27,11 @@ const MAX_SLICE_BYTES: usize = 220 * 1024;
 /// Grids smaller than this many blocks leave SMs idle (132 SMs × 2): short batches split rows
 /// over more blocks.
 pub(crate) const MIN_BLOCKS: usize = 264;
-/// From this many rows the one-block kernel (256 threads, several blocks per SM) fills the card
-/// on its own. Below it, rows are split over clusters (N = 256: 41 % of the floor on the H100,
-/// 2026-11-26). From it, calls that read their rows more than once still run the stream
-/// cluster kernel where its slices stay L2-sized ([`long_rows_stay_on_chip`]).
+/// From this many rows the one-block kernel (256 threads, six blocks per SM) has at least four
+/// blocks per SM and beats both cluster variants: at N = 4096 it ran forward KL fwd+bwd at 58 %
+/// of the floor against 47–49 %, JSD at 42 % against 35–37 % (H100, 2026-11-26). Below it,
+/// rows are split over clusters (N = 256: 41 %).
 pub(crate) const ONE_BLOCK_MIN_ROWS: usize = 512;
-/// The largest slice pair (bytes of both inputs, 8-block clusters) for which a long batch runs
-/// the stream cluster kernel: 132 SMs × 2 blocks × 128 KB ≈ 34 MB in flight, inside the 50 MB
-/// L2 of an H100 / H200, so the passes after the first re-read L2 instead of DRAM.
-const LONG_STREAM_SLICE_BYTES: usize = 128 * 1024;
 /// Slices are not split below this many elements (a block must have work for its 512 threads).
 const MIN_SLICE: usize = 4096;
 
@@ -170,21 +166,6 @@ fn stream_cluster_size(n: usize, v: usize, elem_bytes: usize) -> usize {
         c *= 2;
     }
     c
-}
-
-/// Row pairs up to this many bytes (both inputs) stay in L2 on the one-block kernel too: ~800
-/// rows in flight (132 SMs × 6 blocks) × 64 KB ≈ 50 MB.
-const ONE_BLOCK_ROWS_IN_L2_BYTES: usize = 64 * 1024;
-
-/// Whether a long batch (at least [`ONE_BLOCK_MIN_ROWS`] rows) whose passes re-read the rows
-/// should run the stream cluster kernel rather than one block per row: when the one-block
-/// kernel's rows in flight overflow L2 (rows longer than [`ONE_BLOCK_ROWS_IN_L2_BYTES`]) while
-/// 8-block slices stay within [`LONG_STREAM_SLICE_BYTES`]. The one-block kernel then re-reads
-/// each row from DRAM (5 units of traffic for KL forward + backward, 3/5 of the floor at best,
-/// 58 % measured on the H100); the stream kernel's re-reads hit L2.
-pub(crate) fn long_rows_stay_on_chip(v: usize, elem_bytes: usize) -> bool {
-    v * elem_bytes > ONE_BLOCK_ROWS_IN_L2_BYTES
-        && slice(v, 8) * elem_bytes <= LONG_STREAM_SLICE_BYTES
 }
 
 /// Smem variant: the smallest cluster that holds the row two blocks per SM, else one per SM;
@@ -341,21 +322,6 @@ mod tests {
         assert_eq!(stream(16, 151936, 4), 8);
         assert_eq!(stream(2, 32768, 4), 8);
         assert_eq!(stream(2, 8192, 4), 2);
-    }
-
-    #[test]
-    fn long_batches_stream_only_rows_whose_slices_fit_l2() {
-        // bf16 pairs at the model vocabularies: 76 / 99 / 128 KB slices.
-        for v in [151936, 200064, 202048, 262144] {
-            assert!(long_rows_stay_on_chip(v, 4), "bf16 v {v}");
-        }
-        // f32 pairs: 152 KB at 151936 already too large.
-        assert!(!long_rows_stay_on_chip(151936, 8));
-        assert!(long_rows_stay_on_chip(131072, 8));
-        assert!(!long_rows_stay_on_chip(262152, 4));
-        // Short rows stay in L2 on the one-block kernel.
-        assert!(!long_rows_stay_on_chip(16384, 4));
-        assert!(long_rows_stay_on_chip(16385, 4));
     }
 
     #[test]

@@ -246,21 +246,16 @@ impl<'d> RowKernels<'d> {
     }
 
     /// Queues the row kernel over `args.n` rows: one block per row, except on Hopper (sm_90)
-    /// with 16-byte aligned rows for a short batch, which runs one cluster per row so that the
-    /// card fills, and for a long batch whose passes re-read rows too long to stay in L2, which
-    /// runs one stream cluster per row so that they do (cuda/DIVERGENCE.md, versions 4 and 5).
+    /// for a short batch of 16-byte aligned rows, which runs one cluster per row so that the
+    /// card fills (the H100 measurements behind this are in cuda/DIVERGENCE.md, version 3).
     pub(crate) fn rows(&self, stream: &Arc<CudaStream>, args: &DivergenceArgs) -> Result<()> {
         let (sb, tb) = self.elem_bytes;
         let (n, v) = (args.n as usize, args.v as usize);
         // One pass over the row has nothing to re-read: the one-block kernel streams it at
         // 96–100 % of the floor once a wave of blocks fills the card.
         let single_pass = args.grad == 0 && !self.fwd_multi_pass;
-        // Long batches whose passes re-read the rows run the stream cluster kernel while its
-        // slices stay L2-sized: its re-reads hit L2 where the one-block kernel's go to DRAM.
-        let long_one_block = n >= cluster::ONE_BLOCK_MIN_ROWS
-            && (single_pass || !cluster::long_rows_stay_on_chip(v, sb + tb));
         let one_block = !cluster::forced_by_env()
-            && (long_one_block || (single_pass && n >= cluster::MIN_BLOCKS));
+            && (n >= cluster::ONE_BLOCK_MIN_ROWS || (single_pass && n >= cluster::MIN_BLOCKS));
         if let Some((f, variant)) = self.cluster_rows.filter(|_| !one_block) {
             if let Some(c) = cluster::cluster_size(variant, n, v, sb + tb) {
                 if cluster::rows_aligned(args, sb, tb) {

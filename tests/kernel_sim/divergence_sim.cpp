@@ -107,11 +107,11 @@ void run_row(float beta, float inv_t, const float* s, const float* t, int v, int
         if (n == kVec) {
           const auto& tc = reinterpret_cast<const float(&)[kVec]>(pt[i]);
           const auto& sc = reinterpret_cast<const float(&)[kVec]>(ps[i]);
-          if (lanes[lane].add(tc, sc, k)) lanes[lane].add_masked(tc, sc, k);
+          if (lanes[lane].add(tc, sc, k)) lanes[lane].add_masked(tc, sc);
         } else {
           const auto& tc = reinterpret_cast<const float(&)[1]>(pt[i]);
           const auto& sc = reinterpret_cast<const float(&)[1]>(ps[i]);
-          if (lanes[lane].add(tc, sc, k)) lanes[lane].add_masked(tc, sc, k);
+          if (lanes[lane].add(tc, sc, k)) lanes[lane].add_masked(tc, sc);
         }
       });
     }
