@@ -29,6 +29,16 @@ impl<T> Shared<T> {
 /// Elements of work below which [`for_each_range`] stays on the calling thread.
 const WORK_PER_THREAD: usize = 1 << 15;
 
+/// How many threads `items` items of `work_per_item` elements each deserve (at least one).
+pub(crate) fn threads_for(items: usize, work_per_item: usize) -> usize {
+    let by_work = items.saturating_mul(work_per_item.max(1)) / WORK_PER_THREAD;
+    std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(by_work)
+        .min(items)
+        .max(1)
+}
+
 /// Runs `f` over contiguous ranges covering `0..items` (each item `work_per_item` elements of
 /// work), on as many threads as the work deserves (one, for small calls).
 pub(crate) fn for_each_range(
@@ -36,12 +46,7 @@ pub(crate) fn for_each_range(
     work_per_item: usize,
     f: impl Fn(std::ops::Range<usize>) + Sync,
 ) {
-    let by_work = items.saturating_mul(work_per_item.max(1)) / WORK_PER_THREAD;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |t| t.get())
-        .min(by_work)
-        .min(items)
-        .max(1);
+    let threads = threads_for(items, work_per_item);
     if threads == 1 {
         f(0..items);
         return;

@@ -7,43 +7,13 @@
 //! NaN). The index contents (`perm`, `position`) are checked before anything is written.
 
 use std::cmp::Ordering;
-use std::ops::Range;
 
 use half::{bf16, f16};
 
 use super::{RawCombine, RawPermute, RawRoute, RawSlotDot, RouteParams, Score};
 use crate::error::{bail, Result};
-use crate::parallel::Shared;
+use crate::parallel::{for_each_range, threads_for, Shared};
 use crate::tensor::{DType, Element};
-
-/// Elements of work below which a call stays on one thread.
-const WORK_PER_THREAD: usize = 1 << 15;
-
-/// How many threads `items` items of `work_per_item` elements each deserve.
-fn threads_for(items: usize, work_per_item: usize) -> usize {
-    let by_work = items.saturating_mul(work_per_item.max(1)) / WORK_PER_THREAD;
-    std::thread::available_parallelism()
-        .map_or(1, |t| t.get())
-        .min(by_work)
-        .min(items)
-        .max(1)
-}
-
-/// Runs `f` over contiguous ranges covering `0..items`, on as many threads as the work deserves.
-fn for_each_range(items: usize, work_per_item: usize, f: impl Fn(Range<usize>) + Sync) {
-    let threads = threads_for(items, work_per_item);
-    if threads == 1 {
-        f(0..items);
-        return;
-    }
-    let per = items.div_ceil(threads);
-    std::thread::scope(|scope| {
-        for start in (0..items).step_by(per) {
-            let f = &f;
-            scope.spawn(move || f(start..(start + per).min(items)));
-        }
-    });
-}
 
 // ------------------------------------------------------------------------------------------
 // Route
