@@ -263,23 +263,8 @@ constexpr int kRowsWarps = kRowsThreads / 32;
 constexpr int kSegVecs = 4;
 constexpr int kSegChunks = 32 * kSegVecs;
 
-// 8 elements as raw 16-byte words (a copy that never converts).
-template <typename T>
-struct Raw8 {
-  static constexpr int kWords = static_cast<int>(sizeof(T)) / 2;
-  uint4 w[kWords];
-  __device__ __forceinline__ void load(const T* p) {
-#pragma unroll
-    for (int i = 0; i < kWords; ++i) w[i] = reinterpret_cast<const uint4*>(p)[i];
-  }
-  __device__ __forceinline__ void store(T* p) const {
-#pragma unroll
-    for (int i = 0; i < kWords; ++i) reinterpret_cast<uint4*>(p)[i] = w[i];
-  }
-};
-
-// dst = src over the lane's chunks c0 + 32 u of a row (raw 16-byte copies): the row movers'
-// copy. Not inlined: inlined into permute_tokens (slot loop, row from a shuffle) the 16-byte
+// dst = src over the lane's chunks c0 + 32 u of a row (raw 16-byte copies, dk_vec.cuh's Raw8,
+// never converted): the row movers' copy. Not inlined: inlined into permute_tokens (slot loop, row from a shuffle) the 16-byte
 // stores came out as 4-byte ones.
 template <typename T>
 __device__ __noinline__ void copy_segment(const T* src, T* dst, int64_t c0, int64_t hv) {
@@ -287,12 +272,12 @@ __device__ __noinline__ void copy_segment(const T* src, T* dst, int64_t c0, int6
 #pragma unroll
   for (int u = 0; u < kSegVecs; ++u) {
     const int64_t c = c0 + 32 * u;
-    if (c < hv) v[u].load(src + c * kVec);
+    if (c < hv) v[u] = load_raw8(src + c * kVec);
   }
 #pragma unroll
   for (int u = 0; u < kSegVecs; ++u) {
     const int64_t c = c0 + 32 * u;
-    if (c < hv) v[u].store(dst + c * kVec);
+    if (c < hv) store_raw8(dst + c * kVec, v[u]);
   }
 }
 

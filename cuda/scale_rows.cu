@@ -34,39 +34,21 @@ __device__ __forceinline__ void scale_one(T* p, float f) {
   *p = from_float<T>(to_float(*p) * f);
 }
 
-// 16-byte stores of 8 elements as explicit st.global.v4 (a plain, weak store, as the compiler
-// emits for dk_vec.cuh's store8 elsewhere): in this kernel, a read-modify-write of the same
-// addresses, the compiler splits store8's vector store into 4-byte stores.
+// 16-byte stores of 8 elements (dk_vec.cuh's pack8) as explicit st.global.v4 (a plain, weak
+// store, as the compiler emits for store8 elsewhere): in this kernel, a read-modify-write of
+// the same addresses, the compiler splits store8's vector store into 4-byte stores.
 __device__ __forceinline__ void st_v4(void* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d)
                : "memory");
 }
 
-__device__ __forceinline__ void store8_v4(float* p, const float v[kVec]) {
-  st_v4(p, __float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
-        __float_as_uint(v[3]));
-  st_v4(p + 4, __float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]),
-        __float_as_uint(v[7]));
-}
-
-__device__ __forceinline__ void store8_v4(__nv_bfloat16* p, const float v[kVec]) {
-  uint32_t w[4];
+template <typename T>
+__device__ __forceinline__ void store8_v4(T* p, const float v[kVec]) {
+  const Raw8<T> r = pack8<T>(v);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-    memcpy(&w[i], &h, sizeof(h));
+  for (int i = 0; i < static_cast<int>(sizeof(r.w) / sizeof(uint4)); ++i) {
+    st_v4(reinterpret_cast<uint4*>(p) + i, r.w[i].x, r.w[i].y, r.w[i].z, r.w[i].w);
   }
-  st_v4(p, w[0], w[1], w[2], w[3]);
-}
-
-__device__ __forceinline__ void store8_v4(__half* p, const float v[kVec]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
-    memcpy(&w[i], &h, sizeof(h));
-  }
-  st_v4(p, w[0], w[1], w[2], w[3]);
 }
 
 // Scales one (row, chunk) item by f.

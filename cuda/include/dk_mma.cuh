@@ -1,6 +1,6 @@
 // Warp-level tensor-core building blocks shared by the attention kernels (sm_80+): the
 // m16n8k16 MMA with f32 accumulators, ldmatrix fragment loads from shared memory, cp.async
-// 16-byte copies, and packing of f32 pairs into bf16x2 / f16x2 registers.
+// 16-byte copies. f32 pairs are packed into bf16x2 / f16x2 registers by dk_vec.cuh's pack2.
 //
 // Fragment layouts (PTX ISA, "mma.m16n8k16" for .bf16/.f16), with g = lane / 4, t = lane % 4:
 //   A (16x16, row):  a0 = A[g][2t..2t+1]     a1 = A[g+8][2t..2t+1]
@@ -15,6 +15,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include "dk_math.cuh"
+#include "dk_vec.cuh"  // pack2: two f32 into one register of two 16-bit elements
 
 namespace dk {
 
@@ -74,23 +77,9 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Two f32 → one register of two 16-bit elements (low half = x).
-template <typename T> __device__ __forceinline__ uint32_t pack2(float x, float y);
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
-  __half2 h = __floats2half2_rn(x, y);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
-// 2^x on the special-function unit (ex2.approx.ftz: rel. error ~2^-22, -inf → 0).
-__device__ __forceinline__ float exp2_fast(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
+// 2^x on the special-function unit (ex2.approx.ftz: rel. error ~2^-22, -inf → 0): dk_math.cuh's
+// fast_exp2 under the name the emulator (tests/attention_sim/dk_mma.cuh) replaces.
+__device__ __forceinline__ float exp2_fast(float x) { return fast_exp2(x); }
 
 }  // namespace dk
 

@@ -105,30 +105,60 @@ __device__ __forceinline__ void reload(const __half* p, float (&out)[N]) {
   }
 }
 
+// Two f32 rounded to nearest even into one register of two 16-bit elements (low half = a): the
+// 16-bit stores below and the attention kernels' MMA operands (dk_mma.cuh).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b);
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  uint32_t w;
+  memcpy(&w, &h, sizeof(w));
+  return w;
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  uint32_t w;
+  memcpy(&w, &h, sizeof(w));
+  return w;
+}
+
+// 8 values rounded to T and packed as they lie in memory (the inverse of unpack8).
+template <typename T>
+__device__ __forceinline__ Raw8<T> pack8(const float v[kVec]) {
+  Raw8<T> r;
+  r.w[0] = make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]),
+                      pack2<T>(v[6], v[7]));
+  return r;
+}
+
+template <>
+__device__ __forceinline__ Raw8<float> pack8<float>(const float v[kVec]) {
+  Raw8<float> r;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    r.w[i] = make_uint4(__float_as_uint(v[4 * i]), __float_as_uint(v[4 * i + 1]),
+                        __float_as_uint(v[4 * i + 2]), __float_as_uint(v[4 * i + 3]));
+  }
+  return r;
+}
+
+// Stores raw words at a 16-byte aligned address (16-byte stores).
+template <typename T>
+__device__ __forceinline__ void store_raw8(T* p, const Raw8<T>& r) {
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(r.w) / sizeof(uint4)); ++i) {
+    reinterpret_cast<uint4*>(p)[i] = r.w[i];
+  }
+}
+
 // Stores 8 consecutive elements at a 16-byte aligned address.
-__device__ __forceinline__ void store8(float* p, const float v[kVec]) {
-  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
-}
-
-__device__ __forceinline__ void store8(__nv_bfloat16* p, const float v[kVec]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-    memcpy(&w[i], &h, sizeof(h));
-  }
-  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-}
-
-__device__ __forceinline__ void store8(__half* p, const float v[kVec]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
-    memcpy(&w[i], &h, sizeof(h));
-  }
-  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const float v[kVec]) {
+  store_raw8(p, pack8<T>(v));
 }
 
 __device__ __forceinline__ bool aligned16(const void* p) {

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "sim_core.h"
+#include "dk_vec.cuh"  // pack2, as the real dk_mma.cuh
 
 #define DK_ATTENTION_SIM_MMA_SHIM 1
 
@@ -41,14 +42,8 @@ inline void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
 inline void cp_async_commit() { sim::cp_commit(); }
 template <int N> inline void cp_async_wait() { sim::cp_wait(N); }
 
-// __floats2bfloat162_rn / __floats2half2_rn: low half = x.
-template <typename T> inline uint32_t pack2(float x, float y);
-template <> inline uint32_t pack2<__nv_bfloat16>(float x, float y) {
-  return static_cast<uint32_t>(sim::f2bf(x)) | (static_cast<uint32_t>(sim::f2bf(y)) << 16);
-}
-template <> inline uint32_t pack2<__half>(float x, float y) {
-  return static_cast<uint32_t>(sim::f2h(x)) | (static_cast<uint32_t>(sim::f2h(y)) << 16);
-}
+// pack2 comes from the real dk_vec.cuh (through the emulator's __floats2bfloat162_rn /
+// __floats2half2_rn, sim_core.h).
 
 // ex2.approx.ftz.f32.
 inline float exp2_fast(float x) { return sim::ex2_ftz(x); }
