@@ -79,6 +79,8 @@ pub struct CudaDevice {
     _module: Arc<CudaModule>,
     name: String,
     compute_capability: (i32, i32),
+    /// Streaming multiprocessors (grid sizing of the loop-over-items kernels).
+    sm_count: usize,
     /// The divergence cluster kernel variant usable here (Hopper sm_90, not turned off,
     /// configured), if any.
     cluster_divergence: Option<crate::divergence::cluster::Variant>,
@@ -118,6 +120,11 @@ impl CudaDevice {
         }
         let name = ctx.name()?;
         let compute_capability = ctx.compute_capability()?;
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )?
+            .max(1) as usize;
         // Function attributes set once here, not on every launch.
         ctx.bind_to_thread()?;
         // A cluster configuration the driver refuses only costs speed: the one-block kernel
@@ -142,6 +149,7 @@ impl CudaDevice {
             _module: module,
             name,
             compute_capability,
+            sm_count,
             cluster_divergence,
             blas: Default::default(),
         })
@@ -170,6 +178,11 @@ impl CudaDevice {
     /// (major, minor) compute capability.
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
+    }
+
+    /// Streaming multiprocessors, read once when the device opened.
+    pub(crate) fn sm_count(&self) -> usize {
+        self.sm_count
     }
 
     /// The Hopper cluster kernel variant the divergence rows may run on, if any (sm_90, not

@@ -3,7 +3,7 @@
 //! waves of blocks that loop over the items, and a block reads the factors of its next 256 items
 //! before it touches any row, so rows with factor 1 cost a 4-byte read.
 
-use cudarc::driver::{sys, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::RawScaleRows;
 use crate::device::{CudaDevice, Launch};
@@ -30,12 +30,8 @@ pub(crate) fn scale_rows(dev: &CudaDevice, raw: &RawScaleRows, launch: &Launch<'
     dev.check_pointer("factors", raw.factors as *const _)?;
     let f = dev.function(&format!("dk_scale_rows_{}", raw.dtype.name()))?;
     let chunks = raw.v.div_ceil(CHUNK);
-    let sms = dev
-        .ctx
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-        .max(1) as usize;
     let items = raw.n.saturating_mul(chunks);
-    let grid = items.min(sms * BLOCKS_PER_SM);
+    let grid = items.min(dev.sm_count() * BLOCKS_PER_SM);
     // The kernel counts items in 32 bits: items + 256 · grid must stay below 2^31.
     if items.saturating_add(THREADS as usize * grid) > i32::MAX as usize {
         bail!(
