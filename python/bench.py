@@ -27,8 +27,13 @@ Fused linear JSD (``--ops fused``; ANCHORS.md "Fused linear JSD"): bf16 hidden s
 weights, JSD beta = 0.5, N = 4096, H = 3072, V = 200064 (Phi-4-mini head) and N = 16384, H = 5120,
 V = 202048 (Llama 4 Scout head; an OOM becomes a row). Rows: the four cuBLAS GEMMs (torch.matmul:
 student logits, teacher logits, grad of hidden, grad of weight) timed in the same run as the
-floor; torch eager (matmul + TRL's JSD + autograd); Liger LigerFusedLinearJSD and the chunked
-LigerFusedLinearJSDLoss (compiled, chunk 1024) when importable; this crate (bf16 and f32 grads).
+floor; torch eager (matmul + TRL's JSD + autograd); Liger LigerFusedLinearJSD (shift_labels=None)
+and the chunked LigerFusedLinearJSDLoss (compiled, chunk 1024, weight_hard_loss=0 and
+weight_soft_loss=1: the JSD alone, no cross-entropy) when importable; this crate (bf16 and f32
+grads). Each Liger variant (here and for the divergence) is first run on a small float32 probe
+and compared with the float64 value of our quantity; one that computes something else gets an
+error row saying so (the mapping of Liger's conventions to ours is written above
+_liger_checked in the source).
 Each gives the time, its ratio to the four GEMMs, the extra peak memory of one forward + backward
 (gradients included) and the errors of the loss and both gradients against a chunked fp32
 PyTorch computation on the same inputs.
@@ -92,6 +97,7 @@ FULL_SHAPES = [(4096, 151936), (4096, 202048)]
 QUICK_SHAPES = [(1024, 151936), (512, 202048)]
 BETA = 0.5
 GIB = 1024**3
+FUSED_CHUNK_DEFAULT = 1024  # Liger chunked loss chunk size, as in ANCHORS.md
 
 
 def log(msg: str) -> None:
@@ -168,8 +174,9 @@ def eager_jsd(s, t, beta=BETA):
 EAGER = {"forward_kl": eager_kl, "jsd": eager_jsd}
 
 
-def make_impls(kinds):
-    """{(impl, kind): callable(s, t) -> scalar loss, or an Exception explaining its absence}."""
+def make_impls(kinds, device="cuda", wanted=None):
+    """{(impl, kind): callable(s, t) -> scalar loss, or an Exception explaining its absence}.
+    The Liger callables are checked on a small probe on ``device`` first (see _liger_checked)."""
     impls = {}
     for kind in kinds:
         impls[("torch eager", kind)] = EAGER[kind]
@@ -181,23 +188,17 @@ def make_impls(kinds):
         for kind in kinds:
             impls[("torch.compile", kind)] = e
     try:
-        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
-
-        liger_kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
-        liger_jsd = LigerJSD(beta=BETA)
-
-        def liger_kl_fn(s, t):
-            return liger_kl(F.log_softmax(s.float(), dim=-1), F.log_softmax(t.float(), dim=-1))
-
-        def liger_jsd_fn(s, t):
-            return liger_jsd(F.log_softmax(s.float(), dim=-1), F.log_softmax(t.float(), dim=-1))
-
-        liger = {"forward_kl": liger_kl_fn, "jsd": liger_jsd_fn}
-        for kind in kinds:
-            impls[("Liger", kind)] = liger[kind]
+        liger = _liger_divergence_fns()
     except Exception as e:  # noqa: BLE001
-        for kind in kinds:
-            impls[("Liger", kind)] = ImportError(f"liger-kernel not importable: {e}")
+        liger = {k: ImportError(f"liger-kernel not importable: {e}") for k in kinds}
+    for kind in kinds if not wanted or any(w in "liger" for w in wanted) else ():
+        fn = liger[kind]
+        if not isinstance(fn, Exception):
+            try:  # a wrong convention becomes the row's error, not a silently wrong number
+                fn = _liger_checked(fn, _divergence_probe(kind, device))
+            except Exception as e:  # noqa: BLE001
+                fn = e
+        impls[("Liger", kind)] = fn
     try:
         import distill_kernels.torch as dkt
 
@@ -209,6 +210,222 @@ def make_impls(kinds):
         for kind in kinds:
             impls[("distill_kernels", kind)] = e
     return impls
+
+
+# ---- Liger-Kernel: its calls, and its conventions checked against ours --------------------------
+#
+# Mapping (liger-kernel 0.8.5, read from its source and checked on CPU against the numpy face of
+# this crate, loss and both gradients equal to ~1e-7 relative in f32 for β ∈ {0, 0.2, 0.5, 0.9, 1},
+# T ∈ {1, 2}, with and without ignored labels):
+#
+# - LigerKLDIVLoss(reduction="batchmean", log_target=True)(log q, log p), log q = student
+#   log-probs, log p = teacher: Σ exp(log p)·(log p − log q) / BT (ops/kl_div.py) = our
+#   forward_kl, batchmean.
+# - LigerJSD(beta=β)(log q, log p) (student first): β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q,
+#   β = 0 forward KL, β = 1 reverse KL, divided by the rows whose shift_labels are not
+#   ignore_index (all rows without labels) (ops/jsd.py `_jsd_kernel`) = our jsd(β), batchmean.
+#   The same β as ours, despite the docstring's JSD(P‖Q) with P = teacher written second.
+# - LigerFusedLinearJSD(jsd_beta=β, ignore_index, temperature=T)(student_input, student_weight,
+#   teacher_input, teacher_weight, shift_labels): the same `_jsd_kernel` on log_softmax of fp32
+#   logits / T, summed, divided by the non-ignored rows. `shift_labels` is a required positional
+#   argument in 0.8.5 (no default): None means no label mask (÷ BT). = our jsd(β, T) batchmean,
+#   with labels = shift_labels. No T² factor (neither has one).
+# - LigerFusedLinearJSDLoss(weight_hard_loss, weight_soft_loss, beta, ignore_index, temperature,
+#   compiled, chunk_size)(student_input, student_weight, teacher_input, teacher_weight,
+#   true_labels) (chunked_loss/jsd_loss.py, fused_linear_distillation.py) returns
+#   weight_hard_loss · CE(student, true_labels) + weight_soft_loss · JSD, both summed over the rows
+#   whose label is not ignore_index and divided by their count; defaults 0.5 / 0.5. Its JSD is ours
+#   (β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q, logits / T, no T²). So ours =
+#   weight_hard_loss=0.0, weight_soft_loss=1.0 (the CE is then not even computed), with
+#   true_labels = our labels (any valid token id, e.g. 0, when there are none). The old call
+#   (defaults, labels 0) returned 0.5·CE + 0.5·JSD: about 14× the JSD at V = 200064, where the CE
+#   of random logits is ≈ ln V + 2. Its logits stay in the input dtype (bf16 here), so its errors
+#   against the fp32 reference are those of bf16 logits.
+#
+# Each Liger callable is run once on a small float32 probe on the benchmark's device before it is
+# timed and compared with the float64 value of our quantity (loss and gradients). A version whose
+# result is our loss summed instead of averaged over rows is divided by N (the row says so);
+# anything else becomes an error row that gives both numbers, never a silently wrong one.
+
+LIGER_PROBE_FUSED = (48, 32, 300)  # N, H, V
+LIGER_PROBE_DIV = (16, 300)  # N, V
+PROBE_LOSS_TOL = 1e-3
+PROBE_GRAD_TOL = 2e-2
+
+
+class ConventionError(RuntimeError):
+    """A Liger variant computes something other than this crate's quantity."""
+
+
+def _f64_rows(ls, lt, beta):
+    """Per-row divergence in float64 from log-probs (student, teacher): our jsd(β), with β = 0 the
+    forward KL and β = 1 the reverse KL (DESIGN.md)."""
+    if beta == 0.0:
+        return (lt.exp() * (lt - ls)).sum(-1)
+    if beta == 1.0:
+        return (ls.exp() * (ls - lt)).sum(-1)
+    lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+    return beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+
+
+def _fused_f64(hs, ws, ht, wt, beta=BETA, temperature=1.0, labels=None, ignore_index=-100):
+    """Our fused linear jsd(β) in float64 on small inputs: (loss, grad_hidden, grad_weight),
+    batchmean over the rows whose label is not ignore_index."""
+    a = hs.detach().double().requires_grad_(True)
+    b = ws.detach().double().requires_grad_(True)
+    ls = F.log_softmax(a @ b.T / temperature, -1)
+    lt = F.log_softmax(ht.double() @ wt.double().T / temperature, -1)
+    rows = _f64_rows(ls, lt, beta)
+    if labels is not None:
+        valid = labels != ignore_index
+        rows = rows * valid
+        count = max(1, int(valid.sum()))
+    else:
+        count = hs.shape[0]
+    loss = rows.sum() / count
+    ga, gb = torch.autograd.grad(loss, (a, b))
+    return loss.item(), ga, gb
+
+
+def _probe_rel(out, ref) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
+
+
+def _fused_probe(device, seed=1234):
+    """(run(fn) -> (loss, [grads]), (ref loss, [ref grads]), N) for a fused-linear callable
+    fn(hs, ws, ht, wt) on a small float32 problem on ``device``."""
+    n, h, v = LIGER_PROBE_FUSED
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(n, h, generator=g)
+    ws = torch.randn(v, h, generator=g) * (2.0 / math.sqrt(h))
+    ht = torch.randn(n, h, generator=g)
+    wt = torch.randn(v, h, generator=g) * (2.0 / math.sqrt(h))
+    ref_loss, rgh, rgw = _fused_f64(hs, ws, ht, wt)
+    hs, ws, ht, wt = (x.to(device) for x in (hs, ws, ht, wt))
+
+    def run(fn):
+        a = hs.clone().requires_grad_(True)
+        b = ws.clone().requires_grad_(True)
+        loss = fn(a, b, ht, wt)
+        loss.backward()
+        return float(loss.detach().reshape(())), [a.grad, b.grad]
+
+    return run, (ref_loss, [rgh, rgw]), n
+
+
+def _divergence_probe(kind, device, seed=1234):
+    """The same for a divergence callable fn(student logits, teacher logits)."""
+    n, v = LIGER_PROBE_DIV
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, v, generator=g) * 2
+    t = torch.randn(n, v, generator=g) * 2
+    beta = 0.0 if kind == "forward_kl" else BETA
+    x = s.double().requires_grad_(True)
+    loss = _f64_rows(F.log_softmax(x, -1), F.log_softmax(t.double(), -1), beta).sum() / n
+    (gx,) = torch.autograd.grad(loss, x)
+    s, t = s.to(device), t.to(device)
+
+    def run(fn):
+        x = s.clone().requires_grad_(True)
+        out = fn(x, t)
+        out.backward()
+        return float(out.detach().reshape(())), [x.grad]
+
+    return run, (loss.item(), [gx]), n
+
+
+def _liger_checked(fn, probe, probe_fn=None):
+    """fn itself when it computes our quantity on the probe; fn / N when it computes our quantity
+    summed over rows (its ``note`` says so); else ConventionError with both numbers. ``probe_fn``
+    (same math, e.g. without torch.compile) is what runs on the probe; default fn."""
+    run, (ref_loss, ref_grads), n = probe
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False  # the probe is float32: compare exactly
+        loss, grads = run(probe_fn or fn)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+
+    def errs(scale):
+        le = abs(loss * scale - ref_loss) / abs(ref_loss)
+        ge = max(_probe_rel(g * scale, r) if g is not None else float("inf")
+                 for g, r in zip(grads, ref_grads))
+        return le, ge
+
+    le, ge = errs(1.0)
+    if le <= PROBE_LOSS_TOL and ge <= PROBE_GRAD_TOL:
+        fn.note = "convention checked"
+        return fn
+    le_n, ge_n = errs(1.0 / n)
+    if le_n <= PROBE_LOSS_TOL and ge_n <= PROBE_GRAD_TOL:
+        def per_row(*a, _fn=fn):
+            return _fn(*a) / a[0].shape[0]
+
+        per_row.note = "summed over rows: ÷ N"
+        return per_row
+    raise ConventionError(
+        f"not our quantity: on a {n}-row f32 probe its loss {loss:.5g} vs ours {ref_loss:.5g} "
+        f"(ratio {loss / ref_loss:.4g}), grad rel err {ge:.2g}")
+
+
+def _liger_divergence_fns():
+    """{kind: fn(student logits, teacher logits) -> batchmean loss} through Liger (its kernels take
+    log-probs: the log_softmax in float32 is part of the timed call)."""
+    from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
+
+    liger_kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+    liger_jsd = LigerJSD(beta=BETA)  # same β as ours (see the mapping above)
+
+    def liger_kl_fn(s, t):
+        return liger_kl(F.log_softmax(s.float(), dim=-1), F.log_softmax(t.float(), dim=-1))
+
+    def liger_jsd_fn(s, t):
+        return liger_jsd(F.log_softmax(s.float(), dim=-1), F.log_softmax(t.float(), dim=-1))
+
+    return {"forward_kl": liger_kl_fn, "jsd": liger_jsd_fn}
+
+
+LIGER_FUSED = "Liger LigerFusedLinearJSD"
+LIGER_CHUNKED = "Liger chunked LigerFusedLinearJSDLoss"
+
+
+def _liger_fused_fns(compiled=True, chunk=FUSED_CHUNK_DEFAULT):
+    """{name: (fn(hs, ws, ht, wt) -> our batchmean jsd(BETA), probe fn or None) or Exception}:
+    both Liger fused-linear variants, called so that they compute our quantity (mapping above).
+    The probe fn of the chunked loss is the same loss without torch.compile (same math; a probe
+    shape would only cost the compiled one a recompilation)."""
+    out = {}
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        lj = LigerFusedLinearJSD(jsd_beta=BETA, ignore_index=-100, temperature=1.0)
+
+        def liger_fused(hs, ws, ht, wt):
+            return lj(hs, ws, ht, wt, None)  # shift_labels=None: no label mask, ÷ N
+
+        out[LIGER_FUSED] = (liger_fused, None)
+    except Exception as e:  # noqa: BLE001
+        out[LIGER_FUSED] = ImportError(f"not importable: {e}")
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        def make(comp):
+            lc = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=BETA,
+                                         ignore_index=-100, temperature=1.0, compiled=comp,
+                                         chunk_size=chunk)
+
+            def liger_chunked(hs, ws, ht, wt):
+                # true_labels only mask rows here (no hard loss): all valid
+                labels = torch.zeros(hs.shape[0], dtype=torch.long, device=hs.device)
+                return lc(hs, ws, ht, wt, labels)
+
+            return liger_chunked
+
+        out[LIGER_CHUNKED] = (make(compiled), make(False) if compiled else None)
+    except Exception as e:  # noqa: BLE001
+        out[LIGER_CHUNKED] = ImportError(f"not importable: {e}")
+    return out
 
 
 # ---- float64 reference ----------------------------------------------------------------------
@@ -252,6 +469,8 @@ def rel_err(out, ref) -> float:
 
 def run_one(impl_name, kind, fn, s, t, ref, rows, floor_ms, args):
     row = {"impl": impl_name, "kind": kind, "n": s.shape[0], "v": s.shape[1]}
+    if getattr(fn, "note", None):
+        row["note"] = fn.note
     if isinstance(fn, Exception):
         row["error"] = f"{type(fn).__name__}: {fn}"
         return row
@@ -297,6 +516,8 @@ def run_one(impl_name, kind, fn, s, t, ref, rows, floor_ms, args):
 
 
 def fmt_row(r) -> str:
+    if r.get("note"):
+        r = {**r, "impl": f"{r['impl']} ({r['note']})"}
     shape = f"{r['n']} × {r['v']}"
     if "error" in r:
         return f"| {r['impl']} | {r['kind']} | {shape} | {r['error']} | | | | |"
@@ -545,7 +766,7 @@ def fmt_moe_row(r) -> str:
 
 FUSED_SHAPES = [("Phi-4-mini", 4096, 3072, 200064), ("Llama 4 Scout", 16384, 5120, 202048)]
 FUSED_QUICK = [("Phi-4-mini (quick)", 1024, 3072, 200064)]
-FUSED_CHUNK = 1024  # Liger chunked loss chunk size, as in ANCHORS.md
+FUSED_CHUNK = FUSED_CHUNK_DEFAULT
 
 
 def _fused_eager(hs, ws, ht, wt):
@@ -553,28 +774,20 @@ def _fused_eager(hs, ws, ht, wt):
     return eager_jsd(hs @ ws.T, (ht @ wt.T).detach())
 
 
-def _fused_impls(wanted):
+def _fused_impls(wanted, device="cuda", compiled=True):
     impls = {"torch eager": _fused_eager}
-    try:
-        from liger_kernel.transformers import LigerFusedLinearJSD
-
-        lj = LigerFusedLinearJSD(jsd_beta=BETA, temperature=1.0)
-        impls["Liger LigerFusedLinearJSD"] = lambda hs, ws, ht, wt: lj(hs, ws, ht, wt)
-    except Exception as e:  # noqa: BLE001
-        impls["Liger LigerFusedLinearJSD"] = ImportError(f"not importable: {e}")
-    try:
-        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-
-        lc = LigerFusedLinearJSDLoss(beta=BETA, temperature=1.0, compiled=True, chunk_size=FUSED_CHUNK)
-
-        def liger_chunked(hs, ws, ht, wt):
-            n = hs.shape[0]
-            labels = torch.zeros(n, dtype=torch.long, device=hs.device)
-            return lc(hs, ws, ht, wt, labels)
-
-        impls["Liger chunked LigerFusedLinearJSDLoss"] = liger_chunked
-    except Exception as e:  # noqa: BLE001
-        impls["Liger chunked LigerFusedLinearJSDLoss"] = ImportError(f"not importable: {e}")
+    if not wanted or any(w in n.lower() for w in wanted for n in (LIGER_FUSED, LIGER_CHUNKED)):
+        probe = None
+        for name, entry in _liger_fused_fns(compiled, FUSED_CHUNK).items():
+            if isinstance(entry, Exception):
+                impls[name] = entry
+                continue
+            fn, probe_fn = entry
+            try:  # a wrong convention becomes the row's error, not a silently wrong number
+                probe = probe or _fused_probe(device)
+                impls[name] = _liger_checked(fn, probe, probe_fn)
+            except Exception as e:  # noqa: BLE001
+                impls[name] = e
     try:
         import distill_kernels.torch as dkt
         from distill_kernels import _lib as dk_lib
@@ -660,6 +873,8 @@ def run_fused(shapes, impls, args, log_fn):
         for impl, fn in impls.items():
             log_fn(f"fused {impl} {shape} ...")
             row = {"impl": impl, "shape": shape}
+            if getattr(fn, "note", None):
+                row["note"] = fn.note
             if isinstance(fn, Exception):
                 row["error"] = f"{type(fn).__name__}: {str(fn).splitlines()[0][:160] if str(fn) else ''}"
                 rows.append(row)
@@ -713,6 +928,8 @@ def run_fused(shapes, impls, args, log_fn):
 
 
 def fmt_fused_row(r) -> str:
+    if r.get("note"):
+        r = {**r, "impl": f"{r['impl']} ({r['note']})"}
     if "error" in r:
         return f"| {r['impl']} | {r['shape']} | {r['error']} | | | | |"
     if "detail" in r:
@@ -1045,7 +1262,7 @@ def main(argv=None) -> int:
     except ImportError:
         meta["triton"] = None
 
-    impls = make_impls(kinds) if "divergence" in ops else {}
+    impls = make_impls(kinds, wanted=wanted) if "divergence" in ops else {}
     if wanted:
         impls = {k: v for k, v in impls.items() if any(w in k[0].lower() for w in wanted)}
     results = []
