@@ -81,6 +81,8 @@ pub struct CudaDevice {
     compute_capability: (i32, i32),
     /// Streaming multiprocessors (grid sizing of the loop-over-items kernels).
     sm_count: usize,
+    /// L2 cache bytes (the persistent divergence kernel sizes its pipeline to it).
+    l2_bytes: usize,
     /// The divergence cluster kernel variant usable here (Hopper sm_90, not turned off,
     /// configured), if any.
     cluster_divergence: Option<crate::divergence::cluster::Variant>,
@@ -125,6 +127,9 @@ impl CudaDevice {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )?
             .max(1) as usize;
+        let l2_bytes = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?
+            .max(0) as usize;
         // Function attributes set once here, not on every launch.
         ctx.bind_to_thread()?;
         // A cluster configuration the driver refuses only costs speed: the one-block kernel
@@ -150,6 +155,7 @@ impl CudaDevice {
             name,
             compute_capability,
             sm_count,
+            l2_bytes,
             cluster_divergence,
             blas: Default::default(),
         })
@@ -183,6 +189,11 @@ impl CudaDevice {
     /// Streaming multiprocessors, read once when the device opened.
     pub(crate) fn sm_count(&self) -> usize {
         self.sm_count
+    }
+
+    /// Bytes of L2 cache, read once when the device opened.
+    pub(crate) fn l2_bytes(&self) -> usize {
+        self.l2_bytes
     }
 
     /// The Hopper cluster kernel variant the divergence rows may run on, if any (sm_90, not

@@ -498,6 +498,60 @@ fn large_vocabularies() {
     }
 }
 
+/// More rows than the card runs clusters or blocks at once, with ignored, fully masked and
+/// partly masked rows scattered among them: the persistent cluster kernel
+/// (`DK_DIVERGENCE_CLUSTER=persist`, scripts/gpu-check.sh) walks several rows per cluster and
+/// pipelines the passes of successive rows, so each row's statistics, mixture sums and gradient
+/// must land on that row whatever its neighbours are. Also in place (the gradient of a row is
+/// written while the next rows are read). On the default policy these rows run one block each.
+#[test]
+fn many_rows_with_ignored_and_masked_neighbours() {
+    let mut rng = Rng::fresh("many_rows_with_ignored_and_masked_neighbours");
+    for dev in devices("many_rows_with_ignored_and_masked_neighbours") {
+        let (n, v) = if dev.is_cuda() {
+            (600, 4096)
+        } else {
+            (40, 512)
+        };
+        for kind in kinds() {
+            for (s, t) in [(DType::BF16, DType::BF16), (DType::F32, DType::F16)] {
+                let mut case =
+                    Case::random(&mut rng, n, v, s, t, kind).random_labels(&mut rng, 0.2);
+                for r in 0..n {
+                    match rng.below(0, 10) {
+                        0 => case.student.row_mut(r).fill(f64::NEG_INFINITY),
+                        1 => {
+                            case.student.row_mut(r).fill(f64::NEG_INFINITY);
+                            case.teacher.row_mut(r).fill(f64::NEG_INFINITY);
+                        }
+                        2 => {
+                            // Masked on both sides in a quarter of the entries (entry 0 kept).
+                            for c in 1..v {
+                                if rng.uniform() < 0.25 {
+                                    case.student.row_mut(r)[c] = f64::NEG_INFINITY;
+                                    case.teacher.row_mut(r)[c] = f64::NEG_INFINITY;
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                case.what += " many rows, masked and ignored neighbours";
+                let (sep, _) = run_checked(&dev, &case);
+                let in_place = case.clone().grad_out(GradOut::InPlace);
+                let (ip, _) = run_checked(&dev, &in_place);
+                assert_eq!(
+                    sep.grad_bits,
+                    ip.grad_bits,
+                    "[{}] {}: in place differs from separate",
+                    dev.name(),
+                    case.what
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn deterministic_bitwise() {
     let mut rng = Rng::fresh("deterministic_bitwise");

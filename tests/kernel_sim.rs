@@ -3,8 +3,9 @@
 //! host, plays out the kernel's thread layout (lanes, 8-element chunks, butterfly merges) and is
 //! compared here with the independent f64 reference at DESIGN.md's f32 tolerance (1e-5).
 //! It also checks that every lane of every reduction ends with bitwise the same state. Every
-//! case runs on both row kernels: one block per row, and the Hopper cluster kernel (the row
-//! split over C blocks, merged in rank order).
+//! case runs on the row kernels: one block per row, and the Hopper cluster kernels (the row
+//! split over C blocks, merged in rank order by the stream and smem kernels, by a butterfly in
+//! the persistent kernel).
 
 mod common;
 
@@ -29,6 +30,9 @@ struct SimCase {
     vec: bool,
     /// 0: the one-block-per-row kernel; C > 0: the Hopper kernel with C blocks per row.
     cluster: i32,
+    /// With `cluster`: the block results merged by the persistent kernel's butterfly
+    /// (cuda/divergence_persistent.cu) instead of in rank order (the stream and smem kernels).
+    tree: bool,
 }
 
 /// The same row played by the cluster kernel with `cluster` blocks (always 16-byte chunks).
@@ -36,15 +40,28 @@ fn cluster_variant(c: &SimCase, cluster: i32) -> SimCase {
     SimCase {
         vec: true,
         cluster,
+        tree: false,
         ..c.clone()
     }
 }
 
-/// Appends a cluster-kernel variant (random cluster size) of every case.
+/// The same row played by the persistent cluster kernel with `cluster` blocks.
+fn persistent_variant(c: &SimCase, cluster: i32) -> SimCase {
+    SimCase {
+        tree: true,
+        ..cluster_variant(c, cluster)
+    }
+}
+
+/// Appends a cluster-kernel variant and a persistent-kernel variant (random cluster sizes) of
+/// every case.
 fn add_cluster_variants(rng: &mut Rng, cases: &mut Vec<SimCase>) {
     for i in 0..cases.len() {
         let cluster = [1, 2, 4, 8, 16][rng.below(0, 5)];
         let c = cluster_variant(&cases[i], cluster);
+        cases.push(c);
+        let cluster = [2, 4, 8, 16][rng.below(0, 4)];
+        let c = persistent_variant(&cases[i], cluster);
         cases.push(c);
     }
 }
@@ -72,6 +89,7 @@ fn run_sim(exe: &PathBuf, cases: &[SimCase]) -> Vec<SimOut> {
         input.extend(threads.to_ne_bytes());
         input.extend((c.vec as i32).to_ne_bytes());
         input.extend(c.cluster.to_ne_bytes());
+        input.extend((c.tree as i32).to_ne_bytes());
         c.s.iter().for_each(|x| input.extend(x.to_ne_bytes()));
         c.t.iter().for_each(|x| input.extend(x.to_ne_bytes()));
     }
@@ -141,6 +159,7 @@ fn random_case_with(
         t: t64.iter().map(|&x| x as f32).collect(),
         vec,
         cluster: 0,
+        tree: false,
     }
 }
 
@@ -253,11 +272,14 @@ fn kernel_math_at_model_vocabularies() {
             cases.push(random_case(&mut rng, kind, beta, temperature, v, true));
         }
     }
-    // The cluster sizes the launcher picks for these vocabularies (8 and 16), and 4.
+    // The cluster sizes the launchers pick for these vocabularies (8 and 16), and 4, on the
+    // stream kernel's rank-order merge and the persistent kernel's butterfly.
     let single = cases.len();
     for i in 0..single {
         for cluster in [4, 8, 16] {
             let c = cluster_variant(&cases[i], cluster);
+            cases.push(c);
+            let c = persistent_variant(&cases[i], cluster);
             cases.push(c);
         }
     }

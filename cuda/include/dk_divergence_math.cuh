@@ -137,6 +137,18 @@ DK_UNROLL
     o.k = __shfl_xor_sync(0xffffffffu, k, offset);
     return o;
   }
+
+  // Lane `src`'s state (the persistent kernel merges the cluster's slots this way).
+  __device__ __forceinline__ RowStats shfl(int src) const {
+    RowStats o;
+    o.mt = __shfl_sync(0xffffffffu, mt, src);
+    o.st = __shfl_sync(0xffffffffu, st, src);
+    o.ms = __shfl_sync(0xffffffffu, ms, src);
+    o.ss = __shfl_sync(0xffffffffu, ss, src);
+    o.acc = __shfl_sync(0xffffffffu, acc, src);
+    o.k = __shfl_sync(0xffffffffu, k, src);
+    return o;
+  }
 #endif
 };
 

@@ -47,6 +47,9 @@ pub(crate) enum Variant {
     Stream,
     /// `dk_divc_*`: each block holds its slice in shared memory.
     Smem,
+    /// `dk_divcp_*` (cuda/divergence_persistent.cu): resident clusters that walk many rows,
+    /// the passes of successive rows in one loop. Opt-in until measured on a GPU.
+    Persistent,
 }
 
 impl Variant {
@@ -55,32 +58,34 @@ impl Variant {
         match self {
             Variant::Stream => "dk_divcs_",
             Variant::Smem => "dk_divc_",
+            Variant::Persistent => "dk_divcp_",
         }
     }
 }
 
 /// `DK_DIVERGENCE_CLUSTER`, read once: `0` turns the cluster path off (one block per row);
-/// `smem` or `stream` runs every aligned call on that variant, whatever the number of rows (A/B
-/// measurements); unset or anything else, the stream variant for short batches only. Returns
-/// the variant, if any, and whether it was named.
+/// `smem`, `stream` or `persist` runs every aligned call on that variant, whatever the number
+/// of rows (A/B measurements); unset or anything else, the stream variant for short batches
+/// only. Returns the variant, if any, and whether it was named.
 fn env_choice() -> (Option<Variant>, bool) {
     static C: OnceLock<(Option<Variant>, bool)> = OnceLock::new();
     *C.get_or_init(|| match std::env::var("DK_DIVERGENCE_CLUSTER").as_deref() {
         Ok("0") => (None, false),
         Ok("smem") => (Some(Variant::Smem), true),
         Ok("stream") => (Some(Variant::Stream), true),
+        Ok("persist") => (Some(Variant::Persistent), true),
         _ => (Some(Variant::Stream), false),
     })
 }
 
-/// Whether `DK_DIVERGENCE_CLUSTER` names a variant (`smem`, `stream`): the cluster path then
-/// serves long batches too.
+/// Whether `DK_DIVERGENCE_CLUSTER` names a variant (`smem`, `stream`, `persist`): the cluster
+/// path then serves long batches too.
 pub(crate) fn forced_by_env() -> bool {
     env_choice().1
 }
 
-/// `DK_DIVERGENCE_CLUSTER_SIZE=<1|2|4|8|16>`: forces the stream variant's cluster size (A/B
-/// measurements); ignored when it is not one of those.
+/// `DK_DIVERGENCE_CLUSTER_SIZE=<1|2|4|8|16>`: forces the stream and persistent variants'
+/// cluster size (A/B measurements); ignored when it is not one of those.
 fn forced_size() -> Option<usize> {
     static C: OnceLock<Option<usize>> = OnceLock::new();
     *C.get_or_init(|| {
@@ -149,7 +154,116 @@ pub(crate) fn cluster_size(
         Variant::Stream => {
             Some(forced_size().unwrap_or_else(|| stream_cluster_size(n, v, elem_bytes)))
         }
+        // Sized with the device's occupancy and L2: persistent_grid.
+        Variant::Persistent => None,
     }
+}
+
+/// Persistent variant: the fraction of L2 that the bytes touched between a row's first read and
+/// its last re-read may fill (the rest is left to the other traffic and to imperfect LRU).
+const PERSISTENT_L2_SHARE: f64 = 0.6;
+
+/// Persistent variant: the smallest cluster size (2 to 16) whose pipeline keeps every re-read in
+/// L2. A row read in iteration i is re-read `lag` iterations later (1 for the KL kinds, 2 for
+/// JSD); meanwhile every resident cluster reads one new row pair and writes one gradient row
+/// per iteration, so the re-read distance is `lag × clusters × v × (pair + grad bytes)`.
+/// `resident(c)` is how many clusters of `c` blocks fit the card at once (sizes it cannot place
+/// are skipped). Falls back to the largest placeable size when none fits (the longest f32 rows:
+/// their re-reads then partly miss).
+pub(crate) fn persistent_cluster_size(
+    v: usize,
+    pair_bytes: usize,
+    grad_bytes: usize,
+    lag: usize,
+    l2_bytes: usize,
+    resident: impl Fn(usize) -> usize,
+) -> usize {
+    let per_cluster = (v * (pair_bytes + grad_bytes)) as f64;
+    let budget = l2_bytes as f64 * PERSISTENT_L2_SHARE;
+    let placeable: Vec<(usize, usize)> = CLUSTER_SIZES[1..]
+        .iter()
+        .map(|&c| (c, resident(c)))
+        .filter(|&(_, k)| k > 0)
+        .collect();
+    placeable
+        .iter()
+        .find(|&&(_, k)| (lag * k) as f64 * per_cluster <= budget)
+        .or(placeable.last())
+        .map_or(16, |&(c, _)| c)
+}
+
+/// The persistent variant's cluster size ([`persistent_cluster_size`], or
+/// `DK_DIVERGENCE_CLUSTER_SIZE`) and number of clusters (as many as fit the card at once, at
+/// most one per row). None when the card cannot place a cluster of that size.
+pub(crate) fn persistent_grid(
+    f: &CudaFunction,
+    stream: &Arc<CudaStream>,
+    (n, v): (usize, usize),
+    (student_bytes, teacher_bytes): (usize, usize),
+    lag: usize,
+    l2_bytes: usize,
+) -> Result<Option<(usize, usize)>> {
+    stream.context().bind_to_thread()?;
+    let resident = |c| max_active_clusters(f, c);
+    let pair = student_bytes + teacher_bytes;
+    let c = forced_size().unwrap_or_else(|| {
+        persistent_cluster_size(v, pair, student_bytes, lag, l2_bytes, resident)
+    });
+    let clusters = resident(c).min(n);
+    Ok((clusters > 0).then_some((c, clusters)))
+}
+
+/// How many clusters of `c` blocks of `f` (no dynamic shared memory) the device runs at once
+/// (`cuOccupancyMaxActiveClusters`; GPC sizes limit the larger clusters), 0 when it cannot place
+/// one. Cached per function and size: the answer does not change while the process runs.
+fn max_active_clusters(f: &CudaFunction, c: usize) -> usize {
+    static CACHE: OnceLock<Mutex<HashMap<(usize, usize), usize>>> = OnceLock::new();
+    let key = (f.cu_function() as usize, c);
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(&k) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return k;
+    }
+    let mut attr = cluster_attribute(c);
+    let config = sys::CUlaunchConfig {
+        gridDimX: c as u32,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: CLUSTER_THREADS,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: std::ptr::null_mut(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut count: std::ffi::c_int = 0;
+    // SAFETY: `config` and the attribute it points at live for the call; `count` is a valid
+    // out-pointer; the function belongs to the current context (its device opened it).
+    let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut count, f.cu_function(), &config) };
+    let k = if r == sys::CUresult::CUDA_SUCCESS {
+        count.max(0) as usize
+    } else {
+        0
+    };
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, k);
+    k
+}
+
+/// The launch attribute that sets a cluster of `c` blocks along x.
+fn cluster_attribute(c: usize) -> sys::CUlaunchAttribute {
+    // SAFETY: an all-zero CUlaunchAttribute is a valid (ignored) attribute; the id and the
+    // clusterDim member are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
+        x: c as u32,
+        y: 1,
+        z: 1,
+    };
+    attr
 }
 
 /// Stream variant: the smallest cluster whose slices fit [`STREAM_SLICE_BYTES`] (8 at most:
@@ -211,7 +325,10 @@ pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Resu
                 MAX_SLICE_BYTES as i32,
             )?;
         }
-        if name.starts_with("dk_divc_") || name.starts_with("dk_divcs_") {
+        if ["dk_divc_", "dk_divcs_", "dk_divcp_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
             f.set_attribute(Attr::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)?;
         }
     }
@@ -227,32 +344,25 @@ pub(crate) enum Launched {
     Refused(Error),
 }
 
-/// Queues `f` (configured by [`configure`]) over `args.n` rows with clusters of `c` blocks and `smem` bytes of dynamic shared
-/// memory per block. A refusal of the cluster shape is `Ok(Launched::Refused)`; any other
-/// error (a sticky one from earlier work, say) is an error.
+/// Queues `f` (configured by [`configure`]) over `args.n` rows as `clusters` clusters of `c`
+/// blocks (one cluster per row, except for the persistent variant) with `smem` bytes of
+/// dynamic shared memory per block. A refusal of the cluster shape is `Ok(Launched::Refused)`;
+/// any other error (a sticky one from earlier work, say) is an error.
 pub(crate) fn launch(
     f: &CudaFunction,
     stream: &Arc<CudaStream>,
     args: &DivergenceArgs,
-    c: usize,
+    (c, clusters): (usize, usize),
     smem: usize,
 ) -> Result<Launched> {
     debug_assert!(smem <= MAX_SLICE_BYTES);
-    let blocks = u32::try_from(args.n as usize * c).map_err(|_| {
+    let blocks = u32::try_from(clusters * c).map_err(|_| {
         Error::new(
             ErrorKind::Shape,
-            format!("{} rows x {c} blocks exceed the grid limit", args.n),
+            format!("{clusters} clusters x {c} blocks exceed the grid limit"),
         )
     })?;
-    // SAFETY: an all-zero CUlaunchAttribute is a valid (ignored) attribute; the id and the
-    // clusterDim member are set below.
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
-        x: c as u32,
-        y: 1,
-        z: 1,
-    };
+    let mut attr = cluster_attribute(c);
     let config = sys::CUlaunchConfig {
         gridDimX: blocks,
         gridDimY: 1,
@@ -322,6 +432,32 @@ mod tests {
         assert_eq!(stream(16, 151936, 4), 8);
         assert_eq!(stream(2, 32768, 4), 8);
         assert_eq!(stream(2, 8192, 4), 2);
+    }
+
+    #[test]
+    fn persistent_cluster_sizes_keep_the_re_reads_in_l2() {
+        // H200-like card: 132 SMs, 2 blocks per SM (KL) or 1 (JSD), 60 MB of L2 (36 MB budget).
+        let two_per_sm = |c: usize| 264 / c;
+        let one_per_sm = |c: usize| 132 / c;
+        let l2 = 60 << 20;
+        // bf16 pair + bf16 gradient: 6 bytes per element, 0.91 MB per row at V = 151936.
+        // C = 4: 66 clusters x 0.91 MB = 60 MB, over budget; C = 8: 33 x 0.91 = 30 MB.
+        assert_eq!(persistent_cluster_size(151936, 4, 2, 1, l2, two_per_sm), 8);
+        // V = 262144: 1.57 MB per row; C = 8 gives 52 MB, C = 16 26 MB.
+        assert_eq!(persistent_cluster_size(262144, 4, 2, 1, l2, two_per_sm), 16);
+        // JSD re-reads two iterations later at one block per SM: C = 8 gives 2 x 16 x 0.91 MB.
+        assert_eq!(persistent_cluster_size(151936, 4, 2, 2, l2, one_per_sm), 8);
+        // Short rows: two blocks per cluster are enough.
+        assert_eq!(persistent_cluster_size(32768, 4, 2, 1, l2, two_per_sm), 2);
+        // Sizes the card cannot place are skipped, even when they would fit.
+        let no_16 = |c: usize| if c < 16 { 264 / c } else { 0 };
+        assert_eq!(persistent_cluster_size(262144, 4, 2, 1, l2, no_16), 8);
+        // Nothing fits (f32 rows of 1M entries): the largest placeable cluster.
+        assert_eq!(
+            persistent_cluster_size(1 << 20, 8, 4, 2, l2, two_per_sm),
+            16
+        );
+        assert_eq!(persistent_cluster_size(1 << 20, 8, 4, 2, l2, no_16), 8);
     }
 
     #[test]

@@ -59,8 +59,8 @@ pub fn divergence_args_layout() -> Vec<(&'static str, usize)> {
     ]
 }
 
-/// Every kernel of `cuda/divergence.cu` and `cuda/divergence_cluster.cu`, loaded when a CUDA
-/// context opens (the cluster kernels have empty bodies in the sm_80 cubin and are only launched
+/// Every kernel of `cuda/divergence.cu`, `cuda/divergence_cluster.cu` and
+/// `cuda/divergence_persistent.cu`, loaded when a CUDA context opens (the cluster kernels have empty bodies in the sm_80 cubin and are only launched
 /// on Hopper, sm_90).
 pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_div_prepare",
@@ -146,6 +146,33 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_divcs_jsd_f16_f32",
     "dk_divcs_jsd_f16_bf16",
     "dk_divcs_jsd_f16_f16",
+    "dk_divcp_fkl_f32_f32",
+    "dk_divcp_fkl_f32_bf16",
+    "dk_divcp_fkl_f32_f16",
+    "dk_divcp_fkl_bf16_f32",
+    "dk_divcp_fkl_bf16_bf16",
+    "dk_divcp_fkl_bf16_f16",
+    "dk_divcp_fkl_f16_f32",
+    "dk_divcp_fkl_f16_bf16",
+    "dk_divcp_fkl_f16_f16",
+    "dk_divcp_rkl_f32_f32",
+    "dk_divcp_rkl_f32_bf16",
+    "dk_divcp_rkl_f32_f16",
+    "dk_divcp_rkl_bf16_f32",
+    "dk_divcp_rkl_bf16_bf16",
+    "dk_divcp_rkl_bf16_f16",
+    "dk_divcp_rkl_f16_f32",
+    "dk_divcp_rkl_f16_bf16",
+    "dk_divcp_rkl_f16_f16",
+    "dk_divcp_jsd_f32_f32",
+    "dk_divcp_jsd_f32_bf16",
+    "dk_divcp_jsd_f32_f16",
+    "dk_divcp_jsd_bf16_f32",
+    "dk_divcp_jsd_bf16_bf16",
+    "dk_divcp_jsd_bf16_f16",
+    "dk_divcp_jsd_f16_f32",
+    "dk_divcp_jsd_f16_bf16",
+    "dk_divcp_jsd_f16_f16",
 ];
 
 /// Threads per block of the row kernel (`kThreads` in divergence.cu).
@@ -179,6 +206,8 @@ pub(crate) struct RowKernels<'d> {
     fwd_multi_pass: bool,
     /// Bytes per element of the student and teacher logits.
     elem_bytes: (usize, usize),
+    /// The device's L2 size: the persistent cluster kernel keeps its re-reads within it.
+    l2_bytes: usize,
     finish: &'d CudaFunction,
 }
 
@@ -213,6 +242,7 @@ impl<'d> RowKernels<'d> {
             },
             fwd_multi_pass: kind == Kind::Jsd,
             elem_bytes: (student.size(), teacher.size()),
+            l2_bytes: dev.l2_bytes(),
             finish: dev.function("dk_div_finish")?,
         })
     }
@@ -257,14 +287,18 @@ impl<'d> RowKernels<'d> {
         let one_block = !cluster::forced_by_env()
             && (n >= cluster::ONE_BLOCK_MIN_ROWS || (single_pass && n >= cluster::MIN_BLOCKS));
         if let Some((f, variant)) = self.cluster_rows.filter(|_| !one_block) {
-            if let Some(c) = cluster::cluster_size(variant, n, v, sb + tb) {
+            if variant == cluster::Variant::Persistent {
+                if self.persistent(f, stream, args)? {
+                    return Ok(());
+                }
+            } else if let Some(c) = cluster::cluster_size(variant, n, v, sb + tb) {
                 if cluster::rows_aligned(args, sb, tb) {
                     let smem = match variant {
                         cluster::Variant::Smem => cluster::slice(v, c) * (sb + tb),
-                        cluster::Variant::Stream => 0,
+                        _ => 0,
                     };
                     // A refused launch queues nothing: the one-block kernel below takes over.
-                    match cluster::launch(f, stream, args, c, smem)? {
+                    match cluster::launch(f, stream, args, (c, n), smem)? {
                         cluster::Launched::Queued => return Ok(()),
                         cluster::Launched::Refused(e) => cluster::note_refused_launch(c, smem, &e),
                     }
@@ -280,6 +314,44 @@ impl<'d> RowKernels<'d> {
         // that every pointer is device memory of this device covering them.
         unsafe { stream.launch_builder(self.rows).arg(args).launch(cfg)? };
         Ok(())
+    }
+
+    /// Queues the persistent cluster kernel (`DK_DIVERGENCE_CLUSTER=persist`) when the rows are
+    /// 16-byte aligned and the card places its clusters; false when the caller must run the
+    /// one-block kernel instead (nothing queued).
+    fn persistent(
+        &self,
+        f: &CudaFunction,
+        stream: &Arc<CudaStream>,
+        args: &DivergenceArgs,
+    ) -> Result<bool> {
+        let (sb, tb) = self.elem_bytes;
+        if !cluster::rows_aligned(args, sb, tb) {
+            return Ok(false);
+        }
+        // Iterations between a row's statistics and its last re-read: the gradient of the KL
+        // kinds follows one iteration later; JSD's mixture pass one, its gradient two.
+        let lag = if self.fwd_multi_pass && args.grad != 0 {
+            2
+        } else {
+            1
+        };
+        let (n, v) = (args.n as usize, args.v as usize);
+        let Some(grid) = cluster::persistent_grid(f, stream, (n, v), (sb, tb), lag, self.l2_bytes)?
+        else {
+            cluster::note_fallback(format!(
+                "the card places no persistent cluster of dk_divcp_* for V = {v}; such rows run \
+                 the one-block kernel"
+            ));
+            return Ok(false);
+        };
+        match cluster::launch(f, stream, args, grid, 0)? {
+            cluster::Launched::Queued => Ok(true),
+            cluster::Launched::Refused(e) => {
+                cluster::note_refused_launch(grid.0, 0, &e);
+                Ok(false)
+            }
+        }
     }
 
     /// Queues `dk_div_finish`: `loss = *scale · Σ per_row[0..n]` (f64, fixed order).

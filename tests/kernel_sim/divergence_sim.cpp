@@ -7,12 +7,13 @@
 //
 // With cluster = C >= 1 it plays the Hopper cluster kernel (cuda/divergence_cluster.cu) instead:
 // C blocks each own cluster_slice(v, C) elements, reduce them as a block, and the C block
-// results are merged in rank order.
+// results are merged in rank order; with tree = 1, by the persistent kernel's butterfly
+// (cuda/divergence_persistent.cu, merge_slots: offsets C/2 .. 1, lane 0's result).
 //
 // Protocol (binary, native endianness) on stdin, repeated until EOF:
 //   i32 kind (0 forward KL, 1 reverse KL, 2 JSD), f32 beta, f32 inv_t, i32 v, i32 threads,
 //   i32 vec (1: 8-element chunks + tail, 0: scalar), i32 cluster (0: one block per row, else
-//   blocks per row), f32 s[v], f32 t[v]
+//   blocks per row), i32 tree (1: butterfly merge of the block results), f32 s[v], f32 t[v]
 // and on stdout per case: f32 loss, f32 grad[v] (d loss / d s with scale 1, i.e. including 1/T),
 // u8 lanes_agree (1 when every lane ended each reduction with bitwise the same state).
 #include <cstdint>
@@ -69,6 +70,24 @@ void for_each_lane(int lane, int threads, int v, bool vec, F&& f) {
   for (int i = start + lane; i < v; i += threads) f(i, 1);
 }
 
+// The merge of a cluster's block results: rank order (the stream and smem cluster kernels) or
+// the persistent kernel's butterfly over C lanes (C a power of two).
+template <typename State, typename Merge>
+State cluster_merge(std::vector<State> x, bool tree, Merge merge) {
+  if (!tree) {
+    State st = x[0];
+    for (size_t r = 1; r < x.size(); ++r) st = merge(st, x[r]);
+    return st;
+  }
+  const int c = static_cast<int>(x.size());
+  for (int o = c >> 1; o > 0; o >>= 1) {
+    std::vector<State> next(c);
+    for (int l = 0; l < c; ++l) next[l] = merge(x[l], x[l ^ o]);
+    x = next;
+  }
+  return x[0];
+}
+
 // The share [start, start + len) of the row one block reduces (the whole row, or a cluster
 // block's slice).
 struct Part {
@@ -88,7 +107,7 @@ std::vector<Part> parts_of(int v, int cluster) {
 
 template <Kind K>
 void run_row(float beta, float inv_t, const float* s, const float* t, int v, int threads, bool vec,
-             int cluster, float* loss_out, float* grad, bool* agree) {
+             int cluster, bool tree, float* loss_out, float* grad, bool* agree) {
   auto merge = [](RowStats<K> x, const RowStats<K>& y) {
     x.merge(y);
     return x;
@@ -117,9 +136,8 @@ void run_row(float beta, float inv_t, const float* s, const float* t, int v, int
     }
     blocks.push_back(block_reduce(lanes, merge, agree));
   }
-  // Cluster kernel: slot 0 merged with slots 1.. in rank order (what every block computes).
-  RowStats<K> st = blocks[0];
-  for (size_t r = 1; r < blocks.size(); ++r) st.merge(blocks[r]);
+  // Cluster kernels: the block results merged as every block of the cluster merges them.
+  const RowStats<K> st = cluster_merge(blocks, tree, merge);
   if (st.empty()) {
     *loss_out = 0.f;
     for (int i = 0; i < v; ++i) grad[i] = 0.f;
@@ -132,6 +150,7 @@ void run_row(float beta, float inv_t, const float* s, const float* t, int v, int
   } else {
     auto add = [](float x, float y) { return x + y; };
     float kl_pm = 0.f;
+    std::vector<float> parts_pm, parts_qm;
     for (const Part& part : parts) {
       std::vector<float> pm(threads, 0.f), qm(threads, 0.f);
       for (int lane = 0; lane < threads; ++lane) {
@@ -145,13 +164,21 @@ void run_row(float beta, float inv_t, const float* s, const float* t, int v, int
       }
       const float block_pm = block_reduce(pm, add, agree);
       const float block_qm = block_reduce(qm, add, agree);
-      if (cluster == 0) {
-        kl_pm = block_pm;
-        center = block_qm;
-      } else {
-        kl_pm += block_pm;
-        center += block_qm;
+      parts_pm.push_back(block_pm);
+      parts_qm.push_back(block_qm);
+    }
+    if (cluster == 0) {
+      kl_pm = parts_pm[0];
+      center = parts_qm[0];
+    } else if (!tree) {
+      // The stream / smem kernels: 0 + part 0 + part 1 + ... in rank order.
+      for (size_t r = 0; r < parts.size(); ++r) {
+        kl_pm += parts_pm[r];
+        center += parts_qm[r];
       }
+    } else {
+      kl_pm = cluster_merge(parts_pm, true, add);
+      center = cluster_merge(parts_qm, true, add);
     }
     loss = jsd_loss(beta, kl_pm, center);
   }
@@ -168,12 +195,12 @@ bool read(T* x, size_t n = 1) {
 }  // namespace
 
 int main() {
-  int32_t kind, v, threads, vec, cluster;
+  int32_t kind, v, threads, vec, cluster, tree;
   float beta, inv_t;
   while (read(&kind) && read(&beta) && read(&inv_t) && read(&v) && read(&threads) && read(&vec) &&
-         read(&cluster)) {
+         read(&cluster) && read(&tree)) {
     if (v < 1 || threads < 32 || threads % 32 != 0 || threads > 1024 || kind < 0 || kind > 2 ||
-        cluster < 0 || cluster > 16) {
+        cluster < 0 || cluster > 16 || (tree != 0 && (cluster & (cluster - 1)) != 0)) {
       std::fprintf(stderr, "bad case header: kind %d v %d threads %d\n", kind, v, threads);
       return 2;
     }
@@ -184,9 +211,9 @@ int main() {
     }
     float loss = 0.f;
     bool agree = true;
-    if (kind == 0) run_row<Kind::ForwardKl>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, cluster, &loss, grad.data(), &agree);
-    if (kind == 1) run_row<Kind::ReverseKl>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, cluster, &loss, grad.data(), &agree);
-    if (kind == 2) run_row<Kind::Jsd>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, cluster, &loss, grad.data(), &agree);
+    if (kind == 0) run_row<Kind::ForwardKl>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, cluster, tree != 0, &loss, grad.data(), &agree);
+    if (kind == 1) run_row<Kind::ReverseKl>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, cluster, tree != 0, &loss, grad.data(), &agree);
+    if (kind == 2) run_row<Kind::Jsd>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, cluster, tree != 0, &loss, grad.data(), &agree);
     const uint8_t ok = agree ? 1 : 0;
     std::fwrite(&loss, sizeof(float), 1, stdout);
     std::fwrite(grad.data(), sizeof(float), v, stdout);

@@ -1,0 +1,331 @@
+// Token-level divergence on Hopper (sm_90), version 6: persistent clusters that pipeline rows.
+//
+// Why (cuda/DIVERGENCE.md, version 5): the stream cluster kernel (divergence_cluster.cu) keeps
+// a row's re-read in L2, so its DRAM traffic is the floor's, but each block lives for one row:
+// load phase, block merge, cluster barrier, remote merge, next pass, barrier, exit. With ~19 K
+// elements per block and pass, those phases leave the memory system idle (H200: 33.6 % of the
+// floor, issue 50 %, no pipe saturated). Here a cluster of C blocks stays resident and walks the
+// rows q, q + Q, q + 2Q, ... (Q clusters in the grid), and each iteration runs the passes of
+// successive rows side by side in ONE loop over the block's slice:
+//
+//   forward / reverse KL: statistics of row i, gradient of row i − 1;
+//   JSD:                  statistics of row i, mixture sums of row i − 1, gradient of row i − 2.
+//
+// so every iteration streams the new row from DRAM while it re-reads the previous ones from L2
+// (written to L2 one or two iterations before: Q is chosen so that those iterations' bytes fit
+// in it, src/divergence/cluster.rs), and there is one block merge and ONE cluster barrier per
+// iteration instead of two or three per row. The barrier is split: a block arrives as soon as
+// it has published its slot and waits only at the start of the next iteration, after issuing
+// the L2 prefetch of its first chunk of the next row.
+//
+// Slots are double-buffered by iteration parity. A block writes slot[i & 1] at the end of
+// iteration i and every block reads it after the barrier, at the start of iteration i + 1;
+// the next write of that slot, at the end of iteration i + 2, comes after the barrier of
+// iteration i + 1, which every block passes only once all have arrived, i.e. finished reading.
+//
+// The per-block arithmetic is the stream cluster kernel's: the same slices (cluster_slice), the
+// same chunk-to-thread assignment at 512 threads, the same block merges; only the merge of the
+// C block results is a butterfly (log2 C dependent steps) instead of rank order (C − 1), as
+// tests/kernel_sim replays it. Gradient in place over the student logits stays safe: an iteration writes the
+// gradient of an older row than any it reads, and each thread reads a chunk before it writes
+// that chunk's gradient.
+
+#include <cooperative_groups.h>
+
+#include "dk_divergence_args.h"
+#include "dk_divergence_math.cuh"
+#include "dk_divergence_passes.cuh"
+#include "dk_reduce.cuh"
+#include "dk_vec.cuh"
+
+namespace dk {
+namespace divergence {
+
+// Threads per block: the stream cluster kernel's, so the per-block arithmetic is the same.
+constexpr int kPersistentThreads = 512;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+
+// The two halves of a cluster barrier. arrive carries no memory ordering: with release
+// semantics every thread executes a GPU-scope MEMBAR before it arrives, which waits for its
+// gradient stores to drain; only thread 0 has something to publish (the slots), and it fences
+// once itself (publish_slots). wait returns once every block of the cluster has arrived, with
+// acquire semantics, so the slots written before the fence are visible after it.
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void publish_slots() {
+  asm volatile("fence.acq_rel.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// Asks L2 for the line holding p, without tying up a register until it arrives.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
+// A pass that does nothing: the missing third stage of the KL pipeline.
+struct NoPass {
+  template <int N>
+  __device__ __forceinline__ void chunk(int, const float (&)[N], const float (&)[N]) {}
+};
+
+// Runs up to three passes over the same slice positions of three rows in one loop (a pass is
+// off when its student pointer is null; the tests are uniform over the block): the 16-byte
+// loads of every active pass are issued before any is converted, so each thread keeps up to
+// 6 × 16 bytes in flight. Chunks reach each pass in for_each's order, so each pass sees what
+// it would see alone.
+template <typename TS, typename TT, typename F0, typename F1, typename F2>
+__device__ __forceinline__ void for_each_rows(int len, const TS* s0, const TT* t0, F0& f0,
+                                              const TS* s1, const TT* t1, F1& f1,
+                                              const TS* s2, const TT* t2, F2& f2) {
+  const int chunks = len / kVec;
+  for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+    const int o = c * kVec;
+    Raw8<TS> rs0{}, rs1{}, rs2{};
+    Raw8<TT> rt0{}, rt1{}, rt2{};
+    if (s0) {
+      rs0 = load_raw8(s0 + o);
+      rt0 = load_raw8(t0 + o);
+    }
+    if (s1) {
+      rs1 = load_raw8(s1 + o);
+      rt1 = load_raw8(t1 + o);
+    }
+    if (s2) {
+      rs2 = load_raw8(s2 + o);
+      rt2 = load_raw8(t2 + o);
+    }
+    float sv[kVec], tv[kVec];
+    if (s0) {
+      unpack8(rs0, sv);
+      unpack8(rt0, tv);
+      f0.template chunk<kVec>(o, sv, tv);
+    }
+    if (s1) {
+      unpack8(rs1, sv);
+      unpack8(rt1, tv);
+      f1.template chunk<kVec>(o, sv, tv);
+    }
+    if (s2) {
+      unpack8(rs2, sv);
+      unpack8(rt2, tv);
+      f2.template chunk<kVec>(o, sv, tv);
+    }
+  }
+  for (int i = chunks * kVec + threadIdx.x; i < len; i += blockDim.x) {
+    if (s0) {
+      const float sv[1] = {to_float(s0[i])}, tv[1] = {to_float(t0[i])};
+      f0.template chunk<1>(i, sv, tv);
+    }
+    if (s1) {
+      const float sv[1] = {to_float(s1[i])}, tv[1] = {to_float(t1[i])};
+      f1.template chunk<1>(i, sv, tv);
+    }
+    if (s2) {
+      const float sv[1] = {to_float(s2[i])}, tv[1] = {to_float(t2[i])};
+      f2.template chunk<1>(i, sv, tv);
+    }
+  }
+}
+
+// The merge of the cluster's C slots (C a power of two, at most 16), the same bits in every
+// thread: lane r of each warp reads block r's slot (C remote loads per warp, not per thread),
+// a butterfly over lanes with offsets C/2 .. 1 merges them in log2(C) dependent steps (the
+// merge is commutative, so the lanes of a pair agree bit for bit), and lane 0's result is
+// broadcast. Lanes >= C hold empty states and only merge among themselves. (The stream cluster
+// kernel merges in rank order, C − 1 dependent steps; tests/kernel_sim replays both orders.)
+template <typename State>
+__device__ __forceinline__ State merge_slots(const cooperative_groups::cluster_group& cluster,
+                                             State* slot, int c, int lane) {
+  State x;
+  if (lane < c) x = *cluster.map_shared_rank(slot, lane);
+  for (int o = c >> 1; o > 0; o >>= 1) x.merge(x.shfl_xor(o));
+  return x.shfl(0);
+}
+
+// What the gradient stage does with its row this iteration.
+enum class GradMode { None, Zero, Grad };
+
+template <Kind K, typename TS, typename TT>
+__device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
+  namespace cg = cooperative_groups;
+  constexpr bool kJsd = K == Kind::Jsd;
+  __shared__ RowStats<K> smem_stats[32];
+  __shared__ float smem_sum[32];
+  __shared__ RowStats<K> slot_stats[2];  // this block's statistics of a row, by iteration parity
+  __shared__ float2 slot_kl[2];          // JSD: this block's mixture sums of a row
+
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int c = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t first = blockIdx.x / c, clusters = gridDim.x / c;
+  const int v = static_cast<int>(a.v);
+  const int slice = cluster_slice(v, c);
+  const int start = min(v, rank * slice);
+  const int len = min(v, start + slice) - start;
+  // Rows of this cluster: first, first + clusters, ...; the pipeline needs one iteration more
+  // per pass after the statistics (the last ones only finish the rows still in flight).
+  const int64_t mine = first < a.n ? (a.n - first + clusters - 1) / clusters : 0;
+  const int64_t iters = mine + (kJsd ? 2 : 1);
+
+  const int64_t* labels = reinterpret_cast<const int64_t*>(a.labels);
+  float* per_row = reinterpret_cast<float*>(a.per_row);
+  const bool writer = rank == 0 && threadIdx.x == 0;
+  const int lane = threadIdx.x & 31;
+  const float k = exp2_scale(a.inv_temperature), beta = a.beta;
+  const float gfactor = *reinterpret_cast<const float*>(a.scale) * a.inv_temperature;
+  auto row_at = [&](int64_t i) { return first + i * clusters; };
+  auto ignored = [&](int64_t row) { return labels != nullptr && labels[row] == a.ignore_index; };
+  auto student = [&](int64_t row) {
+    return reinterpret_cast<const TS*>(a.student) + row * a.student_stride + start;
+  };
+  auto teacher = [&](int64_t row) {
+    return reinterpret_cast<const TT*>(a.teacher) + row * a.teacher_stride + start;
+  };
+
+  // The rows in the later stages: their constants from the merged statistics.
+  Row mix_row{};      // JSD: the row of the mixture stage
+  bool mix_live = false;
+  Row grad_row{};
+  int64_t grad_at = 0;  // row index of the gradient stage
+  float grad_center = 0.f, grad_gscale = 0.f;
+  GradMode grad_mode = GradMode::None;
+
+  // Whether the rows of the statistics stage (this iteration's, and the next one's, read one
+  // iteration ahead so that its latency hides behind the loop) and of the merge are ignored.
+  bool ignored_now = mine > 0 && ignored(row_at(0)), ignored_merge = false;
+  for (int64_t i = 0; i < iters; ++i) {
+    const bool ignored_next = i + 1 < mine && ignored(row_at(i + 1));
+    const int64_t stats_at = row_at(i);
+    const bool stats_on = i < mine && !ignored_now;
+    if (stats_on && threadIdx.x * kVec < len) {
+      prefetch_l2(student(stats_at) + threadIdx.x * kVec);
+      prefetch_l2(teacher(stats_at) + threadIdx.x * kVec);
+    }
+    bool mix_on = false;
+    if (i > 0) {
+      cluster_wait();
+      const int p = static_cast<int>((i - 1) & 1);
+      grad_mode = GradMode::None;
+      if (kJsd && i >= 2 && i - 2 < mine) {
+        // Row i − 2 finished its mixture pass in iteration i − 1: its loss, then its gradient.
+        float loss = 0.f, center = 0.f;
+        if (mix_live) {
+          float2 part = make_float2(0.f, 0.f);
+          if (lane < c) part = *cluster.map_shared_rank(&slot_kl[p], lane);
+          for (int o = c >> 1; o > 0; o >>= 1) {
+            part.x += __shfl_xor_sync(kFullMask, part.x, o);
+            part.y += __shfl_xor_sync(kFullMask, part.y, o);
+          }
+          center = __shfl_sync(kFullMask, part.y, 0);
+          loss = jsd_loss(beta, __shfl_sync(kFullMask, part.x, 0), center);
+        }
+        grad_at = row_at(i - 2);
+        if (writer) per_row[grad_at] = clamp_loss(loss);
+        grad_row = mix_row;
+        grad_center = center;
+        grad_gscale = grad_scale(gfactor, loss);
+        grad_mode = a.grad == 0 ? GradMode::None : (mix_live ? GradMode::Grad : GradMode::Zero);
+      }
+      if (i - 1 < mine) {
+        // Row i − 1 finished its statistics in iteration i − 1.
+        const int64_t row = row_at(i - 1);
+        bool live = false;
+        Row r{};
+        float loss = 0.f, center = 0.f;
+        if (!ignored_merge) {
+          const RowStats<K> st = merge_slots(cluster, &slot_stats[p], c, lane);
+          // A side with no finite entry has no distribution: loss 0, gradient 0.
+          live = !st.empty();
+          r = row_of(st, a.inv_temperature, beta);
+          if (!kJsd && live) loss = kl_loss(st, r, &center);
+        }
+        if (kJsd) {
+          mix_row = r;
+          mix_live = live;
+          mix_on = live;
+        } else {
+          grad_at = row;
+          if (writer) per_row[row] = clamp_loss(loss);
+          grad_row = r;
+          grad_center = center;
+          grad_gscale = grad_scale(gfactor, loss);
+          grad_mode = a.grad == 0 ? GradMode::None : (live ? GradMode::Grad : GradMode::Zero);
+        }
+      }
+    }
+
+    TS* g = grad_mode == GradMode::None
+                ? nullptr
+                : reinterpret_cast<TS*>(a.grad) + grad_at * a.grad_stride + start;
+    if (grad_mode == GradMode::Zero) zero_row(g, len, true);
+    const bool grad_on = grad_mode == GradMode::Grad;
+
+    StatsPass<K, TS, TT> sp{k, student(stats_at), teacher(stats_at)};
+    GradPass<K, TS> gp{grad_row, g, grad_center, 1.f - beta, grad_gscale};
+    const TS* ss = stats_on ? sp.s : nullptr;
+    const TS* gs = grad_on ? student(grad_at) : nullptr;
+    if (kJsd) {
+      JsdPass jp{mix_row};
+      const int64_t mix_at = row_at(i - 1);
+      const TS* ms = mix_on ? student(mix_at) : nullptr;
+      for_each_rows(len, ss, sp.t, sp, ms, mix_on ? teacher(mix_at) : nullptr, jp, gs,
+                    grad_on ? teacher(grad_at) : nullptr, gp);
+      if (mix_on) {
+        const float pm = block_sum(jp.kl_pm, smem_sum);
+        const float qm = block_sum(jp.kl_qm, smem_sum);
+        if (threadIdx.x == 0) slot_kl[i & 1] = make_float2(pm, qm);
+      }
+    } else {
+      NoPass none;
+      for_each_rows(len, ss, sp.t, sp, gs, grad_on ? teacher(grad_at) : nullptr, gp,
+                    static_cast<const TS*>(nullptr), static_cast<const TT*>(nullptr), none);
+    }
+    if (stats_on) {
+      const RowStats<K> m = block_merge(sp.stats, smem_stats);
+      if (threadIdx.x == 0) slot_stats[i & 1] = m;
+    }
+    if (threadIdx.x == 0 && (stats_on || mix_on)) publish_slots();
+    cluster_arrive_relaxed();
+    ignored_merge = ignored_now;
+    ignored_now = ignored_next;
+  }
+  cluster_wait();  // no block leaves while another may still read its slots
+}
+
+#endif  // __CUDA_ARCH__ >= 900
+
+}  // namespace divergence
+}  // namespace dk
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define DK_DIVP_BODY(KIND, TS, TT) dk::divergence::persistent_rows<KIND, TS, TT>(args);
+#else
+#define DK_DIVP_BODY(KIND, TS, TT) (void)args;
+#endif
+
+// Two blocks per SM for the KL kinds (64 registers); JSD carries three rows' constants and
+// takes one block per SM (the launcher sizes the grid from the occupancy either way).
+#define DK_DIVP_KERNEL(kname, KIND, BLOCKS, sname, TS, tname, TT)                             \
+  extern "C" __global__ void __launch_bounds__(dk::divergence::kPersistentThreads, BLOCKS)   \
+      dk_divcp_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                    \
+    DK_DIVP_BODY(KIND, TS, TT)                                                               \
+  }
+
+#define DK_DIVP_KERNELS_FOR_KIND(kname, KIND, BLOCKS)                                   \
+  DK_DIVP_KERNEL(kname, KIND, BLOCKS, f32, float, f32, float)                           \
+  DK_DIVP_KERNEL(kname, KIND, BLOCKS, f32, float, bf16, __nv_bfloat16)                  \
+  DK_DIVP_KERNEL(kname, KIND, BLOCKS, f32, float, f16, __half)                          \
+  DK_DIVP_KERNEL(kname, KIND, BLOCKS, bf16, __nv_bfloat16, f32, float)                  \
+  DK_DIVP_KERNEL(kname, KIND, BLOCKS, bf16, __nv_bfloat16, bf16, __nv_bfloat16)         \
+  DK_DIVP_KERNEL(kname, KIND, BLOCKS, bf16, __nv_bfloat16, f16, __half)                 \
+  DK_DIVP_KERNEL(kname, KIND, BLOCKS, f16, __half, f32, float)                          \
+  DK_DIVP_KERNEL(kname, KIND, BLOCKS, f16, __half, bf16, __nv_bfloat16)                 \
+  DK_DIVP_KERNEL(kname, KIND, BLOCKS, f16, __half, f16, __half)
+
+DK_DIVP_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl, 2)
+DK_DIVP_KERNELS_FOR_KIND(rkl, dk::divergence::Kind::ReverseKl, 2)
+DK_DIVP_KERNELS_FOR_KIND(jsd, dk::divergence::Kind::Jsd, 1)
