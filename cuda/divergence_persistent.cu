@@ -23,10 +23,12 @@
 // the next write of that slot, at the end of iteration i + 2, comes after the barrier of
 // iteration i + 1, which every block passes only once all have arrived, i.e. finished reading.
 //
-// The per-block arithmetic is the stream cluster kernel's: the same slices (cluster_slice), the
-// same chunk-to-thread assignment at 512 threads, the same block merges; only the merge of the
-// C block results is a butterfly (log2 C dependent steps) instead of rank order (C − 1), as
-// tests/kernel_sim replays it. Gradient in place over the student logits stays safe: an iteration writes the
+// The per-chunk arithmetic is the stream cluster kernel's, on the same slices (cluster_slice)
+// and chunk-to-thread assignment at 512 threads. The reductions are cheaper, because a block
+// has only a few chunks per thread per row: the block statistics in two phases (maxima, one
+// rebase, sums: block_stats) instead of a butterfly of merges, and the C block results combined
+// the same way over C lanes (merge_slots) instead of merged in rank order. tests/kernel_sim
+// replays both. Gradient in place over the student logits stays safe: an iteration writes the
 // gradient of an older row than any it reads, and each thread reads a chunk before it writes
 // that chunk's gradient.
 
@@ -131,19 +133,18 @@ __device__ __forceinline__ void for_each_rows(int len, const TS* s0, const TT* t
   }
 }
 
-// The merge of the cluster's C slots (C a power of two, at most 16), the same bits in every
-// thread: lane r of each warp reads block r's slot (C remote loads per warp, not per thread),
-// a butterfly over lanes with offsets C/2 .. 1 merges them in log2(C) dependent steps (the
-// merge is commutative, so the lanes of a pair agree bit for bit), and lane 0's result is
-// broadcast. Lanes >= C hold empty states and only merge among themselves. (The stream cluster
-// kernel merges in rank order, C − 1 dependent steps; tests/kernel_sim replays both orders.)
-template <typename State>
-__device__ __forceinline__ State merge_slots(const cooperative_groups::cluster_group& cluster,
-                                             State* slot, int c, int lane) {
-  State x;
+// The statistics of the cluster from its C slots (C a power of two, at most 16), the same bits
+// in every thread: lane r of each warp reads block r's slot (C remote loads per warp, not per
+// thread), warp_stats combines groups of C lanes (maxima, one rebase, sums by butterflies with
+// offsets C/2 .. 1), and lane 0's result is broadcast. (The stream cluster kernel merges the
+// slots in rank order with RowStats::merge, C − 1 dependent steps of ~84 instructions;
+// tests/kernel_sim replays both.)
+template <Kind K>
+__device__ __forceinline__ RowStats<K> merge_slots(const cooperative_groups::cluster_group& cluster,
+                                                   RowStats<K>* slot, int c, int lane, float k) {
+  RowStats<K> x;
   if (lane < c) x = *cluster.map_shared_rank(slot, lane);
-  for (int o = c >> 1; o > 0; o >>= 1) x.merge(x.shfl_xor(o));
-  return x.shfl(0);
+  return warp_stats(x, k, c).shfl(0);
 }
 
 // What the gradient stage does with its row this iteration.
@@ -237,7 +238,7 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
         Row r{};
         float loss = 0.f, center = 0.f;
         if (!ignored_merge) {
-          const RowStats<K> st = merge_slots(cluster, &slot_stats[p], c, lane);
+          const RowStats<K> st = merge_slots(cluster, &slot_stats[p], c, lane, k);
           // A side with no finite entry has no distribution: loss 0, gradient 0.
           live = !st.empty();
           r = row_of(st, a.inv_temperature, beta);
@@ -285,7 +286,7 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
                     static_cast<const TS*>(nullptr), static_cast<const TT*>(nullptr), none);
     }
     if (stats_on) {
-      const RowStats<K> m = block_merge(sp.stats, smem_stats);
+      const RowStats<K> m = block_stats(sp.stats, k, smem_stats);
       if (threadIdx.x == 0) slot_stats[i & 1] = m;
     }
     if (threadIdx.x == 0 && (stats_on || mix_on)) publish_slots();

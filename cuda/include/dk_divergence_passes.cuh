@@ -5,6 +5,7 @@
 #pragma once
 
 #include "dk_divergence_math.cuh"
+#include "dk_reduce.cuh"
 #include "dk_vec.cuh"
 
 namespace dk {
@@ -107,6 +108,53 @@ struct GradPass {
     }
   }
 };
+
+// The statistics of a warp in two phases, every lane ending with the same bits: the maxima
+// by a butterfly of fmaxf (exact, so the order does not matter), one rebase of each lane's
+// state to them, then the three sums by a butterfly of additions (commutative, so the lanes of
+// a pair agree). A butterfly of RowStats::merge (block_merge) rebases at every level instead:
+// ~84 instructions per level and state against ~12 here (sm_90a SASS), which matters where a
+// block has only a few chunks per thread between reductions (the persistent cluster kernel).
+// Lanes with nothing accumulated (maxima -inf, sums 0) add 0. k = log2(e) / T of the row.
+// tests/kernel_sim replays this order (block_reduce_stats in divergence_sim.cpp).
+// With `lanes` < 32 (a power of two), only groups of that many lanes are combined (the
+// persistent kernel's merge of its C cluster slots).
+template <Kind K>
+__device__ __forceinline__ RowStats<K> warp_stats(RowStats<K> x, float k, int lanes = 32) {
+  float mt = x.mt, ms = x.ms;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    if (o >= lanes) continue;
+    mt = fmaxf(mt, __shfl_xor_sync(kFullMask, mt, o));
+    ms = fmaxf(ms, __shfl_xor_sync(kFullMask, ms, o));
+  }
+  x.k = k;
+  x.rebase(mt, ms);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    if (o >= lanes) continue;
+    x.st += __shfl_xor_sync(kFullMask, x.st, o);
+    x.ss += __shfl_xor_sync(kFullMask, x.ss, o);
+    if (RowStats<K>::kAcc) x.acc += __shfl_xor_sync(kFullMask, x.acc, o);
+  }
+  return x;
+}
+
+// The statistics of the block: warp_stats within each warp, then over the warps' results in
+// every warp (lanes past the last warp hold empty states). `smem` holds at least 32 states and
+// may be reused after the call.
+template <Kind K>
+__device__ __forceinline__ RowStats<K> block_stats(const RowStats<K>& x, float k,
+                                                   RowStats<K>* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const RowStats<K> w = warp_stats(x, k);
+  __syncthreads();  // smem may still be read by a previous reduction
+  if (lane == 0) smem[warp] = w;
+  __syncthreads();
+  RowStats<K> y;
+  if (lane < warps) y = smem[lane];
+  return warp_stats(y, k);
+}
 
 // Zeroes a gradient row (ignored or fully masked rows).
 template <typename TS>

@@ -7,8 +7,9 @@
 //
 // With cluster = C >= 1 it plays the Hopper cluster kernel (cuda/divergence_cluster.cu) instead:
 // C blocks each own cluster_slice(v, C) elements, reduce them as a block, and the C block
-// results are merged in rank order; with tree = 1, by the persistent kernel's butterfly
-// (cuda/divergence_persistent.cu, merge_slots: offsets C/2 .. 1, lane 0's result).
+// results are merged in rank order; with tree = 1 as the persistent kernel does it
+// (cuda/divergence_persistent.cu): block statistics in two phases (block_stats), block results
+// combined the same way over C lanes (merge_slots: offsets C/2 .. 1, lane 0's result).
 //
 // Protocol (binary, native endianness) on stdin, repeated until EOF:
 //   i32 kind (0 forward KL, 1 reverse KL, 2 JSD), f32 beta, f32 inv_t, i32 v, i32 threads,
@@ -68,6 +69,57 @@ void for_each_lane(int lane, int threads, int v, bool vec, F&& f) {
     start = chunks * kVec;
   }
   for (int i = start + lane; i < v; i += threads) f(i, 1);
+}
+
+// The persistent kernel's block statistics (block_stats in dk_divergence_passes.cuh): in each
+// warp, the maxima by a butterfly of fmaxf, one rebase of every lane, the sums by a butterfly of
+// additions; then the same over the warps' results.
+// warp_stats over n lanes (a power of two): maxima by fmax butterfly, one rebase per lane, sums
+// by an addition butterfly, offsets n/2 .. 1.
+template <Kind K>
+void warp_stats(RowStats<K>* x, int n, float k, bool* agree) {
+  std::vector<float> mt(n), ms(n);
+  for (int l = 0; l < n; ++l) {
+    mt[l] = x[l].mt;
+    ms[l] = x[l].ms;
+  }
+  for (int o = n >> 1; o > 0; o >>= 1) {
+    std::vector<float> nt(n), ns(n);
+    for (int l = 0; l < n; ++l) {
+      nt[l] = std::fmax(mt[l], mt[l ^ o]);
+      ns[l] = std::fmax(ms[l], ms[l ^ o]);
+    }
+    mt = nt;
+    ms = ns;
+  }
+  for (int l = 0; l < n; ++l) {
+    x[l].k = k;
+    x[l].rebase(mt[l], ms[l]);
+  }
+  for (int o = n >> 1; o > 0; o >>= 1) {
+    std::vector<RowStats<K>> next(x, x + n);
+    for (int l = 0; l < n; ++l) {
+      next[l].st = x[l].st + x[l ^ o].st;
+      next[l].ss = x[l].ss + x[l ^ o].ss;
+      if (RowStats<K>::kAcc) next[l].acc = x[l].acc + x[l ^ o].acc;
+    }
+    std::copy(next.begin(), next.end(), x);
+  }
+  for (int l = 1; l < n; ++l) *agree = *agree && same_bits(x[l], x[0]);
+}
+
+template <Kind K>
+RowStats<K> block_reduce_stats(std::vector<RowStats<K>> lanes, float k, bool* agree) {
+  const int threads = static_cast<int>(lanes.size()), warps = threads / 32;
+  std::vector<RowStats<K>> per_warp(warps);
+  for (int w = 0; w < warps; ++w) {
+    warp_stats(&lanes[w * 32], 32, k, agree);
+    per_warp[w] = lanes[w * 32];
+  }
+  RowStats<K> y[32];
+  for (int l = 0; l < 32; ++l) y[l] = l < warps ? per_warp[l] : RowStats<K>();
+  warp_stats(y, 32, k, agree);
+  return y[0];
 }
 
 // The merge of a cluster's block results: rank order (the stream and smem cluster kernels) or
@@ -134,10 +186,18 @@ void run_row(float beta, float inv_t, const float* s, const float* t, int v, int
         }
       });
     }
-    blocks.push_back(block_reduce(lanes, merge, agree));
+    blocks.push_back(tree ? block_reduce_stats(lanes, exp2_scale(inv_t), agree)
+                          : block_reduce(lanes, merge, agree));
   }
-  // Cluster kernels: the block results merged as every block of the cluster merges them.
-  const RowStats<K> st = cluster_merge(blocks, tree, merge);
+  // Cluster kernels: the block results merged as every block of the cluster merges them (the
+  // persistent kernel: warp_stats over C lanes).
+  RowStats<K> st;
+  if (tree) {
+    warp_stats(blocks.data(), static_cast<int>(blocks.size()), exp2_scale(inv_t), agree);
+    st = blocks[0];
+  } else {
+    st = cluster_merge(blocks, false, merge);
+  }
   if (st.empty()) {
     *loss_out = 0.f;
     for (int i = 0; i < v; ++i) grad[i] = 0.f;
