@@ -70,67 +70,73 @@ constexpr int kTopkWarps = 8;
 constexpr int kTokensPerWarp = DK_MOE_CHUNK / kTopkWarps;
 static_assert(DK_MOE_CHUNK % kTopkWarps == 0, "chunk split over the warps");
 
+// Lane's slices of a token row: x[i] = row[i * 32 + lane] for i < nv (the slices holding an
+// expert), -inf past e.
 template <int P, typename T>
-__device__ __forceinline__ void load_logits(const T* row, int e, float (&x)[P]) {
+__device__ __forceinline__ void load_logits(const T* row, int nv, float (&x)[P]) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int i = 0; i < P; ++i) {
-    const int idx = i * 32 + lane;
-    x[i] = idx < e ? to_float(row[idx]) : -INFINITY;
-  }
+  for (int i = 0; i < P; ++i) x[i] = i < nv ? to_float(row[i * 32 + lane]) : -INFINITY;
 }
 
 template <int P, typename T>
 __device__ __forceinline__ void topk(const DkMoeRouteArgs& a) {
   __shared__ uint32_t smask[32 * P];
-  __shared__ uint32_t scratch[kTopkWarps][32 * P];
+  __shared__ __align__(8) uint32_t scratch[kTopkWarps][kScratchWords<P>];
   // The next token's logits are loaded while the current one is routed, where registers allow.
   constexpr bool kPrefetch = P <= 8;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int e = threadIdx.x; e < a.e; e += blockDim.x) smask[e] = 0u;
   __syncthreads();
 
-  const RouteConfig cfg{a.e, a.k, a.score, a.renormalize, a.n_groups, a.topk_groups, a.scale,
-                        reinterpret_cast<const float*>(a.bias)};
-  const T* logits = reinterpret_cast<const T*>(a.logits);
-  int* expert_ids = reinterpret_cast<int*>(a.expert_ids);
-  float* weights = reinterpret_cast<float*>(a.weights);
+  const RouteConfig cfg =
+      route_config(a.e, a.k, a.score, a.renormalize, a.n_groups, a.topk_groups, a.scale,
+                   reinterpret_cast<const float*>(a.bias));
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * DK_MOE_CHUNK;
   const int k = a.k;
+  const int nv = (a.e - lane + 31) >> 5;  // this lane's slices that hold an expert
+  // This warp's first token row (n0 + warp; then kTopkWarps rows on each time). Slot indices
+  // n * k + lane in 32 bits: N·k < 2^31 (checked on the host); unsigned, as the unused lanes
+  // (>= k) of the last tokens may pass 2^31.
+  const T* row = reinterpret_cast<const T*>(a.logits) + (n0 + warp) * a.logits_stride;
+  const int64_t row_step = kTopkWarps * a.logits_stride;
+  int* expert_ids = reinterpret_cast<int*>(a.expert_ids);
+  float* weights = reinterpret_cast<float*>(a.weights);
+  uint32_t slot = static_cast<uint32_t>(n0 + warp) * k + lane;
+  const uint32_t slot_step = kTopkWarps * k;
   DeviceWarp w;
 
   int chosen[kTokensPerWarp];
-  float x[P];
-  if (kPrefetch && n0 + warp < a.n) load_logits(logits + (n0 + warp) * a.logits_stride, a.e, x);
+  // Two buffers used in turn (token t routes xb[t & 1] while t + 1 loads into the other): no
+  // register copies between tokens.
+  float xb[kPrefetch ? 2 : 1][P];
+  if (kPrefetch && n0 + warp < a.n) load_logits(row, nv, xb[0]);
 #pragma unroll
   for (int t = 0; t < kTokensPerWarp; ++t) {
     const int tt = warp + t * kTopkWarps;  // token within the chunk
     const int64_t n = n0 + tt;
     chosen[t] = -1;
     if (n < a.n) {  // uniform over the warp
-      float xn[P];
+      float(&x)[P] = xb[kPrefetch ? t & 1 : 0];
       if (kPrefetch) {
         if (t + 1 < kTokensPerWarp && n + kTopkWarps < a.n) {
-          load_logits(logits + (n + kTopkWarps) * a.logits_stride, a.e, xn);
+          load_logits(row + (t + 1) * row_step, nv, xb[kPrefetch ? (t + 1) & 1 : 0]);
         }
       } else {
-        load_logits(logits + n * a.logits_stride, a.e, x);
+        load_logits(row + t * row_step, nv, x);
       }
       int ex;
       float wt;
       route_token<P>(w, x, cfg, scratch[warp], ex, wt);
       if (lane < k) {
-        expert_ids[n * k + lane] = ex;
-        weights[n * k + lane] = wt;
+        expert_ids[slot] = ex;
+        weights[slot] = wt;
         if (ex >= 0) {
           atomicOr(&smask[ex], 1u << tt);
           chosen[t] = ex;
         }
       }
-      if (kPrefetch) {
-#pragma unroll
-        for (int i = 0; i < P; ++i) x[i] = xn[i];
-      }
+      slot += slot_step;
     }
   }
   __syncthreads();

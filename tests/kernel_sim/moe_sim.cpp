@@ -148,10 +148,10 @@ void route_all(const Case& c, Out& o) {
   const int n = c.n, e = c.e, k = c.k;
   const int cap = c.capacity > 0 ? c.capacity : INT_MAX;
   const int chunks = (n + DK_MOE_CHUNK - 1) / DK_MOE_CHUNK;
-  const RouteConfig cfg{e, k, c.score, c.renormalize, c.n_groups, c.topk_groups, c.scale,
-                        c.has_bias ? c.bias.data() : nullptr};
+  const RouteConfig cfg = route_config(e, k, c.score, c.renormalize, c.n_groups, c.topk_groups,
+                                       c.scale, c.has_bias ? c.bias.data() : nullptr);
   std::vector<int> cc(static_cast<size_t>(e) * chunks, kPoison);
-  std::vector<uint32_t> scratch(32 * P, 0xdeadbeefu);  // one warp's shared scratch
+  std::vector<uint32_t> scratch(kScratchWords<P>, 0xdeadbeefu);  // one warp's shared scratch
   FiberWarp warp(c.reverse != 0);
 
   // 1. top-k per token and per-chunk masks, in-chunk ranks, chunk counts.
