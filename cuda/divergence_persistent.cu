@@ -43,9 +43,6 @@
 namespace dk {
 namespace divergence {
 
-// Threads per block: the stream cluster kernel's, so the per-block arithmetic is the same.
-constexpr int kPersistentThreads = 512;
-
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 
 // The two halves of a cluster barrier. arrive carries no memory ordering: with release
@@ -74,62 +71,93 @@ struct NoPass {
   __device__ __forceinline__ void chunk(int, const float (&)[N], const float (&)[N]) {}
 };
 
-// Runs up to three passes over the same slice positions of three rows in one loop (a pass is
-// off when its student pointer is null; the tests are uniform over the block): the 16-byte
-// loads of every active pass are issued before any is converted, so each thread keeps up to
-// 6 × 16 bytes in flight. Chunks reach each pass in for_each's order, so each pass sees what
-// it would see alone.
+// One pass of the pipeline over its row's slice: the functor and the row's pointers (off when
+// `s` is null; the test is uniform over the block).
+template <typename TS, typename TT, typename F>
+struct Stage {
+  const TS* s;
+  const TT* t;
+  F& f;
+};
+
+// The raw 16-byte words of one step of every active stage.
+template <typename TS, typename TT>
+struct StepWords {
+  Raw8<TS> s[3];
+  Raw8<TT> t[3];
+};
+
 template <typename TS, typename TT, typename F0, typename F1, typename F2>
-__device__ __forceinline__ void for_each_rows(int len, const TS* s0, const TT* t0, F0& f0,
-                                              const TS* s1, const TT* t1, F1& f1,
-                                              const TS* s2, const TT* t2, F2& f2) {
-  const int chunks = len / kVec;
-  for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-    const int o = c * kVec;
-    Raw8<TS> rs0{}, rs1{}, rs2{};
-    Raw8<TT> rt0{}, rt1{}, rt2{};
-    if (s0) {
-      rs0 = load_raw8(s0 + o);
-      rt0 = load_raw8(t0 + o);
-    }
-    if (s1) {
-      rs1 = load_raw8(s1 + o);
-      rt1 = load_raw8(t1 + o);
-    }
-    if (s2) {
-      rs2 = load_raw8(s2 + o);
-      rt2 = load_raw8(t2 + o);
-    }
-    float sv[kVec], tv[kVec];
-    if (s0) {
-      unpack8(rs0, sv);
-      unpack8(rt0, tv);
-      f0.template chunk<kVec>(o, sv, tv);
-    }
-    if (s1) {
-      unpack8(rs1, sv);
-      unpack8(rt1, tv);
-      f1.template chunk<kVec>(o, sv, tv);
-    }
-    if (s2) {
-      unpack8(rs2, sv);
-      unpack8(rt2, tv);
-      f2.template chunk<kVec>(o, sv, tv);
+__device__ __forceinline__ StepWords<TS, TT> load_step(const Stage<TS, TT, F0>& a,
+                                                       const Stage<TS, TT, F1>& b,
+                                                       const Stage<TS, TT, F2>& c, int o) {
+  StepWords<TS, TT> w{};
+  if (a.s) {
+    w.s[0] = load_raw8(a.s + o);
+    w.t[0] = load_raw8(a.t + o);
+  }
+  if (b.s) {
+    w.s[1] = load_raw8(b.s + o);
+    w.t[1] = load_raw8(b.t + o);
+  }
+  if (c.s) {
+    w.s[2] = load_raw8(c.s + o);
+    w.t[2] = load_raw8(c.t + o);
+  }
+  return w;
+}
+
+template <typename TS, typename TT, typename F>
+__device__ __forceinline__ void run_chunk(const Stage<TS, TT, F>& st, const Raw8<TS>& rs,
+                                          const Raw8<TT>& rt, int o) {
+  if (!st.s) return;
+  float sv[kVec], tv[kVec];
+  unpack8(rs, sv);
+  unpack8(rt, tv);
+  st.f.template chunk<kVec>(o, sv, tv);
+}
+
+template <typename TS, typename TT, typename F>
+__device__ __forceinline__ void run_tail(const Stage<TS, TT, F>& st, int i) {
+  if (!st.s) return;
+  const float sv[1] = {to_float(st.s[i])}, tv[1] = {to_float(st.t[i])};
+  st.f.template chunk<1>(i, sv, tv);
+}
+
+// Runs up to three passes over the same slice positions of three rows in one loop: the 16-byte
+// loads of every active stage, for kSteps chunk steps, are issued before any is converted, so
+// each thread keeps up to kSteps × 6 × 16 bytes in flight. Each stage sees its chunks in
+// for_each's order (c, c + blockDim, ...), so it accumulates what it would alone.
+template <int kSteps, typename TS, typename TT, typename F0, typename F1, typename F2>
+__device__ __forceinline__ void for_each_rows(int len, const Stage<TS, TT, F0>& a,
+                                              const Stage<TS, TT, F1>& b,
+                                              const Stage<TS, TT, F2>& c) {
+  static_assert(kSteps == 1 || kSteps == 2, "one or two steps in flight");
+  const int chunks = len / kVec, step = blockDim.x;
+  int ch = threadIdx.x;
+  if (kSteps == 2) {
+    for (; ch + step < chunks; ch += 2 * step) {
+      const int o0 = ch * kVec, o1 = (ch + step) * kVec;
+      const StepWords<TS, TT> w0 = load_step(a, b, c, o0), w1 = load_step(a, b, c, o1);
+      run_chunk(a, w0.s[0], w0.t[0], o0);
+      run_chunk(a, w1.s[0], w1.t[0], o1);
+      run_chunk(b, w0.s[1], w0.t[1], o0);
+      run_chunk(b, w1.s[1], w1.t[1], o1);
+      run_chunk(c, w0.s[2], w0.t[2], o0);
+      run_chunk(c, w1.s[2], w1.t[2], o1);
     }
   }
+  for (; ch < chunks; ch += step) {
+    const int o = ch * kVec;
+    const StepWords<TS, TT> w = load_step(a, b, c, o);
+    run_chunk(a, w.s[0], w.t[0], o);
+    run_chunk(b, w.s[1], w.t[1], o);
+    run_chunk(c, w.s[2], w.t[2], o);
+  }
   for (int i = chunks * kVec + threadIdx.x; i < len; i += blockDim.x) {
-    if (s0) {
-      const float sv[1] = {to_float(s0[i])}, tv[1] = {to_float(t0[i])};
-      f0.template chunk<1>(i, sv, tv);
-    }
-    if (s1) {
-      const float sv[1] = {to_float(s1[i])}, tv[1] = {to_float(t1[i])};
-      f1.template chunk<1>(i, sv, tv);
-    }
-    if (s2) {
-      const float sv[1] = {to_float(s2[i])}, tv[1] = {to_float(t2[i])};
-      f2.template chunk<1>(i, sv, tv);
-    }
+    run_tail(a, i);
+    run_tail(b, i);
+    run_tail(c, i);
   }
 }
 
@@ -150,7 +178,8 @@ __device__ __forceinline__ RowStats<K> merge_slots(const cooperative_groups::clu
 // What the gradient stage does with its row this iteration.
 enum class GradMode { None, Zero, Grad };
 
-template <Kind K, typename TS, typename TT>
+// kSteps: chunk steps whose loads are issued together (for_each_rows).
+template <Kind K, typename TS, typename TT, int kSteps>
 __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
   namespace cg = cooperative_groups;
   constexpr bool kJsd = K == Kind::Jsd;
@@ -269,12 +298,14 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
     GradPass<K, TS> gp{grad_row, g, grad_center, 1.f - beta, grad_gscale};
     const TS* ss = stats_on ? sp.s : nullptr;
     const TS* gs = grad_on ? student(grad_at) : nullptr;
+    const Stage<TS, TT, StatsPass<K, TS, TT>> stats_stage{ss, sp.t, sp};
+    const Stage<TS, TT, GradPass<K, TS>> grad_stage{gs, grad_on ? teacher(grad_at) : nullptr, gp};
     if (kJsd) {
       JsdPass jp{mix_row};
       const int64_t mix_at = row_at(i - 1);
-      const TS* ms = mix_on ? student(mix_at) : nullptr;
-      for_each_rows(len, ss, sp.t, sp, ms, mix_on ? teacher(mix_at) : nullptr, jp, gs,
-                    grad_on ? teacher(grad_at) : nullptr, gp);
+      const Stage<TS, TT, JsdPass> mix_stage{mix_on ? student(mix_at) : nullptr,
+                                             mix_on ? teacher(mix_at) : nullptr, jp};
+      for_each_rows<kSteps>(len, stats_stage, mix_stage, grad_stage);
       if (mix_on) {
         const float pm = block_sum(jp.kl_pm, smem_sum);
         const float qm = block_sum(jp.kl_qm, smem_sum);
@@ -282,8 +313,8 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
       }
     } else {
       NoPass none;
-      for_each_rows(len, ss, sp.t, sp, gs, grad_on ? teacher(grad_at) : nullptr, gp,
-                    static_cast<const TS*>(nullptr), static_cast<const TT*>(nullptr), none);
+      const Stage<TS, TT, NoPass> no_stage{nullptr, nullptr, none};
+      for_each_rows<kSteps>(len, stats_stage, grad_stage, no_stage);
     }
     if (stats_on) {
       const RowStats<K> m = block_stats(sp.stats, k, smem_stats);
@@ -303,17 +334,26 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
 }  // namespace dk
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define DK_DIVP_BODY(KIND, TS, TT) dk::divergence::persistent_rows<KIND, TS, TT>(args);
+#define DK_DIVP_BODY(KIND, TS, TT, STEPS) \
+  dk::divergence::persistent_rows<KIND, TS, TT, STEPS>(args);
 #else
-#define DK_DIVP_BODY(KIND, TS, TT) (void)args;
+#define DK_DIVP_BODY(KIND, TS, TT, STEPS) (void)args;
 #endif
 
-// Two blocks per SM for the KL kinds (64 registers); JSD carries three rows' constants and
-// takes one block per SM (the launcher sizes the grid from the occupancy either way).
+// Two block shapes (A/B until measured: cuda/DIVERGENCE.md, version 6):
+//   dk_divcp_*:    512 threads, one step of loads in flight; two blocks per SM for the KL kinds
+//                  (64 registers), one for JSD (three rows' constants);
+//   dk_divcp256_*: 256 threads, two steps in flight (twice the bytes per thread), two blocks
+//                  per SM: half the threads per row, so each thread has twice the chunks between
+//                  two row reductions, whose cost per thread is fixed.
 #define DK_DIVP_KERNEL(kname, KIND, BLOCKS, sname, TS, tname, TT)                             \
-  extern "C" __global__ void __launch_bounds__(dk::divergence::kPersistentThreads, BLOCKS)   \
+  extern "C" __global__ void __launch_bounds__(512, BLOCKS)                                  \
       dk_divcp_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                    \
-    DK_DIVP_BODY(KIND, TS, TT)                                                               \
+    DK_DIVP_BODY(KIND, TS, TT, 1)                                                            \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(256, 2)                                       \
+      dk_divcp256_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                 \
+    DK_DIVP_BODY(KIND, TS, TT, 2)                                                            \
   }
 
 #define DK_DIVP_KERNELS_FOR_KIND(kname, KIND, BLOCKS)                                   \

@@ -13,7 +13,7 @@
 #   4. dk bench: one f32 row; N=256 and N=16384 (issue 3); the one-block kernel alone
 #      (DK_DIVERGENCE_CLUSTER=0), and the shared-memory and stream cluster variants forced onto
 #      N=4096 (=smem, =stream), side by side with the default; version 6, the persistent
-#      cluster kernel (=persist), at its own cluster size and at 4, 8 and 16
+#      cluster kernels (=persist, =persist256), at their own cluster size and at 4, 8 and 16
 #   5. dk bench --ops moe: route, permute, combine fwd/bwd, 3 ANCHORS shapes, N=16384
 #  5b. dk bench --ops attention: fwd, fwd+bwd, ANCHORS shapes + varlen, bf16, TFLOP/s
 #  5c. dk bench --ops fused: fused linear JSD (N 4096, H 3072, V 200064; N 16384, H 5120,
@@ -244,6 +244,10 @@ done
 run_step dk-bench-persist 60 1 env DK_DIVERGENCE_CLUSTER=persist "$dk" bench --device cuda \
   --ops divergence --dtype bf16 --rows 4096 --vocab 151936,262144 --kinds forward_kl,jsd \
   --passes fwd+bwd
+# The 256-thread shape (two steps of loads in flight, twice the chunks per thread per row).
+run_step dk-bench-persist256 60 1 env DK_DIVERGENCE_CLUSTER=persist256 "$dk" bench \
+  --device cuda --ops divergence --dtype bf16 --rows 4096 --vocab 151936,262144 \
+  --kinds forward_kl,jsd --passes fwd+bwd
 for c in 4 8 16; do
   run_step "dk-bench-persist-c$c" 30 0 env DK_DIVERGENCE_CLUSTER=persist \
     DK_DIVERGENCE_CLUSTER_SIZE=$c "$dk" bench --device cuda --ops divergence --dtype bf16 \
@@ -290,6 +294,8 @@ if [ -x target/release/deps/divergence_reference ]; then
   run_step test-divergence_reference-stream 90 1 env DK_DIVERGENCE_CLUSTER=stream \
     target/release/deps/divergence_reference
   run_step test-divergence_reference-persist 90 1 env DK_DIVERGENCE_CLUSTER=persist \
+    target/release/deps/divergence_reference
+  run_step test-divergence_reference-persist256 90 1 env DK_DIVERGENCE_CLUSTER=persist256 \
     target/release/deps/divergence_reference
 fi
 reserve=140 # as pytest: the Python benchmarks come after
@@ -371,6 +377,9 @@ ncu_run ncu-divergence 40 'dk_divcs?_(fkl|jsd)_bf16_bf16' 4 --ops divergence --d
 DK_DIVERGENCE_CLUSTER=persist ncu_run ncu-divergence-persist 40 'dk_divcp_(fkl|jsd)_bf16_bf16' 2 \
   --ops divergence --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd \
   --passes fwd+bwd --iters 1 --check-rows 2
+DK_DIVERGENCE_CLUSTER=persist256 ncu_run ncu-divergence-persist256 40 \
+  'dk_divcp256_(fkl|jsd)_bf16_bf16' 2 --ops divergence --dtype bf16 --rows 4096 --vocab 151936 \
+  --kinds forward_kl,jsd --passes fwd+bwd --iters 1 --check-rows 2
 # Route's three launches one by one (issue 5: which of top-k, scan and assign holds the 35 us).
 ncu_run ncu-moe-route 40 'dk_moe_(topk|scan|assign)' 3 --ops moe --dtype bf16 --tokens 16384 \
   --moe-shapes qwen3 --iters 1
@@ -401,9 +410,11 @@ else
   if [ "$(left)" -lt 30 ]; then
     skip_step memcheck-persist "out of time"
   else
-    run_step memcheck-persist 60 0 env DK_DIVERGENCE_CLUSTER=persist "$sanitizer" --tool memcheck \
-      --error-exitcode 3 "$dk" bench --device cuda --ops divergence --rows 300 \
-      --vocab 1000,151936 --iters 1 --check-rows 4 --kinds forward_kl,jsd
+    for p in persist persist256; do
+      run_step "memcheck-$p" 60 0 env DK_DIVERGENCE_CLUSTER=$p "$sanitizer" --tool memcheck \
+        --error-exitcode 3 "$dk" bench --device cuda --ops divergence --rows 300 \
+        --vocab 1000,151936 --iters 1 --check-rows 4 --kinds forward_kl,jsd
+    done
   fi
   # Every MoE kernel (top-k P = 1 and 4, scan, assign, permute, combine, slot-dot) on 300 tokens
   # (not a multiple of the 32-token chunk).
@@ -462,7 +473,7 @@ bench_table() { [ -s "$1" ] && sed -n '/^shape /,$p' "$1"; }
 echo
 echo "================ summary"
 cat "$out/summary.txt"
-for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-smem dk-bench-stream dk-bench-persist dk-bench-persist-c4 dk-bench-persist-c8 dk-bench-persist-c16 dk-bench-moe dk-bench-attention dk-bench-fused; do
+for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-smem dk-bench-stream dk-bench-persist dk-bench-persist256 dk-bench-persist-c4 dk-bench-persist-c8 dk-bench-persist-c16 dk-bench-moe dk-bench-attention dk-bench-fused; do
   echo
   echo "================ $n"
   if [ -s "$logs/$n.out" ]; then
@@ -497,7 +508,7 @@ else
   echo "(no output)"
   tail -n 10 "$logs/python-bench.err" 2>/dev/null
 fi
-for n in ncu-divergence ncu-divergence-persist ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic; do
+for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic; do
   [ -s "$logs/$n.out" ] || continue
   echo
   echo "================ $n (Nsight Compute, clocks untouched)"

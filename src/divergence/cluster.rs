@@ -16,7 +16,8 @@ use cudarc::driver::{CudaFunction, CudaStream};
 use super::cuda::DivergenceArgs;
 use crate::error::{Error, ErrorKind, Result};
 
-/// Threads per cluster block (`kClusterThreads` in divergence_cluster.cu).
+/// Threads per cluster block (`kClusterThreads` in divergence_cluster.cu; the persistent
+/// kernels' 512-thread shape too).
 const CLUSTER_THREADS: u32 = 512;
 /// Cluster sizes tried, smallest first; 16 is Hopper's non-portable maximum.
 const CLUSTER_SIZES: [usize; 5] = [1, 2, 4, 8, 16];
@@ -48,8 +49,12 @@ pub(crate) enum Variant {
     /// `dk_divc_*`: each block holds its slice in shared memory.
     Smem,
     /// `dk_divcp_*` (cuda/divergence_persistent.cu): resident clusters that walk many rows,
-    /// the passes of successive rows in one loop. Opt-in until measured on a GPU.
+    /// the passes of successive rows in one loop; blocks of 512 threads. Opt-in until measured
+    /// on a GPU.
     Persistent,
+    /// `dk_divcp256_*`: the same with blocks of 256 threads, each with two steps of loads in
+    /// flight (twice the chunks per thread between two row reductions).
+    Persistent256,
 }
 
 impl Variant {
@@ -59,13 +64,27 @@ impl Variant {
             Variant::Stream => "dk_divcs_",
             Variant::Smem => "dk_divc_",
             Variant::Persistent => "dk_divcp_",
+            Variant::Persistent256 => "dk_divcp256_",
         }
+    }
+
+    /// Threads per block of the variant's kernels.
+    pub(crate) fn threads(self) -> u32 {
+        match self {
+            Variant::Persistent256 => 256,
+            _ => CLUSTER_THREADS,
+        }
+    }
+
+    /// Whether it is one of the persistent variants (sized by [`persistent_grid`]).
+    pub(crate) fn persistent(self) -> bool {
+        matches!(self, Variant::Persistent | Variant::Persistent256)
     }
 }
 
 /// `DK_DIVERGENCE_CLUSTER`, read once: `0` turns the cluster path off (one block per row);
-/// `smem`, `stream` or `persist` runs every aligned call on that variant, whatever the number
-/// of rows (A/B measurements); unset or anything else, the stream variant for short batches
+/// `smem`, `stream`, `persist` or `persist256` runs every aligned call on that variant,
+/// whatever the number of rows (A/B measurements); unset or anything else, the stream variant for short batches
 /// only. Returns the variant, if any, and whether it was named.
 fn env_choice() -> (Option<Variant>, bool) {
     static C: OnceLock<(Option<Variant>, bool)> = OnceLock::new();
@@ -74,12 +93,13 @@ fn env_choice() -> (Option<Variant>, bool) {
         Ok("smem") => (Some(Variant::Smem), true),
         Ok("stream") => (Some(Variant::Stream), true),
         Ok("persist") => (Some(Variant::Persistent), true),
+        Ok("persist256") => (Some(Variant::Persistent256), true),
         _ => (Some(Variant::Stream), false),
     })
 }
 
-/// Whether `DK_DIVERGENCE_CLUSTER` names a variant (`smem`, `stream`, `persist`): the cluster
-/// path then serves long batches too.
+/// Whether `DK_DIVERGENCE_CLUSTER` names a variant (`smem`, `stream`, `persist`,
+/// `persist256`): the cluster path then serves long batches too.
 pub(crate) fn forced_by_env() -> bool {
     env_choice().1
 }
@@ -155,7 +175,7 @@ pub(crate) fn cluster_size(
             Some(forced_size().unwrap_or_else(|| stream_cluster_size(n, v, elem_bytes)))
         }
         // Sized with the device's occupancy and L2: persistent_grid.
-        Variant::Persistent => None,
+        Variant::Persistent | Variant::Persistent256 => None,
     }
 }
 
@@ -192,19 +212,28 @@ pub(crate) fn persistent_cluster_size(
         .map_or(16, |&(c, _)| c)
 }
 
-/// The persistent variant's cluster size ([`persistent_cluster_size`], or
+/// Blocks per SM the persistent variants aim at: each SM then holds blocks of two clusters, so
+/// one's barrier waits are covered by the other's loads, and no more (more clusters would mean
+/// more rows in flight, hence larger clusters and fewer chunks per thread between reductions).
+const PERSISTENT_BLOCKS_PER_SM: usize = 2;
+
+/// A persistent variant's cluster size ([`persistent_cluster_size`], or
 /// `DK_DIVERGENCE_CLUSTER_SIZE`) and number of clusters (as many as fit the card at once, at
-/// most one per row). None when the card cannot place a cluster of that size.
+/// most [`PERSISTENT_BLOCKS_PER_SM`] blocks per SM and one cluster per row). None when the card
+/// cannot place a cluster of that size.
 pub(crate) fn persistent_grid(
     f: &CudaFunction,
     stream: &Arc<CudaStream>,
+    variant: Variant,
     (n, v): (usize, usize),
     (student_bytes, teacher_bytes): (usize, usize),
     lag: usize,
-    l2_bytes: usize,
+    (l2_bytes, sm_count): (usize, usize),
 ) -> Result<Option<(usize, usize)>> {
     stream.context().bind_to_thread()?;
-    let resident = |c| max_active_clusters(f, c);
+    let resident = |c: usize| {
+        max_active_clusters(f, variant.threads(), c).min(PERSISTENT_BLOCKS_PER_SM * sm_count / c)
+    };
     let pair = student_bytes + teacher_bytes;
     let c = forced_size().unwrap_or_else(|| {
         persistent_cluster_size(v, pair, student_bytes, lag, l2_bytes, resident)
@@ -216,7 +245,7 @@ pub(crate) fn persistent_grid(
 /// How many clusters of `c` blocks of `f` (no dynamic shared memory) the device runs at once
 /// (`cuOccupancyMaxActiveClusters`; GPC sizes limit the larger clusters), 0 when it cannot place
 /// one. Cached per function and size: the answer does not change while the process runs.
-fn max_active_clusters(f: &CudaFunction, c: usize) -> usize {
+fn max_active_clusters(f: &CudaFunction, threads: u32, c: usize) -> usize {
     static CACHE: OnceLock<Mutex<HashMap<(usize, usize), usize>>> = OnceLock::new();
     let key = (f.cu_function() as usize, c);
     let cache = CACHE.get_or_init(Default::default);
@@ -228,7 +257,7 @@ fn max_active_clusters(f: &CudaFunction, c: usize) -> usize {
         gridDimX: c as u32,
         gridDimY: 1,
         gridDimZ: 1,
-        blockDimX: CLUSTER_THREADS,
+        blockDimX: threads,
         blockDimY: 1,
         blockDimZ: 1,
         sharedMemBytes: 0,
@@ -325,7 +354,7 @@ pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Resu
                 MAX_SLICE_BYTES as i32,
             )?;
         }
-        if ["dk_divc_", "dk_divcs_", "dk_divcp_"]
+        if ["dk_divc_", "dk_divcs_", "dk_divcp_", "dk_divcp256_"]
             .iter()
             .any(|p| name.starts_with(p))
         {
@@ -345,14 +374,15 @@ pub(crate) enum Launched {
 }
 
 /// Queues `f` (configured by [`configure`]) over `args.n` rows as `clusters` clusters of `c`
-/// blocks (one cluster per row, except for the persistent variant) with `smem` bytes of
-/// dynamic shared memory per block. A refusal of the cluster shape is `Ok(Launched::Refused)`;
+/// blocks of `threads` threads (one cluster per row, except for the persistent variants) with
+/// `smem` bytes of dynamic shared memory per block. A refusal of the cluster shape is `Ok(Launched::Refused)`;
 /// any other error (a sticky one from earlier work, say) is an error.
 pub(crate) fn launch(
     f: &CudaFunction,
     stream: &Arc<CudaStream>,
     args: &DivergenceArgs,
     (c, clusters): (usize, usize),
+    threads: u32,
     smem: usize,
 ) -> Result<Launched> {
     debug_assert!(smem <= MAX_SLICE_BYTES);
@@ -367,7 +397,7 @@ pub(crate) fn launch(
         gridDimX: blocks,
         gridDimY: 1,
         gridDimZ: 1,
-        blockDimX: CLUSTER_THREADS,
+        blockDimX: threads,
         blockDimY: 1,
         blockDimZ: 1,
         sharedMemBytes: smem as u32,

@@ -173,6 +173,33 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_divcp_jsd_f16_f32",
     "dk_divcp_jsd_f16_bf16",
     "dk_divcp_jsd_f16_f16",
+    "dk_divcp256_fkl_f32_f32",
+    "dk_divcp256_fkl_f32_bf16",
+    "dk_divcp256_fkl_f32_f16",
+    "dk_divcp256_fkl_bf16_f32",
+    "dk_divcp256_fkl_bf16_bf16",
+    "dk_divcp256_fkl_bf16_f16",
+    "dk_divcp256_fkl_f16_f32",
+    "dk_divcp256_fkl_f16_bf16",
+    "dk_divcp256_fkl_f16_f16",
+    "dk_divcp256_rkl_f32_f32",
+    "dk_divcp256_rkl_f32_bf16",
+    "dk_divcp256_rkl_f32_f16",
+    "dk_divcp256_rkl_bf16_f32",
+    "dk_divcp256_rkl_bf16_bf16",
+    "dk_divcp256_rkl_bf16_f16",
+    "dk_divcp256_rkl_f16_f32",
+    "dk_divcp256_rkl_f16_bf16",
+    "dk_divcp256_rkl_f16_f16",
+    "dk_divcp256_jsd_f32_f32",
+    "dk_divcp256_jsd_f32_bf16",
+    "dk_divcp256_jsd_f32_f16",
+    "dk_divcp256_jsd_bf16_f32",
+    "dk_divcp256_jsd_bf16_bf16",
+    "dk_divcp256_jsd_bf16_f16",
+    "dk_divcp256_jsd_f16_f32",
+    "dk_divcp256_jsd_f16_bf16",
+    "dk_divcp256_jsd_f16_f16",
 ];
 
 /// Threads per block of the row kernel (`kThreads` in divergence.cu).
@@ -206,8 +233,10 @@ pub(crate) struct RowKernels<'d> {
     fwd_multi_pass: bool,
     /// Bytes per element of the student and teacher logits.
     elem_bytes: (usize, usize),
-    /// The device's L2 size: the persistent cluster kernel keeps its re-reads within it.
+    /// The device's L2 size: the persistent cluster kernels keep their re-reads within it.
     l2_bytes: usize,
+    /// The device's SM count (the persistent kernels' grid).
+    sm_count: usize,
     finish: &'d CudaFunction,
 }
 
@@ -243,6 +272,7 @@ impl<'d> RowKernels<'d> {
             fwd_multi_pass: kind == Kind::Jsd,
             elem_bytes: (student.size(), teacher.size()),
             l2_bytes: dev.l2_bytes(),
+            sm_count: dev.sm_count(),
             finish: dev.function("dk_div_finish")?,
         })
     }
@@ -287,8 +317,8 @@ impl<'d> RowKernels<'d> {
         let one_block = !cluster::forced_by_env()
             && (n >= cluster::ONE_BLOCK_MIN_ROWS || (single_pass && n >= cluster::MIN_BLOCKS));
         if let Some((f, variant)) = self.cluster_rows.filter(|_| !one_block) {
-            if variant == cluster::Variant::Persistent {
-                if self.persistent(f, stream, args)? {
+            if variant.persistent() {
+                if self.persistent(f, variant, stream, args)? {
                     return Ok(());
                 }
             } else if let Some(c) = cluster::cluster_size(variant, n, v, sb + tb) {
@@ -298,7 +328,7 @@ impl<'d> RowKernels<'d> {
                         _ => 0,
                     };
                     // A refused launch queues nothing: the one-block kernel below takes over.
-                    match cluster::launch(f, stream, args, (c, n), smem)? {
+                    match cluster::launch(f, stream, args, (c, n), variant.threads(), smem)? {
                         cluster::Launched::Queued => return Ok(()),
                         cluster::Launched::Refused(e) => cluster::note_refused_launch(c, smem, &e),
                     }
@@ -322,6 +352,7 @@ impl<'d> RowKernels<'d> {
     fn persistent(
         &self,
         f: &CudaFunction,
+        variant: cluster::Variant,
         stream: &Arc<CudaStream>,
         args: &DivergenceArgs,
     ) -> Result<bool> {
@@ -337,7 +368,9 @@ impl<'d> RowKernels<'d> {
             1
         };
         let (n, v) = (args.n as usize, args.v as usize);
-        let Some(grid) = cluster::persistent_grid(f, stream, (n, v), (sb, tb), lag, self.l2_bytes)?
+        let device = (self.l2_bytes, self.sm_count);
+        let Some(grid) =
+            cluster::persistent_grid(f, stream, variant, (n, v), (sb, tb), lag, device)?
         else {
             cluster::note_fallback(format!(
                 "the card places no persistent cluster of dk_divcp_* for V = {v}; such rows run \
@@ -345,7 +378,7 @@ impl<'d> RowKernels<'d> {
             ));
             return Ok(false);
         };
-        match cluster::launch(f, stream, args, grid, 0)? {
+        match cluster::launch(f, stream, args, grid, variant.threads(), 0)? {
             cluster::Launched::Queued => Ok(true),
             cluster::Launched::Refused(e) => {
                 cluster::note_refused_launch(grid.0, 0, &e);
