@@ -248,6 +248,11 @@ run_step dk-bench-persist 60 1 env DK_DIVERGENCE_CLUSTER=persist "$dk" bench --d
 run_step dk-bench-persist256 60 1 env DK_DIVERGENCE_CLUSTER=persist256 "$dk" bench \
   --device cuda --ops divergence --dtype bf16 --rows 4096 --vocab 151936,262144 \
   --kinds forward_kl,jsd --passes fwd+bwd
+# Issue 3's short batch (N = 256, default: stream clusters at 32.8 % on the H200) on both shapes.
+for p in persist persist256; do
+  run_step "dk-bench-short-$p" 30 0 env DK_DIVERGENCE_CLUSTER=$p "$dk" bench --device cuda \
+    --ops divergence --dtype bf16 --rows 256 --vocab 151936 --kinds forward_kl,jsd
+done
 for c in 4 8 16; do
   run_step "dk-bench-persist-c$c" 30 0 env DK_DIVERGENCE_CLUSTER=persist \
     DK_DIVERGENCE_CLUSTER_SIZE=$c "$dk" bench --device cuda --ops divergence --dtype bf16 \
@@ -473,7 +478,7 @@ bench_table() { [ -s "$1" ] && sed -n '/^shape /,$p' "$1"; }
 echo
 echo "================ summary"
 cat "$out/summary.txt"
-for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-smem dk-bench-stream dk-bench-persist dk-bench-persist256 dk-bench-persist-c4 dk-bench-persist-c8 dk-bench-persist-c16 dk-bench-moe dk-bench-attention dk-bench-fused; do
+for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-smem dk-bench-stream dk-bench-persist dk-bench-persist256 dk-bench-short-persist dk-bench-short-persist256 dk-bench-persist-c4 dk-bench-persist-c8 dk-bench-persist-c16 dk-bench-moe dk-bench-attention dk-bench-fused; do
   echo
   echo "================ $n"
   if [ -s "$logs/$n.out" ]; then
