@@ -32,8 +32,7 @@
 // gradient of an older row than any it reads, and each thread reads a chunk before it writes
 // that chunk's gradient.
 
-#include <cooperative_groups.h>
-
+#include "dk_cluster.cuh"
 #include "dk_divergence_args.h"
 #include "dk_divergence_math.cuh"
 #include "dk_divergence_passes.cuh"
@@ -44,26 +43,6 @@ namespace dk {
 namespace divergence {
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-
-// The two halves of a cluster barrier. arrive carries no memory ordering: with release
-// semantics every thread executes a GPU-scope MEMBAR before it arrives, which waits for its
-// gradient stores to drain; only thread 0 has something to publish (the slots), and it fences
-// once itself (publish_slots). wait returns once every block of the cluster has arrived, with
-// acquire semantics, so the slots written before the fence are visible after it.
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void publish_slots() {
-  asm volatile("fence.acq_rel.cluster;\n" ::: "memory");
-}
-__device__ __forceinline__ void cluster_wait() {
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-
-// Asks L2 for the line holding p, without tying up a register until it arrives.
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-}
 
 // A pass that does nothing: the missing third stage of the KL pipeline.
 struct NoPass {
@@ -168,12 +147,25 @@ __device__ __forceinline__ void for_each_rows(int len, const Stage<TS, TT, F0>& 
 // slots in rank order with RowStats::merge, C − 1 dependent steps of ~84 instructions;
 // tests/kernel_sim replays both.)
 template <Kind K>
-__device__ __forceinline__ RowStats<K> merge_slots(const cooperative_groups::cluster_group& cluster,
-                                                   RowStats<K>* slot, int c, int lane, float k) {
+__device__ __forceinline__ RowStats<K> merge_slots(RowStats<K>* slot, int c, int lane, float k) {
   RowStats<K> x;
-  if (lane < c) x = *cluster.map_shared_rank(slot, lane);
+  if (lane < c) x = *cluster_map(slot, lane);
   return warp_stats(x, k, c).shfl(0);
 }
+
+// The kernel's shared memory, one dynamic region (kPersistentSmemBytes, which the launcher
+// passes: PERSISTENT_SMEM_BYTES in src/divergence/cluster.rs) rather than static __shared__
+// variables, so that a host emulator can give each block of a cluster its own.
+template <Kind K>
+struct PersistentSmem {
+  RowStats<K> stats[32];  // block_stats scratch
+  float sums[32];         // block_sum scratch
+  RowStats<K> slot_stats[2];  // this block's statistics of a row, by iteration parity
+  float2 slot_kl[2];          // JSD: this block's mixture sums of a row
+};
+constexpr int kPersistentSmemBytes = 1024;
+static_assert(sizeof(PersistentSmem<Kind::ForwardKl>) <= kPersistentSmemBytes, "smem");
+static_assert(sizeof(PersistentSmem<Kind::Jsd>) <= kPersistentSmemBytes, "smem");
 
 // What the gradient stage does with its row this iteration.
 enum class GradMode { None, Zero, Grad };
@@ -181,16 +173,16 @@ enum class GradMode { None, Zero, Grad };
 // kSteps: chunk steps whose loads are issued together (for_each_rows).
 template <Kind K, typename TS, typename TT, int kSteps>
 __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
-  namespace cg = cooperative_groups;
   constexpr bool kJsd = K == Kind::Jsd;
-  __shared__ RowStats<K> smem_stats[32];
-  __shared__ float smem_sum[32];
-  __shared__ RowStats<K> slot_stats[2];  // this block's statistics of a row, by iteration parity
-  __shared__ float2 slot_kl[2];          // JSD: this block's mixture sums of a row
+  extern __shared__ __align__(16) unsigned char dk_divcp_smem[];
+  PersistentSmem<K>& sm = *reinterpret_cast<PersistentSmem<K>*>(dk_divcp_smem);
+  RowStats<K>* const smem_stats = sm.stats;
+  float* const smem_sum = sm.sums;
+  RowStats<K>* const slot_stats = sm.slot_stats;
+  float2* const slot_kl = sm.slot_kl;
 
-  const cg::cluster_group cluster = cg::this_cluster();
-  const int c = static_cast<int>(cluster.num_blocks());
-  const int rank = static_cast<int>(cluster.block_rank());
+  const int c = cluster_blocks();
+  const int rank = cluster_rank();
   const int64_t first = blockIdx.x / c, clusters = gridDim.x / c;
   const int v = static_cast<int>(a.v);
   const int slice = cluster_slice(v, c);
@@ -245,7 +237,7 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
         float loss = 0.f, center = 0.f;
         if (mix_live) {
           float2 part = make_float2(0.f, 0.f);
-          if (lane < c) part = *cluster.map_shared_rank(&slot_kl[p], lane);
+          if (lane < c) part = *cluster_map(&slot_kl[p], lane);
           for (int o = c >> 1; o > 0; o >>= 1) {
             part.x += __shfl_xor_sync(kFullMask, part.x, o);
             part.y += __shfl_xor_sync(kFullMask, part.y, o);
@@ -267,7 +259,7 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
         Row r{};
         float loss = 0.f, center = 0.f;
         if (!ignored_merge) {
-          const RowStats<K> st = merge_slots(cluster, &slot_stats[p], c, lane, k);
+          const RowStats<K> st = merge_slots(&slot_stats[p], c, lane, k);
           // A side with no finite entry has no distribution: loss 0, gradient 0.
           live = !st.empty();
           r = row_of(st, a.inv_temperature, beta);
@@ -320,7 +312,7 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
       const RowStats<K> m = block_stats(sp.stats, k, smem_stats);
       if (threadIdx.x == 0) slot_stats[i & 1] = m;
     }
-    if (threadIdx.x == 0 && (stats_on || mix_on)) publish_slots();
+    if (threadIdx.x == 0 && (stats_on || mix_on)) cluster_fence();  // publish the slots
     cluster_arrive_relaxed();
     ignored_merge = ignored_now;
     ignored_now = ignored_next;

@@ -212,6 +212,10 @@ pub(crate) fn persistent_cluster_size(
         .map_or(16, |&(c, _)| c)
 }
 
+/// Dynamic shared memory of a persistent-kernel block (`kPersistentSmemBytes` in
+/// cuda/divergence_persistent.cu: its reduction scratch and cluster slots).
+pub(crate) const PERSISTENT_SMEM_BYTES: usize = 1024;
+
 /// Blocks per SM the persistent variants aim at: each SM then holds blocks of two clusters, so
 /// one's barrier waits are covered by the other's loads, and no more (more clusters would mean
 /// more rows in flight, hence larger clusters and fewer chunks per thread between reductions).
@@ -232,7 +236,8 @@ pub(crate) fn persistent_grid(
 ) -> Result<Option<(usize, usize)>> {
     stream.context().bind_to_thread()?;
     let resident = |c: usize| {
-        max_active_clusters(f, variant.threads(), c).min(PERSISTENT_BLOCKS_PER_SM * sm_count / c)
+        max_active_clusters(f, variant.threads(), c, PERSISTENT_SMEM_BYTES)
+            .min(PERSISTENT_BLOCKS_PER_SM * sm_count / c)
     };
     let pair = student_bytes + teacher_bytes;
     let c = forced_size().unwrap_or_else(|| {
@@ -242,10 +247,11 @@ pub(crate) fn persistent_grid(
     Ok((clusters > 0).then_some((c, clusters)))
 }
 
-/// How many clusters of `c` blocks of `f` (no dynamic shared memory) the device runs at once
+/// How many clusters of `c` blocks of `f` (`threads` threads and `smem` bytes of dynamic shared
+/// memory each) the device runs at once
 /// (`cuOccupancyMaxActiveClusters`; GPC sizes limit the larger clusters), 0 when it cannot place
 /// one. Cached per function and size: the answer does not change while the process runs.
-fn max_active_clusters(f: &CudaFunction, threads: u32, c: usize) -> usize {
+fn max_active_clusters(f: &CudaFunction, threads: u32, c: usize, smem: usize) -> usize {
     static CACHE: OnceLock<Mutex<HashMap<(usize, usize), usize>>> = OnceLock::new();
     let key = (f.cu_function() as usize, c);
     let cache = CACHE.get_or_init(Default::default);
@@ -260,7 +266,7 @@ fn max_active_clusters(f: &CudaFunction, threads: u32, c: usize) -> usize {
         blockDimX: threads,
         blockDimY: 1,
         blockDimZ: 1,
-        sharedMemBytes: 0,
+        sharedMemBytes: smem as u32,
         hStream: std::ptr::null_mut(),
         attrs: &mut attr,
         numAttrs: 1,

@@ -378,10 +378,11 @@ impl<'d> RowKernels<'d> {
             ));
             return Ok(false);
         };
-        match cluster::launch(f, stream, args, grid, variant.threads(), 0)? {
+        let smem = cluster::PERSISTENT_SMEM_BYTES;
+        match cluster::launch(f, stream, args, grid, variant.threads(), smem)? {
             cluster::Launched::Queued => Ok(true),
             cluster::Launched::Refused(e) => {
-                cluster::note_refused_launch(grid.0, 0, &e);
+                cluster::note_refused_launch(grid.0, smem, &e);
                 Ok(false)
             }
         }
