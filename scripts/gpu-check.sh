@@ -282,6 +282,10 @@ run_step dk-bench-fused-stream16 45 0 env DK_DIVERGENCE_CLUSTER=stream \
   DK_DIVERGENCE_CLUSTER_SIZE=16 "$dk" bench --device cuda --ops fused --dtype bf16 --iters 5 \
   --check-rows 2
 
+# A/B: the chunks' f32 rows on the persistent cluster kernel (version 6; re-reads in L2).
+run_step dk-bench-fused-persist 45 0 env DK_DIVERGENCE_CLUSTER=persist "$dk" bench --device cuda \
+  --ops fused --dtype bf16 --iters 5 --check-rows 2
+
 # ---- 6. Rust test executables (CUDA variants run when a GPU is present) ------------------------------
 reserve=170 # pytest and the Python benchmarks come after
 while IFS=$'\t' read -r name kind _src _built; do
@@ -388,6 +392,20 @@ DK_DIVERGENCE_CLUSTER=persist256 ncu_run ncu-divergence-persist256 40 \
 # Route's three launches one by one (issue 5: which of top-k, scan and assign holds the 35 us).
 ncu_run ncu-moe-route 40 'dk_moe_(topk|scan|assign)' 3 --ops moe --dtype bf16 --tokens 16384 \
   --moe-shapes qwen3 --iters 1
+# Issue 4: where the fused JSD's time beyond its four GEMMs goes. Every kernel of ours (dk_*) in
+# the first fused calls (Phi-4-mini shape first) timed alone, summed per kernel name; cuBLAS runs
+# unprofiled. One metric, one replay per kernel.
+if ! want ncu-fused; then
+  run_step ncu-fused 0 0 true # listed as not selected
+elif [ -z "$ncu_bin" ]; then
+  skip_step ncu-fused "ncu not found"
+elif [ "$(left)" -lt 40 ]; then
+  skip_step ncu-fused "out of time"
+else
+  run_step ncu-fused 60 0 "$ncu_bin" --clock-control none --metrics gpu__time_duration.sum \
+    --kernel-name 'regex:^dk_' --launch-count 40 --print-summary per-kernel \
+    "$dk" bench --device cuda --ops fused --dtype bf16 --iters 1 --check-rows 1
+fi
 ncu_run ncu-attention-fwd 40 'dk_attn_fwd_bf16_d128' 1 --ops attention --dtype bf16 \
   --attn-shapes phi4-mini --iters 1 --check-rows 2
 ncu_run ncu-attention-bwd 40 'dk_attn_bwd_(dkdv|dq)_bf16_d128' 2 --ops attention --dtype bf16 \
@@ -478,7 +496,7 @@ bench_table() { [ -s "$1" ] && sed -n '/^shape /,$p' "$1"; }
 echo
 echo "================ summary"
 cat "$out/summary.txt"
-for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-smem dk-bench-stream dk-bench-persist dk-bench-persist256 dk-bench-short-persist dk-bench-short-persist256 dk-bench-persist-c4 dk-bench-persist-c8 dk-bench-persist-c16 dk-bench-moe dk-bench-attention dk-bench-fused; do
+for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-smem dk-bench-stream dk-bench-persist dk-bench-persist256 dk-bench-short-persist dk-bench-short-persist256 dk-bench-persist-c4 dk-bench-persist-c8 dk-bench-persist-c16 dk-bench-moe dk-bench-attention dk-bench-fused dk-bench-fused-persist; do
   echo
   echo "================ $n"
   if [ -s "$logs/$n.out" ]; then
@@ -520,6 +538,11 @@ for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-att
   grep -E '^  [a-z_0-9]+ \(|Duration|DRAM Throughput|Memory Throughput|L1/TEX Cache Throughput|L2 Cache Throughput|Compute \(SM\) Throughput|SM Busy|Issue Slots Busy|highest-utilized' \
     "$logs/$n.out" | cut -c1-160
 done
+if [ -s "$logs/ncu-fused.out" ]; then
+  echo
+  echo "================ ncu-fused (our kernels in the first fused calls, per kernel name)"
+  sed -n '/dk_/,$p' "$logs/ncu-fused.out" | grep -E 'dk_|gpu__time_duration' | cut -c1-160 | head -40
+fi
 echo
 echo "gpu-check: $( [ "$required_failed" = 0 ] && echo PASSED || echo "FAILED ($required_failed required steps)" ) in ${total}s; logs in $out"
 rm -rf "$logs" "$site"
