@@ -237,17 +237,17 @@ for c in 2 4; do
     --kinds forward_kl --passes fwd+bwd
 done
 
-# Version 6 (issue 3): persistent clusters that pipeline rows, forced onto the long batch, at
-# its default cluster size (from L2 and occupancy) and at forced sizes. Its results are bitwise
+# Version 6 (issue 3): persistent clusters that pipeline rows, forced onto the long batch (bf16
+# and f32, fwd+bwd and forward only), at its default cluster size (from L2 and occupancy) and at
+# forced sizes. Its results are bitwise
 # the stream variant's at the same cluster size (same slices and merges); dk bench checks them
 # against f64.
-run_step dk-bench-persist 60 1 env DK_DIVERGENCE_CLUSTER=persist "$dk" bench --device cuda \
-  --ops divergence --dtype bf16 --rows 4096 --vocab 151936,262144 --kinds forward_kl,jsd \
-  --passes fwd+bwd
+run_step dk-bench-persist 90 1 env DK_DIVERGENCE_CLUSTER=persist "$dk" bench --device cuda \
+  --ops divergence --dtype bf16,f32 --rows 4096 --vocab 151936,262144 --kinds forward_kl,jsd
 # The 256-thread shape (two steps of loads in flight, twice the chunks per thread per row).
-run_step dk-bench-persist256 60 1 env DK_DIVERGENCE_CLUSTER=persist256 "$dk" bench \
-  --device cuda --ops divergence --dtype bf16 --rows 4096 --vocab 151936,262144 \
-  --kinds forward_kl,jsd --passes fwd+bwd
+run_step dk-bench-persist256 90 1 env DK_DIVERGENCE_CLUSTER=persist256 "$dk" bench \
+  --device cuda --ops divergence --dtype bf16,f32 --rows 4096 --vocab 151936,262144 \
+  --kinds forward_kl,jsd
 # Issue 3's short batch (N = 256, default: stream clusters at 32.8 % on the H200) on both shapes.
 for p in persist persist256; do
   run_step "dk-bench-short-$p" 30 0 env DK_DIVERGENCE_CLUSTER=$p "$dk" bench --device cuda \
