@@ -406,6 +406,19 @@ else
     --kernel-name 'regex:^dk_' --launch-count 40 --print-summary per-kernel \
     "$dk" bench --device cuda --ops fused --dtype bf16 --iters 1 --check-rows 1
 fi
+# Issue 5: the combine at H = 5120 (Scout: k = 1) reached only 72 % of its floor on the H200.
+# Hypothesis (cuda/MOE.md): one 2 KB segment per warp after a dependent position load leaves too
+# little in flight; the stall reasons and DRAM throughput say whether that is it.
+if [ -n "$ncu_bin" ] && want ncu-moe-combine && [ "$(left)" -ge 25 ]; then
+  run_step ncu-moe-combine 40 0 "$ncu_bin" --clock-control none --section SpeedOfLight \
+    --section Occupancy --section WarpStateStats --kernel-name 'regex:dk_moe_combine' \
+    --launch-count 1 "$dk" bench --device cuda --ops moe --dtype bf16 --tokens 16384 \
+    --moe-shapes scout --iters 1
+elif ! want ncu-moe-combine; then
+  run_step ncu-moe-combine 0 0 true # listed as not selected
+else
+  skip_step ncu-moe-combine "ncu not found or out of time"
+fi
 ncu_run ncu-attention-fwd 40 'dk_attn_fwd_bf16_d128' 1 --ops attention --dtype bf16 \
   --attn-shapes phi4-mini --iters 1 --check-rows 2
 ncu_run ncu-attention-bwd 40 'dk_attn_bwd_(dkdv|dq)_bf16_d128' 2 --ops attention --dtype bf16 \
@@ -531,11 +544,11 @@ else
   echo "(no output)"
   tail -n 10 "$logs/python-bench.err" 2>/dev/null
 fi
-for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic; do
+for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-moe-combine ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic; do
   [ -s "$logs/$n.out" ] || continue
   echo
   echo "================ $n (Nsight Compute, clocks untouched)"
-  grep -E '^  [a-z_0-9]+ \(|Duration|DRAM Throughput|Memory Throughput|L1/TEX Cache Throughput|L2 Cache Throughput|Compute \(SM\) Throughput|SM Busy|Issue Slots Busy|highest-utilized' \
+  grep -E '^  [a-z_0-9]+ \(|Duration|DRAM Throughput|Memory Throughput|L1/TEX Cache Throughput|L2 Cache Throughput|Compute \(SM\) Throughput|SM Busy|Issue Slots Busy|highest-utilized|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|stalled' \
     "$logs/$n.out" | cut -c1-160
 done
 if [ -s "$logs/ncu-fused.out" ]; then
