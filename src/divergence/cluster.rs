@@ -116,6 +116,28 @@ fn forced_size() -> Option<usize> {
     })
 }
 
+/// The distinct Hopper cluster launch shapes of this process (kernel prefix, cluster size, grid),
+/// for [`launch_shapes`]; at most [`MAX_SHAPES`] are kept.
+static SHAPES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+const MAX_SHAPES: usize = 32;
+
+/// Records a queued cluster launch shape (once per distinct description).
+fn note_shape(kernel: &str, (c, clusters): (usize, usize), n: i64, v: i64) {
+    let what = format!("{kernel}: {clusters} clusters of {c} blocks for {n} rows of {v}");
+    let mut shapes = SHAPES.lock().unwrap_or_else(|p| p.into_inner());
+    if shapes.len() < MAX_SHAPES && !shapes.contains(&what) {
+        shapes.push(what);
+    }
+}
+
+/// The distinct cluster launch shapes this process queued (e.g. `dk_divcp_fkl_bf16_bf16: 33
+/// clusters of 8 blocks for 4096 rows of 151936`), first 32: which Hopper kernel and cluster
+/// size served the divergence rows (the one-block kernel is not listed). Benchmarks print them,
+/// so that an A/B run says what it measured.
+pub fn launch_shapes() -> Vec<String> {
+    SHAPES.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// The first refused cluster launch of this process (the call then ran the one-block kernel).
 static FALLBACK: Mutex<Option<String>> = Mutex::new(None);
 
@@ -379,12 +401,13 @@ pub(crate) enum Launched {
     Refused(Error),
 }
 
-/// Queues `f` (configured by [`configure`]) over `args.n` rows as `clusters` clusters of `c`
+/// Queues `f` (configured by [`configure`]; `name` is its kernel name, for [`launch_shapes`])
+/// over `args.n` rows as `clusters` clusters of `c`
 /// blocks of `threads` threads (one cluster per row, except for the persistent variants) with
 /// `smem` bytes of dynamic shared memory per block. A refusal of the cluster shape is `Ok(Launched::Refused)`;
 /// any other error (a sticky one from earlier work, say) is an error.
 pub(crate) fn launch(
-    f: &CudaFunction,
+    (f, name): (&CudaFunction, &str),
     stream: &Arc<CudaStream>,
     args: &DivergenceArgs,
     (c, clusters): (usize, usize),
@@ -426,7 +449,10 @@ pub(crate) fn launch(
     };
     use sys::CUresult as R;
     match r {
-        R::CUDA_SUCCESS => Ok(Launched::Queued),
+        R::CUDA_SUCCESS => {
+            note_shape(name, (c, clusters), args.n, args.v);
+            Ok(Launched::Queued)
+        }
         // The cluster shape itself: a card that cannot place it (launch-time, not sticky).
         R::CUDA_ERROR_INVALID_CLUSTER_SIZE
         | R::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES

@@ -227,8 +227,8 @@ fn row_kernel_name(kind: Kind, student: DType, teacher: DType) -> String {
 pub(crate) struct RowKernels<'d> {
     prepare: &'d CudaFunction,
     rows: &'d CudaFunction,
-    /// The cluster variant of `rows` (Hopper, sm_90, only) and which one it is.
-    cluster_rows: Option<(&'d CudaFunction, cluster::Variant)>,
+    /// The cluster variant of `rows` (Hopper, sm_90, only), which one it is, and its name.
+    cluster_rows: Option<(&'d CudaFunction, cluster::Variant, String)>,
     /// Whether the kind needs a pass after the statistics when no gradient is asked for (JSD).
     fwd_multi_pass: bool,
     /// Bytes per element of the student and teacher logits.
@@ -260,13 +260,11 @@ impl<'d> RowKernels<'d> {
             prepare: dev.function("dk_div_prepare")?,
             rows: dev.function(&row_kernel_name(kind, student, teacher))?,
             cluster_rows: match dev.cluster_divergence() {
-                Some(variant) => Some((
-                    dev.function(
-                        &row_kernel_name(kind, student, teacher)
-                            .replace("dk_div_", variant.prefix()),
-                    )?,
-                    variant,
-                )),
+                Some(variant) => {
+                    let name = row_kernel_name(kind, student, teacher)
+                        .replace("dk_div_", variant.prefix());
+                    Some((dev.function(&name)?, variant, name))
+                }
                 None => None,
             },
             fwd_multi_pass: kind == Kind::Jsd,
@@ -316,9 +314,10 @@ impl<'d> RowKernels<'d> {
         let single_pass = args.grad == 0 && !self.fwd_multi_pass;
         let one_block = !cluster::forced_by_env()
             && (n >= cluster::ONE_BLOCK_MIN_ROWS || (single_pass && n >= cluster::MIN_BLOCKS));
-        if let Some((f, variant)) = self.cluster_rows.filter(|_| !one_block) {
+        if let Some((f, variant, name)) = self.cluster_rows.as_ref().filter(|_| !one_block) {
+            let (f, variant) = (*f, *variant);
             if variant.persistent() {
-                if self.persistent(f, variant, stream, args)? {
+                if self.persistent((f, name), variant, stream, args)? {
                     return Ok(());
                 }
             } else if let Some(c) = cluster::cluster_size(variant, n, v, sb + tb) {
@@ -328,7 +327,9 @@ impl<'d> RowKernels<'d> {
                         _ => 0,
                     };
                     // A refused launch queues nothing: the one-block kernel below takes over.
-                    match cluster::launch(f, stream, args, (c, n), variant.threads(), smem)? {
+                    let shape = (c, n);
+                    match cluster::launch((f, name), stream, args, shape, variant.threads(), smem)?
+                    {
                         cluster::Launched::Queued => return Ok(()),
                         cluster::Launched::Refused(e) => cluster::note_refused_launch(c, smem, &e),
                     }
@@ -351,7 +352,7 @@ impl<'d> RowKernels<'d> {
     /// one-block kernel instead (nothing queued).
     fn persistent(
         &self,
-        f: &CudaFunction,
+        (f, name): (&CudaFunction, &str),
         variant: cluster::Variant,
         stream: &Arc<CudaStream>,
         args: &DivergenceArgs,
@@ -379,7 +380,7 @@ impl<'d> RowKernels<'d> {
             return Ok(false);
         };
         let smem = cluster::PERSISTENT_SMEM_BYTES;
-        match cluster::launch(f, stream, args, grid, variant.threads(), smem)? {
+        match cluster::launch((f, name), stream, args, grid, variant.threads(), smem)? {
             cluster::Launched::Queued => Ok(true),
             cluster::Launched::Refused(e) => {
                 cluster::note_refused_launch(grid.0, smem, &e);

@@ -22,6 +22,7 @@ pub(crate) mod cuda;
 mod params;
 
 pub use cluster::fallback_reason as cluster_fallback_reason;
+pub use cluster::launch_shapes as cluster_launch_shapes;
 pub use params::{Kind, Params, Reduction};
 
 use crate::checks::check_location;

@@ -1085,6 +1085,11 @@ pub fn run(args: &[String]) -> i32 {
     }
     let split = format!(" ({})", parts.join(", "));
     outln!();
+    let shapes = distill_kernels::divergence::cluster_launch_shapes();
+    if !shapes.is_empty() {
+        // Which Hopper cluster kernels served the divergence rows (the rest: one block per row).
+        outln!("divergence cluster launches: {}", shapes.join("; "));
+    }
     if let Some(why) = distill_kernels::divergence::cluster_fallback_reason() {
         // The results are right, but some rows ran the one-block kernel: say so by the numbers.
         outln!("note: the divergence cluster kernel fell back: {why}");
