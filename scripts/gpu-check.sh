@@ -36,7 +36,8 @@
 #  11. optional: compute-sanitizer memcheck of small dk benches (divergence, MoE, attention),
 #      racecheck of attention
 #
-# GPU_CHECK_ONLY=a,b,...: run only the steps whose names start with one of these (e.g.
+# GPU_CHECK_ONLY=a,b,...: run only the steps whose names start with one of these, or, for a name
+# ending in '=', the step of exactly that name (e.g.
 # GPU_CHECK_ONLY=ncu for a second call that profiles, or =dk-bench-attention,python-bench-attention);
 # the others are listed as not selected. GPU_CHECK_SKIP=a,b,...: leave out the steps whose names
 # start with one of these (e.g. the benchmarks of code a run has not changed).
@@ -143,15 +144,22 @@ reserve=0
 
 # run_step NAME CAP_SECONDS REQUIRED(1|0) CMD...: stdout -> $logs/NAME.out, stderr -> $logs/NAME.err
 # The step gets min(CAP, budget left - reserve) seconds.
-# GPU_CHECK_ONLY: a comma-separated list of step-name prefixes; unset = every step.
+# GPU_CHECK_ONLY: a comma-separated list of step-name prefixes; unset = every step. A name ending
+# in '=' matches that step only (test-divergence_reference= is not test-divergence_reference-v1).
+matches() { # STEP PATTERN
+  case $2 in
+    *=) [ "$1" = "${2%=}" ] ;;
+    *) case $1 in "$2"*) return 0 ;; *) return 1 ;; esac ;;
+  esac
+}
 want() {
   local w
   for w in ${GPU_CHECK_SKIP//,/ }; do
-    case $1 in "$w"*) return 1 ;; esac
+    matches "$1" "$w" && return 1
   done
   [ -z "${GPU_CHECK_ONLY:-}" ] && return 0
   for w in ${GPU_CHECK_ONLY//,/ }; do
-    case $1 in "$w"*) return 0 ;; esac
+    matches "$1" "$w" && return 0
   done
   return 1
 }
