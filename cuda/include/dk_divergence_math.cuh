@@ -127,27 +127,26 @@ DK_UNROLL
   }
 
 #ifdef __CUDACC__
-  __device__ __forceinline__ RowStats shfl_xor(int offset) const {
+  // Every field passed through the warp shuffle `f` (float -> float).
+  template <typename F>
+  __device__ __forceinline__ RowStats shuffled(F f) const {
     RowStats o;
-    o.mt = __shfl_xor_sync(0xffffffffu, mt, offset);
-    o.st = __shfl_xor_sync(0xffffffffu, st, offset);
-    o.ms = __shfl_xor_sync(0xffffffffu, ms, offset);
-    o.ss = __shfl_xor_sync(0xffffffffu, ss, offset);
-    o.acc = __shfl_xor_sync(0xffffffffu, acc, offset);
-    o.k = __shfl_xor_sync(0xffffffffu, k, offset);
+    o.mt = f(mt);
+    o.st = f(st);
+    o.ms = f(ms);
+    o.ss = f(ss);
+    o.acc = f(acc);
+    o.k = f(k);
     return o;
   }
 
-  // Lane `src`'s state (the persistent kernel merges the cluster's slots this way).
+  __device__ __forceinline__ RowStats shfl_xor(int offset) const {
+    return shuffled([offset](float x) { return __shfl_xor_sync(0xffffffffu, x, offset); });
+  }
+
+  // Lane `src`'s state (the persistent kernel broadcasts the merged cluster slots this way).
   __device__ __forceinline__ RowStats shfl(int src) const {
-    RowStats o;
-    o.mt = __shfl_sync(0xffffffffu, mt, src);
-    o.st = __shfl_sync(0xffffffffu, st, src);
-    o.ms = __shfl_sync(0xffffffffu, ms, src);
-    o.ss = __shfl_sync(0xffffffffu, ss, src);
-    o.acc = __shfl_sync(0xffffffffu, acc, src);
-    o.k = __shfl_sync(0xffffffffu, k, src);
-    return o;
+    return shuffled([src](float x) { return __shfl_sync(0xffffffffu, x, src); });
   }
 #endif
 };
