@@ -59,6 +59,28 @@
 //   A fault in a guard region is reported with the buffer it belongs to, the kernel, the block
 //   and the thread.
 //
+// Thread-block clusters (launch with cluster = C > 1; the persistent divergence kernel through
+// tests/divergence_sim/dk_cluster.cuh): the C blocks of a cluster (blockIdx.x = cluster · C +
+// rank, a 1-D grid) run together as one group of C × blockDim fibers. Blocks take turns in
+// ascending or descending order, and each runs as far as it can in its turn (its warps one after
+// the other, through its own __syncthreads, which opens once all its threads wait there) until
+// it waits at the cluster barrier or exits: a block runs as far ahead of the others as the
+// cluster barrier allows, so reuse of shared memory the others may still read shows as a
+// difference between the two orders. Clusters run one after the other. Each block has its own guarded dynamic shared memory, and
+// blockIdx and the shared memory follow the fiber that runs.
+//   barrier.cluster.arrive / wait (.aligned): warp collectives (all 32 lanes at the same one).
+//     Split: a thread runs on between its arrive and its wait. Each thread must alternate
+//     arrive, wait, arrive, ...: arriving twice without a wait, waiting without an arrival, and
+//     exiting with an arrival not waited for are errors. A wait returns once every thread of
+//     the cluster has arrived for that phase; waits that no thread can ever complete (exited
+//     threads, threads parked at another barrier for good) are reported as a deadlock.
+//   Distributed shared memory (mapa): reads only. A pointer mapped into block r's shared
+//     memory (bounds- and alignment-checked, r < C, r's threads not all exited) points into r's
+//     PUBLISHED copy: the state of its shared memory at the latest fence.acq_rel.cluster
+//     executed by one of r's threads (0xff before any). So a remote read sees only what was
+//     fenced (the relaxed arrive publishes nothing), and a missing fence shows as stale data.
+//     Writes through a mapped pointer are not modelled (they would land in the copy).
+//
 // Not modelled: timing, warps actually running concurrently inside a phase (a warp's lanes and
 // the warps run one after the other between scheduling points; the two orders stand in for
 // all interleavings, and there is no happens-before race detector: a race shows only as a
@@ -110,8 +132,10 @@ void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 
 // ---- Fibers -----------------------------------------------------------------------------------
 
-enum class St : uint8_t { Run, Warp, Bar, Done };
-enum class Op : uint8_t { None, Ldsm, LdsmT, MmaBf16, MmaF16, ShflXor, ShflIdx, SyncWarp };
+enum class St : uint8_t { Run, Warp, Bar, CWait, Done };
+enum class Op : uint8_t {
+  None, Ldsm, LdsmT, MmaBf16, MmaF16, ShflXor, ShflIdx, SyncWarp, ClusterArrive, ClusterWait
+};
 
 inline const char* op_name(Op o) {
   switch (o) {
@@ -122,6 +146,8 @@ inline const char* op_name(Op o) {
     case Op::ShflXor: return "shfl.sync.bfly";
     case Op::ShflIdx: return "shfl.sync.idx";
     case Op::SyncWarp: return "__syncwarp";
+    case Op::ClusterArrive: return "barrier.cluster.arrive";
+    case Op::ClusterWait: return "barrier.cluster.wait";
     default: return "none";
   }
 }
@@ -141,6 +167,9 @@ struct Lane {
   St st = St::Run;
   Op op = Op::None;
   dim3 tid;
+  int blk = 0;             // block of the running group (cluster rank; 0 without clusters)
+  uint32_t arrives = 0;    // cluster barrier arrivals and waits of this thread
+  uint32_t waits = 0;
   int arg = 0;         // shfl: lane mask / source lane
   uint32_t in[6];      // ldsm: in[0] = address; mma: a0..a3, b0, b1
   float f[4];          // mma: C; shfl: f[0] value
@@ -190,11 +219,26 @@ struct State {
   char* smem_map = nullptr;
   size_t smem_map_bytes = 0;
   std::vector<uint16_t> inflight;  // copies in flight per 16-byte chunk
+  // clusters: the running group's blocks (one with cluster = 1)
+  struct GroupBlock {
+    dim3 idx;
+    char* smem;  // dynamic shared memory (ends at a guard region)
+    char* map;
+    size_t map_bytes;
+    char* published;  // the copy remote readers see (cluster > 1), guarded the same way
+    char* pub_map;
+    size_t pub_map_bytes;
+    bool exited;
+  };
+  bool clustered = false;  // a cluster launch (cluster >= 1 blocks)
+  unsigned cluster = 1;    // blocks per group
+  std::vector<GroupBlock> group;
+  uint32_t phases = 0;  // cluster barrier phases completed by the running group
   // global memory
   std::vector<Extent> extents;
   std::vector<Alloc> allocs;
   // statistics
-  long blocks = 0, collectives = 0, mmas = 0, barriers = 0, copies = 0;
+  long blocks = 0, collectives = 0, mmas = 0, barriers = 0, copies = 0, cluster_barriers = 0;
 };
 
 extern State S;
@@ -219,6 +263,17 @@ inline void yield_to_sched() {
 inline bool in_smem_map(const void* p) {
   const char* c = static_cast<const char*>(p);
   return S.smem_map && c >= S.smem_map && c < S.smem_map + S.smem_map_bytes;
+}
+
+// The block of the running group whose shared memory (or published copy) holds p, or -1.
+inline int group_smem_of(const void* p, bool* published) {
+  const char* c = static_cast<const char*>(p);
+  for (size_t b = 0; b < S.group.size(); ++b) {
+    const State::GroupBlock& g = S.group[b];
+    if (g.map && c >= g.map && c < g.map + g.map_bytes) { *published = false; return static_cast<int>(b); }
+    if (g.pub_map && c >= g.pub_map && c < g.pub_map + g.pub_map_bytes) { *published = true; return static_cast<int>(b); }
+  }
+  return -1;
 }
 
 inline const Alloc* alloc_of(const void* p) {
@@ -390,6 +445,7 @@ inline void land(const Copy& c) {
 }
 
 inline void cp_async(uint32_t dst, const void* src, int bytes) {
+  if (S.clustered) fail("%s: cp.async in a cluster launch (not modelled)", where());
   if (bytes < 0 || bytes > 16) fail("%s: cp.async src-size %d (0..16)", where(), bytes);
   check_smem(dst, 16, 16, "cp.async destination", true);
   if (bytes > 0) {
@@ -436,11 +492,44 @@ inline float ex2_ftz(float x) {
   return y;
 }
 
+// ---- Clusters (lane side) -------------------------------------------------------------------
+
+inline unsigned cluster_rank() { return static_cast<unsigned>(me().blk); }
+inline unsigned cluster_blocks() { return S.cluster; }
+inline void cluster_arrive() { post(Op::ClusterArrive); }
+inline void cluster_wait() { post(Op::ClusterWait); }
+
+// fence.acq_rel.cluster: publishes this block's shared memory to the cluster's remote readers.
+inline void cluster_fence() {
+  const State::GroupBlock& g = S.group[me().blk];
+  if (g.published) memcpy(g.published, g.smem, S.smem_bytes);
+}
+
+// mapa: the address of p (this block's dynamic shared memory, `bytes` bytes read there with
+// `align`) in block `rank`'s published shared memory.
+inline const void* cluster_map(const void* p, int rank, size_t bytes, size_t align) {
+  const char* c = static_cast<const char*>(p);
+  if (!S.smem || c < S.smem || c + bytes > S.smem + S.smem_bytes)
+    fail("%s: mapa of a pointer (%zu bytes) outside this block's %u bytes of dynamic shared memory",
+         where(), bytes, S.smem_bytes);
+  const size_t off = static_cast<size_t>(c - S.smem);
+  if (off % align) fail("%s: mapa of shared offset %zu, not %zu-byte aligned", where(), off, align);
+  if (rank < 0 || rank >= static_cast<int>(S.cluster))
+    fail("%s: mapa to block %d of a cluster of %u", where(), rank, S.cluster);
+  const State::GroupBlock& g = S.group[rank];
+  if (g.exited)
+    fail("%s: reads the shared memory of cluster block %d, whose threads have all exited", where(), rank);
+  if (!S.clustered) fail("%s: mapa outside a cluster launch", where());
+  return g.published + off;
+}
+
 // ---- Launch -----------------------------------------------------------------------------------
 
 // Runs the grid of `kernel` (a function taking the argument struct by value, called through
-// `entry` on every fiber). Defined in sim_impl.h.
-void launch(const char* name, void (*entry)(), dim3 grid, dim3 block, uint32_t smem_bytes);
+// `entry` on every fiber); with cluster >= 1, a cluster launch of `cluster` blocks per cluster
+// along x (0: no clusters). Defined in sim_impl.h.
+void launch(const char* name, void (*entry)(), dim3 grid, dim3 block, uint32_t smem_bytes,
+            unsigned cluster = 0);
 
 }  // namespace sim
 

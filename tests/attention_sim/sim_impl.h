@@ -19,8 +19,9 @@ static size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
 const char* where() {
   static char buf[256];
   if (S.cur >= 0) {
+    const int t = S.nthreads > 0 ? S.cur % S.nthreads : S.cur;  // S.cur indexes the group's lanes
     snprintf(buf, sizeof buf, "%s block (%u,%u,%u) thread %d (warp %d lane %d)", S.kernel,
-             S.block_idx.x, S.block_idx.y, S.block_idx.z, S.cur, S.cur / 32, S.cur % 32);
+             S.block_idx.x, S.block_idx.y, S.block_idx.z, t, t / 32, t % 32);
   } else {
     snprintf(buf, sizeof buf, "%s block (%u,%u,%u)", S.kernel, S.block_idx.x, S.block_idx.y,
              S.block_idx.z);
@@ -76,12 +77,25 @@ sim_ctx_switch:
   bool pending = !l.open.empty();
   for (const auto& g : l.groups) pending |= !g.empty();
   if (pending) fail("%s: the thread exits with cp.async copies in flight", where());
+  if (l.arrives != l.waits)
+    fail("%s: the thread exits with a cluster barrier arrival it has not waited for (%u arrivals, "
+         "%u waits)", where(), l.arrives, l.waits);
   l.st = St::Done;
   yield_to_sched();
   fail("a finished fiber was resumed");
 }
 
+// Makes block b of the running group the current one: blockIdx and its shared memory.
+static void enter_block(int b) {
+  const State::GroupBlock& g = S.group[b];
+  S.block_idx = g.idx;
+  S.smem = g.smem;
+  S.smem_map = g.map;
+  S.smem_map_bytes = g.map_bytes;
+}
+
 static void resume(int i) {
+  enter_block(S.lanes[i].blk);
   S.cur = i;
 #ifdef SIM_USE_UCONTEXT
   swapcontext(&S.sched_uc, &S.lanes[i].uc);
@@ -125,9 +139,12 @@ static inline float elem16(uint32_t reg, int half, bool bf16) {
   return bf16 ? bf2f(h) : h2f(h);
 }
 
+// Executes collective `op` for warp w of the group (lanes 32w .. 32w + 31) and sets the lanes'
+// states (runnable, or parked at a cluster wait).
 static void exec_warp(int w, Op op) {
   Lane* L = &S.lanes[w * 32];
   S.collectives++;
+  for (int l = 0; l < 32; ++l) L[l].st = St::Run;
   switch (op) {
     case Op::Ldsm:
     case Op::LdsmT: {
@@ -189,71 +206,161 @@ static void exec_warp(int w, Op op) {
       }
       break;
     }
+    case Op::ClusterArrive:
+      for (int l = 0; l < 32; ++l) {
+        if (L[l].arrives != L[l].waits) {
+          S.cur = w * 32 + l;
+          fail("%s: arrives at the cluster barrier again without having waited for its previous "
+               "arrival (%u arrivals, %u waits)", where(), L[l].arrives, L[l].waits);
+        }
+        L[l].arrives++;
+      }
+      break;
+    case Op::ClusterWait:
+      for (int l = 0; l < 32; ++l) {
+        if (L[l].arrives != L[l].waits + 1) {
+          S.cur = w * 32 + l;
+          fail("%s: waits at the cluster barrier without an arrival to wait for (%u arrivals, %u "
+               "waits)", where(), L[l].arrives, L[l].waits);
+        }
+        L[l].waits++;
+        if (S.phases < L[l].waits) L[l].st = St::CWait;
+      }
+      break;
     case Op::SyncWarp:
     case Op::None:
       break;
   }
 }
 
+// Completes the cluster barrier phases every thread of the group has arrived for and releases
+// the threads waiting for them; true if any thread was released.
+static bool release_cluster() {
+  const int total = static_cast<int>(S.group.size()) * S.nthreads;
+  for (;;) {
+    bool all = total > 0;
+    for (int i = 0; i < total && all; ++i) all = S.lanes[i].arrives > S.phases;
+    if (!all) break;
+    S.phases++;
+    S.cluster_barriers++;
+  }
+  bool any = false;
+  for (int i = 0; i < total; ++i) {
+    Lane& l = S.lanes[i];
+    if (l.st == St::CWait && l.waits <= S.phases) {
+      l.st = St::Run;
+      any = true;
+    }
+  }
+  return any;
+}
+
 // ---- Blocks -------------------------------------------------------------------------------
 
-static void run_block() {
-  const int n = S.nthreads, nwarps = n / 32;
-  for (int i = 0; i < n; ++i) {
+// Runs the group's blocks (one, or the C blocks of a cluster) to completion.
+static void run_group() {
+  const int n = S.nthreads, nwarps = n / 32, nb_group = static_cast<int>(S.group.size());
+  const int total = nb_group * n;
+  for (int i = 0; i < total; ++i) {
     Lane& l = S.lanes[i];
     l.st = St::Run;
     l.op = Op::None;
-    l.tid = dim3{static_cast<unsigned>(i), 0, 0};
+    l.tid = dim3{static_cast<unsigned>(i % n), 0, 0};
+    l.blk = i / n;
+    l.arrives = l.waits = 0;
     l.open.clear();
     l.groups.clear();
     init_fiber(l);
   }
-  if (S.smem_bytes) memset(S.smem, 0xff, S.smem_bytes);  // NaN in bf16, f16 and f32
+  for (State::GroupBlock& g : S.group) {
+    if (S.smem_bytes) memset(g.smem, 0xff, S.smem_bytes);  // NaN in bf16, f16 and f32
+    if (S.smem_bytes && g.published) memset(g.published, 0xff, S.smem_bytes);
+    g.exited = false;
+  }
+  S.phases = 0;
+  enter_block(0);
   std::fill(S.inflight.begin(), S.inflight.end(), 0);
-  S.blocks++;
+  S.blocks += nb_group;
   for (;;) {
-    for (int wi = 0; wi < nwarps; ++wi) {
-      const int w = S.reverse ? nwarps - 1 - wi : wi;
+    bool progress = false;
+    // Each block in turn runs as far as it can: its warps one after the other up to
+    // __syncthreads (which opens once all its threads wait there), a cluster wait or the exit.
+    for (int bi = 0; bi < nb_group; ++bi) {
+      const int b = S.reverse ? nb_group - 1 - bi : bi;
       for (;;) {
-        for (int li = 0; li < 32; ++li) {
-          const int i = w * 32 + (S.reverse ? 31 - li : li);
-          if (S.lanes[i].st == St::Run) resume(i);
+        for (int wi = 0; wi < nwarps; ++wi) {
+          const int w = b * nwarps + (S.reverse ? nwarps - 1 - wi : wi);  // warp of the group
+          for (;;) {
+            for (int li = 0; li < 32; ++li) {
+              const int i = w * 32 + (S.reverse ? 31 - li : li);
+              if (S.lanes[i].st == St::Run) {
+                resume(i);
+                progress = true;
+              }
+            }
+            int nw = 0, nb = 0, nc = 0, nd = 0;
+            for (int l = 0; l < 32; ++l) {
+              const St st = S.lanes[w * 32 + l].st;
+              nw += st == St::Warp;
+              nb += st == St::Bar;
+              nc += st == St::CWait;
+              nd += st == St::Done;
+            }
+            if (nw == 0) break;
+            int first = -1;
+            for (int l = 0; l < 32; ++l)
+              if (S.lanes[w * 32 + l].st == St::Warp) { first = l; break; }
+            const Op op = S.lanes[w * 32 + first].op;
+            enter_block(b);
+            if (nw < 32)
+              fail("%s warp %d: %d lanes wait at %s while %d wait at __syncthreads, %d at a cluster "
+                   "wait and %d exited (a warp collective needs all 32 lanes)",
+                   where(), w % nwarps, nw, op_name(op), nb, nc, nd);
+            for (int l = 0; l < 32; ++l) {
+              if (S.lanes[w * 32 + l].op != op)
+                fail("%s warp %d diverged: lane %d at %s, lane %d at %s", where(), w % nwarps, first,
+                     op_name(op), l, op_name(S.lanes[w * 32 + l].op));
+            }
+            exec_warp(w, op);
+          }
         }
-        int nw = 0, nb = 0, nd = 0;
-        for (int l = 0; l < 32; ++l) {
-          const St st = S.lanes[w * 32 + l].st;
-          nw += st == St::Warp;
-          nb += st == St::Bar;
-          nd += st == St::Done;
+        // __syncthreads: the block's barrier opens when all its threads wait at it.
+        int nb = 0, nd = 0;
+        for (int i = b * n; i < (b + 1) * n; ++i) {
+          nb += S.lanes[i].st == St::Bar;
+          nd += S.lanes[i].st == St::Done;
         }
-        if (nw == 0) break;
-        int first = -1;
-        for (int l = 0; l < 32; ++l)
-          if (S.lanes[w * 32 + l].st == St::Warp) { first = l; break; }
-        const Op op = S.lanes[w * 32 + first].op;
-        if (nw < 32)
-          fail("%s warp %d: %d lanes wait at %s while %d wait at __syncthreads and %d exited (a warp "
-               "collective needs all 32 lanes)",
-               where(), w, nw, op_name(op), nb, nd);
-        for (int l = 0; l < 32; ++l) {
-          if (S.lanes[w * 32 + l].op != op)
-            fail("%s warp %d diverged: lane %d at %s, lane %d at %s", where(), w, first, op_name(op), l,
-                 op_name(S.lanes[w * 32 + l].op));
+        if (nd == n) {
+          S.group[b].exited = true;
+          break;
         }
-        exec_warp(w, op);
-        for (int l = 0; l < 32; ++l) S.lanes[w * 32 + l].st = St::Run;
+        if (nb + nd < n || nb == 0) break;
+        enter_block(b);
+        if (nd > 0) fail("%s: __syncthreads reached by %d threads while %d exited", where(), nb, nd);
+        S.barriers++;
+        for (int i = b * n; i < (b + 1) * n; ++i) S.lanes[i].st = St::Run;
       }
     }
-    int nb = 0, nd = 0;
-    for (int i = 0; i < n; ++i) {
-      nb += S.lanes[i].st == St::Bar;
-      nd += S.lanes[i].st == St::Done;
+    int done = 0;
+    for (int i = 0; i < total; ++i) done += S.lanes[i].st == St::Done;
+    if (done == total) break;
+    progress |= release_cluster();
+    if (!progress) {
+      char msg[1024];
+      int at = 0;
+      for (int b = 0; b < nb_group && at < 900; ++b) {
+        int nb = 0, nc = 0, nd = 0;
+        for (int i = b * n; i < (b + 1) * n; ++i) {
+          nb += S.lanes[i].st == St::Bar;
+          nc += S.lanes[i].st == St::CWait;
+          nd += S.lanes[i].st == St::Done;
+        }
+        at += snprintf(msg + at, sizeof msg - at, " [block %d: %d at __syncthreads, %d at a cluster wait, %d exited]",
+                       b, nb, nc, nd);
+      }
+      enter_block(0);
+      fail("%s: deadlock after %u cluster barrier phases:%s", where(), S.phases, msg);
     }
-    if (nd == n) break;
-    if (nd > 0)
-      fail("%s: __syncthreads reached by %d threads while %d exited", where(), nb, nd);
-    S.barriers++;
-    for (int i = 0; i < n; ++i) S.lanes[i].st = St::Run;
   }
 }
 
@@ -300,9 +407,12 @@ void add_extent(const char* name, const void* base, int64_t rows, int64_t row_by
 static void on_fault(int sig, siginfo_t* si, void*) {
   const char* a = static_cast<const char*>(si->si_addr);
   char what[256] = "an unmapped address";
-  if (in_smem_map(a)) {
-    snprintf(what, sizeof what, "the shared-memory guard (offset %ld; the launch has %u bytes)",
-             static_cast<long>(a - S.smem), S.smem_bytes);
+  bool pub = false;
+  const int gb = group_smem_of(a, &pub);
+  if (gb >= 0) {
+    const char* base = pub ? S.group[gb].published : S.group[gb].smem;
+    snprintf(what, sizeof what, "the guard of the %sshared memory of group block %d (offset %ld; the launch has %u bytes)",
+             pub ? "published copy of the " : "", gb, static_cast<long>(a - base), S.smem_bytes);
   } else if (const Alloc* al = alloc_of(a)) {
     if (a < al->lo)
       snprintf(what, sizeof what, "the guard %ld bytes before buffer %s", static_cast<long>(al->lo - a),
@@ -343,28 +453,46 @@ void install_fault_handler() {
 
 // ---- Launch -------------------------------------------------------------------------------
 
-void launch(const char* name, void (*entry)(), dim3 grid, dim3 block, uint32_t smem_bytes) {
+void launch(const char* name, void (*entry)(), dim3 grid, dim3 block, uint32_t smem_bytes,
+            unsigned cluster) {
   if (block.y != 1 || block.z != 1 || block.x % 32 != 0 || block.x == 0 || block.x > 1024)
     fail("%s: block (%u,%u,%u) not supported (1-D, whole warps)", name, block.x, block.y, block.z);
+  if (cluster > 0 && (grid.y != 1 || grid.z != 1 || grid.x % cluster != 0 || cluster > 16))
+    fail("%s: grid (%u,%u,%u) is not a 1-D whole number of clusters of %u blocks (at most 16)", name,
+         grid.x, grid.y, grid.z, cluster);
   S.kernel = name;
   S.grid = grid;
   S.block = block;
   S.entry = entry;
   S.nthreads = static_cast<int>(block.x);
-  if (S.lanes.size() < static_cast<size_t>(S.nthreads)) S.lanes.resize(S.nthreads);
-  // Dynamic shared memory: [smem, smem + bytes) ends at a guard page (bytes rounded up to 16).
-  if (S.smem_map) munmap(S.smem_map, S.smem_map_bytes);
-  S.smem = guarded(smem_bytes, &S.smem_map, &S.smem_map_bytes);
+  S.clustered = cluster > 0;
+  S.cluster = cluster > 0 ? cluster : 1;
+  const size_t lanes = static_cast<size_t>(S.nthreads) * S.cluster;
+  if (S.lanes.size() < lanes) S.lanes.resize(lanes);
+  // Dynamic shared memory of each block of a group: [smem, smem + bytes) ends at a guard
+  // region (bytes rounded up to 16); in a cluster launch also its published copy.
+  for (State::GroupBlock& g : S.group) {
+    munmap(g.map, g.map_bytes);
+    if (g.pub_map) munmap(g.pub_map, g.pub_map_bytes);
+  }
+  S.group.assign(S.cluster, State::GroupBlock{});
+  for (State::GroupBlock& g : S.group) {
+    g.smem = guarded(smem_bytes, &g.map, &g.map_bytes);
+    if (S.clustered) g.published = guarded(smem_bytes, &g.pub_map, &g.pub_map_bytes);
+  }
   S.smem_bytes = smem_bytes;
   S.inflight.assign(round_up(smem_bytes, 16) / 16 + 1, 0);
   for (Alloc& a : S.allocs) a.stores.clear();
   const unsigned nx = grid.x, ny = grid.y, nz = grid.z;
-  const uint64_t nblocks = static_cast<uint64_t>(nx) * ny * nz;
-  for (uint64_t k = 0; k < nblocks; ++k) {
-    const uint64_t b = S.reverse ? nblocks - 1 - k : k;
-    S.block_idx = dim3{static_cast<unsigned>(b % nx), static_cast<unsigned>(b / nx % ny),
-                       static_cast<unsigned>(b / nx / ny)};
-    run_block();
+  const uint64_t nblocks = static_cast<uint64_t>(nx) * ny * nz, ngroups = nblocks / S.cluster;
+  for (uint64_t k = 0; k < ngroups; ++k) {
+    const uint64_t gi = S.reverse ? ngroups - 1 - k : k;
+    for (unsigned r = 0; r < S.cluster; ++r) {
+      const uint64_t b = gi * S.cluster + r;
+      S.group[r].idx = dim3{static_cast<unsigned>(b % nx), static_cast<unsigned>(b / nx % ny),
+                            static_cast<unsigned>(b / nx / ny)};
+    }
+    run_group();
   }
 }
 

@@ -1,0 +1,857 @@
+//! The persistent cluster divergence kernels (cuda/divergence_persistent.cu: `dk_divcp_*`, 512
+//! threads, and `dk_divcp256_*`, 256 threads with two load steps in flight), checked without a
+//! GPU. tests/kernel_sim replays their per-element arithmetic; this test runs their control
+//! logic: the REAL kernel source is compiled for the host with the emulator of
+//! tests/attention_sim/sim_core.h (every CUDA thread a fiber, warps in lockstep at shuffles,
+//! __syncthreads, guarded memory) and its thread-block clusters: a cluster's C blocks run
+//! together, the split cluster barrier (arrive / wait as converged warp collectives, each thread
+//! alternating arrive and wait, no exit with an arrival not waited for, deadlocks reported) and
+//! distributed shared memory (mapa, bounds-checked, reading the other block's shared memory as
+//! its threads last published it with fence.acq_rel.cluster). The kernel source is staged into a
+//! scratch directory next to tests/divergence_sim/dk_cluster.cuh, the only header replaced (it
+//! holds the cluster PTX); how __CUDA_ARCH__ and dk_math.cuh's host versions are arranged is
+//! explained in tests/divergence_sim/divergence_persistent_sim.cpp.
+//!
+//! Every case runs with the launcher's configuration (src/divergence/cuda.rs
+//! `RowKernels::persistent`, src/divergence/cluster.rs `persistent_grid`): Q clusters of C
+//! blocks (1-D grid, `PERSISTENT_SMEM_BYTES` of dynamic shared memory), 16-byte aligned rows,
+//! Q ≤ n, and `scale` set as the prepare kernel would write it (batchmean: 1 / valid rows). Each
+//! case runs twice, blocks of a cluster, warps and lanes in ascending and in descending order
+//! (clusters one after the other, also in both orders), on poisoned outputs, and checks:
+//! - the emulator's own checks (converged warps at every collective and cluster barrier, the
+//!   barrier protocol, shared and distributed shared memory bounds, global accesses inside the
+//!   operands' rows, stores only into outputs and each 16-byte output chunk at most once,
+//!   guard regions around every buffer);
+//! - both runs give bitwise the same buffers (a race between blocks or warps shows as a
+//!   difference);
+//! - per-row losses and gradients against the crate's CPU backend at DESIGN.md's tolerances
+//!   (f32: 1e-5 relative norm; 16-bit: 1e-4 losses, 1e-2 gradients), over all rows and row by
+//!   row; every output element written, padding and inputs untouched (except the gradient
+//!   rows in place); NaN only in the NaN row;
+//! - exact zeros: the loss and the gradient of ignored rows and of rows without a
+//!   distribution (a side all −inf).
+//!
+//! Cases: forward KL, reverse KL, JSD (β = 0.5 and 0.25, and β = 0 / 1, which run the KL
+//! kernels); f32, bf16 and f16 logits; C = 1, 2, 4, 8, 16; Q = 1..5 clusters walking up to 40
+//! rows (and Q = n); rows of several 16-byte chunks per thread (both of the 256-thread shape's
+//! loops) and tiny rows (blocks with empty slices), v not a multiple of 8 with padded strides
+//! (the scalar tail); labels ignoring the first and last rows of clusters' walks, consecutive
+//! rows of a walk, whole walks; fully masked rows (student, teacher, both all −inf), partly
+//! masked rows; a NaN row; forward only, a separate gradient and the gradient in place over
+//! the student logits; temperatures ≠ 1. Plus random cases drawn from the printed seed.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use common::*;
+use distill_kernels::divergence::{Kind, Params, Reduction};
+use distill_kernels::{Context, DType};
+
+const TEST: &str = "divergence_persistent_sim";
+
+/// `PERSISTENT_SMEM_BYTES` of src/divergence/cluster.rs (`kPersistentSmemBytes` in the kernel).
+const PERSISTENT_SMEM_BYTES: u32 = 1024;
+
+// ------------------------------------------------------------------------------------------
+// Building the emulator
+// ------------------------------------------------------------------------------------------
+
+fn simulator() -> Option<PathBuf> {
+    static SIM: OnceLock<Option<PathBuf>> = OnceLock::new();
+    SIM.get_or_init(build_simulator).clone()
+}
+
+/// Copies the kernel source and its headers into a scratch directory with the emulator's
+/// dk_cluster.cuh in place of the real one, and builds the driver against them.
+/// `DK_SIM_PERSISTENT_CU=<file>` stages that file instead of cuda/divergence_persistent.cu (to
+/// check that the test catches a deliberately broken copy).
+fn build_simulator() -> Option<PathBuf> {
+    let root = repo_root();
+    let stage = scratch_dir(TEST).join("kernel");
+    std::fs::create_dir_all(&stage).expect("create the staging directory");
+    let copy = |from: &Path| {
+        let to = stage.join(from.file_name().unwrap());
+        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+    };
+    match std::env::var_os("DK_SIM_PERSISTENT_CU") {
+        Some(alt) => {
+            visible(&format!(
+                "{TEST}: kernel source {} (DK_SIM_PERSISTENT_CU)",
+                Path::new(&alt).display()
+            ));
+            std::fs::copy(&alt, stage.join("divergence_persistent.cu"))
+                .unwrap_or_else(|e| panic!("copy {}: {e}", Path::new(&alt).display()));
+        }
+        None => copy(&root.join("cuda/divergence_persistent.cu")),
+    }
+    for entry in std::fs::read_dir(root.join("cuda/include")).expect("cuda/include") {
+        let path = entry.expect("cuda/include entry").path();
+        if path.file_name().is_some_and(|n| n != "dk_cluster.cuh") {
+            copy(&path);
+        }
+    }
+    let sim_dir = root.join("tests/divergence_sim");
+    copy(&sim_dir.join("dk_cluster.cuh"));
+    build_kernel_simulator(
+        TEST,
+        &sim_dir.join("divergence_persistent_sim.cpp"),
+        &[stage, root.join("tests/attention_sim")],
+        // CUDA idioms the host compiler warns about: `#pragma unroll`, threadIdx.x (unsigned)
+        // against int lengths, aggregates initialised up to their accumulators.
+        &[
+            "-Wno-unknown-pragmas",
+            "-Wno-sign-compare",
+            "-Wno-missing-field-initializers",
+        ],
+    )
+}
+
+// ------------------------------------------------------------------------------------------
+// Cases
+// ------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Grad {
+    None,
+    Separate,
+    InPlace,
+}
+
+/// One launch: the call (inputs, labels, parameters, gradient destination) and the launch
+/// shape.
+struct SimCase {
+    case: Case,
+    /// 512: `dk_divcp_*` (one load step); 256: `dk_divcp256_*` (two).
+    threads: u32,
+    /// Blocks per cluster.
+    c: usize,
+    /// Clusters.
+    q: usize,
+}
+
+impl SimCase {
+    fn kernel(&self) -> String {
+        let prefix = if self.threads == 512 {
+            "dk_divcp"
+        } else {
+            "dk_divcp256"
+        };
+        let kind = match self.case.params.effective_kind() {
+            Kind::ForwardKl => "fkl",
+            Kind::ReverseKl => "rkl",
+            Kind::Jsd => "jsd",
+        };
+        format!(
+            "{prefix}_{kind}_{}_{}",
+            self.case.student.dtype.name(),
+            self.case.teacher.dtype.name()
+        )
+    }
+
+    fn what(&self) -> String {
+        format!(
+            "{} C={} Q={}: {}",
+            self.kernel(),
+            self.c,
+            self.q,
+            self.case.what
+        )
+    }
+}
+
+/// What to do to a case's rows beyond random logits.
+#[derive(Default, Clone)]
+struct Edits {
+    /// Rows whose label is ignore_index (labels are given when this is Some).
+    ignored: Option<Vec<usize>>,
+    /// Rows whose student / teacher / both sides are all −inf.
+    student_masked: Vec<usize>,
+    teacher_masked: Vec<usize>,
+    both_masked: Vec<usize>,
+    /// Rows with a quarter of their entries masked (on both sides, plus on the side alone that
+    /// keeps the loss finite).
+    partly_masked: Vec<usize>,
+    /// A row with one NaN student logit.
+    nan_row: Option<usize>,
+}
+
+/// Padded row stride: `v` rounded up to 8 elements (16 bytes for every dtype) plus `extra` × 8.
+fn stride(v: usize, extra: usize) -> usize {
+    v.next_multiple_of(8) + 8 * extra
+}
+
+#[allow(clippy::too_many_arguments)]
+fn make(
+    rng: &mut Rng,
+    params: Params,
+    (s, t): (DType, DType),
+    (n, v): (usize, usize),
+    (threads, c, q): (u32, usize, usize),
+    grad: Grad,
+    e: &Edits,
+) -> SimCase {
+    assert!(
+        q >= 1 && q <= n,
+        "the launcher runs at most one cluster per row"
+    );
+    let params = Params {
+        reduction: Reduction::BatchMean,
+        ..params
+    };
+    let mut case = Case::random(rng, n, v, s, t, params);
+    // Padded strides (rows stay 16-byte aligned, as the launcher requires).
+    let (ss, ts, gs) = (stride(v, 1), stride(v, 2), stride(v, 0) + 8 * (v % 2));
+    case = case.strides(ss, ts, gs);
+    case.grad = match grad {
+        Grad::None => GradOut::None,
+        Grad::Separate => GradOut::Separate(GradSpec {
+            dtype: s,
+            rows: n,
+            cols: v,
+            stride: gs,
+        }),
+        Grad::InPlace => GradOut::InPlace,
+    };
+    case.loss = None; // the emulator runs the row kernel only (no dk_div_finish)
+    if let Some(ignored) = &e.ignored {
+        let ii = params.ignore_index;
+        let labels = (0..n)
+            .map(|r| {
+                if ignored.contains(&r) {
+                    ii
+                } else {
+                    rng.below(0, 50_000) as i64
+                }
+            })
+            .collect();
+        case = case.with_labels(labels);
+        case.what += &format!(" ignored={ignored:?}");
+    }
+    for &r in &e.student_masked {
+        case.student.row_mut(r).fill(f64::NEG_INFINITY);
+    }
+    for &r in &e.teacher_masked {
+        case.teacher.row_mut(r).fill(f64::NEG_INFINITY);
+    }
+    for &r in &e.both_masked {
+        case.student.row_mut(r).fill(f64::NEG_INFINITY);
+        case.teacher.row_mut(r).fill(f64::NEG_INFINITY);
+    }
+    // Which side may be masked alone with a finite loss.
+    let (student_alone, teacher_alone) = match params.effective_kind() {
+        Kind::ForwardKl => (false, true),
+        Kind::ReverseKl => (true, false),
+        Kind::Jsd => (true, true),
+    };
+    for &r in &e.partly_masked {
+        for col in 1..v {
+            let u = rng.uniform();
+            if u < 0.25 {
+                case.student.row_mut(r)[col] = f64::NEG_INFINITY;
+                case.teacher.row_mut(r)[col] = f64::NEG_INFINITY;
+            } else if u < 0.3 && student_alone {
+                case.student.row_mut(r)[col] = f64::NEG_INFINITY;
+            } else if u < 0.35 && teacher_alone {
+                case.teacher.row_mut(r)[col] = f64::NEG_INFINITY;
+            }
+        }
+    }
+    if let Some(r) = e.nan_row {
+        let col = rng.below(0, v);
+        case.student.row_mut(r)[col] = f64::NAN;
+    }
+    if !e.student_masked.is_empty() || !e.teacher_masked.is_empty() || !e.both_masked.is_empty() {
+        case.what += &format!(
+            " masked rows: student {:?} teacher {:?} both {:?}",
+            e.student_masked, e.teacher_masked, e.both_masked
+        );
+    }
+    if !e.partly_masked.is_empty() {
+        case.what += &format!(" partly masked {:?}", e.partly_masked);
+    }
+    if let Some(r) = e.nan_row {
+        case.what += &format!(" NaN row {r}");
+    }
+    case.what += &format!(" grad={grad:?}");
+    SimCase {
+        case,
+        threads,
+        c,
+        q,
+    }
+}
+
+/// The first row of cluster 0's walk, the last row of the last cluster's walk and of cluster
+/// 1's, and two consecutive rows of cluster 0's walk.
+fn walk_edges(n: usize, q: usize) -> Vec<usize> {
+    let last_of = |k: usize| k + (n - 1 - k) / q * q;
+    let mut rows = vec![0, last_of(q - 1), last_of(1.min(q - 1))];
+    if 2 * q < n {
+        rows.extend([q, 2 * q]);
+    }
+    rows.sort_unstable();
+    rows.dedup();
+    rows
+}
+
+/// The rows `walk_edges` leaves live, from the middle of the batch on, then the others.
+fn live_rows(n: usize, q: usize) -> Vec<usize> {
+    let ignored = walk_edges(n, q);
+    (n / 2..n)
+        .chain(0..n / 2)
+        .filter(|r| !ignored.contains(r))
+        .collect()
+}
+
+fn jsd(beta: f32) -> Params {
+    Params {
+        beta,
+        ..Params::new(Kind::Jsd)
+    }
+}
+
+/// A slice of `chunks` 16-byte chunks per thread for C blocks of `threads` threads, minus
+/// `short` elements (a scalar tail in the last block when not a multiple of 8).
+fn v_for(c: usize, threads: u32, chunks_per_thread: f64, short: usize) -> usize {
+    let slice = (chunks_per_thread * threads as f64 * 8.0) as usize;
+    c * slice.next_multiple_of(8) - short
+}
+
+fn cases(rng: &mut Rng) -> Vec<SimCase> {
+    use DType::{BF16, F16, F32};
+    let fkl = Params::new(Kind::ForwardKl);
+    let rkl = Params::new(Kind::ReverseKl);
+    let mut out = Vec::new();
+    // Every kind, both shapes, several chunks per thread (the 256-thread shape's two-step loop
+    // and its one-step remainder), labels at the walks' edges, masked, partly masked and NaN
+    // rows (each a row that is not ignored), a tail.
+    for (i, &params) in [fkl, rkl, jsd(0.5)].iter().enumerate() {
+        for (j, &threads) in [512u32, 256].iter().enumerate() {
+            let c = [2, 4, 8][(i + j) % 3];
+            let (n, q) = [(11, 3), (17, 4), (9, 2)][(i + 2 * j) % 3];
+            let v = v_for(c, threads, 2.6, 3);
+            let live = live_rows(n, q);
+            assert!(live.len() >= 5);
+            let e = Edits {
+                ignored: Some(walk_edges(n, q)),
+                student_masked: vec![live[0]],
+                teacher_masked: vec![live[live.len() - 1]],
+                both_masked: vec![live[1]],
+                partly_masked: vec![live[2]],
+                nan_row: Some(live[3]),
+            };
+            let grad = [Grad::Separate, Grad::InPlace][(i + j) % 2];
+            out.push(make(
+                rng,
+                params,
+                (F32, F32),
+                (n, v),
+                (threads, c, q),
+                grad,
+                &e,
+            ));
+        }
+    }
+    // 16-bit logits (and the one f16 student), temperatures ≠ 1.
+    let t07 = |p: Params| Params {
+        temperature: 0.7,
+        ..p
+    };
+    let t25 = |p: Params| Params {
+        temperature: 2.5,
+        ..p
+    };
+    let ends = |n, q| Edits {
+        ignored: Some(walk_edges(n, q)),
+        both_masked: vec![live_rows(n, q)[0]],
+        ..Default::default()
+    };
+    out.push(make(
+        rng,
+        t07(fkl),
+        (BF16, BF16),
+        (7, v_for(1, 256, 2.5, 5)),
+        (256, 1, 2),
+        Grad::Separate,
+        &ends(7, 2),
+    ));
+    out.push(make(
+        rng,
+        rkl,
+        (BF16, F32),
+        (30, 37),
+        (512, 8, 4),
+        Grad::InPlace,
+        &ends(30, 4),
+    ));
+    out.push(make(
+        rng,
+        t25(jsd(0.5)),
+        (F16, BF16),
+        (13, v_for(2, 512, 1.5, 1)),
+        (512, 2, 3),
+        Grad::Separate,
+        &ends(13, 3),
+    ));
+    out.push(make(
+        rng,
+        jsd(0.5),
+        (BF16, BF16),
+        (40, 203),
+        (256, 4, 5),
+        Grad::InPlace,
+        &Edits {
+            ignored: Some(walk_edges(40, 5)),
+            student_masked: vec![7, 12],
+            partly_masked: vec![3, 8, 13],
+            ..Default::default()
+        },
+    ));
+    // Cluster of 16 (tiny and large rows).
+    out.push(make(
+        rng,
+        jsd(0.5),
+        (BF16, BF16),
+        (5, v_for(16, 256, 1.2, 0)),
+        (256, 16, 2),
+        Grad::Separate,
+        &ends(5, 2),
+    ));
+    out.push(make(
+        rng,
+        fkl,
+        (F32, F32),
+        (6, 99),
+        (512, 16, 2),
+        Grad::Separate,
+        &ends(6, 2),
+    ));
+    // Effective kinds: JSD with β = 0 / 1 runs the forward / reverse KL kernels; β = 0.25.
+    for (k, params) in [jsd(0.0), jsd(1.0), jsd(0.25)].into_iter().enumerate() {
+        out.push(make(
+            rng,
+            params,
+            (F32, BF16),
+            (12, v_for(2, 256, 2.2, 7)),
+            (256, 2, 3 + k),
+            Grad::Separate,
+            &ends(12, 3 + k),
+        ));
+    }
+    // Forward only (grad = 0), every kind.
+    for (k, params) in [fkl, rkl, jsd(0.5)].into_iter().enumerate() {
+        out.push(make(
+            rng,
+            params,
+            (F32, F32),
+            (10, v_for(4, 512, 1.1, 4)),
+            (512, 4, 2 + k),
+            Grad::None,
+            &Edits {
+                ignored: Some(walk_edges(10, 2 + k)),
+                teacher_masked: vec![live_rows(10, 2 + k)[0]],
+                nan_row: Some(live_rows(10, 2 + k)[1]),
+                ..Default::default()
+            },
+        ));
+    }
+    // Walk shapes: Q = n (one row per cluster), a single row, a walk entirely ignored, every
+    // row ignored, no labels.
+    out.push(make(
+        rng,
+        jsd(0.5),
+        (F32, F32),
+        (5, 300),
+        (512, 2, 5),
+        Grad::InPlace,
+        &Edits {
+            ignored: Some(vec![2]),
+            ..Default::default()
+        },
+    ));
+    out.push(make(
+        rng,
+        rkl,
+        (F32, F32),
+        (1, 1000),
+        (256, 4, 1),
+        Grad::Separate,
+        &Edits::default(),
+    ));
+    out.push(make(
+        rng,
+        fkl,
+        (BF16, BF16),
+        (14, 500),
+        (512, 2, 3),
+        Grad::Separate,
+        &Edits {
+            // Cluster 1's walk (1, 4, 7, 10, 13) entirely ignored.
+            ignored: Some(vec![1, 4, 7, 10, 13, 0]),
+            ..Default::default()
+        },
+    ));
+    for params in [fkl, jsd(0.5)] {
+        out.push(make(
+            rng,
+            params,
+            (F32, F32),
+            (6, 77),
+            (256, 2, 2),
+            Grad::InPlace,
+            &Edits {
+                ignored: Some((0..6).collect()),
+                ..Default::default()
+            },
+        ));
+    }
+    out.push(make(
+        rng,
+        jsd(0.5),
+        (F32, F32),
+        (8, 1024),
+        (512, 1, 3),
+        Grad::Separate,
+        &Edits {
+            both_masked: vec![0, 7],
+            student_masked: vec![3],
+            ..Default::default()
+        },
+    ));
+    // Random cases from the seed.
+    for _ in 0..6 {
+        out.push(random_case(rng));
+    }
+    out
+}
+
+fn random_case(rng: &mut Rng) -> SimCase {
+    let kinds = kinds();
+    let params = Params {
+        temperature: [1.0, 0.7, 1.3][rng.below(0, 3)],
+        ..kinds[rng.below(0, kinds.len())]
+    };
+    let pairs = dtype_pairs();
+    let dts = pairs[rng.below(0, pairs.len())];
+    let threads = [512u32, 256][rng.below(0, 2)];
+    let c = [1usize, 2, 4, 8][rng.below(0, 4)];
+    let n = rng.below(2, 25);
+    let q = rng.below(1, n.min(5) + 1);
+    let v = if rng.uniform() < 0.5 {
+        rng.below(1, 400)
+    } else {
+        v_for(c, threads, rng.range(0.5, 2.5), rng.below(0, 8))
+    };
+    let mut pick = |p: f64| (0..n).filter(|_| rng.uniform() < p).collect::<Vec<_>>();
+    let e = Edits {
+        ignored: Some(pick(0.2)),
+        both_masked: pick(0.1),
+        partly_masked: pick(0.15),
+        ..Default::default()
+    };
+    let grad = [Grad::None, Grad::Separate, Grad::InPlace][rng.below(0, 3)];
+    let mut sc = make(rng, params, dts, (n, v), (threads, c, q), grad, &e);
+    sc.case.what += " (random)";
+    sc
+}
+
+// ------------------------------------------------------------------------------------------
+// Running the emulator
+// ------------------------------------------------------------------------------------------
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u32).to_ne_bytes());
+    out.extend(s.as_bytes());
+}
+
+/// d(reduced loss)/d(row loss) as dk_div_prepare writes it: batchmean over the valid rows.
+fn scale(case: &Case) -> f32 {
+    let valid = match &case.labels {
+        None => case.n(),
+        Some(l) => l.iter().filter(|&&x| x != case.params.ignore_index).count(),
+    };
+    (1.0 / valid.max(1) as f64) as f32
+}
+
+/// The buffers the emulator is given and returns, in order (see the driver's protocol).
+fn sim_buffers(b: &Bufs) -> Vec<&Bytes> {
+    let mut v = vec![&b.student, &b.teacher];
+    v.extend(b.grad.as_ref());
+    v.extend(b.labels.as_ref());
+    v.push(&b.per_token);
+    v
+}
+
+/// Runs the kernel on `before` (blocks, warps, lanes and clusters in ascending or descending
+/// order): every buffer after the launch, and the emulator's statistics line.
+fn run_sim(
+    exe: &Path,
+    sc: &SimCase,
+    before: &Bufs,
+    reverse: bool,
+) -> Result<(Bufs, String), String> {
+    let c = &sc.case;
+    let grad_mode: i32 = match c.grad {
+        GradOut::None => 0,
+        GradOut::Separate(_) => 1,
+        GradOut::InPlace => 2,
+        GradOut::IntoStudent { .. } => unreachable!(),
+    };
+    let grad_stride = match c.grad {
+        GradOut::Separate(g) => g.stride,
+        _ => c.student.stride,
+    };
+    let mut o = Vec::new();
+    o.extend(0x5044_4b44u32.to_ne_bytes());
+    put_str(&mut o, &sc.kernel());
+    for x in [sc.threads as i32, sc.c as i32, sc.q as i32] {
+        o.extend(x.to_ne_bytes());
+    }
+    o.extend(PERSISTENT_SMEM_BYTES.to_ne_bytes());
+    o.extend((reverse as i32).to_ne_bytes());
+    for x in [
+        c.n() as i64,
+        c.v() as i64,
+        c.student.stride as i64,
+        c.teacher.stride as i64,
+        grad_stride as i64,
+        c.params.ignore_index,
+    ] {
+        o.extend(x.to_ne_bytes());
+    }
+    // As the launcher: beta as given, 1 / T in f32.
+    for x in [c.params.beta, 1.0 / c.params.temperature, scale(c)] {
+        o.extend(x.to_ne_bytes());
+    }
+    o.extend(grad_mode.to_ne_bytes());
+    o.extend((c.labels.is_some() as i32).to_ne_bytes());
+    let bufs = sim_buffers(before);
+    for b in &bufs {
+        o.extend((b.len() as u64).to_ne_bytes());
+        o.extend(b.as_ref());
+    }
+    let mut child = Command::new(exe)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the divergence emulator");
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&o));
+    let res = child.wait_with_output().expect("emulator output");
+    let _ = writer.join().unwrap();
+    let log = String::from_utf8_lossy(&res.stderr).trim_end().to_string();
+    if !res.status.success() {
+        return Err(format!("the emulator stopped ({}):\n{log}", res.status));
+    }
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    if res.stdout.len() != total {
+        return Err(format!(
+            "the emulator returned {} bytes, {total} expected",
+            res.stdout.len()
+        ));
+    }
+    let mut after = before.clone();
+    let mut at = 0;
+    let mut take = |b: &mut Bytes| {
+        *b = Bytes::from_slice(&res.stdout[at..at + b.len()]);
+        at += b.len();
+    };
+    take(&mut after.student);
+    take(&mut after.teacher);
+    if let Some(g) = after.grad.as_mut() {
+        take(g);
+    }
+    if let Some(l) = after.labels.as_mut() {
+        take(l);
+    }
+    take(&mut after.per_token);
+    Ok((after, log))
+}
+
+// ------------------------------------------------------------------------------------------
+// Checks
+// ------------------------------------------------------------------------------------------
+
+/// The CPU backend's outputs as the reference of `common::check` (per-row losses, gradient
+/// values as written in the student dtype, NaN rows).
+fn cpu_reference(sc: &SimCase) -> Result<Reference, String> {
+    let (res, _, after) = Device::Cpu(Context::cpu()).run(&sc.case);
+    res.map_err(|e| format!("the CPU backend refused the case: {e}"))?;
+    let out = outputs(&sc.case, &after);
+    let per_token: Vec<f64> = out.per_token.unwrap().iter().map(|&x| x as f64).collect();
+    let nan_rows = per_token.iter().map(|x| x.is_nan()).collect();
+    let grad = out
+        .grad
+        .unwrap_or_else(|| vec![0.0; sc.case.n() * sc.case.v()]);
+    Ok(Reference {
+        per_token,
+        loss: f64::NAN,
+        grad,
+        nan_rows,
+    })
+}
+
+/// Row by row: each per-row loss and each gradient row within the tolerance (a loss or a
+/// gradient landing in another row's place shows here even where the norms over all rows
+/// hide it), and exact zeros where the row has no loss: ignored rows, rows with a side all
+/// −inf.
+fn check_rows(sc: &SimCase, r: &Reference, after: &Bufs, tol: Tol) -> Result<(), String> {
+    let c = &sc.case;
+    let (n, v) = (c.n(), c.v());
+    let out = outputs(c, after);
+    let pt = out.per_token.as_ref().unwrap();
+    for row in 0..n {
+        let ignored = c
+            .labels
+            .as_ref()
+            .is_some_and(|l| l[row] == c.params.ignore_index);
+        let no_distribution = [c.student.row(row), c.teacher.row(row)]
+            .iter()
+            .any(|x| x.iter().all(|&e| e == f64::NEG_INFINITY));
+        let zero = ignored || no_distribution;
+        let what = if ignored {
+            "ignored"
+        } else {
+            "without a distribution"
+        };
+        if zero && pt[row].to_bits() != 0 {
+            return Err(format!(
+                "row {row} ({what}): loss {} instead of +0",
+                pt[row]
+            ));
+        }
+        if !r.nan_rows[row] {
+            let e = rel_err(&[pt[row] as f64], &[r.per_token[row]], tol.floor);
+            if e > tol.per_token {
+                return Err(format!(
+                    "row {row}: loss {} against {} (error {e:.2e} > {:.0e})",
+                    pt[row], r.per_token[row], tol.per_token
+                ));
+            }
+        }
+        if let (Some(g), Some(bits)) = (&out.grad, &out.grad_bits) {
+            let cols = row * v..(row + 1) * v;
+            if zero && bits[cols.clone()].iter().any(|&b| b != 0) {
+                return Err(format!("row {row} ({what}): gradient not all +0"));
+            }
+            if !r.nan_rows[row] {
+                let want = &r.grad[cols.clone()];
+                let e = rel_err(&g[cols], want, tol.floor);
+                let dtype = c.student.dtype;
+                let rounded: Vec<f64> = want.iter().map(|&x| round_to(dtype, x)).collect();
+                let inherent = rel_err(&rounded, want, tol.floor);
+                if e > tol.grad + inherent {
+                    return Err(format!(
+                        "row {row}: gradient error {e:.2e} > {:.0e}",
+                        tol.grad
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The first element where two runs differ, located.
+fn first_difference(sc: &SimCase, a: &Bufs, b: &Bufs) -> Option<String> {
+    let c = &sc.case;
+    let grad_stride = match c.grad {
+        GradOut::Separate(g) => g.stride,
+        _ => c.student.stride,
+    };
+    // (name, bytes of an element, row stride in elements; 0 for a vector) of each buffer.
+    let mut layout = vec![
+        ("student", c.student.dtype.size(), c.student.stride),
+        ("teacher", c.teacher.dtype.size(), c.teacher.stride),
+    ];
+    if a.grad.is_some() {
+        layout.push(("grad", c.student.dtype.size(), grad_stride));
+    }
+    if a.labels.is_some() {
+        layout.push(("labels", 8, 0));
+    }
+    layout.push(("per_row", 4, 0));
+    for ((x, y), (name, elem, stride)) in sim_buffers(a).iter().zip(sim_buffers(b)).zip(layout) {
+        let (p, q) = (x.as_ref(), y.as_ref());
+        if let Some(at) = (0..p.len()).find(|&j| p[j] != q[j]) {
+            let e = at / elem;
+            return Some(match e.checked_div(stride) {
+                None => format!("{name} element {e}"),
+                Some(row) => format!("{name} row {row} column {}", e % stride),
+            });
+        }
+    }
+    None
+}
+
+/// Runs one case in both orders and checks it; returns the statistics line of the ascending
+/// run.
+fn check_case(exe: &Path, sc: &SimCase) -> Result<String, String> {
+    let reference = cpu_reference(sc)?;
+    let before = Bufs::new(&sc.case);
+    let (up, log) = run_sim(exe, sc, &before, false)?;
+    let (down, _) = run_sim(exe, sc, &before, true)?;
+    if up != down {
+        let at = first_difference(sc, &up, &down).unwrap_or_default();
+        return Err(format!(
+            "ascending and descending orders differ (a race): first at {at}"
+        ));
+    }
+    let tol = Tol::cuda(sc.case.student.dtype, sc.case.teacher.dtype);
+    check(&sc.case, &reference, &before, &up, tol)?;
+    check_rows(sc, &reference, &up, tol)?;
+    Ok(log)
+}
+
+#[test]
+fn persistent_kernels_match_the_cpu_backend() {
+    let Some(exe) = simulator() else {
+        return;
+    };
+    let mut rng = Rng::fresh(TEST);
+    let cases = cases(&mut rng);
+    let start = Instant::now();
+    let next = AtomicUsize::new(0);
+    let failures = Mutex::new(Vec::new());
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(sc) = cases.get(i) else { break };
+                let t0 = Instant::now();
+                match check_case(&exe, sc) {
+                    Ok(log) => visible(&format!(
+                        "{TEST} case {i} ok ({:.2}s): {}\n    {log}",
+                        t0.elapsed().as_secs_f64(),
+                        sc.what()
+                    )),
+                    Err(e) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("case {i}: {}\n  {e}", sc.what())),
+                }
+            });
+        }
+    });
+    visible(&format!(
+        "{TEST}: {} cases in {:.1}s",
+        cases.len(),
+        start.elapsed().as_secs_f64()
+    ));
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}

@@ -1,0 +1,38 @@
+// Host-emulator replacement of cuda/include/dk_cluster.cuh: the same functions with the inline
+// PTX replaced by the emulated cluster of tests/attention_sim/sim_core.h (the C blocks of a
+// cluster run together as fibers; split barrier as warp collectives with per-thread
+// arrive / wait bookkeeping; distributed shared memory reads through each block's published
+// copy, which fence.acq_rel.cluster refreshes). tests/divergence_persistent_sim.rs stages the
+// kernel source with this file in place of the real header, since divergence_persistent.cu
+// includes "dk_cluster.cuh" from its own directory. Keep the function list in step with the
+// real header.
+#pragma once
+
+#include <stdint.h>
+
+#include "sim_core.h"
+
+#define DK_DIVERGENCE_SIM_CLUSTER_SHIM 1
+
+namespace dk {
+
+// %cluster_ctarank, %cluster_nctarank (a 1-D cluster along x).
+inline int cluster_rank() { return static_cast<int>(sim::cluster_rank()); }
+inline int cluster_blocks() { return static_cast<int>(sim::cluster_blocks()); }
+
+// mapa.u64: the same offset in block `rank`'s shared memory (its published copy: reads only).
+template <typename T>
+inline T* cluster_map(T* p, int rank) {
+  return static_cast<T*>(const_cast<void*>(sim::cluster_map(p, rank, sizeof(T), alignof(T))));
+}
+
+// barrier.cluster.arrive.relaxed.aligned / fence.acq_rel.cluster /
+// barrier.cluster.wait.acquire.aligned.
+inline void cluster_arrive_relaxed() { sim::cluster_arrive(); }
+inline void cluster_fence() { sim::cluster_fence(); }
+inline void cluster_wait() { sim::cluster_wait(); }
+
+// prefetch.global.L2: no effect on the data; the address must lie in one row of an operand.
+inline void prefetch_l2(const void* p) { sim::check_global(p, 1, false, "prefetch.global.L2"); }
+
+}  // namespace dk
