@@ -48,30 +48,7 @@ char (*sim_bwd_smem())[] { return reinterpret_cast<char(*)[]>(sim::S.smem); }
 
 namespace {
 
-struct Reader {
-  std::vector<char> data;
-  size_t at = 0;
-  template <typename T> T get() {
-    if (at + sizeof(T) > data.size()) sim::fail("truncated input");
-    T v;
-    memcpy(&v, data.data() + at, sizeof(T));
-    at += sizeof(T);
-    return v;
-  }
-  std::string str() {
-    const uint32_t n = get<uint32_t>();
-    if (at + n > data.size()) sim::fail("truncated input");
-    std::string s(data.data() + at, n);
-    at += n;
-    return s;
-  }
-  const char* bytes(size_t n) {
-    if (at + n > data.size()) sim::fail("truncated input");
-    const char* p = data.data() + at;
-    at += n;
-    return p;
-  }
-};
+using sim::Reader;
 
 struct Operand {
   std::string name;

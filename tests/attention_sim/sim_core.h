@@ -101,6 +101,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #if !(defined(__x86_64__) && defined(__linux__)) || defined(SIM_UCONTEXT)
@@ -530,6 +531,33 @@ inline const void* cluster_map(const void* p, int rank, size_t bytes, size_t ali
 // along x (0: no clusters). Defined in sim_impl.h.
 void launch(const char* name, void (*entry)(), dim3 grid, dim3 block, uint32_t smem_bytes,
             unsigned cluster = 0);
+
+// The drivers' input: a byte buffer read front to back (values in native layout, strings as a
+// u32 length and the bytes); truncated input is a failure.
+struct Reader {
+  std::vector<char> data;
+  size_t at = 0;
+  template <typename T> T get() {
+    if (at + sizeof(T) > data.size()) fail("truncated input");
+    T v;
+    memcpy(&v, data.data() + at, sizeof(T));
+    at += sizeof(T);
+    return v;
+  }
+  std::string str() {
+    const uint32_t n = get<uint32_t>();
+    if (at + n > data.size()) fail("truncated input");
+    std::string s(data.data() + at, n);
+    at += n;
+    return s;
+  }
+  const char* bytes(size_t n) {
+    if (at + n > data.size()) fail("truncated input");
+    const char* p = data.data() + at;
+    at += n;
+    return p;
+  }
+};
 
 }  // namespace sim
 

@@ -63,30 +63,7 @@ unsigned char (*sim_divcp_smem())[] { return reinterpret_cast<unsigned char(*)[]
 
 namespace {
 
-struct Reader {
-  std::vector<char> data;
-  size_t at = 0;
-  template <typename T> T get() {
-    if (at + sizeof(T) > data.size()) sim::fail("truncated input");
-    T v;
-    memcpy(&v, data.data() + at, sizeof(T));
-    at += sizeof(T);
-    return v;
-  }
-  std::string str() {
-    const uint32_t n = get<uint32_t>();
-    if (at + n > data.size()) sim::fail("truncated input");
-    std::string s(data.data() + at, n);
-    at += n;
-    return s;
-  }
-  const char* bytes(size_t n) {
-    if (at + n > data.size()) sim::fail("truncated input");
-    const char* p = data.data() + at;
-    at += n;
-    return p;
-  }
-};
+using sim::Reader;
 
 using Kernel = void (*)(const DkDivergenceArgs);
 struct Named {
