@@ -81,6 +81,16 @@
 //     fenced (the relaxed arrive publishes nothing), and a missing fence shows as stale data.
 //     Writes through a mapped pointer are not modelled (they would land in the copy).
 //
+// Additions for the MoE kernels (tests/moe_sim_kernels): 32-bit integer shuffles (bfly, idx, up;
+// the bits travel unchanged), redux.sync.{min,max}.u32, __popc, atomicOr / atomicCAS /
+// atomicExch (plain read-modify-writes: fibers switch only at scheduling points), static
+// __shared__ arrays through sim::static_shared (each its own guarded mapping, 0xff-filled when a
+// block first declares it; every thread of the block must declare the same arrays in the same
+// order), and the interleaved warp order (State::interleave): the warps of a block take turns at
+// every warp collective, one collective each, instead of each running to the next
+// __syncthreads, so shared memory that two warps use at once between barriers shows up. A
+// 16-byte copy assignment checks its source as a load too (not only its destination).
+//
 // Not modelled: timing, warps actually running concurrently inside a phase (a warp's lanes and
 // the warps run one after the other between scheduling points; the two orders stand in for
 // all interleavings, and there is no happens-before race detector: a race shows only as a
@@ -135,7 +145,8 @@ void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 
 enum class St : uint8_t { Run, Warp, Bar, CWait, Done };
 enum class Op : uint8_t {
-  None, Ldsm, LdsmT, MmaBf16, MmaF16, ShflXor, ShflIdx, SyncWarp, ClusterArrive, ClusterWait
+  None, Ldsm, LdsmT, MmaBf16, MmaF16, ShflXor, ShflIdx, SyncWarp, ClusterArrive, ClusterWait,
+  ShflBits, ReduxMax, ReduxMin
 };
 
 inline const char* op_name(Op o) {
@@ -149,6 +160,9 @@ inline const char* op_name(Op o) {
     case Op::SyncWarp: return "__syncwarp";
     case Op::ClusterArrive: return "barrier.cluster.arrive";
     case Op::ClusterWait: return "barrier.cluster.wait";
+    case Op::ShflBits: return "shfl.sync (32-bit integer)";
+    case Op::ReduxMax: return "redux.sync.max.u32";
+    case Op::ReduxMin: return "redux.sync.min.u32";
     default: return "none";
   }
 }
@@ -171,7 +185,9 @@ struct Lane {
   int blk = 0;             // block of the running group (cluster rank; 0 without clusters)
   uint32_t arrives = 0;    // cluster barrier arrivals and waits of this thread
   uint32_t waits = 0;
-  int arg = 0;         // shfl: lane mask / source lane
+  int arg = 0;         // shfl: lane mask / source lane / delta
+  int mode = 0;        // ShflBits: 0 bfly, 1 idx, 2 up
+  int sh_next = 0;     // static __shared__ arrays this thread has declared in its block
   uint32_t in[6];      // ldsm: in[0] = address; mma: a0..a3, b0, b1
   float f[4];          // mma: C; shfl: f[0] value
   uint32_t out[4];     // ldsm result
@@ -214,6 +230,21 @@ struct State {
   bool late_copies = false;
   bool reverse = false;
   bool single_stores = true;  // a 16-byte output chunk stored twice in one launch is an error
+  // Warps take turns at every warp collective (one collective each, round robin) instead of
+  // each running up to the next __syncthreads: exposes shared memory that two warps of a block
+  // use at the same time between barriers (e.g. a per-warp scratch indexed wrongly).
+  bool interleave = false;
+  // Static __shared__ arrays (tests/moe_sim_kernels: SIM_SHARED): each a guarded mapping,
+  // allocated on first use in a launch, filled with 0xff when a block first declares it.
+  struct StaticShared {
+    char* map;
+    size_t map_bytes;
+    char* p;
+    size_t bytes;
+    const char* name;
+  };
+  std::vector<StaticShared> static_shared;
+  size_t static_live = 0;  // arrays declared (and poisoned) in the running block
   // shared memory
   char* smem = nullptr;  // block's dynamic shared memory (ends at a guard region)
   uint32_t smem_bytes = 0;
@@ -343,11 +374,11 @@ inline void check_global(const void* p, int64_t n, bool write, const char* what)
 }
 
 // An access through a pointer of unknown kind: shared memory, a registered buffer, or a local.
-inline void check_any(const void* p, int64_t n, bool write, const char* what) {
+inline void check_any(const void* p, int64_t n, bool write, const char* what, uint32_t align = 16) {
   if (in_smem_map(p)) {
     const char* c = static_cast<const char*>(p);
     if (c < S.smem) fail("%s: %s %s shared memory before its start", where(), what, write ? "writes" : "reads");
-    check_smem(static_cast<uint32_t>(c - S.smem), static_cast<uint32_t>(n), 16, what, write);
+    check_smem(static_cast<uint32_t>(c - S.smem), static_cast<uint32_t>(n), align, what, write);
     return;
   }
   if (alloc_of(p)) check_global(p, n, write, what);
@@ -430,6 +461,29 @@ inline float shfl(unsigned mask, float v, int arg, bool is_xor) {
 }
 
 inline void syncwarp() { post(Op::SyncWarp); }
+
+// 32-bit integer shuffles (mode 0 bfly, 1 idx, 2 up) and redux.sync min / max: the bits travel
+// unchanged (in[0] -> out[0]).
+inline uint32_t shfl_bits(unsigned mask, uint32_t v, int arg, int mode) {
+  if (mask != 0xffffffffu) fail("%s: shuffle with mask %#x (the emulator needs full warps)", where(), mask);
+  Lane& l = me();
+  l.in[0] = v;
+  l.arg = arg;
+  l.mode = mode;
+  post(Op::ShflBits);
+  return me().out[0];
+}
+
+inline uint32_t redux(unsigned mask, uint32_t v, bool is_max) {
+  if (mask != 0xffffffffu) fail("%s: redux.sync with mask %#x (the emulator needs full warps)", where(), mask);
+  me().in[0] = v;
+  post(is_max ? Op::ReduxMax : Op::ReduxMin);
+  return me().out[0];
+}
+
+// A static __shared__ array of the running block (see State::static_shared): every thread of
+// the block declares the same arrays in the same order and gets the same memory.
+void* static_shared(size_t bytes, const char* name);
 
 inline void syncthreads() {
   Lane& l = me();
@@ -581,6 +635,56 @@ inline float __shfl_sync(unsigned mask, float v, int src, int width = 32) {
   if (width != 32) sim::fail("%s: shuffle width %d", sim::where(), width);
   return sim::shfl(mask, v, src, false);
 }
+inline int __shfl_sync(unsigned mask, int v, int src, int width = 32) {
+  if (width != 32) sim::fail("%s: shuffle width %d", sim::where(), width);
+  return static_cast<int>(sim::shfl_bits(mask, static_cast<uint32_t>(v), src, 1));
+}
+inline unsigned __shfl_sync(unsigned mask, unsigned v, int src, int width = 32) {
+  if (width != 32) sim::fail("%s: shuffle width %d", sim::where(), width);
+  return sim::shfl_bits(mask, v, src, 1);
+}
+inline int __shfl_xor_sync(unsigned mask, int v, int m, int width = 32) {
+  if (width != 32) sim::fail("%s: shuffle width %d", sim::where(), width);
+  return static_cast<int>(sim::shfl_bits(mask, static_cast<uint32_t>(v), m, 0));
+}
+inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int m, int width = 32) {
+  if (width != 32) sim::fail("%s: shuffle width %d", sim::where(), width);
+  return sim::shfl_bits(mask, v, m, 0);
+}
+inline int __shfl_up_sync(unsigned mask, int v, unsigned delta, int width = 32) {
+  if (width != 32) sim::fail("%s: shuffle width %d", sim::where(), width);
+  return static_cast<int>(sim::shfl_bits(mask, static_cast<uint32_t>(v), static_cast<int>(delta), 2));
+}
+inline unsigned __shfl_up_sync(unsigned mask, unsigned v, unsigned delta, int width = 32) {
+  if (width != 32) sim::fail("%s: shuffle width %d", sim::where(), width);
+  return sim::shfl_bits(mask, v, static_cast<int>(delta), 2);
+}
+inline unsigned __reduce_max_sync(unsigned mask, unsigned v) { return sim::redux(mask, v, true); }
+inline unsigned __reduce_min_sync(unsigned mask, unsigned v) { return sim::redux(mask, v, false); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
+// Atomics: fibers switch only at scheduling points, so a plain read-modify-write is atomic.
+// Global operands are checked like other accesses (inside a row of an operand; stores into a
+// writable one).
+inline unsigned atomicOr(unsigned* p, unsigned v) {
+  sim::check_any(p, 4, true, "atomicOr", 4);
+  const unsigned old = *p;
+  *p = old | v;
+  return old;
+}
+inline int atomicCAS(int* p, int compare, int v) {
+  sim::check_any(p, 4, true, "atomicCAS", 4);
+  const int old = *p;
+  if (old == compare) *p = v;
+  return old;
+}
+inline int atomicExch(int* p, int v) {
+  sim::check_any(p, 4, true, "atomicExch", 4);
+  const int old = *p;
+  *p = v;
+  return old;
+}
+
 inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 inline float __uint_as_float(unsigned i) { float f; memcpy(&f, &i, 4); return f; }
 inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
@@ -609,6 +713,7 @@ struct uint4 {
     x = o.x; y = o.y; z = o.z; w = o.w;
   }
   uint4& operator=(const uint4& o) {
+    sim::check_any(&o, 16, false, "16-byte load");
     sim::check_any(this, 16, true, "16-byte store");
     x = o.x; y = o.y; z = o.z; w = o.w;
     return *this;

@@ -196,6 +196,29 @@ static void exec_warp(int w, Op op) {
       }
       break;
     }
+    case Op::ShflBits: {
+      uint32_t v[32];
+      for (int l = 0; l < 32; ++l) v[l] = L[l].in[0];
+      for (int l = 0; l < 32; ++l) {
+        const int a = L[l].arg, m = L[l].mode;
+        if (m != L[0].mode) {
+          S.cur = w * 32 + l;
+          fail("%s: lanes of one warp at different kinds of shuffle", where());
+        }
+        int src = m == 0 ? (l ^ a) : m == 1 ? (a & 31) : l - a;
+        if (src < 0 || src >= 32) src = l;  // bfly out of range, up below lane 0: own value
+        L[l].out[0] = v[src];
+      }
+      break;
+    }
+    case Op::ReduxMax:
+    case Op::ReduxMin: {
+      uint32_t r = L[0].in[0];
+      for (int l = 1; l < 32; ++l)
+        r = op == Op::ReduxMax ? std::max(r, L[l].in[0]) : std::min(r, L[l].in[0]);
+      for (int l = 0; l < 32; ++l) L[l].out[0] = r;
+      break;
+    }
     case Op::ShflXor:
     case Op::ShflIdx: {
       float v[32];
@@ -268,6 +291,7 @@ static void run_group() {
     l.tid = dim3{static_cast<unsigned>(i % n), 0, 0};
     l.blk = i / n;
     l.arrives = l.waits = 0;
+    l.sh_next = 0;
     l.open.clear();
     l.groups.clear();
     init_fiber(l);
@@ -278,6 +302,7 @@ static void run_group() {
     g.exited = false;
   }
   S.phases = 0;
+  S.static_live = 0;
   enter_block(0);
   std::fill(S.inflight.begin(), S.inflight.end(), 0);
   S.blocks += nb_group;
@@ -288,6 +313,11 @@ static void run_group() {
     for (int bi = 0; bi < nb_group; ++bi) {
       const int b = S.reverse ? nb_group - 1 - bi : bi;
       for (;;) {
+        // Interleaved: sweeps over the warps, each running to its next collective, until none
+        // moves; otherwise one sweep, each warp running up to __syncthreads (or its exit).
+        bool moved;
+        do {
+        moved = false;
         for (int wi = 0; wi < nwarps; ++wi) {
           const int w = b * nwarps + (S.reverse ? nwarps - 1 - wi : wi);  // warp of the group
           for (;;) {
@@ -296,6 +326,7 @@ static void run_group() {
               if (S.lanes[i].st == St::Run) {
                 resume(i);
                 progress = true;
+                moved = true;
               }
             }
             int nw = 0, nb = 0, nc = 0, nd = 0;
@@ -322,8 +353,11 @@ static void run_group() {
                      op_name(op), l, op_name(S.lanes[w * 32 + l].op));
             }
             exec_warp(w, op);
+            moved = true;
+            if (S.interleave) break;
           }
         }
+        } while (S.interleave && moved);
         // __syncthreads: the block's barrier opens when all its threads wait at it.
         int nb = 0, nd = 0;
         for (int i = b * n; i < (b + 1) * n; ++i) {
@@ -402,6 +436,34 @@ void add_extent(const char* name, const void* base, int64_t rows, int64_t row_by
                              stride_bytes > 0 ? stride_bytes : row_bytes, writable, name});
 }
 
+void* static_shared(size_t bytes, const char* name) {
+  if (S.clustered) fail("%s: static __shared__ %s in a cluster launch (not modelled)", where(), name);
+  Lane& l = me();
+  const size_t i = static_cast<size_t>(l.sh_next++);
+  if (i < S.static_live) {
+    const State::StaticShared& a = S.static_shared[i];
+    if (a.bytes != bytes || strcmp(a.name, name) != 0)
+      fail("%s: static __shared__ declaration %zu is %s (%zu bytes) here, %s (%zu bytes) in another "
+           "thread of the block", where(), i, name, bytes, a.name, a.bytes);
+    return a.p;
+  }
+  if (i != S.static_live) fail("%s: static __shared__ declarations out of order", where());
+  if (i == S.static_shared.size()) {
+    State::StaticShared a;
+    a.p = guarded(bytes, &a.map, &a.map_bytes);
+    a.bytes = bytes;
+    a.name = name;
+    S.static_shared.push_back(a);
+  }
+  State::StaticShared& a = S.static_shared[i];
+  if (a.bytes != bytes || strcmp(a.name, name) != 0)
+    fail("%s: static __shared__ declaration %zu is %s (%zu bytes) here, %s (%zu bytes) in another "
+         "block", where(), i, name, bytes, a.name, a.bytes);
+  memset(a.p, 0xff, bytes);  // NaN in bf16, f16 and f32; -1 as int
+  S.static_live++;
+  return a.p;
+}
+
 // ---- Faults -------------------------------------------------------------------------------
 
 static void on_fault(int sig, siginfo_t* si, void*) {
@@ -413,6 +475,13 @@ static void on_fault(int sig, siginfo_t* si, void*) {
     const char* base = pub ? S.group[gb].published : S.group[gb].smem;
     snprintf(what, sizeof what, "the guard of the %sshared memory of group block %d (offset %ld; the launch has %u bytes)",
              pub ? "published copy of the " : "", gb, static_cast<long>(a - base), S.smem_bytes);
+  } else if (const State::StaticShared* ss = [&]() -> const State::StaticShared* {
+               for (const State::StaticShared& x : S.static_shared)
+                 if (a >= x.map && a < x.map + x.map_bytes) return &x;
+               return nullptr;
+             }()) {
+    snprintf(what, sizeof what, "the guard of static __shared__ %s (offset %ld; %zu bytes)", ss->name,
+             static_cast<long>(a - ss->p), ss->bytes);
   } else if (const Alloc* al = alloc_of(a)) {
     if (a < al->lo)
       snprintf(what, sizeof what, "the guard %ld bytes before buffer %s", static_cast<long>(al->lo - a),
@@ -481,6 +550,9 @@ void launch(const char* name, void (*entry)(), dim3 grid, dim3 block, uint32_t s
     if (S.clustered) g.published = guarded(smem_bytes, &g.pub_map, &g.pub_map_bytes);
   }
   S.smem_bytes = smem_bytes;
+  for (State::StaticShared& a : S.static_shared) munmap(a.map, a.map_bytes);
+  S.static_shared.clear();
+  S.static_live = 0;
   S.inflight.assign(round_up(smem_bytes, 16) / 16 + 1, 0);
   for (Alloc& a : S.allocs) a.stores.clear();
   const unsigned nx = grid.x, ny = grid.y, nz = grid.z;
