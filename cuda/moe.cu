@@ -443,11 +443,83 @@ __device__ __forceinline__ void fma_segment(float w, const float (&v)[kSegVecs][
   }
 }
 
+// The raw 16-byte words of a segment of a row (the lane's chunks c0 + 32 u inside it), not
+// widened: a 16-bit segment stays 16 registers, so two of them are loaded before either is used.
+template <typename T>
+__device__ __forceinline__ void load_segment_raw(const T* row, int64_t c0, int64_t hv,
+                                                 Raw8<T> (&r)[kSegVecs]) {
+#pragma unroll
+  for (int u = 0; u < kSegVecs; ++u) {
+    const int64_t c = c0 + 32 * u;
+    if (c < hv) r[u] = load_raw8(row + c * kVec);
+  }
+}
+
+// y = fmaf(w, v, 0) over the lane's chunks inside the row (0 where the slot is skipped): the
+// general loop's result for one slot, bit for bit (fmaf(w, v, +0) turns a -0 product into +0,
+// as acc = 0 then fma does; w * v would not).
+template <typename T>
+__device__ __forceinline__ void store_top1(T* dst, bool keep, float w, const Raw8<T> (&r)[kSegVecs],
+                                           int64_t c0, int64_t hv) {
+#pragma unroll
+  for (int u = 0; u < kSegVecs; ++u) {
+    const int64_t c = c0 + 32 * u;
+    if (c < hv) {
+      float o[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      if (keep) {
+        unpack8(r[u], o);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) o[i] = fmaf(w, o[i], 0.f);
+      }
+      store8(dst + c * kVec, o);
+    }
+  }
+}
+
+// k = 1 (Llama 4 Scout / Maverick): each warp takes two items (2q, 2q + 1), loads both
+// positions and weights up front and issues both segments' loads before either's stores: 4 KB in
+// flight per warp instead of 2 KB behind a dependent index load (cuda/MOE.md, "Combine at
+// H = 5120"). The launcher sizes the grid by pairs for k = 1; any grid is correct.
+template <typename T>
+__device__ __forceinline__ void combine_top1(const DkMoeRowsArgs& a, int64_t hv, int64_t nseg) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t items = a.items * nseg;
+  const int64_t pairs = (items + 1) / 2;
+  const T* rows = reinterpret_cast<const T*>(a.src);
+  const int* position = reinterpret_cast<const int*>(a.index);
+  const float* wts = reinterpret_cast<const float*>(a.weights);
+  T* y = reinterpret_cast<T*>(a.dst);
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * kRowsWarps + warp; q < pairs;
+       q += static_cast<int64_t>(gridDim.x) * kRowsWarps) {
+    const int64_t ia = 2 * q, ib = ia + 1;
+    const bool has_b = ib < items;  // uniform over the warp
+    const int64_t na = ia / nseg, nb = ib / nseg;
+    const int64_t ca = (ia - na * nseg) * kSegChunks + lane;
+    const int64_t cb = (ib - nb * nseg) * kSegChunks + lane;
+    // Every lane loads the (uniform) position and weight of both items: one broadcast each.
+    int pa = position[na];
+    int pb = has_b ? position[nb] : -1;
+    if (pa >= a.limit) pa = -1;
+    if (pb >= a.limit) pb = -1;
+    const float wa = wts != nullptr ? wts[na] : 1.f;
+    const float wb = wts != nullptr && has_b ? wts[nb] : 1.f;
+    Raw8<T> ra[kSegVecs], rb[kSegVecs];
+    if (pa >= 0) load_segment_raw(rows + static_cast<int64_t>(pa) * a.src_stride, ca, hv, ra);
+    if (pb >= 0) load_segment_raw(rows + static_cast<int64_t>(pb) * a.src_stride, cb, hv, rb);
+    store_top1(y + na * a.dst_stride, pa >= 0, wa, ra, ca, hv);
+    if (has_b) store_top1(y + nb * a.dst_stride, pb >= 0, wb, rb, cb, hv);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void combine(const DkMoeRowsArgs& a) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t hv = a.h / kVec;
   const int64_t nseg = (hv + kSegChunks - 1) / kSegChunks;
+  if (a.k == 1) {
+    combine_top1<T>(a, hv, nseg);
+    return;
+  }
   const int64_t items = a.items * nseg;
   const T* rows = reinterpret_cast<const T*>(a.src);
   const int* position = reinterpret_cast<const int*>(a.index);

@@ -14,7 +14,8 @@
 //!   then `dk_moe_permute_*`, which returns at once unless perm is not a permutation), and the
 //!   row gather `dk_moe_permute_*` alone (k = 1, or `DK_MOE_PERMUTE=gather`), unscaled and
 //!   scaled by the weights;
-//! - combine `dk_moe_combine_*`, weighted and unweighted; slot dot `dk_moe_slot_dot_*`;
+//! - combine `dk_moe_combine_*`, weighted and unweighted (k = 1: two items per warp, the grid
+//!   sized by item pairs); slot dot `dk_moe_slot_dot_*`;
 //! - the backward passes are these kernels on gradients (src/moe/mod.rs): permute's backward is
 //!   a combine (weighted when the forward scaled) plus, when scaled, slot_dot(x, grad_xp) for the
 //!   weights; combine's backward is a permute of grad_y (scaled when weighted) plus
@@ -655,8 +656,18 @@ fn route_case(
     bias: bool,
     sp: &Special,
 ) -> RouteCase {
-    let bias: Option<Vec<f32>> =
-        bias.then(|| (0..e).map(|_| (rng.normal() * 0.05) as f32).collect());
+    // Bias: a shuffled grid with steps of 0.1 / E (no two within 1e-5 of each other, so a row
+    // of equal logits has no near-tie either).
+    let bias: Option<Vec<f32>> = bias.then(|| {
+        let mut order: Vec<usize> = (0..e).collect();
+        for i in (1..e).rev() {
+            order.swap(i, rng.below(0, i + 1));
+        }
+        order
+            .iter()
+            .map(|&j| ((j as f64 - e as f64 / 2.0) * 0.1 / e as f64) as f32)
+            .collect()
+    });
     let round = |x: f64| round_to(dtype, x);
     let mut vals = Vec::with_capacity(n * e);
     for t in 0..n {
@@ -1239,10 +1250,13 @@ fn check_combine(exe: &Path, c: &CombineCase, k: usize) -> Result<String, String
         k: k as i32,
         limit: rows.min(i32::MAX as usize) as i32,
     };
+    // `combine`: one warp per (token, segment) item; for k = 1 one per pair of items.
+    let items = n * segments(h);
+    let warp_items = if k == 1 { items.div_ceil(2) } else { items };
     let launches = if n > 0 && h > 0 {
         vec![SimLaunch {
             kernel: format!("dk_moe_combine_{}", dt.name()),
-            grid: rows_grid(n * segments(h)),
+            grid: rows_grid(warp_items),
             block: ROWS_THREADS,
             args: args.bytes(),
         }]
@@ -1658,7 +1672,9 @@ fn mover_cases(rng: &mut Rng) -> Vec<MoverCall> {
             MoverCall::Permute(c, _) => {
                 c.what.starts_with("[Qwen3]") || c.what.starts_with("[Llama4]")
             }
-            MoverCall::Combine(c, _) => c.what.starts_with("[Qwen3]"),
+            MoverCall::Combine(c, _) => {
+                c.what.starts_with("[Qwen3]") || c.what.starts_with("[Llama4]")
+            }
             MoverCall::SlotDot(c, _) => c.what.starts_with("[Qwen3]"),
         })
         .map(|m| match m {
@@ -1689,6 +1705,38 @@ fn mover_cases(rng: &mut Rng) -> Vec<MoverCall> {
         })
         .collect();
     out.extend(bad);
+    // k = 1 combine (two items per warp): an odd number of items (H = 5120: 5 segments, 7
+    // tokens), a dropped slot, zero and negative weights and ±0 rows, where fmaf(w, v, +0) and
+    // w · v differ in the sign of zero.
+    for (dt, weighted) in [(F32, true), (BF16, true), (F32, false)] {
+        let (n, h) = (7, 5120);
+        let mut rows = random_matrix(rng, dt, 9, h, h);
+        for (i, x) in rows.vals.iter_mut().enumerate() {
+            match i % 11 {
+                0 => *x = 0.0,
+                1 => *x = -0.0,
+                _ => {}
+            }
+        }
+        let mut w = random_weights(rng, n);
+        w[1] = -w[1];
+        w[2] = 0.0;
+        w[4] = -0.0;
+        out.push(MoverCall::Combine(
+            CombineCase {
+                rows,
+                n,
+                position: vec![3, 0, 8, -1, 5, 2, 3],
+                weights: weighted.then_some(w),
+                y_stride: h + 8,
+                what: format!(
+                    "k=1 {} H={h} weighted={weighted} (signed zeros, a dropped slot)",
+                    dt.name()
+                ),
+            },
+            1,
+        ));
+    }
     // A perm that is not a permutation (slot 5 twice): the token-major path must fall back to
     // the gather (perm_invert's flag).
     let mut perm: Vec<i32> = (0..24).collect();

@@ -501,7 +501,10 @@ pub(crate) fn combine(dev: &CudaDevice, raw: &RawCombine, launch: &Launch<'_>) -
         limit: raw.rows.min(i32::MAX as usize) as i32,
     };
     let name = format!("dk_moe_combine_{}", raw.dtype.name());
-    launch_rows(dev, launch, &name, &args, raw.n * segments(raw.h))
+    // k = 1: a warp takes two (token, segment) items (cuda/moe.cu `combine_top1`).
+    let items = raw.n * segments(raw.h);
+    let warp_items = if raw.k == 1 { items.div_ceil(2) } else { items };
+    launch_rows(dev, launch, &name, &args, warp_items)
 }
 
 /// Queues the per-slot dot products on the caller's stream.
