@@ -35,9 +35,7 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
@@ -325,43 +323,20 @@ impl Job<'_> {
     /// Runs the driver: every buffer after the call, and its statistics; or the error it
     /// reported.
     fn run(&self, exe: &Path) -> Result<(Vec<Bytes>, String), String> {
-        let input = self.encode();
-        let mut child = Command::new(exe)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run the attention emulator");
-        let mut stdin = child.stdin.take().unwrap();
-        let writer = std::thread::spawn(move || stdin.write_all(&input));
-        let out = child.wait_with_output().expect("emulator output");
-        let _ = writer.join().unwrap();
-        let log = String::from_utf8_lossy(&out.stderr).into_owned();
-        if !out.status.success() {
-            return Err(format!(
-                "the emulator stopped ({}):\n{}",
-                out.status,
-                log.trim_end()
-            ));
-        }
         let total: usize = self.bufs.iter().map(|b| b.len()).sum();
-        if out.stdout.len() != total {
-            return Err(format!(
-                "the emulator returned {} bytes, {total} expected",
-                out.stdout.len()
-            ));
-        }
+        let (stdout, log) = run_emulator(exe, self.encode(), total)?;
         let mut at = 0;
         let bufs = self
             .bufs
             .iter()
             .map(|b| {
-                let r = Bytes::from_slice(&out.stdout[at..at + b.len()]);
+                let r = Bytes::from_slice(&stdout[at..at + b.len()]);
                 at += b.len();
                 r
             })
             .collect();
-        Ok((bufs, log))
+        // The logs of a case's runs are printed one after the other: one line break each.
+        Ok((bufs, log + "\n"))
     }
 }
 

@@ -42,9 +42,7 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
@@ -636,31 +634,12 @@ fn run_sim(
         o.extend((b.len() as u64).to_ne_bytes());
         o.extend(b.as_ref());
     }
-    let mut child = Command::new(exe)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run the divergence emulator");
-    let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || stdin.write_all(&o));
-    let res = child.wait_with_output().expect("emulator output");
-    let _ = writer.join().unwrap();
-    let log = String::from_utf8_lossy(&res.stderr).trim_end().to_string();
-    if !res.status.success() {
-        return Err(format!("the emulator stopped ({}):\n{log}", res.status));
-    }
     let total: usize = bufs.iter().map(|b| b.len()).sum();
-    if res.stdout.len() != total {
-        return Err(format!(
-            "the emulator returned {} bytes, {total} expected",
-            res.stdout.len()
-        ));
-    }
+    let (stdout, log) = run_emulator(exe, o, total)?;
     let mut after = before.clone();
     let mut at = 0;
     let mut take = |b: &mut Bytes| {
-        *b = Bytes::from_slice(&res.stdout[at..at + b.len()]);
+        *b = Bytes::from_slice(&stdout[at..at + b.len()]);
         at += b.len();
     };
     take(&mut after.student);

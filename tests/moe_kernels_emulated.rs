@@ -65,9 +65,7 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
@@ -347,32 +345,13 @@ fn run_sim(
         }
         o.extend(&l.args);
     }
-    let mut child = Command::new(exe)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run the MoE emulator");
-    let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || stdin.write_all(&o));
-    let res = child.wait_with_output().expect("emulator output");
-    let _ = writer.join().unwrap();
-    let log = String::from_utf8_lossy(&res.stderr).trim_end().to_string();
-    if !res.status.success() {
-        return Err(format!("the emulator stopped ({}):\n{log}", res.status));
-    }
     let total: usize = bufs.iter().map(|b| b.bytes.len()).sum();
-    if res.stdout.len() != total {
-        return Err(format!(
-            "the emulator returned {} bytes, {total} expected",
-            res.stdout.len()
-        ));
-    }
+    let (stdout, log) = run_emulator(exe, o, total)?;
     let mut at = 0;
     let out = bufs
         .iter()
         .map(|b| {
-            let x = Bytes::from_slice(&res.stdout[at..at + b.bytes.len()]);
+            let x = Bytes::from_slice(&stdout[at..at + b.bytes.len()]);
             at += b.bytes.len();
             x
         })

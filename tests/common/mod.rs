@@ -1441,6 +1441,40 @@ pub fn c_compiler(test: &str) -> Option<std::process::Command> {
     Some(cmd)
 }
 
+/// Runs an emulator driver with `input` on its stdin: its stdout (checked to be `expect` bytes
+/// long) and its stderr log, trimmed; or, when it exits with a failure or returns the wrong
+/// number of bytes, the reason with its log.
+pub fn run_emulator(
+    exe: &std::path::Path,
+    input: Vec<u8>,
+    expect: usize,
+) -> Result<(Vec<u8>, String), String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(exe)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run the emulator {}: {e}", exe.display()));
+    let mut stdin = child.stdin.take().unwrap();
+    // Written from another thread: the driver may fill its stdout before it has read it all.
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().expect("emulator output");
+    let _ = writer.join().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+    if !out.status.success() {
+        return Err(format!("the emulator stopped ({}):\n{log}", out.status));
+    }
+    if out.stdout.len() != expect {
+        return Err(format!(
+            "the emulator returned {} bytes, {expect} expected",
+            out.stdout.len()
+        ));
+    }
+    Ok((out.stdout, log))
+}
+
 /// Builds a host simulator of kernel code (`tests/kernel_sim/<source>`, compiled as C++17 with
 /// `cuda/include` on the include path) with the system C++ compiler. `None`, with a visible
 /// SKIPPED line, where there is no C++ compiler — except under CI, where that is a failure.
