@@ -43,9 +43,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
-use std::time::Instant;
+use std::sync::OnceLock;
 
 use common::*;
 use distill_kernels::divergence::{Kind, Params, Reduction};
@@ -796,41 +794,7 @@ fn persistent_kernels_match_the_cpu_backend() {
     };
     let mut rng = Rng::fresh(TEST);
     let cases = cases(&mut rng);
-    let start = Instant::now();
-    let next = AtomicUsize::new(0);
-    let failures = Mutex::new(Vec::new());
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(sc) = cases.get(i) else { break };
-                let t0 = Instant::now();
-                match check_case(&exe, sc) {
-                    Ok(log) => visible(&format!(
-                        "{TEST} case {i} ok ({:.2}s): {}\n    {log}",
-                        t0.elapsed().as_secs_f64(),
-                        sc.what()
-                    )),
-                    Err(e) => failures
-                        .lock()
-                        .unwrap()
-                        .push(format!("case {i}: {}\n  {e}", sc.what())),
-                }
-            });
-        }
+    run_cases_parallel(TEST, cases.len(), |i| {
+        (cases[i].what(), check_case(&exe, &cases[i]))
     });
-    visible(&format!(
-        "{TEST}: {} cases in {:.1}s",
-        cases.len(),
-        start.elapsed().as_secs_f64()
-    ));
-    let failures = failures.into_inner().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
 }

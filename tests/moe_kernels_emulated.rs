@@ -66,9 +66,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
-use std::time::Instant;
+use std::sync::OnceLock;
 
 use common::moe::*;
 use common::*;
@@ -1750,46 +1748,10 @@ fn moe_kernels_match_the_cpu_backend() {
         return;
     };
     let mut rng = Rng::fresh(TEST);
-    let start = Instant::now();
     let mut jobs: Vec<Job> = route_cases(&mut rng).into_iter().map(Job::Route).collect();
     jobs.extend(mover_cases(&mut rng).into_iter().map(Job::Mover));
-    let next = AtomicUsize::new(0);
-    let failures = Mutex::new(Vec::new());
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(job) = jobs.get(i) else { break };
-                let t0 = Instant::now();
-                let (what, res) = match job {
-                    Job::Route(c) => (c.what.clone(), check_route(&exe, c)),
-                    Job::Mover(m) => (m.what(), m.check(&exe)),
-                };
-                match res {
-                    Ok(log) => visible(&format!(
-                        "{TEST} case {i} ok ({:.2}s): {what}\n    {log}",
-                        t0.elapsed().as_secs_f64()
-                    )),
-                    Err(e) => failures
-                        .lock()
-                        .unwrap()
-                        .push(format!("case {i}: {what}\n  {e}")),
-                }
-            });
-        }
+    run_cases_parallel(TEST, jobs.len(), |i| match &jobs[i] {
+        Job::Route(c) => (c.what.clone(), check_route(&exe, c)),
+        Job::Mover(m) => (m.what(), m.check(&exe)),
     });
-    visible(&format!(
-        "{TEST}: {} cases in {:.1}s",
-        jobs.len(),
-        start.elapsed().as_secs_f64()
-    ));
-    let failures = failures.into_inner().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        jobs.len(),
-        failures.join("\n")
-    );
 }

@@ -1441,6 +1441,55 @@ pub fn c_compiler(test: &str) -> Option<std::process::Command> {
     Some(cmd)
 }
 
+/// Runs `check(i)` for every case index `0..count` on a few threads (the emulator drivers are
+/// single-threaded processes), prints each passing case's label and log and a summary, and
+/// fails with every failing case's label and reason. `check` returns (label, Ok(log) or Err).
+pub fn run_cases_parallel(
+    test: &str,
+    count: usize,
+    check: impl Fn(usize) -> (String, Result<String, String>) + Sync,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::time::Instant;
+    let start = Instant::now();
+    let next = AtomicUsize::new(0);
+    let failures = Mutex::new(Vec::new());
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    break;
+                }
+                let t0 = Instant::now();
+                match check(i) {
+                    (what, Ok(log)) => visible(&format!(
+                        "{test} case {i} ok ({:.2}s): {what}\n    {log}",
+                        t0.elapsed().as_secs_f64()
+                    )),
+                    (what, Err(e)) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("case {i}: {what}\n  {e}")),
+                }
+            });
+        }
+    });
+    visible(&format!(
+        "{test}: {count} cases in {:.1}s",
+        start.elapsed().as_secs_f64()
+    ));
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {count} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 /// Runs an emulator driver with `input` on its stdin: its stdout (checked to be `expect` bytes
 /// long) and its stderr log, trimmed; or, when it exits with a failure or returns the wrong
 /// number of bytes, the reason with its log.
