@@ -140,20 +140,12 @@ __device__ __forceinline__ RowStats<K> warp_stats(RowStats<K> x, float k, int la
   return x;
 }
 
-// The statistics of the block: warp_stats within each warp, then over the warps' results in
-// every warp (lanes past the last warp hold empty states). `smem` holds at least 32 states and
-// may be reused after the call.
+// The statistics of the block: warp_stats within each warp, then over the warps' results
+// (dk_reduce.cuh's block_reduce). `smem` holds at least 32 states.
 template <Kind K>
 __device__ __forceinline__ RowStats<K> block_stats(const RowStats<K>& x, float k,
                                                    RowStats<K>* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const RowStats<K> w = warp_stats(x, k);
-  __syncthreads();  // smem may still be read by a previous reduction
-  if (lane == 0) smem[warp] = w;
-  __syncthreads();
-  RowStats<K> y;
-  if (lane < warps) y = smem[lane];
-  return warp_stats(y, k);
+  return block_reduce(x, smem, [k](const RowStats<K>& s) { return warp_stats(s, k); });
 }
 
 // Zeroes a gradient row (ignored or fully masked rows).

@@ -26,22 +26,33 @@ __device__ __forceinline__ float block_sum(float x, float* smem) {
   return warp_sum(x);
 }
 
+// The skeleton of a block reduction: `warp_reduce` (every lane of a warp ends with the warp's
+// result) within each warp, then over the warps' results in every warp, lanes past the last warp
+// holding a default-constructed (empty) state. `smem` holds at least 32 states and may be
+// reused after the call.
+template <typename State, typename WarpReduce>
+__device__ __forceinline__ State block_reduce(State x, State* smem,
+                                              WarpReduce warp_reduce) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const State w = warp_reduce(x);
+  __syncthreads();  // smem may still be read by a previous reduction
+  if (lane == 0) smem[warp] = w;
+  __syncthreads();
+  State y;
+  if (lane < warps) y = smem[lane];
+  return warp_reduce(y);
+}
+
 // Merges a per-thread state over the block in a fixed order; every thread gets the result.
 // `State` needs `merge(const State&)` (commutative, so all lanes agree bit for bit) and
 // `shfl_xor(int)`. `smem` holds at least 32 states and may be reused after the call.
 template <typename State>
 __device__ __forceinline__ State block_merge(State x, State* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  return block_reduce(x, smem, [](State s) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x.merge(x.shfl_xor(o));
-  __syncthreads();
-  if (lane == 0) smem[warp] = x;
-  __syncthreads();
-  State y;
-  if (lane < warps) y = smem[lane];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) y.merge(y.shfl_xor(o));
-  return y;
+    for (int o = 16; o > 0; o >>= 1) s.merge(s.shfl_xor(o));
+    return s;
+  });
 }
 
 }  // namespace dk
