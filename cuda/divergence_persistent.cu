@@ -23,12 +23,13 @@
 // the next write of that slot, at the end of iteration i + 2, comes after the barrier of
 // iteration i + 1, which every block passes only once all have arrived, i.e. finished reading.
 //
-// The per-chunk arithmetic is the stream cluster kernel's, on the same slices (cluster_slice)
-// and chunk-to-thread assignment at 512 threads. The reductions are cheaper, because a block
-// has only a few chunks per thread per row: the block statistics in two phases (maxima, one
-// rebase, sums: block_stats) instead of a butterfly of merges, and the C block results combined
-// the same way over C lanes (merge_slots) instead of merged in rank order. tests/kernel_sim
-// replays both. Gradient in place over the student logits stays safe: an iteration writes the
+// The per-chunk arithmetic is the stream cluster kernel's, on the same slices (cluster_slice).
+// The reductions are cheaper, because a block has only a few chunks per thread per row: the
+// block statistics in two phases (maxima, one rebase, sums: block_stats) instead of a butterfly
+// of merges, and the C block results combined the same way over C lanes (merge_slots) instead
+// of merged in rank order. tests/kernel_sim replays that arithmetic;
+// tests/divergence_persistent_sim runs this file on a host emulator with clusters (the
+// pipeline, slots, barriers). Gradient in place over the student logits stays safe: an iteration writes the
 // gradient of an older row than any it reads, and each thread reads a chunk before it writes
 // that chunk's gradient.
 

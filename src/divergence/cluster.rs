@@ -84,8 +84,8 @@ impl Variant {
 
 /// `DK_DIVERGENCE_CLUSTER`, read once: `0` turns the cluster path off (one block per row);
 /// `smem`, `stream`, `persist` or `persist256` runs every aligned call on that variant,
-/// whatever the number of rows (A/B measurements); unset or anything else, the stream variant for short batches
-/// only. Returns the variant, if any, and whether it was named.
+/// whatever the number of rows (A/B measurements); unset or anything else, the stream variant
+/// for short batches only. Returns the variant, if any, and whether it was named.
 fn env_choice() -> (Option<Variant>, bool) {
     static C: OnceLock<(Option<Variant>, bool)> = OnceLock::new();
     *C.get_or_init(|| match std::env::var("DK_DIVERGENCE_CLUSTER").as_deref() {
@@ -116,7 +116,7 @@ fn forced_size() -> Option<usize> {
     })
 }
 
-/// The distinct Hopper cluster launch shapes of this process (kernel prefix, cluster size, grid),
+/// The distinct Hopper cluster launch shapes of this process (kernel name, cluster size, grid),
 /// for [`launch_shapes`]; at most [`MAX_SHAPES`] are kept.
 static SHAPES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 const MAX_SHAPES: usize = 32;
@@ -270,9 +270,9 @@ pub(crate) fn persistent_grid(
 }
 
 /// How many clusters of `c` blocks of `f` (`threads` threads and `smem` bytes of dynamic shared
-/// memory each) the device runs at once
-/// (`cuOccupancyMaxActiveClusters`; GPC sizes limit the larger clusters), 0 when it cannot place
-/// one. Cached per function and size: the answer does not change while the process runs.
+/// memory each, fixed per function) the device runs at once (`cuOccupancyMaxActiveClusters`;
+/// GPC sizes limit the larger clusters), 0 when it cannot place one. Cached per function and
+/// size: the answer does not change while the process runs.
 fn max_active_clusters(f: &CudaFunction, threads: u32, c: usize, smem: usize) -> usize {
     static CACHE: OnceLock<Mutex<HashMap<(usize, usize), usize>>> = OnceLock::new();
     let key = (f.cu_function() as usize, c);
@@ -414,10 +414,10 @@ pub(crate) enum Launched {
 }
 
 /// Queues `f` (configured by [`configure`]; `name` is its kernel name, for [`launch_shapes`])
-/// over `args.n` rows as `clusters` clusters of `c`
-/// blocks of `threads` threads (one cluster per row, except for the persistent variants) with
-/// `smem` bytes of dynamic shared memory per block. A refusal of the cluster shape is `Ok(Launched::Refused)`;
-/// any other error (a sticky one from earlier work, say) is an error.
+/// over `args.n` rows as `clusters` clusters of `c` blocks of `threads` threads (one cluster
+/// per row, except for the persistent variants) with `smem` bytes of dynamic shared memory per
+/// block. A refusal of the cluster shape is `Ok(Launched::Refused)`; any other error (a sticky
+/// one from earlier work, say) is an error.
 pub(crate) fn launch(
     (f, name): (&CudaFunction, &str),
     stream: &Arc<CudaStream>,
@@ -499,7 +499,8 @@ mod tests {
 
     #[test]
     fn persistent_cluster_sizes_keep_the_re_reads_in_l2() {
-        // H200-like card: 132 SMs, 2 blocks per SM (KL) or 1 (JSD), 60 MB of L2 (36 MB budget).
+        // A card with 132 SMs, 2 blocks per SM (KL) or 1 (JSD) and 60 MiB of L2 (36 MiB budget);
+        // the launcher reads the real L2 size when the device opens.
         let two_per_sm = |c: usize| 264 / c;
         let one_per_sm = |c: usize| 132 / c;
         let l2 = 60 << 20;

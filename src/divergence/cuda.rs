@@ -60,8 +60,8 @@ pub fn divergence_args_layout() -> Vec<(&'static str, usize)> {
 }
 
 /// Every kernel of `cuda/divergence.cu`, `cuda/divergence_cluster.cu` and
-/// `cuda/divergence_persistent.cu`, loaded when a CUDA context opens (the cluster kernels have empty bodies in the sm_80 cubin and are only launched
-/// on Hopper, sm_90).
+/// `cuda/divergence_persistent.cu`, loaded when a CUDA context opens (the cluster kernels have
+/// empty bodies in the sm_80 cubin and are only launched on Hopper, sm_90).
 pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_div_prepare",
     "dk_div_finish",
@@ -374,8 +374,8 @@ impl<'d> RowKernels<'d> {
             cluster::persistent_grid(f, stream, variant, (n, v), (sb, tb), lag, device)?
         else {
             cluster::note_fallback(format!(
-                "the card places no persistent cluster of dk_divcp_* for V = {v}; such rows run \
-                 the one-block kernel"
+                "the card places no cluster of {name} for V = {v}; such rows run the one-block \
+                 kernel"
             ));
             return Ok(false);
         };
