@@ -156,11 +156,11 @@ __device__ __forceinline__ int cdiv(int x, int y) { return x / y + (x % y != 0 ?
 
 // cp.async of `ROWS` rows of one head (D elements from `src`, row stride `stride`) into a
 // swizzled tile; rows >= `valid` are zero-filled without reading (their source address is row
-// 0, which the callers guarantee exists). Thread tid moves chunk tid % (D / 8) of rows
+// 0, which the callers guarantee exists). Thread tid (of NT) moves chunk tid % (D / 8) of rows
 // tid / (D / 8) + k * kStep: kStep is a multiple of 8, so the swizzle is the same for all k.
-template <typename T, int D, int ROWS>
+template <typename T, int D, int ROWS, int NT = kThreads>
 __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride, int valid, int tid) {
-  constexpr int kChunks = D / 8, kStep = kThreads / kChunks;
+  constexpr int kChunks = D / 8, kStep = NT / kChunks;
   static_assert(ROWS % kStep == 0 && kStep % 8 == 0, "tile not a multiple of the block");
   const int r0 = tid / kChunks, c = tid % kChunks;
   const uint32_t d0 = smem_addr(dst + swz<D>(r0, c));
@@ -173,24 +173,40 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride, 
   }
 }
 
-// acc[2n .. 2n+1] (16 rows x 16 columns each pair) += A (16 x D, fragments from the tile rows
-// `a_row16`.., or preloaded) times the transpose of the B tile rows (N rows x D): the B operand
-// of an n-tile is 8 B rows, read with non-transposed ldmatrix (B[k][n] = rowsB[n][k]).
-template <typename T, int D, int N>
-__device__ __forceinline__ void mma_abt_smem(float (&acc)[N / 8][4], uint32_t a_tile, int a_row16,
-                                             uint32_t b_tile, uint32_t a_off, uint32_t b_off) {
-#pragma unroll
+// acc[mt][2n .. 2n+1] (16 rows x 16 columns each pair) += A (the 16 x D blocks at tile rows
+// a_row + 16 mt) times the transpose of the B tile rows b_row .. b_row + N - 1 (N rows x D): the
+// B operand of an n-tile is 8 B rows, read with non-transposed ldmatrix (B[k][n] = rowsB[n][k]),
+// and each B fragment feeds all MT m-tiles (the 128-key dK/dV kernel's two: half the B traffic
+// per MMA of one). KU: k-steps unrolled (all by default; the 128-key kernel unrolls 4, the period
+// of the swizzle's XOR pattern, which keeps its fragment addresses in few registers).
+template <typename T, int D, int MT, int N, int KU = D / 16>
+__device__ __forceinline__ void mma_abt_tiles(float (&acc)[MT][N / 8][4], uint32_t a_tile, int a_row,
+                                              uint32_t b_tile, int b_row, uint32_t a_off,
+                                              uint32_t b_off) {
+#pragma unroll KU
   for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t af[4];
-    ldmatrix_x4(af, frag_addr<D>(a_tile, a_row16, 2 * kk, a_off));
+    uint32_t af[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(af[mt], frag_addr<D>(a_tile, a_row + 16 * mt, 2 * kk, a_off));
 #pragma unroll
     for (int nn = 0; nn < N / 16; ++nn) {
       uint32_t bf[4];
-      ldmatrix_x4(bf, frag_addr<D>(b_tile, nn * 16, 2 * kk, b_off));
-      mma_16816<T>(acc[2 * nn], af, bf);
-      mma_16816<T>(acc[2 * nn + 1], af, bf + 2);
+      ldmatrix_x4(bf, frag_addr<D>(b_tile, b_row + nn * 16, 2 * kk, b_off));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(acc[mt][2 * nn], af[mt], bf);
+        mma_16816<T>(acc[mt][2 * nn + 1], af[mt], bf + 2);
+      }
     }
   }
+}
+
+// One m-tile of mma_abt_tiles, B rows from 0.
+template <typename T, int D, int N>
+__device__ __forceinline__ void mma_abt_smem(float (&acc)[N / 8][4], uint32_t a_tile, int a_row16,
+                                             uint32_t b_tile, uint32_t a_off, uint32_t b_off) {
+  mma_abt_tiles<T, D, 1, N>(reinterpret_cast<float(&)[1][N / 8][4]>(acc), a_tile, a_row16, b_tile,
+                            0, a_off, b_off);
 }
 
 // As mma_abt_smem with the A fragments already in registers.
@@ -229,6 +245,78 @@ __device__ __forceinline__ void mma_xb_trans(float (&out)[D / 8][4], const float
   }
 }
 
+// out[mt] (16 rows x NC columns each) += A (16 x K) times B (K rows of the swizzled [rows][WB]
+// tile `b_tile`, columns b_col .. b_col + NC - 1, read with ldmatrix.trans: B[k][n] = rows[k][n]).
+// A comes from the swizzled [rows][WA] tile `a_tile`: with kATrans = false its m-tile mt is the
+// rows a_m + 16 mt (columns = k, lane pattern a_off of an A operand); with kATrans = true the
+// tile holds A transposed ([k][m] rows, read with .trans, lane pattern of a non-transposed B
+// operand) and the m-tile is the columns a_m + 16 mt. Each B fragment feeds all MT m-tiles. KU:
+// k-steps unrolled, as in mma_abt_tiles.
+template <typename T, int WA, int WB, int MT, int K, int NC, bool kATrans, int KU = K / 16>
+__device__ __forceinline__ void mma_tiles_bt(float (&out)[MT][NC / 8][4], uint32_t a_tile, int a_m,
+                                             uint32_t a_off, uint32_t b_tile, int b_col,
+                                             uint32_t b_off) {
+#pragma unroll KU
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t af[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      if (kATrans) {
+        ldmatrix_x4_trans(af[mt], frag_addr<WA>(a_tile, kk * 16, (a_m + mt * 16) / 8, a_off));
+      } else {
+        ldmatrix_x4(af[mt], frag_addr<WA>(a_tile, a_m + mt * 16, 2 * kk, a_off));
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < NC / 16; ++p) {
+      uint32_t bf[4];
+      ldmatrix_x4_trans(bf, frag_addr<WB>(b_tile, kk * 16, b_col / 8 + 2 * p, b_off));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(out[mt][2 * p], af[mt], bf);
+        mma_16816<T>(out[mt][2 * p + 1], af[mt], bf + 2);
+      }
+    }
+  }
+}
+
+// Stages a warp's accumulator block (MT m-tiles of 16 rows from tile row `row0`, NC columns
+// from column `col0`), times `mul`, in T, into the swizzled [rows][D] tile `stage` (4-byte
+// stores of the C fragments: the 8 rows of a lane quad hit 8 distinct bank groups).
+template <typename T, int D, int MT, int NC>
+__device__ __forceinline__ void stage_acc(const float (&acc)[MT][NC / 8][4], float mul, T* stage,
+                                          int row0, int col0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int dt = 0; dt < NC / 8; ++dt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 16 * mt + g + 8 * r;
+        *reinterpret_cast<uint32_t*>(stage + swz<D>(row, col0 / 8 + dt) + 2 * t) =
+            pack2<T>(acc[mt][dt][2 * r] * mul, acc[mt][dt][2 * r + 1] * mul);
+      }
+}
+
+// Copies ROWS staged rows of the swizzled [rows][D] tile `stage` to global rows of `dst` (row
+// stride `stride`) with 16-byte stores by NT threads (index `tid`), rows >= `valid` skipped.
+template <typename T, int D, int ROWS, int NT>
+__device__ __forceinline__ void copy_rows_out(const T* stage, T* dst, int64_t stride, int valid,
+                                              int tid) {
+  constexpr int kChunks = D / 8;
+  static_assert(ROWS * kChunks % NT == 0, "rows not a multiple of the threads");
+#pragma unroll
+  for (int it = 0; it < ROWS * kChunks / NT; ++it) {
+    const int i = it * NT + tid;
+    const int r = i / kChunks, c = i % kChunks;
+    if (r < valid) {
+      const uint4 v = *reinterpret_cast<const uint4*>(stage + swz<D>(r, c));
+      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(r) * stride + c * 8) = v;
+    }
+  }
+}
+
 // Writes a warp's 16 x D accumulator block (times `mul`, in T) to global rows
 // `row0 + 0..15` of `dst` (row stride `stride`), rows >= `valid` skipped. Goes through the
 // warp's own 16 rows of the swizzled tile `stage` for 16-byte coalesced stores; those rows must
@@ -236,26 +324,10 @@ __device__ __forceinline__ void mma_xb_trans(float (&out)[D / 8][4], const float
 template <typename T, int D>
 __device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float mul, T* stage,
                                            T* dst, int64_t stride, int valid, int lane) {
-  const int g = lane >> 2, t = lane & 3;
   __syncwarp();
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    *reinterpret_cast<uint32_t*>(stage + swz<D>(g, dt) + 2 * t) =
-        pack2<T>(acc[dt][0] * mul, acc[dt][1] * mul);
-    *reinterpret_cast<uint32_t*>(stage + swz<D>(g + 8, dt) + 2 * t) =
-        pack2<T>(acc[dt][2] * mul, acc[dt][3] * mul);
-  }
+  stage_acc<T, D, 1, D>(reinterpret_cast<const float(&)[1][D / 8][4]>(acc), mul, stage, 0, 0, lane);
   __syncwarp();
-  constexpr int kChunks = D / 8;
-#pragma unroll
-  for (int it = 0; it < 16 * kChunks / 32; ++it) {
-    const int i = it * 32 + lane;
-    const int r = i / kChunks, c = i % kChunks;
-    if (r < valid) {
-      const uint4 v = *reinterpret_cast<const uint4*>(stage + swz<D>(r, c));
-      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(r) * stride + c * 8) = v;
-    }
-  }
+  copy_rows_out<T, D, 16, 32>(stage, dst, stride, valid, lane);
 }
 
 // ---- 1. Delta ------------------------------------------------------------------------------
@@ -306,40 +378,25 @@ __device__ __forceinline__ void delta_kernel(const DkAttentionBwdArgs& a) {
 
 // dQ_tile (Br query rows x D) = dS (Br x Bc, stored transposed in the swizzled [Bc][W] tile at
 // `ds_tile`) times K (the block's [Bc][D] tile), added into the f32 accumulator rows `accum`
-// (row stride `accum_stride`), rows >= `valid` skipped. Warps 2 x 2: warp w owns query rows
-// (w / 2) Br / 2 .. and columns (w % 2) D / 2 .. (32 accumulators per thread at both sizes).
-// A fragments of dS by ldmatrix.trans from [key][query] rows (ds_off: the lane's row / chunk
+// (row stride `accum_stride`), rows >= `valid` skipped. Warps 2 x WARPS_N: warp w owns query rows
+// (w / WARPS_N) Br / 2 .. and columns (w % WARPS_N) D / WARPS_N .. (2 x 2 for the 64-key kernel,
+// 2 x 4 for the 128-key one: 32 accumulators per thread at D = 128; KU k-steps unrolled). A
+// fragments of dS by ldmatrix.trans from [key][query] rows (ds_off: the lane's row / chunk
 // pattern of a transposed operand), B fragments of K by ldmatrix.trans as in mma_xb_trans.
-template <typename T, int D, int Br, int Bc, int W>
+template <typename T, int D, int Br, int Bc, int W, int WARPS_N, int KU = Bc / 16>
 __device__ __forceinline__ void dq_tile_red(uint32_t ds_tile, uint32_t k_tile, uint32_t ds_off,
                                             uint32_t k_off, float* accum, int64_t accum_stride,
                                             int valid, int warp, int lane) {
-  constexpr int WM = Br / 2, WN = D / 2, MT = WM / 16, NP = WN / 16;
-  const int wm = warp >> 1, wn = warp & 1;
-  float acc[MT][2 * NP][4];
+  constexpr int WM = Br / 2, WN = D / WARPS_N, MT = WM / 16;
+  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+  float acc[MT][WN / 8][4];
 #pragma unroll
   for (int i = 0; i < MT; ++i)
 #pragma unroll
-    for (int j = 0; j < 2 * NP; ++j)
+    for (int j = 0; j < WN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
-#pragma unroll
-  for (int kk = 0; kk < Bc / 16; ++kk) {
-    uint32_t af[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-      ldmatrix_x4_trans(af[mt], frag_addr<W>(ds_tile, kk * 16, (wm * WM + mt * 16) / 8, ds_off));
-#pragma unroll
-    for (int p = 0; p < NP; ++p) {
-      uint32_t bf[4];
-      ldmatrix_x4_trans(bf, frag_addr<D>(k_tile, kk * 16, (wn * WN) / 8 + 2 * p, k_off));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma_16816<T>(acc[mt][2 * p], af[mt], bf);
-        mma_16816<T>(acc[mt][2 * p + 1], af[mt], bf + 2);
-      }
-    }
-  }
+  mma_tiles_bt<T, W, D, MT, Bc, WN, true, KU>(acc, ds_tile, wm * WM, ds_off, k_tile, wn * WN, k_off);
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -349,7 +406,7 @@ __device__ __forceinline__ void dq_tile_red(uint32_t ds_tile, uint32_t k_tile, u
       if (row < valid) {
         float* dst = accum + row * accum_stride + wn * WN + 2 * t;
 #pragma unroll
-        for (int nt = 0; nt < 2 * NP; ++nt)
+        for (int nt = 0; nt < WN / 8; ++nt)
           red_add_f32x2(dst + nt * 8, acc[mt][nt][2 * r], acc[mt][nt][2 * r + 1]);
       }
     }
@@ -542,7 +599,7 @@ __device__ __forceinline__ void dkdv_kernel(const DkAttentionBwdArgs& a, char* s
         __syncthreads();
         const int hq = hk * group + idx / n_m;
         const int64_t stride = static_cast<int64_t>(s.heads_q) * D;
-        dq_tile_red<T, D, Br, Bc, W>(
+        dq_tile_red<T, D, Br, Bc, W, 2>(
             sdS_a, sK_a, ds_off, a_off,
             reinterpret_cast<float*>(a.dq_accum) + (static_cast<int64_t>(sq.q_start) + q0) * stride +
                 hq * D,
@@ -565,6 +622,253 @@ __device__ __forceinline__ void dkdv_kernel(const DkAttentionBwdArgs& a, char* s
   store_rows<T, D>(dv, 1.f, sV + warp * 16 * D,
                    reinterpret_cast<T*>(a.dv) + row0 * a.dv_stride + hk * D, a.dv_stride, valid,
                    lane);
+}
+
+// ---- 2w. dK, dV (and atomic dQ) in 128-key blocks of 8 warps --------------------------------
+//
+// The 64-key kernel above gives each warp 16 key rows, so every B fragment (Q, dO) it reads from
+// shared memory feeds one m-tile: 344 bytes of shared-memory traffic per HMMA at D = 128, the
+// limit Nsight Compute showed (shared 85 %, tensor 47 %; cuda/ATTENTION.md). Here a block of 8
+// warps owns 128 keys and each warp 32 of them (two m-tiles per B fragment), FlashAttention-2's
+// layout: warp w = (key group w / 2, half w % 2).
+//   S^T, dP^T:  keys 32 (w / 2) .. + 32  x  queries 32 (w % 2) .. + 32 of the 64-query step;
+//   P^T, dS^T:  written to shared memory ([128 keys][64 queries], bf16/f16), one barrier;
+//   dV, dK:     keys 32 (w / 2) .. + 32  x  head columns (w % 2) D / 2 .. + D / 2, over all 64
+//               queries, A fragments of P^T / dS^T by ldmatrix from the tiles;
+//   atomic dQ:  dQ_tile = dS K over the 128 keys, warps 2 x 4 (dq_tile_red).
+// About 250 bytes per HMMA at D = 128 (model in ATTENTION.md), and in the atomic mode half the
+// L2 reductions per FLOP (128 keys per red instead of 64). The arithmetic of each element is the
+// 64-key kernel's (fp32 P and dS, rounded to T once for the MMAs), and each dK / dV element sums
+// the same 16-query MMA terms in the same order (extra terms of fully masked rows are exact
+// zeros); tests/attention_kernel_sim checks that both kernels give the same bits.
+template <int D> struct DkdvWideTile {
+  static constexpr int kThreads = 256;  // 8 warps
+  static constexpr int kBc = 128;       // key rows per block: 4 groups of 32
+  static constexpr int kBr = 64;        // query rows per step: 2 halves of 32
+  static constexpr int kW = 64;         // row width of the P^T / dS^T tiles (= kBr)
+  // K and V; two stages of Q and dO; P^T and dS^T; two stages of LSE and Delta.
+  static constexpr int kSmemBytes = (2 * kBc * D + 4 * kBr * D + 2 * kBc * kW) * 2 + 4 * kBr * 4;
+};
+
+template <typename T, int D, bool kAtomicDq>
+__device__ __forceinline__ void dkdv_wide_kernel(const DkAttentionBwdArgs& a, char* smem) {
+  using Tile = DkdvWideTile<D>;
+  constexpr int Bc = Tile::kBc, Br = Tile::kBr, W = Tile::kW, NT = Tile::kThreads;
+  constexpr int HD = D / 2;  // head columns of a warp's dK / dV block
+  const DkAttentionShape& s = a.shape;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int kg = warp >> 1, half = warp & 1;
+
+  // Block -> (key tile, sequence, KV head), key tiles outermost (as dkdv_kernel).
+  const unsigned bh = static_cast<unsigned>(s.batch) * static_cast<unsigned>(s.heads_kv);
+  const int tile = static_cast<int>(blockIdx.x / bh);
+  const int rest = static_cast<int>(blockIdx.x % bh);
+  const int b = rest / s.heads_kv, hk = rest % s.heads_kv;
+  const Seq sq = seq_of(s, b);
+  const int k0 = tile * Bc;
+  if (k0 >= sq.len_k) return;
+  const int group = s.heads_q / s.heads_kv;
+  const int off = sq.len_k - sq.len_q;
+
+  int m_begin = 0, n_m = 0;
+  {
+    const int i_min = s.causal ? max(0, k0 - off) : 0;
+    if (i_min < sq.len_q) {
+      m_begin = i_min / Br;
+      n_m = cdiv(sq.len_q, Br) - m_begin;
+    }
+  }
+  const int n_iter = group * n_m;
+
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + Bc * D;
+  T* sQ = sV + Bc * D;       // [2][Br][D]
+  T* sdO = sQ + 2 * Br * D;  // [2][Br][D]
+  T* sP = sdO + 2 * Br * D;  // [Bc][W]: P^T
+  T* sdS = sP + Bc * W;      // [Bc][W]: dS^T
+  float* sLse = reinterpret_cast<float*>(sdS + Bc * W);  // [2][Br]
+  float* sDelta = sLse + 2 * Br;                          // [2][Br]
+
+  const int mi = lane >> 3, l7 = lane & 7;
+  const uint32_t a_off = lane_offset<D>((mi & 1) * 8 + l7, mi >> 1);  // A, transposed B: [][D]
+  const uint32_t b_off = lane_offset<D>((mi >> 1) * 8 + l7, mi & 1);  // B: [][D]
+  const uint32_t pa_off = lane_offset<W>((mi & 1) * 8 + l7, mi >> 1);  // A: [keys][W]
+  const uint32_t ds_off = lane_offset<W>((mi >> 1) * 8 + l7, mi & 1);  // A^T: [keys][W]
+
+  // The thread's key rows are j = j0 + 16 mt + 8 r; query column i is masked for key j when
+  // j is past the keys or (causal) i < j - off. Computed where a tile needs it rather than
+  // held (registers are at the limit at D = 128).
+  const int j0 = k0 + 32 * kg + g;
+
+  float dk[2][HD / 8][4], dv[2][HD / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int i = 0; i < HD / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[mt][i][e] = dv[mt][i][e] = 0.f;
+
+  if (n_iter > 0) {
+    const T* gq = reinterpret_cast<const T*>(a.q);
+    const T* gdo = reinterpret_cast<const T*>(a.dout);
+    const float* glse = reinterpret_cast<const float*>(a.lse);
+    const float* gdelta = reinterpret_cast<const float*>(a.delta);
+
+    // As in dkdv_kernel: Q and dO of iteration idx into stage st by cp.async, its LSE and Delta
+    // (threads 0 .. 2 Br - 1) into a register stored after the step.
+    float lse_delta = 0.f;
+    auto load_stage = [&](int idx, int st) {
+      const int hq = hk * group + idx / n_m;
+      const int q0 = (m_begin + idx % n_m) * Br;
+      const int64_t row = static_cast<int64_t>(sq.q_start) + q0;
+      load_rows<T, D, Br, NT>(sQ + st * Br * D, gq + row * a.q_stride + hq * D, a.q_stride,
+                              sq.len_q - q0, tid);
+      load_rows<T, D, Br, NT>(sdO + st * Br * D, gdo + row * a.dout_stride + hq * D,
+                              a.dout_stride, sq.len_q - q0, tid);
+      if (tid < 2 * Br) {
+        const bool is_delta = tid >= Br;
+        const int r = is_delta ? tid - Br : tid;
+        if (q0 + r < sq.len_q) {
+          lse_delta = (is_delta ? gdelta : glse)[lse_base(s, b, hq, sq.q_start) + q0 + r];
+        } else {
+          lse_delta = is_delta ? 0.f : neg_inf();
+        }
+      }
+    };
+    auto store_lse_delta = [&](int st) {
+      if (tid < 2 * Br) (tid < Br ? sLse : sDelta)[st * Br + tid % Br] = lse_delta;
+    };
+
+    {
+      const int64_t krow = static_cast<int64_t>(sq.k_start) + k0;
+      load_rows<T, D, Bc, NT>(sK, reinterpret_cast<const T*>(a.k) + krow * a.k_stride + hk * D,
+                              a.k_stride, sq.len_k - k0, tid);
+      load_rows<T, D, Bc, NT>(sV, reinterpret_cast<const T*>(a.v) + krow * a.v_stride + hk * D,
+                              a.v_stride, sq.len_k - k0, tid);
+    }
+    load_stage(0, 0);
+    cp_async_commit();
+    store_lse_delta(0);
+
+    const uint32_t sK_a = smem_addr(sK), sV_a = smem_addr(sV);
+    const uint32_t sP_a = smem_addr(sP), sdS_a = smem_addr(sdS);
+    const float scale_log2 = s.scale_log2;
+
+    for (int idx = 0; idx < n_iter; ++idx) {
+      const int st = idx & 1;
+      // Stage idx has landed for every thread; every warp is done with step idx - 1 (its stage
+      // buffers, which the next loads overwrite, and its reads of the P^T / dS^T tiles).
+      cp_async_wait<0>();
+      __syncthreads();
+      if (idx + 1 < n_iter) {
+        load_stage(idx + 1, st ^ 1);
+        cp_async_commit();
+      }
+      const int q0 = (m_begin + idx % n_m) * Br;
+      const bool need_mask = k0 + Bc > sq.len_k || (s.causal && k0 + Bc - 1 > q0 + off);
+      const uint32_t sQ_a = smem_addr(sQ + st * Br * D), sdO_a = smem_addr(sdO + st * Br * D);
+
+      // S^T = K Q^T: the warp's 32 keys x its 32 queries.
+      float sc[2][4][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sc[mt][i][e] = 0.f;
+      mma_abt_tiles<T, D, 2, 32, 4>(sc, sK_a, 32 * kg, sQ_a, 32 * half, a_off, b_off);
+
+      // P^T; element (key row 32 kg + 16 mt + g + 8 r, query column 32 half + 8 nt + 2 t + e).
+      const float* lse_st = sLse + st * Br + 32 * half;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const float2 l = *reinterpret_cast<const float2*>(lse_st + nt * 8 + 2 * t);
+        const float le[2] = {lse_exponent(l.x), lse_exponent(l.y)};
+        const int i0 = q0 + 32 * half + nt * 8 + 2 * t;
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float x = sc[mt][nt][2 * r + e];
+              if (need_mask) {
+                const int j = j0 + 16 * mt + 8 * r;
+                if (j >= sq.len_k || (s.causal && i0 + e < j - off)) x = neg_inf();
+              }
+              sc[mt][nt][2 * r + e] = exp2_fast(fmaf(x, scale_log2, -le[e]));
+            }
+      }
+
+      // P^T to its tile (the previous step's readers passed this step's first barrier). dS
+      // reads it back from there, in T: fp32 P (or its packed copy) kept in registers across
+      // the dP^T MMAs made ptxas spill at D = 128.
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            st_shared_b32(sP_a + 2 * (swz<W>(32 * kg + 16 * mt + g + 8 * r, 4 * half + nt) + 2 * t),
+                          pack2<T>(sc[mt][nt][2 * r], sc[mt][nt][2 * r + 1]));
+
+      // dP^T = V dO^T, then dS^T = P^T o (dP^T - Delta) to its tile.
+      float dp[2][4][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dp[mt][i][e] = 0.f;
+      mma_abt_tiles<T, D, 2, 32, 4>(dp, sV_a, 32 * kg, sdO_a, 32 * half, a_off, b_off);
+      const float* delta_st = sDelta + st * Br + 32 * half;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const float2 d = *reinterpret_cast<const float2*>(delta_st + nt * 8 + 2 * t);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const uint32_t at = 2 * (swz<W>(32 * kg + 16 * mt + g + 8 * r, 4 * half + nt) + 2 * t);
+            const float2 p = unpack2<T>(ld_shared_b32(sP_a + at));
+            st_shared_b32(sdS_a + at, pack2<T>(p.x * (dp[mt][nt][2 * r] - d.x),
+                                               p.y * (dp[mt][nt][2 * r + 1] - d.y)));
+          }
+      }
+      __syncthreads();
+
+      // dV += P^T dO and dK += dS^T Q: the warp's 32 keys x its D / 2 head columns, over the
+      // step's 64 queries.
+      mma_tiles_bt<T, W, D, 2, Br, HD, false, 4>(dv, sP_a, 32 * kg, pa_off, sdO_a, HD * half, a_off);
+      mma_tiles_bt<T, W, D, 2, Br, HD, false, 4>(dk, sdS_a, 32 * kg, pa_off, sQ_a, HD * half, a_off);
+
+      if constexpr (kAtomicDq) {
+        const int hq = hk * group + idx / n_m;
+        const int64_t stride = static_cast<int64_t>(s.heads_q) * D;
+        dq_tile_red<T, D, Br, Bc, W, 4, 4>(
+            sdS_a, sK_a, ds_off, a_off,
+            reinterpret_cast<float*>(a.dq_accum) + (static_cast<int64_t>(sq.q_start) + q0) * stride +
+                hq * D,
+            stride, sq.len_q - q0, warp, lane);
+      }
+
+      if (idx + 1 < n_iter) store_lse_delta(st ^ 1);
+    }
+  }
+
+  // dK (times the scale) and dV staged through the K and V tiles, once every warp is done
+  // reading them, then stored 16 bytes at a time by the whole block.
+  __syncthreads();
+  stage_acc<T, D, 2, HD>(dk, s.scale, sK, 32 * kg, HD * half, lane);
+  stage_acc<T, D, 2, HD>(dv, 1.f, sV, 32 * kg, HD * half, lane);
+  __syncthreads();
+  const int valid = sq.len_k - k0;
+  const int64_t row0 = static_cast<int64_t>(sq.k_start) + k0;
+  copy_rows_out<T, D, Bc, NT>(sK, reinterpret_cast<T*>(a.dk) + row0 * a.dk_stride + hk * D,
+                              a.dk_stride, valid, tid);
+  copy_rows_out<T, D, Bc, NT>(sV, reinterpret_cast<T*>(a.dv) + row0 * a.dv_stride + hk * D,
+                              a.dv_stride, valid, tid);
 }
 
 // ---- 3. dQ ---------------------------------------------------------------------------------
@@ -767,6 +1071,16 @@ __device__ __forceinline__ void dq_convert_kernel(const DkAttentionBwdArgs& a) {
       dk_attn_bwd_dkdvdq_##tname##_d##D(const DkAttentionBwdArgs args) {                       \
     extern __shared__ __align__(16) char dk_attn_bwd_smem[];                                   \
     dk::attn_bwd::dkdv_kernel<T, D, true>(args, dk_attn_bwd_smem);                             \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(dk::attn_bwd::DkdvWideTile<D>::kThreads, 1)    \
+      dk_attn_bwd_dkdvw_##tname##_d##D(const DkAttentionBwdArgs args) {                        \
+    extern __shared__ __align__(16) char dk_attn_bwd_smem[];                                   \
+    dk::attn_bwd::dkdv_wide_kernel<T, D, false>(args, dk_attn_bwd_smem);                       \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(dk::attn_bwd::DkdvWideTile<D>::kThreads, 1)    \
+      dk_attn_bwd_dkdvdqw_##tname##_d##D(const DkAttentionBwdArgs args) {                      \
+    extern __shared__ __align__(16) char dk_attn_bwd_smem[];                                   \
+    dk::attn_bwd::dkdv_wide_kernel<T, D, true>(args, dk_attn_bwd_smem);                        \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(dk::attn_bwd::kDeltaThreads)                    \
       dk_attn_bwd_dq_convert_##tname##_d##D(const DkAttentionBwdArgs args) {                   \

@@ -15,11 +15,13 @@
 #      N=4096 (=smem, =stream), side by side with the default; version 6, the persistent
 #      cluster kernels (=persist, =persist256), at their own cluster size and at 4, 8 and 16
 #   5. dk bench --ops moe: route, permute, combine fwd/bwd, 3 ANCHORS shapes, N=16384
-#  5b. dk bench --ops attention: fwd, fwd+bwd, ANCHORS shapes + varlen, bf16, TFLOP/s
+#  5b. dk bench --ops attention: fwd, fwd+bwd, ANCHORS shapes + varlen, bf16, TFLOP/s; again with
+#      the 128-key dK/dV kernels (DK_ATTENTION_BWD=wide)
 #  5c. dk bench --ops fused: fused linear JSD (N 4096, H 3072, V 200064; N 16384, H 5120,
 #      V 202048) against its four cuBLAS GEMMs alone, measured in the same run (issue 4)
-#   6. every Rust test executable (their CUDA variants run here), and the divergence reference
-#      tests again on the one-block kernel and on the shared-memory cluster variant
+#   6. every Rust test executable (their CUDA variants run here), the divergence reference tests
+#      again on each kernel variant, and the attention reference tests on the 128-key dK/dV
+#      kernels
 #   7. pip install the carried Liger-Kernel wheel (--target)
 #   8. pytest python/tests against the bundled library (attention torch tests vs SDPA here)
 #   9. python/bench.py --ops attention: SDPA flash (FA2) and cuDNN vs this crate (--quick when
@@ -34,7 +36,7 @@
 #      backward dK/dV + dQ, dK/dV with atomic dQ): what limits each (DRAM, shared memory,
 #      tensor or MUFU pipe)
 #  11. optional: compute-sanitizer memcheck of small dk benches (divergence, MoE, attention),
-#      racecheck of attention
+#      racecheck of attention (both with the default and the 128-key dK/dV kernels)
 #
 # GPU_CHECK_ONLY=a,b,...: run only the steps whose names start with one of these, or, for a name
 # ending in '=', the step of exactly that name (e.g.
@@ -278,6 +280,10 @@ run_step dk-bench-moe 60 1 "$dk" bench --device cuda --ops moe --dtype bf16 --to
 # f64 computation and run twice for bitwise identity; ~15 s expected (input generation, checks).
 run_step dk-bench-attention 60 1 "$dk" bench --device cuda --ops attention --dtype bf16 \
   --attn-shapes phi4-mini,llama4,varlen --json "$out/dk-bench-attention.json"
+# A/B: the 128-key dK/dV kernels of 8 warps (DK_ATTENTION_BWD=wide; both backward modes), the
+# same shapes; the table's first line names the dK/dV kernels that ran.
+run_step dk-bench-attention-wide 60 0 env DK_ATTENTION_BWD=wide "$dk" bench --device cuda \
+  --ops attention --dtype bf16 --attn-shapes phi4-mini,llama4,varlen
 
 # ---- 5c. dk bench fused linear JSD against the four GEMMs alone (issue 4's two shapes) ---------
 # No JSON (the device tool returns at most 8 files): the table is printed below and in the log.
@@ -314,6 +320,10 @@ if [ -x target/release/deps/divergence_reference ]; then
     target/release/deps/divergence_reference
   run_step test-divergence_reference-persist256 90 1 env DK_DIVERGENCE_CLUSTER=persist256 \
     target/release/deps/divergence_reference
+fi
+if [ -x target/release/deps/attention_reference ]; then
+  run_step test-attention_reference-wide 90 1 env DK_ATTENTION_BWD=wide \
+    target/release/deps/attention_reference
 fi
 reserve=140 # as pytest: the Python benchmarks come after
 
@@ -433,6 +443,8 @@ ncu_run ncu-attention-bwd 40 'dk_attn_bwd_(dkdv|dq)_bf16_d128' 2 --ops attention
   --attn-shapes phi4-mini --iters 1 --check-rows 2
 ncu_run ncu-attention-bwd-atomic 40 'dk_attn_bwd_dkdvdq_bf16_d128' 1 --ops attention \
   --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
+DK_ATTENTION_BWD=wide ncu_run ncu-attention-bwd-wide 40 'dk_attn_bwd_(dkdvw|dq)_bf16_d128' 2 \
+  --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
 
 # ---- 11. optional: memcheck of small dk benches (divergence, MoE, attention), racecheck ----------
 sanitizer=$(command -v compute-sanitizer || true)
@@ -470,14 +482,19 @@ else
   fi
   # Every attention kernel (forward, backward; D 64 and 128; padded Sq != Sk, and varlen with an
   # empty sequence, a 1-token one and rows that see no key) on the small shapes.
-  for tool in memcheck racecheck; do
-    if [ "$(left)" -lt 30 ]; then
-      skip_step "$tool-attention" "out of time"
-    else
-      run_step "$tool-attention" 60 0 "$sanitizer" --tool "$tool" --error-exitcode 3 \
-        "$dk" bench --device cuda --ops attention --attn-shapes small,small-varlen --iters 1 \
-        --check-rows 4
-    fi
+  # Then the same with the 128-key dK/dV kernels (DK_ATTENTION_BWD=wide).
+  for variant in default wide; do
+    for tool in memcheck racecheck; do
+      name="$tool-attention"
+      [ "$variant" = wide ] && name="$tool-attention-wide"
+      if [ "$(left)" -lt 30 ]; then
+        skip_step "$name" "out of time"
+      else
+        run_step "$name" 60 0 env DK_ATTENTION_BWD="$variant" "$sanitizer" --tool "$tool" \
+          --error-exitcode 3 "$dk" bench --device cuda --ops attention \
+          --attn-shapes small,small-varlen --iters 1 --check-rows 4
+      fi
+    done
   done
 fi
 
@@ -517,7 +534,7 @@ bench_table() { [ -s "$1" ] && sed -n '/^shape /,$p' "$1"; }
 echo
 echo "================ summary"
 cat "$out/summary.txt"
-for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-smem dk-bench-stream dk-bench-persist dk-bench-persist256 dk-bench-short-persist dk-bench-short-persist256 dk-bench-persist-c4 dk-bench-persist-c8 dk-bench-persist-c16 dk-bench-moe dk-bench-attention dk-bench-fused dk-bench-fused-persist; do
+for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-smem dk-bench-stream dk-bench-persist dk-bench-persist256 dk-bench-short-persist dk-bench-short-persist256 dk-bench-persist-c4 dk-bench-persist-c8 dk-bench-persist-c16 dk-bench-moe dk-bench-attention dk-bench-attention-wide dk-bench-fused dk-bench-fused-persist; do
   echo
   echo "================ $n"
   if [ -s "$logs/$n.out" ]; then
@@ -552,7 +569,7 @@ else
   echo "(no output)"
   tail -n 10 "$logs/python-bench.err" 2>/dev/null
 fi
-for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-moe-combine ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic; do
+for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-moe-combine ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic ncu-attention-bwd-wide; do
   [ -s "$logs/$n.out" ] || continue
   echo
   echo "================ $n (Nsight Compute, clocks untouched)"

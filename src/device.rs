@@ -86,6 +86,8 @@ pub struct CudaDevice {
     /// The divergence cluster kernel variant usable here (Hopper sm_90, not turned off,
     /// configured), if any.
     cluster_divergence: Option<crate::divergence::cluster::Variant>,
+    /// Whether the 128-key attention dK/dV kernels were opted into their shared memory.
+    attention_wide_bwd: bool,
     /// The cuBLAS handle, created on first use by the fused linear divergence.
     pub(crate) blas: crate::fused::cuda::BlasSlot,
 }
@@ -147,7 +149,7 @@ impl CudaDevice {
                     }
                 }
             });
-        crate::attention::cuda::configure(&functions)?;
+        let attention_wide_bwd = crate::attention::cuda::configure(&functions)?;
         Ok(CudaDevice {
             ctx,
             functions,
@@ -157,6 +159,7 @@ impl CudaDevice {
             sm_count,
             l2_bytes,
             cluster_divergence,
+            attention_wide_bwd,
             blas: Default::default(),
         })
     }
@@ -200,6 +203,12 @@ impl CudaDevice {
     /// turned off by `DK_DIVERGENCE_CLUSTER=0`, its attributes accepted when the device opened).
     pub(crate) fn cluster_divergence(&self) -> Option<crate::divergence::cluster::Variant> {
         self.cluster_divergence
+    }
+
+    /// Whether the 128-key attention dK/dV kernels accepted their shared memory when the device
+    /// opened (`DK_ATTENTION_BWD=wide` may select them only then).
+    pub(crate) fn attention_wide_bwd(&self) -> bool {
+        self.attention_wide_bwd
     }
 
     /// Checks that `ptr` is device memory of this device.

@@ -105,8 +105,9 @@ fn build_simulator() -> Option<PathBuf> {
 // Launch configurations (the Rust launchers' formulas)
 // ------------------------------------------------------------------------------------------
 
-/// One kernel launch: kernel (0 forward, 1 Delta, 2 dK/dV, 3 dQ), grid, threads, dynamic
-/// shared memory, and the forward's head / batch offsets.
+/// One kernel launch: kernel (0 forward, 1 Delta, 2 dK/dV, 3 dQ, 4 dK/dV with atomic dQ, 5 dQ
+/// conversion, 6 / 7 the 128-key dK/dV without / with atomic dQ), grid, threads, dynamic shared
+/// memory, and the forward's head / batch offsets.
 #[derive(Debug, Clone, Copy)]
 struct LaunchCfg {
     kernel: i32,
@@ -160,7 +161,11 @@ fn forward_launches(case: &AttnCase, split: usize) -> Vec<LaunchCfg> {
 /// (`deterministic = false`): dK/dV with atomic dQ (`dkdvdq_smem_bytes`: 8 KiB more) and the dQ
 /// conversion on the Delta grid instead of dQ. Also returns the workspace size
 /// (`backward_workspace_size`).
-fn backward_launches(case: &AttnCase, atomic_dq: bool) -> (Vec<LaunchCfg>, usize) {
+///
+/// With `wide` (`DK_ATTENTION_BWD=wide`): the 128-key dK/dV kernels of 8 warps instead
+/// (`dkdv_wide_smem_bytes`, ⌈Sk / 128⌉·B·Hkv blocks of 256 threads; kernel 6, or 7 with atomic
+/// dQ).
+fn backward_launches(case: &AttnCase, atomic_dq: bool, wide: bool) -> (Vec<LaunchCfg>, usize) {
     let s = &case.seqs;
     let (batch, hq, hkv, d, tq, tk) = (
         s.batch(),
@@ -191,7 +196,11 @@ fn backward_launches(case: &AttnCase, atomic_dq: bool) -> (Vec<LaunchCfg>, usize
     if tq > 0 {
         out.push(one(1, delta_blocks, 256, 0));
     }
-    if tk > 0 {
+    if tk > 0 && wide {
+        let blocks = s.max_k.div_ceil(128) * batch * hkv;
+        let smem = (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) * 2 + 4 * 64 * 4;
+        out.push(one(if atomic_dq { 7 } else { 6 }, blocks, 256, smem));
+    } else if tk > 0 {
         let blocks = s.max_k.div_ceil(64) * batch * hkv;
         out.push(if atomic_dq {
             one(4, blocks, 128, dkdvdq_smem)
@@ -434,7 +443,13 @@ fn forward_job<'a>(case: &'a AttnCase, bufs: &'a [Bytes], mode: Mode, split: usi
     }
 }
 
-fn backward_job<'a>(case: &'a AttnCase, bufs: &'a [Bytes], mode: Mode, atomic_dq: bool) -> Job<'a> {
+fn backward_job<'a>(
+    case: &'a AttnCase,
+    bufs: &'a [Bytes],
+    mode: Mode,
+    atomic_dq: bool,
+    wide: bool,
+) -> Job<'a> {
     let [dout, q, k, v, out, dq, dk, dv] = case.bwd_slots();
     let (tq, tk, qc, kc) = (case.tq(), case.tk(), case.qc(), case.kc());
     let mut operands = vec![
@@ -449,7 +464,7 @@ fn backward_job<'a>(case: &'a AttnCase, bufs: &'a [Bytes], mode: Mode, atomic_dq
         matrix("dv", case, dv, tk, kc, true),
     ];
     operands.extend(offsets(case, bwd_buf::CU_Q, bwd_buf::CU_K));
-    let (launches, workspace) = backward_launches(case, atomic_dq);
+    let (launches, workspace) = backward_launches(case, atomic_dq, wide);
     Job {
         backward: true,
         case,
@@ -477,6 +492,8 @@ struct Errors {
     /// dQ of the atomic-dQ mode, the worse of its two runs.
     dq_atomic: f64,
     dk: f64,
+    /// dK of the 128-key dK/dV kernel (`DK_ATTENTION_BWD=wide`).
+    dk_wide: f64,
     dv: f64,
     secs: f64,
     /// The emulator's statistics (launches, blocks, collectives) of the first run of each job.
@@ -675,7 +692,7 @@ fn check_case(exe: &Path, sc: &SimCase) -> Result<Errors, String> {
 
     // Backward from the emulated forward's out and LSE.
     let bufs = case.bwd_bufs(&fwd.out, &fwd.lse);
-    let (after, _, log) = run_both(exe, |m| backward_job(case, &bufs, m, false), &[])
+    let (after, _, log) = run_both(exe, |m| backward_job(case, &bufs, m, false, false), &[])
         .map_err(|e| format!("backward: {e}"))?;
     e.log += &log;
     let grads = case
@@ -694,23 +711,57 @@ fn check_case(exe: &Path, sc: &SimCase) -> Result<Errors, String> {
 
     // Atomic-dQ mode: dK and dV bitwise those of the deterministic mode (same kernels' order of
     // operations), dQ of both runs (different addition orders) within tolerance.
-    let (first, second, log) = run_both(exe, |m| backward_job(case, &bufs, m, true), &["dq"])
-        .map_err(|e| format!("backward, atomic dQ: {e}"))?;
-    e.log += &log;
-    for (run, after) in [("ascending", &first), ("descending", &second)] {
-        let g = case
-            .bwd_outputs(&bufs, after)
-            .map_err(|e| format!("backward, atomic dQ, {run} run: {e}"))?;
-        if g.dk != grads.dk || g.dv != grads.dv {
-            return Err(format!(
-                "backward, atomic dQ, {run} run: dk / dv differ from the deterministic mode's"
-            ));
+    //
+    // The 128-key dK/dV kernels (`DK_ATTENTION_BWD=wide`): each dV element sums the same 16-query
+    // MMA terms in the same order as the 64-key kernel (the extra terms of rows a key does not
+    // see are exact zeros), so dv is bitwise the 64-key kernel's, and so is the deterministic dq
+    // (the same dQ kernel). dk is not: its dS = P∘(dP − Delta) takes P rounded to the input
+    // type (read back from the Pᵀ tile), where the 64-key kernel keeps P in f32; it is checked
+    // against the reference instead.
+    let wide_det = run_both(exe, |m| backward_job(case, &bufs, m, false, true), &[])
+        .map_err(|e| format!("backward, 128-key dK/dV: {e}"))?;
+    e.log += &wide_det.2;
+    let wide_grads = case
+        .bwd_outputs(&bufs, &wide_det.0)
+        .map_err(|e| format!("backward, 128-key dK/dV: {e}"))?;
+    if wide_grads.dv != grads.dv || wide_grads.dq != grads.dq {
+        return Err("backward, 128-key dK/dV: dv or dq not bitwise the 64-key kernel's".into());
+    }
+    e.dk_wide = close_floor(
+        "dk (128-key)",
+        &wide_grads.dk,
+        &want.dk,
+        tol(case.dtype),
+        floor,
+    )
+    .map_err(|e| format!("backward, 128-key dK/dV: {e}"))?;
+    check_zeros(case, &fwd.out, Some(&wide_grads))
+        .map_err(|e| format!("backward, 128-key dK/dV: {e}"))?;
+    for wide in [false, true] {
+        let what = if wide {
+            "backward, 128-key dK/dV, atomic dQ"
+        } else {
+            "backward, atomic dQ"
+        };
+        let (first, second, log) =
+            run_both(exe, |m| backward_job(case, &bufs, m, true, wide), &["dq"])
+                .map_err(|e| format!("{what}: {e}"))?;
+        e.log += &log;
+        for (run, after) in [("ascending", &first), ("descending", &second)] {
+            let g = case
+                .bwd_outputs(&bufs, after)
+                .map_err(|e| format!("{what}, {run} run: {e}"))?;
+            let same_dk = if wide { &wide_grads.dk } else { &grads.dk };
+            if &g.dk != same_dk || g.dv != grads.dv {
+                return Err(format!(
+                    "{what}, {run} run: dk / dv differ from the deterministic mode's"
+                ));
+            }
+            let err = close_floor("dq (atomic)", &g.dq, &want.dq, tol(case.dtype), floor)
+                .map_err(|e| format!("{what}, {run} run: {e}"))?;
+            e.dq_atomic = e.dq_atomic.max(err);
+            check_zeros(case, &fwd.out, Some(&g)).map_err(|e| format!("{what}, {run} run: {e}"))?;
         }
-        let err = close_floor("dq (atomic)", &g.dq, &want.dq, tol(case.dtype), floor)
-            .map_err(|e| format!("backward, atomic dQ, {run} run: {e}"))?;
-        e.dq_atomic = e.dq_atomic.max(err);
-        check_zeros(case, &fwd.out, Some(&g))
-            .map_err(|e| format!("backward, atomic dQ, {run} run: {e}"))?;
     }
     e.secs = t0.elapsed().as_secs_f64();
     Ok(e)
@@ -938,8 +989,8 @@ fn attention_kernels_match_the_cpu_backend() {
             Ok(e) => {
                 eprintln!(
                     "ok   {what}: out {:.1e} lse {:.1e} dq {:.1e} (atomic {:.1e}) dk {:.1e} \
-                     dv {:.1e} ({:.1}s)",
-                    e.out, e.lse, e.dq, e.dq_atomic, e.dk, e.dv, e.secs
+                     (128-key {:.1e}) dv {:.1e} ({:.1}s)",
+                    e.out, e.lse, e.dq, e.dq_atomic, e.dk, e.dk_wide, e.dv, e.secs
                 );
                 if std::env::var_os("DK_ATTENTION_SIM_LOG").is_some() {
                     eprint!("{}", e.log);
@@ -1030,15 +1081,20 @@ fn garbage_offsets_stay_in_bounds() {
             for mode in [Mode::EagerAscending, Mode::LateDescending] {
                 let mut jobs = [
                     forward_job(&case, &fwd, mode, MAX_GRID_YZ),
-                    backward_job(&case, &bwd, mode, false),
-                    backward_job(&case, &bwd, mode, true),
+                    backward_job(&case, &bwd, mode, false, false),
+                    backward_job(&case, &bwd, mode, true, false),
+                    backward_job(&case, &bwd, mode, false, true),
+                    backward_job(&case, &bwd, mode, true, true),
                 ];
                 for job in &mut jobs {
                     job.single_stores = false;
-                    let what = match (job.backward, job.atomic_dq) {
-                        (false, _) => "forward",
-                        (true, false) => "backward",
-                        (true, true) => "backward (atomic dQ)",
+                    let wide = job.launches.iter().any(|l| l.kernel >= 6);
+                    let what = match (job.backward, job.atomic_dq, wide) {
+                        (false, _, _) => "forward",
+                        (true, false, false) => "backward",
+                        (true, true, false) => "backward (atomic dQ)",
+                        (true, false, true) => "backward (128-key dK/dV)",
+                        (true, true, true) => "backward (128-key dK/dV, atomic dQ)",
                     };
                     let res = job
                         .run(&exe)

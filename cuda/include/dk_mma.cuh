@@ -86,10 +86,15 @@ __device__ __forceinline__ float exp2_fast(float x) { return fast_exp2(x); }
 // ---- Shared-memory accesses by address ------------------------------------------------
 namespace dk {
 
-// 32-bit store / 16-byte load at a shared-memory address (from smem_addr), e.g. staging an
-// output tile written from mma accumulators and read back as 16-byte rows.
+// 32-bit store and load / 16-byte load at a shared-memory address (from smem_addr), e.g.
+// staging an output tile written from mma accumulators and read back as 16-byte rows.
 __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint32_t ld_shared_b32(uint32_t addr) {
+  uint32_t r;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(r) : "r"(addr) : "memory");
+  return r;
 }
 __device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
   uint4 r;

@@ -126,6 +126,22 @@ __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
   return w;
 }
 
+// The two 16-bit elements of a pack2 register as f32 (low half first): exact.
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t w);
+
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t w) {
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+}
+
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t w) {
+  __half2 h;
+  memcpy(&h, &w, sizeof(h));
+  return __half22float2(h);
+}
+
 // 8 values rounded to T and packed as they lie in memory (the inverse of unpack8).
 template <typename T>
 __device__ __forceinline__ Raw8<T> pack8(const float v[kVec]) {

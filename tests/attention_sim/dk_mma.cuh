@@ -48,10 +48,16 @@ template <int N> inline void cp_async_wait() { sim::cp_wait(N); }
 // ex2.approx.ftz.f32.
 inline float exp2_fast(float x) { return sim::ex2_ftz(x); }
 
-// st.shared.b32 / ld.shared.v4.b32 at a shared offset.
+// st.shared.b32 / ld.shared.b32 / ld.shared.v4.b32 at a shared offset.
 inline void st_shared_b32(uint32_t addr, uint32_t v) {
   sim::check_smem(addr, 4, 4, "st.shared.b32", true);
   memcpy(sim::S.smem + addr, &v, 4);
+}
+inline uint32_t ld_shared_b32(uint32_t addr) {
+  sim::check_smem(addr, 4, 4, "ld.shared.b32", false);
+  uint32_t w;
+  memcpy(&w, sim::S.smem + addr, 4);
+  return w;
 }
 inline uint4 ld_shared_v4(uint32_t addr) {
   sim::check_smem(addr, 16, 16, "ld.shared.v4", false);

@@ -19,11 +19,17 @@
 //! computes dK and dV as kernel 2 and adds each step's `dS·K` into the accumulator with f32
 //! reductions in L2; `dk_attn_bwd_dq_convert_*` writes `dq = scale · accumulator`. dk and dv stay
 //! bitwise reproducible; dq varies in its last bits from run to run (addition order).
+//!
+//! `DK_ATTENTION_BWD=wide` (A/B until measured on a GPU) runs dK/dV in 128-key blocks of 8 warps
+//! instead (`dk_attn_bwd_dkdvw_*`, `dk_attn_bwd_dkdvdqw_*`: each warp owns 32 keys, so every
+//! shared-memory B fragment feeds two MMA row tiles, FlashAttention-2's layout), in both modes,
+//! where the device allows their 161 KiB of shared memory (D = 128); otherwise, and by
+//! default, the 64-key kernels above. [`dkdv_kernels_used`] lists what ran.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::shape::{to_i32, AttentionShape};
 use crate::attention::RawAttentionBackward;
@@ -154,6 +160,14 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_attn_bwd_dq_convert_bf16_d128",
     "dk_attn_bwd_dq_convert_f16_d64",
     "dk_attn_bwd_dq_convert_f16_d128",
+    "dk_attn_bwd_dkdvw_bf16_d64",
+    "dk_attn_bwd_dkdvw_bf16_d128",
+    "dk_attn_bwd_dkdvw_f16_d64",
+    "dk_attn_bwd_dkdvw_f16_d128",
+    "dk_attn_bwd_dkdvdqw_bf16_d64",
+    "dk_attn_bwd_dkdvdqw_bf16_d128",
+    "dk_attn_bwd_dkdvdqw_f16_d64",
+    "dk_attn_bwd_dkdvdqw_f16_d128",
 ];
 
 /// Threads per block of the Delta kernel (`kDeltaThreads`); D / 8 threads per (row, head).
@@ -166,6 +180,44 @@ const DKDV_KEYS: usize = 64;
 const DQ_QUERIES: usize = 64;
 /// Alignment of every workspace region.
 const REGION_ALIGN: usize = 256;
+/// Threads per block of the 128-key dK/dV kernels (`DkdvWideTile::kThreads`: 8 warps of 32 keys).
+const WIDE_THREADS: u32 = 256;
+/// Key rows per block of the 128-key dK/dV kernels (`DkdvWideTile::kBc`).
+const WIDE_KEYS: usize = 128;
+/// Query rows per loop step of the 128-key dK/dV kernels (`DkdvWideTile::kBr`), also the row
+/// width of their Pᵀ and dSᵀ tiles.
+const WIDE_QUERIES: usize = 64;
+
+/// Dynamic shared memory of the 128-key dK/dV kernels, with or without atomic dQ
+/// (`DkdvWideTile::kSmemBytes`): K and V of the block's keys, two stages of Q and dO tiles, the
+/// Pᵀ and dSᵀ tiles, two stages of LSE and Delta.
+fn dkdv_wide_smem_bytes(head_dim: usize) -> usize {
+    let (bc, br) = (WIDE_KEYS, WIDE_QUERIES);
+    (2 * bc * head_dim + 4 * br * head_dim + 2 * bc * br) * 2 + 4 * br * 4
+}
+
+/// `DK_ATTENTION_BWD=wide`, read once: the 128-key dK/dV kernels where the device opted them in.
+fn wide_requested() -> bool {
+    static C: OnceLock<bool> = OnceLock::new();
+    *C.get_or_init(|| std::env::var("DK_ATTENTION_BWD").is_ok_and(|v| v == "wide"))
+}
+
+/// The distinct dK/dV kernels this process launched, for [`dkdv_kernels_used`].
+static DKDV_USED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+
+/// The dK/dV kernels the attention backward calls of this process ran (e.g.
+/// `dk_attn_bwd_dkdvw_bf16_d128`), in first-use order: benchmarks print them, so that an A/B run
+/// (`DK_ATTENTION_BWD=wide`) says what it measured.
+pub fn dkdv_kernels_used() -> Vec<&'static str> {
+    DKDV_USED.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+fn note_dkdv(name: &'static str) {
+    let mut used = DKDV_USED.lock().unwrap_or_else(|p| p.into_inner());
+    if !used.contains(&name) {
+        used.push(name);
+    }
+}
 
 /// Query rows per loop step of the dK/dV kernel (`DkdvTile::kBr`).
 fn dkdv_queries(head_dim: usize) -> usize {
@@ -257,8 +309,20 @@ fn launch(
 }
 
 /// Opts the dK/dV and dQ kernels in to their dynamic shared memory (over the 48 KB default),
-/// once when a device opens.
-pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Result<()> {
+/// once when a device opens. Returns whether the 128-key dK/dV kernels were accepted too (their
+/// 161 KiB at D = 128 exceed what some devices allow a block): only then may
+/// `DK_ATTENTION_BWD=wide` select them.
+pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Result<bool> {
+    let set = |name: &str, bytes: usize| -> Result<()> {
+        if let Some(f) = functions.get(name) {
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )?;
+        }
+        Ok(())
+    };
+    let mut wide = true;
     for t in ["bf16", "f16"] {
         for d in [64, 128] {
             for (kernel, bytes) in [
@@ -266,17 +330,15 @@ pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Resu
                 ("dkdvdq", dkdvdq_smem_bytes(d)),
                 ("dq", dq_smem_bytes(d)),
             ] {
+                set(&format!("dk_attn_bwd_{kernel}_{t}_d{d}"), bytes)?;
+            }
+            for kernel in ["dkdvw", "dkdvdqw"] {
                 let name = format!("dk_attn_bwd_{kernel}_{t}_d{d}");
-                if let Some(f) = functions.get(name.as_str()) {
-                    f.set_attribute(
-                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        bytes as i32,
-                    )?;
-                }
+                wide &= set(&name, dkdv_wide_smem_bytes(d)).is_ok();
             }
         }
     }
-    Ok(())
+    Ok(wide)
 }
 
 /// Backward pass on the caller's stream: dq, dk, dv, in the mode `raw.deterministic` asks for
@@ -350,7 +412,13 @@ pub(crate) fn backward(
         "the Delta grid (blocks)",
         delta_items.div_ceil(DELTA_THREADS as usize / (d / 8)),
     )? as u32;
-    let dkdv_blocks = grid_blocks("dK/dV", sh.seqlen_k, DKDV_KEYS, sh.batch, raw.heads_kv)?;
+    let wide = wide_requested() && dev.attention_wide_bwd();
+    let (dkdv_keys, dkdv_threads) = if wide {
+        (WIDE_KEYS, WIDE_THREADS)
+    } else {
+        (DKDV_KEYS, THREADS)
+    };
+    let dkdv_blocks = grid_blocks("dK/dV", sh.seqlen_k, dkdv_keys, sh.batch, raw.heads_kv)?;
     let dq_blocks = grid_blocks("dQ", sh.seqlen_q, DQ_QUERIES, sh.batch, raw.heads_q)?;
     if sh.total_q == 0 && sh.total_k == 0 {
         return Ok(()); // no row to write
@@ -360,17 +428,14 @@ pub(crate) fn backward(
     // `configure` when the device opened).
     let atomic_dq = !raw.deterministic;
     let f_delta = dev.function(&format!("dk_attn_bwd_delta_{t}_d{d}"))?;
-    let (f_dkdv, dkdv_smem) = if atomic_dq {
-        (
-            dev.function(&format!("dk_attn_bwd_dkdvdq_{t}_d{d}"))?,
-            dkdvdq_smem_bytes(d),
-        )
-    } else {
-        (
-            dev.function(&format!("dk_attn_bwd_dkdv_{t}_d{d}"))?,
-            dkdv_smem_bytes(d),
-        )
+    let (dkdv_kernel, dkdv_smem) = match (wide, atomic_dq) {
+        (true, true) => ("dkdvdqw", dkdv_wide_smem_bytes(d)),
+        (true, false) => ("dkdvw", dkdv_wide_smem_bytes(d)),
+        (false, true) => ("dkdvdq", dkdvdq_smem_bytes(d)),
+        (false, false) => ("dkdv", dkdv_smem_bytes(d)),
     };
+    let dkdv_name = format!("dk_attn_bwd_{dkdv_kernel}_{t}_d{d}");
+    let f_dkdv = dev.function(&dkdv_name)?;
     let (f_dq, dq_smem) = if atomic_dq {
         (
             dev.function(&format!("dk_attn_bwd_dq_convert_{t}_d{d}"))?,
@@ -424,7 +489,10 @@ pub(crate) fn backward(
         launch(&stream, f_delta, &args, delta_blocks, DELTA_THREADS, 0)?;
     }
     if sh.total_k > 0 {
-        launch(&stream, f_dkdv, &args, dkdv_blocks, THREADS, dkdv_smem)?;
+        launch(&stream, f_dkdv, &args, dkdv_blocks, dkdv_threads, dkdv_smem)?;
+        if let Some(name) = KERNEL_NAMES.iter().find(|n| **n == dkdv_name) {
+            note_dkdv(name);
+        }
     }
     if sh.total_q > 0 {
         if atomic_dq {
@@ -494,5 +562,9 @@ mod tests {
         assert_eq!(dq_smem_bytes(128), 65_536);
         assert_eq!(dkdvdq_smem_bytes(64), 58_368);
         assert_eq!(dkdvdq_smem_bytes(128), 74_240);
+        // 128-key kernels: 161 KiB at D = 128, under the 227 KiB a Hopper block may opt into
+        // (and the 163 KiB of an A100).
+        assert_eq!(dkdv_wide_smem_bytes(64), 99_328);
+        assert_eq!(dkdv_wide_smem_bytes(128), 164_864);
     }
 }

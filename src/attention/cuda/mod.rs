@@ -6,6 +6,7 @@ mod shape;
 
 #[doc(hidden)]
 pub use backward::attention_bwd_args_layout;
+pub use backward::dkdv_kernels_used;
 pub(crate) use backward::{backward, backward_workspace_size, configure};
 #[doc(hidden)]
 pub use forward::attention_fwd_args_layout;
