@@ -412,6 +412,127 @@ __device__ __forceinline__ void dq_tile_red(uint32_t ds_tile, uint32_t k_tile, u
     }
 }
 
+// What both dK/dV kernels share: the block's keys (grid key tiles outermost, so the
+// causal-heavy first tiles of every head start first), the query tiles that see them (causal:
+// from the one holding the first query that sees key k0, to the last), and the loads of a loop
+// step: the Q and dO tiles of (query head, query tile) `idx` by cp.async, their LSE and Delta
+// entries (threads 0 .. 2 Br - 1, one each) by a plain load into `lse_delta`, stored to shared
+// memory after the step (its latency hides behind the MMAs). Bc keys per block, Br queries per
+// step, NT threads.
+template <typename T, int D, int Bc, int Br, int NT>
+struct DkdvWalk {
+  const DkAttentionBwdArgs& a;
+  Seq sq{};
+  int b = 0, hk = 0, k0 = 0, group = 0, off = 0, m_begin = 0, n_m = 0, steps = 0;
+  float lse_delta = 0.f;
+
+  __device__ __forceinline__ explicit DkdvWalk(const DkAttentionBwdArgs& args) : a(args) {}
+
+  // False when the block is past its sequence's keys (varlen grid bound): it owns no row.
+  __device__ __forceinline__ bool init() {
+    const DkAttentionShape& s = a.shape;
+    const unsigned bh = static_cast<unsigned>(s.batch) * static_cast<unsigned>(s.heads_kv);
+    const int tile = static_cast<int>(blockIdx.x / bh);
+    const int rest = static_cast<int>(blockIdx.x % bh);
+    b = rest / s.heads_kv;
+    hk = rest % s.heads_kv;
+    sq = seq_of(s, b);
+    k0 = tile * Bc;
+    if (k0 >= sq.len_k) return false;
+    group = s.heads_q / s.heads_kv;
+    off = sq.len_k - sq.len_q;  // causal: query i sees key j iff j <= i + off
+    const int i_min = s.causal ? max(0, k0 - off) : 0;
+    if (i_min < sq.len_q) {
+      m_begin = i_min / Br;
+      n_m = cdiv(sq.len_q, Br) - m_begin;
+    }
+    steps = group * n_m;
+    return true;
+  }
+  __device__ __forceinline__ int n_iter() const { return steps; }
+  __device__ __forceinline__ int head(int idx) const { return hk * group + idx / n_m; }
+  __device__ __forceinline__ int q0(int idx) const { return (m_begin + idx % n_m) * Br; }
+
+  // The block's K and V rows (zero-filled past the sequence's keys).
+  __device__ __forceinline__ void load_kv(T* sK, T* sV, int tid) const {
+    const int64_t krow = static_cast<int64_t>(sq.k_start) + k0;
+    load_rows<T, D, Bc, NT>(sK, reinterpret_cast<const T*>(a.k) + krow * a.k_stride + hk * D,
+                            a.k_stride, sq.len_k - k0, tid);
+    load_rows<T, D, Bc, NT>(sV, reinterpret_cast<const T*>(a.v) + krow * a.v_stride + hk * D,
+                            a.v_stride, sq.len_k - k0, tid);
+  }
+
+  // Step idx's Q and dO tiles into sQ / sdO (its stage), its LSE or Delta entry into lse_delta.
+  __device__ __forceinline__ void load_stage(int idx, T* sQ, T* sdO, int tid) {
+    const int hq = head(idx), q = q0(idx);
+    const int64_t row = static_cast<int64_t>(sq.q_start) + q;
+    load_rows<T, D, Br, NT>(sQ, reinterpret_cast<const T*>(a.q) + row * a.q_stride + hq * D,
+                            a.q_stride, sq.len_q - q, tid);
+    load_rows<T, D, Br, NT>(sdO, reinterpret_cast<const T*>(a.dout) + row * a.dout_stride + hq * D,
+                            a.dout_stride, sq.len_q - q, tid);
+    if (tid < 2 * Br) {
+      const bool is_delta = tid >= Br;
+      const int r = is_delta ? tid - Br : tid;
+      if (q + r < sq.len_q) {
+        const float* glse = reinterpret_cast<const float*>(a.lse);
+        const float* gdelta = reinterpret_cast<const float*>(a.delta);
+        lse_delta = (is_delta ? gdelta : glse)[lse_base(a.shape, b, hq, sq.q_start) + q + r];
+      } else {
+        lse_delta = is_delta ? 0.f : neg_inf();  // past the end: P = 0, Delta = 0
+      }
+    }
+  }
+
+  // Thread tid < Br owns sLse[tid], Br <= tid < 2 Br owns sDelta[tid - Br] (of one stage).
+  __device__ __forceinline__ void store_lse_delta(float* sLse, float* sDelta, int tid) const {
+    if (tid < 2 * Br) (tid < Br ? sLse : sDelta)[tid % Br] = lse_delta;
+  }
+
+  // The loop's shared-memory stages: sQ, sdO [2][Br][D], sLse, sDelta [2][Br].
+  struct Stages {
+    T* q;
+    T* dout;
+    float* lse;
+    float* delta;
+  };
+
+  // Before the loop: K, V and stage 0 in flight, stage 0's LSE and Delta stored.
+  __device__ __forceinline__ void start(T* sK, T* sV, const Stages& st, int tid) {
+    load_kv(sK, sV, tid);
+    load_stage(0, st.q, st.dout, tid);
+    cp_async_commit();
+    store_lse_delta(st.lse, st.delta, tid);
+  }
+
+  // Start of step idx (stage idx & 1): its stage has landed for every thread and every warp is
+  // done with step idx - 1 (whose stage buffers the next loads overwrite); step idx + 1's loads
+  // are issued.
+  __device__ __forceinline__ void begin_step(int idx, const Stages& sm, int tid) {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (idx + 1 < steps) {
+      const int nx = (idx + 1) & 1;
+      load_stage(idx + 1, sm.q + nx * Br * D, sm.dout + nx * Br * D, tid);
+      cp_async_commit();
+    }
+  }
+
+  // End of step idx: step idx + 1's LSE and Delta to their stage (released by this step's
+  // first barrier).
+  __device__ __forceinline__ void end_step(int idx, const Stages& sm, int tid) const {
+    if (idx + 1 < steps) {
+      const int nx = (idx + 1) & 1;
+      store_lse_delta(sm.lse + nx * Br, sm.delta + nx * Br, tid);
+    }
+  }
+
+  // Whether some score of the step at query tile q0 is masked (keys past the end, or the
+  // causal diagonal).
+  __device__ __forceinline__ bool need_mask(int q0) const {
+    return k0 + Bc > sq.len_k || (a.shape.causal && k0 + Bc - 1 > q0 + off);
+  }
+};
+
 template <typename T, int D, bool kAtomicDq>
 __device__ __forceinline__ void dkdv_kernel(const DkAttentionBwdArgs& a, char* smem) {
   constexpr int Bc = DkdvTile<D>::kBc, Br = DkdvTile<D>::kBr, W = DkdvTile<D>::kDsW;
@@ -419,29 +540,11 @@ __device__ __forceinline__ void dkdv_kernel(const DkAttentionBwdArgs& a, char* s
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
 
-  // Block -> (key tile, sequence, KV head); key tiles outermost so the causal-heavy first tiles
-  // of every head start first.
-  const unsigned bh = static_cast<unsigned>(s.batch) * static_cast<unsigned>(s.heads_kv);
-  const int tile = static_cast<int>(blockIdx.x / bh);
-  const int rest = static_cast<int>(blockIdx.x % bh);
-  const int b = rest / s.heads_kv, hk = rest % s.heads_kv;
-  const Seq sq = seq_of(s, b);
-  const int k0 = tile * Bc;
-  if (k0 >= sq.len_k) return;  // past this sequence's keys (varlen grid bound): owns no row
-  const int group = s.heads_q / s.heads_kv;
-  const int off = sq.len_k - sq.len_q;  // causal: query i sees key j iff j <= i + off
-
-  // Query tiles that see some key of the tile: from the one holding the first query that sees
-  // key k0 (causal) to the last.
-  int m_begin = 0, n_m = 0;
-  {
-    const int i_min = s.causal ? max(0, k0 - off) : 0;
-    if (i_min < sq.len_q) {
-      m_begin = i_min / Br;
-      n_m = cdiv(sq.len_q, Br) - m_begin;
-    }
-  }
-  const int n_iter = group * n_m;
+  DkdvWalk<T, D, Bc, Br, kThreads> walk(a);
+  if (!walk.init()) return;
+  const Seq& sq = walk.sq;
+  const int k0 = walk.k0, off = walk.off, hk = walk.hk;
+  const int n_iter = walk.n_iter();
 
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + Bc * D;
@@ -477,64 +580,17 @@ __device__ __forceinline__ void dkdv_kernel(const DkAttentionBwdArgs& a, char* s
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
   if (n_iter > 0) {
-    const T* gq = reinterpret_cast<const T*>(a.q);
-    const T* gdo = reinterpret_cast<const T*>(a.dout);
-    const float* glse = reinterpret_cast<const float*>(a.lse);
-    const float* gdelta = reinterpret_cast<const float*>(a.delta);
-
-    // Stage `st` of iteration `idx`: Q and dO tiles by cp.async; the LSE and Delta entries of the
-    // tile (threads 0 .. 2 Br - 1, one each) by a plain load into `lse_delta`, which the caller
-    // stores to shared memory after the loop step (the load's latency hides behind the MMAs).
-    float lse_delta = 0.f;
-    auto load_stage = [&](int idx, int st) {
-      const int hq = hk * group + idx / n_m;
-      const int q0 = (m_begin + idx % n_m) * Br;
-      const int64_t row = static_cast<int64_t>(sq.q_start) + q0;
-      load_rows<T, D, Br>(sQ + st * Br * D, gq + row * a.q_stride + hq * D, a.q_stride,
-                          sq.len_q - q0, tid);
-      load_rows<T, D, Br>(sdO + st * Br * D, gdo + row * a.dout_stride + hq * D, a.dout_stride,
-                          sq.len_q - q0, tid);
-      if (tid < 2 * Br) {
-        const bool is_delta = tid >= Br;
-        const int r = is_delta ? tid - Br : tid;
-        if (q0 + r < sq.len_q) {
-          lse_delta = (is_delta ? gdelta : glse)[lse_base(s, b, hq, sq.q_start) + q0 + r];
-        } else {
-          lse_delta = is_delta ? 0.f : neg_inf();  // past the end: P = 0, Delta = 0
-        }
-      }
-    };
-    // Thread tid < Br owns sLse[st][tid], Br <= tid < 2 Br owns sDelta[st][tid - Br].
-    auto store_lse_delta = [&](int st) {
-      if (tid < 2 * Br) (tid < Br ? sLse : sDelta)[st * Br + tid % Br] = lse_delta;
-    };
-
-    {
-      const int64_t krow = static_cast<int64_t>(sq.k_start) + k0;
-      load_rows<T, D, Bc>(sK, reinterpret_cast<const T*>(a.k) + krow * a.k_stride + hk * D,
-                          a.k_stride, sq.len_k - k0, tid);
-      load_rows<T, D, Bc>(sV, reinterpret_cast<const T*>(a.v) + krow * a.v_stride + hk * D,
-                          a.v_stride, sq.len_k - k0, tid);
-    }
-    load_stage(0, 0);
-    cp_async_commit();
-    store_lse_delta(0);
+    const typename DkdvWalk<T, D, Bc, Br, kThreads>::Stages stages{sQ, sdO, sLse, sDelta};
+    walk.start(sK, sV, stages, tid);
 
     const uint32_t sK_a = smem_addr(sK), sV_a = smem_addr(sV);
     const float scale_log2 = s.scale_log2;
 
     for (int idx = 0; idx < n_iter; ++idx) {
       const int st = idx & 1;
-      // Stage idx has landed for every thread, and every warp is done with stage idx - 1,
-      // whose buffers the next loads overwrite.
-      cp_async_wait<0>();
-      __syncthreads();
-      if (idx + 1 < n_iter) {
-        load_stage(idx + 1, st ^ 1);
-        cp_async_commit();
-      }
-      const int q0 = (m_begin + idx % n_m) * Br;
-      const bool need_mask = k0 + Bc > sq.len_k || (s.causal && k0 + Bc - 1 > q0 + off);
+      walk.begin_step(idx, stages, tid);
+      const int q0 = walk.q0(idx);
+      const bool need_mask = walk.need_mask(q0);
       const uint32_t sQ_a = smem_addr(sQ + st * Br * D), sdO_a = smem_addr(sdO + st * Br * D);
 
       // S^T = K Q^T (16 key rows x Br queries per warp).
@@ -597,7 +653,7 @@ __device__ __forceinline__ void dkdv_kernel(const DkAttentionBwdArgs& a, char* s
             st_shared_b32(sdS_a + 2 * (swz<W>(warp * 16 + g + 8 * r, nt) + 2 * t),
                           pack2<T>(dp[nt][2 * r], dp[nt][2 * r + 1]));
         __syncthreads();
-        const int hq = hk * group + idx / n_m;
+        const int hq = walk.head(idx);
         const int64_t stride = static_cast<int64_t>(s.heads_q) * D;
         dq_tile_red<T, D, Br, Bc, W, 2>(
             sdS_a, sK_a, ds_off, a_off,
@@ -606,8 +662,7 @@ __device__ __forceinline__ void dkdv_kernel(const DkAttentionBwdArgs& a, char* s
             stride, sq.len_q - q0, warp, lane);
       }
 
-      // The next stage's LSE and Delta (its buffers were released by this step's barrier).
-      if (idx + 1 < n_iter) store_lse_delta(st ^ 1);
+      walk.end_step(idx, stages, tid);
     }
     // Atomic-dQ mode: every warp read all of sK for dQ; the staging below overwrites it.
     if constexpr (kAtomicDq) __syncthreads();
@@ -660,26 +715,11 @@ __device__ __forceinline__ void dkdv_wide_kernel(const DkAttentionBwdArgs& a, ch
   const int g = lane >> 2, t = lane & 3;
   const int kg = warp >> 1, half = warp & 1;
 
-  // Block -> (key tile, sequence, KV head), key tiles outermost (as dkdv_kernel).
-  const unsigned bh = static_cast<unsigned>(s.batch) * static_cast<unsigned>(s.heads_kv);
-  const int tile = static_cast<int>(blockIdx.x / bh);
-  const int rest = static_cast<int>(blockIdx.x % bh);
-  const int b = rest / s.heads_kv, hk = rest % s.heads_kv;
-  const Seq sq = seq_of(s, b);
-  const int k0 = tile * Bc;
-  if (k0 >= sq.len_k) return;
-  const int group = s.heads_q / s.heads_kv;
-  const int off = sq.len_k - sq.len_q;
-
-  int m_begin = 0, n_m = 0;
-  {
-    const int i_min = s.causal ? max(0, k0 - off) : 0;
-    if (i_min < sq.len_q) {
-      m_begin = i_min / Br;
-      n_m = cdiv(sq.len_q, Br) - m_begin;
-    }
-  }
-  const int n_iter = group * n_m;
+  DkdvWalk<T, D, Bc, Br, NT> walk(a);
+  if (!walk.init()) return;
+  const Seq& sq = walk.sq;
+  const int k0 = walk.k0, off = walk.off, hk = walk.hk;
+  const int n_iter = walk.n_iter();
 
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + Bc * D;
@@ -710,46 +750,8 @@ __device__ __forceinline__ void dkdv_wide_kernel(const DkAttentionBwdArgs& a, ch
       for (int e = 0; e < 4; ++e) dk[mt][i][e] = dv[mt][i][e] = 0.f;
 
   if (n_iter > 0) {
-    const T* gq = reinterpret_cast<const T*>(a.q);
-    const T* gdo = reinterpret_cast<const T*>(a.dout);
-    const float* glse = reinterpret_cast<const float*>(a.lse);
-    const float* gdelta = reinterpret_cast<const float*>(a.delta);
-
-    // As in dkdv_kernel: Q and dO of iteration idx into stage st by cp.async, its LSE and Delta
-    // (threads 0 .. 2 Br - 1) into a register stored after the step.
-    float lse_delta = 0.f;
-    auto load_stage = [&](int idx, int st) {
-      const int hq = hk * group + idx / n_m;
-      const int q0 = (m_begin + idx % n_m) * Br;
-      const int64_t row = static_cast<int64_t>(sq.q_start) + q0;
-      load_rows<T, D, Br, NT>(sQ + st * Br * D, gq + row * a.q_stride + hq * D, a.q_stride,
-                              sq.len_q - q0, tid);
-      load_rows<T, D, Br, NT>(sdO + st * Br * D, gdo + row * a.dout_stride + hq * D,
-                              a.dout_stride, sq.len_q - q0, tid);
-      if (tid < 2 * Br) {
-        const bool is_delta = tid >= Br;
-        const int r = is_delta ? tid - Br : tid;
-        if (q0 + r < sq.len_q) {
-          lse_delta = (is_delta ? gdelta : glse)[lse_base(s, b, hq, sq.q_start) + q0 + r];
-        } else {
-          lse_delta = is_delta ? 0.f : neg_inf();
-        }
-      }
-    };
-    auto store_lse_delta = [&](int st) {
-      if (tid < 2 * Br) (tid < Br ? sLse : sDelta)[st * Br + tid % Br] = lse_delta;
-    };
-
-    {
-      const int64_t krow = static_cast<int64_t>(sq.k_start) + k0;
-      load_rows<T, D, Bc, NT>(sK, reinterpret_cast<const T*>(a.k) + krow * a.k_stride + hk * D,
-                              a.k_stride, sq.len_k - k0, tid);
-      load_rows<T, D, Bc, NT>(sV, reinterpret_cast<const T*>(a.v) + krow * a.v_stride + hk * D,
-                              a.v_stride, sq.len_k - k0, tid);
-    }
-    load_stage(0, 0);
-    cp_async_commit();
-    store_lse_delta(0);
+    const typename DkdvWalk<T, D, Bc, Br, NT>::Stages stages{sQ, sdO, sLse, sDelta};
+    walk.start(sK, sV, stages, tid);
 
     const uint32_t sK_a = smem_addr(sK), sV_a = smem_addr(sV);
     const uint32_t sP_a = smem_addr(sP), sdS_a = smem_addr(sdS);
@@ -757,26 +759,14 @@ __device__ __forceinline__ void dkdv_wide_kernel(const DkAttentionBwdArgs& a, ch
 
     for (int idx = 0; idx < n_iter; ++idx) {
       const int st = idx & 1;
-      // Stage idx has landed for every thread; every warp is done with step idx - 1 (its stage
-      // buffers, which the next loads overwrite, and its reads of the P^T / dS^T tiles).
-      cp_async_wait<0>();
-      __syncthreads();
-      if (idx + 1 < n_iter) {
-        load_stage(idx + 1, st ^ 1);
-        cp_async_commit();
-      }
-      const int q0 = (m_begin + idx % n_m) * Br;
-      const bool need_mask = k0 + Bc > sq.len_k || (s.causal && k0 + Bc - 1 > q0 + off);
+      // Also: every warp is done with step idx - 1's reads of the P^T / dS^T tiles.
+      walk.begin_step(idx, stages, tid);
+      const int q0 = walk.q0(idx);
+      const bool need_mask = walk.need_mask(q0);
       const uint32_t sQ_a = smem_addr(sQ + st * Br * D), sdO_a = smem_addr(sdO + st * Br * D);
 
       // S^T = K Q^T: the warp's 32 keys x its 32 queries.
-      float sc[2][4][4];
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) sc[mt][i][e] = 0.f;
+      float sc[2][4][4] = {};
       mma_abt_tiles<T, D, 2, 32, 4>(sc, sK_a, 32 * kg, sQ_a, 32 * half, a_off, b_off);
 
       // P^T; element (key row 32 kg + 16 mt + g + 8 r, query column 32 half + 8 nt + 2 t + e).
@@ -814,13 +804,7 @@ __device__ __forceinline__ void dkdv_wide_kernel(const DkAttentionBwdArgs& a, ch
                           pack2<T>(sc[mt][nt][2 * r], sc[mt][nt][2 * r + 1]));
 
       // dP^T = V dO^T, then dS^T = P^T o (dP^T - Delta) to its tile.
-      float dp[2][4][4];
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) dp[mt][i][e] = 0.f;
+      float dp[2][4][4] = {};
       mma_abt_tiles<T, D, 2, 32, 4>(dp, sV_a, 32 * kg, sdO_a, 32 * half, a_off, b_off);
       const float* delta_st = sDelta + st * Br + 32 * half;
 #pragma unroll
@@ -844,7 +828,7 @@ __device__ __forceinline__ void dkdv_wide_kernel(const DkAttentionBwdArgs& a, ch
       mma_tiles_bt<T, W, D, 2, Br, HD, false, 4>(dk, sdS_a, 32 * kg, pa_off, sQ_a, HD * half, a_off);
 
       if constexpr (kAtomicDq) {
-        const int hq = hk * group + idx / n_m;
+        const int hq = walk.head(idx);
         const int64_t stride = static_cast<int64_t>(s.heads_q) * D;
         dq_tile_red<T, D, Br, Bc, W, 4, 4>(
             sdS_a, sK_a, ds_off, a_off,
@@ -853,7 +837,7 @@ __device__ __forceinline__ void dkdv_wide_kernel(const DkAttentionBwdArgs& a, ch
             stride, sq.len_q - q0, warp, lane);
       }
 
-      if (idx + 1 < n_iter) store_lse_delta(st ^ 1);
+      walk.end_step(idx, stages, tid);
     }
   }
 
