@@ -280,8 +280,8 @@ run_step dk-bench-moe 60 1 "$dk" bench --device cuda --ops moe --dtype bf16 --to
 # f64 computation and run twice for bitwise identity; ~15 s expected (input generation, checks).
 run_step dk-bench-attention 60 1 "$dk" bench --device cuda --ops attention --dtype bf16 \
   --attn-shapes phi4-mini,llama4,varlen --json "$out/dk-bench-attention.json"
-# A/B: the 128-key dK/dV kernels of 8 warps (DK_ATTENTION_BWD=wide; both backward modes), the
-# same shapes; the table's first line names the dK/dV kernels that ran.
+# A/B: the 128-key dK/dV kernels of 8 warps (DK_ATTENTION_BWD=wide, cuda/ATTENTION.md; both
+# backward modes), the same shapes; the output ends with the attention kernels that ran.
 run_step dk-bench-attention-wide 60 0 env DK_ATTENTION_BWD=wide "$dk" bench --device cuda \
   --ops attention --dtype bf16 --attn-shapes phi4-mini,llama4,varlen
 

@@ -18,7 +18,7 @@ pub(crate) mod cuda;
 mod params;
 mod validate;
 
-pub use cuda::dkdv_kernels_used;
+pub use cuda::kernels_used;
 pub use params::{AttentionParams, HEAD_DIMS, MAX_ROWS, ROW_ALIGN};
 
 use crate::device::{Backend, Context, Launch};

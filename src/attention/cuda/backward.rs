@@ -24,12 +24,12 @@
 //! instead (`dk_attn_bwd_dkdvw_*`, `dk_attn_bwd_dkdvdqw_*`: each warp owns 32 keys, so every
 //! shared-memory B fragment feeds two MMA row tiles, FlashAttention-2's layout), in both modes,
 //! where the device allows their 161 KiB of shared memory (D = 128); otherwise, and by
-//! default, the 64-key kernels above. [`dkdv_kernels_used`] lists what ran.
+//! default, the 64-key kernels above. `attention::kernels_used` lists what ran.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use super::shape::{to_i32, AttentionShape};
 use crate::attention::RawAttentionBackward;
@@ -200,23 +200,6 @@ fn dkdv_wide_smem_bytes(head_dim: usize) -> usize {
 fn wide_requested() -> bool {
     static C: OnceLock<bool> = OnceLock::new();
     *C.get_or_init(|| std::env::var("DK_ATTENTION_BWD").is_ok_and(|v| v == "wide"))
-}
-
-/// The distinct dK/dV kernels this process launched, for [`dkdv_kernels_used`].
-static DKDV_USED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
-
-/// The dK/dV kernels the attention backward calls of this process ran (e.g.
-/// `dk_attn_bwd_dkdvw_bf16_d128`), in first-use order: benchmarks print them, so that an A/B run
-/// (`DK_ATTENTION_BWD=wide`) says what it measured.
-pub fn dkdv_kernels_used() -> Vec<&'static str> {
-    DKDV_USED.lock().unwrap_or_else(|p| p.into_inner()).clone()
-}
-
-fn note_dkdv(name: &'static str) {
-    let mut used = DKDV_USED.lock().unwrap_or_else(|p| p.into_inner());
-    if !used.contains(&name) {
-        used.push(name);
-    }
 }
 
 /// Query rows per loop step of the dK/dV kernel (`DkdvTile::kBr`).
@@ -491,7 +474,7 @@ pub(crate) fn backward(
     if sh.total_k > 0 {
         launch(&stream, f_dkdv, &args, dkdv_blocks, dkdv_threads, dkdv_smem)?;
         if let Some(name) = KERNEL_NAMES.iter().find(|n| **n == dkdv_name) {
-            note_dkdv(name);
+            super::note_kernel(name);
         }
     }
     if sh.total_q > 0 {

@@ -183,6 +183,7 @@ pub(crate) fn forward(dev: &CudaDevice, raw: &RawAttention, launch: &Launch<'_>)
         dev.check_pointer(what, p)?;
     }
     let function = dev.function(name)?;
+    super::note_kernel(name);
     let mut args = AttentionFwdArgs {
         shape: AttentionShape::new(&raw.shape, raw.heads_q, raw.heads_kv, raw.causal, raw.scale)?,
         q: raw.q as u64,

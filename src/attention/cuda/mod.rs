@@ -6,7 +6,6 @@ mod shape;
 
 #[doc(hidden)]
 pub use backward::attention_bwd_args_layout;
-pub use backward::dkdv_kernels_used;
 pub(crate) use backward::{backward, backward_workspace_size, configure};
 #[doc(hidden)]
 pub use forward::attention_fwd_args_layout;
@@ -14,3 +13,21 @@ pub(crate) use forward::forward;
 
 /// Kernels the attention launchers use (loaded from the fatbin when a device opens).
 pub(crate) const KERNEL_NAMES: [&[&str]; 2] = [forward::KERNEL_NAMES, backward::KERNEL_NAMES];
+
+/// The distinct attention kernels this process launched, for [`kernels_used`].
+static USED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+
+/// Records a launched kernel (once per name).
+fn note_kernel(name: &'static str) {
+    let mut used = USED.lock().unwrap_or_else(|p| p.into_inner());
+    if !used.contains(&name) {
+        used.push(name);
+    }
+}
+
+/// The forward and dK/dV kernels the attention calls of this process ran (e.g.
+/// `dk_attn_fwd_bf16_d128`, `dk_attn_bwd_dkdvw_bf16_d128`), in first-use order: benchmarks print
+/// them, so that an A/B run (`DK_ATTENTION_BWD=wide`) says what it measured.
+pub fn kernels_used() -> Vec<&'static str> {
+    USED.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}

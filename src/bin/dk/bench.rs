@@ -1090,10 +1090,10 @@ pub fn run(args: &[String]) -> i32 {
         // Which Hopper cluster kernels served the divergence rows (the rest: one block per row).
         outln!("divergence cluster launches: {}", shapes.join("; "));
     }
-    let dkdv = distill_kernels::attention::dkdv_kernels_used();
-    if !dkdv.is_empty() {
-        // Which dK/dV kernels served the attention backward (DK_ATTENTION_BWD=wide: 128 keys).
-        outln!("attention dK/dV kernels: {}", dkdv.join(", "));
+    let attn = distill_kernels::attention::kernels_used();
+    if !attn.is_empty() {
+        // Which forward and dK/dV kernels served attention (the A/B switch DK_ATTENTION_BWD).
+        outln!("attention kernels: {}", attn.join(", "));
     }
     if let Some(why) = distill_kernels::divergence::cluster_fallback_reason() {
         // The results are right, but some rows ran the one-block kernel: say so by the numbers.
