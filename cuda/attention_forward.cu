@@ -46,6 +46,94 @@ __device__ __forceinline__ int row_limit(int k_len, int lim, int off) {
   return min(k_len - off, lim) + off;
 }
 
+// What both forward kernels share: the block's (query tile, head, sequence) — x = query tile,
+// last first (the most keys under a causal mask); y = query head (consecutive heads share a KV
+// head); z = sequence — its rows, the operands' rows, the key limits, the range of key tiles,
+// and the prologue's loads.
+template <typename T, int D, int kBlockM, int kN>
+struct FwdBlock {
+  attn::SeqRows seq;
+  int h, b, m0, q_rows, hk;
+  const T* q;  // row m0 of the sequence, head h
+  const T* k;  // row 0 of the sequence, KV head hk
+  const T* v;
+  // Key limits (exclusive): query row i of the sequence sees keys j < limit(i), where
+  // limit(i) = k_len, or min(k_len, i + 1 + k_len − q_len) with the causal mask. lim_lo is the
+  // limit of the block's first row (the smallest), lim_hi that of its last valid row, lim_g that
+  // of the thread's first row (`row_g` of the block; rows + 8, + 16, ... follow).
+  int lim_lo, lim_hi, lim_g;
+  // Tiles 0 .. n_tiles hold keys some row sees; tiles below n_full need no mask.
+  int n_tiles, n_full;
+
+  // False when the block is past its sequence's end (varlen).
+  __device__ __forceinline__ bool init(const DkAttentionFwdArgs& a, int row_g) {
+    const DkAttentionShape& s = a.shape;
+    const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
+    h = a.head_offset + static_cast<int>(blockIdx.y);
+    b = a.batch_offset + static_cast<int>(blockIdx.z);
+    seq = attn::sequence_rows(s, b);
+    m0 = m_block * kBlockM;
+    if (m0 >= seq.q_len) return false;
+    q_rows = min(kBlockM, seq.q_len - m0);
+    hk = h / (s.heads_q / s.heads_kv);
+    q = reinterpret_cast<const T*>(a.q) + static_cast<int64_t>(seq.q_start + m0) * a.q_stride +
+        h * D;
+    k = reinterpret_cast<const T*>(a.k) + static_cast<int64_t>(seq.k_start) * a.k_stride + hk * D;
+    v = reinterpret_cast<const T*>(a.v) + static_cast<int64_t>(seq.k_start) * a.v_stride + hk * D;
+    const int64_t diag1 = static_cast<int64_t>(seq.k_len) - seq.q_len + 1;
+    lim_lo = lim_hi = lim_g = seq.k_len;
+    if (s.causal) {
+      lim_lo = key_limit(seq.k_len, m0 + diag1);
+      lim_hi = key_limit(seq.k_len, m0 + q_rows - 1 + diag1);
+      lim_g = key_limit(seq.k_len, m0 + row_g + diag1);
+    }
+    n_tiles = lim_hi > 0 ? (lim_hi + kN - 1) / kN : 0;
+    n_full = lim_lo > 0 ? lim_lo / kN : 0;
+    return true;
+  }
+
+  // Prologue: the Q tile, the first (highest) K tile, as two cp.async groups (the second
+  // possibly empty: the callers' waits count on two).
+  template <int kThr>
+  __device__ __forceinline__ void prologue(uint32_t s_q, uint32_t s_k, const DkAttentionFwdArgs& a,
+                                           int tid) const {
+    attn::load_tile_async<D, kBlockM, kThr>(s_q, q, a.q_stride, q_rows, tid);
+    cp_async_commit();
+    if (n_tiles > 0) {
+      const int n = n_tiles - 1;
+      attn::load_tile_async<D, kN, kThr>(s_k, k + static_cast<int64_t>(n) * kN * a.k_stride,
+                                         a.k_stride, seq.k_len - n * kN, tid);
+    }
+    cp_async_commit();
+  }
+
+  // Start of key tile n: K(n) (and Q) landed for this thread's copies, then, after the barrier,
+  // for everyone's; everyone is done with the V buffer (the previous tile's P·V): queue V(n).
+  template <int kThr>
+  __device__ __forceinline__ void queue_v(uint32_t s_v, int n, const DkAttentionFwdArgs& a,
+                                          int tid) const {
+    cp_async_wait<0>();
+    __syncthreads();
+    attn::load_tile_async<D, kN, kThr>(s_v, v + static_cast<int64_t>(n) * kN * a.v_stride,
+                                       a.v_stride, seq.k_len - n * kN, tid);
+    cp_async_commit();
+  }
+
+  // Before P·V(n): V(n) landed everywhere and everyone is done with K(n) (and Q): queue K(n − 1),
+  // a full tile (it lies below the last tile, which holds key lim_hi − 1 < k_len).
+  template <int kThr>
+  __device__ __forceinline__ void queue_k(uint32_t s_k, int n, const DkAttentionFwdArgs& a,
+                                          int tid) const {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (n > 0) {
+      attn::load_tile_async<D, kN, kThr>(s_k, k + static_cast<int64_t>(n - 1) * kN * a.k_stride,
+                                         a.k_stride, kN, tid);
+    }
+    cp_async_commit();
+  }
+};
+
 template <int D, int kMT, int kN>
 struct Tiling {
   static constexpr int kBlockM = 16 * kMT * kWarps;  // query rows per block
@@ -95,48 +183,12 @@ __device__ __forceinline__ void forward(const DkAttentionFwdArgs& a, unsigned ch
 
   const float scale_log2 = s.scale_log2;
   const int heads_q = s.heads_q;
-  // Block → (query tile, head, sequence): x = query tile, last first (the most keys under a
-  // causal mask); y = query head (consecutive heads share a KV head); z = sequence.
-  const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
-  const int h = a.head_offset + static_cast<int>(blockIdx.y);
-  const int b = a.batch_offset + static_cast<int>(blockIdx.z);
-  const attn::SeqRows seq = attn::sequence_rows(s, b);
-  const int m0 = m_block * kBlockM;
-  if (m0 >= seq.q_len) return;  // past this sequence's end (varlen)
-  const int q_rows = min(kBlockM, seq.q_len - m0);
-  const int hk = h / (s.heads_q / s.heads_kv);
-
-  const T* q = reinterpret_cast<const T*>(a.q) +
-               static_cast<int64_t>(seq.q_start + m0) * a.q_stride + h * D;
-  const T* k =
-      reinterpret_cast<const T*>(a.k) + static_cast<int64_t>(seq.k_start) * a.k_stride + hk * D;
-  const T* v =
-      reinterpret_cast<const T*>(a.v) + static_cast<int64_t>(seq.k_start) * a.v_stride + hk * D;
-
-  // Key limits (exclusive): query row i of the sequence sees keys j < limit(i), where
-  // limit(i) = k_len, or min(k_len, i + 1 + k_len − q_len) with the causal mask. lim_lo is the
-  // limit of the block's first row (the smallest), lim_hi that of its last valid row.
-  const int64_t diag1 = static_cast<int64_t>(seq.k_len) - seq.q_len + 1;
-  int lim_lo = seq.k_len, lim_hi = seq.k_len;
-  int lim_g = seq.k_len;  // limit of this thread's first row (warp_row + g); rows + 8, + 16, ...
-  if (s.causal) {
-    lim_lo = key_limit(seq.k_len, m0 + diag1);
-    lim_hi = key_limit(seq.k_len, m0 + q_rows - 1 + diag1);
-    lim_g = key_limit(seq.k_len, m0 + warp_row + g + diag1);
-  }
-  // Tiles 0 .. n_tiles hold keys some row sees; tiles below n_full need no mask.
-  const int n_tiles = lim_hi > 0 ? (lim_hi + kN - 1) / kN : 0;
-  const int n_full = lim_lo > 0 ? lim_lo / kN : 0;
-
-  // Prologue: the Q tile, the first (highest) K tile.
-  attn::load_tile_async<D, kBlockM, kThreads>(s_q, q, a.q_stride, q_rows, tid);
-  cp_async_commit();
-  if (n_tiles > 0) {
-    const int n = n_tiles - 1;
-    attn::load_tile_async<D, kN, kThreads>(s_k, k + static_cast<int64_t>(n) * kN * a.k_stride,
-                                           a.k_stride, seq.k_len - n * kN, tid);
-  }
-  cp_async_commit();  // possibly empty: the wait below counts on two groups
+  FwdBlock<T, D, kBlockM, kN> blk;
+  if (!blk.init(a, warp_row + g)) return;  // past this sequence's end (varlen)
+  const attn::SeqRows& seq = blk.seq;
+  const int h = blk.h, b = blk.b, m0 = blk.m0, q_rows = blk.q_rows;
+  const int lim_g = blk.lim_g, n_tiles = blk.n_tiles, n_full = blk.n_full;
+  blk.template prologue<kThreads>(s_q, s_k, a, tid);
   uint32_t qf[Tl::kQInRegs ? kMT : 1][Tl::kQInRegs ? kKSteps : 1][4];
   if constexpr (Tl::kQInRegs) {
     cp_async_wait<1>();
@@ -165,13 +217,7 @@ __device__ __forceinline__ void forward(const DkAttentionFwdArgs& a, unsigned ch
   }
 
   auto tile = [&](int n, auto masked) {
-    // K(n) (and Q) landed for this thread's copies, then for everyone's; everyone is done with
-    // the V buffer (previous P·V): queue V(n).
-    cp_async_wait<0>();
-    __syncthreads();
-    attn::load_tile_async<D, kN, kThreads>(s_v, v + static_cast<int64_t>(n) * kN * a.v_stride,
-                                           a.v_stride, seq.k_len - n * kN, tid);
-    cp_async_commit();
+    blk.template queue_v<kThreads>(s_v, n, a, tid);
 
     // Opaque copies of the lane offsets: without them the compiler precomputes every
     // `offset ^ immediate` outside the loop and holds each in a register.
@@ -269,15 +315,7 @@ __device__ __forceinline__ void forward(const DkAttentionFwdArgs& a, unsigned ch
       }
     }
 
-    // V(n) has landed everywhere and everyone is done with K(n) (and Q): queue K(n − 1), a
-    // full tile (it lies below the last tile, which holds key lim_hi − 1 < k_len).
-    cp_async_wait<0>();
-    __syncthreads();
-    if (n > 0) {
-      attn::load_tile_async<D, kN, kThreads>(
-          s_k, k + static_cast<int64_t>(n - 1) * kN * a.k_stride, a.k_stride, kN, tid);
-    }
-    cp_async_commit();
+    blk.template queue_k<kThreads>(s_k, n, a, tid);
 
     // O += P · V(n): 16 kMT rows × D per warp.
 #pragma unroll
@@ -343,6 +381,272 @@ __device__ __forceinline__ void forward(const DkAttentionFwdArgs& a, unsigned ch
   attn::store_tile<D, kBlockM, kThreads>(out, a.out_stride, s_q, q_rows, tid);
 }
 
+// ---- D = 128 in 128-row blocks of 8 warps, warp pairs splitting each tile -------------------
+//
+// The kernel above gives a warp 16 rows at D = 128 (32 spill: see ATTENTION.md), so every K and V
+// fragment it reads with ldmatrix feeds one m-tile: ~312 bytes of shared-memory traffic per HMMA
+// with its share of the cp.async writes, the limit Nsight Compute showed (L1/shared 75 %, tensor
+// 51 %, H100). Here a pair of warps owns 32 rows and splits both products of each 64-key tile:
+//   S = Q·Kᵀ:   warp (pair r, half h) computes its 32 rows × keys 32 h .. 32 h + 31 (Q fragments in
+//               registers, each K fragment feeds two m-tiles);
+//   softmax:    the two halves' row maxima meet in shared memory (one barrier), so both warps
+//               rescale with the same maximum; each keeps the row sum of its own keys;
+//   P:          each warp writes its P (in T) to a [128 rows][64 keys] tile;
+//   O += P·V:   warp (r, h) accumulates its 32 rows × head columns 64 h .. 64 h + 63 over all 64
+//               keys (P fragments from the tile, each V fragment feeds two m-tiles).
+// O is 64 registers per thread, Q 64: ~200 bytes of shared-memory traffic per HMMA (model in
+// ATTENTION.md). Per element the arithmetic is the 16-row kernel's: S, the maxima, P and the
+// unnormalised O are bitwise the same; the row sum adds the two halves' partial sums at the end,
+// so out and LSE differ from the 16-row kernel's in the last bits.
+template <int D> struct SplitTiling {
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockM = 128;  // 4 warp pairs of 32 rows
+  static constexpr int kN = 64;        // keys per tile
+  static constexpr int kRowBytes = D * 2;
+  static constexpr int kQBytes = kBlockM * kRowBytes;  // Q, later the output staging
+  static constexpr int kKVBytes = kN * kRowBytes;
+  static constexpr int kPBytes = kBlockM * kN * 2;     // P tile, [128 rows][64 keys]
+  static constexpr int kXBytes = 2 * kBlockM * 4;      // the halves' row maxima / sums
+  static constexpr int kSmemBytes = kQBytes + 2 * kKVBytes + kPBytes + kXBytes;
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void forward_split(const DkAttentionFwdArgs& a, unsigned char* smem) {
+  using Tl = SplitTiling<D>;
+  constexpr int kBlockM = Tl::kBlockM, kN = Tl::kN, kThr = Tl::kThreads;
+  constexpr int kRowBytes = Tl::kRowBytes;
+  constexpr int kKSteps = D / 16;   // k-steps of Q·Kᵀ
+  constexpr int kHalfD = D / 2;     // head columns of a warp's O
+  constexpr int kODTiles = kHalfD / 8;
+  constexpr int kSKeys = kN / 2;    // keys of a warp's S
+  constexpr int kSTiles = kSKeys / 8;
+  constexpr int kPSteps = kN / 16;  // k-steps of P·V
+  static_assert(D == 128, "the split kernel is the D = 128 variant");
+
+  const uint32_t s_q = smem_addr(smem);
+  const uint32_t s_k = s_q + Tl::kQBytes;
+  const uint32_t s_v = s_k + Tl::kKVBytes;
+  const uint32_t s_p = s_v + Tl::kKVBytes;
+  float* xchg = reinterpret_cast<float*>(smem + Tl::kQBytes + 2 * Tl::kKVBytes + Tl::kPBytes);
+
+  const DkAttentionShape& s = a.shape;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int pair = warp >> 1, half = warp & 1;
+  const int warp_row = pair * 32;
+
+  // ldmatrix lane offsets as in forward(): K rows (non-trans B), V rows (trans B), Q rows (A);
+  // P rows (A) in the [rows][64] tile, 8 chunks a row.
+  const uint32_t k_lane = ((lane & 7) + ((lane >> 4) << 3)) * kRowBytes +
+                          ((((lane >> 3) & 1) ^ (lane & 7)) << 4);
+  const uint32_t v_lane =
+      ((lane & 7) + (((lane >> 3) & 1) << 3)) * kRowBytes + (((lane >> 4) ^ (lane & 7)) << 4);
+  const uint32_t q_lane = (warp_row + (lane & 15)) * kRowBytes + (((lane >> 4) ^ (lane & 7)) << 4);
+  const uint32_t p_lane = (warp_row + (lane & 15)) * (kN * 2) + (((lane >> 4) ^ (lane & 7)) << 4);
+
+  const float scale_log2 = s.scale_log2;
+  const int heads_q = s.heads_q;
+  FwdBlock<T, D, kBlockM, kN> blk;
+  if (!blk.init(a, warp_row + g)) return;
+  const attn::SeqRows& seq = blk.seq;
+  const int h = blk.h, b = blk.b, m0 = blk.m0, q_rows = blk.q_rows;
+  const int lim_g = blk.lim_g, n_tiles = blk.n_tiles, n_full = blk.n_full;
+  blk.template prologue<kThr>(s_q, s_k, a, tid);
+  // The warp's 32 rows of Q as A fragments, for the whole loop.
+  uint32_t qf[2][kKSteps][4];
+  cp_async_wait<1>();
+  __syncthreads();
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk)
+      ldmatrix_x4(qf[mt][kk], s_q + (q_lane ^ (kk * 32)) + mt * 16 * kRowBytes);
+
+  float o[2][kODTiles][4] = {};
+  float m_run[4], l_run[4];  // rows 16 mt + g + 8 i at index 2 mt + i; l_run: this half's keys
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    m_run[r] = -INFINITY;
+    l_run[r] = 0.f;
+  }
+  // This thread's rows in the exchange buffer: xchg[half][row] (row within the block).
+  auto xrow = [&](int r) { return warp_row + 16 * (r >> 1) + 8 * (r & 1) + g; };
+
+  auto tile = [&](int n, auto masked) {
+    // Also: everyone is done with the P tile of tile n + 1.
+    blk.template queue_v<kThr>(s_v, n, a, tid);
+
+    uint32_t kl = k_lane, vl = v_lane, pl = p_lane;
+    asm volatile("" : "+r"(kl), "+r"(vl), "+r"(pl));
+
+    // S = Q · K(n)ᵀ over this half's 32 keys: sc[mt][j] = keys 32 half + 8 j ...
+    float sc[2][kSTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+#pragma unroll
+      for (int p = 0; p < kSTiles / 2; ++p) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, s_k + (kl ^ (kk * 32)) + (half * kSKeys + p * 16) * kRowBytes);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma_16816<T>(sc[mt][2 * p], qf[mt][kk], bk);
+          mma_16816<T>(sc[mt][2 * p + 1], qf[mt][kk], bk + 2);
+        }
+      }
+    }
+
+    if constexpr (decltype(masked)::value) {
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const int lim0 = row_limit(seq.k_len, lim_g, 16 * mt) - n * kN - half * kSKeys - 2 * t;
+        const int lim1 = row_limit(seq.k_len, lim_g, 16 * mt + 8) - n * kN - half * kSKeys - 2 * t;
+#pragma unroll
+        for (int j = 0; j < kSTiles; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            if (8 * j + e >= lim0) sc[mt][j][e] = -INFINITY;
+            if (8 * j + e >= lim1) sc[mt][j][2 + e] = -INFINITY;
+          }
+        }
+      }
+    }
+
+    // Row maxima of this half (over the lane quad), to the exchange buffer; one barrier; the
+    // tile maximum of each row is the larger of both halves'.
+    float mx[4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      mx[2 * mt] = -INFINITY;
+      mx[2 * mt + 1] = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kSTiles; ++j) {
+        mx[2 * mt] = fmaxf(mx[2 * mt], fmaxf(sc[mt][j][0], sc[mt][j][1]));
+        mx[2 * mt + 1] = fmaxf(mx[2 * mt + 1], fmaxf(sc[mt][j][2], sc[mt][j][3]));
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      if (t == 0) xchg[half * kBlockM + xrow(r)] = mx[r];
+    }
+    __syncthreads();
+    float ms[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float m_tile = fmaxf(mx[r], xchg[(half ^ 1) * kBlockM + xrow(r)]);
+      const float m_new = fmaxf(m_run[r], m_tile);
+      // A row with every key so far masked keeps max −∞: subtract 0 (exp2(−∞ − 0) = 0).
+      ms[r] = m_new == -INFINITY ? 0.f : m_new * scale_log2;
+      const float alpha = exp2_fast(m_run[r] * scale_log2 - ms[r]);  // 0 while m_run = −∞
+      m_run[r] = m_new;
+      l_run[r] *= alpha;
+#pragma unroll
+      for (int d = 0; d < kODTiles; ++d) {
+        o[r >> 1][d][2 * (r & 1)] *= alpha;
+        o[r >> 1][d][2 * (r & 1) + 1] *= alpha;
+      }
+    }
+    // P of this half's keys, in T, to the P tile (row 16 mt + g (+ 8), key 32 half + 8 j + 2 t).
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+      for (int j = 0; j < kSTiles; ++j) {
+        const float p0 = exp2_fast(fmaf(sc[mt][j][0], scale_log2, -ms[2 * mt]));
+        const float p1 = exp2_fast(fmaf(sc[mt][j][1], scale_log2, -ms[2 * mt]));
+        const float p2 = exp2_fast(fmaf(sc[mt][j][2], scale_log2, -ms[2 * mt + 1]));
+        const float p3 = exp2_fast(fmaf(sc[mt][j][3], scale_log2, -ms[2 * mt + 1]));
+        l_run[2 * mt] += p0 + p1;
+        l_run[2 * mt + 1] += p2 + p3;
+        const int row = warp_row + 16 * mt + g;  // row & 7 == g
+        const int chunk = half * (kSKeys / 8) + j;
+        const uint32_t at = s_p + row * (kN * 2) + ((chunk ^ g) << 4) + t * 4;
+        st_shared_b32(at, pack2<T>(p0, p1));
+        st_shared_b32(at + 8 * (kN * 2), pack2<T>(p2, p3));
+      }
+    }
+
+    // Also: both halves' P are in the tile.
+    blk.template queue_k<kThr>(s_k, n, a, tid);
+
+    // O += P · V(n): the pair's 32 rows × this half's 64 head columns, over the tile's 64 keys
+    // (two of the four k-steps unrolled: fully unrolled, ptxas spilled on sm_90a).
+#pragma unroll 2
+    for (int kk = 0; kk < kPSteps; ++kk) {
+      uint32_t pf[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(pf[mt], s_p + (pl ^ (kk * 32)) + mt * 16 * (kN * 2));
+#pragma unroll
+      for (int dp = 0; dp < kODTiles / 2; ++dp) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, s_v + (vl ^ ((half * (kHalfD / 8) + 2 * dp) * 16)) +
+                                  kk * 16 * kRowBytes);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma_16816<T>(o[mt][2 * dp], pf[mt], bv);
+          mma_16816<T>(o[mt][2 * dp + 1], pf[mt], bv + 2);
+        }
+      }
+    }
+  };
+
+  int n = n_tiles - 1;
+  for (; n >= n_full; --n) tile(n, BoolTag<true>());
+  for (; n >= 0; --n) tile(n, BoolTag<false>());
+
+  // Row sums: this half's quad sum to the exchange buffer, then half 0's plus half 1's (the same
+  // order in both warps of a pair); LSE from half 0; O / l staged in the Q tile.
+  float l_half[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    l_half[r] = l_run[r] + __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+    l_half[r] += __shfl_xor_sync(0xffffffffu, l_half[r], 2);
+  }
+  cp_async_wait<0>();
+  // Every warp is done with the last tile's maxima in the exchange buffer, and with its Q
+  // fragment loads (with no key tile, the prologue's are the last reads of the Q tile, which
+  // the staging below overwrites: a pair's two warps read the same rows).
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+    if (t == 0) xchg[half * kBlockM + xrow(r)] = l_half[r];
+  __syncthreads();
+  float inv[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const float l = xchg[xrow(r)] + xchg[kBlockM + xrow(r)];
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    const int row = xrow(r);
+    if (half == 0 && t == 0 && row < q_rows) {
+      float* lse = reinterpret_cast<float*>(a.lse);
+      const int64_t at = s.cu_seqlens_q != 0
+                             ? static_cast<int64_t>(h) * s.total_q + seq.q_start + m0 + row
+                             : (static_cast<int64_t>(b) * heads_q + h) * s.seqlen_q + m0 + row;
+      lse[at] = l > 0.f ? fmaf(m_run[r], s.scale, logf(l)) : -INFINITY;
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int d = 0; d < kODTiles; ++d) {
+      const int row = warp_row + 16 * mt + g;
+      const int chunk = half * (kHalfD / 8) + d;
+      const uint32_t at = s_q + row * kRowBytes + ((chunk ^ g) << 4) + t * 4;
+      st_shared_b32(at, pack2<T>(o[mt][d][0] * inv[2 * mt], o[mt][d][1] * inv[2 * mt]));
+      st_shared_b32(at + 8 * kRowBytes,
+                    pack2<T>(o[mt][d][2] * inv[2 * mt + 1], o[mt][d][3] * inv[2 * mt + 1]));
+    }
+  }
+  __syncthreads();
+  T* out = reinterpret_cast<T*>(a.out) + static_cast<int64_t>(seq.q_start + m0) * a.out_stride +
+           h * D;
+  attn::store_tile<D, kBlockM, kThr>(out, a.out_stride, s_q, q_rows, tid);
+}
+
 }  // namespace attn_fwd
 }  // namespace dk
 
@@ -363,3 +667,14 @@ DK_ATTN_FWD_KERNEL(bf16, __nv_bfloat16, 64, 2, 64, 2)
 DK_ATTN_FWD_KERNEL(bf16, __nv_bfloat16, 128, 1, 64, 2)
 DK_ATTN_FWD_KERNEL(f16, __half, 64, 2, 64, 2)
 DK_ATTN_FWD_KERNEL(f16, __half, 128, 1, 64, 2)
+
+// The D = 128 split kernel (8 warps, 128 rows; DK_ATTENTION_FWD=wide until measured).
+#define DK_ATTN_FWD_SPLIT_KERNEL(tname, T)                                                     \
+  extern "C" __global__ void __launch_bounds__(dk::attn_fwd::SplitTiling<128>::kThreads, 1)   \
+      dk_attn_fwd_##tname##_d128w(const DkAttentionFwdArgs args) {                            \
+    extern __shared__ __align__(16) unsigned char dk_attn_fwd_smem[];                         \
+    dk::attn_fwd::forward_split<T, 128>(args, dk_attn_fwd_smem);                              \
+  }
+
+DK_ATTN_FWD_SPLIT_KERNEL(bf16, __nv_bfloat16)
+DK_ATTN_FWD_SPLIT_KERNEL(f16, __half)

@@ -16,16 +16,15 @@
 #      cluster kernels (=persist, =persist256), at their own cluster size and at 4, 8 and 16
 #   5. dk bench --ops moe: route, permute, combine fwd/bwd, 3 ANCHORS shapes, N=16384
 #  5b. dk bench --ops attention: fwd, fwd+bwd, ANCHORS shapes + varlen, bf16, TFLOP/s; again with
-#      the 128-key dK/dV kernels (DK_ATTENTION_BWD=wide)
+#      the opt-in kernels (DK_ATTENTION_FWD=wide, DK_ATTENTION_BWD=wide)
 #  5c. dk bench --ops fused: fused linear JSD (N 4096, H 3072, V 200064; N 16384, H 5120,
 #      V 202048) against its four cuBLAS GEMMs alone, measured in the same run (issue 4)
 #   6. every Rust test executable (their CUDA variants run here), the divergence reference tests
-#      again on each kernel variant, and the attention reference tests on the 128-key dK/dV
-#      kernels
+#      again on each kernel variant, and the attention reference tests on the opt-in kernels
 #   7. pip install the carried Liger-Kernel wheel (--target)
 #   8. pytest python/tests against the bundled library (attention torch tests vs SDPA here)
 #   9. python/bench.py --ops attention: SDPA flash (FA2) and cuDNN vs this crate (--quick when
-#      short)
+#      short); again with the opt-in kernels when time is left
 #  9b. python/bench.py --ops fused: the fused linear JSD vs torch eager / compile / Liger and the
 #      four GEMMs (--quick when short)
 #  10. python/bench.py (torch eager, torch.compile, Liger, this crate; --quick when under 150 s
@@ -36,7 +35,7 @@
 #      backward dK/dV + dQ, dK/dV with atomic dQ): what limits each (DRAM, shared memory,
 #      tensor or MUFU pipe)
 #  11. optional: compute-sanitizer memcheck of small dk benches (divergence, MoE, attention),
-#      racecheck of attention (both with the default and the 128-key dK/dV kernels)
+#      racecheck of attention (both with the default and the opt-in kernels)
 #
 # GPU_CHECK_ONLY=a,b,...: run only the steps whose names start with one of these, or, for a name
 # ending in '=', the step of exactly that name (e.g.
@@ -280,10 +279,12 @@ run_step dk-bench-moe 60 1 "$dk" bench --device cuda --ops moe --dtype bf16 --to
 # f64 computation and run twice for bitwise identity; ~15 s expected (input generation, checks).
 run_step dk-bench-attention 60 1 "$dk" bench --device cuda --ops attention --dtype bf16 \
   --attn-shapes phi4-mini,llama4,varlen --json "$out/dk-bench-attention.json"
-# A/B: the 128-key dK/dV kernels of 8 warps (DK_ATTENTION_BWD=wide, cuda/ATTENTION.md; both
-# backward modes), the same shapes; the output ends with the attention kernels that ran.
-run_step dk-bench-attention-wide 60 0 env DK_ATTENTION_BWD=wide "$dk" bench --device cuda \
-  --ops attention --dtype bf16 --attn-shapes phi4-mini,llama4,varlen
+# A/B: the opt-in kernels (cuda/ATTENTION.md), the same shapes: the D = 128 split forward of 8
+# warps (DK_ATTENTION_FWD=wide: the fwd rows) and the 128-key dK/dV kernels of 8 warps
+# (DK_ATTENTION_BWD=wide: fwd+bwd minus fwd, both backward modes); the output ends with the
+# attention kernels that ran.
+run_step dk-bench-attention-wide 60 0 env DK_ATTENTION_FWD=wide DK_ATTENTION_BWD=wide "$dk" \
+  bench --device cuda --ops attention --dtype bf16 --attn-shapes phi4-mini,llama4,varlen
 
 # ---- 5c. dk bench fused linear JSD against the four GEMMs alone (issue 4's two shapes) ---------
 # No JSON (the device tool returns at most 8 files): the table is printed below and in the log.
@@ -322,7 +323,7 @@ if [ -x target/release/deps/divergence_reference ]; then
     target/release/deps/divergence_reference
 fi
 if [ -x target/release/deps/attention_reference ]; then
-  run_step test-attention_reference-wide 90 1 env DK_ATTENTION_BWD=wide \
+  run_step test-attention_reference-wide 90 1 env DK_ATTENTION_FWD=wide DK_ATTENTION_BWD=wide \
     target/release/deps/attention_reference
 fi
 reserve=140 # as pytest: the Python benchmarks come after
@@ -352,8 +353,17 @@ if [ -f python/bench.py ]; then
   [ "$(left)" -lt 150 ] && aquick=(--quick)
   run_step python-bench-attention 60 1 "$py" python/bench.py --ops attention "${aquick[@]}" \
     --json "$out/python-bench-attention.json"
+  # The same with the opt-in kernels (this crate's rows change; FA2 and cuDNN are re-measured in
+  # the same run, so the ratios stay same-run ratios). In a full run only when time is left.
+  if [ -n "${GPU_CHECK_ONLY:-}" ] || [ "$(left)" -gt 200 ]; then
+    run_step python-bench-attention-wide 60 0 env DK_ATTENTION_FWD=wide DK_ATTENTION_BWD=wide \
+      "$py" python/bench.py --ops attention "${aquick[@]}"
+  else
+    skip_step python-bench-attention-wide "out of time"
+  fi
 else
   skip_step python-bench-attention "python/bench.py missing"
+  skip_step python-bench-attention-wide "python/bench.py missing"
 fi
 
 # ---- 9b. Python benchmark of the fused linear JSD (issue 4): torch eager, torch.compile, Liger's
@@ -443,6 +453,8 @@ ncu_run ncu-attention-bwd 40 'dk_attn_bwd_(dkdv|dq)_bf16_d128' 2 --ops attention
   --attn-shapes phi4-mini --iters 1 --check-rows 2
 ncu_run ncu-attention-bwd-atomic 40 'dk_attn_bwd_dkdvdq_bf16_d128' 1 --ops attention \
   --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
+DK_ATTENTION_FWD=wide ncu_run ncu-attention-fwd-wide 40 'dk_attn_fwd_bf16_d128w' 1 \
+  --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
 DK_ATTENTION_BWD=wide ncu_run ncu-attention-bwd-wide 40 'dk_attn_bwd_(dkdvw|dq)_bf16_d128' 2 \
   --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
 
@@ -482,7 +494,7 @@ else
   fi
   # Every attention kernel (forward, backward; D 64 and 128; padded Sq != Sk, and varlen with an
   # empty sequence, a 1-token one and rows that see no key) on the small shapes.
-  # Then the same with the 128-key dK/dV kernels (DK_ATTENTION_BWD=wide).
+  # Then the same with the opt-in kernels (DK_ATTENTION_FWD=wide, DK_ATTENTION_BWD=wide).
   for variant in default wide; do
     for tool in memcheck racecheck; do
       name="$tool-attention"
@@ -490,7 +502,8 @@ else
       if [ "$(left)" -lt 30 ]; then
         skip_step "$name" "out of time"
       else
-        run_step "$name" 60 0 env DK_ATTENTION_BWD="$variant" "$sanitizer" --tool "$tool" \
+        run_step "$name" 60 0 env DK_ATTENTION_FWD="$variant" DK_ATTENTION_BWD="$variant" \
+          "$sanitizer" --tool "$tool" \
           --error-exitcode 3 "$dk" bench --device cuda --ops attention \
           --attn-shapes small,small-varlen --iters 1 --check-rows 4
       fi
@@ -546,30 +559,23 @@ for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-b
   fi
 done
 echo
-echo "================ python bench attention"
-if [ -s "$logs/python-bench-attention.out" ]; then
-  sed -n '/^Grouped-query attention/,$p' "$logs/python-bench-attention.out"
-else
-  echo "(no output)"
-  tail -n 10 "$logs/python-bench-attention.err" 2>/dev/null
-fi
-echo
-echo "================ python bench fused"
-if [ -s "$logs/python-bench-fused.out" ]; then
-  sed -n '/^Fused linear JSD/,$p' "$logs/python-bench-fused.out"
-else
-  echo "(no output)"
-  tail -n 10 "$logs/python-bench-fused.err" 2>/dev/null
-fi
-echo
-echo "================ python bench"
-if [ -s "$logs/python-bench.out" ]; then
-  tail -n 40 "$logs/python-bench.out"
-else
-  echo "(no output)"
-  tail -n 10 "$logs/python-bench.err" 2>/dev/null
-fi
-for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-moe-combine ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic ncu-attention-bwd-wide; do
+py_table() { # STEP FIRST-LINE-REGEX (empty: the last 40 lines): a python bench step's table
+  echo "================ ${1//-/ }"
+  if [ ! -s "$logs/$1.out" ]; then
+    echo "(no output)"
+    tail -n 10 "$logs/$1.err" 2>/dev/null
+  elif [ -n "$2" ]; then
+    sed -n "/$2/,\$p" "$logs/$1.out"
+  else
+    tail -n 40 "$logs/$1.out"
+  fi
+  echo
+}
+py_table python-bench-attention '^Grouped-query attention'
+py_table python-bench-attention-wide '^Grouped-query attention'
+py_table python-bench-fused '^Fused linear JSD'
+py_table python-bench ''
+for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-moe-combine ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic ncu-attention-fwd-wide ncu-attention-bwd-wide; do
   [ -s "$logs/$n.out" ] || continue
   echo
   echo "================ $n (Nsight Compute, clocks untouched)"

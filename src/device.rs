@@ -86,8 +86,8 @@ pub struct CudaDevice {
     /// The divergence cluster kernel variant usable here (Hopper sm_90, not turned off,
     /// configured), if any.
     cluster_divergence: Option<crate::divergence::cluster::Variant>,
-    /// Whether the 128-key attention dK/dV kernels were opted into their shared memory.
-    attention_wide_bwd: bool,
+    /// The opt-in attention kernels this device accepted.
+    attention_wide: crate::attention::cuda::WideKernels,
     /// The cuBLAS handle, created on first use by the fused linear divergence.
     pub(crate) blas: crate::fused::cuda::BlasSlot,
 }
@@ -149,7 +149,7 @@ impl CudaDevice {
                     }
                 }
             });
-        let attention_wide_bwd = crate::attention::cuda::configure(&functions)?;
+        let attention_wide = crate::attention::cuda::configure(&functions)?;
         Ok(CudaDevice {
             ctx,
             functions,
@@ -159,7 +159,7 @@ impl CudaDevice {
             sm_count,
             l2_bytes,
             cluster_divergence,
-            attention_wide_bwd,
+            attention_wide,
             blas: Default::default(),
         })
     }
@@ -208,7 +208,13 @@ impl CudaDevice {
     /// Whether the 128-key attention dK/dV kernels accepted their shared memory when the device
     /// opened (`DK_ATTENTION_BWD=wide` may select them only then).
     pub(crate) fn attention_wide_bwd(&self) -> bool {
-        self.attention_wide_bwd
+        self.attention_wide.backward
+    }
+
+    /// Whether the D = 128 split attention forward accepted its shared memory when the device
+    /// opened (`DK_ATTENTION_FWD=wide` may select it only then).
+    pub(crate) fn attention_wide_fwd(&self) -> bool {
+        self.attention_wide.forward
     }
 
     /// Checks that `ptr` is device memory of this device.

@@ -106,8 +106,8 @@ fn build_simulator() -> Option<PathBuf> {
 // ------------------------------------------------------------------------------------------
 
 /// One kernel launch: kernel (0 forward, 1 Delta, 2 dK/dV, 3 dQ, 4 dK/dV with atomic dQ, 5 dQ
-/// conversion, 6 / 7 the 128-key dK/dV without / with atomic dQ), grid, threads, dynamic shared
-/// memory, and the forward's head / batch offsets.
+/// conversion, 6 / 7 the 128-key dK/dV without / with atomic dQ, 8 the D = 128 split forward),
+/// grid, threads, dynamic shared memory, and the forward's head / batch offsets.
 #[derive(Debug, Clone, Copy)]
 struct LaunchCfg {
     kernel: i32,
@@ -124,27 +124,28 @@ const MAX_GRID_YZ: usize = 65535;
 /// `launches()` and `tiling()` of src/attention/cuda/forward.rs: grid (⌈Sq / rows per block⌉,
 /// Hq, B) in chunks of `split` (the launcher: 65535) heads and sequences, 128 threads,
 /// (rows + 2·64 keys)·D·2 bytes of shared memory with 128 query rows per block at D = 64 and 64
-/// at D = 128.
-fn forward_launches(case: &AttnCase, split: usize) -> Vec<LaunchCfg> {
+/// at D = 128. With `wide` (`DK_ATTENTION_FWD=wide`, D = 128): the split kernel (kernel 8), 128
+/// rows per block of 256 threads, `split_smem_bytes` (plus the P tile and the row exchange).
+fn forward_launches(case: &AttnCase, split: usize, wide: bool) -> Vec<LaunchCfg> {
     let s = &case.seqs;
     let (batch, hq, d) = (s.batch(), case.hq(), case.d());
     if batch == 0 || s.max_q == 0 || case.tq() == 0 || hq == 0 {
         return Vec::new();
     }
-    let block_m = if d == 64 { 128 } else { 64 };
-    let smem = (block_m + 2 * 64) * d * 2;
+    let block_m = if d == 64 || wide { 128 } else { 64 };
+    let smem = (block_m + 2 * 64) * d * 2 + if wide { 128 * 64 * 2 + 2 * 128 * 4 } else { 0 };
     let tiles = s.max_q.div_ceil(block_m) as u32;
     let mut out = Vec::new();
     for h0 in (0..hq).step_by(split) {
         for b0 in (0..batch).step_by(split) {
             out.push(LaunchCfg {
-                kernel: 0,
+                kernel: if wide { 8 } else { 0 },
                 grid: (
                     tiles,
                     (hq - h0).min(split) as u32,
                     (batch - b0).min(split) as u32,
                 ),
-                threads: 128,
+                threads: if wide { 256 } else { 128 },
                 smem: smem as u32,
                 head_offset: h0 as i32,
                 batch_offset: b0 as i32,
@@ -417,8 +418,15 @@ const BWD_NAMES: [&str; bwd_buf::COUNT] = [
 ];
 
 /// The forward job; `split`: launches cover at most this many heads and sequences each (the
-/// launcher's 65535; less to exercise the kernel's head_offset and batch_offset).
-fn forward_job<'a>(case: &'a AttnCase, bufs: &'a [Bytes], mode: Mode, split: usize) -> Job<'a> {
+/// launcher's 65535; less to exercise the kernel's head_offset and batch_offset); `wide`: the
+/// D = 128 split kernel.
+fn forward_job<'a>(
+    case: &'a AttnCase,
+    bufs: &'a [Bytes],
+    mode: Mode,
+    split: usize,
+    wide: bool,
+) -> Job<'a> {
     let [q, k, v, out] = case.fwd_slots();
     let (tq, tk, qc, kc) = (case.tq(), case.tk(), case.qc(), case.kc());
     let mut operands = vec![
@@ -436,7 +444,7 @@ fn forward_job<'a>(case: &'a AttnCase, bufs: &'a [Bytes], mode: Mode, split: usi
         bufs,
         buf_names: &FWD_NAMES,
         operands,
-        launches: forward_launches(case, split),
+        launches: forward_launches(case, split, wide),
         workspace: 0,
         atomic_dq: false,
         single_stores: true,
@@ -487,6 +495,8 @@ fn backward_job<'a>(
 #[derive(Debug, Default, Clone)]
 struct Errors {
     out: f64,
+    /// out of the D = 128 split forward (`DK_ATTENTION_FWD=wide`; 0 at D = 64).
+    out_split: f64,
     lse: f64,
     dq: f64,
     /// dQ of the atomic-dQ mode, the worse of its two runs.
@@ -675,7 +685,7 @@ fn check_case(exe: &Path, sc: &SimCase) -> Result<Errors, String> {
 
     // Forward.
     let bufs = case.fwd_bufs();
-    let (after, _, log) = run_both(exe, |m| forward_job(case, &bufs, m, sc.split), &[])
+    let (after, _, log) = run_both(exe, |m| forward_job(case, &bufs, m, sc.split, false), &[])
         .map_err(|e| format!("forward: {e}"))?;
     e.log += &log;
     let fwd = case
@@ -689,6 +699,21 @@ fn check_case(exe: &Path, sc: &SimCase) -> Result<Errors, String> {
     e.out = close("out", &fwd.out, &want.out, tol(case.dtype))?;
     e.lse = check_lse(&fwd.lse, &want.lse)?;
     check_zeros(case, &fwd.out, None)?;
+    // The D = 128 split kernel (`DK_ATTENTION_FWD=wide`): the same checks. (Its unnormalised O
+    // is bitwise the 16-row kernel's; the row sum adds two halves, so out and LSE differ from it
+    // in the last bits.)
+    if case.d() == 128 {
+        let (after, _, log) = run_both(exe, |m| forward_job(case, &bufs, m, sc.split, true), &[])
+            .map_err(|e| format!("forward, split kernel: {e}"))?;
+        e.log += &log;
+        let split = case
+            .fwd_outputs(&bufs, &after)
+            .map_err(|e| format!("forward, split kernel: {e}"))?;
+        e.out_split = close("out (split)", &split.out, &want.out, tol(case.dtype))
+            .map_err(|e| format!("forward, split kernel: {e}"))?;
+        check_lse(&split.lse, &want.lse).map_err(|e| format!("forward, split kernel: {e}"))?;
+        check_zeros(case, &split.out, None).map_err(|e| format!("forward, split kernel: {e}"))?;
+    }
 
     // Backward from the emulated forward's out and LSE.
     let bufs = case.bwd_bufs(&fwd.out, &fwd.lse);
@@ -988,9 +1013,9 @@ fn attention_kernels_match_the_cpu_backend() {
         match r {
             Ok(e) => {
                 eprintln!(
-                    "ok   {what}: out {:.1e} lse {:.1e} dq {:.1e} (atomic {:.1e}) dk {:.1e} \
-                     (128-key {:.1e}) dv {:.1e} ({:.1}s)",
-                    e.out, e.lse, e.dq, e.dq_atomic, e.dk, e.dk_wide, e.dv, e.secs
+                    "ok   {what}: out {:.1e} (split {:.1e}) lse {:.1e} dq {:.1e} (atomic {:.1e}) \
+                     dk {:.1e} (128-key {:.1e}) dv {:.1e} ({:.1}s)",
+                    e.out, e.out_split, e.lse, e.dq, e.dq_atomic, e.dk, e.dk_wide, e.dv, e.secs
                 );
                 if std::env::var_os("DK_ATTENTION_SIM_LOG").is_some() {
                     eprint!("{}", e.log);
@@ -1080,7 +1105,8 @@ fn garbage_offsets_stay_in_bounds() {
             bwd[bwd_buf::CU_K] = garbage_k.clone();
             for mode in [Mode::EagerAscending, Mode::LateDescending] {
                 let mut jobs = [
-                    forward_job(&case, &fwd, mode, MAX_GRID_YZ),
+                    forward_job(&case, &fwd, mode, MAX_GRID_YZ, false),
+                    forward_job(&case, &fwd, mode, MAX_GRID_YZ, d == 128),
                     backward_job(&case, &bwd, mode, false, false),
                     backward_job(&case, &bwd, mode, true, false),
                     backward_job(&case, &bwd, mode, false, true),
@@ -1090,7 +1116,8 @@ fn garbage_offsets_stay_in_bounds() {
                     job.single_stores = false;
                     let wide = job.launches.iter().any(|l| l.kernel >= 6);
                     let what = match (job.backward, job.atomic_dq, wide) {
-                        (false, _, _) => "forward",
+                        (false, _, true) => "forward (split)",
+                        (false, _, false) => "forward",
                         (true, false, false) => "backward",
                         (true, true, false) => "backward (atomic dQ)",
                         (true, false, true) => "backward (128-key dK/dV)",

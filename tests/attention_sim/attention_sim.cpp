@@ -18,7 +18,8 @@
 //             forward order: q, k, v, out, lse[, cu_seqlens_q, cu_seqlens_k]
 //             backward order: dout, q, k, v, out, lse, dq, dk, dv[, cu_seqlens_q, cu_seqlens_k]
 //           i32 n_launches; per launch: i32 kernel (0 forward, 1 Delta, 2 dK/dV, 3 dQ, 4 dK/dV
-//             with atomic dQ, 5 dQ conversion, 6 / 7 the 128-key dK/dV without / with atomic dQ),
+//             with atomic dQ, 5 dQ conversion, 6 / 7 the 128-key dK/dV without / with atomic dQ,
+//             8 the D = 128 split forward),
 //             u32 grid x, y, z, block x, dynamic shared bytes; i32 head_offset, batch_offset
 //   (str = u32 length + bytes). The launches are the Rust launchers' (the test computes them
 //   with the same formulas as src/attention/cuda/{forward,backward}.rs).
@@ -66,7 +67,16 @@ BwdKernel g_bwd_fn;
 void fwd_entry() { g_fwd_fn(g_fwd); }
 void bwd_entry() { g_bwd_fn(g_bwd); }
 
-FwdKernel fwd_kernel(bool bf16, int d) {
+// The forward kernel (`split`: the D = 128 kernel of 8 warps whose pairs split each key tile)
+// and its name.
+FwdKernel fwd_kernel(bool bf16, int d, bool split, const char** name) {
+  if (split) {
+    if (d != 128) sim::fail("the split forward exists for D = 128 only");
+    *name = bf16 ? "dk_attn_fwd_bf16_d128w" : "dk_attn_fwd_f16_d128w";
+    return bf16 ? dk_attn_fwd_bf16_d128w : dk_attn_fwd_f16_d128w;
+  }
+  *name = bf16 ? (d == 64 ? "dk_attn_fwd_bf16_d64" : "dk_attn_fwd_bf16_d128")
+               : (d == 64 ? "dk_attn_fwd_f16_d64" : "dk_attn_fwd_f16_d128");
   if (bf16) return d == 64 ? dk_attn_fwd_bf16_d64 : dk_attn_fwd_bf16_d128;
   return d == 64 ? dk_attn_fwd_f16_d64 : dk_attn_fwd_f16_d128;
 }
@@ -228,13 +238,11 @@ int main() {
     const auto t0 = std::chrono::steady_clock::now();
     const long c0 = sim::S.collectives, b0 = sim::S.blocks;
     const char* name;
-    if (which == 0) {
+    if (which == 0 || which == 8) {
       if (kind != 0) sim::fail("forward launch in a backward job");
       g_fwd.head_offset = head_offset;
       g_fwd.batch_offset = batch_offset;
-      g_fwd_fn = fwd_kernel(bf16, d);
-      name = bf16 ? (d == 64 ? "dk_attn_fwd_bf16_d64" : "dk_attn_fwd_bf16_d128")
-                  : (d == 64 ? "dk_attn_fwd_f16_d64" : "dk_attn_fwd_f16_d128");
+      g_fwd_fn = fwd_kernel(bf16, d, which == 8, &name);
       sim::launch(name, fwd_entry, grid, block, smem);
     } else {
       if (kind != 1) sim::fail("backward launch in a forward job");

@@ -1,9 +1,13 @@
 //! Launcher of the attention forward kernels (`cuda/attention_forward.cu`): the argument structs
 //! shared with them (`cuda/include/dk_attention_shape.h`, `cuda/include/dk_attention_fwd_args.h`),
-//! the choice of instantiation (dtype × head dimension) and the grid. Design notes:
+//! the choice of instantiation (dtype × head dimension; `DK_ATTENTION_FWD=wide` for the D = 128
+//! kernel of 8 warps whose pairs split each key tile) and the grid. Design notes:
 //! `cuda/ATTENTION.md`.
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use super::shape::AttentionShape;
 use crate::attention::RawAttention;
@@ -17,10 +21,16 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_attn_fwd_bf16_d128",
     "dk_attn_fwd_f16_d64",
     "dk_attn_fwd_f16_d128",
+    "dk_attn_fwd_bf16_d128w",
+    "dk_attn_fwd_f16_d128w",
 ];
 
 /// Threads per block (`kThreads` in attention_forward.cu: 4 warps).
 const THREADS: u32 = 128;
+/// Threads per block of the D = 128 split kernel (`SplitTiling::kThreads`: 8 warps).
+const SPLIT_THREADS: u32 = 256;
+/// Query rows per block of the split kernel (`SplitTiling::kBlockM`: 4 warp pairs of 32).
+const SPLIT_ROWS: usize = 128;
 /// Largest `gridDim.y` and `gridDim.z`: more heads or sequences take several launches.
 const MAX_GRID_YZ: usize = 65535;
 /// Largest static-or-default dynamic shared memory per block without an opt-in.
@@ -32,6 +42,38 @@ const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
 fn tiling(head_dim: usize) -> (usize, usize) {
     let (block_m, keys) = if head_dim == 64 { (128, 64) } else { (64, 64) };
     (block_m, (block_m + 2 * keys) * head_dim * 2)
+}
+
+/// Dynamic shared memory of the D = 128 split kernel (`SplitTiling::kSmemBytes`): the Q tile of
+/// its 128 rows (later the output staging), one K and one V tile of 64 keys, the P tile
+/// (128 rows × 64 keys of 16 bits) and the two halves' row maxima / sums (2 × 128 f32).
+fn split_smem_bytes() -> usize {
+    let (rows, keys, d) = (SPLIT_ROWS, 64, 128);
+    (rows + 2 * keys) * d * 2 + rows * keys * 2 + 2 * rows * 4
+}
+
+/// `DK_ATTENTION_FWD=wide`, read once: the D = 128 split kernel (`dk_attn_fwd_*_d128w`) where
+/// the device opted it into its shared memory. A/B until measured on a GPU.
+fn wide_requested() -> bool {
+    static C: OnceLock<bool> = OnceLock::new();
+    *C.get_or_init(|| std::env::var("DK_ATTENTION_FWD").is_ok_and(|v| v == "wide"))
+}
+
+/// Opts the split kernels into their dynamic shared memory (81 KiB, above the 48 KB default),
+/// once when a device opens; false where the device refuses (the 16-row kernel then serves every
+/// D = 128 call).
+pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> bool {
+    ["dk_attn_fwd_bf16_d128w", "dk_attn_fwd_f16_d128w"]
+        .iter()
+        .all(|name| {
+            functions.get(name).is_some_and(|f| {
+                f.set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    split_smem_bytes() as i32,
+                )
+                .is_ok()
+            })
+        })
 }
 
 /// Rust mirror of `DkAttentionFwdArgs` (cuda/include/dk_attention_fwd_args.h), passed by value.
@@ -122,12 +164,15 @@ pub fn attention_fwd_args_layout() -> Vec<(&'static str, usize)> {
     ]
 }
 
-/// The forward kernel for a dtype and head dimension (one of [`KERNEL_NAMES`]).
-fn kernel_name(dtype: DType, head_dim: usize) -> Result<&'static str> {
+/// The forward kernel for a dtype and head dimension (one of [`KERNEL_NAMES`]); `wide`: the
+/// D = 128 split kernel.
+fn kernel_name(dtype: DType, head_dim: usize, wide: bool) -> Result<&'static str> {
     Ok(match (dtype, head_dim) {
         (DType::BF16, 64) => "dk_attn_fwd_bf16_d64",
+        (DType::BF16, 128) if wide => "dk_attn_fwd_bf16_d128w",
         (DType::BF16, 128) => "dk_attn_fwd_bf16_d128",
         (DType::F16, 64) => "dk_attn_fwd_f16_d64",
+        (DType::F16, 128) if wide => "dk_attn_fwd_f16_d128w",
         (DType::F16, 128) => "dk_attn_fwd_f16_d128",
         (DType::F32, _) => bail!(
             UnsupportedDtype,
@@ -140,12 +185,17 @@ fn kernel_name(dtype: DType, head_dim: usize) -> Result<&'static str> {
 /// The launches of a call: `(head_offset, batch_offset, config)` with grid
 /// `(⌈seqlen_q / rows per block⌉, heads, sequences)` over chunks of at most 65535 heads and
 /// 65535 sequences (one launch unless Hq or B exceeds that); none when no query row exists.
-fn launches(raw: &RawAttention) -> Vec<(usize, usize, LaunchConfig)> {
+fn launches(raw: &RawAttention, wide: bool) -> Vec<(usize, usize, LaunchConfig)> {
     let s = &raw.shape;
     if s.batch == 0 || s.seqlen_q == 0 || s.total_q == 0 || raw.heads_q == 0 {
         return Vec::new();
     }
-    let (block_m, smem) = tiling(raw.head_dim);
+    let (block_m, smem, threads) = if wide {
+        (SPLIT_ROWS, split_smem_bytes(), SPLIT_THREADS)
+    } else {
+        let (block_m, smem) = tiling(raw.head_dim);
+        (block_m, smem, THREADS)
+    };
     // seqlen_q ≤ MAX_ROWS = i32::MAX, so the tile count fits u32.
     let tiles = s.seqlen_q.div_ceil(block_m) as u32;
     let mut out = Vec::new();
@@ -155,7 +205,7 @@ fn launches(raw: &RawAttention) -> Vec<(usize, usize, LaunchConfig)> {
             let seqs = (s.batch - b0).min(MAX_GRID_YZ) as u32;
             let cfg = LaunchConfig {
                 grid_dim: (tiles, heads, seqs),
-                block_dim: (THREADS, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
             out.push((h0, b0, cfg));
@@ -166,8 +216,9 @@ fn launches(raw: &RawAttention) -> Vec<(usize, usize, LaunchConfig)> {
 
 /// Forward pass on the caller's stream: out and LSE.
 pub(crate) fn forward(dev: &CudaDevice, raw: &RawAttention, launch: &Launch<'_>) -> Result<()> {
-    let name = kernel_name(raw.dtype, raw.head_dim)?;
-    let launches = launches(raw);
+    let wide = raw.head_dim == 128 && wide_requested() && dev.attention_wide_fwd();
+    let name = kernel_name(raw.dtype, raw.head_dim, wide)?;
+    let launches = launches(raw, wide);
     if launches.is_empty() {
         return Ok(()); // no query row: nothing to write
     }
@@ -202,14 +253,15 @@ pub(crate) fn forward(dev: &CudaDevice, raw: &RawAttention, launch: &Launch<'_>)
     // is unsafe for that reason), or null for the legacy default stream.
     let stream = unsafe { dev.borrow_stream(launch.stream) };
     for (h0, b0, cfg) in launches {
-        debug_assert!(cfg.shared_mem_bytes as usize <= DEFAULT_SMEM_LIMIT);
+        debug_assert!(wide || cfg.shared_mem_bytes as usize <= DEFAULT_SMEM_LIMIT);
         // Below heads_q and batch, which AttentionShape::new checked to fit i32.
         args.head_offset = h0 as i32;
         args.batch_offset = b0 as i32;
         // SAFETY: AttentionFwdArgs has the kernel's C layout (DkAttentionFwdArgs); the call was
         // validated (shapes, strides, 16-byte aligned rows, dtype, head dimension), every pointer
         // checked above to be device memory of this device covering those shapes, and the
-        // dynamic shared memory is within the default 48 KB (see the tests).
+        // dynamic shared memory is within the default 48 KB (see the tests) or, for the split
+        // kernel, what `configure` opted it into.
         unsafe { stream.launch_builder(function).arg(&args).launch(cfg)? };
     }
     Ok(())
@@ -257,11 +309,13 @@ mod tests {
     fn every_instantiation_is_listed() {
         for dtype in [DType::BF16, DType::F16] {
             for d in crate::attention::HEAD_DIMS {
-                let name = kernel_name(dtype, d).unwrap();
-                assert!(KERNEL_NAMES.contains(&name), "{name}");
+                for wide in [false, true] {
+                    let name = kernel_name(dtype, d, wide).unwrap();
+                    assert!(KERNEL_NAMES.contains(&name), "{name}");
+                }
             }
         }
-        assert!(kernel_name(DType::F32, 64).is_err());
+        assert!(kernel_name(DType::F32, 64, false).is_err());
     }
 
     fn raw(batch: usize, seqlen_q: usize, total_q: usize, heads_q: usize) -> RawAttention {
@@ -305,15 +359,29 @@ mod tests {
     }
 
     #[test]
+    fn split_kernel_takes_128_rows_per_block() {
+        let mut r = raw(2, 129, 258, 3);
+        r.head_dim = 128;
+        r.q_stride = 128 * 3;
+        let l = launches(&r, true);
+        assert_eq!(l[0].2.grid_dim, (2, 3, 2));
+        assert_eq!(l[0].2.block_dim, (SPLIT_THREADS, 1, 1));
+        assert_eq!(l[0].2.shared_mem_bytes as usize, split_smem_bytes());
+        assert_eq!(launches(&r, false)[0].2.grid_dim, (3, 3, 2));
+        // 81 KiB: two blocks fit an A100 SM (164 KiB) and a Hopper SM (228 KiB).
+        assert_eq!(split_smem_bytes(), 82_944);
+    }
+
+    #[test]
     fn launches_cover_rows_heads_and_sequences() {
-        assert!(launches(&raw(0, 5, 0, 4)).is_empty());
-        assert!(launches(&raw(3, 0, 0, 4)).is_empty());
-        let l = launches(&raw(2, 129, 258, 3));
+        assert!(launches(&raw(0, 5, 0, 4), false).is_empty());
+        assert!(launches(&raw(3, 0, 0, 4), false).is_empty());
+        let l = launches(&raw(2, 129, 258, 3), false);
         assert_eq!(l.len(), 1);
         assert_eq!((l[0].0, l[0].1), (0, 0));
         assert_eq!(l[0].2.grid_dim, (2, 3, 2)); // D = 64: 128 rows per block
         assert_eq!(l[0].2.block_dim, (THREADS, 1, 1));
-        let l = launches(&raw(70000, 1, 70000, 8));
+        let l = launches(&raw(70000, 1, 70000, 8), false);
         let starts: Vec<_> = l.iter().map(|(h, b, c)| (*h, *b, c.grid_dim)).collect();
         assert_eq!(
             starts,

@@ -6,7 +6,7 @@ mod shape;
 
 #[doc(hidden)]
 pub use backward::attention_bwd_args_layout;
-pub(crate) use backward::{backward, backward_workspace_size, configure};
+pub(crate) use backward::{backward, backward_workspace_size};
 #[doc(hidden)]
 pub use forward::attention_fwd_args_layout;
 pub(crate) use forward::forward;
@@ -26,8 +26,31 @@ fn note_kernel(name: &'static str) {
 }
 
 /// The forward and dK/dV kernels the attention calls of this process ran (e.g.
-/// `dk_attn_fwd_bf16_d128`, `dk_attn_bwd_dkdvw_bf16_d128`), in first-use order: benchmarks print
-/// them, so that an A/B run (`DK_ATTENTION_BWD=wide`) says what it measured.
+/// `dk_attn_fwd_bf16_d128w`, `dk_attn_bwd_dkdvw_bf16_d128`), in first-use order: benchmarks print
+/// them, so that an A/B run (`DK_ATTENTION_FWD=wide`, `DK_ATTENTION_BWD=wide`) says what it
+/// measured.
 pub fn kernels_used() -> Vec<&'static str> {
     USED.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Which opt-in attention kernels a device accepted when it opened (their dynamic shared memory
+/// is above the default 48 KB): `DK_ATTENTION_FWD=wide` / `DK_ATTENTION_BWD=wide` select them
+/// only then.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct WideKernels {
+    /// The D = 128 split forward (`dk_attn_fwd_*_d128w`, 81 KiB).
+    pub forward: bool,
+    /// The 128-key dK/dV kernels (`dk_attn_bwd_dkdv{,dq}w_*`, up to 161 KiB).
+    pub backward: bool,
+}
+
+/// Opts the attention kernels into their dynamic shared memory, once when a device opens. An
+/// error for a default kernel fails the open; a refused opt-in kernel only turns its switch off.
+pub(crate) fn configure(
+    functions: &std::collections::HashMap<&'static str, cudarc::driver::CudaFunction>,
+) -> crate::error::Result<WideKernels> {
+    Ok(WideKernels {
+        backward: backward::configure(functions)?,
+        forward: forward::configure(functions),
+    })
 }
