@@ -21,7 +21,10 @@ and the expansion is timed alone too) and this crate (distill_kernels.torch.atte
 by f32 atomics as FlashAttention-2 does). Each gives the time, TFLOP/s counted as ANCHORS.md does (4·B·Hq·S²·D / 2 forward,
 × 3.5 forward + backward), the ratio to the flash backend measured in the same run, the extra
 peak memory of one timed call, and the errors of out and of dq / dk / dv on one (sequence, KV
-head) slice against a float64 computation (chunked over queries).
+head) slice against a float64 computation (chunked over queries). After the other rows of a
+shape the flash backend is timed once more ("SDPA flash (FA2), again"): its ratio to the first
+measurement is the drift of the reference over the run (clocks, temperature). The environment
+switches DK_ATTENTION_FWD=wide / DK_ATTENTION_BWD=wide select this crate's opt-in kernels.
 
 Fused linear JSD (``--ops fused``; ANCHORS.md "Fused linear JSD"): bf16 hidden states and lm_head
 weights, JSD beta = 0.5, N = 4096, H = 3072, V = 200064 (Phi-4-mini head) and N = 16384, H = 5120,
@@ -1078,6 +1081,7 @@ def run_attention(shapes, impls, args, log_fn):
             log_fn(f"    float64 reference: OOM ({str(e)[:80]})")
         torch.cuda.empty_cache()
         fa2 = {}
+        fa2_call = None  # the call the FA2 rows timed (enable_gqa, or K / V expanded)
         for impl, fn in impls.items():
             g = hq // hkv
             heads = slice(shk * g, (shk + 1) * g)
@@ -1098,6 +1102,8 @@ def run_attention(shapes, impls, args, log_fn):
                            "expanding K/V")
                 ins = (qh, kh, vh)
                 grad_out = doh
+                if impl == ATTN_FA2:
+                    fa2_call = call
             else:
                 call, note = fn, ""
                 ins = (q, k, v)
@@ -1180,6 +1186,35 @@ def run_attention(shapes, impls, args, log_fn):
                                        vh.repeat_interleave(g_, dim=1)), args.warmup_ms, args.rep_ms)
                 add({"impl": f"{impl}: K/V expansion alone", "shape": shape, "pass": "fwd",
                      "ms": ms, "note": "repeat_interleave of K and V"})
+        # FA2 once more, after every other row of the shape: clocks and temperature drift over a
+        # run of long kernels, and each row's ratio is to the first FA2 measurement. The drift
+        # row says how far apart the two are (1.00 × when none).
+        if fa2 and fa2_call is not None:
+            for ps in ("fwd", "fwd+bwd"):
+                if ps not in fa2:
+                    continue
+                try:
+                    xs = [x.detach().requires_grad_(ps == "fwd+bwd") for x in (qh, kh, vh)]
+                    if ps == "fwd":
+                        def again():
+                            with torch.no_grad():
+                                return fa2_call(*xs)
+                    else:
+                        def again():
+                            out = fa2_call(*xs)
+                            return torch.autograd.grad(out, xs, doh)
+                    ms = bench_ms(again, args.warmup_ms, args.rep_ms)
+                    flops = fwd_flops * (3.5 if ps == "fwd+bwd" else 1.0)
+                    tflops = flops / (ms * 1e-3) / 1e12
+                    add({"impl": f"{ATTN_FA2}, again", "shape": shape, "pass": ps, "ms": ms,
+                         "tflops": tflops, "vs_fa2": tflops / fa2[ps],
+                         "note": "re-measured after the other rows: drift of the reference"})
+                except Exception as e:  # noqa: BLE001
+                    add({"impl": f"{ATTN_FA2}, again", "shape": shape, "pass": ps,
+                         "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"})
+                finally:
+                    xs = None
+                    torch.cuda.synchronize()
         q = k = v = do = qh = kh = vh = doh = ref = None
         torch.cuda.empty_cache()
     return rows

@@ -353,11 +353,11 @@ if [ -f python/bench.py ]; then
   [ "$(left)" -lt 150 ] && aquick=(--quick)
   run_step python-bench-attention 60 1 "$py" python/bench.py --ops attention "${aquick[@]}" \
     --json "$out/python-bench-attention.json"
-  # The same with the opt-in kernels (this crate's rows change; FA2 and cuDNN are re-measured in
-  # the same run, so the ratios stay same-run ratios). In a full run only when time is left.
+  # The same with the opt-in kernels: this crate's rows and FA2, re-measured in the same run (so
+  # the ratios stay same-run ratios; cuDNN left out). In a full run only when time is left.
   if [ -n "${GPU_CHECK_ONLY:-}" ] || [ "$(left)" -gt 200 ]; then
     run_step python-bench-attention-wide 60 0 env DK_ATTENTION_FWD=wide DK_ATTENTION_BWD=wide \
-      "$py" python/bench.py --ops attention "${aquick[@]}"
+      "$py" python/bench.py --ops attention --impls distill "${aquick[@]}"
   else
     skip_step python-bench-attention-wide "out of time"
   fi
