@@ -44,6 +44,8 @@
 #include <limits.h>
 #include <stddef.h>
 
+#include <type_traits>
+
 #include "dk_attention_bwd_args.h"
 #include "dk_mma.cuh"
 #include "dk_vec.cuh"
@@ -682,7 +684,7 @@ __device__ __forceinline__ void dkdv_kernel(const DkAttentionBwdArgs& a, char* s
 // ---- 2w. dK, dV (and atomic dQ) in 128-key blocks of 8 warps --------------------------------
 //
 // The 64-key kernel above gives each warp 16 key rows, so every B fragment (Q, dO) it reads from
-// shared memory feeds one m-tile: 344 bytes of shared-memory traffic per HMMA at D = 128, the
+// shared memory feeds one m-tile: ~352 bytes of shared-memory traffic per HMMA at D = 128, the
 // limit Nsight Compute showed (shared 85 %, tensor 47 %; cuda/ATTENTION.md). Here a block of 8
 // warps owns 128 keys and each warp 32 of them (two m-tiles per B fragment), FlashAttention-2's
 // layout: warp w = (key group w / 2, half w % 2).
@@ -691,11 +693,12 @@ __device__ __forceinline__ void dkdv_kernel(const DkAttentionBwdArgs& a, char* s
 //   dV, dK:     keys 32 (w / 2) .. + 32  x  head columns (w % 2) D / 2 .. + D / 2, over all 64
 //               queries, A fragments of P^T / dS^T by ldmatrix from the tiles;
 //   atomic dQ:  dQ_tile = dS K over the 128 keys, warps 2 x 4 (dq_tile_red).
-// About 250 bytes per HMMA at D = 128 (model in ATTENTION.md), and in the atomic mode half the
-// L2 reductions per FLOP (128 keys per red instead of 64). The arithmetic of each element is the
-// 64-key kernel's (fp32 P and dS, rounded to T once for the MMAs), and each dK / dV element sums
-// the same 16-query MMA terms in the same order (extra terms of fully masked rows are exact
-// zeros); tests/attention_kernel_sim checks that both kernels give the same bits.
+// About 264 bytes per HMMA at D = 128 (model in ATTENTION.md), and in the atomic mode half the
+// L2 reductions per FLOP (128 keys per red instead of 64). Each dV element sums the same
+// 16-query MMA terms in the same order as the 64-key kernel (extra terms of fully masked rows
+// are exact zeros): bitwise the same dV, which tests/attention_kernel_sim checks. dS takes P
+// rounded to T (read back from the P^T tile) where the 64-key kernel keeps it in f32, so dK
+// differs from it in the last bits (checked against the f64 reference instead).
 template <int D> struct DkdvWideTile {
   static constexpr int kThreads = 256;  // 8 warps
   static constexpr int kBc = 128;       // key rows per block: 4 groups of 32
@@ -770,25 +773,34 @@ __device__ __forceinline__ void dkdv_wide_kernel(const DkAttentionBwdArgs& a, ch
       mma_abt_tiles<T, D, 2, 32, 4>(sc, sK_a, 32 * kg, sQ_a, 32 * half, a_off, b_off);
 
       // P^T; element (key row 32 kg + 16 mt + g + 8 r, query column 32 half + 8 nt + 2 t + e).
+      // Two copies, with and without the mask (a uniform branch): computing the mask's compares
+      // on every step, as a select, cost ~200 of its ~1300 instructions per warp and step.
       const float* lse_st = sLse + st * Br + 32 * half;
+      auto p_of = [&](auto masked) {
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const float2 l = *reinterpret_cast<const float2*>(lse_st + nt * 8 + 2 * t);
-        const float le[2] = {lse_exponent(l.x), lse_exponent(l.y)};
-        const int i0 = q0 + 32 * half + nt * 8 + 2 * t;
+        for (int nt = 0; nt < 4; ++nt) {
+          const float2 l = *reinterpret_cast<const float2*>(lse_st + nt * 8 + 2 * t);
+          const float le[2] = {lse_exponent(l.x), lse_exponent(l.y)};
+          const int i0 = q0 + 32 * half + nt * 8 + 2 * t;
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+          for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-          for (int r = 0; r < 2; ++r)
+            for (int r = 0; r < 2; ++r)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float x = sc[mt][nt][2 * r + e];
-              if (need_mask) {
-                const int j = j0 + 16 * mt + 8 * r;
-                if (j >= sq.len_k || (s.causal && i0 + e < j - off)) x = neg_inf();
+              for (int e = 0; e < 2; ++e) {
+                float x = sc[mt][nt][2 * r + e];
+                if constexpr (decltype(masked)::value) {
+                  const int j = j0 + 16 * mt + 8 * r;
+                  if (j >= sq.len_k || (s.causal && i0 + e < j - off)) x = neg_inf();
+                }
+                sc[mt][nt][2 * r + e] = exp2_fast(fmaf(x, scale_log2, -le[e]));
               }
-              sc[mt][nt][2 * r + e] = exp2_fast(fmaf(x, scale_log2, -le[e]));
-            }
+        }
+      };
+      if (need_mask) {
+        p_of(std::true_type{});
+      } else {
+        p_of(std::false_type{});
       }
 
       // P^T to its tile (the previous step's readers passed this step's first barrier). dS
@@ -857,6 +869,96 @@ __device__ __forceinline__ void dkdv_wide_kernel(const DkAttentionBwdArgs& a, ch
 
 // ---- 3. dQ ---------------------------------------------------------------------------------
 
+// What both dQ kernels share: the block's (query tile, sequence, query head), the last query
+// tiles (the most keys under a causal mask) first; the key tiles (Bc keys) its Br rows see; the
+// per-row constants of a thread's rows; and the tile loads (NT threads).
+template <typename T, int D, int Br, int Bc, int NT>
+struct DqWalk {
+  const DkAttentionBwdArgs& a;
+  Seq sq{};
+  int b = 0, hq = 0, hk = 0, q0 = 0, off = 0, n_end = 0;
+
+  __device__ __forceinline__ explicit DqWalk(const DkAttentionBwdArgs& args) : a(args) {}
+
+  // False when the block owns no row (past the grid's tiles or its sequence's queries).
+  __device__ __forceinline__ bool init() {
+    const DkAttentionShape& s = a.shape;
+    const unsigned bh = static_cast<unsigned>(s.batch) * static_cast<unsigned>(s.heads_q);
+    const int n_tiles = cdiv(s.seqlen_q, Br);
+    const int tile = n_tiles - 1 - static_cast<int>(blockIdx.x / bh);
+    const int rest = static_cast<int>(blockIdx.x % bh);
+    b = rest / s.heads_q;
+    hq = rest % s.heads_q;
+    if (tile < 0) return false;
+    sq = seq_of(s, b);
+    q0 = tile * Br;
+    if (q0 >= sq.len_q) return false;
+    hk = hq / (s.heads_q / s.heads_kv);
+    off = sq.len_k - sq.len_q;
+    if (s.causal) {
+      const int64_t kmax = min(static_cast<int64_t>(q0) + Br - 1 + off,
+                               static_cast<int64_t>(sq.len_k) - 1);
+      n_end = kmax < 0 ? 0 : static_cast<int>(kmax / Bc) + 1;
+    } else {
+      n_end = cdiv(sq.len_k, Bc);
+    }
+    return true;
+  }
+
+  // Query row q0 + i of the block: its LSE exponent, Delta, and the last key it sees (rows past
+  // the sequence: P = 0 and Delta = 0).
+  __device__ __forceinline__ void row(int i, float& le, float& dl, int& kmax) const {
+    const DkAttentionShape& s = a.shape;
+    const int64_t base = lse_base(s, b, hq, sq.q_start);
+    const int r = q0 + i;
+    const bool ok = r < sq.len_q;
+    le = ok ? lse_exponent(reinterpret_cast<const float*>(a.lse)[base + r]) : pos_inf();
+    dl = ok ? reinterpret_cast<const float*>(a.delta)[base + r] : 0.f;
+    kmax = s.causal ? static_cast<int>(min(static_cast<int64_t>(r) + off,
+                                          static_cast<int64_t>(sq.len_k) - 1))
+                    : sq.len_k - 1;
+  }
+
+  // The block's Q and dO rows (one cp.async group, committed).
+  __device__ __forceinline__ void load_q_do(T* sQ, T* sdO, int tid) const {
+    const int64_t row = static_cast<int64_t>(sq.q_start) + q0;
+    load_rows<T, D, Br, NT>(sQ, reinterpret_cast<const T*>(a.q) + row * a.q_stride + hq * D,
+                            a.q_stride, sq.len_q - q0, tid);
+    load_rows<T, D, Br, NT>(sdO, reinterpret_cast<const T*>(a.dout) + row * a.dout_stride + hq * D,
+                            a.dout_stride, sq.len_q - q0, tid);
+    cp_async_commit();
+  }
+
+  // Key tile n's K and V rows into sK / sV (one stage; not committed).
+  __device__ __forceinline__ void load_kv(int n, T* sK, T* sV, int tid) const {
+    const int k0 = n * Bc;
+    const int64_t row = static_cast<int64_t>(sq.k_start) + k0;
+    load_rows<T, D, Bc, NT>(sK, reinterpret_cast<const T*>(a.k) + row * a.k_stride + hk * D,
+                            a.k_stride, sq.len_k - k0, tid);
+    load_rows<T, D, Bc, NT>(sV, reinterpret_cast<const T*>(a.v) + row * a.v_stride + hk * D,
+                            a.v_stride, sq.len_k - k0, tid);
+  }
+
+  // Whether some score of key tile n is masked (keys past the end, or the causal diagonal).
+  __device__ __forceinline__ bool need_mask(int n) const {
+    const int k0 = n * Bc;
+    return k0 + Bc > sq.len_k || (a.shape.causal && k0 + Bc - 1 > q0 + off);
+  }
+
+  // Start of step n (stage n & 1 of sK / sV, [2][Bc][D]): K / V of step n (and Q, dO) landed
+  // for everyone, and everyone is done with step n - 1, whose stage the loads of step n + 1,
+  // issued here, overwrite.
+  __device__ __forceinline__ void begin_step(int n, T* sK, T* sV, int tid) const {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (n + 1 < n_end) {
+      const int nx = (n + 1) & 1;
+      load_kv(n + 1, sK + nx * Bc * D, sV + nx * Bc * D, tid);
+      cp_async_commit();
+    }
+  }
+};
+
 template <typename T, int D>
 __device__ __forceinline__ void dq_kernel(const DkAttentionBwdArgs& a, char* smem) {
   constexpr int Br = DqTile<D>::kBr, Bc = DqTile<D>::kBc;
@@ -864,29 +966,10 @@ __device__ __forceinline__ void dq_kernel(const DkAttentionBwdArgs& a, char* sme
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
 
-  // Block -> (query tile, sequence, query head); the last query tiles (the most keys under a
-  // causal mask) first.
-  const unsigned bh = static_cast<unsigned>(s.batch) * static_cast<unsigned>(s.heads_q);
-  const int n_tiles = cdiv(s.seqlen_q, Br);
-  const int tile = n_tiles - 1 - static_cast<int>(blockIdx.x / bh);
-  const int rest = static_cast<int>(blockIdx.x % bh);
-  const int b = rest / s.heads_q, hq = rest % s.heads_q;
-  if (tile < 0) return;
-  const Seq sq = seq_of(s, b);
-  const int q0 = tile * Br;
-  if (q0 >= sq.len_q) return;  // past this sequence's queries: owns no row
-  const int hk = hq / (s.heads_q / s.heads_kv);
-  const int off = sq.len_k - sq.len_q;
-
-  // Key tiles the query tile sees.
-  int n_end;
-  if (s.causal) {
-    const int64_t kmax = min(static_cast<int64_t>(q0) + Br - 1 + off,
-                             static_cast<int64_t>(sq.len_k) - 1);
-    n_end = kmax < 0 ? 0 : static_cast<int>(kmax / Bc) + 1;
-  } else {
-    n_end = cdiv(sq.len_k, Bc);
-  }
+  DqWalk<T, D, Br, Bc, kThreads> walk(a);
+  if (!walk.init()) return;
+  const Seq& sq = walk.sq;
+  const int q0 = walk.q0, hq = walk.hq, n_end = walk.n_end;
 
   T* sQ = reinterpret_cast<T*>(smem);  // [Br][D]
   T* sdO = sQ + Br * D;                // [Br][D]
@@ -907,42 +990,11 @@ __device__ __forceinline__ void dq_kernel(const DkAttentionBwdArgs& a, char* sme
     // Per-thread query rows g and g + 8 of the warp: LSE exponent, Delta and the last visible key.
     float le[2], dl[2];
     int kmax[2];
-    {
-      const int64_t base = lse_base(s, b, hq, sq.q_start);
-      const float* glse = reinterpret_cast<const float*>(a.lse);
-      const float* gdelta = reinterpret_cast<const float*>(a.delta);
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int i = q0 + warp * 16 + g + 8 * r;
-        const bool ok = i < sq.len_q;
-        le[r] = ok ? lse_exponent(glse[base + i]) : pos_inf();
-        dl[r] = ok ? gdelta[base + i] : 0.f;
-        kmax[r] = s.causal ? static_cast<int>(min(static_cast<int64_t>(i) + off,
-                                                  static_cast<int64_t>(sq.len_k) - 1))
-                           : sq.len_k - 1;
-      }
-    }
+    for (int r = 0; r < 2; ++r) walk.row(warp * 16 + g + 8 * r, le[r], dl[r], kmax[r]);
 
-    const T* gk = reinterpret_cast<const T*>(a.k);
-    const T* gv = reinterpret_cast<const T*>(a.v);
-    auto load_kv = [&](int n, int st) {
-      const int k0 = n * Bc;
-      const int64_t row = static_cast<int64_t>(sq.k_start) + k0;
-      load_rows<T, D, Bc>(sK + st * Bc * D, gk + row * a.k_stride + hk * D, a.k_stride,
-                          sq.len_k - k0, tid);
-      load_rows<T, D, Bc>(sV + st * Bc * D, gv + row * a.v_stride + hk * D, a.v_stride,
-                          sq.len_k - k0, tid);
-    };
-
-    {
-      const int64_t row = static_cast<int64_t>(sq.q_start) + q0;
-      load_rows<T, D, Br>(sQ, reinterpret_cast<const T*>(a.q) + row * a.q_stride + hq * D,
-                          a.q_stride, sq.len_q - q0, tid);
-      load_rows<T, D, Br>(sdO, reinterpret_cast<const T*>(a.dout) + row * a.dout_stride + hq * D,
-                          a.dout_stride, sq.len_q - q0, tid);
-      cp_async_commit();
-    }
-    load_kv(0, 0);
+    walk.load_q_do(sQ, sdO, tid);
+    walk.load_kv(0, sK, sV, tid);
     cp_async_commit();
 
     // The warp's Q and dO rows as A fragments, kept in registers for the whole loop.
@@ -961,14 +1013,9 @@ __device__ __forceinline__ void dq_kernel(const DkAttentionBwdArgs& a, char* sme
     const float scale_log2 = s.scale_log2;
     for (int n = 0; n < n_end; ++n) {
       const int st = n & 1;
-      cp_async_wait<0>();
-      __syncthreads();
-      if (n + 1 < n_end) {
-        load_kv(n + 1, st ^ 1);
-        cp_async_commit();
-      }
+      walk.begin_step(n, sK, sV, tid);
       const int k0 = n * Bc;
-      const bool need_mask = k0 + Bc > sq.len_k || (s.causal && k0 + Bc - 1 > q0 + off);
+      const bool need_mask = walk.need_mask(n);
       const uint32_t sK_a = smem_addr(sK + st * Bc * D), sV_a = smem_addr(sV + st * Bc * D);
 
       // S = Q K^T (16 query rows x Bc keys per warp).
@@ -1015,6 +1062,130 @@ __device__ __forceinline__ void dq_kernel(const DkAttentionBwdArgs& a, char* sme
   store_rows<T, D>(dq, s.scale, sQ + warp * 16 * D,
                    reinterpret_cast<T*>(a.dq) + row0 * a.dq_stride + hq * D, a.dq_stride,
                    sq.len_q - q0 - warp * 16, lane);
+}
+
+// ---- 3w. dQ in 128-row blocks of 8 warps, warp pairs splitting each key step -----------------
+//
+// The 64-row dQ kernel above gives a warp 16 query rows, so each K / V fragment it reads feeds
+// one m-tile (~298 bytes of shared traffic per HMMA at D = 128). Here a pair of warps owns 32
+// rows and splits each 64-key step: warp (pair p, half h) computes S and dP for its 32 rows ×
+// keys 32 h .. 32 h + 31 (Q and dO fragments from shared memory, each K / V fragment feeding two
+// m-tiles), writes dS (in T) to a [128 rows][64 keys] tile, and after one barrier accumulates dQ
+// for its 32 rows × head columns h D / 2 .. over all 64 keys (dS fragments from the tile). dQ is
+// D registers per thread (64 at D = 128). Each dQ element sums the same 16-key MMA terms in the
+// same order as the 64-row kernel's (32-key steps there, 64 here, ascending), so the results are
+// bitwise the same (tests/attention_kernel_sim checks it).
+template <int D> struct DqWideTile {
+  static constexpr int kThreads = 256;  // 8 warps
+  static constexpr int kBr = 128;       // query rows per block: 4 pairs of 32
+  static constexpr int kBc = 64;        // keys per step: 2 halves of 32
+  // Q, dO; two stages of K and V; the dS tile [kBr][kBc].
+  static constexpr int kSmemBytes = (2 * kBr * D + 4 * kBc * D + kBr * kBc) * 2;
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void dq_wide_kernel(const DkAttentionBwdArgs& a, char* smem) {
+  using Tile = DqWideTile<D>;
+  constexpr int Br = Tile::kBr, Bc = Tile::kBc, NT = Tile::kThreads;
+  constexpr int HD = D / 2;  // head columns of a warp's dQ block
+  const DkAttentionShape& s = a.shape;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int pair = warp >> 1, half = warp & 1;
+  const int row0 = 32 * pair;  // the pair's first row in the block
+
+  DqWalk<T, D, Br, Bc, NT> walk(a);
+  if (!walk.init()) return;
+  const Seq& sq = walk.sq;
+  const int q0 = walk.q0, hq = walk.hq, n_end = walk.n_end;
+
+  T* sQ = reinterpret_cast<T*>(smem);  // [Br][D]
+  T* sdO = sQ + Br * D;                // [Br][D]
+  T* sK = sdO + Br * D;                // [2][Bc][D]
+  T* sV = sK + 2 * Bc * D;             // [2][Bc][D]
+  T* sdS = sV + 2 * Bc * D;            // [Br][Bc]
+
+  const int mi = lane >> 3, l7 = lane & 7;
+  const uint32_t a_off = lane_offset<D>((mi & 1) * 8 + l7, mi >> 1);   // A, transposed B: [][D]
+  const uint32_t b_off = lane_offset<D>((mi >> 1) * 8 + l7, mi & 1);   // B: [][D]
+  const uint32_t sa_off = lane_offset<Bc>((mi & 1) * 8 + l7, mi >> 1); // A: the dS tile
+
+  float dq[2][HD / 8][4] = {};
+
+  if (n_end > 0) {
+    // The thread's rows 16 mt + g + 8 i of the pair (index 2 mt + i): LSE exponent, Delta, and
+    // the last key each sees.
+    float le[4], dl[4];
+    int kmax[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) walk.row(row0 + 16 * (r >> 1) + 8 * (r & 1) + g, le[r], dl[r], kmax[r]);
+
+    walk.load_q_do(sQ, sdO, tid);
+    walk.load_kv(0, sK, sV, tid);
+    cp_async_commit();
+
+    const uint32_t sQ_a = smem_addr(sQ), sdO_a = smem_addr(sdO), sdS_a = smem_addr(sdS);
+    const float scale_log2 = s.scale_log2;
+    for (int n = 0; n < n_end; ++n) {
+      const int st = n & 1;
+      // Also: everyone is done with step n - 1's reads of the dS tile.
+      walk.begin_step(n, sK, sV, tid);
+      const int k0 = n * Bc;
+      const bool need_mask = walk.need_mask(n);
+      const uint32_t sK_a = smem_addr(sK + st * Bc * D), sV_a = smem_addr(sV + st * Bc * D);
+
+      // S = Q K^T and dP = dO V^T: the pair's 32 rows x this half's 32 keys.
+      float sc[2][4][4] = {};
+      mma_abt_tiles<T, D, 2, 32, 4>(sc, sQ_a, row0, sK_a, 32 * half, a_off, b_off);
+      float dp[2][4][4] = {};
+      mma_abt_tiles<T, D, 2, 32, 4>(dp, sdO_a, row0, sV_a, 32 * half, a_off, b_off);
+
+      // P, then dS = P o (dP - Delta) in T to the tile; element (row 16 mt + g + 8 i, key
+      // 32 half + 8 nt + 2 t + e). Two copies, with and without the mask (a uniform branch).
+      auto ds_of = [&](auto masked) {
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) {
+            float v[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = 2 * mt + (e >> 1);
+              float x = sc[mt][nt][e];
+              if constexpr (decltype(masked)::value) {
+                if (k0 + 32 * half + nt * 8 + 2 * t + (e & 1) > kmax[r]) x = neg_inf();
+              }
+              const float p = exp2_fast(fmaf(x, scale_log2, -le[r]));
+              v[e] = p * (dp[mt][nt][e] - dl[r]);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const int row = row0 + 16 * mt + g + 8 * i;
+              st_shared_b32(sdS_a + 2 * (swz<Bc>(row, 4 * half + nt) + 2 * t),
+                            pack2<T>(v[2 * i], v[2 * i + 1]));
+            }
+          }
+      };
+      if (need_mask) {
+        ds_of(std::true_type{});
+      } else {
+        ds_of(std::false_type{});
+      }
+      __syncthreads();
+
+      // dQ += dS K: the pair's 32 rows x this half's D / 2 head columns, over the step's keys.
+      mma_tiles_bt<T, Bc, D, 2, Bc, HD, false, 4>(dq, sdS_a, row0, sa_off, sK_a, HD * half, a_off);
+    }
+  }
+
+  // dQ (times the scale) staged through the Q tile once every warp is done reading it, then
+  // stored 16 bytes at a time by the whole block.
+  __syncthreads();
+  stage_acc<T, D, 2, HD>(dq, s.scale, sQ, row0, HD * half, lane);
+  __syncthreads();
+  const int64_t grow = static_cast<int64_t>(sq.q_start) + q0;
+  copy_rows_out<T, D, Br, NT>(sQ, reinterpret_cast<T*>(a.dq) + grow * a.dq_stride + hq * D,
+                              a.dq_stride, sq.len_q - q0, tid);
 }
 
 // ---- 4. dQ from the accumulator (atomic-dQ mode) ------------------------------------------
@@ -1065,6 +1236,11 @@ __device__ __forceinline__ void dq_convert_kernel(const DkAttentionBwdArgs& a) {
       dk_attn_bwd_dkdvdqw_##tname##_d##D(const DkAttentionBwdArgs args) {                      \
     extern __shared__ __align__(16) char dk_attn_bwd_smem[];                                   \
     dk::attn_bwd::dkdv_wide_kernel<T, D, true>(args, dk_attn_bwd_smem);                        \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(dk::attn_bwd::DqWideTile<D>::kThreads, 1)      \
+      dk_attn_bwd_dqw_##tname##_d##D(const DkAttentionBwdArgs args) {                          \
+    extern __shared__ __align__(16) char dk_attn_bwd_smem[];                                   \
+    dk::attn_bwd::dq_wide_kernel<T, D>(args, dk_attn_bwd_smem);                                \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(dk::attn_bwd::kDeltaThreads)                    \
       dk_attn_bwd_dq_convert_##tname##_d##D(const DkAttentionBwdArgs args) {                   \

@@ -384,7 +384,7 @@ __device__ __forceinline__ void forward(const DkAttentionFwdArgs& a, unsigned ch
 // ---- D = 128 in 128-row blocks of 8 warps, warp pairs splitting each tile -------------------
 //
 // The kernel above gives a warp 16 rows at D = 128 (32 spill: see ATTENTION.md), so every K and V
-// fragment it reads with ldmatrix feeds one m-tile: ~312 bytes of shared-memory traffic per HMMA
+// fragment it reads with ldmatrix feeds one m-tile: ~320 bytes of shared-memory traffic per HMMA
 // with its share of the cp.async writes, the limit Nsight Compute showed (L1/shared 75 %, tensor
 // 51 %, H100). Here a pair of warps owns 32 rows and splits both products of each 64-key tile:
 //   S = Q·Kᵀ:   warp (pair r, half h) computes its 32 rows × keys 32 h .. 32 h + 31 (Q fragments in
@@ -394,7 +394,7 @@ __device__ __forceinline__ void forward(const DkAttentionFwdArgs& a, unsigned ch
 //   P:          each warp writes its P (in T) to a [128 rows][64 keys] tile;
 //   O += P·V:   warp (r, h) accumulates its 32 rows × head columns 64 h .. 64 h + 63 over all 64
 //               keys (P fragments from the tile, each V fragment feeds two m-tiles).
-// O is 64 registers per thread, Q 64: ~200 bytes of shared-memory traffic per HMMA (model in
+// O is 64 registers per thread, Q 64: ~208 bytes of shared-memory traffic per HMMA (model in
 // ATTENTION.md). Per element the arithmetic is the 16-row kernel's: S, the maxima, P and the
 // unnormalised O are bitwise the same; the row sum adds the two halves' partial sums at the end,
 // so out and LSE differ from the 16-row kernel's in the last bits.
@@ -606,11 +606,10 @@ __device__ __forceinline__ void forward_split(const DkAttentionFwdArgs& a, unsig
     l_half[r] = l_run[r] + __shfl_xor_sync(0xffffffffu, l_run[r], 1);
     l_half[r] += __shfl_xor_sync(0xffffffffu, l_half[r], 2);
   }
-  cp_async_wait<0>();
-  // Every warp is done with the last tile's maxima in the exchange buffer, and with its Q
-  // fragment loads (with no key tile, the prologue's are the last reads of the Q tile, which
-  // the staging below overwrites: a pair's two warps read the same rows).
-  __syncthreads();
+  // No barrier needed before these exchange writes: every read of the last tile's maxima came
+  // before that tile's queue_k barrier. The barrier after them also orders every warp's Q
+  // fragment loads (with no key tile, the prologue's) before the staging that overwrites the
+  // Q tile (a pair's two warps read the same rows).
 #pragma unroll
   for (int r = 0; r < 4; ++r)
     if (t == 0) xchg[half * kBlockM + xrow(r)] = l_half[r];

@@ -455,7 +455,7 @@ ncu_run ncu-attention-bwd-atomic 40 'dk_attn_bwd_dkdvdq_bf16_d128' 1 --ops atten
   --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
 DK_ATTENTION_FWD=wide ncu_run ncu-attention-fwd-wide 40 'dk_attn_fwd_bf16_d128w' 1 \
   --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
-DK_ATTENTION_BWD=wide ncu_run ncu-attention-bwd-wide 40 'dk_attn_bwd_(dkdvw|dq)_bf16_d128' 2 \
+DK_ATTENTION_BWD=wide ncu_run ncu-attention-bwd-wide 40 'dk_attn_bwd_(dkdvw|dqw)_bf16_d128' 2 \
   --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
 
 # ---- 11. optional: memcheck of small dk benches (divergence, MoE, attention), racecheck ----------

@@ -165,7 +165,8 @@ fn forward_launches(case: &AttnCase, split: usize, wide: bool) -> Vec<LaunchCfg>
 ///
 /// With `wide` (`DK_ATTENTION_BWD=wide`): the 128-key dK/dV kernels of 8 warps instead
 /// (`dkdv_wide_smem_bytes`, ⌈Sk / 128⌉·B·Hkv blocks of 256 threads; kernel 6, or 7 with atomic
-/// dQ).
+/// dQ), and in the deterministic mode the 128-row dQ kernel (`dq_wide_smem_bytes`,
+/// ⌈Sq / 128⌉·B·Hq blocks of 256 threads; kernel 9).
 fn backward_launches(case: &AttnCase, atomic_dq: bool, wide: bool) -> (Vec<LaunchCfg>, usize) {
     let s = &case.seqs;
     let (batch, hq, hkv, d, tq, tk) = (
@@ -212,6 +213,9 @@ fn backward_launches(case: &AttnCase, atomic_dq: bool, wide: bool) -> (Vec<Launc
     if tq > 0 {
         out.push(if atomic_dq {
             one(5, delta_blocks, 256, 0)
+        } else if wide {
+            let smem = (2 * 128 * d + 4 * 64 * d + 128 * 64) * 2;
+            one(9, s.max_q.div_ceil(128) * batch * hq, 256, smem)
         } else {
             one(3, s.max_q.div_ceil(64) * batch * hq, 128, dq_smem)
         });
@@ -739,8 +743,8 @@ fn check_case(exe: &Path, sc: &SimCase) -> Result<Errors, String> {
     //
     // The 128-key dK/dV kernels (`DK_ATTENTION_BWD=wide`): each dV element sums the same 16-query
     // MMA terms in the same order as the 64-key kernel (the extra terms of rows a key does not
-    // see are exact zeros), so dv is bitwise the 64-key kernel's, and so is the deterministic dq
-    // (the same dQ kernel). dk is not: its dS = P∘(dP − Delta) takes P rounded to the input
+    // see are exact zeros), so dv is bitwise the 64-key kernel's; so is the deterministic dq of
+    // the 128-row dQ kernel (the same 16-key MMA terms in the same order as the 64-row one). dk is not: its dS = P∘(dP − Delta) takes P rounded to the input
     // type (read back from the Pᵀ tile), where the 64-key kernel keeps P in f32; it is checked
     // against the reference instead.
     let wide_det = run_both(exe, |m| backward_job(case, &bufs, m, false, true), &[])
@@ -750,7 +754,11 @@ fn check_case(exe: &Path, sc: &SimCase) -> Result<Errors, String> {
         .bwd_outputs(&bufs, &wide_det.0)
         .map_err(|e| format!("backward, 128-key dK/dV: {e}"))?;
     if wide_grads.dv != grads.dv || wide_grads.dq != grads.dq {
-        return Err("backward, 128-key dK/dV: dv or dq not bitwise the 64-key kernel's".into());
+        return Err(
+            "backward, 128-key dK/dV and 128-row dQ: dv or dq not bitwise the 64-row \
+                    kernels'"
+                .into(),
+        );
     }
     e.dk_wide = close_floor(
         "dk (128-key)",

@@ -19,7 +19,7 @@
 //             backward order: dout, q, k, v, out, lse, dq, dk, dv[, cu_seqlens_q, cu_seqlens_k]
 //           i32 n_launches; per launch: i32 kernel (0 forward, 1 Delta, 2 dK/dV, 3 dQ, 4 dK/dV
 //             with atomic dQ, 5 dQ conversion, 6 / 7 the 128-key dK/dV without / with atomic dQ,
-//             8 the D = 128 split forward),
+//             8 the D = 128 split forward, 9 the 128-row dQ kernel),
 //             u32 grid x, y, z, block x, dynamic shared bytes; i32 head_offset, batch_offset
 //   (str = u32 length + bytes). The launches are the Rust launchers' (the test computes them
 //   with the same formulas as src/attention/cuda/{forward,backward}.rs).
@@ -82,7 +82,8 @@ FwdKernel fwd_kernel(bool bf16, int d, bool split, const char** name) {
 }
 
 // Backward kernel `which` (1 Delta, 2 dK/dV, 3 dQ, 4 dK/dV + atomic dQ, 5 dQ conversion, 6 and
-// 7: the 128-key dK/dV kernels without and with atomic dQ) and its name.
+// 7: the 128-key dK/dV kernels without and with atomic dQ, 9: the 128-row dQ kernel) and its
+// name.
 BwdKernel bwd_kernel(bool bf16, int d, int which, const char** name) {
 #define DK_SIM_PICK(t, D)                                                    \
   if (which == 1) { *name = "dk_attn_bwd_delta_" #t "_d" #D; return dk_attn_bwd_delta_##t##_d##D; } \
@@ -90,6 +91,7 @@ BwdKernel bwd_kernel(bool bf16, int d, int which, const char** name) {
   if (which == 4) { *name = "dk_attn_bwd_dkdvdq_" #t "_d" #D; return dk_attn_bwd_dkdvdq_##t##_d##D; } \
   if (which == 6) { *name = "dk_attn_bwd_dkdvw_" #t "_d" #D; return dk_attn_bwd_dkdvw_##t##_d##D; } \
   if (which == 7) { *name = "dk_attn_bwd_dkdvdqw_" #t "_d" #D; return dk_attn_bwd_dkdvdqw_##t##_d##D; } \
+  if (which == 9) { *name = "dk_attn_bwd_dqw_" #t "_d" #D; return dk_attn_bwd_dqw_##t##_d##D; } \
   if (which == 5) {                                                          \
     *name = "dk_attn_bwd_dq_convert_" #t "_d" #D;                            \
     return dk_attn_bwd_dq_convert_##t##_d##D;                                \

@@ -23,8 +23,9 @@
 //! `DK_ATTENTION_BWD=wide` (A/B until measured on a GPU) runs dK/dV in 128-key blocks of 8 warps
 //! instead (`dk_attn_bwd_dkdvw_*`, `dk_attn_bwd_dkdvdqw_*`: each warp owns 32 keys, so every
 //! shared-memory B fragment feeds two MMA row tiles, FlashAttention-2's layout), in both modes,
-//! where the device allows their 161 KiB of shared memory (D = 128); otherwise, and by
-//! default, the 64-key kernels above. `attention::kernels_used` lists what ran.
+//! and the deterministic mode's dQ in 128-row blocks of 8 warps (`dk_attn_bwd_dqw_*`, warp
+//! pairs splitting each key step), where the device allows their shared memory (161 and
+//! 144 KiB at D = 128); otherwise, and by default, the 64-row kernels above. `attention::kernels_used` lists what ran.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -168,6 +169,10 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_attn_bwd_dkdvdqw_bf16_d128",
     "dk_attn_bwd_dkdvdqw_f16_d64",
     "dk_attn_bwd_dkdvdqw_f16_d128",
+    "dk_attn_bwd_dqw_bf16_d64",
+    "dk_attn_bwd_dqw_bf16_d128",
+    "dk_attn_bwd_dqw_f16_d64",
+    "dk_attn_bwd_dqw_f16_d128",
 ];
 
 /// Threads per block of the Delta kernel (`kDeltaThreads`); D / 8 threads per (row, head).
@@ -196,7 +201,18 @@ fn dkdv_wide_smem_bytes(head_dim: usize) -> usize {
     (2 * bc * head_dim + 4 * br * head_dim + 2 * bc * br) * 2 + 4 * br * 4
 }
 
-/// `DK_ATTENTION_BWD=wide`, read once: the 128-key dK/dV kernels where the device opted them in.
+/// Query rows per block of the 128-row dQ kernel (`DqWideTile::kBr`: 4 warp pairs of 32).
+const WIDE_DQ_ROWS: usize = 128;
+
+/// Dynamic shared memory of the 128-row dQ kernel (`DqWideTile::kSmemBytes`): Q and dO of the
+/// block's rows, two stages of K and V tiles of 64 keys, the dS tile (128 rows × 64 keys).
+fn dq_wide_smem_bytes(head_dim: usize) -> usize {
+    let (br, bc) = (WIDE_DQ_ROWS, 64);
+    (2 * br * head_dim + 4 * bc * head_dim + br * bc) * 2
+}
+
+/// `DK_ATTENTION_BWD=wide`, read once: the 128-key dK/dV kernels (and, in the deterministic
+/// mode, the 128-row dQ kernel) where the device opted them in.
 fn wide_requested() -> bool {
     static C: OnceLock<bool> = OnceLock::new();
     *C.get_or_init(|| std::env::var("DK_ATTENTION_BWD").is_ok_and(|v| v == "wide"))
@@ -315,9 +331,13 @@ pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Resu
             ] {
                 set(&format!("dk_attn_bwd_{kernel}_{t}_d{d}"), bytes)?;
             }
-            for kernel in ["dkdvw", "dkdvdqw"] {
+            for (kernel, bytes) in [
+                ("dkdvw", dkdv_wide_smem_bytes(d)),
+                ("dkdvdqw", dkdv_wide_smem_bytes(d)),
+                ("dqw", dq_wide_smem_bytes(d)),
+            ] {
                 let name = format!("dk_attn_bwd_{kernel}_{t}_d{d}");
-                wide &= set(&name, dkdv_wide_smem_bytes(d)).is_ok();
+                wide &= set(&name, bytes).is_ok();
             }
         }
     }
@@ -402,7 +422,8 @@ pub(crate) fn backward(
         (DKDV_KEYS, THREADS)
     };
     let dkdv_blocks = grid_blocks("dK/dV", sh.seqlen_k, dkdv_keys, sh.batch, raw.heads_kv)?;
-    let dq_blocks = grid_blocks("dQ", sh.seqlen_q, DQ_QUERIES, sh.batch, raw.heads_q)?;
+    let dq_rows = if wide { WIDE_DQ_ROWS } else { DQ_QUERIES };
+    let dq_blocks = grid_blocks("dQ", sh.seqlen_q, dq_rows, sh.batch, raw.heads_q)?;
     if sh.total_q == 0 && sh.total_k == 0 {
         return Ok(()); // no row to write
     }
@@ -419,17 +440,13 @@ pub(crate) fn backward(
     };
     let dkdv_name = format!("dk_attn_bwd_{dkdv_kernel}_{t}_d{d}");
     let f_dkdv = dev.function(&dkdv_name)?;
-    let (f_dq, dq_smem) = if atomic_dq {
-        (
-            dev.function(&format!("dk_attn_bwd_dq_convert_{t}_d{d}"))?,
-            0,
-        )
-    } else {
-        (
-            dev.function(&format!("dk_attn_bwd_dq_{t}_d{d}"))?,
-            dq_smem_bytes(d),
-        )
+    let (dq_kernel, dq_smem, dq_threads) = match (atomic_dq, wide) {
+        (true, _) => ("dq_convert", 0, DELTA_THREADS),
+        (false, true) => ("dqw", dq_wide_smem_bytes(d), WIDE_THREADS),
+        (false, false) => ("dq", dq_smem_bytes(d), THREADS),
     };
+    let dq_name = format!("dk_attn_bwd_{dq_kernel}_{t}_d{d}");
+    let f_dq = dev.function(&dq_name)?;
     // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
     // is unsafe for that reason), or null for the legacy default stream.
     let stream = unsafe { dev.borrow_stream(launch_cfg.stream) };
@@ -482,7 +499,10 @@ pub(crate) fn backward(
             // Same items as Delta: D/8 threads per (row, head).
             launch(&stream, f_dq, &args, delta_blocks, DELTA_THREADS, 0)?;
         } else {
-            launch(&stream, f_dq, &args, dq_blocks, THREADS, dq_smem)?;
+            launch(&stream, f_dq, &args, dq_blocks, dq_threads, dq_smem)?;
+            if let Some(name) = KERNEL_NAMES.iter().find(|n| **n == dq_name) {
+                super::note_kernel(name);
+            }
         }
     }
     drop(owned); // stream-ordered free after the kernels that use it
@@ -549,5 +569,7 @@ mod tests {
         // (and the 163 KiB of an A100).
         assert_eq!(dkdv_wide_smem_bytes(64), 99_328);
         assert_eq!(dkdv_wide_smem_bytes(128), 164_864);
+        assert_eq!(dq_wide_smem_bytes(64), 81_920);
+        assert_eq!(dq_wide_smem_bytes(128), 147_456);
     }
 }
