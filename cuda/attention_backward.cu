@@ -832,7 +832,13 @@ __device__ __forceinline__ void dkdv_wide_kernel(const DkAttentionBwdArgs& a, ch
                                                p.y * (dp[mt][nt][2 * r + 1] - d.y)));
           }
       }
-      __syncthreads();
+      // dV / dK read only their key group's rows of the tiles, written by the group's two warps:
+      // the pair's named barrier. The atomic mode's dQ reads every row: the block's.
+      if constexpr (kAtomicDq) {
+        __syncthreads();
+      } else {
+        named_barrier_sync(1 + kg, 64);
+      }
 
       // dV += P^T dO and dK += dS^T Q: the warp's 32 keys x its D / 2 head columns, over the
       // step's 64 queries.
@@ -1171,7 +1177,8 @@ __device__ __forceinline__ void dq_wide_kernel(const DkAttentionBwdArgs& a, char
       } else {
         ds_of(std::false_type{});
       }
-      __syncthreads();
+      // dQ reads only the pair's rows of the dS tile, written by the pair's two warps.
+      named_barrier_sync(1 + pair, 64);
 
       // dQ += dS K: the pair's 32 rows x this half's D / 2 head columns, over the step's keys.
       mma_tiles_bt<T, Bc, D, 2, Bc, HD, false, 4>(dq, sdS_a, row0, sa_off, sK_a, HD * half, a_off);

@@ -389,8 +389,9 @@ __device__ __forceinline__ void forward(const DkAttentionFwdArgs& a, unsigned ch
 // 51 %, H100). Here a pair of warps owns 32 rows and splits both products of each 64-key tile:
 //   S = Q·Kᵀ:   warp (pair r, half h) computes its 32 rows × keys 32 h .. 32 h + 31 (Q fragments in
 //               registers, each K fragment feeds two m-tiles);
-//   softmax:    the two halves' row maxima meet in shared memory (one barrier), so both warps
-//               rescale with the same maximum; each keeps the row sum of its own keys;
+//   softmax:    the two halves' row maxima meet in shared memory (the pair's named barrier),
+//               so both warps rescale with the same maximum; each keeps the row sum of its own
+//               keys;
 //   P:          each warp writes its P (in T) to a [128 rows][64 keys] tile;
 //   O += P·V:   warp (r, h) accumulates its 32 rows × head columns 64 h .. 64 h + 63 over all 64
 //               keys (P fragments from the tile, each V fragment feeds two m-tiles).
@@ -515,8 +516,9 @@ __device__ __forceinline__ void forward_split(const DkAttentionFwdArgs& a, unsig
       }
     }
 
-    // Row maxima of this half (over the lane quad), to the exchange buffer; one barrier; the
-    // tile maximum of each row is the larger of both halves'.
+    // Row maxima of this half (over the lane quad), to the exchange buffer; the pair's named
+    // barrier (only the two warps of a pair share rows); the tile maximum of each row is the
+    // larger of both halves'.
     float mx[4];
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
@@ -534,7 +536,7 @@ __device__ __forceinline__ void forward_split(const DkAttentionFwdArgs& a, unsig
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
       if (t == 0) xchg[half * kBlockM + xrow(r)] = mx[r];
     }
-    __syncthreads();
+    named_barrier_sync(1 + pair, 64);
     float ms[4];
 #pragma unroll
     for (int r = 0; r < 4; ++r) {

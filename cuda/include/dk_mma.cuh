@@ -83,6 +83,18 @@ __device__ __forceinline__ float exp2_fast(float x) { return fast_exp2(x); }
 
 }  // namespace dk
 
+// ---- Named barriers ----------------------------------------------------------------------
+namespace dk {
+
+// bar.sync id, count: waits until `count` threads of the block (whole warps; `id` 1..15, 0 is
+// __syncthreads) have arrived at barrier `id`, and orders their shared-memory accesses as
+// __syncthreads does for the block. Lets a warp pair synchronise without stalling the others.
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+}  // namespace dk
+
 // ---- Shared-memory accesses by address ------------------------------------------------
 namespace dk {
 

@@ -48,6 +48,9 @@ template <int N> inline void cp_async_wait() { sim::cp_wait(N); }
 // ex2.approx.ftz.f32.
 inline float exp2_fast(float x) { return sim::ex2_ftz(x); }
 
+// bar.sync id, count.
+inline void named_barrier_sync(int id, int count) { sim::named_barrier(id, count); }
+
 // st.shared.b32 / ld.shared.b32 / ld.shared.v4.b32 at a shared offset.
 inline void st_shared_b32(uint32_t addr, uint32_t v) {
   sim::check_smem(addr, 4, 4, "st.shared.b32", true);

@@ -5,7 +5,12 @@
 // Execution model
 //   Every CUDA thread of a block is a fiber with its own stack (a hand-written context switch on
 //   x86-64 Linux, ucontext elsewhere). A fiber runs until it reaches a scheduling point: a warp
-//   collective (ldmatrix, mma.sync, __shfl_*_sync, __syncwarp), __syncthreads, or its exit.
+//   collective (ldmatrix, mma.sync, __shfl_*_sync, __syncwarp), __syncthreads, a named barrier
+//   (bar.sync id, count), or its exit. A named barrier opens as soon as `count` threads of the
+//   block wait at `id`, and the warp sweep starts again at once, so its warps run ahead of the
+//   warps that have not reached their own barriers: a named barrier used where the block's was
+//   needed shows as a difference between the two orders. Every opening of an id in a block must
+//   release the same warps (warp groups sharing an id race on the hardware).
 //   The scheduler runs one warp at a time: it resumes each runnable lane of the warp (ascending
 //   or descending lane order), and when all 32 lanes wait at a collective it checks that they
 //   wait at the SAME one (a converged warp, as the .sync.aligned instructions require), executes
@@ -143,7 +148,7 @@ void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 
 // ---- Fibers -----------------------------------------------------------------------------------
 
-enum class St : uint8_t { Run, Warp, Bar, CWait, Done };
+enum class St : uint8_t { Run, Warp, Bar, NBar, CWait, Done };
 enum class Op : uint8_t {
   None, Ldsm, LdsmT, MmaBf16, MmaF16, ShflXor, ShflIdx, SyncWarp, ClusterArrive, ClusterWait,
   ShflBits, ReduxMax, ReduxMin
@@ -185,6 +190,8 @@ struct Lane {
   int blk = 0;             // block of the running group (cluster rank; 0 without clusters)
   uint32_t arrives = 0;    // cluster barrier arrivals and waits of this thread
   uint32_t waits = 0;
+  int nbar_id = 0;     // named barrier (bar.sync id, count) this thread waits at
+  int nbar_count = 0;
   int arg = 0;         // shfl: lane mask / source lane / delta
   int mode = 0;        // ShflBits: 0 bfly, 1 idx, 2 up
   int sh_next = 0;     // static __shared__ arrays this thread has declared in its block
@@ -261,6 +268,10 @@ struct State {
     char* pub_map;
     size_t pub_map_bytes;
     bool exited;
+    // Per named barrier id: the warps (bit w) its first opening released in this block. Every
+    // later opening must release the same warps (two warp pairs sharing an id is a race on the
+    // hardware, where arrivals interleave).
+    uint32_t nbar_warps[16];
   };
   bool clustered = false;  // a cluster launch (cluster >= 1 blocks)
   unsigned cluster = 1;    // blocks per group
@@ -488,6 +499,18 @@ void* static_shared(size_t bytes, const char* name);
 inline void syncthreads() {
   Lane& l = me();
   l.st = St::Bar;
+  yield_to_sched();
+}
+
+// bar.sync id, count (id 1..15; 0 is __syncthreads): opens once `count` threads of the block
+// (whole warps) wait at barrier `id`, all naming the same count.
+inline void named_barrier(int id, int count) {
+  if (id <= 0 || id > 15 || count <= 0 || count % 32 != 0)
+    fail("%s: bar.sync %d, %d (id 1..15, a count of whole warps)", where(), id, count);
+  Lane& l = me();
+  l.st = St::NBar;
+  l.nbar_id = id;
+  l.nbar_count = count;
   yield_to_sched();
 }
 

@@ -300,12 +300,50 @@ static void run_group() {
     if (S.smem_bytes) memset(g.smem, 0xff, S.smem_bytes);  // NaN in bf16, f16 and f32
     if (S.smem_bytes && g.published) memset(g.published, 0xff, S.smem_bytes);
     g.exited = false;
+    std::fill(std::begin(g.nbar_warps), std::end(g.nbar_warps), 0u);
   }
   S.phases = 0;
   S.static_live = 0;
   enter_block(0);
   std::fill(S.inflight.begin(), S.inflight.end(), 0);
   S.blocks += nb_group;
+  // Named barriers of block b: barrier id opens once as many of the block's threads wait at it
+  // as they name (all naming the same count). Returns whether one opened.
+  auto open_named = [&](int b) {
+    bool opened = false;
+    for (int id = 1; id < 16; ++id) {
+      int waiting = 0, count = -1;
+      uint32_t warps = 0;
+      for (int i = b * n; i < (b + 1) * n; ++i) {
+        const Lane& l = S.lanes[i];
+        if (l.st != St::NBar || l.nbar_id != id) continue;
+        if (count >= 0 && l.nbar_count != count) {
+          enter_block(b);
+          fail("%s: bar.sync %d named with counts %d and %d", where(), id, count, l.nbar_count);
+        }
+        count = l.nbar_count;
+        ++waiting;
+        warps |= 1u << ((i - b * n) / 32);
+      }
+      if (waiting == 0 || waiting < count) continue;
+      if (waiting > count) {
+        enter_block(b);
+        fail("%s: %d threads wait at bar.sync %d, %d", where(), waiting, id, count);
+      }
+      uint32_t& first = S.group[b].nbar_warps[id];
+      if (first == 0) first = warps;
+      if (first != warps) {
+        enter_block(b);
+        fail("%s: bar.sync %d released warps 0x%x, earlier 0x%x (warp groups sharing a barrier id)",
+             where(), id, warps, first);
+      }
+      for (int i = b * n; i < (b + 1) * n; ++i)
+        if (S.lanes[i].st == St::NBar && S.lanes[i].nbar_id == id) S.lanes[i].st = St::Run;
+      S.barriers++;
+      opened = true;
+    }
+    return opened;
+  };
   for (;;) {
     bool progress = false;
     // Each block in turn runs as far as it can: its warps one after the other up to
@@ -315,9 +353,10 @@ static void run_group() {
       for (;;) {
         // Interleaved: sweeps over the warps, each running to its next collective, until none
         // moves; otherwise one sweep, each warp running up to __syncthreads (or its exit).
-        bool moved;
+        bool moved, reopened;
         do {
         moved = false;
+        reopened = false;
         for (int wi = 0; wi < nwarps; ++wi) {
           const int w = b * nwarps + (S.reverse ? nwarps - 1 - wi : wi);  // warp of the group
           for (;;) {
@@ -356,8 +395,16 @@ static void run_group() {
             moved = true;
             if (S.interleave) break;
           }
+          // A named barrier this warp completed opens at once, and the sweep starts again, so
+          // its warps run ahead of the warps that have not reached their own barriers yet (a
+          // named barrier orders only its own warps).
+          if (open_named(b)) {
+            reopened = true;
+            break;
+          }
         }
-        } while (S.interleave && moved);
+        } while ((S.interleave && moved) || reopened);
+        if (open_named(b)) continue;
         // __syncthreads: the block's barrier opens when all its threads wait at it.
         int nb = 0, nd = 0;
         for (int i = b * n; i < (b + 1) * n; ++i) {
@@ -383,14 +430,17 @@ static void run_group() {
       char msg[1024];
       int at = 0;
       for (int b = 0; b < nb_group && at < 900; ++b) {
-        int nb = 0, nc = 0, nd = 0;
+        int nb = 0, nn = 0, nc = 0, nd = 0;
         for (int i = b * n; i < (b + 1) * n; ++i) {
           nb += S.lanes[i].st == St::Bar;
+          nn += S.lanes[i].st == St::NBar;
           nc += S.lanes[i].st == St::CWait;
           nd += S.lanes[i].st == St::Done;
         }
-        at += snprintf(msg + at, sizeof msg - at, " [block %d: %d at __syncthreads, %d at a cluster wait, %d exited]",
-                       b, nb, nc, nd);
+        at += snprintf(msg + at, sizeof msg - at,
+                       " [block %d: %d at __syncthreads, %d at a named barrier, %d at a cluster "
+                       "wait, %d exited]",
+                       b, nb, nn, nc, nd);
       }
       enter_block(0);
       fail("%s: deadlock after %u cluster barrier phases:%s", where(), S.phases, msg);
