@@ -114,6 +114,19 @@ template <int D> __device__ __forceinline__ int swz(int row, int chunk) {
 template <int D> __device__ __forceinline__ uint32_t lane_offset(int lrow, int lc) {
   return static_cast<uint32_t>(lrow * 2 * D + ((lc ^ (lrow & 7)) << 4));
 }
+// The two lane patterns of the kernels' ldmatrix x4 reads in a swizzled [rows][W] tile (matrix
+// mi = lane / 8 gets rows lane % 8 of ...):
+//   a_lane: an A operand, or a B operand read with .trans: matrices (rows 0-7 | 8-15) x (chunk
+//           c0 | c0 + 1);
+//   b_lane: a B operand read plainly, or an A operand stored transposed ([k][m] rows, read with
+//           .trans): matrices (chunk c0 | c0 + 1) x (rows 0-7 | 8-15).
+template <int W> __device__ __forceinline__ uint32_t a_lane(int lane) {
+  return lane_offset<W>(((lane >> 3) & 1) * 8 + (lane & 7), lane >> 4);
+}
+template <int W> __device__ __forceinline__ uint32_t b_lane(int lane) {
+  return lane_offset<W>((lane >> 4) * 8 + (lane & 7), (lane >> 3) & 1);
+}
+
 template <int D>
 __device__ __forceinline__ uint32_t frag_addr(uint32_t tile, int row16, int c0, uint32_t lane_off) {
   return tile + static_cast<uint32_t>(row16 * 2 * D) + (lane_off ^ static_cast<uint32_t>(c0 << 4));
@@ -556,15 +569,9 @@ __device__ __forceinline__ void dkdv_kernel(const DkAttentionBwdArgs& a, char* s
   float* sDelta = sLse + 2 * Br;                              // [2][Br]
   T* sdS = reinterpret_cast<T*>(sDelta + 2 * Br);  // [Bc][W], atomic-dQ mode only
 
-  // Lane roles in ldmatrix: matrix mi = lane / 8 gets rows l7 of ...
-  const int mi = lane >> 3, l7 = lane & 7;
-  // A operand and transposed B operand: matrices (rows 0-7 | 8-15) x (chunk c0 | c0 + 1);
-  // non-transposed B operand: (chunk c0 | c0 + 1) x (rows 0-7 | 8-15).
-  const uint32_t a_off = lane_offset<D>((mi & 1) * 8 + l7, mi >> 1);
-  const uint32_t b_off = lane_offset<D>((mi >> 1) * 8 + l7, mi & 1);
-  // A operand stored transposed ([k][m] rows, read with .trans): matrices (rows 0-7 | 8-15 of
-  // k) x (chunk c0 | c0 + 1 of m), k-major: the non-transposed B pattern on W-wide rows.
-  const uint32_t ds_off = lane_offset<W>((mi >> 1) * 8 + l7, mi & 1);
+  // ldmatrix lane patterns: A and .trans B operands of [][D] tiles, plain B operands, and the
+  // transposed dS^T tile's A operand (the plain B pattern on W-wide rows).
+  const uint32_t a_off = a_lane<D>(lane), b_off = b_lane<D>(lane), ds_off = b_lane<W>(lane);
 
   // Per-thread key rows g and g + 8 of the warp: a score column (query i) is masked when
   // i < qmin (keys past the end: every query; causal: queries before j - off).
@@ -733,11 +740,8 @@ __device__ __forceinline__ void dkdv_wide_kernel(const DkAttentionBwdArgs& a, ch
   float* sLse = reinterpret_cast<float*>(sdS + Bc * W);  // [2][Br]
   float* sDelta = sLse + 2 * Br;                          // [2][Br]
 
-  const int mi = lane >> 3, l7 = lane & 7;
-  const uint32_t a_off = lane_offset<D>((mi & 1) * 8 + l7, mi >> 1);  // A, transposed B: [][D]
-  const uint32_t b_off = lane_offset<D>((mi >> 1) * 8 + l7, mi & 1);  // B: [][D]
-  const uint32_t pa_off = lane_offset<W>((mi & 1) * 8 + l7, mi >> 1);  // A: [keys][W]
-  const uint32_t ds_off = lane_offset<W>((mi >> 1) * 8 + l7, mi & 1);  // A^T: [keys][W]
+  const uint32_t a_off = a_lane<D>(lane), b_off = b_lane<D>(lane);  // [][D] tiles
+  const uint32_t pa_off = a_lane<W>(lane), ds_off = b_lane<W>(lane);  // A, A^T: [keys][W]
 
   // The thread's key rows are j = j0 + 16 mt + 8 r; query column i is masked for key j when
   // j is past the keys or (causal) i < j - off. Computed where a tile needs it rather than
@@ -982,9 +986,7 @@ __device__ __forceinline__ void dq_kernel(const DkAttentionBwdArgs& a, char* sme
   T* sK = sdO + Br * D;                // [2][Bc][D]
   T* sV = sK + 2 * Bc * D;             // [2][Bc][D]
 
-  const int mi = lane >> 3, l7 = lane & 7;
-  const uint32_t a_off = lane_offset<D>((mi & 1) * 8 + l7, mi >> 1);
-  const uint32_t b_off = lane_offset<D>((mi >> 1) * 8 + l7, mi & 1);
+  const uint32_t a_off = a_lane<D>(lane), b_off = b_lane<D>(lane);
 
   float dq[D / 8][4];
 #pragma unroll
@@ -1111,10 +1113,8 @@ __device__ __forceinline__ void dq_wide_kernel(const DkAttentionBwdArgs& a, char
   T* sV = sK + 2 * Bc * D;             // [2][Bc][D]
   T* sdS = sV + 2 * Bc * D;            // [Br][Bc]
 
-  const int mi = lane >> 3, l7 = lane & 7;
-  const uint32_t a_off = lane_offset<D>((mi & 1) * 8 + l7, mi >> 1);   // A, transposed B: [][D]
-  const uint32_t b_off = lane_offset<D>((mi >> 1) * 8 + l7, mi & 1);   // B: [][D]
-  const uint32_t sa_off = lane_offset<Bc>((mi & 1) * 8 + l7, mi >> 1); // A: the dS tile
+  const uint32_t a_off = a_lane<D>(lane), b_off = b_lane<D>(lane);  // [][D] tiles
+  const uint32_t sa_off = a_lane<Bc>(lane);                           // A: the dS tile
 
   float dq[2][HD / 8][4] = {};
 
