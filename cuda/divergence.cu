@@ -73,7 +73,7 @@ __device__ __forceinline__ void rows(const DkDivergenceArgs& a) {
   if (!g) return;
 
   const float gscale = grad_scale(*reinterpret_cast<const float*>(a.scale) * a.inv_temperature, loss);
-  GradPass<K, TS> gp{r, g, center, 1.f - beta, gscale};
+  GradPass<K, TS> gp{grad_row_of<K>(r, center, beta, gscale), g};
   for_each(s, t, v, vec, gp);
 }
 

@@ -159,7 +159,7 @@ __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
       // In place over the student row is safe: the smem variant reads its copy; the stream
       // variant's thread reads each chunk before it writes that chunk's gradient, and no other
       // thread or block touches the chunk.
-      GradPass<K, TS> gp{r, g, center, 1.f - beta, gscale};
+      GradPass<K, TS> gp{grad_row_of<K>(r, center, beta, gscale), g};
       slice_pass<kStream>(ss, ts, s, t, len, gp);
     }
   }

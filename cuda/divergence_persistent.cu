@@ -288,7 +288,7 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
     const bool grad_on = grad_mode == GradMode::Grad;
 
     StatsPass<K, TS, TT> sp{k, student(stats_at), teacher(stats_at)};
-    GradPass<K, TS> gp{grad_row, g, grad_center, 1.f - beta, grad_gscale};
+    GradPass<K, TS> gp{grad_row_of<K>(grad_row, grad_center, beta, grad_gscale), g};
     const TS* ss = stats_on ? sp.s : nullptr;
     const TS* gs = grad_on ? student(grad_at) : nullptr;
     const Stage<TS, TT, StatsPass<K, TS, TT>> stats_stage{ss, sp.t, sp};

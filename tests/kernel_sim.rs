@@ -72,7 +72,26 @@ struct SimOut {
     lanes_agree: bool,
 }
 
+/// The special-function unit models the simulator replays (DK_SIM_MUFU, cuda/include/dk_math.cuh):
+/// exact results, every `ex2` / `lg2` off by its documented bound upwards or downwards, or by
+/// a sign hashed from the argument. The GPU's own errors lie within these bounds; the accuracy
+/// checks below must hold under each, so a formula that only passes with exact exponentials
+/// and logarithms (as one did in run 3 of BENCHMARKS.md) fails here first.
+const MUFU_MODELS: [&str; 4] = ["exact", "up", "down", "hash"];
+
 fn run_sim(exe: &PathBuf, cases: &[SimCase]) -> Vec<SimOut> {
+    run_sim_as(exe, cases, "exact")
+}
+
+/// `run_sim` under each of [`MUFU_MODELS`], with the model's name.
+fn run_sim_models(exe: &PathBuf, cases: &[SimCase]) -> Vec<(&'static str, Vec<SimOut>)> {
+    MUFU_MODELS
+        .iter()
+        .map(|&m| (m, run_sim_as(exe, cases, m)))
+        .collect()
+}
+
+fn run_sim_as(exe: &PathBuf, cases: &[SimCase], mufu: &str) -> Vec<SimOut> {
     let mut input = Vec::new();
     for c in cases {
         let kind = match c.kind {
@@ -94,6 +113,7 @@ fn run_sim(exe: &PathBuf, cases: &[SimCase]) -> Vec<SimOut> {
         c.t.iter().for_each(|x| input.extend(x.to_ne_bytes()));
     }
     let mut child = Command::new(exe)
+        .env("DK_SIM_MUFU", mufu)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -183,15 +203,28 @@ const KINDS: [(Kind, f32); 6] = [
     (Kind::Jsd, 0.9),
 ];
 
-fn check(cases: &[SimCase], outs: &[SimOut], what: &str) {
-    check_tol(cases, outs, what, 1e-5)
+/// Per-row bounds under a special-function error model are this many times the exact replay's.
+/// The models put every `ex2` / `lg2` at its worst-case error at once, which the batch
+/// criterion (DESIGN.md's 1e-5) absorbs but single rows do not always: a near one-hot row's
+/// gradient is a small difference of O(1) numbers (worst rows 1e-3 .. 4e-3 relative, under
+/// the previous natural-log JSD math as under the present one), and a seven-entry row's loss
+/// carries the error of each of its seven rescales (1.3e-5 relative).
+const MODEL_ROW_SLACK: f64 = 10.0;
+
+fn row_slack(model: &str) -> f64 {
+    if model == "exact" {
+        1.0
+    } else {
+        MODEL_ROW_SLACK
+    }
 }
 
 /// DESIGN.md's criterion over the whole batch: ‖out − ref‖ / ‖ref‖ of all per-row losses and
 /// of all gradient rows together ≤ `tol`. Each row must also be within 100 × `tol` of its own
 /// reference (with a floor): a near one-hot row has a tiny gradient made of differences of
 /// O(1) f32 numbers, so its own relative error is bounded by f32 cancellation, not by `tol`.
-fn check_tol(cases: &[SimCase], outs: &[SimOut], what: &str, tol: f64) {
+/// The per-row bounds are multiplied by `slack` (see [`MODEL_ROW_SLACK`]).
+fn check_rows(cases: &[SimCase], outs: &[SimOut], what: &str, tol: f64, slack: f64) {
     let (mut worst_row, mut losses, mut ref_losses) = (0.0f64, Vec::new(), Vec::new());
     let (mut grads, mut ref_grads) = (Vec::new(), Vec::new());
     for (c, o) in cases.iter().zip(outs) {
@@ -212,12 +245,12 @@ fn check_tol(cases: &[SimCase], outs: &[SimOut], what: &str, tol: f64) {
             "{label}: lanes ended a reduction with different bits"
         );
         assert!(
-            loss_err <= tol,
+            loss_err <= tol * slack,
             "{label}: loss {} vs reference {rl} (rel {loss_err:e})",
             o.loss
         );
         assert!(
-            grad_err <= 100.0 * tol,
+            grad_err <= 100.0 * tol * slack,
             "{label}: gradient rel err {grad_err:e}"
         );
         worst_row = worst_row.max(grad_err);
@@ -257,8 +290,10 @@ fn kernel_math_matches_f64_reference_across_kinds_temperatures_and_sizes() {
         }
     }
     add_cluster_variants(&mut rng, &mut cases);
-    let outs = run_sim(&exe, &cases);
-    check(&cases, &outs, "random rows");
+    for (model, outs) in run_sim_models(&exe, &cases) {
+        let what = format!("random rows [{model}]");
+        check_rows(&cases, &outs, &what, 1e-5, row_slack(model));
+    }
 }
 
 #[test]
@@ -283,8 +318,10 @@ fn kernel_math_at_model_vocabularies() {
             cases.push(c);
         }
     }
-    let outs = run_sim(&exe, &cases);
-    check(&cases, &outs, "model vocabularies");
+    for (model, outs) in run_sim_models(&exe, &cases) {
+        let what = format!("model vocabularies [{model}]");
+        check_rows(&cases, &outs, &what, 1e-5, row_slack(model));
+    }
 }
 
 #[test]
@@ -319,8 +356,10 @@ fn kernel_math_masked_entries_nan_rows_and_fully_masked_rows() {
         }
     }
     add_cluster_variants(&mut rng, &mut cases);
-    let outs = run_sim(&exe, &cases);
-    check(&cases, &outs, "masked entries");
+    for (model, outs) in run_sim_models(&exe, &cases) {
+        let what = format!("masked entries [{model}]");
+        check_rows(&cases, &outs, &what, 1e-5, row_slack(model));
+    }
 
     // Fully masked rows: loss 0, gradient 0. NaN rows: NaN loss and NaN gradient.
     let mut edge = Vec::new();
@@ -415,30 +454,43 @@ fn kernel_math_mass_below_f32_range_against_a_masked_entry_is_infinite() {
 
 #[test]
 fn kernel_math_identical_rows_give_zero() {
+    // Identical rows, and one-entry rows (any two logits: both distributions are [1]).
     let Some(exe) = simulator() else { return };
     let mut rng = Rng::fresh("kernel_sim_identical");
-    let cases: Vec<SimCase> = KINDS
+    let mut rows = Vec::new();
+    for &(kind, beta) in &KINDS {
+        let mut c = random_case(&mut rng, kind, beta, 1.0, 5000, true);
+        c.t = c.s.clone();
+        rows.push(c);
+        for temperature in [0.5, 1.0, 3.0] {
+            rows.push(random_case(&mut rng, kind, beta, temperature, 1, true));
+        }
+    }
+    let cases: Vec<SimCase> = rows
         .iter()
-        .map(|&(kind, beta)| {
-            let mut c = random_case(&mut rng, kind, beta, 1.0, 5000, true);
-            c.t = c.s.clone();
-            c
-        })
-        .flat_map(|c| [cluster_variant(&c, 8), c])
+        .flat_map(|c| [cluster_variant(c, 8), persistent_variant(c, 4), c.clone()])
         .collect();
-    for (c, o) in cases.iter().zip(run_sim(&exe, &cases)) {
-        assert!(
-            o.loss >= 0.0 && o.loss < 1e-6,
-            "{:?}: identical rows loss {}",
-            c.kind,
-            o.loss
-        );
-        let gmax = o.grad.iter().fold(0.0f32, |m, g| m.max(g.abs()));
-        assert!(
-            gmax < 1e-7,
-            "{:?}: identical rows gradient up to {gmax}",
-            c.kind
-        );
+    // Exactly 0 for every kind and β, whatever the special-function unit's rounding: every
+    // exponent is exactly 0 at the row maximum, the KL sums cancel term by term, and the JSD
+    // log ratios are formed so that they are exactly 0 where w = B2
+    // (cuda/include/dk_divergence_math.cuh, Row). An exponent formed as x·k − round(M·k), which
+    // run 3 of BENCHMARKS.md caught on the GPU (one-entry rows with losses of ~1e-7), fails
+    // here under the hashed model.
+    for (model, outs) in run_sim_models(&exe, &cases) {
+        for (c, o) in cases.iter().zip(outs) {
+            assert_eq!(
+                o.loss, 0.0,
+                "[{model}] {:?} beta {}: identical rows loss",
+                c.kind, c.beta
+            );
+            let gmax = o.grad.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+            assert!(
+                gmax < 1e-7,
+                "[{model}] {:?} beta {}: identical rows gradient up to {gmax}",
+                c.kind,
+                c.beta
+            );
+        }
     }
 }
 
@@ -460,24 +512,29 @@ fn kernel_math_near_identical_rows_keep_relative_accuracy() {
             cases.push(c);
         }
     }
-    let outs = run_sim(&exe, &cases);
+    for (model, outs) in run_sim_models(&exe, &cases) {
+        near_identical_checks(&cases, &outs, model);
+    }
+}
+
+fn near_identical_checks(cases: &[SimCase], outs: &[SimOut], model: &str) {
     // The losses (1e-8 .. 1e-5) have an absolute f32 floor: the KL is a log ratio of two sums of
     // V terms (JSD: sums of mixture terms), each sum within a few ulps, so ~1e-7 absolute error
     // whatever the loss (over 480 rows of 40 seeds: at most 3.7e-7; libm and the fast
     // exponentials alike). A batch relative criterion without that floor (1e-2 of the norm)
     // failed on some seeds (1.03e-2 with 0x9588fba087f574f), so the bound is per row:
     // 1e-2 relative plus 5e-7 absolute.
-    for (c, o) in cases.iter().zip(&outs) {
+    for (c, o) in cases.iter().zip(outs) {
         assert!(
             o.lanes_agree,
-            "near-identical rows ({:?}): lanes disagree",
+            "[{model}] near-identical rows ({:?}): lanes disagree",
             c.kind
         );
         let rl = reference_row(c).0;
         let err = (o.loss as f64 - rl).abs();
         assert!(
-            err <= 1e-2 * rl.abs() + 5e-7,
-            "near-identical rows ({:?}, beta {}): loss {} vs reference {rl:e} (abs err {err:e})",
+            err <= 1e-2 * rl.abs() + 5e-7 * row_slack(model),
+            "[{model}] near-identical rows ({:?}, beta {}): loss {} vs reference {rl:e} (abs err {err:e})",
             c.kind,
             c.beta,
             o.loss
@@ -488,7 +545,7 @@ fn kernel_math_near_identical_rows_keep_relative_accuracy() {
     // each rounded there to 2^-24 ≈ 6e-8, so a confident row whose gradient norm is itself
     // ~1e-7 cannot come closer than ~1.2e-7 absolute (such rows gave 2e-1 relative, and 3e-4 to
     // 5e-4 over the batch, with the f32 kernel math before and after its base-2 rewrite).
-    for (c, o) in cases.iter().zip(&outs) {
+    for (c, o) in cases.iter().zip(outs) {
         let g: Vec<f64> = o.grad.iter().map(|&x| x as f64).collect();
         let r = reference_row(c).1;
         let d = g
@@ -500,7 +557,7 @@ fn kernel_math_near_identical_rows_keep_relative_accuracy() {
         let norm = r.iter().map(|x| x * x).sum::<f64>().sqrt();
         assert!(
             d <= 3e-4 * norm + 2.5e-7,
-            "near-identical rows ({:?}): gradient error norm {d:e} against a norm of {norm:e}",
+            "[{model}] near-identical rows ({:?}): gradient error norm {d:e} against a norm of {norm:e}",
             c.kind
         );
     }
@@ -528,6 +585,8 @@ fn kernel_math_one_hot_rows_stay_within_f32_cancellation() {
         }
     }
     add_cluster_variants(&mut rng, &mut cases);
-    let outs = run_sim(&exe, &cases);
-    check_tol(&cases, &outs, "one-hot rows", 1e-4);
+    for (model, outs) in run_sim_models(&exe, &cases) {
+        let what = format!("one-hot rows [{model}]");
+        check_rows(&cases, &outs, &what, 1e-4, row_slack(model));
+    }
 }

@@ -153,19 +153,31 @@ DK_UNROLL
 
 // Per-row constants of the later passes. For entry i with X = (t − Mt)·k, Y = (s − Ms)·k
 // (base-2 exponents relative to the raw maxima, as in RowStats; k = log2(e) / T), d = Y − X:
-//   p = 2^X / St, q = 2^Y / Ss, delta = log q - log p = d ln 2 - log(Ss / St),
-//   log p - log m = -(log β + softplus(u)), log q - log m = -(log(1-β) + softplus(-u)),
-//   u = delta + log(1-β) - log β (both softplus share one exp and one log1p).
-// Masked entries give delta = ±inf and stay finite where their probability is non-zero.
-// (A base-2 softplus, u2 = d + a row constant, saves three instructions per element but put
-// a self-distillation JSD of identical f32 rows at 1.06e-5 against the fused tests' 1e-5 on
-// the H200; this natural-log form passed them on the H100.)
+//   p = 2^X / St, q = 2^Y / Ss, log2 q − log2 p = d − R2, R2 = log2(Ss / St).
+// The JSD mixture m = βp + (1−β)q, in base 2 with B2 = log2((1−β)/β) and w = d − R2 + B2
+// (so that (1−β)q / (βp) = 2^w), sp2(w) = log2(1 + 2^w) = max(w, 0) + tail(w), tail(w) =
+// log2(1 + 2^−|w|) (one MUFU.EX2 and one MUFU.LG2):
+//   log2 p − log2 m = −log2 β − sp2(w)         = (max(B2, 0) − max(w, 0)) + (tail(B2) − tail(w)),
+//   log2 q − log2 m = −log2(1−β) − sp2(w) + w  = (max(−B2, 0) + min(w, 0)) + (tail(B2) − tail(w)),
+// using −log2 β = sp2(B2) and −log2(1−β) = sp2(−B2). Each bracket is exactly 0 where the rows
+// agree (d = 0 and R2 = 0 exactly, so w = B2), whatever β: a self-distillation of identical
+// models gives exactly 0 (the fused tests' bound is 1e-7 absolute; a β-dependent rounding of
+// −log2 β came within 6 % of it on the H200). Neither form subtracts two large numbers, for
+// any w (forming the second ratio as the first plus w − B2 would, at large w: 4e-5 relative).
+// w is clamped to ±kWClamp: a masked entry (d = ±inf, or NaN when both sides are masked) then
+// gives finite log ratios, which its zero probability multiplies to 0 without a test, and the
+// clamped values give the right limits (p = 0: log2(q/m) = −log2(1−β); q = 0: log2(p/m) =
+// −log2 β). Unmasked entries have |w| < 300 (p, q ≥ 2^-126 and β a normal f32), far inside.
 struct Row {
-  float k, nmt, nms, inv_st, inv_ss, log_ratio, log_beta, log_1mbeta;
+  float k, nmt, nms, inv_st, inv_ss, log_ratio;
+  // JSD: c2 = B2 − R2 (w = d + c2), pos = max(B2, 0), neg = max(−B2, 0), tail0 = tail(B2).
+  float c2, pos, neg, tail0;
+
+  static constexpr float kWClamp = 1024.f;
 
   struct Entry {
     float p, q;
-    float d;  // Y - X: (log q - log p + log(Ss / St)) / ln 2
+    float d;  // Y - X: log2 q − log2 p + R2
   };
 
   DK_HD Entry entry(float s, float t) const {
@@ -177,11 +189,17 @@ struct Row {
     return e;
   }
 
-  // (log p - log m, log q - log m) for the JSD mixture, from an entry's d.
-  DK_HD float2 log_ratios_to_mixture(float d) const {
-    const float u = fmaf(d, kLn2, -log_ratio) + log_1mbeta - log_beta;
-    const float l = fast_log1p_unit(fast_exp(-fabsf(u)));
-    return make_float2(-(log_beta + fmaxf(u, 0.f) + l), -(log_1mbeta + fmaxf(-u, 0.f) + l));
+  // w of an entry, clamped (see above; fminf / fmaxf also turn a NaN d into a finite w).
+  DK_HD float mixture_w(float d) const { return fminf(fmaxf(d + c2, -kWClamp), kWClamp); }
+
+  // tail(w) = log2(1 + 2^−|w|).
+  static DK_HD float softplus2_tail(float w) { return fast_log2(1.f + fast_exp2(-fabsf(w))); }
+
+  // (log2 p − log2 m, log2 q − log2 m) for the JSD mixture, from an entry's d.
+  DK_HD float2 log2_ratios_to_mixture(float d) const {
+    const float w = mixture_w(d);
+    const float dt = tail0 - softplus2_tail(w);
+    return make_float2((pos - fmaxf(w, 0.f)) + dt, (neg + fminf(w, 0.f)) + dt);
   }
 };
 
@@ -191,8 +209,17 @@ DK_HD float exp2_scale(float inv_t) { return inv_t * 1.4426950408889634f; }
 // The later passes' row constants from the merged statistics.
 template <Kind K>
 DK_HD Row row_of(const RowStats<K>& st, float inv_t, float beta) {
-  return Row{exp2_scale(inv_t), -st.mt, -st.ms, 1.f / st.st, 1.f / st.ss, logf(st.ss / st.st),
-             logf(beta), log1pf(-beta)};
+  Row r{exp2_scale(inv_t), -st.mt, -st.ms, 1.f / st.st, 1.f / st.ss, logf(st.ss / st.st),
+        0.f, 0.f, 0.f, 0.f};
+  if (K == Kind::Jsd) {
+    // β in (0, 1): the launchers run β = 0 and 1 as the KL kinds (Params::effective_kind).
+    const float b2 = log2f(1.f - beta) - log2f(beta);
+    r.c2 = b2 - log2f(st.ss / st.st);
+    r.pos = fmaxf(b2, 0.f);
+    r.neg = fmaxf(-b2, 0.f);
+    r.tail0 = Row::softplus2_tail(b2);
+  }
+  return r;
 }
 
 // Loss of the KL kinds from the statistics alone, and the gradient's row constant `center`
@@ -207,9 +234,9 @@ DK_HD float kl_loss(const RowStats<K>& st, const Row& r, float* center) {
   return *center - r.log_ratio;
 }
 
-// JSD from the mixture pass's sums KL(p || m) and KL(q || m).
-DK_HD float jsd_loss(float beta, float kl_pm, float kl_qm) {
-  return beta * kl_pm + (1.f - beta) * kl_qm;
+// JSD from the mixture pass's sums KL(p || m) and KL(q || m), both in base 2 (bits).
+DK_HD float jsd_loss(float beta, float kl_pm2, float kl_qm2) {
+  return (beta * kl_pm2 + (1.f - beta) * kl_qm2) * kLn2;
 }
 
 // The gradient pass's per-row factor (reduction scale / T): NaN for a NaN row (NaN or +inf
@@ -220,22 +247,48 @@ DK_HD float grad_scale(float scale, float loss) { return loss != loss ? NAN : sc
 // A divergence is >= 0; rounding of near-equal rows may give -1e-9 (NaN passes through).
 DK_HD float clamp_loss(float loss) { return loss < 0.f ? 0.f : loss; }
 
-// Per-entry gradient dL/db of the passes after the statistics. `center` is the row constant the
-// gradient subtracts: for reverse KL Σ q · d ln 2 (= L + log(Ss/St), so the log ratio cancels
-// exactly instead of being subtracted twice), for JSD KL(q || m); unused by forward KL.
+// The gradient pass's row constants, folded so that each entry spends as few instructions as
+// possible: the exponentials are multiplied by gq = gscale / Ss (and gp = gscale / St) instead
+// of forming p and q first. `center` is the row constant the gradient subtracts: for reverse KL
+// Σ q · d ln 2 (= L + log(Ss/St), so the log ratio cancels exactly instead of being subtracted
+// twice), for JSD KL(q || m) in bits; unused by forward KL. A NaN gscale (NaN row) makes gq and
+// gp NaN, and with them every entry of the row, masked ones included.
+struct GradRow {
+  Row row;
+  float gq, gp, c0;
+};
+
 template <Kind K>
-DK_HD float grad_entry(const Row& row, float s, float t, float center, float one_m_beta) {
-  const Row::Entry e = row.entry(s, t);
-  if (K == Kind::ForwardKl) return e.q - e.p;
-  if (K == Kind::ReverseKl) return xlog(e.q, fmaf(e.d, kLn2, -center));
-  return one_m_beta * xlog(e.q, row.log_ratios_to_mixture(e.d).y - center);
+DK_HD GradRow grad_row_of(const Row& row, float center, float beta, float gscale) {
+  GradRow g{row, row.inv_ss * gscale, row.inv_st * gscale, center};
+  if (K == Kind::Jsd) {
+    // dL/db = (1−β) ln 2 · q (log2 q − log2 m − center), with log2 q − log2 m formed exactly
+    // as the mixture pass formed it for `center`: in a near one-hot row the gradient at the
+    // peak is the small difference of the two, and a cheaper but differently rounded form
+    // (c0 + min(w, 0) − tail(w), three instructions fewer) put such rows' gradients 1e-3
+    // off in the host replay.
+    g.gq *= (1.f - beta) * kLn2;
+  }
+  return g;
 }
 
-// (p (log p - log m), q (log q - log m)) of one entry, summed by the JSD pass.
+// Per-entry gradient dL/ds (scaled) of the passes after the statistics.
+template <Kind K>
+DK_HD float grad_entry(const GradRow& g, float s, float t) {
+  const Row& row = g.row;
+  const float X = (t + row.nmt) * row.k, Y = (s + row.nms) * row.k;
+  const float eq = fast_exp2(Y);
+  if (K == Kind::ForwardKl) return eq * g.gq - fast_exp2(X) * g.gp;
+  if (K == Kind::ReverseKl) return xlog(eq, fmaf(Y - X, kLn2, -g.c0)) * g.gq;
+  return eq * g.gq * (row.log2_ratios_to_mixture(Y - X).y - g.c0);
+}
+
+// (p (log2 p − log2 m), q (log2 q − log2 m)) of one entry, summed by the JSD pass. Both log
+// ratios are finite (clamped w), so masked entries (probability 0) add exactly 0.
 DK_HD float2 jsd_terms(const Row& row, float s, float t) {
   const Row::Entry e = row.entry(s, t);
-  const float2 lr = row.log_ratios_to_mixture(e.d);
-  return make_float2(xlog(e.p, lr.x), xlog(e.q, lr.y));
+  const float2 lr = row.log2_ratios_to_mixture(e.d);
+  return make_float2(e.p * lr.x, e.q * lr.y);
 }
 
 

@@ -90,16 +90,13 @@ struct JsdPass {
 // Final pass: the gradient, stored 8 at a time when aligned.
 template <Kind K, typename TS>
 struct GradPass {
-  Row row;
+  GradRow row;  // grad_row_of<K>(row constants, center, β, gscale)
   TS* g;
-  float center, one_m_beta, gscale;
   template <int N>
   __device__ __forceinline__ void chunk(int i, const float (&s)[N], const float (&t)[N]) {
     float out[N];
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      out[k] = grad_entry<K>(row, s[k], t[k], center, one_m_beta) * gscale;
-    }
+    for (int k = 0; k < N; ++k) out[k] = grad_entry<K>(row, s[k], t[k]);
     if (N == kVec) {
       store8(g + i, reinterpret_cast<const float(&)[kVec]>(out));
     } else {

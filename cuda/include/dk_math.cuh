@@ -17,44 +17,61 @@ namespace dk {
 // max that propagates NaN (fmaxf drops it): a NaN logit must poison its row.
 DK_HD float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
 
+#ifndef __CUDACC__
+// Host replay only (tests/kernel_sim): a model of the special-function unit's error, so that
+// the f32 math is also checked with results that are not the exact ones. 0: exact; 1 / -1: every
+// result off by the documented bound (ex2: 2^-22 relative, lg2: 2^-22 absolute) upwards /
+// downwards; 2: the sign of the error taken from a hash of the argument's bits (errors that do
+// not cancel between nearby arguments). Set from DK_SIM_MUFU by the replay's main().
+inline int sim_mufu_error = 0;
+
+inline float sim_mufu_sign(float x) {
+  if (sim_mufu_error != 2) return static_cast<float>(sim_mufu_error);
+  unsigned bits;
+  static_assert(sizeof(bits) == sizeof(x), "32-bit float");
+  __builtin_memcpy(&bits, &x, sizeof(x));
+  bits *= 0x9E3779B1u;
+  return (bits >> 31) ? 1.f : -1.f;
+}
+#endif
+
 // 2^x on the special-function unit: one MUFU.EX2 (ex2.approx.ftz, ≈ 2 ulp). The divergence
 // kernels keep their exponents in base 2 (x = (logit − maximum) · log2(e) / T), so the
 // statistics and gradient passes spend two instructions per exponential on top of it.
 // Results below 2^-126 flush to 0; -inf gives 0, NaN stays NaN. The host version
-// (tests/kernel_sim) takes an exact exp2 and flushes the same way.
+// (tests/kernel_sim) takes an exact exp2, applies the error model above and flushes the same way.
 DK_HD float fast_exp2(float x) {
 #ifdef __CUDA_ARCH__
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 #else
-  const float y = exp2f(x);
+  float y = exp2f(x);
+#ifndef __CUDACC__
+  y *= 1.f + sim_mufu_sign(x) * 2.38418579e-7f;  // 2^-22
+#endif
   return y < 1.17549435e-38f ? 0.f : y;
 #endif
 }
 
 constexpr float kLn2 = 0.6931471805599453f;
 
-// e^x on the special-function unit: ex2.approx.ftz(x · log2 e), one FMUL and one MUFU.EX2
-// where libm's expf spends 8 instructions on an exact range reduction (cuda/DIVERGENCE.md,
-// "Instruction budget"). Relative error ≈ 2 ulp from MUFU plus |x| · 6e-8 from rounding the
-// product: the divergence kernels pass a logit minus its row maximum, so the entries that carry
-// the mass have small |x|. Results below 2^-126 flush to 0; -inf gives 0, NaN stays NaN. The
-// host version (tests/kernel_sim) rounds the same product, takes an exact exp2 and flushes.
-DK_HD float fast_exp(float x) { return fast_exp2(x * 1.4426950408889634f); }
-
-// log(1 + e) for e in [0, 1] (the JSD softplus tail): one FADD, one MUFU.LG2 and one FMUL on the
-// device (lg2.approx: absolute error ~2^-22 on [1, 2]) instead of libm's ~25-instruction log1pf
-// with its range reduction, which the JSD passes run once per element (cuda/DIVERGENCE.md,
-// "Instruction budget"). The host version (tests/kernel_sim) rounds 1 + e the same way (small e
-// lose their low bits, as on the device) and takes an exact log2.
-DK_HD float fast_log1p_unit(float e) {
+// log2(x) on the special-function unit: one MUFU.LG2 (lg2.approx.ftz, absolute error ≈ 2^-22).
+// The JSD passes take it of 1 + e, e in [0, 1] (their base-2 softplus): three instructions
+// with the FADD where libm's log1pf spends ≈ 25 on its range reduction (cuda/DIVERGENCE.md,
+// "Instruction budget"). The host version takes an exact log2 of the same rounded argument and
+// applies the error model above.
+DK_HD float fast_log2(float x) {
 #ifdef __CUDA_ARCH__
   float y;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(1.f + e));
-  return y * 0.6931471805599453f;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 #else
-  return log2f(1.f + e) * 0.6931471805599453f;
+  float y = log2f(x);
+#ifndef __CUDACC__
+  y += sim_mufu_sign(x) * 2.38418579e-7f;
+#endif
+  return y;
 #endif
 }
 

@@ -17,8 +17,11 @@
 //   blocks per row), i32 tree (1: butterfly merge of the block results), f32 s[v], f32 t[v]
 // and on stdout per case: f32 loss, f32 grad[v] (d loss / d s with scale 1, i.e. including 1/T),
 // u8 lanes_agree (1 when every lane ended each reduction with bitwise the same state).
+// DK_SIM_MUFU=up|down|hash replays the special-function instructions with the error model of
+// dk_math.cuh instead of exactly.
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -243,8 +246,8 @@ void run_row(float beta, float inv_t, const float* s, const float* t, int v, int
     loss = jsd_loss(beta, kl_pm, center);
   }
   *loss_out = clamp_loss(loss);
-  const float gscale = grad_scale(inv_t, loss);
-  for (int i = 0; i < v; ++i) grad[i] = grad_entry<K>(r, s[i], t[i], center, 1.f - beta) * gscale;
+  const GradRow g = grad_row_of<K>(r, center, beta, grad_scale(inv_t, loss));
+  for (int i = 0; i < v; ++i) grad[i] = grad_entry<K>(g, s[i], t[i]);
 }
 
 template <typename T>
@@ -255,6 +258,13 @@ bool read(T* x, size_t n = 1) {
 }  // namespace
 
 int main() {
+  // The special-function unit's error model (dk_math.cuh): exact, up, down or hashed.
+  if (const char* m = std::getenv("DK_SIM_MUFU")) {
+    dk::sim_mufu_error = std::strcmp(m, "up") == 0     ? 1
+                         : std::strcmp(m, "down") == 0 ? -1
+                         : std::strcmp(m, "hash") == 0 ? 2
+                                                       : 0;
+  }
   int32_t kind, v, threads, vec, cluster, tree;
   float beta, inv_t;
   while (read(&kind) && read(&beta) && read(&inv_t) && read(&v) && read(&threads) && read(&vec) &&
