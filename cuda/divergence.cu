@@ -26,23 +26,117 @@ namespace divergence {
 
 constexpr int kThreads = 256;
 
-template <Kind K, typename TS, typename TT>
-__device__ __forceinline__ void rows(const DkDivergenceArgs& a) {
+// This block's row of a [n, ·] buffer with the given row stride (elements), or null for none.
+template <typename T>
+__device__ __forceinline__ T* block_row(uint64_t base, int64_t stride) {
+  return base == 0 ? nullptr : reinterpret_cast<T*>(base) + static_cast<int64_t>(blockIdx.x) * stride;
+}
+
+// Where the final pass puts the gradient: a TS row of the caller (separate or in place over the
+// student logits, 8 elements per 16-byte step by the thread that read them).
+template <Kind K, typename TS>
+struct GradSink {
+  TS* g;  // this row of the gradient, or null for forward only
+  __device__ __forceinline__ bool wanted() const { return g != nullptr; }
+  __device__ __forceinline__ bool aligned() const { return g == nullptr || aligned16(g); }
+  __device__ __forceinline__ void zero(int v, bool vec) const { zero_row(g, v, vec); }
+  template <typename TT>
+  __device__ __forceinline__ void write(const TS* s, const TT* t, int v, bool vec,
+                                        const GradRow& gr) const {
+    GradPass<K, TS> gp{gr, g};
+    for_each(s, t, v, vec, gp);
+  }
+};
+
+// The fused linear divergence's final pass (src/fused/cuda.rs): over a chunk's f32 logits, the
+// gradient w.r.t. the raw logits, G = dL/ds · (1 − (s / cap)²) (the softcap's slope from the
+// capped logit s; factor 1 without a softcap), converted to TO and written over the student
+// row itself with the same row byte stride, so no separate conversion kernel reads the f32
+// gradient back (cuda/FUSED.md, lever 2).
+//
+// Why the stores never clobber an unread logit: a step j of the loop covers the elements
+// [jE, (j+1)E) (E = 8 · blockDim); TO is no wider than f32, so the stores of step j land in
+// the bytes of f32 elements [j·E·w/4, (j+1)·E·w/4) with w = sizeof(TO): for 2-byte TO inside
+// step ⌊j/2⌋'s elements, for f32 on the thread's own elements. So a store of step j is safe once
+// every thread has loaded step ⌊j/2⌋. A barrier after the loads of steps 0, 2, 4, 8, … gives
+// that: a thread storing in step j ∈ [b, 2b) (b ≥ 2 a power of two) has passed the barrier of
+// step b, after every thread's loads of steps ≤ b, and ⌊j/2⌋ < b; steps 0 and 1 store into step
+// 0's elements, loaded before the barrier of step 0. So ≈ log2(steps) barriers per row (6 at
+// V = 200064), not one per step; tests/divergence_fused_sim.rs plays the stores against the
+// loads in both thread orders. The v mod 8 tail: loads, a barrier, stores.
+template <Kind K, typename TO>
+struct FusedGradSink {
+  TO* out;  // this row of G (aliases the student row), or null for forward only
+  float inv_cap;  // 1 / softcap, 0 without one: the slope is then exactly 1
+  __device__ __forceinline__ bool wanted() const { return out != nullptr; }
+  __device__ __forceinline__ bool aligned() const { return out == nullptr || aligned16(out); }
+  __device__ __forceinline__ void zero(int v, bool vec) const { zero_row(out, v, vec); }
+
+  static __device__ __forceinline__ float slope(float capped, float inv_cap) {
+    const float t = capped * inv_cap;
+    return (1.f - t) * (1.f + t);
+  }
+
+  __device__ __forceinline__ void write(const float* s, const float* t, int v, bool,
+                                        const GradRow& gr) const {
+    if (inv_cap != 0.f) {
+      write_steps<true>(s, t, v, gr);
+    } else {
+      write_steps<false>(s, t, v, gr);
+    }
+  }
+
+  // Entry i's G: the gradient times the softcap's slope (kCap) or as it is.
+  template <bool kCap>
+  __device__ __forceinline__ float entry(const GradRow& gr, float s, float t) const {
+    const float g = grad_entry<K>(gr, s, t);
+    return kCap ? g * slope(s, inv_cap) : g;
+  }
+
+  template <bool kCap>
+  __device__ __forceinline__ void write_steps(const float* s, const float* t, int v,
+                                              const GradRow& gr) const {
+    const int chunks = v / kVec;
+    const int steps = (chunks + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
+    for (int j = 0; j < steps; ++j) {
+      const int c = j * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+      const bool active = c < chunks;
+      float o[kVec];
+      if (active) {
+        float sv[kVec], tv[kVec];
+        load8(s + c * kVec, sv);
+        load8(t + c * kVec, tv);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) o[k] = entry<kCap>(gr, sv[k], tv[k]);
+      }
+      if (j != 1 && (j & (j - 1)) == 0) __syncthreads();  // j = 0, 2, 4, 8, … (see above)
+      if (active) store8(out + c * kVec, o);
+    }
+    const int i = chunks * kVec + static_cast<int>(threadIdx.x);
+    const bool active = i < v;  // v mod 8 < blockDim
+    float o = 0.f;
+    if (active) o = entry<kCap>(gr, s[i], t[i]);
+    __syncthreads();
+    if (active) out[i] = from_float<TO>(o);
+  }
+};
+
+template <Kind K, typename TS, typename TT, typename Sink>
+__device__ __forceinline__ void rows(const DkDivergenceArgs& a, const Sink& sink) {
   __shared__ RowStats<K> smem_stats[32];
   __shared__ float smem_sum[32];
   const int64_t row = blockIdx.x;
   const int v = static_cast<int>(a.v);
   const TS* s = reinterpret_cast<const TS*>(a.student) + row * a.student_stride;
   const TT* t = reinterpret_cast<const TT*>(a.teacher) + row * a.teacher_stride;
-  TS* g = a.grad ? reinterpret_cast<TS*>(a.grad) + row * a.grad_stride : nullptr;
   float* per_row = reinterpret_cast<float*>(a.per_row);
-  const bool vec = aligned16(s) && aligned16(t) && (g == nullptr || aligned16(g));
+  const bool vec = aligned16(s) && aligned16(t) && sink.aligned();
 
   const bool ignored =
       a.labels != 0 && reinterpret_cast<const int64_t*>(a.labels)[row] == a.ignore_index;
   if (ignored) {
     if (threadIdx.x == 0) per_row[row] = 0.f;
-    if (g) zero_row(g, v, vec);
+    if (sink.wanted()) sink.zero(v, vec);
     return;
   }
 
@@ -51,9 +145,10 @@ __device__ __forceinline__ void rows(const DkDivergenceArgs& a) {
   const RowStats<K> st = block_merge(pass1.stats, smem_stats);
 
   // A side with no finite entry has no distribution: loss 0, gradient 0 (NaN rows go on).
+  // (Every thread is past the statistics pass here: block_merge ends with a barrier.)
   if (st.empty()) {
     if (threadIdx.x == 0) per_row[row] = 0.f;
-    if (g) zero_row(g, v, vec);
+    if (sink.wanted()) sink.zero(v, vec);
     return;
   }
 
@@ -70,11 +165,10 @@ __device__ __forceinline__ void rows(const DkDivergenceArgs& a) {
     loss = jsd_loss(beta, kl_pm, center);
   }
   if (threadIdx.x == 0) per_row[row] = clamp_loss(loss);
-  if (!g) return;
+  if (!sink.wanted()) return;
 
   const float gscale = grad_scale(*reinterpret_cast<const float*>(a.scale) * a.inv_temperature, loss);
-  GradPass<K, TS> gp{grad_row_of<K>(r, center, beta, gscale), g};
-  for_each(s, t, v, vec, gp);
+  sink.write(s, t, v, vec, grad_row_of<K>(r, center, beta, gscale));
 }
 
 }  // namespace divergence
@@ -85,7 +179,9 @@ using dk::divergence::Kind;
 #define DK_DIV_KERNEL(kname, KIND, sname, TS, tname, TT)                                     \
   extern "C" __global__ void __launch_bounds__(dk::divergence::kThreads)                    \
       dk_div_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                     \
-    dk::divergence::rows<KIND, TS, TT>(args);                                               \
+    using Sink = dk::divergence::GradSink<KIND, TS>;                                         \
+    const Sink sink{dk::divergence::block_row<TS>(args.grad, args.grad_stride)};              \
+    dk::divergence::rows<KIND, TS, TT>(args, sink);                                           \
   }
 
 #define DK_DIV_KERNELS_FOR_KIND(kname, KIND)                                   \
@@ -102,6 +198,27 @@ using dk::divergence::Kind;
 DK_DIV_KERNELS_FOR_KIND(fkl, Kind::ForwardKl)
 DK_DIV_KERNELS_FOR_KIND(rkl, Kind::ReverseKl)
 DK_DIV_KERNELS_FOR_KIND(jsd, Kind::Jsd)
+
+// The fused linear divergence's chunk kernels: f32 logits S (student) and T (teacher); G, the
+// gradient w.r.t. the raw logits (softcap slope applied when inv_cap ≠ 0, loss scale as in
+// `scale`), in the GEMMs' dtype over S (args.grad = S, args.grad_stride = the S row stride in
+// TO elements), or null for forward only. See FusedGradSink.
+#define DK_DIV_FUSED_KERNEL(kname, KIND, oname, TO)                                           \
+  extern "C" __global__ void __launch_bounds__(dk::divergence::kThreads)                     \
+      dk_div_fused_##kname##_##oname(const DkDivergenceArgs args, float inv_cap) {           \
+    using Sink = dk::divergence::FusedGradSink<KIND, TO>;                                    \
+    const Sink sink{dk::divergence::block_row<TO>(args.grad, args.grad_stride), inv_cap};    \
+    dk::divergence::rows<KIND, float, float>(args, sink);                                    \
+  }
+
+#define DK_DIV_FUSED_KERNELS_FOR_KIND(kname, KIND)    \
+  DK_DIV_FUSED_KERNEL(kname, KIND, f32, float)        \
+  DK_DIV_FUSED_KERNEL(kname, KIND, bf16, __nv_bfloat16) \
+  DK_DIV_FUSED_KERNEL(kname, KIND, f16, __half)
+
+DK_DIV_FUSED_KERNELS_FOR_KIND(fkl, Kind::ForwardKl)
+DK_DIV_FUSED_KERNELS_FOR_KIND(rkl, Kind::ReverseKl)
+DK_DIV_FUSED_KERNELS_FOR_KIND(jsd, Kind::Jsd)
 
 // One block: the factor d(reduced loss)/d(row loss), from the labels when batchmean has no
 // num_items. Runs on the device so the trainer's stream never waits on the host.

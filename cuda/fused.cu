@@ -4,8 +4,10 @@
 //
 //   S = logit_scale · Xs Wsᵀ, T = logit_scale · Xt Wtᵀ          (cuBLAS, f32 output)
 //   dk_fused_softcap over S and T                                (only with a softcap)
-//   divergence row kernel (f32, f32) with its gradient written over T
-//   dk_fused_grad_<out>: G = T · (1 − (S / cap)²), in the GEMM input dtype, written over S
+//   dk_div_fused_<kind>_<out> (cuda/divergence.cu): per-row losses and G = the gradient ·
+//     (1 − (S / cap)²), in the GEMM input dtype, written over S;
+//   or, for short chunks on Hopper (a cluster row kernel), the row kernel with its gradient
+//     written over T, then dk_fused_grad_<out>: G = T · (1 − (S / cap)²) written over S
 //     (bf16/f16) or over T (f32; skipped when there is no softcap)
 //   grad_hidden[chunk] = α G Ws, grad_weight (+)= α Gᵀ Xs           (cuBLAS, α on the device)
 //

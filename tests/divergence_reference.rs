@@ -329,6 +329,56 @@ fn masked_entries_contribute_nothing() {
 }
 
 #[test]
+fn agreeing_distributions_give_exactly_zero() {
+    // Rows whose teacher is the student (same dtype, same bits), and one-entry rows (any two
+    // logits: both distributions are [1]): the divergence is 0 and so is the gradient. The
+    // kernels' math is built to give exactly 0 there, for every kind and β, whatever the GPU's
+    // MUFU rounding (cuda/DIVERGENCE.md, version 7; the host replay checks the same under an
+    // error model); the CPU's f64 gets within 1e-12. A β-dependent rounding of −log β
+    // (≈ 1e-7) or an exponent that is not exactly 0 at the row maximum fails here.
+    let mut rng = Rng::fresh("agreeing_distributions_give_exactly_zero");
+    for dev in devices("agreeing_distributions_give_exactly_zero") {
+        let exact = dev.is_cuda();
+        for kind in kinds() {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                for v in [1usize, 1000] {
+                    let n = 4;
+                    let mut case = Case::random(&mut rng, n, v, dtype, dtype, kind);
+                    if v > 1 {
+                        for r in 0..n {
+                            let row = case.student.row_mut(r).to_vec();
+                            case.teacher.row_mut(r).copy_from_slice(&row);
+                        }
+                    }
+                    case.what += &format!(" agreeing rows, V = {v}");
+                    let (out, _) = run_checked(&dev, &case);
+                    let bound = if exact { 0.0 } else { 1e-12 };
+                    let pt = out.per_token.as_ref().unwrap();
+                    assert!(
+                        pt.iter().all(|x| x.abs() as f64 <= bound),
+                        "[{}] {}: per-token losses {pt:?}",
+                        dev.name(),
+                        case.what
+                    );
+                    let gmax = out
+                        .grad
+                        .as_ref()
+                        .unwrap()
+                        .iter()
+                        .fold(0.0f64, |m, g| m.max(g.abs()));
+                    assert!(
+                        gmax <= bound,
+                        "[{}] {}: gradient up to {gmax:e}",
+                        dev.name(),
+                        case.what
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn fully_masked_rows_are_zero() {
     let mut rng = Rng::fresh("fully_masked_rows_are_zero");
     for dev in devices("fully_masked_rows_are_zero") {

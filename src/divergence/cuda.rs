@@ -309,11 +309,7 @@ impl<'d> RowKernels<'d> {
     pub(crate) fn rows(&self, stream: &Arc<CudaStream>, args: &DivergenceArgs) -> Result<()> {
         let (sb, tb) = self.elem_bytes;
         let (n, v) = (args.n as usize, args.v as usize);
-        // One pass over the row has nothing to re-read: the one-block kernel streams it at
-        // 96–100 % of the floor once a wave of blocks fills the card.
-        let single_pass = args.grad == 0 && !self.fwd_multi_pass;
-        let one_block = !cluster::forced_by_env()
-            && (n >= cluster::ONE_BLOCK_MIN_ROWS || (single_pass && n >= cluster::MIN_BLOCKS));
+        let one_block = self.one_block_policy(args);
         if let Some((f, variant, name)) = self.cluster_rows.as_ref().filter(|_| !one_block) {
             let (f, variant) = (*f, *variant);
             if variant.persistent() {
@@ -345,6 +341,51 @@ impl<'d> RowKernels<'d> {
         // that every pointer is device memory of this device covering them.
         unsafe { stream.launch_builder(self.rows).arg(args).launch(cfg)? };
         Ok(())
+    }
+
+    /// Whether the policy picks the one-block kernel for these rows before trying a cluster
+    /// kernel: many rows, or (forward only, one pass) enough rows to fill the card.
+    fn one_block_policy(&self, args: &DivergenceArgs) -> bool {
+        // One pass over the row has nothing to re-read: the one-block kernel streams it at
+        // 96–100 % of the floor once a wave of blocks fills the card.
+        let single_pass = args.grad == 0 && !self.fwd_multi_pass;
+        let n = args.n as usize;
+        !cluster::forced_by_env()
+            && (n >= cluster::ONE_BLOCK_MIN_ROWS || (single_pass && n >= cluster::MIN_BLOCKS))
+    }
+
+    /// The fused linear divergence's chunk (f32 logits, `args.grad` = the student logits, the
+    /// row stride in elements of G): queues `fused` (a `dk_div_fused_<kind>_<dtype>` kernel of
+    /// cuda/divergence.cu, one block per row, G in the GEMMs' dtype over the student logits,
+    /// softcap slope applied when `inv_cap` ≠ 0) where `rows` would run the one-block kernel,
+    /// and returns true; false, with nothing queued, where `rows` would pick a cluster kernel
+    /// (short chunks on Hopper), for the caller's separate conversion pass.
+    pub(crate) fn fused_rows(
+        &self,
+        fused: &CudaFunction,
+        stream: &Arc<CudaStream>,
+        args: &DivergenceArgs,
+        inv_cap: f32,
+    ) -> Result<bool> {
+        if self.cluster_rows.is_some() && !self.one_block_policy(args) {
+            return Ok(false);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (args.n as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches dk_div_fused_*(DkDivergenceArgs, float): DivergenceArgs has the C
+        // layout; the caller guarantees device memory covering the shapes, G over the student
+        // rows with the same row byte stride (what the kernel is written for).
+        unsafe {
+            stream
+                .launch_builder(fused)
+                .arg(args)
+                .arg(&inv_cap)
+                .launch(cfg)?
+        };
+        Ok(true)
     }
 
     /// Queues the persistent cluster kernel (`DK_DIVERGENCE_CLUSTER=persist`) when the rows are

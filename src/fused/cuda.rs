@@ -8,10 +8,14 @@
 //!
 //! 1. `S = logit_scale · Xs Wsᵀ`, `T = logit_scale · Xt Wtᵀ` (two GEMMs, f32 output, f32 compute);
 //! 2. with a softcap, `dk_fused_softcap` in place over `S` and `T`;
-//! 3. the divergence row kernel (f32 student, f32 teacher) on the chunk, its per-row losses into
-//!    the chunk's slice of the per-row buffer and its gradient w.r.t. the capped logits written
-//!    over `T` (each element is read and written by the same thread: see cuda/fused.cu), with a
-//!    loss scale of 1;
+//! 3. the divergence of the chunk with a loss scale of 1, its per-row losses into the chunk's
+//!    slice of the per-row buffer. Where the divergence's policy runs one block per row (every
+//!    chunk of ≥ 512 rows, and every chunk off Hopper), `dk_div_fused_<kind>_<dtype>`
+//!    (cuda/divergence.cu) writes `G`, the gradient w.r.t. the raw logits (softcap slope
+//!    included), in the input dtype straight over `S` (row stride `2·ld` for bf16/f16, `ld` for
+//!    f32), and step 4 is skipped. Otherwise (short chunks on Hopper, which run a cluster
+//!    kernel) the row kernel writes the gradient w.r.t. the capped logits over `T` (each
+//!    element read and written by the same thread), and
 //! 4. `dk_fused_grad_<dtype>`: `G = T · (1 − (S/cap)²)` converted to the input dtype and written
 //!    over `S` (bf16/f16, row stride `2·ld`), or over `T` in place (f32; skipped without softcap);
 //! 5. `grad_hidden[chunk] = α · G Ws` and `grad_weight (+)= α · Gᵀ Xs[chunk]`, `α` = loss scale ×
@@ -58,6 +62,16 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_fused_grad_f32",
     "dk_fused_grad_bf16",
     "dk_fused_grad_f16",
+    // cuda/divergence.cu: the chunk's divergence writing G itself (FusedGradSink).
+    "dk_div_fused_fkl_f32",
+    "dk_div_fused_fkl_bf16",
+    "dk_div_fused_fkl_f16",
+    "dk_div_fused_rkl_f32",
+    "dk_div_fused_rkl_bf16",
+    "dk_div_fused_rkl_f16",
+    "dk_div_fused_jsd_f32",
+    "dk_div_fused_jsd_bf16",
+    "dk_div_fused_jsd_f16",
 ];
 
 /// Alignment of every region of the workspace (cuBLAS wants 256 bytes for its workspace).
@@ -507,6 +521,19 @@ struct FusedKernels<'d> {
     constants: &'d CudaFunction,
     softcap: &'d CudaFunction,
     grad: &'d CudaFunction,
+    /// `dk_div_fused_<kind>_<dtype>`: the chunk's divergence writing G over S (step 3).
+    rows_to_g: &'d CudaFunction,
+}
+
+/// The fused chunk kernel of `kind` (the effective kind) writing G in `dtype`.
+fn fused_rows_name(kind: crate::divergence::Kind, dtype: DType) -> String {
+    use crate::divergence::Kind;
+    let k = match kind {
+        Kind::ForwardKl => "fkl",
+        Kind::ReverseKl => "rkl",
+        Kind::Jsd => "jsd",
+    };
+    format!("dk_div_fused_{k}_{}", dtype.name())
 }
 
 /// The four products of [`crate::fused::ReferenceGemms`] on the caller's stream, host scalars
@@ -677,6 +704,7 @@ pub(crate) fn fused_linear(
         constants: dev.function("dk_fused_constants")?,
         softcap: dev.function("dk_fused_softcap")?,
         grad: dev.function(&format!("dk_fused_grad_{}", raw.dtype.name()))?,
+        rows_to_g: dev.function(&fused_rows_name(div.effective_kind(), raw.dtype))?,
     };
     let guard = dev.blas.acquire(&dev.ctx)?;
     let handle = handle_of(&guard)?;
@@ -797,17 +825,18 @@ pub(crate) fn fused_linear(
             }
         }
 
-        // 3. The divergence of the chunk: per-row losses, gradient (loss scale 1) over T.
+        // 3. The divergence of the chunk: per-row losses, and G (loss scale 1) over S, or the
+        //    gradient w.r.t. the capped logits over T for step 4.
         let per_row = per_row_base + 4 * r0 as u64;
         let labels = if raw.labels.is_null() {
             0
         } else {
             raw.labels as u64 + 8 * r0 as u64
         };
-        let args = DivergenceArgs {
+        let mut args = DivergenceArgs {
             student: s_buf,
             teacher: t_buf,
-            grad: if want_grad { t_buf } else { 0 },
+            grad: 0,
             labels,
             per_row,
             scale: konst(C_ONE),
@@ -820,15 +849,36 @@ pub(crate) fn fused_linear(
             beta: div.beta,
             inv_temperature: 1.0 / div.temperature,
         };
-        rows.rows(&stream, &args)?;
+        // G's row stride (elements of the input dtype) over S: S's row bytes.
+        let g_over_s = match raw.dtype {
+            DType::F32 => ld_i,
+            DType::BF16 | DType::F16 => 2 * ld_i,
+        };
+        let mut g_written = false;
+        if want_grad {
+            let fused = DivergenceArgs {
+                grad: s_buf,
+                grad_stride: g_over_s as i64,
+                ..args
+            };
+            g_written = rows.fused_rows(kernels.rows_to_g, &stream, &fused, inv_cap)?;
+            if !g_written {
+                args.grad = t_buf;
+            }
+        }
+        if !g_written {
+            rows.rows(&stream, &args)?;
+        }
 
         if want_grad {
-            // 4. G = dL/d(raw logits) / (scale · logit_scale), in the GEMM input dtype.
-            let (g, g_ld) = match raw.dtype {
-                DType::F32 => (t_buf, ld_i),
-                DType::BF16 | DType::F16 => (s_buf, 2 * ld_i),
+            // 4. G = dL/d(raw logits) / (scale · logit_scale), in the GEMM input dtype: over S,
+            //    or for f32 without the fused kernel over T in place.
+            let (g, g_ld) = if !g_written && raw.dtype == DType::F32 {
+                (t_buf, ld_i)
+            } else {
+                (s_buf, g_over_s)
             };
-            if cap.is_some() || raw.dtype != DType::F32 {
+            if !g_written && (cap.is_some() || raw.dtype != DType::F32) {
                 let capped = if cap.is_some() { s_buf } else { 0 };
                 let (ld, out_ld, rows_c, vv) = (lay.ld as i64, g_ld as i64, c as i64, v as i64);
                 let cfg = LaunchConfig {

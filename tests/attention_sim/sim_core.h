@@ -674,6 +674,17 @@ inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int m, int width = 32
   if (width != 32) sim::fail("%s: shuffle width %d", sim::where(), width);
   return sim::shfl_bits(mask, v, m, 0);
 }
+// A double as two 32-bit shuffles, as the hardware does it (dk_div_finish's f64 sum).
+inline double __shfl_xor_sync(unsigned mask, double v, int m, int width = 32) {
+  if (width != 32) sim::fail("%s: shuffle width %d", sim::where(), width);
+  uint64_t bits;
+  memcpy(&bits, &v, sizeof bits);
+  const uint64_t lo = sim::shfl_bits(mask, static_cast<uint32_t>(bits), m, 0);
+  const uint64_t hi = sim::shfl_bits(mask, static_cast<uint32_t>(bits >> 32), m, 0);
+  bits = lo | (hi << 32);
+  memcpy(&v, &bits, sizeof v);
+  return v;
+}
 inline int __shfl_up_sync(unsigned mask, int v, unsigned delta, int width = 32) {
   if (width != 32) sim::fail("%s: shuffle width %d", sim::where(), width);
   return static_cast<int>(sim::shfl_bits(mask, static_cast<uint32_t>(v), static_cast<int>(delta), 2));

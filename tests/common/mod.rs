@@ -1611,3 +1611,44 @@ pub fn run_command(cmd: &mut std::process::Command) -> (bool, String) {
     text += &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
+
+/// Rewrites each static `__shared__ [__align__(n)] T name[dims];` as
+/// `SIM_SHARED(T, name, [dims]);` (the driver's guarded arrays); every `__shared__` in the file
+/// must be such a declaration. Used to stage a kernel file for the host emulator
+/// (tests/attention_sim/sim_core.h), whose `__shared__` is empty.
+pub fn rewrite_shared(src: &str) -> String {
+    let mut out = String::with_capacity(src.len());
+    let mut rest = src;
+    let mut count = 0;
+    while let Some(at) = rest.find("__shared__") {
+        out += &rest[..at];
+        let decl_end = rest[at..]
+            .find(';')
+            .expect("a __shared__ declaration ends with ;")
+            + at;
+        let decl = rest[at + "__shared__".len()..decl_end].trim();
+        let decl = match decl.strip_prefix("__align__(") {
+            Some(r) => r[r.find(')').unwrap() + 1..].trim(),
+            None => decl,
+        };
+        let bracket = decl
+            .find('[')
+            .unwrap_or_else(|| panic!("not an array: {decl}"));
+        let (head, dims) = (decl[..bracket].trim(), decl[bracket..].trim());
+        let space = head.rfind(' ').unwrap_or_else(|| panic!("no type: {decl}"));
+        let (ty, name) = (head[..space].trim(), head[space + 1..].trim());
+        assert!(
+            !ty.is_empty()
+                && name.chars().all(|c| c.is_alphanumeric() || c == '_')
+                && dims.ends_with(']')
+                && !dims.contains(','),
+            "unexpected __shared__ declaration: {decl}"
+        );
+        out += &format!("SIM_SHARED({ty}, {name}, {dims});");
+        rest = &rest[decl_end + 1..];
+        count += 1;
+    }
+    out += rest;
+    assert!(count > 0, "no __shared__ declaration rewritten");
+    out
+}
