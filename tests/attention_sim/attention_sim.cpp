@@ -109,12 +109,7 @@ BwdKernel bwd_kernel(bool bf16, int d, int which, const char** name) {
 
 int main() {
   sim::install_fault_handler();
-  Reader in;
-  {
-    char buf[1 << 16];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, stdin)) > 0) in.data.insert(in.data.end(), buf, buf + n);
-  }
+  Reader in = Reader::from_stdin();
   if (in.get<uint32_t>() != 0x53414b44u) sim::fail("bad magic");
   const int kind = in.get<int32_t>();
   const bool bf16 = in.get<int32_t>() == 0;

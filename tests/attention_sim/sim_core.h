@@ -601,6 +601,13 @@ inline const void* cluster_map(const void* p, int rank, size_t bytes, size_t ali
   return g.published + off;
 }
 
+// A kernel file staged for the emulator has each static `__shared__ T name[dims];` rewritten to
+// `SIM_SHARED(T, name, [dims]);` (tests/common's rewrite_shared): a reference to a guarded,
+// 0xff-filled array shared by the running block's threads (static_shared), where the empty
+// `__shared__` above would give every fiber its own.
+#define SIM_SHARED(T, name, dims) \
+  T(&name) dims = *reinterpret_cast<T(*) dims>(sim::static_shared(sizeof(T dims), #name))
+
 // ---- Launch -----------------------------------------------------------------------------------
 
 // Runs the grid of `kernel` (a function taking the argument struct by value, called through
@@ -614,6 +621,14 @@ void launch(const char* name, void (*entry)(), dim3 grid, dim3 block, uint32_t s
 struct Reader {
   std::vector<char> data;
   size_t at = 0;
+  // All of stdin (the drivers read their whole input before they launch anything).
+  static Reader from_stdin() {
+    Reader in;
+    char buf[1 << 16];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, stdin)) > 0) in.data.insert(in.data.end(), buf, buf + n);
+    return in;
+  }
   template <typename T> T get() {
     if (at + sizeof(T) > data.size()) fail("truncated input");
     T v;

@@ -474,6 +474,33 @@ char* alloc_global(size_t bytes, const char* name) {
   return a.lo;
 }
 
+// The operand buffers a driver reads from its input (each a u64 byte count and the bytes) into
+// guarded global memory, and writes back to stdout after the launch, in the order read.
+struct Buffers {
+  struct Buf {
+    const char* what;
+    char* p;
+    uint64_t bytes;
+    bool returned;  // written back by write_back
+  };
+  std::vector<Buf> list;
+
+  char* take(Reader& in, const char* what, bool returned = true) {
+    const uint64_t n = in.get<uint64_t>();
+    char* p = alloc_global(n, what);
+    memcpy(p, in.bytes(n), n);
+    list.push_back({what, p, n, returned});
+    return p;
+  }
+
+  void write_back() const {
+    for (const Buf& b : list) {
+      if (b.returned && b.bytes && fwrite(b.p, 1, b.bytes, stdout) != b.bytes) fail("short write");
+    }
+    fflush(stdout);
+  }
+};
+
 void add_extent(const char* name, const void* base, int64_t rows, int64_t row_bytes,
                 int64_t stride_bytes, bool writable) {
   if (rows <= 0 || row_bytes <= 0) return;

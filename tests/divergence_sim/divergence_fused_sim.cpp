@@ -1,5 +1,5 @@
 // Driver of the fused chunk kernel emulator (tests/divergence_fused_sim.rs): compiles the REAL
-// cuda/divergence.cu (staged by the test: static __shared__ arrays rewritten, see SIM_SHARED)
+// cuda/divergence.cu (staged by the test: static __shared__ arrays rewritten to sim_core.h's SIM_SHARED)
 // against the host emulator of tests/attention_sim/sim_core.h (every CUDA
 // thread a fiber, warp collectives, __syncthreads, guarded memory) and runs one launch of one
 // dk_div_fused_<kind>_<dtype> kernel: a chunk's f32 logits S (student) and T (teacher), and G,
@@ -27,11 +27,6 @@
 
 #include <string>
 
-// The staged divergence.cu has each static `__shared__ T name[dims];` rewritten to this (the
-// test's rewrite_shared): a guarded, 0xff-filled array shared by the running block's threads.
-#define SIM_SHARED(T, name, dims) \
-  T(&name) dims = *reinterpret_cast<T(*) dims>(sim::static_shared(sizeof(T dims), #name))
-
 #define __CUDACC__ 1
 #include "dk_math.cuh"
 #include "dk_divergence_math.cuh"
@@ -39,6 +34,7 @@
 #include "dk_vec.cuh"
 #include "dk_divergence_passes.cuh"
 #include "dk_divergence_args.h"
+#include "host_math_check.h"
 
 #define __CUDA_ARCH__ 900
 #include "divergence.cu"
@@ -66,22 +62,12 @@ float g_inv_cap;
 Kernel g_fn;
 void entry() { g_fn(g_args, g_inv_cap); }
 
-void check_math() {
-  if (dk::fast_exp2(0.5f) != exp2f(0.5f) || dk::fast_exp2(-126.5f) != 0.f)
-    sim::fail("dk_math.cuh: fast_exp2 is not the host version (exact exp2, flush below 2^-126)");
-}
-
 }  // namespace
 
 int main() {
   sim::install_fault_handler();
-  check_math();
-  Reader in;
-  {
-    char buf[1 << 16];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, stdin)) > 0) in.data.insert(in.data.end(), buf, buf + n);
-  }
+  check_host_math();
+  Reader in = Reader::from_stdin();
   if (in.get<uint32_t>() != 0x46444b44u) sim::fail("bad magic");
   const std::string name = in.str();
   sim::S.reverse = in.get<int32_t>() != 0;
@@ -103,22 +89,11 @@ int main() {
   if (!g_fn) sim::fail("no kernel %s", name.c_str());
   const int64_t gb = name.find("_f32") != std::string::npos ? 4 : 2;  // bytes of a G element
 
-  struct Buf {
-    const char* what;
-    char* p;
-    uint64_t bytes;
-  };
-  std::vector<Buf> bufs;
-  auto take = [&](const char* what) {
-    const uint64_t n = in.get<uint64_t>();
-    char* p = sim::alloc_global(n, what);
-    memcpy(p, in.bytes(n), n);
-    bufs.push_back({what, p, n});
-    return p;
-  };
+  sim::Buffers bufs;
+  auto take = [&](const char* what, bool returned = true) { return bufs.take(in, what, returned); };
   char* s = take("S");
   char* t = take("T");
-  char* labels = has_labels ? take("labels") : nullptr;
+  char* labels = has_labels ? take("labels", false) : nullptr;
   char* per_row = take("per_row");
   char* scale_p = sim::alloc_global(4, "scale");
   memcpy(scale_p, &scale, 4);
@@ -150,10 +125,6 @@ int main() {
   fprintf(stderr, "%s: %ld blocks x %d threads: %ld warp collectives, %ld __syncthreads\n",
           name.c_str(), static_cast<long>(n), dk::divergence::kThreads, sim::S.collectives,
           sim::S.barriers);
-  for (const Buf& b : bufs) {
-    if (b.what == std::string("labels")) continue;
-    if (b.bytes && fwrite(b.p, 1, b.bytes, stdout) != b.bytes) sim::fail("short write");
-  }
-  fflush(stdout);
+  bufs.write_back();
   return 0;
 }

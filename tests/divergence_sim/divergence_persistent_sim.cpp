@@ -51,6 +51,7 @@ unsigned char (*sim_divcp_smem())[] { return reinterpret_cast<unsigned char(*)[]
 #include "dk_vec.cuh"
 #include "dk_divergence_passes.cuh"
 #include "dk_divergence_args.h"
+#include "host_math_check.h"
 
 #define __CUDA_ARCH__ 900
 #include "divergence_persistent.cu"
@@ -85,23 +86,12 @@ DkDivergenceArgs g_args;
 Kernel g_fn;
 void entry() { g_fn(g_args); }
 
-// The host versions of the math helpers are the ones compiled in (see the header comment).
-void check_math() {
-  if (dk::fast_exp2(0.5f) != exp2f(0.5f) || dk::fast_exp2(-126.5f) != 0.f)
-    sim::fail("dk_math.cuh: fast_exp2 is not the host version (exact exp2, flush below 2^-126)");
-}
-
 }  // namespace
 
 int main() {
   sim::install_fault_handler();
-  check_math();
-  Reader in;
-  {
-    char buf[1 << 16];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, stdin)) > 0) in.data.insert(in.data.end(), buf, buf + n);
-  }
+  check_host_math();
+  Reader in = Reader::from_stdin();
   if (in.get<uint32_t>() != 0x50444b44u) sim::fail("bad magic");
   const std::string name = in.str();
   const int threads = in.get<int32_t>(), cluster = in.get<int32_t>(), clusters = in.get<int32_t>();
@@ -131,19 +121,8 @@ int main() {
   const char* tail = name.c_str() + name.rfind('_') + 1;
   const int64_t sb = s16 ? 2 : 4, tb = strcmp(tail, "f32") == 0 ? 4 : 2;
 
-  struct Buf {
-    const char* what;
-    char* p;
-    uint64_t bytes;
-  };
-  std::vector<Buf> bufs;
-  auto take = [&](const char* what) {
-    const uint64_t n = in.get<uint64_t>();
-    char* p = sim::alloc_global(n, what);
-    memcpy(p, in.bytes(n), n);
-    bufs.push_back({what, p, n});
-    return p;
-  };
+  sim::Buffers bufs;
+  auto take = [&](const char* what, bool returned = true) { return bufs.take(in, what, returned); };
   char* student = take("student");
   char* teacher = take("teacher");
   char* grad = grad_mode == 1 ? take("grad") : nullptr;
@@ -183,9 +162,6 @@ int main() {
           "__syncthreads, %ld cluster barrier phases, %.2fs\n",
           name.c_str(), clusters, cluster, threads, smem, sim::S.collectives, sim::S.barriers,
           sim::S.cluster_barriers, secs);
-  for (const Buf& b : bufs) {
-    if (b.bytes && fwrite(b.p, 1, b.bytes, stdout) != b.bytes) sim::fail("short write");
-  }
-  fflush(stdout);
+  bufs.write_back();
   return 0;
 }

@@ -6,7 +6,7 @@
 // perm_invert, permute_tokens, permute).
 //
 // Staging (done by the test): cuda/moe.cu is copied with each static `__shared__ T name[dims];`
-// declaration rewritten to `SIM_SHARED(T, name, [dims]);` (below: a reference to a guarded,
+// declaration rewritten to `SIM_SHARED(T, name, [dims]);` (sim_core.h: a reference to a guarded,
 // 0xff-filled array of the running block, sim::static_shared), the only change to the source;
 // the test counts the rewrites against the `__shared__` in the file.
 //
@@ -35,8 +35,6 @@
 #include <chrono>
 #include <string>
 
-#define SIM_SHARED(T, name, dims) \
-  T(&name) dims = *reinterpret_cast<T(*) dims>(sim::static_shared(sizeof(T dims), #name))
 #define __noinline__
 
 #define __CUDACC__ 1
@@ -112,12 +110,7 @@ int main() {
 #ifdef DK_HD
   if (dk::fast_exp2(0.5f) != exp2f(0.5f)) sim::fail("dk_math.cuh: not the host versions");
 #endif
-  Reader in;
-  {
-    char buf[1 << 16];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, stdin)) > 0) in.data.insert(in.data.end(), buf, buf + n);
-  }
+  Reader in = Reader::from_stdin();
   if (in.get<uint32_t>() != 0x454f4d44u) sim::fail("bad magic");
   const int order = in.get<int32_t>();
   sim::S.reverse = order == 1 || order == 3;
