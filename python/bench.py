@@ -800,11 +800,35 @@ def _fused_impls(wanted, device="cuda", compiled=True):
             hs, ws, ht, wt, kind="jsd", beta=BETA)
         impls["distill_kernels (f32 grads)"] = lambda hs, ws, ht, wt: dkt.fused_linear_divergence(
             hs, ws, ht, wt, kind="jsd", beta=BETA, grad_dtype=torch.float32)
+        impls["distill_kernels (≤ 2 GiB)"] = _fused_within_2gib(dkt)
     except Exception as e:  # noqa: BLE001
         impls["distill_kernels"] = e
     if wanted:
         impls = {k: v for k, v in impls.items() if any(w in k.lower() for w in wanted)}
     return impls
+
+
+def _fused_within_2gib(dkt):
+    """This crate with chunks small enough that the extra peak memory, the weight gradient
+    included (as counted here and in ANCHORS.md), stays within issue 4's 2 GiB: the chunk's two
+    f32 logit buffers get what the bf16 weight gradient and a 96 MiB margin (cuBLAS's 32 MiB
+    workspace, the per-row losses, the allocator) leave, in multiples of 64 rows. The default
+    chunks take up to 1.5 GiB (cuda/FUSED.md): this row measures what the smaller ones cost.
+    A shape whose weight gradient alone leaves no room raises (the row shows why)."""
+    budget, margin = 2 << 30, 96 << 20
+
+    def run(hs, ws, ht, wt):
+        v, h = ws.shape
+        left = budget - margin - v * h * ws.element_size()
+        rows = left // (8 * (-(-v // 8) * 8)) // 64 * 64
+        if rows < 64:
+            raise RuntimeError(
+                f"no chunk fits 2 GiB: the weight gradient alone is "
+                f"{v * h * ws.element_size() / 2**30:.2f} GiB")
+        return dkt.fused_linear_divergence(hs, ws, ht, wt, kind="jsd", beta=BETA,
+                                           chunk_rows=int(rows))
+
+    return run
 
 
 def _fused_reference(hs, ws, ht, wt, chunk=512):
