@@ -63,7 +63,9 @@ struct GradSink {
 // step b, after every thread's loads of steps ≤ b, and ⌊j/2⌋ < b; steps 0 and 1 store into step
 // 0's elements, loaded before the barrier of step 0. So ≈ log2(steps) barriers per row (6 at
 // V = 200064), not one per step; tests/divergence_fused_sim.rs plays the stores against the
-// loads in both thread orders. The v mod 8 tail: loads, a barrier, stores.
+// loads in both thread orders. The v mod 8 tail: loads, a barrier, stores. Rows must be
+// 16-byte aligned (the `vec` the earlier passes test is ignored here): RowKernels::fused_rows
+// launches the kernel only then.
 template <Kind K, typename TO>
 struct FusedGradSink {
   TO* out;  // this row of G (aliases the student row), or null for forward only

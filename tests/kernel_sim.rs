@@ -194,13 +194,17 @@ fn random_case(
     random_case_with(rng, kind, beta, temperature, v, vec, (0.5, 8.0))
 }
 
-const KINDS: [(Kind, f32); 6] = [
+/// The JSD β include the extremes inside (0, 1) (0 and 1 themselves run the KL kinds): there
+/// B2 = log2((1−β)/β) is about ±23, and the mixture is nearly one of the two distributions.
+const KINDS: [(Kind, f32); 8] = [
     (Kind::ForwardKl, 0.5),
     (Kind::ReverseKl, 0.5),
     (Kind::Jsd, 0.1),
     (Kind::Jsd, 0.25),
     (Kind::Jsd, 0.5),
     (Kind::Jsd, 0.9),
+    (Kind::Jsd, 1e-7),
+    (Kind::Jsd, 1.0 - 1.0 / 16_777_216.0),
 ];
 
 /// Per-row bounds under a special-function error model are this many times the exact replay's.

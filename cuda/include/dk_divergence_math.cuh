@@ -71,7 +71,7 @@ DK_UNROLL
     float chunk_acc = 0.f;
 DK_UNROLL
     for (int j = 0; j < N; ++j) {
-      const float X = (t[j] + nt) * k, Y = (s[j] + ns) * k;
+      const float X = mul_rn(t[j] + nt, k), Y = mul_rn(s[j] + ns, k);
       const float et = fast_exp2(X), es = fast_exp2(Y);
       st += et;
       ss += es;
@@ -96,7 +96,7 @@ DK_UNROLL
     const float nt = shift_of(mt), ns = shift_of(ms);
 DK_UNROLL
     for (int j = 0; j < N; ++j) {
-      const float X = (t[j] + nt) * k, Y = (s[j] + ns) * k;
+      const float X = mul_rn(t[j] + nt, k), Y = mul_rn(s[j] + ns, k);
       const float xw = kTeacherWeights ? t[j] : s[j], xo = kTeacherWeights ? s[j] : t[j];
       const float ew = fast_exp2(kTeacherWeights ? X : Y);
       const float d = kTeacherWeights ? X - Y : Y - X;
@@ -181,7 +181,7 @@ struct Row {
   };
 
   DK_HD Entry entry(float s, float t) const {
-    const float X = (t + nmt) * k, Y = (s + nms) * k;
+    const float X = mul_rn(t + nmt, k), Y = mul_rn(s + nms, k);
     Entry e;
     e.p = fast_exp2(X) * inv_st;  // 2^-inf = 0 for a masked entry
     e.q = fast_exp2(Y) * inv_ss;
@@ -276,9 +276,10 @@ DK_HD GradRow grad_row_of(const Row& row, float center, float beta, float gscale
 template <Kind K>
 DK_HD float grad_entry(const GradRow& g, float s, float t) {
   const Row& row = g.row;
-  const float X = (t + row.nmt) * row.k, Y = (s + row.nms) * row.k;
+  const float X = mul_rn(t + row.nmt, row.k), Y = mul_rn(s + row.nms, row.k);
   const float eq = fast_exp2(Y);
-  if (K == Kind::ForwardKl) return eq * g.gq - fast_exp2(X) * g.gp;
+  // (Both products rounded: a contracted FFMA(eq, gq, −ex·gp) is not 0 for identical rows.)
+  if (K == Kind::ForwardKl) return mul_rn(eq, g.gq) - mul_rn(fast_exp2(X), g.gp);
   if (K == Kind::ReverseKl) return xlog(eq, fmaf(Y - X, kLn2, -g.c0)) * g.gq;
   return eq * g.gq * (row.log2_ratios_to_mixture(Y - X).y - g.c0);
 }

@@ -56,6 +56,19 @@ DK_HD float fast_exp2(float x) {
 
 constexpr float kLn2 = 0.6931471805599453f;
 
+// a · b rounded on its own. nvcc contracts a product feeding an addition into one FFMA by
+// default, which skips the product's rounding: the divergence kernels' d = Y − X with X = a · k
+// used only there became FFMA(a, −k, Y), the rounding residual of a · k instead of exactly 0
+// for identical logits (found by reading the SASS of the gradient loops; the host replay, whose
+// compiler does not contract, cannot show it). __fmul_rn is never contracted.
+DK_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // log2(x) on the special-function unit: one MUFU.LG2 (lg2.approx.ftz, absolute error ≈ 2^-22).
 // The JSD passes take it of 1 + e, e in [0, 1] (their base-2 softplus): three instructions
 // with the FADD where libm's log1pf spends ≈ 25 on its range reduction (cuda/DIVERGENCE.md,

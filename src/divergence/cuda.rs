@@ -370,6 +370,12 @@ impl<'d> RowKernels<'d> {
         if self.cluster_rows.is_some() && !self.one_block_policy(args) {
             return Ok(false);
         }
+        // The kernel's in-place argument is for its 16-byte steps: it has no scalar path for
+        // unaligned rows (the fused path's workspace rows always are aligned). G's rows have
+        // the student rows' bytes, so checking those checks G's.
+        if !cluster::rows_aligned(args, 4, 4) {
+            return Ok(false);
+        }
         let cfg = LaunchConfig {
             grid_dim: (args.n as u32, 1, 1),
             block_dim: (ROW_THREADS, 1, 1),
