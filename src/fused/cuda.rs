@@ -118,6 +118,27 @@ pub(crate) fn chunk_rows(n: usize, v: usize, requested: Option<usize>) -> usize 
     n.div_ceil(chunks).next_multiple_of(CHUNK_MULTIPLE).min(max)
 }
 
+/// The row counts of the chunks, in order, for chunks of at most `chunk` rows (what
+/// [`chunk_rows`] chose). A requested chunk size is taken as it is: full chunks, then the rest.
+/// Automatic chunks are balanced in 64-row units, the larger ones first, so no chunk is a
+/// sliver: 16384 rows in chunks of ≤ 960 are 4 × 960 + 14 × 896, not 17 × 960 + 64 (a sliver
+/// runs its GEMMs on 64 rows and still reads and writes the whole weight gradient).
+fn chunk_plan(n: usize, chunk: usize, automatic: bool) -> Vec<usize> {
+    let chunk = chunk.max(1);
+    let chunks = n.div_ceil(chunk);
+    if !automatic || chunks <= 1 {
+        return (0..chunks).map(|k| chunk.min(n - k * chunk)).collect();
+    }
+    let units = n.div_ceil(CHUNK_MULTIPLE);
+    let (base, extra) = (units / chunks, units % chunks);
+    let mut plan: Vec<usize> = (0..chunks)
+        .map(|k| (base + usize::from(k < extra)) * CHUNK_MULTIPLE)
+        .collect();
+    // The last unit may be short: the last chunk gives the difference back.
+    *plan.last_mut().unwrap() -= units * CHUNK_MULTIPLE - n;
+    plan
+}
+
 /// Byte offsets of the workspace regions, relative to the workspace start rounded up to 256.
 #[derive(Debug, Clone, Copy)]
 struct Layout {
@@ -761,8 +782,7 @@ pub(crate) fn fused_linear(
     let inv_cap = cap.map_or(0.0, |c| 1.0 / c);
     let zero_host = 0.0f32;
     let mut r0 = 0usize;
-    while r0 < n {
-        let c = lay.chunk.min(n - r0);
+    for c in chunk_plan(n, lay.chunk, params.chunk_rows.is_none()) {
         let c_i = c as i32; // <= N, checked above
         let t_buf = s_buf + (4 * c * lay.ld) as u64;
         let xs = raw.student_hidden as u64 + (r0 * raw.student_hidden_stride * esize) as u64;
@@ -1041,6 +1061,41 @@ mod tests {
         assert_eq!(chunk_rows(10, 5, Some(0)), 1);
         assert_eq!(chunk_rows(10, 5, Some(3)), 3);
         assert_eq!(chunk_rows(10, 5, Some(64)), 10);
+    }
+
+    #[test]
+    fn chunk_plans_cover_the_rows_without_slivers() {
+        for &(n, v) in &[
+            (1, 1),
+            (63, 1000),
+            (4096, 200_064),
+            (16_384, 202_048),
+            (16_385, 202_048),
+            (5000, 262_144),
+            (100_000, 32_000),
+            (12_345, 151_936),
+        ] {
+            let chunk = chunk_rows(n, v, None);
+            let plan = chunk_plan(n, chunk, true);
+            let what = format!("n = {n}, v = {v}, chunk {chunk}: {plan:?}");
+            assert_eq!(plan.iter().sum::<usize>(), n, "{what}");
+            assert_eq!(plan.len(), n.div_ceil(chunk), "{what}");
+            assert!(plan.iter().all(|&c| c >= 1 && c <= chunk), "{what}");
+            // Multiples of 64 except the last; no two differ by more than 64 rows (plus the
+            // last's short unit).
+            let body = &plan[..plan.len() - 1];
+            assert!(body.iter().all(|c| c % CHUNK_MULTIPLE == 0), "{what}");
+            let (lo, hi) = (plan.iter().min().unwrap(), plan.iter().max().unwrap());
+            assert!(hi - lo < 2 * CHUNK_MULTIPLE, "{what}");
+        }
+        assert_eq!(
+            chunk_plan(16_384, 960, true),
+            [[960; 4].as_slice(), &[896; 14]].concat()
+        );
+        assert_eq!(chunk_plan(4096, 832, true), vec![832, 832, 832, 832, 768]);
+        // A requested size is kept: full chunks, then the rest.
+        assert_eq!(chunk_plan(10, 3, false), vec![3, 3, 3, 1]);
+        assert_eq!(chunk_plan(10, 10, false), vec![10]);
     }
 
     #[test]
