@@ -322,6 +322,13 @@ if [ -x target/release/deps/divergence_reference ]; then
   run_step test-divergence_reference-persist256 90 1 env DK_DIVERGENCE_CLUSTER=persist256 \
     target/release/deps/divergence_reference
 fi
+# The fused linear divergence with every chunk on one block per row: on Hopper its small test
+# shapes otherwise run the cluster row kernels and the separate conversion pass, so this is what
+# checks dk_div_fused_* (G written over S by the chunk's divergence, cuda/FUSED.md version 2).
+if [ -x target/release/deps/fused_reference ]; then
+  run_step test-fused_reference-v1 90 1 env DK_DIVERGENCE_CLUSTER=0 \
+    target/release/deps/fused_reference
+fi
 if [ -x target/release/deps/attention_reference ]; then
   run_step test-attention_reference-wide 90 1 env DK_ATTENTION_FWD=wide DK_ATTENTION_BWD=wide \
     target/release/deps/attention_reference
