@@ -331,7 +331,10 @@ fn check(c: &FusedCase, out: &[u8]) -> Result<(), String> {
             ref_gs.extend(rg.iter().map(|&x| round_to(c.out, x)));
         }
     }
-    let loss_err = rel_err(&losses, &ref_losses, 1e-2);
+    // Floor 0.1, as tests/kernel_sim's per-row check: a KL of two O(1) terms that cancel to
+    // ~1e-3 carries f32's ~1e-7 absolute error (a 13-entry reverse-KL row at T = 0.7: loss
+    // 3.2e-3, off by 1.7e-7).
+    let loss_err = rel_err(&losses, &ref_losses, 0.1);
     if loss_err > 1e-5 {
         return Err(format!("per-row losses: rel norm error {loss_err:e}"));
     }
