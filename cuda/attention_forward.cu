@@ -101,10 +101,18 @@ struct FwdBlock {
     cp_async_commit();
     if (n_tiles > 0) {
       const int n = n_tiles - 1;
-      attn::load_tile_async<D, kN, kThr>(s_k, k + static_cast<int64_t>(n) * kN * a.k_stride,
-                                         a.k_stride, seq.k_len - n * kN, tid);
+      key_tile<kThr>(s_k, k, a.k_stride, n, seq.k_len - n * kN, tid);
     }
     cp_async_commit();
+  }
+
+  // Key tile n of K or V (`base`: row 0 of the sequence, KV head hk) into shared memory at s,
+  // rows_valid of its rows (the others left out).
+  template <int kThr>
+  __device__ __forceinline__ void key_tile(uint32_t s, const T* base, int64_t stride, int n,
+                                           int rows_valid, int tid) const {
+    attn::load_tile_async<D, kN, kThr>(s, base + static_cast<int64_t>(n) * kN * stride, stride,
+                                       rows_valid, tid);
   }
 
   // Start of key tile n: K(n) (and Q) landed for this thread's copies, then, after the barrier,
@@ -114,8 +122,7 @@ struct FwdBlock {
                                           int tid) const {
     cp_async_wait<0>();
     __syncthreads();
-    attn::load_tile_async<D, kN, kThr>(s_v, v + static_cast<int64_t>(n) * kN * a.v_stride,
-                                       a.v_stride, seq.k_len - n * kN, tid);
+    key_tile<kThr>(s_v, v, a.v_stride, n, seq.k_len - n * kN, tid);
     cp_async_commit();
   }
 
@@ -126,10 +133,7 @@ struct FwdBlock {
                                           int tid) const {
     cp_async_wait<0>();
     __syncthreads();
-    if (n > 0) {
-      attn::load_tile_async<D, kN, kThr>(s_k, k + static_cast<int64_t>(n - 1) * kN * a.k_stride,
-                                         a.k_stride, kN, tid);
-    }
+    if (n > 0) key_tile<kThr>(s_k, k, a.k_stride, n - 1, kN, tid);
     cp_async_commit();
   }
 };

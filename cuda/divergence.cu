@@ -61,8 +61,8 @@ struct GradSink {
 // every thread has loaded step ⌊j/2⌋. A barrier after the loads of steps 0, 2, 4, 8, … gives
 // that: a thread storing in step j ∈ [b, 2b) (b ≥ 2 a power of two) has passed the barrier of
 // step b, after every thread's loads of steps ≤ b, and ⌊j/2⌋ < b; steps 0 and 1 store into step
-// 0's elements, loaded before the barrier of step 0. So ≈ log2(steps) barriers per row (6 at
-// V = 200064), not one per step; tests/divergence_fused_sim.rs plays the stores against the
+// 0's elements, loaded before the barrier of step 0. So ≈ log2(steps) barriers per row (7 at
+// V = 200064: 98 steps), not one per step; tests/divergence_fused_sim.rs plays the stores against the
 // loads in both thread orders. The v mod 8 tail: loads, a barrier, stores. Rows must be
 // 16-byte aligned (the `vec` the earlier passes test is ignored here): RowKernels::fused_rows
 // launches the kernel only then.

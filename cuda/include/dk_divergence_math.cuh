@@ -255,7 +255,7 @@ DK_HD float clamp_loss(float loss) { return loss < 0.f ? 0.f : loss; }
 // gp NaN, and with them every entry of the row, masked ones included.
 struct GradRow {
   Row row;
-  float gq, gp, c0;
+  float gq, gp, center;
 };
 
 template <Kind K>
@@ -265,7 +265,7 @@ DK_HD GradRow grad_row_of(const Row& row, float center, float beta, float gscale
     // dL/db = (1−β) ln 2 · q (log2 q − log2 m − center), with log2 q − log2 m formed exactly
     // as the mixture pass formed it for `center`: in a near one-hot row the gradient at the
     // peak is the small difference of the two, and a cheaper but differently rounded form
-    // (c0 + min(w, 0) − tail(w), three instructions fewer) put such rows' gradients 1e-3
+    // (a row constant + min(w, 0) − tail(w), three instructions fewer) put such rows' gradients 1e-3
     // off in the host replay.
     g.gq *= (1.f - beta) * kLn2;
   }
@@ -280,8 +280,8 @@ DK_HD float grad_entry(const GradRow& g, float s, float t) {
   const float eq = fast_exp2(Y);
   // (Both products rounded: a contracted FFMA(eq, gq, −ex·gp) is not 0 for identical rows.)
   if (K == Kind::ForwardKl) return mul_rn(eq, g.gq) - mul_rn(fast_exp2(X), g.gp);
-  if (K == Kind::ReverseKl) return xlog(eq, fmaf(Y - X, kLn2, -g.c0)) * g.gq;
-  return eq * g.gq * (row.log2_ratios_to_mixture(Y - X).y - g.c0);
+  if (K == Kind::ReverseKl) return xlog(eq, fmaf(Y - X, kLn2, -g.center)) * g.gq;
+  return eq * g.gq * (row.log2_ratios_to_mixture(Y - X).y - g.center);
 }
 
 // (p (log2 p − log2 m), q (log2 q − log2 m)) of one entry, summed by the JSD pass. Both log

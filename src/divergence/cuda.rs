@@ -371,9 +371,9 @@ impl<'d> RowKernels<'d> {
             return Ok(false);
         }
         // The kernel's in-place argument is for its 16-byte steps: it has no scalar path for
-        // unaligned rows (the fused path's workspace rows always are aligned). G's rows have
-        // the student rows' bytes, so checking those checks G's.
-        if !cluster::rows_aligned(args, 4, 4) {
+        // unaligned rows (the fused path's workspace rows always are aligned). G's rows start
+        // at the student rows (grad_stride counts G's elements), so the f32 logits decide.
+        if !cluster::rows_aligned(&DivergenceArgs { grad: 0, ..*args }, 4, 4) {
             return Ok(false);
         }
         let cfg = LaunchConfig {
