@@ -16,7 +16,8 @@
 #      cluster kernels (=persist, =persist256), at their own cluster size and at 4, 8 and 16
 #   5. dk bench --ops moe: route, permute, combine fwd/bwd, 3 ANCHORS shapes, N=16384
 #  5b. dk bench --ops attention: fwd, fwd+bwd, ANCHORS shapes + varlen, bf16, TFLOP/s; again with
-#      the opt-in kernels (DK_ATTENTION_FWD=wide, DK_ATTENTION_BWD=wide)
+#      the opt-in kernels (DK_ATTENTION_FWD=wide, DK_ATTENTION_BWD=wide), and with the Hopper
+#      wgmma forward (DK_ATTENTION_FWD=wgmma)
 #  5c. dk bench --ops fused: fused linear JSD (N 4096, H 3072, V 200064; N 16384, H 5120,
 #      V 202048) against its four cuBLAS GEMMs alone, measured in the same run (issue 4)
 #   6. every Rust test executable (their CUDA variants run here), the divergence reference tests
@@ -285,6 +286,10 @@ run_step dk-bench-attention 60 1 "$dk" bench --device cuda --ops attention --dty
 # attention kernels that ran.
 run_step dk-bench-attention-wide 60 0 env DK_ATTENTION_FWD=wide DK_ATTENTION_BWD=wide "$dk" \
   bench --device cuda --ops attention --dtype bf16 --attn-shapes phi4-mini,llama4,varlen
+# A/B: the forward on wgmma (cuda/attention_forward_wgmma.cu, "Forward on wgmma" in
+# cuda/ATTENTION.md): its fwd rows against dk-bench-attention's.
+run_step dk-bench-attention-wgmma 60 0 env DK_ATTENTION_FWD=wgmma "$dk" \
+  bench --device cuda --ops attention --dtype bf16 --attn-shapes phi4-mini,llama4,varlen
 
 # ---- 5c. dk bench fused linear JSD against the four GEMMs alone (issue 4's two shapes) ---------
 # No JSON (the device tool returns at most 8 files): the table is printed below and in the log.
@@ -332,6 +337,8 @@ fi
 if [ -x target/release/deps/attention_reference ]; then
   run_step test-attention_reference-wide 90 1 env DK_ATTENTION_FWD=wide DK_ATTENTION_BWD=wide \
     target/release/deps/attention_reference
+  run_step test-attention_reference-wgmma 90 1 env DK_ATTENTION_FWD=wgmma \
+    target/release/deps/attention_reference
 fi
 reserve=140 # as pytest: the Python benchmarks come after
 
@@ -368,9 +375,16 @@ if [ -f python/bench.py ]; then
   else
     skip_step python-bench-attention-wide "out of time"
   fi
+  if [ -n "${GPU_CHECK_ONLY:-}" ] || [ "$(left)" -gt 200 ]; then
+    run_step python-bench-attention-wgmma 60 0 env DK_ATTENTION_FWD=wgmma \
+      "$py" python/bench.py --ops attention --impls distill "${aquick[@]}"
+  else
+    skip_step python-bench-attention-wgmma "out of time"
+  fi
 else
   skip_step python-bench-attention "python/bench.py missing"
   skip_step python-bench-attention-wide "python/bench.py missing"
+  skip_step python-bench-attention-wgmma "python/bench.py missing"
 fi
 
 # ---- 9b. Python benchmark of the fused linear JSD (issue 4): torch eager, torch.compile, Liger's
@@ -464,6 +478,8 @@ DK_ATTENTION_FWD=wide ncu_run ncu-attention-fwd-wide 40 'dk_attn_fwd_bf16_d128w'
   --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
 DK_ATTENTION_BWD=wide ncu_run ncu-attention-bwd-wide 40 'dk_attn_bwd_(dkdvw|dqw)_bf16_d128' 2 \
   --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
+DK_ATTENTION_FWD=wgmma ncu_run ncu-attention-fwd-wgmma 40 'dk_attn_fwd_bf16_d128g' 1 \
+  --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
 
 # ---- 11. optional: memcheck of small dk benches (divergence, MoE, attention), racecheck ----------
 sanitizer=$(command -v compute-sanitizer || true)
@@ -501,11 +517,12 @@ else
   fi
   # Every attention kernel (forward, backward; D 64 and 128; padded Sq != Sk, and varlen with an
   # empty sequence, a 1-token one and rows that see no key) on the small shapes.
-  # Then the same with the opt-in kernels (DK_ATTENTION_FWD=wide, DK_ATTENTION_BWD=wide).
-  for variant in default wide; do
+  # Then the same with the opt-in kernels (DK_ATTENTION_FWD=wide, DK_ATTENTION_BWD=wide), and
+  # with the wgmma forward (DK_ATTENTION_FWD=wgmma; the backward's default kernels).
+  for variant in default wide wgmma; do
     for tool in memcheck racecheck; do
       name="$tool-attention"
-      [ "$variant" = wide ] && name="$tool-attention-wide"
+      [ "$variant" != default ] && name="$tool-attention-$variant"
       if [ "$(left)" -lt 30 ]; then
         skip_step "$name" "out of time"
       else
@@ -554,7 +571,7 @@ bench_table() { [ -s "$1" ] && sed -n '/^shape /,$p' "$1"; }
 echo
 echo "================ summary"
 cat "$out/summary.txt"
-for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-smem dk-bench-stream dk-bench-persist dk-bench-persist256 dk-bench-short-persist dk-bench-short-persist256 dk-bench-persist-c4 dk-bench-persist-c8 dk-bench-persist-c16 dk-bench-moe dk-bench-attention dk-bench-attention-wide dk-bench-fused dk-bench-fused-persist; do
+for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-smem dk-bench-stream dk-bench-persist dk-bench-persist256 dk-bench-short-persist dk-bench-short-persist256 dk-bench-persist-c4 dk-bench-persist-c8 dk-bench-persist-c16 dk-bench-moe dk-bench-attention dk-bench-attention-wide dk-bench-attention-wgmma dk-bench-fused dk-bench-fused-persist; do
   echo
   echo "================ $n"
   if [ -s "$logs/$n.out" ]; then
@@ -580,9 +597,10 @@ py_table() { # STEP FIRST-LINE-REGEX (empty: the last 40 lines): a python bench 
 }
 py_table python-bench-attention '^Grouped-query attention'
 py_table python-bench-attention-wide '^Grouped-query attention'
+py_table python-bench-attention-wgmma '^Grouped-query attention'
 py_table python-bench-fused '^Fused linear JSD'
 py_table python-bench ''
-for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-moe-combine ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic ncu-attention-fwd-wide ncu-attention-bwd-wide; do
+for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-moe-combine ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic ncu-attention-fwd-wide ncu-attention-bwd-wide ncu-attention-fwd-wgmma; do
   [ -s "$logs/$n.out" ] || continue
   echo
   echo "================ $n (Nsight Compute, clocks untouched)"

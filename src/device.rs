@@ -149,7 +149,7 @@ impl CudaDevice {
                     }
                 }
             });
-        let attention_wide = crate::attention::cuda::configure(&functions)?;
+        let attention_wide = crate::attention::cuda::configure(&functions, compute_capability)?;
         Ok(CudaDevice {
             ctx,
             functions,
@@ -215,6 +215,12 @@ impl CudaDevice {
     /// opened (`DK_ATTENTION_FWD=wide` may select it only then).
     pub(crate) fn attention_wide_fwd(&self) -> bool {
         self.attention_wide.forward
+    }
+
+    /// Whether the Hopper wgmma attention forward accepted its shared memory when the device
+    /// opened (compute capability 9; `DK_ATTENTION_FWD=wgmma` may select it only then).
+    pub(crate) fn attention_wgmma_fwd(&self) -> bool {
+        self.attention_wide.wgmma_forward
     }
 
     /// Checks that `ptr` is device memory of this device.

@@ -1,8 +1,8 @@
 //! Launcher of the attention forward kernels (`cuda/attention_forward.cu`): the argument structs
 //! shared with them (`cuda/include/dk_attention_shape.h`, `cuda/include/dk_attention_fwd_args.h`),
 //! the choice of instantiation (dtype × head dimension; `DK_ATTENTION_FWD=wide` for the D = 128
-//! kernel of 8 warps whose pairs split each key tile) and the grid. Design notes:
-//! `cuda/ATTENTION.md`.
+//! kernel of 8 warps whose pairs split each key tile, `DK_ATTENTION_FWD=wgmma` for the Hopper
+//! kernels of `cuda/attention_forward_wgmma.cu`) and the grid. Design notes: `cuda/ATTENTION.md`.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -23,13 +23,26 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_attn_fwd_f16_d128",
     "dk_attn_fwd_bf16_d128w",
     "dk_attn_fwd_f16_d128w",
+    "dk_attn_fwd_bf16_d64g",
+    "dk_attn_fwd_bf16_d128g",
+    "dk_attn_fwd_f16_d64g",
+    "dk_attn_fwd_f16_d128g",
+];
+
+/// The wgmma kernels (sm_90a), opted into their shared memory on Hopper devices only.
+const WGMMA_KERNELS: [&str; 4] = [
+    "dk_attn_fwd_bf16_d64g",
+    "dk_attn_fwd_bf16_d128g",
+    "dk_attn_fwd_f16_d64g",
+    "dk_attn_fwd_f16_d128g",
 ];
 
 /// Threads per block (`kThreads` in attention_forward.cu: 4 warps).
 const THREADS: u32 = 128;
 /// Threads per block of the D = 128 split kernel (`SplitTiling::kThreads`: 8 warps).
 const SPLIT_THREADS: u32 = 256;
-/// Query rows per block of the split kernel (`SplitTiling::kBlockM`: 4 warp pairs of 32).
+/// Query rows per block of the split kernel (`SplitTiling::kBlockM`: 4 warp pairs of 32) and of
+/// the wgmma kernels (`WgTiling::kBlockM`: 2 warpgroups of 64).
 const SPLIT_ROWS: usize = 128;
 /// Largest `gridDim.y` and `gridDim.z`: more heads or sequences take several launches.
 const MAX_GRID_YZ: usize = 65535;
@@ -52,11 +65,53 @@ fn split_smem_bytes() -> usize {
     (rows + 2 * keys) * d * 2 + rows * keys * 2 + 2 * rows * 4
 }
 
-/// `DK_ATTENTION_FWD=wide`, read once: the D = 128 split kernel (`dk_attn_fwd_*_d128w`) where
-/// the device opted it into its shared memory. A/B until measured on a GPU.
-fn wide_requested() -> bool {
-    static C: OnceLock<bool> = OnceLock::new();
-    *C.get_or_init(|| std::env::var("DK_ATTENTION_FWD").is_ok_and(|v| v == "wide"))
+/// Dynamic shared memory of the wgmma kernels (`WgTiling::kSmemBytes`): 1 KiB of slack to
+/// align the tiles to 1024 bytes, the Q tile of 128 rows and two stages of one K and one V tile
+/// of 128 keys.
+fn wgmma_smem_bytes(head_dim: usize) -> usize {
+    1024 + (SPLIT_ROWS + 4 * 128) * head_dim * 2
+}
+
+/// Which forward kernels serve a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// `dk_attn_fwd_*_d{64,128}`: mma.sync, 4 warps.
+    Default,
+    /// `DK_ATTENTION_FWD=wide`: the D = 128 split kernel (`dk_attn_fwd_*_d128w`).
+    Wide,
+    /// `DK_ATTENTION_FWD=wgmma`: the Hopper kernels (`dk_attn_fwd_*_d{64,128}g`).
+    Wgmma,
+}
+
+/// `DK_ATTENTION_FWD`, read once: `wide` or `wgmma` (A/B switches until measured on a GPU).
+fn requested() -> Variant {
+    static C: OnceLock<Variant> = OnceLock::new();
+    *C.get_or_init(|| match std::env::var("DK_ATTENTION_FWD").as_deref() {
+        Ok("wide") => Variant::Wide,
+        Ok("wgmma") => Variant::Wgmma,
+        _ => Variant::Default,
+    })
+}
+
+/// The variant a call runs: the requested one where this device accepted it (and, for the
+/// split kernel, D = 128), else the default kernels.
+fn variant(dev: &CudaDevice, head_dim: usize) -> Variant {
+    match requested() {
+        Variant::Wide if head_dim == 128 && dev.attention_wide_fwd() => Variant::Wide,
+        Variant::Wgmma if dev.attention_wgmma_fwd() => Variant::Wgmma,
+        _ => Variant::Default,
+    }
+}
+
+/// Sets a kernel's dynamic shared memory limit; false where the device refuses.
+fn opt_in(functions: &HashMap<&'static str, CudaFunction>, name: &str, bytes: usize) -> bool {
+    functions.get(name).is_some_and(|f| {
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .is_ok()
+    })
 }
 
 /// Opts the split kernels into their dynamic shared memory (81 KiB, above the 48 KB default),
@@ -65,14 +120,20 @@ fn wide_requested() -> bool {
 pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> bool {
     ["dk_attn_fwd_bf16_d128w", "dk_attn_fwd_f16_d128w"]
         .iter()
-        .all(|name| {
-            functions.get(name).is_some_and(|f| {
-                f.set_attribute(
-                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    split_smem_bytes() as i32,
-                )
-                .is_ok()
-            })
+        .all(|name| opt_in(functions, name, split_smem_bytes()))
+}
+
+/// Opts the wgmma kernels into their dynamic shared memory (81 and 161 KiB) on a Hopper device
+/// (compute capability 9.x; the sm_80 cubin holds empty bodies); false elsewhere or where the
+/// device refuses.
+pub(crate) fn configure_wgmma(
+    functions: &HashMap<&'static str, CudaFunction>,
+    compute_capability: (i32, i32),
+) -> bool {
+    compute_capability.0 == 9
+        && WGMMA_KERNELS.iter().all(|name| {
+            let d = if name.ends_with("d64g") { 64 } else { 128 };
+            opt_in(functions, name, wgmma_smem_bytes(d))
         })
 }
 
@@ -164,14 +225,20 @@ pub fn attention_fwd_args_layout() -> Vec<(&'static str, usize)> {
     ]
 }
 
-/// The forward kernel for a dtype and head dimension (one of [`KERNEL_NAMES`]); `wide`: the
-/// D = 128 split kernel.
-fn kernel_name(dtype: DType, head_dim: usize, wide: bool) -> Result<&'static str> {
+/// The forward kernel for a dtype, head dimension and variant (one of [`KERNEL_NAMES`]; the
+/// split kernel exists at D = 128 only).
+fn kernel_name(dtype: DType, head_dim: usize, variant: Variant) -> Result<&'static str> {
+    let wide = variant == Variant::Wide;
+    let wg = variant == Variant::Wgmma;
     Ok(match (dtype, head_dim) {
+        (DType::BF16, 64) if wg => "dk_attn_fwd_bf16_d64g",
         (DType::BF16, 64) => "dk_attn_fwd_bf16_d64",
+        (DType::BF16, 128) if wg => "dk_attn_fwd_bf16_d128g",
         (DType::BF16, 128) if wide => "dk_attn_fwd_bf16_d128w",
         (DType::BF16, 128) => "dk_attn_fwd_bf16_d128",
+        (DType::F16, 64) if wg => "dk_attn_fwd_f16_d64g",
         (DType::F16, 64) => "dk_attn_fwd_f16_d64",
+        (DType::F16, 128) if wg => "dk_attn_fwd_f16_d128g",
         (DType::F16, 128) if wide => "dk_attn_fwd_f16_d128w",
         (DType::F16, 128) => "dk_attn_fwd_f16_d128",
         (DType::F32, _) => bail!(
@@ -185,16 +252,18 @@ fn kernel_name(dtype: DType, head_dim: usize, wide: bool) -> Result<&'static str
 /// The launches of a call: `(head_offset, batch_offset, config)` with grid
 /// `(⌈seqlen_q / rows per block⌉, heads, sequences)` over chunks of at most 65535 heads and
 /// 65535 sequences (one launch unless Hq or B exceeds that); none when no query row exists.
-fn launches(raw: &RawAttention, wide: bool) -> Vec<(usize, usize, LaunchConfig)> {
+fn launches(raw: &RawAttention, variant: Variant) -> Vec<(usize, usize, LaunchConfig)> {
     let s = &raw.shape;
     if s.batch == 0 || s.seqlen_q == 0 || s.total_q == 0 || raw.heads_q == 0 {
         return Vec::new();
     }
-    let (block_m, smem, threads) = if wide {
-        (SPLIT_ROWS, split_smem_bytes(), SPLIT_THREADS)
-    } else {
-        let (block_m, smem) = tiling(raw.head_dim);
-        (block_m, smem, THREADS)
+    let (block_m, smem, threads) = match variant {
+        Variant::Wide => (SPLIT_ROWS, split_smem_bytes(), SPLIT_THREADS),
+        Variant::Wgmma => (SPLIT_ROWS, wgmma_smem_bytes(raw.head_dim), SPLIT_THREADS),
+        Variant::Default => {
+            let (block_m, smem) = tiling(raw.head_dim);
+            (block_m, smem, THREADS)
+        }
     };
     // seqlen_q ≤ MAX_ROWS = i32::MAX, so the tile count fits u32.
     let tiles = s.seqlen_q.div_ceil(block_m) as u32;
@@ -216,9 +285,9 @@ fn launches(raw: &RawAttention, wide: bool) -> Vec<(usize, usize, LaunchConfig)>
 
 /// Forward pass on the caller's stream: out and LSE.
 pub(crate) fn forward(dev: &CudaDevice, raw: &RawAttention, launch: &Launch<'_>) -> Result<()> {
-    let wide = raw.head_dim == 128 && wide_requested() && dev.attention_wide_fwd();
-    let name = kernel_name(raw.dtype, raw.head_dim, wide)?;
-    let launches = launches(raw, wide);
+    let variant = variant(dev, raw.head_dim);
+    let name = kernel_name(raw.dtype, raw.head_dim, variant)?;
+    let launches = launches(raw, variant);
     if launches.is_empty() {
         return Ok(()); // no query row: nothing to write
     }
@@ -253,7 +322,9 @@ pub(crate) fn forward(dev: &CudaDevice, raw: &RawAttention, launch: &Launch<'_>)
     // is unsafe for that reason), or null for the legacy default stream.
     let stream = unsafe { dev.borrow_stream(launch.stream) };
     for (h0, b0, cfg) in launches {
-        debug_assert!(wide || cfg.shared_mem_bytes as usize <= DEFAULT_SMEM_LIMIT);
+        debug_assert!(
+            variant != Variant::Default || cfg.shared_mem_bytes as usize <= DEFAULT_SMEM_LIMIT
+        );
         // Below heads_q and batch, which AttentionShape::new checked to fit i32.
         args.head_offset = h0 as i32;
         args.batch_offset = b0 as i32;
@@ -261,7 +332,8 @@ pub(crate) fn forward(dev: &CudaDevice, raw: &RawAttention, launch: &Launch<'_>)
         // validated (shapes, strides, 16-byte aligned rows, dtype, head dimension), every pointer
         // checked above to be device memory of this device covering those shapes, and the
         // dynamic shared memory is within the default 48 KB (see the tests) or, for the split
-        // kernel, what `configure` opted it into.
+        // and wgmma kernels, what `configure` / `configure_wgmma` opted them into (the wgmma
+        // kernels only on a compute capability 9 device, whose cubin holds their bodies).
         unsafe { stream.launch_builder(function).arg(&args).launch(cfg)? };
     }
     Ok(())
@@ -309,13 +381,19 @@ mod tests {
     fn every_instantiation_is_listed() {
         for dtype in [DType::BF16, DType::F16] {
             for d in crate::attention::HEAD_DIMS {
-                for wide in [false, true] {
-                    let name = kernel_name(dtype, d, wide).unwrap();
+                for v in [Variant::Default, Variant::Wide, Variant::Wgmma] {
+                    let name = kernel_name(dtype, d, v).unwrap();
                     assert!(KERNEL_NAMES.contains(&name), "{name}");
+                    assert_eq!(WGMMA_KERNELS.contains(&name), v == Variant::Wgmma, "{name}");
                 }
             }
         }
-        assert!(kernel_name(DType::F32, 64, false).is_err());
+        assert!(kernel_name(DType::F32, 64, Variant::Default).is_err());
+        // The split kernel exists at D = 128 only; D = 64 keeps the default kernel.
+        assert_eq!(
+            kernel_name(DType::BF16, 64, Variant::Wide).unwrap(),
+            "dk_attn_fwd_bf16_d64"
+        );
     }
 
     fn raw(batch: usize, seqlen_q: usize, total_q: usize, heads_q: usize) -> RawAttention {
@@ -363,25 +441,42 @@ mod tests {
         let mut r = raw(2, 129, 258, 3);
         r.head_dim = 128;
         r.q_stride = 128 * 3;
-        let l = launches(&r, true);
+        let l = launches(&r, Variant::Wide);
         assert_eq!(l[0].2.grid_dim, (2, 3, 2));
         assert_eq!(l[0].2.block_dim, (SPLIT_THREADS, 1, 1));
         assert_eq!(l[0].2.shared_mem_bytes as usize, split_smem_bytes());
-        assert_eq!(launches(&r, false)[0].2.grid_dim, (3, 3, 2));
+        assert_eq!(launches(&r, Variant::Default)[0].2.grid_dim, (3, 3, 2));
         // 81 KiB: two blocks fit an A100 SM (164 KiB) and a Hopper SM (228 KiB).
         assert_eq!(split_smem_bytes(), 82_944);
     }
 
     #[test]
+    fn wgmma_kernels_take_128_rows_and_fit_a_hopper_sm() {
+        for d in crate::attention::HEAD_DIMS {
+            let mut r = raw(2, 129, 258, 3);
+            r.head_dim = d;
+            r.q_stride = d * 3;
+            let l = launches(&r, Variant::Wgmma);
+            assert_eq!(l[0].2.grid_dim, (2, 3, 2));
+            assert_eq!(l[0].2.block_dim, (SPLIT_THREADS, 1, 1));
+            assert_eq!(l[0].2.shared_mem_bytes as usize, wgmma_smem_bytes(d));
+        }
+        // WgTiling::kSmemBytes; one block per SM within Hopper's 227 KiB opt-in limit.
+        assert_eq!(wgmma_smem_bytes(64), 82_944);
+        assert_eq!(wgmma_smem_bytes(128), 164_864);
+        assert!(wgmma_smem_bytes(128) <= 227 * 1024);
+    }
+
+    #[test]
     fn launches_cover_rows_heads_and_sequences() {
-        assert!(launches(&raw(0, 5, 0, 4), false).is_empty());
-        assert!(launches(&raw(3, 0, 0, 4), false).is_empty());
-        let l = launches(&raw(2, 129, 258, 3), false);
+        assert!(launches(&raw(0, 5, 0, 4), Variant::Default).is_empty());
+        assert!(launches(&raw(3, 0, 0, 4), Variant::Default).is_empty());
+        let l = launches(&raw(2, 129, 258, 3), Variant::Default);
         assert_eq!(l.len(), 1);
         assert_eq!((l[0].0, l[0].1), (0, 0));
         assert_eq!(l[0].2.grid_dim, (2, 3, 2)); // D = 64: 128 rows per block
         assert_eq!(l[0].2.block_dim, (THREADS, 1, 1));
-        let l = launches(&raw(70000, 1, 70000, 8), false);
+        let l = launches(&raw(70000, 1, 70000, 8), Variant::Default);
         let starts: Vec<_> = l.iter().map(|(h, b, c)| (*h, *b, c.grid_dim)).collect();
         assert_eq!(
             starts,

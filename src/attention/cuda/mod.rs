@@ -27,30 +27,35 @@ fn note_kernel(name: &'static str) {
 
 /// The forward and dK/dV kernels the attention calls of this process ran (e.g.
 /// `dk_attn_fwd_bf16_d128w`, `dk_attn_bwd_dkdvw_bf16_d128`), in first-use order: benchmarks print
-/// them, so that an A/B run (`DK_ATTENTION_FWD=wide`, `DK_ATTENTION_BWD=wide`) says what it
+/// them, so that an A/B run (`DK_ATTENTION_FWD=wide|wgmma`, `DK_ATTENTION_BWD=wide`) says what it
 /// measured.
 pub fn kernels_used() -> Vec<&'static str> {
     USED.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Which opt-in attention kernels a device accepted when it opened (their dynamic shared memory
-/// is above the default 48 KB): `DK_ATTENTION_FWD=wide` / `DK_ATTENTION_BWD=wide` select them
-/// only then.
+/// is above the default 48 KB): `DK_ATTENTION_FWD=wide|wgmma` / `DK_ATTENTION_BWD=wide` select
+/// them only then.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct WideKernels {
     /// The D = 128 split forward (`dk_attn_fwd_*_d128w`, 81 KiB).
     pub forward: bool,
     /// The 128-key dK/dV kernels (`dk_attn_bwd_dkdv{,dq}w_*`, up to 161 KiB).
     pub backward: bool,
+    /// The Hopper wgmma forward (`dk_attn_fwd_*_d{64,128}g`, up to 161 KiB; compute capability
+    /// 9 only).
+    pub wgmma_forward: bool,
 }
 
 /// Opts the attention kernels into their dynamic shared memory, once when a device opens. An
 /// error for a default kernel fails the open; a refused opt-in kernel only turns its switch off.
 pub(crate) fn configure(
     functions: &std::collections::HashMap<&'static str, cudarc::driver::CudaFunction>,
+    compute_capability: (i32, i32),
 ) -> crate::error::Result<WideKernels> {
     Ok(WideKernels {
         backward: backward::configure(functions)?,
         forward: forward::configure(functions),
+        wgmma_forward: forward::configure_wgmma(functions, compute_capability),
     })
 }
