@@ -47,6 +47,7 @@
 #include <type_traits>
 
 #include "dk_attention_bwd_args.h"
+#include "dk_attention_bwd_common.cuh"
 #include "dk_mma.cuh"
 #include "dk_vec.cuh"
 
@@ -72,7 +73,6 @@ constexpr int kThreads = 128;       // dK/dV and dQ kernels: 4 warps, 16 rows ea
 // 2 for D = 128 (the accumulators alone take 128 / 64 registers), 3 for D = 64.
 template <int D> constexpr int min_blocks() { return D == 64 ? 3 : 2; }
 constexpr int kDeltaThreads = 256;  // Delta kernel
-constexpr float kLog2e = 1.4426950408889634f;
 
 // Tile shapes (the Rust launcher mirrors them: src/attention/cuda/backward.rs).
 template <int D> struct DkdvTile {
@@ -91,20 +91,6 @@ template <int D> struct DqTile {
   static constexpr int kBc = D == 64 ? 64 : 32;  // key rows per loop step
   static constexpr int kSmemBytes = (2 * kBr * D + 4 * kBc * D) * 2;
 };
-
-__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-
-// The LSE in base 2 as it enters the exponent; -inf (a row that sees no key) becomes +inf so
-// that exp2(s - lse) = 0 for every finite or -inf s.
-__device__ __forceinline__ float lse_exponent(float lse) {
-  return lse == neg_inf() ? pos_inf() : lse * kLog2e;
-}
-
-// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] tile.
-template <int D> __device__ __forceinline__ int swz(int row, int chunk) {
-  return row * D + ((chunk ^ (row & 7)) << 3);
-}
 
 // ldmatrix addressing. In a 16-row block of a swizzled tile, lane l hands ldmatrix the address
 // of row `lrow` (0..15), chunk `c0 + lc` (c0 even, lc 0 or 1): since row & 7 = lrow & 7 and
@@ -130,62 +116,6 @@ template <int W> __device__ __forceinline__ uint32_t b_lane(int lane) {
 template <int D>
 __device__ __forceinline__ uint32_t frag_addr(uint32_t tile, int row16, int c0, uint32_t lane_off) {
   return tile + static_cast<uint32_t>(row16 * 2 * D) + (lane_off ^ static_cast<uint32_t>(c0 << 4));
-}
-
-// One sequence of the batch: its first row and length on each side. Varlen offsets are clamped
-// into [0, total] and made non-decreasing, so any offsets give in-bounds rows.
-struct Seq {
-  int q_start, len_q, k_start, len_k;
-};
-
-__device__ __forceinline__ void seq_range(uint64_t cu, int b, int seqlen, int total, int& start,
-                                          int& len) {
-  if (cu == 0) {
-    start = b * seqlen;
-    len = seqlen;
-  } else {
-    const int* p = reinterpret_cast<const int*>(cu);
-    const int a = min(max(__ldg(p + b), 0), total);
-    const int e = min(max(__ldg(p + b + 1), a), total);
-    start = a;
-    len = e - a;
-  }
-}
-
-__device__ __forceinline__ Seq seq_of(const DkAttentionShape& s, int b) {
-  Seq r;
-  seq_range(s.cu_seqlens_q, b, s.seqlen_q, s.total_q, r.q_start, r.len_q);
-  seq_range(s.cu_seqlens_k, b, s.seqlen_k, s.total_k, r.k_start, r.len_k);
-  return r;
-}
-
-// Index of (sequence b, query head h, row 0 of the sequence) in the LSE / Delta layout:
-// [batch, heads_q, seqlen_q] padded, [heads_q, total_q] varlen.
-__device__ __forceinline__ int64_t lse_base(const DkAttentionShape& s, int b, int h, int q_start) {
-  return s.cu_seqlens_q != 0
-             ? static_cast<int64_t>(h) * s.total_q + q_start
-             : (static_cast<int64_t>(b) * s.heads_q + h) * s.seqlen_q;
-}
-
-__device__ __forceinline__ int cdiv(int x, int y) { return x / y + (x % y != 0 ? 1 : 0); }
-
-// cp.async of `ROWS` rows of one head (D elements from `src`, row stride `stride`) into a
-// swizzled tile; rows >= `valid` are zero-filled without reading (their source address is row
-// 0, which the callers guarantee exists). Thread tid (of NT) moves chunk tid % (D / 8) of rows
-// tid / (D / 8) + k * kStep: kStep is a multiple of 8, so the swizzle is the same for all k.
-template <typename T, int D, int ROWS, int NT = kThreads>
-__device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride, int valid, int tid) {
-  constexpr int kChunks = D / 8, kStep = NT / kChunks;
-  static_assert(ROWS % kStep == 0 && kStep % 8 == 0, "tile not a multiple of the block");
-  const int r0 = tid / kChunks, c = tid % kChunks;
-  const uint32_t d0 = smem_addr(dst + swz<D>(r0, c));
-  const T* s0 = src + static_cast<int64_t>(r0) * stride + c * 8;
-#pragma unroll
-  for (int k = 0; k < ROWS / kStep; ++k) {
-    const bool ok = r0 + k * kStep < valid;
-    cp_async_16(d0 + k * kStep * D * 2, ok ? s0 + static_cast<int64_t>(k * kStep) * stride : src,
-                ok ? 16 : 0);
-  }
 }
 
 // acc[mt][2n .. 2n+1] (16 rows x 16 columns each pair) += A (the 16 x D blocks at tile rows
@@ -878,96 +808,6 @@ __device__ __forceinline__ void dkdv_wide_kernel(const DkAttentionBwdArgs& a, ch
 }
 
 // ---- 3. dQ ---------------------------------------------------------------------------------
-
-// What both dQ kernels share: the block's (query tile, sequence, query head), the last query
-// tiles (the most keys under a causal mask) first; the key tiles (Bc keys) its Br rows see; the
-// per-row constants of a thread's rows; and the tile loads (NT threads).
-template <typename T, int D, int Br, int Bc, int NT>
-struct DqWalk {
-  const DkAttentionBwdArgs& a;
-  Seq sq{};
-  int b = 0, hq = 0, hk = 0, q0 = 0, off = 0, n_end = 0;
-
-  __device__ __forceinline__ explicit DqWalk(const DkAttentionBwdArgs& args) : a(args) {}
-
-  // False when the block owns no row (past the grid's tiles or its sequence's queries).
-  __device__ __forceinline__ bool init() {
-    const DkAttentionShape& s = a.shape;
-    const unsigned bh = static_cast<unsigned>(s.batch) * static_cast<unsigned>(s.heads_q);
-    const int n_tiles = cdiv(s.seqlen_q, Br);
-    const int tile = n_tiles - 1 - static_cast<int>(blockIdx.x / bh);
-    const int rest = static_cast<int>(blockIdx.x % bh);
-    b = rest / s.heads_q;
-    hq = rest % s.heads_q;
-    if (tile < 0) return false;
-    sq = seq_of(s, b);
-    q0 = tile * Br;
-    if (q0 >= sq.len_q) return false;
-    hk = hq / (s.heads_q / s.heads_kv);
-    off = sq.len_k - sq.len_q;
-    if (s.causal) {
-      const int64_t kmax = min(static_cast<int64_t>(q0) + Br - 1 + off,
-                               static_cast<int64_t>(sq.len_k) - 1);
-      n_end = kmax < 0 ? 0 : static_cast<int>(kmax / Bc) + 1;
-    } else {
-      n_end = cdiv(sq.len_k, Bc);
-    }
-    return true;
-  }
-
-  // Query row q0 + i of the block: its LSE exponent, Delta, and the last key it sees (rows past
-  // the sequence: P = 0 and Delta = 0).
-  __device__ __forceinline__ void row(int i, float& le, float& dl, int& kmax) const {
-    const DkAttentionShape& s = a.shape;
-    const int64_t base = lse_base(s, b, hq, sq.q_start);
-    const int r = q0 + i;
-    const bool ok = r < sq.len_q;
-    le = ok ? lse_exponent(reinterpret_cast<const float*>(a.lse)[base + r]) : pos_inf();
-    dl = ok ? reinterpret_cast<const float*>(a.delta)[base + r] : 0.f;
-    kmax = s.causal ? static_cast<int>(min(static_cast<int64_t>(r) + off,
-                                          static_cast<int64_t>(sq.len_k) - 1))
-                    : sq.len_k - 1;
-  }
-
-  // The block's Q and dO rows (one cp.async group, committed).
-  __device__ __forceinline__ void load_q_do(T* sQ, T* sdO, int tid) const {
-    const int64_t row = static_cast<int64_t>(sq.q_start) + q0;
-    load_rows<T, D, Br, NT>(sQ, reinterpret_cast<const T*>(a.q) + row * a.q_stride + hq * D,
-                            a.q_stride, sq.len_q - q0, tid);
-    load_rows<T, D, Br, NT>(sdO, reinterpret_cast<const T*>(a.dout) + row * a.dout_stride + hq * D,
-                            a.dout_stride, sq.len_q - q0, tid);
-    cp_async_commit();
-  }
-
-  // Key tile n's K and V rows into sK / sV (one stage; not committed).
-  __device__ __forceinline__ void load_kv(int n, T* sK, T* sV, int tid) const {
-    const int k0 = n * Bc;
-    const int64_t row = static_cast<int64_t>(sq.k_start) + k0;
-    load_rows<T, D, Bc, NT>(sK, reinterpret_cast<const T*>(a.k) + row * a.k_stride + hk * D,
-                            a.k_stride, sq.len_k - k0, tid);
-    load_rows<T, D, Bc, NT>(sV, reinterpret_cast<const T*>(a.v) + row * a.v_stride + hk * D,
-                            a.v_stride, sq.len_k - k0, tid);
-  }
-
-  // Whether some score of key tile n is masked (keys past the end, or the causal diagonal).
-  __device__ __forceinline__ bool need_mask(int n) const {
-    const int k0 = n * Bc;
-    return k0 + Bc > sq.len_k || (a.shape.causal && k0 + Bc - 1 > q0 + off);
-  }
-
-  // Start of step n (stage n & 1 of sK / sV, [2][Bc][D]): K / V of step n (and Q, dO) landed
-  // for everyone, and everyone is done with step n - 1, whose stage the loads of step n + 1,
-  // issued here, overwrite.
-  __device__ __forceinline__ void begin_step(int n, T* sK, T* sV, int tid) const {
-    cp_async_wait<0>();
-    __syncthreads();
-    if (n + 1 < n_end) {
-      const int nx = (n + 1) & 1;
-      load_kv(n + 1, sK + nx * Bc * D, sV + nx * Bc * D, tid);
-      cp_async_commit();
-    }
-  }
-};
 
 template <typename T, int D>
 __device__ __forceinline__ void dq_kernel(const DkAttentionBwdArgs& a, char* smem) {

@@ -11,11 +11,14 @@
 //   wait for this thread's copies of K(n), V(n); fence.proxy.async; barrier
 //                                 -- everyone's copies visible to wgmma, everyone done with
 //                                    tile n + 1, whose stage now takes K(n − 1), V(n − 1)
-//   S = Q · K(n)ᵀ                 wgmma m64n128k16 × D / 16, A and B from shared memory
+//   S = Q · K(n)ᵀ                 wgmma m64n128k16 × D / 16, A and B from shared memory;
+//                                 warpgroup 1 issues after warpgroup 0 (ping-pong)
 //   mask; online softmax          on the accumulators, rows in lane quads as with mma.sync
 //   O += P · V(n)                 wgmma m64nDk16 × 8, P from registers (the S accumulators
 //                                 packed), V as the MN-major B operand
-// so one barrier per tile, and the next tile's loads have a whole tile to land. The output is
+// so one barrier per tile, and the next tile's loads have a whole tile to land. The ping-pong
+// offsets the warpgroups by one product batch: while one computes its softmax, the tensor cores
+// run the other's products. The output is
 // divided by the row sum, staged through the Q tile and written with 16-byte stores; rows that
 // see no key write 0 and LSE −∞.
 #include <math.h>
@@ -117,8 +120,11 @@ __device__ __forceinline__ void forward_wgmma(const DkAttentionFwdArgs& a, unsig
     if (n > 0) load_kv(n - 1, st ^ 1);
     cp_async_commit();
 
-    // S = Q · K(n)ᵀ: this warpgroup's 64 rows × kN keys.
+    // S = Q · K(n)ᵀ: this warpgroup's 64 rows × kN keys. Ping-pong: warpgroup 1 issues its
+    // products after warpgroup 0's (named barrier 1), so the tensor cores run them one after
+    // the other and each warpgroup's softmax overlaps the other's products.
     const uint64_t k_desc = k_desc0 + st * kStageDesc;
+    if (wg == 1) named_barrier_sync(1, kThr);
     wgmma_fence_operands(sc);
     wgmma_fence();
 #pragma unroll
@@ -128,6 +134,7 @@ __device__ __forceinline__ void forward_wgmma(const DkAttentionFwdArgs& a, unsig
       wgmma_ss<T, kN>(sc, q_desc + q_off, k_desc + k_off, kk > 0);
     }
     wgmma_commit();
+    if (wg == 0) named_barrier_arrive(1, kThr);
     wgmma_wait<0>();
     wgmma_fence_operands(sc);
 

@@ -17,7 +17,7 @@
 #   5. dk bench --ops moe: route, permute, combine fwd/bwd, 3 ANCHORS shapes, N=16384
 #  5b. dk bench --ops attention: fwd, fwd+bwd, ANCHORS shapes + varlen, bf16, TFLOP/s; again with
 #      the opt-in kernels (DK_ATTENTION_FWD=wide, DK_ATTENTION_BWD=wide), and with the Hopper
-#      wgmma forward (DK_ATTENTION_FWD=wgmma)
+#      wgmma kernels (DK_ATTENTION_FWD=wgmma, DK_ATTENTION_BWD=wgmma)
 #  5c. dk bench --ops fused: fused linear JSD (N 4096, H 3072, V 200064; N 16384, H 5120,
 #      V 202048) against its four cuBLAS GEMMs alone, measured in the same run (issue 4)
 #   6. every Rust test executable (their CUDA variants run here), the divergence reference tests
@@ -287,8 +287,9 @@ run_step dk-bench-attention 60 1 "$dk" bench --device cuda --ops attention --dty
 run_step dk-bench-attention-wide 60 0 env DK_ATTENTION_FWD=wide DK_ATTENTION_BWD=wide "$dk" \
   bench --device cuda --ops attention --dtype bf16 --attn-shapes phi4-mini,llama4,varlen
 # A/B: the forward on wgmma (cuda/attention_forward_wgmma.cu, "Forward on wgmma" in
-# cuda/ATTENTION.md): its fwd rows against dk-bench-attention's.
-run_step dk-bench-attention-wgmma 60 0 env DK_ATTENTION_FWD=wgmma "$dk" \
+# cuda/ATTENTION.md; its fwd rows against dk-bench-attention's) and the wide backward with the
+# wgmma dQ kernel ("dQ on wgmma"; fwd+bwd minus fwd against dk-bench-attention-wide's).
+run_step dk-bench-attention-wgmma 60 0 env DK_ATTENTION_FWD=wgmma DK_ATTENTION_BWD=wgmma "$dk" \
   bench --device cuda --ops attention --dtype bf16 --attn-shapes phi4-mini,llama4,varlen
 
 # ---- 5c. dk bench fused linear JSD against the four GEMMs alone (issue 4's two shapes) ---------
@@ -337,7 +338,7 @@ fi
 if [ -x target/release/deps/attention_reference ]; then
   run_step test-attention_reference-wide 90 1 env DK_ATTENTION_FWD=wide DK_ATTENTION_BWD=wide \
     target/release/deps/attention_reference
-  run_step test-attention_reference-wgmma 90 1 env DK_ATTENTION_FWD=wgmma \
+  run_step test-attention_reference-wgmma 90 1 env DK_ATTENTION_FWD=wgmma DK_ATTENTION_BWD=wgmma \
     target/release/deps/attention_reference
 fi
 reserve=140 # as pytest: the Python benchmarks come after
@@ -376,7 +377,7 @@ if [ -f python/bench.py ]; then
     skip_step python-bench-attention-wide "out of time"
   fi
   if [ -n "${GPU_CHECK_ONLY:-}" ] || [ "$(left)" -gt 200 ]; then
-    run_step python-bench-attention-wgmma 60 0 env DK_ATTENTION_FWD=wgmma \
+    run_step python-bench-attention-wgmma 60 0 env DK_ATTENTION_FWD=wgmma DK_ATTENTION_BWD=wgmma \
       "$py" python/bench.py --ops attention --impls distill "${aquick[@]}"
   else
     skip_step python-bench-attention-wgmma "out of time"
@@ -480,6 +481,8 @@ DK_ATTENTION_BWD=wide ncu_run ncu-attention-bwd-wide 40 'dk_attn_bwd_(dkdvw|dqw)
   --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
 DK_ATTENTION_FWD=wgmma ncu_run ncu-attention-fwd-wgmma 40 'dk_attn_fwd_bf16_d128g' 1 \
   --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
+DK_ATTENTION_BWD=wgmma ncu_run ncu-attention-bwd-wgmma 40 'dk_attn_bwd_dqg_bf16_d128' 1 \
+  --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
 
 # ---- 11. optional: memcheck of small dk benches (divergence, MoE, attention), racecheck ----------
 sanitizer=$(command -v compute-sanitizer || true)
@@ -518,7 +521,7 @@ else
   # Every attention kernel (forward, backward; D 64 and 128; padded Sq != Sk, and varlen with an
   # empty sequence, a 1-token one and rows that see no key) on the small shapes.
   # Then the same with the opt-in kernels (DK_ATTENTION_FWD=wide, DK_ATTENTION_BWD=wide), and
-  # with the wgmma forward (DK_ATTENTION_FWD=wgmma; the backward's default kernels).
+  # with the wgmma kernels (DK_ATTENTION_FWD=wgmma, DK_ATTENTION_BWD=wgmma).
   for variant in default wide wgmma; do
     for tool in memcheck racecheck; do
       name="$tool-attention"
@@ -600,7 +603,7 @@ py_table python-bench-attention-wide '^Grouped-query attention'
 py_table python-bench-attention-wgmma '^Grouped-query attention'
 py_table python-bench-fused '^Fused linear JSD'
 py_table python-bench ''
-for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-moe-combine ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic ncu-attention-fwd-wide ncu-attention-bwd-wide ncu-attention-fwd-wgmma; do
+for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-moe-combine ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic ncu-attention-fwd-wide ncu-attention-bwd-wide ncu-attention-fwd-wgmma ncu-attention-bwd-wgmma; do
   [ -s "$logs/$n.out" ] || continue
   echo
   echo "================ $n (Nsight Compute, clocks untouched)"

@@ -223,6 +223,12 @@ impl CudaDevice {
         self.attention_wide.wgmma_forward
     }
 
+    /// Whether the Hopper wgmma attention dQ kernel accepted its shared memory when the device
+    /// opened (compute capability 9; `DK_ATTENTION_BWD=wgmma` may select it only then).
+    pub(crate) fn attention_wgmma_bwd(&self) -> bool {
+        self.attention_wide.wgmma_backward
+    }
+
     /// Checks that `ptr` is device memory of this device.
     pub(crate) fn check_pointer(&self, what: &str, ptr: *const c_void) -> Result<()> {
         if ptr.is_null() {

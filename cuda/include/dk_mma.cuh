@@ -93,6 +93,13 @@ __device__ __forceinline__ void named_barrier_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
+// bar.arrive id, count: counts this thread's warp towards barrier `id` without waiting; the
+// barrier opens for its waiters (bar.sync) once `count` threads arrived or wait. Orders nothing
+// by itself for the arriving threads: a signal, e.g. "my products are issued, issue yours".
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
 }  // namespace dk
 
 // ---- Shared-memory accesses by address ------------------------------------------------

@@ -52,6 +52,16 @@ __device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr, uint32_t lbo, uint
          (static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
 }
 
+// Makes this thread's earlier generic-proxy writes to shared memory (stores, landed cp.async
+// copies) visible to the async proxy (wgmma operand reads) once a barrier follows. Declared for
+// every target so that shared code can name it; a no-op below sm_90, where nothing reads through
+// the async proxy.
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 #if defined(DK_HAS_WGMMA)
 
 // Keeps the compiler from moving accesses of an accumulator across the asynchronous products.
@@ -67,11 +77,6 @@ __device__ __forceinline__ void wgmma_commit() {
 }
 template <int N> __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Makes this thread's earlier generic-proxy writes to shared memory (stores, landed cp.async
-// copies) visible to the async proxy (wgmma operand reads) once a barrier follows.
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 #define DK_WG_D32 \

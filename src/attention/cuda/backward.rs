@@ -25,7 +25,12 @@
 //! shared-memory B fragment feeds two MMA row tiles, FlashAttention-2's layout), in both modes,
 //! and the deterministic mode's dQ in 128-row blocks of 8 warps (`dk_attn_bwd_dqw_*`, warp
 //! pairs splitting each key step), where the device allows their shared memory (161 and
-//! 144 KiB at D = 128); otherwise, and by default, the 64-row kernels above. `attention::kernels_used` lists what ran.
+//! 144 KiB at D = 128); otherwise, and by default, the 64-row kernels above.
+//! `DK_ATTENTION_BWD=wgmma` (A/B, unmeasured) does what `wide` does except that the deterministic
+//! mode's dQ runs on Hopper's warpgroup MMA (`dk_attn_bwd_dqg_*`, `cuda/attention_backward_wgmma.cu`:
+//! 128 query rows of 2 warpgroups, 64-key steps), on compute capability 9 devices that accepted
+//! its shared memory; `wide` against `wgmma` then isolates the dQ kernel.
+//! `attention::kernels_used` lists what ran.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -173,6 +178,10 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_attn_bwd_dqw_bf16_d128",
     "dk_attn_bwd_dqw_f16_d64",
     "dk_attn_bwd_dqw_f16_d128",
+    "dk_attn_bwd_dqg_bf16_d64",
+    "dk_attn_bwd_dqg_bf16_d128",
+    "dk_attn_bwd_dqg_f16_d64",
+    "dk_attn_bwd_dqg_f16_d128",
 ];
 
 /// Threads per block of the Delta kernel (`kDeltaThreads`); D / 8 threads per (row, head).
@@ -211,11 +220,33 @@ fn dq_wide_smem_bytes(head_dim: usize) -> usize {
     (2 * br * head_dim + 4 * bc * head_dim + br * bc) * 2
 }
 
-/// `DK_ATTENTION_BWD=wide`, read once: the 128-key dK/dV kernels (and, in the deterministic
-/// mode, the 128-row dQ kernel) where the device opted them in.
-fn wide_requested() -> bool {
-    static C: OnceLock<bool> = OnceLock::new();
-    *C.get_or_init(|| std::env::var("DK_ATTENTION_BWD").is_ok_and(|v| v == "wide"))
+/// Query rows per block of the wgmma dQ kernel (`DqWgTile::kBr`: 2 warpgroups of 64).
+const WGMMA_DQ_ROWS: usize = 128;
+
+/// Dynamic shared memory of the wgmma dQ kernel (`DqWgTile::kSmemBytes`): 1 KiB of slack to
+/// align the tiles to 1024 bytes, Q and dO of the block's rows, two stages of K and V tiles of
+/// 64 keys.
+fn dq_wgmma_smem_bytes(head_dim: usize) -> usize {
+    1024 + (2 * WGMMA_DQ_ROWS * head_dim + 4 * 64 * head_dim) * 2
+}
+
+/// `DK_ATTENTION_BWD`, read once: `wide` (the 128-key dK/dV kernels and, in the deterministic
+/// mode, the 128-row dQ kernel) or `wgmma` (the same, with the wgmma dQ kernel); each where the
+/// device opted it in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Requested {
+    Default,
+    Wide,
+    Wgmma,
+}
+
+fn requested() -> Requested {
+    static C: OnceLock<Requested> = OnceLock::new();
+    *C.get_or_init(|| match std::env::var("DK_ATTENTION_BWD").as_deref() {
+        Ok("wide") => Requested::Wide,
+        Ok("wgmma") => Requested::Wgmma,
+        _ => Requested::Default,
+    })
 }
 
 /// Query rows per loop step of the dK/dV kernel (`DkdvTile::kBr`).
@@ -344,6 +375,27 @@ pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Resu
     Ok(wide)
 }
 
+/// Opts the wgmma dQ kernels into their dynamic shared memory (65 and 129 KiB) on a Hopper
+/// device (compute capability 9.x; the sm_80 cubin holds empty bodies); false elsewhere or where
+/// the device refuses: only then may `DK_ATTENTION_BWD=wgmma` select them.
+pub(crate) fn configure_wgmma(
+    functions: &HashMap<&'static str, CudaFunction>,
+    compute_capability: (i32, i32),
+) -> bool {
+    let accepted = |name: String, bytes: usize| {
+        functions.get(name.as_str()).is_some_and(|f| {
+            let attr = CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            f.set_attribute(attr, bytes as i32).is_ok()
+        })
+    };
+    compute_capability.0 == 9
+        && ["bf16", "f16"].iter().all(|t| {
+            [64, 128]
+                .iter()
+                .all(|&d| accepted(format!("dk_attn_bwd_dqg_{t}_d{d}"), dq_wgmma_smem_bytes(d)))
+        })
+}
+
 /// Backward pass on the caller's stream: dq, dk, dv, in the mode `raw.deterministic` asks for
 /// (see the module documentation).
 pub(crate) fn backward(
@@ -415,14 +467,22 @@ pub(crate) fn backward(
         "the Delta grid (blocks)",
         delta_items.div_ceil(DELTA_THREADS as usize / (d / 8)),
     )? as u32;
-    let wide = wide_requested() && dev.attention_wide_bwd();
+    let req = requested();
+    let wide = req != Requested::Default && dev.attention_wide_bwd();
+    let wgmma_dq = req == Requested::Wgmma && dev.attention_wgmma_bwd();
     let (dkdv_keys, dkdv_threads) = if wide {
         (WIDE_KEYS, WIDE_THREADS)
     } else {
         (DKDV_KEYS, THREADS)
     };
     let dkdv_blocks = grid_blocks("dK/dV", sh.seqlen_k, dkdv_keys, sh.batch, raw.heads_kv)?;
-    let dq_rows = if wide { WIDE_DQ_ROWS } else { DQ_QUERIES };
+    let dq_rows = if wgmma_dq {
+        WGMMA_DQ_ROWS
+    } else if wide {
+        WIDE_DQ_ROWS
+    } else {
+        DQ_QUERIES
+    };
     let dq_blocks = grid_blocks("dQ", sh.seqlen_q, dq_rows, sh.batch, raw.heads_q)?;
     if sh.total_q == 0 && sh.total_k == 0 {
         return Ok(()); // no row to write
@@ -440,10 +500,11 @@ pub(crate) fn backward(
     };
     let dkdv_name = format!("dk_attn_bwd_{dkdv_kernel}_{t}_d{d}");
     let f_dkdv = dev.function(&dkdv_name)?;
-    let (dq_kernel, dq_smem, dq_threads) = match (atomic_dq, wide) {
-        (true, _) => ("dq_convert", 0, DELTA_THREADS),
-        (false, true) => ("dqw", dq_wide_smem_bytes(d), WIDE_THREADS),
-        (false, false) => ("dq", dq_smem_bytes(d), THREADS),
+    let (dq_kernel, dq_smem, dq_threads) = match (atomic_dq, wgmma_dq, wide) {
+        (true, _, _) => ("dq_convert", 0, DELTA_THREADS),
+        (false, true, _) => ("dqg", dq_wgmma_smem_bytes(d), WIDE_THREADS),
+        (false, false, true) => ("dqw", dq_wide_smem_bytes(d), WIDE_THREADS),
+        (false, false, false) => ("dq", dq_smem_bytes(d), THREADS),
     };
     let dq_name = format!("dk_attn_bwd_{dq_kernel}_{t}_d{d}");
     let f_dq = dev.function(&dq_name)?;
@@ -571,5 +632,20 @@ mod tests {
         assert_eq!(dkdv_wide_smem_bytes(128), 164_864);
         assert_eq!(dq_wide_smem_bytes(64), 81_920);
         assert_eq!(dq_wide_smem_bytes(128), 147_456);
+        // The wgmma dQ kernel (DqWgTile::kSmemBytes): one block per SM.
+        assert_eq!(dq_wgmma_smem_bytes(64), 66_560);
+        assert_eq!(dq_wgmma_smem_bytes(128), 132_096);
+    }
+
+    #[test]
+    fn every_dq_kernel_is_listed() {
+        for t in ["bf16", "f16"] {
+            for d in [64, 128] {
+                for k in ["dq", "dqw", "dqg", "dq_convert"] {
+                    let name = format!("dk_attn_bwd_{k}_{t}_d{d}");
+                    assert!(KERNEL_NAMES.contains(&name.as_str()), "{name}");
+                }
+            }
+        }
     }
 }

@@ -27,14 +27,14 @@ fn note_kernel(name: &'static str) {
 
 /// The forward and dK/dV kernels the attention calls of this process ran (e.g.
 /// `dk_attn_fwd_bf16_d128w`, `dk_attn_bwd_dkdvw_bf16_d128`), in first-use order: benchmarks print
-/// them, so that an A/B run (`DK_ATTENTION_FWD=wide|wgmma`, `DK_ATTENTION_BWD=wide`) says what it
+/// them, so that an A/B run (`DK_ATTENTION_FWD=wide|wgmma`, `DK_ATTENTION_BWD=wide|wgmma`) says what it
 /// measured.
 pub fn kernels_used() -> Vec<&'static str> {
     USED.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Which opt-in attention kernels a device accepted when it opened (their dynamic shared memory
-/// is above the default 48 KB): `DK_ATTENTION_FWD=wide|wgmma` / `DK_ATTENTION_BWD=wide` select
+/// is above the default 48 KB): `DK_ATTENTION_FWD=wide|wgmma` / `DK_ATTENTION_BWD=wide|wgmma` select
 /// them only then.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct WideKernels {
@@ -45,6 +45,9 @@ pub(crate) struct WideKernels {
     /// The Hopper wgmma forward (`dk_attn_fwd_*_d{64,128}g`, up to 161 KiB; compute capability
     /// 9 only).
     pub wgmma_forward: bool,
+    /// The Hopper wgmma dQ kernel (`dk_attn_bwd_dqg_*`, up to 129 KiB; compute capability 9
+    /// only).
+    pub wgmma_backward: bool,
 }
 
 /// Opts the attention kernels into their dynamic shared memory, once when a device opens. An
@@ -57,5 +60,6 @@ pub(crate) fn configure(
         backward: backward::configure(functions)?,
         forward: forward::configure(functions),
         wgmma_forward: forward::configure_wgmma(functions, compute_capability),
+        wgmma_backward: backward::configure_wgmma(functions, compute_capability),
     })
 }

@@ -1,0 +1,207 @@
+// Attention backward's deterministic dQ on Hopper's warpgroup MMA (wgmma, sm_90a;
+// `DK_ATTENTION_BWD=wgmma` until measured): the contract of kernel 3 of
+// cuda/attention_backward.cu (dQ = scale · Σ_keys dS K, written once per element, bitwise
+// reproducible) with the tensor cores reading Q, dO, K and V straight from shared memory.
+// Design notes: cuda/ATTENTION.md ("dQ on wgmma").
+//
+// A block of 2 warpgroups (256 threads) owns 128 query rows of one (sequence, query head), 64
+// per warpgroup, and walks the 64-key tiles its rows see (DqWalk, the 64-row kernel's walk with
+// the wgmma tile layout). Shared memory, 128-byte-swizzle tiles (dk_wgmma.cuh): Q, dO, and two
+// stages of K and V. Per key tile:
+//   wait for this thread's copies; fence.proxy.async; barrier; queue the next tile's K, V
+//   S = Q · Kᵀ, dP = dO · Vᵀ      two batches of wgmma m64n64k16 × D / 16 (A, B in shared
+//                                 memory); warpgroup 1 issues after warpgroup 0 (ping-pong)
+//   P = exp2(S · scale log2 e − LSE log2 e) (masked entries −∞), while dP is still running
+//   dS = P ∘ (dP − Delta), packed into A fragments
+//   dQ += dS · K                  wgmma m64nDk16 × 4, dS from registers, K as the MN-major B
+// dQ · scale is staged through the Q tile and written with 16-byte stores; rows that see no key
+// get 0.
+#include <math.h>
+#include <stdint.h>
+
+#include "dk_attention_bwd_args.h"
+#include "dk_attention_bwd_common.cuh"
+#include "dk_attention_tile.cuh"
+#include "dk_mma.cuh"
+#include "dk_wgmma.cuh"
+
+namespace dk {
+namespace attn_bwd {
+
+// Tiling of the wgmma dQ kernel (the Rust launcher mirrors it: src/attention/cuda/backward.rs).
+template <int D>
+struct DqWgTile {
+  static constexpr int kThreads = 256;  // 2 warpgroups
+  static constexpr int kBr = 128;       // query rows per block, 64 per warpgroup
+  static constexpr int kBc = 64;        // keys per step
+  // 1024 bytes of slack to align the tiles, Q, dO, two stages of K, two of V.
+  static constexpr int kSmemBytes = 1024 + (2 * kBr * D + 4 * kBc * D) * 2;
+};
+
+#if defined(DK_HAS_WGMMA)
+
+template <typename T, int D>
+__device__ __forceinline__ void dq_wgmma_kernel(const DkAttentionBwdArgs& a, char* smem) {
+  using Tl = DqWgTile<D>;
+  constexpr int Br = Tl::kBr, Bc = Tl::kBc, NT = Tl::kThreads;
+  constexpr int kSRegs = Bc / 2;  // S and dP accumulators per thread (64 rows × Bc)
+  constexpr int kQRegs = D / 2;   // dQ accumulators per thread (64 rows × D)
+  const DkAttentionShape& s = a.shape;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wg = warp >> 2, g = lane >> 2, t = lane & 3;
+  const int warp_row = 64 * wg + 16 * (warp & 3);  // the warp's 16 rows (g, g + 8)
+
+  DqWalk<T, D, Br, Bc, NT, true> walk(a);
+  if (!walk.init()) return;
+  const Seq& sq = walk.sq;
+  const int q0 = walk.q0, hq = walk.hq, n_end = walk.n_end;
+
+  // Tiles (1024-byte aligned): Q, dO [Br][D]; K, V [2][Bc][D].
+  const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
+  T* sQ = reinterpret_cast<T*>(smem + (base - smem_addr(smem)));
+  T* sdO = sQ + Br * D;
+  T* sK = sdO + Br * D;
+  T* sV = sK + 2 * Bc * D;
+
+  float dq[kQRegs];
+#pragma unroll
+  for (int i = 0; i < kQRegs; ++i) dq[i] = 0.f;
+
+  if (n_end > 0) {
+    // The thread's query rows warp_row + g and + 8: LSE exponent, Delta, last visible key.
+    float le[2], dl[2];
+    int kmax[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) walk.row(warp_row + g + 8 * r, le[r], dl[r], kmax[r]);
+
+    walk.load_q_do(sQ, sdO, tid);
+    walk.load_kv(0, sK, sV, tid);
+    cp_async_commit();
+
+    // Descriptors: Q, dO (K-major, this warpgroup's 64 rows), K and V (K-major, the Bc keys) for
+    // S and dP; K again as the MN-major B of dQ (LBO = the distance between its 64-column
+    // halves). A k-step over D moves 32 bytes inside a 128-byte row and to the second half
+    // after four; a k-step over keys moves 16 key rows.
+    const uint64_t q_desc = wgmma_desc(smem_addr(sQ) + 64 * wg * 128, 16, 1024);
+    const uint64_t do_desc = wgmma_desc(smem_addr(sdO) + 64 * wg * 128, 16, 1024);
+    const uint64_t k_desc0 = wgmma_desc(smem_addr(sK), 16, 1024);
+    const uint64_t v_desc0 = wgmma_desc(smem_addr(sV), 16, 1024);
+    const uint64_t kt_desc0 = wgmma_desc(smem_addr(sK), Bc * 128, 1024);
+    constexpr uint32_t kStageDesc = (Bc * D * 2) >> 4;  // descriptor units per stage
+
+    const float scale_log2 = s.scale_log2;
+    float sc[kSRegs], dp[kSRegs];
+#pragma unroll
+    for (int i = 0; i < kSRegs; ++i) sc[i] = dp[i] = 0.f;
+
+    for (int n = 0; n < n_end; ++n) {
+      const int st = n & 1;
+      walk.begin_step(n, sK, sV, tid);
+      const int k0 = n * Bc;
+      const bool need_mask = walk.need_mask(n);
+      const uint64_t k_desc = k_desc0 + st * kStageDesc;
+      const uint64_t v_desc = v_desc0 + st * kStageDesc;
+
+      // S = Q Kᵀ and dP = dO Vᵀ: two groups, so P can start while dP is still running.
+      if (wg == 1) named_barrier_sync(1, NT);
+      wgmma_fence_operands(sc);
+      wgmma_fence_operands(dp);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t r_off = ((kk >> 2) * Br * 128 + (kk & 3) * 32) >> 4;
+        const uint32_t k_off = ((kk >> 2) * Bc * 128 + (kk & 3) * 32) >> 4;
+        wgmma_ss<T, Bc>(sc, q_desc + r_off, k_desc + k_off, kk > 0);
+      }
+      wgmma_commit();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t r_off = ((kk >> 2) * Br * 128 + (kk & 3) * 32) >> 4;
+        const uint32_t k_off = ((kk >> 2) * Bc * 128 + (kk & 3) * 32) >> 4;
+        wgmma_ss<T, Bc>(dp, do_desc + r_off, v_desc + k_off, kk > 0);
+      }
+      wgmma_commit();
+      if (wg == 0) named_barrier_arrive(1, NT);
+
+      // P; sc[4 j + 2 r + e] is row warp_row + g + 8 r, key k0 + 8 j + 2 t + e.
+      wgmma_wait<1>();
+      wgmma_fence_operands(sc);
+#pragma unroll
+      for (int j = 0; j < Bc / 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float x = sc[4 * j + 2 * r + e];
+            if (need_mask && k0 + 8 * j + 2 * t + e > kmax[r]) x = neg_inf();
+            sc[4 * j + 2 * r + e] = exp2_fast(fmaf(x, scale_log2, -le[r]));
+          }
+
+      // dS = P ∘ (dP − Delta), packed: k-step kk of dS K takes keys 16 kk .. 16 kk + 15.
+      wgmma_wait<0>();
+      wgmma_fence_operands(dp);
+      uint32_t dsa[Bc / 16][4];
+#pragma unroll
+      for (int j = 0; j < Bc / 8; ++j) {
+        const float d0 = sc[4 * j] * (dp[4 * j] - dl[0]);
+        const float d1 = sc[4 * j + 1] * (dp[4 * j + 1] - dl[0]);
+        const float d2 = sc[4 * j + 2] * (dp[4 * j + 2] - dl[1]);
+        const float d3 = sc[4 * j + 3] * (dp[4 * j + 3] - dl[1]);
+        dsa[j >> 1][(j & 1) * 2] = pack2<T>(d0, d1);
+        dsa[j >> 1][(j & 1) * 2 + 1] = pack2<T>(d2, d3);
+      }
+
+      // dQ += dS K.
+      const uint64_t kt_desc = kt_desc0 + st * kStageDesc;
+      wgmma_fence_operands(dq);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < Bc / 16; ++kk) {
+        wgmma_rs<T, D>(dq, dsa[kk], kt_desc + ((kk * 16 * 128) >> 4), true);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(dq);
+    }
+  }
+
+  // dQ · scale in T staged in the Q tile (after every warpgroup's last product read it: the
+  // barrier; with no key tile, after the Q / dO copies landed), then 16-byte stores.
+  cp_async_wait<0>();
+  __syncthreads();
+  const uint32_t s_q = smem_addr(sQ);
+#pragma unroll
+  for (int j = 0; j < kQRegs / 4; ++j) {
+    const uint32_t at = s_q + attn::wg_tile_offset<Br>(warp_row + g, j) + t * 4;
+    st_shared_b32(at, pack2<T>(dq[4 * j] * s.scale, dq[4 * j + 1] * s.scale));
+    st_shared_b32(at + 8 * 128, pack2<T>(dq[4 * j + 2] * s.scale, dq[4 * j + 3] * s.scale));
+  }
+  __syncthreads();
+  const int64_t row0 = static_cast<int64_t>(sq.q_start) + q0;
+  attn::store_tile<D, Br, NT, true>(reinterpret_cast<T*>(a.dq) + row0 * a.dq_stride + hq * D,
+                                    a.dq_stride, s_q, sq.len_q - q0, tid);
+}
+
+#endif  // DK_HAS_WGMMA
+
+}  // namespace attn_bwd
+}  // namespace dk
+
+// Instantiations (sm_90a only; the sm_80 cubin gets empty bodies the launcher never runs).
+#if defined(DK_HAS_WGMMA)
+#define DK_ATTN_BWD_DQ_WG_BODY(T, D) dk::attn_bwd::dq_wgmma_kernel<T, D>(args, dk_attn_bwd_smem);
+#else
+#define DK_ATTN_BWD_DQ_WG_BODY(T, D) (void)args;
+#endif
+
+#define DK_ATTN_BWD_DQ_WG_KERNEL(tname, T, D)                                                  \
+  extern "C" __global__ void __launch_bounds__(dk::attn_bwd::DqWgTile<D>::kThreads, 1)        \
+      dk_attn_bwd_dqg_##tname##_d##D(const DkAttentionBwdArgs args) {                         \
+    extern __shared__ __align__(16) char dk_attn_bwd_smem[];                                  \
+    DK_ATTN_BWD_DQ_WG_BODY(T, D)                                                              \
+  }
+
+DK_ATTN_BWD_DQ_WG_KERNEL(bf16, __nv_bfloat16, 64)
+DK_ATTN_BWD_DQ_WG_KERNEL(bf16, __nv_bfloat16, 128)
+DK_ATTN_BWD_DQ_WG_KERNEL(f16, __half, 64)
+DK_ATTN_BWD_DQ_WG_KERNEL(f16, __half, 128)
