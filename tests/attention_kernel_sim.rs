@@ -1,15 +1,17 @@
 //! The CUDA attention kernels, checked without a GPU: tests/attention_sim/ is a host emulator
 //! (one fiber per CUDA thread; ldmatrix, mma.sync m16n8k16, shuffles and cp.async from the PTX
 //! ISA; guarded shared and global memory; see tests/attention_sim/sim_core.h) that compiles the
-//! REAL kernel sources, cuda/attention_forward.cu and cuda/attention_backward.cu, with their
-//! headers. They are staged into a scratch directory next to the emulator's dk_mma.cuh (the
-//! only header replaced: it holds the inline PTX), since dk_attention_tile.cuh includes
-//! "dk_mma.cuh" from its own directory.
+//! REAL kernel sources, cuda/attention_forward.cu, cuda/attention_backward.cu and (where it
+//! exists) cuda/attention_forward_wgmma.cu, with their headers. They are staged into a scratch
+//! directory next to the emulator's dk_mma.cuh and dk_wgmma.cuh (the only headers replaced:
+//! they hold the inline PTX), since the headers include them from their own directory.
 //!
 //! Each case draws fresh random inputs (never zeros; the seed is printed), runs the forward
-//! kernel and then the backward kernels of both modes (deterministic, and atomic dQ; fed the
-//! emulated forward's out and LSE) with the
-//! grids, blocks and shared-memory sizes of the Rust launchers (src/attention/cuda/forward.rs,
+//! kernels (the 16-row one, the D = 128 split one, the wgmma one of both head dimensions; the
+//! wgmma kernel is skipped, with a printed NOTE, while its source file does not exist or with
+//! `DK_ATTENTION_SIM_NO_WGMMA=1`) and then the backward kernels of both modes (deterministic,
+//! and atomic dQ; fed the emulated forward's out and LSE) with the grids, blocks and
+//! shared-memory sizes of the Rust launchers (src/attention/cuda/forward.rs,
 //! src/attention/cuda/backward.rs: the formulas are repeated below), on poisoned outputs, and
 //! checks:
 //! - every output element was written, nothing else changed (padding, slack, inputs);
@@ -24,7 +26,14 @@
 //!   of the deterministic mode, and the dq of both runs is checked against the reference);
 //! - the emulator's own checks (shared-memory bounds and alignment, reads of shared memory
 //!   with a copy in flight, global accesses outside the operands' rows, guard pages, converged
-//!   warps at every collective, barriers, outputs stored twice).
+//!   warps at every collective, barriers, outputs stored twice; for wgmma: descriptors, operand
+//!   bounds, fences, commit / wait groups, accumulators and A fragments untouched while a
+//!   product is pending, no writes into its operands, fence.proxy.async after generic writes;
+//!   the wgmma kernel's late-copy run also moves its shared memory to an address aligned to 16
+//!   bytes only, see attention_sim.cpp).
+//!
+//! `wgmma_emulation_self_check` checks the wgmma emulation itself on a hand-written kernel
+//! (tests/attention_sim/wgmma_selfcheck.cpp).
 //!
 //! Cases (small shapes: the emulator plays every thread of every block): bf16 and f16, D 64 and
 //! 128, padded and varlen (empty sequences, length-1 sequences, queries without keys, keys
@@ -66,15 +75,45 @@ const FLOOR: f64 = 1e-6;
 // Building the emulator
 // ------------------------------------------------------------------------------------------
 
-/// The emulator, built once per test process (both tests share it).
-fn simulator() -> Option<PathBuf> {
-    static SIM: OnceLock<Option<PathBuf>> = OnceLock::new();
+/// The emulator driver, and whether the wgmma forward (kernel 10) is compiled into it.
+#[derive(Clone)]
+struct Simulator {
+    exe: PathBuf,
+    wgmma: bool,
+}
+
+/// The emulator, built once per test process (the tests share it).
+fn simulator() -> Option<Simulator> {
+    static SIM: OnceLock<Option<Simulator>> = OnceLock::new();
     SIM.get_or_init(build_simulator).clone()
 }
 
-/// Copies the kernel sources and headers into a scratch directory with the emulator's
-/// dk_mma.cuh in place of the real one, and builds the driver against them.
-fn build_simulator() -> Option<PathBuf> {
+/// The wgmma forward's source, compiled into the driver where it exists.
+const WGMMA_SOURCE: &str = "attention_forward_wgmma.cu";
+
+/// The headers the emulator replaces (they hold the inline PTX).
+const EMULATED_HEADERS: [&str; 2] = ["dk_mma.cuh", "dk_wgmma.cuh"];
+
+/// The `cuda/*.cu` files the driver includes (`#include "name.cu"`), and whether each is
+/// optional (the driver includes it under `__has_include`).
+fn driver_sources(driver: &str) -> Vec<(String, bool)> {
+    driver
+        .lines()
+        .filter_map(|l| {
+            let name = l.trim().strip_prefix("#include \"")?.strip_suffix('"')?;
+            name.ends_with(".cu").then(|| {
+                let optional = driver.contains(&format!("__has_include(\"{name}\")"));
+                (name.to_string(), optional)
+            })
+        })
+        .collect()
+}
+
+/// Copies the kernel sources the driver includes and every header into a scratch directory
+/// with the emulator's dk_mma.cuh and dk_wgmma.cuh in place of the real ones, and builds the
+/// driver against them. The wgmma forward's source is optional: while it does not exist (or
+/// with `DK_ATTENTION_SIM_NO_WGMMA=1`) it is left out, loudly, and its checks are skipped.
+fn build_simulator() -> Option<Simulator> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let stage = scratch_dir(TEST).join("kernel");
     std::fs::create_dir_all(&stage).expect("create the staging directory");
@@ -82,23 +121,53 @@ fn build_simulator() -> Option<PathBuf> {
         let to = stage.join(from.file_name().unwrap());
         std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
     };
-    copy(&root.join("cuda/attention_forward.cu"));
-    copy(&root.join("cuda/attention_backward.cu"));
+    let sim_dir = root.join("tests/attention_sim");
+    let driver = sim_dir.join("attention_sim.cpp");
+    let text = std::fs::read_to_string(&driver).expect("read attention_sim.cpp");
+    let skip_wgmma = std::env::var_os("DK_ATTENTION_SIM_NO_WGMMA").is_some_and(|v| v != "0");
+    let mut wgmma = false;
+    for (name, optional) in driver_sources(&text) {
+        let path = root.join("cuda").join(&name);
+        if name == WGMMA_SOURCE && skip_wgmma {
+            visible(&format!(
+                "NOTE {TEST}: DK_ATTENTION_SIM_NO_WGMMA is set: cuda/{name} left out, the wgmma \
+                 forward (kernel 10) is NOT checked"
+            ));
+        } else if path.exists() {
+            copy(&path);
+            wgmma |= name == WGMMA_SOURCE;
+        } else if optional {
+            visible(&format!(
+                "NOTE {TEST}: cuda/{name} does not exist: the wgmma forward (kernel 10) is NOT \
+                 checked"
+            ));
+        } else {
+            panic!(
+                "{}: the driver includes it, but it does not exist",
+                path.display()
+            );
+        }
+    }
     for entry in std::fs::read_dir(root.join("cuda/include")).expect("cuda/include") {
         let path = entry.expect("cuda/include entry").path();
-        if path.file_name().is_some_and(|n| n != "dk_mma.cuh") {
+        if path
+            .file_name()
+            .is_some_and(|n| !EMULATED_HEADERS.iter().any(|h| n == *h))
+        {
             copy(&path);
         }
     }
-    let sim_dir = root.join("tests/attention_sim");
-    copy(&sim_dir.join("dk_mma.cuh"));
-    build_kernel_simulator(
+    for h in EMULATED_HEADERS {
+        copy(&sim_dir.join(h));
+    }
+    let exe = build_kernel_simulator(
         TEST,
-        &sim_dir.join("attention_sim.cpp"),
+        &driver,
         &[stage, sim_dir.clone()],
         // The kernels' `#pragma unroll` is CUDA's; the host compiler ignores it.
         &["-Wno-unknown-pragmas"],
-    )
+    )?;
+    Some(Simulator { exe, wgmma })
 }
 
 // ------------------------------------------------------------------------------------------
@@ -106,7 +175,8 @@ fn build_simulator() -> Option<PathBuf> {
 // ------------------------------------------------------------------------------------------
 
 /// One kernel launch: kernel (0 forward, 1 Delta, 2 dK/dV, 3 dQ, 4 dK/dV with atomic dQ, 5 dQ
-/// conversion, 6 / 7 the 128-key dK/dV without / with atomic dQ, 8 the D = 128 split forward),
+/// conversion, 6 / 7 the 128-key dK/dV without / with atomic dQ, 8 the D = 128 split forward,
+/// 9 the 128-row dQ, 10 the wgmma forward),
 /// grid, threads, dynamic shared memory, and the forward's head / batch offsets.
 #[derive(Debug, Clone, Copy)]
 struct LaunchCfg {
@@ -121,25 +191,47 @@ struct LaunchCfg {
 /// The launcher's limit on gridDim.y and gridDim.z (`MAX_GRID_YZ` in forward.rs).
 const MAX_GRID_YZ: usize = 65535;
 
+/// The forward kernels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fwd {
+    /// 16 (D = 128) or 32 (D = 64) rows per warp, 4 warps (kernel 0).
+    Rows,
+    /// The D = 128 split kernel (kernel 8, `DK_ATTENTION_FWD=wide`).
+    Split,
+    /// The wgmma kernel of cuda/attention_forward_wgmma.cu (kernel 10), both head dimensions.
+    Wgmma,
+}
+
 /// `launches()` and `tiling()` of src/attention/cuda/forward.rs: grid (⌈Sq / rows per block⌉,
 /// Hq, B) in chunks of `split` (the launcher: 65535) heads and sequences, 128 threads,
 /// (rows + 2·64 keys)·D·2 bytes of shared memory with 128 query rows per block at D = 64 and 64
-/// at D = 128. With `wide` (`DK_ATTENTION_FWD=wide`, D = 128): the split kernel (kernel 8), 128
+/// at D = 128. `Fwd::Split` (`DK_ATTENTION_FWD=wide`, D = 128): the split kernel (kernel 8), 128
 /// rows per block of 256 threads, `split_smem_bytes` (plus the P tile and the row exchange).
-fn forward_launches(case: &AttnCase, split: usize, wide: bool) -> Vec<LaunchCfg> {
+/// `Fwd::Wgmma`: kernel 10, 128 rows per block of 256 threads (two warpgroups), 1024 + 5·128·D·2
+/// bytes (1024 for aligning the swizzle atoms).
+fn forward_launches(case: &AttnCase, split: usize, kind: Fwd) -> Vec<LaunchCfg> {
     let s = &case.seqs;
     let (batch, hq, d) = (s.batch(), case.hq(), case.d());
     if batch == 0 || s.max_q == 0 || case.tq() == 0 || hq == 0 {
         return Vec::new();
     }
+    let wide = kind != Fwd::Rows;
     let block_m = if d == 64 || wide { 128 } else { 64 };
-    let smem = (block_m + 2 * 64) * d * 2 + if wide { 128 * 64 * 2 + 2 * 128 * 4 } else { 0 };
+    let smem = match kind {
+        Fwd::Rows => (block_m + 2 * 64) * d * 2,
+        Fwd::Split => (block_m + 2 * 64) * d * 2 + 128 * 64 * 2 + 2 * 128 * 4,
+        Fwd::Wgmma => 1024 + 5 * 128 * d * 2,
+    };
     let tiles = s.max_q.div_ceil(block_m) as u32;
     let mut out = Vec::new();
     for h0 in (0..hq).step_by(split) {
         for b0 in (0..batch).step_by(split) {
             out.push(LaunchCfg {
-                kernel: if wide { 8 } else { 0 },
+                kernel: match kind {
+                    Fwd::Rows => 0,
+                    Fwd::Split => 8,
+                    Fwd::Wgmma => 10,
+                },
                 grid: (
                     tiles,
                     (hq - h0).min(split) as u32,
@@ -422,14 +514,14 @@ const BWD_NAMES: [&str; bwd_buf::COUNT] = [
 ];
 
 /// The forward job; `split`: launches cover at most this many heads and sequences each (the
-/// launcher's 65535; less to exercise the kernel's head_offset and batch_offset); `wide`: the
-/// D = 128 split kernel.
+/// launcher's 65535; less to exercise the kernel's head_offset and batch_offset); `kind`: the
+/// kernel.
 fn forward_job<'a>(
     case: &'a AttnCase,
     bufs: &'a [Bytes],
     mode: Mode,
     split: usize,
-    wide: bool,
+    kind: Fwd,
 ) -> Job<'a> {
     let [q, k, v, out] = case.fwd_slots();
     let (tq, tk, qc, kc) = (case.tq(), case.tk(), case.qc(), case.kc());
@@ -448,7 +540,7 @@ fn forward_job<'a>(
         bufs,
         buf_names: &FWD_NAMES,
         operands,
-        launches: forward_launches(case, split, wide),
+        launches: forward_launches(case, split, kind),
         workspace: 0,
         atomic_dq: false,
         single_stores: true,
@@ -501,6 +593,8 @@ struct Errors {
     out: f64,
     /// out of the D = 128 split forward (`DK_ATTENTION_FWD=wide`; 0 at D = 64).
     out_split: f64,
+    /// out of the wgmma forward (None: not checked, its source is missing).
+    out_wgmma: Option<f64>,
     lse: f64,
     dq: f64,
     /// dQ of the atomic-dQ mode, the worse of its two runs.
@@ -681,7 +775,8 @@ impl SimCase {
     }
 }
 
-fn check_case(exe: &Path, sc: &SimCase) -> Result<Errors, String> {
+fn check_case(sim: &Simulator, sc: &SimCase) -> Result<Errors, String> {
+    let exe = &sim.exe;
     let case = &sc.case;
     let t0 = Instant::now();
     let cpu = Device::Cpu(Context::cpu());
@@ -689,8 +784,12 @@ fn check_case(exe: &Path, sc: &SimCase) -> Result<Errors, String> {
 
     // Forward.
     let bufs = case.fwd_bufs();
-    let (after, _, log) = run_both(exe, |m| forward_job(case, &bufs, m, sc.split, false), &[])
-        .map_err(|e| format!("forward: {e}"))?;
+    let (after, _, log) = run_both(
+        exe,
+        |m| forward_job(case, &bufs, m, sc.split, Fwd::Rows),
+        &[],
+    )
+    .map_err(|e| format!("forward: {e}"))?;
     e.log += &log;
     let fwd = case
         .fwd_outputs(&bufs, &after)
@@ -707,8 +806,12 @@ fn check_case(exe: &Path, sc: &SimCase) -> Result<Errors, String> {
     // is bitwise the 16-row kernel's; the row sum adds two halves, so out and LSE differ from it
     // in the last bits.)
     if case.d() == 128 {
-        let (after, _, log) = run_both(exe, |m| forward_job(case, &bufs, m, sc.split, true), &[])
-            .map_err(|e| format!("forward, split kernel: {e}"))?;
+        let (after, _, log) = run_both(
+            exe,
+            |m| forward_job(case, &bufs, m, sc.split, Fwd::Split),
+            &[],
+        )
+        .map_err(|e| format!("forward, split kernel: {e}"))?;
         e.log += &log;
         let split = case
             .fwd_outputs(&bufs, &after)
@@ -717,6 +820,28 @@ fn check_case(exe: &Path, sc: &SimCase) -> Result<Errors, String> {
             .map_err(|e| format!("forward, split kernel: {e}"))?;
         check_lse(&split.lse, &want.lse).map_err(|e| format!("forward, split kernel: {e}"))?;
         check_zeros(case, &split.out, None).map_err(|e| format!("forward, split kernel: {e}"))?;
+    }
+    // The wgmma kernel (both head dimensions): the same checks. (Its 128-key tiles rescale the
+    // running sums at other points than the 64-key tiles of the other kernels, so out agrees with
+    // the 16-row kernel's only to within the output rounding.)
+    if sim.wgmma {
+        let what = "forward, wgmma kernel";
+        let (after, _, log) = run_both(
+            exe,
+            |m| forward_job(case, &bufs, m, sc.split, Fwd::Wgmma),
+            &[],
+        )
+        .map_err(|e| format!("{what}: {e}"))?;
+        e.log += &log;
+        let wg = case
+            .fwd_outputs(&bufs, &after)
+            .map_err(|e| format!("{what}: {e}"))?;
+        e.out_wgmma = Some(
+            close("out (wgmma)", &wg.out, &want.out, tol(case.dtype))
+                .map_err(|e| format!("{what}: {e}"))?,
+        );
+        check_lse(&wg.lse, &want.lse).map_err(|e| format!("{what}: {e}"))?;
+        check_zeros(case, &wg.out, None).map_err(|e| format!("{what}: {e}"))?;
     }
 
     // Backward from the emulated forward's out and LSE.
@@ -990,7 +1115,7 @@ fn random_case(rng: &mut Rng) -> AttnCase {
 
 #[test]
 fn attention_kernels_match_the_cpu_backend() {
-    let Some(exe) = simulator() else {
+    let Some(sim) = simulator() else {
         return;
     };
     let mut rng = Rng::fresh(TEST);
@@ -1008,7 +1133,7 @@ fn attention_kernels_match_the_cpu_backend() {
                 if i >= all.len() {
                     break;
                 }
-                let r = check_case(&exe, &all[i]);
+                let r = check_case(&sim, &all[i]);
                 results.lock().unwrap().push((i, r));
             });
         }
@@ -1020,9 +1145,12 @@ fn attention_kernels_match_the_cpu_backend() {
         let what = all[*i].what();
         match r {
             Ok(e) => {
+                let wgmma = e
+                    .out_wgmma
+                    .map_or("skipped".to_string(), |x| format!("{x:.1e}"));
                 eprintln!(
-                    "ok   {what}: out {:.1e} (split {:.1e}) lse {:.1e} dq {:.1e} (atomic {:.1e}) \
-                     dk {:.1e} (128-key {:.1e}) dv {:.1e} ({:.1}s)",
+                    "ok   {what}: out {:.1e} (split {:.1e}, wgmma {wgmma}) lse {:.1e} dq {:.1e} \
+                     (atomic {:.1e}) dk {:.1e} (128-key {:.1e}) dv {:.1e} ({:.1}s)",
                     e.out, e.out_split, e.lse, e.dq, e.dq_atomic, e.dk, e.dk_wide, e.dv, e.secs
                 );
                 if std::env::var_os("DK_ATTENTION_SIM_LOG").is_some() {
@@ -1041,6 +1169,12 @@ fn attention_kernels_match_the_cpu_backend() {
         failures.len(),
         t0.elapsed().as_secs_f64()
     );
+    if !sim.wgmma {
+        visible(&format!(
+            "NOTE {TEST}: the wgmma forward (kernel 10, cuda/{WGMMA_SOURCE}) was NOT checked: \
+             the file does not exist or DK_ATTENTION_SIM_NO_WGMMA is set"
+        ));
+    }
     assert!(
         failures.is_empty(),
         "the emulated attention kernels failed {} case(s) (seed in the output above):\n{}",
@@ -1076,9 +1210,10 @@ fn untouched_outside_outputs(job: &Job<'_>, after: &[Bytes]) -> Result<(), Strin
 /// output chunk may be stored twice, and rows may be left unwritten).
 #[test]
 fn garbage_offsets_stay_in_bounds() {
-    let Some(exe) = simulator() else {
+    let Some(sim) = simulator() else {
         return;
     };
+    let exe = sim.exe.clone();
     let mut rng = Rng::fresh("attention_kernel_sim_garbage");
     let cu =
         |v: &[i32]| Bytes::from_slice(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>());
@@ -1112,18 +1247,24 @@ fn garbage_offsets_stay_in_bounds() {
             bwd[bwd_buf::CU_Q] = garbage_q.clone();
             bwd[bwd_buf::CU_K] = garbage_k.clone();
             for mode in [Mode::EagerAscending, Mode::LateDescending] {
-                let mut jobs = [
-                    forward_job(&case, &fwd, mode, MAX_GRID_YZ, false),
-                    forward_job(&case, &fwd, mode, MAX_GRID_YZ, d == 128),
+                let split = if d == 128 { Fwd::Split } else { Fwd::Rows };
+                let mut jobs = vec![
+                    forward_job(&case, &fwd, mode, MAX_GRID_YZ, Fwd::Rows),
+                    forward_job(&case, &fwd, mode, MAX_GRID_YZ, split),
                     backward_job(&case, &bwd, mode, false, false),
                     backward_job(&case, &bwd, mode, true, false),
                     backward_job(&case, &bwd, mode, false, true),
                     backward_job(&case, &bwd, mode, true, true),
                 ];
+                if sim.wgmma {
+                    jobs.push(forward_job(&case, &fwd, mode, MAX_GRID_YZ, Fwd::Wgmma));
+                }
                 for job in &mut jobs {
                     job.single_stores = false;
                     let wide = job.launches.iter().any(|l| l.kernel >= 6);
+                    let wgmma = job.launches.iter().any(|l| l.kernel == 10);
                     let what = match (job.backward, job.atomic_dq, wide) {
+                        (false, _, true) if wgmma => "forward (wgmma)",
                         (false, _, true) => "forward (split)",
                         (false, _, false) => "forward",
                         (true, false, false) => "backward",
@@ -1144,6 +1285,155 @@ fn garbage_offsets_stay_in_bounds() {
     assert!(
         failures.is_empty(),
         "garbage offsets led outside the operands:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// The wgmma emulation itself (tests/attention_sim/wgmma_selfcheck.cpp, built against the
+/// emulator's dk_wgmma.cuh): a hand-written kernel's ss (m64n128k16) and rs (m64n64k16,
+/// m64n128k16) products, its operands written into swizzled shared memory by plain index
+/// arithmetic, are bitwise the CPU products in both timing models and orders; every rule the
+/// emulator enforces fires on a kernel that breaks it (exit status 3 and its message), and the
+/// comparison itself catches a wrong layout and accumulators read before their wait.
+#[test]
+fn wgmma_emulation_self_check() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let sim_dir = root.join("tests/attention_sim");
+    let Some(exe) = build_kernel_simulator(
+        "attention_wgmma_selfcheck",
+        &sim_dir.join("wgmma_selfcheck.cpp"),
+        &[sim_dir.clone(), root.join("cuda/include")],
+        &["-Wno-unknown-pragmas"],
+    ) else {
+        return;
+    };
+    /// What a run must end in.
+    #[derive(Clone, Copy)]
+    enum Want {
+        Pass,
+        /// Exit status 1, a result differing from the CPU product (the message part).
+        Mismatch(&'static str),
+        /// Exit status 3, an emulator error (the message part).
+        Error(&'static str),
+    }
+    use Want::{Error, Mismatch, Pass};
+    // Mode, then what the EAGER run (ascending order) and the LATE run (descending) end in.
+    let both = |w: Want| (w, w);
+    let modes: Vec<(&str, (Want, Want))> =
+        vec![
+        ("ok", both(Pass)),
+        ("ok_base", both(Pass)),
+        ("unswizzled", both(Mismatch("D1["))),
+        ("read_early", (Pass, Mismatch("= nan"))),
+        ("cp_inflight", (Pass, Error("while a cp.async into chunk"))),
+        ("a_changed", both(Error("A fragment register a[1] of a pending wgmma"))),
+        (
+            "acc_written",
+            both(Error("accumulator register d[5] of a pending wgmma was written")),
+        ),
+        ("st_busy", both(Error("st.shared.b32 writes shared bytes"))),
+        ("cp_busy", both(Error("cp.async destination writes shared bytes"))),
+        ("v4_busy", both(Error("16-byte store writes shared bytes"))),
+        (
+            "exit_pending",
+            both(Error("exits with 1 wgmma groups not waited for")),
+        ),
+        ("exit_open", both(Error("exits with 1 wgmma not committed"))),
+        (
+            "wait_open",
+            both(Error("wgmma_wait<0> with 1 wgmma not committed")),
+        ),
+        ("no_fence", both(Error("wgmma without a wgmma_fence"))),
+        ("no_fence_batch", both(Error("wgmma without a wgmma_fence"))),
+        (
+            "no_proxy_fence",
+            both(Error(
+                "through the generic proxy (a store or a landed cp.async) by thread 37 (warp 1 \
+                 lane 5)",
+            )),
+        ),
+        (
+            "no_proxy_fence_cp",
+            both(Error("last written through the generic proxy")),
+        ),
+        ("bad_swizzle", both(Error("has swizzle mode 2"))),
+        ("bad_base", both(Error("has matrix base offset 1"))),
+        ("reserved", both(Error("sets reserved bits 0x0000000000004000"))),
+        (
+            "oob",
+            both(Error(
+                "wgmma B operand element of 2 bytes at offset 70656, outside the 70656 bytes",
+            )),
+        ),
+        (
+            "unaligned",
+            both(Error("below the dynamic shared memory (which starts at 400")),
+        ),
+        ("diverged_desc", both(Error("differs between its warps"))),
+        (
+            "lane_diverged",
+            both(Error("lanes of a warp pass different wgmma operands")),
+        ),
+        (
+            "warp_skips",
+            both(Error("warp 3 issued 7 wgmma, warp 0 of its warpgroup 8")),
+        ),
+    ];
+    let t0 = Instant::now();
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for (mode, (eager, late)) in modes {
+        // The passing mode also in the other two combinations of timing model and order.
+        let mut combos = vec![(false, false, eager), (true, true, late)];
+        if mode.starts_with("ok") {
+            combos.extend([(true, false, late), (false, true, eager)]);
+        }
+        for (late_model, reverse, want) in combos {
+            runs += 1;
+            let out = std::process::Command::new(&exe)
+                .args([
+                    mode,
+                    if late_model { "1" } else { "0" },
+                    if reverse { "1" } else { "0" },
+                ])
+                .output()
+                .expect("run the wgmma self-check");
+            let log = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+            let code = out.status.code();
+            let ok = match want {
+                Pass => code == Some(0),
+                Mismatch(m) => code == Some(1) && log.starts_with("MISMATCH") && log.contains(m),
+                Error(m) => {
+                    code == Some(3)
+                        && log.starts_with("EMULATOR ERROR: wgmma_selfcheck<bf16> block (0,0,0)")
+                        && log.contains(m)
+                }
+            };
+            let what = format!(
+                "{mode} ({}, {})",
+                if late_model { "late" } else { "eager" },
+                if reverse { "descending" } else { "ascending" }
+            );
+            if ok {
+                eprintln!("ok   {what}: {}", log.lines().next().unwrap_or(""));
+            } else {
+                let expected = match want {
+                    Pass => "a pass".to_string(),
+                    Mismatch(m) => format!("a mismatch (exit status 1) naming {m:?}"),
+                    Error(m) => format!("an emulator error (exit status 3) naming {m:?}"),
+                };
+                failures.push(format!("{what}: {expected}, got {:?}:\n{log}", out.status));
+            }
+        }
+    }
+    eprintln!(
+        "wgmma self-check: {runs} runs, {} failed, {:.1}s",
+        failures.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        failures.is_empty(),
+        "the wgmma emulation self-check failed:\n{}",
         failures.join("\n")
     );
 }

@@ -1,7 +1,8 @@
 // Driver of the attention kernel emulator (tests/attention_kernel_sim.rs): compiles the REAL
-// kernel sources (cuda/attention_forward.cu, cuda/attention_backward.cu, staged by the test
-// next to the emulator's dk_mma.cuh; see sim_core.h for what is emulated and checked) and runs
-// one call (the forward, or the three backward kernels) on the buffers it is given.
+// kernel sources (cuda/attention_forward.cu, cuda/attention_backward.cu and, where the test
+// staged it, cuda/attention_forward_wgmma.cu; staged next to the emulator's dk_mma.cuh and
+// dk_wgmma.cuh; see sim_core.h for what is emulated and checked) and runs one call (the
+// forward, or the three backward kernels) on the buffers it is given.
 //
 // Protocol (binary, native endianness), one job per process:
 //   stdin:  u32 magic 0x53414b44 ("DKAS"); i32 kind (0 forward, 1 backward), dtype (0 bf16,
@@ -19,7 +20,12 @@
 //             backward order: dout, q, k, v, out, lse, dq, dk, dv[, cu_seqlens_q, cu_seqlens_k]
 //           i32 n_launches; per launch: i32 kernel (0 forward, 1 Delta, 2 dK/dV, 3 dQ, 4 dK/dV
 //             with atomic dQ, 5 dQ conversion, 6 / 7 the 128-key dK/dV without / with atomic dQ,
-//             8 the D = 128 split forward, 9 the 128-row dQ kernel),
+//             8 the D = 128 split forward, 9 the 128-row dQ kernel, 10 the wgmma forward
+//             dk_attn_fwd_{bf16,f16}_d{64,128}g of cuda/attention_forward_wgmma.cu: 128 rows
+//             per block of 256 threads (2 warpgroups), grid as 8's; an error where the
+//             driver was built without that file: see DK_SIM_WGMMA_FWD; in the late-copy
+//             run its dynamic shared memory starts at shared address 400, 16-byte aligned
+//             only, so the kernel's own alignment of its 1024-byte swizzle atoms is checked),
 //             u32 grid x, y, z, block x, dynamic shared bytes; i32 head_offset, batch_offset
 //   (str = u32 length + bytes). The launches are the Rust launchers' (the test computes them
 //   with the same formulas as src/attention/cuda/{forward,backward}.rs).
@@ -41,6 +47,14 @@ unsigned char (*sim_fwd_smem())[] { return reinterpret_cast<unsigned char(*)[]>(
 char (*sim_bwd_smem())[] { return reinterpret_cast<char(*)[]>(sim::S.smem); }
 
 #include "attention_forward.cu"
+// The wgmma forward, where the test staged it (it skips kernel 10 otherwise).
+#if __has_include("attention_forward_wgmma.cu")
+#include "attention_forward_wgmma.cu"
+#define DK_SIM_WGMMA_FWD 1
+#ifndef DK_ATTENTION_SIM_WGMMA_SHIM
+#error "the wgmma kernel was compiled against the real dk_wgmma.cuh instead of the emulator's"
+#endif
+#endif
 #include "attention_backward.cu"
 
 #ifndef DK_ATTENTION_SIM_MMA_SHIM
@@ -79,6 +93,22 @@ FwdKernel fwd_kernel(bool bf16, int d, bool split, const char** name) {
                : (d == 64 ? "dk_attn_fwd_f16_d64" : "dk_attn_fwd_f16_d128");
   if (bf16) return d == 64 ? dk_attn_fwd_bf16_d64 : dk_attn_fwd_bf16_d128;
   return d == 64 ? dk_attn_fwd_f16_d64 : dk_attn_fwd_f16_d128;
+}
+
+// The wgmma forward (kernel 10) and its name.
+FwdKernel fwd_wgmma_kernel(bool bf16, int d, const char** name) {
+#ifdef DK_SIM_WGMMA_FWD
+  *name = bf16 ? (d == 64 ? "dk_attn_fwd_bf16_d64g" : "dk_attn_fwd_bf16_d128g")
+               : (d == 64 ? "dk_attn_fwd_f16_d64g" : "dk_attn_fwd_f16_d128g");
+  if (bf16) return d == 64 ? dk_attn_fwd_bf16_d64g : dk_attn_fwd_bf16_d128g;
+  return d == 64 ? dk_attn_fwd_f16_d64g : dk_attn_fwd_f16_d128g;
+#else
+  (void)bf16;
+  (void)d;
+  *name = "dk_attn_fwd_*g";
+  sim::fail("kernel 10 (the wgmma forward): the driver was built without "
+            "cuda/attention_forward_wgmma.cu");
+#endif
 }
 
 // Backward kernel `which` (1 Delta, 2 dK/dV, 3 dQ, 4 dK/dV + atomic dQ, 5 dQ conversion, 6 and
@@ -223,6 +253,7 @@ int main() {
   }
 
   const int nl = in.get<int32_t>();
+  long wgmmas_before = 0;
   for (int i = 0; i < nl; ++i) {
     const int which = in.get<int32_t>();
     dim3 grid, block;
@@ -235,12 +266,16 @@ int main() {
     const auto t0 = std::chrono::steady_clock::now();
     const long c0 = sim::S.collectives, b0 = sim::S.blocks;
     const char* name;
-    if (which == 0 || which == 8) {
+    if (which == 0 || which == 8 || which == 10) {
       if (kind != 0) sim::fail("forward launch in a backward job");
       g_fwd.head_offset = head_offset;
       g_fwd.batch_offset = batch_offset;
-      g_fwd_fn = fwd_kernel(bf16, d, which == 8, &name);
+      g_fwd_fn = which == 10 ? fwd_wgmma_kernel(bf16, d, &name) : fwd_kernel(bf16, d, which == 8, &name);
+      // The wgmma kernel aligns its tiles itself (the launch has 1024 bytes of slack): in the
+      // late-copy run its shared memory starts at an address that is only 16-byte aligned.
+      sim::S.smem_base = which == 10 && sim::S.late_copies ? 400 : 0;
       sim::launch(name, fwd_entry, grid, block, smem);
+      sim::S.smem_base = 0;
     } else {
       if (kind != 1) sim::fail("backward launch in a forward job");
       g_bwd_fn = bwd_kernel(bf16, d, which, &name);
@@ -248,8 +283,11 @@ int main() {
     }
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    fprintf(stderr, "%s grid (%u,%u,%u) x %u threads, %u B shared: %ld blocks, %ld warp collectives, %.2fs\n",
-            name, grid.x, grid.y, grid.z, block.x, smem, sim::S.blocks - b0, sim::S.collectives - c0, secs);
+    const long w0 = wgmmas_before;
+    wgmmas_before = sim::S.wgmmas;
+    fprintf(stderr, "%s grid (%u,%u,%u) x %u threads, %u B shared: %ld blocks, %ld warp collectives (%ld warp wgmma), %.2fs\n",
+            name, grid.x, grid.y, grid.z, block.x, smem, sim::S.blocks - b0, sim::S.collectives - c0,
+            sim::S.wgmmas - w0, secs);
   }
   if (kind == 1 && shape.total_q > 0) {
     // Delta (not returned): every one of its Hq * Tq entries written (every row exists in both

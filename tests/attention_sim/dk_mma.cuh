@@ -24,12 +24,13 @@ inline void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
   sim::mma(MmaType<T>::kBf16, d, a, b);
 }
 
-// __cvta_generic_to_shared: the offset in the block's dynamic shared memory.
+// __cvta_generic_to_shared: S.smem_base (0 unless the driver sets it) plus the offset in the
+// block's dynamic shared memory.
 inline uint32_t smem_addr(const void* p) {
   const char* c = static_cast<const char*>(p);
   if (!sim::S.smem || c < sim::S.smem || c > sim::S.smem + sim::S.smem_bytes)
     sim::fail("%s: smem_addr of a pointer outside the launch's shared memory", sim::where());
-  return static_cast<uint32_t>(c - sim::S.smem);
+  return sim::S.smem_base + static_cast<uint32_t>(c - sim::S.smem);
 }
 
 inline void ldmatrix_x4(uint32_t r[4], uint32_t addr) { sim::ldsm(r, addr, false); }
@@ -50,19 +51,24 @@ inline float exp2_fast(float x) { return sim::ex2_ftz(x); }
 
 // bar.sync id, count.
 inline void named_barrier_sync(int id, int count) { sim::named_barrier(id, count); }
+// bar.arrive id, count.
+inline void named_barrier_arrive(int id, int count) { sim::named_barrier_arrive(id, count); }
 
 // st.shared.b32 / ld.shared.b32 / ld.shared.v4.b32 at a shared offset.
-inline void st_shared_b32(uint32_t addr, uint32_t v) {
+inline void st_shared_b32(uint32_t address, uint32_t v) {
+  const uint32_t addr = sim::smem_off(address, "st.shared.b32");
   sim::check_smem(addr, 4, 4, "st.shared.b32", true);
   memcpy(sim::S.smem + addr, &v, 4);
 }
-inline uint32_t ld_shared_b32(uint32_t addr) {
+inline uint32_t ld_shared_b32(uint32_t address) {
+  const uint32_t addr = sim::smem_off(address, "ld.shared.b32");
   sim::check_smem(addr, 4, 4, "ld.shared.b32", false);
   uint32_t w;
   memcpy(&w, sim::S.smem + addr, 4);
   return w;
 }
-inline uint4 ld_shared_v4(uint32_t addr) {
+inline uint4 ld_shared_v4(uint32_t address) {
+  const uint32_t addr = sim::smem_off(address, "ld.shared.v4");
   sim::check_smem(addr, 16, 16, "ld.shared.v4", false);
   uint32_t w[4];
   memcpy(w, sim::S.smem + addr, 16);

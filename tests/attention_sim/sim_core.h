@@ -7,7 +7,7 @@
 //   x86-64 Linux, ucontext elsewhere). A fiber runs until it reaches a scheduling point: a warp
 //   collective (ldmatrix, mma.sync, __shfl_*_sync, __syncwarp), __syncthreads, a named barrier
 //   (bar.sync id, count), or its exit. A named barrier opens as soon as `count` threads of the
-//   block wait at `id`, and the warp sweep starts again at once, so its warps run ahead of the
+//   block wait at `id` (or arrived there with bar.arrive, a warp collective that does not wait), and the warp sweep starts again at once, so its warps run ahead of the
 //   warps that have not reached their own barriers: a named barrier used where the block's was
 //   needed shows as a difference between the two orders. Every opening of an id in a block must
 //   release the same warps (warp groups sharing an id race on the hardware).
@@ -47,10 +47,46 @@
 // the stale data would not change the result. A thread exiting with copies in flight is an
 // error.
 //
+// Warpgroup MMA (Hopper wgmma, tests/attention_sim/dk_wgmma.cuh replacing cuda/include/
+// dk_wgmma.cuh; scheduler side in sim_wgmma.h). A warpgroup is 4 consecutive warps (block size a
+// multiple of 128). wgmma.mma_async m64nNk16 (N = 64, 128; bf16 / f16 in, f32 accumulators),
+// wgmma.fence, commit_group and wait_group N are warp collectives (converged lanes, the same
+// operands in every lane); a product executes per warp: warp w' = warp % 4 computes rows
+// 16 w' .. 16 w' + 15 of D, in lane l (g = l / 4, t = l % 4) d[4 j + 2 i + e] =
+// D[16 w' + g + 8 i][8 j + 2 t + e]; the warps of a warpgroup must issue the same products (N,
+// type, descriptors, scale-d) in the same order. A from registers (rs): a[0] = A[16 w' + g]
+// [2 t, 2 t + 1], a[1] = rows + 8, a[2] = columns + 8, a[3] = both (low half = lower column).
+// Shared operands by descriptor (start = (desc & 0x3FFF) << 4, LBO = bits 16-29 << 4, SBO =
+// bits 32-45 << 4; base offset (bits 49-51) must be 0, the swizzle (bits 62-63) 1 = 128-byte,
+// other bits 0): K-major (ss A with row = m, B with row = n) element (row, k) at start +
+// 128 (row % 8) + SBO (row / 8) + 2 k; MN-major (rs B, transposed) element (k, n) at start +
+// 2 (n % 64) + LBO (n / 64) + 128 (k % 8) + SBO (k / 8); physical = linear ^ (((linear >> 7) & 7)
+// << 4). Every element read is bounds-checked. Products exact, summed in double with the
+// accumulator (scale-d = 1) and rounded once to f32 per product.
+//   Timing follows late_copies. EAGER: a product reads shared memory and writes its
+//   accumulators at issue. LATE: it is computed at the wgmma_wait that retires it (commit_group
+//   closes the open products into a group; wait_group N retires all but the N most recent
+//   groups, oldest first); at issue its accumulators are overwritten with a NaN, so reading them
+//   early shows; a product accumulating onto a pending one on the same registers takes its
+//   result. In both models: the A fragments (rs) must be unchanged and the accumulators hold
+//   what the product left there (result or NaN) when it retires or when the next product on
+//   them is issued (no register writes in between); the 16-byte chunks a pending product reads
+//   are busy: any checked write into them (cp.async issue or landing, st.shared, 16-byte stores)
+//   is an error; a wgmma needs a wgmma_fence by its warp since the warp's last wait_group (or the
+//   block's start); wait_group 0 with uncommitted products and a thread exiting with products
+//   pending (committed or not) are errors.
+//   Proxies: a shadow per 16-byte chunk keeps the thread of the last generic-proxy write
+//   (st.shared, 16-byte stores, cp.async landing: the issuing thread) that the thread has not
+//   followed with fence.proxy.async (fence_proxy_async clears its own chunks); a wgmma reading
+//   such a chunk is an error (a missing barrier after the fence shows as a difference between
+//   the two orders). Plain pointer stores (float, uint32_t) are not tracked.
+//
 // Memory checks
 //   Shared memory: the block's dynamic shared memory (the launch's byte count, rounded up to 16)
 //   ends exactly where an inaccessible 64 KiB guard region starts, with another before it, and
-//   is filled with 0xff (NaN in bf16, f16 and f32) before every block. Every emulated access
+//   is filled with 0xff (NaN in bf16, f16 and f32) before every block. Its shared address (what
+//   smem_addr gives for its first byte) is State::smem_base, 0 unless a driver moves it (the
+//   attention driver does for the wgmma kernel, to check its own alignment of the tiles). Every emulated access
 //   (ldmatrix rows, cp.async destinations, st.shared.b32, ld.shared.v4, 16-byte uint4 loads and
 //   stores) is checked against [0, bytes) and for alignment; plain pointer accesses (float,
 //   float2, uint32_t) are covered by the guard regions only.
@@ -151,7 +187,7 @@ void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 enum class St : uint8_t { Run, Warp, Bar, NBar, CWait, Done };
 enum class Op : uint8_t {
   None, Ldsm, LdsmT, MmaBf16, MmaF16, ShflXor, ShflIdx, SyncWarp, ClusterArrive, ClusterWait,
-  ShflBits, ReduxMax, ReduxMin
+  ShflBits, ReduxMax, ReduxMin, WgmmaSS, WgmmaRS, WgFence, WgCommit, WgWait, NBarArrive
 };
 
 inline const char* op_name(Op o) {
@@ -168,6 +204,12 @@ inline const char* op_name(Op o) {
     case Op::ShflBits: return "shfl.sync (32-bit integer)";
     case Op::ReduxMax: return "redux.sync.max.u32";
     case Op::ReduxMin: return "redux.sync.min.u32";
+    case Op::WgmmaSS: return "wgmma.mma_async (A from shared memory)";
+    case Op::WgmmaRS: return "wgmma.mma_async (A from registers)";
+    case Op::WgFence: return "wgmma.fence";
+    case Op::WgCommit: return "wgmma.commit_group";
+    case Op::WgWait: return "wgmma.wait_group";
+    case Op::NBarArrive: return "bar.arrive";
     default: return "none";
   }
 }
@@ -195,12 +237,62 @@ struct Lane {
   int arg = 0;         // shfl: lane mask / source lane / delta
   int mode = 0;        // ShflBits: 0 bfly, 1 idx, 2 up
   int sh_next = 0;     // static __shared__ arrays this thread has declared in its block
-  uint32_t in[6];      // ldsm: in[0] = address; mma: a0..a3, b0, b1
+  uint32_t in[6];      // ldsm: in[0] = shared offset; mma: a0..a3, b0, b1
   float f[4];          // mma: C; shfl: f[0] value
   uint32_t out[4];     // ldsm result
   float fo[4];         // mma D / shfl result
   std::vector<Copy> open;                  // issued, not committed
   std::vector<std::vector<Copy>> groups;   // committed, oldest first
+  // wgmma operands of the posted product (sim_wgmma.h): the accumulator array (n / 2 floats),
+  // the A fragment array (rs), the descriptors, N, the element type, scale-d.
+  float* wg_d = nullptr;
+  const uint32_t* wg_a = nullptr;
+  uint64_t wg_da = 0, wg_db = 0;
+  int wg_n = 0;
+  bool wg_bf16 = false, wg_acc = false;
+  // Shared chunks whose last generic-proxy write (not yet made visible to the async proxy by
+  // fence.proxy.async) may be this thread's (State::gen_writer holds the truth).
+  std::vector<uint32_t> gen_written;
+};
+
+// One warp's share of a wgmma.mma_async m64nNk16 (its 16 rows of D), from issue to the
+// wgmma.wait_group that retires it (sim_wgmma.h).
+struct WgOp {
+  int warp = 0;           // warp of the group (lanes 32 warp ..)
+  int n = 0;              // N (64 or 128); n / 2 accumulators per lane
+  bool bf16 = false, rs = false, acc = false;
+  uint64_t da = 0, db = 0;
+  long group = -1;        // commit group (-1: not committed yet)
+  float* d[32];           // each lane's accumulator array
+  const uint32_t* a_ptr[32];  // rs: each lane's A fragment array, and its values at issue
+  uint32_t a[32][4];
+  // The accumulator input per lane (acc): known at issue, or (cin_ready false) the result of
+  // the earlier pending product on the same accumulators, filled in when that one retires.
+  std::vector<float> cin;  // 32 x n/2
+  bool cin_ready[32];
+  // What the accumulators hold while this is the latest pending product on them: its result
+  // (EAGER) or the poison NaN (LATE); any other value at the next product on them or at its
+  // retirement means the kernel wrote them in between.
+  std::vector<uint32_t> expect;  // 32 x n/2 bit patterns
+  std::vector<uint32_t> chunks;  // 16-byte shared chunks it reads (busy until it retires)
+};
+
+// A warp's wgmma state: whether a wgmma.fence came since its last wgmma.wait_group, its
+// products not yet retired (issue order: committed groups oldest first, then the open ones),
+// its committed groups not yet waited for (ids, oldest first; a group may be empty).
+struct WgWarp {
+  bool fenced = false;
+  std::vector<WgOp> ops;
+  std::vector<long> groups;
+  long next_group = 0;
+  long issued = 0;  // products issued in this block (the warpgroup's warps must agree)
+};
+
+// What every warp of a warpgroup must pass alike to its k-th wgmma.
+struct WgSig {
+  int n;
+  bool bf16, rs, acc;
+  uint64_t da, db;
 };
 
 struct Extent {
@@ -255,9 +347,23 @@ struct State {
   // shared memory
   char* smem = nullptr;  // block's dynamic shared memory (ends at a guard region)
   uint32_t smem_bytes = 0;
+  // The shared address of the dynamic shared memory's first byte, as smem_addr gives it (0 unless
+  // a driver sets it: a base only 16-byte aligned checks a kernel's own alignment of its tiles,
+  // e.g. wgmma's 1024-byte swizzle atoms). Addresses (ldmatrix, cp.async, st/ld.shared, wgmma
+  // descriptors) are this plus the offset in the dynamic shared memory.
+  uint32_t smem_base = 0;
   char* smem_map = nullptr;
   size_t smem_map_bytes = 0;
   std::vector<uint16_t> inflight;  // copies in flight per 16-byte chunk
+  // wgmma (sim_wgmma.h): per warp of the block, per warpgroup the operands of its products in
+  // issue order; per 16-byte chunk the pending products reading it (busy: no write allowed)
+  // and the warp of the latest; the thread (group lane + 1, 0: none) of the last generic-proxy
+  // write not yet fenced by fence.proxy.async.
+  std::vector<WgWarp> wg;
+  std::vector<std::vector<WgSig>> wg_sigs;
+  std::vector<uint16_t> wg_busy;
+  std::vector<int16_t> wg_busy_warp;
+  std::vector<int32_t> gen_writer;
   // clusters: the running group's blocks (one with cluster = 1)
   struct GroupBlock {
     dim3 idx;
@@ -272,6 +378,11 @@ struct State {
     // later opening must release the same warps (two warp pairs sharing an id is a race on the
     // hardware, where arrivals interleave).
     uint32_t nbar_warps[16];
+    // Per named barrier id: the threads that arrived with bar.arrive in its current phase (they
+    // count towards its opening without waiting), their count operand and their warps.
+    int nbar_arrived[16];
+    int nbar_arrive_count[16];
+    uint32_t nbar_arrive_warps[16];
   };
   bool clustered = false;  // a cluster launch (cluster >= 1 blocks)
   unsigned cluster = 1;    // blocks per group
@@ -282,6 +393,7 @@ struct State {
   std::vector<Alloc> allocs;
   // statistics
   long blocks = 0, collectives = 0, mmas = 0, barriers = 0, copies = 0, cluster_barriers = 0;
+  long wgmmas = 0;  // warp shares of wgmma products
 };
 
 extern State S;
@@ -328,12 +440,46 @@ inline const Alloc* alloc_of(const void* p) {
 
 const char* where();  // "kernel K block (x,y,z) thread t"
 
-// Shared-memory range [off, off + n) by offset.
-inline void check_smem(uint32_t off, uint32_t n, uint32_t align, const char* what, bool write) {
+// The offset in the dynamic shared memory of shared address `addr` (S.smem_base + offset); an
+// address below the base is reported as such.
+inline uint32_t smem_off(uint32_t addr, const char* what) {
+  if (addr < S.smem_base)
+    fail("%s: %s at shared address %u, below the dynamic shared memory (which starts at %u)",
+         where(), what, addr, S.smem_base);
+  return addr - S.smem_base;
+}
+
+// A generic-proxy write of shared bytes [off, off + n) by the running thread (a store, or a
+// cp.async landing): the chunks are not visible to wgmma until the thread's fence.proxy.async.
+inline void note_generic_write(uint32_t off, uint32_t n) {
+  if (S.clustered || S.gen_writer.empty() || S.cur < 0) return;
+  const int32_t who = S.cur + 1;
+  for (uint32_t c = off / 16; c <= (off + n - 1) / 16 && c < S.gen_writer.size(); ++c) {
+    if (S.gen_writer[c] != who) {
+      S.gen_writer[c] = who;
+      me().gen_written.push_back(c);
+    }
+  }
+}
+
+// Shared-memory range [off, off + n) by offset. A write (`write`) must not touch a chunk that a
+// pending wgmma reads; it is a generic-proxy write of the running thread unless `generic` is
+// false (a cp.async destination: its copy is noted when it lands).
+inline void check_smem(uint32_t off, uint32_t n, uint32_t align, const char* what, bool write,
+                       bool generic = true) {
   if (static_cast<uint64_t>(off) + n > S.smem_bytes)
     fail("%s: shared-memory %s of %u bytes at offset %u, outside the %u bytes of the launch", where(),
          what, n, off, S.smem_bytes);
   if (off % align) fail("%s: %s at shared offset %u is not %u-byte aligned", where(), what, off, align);
+  if (write && !S.wg_busy.empty()) {
+    for (uint32_t c = off / 16; c <= (off + n - 1) / 16 && c < S.wg_busy.size(); ++c) {
+      if (S.wg_busy[c])
+        fail("%s: %s writes shared bytes %u..%u while a wgmma of warp %d that reads chunk %u (bytes "
+             "%u..%u) is pending (missing wgmma_wait, or a barrier after it, before the overwrite)",
+             where(), what, off, off + n - 1, S.wg_busy_warp[c], c, 16 * c, 16 * c + 15);
+    }
+  }
+  if (write && generic) note_generic_write(off, n);
   if (S.late_copies) {
     for (uint32_t c = off / 16; c <= (off + n - 1) / 16; ++c) {
       if (S.inflight[c])
@@ -448,7 +594,7 @@ inline void post(Op op) {
 
 inline void ldsm(uint32_t r[4], uint32_t addr, bool trans) {
   Lane& l = me();
-  l.in[0] = addr;
+  l.in[0] = smem_off(addr, trans ? "ldmatrix.trans row" : "ldmatrix row");
   post(trans ? Op::LdsmT : Op::Ldsm);
   for (int i = 0; i < 4; ++i) r[i] = me().out[i];
 }
@@ -514,18 +660,34 @@ inline void named_barrier(int id, int count) {
   yield_to_sched();
 }
 
+// bar.arrive id, count (a warp collective here: bar.arrive is .aligned): the warp counts towards
+// barrier `id`'s current phase without waiting; the barrier opens for its waiters once arrivals
+// and waiters make `count` (all naming the same count; more is an error).
+inline void named_barrier_arrive(int id, int count) {
+  if (id <= 0 || id > 15 || count <= 0 || count % 32 != 0)
+    fail("%s: bar.arrive %d, %d (id 1..15, a count of whole warps)", where(), id, count);
+  Lane& l = me();
+  l.nbar_id = id;
+  l.nbar_count = count;
+  post(Op::NBarArrive);
+}
+
 // ---- cp.async ---------------------------------------------------------------------------------
 
+// A copy lands: a generic-proxy write of its 16 bytes by the issuing thread (the running one:
+// copies land in cp_async or in the issuing thread's cp_wait).
 inline void land(const Copy& c) {
+  check_smem(c.dst, 16, 16, "cp.async landing", true);
   char* d = S.smem + c.dst;
   if (c.bytes > 0) memcpy(d, c.src, c.bytes);
   memset(d + c.bytes, 0, 16 - c.bytes);
 }
 
-inline void cp_async(uint32_t dst, const void* src, int bytes) {
+inline void cp_async(uint32_t dst_addr, const void* src, int bytes) {
   if (S.clustered) fail("%s: cp.async in a cluster launch (not modelled)", where());
+  const uint32_t dst = smem_off(dst_addr, "cp.async destination");
   if (bytes < 0 || bytes > 16) fail("%s: cp.async src-size %d (0..16)", where(), bytes);
-  check_smem(dst, 16, 16, "cp.async destination", true);
+  check_smem(dst, 16, 16, "cp.async destination", true, false);
   if (bytes > 0) {
     if (reinterpret_cast<uintptr_t>(src) % 16) fail("%s: cp.async source %p not 16-byte aligned", where(), src);
     check_global(src, bytes, false, "cp.async");

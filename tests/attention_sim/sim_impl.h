@@ -5,6 +5,7 @@
 #include <stdarg.h>
 
 #include "sim_core.h"
+#include "sim_wgmma.h"
 
 namespace sim {
 
@@ -77,6 +78,7 @@ sim_ctx_switch:
   bool pending = !l.open.empty();
   for (const auto& g : l.groups) pending |= !g.empty();
   if (pending) fail("%s: the thread exits with cp.async copies in flight", where());
+  wg_check_exit();
   if (l.arrives != l.waits)
     fail("%s: the thread exits with a cluster barrier arrival it has not waited for (%u arrivals, "
          "%u waits)", where(), l.arrives, l.waits);
@@ -250,6 +252,37 @@ static void exec_warp(int w, Op op) {
         if (S.phases < L[l].waits) L[l].st = St::CWait;
       }
       break;
+    case Op::NBarArrive: {
+      State::GroupBlock& gb = S.group[L[0].blk];
+      const int id = L[0].nbar_id, count = L[0].nbar_count;
+      for (int l = 1; l < 32; ++l)
+        if (L[l].nbar_id != id || L[l].nbar_count != count) {
+          S.cur = w * 32 + l;
+          fail("%s: lanes of a warp at bar.arrive %d, %d and bar.arrive %d, %d", where(), L[l].nbar_id,
+               L[l].nbar_count, id, count);
+        }
+      if (gb.nbar_arrived[id] > 0 && gb.nbar_arrive_count[id] != count) {
+        S.cur = w * 32;
+        fail("%s: bar.arrive %d named with counts %d and %d", where(), id, gb.nbar_arrive_count[id],
+             count);
+      }
+      gb.nbar_arrived[id] += 32;
+      gb.nbar_arrive_count[id] = count;
+      gb.nbar_arrive_warps[id] |= 1u << (w % (S.nthreads / 32));
+      if (gb.nbar_arrived[id] > count) {
+        S.cur = w * 32;
+        fail("%s: %d threads arrive at bar.arrive %d, %d before it opens (a warp arriving again for "
+             "the next phase before the barrier completed?)", where(), gb.nbar_arrived[id], id, count);
+      }
+      break;
+    }
+    case Op::WgmmaSS:
+    case Op::WgmmaRS:
+    case Op::WgFence:
+    case Op::WgCommit:
+    case Op::WgWait:
+      wg_exec(w, op);
+      break;
     case Op::SyncWarp:
     case Op::None:
       break;
@@ -301,19 +334,26 @@ static void run_group() {
     if (S.smem_bytes && g.published) memset(g.published, 0xff, S.smem_bytes);
     g.exited = false;
     std::fill(std::begin(g.nbar_warps), std::end(g.nbar_warps), 0u);
+    std::fill(std::begin(g.nbar_arrived), std::end(g.nbar_arrived), 0);
+    std::fill(std::begin(g.nbar_arrive_count), std::end(g.nbar_arrive_count), 0);
+    std::fill(std::begin(g.nbar_arrive_warps), std::end(g.nbar_arrive_warps), 0u);
   }
   S.phases = 0;
   S.static_live = 0;
   enter_block(0);
   std::fill(S.inflight.begin(), S.inflight.end(), 0);
+  wg_reset(total);
   S.blocks += nb_group;
   // Named barriers of block b: barrier id opens once as many of the block's threads wait at it
-  // as they name (all naming the same count). Returns whether one opened.
+  // or arrived at it (bar.arrive) as they name (all naming the same count). Returns whether one
+  // opened.
   auto open_named = [&](int b) {
     bool opened = false;
     for (int id = 1; id < 16; ++id) {
-      int waiting = 0, count = -1;
-      uint32_t warps = 0;
+      State::GroupBlock& gb = S.group[b];
+      const int arrived = gb.nbar_arrived[id];
+      int waiting = 0, count = arrived > 0 ? gb.nbar_arrive_count[id] : -1;
+      uint32_t warps = gb.nbar_arrive_warps[id];
       for (int i = b * n; i < (b + 1) * n; ++i) {
         const Lane& l = S.lanes[i];
         if (l.st != St::NBar || l.nbar_id != id) continue;
@@ -325,11 +365,14 @@ static void run_group() {
         ++waiting;
         warps |= 1u << ((i - b * n) / 32);
       }
-      if (waiting == 0 || waiting < count) continue;
-      if (waiting > count) {
+      if (waiting + arrived == 0 || waiting + arrived < count) continue;
+      if (waiting + arrived > count) {
         enter_block(b);
-        fail("%s: %d threads wait at bar.sync %d, %d", where(), waiting, id, count);
+        fail("%s: %d threads wait at bar.sync %d, %d (and %d arrived with bar.arrive)", where(), waiting,
+             id, count, arrived);
       }
+      gb.nbar_arrived[id] = 0;
+      gb.nbar_arrive_warps[id] = 0;
       uint32_t& first = S.group[b].nbar_warps[id];
       if (first == 0) first = warps;
       if (first != warps) {
@@ -424,7 +467,11 @@ static void run_group() {
     }
     int done = 0;
     for (int i = 0; i < total; ++i) done += S.lanes[i].st == St::Done;
-    if (done == total) break;
+    if (done == total) {
+      enter_block(0);
+      wg_check_block_end();
+      break;
+    }
     progress |= release_cluster();
     if (!progress) {
       char msg[1024];
@@ -631,6 +678,9 @@ void launch(const char* name, void (*entry)(), dim3 grid, dim3 block, uint32_t s
   S.static_shared.clear();
   S.static_live = 0;
   S.inflight.assign(round_up(smem_bytes, 16) / 16 + 1, 0);
+  S.wg_busy.assign(S.inflight.size(), 0);
+  S.wg_busy_warp.assign(S.inflight.size(), 0);
+  S.gen_writer.assign(S.inflight.size(), 0);
   for (Alloc& a : S.allocs) a.stores.clear();
   const unsigned nx = grid.x, ny = grid.y, nz = grid.z;
   const uint64_t nblocks = static_cast<uint64_t>(nx) * ny * nz, ngroups = nblocks / S.cluster;
