@@ -223,8 +223,8 @@ impl CudaDevice {
         self.attention_wide.wgmma_forward
     }
 
-    /// Whether the Hopper wgmma attention dQ kernel accepted its shared memory when the device
-    /// opened (compute capability 9; `DK_ATTENTION_BWD=wgmma` may select it only then).
+    /// Whether the Hopper wgmma attention dK/dV and dQ kernels accepted their shared memory when
+    /// the device opened (compute capability 9; `DK_ATTENTION_BWD=wgmma` may select it only then).
     pub(crate) fn attention_wgmma_bwd(&self) -> bool {
         self.attention_wide.wgmma_backward
     }

@@ -1,7 +1,8 @@
 // Pieces of the attention backward kernels that more than one file uses
 // (cuda/attention_backward.cu, cuda/attention_backward_wgmma.cu): sequences and their clamped
-// offsets, the LSE / Delta layout, the cp.async tile loads (both shared-memory layouts), and the
-// dQ kernels' walk over a query tile's key tiles.
+// offsets, the LSE / Delta layout, the cp.async tile loads (both shared-memory layouts), the
+// dK/dV kernels' walk over the query tiles that see a key tile, and the dQ kernels' walk over a
+// query tile's key tiles.
 #pragma once
 
 #include <stdint.h>
@@ -88,6 +89,128 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride, 
                 ok ? 16 : 0);
   }
 }
+
+// What the dK/dV kernels share: the block's keys (grid key tiles outermost, so the
+// causal-heavy first tiles of every head start first), the query tiles that see them (causal:
+// from the one holding the first query that sees key k0, to the last), and the loads of a loop
+// step: the Q and dO tiles of (query head, query tile) `idx` by cp.async, their LSE and Delta
+// entries (threads 0 .. 2 Br - 1, one each) by a plain load into `lse_delta`, stored to shared
+// memory after the step (its latency hides behind the MMAs). Bc keys per block, Br queries per
+// step, NT threads; kWg: the wgmma tile layout (and the proxy fence before each step's barrier).
+template <typename T, int D, int Bc, int Br, int NT, bool kWg = false>
+struct DkdvWalk {
+  const DkAttentionBwdArgs& a;
+  Seq sq{};
+  int b = 0, hk = 0, k0 = 0, group = 0, off = 0, m_begin = 0, n_m = 0, steps = 0;
+  float lse_delta = 0.f;
+
+  __device__ __forceinline__ explicit DkdvWalk(const DkAttentionBwdArgs& args) : a(args) {}
+
+  // False when the block is past its sequence's keys (varlen grid bound): it owns no row.
+  __device__ __forceinline__ bool init() {
+    const DkAttentionShape& s = a.shape;
+    const unsigned bh = static_cast<unsigned>(s.batch) * static_cast<unsigned>(s.heads_kv);
+    const int tile = static_cast<int>(blockIdx.x / bh);
+    const int rest = static_cast<int>(blockIdx.x % bh);
+    b = rest / s.heads_kv;
+    hk = rest % s.heads_kv;
+    sq = seq_of(s, b);
+    k0 = tile * Bc;
+    if (k0 >= sq.len_k) return false;
+    group = s.heads_q / s.heads_kv;
+    off = sq.len_k - sq.len_q;  // causal: query i sees key j iff j <= i + off
+    const int i_min = s.causal ? max(0, k0 - off) : 0;
+    if (i_min < sq.len_q) {
+      m_begin = i_min / Br;
+      n_m = cdiv(sq.len_q, Br) - m_begin;
+    }
+    steps = group * n_m;
+    return true;
+  }
+  __device__ __forceinline__ int n_iter() const { return steps; }
+  __device__ __forceinline__ int head(int idx) const { return hk * group + idx / n_m; }
+  __device__ __forceinline__ int q0(int idx) const { return (m_begin + idx % n_m) * Br; }
+
+  // The block's K and V rows (zero-filled past the sequence's keys).
+  __device__ __forceinline__ void load_kv(T* sK, T* sV, int tid) const {
+    const int64_t krow = static_cast<int64_t>(sq.k_start) + k0;
+    load_rows<T, D, Bc, NT, kWg>(sK, reinterpret_cast<const T*>(a.k) + krow * a.k_stride + hk * D,
+                            a.k_stride, sq.len_k - k0, tid);
+    load_rows<T, D, Bc, NT, kWg>(sV, reinterpret_cast<const T*>(a.v) + krow * a.v_stride + hk * D,
+                            a.v_stride, sq.len_k - k0, tid);
+  }
+
+  // Step idx's Q and dO tiles into sQ / sdO (its stage), its LSE or Delta entry into lse_delta.
+  __device__ __forceinline__ void load_stage(int idx, T* sQ, T* sdO, int tid) {
+    const int hq = head(idx), q = q0(idx);
+    const int64_t row = static_cast<int64_t>(sq.q_start) + q;
+    load_rows<T, D, Br, NT, kWg>(sQ, reinterpret_cast<const T*>(a.q) + row * a.q_stride + hq * D,
+                            a.q_stride, sq.len_q - q, tid);
+    load_rows<T, D, Br, NT, kWg>(sdO, reinterpret_cast<const T*>(a.dout) + row * a.dout_stride + hq * D,
+                            a.dout_stride, sq.len_q - q, tid);
+    if (tid < 2 * Br) {
+      const bool is_delta = tid >= Br;
+      const int r = is_delta ? tid - Br : tid;
+      if (q + r < sq.len_q) {
+        const float* glse = reinterpret_cast<const float*>(a.lse);
+        const float* gdelta = reinterpret_cast<const float*>(a.delta);
+        lse_delta = (is_delta ? gdelta : glse)[lse_base(a.shape, b, hq, sq.q_start) + q + r];
+      } else {
+        lse_delta = is_delta ? 0.f : neg_inf();  // past the end: P = 0, Delta = 0
+      }
+    }
+  }
+
+  // Thread tid < Br owns sLse[tid], Br <= tid < 2 Br owns sDelta[tid - Br] (of one stage).
+  __device__ __forceinline__ void store_lse_delta(float* sLse, float* sDelta, int tid) const {
+    if (tid < 2 * Br) (tid < Br ? sLse : sDelta)[tid % Br] = lse_delta;
+  }
+
+  // The loop's shared-memory stages: sQ, sdO [2][Br][D], sLse, sDelta [2][Br].
+  struct Stages {
+    T* q;
+    T* dout;
+    float* lse;
+    float* delta;
+  };
+
+  // Before the loop: K, V and stage 0 in flight, stage 0's LSE and Delta stored.
+  __device__ __forceinline__ void start(T* sK, T* sV, const Stages& st, int tid) {
+    load_kv(sK, sV, tid);
+    load_stage(0, st.q, st.dout, tid);
+    cp_async_commit();
+    store_lse_delta(st.lse, st.delta, tid);
+  }
+
+  // Start of step idx (stage idx & 1): its stage has landed for every thread and every warp is
+  // done with step idx - 1 (whose stage buffers the next loads overwrite); step idx + 1's loads
+  // are issued.
+  __device__ __forceinline__ void begin_step(int idx, const Stages& sm, int tid) {
+    cp_async_wait<0>();
+    if constexpr (kWg) fence_proxy_async();
+    __syncthreads();
+    if (idx + 1 < steps) {
+      const int nx = (idx + 1) & 1;
+      load_stage(idx + 1, sm.q + nx * Br * D, sm.dout + nx * Br * D, tid);
+      cp_async_commit();
+    }
+  }
+
+  // End of step idx: step idx + 1's LSE and Delta to their stage (released by this step's
+  // first barrier).
+  __device__ __forceinline__ void end_step(int idx, const Stages& sm, int tid) const {
+    if (idx + 1 < steps) {
+      const int nx = (idx + 1) & 1;
+      store_lse_delta(sm.lse + nx * Br, sm.delta + nx * Br, tid);
+    }
+  }
+
+  // Whether some score of the step at query tile q0 is masked (keys past the end, or the
+  // causal diagonal).
+  __device__ __forceinline__ bool need_mask(int q0) const {
+    return k0 + Bc > sq.len_k || (a.shape.causal && k0 + Bc - 1 > q0 + off);
+  }
+};
 
 // What the dQ kernels share: the block's (query tile, sequence, query head), the last query
 // tiles (the most keys under a causal mask) first; the key tiles (Bc keys) its Br rows see; the

@@ -26,10 +26,11 @@
 //! and the deterministic mode's dQ in 128-row blocks of 8 warps (`dk_attn_bwd_dqw_*`, warp
 //! pairs splitting each key step), where the device allows their shared memory (161 and
 //! 144 KiB at D = 128); otherwise, and by default, the 64-row kernels above.
-//! `DK_ATTENTION_BWD=wgmma` (A/B, unmeasured) does what `wide` does except that the deterministic
-//! mode's dQ runs on Hopper's warpgroup MMA (`dk_attn_bwd_dqg_*`, `cuda/attention_backward_wgmma.cu`:
-//! 128 query rows of 2 warpgroups, 64-key steps), on compute capability 9 devices that accepted
-//! its shared memory; `wide` against `wgmma` then isolates the dQ kernel.
+//! `DK_ATTENTION_BWD=wgmma` (A/B, unmeasured) runs the deterministic mode's dK/dV and dQ on
+//! Hopper's warpgroup MMA (`cuda/attention_backward_wgmma.cu`: `dk_attn_bwd_dkdvg_*`, 128 key
+//! rows of 2 warpgroups, 64-query steps; `dk_attn_bwd_dqg_*`, 128 query rows, 64-key steps), on
+//! compute capability 9 devices that accepted their shared memory; the atomic-dQ mode then runs
+//! as with `wide`.
 //! `attention::kernels_used` lists what ran.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
@@ -182,6 +183,10 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_attn_bwd_dqg_bf16_d128",
     "dk_attn_bwd_dqg_f16_d64",
     "dk_attn_bwd_dqg_f16_d128",
+    "dk_attn_bwd_dkdvg_bf16_d64",
+    "dk_attn_bwd_dkdvg_bf16_d128",
+    "dk_attn_bwd_dkdvg_f16_d64",
+    "dk_attn_bwd_dkdvg_f16_d128",
 ];
 
 /// Threads per block of the Delta kernel (`kDeltaThreads`); D / 8 threads per (row, head).
@@ -230,9 +235,19 @@ fn dq_wgmma_smem_bytes(head_dim: usize) -> usize {
     1024 + (2 * WGMMA_DQ_ROWS * head_dim + 4 * 64 * head_dim) * 2
 }
 
+/// Key rows per block of the wgmma dK/dV kernel (`DkdvWgTile::kBc`: 2 warpgroups of 64).
+const WGMMA_KEYS: usize = 128;
+
+/// Dynamic shared memory of the wgmma dK/dV kernel (`DkdvWgTile::kSmemBytes`): 1 KiB of slack
+/// to align the tiles to 1024 bytes, K and V of the block's keys, two stages of Q and dO tiles
+/// of 64 queries, two stages of their LSE and Delta.
+fn dkdv_wgmma_smem_bytes(head_dim: usize) -> usize {
+    1024 + (2 * WGMMA_KEYS * head_dim + 4 * 64 * head_dim) * 2 + 4 * 64 * 4
+}
+
 /// `DK_ATTENTION_BWD`, read once: `wide` (the 128-key dK/dV kernels and, in the deterministic
-/// mode, the 128-row dQ kernel) or `wgmma` (the same, with the wgmma dQ kernel); each where the
-/// device opted it in.
+/// mode, the 128-row dQ kernel) or `wgmma` (the deterministic mode on the wgmma kernels, the
+/// atomic-dQ mode as `wide`); each where the device opted it in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Requested {
     Default,
@@ -375,9 +390,10 @@ pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Resu
     Ok(wide)
 }
 
-/// Opts the wgmma dQ kernels into their dynamic shared memory (65 and 129 KiB) on a Hopper
-/// device (compute capability 9.x; the sm_80 cubin holds empty bodies); false elsewhere or where
-/// the device refuses: only then may `DK_ATTENTION_BWD=wgmma` select them.
+/// Opts the wgmma dK/dV and dQ kernels into their dynamic shared memory (66 and 130 KiB, 65
+/// and 129 KiB) on a Hopper device (compute capability 9.x; the sm_80 cubin holds empty
+/// bodies); false elsewhere or where the device refuses: only then may `DK_ATTENTION_BWD=wgmma`
+/// select them.
 pub(crate) fn configure_wgmma(
     functions: &HashMap<&'static str, CudaFunction>,
     compute_capability: (i32, i32),
@@ -469,14 +485,17 @@ pub(crate) fn backward(
     )? as u32;
     let req = requested();
     let wide = req != Requested::Default && dev.attention_wide_bwd();
-    let wgmma_dq = req == Requested::Wgmma && dev.attention_wgmma_bwd();
-    let (dkdv_keys, dkdv_threads) = if wide {
+    let atomic_dq = !raw.deterministic;
+    let wgmma = req == Requested::Wgmma && dev.attention_wgmma_bwd() && !atomic_dq;
+    let (dkdv_keys, dkdv_threads) = if wgmma {
+        (WGMMA_KEYS, WIDE_THREADS)
+    } else if wide {
         (WIDE_KEYS, WIDE_THREADS)
     } else {
         (DKDV_KEYS, THREADS)
     };
     let dkdv_blocks = grid_blocks("dK/dV", sh.seqlen_k, dkdv_keys, sh.batch, raw.heads_kv)?;
-    let dq_rows = if wgmma_dq {
+    let dq_rows = if wgmma {
         WGMMA_DQ_ROWS
     } else if wide {
         WIDE_DQ_ROWS
@@ -490,9 +509,9 @@ pub(crate) fn backward(
 
     // Every kernel looked up before anything is queued (opted into its shared memory by
     // `configure` when the device opened).
-    let atomic_dq = !raw.deterministic;
     let f_delta = dev.function(&format!("dk_attn_bwd_delta_{t}_d{d}"))?;
     let (dkdv_kernel, dkdv_smem) = match (wide, atomic_dq) {
+        _ if wgmma => ("dkdvg", dkdv_wgmma_smem_bytes(d)),
         (true, true) => ("dkdvdqw", dkdv_wide_smem_bytes(d)),
         (true, false) => ("dkdvw", dkdv_wide_smem_bytes(d)),
         (false, true) => ("dkdvdq", dkdvdq_smem_bytes(d)),
@@ -500,7 +519,7 @@ pub(crate) fn backward(
     };
     let dkdv_name = format!("dk_attn_bwd_{dkdv_kernel}_{t}_d{d}");
     let f_dkdv = dev.function(&dkdv_name)?;
-    let (dq_kernel, dq_smem, dq_threads) = match (atomic_dq, wgmma_dq, wide) {
+    let (dq_kernel, dq_smem, dq_threads) = match (atomic_dq, wgmma, wide) {
         (true, _, _) => ("dq_convert", 0, DELTA_THREADS),
         (false, true, _) => ("dqg", dq_wgmma_smem_bytes(d), WIDE_THREADS),
         (false, false, true) => ("dqw", dq_wide_smem_bytes(d), WIDE_THREADS),
@@ -635,13 +654,25 @@ mod tests {
         // The wgmma dQ kernel (DqWgTile::kSmemBytes): one block per SM.
         assert_eq!(dq_wgmma_smem_bytes(64), 66_560);
         assert_eq!(dq_wgmma_smem_bytes(128), 132_096);
+        assert_eq!(dkdv_wgmma_smem_bytes(64), 67_584);
+        assert_eq!(dkdv_wgmma_smem_bytes(128), 133_120);
     }
 
     #[test]
-    fn every_dq_kernel_is_listed() {
+    fn every_dkdv_and_dq_kernel_is_listed() {
         for t in ["bf16", "f16"] {
             for d in [64, 128] {
-                for k in ["dq", "dqw", "dqg", "dq_convert"] {
+                for k in [
+                    "dq",
+                    "dqw",
+                    "dqg",
+                    "dq_convert",
+                    "dkdv",
+                    "dkdvw",
+                    "dkdvg",
+                    "dkdvdq",
+                    "dkdvdqw",
+                ] {
                     let name = format!("dk_attn_bwd_{k}_{t}_d{d}");
                     assert!(KERNEL_NAMES.contains(&name.as_str()), "{name}");
                 }

@@ -45,8 +45,8 @@ pub(crate) struct WideKernels {
     /// The Hopper wgmma forward (`dk_attn_fwd_*_d{64,128}g`, up to 161 KiB; compute capability
     /// 9 only).
     pub wgmma_forward: bool,
-    /// The Hopper wgmma dQ kernel (`dk_attn_bwd_dqg_*`, up to 129 KiB; compute capability 9
-    /// only).
+    /// The Hopper wgmma dK/dV and dQ kernels (`dk_attn_bwd_{dkdvg,dqg}_*`, up to 130 KiB;
+    /// compute capability 9 only).
     pub wgmma_backward: bool,
 }
 
