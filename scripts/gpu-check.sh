@@ -287,8 +287,8 @@ run_step dk-bench-attention 60 1 "$dk" bench --device cuda --ops attention --dty
 run_step dk-bench-attention-wide 60 0 env DK_ATTENTION_FWD=wide DK_ATTENTION_BWD=wide "$dk" \
   bench --device cuda --ops attention --dtype bf16 --attn-shapes phi4-mini,llama4,varlen
 # A/B: the forward on wgmma (cuda/attention_forward_wgmma.cu, "Forward on wgmma" in
-# cuda/ATTENTION.md; its fwd rows against dk-bench-attention's) and the wide backward with the
-# wgmma dQ kernel ("dQ on wgmma"; fwd+bwd minus fwd against dk-bench-attention-wide's).
+# cuda/ATTENTION.md; its fwd rows against dk-bench-attention's) and the deterministic backward
+# on wgmma ("Backward on wgmma"; fwd+bwd minus fwd against dk-bench-attention-wide's).
 run_step dk-bench-attention-wgmma 60 0 env DK_ATTENTION_FWD=wgmma DK_ATTENTION_BWD=wgmma "$dk" \
   bench --device cuda --ops attention --dtype bf16 --attn-shapes phi4-mini,llama4,varlen
 
@@ -481,7 +481,7 @@ DK_ATTENTION_BWD=wide ncu_run ncu-attention-bwd-wide 40 'dk_attn_bwd_(dkdvw|dqw)
   --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
 DK_ATTENTION_FWD=wgmma ncu_run ncu-attention-fwd-wgmma 40 'dk_attn_fwd_bf16_d128g' 1 \
   --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
-DK_ATTENTION_BWD=wgmma ncu_run ncu-attention-bwd-wgmma 40 'dk_attn_bwd_dqg_bf16_d128' 1 \
+DK_ATTENTION_BWD=wgmma ncu_run ncu-attention-bwd-wgmma 40 'dk_attn_bwd_(dkdvg|dqg)_bf16_d128' 2 \
   --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
 
 # ---- 11. optional: memcheck of small dk benches (divergence, MoE, attention), racecheck ----------

@@ -791,3 +791,65 @@ fn lengths_across_tile_boundaries() {
         check_everywhere(test, &case);
     }
 }
+
+/// Under `DK_ATTENTION_FWD` / `DK_ATTENTION_BWD` (scripts/gpu-check.sh's A/B steps run this file
+/// with them), the kernels asked for must be the ones that ran wherever the device has them:
+/// otherwise a `-wgmma` or `-wide` step would pass on the default kernels. `wgmma` needs compute
+/// capability 9; `wide` runs everywhere the device accepted its shared memory (every Hopper and
+/// A100). Without either switch, or without CUDA, it says so and checks nothing.
+#[test]
+fn requested_kernels_ran() {
+    let test = "requested_kernels_ran";
+    let fwd = std::env::var("DK_ATTENTION_FWD").unwrap_or_default();
+    let bwd = std::env::var("DK_ATTENTION_BWD").unwrap_or_default();
+    if fwd.is_empty() && bwd.is_empty() {
+        visible(&format!(
+            "SKIPPED {test}: neither DK_ATTENTION_FWD nor DK_ATTENTION_BWD is set"
+        ));
+        return;
+    }
+    let Some(c) = cuda(test) else { return };
+    let hopper = c.cu.compute_capability().expect("compute capability").0 == 9;
+    let dev = Device::Cuda(c);
+    let mut rng = Rng::fresh(test);
+    for d in [64, 128] {
+        let case = AttnCase::random(
+            &mut rng,
+            DType::BF16,
+            Seqs::padded(1, 150, 150),
+            AttentionParams {
+                deterministic: true,
+                ..params(2, 1, d, true)
+            },
+            Layout::Separate { pad: 8 },
+        );
+        check_case(&dev, &case);
+    }
+    let ran = distill_kernels::attention::kernels_used();
+    let expect: Vec<&str> = match (fwd.as_str(), hopper) {
+        ("wgmma", true) => vec!["dk_attn_fwd_bf16_d64g", "dk_attn_fwd_bf16_d128g"],
+        ("wide", _) => vec!["dk_attn_fwd_bf16_d128w"],
+        _ => vec![],
+    }
+    .into_iter()
+    .chain(match (bwd.as_str(), hopper) {
+        ("wgmma", true) => vec![
+            "dk_attn_bwd_dkdvg_bf16_d64",
+            "dk_attn_bwd_dkdvg_bf16_d128",
+            "dk_attn_bwd_dqg_bf16_d64",
+            "dk_attn_bwd_dqg_bf16_d128",
+        ],
+        ("wide", _) | ("wgmma", false) => {
+            vec!["dk_attn_bwd_dkdvw_bf16_d128", "dk_attn_bwd_dqw_bf16_d128"]
+        }
+        _ => vec![],
+    })
+    .collect();
+    visible(&format!("{test}: ran {ran:?}"));
+    for name in expect {
+        assert!(
+            ran.contains(&name),
+            "DK_ATTENTION_FWD={fwd:?} DK_ATTENTION_BWD={bwd:?}: {name} did not run (ran: {ran:?})"
+        );
+    }
+}
