@@ -36,6 +36,7 @@
 #include "dk_attention_tile.cuh"
 #include "dk_mma.cuh"
 #include "dk_wgmma.cuh"
+#include "dk_wgmma_tiles.cuh"
 
 namespace dk {
 namespace attn_bwd {
@@ -115,19 +116,9 @@ __device__ __forceinline__ void dkdv_wgmma_kernel(const DkAttentionBwdArgs& a, c
       wgmma_fence_operands(sc);
       wgmma_fence_operands(dp);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t a_off = ((kk >> 2) * Bc * 128 + (kk & 3) * 32) >> 4;
-        const uint32_t b_off = st * kStageDesc + (((kk >> 2) * Br * 128 + (kk & 3) * 32) >> 4);
-        wgmma_ss<T, Br>(sc, k_desc + a_off, q_desc0 + b_off, kk > 0);
-      }
+      wgmma_abt<T, Br, D, Bc, Br>(sc, k_desc, q_desc0, st * kStageDesc);
       wgmma_commit();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t a_off = ((kk >> 2) * Bc * 128 + (kk & 3) * 32) >> 4;
-        const uint32_t b_off = st * kStageDesc + (((kk >> 2) * Br * 128 + (kk & 3) * 32) >> 4);
-        wgmma_ss<T, Br>(dp, v_desc + a_off, do_desc0 + b_off, kk > 0);
-      }
+      wgmma_abt<T, Br, D, Bc, Br>(dp, v_desc, do_desc0, st * kStageDesc);
       wgmma_commit();
       if (wg == 0) named_barrier_arrive(1, NT);
 
@@ -300,19 +291,9 @@ __device__ __forceinline__ void dq_wgmma_kernel(const DkAttentionBwdArgs& a, cha
       wgmma_fence_operands(sc);
       wgmma_fence_operands(dp);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t r_off = ((kk >> 2) * Br * 128 + (kk & 3) * 32) >> 4;
-        const uint32_t k_off = ((kk >> 2) * Bc * 128 + (kk & 3) * 32) >> 4;
-        wgmma_ss<T, Bc>(sc, q_desc + r_off, k_desc + k_off, kk > 0);
-      }
+      wgmma_abt<T, Bc, D, Br, Bc>(sc, q_desc, k_desc);
       wgmma_commit();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t r_off = ((kk >> 2) * Br * 128 + (kk & 3) * 32) >> 4;
-        const uint32_t k_off = ((kk >> 2) * Bc * 128 + (kk & 3) * 32) >> 4;
-        wgmma_ss<T, Bc>(dp, do_desc + r_off, v_desc + k_off, kk > 0);
-      }
+      wgmma_abt<T, Bc, D, Br, Bc>(dp, do_desc, v_desc);
       wgmma_commit();
       if (wg == 0) named_barrier_arrive(1, NT);
 
@@ -348,10 +329,7 @@ __device__ __forceinline__ void dq_wgmma_kernel(const DkAttentionBwdArgs& a, cha
       const uint64_t kt_desc = kt_desc0 + st * kStageDesc;
       wgmma_fence_operands(dq);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < Bc / 16; ++kk) {
-        wgmma_rs<T, D>(dq, dsa[kk], kt_desc + ((kk * 16 * 128) >> 4), true);
-      }
+      wgmma_ab_regs<T, D, Bc>(dq, dsa, kt_desc);
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_operands(dq);

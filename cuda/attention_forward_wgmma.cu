@@ -29,6 +29,7 @@
 #include "dk_attention_tile.cuh"
 #include "dk_mma.cuh"
 #include "dk_wgmma.cuh"
+#include "dk_wgmma_tiles.cuh"
 
 namespace dk {
 namespace attn_fwd {
@@ -53,7 +54,6 @@ __device__ __forceinline__ void forward_wgmma(const DkAttentionFwdArgs& a, unsig
   constexpr int kThr = Tl::kThreads;
   constexpr int kBlockM = Tl::kBlockM;
   constexpr int kN = Tl::kN;
-  constexpr int kQKSteps = D / 16;  // k-steps of Q·Kᵀ
   constexpr int kPVSteps = kN / 16;  // k-steps of P·V
   constexpr int kSRegs = kN / 2;     // S accumulators per thread (64 rows × kN per warpgroup)
   constexpr int kORegs = D / 2;      // O accumulators per thread
@@ -127,12 +127,7 @@ __device__ __forceinline__ void forward_wgmma(const DkAttentionFwdArgs& a, unsig
     if (wg == 1) named_barrier_sync(1, kThr);
     wgmma_fence_operands(sc);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kQKSteps; ++kk) {
-      const uint32_t q_off = ((kk >> 2) * kBlockM * 128 + (kk & 3) * 32) >> 4;
-      const uint32_t k_off = ((kk >> 2) * kN * 128 + (kk & 3) * 32) >> 4;
-      wgmma_ss<T, kN>(sc, q_desc + q_off, k_desc + k_off, kk > 0);
-    }
+    wgmma_abt<T, kN, D, kBlockM, kN>(sc, q_desc, k_desc);
     wgmma_commit();
     if (wg == 0) named_barrier_arrive(1, kThr);
     wgmma_wait<0>();
@@ -191,10 +186,7 @@ __device__ __forceinline__ void forward_wgmma(const DkAttentionFwdArgs& a, unsig
     const uint64_t v_desc = v_desc0 + st * kStageDesc;
     wgmma_fence_operands(o);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kPVSteps; ++kk) {
-      wgmma_rs<T, D>(o, pa[kk], v_desc + ((kk * 16 * 128) >> 4), true);
-    }
+    wgmma_ab_regs<T, D, kN>(o, pa, v_desc);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(o);
