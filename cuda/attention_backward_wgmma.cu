@@ -19,9 +19,10 @@
 // per warpgroup, and walks the 64-key tiles its rows see (DqWalk, the 64-row kernel's walk with
 // the wgmma tile layout). Shared memory, 128-byte-swizzle tiles (dk_wgmma.cuh): Q, dO, and two
 // stages of K and V. Per key tile:
-//   wait for this thread's copies; fence.proxy.async; barrier; queue the next tile's K, V
+//   wait for this thread's copies; fence.proxy.async; barrier
 //   S = Q · Kᵀ, dP = dO · Vᵀ      two batches of wgmma m64n64k16 × D / 16 (A, B in shared
-//                                 memory); warpgroup 1 issues after warpgroup 0 (ping-pong)
+//                                 memory); warpgroup 1 issues after warpgroup 0 (ping-pong);
+//                                 then the next tile's K, V are queued into the other stage
 //   P = exp2(S · scale log2 e − LSE log2 e) (masked entries −∞), while dP is still running
 //   dS = P ∘ (dP − Delta), packed into A fragments
 //   dQ += dS · K                  wgmma m64nDk16 × 4, dS from registers, K as the MN-major B
@@ -61,7 +62,9 @@ __device__ __forceinline__ void dkdv_wgmma_kernel(const DkAttentionBwdArgs& a, c
   constexpr int kGRegs = D / 2;   // dK and dV accumulators per thread (64 keys × D)
   const DkAttentionShape& s = a.shape;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int wg = warp >> 2, g = lane >> 2, t = lane & 3;
+  // The warpgroup, known warp-uniform (a shuffle from lane 0): its descriptor arithmetic then
+  // runs in uniform registers instead of a vector-to-uniform move per product.
+  const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), g = lane >> 2, t = lane & 3;
   const int warp_row = 64 * wg + 16 * (warp & 3);  // the warp's 16 key rows (g, g + 8)
 
   DkdvWalk<T, D, Bc, Br, NT, true> walk(a);
@@ -107,7 +110,7 @@ __device__ __forceinline__ void dkdv_wgmma_kernel(const DkAttentionBwdArgs& a, c
 
     for (int idx = 0; idx < n_iter; ++idx) {
       const int st = idx & 1;
-      walk.begin_step(idx, stages, tid);
+      walk.sync_step();
       const int q0 = walk.q0(idx);
       const bool need_mask = walk.need_mask(q0);
 
@@ -121,6 +124,7 @@ __device__ __forceinline__ void dkdv_wgmma_kernel(const DkAttentionBwdArgs& a, c
       wgmma_abt<T, Br, D, Bc, Br>(dp, v_desc, do_desc0, st * kStageDesc);
       wgmma_commit();
       if (wg == 0) named_barrier_arrive(1, NT);
+      walk.queue_next(idx, stages, tid);  // the other stage: free since the barrier
 
       // Pᵀ; sc[4 j + 2 r + e] is key j0 + 8 r, query q0 + 8 j + 2 t + e. Two copies, with and
       // without the mask (a uniform branch), as in the 128-key mma.sync kernel.
@@ -232,7 +236,9 @@ __device__ __forceinline__ void dq_wgmma_kernel(const DkAttentionBwdArgs& a, cha
   constexpr int kQRegs = D / 2;   // dQ accumulators per thread (64 rows × D)
   const DkAttentionShape& s = a.shape;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int wg = warp >> 2, g = lane >> 2, t = lane & 3;
+  // The warpgroup, known warp-uniform (a shuffle from lane 0): its descriptor arithmetic then
+  // runs in uniform registers instead of a vector-to-uniform move per product.
+  const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0), g = lane >> 2, t = lane & 3;
   const int warp_row = 64 * wg + 16 * (warp & 3);  // the warp's 16 rows (g, g + 8)
 
   DqWalk<T, D, Br, Bc, NT, true> walk(a);
@@ -280,7 +286,7 @@ __device__ __forceinline__ void dq_wgmma_kernel(const DkAttentionBwdArgs& a, cha
 
     for (int n = 0; n < n_end; ++n) {
       const int st = n & 1;
-      walk.begin_step(n, sK, sV, tid);
+      walk.sync_step();
       const int k0 = n * Bc;
       const bool need_mask = walk.need_mask(n);
       const uint64_t k_desc = k_desc0 + st * kStageDesc;
@@ -296,6 +302,7 @@ __device__ __forceinline__ void dq_wgmma_kernel(const DkAttentionBwdArgs& a, cha
       wgmma_abt<T, Bc, D, Br, Bc>(dp, do_desc, v_desc);
       wgmma_commit();
       if (wg == 0) named_barrier_arrive(1, NT);
+      walk.queue_next(n, sK, sV, tid);  // the other stage: free since the barrier
 
       // P; sc[4 j + 2 r + e] is row warp_row + g + 8 r, key k0 + 8 j + 2 t + e.
       wgmma_wait<1>();

@@ -10,7 +10,8 @@
 // aligned): the Q tile, and two stages of K and V tiles. Per key tile n (stage n & 1 of the walk):
 //   wait for this thread's copies of K(n), V(n); fence.proxy.async; barrier
 //                                 -- everyone's copies visible to wgmma, everyone done with
-//                                    tile n + 1, whose stage now takes K(n − 1), V(n − 1)
+//                                    tile n + 1, whose stage takes K(n − 1), V(n − 1) (queued
+//                                    once this warpgroup's S products are issued)
 //   S = Q · K(n)ᵀ                 wgmma m64n128k16 × D / 16, A and B from shared memory;
 //                                 warpgroup 1 issues after warpgroup 0 (ping-pong)
 //   mask; online softmax          on the accumulators, rows in lane quads as with mma.sync
@@ -67,7 +68,10 @@ __device__ __forceinline__ void forward_wgmma(const DkAttentionFwdArgs& a, unsig
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int wg = warp >> 2;  // warpgroup: rows 64 wg .. 64 wg + 63
+  // The warpgroup (rows 64 wg .. 64 wg + 63), known warp-uniform (a shuffle from lane 0): its
+  // descriptor arithmetic then runs in uniform registers instead of a vector-to-uniform move
+  // per product.
+  const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0);
   const int g = lane >> 2;
   const int t = lane & 3;
   const int warp_row = 64 * wg + 16 * (warp & 3);  // the warp's 16 rows (g, g + 8)
@@ -117,8 +121,6 @@ __device__ __forceinline__ void forward_wgmma(const DkAttentionFwdArgs& a, unsig
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();
-    if (n > 0) load_kv(n - 1, st ^ 1);
-    cp_async_commit();
 
     // S = Q · K(n)ᵀ: this warpgroup's 64 rows × kN keys. Ping-pong: warpgroup 1 issues its
     // products after warpgroup 0's (named barrier 1), so the tensor cores run them one after
@@ -130,6 +132,10 @@ __device__ __forceinline__ void forward_wgmma(const DkAttentionFwdArgs& a, unsig
     wgmma_abt<T, kN, D, kBlockM, kN>(sc, q_desc, k_desc);
     wgmma_commit();
     if (wg == 0) named_barrier_arrive(1, kThr);
+    // The next tile's K, V into the other stage (free since the barrier), while S runs: not
+    // between the barrier and the products.
+    if (n > 0) load_kv(n - 1, st ^ 1);
+    cp_async_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(sc);
 

@@ -218,13 +218,13 @@ impl CudaDevice {
     }
 
     /// Whether the Hopper wgmma attention forward accepted its shared memory when the device
-    /// opened (compute capability 9; `DK_ATTENTION_FWD=wgmma` may select it only then).
+    /// opened (compute capability 9.0; `DK_ATTENTION_FWD=wgmma` may select it only then).
     pub(crate) fn attention_wgmma_fwd(&self) -> bool {
         self.attention_wide.wgmma_forward
     }
 
     /// Whether the Hopper wgmma attention dK/dV and dQ kernels accepted their shared memory when
-    /// the device opened (compute capability 9; `DK_ATTENTION_BWD=wgmma` may select it only then).
+    /// the device opened (compute capability 9.0; `DK_ATTENTION_BWD=wgmma` may select it only then).
     pub(crate) fn attention_wgmma_bwd(&self) -> bool {
         self.attention_wide.wgmma_backward
     }

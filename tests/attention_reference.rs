@@ -809,7 +809,7 @@ fn requested_kernels_ran() {
         return;
     }
     let Some(c) = cuda(test) else { return };
-    let hopper = c.cu.compute_capability().expect("compute capability").0 == 9;
+    let hopper = c.cu.compute_capability().expect("compute capability") == (9, 0);
     let dev = Device::Cuda(c);
     let mut rng = Rng::fresh(test);
     for d in [64, 128] {

@@ -186,9 +186,19 @@ struct DkdvWalk {
   // done with step idx - 1 (whose stage buffers the next loads overwrite); step idx + 1's loads
   // are issued.
   __device__ __forceinline__ void begin_step(int idx, const Stages& sm, int tid) {
+    sync_step();
+    queue_next(idx, sm, tid);
+  }
+  // begin_step in two parts, so that the wgmma kernels issue their first products between them
+  // (the loads then leave the barrier-to-product path): the wait, the proxy fence (kWg) and the
+  // barrier ...
+  __device__ __forceinline__ void sync_step() const {
     cp_async_wait<0>();
     if constexpr (kWg) fence_proxy_async();
     __syncthreads();
+  }
+  // ... and step idx + 1's loads into the other stage.
+  __device__ __forceinline__ void queue_next(int idx, const Stages& sm, int tid) {
     if (idx + 1 < steps) {
       const int nx = (idx + 1) & 1;
       load_stage(idx + 1, sm.q + nx * Br * D, sm.dout + nx * Br * D, tid);
@@ -294,9 +304,16 @@ struct DqWalk {
   // With kWg (wgmma reads the tiles through the async proxy) each thread fences its landed
   // copies before the barrier.
   __device__ __forceinline__ void begin_step(int n, T* sK, T* sV, int tid) const {
+    sync_step();
+    queue_next(n, sK, sV, tid);
+  }
+  // begin_step in two parts (see DkdvWalk::sync_step).
+  __device__ __forceinline__ void sync_step() const {
     cp_async_wait<0>();
     if constexpr (kWg) fence_proxy_async();
     __syncthreads();
+  }
+  __device__ __forceinline__ void queue_next(int n, T* sK, T* sV, int tid) const {
     if (n + 1 < n_end) {
       const int nx = (n + 1) & 1;
       load_kv(n + 1, sK + nx * Bc * D, sV + nx * Bc * D, tid);

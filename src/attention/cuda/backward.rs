@@ -29,7 +29,7 @@
 //! `DK_ATTENTION_BWD=wgmma` (A/B, unmeasured) runs the deterministic mode's dK/dV and dQ on
 //! Hopper's warpgroup MMA (`cuda/attention_backward_wgmma.cu`: `dk_attn_bwd_dkdvg_*`, 128 key
 //! rows of 2 warpgroups, 64-query steps; `dk_attn_bwd_dqg_*`, 128 query rows, 64-key steps), on
-//! compute capability 9 devices that accepted their shared memory; the atomic-dQ mode then runs
+//! compute capability 9.0 devices that accepted their shared memory; the atomic-dQ mode then runs
 //! as with `wide`.
 //! `attention::kernels_used` lists what ran.
 
@@ -391,9 +391,9 @@ pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Resu
 }
 
 /// Opts the wgmma dK/dV and dQ kernels into their dynamic shared memory (66 and 130 KiB, 65
-/// and 129 KiB) on a Hopper device (compute capability 9.x; the sm_80 cubin holds empty
-/// bodies); false elsewhere or where the device refuses: only then may `DK_ATTENTION_BWD=wgmma`
-/// select them.
+/// and 129 KiB) on a Hopper device: compute capability 9.0 exactly, the one the sm_90a cubin
+/// runs on (elsewhere the sm_80 code, whose wgmma kernels are empty bodies). False elsewhere or
+/// where the device refuses: only then may `DK_ATTENTION_BWD=wgmma` select them.
 pub(crate) fn configure_wgmma(
     functions: &HashMap<&'static str, CudaFunction>,
     compute_capability: (i32, i32),
@@ -404,7 +404,7 @@ pub(crate) fn configure_wgmma(
             f.set_attribute(attr, bytes as i32).is_ok()
         })
     };
-    compute_capability.0 == 9
+    compute_capability == (9, 0)
         && ["bf16", "f16"].iter().all(|t| {
             [64, 128]
                 .iter()

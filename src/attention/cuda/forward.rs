@@ -123,14 +123,14 @@ pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> bool
         .all(|name| opt_in(functions, name, split_smem_bytes()))
 }
 
-/// Opts the wgmma kernels into their dynamic shared memory (81 and 161 KiB) on a Hopper device
-/// (compute capability 9.x; the sm_80 cubin holds empty bodies); false elsewhere or where the
-/// device refuses.
+/// Opts the wgmma kernels into their dynamic shared memory (81 and 161 KiB) on a Hopper device:
+/// compute capability 9.0 exactly, the one the sm_90a cubin runs on (elsewhere the sm_80 code,
+/// whose wgmma kernels are empty bodies). False elsewhere or where the device refuses.
 pub(crate) fn configure_wgmma(
     functions: &HashMap<&'static str, CudaFunction>,
     compute_capability: (i32, i32),
 ) -> bool {
-    compute_capability.0 == 9
+    compute_capability == (9, 0)
         && WGMMA_KERNELS.iter().all(|name| {
             let d = if name.ends_with("d64g") { 64 } else { 128 };
             opt_in(functions, name, wgmma_smem_bytes(d))
@@ -333,7 +333,7 @@ pub(crate) fn forward(dev: &CudaDevice, raw: &RawAttention, launch: &Launch<'_>)
         // checked above to be device memory of this device covering those shapes, and the
         // dynamic shared memory is within the default 48 KB (see the tests) or, for the split
         // and wgmma kernels, what `configure` / `configure_wgmma` opted them into (the wgmma
-        // kernels only on a compute capability 9 device, whose cubin holds their bodies).
+        // kernels only on a compute capability 9.0 device, whose cubin holds their bodies).
         unsafe { stream.launch_builder(function).arg(&args).launch(cfg)? };
     }
     Ok(())

@@ -46,7 +46,7 @@ pub(crate) struct WideKernels {
     /// 9 only).
     pub wgmma_forward: bool,
     /// The Hopper wgmma dK/dV and dQ kernels (`dk_attn_bwd_{dkdvg,dqg}_*`, up to 130 KiB;
-    /// compute capability 9 only).
+    /// compute capability 9.0 only).
     pub wgmma_backward: bool,
 }
 
