@@ -2,6 +2,7 @@
 
 mod backward;
 mod forward;
+mod selftest;
 mod shape;
 
 #[doc(hidden)]
@@ -12,7 +13,11 @@ pub use forward::attention_fwd_args_layout;
 pub(crate) use forward::forward;
 
 /// Kernels the attention launchers use (loaded from the fatbin when a device opens).
-pub(crate) const KERNEL_NAMES: [&[&str]; 2] = [forward::KERNEL_NAMES, backward::KERNEL_NAMES];
+pub(crate) const KERNEL_NAMES: [&[&str]; 3] = [
+    forward::KERNEL_NAMES,
+    backward::KERNEL_NAMES,
+    selftest::KERNEL_NAMES,
+];
 
 /// The distinct attention kernels this process launched, for [`kernels_used`].
 static USED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
