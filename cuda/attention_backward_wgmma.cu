@@ -193,8 +193,10 @@ __device__ __forceinline__ void dkdv_wgmma_kernel(const DkAttentionBwdArgs& a, c
     }
   }
 
-  // dK · scale and dV in T staged through the K and V tiles (after every warpgroup's last
-  // product read them: the barrier), then 16-byte stores of the block's valid keys.
+  // dK · scale and dV in T staged through the K and V tiles, then 16-byte stores of the block's
+  // valid keys. The first barrier is not needed by the present code (as in the dQ kernel: a
+  // warp stages into its own rows, read only by its warpgroup's finished products): kept, once
+  // per block, so the staging stays safe if tile ownership changes.
   __syncthreads();
   const uint32_t s_k = smem_addr(sK), s_v = smem_addr(sV);
 #pragma unroll
@@ -343,8 +345,10 @@ __device__ __forceinline__ void dq_wgmma_kernel(const DkAttentionBwdArgs& a, cha
     }
   }
 
-  // dQ · scale in T staged in the Q tile (after every warpgroup's last product read it: the
-  // barrier; with no key tile, after the Q / dO copies landed), then 16-byte stores.
+  // dQ · scale in T staged in the Q tile, then 16-byte stores. The first barrier is not needed
+  // by the present code (a warp stages into its own rows, which only its warpgroup's products
+  // read, finished at its wait; every copy landed before the last step's barrier; the emulator
+  // confirms it): kept, once per block, so the staging stays safe if tile ownership changes.
   cp_async_wait<0>();
   __syncthreads();
   const uint32_t s_q = smem_addr(sQ);

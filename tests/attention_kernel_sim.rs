@@ -1,16 +1,19 @@
 //! The CUDA attention kernels, checked without a GPU: tests/attention_sim/ is a host emulator
 //! (one fiber per CUDA thread; ldmatrix, mma.sync m16n8k16, shuffles and cp.async from the PTX
 //! ISA; guarded shared and global memory; see tests/attention_sim/sim_core.h) that compiles the
-//! REAL kernel sources, cuda/attention_forward.cu, cuda/attention_backward.cu and (where it
-//! exists) cuda/attention_forward_wgmma.cu, with their headers. They are staged into a scratch
-//! directory next to the emulator's dk_mma.cuh and dk_wgmma.cuh (the only headers replaced:
-//! they hold the inline PTX), since the headers include them from their own directory.
+//! REAL kernel sources, cuda/attention_forward.cu, cuda/attention_backward.cu and (where they
+//! exist) cuda/attention_forward_wgmma.cu and cuda/attention_backward_wgmma.cu, with their
+//! headers. They are staged into a scratch directory next to the emulator's dk_mma.cuh and
+//! dk_wgmma.cuh (the only headers replaced: they hold the inline PTX), since the headers include
+//! them from their own directory.
 //!
 //! Each case draws fresh random inputs (never zeros; the seed is printed), runs the forward
 //! kernels (the 16-row one, the D = 128 split one, the wgmma one of both head dimensions; the
 //! wgmma kernel is skipped, with a printed NOTE, while its source file does not exist or with
 //! `DK_ATTENTION_SIM_NO_WGMMA=1`) and then the backward kernels of both modes (deterministic,
-//! and atomic dQ; fed the emulated forward's out and LSE) with the grids, blocks and
+//! and atomic dQ; fed the emulated forward's out and LSE) in each configuration (the default
+//! 64-row kernels, `DK_ATTENTION_BWD=wide`'s 128-row ones, and `DK_ATTENTION_BWD=wgmma`'s
+//! deterministic wgmma dK/dV and dQ, skipped like the wgmma forward) with the grids, blocks and
 //! shared-memory sizes of the Rust launchers (src/attention/cuda/forward.rs,
 //! src/attention/cuda/backward.rs: the formulas are repeated below), on poisoned outputs, and
 //! checks:
@@ -23,14 +26,16 @@
 //!   ascending order, the other with copies landing only at the cp.async.wait_group that
 //!   forces them and everything in descending order, give bitwise the same outputs (in the
 //!   atomic-dQ mode: all but dq, whose addition order changes; its dk and dv are bitwise those
-//!   of the deterministic mode, and the dq of both runs is checked against the reference);
+//!   of the deterministic mode, and the dq of both runs is checked against the reference; the
+//!   wgmma backward's dq, dk, dv are checked against the reference only: they sum in other
+//!   orders and round P and dS to the element type for dK and dV);
 //! - the emulator's own checks (shared-memory bounds and alignment, reads of shared memory
 //!   with a copy in flight, global accesses outside the operands' rows, guard pages, converged
 //!   warps at every collective, barriers, outputs stored twice; for wgmma: descriptors, operand
 //!   bounds, fences, commit / wait groups, accumulators and A fragments untouched while a
 //!   product is pending, no writes into its operands, fence.proxy.async after generic writes;
-//!   the wgmma kernel's late-copy run also moves its shared memory to an address aligned to 16
-//!   bytes only, see attention_sim.cpp).
+//!   the wgmma kernels' late-copy runs also move their shared memory to an address aligned to
+//!   16 bytes only, see attention_sim.cpp).
 //!
 //! `wgmma_emulation_self_check` checks the wgmma emulation itself on a hand-written kernel
 //! (tests/attention_sim/wgmma_selfcheck.cpp).
@@ -75,11 +80,13 @@ const FLOOR: f64 = 1e-6;
 // Building the emulator
 // ------------------------------------------------------------------------------------------
 
-/// The emulator driver, and whether the wgmma forward (kernel 10) is compiled into it.
+/// The emulator driver, and whether the wgmma forward (kernel 10) and the wgmma backward
+/// (kernels 11 and 12) are compiled into it.
 #[derive(Clone)]
 struct Simulator {
     exe: PathBuf,
     wgmma: bool,
+    wgmma_bwd: bool,
 }
 
 /// The emulator, built once per test process (the tests share it).
@@ -90,6 +97,17 @@ fn simulator() -> Option<Simulator> {
 
 /// The wgmma forward's source, compiled into the driver where it exists.
 const WGMMA_SOURCE: &str = "attention_forward_wgmma.cu";
+/// The wgmma backward's source (dK/dV and dQ), compiled into the driver where it exists.
+const WGMMA_BWD_SOURCE: &str = "attention_backward_wgmma.cu";
+
+/// What a wgmma source holds, for the notes when it is left out.
+fn wgmma_what(name: &str) -> &'static str {
+    if name == WGMMA_SOURCE {
+        "the wgmma forward (kernel 10)"
+    } else {
+        "the wgmma backward (kernels 11 and 12)"
+    }
+}
 
 /// The headers the emulator replaces (they hold the inline PTX).
 const EMULATED_HEADERS: [&str; 2] = ["dk_mma.cuh", "dk_wgmma.cuh"];
@@ -111,8 +129,9 @@ fn driver_sources(driver: &str) -> Vec<(String, bool)> {
 
 /// Copies the kernel sources the driver includes and every header into a scratch directory
 /// with the emulator's dk_mma.cuh and dk_wgmma.cuh in place of the real ones, and builds the
-/// driver against them. The wgmma forward's source is optional: while it does not exist (or
-/// with `DK_ATTENTION_SIM_NO_WGMMA=1`) it is left out, loudly, and its checks are skipped.
+/// driver against them. The wgmma sources (forward, backward) are optional: while one does not
+/// exist (or with `DK_ATTENTION_SIM_NO_WGMMA=1`) it is left out, loudly, and its checks are
+/// skipped.
 fn build_simulator() -> Option<Simulator> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let stage = scratch_dir(TEST).join("kernel");
@@ -125,21 +144,24 @@ fn build_simulator() -> Option<Simulator> {
     let driver = sim_dir.join("attention_sim.cpp");
     let text = std::fs::read_to_string(&driver).expect("read attention_sim.cpp");
     let skip_wgmma = std::env::var_os("DK_ATTENTION_SIM_NO_WGMMA").is_some_and(|v| v != "0");
-    let mut wgmma = false;
+    let (mut wgmma, mut wgmma_bwd) = (false, false);
     for (name, optional) in driver_sources(&text) {
         let path = root.join("cuda").join(&name);
-        if name == WGMMA_SOURCE && skip_wgmma {
+        let is_wgmma = name == WGMMA_SOURCE || name == WGMMA_BWD_SOURCE;
+        if is_wgmma && skip_wgmma {
             visible(&format!(
-                "NOTE {TEST}: DK_ATTENTION_SIM_NO_WGMMA is set: cuda/{name} left out, the wgmma \
-                 forward (kernel 10) is NOT checked"
+                "NOTE {TEST}: DK_ATTENTION_SIM_NO_WGMMA is set: cuda/{name} left out, {} is NOT \
+                 checked",
+                wgmma_what(&name)
             ));
         } else if path.exists() {
             copy(&path);
             wgmma |= name == WGMMA_SOURCE;
+            wgmma_bwd |= name == WGMMA_BWD_SOURCE;
         } else if optional {
             visible(&format!(
-                "NOTE {TEST}: cuda/{name} does not exist: the wgmma forward (kernel 10) is NOT \
-                 checked"
+                "NOTE {TEST}: cuda/{name} does not exist: {} is NOT checked",
+                wgmma_what(&name)
             ));
         } else {
             panic!(
@@ -167,7 +189,11 @@ fn build_simulator() -> Option<Simulator> {
         // The kernels' `#pragma unroll` is CUDA's; the host compiler ignores it.
         &["-Wno-unknown-pragmas"],
     )?;
-    Some(Simulator { exe, wgmma })
+    Some(Simulator {
+        exe,
+        wgmma,
+        wgmma_bwd,
+    })
 }
 
 // ------------------------------------------------------------------------------------------
@@ -176,7 +202,7 @@ fn build_simulator() -> Option<Simulator> {
 
 /// One kernel launch: kernel (0 forward, 1 Delta, 2 dK/dV, 3 dQ, 4 dK/dV with atomic dQ, 5 dQ
 /// conversion, 6 / 7 the 128-key dK/dV without / with atomic dQ, 8 the D = 128 split forward,
-/// 9 the 128-row dQ, 10 the wgmma forward),
+/// 9 the 128-row dQ, 10 the wgmma forward, 11 / 12 the wgmma dK/dV / dQ),
 /// grid, threads, dynamic shared memory, and the forward's head / batch offsets.
 #[derive(Debug, Clone, Copy)]
 struct LaunchCfg {
@@ -199,6 +225,18 @@ enum Fwd {
     /// The D = 128 split kernel (kernel 8, `DK_ATTENTION_FWD=wide`).
     Split,
     /// The wgmma kernel of cuda/attention_forward_wgmma.cu (kernel 10), both head dimensions.
+    Wgmma,
+}
+
+/// The backward configurations (`DK_ATTENTION_BWD`, src/attention/cuda/backward.rs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Bwd {
+    /// The default: the 64-key dK/dV kernel (2, or 4 with atomic dQ), the 64-row dQ kernel (3).
+    Narrow,
+    /// `wide`: the 128-key dK/dV kernels (6, or 7 with atomic dQ), the 128-row dQ kernel (9).
+    Wide,
+    /// `wgmma`: in the deterministic mode the wgmma dK/dV (11) and dQ (12) kernels of
+    /// cuda/attention_backward_wgmma.cu; with atomic dQ, `Wide`.
     Wgmma,
 }
 
@@ -255,11 +293,16 @@ fn forward_launches(case: &AttnCase, split: usize, kind: Fwd) -> Vec<LaunchCfg> 
 /// conversion on the Delta grid instead of dQ. Also returns the workspace size
 /// (`backward_workspace_size`).
 ///
-/// With `wide` (`DK_ATTENTION_BWD=wide`): the 128-key dK/dV kernels of 8 warps instead
+/// With `Bwd::Wide` (`DK_ATTENTION_BWD=wide`): the 128-key dK/dV kernels of 8 warps instead
 /// (`dkdv_wide_smem_bytes`, ⌈Sk / 128⌉·B·Hkv blocks of 256 threads; kernel 6, or 7 with atomic
 /// dQ), and in the deterministic mode the 128-row dQ kernel (`dq_wide_smem_bytes`,
-/// ⌈Sq / 128⌉·B·Hq blocks of 256 threads; kernel 9).
-fn backward_launches(case: &AttnCase, atomic_dq: bool, wide: bool) -> (Vec<LaunchCfg>, usize) {
+/// ⌈Sq / 128⌉·B·Hq blocks of 256 threads; kernel 9). With `Bwd::Wgmma`
+/// (`DK_ATTENTION_BWD=wgmma`), in the deterministic mode: the wgmma dK/dV kernel (kernel 11,
+/// `dkdv_wgmma_smem_bytes` = 1024 + (2·128·D + 4·64·D)·2 + 4·64·4, ⌈Sk / `WGMMA_KEYS` = 128⌉·B·Hkv
+/// blocks of 256 threads) and dQ kernel (kernel 12, `dq_wgmma_smem_bytes` = 1024 + (2·128·D +
+/// 4·64·D)·2, ⌈Sq / `WGMMA_DQ_ROWS` = 128⌉·B·Hq blocks of 256 threads); with atomic dQ the
+/// launcher runs `wide`'s kernels.
+fn backward_launches(case: &AttnCase, atomic_dq: bool, kind: Bwd) -> (Vec<LaunchCfg>, usize) {
     let s = &case.seqs;
     let (batch, hq, hkv, d, tq, tk) = (
         s.batch(),
@@ -285,12 +328,19 @@ fn backward_launches(case: &AttnCase, atomic_dq: bool, wide: bool) -> (Vec<Launc
         head_offset: 0,
         batch_offset: 0,
     };
+    // As the launcher: `wgmma` is `wide` in the atomic-dQ mode.
+    let wgmma = kind == Bwd::Wgmma && !atomic_dq;
+    let wide = kind != Bwd::Narrow;
     let mut out = Vec::new();
     let delta_blocks = (hq * tq).div_ceil(256 / (d / 8));
     if tq > 0 {
         out.push(one(1, delta_blocks, 256, 0));
     }
-    if tk > 0 && wide {
+    if tk > 0 && wgmma {
+        let blocks = s.max_k.div_ceil(128) * batch * hkv;
+        let smem = 1024 + (2 * 128 * d + 4 * 64 * d) * 2 + 4 * 64 * 4;
+        out.push(one(11, blocks, 256, smem));
+    } else if tk > 0 && wide {
         let blocks = s.max_k.div_ceil(128) * batch * hkv;
         let smem = (2 * 128 * d + 4 * 64 * d + 2 * 128 * 64) * 2 + 4 * 64 * 4;
         out.push(one(if atomic_dq { 7 } else { 6 }, blocks, 256, smem));
@@ -305,6 +355,9 @@ fn backward_launches(case: &AttnCase, atomic_dq: bool, wide: bool) -> (Vec<Launc
     if tq > 0 {
         out.push(if atomic_dq {
             one(5, delta_blocks, 256, 0)
+        } else if wgmma {
+            let smem = 1024 + (2 * 128 * d + 4 * 64 * d) * 2;
+            one(12, s.max_q.div_ceil(128) * batch * hq, 256, smem)
         } else if wide {
             let smem = (2 * 128 * d + 4 * 64 * d + 128 * 64) * 2;
             one(9, s.max_q.div_ceil(128) * batch * hq, 256, smem)
@@ -552,7 +605,7 @@ fn backward_job<'a>(
     bufs: &'a [Bytes],
     mode: Mode,
     atomic_dq: bool,
-    wide: bool,
+    kind: Bwd,
 ) -> Job<'a> {
     let [dout, q, k, v, out, dq, dk, dv] = case.bwd_slots();
     let (tq, tk, qc, kc) = (case.tq(), case.tk(), case.qc(), case.kc());
@@ -568,7 +621,7 @@ fn backward_job<'a>(
         matrix("dv", case, dv, tk, kc, true),
     ];
     operands.extend(offsets(case, bwd_buf::CU_Q, bwd_buf::CU_K));
-    let (launches, workspace) = backward_launches(case, atomic_dq, wide);
+    let (launches, workspace) = backward_launches(case, atomic_dq, kind);
     Job {
         backward: true,
         case,
@@ -603,6 +656,9 @@ struct Errors {
     /// dK of the 128-key dK/dV kernel (`DK_ATTENTION_BWD=wide`).
     dk_wide: f64,
     dv: f64,
+    /// dq, dk, dv of the wgmma backward (`DK_ATTENTION_BWD=wgmma`; None: not checked, its source
+    /// is missing).
+    wgmma_bwd: Option<[f64; 3]>,
     secs: f64,
     /// The emulator's statistics (launches, blocks, collectives) of the first run of each job.
     log: String,
@@ -846,8 +902,12 @@ fn check_case(sim: &Simulator, sc: &SimCase) -> Result<Errors, String> {
 
     // Backward from the emulated forward's out and LSE.
     let bufs = case.bwd_bufs(&fwd.out, &fwd.lse);
-    let (after, _, log) = run_both(exe, |m| backward_job(case, &bufs, m, false, false), &[])
-        .map_err(|e| format!("backward: {e}"))?;
+    let (after, _, log) = run_both(
+        exe,
+        |m| backward_job(case, &bufs, m, false, Bwd::Narrow),
+        &[],
+    )
+    .map_err(|e| format!("backward: {e}"))?;
     e.log += &log;
     let grads = case
         .bwd_outputs(&bufs, &after)
@@ -872,7 +932,7 @@ fn check_case(sim: &Simulator, sc: &SimCase) -> Result<Errors, String> {
     // the 128-row dQ kernel (the same 16-key MMA terms in the same order as the 64-row one). dk is not: its dS = P∘(dP − Delta) takes P rounded to the input
     // type (read back from the Pᵀ tile), where the 64-key kernel keeps P in f32; it is checked
     // against the reference instead.
-    let wide_det = run_both(exe, |m| backward_job(case, &bufs, m, false, true), &[])
+    let wide_det = run_both(exe, |m| backward_job(case, &bufs, m, false, Bwd::Wide), &[])
         .map_err(|e| format!("backward, 128-key dK/dV: {e}"))?;
     e.log += &wide_det.2;
     let wide_grads = case
@@ -901,8 +961,9 @@ fn check_case(sim: &Simulator, sc: &SimCase) -> Result<Errors, String> {
         } else {
             "backward, atomic dQ"
         };
+        let kind = if wide { Bwd::Wide } else { Bwd::Narrow };
         let (first, second, log) =
-            run_both(exe, |m| backward_job(case, &bufs, m, true, wide), &["dq"])
+            run_both(exe, |m| backward_job(case, &bufs, m, true, kind), &["dq"])
                 .map_err(|e| format!("{what}: {e}"))?;
         e.log += &log;
         for (run, after) in [("ascending", &first), ("descending", &second)] {
@@ -920,6 +981,35 @@ fn check_case(sim: &Simulator, sc: &SimCase) -> Result<Errors, String> {
             e.dq_atomic = e.dq_atomic.max(err);
             check_zeros(case, &fwd.out, Some(&g)).map_err(|e| format!("{what}, {run} run: {e}"))?;
         }
+    }
+    // The wgmma backward (`DK_ATTENTION_BWD=wgmma`, deterministic: Delta, then kernels 11 and
+    // 12): the checks of the 128-key kernels against the reference, for all three gradients.
+    // Not bitwise the mma.sync kernels': wgmma sums 16-element k-steps in its own order, and dK
+    // and dV take Pᵀ and dSᵀ rounded to the element type as A operands (like the 128-key dK).
+    if sim.wgmma_bwd {
+        let what = "backward, wgmma dK/dV and dQ";
+        let (after, _, log) = run_both(
+            exe,
+            |m| backward_job(case, &bufs, m, false, Bwd::Wgmma),
+            &[],
+        )
+        .map_err(|e| format!("{what}: {e}"))?;
+        e.log += &log;
+        let g = case
+            .bwd_outputs(&bufs, &after)
+            .map_err(|e| format!("{what}: {e}"))?;
+        let t = tol(case.dtype);
+        let errs = [
+            close_floor("dq (wgmma)", &g.dq, &want.dq, t, floor),
+            close_floor("dk (wgmma)", &g.dk, &want.dk, t, floor),
+            close("dv (wgmma)", &g.dv, &want.dv, t),
+        ];
+        let mut got = [0.0; 3];
+        for (x, err) in got.iter_mut().zip(errs) {
+            *x = err.map_err(|e| format!("{what}: {e}"))?;
+        }
+        e.wgmma_bwd = Some(got);
+        check_zeros(case, &fwd.out, Some(&g)).map_err(|e| format!("{what}: {e}"))?;
     }
     e.secs = t0.elapsed().as_secs_f64();
     Ok(e)
@@ -1148,10 +1238,26 @@ fn attention_kernels_match_the_cpu_backend() {
                 let wgmma = e
                     .out_wgmma
                     .map_or("skipped".to_string(), |x| format!("{x:.1e}"));
+                let wg = |i: usize| {
+                    e.wgmma_bwd
+                        .map_or("skipped".to_string(), |x| format!("{:.1e}", x[i]))
+                };
                 eprintln!(
                     "ok   {what}: out {:.1e} (split {:.1e}, wgmma {wgmma}) lse {:.1e} dq {:.1e} \
-                     (atomic {:.1e}) dk {:.1e} (128-key {:.1e}) dv {:.1e} ({:.1}s)",
-                    e.out, e.out_split, e.lse, e.dq, e.dq_atomic, e.dk, e.dk_wide, e.dv, e.secs
+                     (atomic {:.1e}, wgmma {}) dk {:.1e} (128-key {:.1e}, wgmma {}) dv {:.1e} \
+                     (wgmma {}) ({:.1}s)",
+                    e.out,
+                    e.out_split,
+                    e.lse,
+                    e.dq,
+                    e.dq_atomic,
+                    wg(0),
+                    e.dk,
+                    e.dk_wide,
+                    wg(1),
+                    e.dv,
+                    wg(2),
+                    e.secs
                 );
                 if std::env::var_os("DK_ATTENTION_SIM_LOG").is_some() {
                     eprint!("{}", e.log);
@@ -1169,11 +1275,14 @@ fn attention_kernels_match_the_cpu_backend() {
         failures.len(),
         t0.elapsed().as_secs_f64()
     );
-    if !sim.wgmma {
-        visible(&format!(
-            "NOTE {TEST}: the wgmma forward (kernel 10, cuda/{WGMMA_SOURCE}) was NOT checked: \
-             the file does not exist or DK_ATTENTION_SIM_NO_WGMMA is set"
-        ));
+    for (checked, name) in [(sim.wgmma, WGMMA_SOURCE), (sim.wgmma_bwd, WGMMA_BWD_SOURCE)] {
+        if !checked {
+            visible(&format!(
+                "NOTE {TEST}: {} (cuda/{name}) was NOT checked: the file does not exist or \
+                 DK_ATTENTION_SIM_NO_WGMMA is set",
+                wgmma_what(name)
+            ));
+        }
     }
     assert!(
         failures.is_empty(),
@@ -1251,20 +1360,24 @@ fn garbage_offsets_stay_in_bounds() {
                 let mut jobs = vec![
                     forward_job(&case, &fwd, mode, MAX_GRID_YZ, Fwd::Rows),
                     forward_job(&case, &fwd, mode, MAX_GRID_YZ, split),
-                    backward_job(&case, &bwd, mode, false, false),
-                    backward_job(&case, &bwd, mode, true, false),
-                    backward_job(&case, &bwd, mode, false, true),
-                    backward_job(&case, &bwd, mode, true, true),
+                    backward_job(&case, &bwd, mode, false, Bwd::Narrow),
+                    backward_job(&case, &bwd, mode, true, Bwd::Narrow),
+                    backward_job(&case, &bwd, mode, false, Bwd::Wide),
+                    backward_job(&case, &bwd, mode, true, Bwd::Wide),
                 ];
                 if sim.wgmma {
                     jobs.push(forward_job(&case, &fwd, mode, MAX_GRID_YZ, Fwd::Wgmma));
                 }
+                if sim.wgmma_bwd {
+                    jobs.push(backward_job(&case, &bwd, mode, false, Bwd::Wgmma));
+                }
                 for job in &mut jobs {
                     job.single_stores = false;
                     let wide = job.launches.iter().any(|l| l.kernel >= 6);
-                    let wgmma = job.launches.iter().any(|l| l.kernel == 10);
+                    let wgmma = job.launches.iter().any(|l| l.kernel >= 10);
                     let what = match (job.backward, job.atomic_dq, wide) {
                         (false, _, true) if wgmma => "forward (wgmma)",
+                        (true, false, true) if wgmma => "backward (wgmma dK/dV and dQ)",
                         (false, _, true) => "forward (split)",
                         (false, _, false) => "forward",
                         (true, false, false) => "backward",

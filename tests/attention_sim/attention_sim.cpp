@@ -1,8 +1,8 @@
 // Driver of the attention kernel emulator (tests/attention_kernel_sim.rs): compiles the REAL
 // kernel sources (cuda/attention_forward.cu, cuda/attention_backward.cu and, where the test
-// staged it, cuda/attention_forward_wgmma.cu; staged next to the emulator's dk_mma.cuh and
-// dk_wgmma.cuh; see sim_core.h for what is emulated and checked) and runs one call (the
-// forward, or the three backward kernels) on the buffers it is given.
+// staged them, cuda/attention_forward_wgmma.cu and cuda/attention_backward_wgmma.cu; staged next
+// to the emulator's dk_mma.cuh and dk_wgmma.cuh; see sim_core.h for what is emulated and
+// checked) and runs one call (the forward, or the backward kernels) on the buffers it is given.
 //
 // Protocol (binary, native endianness), one job per process:
 //   stdin:  u32 magic 0x53414b44 ("DKAS"); i32 kind (0 forward, 1 backward), dtype (0 bf16,
@@ -25,7 +25,13 @@
 //             per block of 256 threads (2 warpgroups), grid as 8's; an error where the
 //             driver was built without that file: see DK_SIM_WGMMA_FWD; in the late-copy
 //             run its dynamic shared memory starts at shared address 400, 16-byte aligned
-//             only, so the kernel's own alignment of its 1024-byte swizzle atoms is checked),
+//             only, so the kernel's own alignment of its 1024-byte swizzle atoms is checked;
+//             11 and 12 the wgmma backward of cuda/attention_backward_wgmma.cu, run after
+//             Delta (1): 11 dk_attn_bwd_dkdvg_{bf16,f16}_d{64,128}, dK/dV of 128 key rows per
+//             block of 256 threads (2 warpgroups), grid as 6's; 12 dk_attn_bwd_dqg_*, the
+//             deterministic dQ of 128 query rows per block of 256 threads, grid as 9's; an
+//             error where the driver was built without that file (DK_SIM_WGMMA_BWD); in the
+//             late-copy run their shared memory starts at address 400, as kernel 10's),
 //             u32 grid x, y, z, block x, dynamic shared bytes; i32 head_offset, batch_offset
 //   (str = u32 length + bytes). The launches are the Rust launchers' (the test computes them
 //   with the same formulas as src/attention/cuda/{forward,backward}.rs).
@@ -56,6 +62,14 @@ char (*sim_bwd_smem())[] { return reinterpret_cast<char(*)[]>(sim::S.smem); }
 #endif
 #endif
 #include "attention_backward.cu"
+// The wgmma backward kernels (11, 12), where the test staged them (it skips them otherwise).
+#if __has_include("attention_backward_wgmma.cu")
+#include "attention_backward_wgmma.cu"
+#define DK_SIM_WGMMA_BWD 1
+#ifndef DK_ATTENTION_SIM_WGMMA_SHIM
+#error "the wgmma kernels were compiled against the real dk_wgmma.cuh instead of the emulator's"
+#endif
+#endif
 
 #ifndef DK_ATTENTION_SIM_MMA_SHIM
 #error "the kernels were compiled against the real dk_mma.cuh instead of the emulator's"
@@ -111,10 +125,33 @@ FwdKernel fwd_wgmma_kernel(bool bf16, int d, const char** name) {
 #endif
 }
 
+// The wgmma backward kernels (11: dK/dV, 12: dQ) and their names.
+BwdKernel bwd_wgmma_kernel(bool bf16, int d, int which, const char** name) {
+#ifdef DK_SIM_WGMMA_BWD
+#define DK_SIM_PICK_WG(t, D)                                                                   \
+  if (which == 11) { *name = "dk_attn_bwd_dkdvg_" #t "_d" #D; return dk_attn_bwd_dkdvg_##t##_d##D; } \
+  *name = "dk_attn_bwd_dqg_" #t "_d" #D;                                                       \
+  return dk_attn_bwd_dqg_##t##_d##D;
+  if (bf16 && d == 64) { DK_SIM_PICK_WG(bf16, 64) }
+  if (bf16) { DK_SIM_PICK_WG(bf16, 128) }
+  if (d == 64) { DK_SIM_PICK_WG(f16, 64) }
+  DK_SIM_PICK_WG(f16, 128)
+#undef DK_SIM_PICK_WG
+#else
+  (void)bf16;
+  (void)d;
+  *name = which == 11 ? "dk_attn_bwd_dkdvg_*" : "dk_attn_bwd_dqg_*";
+  sim::fail("kernel %d (the wgmma backward): the driver was built without "
+            "cuda/attention_backward_wgmma.cu", which);
+#endif
+}
+
 // Backward kernel `which` (1 Delta, 2 dK/dV, 3 dQ, 4 dK/dV + atomic dQ, 5 dQ conversion, 6 and
-// 7: the 128-key dK/dV kernels without and with atomic dQ, 9: the 128-row dQ kernel) and its
-// name.
+// 7: the 128-key dK/dV kernels without and with atomic dQ, 9: the 128-row dQ kernel, 11 and 12:
+// the wgmma dK/dV and dQ kernels) and its name.
 BwdKernel bwd_kernel(bool bf16, int d, int which, const char** name) {
+  if (which == 11 || which == 12) return bwd_wgmma_kernel(bf16, d, which, name);
+  if (which < 1 || which > 9 || which == 8) sim::fail("backward kernel %d does not exist", which);
 #define DK_SIM_PICK(t, D)                                                    \
   if (which == 1) { *name = "dk_attn_bwd_delta_" #t "_d" #D; return dk_attn_bwd_delta_##t##_d##D; } \
   if (which == 2) { *name = "dk_attn_bwd_dkdv_" #t "_d" #D; return dk_attn_bwd_dkdv_##t##_d##D; }   \
@@ -279,7 +316,10 @@ int main() {
     } else {
       if (kind != 1) sim::fail("backward launch in a forward job");
       g_bwd_fn = bwd_kernel(bf16, d, which, &name);
+      // As for kernel 10: the wgmma kernels align their tiles themselves.
+      sim::S.smem_base = (which == 11 || which == 12) && sim::S.late_copies ? 400 : 0;
       sim::launch(name, bwd_entry, grid, block, smem);
+      sim::S.smem_base = 0;
     }
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

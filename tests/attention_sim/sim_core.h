@@ -1,5 +1,6 @@
 // Host emulator of the CUDA features the attention kernels use (cuda/attention_forward.cu,
-// cuda/attention_backward.cu), so that the REAL kernel source runs on a machine without a GPU.
+// cuda/attention_backward.cu and their wgmma versions, cuda/attention_{forward,backward}_wgmma.cu),
+// so that the REAL kernel source runs on a machine without a GPU.
 // Used by tests/attention_sim/attention_sim.cpp (driver) through tests/attention_kernel_sim.rs.
 //
 // Execution model
@@ -86,7 +87,7 @@
 //   ends exactly where an inaccessible 64 KiB guard region starts, with another before it, and
 //   is filled with 0xff (NaN in bf16, f16 and f32) before every block. Its shared address (what
 //   smem_addr gives for its first byte) is State::smem_base, 0 unless a driver moves it (the
-//   attention driver does for the wgmma kernel, to check its own alignment of the tiles). Every emulated access
+//   attention driver does for the wgmma kernels, to check their own alignment of the tiles). Every emulated access
 //   (ldmatrix rows, cp.async destinations, st.shared.b32, ld.shared.v4, 16-byte uint4 loads and
 //   stores) is checked against [0, bytes) and for alignment; plain pointer accesses (float,
 //   float2, uint32_t) are covered by the guard regions only.
