@@ -38,7 +38,11 @@
 //!   16 bytes only, see attention_sim.cpp).
 //!
 //! `wgmma_emulation_self_check` checks the wgmma emulation itself on a hand-written kernel
-//! (tests/attention_sim/wgmma_selfcheck.cpp).
+//! (tests/attention_sim/wgmma_selfcheck.cpp). `wgmma_selftest_kernels_on_the_emulator` runs the
+//! REAL hardware self-test kernels of cuda/attention_wgmma_selftest.cu (the GPU unit test
+//! `wgmma_layouts_on_the_device`) through the emulator with that test's inputs and tolerance
+//! (tests/attention_sim/wgmma_selftest_sim.cpp), so that a failure on a device can only be the
+//! emulator's reading of the PTX ISA layouts.
 //!
 //! Cases (small shapes: the emulator plays every thread of every block): bf16 and f16, D 64 and
 //! 128, padded and varlen (empty sequences, length-1 sequences, queries without keys, keys
@@ -127,6 +131,29 @@ fn driver_sources(driver: &str) -> Vec<(String, bool)> {
         .collect()
 }
 
+/// Copies every header of cuda/include into `stage`, with the emulator's dk_mma.cuh and
+/// dk_wgmma.cuh in place of the real ones (a kernel source staged next to them includes them
+/// from its own directory, and so do the headers).
+fn stage_headers(stage: &Path) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let copy = |from: &Path| {
+        let to = stage.join(from.file_name().unwrap());
+        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+    };
+    for entry in std::fs::read_dir(root.join("cuda/include")).expect("cuda/include") {
+        let path = entry.expect("cuda/include entry").path();
+        if path
+            .file_name()
+            .is_some_and(|n| !EMULATED_HEADERS.iter().any(|h| n == *h))
+        {
+            copy(&path);
+        }
+    }
+    for h in EMULATED_HEADERS {
+        copy(&root.join("tests/attention_sim").join(h));
+    }
+}
+
 /// Copies the kernel sources the driver includes and every header into a scratch directory
 /// with the emulator's dk_mma.cuh and dk_wgmma.cuh in place of the real ones, and builds the
 /// driver against them. The wgmma sources (forward, backward) are optional: while one does not
@@ -170,22 +197,11 @@ fn build_simulator() -> Option<Simulator> {
             );
         }
     }
-    for entry in std::fs::read_dir(root.join("cuda/include")).expect("cuda/include") {
-        let path = entry.expect("cuda/include entry").path();
-        if path
-            .file_name()
-            .is_some_and(|n| !EMULATED_HEADERS.iter().any(|h| n == *h))
-        {
-            copy(&path);
-        }
-    }
-    for h in EMULATED_HEADERS {
-        copy(&sim_dir.join(h));
-    }
+    stage_headers(&stage);
     let exe = build_kernel_simulator(
         TEST,
         &driver,
-        &[stage, sim_dir.clone()],
+        &[stage, sim_dir],
         // The kernels' `#pragma unroll` is CUDA's; the host compiler ignores it.
         &["-Wno-unknown-pragmas"],
     )?;
@@ -1547,6 +1563,229 @@ fn wgmma_emulation_self_check() {
     assert!(
         failures.is_empty(),
         "the wgmma emulation self-check failed:\n{}",
+        failures.join("\n")
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// The hardware self-test kernels (cuda/attention_wgmma_selftest.cu) on the emulator
+// ------------------------------------------------------------------------------------------
+
+/// The self-test's source, staged next to the emulator's headers.
+const SELFTEST_SOURCE: &str = "attention_wgmma_selftest.cu";
+
+/// The unit test's inputs (`values` of src/attention/cuda/selftest.rs, repeated here: keep the
+/// two in step): deterministic, of both signs, never zero, exactly representable in bf16.
+fn selftest_values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 24;
+            let x = (h as f32 - 127.5) / 64.0;
+            half::bf16::from_f32(x).to_f32()
+        })
+        .collect()
+}
+
+/// The unit test's tolerance: largest |got − want| over the largest |want|.
+const SELFTEST_TOL: f64 = 1e-5;
+
+/// The unit test's error measure (largest |got − want| over the largest |want|) of a
+/// `rows` × `cols` result, and where the largest difference is; an element that is not finite
+/// (the driver poisons the outputs with a NaN, so an element never written stays one; the LATE
+/// model's accumulators are a NaN until their wait) is an error of its own, since f64::max
+/// would pass over it.
+fn selftest_error(got: &[f32], want: &[f64], cols: usize) -> Result<(f64, String), String> {
+    assert_eq!(got.len(), want.len());
+    let bad: Vec<usize> = (0..got.len()).filter(|&i| !got[i].is_finite()).collect();
+    if let Some(&i) = bad.first() {
+        return Err(format!(
+            "{} elements not finite, the first C[{}][{}] = {}",
+            bad.len(),
+            i / cols,
+            i % cols,
+            got[i]
+        ));
+    }
+    let scale = want.iter().fold(0f64, |m, w| m.max(w.abs()));
+    let (at, err) = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs())
+        .enumerate()
+        .fold((0, 0f64), |m, (i, d)| if d > m.1 { (i, d) } else { m });
+    let e = err / scale;
+    Ok((
+        e,
+        format!(
+            "largest difference at C[{}][{}]: {} against {}",
+            at / cols,
+            at % cols,
+            got[at],
+            want[at]
+        ),
+    ))
+}
+
+/// One run of the self-test driver (tests/attention_sim/wgmma_selftest_sim.cpp) on `input`: the
+/// ss result (64 × 64) followed by the rs result (64 × 128), or why there is none.
+fn run_selftest_driver(
+    exe: &Path,
+    input: &[u8],
+    late: bool,
+    reverse: bool,
+    base: u32,
+) -> Result<Vec<f32>, String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let flag = |b: bool| if b { "1" } else { "0" };
+    let mut child = Command::new(exe)
+        .args([flag(late), flag(reverse), &base.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the self-test driver");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input)
+        .expect("write the driver's input");
+    let out = child
+        .wait_with_output()
+        .expect("wait for the self-test driver");
+    if !out.status.success() || out.stdout.len() != 4 * (64 * 64 + 64 * 128) {
+        return Err(format!(
+            "{:?}, {} bytes of output:\n{}",
+            out.status,
+            out.stdout.len(),
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        ));
+    }
+    Ok(out
+        .stdout
+        .chunks_exact(4)
+        .map(|w| f32::from_ne_bytes(w.try_into().unwrap()))
+        .collect())
+}
+
+/// The hardware self-test kernels of cuda/attention_wgmma_selftest.cu (run on a GPU by the unit
+/// test `wgmma_layouts_on_the_device`, src/attention/cuda/selftest.rs), the REAL source staged
+/// like the attention kernels and built into tests/attention_sim/wgmma_selftest_sim.cpp: with
+/// the unit test's launch and inputs, both products (ss: C = A·Bᵀ, rs: C = P·V) are within its
+/// tolerance of the f64 products, and every output element is written, in both timing models,
+/// both orders, and with the dynamic shared memory at shared address 0, 400 and 16 (aligned to
+/// 16 bytes only; at 16 the kernels' alignment to 1024 bytes takes all but 16 bytes of the 1 KiB
+/// of slack). So the kernels' own logic (tile loads, descriptors, the gather of P into A
+/// fragments, the store of the accumulators) agrees with the emulator's reading of the PTX ISA
+/// layouts: if the unit test fails on a device, that reading is what is wrong.
+#[test]
+fn wgmma_selftest_kernels_on_the_emulator() {
+    const NAME: &str = "attention_wgmma_selftest";
+    if std::env::var_os("DK_ATTENTION_SIM_NO_WGMMA").is_some_and(|v| v != "0") {
+        visible(&format!(
+            "NOTE {NAME}: DK_ATTENTION_SIM_NO_WGMMA is set: cuda/{SELFTEST_SOURCE} is NOT checked"
+        ));
+        return;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let sim_dir = root.join("tests/attention_sim");
+    let stage = scratch_dir(NAME).join("kernel");
+    std::fs::create_dir_all(&stage).expect("create the staging directory");
+    let source = root.join("cuda").join(SELFTEST_SOURCE);
+    std::fs::copy(&source, stage.join(SELFTEST_SOURCE))
+        .unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
+    stage_headers(&stage);
+    let t0 = Instant::now();
+    let Some(exe) = build_kernel_simulator(
+        NAME,
+        &sim_dir.join("wgmma_selftest_sim.cpp"),
+        &[stage, sim_dir],
+        &["-Wno-unknown-pragmas"],
+    ) else {
+        return;
+    };
+    let built = t0.elapsed().as_secs_f64();
+
+    // The unit test's inputs (seeds 1 .. 4) and f64 products.
+    let (a, b) = (selftest_values(64 * 128, 1), selftest_values(64 * 128, 2));
+    let (p, v) = (selftest_values(64 * 64, 3), selftest_values(64 * 128, 4));
+    let want_ss: Vec<f64> = (0..64 * 64)
+        .map(|ij| {
+            let (i, j) = (ij / 64, ij % 64);
+            (0..128)
+                .map(|k| a[i * 128 + k] as f64 * b[j * 128 + k] as f64)
+                .sum()
+        })
+        .collect();
+    let want_rs: Vec<f64> = (0..64 * 128)
+        .map(|ij| {
+            let (i, j) = (ij / 128, ij % 128);
+            (0..64)
+                .map(|k| p[i * 64 + k] as f64 * v[k * 128 + j] as f64)
+                .sum()
+        })
+        .collect();
+    let bf16_bytes = |x: &[f32]| -> Vec<u8> {
+        x.iter()
+            .flat_map(|&e| half::bf16::from_f32(e).to_bits().to_ne_bytes())
+            .collect()
+    };
+    let mut input = 0x5453_4b44u32.to_ne_bytes().to_vec();
+    input.extend(bf16_bytes(&a));
+    input.extend(bf16_bytes(&b));
+    input.extend(p.iter().flat_map(|e| e.to_ne_bytes()));
+    input.extend(bf16_bytes(&v));
+
+    let t1 = Instant::now();
+    let mut failures = Vec::new();
+    let combos: Vec<(bool, bool, u32)> = [false, true]
+        .into_iter()
+        .flat_map(|late| [false, true].map(|reverse| (late, reverse)))
+        .flat_map(|(late, reverse)| [0u32, 400, 16].map(|base| (late, reverse, base)))
+        .collect();
+    let mut failed_runs = 0;
+    for &(late, reverse, base) in &combos {
+        let before = failures.len();
+        let what = format!(
+            "{}, {}, shared memory at {base}",
+            if late { "late" } else { "eager" },
+            if reverse { "descending" } else { "ascending" }
+        );
+        let c = match run_selftest_driver(&exe, &input, late, reverse, base) {
+            Ok(c) => c,
+            Err(m) => {
+                failures.push(format!("{what}: {m}"));
+                failed_runs += 1;
+                continue;
+            }
+        };
+        let (c_ss, c_rs) = c.split_at(64 * 64);
+        let mut line = format!("{what}:");
+        for (kernel, got, want, cols) in [
+            ("ss (C = A·Bᵀ)", c_ss, &want_ss, 64),
+            ("rs (C = P·V)", c_rs, &want_rs, 128),
+        ] {
+            match selftest_error(got, want, cols) {
+                Ok((e, _)) if e < SELFTEST_TOL => line += &format!(" {kernel} error {e:.3e};"),
+                Ok((e, at)) => failures.push(format!(
+                    "{what}: {kernel}: error {e:.3e}, over {SELFTEST_TOL:e}; {at}"
+                )),
+                Err(m) => failures.push(format!("{what}: {kernel}: {m}")),
+            }
+        }
+        eprintln!("{line}");
+        failed_runs += usize::from(failures.len() > before);
+    }
+    eprintln!(
+        "wgmma self-test kernels on the emulator: {} runs, {failed_runs} failed; build {built:.1}s, \
+         runs {:.2}s",
+        combos.len(),
+        t1.elapsed().as_secs_f64()
+    );
+    assert!(
+        failures.is_empty(),
+        "the hardware self-test kernels (cuda/{SELFTEST_SOURCE}) disagree with the emulator:\n{}",
         failures.join("\n")
     );
 }

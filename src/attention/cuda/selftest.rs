@@ -41,8 +41,12 @@ mod tests {
     }
 
     /// Largest |got − want| over the largest |want|: the products of bf16 inputs are exact and
-    /// the f32 sums of at most 128 terms leave ~1e-7 relative; a wrong layout leaves O(1).
+    /// the f32 sums of at most 128 terms leave ~1e-7 relative; a wrong layout leaves O(1). A
+    /// non-finite element is an infinite error (`f64::max` would skip a NaN).
     fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+        if got.iter().any(|g| !g.is_finite()) {
+            return f64::INFINITY;
+        }
         let scale = want.iter().fold(0f64, |m, w| m.max(w.abs()));
         let err = got
             .iter()
