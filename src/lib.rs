@@ -59,6 +59,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 #[doc(hidden)]
 pub use attention::cuda::{attention_bwd_args_layout, attention_fwd_args_layout};
 #[doc(hidden)]
+pub use attention::cuda::{wgmma_selftest_case, WgmmaSelftestCase};
+#[doc(hidden)]
 pub use divergence::cpu::row_divergence as reference_row_divergence;
 #[doc(hidden)]
 pub use divergence::cuda::divergence_args_layout;

@@ -1574,18 +1574,6 @@ fn wgmma_emulation_self_check() {
 /// The self-test's source, staged next to the emulator's headers.
 const SELFTEST_SOURCE: &str = "attention_wgmma_selftest.cu";
 
-/// The unit test's inputs (`values` of src/attention/cuda/selftest.rs, repeated here: keep the
-/// two in step): deterministic, of both signs, never zero, exactly representable in bf16.
-fn selftest_values(n: usize, seed: u32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 24;
-            let x = (h as f32 - 127.5) / 64.0;
-            half::bf16::from_f32(x).to_f32()
-        })
-        .collect()
-}
-
 /// The unit test's tolerance: largest |got − want| over the largest |want|.
 const SELFTEST_TOL: f64 = 1e-5;
 
@@ -1707,25 +1695,15 @@ fn wgmma_selftest_kernels_on_the_emulator() {
     };
     let built = t0.elapsed().as_secs_f64();
 
-    // The unit test's inputs (seeds 1 .. 4) and f64 products.
-    let (a, b) = (selftest_values(64 * 128, 1), selftest_values(64 * 128, 2));
-    let (p, v) = (selftest_values(64 * 64, 3), selftest_values(64 * 128, 4));
-    let want_ss: Vec<f64> = (0..64 * 64)
-        .map(|ij| {
-            let (i, j) = (ij / 64, ij % 64);
-            (0..128)
-                .map(|k| a[i * 128 + k] as f64 * b[j * 128 + k] as f64)
-                .sum()
-        })
-        .collect();
-    let want_rs: Vec<f64> = (0..64 * 128)
-        .map(|ij| {
-            let (i, j) = (ij / 128, ij % 128);
-            (0..64)
-                .map(|k| p[i * 64 + k] as f64 * v[k * 128 + j] as f64)
-                .sum()
-        })
-        .collect();
+    // The unit test's inputs and f64 products (the same function builds both).
+    let distill_kernels::WgmmaSelftestCase {
+        a,
+        b,
+        p,
+        v,
+        want_ss,
+        want_rs,
+    } = distill_kernels::wgmma_selftest_case();
     let bf16_bytes = |x: &[f32]| -> Vec<u8> {
         x.iter()
             .flat_map(|&e| half::bf16::from_f32(e).to_bits().to_ne_bytes())

@@ -11,6 +11,8 @@ pub(crate) use backward::{backward, backward_workspace_size};
 #[doc(hidden)]
 pub use forward::attention_fwd_args_layout;
 pub(crate) use forward::forward;
+#[doc(hidden)]
+pub use selftest::{wgmma_selftest_case, WgmmaSelftestCase};
 
 /// Kernels the attention launchers use (loaded from the fatbin when a device opens).
 pub(crate) const KERNEL_NAMES: [&[&str]; 3] = [

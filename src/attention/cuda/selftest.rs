@@ -9,6 +9,64 @@
 pub(crate) const KERNEL_NAMES: &[&str] =
     &["dk_wgmma_selftest_ss_bf16", "dk_wgmma_selftest_rs_bf16"];
 
+/// The self-test's inputs and their f64 products, shared by the device unit test below and the
+/// emulator test of the same kernels (`tests/attention_kernel_sim.rs`), so both check one case.
+/// Inputs are deterministic, of both signs, never zero and exactly representable in bf16.
+#[doc(hidden)]
+pub struct WgmmaSelftestCase {
+    /// 64 × 128, row-major: ss computes C = A·Bᵀ (64 × 64).
+    pub a: Vec<f32>,
+    /// 64 × 128, row-major.
+    pub b: Vec<f32>,
+    /// 64 × 64, row-major: rs computes C = P·V (64 × 128).
+    pub p: Vec<f32>,
+    /// 64 × 128, row-major.
+    pub v: Vec<f32>,
+    /// A·Bᵀ in f64.
+    pub want_ss: Vec<f64>,
+    /// P·V in f64.
+    pub want_rs: Vec<f64>,
+}
+
+/// The one case of [`WgmmaSelftestCase`].
+#[doc(hidden)]
+pub fn wgmma_selftest_case() -> WgmmaSelftestCase {
+    let values = |n: usize, seed: u32| -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 24;
+                half::bf16::from_f32((h as f32 - 127.5) / 64.0).to_f32()
+            })
+            .collect()
+    };
+    let (a, b) = (values(64 * 128, 1), values(64 * 128, 2));
+    let (p, v) = (values(64 * 64, 3), values(64 * 128, 4));
+    let want_ss = (0..64 * 64)
+        .map(|ij| {
+            let (i, j) = (ij / 64, ij % 64);
+            (0..128)
+                .map(|k| a[i * 128 + k] as f64 * b[j * 128 + k] as f64)
+                .sum()
+        })
+        .collect();
+    let want_rs = (0..64 * 128)
+        .map(|ij| {
+            let (i, j) = (ij / 128, ij % 128);
+            (0..64)
+                .map(|k| p[i * 64 + k] as f64 * v[k * 128 + j] as f64)
+                .sum()
+        })
+        .collect();
+    WgmmaSelftestCase {
+        a,
+        b,
+        p,
+        v,
+        want_ss,
+        want_rs,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::device::Context;
@@ -24,17 +82,6 @@ mod tests {
 
     /// Dynamic shared memory of both kernels: 1 KiB of alignment slack, two 64 × 128 bf16 tiles.
     const SMEM_BYTES: u32 = 1024 + 2 * 64 * 128 * 2;
-
-    /// Deterministic inputs of both signs, never zero, exactly representable in bf16.
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 24;
-                let x = (h as f32 - 127.5) / 64.0;
-                bf16::from_f32(x).to_f32()
-            })
-            .collect()
-    }
 
     fn bits(x: &[f32]) -> Vec<u16> {
         x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect()
@@ -76,10 +123,11 @@ mod tests {
             shared_mem_bytes: SMEM_BYTES,
         };
 
+        let case = super::wgmma_selftest_case();
+
         // ss: C[64][64] = A[64][128] · B[64][128]ᵀ.
-        let (a, b) = (values(64 * 128, 1), values(64 * 128, 2));
-        let da = stream.clone_htod(&bits(&a)).unwrap();
-        let db = stream.clone_htod(&bits(&b)).unwrap();
+        let da = stream.clone_htod(&bits(&case.a)).unwrap();
+        let db = stream.clone_htod(&bits(&case.b)).unwrap();
         let mut dc = stream.alloc_zeros::<f32>(64 * 64).unwrap();
         let f = dev.function("dk_wgmma_selftest_ss_bf16").unwrap();
         // SAFETY: the kernel takes (const bf16* a, const bf16* b, float* c) of 64 × 128, 64 × 128
@@ -94,21 +142,12 @@ mod tests {
                 .unwrap()
         };
         let c = stream.clone_dtoh(&dc).unwrap();
-        let want: Vec<f64> = (0..64 * 64)
-            .map(|ij| {
-                let (i, j) = (ij / 64, ij % 64);
-                (0..128)
-                    .map(|k| a[i * 128 + k] as f64 * b[j * 128 + k] as f64)
-                    .sum()
-            })
-            .collect();
-        let e = rel_err(&c, &want);
+        let e = rel_err(&c, &case.want_ss);
         assert!(e < 1e-5, "ss product (the S = Q·Kᵀ form): error {e:.3e}");
 
         // rs: C[64][128] = P[64][64] · V[64][128].
-        let (p, v) = (values(64 * 64, 3), values(64 * 128, 4));
-        let dp = stream.clone_htod(&p).unwrap();
-        let dv = stream.clone_htod(&bits(&v)).unwrap();
+        let dp = stream.clone_htod(&case.p).unwrap();
+        let dv = stream.clone_htod(&bits(&case.v)).unwrap();
         let mut dc = stream.alloc_zeros::<f32>(64 * 128).unwrap();
         let f = dev.function("dk_wgmma_selftest_rs_bf16").unwrap();
         // SAFETY: the kernel takes (const float* p, const bf16* v, float* c) of 64 × 64, 64 × 128
@@ -123,15 +162,7 @@ mod tests {
                 .unwrap()
         };
         let c = stream.clone_dtoh(&dc).unwrap();
-        let want: Vec<f64> = (0..64 * 128)
-            .map(|ij| {
-                let (i, j) = (ij / 128, ij % 128);
-                (0..64)
-                    .map(|k| p[i * 64 + k] as f64 * v[k * 128 + j] as f64)
-                    .sum()
-            })
-            .collect();
-        let e = rel_err(&c, &want);
+        let e = rel_err(&c, &case.want_rs);
         assert!(e < 1e-5, "rs product (the P·V form): error {e:.3e}");
         visible("wgmma_layouts_on_the_device: ss and rs products match on the device");
     }
