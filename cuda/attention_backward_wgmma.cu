@@ -199,14 +199,8 @@ __device__ __forceinline__ void dkdv_wgmma_kernel(const DkAttentionBwdArgs& a, c
   // per block, so the staging stays safe if tile ownership changes.
   __syncthreads();
   const uint32_t s_k = smem_addr(sK), s_v = smem_addr(sV);
-#pragma unroll
-  for (int j = 0; j < kGRegs / 4; ++j) {
-    const uint32_t at = attn::wg_tile_offset<Bc>(warp_row + g, j) + t * 4;
-    st_shared_b32(s_k + at, pack2<T>(dk[4 * j] * s.scale, dk[4 * j + 1] * s.scale));
-    st_shared_b32(s_k + at + 8 * 128, pack2<T>(dk[4 * j + 2] * s.scale, dk[4 * j + 3] * s.scale));
-    st_shared_b32(s_v + at, pack2<T>(dv[4 * j], dv[4 * j + 1]));
-    st_shared_b32(s_v + at + 8 * 128, pack2<T>(dv[4 * j + 2], dv[4 * j + 3]));
-  }
+  stage_acc_wg<T, Bc, D>(dk, s.scale, s.scale, s_k, warp_row + g, t);
+  stage_acc_wg<T, Bc, D>(dv, 1.f, 1.f, s_v, warp_row + g, t);
   __syncthreads();
   const int valid = sq.len_k - k0;
   const int64_t row0 = static_cast<int64_t>(sq.k_start) + k0;
@@ -352,12 +346,7 @@ __device__ __forceinline__ void dq_wgmma_kernel(const DkAttentionBwdArgs& a, cha
   cp_async_wait<0>();
   __syncthreads();
   const uint32_t s_q = smem_addr(sQ);
-#pragma unroll
-  for (int j = 0; j < kQRegs / 4; ++j) {
-    const uint32_t at = s_q + attn::wg_tile_offset<Br>(warp_row + g, j) + t * 4;
-    st_shared_b32(at, pack2<T>(dq[4 * j] * s.scale, dq[4 * j + 1] * s.scale));
-    st_shared_b32(at + 8 * 128, pack2<T>(dq[4 * j + 2] * s.scale, dq[4 * j + 3] * s.scale));
-  }
+  stage_acc_wg<T, Br, D>(dq, s.scale, s.scale, s_q, warp_row + g, t);
   __syncthreads();
   const int64_t row0 = static_cast<int64_t>(sq.q_start) + q0;
   attn::store_tile<D, Br, NT, true>(reinterpret_cast<T*>(a.dq) + row0 * a.dq_stride + hq * D,

@@ -221,13 +221,7 @@ __device__ __forceinline__ void forward_wgmma(const DkAttentionFwdArgs& a, unsig
     }
   }
   __syncthreads();
-#pragma unroll
-  for (int j = 0; j < kORegs / 4; ++j) {
-    const int row = warp_row + g;  // row & 7 == g
-    const uint32_t at = s_q + attn::wg_tile_offset<kBlockM>(row, j) + t * 4;
-    st_shared_b32(at, pack2<T>(o[4 * j] * inv[0], o[4 * j + 1] * inv[0]));
-    st_shared_b32(at + 8 * 128, pack2<T>(o[4 * j + 2] * inv[1], o[4 * j + 3] * inv[1]));
-  }
+  stage_acc_wg<T, kBlockM, D>(o, inv[0], inv[1], s_q, warp_row + g, t);
   __syncthreads();
   T* out = reinterpret_cast<T*>(a.out) + static_cast<int64_t>(seq.q_start + m0) * a.out_stride +
            h * D;

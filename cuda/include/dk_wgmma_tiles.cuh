@@ -5,6 +5,9 @@
 
 #include <stdint.h>
 
+#include "dk_attention_tile.cuh"  // wg_tile_offset
+#include "dk_mma.cuh"             // st_shared_b32
+#include "dk_vec.cuh"             // pack2
 #include "dk_wgmma.cuh"
 
 namespace dk {
@@ -42,6 +45,20 @@ __device__ __forceinline__ void wgmma_ab_regs(float (&acc)[N / 2], const uint32_
                                               uint64_t b_desc) {
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) wgmma_rs<T, N>(acc, a[kk], b_desc + ((kk * 16 * 128) >> 4), true);
+}
+
+// Stages a warpgroup's 64 × N accumulators (this thread's: rows `row` and `row + 8` of the tile,
+// columns 8 j + 2 t, + 1) in T into the wgmma tile of Rows rows at shared address `tile`, row
+// `row` times m0 and row `row + 8` times m1: 4-byte stores, the output staging of the kernels.
+template <typename T, int Rows, int N>
+__device__ __forceinline__ void stage_acc_wg(const float (&acc)[N / 2], float m0, float m1,
+                                             uint32_t tile, int row, int t) {
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j) {
+    const uint32_t at = tile + attn::wg_tile_offset<Rows>(row, j) + t * 4;
+    st_shared_b32(at, pack2<T>(acc[4 * j] * m0, acc[4 * j + 1] * m0));
+    st_shared_b32(at + 8 * 128, pack2<T>(acc[4 * j + 2] * m1, acc[4 * j + 3] * m1));
+  }
 }
 
 #endif  // DK_HAS_WGMMA
