@@ -199,7 +199,8 @@ const DKDV_KEYS: usize = 64;
 const DQ_QUERIES: usize = 64;
 /// Alignment of every workspace region.
 const REGION_ALIGN: usize = 256;
-/// Threads per block of the 128-key dK/dV kernels (`DkdvWideTile::kThreads`: 8 warps of 32 keys).
+/// Threads per block of the 128-key dK/dV kernels (`DkdvWideTile::kThreads`: 8 warps of 32 keys),
+/// also of the 128-row dQ kernel and of the wgmma kernels (`DkdvWgTile`, `DqWgTile`: 2 warpgroups).
 const WIDE_THREADS: u32 = 256;
 /// Key rows per block of the 128-key dK/dV kernels (`DkdvWideTile::kBc`).
 const WIDE_KEYS: usize = 128;

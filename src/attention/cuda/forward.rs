@@ -39,7 +39,8 @@ const WGMMA_KERNELS: [&str; 4] = [
 
 /// Threads per block (`kThreads` in attention_forward.cu: 4 warps).
 const THREADS: u32 = 128;
-/// Threads per block of the D = 128 split kernel (`SplitTiling::kThreads`: 8 warps).
+/// Threads per block of the D = 128 split kernel (`SplitTiling::kThreads`: 8 warps) and of the
+/// wgmma kernels (`WgTiling::kThreads`: 2 warpgroups).
 const SPLIT_THREADS: u32 = 256;
 /// Query rows per block of the split kernel (`SplitTiling::kBlockM`: 4 warp pairs of 32) and of
 /// the wgmma kernels (`WgTiling::kBlockM`: 2 warpgroups of 64).
