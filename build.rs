@@ -3,7 +3,8 @@
 //!
 //! Environment:
 //! - `NVCC`, `CUDA_HOME` (`$CUDA_HOME/bin/nvcc`), then `PATH`: where to find the compiler.
-//! - `DISTILL_KERNELS_REQUIRE_NVCC=1`: a missing or failing `nvcc`, or a register spill, is an error.
+//! - `DISTILL_KERNELS_REQUIRE_NVCC=1`: a missing or failing `nvcc`, a register spill, or ptxas
+//!   serialising warpgroup MMAs, is an error.
 //! - `DISTILL_KERNELS_PTXAS_REPORT=1`: print ptxas resource usage (registers, spills, smem) as
 //!   cargo warnings. The full report is always written to `$OUT_DIR/ptxas-report.txt`.
 //! - `NVCC_CCBIN`: host compiler handed to `nvcc -ccbin`.
@@ -52,6 +53,17 @@ fn main() {
                 fail_or_warn(
                     require,
                     &format!("ptxas reports register spills:\n{}", spills.join("\n")),
+                );
+            }
+            let serialized = wgmma_serialization_lines(&report);
+            if !serialized.is_empty() {
+                fail_or_warn(
+                    require,
+                    &format!(
+                        "ptxas serialises warpgroup MMAs (a register of a product in flight is \
+                         touched; see cuda/include/dk_wgmma.cuh, \"Ordering\"):\n{}",
+                        serialized.join("\n")
+                    ),
                 );
             }
             if env::var("DISTILL_KERNELS_PTXAS_REPORT").is_ok_and(|v| v == "1") {
@@ -169,6 +181,20 @@ fn compile_fatbin(nvcc: &Path, out_dir: &Path) -> Result<String, String> {
         return Err(format!("nvcc failed ({}):\n{report}", out.status));
     }
     Ok(report)
+}
+
+/// Lines of the ptxas report where it serialised wgmma products or inserted its own
+/// `warpgroup.arrive` (C7510 / C7519 on sm_90a): the products then stop overlapping, a silent
+/// loss of speed.
+fn wgmma_serialization_lines(report: &str) -> Vec<String> {
+    report
+        .lines()
+        .filter(|l| {
+            l.contains("wgmma.mma_async instructions are serialized")
+                || l.contains("warpgroup.arrive is injected")
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 /// Lines of the ptxas report that announce a non-zero spill.

@@ -94,12 +94,12 @@ __device__ __forceinline__ void dkdv_wgmma_kernel(const DkAttentionBwdArgs& a, c
     // as their K-major B (the step's Br queries) and again as the MN-major B of dK / dV (LBO =
     // the distance between a tile's 64-column halves). A k-step over D moves 32 bytes inside a
     // 128-byte row and to the second half after four; a k-step over queries, 16 query rows.
-    const uint64_t k_desc = wgmma_desc(smem_addr(sK) + 64 * wg * 128, 16, 1024);
-    const uint64_t v_desc = wgmma_desc(smem_addr(sV) + 64 * wg * 128, 16, 1024);
-    const uint64_t q_desc0 = wgmma_desc(smem_addr(sQ), 16, 1024);
-    const uint64_t do_desc0 = wgmma_desc(smem_addr(sdO), 16, 1024);
-    const uint64_t qt_desc0 = wgmma_desc(smem_addr(sQ), Br * 128, 1024);
-    const uint64_t dot_desc0 = wgmma_desc(smem_addr(sdO), Br * 128, 1024);
+    const uint64_t k_desc = wgmma_desc_kmajor(smem_addr(sK) + 64 * wg * 128);
+    const uint64_t v_desc = wgmma_desc_kmajor(smem_addr(sV) + 64 * wg * 128);
+    const uint64_t q_desc0 = wgmma_desc_kmajor(smem_addr(sQ));
+    const uint64_t do_desc0 = wgmma_desc_kmajor(smem_addr(sdO));
+    const uint64_t qt_desc0 = wgmma_desc_mnmajor(smem_addr(sQ), Br * 128);
+    const uint64_t dot_desc0 = wgmma_desc_mnmajor(smem_addr(sdO), Br * 128);
     constexpr uint32_t kStageDesc = (Br * D * 2) >> 4;  // descriptor units per stage
 
     const float scale_log2 = s.scale_log2;
@@ -268,11 +268,11 @@ __device__ __forceinline__ void dq_wgmma_kernel(const DkAttentionBwdArgs& a, cha
     // S and dP; K again as the MN-major B of dQ (LBO = the distance between its 64-column
     // halves). A k-step over D moves 32 bytes inside a 128-byte row and to the second half
     // after four; a k-step over keys moves 16 key rows.
-    const uint64_t q_desc = wgmma_desc(smem_addr(sQ) + 64 * wg * 128, 16, 1024);
-    const uint64_t do_desc = wgmma_desc(smem_addr(sdO) + 64 * wg * 128, 16, 1024);
-    const uint64_t k_desc0 = wgmma_desc(smem_addr(sK), 16, 1024);
-    const uint64_t v_desc0 = wgmma_desc(smem_addr(sV), 16, 1024);
-    const uint64_t kt_desc0 = wgmma_desc(smem_addr(sK), Bc * 128, 1024);
+    const uint64_t q_desc = wgmma_desc_kmajor(smem_addr(sQ) + 64 * wg * 128);
+    const uint64_t do_desc = wgmma_desc_kmajor(smem_addr(sdO) + 64 * wg * 128);
+    const uint64_t k_desc0 = wgmma_desc_kmajor(smem_addr(sK));
+    const uint64_t v_desc0 = wgmma_desc_kmajor(smem_addr(sV));
+    const uint64_t kt_desc0 = wgmma_desc_mnmajor(smem_addr(sK), Bc * 128);
     constexpr uint32_t kStageDesc = (Bc * D * 2) >> 4;  // descriptor units per stage
 
     const float scale_log2 = s.scale_log2;

@@ -80,9 +80,9 @@ __device__ __forceinline__ void forward_wgmma(const DkAttentionFwdArgs& a, unsig
   // LBO = the distance between the two 64-column halves of a tile). SBO: 8 rows of 128 bytes.
   // A k-step moves Q and K by 32 bytes inside a 128-byte row, and to the second half after 4;
   // V by 16 key rows.
-  const uint64_t q_desc = wgmma_desc(s_q + 64 * wg * 128, 16, 1024);
-  const uint64_t k_desc0 = wgmma_desc(s_kv0, 16, 1024);
-  const uint64_t v_desc0 = wgmma_desc(s_kv0 + Tl::kKVBytes, kN * 128, 1024);
+  const uint64_t q_desc = wgmma_desc_kmajor(s_q + 64 * wg * 128);
+  const uint64_t k_desc0 = wgmma_desc_kmajor(s_kv0);
+  const uint64_t v_desc0 = wgmma_desc_mnmajor(s_kv0 + Tl::kKVBytes, kN * 128);
   constexpr uint32_t kStageDesc = (2 * Tl::kKVBytes) >> 4;  // descriptor units per stage
 
   const float scale_log2 = s.scale_log2;

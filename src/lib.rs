@@ -59,7 +59,10 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 #[doc(hidden)]
 pub use attention::cuda::{attention_bwd_args_layout, attention_fwd_args_layout};
 #[doc(hidden)]
-pub use attention::cuda::{wgmma_selftest_case, WgmmaSelftestCase};
+pub use attention::cuda::{
+    wgmma_map_report, wgmma_probes, wgmma_selftest_case, WgmmaOperand, WgmmaProbe,
+    WgmmaSelftestCase, WGMMA_SWEEP_OFFSETS, WGMMA_SWEEP_SMEM_BYTES,
+};
 #[doc(hidden)]
 pub use divergence::cpu::row_divergence as reference_row_divergence;
 #[doc(hidden)]

@@ -1614,20 +1614,47 @@ fn selftest_error(got: &[f32], want: &[f64], cols: usize) -> Result<(f64, String
     ))
 }
 
+/// The self-test driver's stdin for inputs a, b (ss, 64 × 128 each), p (rs, 64 × 64, sent as
+/// f32) and v (rs, 64 × 128); the 16-bit ones rounded to bf16.
+fn selftest_input(a: &[f32], b: &[f32], p: &[f32], v: &[f32]) -> Vec<u8> {
+    let bf16_bytes = |x: &[f32]| -> Vec<u8> {
+        x.iter()
+            .flat_map(|&e| half::bf16::from_f32(e).to_bits().to_ne_bytes())
+            .collect()
+    };
+    let mut input = 0x5453_4b44u32.to_ne_bytes().to_vec();
+    input.extend(bf16_bytes(a));
+    input.extend(bf16_bytes(b));
+    input.extend(p.iter().flat_map(|e| e.to_ne_bytes()));
+    input.extend(bf16_bytes(v));
+    input
+}
+
 /// One run of the self-test driver (tests/attention_sim/wgmma_selftest_sim.cpp) on `input`: the
 /// ss result (64 × 64) followed by the rs result (64 × 128), or why there is none.
+/// `offsets`: the kernels' (LBO, SBO) and the launch's dynamic shared memory, for the unit
+/// test's failure diagnosis; `None` for the kernels' own descriptors and the unit test's launch.
 fn run_selftest_driver(
     exe: &Path,
     input: &[u8],
     late: bool,
     reverse: bool,
     base: u32,
+    offsets: Option<(u32, u32, u32)>,
 ) -> Result<Vec<f32>, String> {
     use std::io::Write;
     use std::process::{Command, Stdio};
     let flag = |b: bool| if b { "1" } else { "0" };
+    let mut args = vec![
+        flag(late).to_string(),
+        flag(reverse).to_string(),
+        base.to_string(),
+    ];
+    if let Some((lbo, sbo, smem)) = offsets {
+        args.extend([lbo, sbo, smem].map(|v| v.to_string()));
+    }
     let mut child = Command::new(exe)
-        .args([flag(late), flag(reverse), &base.to_string()])
+        .args(&args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1704,16 +1731,7 @@ fn wgmma_selftest_kernels_on_the_emulator() {
         want_ss,
         want_rs,
     } = distill_kernels::wgmma_selftest_case();
-    let bf16_bytes = |x: &[f32]| -> Vec<u8> {
-        x.iter()
-            .flat_map(|&e| half::bf16::from_f32(e).to_bits().to_ne_bytes())
-            .collect()
-    };
-    let mut input = 0x5453_4b44u32.to_ne_bytes().to_vec();
-    input.extend(bf16_bytes(&a));
-    input.extend(bf16_bytes(&b));
-    input.extend(p.iter().flat_map(|e| e.to_ne_bytes()));
-    input.extend(bf16_bytes(&v));
+    let input = selftest_input(&a, &b, &p, &v);
 
     let t1 = Instant::now();
     let mut failures = Vec::new();
@@ -1730,7 +1748,7 @@ fn wgmma_selftest_kernels_on_the_emulator() {
             if late { "late" } else { "eager" },
             if reverse { "descending" } else { "ascending" }
         );
-        let c = match run_selftest_driver(&exe, &input, late, reverse, base) {
+        let c = match run_selftest_driver(&exe, &input, late, reverse, base, None) {
             Ok(c) => c,
             Err(m) => {
                 failures.push(format!("{what}: {m}"));
@@ -1766,4 +1784,90 @@ fn wgmma_selftest_kernels_on_the_emulator() {
         "the hardware self-test kernels (cuda/{SELFTEST_SOURCE}) disagree with the emulator:\n{}",
         failures.join("\n")
     );
+
+    // The unit test's failure diagnosis (src/attention/cuda/selftest_probe.rs), run here where
+    // the reading is known, must report that reading: the probes map every operand element to
+    // itself, and the offset sweep finds the kernels' own pairs and no pair that cannot be
+    // right. A probe run computes both kernels, so the ss probes run beside the rs ones.
+    let t2 = Instant::now();
+    let (ss_probes, rs_probes) = (
+        distill_kernels::wgmma_probes(false),
+        distill_kernels::wgmma_probes(true),
+    );
+    let mut ss_out = Vec::new();
+    let mut rs_out = Vec::new();
+    for (i, sp) in ss_probes.iter().enumerate() {
+        let rp = &rs_probes[i % rs_probes.len()];
+        let input = selftest_input(&sp.left, &sp.right, &rp.left, &rp.right);
+        let c = run_selftest_driver(&exe, &input, true, false, 16, None)
+            .unwrap_or_else(|m| panic!("probe run {i}: {m}"));
+        let (c_ss, c_rs) = c.split_at(64 * 64);
+        ss_out.push(c_ss.to_vec());
+        if i < rs_probes.len() {
+            rs_out.push(c_rs.to_vec());
+        }
+    }
+    let report = [
+        distill_kernels::wgmma_map_report(&ss_probes, &ss_out),
+        distill_kernels::wgmma_map_report(&rs_probes, &rs_out),
+    ]
+    .join("\n");
+    assert_eq!(report.lines().count(), 3, "{report}");
+    assert!(
+        report
+            .lines()
+            .all(|l| l.ends_with("every element read where we place it")),
+        "the probes misreport the emulator's layout:\n{report}"
+    );
+
+    // And a misreading shows: V's offsets swapped (LBO 1024, SBO 8192) move its elements.
+    let swapped: Vec<Vec<f32>> = rs_probes
+        .iter()
+        .map(|rp| {
+            let input = selftest_input(&a, &b, &rp.left, &rp.right);
+            let offsets = Some((1024, 8192, distill_kernels::WGMMA_SWEEP_SMEM_BYTES));
+            let c = run_selftest_driver(&exe, &input, false, false, 0, offsets)
+                .unwrap_or_else(|m| panic!("probe run with swapped offsets: {m}"));
+            c[64 * 64..].to_vec()
+        })
+        .collect();
+    let report = distill_kernels::wgmma_map_report(&rs_probes, &swapped);
+    assert!(
+        report.contains("elements read from elsewhere") && report.contains("(0, 64) ← (8, 0)"),
+        "the probes miss V read with its offsets swapped:\n{report}"
+    );
+
+    // The sweep: every pair, both kernels per run, with the sweep's shared memory. K-major
+    // operands ignore LBO (SBO 1024 matches whatever LBO); V needs both of its offsets.
+    let mut ss_match = Vec::new();
+    let mut rs_match = Vec::new();
+    let mut refused = 0;
+    for lbo in distill_kernels::WGMMA_SWEEP_OFFSETS {
+        for sbo in distill_kernels::WGMMA_SWEEP_OFFSETS {
+            let offsets = Some((lbo, sbo, distill_kernels::WGMMA_SWEEP_SMEM_BYTES));
+            let Ok(c) = run_selftest_driver(&exe, &input, false, false, 0, offsets) else {
+                refused += 1;
+                continue;
+            };
+            let (c_ss, c_rs) = c.split_at(64 * 64);
+            if selftest_error(c_ss, &want_ss, 64).is_ok_and(|(e, _)| e < SELFTEST_TOL) {
+                ss_match.push((lbo, sbo));
+            }
+            if selftest_error(c_rs, &want_rs, 128).is_ok_and(|(e, _)| e < SELFTEST_TOL) {
+                rs_match.push((lbo, sbo));
+            }
+        }
+    }
+    let all_lbo_at_1024: Vec<(u32, u32)> = distill_kernels::WGMMA_SWEEP_OFFSETS
+        .iter()
+        .map(|&l| (l, 1024))
+        .collect();
+    eprintln!(
+        "wgmma self-test diagnosis on the emulator: probes read as written; sweep of {} pairs \
+         ({refused} runs stopped by the emulator): ss matches {ss_match:?}, rs {rs_match:?}; {:.2}s",
+        distill_kernels::WGMMA_SWEEP_OFFSETS.len().pow(2),
+        t2.elapsed().as_secs_f64()
+    );
+    assert_eq!(ss_match, all_lbo_at_1024, "ss pairs the sweep finds");
+    assert_eq!(rs_match, vec![(8192, 1024)], "rs pairs the sweep finds");
 }

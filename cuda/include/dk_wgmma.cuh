@@ -4,16 +4,7 @@
 // them. A warpgroup is 4 consecutive warps (threads 128 w .. 128 w + 127); every function here
 // is executed by all of its threads, converged (.sync.aligned).
 //
-// Layouts (PTX ISA, "Asynchronous Warpgroup Level Matrix Shared Memory Layout"):
-//   Shared-memory operands use the 128-byte swizzle: an operand is made of 1024-byte atoms of 8
-//   rows × 128 bytes (64 16-bit elements), 16-byte chunk c of atom row r stored at chunk c ^ r
-//   (the hardware XORs address bits 4-6 with bits 7-9, so atoms must be 1024-byte aligned).
-//   K-major (A = Q, B = K: the k index contiguous): element (row, k) at
-//     start + 128 (row % 8) + SBO (row / 8) + 2 k, k < 16 — start advances 32 bytes per k-step
-//     inside the 128-byte row; LBO unused; SBO = 1024 when 8-row groups are packed.
-//   MN-major (B = V, imm-trans-b = 1: the n index contiguous): element (k, n) at
-//     start + 2 (n % 64) + LBO (n / 64) + 128 (k % 8) + SBO (k / 8).
-//   The physical address is then linear ^ (((linear >> 7) & 7) << 4).
+// Shared-memory operand layouts and their descriptors: dk_wgmma_desc.cuh.
 // Register fragments (per warp w of the warpgroup, g = lane / 4, t = lane % 4), the mma.sync
 // m16n8k16 layouts stacked over the warps:
 //   D (64 × N f32, N / 2 registers): d[4 j + 2 i + e] = D[16 w + g + 8 i][8 j + 2 t + e].
@@ -35,6 +26,7 @@
 #include <stdint.h>
 
 #include "dk_mma.cuh"  // MmaType, smem_addr
+#include "dk_wgmma_desc.cuh"
 
 // Where wgmma exists: the sm_90a cubin (and the emulator's copy of this header).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -42,15 +34,6 @@
 #endif
 
 namespace dk {
-
-// Descriptor of a 128-byte-swizzled shared-memory operand starting at shared address `addr`
-// (16-byte aligned) with leading / stride byte offsets `lbo` / `sbo`. The start address is the
-// low field (address / 16), so adding bytes / 16 to a descriptor moves its start.
-__device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
-         (static_cast<uint64_t>((lbo & 0x3FFFF) >> 4) << 16) |
-         (static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
-}
 
 // Makes this thread's earlier generic-proxy writes to shared memory (stores, landed cp.async
 // copies) visible to the async proxy (wgmma operand reads) once a barrier follows. Declared for

@@ -12,18 +12,15 @@
 #include "dk_mma.cuh"  // MmaType, smem_addr (the emulator's)
 #include "sim_core.h"
 
+// The descriptors (start, LBO, SBO, swizzle mode) are the real header's: the emulator decodes
+// the same bits (sim_wgmma.h, wg_decode); shared addresses here are offsets in the block's
+// dynamic shared memory plus S.smem_base.
+#include "dk_wgmma_desc.cuh"
+
 #define DK_HAS_WGMMA 1
 #define DK_ATTENTION_SIM_WGMMA_SHIM 1
 
 namespace dk {
-
-// The real descriptor bits (start address / 16, LBO / 16, SBO / 16, 128-byte swizzle); the
-// emulator's shared addresses are offsets in the block's dynamic shared memory.
-inline uint64_t wgmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
-         (static_cast<uint64_t>((lbo & 0x3FFFF) >> 4) << 16) |
-         (static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
-}
 
 // Compiler ordering only: nothing to emulate (the accumulators live in memory).
 inline void wgmma_fence_operand(float&) {}

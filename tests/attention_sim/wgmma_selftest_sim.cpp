@@ -8,10 +8,13 @@
 // against the emulator's reading of the PTX ISA layouts, so that a failure of the unit test on a
 // GPU can only mean that reading is wrong.
 //
-// Usage: wgmma_selftest_sim LATE REVERSE BASE. LATE: the cp.async / wgmma timing model (0 EAGER,
-// 1 LATE, sim_core.h); REVERSE: descending lane and warp order; BASE: the shared address of the
-// dynamic shared memory's first byte (0, or a multiple of 16 below 1024: the kernels align their
-// tiles to 1024 bytes within the 1 KiB of slack themselves).
+// Usage: wgmma_selftest_sim LATE REVERSE BASE [LBO SBO SMEM]. LATE: the cp.async / wgmma timing
+// model (0 EAGER, 1 LATE, sim_core.h); REVERSE: descending lane and warp order; BASE: the shared
+// address of the dynamic shared memory's first byte (0, or a multiple of 16 below 1024: the
+// kernels align their tiles to 1024 bytes within the 1 KiB of slack themselves); LBO, SBO: the
+// descriptors' byte offsets both kernels take (default 0 0: the attention kernels' own
+// descriptors); SMEM: the launch's dynamic shared memory (default the unit test's 33 KiB; the
+// unit test's offset sweep launches with more).
 // Protocol (binary, native endianness):
 //   stdin:  u32 magic 0x54534b44 ("DKST"); a, b: 64 × 128 bf16 bits each (row-major, u16);
 //           p: 64 × 64 f32; v: 64 × 128 bf16 bits.
@@ -50,8 +53,10 @@ const float* g_p;
 const void* g_v;
 float* g_c;
 
-void ss_entry() { dk_wgmma_selftest_ss_bf16(g_a, g_b, g_c); }
-void rs_entry() { dk_wgmma_selftest_rs_bf16(g_p, g_v, g_c); }
+uint32_t g_lbo = 0, g_sbo = 0, g_smem = kSmemBytes;
+
+void ss_entry() { dk_wgmma_selftest_ss_bf16(g_a, g_b, g_c, g_lbo, g_sbo); }
+void rs_entry() { dk_wgmma_selftest_rs_bf16(g_p, g_v, g_c, g_lbo, g_sbo); }
 
 // An input matrix of rows × cols elements of `elem` bytes from stdin into guarded global memory,
 // registered as an extent (cp.async sources must lie inside one of its rows).
@@ -71,7 +76,7 @@ void run(const char* name, void (*entry)(), int rows, int cols) {
   sim::add_extent(name, c, rows, cols * 4, cols * 4, true);
   g_c = reinterpret_cast<float*>(c);
   const long w0 = sim::S.wgmmas, c0 = sim::S.collectives;
-  sim::launch(name, entry, dim3{1, 1, 1}, dim3{128, 1, 1}, kSmemBytes);
+  sim::launch(name, entry, dim3{1, 1, 1}, dim3{128, 1, 1}, g_smem);
   fprintf(stderr, "%s (%s, %s order, shared memory at %u): %ld warp collectives (%ld warp wgmma)\n",
           name, sim::S.late_copies ? "late" : "eager", sim::S.reverse ? "descending" : "ascending",
           sim::S.smem_base, sim::S.collectives - c0, sim::S.wgmmas - w0);
@@ -82,9 +87,18 @@ void run(const char* name, void (*entry)(), int rows, int cols) {
 
 int main(int argc, char** argv) {
   sim::install_fault_handler();
-  if (argc != 4) {
-    fprintf(stderr, "usage: wgmma_selftest_sim LATE REVERSE BASE\n");
+  if (argc != 4 && argc != 7) {
+    fprintf(stderr, "usage: wgmma_selftest_sim LATE REVERSE BASE [LBO SBO SMEM]\n");
     return 2;
+  }
+  if (argc == 7) {
+    g_lbo = static_cast<uint32_t>(atol(argv[4]));
+    g_sbo = static_cast<uint32_t>(atol(argv[5]));
+    g_smem = static_cast<uint32_t>(atol(argv[6]));
+    if (g_smem < kSmemBytes) {
+      fprintf(stderr, "SMEM must be at least %u, not %s\n", kSmemBytes, argv[6]);
+      return 2;
+    }
   }
   sim::S.late_copies = atoi(argv[1]) != 0;
   sim::S.reverse = atoi(argv[2]) != 0;

@@ -3,6 +3,7 @@
 mod backward;
 mod forward;
 mod selftest;
+mod selftest_probe;
 mod shape;
 
 #[doc(hidden)]
@@ -13,6 +14,11 @@ pub use forward::attention_fwd_args_layout;
 pub(crate) use forward::forward;
 #[doc(hidden)]
 pub use selftest::{wgmma_selftest_case, WgmmaSelftestCase};
+#[doc(hidden)]
+pub use selftest_probe::{
+    wgmma_map_report, wgmma_probes, WgmmaOperand, WgmmaProbe, WGMMA_SWEEP_OFFSETS,
+    WGMMA_SWEEP_SMEM_BYTES,
+};
 
 /// Kernels the attention launchers use (loaded from the fatbin when a device opens).
 pub(crate) const KERNEL_NAMES: [&[&str]; 3] = [

@@ -69,19 +69,26 @@ pub fn wgmma_selftest_case() -> WgmmaSelftestCase {
 
 #[cfg(test)]
 mod tests {
-    use crate::device::Context;
+    use crate::attention::cuda::selftest_probe::{
+        wgmma_map_report, wgmma_probes, WGMMA_SWEEP_OFFSETS, WGMMA_SWEEP_SMEM_BYTES,
+    };
+    use crate::device::{Context, CudaDevice};
+    use cudarc::driver::sys::CUfunction_attribute_enum;
     use cudarc::driver::{LaunchConfig, PushKernelArg};
     use half::bf16;
     use std::io::Write;
 
     /// A line straight to the terminal (not captured by the test harness): a skipped hardware
-    /// check must say so.
+    /// check must say so, and a diagnosis must survive a later fault.
     fn visible(line: &str) {
         let _ = writeln!(std::io::stderr(), "{line}");
     }
 
     /// Dynamic shared memory of both kernels: 1 KiB of alignment slack, two 64 × 128 bf16 tiles.
     const SMEM_BYTES: u32 = 1024 + 2 * 64 * 128 * 2;
+
+    /// The unit test's tolerance (see [`rel_err`]).
+    const TOL: f64 = 1e-5;
 
     fn bits(x: &[f32]) -> Vec<u16> {
         x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect()
@@ -102,6 +109,105 @@ mod tests {
         err / scale
     }
 
+    fn kernel_name(rs: bool) -> &'static str {
+        if rs {
+            "dk_wgmma_selftest_rs_bf16"
+        } else {
+            "dk_wgmma_selftest_ss_bf16"
+        }
+    }
+
+    /// One launch of a self-test kernel: `rs` picks `dk_wgmma_selftest_rs_bf16(p, v, c, lbo,
+    /// sbo)` (`left` = p as f32, 64 × 64; `right` = v, 64 × 128) over
+    /// `dk_wgmma_selftest_ss_bf16(a, b, c, lbo, sbo)` (both 64 × 128); `sbo` = 0 takes the
+    /// attention kernels' own descriptors. Returns C (64 × 128 or 64 × 64).
+    fn launch(
+        dev: &CudaDevice,
+        rs: bool,
+        left: &[f32],
+        right: &[f32],
+        (lbo, sbo): (u32, u32),
+        smem: u32,
+    ) -> Vec<f32> {
+        let stream = dev.ctx.default_stream();
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let f = dev.function(kernel_name(rs)).unwrap();
+        let dl_bits;
+        let dl_f32;
+        let dr = stream.clone_htod(&bits(right)).unwrap();
+        // Poisoned: an element the kernel does not write stays NaN, an infinite error.
+        let mut dc = stream
+            .clone_htod(&vec![f32::NAN; if rs { 64 * 128 } else { 64 * 64 }])
+            .unwrap();
+        let mut b = stream.launch_builder(f);
+        if rs {
+            dl_f32 = stream.clone_htod(left).unwrap();
+            b.arg(&dl_f32);
+        } else {
+            dl_bits = stream.clone_htod(&bits(left)).unwrap();
+            b.arg(&dl_bits);
+        }
+        b.arg(&dr).arg(&mut dc).arg(&lbo).arg(&sbo);
+        // SAFETY: the kernel takes (a: 64 × 128 bf16, b: 64 × 128 bf16, c: 64 × 64 f32) or (p:
+        // 64 × 64 f32, v: 64 × 128 bf16, c: 64 × 128 f32) and two u32 offsets, which these
+        // buffers and values are; `smem` is at most the limit the caller opted the kernel into
+        // (33 KiB needs none). A wrong offset pair makes the product read other shared memory of
+        // the block, never outside it (WGMMA_SWEEP_SMEM_BYTES).
+        unsafe { b.launch(cfg).unwrap() };
+        stream.clone_dtoh(&dc).unwrap()
+    }
+
+    /// After a failed product: what the card read for each element of the operands (probes with
+    /// the kernels' own descriptors), then which (LBO, SBO) pairs would have made the product
+    /// right (the sweep, in the larger shared memory). Each part is printed as soon as it is
+    /// known, so that it survives a fault of a later launch.
+    fn diagnose(dev: &CudaDevice, rs: bool, left: &[f32], right: &[f32], want: &[f64]) -> String {
+        let kind = if rs { "rs" } else { "ss" };
+        let probes = wgmma_probes(rs);
+        let outputs: Vec<Vec<f32>> = probes
+            .iter()
+            .map(|p| launch(dev, rs, &p.left, &p.right, (0, 0), SMEM_BYTES))
+            .collect();
+        let map = wgmma_map_report(&probes, &outputs);
+        visible(&format!("wgmma self-test, {kind} layout map:\n{map}"));
+        let opted = dev
+            .function(kernel_name(rs))
+            .unwrap()
+            .set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                WGMMA_SWEEP_SMEM_BYTES as i32,
+            )
+            .is_ok();
+        let sweep = if opted {
+            let mut matching = Vec::new();
+            for lbo in WGMMA_SWEEP_OFFSETS {
+                for sbo in WGMMA_SWEEP_OFFSETS {
+                    let c = launch(dev, rs, left, right, (lbo, sbo), WGMMA_SWEEP_SMEM_BYTES);
+                    if rel_err(&c, want) < TOL {
+                        matching.push(format!("(LBO {lbo}, SBO {sbo})"));
+                    }
+                }
+            }
+            if matching.is_empty() {
+                format!("no (LBO, SBO) pair of {WGMMA_SWEEP_OFFSETS:?} gives the right product")
+            } else {
+                format!(
+                    "pairs giving the right product: {} — the kernels' descriptors are \
+                     cuda/include/dk_wgmma_desc.cuh",
+                    matching.join(", ")
+                )
+            }
+        } else {
+            "sweep not run: the device refused the larger shared memory".to_string()
+        };
+        visible(&format!("wgmma self-test, {kind} offset sweep: {sweep}"));
+        format!("{map}\n{sweep}")
+    }
+
     #[test]
     fn wgmma_layouts_on_the_device() {
         let Ok(ctx) = Context::cuda(0) else {
@@ -116,54 +222,35 @@ mod tests {
             ));
             return;
         }
-        let stream = dev.ctx.default_stream();
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: SMEM_BYTES,
-        };
-
         let case = super::wgmma_selftest_case();
-
-        // ss: C[64][64] = A[64][128] · B[64][128]ᵀ.
-        let da = stream.clone_htod(&bits(&case.a)).unwrap();
-        let db = stream.clone_htod(&bits(&case.b)).unwrap();
-        let mut dc = stream.alloc_zeros::<f32>(64 * 64).unwrap();
-        let f = dev.function("dk_wgmma_selftest_ss_bf16").unwrap();
-        // SAFETY: the kernel takes (const bf16* a, const bf16* b, float* c) of 64 × 128, 64 × 128
-        // and 64 × 64 elements, which these buffers hold; 33 KiB of shared memory needs no opt-in.
-        unsafe {
-            stream
-                .launch_builder(f)
-                .arg(&da)
-                .arg(&db)
-                .arg(&mut dc)
-                .launch(cfg)
-                .unwrap()
-        };
-        let c = stream.clone_dtoh(&dc).unwrap();
-        let e = rel_err(&c, &case.want_ss);
-        assert!(e < 1e-5, "ss product (the S = Q·Kᵀ form): error {e:.3e}");
-
-        // rs: C[64][128] = P[64][64] · V[64][128].
-        let dp = stream.clone_htod(&case.p).unwrap();
-        let dv = stream.clone_htod(&bits(&case.v)).unwrap();
-        let mut dc = stream.alloc_zeros::<f32>(64 * 128).unwrap();
-        let f = dev.function("dk_wgmma_selftest_rs_bf16").unwrap();
-        // SAFETY: the kernel takes (const float* p, const bf16* v, float* c) of 64 × 64, 64 × 128
-        // and 64 × 128 elements, which these buffers hold; 33 KiB of shared memory needs no opt-in.
-        unsafe {
-            stream
-                .launch_builder(f)
-                .arg(&dp)
-                .arg(&dv)
-                .arg(&mut dc)
-                .launch(cfg)
-                .unwrap()
-        };
-        let c = stream.clone_dtoh(&dc).unwrap();
-        let e = rel_err(&c, &case.want_rs);
-        assert!(e < 1e-5, "rs product (the P·V form): error {e:.3e}");
+        let mut failures = Vec::new();
+        for (rs, left, right, want, form) in [
+            (
+                false,
+                &case.a,
+                &case.b,
+                &case.want_ss,
+                "ss product (the S = Q·Kᵀ form)",
+            ),
+            (
+                true,
+                &case.p,
+                &case.v,
+                &case.want_rs,
+                "rs product (the P·V form)",
+            ),
+        ] {
+            let c = launch(dev, rs, left, right, (0, 0), SMEM_BYTES);
+            let e = rel_err(&c, want);
+            if e >= TOL {
+                visible(&format!(
+                    "wgmma self-test: {form}: error {e:.3e}, diagnosing"
+                ));
+                let why = diagnose(dev, rs, left, right, want);
+                failures.push(format!("{form}: error {e:.3e}\n{why}"));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
         visible("wgmma_layouts_on_the_device: ss and rs products match on the device");
     }
 }
