@@ -8,7 +8,7 @@ use std::marker::PhantomData;
 
 use half::{bf16, f16};
 
-use crate::error::{bail, Result};
+use crate::error::{bail, Error, ErrorKind, Result};
 
 /// Element types of logits and gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -103,23 +103,47 @@ pub enum Location {
     Cuda(usize),
 }
 
-/// Elements a `rows × cols` matrix with `row_stride` spans (0 when empty).
-pub(crate) fn span_elems(rows: usize, cols: usize, row_stride: usize) -> usize {
+/// Bytes a `rows × cols` matrix of `elem_size`-byte elements, rows `row_stride` elements apart,
+/// spans (0 when empty), or a shape error naming `what` where that count overflows or exceeds
+/// `isize::MAX`, which no allocation can: a stride that wraps the arithmetic must not make a
+/// view look small.
+pub(crate) fn span_bytes(
+    what: &str,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    elem_size: usize,
+) -> Result<usize> {
     if rows == 0 || cols == 0 {
-        0
-    } else {
-        (rows - 1) * row_stride + cols
+        return Ok(0);
     }
+    (rows - 1)
+        .checked_mul(row_stride)
+        .and_then(|e| e.checked_add(cols))
+        .and_then(|e| e.checked_mul(elem_size))
+        .filter(|&b| b <= isize::MAX as usize)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Shape,
+                format!("{what}: {rows} rows of stride {row_stride} exceed the addressable range"),
+            )
+        })
 }
 
-fn check_host_matrix(len: usize, rows: usize, cols: usize, row_stride: usize) -> Result<()> {
+fn check_host_matrix(
+    len: usize,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    elem_size: usize,
+) -> Result<()> {
     if row_stride < cols {
         bail!(
             Shape,
             "row stride {row_stride} is smaller than the row length {cols}"
         );
     }
-    let need = span_elems(rows, cols, row_stride);
+    let need = span_bytes("matrix", rows, cols, row_stride, elem_size)? / elem_size;
     if len < need {
         bail!(
             Shape,
@@ -154,7 +178,7 @@ impl<'a> Matrix<'a> {
         cols: usize,
         row_stride: usize,
     ) -> Result<Self> {
-        check_host_matrix(data.len(), rows, cols, row_stride)?;
+        check_host_matrix(data.len(), rows, cols, row_stride, T::DTYPE.size())?;
         Ok(Matrix {
             ptr: data.as_ptr().cast(),
             dtype: T::DTYPE,
@@ -236,7 +260,7 @@ impl<'a> MatrixMut<'a> {
         cols: usize,
         row_stride: usize,
     ) -> Result<Self> {
-        check_host_matrix(data.len(), rows, cols, row_stride)?;
+        check_host_matrix(data.len(), rows, cols, row_stride, T::DTYPE.size())?;
         Ok(MatrixMut {
             ptr: data.as_mut_ptr().cast(),
             dtype: T::DTYPE,

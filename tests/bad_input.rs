@@ -127,6 +127,35 @@ fn stride_smaller_than_v() {
     assert_eq!(e.kind(), ErrorKind::Shape);
 }
 
+/// A row stride so large that (rows − 1) · stride + cols wraps must not make a view look small:
+/// the span once wrapped to 8 elements and the CPU backend wrote outside the slice.
+#[test]
+fn strides_that_wrap_the_span_are_rejected() {
+    let mut data = vec![7.0f32; 64];
+    for (rows, cols, stride) in [
+        (2, 8, usize::MAX - 7),
+        (5, 8, 1usize << 62),
+        (3, 1, usize::MAX / 2 + 1),
+        (2, 8, (isize::MAX as usize) / 4 + 1),
+    ] {
+        let e = Matrix::host(&data[..16], rows, cols, stride).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            ErrorKind::Shape,
+            "{rows} x {cols}, stride {stride}: {e}"
+        );
+        let e = MatrixMut::host(&mut data[32..], rows, cols, stride).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            ErrorKind::Shape,
+            "{rows} x {cols}, stride {stride}: {e}"
+        );
+    }
+    assert!(data.iter().all(|&x| x == 7.0));
+    // One row: the stride is never multiplied, any value ≥ cols is fine.
+    assert!(Matrix::host(&data[..8], 1, 8, usize::MAX).is_ok());
+}
+
 #[test]
 fn grad_dtype_differs_from_student() {
     let mut rng = Rng::fresh("grad_dtype_differs_from_student");
@@ -661,6 +690,15 @@ fn c_abi_valid_call_then_errors() {
         a.teacher_stride = -20
     });
     c_rejects(&mut c, 3, "grad_stride 0", |a, _| a.grad_stride = 0);
+    c_rejects(&mut c, 3, "student_stride i64::MAX", |a, _| {
+        a.student_stride = i64::MAX
+    });
+    c_rejects(&mut c, 3, "teacher_stride 2^61", |a, _| {
+        a.teacher_stride = 1 << 61
+    });
+    c_rejects(&mut c, 3, "grad_stride i64::MAX / 2", |a, _| {
+        a.grad_stride = i64::MAX / 2
+    });
     c_rejects(&mut c, 3, "grad = student + 1", |a, _| {
         a.grad = a.student.cast::<f32>().wrapping_add(1) as *mut c_void;
     });

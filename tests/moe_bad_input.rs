@@ -493,8 +493,14 @@ fn permute_shapes() {
     let mut rng = Rng::fresh("permute_shapes");
     let c = permute_case(&mut rng);
     type Edit = fn(&mut PermuteSpec);
-    let edits: [(&str, Edit); 11] = [
+    let edits: [(&str, Edit); 13] = [
         ("N = 0", |s| s.x.rows = 0),
+        ("x stride wrapping the span", |s| {
+            s.x.stride = usize::MAX / 2
+        }),
+        ("out stride past isize::MAX bytes", |s| {
+            s.out.stride = isize::MAX as usize / 2
+        }),
         ("H = 12 (not a multiple of 8)", |s| {
             s.x.cols = 12;
             s.out.cols = 12;

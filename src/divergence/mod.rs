@@ -28,7 +28,7 @@ pub use params::{Kind, Params, Reduction};
 use crate::checks::check_location;
 use crate::device::{Backend, Context, Launch};
 use crate::error::{bail, Result};
-use crate::tensor::{span_elems, DType, Matrix, MatrixMut, Vector, VectorMut};
+use crate::tensor::{span_bytes, DType, Matrix, MatrixMut, Vector, VectorMut};
 
 /// Inputs and outputs of one divergence call with the gradient in a separate buffer (or none).
 #[derive(Debug)]
@@ -85,16 +85,24 @@ pub(crate) struct RawDivergence {
     pub loss: *mut f32,
 }
 
-/// Bytes of the address range a matrix spans.
+/// The address range a matrix spans, or a shape error where it overflows the address space.
 fn byte_range(
+    what: &str,
     ptr: *const u8,
     rows: usize,
     cols: usize,
     stride: usize,
     dtype: DType,
-) -> (usize, usize) {
+) -> Result<(usize, usize)> {
     let start = ptr as usize;
-    (start, start + span_elems(rows, cols, stride) * dtype.size())
+    let bytes = span_bytes(what, rows, cols, stride, dtype.size())?;
+    match start.checked_add(bytes) {
+        Some(end) => Ok((start, end)),
+        None => bail!(
+            Shape,
+            "{what}: the matrix runs past the end of the address space"
+        ),
+    }
 }
 
 fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
@@ -162,27 +170,29 @@ impl RawDivergence {
             );
         }
         let student = byte_range(
+            "student logits",
             self.student,
             self.n,
             self.v,
             self.student_stride,
             self.student_dtype,
-        );
+        )?;
         let teacher = byte_range(
+            "teacher logits",
             self.teacher,
             self.n,
             self.v,
             self.teacher_stride,
             self.teacher_dtype,
-        );
+        )?;
         let mut outputs: Vec<(&str, (usize, usize))> = Vec::new();
         if !self.per_token.is_null() {
             let s = self.per_token as usize;
-            outputs.push(("per-token loss", (s, s + 4 * self.n)));
+            outputs.push(("per-token loss", (s, s.saturating_add(4 * self.n))));
         }
         if !self.loss.is_null() {
             let s = self.loss as usize;
-            outputs.push(("loss", (s, s + 4)));
+            outputs.push(("loss", (s, s.saturating_add(4))));
         }
         if !self.grad.is_null() {
             if self.grad_stride < self.v {
@@ -194,12 +204,13 @@ impl RawDivergence {
                 );
             }
             let grad = byte_range(
+                "gradient",
                 self.grad,
                 self.n,
                 self.v,
                 self.grad_stride,
                 self.student_dtype,
-            );
+            )?;
             if in_place {
                 // The student's own memory: only the other inputs must stay clear of it.
             } else if std::ptr::eq(self.grad, self.student)
@@ -220,7 +231,7 @@ impl RawDivergence {
             }
             if !self.labels.is_null() {
                 let l = self.labels as usize;
-                if overlaps(*range, (l, l + 8 * self.n)) {
+                if overlaps(*range, (l, l.saturating_add(8 * self.n))) {
                     bail!(Shape, "{name} output overlaps the labels");
                 }
             }

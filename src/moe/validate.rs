@@ -16,7 +16,7 @@ use super::{
 use crate::checks::{check_location, check_non_null};
 use crate::device::Context;
 use crate::error::{bail, Result};
-use crate::tensor::{span_elems, DType, Matrix, MatrixMut, Vector, VectorMut};
+use crate::tensor::{span_bytes, DType, Matrix, MatrixMut, Vector, VectorMut};
 
 /// Largest count or index that fits the int32 outputs (`perm`, `position`, `offsets`).
 const MAX_I32: usize = i32::MAX as usize;
@@ -39,6 +39,7 @@ impl Span {
         }
     }
 
+    /// A matrix's span; a shape error where its rows overflow the address range.
     fn matrix(
         what: &'static str,
         ptr: *const u8,
@@ -46,8 +47,9 @@ impl Span {
         cols: usize,
         stride: usize,
         dtype: DType,
-    ) -> Span {
-        Span::of(what, ptr, span_elems(rows, cols, stride), dtype.size())
+    ) -> Result<Span> {
+        let bytes = span_bytes(what, rows, cols, stride, dtype.size())?;
+        Ok(Span::of(what, ptr, bytes, 1))
     }
 
     fn vector<T>(what: &'static str, ptr: *const T, len: usize) -> Span {
@@ -303,7 +305,7 @@ impl RawRoute {
             e,
             logits.row_stride,
             logits.dtype,
-        );
+        )?;
         let bias_span = Span::vector("bias", bias, if bias.is_null() { 0 } else { e });
         let outputs = [
             Span::vector("expert_ids", call.expert_ids.ptr, slots),
@@ -356,14 +358,14 @@ impl RawPermute {
         }
         let weights = call.weights.as_ref().map_or(std::ptr::null(), |w| w.ptr);
         let out = &call.out;
-        let x_span = Span::matrix("x", x.ptr, n, h, x.row_stride, dtype);
+        let x_span = Span::matrix("x", x.ptr, n, h, x.row_stride, dtype)?;
         let perm_span = Span::vector("perm", call.perm.ptr, rows);
         let w_span = Span::vector(
             "weights",
             weights,
             if weights.is_null() { 0 } else { slots },
         );
-        let out_span = Span::matrix("permuted", out.ptr, rows, h, out.row_stride, dtype);
+        let out_span = Span::matrix("permuted", out.ptr, rows, h, out.row_stride, dtype)?;
         check_aligned(&[(perm_span, 4), (w_span, 4)])?;
         check_rows_aligned(&[
             ("x", x.ptr, x.row_stride, dtype),
@@ -417,14 +419,14 @@ impl RawCombine {
             check_len("weights", w.len, slots, &format!("N·k = {n}·{k}"))?;
         }
         let weights = call.weights.as_ref().map_or(std::ptr::null(), |w| w.ptr);
-        let rows_span = Span::matrix("rows", rows_in.ptr, rows, h, rows_in.row_stride, dtype);
+        let rows_span = Span::matrix("rows", rows_in.ptr, rows, h, rows_in.row_stride, dtype)?;
         let pos_span = Span::vector("position", call.position.ptr, slots);
         let w_span = Span::vector(
             "weights",
             weights,
             if weights.is_null() { 0 } else { slots },
         );
-        let y_span = Span::matrix("y", y.ptr, n, h, y.row_stride, dtype);
+        let y_span = Span::matrix("y", y.ptr, n, h, y.row_stride, dtype)?;
         check_aligned(&[(pos_span, 4), (w_span, 4)])?;
         check_rows_aligned(&[
             ("rows", rows_in.ptr, rows_in.row_stride, dtype),
@@ -474,8 +476,8 @@ impl RawSlotDot {
             slots,
             &format!("N·k = {n}·{k}"),
         )?;
-        let tokens_span = Span::matrix("tokens", tokens.ptr, n, h, tokens.row_stride, dtype);
-        let rows_span = Span::matrix("rows", rows_in.ptr, rows, h, rows_in.row_stride, dtype);
+        let tokens_span = Span::matrix("tokens", tokens.ptr, n, h, tokens.row_stride, dtype)?;
+        let rows_span = Span::matrix("rows", rows_in.ptr, rows, h, rows_in.row_stride, dtype)?;
         let pos_span = Span::vector("position", call.position.ptr, slots);
         let out_span = Span::vector("slot-dot", call.out.ptr, slots);
         check_aligned(&[(pos_span, 4), (out_span, 4)])?;
