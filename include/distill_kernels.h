@@ -27,18 +27,18 @@ extern "C" {
 #define DK_VERSION_PATCH 0
 #define DK_VERSION_STRING "0.1.0"
 
-/* Status codes. */
+/* Status codes (see the conventions above; the message is in dk_last_error()). */
 typedef int32_t dk_status;
 #define DK_OK 0
-#define DK_ERR_NULL_POINTER 1
-#define DK_ERR_INVALID_ARGUMENT 2
-#define DK_ERR_SHAPE 3
-#define DK_ERR_UNSUPPORTED_DTYPE 4
-#define DK_ERR_NO_DEVICE 5
-#define DK_ERR_WRONG_DEVICE 6
-#define DK_ERR_WORKSPACE_TOO_SMALL 7
-#define DK_ERR_CUDA 8
-#define DK_ERR_PANIC 9
+#define DK_ERR_NULL_POINTER 1        /* a required pointer was null */
+#define DK_ERR_INVALID_ARGUMENT 2    /* a parameter out of range (beta, temperature, a code, ...) */
+#define DK_ERR_SHAPE 3               /* shapes, lengths or strides do not fit together, or overlap */
+#define DK_ERR_UNSUPPORTED_DTYPE 4   /* a dtype the operation does not accept */
+#define DK_ERR_NO_DEVICE 5           /* no CUDA driver or device, or a library built without kernels */
+#define DK_ERR_WRONG_DEVICE 6        /* memory on another device, or host memory where device memory is needed */
+#define DK_ERR_WORKSPACE_TOO_SMALL 7 /* smaller than the matching *_workspace_size asked for */
+#define DK_ERR_CUDA 8                /* the CUDA driver (or cuBLAS) returned an error */
+#define DK_ERR_PANIC 9               /* a panic caught at the boundary: a bug, please report it */
 
 /* Element types (dk_dtype). */
 #define DK_DTYPE_F32 0

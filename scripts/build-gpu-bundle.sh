@@ -44,6 +44,7 @@ say "nvcc: $NVCC ($("$NVCC" --version | grep -o 'release [0-9.]*' || echo '?'))"
 # ---- build ----------------------------------------------------------------------------------------
 say "cargo build --release (kernels required)"
 cargo build --release
+release="$(bash scripts/cargo-target-dir.sh)/release"
 
 say "cargo test --release --no-run (collecting the test executables)"
 tmp=$(mktemp -d)
@@ -94,12 +95,12 @@ strip_into() { # src dst
   if command -v strip >/dev/null; then strip --strip-unneeded "$2" 2>/dev/null || strip "$2" || true; fi
   chmod +x "$2"
 }
-strip_into target/release/dk "$bundle/bin/dk"
-strip_into target/release/libdistill_kernels.so "$bundle/lib/libdistill_kernels.so"
+strip_into "$release/dk" "$bundle/bin/dk"
+strip_into "$release/libdistill_kernels.so" "$bundle/lib/libdistill_kernels.so"
 chmod -x "$bundle/lib/libdistill_kernels.so"
 if [ "${BUNDLE_STATIC:-0}" = 1 ] || grep -rqs -e 'distill_kernels\.a' -e 'static=distill_kernels' tests/; then
   # Debug sections of the archive are not needed to link the C test (30 MB instead of 39 MB).
-  cp target/release/libdistill_kernels.a "$tmp/libdistill_kernels.a"
+  cp "$release/libdistill_kernels.a" "$tmp/libdistill_kernels.a"
   command -v strip >/dev/null && strip --strip-debug "$tmp/libdistill_kernels.a"
   cp "$tmp/libdistill_kernels.a" "$bundle/lib/libdistill_kernels.a" # packed below
 fi
@@ -155,8 +156,8 @@ untracked=$(git status --porcelain 2>/dev/null | grep -c '^??' || true)
   echo "build_root=$root"
   echo "rustc=$(rustc --version)"
   echo "nvcc=$("$NVCC" --version | grep -o 'release [0-9.]*, V[0-9.]*' || echo unknown)"
-  echo "archs=$(./target/release/dk info | sed -n 's/^GPU archs: *//p')"
-  echo "crate_version=$(./target/release/dk --version | awk '{print $2}')"
+  echo "archs=$("$release/dk" info | sed -n 's/^GPU archs: *//p')"
+  echo "crate_version=$("$release/dk" --version | awk '{print $2}')"
   echo "liger_wheel=$(cd "$bundle/wheels" && ls 2>/dev/null | tr '\n' ' ')"
 } >"$bundle/BUILD-INFO"
 

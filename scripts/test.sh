@@ -19,10 +19,11 @@ fi
 
 echo "== cargo build --release (the library the C and Python tests load)"
 cargo build --release
+release="$(bash scripts/cargo-target-dir.sh)/release"
 
 echo "== cargo test --release"
 cargo test --release
 
 echo "== pytest python/tests"
-DISTILL_KERNELS_LIB="$root/target/release/libdistill_kernels.so" \
+DISTILL_KERNELS_LIB="$release/libdistill_kernels.so" \
   "$venv/bin/python" -m pytest python/tests -q -rs

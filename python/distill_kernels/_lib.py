@@ -6,10 +6,11 @@ it, so ``import distill_kernels`` works (and reports ``__version__``) before the
 Where the library is looked for, first hit wins:
 
 1. ``$DISTILL_KERNELS_LIB`` -- the path of the shared library itself. When set, it must exist.
-2. ``<repo>/target/release/`` where ``<repo>`` is two folders above this package
+2. ``$CARGO_TARGET_DIR/release/`` when ``CARGO_TARGET_DIR`` is set (where ``cargo build`` then
+   writes the library, so a stale ``target/`` in the checkout cannot shadow it).
+3. ``<repo>/target/release/`` where ``<repo>`` is two folders above this package
    (``python/distill_kernels/../../``), when it holds a ``Cargo.toml``: the source checkout this
    package is used from (not installed).
-3. ``$CARGO_TARGET_DIR/release/`` when ``CARGO_TARGET_DIR`` is set.
 4. ``target/release/`` in the current working directory or any of its parents (for an installed
    package used from inside a checkout).
 """
@@ -100,38 +101,57 @@ class DistillKernelsError(Exception):
 
 
 class NullPointerError(DistillKernelsError, ValueError):
+    """A required pointer was null (DK_ERR_NULL_POINTER)."""
+
     status = 1
 
 
 class InvalidArgumentError(DistillKernelsError, ValueError):
+    """A parameter out of range: beta, temperature, a code, ... (DK_ERR_INVALID_ARGUMENT)."""
+
     status = 2
 
 
 class ShapeError(DistillKernelsError, ValueError):
+    """Shapes, lengths or strides that do not fit, or overlapping buffers (DK_ERR_SHAPE)."""
+
     status = 3
 
 
 class UnsupportedDtypeError(DistillKernelsError, TypeError):
+    """A dtype the operation does not accept (DK_ERR_UNSUPPORTED_DTYPE)."""
+
     status = 4
 
 
 class NoDeviceError(DistillKernelsError, RuntimeError):
+    """No CUDA driver or device, or a library built without kernels (DK_ERR_NO_DEVICE)."""
+
     status = 5
 
 
 class WrongDeviceError(DistillKernelsError, ValueError):
+    """Memory on another device, or host memory where device memory is needed
+    (DK_ERR_WRONG_DEVICE)."""
+
     status = 6
 
 
 class WorkspaceTooSmallError(DistillKernelsError, ValueError):
+    """A workspace smaller than its *_workspace_size (DK_ERR_WORKSPACE_TOO_SMALL)."""
+
     status = 7
 
 
 class CudaError(DistillKernelsError, RuntimeError):
+    """The CUDA driver or cuBLAS returned an error (DK_ERR_CUDA)."""
+
     status = 8
 
 
 class PanicError(DistillKernelsError, RuntimeError):
+    """A panic caught at the library boundary: a bug, please report it (DK_ERR_PANIC)."""
+
     status = 9
 
 
@@ -419,12 +439,14 @@ def _lib_names() -> List[str]:
 def _candidates() -> List[Path]:
     names = _lib_names()
     dirs: List[Path] = []
-    repo = Path(__file__).resolve().parent.parent.parent
-    if (repo / "Cargo.toml").is_file():  # running from the source checkout
-        dirs.append(repo / "target" / "release")
+    # Where cargo builds when CARGO_TARGET_DIR is set: first, so that a stale target/ in the
+    # checkout never shadows the library just built.
     target_dir = os.environ.get("CARGO_TARGET_DIR")
     if target_dir:
         dirs.append(Path(target_dir) / "release")
+    repo = Path(__file__).resolve().parent.parent.parent
+    if (repo / "Cargo.toml").is_file():  # running from the source checkout
+        dirs.append(repo / "target" / "release")
     cwd = Path.cwd().resolve()
     for d in [cwd, *cwd.parents]:
         dirs.append(d / "target" / "release")
@@ -860,7 +882,7 @@ def scale_rows_call(handle, x_ptr: int, dtype: int, n: int, v: int, stride: int,
 # ---- MoE dispatch: parameters and calls shared by the numpy and torch faces --------------------
 
 
-def _int(name: str, x, lo: int, hi: int) -> int:
+def _int(name: str, x, lo: int, hi: int, hint: str = "") -> int:
     if isinstance(x, bool) or not _is_int(x):
         # 0-d integer numpy arrays are accepted; anything else is a type error.
         if getattr(x, "shape", None) == () and getattr(getattr(x, "dtype", None), "kind", "") in "iu":
@@ -869,7 +891,8 @@ def _int(name: str, x, lo: int, hi: int) -> int:
             raise TypeError(f"{name} must be an integer, got {x!r}")
     x = int(x)
     if not (lo <= x <= hi):
-        raise ValueError(f"{name} must be in {lo}..={hi}, got {x}")
+        bound = f">= {lo}" if hi >= 2**62 else f"in {lo}..={hi}"  # no one means 2^62
+        raise ValueError(f"{name} must be {bound}{hint}, got {x}")
     return x
 
 
@@ -926,7 +949,7 @@ def make_moe_route_params(
     if capacity is None:
         cap = 0
     else:
-        cap = _int("capacity", capacity, 1, 2**62)
+        cap = _int("capacity", capacity, 1, 2**62, " (None for no capacity limit)")
     block = _int("block", block, 1, 2**31 - 1)
     return MoeRouteParams(
         k=k,
@@ -1022,7 +1045,9 @@ def make_fused_params(
             raise ValueError(
                 f"softcap must be None (no cap) or finite and > 0 (as a float32), got {softcap}"
             )
-    chunk = 0 if chunk_rows is None else _int("chunk_rows", chunk_rows, 1, 2**62)
+    chunk = 0 if chunk_rows is None else _int(
+        "chunk_rows", chunk_rows, 1, 2**62, " (None to choose it from V and H)"
+    )
     return FusedLinearParams(
         divergence=div,
         logit_scale=logit_scale,

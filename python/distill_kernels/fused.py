@@ -58,7 +58,7 @@ def _as_array(name: str, x, min_ndim: int, max_ndim: Optional[int]) -> np.ndarra
             raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
     _dtype_code(name, x.dtype)  # TypeError on anything else
     if x.ndim < min_ndim or (max_ndim is not None and x.ndim > max_ndim):
-        want = "[..., H]" if max_ndim is None else "2-D [V, H]"
+        want = "at least 2-D [..., H]" if max_ndim is None else "2-D [V, H]"
         raise ValueError(f"{name} must be {want}, got shape {x.shape}")
     if any(d == 0 for d in x.shape):
         raise ValueError(f"{name} is empty: shape {x.shape}")

@@ -170,6 +170,17 @@ class _R:
                 f"got shape {full.shape}"
             )
         self.perm_full = self._ints("perm_full", full, full.shape)
+        if route.perm_full is not None and route.perm is not None:
+            # The kernels read perm_full; perm is its first num_rows entries. A route whose perm
+            # was replaced alone (dataclasses.replace(route, perm=...)) would be ignored silently.
+            head = _as_array("route.perm", route.perm)
+            if head.shape != (self.num_rows,) or not np.array_equal(
+                head, self.perm_full[: self.num_rows]
+            ):
+                raise ValueError(
+                    "route.perm differs from route.perm_full[:num_rows]; perm is the start of "
+                    "perm_full, which the kernels read: replace perm_full (and perm) together"
+                )
         self._weights = route.weights
         if self.position.size and (
             self.position.min() < -1 or self.position.max() >= max(self.num_rows, 0)

@@ -47,6 +47,11 @@ def scale_rows(x: np.ndarray, factors) -> np.ndarray:
             f"dtype {x.dtype}): it is scaled in place, so it cannot be copied"
         )
     stride = v if n == 1 else s0 // item
+    if isinstance(factors, (str, bytes)) or (
+        isinstance(factors, np.ndarray) and factors.dtype.kind in "USO"
+    ):
+        # numpy would parse "2" as 2.0: a string is a misplaced argument, not a factor.
+        raise TypeError(f"factors must be numbers, got {type(factors).__name__}")
     f = np.ascontiguousarray(np.asarray(factors, dtype=np.float32).reshape(-1))
     if f.size == 1:
         factor_stride = 0

@@ -338,6 +338,15 @@ def _check_route(route, device: torch.device) -> None:
     if full.dim() != 1 or full.shape[0] < route.num_rows:
         raise ValueError(f"route.perm_full must be 1-D with at least num_rows = {route.num_rows} "
                          f"entries, got {tuple(full.shape)}")
+    perm = route.perm
+    if route.perm_full is not None and perm is not None and not (
+        isinstance(perm, torch.Tensor) and perm.data_ptr() == full.data_ptr()
+        and tuple(perm.shape) == (route.num_rows,)
+    ):
+        # The kernels read perm_full; perm must be its first num_rows entries (a view: compared
+        # by address, which needs no host synchronisation).
+        raise ValueError("route.perm is not the start of route.perm_full, which the kernels read: "
+                         "replace perm_full (and perm) together")
 
 
 def _route_weights(route, weights, device: torch.device) -> torch.Tensor:

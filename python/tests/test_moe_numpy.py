@@ -687,6 +687,12 @@ def test_route_bad_input(idx):
     assert np.array_equal(lg, before)
 
 
+def test_capacity_message_points_to_none():
+    lg = np.zeros((4, 8), np.float32)
+    with pytest.raises(ValueError, match=r"capacity must be >= 1 \(None for no capacity limit\)"):
+        dk.moe_route(lg, 2, capacity=0)
+
+
 def test_dispatch_bad_input():
     rng = np.random.default_rng(42)
     n, e, k, h = 10, 8, 2, 16
@@ -732,6 +738,9 @@ def test_dispatch_bad_input():
     broken[0] = n * k
     with pytest.raises(ValueError):
         dk.moe_permute(x, dataclasses.replace(route, perm_full=broken, perm=broken[:R]))
+    # perm replaced alone would be ignored (the kernels read perm_full): refused instead
+    with pytest.raises(ValueError, match="perm_full"):
+        dk.moe_permute(x, dataclasses.replace(route, perm=route.perm[::-1].copy()))
     # unweighted combine backward needs no expert_out
     g, gw = dk.moe_combine_backward(x, None, route, weighted=False)
     assert gw is None and g.shape == (R, h)

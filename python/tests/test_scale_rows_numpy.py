@@ -110,6 +110,10 @@ def test_bad_arguments():
         dk.scale_rows(ro, 2.0)
     with pytest.raises(ValueError, match="empty"):
         dk.scale_rows(np.ones((0, 8), dtype=np.float32), 2.0)
+    with pytest.raises(TypeError, match="numbers"):
+        dk.scale_rows(x, "2")
+    with pytest.raises(TypeError, match="numbers"):
+        dk.scale_rows(x, np.array(["1", "2", "3"]))
     assert np.all(x == 1.0)
 
 

@@ -69,9 +69,10 @@ commands:
   info          version, backends found (CPU; CUDA devices or why not), compiled GPU
                 architectures, the nvcc that built the kernels
   bench         the divergence, MoE dispatch (route, permute, combine, forward and
-                backward) and attention (forward, forward + backward) on the best backend
-                present, every result checked (the f64 reference, the CPU backend), timed, and
-                reported against the copy-bandwidth floor (attention: in FLOP/s)
+                backward), attention (forward, forward + backward) and the fused linear JSD
+                on the best backend present, every result checked (the f64 reference, the
+                CPU backend), timed, and reported against the copy-bandwidth floor
+                (attention: in FLOP/s; fused: against its four GEMMs)
   help [cmd]    this help, or the help of a command
 
 options:

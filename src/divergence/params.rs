@@ -75,7 +75,8 @@ impl Reduction {
     }
 }
 
-/// Divergence parameters. `Params::default()` is forward KL, T = 1, batchmean, ignore_index −100.
+/// Divergence parameters. `Params::default()` is forward KL, T = 1, batchmean, ignore_index −100
+/// (as the C ABI's `dk_divergence_params_default`); the Python functions default to JSD, β = 0.5.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Params {
     /// Which divergence.

@@ -10,7 +10,7 @@ use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DevicePtr};
 use distill_kernels::divergence::{Divergence, Params};
 use distill_kernels::{Context, DType, Launch, Location, Matrix, MatrixMut, VectorMut};
 
-use crate::data::{fill_rows, widen, HostBuf};
+use crate::data::{fill_rows, host_memory_available, widen, HostBuf};
 
 /// Sampled rows of the inputs, widened to f64 (not yet divided by T).
 pub struct Inputs {
@@ -92,7 +92,7 @@ impl Runner {
         samples: &[usize],
     ) -> Result<Inputs, String> {
         match self {
-            Runner::Cpu(c) => Ok(c.load(dtype, n, v, seed, samples)),
+            Runner::Cpu(c) => c.load(dtype, n, v, seed, samples),
             Runner::Cuda(c) => c.load(dtype, n, v, seed, samples),
         }
     }
@@ -171,7 +171,7 @@ impl Runner {
     pub fn alloc(&self, bytes: usize) -> Result<Buf, String> {
         let bytes = bytes.max(1);
         match self {
-            Runner::Cpu(_) => Ok(Buf::Host(HostBuf::zeroed(bytes))),
+            Runner::Cpu(_) => Ok(Buf::Host(HostBuf::try_zeroed(bytes)?)),
             // SAFETY: callers write (upload or poison) a buffer before any read of it.
             Runner::Cuda(c) => Ok(Buf::Cuda(drv("cuMemAlloc", unsafe {
                 c.stream.alloc::<u8>(bytes)
@@ -417,11 +417,33 @@ fn cpu_copy_bandwidth() -> (f64, String) {
 }
 
 impl CpuRunner {
-    fn load(&mut self, dtype: DType, n: usize, v: usize, seed: u64, samples: &[usize]) -> Inputs {
+    fn load(
+        &mut self,
+        dtype: DType,
+        n: usize,
+        v: usize,
+        seed: u64,
+        samples: &[usize],
+    ) -> Result<Inputs, String> {
         self.group = None;
-        let bytes = n * v * dtype.size();
-        let mut student = HostBuf::zeroed(bytes);
-        let mut teacher = HostBuf::zeroed(bytes);
+        let bytes = n
+            .checked_mul(v)
+            .and_then(|e| e.checked_mul(dtype.size()))
+            .filter(|b| b.checked_mul(3).is_some())
+            .ok_or_else(|| format!("{n} x {v} {} overflows the address space", dtype.name()))?;
+        // Student, teacher and gradient, checked together before any is allocated.
+        if let Some(free) = host_memory_available() {
+            if 3 * bytes > free {
+                return Err(format!(
+                    "{n} x {v} {} needs {:.2} GiB of host memory, {:.2} GiB are available (use --rows)",
+                    dtype.name(),
+                    (3 * bytes) as f64 / GIB,
+                    free as f64 / GIB
+                ));
+            }
+        }
+        let mut student = HostBuf::try_zeroed(bytes)?;
+        let mut teacher = HostBuf::try_zeroed(bytes)?;
         fill_rows(
             seed,
             dtype,
@@ -447,9 +469,9 @@ impl CpuRunner {
             v,
             student,
             teacher,
-            grad: HostBuf::zeroed(bytes),
+            grad: HostBuf::try_zeroed(bytes)?,
         });
-        inputs
+        Ok(inputs)
     }
 
     fn call(

@@ -25,8 +25,9 @@ use crate::moe::{self, MoeConfig, MoeRow, Shape, ALL_SHAPES};
 pub const DEFAULT_VOCABS: [usize; 4] = [151_936, 200_064, 202_048, 262_144];
 
 pub const HELP: &str = "\
-dk bench: the divergence (forward KL, reverse KL, JSD) and MoE dispatch (route, permute, combine,
-forward and backward) on the best backend present, checked and timed
+dk bench: the divergence (forward KL, reverse KL, JSD), MoE dispatch (route, permute, combine,
+forward and backward), attention (forward, forward + backward) and the fused linear JSD, on the
+best backend present, checked and timed
 
 usage: dk bench [OPS] [options]     (OPS: 'dk bench attention' = 'dk bench --ops attention')
 
@@ -37,7 +38,8 @@ options:
                     the fused linear JSD from hidden states and the lm_head (CUDA: N 4096,
                     H 3072, V 200064 and N 16384, H 5120, V 202048, against the four GEMMs
                     alone; CPU: N 40, H 64, V 3001)
-  --kinds K,...     forward_kl,reverse_kl,jsd (default all three; 'all' also works)
+  --kinds K,...     forward_kl,reverse_kl,jsd (default all three; 'all' also works); the
+                    divergence only (fused runs JSD, beta 0.5, T 1: issue 4's shape)
   --dtype T,...     bf16 | f16 | f32, or a list (default bf16); student and teacher share it,
                     and it is the MoE activations' dtype (router logits are always f32)
   --rows N          divergence rows per call (default 4096 on CUDA, 8 on the CPU; --quick:
@@ -45,11 +47,13 @@ options:
   --vocab V,...     vocabulary sizes (default 151936,200064,202048,262144)
   --iters K         timed runs per row, the median is reported (default 20 on CUDA, 5 on the
                     CPU; --quick: 5 / 1)
-  --passes P        all | fwd+bwd | fwd (default all: forward+backward, then forward only)
-  --beta B          JSD teacher weight in [0, 1] (default 0.5)
-  --temperature T   softmax temperature > 0 (default 1.0)
+  --passes P        all | fwd+bwd | fwd (default all: forward+backward, then forward only);
+                    the divergence only
+  --beta B          JSD teacher weight in [0, 1] (default 0.5); the divergence only
+  --temperature T   softmax temperature > 0 (default 1.0); the divergence only
   --check-rows K    rows checked against the reference per result (default 8 for the
-                    divergence, 64 for MoE outputs; all rows when there are at most K)
+                    divergence, 64 for MoE outputs, 4 for fused; all rows when there are at
+                    most K)
   --tokens N        MoE tokens per shape (default 16384 on CUDA, 2048 on the CPU; --quick:
                     2048 / 256)
   --moe-shapes S,.. scout,maverick,qwen3 (default all three; 'all' also works):
@@ -307,7 +311,7 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
                     "tokens" => {
                         let n: usize = cli::number(&name, v)?;
                         if n == 0 || n.saturating_mul(32) > i32::MAX as usize {
-                            usage!("--tokens must be in 1 ..= 2^26");
+                            usage!("--tokens must be in 1 ..= 2^26 - 1");
                         }
                         c.tokens = Some(n);
                     }
@@ -317,8 +321,8 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
                     "dtype" => c.dtypes = dedup(cli::list(&name, v, parse_dtype)?),
                     "rows" => {
                         let n: usize = cli::number(&name, v)?;
-                        if n == 0 {
-                            usage!("--rows must be at least 1");
+                        if n == 0 || n > i32::MAX as usize {
+                            usage!("--rows must be in 1 ..= 2^31 - 1");
                         }
                         c.rows = Some(n);
                     }
@@ -364,7 +368,14 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
                         c.check_rows = Some(k);
                     }
                     "seed" => c.seed = Some(cli::number(&name, v)?),
-                    "json" => c.json = Some(PathBuf::from(v)),
+                    "json" => {
+                        let path = PathBuf::from(v);
+                        // Before the run, not after it: a typo must not cost a whole benchmark.
+                        if let Err(e) = check_writable(&path) {
+                            usage!("--json: cannot write {}: {e}", path.display());
+                        }
+                        c.json = Some(path);
+                    }
                     _ => unreachable!("cli::parse only returns declared options"),
                 }
             }
@@ -613,6 +624,20 @@ fn format_row(r: &Row, copy_bw: f64) -> String {
     )
 }
 
+/// Whether `path` can be written: an existing file is opened for appending (not truncated), a
+/// new one is created and removed again.
+fn check_writable(path: &std::path::Path) -> std::io::Result<()> {
+    let existed = path.exists();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)?;
+    if !existed {
+        std::fs::remove_file(path)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn json_str(s: &str) -> String {
     let mut o = String::with_capacity(s.len() + 2);
     o.push('"');
@@ -845,8 +870,8 @@ fn ops_shorthand(args: &[String]) -> Vec<String> {
     out
 }
 
-pub fn run(args: &[String]) -> i32 {
-    let args = ops_shorthand(args);
+pub fn run(args_in: &[String]) -> i32 {
+    let args = ops_shorthand(args_in);
     let cfg = match parse(&args) {
         Ok(Some(c)) => c,
         Ok(None) => {
@@ -854,7 +879,13 @@ pub fn run(args: &[String]) -> i32 {
             return 0;
         }
         Err(e) => {
-            eprintln!("dk bench: error: {e}\n(see 'dk help bench')");
+            let words = args.first() != args_in.first(); // the shorthand rewrote them
+            let hint = if words && e.to_string().contains("'--ops'") {
+                " (the words before the options are --ops)"
+            } else {
+                ""
+            };
+            eprintln!("dk bench: error: {e}{hint}\n(see 'dk help bench')");
             return 2;
         }
     };

@@ -26,7 +26,8 @@ pub enum Opt {
 }
 
 /// Splits `args` into options, given which names are switches and which take a value.
-/// Unknown names, missing values, values given to switches and positional words are errors.
+/// Unknown names, missing values, values given to switches, positional words and an option
+/// given twice (which one would win is a guess for the reader) are errors.
 pub fn parse(
     command: &str,
     args: &[String],
@@ -53,6 +54,12 @@ pub fn parse(
             }
             out.push(Opt::Flag(name.to_string()));
         } else if valued.contains(&name) {
+            if out
+                .iter()
+                .any(|o| matches!(o, Opt::Value(n, _) if n == name))
+            {
+                usage!("option '--{name}' of 'dk {command}' is given more than once");
+            }
             let value = match inline {
                 Some(v) => v,
                 None => match it.next() {
@@ -76,19 +83,18 @@ pub fn number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, UsageE
     }
 }
 
-/// Parses a comma-separated list with `item`, rejecting empty lists.
+/// Parses a comma-separated list with `item`, rejecting empty lists and empty items (`1,,2`).
 pub fn list<T>(
     name: &str,
     value: &str,
     item: impl Fn(&str) -> Result<T, UsageError>,
 ) -> Result<Vec<T>, UsageError> {
-    let items: Vec<&str> = value
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    if items.is_empty() {
+    let items: Vec<&str> = value.split(',').map(str::trim).collect();
+    if items.iter().all(|s| s.is_empty()) {
         usage!("option '--{name}' needs at least one value");
+    }
+    if items.iter().any(|s| s.is_empty()) {
+        usage!("option '--{name}': empty item in '{value}'");
     }
     items.into_iter().map(item).collect()
 }
@@ -126,5 +132,12 @@ mod tests {
         assert!(e(&["extra"]));
         assert!(number::<usize>("rows", "x").is_err());
         assert!(list("vocab", " , ", |s| number::<usize>("vocab", s)).is_err());
+        assert!(list("vocab", "1,,2", |s| number::<usize>("vocab", s)).is_err());
+        assert!(list("vocab", "1,2,", |s| number::<usize>("vocab", s)).is_err());
+        assert_eq!(
+            list("vocab", " 1, 2 ", |s| number::<usize>("vocab", s)).unwrap(),
+            vec![1, 2]
+        );
+        assert!(e(&["--rows", "8", "--rows=16"]));
     }
 }

@@ -80,6 +80,32 @@ impl HostBuf {
         }
     }
 
+    /// [`HostBuf::zeroed`] for sizes a user picks (`--rows`, `--vocab`): an error instead of
+    /// an abort where the host cannot hold it (more than the memory available, when the system
+    /// says, or an allocation that fails).
+    pub fn try_zeroed(bytes: usize) -> Result<Self, String> {
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        if let Some(free) = host_memory_available() {
+            if bytes > free {
+                return Err(format!(
+                    "a host buffer of {:.2} GiB does not fit in the {:.2} GiB of memory available",
+                    gib(bytes),
+                    gib(free)
+                ));
+            }
+        }
+        let n = bytes.div_ceil(16);
+        let mut blocks = Vec::new();
+        blocks.try_reserve_exact(n).map_err(|e| {
+            format!(
+                "cannot allocate a host buffer of {:.2} GiB: {e}",
+                gib(bytes)
+            )
+        })?;
+        blocks.resize(n, Block([0; 16]));
+        Ok(HostBuf { blocks, bytes })
+    }
+
     pub fn len(&self) -> usize {
         self.bytes
     }
@@ -101,6 +127,21 @@ impl HostBuf {
     pub fn ptr_mut(&mut self) -> *mut u8 {
         self.blocks.as_mut_ptr().cast()
     }
+}
+
+/// Bytes of memory the system could give this process now (`MemAvailable` of /proc/meminfo),
+/// where it says.
+pub fn host_memory_available() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 fn store(dtype: DType, x: f64, out: &mut [u8]) {
