@@ -226,6 +226,12 @@ mod tests {
         }
     }
 
+    fn all_as_written(report: &str) -> bool {
+        report
+            .lines()
+            .all(|l| l.ends_with("every element read where we place it"))
+    }
+
     #[test]
     fn probes_decode_the_layout_they_were_run_under() {
         for rs in [false, true] {
@@ -235,12 +241,7 @@ mod tests {
             let outputs: Vec<_> = probes.iter().map(|p| simulate(p, |r, c| (r, c))).collect();
             let report = wgmma_map_report(&probes, &outputs);
             assert_eq!(report.lines().count(), if rs { 1 } else { 2 }, "{report}");
-            assert!(
-                report
-                    .lines()
-                    .all(|l| l.ends_with("every element read where we place it")),
-                "{report}"
-            );
+            assert!(all_as_written(&report), "{report}");
             // The 64-column halves of k swapped (an LBO misread): rs names every element of V.
             // In ss both operands are misread alike, so the one-hot operand selects the swapped
             // column too and the map reads as written: a k-permutation common to A and B leaves
@@ -257,12 +258,7 @@ mod tests {
                 );
                 assert!(report.contains("(0, 0) ← (0, 64)"), "{report}");
             } else {
-                assert!(
-                    report
-                        .lines()
-                        .all(|l| l.ends_with("every element read where we place it")),
-                    "{report}"
-                );
+                assert!(all_as_written(&report), "{report}");
             }
             // Rows 8..15 read from rows 0..7 (an SBO misread). rs: 1/8 of V. ss: the one-hot
             // operand's rows are misread too, so its selected k moves with them: elements
