@@ -117,8 +117,8 @@ __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
     __syncthreads();
   }
 
-  StatsPass<K, TS, TT> pass1{exp2_scale(a.inv_temperature), kStream ? s : ss,
-                                 kStream ? t : ts};
+  StatsPass<K, TS, TT, kStream> pass1{exp2_scale(a.inv_temperature), kStream ? s : ss,
+                                          kStream ? t : ts};
   slice_pass<kStream>(ss, ts, s, t, len, pass1);
   const RowStats<K> mine = block_merge(pass1.stats, smem_stats);
   if (threadIdx.x == 0) slot_stats = mine;

@@ -314,7 +314,11 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
       if (threadIdx.x == 0) slot_stats[i & 1] = m;
     }
     if (threadIdx.x == 0 && (stats_on || mix_on)) cluster_fence();  // publish the slots
-    cluster_arrive_relaxed();
+    if (i + 1 < iters) {
+      cluster_arrive_relaxed();
+    } else {
+      cluster_arrive_release();  // iters is uniform over the cluster: every thread takes this
+    }
     ignored_merge = ignored_now;
     ignored_now = ignored_next;
   }

@@ -7,7 +7,7 @@
 //! together, the split cluster barrier (arrive / wait as converged warp collectives, each thread
 //! alternating arrive and wait, no exit with an arrival not waited for, deadlocks reported) and
 //! distributed shared memory (mapa, bounds-checked, reading the other block's shared memory as
-//! its threads last published it with fence.acq_rel.cluster). The kernel source is staged into a
+//! its threads last published it with the cluster fence). The kernel source is staged into a
 //! scratch directory next to tests/divergence_sim/dk_cluster.cuh, the only header replaced (it
 //! holds the cluster PTX); how __CUDA_ARCH__ and dk_math.cuh's host versions are arranged is
 //! explained in tests/divergence_sim/divergence_persistent_sim.cpp.

@@ -39,8 +39,19 @@ __device__ __forceinline__ T* cluster_map(T* p, int rank) {
 __device__ __forceinline__ void cluster_arrive_relaxed() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
 }
+// The last arrive of a kernel: release orders each thread's reads of other blocks' shared
+// memory before it, so that no block can exit (its shared memory gone) while a read of it is
+// pending, formally too (one GPU-scope MEMBAR per thread, once per kernel).
+__device__ __forceinline__ void cluster_arrive_release() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+}
+// Publishes this thread's earlier writes of its own block's shared memory (the slots) to the
+// cluster: a release fence restricted to shared::cta at cluster scope. It compiles to a
+// CTA-level MEMBAR and FENCE.VIEW.ASYNC.S, where fence.acq_rel.cluster was a GPU-scope MEMBAR
+// that made thread 0 wait for its gradient stores to drain, every iteration, before the arrive
+// that the whole cluster waits for (review of version 6).
 __device__ __forceinline__ void cluster_fence() {
-  asm volatile("fence.acq_rel.cluster;\n" ::: "memory");
+  asm volatile("fence.release.sync_restrict::shared::cta.cluster;\n" ::: "memory");
 }
 __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");

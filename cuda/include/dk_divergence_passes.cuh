@@ -16,7 +16,8 @@ namespace divergence {
 // With kSteps = 2 the vector loop issues the loads of two steps before it computes either, so
 // each thread keeps twice the bytes in flight (the stream cluster kernel, with few blocks per
 // SM); chunks still reach f in the same order (c, c + blockDim, ...). kSteps = 1 keeps the
-// one-block kernel at 40 registers (six blocks of 256 threads per SM; two steps took it to 47).
+// one-block kernel at 32 registers (eight blocks of 256 threads per SM; at 40, before the vector
+// reload of masked chunks, six; two steps took it to 47).
 template <int kSteps = 1, typename TS, typename TT, typename F>
 __device__ __forceinline__ void for_each(const TS* s, const TT* t, int v, bool vec, F&& f) {
   static_assert(kSteps == 1 || kSteps == 2, "one or two steps in flight");
@@ -54,8 +55,10 @@ __device__ __forceinline__ void for_each(const TS* s, const TT* t, int v, bool v
 
 // Pass 1: the row statistics, from the raw logits (RowStats scales them by k = log2(e) / T).
 // `s` and `t` are the pointers the pass walks (global or shared memory): a chunk holding a
-// masked logit is read again from there for RowStats::add_masked.
-template <Kind K, typename TS, typename TT>
+// masked logit is read again from there for RowStats::add_masked, with vector loads when
+// kVectorReload (scalar ones keep fewer registers live: the shared-memory cluster kernel, at
+// its 40-register bound, spilled with vector reloads).
+template <Kind K, typename TS, typename TT, bool kVectorReload = true>
 struct StatsPass {
   float k;
   const TS* s;
@@ -65,8 +68,13 @@ struct StatsPass {
   __device__ __forceinline__ void chunk(int i, const float (&sv)[N], const float (&tv)[N]) {
     if (stats.add(tv, sv, k)) {
       float s2[N], t2[N];
-      reload(s + i, s2);
-      reload(t + i, t2);
+      if constexpr (kVectorReload && N == kVec) {  // 16-byte aligned (a vector loop's chunk)
+        reload_chunk(s + i, s2);
+        reload_chunk(t + i, t2);
+      } else {
+        reload(s + i, s2);
+        reload(t + i, t2);
+      }
       stats.add_masked(t2, s2);
     }
   }

@@ -77,6 +77,31 @@ __device__ __forceinline__ void load8(const T* p, float out[kVec]) {
   unpack8(load_raw8(p), out);
 }
 
+// 16 bytes at p (16-byte aligned, generic: global or shared memory) read again with one volatile
+// vector load: volatile scalar loads of a 16-bit chunk compile to 8 system-scope LDG.U16 each.
+__device__ __forceinline__ uint4 reload16(const void* p) {
+  uint4 v;
+#if defined(__CUDA_ARCH__)
+  asm volatile("ld.volatile.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+#else
+  const volatile uint32_t* q = static_cast<const volatile uint32_t*>(p);
+  v.x = q[0], v.y = q[1], v.z = q[2], v.w = q[3];
+#endif
+  return v;
+}
+
+// A whole 8-element chunk (16-byte aligned) read again: one or two volatile vector loads.
+template <typename T>
+__device__ __forceinline__ void reload_chunk(const T* p, float (&out)[kVec]) {
+  Raw8<T> r;
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(r.w) / sizeof(uint4)); ++i)
+    r.w[i] = reload16(reinterpret_cast<const uint4*>(p) + i);
+  unpack8(r, out);
+}
+
 // Reads N elements again with volatile loads (generic: global or shared memory), for a rare
 // path that must not keep the first load's registers alive until it runs.
 template <int N>

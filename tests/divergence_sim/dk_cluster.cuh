@@ -2,7 +2,7 @@
 // PTX replaced by the emulated cluster of tests/attention_sim/sim_core.h (the C blocks of a
 // cluster run together as fibers; split barrier as warp collectives with per-thread
 // arrive / wait bookkeeping; distributed shared memory reads through each block's published
-// copy, which fence.acq_rel.cluster refreshes). tests/divergence_persistent_sim.rs stages the
+// copy, which the cluster fence refreshes). tests/divergence_persistent_sim.rs stages the
 // kernel source with this file in place of the real header, since divergence_persistent.cu
 // includes "dk_cluster.cuh" from its own directory. Keep the function list in step with the
 // real header.
@@ -26,9 +26,14 @@ inline T* cluster_map(T* p, int rank) {
   return static_cast<T*>(const_cast<void*>(sim::cluster_map(p, rank, sizeof(T), alignof(T))));
 }
 
-// barrier.cluster.arrive.relaxed.aligned / fence.acq_rel.cluster /
+// barrier.cluster.arrive.relaxed.aligned / fence.release.sync_restrict::shared::cta.cluster /
 // barrier.cluster.wait.acquire.aligned.
 inline void cluster_arrive_relaxed() { sim::cluster_arrive(); }
+// Release: as a fence of this block's shared memory followed by the arrive.
+inline void cluster_arrive_release() {
+  sim::cluster_fence();
+  sim::cluster_arrive();
+}
 inline void cluster_fence() { sim::cluster_fence(); }
 inline void cluster_wait() { sim::cluster_wait(); }
 
