@@ -287,22 +287,27 @@ __device__ __noinline__ void copy_segment(const T* src, T* dst, int64_t c0, int6
   }
 }
 
-// dst = w · src over the lane's chunks c0 + 32 u of a row.
+// dst = w · src over the lane's chunks c0 + 32 u of a row. The raw 16-byte words of every chunk
+// are loaded before any is widened: widening each as it arrives let ptxas reuse a raw register
+// for the next load, which then waited for the previous one (two round trips per segment in
+// the 16-bit gather on sm_90a and in permute_tokens; found by reading the SASS in review).
 template <typename T>
 __device__ __noinline__ void scale_segment(const T* src, T* dst, float w, int64_t c0, int64_t hv) {
-  float v[kSegVecs][kVec];
+  Raw8<T> r[kSegVecs];
 #pragma unroll
   for (int u = 0; u < kSegVecs; ++u) {
     const int64_t c = c0 + 32 * u;
-    if (c < hv) load8(src + c * kVec, v[u]);
+    if (c < hv) r[u] = load_raw8(src + c * kVec);
   }
 #pragma unroll
   for (int u = 0; u < kSegVecs; ++u) {
     const int64_t c = c0 + 32 * u;
     if (c < hv) {
+      float v[kVec];
+      unpack8(r[u], v);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) v[u][i] *= w;
-      store8(dst + c * kVec, v[u]);
+      for (int i = 0; i < kVec; ++i) v[i] *= w;
+      store8(dst + c * kVec, v);
     }
   }
 }
@@ -352,24 +357,35 @@ __device__ __forceinline__ void permute(const DkMoeRowsArgs& a) {
 
 // ---- Token-major permute (k > 1): each token row read once -----------------------------------
 
-// One warp per row: a kept row claims its slot in pos; a padding row (perm -1 or out of range)
-// is zeroed here.
+// One row per thread: a kept row claims its slot in pos (32 claims per warp in flight at once);
+// the warp then zeroes its padding rows (perm -1 or out of range) together. Was one warp per
+// row with one lane claiming: 16384 blocks of one dependent load and one CAS each at Qwen3's
+// shape (review).
 template <typename T>
 __device__ __forceinline__ void perm_invert(const DkMoeRowsArgs& a) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31;
   const int64_t hv = a.h / kVec;
   const int* perm = reinterpret_cast<const int*>(a.index);
   int* pos = reinterpret_cast<int*>(a.src2);
   int* flag = pos + a.limit;
   T* out = reinterpret_cast<T*>(a.dst);
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsWarps + warp; r < a.items;
-       r += static_cast<int64_t>(gridDim.x) * kRowsWarps) {
-    const int p = perm[r];
-    if (p >= 0 && p < a.limit) {
-      if (lane == 0 && atomicCAS(pos + p, -1, static_cast<int>(r)) != -1) atomicExch(flag, 1);
-    } else {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // `base` is the warp's first row: uniform over the warp, so the ballot below is converged.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x - lane);
+       base < a.items; base += stride) {
+    const int64_t r = base + lane;
+    bool pad = false;
+    if (r < a.items) {
+      const int p = perm[r];
+      if (p >= 0 && p < a.limit) {
+        if (atomicCAS(pos + p, -1, static_cast<int>(r)) != -1) atomicExch(flag, 1);
+      } else {
+        pad = true;
+      }
+    }
+    for (unsigned m = __ballot_sync(0xffffffffu, pad); m != 0; m &= m - 1) {
       const float z[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      T* dst = out + r * a.dst_stride;
+      T* dst = out + (base + __ffs(static_cast<int>(m)) - 1) * a.dst_stride;
       for (int64_t c = lane; c < hv; c += 32) store8(dst + c * kVec, z);
     }
   }

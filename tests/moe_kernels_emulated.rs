@@ -87,11 +87,13 @@ const TOPK_THREADS: u32 = 256;
 const SCAN_THREADS: u32 = 256;
 const ASSIGN_THREADS: u32 = 256;
 const ASSIGN_PER_THREAD: usize = 1;
-/// `ROWS_THREADS`, `ROWS_WARPS`, `SEG_CHUNKS`, `MAX_BLOCKS`.
+/// `ROWS_THREADS`, `ROWS_WARPS`, `SEG_CHUNKS`, `MAX_BLOCKS`, `FALLBACK_GATHER_BLOCKS`.
 const ROWS_THREADS: u32 = 256;
 const ROWS_WARPS: usize = 8;
 const SEG_CHUNKS: usize = 128;
 const MAX_BLOCKS: usize = 1 << 24;
+/// `FALLBACK_GATHER_BLOCKS`.
+const FALLBACK_GATHER_BLOCKS: usize = 1024;
 
 /// `route_workspace_size`: one int per (expert, chunk), rounded up to 256 bytes.
 fn route_workspace_size(n: usize, e: usize) -> usize {
@@ -1122,7 +1124,7 @@ fn check_permute(exe: &Path, c: &PermuteCase, gather: bool) -> Result<String, St
             let a = args.bytes();
             launches.push(SimLaunch {
                 kernel: format!("dk_moe_perm_invert_{t}"),
-                grid: rows_grid(rows),
+                grid: rows_grid(rows.div_ceil(32)),
                 block: ROWS_THREADS,
                 args: a.clone(),
             });
@@ -1134,7 +1136,7 @@ fn check_permute(exe: &Path, c: &PermuteCase, gather: bool) -> Result<String, St
             });
             launches.push(SimLaunch {
                 kernel: format!("dk_moe_permute_{t}"),
-                grid: gather_grid,
+                grid: rows_grid((rows * segments(h)).min(FALLBACK_GATHER_BLOCKS * ROWS_WARPS)),
                 block: ROWS_THREADS,
                 args: a,
             });

@@ -177,6 +177,8 @@ const ROWS_WARPS: usize = 8;
 const SEG_CHUNKS: usize = 128;
 /// Grid-stride loops cover the rest beyond this many blocks.
 const MAX_BLOCKS: usize = 1 << 24;
+/// Blocks of the token-major permute's fallback gather, which nearly always only reads a flag.
+const FALLBACK_GATHER_BLOCKS: usize = 1024;
 
 /// Workspace bytes of a route call: one int per (expert, 32-token chunk).
 pub(crate) fn route_workspace_size(n: usize, e: usize, _k: usize) -> usize {
@@ -431,12 +433,13 @@ pub(crate) fn permute(dev: &CudaDevice, raw: &RawPermute, launch: &Launch<'_>) -
         cudarc::driver::result::memset_d8_async(ptr + 4 * slots as u64, 0, 4, stream.cu_stream())?;
     }
     args.src2 = ptr;
+    // One row per thread: warp items are groups of 32 rows.
     launch_rows(
         dev,
         launch,
         &format!("dk_moe_perm_invert_{t}"),
         &args,
-        raw.rows,
+        raw.rows.div_ceil(32),
     )?;
     launch_rows(
         dev,
@@ -445,7 +448,10 @@ pub(crate) fn permute(dev: &CudaDevice, raw: &RawPermute, launch: &Launch<'_>) -
         &args,
         raw.n * segments(raw.h),
     )?;
-    launch_rows(dev, launch, &gather, &args, raw.rows * segments(raw.h))?;
+    // The fallback gather reads the flag and returns unless perm was no permutation (misuse):
+    // a capped grid (its loop strides over the rest) keeps that check cheap.
+    let fallback_items = (raw.rows * segments(raw.h)).min(FALLBACK_GATHER_BLOCKS * ROWS_WARPS);
+    launch_rows(dev, launch, &gather, &args, fallback_items)?;
     drop(scratch); // stream-ordered free after the kernels
     Ok(())
 }

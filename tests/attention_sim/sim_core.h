@@ -124,7 +124,7 @@
 //     Writes through a mapped pointer are not modelled (they would land in the copy).
 //
 // Additions for the MoE kernels (tests/moe_sim_kernels): 32-bit integer shuffles (bfly, idx, up;
-// the bits travel unchanged), redux.sync.{min,max}.u32, __popc, atomicOr / atomicCAS /
+// the bits travel unchanged), redux.sync.{min,max}.u32, vote.sync.ballot, __popc, __ffs, atomicOr / atomicCAS /
 // atomicExch (plain read-modify-writes: fibers switch only at scheduling points), static
 // __shared__ arrays through sim::static_shared (each its own guarded mapping, 0xff-filled when a
 // block first declares it; every thread of the block must declare the same arrays in the same
@@ -188,7 +188,7 @@ void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 enum class St : uint8_t { Run, Warp, Bar, NBar, CWait, Done };
 enum class Op : uint8_t {
   None, Ldsm, LdsmT, MmaBf16, MmaF16, ShflXor, ShflIdx, SyncWarp, ClusterArrive, ClusterWait,
-  ShflBits, ReduxMax, ReduxMin, WgmmaSS, WgmmaRS, WgFence, WgCommit, WgWait, NBarArrive
+  ShflBits, ReduxMax, ReduxMin, WgmmaSS, WgmmaRS, WgFence, WgCommit, WgWait, NBarArrive, Ballot
 };
 
 inline const char* op_name(Op o) {
@@ -211,6 +211,7 @@ inline const char* op_name(Op o) {
     case Op::WgCommit: return "wgmma.commit_group";
     case Op::WgWait: return "wgmma.wait_group";
     case Op::NBarArrive: return "bar.arrive";
+    case Op::Ballot: return "vote.sync.ballot";
     default: return "none";
   }
 }
@@ -639,6 +640,14 @@ inline uint32_t redux(unsigned mask, uint32_t v, bool is_max) {
   return me().out[0];
 }
 
+// vote.sync.ballot: bit l of the result is lane l's predicate.
+inline uint32_t ballot(unsigned mask, bool pred) {
+  if (mask != 0xffffffffu) fail("%s: ballot with mask %#x (the emulator needs full warps)", where(), mask);
+  me().in[0] = pred ? 1u : 0u;
+  post(Op::Ballot);
+  return me().out[0];
+}
+
 // A static __shared__ array of the running block (see State::static_shared): every thread of
 // the block declares the same arrays in the same order and gets the same memory.
 void* static_shared(size_t bytes, const char* name);
@@ -873,7 +882,9 @@ inline unsigned __shfl_up_sync(unsigned mask, unsigned v, unsigned delta, int wi
 }
 inline unsigned __reduce_max_sync(unsigned mask, unsigned v) { return sim::redux(mask, v, true); }
 inline unsigned __reduce_min_sync(unsigned mask, unsigned v) { return sim::redux(mask, v, false); }
+inline unsigned __ballot_sync(unsigned mask, int pred) { return sim::ballot(mask, pred != 0); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
 
 // Atomics: fibers switch only at scheduling points, so a plain read-modify-write is atomic.
 // Global operands are checked like other accesses (inside a row of an operand; stores into a

@@ -213,6 +213,12 @@ static void exec_warp(int w, Op op) {
       }
       break;
     }
+    case Op::Ballot: {
+      uint32_t b = 0;
+      for (int l = 0; l < 32; ++l) b |= (L[l].in[0] & 1u) << l;
+      for (int l = 0; l < 32; ++l) L[l].out[0] = b;
+      break;
+    }
     case Op::ReduxMax:
     case Op::ReduxMin: {
       uint32_t r = L[0].in[0];
