@@ -19,6 +19,7 @@
 
 #include "dk_moe_args.h"
 #include "dk_moe_route_math.cuh"
+#include "dk_pdl.cuh"
 #include "dk_vec.cuh"
 
 namespace dk {
@@ -645,11 +646,20 @@ DK_MOE_TOPK_ALL_P(bf16, __nv_bfloat16)
 
 extern "C" __global__ void __launch_bounds__(dk::moe::kScanThreads)
     dk_moe_scan(const DkMoeRouteArgs args) {
+  // Launched as a programmatic dependent of the top-k kernel (src/moe/cuda.rs): nothing of its
+  // output (the chunk counts) may be read before this wait. The top-k kernel does not trigger
+  // early (its blocks may span several waves, which waiting scan blocks would crowd); the scan,
+  // one short wave, lets the assignment be scheduled at once.
+  dk::wait_for_previous_grid();
+  dk::allow_dependent_launch();
   dk::moe::scan(args);
 }
 
 extern "C" __global__ void __launch_bounds__(dk::moe::kAssignThreads)
     dk_moe_assign(const DkMoeRouteArgs args) {
+  // A programmatic dependent of the scan, which itself returned from its wait only after the
+  // top-k grid completed: both kernels' outputs are visible after this wait.
+  dk::wait_for_previous_grid();
   dk::moe::assign(args);
 }
 

@@ -274,6 +274,9 @@ done
 # backend and run twice for bitwise identity; ~20 s expected (input generation, downloads).
 run_step dk-bench-moe 60 1 "$dk" bench --device cuda --ops moe --dtype bf16 --tokens 16384 \
   --moe-shapes scout,maverick,qwen3 --json "$out/dk-bench-moe.json"
+# The route's scan and assignment without programmatic dependent launch (A/B for the route time).
+run_step dk-bench-moe-nopdl 30 0 env DK_MOE_PDL=0 "$dk" bench --device cuda --ops moe \
+  --dtype bf16 --tokens 16384 --moe-shapes qwen3
 
 # ---- 5b. dk bench attention: fwd and fwd+bwd, the ANCHORS shapes and a varlen batch, bf16 --------
 # 6 results (TFLOP/s, ratio to ANCHORS.md's FA2 numbers), each checked on sampled rows against an
@@ -574,7 +577,7 @@ bench_table() { [ -s "$1" ] && sed -n '/^shape /,$p' "$1"; }
 echo
 echo "================ summary"
 cat "$out/summary.txt"
-for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-smem dk-bench-stream dk-bench-persist dk-bench-persist256 dk-bench-short-persist dk-bench-short-persist256 dk-bench-persist-c4 dk-bench-persist-c8 dk-bench-persist-c16 dk-bench-moe dk-bench-attention dk-bench-attention-wide dk-bench-attention-wgmma dk-bench-fused dk-bench-fused-persist; do
+for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-bench-smem dk-bench-stream dk-bench-persist dk-bench-persist256 dk-bench-short-persist dk-bench-short-persist256 dk-bench-persist-c4 dk-bench-persist-c8 dk-bench-persist-c16 dk-bench-moe dk-bench-moe-nopdl dk-bench-attention dk-bench-attention-wide dk-bench-attention-wgmma dk-bench-fused dk-bench-fused-persist; do
   echo
   echo "================ $n"
   if [ -s "$logs/$n.out" ]; then

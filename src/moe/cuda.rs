@@ -9,7 +9,7 @@
 //! reads each token row once for all of its slots (`cuda/MOE.md`, "Token-major permute").
 
 use cudarc::driver::{
-    CudaFunction, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    sys, CudaFunction, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use std::sync::Arc;
 
@@ -219,6 +219,63 @@ fn launch_route(
     Ok(())
 }
 
+/// Whether the route's scan and assignment are launched as programmatic dependents of the kernel
+/// before them (compute capability 9.0+): their blocks may then be scheduled while that kernel
+/// drains, hiding two launch gaps of the three-kernel route. The kernels wait for the previous
+/// grid themselves (`cuda/include/dk_pdl.cuh`). `DK_MOE_PDL=0` launches them plainly (A/B).
+fn dependent_launch(dev: &CudaDevice) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    dev.compute_capability().0 >= 9
+        && !*OFF.get_or_init(|| std::env::var("DK_MOE_PDL").is_ok_and(|v| v == "0"))
+}
+
+/// [`launch_route`] with the programmatic stream serialization attribute (see
+/// [`dependent_launch`]); a plain launch where that is off.
+fn launch_route_dependent(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    f: &CudaFunction,
+    args: &MoeRouteArgs,
+    blocks: usize,
+    threads: u32,
+) -> Result<()> {
+    if !dependent_launch(dev) {
+        return launch_route(stream, f, args, blocks, threads);
+    }
+    // SAFETY: an all-zero CUlaunchAttribute is a valid (ignored) attribute; the id and its
+    // value member are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: blocks as u32,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut params = [args as *const MoeRouteArgs as *mut std::ffi::c_void];
+    stream.context().bind_to_thread()?;
+    // SAFETY: the kernel takes one DkMoeRouteArgs by value (params[0] points at it, alive for
+    // the call); every pointer in it is device memory of this device covering the validated
+    // shapes; the kernel waits for the previous grid before it reads or writes any of it.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            f.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()?;
+    Ok(())
+}
+
 /// Queues the route (top-k, scan, assignment) on the caller's stream.
 pub(crate) fn route(
     dev: &CudaDevice,
@@ -303,10 +360,11 @@ pub(crate) fn route(
     if chunks > 0 {
         launch_route(&stream, topk, &args, chunks, TOPK_THREADS)?;
     }
-    launch_route(&stream, scan, &args, e, SCAN_THREADS)?;
+    launch_route_dependent(dev, &stream, scan, &args, e, SCAN_THREADS)?;
     let per_block = ASSIGN_THREADS as usize * ASSIGN_PER_THREAD;
     let work = (n * k).max(raw.perm_rows).max(1);
-    launch_route(
+    launch_route_dependent(
+        dev,
         &stream,
         assign,
         &args,

@@ -13,7 +13,8 @@
 // __CUDA_ARCH__: moe.cu and dk_moe_route_math.cuh take their device paths (__float_as_uint,
 // __popc) under __CUDA_ARCH__, and dk_math.cuh its inline PTX. So dk_math.cuh is included first
 // with __CUDACC__ defined and __CUDA_ARCH__ not (its host versions, locked in by #pragma once;
-// the MoE kernels use none of them), then __CUDA_ARCH__ 900 is defined for moe.cu and the
+// the MoE kernels use none of them; dk_pdl.cuh likewise: its no-ops, the kernels run in launch
+// order here), then __CUDA_ARCH__ 900 is defined for moe.cu and the
 // route math. expf, fmaxf and fmaf are the host libm's: the device's expf (≤ 2 ulp) may round
 // differently, so the route weights are compared with a tolerance, never bitwise.
 //
@@ -39,6 +40,7 @@
 
 #define __CUDACC__ 1
 #include "dk_math.cuh"
+#include "dk_pdl.cuh"  // its host no-ops (griddepcontrol is PTX), locked in like dk_math.cuh's
 
 #define __CUDA_ARCH__ 900
 #include "moe.cu"
