@@ -512,7 +512,7 @@ fn check_alignment(mats: &[Operand], vecs: &[Vec1]) -> Result<()> {
                 m.ptr as usize
             );
         }
-        if m.stride * m.dtype.size() % ROW_ALIGN != 0 {
+        if (m.stride % ROW_ALIGN) * m.dtype.size() % ROW_ALIGN != 0 {
             bail!(
                 InvalidArgument,
                 "{} row stride {} ({} elements of {} bytes) is not a multiple of {ROW_ALIGN} bytes",

@@ -376,7 +376,7 @@ pub(crate) fn rows_aligned(
     teacher_bytes: usize,
 ) -> bool {
     let ok = |ptr: u64, stride: i64, elem: usize| {
-        ptr % 16 == 0 && (stride as u64 * elem as u64) % 16 == 0
+        ptr % 16 == 0 && (stride as u64 % 16) * elem as u64 % 16 == 0
     };
     ok(args.student, args.student_stride, student_bytes)
         && ok(args.teacher, args.teacher_stride, teacher_bytes)

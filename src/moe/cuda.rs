@@ -220,12 +220,13 @@ fn launch_route(
 }
 
 /// Whether the route's scan and assignment are launched as programmatic dependents of the kernel
-/// before them (compute capability 9.0+): their blocks may then be scheduled while that kernel
+/// before them (compute capability 9.0): their blocks may then be scheduled while that kernel
 /// drains, hiding two launch gaps of the three-kernel route. The kernels wait for the previous
 /// grid themselves (`cuda/include/dk_pdl.cuh`). `DK_MOE_PDL=0` launches them plainly (A/B).
 fn dependent_launch(dev: &CudaDevice) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    dev.compute_capability().0 >= 9
+    // Exactly 9: newer cards run the compute_80 PTX, in which the kernels' waits are empty.
+    dev.compute_capability().0 == 9
         && !*OFF.get_or_init(|| std::env::var("DK_MOE_PDL").is_ok_and(|v| v == "0"))
 }
 
@@ -390,7 +391,7 @@ fn check_rows_alignment(h: usize, dtype: DType, mats: &[(&str, *const u8, usize)
                 "{what} is not 16-byte aligned (the CUDA kernels load 16 bytes at a time)"
             );
         }
-        if (stride * dtype.size()) % 16 != 0 {
+        if (stride % 16) * dtype.size() % 16 != 0 {
             bail!(
                 InvalidArgument,
                 "{what} row stride {stride} ({}) is not a multiple of 16 bytes (the CUDA kernels load 16 bytes at a time)",

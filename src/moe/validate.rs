@@ -105,7 +105,7 @@ fn check_rows_aligned(mats: &[(&str, *const u8, usize, DType)]) -> Result<()> {
                 ptr as usize
             );
         }
-        if stride * dtype.size() % ROW_ALIGN != 0 {
+        if (stride % ROW_ALIGN) * dtype.size() % ROW_ALIGN != 0 {
             bail!(
                 InvalidArgument,
                 "{what} row stride {stride} ({}) is not a multiple of {ROW_ALIGN} bytes",
