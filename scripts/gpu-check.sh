@@ -588,6 +588,22 @@ for n in dk-bench-bf16 dk-bench-f32 dk-bench-short dk-bench-16k dk-bench-v1 dk-b
     tail -n 5 "$logs/$n.err" 2>/dev/null
   fi
 done
+# The variants side by side (the decision of which is the default), from the tables above.
+cmp_variants() { # KIND NAME=STEP...: rows of the steps that ran, one column per variant
+  local kind=$1 args=() a
+  shift
+  for a in "$@"; do [ -s "$logs/${a#*=}.out" ] && args+=("${a%%=*}=$logs/${a#*=}.out"); done
+  [ "${#args[@]}" -ge 2 ] || return 0
+  echo
+  echo "================ variants side by side ($kind)"
+  python3 "$root/scripts/compare-variants.py" "$kind" "${args[@]}" || true
+}
+cmp_variants divergence default=dk-bench-bf16 one-block=dk-bench-v1 stream=dk-bench-stream \
+  smem=dk-bench-smem persist=dk-bench-persist persist256=dk-bench-persist256
+cmp_variants divergence default=dk-bench-short persist=dk-bench-short-persist \
+  persist256=dk-bench-short-persist256
+cmp_variants attention default=dk-bench-attention wide=dk-bench-attention-wide \
+  wgmma=dk-bench-attention-wgmma
 echo
 py_table() { # STEP FIRST-LINE-REGEX (empty: the last 40 lines): a python bench step's table
   echo "================ ${1//-/ }"
