@@ -510,9 +510,17 @@ __device__ __forceinline__ void combine_top1(const DkMoeRowsArgs& a, int64_t hv,
        q += static_cast<int64_t>(gridDim.x) * kRowsWarps) {
     const int64_t ia = 2 * q, ib = ia + 1;
     const bool has_b = ib < items;  // uniform over the warp
-    const int64_t na = ia / nseg, nb = ib / nseg;
-    const int64_t ca = (ia - na * nseg) * kSegChunks + lane;
-    const int64_t cb = (ib - nb * nseg) * kSegChunks + lane;
+    // One division per pair, 32-bit where the index fits (a 64-bit division is a ~70-instruction
+    // subroutine on the path to the position loads); item b is the next segment of a's token or
+    // the first of the next token.
+    const int64_t na = ia <= INT32_MAX ? static_cast<int64_t>(static_cast<uint32_t>(ia) /
+                                                              static_cast<uint32_t>(nseg))
+                                       : ia / nseg;
+    const int64_t sa = ia - na * nseg;
+    const bool next_token = sa + 1 == nseg;
+    const int64_t nb = next_token ? na + 1 : na;
+    const int64_t ca = sa * kSegChunks + lane;
+    const int64_t cb = (next_token ? 0 : sa + 1) * kSegChunks + lane;
     // Every lane loads the (uniform) position and weight of both items: one broadcast each.
     int pa = position[na];
     int pb = has_b ? position[nb] : -1;
