@@ -859,33 +859,33 @@ fn choose_runner(device: DeviceChoice) -> Result<Runner, String> {
 }
 
 /// `dk bench attention moe --quick` = `dk bench --ops attention,moe --quick`: leading bare
-/// words are operations.
-fn ops_shorthand(args: &[String]) -> Vec<String> {
+/// words are operations (and then `--ops` may not be given too).
+fn ops_shorthand(args: &[String]) -> Result<Vec<String>, UsageError> {
     let words = args.iter().take_while(|a| !a.starts_with('-')).count();
     if words == 0 {
-        return args.to_vec();
+        return Ok(args.to_vec());
+    }
+    let rest = &args[words..];
+    if rest.iter().any(|a| a == "--ops" || a.starts_with("--ops=")) {
+        return Err(UsageError(format!(
+            "operations given both as words ('{}') and with --ops",
+            args[..words].join(" ")
+        )));
     }
     let mut out = vec![format!("--ops={}", args[..words].join(","))];
-    out.extend_from_slice(&args[words..]);
-    out
+    out.extend_from_slice(rest);
+    Ok(out)
 }
 
-pub fn run(args_in: &[String]) -> i32 {
-    let args = ops_shorthand(args_in);
-    let cfg = match parse(&args) {
+pub fn run(args: &[String]) -> i32 {
+    let cfg = match ops_shorthand(args).and_then(|a| parse(&a)) {
         Ok(Some(c)) => c,
         Ok(None) => {
             out!("{HELP}");
             return 0;
         }
         Err(e) => {
-            let words = args.first() != args_in.first(); // the shorthand rewrote them
-            let hint = if words && e.to_string().contains("'--ops'") {
-                " (the words before the options are --ops)"
-            } else {
-                ""
-            };
-            eprintln!("dk bench: error: {e}{hint}\n(see 'dk help bench')");
+            eprintln!("dk bench: error: {e}\n(see 'dk help bench')");
             return 2;
         }
     };
@@ -1292,13 +1292,10 @@ mod tests {
         assert_eq!((c.tokens, c.check_rows), (Some(512), Some(3)));
         let c = parse(&args(&["--ops", "divergence"])).unwrap().unwrap();
         assert!(c.divergence && !c.moe && !c.attention);
-        let c = parse(&ops_shorthand(&args(&[
-            "attention",
-            "--attn-shapes",
-            "small,llama4",
-        ])))
-        .unwrap()
-        .unwrap();
+        let c =
+            parse(&ops_shorthand(&args(&["attention", "--attn-shapes", "small,llama4"])).unwrap())
+                .unwrap()
+                .unwrap();
         assert!(!c.divergence && !c.moe && c.attention);
         assert_eq!(
             c.attn_shapes,
