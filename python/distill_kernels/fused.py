@@ -283,7 +283,7 @@ def _writable_rows(view2d: Optional[np.ndarray], out: np.ndarray, shape):
         rows, cols = a.shape
         elem_ok = cols == 1 or a.strides[1] == item
         s0 = a.strides[0]
-        if rows == 1:
+        if rows == 1 and elem_ok:  # a single row: its stride is never used
             return a, cols, False
         if elem_ok and s0 % item == 0 and s0 // item >= cols:
             return a, s0 // item, False

@@ -242,6 +242,13 @@ def _flag(name: str, v) -> bool:
     return _lib._bool(name, v)
 
 
+def _weights_unused(flag: str, on: bool, weights) -> None:
+    """``weights=`` is read only when ``flag`` is on: given with it off, it would be ignored,
+    which is a mistake to report, not to pass over."""
+    if not on and weights is not None:
+        raise ValueError(f"weights= is only used with {flag}=True; it was given with {flag}=False")
+
+
 # ---- the primitives ---------------------------------------------------------------------------
 
 
@@ -374,6 +381,7 @@ def moe_permute(x, route: MoeRoute, scale: bool = False, *, weights=None) -> np.
     ``route.weights``."""
     r = _R(route)
     scale = _flag("scale", scale)
+    _weights_unused("scale", scale, weights)
     x, stride, code = _token_rows("x", x, r)
     w = r.weights(weights) if scale else None
     return _permute(x, stride, code, r, w, r.num_rows, "moe_permute")
@@ -388,6 +396,7 @@ def moe_combine(expert_out, route: MoeRoute, weighted: bool = True, *, weights=N
     accepted too: rows past R are ignored); the result is ``[N, H]`` in its dtype."""
     r = _R(route)
     weighted = _flag("weighted", weighted)
+    _weights_unused("weighted", weighted, weights)
     eo, stride, code = _activations("expert_out", expert_out)
     r.rows_of("expert_out", eo)
     w = r.weights(weights) if weighted else None
@@ -404,6 +413,7 @@ def moe_permute_backward(
     slots)."""
     r = _R(route)
     scale = _flag("scale", scale)
+    _weights_unused("scale", scale, weights)
     g, g_stride, code = _activations("grad_xp", grad_xp)
     r.rows_of("grad_xp", g)
     if not scale:
@@ -432,6 +442,7 @@ def moe_combine_backward(
     result has R rows)."""
     r = _R(route)
     weighted = _flag("weighted", weighted)
+    _weights_unused("weighted", weighted, weights)
     g, g_stride, code = _token_rows("grad_y", grad_y, r)
     if expert_out is None:
         if weighted:

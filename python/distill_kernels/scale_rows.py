@@ -47,12 +47,20 @@ def scale_rows(x: np.ndarray, factors) -> np.ndarray:
             f"dtype {x.dtype}): it is scaled in place, so it cannot be copied"
         )
     stride = v if n == 1 else s0 // item
-    if isinstance(factors, (str, bytes)) or (
+    if factors is None or isinstance(factors, (str, bytes)) or (
         isinstance(factors, np.ndarray) and factors.dtype.kind in "USO"
     ):
-        # numpy would parse "2" as 2.0: a string is a misplaced argument, not a factor.
+        # numpy would parse "2" as 2.0 and None as NaN: a misplaced argument, not a factor.
         raise TypeError(f"factors must be numbers, got {type(factors).__name__}")
-    f = np.ascontiguousarray(np.asarray(factors, dtype=np.float32).reshape(-1))
+    raw = np.asarray(factors)
+    if raw.dtype.kind not in "biuf":
+        # [None, 2] is an object array whose None would become NaN.
+        raise TypeError(f"factors must be numbers, got an array of {raw.dtype}")
+    if raw.ndim > 1:
+        raise ValueError(f"factors must be a number or 1-D [N], got shape {raw.shape}")
+    # A copy when the factors share memory with x (a row of a square x, say): they are read
+    # while x is scaled.
+    f = np.array(raw, dtype=np.float32, copy=True).reshape(-1)
     if f.size == 1:
         factor_stride = 0
     elif f.size == n:

@@ -18,8 +18,14 @@ from __future__ import annotations
 import ctypes
 from typing import Optional, Tuple
 
-import torch
-from torch.autograd.function import once_differentiable
+try:
+    import torch
+    from torch.autograd.function import once_differentiable
+except ImportError as e:  # the numpy face (import distill_kernels) needs no torch
+    raise ImportError(
+        "distill_kernels.torch needs PyTorch (pip install torch); the numpy face, "
+        "`import distill_kernels`, works without it"
+    ) from e
 
 from . import _lib
 
@@ -287,7 +293,7 @@ def divergence(
 # the current stream of the tensors' device; the only host synchronisation is the one documented
 # in moe_route (reading R when it depends on the data).
 
-from .moe import MoeRoute  # noqa: E402
+from .moe import MoeRoute, _weights_unused  # noqa: E402
 
 __all__ += [
     "MoeRoute",
@@ -610,6 +616,7 @@ def moe_permute(x: torch.Tensor, route: MoeRoute, scale: bool = False, *,
     Differentiable in ``x`` and, when ``scale``, in the weights (``route.weights`` or
     ``weights``): backward is a combine (weighted when scaled) and a per-slot dot product."""
     scale = _check_flag("scale", scale)
+    _weights_unused("scale", scale, weights)
     _activation("x", x)
     _check_route(route, x.device)
     if x.shape[0] != route.n:
@@ -628,6 +635,7 @@ def moe_combine(expert_out: torch.Tensor, route: MoeRoute, weighted: bool = True
     the result ``[N, H]`` has its dtype. Differentiable in ``expert_out`` and, when weighted, in
     the weights: backward is a permute scaled by the weights and a per-slot dot product."""
     weighted = _check_flag("weighted", weighted)
+    _weights_unused("weighted", weighted, weights)
     _activation("expert_out", expert_out)
     _check_route(route, expert_out.device)
     _permuted_rows("expert_out", expert_out, route)
@@ -642,6 +650,7 @@ def moe_permute_backward(grad_xp: torch.Tensor, route: MoeRoute, x: Optional[tor
     :func:`distill_kernels.moe_permute_backward`): ``grad_x``, or ``(grad_x, grad_weights)``
     when ``scale`` (which needs ``x``)."""
     scale = _check_flag("scale", scale)
+    _weights_unused("scale", scale, weights)
     _activation("grad_xp", grad_xp)
     _check_route(route, grad_xp.device)
     _permuted_rows("grad_xp", grad_xp, route)
@@ -665,6 +674,7 @@ def moe_combine_backward(grad_y: torch.Tensor, expert_out: Optional[torch.Tensor
     """The gradient of :func:`moe_combine` without autograd (same contract as
     :func:`distill_kernels.moe_combine_backward`): ``(grad_expert_out, grad_weights)``."""
     weighted = _check_flag("weighted", weighted)
+    _weights_unused("weighted", weighted, weights)
     _activation("grad_y", grad_y)
     _check_route(route, grad_y.device)
     if grad_y.shape[0] != route.n:

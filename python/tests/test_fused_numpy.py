@@ -393,6 +393,27 @@ def test_accumulate_one_buffer_and_strided_buffers():
 
 
 @needs_lib
+def test_one_row_buffer_with_strided_elements():
+    # One row whose elements are not adjacent (every other column of a wider array, and a
+    # reversed row): written through a copy, never as H contiguous values from its start.
+    rng = np.random.default_rng(23)
+    hs, ws, ht, wt = make_inputs(rng, n=1, h=16, v=50)
+    _, _, gh_ref, _ = reference(hs, ws, ht, wt)
+    big = rng.standard_normal((1, 32)).astype(F32)
+    big0 = big.copy()
+    dk.fused_linear_divergence(hs, ws, ht, wt, grad_hidden_out=big[:, ::2])
+    assert rel_err(big[:, ::2], big0[:, ::2] + gh_ref) <= 1e-5
+    np.testing.assert_array_equal(big[:, 1::2], big0[:, 1::2])
+    parent = rng.standard_normal(48).astype(F32)
+    parent0 = parent.copy()
+    rev = parent[16:32][::-1].reshape(1, 16)
+    dk.fused_linear_divergence(hs, ws, ht, wt, grad_hidden_out=rev)
+    assert rel_err(rev, parent0[16:32][::-1].reshape(1, 16) + gh_ref) <= 1e-5
+    np.testing.assert_array_equal(parent[:16], parent0[:16])
+    np.testing.assert_array_equal(parent[32:], parent0[32:])
+
+
+@needs_lib
 def test_strided_inputs_and_leading_axes():
     rng = np.random.default_rng(22)
     hs, ws, ht, wt = make_inputs(rng, n=12, h=16, v=40)

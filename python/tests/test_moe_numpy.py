@@ -579,7 +579,7 @@ def test_permute_gradients_finite_differences(case):
     for scale in (False, True):
 
         def loss(x_, w_):
-            return _dot(dk.moe_permute(x_, route, scale=scale, weights=w_), g)
+            return _dot(dk.moe_permute(x_, route, scale=scale, weights=w_ if scale else None), g)
 
         if scale:
             g_x, g_w = dk.moe_permute_backward(g, route, x=x, scale=True)
@@ -712,6 +712,12 @@ def test_dispatch_bad_input():
         (lambda: dk.moe_permute(x, route, scale="yes"), TypeError),
         (lambda: dk.moe_permute(x, route, scale=True, weights=np.ones((n, k + 1))), ValueError),
         (lambda: dk.moe_permute(x, route, scale=True, weights=np.ones((n, k), np.int32)), TypeError),
+        # weights= with the flag that reads them off: it would be ignored
+        (lambda: dk.moe_permute(x, route, weights=route.weights), ValueError),
+        (lambda: dk.moe_combine(eo, route, weighted=False, weights=route.weights), ValueError),
+        (lambda: dk.moe_permute_backward(eo, route, weights=route.weights), ValueError),
+        (lambda: dk.moe_combine_backward(x, eo, route, weighted=False, weights=route.weights),
+         ValueError),
         (lambda: dk.moe_combine(eo[:-1], route), ValueError),  # fewer than R rows
         (lambda: dk.moe_combine(np.zeros((route.max_rows + 1, h), np.float32), route), ValueError),
         (lambda: dk.moe_combine(eo[:, :4], route), ValueError),

@@ -190,7 +190,7 @@ def test_forward_and_autograd_match_plain_torch(case, dtype):
     for scale in (False, True):
         xa = x.clone().requires_grad_(True)
         wa = route.weights.clone().requires_grad_(True)
-        out = dkt.moe_permute(xa, route, scale=scale, weights=wa)
+        out = dkt.moe_permute(xa, route, scale=scale, weights=wa if scale else None)
         assert out.dtype == dtype and out.shape == (R, h)
         xr = x.double().requires_grad_(True)
         wr = route.weights.double().requires_grad_(True)
@@ -209,7 +209,7 @@ def test_forward_and_autograd_match_plain_torch(case, dtype):
     for weighted in (True, False):
         ea = eo.clone().requires_grad_(True)
         wa = route.weights.clone().requires_grad_(True)
-        y = dkt.moe_combine(ea, route, weighted=weighted, weights=wa)
+        y = dkt.moe_combine(ea, route, weighted=weighted, weights=wa if weighted else None)
         assert y.dtype == dtype and y.shape == (n, h)
         er = eo.double().requires_grad_(True)
         wr = route.weights.double().requires_grad_(True)
@@ -305,6 +305,10 @@ def test_bad_input():
         (lambda: dkt.moe_permute(x.cpu(), route), ValueError),
         (lambda: dkt.moe_permute(x.double(), route), TypeError),
         (lambda: dkt.moe_combine(x[:3], route), ValueError),
+        # weights= with the flag that reads them off: it would be ignored
+        (lambda: dkt.moe_combine(x.repeat(2, 1), route, weighted=False,
+                                 weights=route.weights), ValueError),
+        (lambda: dkt.moe_permute(x, route, weights=route.weights), ValueError),
         (lambda: dkt.moe_combine(x.repeat(2, 1), route, weights=torch.ones(8, 3, device="cuda")),
          ValueError),
         (lambda: dkt.moe_permute_backward(x.repeat(2, 1), route, scale=True), ValueError),

@@ -114,7 +114,23 @@ def test_bad_arguments():
         dk.scale_rows(x, "2")
     with pytest.raises(TypeError, match="numbers"):
         dk.scale_rows(x, np.array(["1", "2", "3"]))
+    # None (and None among numbers) would become NaN and wipe x: a misplaced argument.
+    with pytest.raises(TypeError, match="numbers"):
+        dk.scale_rows(x, None)
+    with pytest.raises(TypeError, match="numbers"):
+        dk.scale_rows(x, [None, 2.0, 3.0])
+    with pytest.raises(ValueError, match="1-D"):
+        dk.scale_rows(np.ones((4, 8), dtype=np.float32), np.ones((2, 2)))
     assert np.all(x == 1.0)
+
+
+def test_factors_that_share_memory_with_x():
+    # A row of a square x as the factors: read as they were before the call.
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 4)).astype(np.float32)
+    want = x * x[0].copy()[:, None]
+    dk.scale_rows(x, x[0])
+    np.testing.assert_array_equal(x, want)
 
 
 def test_library_rejects_bad_shapes_and_writes_nothing():

@@ -26,7 +26,8 @@ use distill_kernels::{Context, DType, Launch, Location, Matrix, MatrixMut, Vecto
 use crate::backend::{measure, median, Buf, Measured, Part, Runner};
 use crate::bench::{json_num, json_opt, json_str, json_strs, pct, sci, Progress};
 use crate::data::{
-    count_nonfinite, err_string, f32s, fill_normal, mix, sample_rows, widen, HostBuf,
+    count_nonfinite, err_string, f32s, fill_normal, host_memory_available, mix, sample_rows, widen,
+    HostBuf,
 };
 
 /// The MoE shapes of `ANCHORS.md`.
@@ -824,28 +825,47 @@ fn setup_shape(
     let act = (3 * n * h + 2 * rows * h) * b;
     let idx = 4 * (3 * n * k + 2 * e + 1 + rows + n * k);
     let need = n * e * 4 + idx + ws_len;
-    if let Some(free) = runner.free_memory() {
-        // Margin: the 256 MiB the CUDA timing writes to evict L2, and some slack.
-        if act + need + (512 << 20) > free {
-            return Err(format!(
-                "{} at N = {n} needs {:.2} GiB of device memory, {:.2} GiB are free (use --tokens)",
-                shape.name(),
-                (act + need) as f64 / (1u64 << 30) as f64,
-                free as f64 / (1u64 << 30) as f64
-            ));
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    // The host copies of the inputs (logits, x, the token and row gradients).
+    let host_bytes = n * e * 4 + (2 * n * h + rows * h) * b;
+    match runner.free_memory() {
+        Some(free) => {
+            // Margin: the 256 MiB the CUDA timing writes to evict L2, and some slack.
+            if act + need + (512 << 20) > free {
+                return Err(format!(
+                    "{} at N = {n} needs {:.2} GiB of device memory, {:.2} GiB are free (use --tokens)",
+                    shape.name(),
+                    gib(act + need),
+                    gib(free)
+                ));
+            }
+        }
+        None => {
+            // The CPU backend: its buffers are host memory too, beside the host inputs.
+            if let Some(free) = host_memory_available() {
+                if host_bytes + act + need > free {
+                    return Err(format!(
+                        "{} at N = {n} needs {:.2} GiB of host memory, {:.2} GiB are available \
+                         (use --tokens)",
+                        shape.name(),
+                        gib(host_bytes + act + need),
+                        gib(free)
+                    ));
+                }
+            }
         }
     }
     let seed = |what: u64| mix(&[cfg.seed, 0x30E, shape as u64, what]);
     let gen = |rows: usize, cols: usize, dtype: DType, sigma: f64, what: u64| {
-        let mut buf = HostBuf::zeroed(rows * cols * dtype.size());
+        let mut buf = HostBuf::try_zeroed(rows * cols * dtype.size())?;
         fill_normal(seed(what), dtype, cols, sigma, buf.as_bytes_mut());
-        buf
+        Ok::<HostBuf, String>(buf)
     };
     let host = HostInputs {
-        logits: gen(n, e, DType::F32, LOGIT_SIGMA, 1),
-        x: gen(n, h, g.dtype, ACT_SIGMA, 2),
-        g_tok: gen(n, h, g.dtype, ACT_SIGMA, 3),
-        rows_in: gen(rows, h, g.dtype, ACT_SIGMA, 4),
+        logits: gen(n, e, DType::F32, LOGIT_SIGMA, 1)?,
+        x: gen(n, h, g.dtype, ACT_SIGMA, 2)?,
+        g_tok: gen(n, h, g.dtype, ACT_SIGMA, 3)?,
+        rows_in: gen(rows, h, g.dtype, ACT_SIGMA, 4)?,
     };
     let filled = |data: &HostBuf| -> Result<Buf, String> {
         let mut buf = runner.alloc(data.len())?;
