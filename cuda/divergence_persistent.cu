@@ -32,6 +32,16 @@
 // pipeline, slots, barriers). Gradient in place over the student logits stays safe: an iteration writes the
 // gradient of an older row than any it reads, and each thread reads a chunk before it writes
 // that chunk's gradient.
+//
+// The fused linear divergence's variant (dk_divcp_fused_*, dk_divcp256_fused_*: f32 logits S
+// and T, G in the GEMMs' dtype with the softcap slope; cuda/FUSED.md, version 3) writes row r's
+// G over the logits of row r − Q, the row its cluster walked before (Q = gridDim.x / C). That
+// row is dead: its last reads (its gradient stage) ran an iteration earlier, in every block of
+// the cluster, and this iteration's cluster_wait has seen every block arrive after them. A
+// bf16 G row could not go over its own row: its bytes are the first half of the f32 row, which
+// other blocks of the cluster are still reading in the same iteration. So the launcher points
+// `args.grad` Q rows before S (rows r < Q land in a pad it reserves) with G's row stride the
+// same bytes as S's, and the GEMMs read G from there.
 
 #include "dk_cluster.cuh"
 #include "dk_divergence_args.h"
@@ -171,9 +181,58 @@ static_assert(sizeof(PersistentSmem<Kind::Jsd>) <= kPersistentSmemBytes, "smem")
 // What the gradient stage does with its row this iteration.
 enum class GradMode { None, Zero, Grad };
 
-// kSteps: chunk steps whose loads are issued together (for_each_rows).
-template <Kind K, typename TS, typename TT, int kSteps>
-__device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
+// The fused variant's gradient stage: G = the gradient w.r.t. the capped logits times the
+// softcap's slope (1 − t)(1 + t), t = s / cap (s: the capped student logit), in TO. Without a
+// softcap (inv_cap = 0, uniform) it is GradPass's store. Same entries as FusedGradSink
+// (cuda/divergence.cu), the one-block kernel's.
+template <Kind K, typename TO>
+struct FusedGradPass {
+  GradRow row;
+  TO* g;
+  float inv_cap;
+  template <int N>
+  __device__ __forceinline__ void chunk(int i, const float (&s)[N], const float (&t)[N]) {
+    float out[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = grad_entry<K>(row, s[k], t[k]);
+    if (inv_cap != 0.f) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const float u = s[k] * inv_cap;
+        out[k] *= (1.f - u) * (1.f + u);
+      }
+    }
+    if (N == kVec) {
+      store8(g + i, reinterpret_cast<const float(&)[kVec]>(out));
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k) g[i + k] = from_float<TO>(out[k]);
+    }
+  }
+};
+
+// The gradient stage's functor: GradPass over TS for the divergence kernels, FusedGradPass
+// over TO for the fused linear divergence's (kFused).
+template <Kind K, typename TS, typename TO, bool kFused>
+struct GradStageOf {
+  using Out = TS;
+  using Type = GradPass<K, TS>;
+  static __device__ __forceinline__ Type make(const GradRow& r, TS* g, float) { return {r, g}; }
+};
+template <Kind K, typename TS, typename TO>
+struct GradStageOf<K, TS, TO, true> {
+  using Out = TO;
+  using Type = FusedGradPass<K, TO>;
+  static __device__ __forceinline__ Type make(const GradRow& r, TO* g, float inv_cap) {
+    return {r, g, inv_cap};
+  }
+};
+
+// kSteps: chunk steps whose loads are issued together (for_each_rows). kFused: the fused
+// linear divergence's variant, G in TO with the softcap slope (inv_cap; see the top).
+template <Kind K, typename TS, typename TT, int kSteps, bool kFused = false, typename TO = TS>
+__device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a, float inv_cap = 0.f) {
+  static_assert(kFused || sizeof(TO) == sizeof(TS), "TO is TS outside the fused variant");
   constexpr bool kJsd = K == Kind::Jsd;
   extern __shared__ __align__(16) unsigned char dk_divcp_smem[];
   PersistentSmem<K>& sm = *reinterpret_cast<PersistentSmem<K>*>(dk_divcp_smem);
@@ -281,18 +340,22 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
       }
     }
 
-    TS* g = grad_mode == GradMode::None
-                ? nullptr
-                : reinterpret_cast<TS*>(a.grad) + grad_at * a.grad_stride + start;
+    using GradFn = GradStageOf<K, TS, TO, kFused>;
+    using GradOut = typename GradFn::Out;
+    GradOut* g = grad_mode == GradMode::None
+                     ? nullptr
+                     : reinterpret_cast<GradOut*>(a.grad) + grad_at * a.grad_stride + start;
     if (grad_mode == GradMode::Zero) zero_row(g, len, true);
     const bool grad_on = grad_mode == GradMode::Grad;
 
     StatsPass<K, TS, TT> sp{k, student(stats_at), teacher(stats_at)};
-    GradPass<K, TS> gp{grad_row_of<K>(grad_row, grad_center, beta, grad_gscale), g};
+    typename GradFn::Type gp =
+        GradFn::make(grad_row_of<K>(grad_row, grad_center, beta, grad_gscale), g, inv_cap);
     const TS* ss = stats_on ? sp.s : nullptr;
     const TS* gs = grad_on ? student(grad_at) : nullptr;
     const Stage<TS, TT, StatsPass<K, TS, TT>> stats_stage{ss, sp.t, sp};
-    const Stage<TS, TT, GradPass<K, TS>> grad_stage{gs, grad_on ? teacher(grad_at) : nullptr, gp};
+    const Stage<TS, TT, typename GradFn::Type> grad_stage{gs, grad_on ? teacher(grad_at) : nullptr,
+                                                          gp};
     if (kJsd) {
       JsdPass jp{mix_row};
       const int64_t mix_at = row_at(i - 1);
@@ -333,8 +396,13 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define DK_DIVP_BODY(KIND, TS, TT, STEPS) \
   dk::divergence::persistent_rows<KIND, TS, TT, STEPS>(args);
+#define DK_DIVP_FUSED_BODY(KIND, TO, STEPS) \
+  dk::divergence::persistent_rows<KIND, float, float, STEPS, true, TO>(args, inv_cap);
 #else
 #define DK_DIVP_BODY(KIND, TS, TT, STEPS) (void)args;
+#define DK_DIVP_FUSED_BODY(KIND, TO, STEPS) \
+  (void)args;                               \
+  (void)inv_cap;
 #endif
 
 // Two block shapes (A/B until measured: cuda/DIVERGENCE.md, version 6):
@@ -367,3 +435,26 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a) {
 DK_DIVP_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl, 2)
 DK_DIVP_KERNELS_FOR_KIND(rkl, dk::divergence::Kind::ReverseKl, 2)
 DK_DIVP_KERNELS_FOR_KIND(jsd, dk::divergence::Kind::Jsd, 1)
+
+// The fused linear divergence's chunk kernels (src/fused/cuda.rs): f32 logits S (student) and
+// T (teacher); G (softcap slope applied when inv_cap ≠ 0, loss scale as in `scale`) in the
+// GEMMs' dtype TO at args.grad with row stride args.grad_stride (TO elements), which may alias
+// the logits of row r − Q for row r (see the top), or null for forward only.
+#define DK_DIVP_FUSED_KERNEL(kname, KIND, BLOCKS, oname, TO)                              \
+  extern "C" __global__ void __launch_bounds__(512, BLOCKS)                              \
+      dk_divcp_fused_##kname##_##oname(const DkDivergenceArgs args, float inv_cap) {     \
+    DK_DIVP_FUSED_BODY(KIND, TO, 1)                                                      \
+  }                                                                                      \
+  extern "C" __global__ void __launch_bounds__(256, 2)                                   \
+      dk_divcp256_fused_##kname##_##oname(const DkDivergenceArgs args, float inv_cap) {  \
+    DK_DIVP_FUSED_BODY(KIND, TO, 2)                                                      \
+  }
+
+#define DK_DIVP_FUSED_KERNELS_FOR_KIND(kname, KIND, BLOCKS)          \
+  DK_DIVP_FUSED_KERNEL(kname, KIND, BLOCKS, f32, float)              \
+  DK_DIVP_FUSED_KERNEL(kname, KIND, BLOCKS, bf16, __nv_bfloat16)     \
+  DK_DIVP_FUSED_KERNEL(kname, KIND, BLOCKS, f16, __half)
+
+DK_DIVP_FUSED_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl, 2)
+DK_DIVP_FUSED_KERNELS_FOR_KIND(rkl, dk::divergence::Kind::ReverseKl, 2)
+DK_DIVP_FUSED_KERNELS_FOR_KIND(jsd, dk::divergence::Kind::Jsd, 1)

@@ -811,16 +811,19 @@ def _fused_impls(wanted, device="cuda", compiled=True):
 def _fused_within_2gib(dkt):
     """This crate with chunks small enough that the extra peak memory, the weight gradient
     included (as counted here and in ANCHORS.md), stays within issue 4's 2 GiB: the chunk's two
-    f32 logit buffers get what the bf16 weight gradient and a 96 MiB margin (cuBLAS's 32 MiB
-    workspace, the per-row losses, the allocator) leave, in multiples of 64 rows. The default
-    chunks take up to 1.5 GiB (cuda/FUSED.md): this row measures what the smaller ones cost.
-    A shape whose weight gradient alone leaves no room raises (the row shows why)."""
+    f32 logit buffers get what the bf16 weight gradient, the 32-row pad before them and a 96 MiB
+    margin (cuBLAS's 32 MiB workspace, the per-row losses, the allocator) leave, in multiples
+    of 64 rows. The default chunks take up to 1.5 GiB (cuda/FUSED.md): this row measures what
+    the smaller ones cost. A shape whose weight gradient alone leaves no room raises (the row
+    shows why)."""
     budget, margin = 2 << 30, 96 << 20
 
     def run(hs, ws, ht, wt):
         v, h = ws.shape
-        left = budget - margin - v * h * ws.element_size()
-        rows = left // (8 * (-(-v // 8) * 8)) // 64 * 64
+        ld = -(-v // 8) * 8
+        # The crate's 32-row pad before S (cuda/FUSED.md, version 3) comes off the top.
+        left = budget - margin - v * h * ws.element_size() - 4 * 32 * ld
+        rows = left // (8 * ld) // 64 * 64
         if rows < 64:
             raise RuntimeError(
                 f"no chunk fits 2 GiB: the weight gradient alone is "

@@ -306,7 +306,8 @@ run_step dk-bench-fused-stream16 45 0 env DK_DIVERGENCE_CLUSTER=stream \
   DK_DIVERGENCE_CLUSTER_SIZE=16 "$dk" bench --device cuda --ops fused --dtype bf16 --iters 5 \
   --check-rows 2
 
-# A/B: the chunks' f32 rows on the persistent cluster kernel (version 6; re-reads in L2).
+# A/B: the chunks' f32 rows on the persistent cluster kernel (version 6; re-reads in L2),
+# which writes G itself over the row its cluster finished before (cuda/FUSED.md, version 3).
 run_step dk-bench-fused-persist 45 0 env DK_DIVERGENCE_CLUSTER=persist "$dk" bench --device cuda \
   --ops fused --dtype bf16 --iters 5 --check-rows 2
 
@@ -336,6 +337,10 @@ fi
 # checks dk_div_fused_* (G written over S by the chunk's divergence, cuda/FUSED.md version 2).
 if [ -x target/release/deps/fused_reference ]; then
   run_step test-fused_reference-v1 90 1 env DK_DIVERGENCE_CLUSTER=0 \
+    target/release/deps/fused_reference
+  # Every chunk on the persistent kernel that writes G over the previous row of its cluster
+  # (dk_divcp_fused_*, cuda/FUSED.md version 3).
+  run_step test-fused_reference-persist 90 1 env DK_DIVERGENCE_CLUSTER=persist \
     target/release/deps/fused_reference
 fi
 if [ -x target/release/deps/attention_reference ]; then

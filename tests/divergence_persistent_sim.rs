@@ -39,12 +39,19 @@
 //! rows of a walk, whole walks; fully masked rows (student, teacher, both all −inf), partly
 //! masked rows; a NaN row; forward only, a separate gradient and the gradient in place over
 //! the student logits; temperatures ≠ 1. Plus random cases drawn from the printed seed.
+//!
+//! The fused linear divergence's variant (`dk_divcp_fused_*`, `dk_divcp256_fused_*`: G with the
+//! softcap slope in the GEMMs' dtype, written Q rows before S over the rows the clusters walked
+//! before) has its own cases and checks (`fused_persistent_kernels_write_g_q_rows_before_s`),
+//! and a negative test that the race of G over its own rows is seen
+//! (`fused_persistent_g_over_its_own_rows_is_seen_to_race`).
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use common::fused_chunk::{self, chunk_logits, g_tol, reference_row, ChunkParams};
 use common::*;
 use distill_kernels::divergence::{Kind, Params, Reduction};
 use distill_kernels::{Context, DType};
@@ -561,9 +568,65 @@ fn random_case(rng: &mut Rng) -> SimCase {
 // Running the emulator
 // ------------------------------------------------------------------------------------------
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend((s.len() as u32).to_ne_bytes());
-    out.extend(s.as_bytes());
+/// The fixed part of the driver's input (its protocol, before the buffers).
+struct Header {
+    kernel: String,
+    /// (threads, C, Q).
+    shape: (u32, usize, usize),
+    reverse: bool,
+    n: usize,
+    v: usize,
+    /// (student, teacher, gradient) row strides in elements.
+    strides: (usize, usize, usize),
+    ignore_index: i64,
+    beta: f32,
+    temperature: f32,
+    scale: f32,
+    inv_cap: f32,
+    /// 0 forward only, 1 separate, 2 in place, 3 fused G `shift` rows before S.
+    grad_mode: i32,
+    shift: usize,
+    has_labels: bool,
+}
+
+impl Header {
+    fn encode(&self, o: &mut Vec<u8>) {
+        o.extend(0x5044_4b44u32.to_ne_bytes());
+        o.extend((self.kernel.len() as u32).to_ne_bytes());
+        o.extend(self.kernel.as_bytes());
+        let (threads, c, q) = self.shape;
+        for x in [threads as i32, c as i32, q as i32] {
+            o.extend(x.to_ne_bytes());
+        }
+        o.extend(PERSISTENT_SMEM_BYTES.to_ne_bytes());
+        o.extend((self.reverse as i32).to_ne_bytes());
+        let (ss, ts, gs) = self.strides;
+        for x in [
+            self.n as i64,
+            self.v as i64,
+            ss as i64,
+            ts as i64,
+            gs as i64,
+            self.ignore_index,
+        ] {
+            o.extend(x.to_ne_bytes());
+        }
+        // As the launcher: beta as given, 1 / T in f32.
+        for x in [self.beta, 1.0 / self.temperature, self.scale, self.inv_cap] {
+            o.extend(x.to_ne_bytes());
+        }
+        for x in [self.grad_mode, self.shift as i32, self.has_labels as i32] {
+            o.extend(x.to_ne_bytes());
+        }
+    }
+}
+
+/// Appends each buffer (u64 length, bytes) to the driver's input.
+fn put_buffers(o: &mut Vec<u8>, bufs: &[&[u8]]) {
+    for b in bufs {
+        o.extend((b.len() as u64).to_ne_bytes());
+        o.extend(*b);
+    }
 }
 
 /// d(reduced loss)/d(row loss) as dk_div_prepare writes it: batchmean over the valid rows.
@@ -604,34 +667,25 @@ fn run_sim(
         _ => c.student.stride,
     };
     let mut o = Vec::new();
-    o.extend(0x5044_4b44u32.to_ne_bytes());
-    put_str(&mut o, &sc.kernel());
-    for x in [sc.threads as i32, sc.c as i32, sc.q as i32] {
-        o.extend(x.to_ne_bytes());
+    Header {
+        kernel: sc.kernel(),
+        shape: (sc.threads, sc.c, sc.q),
+        reverse,
+        n: c.n(),
+        v: c.v(),
+        strides: (c.student.stride, c.teacher.stride, grad_stride),
+        ignore_index: c.params.ignore_index,
+        beta: c.params.beta,
+        temperature: c.params.temperature,
+        scale: scale(c),
+        inv_cap: 0.0,
+        grad_mode,
+        shift: 0,
+        has_labels: c.labels.is_some(),
     }
-    o.extend(PERSISTENT_SMEM_BYTES.to_ne_bytes());
-    o.extend((reverse as i32).to_ne_bytes());
-    for x in [
-        c.n() as i64,
-        c.v() as i64,
-        c.student.stride as i64,
-        c.teacher.stride as i64,
-        grad_stride as i64,
-        c.params.ignore_index,
-    ] {
-        o.extend(x.to_ne_bytes());
-    }
-    // As the launcher: beta as given, 1 / T in f32.
-    for x in [c.params.beta, 1.0 / c.params.temperature, scale(c)] {
-        o.extend(x.to_ne_bytes());
-    }
-    o.extend(grad_mode.to_ne_bytes());
-    o.extend((c.labels.is_some() as i32).to_ne_bytes());
+    .encode(&mut o);
     let bufs = sim_buffers(before);
-    for b in &bufs {
-        o.extend((b.len() as u64).to_ne_bytes());
-        o.extend(b.as_ref());
-    }
+    put_buffers(&mut o, &bufs.iter().map(|b| b.as_ref()).collect::<Vec<_>>());
     let total: usize = bufs.iter().map(|b| b.len()).sum();
     let (stdout, log) = run_emulator(exe, o, total)?;
     let mut after = before.clone();
@@ -796,5 +850,503 @@ fn persistent_kernels_match_the_cpu_backend() {
     let cases = cases(&mut rng);
     run_cases_parallel(TEST, cases.len(), |i| {
         (cases[i].what(), check_case(&exe, &cases[i]))
+    });
+}
+
+// ------------------------------------------------------------------------------------------
+// The fused linear divergence's variant (dk_divcp_fused_*, dk_divcp256_fused_*)
+// ------------------------------------------------------------------------------------------
+
+/// ignore_index of the fused cases.
+const FUSED_IGNORE: i64 = -100;
+
+/// Where a fused case's G goes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum GPlace {
+    /// Forward only (`args.grad` = 0).
+    None,
+    /// Q rows before S, over the rows the clusters walked before (the launcher's layout).
+    Before,
+    /// Over S's own rows (shift 0): a 16-bit G races with the other blocks' loads.
+    Own,
+}
+
+/// One launch of a fused chunk kernel: f32 capped logits S and T (row stride `ld`), G in `out`
+/// in S's buffer (`place`).
+struct FusedSimCase {
+    what: String,
+    p: ChunkParams,
+    out: DType,
+    place: GPlace,
+    /// 512: `dk_divcp_fused_*`; 256: `dk_divcp256_fused_*`.
+    threads: u32,
+    c: usize,
+    q: usize,
+    n: usize,
+    v: usize,
+    ld: usize,
+    /// n rows of `ld`, padding poisoned.
+    s: Vec<f32>,
+    t: Vec<f32>,
+    labels: Option<Vec<i64>>,
+    /// A row whose student logits are all −inf (under a softcap all −cap: uniform, a live row).
+    masked: Option<usize>,
+    /// A row with one NaN student logit.
+    nan: Option<usize>,
+}
+
+impl FusedSimCase {
+    fn kernel(&self) -> String {
+        let prefix = if self.threads == 512 {
+            "dk_divcp"
+        } else {
+            "dk_divcp256"
+        };
+        let kind = match self.p.kind {
+            Kind::ForwardKl => "fkl",
+            Kind::ReverseKl => "rkl",
+            Kind::Jsd => "jsd",
+        };
+        format!("{prefix}_fused_{kind}_{}", self.out.name())
+    }
+
+    /// Pad rows before S in its buffer (G row r is buffer row r).
+    fn shift(&self) -> usize {
+        match self.place {
+            GPlace::Before => self.q,
+            GPlace::None | GPlace::Own => 0,
+        }
+    }
+
+    fn row<'a>(&self, x: &'a [f32], r: usize) -> &'a [f32] {
+        &x[r * self.ld..r * self.ld + self.v]
+    }
+
+    fn ignored(&self, r: usize) -> bool {
+        self.labels.as_ref().is_some_and(|l| l[r] == FUSED_IGNORE)
+    }
+
+    /// S's buffer as the launcher lays it out: `shift` poisoned pad rows, then S.
+    fn s_buffer(&self) -> Vec<u8> {
+        let mut b = poison_bytes(DType::F32, self.shift() * self.ld);
+        b.extend(self.s.iter().flat_map(|x| x.to_ne_bytes()));
+        b
+    }
+
+    fn t_bytes(&self) -> Vec<u8> {
+        self.t.iter().flat_map(|x| x.to_ne_bytes()).collect()
+    }
+
+    fn label_bytes(&self) -> Vec<u8> {
+        self.labels
+            .iter()
+            .flatten()
+            .flat_map(|x| x.to_ne_bytes())
+            .collect()
+    }
+
+    fn input(&self, reverse: bool) -> Vec<u8> {
+        let mut o = Vec::new();
+        Header {
+            kernel: self.kernel(),
+            shape: (self.threads, self.c, self.q),
+            reverse,
+            n: self.n,
+            v: self.v,
+            strides: (self.ld, self.ld, self.ld * 4 / self.out.size()),
+            ignore_index: FUSED_IGNORE,
+            beta: self.p.beta,
+            temperature: self.p.temperature,
+            scale: self.p.scale,
+            inv_cap: self.p.inv_cap(),
+            grad_mode: if self.place == GPlace::None { 0 } else { 3 },
+            shift: self.shift(),
+            has_labels: self.labels.is_some(),
+        }
+        .encode(&mut o);
+        let (s, t, l) = (self.s_buffer(), self.t_bytes(), self.label_bytes());
+        let per_row = poison_bytes(DType::F32, self.n);
+        let mut bufs = vec![&s[..], &t[..]];
+        if self.labels.is_some() {
+            bufs.push(&l[..]);
+        }
+        bufs.push(&per_row[..]);
+        put_buffers(&mut o, &bufs);
+        o
+    }
+
+    /// Bytes the driver returns: S's buffer, T, labels, per-row losses.
+    fn output_len(&self) -> usize {
+        self.s_buffer().len() + 4 * self.t.len() + self.label_bytes().len() + 4 * self.n
+    }
+}
+
+/// A fused case. The student logits are capped (within (−cap, cap) under a softcap), with a
+/// teacher near them as in self-distillation and, without a softcap, ~1 % masked entries on a
+/// side where the divergence stays finite. The low 16 bits of every finite student logit are
+/// `POISON_16`, a NaN in bf16 and f16 (the logit is within a bf16 ulp of what was drawn, and
+/// still under the cap: the cap, 30, is a bf16 value and the high bits are truncated): G's old
+/// bytes are then a NaN, a logit or the pad's poison, never what the kernel writes, so an
+/// element left unwritten shows. With `edits`: labels ignoring the first and the last row, a
+/// fully masked row and a NaN row among the others.
+#[allow(clippy::too_many_arguments)]
+fn make_fused(
+    rng: &mut Rng,
+    (kind, beta): (Kind, f32),
+    out: DType,
+    cap: Option<f32>,
+    place: GPlace,
+    (threads, c, q): (u32, usize, usize),
+    (n, v): (usize, usize),
+    edits: bool,
+) -> FusedSimCase {
+    assert!(
+        q >= 1 && q <= n,
+        "the launcher runs at most one cluster per row"
+    );
+    assert!(
+        !cap.is_some_and(|c| c.to_bits() & 0xFFFF != 0),
+        "the cap must be a bf16 value (see above)"
+    );
+    let ld = stride(v, 1);
+    let p = ChunkParams {
+        kind,
+        beta,
+        temperature: [0.7f32, 1.0, 2.0][rng.below(0, 3)],
+        scale: [1.0f32, 0.25][rng.below(0, 2)],
+        cap,
+    };
+    let (mut s, t) = chunk_logits(rng, kind, cap, (n, v, ld), Some(POISON_16));
+    let (mut labels, mut masked, mut nan) = (None, None, None);
+    if edits {
+        assert!(n >= 4);
+        let mut l: Vec<i64> = (0..n).map(|_| rng.below(0, 50_000) as i64).collect();
+        l[0] = FUSED_IGNORE;
+        l[n - 1] = FUSED_IGNORE;
+        labels = Some(l);
+        let (m, x) = (n / 2, n / 2 + 1).min((n - 3, n - 2));
+        masked = Some(m);
+        nan = Some(x);
+        s[m * ld..m * ld + v].fill(cap.map_or(f32::NEG_INFINITY, |c| -c));
+        s[x * ld + rng.below(0, v)] = f32::NAN;
+    }
+    let place_what = match place {
+        GPlace::None => "forward only".to_string(),
+        GPlace::Before => format!("G {} rows before S", q),
+        GPlace::Own => "G over its own rows".to_string(),
+    };
+    FusedSimCase {
+        what: format!(
+            "{kind:?} beta {beta} T {} scale {} cap {cap:?} n {n} v {v}, {place_what}{}",
+            p.temperature,
+            p.scale,
+            if edits {
+                format!(", ignored [0, {}] masked {masked:?} NaN {nan:?}", n - 1)
+            } else {
+                String::new()
+            }
+        ),
+        p,
+        out,
+        place,
+        threads,
+        c,
+        q,
+        n,
+        v,
+        ld,
+        s,
+        t,
+        labels,
+        masked,
+        nan,
+    }
+}
+
+/// The fused cases: every kind (JSD β = 0.5, 0.25) with G in f32, bf16 and f16, with and
+/// without a softcap, both shapes, C = 1, 2, 4, 8 and Q = 1..4 with 2 to 12 / Q rows per
+/// cluster, rows of 2 to 3.5 16-byte chunks per thread (both of the 256-thread shape's loops)
+/// with a scalar tail in some; short rows (blocks with empty slices); forward only.
+fn fused_cases(rng: &mut Rng) -> Vec<FusedSimCase> {
+    use DType::{BF16, F16, F32};
+    let kinds = [
+        (Kind::ForwardKl, 0.5),
+        (Kind::ReverseKl, 0.5),
+        (Kind::Jsd, 0.5),
+        (Kind::Jsd, 0.25),
+    ];
+    let mut out = Vec::new();
+    for (k, &kind) in kinds.iter().enumerate() {
+        for (d, &dtype) in [F32, BF16, F16].iter().enumerate() {
+            let i = 3 * k + d;
+            let threads = [512u32, 256][i % 2];
+            let c = [2usize, 4, 8, 1][i % 4];
+            let q = 1 + (i / 2) % 4;
+            let n = rng.below((2 * q).max(6), 13);
+            let v = v_for(c, threads, rng.range(2.0, 3.5), rng.below(0, 8));
+            let cap = [None, Some(30.0)][(k + d) % 2];
+            let shape = (threads, c, q);
+            out.push(make_fused(
+                rng,
+                kind,
+                dtype,
+                cap,
+                GPlace::Before,
+                shape,
+                (n, v),
+                true,
+            ));
+        }
+    }
+    // Short rows: blocks with empty slices, a slice of the tail alone.
+    let jsd25 = (Kind::Jsd, 0.25);
+    let rkl = (Kind::ReverseKl, 0.5);
+    out.push(make_fused(
+        rng,
+        rkl,
+        F16,
+        None,
+        GPlace::Before,
+        (256, 4, 2),
+        (7, 37),
+        true,
+    ));
+    out.push(make_fused(
+        rng,
+        jsd25,
+        BF16,
+        Some(30.0),
+        GPlace::Before,
+        (512, 8, 3),
+        (9, 203),
+        true,
+    ));
+    // Forward only: S's buffer untouched.
+    out.push(make_fused(
+        rng,
+        (Kind::ForwardKl, 0.5),
+        BF16,
+        Some(30.0),
+        GPlace::None,
+        (256, 4, 2),
+        (8, v_for(4, 256, 1.5, 3)),
+        true,
+    ));
+    out.push(make_fused(
+        rng,
+        (Kind::Jsd, 0.5),
+        F16,
+        None,
+        GPlace::None,
+        (512, 2, 3),
+        (9, v_for(2, 512, 1.5, 0)),
+        true,
+    ));
+    out
+}
+
+/// The first byte where two outputs of a case differ, located.
+fn fused_difference(c: &FusedSimCase, a: &[u8], b: &[u8]) -> Option<String> {
+    let at = a.iter().zip(b).position(|(x, y)| x != y)?;
+    let (s_len, row) = (c.s_buffer().len(), 4 * c.ld);
+    Some(if at < s_len {
+        let j = at / row;
+        format!(
+            "S's buffer row {j} byte {} (G row {j}, S row {})",
+            at % row,
+            j as i64 - c.shift() as i64
+        )
+    } else {
+        format!("byte {} after S's buffer", at - s_len)
+    })
+}
+
+/// Checks one run's outputs: T and labels untouched; S's buffer untouched outside G's rows
+/// (bytes [0, v · sizeof(G)) of buffer rows 0..n; all of it when forward only); per row, every G
+/// element written (its bits changed, where they were not +0, the low half of a −inf logit,
+/// which G may be), the loss and G against the reference, exactly +0 for ignored rows and the
+/// fully masked row, NaN throughout for the NaN row.
+fn check_fused(c: &FusedSimCase, out: &[u8]) -> Result<(), String> {
+    let s_in = c.s_buffer();
+    let (s_out, rest) = out.split_at(s_in.len());
+    let (t_out, rest) = rest.split_at(4 * c.t.len());
+    let (l_out, per_row) = rest.split_at(c.label_bytes().len());
+    if t_out != c.t_bytes().as_slice() {
+        return Err("T was modified".into());
+    }
+    if l_out != c.label_bytes().as_slice() {
+        return Err("the labels were modified".into());
+    }
+    let (row, g_bytes) = (4 * c.ld, c.v * c.out.size());
+    for j in 0..s_in.len() / row {
+        let covered = if c.place != GPlace::None && j < c.n {
+            g_bytes
+        } else {
+            0
+        };
+        let span = j * row + covered..(j + 1) * row;
+        if let Some(b) = (span.clone()).find(|&b| s_out[b] != s_in[b]) {
+            return Err(format!(
+                "S's buffer row {j} byte {} modified (outside G's rows)",
+                b - j * row
+            ));
+        }
+    }
+    for r in 0..c.n {
+        let ignored = c.ignored(r);
+        let (want_loss, want_g) = reference_row(&c.p, ignored, c.row(&c.s, r), c.row(&c.t, r));
+        let loss_bits = elem_bits(DType::F32, per_row, r);
+        let loss = f32::from_bits(loss_bits) as f64;
+        let g_span = r * row..r * row + g_bytes;
+        let (g_new, g_old) = (&s_out[g_span.clone()], &s_in[g_span]);
+        let g = (c.place != GPlace::None).then(|| decode(c.out, g_new));
+        if g.is_some() {
+            for k in 0..c.v {
+                let (new, old) = (elem_bits(c.out, g_new, k), elem_bits(c.out, g_old, k));
+                if new == old && old != 0 {
+                    return Err(format!(
+                        "row {r}: G element {k} not written (still {old:#x})"
+                    ));
+                }
+            }
+        }
+        if c.nan == Some(r) {
+            if !loss.is_nan() || loss_bits == POISON_F32 {
+                return Err(format!("row {r} (a NaN logit): loss {loss} is not NaN"));
+            }
+            if g.as_ref().is_some_and(|g| g.iter().any(|x| !x.is_nan())) {
+                return Err(format!("row {r} (a NaN logit): G is not NaN throughout"));
+            }
+            continue;
+        }
+        if ignored || (c.masked == Some(r) && c.p.cap.is_none()) {
+            let what = if ignored { "ignored" } else { "fully masked" };
+            if loss_bits != 0 {
+                return Err(format!("row {r} ({what}): loss {loss} instead of +0"));
+            }
+            if g.is_some() && (0..c.v).any(|k| elem_bits(c.out, g_new, k) != 0) {
+                return Err(format!("row {r} ({what}): G not all +0"));
+            }
+            continue;
+        }
+        let e = rel_err(&[loss], &[want_loss], fused_chunk::LOSS_FLOOR);
+        if e > fused_chunk::LOSS_TOL {
+            return Err(format!(
+                "row {r}: loss {loss} against {want_loss} (error {e:.2e} > {:.0e})",
+                fused_chunk::LOSS_TOL
+            ));
+        }
+        if let Some(g) = g {
+            let want: Vec<f64> = want_g.iter().map(|&x| round_to(c.out, x)).collect();
+            let (e, tol) = (rel_err(&g, &want, 1e-30), g_tol(c.out));
+            if e > tol {
+                return Err(format!("row {r}: G error {e:.2e} > {tol:.0e}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs a fused case in both orders and checks it; the statistics line of the ascending run.
+fn check_fused_case(exe: &Path, c: &FusedSimCase) -> Result<String, String> {
+    let run = |reverse| run_emulator(exe, c.input(reverse), c.output_len());
+    let (up, log) = run(false)?;
+    let (down, _) = run(true)?;
+    if let Some(at) = fused_difference(c, &up, &down) {
+        return Err(format!(
+            "ascending and descending orders differ (a race): first at {at}"
+        ));
+    }
+    check_fused(c, &up)?;
+    Ok(log)
+}
+
+/// The fused linear divergence's variant of the persistent kernels (`dk_divcp_fused_*`,
+/// `dk_divcp256_fused_*`: f32 logits S and T, G — the gradient w.r.t. the raw logits, softcap
+/// slope included — in the GEMMs' dtype), run on the emulator as the launcher lays G out: Q rows
+/// before S in S's own buffer, with S's row bytes as its stride, so that G row r goes over the
+/// logits of row r − Q, the row its cluster walked before (rows r < Q: the pad before S). The
+/// kernel's claim is that this is race-free: that row's last loads ran an iteration earlier in
+/// every block of the cluster, and the cluster barrier orders them before the stores. The
+/// emulator runs the cluster's blocks as far ahead of each other as the barrier allows, so a
+/// store that overtakes a load shows as a difference between the two orders and against the
+/// reference.
+///
+/// Checks, per case: the emulator's own (S's rows a read-only extent and G's rows a store-only
+/// one over them and the pad: a store into S outside G's rows or a load of the pad is an
+/// error; every 16-byte chunk of G stored exactly once); both orders bitwise equal; per-row
+/// losses and G against the f64 reference of tests/common (`fused_chunk::reference_row`, G
+/// rounded to its dtype) at DESIGN.md's tolerances (losses 1e-5; G 1e-5 in f32, 1e-2 in bf16 /
+/// f16, relative norm per row); ignored and fully masked rows exactly +0; the NaN row NaN
+/// throughout; T and the labels untouched; S's buffer untouched outside G's rows (the second
+/// half of each row's bytes under a 16-bit G, S's last Q rows, the rows' padding; all of it
+/// when forward only); every G element written (see `make_fused`).
+///
+/// Cases: `fused_cases`.
+#[test]
+fn fused_persistent_kernels_write_g_q_rows_before_s() {
+    let Some(exe) = simulator() else {
+        return;
+    };
+    let mut rng = Rng::fresh("fused_persistent_kernels_write_g_q_rows_before_s");
+    let cases = fused_cases(&mut rng);
+    run_cases_parallel(TEST, cases.len(), |i| {
+        let c = &cases[i];
+        (
+            format!("{} C={} Q={}: {}", c.kernel(), c.c, c.q, c.what),
+            check_fused_case(&exe, c),
+        )
+    });
+}
+
+/// That the fused test can see the race it is about: the same launches with G over S's own
+/// rows (shift 0) and a bf16 G, whose bytes are the first half of the f32 row that the
+/// cluster's other blocks (and the block's other threads) read in the same iteration, must
+/// fail — the two orders differ or the result is off the reference. (A failure of the emulator
+/// itself, e.g. a rejected access, does not count: the layout is as legal for it as Q rows
+/// before.)
+#[test]
+fn fused_persistent_g_over_its_own_rows_is_seen_to_race() {
+    let Some(exe) = simulator() else {
+        return;
+    };
+    let mut rng = Rng::fresh("fused_persistent_g_over_its_own_rows_is_seen_to_race");
+    let cases = [
+        make_fused(
+            &mut rng,
+            (Kind::ForwardKl, 0.5),
+            DType::BF16,
+            None,
+            GPlace::Own,
+            (512, 2, 2),
+            (8, v_for(2, 512, 2.5, 0)),
+            false,
+        ),
+        make_fused(
+            &mut rng,
+            (Kind::Jsd, 0.5),
+            DType::BF16,
+            Some(30.0),
+            GPlace::Own,
+            (256, 4, 1),
+            (6, v_for(4, 256, 2.5, 5)),
+            true,
+        ),
+    ];
+    run_cases_parallel(TEST, cases.len(), |i| {
+        let c = &cases[i];
+        let what = format!("{} C={} Q={}: {}", c.kernel(), c.c, c.q, c.what);
+        let verdict = match check_fused_case(&exe, c) {
+            Ok(_) => Err(
+                "passed: the test does not see the race of a 16-bit G over its own \
+                          rows"
+                    .to_string(),
+            ),
+            Err(e) if e.contains("the emulator stopped") => Err(format!(
+                "the emulator refused the launch instead of running it: {e}"
+            )),
+            Err(e) => Ok(format!("fails as it must: {e}")),
+        };
+        (what, verdict)
     });
 }

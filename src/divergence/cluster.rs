@@ -416,12 +416,14 @@ pub(crate) enum Launched {
 /// Queues `f` (configured by [`configure`]; `name` is its kernel name, for [`launch_shapes`])
 /// over `args.n` rows as `clusters` clusters of `c` blocks of `threads` threads (one cluster
 /// per row, except for the persistent variants) with `smem` bytes of dynamic shared memory per
-/// block. A refusal of the cluster shape is `Ok(Launched::Refused)`; any other error (a sticky
-/// one from earlier work, say) is an error.
+/// block. `inv_cap` is the second parameter of the fused linear divergence's kernels
+/// (`dk_divcp[256]_fused_*`), None for the others. A refusal of the cluster shape is
+/// `Ok(Launched::Refused)`; any other error (a sticky one from earlier work, say) is an error.
 pub(crate) fn launch(
     (f, name): (&CudaFunction, &str),
     stream: &Arc<CudaStream>,
     args: &DivergenceArgs,
+    inv_cap: Option<&f32>,
     (c, clusters): (usize, usize),
     threads: u32,
     smem: usize,
@@ -435,11 +437,18 @@ pub(crate) fn launch(
     })?;
     let mut attr = cluster_attribute(c);
     let config = launch_config(blocks, threads, smem, stream.cu_stream(), &mut attr);
-    let mut params = [args as *const DivergenceArgs as *mut c_void];
+    let mut params = [
+        args as *const DivergenceArgs as *mut c_void,
+        std::ptr::null_mut(),
+    ];
+    if let Some(x) = inv_cap {
+        params[1] = x as *const f32 as *mut c_void;
+    }
     stream.context().bind_to_thread()?;
-    // SAFETY: the kernel takes one DkDivergenceArgs by value (params[0] points at it, alive for
-    // the call); the grid is a whole number of clusters; the caller checked the pointers, shapes
-    // and alignment (rows_aligned) and that the device is Hopper (sm_90).
+    // SAFETY: the kernel takes one DkDivergenceArgs by value, then one float exactly when
+    // `inv_cap` is given (the params point at them, alive for the call; the driver reads as
+    // many as the kernel has); the grid is a whole number of clusters; the caller checked the
+    // pointers, shapes and alignment (rows_aligned) and that the device is Hopper (sm_90).
     let r = unsafe {
         sys::cuLaunchKernelEx(
             &config,

@@ -60,8 +60,9 @@ pub fn divergence_args_layout() -> Vec<(&'static str, usize)> {
 }
 
 /// Every kernel of `cuda/divergence.cu`, `cuda/divergence_cluster.cu` and
-/// `cuda/divergence_persistent.cu`, loaded when a CUDA context opens (the cluster kernels have
-/// empty bodies in the sm_80 cubin and are only launched on Hopper, sm_90).
+/// `cuda/divergence_persistent.cu` (the fused linear divergence's persistent chunk kernels
+/// included), loaded when a CUDA context opens (the cluster kernels have empty bodies in the
+/// sm_80 cubin and are only launched on Hopper, sm_90).
 pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_div_prepare",
     "dk_div_finish",
@@ -200,6 +201,24 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_divcp256_jsd_f16_f32",
     "dk_divcp256_jsd_f16_bf16",
     "dk_divcp256_jsd_f16_f16",
+    "dk_divcp_fused_fkl_f32",
+    "dk_divcp_fused_fkl_bf16",
+    "dk_divcp_fused_fkl_f16",
+    "dk_divcp_fused_rkl_f32",
+    "dk_divcp_fused_rkl_bf16",
+    "dk_divcp_fused_rkl_f16",
+    "dk_divcp_fused_jsd_f32",
+    "dk_divcp_fused_jsd_bf16",
+    "dk_divcp_fused_jsd_f16",
+    "dk_divcp256_fused_fkl_f32",
+    "dk_divcp256_fused_fkl_bf16",
+    "dk_divcp256_fused_fkl_f16",
+    "dk_divcp256_fused_rkl_f32",
+    "dk_divcp256_fused_rkl_bf16",
+    "dk_divcp256_fused_rkl_f16",
+    "dk_divcp256_fused_jsd_f32",
+    "dk_divcp256_fused_jsd_bf16",
+    "dk_divcp256_fused_jsd_f16",
 ];
 
 /// Threads per block of the row kernel (`kThreads` in divergence.cu).
@@ -240,6 +259,16 @@ pub(crate) struct RowKernels<'d> {
     finish: &'d CudaFunction,
 }
 
+/// The fused linear divergence's chunk kernels of one kind and G dtype
+/// ([`RowKernels::fused_rows`]).
+pub(crate) struct FusedRowKernels<'d> {
+    /// `dk_div_fused_<kind>_<dtype>` (cuda/divergence.cu): one block per row, G over S.
+    one_block: &'d CudaFunction,
+    /// `dk_divcp[256]_fused_<kind>_<dtype>` (cuda/divergence_persistent.cu) and its name, when
+    /// the divergence runs a persistent cluster variant on this device.
+    persistent: Option<(&'d CudaFunction, String)>,
+}
+
 /// One block of 1024 threads: `dk_div_prepare` and `dk_div_finish`.
 const SINGLE_BLOCK: LaunchConfig = LaunchConfig {
     grid_dim: (1, 1, 1),
@@ -272,6 +301,32 @@ impl<'d> RowKernels<'d> {
             l2_bytes: dev.l2_bytes(),
             sm_count: dev.sm_count(),
             finish: dev.function("dk_div_finish")?,
+        })
+    }
+
+    /// The fused linear divergence's chunk kernels for G in `dtype` (this `RowKernels` is the
+    /// f32 one of the effective kind `kind`).
+    pub(crate) fn fused_kernels(
+        &self,
+        dev: &'d CudaDevice,
+        kind: Kind,
+        dtype: DType,
+    ) -> Result<FusedRowKernels<'d>> {
+        let k = match kind {
+            Kind::ForwardKl => "fkl",
+            Kind::ReverseKl => "rkl",
+            Kind::Jsd => "jsd",
+        };
+        let persistent = match &self.cluster_rows {
+            Some((_, variant, _)) if variant.persistent() => {
+                let name = format!("{}fused_{k}_{}", variant.prefix(), dtype.name());
+                Some((dev.function(&name)?, name))
+            }
+            _ => None,
+        };
+        Ok(FusedRowKernels {
+            one_block: dev.function(&format!("dk_div_fused_{k}_{}", dtype.name()))?,
+            persistent,
         })
     }
 
@@ -324,8 +379,15 @@ impl<'d> RowKernels<'d> {
                     };
                     // A refused launch queues nothing: the one-block kernel below takes over.
                     let shape = (c, n);
-                    match cluster::launch((f, name), stream, args, shape, variant.threads(), smem)?
-                    {
+                    match cluster::launch(
+                        (f, name),
+                        stream,
+                        args,
+                        None,
+                        shape,
+                        variant.threads(),
+                        smem,
+                    )? {
                         cluster::Launched::Queued => return Ok(()),
                         cluster::Launched::Refused(e) => cluster::note_refused_launch(c, smem, &e),
                     }
@@ -354,27 +416,48 @@ impl<'d> RowKernels<'d> {
             && (n >= cluster::ONE_BLOCK_MIN_ROWS || (single_pass && n >= cluster::MIN_BLOCKS))
     }
 
-    /// The fused linear divergence's chunk (f32 logits, `args.grad` = the student logits, the
-    /// row stride in elements of G): queues `fused` (a `dk_div_fused_<kind>_<dtype>` kernel of
-    /// cuda/divergence.cu, one block per row, G in the GEMMs' dtype over the student logits,
-    /// softcap slope applied when `inv_cap` ≠ 0) where `rows` would run the one-block kernel,
-    /// and returns true; false, with nothing queued, where `rows` would pick a cluster kernel
-    /// (short chunks on Hopper), for the caller's separate conversion pass.
+    /// The fused linear divergence's chunk (f32 logits; `args.grad` = the student logits S and
+    /// `args.grad_stride` S's row bytes in elements of G): queues a kernel that writes G — the
+    /// gradient w.r.t. the raw logits in the GEMMs' dtype, softcap slope applied when `inv_cap`
+    /// ≠ 0 — and returns where G starts (its row stride is `args.grad_stride`), or None, with
+    /// nothing queued, for the caller's cluster kernel and separate conversion pass.
+    ///
+    /// - Where `rows` would run the one-block kernel: `kernels.one_block`
+    ///   (`dk_div_fused_<kind>_<dtype>`, cuda/divergence.cu), G over S itself.
+    /// - Where `rows` would run a persistent cluster variant (`DK_DIVERGENCE_CLUSTER=persist` /
+    ///   `persist256`): `kernels.persistent` (`dk_divcp[256]_fused_*`,
+    ///   cuda/divergence_persistent.cu) on Q ≤ `pad_rows` clusters, G of row r over the logits of
+    ///   row r − Q (the row its cluster finished an iteration earlier): G starts Q rows of S
+    ///   before S, in the `pad_rows` rows the caller reserved there.
+    /// - Otherwise (the smem and stream cluster variants, unaligned rows): None.
     pub(crate) fn fused_rows(
         &self,
-        fused: &CudaFunction,
+        kernels: &FusedRowKernels<'_>,
         stream: &Arc<CudaStream>,
         args: &DivergenceArgs,
         inv_cap: f32,
-    ) -> Result<bool> {
-        if self.cluster_rows.is_some() && !self.one_block_policy(args) {
-            return Ok(false);
-        }
-        // The kernel's in-place argument is for its 16-byte steps: it has no scalar path for
-        // unaligned rows (the fused path's workspace rows always are aligned). G's rows start
-        // at the student rows (grad_stride counts G's elements), so the f32 logits decide.
+        pad_rows: usize,
+    ) -> Result<Option<u64>> {
+        debug_assert_eq!(
+            args.grad, args.student,
+            "G is written over the student logits"
+        );
+        // Both kernels' in-place arguments are for their 16-byte steps: neither has a scalar
+        // path for unaligned rows (the fused path's workspace rows always are aligned). G's
+        // rows start at the student rows (grad_stride counts G's elements), so the f32 logits
+        // decide.
         if !cluster::rows_aligned(&DivergenceArgs { grad: 0, ..*args }, 4, 4) {
-            return Ok(false);
+            return Ok(None);
+        }
+        if let Some((_, variant, _)) = self.cluster_rows.as_ref() {
+            if !self.one_block_policy(args) {
+                return match &kernels.persistent {
+                    Some(f) => {
+                        self.fused_persistent(f, *variant, stream, (args, inv_cap), pad_rows)
+                    }
+                    None => Ok(None),
+                };
+            }
         }
         let cfg = LaunchConfig {
             grid_dim: (args.n as u32, 1, 1),
@@ -386,12 +469,60 @@ impl<'d> RowKernels<'d> {
         // rows with the same row byte stride (what the kernel is written for).
         unsafe {
             stream
-                .launch_builder(fused)
+                .launch_builder(kernels.one_block)
                 .arg(args)
                 .arg(&inv_cap)
                 .launch(cfg)?
         };
-        Ok(true)
+        Ok(Some(args.grad))
+    }
+
+    /// [`Self::fused_rows`] on the persistent variant: G of row r over S row r − Q.
+    fn fused_persistent(
+        &self,
+        (f, name): &(&CudaFunction, String),
+        variant: cluster::Variant,
+        stream: &Arc<CudaStream>,
+        (args, inv_cap): (&DivergenceArgs, f32),
+        pad_rows: usize,
+    ) -> Result<Option<u64>> {
+        let lag = if self.fwd_multi_pass { 2 } else { 1 };
+        let (n, v) = (args.n as usize, args.v as usize);
+        let device = (self.l2_bytes, self.sm_count);
+        let Some((c, clusters)) =
+            cluster::persistent_grid(f, stream, variant, (n, v), (4, 4), lag, device)?
+        else {
+            cluster::note_fallback(format!(
+                "the card places no cluster of {name} for V = {v}; such chunks run the stream \
+                 kernel and a separate conversion"
+            ));
+            return Ok(None);
+        };
+        // Fewer clusters than the card holds when the pad is short (it holds 32 rows or the
+        // chunk, more clusters than the card places at the vocabularies this is for).
+        let q = clusters.min(pad_rows);
+        if q == 0 {
+            return Ok(None);
+        }
+        let g = args.student - (q * 4 * args.student_stride as usize) as u64;
+        let shifted = DivergenceArgs { grad: g, ..*args };
+        let smem = cluster::PERSISTENT_SMEM_BYTES;
+        let shape = (c, q);
+        match cluster::launch(
+            (f, name),
+            stream,
+            &shifted,
+            Some(&inv_cap),
+            shape,
+            variant.threads(),
+            smem,
+        )? {
+            cluster::Launched::Queued => Ok(Some(g)),
+            cluster::Launched::Refused(e) => {
+                cluster::note_refused_launch(c, smem, &e);
+                Ok(None)
+            }
+        }
     }
 
     /// Queues the persistent cluster kernel (`DK_DIVERGENCE_CLUSTER=persist`) when the rows are
@@ -427,7 +558,7 @@ impl<'d> RowKernels<'d> {
             return Ok(false);
         };
         let smem = cluster::PERSISTENT_SMEM_BYTES;
-        match cluster::launch((f, name), stream, args, grid, variant.threads(), smem)? {
+        match cluster::launch((f, name), stream, args, None, grid, variant.threads(), smem)? {
             cluster::Launched::Queued => Ok(true),
             cluster::Launched::Refused(e) => {
                 cluster::note_refused_launch(grid.0, smem, &e);

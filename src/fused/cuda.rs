@@ -4,7 +4,8 @@
 //! `cuda/FUSED.md`.
 //!
 //! Per chunk of `c` rows, with `S` and `T` the chunk's f32 logits in the workspace
-//! (`c × ld` each, `ld` = V rounded up to 8, `T` right after `S`):
+//! (`c × ld` each, `ld` = V rounded up to 8, `T` right after `S`, a pad of up to 32 rows of
+//! stride `ld` before `S`):
 //!
 //! 1. `S = logit_scale · Xs Wsᵀ`, `T = logit_scale · Xt Wtᵀ` (two GEMMs, f32 output, f32 compute);
 //! 2. with a softcap, `dk_fused_softcap` in place over `S` and `T`;
@@ -13,9 +14,13 @@
 //!    chunk of ≥ 512 rows, and every chunk off Hopper), `dk_div_fused_<kind>_<dtype>`
 //!    (cuda/divergence.cu) writes `G`, the gradient w.r.t. the raw logits (softcap slope
 //!    included), in the input dtype straight over `S` (row stride `2·ld` for bf16/f16, `ld` for
-//!    f32), and step 4 is skipped. Otherwise (short chunks on Hopper, which run a cluster
-//!    kernel) the row kernel writes the gradient w.r.t. the capped logits over `T` (each
-//!    element read and written by the same thread), and
+//!    f32), and step 4 is skipped. Where it runs a persistent cluster variant
+//!    (`DK_DIVERGENCE_CLUSTER=persist` / `persist256`), `dk_divcp[256]_fused_<kind>_<dtype>`
+//!    (cuda/divergence_persistent.cu) writes `G` of row r over `S` row r − Q (Q clusters, the
+//!    row the cluster finished before; the first rows' G in the pad), so `G` starts Q rows
+//!    before `S`, and step 4 is skipped. Otherwise (short chunks on Hopper under the stream or
+//!    smem cluster variant) the row kernel writes the gradient w.r.t. the capped logits over
+//!    `T` (each element read and written by the same thread), and
 //! 4. `dk_fused_grad_<dtype>`: `G = T · (1 − (S/cap)²)` converted to the input dtype and written
 //!    over `S` (bf16/f16, row stride `2·ld`), or over `T` in place (f32; skipped without softcap);
 //! 5. `grad_hidden[chunk] = α · G Ws` and `grad_weight (+)= α · Gᵀ Xs[chunk]`, `α` = loss scale ×
@@ -51,7 +56,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKe
 
 use super::{FusedLinearParams, RawFusedLinear};
 use crate::device::{CudaDevice, Launch};
-use crate::divergence::cuda::{DivergenceArgs, RowKernels};
+use crate::divergence::cuda::{DivergenceArgs, FusedRowKernels, RowKernels};
 use crate::error::{bail, Error, ErrorKind, Result};
 use crate::tensor::DType;
 
@@ -101,6 +106,12 @@ fn logits_ld(v: usize) -> usize {
     v.next_multiple_of(8)
 }
 
+/// Rows of S's stride reserved before S: where the persistent chunk kernel writes the G rows
+/// of its clusters' first rows (G of row r goes over S row r − Q, Q the clusters it runs:
+/// `RowKernels::fused_rows`), so at most this many clusters run it. The card places fewer at
+/// the vocabularies it is for (C = 16 at V ≈ 200k in f32: ≤ 16 clusters).
+const G_PAD_ROWS: usize = 32;
+
 /// Rows per chunk: the request (clamped to [1, N]) or, automatically, the largest multiple of
 /// 64 rows whose two f32 logit buffers fit in 1.5 GiB (at least 64), balanced over the chunks
 /// that N then needs (so the last chunk is not a sliver), and at most N.
@@ -148,7 +159,10 @@ struct Layout {
     ld: usize,
     /// Per-row losses `[N]` (f32) when the caller gave no per-token buffer.
     per_row: Option<usize>,
-    /// `S` (`chunk × ld` f32), then `T` right after the chunk's rows of `S`.
+    /// Rows of the pad before `S` ([`G_PAD_ROWS`] or the chunk, if fewer).
+    pad: usize,
+    /// `S` (`chunk × ld` f32), then `T` right after the chunk's rows of `S`; the pad (`pad`
+    /// rows of stride `ld`, rounded up to 256 bytes) right before `S`.
     logits: usize,
     /// cuBLAS's workspace.
     cublas: usize,
@@ -167,6 +181,8 @@ fn layout(raw: &RawFusedLinear, params: &FusedLinearParams) -> Layout {
     } else {
         None
     };
+    let pad = G_PAD_ROWS.min(chunk);
+    off += (4 * pad * ld).next_multiple_of(ALIGN);
     let logits = off;
     off += (2 * 4 * chunk * ld).next_multiple_of(ALIGN);
     let cublas = off;
@@ -175,6 +191,7 @@ fn layout(raw: &RawFusedLinear, params: &FusedLinearParams) -> Layout {
         chunk,
         ld,
         per_row,
+        pad,
         logits,
         cublas,
         total: off + ALIGN,
@@ -542,19 +559,9 @@ struct FusedKernels<'d> {
     constants: &'d CudaFunction,
     softcap: &'d CudaFunction,
     grad: &'d CudaFunction,
-    /// `dk_div_fused_<kind>_<dtype>`: the chunk's divergence writing G over S (step 3).
-    rows_to_g: &'d CudaFunction,
-}
-
-/// The fused chunk kernel of `kind` (the effective kind) writing G in `dtype`.
-fn fused_rows_name(kind: crate::divergence::Kind, dtype: DType) -> String {
-    use crate::divergence::Kind;
-    let k = match kind {
-        Kind::ForwardKl => "fkl",
-        Kind::ReverseKl => "rkl",
-        Kind::Jsd => "jsd",
-    };
-    format!("dk_div_fused_{k}_{}", dtype.name())
+    /// The chunk's divergence writing G (step 3): `dk_div_fused_<kind>_<dtype>` and, under a
+    /// persistent cluster variant, `dk_divcp[256]_fused_<kind>_<dtype>`.
+    rows_to_g: FusedRowKernels<'d>,
 }
 
 /// The four products of [`crate::fused::ReferenceGemms`] on the caller's stream, host scalars
@@ -725,7 +732,7 @@ pub(crate) fn fused_linear(
         constants: dev.function("dk_fused_constants")?,
         softcap: dev.function("dk_fused_softcap")?,
         grad: dev.function(&format!("dk_fused_grad_{}", raw.dtype.name()))?,
-        rows_to_g: dev.function(&fused_rows_name(div.effective_kind(), raw.dtype))?,
+        rows_to_g: rows.fused_kernels(dev, div.effective_kind(), raw.dtype)?,
     };
     let guard = dev.blas.acquire(&dev.ctx)?;
     let handle = handle_of(&guard)?;
@@ -874,29 +881,31 @@ pub(crate) fn fused_linear(
             DType::F32 => ld_i,
             DType::BF16 | DType::F16 => 2 * ld_i,
         };
-        let mut g_written = false;
+        // Where the chunk kernel wrote G (over S, or Q rows of S before it), if it did.
+        let mut g_at = None;
         if want_grad {
             let fused = DivergenceArgs {
                 grad: s_buf,
                 grad_stride: g_over_s as i64,
                 ..args
             };
-            g_written = rows.fused_rows(kernels.rows_to_g, &stream, &fused, inv_cap)?;
-            if !g_written {
+            g_at = rows.fused_rows(&kernels.rows_to_g, &stream, &fused, inv_cap, lay.pad)?;
+            if g_at.is_none() {
                 args.grad = t_buf;
             }
         }
+        let g_written = g_at.is_some();
         if !g_written {
             rows.rows(&stream, &args)?;
         }
 
         if want_grad {
-            // 4. G = dL/d(raw logits) / (scale · logit_scale), in the GEMM input dtype: over S,
-            //    or for f32 without the fused kernel over T in place.
-            let (g, g_ld) = if !g_written && raw.dtype == DType::F32 {
-                (t_buf, ld_i)
-            } else {
-                (s_buf, g_over_s)
+            // 4. G = dL/d(raw logits) / (scale · logit_scale), in the GEMM input dtype: where
+            //    the chunk kernel wrote it, else over S, or for f32 over T in place.
+            let (g, g_ld) = match g_at {
+                Some(at) => (at, g_over_s),
+                None if raw.dtype == DType::F32 => (t_buf, ld_i),
+                None => (s_buf, g_over_s),
             };
             if !g_written && (cap.is_some() || raw.dtype != DType::F32) {
                 let capped = if cap.is_some() { s_buf } else { 0 };
@@ -1111,7 +1120,9 @@ mod tests {
             assert_eq!(l.ld, 1008);
             let per_row = if per_token { 0 } else { 4096 };
             assert_eq!(l.per_row, (!per_token).then_some(256));
-            assert_eq!(l.logits, 256 + per_row);
+            // The pad: 32 rows of S's stride (129024 bytes, a multiple of 256) before S.
+            assert_eq!(l.pad, 32);
+            assert_eq!(l.logits, 256 + per_row + 4 * 32 * 1008);
             assert_eq!(l.cublas, l.logits + 2 * 4 * 100 * 1008);
             assert_eq!(l.total, l.cublas + CUBLAS_WORKSPACE + 256);
             assert_eq!(workspace_size(&r, &params), l.total);

@@ -94,8 +94,10 @@
 //   Global memory: every buffer sits between guard regions in the same way. Every operand the
 //   driver registers (matrix rows [rows x cols] with a token stride, LSE and Delta vectors,
 //   cu_seqlens) is an extent; cp.async sources, 16-byte uint4 loads and stores and __ldg reads
-//   must lie inside one row of a registered extent (stores: of a writable one), and a 16-byte
-//   output chunk stored twice in one launch is an error (every output element is written once).
+//   must lie inside one row of a registered extent (stores: of a writable one; loads: of a
+//   readable one, which every extent is but the store-only ones of add_store_extent, which may
+//   overlap others), and a 16-byte output chunk stored twice in one launch is an error (every
+//   output element is written once).
 //   Other plain accesses (the LSE and Delta stores and loads) are covered by the guards, by the
 //   NaN padding of the inputs and by the poisoned outputs and workspace the test checks.
 //   A fault in a guard region is reported with the buffer it belongs to, the kernel, the block
@@ -304,6 +306,8 @@ struct Extent {
   int64_t stride_bytes;  // between rows
   bool writable;
   const char* name;
+  // false: a store-only extent (sim::add_store_extent): loads through it are errors.
+  bool readable = true;
 };
 
 struct Alloc {
@@ -492,17 +496,26 @@ inline void check_smem(uint32_t off, uint32_t n, uint32_t align, const char* wha
   }
 }
 
-// A global access of n bytes at p: inside one row of a registered extent (writable for stores).
+// A global access of n bytes at p: inside one row of a registered extent (writable for stores,
+// readable for loads). Extents may overlap (the fused persistent divergence kernel's
+// store-only G rows over its read-only logits): the access needs one that holds it and allows
+// it; when only others hold it, the first of those names it in the error. Without overlapping
+// extents this is the first extent that holds the access, as before.
 inline void check_global(const void* p, int64_t n, bool write, const char* what) {
   const char* c = static_cast<const char*>(p);
+  const Extent* holder = nullptr;  // the first extent that holds the access
+  int64_t holder_r = 0, holder_col = 0;
   for (const Extent& e : S.extents) {
     if (e.rows <= 0 || c < e.base) continue;
     const int64_t off = c - e.base;
     const int64_t r = off / e.stride_bytes, col = off % e.stride_bytes;
     if (r >= e.rows || col + n > e.row_bytes) continue;
-    if (write && !e.writable)
-      fail("%s: %s writes %lld bytes into the input %s (row %lld, byte %lld)", where(), what,
-           (long long)n, e.name, (long long)r, (long long)col);
+    if (!holder) {
+      holder = &e;
+      holder_r = r;
+      holder_col = col;
+    }
+    if (write ? !e.writable : !e.readable) continue;
     if (write && n == 16 && S.single_stores) {
       // Every output element is written once per launch (the kernels' determinism claim).
       Alloc* a = const_cast<Alloc*>(alloc_of(p));
@@ -514,6 +527,12 @@ inline void check_global(const void* p, int64_t n, bool write, const char* what)
     }
     return;
   }
+  if (holder && write)
+    fail("%s: %s writes %lld bytes into the input %s (row %lld, byte %lld)", where(), what,
+         (long long)n, holder->name, (long long)holder_r, (long long)holder_col);
+  if (holder)
+    fail("%s: %s reads %lld bytes from the store-only %s (row %lld, byte %lld)", where(), what,
+         (long long)n, holder->name, (long long)holder_r, (long long)holder_col);
   // Locate the access relative to the nearest operand starting at or before it in its buffer.
   const Alloc* a = alloc_of(p);
   const Extent* near = nullptr;

@@ -563,7 +563,19 @@ void add_extent(const char* name, const void* base, int64_t rows, int64_t row_by
   if (static_cast<const char*>(base) < a->lo || end > a->hi)
     fail("extent %s does not fit its buffer %s", name, a->name);
   S.extents.push_back(Extent{static_cast<const char*>(base), rows, row_bytes,
-                             stride_bytes > 0 ? stride_bytes : row_bytes, writable, name});
+                             stride_bytes > 0 ? stride_bytes : row_bytes, writable, name, true});
+}
+
+// A store-only extent: rows the kernel writes and never reads. It may overlap other extents
+// (check_global: a store needs a writable extent that holds it, a load a readable one), e.g.
+// the fused persistent divergence kernel's G rows written over the logits of earlier rows,
+// which stay read-only through their own extent: so a store into the logits outside G's rows
+// and a load of G's rows outside the logits' (the pad before them) are both still errors.
+void add_store_extent(const char* name, const void* base, int64_t rows, int64_t row_bytes,
+                      int64_t stride_bytes) {
+  const size_t before = S.extents.size();
+  add_extent(name, base, rows, row_bytes, stride_bytes, true);
+  if (S.extents.size() > before) S.extents.back().readable = false;
 }
 
 void* static_shared(size_t bytes, const char* name) {

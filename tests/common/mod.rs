@@ -11,9 +11,12 @@
 //! - MoE dispatch: buffers, call specs and a device runner in [`moe`].
 //! - Attention: an independent naive reference, cases, call specs and a runner in [`attention`].
 //! - Row scaling: cases, an independent reference of the rounding and a runner in [`scale_rows`].
+//! - The fused linear divergence's chunk kernels: the f64 reference of a row (loss and G with
+//!   the softcap slope), their logits and tolerances in [`fused_chunk`].
 #![allow(dead_code)]
 
 pub mod attention;
+pub mod fused_chunk;
 pub mod moe;
 pub mod scale_rows;
 

@@ -4,7 +4,10 @@
 // tests/attention_sim/sim_core.h (every CUDA thread a fiber, warp collectives, __syncthreads,
 // thread-block clusters with a split barrier and distributed shared memory, guarded memory;
 // see there for what is and is not modelled) and runs one launch of one dk_divcp_* /
-// dk_divcp256_* kernel on the buffers it is given.
+// dk_divcp256_* kernel on the buffers it is given: a divergence kernel
+// (dk_divcp[256]_<kind>_<student>_<teacher>) or a fused linear divergence chunk kernel
+// (dk_divcp[256]_fused_<kind>_<G dtype>: f32 S and T, G with the softcap slope, written
+// `shift` rows before S in S's own buffer, grad mode 3 below).
 //
 // __CUDA_ARCH__ and the math helpers: the kernel body is compiled only under
 // `#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900`, while dk_math.cuh picks its inline PTX
@@ -19,12 +22,23 @@
 //   stdin:  u32 magic 0x50444b44 ("DKDP"); str kernel name (e.g. dk_divcp256_jsd_bf16_f32);
 //           i32 threads, cluster C, clusters Q, dynamic shared bytes, reverse order;
 //           i64 n, v, student_stride, teacher_stride, grad_stride, ignore_index;
-//           f32 beta, inv_temperature, scale (the f32 the prepare kernel would write);
-//           i32 grad mode (0 forward only, 1 separate buffer, 2 in place over the student),
-//           i32 has_labels;
+//           f32 beta, inv_temperature, scale (the f32 the prepare kernel would write),
+//           inv_cap (the fused kernels' softcap argument; 0 for the others);
+//           i32 grad mode (0 forward only, 1 separate buffer, 2 in place over the student,
+//           3 the fused kernels' G `shift` rows before S: see below), i32 shift (0 unless
+//           mode 3), i32 has_labels;
 //           buffers, each u64 bytes + bytes: student, teacher, [grad if mode 1],
 //           [labels if has_labels], per_row
 //   (str = u32 length + bytes).
+//   Mode 3 (fused kernels only; modes 0 and 3 are theirs): the student buffer holds `shift`
+//   rows of pad, then S's n rows (row stride student_stride f32 elements); args.student points
+//   at S, args.grad at the buffer's start and args.grad_stride is S's row bytes in G elements
+//   (the grad_stride field is ignored), so G row r goes over the bytes of S row r − shift (the
+//   pad for r < shift): what the launcher does with shift = Q, the clusters. S's rows are a
+//   read-only extent and G's rows (the first v · sizeof(G) bytes of each) a store-only one
+//   over them (sim::add_store_extent): a load of the pad or a store into S outside G's rows
+//   is an error. After the launch, every 16-byte chunk of G's rows up to the last full chunk
+//   of 8 elements must have been stored exactly once (the scalar tail: the test's check).
 //   stdout: the same buffers after the launch, in the same order and sizes.
 //   stderr: statistics, or "EMULATOR ERROR: ..." and exit status 3 (a check failed) or 4 (a
 //           guard region was hit).
@@ -71,6 +85,11 @@ struct Named {
   const char* name;
   Kernel fn;
 };
+using FusedKernel = void (*)(const DkDivergenceArgs, float);
+struct NamedFused {
+  const char* name;
+  FusedKernel fn;
+};
 
 #define DK_SIM_K(k, s, t) {"dk_divcp_" #k "_" #s "_" #t, dk_divcp_##k##_##s##_##t}, \
                           {"dk_divcp256_" #k "_" #s "_" #t, dk_divcp256_##k##_##s##_##t},
@@ -82,9 +101,24 @@ const Named kKernels[] = {DK_SIM_KIND(fkl) DK_SIM_KIND(rkl) DK_SIM_KIND(jsd)};
 #undef DK_SIM_KIND
 #undef DK_SIM_K
 
+#define DK_SIM_K(k, o) {"dk_divcp_fused_" #k "_" #o, dk_divcp_fused_##k##_##o}, \
+                       {"dk_divcp256_fused_" #k "_" #o, dk_divcp256_fused_##k##_##o},
+#define DK_SIM_KIND(k) DK_SIM_K(k, f32) DK_SIM_K(k, bf16) DK_SIM_K(k, f16)
+const NamedFused kFusedKernels[] = {DK_SIM_KIND(fkl) DK_SIM_KIND(rkl) DK_SIM_KIND(jsd)};
+#undef DK_SIM_KIND
+#undef DK_SIM_K
+
 DkDivergenceArgs g_args;
 Kernel g_fn;
-void entry() { g_fn(g_args); }
+FusedKernel g_fused_fn;
+float g_inv_cap;
+void entry() {
+  if (g_fused_fn) {
+    g_fused_fn(g_args, g_inv_cap);
+  } else {
+    g_fn(g_args);
+  }
+}
 
 }  // namespace
 
@@ -108,18 +142,32 @@ int main() {
   a.beta = in.get<float>();
   a.inv_temperature = in.get<float>();
   const float scale = in.get<float>();
+  g_inv_cap = in.get<float>();
   const int grad_mode = in.get<int32_t>();
+  const int64_t shift = in.get<int32_t>();
   const bool has_labels = in.get<int32_t>() != 0;
   g_fn = nullptr;
+  g_fused_fn = nullptr;
   for (const Named& k : kKernels)
     if (name == k.name) g_fn = k.fn;
-  if (!g_fn) sim::fail("no kernel %s", name.c_str());
+  for (const NamedFused& k : kFusedKernels)
+    if (name == k.name) g_fused_fn = k.fn;
+  if (!g_fn && !g_fused_fn) sim::fail("no kernel %s", name.c_str());
+  const bool fused = g_fused_fn != nullptr;
+  if (fused ? grad_mode != 0 && grad_mode != 3 : grad_mode < 0 || grad_mode > 2)
+    sim::fail("grad mode %d for %s", grad_mode, name.c_str());
+  if (!fused && g_inv_cap != 0.f) sim::fail("inv_cap %g for %s", g_inv_cap, name.c_str());
+  if (grad_mode == 3 ? shift < 0 : shift != 0)
+    sim::fail("shift %ld in grad mode %d", static_cast<long>(shift), grad_mode);
   if (smem < sizeof(dk::divergence::PersistentSmem<dk::divergence::Kind::Jsd>))
     sim::fail("%u bytes of dynamic shared memory, the kernel's PersistentSmem needs more", smem);
 
+  // Bytes of a student, teacher and gradient element (the fused kernels: f32 S and T, G named
+  // last).
   const bool s16 = name.find("_bf16_") != std::string::npos || name.find("_f16_") != std::string::npos;
   const char* tail = name.c_str() + name.rfind('_') + 1;
-  const int64_t sb = s16 ? 2 : 4, tb = strcmp(tail, "f32") == 0 ? 4 : 2;
+  const int64_t last = strcmp(tail, "f32") == 0 ? 4 : 2;
+  const int64_t sb = fused ? 4 : s16 ? 2 : 4, tb = fused ? 4 : last, gb = fused ? last : sb;
 
   sim::Buffers bufs;
   auto take = [&](const char* what, bool returned = true) { return bufs.take(in, what, returned); };
@@ -132,20 +180,25 @@ int main() {
   memcpy(scale_p, &scale, 4);
 
   // Operand extents: accesses must lie inside one row of one of them (stores: a writable one,
-  // and each 16-byte output chunk at most once).
+  // and each 16-byte output chunk at most once; loads: a readable one).
   const int64_t n = a.n, v = a.v;
-  sim::add_extent(grad_mode == 2 ? "student (gradient in place)" : "student", student, n, v * sb,
+  char* const s_rows = student + shift * a.student_stride * sb;  // S after the pad (mode 3)
+  sim::add_extent(grad_mode == 2 ? "student (gradient in place)" : "student", s_rows, n, v * sb,
                   a.student_stride * sb, grad_mode == 2);
+  if (grad_mode == 3)
+    sim::add_store_extent(shift > 0 ? "G (rows before S's)" : "G (over S's own rows)", student, n,
+                          v * gb, a.student_stride * sb);
   sim::add_extent("teacher", teacher, n, v * tb, a.teacher_stride * tb, false);
   if (grad) sim::add_extent("grad", grad, n, v * sb, a.grad_stride * sb, true);
   if (labels) sim::add_extent("labels", labels, 1, n * 8, n * 8, false);
   sim::add_extent("per_row", per_row, 1, n * 4, n * 4, true);
   sim::add_extent("scale", scale_p, 1, 4, 4, false);
 
-  a.student = reinterpret_cast<uint64_t>(student);
+  a.student = reinterpret_cast<uint64_t>(s_rows);
   a.teacher = reinterpret_cast<uint64_t>(teacher);
   a.grad = grad_mode == 0 ? 0 : reinterpret_cast<uint64_t>(grad_mode == 1 ? grad : student);
   if (grad_mode == 2) a.grad_stride = a.student_stride;
+  if (grad_mode == 3) a.grad_stride = a.student_stride * sb / gb;  // S's row bytes
   a.labels = reinterpret_cast<uint64_t>(labels);
   a.per_row = reinterpret_cast<uint64_t>(per_row);
   a.scale = reinterpret_cast<uint64_t>(scale_p);
@@ -162,6 +215,21 @@ int main() {
           "__syncthreads, %ld cluster barrier phases, %.2fs\n",
           name.c_str(), clusters, cluster, threads, smem, sim::S.collectives, sim::S.barriers,
           sim::S.cluster_barriers, secs);
+  if (grad_mode == 3) {
+    // Every 16-byte chunk of G's rows before the scalar tail stored once (the extent check
+    // allows at most once).
+    const sim::Alloc* buf = sim::alloc_of(student);
+    const int64_t chunks = v / 8 * 8 * gb / 16;
+    for (int64_t r = 0; r < n; ++r) {
+      const size_t first = static_cast<size_t>(student + r * a.student_stride * sb - buf->lo) / 16;
+      for (int64_t k = 0; k < chunks; ++k) {
+        const size_t at = first + static_cast<size_t>(k);
+        if (at >= buf->stores.size() || buf->stores[at] != 1)
+          sim::fail("G row %ld bytes %ld..%ld: not written", static_cast<long>(r),
+                    static_cast<long>(16 * k), static_cast<long>(16 * k + 15));
+      }
+    }
+  }
   bufs.write_back();
   return 0;
 }
