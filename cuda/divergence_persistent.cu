@@ -41,7 +41,11 @@
 // bf16 G row could not go over its own row: its bytes are the first half of the f32 row, which
 // other blocks of the cluster are still reading in the same iteration. So the launcher points
 // `args.grad` Q rows before S (rows r < Q land in a pad it reserves) with G's row stride the
-// same bytes as S's, and the GEMMs read G from there.
+// same bytes as S's, and the GEMMs read G from there. (The order this relies on is the
+// hardware's: the arrives are relaxed, so the PTX model does not order another block's loads
+// of row r − Q before these stores; on sm_90 each load's value is consumed before its thread
+// arrives, and issue is in order. The slots' reuse stands on the same ground. cuda/FUSED.md,
+// version 3, has the cost of a formal release.)
 
 #include "dk_cluster.cuh"
 #include "dk_divergence_args.h"

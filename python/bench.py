@@ -811,7 +811,7 @@ def _fused_impls(wanted, device="cuda", compiled=True):
 def _fused_within_2gib(dkt):
     """This crate with chunks small enough that the extra peak memory, the weight gradient
     included (as counted here and in ANCHORS.md), stays within issue 4's 2 GiB: the chunk's two
-    f32 logit buffers get what the bf16 weight gradient, the 32-row pad before them and a 96 MiB
+    f32 logit buffers get what the bf16 weight gradient, the pad before them and a 96 MiB
     margin (cuBLAS's 32 MiB workspace, the per-row losses, the allocator) leave, in multiples
     of 64 rows. The default chunks take up to 1.5 GiB (cuda/FUSED.md): this row measures what
     the smaller ones cost. A shape whose weight gradient alone leaves no room raises (the row
@@ -821,8 +821,10 @@ def _fused_within_2gib(dkt):
     def run(hs, ws, ht, wt):
         v, h = ws.shape
         ld = -(-v // 8) * 8
-        # The crate's 32-row pad before S (cuda/FUSED.md, version 3) comes off the top.
-        left = budget - margin - v * h * ws.element_size() - 4 * 32 * ld
+        # The crate's pad before S (cuda/FUSED.md, version 3: at least 32 rows, else up to
+        # 32 MiB of them) comes off the top.
+        pad_rows = max(32, (32 << 20) // (4 * ld))
+        left = budget - margin - v * h * ws.element_size() - 4 * pad_rows * ld
         rows = left // (8 * ld) // 64 * 64
         if rows < 64:
             raise RuntimeError(

@@ -342,6 +342,8 @@ if [ -x target/release/deps/fused_reference ]; then
   # (dk_divcp_fused_*, cuda/FUSED.md version 3).
   run_step test-fused_reference-persist 90 1 env DK_DIVERGENCE_CLUSTER=persist \
     target/release/deps/fused_reference
+  run_step test-fused_reference-persist256 90 1 env DK_DIVERGENCE_CLUSTER=persist256 \
+    target/release/deps/fused_reference
 fi
 if [ -x target/release/deps/attention_reference ]; then
   run_step test-attention_reference-wide 90 1 env DK_ATTENTION_FWD=wide DK_ATTENTION_BWD=wide \

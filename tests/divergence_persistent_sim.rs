@@ -1302,9 +1302,9 @@ fn fused_persistent_kernels_write_g_q_rows_before_s() {
 /// That the fused test can see the race it is about: the same launches with G over S's own
 /// rows (shift 0) and a bf16 G, whose bytes are the first half of the f32 row that the
 /// cluster's other blocks (and the block's other threads) read in the same iteration, must
-/// fail — the two orders differ or the result is off the reference. (A failure of the emulator
-/// itself, e.g. a rejected access, does not count: the layout is as legal for it as Q rows
-/// before.)
+/// fail by the two orders giving different bytes. (Any other failure does not count: a value
+/// off the reference alone, or the emulator rejecting an access — the layout is as legal for
+/// it as Q rows before.)
 #[test]
 fn fused_persistent_g_over_its_own_rows_is_seen_to_race() {
     let Some(exe) = simulator() else {
@@ -1342,10 +1342,12 @@ fn fused_persistent_g_over_its_own_rows_is_seen_to_race() {
                           rows"
                     .to_string(),
             ),
-            Err(e) if e.contains("the emulator stopped") => Err(format!(
-                "the emulator refused the launch instead of running it: {e}"
+            // The race itself: the two orders see different bytes. Any other failure (a
+            // value off the reference alone, an element not written) is not this test's point.
+            Err(e) if e.contains("orders differ (a race)") => Ok(format!("fails as it must: {e}")),
+            Err(e) => Err(format!(
+                "failed, but not by the two orders differing (the race): {e}"
             )),
-            Err(e) => Ok(format!("fails as it must: {e}")),
         };
         (what, verdict)
     });

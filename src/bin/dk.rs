@@ -148,6 +148,13 @@ fn main() {
             }
         },
         Some("bench") => bench::run(&args[1..]),
+        Some(other) if other.starts_with('-') => {
+            eprintln!(
+                "dk: error: unknown option '{other}' (before a command only --help and --version; \
+                 see 'dk --help')"
+            );
+            2
+        }
         Some(other) => {
             eprintln!("dk: error: unknown command '{other}' (commands: info, bench, help; see 'dk --help')");
             2

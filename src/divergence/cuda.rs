@@ -493,8 +493,8 @@ impl<'d> RowKernels<'d> {
             cluster::persistent_grid(f, stream, variant, (n, v), (4, 4), lag, device)?
         else {
             cluster::note_fallback(format!(
-                "the card places no cluster of {name} for V = {v}; such chunks run the stream \
-                 kernel and a separate conversion"
+                "the card places no cluster of {name} for V = {v}; such chunks run the plain \
+                 persistent or one-block kernel and a separate conversion"
             ));
             return Ok(None);
         };
@@ -504,6 +504,8 @@ impl<'d> RowKernels<'d> {
         if q == 0 {
             return Ok(None);
         }
+        // The kernel's shift is its number of clusters (gridDim.x / c): the same q sets the
+        // grid below and G's start here.
         let g = args.student - (q * 4 * args.student_stride as usize) as u64;
         let shifted = DivergenceArgs { grad: g, ..*args };
         let smem = cluster::PERSISTENT_SMEM_BYTES;

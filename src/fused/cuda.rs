@@ -4,8 +4,8 @@
 //! `cuda/FUSED.md`.
 //!
 //! Per chunk of `c` rows, with `S` and `T` the chunk's f32 logits in the workspace
-//! (`c × ld` each, `ld` = V rounded up to 8, `T` right after `S`, a pad of up to 32 rows of
-//! stride `ld` before `S`):
+//! (`c × ld` each, `ld` = V rounded up to 8, `T` right after `S`, a pad of rows of stride `ld`
+//! before `S`, at least 32 and up to 32 MiB, never more than the chunk):
 //!
 //! 1. `S = logit_scale · Xs Wsᵀ`, `T = logit_scale · Xt Wtᵀ` (two GEMMs, f32 output, f32 compute);
 //! 2. with a softcap, `dk_fused_softcap` in place over `S` and `T`;
@@ -106,11 +106,21 @@ fn logits_ld(v: usize) -> usize {
     v.next_multiple_of(8)
 }
 
-/// Rows of S's stride reserved before S: where the persistent chunk kernel writes the G rows
-/// of its clusters' first rows (G of row r goes over S row r − Q, Q the clusters it runs:
-/// `RowKernels::fused_rows`), so at most this many clusters run it. The card places fewer at
-/// the vocabularies it is for (C = 16 at V ≈ 200k in f32: ≤ 16 clusters).
-const G_PAD_ROWS: usize = 32;
+/// The pad before S: where the persistent chunk kernel writes the G rows of its clusters'
+/// first rows (G of row r goes over S row r − Q, Q the clusters it runs:
+/// `RowKernels::fused_rows`), so at most that many clusters run it. At least
+/// [`G_PAD_MIN_ROWS`] rows (the card places ≤ 16 clusters at V ≈ 200k in f32, C = 16), more
+/// while they fit [`G_PAD_BYTES`] (smaller vocabularies run smaller clusters, more of them:
+/// 66 of 4 blocks at V = 32000 on an H100), never more than the chunk.
+const G_PAD_MIN_ROWS: usize = 32;
+const G_PAD_BYTES: usize = 32 << 20;
+
+/// Rows of the pad before S for chunks of `chunk` rows of stride `ld` (f32 elements).
+fn g_pad_rows(chunk: usize, ld: usize) -> usize {
+    (G_PAD_BYTES / (4 * ld.max(1)))
+        .max(G_PAD_MIN_ROWS)
+        .min(chunk)
+}
 
 /// Rows per chunk: the request (clamped to [1, N]) or, automatically, the largest multiple of
 /// 64 rows whose two f32 logit buffers fit in 1.5 GiB (at least 64), balanced over the chunks
@@ -159,7 +169,7 @@ struct Layout {
     ld: usize,
     /// Per-row losses `[N]` (f32) when the caller gave no per-token buffer.
     per_row: Option<usize>,
-    /// Rows of the pad before `S` ([`G_PAD_ROWS`] or the chunk, if fewer).
+    /// Rows of the pad before `S` ([`g_pad_rows`]).
     pad: usize,
     /// `S` (`chunk × ld` f32), then `T` right after the chunk's rows of `S`; the pad (`pad`
     /// rows of stride `ld`, rounded up to 256 bytes) right before `S`.
@@ -181,7 +191,7 @@ fn layout(raw: &RawFusedLinear, params: &FusedLinearParams) -> Layout {
     } else {
         None
     };
-    let pad = G_PAD_ROWS.min(chunk);
+    let pad = g_pad_rows(chunk, ld);
     off += (4 * pad * ld).next_multiple_of(ALIGN);
     let logits = off;
     off += (2 * 4 * chunk * ld).next_multiple_of(ALIGN);
@@ -1108,6 +1118,19 @@ mod tests {
     }
 
     #[test]
+    fn g_pad_holds_the_clusters_within_its_bytes() {
+        // V ≈ 200k (f32 rows of 800 KB): 41 rows fit 32 MiB; V = 1M (4 MB rows): the
+        // 32-row floor, 128 MB.
+        assert_eq!(g_pad_rows(832, logits_ld(200064)), 41);
+        assert_eq!(g_pad_rows(832, logits_ld(1 << 20)), 32);
+        // V = 32000: 262 rows fit 32 MiB, more than an H100's 66 clusters of 4 blocks.
+        assert_eq!(g_pad_rows(832, logits_ld(32000)), 262);
+        // Never more than the chunk.
+        assert_eq!(g_pad_rows(10, logits_ld(32000)), 10);
+        assert_eq!(g_pad_rows(1, 8), 1);
+    }
+
+    #[test]
     fn workspace_layout() {
         let params = FusedLinearParams {
             chunk_rows: Some(100),
@@ -1120,9 +1143,13 @@ mod tests {
             assert_eq!(l.ld, 1008);
             let per_row = if per_token { 0 } else { 4096 };
             assert_eq!(l.per_row, (!per_token).then_some(256));
-            // The pad: 32 rows of S's stride (129024 bytes, a multiple of 256) before S.
-            assert_eq!(l.pad, 32);
-            assert_eq!(l.logits, 256 + per_row + 4 * 32 * 1008);
+            // The pad: the whole chunk here (100 rows of 4032 bytes fit 32 MiB), rounded up
+            // to 256 bytes, before S.
+            assert_eq!(l.pad, 100);
+            assert_eq!(
+                l.logits,
+                256 + per_row + (4 * 100 * 1008usize).next_multiple_of(256)
+            );
             assert_eq!(l.cublas, l.logits + 2 * 4 * 100 * 1008);
             assert_eq!(l.total, l.cublas + CUBLAS_WORKSPACE + 256);
             assert_eq!(workspace_size(&r, &params), l.total);
