@@ -15,8 +15,8 @@
 // (written to L2 one or two iterations before: Q is chosen so that those iterations' bytes fit
 // in it, src/divergence/cluster.rs), and there is one block merge and ONE cluster barrier per
 // iteration instead of two or three per row. The barrier is split: a block arrives as soon as
-// it has published its slot and waits only at the start of the next iteration, after issuing
-// the L2 prefetch of its first chunk of the next row.
+// it has published its slot and waits only at the start of the next iteration, after asking
+// L2 for its whole slice of the next row (one bulk prefetch per input).
 //
 // Slots are double-buffered by iteration parity. A block writes slot[i & 1] at the end of
 // iteration i and every block reads it after the barrier, at the start of iteration i + 1;
@@ -287,9 +287,16 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a, float
     const bool ignored_next = i + 1 < mine && ignored(row_at(i + 1));
     const int64_t stats_at = row_at(i);
     const bool stats_on = i < mine && !ignored_now;
-    if (stats_on && threadIdx.x * kVec < len) {
-      prefetch_l2(student(stats_at) + threadIdx.x * kVec);
-      prefetch_l2(teacher(stats_at) + threadIdx.x * kVec);
+    if (stats_on && threadIdx.x == 0) {
+      // The block's whole slice of the new row, asked of L2 before the barrier wait, so the
+      // DRAM stream runs through the wait and the reductions before the loop (a prefetch of
+      // each thread's first 16 bytes covered a fifth of an 8-block cluster's slice). The
+      // slice starts 16-byte aligned (rows_aligned, slices of whole 8-element chunks); a tail
+      // short of 16 bytes is left to the loads.
+      const unsigned sbytes = static_cast<unsigned>(len * sizeof(TS)) & ~15u;
+      const unsigned tbytes = static_cast<unsigned>(len * sizeof(TT)) & ~15u;
+      if (sbytes != 0) prefetch_l2_bulk(student(stats_at), sbytes);
+      if (tbytes != 0) prefetch_l2_bulk(teacher(stats_at), tbytes);
     }
     bool mix_on = false;
     if (i > 0) {

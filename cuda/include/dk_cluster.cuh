@@ -57,9 +57,10 @@ __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
-// Asks L2 for the line holding p, without tying up a register until it arrives.
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+// Asks L2 for `bytes` bytes from p on (p 16-byte aligned, bytes a multiple of 16), through the
+// bulk copy engine: one instruction for the whole range, no register waits for it.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, unsigned bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes));
 }
 
 #endif  // __CUDA_ARCH__ >= 900

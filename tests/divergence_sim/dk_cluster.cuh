@@ -37,7 +37,14 @@ inline void cluster_arrive_release() {
 inline void cluster_fence() { sim::cluster_fence(); }
 inline void cluster_wait() { sim::cluster_wait(); }
 
-// prefetch.global.L2: no effect on the data; the address must lie in one row of an operand.
-inline void prefetch_l2(const void* p) { sim::check_global(p, 1, false, "prefetch.global.L2"); }
+// cp.async.bulk.prefetch.L2.global: no effect on the data; p 16-byte aligned, bytes a nonzero
+// multiple of 16, and the whole range inside one row of an operand.
+inline void prefetch_l2_bulk(const void* p, unsigned bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0 || bytes == 0 || bytes % 16 != 0)
+    sim::fail("cp.async.bulk.prefetch.L2: %p, %u bytes (16-byte aligned, a nonzero multiple "
+              "of 16 required)",
+              p, bytes);
+  sim::check_global(p, bytes, false, "cp.async.bulk.prefetch.L2");
+}
 
 }  // namespace dk
