@@ -166,6 +166,24 @@ want() {
   return 1
 }
 
+# reserve_for SECONDS STEP...: keep SECONDS back for the later steps named, but only when one
+# of them is selected (GPU_CHECK_ONLY / _SKIP): a call that runs no Python step spends the whole
+# budget on the steps it asked for.
+reserve_for() {
+  local s=$1 n
+  shift
+  reserve=0
+  for n in "$@"; do
+    if want "$n"; then
+      reserve=$s
+      return 0
+    fi
+  done
+  return 0
+}
+py_benches="python-bench-attention python-bench-attention-wide python-bench-attention-wgmma
+  python-bench-fused python-bench"
+
 run_step() {
   local name=$1 cap=$2 required=$3
   shift 3
@@ -312,7 +330,8 @@ run_step dk-bench-fused-persist 45 0 env DK_DIVERGENCE_CLUSTER=persist "$dk" ben
   --ops fused --dtype bf16 --iters 5 --check-rows 2
 
 # ---- 6. Rust test executables (CUDA variants run when a GPU is present) ------------------------------
-reserve=170 # pytest and the Python benchmarks come after
+# pytest and the Python benchmarks come after
+reserve_for 170 pytest $py_benches
 while IFS=$'\t' read -r name kind _src _built; do
   [ "$name" = name ] && continue
   [ "$kind" = bench ] && continue
@@ -351,7 +370,8 @@ if [ -x target/release/deps/attention_reference ]; then
   run_step test-attention_reference-wgmma 90 1 env DK_ATTENTION_FWD=wgmma DK_ATTENTION_BWD=wgmma \
     target/release/deps/attention_reference
 fi
-reserve=140 # as pytest: the Python benchmarks come after
+# as pytest: the Python benchmarks come after
+reserve_for 140 pytest $py_benches
 
 # ---- 7. Liger-Kernel from the carried wheel ---------------------------------------------------------
 site=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-site.XXXXXX")
@@ -366,13 +386,13 @@ export PYTHONPATH="$root/python:$site${PYTHONPATH:+:$PYTHONPATH}"
 # ---- 8. Python tests (torch tests on CUDA) --------------------------------------------------------
 # Kept back for the Python benchmarks: each later step's reserve plus ~40 s for the next one
 # (9: 100 + 40; 9b: 60; 10: at least ~60 s, --quick when short).
-reserve=140 # the Python benchmarks
+reserve_for 140 $py_benches # the Python benchmarks
 # PYTEST_K: a pytest -k expression to run a subset (a second call after a fix).
 run_step pytest 120 1 "$py" -m pytest python/tests -q -rs -p no:cacheprovider \
   ${PYTEST_K:+-k "$PYTEST_K"}
 
 # ---- 9. Python benchmark of attention against SDPA's flash (FA2) and cuDNN backends -------------
-reserve=100 # the fused and the other Python benchmark
+reserve_for 100 python-bench-fused python-bench # the fused and the other Python benchmark
 if [ -f python/bench.py ]; then
   aquick=()
   [ "$(left)" -lt 150 ] && aquick=(--quick)
@@ -401,7 +421,7 @@ fi
 # ---- 9b. Python benchmark of the fused linear JSD (issue 4): torch eager, torch.compile, Liger's
 # chunked and fused-linear JSD, this crate, and the four GEMMs alone, from one run. No JSON (at
 # most 8 files come back): the table is printed below and kept in the log.
-reserve=60 # the other Python benchmark
+reserve_for 60 python-bench # the other Python benchmark
 if [ -f python/bench.py ]; then
   fquick=()
   [ "$(left)" -lt 170 ] && fquick=(--quick)
