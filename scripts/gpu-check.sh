@@ -166,23 +166,42 @@ want() {
   return 1
 }
 
-# reserve_for SECONDS STEP...: keep SECONDS back for the later steps named, but only when one
-# of them is selected (GPU_CHECK_ONLY / _SKIP): a call that runs no Python step spends the whole
-# budget on the steps it asked for.
-reserve_for() {
-  local s=$1 n
-  shift
-  reserve=0
-  for n in "$@"; do
-    if want "$n"; then
-      reserve=$s
-      return 0
-    fi
-  done
-  return 0
-}
+# The steps that come last: Nsight Compute (10b) and compute-sanitizer (11).
+ncu_steps="ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-moe-route ncu-fused
+  ncu-moe-combine ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic
+  ncu-attention-fwd-wide ncu-attention-bwd-wide ncu-attention-fwd-wgmma ncu-attention-bwd-wgmma"
+sanitizer_steps="memcheck memcheck-persist memcheck-persist256 memcheck-moe memcheck-attention
+  racecheck-attention memcheck-attention-wide racecheck-attention-wide memcheck-attention-wgmma
+  racecheck-attention-wgmma"
 py_benches="python-bench-attention python-bench-attention-wide python-bench-attention-wgmma
   python-bench-fused python-bench"
+
+any_wanted() { # STEP...: whether one of them is selected
+  local n
+  for n in "$@"; do
+    want "$n" && return 0
+  done
+  return 1
+}
+
+# reserve_for SECONDS STEP...: keep SECONDS back for the later steps named, but only when one
+# of them is selected (GPU_CHECK_ONLY / _SKIP): a call that runs no Python step spends the whole
+# budget on the steps it asked for. A call that names its steps (GPU_CHECK_ONLY) and selects an
+# ncu or sanitizer step keeps at least 60 s for those, which come last (a full run leaves them
+# what the Python benchmarks leave).
+reserve_for() {
+  local s=$1
+  shift
+  reserve=0
+  if any_wanted "$@"; then
+    reserve=$s
+  fi
+  # shellcheck disable=SC2086 # word lists
+  if [ -n "${GPU_CHECK_ONLY:-}" ] && [ "$reserve" -lt 60 ] && any_wanted $ncu_steps $sanitizer_steps; then
+    reserve=60
+  fi
+  return 0
+}
 
 run_step() {
   local name=$1 cap=$2 required=$3
@@ -431,7 +450,7 @@ else
 fi
 
 # ---- 10. Python benchmark against torch eager, torch.compile, Liger ------------------------------
-reserve=0
+reserve_for 0 # only the floor for the ncu / sanitizer steps of a named-steps call
 if [ -f python/bench.py ]; then
   quick=()
   [ "$(left)" -lt "${PY_BENCH_FULL_SECONDS:-150}" ] && quick=(--quick)
@@ -446,6 +465,12 @@ fi
 # clocks are left alone). SpeedOfLight gives DRAM / L1+shared / L2 / SM throughput as % of peak;
 # ComputeWorkloadAnalysis names the busiest pipe (tensor, FMA, XU = MUFU, LSU) in its rule text.
 ncu_bin=$(command -v ncu || true)
+# In a named-steps call, 30 s stay for the sanitizer steps after these (plan step 1's racecheck).
+reserve=0
+# shellcheck disable=SC2086 # a word list
+if [ -n "${GPU_CHECK_ONLY:-}" ] && any_wanted $sanitizer_steps; then
+  reserve=30
+fi
 ncu_run() { # NAME CAP KERNEL_REGEX LAUNCHES DK_BENCH_ARGS...
   local name=$1 cap=$2 re=$3 count=$4
   shift 4
@@ -516,6 +541,7 @@ DK_ATTENTION_BWD=wgmma ncu_run ncu-attention-bwd-wgmma 40 'dk_attn_bwd_(dkdvg|dq
 
 # ---- 11. optional: memcheck of small dk benches (divergence, MoE, attention), racecheck ----------
 sanitizer=$(command -v compute-sanitizer || true)
+reserve=0
 if [ -z "$sanitizer" ]; then
   skip_step memcheck "compute-sanitizer not found"
   skip_step memcheck-moe "compute-sanitizer not found"
@@ -533,6 +559,7 @@ else
   # several rows (the reference tests cover ignored, masked and unaligned-tail rows).
   if [ "$(left)" -lt 30 ]; then
     skip_step memcheck-persist "out of time"
+    skip_step memcheck-persist256 "out of time"
   else
     for p in persist persist256; do
       run_step "memcheck-$p" 60 0 env DK_DIVERGENCE_CLUSTER=$p "$sanitizer" --tool memcheck \

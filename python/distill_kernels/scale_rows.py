@@ -22,7 +22,9 @@ def scale_rows(x: np.ndarray, factors) -> np.ndarray:
     ``x``: a writeable ``[N, V]`` (or ``[V]``, one row) array of float32, float16 or
     ml_dtypes.bfloat16 whose rows are contiguous (a row stride larger than V is fine, e.g.
     ``big[:, :V]``); it is never copied, so other layouts raise ValueError. ``factors``: a number
-    or a 0-d / 1-element array (one factor for every row), or N values, converted to float32.
+    or a 1-element array (one factor for every row), or N values (``[N]``, ``[N, 1]`` or
+    ``[1, N]``), of any real dtype (bfloat16 included), converted to float32 (a copy, so they
+    may be a view of ``x``).
     The product is computed in float32 and rounded once to ``x``'s dtype; rows whose factor is
     exactly 1.0 keep their bits (NaN payloads included); 0, negative, inf and NaN factors scale
     as IEEE arithmetic says.
@@ -48,16 +50,18 @@ def scale_rows(x: np.ndarray, factors) -> np.ndarray:
         )
     stride = v if n == 1 else s0 // item
     if factors is None or isinstance(factors, (str, bytes)) or (
-        isinstance(factors, np.ndarray) and factors.dtype.kind in "USO"
+        isinstance(factors, np.ndarray) and factors.dtype.kind in "US"
     ):
         # numpy would parse "2" as 2.0 and None as NaN: a misplaced argument, not a factor.
         raise TypeError(f"factors must be numbers, got {type(factors).__name__}")
     raw = np.asarray(factors)
-    if raw.dtype.kind not in "biuf":
-        # [None, 2] is an object array whose None would become NaN.
+    if not np.can_cast(raw.dtype, np.float32, "same_kind"):
+        # [None, 2] is an object array whose None would become NaN; complex has no order.
+        # (bfloat16 and the float8 types of ml_dtypes cast, as do ints and bools.)
         raise TypeError(f"factors must be numbers, got an array of {raw.dtype}")
-    if raw.ndim > 1:
-        raise ValueError(f"factors must be a number or 1-D [N], got shape {raw.shape}")
+    if raw.ndim > 2 or (raw.ndim == 2 and 1 not in raw.shape):
+        # [N, 1] (as in x * f[:, None]) and [1, N] are the N factors; [2, 2] is a mistake.
+        raise ValueError(f"factors must be a number, [N], [N, 1] or [1, N], got shape {raw.shape}")
     # A copy when the factors share memory with x (a row of a square x, say): they are read
     # while x is scaled.
     f = np.array(raw, dtype=np.float32, copy=True).reshape(-1)

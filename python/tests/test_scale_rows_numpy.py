@@ -119,9 +119,26 @@ def test_bad_arguments():
         dk.scale_rows(x, None)
     with pytest.raises(TypeError, match="numbers"):
         dk.scale_rows(x, [None, 2.0, 3.0])
-    with pytest.raises(ValueError, match="1-D"):
+    with pytest.raises(ValueError, match=r"\[N, 1\]"):
         dk.scale_rows(np.ones((4, 8), dtype=np.float32), np.ones((2, 2)))
+    with pytest.raises(TypeError, match="numbers"):
+        dk.scale_rows(x, np.array([1 + 1j, 2, 3]))
     assert np.all(x == 1.0)
+
+
+def test_factor_shapes_and_dtypes():
+    # [N, 1], [1, N], [1, 1], bfloat16 and integer factors: the same as a float32 [N].
+    rng = np.random.default_rng(8)
+    x0 = rng.standard_normal((3, 8)).astype(np.float32)
+    f = np.array([2.0, -0.5, 3.0], dtype=np.float32)
+    want = x0 * f[:, None]
+    for factors in (f[:, None], f[None, :], f.astype(BF16), [2, -0.5, 3]):
+        x = x0.copy()
+        dk.scale_rows(x, factors)
+        np.testing.assert_array_equal(x, want)
+    x = x0.copy()
+    dk.scale_rows(x, np.array([[2.0]]))
+    np.testing.assert_array_equal(x, x0 * 2)
 
 
 def test_factors_that_share_memory_with_x():
