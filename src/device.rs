@@ -439,6 +439,31 @@ impl<'a> Launch<'a> {
     }
 }
 
+/// A 1-D launch configuration for `cuLaunchKernelEx` (cudarc's launch builder takes no launch
+/// attributes): `blocks` blocks of `threads` threads with `smem` bytes of dynamic shared memory
+/// on `stream`, with one launch attribute (a cluster shape, programmatic serialization), which
+/// must outlive the configuration.
+pub(crate) fn launch_config_1d(
+    blocks: u32,
+    threads: u32,
+    smem: usize,
+    stream: sys::CUstream,
+    attr: &mut sys::CUlaunchAttribute,
+) -> sys::CUlaunchConfig {
+    sys::CUlaunchConfig {
+        gridDimX: blocks,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem as u32,
+        hStream: stream,
+        attrs: attr,
+        numAttrs: 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Every kernel a launcher names is in the fatbin for every compiled architecture: a missing

@@ -14,6 +14,7 @@ use cudarc::driver::sys;
 use cudarc::driver::{CudaFunction, CudaStream};
 
 use super::cuda::DivergenceArgs;
+use crate::device::launch_config_1d;
 use crate::error::{Error, ErrorKind, Result};
 
 /// Threads per cluster block (`kClusterThreads` in divergence_cluster.cu; the persistent
@@ -281,7 +282,7 @@ fn max_active_clusters(f: &CudaFunction, threads: u32, c: usize, smem: usize) ->
         return k;
     }
     let mut attr = cluster_attribute(c);
-    let config = launch_config(c as u32, threads, smem, std::ptr::null_mut(), &mut attr);
+    let config = launch_config_1d(c as u32, threads, smem, std::ptr::null_mut(), &mut attr);
     let mut count: std::ffi::c_int = 0;
     // SAFETY: `config` and the attribute it points at live for the call; `count` is a valid
     // out-pointer; the function belongs to the current context (its device opened it).
@@ -296,29 +297,6 @@ fn max_active_clusters(f: &CudaFunction, threads: u32, c: usize, smem: usize) ->
         .unwrap_or_else(|p| p.into_inner())
         .insert(key, k);
     k
-}
-
-/// A 1-D launch of `blocks` blocks of `threads` threads with `smem` bytes of dynamic shared
-/// memory on `stream`, with one launch attribute (the cluster shape), which must outlive it.
-fn launch_config(
-    blocks: u32,
-    threads: u32,
-    smem: usize,
-    stream: sys::CUstream,
-    attr: &mut sys::CUlaunchAttribute,
-) -> sys::CUlaunchConfig {
-    sys::CUlaunchConfig {
-        gridDimX: blocks,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: threads,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: smem as u32,
-        hStream: stream,
-        attrs: attr,
-        numAttrs: 1,
-    }
 }
 
 /// The launch attribute that sets a cluster of `c` blocks along x.
@@ -436,7 +414,7 @@ pub(crate) fn launch(
         )
     })?;
     let mut attr = cluster_attribute(c);
-    let config = launch_config(blocks, threads, smem, stream.cu_stream(), &mut attr);
+    let config = launch_config_1d(blocks, threads, smem, stream.cu_stream(), &mut attr);
     let mut params = [
         args as *const DivergenceArgs as *mut c_void,
         std::ptr::null_mut(),

@@ -231,13 +231,39 @@ pub(crate) fn workspace_size(n: usize) -> usize {
     PER_ROW_OFFSET + (4 * n).next_multiple_of(256)
 }
 
-fn row_kernel_name(kind: Kind, student: DType, teacher: DType) -> String {
-    let k = match kind {
+/// The kind's part of the kernel names: `fkl`, `rkl`, `jsd`.
+fn kind_tag(kind: Kind) -> &'static str {
+    match kind {
         Kind::ForwardKl => "fkl",
         Kind::ReverseKl => "rkl",
         Kind::Jsd => "jsd",
-    };
-    format!("dk_div_{k}_{}_{}", student.name(), teacher.name())
+    }
+}
+
+fn row_kernel_name(kind: Kind, student: DType, teacher: DType) -> String {
+    format!(
+        "dk_div_{}_{}_{}",
+        kind_tag(kind),
+        student.name(),
+        teacher.name()
+    )
+}
+
+/// How [`RowKernels::queue_persistent`] launches a persistent kernel.
+struct PersistentLaunch<'a> {
+    /// Bytes per student and teacher element.
+    elem_bytes: (usize, usize),
+    /// Iterations between a row's statistics and its last re-read.
+    lag: usize,
+    /// At most this many clusters.
+    max_clusters: usize,
+    /// The fused kernels' second parameter (None: the divergence kernels, which have one).
+    inv_cap: Option<f32>,
+    /// G of row r over the student row r − Q (Q the clusters launched): `grad` is set to the
+    /// student logits Q rows before `student` (the fused kernels).
+    grad_before_student: bool,
+    /// What runs instead when the card places no cluster, for the fallback note.
+    instead: &'a str,
 }
 
 /// The three kernels of one divergence: looked up together so that a missing kernel is an error
@@ -312,11 +338,7 @@ impl<'d> RowKernels<'d> {
         kind: Kind,
         dtype: DType,
     ) -> Result<FusedRowKernels<'d>> {
-        let k = match kind {
-            Kind::ForwardKl => "fkl",
-            Kind::ReverseKl => "rkl",
-            Kind::Jsd => "jsd",
-        };
+        let k = kind_tag(kind);
         let persistent = match &self.cluster_rows {
             Some((_, variant, _)) if variant.persistent() => {
                 let name = format!("{}fused_{k}_{}", variant.prefix(), dtype.name());
@@ -477,49 +499,77 @@ impl<'d> RowKernels<'d> {
         Ok(Some(args.grad))
     }
 
-    /// [`Self::fused_rows`] on the persistent variant: G of row r over S row r − Q.
+    /// [`Self::fused_rows`] on the persistent variant: G of row r over S row r − Q, Q at most
+    /// `pad_rows` (the pad the caller reserved before S).
     fn fused_persistent(
         &self,
-        (f, name): &(&CudaFunction, String),
+        &(f, ref name): &(&CudaFunction, String),
         variant: cluster::Variant,
         stream: &Arc<CudaStream>,
         (args, inv_cap): (&DivergenceArgs, f32),
         pad_rows: usize,
     ) -> Result<Option<u64>> {
-        let lag = if self.fwd_multi_pass { 2 } else { 1 };
+        let launch = PersistentLaunch {
+            elem_bytes: (4, 4),
+            lag: if self.fwd_multi_pass { 2 } else { 1 },
+            max_clusters: pad_rows,
+            inv_cap: Some(inv_cap),
+            grad_before_student: true,
+            instead: "the plain persistent or one-block kernel and a separate conversion",
+        };
+        self.queue_persistent((f, name.as_str()), variant, stream, args, &launch)
+    }
+
+    /// Sizes a persistent kernel's grid (`persistent_grid`, at most `launch.max_clusters`
+    /// clusters) and queues it; the gradient pointer it was given (Some) or None, with nothing
+    /// queued, where the card places no cluster of `f` or refuses the launch (both noted).
+    fn queue_persistent(
+        &self,
+        (f, name): (&CudaFunction, &str),
+        variant: cluster::Variant,
+        stream: &Arc<CudaStream>,
+        args: &DivergenceArgs,
+        launch: &PersistentLaunch<'_>,
+    ) -> Result<Option<u64>> {
         let (n, v) = (args.n as usize, args.v as usize);
         let device = (self.l2_bytes, self.sm_count);
-        let Some((c, clusters)) =
-            cluster::persistent_grid(f, stream, variant, (n, v), (4, 4), lag, device)?
-        else {
+        let grid = cluster::persistent_grid(
+            f,
+            stream,
+            variant,
+            (n, v),
+            launch.elem_bytes,
+            launch.lag,
+            device,
+        )?
+        .map(|(c, clusters)| (c, clusters.min(launch.max_clusters)))
+        .filter(|&(_, q)| q > 0);
+        let Some((c, q)) = grid else {
             cluster::note_fallback(format!(
-                "the card places no cluster of {name} for V = {v}; such chunks run the plain \
-                 persistent or one-block kernel and a separate conversion"
+                "the card places no cluster of {name} for V = {v}; such rows run {}",
+                launch.instead
             ));
             return Ok(None);
         };
-        // Fewer clusters than the card holds when the pad is short (it holds 32 rows or the
-        // chunk, more clusters than the card places at the vocabularies this is for).
-        let q = clusters.min(pad_rows);
-        if q == 0 {
-            return Ok(None);
+        let mut args = *args;
+        if launch.grad_before_student {
+            // The kernel's shift is its number of clusters (gridDim.x / c): the same q sets the
+            // grid below and G's start here.
+            args.grad =
+                args.student - (q * launch.elem_bytes.0 * args.student_stride as usize) as u64;
         }
-        // The kernel's shift is its number of clusters (gridDim.x / c): the same q sets the
-        // grid below and G's start here.
-        let g = args.student - (q * 4 * args.student_stride as usize) as u64;
-        let shifted = DivergenceArgs { grad: g, ..*args };
         let smem = cluster::PERSISTENT_SMEM_BYTES;
-        let shape = (c, q);
+        let kernel = (f, name);
         match cluster::launch(
-            (f, name),
+            kernel,
             stream,
-            &shifted,
-            Some(&inv_cap),
-            shape,
+            &args,
+            launch.inv_cap.as_ref(),
+            (c, q),
             variant.threads(),
             smem,
         )? {
-            cluster::Launched::Queued => Ok(Some(g)),
+            cluster::Launched::Queued => Ok(Some(args.grad)),
             cluster::Launched::Refused(e) => {
                 cluster::note_refused_launch(c, smem, &e);
                 Ok(None)
@@ -543,30 +593,21 @@ impl<'d> RowKernels<'d> {
         }
         // Iterations between a row's statistics and its last re-read: the gradient of the KL
         // kinds follows one iteration later; JSD's mixture pass one, its gradient two.
-        let lag = if self.fwd_multi_pass && args.grad != 0 {
-            2
-        } else {
-            1
+        let launch = PersistentLaunch {
+            elem_bytes: (sb, tb),
+            lag: if self.fwd_multi_pass && args.grad != 0 {
+                2
+            } else {
+                1
+            },
+            max_clusters: usize::MAX,
+            inv_cap: None,
+            grad_before_student: false,
+            instead: "the one-block kernel",
         };
-        let (n, v) = (args.n as usize, args.v as usize);
-        let device = (self.l2_bytes, self.sm_count);
-        let Some(grid) =
-            cluster::persistent_grid(f, stream, variant, (n, v), (sb, tb), lag, device)?
-        else {
-            cluster::note_fallback(format!(
-                "the card places no cluster of {name} for V = {v}; such rows run the one-block \
-                 kernel"
-            ));
-            return Ok(false);
-        };
-        let smem = cluster::PERSISTENT_SMEM_BYTES;
-        match cluster::launch((f, name), stream, args, None, grid, variant.threads(), smem)? {
-            cluster::Launched::Queued => Ok(true),
-            cluster::Launched::Refused(e) => {
-                cluster::note_refused_launch(grid.0, smem, &e);
-                Ok(false)
-            }
-        }
+        Ok(self
+            .queue_persistent((f, name), variant, stream, args, &launch)?
+            .is_some())
     }
 
     /// Queues `dk_div_finish`: `loss = *scale · Σ per_row[0..n]` (f64, fixed order).

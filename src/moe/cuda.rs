@@ -16,7 +16,7 @@ use std::sync::Arc;
 use super::{
     max_rows, RawCombine, RawPermute, RawRoute, RawSlotDot, RouteParams, Score, MAX_EXPERTS, MAX_K,
 };
-use crate::device::{CudaDevice, Launch};
+use crate::device::{launch_config_1d, CudaDevice, Launch};
 use crate::error::{bail, Result};
 use crate::tensor::DType;
 
@@ -248,18 +248,7 @@ fn launch_route_dependent(
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
     attr.value.programmaticStreamSerializationAllowed = 1;
-    let config = sys::CUlaunchConfig {
-        gridDimX: blocks as u32,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: threads,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: 0,
-        hStream: stream.cu_stream(),
-        attrs: &mut attr,
-        numAttrs: 1,
-    };
+    let config = launch_config_1d(blocks as u32, threads, 0, stream.cu_stream(), &mut attr);
     let mut params = [args as *const MoeRouteArgs as *mut std::ffi::c_void];
     stream.context().bind_to_thread()?;
     // SAFETY: the kernel takes one DkMoeRouteArgs by value (params[0] points at it, alive for
