@@ -74,11 +74,6 @@ struct FusedGradSink {
   __device__ __forceinline__ bool aligned() const { return out == nullptr || aligned16(out); }
   __device__ __forceinline__ void zero(int v, bool vec) const { zero_row(out, v, vec); }
 
-  static __device__ __forceinline__ float slope(float capped, float inv_cap) {
-    const float t = capped * inv_cap;
-    return (1.f - t) * (1.f + t);
-  }
-
   __device__ __forceinline__ void write(const float* s, const float* t, int v, bool,
                                         const GradRow& gr) const {
     if (inv_cap != 0.f) {
@@ -92,7 +87,7 @@ struct FusedGradSink {
   template <bool kCap>
   __device__ __forceinline__ float entry(const GradRow& gr, float s, float t) const {
     const float g = grad_entry<K>(gr, s, t);
-    return kCap ? g * slope(s, inv_cap) : g;
+    return kCap ? g * softcap_slope(s, inv_cap) : g;
   }
 
   template <bool kCap>

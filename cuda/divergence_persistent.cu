@@ -186,7 +186,7 @@ static_assert(sizeof(PersistentSmem<Kind::Jsd>) <= kPersistentSmemBytes, "smem")
 enum class GradMode { None, Zero, Grad };
 
 // The fused variant's gradient stage: G = the gradient w.r.t. the capped logits times the
-// softcap's slope (1 − t)(1 + t), t = s / cap (s: the capped student logit), in TO. Without a
+// softcap's slope (softcap_slope of the capped student logit), in TO. Without a
 // softcap (inv_cap = 0, uniform) it is GradPass's store. Same entries as FusedGradSink
 // (cuda/divergence.cu), the one-block kernel's.
 template <Kind K, typename TO>
@@ -201,10 +201,7 @@ struct FusedGradPass {
     for (int k = 0; k < N; ++k) out[k] = grad_entry<K>(row, s[k], t[k]);
     if (inv_cap != 0.f) {
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const float u = s[k] * inv_cap;
-        out[k] *= (1.f - u) * (1.f + u);
-      }
+      for (int k = 0; k < N; ++k) out[k] *= softcap_slope(s[k], inv_cap);
     }
     if (N == kVec) {
       store8(g + i, reinterpret_cast<const float(&)[kVec]>(out));

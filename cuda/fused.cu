@@ -14,6 +14,7 @@
 // No atomics; every kernel here is elementwise or a fixed single-thread computation, so the
 // results are bitwise reproducible.
 
+#include "dk_math.cuh"
 #include "dk_vec.cuh"
 
 namespace dk {
@@ -25,13 +26,6 @@ constexpr int kThreads = 256;
 // divergence, where an absolute error of the approximation's 2^-11 · c would cost accuracy.
 __device__ __forceinline__ float softcap(float z, float cap, float inv_cap) {
   return cap * tanhf(z * inv_cap);
-}
-
-// The factor d(capped)/d(raw) = 1 − tanh² recovered from the capped value, t = capped / cap.
-// (1 − t)(1 + t) keeps the relative accuracy where t is close to ±1.
-__device__ __forceinline__ float softcap_slope(float capped, float inv_cap) {
-  const float t = capped * inv_cap;
-  return (1.f - t) * (1.f + t);
 }
 
 // One block per row (grid-stride over rows), tiles of blockDim 8-element vectors in order.

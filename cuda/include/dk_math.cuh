@@ -97,4 +97,12 @@ DK_HD float rescale2(float m_old, float m_new, float k) {
 // x * d with 0 * anything = 0: entries of probability 0 contribute nothing, even where d is inf.
 DK_HD float xlog(float x, float d) { return x == 0.f ? 0.f : x * d; }
 
+// The softcap's factor d(capped)/d(raw) = 1 − tanh² recovered from the capped value,
+// t = capped / cap: (1 − t)(1 + t) keeps the relative accuracy where t is close to ±1. Exactly
+// 1 with inv_cap = 0 (no softcap).
+DK_HD float softcap_slope(float capped, float inv_cap) {
+  const float t = capped * inv_cap;
+  return (1.f - t) * (1.f + t);
+}
+
 }  // namespace dk
