@@ -203,12 +203,7 @@ struct FusedGradPass {
 #pragma unroll
       for (int k = 0; k < N; ++k) out[k] *= softcap_slope(s[k], inv_cap);
     }
-    if (N == kVec) {
-      store8(g + i, reinterpret_cast<const float(&)[kVec]>(out));
-    } else {
-#pragma unroll
-      for (int k = 0; k < N; ++k) g[i + k] = from_float<TO>(out[k]);
-    }
+    store_chunk(g + i, out);
   }
 };
 

@@ -95,6 +95,17 @@ struct JsdPass {
   }
 };
 
+// A chunk's N values to p: one 16-byte store of 8 when N is the vector width, else one by one.
+template <int N, typename T>
+__device__ __forceinline__ void store_chunk(T* p, const float (&out)[N]) {
+  if (N == kVec) {
+    store8(p, reinterpret_cast<const float(&)[kVec]>(out));
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) p[k] = from_float<T>(out[k]);
+  }
+}
+
 // Final pass: the gradient, stored 8 at a time when aligned.
 template <Kind K, typename TS>
 struct GradPass {
@@ -105,12 +116,7 @@ struct GradPass {
     float out[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) out[k] = grad_entry<K>(row, s[k], t[k]);
-    if (N == kVec) {
-      store8(g + i, reinterpret_cast<const float(&)[kVec]>(out));
-    } else {
-#pragma unroll
-      for (int k = 0; k < N; ++k) g[i + k] = from_float<TS>(out[k]);
-    }
+    store_chunk(g + i, out);
   }
 };
 
