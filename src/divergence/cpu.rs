@@ -50,31 +50,52 @@ pub fn row_divergence(
     // x · (y − z) with the convention 0 · anything = 0 (masked entries).
     let xlog = |x: f64, d: f64| if x == 0.0 { 0.0 } else { x * d };
     let v = b.len();
+    // One pass per sum and one for the gradient where it needs the row's loss; each entry's
+    // exponentials and mixture log are formed once (the same values, so the same bits, as
+    // forming them in each loop: every sum still runs in index order).
+    let mut grad = grad;
     match kind {
         Kind::ForwardKl => {
-            let loss: f64 = (0..v).map(|i| xlog(lp(i).exp(), lp(i) - lq(i))).sum();
-            if let Some(g) = grad {
-                for (i, gi) in g.iter_mut().enumerate() {
-                    *gi = lq(i).exp() - lp(i).exp();
+            let mut loss = -0.0;
+            for i in 0..v {
+                let p = lp(i).exp();
+                loss += xlog(p, lp(i) - lq(i));
+                if let Some(g) = grad.as_deref_mut() {
+                    g[i] = lq(i).exp() - p;
                 }
             }
             loss
         }
         Kind::ReverseKl => {
-            let loss: f64 = (0..v).map(|i| xlog(lq(i).exp(), lq(i) - lp(i))).sum();
+            let mut loss = -0.0;
+            for i in 0..v {
+                let q = lq(i).exp();
+                loss += xlog(q, lq(i) - lp(i));
+                if let Some(g) = grad.as_deref_mut() {
+                    g[i] = q;
+                }
+            }
             if let Some(g) = grad {
                 for (i, gi) in g.iter_mut().enumerate() {
-                    *gi = xlog(lq(i).exp(), lq(i) - lp(i) - loss);
+                    *gi = xlog(*gi, lq(i) - lp(i) - loss);
                 }
             }
             loss
         }
         Kind::Jsd => {
-            let kl_pm: f64 = (0..v).map(|i| xlog(lp(i).exp(), lp(i) - lm(i))).sum();
-            let kl_qm: f64 = (0..v).map(|i| xlog(lq(i).exp(), lq(i) - lm(i))).sum();
+            let (mut kl_pm, mut kl_qm) = (-0.0, -0.0);
+            for i in 0..v {
+                let m = lm(i);
+                kl_pm += xlog(lp(i).exp(), lp(i) - m);
+                kl_qm += xlog(lq(i).exp(), lq(i) - m);
+                if let Some(g) = grad.as_deref_mut() {
+                    // log(q/m), finished below once KL(q‖m) is known.
+                    g[i] = lq(i) - m;
+                }
+            }
             if let Some(g) = grad {
                 for (i, gi) in g.iter_mut().enumerate() {
-                    *gi = (1.0 - beta) * xlog(lq(i).exp(), lq(i) - lm(i) - kl_qm);
+                    *gi = (1.0 - beta) * xlog(lq(i).exp(), *gi - kl_qm);
                 }
             }
             beta * kl_pm + (1.0 - beta) * kl_qm
