@@ -1015,6 +1015,79 @@ fn strides_wider_than_h() {
 }
 
 #[test]
+fn unscaled_permute_copies_the_bits() {
+    // An unscaled permute is a row copy: NaN payloads (quiet and signalling), −0 and subnormals
+    // come out bit for bit, on every backend (the CPU copies rows; CUDA's gather moves raw
+    // 16-byte words), and padding rows are +0.
+    let mut rng = Rng::fresh("unscaled_permute_copies_the_bits");
+    for dev in devices("unscaled_permute_copies_the_bits") {
+        let (case, route) = routed(&mut rng, 23, 16, 4, 10, 8);
+        let rows = route.offsets[16] as usize;
+        for dtype in DType::ALL {
+            let (n, h) = (23, 24);
+            let permute = PermuteCase {
+                x: random_matrix(&mut rng, dtype, n, h, h),
+                k: 4,
+                perm: route.perm[..rows].to_vec(),
+                weights: None,
+                out_stride: h,
+                what: format!(
+                    "{}: unscaled permute {} special bits",
+                    case.what,
+                    dtype.name()
+                ),
+            };
+            let size = dtype.size();
+            let specials: &[u64] = match size {
+                2 => &[0x7FC1, 0x7F81, 0xFFC3, 0x8000, 0x0001, 0x8001],
+                _ => &[
+                    0x7FC0_0001,
+                    0x7F80_0001,
+                    0xFFC0_0123,
+                    0x8000_0000,
+                    0x0000_0001,
+                ],
+            };
+            let mut bufs = permute.bufs();
+            // Every element of x gets a special pattern in turn, so each shows up in the output.
+            for (i, e) in bufs[act_buf::A].as_mut().chunks_exact_mut(size).enumerate() {
+                let v = specials[i % specials.len()].to_le_bytes();
+                e.copy_from_slice(&v[..size]);
+            }
+            let x_bytes = bufs[act_buf::A].as_ref().to_vec();
+            let (res, _, after) = run_spec(
+                &dev,
+                &bufs,
+                |ptrs, loc| permute.spec(ptrs, loc),
+                // SAFETY: views over the case's buffers.
+                |s, ctx, launch| unsafe { s.run(ctx, launch) },
+            );
+            res.unwrap_or_else(|e| panic!("{}: {e}", permute.what));
+            let out = after[act_buf::OUT].as_ref();
+            let row_bytes = h * size;
+            for (r, &p) in permute.perm.iter().enumerate() {
+                let got = &out[r * row_bytes..(r + 1) * row_bytes];
+                if p < 0 {
+                    assert!(
+                        got.iter().all(|&b| b == 0),
+                        "{}: padding row {r}",
+                        permute.what
+                    );
+                } else {
+                    let src = (p as usize / 4) * row_bytes;
+                    assert_eq!(
+                        got,
+                        &x_bytes[src..src + row_bytes],
+                        "{}: row {r} (slot {p}) is not the bits of its token",
+                        permute.what
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn permute_and_unweighted_combine_are_adjoint() {
     // Backward of an unscaled permute is an unweighted combine: ⟨permute(x), G⟩ = ⟨x, combine(G)⟩.
     let mut rng = Rng::fresh("permute_and_unweighted_combine_are_adjoint");

@@ -332,9 +332,16 @@ pub(crate) unsafe fn permute(raw: &RawPermute) -> Result<()> {
                 let p = p as usize;
                 // SAFETY: p < n·k (checked), so p / k < n rows of x.
                 let x = unsafe { row::<T>(raw.x, raw.x_stride, p / raw.k, raw.h) };
-                let w = weights.map_or(1.0, |w| w[p] as f64);
-                for (o, &v) in out.iter_mut().zip(x) {
-                    *o = T::from_f64(v.to_f64() * w);
+                match weights {
+                    // Unscaled: the row's bits, as the CUDA gather copies them (NaN payloads
+                    // included), at copy speed.
+                    None => out.copy_from_slice(x),
+                    Some(w) => {
+                        let w = w[p] as f64;
+                        for (o, &v) in out.iter_mut().zip(x) {
+                            *o = T::from_f64(v.to_f64() * w);
+                        }
+                    }
                 }
             }
         });
