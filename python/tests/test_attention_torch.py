@@ -1,12 +1,14 @@
-"""distill_kernels.torch.attention (CUDA) against torch.nn.functional.scaled_dot_product_attention.
+"""distill_kernels.torch.attention against torch.nn.functional.scaled_dot_product_attention.
 
 The reference is SDPA with ``enable_gqa=True`` on the same (rounded) inputs upcast to float32,
 with the math backend and TF32 off, and its gradients from torch autograd. SDPA's ``is_causal``
 is aligned top-left, so the causal reference always gets an explicit boolean mask aligned
 bottom-right (query i sees keys j <= i + Sk - Sq), the FlashAttention convention this library
 follows. Rows that see no key are compared separately (out 0, lse -inf): SDPA gives NaN there.
-Needs torch and a CUDA device (and a library built with nvcc); otherwise the tests are skipped
-with the reason shown by ``pytest -rs`` (the CPU-tensor test needs torch only).
+Needs torch. Each test body taking ``device`` runs on CPU tensors (the library's CPU backend,
+with smaller shapes where the CUDA ones would be slow there) and, where a GPU is available (and
+the library was built with nvcc), on CUDA tensors; the side-stream test is CUDA-only. Skips show
+their reason with ``pytest -rs``.
 """
 
 from __future__ import annotations
@@ -23,9 +25,29 @@ import distill_kernels as dk  # noqa: E402
 import distill_kernels.torch as dkt  # noqa: E402
 from distill_kernels import _lib  # noqa: E402
 
-needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="CUDA is not available: attention torch tests skipped"
-)
+HAVE_CUDA = torch.cuda.is_available()
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
+        not HAVE_CUDA,
+        reason="CUDA is not available: cuda case skipped (the body also runs on cpu)")),
+]
+
+
+def cuda_only(why):
+    return pytest.mark.skipif(
+        not HAVE_CUDA, reason=f"CUDA is not available: CUDA-only test ({why})")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def other_device(device):
+    """A device that is not `device` (tensors there must be refused): meta stands in for it on a
+    machine without a GPU."""
+    return "meta" if device == "cpu" else "cpu"
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -87,9 +109,9 @@ def sdpa_reference(q, k, v, causal, scale=None, dout=None):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def make(shape, dtype, seed, scale=1.0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return (torch.randn(shape, device="cuda", generator=g) * scale).to(dtype)
+def make(shape, dtype, seed, device, scale=1.0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(shape, device=device, generator=g) * scale).to(dtype)
 
 
 def check_forward(out, lse, ref_out, ref_lse, seen, dtype):
@@ -106,20 +128,19 @@ def check_forward(out, lse, ref_out, ref_lse, seen, dtype):
 # ---- forward and gradients, padded ----------------------------------------------------------------
 
 
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("group", [1, 3, 8])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sq,sk", [(128, 128), (77, 200), (200, 77)])
-def test_forward_and_grads_vs_sdpa(dtype, d, group, causal, sq, sk):
+def test_forward_and_grads_vs_sdpa(device, dtype, d, group, causal, sq, sk):
     b, hkv = 2, 2
     hq = hkv * group
     seed = zlib.crc32(repr((str(dtype), d, group, causal, sq, sk)).encode())
-    q = make((b, sq, hq, d), dtype, seed).requires_grad_(True)
-    k = make((b, sk, hkv, d), dtype, seed + 1).requires_grad_(True)
-    v = make((b, sk, hkv, d), dtype, seed + 2).requires_grad_(True)
-    do = make((b, sq, hq, d), dtype, seed + 3)
+    q = make((b, sq, hq, d), dtype, seed, device).requires_grad_(True)
+    k = make((b, sk, hkv, d), dtype, seed + 1, device).requires_grad_(True)
+    v = make((b, sk, hkv, d), dtype, seed + 2, device).requires_grad_(True)
+    do = make((b, sq, hq, d), dtype, seed + 3, device)
     out, lse = dkt.attention(q, k, v, causal=causal, return_lse=True)
     assert out.shape == q.shape and out.dtype == dtype
     assert lse.shape == (b, hq, sq) and lse.dtype == torch.float32 and not lse.requires_grad
@@ -131,24 +152,22 @@ def test_forward_and_grads_vs_sdpa(dtype, d, group, causal, sq, sk):
         assert rel_err(got, ref) <= TOL[dtype], (name, rel_err(got, ref))
 
 
-@needs_cuda
-def test_custom_scale_and_length_one():
+def test_custom_scale_and_length_one(device):
     for sq, sk, scale in ((1, 1, 0.5), (1, 300, 0.05), (300, 1, 2.0)):
-        q = make((3, sq, 8, 128), torch.bfloat16, sq)
-        k = make((3, sk, 1, 128), torch.bfloat16, sk + 7)
-        v = make((3, sk, 1, 128), torch.bfloat16, sk + 9)
+        q = make((3, sq, 8, 128), torch.bfloat16, sq, device)
+        k = make((3, sk, 1, 128), torch.bfloat16, sk + 7, device)
+        v = make((3, sk, 1, 128), torch.bfloat16, sk + 9, device)
         out, lse = dkt.attention(q, k, v, causal=True, softmax_scale=scale, return_lse=True)
         ref_out, ref_lse, seen = sdpa_reference(q, k, v, True, scale=scale)
         check_forward(out, lse, ref_out, ref_lse, seen, torch.bfloat16)
 
 
-@needs_cuda
-def test_fused_qkv_slices_and_their_gradient():
+def test_fused_qkv_slices_and_their_gradient(device):
     """q / k / v sliced out of one qkv projection are read in place; the gradient lands in qkv."""
     b, s, hq, hkv, d = 2, 96, 6, 2, 128
-    qkv = make((b, s, hq + 2 * hkv, d), torch.bfloat16, 5).requires_grad_(True)
+    qkv = make((b, s, hq + 2 * hkv, d), torch.bfloat16, 5, device).requires_grad_(True)
     q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
-    do = make((b, s, hq, d), torch.bfloat16, 6)
+    do = make((b, s, hq, d), torch.bfloat16, 6, device)
     out = dkt.attention(q, k, v, causal=True)
     (g,) = torch.autograd.grad(out, qkv, do)
     q2, k2, v2 = (x.detach().contiguous().requires_grad_(True) for x in (q, k, v))
@@ -161,20 +180,19 @@ def test_fused_qkv_slices_and_their_gradient():
 # ---- varlen ----------------------------------------------------------------------------------------
 
 
-@needs_cuda
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("group", [1, 3])
-def test_varlen_vs_per_sequence_sdpa(causal, group):
+def test_varlen_vs_per_sequence_sdpa(device, causal, group):
     lq = [0, 1, 37, 130, 64, 5]
     lk = [3, 1, 100, 130, 0, 17]
     hkv, d, dtype = 2, 128, torch.bfloat16
     hq = hkv * group
-    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-    q = make((sum(lq), hq, d), dtype, 1).requires_grad_(True)
-    k = make((sum(lk), hkv, d), dtype, 2).requires_grad_(True)
-    v = make((sum(lk), hkv, d), dtype, 3).requires_grad_(True)
-    do = make((sum(lq), hq, d), dtype, 4)
+    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    q = make((sum(lq), hq, d), dtype, 1, device).requires_grad_(True)
+    k = make((sum(lk), hkv, d), dtype, 2, device).requires_grad_(True)
+    v = make((sum(lk), hkv, d), dtype, 3, device).requires_grad_(True)
+    do = make((sum(lq), hq, d), dtype, 4, device)
     out, lse = dkt.attention(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                              return_lse=True)
     assert lse.shape == (hq, sum(lq))
@@ -202,29 +220,31 @@ def test_varlen_vs_per_sequence_sdpa(causal, group):
             assert rel_err(got, ref) <= TOL[dtype], (b, name, rel_err(got, ref))
 
 
-@needs_cuda
-def test_varlen_offsets_are_checked_when_read():
-    q = make((10, 2, 64), torch.bfloat16, 1)
-    k = make((10, 2, 64), torch.bfloat16, 2)
-    bad = torch.tensor([0, 6, 4, 10], dtype=torch.int32, device="cuda")
-    ok = torch.tensor([0, 4, 6, 10], dtype=torch.int32, device="cuda")
+def test_varlen_offsets_are_checked_when_read(device):
+    q = make((10, 2, 64), torch.bfloat16, 1, device)
+    k = make((10, 2, 64), torch.bfloat16, 2, device)
+    bad = torch.tensor([0, 6, 4, 10], dtype=torch.int32, device=device)
+    ok = torch.tensor([0, 4, 6, 10], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="never decrease"):
         dkt.attention(q, k, k, cu_seqlens_q=bad, cu_seqlens_k=ok)
     with pytest.raises(TypeError, match="int32"):
         dkt.attention(q, k, k, cu_seqlens_q=ok.long(), cu_seqlens_k=ok)
     with pytest.raises(ValueError, match="together"):
         dkt.attention(q, k, k, cu_seqlens_q=ok)
+    with pytest.raises(ValueError, match="cu_seqlens_k is on"):
+        dkt.attention(q, k, k, cu_seqlens_q=ok, cu_seqlens_k=ok.to(other_device(device)))
 
 
 # ---- determinism, streams, errors ---------------------------------------------------------------------
 
 
-@needs_cuda
-def test_backward_is_deterministic():
-    q = make((2, 512, 24, 128), torch.bfloat16, 11).requires_grad_(True)
-    k = make((2, 512, 8, 128), torch.bfloat16, 12).requires_grad_(True)
-    v = make((2, 512, 8, 128), torch.bfloat16, 13).requires_grad_(True)
-    do = make((2, 512, 24, 128), torch.bfloat16, 14)
+def test_backward_is_deterministic(device):
+    # Smaller on the CPU backend (an f64 reference: the CUDA shape would take seconds there).
+    s, hq, hkv = (512, 24, 8) if device == "cuda" else (160, 6, 2)
+    q = make((2, s, hq, 128), torch.bfloat16, 11, device).requires_grad_(True)
+    k = make((2, s, hkv, 128), torch.bfloat16, 12, device).requires_grad_(True)
+    v = make((2, s, hkv, 128), torch.bfloat16, 13, device).requires_grad_(True)
+    do = make((2, s, hq, 128), torch.bfloat16, 14, device)
     runs = []
     for _ in range(2):
         out = dkt.attention(q, k, v, causal=True, deterministic=True)
@@ -233,16 +253,19 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-@needs_cuda
 @pytest.mark.parametrize("d,causal,sq,sk", [(128, True, 512, 512), (64, True, 77, 200),
                                              (128, False, 200, 77)])
-def test_atomic_dq_mode_vs_sdpa_and_the_deterministic_mode(d, causal, sq, sk):
-    # deterministic=False: dq summed by f32 atomics; dk / dv bitwise those of the default mode.
+def test_atomic_dq_mode_vs_sdpa_and_the_deterministic_mode(device, d, causal, sq, sk):
+    # deterministic=False: dq summed by f32 atomics on CUDA (the CPU backend has one exact path
+    # for both modes); dk / dv bitwise those of the default mode.
     seed = zlib.crc32(repr(("atomic", d, causal, sq, sk)).encode())
-    q = make((2, sq, 24, d), torch.bfloat16, seed).requires_grad_(True)
-    k = make((2, sk, 8, d), torch.bfloat16, seed + 1).requires_grad_(True)
-    v = make((2, sk, 8, d), torch.bfloat16, seed + 2).requires_grad_(True)
-    do = make((2, sq, 24, d), torch.bfloat16, seed + 3)
+    hq, hkv = 24, 8
+    if device == "cpu":  # smaller on the CPU backend (an f64 reference)
+        hq, hkv, sq, sk = 6, 2, min(sq, 160), min(sk, 160)
+    q = make((2, sq, hq, d), torch.bfloat16, seed, device).requires_grad_(True)
+    k = make((2, sk, hkv, d), torch.bfloat16, seed + 1, device).requires_grad_(True)
+    v = make((2, sk, hkv, d), torch.bfloat16, seed + 2, device).requires_grad_(True)
+    do = make((2, sq, hq, d), torch.bfloat16, seed + 3, device)
     _, _, _, rdq, rdk, rdv = sdpa_reference(q, k, v, causal, dout=do)
     grads = {}
     for det in (True, False):
@@ -254,11 +277,11 @@ def test_atomic_dq_mode_vs_sdpa_and_the_deterministic_mode(d, causal, sq, sk):
     assert torch.equal(grads[False][2], grads[True][2])
 
 
-@needs_cuda
+@cuda_only("torch streams")
 def test_runs_on_the_current_stream():
-    q = make((1, 256, 4, 64), torch.float16, 21)
-    k = make((1, 256, 2, 64), torch.float16, 22)
-    v = make((1, 256, 2, 64), torch.float16, 23)
+    q = make((1, 256, 4, 64), torch.float16, 21, "cuda")
+    k = make((1, 256, 2, 64), torch.float16, 22, "cuda")
+    v = make((1, 256, 2, 64), torch.float16, 23, "cuda")
     want = dkt.attention(q, k, v, causal=True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -269,20 +292,24 @@ def test_runs_on_the_current_stream():
     assert torch.equal(got, want)
 
 
-@needs_cuda
-def test_errors():
-    q = make((1, 8, 4, 64), torch.bfloat16, 1)
-    k = make((1, 8, 2, 64), torch.bfloat16, 2)
-    with pytest.raises(TypeError, match="float32"):
-        dkt.attention(q.float(), k.float(), k.float())
+def test_errors(device):
+    q = make((1, 8, 4, 64), torch.bfloat16, 1, device)
+    k = make((1, 8, 2, 64), torch.bfloat16, 2, device)
+    if device == "cuda":  # float32 runs on CPU tensors only
+        with pytest.raises(TypeError, match="float32"):
+            dkt.attention(q.float(), k.float(), k.float())
+    with pytest.raises(TypeError, match="not supported"):
+        dkt.attention(q.double(), k.double(), k.double())
+    with pytest.raises(TypeError, match="one dtype"):
+        dkt.attention(q, k.half(), k)
     with pytest.raises(ValueError, match="multiple"):
         dkt.attention(q[:, :, :3], k, k)
     with pytest.raises(ValueError, match="head dimension"):
         dkt.attention(q[..., :32], k[..., :32], k[..., :32])
     with pytest.raises(ValueError, match="4-D"):
         dkt.attention(q[0], k[0], k[0])
-    with pytest.raises(ValueError, match="on"):
-        dkt.attention(q, k.cpu(), k)
+    with pytest.raises(ValueError, match="but k is on"):
+        dkt.attention(q, k.to(other_device(device)), k)
     with pytest.raises(ValueError, match="max_seqlen"):
         dkt.attention(q, k, k, max_seqlen_q=8)
 

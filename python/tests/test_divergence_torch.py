@@ -1,8 +1,9 @@
 """distill_kernels.torch.divergence against F.kl_div and TRL's generalized_jsd_loss formula.
 
-Needs torch; the CUDA tests also need a GPU (and a library built with nvcc). Without them the
-tests are skipped with the reason shown by ``pytest -rs``. The CPU-tensor tests run wherever torch
-is installed.
+Needs torch. Each test body taking ``device`` runs once per device: on CPU tensors (the library's
+exact CPU backend) wherever torch is installed, and on CUDA tensors where a GPU is available (and
+the library was built with nvcc); tests that are about CUDA itself (streams, host syncs, graph
+capture, CUDA against the CPU backend) are CUDA-only. Skips show their reason with ``pytest -rs``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,28 @@ import distill_kernels as dk  # noqa: E402
 import distill_kernels.torch as dkt  # noqa: E402
 
 HAVE_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAVE_CUDA, reason="CUDA is not available: CUDA torch tests skipped")
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
+        not HAVE_CUDA,
+        reason="CUDA is not available: cuda case skipped (the body also runs on cpu)")),
+]
+
+
+def cuda_only(why):
+    return pytest.mark.skipif(
+        not HAVE_CUDA, reason=f"CUDA is not available: CUDA-only test ({why})")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def other_device(device):
+    """A device that is not `device` (tensors there must be refused): meta stands in for it on a
+    machine without a GPU."""
+    return "meta" if device == "cpu" else "cpu"
 
 KIND_BETAS = [
     ("forward_kl", 0.5),
@@ -130,29 +152,27 @@ def ours_and_reference(s, t, kind, beta, temperature, labels=None, reduction="ba
     return out, s1.grad, ref, s2.grad
 
 
-# ---- CUDA ---------------------------------------------------------------------------------------
+# ---- every device (CPU tensors: the CPU backend; CUDA tensors: the kernels) ----------------------
 
 
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind,beta", KIND_BETAS)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_cuda_matches_kl_div_and_trl(dtype, kind, beta, temperature):
-    s, t = make(32, 4099, dtype, "cuda", seed=1)
+def test_matches_kl_div_and_trl(device, dtype, kind, beta, temperature):
+    s, t = make(32, 4099, dtype, device, seed=1)
     out, g, ref, g_ref = ours_and_reference(s, t, kind, beta, temperature)
-    assert out.shape == () and out.dtype == torch.float32 and out.is_cuda
+    assert out.shape == () and out.dtype == torch.float32 and out.device == s.device
     assert g.dtype == dtype and g.shape == s.shape
     tl, tg = tol(dtype)
     assert rel_err(out, ref) <= tl
     assert rel_err(g, g_ref) <= tg
 
 
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind,beta", [("jsd", 0.5), ("jsd", 0.3)])
-def test_cuda_labels_and_ignore_index(dtype, kind, beta):
-    s, t = make(40, 1000, dtype, "cuda", seed=2)
-    labels = torch.randint(0, 1000, (40,), device="cuda")
+def test_labels_and_ignore_index(device, dtype, kind, beta):
+    s, t = make(40, 1000, dtype, device, seed=2)
+    labels = torch.randint(0, 1000, (40,), device=device)
     labels[::3] = -100
     for reduction in ("batchmean", "sum", "none"):
         out, g, ref, g_ref = ours_and_reference(s, t, kind, beta, 1.0, labels, reduction)
@@ -162,12 +182,11 @@ def test_cuda_labels_and_ignore_index(dtype, kind, beta):
         assert torch.all(g[::3] == 0)
 
 
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5)])
-def test_cuda_reduction_none_non_uniform_grad_output(dtype, kind, beta):
-    s, t = make(24, 3001, dtype, "cuda", seed=3)
-    w = torch.randn(24, device="cuda", dtype=torch.float32)
+def test_reduction_none_non_uniform_grad_output(device, dtype, kind, beta):
+    s, t = make(24, 3001, dtype, device, seed=3)
+    w = torch.randn(24, device=device, dtype=torch.float32)
     out, g, ref, g_ref = ours_and_reference(s, t, kind, beta, 0.7, reduction="none", upstream=w)
     assert out.shape == (24,) and out.dtype == torch.float32
     tl, tg = tol(dtype)
@@ -175,9 +194,8 @@ def test_cuda_reduction_none_non_uniform_grad_output(dtype, kind, beta):
     assert rel_err(g, g_ref) <= tg
 
 
-@needs_cuda
-def test_cuda_grad_output_scaling_and_num_items():
-    s, t = make(16, 777, torch.float32, "cuda", seed=4)
+def test_grad_output_scaling_and_num_items(device):
+    s, t = make(16, 777, torch.float32, device, seed=4)
     s1 = s.clone().requires_grad_(True)
     (dkt.divergence(s1, t, kind="forward_kl", num_items=50.0) * 3.5).backward()
     s2 = s.double().clone().requires_grad_(True)
@@ -185,7 +203,7 @@ def test_cuda_grad_output_scaling_and_num_items():
     assert rel_err(s1.grad, s2.grad) <= 1e-5
 
 
-@needs_cuda
+@cuda_only("torch streams")
 def test_cuda_side_stream():
     side = torch.cuda.Stream()
     s0, t0 = make(64, 8192, torch.bfloat16, "cuda", seed=5)
@@ -209,7 +227,7 @@ def test_cuda_side_stream():
     assert rel_err(g, g_ref) <= 1e-2
 
 
-@needs_cuda
+@cuda_only("torch.cuda.set_sync_debug_mode")
 def test_cuda_no_host_sync_on_hot_path():
     s, t = make(32, 2048, torch.bfloat16, "cuda", seed=6)
     labels = torch.randint(0, 2048, (32,), device="cuda")
@@ -228,9 +246,8 @@ def test_cuda_no_host_sync_on_hot_path():
     assert torch.isfinite(loss).item() and per.shape == (32,)
 
 
-@needs_cuda
-def test_cuda_row_views_and_one_row():
-    big_s, big_t = make(8, 5000, torch.bfloat16, "cuda", seed=7)
+def test_row_views_and_one_row(device):
+    big_s, big_t = make(8, 5000, torch.bfloat16, device, seed=7)
     s, t = big_s[:, :4093], big_t[:, 7:4100]
     # Row views go to the library as they are (same pointer, row stride of the big tensor).
     m, stride = dkt._matrix("student", t)
@@ -251,11 +268,11 @@ def test_cuda_row_views_and_one_row():
     assert one.shape == ()
 
 
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind,beta", KIND_BETAS)
-def test_cuda_matches_cpu_backend_edge_cases(dtype, kind, beta):
-    """CUDA against the library's CPU backend (the exact reference) on masked, NaN, ignored rows."""
+def test_matches_cpu_backend_edge_cases(device, dtype, kind, beta):
+    """`device` (reduction "none", backward of the per-token sum) against the library's CPU
+    backend (the exact reference, reduction "sum") on masked, NaN, ignored rows."""
     n, v = 12, 2053
     s, t = make(n, v, dtype, "cpu", seed=8)
     mask = torch.rand(n, v, generator=torch.Generator().manual_seed(9)) < 0.2
@@ -271,23 +288,22 @@ def test_cuda_matches_cpu_backend_edge_cases(dtype, kind, beta):
     sc = s.clone().requires_grad_(True)
     loss_cpu = dkt.divergence(sc, t, **kw)
     loss_cpu.backward()
-    sg = s.cuda().requires_grad_(True)
-    kwc = dict(kw, labels=labels.cuda())
-    per_cuda = dkt.divergence(sg, t.cuda(), **dict(kwc, reduction="none"))
-    per_cuda.sum().backward()
+    sg = s.to(device).requires_grad_(True)
+    kwc = dict(kw, labels=labels.to(device))
+    per_dev = dkt.divergence(sg, t.to(device), **dict(kwc, reduction="none"))
+    per_dev.sum().backward()
     per_cpu = dkt.divergence(s, t, **dict(kw, reduction="none"))
-    assert torch.isnan(per_cuda[6]).item() and torch.isnan(sg.grad[6]).all().item()
+    assert torch.isnan(per_dev[6]).item() and torch.isnan(sg.grad[6]).all().item()
     keep = [i for i in range(n) if i != 6]
     tl, tg = tol(dtype)
-    assert rel_err(per_cuda[keep].cpu(), per_cpu[keep]) <= tl
+    assert rel_err(per_dev[keep].cpu(), per_cpu[keep]) <= tl
     assert rel_err(sg.grad[keep].cpu(), sc.grad[keep]) <= tg
-    assert torch.all(sg.grad[mask.cuda()].nan_to_num(0) == 0)
-    assert torch.all(sg.grad[[3, 5, 7]] == 0) and torch.all(per_cuda[[3, 5, 7]] == 0)
+    assert torch.all(sg.grad[mask.to(device)].nan_to_num(0) == 0)
+    assert torch.all(sg.grad[[3, 5, 7]] == 0) and torch.all(per_dev[[3, 5, 7]] == 0)
 
 
-@needs_cuda
-def test_cuda_large_vocabulary_and_determinism():
-    s, t = make(4, 262145, torch.bfloat16, "cuda", seed=10)
+def test_large_vocabulary_and_determinism(device):
+    s, t = make(4, 262145, torch.bfloat16, device, seed=10)
     out, g, ref, g_ref = ours_and_reference(s, t, "jsd", 0.5, 1.0)
     assert rel_err(out, ref) <= 1e-4 and rel_err(g, g_ref) <= 1e-2
     s1 = s.clone().requires_grad_(True)
@@ -297,7 +313,7 @@ def test_cuda_large_vocabulary_and_determinism():
     assert torch.equal(s1.grad.view(torch.int16), s2.grad.view(torch.int16))
 
 
-@needs_cuda
+@cuda_only("CUDA graph capture")
 def test_cuda_graph_capture():
     s, t = make(16, 4096, torch.bfloat16, "cuda", seed=11)
     dkt.divergence(s, t, kind="forward_kl")  # warm up outside the capture
@@ -313,13 +329,13 @@ def test_cuda_graph_capture():
     assert rel_err(loss, kl_div_reference(s2, t2, "forward_kl")) <= 1e-4
 
 
-@needs_cuda
-def test_cuda_bad_input():
-    s, t = make(4, 64, torch.float32, "cuda", seed=13)
+def test_bad_input(device):
+    s, t = make(4, 64, torch.float32, device, seed=13)
+    other = other_device(device)
     with pytest.raises(ValueError):
-        dkt.divergence(s, t.cpu())
+        dkt.divergence(s, t.to(other))
     with pytest.raises(ValueError):
-        dkt.divergence(s, t, labels=torch.zeros(4, dtype=torch.int64))  # labels on the CPU
+        dkt.divergence(s, t, labels=torch.zeros(4, dtype=torch.int64, device=other))
     with pytest.raises(TypeError):
         dkt.divergence(s.double(), t)
     with pytest.raises(ValueError):

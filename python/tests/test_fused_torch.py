@@ -1,13 +1,15 @@
-"""distill_kernels.torch.fused_linear_divergence on CUDA tensors, against an fp32 PyTorch
-reference (matmul + the divergence formulas of torch / TRL, gradients by torch autograd) and the
-numpy face (CPU backend).
+"""distill_kernels.torch.fused_linear_divergence against an fp32 PyTorch reference (matmul + the
+divergence formulas of torch / TRL, gradients by torch autograd) and the numpy face (CPU backend).
 
-Needs torch and a CUDA device; otherwise every test is skipped with the reason shown by
+Needs torch. Each test body taking ``device`` runs on CPU tensors (the library's CPU backend) and,
+where a GPU is available (and the library was built with nvcc), on CUDA tensors; the tests about
+CUDA itself (side streams, CUDA memory use) are CUDA-only. Skips show their reason with
 ``pytest -rs``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -19,9 +21,28 @@ import distill_kernels as dk  # noqa: E402
 import distill_kernels.torch as dkt  # noqa: E402
 
 HAVE_CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(
-    not HAVE_CUDA, reason="CUDA is not available: fused linear divergence torch tests skipped"
-)
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
+        not HAVE_CUDA,
+        reason="CUDA is not available: cuda case skipped (the body also runs on cpu)")),
+]
+
+
+def cuda_only(why):
+    return pytest.mark.skipif(
+        not HAVE_CUDA, reason=f"CUDA is not available: CUDA-only test ({why})")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def other_device(device):
+    """A device that is not `device` (tensors there must be refused): meta stands in for it on a
+    machine without a GPU."""
+    return "meta" if device == "cpu" else "cpu"
 
 KIND_BETAS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.5), ("jsd", 1.0)]
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
@@ -85,10 +106,10 @@ def rel(out, ref):
     return (nd / nr).item() if nr > 0 else nd.item()
 
 
-def inputs(n=64, h=128, v=1000, ht=None, dtype=torch.bfloat16, spread=2.0, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def inputs(device, n=64, h=128, v=1000, ht=None, dtype=torch.bfloat16, spread=2.0, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
     ht = h if ht is None else ht
-    mk = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    mk = lambda *s: torch.randn(*s, device=device, generator=g)  # noqa: E731
     hs = mk(n, h).to(dtype)
     ws = (mk(v, h) * spread / math.sqrt(h)).to(dtype)
     tt = mk(n, ht).to(dtype)
@@ -118,35 +139,35 @@ def check(hs, ws, ht, wt, **kw):
 
 @pytest.mark.parametrize("kind,beta", KIND_BETAS)
 @pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
-def test_cuda_matches_torch_reference(kind, beta, dtype):
-    check(*inputs(dtype=DTYPES[dtype]), kind=kind, beta=beta)
+def test_matches_torch_reference(device, kind, beta, dtype):
+    check(*inputs(device, dtype=DTYPES[dtype]), kind=kind, beta=beta)
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0, 2.0])
 @pytest.mark.parametrize("logit_scale,temperature", [(1.0, 1.0), (0.5, 2.0), (3.0, 0.7)])
-def test_cuda_scale_softcap_temperature(softcap, logit_scale, temperature):
-    check(*inputs(n=37, v=777), kind="jsd", beta=0.3, softcap=softcap, logit_scale=logit_scale,
-          temperature=temperature, chunk_rows=8)
+def test_scale_softcap_temperature(device, softcap, logit_scale, temperature):
+    check(*inputs(device, n=37, v=777), kind="jsd", beta=0.3, softcap=softcap,
+          logit_scale=logit_scale, temperature=temperature, chunk_rows=8)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "sum"])
 @pytest.mark.parametrize("chunk_rows", [None, 1, 7, 64, 100])
-def test_cuda_labels_chunks_reductions(reduction, chunk_rows):
-    hs, ws, ht, wt = inputs(n=50, v=513, seed=3)
-    labels = torch.randint(0, 513, (50,), device="cuda")
+def test_labels_chunks_reductions(device, reduction, chunk_rows):
+    hs, ws, ht, wt = inputs(device, n=50, v=513, seed=3)
+    labels = torch.randint(0, 513, (50,), device=device)
     labels[[0, 9, 10, 49]] = -100
     check(hs, ws, ht, wt, labels=labels, reduction=reduction, chunk_rows=chunk_rows)
     check(hs, ws, ht, wt, labels=labels, num_items=17.0, chunk_rows=chunk_rows)
 
 
-def test_cuda_reduction_none_hidden_only_and_weight_refused():
-    hs, ws, ht, wt = inputs(n=20, v=300, seed=4)
+def test_reduction_none_hidden_only_and_weight_refused(device):
+    hs, ws, ht, wt = inputs(device, n=20, v=300, seed=4)
     _, rows_ref, _, _ = torch_reference(hs, ws, ht, wt, reduction="none")
     a = hs.detach().clone().requires_grad_(True)
     per_token = dkt.fused_linear_divergence(a, ws, ht, wt, reduction="none")
     assert per_token.shape == (20,)
     assert rel(per_token, rows_ref) <= 1e-4
-    w = torch.rand(20, device="cuda")
+    w = torch.rand(20, device=device)
     (per_token * w).sum().backward()
     # reference: d(sum w_n rows_n)/d hidden
     a32 = hs.detach().float().requires_grad_(True)
@@ -162,23 +183,33 @@ def test_cuda_reduction_none_hidden_only_and_weight_refused():
                                     reduction="none")
 
 
-def test_cuda_grad_output_scaling_no_sync_and_side_stream():
-    hs, ws, ht, wt = inputs(seed=5)
+def _grad_output_scaling(device, stream):
+    hs, ws, ht, wt = inputs(device, seed=5)
     _, _, gh_ref, gw_ref = torch_reference(hs, ws, ht, wt)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         a = hs.detach().clone().requires_grad_(True)
         b = ws.detach().clone().requires_grad_(True)
         loss = dkt.fused_linear_divergence(a, b, ht, wt, chunk_rows=16)
         (2.5 * loss).backward()
-    torch.cuda.current_stream().wait_stream(s)
+    if stream is not None:
+        torch.cuda.current_stream().wait_stream(stream)
     assert rel(a.grad, 2.5 * gh_ref) <= 1e-2
     assert rel(b.grad, 2.5 * gw_ref) <= 1e-2
 
 
-def test_cuda_self_distillation_same_weight_tensor():
-    hs, ws, ht, _ = inputs(seed=6)
+def test_grad_output_scaling(device):
+    _grad_output_scaling(device, None)
+
+
+@cuda_only("torch streams")
+def test_cuda_grad_output_scaling_on_a_side_stream():
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    _grad_output_scaling("cuda", s)
+
+
+def test_self_distillation_same_weight_tensor(device):
+    hs, ws, ht, _ = inputs(device, seed=6)
     w = ws.detach().clone().requires_grad_(True)
     a = hs.detach().clone().requires_grad_(True)
     loss = dkt.fused_linear_divergence(a, w, ht, w, kind="jsd", softcap=5.0)
@@ -187,15 +218,15 @@ def test_cuda_self_distillation_same_weight_tensor():
     assert rel(a.grad, gh_ref) <= 1e-2 and rel(w.grad, gw_ref) <= 1e-2
 
 
-def test_cuda_grad_dtype_f32_and_accumulate_buffers():
-    hs, ws, ht, wt = inputs(seed=7)
+def test_grad_dtype_f32_and_accumulate_buffers(device):
+    hs, ws, ht, wt = inputs(device, seed=7)
     _, _, gh_ref, gw_ref = torch_reference(hs, ws, ht, wt)
     a = hs.detach().clone().requires_grad_(True)
     b = ws.detach().clone().requires_grad_(True)
     dkt.fused_linear_divergence(a, b, ht, wt, grad_dtype=torch.float32).backward()
     assert b.grad.dtype == torch.bfloat16 and rel(b.grad, gw_ref) <= 1e-2
-    gw0 = torch.randn(ws.shape, device="cuda") * 0.01
-    gh0 = torch.randn(hs.shape, device="cuda", dtype=torch.bfloat16) * 0.01
+    gw0 = torch.randn(ws.shape, device=device) * 0.01
+    gh0 = torch.randn(hs.shape, device=device, dtype=torch.bfloat16) * 0.01
     gw, gh = gw0.clone(), gh0.clone()
     for _ in range(2):
         loss = dkt.fused_linear_divergence(hs, ws, ht, wt, grad_weight_out=gw, grad_hidden_out=gh)
@@ -204,10 +235,10 @@ def test_cuda_grad_dtype_f32_and_accumulate_buffers():
     assert rel(gh, gh0.double() + 2 * gh_ref.double()) <= 1e-2
 
 
-def test_cuda_matches_cpu_numpy_face():
+def test_matches_cpu_numpy_face(device):
     np = pytest.importorskip("numpy")
-    hs, ws, ht, wt = inputs(n=30, h=32, v=200, dtype=torch.float32, seed=8)
-    labels = torch.randint(0, 200, (30,), device="cuda")
+    hs, ws, ht, wt = inputs(device, n=30, h=32, v=200, dtype=torch.float32, seed=8)
+    labels = torch.randint(0, 200, (30,), device=device)
     labels[3] = -100
     kw = dict(kind="jsd", beta=0.3, softcap=4.0, logit_scale=0.8, temperature=1.3, chunk_rows=7)
     a = hs.detach().clone().requires_grad_(True)
@@ -222,8 +253,8 @@ def test_cuda_matches_cpu_numpy_face():
     assert np is not None
 
 
-def test_cuda_forward_only_and_backward_twice():
-    hs, ws, ht, wt = inputs(seed=9)
+def test_forward_only_and_backward_twice(device):
+    hs, ws, ht, wt = inputs(device, seed=9)
     with torch.no_grad():
         loss = dkt.fused_linear_divergence(hs.requires_grad_(True), ws, ht, wt)
     assert not loss.requires_grad
@@ -235,9 +266,10 @@ def test_cuda_forward_only_and_backward_twice():
         loss.backward()
 
 
+@cuda_only("measures CUDA memory with torch.cuda.max_memory_allocated")
 def test_cuda_extra_memory_is_o_chunk_times_v():
     n, h, v, chunk = 4096, 256, 32768, 256
-    hs, ws, ht, wt = inputs(n=n, h=h, v=v, seed=10)
+    hs, ws, ht, wt = inputs("cuda", n=n, h=h, v=v, seed=10)
     a = hs.detach().clone().requires_grad_(True)
     b = ws.detach().clone().requires_grad_(True)
     dkt.fused_linear_divergence(a, b, ht, wt, chunk_rows=chunk).backward()  # warm up
@@ -256,8 +288,9 @@ def test_cuda_extra_memory_is_o_chunk_times_v():
     assert extra < full_logits, "extra memory is as large as the f32 [N, V] logits"
 
 
-def test_cuda_bad_input():
-    hs, ws, ht, wt = inputs(n=8, h=16, v=32, seed=11)
+def test_bad_input(device):
+    hs, ws, ht, wt = inputs(device, n=8, h=16, v=32, seed=11)
+    other = other_device(device)
     with pytest.raises(TypeError):
         dkt.fused_linear_divergence(hs, ws.float(), ht, wt)
     with pytest.raises(ValueError):
@@ -269,10 +302,16 @@ def test_cuda_bad_input():
     with pytest.raises(TypeError):
         dkt.fused_linear_divergence(hs, ws, ht, wt, num_items=torch.tensor(3.0))
     with pytest.raises(ValueError):
-        dkt.fused_linear_divergence(hs, ws, ht.cpu(), wt)
+        dkt.fused_linear_divergence(hs, ws, ht.to(other), wt)
     with pytest.raises(ValueError):
         dkt.fused_linear_divergence(hs, ws, ht, wt, grad_weight_out=torch.zeros(
-            ws.shape, device="cuda").t().contiguous().t())
+            ws.shape, device=device).t().contiguous().t())
     with pytest.raises(ValueError):
         dkt.fused_linear_divergence(hs, ws, ht, wt, grad_weight_out=torch.zeros(
-            ws.shape, device="cuda"), grad=False)
+            ws.shape, device=device), grad=False)
+    with pytest.raises(ValueError, match="grad_weight_out is on"):
+        dkt.fused_linear_divergence(hs, ws, ht, wt, grad_weight_out=torch.zeros(
+            ws.shape, device=other))
+    with pytest.raises(ValueError, match="labels are on"):
+        dkt.fused_linear_divergence(hs, ws, ht, wt, labels=torch.zeros(8, dtype=torch.int64,
+                                                                       device=other))

@@ -1,12 +1,16 @@
-"""distill_kernels.torch MoE dispatch (CUDA) against the plain-PyTorch implementation and autograd.
+"""distill_kernels.torch MoE dispatch against the plain-PyTorch implementation and autograd.
 
 The reference is what a PyTorch user writes (ANCHORS.md, "MoE dispatch in plain PyTorch"): route
 by softmax / sigmoid + sort + argsort, permute by index_select, combine by index_add, gradients
-by torch autograd; evaluated in float64. Needs torch and a CUDA device (and a library built with
-nvcc); otherwise the tests are skipped with the reason shown by ``pytest -rs``.
+by torch autograd; evaluated in float64. Needs torch. Each test body taking ``device`` runs on CPU
+tensors (the library's CPU backend) and, where a GPU is available (and the library was built with
+nvcc), on CUDA tensors; the tests about CUDA itself (host syncs, side streams) are CUDA-only.
+Skips show their reason with ``pytest -rs``.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
@@ -15,9 +19,29 @@ torch = pytest.importorskip("torch", reason="torch is not installed: MoE torch t
 import distill_kernels as dk  # noqa: E402
 import distill_kernels.torch as dkt  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="CUDA is not available: MoE torch tests skipped"
-)
+HAVE_CUDA = torch.cuda.is_available()
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
+        not HAVE_CUDA,
+        reason="CUDA is not available: cuda case skipped (the body also runs on cpu)")),
+]
+
+
+def cuda_only(why):
+    return pytest.mark.skipif(
+        not HAVE_CUDA, reason=f"CUDA is not available: CUDA-only test ({why})")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def other_device(device):
+    """A device that is not `device` (tensors there must be refused): meta stands in for it on a
+    machine without a GPU."""
+    return "meta" if device == "cpu" else "cpu"
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -96,7 +120,7 @@ def torch_combine(rows, position, w=None):
 def check_route(got, ref):
     for name in ("expert_ids", "counts", "offsets", "perm", "position"):
         a = getattr(got, name)
-        assert a.dtype == torch.int32 and a.is_cuda, name
+        assert a.dtype == torch.int32 and a.device == ref["perm"].device, name
         assert torch.equal(a.long(), ref[name]), name
     assert got.num_rows == ref["num_rows"]
     torch.testing.assert_close(got.weights.double(), ref["weights"], rtol=3e-6, atol=1e-7)
@@ -114,24 +138,24 @@ ROUTES = {
 }
 
 
-def make_logits(n, e, dtype, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return (torch.randn(n, e, device="cuda", generator=g) * 2).to(dtype)
+def make_logits(n, e, dtype, seed, device):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(n, e, device=device, generator=g) * 2).to(dtype)
 
 
-def route_kw(kw, e):
+def route_kw(kw, e, device):
     kw = dict(kw)
     if kw.get("bias") is True:
-        kw["bias"] = torch.randn(e, device="cuda") * 0.5
+        kw["bias"] = torch.randn(e, device=device) * 0.5
     return kw
 
 
 @pytest.mark.parametrize("logit_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", sorted(ROUTES))
-def test_route_matches_plain_torch_and_the_cpu_backend(case, logit_dtype):
+def test_route_matches_plain_torch_and_the_cpu_backend(device, case, logit_dtype):
     n, e, k, kw = ROUTES[case]
-    kw = route_kw(kw, e)
-    lg = make_logits(n, e, logit_dtype, seed=len(case) + n)
+    kw = route_kw(kw, e, device)
+    lg = make_logits(n, e, logit_dtype, seed=len(case) + n, device=device)
     got = dkt.moe_route(lg, k, **kw)
     check_route(got, torch_route(lg, k, **kw))
     # the numpy face (CPU backend) gives the same routing
@@ -142,16 +166,17 @@ def test_route_matches_plain_torch_and_the_cpu_backend(case, logit_dtype):
     assert abs(got.weights.cpu().numpy() - cpu.weights).max() <= 3e-6 * max(1.0, kw.get("scale", 1))
 
 
-def test_route_ties_go_to_the_lower_expert():
-    g = torch.Generator(device="cuda").manual_seed(3)
-    lg = torch.randint(0, 3, (97, 32), device="cuda", generator=g).float()
+def test_route_ties_go_to_the_lower_expert(device):
+    g = torch.Generator(device=device).manual_seed(3)
+    lg = torch.randint(0, 3, (97, 32), device=device, generator=g).float()
     for kw in (dict(), dict(score="sigmoid", renormalize=True), dict(block=4, capacity=9)):
         for k in (1, 4, 8):
             check_route(dkt.moe_route(lg, k, **kw), torch_route(lg, k, **kw))
 
 
-def test_route_without_host_sync_when_r_is_known_or_bounded():
-    lg = make_logits(128, 64, torch.bfloat16, seed=4)
+@cuda_only("torch.cuda.set_sync_debug_mode")
+def test_cuda_route_without_host_sync_when_r_is_known_or_bounded():
+    lg = make_logits(128, 64, torch.bfloat16, seed=4, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -161,32 +186,41 @@ def test_route_without_host_sync_when_r_is_known_or_bounded():
         torch.cuda.set_sync_debug_mode("default")
     assert a.num_rows == 128 * 4
     assert b.num_rows == b.max_rows == min(128 * 4, 64 * 5) + 64 * 7
+
+
+def test_route_with_r_known_or_bounded(device):
+    """exact_rows=False: num_rows is the bound max_rows, the rows past R are padding."""
+    lg = make_logits(128, 64, torch.bfloat16, seed=4, device=device)
+    a = dkt.moe_route(lg, 4)  # R = N·k
+    b = dkt.moe_route(lg, 4, capacity=5, block=8, exact_rows=False)
+    assert a.num_rows == 128 * 4
+    assert b.num_rows == b.max_rows == min(128 * 4, 64 * 5) + 64 * 7
     exact = dkt.moe_route(lg, 4, capacity=5, block=8)
     R = exact.num_rows
     assert R == int(b.offsets[-1]) and R <= b.num_rows
     assert torch.equal(exact.perm, b.perm[:R]) and (b.perm[R:] == -1).all()
-    x = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(128, 64, device=device, dtype=torch.bfloat16)
     xp_b = dkt.moe_permute(x, b)
     assert xp_b.shape == (b.num_rows, 64)
     assert torch.equal(xp_b[:R], dkt.moe_permute(x, exact)) and (xp_b[R:] == 0).all()
-    eo = torch.randn(b.num_rows, 64, device="cuda", dtype=torch.bfloat16)
+    eo = torch.randn(b.num_rows, 64, device=device, dtype=torch.bfloat16)
     assert torch.equal(dkt.moe_combine(eo, b), dkt.moe_combine(eo[:R], exact))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["llama4", "qwen3", "deepseek_v3", "capacity_block"])
-def test_forward_and_autograd_match_plain_torch(case, dtype):
+def test_forward_and_autograd_match_plain_torch(device, case, dtype):
     n, e, k, kw = ROUTES[case]
-    kw = route_kw(kw, e)
+    kw = route_kw(kw, e, device)
     h = 64
-    lg = make_logits(n, e, torch.float32, seed=7)
+    lg = make_logits(n, e, torch.float32, seed=7, device=device)
     route = dkt.moe_route(lg, k, **kw)
     R = route.num_rows
     perm, pos = route.perm.long(), route.position.long()
-    x = torch.randn(n, h, device="cuda").to(dtype)
-    eo = torch.randn(R, h, device="cuda").to(dtype)
-    gxp = torch.randn(R, h, device="cuda").to(dtype)
-    gy = torch.randn(n, h, device="cuda").to(dtype)
+    x = torch.randn(n, h, device=device).to(dtype)
+    eo = torch.randn(R, h, device=device).to(dtype)
+    gxp = torch.randn(R, h, device=device).to(dtype)
+    gy = torch.randn(n, h, device=device).to(dtype)
     for scale in (False, True):
         xa = x.clone().requires_grad_(True)
         wa = route.weights.clone().requires_grad_(True)
@@ -233,14 +267,14 @@ def test_forward_and_autograd_match_plain_torch(case, dtype):
     assert torch.equal(g_x, xa.grad) and torch.equal(g_w, wa.grad)
 
 
-def test_gradient_reaches_the_router_through_weights():
+def test_gradient_reaches_the_router_through_weights(device):
     """A full MoE layer: router weights from the logits (differentiable), permute, a per-expert
     linear map, combine; every gradient against plain torch in float64."""
     n, e, k, h = 96, 8, 2, 32
-    g = torch.Generator(device="cuda").manual_seed(8)
-    lg = torch.randn(n, e, device="cuda", generator=g).requires_grad_(True)
-    x = torch.randn(n, h, device="cuda", generator=g).requires_grad_(True)
-    wexp = (torch.randn(e, h, h, device="cuda", generator=g) / h**0.5).requires_grad_(True)
+    g = torch.Generator(device=device).manual_seed(8)
+    lg = torch.randn(n, e, device=device, generator=g).requires_grad_(True)
+    x = torch.randn(n, h, device=device, generator=g).requires_grad_(True)
+    wexp = (torch.randn(e, h, h, device=device, generator=g) / h**0.5).requires_grad_(True)
     route = dkt.moe_route(lg, k, renormalize=True)
     counts = route.counts.tolist()
 
@@ -260,7 +294,7 @@ def test_gradient_reaches_the_router_through_weights():
             return dkt.moe_combine(eo, route, weights=p)
         return torch_combine(eo, route.position.long(), p)
 
-    gy = torch.randn(n, h, device="cuda", generator=g)
+    gy = torch.randn(n, h, device=device, generator=g)
     grads = torch.autograd.grad((layer(lg, x, wexp, True) * gy).sum(), (lg, x, wexp))
     ld, xd, wd = (t.detach().double().requires_grad_(True) for t in (lg, x, wexp))
     refs = torch.autograd.grad((layer(ld, xd, wd, False) * gy.double()).sum(), (ld, xd, wd))
@@ -268,9 +302,10 @@ def test_gradient_reaches_the_router_through_weights():
         assert rel_err(a, b) <= 1e-5
 
 
-def test_bitwise_deterministic_and_on_a_side_stream():
+@cuda_only("torch streams")
+def test_cuda_bitwise_deterministic_and_on_a_side_stream():
     n, e, k, h = 4096, 128, 8, 256
-    lg = make_logits(n, e, torch.bfloat16, seed=9)
+    lg = make_logits(n, e, torch.bfloat16, seed=9, device="cuda")
     x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
     results = []
     for run in range(2):
@@ -290,27 +325,33 @@ def test_bitwise_deterministic_and_on_a_side_stream():
         assert torch.equal(a, b)
 
 
-def test_bad_input():
-    lg = make_logits(8, 16, torch.float32, seed=10)
+def test_bad_input(device):
+    lg = make_logits(8, 16, torch.float32, seed=10, device=device)
     route = dkt.moe_route(lg, 2)
-    x = torch.randn(8, 32, device="cuda")
+    x = torch.randn(8, 32, device=device)
+    other = other_device(device)
+    moved = dataclasses.replace(route, position=route.position.to(other))
     cases = [
         (lambda: dkt.moe_route(lg.double(), 2), TypeError),
         (lambda: dkt.moe_route(lg, 0), ValueError),
         (lambda: dkt.moe_route(lg, 2, n_groups=3), ValueError),
-        (lambda: dkt.moe_route(lg, 2, bias=torch.zeros(16)), ValueError),  # bias on the CPU
+        (lambda: dkt.moe_route(lg, 2, bias=torch.zeros(16, device=other)), ValueError),
         (lambda: dkt.moe_route(lg.cpu().numpy(), 2), TypeError),
         (lambda: dkt.moe_permute(x[:, :12], route), ValueError),
         (lambda: dkt.moe_permute(x[:-1], route), ValueError),
-        (lambda: dkt.moe_permute(x.cpu(), route), ValueError),
+        (lambda: dkt.moe_permute(x.to(other), route), ValueError),
+        (lambda: dkt.moe_permute(x, moved), ValueError),  # route tensors on another device
+        (lambda: dkt.moe_combine(x.repeat(2, 1), moved), ValueError),
         (lambda: dkt.moe_permute(x.double(), route), TypeError),
         (lambda: dkt.moe_combine(x[:3], route), ValueError),
         # weights= with the flag that reads them off: it would be ignored
         (lambda: dkt.moe_combine(x.repeat(2, 1), route, weighted=False,
                                  weights=route.weights), ValueError),
         (lambda: dkt.moe_permute(x, route, weights=route.weights), ValueError),
-        (lambda: dkt.moe_combine(x.repeat(2, 1), route, weights=torch.ones(8, 3, device="cuda")),
+        (lambda: dkt.moe_combine(x.repeat(2, 1), route, weights=torch.ones(8, 3, device=device)),
          ValueError),
+        (lambda: dkt.moe_combine(x.repeat(2, 1), route,
+                                 weights=torch.ones(8, 2, device=other)), ValueError),
         (lambda: dkt.moe_permute_backward(x.repeat(2, 1), route, scale=True), ValueError),
     ]
     before = x.clone()

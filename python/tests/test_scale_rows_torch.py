@@ -1,11 +1,12 @@
 """distill_kernels.torch.scale_rows_ (CPU tensors: the library's CPU backend; CUDA tensors: the
 kernel on the current stream) against torch's own float32 product, and the divergence backward
-that uses it on CUDA.
+that scales by grad_output (through it on CUDA, through mul_ on the CPU).
 
 The reference is ``x.float() * f`` rounded by ``.to(dtype)`` (what ``x.mul_(f)`` computes for an
 f32 ``[N, 1]`` tensor ``f``: the product in float32, rounded once). Rows whose factor is exactly 1
-hold NaN payloads and must keep their bits. Needs torch; the CUDA tests also need a GPU (skipped
-with the reason shown by ``pytest -rs``).
+hold NaN payloads and must keep their bits. Needs torch. Each test body taking ``device`` runs on
+CPU tensors and, where a GPU is available, on CUDA tensors; the host-sync / side-stream test is
+CUDA-only (skips show their reason with ``pytest -rs``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,23 @@ torch = pytest.importorskip("torch", reason="torch is not installed: torch tests
 import distill_kernels.torch as dkt  # noqa: E402
 
 HAVE_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAVE_CUDA,
-                                reason="CUDA is not available: CUDA torch tests skipped")
-DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=needs_cuda)]
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
+        not HAVE_CUDA,
+        reason="CUDA is not available: cuda case skipped (the body also runs on cpu)")),
+]
+
+
+def cuda_only(why):
+    return pytest.mark.skipif(
+        not HAVE_CUDA, reason=f"CUDA is not available: CUDA-only test ({why})")
+
+
+def other_device(device):
+    """A device that is not `device` (tensors there must be refused): meta stands in for it on a
+    machine without a GPU."""
+    return "meta" if device == "cpu" else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FACTORS = [1.0, 0.0, -0.0, -1.0, math.nan, math.inf, 2.5, 1e-6, 1e30, 1.0, -0.375, 0.3]
 
@@ -95,29 +110,32 @@ def test_scale_rows_one_factor(device, dtype):
     check_rows(before, big, 2, 300, torch.tensor([0.75]))
 
 
-def test_scale_rows_bad_arguments():
-    x = torch.ones(3, 8)
+@pytest.mark.parametrize("device", DEVICES)
+def test_scale_rows_bad_arguments(device):
+    x = torch.ones(3, 8, device=device)
     with pytest.raises(TypeError):
         dkt.scale_rows_(x.double(), 2.0)
     with pytest.raises(ValueError, match="contiguous"):
         dkt.scale_rows_(x[:, ::2], 2.0)
     with pytest.raises(ValueError, match="N = 3"):
-        dkt.scale_rows_(x, torch.ones(2))
+        dkt.scale_rows_(x, torch.ones(2, device=device))
+    with pytest.raises(ValueError, match="factors are on"):
+        dkt.scale_rows_(x, torch.ones(3, device=other_device(device)))
     with pytest.raises(ValueError, match="requires grad"):
         dkt.scale_rows_(x.clone().requires_grad_(True), 2.0)
     assert torch.all(x == 1)
 
 
-@needs_cuda
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
-def test_cuda_backward_scales_exactly_like_the_float32_product(dtype, reduction):
-    """The divergence backward on CUDA scales the forward's gradient through dk_scale_rows:
-    grad_output 1 gives the unscaled gradient bit for bit, any other the f32 product rounded
-    once (per row for reduction "none")."""
+def test_backward_scales_exactly_like_the_float32_product(device, dtype, reduction):
+    """The divergence backward scales the forward's gradient by grad_output (on CUDA through
+    dk_scale_rows): grad_output 1 gives the unscaled gradient bit for bit, any other the f32
+    product rounded once (per row for reduction "none")."""
     g = torch.Generator().manual_seed(3)
-    s = (torch.randn(20, 3001, generator=g) * 2).to(dtype).cuda()
-    t = (torch.randn(20, 3001, generator=g) * 2).to(dtype).cuda()
+    s = (torch.randn(20, 3001, generator=g) * 2).to(dtype).to(device)
+    t = (torch.randn(20, 3001, generator=g) * 2).to(dtype).to(device)
 
     def grad_with(upstream):
         leaf = s.clone().requires_grad_(True)
@@ -125,10 +143,10 @@ def test_cuda_backward_scales_exactly_like_the_float32_product(dtype, reduction)
         out.backward(upstream)
         return leaf.grad
 
-    ones = torch.ones(20, device="cuda") if reduction == "none" else torch.ones((), device="cuda")
+    ones = torch.ones(20, device=device) if reduction == "none" else torch.ones((), device=device)
     g1 = grad_with(ones)
-    w = (torch.rand(20, generator=g) * 3 - 1).cuda() if reduction == "none" else (
-        torch.tensor(0.3, device="cuda"))
+    w = (torch.rand(20, generator=g) * 3 - 1).to(device) if reduction == "none" else (
+        torch.tensor(0.3, device=device))
     w = w.clone()
     if reduction == "none":
         w[::4] = 1.0  # rows left alone
@@ -139,7 +157,7 @@ def test_cuda_backward_scales_exactly_like_the_float32_product(dtype, reduction)
     assert torch.equal(bits(grad_with(ones)), bits(g1))
 
 
-@needs_cuda
+@cuda_only("torch.cuda.set_sync_debug_mode and torch streams")
 def test_cuda_scale_rows_no_host_sync_and_side_stream():
     big, x = make(16, 5000, 1, torch.bfloat16, "cuda", seed=5)
     factors = torch.linspace(-2, 2, 16, device="cuda")
