@@ -375,9 +375,12 @@ pub(crate) unsafe fn fused_linear(raw: &RawFusedLinear, params: &FusedLinearPara
             1,
             |first, g_rows, losses| {
                 let with_dcap = want_grad && math.cap.is_some();
-                let mut b = vec![0.0f64; BLOCK * v];
-                let mut a = vec![0.0f64; BLOCK * v];
-                let mut dcap = vec![0.0f64; if with_dcap { BLOCK * v } else { 0 }];
+                // Scratch for one block: at most this thread's rows, so with many threads and
+                // few rows each it stays the one-row size.
+                let blk = BLOCK.min(losses.len());
+                let mut b = vec![0.0f64; blk * v];
+                let mut a = vec![0.0f64; blk * v];
+                let mut dcap = vec![0.0f64; if with_dcap { blk * v } else { 0 }];
                 let dv = if with_dcap { v } else { 0 };
                 let mut none: [f64; 0] = [];
                 // The rows that need logits; ignored rows are settled here.
