@@ -4,7 +4,8 @@ Shapes: ``student`` and ``teacher`` are ``[N, V]`` (or ``[V]``, a single row). T
 has the leading shape (``[N]``, or ``()`` for a single row), the gradient the student's shape and
 dtype. Rows may be strided (``big[:, :V]`` is passed without a copy); arrays whose elements are
 not contiguous within a row, or that are misaligned, byte-swapped or have rows that overlap, are
-copied first. The inputs are never written.
+copied first. The inputs are never written, except ``student`` with ``grad_inplace=True``, which
+receives the gradient (no gradient buffer is allocated).
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def divergence(
     reduction: str = "batchmean",
     num_items: Optional[float] = None,
     grad: bool = True,
+    grad_inplace: bool = False,
 ) -> DivergenceResult:
     """Token-level divergence between student and teacher logits, with its gradient.
 
@@ -132,12 +134,28 @@ def divergence(
     returns the per-row losses as the result (``loss`` is their sum, the gradient that of the sum).
     The gradient (``grad=True``) is d(loss)/d(student), 1/T included, in the student's dtype.
 
+    ``grad_inplace=True`` writes the gradient over ``student`` itself (the logits are no longer
+    needed once their gradient is known), so no ``[N, V]`` buffer is allocated; ``result.grad``
+    is then a view of ``student``'s memory. ``student`` must be a writable numpy array whose rows
+    the library can address (elements contiguous within a row, aligned, native byte order);
+    anything that would need a copy is refused rather than silently not done in place.
+
     Raises ValueError / TypeError for bad arguments (a :class:`DistillKernelsError` subclass when
-    the library rejects them, with its message); the inputs are never modified.
+    the library rejects them, with its message); nothing is written then. Without
+    ``grad_inplace`` the inputs are never modified.
     """
     params = _lib.make_params(kind, beta, temperature, ignore_index, reduction, num_items)
     if not isinstance(grad, (bool, np.bool_)):
         raise TypeError(f"grad must be a bool, got {grad!r}")
+    if not isinstance(grad_inplace, (bool, np.bool_)):
+        raise TypeError(f"grad_inplace must be a bool, got {grad_inplace!r}")
+    if grad_inplace and not grad:
+        raise ValueError("grad_inplace=True writes the gradient over student: it needs grad=True")
+    if grad_inplace and not isinstance(student, np.ndarray):
+        raise TypeError(
+            f"grad_inplace=True needs student as a numpy array (it receives the gradient), got "
+            f"{type(student).__name__}"
+        )
     s = _as_logits("student", student)
     t = _as_logits("teacher", teacher)
     if s.shape != t.shape:
@@ -151,15 +169,28 @@ def divergence(
         raise ValueError(f"empty logits: shape {out_shape} (N and V must be at least 1)")
     s_code = _dtype_code("student", s.dtype)
     t_code = _dtype_code("teacher", t.dtype)
+    s_view = s
     s, s_stride = _row_layout(s)
+    if grad_inplace:
+        if s is not s_view:
+            raise ValueError(
+                "grad_inplace=True needs student rows the library can write in place (elements "
+                "contiguous within each row, aligned, native byte order, rows not overlapping); "
+                "pass np.ascontiguousarray(student) or drop grad_inplace"
+            )
+        if not s.flags.writeable:
+            raise ValueError("grad_inplace=True: student is read-only (it receives the gradient)")
     t, t_stride = _row_layout(t)
     lab = _labels(labels, n, lead_shape)
 
     loss = ctypes.c_float(float("nan"))
     per_token = np.full(n, np.nan, dtype=np.float32)
     g = None
-    if grad:
-        g = np.empty((n, v), dtype=s.dtype)
+    g_stride = 0
+    if grad_inplace:
+        g, g_stride = s, s_stride  # the library allows the gradient exactly over the student
+    elif grad:
+        g, g_stride = np.empty((n, v), dtype=s.dtype), v
         if _POISON:
             g.fill(np.nan)
     args = _lib.DivergenceArgs(
@@ -175,7 +206,7 @@ def divergence(
         loss=ctypes.addressof(loss),
         per_token=_ptr(per_token),
         grad=_ptr(g),
-        grad_stride=v if grad else 0,
+        grad_stride=g_stride,
     )
     l = _lib.lib()
     ctx = _lib.context(-1)

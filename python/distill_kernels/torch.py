@@ -77,7 +77,7 @@ def _ptr(x: Optional[torch.Tensor]) -> Optional[int]:
 
 
 def _launch(device: int, student, s_stride, teacher, t_stride, labels, params, loss, per_token,
-            grad) -> None:
+            grad, g_stride) -> None:
     l = _lib.lib()
     handle = _lib.context(device)
     n, v = student.shape
@@ -105,7 +105,7 @@ def _launch(device: int, student, s_stride, teacher, t_stride, labels, params, l
         loss=_ptr(loss),
         per_token=_ptr(per_token),
         grad=_ptr(grad),
-        grad_stride=v if grad is not None else 0,
+        grad_stride=g_stride if grad is not None else 0,
     )
     status = l.dk_divergence(handle, ctypes.byref(args), ctypes.byref(params), _ptr(workspace),
                              ws_bytes, stream)
@@ -193,7 +193,7 @@ class DivergenceFunction(torch.autograd.Function):
     """autograd.Function behind :func:`divergence` (arguments already validated)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, params, reduction_none, want_grad):
+    def forward(ctx, student, teacher, labels, params, reduction_none, want_grad, inplace):
         out_shape = student.shape
         lead_shape = student.shape[:-1]
         device = _device_ordinal(student)
@@ -203,12 +203,24 @@ class DivergenceFunction(torch.autograd.Function):
         dev = s.device
         loss = torch.empty((), dtype=torch.float32, device=dev)
         per_token = torch.empty(n, dtype=torch.float32, device=dev) if reduction_none else None
-        grad = torch.empty((n, v), dtype=s.dtype, device=dev) if want_grad else None
+        grad, g_stride = None, 0
+        if inplace:  # validated by divergence(): s is a view of student's own memory
+            if s.data_ptr() != student.data_ptr():  # pragma: no cover - a bug if reached
+                raise RuntimeError("grad_inplace: the student logits were copied")
+            grad, g_stride = s, s_stride
+        elif want_grad:
+            grad, g_stride = torch.empty((n, v), dtype=s.dtype, device=dev), v
         if device >= 0 and device != torch.cuda.current_device():
             with torch.cuda.device(device):
-                _launch(device, s, s_stride, t, t_stride, labels, params, loss, per_token, grad)
+                _launch(device, s, s_stride, t, t_stride, labels, params, loss, per_token, grad,
+                        g_stride)
         else:
-            _launch(device, s, s_stride, t, t_stride, labels, params, loss, per_token, grad)
+            _launch(device, s, s_stride, t, t_stride, labels, params, loss, per_token, grad,
+                    g_stride)
+        if inplace:
+            # student now holds the gradient: autograd nodes that saved it for their backward
+            # raise ("modified by an inplace operation") instead of reading the gradient.
+            torch.autograd.graph.increment_version(student)
         ctx.grad_buf = grad
         ctx.out_shape = out_shape
         ctx.reduction_none = reduction_none
@@ -227,10 +239,10 @@ class DivergenceFunction(torch.autograd.Function):
                     "by an earlier backward (it is scaled in place); run the forward again "
                     "instead of backpropagating the same graph twice"
                 )
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         ctx.grad_buf = None
         _scale_by_grad_output(g, grad_output, ctx.reduction_none)
-        return g.view(ctx.out_shape), None, None, None, None, None
+        return g.view(ctx.out_shape), None, None, None, None, None, None
 
 
 def divergence(
@@ -245,6 +257,7 @@ def divergence(
     reduction: str = "batchmean",
     num_items: Optional[float] = None,
     grad: Optional[bool] = None,
+    grad_inplace: bool = False,
 ) -> torch.Tensor:
     """Token-level divergence of student logits from teacher logits, differentiable in `student`.
 
@@ -253,6 +266,15 @@ def divergence(
     computed in the forward pass when ``student.requires_grad`` (and grad mode is on); pass
     ``grad=False`` to skip it. ``num_items`` must be a Python number (not a tensor: reading a
     device tensor would synchronise the host).
+
+    ``grad_inplace=True`` writes that gradient over ``student`` itself instead of a new ``[N, V]``
+    buffer (the extra memory of the call drops to a few bytes per row): the student logits are
+    destroyed by the forward. Use it where nothing else reads them afterwards, typically the
+    output of the lm_head (``hidden @ weight.T``), whose backward needs only ``hidden`` and
+    ``weight``. ``student`` must then be an intermediate tensor (not a leaf) whose rows are
+    contiguous; its version counter is bumped, so an autograd node that saved it (e.g. a
+    ``tanh`` soft-cap before this call) raises in backward instead of reading the gradient. When
+    no gradient is computed, nothing is written.
     """
     if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
         raise TypeError("student and teacher must be torch tensors")
@@ -279,12 +301,34 @@ def divergence(
         raise ValueError(f"empty logits: shape {tuple(student.shape)}")
     n = 1 if student.dim() == 1 else student.shape[0]
     lab = _labels(labels, n, student.shape[:-1], student.device)
+    if not isinstance(grad_inplace, bool):
+        raise TypeError(f"grad_inplace must be a bool, got {grad_inplace!r}")
     want_grad = bool(student.requires_grad and torch.is_grad_enabled() and grad is not False)
+    inplace = grad_inplace and want_grad
+    if inplace:
+        _check_inplace_student(student)
     if not want_grad:
         student = student.detach()  # forward only: the result does not require grad
     return DivergenceFunction.apply(
-        student, teacher, lab, params, reduction == "none", want_grad
+        student, teacher, lab, params, reduction == "none", want_grad, inplace
     )
+
+
+def _check_inplace_student(student: torch.Tensor) -> None:
+    """Refuses a student the gradient cannot be written over in place (grad_inplace=True)."""
+    if student.is_leaf:
+        raise ValueError(
+            "grad_inplace=True writes the gradient over student, so student must be an "
+            "intermediate result (such as the lm_head output), not a leaf tensor: its .grad "
+            "would be its own memory"
+        )
+    v = student.shape[-1]
+    rows_ok = student.dim() == 1 or student.shape[0] == 1 or student.stride(0) >= v
+    if not ((v == 1 or student.stride(-1) == 1) and rows_ok):
+        raise ValueError(
+            f"grad_inplace=True needs student rows of contiguous elements, got strides "
+            f"{tuple(student.stride())}: call .contiguous() first or drop grad_inplace"
+        )
 
 
 # ---- MoE dispatch ------------------------------------------------------------------------------

@@ -670,3 +670,78 @@ def test_version_and_devices():
     assert dk.__version__ == dk.version()
     assert isinstance(dk.cuda_device_count(), int) and dk.cuda_device_count() >= 0
     assert dk.library_path().is_file()
+
+
+# ---- the gradient over the student (grad_inplace=True) -----------------------------------------
+
+
+def _bits(a):
+    """The array's bit patterns (unsigned ints of its item size), for bitwise comparisons."""
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("kind,beta", KIND_BETAS)
+def test_grad_inplace_is_the_separate_gradient_written_over_student(dtype, kind, beta):
+    rng = np.random.default_rng(40)
+    d = DTYPES[dtype]
+    big = logits(rng, (7, 520), d)
+    s = big[:, :501]  # strided rows: the gradient keeps the student's row stride
+    t = logits(rng, (7, 501), d)
+    labels = np.array([0, -100, 2, 3, -100, 5, 6])
+    kw = dict(kind=kind, beta=beta, temperature=1.3, labels=labels)
+    ref = run_and_check(s, t, **kw)
+    padding, t_copy = big[:, 501:].copy(), t.copy()
+    r = dk.divergence(s, t, grad_inplace=True, **kw)
+    assert r.loss == ref.loss
+    np.testing.assert_array_equal(r.per_token, ref.per_token)
+    assert r.grad.shape == s.shape and np.shares_memory(r.grad, big)
+    np.testing.assert_array_equal(_bits(s), _bits(ref.grad))  # student now holds the gradient
+    np.testing.assert_array_equal(_bits(big[:, 501:]), _bits(padding))  # not past V
+    np.testing.assert_array_equal(t, t_copy)
+
+
+def test_grad_inplace_one_row():
+    rng = np.random.default_rng(41)
+    s, t = logits(rng, 333, F32), logits(rng, 333, F32)
+    ref = dk.divergence(s, t, kind="reverse_kl")
+    r = dk.divergence(s, t, kind="reverse_kl", grad_inplace=True)
+    assert r.grad.shape == (333,) and np.shares_memory(r.grad, s)
+    np.testing.assert_array_equal(s, ref.grad)
+    assert r.loss == ref.loss
+
+
+def test_grad_inplace_refuses_what_it_cannot_write_and_writes_nothing():
+    rng = np.random.default_rng(42)
+    base = logits(rng, (40, 24), F32)
+    t = logits(rng, (20, 12), F32)
+    needs_a_copy = {
+        "column stride 2": base[::2, ::2],
+        "fortran order": np.asfortranarray(base[:20, :12]),
+        "reversed rows": base[:20, :12][::-1],
+        "broadcast row": np.broadcast_to(base[0, :12], (20, 12)),
+        "byte-swapped": base[:20, :12].astype(">f4"),
+    }
+    for name, s in needs_a_copy.items():
+        before = np.array(s, copy=True)
+        with pytest.raises(ValueError, match="grad_inplace"):
+            dk.divergence(s, t, grad_inplace=True)
+        np.testing.assert_array_equal(s, before, err_msg=name)
+    ro = base[:20, :12].copy()
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):
+        dk.divergence(ro, t, grad_inplace=True)
+    s = base[:20, :12].copy()
+    before = s.copy()
+    with pytest.raises(ValueError, match="needs grad=True"):
+        dk.divergence(s, t, grad=False, grad_inplace=True)
+    with pytest.raises(TypeError, match="numpy array"):
+        dk.divergence(s.tolist(), t, grad_inplace=True)
+    with pytest.raises(TypeError, match="grad_inplace must be a bool"):
+        dk.divergence(s, t, grad_inplace=1)
+    # Student over the teacher's memory: the library refuses the overlap before writing.
+    with pytest.raises(dk.DistillKernelsError, match="overlaps the teacher"):
+        dk.divergence(s, s, grad_inplace=True)
+    with pytest.raises(ValueError):  # a bad argument the library rejects: nothing written
+        dk.divergence(s, t, beta=2.0, grad_inplace=True)
+    np.testing.assert_array_equal(s, before)

@@ -344,6 +344,78 @@ def test_bad_input(device):
         dkt.divergence(s, t, beta=2.0)
 
 
+# ---- the gradient over the student logits (grad_inplace=True) ------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_grad_inplace_gives_the_same_gradients_over_the_logits(device, dtype, kind, beta):
+    # The trainer's case: logits from the lm_head, the divergence's gradient written over them.
+    g = torch.Generator(device="cpu").manual_seed(21)
+    hidden = torch.randn(9, 32, generator=g).to(dtype).to(device)
+    weight = (torch.randn(700, 32, generator=g) * 0.3).to(dtype).to(device)
+    t = (torch.randn(9, 700, generator=g) * 2).to(dtype).to(device)
+    labels = torch.tensor([0, -100, 2, 3, 4, 5, -100, 7, 8], device=device)
+    grads = {}
+    for inplace in (False, True):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        s = h @ w.T
+        out = dkt.divergence(s, t, kind=kind, beta=beta, temperature=1.2, labels=labels,
+                             reduction="none", grad_inplace=inplace)
+        if inplace:
+            assert s._version > 0  # s now holds d(loss)/ds
+        (out * torch.arange(1, 10, device=device, dtype=torch.float32)).sum().backward()
+        grads[inplace] = (out.detach(), h.grad, w.grad)
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.equal(a, b)  # bitwise: the same kernel math, only the output moved
+
+
+def test_grad_inplace_writes_over_student_and_allocates_no_gradient(device):
+    s0, t = make(6, 257, torch.bfloat16, device, seed=22)
+    big = torch.zeros(6, 300, dtype=torch.bfloat16, device=device)
+    big[:, :257] = s0
+    leaf = big.clone().requires_grad_(True)
+    s = (leaf * 1)[:, :257]  # an intermediate view: rows of 257 with a row stride of 300
+    ref = dkt.divergence(s0.clone().requires_grad_(True), t, kind="jsd")
+    ptr = s.data_ptr()
+    out = dkt.divergence(s, t, kind="jsd", grad_inplace=True)
+    assert torch.equal(out, ref)
+    out.backward()
+    s_ref = s0.clone().requires_grad_(True)
+    dkt.divergence(s_ref, t, kind="jsd").backward()
+    assert s.data_ptr() == ptr and torch.equal(s.detach(), s_ref.grad)  # the gradient, in s
+    assert torch.equal(leaf.grad[:, :257], s_ref.grad) and (leaf.grad[:, 257:] == 0).all()
+
+
+def test_grad_inplace_refusals_and_the_version_bump(device):
+    s0, t = make(4, 64, torch.float32, device, seed=23)
+    leaf = s0.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="not a leaf"):
+        dkt.divergence(leaf, t, grad_inplace=True)
+    x = s0.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="contiguous"):
+        dkt.divergence(x.T.contiguous().T, t, grad_inplace=True)  # column-major rows
+    with pytest.raises(TypeError, match="grad_inplace must be a bool"):
+        dkt.divergence(x * 1, t, grad_inplace=1)
+    with pytest.raises(ValueError, match="overlaps the teacher"):
+        y = x * 1
+        dkt.divergence(y, y.detach(), grad_inplace=True)
+    # No gradient computed: nothing written.
+    y = x * 1
+    before = y.detach().clone()
+    dkt.divergence(y, t, grad=False, grad_inplace=True)
+    with torch.no_grad():
+        z = x * 1
+        dkt.divergence(z, t, grad_inplace=True)
+    assert torch.equal(y.detach(), before) and torch.equal(z, before)
+    # A node that saved the logits (tanh keeps its output) must not read the gradient instead.
+    c = torch.tanh(x)
+    out = dkt.divergence(c, t, grad_inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
 # ---- CPU tensors (no GPU needed) ----------------------------------------------------------------
 
 
