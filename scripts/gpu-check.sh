@@ -13,7 +13,8 @@
 #   4. dk bench: one f32 row; N=256 and N=16384 (issue 3); the one-block kernel alone
 #      (DK_DIVERGENCE_CLUSTER=0), and the shared-memory and stream cluster variants forced onto
 #      N=4096 (=smem, =stream), side by side with the default; version 6, the persistent
-#      cluster kernels (=persist, =persist256), at their own cluster size and at 4, 8 and 16
+#      cluster kernels (=persist, =persist256), at their own cluster size and at 4, 8 and 16;
+#      the gradient over the student logits (--passes fwd+bwd,in-place), default and persist
 #   5. dk bench --ops moe: route, permute, combine fwd/bwd, 3 ANCHORS shapes, N=16384
 #  5b. dk bench --ops attention: fwd, fwd+bwd, ANCHORS shapes + varlen, bf16, TFLOP/s; again with
 #      the opt-in kernels (DK_ATTENTION_FWD=wide, DK_ATTENTION_BWD=wide), and with the Hopper
@@ -305,6 +306,15 @@ for c in 4 8 16; do
     DK_DIVERGENCE_CLUSTER_SIZE=$c "$dk" bench --device cuda --ops divergence --dtype bf16 \
     --rows 4096 --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd
 done
+
+# Issue 3: the gradient written over the student logits "at the same speed": the in-place pass
+# beside the separate-buffer one in the same call, under the default policy and the persistent
+# kernel (whose cluster slices make in place its hardest case).
+run_step dk-bench-inplace 40 0 "$dk" bench --device cuda --ops divergence --dtype bf16 \
+  --rows 4096 --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd,in-place
+run_step dk-bench-inplace-persist 40 0 env DK_DIVERGENCE_CLUSTER=persist "$dk" bench \
+  --device cuda --ops divergence --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd \
+  --passes fwd+bwd,in-place
 
 # ---- 5. dk bench MoE: route, permute / combine fwd + bwd for the 3 shapes of ANCHORS.md --------
 # 15 results at N = 16384 (bf16 activations, f32 router logits), each checked against the CPU

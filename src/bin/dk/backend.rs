@@ -98,16 +98,24 @@ impl Runner {
     }
 
     /// One poisoned, checked run, then `iters` timed runs.
+    ///
+    /// `inplace` (with `with_grad`): the gradient is written over the student logits. Each run
+    /// starts from the loaded student (kept aside the first time), so the checked run sees the
+    /// true inputs; the timed runs after it work on the gradient the previous run left, the same
+    /// work (the kernels' speed does not depend on the values except at −inf or NaN logits,
+    /// which a gradient never holds).
     pub fn run(
         &mut self,
         params: &Params,
         with_grad: bool,
+        inplace: bool,
         iters: usize,
         samples: &[usize],
     ) -> Result<Outputs, String> {
+        let inplace = inplace && with_grad;
         match self {
-            Runner::Cpu(c) => c.run(params, with_grad, iters, samples),
-            Runner::Cuda(c) => c.run(params, with_grad, iters, samples),
+            Runner::Cpu(c) => c.run(params, with_grad, inplace, iters, samples),
+            Runner::Cuda(c) => c.run(params, with_grad, inplace, iters, samples),
         }
     }
 
@@ -383,6 +391,8 @@ struct CpuGroup {
     student: HostBuf,
     teacher: HostBuf,
     grad: HostBuf,
+    /// The loaded student, kept once a run writes its gradient over the student.
+    pristine: Option<HostBuf>,
 }
 
 pub struct CpuRunner {
@@ -470,21 +480,30 @@ impl CpuRunner {
             student,
             teacher,
             grad: HostBuf::try_zeroed(bytes)?,
+            pristine: None,
         });
         Ok(inputs)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn call(
         ctx: &Context,
         g: &mut CpuGroup,
         params: &Params,
         with_grad: bool,
+        inplace: bool,
         per_token: &mut [f32],
         loss: &mut [f32],
     ) -> Result<(), String> {
         let (dtype, n, v) = (g.dtype, g.n, g.v);
+        let grad = if inplace {
+            g.student.ptr_mut()
+        } else {
+            g.grad.ptr_mut()
+        };
         // SAFETY: the buffers hold n × v elements of dtype, 8-byte aligned, and live across
-        // the call; the gradient buffer is distinct from the inputs.
+        // the call; the gradient buffer is distinct from the inputs, or exactly the student
+        // (same rows and stride), which the library allows.
         let call = unsafe {
             Divergence {
                 student: Matrix::from_raw(g.student.ptr(), dtype, n, v, v, Location::Host),
@@ -492,8 +511,7 @@ impl CpuRunner {
                 labels: None,
                 per_token: Some(VectorMut::host(per_token)),
                 loss: Some(VectorMut::host(loss)),
-                grad: with_grad
-                    .then(|| MatrixMut::from_raw(g.grad.ptr_mut(), dtype, n, v, v, Location::Host)),
+                grad: with_grad.then(|| MatrixMut::from_raw(grad, dtype, n, v, v, Location::Host)),
             }
         };
         ctx.divergence(call, params, &Launch::default())
@@ -504,19 +522,41 @@ impl CpuRunner {
         &mut self,
         params: &Params,
         with_grad: bool,
+        inplace: bool,
         iters: usize,
         samples: &[usize],
     ) -> Result<Outputs, String> {
         let g = self.group.as_mut().ok_or("no inputs loaded")?;
+        // The loaded student, kept before the first run that writes over it, restored before
+        // every run after that.
+        if inplace && g.pristine.is_none() {
+            let mut p = HostBuf::try_zeroed(g.student.len())?;
+            p.as_bytes_mut().copy_from_slice(g.student.as_bytes());
+            g.pristine = Some(p);
+        }
+        if let Some(p) = &g.pristine {
+            g.student.as_bytes_mut().copy_from_slice(p.as_bytes());
+        }
         let mut per_token = vec![f32::NAN; g.n];
         let mut loss = [f32::NAN];
-        g.grad.as_bytes_mut().fill(0xFF); // NaN in every dtype: unwritten entries show
-        Self::call(&self.ctx, g, params, with_grad, &mut per_token, &mut loss)?;
+        if !inplace {
+            g.grad.as_bytes_mut().fill(0xFF); // NaN in every dtype: unwritten entries show
+        }
+        Self::call(
+            &self.ctx,
+            g,
+            params,
+            with_grad,
+            inplace,
+            &mut per_token,
+            &mut loss,
+        )?;
         let rb = g.v * g.dtype.size();
+        let out = if inplace { &g.student } else { &g.grad };
         let grad_rows = if with_grad {
             samples
                 .iter()
-                .map(|&r| widen(g.dtype, &g.grad.as_bytes()[r * rb..(r + 1) * rb]))
+                .map(|&r| widen(g.dtype, &out.as_bytes()[r * rb..(r + 1) * rb]))
                 .collect()
         } else {
             Vec::new()
@@ -525,7 +565,7 @@ impl CpuRunner {
         let (mut pt, mut l) = (vec![0f32; g.n], [0f32]);
         for _ in 0..iters {
             let t0 = Instant::now();
-            Self::call(&self.ctx, g, params, with_grad, &mut pt, &mut l)?;
+            Self::call(&self.ctx, g, params, with_grad, inplace, &mut pt, &mut l)?;
             times.push(t0.elapsed().as_secs_f64());
         }
         Ok(Outputs {
@@ -550,6 +590,8 @@ struct CudaGroup {
     per_token: CudaSlice<f32>,
     loss: CudaSlice<f32>,
     workspace: CudaSlice<u8>,
+    /// The loaded student, kept once a run writes its gradient over the student.
+    pristine: Option<CudaSlice<u8>>,
 }
 
 pub struct CudaRunner {
@@ -780,16 +822,24 @@ impl CudaRunner {
             per_token,
             loss,
             workspace,
+            pristine: None,
         });
         Ok(inputs)
     }
 
-    fn call(&self, params: &Params, with_grad: bool) -> Result<(), String> {
+    fn call(&self, params: &Params, with_grad: bool, inplace: bool) -> Result<(), String> {
         let g = self.group.as_ref().ok_or("no inputs loaded")?;
+        let grad = if inplace {
+            self.ptr(&g.student)
+        } else {
+            self.ptr(&g.grad)
+        };
         let (dtype, n, v, loc) = (g.dtype, g.n, g.v, Location::Cuda(self.ordinal));
         let ws_len = self.ctx.divergence_workspace_size(n);
         // SAFETY: every pointer is a live allocation of this device of the size the view
-        // describes; the stream belongs to the device's primary context and outlives the call.
+        // describes (the gradient distinct from the inputs, or exactly the student, which the
+        // library allows); the stream belongs to the device's primary context and outlives the
+        // call.
         let (call, launch) = unsafe {
             (
                 Divergence {
@@ -816,9 +866,8 @@ impl CudaRunner {
                         loc,
                     )),
                     loss: Some(VectorMut::from_raw(self.ptr(&g.loss) as *mut f32, 1, loc)),
-                    grad: with_grad.then(|| {
-                        MatrixMut::from_raw(self.ptr(&g.grad) as *mut u8, dtype, n, v, v, loc)
-                    }),
+                    grad: with_grad
+                        .then(|| MatrixMut::from_raw(grad as *mut u8, dtype, n, v, v, loc)),
                 },
                 Launch::on_stream(self.stream.cu_stream() as *mut c_void).with_workspace(
                     VectorMut::from_raw(self.ptr(&g.workspace) as *mut u8, ws_len, loc),
@@ -834,17 +883,38 @@ impl CudaRunner {
         &mut self,
         params: &Params,
         with_grad: bool,
+        inplace: bool,
         iters: usize,
         samples: &[usize],
     ) -> Result<Outputs, String> {
+        {
+            // The loaded student, kept before the first run that writes over it, restored
+            // before every run after that.
+            let s = &self.stream;
+            let g = self.group.as_mut().ok_or("no inputs loaded")?;
+            if inplace && g.pristine.is_none() {
+                g.pristine = Some(drv(
+                    "cuMemcpyDtoD (keep the student)",
+                    s.clone_dtod(&g.student),
+                )?);
+            }
+            if let Some(p) = &g.pristine {
+                drv(
+                    "cuMemcpyDtoD (restore the student)",
+                    s.memcpy_dtod(p, &mut g.student),
+                )?;
+            }
+        }
         let g = self.group.as_ref().ok_or("no inputs loaded")?;
         let (dtype, v, s) = (g.dtype, g.v, &self.stream);
         let rb = v * dtype.size();
-        // Poison every output with NaN (0xFF bytes) so an unwritten element fails the check.
+        // Poison every output with NaN (0xFF bytes) so an unwritten element fails the check
+        // (the in-place gradient overwrites the student, which holds the inputs).
+        let grad_len = if inplace { 0 } else { g.grad.len() };
         // SAFETY: the pointers and sizes are those of live allocations of this stream.
         unsafe {
             for (p, len) in [
-                (self.ptr(&g.grad), g.grad.len()),
+                (self.ptr(&g.grad), grad_len),
                 (self.ptr(&g.per_token), 4 * g.n),
                 (self.ptr(&g.loss), 4),
             ] {
@@ -854,7 +924,7 @@ impl CudaRunner {
                 )?;
             }
         }
-        self.call(params, with_grad)?;
+        self.call(params, with_grad, inplace)?;
         drv("cuStreamSynchronize (checked run)", s.synchronize())?;
         let per_token = drv("cuMemcpyDtoH", s.clone_dtoh(&g.per_token))?;
         let loss = drv("cuMemcpyDtoH", s.clone_dtoh(&g.loss))?;
@@ -863,10 +933,11 @@ impl CudaRunner {
         let mut grad_rows = Vec::new();
         if with_grad {
             let mut buf = vec![0u8; rb];
+            let out = if inplace { &g.student } else { &g.grad };
             for &r in samples {
                 drv(
                     "cuMemcpyDtoH",
-                    s.memcpy_dtoh(&g.grad.slice(r * rb..(r + 1) * rb), &mut buf),
+                    s.memcpy_dtoh(&out.slice(r * rb..(r + 1) * rb), &mut buf),
                 )?;
                 drv("cuStreamSynchronize", s.synchronize())?;
                 grad_rows.push(widen(dtype, &buf));
@@ -876,7 +947,7 @@ impl CudaRunner {
         let events = self.timing_events(iters + 1)?;
         drv("cuEventRecord", events[0].record(s))?;
         for e in &events[1..] {
-            self.call(params, with_grad)?;
+            self.call(params, with_grad, inplace)?;
             drv("cuEventRecord", e.record(s))?;
         }
         drv("cuStreamSynchronize (timed runs)", s.synchronize())?;
@@ -886,5 +957,45 @@ impl CudaRunner {
             per_token,
             grad_rows,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distill_kernels::divergence::Kind;
+
+    #[test]
+    fn in_place_runs_write_over_the_student_and_later_runs_see_the_inputs() {
+        let mut runner = Runner::cpu();
+        let samples = [0, 3, 4];
+        runner.load(DType::BF16, 5, 999, 7, &samples).unwrap();
+        let params = Params {
+            kind: Kind::Jsd,
+            ..Params::default()
+        };
+        let separate = runner.run(&params, true, false, 1, &samples).unwrap();
+        // The checked run alone (no timed runs after it): the student now holds the gradient.
+        let inplace = runner.run(&params, true, true, 0, &samples).unwrap();
+        assert_eq!(separate.grad_rows, inplace.grad_rows);
+        assert_eq!(separate.per_token, inplace.per_token);
+        let student_rows = |runner: &Runner| {
+            let Runner::Cpu(c) = runner else {
+                unreachable!()
+            };
+            let g = c.group.as_ref().unwrap();
+            let rb = g.v * g.dtype.size();
+            samples
+                .iter()
+                .map(|&r| widen(g.dtype, &g.student.as_bytes()[r * rb..(r + 1) * rb]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(student_rows(&runner), separate.grad_rows);
+        // Timed runs go on in place; a later run starts from the loaded student again.
+        runner.run(&params, true, true, 2, &samples).unwrap();
+        let after = runner.run(&params, false, false, 1, &samples).unwrap();
+        assert_eq!(after.per_token, separate.per_token);
+        let again = runner.run(&params, true, true, 1, &samples).unwrap();
+        assert_eq!(again.grad_rows, separate.grad_rows);
     }
 }

@@ -47,8 +47,9 @@ options:
   --vocab V,...     vocabulary sizes (default 151936,200064,202048,262144)
   --iters K         timed runs per row, the median is reported (default 20 on CUDA, 5 on the
                     CPU; --quick: 5 / 1)
-  --passes P        all | fwd+bwd | fwd (default all: forward+backward, then forward only);
-                    the divergence only
+  --passes P,...    all | fwd+bwd | fwd | in-place, or a list (default all: forward+backward,
+                    then forward only; in-place: forward+backward with the gradient written
+                    over the student logits); the divergence only
   --beta B          JSD teacher weight in [0, 1] (default 0.5); the divergence only
   --temperature T   softmax temperature > 0 (default 1.0); the divergence only
   --check-rows K    rows checked against the reference per result (default 8 for the
@@ -131,6 +132,8 @@ enum DeviceChoice {
 enum Pass {
     FwdBwd,
     Fwd,
+    /// Forward + backward with the gradient written over the student logits.
+    InPlace,
 }
 
 impl Pass {
@@ -138,6 +141,7 @@ impl Pass {
         match self {
             Pass::FwdBwd => "fwd+bwd",
             Pass::Fwd => "fwd",
+            Pass::InPlace => "in-place",
         }
     }
 }
@@ -341,12 +345,19 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
                         c.iters = Some(k);
                     }
                     "passes" => {
-                        c.passes = match v {
-                            "all" => vec![Pass::FwdBwd, Pass::Fwd],
-                            "fwd+bwd" | "fwdbwd" => vec![Pass::FwdBwd],
-                            "fwd" => vec![Pass::Fwd],
-                            _ => usage!("--passes: '{v}' is not one of all, fwd+bwd, fwd"),
+                        let mut passes = Vec::new();
+                        for p in v.split(',') {
+                            match p {
+                                "all" => passes.extend([Pass::FwdBwd, Pass::Fwd]),
+                                "fwd+bwd" | "fwdbwd" => passes.push(Pass::FwdBwd),
+                                "fwd" => passes.push(Pass::Fwd),
+                                "in-place" | "inplace" => passes.push(Pass::InPlace),
+                                _ => usage!(
+                                    "--passes: '{p}' is not one of all, fwd+bwd, fwd, in-place"
+                                ),
+                            }
                         }
+                        c.passes = dedup(passes);
                     }
                     "beta" => {
                         c.beta = cli::number(&name, v)?;
@@ -1193,7 +1204,7 @@ fn run_divergence(
                         kind.name(),
                         pass.name()
                     ));
-                    let with_grad = pass == Pass::FwdBwd;
+                    let with_grad = pass != Pass::Fwd;
                     let bytes = ((if with_grad { 3 } else { 2 }) * n * v * dtype.size()) as f64;
                     let mut row = Row {
                         dtype,
@@ -1211,7 +1222,9 @@ fn run_divergence(
                     };
                     let result = match &loaded {
                         Err(e) => Err(e.clone()),
-                        Ok(_) => runner.run(&params, with_grad, iters, &samples),
+                        Ok(_) => {
+                            runner.run(&params, with_grad, pass == Pass::InPlace, iters, &samples)
+                        }
                     };
                     match result {
                         Err(e) => row.error = Some(e),
