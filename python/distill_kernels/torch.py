@@ -269,12 +269,18 @@ def divergence(
 
     ``grad_inplace=True`` writes that gradient over ``student`` itself instead of a new ``[N, V]``
     buffer (the extra memory of the call drops to a few bytes per row): the student logits are
-    destroyed by the forward. Use it where nothing else reads them afterwards, typically the
-    output of the lm_head (``hidden @ weight.T``), whose backward needs only ``hidden`` and
-    ``weight``. ``student`` must then be an intermediate tensor (not a leaf) whose rows are
-    contiguous; its version counter is bumped, so an autograd node that saved it (e.g. a
-    ``tanh`` soft-cap before this call) raises in backward instead of reading the gradient. When
-    no gradient is computed, nothing is written.
+    destroyed by the forward. Use it where nothing reads them afterwards, typically the output
+    of the lm_head (``hidden @ weight.T``), whose backward needs only ``hidden`` and ``weight``.
+    ``student`` must then be an intermediate tensor (not a leaf, nor a view of one) whose rows
+    are contiguous. Its version counter is bumped, so an autograd node that saved this very
+    tensor for its backward (``torch.tanh``, ``softmax`` or ``exp`` producing it, or a product
+    with another tensor that requires grad) raises in backward instead of reading the gradient;
+    ``cap * torch.tanh(x / cap)`` is fine (the product saves the tanh, not its own output).
+    Reads of the logits after this call in the forward (another loss, an argmax, logging) see
+    the gradient with no error: do them first. Saved-tensor hooks that keep their own copies
+    (``torch.autograd.graph.save_on_cpu`` on CPU tensors, identity hooks) defeat the version
+    check, as they do for torch's own in-place ops. When no gradient is computed, nothing is
+    written.
     """
     if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
         raise TypeError("student and teacher must be torch tensors")
@@ -316,11 +322,14 @@ def divergence(
 
 def _check_inplace_student(student: torch.Tensor) -> None:
     """Refuses a student the gradient cannot be written over in place (grad_inplace=True)."""
-    if student.is_leaf:
+    base = student._base if student._is_view() else None
+    if student.is_leaf or (base is not None and base.is_leaf):
+        # A view of a leaf (p[:, :V], p.view(...)) is not a leaf itself but shares the leaf's
+        # memory: the parameter would be overwritten by its own gradient.
         raise ValueError(
             "grad_inplace=True writes the gradient over student, so student must be an "
-            "intermediate result (such as the lm_head output), not a leaf tensor: its .grad "
-            "would be its own memory"
+            "intermediate result (such as the lm_head output), not a leaf tensor or a view of "
+            "one: the leaf's data would be overwritten and its .grad would be its own memory"
         )
     v = student.shape[-1]
     rows_ok = student.dim() == 1 or student.shape[0] == 1 or student.stride(0) >= v

@@ -393,6 +393,11 @@ def test_grad_inplace_refusals_and_the_version_bump(device):
     leaf = s0.clone().requires_grad_(True)
     with pytest.raises(ValueError, match="not a leaf"):
         dkt.divergence(leaf, t, grad_inplace=True)
+    for view in (leaf[:, :], leaf.view(4, 64), leaf[1]):  # views of a leaf share its memory
+        before = leaf.detach().clone()
+        with pytest.raises(ValueError, match="view of one"):
+            dkt.divergence(view, t[1] if view.dim() == 1 else t, grad_inplace=True)
+        assert torch.equal(leaf.detach(), before)
     x = s0.clone().requires_grad_(True)
     with pytest.raises(ValueError, match="contiguous"):
         dkt.divergence(x.T.contiguous().T, t, grad_inplace=True)  # column-major rows
@@ -414,6 +419,15 @@ def test_grad_inplace_refusals_and_the_version_bump(device):
     out = dkt.divergence(c, t, grad_inplace=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()
+    # A soft-cap as written in models, cap * tanh(x / cap): the product saves the tanh, not its
+    # own output, so in place is fine and gives the separate-buffer gradient.
+    grads = []
+    for inplace in (False, True):
+        x.grad = None
+        capped = 30.0 * torch.tanh(x / 30.0)
+        dkt.divergence(capped, t, kind="jsd", grad_inplace=inplace).backward()
+        grads.append(x.grad.clone())
+    assert torch.equal(grads[0], grads[1])
 
 
 # ---- CPU tensors (no GPU needed) ----------------------------------------------------------------

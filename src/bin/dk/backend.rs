@@ -82,7 +82,9 @@ impl Runner {
         }
     }
 
-    /// Generates and places the inputs of one group; returns the sampled rows.
+    /// Generates and places the inputs of one group; returns the sampled rows. `keep_student`:
+    /// also keep a copy of the student logits (counted in the memory check), which in-place runs
+    /// need (see [`Runner::run`]).
     pub fn load(
         &mut self,
         dtype: DType,
@@ -90,20 +92,22 @@ impl Runner {
         v: usize,
         seed: u64,
         samples: &[usize],
+        keep_student: bool,
     ) -> Result<Inputs, String> {
         match self {
-            Runner::Cpu(c) => c.load(dtype, n, v, seed, samples),
-            Runner::Cuda(c) => c.load(dtype, n, v, seed, samples),
+            Runner::Cpu(c) => c.load(dtype, n, v, seed, samples, keep_student),
+            Runner::Cuda(c) => c.load(dtype, n, v, seed, samples, keep_student),
         }
     }
 
     /// One poisoned, checked run, then `iters` timed runs.
     ///
-    /// `inplace` (with `with_grad`): the gradient is written over the student logits. Each run
-    /// starts from the loaded student (kept aside the first time), so the checked run sees the
-    /// true inputs; the timed runs after it work on the gradient the previous run left, the same
-    /// work (the kernels' speed does not depend on the values except at −inf or NaN logits,
-    /// which a gradient never holds).
+    /// `inplace` (with `with_grad`): the gradient is written over the student logits, which the
+    /// group must have kept at load (`keep_student`). The student is restored from that copy
+    /// before every run, the checked one and each timed one (outside the timed interval), so
+    /// every run sees the loaded logits: on the gradient values a previous run left, the CPU
+    /// backend runs ~25 % faster (f16 gradients are mostly subnormal), which would flatter the
+    /// in-place rows.
     pub fn run(
         &mut self,
         params: &Params,
@@ -434,20 +438,23 @@ impl CpuRunner {
         v: usize,
         seed: u64,
         samples: &[usize],
+        keep_student: bool,
     ) -> Result<Inputs, String> {
         self.group = None;
+        let buffers = if keep_student { 4 } else { 3 };
         let bytes = n
             .checked_mul(v)
             .and_then(|e| e.checked_mul(dtype.size()))
-            .filter(|b| b.checked_mul(3).is_some())
+            .filter(|b| b.checked_mul(buffers).is_some())
             .ok_or_else(|| format!("{n} x {v} {} overflows the address space", dtype.name()))?;
-        // Student, teacher and gradient, checked together before any is allocated.
+        // Student, teacher, gradient (and the kept student), checked together before any is
+        // allocated.
         if let Some(free) = host_memory_available() {
-            if 3 * bytes > free {
+            if buffers * bytes > free {
                 return Err(format!(
                     "{n} x {v} {} needs {:.2} GiB of host memory, {:.2} GiB are available (use --rows)",
                     dtype.name(),
-                    (3 * bytes) as f64 / GIB,
+                    (buffers * bytes) as f64 / GIB,
                     free as f64 / GIB
                 ));
             }
@@ -473,6 +480,13 @@ impl CpuRunner {
             student: rows(&student),
             teacher: rows(&teacher),
         };
+        let pristine = if keep_student {
+            let mut p = HostBuf::try_zeroed(bytes)?;
+            p.as_bytes_mut().copy_from_slice(student.as_bytes());
+            Some(p)
+        } else {
+            None
+        };
         self.group = Some(CpuGroup {
             dtype,
             n,
@@ -480,7 +494,7 @@ impl CpuRunner {
             student,
             teacher,
             grad: HostBuf::try_zeroed(bytes)?,
-            pristine: None,
+            pristine,
         });
         Ok(inputs)
     }
@@ -527,16 +541,16 @@ impl CpuRunner {
         samples: &[usize],
     ) -> Result<Outputs, String> {
         let g = self.group.as_mut().ok_or("no inputs loaded")?;
-        // The loaded student, kept before the first run that writes over it, restored before
-        // every run after that.
         if inplace && g.pristine.is_none() {
-            let mut p = HostBuf::try_zeroed(g.student.len())?;
-            p.as_bytes_mut().copy_from_slice(g.student.as_bytes());
-            g.pristine = Some(p);
+            return Err("an in-place run needs the student kept at load".into());
         }
-        if let Some(p) = &g.pristine {
-            g.student.as_bytes_mut().copy_from_slice(p.as_bytes());
-        }
+        // The loaded student back (a previous in-place run wrote over it).
+        let restore = |g: &mut CpuGroup| {
+            if let Some(p) = &g.pristine {
+                g.student.as_bytes_mut().copy_from_slice(p.as_bytes());
+            }
+        };
+        restore(g);
         let mut per_token = vec![f32::NAN; g.n];
         let mut loss = [f32::NAN];
         if !inplace {
@@ -564,9 +578,15 @@ impl CpuRunner {
         let mut times = Vec::with_capacity(iters);
         let (mut pt, mut l) = (vec![0f32; g.n], [0f32]);
         for _ in 0..iters {
+            if inplace {
+                restore(g);
+            }
             let t0 = Instant::now();
             Self::call(&self.ctx, g, params, with_grad, inplace, &mut pt, &mut l)?;
             times.push(t0.elapsed().as_secs_f64());
+        }
+        if inplace {
+            restore(g); // the next run of this group starts from the loaded student
         }
         Ok(Outputs {
             times,
@@ -752,13 +772,15 @@ impl CudaRunner {
         v: usize,
         seed: u64,
         samples: &[usize],
+        keep_student: bool,
     ) -> Result<Inputs, String> {
         self.group = None;
         drv("cuStreamSynchronize", self.stream.synchronize())?;
         let rb = v * dtype.size();
         let bytes = n * rb;
         let ws_bytes = self.ctx.divergence_workspace_size(n);
-        let need = 3 * bytes + 8 * n + ws_bytes + (64 << 20);
+        let buffers = if keep_student { 4 } else { 3 };
+        let need = buffers * bytes + 8 * n + ws_bytes + (64 << 20);
         let (free, _) = drv("cuMemGetInfo", self.cu.mem_get_info())?;
         if need > free {
             return Err(format!(
@@ -812,6 +834,15 @@ impl CudaRunner {
             drv("cuStreamSynchronize", s.synchronize())?;
             r0 += k;
         }
+        let pristine = if keep_student {
+            Some(drv(
+                "cuMemcpyDtoD (keep the student)",
+                s.clone_dtod(&student),
+            )?)
+        } else {
+            None
+        };
+        drv("cuStreamSynchronize", s.synchronize())?;
         self.group = Some(CudaGroup {
             dtype,
             n,
@@ -822,9 +853,23 @@ impl CudaRunner {
             per_token,
             loss,
             workspace,
-            pristine: None,
+            pristine,
         });
         Ok(inputs)
+    }
+
+    /// Copies the kept student (if any) back over the student, on the stream.
+    fn restore_student(&mut self) -> Result<(), String> {
+        let s = &self.stream;
+        if let Some(g) = self.group.as_mut() {
+            if let Some(p) = &g.pristine {
+                drv(
+                    "cuMemcpyDtoD (restore the student)",
+                    s.memcpy_dtod(p, &mut g.student),
+                )?;
+            }
+        }
+        Ok(())
     }
 
     fn call(&self, params: &Params, with_grad: bool, inplace: bool) -> Result<(), String> {
@@ -887,26 +932,13 @@ impl CudaRunner {
         iters: usize,
         samples: &[usize],
     ) -> Result<Outputs, String> {
-        {
-            // The loaded student, kept before the first run that writes over it, restored
-            // before every run after that.
-            let s = &self.stream;
-            let g = self.group.as_mut().ok_or("no inputs loaded")?;
-            if inplace && g.pristine.is_none() {
-                g.pristine = Some(drv(
-                    "cuMemcpyDtoD (keep the student)",
-                    s.clone_dtod(&g.student),
-                )?);
-            }
-            if let Some(p) = &g.pristine {
-                drv(
-                    "cuMemcpyDtoD (restore the student)",
-                    s.memcpy_dtod(p, &mut g.student),
-                )?;
-            }
+        if inplace && self.group.as_ref().is_some_and(|g| g.pristine.is_none()) {
+            return Err("an in-place run needs the student kept at load".into());
         }
+        self.restore_student()?;
+        let stream = self.stream.clone(); // not a borrow of self: restore_student needs &mut
         let g = self.group.as_ref().ok_or("no inputs loaded")?;
-        let (dtype, v, s) = (g.dtype, g.v, &self.stream);
+        let (dtype, v, s) = (g.dtype, g.v, &stream);
         let rb = v * dtype.size();
         // Poison every output with NaN (0xFF bytes) so an unwritten element fails the check
         // (the in-place gradient overwrites the student, which holds the inputs).
@@ -943,16 +975,34 @@ impl CudaRunner {
                 grad_rows.push(widen(dtype, &buf));
             }
         }
-        // Timed runs back to back, an event between each two.
-        let events = self.timing_events(iters + 1)?;
-        drv("cuEventRecord", events[0].record(s))?;
-        for e in &events[1..] {
-            self.call(params, with_grad, inplace)?;
-            drv("cuEventRecord", e.record(s))?;
-        }
-        drv("cuStreamSynchronize (timed runs)", s.synchronize())?;
+        // Timed runs back to back, an event between each two; in place, each run gets the
+        // loaded student back first, outside its pair of events.
+        let times = if inplace {
+            let events = self.timing_events(2 * iters)?;
+            for pair in events.chunks_exact(2) {
+                self.restore_student()?;
+                drv("cuEventRecord", pair[0].record(s))?;
+                self.call(params, with_grad, inplace)?;
+                drv("cuEventRecord", pair[1].record(s))?;
+            }
+            self.restore_student()?; // the next run of this group starts from the loaded student
+            drv("cuStreamSynchronize (timed runs)", s.synchronize())?;
+            events
+                .chunks_exact(2)
+                .map(|w| Self::elapsed(w).map(|t| t[0]))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            let events = self.timing_events(iters + 1)?;
+            drv("cuEventRecord", events[0].record(s))?;
+            for e in &events[1..] {
+                self.call(params, with_grad, inplace)?;
+                drv("cuEventRecord", e.record(s))?;
+            }
+            drv("cuStreamSynchronize (timed runs)", s.synchronize())?;
+            Self::elapsed(&events)?
+        };
         Ok(Outputs {
-            times: Self::elapsed(&events)?,
+            times,
             loss,
             per_token,
             grad_rows,
@@ -969,16 +1019,11 @@ mod tests {
     fn in_place_runs_write_over_the_student_and_later_runs_see_the_inputs() {
         let mut runner = Runner::cpu();
         let samples = [0, 3, 4];
-        runner.load(DType::BF16, 5, 999, 7, &samples).unwrap();
+        let inputs = runner.load(DType::BF16, 5, 999, 7, &samples, true).unwrap();
         let params = Params {
             kind: Kind::Jsd,
             ..Params::default()
         };
-        let separate = runner.run(&params, true, false, 1, &samples).unwrap();
-        // The checked run alone (no timed runs after it): the student now holds the gradient.
-        let inplace = runner.run(&params, true, true, 0, &samples).unwrap();
-        assert_eq!(separate.grad_rows, inplace.grad_rows);
-        assert_eq!(separate.per_token, inplace.per_token);
         let student_rows = |runner: &Runner| {
             let Runner::Cpu(c) = runner else {
                 unreachable!()
@@ -990,12 +1035,21 @@ mod tests {
                 .map(|&r| widen(g.dtype, &g.student.as_bytes()[r * rb..(r + 1) * rb]))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(student_rows(&runner), separate.grad_rows);
-        // Timed runs go on in place; a later run starts from the loaded student again.
-        runner.run(&params, true, true, 2, &samples).unwrap();
+        let separate = runner.run(&params, true, false, 1, &samples).unwrap();
+        // In place, the checked run's gradient rows are read from the student's memory: they
+        // are the separate run's gradient only if it was written there.
+        let inplace = runner.run(&params, true, true, 3, &samples).unwrap();
+        assert_eq!(separate.grad_rows, inplace.grad_rows);
+        assert_eq!(separate.per_token, inplace.per_token);
+        assert_eq!(inplace.times.len(), 3);
+        // After the run the student holds the loaded logits again, for the next pass.
+        assert_eq!(student_rows(&runner), inputs.student);
         let after = runner.run(&params, false, false, 1, &samples).unwrap();
         assert_eq!(after.per_token, separate.per_token);
-        let again = runner.run(&params, true, true, 1, &samples).unwrap();
-        assert_eq!(again.grad_rows, separate.grad_rows);
+        // Without the kept student an in-place run is refused.
+        runner
+            .load(DType::BF16, 5, 999, 7, &samples, false)
+            .unwrap();
+        assert!(runner.run(&params, true, true, 1, &samples).is_err());
     }
 }

@@ -1187,7 +1187,8 @@ fn run_divergence(
                 *done + 1,
                 dtype.name()
             ));
-            let loaded = runner.load(dtype, n, v, d.seed, &samples);
+            let in_place = cfg.passes.contains(&Pass::InPlace);
+            let loaded = runner.load(dtype, n, v, d.seed, &samples, in_place);
             for &kind in &cfg.kinds {
                 let params = Params {
                     kind,
