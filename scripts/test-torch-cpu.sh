@@ -14,17 +14,17 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "== creating $venv (torch 2.11.0, numpy, pytest, ml_dtypes)"
   python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c "import torch, numpy, pytest, ml_dtypes" 2>/dev/null; then
+torch_version=2.11.0
+if ! "$venv/bin/python" -c "import torch, numpy, pytest, ml_dtypes
+assert torch.__version__.split('+')[0] == '$torch_version'" 2>/dev/null; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    "torch==2.11.0" numpy pytest ml_dtypes
+    "torch==$torch_version" numpy pytest ml_dtypes
 fi
 "$venv/bin/python" -c "import torch; print('== torch', torch.__version__, '(CUDA available:', torch.cuda.is_available(), ')')"
 
+echo "== cargo build --release (the library the tests load; nothing to do when it is current)"
+cargo build --release
 release="$(bash scripts/cargo-target-dir.sh)/release"
-if [ ! -e "$release/libdistill_kernels.so" ]; then
-  echo "== cargo build --release (the library the tests load)"
-  cargo build --release
-fi
 
 echo "== pytest python/tests/test_*_torch.py (CPU tensors; CUDA cases skip without a GPU)"
 DISTILL_KERNELS_LIB="$release/libdistill_kernels.so" \

@@ -1039,7 +1039,11 @@ fn unscaled_permute_copies_the_bits() {
             };
             let size = dtype.size();
             let specials: &[u64] = match size {
-                2 => &[0x7FC1, 0x7F81, 0xFFC3, 0x8000, 0x0001, 0x8001],
+                // Quiet / signalling NaN with payloads for bf16 (0x7FC1, 0x7F81) and f16
+                // (0x7E01, 0x7C01), negative NaN, −0, ± the smallest subnormal.
+                2 => &[
+                    0x7FC1, 0x7F81, 0x7E01, 0x7C01, 0xFFC3, 0x8000, 0x0001, 0x8001,
+                ],
                 _ => &[
                     0x7FC0_0001,
                     0x7F80_0001,

@@ -309,6 +309,9 @@ def divergence(
     lab = _labels(labels, n, student.shape[:-1], student.device)
     if not isinstance(grad_inplace, bool):
         raise TypeError(f"grad_inplace must be a bool, got {grad_inplace!r}")
+    if grad_inplace and grad is False:
+        raise ValueError("grad_inplace=True writes the gradient over student: it needs the "
+                         "gradient (grad=False asks for none)")
     want_grad = bool(student.requires_grad and torch.is_grad_enabled() and grad is not False)
     inplace = grad_inplace and want_grad
     if inplace:

@@ -50,9 +50,9 @@ pub fn row_divergence(
     // x · (y − z) with the convention 0 · anything = 0 (masked entries).
     let xlog = |x: f64, d: f64| if x == 0.0 { 0.0 } else { x * d };
     let v = b.len();
-    // One pass per sum and one for the gradient where it needs the row's loss; each entry's
-    // exponentials and mixture log are formed once (the same values, so the same bits, as
-    // forming them in each loop: every sum still runs in index order).
+    // The sums of a row in one pass, then the gradient where it needs the row's loss: each
+    // entry's mixture log and the exponentials of the loss pass are formed once, not once per
+    // sum (the same values, so the same bits: every sum still runs in index order).
     let mut grad = grad;
     match kind {
         Kind::ForwardKl => {

@@ -127,9 +127,9 @@ fn par_rows(
 }
 
 /// `R` dot products against one vector: `out[r] = Σ_c x[r][c] · w[c]`, each summed in index
-/// order from −0.0 exactly as `iter().sum()` does, so a row's value does not depend on which
-/// rows share its block. The `R` independent sums keep the FP adder busy and read `w` once for
-/// all of them.
+/// order starting from −0.0 (the identity of `+`, as the standard library's float `sum` uses
+/// since Rust 1.82), so a row's value does not depend on which rows share its block. The `R`
+/// independent sums keep the FP adder busy and read `w` once for all of them.
 fn dots<const R: usize>(x: [&[f64]; R], w: &[f64]) -> [f64; R] {
     let h = w.len();
     let x = x.map(|row| &row[..h]);

@@ -103,11 +103,11 @@ impl Runner {
     /// One poisoned, checked run, then `iters` timed runs.
     ///
     /// `inplace` (with `with_grad`): the gradient is written over the student logits, which the
-    /// group must have kept at load (`keep_student`). The student is restored from that copy
-    /// before every run, the checked one and each timed one (outside the timed interval), so
-    /// every run sees the loaded logits: on the gradient values a previous run left, the CPU
-    /// backend runs ~25 % faster (f16 gradients are mostly subnormal), which would flatter the
-    /// in-place rows.
+    /// group must have kept at load (`keep_student`). With a kept student, the student is
+    /// restored from that copy before every run of every pass, the checked one and each timed
+    /// one (outside the timed interval): every run sees the loaded logits (on the gradient
+    /// values a previous run left, the CPU backend runs ~25 % faster: f16 gradients are mostly
+    /// subnormal), and in-place and separate rows of one call are timed the same way.
     pub fn run(
         &mut self,
         params: &Params,
@@ -577,17 +577,18 @@ impl CpuRunner {
         };
         let mut times = Vec::with_capacity(iters);
         let (mut pt, mut l) = (vec![0f32; g.n], [0f32]);
+        // With a kept student every timed run gets it back first, in place or not, so the
+        // rows of one call compare like for like.
+        let each = g.pristine.is_some();
         for _ in 0..iters {
-            if inplace {
+            if each {
                 restore(g);
             }
             let t0 = Instant::now();
             Self::call(&self.ctx, g, params, with_grad, inplace, &mut pt, &mut l)?;
             times.push(t0.elapsed().as_secs_f64());
         }
-        if inplace {
-            restore(g); // the next run of this group starts from the loaded student
-        }
+        restore(g); // the next run of this group starts from the loaded student
         Ok(Outputs {
             times,
             loss: loss[0],
@@ -975,9 +976,10 @@ impl CudaRunner {
                 grad_rows.push(widen(dtype, &buf));
             }
         }
-        // Timed runs back to back, an event between each two; in place, each run gets the
-        // loaded student back first, outside its pair of events.
-        let times = if inplace {
+        // Timed runs back to back, an event between each two; with a kept student (a call with
+        // in-place passes), each run, in place or not, gets the loaded student back first,
+        // outside its pair of events, so the rows of one call compare like for like.
+        let times = if g.pristine.is_some() {
             let events = self.timing_events(2 * iters)?;
             for pair in events.chunks_exact(2) {
                 self.restore_student()?;
