@@ -19,29 +19,8 @@ torch = pytest.importorskip("torch", reason="torch is not installed: MoE torch t
 import distill_kernels as dk  # noqa: E402
 import distill_kernels.torch as dkt  # noqa: E402
 
-HAVE_CUDA = torch.cuda.is_available()
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
-        not HAVE_CUDA,
-        reason="CUDA is not available: cuda case skipped (the body also runs on cpu)")),
-]
+from torch_devices import cuda_only, other_device, device  # noqa: E402,F401 (device: the fixture)
 
-
-def cuda_only(why):
-    return pytest.mark.skipif(
-        not HAVE_CUDA, reason=f"CUDA is not available: CUDA-only test ({why})")
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
-
-
-def other_device(device):
-    """A device that is not `device` (tensors there must be refused): meta stands in for it on a
-    machine without a GPU."""
-    return "meta" if device == "cpu" else "cpu"
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

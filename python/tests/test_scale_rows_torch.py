@@ -19,24 +19,8 @@ torch = pytest.importorskip("torch", reason="torch is not installed: torch tests
 
 import distill_kernels.torch as dkt  # noqa: E402
 
-HAVE_CUDA = torch.cuda.is_available()
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
-        not HAVE_CUDA,
-        reason="CUDA is not available: cuda case skipped (the body also runs on cpu)")),
-]
+from torch_devices import DEVICES, cuda_only, other_device  # noqa: E402
 
-
-def cuda_only(why):
-    return pytest.mark.skipif(
-        not HAVE_CUDA, reason=f"CUDA is not available: CUDA-only test ({why})")
-
-
-def other_device(device):
-    """A device that is not `device` (tensors there must be refused): meta stands in for it on a
-    machine without a GPU."""
-    return "meta" if device == "cpu" else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FACTORS = [1.0, 0.0, -0.0, -1.0, math.nan, math.inf, 2.5, 1e-6, 1e30, 1.0, -0.375, 0.3]
 
