@@ -8,9 +8,9 @@ use crate::parallel::{for_each_range, Shared};
 use crate::tensor::DType;
 
 /// An element type widened to f32 (exactly) and rounded back from f32 (to nearest, ties to even;
-/// NaN stays NaN, overflow gives infinity), as the kernel's conversions do. Not
-/// `tensor::Element`'s f64 round trip: half's `bf16::from_f64` of an exact f32 product gave other
-/// bits than `bf16::from_f32` on near-tie products (tests/scale_rows.rs caught 12 of 900000).
+/// NaN stays NaN, overflow gives infinity), as the kernel's conversions do: the product is
+/// rounded to f32 first, as the kernel's, not formed exactly in f64 as `tensor::Element`'s round
+/// trip would (that would be the better answer, and not the kernel's bits).
 trait F32Elem: Copy + Send + Sync {
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;

@@ -29,7 +29,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use distill_kernels::device::{compiled_cuda_archs, cuda_device_count};
 use distill_kernels::divergence::{Divergence, DivergenceInPlace, Kind, Params, Reduction};
 use distill_kernels::{
-    Context, DType, Error, Launch, Location, Matrix, MatrixMut, Vector, VectorMut,
+    Context, DType, Element, Error, Launch, Location, Matrix, MatrixMut, Vector, VectorMut,
 };
 use half::{bf16, f16};
 
@@ -167,8 +167,12 @@ pub fn encode(dtype: DType, xs: &[f64]) -> Vec<u8> {
     for &x in xs {
         match dtype {
             DType::F32 => out.extend_from_slice(&(x as f32).to_le_bytes()),
-            DType::BF16 => out.extend_from_slice(&bf16::from_f64(x).to_bits().to_le_bytes()),
-            DType::F16 => out.extend_from_slice(&f16::from_f64(x).to_bits().to_le_bytes()),
+            DType::BF16 => {
+                out.extend_from_slice(&<bf16 as Element>::from_f64(x).to_bits().to_le_bytes())
+            }
+            DType::F16 => {
+                out.extend_from_slice(&<f16 as Element>::from_f64(x).to_bits().to_le_bytes())
+            }
         }
     }
     out

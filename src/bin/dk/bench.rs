@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use distill_kernels::device::{cuda_device_count, cuda_driver_present};
 use distill_kernels::divergence::{Kind, Params};
-use distill_kernels::{reference_row_divergence, Context, DType};
+use distill_kernels::{reference_row_divergence, Context, DType, Element};
 
 use crate::attention::{self, AttnConfig, AttnRow, AttnShape, CPU_ATTN_SHAPES, CUDA_ATTN_SHAPES};
 use crate::backend::{median, Inputs, Outputs, Runner};
@@ -553,8 +553,8 @@ fn check(
 fn round_to(dtype: DType, x: f64) -> f64 {
     match dtype {
         DType::F32 => x as f32 as f64,
-        DType::BF16 => half::bf16::from_f64(x).to_f64(),
-        DType::F16 => half::f16::from_f64(x).to_f64(),
+        DType::BF16 => <half::bf16 as Element>::from_f64(x).to_f64(),
+        DType::F16 => <half::f16 as Element>::from_f64(x).to_f64(),
     }
 }
 

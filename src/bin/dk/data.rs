@@ -6,7 +6,7 @@
 //! dtype, V and the row index), so a row's values do not depend on how rows are chunked or
 //! spread over threads.
 
-use distill_kernels::DType;
+use distill_kernels::{DType, Element};
 use half::{bf16, f16};
 
 /// Standard deviation of the student logits.
@@ -147,8 +147,8 @@ pub fn host_memory_available() -> Option<usize> {
 fn store(dtype: DType, x: f64, out: &mut [u8]) {
     match dtype {
         DType::F32 => out.copy_from_slice(&(x as f32).to_le_bytes()),
-        DType::BF16 => out.copy_from_slice(&bf16::from_f64(x).to_bits().to_le_bytes()),
-        DType::F16 => out.copy_from_slice(&f16::from_f64(x).to_bits().to_le_bytes()),
+        DType::BF16 => out.copy_from_slice(&<bf16 as Element>::from_f64(x).to_bits().to_le_bytes()),
+        DType::F16 => out.copy_from_slice(&<f16 as Element>::from_f64(x).to_bits().to_le_bytes()),
     }
 }
 
