@@ -42,20 +42,23 @@ def _device_ordinal(x: torch.Tensor) -> int:
     raise ValueError(f"tensors on {x.device} are not supported (CUDA or CPU only)")
 
 
+def _rows_addressable(x: torch.Tensor) -> bool:
+    """Whether the library can take the 2-D `x` as it is: elements contiguous within each row,
+    rows not overlapping (a broadcast, stride-0 or overlapping layout is not)."""
+    n, v = x.shape
+    return (v == 1 or x.stride(1) == 1) and (n == 1 or x.stride(0) >= v)
+
+
 def _matrix(name: str, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """(2-D tensor whose rows are contiguous, row stride in elements); copies only if needed."""
     if x.dtype not in _DTYPES:
         raise TypeError(f"{name} dtype {x.dtype} is not supported: use float32, bfloat16 or float16")
     if x.dim() == 1:
         x = x.unsqueeze(0)
+    if not _rows_addressable(x):
+        x = x.contiguous()
     n, v = x.shape
-    if v > 1 and x.stride(1) != 1:
-        x = x.contiguous()
-    if n == 1:
-        return x, v
-    if x.stride(0) < v:  # broadcast (stride 0), overlapping or reversed rows
-        x = x.contiguous()
-    return x, x.stride(0)
+    return x, (v if n == 1 else x.stride(0))
 
 
 def _labels(labels, n: int, lead_shape, device: torch.device) -> Optional[torch.Tensor]:
@@ -105,7 +108,7 @@ def _launch(device: int, student, s_stride, teacher, t_stride, labels, params, l
         loss=_ptr(loss),
         per_token=_ptr(per_token),
         grad=_ptr(grad),
-        grad_stride=g_stride if grad is not None else 0,
+        grad_stride=g_stride,
     )
     status = l.dk_divergence(handle, ctypes.byref(args), ctypes.byref(params), _ptr(workspace),
                              ws_bytes, stream)
@@ -334,9 +337,7 @@ def _check_inplace_student(student: torch.Tensor) -> None:
             "intermediate result (such as the lm_head output), not a leaf tensor or a view of "
             "one: the leaf's data would be overwritten and its .grad would be its own memory"
         )
-    v = student.shape[-1]
-    rows_ok = student.dim() == 1 or student.shape[0] == 1 or student.stride(0) >= v
-    if not ((v == 1 or student.stride(-1) == 1) and rows_ok):
+    if not _rows_addressable(student.unsqueeze(0) if student.dim() == 1 else student):
         raise ValueError(
             f"grad_inplace=True needs student rows of contiguous elements, got strides "
             f"{tuple(student.stride())}: call .contiguous() first or drop grad_inplace"

@@ -162,7 +162,7 @@ fn axpy_rows<const R: usize>(coef: [&[f64]; R], w: &[f64], out: [&mut [f64]; R])
 fn for_blocks<T>(items: &[T], mut f: impl FnMut(&[T])) {
     let mut rest = items;
     while !rest.is_empty() {
-        let take = [8, 4, 2, 1]
+        let take = [BLOCK, 4, 2, 1]
             .into_iter()
             .find(|&b| b <= rest.len())
             .unwrap_or(1);

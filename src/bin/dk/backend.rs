@@ -395,7 +395,8 @@ struct CpuGroup {
     student: HostBuf,
     teacher: HostBuf,
     grad: HostBuf,
-    /// The loaded student, kept once a run writes its gradient over the student.
+    /// The loaded student, kept at load when the call has in-place passes (restored before
+    /// every run, see [`Runner::run`]).
     pristine: Option<HostBuf>,
 }
 
@@ -611,7 +612,8 @@ struct CudaGroup {
     per_token: CudaSlice<f32>,
     loss: CudaSlice<f32>,
     workspace: CudaSlice<u8>,
-    /// The loaded student, kept once a run writes its gradient over the student.
+    /// The loaded student, kept at load when the call has in-place passes (restored before
+    /// every run, see [`Runner::run`]).
     pristine: Option<CudaSlice<u8>>,
 }
 
@@ -843,7 +845,6 @@ impl CudaRunner {
         } else {
             None
         };
-        drv("cuStreamSynchronize", s.synchronize())?;
         self.group = Some(CudaGroup {
             dtype,
             n,
