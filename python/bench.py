@@ -53,6 +53,11 @@ and reports the time, the fraction of the floor (3 * N * V * 2 bytes over the de
 copy bandwidth measured in this run), the extra peak memory of one forward + backward (the
 gradient included), and the error against a float64 reference (loss over all rows, gradient on a
 few sampled rows). Failures (OOM included) become rows of the table instead of stopping the run.
+Two more rows per shape and kind time this crate as a trainer calls it, on the lm_head's output
+(an intermediate tensor) with the gradient taken by torch.autograd.grad: with a separate gradient
+and with grad_inplace=True (the gradient written over the logits: no [N, V] allocation). The
+logits are refilled from the kept student before every run, outside the CUDA events, and their
+extra peak memory leaves the kept copy out (run_logits_rows).
 
 MoE dispatch (bf16 activations; ANCHORS.md, "MoE dispatch in plain PyTorch"):
 
@@ -110,20 +115,26 @@ def log(msg: str) -> None:
 # ---- timing -------------------------------------------------------------------------------------
 
 
-def _events_median(fn, warmup_ms: float, rep_ms: float) -> float:
-    """Median time in ms of fn(), with CUDA events around each call."""
+def _events_median(fn, warmup_ms: float, rep_ms: float, setup=None) -> float:
+    """Median time in ms of fn(), with CUDA events around each call; ``setup()``, when given,
+    runs before every call (warm-up included) outside the events."""
+    setup = setup or (lambda: None)
+    setup()
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    setup()
     start.record()
     fn()
     end.record()
     torch.cuda.synchronize()
     est = max(start.elapsed_time(end), 1e-3)
     for _ in range(max(1, int(warmup_ms / est))):
+        setup()
         fn()
     times = []
     for _ in range(max(5, min(1000, int(rep_ms / est)))):
+        setup()
         start.record()
         fn()
         end.record()
@@ -528,6 +539,84 @@ def fmt_row(r) -> str:
         f"| {r['impl']} | {r['kind']} | {shape} | {r['ms']:.3f} ms | {r['pct_floor']:.1f} % "
         f"| {r['extra_gib']:.2f} GiB | {r['loss_err']:.1e} | {r['grad_err']:.1e} |"
     )
+
+
+# ---- this crate with the gradient over the student logits (grad_inplace=True) ------------------
+#
+# In a trainer the student logits are the lm_head's output, an intermediate tensor, and with
+# grad_inplace=True the divergence writes its gradient over them: no [N, V] gradient is allocated.
+# Such a call destroys its input, so every timed run starts from a logits buffer refilled from the
+# kept student, outside the CUDA events (a refill inside them would add 2 units of traffic to the
+# floor's 3). The separate-gradient call is timed by the same harness beside it, so the two rows
+# differ only in where the gradient goes. The logits are `leaf.clone()`, an intermediate tensor
+# made once per row, and the gradient is taken with torch.autograd.grad(loss, logits): what the
+# lm_head's backward would receive. The extra peak memory excludes the kept student.
+
+LOGITS_ROWS = (("separate gradient", False), ("grad_inplace=True", True))
+
+
+def run_logits_rows(kind, s, t, ref, rows, floor_ms, args, timer=None):
+    """Rows for distill_kernels.torch.divergence on an intermediate logits tensor, separate
+    gradient and in place; ``timer(fn, warmup_ms, rep_ms, setup)`` defaults to CUDA events."""
+    import distill_kernels.torch as dkt
+
+    timer = timer or _events_median
+    cuda = s.device.type == "cuda"
+    out = []
+    for note, inplace in LOGITS_ROWS:
+        row = {"impl": "distill_kernels", "kind": kind, "n": s.shape[0], "v": s.shape[1],
+               "note": f"logits refilled untimed, {note}", "inplace": inplace}
+        logits = None
+        try:
+            logits = s.detach().clone().requires_grad_(True).clone()  # intermediate, own memory
+
+            def refill(logits=logits):
+                with torch.no_grad():
+                    logits.copy_(s)
+
+            def step(logits=logits, inplace=inplace):
+                loss = dkt.divergence(logits, t, kind=kind, beta=BETA, grad_inplace=inplace)
+                (g,) = torch.autograd.grad(loss, logits)
+                return loss, g
+
+            refill()
+            t0 = time.time()
+            loss, g = step()
+            if cuda:
+                torch.cuda.synchronize()
+            row["first_call_s"] = round(time.time() - t0, 2)
+            if inplace and g.data_ptr() != logits.data_ptr():
+                raise RuntimeError("grad_inplace=True: the gradient is not in the logits buffer")
+            ref_loss, ref_grad = ref
+            loss = loss.detach().reshape(())
+            row["loss_err"] = rel_err(loss, torch.tensor(ref_loss, device=loss.device))
+            row["grad_err"] = rel_err(g[rows], ref_grad)
+            del loss, g
+            refill()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                step()
+                torch.cuda.synchronize()
+                row["extra_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
+            else:
+                row["extra_gib"] = float("nan")  # no allocator statistics on the CPU
+            ms = timer(step, args.warmup_ms, args.rep_ms, setup=refill)
+            row["ms"] = ms
+            row["pct_floor"] = 100.0 * floor_ms / ms
+        except Exception as e:  # noqa: BLE001  (OOM included: a row, not a stopped run)
+            oom = cuda and isinstance(e, torch.cuda.OutOfMemoryError)
+            text = str(e).splitlines()[0][:160] if str(e) else ""
+            row["error"] = ("OOM: " + text[:120]) if oom else f"{type(e).__name__}: {text}"
+            if args.verbose:
+                traceback.print_exc()
+        finally:
+            del logits
+            if cuda:
+                torch.cuda.synchronize()
+        out.append(row)
+    return out
 
 
 # ---- MoE dispatch ------------------------------------------------------------------------------
@@ -1329,6 +1418,11 @@ def main(argv=None) -> int:
     impls = make_impls(kinds, wanted=wanted) if "divergence" in ops else {}
     if wanted:
         impls = {k: v for k, v in impls.items() if any(w in k[0].lower() for w in wanted)}
+    # This crate on an intermediate logits tensor, separate gradient and in place (see
+    # run_logits_rows), after the rows above; only where its face imports.
+    logits_rows = ("divergence" in ops and any(
+        impl == "distill_kernels" and not isinstance(fn, Exception)
+        for (impl, _), fn in impls.items()))
     results = []
     if "divergence" not in ops:
         shapes = []
@@ -1355,6 +1449,16 @@ def main(argv=None) -> int:
             r["floor_ms"] = floor_ms
             results.append(r)
             log("    " + fmt_row(r))
+        for kind in kinds if logits_rows else ():
+            if kind not in refs:
+                refs[kind] = reference(s, t, kind, rows)
+                torch.cuda.empty_cache()
+            log(f"[{time.time() - started:6.1f} s] distill_kernels {kind} {n}x{v}, logits buffer ...")
+            for r in run_logits_rows(kind, s, t, refs[kind], rows, floor_ms, args):
+                r["floor_ms"] = floor_ms
+                results.append(r)
+                log("    " + fmt_row(r))
+            torch.cuda.empty_cache()
         del s, t, refs
         torch.cuda.empty_cache()
 
