@@ -84,6 +84,7 @@ MOE_MAX_K = 32  # dk_moe_route_params.k: 1 <= k <= min(e, 32)
 MOE_MAX_EXPERTS = 1024  # dk_moe_route_args.e: 1..1024
 ATTENTION_HEAD_DIMS = (64, 128)  # dk_attention_params.head_dim
 ATTENTION_ROW_ALIGN = 16  # bytes: token row starts (base pointers and strides) of every operand
+MOE_ROW_ALIGN = 16  # bytes: row starts (base pointers and strides) of the MoE activations
 
 # ---- errors ----------------------------------------------------------------------------------
 

@@ -140,7 +140,7 @@ def _activations(name: str, x, h: Optional[int] = None) -> Tuple[np.ndarray, int
     if a.shape[0] == 0:
         return np.empty(a.shape, a.dtype), a.shape[1], _dtype_code(name, a.dtype)
     a, stride = _row_layout(a)
-    if a.ctypes.data % 16 or (stride * a.dtype.itemsize) % 16:
+    if a.ctypes.data % _lib.MOE_ROW_ALIGN or (stride * a.dtype.itemsize) % _lib.MOE_ROW_ALIGN:
         # The kernels move rows in 16-byte vectors: rows must start on 16-byte boundaries.
         a, stride = np.array(a, order="C", copy=True), a.shape[1]
     return a, stride, _dtype_code(name, a.dtype)
@@ -324,7 +324,9 @@ def moe_route(
     sum of its two best selection scores, the best ``topk_groups`` groups are kept (ties to the
     lower group) and the k experts are chosen inside them (ties to the lower expert). The
     weights are the unbiased scores of the chosen experts, divided by their sum when
-    ``renormalize``, then times ``scale``.
+    ``renormalize``, then times ``scale``. A NaN selection score ranks below every number: with
+    ``sigmoid`` a NaN logit only keeps its expert from being chosen (the weights stay finite),
+    with ``softmax`` a NaN logit makes the whole token's scores, and so its weights, NaN.
 
     The permuted rows are ordered by expert, then token, then slot. With a ``capacity``, an
     expert keeps its first ``capacity`` tokens in token order; the others are dropped

@@ -454,10 +454,22 @@ def _permuted_rows(name: str, x: torch.Tensor, route) -> int:
 # The three primitives on tensors (validated shapes; x / rows 2-D with H a multiple of 8).
 
 
+def _moe_matrix(name: str, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """:func:`_matrix` with rows starting on 16-byte boundaries (the MoE kernels move rows in
+    16-byte vectors): a view at an odd offset or with an odd row stride, such as a slice of a
+    wider tensor or the gradient autograd hands a backward, is copied."""
+    x, stride = _matrix(name, x)
+    align = _lib.MOE_ROW_ALIGN
+    if x.numel() and (x.data_ptr() % align or (stride * x.element_size()) % align):
+        x = x.clone(memory_format=torch.contiguous_format)
+        stride = x.shape[1]
+    return x, stride
+
+
 def _permute_t(x: torch.Tensor, perm_full: torch.Tensor, k: int, w: Optional[torch.Tensor],
                rows: int) -> torch.Tensor:
     device = _device_ordinal(x)
-    xm, xs = _matrix("x", x)
+    xm, xs = _moe_matrix("x", x)
     n, h = xm.shape
     out = torch.empty((rows, h), dtype=xm.dtype, device=xm.device)
 
@@ -475,7 +487,7 @@ def _permute_t(x: torch.Tensor, perm_full: torch.Tensor, k: int, w: Optional[tor
 def _combine_t(rows_in: torch.Tensor, position: torch.Tensor, w: Optional[torch.Tensor]
                ) -> torch.Tensor:
     device = _device_ordinal(rows_in)
-    rm, rs = _matrix("rows", rows_in)
+    rm, rs = _moe_matrix("rows", rows_in)
     n, k = position.shape
     h = rm.shape[1]
     y = torch.empty((n, h), dtype=rm.dtype, device=rm.device)
@@ -495,8 +507,8 @@ def _combine_t(rows_in: torch.Tensor, position: torch.Tensor, w: Optional[torch.
 def _slot_dot_t(tokens: torch.Tensor, rows_in: torch.Tensor, position: torch.Tensor
                 ) -> torch.Tensor:
     device = _device_ordinal(tokens)
-    tm, ts = _matrix("tokens", tokens)
-    rm, rs = _matrix("rows", rows_in)
+    tm, ts = _moe_matrix("tokens", tokens)
+    rm, rs = _moe_matrix("rows", rows_in)
     n, k = position.shape
     out = torch.empty((n, k), dtype=torch.float32, device=tm.device)
 

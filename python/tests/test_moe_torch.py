@@ -246,6 +246,37 @@ def test_forward_and_autograd_match_plain_torch(device, case, dtype):
     assert torch.equal(g_x, xa.grad) and torch.equal(g_w, wa.grad)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_views_off_16_byte_rows_are_copied_forward_and_backward(device, dtype):
+    # Slices of wider tensors (odd offsets and row strides) as inputs, and as the gradients
+    # autograd hands the backward (y[:, 1:] of a wider y): the same bits as contiguous tensors.
+    n, e, k, kw = ROUTES["qwen3"]
+    route = dkt.moe_route(make_logits(n, e, torch.float32, seed=9, device=device), k,
+                          **route_kw(kw, e, device))
+    R, h = route.num_rows, 64
+    g = torch.Generator().manual_seed(10)
+    wide_x = torch.randn(n, h + 3, generator=g).to(dtype).to(device)
+    wide_eo = torch.randn(R, h + 1, generator=g).to(dtype).to(device)
+    x, eo = wide_x[:, 3:], wide_eo[:, 1:]
+    assert x.data_ptr() % 16 and eo.data_ptr() % 16  # the library could not take them as they are
+    assert torch.equal(dkt.moe_permute(x, route), dkt.moe_permute(x.contiguous(), route))
+    assert torch.equal(dkt.moe_combine(eo, route), dkt.moe_combine(eo.contiguous(), route))
+    grads = {}
+    for contiguous in (False, True):
+        xa = (x.contiguous() if contiguous else x).clone().requires_grad_(True)
+        ea = (eo.contiguous() if contiguous else eo).clone().requires_grad_(True)
+        wa = route.weights.clone().requires_grad_(True)
+        xp = dkt.moe_permute(xa, route, scale=True, weights=wa)
+        y = dkt.moe_combine(ea, route, weights=wa)
+        # torch.cat's backward hands each input a view at an offset of the upstream gradient
+        out = torch.cat([xp.new_ones(R, 1), xp], 1).float().square().sum()
+        out = out + torch.cat([y.new_ones(n, 1), y], 1).float().square().sum()
+        out.backward()
+        grads[contiguous] = (xa.grad, ea.grad, wa.grad)
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.equal(a, b)
+
+
 def test_gradient_reaches_the_router_through_weights(device):
     """A full MoE layer: router weights from the logits (differentiable), permute, a per-expert
     linear map, combine; every gradient against plain torch in float64."""
