@@ -38,23 +38,24 @@ options:
                     the fused linear JSD from hidden states and the lm_head (CUDA: N 4096,
                     H 3072, V 200064 and N 16384, H 5120, V 202048, against the four GEMMs
                     alone; CPU: N 40, H 64, V 3001)
-  --kinds K,...     forward_kl,reverse_kl,jsd (default all three; 'all' also works); the
-                    divergence only (fused runs JSD, beta 0.5, T 1: issue 4's shape)
+  --kinds K,...     forward_kl,reverse_kl,jsd (default all three; 'all' also works; --kind
+                    is the same option); the divergence only (fused runs JSD at T 1)
   --dtype T,...     bf16 | f16 | f32, or a list (default bf16); student and teacher share it,
                     and it is the MoE activations' dtype (router logits are always f32)
   --rows N          divergence rows per call (default 4096 on CUDA, 8 on the CPU; --quick:
                     1024 / 2)
   --vocab V,...     vocabulary sizes (default 151936,200064,202048,262144)
   --iters K         timed runs per row, the median is reported (default 20 on CUDA, 5 on the
-                    CPU; --quick: 5 / 1)
+                    CPU; --quick: 5 / 1; fused takes at most 10)
   --passes P,...    all | fwd+bwd | fwd | in-place, or a list (default all: forward+backward,
                     then forward only; in-place: forward+backward with the gradient written
                     over the student logits); the divergence only
-  --beta B          JSD teacher weight in [0, 1] (default 0.5); the divergence only
+  --beta B          JSD teacher weight in [0, 1] (default 0.5; 0 is forward KL, 1 reverse
+                    KL); the divergence and fused
   --temperature T   softmax temperature > 0 (default 1.0); the divergence only
   --check-rows K    rows checked against the reference per result (default 8 for the
-                    divergence, 64 for MoE outputs, 4 for fused; all rows when there are at
-                    most K)
+                    divergence and for attention's query and key rows, 64 for MoE outputs,
+                    4 for fused; all rows when there are at most K)
   --tokens N        MoE tokens per shape (default 16384 on CUDA, 2048 on the CPU; --quick:
                     2048 / 256)
   --moe-shapes S,.. scout,maverick,qwen3 (default all three; 'all' also works):
@@ -346,7 +347,7 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
                     }
                     "passes" => {
                         let mut passes = Vec::new();
-                        for p in v.split(',') {
+                        for p in v.split(',').map(str::trim) {
                             match p {
                                 "all" => passes.extend([Pass::FwdBwd, Pass::Fwd]),
                                 "fwd+bwd" | "fwdbwd" => passes.push(Pass::FwdBwd),
@@ -450,8 +451,11 @@ struct Check {
     problems: Vec<String>,
 }
 
+/// `diff` relative to `reference`; absolute where the reference is 0 or below f32's normal
+/// range, which an f32 result cannot hold to relative precision (a loss of 1e-180 at T = 0.01
+/// comes back as 0, exactly right to f32).
 fn rel(diff: f64, reference: f64) -> f64 {
-    if reference != 0.0 {
+    if reference.abs() >= f32::MIN_POSITIVE as f64 {
         diff / reference.abs()
     } else {
         diff
@@ -1315,6 +1319,16 @@ mod tests {
             c.attn_shapes,
             Some(vec![AttnShape::Small, AttnShape::Llama4])
         );
+        let c = parse(&args(&["--passes", "fwd, in-place"])).unwrap().unwrap();
+        assert_eq!(c.passes, vec![Pass::Fwd, Pass::InPlace]); // spaces trimmed, as --kinds
+    }
+
+    #[test]
+    fn losses_below_f32_range_are_compared_absolutely() {
+        // At T = 0.01 a row's loss can be 1e-180: the f32 result 0 is right, not 100 % off.
+        assert_eq!(rel(2.3e-180, 2.3e-180), 2.3e-180);
+        assert_eq!(rel(1e-9, 0.0), 1e-9);
+        assert_eq!(rel(0.5, 2.0), 0.25);
     }
 
     #[test]

@@ -19,7 +19,7 @@
 
 use distill_kernels::divergence::{Kind, Params, Reduction};
 use distill_kernels::fused::{FusedLinear, FusedLinearParams, ReferenceGemms};
-use distill_kernels::{DType, Matrix, MatrixMut, VectorMut};
+use distill_kernels::{reference_row_divergence, DType, Matrix, MatrixMut, VectorMut};
 
 use crate::backend::{measure, median, Buf, Runner};
 use crate::bench::{json_num, json_opt, json_str, sci, Progress};
@@ -193,30 +193,19 @@ struct Host {
     w: Vec<u8>,
 }
 
-/// One row's f64 reference: (JSD loss, dL/d(student logits) of the batchmean over `n` rows).
+/// One row's f64 reference: (JSD(β) loss, dL/d(student logits) of the batchmean over `n`
+/// rows), from the library's CPU reference row, which takes β = 0 as forward KL and β = 1 as
+/// reverse KL (the literal mixture formula would give 0 there).
 fn ref_row(beta: f64, n: usize, s: &[f64], t: &[f64]) -> (f64, Vec<f64>) {
-    let lse = |x: &[f64]| {
-        let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        m + x.iter().map(|&y| (y - m).exp()).sum::<f64>().ln()
-    };
-    let (ls, lt) = (lse(s), lse(t));
-    let (mut kl_p, mut kl_q) = (0.0, 0.0);
-    let mut lqm = Vec::with_capacity(s.len());
-    for (&sv, &tv) in s.iter().zip(t) {
-        let (lq, lp) = (sv - ls, tv - lt);
-        let (q, p) = (lq.exp(), lp.exp());
-        let lm = (beta * p + (1.0 - beta) * q).ln();
-        kl_p += p * (lp - lm);
-        kl_q += q * (lq - lm);
-        lqm.push(lq - lm);
+    let kind = Params {
+        kind: Kind::Jsd,
+        beta: beta as f32,
+        ..Params::default()
     }
-    let loss = beta * kl_p + (1.0 - beta) * kl_q;
-    // dL/ds_j = (1 - β) q_j (log(q_j / m_j) - KL(q || m)), then / N for batchmean.
-    let g = s
-        .iter()
-        .zip(&lqm)
-        .map(|(&sv, &d)| (1.0 - beta) * (sv - ls).exp() * (d - kl_q) / n as f64)
-        .collect();
+    .effective_kind();
+    let mut g = vec![0.0; s.len()];
+    let loss = reference_row_divergence(kind, beta, s, t, Some(&mut g));
+    g.iter_mut().for_each(|x| *x /= n as f64);
     (loss, g)
 }
 
@@ -531,13 +520,35 @@ mod tests {
     fn reference_gradient_matches_finite_differences() {
         let s = [0.3, -1.2, 2.0, 0.1, -0.5];
         let t = [1.0, 0.2, -0.7, 0.4, 0.0];
-        let (_, g) = ref_row(0.3, 1, &s, &t);
-        for j in 0..s.len() {
-            let (mut a, mut b) = (s, s);
-            a[j] += 1e-6;
-            b[j] -= 1e-6;
-            let fd = (ref_row(0.3, 1, &a, &t).0 - ref_row(0.3, 1, &b, &t).0) / 2e-6;
-            assert!((fd - g[j]).abs() < 1e-7, "entry {j}: fd {fd} vs {}", g[j]);
+        for beta in [0.0, 0.3, 1.0] {
+            let (_, g) = ref_row(beta, 2, &s, &t);
+            for j in 0..s.len() {
+                let (mut a, mut b) = (s, s);
+                a[j] += 1e-6;
+                b[j] -= 1e-6;
+                let fd = (ref_row(beta, 2, &a, &t).0 - ref_row(beta, 2, &b, &t).0) / 2e-6;
+                // the loss is one row's; the gradient that of the mean over n = 2 rows
+                assert!(
+                    (fd / 2.0 - g[j]).abs() < 1e-7,
+                    "β {beta}, entry {j}: {fd} vs {}",
+                    g[j]
+                );
+            }
         }
+    }
+
+    #[test]
+    fn reference_takes_beta_0_and_1_as_the_kl_kinds() {
+        let s = [0.3, -1.2, 2.0, 0.1, -0.5];
+        let t = [1.0, 0.2, -0.7, 0.4, 0.0];
+        let log_softmax = |x: &[f64]| {
+            let z = x.iter().map(|v| v.exp()).sum::<f64>().ln();
+            x.iter().map(|v| v - z).collect::<Vec<f64>>()
+        };
+        let (lq, lp) = (log_softmax(&s), log_softmax(&t));
+        let kl =
+            |a: &[f64], b: &[f64]| -> f64 { a.iter().zip(b).map(|(x, y)| x.exp() * (x - y)).sum() };
+        assert!((ref_row(0.0, 1, &s, &t).0 - kl(&lp, &lq)).abs() < 1e-12); // forward: KL(p‖q)
+        assert!((ref_row(1.0, 1, &s, &t).0 - kl(&lq, &lp)).abs() < 1e-12); // reverse: KL(q‖p)
     }
 }
