@@ -98,6 +98,13 @@ typedef struct dk_divergence_args {
   int64_t grad_stride;    /* >= v; equal to student_stride when grad == student */
 } dk_divergence_args;
 
+/*
+ * Masking: -inf logits contribute 0; a row with every entry -inf on either side has loss 0 and
+ * gradient 0. An entry -inf on one side only where the other side has mass makes the row's
+ * divergence +inf: forward KL (student -inf) keeps a finite gradient, reverse KL and JSD with
+ * beta = 1 (teacher -inf) give a non-finite gradient row. NaN or +inf in a row makes that row's
+ * loss and gradient NaN (and the reduced loss), other rows untouched.
+ */
 /* forward KL, beta 0.5, temperature 1, batchmean, ignore_index -100, no num_items. */
 dk_divergence_params dk_divergence_params_default(void);
 dk_status dk_divergence_workspace_size(const dk_context* ctx, int64_t n, size_t* bytes);
@@ -307,8 +314,9 @@ dk_status dk_fused_linear_divergence(const dk_context* ctx, const dk_fused_linea
  * INT32_MAX, and batch * seqlen must cover rows_q / rows_k, checked on every context); lse is
  * [heads_q, rows_q]. On a CUDA context the offsets are device memory read only by the kernels
  * (not checked; out-of-range entries are clamped so memory stays safe). Exactly one of the two
- * offset pointers NULL is DK_ERR_INVALID_ARGUMENT; a negative count or stride is DK_ERR_SHAPE;
- * causal and deterministic other than 0 or 1 are DK_ERR_INVALID_ARGUMENT.
+ * offset pointers NULL is DK_ERR_INVALID_ARGUMENT; a negative count or stride, heads_q or
+ * heads_kv of 0, heads_q not a multiple of heads_kv, or a head_dim other than 64 and 128 is
+ * DK_ERR_SHAPE; causal and deterministic other than 0 or 1 are DK_ERR_INVALID_ARGUMENT.
  */
 typedef struct dk_attention_params {
   int64_t heads_q;       /* >= 1, a multiple of heads_kv */

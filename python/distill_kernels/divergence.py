@@ -134,6 +134,14 @@ def divergence(
     returns the per-row losses as the result (``loss`` is their sum, the gradient that of the sum).
     The gradient (``grad=True``) is d(loss)/d(student), 1/T included, in the student's dtype.
 
+    ``-inf`` logits are masked entries: they contribute 0, and a row with every entry masked on
+    either side has loss 0 and gradient 0. Where only one side masks an entry the other gives
+    mass to, the divergence is infinite: forward KL (teacher mass on an entry the student masks)
+    gives a loss of ``inf`` with a finite gradient; reverse KL, or JSD with β = 1 (student mass
+    on an entry the teacher masks), gives ``inf`` with a non-finite gradient row. Mask padded
+    vocabulary entries on both sides. NaN (or ``+inf``) in a row makes that row's loss and
+    gradient NaN and leaves other rows alone.
+
     ``grad_inplace=True`` writes the gradient over ``student`` itself (the logits are no longer
     needed once their gradient is known), so no ``[N, V]`` buffer is allocated; ``result.grad``
     is then a view of ``student``'s memory. ``student`` must be a writable numpy array whose rows

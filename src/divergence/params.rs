@@ -81,7 +81,7 @@ impl Reduction {
 pub struct Params {
     /// Which divergence.
     pub kind: Kind,
-    /// Teacher weight of the JSD mixture, in [0, 1] (ignored by the KL kinds).
+    /// Teacher weight of the JSD mixture, in [0, 1] (checked for every kind, used by JSD only).
     pub beta: f32,
     /// Softmax temperature, finite and > 0; the gradient includes the 1/T of the chain rule.
     pub temperature: f32,
