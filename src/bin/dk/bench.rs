@@ -1319,7 +1319,9 @@ mod tests {
             c.attn_shapes,
             Some(vec![AttnShape::Small, AttnShape::Llama4])
         );
-        let c = parse(&args(&["--passes", "fwd, in-place"])).unwrap().unwrap();
+        let c = parse(&args(&["--passes", "fwd, in-place"]))
+            .unwrap()
+            .unwrap();
         assert_eq!(c.passes, vec![Pass::Fwd, Pass::InPlace]); // spaces trimmed, as --kinds
     }
 
