@@ -163,6 +163,19 @@ def copy_bandwidth(gib: float = 1.0) -> float:
     return 2 * n * 2 / (ms * 1e-3)
 
 
+def extra_peak_gib(step) -> float:
+    """GiB allocated at the peak of one ``step()`` beyond what was allocated before it (CUDA;
+    what step returns is kept until the peak is read)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    kept = step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del kept
+    return (peak - base) / GIB
+
+
 # ---- the implementations --------------------------------------------------------------------
 
 
@@ -508,12 +521,7 @@ def run_one(impl_name, kind, fn, s, t, ref, rows, floor_ms, args):
         del loss
         # Extra peak memory of one forward + backward (the gradient buffer included).
         x.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        row["extra_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
+        row["extra_gib"] = extra_peak_gib(step)
         ms = bench_ms(step, args.warmup_ms, args.rep_ms)
         row["ms"] = ms
         row["pct_floor"] = 100.0 * floor_ms / ms
@@ -593,15 +601,8 @@ def run_logits_rows(kind, s, t, ref, rows, floor_ms, args, timer=None):
             row["grad_err"] = rel_err(g[rows], ref_grad)
             del loss, g
             refill()
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                step()
-                torch.cuda.synchronize()
-                row["extra_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
-            else:
-                row["extra_gib"] = float("nan")  # no allocator statistics on the CPU
+            # no allocator statistics on the CPU
+            row["extra_gib"] = extra_peak_gib(step) if cuda else float("nan")
             ms = timer(step, args.warmup_ms, args.rep_ms, setup=refill)
             row["ms"] = ms
             row["pct_floor"] = 100.0 * floor_ms / ms
@@ -1021,13 +1022,8 @@ def run_fused(shapes, impls, args, log_fn):
                     row["grad_weight_err"] = rel_err(b.grad, ref[2])
                 del loss
                 a.grad = b.grad = None
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                step()
-                torch.cuda.synchronize()
                 # Extra peak memory beyond the inputs, gradients of hidden and weight included.
-                row["extra_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
+                row["extra_gib"] = extra_peak_gib(step)
                 row["ms"] = bench_ms(step, args.warmup_ms, args.rep_ms)
                 row["ratio"] = row["ms"] / gemm_ms
             except torch.cuda.OutOfMemoryError as e:
@@ -1271,13 +1267,7 @@ def run_attention(shapes, impls, args, log_fn):
                         row["bitwise"] = all(torch.equal(x, y) for x, y in zip(first, second))
                         del again, first, second
                     del res
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    tmp = step()
-                    torch.cuda.synchronize()
-                    row["extra_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
-                    del tmp
+                    row["extra_gib"] = extra_peak_gib(step)
                     ms = bench_ms(step, args.warmup_ms, args.rep_ms)
                     row["ms"] = ms
                     row["tflops"] = flops / (ms * 1e-3) / 1e12
