@@ -267,7 +267,8 @@ def divergence(
     Same parameters and math as :func:`distill_kernels.divergence`. Returns the 0-d float32
     loss (``batchmean`` / ``sum``) or the float32 per-token losses (``none``). The gradient is
     computed in the forward pass when ``student.requires_grad`` (and grad mode is on); pass
-    ``grad=False`` to skip it. ``num_items`` must be a Python number (not a tensor: reading a
+    ``grad=False`` to skip it. ``grad=True`` does not force one: without ``requires_grad`` (or
+    under ``torch.no_grad()``) nothing could receive it, and the call is forward only. ``num_items`` must be a Python number (not a tensor: reading a
     device tensor would synchronise the host).
 
     ``grad_inplace=True`` writes that gradient over ``student`` itself instead of a new ``[N, V]``
