@@ -21,8 +21,8 @@ echo "== cargo build --release (the library the C and Python tests load)"
 cargo build --release
 release="$(bash scripts/cargo-target-dir.sh)/release"
 
-echo "== cargo test --release"
-cargo test --release
+echo "== cargo test --profile release-tests (release optimisation, no LTO: Cargo.toml)"
+cargo test --profile release-tests
 
 echo "== pytest python/tests"
 DISTILL_KERNELS_LIB="$release/libdistill_kernels.so" \
