@@ -42,6 +42,7 @@ pub mod capi;
 mod checks;
 pub mod device;
 pub mod divergence;
+mod element;
 pub mod error;
 pub mod fused;
 pub mod moe;

@@ -8,7 +8,6 @@
 
 use std::cmp::Ordering;
 
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use super::{RawCombine, RawPermute, RawRoute, RawSlotDot, RouteParams, Score};
@@ -306,109 +305,17 @@ unsafe fn row_mut<'a, T>(ptr: *mut u8, stride: usize, row: usize, h: usize) -> &
 /// slot rows are added into it.
 const TILE: usize = 512;
 
-/// [`Element::to_f64`] and [`Element::from_f64`], bitwise equal to them (tested below) but
-/// written so that the row loops vectorise: `half`'s per-element conversions branch (bf16) or
-/// test for F16C on every call (f16), and the exact rounding from f64 (round to odd in f32,
-/// then to nearest) branches too, which held permute, combine and slot-dot to a few % of a
-/// memory copy.
-trait Convert: Element {
-    /// `self.to_f64()`, without branches.
-    fn widen(self) -> f64;
-    /// `dst[i] = Self::from_f64(src[i])`; equal lengths, at most [`TILE`].
-    fn narrow(src: &[f64], dst: &mut [Self]);
-}
-
-impl Convert for f32 {
-    #[inline]
-    fn widen(self) -> f64 {
-        self as f64
-    }
-    fn narrow(src: &[f64], dst: &mut [f32]) {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = s as f32;
-        }
-    }
-}
-
-impl Convert for bf16 {
-    #[inline]
-    fn widen(self) -> f64 {
-        // A bf16 is the top half of an f32; the f64 cast quiets a NaN as `to_f64` does.
-        f32::from_bits(u32::from(self.to_bits()) << 16) as f64
-    }
-    fn narrow(src: &[f64], dst: &mut [bf16]) {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            // Exact in f32 (or ±inf past bf16's range, or NaN), so the top half is the bf16;
-            // a NaN gets its quiet bit, as `bf16::from_f32` sets it.
-            let bits = (round_to_grid(s, 7, -133) as f32).to_bits();
-            let quiet = if s.is_nan() { 0x40 } else { 0 };
-            *d = bf16::from_bits((bits >> 16) as u16 | quiet);
-        }
-    }
-}
-
-impl Convert for f16 {
-    #[inline]
-    fn widen(self) -> f64 {
-        let h = u32::from(self.to_bits());
-        // Exponent and mantissa moved into an f32's places and scaled by 2^(127 − 15): exact
-        // for normal and subnormal values alike.
-        let magnitude = f32::from_bits((h & 0x7FFF) << 13) * f32::from_bits(0x7780_0000);
-        let mut bits = magnitude.to_bits();
-        if h & 0x7C00 == 0x7C00 {
-            bits |= 0x7F80_0000; // infinity or NaN, its payload kept
-        }
-        f32::from_bits(bits | (h & 0x8000) << 16) as f64
-    }
-    fn narrow(src: &[f64], dst: &mut [f16]) {
-        let mut exact = [0f32; TILE];
-        let exact = &mut exact[..src.len()];
-        for (e, &s) in exact.iter_mut().zip(src) {
-            *e = round_to_grid(s, 10, -24) as f32;
-        }
-        // Exact values (±inf past f16's range, or NaN): `half`'s slice conversion checks for
-        // F16C once, then converts 8 at a time.
-        dst.convert_from_f32_slice(exact);
-    }
-}
-
-/// `x` rounded to nearest, ties to even, to a binary float with `frac_bits` fraction bits and
-/// no quantum below 2^`min_quantum_exp` (bf16: 7, −133; f16: 10, −24): the value `from_f64`
-/// rounds to, past the format's largest finite value too (the cast to f32 or to f16 then gives
-/// ±inf); NaN stays NaN with its payload. Adding c = 2^52 quanta of |x|'s binade leaves a sum
-/// whose f64 ulp is that quantum, so the addition rounds |x| to the grid (ties to even: c is
-/// an even number of quanta), and subtracting c again is exact.
-#[inline]
-fn round_to_grid(x: f64, frac_bits: u64, min_quantum_exp: i32) -> f64 {
-    const EXPONENT: u64 = 0x7FF0_0000_0000_0000;
-    // Anything from 2^200 up (inf and NaN too) only has to stay huge: capping its binade keeps
-    // c finite.
-    const CAP: f64 = 1.606_938_044_258_990_3e60; // 2^200
-    let a = x.abs();
-    let binade = if a < CAP { a } else { CAP };
-    let c = f64::from_bits((binade.to_bits() & EXPONENT) + ((52 - frac_bits) << 52));
-    // Below the smallest normal the quantum stays that of the subnormals.
-    let floor = 2f64.powi(min_quantum_exp + 52);
-    let c = if c > floor { c } else { floor };
-    ((a + c) - c).copysign(x)
-}
-
 /// `out = x · w`, each element rounded once.
-fn scale_row<T: Convert>(x: &[T], w: f64, out: &mut [T]) {
-    let mut wide = [0.0; TILE];
-    for (x, out) in x.chunks(TILE).zip(out.chunks_mut(TILE)) {
-        let wide = &mut wide[..x.len()];
-        for (d, &v) in wide.iter_mut().zip(x) {
-            *d = v.widen() * w;
-        }
-        T::narrow(wide, out);
+fn scale_row<T: Element>(x: &[T], w: f64, out: &mut [T]) {
+    for (d, &v) in out.iter_mut().zip(x) {
+        *d = T::from_f64(v.to_f64() * w);
     }
 }
 
 /// `acc += w · src`, elementwise in f64.
-fn add_scaled<T: Convert>(acc: &mut [f64], w: f64, src: &[T]) {
+fn add_scaled<T: Element>(acc: &mut [f64], w: f64, src: &[T]) {
     for (a, &v) in acc.iter_mut().zip(src) {
-        *a += w * v.widen();
+        *a += w * v.to_f64();
     }
 }
 
@@ -418,14 +325,14 @@ const LANES: usize = 4;
 
 /// `Σ_i a_l[i] · b_l[i]` for each lane `l`, in f64, each summed in column order from −0: the
 /// identity of + and where `Iterator::sum` starts, so an all-(−0) product row stays −0.
-fn dots<T: Convert, const L: usize>(a: [&[T]; L], b: [&[T]; L]) -> [f64; L] {
+fn dots<T: Element, const L: usize>(a: [&[T]; L], b: [&[T]; L]) -> [f64; L] {
     let h = a[0].len();
     let a = a.map(|r| &r[..h]);
     let b = b.map(|r| &r[..h]);
     let mut sums = [-0.0; L];
     for i in 0..h {
         for l in 0..L {
-            sums[l] += a[l][i].widen() * b[l][i].widen();
+            sums[l] += a[l][i].to_f64() * b[l][i].to_f64();
         }
     }
     sums
@@ -446,7 +353,7 @@ pub(crate) unsafe fn permute(raw: &RawPermute) -> Result<()> {
         // SAFETY: the weights hold n·k values.
         Some(unsafe { std::slice::from_raw_parts(raw.weights, raw.n * raw.k) })
     };
-    unsafe fn typed<T: Convert>(raw: &RawPermute, perm: &[i32], weights: Option<&[f32]>) {
+    unsafe fn typed<T: Element>(raw: &RawPermute, perm: &[i32], weights: Option<&[f32]>) {
         // SAFETY: the workers read shared inputs and each writes only its own rows of the outputs.
         let shared = unsafe { Shared::new(*raw) };
         for_each_range(raw.rows, raw.h, |range| {
@@ -498,7 +405,7 @@ pub(crate) unsafe fn combine(raw: &RawCombine) -> Result<()> {
         // SAFETY: the weights hold n·k values.
         Some(unsafe { std::slice::from_raw_parts(raw.weights, slots) })
     };
-    unsafe fn typed<T: Convert>(raw: &RawCombine, position: &[i32], weights: Option<&[f32]>) {
+    unsafe fn typed<T: Element>(raw: &RawCombine, position: &[i32], weights: Option<&[f32]>) {
         // SAFETY: the workers read shared inputs and each writes only its own rows of the outputs.
         let shared = unsafe { Shared::new(*raw) };
         for_each_range(raw.n, raw.h * raw.k, |range| {
@@ -521,7 +428,9 @@ pub(crate) unsafe fn combine(raw: &RawCombine) -> Result<()> {
                         let src = unsafe { row::<T>(raw.rows_in, raw.rows_stride, r, raw.h) };
                         add_scaled(acc, w, &src[cols.clone()]);
                     }
-                    T::narrow(acc, &mut y[cols]);
+                    for (d, &v) in y[cols].iter_mut().zip(acc.iter()) {
+                        *d = T::from_f64(v);
+                    }
                 }
             }
         });
@@ -547,7 +456,7 @@ pub(crate) unsafe fn slot_dot(raw: &RawSlotDot) -> Result<()> {
     // SAFETY: position holds n·k values.
     let position = unsafe { std::slice::from_raw_parts(raw.position, slots) };
     check_indices("position", position, raw.rows)?;
-    unsafe fn typed<T: Convert>(raw: &RawSlotDot, position: &[i32]) {
+    unsafe fn typed<T: Element>(raw: &RawSlotDot, position: &[i32]) {
         // SAFETY: the workers read shared inputs and each writes only its own rows of the outputs.
         let shared = unsafe { Shared::new(*raw) };
         for_each_range(raw.n, raw.h * raw.k, |range| {
@@ -596,154 +505,4 @@ pub(crate) unsafe fn slot_dot(raw: &RawSlotDot) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// splitmix64: reproducible random bits.
-    fn random_bits(seed: u64) -> impl FnMut() -> u64 {
-        let mut state = seed;
-        move || {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-    }
-
-    fn check_widen<T: Convert>(values: impl Iterator<Item = T>) {
-        // to_f64 is exact, so equal f64 bits mean equal values (and NaN payloads).
-        for v in values {
-            assert_eq!(
-                v.widen().to_bits(),
-                v.to_f64().to_bits(),
-                "{:?}: {:e}",
-                T::DTYPE,
-                v.to_f64()
-            );
-        }
-    }
-
-    #[test]
-    fn widen_is_to_f64_bitwise() {
-        check_widen((0..=u16::MAX).map(bf16::from_bits));
-        check_widen((0..=u16::MAX).map(f16::from_bits));
-        let mut next = random_bits(1);
-        check_widen((0..1 << 20).map(|_| f32::from_bits(next() as u32)));
-    }
-
-    /// f64 values that stress the rounding to `T`: any bit pattern (huge, tiny, inf, NaN),
-    /// the format's own values (every bit pattern for 16-bit formats) and their neighbours,
-    /// and the midpoints between neighbours, exact and off by a little either way.
-    fn hard_values<T: Convert>(next: &mut impl FnMut() -> u64, count: usize) -> Vec<f64> {
-        let mut xs = Vec::with_capacity(count * 8);
-        for _ in 0..count {
-            xs.push(f64::from_bits(next()));
-            let v = if T::DTYPE == DType::F32 {
-                f32::from_bits(next() as u32) as f64
-            } else if T::DTYPE == DType::BF16 {
-                bf16::from_bits(next() as u16).to_f64()
-            } else {
-                f16::from_bits(next() as u16).to_f64()
-            };
-            let u = if T::DTYPE == DType::F32 {
-                1f64 / (1u64 << 24) as f64
-            } else if T::DTYPE == DType::BF16 {
-                1.0 / 256.0
-            } else {
-                1.0 / 2048.0
-            };
-            // Half an ulp of v (relative; subnormals get other distances, also fine).
-            let half = v.abs() * u;
-            let tiny = half * 2f64.powi(-30);
-            for x in [
-                v,
-                v + half,
-                v - half,
-                v + half + tiny,
-                v + half - tiny,
-                f64::from_bits((v + half).to_bits() ^ 1),
-            ] {
-                xs.push(x);
-            }
-            xs.push(v * 2f64.powi((next() % 80) as i32 - 40));
-        }
-        xs.extend([
-            0.0,
-            -0.0,
-            f64::INFINITY,
-            f64::NEG_INFINITY,
-            f64::NAN,
-            -f64::NAN,
-            f64::MAX,
-            f64::MIN_POSITIVE,
-            5e-324,
-            1e300,
-            2f64.powi(979),
-            2f64.powi(982),
-            -2f64.powi(999),
-            65504.0,
-            65520.0,
-            65519.99,
-            3.4e38,
-            2f64.powi(-133),
-            2f64.powi(-134),
-            2f64.powi(-134) * 1.0000001,
-            2f64.powi(-24),
-            2f64.powi(-25),
-            2f64.powi(-25) * 1.0000001,
-        ]);
-        xs
-    }
-
-    /// The bit pattern of a value.
-    trait Bits: Convert {
-        fn bits(self) -> u32;
-    }
-    impl Bits for f32 {
-        fn bits(self) -> u32 {
-            self.to_bits()
-        }
-    }
-    impl Bits for bf16 {
-        fn bits(self) -> u32 {
-            self.to_bits().into()
-        }
-    }
-    impl Bits for f16 {
-        fn bits(self) -> u32 {
-            self.to_bits().into()
-        }
-    }
-
-    fn check_narrow<T: Bits>(seed: u64) {
-        let mut next = random_bits(seed);
-        let xs = hard_values::<T>(&mut next, 1 << 17);
-        let zero = T::from_f64(0.0);
-        for chunk in xs.chunks(TILE) {
-            let mut got = vec![zero; chunk.len()];
-            T::narrow(chunk, &mut got);
-            for (&x, &g) in chunk.iter().zip(&got) {
-                let want = T::from_f64(x);
-                assert!(
-                    g.bits() == want.bits(),
-                    "{:?}: {x:e} ({:#x}) -> {:#x}, from_f64 gives {:#x}",
-                    T::DTYPE,
-                    x.to_bits(),
-                    g.bits(),
-                    want.bits()
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn narrow_is_from_f64_bitwise() {
-        check_narrow::<bf16>(2);
-        check_narrow::<f16>(3);
-        check_narrow::<f32>(4);
-    }
 }
