@@ -428,9 +428,7 @@ pub(crate) unsafe fn combine(raw: &RawCombine) -> Result<()> {
                         let src = unsafe { row::<T>(raw.rows_in, raw.rows_stride, r, raw.h) };
                         add_scaled(acc, w, &src[cols.clone()]);
                     }
-                    for (d, &v) in y[cols].iter_mut().zip(acc.iter()) {
-                        *d = T::from_f64(v);
-                    }
+                    T::from_f64_slice(acc, &mut y[cols]);
                 }
             }
         });
