@@ -11,8 +11,29 @@ use half::{bf16, f16};
 
 use crate::tensor::DType;
 
-/// A floating-point element type the kernels read and write.
-pub trait Element: Copy + Send + Sync + 'static {
+/// A floating-point element type the kernels read and write: `f32`, [`bf16`] and [`f16`].
+///
+/// Sealed: the safe views ([`Matrix::host`](crate::Matrix::host) and its kin) size the memory
+/// they hand to the kernels from [`DTYPE`](Element::DTYPE), so an implementation whose `DTYPE`
+/// did not match its size would let safe code read or write past a slice. It cannot be
+/// implemented outside this crate:
+///
+/// ```compile_fail
+/// use distill_kernels::{DType, Element};
+///
+/// #[derive(Clone, Copy)]
+/// struct Byte(u8);
+/// impl Element for Byte {
+///     const DTYPE: DType = DType::F32; // 4 bytes claimed for a 1-byte type
+///     fn to_f64(self) -> f64 {
+///         self.0 as f64
+///     }
+///     fn from_f64(x: f64) -> Self {
+///         Byte(x as u8)
+///     }
+/// }
+/// ```
+pub trait Element: sealed::Sealed + Copy + Send + Sync + 'static {
     /// The matching [`DType`].
     const DTYPE: DType;
     /// Widens to f64 (exact; a NaN keeps its payload and gets the quiet bit).
@@ -27,6 +48,14 @@ pub trait Element: Copy + Send + Sync + 'static {
             *d = Self::from_f64(s);
         }
     }
+}
+
+mod sealed {
+    /// Implemented for exactly the types whose size matches their [`DType`](super::DType).
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
 }
 
 impl Element for f32 {
