@@ -4,7 +4,8 @@
 runs zero-copy on that device's current torch stream, with no host synchronisation: the loss is
 written into a device tensor. It returns a 0-d float32 tensor for ``batchmean`` / ``sum`` and the
 per-token float32 ``[N]`` tensor for ``none``. When the student requires grad, the gradient is
-computed in the same pass into a buffer of the student's dtype; backward scales it by
+computed in the same pass into a buffer of the student's dtype (float32 for a float16 student,
+so that it does not underflow before the loss scale reaches it); backward scales it by
 ``grad_output`` (in place, so each graph can be backpropagated once; on CUDA through
 dk_scale_rows, see :func:`scale_rows_`, which reads ``grad_output`` on the device and skips the
 pass when it is exactly 1). The teacher is treated as a constant (as in TRL and Liger): no
@@ -16,6 +17,7 @@ CPU tensors work too, through the library's CPU backend (blocking).
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Optional, Tuple
 
 try:
@@ -32,6 +34,32 @@ from . import _lib
 __all__ = ["divergence", "DivergenceFunction"]
 
 _DTYPES = {torch.float32: _lib.DTYPE_F32, torch.bfloat16: _lib.DTYPE_BF16, torch.float16: _lib.DTYPE_F16}
+
+
+def _first_order(what: str):
+    """Decorator for the backward of a Function whose gradients are computed in the forward
+    pass: they are constants, not functions of the inputs, so a double backward
+    (``torch.autograd.grad(..., create_graph=True)``, under which autograd runs backward with
+    grad mode on) raises here instead of building a graph that silently lacks every
+    second-order term through this call. ``once_differentiable`` alone catches only the case
+    where ``grad_output`` itself requires grad."""
+
+    def wrap(backward):
+        inner = once_differentiable(backward)
+
+        @functools.wraps(backward)
+        def checked(ctx, *grad_outputs):
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"distill_kernels.torch.{what}: double backward (create_graph=True) is not "
+                    "supported: its gradients are computed in the forward pass and are not "
+                    "differentiable themselves"
+                )
+            return inner(ctx, *grad_outputs)
+
+        return checked
+
+    return wrap
 
 
 def _device_ordinal(x: torch.Tensor) -> int:
@@ -212,6 +240,12 @@ class DivergenceFunction(torch.autograd.Function):
                 raise RuntimeError("grad_inplace: the student logits were copied")
             grad, g_stride = s, s_stride
         elif want_grad:
+            if s.dtype == torch.float16:
+                # A float16 gradient of the loss (batchmean: about (q - p) / N per entry) mostly
+                # falls below float16's smallest value before backward multiplies it by
+                # grad_output, an AMP loss scale: computed from a float32 copy of the student
+                # (the same values) into a float32 buffer, rounded to float16 after the scaling.
+                s, s_stride = s.float(), v
             grad, g_stride = torch.empty((n, v), dtype=s.dtype, device=dev), v
         if device >= 0 and device != torch.cuda.current_device():
             with torch.cuda.device(device):
@@ -225,6 +259,7 @@ class DivergenceFunction(torch.autograd.Function):
             # raise ("modified by an inplace operation") instead of reading the gradient.
             torch.autograd.graph.increment_version(student)
         ctx.grad_buf = grad
+        ctx.student_dtype = student.dtype
         ctx.out_shape = out_shape
         ctx.reduction_none = reduction_none
         if reduction_none:
@@ -232,7 +267,7 @@ class DivergenceFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @_first_order("divergence")
     def backward(ctx, grad_output):
         g = ctx.grad_buf
         if g is None:
@@ -245,7 +280,10 @@ class DivergenceFunction(torch.autograd.Function):
             return None, None, None, None, None, None, None
         ctx.grad_buf = None
         _scale_by_grad_output(g, grad_output, ctx.reduction_none)
-        return g.view(ctx.out_shape), None, None, None, None, None, None
+        # A float32 buffer of a float16 student goes back as float16, rounded once after the
+        # scaling (the others are already the student's dtype: no copy).
+        g = g.to(ctx.student_dtype).view(ctx.out_shape)
+        return g, None, None, None, None, None, None
 
 
 def divergence(
@@ -271,6 +309,17 @@ def divergence(
     under ``torch.no_grad()``) nothing could receive it, and the call is forward only. ``num_items`` must be a Python number (not a tensor: reading a
     device tensor would synchronise the host).
 
+    The gradient is kept in the student's dtype until backward multiplies it by ``grad_output``,
+    except for a float16 student: its gradient entries (about ``(q - p) / N`` under
+    ``batchmean``) mostly lie below float16's smallest value, so they would be 0 before an AMP
+    loss scale (``GradScaler``) could lift them. It is computed from a float32 copy of the
+    student (the same values, same loss) into a float32 buffer and rounded to float16 after the
+    scaling: twice the gradient's memory and a conversion pass, for float16 only. bfloat16 has
+    float32's exponent range and keeps its own dtype. ``grad_inplace=True`` keeps float16 (it
+    writes over the student), with that underflow.
+
+    Second derivatives are not supported: under ``create_graph=True`` the backward raises.
+
     ``grad_inplace=True`` writes that gradient over ``student`` itself instead of a new ``[N, V]``
     buffer (the extra memory of the call drops to a few bytes per row): the student logits are
     destroyed by the forward. Use it where nothing reads them afterwards, typically the output
@@ -288,8 +337,9 @@ def divergence(
     """
     if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
         raise TypeError("student and teacher must be torch tensors")
-    if isinstance(num_items, torch.Tensor):
-        raise TypeError("num_items must be a Python number (a tensor would force a host sync)")
+    for name, x in (("beta", beta), ("temperature", temperature), ("num_items", num_items)):
+        if isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a Python number (a tensor would force a host sync)")
     params = _lib.make_params(kind, beta, temperature, ignore_index, reduction, num_items)
     if grad is not None and not isinstance(grad, bool):
         raise TypeError(f"grad must be None or a bool, got {grad!r}")
@@ -322,8 +372,10 @@ def divergence(
         _check_inplace_student(student)
     if not want_grad:
         student = student.detach()  # forward only: the result does not require grad
+    # The teacher is a constant: detached, so a teacher that requires grad does not make the
+    # result claim a gradient that would never reach it.
     return DivergenceFunction.apply(
-        student, teacher, lab, params, reduction == "none", want_grad, inplace
+        student, teacher.detach(), lab, params, reduction == "none", want_grad, inplace
     )
 
 
@@ -538,7 +590,7 @@ class MoePermuteFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @_first_order("moe_permute")
     def backward(ctx, grad_out):
         x, weights, position = ctx.saved_tensors
         grad_x = grad_w = None
@@ -564,7 +616,7 @@ class MoeCombineFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @_first_order("moe_combine")
     def backward(ctx, grad_y):
         expert_out, weights, perm_full, position = ctx.saved_tensors
         grad_eo = grad_w = None
@@ -779,7 +831,9 @@ __all__ += ["fused_linear_divergence", "FusedLinearFunction"]
 
 def _fused_grad_dtype(grad_dtype, in_dtype: torch.dtype) -> torch.dtype:
     if grad_dtype is None:
-        return in_dtype
+        # float16 gradients of a loss underflow before backward applies grad_output (an AMP
+        # loss scale): float32 buffers by default, cast to float16 by autograd after the scaling.
+        return torch.float32 if in_dtype == torch.float16 else in_dtype
     if grad_dtype in (torch.float32, "float32", "f32"):
         return torch.float32
     if grad_dtype == in_dtype or grad_dtype == str(in_dtype).replace("torch.", ""):
@@ -856,7 +910,7 @@ class FusedLinearFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @_first_order("fused_linear_divergence")
     def backward(ctx, grad_output):
         gh, gw = ctx.grads if ctx.grads is not None else (None, None)
         wanted = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -940,8 +994,10 @@ def fused_linear_divergence(
     Autograd (no ``*_out`` buffers): differentiable in ``student_hidden`` and ``student_weight``
     (the teacher side is a constant). Gradients are computed in the forward pass for the inputs
     that require grad (``grad=False`` skips them) into buffers of ``grad_dtype`` (None: the input
-    dtype; ``torch.float32``: f32 accumulation, cast to the parameter's dtype by autograd on
-    return) and scaled by ``grad_output`` in backward, in place (a graph is backpropagated once).
+    dtype for bfloat16 and float32, float32 for float16, whose gradients would underflow before
+    an AMP loss scale reaches them; ``torch.float32``: f32 accumulation, cast to the parameter's
+    dtype by autograd on return) and scaled by ``grad_output`` in backward, in place (a graph is
+    backpropagated once; second derivatives are not supported: ``create_graph=True`` raises).
     With ``reduction="none"`` only ``student_hidden`` may require grad: the weight gradient of a
     per-token weighted sum cannot be scaled after the fact.
 
@@ -959,7 +1015,8 @@ def fused_linear_divergence(
                             "float16")
         if x.numel() == 0:
             raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
-    for name, x in (("num_items", num_items), ("logit_scale", logit_scale), ("softcap", softcap)):
+    for name, x in (("beta", beta), ("temperature", temperature), ("num_items", num_items),
+                    ("logit_scale", logit_scale), ("softcap", softcap)):
         if isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a Python number (a tensor would force a host sync)")
     accumulate = grad_hidden_out is not None or grad_weight_out is not None
@@ -1173,7 +1230,7 @@ class AttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @once_differentiable
+    @_first_order("attention")
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         if dout is None:

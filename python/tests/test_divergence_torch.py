@@ -346,8 +346,17 @@ def test_grad_inplace_gives_the_same_gradients_over_the_logits(device, dtype, ki
             assert s._version > 0  # s now holds d(loss)/ds
         (out * torch.arange(1, 10, device=device, dtype=torch.float32)).sum().backward()
         grads[inplace] = (out.detach(), h.grad, w.grad)
-    for a, b in zip(grads[False], grads[True]):
-        assert torch.equal(a, b)  # bitwise: the same kernel math, only the output moved
+    if dtype != torch.float16:
+        for a, b in zip(grads[False], grads[True]):
+            assert torch.equal(a, b)  # bitwise: the same kernel math, only the output moved
+        return
+    # float16: the separate gradient goes through a float32 buffer (so that it does not
+    # underflow before grad_output scales it); in place it is rounded to float16 first. The same
+    # losses; gradients one float16 rounding apart.
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-6, atol=0)
+    for a, b in zip(grads[False][1:], grads[True][1:]):
+        assert not torch.equal(a, b) or a.abs().max() == 0  # the two paths really differ
+        assert (a.float() - b.float()).abs().max() <= 2e-3 * a.float().abs().max()
 
 
 def test_grad_inplace_writes_over_a_strided_student_view(device):

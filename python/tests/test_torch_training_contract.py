@@ -1,0 +1,142 @@
+"""What a training step relies on from the torch face, beyond the math: float16 gradients that
+survive an AMP loss scale, a clear error for second derivatives, a constant teacher, and no
+hidden host synchronisation through tensor-valued parameters.
+
+Needs torch. Each test body taking ``device`` runs on CPU tensors (the library's CPU backend)
+and, where a GPU is available, on CUDA tensors. Skips show their reason with ``pytest -rs``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed: torch contract tests skipped")
+import torch.nn.functional as F  # noqa: E402
+
+import distill_kernels.torch as dkt  # noqa: E402
+
+from torch_devices import device  # noqa: E402,F401 (the fixture)
+
+# GradScaler's initial scale.
+LOSS_SCALE = 65536.0
+
+
+def forward_kl_f64(s, t):
+    """batchmean KL(p || q), p = softmax(t), q = softmax(s), in float64 by torch itself."""
+    return F.kl_div(F.log_softmax(s.double(), -1), F.log_softmax(t.double(), -1),
+                    reduction="batchmean", log_target=True)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def self_distillation_logits(n, v, seed):
+    """A teacher close to the student (self-distillation): the gradient entries, about
+    (q - p) / N, lie far below float16's smallest value."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, v, generator=g) * 0.5
+    t = s + torch.randn(n, v, generator=g) * 0.02
+    return s, t
+
+
+def test_float16_gradient_survives_a_loss_scale(device):
+    n, v = 256, 8192
+    s, t = self_distillation_logits(n, v, 3)
+    s16, t16 = s.half().to(device), t.half().to(device)
+    x = s16.clone().requires_grad_(True)
+    (dkt.divergence(x, t16, kind="forward_kl") * LOSS_SCALE).backward()
+    assert x.grad.dtype == torch.float16
+    # Reference: the gradient of the same (float16-valued) logits in float64, scaled as
+    # GradScaler does, compared after unscaling.
+    xr = s16.double().cpu().requires_grad_(True)
+    (forward_kl_f64(xr, t16.cpu()) * LOSS_SCALE).backward()
+    got = x.grad.cpu().double() / LOSS_SCALE
+    want = xr.grad / LOSS_SCALE
+    assert rel(got, want) < 2e-3
+    # The shape really exercises the hazard: rounding the unscaled gradient to float16 first
+    # (what a float16 gradient buffer did) loses most of it.
+    assert rel(want.half().double(), want) > 0.1
+
+
+def test_float16_fused_gradients_survive_a_loss_scale(device):
+    n, h, v = 1024, 32, 4096
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.1
+    teacher_hidden = hidden + 0.02 * torch.randn(n, h, generator=g)  # self-distillation
+    hs, ws, ht = (x.half().to(device) for x in (hidden, weight, teacher_hidden))
+    a = hs.clone().requires_grad_(True)
+    b = ws.clone().requires_grad_(True)
+    loss = dkt.fused_linear_divergence(a, b, ht, ws, kind="forward_kl")
+    (loss * LOSS_SCALE).backward()
+    assert a.grad.dtype == torch.float16 and b.grad.dtype == torch.float16
+    ar = hs.cpu().double().requires_grad_(True)
+    br = ws.cpu().double().requires_grad_(True)
+    ref = forward_kl_f64(ar @ br.T, ht.cpu().double() @ ws.cpu().double().T)
+    (ref * LOSS_SCALE).backward()
+    assert rel(a.grad.cpu().double(), ar.grad) < 5e-3
+    assert rel(b.grad.cpu().double(), br.grad) < 5e-3
+    # Rounded to float16 before the scale, the gradients lose much of themselves.
+    losses = [rel((g / LOSS_SCALE).half().double(), g / LOSS_SCALE) for g in (ar.grad, br.grad)]
+    assert max(losses) > 0.1
+
+
+def test_double_backward_raises_instead_of_dropping_second_order_terms(device):
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(6, 16, generator=g).to(device).requires_grad_(True)
+    w = torch.randn(33, 16, generator=g).to(device).requires_grad_(True)
+    t = torch.randn(6, 33, generator=g).to(device)
+    # A gradient penalty: the gradient w.r.t. h would need this call's second derivative.
+    out = dkt.divergence(h @ w.T, t)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out, h, create_graph=True)
+    out = dkt.fused_linear_divergence(h, w, h.detach(), w.detach())
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out, h, create_graph=True)
+    # A plain backward of a fresh graph still works, inside activation checkpointing too.
+    for reentrant in (False, True):
+        h.grad = None
+        loss = torch.utils.checkpoint.checkpoint(
+            lambda x: dkt.divergence(x @ w.T, t), h, use_reentrant=reentrant)
+        loss.backward()
+        ref_h = h.detach().clone().requires_grad_(True)
+        dkt.divergence(ref_h @ w.detach().T, t).backward()
+        assert torch.equal(h.grad, ref_h.grad)
+
+
+def test_attention_and_moe_double_backward_raise(device):
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 5, 2, 64, generator=g).to(device).requires_grad_(True)
+    k = torch.randn(1, 7, 1, 64, generator=g).to(device)
+    v = torch.randn(1, 7, 1, 64, generator=g).to(device)
+    out = dkt.attention(q, k, v)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    x = torch.randn(10, 16, generator=g).to(device).requires_grad_(True)
+    route = dkt.moe_route(torch.randn(10, 4, generator=g).to(device), 2)
+    y = dkt.moe_combine(dkt.moe_permute(x, route), route)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
+def test_a_teacher_that_requires_grad_stays_a_constant(device):
+    g = torch.Generator().manual_seed(9)
+    s = torch.randn(4, 50, generator=g).to(device)
+    t = torch.randn(4, 50, generator=g).to(device).requires_grad_(True)
+    out = dkt.divergence(s, t)
+    assert not out.requires_grad and out.grad_fn is None
+    x = s.clone().requires_grad_(True)
+    dkt.divergence(x, t).backward()
+    assert x.grad is not None and t.grad is None
+
+
+def test_tensor_valued_scalars_are_refused(device):
+    s = torch.randn(4, 50).to(device)
+    h, w = torch.randn(4, 8).to(device), torch.randn(50, 8).to(device)
+    for name in ("beta", "temperature", "num_items"):
+        with pytest.raises(TypeError, match=name):
+            dkt.divergence(s, s, **{name: torch.tensor(0.5)})
+    for name in ("beta", "temperature", "num_items", "logit_scale", "softcap"):
+        with pytest.raises(TypeError, match=name):
+            dkt.fused_linear_divergence(h, w, h, w, **{name: torch.tensor(0.5)})
