@@ -186,6 +186,7 @@ fn bench_cpu(c: &mut Criterion) {
                 ctx.moe_combine(
                     Combine {
                         rows: Matrix::host(&rows, r, h, h).unwrap(),
+                        k,
                         position: Vector::host(&rt.position),
                         weights: (!s.scaled_input).then(|| Vector::host(&rt.weights[..])),
                         y: MatrixMut::host(&mut y, n, h, h).unwrap(),
@@ -201,6 +202,7 @@ fn bench_cpu(c: &mut Criterion) {
                     SlotDot {
                         tokens: Matrix::host(&x, n, h, h).unwrap(),
                         rows: Matrix::host(&rows, r, h, h).unwrap(),
+                        k,
                         position: Vector::host(&rt.position),
                         out: VectorMut::host(&mut dots),
                     },
@@ -304,6 +306,7 @@ mod cuda {
                 let call = unsafe {
                     Combine {
                         rows: Matrix::from_raw(ra as *const u8, DType::BF16, r, h, h, loc),
+                        k,
                         position: Vector::from_raw(qp as *const i32, n * k, loc),
                         weights: (!s.scaled_input)
                             .then(|| Vector::from_raw(wp as *const f32, n * k, loc)),

@@ -82,6 +82,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let combine = |rows: &[f32], y: &mut [f32]| -> Result<(), distill_kernels::Error> {
         let call = Combine {
             rows: Matrix::host(rows, r, h, h)?,
+            k,
             position: Vector::host(&position),
             weights: Some(Vector::host(&weights)),
             y: MatrixMut::host(y, n, h, h)?,

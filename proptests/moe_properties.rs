@@ -83,11 +83,13 @@ fn permute(x: &[f32], n: usize, h: usize, k: usize, perm: &[i32]) -> Vec<f32> {
 }
 
 fn combine(rows: &[f32], r: usize, n: usize, h: usize, position: &[i32]) -> Vec<f32> {
+    let k = position.len() / n;
     let mut y = vec![f32::NAN; n * h];
     Context::cpu()
         .moe_combine(
             Combine {
                 rows: Matrix::host(rows, r, h, h).unwrap(),
+                k,
                 position: Vector::host(position),
                 weights: None,
                 y: MatrixMut::host(&mut y, n, h, h).unwrap(),

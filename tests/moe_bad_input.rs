@@ -15,8 +15,10 @@ use distill_kernels::capi::moe::{
     dk_moe_route_workspace_size, dk_moe_slot_dot, DkMoeCombineArgs, DkMoePermuteArgs,
     DkMoeRouteArgs, DkMoeRouteParams, DkMoeSlotDotArgs,
 };
-use distill_kernels::moe::{RouteParams, Score, MAX_EXPERTS, MAX_HIDDEN};
-use distill_kernels::{DType, Error, ErrorKind, Location};
+use distill_kernels::moe::{Combine, RouteParams, Score, SlotDot, MAX_EXPERTS, MAX_HIDDEN};
+use distill_kernels::{
+    Context, DType, Error, ErrorKind, Launch, Location, Matrix, MatrixMut, Vector, VectorMut,
+};
 
 type Run = (Result<(), Error>, Vec<Bytes>, Vec<Bytes>);
 
@@ -747,6 +749,7 @@ fn combine_shapes() {
         |d| {
             c.run_edited(d, |s| {
                 s.y.rows = 1;
+                s.k = 33;
                 s.position.len = 33;
                 s.weights = None;
             })
@@ -1263,5 +1266,68 @@ fn c_abi_max_rows_defaults_and_workspace() {
             1
         );
         assert_eq!(dk_context_destroy(ctx), 0);
+    }
+}
+
+/// Combine and slot-dot take k from the caller, as permute does: a wrong row count of `y` (or of
+/// `tokens`) whose N still divides the N·k position entries was once read as another k
+/// (N = 6, k = 2 with 3 rows of y: k = 4) and summed meaningless slots.
+#[test]
+fn combine_and_slot_dot_check_position_against_the_given_k() {
+    let ctx = Context::cpu();
+    let (n, k, h) = (6, 2, 8);
+    let rows: Vec<f32> = (0..n * k * h).map(|i| i as f32 * 0.25 - 3.0).collect();
+    let position: Vec<i32> = (0..(n * k) as i32).collect();
+    let weights = vec![0.5f32; n * k];
+    let combine = |y: &mut [f32], y_rows: usize, k: usize| {
+        ctx.moe_combine(
+            Combine {
+                rows: Matrix::host(&rows, n * 2, h, h).unwrap(),
+                k,
+                position: Vector::host(&position),
+                weights: Some(Vector::host(&weights)),
+                y: MatrixMut::host(y, y_rows, h, h).unwrap(),
+            },
+            &Launch::default(),
+        )
+    };
+    let mut y = vec![f32::NAN; n * h];
+    combine(&mut y, n, k).expect("the consistent call");
+    assert!(y.iter().all(|v| v.is_finite()));
+    for (what, y_rows, k, kind) in [
+        ("y with N / 2 rows", n / 2, k, ErrorKind::Shape),
+        ("k one too many", n, k + 1, ErrorKind::Shape),
+        ("k = 0", n, 0, ErrorKind::InvalidArgument),
+    ] {
+        let mut y = vec![f32::NAN; n * h];
+        let err = combine(&mut y, y_rows, k).expect_err(what);
+        assert_eq!(err.kind(), kind, "{what}: {err}");
+        assert!(y.iter().all(|v| v.is_nan()), "{what}: y written");
+    }
+
+    let tokens = &rows[..n * h];
+    let slot_dot = |out: &mut [f32], token_rows: usize, k: usize| {
+        ctx.moe_slot_dot(
+            SlotDot {
+                tokens: Matrix::host(&tokens[..token_rows * h], token_rows, h, h).unwrap(),
+                rows: Matrix::host(&rows, n * 2, h, h).unwrap(),
+                k,
+                position: Vector::host(&position),
+                out: VectorMut::host(out),
+            },
+            &Launch::default(),
+        )
+    };
+    let mut out = vec![f32::NAN; n * k];
+    slot_dot(&mut out, n, k).expect("the consistent call");
+    assert!(out.iter().all(|v| v.is_finite()));
+    for (what, token_rows, k, kind) in [
+        ("tokens with N / 2 rows", n / 2, k, ErrorKind::Shape),
+        ("k = 0", n, 0, ErrorKind::InvalidArgument),
+    ] {
+        let mut out = vec![f32::NAN; n * 2];
+        let err = slot_dot(&mut out, token_rows, k).expect_err(what);
+        assert_eq!(err.kind(), kind, "{what}: {err}");
+        assert!(out.iter().all(|v| v.is_nan()), "{what}: out written");
     }
 }

@@ -404,6 +404,7 @@ pub unsafe extern "C" fn dk_moe_combine(
         let call = unsafe {
             Combine {
                 rows: Matrix::from_raw(a.rows_in.cast(), dt, rows, h, rows_stride, loc),
+                k,
                 position: Vector::from_raw(a.position, slots, loc),
                 weights: (!a.weights.is_null()).then(|| Vector::from_raw(a.weights, slots, loc)),
                 y: MatrixMut::from_raw(a.y.cast(), dt, n, h, y_stride, loc),
@@ -443,6 +444,7 @@ pub unsafe extern "C" fn dk_moe_slot_dot(
             SlotDot {
                 tokens: Matrix::from_raw(a.tokens.cast(), dt, n, h, tokens_stride, loc),
                 rows: Matrix::from_raw(a.rows_in.cast(), dt, rows, h, rows_stride, loc),
+                k,
                 position: Vector::from_raw(a.position, slots, loc),
                 out: VectorMut::from_raw(a.out, slots, loc),
             }

@@ -67,6 +67,8 @@ pub struct Permute<'a> {
 pub struct Combine<'a> {
     /// Rows in permuted order `[R, H]` (expert outputs, or gradients in the backward pass).
     pub rows: Matrix<'a>,
+    /// Slots per token (the route's k); `position` must hold `N·k` entries for the `N` rows of `y`.
+    pub k: usize,
     /// `[N·k]` from [`Route::position`]; −1 slots are skipped.
     pub position: Vector<'a, i32>,
     /// Optional `[N·k]` weights (None: unweighted sum).
@@ -82,6 +84,9 @@ pub struct SlotDot<'a> {
     pub tokens: Matrix<'a>,
     /// Rows in permuted order `[R, H]`, same dtype as `tokens`.
     pub rows: Matrix<'a>,
+    /// Slots per token (the route's k); `position` and `out` must hold `N·k` entries for the
+    /// `N` rows of `tokens`.
+    pub k: usize,
     /// `[N·k]` from [`Route::position`]; −1 slots give 0.
     pub position: Vector<'a, i32>,
     /// Out `[N·k]` (f32).

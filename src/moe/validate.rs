@@ -388,15 +388,11 @@ impl RawPermute {
     }
 }
 
-/// The slots per token implied by a `[N·k]` position vector for `n` tokens.
-fn slots_per_token(n: usize, position_len: usize) -> Result<usize> {
-    if position_len == 0 || position_len % n != 0 {
-        bail!(
-            Shape,
-            "position has {position_len} entries, not a positive multiple of N = {n}"
-        );
-    }
-    Ok(position_len / n)
+/// Checks `k` and that a position vector holds its `N·k` entries; returns N·k.
+fn check_position(n: usize, k: usize, position_len: usize) -> Result<usize> {
+    let slots = check_slots(n, k)?;
+    check_len("position", position_len, slots, &format!("N·k = {n}·{k}"))?;
+    Ok(slots)
 }
 
 impl RawCombine {
@@ -413,8 +409,8 @@ impl RawCombine {
         activations_out(ctx, "y", y, n, h, dtype)?;
         check_tokens(n)?;
         check_rows("rows", rows)?;
-        let k = slots_per_token(n, call.position.len)?;
-        let slots = check_slots(n, k)?;
+        let k = call.k;
+        let slots = check_position(n, k, call.position.len)?;
         if let Some(w) = &call.weights {
             check_len("weights", w.len, slots, &format!("N·k = {n}·{k}"))?;
         }
@@ -468,8 +464,8 @@ impl RawSlotDot {
         }
         check_tokens(n)?;
         check_rows("rows", rows)?;
-        let k = slots_per_token(n, call.position.len)?;
-        let slots = check_slots(n, k)?;
+        let k = call.k;
+        let slots = check_position(n, k, call.position.len)?;
         check_len(
             "slot-dot output",
             call.out.len,

@@ -270,6 +270,7 @@ impl PermuteSpec {
 #[derive(Debug, Clone, Copy)]
 pub struct CombineSpec {
     pub rows: Mt,
+    pub k: usize,
     pub position: Vw,
     pub weights: Option<Vw>,
     pub y: Mt,
@@ -282,6 +283,7 @@ impl CombineSpec {
         ctx.moe_combine(
             Combine {
                 rows: self.rows.get(),
+                k: self.k,
                 position: self.position.get(),
                 weights: self.weights.map(|w| w.get()),
                 y: self.y.get_mut(),
@@ -296,6 +298,7 @@ impl CombineSpec {
 pub struct SlotDotSpec {
     pub tokens: Mt,
     pub rows: Mt,
+    pub k: usize,
     pub position: Vw,
     pub out: Vw,
 }
@@ -308,6 +311,7 @@ impl SlotDotSpec {
             SlotDot {
                 tokens: self.tokens.get(),
                 rows: self.rows.get(),
+                k: self.k,
                 position: self.position.get(),
                 out: self.out.get_mut(),
             },
@@ -680,6 +684,7 @@ impl CombineCase {
                 stride: r.stride,
                 loc,
             },
+            k: self.position.len() / self.n,
             position: Vw::new(ptrs[B], self.position.len(), loc),
             weights: self
                 .weights
@@ -765,6 +770,7 @@ impl SlotDotCase {
                 stride: r.stride,
                 loc,
             },
+            k: self.position.len() / t.rows,
             position: Vw::new(ptrs[C], self.position.len(), loc),
             out: Vw::new(ptrs[OUT], self.position.len(), loc),
         }

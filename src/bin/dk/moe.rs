@@ -615,6 +615,7 @@ fn check_combine(
     cpu.moe_combine(
         Combine {
             rows: host_matrix(rows_in, g.dtype, g.rows, g.h),
+            k,
             position: Vector::host(&pos_sub),
             weights: w_sub.as_deref().map(Vector::host),
             y: host_matrix_mut(&mut y, g.dtype, idx.len(), g.h),
@@ -656,6 +657,7 @@ fn check_slot_dot(
         SlotDot {
             tokens: host_matrix(&sub, g.dtype, idx.len(), g.h),
             rows: host_matrix(rows_in, g.dtype, g.rows, g.h),
+            k,
             position: Vector::host(&pos_sub),
             out: VectorMut::host(&mut out),
         },
@@ -1060,6 +1062,7 @@ fn run_rows(
             let call = unsafe {
                 Combine {
                     rows: Matrix::from_raw(a.rows_in, dtype, rows, h, h, loc),
+                    k,
                     position: Vector::from_raw(a.position.cast(), n * k, loc),
                     weights: weighted.then(|| Vector::from_raw(a.weights.cast(), n * k, loc)),
                     y: MatrixMut::from_raw(a.out_tok, dtype, n, h, h, loc),
@@ -1075,6 +1078,7 @@ fn run_rows(
                 SlotDot {
                     tokens: Matrix::from_raw(tokens, dtype, n, h, h, loc),
                     rows: Matrix::from_raw(a.rows_in, dtype, rows, h, h, loc),
+                    k,
                     position: Vector::from_raw(a.position.cast(), n * k, loc),
                     out: VectorMut::from_raw(a.grad_w.cast(), n * k, loc),
                 }
@@ -1546,6 +1550,7 @@ mod tests {
         cpu.moe_combine(
             Combine {
                 rows: host_matrix(&rows_in, g.dtype, rows, h),
+                k,
                 position: Vector::host(&ro.position),
                 weights: Some(Vector::host(&ro.weights)),
                 y: host_matrix_mut(&mut y, g.dtype, n, h),
@@ -1580,6 +1585,7 @@ mod tests {
             SlotDot {
                 tokens: host_matrix(&x, g.dtype, n, h),
                 rows: host_matrix(&rows_in, g.dtype, rows, h),
+                k,
                 position: Vector::host(&ro.position),
                 out: VectorMut::host(&mut dots),
             },
