@@ -93,7 +93,7 @@ typedef struct dk_divergence_args {
   int64_t teacher_stride; /* >= v */
   const int64_t* labels;  /* [n] or NULL (every row counts) */
   float* loss;            /* 1 float or NULL */
-  float* per_token;       /* [n] per-row loss or NULL */
+  float* per_token;       /* [n] per-row loss before the reduction's scale (0 if ignored), or NULL */
   void* grad;             /* [n, v] d(loss)/d(student) or NULL (forward only); may equal student */
   int64_t grad_stride;    /* >= v; equal to student_stride when grad == student */
 } dk_divergence_args;

@@ -11,7 +11,7 @@ use half::{bf16, f16};
 
 use crate::tensor::DType;
 
-/// A floating-point element type the kernels read and write: `f32`, [`bf16`] and [`f16`].
+/// A floating-point element type the kernels read and write: `f32`, [`bf16`] and [`struct@f16`].
 ///
 /// Sealed: the safe views ([`Matrix::host`](crate::Matrix::host) and its kin) size the memory
 /// they hand to the kernels from [`DTYPE`](Element::DTYPE), so an implementation whose `DTYPE`

@@ -54,6 +54,11 @@ pub use device::{Context, Launch};
 pub use error::{Error, ErrorKind, Result};
 pub use tensor::{DType, Element, Location, Matrix, MatrixMut, Vector, VectorMut};
 
+/// The `half` crate this one is built against, whose [`bf16`](half::bf16) and
+/// [`f16`](half::f16) are the 16-bit [`Element`] types: `use distill_kernels::half::bf16;` needs
+/// no dependency of its own (nor a matching major version).
+pub use half;
+
 /// The crate version (also returned by the C ABI's `dk_version()`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

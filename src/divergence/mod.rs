@@ -39,7 +39,9 @@ pub struct Divergence<'a> {
     pub teacher: Matrix<'a>,
     /// Optional labels `[N]`; rows whose label equals `ignore_index` are skipped.
     pub labels: Option<Vector<'a, i64>>,
-    /// Optional per-row loss output `[N]` (f32).
+    /// Optional per-row loss output `[N]` (f32): each row's divergence before the reduction
+    /// scales it (under `batchmean` the loss is their sum over the valid rows or `num_items`,
+    /// so `Σ per_token ≠ loss` there); 0 for ignored rows.
     pub per_token: Option<VectorMut<'a, f32>>,
     /// Optional reduced loss output (one f32).
     pub loss: Option<VectorMut<'a, f32>>,
@@ -57,7 +59,9 @@ pub struct DivergenceInPlace<'a> {
     pub teacher: Matrix<'a>,
     /// Optional labels `[N]`.
     pub labels: Option<Vector<'a, i64>>,
-    /// Optional per-row loss output `[N]` (f32).
+    /// Optional per-row loss output `[N]` (f32): each row's divergence before the reduction
+    /// scales it (under `batchmean` the loss is their sum over the valid rows or `num_items`,
+    /// so `Σ per_token ≠ loss` there); 0 for ignored rows.
     pub per_token: Option<VectorMut<'a, f32>>,
     /// Optional reduced loss output (one f32).
     pub loss: Option<VectorMut<'a, f32>>,

@@ -7,6 +7,10 @@
 //! then `grad_hidden[chunk] = G @ W` and `grad_weight += Gᵀ @ hidden[chunk]`. The reduction's
 //! divisor (batchmean over valid rows, or `num_items`) is taken over all N rows, so the result
 //! does not depend on the chunk size.
+//!
+//! Memory: on CUDA the extra device memory is O(chunk × V) (the chunk's logits). The CPU backend
+//! is the f64 reference for small shapes: it widens the four inputs and the weight gradient to
+//! f64 whatever the chunk, O((N + V) · H) extra host memory.
 
 pub(crate) mod cpu;
 pub(crate) mod cuda;
@@ -32,7 +36,7 @@ pub struct FusedLinear<'a> {
     pub teacher_weight: Matrix<'a>,
     /// Optional labels `[N]`; rows equal to `ignore_index` are skipped.
     pub labels: Option<Vector<'a, i64>>,
-    /// Optional per-row loss `[N]` (f32).
+    /// Optional per-row loss `[N]` (f32), before the reduction's scale (0 for ignored rows).
     pub per_token: Option<VectorMut<'a, f32>>,
     /// Optional reduced loss (one f32).
     pub loss: Option<VectorMut<'a, f32>>,
