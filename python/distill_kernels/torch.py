@@ -36,6 +36,13 @@ __all__ = ["divergence", "DivergenceFunction"]
 _DTYPES = {torch.float32: _lib.DTYPE_F32, torch.bfloat16: _lib.DTYPE_BF16, torch.float16: _lib.DTYPE_F16}
 
 
+def _eager(fn):
+    """Runs ``fn`` eagerly under ``torch.compile``: a clean graph break around the ctypes call
+    (Dynamo would otherwise try to trace into ctypes, warn three times per call site, and break
+    there anyway). ``fullgraph=True`` therefore refuses these functions."""
+    return torch.compiler.disable(fn)
+
+
 def _first_order(what: str):
     """Decorator for the backward of a Function whose gradients are computed in the forward
     pass: they are constants, not functions of the inputs, so a double backward
@@ -179,6 +186,7 @@ def _scale_by_grad_output(g: torch.Tensor, grad_output: torch.Tensor, per_row: b
 __all__ += ["scale_rows_"]
 
 
+@_eager
 def scale_rows_(x: torch.Tensor, factors) -> torch.Tensor:
     """Scales the rows of ``x`` in place, ``x[i, :] = round(x[i, :] * factors[i])``; returns ``x``.
 
@@ -286,6 +294,7 @@ class DivergenceFunction(torch.autograd.Function):
         return g, None, None, None, None, None, None
 
 
+@_eager
 def divergence(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -627,6 +636,7 @@ class MoeCombineFunction(torch.autograd.Function):
         return grad_eo, grad_w, None, None, None
 
 
+@_eager
 def moe_route(
     logits: torch.Tensor,
     k: int,
@@ -730,6 +740,7 @@ def moe_route(
     )
 
 
+@_eager
 def moe_permute(x: torch.Tensor, route: MoeRoute, scale: bool = False, *,
                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gathers token rows ``x [N, H]`` into expert order: ``[route.num_rows, H]`` in x's dtype,
@@ -748,6 +759,7 @@ def moe_permute(x: torch.Tensor, route: MoeRoute, scale: bool = False, *,
     return MoePermuteFunction.apply(x, w, full, route.position, route.k, route.num_rows)
 
 
+@_eager
 def moe_combine(expert_out: torch.Tensor, route: MoeRoute, weighted: bool = True, *,
                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y[n] = Σ_j w[n, j] · expert_out[position[n, j]]`` (``weighted=False``: w = 1), dropped
@@ -766,6 +778,7 @@ def moe_combine(expert_out: torch.Tensor, route: MoeRoute, weighted: bool = True
     return MoeCombineFunction.apply(expert_out, w, full, route.position, route.k)
 
 
+@_eager
 def moe_permute_backward(grad_xp: torch.Tensor, route: MoeRoute, x: Optional[torch.Tensor] = None,
                          scale: bool = False, *, weights: Optional[torch.Tensor] = None):
     """The gradient of :func:`moe_permute` without autograd (same contract as
@@ -790,6 +803,7 @@ def moe_permute_backward(grad_xp: torch.Tensor, route: MoeRoute, x: Optional[tor
     return _combine_t(grad_xp, route.position, w), _slot_dot_t(x, grad_xp, route.position)
 
 
+@_eager
 def moe_combine_backward(grad_y: torch.Tensor, expert_out: Optional[torch.Tensor],
                          route: MoeRoute, weighted: bool = True, *,
                          weights: Optional[torch.Tensor] = None):
@@ -960,6 +974,7 @@ def _fused_out_buffer(name: str, out, shape, in_dtype: torch.dtype, grad_dtype, 
     return o, (cols if rows == 1 else o.stride(0))
 
 
+@_eager
 def fused_linear_divergence(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -1259,6 +1274,7 @@ def _max_seqlen(name: str, x) -> int:
     return _lib._int(name, x, 0, 2**31 - 1)
 
 
+@_eager
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -140,3 +140,33 @@ def test_tensor_valued_scalars_are_refused(device):
     for name in ("beta", "temperature", "num_items", "logit_scale", "softcap"):
         with pytest.raises(TypeError, match=name):
             dkt.fused_linear_divergence(h, w, h, w, **{name: torch.tensor(0.5)})
+
+
+def test_torch_compile_runs_the_calls_eagerly_without_tracing_into_ctypes(device):
+    import warnings
+
+    g = torch.Generator().manual_seed(10)
+    h = torch.randn(8, 16, generator=g).to(device)
+    w = torch.randn(64, 16, generator=g).to(device)
+    t = torch.randn(8, 64, generator=g).to(device)
+
+    def step(h, w):
+        a = dkt.divergence(h @ w.T, t, kind="jsd")
+        b = dkt.fused_linear_divergence(h, w, h.detach(), w.detach(), kind="forward_kl")
+        return a + b
+
+    grads = []
+    for fn in (step, torch.compile(step, backend="eager")):
+        torch._dynamo.reset()
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn(hh, ww).backward()
+        # Dynamo warns once per ctypes builtin it fails to trace; the calls are not traced.
+        assert not [c for c in caught if "Dynamo" in str(c.message)], caught
+        grads.append((hh.grad, ww.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+    with pytest.raises(Exception):
+        torch.compile(step, backend="eager", fullgraph=True)(h, w)
