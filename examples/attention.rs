@@ -10,13 +10,13 @@
 //! CPU backend (exact f64 reference; f32, bf16 or f16 host slices). On CUDA (bf16 / f16 only) use
 //! `Context::cuda(0)?`, device pointers wrapped with the `unsafe` `*::from_raw(..,
 //! Location::Cuda(0))` and `unsafe { Launch::on_stream(stream) }`. Token rows must start on
-//! 16-byte boundaries (`attention::ROW_ALIGN`) on every backend.
+//! 16-byte boundaries (`attention::ROW_ALIGN`) on every backend: `AlignedBuf` gives them.
 
 mod common;
 
-use common::{Rng, Rows};
+use common::{random_rows, Rng};
 use distill_kernels::attention::{Attention, AttentionBackward, AttentionParams, Batch};
-use distill_kernels::{Context, Launch, Matrix, MatrixMut, Vector, VectorMut};
+use distill_kernels::{AlignedBuf, Context, Launch, Matrix, MatrixMut, Vector, VectorMut};
 
 /// A read-only view of token rows `w` values wide.
 fn view(x: &[f32], w: usize) -> distill_kernels::Result<Matrix<'_>> {
@@ -34,11 +34,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (t, wq, wk) = (b * s, hq * d, hkv * d); // token rows, q row width, kv row width
     let mut rng = Rng(11);
     let (q, k, v) = (
-        Rows::random(t * wq, &mut rng),
-        Rows::random(t * wk, &mut rng),
-        Rows::random(t * wk, &mut rng),
+        random_rows(t * wq, &mut rng),
+        random_rows(t * wk, &mut rng),
+        random_rows(t * wk, &mut rng),
     );
-    let mut out = Rows::zeros(t * wq);
+    let mut out = AlignedBuf::<f32>::zeros(t * wq);
     let mut lse = vec![0f32; b * hq * s]; // [B, Hq, S]
 
     let ctx = Context::cpu();
@@ -91,11 +91,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     assert!(err_out < 1e-5 && err_lse < 1e-5);
 
     // Backward with a random dOut. dK and dV come back in the KV shape, summed over the group.
-    let dout = Rows::random(t * wq, &mut rng);
+    let dout = random_rows(t * wq, &mut rng);
     let (mut dq, mut dk, mut dv) = (
-        Rows::zeros(t * wq),
-        Rows::zeros(t * wk),
-        Rows::zeros(t * wk),
+        AlignedBuf::<f32>::zeros(t * wq),
+        AlignedBuf::<f32>::zeros(t * wk),
+        AlignedBuf::<f32>::zeros(t * wk),
     );
     ctx.attention_backward(
         AttentionBackward {

@@ -8,13 +8,14 @@
 //!
 //! CPU backend (host slices). On CUDA use `Context::cuda(0)?`, device pointers wrapped with the
 //! `unsafe` `*::from_raw(.., Location::Cuda(0))` and `unsafe { Launch::on_stream(stream) }`.
-//! Activation rows must start on 16-byte boundaries (`moe::ROW_ALIGN`) on every backend.
+//! Activation rows must start on 16-byte boundaries (`moe::ROW_ALIGN`) on every backend:
+//! `AlignedBuf` gives them.
 
 mod common;
 
-use common::{Rng, Rows};
+use common::Rng;
 use distill_kernels::moe::{Combine, Permute, Route, RouteParams};
-use distill_kernels::{Context, Launch, Matrix, MatrixMut, Vector, VectorMut};
+use distill_kernels::{AlignedBuf, Context, Launch, Matrix, MatrixMut, Vector, VectorMut};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (n, e, h) = (64, 16, 32);
@@ -25,7 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let k = params.k;
     let mut rng = Rng(3);
     let router_logits = rng.uniform(n * e, -2.0, 2.0);
-    let mut x = Rows::zeros(n * h); // token rows [N, H]
+    let mut x = AlignedBuf::<f32>::zeros(n * h); // token rows [N, H]
     x.copy_from_slice(&rng.uniform(n * h, -1.0, 1.0));
 
     let ctx = Context::cpu();
@@ -60,7 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // Permute: xp[row] = x[perm[row] / k], expert 0's rows first, then expert 1's, ...
-    let mut xp = Rows::zeros(r * h);
+    let mut xp = AlignedBuf::<f32>::zeros(r * h);
     let call = Permute {
         x: Matrix::host(&x, n, h, h)?,
         k,
@@ -69,7 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out: MatrixMut::host(&mut xp, r, h, h)?,
     };
     ctx.moe_permute(call, &Launch::default())?;
-    let mut identity = Rows::zeros(r * h); // the "identity expert" output, for the check below
+    let mut identity = AlignedBuf::<f32>::zeros(r * h); // the "identity expert" output, for the check below
     identity.copy_from_slice(&xp);
 
     // A toy expert: expert `ex` multiplies its rows (its segment of xp) by ex + 1.
@@ -89,7 +90,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         ctx.moe_combine(call, &Launch::default())
     };
-    let (mut y, mut y_id) = (Rows::zeros(n * h), Rows::zeros(n * h));
+    let (mut y, mut y_id) = (
+        AlignedBuf::<f32>::zeros(n * h),
+        AlignedBuf::<f32>::zeros(n * h),
+    );
     combine(&xp, &mut y)?;
     combine(&identity, &mut y_id)?;
 

@@ -37,6 +37,7 @@
 
 #![warn(missing_docs)]
 
+pub mod aligned;
 pub mod attention;
 pub mod capi;
 mod checks;
@@ -50,6 +51,7 @@ mod parallel;
 pub mod scale_rows;
 pub mod tensor;
 
+pub use aligned::AlignedBuf;
 pub use device::{Context, Launch};
 pub use error::{Error, ErrorKind, Result};
 pub use tensor::{DType, Element, Location, Matrix, MatrixMut, Vector, VectorMut};

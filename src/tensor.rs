@@ -285,6 +285,10 @@ impl<'a> MatrixMut<'a> {
     pub fn row_stride(&self) -> usize {
         self.row_stride
     }
+    /// Where the memory lives.
+    pub fn location(&self) -> Location {
+        self.location
+    }
 }
 
 /// A read-only contiguous vector view of `T`.
@@ -334,6 +338,10 @@ impl<'a, T> Vector<'a, T> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// Where the memory lives.
+    pub fn location(&self) -> Location {
+        self.location
+    }
 }
 
 /// A writable contiguous vector view of `T`.
@@ -380,5 +388,18 @@ impl<'a, T> VectorMut<'a, T> {
     /// True when empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+    /// Where the memory lives.
+    pub fn location(&self) -> Location {
+        self.location
+    }
+    /// A read-only view of the same memory, borrowed from this one.
+    pub fn as_vector(&self) -> Vector<'_, T> {
+        Vector {
+            ptr: self.ptr.cast_const(),
+            len: self.len,
+            location: self.location,
+            _borrow: PhantomData,
+        }
     }
 }

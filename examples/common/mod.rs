@@ -1,8 +1,8 @@
 //! Helpers shared by the examples: a tiny deterministic generator (so they need no `rand`) and
-//! f32 rows that start on the 16-byte boundary the MoE and attention kernels require.
+//! random f32 rows in an [`AlignedBuf`].
 #![allow(dead_code)] // each example uses part of it
 
-use std::ops::{Deref, DerefMut};
+use distill_kernels::AlignedBuf;
 
 /// SplitMix64.
 pub struct Rng(pub u64);
@@ -24,46 +24,8 @@ impl Rng {
     }
 }
 
-/// The row alignment both row-based operations ask for.
-pub const ROW_ALIGN: usize = {
-    let (m, a) = (
-        distill_kernels::moe::ROW_ALIGN,
-        distill_kernels::attention::ROW_ALIGN,
-    );
-    if m > a {
-        m
-    } else {
-        a
-    }
-};
-
-/// f32 rows starting on a `ROW_ALIGN` boundary (a `Vec<f32>` only promises 4 bytes).
-pub struct Rows(Vec<f32>, usize, usize); // buffer, start, len
-
-impl Rows {
-    pub fn zeros(len: usize) -> Self {
-        let buf = vec![0f32; len + ROW_ALIGN / 4];
-        let start = buf.as_ptr().align_offset(ROW_ALIGN);
-        Rows(buf, start, len)
-    }
-
-    /// `len` values uniform in [-1, 1).
-    pub fn random(len: usize, rng: &mut Rng) -> Self {
-        let mut r = Rows::zeros(len);
-        r.copy_from_slice(&rng.uniform(len, -1.0, 1.0));
-        r
-    }
-}
-
-impl Deref for Rows {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        &self.0[self.1..self.1 + self.2]
-    }
-}
-
-impl DerefMut for Rows {
-    fn deref_mut(&mut self) -> &mut [f32] {
-        &mut self.0[self.1..self.1 + self.2]
-    }
+/// `len` f32 values uniform in [-1, 1), in a buffer whose rows start on the 16-byte boundary the
+/// MoE and attention operations require (a `Vec<f32>` only promises 4 bytes).
+pub fn random_rows(len: usize, rng: &mut Rng) -> AlignedBuf<f32> {
+    AlignedBuf::from_slice(&rng.uniform(len, -1.0, 1.0))
 }
