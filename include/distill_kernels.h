@@ -83,7 +83,7 @@ typedef struct dk_divergence_params {
 } dk_divergence_params;
 
 typedef struct dk_divergence_args {
-  int64_t n;              /* rows, >= 1 */
+  int64_t n;              /* rows, >= 0 (0: an empty batch, *loss = 0, nothing else written) */
   int64_t v;              /* vocabulary size, >= 1 */
   const void* student;    /* [n, v] logits */
   int32_t student_dtype;  /* DK_DTYPE_* (also the gradient's dtype) */
@@ -124,7 +124,7 @@ dk_status dk_divergence(const dk_context* ctx, const dk_divergence_args* args,
  * aligned to the element size. No workspace.
  */
 typedef struct dk_scale_rows_args {
-  int64_t n;              /* rows, >= 1 */
+  int64_t n;              /* rows, >= 0 (0: nothing to do) */
   int64_t v;              /* elements per row, >= 1 */
   void* x;                /* [n, v], scaled in place */
   int32_t dtype;          /* DK_DTYPE_* of x */
@@ -264,7 +264,7 @@ typedef struct dk_fused_linear_params {
 } dk_fused_linear_params;
 
 typedef struct dk_fused_linear_args {
-  int64_t n;                     /* rows (tokens), >= 1 */
+  int64_t n;                     /* rows (tokens), >= 0 (0: *loss = 0, grad_weight = 0 unless accumulating) */
   int64_t v;                     /* vocabulary size (student and teacher), >= 1 */
   int64_t h;                     /* student hidden size */
   int64_t ht;                    /* teacher hidden size */

@@ -229,6 +229,33 @@ impl CudaDevice {
         self.attention_wide.wgmma_backward
     }
 
+    /// Zeroes `rows` rows of `width` bytes, `pitch` bytes apart, at `ptr` (nothing when null),
+    /// on the launch's stream, after checking the memory belongs to this device: the outputs of
+    /// an empty batch, where no kernel runs.
+    pub(crate) fn zero_rows(
+        &self,
+        launch: &Launch<'_>,
+        what: &str,
+        ptr: *mut c_void,
+        pitch: usize,
+        width: usize,
+        rows: usize,
+    ) -> Result<()> {
+        if ptr.is_null() || width == 0 || rows == 0 {
+            return Ok(());
+        }
+        self.check_pointer(what, ptr)?;
+        // SAFETY: the caller of the safe API handed a live stream of this device (or null).
+        let stream = unsafe { self.borrow_stream(launch.stream) };
+        // SAFETY: `rows` rows of `width` bytes `pitch` apart, validated by the caller and
+        // checked above to be memory of this device.
+        unsafe {
+            sys::cuMemsetD2D8Async(ptr as u64, pitch, 0, width, rows, stream.cu_stream())
+                .result()?
+        };
+        Ok(())
+    }
+
     /// Checks that `ptr` is device memory of this device.
     pub(crate) fn check_pointer(&self, what: &str, ptr: *const c_void) -> Result<()> {
         if ptr.is_null() {

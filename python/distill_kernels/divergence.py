@@ -76,6 +76,8 @@ def _row_layout(x: np.ndarray) -> Tuple[np.ndarray, int]:
     """(array, row stride in elements) for a 2-D array the library can read without a copy,
     copying only when the layout cannot be expressed as rows of contiguous elements."""
     n, v = x.shape
+    if n == 0:
+        return x, v  # no rows: nothing is read or written, any layout will do
     item = x.dtype.itemsize
     if not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))
@@ -173,8 +175,9 @@ def divergence(
     if s.ndim == 1:
         s, t = s[None, :], t[None, :]
     n, v = s.shape
-    if n == 0 or v == 0:
-        raise ValueError(f"empty logits: shape {out_shape} (N and V must be at least 1)")
+    if v == 0:
+        raise ValueError(f"empty rows: shape {out_shape} (V must be at least 1; N = 0 rows is "
+                         "an empty batch, loss 0)")
     s_code = _dtype_code("student", s.dtype)
     t_code = _dtype_code("teacher", t.dtype)
     s_view = s

@@ -61,7 +61,8 @@ def _as_array(name: str, x, min_ndim: int, max_ndim: Optional[int]) -> np.ndarra
     if x.ndim < min_ndim or (max_ndim is not None and x.ndim > max_ndim):
         want = "at least 2-D [..., H]" if max_ndim is None else "2-D [V, H]"
         raise ValueError(f"{name} must be {want}, got shape {x.shape}")
-    if any(d == 0 for d in x.shape):
+    # Hidden states may have no rows (an empty batch: loss 0); every other size is >= 1.
+    if x.shape[-1] == 0 or (max_ndim is not None and 0 in x.shape):
         raise ValueError(f"{name} is empty: shape {x.shape}")
     return x
 

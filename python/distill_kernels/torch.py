@@ -204,8 +204,8 @@ def scale_rows_(x: torch.Tensor, factors) -> torch.Tensor:
         raise TypeError(f"x must be a torch tensor, got {type(x).__name__}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"x dtype {x.dtype} is not supported: use float32, bfloat16 or float16")
-    if x.dim() not in (1, 2) or x.numel() == 0:
-        raise ValueError(f"x must be a non-empty 2-D [N, V] (or 1-D [V]) tensor, got shape "
+    if x.dim() not in (1, 2) or x.shape[-1] == 0:
+        raise ValueError(f"x must be a 2-D [N, V] (or 1-D [V]) tensor with V >= 1, got shape "
                          f"{tuple(x.shape)}")
     if x.requires_grad:
         raise ValueError("x requires grad: scale a plain buffer (detached, or under no_grad)")
@@ -366,8 +366,9 @@ def divergence(
     if student.device != teacher.device:
         raise ValueError(f"student is on {student.device} but teacher is on {teacher.device}")
     _device_ordinal(student)
-    if student.numel() == 0:
-        raise ValueError(f"empty logits: shape {tuple(student.shape)}")
+    if student.shape[-1] == 0:
+        raise ValueError(f"empty rows: shape {tuple(student.shape)} (V must be at least 1; N = 0 "
+                         "rows is an empty batch, loss 0)")
     n = 1 if student.dim() == 1 else student.shape[0]
     lab = _labels(labels, n, student.shape[:-1], student.device)
     if not isinstance(grad_inplace, bool):
@@ -1028,7 +1029,8 @@ def fused_linear_divergence(
         if x.dtype not in _DTYPES:
             raise TypeError(f"{name} dtype {x.dtype} is not supported: use float32, bfloat16 or "
                             "float16")
-        if x.numel() == 0:
+        # Hidden states may have no rows (an empty batch: loss 0); every other size is >= 1.
+        if x.shape[-1] == 0 or (name.endswith("weight") and x.numel() == 0):
             raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
     for name, x in (("beta", beta), ("temperature", temperature), ("num_items", num_items),
                     ("logit_scale", logit_scale), ("softcap", softcap)):

@@ -477,7 +477,8 @@ def _bad_cases(hs, ws, ht, wt):
     yield "V mismatch", (hs, ws, ht, wt[:-1]), {}, ValueError
     yield "Ht mismatch", (hs, ws, ht[:, :-1], wt), {}, ValueError
     yield "N mismatch", (hs, ws, ht[:-1], wt), {}, ValueError
-    yield "empty", (hs[:0], ws, ht[:0], wt), {}, ValueError
+    yield "empty vocabulary", (hs, ws[:0], ht, wt[:0]), {}, ValueError
+    yield "empty hidden size", (hs[:, :0], ws[:, :0], ht, wt), {}, ValueError
     yield "not an array", ("x", ws, ht, wt), {}, TypeError
     n = hs.shape[0]
     for kw, exc in [
@@ -569,3 +570,17 @@ def test_missing_symbols_are_reported_clearly():
         2, 2.0, 30.0, 7, 1)
     p = _lib.make_fused_params("forward_kl", 0.5, 1.0, -100, "sum", None, 1.0, None, None, False)
     assert (p.softcap, p.chunk_rows, p.accumulate) == (0.0, 0, 0)
+
+
+def test_an_empty_batch_is_a_zero_loss_and_a_zero_weight_gradient():
+    rng = np.random.default_rng(4)
+    hs = np.ones((0, 16), np.float32)
+    ws = rng.standard_normal((40, 16)).astype(np.float32)
+    r = dk.fused_linear_divergence(hs, ws, hs, ws)
+    assert r.loss == 0.0 and r.per_token.shape == (0,) and r.grad_hidden.shape == (0, 16)
+    assert r.grad_weight.shape == (40, 16) and not r.grad_weight.any()
+    # Accumulating: the buffer keeps its values (the gradient of no rows is 0).
+    acc = rng.standard_normal((40, 16)).astype(np.float32)
+    before = acc.copy()
+    dk.fused_linear_divergence(hs, ws, hs, ws, grad_weight_out=acc)
+    assert np.array_equal(acc, before)

@@ -108,8 +108,9 @@ def test_bad_arguments():
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         dk.scale_rows(ro, 2.0)
-    with pytest.raises(ValueError, match="empty"):
-        dk.scale_rows(np.ones((0, 8), dtype=np.float32), 2.0)
+    with pytest.raises(ValueError, match="empty rows"):
+        dk.scale_rows(np.ones((3, 0), dtype=np.float32), 2.0)
+    assert dk.scale_rows(np.ones((0, 8), dtype=np.float32), 2.0).shape == (0, 8)  # no rows
     with pytest.raises(TypeError, match="numbers"):
         dk.scale_rows(x, "2")
     with pytest.raises(TypeError, match="numbers"):
@@ -159,7 +160,7 @@ def test_library_rejects_bad_shapes_and_writes_nothing():
     for n, v, stride, fs, dtype, err in [
         (3, 4, 3, f.ctypes.data, _lib.DTYPE_F32, dk.ShapeError),  # stride < v
         (3, 4, 4, f.ctypes.data, 9, dk.UnsupportedDtypeError),
-        (0, 4, 4, f.ctypes.data, _lib.DTYPE_F32, dk.ShapeError),
+        (3, 0, 4, f.ctypes.data, _lib.DTYPE_F32, dk.ShapeError),  # v = 0 (n = 0: nothing to do)
         (3, 4, 4, None, _lib.DTYPE_F32, dk.NullPointerError),
     ]:
         with pytest.raises(err):

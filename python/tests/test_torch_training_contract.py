@@ -170,3 +170,18 @@ def test_torch_compile_runs_the_calls_eagerly_without_tracing_into_ctypes(device
     torch._dynamo.reset()
     with pytest.raises(Exception):
         torch.compile(step, backend="eager", fullgraph=True)(h, w)
+
+
+def test_an_empty_batch_is_a_zero_loss_with_empty_gradients(device):
+    # Every token of a micro-batch filtered out (logits[mask] with no True): no error.
+    h = torch.zeros(0, 16, device=device, requires_grad=True)
+    w = torch.randn(40, 16, device=device, requires_grad=True)
+    t = torch.zeros(0, 40, device=device)
+    loss = dkt.divergence(h @ w.T, t)
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.shape == (0, 16) and not w.grad.any()
+    h.grad = w.grad = None
+    loss = dkt.fused_linear_divergence(h, w, h.detach(), w.detach())
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.shape == (0, 16)
+    assert w.grad.shape == (40, 16) and not w.grad.any()

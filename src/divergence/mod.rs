@@ -109,25 +109,26 @@ fn byte_range(
     }
 }
 
+/// Whether two byte ranges share a byte (an empty range shares none).
 fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
-    a.0 < b.1 && b.0 < a.1
+    a.0 < a.1 && b.0 < b.1 && a.0 < b.1 && b.0 < a.1
 }
 
 impl RawDivergence {
     /// Checks everything that can be checked without touching memory; on error nothing is written.
     fn validate(&self, in_place: bool) -> Result<()> {
-        if self.student.is_null() {
+        // An empty batch (N = 0) has no rows to read: its operands may be null, as an empty
+        // tensor's pointer is.
+        if self.student.is_null() && self.n > 0 {
             bail!(NullPointer, "student logits pointer is null");
         }
-        if self.teacher.is_null() {
+        if self.teacher.is_null() && self.n > 0 {
             bail!(NullPointer, "teacher logits pointer is null");
         }
-        if self.n == 0 || self.v == 0 {
+        if self.v == 0 {
             bail!(
                 Shape,
-                "empty logits: N = {}, V = {} (both must be at least 1)",
-                self.n,
-                self.v
+                "empty rows: V = 0 (the vocabulary must hold at least 1 entry)"
             );
         }
         if self.n > i32::MAX as usize || self.v > i32::MAX as usize {
@@ -264,7 +265,7 @@ fn raw_optionals(
     let mut labels = std::ptr::null();
     if let Some(l) = o.labels {
         check_location(ctx, "labels", l.location)?;
-        if l.ptr.is_null() {
+        if l.ptr.is_null() && n > 0 {
             bail!(NullPointer, "labels pointer is null");
         }
         if l.len != n {
@@ -275,7 +276,7 @@ fn raw_optionals(
     let mut per_token = std::ptr::null_mut();
     if let Some(p) = o.per_token {
         check_location(ctx, "per-token loss", p.location)?;
-        if p.ptr.is_null() {
+        if p.ptr.is_null() && n > 0 {
             bail!(NullPointer, "per-token loss pointer is null");
         }
         if p.len != n {
@@ -333,6 +334,9 @@ impl Context {
 
     /// Runs the divergence: writes the requested outputs (loss, per-token loss, gradient).
     ///
+    /// N = 0 rows is an empty batch: the loss is written as 0 and nothing else exists to write
+    /// (the views of no rows may have null pointers); V must be at least 1.
+    ///
     /// Stream-ordered on CUDA: returns once the work is queued on `launch.stream`, without
     /// synchronising. On error nothing has been written.
     pub fn divergence(
@@ -346,7 +350,7 @@ impl Context {
         let (mut grad, mut grad_stride) = (std::ptr::null_mut(), 0);
         if let Some(g) = &call.grad {
             check_location(self, "gradient", g.location)?;
-            if g.ptr.is_null() {
+            if g.ptr.is_null() && g.rows > 0 {
                 bail!(NullPointer, "gradient pointer is null");
             }
             if g.dtype != call.student.dtype {
@@ -444,6 +448,19 @@ impl Context {
         params: &Params,
         launch: &Launch<'_>,
     ) -> Result<()> {
+        if raw.n == 0 {
+            // An empty batch: the reduced loss of no rows is 0; nothing else exists to write.
+            return match self.backend() {
+                Backend::Cpu => {
+                    if !raw.loss.is_null() {
+                        // SAFETY: a validated host f32.
+                        unsafe { *raw.loss = 0.0 };
+                    }
+                    Ok(())
+                }
+                Backend::Cuda(dev) => dev.zero_rows(launch, "loss", raw.loss.cast(), 4, 4, 1),
+            };
+        }
         match self.backend() {
             Backend::Cpu => {
                 // SAFETY: every pointer was checked non-null (or is an absent optional), in host

@@ -157,6 +157,9 @@ impl Context {
     }
 
     /// Runs the fused linear divergence. Stream-ordered on CUDA; on error nothing is written.
+    ///
+    /// N = 0 rows is an empty batch: the loss is 0, and so is the weight gradient (left as it
+    /// is when accumulating); the hidden-state views of no rows may have null pointers.
     pub fn fused_linear_divergence(
         &self,
         call: FusedLinear<'_>,
@@ -164,10 +167,53 @@ impl Context {
         launch: &Launch<'_>,
     ) -> Result<()> {
         let raw = RawFusedLinear::validate(self, call, params)?;
+        if raw.n == 0 {
+            return self.fused_linear_empty(&raw, params, launch);
+        }
         match self.backend() {
             // SAFETY: validated host pointers covering the shapes.
             Backend::Cpu => unsafe { cpu::fused_linear(&raw, params) },
             Backend::Cuda(dev) => cuda::fused_linear(dev, &raw, params, launch),
+        }
+    }
+
+    /// An empty batch (N = 0): the reduced loss is 0, the weight gradient of no rows is 0 (left
+    /// as it is when accumulating); nothing else exists to write.
+    fn fused_linear_empty(
+        &self,
+        raw: &RawFusedLinear,
+        params: &FusedLinearParams,
+        launch: &Launch<'_>,
+    ) -> Result<()> {
+        let weight = (!params.accumulate && !raw.grad_weight.is_null()).then_some((
+            raw.grad_weight,
+            raw.grad_weight_stride * raw.grad_weight_dtype.size(),
+            raw.h * raw.grad_weight_dtype.size(),
+            raw.v,
+        ));
+        match self.backend() {
+            Backend::Cpu => {
+                if !raw.loss.is_null() {
+                    // SAFETY: a validated host f32.
+                    unsafe { *raw.loss = 0.0 };
+                }
+                if let Some((ptr, pitch, width, rows)) = weight {
+                    for r in 0..rows {
+                        // SAFETY: row r of the validated [V, H] host gradient, `width` bytes.
+                        unsafe { ptr.add(r * pitch).write_bytes(0, width) };
+                    }
+                }
+                Ok(())
+            }
+            Backend::Cuda(dev) => {
+                dev.zero_rows(launch, "loss", raw.loss.cast(), 4, 4, 1)?;
+                match weight {
+                    Some((ptr, pitch, width, rows)) => {
+                        dev.zero_rows(launch, "grad_weight", ptr.cast(), pitch, width, rows)
+                    }
+                    None => Ok(()),
+                }
+            }
         }
     }
 }

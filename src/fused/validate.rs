@@ -70,7 +70,11 @@ impl Footprint for Span {
     }
 
     fn overlaps(&self, other: &Span) -> bool {
-        self.start < other.end && other.start < self.end
+        // An empty span (an operand of no rows) shares no byte with anything.
+        self.start < self.end
+            && other.start < other.end
+            && self.start < other.end
+            && other.start < self.end
     }
 }
 
@@ -95,10 +99,13 @@ fn check_dim(what: &str, x: usize) -> Result<()> {
     Ok(())
 }
 
-/// Location, null, stride and alignment checks of an input matrix.
+/// Location, null, stride and alignment checks of an input matrix (one of no rows may be null,
+/// as an empty tensor's pointer is).
 fn matrix_in(ctx: &Context, what: &str, m: &Matrix<'_>) -> Result<()> {
     check_location(ctx, what, m.location)?;
-    check_non_null(what, m.ptr)?;
+    if m.rows > 0 {
+        check_non_null(what, m.ptr)?;
+    }
     if m.row_stride < m.cols {
         bail!(
             Shape,
@@ -120,7 +127,9 @@ fn grad_out(
     input: DType,
 ) -> Result<(*mut u8, DType, usize)> {
     check_location(ctx, what, m.location)?;
-    check_non_null(what, m.ptr)?;
+    if rows > 0 {
+        check_non_null(what, m.ptr)?;
+    }
     if m.dtype != input && m.dtype != DType::F32 {
         bail!(
             UnsupportedDtype,
@@ -150,7 +159,9 @@ fn grad_out(
 
 fn vector_in<T>(ctx: &Context, what: &str, v: &Vector<'_, T>, len: usize) -> Result<()> {
     check_location(ctx, what, v.location)?;
-    check_non_null(what, v.ptr)?;
+    if len > 0 {
+        check_non_null(what, v.ptr)?;
+    }
     if v.len != len {
         bail!(Shape, "{what} has {} entries, {len} expected", v.len);
     }
@@ -159,7 +170,9 @@ fn vector_in<T>(ctx: &Context, what: &str, v: &Vector<'_, T>, len: usize) -> Res
 
 fn vector_out<T>(ctx: &Context, what: &str, v: &VectorMut<'_, T>, len: usize) -> Result<()> {
     check_location(ctx, what, v.location)?;
-    check_non_null(what, v.ptr)?;
+    if len > 0 {
+        check_non_null(what, v.ptr)?;
+    }
     if v.len != len {
         bail!(Shape, "{what} has {} entries, {len} expected", v.len);
     }
@@ -196,7 +209,10 @@ impl RawFusedLinear {
             }
         }
         let (n, h, v, ht) = (sh.rows, sh.cols, sw.rows, th.cols);
-        check_dim("N (student hidden rows)", n)?;
+        // N = 0 is an empty batch (a zero loss); the other sizes must be at least 1.
+        if n > MAX_DIM {
+            bail!(Shape, "N (student hidden rows) = {n} exceeds 2^31 - 1");
+        }
         check_dim("H (student hidden size)", h)?;
         check_dim("V (student weight rows)", v)?;
         check_dim("Ht (teacher hidden size)", ht)?;

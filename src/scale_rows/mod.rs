@@ -25,7 +25,8 @@ use crate::tensor::{DType, MatrixMut, Vector};
 /// Operands of [`Context::scale_rows`].
 #[derive(Debug)]
 pub struct ScaleRows<'a> {
-    /// The matrix `[N, V]` (f32, bf16 or f16), scaled in place; N and V at least 1.
+    /// The matrix `[N, V]` (f32, bf16 or f16), scaled in place; V at least 1 (N = 0: nothing
+    /// to do, and the pointers may be null).
     pub x: MatrixMut<'a>,
     /// The factors (f32): row `i` is scaled by `factors[i · factor_stride]`. At least
     /// `(N − 1) · factor_stride + 1` entries, disjoint from `x`.
@@ -52,15 +53,25 @@ impl RawScaleRows {
         let x = &call.x;
         check_location(ctx, "x", x.location)?;
         check_location(ctx, "factors", call.factors.location)?;
+        let (n, v, stride) = (x.rows, x.cols, x.row_stride);
+        if v == 0 {
+            bail!(Shape, "empty rows: V = 0 (must be at least 1)");
+        }
+        if n == 0 {
+            // No rows: nothing to read or write (the pointers may be null, as an empty
+            // tensor's are).
+            return Ok(RawScaleRows {
+                n,
+                v,
+                dtype: x.dtype,
+                x: x.ptr,
+                stride,
+                factors: call.factors.ptr,
+                factor_stride: call.factor_stride,
+            });
+        }
         check_non_null("x", x.ptr)?;
         check_non_null("factors", call.factors.ptr)?;
-        let (n, v, stride) = (x.rows, x.cols, x.row_stride);
-        if n == 0 || v == 0 {
-            bail!(
-                Shape,
-                "empty matrix: N = {n}, V = {v} (both must be at least 1)"
-            );
-        }
         if stride < v {
             bail!(Shape, "row stride {stride} is smaller than V = {v}");
         }
@@ -134,6 +145,9 @@ impl Context {
     /// been written.
     pub fn scale_rows(&self, call: ScaleRows<'_>, launch: &Launch<'_>) -> Result<()> {
         let raw = RawScaleRows::validate(self, &call)?;
+        if raw.n == 0 {
+            return Ok(());
+        }
         match self.backend() {
             Backend::Cpu => {
                 // SAFETY: validated host pointers covering the shapes (the views' contracts),

@@ -366,9 +366,9 @@ static void check_errors(dk_context* ctx) {
   a.teacher_stride = 3;
   EXPECT_STATUS(dk_divergence(ctx, &a, &p, NULL, 0, NULL), DK_ERR_SHAPE, "teacher stride < v");
   a.teacher_stride = 4;
-  a.n = 0;
-  EXPECT_STATUS(dk_divergence(ctx, &a, &p, NULL, 0, NULL), DK_ERR_SHAPE, "n = 0");
-  a.n = 3;
+  a.v = 0;
+  EXPECT_STATUS(dk_divergence(ctx, &a, &p, NULL, 0, NULL), DK_ERR_SHAPE, "v = 0");
+  a.v = 4;
   bad = p;
   bad.kind = 9;
   EXPECT_STATUS(dk_divergence(ctx, &a, &bad, NULL, 0, NULL), DK_ERR_INVALID_ARGUMENT, "kind 9");
@@ -404,6 +404,26 @@ static void check_errors(dk_context* ctx) {
   if (dk_cuda_device_count() == 0) {
     EXPECT_STATUS(dk_context_create(0, &none), DK_ERR_NO_DEVICE, "CUDA context without a GPU");
     CHECK(none == NULL, "context written on error\n");
+  }
+  /* An empty batch: n = 0 with every row operand NULL (as an empty tensor's pointer) writes a
+   * zero loss and nothing else. */
+  {
+    dk_divergence_args e = a;
+    float zl = poison_f32();
+    e.n = 0;
+    e.student = e.teacher = NULL;
+    e.grad = NULL;
+    e.per_token = NULL;
+    e.labels = NULL;
+    e.loss = &zl;
+    st = dk_divergence(ctx, &e, &p, NULL, 0, NULL);
+    CHECK(st == DK_OK && zl == 0.0f, "n = 0: status %d, loss %g (%s)\n", (int)st, (double)zl,
+          dk_last_error());
+    untouched = is_poison(loss);
+    for (i = 0; i < 3; ++i) untouched &= is_poison(pt[i]);
+    for (i = 0; i < 12; ++i) untouched &= is_poison(g[i]);
+    CHECK(untouched, "n = 0 wrote another call's outputs\n");
+    printf("ok   n = 0: status %d, loss %g\n", (int)st, (double)zl);
   }
   /* A success clears the message. */
   st = dk_divergence(ctx, &a, &p, NULL, 0, NULL);
@@ -562,9 +582,20 @@ static void check_scale_rows(dk_context* ctx) {
   a.factor_stride = -1;
   EXPECT_SCALE(dk_scale_rows(ctx, &a, NULL), DK_ERR_SHAPE, "factor_stride -1");
   a.factor_stride = 1;
+  a.v = 0;
+  EXPECT_SCALE(dk_scale_rows(ctx, &a, NULL), DK_ERR_SHAPE, "v = 0");
+  a.v = V;
+  /* No rows: nothing to do, even with NULL pointers. */
   a.n = 0;
-  EXPECT_SCALE(dk_scale_rows(ctx, &a, NULL), DK_ERR_SHAPE, "n = 0");
+  a.x = NULL;
+  a.factors = NULL;
+  st = dk_scale_rows(ctx, &a, NULL);
+  CHECK(st == DK_OK && memcmp(xf, xf0, sizeof xf) == 0, "scale_rows n = 0: status %d (%s)\n",
+        (int)st, dk_last_error());
+  printf("ok   scale_rows n = 0 -> %d\n", (int)st);
   a.n = N;
+  a.x = xf;
+  a.factors = factors;
   a.v = -3;
   EXPECT_SCALE(dk_scale_rows(ctx, &a, NULL), DK_ERR_SHAPE, "v = -3");
   a.v = V;
