@@ -844,6 +844,20 @@ def moe_combine_backward(grad_y: torch.Tensor, expert_out: Optional[torch.Tensor
 __all__ += ["fused_linear_divergence", "FusedLinearFunction"]
 
 
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype torch.autocast runs matrix products in on `device`, or None outside it."""
+    kind = device.type
+    if kind not in ("cuda", "cpu"):
+        return None
+    try:  # torch >= 2.4
+        on = torch.is_autocast_enabled(kind)
+        return torch.get_autocast_dtype(kind) if on else None
+    except TypeError:  # older: one function per device type
+        if kind == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
 def _fused_grad_dtype(grad_dtype, in_dtype: torch.dtype) -> torch.dtype:
     if grad_dtype is None:
         # float16 gradients of a loss underflow before backward applies grad_output (an AMP
@@ -1017,6 +1031,10 @@ def fused_linear_divergence(
     With ``reduction="none"`` only ``student_hidden`` may require grad: the weight gradient of a
     per-token weighted sum cannot be scaled after the fact.
 
+    Under ``torch.autocast`` the four inputs are cast to its dtype first (differentiably), so the
+    products run in it as ``F.linear``'s would and a float32 lm_head weight receives a float32
+    gradient.
+
     Accumulation (``grad_hidden_out`` and / or ``grad_weight_out`` given, input dtype or float32,
     contiguous rows): no autograd; the gradients of the returned loss itself (grad_output = 1) are
     added to the given buffers in this call (the others are not computed) and the loss returned
@@ -1042,6 +1060,14 @@ def fused_linear_divergence(
     if grad is not None and not isinstance(grad, bool):
         raise TypeError(f"grad must be None or a bool, got {grad!r}")
     hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
+    amp = _autocast_dtype(hs.device)
+    if amp is not None:
+        # Under torch.autocast the products run in its dtype, as F.linear's would: the four
+        # inputs are cast (differentiably: a float32 weight gets its gradient back in float32
+        # through the cast), the teacher weight staying the student's own when it was.
+        shared = wt is ws
+        hs, ws, ht = hs.to(amp), ws.to(amp), ht.to(amp)
+        wt = ws if shared else wt.to(amp)
     dtype = hs.dtype
     for name, x in (("student_weight", ws), ("teacher_hidden", ht), ("teacher_weight", wt)):
         if x.dtype != dtype:

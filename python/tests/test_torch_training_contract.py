@@ -185,3 +185,22 @@ def test_an_empty_batch_is_a_zero_loss_with_empty_gradients(device):
     loss.backward()
     assert loss.item() == 0.0 and h.grad.shape == (0, 16)
     assert w.grad.shape == (40, 16) and not w.grad.any()
+
+
+def test_fused_follows_autocast_like_a_linear_layer(device):
+    # A float32 lm_head under autocast(bfloat16): the same call as with bfloat16 inputs cast by
+    # hand, and a float32 gradient for the float32 weight.
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(12, 16, generator=g).to(device)
+    w = torch.randn(50, 16, generator=g).to(device)
+    a, b = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = dkt.fused_linear_divergence(a, b, a.detach(), b.detach(), kind="jsd")
+    loss.backward()
+    assert b.grad.dtype == torch.float32 and a.grad.dtype == torch.float32
+    a2, b2 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ab, bb = a2.to(torch.bfloat16), b2.to(torch.bfloat16)
+    loss2 = dkt.fused_linear_divergence(ab, bb, ab.detach(), bb.detach(), kind="jsd")
+    loss2.backward()
+    assert torch.equal(loss, loss2)
+    assert torch.equal(a.grad, a2.grad) and torch.equal(b.grad, b2.grad)
