@@ -249,8 +249,9 @@ dk_status dk_moe_slot_dot(const dk_context* ctx, const dk_moe_slot_dot_args* arg
  * The divergence of dk_divergence computed straight from hidden states and lm_head weights:
  * student logits = student_hidden @ student_weight^T, teacher logits = teacher_hidden @
  * teacher_weight^T, both multiplied by logit_scale and then soft-capped
- * (softcap * tanh(z / softcap)) when softcap > 0. Rows are processed in chunks, so extra memory
- * is O(chunk_rows * v), never O(n * v); the logits never exist whole. Outputs: the loss, per-row
+ * (softcap * tanh(z / softcap)) when softcap > 0. Rows are processed in chunks, so extra device
+ * memory is O(chunk_rows * v), never O(n * v); the logits never exist whole. (The CPU context
+ * is an f64 reference for small shapes: it widens the inputs and the weight gradient to f64.) Outputs: the loss, per-row
  * losses, and the gradients of the reduced loss w.r.t. student_hidden and student_weight (the
  * teacher gets none). With accumulate = 1 the gradients are added to the buffers' contents
  * (gradient accumulation across micro-batches).

@@ -11,6 +11,10 @@ use crate::tensor::Element;
 /// [`moe::ROW_ALIGN`](crate::moe::ROW_ALIGN) and [`attention::ROW_ALIGN`](crate::attention::ROW_ALIGN).
 pub const BUF_ALIGN: usize = 16;
 
+// The buffers must satisfy every row-based operation's alignment.
+const _: () =
+    assert!(BUF_ALIGN % crate::moe::ROW_ALIGN == 0 && BUF_ALIGN % crate::attention::ROW_ALIGN == 0);
+
 /// `len` elements of `T` starting on a [`BUF_ALIGN`]-byte boundary, used like a `Vec` through
 /// `Deref<Target = [T]>`: pass `&buf` to [`Matrix::host`](crate::Matrix::host) and
 /// `&mut buf` to [`MatrixMut::host`](crate::MatrixMut::host). With rows of a multiple of

@@ -91,36 +91,43 @@ impl Element for f16 {
     const DTYPE: DType = DType::F16;
     #[inline]
     fn to_f64(self) -> f64 {
-        let h = u32::from(self.to_bits());
-        // Exponent and mantissa moved into an f32's places and scaled by 2^(127 − 15): exact
-        // for normal and subnormal values alike.
-        let magnitude = f32::from_bits((h & 0x7FFF) << 13) * f32::from_bits(0x7780_0000);
-        let mut bits = magnitude.to_bits();
-        if h & 0x7C00 == 0x7C00 {
-            bits |= 0x7F80_0000; // infinity or NaN, its payload kept
-        }
-        f32::from_bits(bits | (h & 0x8000) << 16) as f64
+        // An integer significand times a normal power of two: no subnormal float on the way, so
+        // a flush-to-zero / denormals-are-zero mode (torch.set_flush_denormal, -ffast-math
+        // libraries) changes nothing, as it does not for `half`'s F16C conversion.
+        let h = self.to_bits();
+        let (e, m) = ((h >> 10) & 0x1F, h & 0x3FF);
+        let (sig, exp) = if e == 0 { (m, 1) } else { (m | 0x400, e) };
+        let finite = f64::from(sig) * f64::from_bits((u64::from(exp) + 1023 - 25) << 52);
+        // Infinity, or NaN with its payload and the quiet bit (as through f32).
+        let quiet = if m != 0 { 1u64 << 51 } else { 0 };
+        let special = f64::from_bits(0x7FF0_0000_0000_0000 | u64::from(m) << 42 | quiet);
+        let magnitude = if e == 31 { special } else { finite };
+        f64::from_bits(magnitude.to_bits() | u64::from(h & 0x8000) << 48)
     }
     #[inline]
     fn from_f64(x: f64) -> Self {
-        // An f16 value (or 2^16 past the largest finite one, or NaN), exact in f32.
-        let e = round_to_grid(x, 10, -24) as f32;
-        let bits = e.to_bits();
-        let sign = (bits >> 16) & 0x8000;
-        let a = f32::from_bits(bits & 0x7FFF_FFFF);
-        // The inverse of `to_f64`'s scaling: times 2^(15 − 127) the f32's fields are the f16's,
-        // 13 places up; f16 subnormals become f32 subnormals, exactly.
-        let finite = (a * f32::from_bits(0x0780_0000)).to_bits() >> 13;
+        // An f16 value (or 2^16 past the largest finite one, or NaN), exact in f64; its bits
+        // taken apart with integer operations, never a subnormal float (see `to_f64`).
+        let g = round_to_grid(x, 10, -24);
+        let bits = g.to_bits();
+        let a = g.abs();
+        // Normal (2^-14 <= a < 2^16): the exponent rebiased, the top 10 fraction bits.
+        let exponent = ((bits >> 52) & 0x7FF).wrapping_sub(1023 - 15);
+        let normal = (exponent << 10 | (bits >> 42) & 0x3FF) as u16;
+        // Subnormal (a < 2^-14): a whole number of 2^-24 quanta, 0..=1023.
+        let subnormal = (a * 16_777_216.0) as u16;
         // NaN: quiet, the top of its payload kept (what `f16::from_f32` gives).
-        let nan = 0x7E00 | (bits & 0x007F_FFFF) >> 13;
-        let magnitude = if a < 65536.0 {
-            finite
+        let nan = 0x7E00 | ((bits >> 42) & 0x3FF) as u16;
+        let magnitude = if a < 6.103_515_625e-5 {
+            subnormal
+        } else if a < 65536.0 {
+            normal
         } else if a.is_nan() {
             nan
         } else {
             0x7C00
         };
-        f16::from_bits((sign | magnitude) as u16)
+        f16::from_bits(((bits >> 48) as u16 & 0x8000) | magnitude)
     }
     fn from_f64_slice(src: &[f64], dst: &mut [f16]) {
         // Rounded to the f16 grid in f64, then converted (exactly) 8 at a time by `half`'s
@@ -346,6 +353,62 @@ mod tests {
                     want.bits()
                 );
             }
+        }
+    }
+
+    /// Runs `f` with the SSE unit flushing subnormal results to zero and reading subnormal
+    /// inputs as zero (what `torch.set_flush_denormal(True)` or `-ffast-math` code sets in the
+    /// thread), then restores the mode. The compiler assumes the default mode, so the work is
+    /// kept behind `black_box` and a call that is not inlined.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(deprecated)] // _mm_getcsr / _mm_setcsr: no stable replacement
+    fn with_ftz_daz<R>(f: impl FnOnce() -> R) -> R {
+        use std::arch::x86_64::{_mm_getcsr, _mm_setcsr};
+        // SAFETY: SSE is baseline on x86_64; only the FTZ (bit 15) and DAZ (bit 6) flags of
+        // this thread change, and the old value is put back before returning.
+        let old = unsafe { _mm_getcsr() };
+        unsafe { _mm_setcsr(old | 0x8040) };
+        let r = std::hint::black_box(f());
+        unsafe { _mm_setcsr(old) };
+        r
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn f16_conversions_ignore_flush_to_zero_modes() {
+        // A review found the first branch-free version passing f16 subnormals through f32
+        // subnormals: 0 under FTZ / DAZ, where `half`'s F16C conversions are exact.
+        let patterns: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let xs = hard_values::<f16>(&mut random_bits(5), 1 << 15);
+        let want_wide: Vec<u64> = patterns.iter().map(|h| h.slow_to_f64().to_bits()).collect();
+        let want_narrow: Vec<u32> = xs.iter().map(|&x| f16::slow_from_f64(x).bits()).collect();
+        #[inline(never)]
+        fn convert(patterns: &[f16], xs: &[f64]) -> (Vec<u64>, Vec<u32>, Vec<u32>) {
+            let wide = patterns
+                .iter()
+                .map(|&h| Element::to_f64(h).to_bits())
+                .collect();
+            let narrow = xs
+                .iter()
+                .map(|&x| <f16 as Element>::from_f64(x).bits())
+                .collect();
+            let mut sliced = vec![f16::ZERO; xs.len()];
+            <f16 as Element>::from_f64_slice(xs, &mut sliced);
+            (wide, narrow, sliced.iter().map(|h| h.bits()).collect())
+        }
+        let (p, x) = (std::hint::black_box(&patterns), std::hint::black_box(&xs));
+        let (wide, narrow, sliced) = with_ftz_daz(|| convert(p, x));
+        for (i, (&got, &want)) in wide.iter().zip(&want_wide).enumerate() {
+            assert_eq!(
+                got,
+                want,
+                "to_f64 of {:#06x} under FTZ/DAZ",
+                patterns[i].to_bits()
+            );
+        }
+        for (i, &want) in want_narrow.iter().enumerate() {
+            assert_eq!(narrow[i], want, "from_f64({:e}) under FTZ/DAZ", xs[i]);
+            assert_eq!(sliced[i], want, "from_f64_slice({:e}) under FTZ/DAZ", xs[i]);
         }
     }
 

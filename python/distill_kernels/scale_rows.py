@@ -36,10 +36,10 @@ def scale_rows(x: np.ndarray, factors) -> np.ndarray:
         raise ValueError(f"x must be 2-D [N, V] (or 1-D [V]), got shape {x.shape}")
     if x.shape[-1] == 0:
         raise ValueError(f"x has empty rows: shape {x.shape}")
-    if x.size == 0:
-        return x  # no rows: nothing to scale
     if not x.flags.writeable:
         raise ValueError("x is read-only (it is scaled in place)")
+    if x.size == 0:
+        return x  # no rows: nothing to scale
     m = x.reshape(1, -1) if x.ndim == 1 else x
     n, v = m.shape
     item = m.dtype.itemsize

@@ -81,7 +81,7 @@ def _rows_addressable(x: torch.Tensor) -> bool:
     """Whether the library can take the 2-D `x` as it is: elements contiguous within each row,
     rows not overlapping (a broadcast, stride-0 or overlapping layout is not)."""
     n, v = x.shape
-    return (v == 1 or x.stride(1) == 1) and (n == 1 or x.stride(0) >= v)
+    return n == 0 or ((v == 1 or x.stride(1) == 1) and (n == 1 or x.stride(0) >= v))
 
 
 def _matrix(name: str, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
@@ -93,7 +93,8 @@ def _matrix(name: str, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
     if not _rows_addressable(x):
         x = x.contiguous()
     n, v = x.shape
-    return x, (v if n == 1 else x.stride(0))
+    # One row or none: the stride is never used (an empty tensor may report 0 or 1).
+    return x, (v if n <= 1 else x.stride(0))
 
 
 def _labels(labels, n: int, lead_shape, device: torch.device) -> Optional[torch.Tensor]:
@@ -323,7 +324,8 @@ def divergence(
     ``batchmean``) mostly lie below float16's smallest value, so they would be 0 before an AMP
     loss scale (``GradScaler``) could lift them. It is computed from a float32 copy of the
     student (the same values, same loss) into a float32 buffer and rounded to float16 after the
-    scaling: twice the gradient's memory and a conversion pass, for float16 only. bfloat16 has
+    scaling. For float16 only, that costs 8 bytes per logit instead of 2 at the forward's peak
+    (the copy and the float32 gradient) and three more passes over them. bfloat16 has
     float32's exponent range and keeps its own dtype. ``grad_inplace=True`` keeps float16 (it
     writes over the student), with that underflow.
 
@@ -868,7 +870,8 @@ def _fused_grad_dtype(grad_dtype, in_dtype: torch.dtype) -> torch.dtype:
     if grad_dtype == in_dtype or grad_dtype == str(in_dtype).replace("torch.", ""):
         return in_dtype
     raise ValueError(
-        f"grad_dtype must be None (the input dtype {in_dtype}), the input dtype or "
+        f"grad_dtype must be None (the input dtype; float32 for float16), the input dtype "
+        f"{in_dtype} or "
         f"torch.float32 / 'float32', got {grad_dtype!r}"
     )
 

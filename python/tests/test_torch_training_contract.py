@@ -185,6 +185,12 @@ def test_an_empty_batch_is_a_zero_loss_with_empty_gradients(device):
     loss.backward()
     assert loss.item() == 0.0 and h.grad.shape == (0, 16)
     assert w.grad.shape == (40, 16) and not w.grad.any()
+    # Empty tensors report odd strides (0 or 1): no row is read, so any layout is accepted.
+    for odd in (torch.zeros(1, 40, device=device).expand(0, 40),
+                torch.zeros(40, 0, device=device).t(),
+                torch.zeros(8, device=device).as_strided((0, 40), (1, 1))):
+        assert dkt.divergence(odd, t).item() == 0.0
+        assert dkt.fused_linear_divergence(odd[:, :16], w, odd[:, :16], w).item() == 0.0
 
 
 def test_fused_follows_autocast_like_a_linear_layer(device):

@@ -458,7 +458,19 @@ impl Context {
                     }
                     Ok(())
                 }
-                Backend::Cuda(dev) => dev.zero_rows(launch, "loss", raw.loss.cast(), 4, 4, 1),
+                Backend::Cuda(dev) => {
+                    // Every operand on this device, as for N > 0 (null: absent or empty).
+                    for (what, p) in [
+                        ("student logits", raw.student.cast()),
+                        ("teacher logits", raw.teacher.cast()),
+                        ("gradient", raw.grad.cast_const().cast()),
+                        ("labels", raw.labels.cast()),
+                        ("per-token loss", raw.per_token.cast_const().cast()),
+                    ] {
+                        dev.check_pointer(what, p)?;
+                    }
+                    dev.zero_rows(launch, "loss", raw.loss.cast(), 4, 4, 1)
+                }
             };
         }
         match self.backend() {

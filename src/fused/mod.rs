@@ -206,6 +206,20 @@ impl Context {
                 Ok(())
             }
             Backend::Cuda(dev) => {
+                // Every operand on this device, as for N > 0, before anything is queued.
+                for (what, p) in [
+                    ("student hidden states", raw.student_hidden.cast()),
+                    ("student weight", raw.student_weight.cast()),
+                    ("teacher hidden states", raw.teacher_hidden.cast()),
+                    ("teacher weight", raw.teacher_weight.cast()),
+                    ("labels", raw.labels.cast()),
+                    ("loss", raw.loss.cast_const().cast()),
+                    ("per-token loss", raw.per_token.cast_const().cast()),
+                    ("grad_hidden", raw.grad_hidden.cast_const().cast()),
+                    ("grad_weight", raw.grad_weight.cast_const().cast()),
+                ] {
+                    dev.check_pointer(what, p)?;
+                }
                 dev.zero_rows(launch, "loss", raw.loss.cast(), 4, 4, 1)?;
                 match weight {
                     Some((ptr, pitch, width, rows)) => {
