@@ -274,7 +274,20 @@ mod tests {
         };
         for _ in 0..count {
             xs.push(f64::from_bits(next()));
-            let v = format_value(next());
+            let b = next();
+            let v = format_value(b);
+            // The exact midpoint to the next pattern up (away from zero; subnormals included,
+            // both parities of v's last bit: ties that round up and down to even) and its two
+            // f64 neighbours.
+            let w = format_value(b.wrapping_add(1));
+            if v.is_finite() && w.is_finite() && (v < 0.0) == (w < 0.0) {
+                let mid = (v + w) / 2.0; // exact: one more bit than the format
+                xs.extend([
+                    mid,
+                    f64::from_bits(mid.to_bits() + 1),
+                    f64::from_bits(mid.to_bits() - 1),
+                ]);
+            }
             // Half an ulp of v (relative; subnormals get other distances, also fine).
             let half = v.abs() * ulp / 2.0;
             let tiny = half * 2f64.powi(-30);
