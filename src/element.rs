@@ -91,18 +91,26 @@ impl Element for f16 {
     const DTYPE: DType = DType::F16;
     #[inline]
     fn to_f64(self) -> f64 {
-        // An integer significand times a normal power of two: no subnormal float on the way, so
-        // a flush-to-zero / denormals-are-zero mode (torch.set_flush_denormal, -ffast-math
-        // libraries) changes nothing, as it does not for `half`'s F16C conversion.
-        let h = self.to_bits();
-        let (e, m) = ((h >> 10) & 0x1F, h & 0x3FF);
-        let (sig, exp) = if e == 0 { (m, 1) } else { (m | 0x400, e) };
-        let finite = f64::from(sig) * f64::from_bits((u64::from(exp) + 1023 - 25) << 52);
-        // Infinity, or NaN with its payload and the quiet bit (as through f32).
-        let quiet = if m != 0 { 1u64 << 51 } else { 0 };
-        let special = f64::from_bits(0x7FF0_0000_0000_0000 | u64::from(m) << 42 | quiet);
-        let magnitude = if e == 31 { special } else { finite };
-        f64::from_bits(magnitude.to_bits() | u64::from(h & 0x8000) << 48)
+        // No subnormal float on the way, so a flush-to-zero / denormals-are-zero mode
+        // (torch.set_flush_denormal, -ffast-math libraries) changes nothing, as it does not for
+        // `half`'s F16C conversion.
+        let h = u32::from(self.to_bits());
+        // Exponent and fraction moved into an f32's places. Normal: rebiased by 127 − 15.
+        // Subnormal: read as 2^-14 · (1 + m/1024) (one binade up), minus 2^-14, leaving
+        // m · 2^-24 exactly. Infinity / NaN: the exponent all ones, the payload kept.
+        let u = (h & 0x7FFF) << 13;
+        let e = u & 0x0F80_0000;
+        let normal = f32::from_bits(u + (112 << 23));
+        let subnormal = f32::from_bits(u + (113 << 23)) - f32::from_bits(113 << 23);
+        let special = f32::from_bits(u + (224 << 23));
+        let magnitude = if e == 0 {
+            subnormal
+        } else if e == 0x0F80_0000 {
+            special
+        } else {
+            normal
+        };
+        f32::from_bits(magnitude.to_bits() | (h & 0x8000) << 16) as f64
     }
     #[inline]
     fn from_f64(x: f64) -> Self {

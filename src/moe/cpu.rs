@@ -305,10 +305,15 @@ unsafe fn row_mut<'a, T>(ptr: *mut u8, stride: usize, row: usize, h: usize) -> &
 /// slot rows are added into it.
 const TILE: usize = 512;
 
-/// `out = x · w`, each element rounded once.
+/// `out = x · w`, each element rounded once (a tile at a time: f16 rounds a slice faster).
 fn scale_row<T: Element>(x: &[T], w: f64, out: &mut [T]) {
-    for (d, &v) in out.iter_mut().zip(x) {
-        *d = T::from_f64(v.to_f64() * w);
+    let mut wide = [0.0; TILE];
+    for (x, out) in x.chunks(TILE).zip(out.chunks_mut(TILE)) {
+        let wide = &mut wide[..x.len()];
+        for (d, &v) in wide.iter_mut().zip(x) {
+            *d = v.to_f64() * w;
+        }
+        T::from_f64_slice(wide, out);
     }
 }
 
