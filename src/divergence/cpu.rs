@@ -19,17 +19,45 @@ pub fn row_divergence(
     a: &[f64],
     grad: Option<&mut [f64]>,
 ) -> f64 {
-    let lse = |x: &[f64]| {
-        let m = x.iter().fold(
-            f64::NEG_INFINITY,
-            |m, &v| if v > m || v.is_nan() { v } else { m },
-        );
-        if m == f64::NEG_INFINITY || m.is_nan() {
-            return m;
-        }
-        m + x.iter().map(|&v| (v - m).exp()).sum::<f64>().ln()
-    };
-    let (lzs, lzt) = (lse(b), lse(a));
+    thread_local! {
+        /// e^(x − max) of the student and teacher rows, kept from the log-sum-exp pass so the
+        /// loss and gradient passes need no exponential of their own for p and q.
+        static SHIFTED: std::cell::RefCell<(Vec<f64>, Vec<f64>)> = const {
+            std::cell::RefCell::new((Vec::new(), Vec::new()))
+        };
+    }
+    SHIFTED.with(|cell| {
+        let (eb, ea) = &mut *cell.borrow_mut();
+        row_divergence_with(kind, beta, b, a, grad, eb, ea)
+    })
+}
+
+/// The log-sum-exp of `x` and Σ e^(x − max), with `e[i] = e^(x[i] − max)` left in `e` (untouched
+/// when the max is −inf or NaN, whose lse is that max).
+fn log_sum_exp(x: &[f64], e: &mut Vec<f64>) -> (f64, f64) {
+    let m = x.iter().fold(
+        f64::NEG_INFINITY,
+        |m, &v| if v > m || v.is_nan() { v } else { m },
+    );
+    if m == f64::NEG_INFINITY || m.is_nan() {
+        return (m, 0.0);
+    }
+    e.clear();
+    e.extend(x.iter().map(|&v| (v - m).exp()));
+    let sum = e.iter().sum::<f64>();
+    (m + sum.ln(), sum)
+}
+
+fn row_divergence_with(
+    kind: Kind,
+    beta: f64,
+    b: &[f64],
+    a: &[f64],
+    grad: Option<&mut [f64]>,
+    eb: &mut Vec<f64>,
+    ea: &mut Vec<f64>,
+) -> f64 {
+    let ((lzs, ss), (lzt, st)) = (log_sum_exp(b, eb), log_sum_exp(a, ea));
     if lzs.is_nan() || lzt.is_nan() || lzs == f64::INFINITY || lzt == f64::INFINITY {
         if let Some(g) = grad {
             g.fill(f64::NAN);
@@ -42,26 +70,29 @@ pub fn row_divergence(
         }
         return 0.0;
     }
-    // log p, log q and p, q for entry i; masked entries give log = −inf and prob = 0.
+    // log p, log q and p, q for entry i; masked entries give log = −inf and prob = 0. p and q
+    // are e^(x − max) / Σ e^(x − max), from the log-sum-exp pass.
+    let (inv_st, inv_ss) = (1.0 / st, 1.0 / ss);
     let lp = |i: usize| a[i] - lzt;
     let lq = |i: usize| b[i] - lzs;
+    let p = |i: usize| ea[i] * inv_st;
+    let q = |i: usize| eb[i] * inv_ss;
     let (lb, l1b) = (beta.ln(), (-beta).ln_1p());
     let lm = |i: usize| log_add_exp(lp(i) + lb, lq(i) + l1b);
     // x · (y − z) with the convention 0 · anything = 0 (masked entries).
     let xlog = |x: f64, d: f64| if x == 0.0 { 0.0 } else { x * d };
     let v = b.len();
     // The sums of a row in one pass, then the gradient where it needs the row's loss: each
-    // entry's mixture log and the exponentials of the loss pass are formed once, not once per
-    // sum (the same values, so the same bits: every sum still runs in index order).
+    // entry's mixture log is formed once, not once per sum (every sum runs in index order).
     let mut grad = grad;
     match kind {
         Kind::ForwardKl => {
             let mut loss = -0.0;
             for i in 0..v {
-                let p = lp(i).exp();
+                let p = p(i);
                 loss += xlog(p, lp(i) - lq(i));
                 if let Some(g) = grad.as_deref_mut() {
-                    g[i] = lq(i).exp() - p;
+                    g[i] = q(i) - p;
                 }
             }
             loss
@@ -69,15 +100,11 @@ pub fn row_divergence(
         Kind::ReverseKl => {
             let mut loss = -0.0;
             for i in 0..v {
-                let q = lq(i).exp();
-                loss += xlog(q, lq(i) - lp(i));
-                if let Some(g) = grad.as_deref_mut() {
-                    g[i] = q;
-                }
+                loss += xlog(q(i), lq(i) - lp(i));
             }
             if let Some(g) = grad {
                 for (i, gi) in g.iter_mut().enumerate() {
-                    *gi = xlog(*gi, lq(i) - lp(i) - loss);
+                    *gi = xlog(q(i), lq(i) - lp(i) - loss);
                 }
             }
             loss
@@ -86,8 +113,8 @@ pub fn row_divergence(
             let (mut kl_pm, mut kl_qm) = (-0.0, -0.0);
             for i in 0..v {
                 let m = lm(i);
-                kl_pm += xlog(lp(i).exp(), lp(i) - m);
-                kl_qm += xlog(lq(i).exp(), lq(i) - m);
+                kl_pm += xlog(p(i), lp(i) - m);
+                kl_qm += xlog(q(i), lq(i) - m);
                 if let Some(g) = grad.as_deref_mut() {
                     // log(q/m), finished below once KL(q‖m) is known.
                     g[i] = lq(i) - m;
@@ -95,7 +122,7 @@ pub fn row_divergence(
             }
             if let Some(g) = grad {
                 for (i, gi) in g.iter_mut().enumerate() {
-                    *gi = (1.0 - beta) * xlog(lq(i).exp(), *gi - kl_qm);
+                    *gi = (1.0 - beta) * xlog(q(i), *gi - kl_qm);
                 }
             }
             beta * kl_pm + (1.0 - beta) * kl_qm
