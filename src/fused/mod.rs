@@ -158,6 +158,42 @@ impl Context {
 
     /// Runs the fused linear divergence. Stream-ordered on CUDA; on error nothing is written.
     ///
+    /// Self-distillation (the teacher shares the lm_head), JSD, gradients for the student's
+    /// hidden states and the weight; `examples/fused_linear.rs` is the longer version.
+    ///
+    /// ```
+    /// use distill_kernels::divergence::{Kind, Params};
+    /// use distill_kernels::fused::{FusedLinear, FusedLinearParams};
+    /// use distill_kernels::{Context, Launch, Matrix, MatrixMut, VectorMut};
+    ///
+    /// let (n, h, v) = (6, 16, 100);
+    /// let hidden: Vec<f32> = (0..n * h).map(|i| (i as f32 * 0.37).sin()).collect();
+    /// let teacher: Vec<f32> = hidden.iter().map(|x| x * 0.9 + 0.05).collect();
+    /// let weight: Vec<f32> = (0..v * h).map(|i| (i as f32 * 0.11).cos() * 0.3).collect();
+    /// let (mut loss, mut gh, mut gw) = ([0f32], vec![0f32; n * h], vec![0f32; v * h]);
+    /// Context::cpu().fused_linear_divergence(
+    ///     FusedLinear {
+    ///         student_hidden: Matrix::host(&hidden, n, h, h)?,
+    ///         student_weight: Matrix::host(&weight, v, h, h)?,
+    ///         teacher_hidden: Matrix::host(&teacher, n, h, h)?,
+    ///         teacher_weight: Matrix::host(&weight, v, h, h)?,
+    ///         labels: None,
+    ///         per_token: None,
+    ///         loss: Some(VectorMut::host(&mut loss)),
+    ///         grad_hidden: Some(MatrixMut::host(&mut gh, n, h, h)?),
+    ///         grad_weight: Some(MatrixMut::host(&mut gw, v, h, h)?),
+    ///     },
+    ///     &FusedLinearParams {
+    ///         divergence: Params { beta: 0.5, ..Params::new(Kind::Jsd) },
+    ///         chunk_rows: Some(4), // 6 rows: a chunk of 4 and one of 2
+    ///         ..FusedLinearParams::default()
+    ///     },
+    ///     &Launch::default(),
+    /// )?;
+    /// assert!(loss[0] > 0.0 && gh.iter().any(|&g| g != 0.0) && gw.iter().any(|&g| g != 0.0));
+    /// # Ok::<(), distill_kernels::Error>(())
+    /// ```
+    ///
     /// N = 0 rows is an empty batch: the loss is 0, and so is the weight gradient (left as it
     /// is when accumulating); the hidden-state views of no rows may have null pointers.
     pub fn fused_linear_divergence(

@@ -173,6 +173,66 @@ impl Context {
     }
 
     /// Routes tokens to experts and builds the permutation. On error nothing is written.
+    ///
+    /// Route, gather each token's rows into expert-major order, and combine them back (with
+    /// identity "experts", the combine returns each token's weighted sum: renormalised weights
+    /// give the token back). `examples/moe_dispatch.rs` is the longer version.
+    ///
+    /// ```
+    /// use distill_kernels::moe::{Combine, Permute, Route, RouteParams};
+    /// use distill_kernels::{AlignedBuf, Context, Launch, Matrix, MatrixMut, Vector, VectorMut};
+    ///
+    /// let (n, e, h) = (5, 4, 8);
+    /// let params = RouteParams { renormalize: true, ..RouteParams::new(2) };
+    /// let k = params.k;
+    /// let logits: Vec<f32> = (0..n * e).map(|i| ((i * 7) % 11) as f32 * 0.3).collect();
+    /// let (mut ids, mut w, mut pos) = (vec![0i32; n * k], vec![0f32; n * k], vec![0i32; n * k]);
+    /// let (mut counts, mut offsets) = (vec![0i32; e], vec![0i32; e + 1]);
+    /// let mut perm = vec![0i32; params.max_rows(n, e)];
+    /// let ctx = Context::cpu();
+    /// ctx.moe_route(
+    ///     Route {
+    ///         logits: Matrix::host(&logits, n, e, e)?,
+    ///         bias: None,
+    ///         expert_ids: VectorMut::host(&mut ids),
+    ///         weights: VectorMut::host(&mut w),
+    ///         counts: VectorMut::host(&mut counts),
+    ///         offsets: VectorMut::host(&mut offsets),
+    ///         perm: VectorMut::host(&mut perm),
+    ///         position: VectorMut::host(&mut pos),
+    ///     },
+    ///     &params,
+    ///     &Launch::default(),
+    /// )?;
+    /// let r = offsets[e] as usize; // permuted rows
+    /// assert_eq!(r, n * k);
+    ///
+    /// let x = AlignedBuf::from_slice(&(0..n * h).map(|i| i as f32).collect::<Vec<_>>());
+    /// let mut xp = AlignedBuf::<f32>::zeros(r * h);
+    /// ctx.moe_permute(
+    ///     Permute {
+    ///         x: Matrix::host(&x, n, h, h)?,
+    ///         k,
+    ///         perm: Vector::host(&perm[..r]),
+    ///         weights: None,
+    ///         out: MatrixMut::host(&mut xp, r, h, h)?,
+    ///     },
+    ///     &Launch::default(),
+    /// )?;
+    /// let mut y = AlignedBuf::<f32>::zeros(n * h);
+    /// ctx.moe_combine(
+    ///     Combine {
+    ///         rows: Matrix::host(&xp, r, h, h)?,
+    ///         k,
+    ///         position: Vector::host(&pos),
+    ///         weights: Some(Vector::host(&w)),
+    ///         y: MatrixMut::host(&mut y, n, h, h)?,
+    ///     },
+    ///     &Launch::default(),
+    /// )?;
+    /// assert!(y.iter().zip(x.iter()).all(|(a, b)| (a - b).abs() <= 1e-4 * b.abs().max(1.0)));
+    /// # Ok::<(), distill_kernels::Error>(())
+    /// ```
     pub fn moe_route(
         &self,
         call: Route<'_>,
