@@ -169,7 +169,7 @@ typedef struct dk_moe_route_params {
 } dk_moe_route_params;
 
 typedef struct dk_moe_route_args {
-  int64_t n;              /* tokens, >= 1 */
+  int64_t n;              /* tokens, >= 0 (0: counts, offsets 0, perm all -1) */
   int32_t e;              /* experts, 1..1024 */
   const void* logits;     /* [n, e] router logits */
   int32_t logits_dtype;   /* DK_DTYPE_F32 or DK_DTYPE_BF16 */
@@ -197,10 +197,10 @@ dk_status dk_moe_route(const dk_context* ctx, const dk_moe_route_args* args,
 
 /* out[r] = x[perm[r] / k] (times weights[perm[r]] when weights != NULL), 0 where perm[r] = -1. */
 typedef struct dk_moe_permute_args {
-  int64_t n;             /* tokens */
+  int64_t n;             /* tokens, >= 0 (0: every perm entry is -1, the rows become 0) */
   int64_t h;             /* hidden size, a multiple of 8 */
   int32_t k;             /* slots per token, 1..32 */
-  int64_t rows;          /* permuted rows (entries of perm), >= 1 */
+  int64_t rows;          /* permuted rows (entries of perm), >= 0 */
   int32_t dtype;         /* DK_DTYPE_* of x and out */
   const void* x;         /* [n, h] */
   int64_t x_stride;      /* >= h */
@@ -214,10 +214,10 @@ dk_status dk_moe_permute(const dk_context* ctx, const dk_moe_permute_args* args,
 /* y[t] = sum over j of weights[t, j] * rows[position[t, j]] (weights NULL: unweighted), slots
  * with position -1 skipped, accumulated in f32 in slot order and rounded once to the dtype. */
 typedef struct dk_moe_combine_args {
-  int64_t n;                 /* tokens */
+  int64_t n;                 /* tokens, >= 0 (0: nothing to write) */
   int64_t h;                 /* hidden size, a multiple of 8 */
   int32_t k;                 /* slots per token */
-  int64_t rows;              /* rows of the permuted buffer */
+  int64_t rows;              /* rows of the permuted buffer (>= 1 when n > 0) */
   int32_t dtype;             /* DK_DTYPE_* of rows and y */
   const void* rows_in;       /* [rows, h] expert outputs (or gradients) in permuted order */
   int64_t rows_stride;       /* >= h */
@@ -230,10 +230,10 @@ dk_status dk_moe_combine(const dk_context* ctx, const dk_moe_combine_args* args,
 
 /* out[t, j] = dot(tokens[t], rows[position[t, j]]) in f32 (0 where position is -1). */
 typedef struct dk_moe_slot_dot_args {
-  int64_t n;                 /* tokens */
+  int64_t n;                 /* tokens, >= 0 (0: nothing to write) */
   int64_t h;                 /* hidden size, a multiple of 8 */
   int32_t k;                 /* slots per token */
-  int64_t rows;              /* rows of the permuted buffer */
+  int64_t rows;              /* rows of the permuted buffer (>= 1 when n > 0) */
   int32_t dtype;             /* DK_DTYPE_* of both inputs */
   const void* tokens;        /* [n, h] */
   int64_t tokens_stride;     /* >= h */

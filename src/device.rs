@@ -229,10 +229,11 @@ impl CudaDevice {
         self.attention_wide.wgmma_backward
     }
 
-    /// Zeroes `rows` rows of `width` bytes, `pitch` bytes apart, at `ptr` (nothing when null),
-    /// on the launch's stream, after checking the memory belongs to this device: the outputs of
-    /// an empty batch, where no kernel runs.
-    pub(crate) fn zero_rows(
+    /// Sets every byte of `rows` rows of `width` bytes, `pitch` bytes apart, at `ptr` to `value`
+    /// (nothing when null), on the launch's stream, after checking the memory belongs to this
+    /// device: the outputs of an empty batch, where no kernel runs.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn fill_rows(
         &self,
         launch: &Launch<'_>,
         what: &str,
@@ -240,6 +241,7 @@ impl CudaDevice {
         pitch: usize,
         width: usize,
         rows: usize,
+        value: u8,
     ) -> Result<()> {
         if ptr.is_null() || width == 0 || rows == 0 {
             return Ok(());
@@ -250,7 +252,7 @@ impl CudaDevice {
         // SAFETY: `rows` rows of `width` bytes `pitch` apart, validated by the caller and
         // checked above to be memory of this device.
         unsafe {
-            sys::cuMemsetD2D8Async(ptr as u64, pitch, 0, width, rows, stream.cu_stream())
+            sys::cuMemsetD2D8Async(ptr as u64, pitch, value, width, rows, stream.cu_stream())
                 .result()?
         };
         Ok(())

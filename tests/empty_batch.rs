@@ -268,3 +268,173 @@ fn scaling_no_rows_is_a_no_op() {
         assert_eq!(err.kind(), ErrorKind::Shape, "{err}");
     }
 }
+
+/// A device (or host) copy of `data`, its pointer, and a way to read it back.
+enum Buf<T: cudarc::driver::DeviceRepr> {
+    Host(Vec<T>),
+    Cuda(cudarc::driver::CudaSlice<T>),
+}
+
+impl<T: cudarc::driver::DeviceRepr + Clone + Default + Unpin> Buf<T> {
+    fn new(dev: &Device, data: Vec<T>) -> Self {
+        match dev {
+            Device::Cpu(_) => Buf::Host(data),
+            Device::Cuda(c) => Buf::Cuda(c.stream.clone_htod(&data).expect("htod")),
+        }
+    }
+    fn ptr(&mut self, dev: &Device) -> *mut T {
+        match (self, dev) {
+            (Buf::Host(v), _) => v.as_mut_ptr(),
+            (Buf::Cuda(d), Device::Cuda(c)) => {
+                use cudarc::driver::DevicePtrMut;
+                let (p, _s) = d.device_ptr_mut(&c.stream);
+                p as usize as *mut T
+            }
+            _ => unreachable!("a device buffer on the CPU"),
+        }
+    }
+    fn read(&self, dev: &Device) -> Vec<T> {
+        match (self, dev) {
+            (Buf::Host(v), _) => v.clone(),
+            (Buf::Cuda(d), Device::Cuda(c)) => {
+                c.stream.synchronize().expect("sync");
+                c.stream.clone_dtoh(d).expect("dtoh")
+            }
+            _ => unreachable!("a device buffer on the CPU"),
+        }
+    }
+}
+
+fn launch_of(dev: &Device) -> Launch<'static> {
+    match dev {
+        Device::Cpu(_) => Launch::default(),
+        // SAFETY: the test's own stream, alive for the whole test.
+        Device::Cuda(c) => unsafe { Launch::on_stream(c.stream.cu_stream() as *mut c_void) },
+    }
+}
+
+fn location_of(dev: &Device) -> Location {
+    if dev.is_cuda() {
+        Location::Cuda(0)
+    } else {
+        Location::Host
+    }
+}
+
+#[test]
+fn moe_calls_over_no_tokens() {
+    use distill_kernels::moe::{Combine, Permute, Route, RouteParams, SlotDot};
+    for dev in devices("moe_calls_over_no_tokens") {
+        let (ctx, loc, launch) = (dev.context(), location_of(&dev), launch_of(&dev));
+        let (e, h) = (6, 8);
+        // SAFETY (every from_raw below): null views of no entries are never accessed; the
+        // others are the buffers above, at `loc`, of the lengths given.
+        let none_i32 = || unsafe { VectorMut::from_raw(std::ptr::null_mut::<i32>(), 0, loc) };
+
+        // Route: zero counts and offsets, a perm of padding (block 4: 6 · 3 entries).
+        let params = RouteParams {
+            block: 4,
+            ..RouteParams::new(2)
+        };
+        let perm_rows = params.max_rows(0, e);
+        assert_eq!(perm_rows, e * 3);
+        let mut counts = Buf::new(&dev, vec![7i32; e]);
+        let mut offsets = Buf::new(&dev, vec![7i32; e + 1]);
+        let mut perm = Buf::new(&dev, vec![7i32; perm_rows]);
+        let (cp, op, pp) = (counts.ptr(&dev), offsets.ptr(&dev), perm.ptr(&dev));
+        ctx.moe_route(
+            Route {
+                logits: empty(DType::F32, e, loc),
+                bias: None,
+                expert_ids: none_i32(),
+                // SAFETY: as above.
+                weights: unsafe { VectorMut::from_raw(std::ptr::null_mut::<f32>(), 0, loc) },
+                counts: unsafe { VectorMut::from_raw(cp, e, loc) },
+                offsets: unsafe { VectorMut::from_raw(op, e + 1, loc) },
+                perm: unsafe { VectorMut::from_raw(pp, perm_rows, loc) },
+                position: none_i32(),
+            },
+            &params,
+            &launch,
+        )
+        .unwrap_or_else(|e| panic!("{}: route: {e}", dev.name()));
+        assert_eq!(counts.read(&dev), vec![0; e], "{}", dev.name());
+        assert_eq!(offsets.read(&dev), vec![0; e + 1], "{}", dev.name());
+        assert_eq!(perm.read(&dev), vec![-1; perm_rows], "{}", dev.name());
+
+        // Permute: R rows of padding become zero rows; no rows, nothing.
+        for rows in [0usize, 3] {
+            let mut pad = Buf::new(&dev, vec![-1i32; rows.max(1)]);
+            let mut out = Buf::new(&dev, vec![f32::NAN; rows.max(1) * h]);
+            let (padp, outp) = (pad.ptr(&dev), out.ptr(&dev));
+            ctx.moe_permute(
+                Permute {
+                    x: empty(DType::F32, h, loc),
+                    k: 2,
+                    perm: unsafe { Vector::from_raw(padp.cast_const(), rows, loc) },
+                    weights: None,
+                    out: unsafe { MatrixMut::from_raw(outp.cast(), DType::F32, rows, h, h, loc) },
+                },
+                &launch,
+            )
+            .unwrap_or_else(|e| panic!("{}: permute of {rows} rows: {e}", dev.name()));
+            let got = out.read(&dev);
+            if rows == 0 {
+                assert!(got.iter().all(|v| v.is_nan()), "{}: written", dev.name());
+            } else {
+                assert!(
+                    got.iter().all(|&v| v.to_bits() == 0),
+                    "{}: {got:?}",
+                    dev.name()
+                );
+            }
+        }
+        if !dev.is_cuda() {
+            // The CPU reads perm: an entry other than padding has no slot to name.
+            let mut out = vec![f32::NAN; 2 * h];
+            let err = ctx
+                .moe_permute(
+                    Permute {
+                        x: empty(DType::F32, h, loc),
+                        k: 2,
+                        perm: Vector::host(&[-1, 0]),
+                        weights: None,
+                        out: MatrixMut::host(&mut out, 2, h, h).unwrap(),
+                    },
+                    &launch,
+                )
+                .expect_err("perm entry 0 with no tokens");
+            assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+            assert!(out.iter().all(|v| v.is_nan()), "written on error");
+        }
+
+        // Combine and slot-dot of no tokens: no output, the expert rows never read.
+        let mut rows_in = Buf::new(&dev, vec![1.5f32; 4 * h]);
+        let rp = rows_in.ptr(&dev);
+        let rows_view =
+            || unsafe { Matrix::from_raw(rp.cast_const().cast(), DType::F32, 4, h, h, loc) };
+        ctx.moe_combine(
+            Combine {
+                rows: rows_view(),
+                k: 2,
+                position: unsafe { Vector::from_raw(std::ptr::null(), 0, loc) },
+                weights: None,
+                y: empty_mut(DType::F32, h, loc),
+            },
+            &launch,
+        )
+        .unwrap_or_else(|e| panic!("{}: combine: {e}", dev.name()));
+        ctx.moe_slot_dot(
+            SlotDot {
+                tokens: empty(DType::F32, h, loc),
+                rows: rows_view(),
+                k: 2,
+                position: unsafe { Vector::from_raw(std::ptr::null(), 0, loc) },
+                out: unsafe { VectorMut::from_raw(std::ptr::null_mut(), 0, loc) },
+            },
+            &launch,
+        )
+        .unwrap_or_else(|e| panic!("{}: slot-dot: {e}", dev.name()));
+        assert_eq!(rows_in.read(&dev), vec![1.5f32; 4 * h]);
+    }
+}

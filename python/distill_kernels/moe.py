@@ -111,8 +111,9 @@ def _logits(logits) -> np.ndarray:
         )
     if lg.ndim != 2:
         raise ValueError(f"router logits must be 2-D [N, E], got shape {lg.shape}")
-    if lg.shape[0] == 0 or lg.shape[1] == 0:
-        raise ValueError(f"empty router logits: shape {lg.shape} (N and E must be at least 1)")
+    if lg.shape[1] == 0:
+        raise ValueError(f"router logits have no experts: shape {lg.shape} (E must be at least "
+                         "1; N = 0 tokens is an empty batch)")
     return lg
 
 

@@ -468,8 +468,9 @@ def _check_route(route, device: torch.device) -> None:
                          f"entries, got {tuple(full.shape)}")
     perm = route.perm
     if route.perm_full is not None and perm is not None and not (
-        isinstance(perm, torch.Tensor) and perm.data_ptr() == full.data_ptr()
-        and tuple(perm.shape) == (route.num_rows,)
+        isinstance(perm, torch.Tensor) and tuple(perm.shape) == (route.num_rows,)
+        # (an empty perm reads nothing; its data_ptr may be 0)
+        and (perm.data_ptr() == full.data_ptr() or route.num_rows == 0)
     ):
         # The kernels read perm_full; perm must be its first num_rows entries (a view: compared
         # by address, which needs no host synchronisation).
@@ -681,8 +682,9 @@ def moe_route(
                         "bfloat16")
     if logits.dim() != 2:
         raise ValueError(f"router logits must be 2-D [N, E], got shape {tuple(logits.shape)}")
-    if logits.numel() == 0:
-        raise ValueError(f"empty router logits: shape {tuple(logits.shape)}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"router logits have no experts: shape {tuple(logits.shape)} (E must be "
+                         "at least 1; N = 0 tokens is an empty batch)")
     if isinstance(scale, torch.Tensor):
         raise TypeError("scale must be a Python number (a tensor would force a host sync)")
     device = _device_ordinal(logits)

@@ -210,3 +210,13 @@ def test_fused_follows_autocast_like_a_linear_layer(device):
     loss2.backward()
     assert torch.equal(loss, loss2)
     assert torch.equal(a.grad, a2.grad) and torch.equal(b.grad, b2.grad)
+
+
+def test_moe_over_no_tokens(device):
+    r = dkt.moe_route(torch.zeros(0, 6, device=device), 2, block=4)
+    assert r.num_rows == 0 and not r.counts.any() and not r.offsets.any()
+    x = torch.zeros(0, 8, device=device, requires_grad=True)
+    y = dkt.moe_combine(dkt.moe_permute(x, r), r)
+    y.sum().backward()
+    assert y.shape == (0, 8) and x.grad.shape == (0, 8)
+

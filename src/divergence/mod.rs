@@ -469,7 +469,7 @@ impl Context {
                     ] {
                         dev.check_pointer(what, p)?;
                     }
-                    dev.zero_rows(launch, "loss", raw.loss.cast(), 4, 4, 1)
+                    dev.fill_rows(launch, "loss", raw.loss.cast(), 4, 4, 1, 0)
                 }
             };
         }

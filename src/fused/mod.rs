@@ -256,10 +256,10 @@ impl Context {
                 ] {
                     dev.check_pointer(what, p)?;
                 }
-                dev.zero_rows(launch, "loss", raw.loss.cast(), 4, 4, 1)?;
+                dev.fill_rows(launch, "loss", raw.loss.cast(), 4, 4, 1, 0)?;
                 match weight {
                     Some((ptr, pitch, width, rows)) => {
-                        dev.zero_rows(launch, "grad_weight", ptr.cast(), pitch, width, rows)
+                        dev.fill_rows(launch, "grad_weight", ptr.cast(), pitch, width, rows, 0)
                     }
                     None => Ok(()),
                 }

@@ -16,6 +16,7 @@
 
 pub(crate) mod cpu;
 pub(crate) mod cuda;
+mod empty;
 mod params;
 mod validate;
 
@@ -240,6 +241,9 @@ impl Context {
         launch: &Launch<'_>,
     ) -> Result<()> {
         let raw = RawRoute::validate(self, call, params)?;
+        if raw.n == 0 {
+            return self.moe_route_empty(&raw, launch);
+        }
         match self.backend() {
             // SAFETY: validated host pointers covering the shapes.
             Backend::Cpu => unsafe { cpu::route(&raw, params) },
@@ -250,6 +254,9 @@ impl Context {
     /// Gathers token rows into the permuted (expert-major) order.
     pub fn moe_permute(&self, call: Permute<'_>, launch: &Launch<'_>) -> Result<()> {
         let raw = RawPermute::validate(self, call)?;
+        if raw.n == 0 || raw.rows == 0 {
+            return self.moe_permute_empty(&raw, launch);
+        }
         match self.backend() {
             // SAFETY: validated host pointers covering the shapes.
             Backend::Cpu => unsafe { cpu::permute(&raw) },
@@ -260,6 +267,9 @@ impl Context {
     /// Each token's weighted sum of its expert rows, deterministic (no atomics).
     pub fn moe_combine(&self, call: Combine<'_>, launch: &Launch<'_>) -> Result<()> {
         let raw = RawCombine::validate(self, call)?;
+        if raw.n == 0 {
+            return self.moe_combine_empty(&raw);
+        }
         match self.backend() {
             // SAFETY: validated host pointers covering the shapes.
             Backend::Cpu => unsafe { cpu::combine(&raw) },
@@ -270,6 +280,9 @@ impl Context {
     /// Per-slot dot products of token rows with their permuted rows (weights' gradients).
     pub fn moe_slot_dot(&self, call: SlotDot<'_>, launch: &Launch<'_>) -> Result<()> {
         let raw = RawSlotDot::validate(self, call)?;
+        if raw.n == 0 {
+            return self.moe_slot_dot_empty(&raw);
+        }
         match self.backend() {
             // SAFETY: validated host pointers covering the shapes.
             Backend::Cpu => unsafe { cpu::slot_dot(&raw) },

@@ -57,7 +57,11 @@ impl Span {
     }
 
     fn overlaps(&self, other: &Span) -> bool {
-        self.start < other.end && other.start < self.end
+        // An empty span (an operand of no entries) shares no byte with anything.
+        self.start < self.end
+            && other.start < other.end
+            && self.start < other.end
+            && other.start < self.end
     }
 }
 
@@ -119,12 +123,20 @@ fn check_rows_aligned(mats: &[(&str, *const u8, usize, DType)]) -> Result<()> {
 /// Location and null checks of a read-only vector.
 fn vector_in<T>(ctx: &Context, what: &str, v: &Vector<'_, T>) -> Result<()> {
     check_location(ctx, what, v.location)?;
+    // No entries (no tokens): may be null, as an empty tensor's pointer is.
+    if v.len == 0 {
+        return Ok(());
+    }
     check_non_null(what, v.ptr)
 }
 
 /// Location and null checks of an output vector.
 fn vector_out<T>(ctx: &Context, what: &str, v: &VectorMut<'_, T>) -> Result<()> {
     check_location(ctx, what, v.location)?;
+    // No entries: may be null, as in vector_in.
+    if v.len == 0 {
+        return Ok(());
+    }
     check_non_null(what, v.ptr)
 }
 
@@ -138,7 +150,9 @@ fn check_len(what: &str, len: usize, want: usize, of: &str) -> Result<()> {
 /// Location, null, stride and hidden-size checks of an activation matrix `[rows, h]`.
 fn activations_in(ctx: &Context, what: &str, m: &Matrix<'_>) -> Result<()> {
     check_location(ctx, what, m.location)?;
-    check_non_null(what, m.ptr)?;
+    if m.rows > 0 {
+        check_non_null(what, m.ptr)?;
+    }
     check_hidden(what, m.cols)?;
     if m.row_stride < m.cols {
         bail!(
@@ -161,7 +175,9 @@ fn activations_out(
     dtype: DType,
 ) -> Result<()> {
     check_location(ctx, what, m.location)?;
-    check_non_null(what, m.ptr)?;
+    if rows > 0 {
+        check_non_null(what, m.ptr)?;
+    }
     if m.dtype != dtype {
         bail!(
             UnsupportedDtype,
@@ -199,8 +215,9 @@ fn check_hidden(what: &str, h: usize) -> Result<()> {
 }
 
 fn check_tokens(n: usize) -> Result<()> {
-    if n == 0 {
-        bail!(Shape, "N = 0 tokens (at least 1 needed)");
+    // N = 0 is an empty batch (src/moe/empty.rs).
+    if n > MAX_I32 {
+        bail!(Shape, "N = {n} tokens exceed 2^31 - 1");
     }
     Ok(())
 }
@@ -216,9 +233,9 @@ fn check_slots(n: usize, k: usize) -> Result<usize> {
     }
 }
 
-/// Checks the number of permuted rows (≥ 1, int32-indexable).
-fn check_rows(what: &str, rows: usize) -> Result<()> {
-    if rows == 0 || rows > MAX_I32 {
+/// Checks the number of permuted rows (int32-indexable; ≥ 1 unless `allow_empty`).
+fn check_rows(what: &str, rows: usize, allow_empty: bool) -> Result<()> {
+    if (rows == 0 && !allow_empty) || rows > MAX_I32 {
         bail!(Shape, "{what} has {rows} rows: must be in 1..=2^31 - 1");
     }
     Ok(())
@@ -243,7 +260,9 @@ impl RawRoute {
         let (n, e) = (logits.rows, logits.cols);
         params.validate(e)?;
         check_location(ctx, "router logits", logits.location)?;
-        check_non_null("router logits", logits.ptr)?;
+        if n > 0 {
+            check_non_null("router logits", logits.ptr)?;
+        }
         if let Some(b) = &call.bias {
             vector_in(ctx, "bias", b)?;
         }
@@ -352,7 +371,7 @@ impl RawPermute {
         activations_out(ctx, "permuted output", &call.out, rows, h, dtype)?;
         check_tokens(n)?;
         let slots = check_slots(n, call.k)?;
-        check_rows("perm", rows)?;
+        check_rows("perm", rows, true)?;
         if let Some(w) = &call.weights {
             check_len("weights", w.len, slots, &format!("N·k = {n}·{}", call.k))?;
         }
@@ -408,7 +427,7 @@ impl RawCombine {
         let (n, h, dtype, rows) = (y.rows, rows_in.cols, rows_in.dtype, rows_in.rows);
         activations_out(ctx, "y", y, n, h, dtype)?;
         check_tokens(n)?;
-        check_rows("rows", rows)?;
+        check_rows("rows", rows, n == 0)?;
         let k = call.k;
         let slots = check_position(n, k, call.position.len)?;
         if let Some(w) = &call.weights {
@@ -463,7 +482,7 @@ impl RawSlotDot {
             );
         }
         check_tokens(n)?;
-        check_rows("rows", rows)?;
+        check_rows("rows", rows, n == 0)?;
         let k = call.k;
         let slots = check_position(n, k, call.position.len)?;
         check_len(

@@ -534,9 +534,9 @@ static void check_errors(dk_context* ctx) {
   a.perm_rows = 5;
   EXPECT_STATUS(dk_moe_route(ctx, &a, &p, NULL, 0, NULL), DK_ERR_SHAPE, "perm_rows < max_rows");
   a.perm_rows = 6;
-  a.n = 0;
-  EXPECT_STATUS(dk_moe_route(ctx, &a, &p, NULL, 0, NULL), DK_ERR_SHAPE, "n = 0");
-  a.n = 3;
+  a.e = 0;
+  EXPECT_STATUS(dk_moe_route(ctx, &a, &p, NULL, 0, NULL), DK_ERR_SHAPE, "e = 0");
+  a.e = 4;
   a.position = ids;
   EXPECT_STATUS(dk_moe_route(ctx, &a, &p, NULL, 0, NULL), DK_ERR_SHAPE, "position == expert_ids");
   a.position = position;
