@@ -229,35 +229,6 @@ impl CudaDevice {
         self.attention_wide.wgmma_backward
     }
 
-    /// Sets every byte of `rows` rows of `width` bytes, `pitch` bytes apart, at `ptr` to `value`
-    /// (nothing when null), on the launch's stream, after checking the memory belongs to this
-    /// device: the outputs of an empty batch, where no kernel runs.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn fill_rows(
-        &self,
-        launch: &Launch<'_>,
-        what: &str,
-        ptr: *mut c_void,
-        pitch: usize,
-        width: usize,
-        rows: usize,
-        value: u8,
-    ) -> Result<()> {
-        if ptr.is_null() || width == 0 || rows == 0 {
-            return Ok(());
-        }
-        self.check_pointer(what, ptr)?;
-        // SAFETY: the caller of the safe API handed a live stream of this device (or null).
-        let stream = unsafe { self.borrow_stream(launch.stream) };
-        // SAFETY: `rows` rows of `width` bytes `pitch` apart, validated by the caller and
-        // checked above to be memory of this device.
-        unsafe {
-            sys::cuMemsetD2D8Async(ptr as u64, pitch, value, width, rows, stream.cu_stream())
-                .result()?
-        };
-        Ok(())
-    }
-
     /// Checks that `ptr` is device memory of this device.
     pub(crate) fn check_pointer(&self, what: &str, ptr: *const c_void) -> Result<()> {
         if ptr.is_null() {

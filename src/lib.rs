@@ -44,6 +44,7 @@ mod checks;
 pub mod device;
 pub mod divergence;
 mod element;
+mod empty_batch;
 pub mod error;
 pub mod fused;
 pub mod moe;

@@ -27,6 +27,7 @@ pub use params::{Kind, Params, Reduction};
 
 use crate::checks::check_location;
 use crate::device::{Backend, Context, Launch};
+use crate::empty_batch::Fill;
 use crate::error::{bail, Result};
 use crate::tensor::{span_bytes, DType, Matrix, MatrixMut, Vector, VectorMut};
 
@@ -450,28 +451,16 @@ impl Context {
     ) -> Result<()> {
         if raw.n == 0 {
             // An empty batch: the reduced loss of no rows is 0; nothing else exists to write.
-            return match self.backend() {
-                Backend::Cpu => {
-                    if !raw.loss.is_null() {
-                        // SAFETY: a validated host f32.
-                        unsafe { *raw.loss = 0.0 };
-                    }
-                    Ok(())
-                }
-                Backend::Cuda(dev) => {
-                    // Every operand on this device, as for N > 0 (null: absent or empty).
-                    for (what, p) in [
-                        ("student logits", raw.student.cast()),
-                        ("teacher logits", raw.teacher.cast()),
-                        ("gradient", raw.grad.cast_const().cast()),
-                        ("labels", raw.labels.cast()),
-                        ("per-token loss", raw.per_token.cast_const().cast()),
-                    ] {
-                        dev.check_pointer(what, p)?;
-                    }
-                    dev.fill_rows(launch, "loss", raw.loss.cast(), 4, 4, 1, 0)
-                }
-            };
+            let operands = [
+                ("student logits", raw.student.cast()),
+                ("teacher logits", raw.teacher.cast()),
+                ("gradient", raw.grad.cast_const().cast()),
+                ("labels", raw.labels.cast()),
+                ("per-token loss", raw.per_token.cast_const().cast()),
+            ];
+            let loss = Fill::bytes("loss", raw.loss.cast(), 4, 0);
+            // SAFETY: the loss is null or a validated f32 at this context's location.
+            return unsafe { self.write_empty_outputs(&operands, &[loss], launch) };
         }
         match self.backend() {
             Backend::Cpu => {

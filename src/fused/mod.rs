@@ -20,6 +20,7 @@ mod validate;
 pub use params::FusedLinearParams;
 
 use crate::device::{Backend, Context, Launch};
+use crate::empty_batch::Fill;
 use crate::error::Result;
 use crate::tensor::{DType, Matrix, MatrixMut, Vector, VectorMut};
 
@@ -221,49 +222,33 @@ impl Context {
         params: &FusedLinearParams,
         launch: &Launch<'_>,
     ) -> Result<()> {
-        let weight = (!params.accumulate && !raw.grad_weight.is_null()).then_some((
-            raw.grad_weight,
-            raw.grad_weight_stride * raw.grad_weight_dtype.size(),
-            raw.h * raw.grad_weight_dtype.size(),
-            raw.v,
-        ));
-        match self.backend() {
-            Backend::Cpu => {
-                if !raw.loss.is_null() {
-                    // SAFETY: a validated host f32.
-                    unsafe { *raw.loss = 0.0 };
-                }
-                if let Some((ptr, pitch, width, rows)) = weight {
-                    for r in 0..rows {
-                        // SAFETY: row r of the validated [V, H] host gradient, `width` bytes.
-                        unsafe { ptr.add(r * pitch).write_bytes(0, width) };
-                    }
-                }
-                Ok(())
-            }
-            Backend::Cuda(dev) => {
-                // Every operand on this device, as for N > 0, before anything is queued.
-                for (what, p) in [
-                    ("student hidden states", raw.student_hidden.cast()),
-                    ("student weight", raw.student_weight.cast()),
-                    ("teacher hidden states", raw.teacher_hidden.cast()),
-                    ("teacher weight", raw.teacher_weight.cast()),
-                    ("labels", raw.labels.cast()),
-                    ("loss", raw.loss.cast_const().cast()),
-                    ("per-token loss", raw.per_token.cast_const().cast()),
-                    ("grad_hidden", raw.grad_hidden.cast_const().cast()),
-                    ("grad_weight", raw.grad_weight.cast_const().cast()),
-                ] {
-                    dev.check_pointer(what, p)?;
-                }
-                dev.fill_rows(launch, "loss", raw.loss.cast(), 4, 4, 1, 0)?;
-                match weight {
-                    Some((ptr, pitch, width, rows)) => {
-                        dev.fill_rows(launch, "grad_weight", ptr.cast(), pitch, width, rows, 0)
-                    }
-                    None => Ok(()),
-                }
-            }
-        }
+        let operands = [
+            ("student hidden states", raw.student_hidden.cast()),
+            ("student weight", raw.student_weight.cast()),
+            ("teacher hidden states", raw.teacher_hidden.cast()),
+            ("teacher weight", raw.teacher_weight.cast()),
+            ("labels", raw.labels.cast()),
+            ("per-token loss", raw.per_token.cast_const().cast()),
+            ("grad_hidden", raw.grad_hidden.cast_const().cast()),
+            ("grad_weight", raw.grad_weight.cast_const().cast()),
+        ];
+        let size = raw.grad_weight_dtype.size();
+        let weight = Fill {
+            what: "grad_weight",
+            // Accumulating: the gradient of no rows adds nothing.
+            ptr: if params.accumulate {
+                std::ptr::null_mut()
+            } else {
+                raw.grad_weight
+            },
+            pitch: raw.grad_weight_stride * size,
+            width: raw.h * size,
+            rows: raw.v,
+            value: 0,
+        };
+        let loss = Fill::bytes("loss", raw.loss.cast(), 4, 0);
+        // SAFETY: the loss and the [V, H] weight gradient are null or validated outputs at this
+        // context's location.
+        unsafe { self.write_empty_outputs(&operands, &[loss, weight], launch) }
     }
 }

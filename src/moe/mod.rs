@@ -268,7 +268,7 @@ impl Context {
     pub fn moe_combine(&self, call: Combine<'_>, launch: &Launch<'_>) -> Result<()> {
         let raw = RawCombine::validate(self, call)?;
         if raw.n == 0 {
-            return self.moe_combine_empty(&raw);
+            return self.moe_combine_empty(&raw, launch);
         }
         match self.backend() {
             // SAFETY: validated host pointers covering the shapes.
@@ -281,7 +281,7 @@ impl Context {
     pub fn moe_slot_dot(&self, call: SlotDot<'_>, launch: &Launch<'_>) -> Result<()> {
         let raw = RawSlotDot::validate(self, call)?;
         if raw.n == 0 {
-            return self.moe_slot_dot_empty(&raw);
+            return self.moe_slot_dot_empty(&raw, launch);
         }
         match self.backend() {
             // SAFETY: validated host pointers covering the shapes.
