@@ -421,6 +421,65 @@ fn kernel_math_masked_entries_nan_rows_and_fully_masked_rows() {
     }
 }
 
+/// The most negative finite f32 and bf16 values: the masks of `masked_fill(mask,
+/// torch.finfo(dtype).min)`, as Hugging Face code writes them, on f32 and bf16 logits.
+const FINFO_MINS: [f32; 2] = [f32::MIN, -3.389_531_4e38];
+
+#[test]
+fn kernel_math_masks_of_finfo_min_are_finite_like_masks_of_minus_infinity() {
+    // A mask of finfo.min is finite, but (t − max) · log2(e) / T overflows f32 to −inf inside
+    // the kernel, where 0 · (−inf) in the KL sum made the row NaN. The f64 reference sees
+    // finite logits with no mass: the same loss as a −inf mask, a finite gradient.
+    let Some(exe) = simulator() else { return };
+    let mut rng = Rng::fresh("kernel_sim_finfo_min");
+    let mut cases = Vec::new();
+    for &(kind, beta) in &KINDS {
+        for &temperature in &[1.0f32, 0.5] {
+            let mask = FINFO_MINS[rng.below(0, 2)];
+            // The same entries on both sides (a vocabulary mask), in every chunk position.
+            let mut c = random_case(&mut rng, kind, beta, temperature, 1003, true);
+            for i in (0..c.s.len()).filter(|i| i % 5 == 0 || *i < 9) {
+                c.s[i] = mask;
+                c.t[i] = mask;
+            }
+            cases.push(c);
+            // The teacher alone: no mass of p there (for reverse KL the student's mass there
+            // costs ~|finfo.min| / T, an f32 overflow, not a masking rule: left out).
+            if kind != Kind::ReverseKl {
+                let vec = rng.below(0, 2) == 1;
+                let mut c = random_case(&mut rng, kind, beta, temperature, 517, vec);
+                for i in (0..c.t.len()).filter(|i| i % 3 == 1) {
+                    c.t[i] = mask;
+                }
+                cases.push(c);
+            }
+            // The student alone, for reverse KL and JSD.
+            if kind != Kind::ForwardKl {
+                let mut c = random_case(&mut rng, kind, beta, temperature, 517, true);
+                for i in (0..c.s.len()).filter(|i| i % 4 == 2) {
+                    c.s[i] = mask;
+                }
+                cases.push(c);
+            }
+        }
+    }
+    add_cluster_variants(&mut rng, &mut cases);
+    for (model, outs) in run_sim_models(&exe, &cases) {
+        for (c, o) in cases.iter().zip(&outs) {
+            assert!(
+                o.loss.is_finite() && o.grad.iter().all(|g| g.is_finite()),
+                "{:?} beta {} T {} [{model}]: loss {} with finfo.min masks",
+                c.kind,
+                c.beta,
+                c.temperature,
+                o.loss
+            );
+        }
+        let what = format!("finfo.min masks [{model}]");
+        check_rows(&cases, &outs, &what, 1e-5, row_slack(model));
+    }
+}
+
 #[test]
 fn kernel_math_mass_below_f32_range_against_a_masked_entry_is_infinite() {
     // Forward KL: the teacher has mass e^-95 (relative to its maximum; 0 in f32, not in f64)

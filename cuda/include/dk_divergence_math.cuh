@@ -44,8 +44,13 @@ struct RowStats {
       // all accumulated d were +inf already, and they stay +inf.
       const float shift = ((mw2 - mw) - (mo2 == mo ? 0.f : mo2 - mo)) * k;
       // +inf (mass against a masked entry) stays +inf, also when the rescale underflows to 0.
-      acc = mw == -INFINITY ? 0.f
-                            : (acc == INFINITY ? acc : (acc - sw * shift) * rescale2(mw, mw2, k));
+      // Otherwise a rescale of 0 leaves 0 (xlog): the old entries have no mass next to the new
+      // maximum. That includes entries at a finite mask, torch.finfo(dtype).min, which were
+      // their side's maximum until now; there mw2 − mw and mo2 − mo overflow to +inf and the
+      // shift is NaN.
+      acc = mw == -INFINITY
+                ? 0.f
+                : (acc == INFINITY ? acc : xlog(rescale2(mw, mw2, k), acc - sw * shift));
     }
     st *= rescale2(mt, mt2, k);
     ss *= rescale2(ms, ms2, k);
@@ -91,6 +96,8 @@ DK_UNROLL
   // entry with the rules for masked logits: a masked weighting entry adds nothing; mass where
   // the other side is masked makes the KL +inf, as it should: any finite logit has mass, even
   // one whose 2^X is below f32's range (fast_exp2 flushes it to 0), as in the f64 reference.
+  // A finite mask (torch.finfo(dtype).min) overflows X or Y to -inf here; its weight 2^X is 0,
+  // and xlog keeps 0 · ∞ at 0 (no mass, as the f64 reference has) instead of NaN.
   template <int N>
   DK_HD void add_masked(const float (&t)[N], const float (&s)[N]) {
     const float nt = shift_of(mt), ns = shift_of(ms);
@@ -100,7 +107,7 @@ DK_UNROLL
       const float xw = kTeacherWeights ? t[j] : s[j], xo = kTeacherWeights ? s[j] : t[j];
       const float ew = fast_exp2(kTeacherWeights ? X : Y);
       const float d = kTeacherWeights ? X - Y : Y - X;
-      acc += xw == -INFINITY ? 0.f : (xo == -INFINITY ? INFINITY : ew * d);
+      acc += xw == -INFINITY ? 0.f : (xo == -INFINITY ? INFINITY : xlog(ew, d));
     }
   }
 

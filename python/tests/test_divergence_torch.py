@@ -281,6 +281,32 @@ def test_matches_cpu_backend_edge_cases(device, dtype, kind, beta):
     assert torch.all(sg.grad[[3, 5, 7]] == 0) and torch.all(per_dev[[3, 5, 7]] == 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,beta", KIND_BETAS)
+def test_masks_of_finfo_min_match_masks_of_minus_infinity(device, dtype, kind, beta):
+    """``masked_fill(mask, torch.finfo(dtype).min)``, as Hugging Face code masks logits, gives
+    what a -inf mask gives: finite losses and gradients (on CUDA, (x - max) / T overflows f32
+    to -inf inside the kernels for these; that once made the KL rows NaN)."""
+    n, v = 6, 3001
+    s, t = make(n, v, dtype, "cpu", seed=21)
+    mask = torch.rand(n, v, generator=torch.Generator().manual_seed(22)) < 0.3
+    mask[:, :9] = True  # a whole first chunk masked: the running maxima start at the mask
+    mask[:, 40] = False
+    results = []
+    for fill in (-math.inf, torch.finfo(dtype).min):
+        sm = s.masked_fill(mask, fill).to(device).requires_grad_(True)
+        tm = t.masked_fill(mask, fill).to(device)
+        per = dkt.divergence(sm, tm, kind=kind, beta=beta, temperature=0.7, reduction="none")
+        per.sum().backward()
+        assert torch.isfinite(per).all() and torch.isfinite(sm.grad).all(), fill
+        results.append((per.detach(), sm.grad))
+    (per_inf, g_inf), (per_min, g_min) = results
+    tl, tg = tol(dtype)
+    assert rel_err(per_min, per_inf) <= tl
+    assert rel_err(g_min, g_inf) <= tg
+    assert torch.all(g_min[mask.to(device)] == 0)
+
+
 def test_large_vocabulary_and_determinism(device):
     s, t = make(4, 262145, torch.bfloat16, device, seed=10)
     out, g, ref, g_ref = ours_and_reference(s, t, "jsd", 0.5, 1.0)
