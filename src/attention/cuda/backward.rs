@@ -354,41 +354,66 @@ fn launch(
     Ok(())
 }
 
-/// Opts the dK/dV and dQ kernels in to their dynamic shared memory (over the 48 KB default),
-/// once when a device opens. Returns whether the 128-key dK/dV kernels were accepted too (their
-/// 161 KiB at D = 128 exceed what some devices allow a block): only then may
-/// `DK_ATTENTION_BWD=wide` select them.
-pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Result<bool> {
-    let set = |name: &str, bytes: usize| -> Result<()> {
-        if let Some(f) = functions.get(name) {
-            f.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )?;
-        }
-        Ok(())
-    };
-    let mut wide = true;
+/// The kernels `configure` opts into their dynamic shared memory on every device: the name
+/// stem (between `dk_attn_bwd_` and `_{dtype}_d{D}`) and the bytes their launches ask for.
+fn default_opt_ins(d: usize) -> [(&'static str, usize); 3] {
+    [
+        ("dkdv", dkdv_smem_bytes(d)),
+        ("dkdvdq", dkdvdq_smem_bytes(d)),
+        ("dq", dq_smem_bytes(d)),
+    ]
+}
+
+/// The 128-key kernels `configure` opts in where the device allows (`DK_ATTENTION_BWD=wide`).
+fn wide_opt_ins(d: usize) -> [(&'static str, usize); 3] {
+    [
+        ("dkdvw", dkdv_wide_smem_bytes(d)),
+        ("dkdvdqw", dkdv_wide_smem_bytes(d)),
+        ("dqw", dq_wide_smem_bytes(d)),
+    ]
+}
+
+/// The wgmma kernels `configure_wgmma` opts in on a Hopper device (`DK_ATTENTION_BWD=wgmma`).
+fn wgmma_opt_ins(d: usize) -> [(&'static str, usize); 2] {
+    [
+        ("dkdvg", dkdv_wgmma_smem_bytes(d)),
+        ("dqg", dq_wgmma_smem_bytes(d)),
+    ]
+}
+
+/// Sets the dynamic shared memory limit of `dk_attn_bwd_{stem}_{dtype}_d{D}` for every dtype and
+/// head dimension of `table`; false where a present function refuses it.
+fn opt_in(
+    functions: &HashMap<&'static str, CudaFunction>,
+    table: fn(usize) -> Vec<(&'static str, usize)>,
+) -> bool {
+    let mut accepted = true;
     for t in ["bf16", "f16"] {
         for d in [64, 128] {
-            for (kernel, bytes) in [
-                ("dkdv", dkdv_smem_bytes(d)),
-                ("dkdvdq", dkdvdq_smem_bytes(d)),
-                ("dq", dq_smem_bytes(d)),
-            ] {
-                set(&format!("dk_attn_bwd_{kernel}_{t}_d{d}"), bytes)?;
-            }
-            for (kernel, bytes) in [
-                ("dkdvw", dkdv_wide_smem_bytes(d)),
-                ("dkdvdqw", dkdv_wide_smem_bytes(d)),
-                ("dqw", dq_wide_smem_bytes(d)),
-            ] {
-                let name = format!("dk_attn_bwd_{kernel}_{t}_d{d}");
-                wide &= set(&name, bytes).is_ok();
+            for (stem, bytes) in table(d) {
+                if let Some(f) = functions.get(format!("dk_attn_bwd_{stem}_{t}_d{d}").as_str()) {
+                    let attr =
+                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                    accepted &= f.set_attribute(attr, bytes as i32).is_ok();
+                }
             }
         }
     }
-    Ok(wide)
+    accepted
+}
+
+/// Opts the dK/dV and dQ kernels in to their dynamic shared memory (over the 48 KB default),
+/// once when a device opens (an error where the default kernels are refused). Returns whether
+/// the 128-key kernels were accepted too (their 161 KiB at D = 128 exceed what some devices
+/// allow a block): only then may `DK_ATTENTION_BWD=wide` select them.
+pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Result<bool> {
+    if !opt_in(functions, |d| default_opt_ins(d).to_vec()) {
+        bail!(
+            Cuda,
+            "the device refused the attention backward kernels' dynamic shared memory"
+        );
+    }
+    Ok(opt_in(functions, |d| wide_opt_ins(d).to_vec()))
 }
 
 /// Opts the wgmma dK/dV and dQ kernels into their dynamic shared memory (66 and 130 KiB, 65
@@ -399,18 +424,34 @@ pub(crate) fn configure_wgmma(
     functions: &HashMap<&'static str, CudaFunction>,
     compute_capability: (i32, i32),
 ) -> bool {
-    let accepted = |name: String, bytes: usize| {
-        functions.get(name.as_str()).is_some_and(|f| {
-            let attr = CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-            f.set_attribute(attr, bytes as i32).is_ok()
-        })
+    compute_capability == (9, 0) && opt_in(functions, |d| wgmma_opt_ins(d).to_vec())
+}
+
+/// The kernels of one backward call, each as (name stem, dynamic shared memory, threads): every
+/// stem with more than 48 KB is in the opt-in table of its mode (see the tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Kernels {
+    dkdv: (&'static str, usize, u32),
+    dq: (&'static str, usize, u32),
+}
+
+/// Which kernels serve a call: `wgmma` (deterministic only) and `wide` where the device opted
+/// them in and `DK_ATTENTION_BWD` asked, `atomic_dq` for the non-deterministic mode.
+fn kernels(wgmma: bool, wide: bool, atomic_dq: bool, d: usize) -> Kernels {
+    let dkdv = match (wide, atomic_dq) {
+        _ if wgmma => ("dkdvg", dkdv_wgmma_smem_bytes(d), WIDE_THREADS),
+        (true, true) => ("dkdvdqw", dkdv_wide_smem_bytes(d), WIDE_THREADS),
+        (true, false) => ("dkdvw", dkdv_wide_smem_bytes(d), WIDE_THREADS),
+        (false, true) => ("dkdvdq", dkdvdq_smem_bytes(d), THREADS),
+        (false, false) => ("dkdv", dkdv_smem_bytes(d), THREADS),
     };
-    compute_capability == (9, 0)
-        && ["bf16", "f16"].iter().all(|t| {
-            [64, 128]
-                .iter()
-                .all(|&d| accepted(format!("dk_attn_bwd_dqg_{t}_d{d}"), dq_wgmma_smem_bytes(d)))
-        })
+    let dq = match (atomic_dq, wgmma, wide) {
+        (true, _, _) => ("dq_convert", 0, DELTA_THREADS),
+        (false, true, _) => ("dqg", dq_wgmma_smem_bytes(d), WIDE_THREADS),
+        (false, false, true) => ("dqw", dq_wide_smem_bytes(d), WIDE_THREADS),
+        (false, false, false) => ("dq", dq_smem_bytes(d), THREADS),
+    };
+    Kernels { dkdv, dq }
 }
 
 /// Backward pass on the caller's stream: dq, dk, dv, in the mode `raw.deterministic` asks for
@@ -488,12 +529,13 @@ pub(crate) fn backward(
     let wide = req != Requested::Default && dev.attention_wide_bwd();
     let atomic_dq = !raw.deterministic;
     let wgmma = req == Requested::Wgmma && dev.attention_wgmma_bwd() && !atomic_dq;
-    let (dkdv_keys, dkdv_threads) = if wgmma {
-        (WGMMA_KEYS, WIDE_THREADS)
+    let chosen = kernels(wgmma, wide, atomic_dq, d);
+    let dkdv_keys = if wgmma {
+        WGMMA_KEYS
     } else if wide {
-        (WIDE_KEYS, WIDE_THREADS)
+        WIDE_KEYS
     } else {
-        (DKDV_KEYS, THREADS)
+        DKDV_KEYS
     };
     let dkdv_blocks = grid_blocks("dK/dV", sh.seqlen_k, dkdv_keys, sh.batch, raw.heads_kv)?;
     let dq_rows = if wgmma {
@@ -511,21 +553,10 @@ pub(crate) fn backward(
     // Every kernel looked up before anything is queued (opted into its shared memory by
     // `configure` when the device opened).
     let f_delta = dev.function(&format!("dk_attn_bwd_delta_{t}_d{d}"))?;
-    let (dkdv_kernel, dkdv_smem) = match (wide, atomic_dq) {
-        _ if wgmma => ("dkdvg", dkdv_wgmma_smem_bytes(d)),
-        (true, true) => ("dkdvdqw", dkdv_wide_smem_bytes(d)),
-        (true, false) => ("dkdvw", dkdv_wide_smem_bytes(d)),
-        (false, true) => ("dkdvdq", dkdvdq_smem_bytes(d)),
-        (false, false) => ("dkdv", dkdv_smem_bytes(d)),
-    };
+    let (dkdv_kernel, dkdv_smem, dkdv_threads) = chosen.dkdv;
     let dkdv_name = format!("dk_attn_bwd_{dkdv_kernel}_{t}_d{d}");
     let f_dkdv = dev.function(&dkdv_name)?;
-    let (dq_kernel, dq_smem, dq_threads) = match (atomic_dq, wgmma, wide) {
-        (true, _, _) => ("dq_convert", 0, DELTA_THREADS),
-        (false, true, _) => ("dqg", dq_wgmma_smem_bytes(d), WIDE_THREADS),
-        (false, false, true) => ("dqw", dq_wide_smem_bytes(d), WIDE_THREADS),
-        (false, false, false) => ("dq", dq_smem_bytes(d), THREADS),
-    };
+    let (dq_kernel, dq_smem, dq_threads) = chosen.dq;
     let dq_name = format!("dk_attn_bwd_{dq_kernel}_{t}_d{d}");
     let f_dq = dev.function(&dq_name)?;
     // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
@@ -593,6 +624,43 @@ pub(crate) fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_launch_over_48_kb_was_opted_in_for_its_mode() {
+        // DK_ATTENTION_BWD=wgmma once launched the wgmma dK/dV kernel with 66 / 130 KiB that
+        // only its dQ kernel had been opted into: CUDA_ERROR_INVALID_VALUE on every Hopper call.
+        for d in [64, 128] {
+            for (wgmma, wide, atomic_dq) in [
+                (false, false, false),
+                (false, false, true),
+                (false, true, false),
+                (false, true, true),
+                (true, false, false),
+                (true, true, false),
+            ] {
+                let mut granted: Vec<(&str, usize)> = default_opt_ins(d).to_vec();
+                if wide {
+                    granted.extend(wide_opt_ins(d));
+                }
+                if wgmma {
+                    granted.extend(wgmma_opt_ins(d));
+                }
+                let k = kernels(wgmma, wide, atomic_dq, d);
+                for (stem, smem, _) in [k.dkdv, k.dq] {
+                    let ok = smem <= 48 * 1024
+                        || granted.iter().any(|&(g, bytes)| g == stem && smem <= bytes);
+                    assert!(
+                        ok,
+                        "D = {d}, wgmma {wgmma}, wide {wide}, atomic dQ {atomic_dq}: {stem} asks \
+                         for {smem} bytes without an opt-in"
+                    );
+                }
+                if wgmma {
+                    assert_eq!((k.dkdv.0, k.dq.0), ("dkdvg", "dqg"));
+                }
+            }
+        }
+    }
 
     /// The C layout of DkAttentionBwdArgs, worked out by hand from the header (natural
     /// alignment, no packing): tests/abi_layout.rs can check the same numbers against the
