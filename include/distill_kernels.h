@@ -64,7 +64,9 @@ const char* dk_last_error(void);
 /* Number of CUDA devices (0 when no driver is present). */
 int32_t dk_cuda_device_count(void);
 
-/* device = -1: CPU; n >= 0: CUDA device n (its primary context, the one PyTorch uses). */
+/* device = -1: CPU; n >= 0: CUDA device n (its primary context, the one PyTorch uses).
+   A CUDA context is refused with DK_ERR_INVALID_ARGUMENT while a DK_* A/B switch of the
+   environment (README, "A/B switches") holds a value it does not take. */
 dk_status dk_context_create(int32_t device, dk_context** out);
 /* NULL is a no-op. */
 dk_status dk_context_destroy(dk_context* ctx);

@@ -113,6 +113,7 @@ impl CudaDevice {
                 "CUDA device {ordinal} requested but {count} device(s) are present"
             );
         }
+        crate::switches::check()?;
         let ctx = CudaContext::new(ordinal)?;
         // SAFETY: the library never hands out CudaSlices across streams; every launch is ordered
         // on the caller's stream, so cudarc's event tracking would only add overhead.
@@ -345,7 +346,9 @@ impl Context {
     }
 
     /// The CUDA device `ordinal`: retains its primary context and loads the embedded kernels.
-    /// Errors with [`ErrorKind::NoDevice`] where there is no driver, no such device, or no kernels.
+    /// Errors with [`ErrorKind::NoDevice`] where there is no driver, no such device, or no kernels,
+    /// and with [`ErrorKind::InvalidArgument`] while a `DK_*` A/B switch of the environment holds a
+    /// value it does not take ([`crate::switches`]).
     pub fn cuda(ordinal: usize) -> Result<Self> {
         Ok(Context {
             backend: Backend::Cuda(CudaDevice::open(ordinal)?),

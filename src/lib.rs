@@ -50,6 +50,7 @@ pub mod fused;
 pub mod moe;
 mod parallel;
 pub mod scale_rows;
+pub mod switches;
 pub mod tensor;
 
 pub use aligned::AlignedBuf;

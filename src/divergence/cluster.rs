@@ -85,18 +85,17 @@ impl Variant {
 
 /// `DK_DIVERGENCE_CLUSTER`, read once: `0` turns the cluster path off (one block per row);
 /// `smem`, `stream`, `persist` or `persist256` runs every aligned call on that variant,
-/// whatever the number of rows (A/B measurements); unset or anything else, the stream variant
-/// for short batches only. Returns the variant, if any, and whether it was named.
+/// whatever the number of rows (A/B measurements); unset, the stream variant for short batches
+/// only (any other value is refused when the context opens: `crate::switches`). Returns the variant, if any, and whether it was named.
 fn env_choice() -> (Option<Variant>, bool) {
-    static C: OnceLock<(Option<Variant>, bool)> = OnceLock::new();
-    *C.get_or_init(|| match std::env::var("DK_DIVERGENCE_CLUSTER").as_deref() {
-        Ok("0") => (None, false),
-        Ok("smem") => (Some(Variant::Smem), true),
-        Ok("stream") => (Some(Variant::Stream), true),
-        Ok("persist") => (Some(Variant::Persistent), true),
-        Ok("persist256") => (Some(Variant::Persistent256), true),
+    match crate::switches::value("DK_DIVERGENCE_CLUSTER") {
+        Some("0") => (None, false),
+        Some("smem") => (Some(Variant::Smem), true),
+        Some("stream") => (Some(Variant::Stream), true),
+        Some("persist") => (Some(Variant::Persistent), true),
+        Some("persist256") => (Some(Variant::Persistent256), true),
         _ => (Some(Variant::Stream), false),
-    })
+    }
 }
 
 /// Whether `DK_DIVERGENCE_CLUSTER` names a variant (`smem`, `stream`, `persist`,
@@ -108,13 +107,9 @@ pub(crate) fn forced_by_env() -> bool {
 /// `DK_DIVERGENCE_CLUSTER_SIZE=<1|2|4|8|16>`: forces the stream and persistent variants'
 /// cluster size (A/B measurements); ignored when it is not one of those.
 fn forced_size() -> Option<usize> {
-    static C: OnceLock<Option<usize>> = OnceLock::new();
-    *C.get_or_init(|| {
-        std::env::var("DK_DIVERGENCE_CLUSTER_SIZE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|c| CLUSTER_SIZES.contains(c))
-    })
+    crate::switches::value("DK_DIVERGENCE_CLUSTER_SIZE")
+        .and_then(|v| v.parse().ok())
+        .filter(|c| CLUSTER_SIZES.contains(c))
 }
 
 /// The distinct Hopper cluster launch shapes of this process (kernel name, cluster size, grid),

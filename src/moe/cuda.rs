@@ -224,10 +224,8 @@ fn launch_route(
 /// drains, hiding two launch gaps of the three-kernel route. The kernels wait for the previous
 /// grid themselves (`cuda/include/dk_pdl.cuh`). `DK_MOE_PDL=0` launches them plainly (A/B).
 fn dependent_launch(dev: &CudaDevice) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     // Exactly 9: newer cards run the compute_80 PTX, in which the kernels' waits are empty.
-    dev.compute_capability().0 == 9
-        && !*OFF.get_or_init(|| std::env::var("DK_MOE_PDL").is_ok_and(|v| v == "0"))
+    dev.compute_capability().0 == 9 && crate::switches::value("DK_MOE_PDL") != Some("0")
 }
 
 /// [`launch_route`] with the programmatic stream serialization attribute (see
@@ -507,8 +505,7 @@ pub(crate) fn permute(dev: &CudaDevice, raw: &RawPermute, launch: &Launch<'_>) -
 /// `DK_MOE_PERMUTE=gather` in the environment keeps the row-major gather for every k (A/B
 /// measurements, or a way around the token-major path).
 fn gather_forced() -> bool {
-    static GATHER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *GATHER.get_or_init(|| std::env::var("DK_MOE_PERMUTE").is_ok_and(|v| v == "gather"))
+    crate::switches::value("DK_MOE_PERMUTE") == Some("gather")
 }
 
 /// Queues the combine (each token's weighted sum of its rows) on the caller's stream.

@@ -36,7 +36,7 @@
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use super::shape::{to_i32, AttentionShape};
 use crate::attention::RawAttentionBackward;
@@ -257,12 +257,11 @@ enum Requested {
 }
 
 fn requested() -> Requested {
-    static C: OnceLock<Requested> = OnceLock::new();
-    *C.get_or_init(|| match std::env::var("DK_ATTENTION_BWD").as_deref() {
-        Ok("wide") => Requested::Wide,
-        Ok("wgmma") => Requested::Wgmma,
+    match crate::switches::value("DK_ATTENTION_BWD") {
+        Some("wide") => Requested::Wide,
+        Some("wgmma") => Requested::Wgmma,
         _ => Requested::Default,
-    })
+    }
 }
 
 /// Query rows per loop step of the dK/dV kernel (`DkdvTile::kBr`).

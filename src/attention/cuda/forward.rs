@@ -7,7 +7,6 @@
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
-use std::sync::OnceLock;
 
 use super::shape::AttentionShape;
 use crate::attention::RawAttention;
@@ -86,12 +85,11 @@ enum Variant {
 
 /// `DK_ATTENTION_FWD`, read once: `wide` or `wgmma` (A/B switches until measured on a GPU).
 fn requested() -> Variant {
-    static C: OnceLock<Variant> = OnceLock::new();
-    *C.get_or_init(|| match std::env::var("DK_ATTENTION_FWD").as_deref() {
-        Ok("wide") => Variant::Wide,
-        Ok("wgmma") => Variant::Wgmma,
+    match crate::switches::value("DK_ATTENTION_FWD") {
+        Some("wide") => Variant::Wide,
+        Some("wgmma") => Variant::Wgmma,
         _ => Variant::Default,
-    })
+    }
 }
 
 /// The variant a call runs: the requested one where this device accepted it (and, for the

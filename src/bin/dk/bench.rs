@@ -1131,6 +1131,11 @@ pub fn run(args: &[String]) -> i32 {
     }
     let split = format!(" ({})", parts.join(", "));
     outln!();
+    let switches = distill_kernels::switches::active();
+    if !switches.is_empty() {
+        // What this run measured besides the defaults (README, "A/B switches").
+        outln!("A/B switches: {}", switches.join(" "));
+    }
     let shapes = distill_kernels::divergence::cluster_launch_shapes();
     if !shapes.is_empty() {
         // Which Hopper cluster kernels served the divergence rows (the rest: one block per row).

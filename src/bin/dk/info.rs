@@ -69,6 +69,20 @@ pub fn run() -> i32 {
             archs.join(", ")
         }
     );
+    match distill_kernels::switches::check() {
+        Err(e) => outln!("A/B switches: {e} (a CUDA context will not open)"),
+        Ok(()) => {
+            let on = distill_kernels::switches::active();
+            outln!(
+                "A/B switches: {}",
+                if on.is_empty() {
+                    "none (the default kernels)".to_string()
+                } else {
+                    on.join(" ")
+                }
+            );
+        }
+    }
     outln!("backends:");
     outln!(
         "  cpu       yes: f64 reference, {} threads",

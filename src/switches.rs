@@ -1,0 +1,171 @@
+//! The `DK_*` environment switches: A/B choices between kernel variants for measurements
+//! (README, "A/B switches"). Each is read once per process and parsed strictly: a value that is
+//! not one of the switch's own makes opening a CUDA context fail with
+//! [`ErrorKind::InvalidArgument`](crate::error::ErrorKind::InvalidArgument), naming the variable
+//! and its values. A misspelt switch (`DK_DIVERGENCE_CLUSTER=persistent`) must not quietly
+//! measure the default kernel in a scarce GPU session. Unset or empty means the default.
+
+use std::sync::OnceLock;
+
+use crate::error::{bail, Result};
+
+/// A switch: its variable and the values it takes.
+struct Switch {
+    name: &'static str,
+    values: &'static [&'static str],
+}
+
+/// Every switch the library reads (the CPU backend reads none).
+const SWITCHES: &[Switch] = &[
+    Switch {
+        name: "DK_DIVERGENCE_CLUSTER",
+        values: &["0", "smem", "stream", "persist", "persist256"],
+    },
+    Switch {
+        name: "DK_DIVERGENCE_CLUSTER_SIZE",
+        values: &["1", "2", "4", "8", "16"],
+    },
+    Switch {
+        name: "DK_MOE_PERMUTE",
+        values: &["gather"],
+    },
+    Switch {
+        name: "DK_MOE_PDL",
+        values: &["0"],
+    },
+    Switch {
+        name: "DK_ATTENTION_FWD",
+        values: &["wide", "wgmma"],
+    },
+    Switch {
+        name: "DK_ATTENTION_BWD",
+        values: &["wide", "wgmma"],
+    },
+];
+
+/// One switch's raw value (`None`: unset or empty) checked against its values.
+fn parse(sw: &Switch, raw: Option<&str>) -> std::result::Result<Option<&'static str>, String> {
+    match raw {
+        None | Some("") => Ok(None),
+        Some(v) => sw
+            .values
+            .iter()
+            .find(|&&x| x == v)
+            .copied()
+            .map(Some)
+            .ok_or_else(|| {
+                format!(
+                    "the A/B switch {}={v:?} is not one of its values ({}; unset for the default)",
+                    sw.name,
+                    sw.values.join(", ")
+                )
+            }),
+    }
+}
+
+/// Every switch parsed from the environment, once: its value, or the message of a bad one.
+fn parsed() -> &'static [std::result::Result<Option<&'static str>, String>] {
+    static P: OnceLock<Vec<std::result::Result<Option<&'static str>, String>>> = OnceLock::new();
+    P.get_or_init(|| {
+        SWITCHES
+            .iter()
+            .map(|sw| {
+                let raw = std::env::var_os(sw.name);
+                match raw.as_ref().map(|r| r.to_str()) {
+                    Some(None) => Err(format!("{} is not valid UTF-8", sw.name)),
+                    r => parse(sw, r.flatten()),
+                }
+            })
+            .collect()
+    })
+}
+
+/// The value of switch `name` (one of [`SWITCHES`]): `None` when unset, empty or invalid (an
+/// invalid value never reaches a kernel: [`check`] refuses the CUDA context first).
+pub(crate) fn value(name: &str) -> Option<&'static str> {
+    let i = SWITCHES.iter().position(|s| s.name == name);
+    debug_assert!(i.is_some(), "{name} is not a DK_* switch");
+    i.and_then(|i| parsed()[i].clone().ok().flatten())
+}
+
+/// Errors with [`ErrorKind::InvalidArgument`](crate::error::ErrorKind::InvalidArgument) naming
+/// every switch set to a value it does not take; called when a CUDA context opens.
+pub fn check() -> Result<()> {
+    let bad: Vec<&str> = parsed()
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(String::as_str))
+        .collect();
+    if !bad.is_empty() {
+        bail!(InvalidArgument, "{}", bad.join("; "));
+    }
+    Ok(())
+}
+
+/// The A/B switches set in this process's environment, as `NAME=value` (valid values only):
+/// what a benchmark run measured besides the defaults. Empty when none is set.
+pub fn active() -> Vec<String> {
+    SWITCHES
+        .iter()
+        .zip(parsed())
+        .filter_map(|(sw, r)| r.clone().ok().flatten().map(|v| format!("{}={v}", sw.name)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn switch(name: &str) -> &'static Switch {
+        SWITCHES.iter().find(|s| s.name == name).unwrap()
+    }
+
+    #[test]
+    fn values_are_exact_and_unset_or_empty_is_the_default() {
+        let c = switch("DK_DIVERGENCE_CLUSTER");
+        assert_eq!(parse(c, None), Ok(None));
+        assert_eq!(parse(c, Some("")), Ok(None));
+        assert_eq!(parse(c, Some("persist")), Ok(Some("persist")));
+        assert_eq!(parse(c, Some("persist256")), Ok(Some("persist256")));
+        let size = switch("DK_DIVERGENCE_CLUSTER_SIZE");
+        assert_eq!(parse(size, Some("16")), Ok(Some("16")));
+        // Misspellings, case, padding and out-of-range sizes are errors, not the default.
+        for (sw, bad) in [
+            (c, "persistent"),
+            (c, "Stream"),
+            (size, "8 "),
+            (size, "32"),
+            (switch("DK_ATTENTION_BWD"), "WGMMA"),
+            (switch("DK_MOE_PDL"), "false"),
+            (switch("DK_MOE_PERMUTE"), "1"),
+        ] {
+            let err = parse(sw, Some(bad)).unwrap_err();
+            assert!(
+                err.contains(sw.name) && err.contains(&format!("{bad:?}")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_switch_read_by_the_library_is_listed() {
+        // Each reader asks through `value`, whose debug assertion names an unlisted variable;
+        // this keeps the list and README's table from drifting apart.
+        let readme = include_str!("../README.md");
+        for sw in SWITCHES {
+            assert!(
+                readme.contains(&format!("`{}`", sw.name)),
+                "{} not in README",
+                sw.name
+            );
+            for v in sw.values {
+                assert!(
+                    readme.contains(&format!("`{v}`"))
+                        || readme.contains(&format!(" {v},"))
+                        || readme.contains(&format!(" {v} |")),
+                    "{}={v} not in README's table",
+                    sw.name
+                );
+            }
+        }
+    }
+}
