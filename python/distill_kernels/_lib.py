@@ -848,6 +848,12 @@ def make_params(
     )
 
 
+def native_dtype(dt):
+    """A numpy dtype in native byte order: byte-swapped arrays are compared, allocated for and
+    copied as their native twin (the library reads and writes native bytes only)."""
+    return dt.newbyteorder("=") if dt.byteorder not in ("=", "|") else dt
+
+
 def _is_int(x) -> bool:
     import numbers
 

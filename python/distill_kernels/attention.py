@@ -141,9 +141,9 @@ class _Problem:
     """The checked shapes of one call."""
 
     def __init__(self, q, k, v, cu_seqlens_q, cu_seqlens_k):
-        self.dtype = _native(q.dtype)
+        self.dtype = _lib.native_dtype(q.dtype)
         for name, x in (("k", k), ("v", v)):
-            if _native(x.dtype) != self.dtype:
+            if _lib.native_dtype(x.dtype) != self.dtype:
                 raise TypeError(f"q, k and v must have one dtype: q is {q.dtype}, {name} is "
                                 f"{x.dtype}")
         self.code = _dtype_code("q", q.dtype)
@@ -217,11 +217,6 @@ class _Problem:
         )
 
 
-def _native(dt: np.dtype) -> np.dtype:
-    """The dtype in native byte order (byte-swapped inputs are compared and copied as such)."""
-    return dt.newbyteorder("=") if dt.byteorder not in ("=", "|") else dt
-
-
 def _fresh(shape, dtype) -> np.ndarray:
     a = np.empty(shape, dtype=dtype)
     if _POISON:
@@ -233,7 +228,7 @@ def _like(name: str, x, shape, dtype) -> np.ndarray:
     a = _float_input(name, x)
     if a.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
-    if _native(a.dtype) != dtype:
+    if _lib.native_dtype(a.dtype) != dtype:
         raise TypeError(f"{name} dtype {a.dtype} must be the dtype of q, {dtype}")
     return a
 
@@ -316,7 +311,7 @@ def attention_backward(
     dout = _like("dout", dout, p.q_shape, p.dtype)
     out = _like("out", out, p.q_shape, p.dtype)
     l = _as_array("lse", lse)
-    if _native(l.dtype) != np.float32:
+    if _lib.native_dtype(l.dtype) != np.float32:
         raise TypeError(f"lse must be float32 (the forward's lse), got dtype {l.dtype}")
     if l.shape != p.lse_shape():
         raise ValueError(

@@ -104,7 +104,7 @@ def _labels(labels, n: int, lead_shape: Tuple[int, ...]) -> Optional[np.ndarray]
     single_row_ok = lead_shape == () and lab.shape == (1,)
     if lab.shape != lead_shape and not single_row_ok:
         raise ValueError(f"labels must have shape {lead_shape} (one per row), got {lab.shape}")
-    if lab.dtype == np.uint64 and int(lab.max()) >= 2**63:
+    if lab.dtype == np.uint64 and lab.size and int(lab.max()) >= 2**63:
         raise ValueError("labels do not fit in int64")
     return np.ascontiguousarray(lab.reshape(n), dtype=np.int64)
 

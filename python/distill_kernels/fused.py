@@ -76,6 +76,7 @@ def _grad_code(grad_dtype, in_dtype: np.dtype) -> Tuple[np.dtype, int]:
     except TypeError as e:
         raise TypeError(f"grad_dtype must be None, 'float32' or the input dtype, got "
                         f"{grad_dtype!r}") from e
+    dt = _lib.native_dtype(dt)
     if dt == np.float32:
         return dt, _lib.DTYPE_F32
     if dt == in_dtype:
@@ -93,13 +94,15 @@ def _out_buffer(name: str, out, shape: Tuple[int, ...], in_dtype: np.dtype, grad
         raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
-    if out.dtype == np.float32:
+    # A byte-swapped buffer is written through a native copy (_writable_rows).
+    out_dtype = _lib.native_dtype(out.dtype)
+    if out_dtype == np.float32:
         code = _lib.DTYPE_F32
-    elif out.dtype == in_dtype:
+    elif out_dtype == in_dtype:
         code = _dtype_code(name, in_dtype)
     else:
         raise TypeError(f"{name} dtype {out.dtype} must be float32 or the input dtype {in_dtype}")
-    if grad_dtype is not None and np.dtype(grad_dtype) != out.dtype:
+    if grad_dtype is not None and _lib.native_dtype(np.dtype(grad_dtype)) != out_dtype:
         raise ValueError(f"{name} has dtype {out.dtype} but grad_dtype is {np.dtype(grad_dtype)}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
@@ -161,9 +164,10 @@ def fused_linear_divergence(
     ws = _as_array("student_weight", student_weight, 2, 2)
     ht = _as_array("teacher_hidden", teacher_hidden, 2, None)
     wt = _as_array("teacher_weight", teacher_weight, 2, 2)
-    dtype = hs.dtype
+    # Byte-swapped inputs are copied to native order below; the gradients are native too.
+    dtype = _lib.native_dtype(hs.dtype)
     for name, x in (("student_weight", ws), ("teacher_hidden", ht), ("teacher_weight", wt)):
-        if x.dtype != dtype:
+        if _lib.native_dtype(x.dtype) != dtype:
             raise TypeError(f"all four inputs must have one dtype: student_hidden is {dtype}, "
                             f"{name} is {x.dtype}")
     code = _dtype_code("student_hidden", dtype)

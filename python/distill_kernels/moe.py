@@ -102,6 +102,8 @@ def _as_array(name: str, x) -> np.ndarray:
 
 def _logits(logits) -> np.ndarray:
     lg = _as_array("logits", logits)
+    if not lg.dtype.isnative:
+        lg = lg.astype(_lib.native_dtype(lg.dtype))  # the same values in native byte order
     if lg.dtype == np.float16:
         lg = lg.astype(np.float32)  # exact
     if not (lg.dtype == np.float32 or (_BF16 is not None and lg.dtype == _BF16)):

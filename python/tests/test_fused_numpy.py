@@ -429,6 +429,31 @@ def test_strided_inputs_and_leading_axes():
 
 
 @needs_lib
+@pytest.mark.parametrize("dtype", [F32, np.float16])
+def test_byte_swapped_inputs_and_buffers(dtype):
+    # Big-endian arrays are copied to native order; the gradients were once allocated in the
+    # inputs' byte-swapped dtype and filled with native bytes (garbage values, no error).
+    rng = np.random.default_rng(23)
+    hs, ws, ht, wt = make_inputs(rng, n=7, h=16, v=29, dtype=dtype)
+    native = dk.fused_linear_divergence(hs, ws, ht, wt, chunk_rows=3)
+    swap = [a.astype(a.dtype.newbyteorder(">")) for a in (hs, ws, ht, wt)]
+    got = dk.fused_linear_divergence(*swap, chunk_rows=3)
+    assert got.loss == native.loss
+    for name in ("per_token", "grad_hidden", "grad_weight"):
+        a, b = getattr(got, name), getattr(native, name)
+        assert a.dtype == b.dtype and a.dtype.isnative, name
+        assert np.array_equal(a, b), name
+    # Mixed byte orders are one dtype; byte-swapped accumulation buffers are written through.
+    gh = np.zeros(hs.shape, np.dtype(np.float32).newbyteorder(">"))
+    gw = np.zeros(ws.shape, np.dtype(np.float32).newbyteorder(">"))
+    r = dk.fused_linear_divergence(hs, swap[1], ht, wt, chunk_rows=3, grad_hidden_out=gh,
+                                   grad_weight_out=gw)
+    assert r.grad_hidden is gh and r.grad_weight is gw
+    ref = dk.fused_linear_divergence(hs, ws, ht, wt, chunk_rows=3, grad_dtype="float32")
+    assert np.array_equal(gh, ref.grad_hidden) and np.array_equal(gw, ref.grad_weight)
+
+
+@needs_lib
 def test_one_row_and_tiny_shapes():
     rng = np.random.default_rng(23)
     run_and_check(*make_inputs(rng, n=1, h=3, v=2))

@@ -353,6 +353,16 @@ def test_route_strided_and_non_contiguous_logits():
         assert np.array_equal(got.weights, dense.weights)
 
 
+def test_route_byte_swapped_logits():
+    rng = np.random.default_rng(9)
+    for dt in (F32, np.float16):
+        lg = randn(rng, (13, 16), dt)
+        want = dk.moe_route(lg, 2, renormalize=True)
+        got = dk.moe_route(lg.astype(lg.dtype.newbyteorder(">")), 2, renormalize=True)
+        for f in ("expert_ids", "weights", "counts", "offsets", "perm", "position"):
+            assert np.array_equal(getattr(got, f), getattr(want, f)), f
+
+
 def test_route_is_deterministic():
     rng = np.random.default_rng(9)
     lg = randn(rng, (257, 128), BF16, 2.0)
