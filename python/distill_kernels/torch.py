@@ -1226,7 +1226,9 @@ def _attn_forward(meta: _AttnMeta, q, k, v, cu_q, cu_k):
         _lib.attention_forward_call(_lib.context(device), args, meta.params, _stream(device))
 
     _on_device(device, go)
-    return out, lse
+    # The row layouts the kernels read (copies where the inputs were not readable in place):
+    # saved for the backward, which then reads them as they are instead of copying again.
+    return out, lse, (q2, k2, v2)
 
 
 def _attn_backward(meta: _AttnMeta, dout, q, k, v, out, lse, cu_q, cu_k):
@@ -1271,8 +1273,8 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, meta):
-        out, lse = _attn_forward(meta, q, k, v, cu_q, cu_k)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        out, lse, (q2, k2, v2) = _attn_forward(meta, q, k, v, cu_q, cu_k)
+        ctx.save_for_backward(q2, k2, v2, out, lse, cu_q, cu_k)
         ctx.meta = meta
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -1338,6 +1340,8 @@ def attention(
     with one device-to-host read. With both given the offsets are trusted (out-of-range entries
     are clamped by the kernels: memory stays safe, results are meaningless).
 
+    Under ``torch.autocast`` q, k and v are cast to its dtype first, as SDPA's are.
+
     Returns ``out`` (like q), or ``(out, lse)`` with ``return_lse=True`` (float32 ``[B, Hq, Sq]``
     or ``[Hq, Tq]``, not differentiable). The backward computes dq, dk, dv in one call, with
     ``deterministic`` (default True) bitwise reproducible dq / dk / dv; ``False`` sums dq with
@@ -1346,6 +1350,14 @@ def attention(
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
+    amp = _autocast_dtype(q.device)
+    if amp is not None:
+        # Under torch.autocast attention runs in its dtype, as SDPA's would: q, k and v are cast
+        # (differentiably; float32 inputs get float32 gradients back through the cast).
+        same_kv = k is v
+        q, k = q.to(amp), k.to(amp)
+        v = k if same_kv else v.to(amp)
+    for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in _DTYPES:
             raise TypeError(f"{name} dtype {x.dtype} is not supported: use bfloat16 or float16 "
                             "(float32 on CPU tensors only)")
@@ -1402,6 +1414,12 @@ def attention(
                                                                                max_seqlen_q)
             meta.seqlen_k = int(mk) if max_seqlen_k is None else _max_seqlen("max_seqlen_k",
                                                                                max_seqlen_k)
+            # A bound the offsets just read contradict: the CUDA grid would skip the rows past
+            # it (their output never written).
+            if meta.seqlen_q < mq or meta.seqlen_k < mk:
+                raise ValueError(
+                    f"max_seqlen_q = {meta.seqlen_q}, max_seqlen_k = {meta.seqlen_k} are below the "
+                    f"longest sequences of cu_seqlens ({int(mq)} queries, {int(mk)} keys)")
     else:
         if max_seqlen_q is not None or max_seqlen_k is not None:
             raise ValueError("max_seqlen_q / max_seqlen_k only apply with cu_seqlens (varlen)")

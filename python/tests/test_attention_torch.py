@@ -212,6 +212,38 @@ def test_varlen_offsets_are_checked_when_read(device):
         dkt.attention(q, k, k, cu_seqlens_q=ok)
     with pytest.raises(ValueError, match="cu_seqlens_k is on"):
         dkt.attention(q, k, k, cu_seqlens_q=ok, cu_seqlens_k=ok.to(other_device(device)))
+    # One bound given, so the offsets are read: a bound below the longest sequence (4) is an
+    # error (on CUDA the grid it sizes would skip rows, leaving them unwritten).
+    with pytest.raises(ValueError, match="longest sequences of cu_seqlens"):
+        dkt.attention(q, k, k, cu_seqlens_q=ok, cu_seqlens_k=ok, max_seqlen_q=3)
+    out = dkt.attention(q, k, k, cu_seqlens_q=ok, cu_seqlens_k=ok, max_seqlen_k=9)
+    assert torch.equal(out, dkt.attention(q, k, k, cu_seqlens_q=ok, cu_seqlens_k=ok))
+
+
+def test_backward_reads_the_forward_row_layouts_without_copying_again(device, monkeypatch):
+    # q, k, v from SDPA's [B, H, S, D] layout are copied once, in the forward; the backward
+    # reads those copies instead of copying the strided originals again.
+    q = make((2, 6, 5, 64), torch.bfloat16, 3, device).transpose(1, 2).requires_grad_(True)
+    k = make((2, 2, 5, 64), torch.bfloat16, 4, device).transpose(1, 2).requires_grad_(True)
+    v = make((2, 2, 5, 64), torch.bfloat16, 5, device).transpose(1, 2).requires_grad_(True)
+    copied = []
+    real = dkt._attn_rows
+
+    def counting(name, x):
+        y, stride = real(name, x)
+        if y.data_ptr() != x.data_ptr():
+            copied.append(name)
+        return y, stride
+
+    monkeypatch.setattr(dkt, "_attn_rows", counting)
+    out = dkt.attention(q, k, v, causal=True)
+    assert sorted(copied) == ["k", "q", "v"]
+    copied.clear()
+    out.backward(torch.ones_like(out))
+    assert copied == [], copied
+    ref = sdpa_reference(q.detach(), k.detach(), v.detach(), True, dout=torch.ones_like(out))
+    for grad, want in zip((q.grad, k.grad, v.grad), ref[3:]):
+        assert rel_err(grad, want) <= 1e-2
 
 
 # ---- determinism, streams, errors ---------------------------------------------------------------------

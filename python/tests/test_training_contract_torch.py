@@ -212,6 +212,26 @@ def test_fused_follows_autocast_like_a_linear_layer(device):
     assert torch.equal(a.grad, a2.grad) and torch.equal(b.grad, b2.grad)
 
 
+def test_attention_follows_autocast_like_sdpa(device):
+    # float32 q, k, v (e.g. after a float32 RoPE) under autocast(bfloat16): the result and the
+    # gradients are those of the same call on bfloat16 casts, with float32 gradients back.
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(1, 5, 4, 64, generator=g).to(device)
+    k = torch.randn(1, 7, 2, 64, generator=g).to(device)
+    a, b = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = dkt.attention(a, b, b, causal=True)  # k is v: one cast, both gradients summed
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    a2, b2 = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    kb = b2.to(torch.bfloat16)
+    out2 = dkt.attention(a2.to(torch.bfloat16), kb, kb, causal=True)
+    out2.float().sum().backward()
+    assert torch.equal(out, out2)
+    assert torch.equal(a.grad, a2.grad) and torch.equal(b.grad, b2.grad)
+
+
 def test_moe_over_no_tokens(device):
     r = dkt.moe_route(torch.zeros(0, 6, device=device), 2, block=4)
     assert r.num_rows == 0 and not r.counts.any() and not r.offsets.any()
