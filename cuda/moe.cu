@@ -235,8 +235,11 @@ __device__ __forceinline__ void assign(const DkMoeRouteArgs& a) {
   int* perm = reinterpret_cast<int*>(a.perm);
   const int k = a.k;
   const int nk = static_cast<int>(a.n * k);  // < 2^31, checked on the host
-  const int stride = gridDim.x * blockDim.x;
-  for (int s = blockIdx.x * blockDim.x + threadIdx.x; s < nk; s += stride) {
+  // 64-bit loop counter: gridDim.x · blockDim.x and s + stride may pass 2^31 (nk near it).
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t s64 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s64 < nk;
+       s64 += stride) {
+    const int s = static_cast<int>(s64);  // < nk
     const int e = ids[s];
     if (e < 0 || e >= E) {  // never happens: top-k always picks an expert
       position[s] = -1;
@@ -254,9 +257,8 @@ __device__ __forceinline__ void assign(const DkMoeRouteArgs& a) {
   }
 
   // Every row that holds no slot: disjoint from the rows written above.
-  const int64_t stride64 = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < a.perm_rows;
-       r += stride64) {
+       r += stride) {
     const bool empty = a.block == 1 ? r >= total : is_empty_row(off, kept, E, r);
     if (empty) perm[r] = -1;
   }

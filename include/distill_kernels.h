@@ -10,6 +10,12 @@
  *    synchronises the host. On the CPU context pointers are host memory and calls are blocking.
  *  - Scratch memory: query *_workspace_size and pass at least that many bytes of device memory,
  *    or pass NULL to let the library allocate on the stream (cuMemAllocAsync).
+ *  - Pointers are aligned to their element size (DK_ERR_INVALID_ARGUMENT otherwise); MoE and
+ *    attention rows need 16-byte alignment (their sections say which).
+ *  - Outputs may not overlap the inputs or each other (DK_ERR_SHAPE), except the documented
+ *    in-place forms. The check compares each matrix's first-to-last byte range, so interleaved
+ *    layouts that share no element (two halves of one [n, 2v] buffer) are refused too.
+ *  - A context may be used from several threads at once; each thread has its own message.
  *  - No panic or exception crosses this boundary.
  */
 #ifndef DISTILL_KERNELS_H
@@ -39,6 +45,7 @@ typedef int32_t dk_status;
 #define DK_ERR_WORKSPACE_TOO_SMALL 7 /* smaller than the matching *_workspace_size asked for */
 #define DK_ERR_CUDA 8                /* the CUDA driver (or cuBLAS) returned an error */
 #define DK_ERR_PANIC 9               /* a panic caught at the boundary: a bug, please report it */
+#define DK_ERR_OUT_OF_MEMORY 10      /* the host could not allocate the CPU backend's working memory */
 
 /* Element types (dk_dtype). */
 #define DK_DTYPE_F32 0
@@ -59,7 +66,9 @@ typedef struct dk_context dk_context;
 
 /* "MAJOR.MINOR.PATCH", static storage. */
 const char* dk_version(void);
-/* Message of the last failed call on this thread ("" after a success). */
+/* Message of the last call on this thread that returned a dk_status ("" after a success).
+   Functions that return no status (dk_version, dk_cuda_device_count, dk_moe_max_rows, the
+   *_params_default) leave it as it was. */
 const char* dk_last_error(void);
 /* Number of CUDA devices (0 when no driver is present). */
 int32_t dk_cuda_device_count(void);
@@ -293,6 +302,8 @@ typedef struct dk_fused_linear_args {
 
 /* Defaults: the divergence defaults, logit_scale 1, no softcap, automatic chunks, overwrite. */
 dk_fused_linear_params dk_fused_linear_params_default(void);
+/* Checks the call as dk_fused_linear_divergence does (same statuses: pass the real pointers),
+   then writes the bytes of scratch it needs to *bytes. */
 dk_status dk_fused_linear_workspace_size(const dk_context* ctx, const dk_fused_linear_args* args,
                                          const dk_fused_linear_params* params, size_t* bytes);
 dk_status dk_fused_linear_divergence(const dk_context* ctx, const dk_fused_linear_args* args,
@@ -320,6 +331,10 @@ dk_status dk_fused_linear_divergence(const dk_context* ctx, const dk_fused_linea
  * offset pointers NULL is DK_ERR_INVALID_ARGUMENT; a negative count or stride, heads_q or
  * heads_kv of 0, heads_q not a multiple of heads_kv, or a head_dim other than 64 and 128 is
  * DK_ERR_SHAPE; causal and deterministic other than 0 or 1 are DK_ERR_INVALID_ARGUMENT.
+ * Also DK_ERR_INVALID_ARGUMENT: a base pointer or stride that breaks the 16-byte rule, a
+ * softmax_scale that is not finite and > 0 (0 and -0 select 1 / sqrt(head_dim)). DK_ERR_SHAPE:
+ * outputs overlapping inputs or each other; offsets that break the rules above on the CPU
+ * context (which reads them).
  */
 typedef struct dk_attention_params {
   int64_t heads_q;       /* >= 1, a multiple of heads_kv */
@@ -383,6 +398,9 @@ dk_attention_params dk_attention_params_default(void);
 /* out and lse. Needs no workspace. */
 dk_status dk_attention_forward(const dk_context* ctx, const dk_attention_args* args,
                                const dk_attention_params* params, void* stream);
+/* Checks the call as dk_attention_backward does (same statuses), then writes the bytes of
+   scratch it needs: 0 on the CPU context; on CUDA f32 Delta for heads_q * rows_q rows and, with
+   deterministic = 0, the f32 dq accumulator [rows_q, heads_q * head_dim] after it. */
 dk_status dk_attention_backward_workspace_size(const dk_context* ctx,
                                                const dk_attention_backward_args* args,
                                                const dk_attention_params* params, size_t* bytes);

@@ -24,6 +24,9 @@ pub enum ErrorKind {
     Cuda = 8,
     /// A panic was caught at the C boundary (a bug: please report it).
     Panic = 9,
+    /// The host could not allocate the CPU backend's working memory (its f64 copies of large
+    /// operands); nothing was written.
+    OutOfMemory = 10,
 }
 
 impl ErrorKind {
@@ -39,6 +42,7 @@ impl ErrorKind {
             ErrorKind::WorkspaceTooSmall => "workspace too small",
             ErrorKind::Cuda => "CUDA error",
             ErrorKind::Panic => "internal panic",
+            ErrorKind::OutOfMemory => "out of memory",
         }
     }
 }

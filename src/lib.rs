@@ -79,3 +79,9 @@ pub use divergence::cpu::row_divergence as reference_row_divergence;
 pub use divergence::cuda::divergence_args_layout;
 #[doc(hidden)]
 pub use moe::cuda::{moe_route_args_layout, moe_rows_args_layout};
+
+// A `dk_context` may be shared by threads (include/distill_kernels.h): keep `Context` Send + Sync.
+const _: fn() = || {
+    fn shared_by_threads<T: Send + Sync>() {}
+    shared_by_threads::<Context>();
+};

@@ -103,6 +103,7 @@ const MACROS: &[&str] = &[
     "DK_ERR_WORKSPACE_TOO_SMALL",
     "DK_ERR_CUDA",
     "DK_ERR_PANIC",
+    "DK_ERR_OUT_OF_MEMORY",
     "DK_DTYPE_F32",
     "DK_DTYPE_BF16",
     "DK_DTYPE_F16",
@@ -664,6 +665,7 @@ fn code_macros_match_rust_enums() {
         ("DK_ERR_WORKSPACE_TOO_SMALL", ErrorKind::WorkspaceTooSmall),
         ("DK_ERR_CUDA", ErrorKind::Cuda),
         ("DK_ERR_PANIC", ErrorKind::Panic),
+        ("DK_ERR_OUT_OF_MEMORY", ErrorKind::OutOfMemory),
     ] {
         assert_eq!(m(name), kind as i32, "{name}");
     }

@@ -20,6 +20,7 @@ from ._lib import (
     LibraryNotFoundError,
     NoDeviceError,
     NullPointerError,
+    OutOfMemoryError,
     PanicError,
     ShapeError,
     UnsupportedDtypeError,
@@ -71,5 +72,6 @@ __all__ = [
     "WorkspaceTooSmallError",
     "CudaError",
     "PanicError",
+    "OutOfMemoryError",
     "LibraryNotFoundError",
 ]

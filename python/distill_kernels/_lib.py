@@ -36,6 +36,7 @@ __all__ = [
     "WorkspaceTooSmallError",
     "CudaError",
     "PanicError",
+    "OutOfMemoryError",
     "LibraryNotFoundError",
     "DivergenceParams",
     "DivergenceArgs",
@@ -156,6 +157,12 @@ class PanicError(DistillKernelsError, RuntimeError):
     status = 9
 
 
+class OutOfMemoryError(DistillKernelsError, MemoryError):
+    """The host could not allocate the CPU backend's working memory (DK_ERR_OUT_OF_MEMORY)."""
+
+    status = 10
+
+
 class LibraryNotFoundError(DistillKernelsError, OSError):
     """The shared library could not be found or loaded."""
 
@@ -172,6 +179,7 @@ _STATUS_ERRORS = {
         WorkspaceTooSmallError,
         CudaError,
         PanicError,
+        OutOfMemoryError,
     )
 }
 

@@ -5,7 +5,8 @@ lm_head weights: student logits = ``logit_scale · student_hidden @ student_weig
 ``softcap · tanh(z / softcap)`` when ``softcap`` is set), teacher logits likewise from its own
 hidden states and weight. Rows are processed in chunks, so the ``[N, V]`` logits never exist
 whole (the CPU backend, this face's, is an f64 reference for small shapes: it widens the inputs
-and the weight gradient to float64, O((N + V) · H) extra memory). Outputs: the loss, the per-token losses, and the gradients of the loss w.r.t. the student
+and the weight gradient to float64, O((N + V) · H) extra memory; :class:`OutOfMemoryError`
+where the host refuses it). Outputs: the loss, the per-token losses, and the gradients of the loss w.r.t. the student
 hidden states (``[N, H]``) and the student weight (``[V, H]``); the teacher gets none.
 
 Shapes: hidden states ``[..., H]`` (leading axes are flattened into N rows; ``per_token`` has the

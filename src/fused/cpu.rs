@@ -18,37 +18,70 @@ use half::{bf16, f16};
 use super::{FusedLinearParams, RawFusedLinear};
 use crate::divergence::cpu::{reduction_scale, row_divergence};
 use crate::divergence::Kind;
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::tensor::{DType, Element};
 
-/// Reads a `rows × cols` matrix with `stride` into a compact f64 buffer.
+/// An empty f64 buffer with room for `len` values, or [`ErrorKind::OutOfMemory`] where the host
+/// refuses it: this reference widens whole operands to f64 (a 152k × 4096 weight is 5 GB), and
+/// a failed allocation must be an error for the caller, not an abort of its process.
+fn f64_buffer(len: usize, what: &str) -> Result<Vec<f64>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(len).map_err(|_| {
+        Error::new(
+            ErrorKind::OutOfMemory,
+            format!(
+                "the CPU fused linear divergence could not allocate {:.2} GiB for its f64 {what} \
+                 (it widens whole operands: O((N + V)·H) memory)",
+                len as f64 * 8.0 / (1u64 << 30) as f64
+            ),
+        )
+    })?;
+    Ok(out)
+}
+
+/// [`f64_buffer`] filled with `len` zeros.
+fn f64_zeros(len: usize, what: &str) -> Result<Vec<f64>> {
+    let mut out = f64_buffer(len, what)?;
+    out.resize(len, 0.0);
+    Ok(out)
+}
+
+/// Reads a `rows × cols` matrix with `stride` into a compact f64 buffer (`what` names it in an
+/// allocation failure).
 ///
 /// # Safety
 /// `ptr` must be valid host memory for the matrix.
 unsafe fn read_matrix(
+    what: &str,
     ptr: *const u8,
     dtype: DType,
     rows: usize,
     cols: usize,
     stride: usize,
-) -> Vec<f64> {
-    unsafe fn widen<T: Element>(p: *const u8, rows: usize, cols: usize, stride: usize) -> Vec<f64> {
-        let mut out = Vec::with_capacity(rows * cols);
+) -> Result<Vec<f64>> {
+    unsafe fn widen<T: Element>(
+        p: *const u8,
+        rows: usize,
+        cols: usize,
+        stride: usize,
+        out: &mut Vec<f64>,
+    ) {
         for r in 0..rows {
             // SAFETY: the caller guarantees the rows are in bounds.
             let src = unsafe { std::slice::from_raw_parts(p.cast::<T>().add(r * stride), cols) };
             out.extend(src.iter().map(|x| x.to_f64()));
         }
-        out
     }
+    let mut out = f64_buffer(rows * cols, what)?;
     // SAFETY: forwarded from the caller.
     unsafe {
         match dtype {
-            DType::F32 => widen::<f32>(ptr, rows, cols, stride),
-            DType::BF16 => widen::<bf16>(ptr, rows, cols, stride),
-            DType::F16 => widen::<f16>(ptr, rows, cols, stride),
+            DType::F32 => widen::<f32>(ptr, rows, cols, stride, &mut out),
+            DType::BF16 => widen::<bf16>(ptr, rows, cols, stride, &mut out),
+            DType::F16 => widen::<f16>(ptr, rows, cols, stride, &mut out),
         }
     }
+    Ok(out)
 }
 
 /// Writes the compact `rows × cols` values into a matrix with `stride`, rounding once to
@@ -321,33 +354,37 @@ pub(crate) unsafe fn fused_linear(raw: &RawFusedLinear, params: &FusedLinearPara
     let (sh, sw, th, tw) = unsafe {
         (
             read_matrix(
+                "student hidden states",
                 raw.student_hidden,
                 raw.dtype,
                 n,
                 h,
                 raw.student_hidden_stride,
-            ),
+            )?,
             read_matrix(
+                "student weight",
                 raw.student_weight,
                 raw.dtype,
                 v,
                 h,
                 raw.student_weight_stride,
-            ),
+            )?,
             read_matrix(
+                "teacher hidden states",
                 raw.teacher_hidden,
                 raw.dtype,
                 n,
                 ht,
                 raw.teacher_hidden_stride,
-            ),
+            )?,
             read_matrix(
+                "teacher weight",
                 raw.teacher_weight,
                 raw.dtype,
                 v,
                 ht,
                 raw.teacher_weight_stride,
-            ),
+            )?,
         )
     };
     let (want_gh, want_gw) = (!raw.grad_hidden.is_null(), !raw.grad_weight.is_null());
@@ -356,11 +393,14 @@ pub(crate) unsafe fn fused_linear(raw: &RawFusedLinear, params: &FusedLinearPara
     let ignore = dp.ignore_index;
     let chunk = params.rows_per_chunk(n, v, h, ht);
 
-    let mut row_loss = vec![0.0f64; n];
-    let mut grad_hidden = vec![0.0f64; if want_gh { n * h } else { 0 }];
-    let mut grad_weight = vec![0.0f64; if want_gw { v * h } else { 0 }];
+    let mut row_loss = f64_zeros(n, "per-row losses")?;
+    let mut grad_hidden = f64_zeros(if want_gh { n * h } else { 0 }, "hidden-state gradient")?;
+    let mut grad_weight = f64_zeros(if want_gw { v * h } else { 0 }, "weight gradient")?;
     // G = d(reduced loss) / d(raw logits) of the chunk's rows, `rows × v`.
-    let mut g = vec![0.0f64; if want_grad { chunk * v } else { 0 }];
+    let mut g = f64_zeros(
+        if want_grad { chunk * v } else { 0 },
+        "chunk of logit gradients",
+    )?;
     let gw = if want_grad { v } else { 0 };
 
     for r0 in (0..n).step_by(chunk) {

@@ -10,7 +10,8 @@
 //!
 //! Memory: on CUDA the extra device memory is O(chunk × V) (the chunk's logits). The CPU backend
 //! is the f64 reference for small shapes: it widens the four inputs and the weight gradient to
-//! f64 whatever the chunk, O((N + V) · H) extra host memory.
+//! f64 whatever the chunk, O((N + V) · H) extra host memory; where the host refuses it the call
+//! fails with [`ErrorKind::OutOfMemory`](crate::ErrorKind::OutOfMemory), nothing written.
 
 pub(crate) mod cpu;
 pub(crate) mod cuda;
