@@ -220,7 +220,12 @@ typedef struct dk_moe_permute_args {
   void* out;             /* [rows, h] */
   int64_t out_stride;    /* >= h */
 } dk_moe_permute_args;
-dk_status dk_moe_permute(const dk_context* ctx, const dk_moe_permute_args* args, void* stream);
+/* Scratch of dk_moe_permute: 0 on the CPU and for k = 1; on CUDA for k > 1, 4 * (n * k + 1)
+   bytes (4-byte aligned; NULL lets the library allocate it on the stream). */
+dk_status dk_moe_permute_workspace_size(const dk_context* ctx, int64_t n, int32_t k,
+                                        size_t* bytes);
+dk_status dk_moe_permute(const dk_context* ctx, const dk_moe_permute_args* args, void* workspace,
+                         size_t workspace_bytes, void* stream);
 
 /* y[t] = sum over j of weights[t, j] * rows[position[t, j]] (weights NULL: unweighted), slots
  * with position -1 skipped, accumulated in f32 in slot order and rounded once to the dtype. */

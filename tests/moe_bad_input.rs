@@ -11,9 +11,9 @@ use common::*;
 use distill_kernels::capi::context::{dk_context_create, dk_context_destroy, DkContext};
 use distill_kernels::capi::error::dk_last_error;
 use distill_kernels::capi::moe::{
-    dk_moe_combine, dk_moe_max_rows, dk_moe_permute, dk_moe_route, dk_moe_route_params_default,
-    dk_moe_route_workspace_size, dk_moe_slot_dot, DkMoeCombineArgs, DkMoePermuteArgs,
-    DkMoeRouteArgs, DkMoeRouteParams, DkMoeSlotDotArgs,
+    dk_moe_combine, dk_moe_max_rows, dk_moe_permute, dk_moe_permute_workspace_size, dk_moe_route,
+    dk_moe_route_params_default, dk_moe_route_workspace_size, dk_moe_slot_dot, DkMoeCombineArgs,
+    DkMoePermuteArgs, DkMoeRouteArgs, DkMoeRouteParams, DkMoeSlotDotArgs,
 };
 use distill_kernels::moe::{Combine, RouteParams, Score, SlotDot, MAX_EXPERTS, MAX_HIDDEN};
 use distill_kernels::{
@@ -1132,7 +1132,7 @@ fn c_abi_permute_combine_slot_dot_errors() {
         let mut a = c.permute_args();
         edit(&mut a);
         // SAFETY: pointers into `c`'s live buffers (or null / claims rejected before access).
-        let s = unsafe { dk_moe_permute(c.ctx, &a, null) };
+        let s = unsafe { dk_moe_permute(c.ctx, &a, null, 0, null) };
         assert_eq!(s, code, "permute {what}: status {s}, {:?}", last_error());
         assert!(c.outs_untouched(), "permute {what}: outputs written");
     }
@@ -1178,8 +1178,8 @@ fn c_abi_permute_combine_slot_dot_errors() {
     let (pa, ca, da) = (c.permute_args(), c.combine_args(), c.slot_dot_args());
     // SAFETY: null handles are rejected before any access.
     unsafe {
-        assert_eq!(dk_moe_permute(std::ptr::null(), &pa, null), 1);
-        assert_eq!(dk_moe_permute(c.ctx, std::ptr::null(), null), 1);
+        assert_eq!(dk_moe_permute(std::ptr::null(), &pa, null, 0, null), 1);
+        assert_eq!(dk_moe_permute(c.ctx, std::ptr::null(), null, 0, null), 1);
         assert_eq!(dk_moe_combine(std::ptr::null(), &ca, null), 1);
         assert_eq!(dk_moe_combine(c.ctx, std::ptr::null(), null), 1);
         assert_eq!(dk_moe_slot_dot(std::ptr::null(), &da, null), 1);
@@ -1191,7 +1191,12 @@ fn c_abi_permute_combine_slot_dot_errors() {
     // SAFETY: pointers into `c`'s live buffers.
     unsafe {
         pa.weights = std::ptr::null();
-        assert_eq!(dk_moe_permute(c.ctx, &pa, null), 0, "{}", last_error());
+        assert_eq!(
+            dk_moe_permute(c.ctx, &pa, null, 0, null),
+            0,
+            "{}",
+            last_error()
+        );
         da.rows_in = pa.out.cast_const();
         da.rows = 12;
         assert_eq!(dk_moe_slot_dot(c.ctx, &da, null), 0, "{}", last_error());
@@ -1249,6 +1254,12 @@ fn c_abi_max_rows_defaults_and_workspace() {
         assert_eq!(dk_moe_route_workspace_size(ctx, 100, 8, 2, &mut bytes), 0);
         assert_eq!(bytes, 0, "CPU needs no workspace");
         let mut bytes = 77usize;
+        assert_eq!(dk_moe_permute_workspace_size(ctx, 100, 8, &mut bytes), 0);
+        assert_eq!(bytes, 0, "CPU needs no permute workspace");
+        let mut bytes = 77usize;
+        assert_eq!(dk_moe_permute_workspace_size(ctx, 100, 0, &mut bytes), 2);
+        assert_eq!(dk_moe_permute_workspace_size(ctx, -1, 2, &mut bytes), 3);
+        assert_eq!(bytes, 77);
         assert_eq!(dk_moe_route_workspace_size(ctx, -1, 8, 2, &mut bytes), 3);
         assert_eq!(bytes, 77);
         assert_eq!(

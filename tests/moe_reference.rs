@@ -19,7 +19,7 @@ mod common;
 use common::moe::*;
 use common::*;
 use distill_kernels::moe::{RouteParams, Score, ROW_ALIGN};
-use distill_kernels::DType;
+use distill_kernels::{DType, ErrorKind, Launch, Location, VectorMut};
 
 // ------------------------------------------------------------------------------------------
 // Independent reference
@@ -1366,5 +1366,89 @@ fn runs_are_bitwise_deterministic() {
         twice(&|| p.run(&dev).2, "permute");
         twice(&|| c.run(&dev).2, "combine");
         twice(&|| d.run(&dev).2, "slot_dot");
+    }
+}
+
+#[test]
+fn permute_scratch_in_the_callers_workspace() {
+    // A k > 1 permute on CUDA needs 4 · (N·k + 1) bytes of scratch: in the caller's workspace
+    // when one is given (bitwise the same rows as with library-allocated scratch), refused
+    // when it is too small or misaligned, with nothing written. None on the CPU.
+    let test = "permute_scratch_in_the_callers_workspace";
+    let mut rng = Rng::fresh(test);
+    let (case, route) = routed(&mut rng, 37, 16, 4, 37, 8);
+    let rows = route.offsets[16] as usize;
+    let (n, h) = (37, 24);
+    let permute = PermuteCase {
+        x: random_matrix(&mut rng, DType::BF16, n, h, h),
+        k: 4,
+        perm: route.perm[..rows].to_vec(),
+        weights: None,
+        out_stride: h,
+        what: format!("{}: permute into a caller workspace", case.what),
+    };
+    for dev in devices(test) {
+        let Device::Cuda(c) = &dev else {
+            if let Device::Cpu(ctx) = &dev {
+                assert_eq!(ctx.moe_permute_workspace_size(n, 4), 0);
+            }
+            continue;
+        };
+        let need = c.ctx.moe_permute_workspace_size(n, 4);
+        assert_eq!(need, 4 * (n * 4 + 1));
+        assert_eq!(c.ctx.moe_permute_workspace_size(n, 1), 0);
+        let (res, _, library) = permute.run(&dev);
+        res.unwrap_or_else(|e| panic!("{}: {e}", permute.what));
+        for (bytes, skew, want) in [
+            (need, 0, None),
+            (need - 1, 0, Some(ErrorKind::WorkspaceTooSmall)),
+            (need, 2, Some(ErrorKind::InvalidArgument)),
+        ] {
+            // SAFETY: scratch memory the library writes before it reads.
+            let buf = unsafe { c.stream.alloc::<u8>(bytes + skew) }.expect("workspace");
+            let (res, before, after) = run_spec(
+                &dev,
+                &permute.bufs(),
+                |ptrs, loc| permute.spec(ptrs, loc),
+                |s, ctx, _| {
+                    // SAFETY: the test's live stream of device 0; `bytes` bytes of device
+                    // memory of device 0 from `skew`.
+                    let launch = unsafe {
+                        Launch::on_stream(c.stream.cu_stream() as *mut std::ffi::c_void)
+                            .with_workspace(VectorMut::from_raw(
+                                c.ptr(&buf).add(skew),
+                                bytes,
+                                Location::Cuda(0),
+                            ))
+                    };
+                    // SAFETY: views over the case's buffers.
+                    unsafe { s.run(ctx, &launch) }
+                },
+            );
+            match want {
+                None => {
+                    res.unwrap_or_else(|e| panic!("{}: {e}", permute.what));
+                    assert!(
+                        after[act_buf::OUT] == library[act_buf::OUT],
+                        "{}: rows differ from the library-allocated run",
+                        permute.what
+                    );
+                }
+                Some(kind) => {
+                    let err = res.expect_err("a bad workspace must be refused");
+                    assert_eq!(err.kind(), kind, "{err}");
+                    assert!(
+                        after == before,
+                        "{}: written despite the error",
+                        permute.what
+                    );
+                }
+            }
+        }
+        println!(
+            "[{}] {}: caller workspace of {need} bytes used; too small and misaligned refused",
+            dev.name(),
+            permute.what
+        );
     }
 }

@@ -555,6 +555,7 @@ _MOE_SYMBOLS = (
     "dk_moe_route_params_default",
     "dk_moe_route_workspace_size",
     "dk_moe_route",
+    "dk_moe_permute_workspace_size",
     "dk_moe_permute",
     "dk_moe_combine",
     "dk_moe_slot_dot",
@@ -586,7 +587,11 @@ def _declare_moe(l: ctypes.CDLL) -> Optional[str]:
         vp,
     ]
     l.dk_moe_route.restype = i32
-    l.dk_moe_permute.argtypes = [c_ctx_p, ctypes.POINTER(MoePermuteArgs), vp]
+    l.dk_moe_permute_workspace_size.argtypes = [c_ctx_p, i64, i32, ctypes.POINTER(ctypes.c_size_t)]
+    l.dk_moe_permute_workspace_size.restype = i32
+    l.dk_moe_permute.argtypes = [
+        c_ctx_p, ctypes.POINTER(MoePermuteArgs), vp, ctypes.c_size_t, vp
+    ]
     l.dk_moe_permute.restype = i32
     l.dk_moe_combine.argtypes = [c_ctx_p, ctypes.POINTER(MoeCombineArgs), vp]
     l.dk_moe_combine.restype = i32
@@ -1016,8 +1021,15 @@ def moe_route_call(handle, args: MoeRouteArgs, params: MoeRouteParams, workspace
     check(status, "moe_route")
 
 
-def moe_permute_call(handle, args: MoePermuteArgs, stream, what: str = "moe_permute") -> None:
-    check(moe_lib().dk_moe_permute(handle, ctypes.byref(args), stream), what)
+def moe_permute_workspace_size(handle: int, n: int, k: int) -> int:
+    return _workspace_size(
+        moe_lib().dk_moe_permute_workspace_size, "dk_moe_permute_workspace_size", handle, n, k
+    )
+
+
+def moe_permute_call(handle, args: MoePermuteArgs, stream, what: str = "moe_permute",
+                     workspace=None, ws_bytes: int = 0) -> None:
+    check(moe_lib().dk_moe_permute(handle, ctypes.byref(args), workspace, ws_bytes, stream), what)
 
 
 def moe_combine_call(handle, args: MoeCombineArgs, stream, what: str = "moe_combine") -> None:

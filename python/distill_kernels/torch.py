@@ -540,11 +540,18 @@ def _permute_t(x: torch.Tensor, perm_full: torch.Tensor, k: int, w: Optional[tor
     out = torch.empty((rows, h), dtype=xm.dtype, device=xm.device)
 
     def go():
+        handle = _lib.context(device)
         args = _lib.MoePermuteArgs(
             n=n, h=h, k=k, rows=rows, dtype=_DTYPES[xm.dtype], x=xm.data_ptr(), x_stride=xs,
             perm=perm_full.data_ptr(), weights=_ptr(w), out=out.data_ptr(), out_stride=h,
         )
-        _lib.moe_permute_call(_lib.context(device), args, _stream(device))
+        workspace, ws_bytes = None, 0
+        if device >= 0:
+            ws_bytes = _lib.moe_permute_workspace_size(handle, n, k)
+            if ws_bytes:  # torch's caching allocator, ordered on the current stream
+                workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=xm.device)
+        _lib.moe_permute_call(handle, args, _stream(device), workspace=_ptr(workspace),
+                              ws_bytes=ws_bytes)
 
     _on_device(device, go)
     return out

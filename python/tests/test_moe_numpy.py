@@ -774,12 +774,12 @@ def test_c_abi_rejects_bad_calls_and_writes_nothing():
         args = _lib.MoePermuteArgs(n=n, h=hh, k=kk, rows=route.num_rows, dtype=_lib.DTYPE_F32,
                                    x=x.ctypes.data, x_stride=h, perm=route.perm.ctypes.data,
                                    weights=None, out=out.ctypes.data, out_stride=h)
-        assert l.dk_moe_permute(ctx, ctypes.byref(args), None) != 0
+        assert l.dk_moe_permute(ctx, ctypes.byref(args), None, 0, None) != 0
         assert _lib.last_error()
     args = _lib.MoePermuteArgs(n=n, h=h, k=k, rows=route.num_rows, dtype=_lib.DTYPE_F32,
                                x=None, x_stride=h, perm=route.perm.ctypes.data, weights=None,
                                out=out.ctypes.data, out_stride=h)
-    assert l.dk_moe_permute(ctx, ctypes.byref(args), None) == 1  # DK_ERR_NULL_POINTER
+    assert l.dk_moe_permute(ctx, ctypes.byref(args), None, 0, None) == 1  # DK_ERR_NULL_POINTER
     assert (out == 7.0).all()
     y = np.full((n, h), 7.0, np.float32)
     args = _lib.MoeCombineArgs(n=n, h=h, k=k, rows=route.num_rows, dtype=9, rows_in=out.ctypes.data,

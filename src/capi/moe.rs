@@ -338,6 +338,28 @@ pub unsafe extern "C" fn dk_moe_route(
     })
 }
 
+/// Bytes of workspace `dk_moe_permute` needs for `n` tokens of `k` slots (0 on the CPU and for
+/// k = 1).
+///
+/// # Safety
+/// `ctx` null or live; `bytes` null or valid for one write.
+#[no_mangle]
+pub unsafe extern "C" fn dk_moe_permute_workspace_size(
+    ctx: *const DkContext,
+    n: i64,
+    k: i32,
+    bytes: *mut usize,
+) -> DkStatus {
+    // SAFETY: forwarded contract.
+    unsafe {
+        write_workspace_size(ctx, bytes, |c| {
+            let n = to_usize("n", n)?;
+            let k = positive("k", k as i64)?;
+            Ok(c.moe_permute_workspace_size(n, k))
+        })
+    }
+}
+
 /// Gathers token rows into the permuted order on the caller's stream.
 ///
 /// # Safety
@@ -346,6 +368,8 @@ pub unsafe extern "C" fn dk_moe_route(
 pub unsafe extern "C" fn dk_moe_permute(
     ctx: *const DkContext,
     args: *const DkMoePermuteArgs,
+    workspace: *mut c_void,
+    workspace_bytes: usize,
     stream: *mut c_void,
 ) -> DkStatus {
     boundary(|| {
@@ -372,7 +396,7 @@ pub unsafe extern "C" fn dk_moe_permute(
             }
         };
         // SAFETY: forwarded contract.
-        let launch = unsafe { Launch::on_stream(stream) };
+        let launch = unsafe { launch(c, stream, workspace, workspace_bytes) };
         c.moe_permute(call, &launch)
     })
 }

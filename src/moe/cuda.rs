@@ -9,7 +9,7 @@
 //! reads each token row once for all of its slots (`cuda/MOE.md`, "Token-major permute").
 
 use cudarc::driver::{
-    sys, CudaFunction, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    sys, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use std::sync::Arc;
 
@@ -185,6 +185,38 @@ pub(crate) fn route_workspace_size(n: usize, e: usize, _k: usize) -> usize {
     (4 * e * n.div_ceil(CHUNK)).next_multiple_of(256).max(256)
 }
 
+/// Device workspace of the permute (`Context::moe_permute_workspace_size`): for k > 1 the
+/// inverse of perm (one int per slot) and a flag (cuda/moe.cu, "Token-major permute"); none for
+/// k = 1, whose gather needs no scratch.
+pub(crate) fn permute_workspace_size(n: usize, k: usize) -> usize {
+    if k > 1 && n > 0 {
+        4 * (n.saturating_mul(k).saturating_add(1))
+    } else {
+        0
+    }
+}
+
+/// The int32 scratch of a route or permute: the caller's workspace (checked: this device, at
+/// least `need` bytes, 4-byte aligned) or, without one, memory allocated on `stream`.
+fn int_workspace(
+    dev: &CudaDevice,
+    launch: &Launch<'_>,
+    stream: &Arc<CudaStream>,
+    need: usize,
+    what: &str,
+) -> Result<(u64, Option<CudaSlice<u8>>)> {
+    dev.check_workspace(launch, need, what)?;
+    if let Some(ws) = &launch.workspace {
+        if ws.ptr as usize % 4 != 0 {
+            bail!(
+                InvalidArgument,
+                "the workspace of {what} must be 4-byte aligned (it holds int32 values)"
+            );
+        }
+    }
+    dev.workspace(launch, stream, need)
+}
+
 /// The top-k kernel for `e` experts: lanes hold P = 32-expert slices (P a power of two).
 fn topk_kernel_name(dtype: DType, e: usize) -> String {
     let p = e.div_ceil(32).next_power_of_two();
@@ -313,8 +345,13 @@ pub(crate) fn route(
     // is unsafe for that reason), or null for the legacy default stream.
     let stream = unsafe { dev.borrow_stream(launch.stream) };
     let need = route_workspace_size(n, e, k);
-    dev.check_workspace(launch, need, &format!("N = {n}, E = {e}"))?;
-    let (ws, owned) = dev.workspace(launch, &stream, need)?;
+    let (ws, owned) = int_workspace(
+        dev,
+        launch,
+        &stream,
+        need,
+        &format!("a route of N = {n}, E = {e}"),
+    )?;
 
     let args = MoeRouteArgs {
         logits: raw.logits as u64,
@@ -466,14 +503,11 @@ pub(crate) fn permute(dev: &CudaDevice, raw: &RawPermute, launch: &Launch<'_>) -
     dev.function(&gather)?;
     // SAFETY: see `route`.
     let stream = unsafe { dev.borrow_stream(launch.stream) };
-    let bytes = 4 * (slots as usize + 1);
-    // SAFETY: scratch memory, preset below before any kernel reads it.
-    let scratch = unsafe { stream.alloc::<u8>(bytes) }?;
-    let ptr = {
-        let (ptr, _sync) = scratch.device_ptr(&stream);
-        ptr
-    };
-    // SAFETY: `ptr` is `bytes` bytes of device memory allocated on this stream.
+    let need = permute_workspace_size(raw.n, raw.k);
+    let what = format!("a permute of N·k = {slots} slots");
+    // Preset below before any kernel reads it.
+    let (ptr, scratch) = int_workspace(dev, launch, &stream, need, &what)?;
+    // SAFETY: `ptr` is at least 4 · (slots + 1) bytes of device memory of this device.
     unsafe {
         cudarc::driver::result::memset_d8_async(ptr, 0xff, 4 * slots as usize, stream.cu_stream())?;
         cudarc::driver::result::memset_d8_async(ptr + 4 * slots as u64, 0, 4, stream.cu_stream())?;

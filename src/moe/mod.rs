@@ -251,7 +251,18 @@ impl Context {
         }
     }
 
-    /// Gathers token rows into the permuted (expert-major) order.
+    /// Bytes of device workspace [`Context::moe_permute`] needs for `n` tokens of `k` slots: 0
+    /// on the CPU and for k = 1; on CUDA for k > 1, 4 · (n·k + 1) (the inverse of perm).
+    pub fn moe_permute_workspace_size(&self, n: usize, k: usize) -> usize {
+        match self.backend() {
+            Backend::Cpu => 0,
+            Backend::Cuda(_) => cuda::permute_workspace_size(n, k),
+        }
+    }
+
+    /// Gathers token rows into the permuted (expert-major) order. On CUDA with k > 1,
+    /// `launch`'s workspace (at least [`Context::moe_permute_workspace_size`] bytes, 4-byte
+    /// aligned) holds the scratch; without one the library allocates it on the stream.
     pub fn moe_permute(&self, call: Permute<'_>, launch: &Launch<'_>) -> Result<()> {
         let raw = RawPermute::validate(self, call)?;
         if raw.n == 0 || raw.rows == 0 {

@@ -317,7 +317,7 @@ static void run_activations(dk_context* ctx, const char* name, const batch* b, i
   pa.weights = b->weights;
   pa.out = xp;
   pa.out_stride = os;
-  st = dk_moe_permute(ctx, &pa, NULL);
+  st = dk_moe_permute(ctx, &pa, NULL, 0, NULL);
   CHECK(st == DK_OK, "%s permute: status %d (%s)\n", name, (int)st, dk_last_error());
   for (r = 0; r < rows; ++r) {
     int p = b->perm[r];
@@ -412,7 +412,7 @@ static void run_activations(dk_context* ctx, const char* name, const batch* b, i
   pa.weights = NULL;
   pa.out = xpb;
   pa.out_stride = h;
-  st = dk_moe_permute(ctx, &pa, NULL);
+  st = dk_moe_permute(ctx, &pa, NULL, 0, NULL);
   CHECK(st == DK_OK, "%s bf16 permute: status %d (%s)\n", name, (int)st, dk_last_error());
   bad = 0;
   for (r = 0; r < rows; ++r) {
@@ -579,18 +579,18 @@ static void check_errors(dk_context* ctx) {
   pa.perm = perm;
   pa.out = out;
   pa.out_stride = 8;
-  EXPECT_STATUS(dk_moe_permute(ctx, NULL, NULL), DK_ERR_NULL_POINTER, "permute NULL args");
+  EXPECT_STATUS(dk_moe_permute(ctx, NULL, NULL, 0, NULL), DK_ERR_NULL_POINTER, "permute NULL args");
   pa.h = 6;
-  EXPECT_STATUS(dk_moe_permute(ctx, &pa, NULL), DK_ERR_SHAPE, "permute h = 6");
+  EXPECT_STATUS(dk_moe_permute(ctx, &pa, NULL, 0, NULL), DK_ERR_SHAPE, "permute h = 6");
   pa.h = 8;
   pa.k = 0;
-  EXPECT_STATUS(dk_moe_permute(ctx, &pa, NULL), DK_ERR_INVALID_ARGUMENT, "permute k = 0");
+  EXPECT_STATUS(dk_moe_permute(ctx, &pa, NULL, 0, NULL), DK_ERR_INVALID_ARGUMENT, "permute k = 0");
   pa.k = 2;
   pa.out = x;
-  EXPECT_STATUS(dk_moe_permute(ctx, &pa, NULL), DK_ERR_SHAPE, "permute out == x");
+  EXPECT_STATUS(dk_moe_permute(ctx, &pa, NULL, 0, NULL), DK_ERR_SHAPE, "permute out == x");
   pa.out = out;
   pa.dtype = 4;
-  EXPECT_STATUS(dk_moe_permute(ctx, &pa, NULL), DK_ERR_UNSUPPORTED_DTYPE, "permute dtype 4");
+  EXPECT_STATUS(dk_moe_permute(ctx, &pa, NULL, 0, NULL), DK_ERR_UNSUPPORTED_DTYPE, "permute dtype 4");
   memset(&ca, 0, sizeof ca);
   ca.n = 3;
   ca.h = 8;
@@ -654,6 +654,12 @@ static void check_cuda(void) {
   if (st != DK_OK) return;
   CHECK(dk_moe_route_workspace_size(ctx, 16384, 128, 8, &ws) == DK_OK,
         "route workspace query: %s\n", dk_last_error());
+  {
+    size_t pws = 0;
+    CHECK(dk_moe_permute_workspace_size(ctx, 16384, 8, &pws) == DK_OK &&
+              pws == 4 * ((size_t)16384 * 8 + 1),
+          "permute workspace query: %zu %s\n", pws, dk_last_error());
+  }
   for (i = 0; i < 4; ++i) ids[i] = POISON_I32;
   memset(&a, 0, sizeof a);
   a.n = 2;
@@ -709,6 +715,9 @@ int main(int argc, char** argv) {
   if (st != DK_OK) return 1;
   CHECK(dk_moe_route_workspace_size(ctx, 100, 16, 4, &ws) == DK_OK && ws == 0,
         "CPU route workspace %zu\n", ws);
+  ws = 99;
+  CHECK(dk_moe_permute_workspace_size(ctx, 100, 4, &ws) == DK_OK && ws == 0,
+        "CPU permute workspace %zu\n", ws);
 
   /* name, n, e, stride, bf16, bias, fixed logits,
    * params (k, score, renormalize, n_groups, topk_groups, scale, capacity, block) */

@@ -914,7 +914,7 @@ impl CudaDev {
         self.stream.clone_htod(b.as_ref()).expect("htod")
     }
 
-    fn ptr(&self, d: &CudaSlice<u8>) -> *mut u8 {
+    pub fn ptr(&self, d: &CudaSlice<u8>) -> *mut u8 {
         let (p, _sync) = d.device_ptr(&self.stream);
         p as usize as *mut u8
     }
