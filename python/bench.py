@@ -115,6 +115,11 @@ def log(msg: str) -> None:
 # ---- timing -------------------------------------------------------------------------------------
 
 
+# Timed calls a median takes at least: do_bench runs about rep_ms / (one call's time) calls, so
+# a 180 ms eager step under rep_ms = 100 would be a single sample.
+MIN_SAMPLES = 8
+
+
 def _events_median(fn, warmup_ms: float, rep_ms: float, setup=None) -> float:
     """Median time in ms of fn(), with CUDA events around each call; ``setup()``, when given,
     runs before every call (warm-up included) outside the events."""
@@ -133,7 +138,7 @@ def _events_median(fn, warmup_ms: float, rep_ms: float, setup=None) -> float:
         setup()
         fn()
     times = []
-    for _ in range(max(5, min(1000, int(rep_ms / est)))):
+    for _ in range(max(MIN_SAMPLES, min(1000, int(rep_ms / est)))):
         setup()
         start.record()
         fn()
@@ -143,11 +148,25 @@ def _events_median(fn, warmup_ms: float, rep_ms: float, setup=None) -> float:
     return statistics.median(times)
 
 
+def _one_call_ms(fn) -> float:
+    """One warm call of fn, timed with CUDA events (the estimate that sizes the repetitions)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return max(start.elapsed_time(end), 1e-3)
+
+
 def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     try:
         from triton.testing import do_bench
     except ImportError:
         return _events_median(fn, warmup_ms, rep_ms)
+    # Long calls get MIN_SAMPLES timed runs (a little more: do_bench's own estimate varies).
+    rep_ms = max(rep_ms, (MIN_SAMPLES + 1) * _one_call_ms(fn))
     try:
         return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     except TypeError:  # older triton: no return_mode
@@ -498,8 +517,8 @@ def run_one(impl_name, kind, fn, s, t, ref, rows, floor_ms, args):
     row = {"impl": impl_name, "kind": kind, "n": s.shape[0], "v": s.shape[1]}
     if getattr(fn, "note", None):
         row["note"] = fn.note
-    if isinstance(fn, Exception):
-        row["error"] = f"{type(fn).__name__}: {fn}"
+    if isinstance(fn, Exception):  # one line: the row is a markdown table cell
+        row["error"] = f"{type(fn).__name__}: {str(fn).splitlines()[0][:160] if str(fn) else ''}"
         return row
     x = s.detach().clone().requires_grad_(True)
 
@@ -1484,9 +1503,11 @@ def main(argv=None) -> int:
             print(fmt_row(r))
     if moe_results:
         print()
-        print("MoE dispatch, bf16; % of floor = minimal bytes over the copy rate (see --help); "
-              "route err = fraction of tokens whose experts differ from a stable sort's")
-        print("| op | implementation | shape | time | % of floor | rel err | bitwise |")
+        print("MoE dispatch, bf16; % of strict floor = minimal bytes (each operand read once, "
+              "see --help; dk bench's 'of floor' is ANCHORS.md's 2·R·H·2, its 'strict' this one) "
+              "over the copy rate; route err = fraction of tokens whose experts differ from a "
+              "stable sort's")
+        print("| op | implementation | shape | time | % of strict floor | rel err | bitwise |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in moe_results:
             print(fmt_moe_row(r))

@@ -45,11 +45,14 @@
 # the others are listed as not selected. GPU_CHECK_SKIP=a,b,...: leave out the steps whose names
 # start with one of these (e.g. the benchmarks of code a run has not changed).
 # PYTEST_K: a pytest -k expression for step 8.
-# PY_BENCH_OPS: the --ops of step 10 (default: divergence,moe); PY_BENCH_FULL_SECONDS: the seconds
-# left under which step 10 runs --quick (default 150).
+# PY_BENCH_OPS: the --ops of step 10 (default: divergence,moe); PY_BENCH_SHAPES: its divergence
+# shapes (NxV list); PY_BENCH_FULL_SECONDS: the seconds left under which step 10 runs --quick
+# (default 150).
 #
 # Output: logs and JSON in $OUT (when set, as on the device tool; else ./gpu-check-out), at most
-# 8 files: summary.txt, gpu-check.log (every step's output), dk-bench.json, dk-bench-f32.json,
+# 8 files, written as the steps end (a run stopped at the device tool's limit still returns the
+# steps it finished): summary.txt (rewritten after every step), gpu-check.log (every step's
+# output, appended as it ends), dk-bench.json, dk-bench-f32.json,
 # dk-bench-moe.json, dk-bench-attention.json, python-bench-attention.json, python-bench.json.
 # Printed last: the summary table (step, status, seconds), then the dk bench tables (divergence,
 # f32, MoE, attention) and the python bench tables (attention, then the rest). Exit status: 0
@@ -141,6 +144,40 @@ names=()
 statuses=()
 seconds=()
 required_failed=0
+
+# Written as the run goes, under $OUT (whose files come back even when the device tool stops the
+# command at its limit): summary.txt after every step, and each step's output appended to
+# gpu-check.log as soon as it ends. (At most 8 files come back: these two and the JSON files.)
+write_summary() {
+  {
+    echo "gpu-check of $(sed -n 's/^commit=//p' "$bundle/BUILD-INFO") ($(sed -n 's/^built_utc=//p' "$bundle/BUILD-INFO")), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    [ -s "$logs/nvidia-smi.out" ] && echo "card: $(head -n 1 "$logs/nvidia-smi.out")"
+    [ -n "$setup_notes" ] && echo "setup: $setup_notes"
+    printf '%-30s %-40s %8s\n' step status seconds
+    for i in "${!names[@]}"; do
+      printf '%-30s %-40s %8s\n' "${names[$i]}" "${statuses[$i]}" "${seconds[$i]}"
+    done
+    echo "after ${1:-$(elapsed)}s; required steps failed: $required_failed"
+  } >"$out/summary.txt"
+}
+log_step() { # NAME: its status line and output tails, appended to gpu-check.log
+  local n=$1 i=$((${#names[@]} - 1)) s f
+  {
+    echo
+    echo "======== $n: ${statuses[$i]} (${seconds[$i]} s)"
+    for s in out err; do
+      f="$logs/$n.$s"
+      [ -s "$f" ] || continue
+      echo "-------- $n std$s (last 400 kB)"
+      tail -c 400000 "$f"
+    done
+  } >>"$out/gpu-check.log"
+  write_summary
+}
+{
+  cat "$bundle/BUILD-INFO"
+  echo "(each step's output follows as it ends; the summary is in summary.txt and at the end)"
+} >"$out/gpu-check.log"
 
 # Seconds kept back for the steps after the current one (set per phase below).
 reserve=0
@@ -241,11 +278,13 @@ run_step() {
   names+=("$name"); statuses+=("$status")
   seconds+=("$(awk -v a="$s1" -v b="$s2" 'BEGIN { printf "%.1f", b - a }')")
   echo "[$(elapsed)s] $name: $status"
+  log_step "$name"
 }
 
 skip_step() { # NAME REASON
   names+=("$1"); statuses+=("skipped ($2)"); seconds+=("0")
   echo "[$(elapsed)s] $1: skipped ($2)"
+  write_summary
 }
 
 # ---- 1. the card --------------------------------------------------------------------------------------
@@ -454,7 +493,9 @@ reserve_for 60 python-bench # the other Python benchmark
 if [ -f python/bench.py ]; then
   fquick=()
   [ "$(left)" -lt 170 ] && fquick=(--quick)
-  run_step python-bench-fused 60 1 "$py" python/bench.py --ops fused "${fquick[@]}"
+  # 90 s: torch.compile of Liger's chunked loss at two shapes, eager and LigerFusedLinearJSD at
+  # ~0.2-1.2 s a call with at least 8 timed calls each (bench.py's MIN_SAMPLES).
+  run_step python-bench-fused 90 1 "$py" python/bench.py --ops fused "${fquick[@]}"
 else
   skip_step python-bench-fused "python/bench.py missing"
 fi
@@ -464,8 +505,10 @@ reserve_for 0 # only the floor for the ncu / sanitizer steps of a named-steps ca
 if [ -f python/bench.py ]; then
   quick=()
   [ "$(left)" -lt "${PY_BENCH_FULL_SECONDS:-150}" ] && quick=(--quick)
+  # PY_BENCH_SHAPES: NxV list for the divergence rows (issue 3's shapes, e.g.
+  # 4096x262144,16384x151936,256x151936); default bench.py's own.
   run_step python-bench 240 1 "$py" python/bench.py --ops "${PY_BENCH_OPS:-divergence,moe}" \
-    "${quick[@]}" --json "$out/python-bench.json"
+    "${quick[@]}" ${PY_BENCH_SHAPES:+--shapes "$PY_BENCH_SHAPES"} --json "$out/python-bench.json"
 else
   skip_step python-bench "python/bench.py missing"
 fi
@@ -496,7 +539,9 @@ ncu_run() { # NAME CAP KERNEL_REGEX LAUNCHES DK_BENCH_ARGS...
       "$dk" bench --device cuda "$@"
   fi
 }
-ncu_run ncu-divergence 40 'dk_divcs?_(fkl|jsd)_bf16_bf16' 4 --ops divergence --dtype bf16 \
+# The default policy's kernel at N = 4096: one block per row (dk_div_*); the cluster kernels
+# (dk_divcs_*, dk_divc_*) where a switch forces them.
+ncu_run ncu-divergence 40 'dk_div(cs?)?_(fkl|jsd)_bf16_bf16' 4 --ops divergence --dtype bf16 \
   --rows 4096 --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd --iters 1 --check-rows 2
 DK_DIVERGENCE_CLUSTER=persist ncu_run ncu-divergence-persist 40 'dk_divcp_(fkl|jsd)_bf16_bf16' 2 \
   --ops divergence --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd \
@@ -596,7 +641,10 @@ else
       if [ "$(left)" -lt 30 ]; then
         skip_step "$name" "out of time"
       else
-        run_step "$name" 60 0 env DK_ATTENTION_FWD="$variant" DK_ATTENTION_BWD="$variant" \
+        # The default kernels: the switches empty (a value outside README's table is refused).
+        value=$variant
+        [ "$variant" = default ] && value=
+        run_step "$name" 60 0 env DK_ATTENTION_FWD="$value" DK_ATTENTION_BWD="$value" \
           "$sanitizer" --tool "$tool" \
           --error-exitcode 3 "$dk" bench --device cuda --ops attention \
           --attn-shapes small,small-varlen --iters 1 --check-rows 4
@@ -607,33 +655,12 @@ fi
 
 # ---- results --------------------------------------------------------------------------------------------
 total=$(elapsed)
+write_summary "$total (total)"
 {
-  echo "gpu-check of $(sed -n 's/^commit=//p' "$bundle/BUILD-INFO") ($(sed -n 's/^built_utc=//p' "$bundle/BUILD-INFO")), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  [ -s "$logs/nvidia-smi.out" ] && echo "card: $(head -n 1 "$logs/nvidia-smi.out")"
-  [ -n "$setup_notes" ] && echo "setup: $setup_notes"
-  printf '%-30s %-40s %8s\n' step status seconds
-  for i in "${!names[@]}"; do
-    printf '%-30s %-40s %8s\n' "${names[$i]}" "${statuses[$i]}" "${seconds[$i]}"
-  done
-  echo "total ${total}s; required steps failed: $required_failed"
-} >"$out/summary.txt"
-
-{
-  cat "$bundle/BUILD-INFO"
   echo
+  echo "======== summary"
   cat "$out/summary.txt"
-  for i in "${!names[@]}"; do
-    n=${names[$i]}
-    echo
-    echo "======== $n: ${statuses[$i]} (${seconds[$i]} s)"
-    for s in out err; do
-      f="$logs/$n.$s"
-      [ -s "$f" ] || continue
-      echo "-------- $n std$s (last 400 kB)"
-      tail -c 400000 "$f"
-    done
-  done
-} >"$out/gpu-check.log"
+} >>"$out/gpu-check.log"
 
 # The dk bench table: from the header line to the end of stdout.
 bench_table() { [ -s "$1" ] && sed -n '/^shape /,$p' "$1"; }
@@ -672,8 +699,8 @@ echo
 py_table() { # STEP FIRST-LINE-REGEX (empty: the last 40 lines): a python bench step's table
   echo "================ ${1//-/ }"
   if [ ! -s "$logs/$1.out" ]; then
-    echo "(no output)"
-    tail -n 10 "$logs/$1.err" 2>/dev/null
+    echo "(no stdout: the rows it finished, from its stderr)"
+    tail -n 40 "$logs/$1.err" 2>/dev/null
   elif [ -n "$2" ]; then
     sed -n "/$2/,\$p" "$logs/$1.out"
   else

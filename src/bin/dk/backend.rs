@@ -735,7 +735,8 @@ impl CudaRunner {
         })
     }
 
-    /// A device-to-device copy of up to 1 GiB, timed with events, median of 10 after a warm-up.
+    /// A device-to-device copy of up to 1 GiB of random bits (never zeros: METHOD.md), timed
+    /// with events, median of 10 after a warm-up.
     fn copy_bandwidth(&mut self) -> Result<(f64, String), String> {
         let (free, _) = drv("cuMemGetInfo", self.cu.mem_get_info())?;
         let bytes = ((1usize << 30).min(free / 4) / 4096) * 4096;
@@ -745,9 +746,21 @@ impl CudaRunner {
                 free as f64 / GIB
             ));
         }
-        let src = drv("cuMemAlloc", self.stream.alloc_zeros::<u8>(bytes))?;
+        // splitmix64: cheap random words, uploaded once.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let words: Vec<u64> = (0..bytes / 8)
+            .map(|_| {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^ (z >> 31)
+            })
+            .collect();
+        let src = drv("cuMemcpyHtoD", self.stream.clone_htod(&words))?;
+        drop(words);
         // SAFETY: the destination is only written.
-        let mut dst = drv("cuMemAlloc", unsafe { self.stream.alloc::<u8>(bytes) })?;
+        let mut dst = drv("cuMemAlloc", unsafe { self.stream.alloc::<u64>(bytes / 8) })?;
         drv("cuMemcpyDtoD", self.stream.memcpy_dtod(&src, &mut dst))?;
         let reps = 10;
         let events = self.timing_events(reps + 1)?;
