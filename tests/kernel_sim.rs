@@ -328,36 +328,44 @@ fn kernel_math_at_model_vocabularies() {
     }
 }
 
+/// Rows with entries set to `mask`: the same entries on both sides (a vocabulary mask) in every
+/// chunk position; the teacher's alone where that keeps the divergence finite (forward KL, JSD:
+/// p has no mass there; for reverse KL the student's mass against a −inf teacher is +inf, and
+/// against finfo.min an f32 overflow of ~|finfo.min| / T); the student's alone likewise (reverse
+/// KL, JSD).
+fn masked_cases(rng: &mut Rng, kind: Kind, beta: f32, temperature: f32, mask: f32) -> Vec<SimCase> {
+    let mut cases = Vec::new();
+    let mut c = random_case(rng, kind, beta, temperature, 1003, true);
+    for i in (0..c.s.len()).filter(|i| i % 5 == 0 || *i < 9) {
+        c.s[i] = mask;
+        c.t[i] = mask;
+    }
+    cases.push(c);
+    if kind != Kind::ReverseKl {
+        let vec = rng.below(0, 2) == 1;
+        let mut c = random_case(rng, kind, beta, temperature, 517, vec);
+        for i in (0..c.t.len()).filter(|i| i % 3 == 1) {
+            c.t[i] = mask;
+        }
+        cases.push(c);
+    }
+    if kind != Kind::ForwardKl {
+        let mut c = random_case(rng, kind, beta, temperature, 517, true);
+        for i in (0..c.s.len()).filter(|i| i % 4 == 2) {
+            c.s[i] = mask;
+        }
+        cases.push(c);
+    }
+    cases
+}
+
 #[test]
 fn kernel_math_masked_entries_nan_rows_and_fully_masked_rows() {
     let Some(exe) = simulator() else { return };
     let mut rng = Rng::fresh("kernel_sim_edges");
     let mut cases = Vec::new();
     for &(kind, beta) in &KINDS {
-        // The same entries masked on both sides (a vocabulary mask), in every chunk position.
-        let mut c = random_case(&mut rng, kind, beta, 1.5, 1003, true);
-        for i in (0..c.s.len()).filter(|i| i % 5 == 0 || *i < 9) {
-            c.s[i] = f32::NEG_INFINITY;
-            c.t[i] = f32::NEG_INFINITY;
-        }
-        cases.push(c);
-        // Teacher-only masks are finite for forward KL and JSD (mass of p is where q is too).
-        if kind != Kind::ReverseKl {
-            let vec = rng.below(0, 2) == 1;
-            let mut c = random_case(&mut rng, kind, beta, 1.0, 517, vec);
-            for i in (0..c.t.len()).filter(|i| i % 3 == 1) {
-                c.t[i] = f32::NEG_INFINITY;
-            }
-            cases.push(c);
-        }
-        // Student-only masks are finite for reverse KL and JSD.
-        if kind != Kind::ForwardKl {
-            let mut c = random_case(&mut rng, kind, beta, 1.0, 517, true);
-            for i in (0..c.s.len()).filter(|i| i % 4 == 2) {
-                c.s[i] = f32::NEG_INFINITY;
-            }
-            cases.push(c);
-        }
+        cases.extend(masked_cases(&mut rng, kind, beta, 1.5, f32::NEG_INFINITY));
     }
     add_cluster_variants(&mut rng, &mut cases);
     for (model, outs) in run_sim_models(&exe, &cases) {
@@ -436,31 +444,7 @@ fn kernel_math_masks_of_finfo_min_are_finite_like_masks_of_minus_infinity() {
     for &(kind, beta) in &KINDS {
         for &temperature in &[1.0f32, 0.5] {
             let mask = FINFO_MINS[rng.below(0, 2)];
-            // The same entries on both sides (a vocabulary mask), in every chunk position.
-            let mut c = random_case(&mut rng, kind, beta, temperature, 1003, true);
-            for i in (0..c.s.len()).filter(|i| i % 5 == 0 || *i < 9) {
-                c.s[i] = mask;
-                c.t[i] = mask;
-            }
-            cases.push(c);
-            // The teacher alone: no mass of p there (for reverse KL the student's mass there
-            // costs ~|finfo.min| / T, an f32 overflow, not a masking rule: left out).
-            if kind != Kind::ReverseKl {
-                let vec = rng.below(0, 2) == 1;
-                let mut c = random_case(&mut rng, kind, beta, temperature, 517, vec);
-                for i in (0..c.t.len()).filter(|i| i % 3 == 1) {
-                    c.t[i] = mask;
-                }
-                cases.push(c);
-            }
-            // The student alone, for reverse KL and JSD.
-            if kind != Kind::ForwardKl {
-                let mut c = random_case(&mut rng, kind, beta, temperature, 517, true);
-                for i in (0..c.s.len()).filter(|i| i % 4 == 2) {
-                    c.s[i] = mask;
-                }
-                cases.push(c);
-            }
+            cases.extend(masked_cases(&mut rng, kind, beta, temperature, mask));
         }
     }
     add_cluster_variants(&mut rng, &mut cases);
