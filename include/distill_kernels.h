@@ -200,6 +200,7 @@ typedef struct dk_moe_route_args {
 int64_t dk_moe_max_rows(int64_t n, int32_t e, int32_t k, int32_t block, int64_t capacity);
 /* Defaults: k = 1, softmax, no renormalisation, 1 group, scale 1, no capacity, block 1. */
 dk_moe_route_params dk_moe_route_params_default(void);
+/* Scratch of dk_moe_route (0 on the CPU); a workspace given must be 4-byte aligned. */
 dk_status dk_moe_route_workspace_size(const dk_context* ctx, int64_t n, int32_t e, int32_t k,
                                       size_t* bytes);
 dk_status dk_moe_route(const dk_context* ctx, const dk_moe_route_args* args,
@@ -220,8 +221,9 @@ typedef struct dk_moe_permute_args {
   void* out;             /* [rows, h] */
   int64_t out_stride;    /* >= h */
 } dk_moe_permute_args;
-/* Scratch of dk_moe_permute: 0 on the CPU and for k = 1; on CUDA for k > 1, 4 * (n * k + 1)
-   bytes (4-byte aligned; NULL lets the library allocate it on the stream). */
+/* Scratch of dk_moe_permute: 0 on the CPU and for k = 1 or n = 0; on CUDA for k > 1,
+   4 * (n * k + 1) bytes (4-byte aligned; NULL lets the library allocate it on the stream). A
+   workspace given is checked (device, size, alignment) even where the call needs none. */
 dk_status dk_moe_permute_workspace_size(const dk_context* ctx, int64_t n, int32_t k,
                                         size_t* bytes);
 dk_status dk_moe_permute(const dk_context* ctx, const dk_moe_permute_args* args, void* workspace,

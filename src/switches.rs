@@ -147,9 +147,37 @@ mod tests {
     }
 
     #[test]
-    fn every_switch_read_by_the_library_is_listed() {
-        // Each reader asks through `value`, whose debug assertion names an unlisted variable;
-        // this keeps the list and README's table from drifting apart.
+    fn no_source_file_reads_the_environment_but_this_one() {
+        // A switch read with std::env::var elsewhere would bypass the strict parsing.
+        fn walk(dir: &std::path::Path, found: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, found);
+                } else if path.extension().is_some_and(|e| e == "rs")
+                    && !path.ends_with("switches.rs")
+                    && !path.components().any(|c| c.as_os_str() == "bin")
+                {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    if text.contains("env::var") {
+                        found.push(path.display().to_string());
+                    }
+                }
+            }
+        }
+        let mut found = Vec::new();
+        walk(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut found,
+        );
+        assert!(
+            found.is_empty(),
+            "environment read outside src/switches.rs: {found:?}"
+        );
+    }
+
+    #[test]
+    fn every_switch_is_in_the_readme_table() {
         let readme = include_str!("../README.md");
         for sw in SWITCHES {
             assert!(

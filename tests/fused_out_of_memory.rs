@@ -14,9 +14,11 @@ use distill_kernels::{Context, ErrorKind, Launch, Matrix, MatrixMut, VectorMut};
 /// Set in the child process that runs under the limit.
 const CHILD: &str = "DK_TEST_OOM_CHILD";
 
-/// V·H = 2^27: each f32 weight is 512 MiB, each f64 copy 1 GiB.
+/// The teacher's V·Ht = 2^27: its f32 weight is 512 MiB (never touched: zero pages), its f64
+/// copy 1 GiB. The student's H = 8 keeps what the child really writes to ~50 MiB.
 const V: usize = 1 << 19;
-const H: usize = 256;
+const H: usize = 8;
+const HT: usize = 256;
 const N: usize = 3;
 
 #[test]
@@ -25,10 +27,10 @@ fn a_refused_allocation_is_an_error_not_an_abort() {
         return child();
     }
     let exe = std::env::current_exe().unwrap();
-    // The two f32 weights (2 × 512 MiB; untouched zero pages count too), the student weight's
-    // f64 copy (1 GiB) and 700 MiB for the process itself; the teacher weight's copy (1 GiB)
-    // does not fit.
-    let limit_kib = (1024 + 1024 + 700) * 1024;
+    // The teacher's f32 weight (512 MiB; untouched zero pages count too), the student's weight
+    // and its f64 copy (16 + 32 MiB) and 700 MiB for the process itself; the teacher weight's
+    // f64 copy (1 GiB) does not fit.
+    let limit_kib = (512 + 48 + 700) * 1024;
     let out = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!("ulimit -v {limit_kib} && exec \"$0\" \"$@\""))
@@ -72,8 +74,9 @@ fn child() {
             .join(" ")
     );
     let hidden: Vec<f32> = (0..N * H).map(|i| (i as f32 * 0.37).sin()).collect();
+    let teacher_hidden: Vec<f32> = (0..N * HT).map(|i| (i as f32 * 0.29).cos()).collect();
     let weight = vec![0.0f32; V * H];
-    let teacher_weight = vec![0.0f32; V * H];
+    let teacher_weight = vec![0.0f32; V * HT];
     let mut loss = [f32::NAN];
     let mut gh = vec![f32::NAN; N * H];
     let err = Context::cpu()
@@ -81,8 +84,8 @@ fn child() {
             FusedLinear {
                 student_hidden: Matrix::host(&hidden, N, H, H).unwrap(),
                 student_weight: Matrix::host(&weight, V, H, H).unwrap(),
-                teacher_hidden: Matrix::host(&hidden, N, H, H).unwrap(),
-                teacher_weight: Matrix::host(&teacher_weight, V, H, H).unwrap(),
+                teacher_hidden: Matrix::host(&teacher_hidden, N, HT, HT).unwrap(),
+                teacher_weight: Matrix::host(&teacher_weight, V, HT, HT).unwrap(),
                 labels: None,
                 per_token: None,
                 loss: Some(VectorMut::host(&mut loss)),
@@ -97,8 +100,7 @@ fn child() {
         )
         .expect_err("the teacher weight's f64 copy cannot fit the limit");
     assert_eq!(err.kind(), ErrorKind::OutOfMemory, "{err}");
-    // The teacher weight's copy, or the student's if this process started larger than assumed.
-    assert!(err.message().contains("weight"), "{err}");
+    assert!(err.message().contains("teacher weight"), "{err}");
     assert!(
         loss[0].is_nan() && gh.iter().all(|g| g.is_nan()),
         "an output was written"

@@ -1217,8 +1217,9 @@ class _AttnMeta:
 
 def _attn_forward(meta: _AttnMeta, q, k, v, cu_q, cu_k):
     q2, qs = _attn_rows("q", q)
-    k2, ks = _attn_rows("k", k)
-    v2, vs = _attn_rows("v", v)
+    k2, ks = (q2, qs) if k is q else _attn_rows("k", k)
+    # One copy for a tensor passed twice (k is v): both are saved for the backward.
+    v2, vs = (k2, ks) if v is k else (q2, qs) if v is q else _attn_rows("v", v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(meta.lse_shape(), dtype=torch.float32, device=q.device)
     device = meta.device
@@ -1347,7 +1348,10 @@ def attention(
     with one device-to-host read. With both given the offsets are trusted (out-of-range entries
     are clamped by the kernels: memory stays safe, results are meaningless).
 
-    Under ``torch.autocast`` q, k and v are cast to its dtype first, as SDPA's are.
+    Under ``torch.autocast`` q, k and v are cast to its dtype first, as SDPA's are. Inputs the
+    kernels cannot read in place are copied once, in the forward, and the copies are what the
+    backward reads (as FlashAttention's ``maybe_contiguous``); an in-place edit of such an input
+    after the forward is therefore not detected by autograd, and does not change the gradient.
 
     Returns ``out`` (like q), or ``(out, lse)`` with ``return_lse=True`` (float32 ``[B, Hq, Sq]``
     or ``[Hq, Tq]``, not differentiable). The backward computes dq, dk, dv in one call, with
@@ -1359,11 +1363,15 @@ def attention(
             raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
     amp = _autocast_dtype(q.device)
     if amp is not None:
-        # Under torch.autocast attention runs in its dtype, as SDPA's would: q, k and v are cast
-        # (differentiably; float32 inputs get float32 gradients back through the cast).
+        # Under torch.autocast attention runs in its dtype, as SDPA's would: the 16/32-bit float
+        # q, k and v are cast (differentiably; float32 inputs get float32 gradients back through
+        # the cast); any other dtype is left for the check below to refuse.
+        def cast(x):
+            return x.to(amp) if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else x
+
         same_kv = k is v
-        q, k = q.to(amp), k.to(amp)
-        v = k if same_kv else v.to(amp)
+        q, k = cast(q), cast(k)
+        v = k if same_kv else cast(v)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in _DTYPES:
             raise TypeError(f"{name} dtype {x.dtype} is not supported: use bfloat16 or float16 "

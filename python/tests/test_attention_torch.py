@@ -244,6 +244,10 @@ def test_backward_reads_the_forward_row_layouts_without_copying_again(device, mo
     ref = sdpa_reference(q.detach(), k.detach(), v.detach(), True, dout=torch.ones_like(out))
     for grad, want in zip((q.grad, k.grad, v.grad), ref[3:]):
         assert rel_err(grad, want) <= 1e-2
+    # A tensor passed twice (k is v) is copied once, and that one copy serves both.
+    copied.clear()
+    out = dkt.attention(q, k, k)
+    assert sorted(copied) == ["k", "q"], copied
 
 
 # ---- determinism, streams, errors ---------------------------------------------------------------------

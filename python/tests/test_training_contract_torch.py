@@ -230,6 +230,10 @@ def test_attention_follows_autocast_like_sdpa(device):
     out2.float().sum().backward()
     assert torch.equal(out, out2)
     assert torch.equal(a.grad, a2.grad) and torch.equal(b.grad, b2.grad)
+    # Autocast casts floating inputs only: integers are still refused.
+    with torch.autocast(device, dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="not supported"):
+            dkt.attention(q.to(torch.int32), k.to(torch.int32), k.to(torch.int32))
 
 
 def test_moe_over_no_tokens(device):

@@ -105,7 +105,8 @@ pub(crate) fn forced_by_env() -> bool {
 }
 
 /// `DK_DIVERGENCE_CLUSTER_SIZE=<1|2|4|8|16>`: forces the stream and persistent variants'
-/// cluster size (A/B measurements); ignored when it is not one of those.
+/// cluster size (A/B measurements); any other value is refused when the context opens
+/// (`crate::switches`).
 fn forced_size() -> Option<usize> {
     crate::switches::value("DK_DIVERGENCE_CLUSTER_SIZE")
         .and_then(|v| v.parse().ok())

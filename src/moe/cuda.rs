@@ -182,7 +182,13 @@ const FALLBACK_GATHER_BLOCKS: usize = 1024;
 
 /// Workspace bytes of a route call: one int per (expert, 32-token chunk).
 pub(crate) fn route_workspace_size(n: usize, e: usize, _k: usize) -> usize {
-    (4 * e * n.div_ceil(CHUNK)).next_multiple_of(256).max(256)
+    // Saturating: a size past usize (a call the route refuses anyway) never wraps to a small one.
+    4usize
+        .saturating_mul(e)
+        .saturating_mul(n.div_ceil(CHUNK))
+        .checked_next_multiple_of(256)
+        .unwrap_or(usize::MAX)
+        .max(256)
 }
 
 /// Device workspace of the permute (`Context::moe_permute_workspace_size`): for k > 1 the
@@ -190,21 +196,21 @@ pub(crate) fn route_workspace_size(n: usize, e: usize, _k: usize) -> usize {
 /// k = 1, whose gather needs no scratch.
 pub(crate) fn permute_workspace_size(n: usize, k: usize) -> usize {
     if k > 1 && n > 0 {
-        4 * (n.saturating_mul(k).saturating_add(1))
+        // Saturating, as the route's (the permute refuses N·k past i32 anyway).
+        n.saturating_mul(k).saturating_add(1).saturating_mul(4)
     } else {
         0
     }
 }
 
-/// The int32 scratch of a route or permute: the caller's workspace (checked: this device, at
-/// least `need` bytes, 4-byte aligned) or, without one, memory allocated on `stream`.
-fn int_workspace(
+/// Checks a caller's workspace for int32 scratch of `need` bytes: this device, large enough,
+/// 4-byte aligned. Nothing to check without one.
+fn check_int_workspace(
     dev: &CudaDevice,
     launch: &Launch<'_>,
-    stream: &Arc<CudaStream>,
     need: usize,
     what: &str,
-) -> Result<(u64, Option<CudaSlice<u8>>)> {
+) -> Result<()> {
     dev.check_workspace(launch, need, what)?;
     if let Some(ws) = &launch.workspace {
         if ws.ptr as usize % 4 != 0 {
@@ -214,6 +220,19 @@ fn int_workspace(
             );
         }
     }
+    Ok(())
+}
+
+/// The int32 scratch of a route or permute: the caller's workspace (checked as
+/// [`check_int_workspace`] does) or, without one, memory allocated on `stream`.
+fn int_workspace(
+    dev: &CudaDevice,
+    launch: &Launch<'_>,
+    stream: &Arc<CudaStream>,
+    need: usize,
+    what: &str,
+) -> Result<(u64, Option<CudaSlice<u8>>)> {
+    check_int_workspace(dev, launch, need, what)?;
     dev.workspace(launch, stream, need)
 }
 
@@ -490,6 +509,11 @@ pub(crate) fn permute(dev: &CudaDevice, raw: &RawPermute, launch: &Launch<'_>) -
     };
     let t = raw.dtype.name();
     let gather = format!("dk_moe_permute_{t}");
+    let need = permute_workspace_size(raw.n, raw.k);
+    let what = format!("a permute of N·k = {slots} slots");
+    // The caller's workspace is checked on every path, also where the gather needs none, so a
+    // call is refused or not whatever the A/B switch.
+    check_int_workspace(dev, launch, need, &what)?;
     if raw.k == 1 || slots == 0 || gather_forced() {
         // One slot per token: the gather reads every token row once already.
         return launch_rows(dev, launch, &gather, &args, raw.rows * segments(raw.h));
@@ -503,8 +527,6 @@ pub(crate) fn permute(dev: &CudaDevice, raw: &RawPermute, launch: &Launch<'_>) -
     dev.function(&gather)?;
     // SAFETY: see `route`.
     let stream = unsafe { dev.borrow_stream(launch.stream) };
-    let need = permute_workspace_size(raw.n, raw.k);
-    let what = format!("a permute of N·k = {slots} slots");
     // Preset below before any kernel reads it.
     let (ptr, scratch) = int_workspace(dev, launch, &stream, need, &what)?;
     // SAFETY: `ptr` is at least 4 · (slots + 1) bytes of device memory of this device.

@@ -381,24 +381,28 @@ fn wgmma_opt_ins(d: usize) -> [(&'static str, usize); 2] {
 }
 
 /// Sets the dynamic shared memory limit of `dk_attn_bwd_{stem}_{dtype}_d{D}` for every dtype and
-/// head dimension of `table`; false where a present function refuses it.
+/// head dimension of `table`. Returns the first refusal (kernel, bytes, the driver's error), if
+/// any; the others are still tried.
 fn opt_in(
     functions: &HashMap<&'static str, CudaFunction>,
     table: fn(usize) -> Vec<(&'static str, usize)>,
-) -> bool {
-    let mut accepted = true;
+) -> Option<String> {
+    let mut refused = None;
     for t in ["bf16", "f16"] {
         for d in [64, 128] {
             for (stem, bytes) in table(d) {
-                if let Some(f) = functions.get(format!("dk_attn_bwd_{stem}_{t}_d{d}").as_str()) {
+                let name = format!("dk_attn_bwd_{stem}_{t}_d{d}");
+                if let Some(f) = functions.get(name.as_str()) {
                     let attr =
                         CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-                    accepted &= f.set_attribute(attr, bytes as i32).is_ok();
+                    if let Err(e) = f.set_attribute(attr, bytes as i32) {
+                        refused.get_or_insert(format!("{name} with {bytes} bytes: {e:?}"));
+                    }
                 }
             }
         }
     }
-    accepted
+    refused
 }
 
 /// Opts the dK/dV and dQ kernels in to their dynamic shared memory (over the 48 KB default),
@@ -406,13 +410,13 @@ fn opt_in(
 /// the 128-key kernels were accepted too (their 161 KiB at D = 128 exceed what some devices
 /// allow a block): only then may `DK_ATTENTION_BWD=wide` select them.
 pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Result<bool> {
-    if !opt_in(functions, |d| default_opt_ins(d).to_vec()) {
+    if let Some(why) = opt_in(functions, |d| default_opt_ins(d).to_vec()) {
         bail!(
             Cuda,
-            "the device refused the attention backward kernels' dynamic shared memory"
+            "the device refused an attention backward kernel's dynamic shared memory: {why}"
         );
     }
-    Ok(opt_in(functions, |d| wide_opt_ins(d).to_vec()))
+    Ok(opt_in(functions, |d| wide_opt_ins(d).to_vec()).is_none())
 }
 
 /// Opts the wgmma dK/dV and dQ kernels into their dynamic shared memory (66 and 130 KiB, 65
@@ -423,7 +427,7 @@ pub(crate) fn configure_wgmma(
     functions: &HashMap<&'static str, CudaFunction>,
     compute_capability: (i32, i32),
 ) -> bool {
-    compute_capability == (9, 0) && opt_in(functions, |d| wgmma_opt_ins(d).to_vec())
+    compute_capability == (9, 0) && opt_in(functions, |d| wgmma_opt_ins(d).to_vec()).is_none()
 }
 
 /// The kernels of one backward call, each as (name stem, dynamic shared memory, threads): every
