@@ -731,8 +731,10 @@ def _lib_exporting(key: str, operation: str) -> ctypes.CDLL:
     missing = _missing[key]
     if missing is not None:
         raise LibraryNotFoundError(
-            f"libdistill_kernels at {_lib_path} does not export {missing} (it was built "
-            f"without {operation}); rebuild it with `cargo build --release`"
+            f"libdistill_kernels at {_lib_path} does not export {missing}, which {operation} "
+            f"needs: the library is older than this package (a stale build: `cargo run --bin "
+            f"dk` does not refresh target/release/libdistill_kernels.so) or was built without "
+            f"it; rebuild it with `cargo build --release`"
         )
     return l
 

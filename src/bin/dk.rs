@@ -58,6 +58,8 @@ mod fused;
 mod info;
 #[path = "dk/moe.rs"]
 mod moe;
+#[path = "dk/reference.rs"]
+mod reference;
 
 const HELP: &str = "\
 dk: fused kernels for LLM distillation (distill-kernels): KL / JSD divergence, MoE dispatch,

@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use distill_kernels::device::{cuda_device_count, cuda_driver_present};
 use distill_kernels::divergence::{Kind, Params};
-use distill_kernels::{reference_row_divergence, Context, DType, Element};
+use distill_kernels::{Context, DType, Element};
 
 use crate::attention::{self, AttnConfig, AttnRow, AttnShape, CPU_ATTN_SHAPES, CUDA_ATTN_SHAPES};
 use crate::backend::{median, Inputs, Outputs, Runner};
@@ -66,8 +66,8 @@ options:
                       qwen3     Qwen3-MoE, H 2048, E 128, softmax top-8 renormalised, weight on
                                 the combine
   --attn-shapes S,. attention shapes (default on CUDA phi4-mini,llama4,varlen; on the CPU
-                    small,small-varlen; 'all' also works: the CUDA shapes take minutes on
-                    the CPU):
+                    small,small-varlen; 'all' also works, but the CUDA shapes take hours
+                    on the CPU: ~90 s per phi4-mini forward call, ~10 min per llama4 one):
                       phi4-mini     B 4, S 4096, 24/8 heads, D 128, causal (ANCHORS.md)
                       llama4        B 1, S 16384, 40/8 heads, D 128, causal (ANCHORS.md)
                       varlen        8 packed sequences, 16384 tokens, 24/8, D 128, causal
@@ -428,7 +428,7 @@ fn reference(params: &Params, inputs: &Inputs) -> Vec<RefRow> {
                     let b: Vec<f64> = inputs.student[i].iter().map(|x| x * inv_t).collect();
                     let a: Vec<f64> = inputs.teacher[i].iter().map(|x| x * inv_t).collect();
                     let mut grad = vec![0.0; b.len()];
-                    let loss = reference_row_divergence(kind, beta, &b, &a, Some(&mut grad));
+                    let loss = crate::reference::divergence_row(kind, beta, &b, &a, &mut grad);
                     *slot = Some(RefRow { loss, grad });
                 }
             });

@@ -1275,6 +1275,13 @@ pub fn print_header(cfg: &MoeConfig<'_>, cuda: bool) {
         cfg.dtypes.iter().map(|&d| sci(Some(act_tol(d)))).collect::<Vec<_>>().join("/"),
         cfg.dtypes.iter().map(|d| d.name()).collect::<Vec<_>>().join("/"),
     );
+    if !cuda {
+        // The CPU backend is what these rows run: compared with itself they say the outputs
+        // are complete and repeatable, not that they are right.
+        outln!(
+            "note: on the CPU the rows are compared with the CPU backend itself (complete writes and repeatability only); the independent MoE reference is tests/moe_reference.rs (cargo test)"
+        );
+    }
     outln!();
     outln!("{MOE_HEADER}");
 }
