@@ -38,7 +38,11 @@ _POISON = False
 
 @dataclass(frozen=True)
 class AttentionResult:
-    """Result of :func:`attention`."""
+    """Result of :func:`attention` (also unpacks as ``out, lse``).
+
+    Fields: ``out`` (shaped like q, in q's dtype) and ``lse`` (float32 natural-log
+    log-sum-exp of each query row's scaled scores, ``[B, Hq, Sq]`` padded or ``[Hq, Tq]``
+    varlen; -inf for a row that sees no key)."""
 
     out: np.ndarray
     """softmax(scale · q kᵀ + mask) v, shaped like q, in q's dtype."""

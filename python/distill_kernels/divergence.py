@@ -47,7 +47,11 @@ def _dtype_code(name: str, dt: np.dtype) -> int:
 
 @dataclass(frozen=True)
 class DivergenceResult:
-    """Result of :func:`divergence`."""
+    """Result of :func:`divergence` (also unpacks as ``loss, per_token, grad``).
+
+    Fields: ``loss`` (float, the reduced loss; for ``reduction="none"`` the sum of the per-token
+    losses), ``per_token`` (float32 ``[N]``, 0 for ignored rows), ``grad`` (d(loss)/d(student),
+    shaped like ``student`` in its dtype, or None when ``grad=False``)."""
 
     loss: float
     """The reduced loss (for ``reduction="none"``: the sum of the per-token losses)."""
@@ -127,6 +131,11 @@ def divergence(
     grad_inplace: bool = False,
 ) -> DivergenceResult:
     """Token-level divergence between student and teacher logits, with its gradient.
+
+    ``student`` and ``teacher``: ``[N, V]`` (or one row ``[V]``) numpy arrays of float32,
+    float16 or ``ml_dtypes.bfloat16`` (the two may differ); flatten ``[B, S, V]`` logits with
+    ``.reshape(-1, V)``. ``labels``: None or ``[N]`` integers (only compared with
+    ``ignore_index``). Returns a :class:`DivergenceResult` (``loss``, ``per_token``, ``grad``).
 
     p = softmax(teacher / T), q = softmax(student / T) over the last axis;
     ``forward_kl`` = KL(p‖q), ``reverse_kl`` = KL(q‖p), ``jsd`` = β KL(p‖m) + (1−β) KL(q‖m) with

@@ -35,7 +35,12 @@ _POISON = False
 
 @dataclass(frozen=True)
 class FusedLinearResult:
-    """Result of :func:`fused_linear_divergence`."""
+    """Result of :func:`fused_linear_divergence` (also unpacks as ``loss, per_token,
+    grad_hidden, grad_weight``).
+
+    Fields: ``loss`` (float), ``per_token`` (float32, the hidden states' leading shape),
+    ``grad_hidden`` (shaped like ``student_hidden``) and ``grad_weight`` (``[V, H]``), both in
+    ``grad_dtype`` or None when ``grad=False``."""
 
     loss: float
     """The reduced loss (for ``reduction="none"``: the sum of the per-token losses)."""

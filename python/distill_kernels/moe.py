@@ -47,6 +47,12 @@ class MoeRoute:
     Pass it to :func:`moe_permute` / :func:`moe_combine` and their backward functions. To use
     other weights with the same routing (e.g. weights that carry a gradient), pass ``weights=``
     to those functions or ``dataclasses.replace(route, weights=w)``.
+
+    Fields: ``expert_ids`` (int32 ``[N, k]``), ``weights`` (float32 ``[N, k]``), ``counts``
+    (int32 ``[E]``), ``offsets`` (int32 ``[E + 1]``, segment starts in the permuted buffer),
+    ``perm`` (int32 ``[R]``: the flat slot n·k + j each permuted row holds, -1 for padding),
+    ``position`` (int32 ``[N, k]``: the permuted row of each slot, -1 when dropped), the sizes
+    ``n``, ``e``, ``k`` and ``num_rows`` (R); each is described in the source beside its field.
     """
 
     expert_ids: Any
