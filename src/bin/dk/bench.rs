@@ -1136,6 +1136,10 @@ pub fn run(args: &[String]) -> i32 {
         // What this run measured besides the defaults (README, "A/B switches").
         outln!("A/B switches: {}", switches.join(" "));
     }
+    if let Err(e) = distill_kernels::switches::check() {
+        // Harmless on the CPU, fatal for a CUDA context: say so on any backend.
+        outln!("note: {e} (a CUDA context refuses to open with it)");
+    }
     let shapes = distill_kernels::divergence::cluster_launch_shapes();
     if !shapes.is_empty() {
         // Which Hopper cluster kernels served the divergence rows (the rest: one block per row).
