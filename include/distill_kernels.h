@@ -66,6 +66,9 @@ typedef struct dk_context dk_context;
 
 /* "MAJOR.MINOR.PATCH", static storage. */
 const char* dk_version(void);
+/* 64-bit FNV-1a of the bytes of this header file as the library was built: compare it with the
+   header you compile against to catch a stale library of the same version. */
+uint64_t dk_header_hash(void);
 /* Message of the last call on this thread that returned a dk_status ("" after a success).
    Functions that return no status (dk_version, dk_cuda_device_count, dk_moe_max_rows, the
    *_params_default) leave it as it was. */

@@ -680,6 +680,35 @@ def _declare_attention(l: ctypes.CDLL) -> Optional[str]:
     return None
 
 
+def _fnv1a(data: bytes) -> int:
+    """64-bit FNV-1a, as dk_header_hash computes it over the header's bytes."""
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def _check_header(l: ctypes.CDLL, path: Path) -> None:
+    """In a checkout (the header beside the package), the library must have been built from
+    this header: a stale build keeps the version number but not the ABI."""
+    header = Path(__file__).resolve().parent.parent.parent / "include" / "distill_kernels.h"
+    if not header.is_file():
+        return  # an installed package: the version check is all there is
+    try:
+        built = l.dk_header_hash
+    except AttributeError:
+        built = None
+    if built is not None:
+        built.argtypes = []
+        built.restype = ctypes.c_uint64
+    if built is None or built() != _fnv1a(header.read_bytes()):
+        raise LibraryNotFoundError(
+            f"libdistill_kernels at {path} was built from another include/distill_kernels.h than "
+            f"{header} (a stale build: `cargo run --bin dk` does not refresh "
+            "target/release/libdistill_kernels.so); rebuild it with `cargo build --release`"
+        )
+
+
 def _check_version(found: str, path: Path) -> None:
     if found == PACKAGE_VERSION:
         return
@@ -719,6 +748,7 @@ def lib() -> ctypes.CDLL:
             _missing["fused"] = _declare_fused(l)
             _missing["attention"] = _declare_attention(l)
             _check_version(l.dk_version().decode(), path)
+            _check_header(l, path)
             _lib_path = path
             _lib = l
     return _lib

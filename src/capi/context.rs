@@ -29,6 +29,28 @@ pub extern "C" fn dk_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
+/// 64-bit FNV-1a of `bytes` (at compile time: the header's fingerprint).
+const fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut i = 0;
+    while i < bytes.len() {
+        h = (h ^ bytes[i] as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    h
+}
+
+/// The fingerprint of the C header this library was built with.
+const HEADER_HASH: u64 = fnv1a(include_bytes!("../../include/distill_kernels.h"));
+
+/// 64-bit FNV-1a of the bytes of `include/distill_kernels.h` as this library was built: a binding
+/// that has the header (the Python package in a checkout) compares it to catch a stale library
+/// of the same version number but another ABI.
+#[no_mangle]
+pub extern "C" fn dk_header_hash() -> u64 {
+    HEADER_HASH
+}
+
 /// Number of CUDA devices present (0 without a driver).
 #[no_mangle]
 pub extern "C" fn dk_cuda_device_count() -> i32 {
