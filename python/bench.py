@@ -120,9 +120,9 @@ def log(msg: str) -> None:
 MIN_SAMPLES = 8
 
 
-def _events_median(fn, warmup_ms: float, rep_ms: float, setup=None) -> float:
-    """Median time in ms of fn(), with CUDA events around each call; ``setup()``, when given,
-    runs before every call (warm-up included) outside the events."""
+def _one_call_ms(fn, setup=None) -> float:
+    """One warm call of fn, timed with CUDA events (the estimate that sizes the repetitions);
+    ``setup()``, when given, runs before each of the two calls outside the events."""
     setup = setup or (lambda: None)
     setup()
     fn()
@@ -132,8 +132,16 @@ def _events_median(fn, warmup_ms: float, rep_ms: float, setup=None) -> float:
     start.record()
     fn()
     end.record()
-    torch.cuda.synchronize()
-    est = max(start.elapsed_time(end), 1e-3)
+    end.synchronize()
+    return max(start.elapsed_time(end), 1e-3)
+
+
+def _events_median(fn, warmup_ms: float, rep_ms: float, setup=None) -> float:
+    """Median time in ms of fn(), with CUDA events around each call; ``setup()``, when given,
+    runs before every call (warm-up included) outside the events."""
+    setup = setup or (lambda: None)
+    est = _one_call_ms(fn, setup)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(max(1, int(warmup_ms / est))):
         setup()
         fn()
@@ -146,18 +154,6 @@ def _events_median(fn, warmup_ms: float, rep_ms: float, setup=None) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def _one_call_ms(fn) -> float:
-    """One warm call of fn, timed with CUDA events (the estimate that sizes the repetitions)."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return max(start.elapsed_time(end), 1e-3)
 
 
 def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:

@@ -85,7 +85,7 @@ fn parsed() -> &'static [std::result::Result<Option<&'static str>, String>] {
 pub(crate) fn value(name: &str) -> Option<&'static str> {
     let i = SWITCHES.iter().position(|s| s.name == name);
     debug_assert!(i.is_some(), "{name} is not a DK_* switch");
-    i.and_then(|i| parsed()[i].clone().ok().flatten())
+    i.and_then(|i| parsed()[i].as_ref().ok().copied().flatten())
 }
 
 /// Errors with [`ErrorKind::InvalidArgument`](crate::error::ErrorKind::InvalidArgument) naming
@@ -107,7 +107,13 @@ pub fn active() -> Vec<String> {
     SWITCHES
         .iter()
         .zip(parsed())
-        .filter_map(|(sw, r)| r.clone().ok().flatten().map(|v| format!("{}={v}", sw.name)))
+        .filter_map(|(sw, r)| {
+            r.as_ref()
+                .ok()
+                .copied()
+                .flatten()
+                .map(|v| format!("{}={v}", sw.name))
+        })
         .collect()
 }
 

@@ -8,9 +8,7 @@
 //! stores, so they require 16-byte aligned rows. Permute with k > 1 first inverts `perm` and then
 //! reads each token row once for all of its slots (`cuda/MOE.md`, "Token-major permute").
 
-use cudarc::driver::{
-    sys, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{sys, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 use super::{
@@ -223,19 +221,6 @@ fn check_int_workspace(
     Ok(())
 }
 
-/// The int32 scratch of a route or permute: the caller's workspace (checked as
-/// [`check_int_workspace`] does) or, without one, memory allocated on `stream`.
-fn int_workspace(
-    dev: &CudaDevice,
-    launch: &Launch<'_>,
-    stream: &Arc<CudaStream>,
-    need: usize,
-    what: &str,
-) -> Result<(u64, Option<CudaSlice<u8>>)> {
-    check_int_workspace(dev, launch, need, what)?;
-    dev.workspace(launch, stream, need)
-}
-
 /// The top-k kernel for `e` experts: lanes hold P = 32-expert slices (P a power of two).
 fn topk_kernel_name(dtype: DType, e: usize) -> String {
     let p = e.div_ceil(32).next_power_of_two();
@@ -364,13 +349,8 @@ pub(crate) fn route(
     // is unsafe for that reason), or null for the legacy default stream.
     let stream = unsafe { dev.borrow_stream(launch.stream) };
     let need = route_workspace_size(n, e, k);
-    let (ws, owned) = int_workspace(
-        dev,
-        launch,
-        &stream,
-        need,
-        &format!("a route of N = {n}, E = {e}"),
-    )?;
+    check_int_workspace(dev, launch, need, &format!("a route of N = {n}, E = {e}"))?;
+    let (ws, owned) = dev.workspace(launch, &stream, need)?;
 
     let args = MoeRouteArgs {
         logits: raw.logits as u64,
@@ -527,8 +507,8 @@ pub(crate) fn permute(dev: &CudaDevice, raw: &RawPermute, launch: &Launch<'_>) -
     dev.function(&gather)?;
     // SAFETY: see `route`.
     let stream = unsafe { dev.borrow_stream(launch.stream) };
-    // Preset below before any kernel reads it.
-    let (ptr, scratch) = int_workspace(dev, launch, &stream, need, &what)?;
+    // Checked above; preset below before any kernel reads it.
+    let (ptr, scratch) = dev.workspace(launch, &stream, need)?;
     // SAFETY: `ptr` is at least 4 · (slots + 1) bytes of device memory of this device.
     unsafe {
         cudarc::driver::result::memset_d8_async(ptr, 0xff, 4 * slots as usize, stream.cu_stream())?;

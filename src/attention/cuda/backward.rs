@@ -383,9 +383,9 @@ fn wgmma_opt_ins(d: usize) -> [(&'static str, usize); 2] {
 /// Sets the dynamic shared memory limit of `dk_attn_bwd_{stem}_{dtype}_d{D}` for every dtype and
 /// head dimension of `table`. Returns the first refusal (kernel, bytes, the driver's error), if
 /// any; the others are still tried.
-fn opt_in(
+fn opt_in<const K: usize>(
     functions: &HashMap<&'static str, CudaFunction>,
-    table: fn(usize) -> Vec<(&'static str, usize)>,
+    table: fn(usize) -> [(&'static str, usize); K],
 ) -> Option<String> {
     let mut refused = None;
     for t in ["bf16", "f16"] {
@@ -410,13 +410,13 @@ fn opt_in(
 /// the 128-key kernels were accepted too (their 161 KiB at D = 128 exceed what some devices
 /// allow a block): only then may `DK_ATTENTION_BWD=wide` select them.
 pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Result<bool> {
-    if let Some(why) = opt_in(functions, |d| default_opt_ins(d).to_vec()) {
+    if let Some(why) = opt_in(functions, default_opt_ins) {
         bail!(
             Cuda,
             "the device refused an attention backward kernel's dynamic shared memory: {why}"
         );
     }
-    Ok(opt_in(functions, |d| wide_opt_ins(d).to_vec()).is_none())
+    Ok(opt_in(functions, wide_opt_ins).is_none())
 }
 
 /// Opts the wgmma dK/dV and dQ kernels into their dynamic shared memory (66 and 130 KiB, 65
@@ -427,7 +427,7 @@ pub(crate) fn configure_wgmma(
     functions: &HashMap<&'static str, CudaFunction>,
     compute_capability: (i32, i32),
 ) -> bool {
-    compute_capability == (9, 0) && opt_in(functions, |d| wgmma_opt_ins(d).to_vec()).is_none()
+    compute_capability == (9, 0) && opt_in(functions, wgmma_opt_ins).is_none()
 }
 
 /// The kernels of one backward call, each as (name stem, dynamic shared memory, threads): every

@@ -10,7 +10,7 @@ use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DevicePtr};
 use distill_kernels::divergence::{Divergence, Params};
 use distill_kernels::{Context, DType, Launch, Location, Matrix, MatrixMut, VectorMut};
 
-use crate::data::{fill_rows, host_memory_available, widen, HostBuf};
+use crate::data::{fill_rows, host_memory_available, widen, HostBuf, Rng};
 
 /// Sampled rows of the inputs, widened to f64 (not yet divided by T).
 pub struct Inputs {
@@ -746,17 +746,9 @@ impl CudaRunner {
                 free as f64 / GIB
             ));
         }
-        // splitmix64: cheap random words, uploaded once.
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let words: Vec<u64> = (0..bytes / 8)
-            .map(|_| {
-                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^ (z >> 31)
-            })
-            .collect();
+        // Random words, uploaded once.
+        let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15);
+        let words: Vec<u64> = (0..bytes / 8).map(|_| rng.next_u64()).collect();
         let src = drv("cuMemcpyHtoD", self.stream.clone_htod(&words))?;
         drop(words);
         // SAFETY: the destination is only written.

@@ -5,8 +5,8 @@
 
 use distill_kernels::divergence::Kind;
 
-/// log-softmax of `x` and its probabilities; `None` when no entry is finite-or-above −inf (a
-/// fully masked side) or a NaN is present.
+/// log-softmax of `x` and its probabilities; `None` when every entry is −inf (a fully masked
+/// side) or one is NaN.
 fn log_softmax(x: &[f64]) -> Option<(Vec<f64>, Vec<f64>)> {
     if x.iter().any(|v| v.is_nan()) {
         return None;
