@@ -9,7 +9,9 @@
  *    caller's stream (cudaStream_t / CUstream; NULL = the legacy default stream) and no call
  *    synchronises the host. On the CPU context pointers are host memory and calls are blocking.
  *  - Scratch memory: query *_workspace_size and pass at least that many bytes of device memory,
- *    or pass NULL to let the library allocate on the stream (cuMemAllocAsync).
+ *    or pass NULL to let the library allocate on the stream (cuMemAllocAsync). Its start must
+ *    be 4-byte aligned (16 for the non-deterministic attention backward; any for the fused
+ *    linear divergence), as every allocator's is: DK_ERR_INVALID_ARGUMENT otherwise.
  *  - Pointers are aligned to their element size (DK_ERR_INVALID_ARGUMENT otherwise); MoE and
  *    attention rows need 16-byte alignment (their sections say which).
  *  - Outputs may not overlap the inputs or each other (DK_ERR_SHAPE), except the documented

@@ -44,6 +44,9 @@ impl<T: Element> AlignedBuf<T> {
     }
 
     /// `len` copies of `value`.
+    ///
+    /// # Panics
+    /// If `len` elements (plus alignment slack) overflow `usize` or cannot be allocated.
     pub fn filled(len: usize, value: T) -> Self {
         let size = std::mem::size_of::<T>();
         // Enough spare elements to reach the next boundary from any element-aligned address.

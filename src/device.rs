@@ -262,11 +262,14 @@ impl CudaDevice {
     }
 
     /// Checks the caller's workspace, when one is given: this device's memory, non-null, at
-    /// least `need` bytes (`what` says what the size is for, in the message).
+    /// least `need` bytes, its start a multiple of `align` bytes (what the kernels store there
+    /// needs: a misaligned store is a sticky error that ends the CUDA context). `what` says what
+    /// the size is for, in the message.
     pub(crate) fn check_workspace(
         &self,
         launch: &Launch<'_>,
         need: usize,
+        align: usize,
         what: &str,
     ) -> Result<()> {
         let Some(ws) = &launch.workspace else {
@@ -288,6 +291,13 @@ impl CudaDevice {
                 WorkspaceTooSmall,
                 "workspace has {} bytes, {need} are needed for {what}",
                 ws.len
+            );
+        }
+        if ws.ptr as usize % align != 0 {
+            bail!(
+                InvalidArgument,
+                "the workspace for {what} must be {align}-byte aligned, got address {:p}",
+                ws.ptr
             );
         }
         self.check_pointer("workspace", ws.ptr as *const c_void)
@@ -346,9 +356,11 @@ impl Context {
     }
 
     /// The CUDA device `ordinal`: retains its primary context and loads the embedded kernels.
-    /// Errors with [`ErrorKind::NoDevice`] where there is no driver, no such device, or no kernels,
-    /// and with [`ErrorKind::InvalidArgument`] while a `DK_*` A/B switch of the environment holds a
-    /// value it does not take ([`crate::switches`]).
+    ///
+    /// # Errors
+    /// [`ErrorKind::NoDevice`] where there is no driver, no such device, or no kernels;
+    /// [`ErrorKind::InvalidArgument`] while a `DK_*` A/B switch of the environment holds a value
+    /// it does not take ([`crate::switches`]); [`ErrorKind::Cuda`] where the driver fails.
     pub fn cuda(ordinal: usize) -> Result<Self> {
         Ok(Context {
             backend: Backend::Cuda(CudaDevice::open(ordinal)?),
@@ -356,6 +368,9 @@ impl Context {
     }
 
     /// `-1` for the CPU, `n ≥ 0` for CUDA device `n` (the C ABI's convention).
+    ///
+    /// # Errors
+    /// As [`Context::cuda`]; [`ErrorKind::InvalidArgument`] for a code below -1.
     pub fn new(device: i32) -> Result<Self> {
         match device {
             -1 => Ok(Context::cpu()),
@@ -367,9 +382,18 @@ impl Context {
         }
     }
 
-    /// The best backend present: CUDA device 0 when it can be opened, else the CPU.
-    pub fn best() -> Self {
-        Context::cuda(0).unwrap_or_else(|_| Context::cpu())
+    /// The best backend present: CUDA device 0 when there is one, else the CPU.
+    ///
+    /// # Errors
+    /// Only what is not a missing GPU: a device that is present but cannot be opened, or a
+    /// `DK_*` switch with a value it does not know ([`ErrorKind::InvalidArgument`]: a misspelt
+    /// switch must not quietly fall back to the CPU). A missing CUDA build, driver or device
+    /// ([`ErrorKind::NoDevice`]) gives the CPU context.
+    pub fn best() -> Result<Self> {
+        match Context::cuda(0) {
+            Err(e) if e.kind() == ErrorKind::NoDevice => Ok(Context::cpu()),
+            r => r,
+        }
     }
 
     /// Where this context expects its operands' memory.
@@ -413,6 +437,12 @@ pub struct Launch<'a> {
     pub(crate) workspace: Option<VectorMut<'a, u8>>,
 }
 
+// SAFETY: the stream is an opaque CUDA handle, usable from any thread (the driver API is
+// thread-safe and a stream belongs to no thread); the workspace view is itself Send + Sync.
+unsafe impl Send for Launch<'_> {}
+// SAFETY: as above; a shared `&Launch` only reads the handle.
+unsafe impl Sync for Launch<'_> {}
+
 impl Default for Launch<'_> {
     fn default() -> Self {
         Launch {
@@ -435,7 +465,10 @@ impl<'a> Launch<'a> {
         }
     }
 
-    /// Uses `workspace` (device memory of at least `*_workspace_size` bytes) for scratch.
+    /// Uses `workspace` (device memory of at least `*_workspace_size` bytes) for scratch. Its
+    /// start must be 4-byte aligned (16 for the non-deterministic attention backward; any for
+    /// the fused linear divergence), as every allocator's is; a call refuses it otherwise
+    /// ([`ErrorKind::InvalidArgument`]), before queuing anything.
     pub fn with_workspace(mut self, workspace: VectorMut<'a, u8>) -> Self {
         self.workspace = Some(workspace);
         self

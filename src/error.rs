@@ -3,8 +3,10 @@
 use std::fmt;
 
 /// What went wrong, coarsely: the C ABI returns this as its status code (`dk_status`).
+/// Non-exhaustive: new kinds may be added (as `OutOfMemory` was), so a `match` needs a `_` arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(i32)]
+#[non_exhaustive]
 pub enum ErrorKind {
     /// A required pointer was null.
     NullPointer = 1,
@@ -44,6 +46,13 @@ impl ErrorKind {
             ErrorKind::Panic => "internal panic",
             ErrorKind::OutOfMemory => "out of memory",
         }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    /// The stable name ([`ErrorKind::name`]).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 

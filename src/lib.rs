@@ -36,6 +36,8 @@
 //! ```
 
 #![warn(missing_docs)]
+// Every fallible public function says how it fails (CI runs clippy with -D warnings).
+#![warn(clippy::missing_errors_doc, clippy::missing_panics_doc)]
 
 pub mod aligned;
 pub mod attention;

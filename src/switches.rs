@@ -88,8 +88,11 @@ pub(crate) fn value(name: &str) -> Option<&'static str> {
     i.and_then(|i| parsed()[i].as_ref().ok().copied().flatten())
 }
 
-/// Errors with [`ErrorKind::InvalidArgument`](crate::error::ErrorKind::InvalidArgument) naming
-/// every switch set to a value it does not take; called when a CUDA context opens.
+/// Called when a CUDA context opens.
+///
+/// # Errors
+/// [`ErrorKind::InvalidArgument`](crate::error::ErrorKind::InvalidArgument) naming every switch
+/// set to a value it does not take.
 pub fn check() -> Result<()> {
     let bad: Vec<&str> = parsed()
         .iter()

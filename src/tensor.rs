@@ -131,7 +131,11 @@ unsafe impl Send for Matrix<'_> {}
 unsafe impl Sync for Matrix<'_> {}
 
 impl<'a> Matrix<'a> {
-    /// Borrows a host slice as a matrix; errors if the slice is too short or the stride too small.
+    /// Borrows a host slice as a matrix.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Shape`] if the slice is too short for the shape or
+    /// the stride is below `cols`.
     pub fn host<T: Element>(
         data: &'a [T],
         rows: usize,
@@ -153,9 +157,11 @@ impl<'a> Matrix<'a> {
     /// Wraps a raw pointer.
     ///
     /// # Safety
-    /// `ptr` must be valid for reads of `span` elements of `dtype` at `location` (or null, which
-    /// the operations reject) for the lifetime `'a`, and not be written through another path while
-    /// the view is used.
+    /// `ptr` must be valid for reads of `span` elements of `dtype` at `location`, where span is
+    /// `(rows - 1) * row_stride + cols` (0 for an empty view), or null (which the operations
+    /// reject), and not be written through another path while the view is used. Valid for `'a`
+    /// and, for CUDA memory, until the work queued on the stream of every call that used the
+    /// view has completed: the calls return once their work is queued.
     pub unsafe fn from_raw(
         ptr: *const u8,
         dtype: DType,
@@ -214,6 +220,10 @@ unsafe impl Send for MatrixMut<'_> {}
 
 impl<'a> MatrixMut<'a> {
     /// Mutably borrows a host slice as a matrix.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Shape`] if the slice is too short for the shape or
+    /// the stride is below `cols`.
     pub fn host<T: Element>(
         data: &'a mut [T],
         rows: usize,
@@ -235,8 +245,11 @@ impl<'a> MatrixMut<'a> {
     /// Wraps a raw pointer.
     ///
     /// # Safety
-    /// `ptr` must be valid for reads and writes of `span` elements of `dtype` at `location` (or
-    /// null, which the operations reject) for `'a`, with no other access while the view is used.
+    /// `ptr` must be valid for reads and writes of `span` elements of `dtype` at `location`,
+    /// where span is `(rows - 1) * row_stride + cols` (0 for an empty view), or null (which the
+    /// operations reject), with no other access while the view is used. Valid for `'a` and, for
+    /// CUDA memory, until the work queued on the stream of every call that used the view has
+    /// completed: the calls return once their work is queued.
     pub unsafe fn from_raw(
         ptr: *mut u8,
         dtype: DType,
@@ -320,7 +333,8 @@ impl<'a, T> Vector<'a, T> {
     ///
     /// # Safety
     /// `ptr` must be valid for reads of `len` elements at `location` (or null, which the
-    /// operations reject) for `'a`.
+    /// operations reject) for `'a` and, for CUDA memory, until the work queued on the stream of
+    /// every call that used the view has completed (the calls return once it is queued).
     pub unsafe fn from_raw(ptr: *const T, len: usize, location: Location) -> Self {
         Vector {
             ptr,
@@ -371,7 +385,9 @@ impl<'a, T> VectorMut<'a, T> {
     ///
     /// # Safety
     /// `ptr` must be valid for reads and writes of `len` elements at `location` (or null, which
-    /// the operations reject) for `'a`, with no other access while the view is used.
+    /// the operations reject) for `'a` and, for CUDA memory, until the work queued on the stream
+    /// of every call that used the view has completed (the calls return once it is queued), with
+    /// no other access while the view is used.
     pub unsafe fn from_raw(ptr: *mut T, len: usize, location: Location) -> Self {
         VectorMut {
             ptr,

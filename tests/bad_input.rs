@@ -379,6 +379,9 @@ fn temperature_out_of_range() {
         f32::INFINITY,
         f32::NEG_INFINITY,
         f32::NAN,
+        // Subnormal: 1 / T is infinite in f32 (the CUDA kernels' scale).
+        1e-39,
+        f32::from_bits(1),
     ] {
         for kind in [Kind::ForwardKl, Kind::ReverseKl, Kind::Jsd] {
             let mut c = base(&mut rng);
@@ -432,7 +435,7 @@ fn cuda_context_without_gpu_is_no_device() {
             for r in [Context::cuda(0).map(|_| ()), Context::new(0).map(|_| ())] {
                 assert_kind(r, ErrorKind::NoDevice, &format!("CUDA context with {why}"));
             }
-            assert!(Context::best().cuda_device().is_none());
+            assert!(Context::best().unwrap().cuda_device().is_none());
             visible(&format!(
                 "note: CUDA absent ({why}): checked that Context::cuda(0) is NoDevice"
             ));
@@ -489,6 +492,15 @@ fn cuda_host_memory_and_workspace() {
         );
         assert!(before == after, "buffers changed");
     }
+    // Large enough but one byte off: the kernels store f32 values at its start (a misaligned
+    // store would end the CUDA context for the whole process).
+    let (res, before, after) = dev.run_ws(&c, Workspace::Misaligned);
+    assert_kind(
+        res,
+        ErrorKind::InvalidArgument,
+        "workspace one byte off 4-byte alignment",
+    );
+    assert!(before == after, "buffers changed");
     // A workspace in host memory.
     let Device::Cuda(cuda) = &dev else {
         unreachable!()

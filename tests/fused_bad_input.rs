@@ -566,7 +566,7 @@ fn host_pointers_on_a_cuda_context() {
 }
 
 #[test]
-fn workspace_query_checks_shapes_not_params() {
+fn workspace_query_checks_shapes_and_params() {
     let ctx = Context::cpu();
     let sh = vec![1.0f32; 20];
     let sw = vec![1.0f32; 30];
@@ -587,4 +587,9 @@ fn workspace_query_checks_shapes_not_params() {
     assert_eq!(ctx.fused_linear_workspace_size(&make(5), &p).unwrap(), 0);
     let e = ctx.fused_linear_workspace_size(&make(4), &p).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Shape, "{e}");
+    // Parameters the call would refuse are refused by the size query too.
+    let mut bad = FusedLinearParams::default();
+    bad.divergence.temperature = f32::NAN;
+    let e = ctx.fused_linear_workspace_size(&make(5), &bad).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
 }

@@ -190,6 +190,13 @@ pub(crate) struct RawAttentionBackward {
 
 impl Context {
     /// Attention forward: out and LSE. Stream-ordered on CUDA; on error nothing is written.
+    ///
+    /// # Errors
+    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
+    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
+    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
+    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
+    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
     pub fn attention(
         &self,
         call: Attention<'_>,
@@ -206,6 +213,9 @@ impl Context {
 
     /// Bytes of device workspace [`Context::attention_backward`] needs for this call (0 on the
     /// CPU). Validates the call like the backward itself.
+    ///
+    /// # Errors
+    /// What [`Context::attention_backward`] would refuse in the call itself.
     pub fn attention_backward_workspace_size(
         &self,
         call: &AttentionBackward<'_>,
@@ -219,6 +229,13 @@ impl Context {
     }
 
     /// Attention backward: dQ, dK, dV. Stream-ordered on CUDA; on error nothing is written.
+    ///
+    /// # Errors
+    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
+    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
+    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
+    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
+    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
     pub fn attention_backward(
         &self,
         call: AttentionBackward<'_>,

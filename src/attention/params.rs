@@ -67,6 +67,10 @@ impl AttentionParams {
     }
 
     /// Checks heads, head dimension and scale.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) (or `Shape` for a
+    /// size that does not fit), with a message naming the parameter and its range.
     pub fn validate(&self) -> Result<()> {
         if self.heads_q == 0 || self.heads_kv == 0 {
             bail!(

@@ -258,74 +258,76 @@ pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) {
     // SAFETY: labels validated by the caller.
     let scale = unsafe { loss_scale(raw, params) };
     let (n, v) = (raw.n, raw.v);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |t| t.get())
-        .min(n)
-        .max(1);
-    let rows_per = n.div_ceil(threads);
+    // Small calls stay on the calling thread (a thread start costs more than their rows).
+    let threads = crate::parallel::threads_for(n, v);
+    let rows_per = n.div_ceil(threads).max(1);
     // SAFETY: each worker reads shared inputs and writes only its own rows of the outputs.
     let shared = unsafe { Shared::new(*raw) };
     let ignore = params.ignore_index;
     let mut row_loss = vec![0.0f64; n];
-    std::thread::scope(|scope| {
-        for (chunk_idx, chunk) in row_loss.chunks_mut(rows_per).enumerate() {
-            let shared = &shared;
-            scope.spawn(move || {
-                let raw = shared.get();
-                let mut b = vec![0.0f64; v];
-                let mut a = vec![0.0f64; v];
-                let mut g = vec![0.0f64; if raw.grad.is_null() { 0 } else { v }];
-                for (k, out) in chunk.iter_mut().enumerate() {
-                    let row = chunk_idx * rows_per + k;
-                    // SAFETY: row < n, labels hold n values when non-null.
-                    let ignored =
-                        !raw.labels.is_null() && unsafe { *raw.labels.add(row) } == ignore;
-                    if ignored {
-                        *out = 0.0;
-                        g.fill(0.0);
-                    } else {
-                        // SAFETY: row < n within the validated shapes.
-                        unsafe {
-                            read_row(
-                                raw.student,
-                                raw.student_dtype,
-                                raw.student_stride,
-                                row,
-                                inv_t,
-                                &mut b,
-                            );
-                            read_row(
-                                raw.teacher,
-                                raw.teacher_dtype,
-                                raw.teacher_stride,
-                                row,
-                                inv_t,
-                                &mut a,
-                            );
-                        }
-                        let grad = (!raw.grad.is_null()).then_some(g.as_mut_slice());
-                        let loss = row_divergence(kind, beta, &b, &a, grad);
-                        // A divergence is >= 0; rounding of equal rows can give -1e-16 (NaN stays).
-                        *out = if loss < 0.0 { 0.0 } else { loss };
-                    }
-                    if !raw.grad.is_null() {
-                        // SAFETY: this thread owns row `row` of the gradient; the student row
-                        // (which may be the same memory) was read above.
-                        unsafe {
-                            write_row(
-                                raw.grad,
-                                raw.student_dtype,
-                                raw.grad_stride,
-                                row,
-                                scale * inv_t,
-                                &g,
-                            )
-                        };
-                    }
+    let rows = |chunk_idx: usize, chunk: &mut [f64]| {
+        let raw = shared.get();
+        let mut b = vec![0.0f64; v];
+        let mut a = vec![0.0f64; v];
+        let mut g = vec![0.0f64; if raw.grad.is_null() { 0 } else { v }];
+        for (k, out) in chunk.iter_mut().enumerate() {
+            let row = chunk_idx * rows_per + k;
+            // SAFETY: row < n, labels hold n values when non-null.
+            let ignored = !raw.labels.is_null() && unsafe { *raw.labels.add(row) } == ignore;
+            if ignored {
+                *out = 0.0;
+                g.fill(0.0);
+            } else {
+                // SAFETY: row < n within the validated shapes.
+                unsafe {
+                    read_row(
+                        raw.student,
+                        raw.student_dtype,
+                        raw.student_stride,
+                        row,
+                        inv_t,
+                        &mut b,
+                    );
+                    read_row(
+                        raw.teacher,
+                        raw.teacher_dtype,
+                        raw.teacher_stride,
+                        row,
+                        inv_t,
+                        &mut a,
+                    );
                 }
-            });
+                let grad = (!raw.grad.is_null()).then_some(g.as_mut_slice());
+                let loss = row_divergence(kind, beta, &b, &a, grad);
+                // A divergence is >= 0; rounding of equal rows can give -1e-16 (NaN stays).
+                *out = if loss < 0.0 { 0.0 } else { loss };
+            }
+            if !raw.grad.is_null() {
+                // SAFETY: this thread owns row `row` of the gradient; the student row
+                // (which may be the same memory) was read above.
+                unsafe {
+                    write_row(
+                        raw.grad,
+                        raw.student_dtype,
+                        raw.grad_stride,
+                        row,
+                        scale * inv_t,
+                        &g,
+                    )
+                };
+            }
         }
-    });
+    };
+    if threads == 1 {
+        rows(0, &mut row_loss);
+    } else {
+        std::thread::scope(|scope| {
+            for (chunk_idx, chunk) in row_loss.chunks_mut(rows_per).enumerate() {
+                let rows = &rows;
+                scope.spawn(move || rows(chunk_idx, chunk));
+            }
+        });
+    }
     if !raw.per_token.is_null() {
         for (i, &l) in row_loss.iter().enumerate() {
             // SAFETY: per_token holds n f32 values.

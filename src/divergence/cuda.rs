@@ -226,9 +226,13 @@ const ROW_THREADS: u32 = 256;
 /// Byte offset of the per-row scratch in the workspace (the scale sits at 0).
 const PER_ROW_OFFSET: usize = 256;
 
-/// Workspace bytes for `n` rows: the loss scale, then `n` per-row losses.
+/// Workspace bytes for `n` rows: the loss scale, then `n` per-row losses. Saturates (an `n`
+/// that large is refused by the call itself).
 pub(crate) fn workspace_size(n: usize) -> usize {
-    PER_ROW_OFFSET + (4 * n).next_multiple_of(256)
+    n.checked_mul(4)
+        .and_then(|b| b.checked_next_multiple_of(256))
+        .and_then(|b| b.checked_add(PER_ROW_OFFSET))
+        .unwrap_or(usize::MAX)
 }
 
 /// The kind's part of the kernel names: `fkl`, `rkl`, `jsd`.
@@ -652,7 +656,8 @@ pub(crate) fn divergence(
         dev.check_pointer(what, p)?;
     }
     let need = workspace_size(raw.n);
-    dev.check_workspace(launch, need, &format!("N = {}", raw.n))?;
+    // It holds the f32 loss scale and per-row f32 partial results.
+    dev.check_workspace(launch, need, 4, &format!("N = {}", raw.n))?;
     let kernels = RowKernels::new(
         dev,
         params.effective_kind(),

@@ -116,14 +116,24 @@ impl Params {
     }
 
     /// Rejects out-of-range values with a message naming the parameter.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) (or `Shape` for a
+    /// size that does not fit), with a message naming the parameter and its range.
     pub fn validate(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.beta) {
             bail!(InvalidArgument, "beta must be in [0, 1], got {}", self.beta);
         }
-        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+        // The kernels scale by 1 / T in f32: a subnormal T (below about 2.9e-39) would make it
+        // infinite and the rows NaN on CUDA, where the CPU's f64 gives a finite result.
+        if !(self.temperature.is_finite()
+            && self.temperature > 0.0
+            && (1.0 / self.temperature).is_finite())
+        {
             bail!(
                 InvalidArgument,
-                "temperature must be finite and > 0, got {}",
+                "temperature must be finite and > 0 with a finite f32 reciprocal (at least about \
+                 2.9e-39), got {}",
                 self.temperature
             );
         }

@@ -608,7 +608,8 @@ pub(crate) fn reference_gemms(
         ld("grad_hidden stride", g.grad_hidden.row_stride)?,
         ld("grad_weight stride", g.grad_weight.row_stride)?,
     );
-    dev.check_workspace(launch, CUBLAS_WORKSPACE + ALIGN, "cuBLAS's workspace")?;
+    // Any start: the slack of ALIGN bytes lets the buffer be aligned here.
+    dev.check_workspace(launch, CUBLAS_WORKSPACE + ALIGN, 1, "cuBLAS's workspace")?;
     cublas_loadable()?;
     let guard = dev.blas.acquire(&dev.ctx)?;
     let handle = handle_of(&guard)?;
@@ -730,9 +731,11 @@ pub(crate) fn fused_linear(
         0
     };
 
+    // Any start: the layout's slack aligns it.
     dev.check_workspace(
         launch,
         lay.total,
+        1,
         "these shapes (fused_linear_workspace_size)",
     )?;
     cublas_loadable()?;

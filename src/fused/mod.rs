@@ -102,11 +102,16 @@ pub(crate) struct RawFusedLinear {
 
 impl Context {
     /// Bytes of device workspace the call needs with these parameters (0 on the CPU).
+    ///
+    /// # Errors
+    /// What the call itself would refuse in its shapes or parameters (the size of a call that
+    /// cannot run is meaningless).
     pub fn fused_linear_workspace_size(
         &self,
         call: &FusedLinear<'_>,
         params: &FusedLinearParams,
     ) -> Result<usize> {
+        params.validate()?;
         let raw = RawFusedLinear::describe(self, call)?;
         Ok(match self.backend() {
             Backend::Cpu => 0,
@@ -198,6 +203,13 @@ impl Context {
     ///
     /// N = 0 rows is an empty batch: the loss is 0, and so is the weight gradient (left as it
     /// is when accumulating); the hidden-state views of no rows may have null pointers.
+    ///
+    /// # Errors
+    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
+    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
+    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
+    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
+    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
     pub fn fused_linear_divergence(
         &self,
         call: FusedLinear<'_>,

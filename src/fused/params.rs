@@ -66,6 +66,10 @@ impl FusedLinearParams {
     /// Rejects out-of-range values with a message naming the parameter: the divergence
     /// parameters, `logit_scale` (finite, > 0), `softcap` (finite, > 0 when set) and
     /// `chunk_rows` (≥ 1 when set).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) (or `Shape` for a
+    /// size that does not fit), with a message naming the parameter and its range.
     pub fn validate(&self) -> Result<()> {
         self.divergence.validate()?;
         if !(self.logit_scale.is_finite() && self.logit_scale > 0.0) {

@@ -209,16 +209,7 @@ fn check_int_workspace(
     need: usize,
     what: &str,
 ) -> Result<()> {
-    dev.check_workspace(launch, need, what)?;
-    if let Some(ws) = &launch.workspace {
-        if ws.ptr as usize % 4 != 0 {
-            bail!(
-                InvalidArgument,
-                "the workspace of {what} must be 4-byte aligned (it holds int32 values)"
-            );
-        }
-    }
-    Ok(())
+    dev.check_workspace(launch, need, 4, what)
 }
 
 /// The top-k kernel for `e` experts: lanes hold P = 32-expert slices (P a power of two).

@@ -234,6 +234,13 @@ impl Context {
     /// assert!(y.iter().zip(x.iter()).all(|(a, b)| (a - b).abs() <= 1e-4 * b.abs().max(1.0)));
     /// # Ok::<(), distill_kernels::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
+    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
+    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
+    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
+    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
     pub fn moe_route(
         &self,
         call: Route<'_>,
@@ -263,6 +270,13 @@ impl Context {
     /// Gathers token rows into the permuted (expert-major) order. On CUDA with k > 1,
     /// `launch`'s workspace (at least [`Context::moe_permute_workspace_size`] bytes, 4-byte
     /// aligned) holds the scratch; without one the library allocates it on the stream.
+    ///
+    /// # Errors
+    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
+    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
+    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
+    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
+    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
     pub fn moe_permute(&self, call: Permute<'_>, launch: &Launch<'_>) -> Result<()> {
         let raw = RawPermute::validate(self, call)?;
         if raw.n == 0 || raw.rows == 0 {
@@ -276,6 +290,13 @@ impl Context {
     }
 
     /// Each token's weighted sum of its expert rows, deterministic (no atomics).
+    ///
+    /// # Errors
+    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
+    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
+    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
+    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
+    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
     pub fn moe_combine(&self, call: Combine<'_>, launch: &Launch<'_>) -> Result<()> {
         let raw = RawCombine::validate(self, call)?;
         if raw.n == 0 {
@@ -289,6 +310,13 @@ impl Context {
     }
 
     /// Per-slot dot products of token rows with their permuted rows (weights' gradients).
+    ///
+    /// # Errors
+    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
+    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
+    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
+    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
+    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
     pub fn moe_slot_dot(&self, call: SlotDot<'_>, launch: &Launch<'_>) -> Result<()> {
         let raw = RawSlotDot::validate(self, call)?;
         if raw.n == 0 {

@@ -93,6 +93,10 @@ impl RouteParams {
     }
 
     /// Checks the parameters against `e` experts.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) (or `Shape` for a
+    /// size that does not fit), with a message naming the parameter and its range.
     pub fn validate(&self, e: usize) -> Result<()> {
         if e == 0 || e > MAX_EXPERTS {
             bail!(Shape, "E = {e} experts: must be in 1..={MAX_EXPERTS}");

@@ -143,6 +143,13 @@ impl Context {
     /// Stream-ordered on CUDA: returns once the work is queued on `launch.stream` (the factors
     /// are read on the device, when the kernel runs); no workspace is used. On error nothing has
     /// been written.
+    ///
+    /// # Errors
+    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
+    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
+    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
+    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
+    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
     pub fn scale_rows(&self, call: ScaleRows<'_>, launch: &Launch<'_>) -> Result<()> {
         let raw = RawScaleRows::validate(self, &call)?;
         if raw.n == 0 {

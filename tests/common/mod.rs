@@ -813,6 +813,8 @@ pub enum Workspace {
     Exact,
     /// A caller buffer of this many bytes.
     Bytes(usize),
+    /// A caller buffer of the queried size that starts one byte into its allocation.
+    Misaligned,
 }
 
 /// CUDA device 0 with a context of the library and a cudarc stream for the test's memory.
@@ -943,6 +945,7 @@ impl CudaDev {
             Workspace::Library => None,
             Workspace::Exact => Some(self.ctx.divergence_workspace_size(case.n()).max(1)),
             Workspace::Bytes(b) => Some(b.max(1)),
+            Workspace::Misaligned => Some(self.ctx.divergence_workspace_size(case.n()) + 1),
         };
         let d_ws = ws_bytes.map(|b| {
             // SAFETY: scratch memory; the library writes before it reads.
@@ -952,13 +955,15 @@ impl CudaDev {
         // context, like the library's context.
         let mut launch = unsafe { Launch::on_stream(self.stream.cu_stream() as *mut c_void) };
         if let Some(d) = &d_ws {
-            let len = match ws {
-                Workspace::Bytes(b) => b,
-                _ => d.len(),
+            let (offset, len) = match ws {
+                Workspace::Bytes(b) => (0, b),
+                Workspace::Misaligned => (1, d.len() - 1),
+                _ => (0, d.len()),
             };
-            // SAFETY: device memory of `len` bytes (or fewer claimed) on device 0.
+            // SAFETY: device memory of `len` bytes (or fewer claimed) on device 0, `offset`
+            // bytes into an allocation of offset + len or more.
             launch = launch.with_workspace(unsafe {
-                VectorMut::from_raw(self.ptr(d), len, Location::Cuda(0))
+                VectorMut::from_raw(self.ptr(d).wrapping_add(offset), len, Location::Cuda(0))
             });
         }
         self.stream.synchronize().expect("sync before");

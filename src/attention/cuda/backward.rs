@@ -496,9 +496,11 @@ pub(crate) fn backward(
     }
     let sh = &raw.shape;
     let need = backward_workspace_size(raw);
+    // Delta is f32; the non-deterministic dQ accumulator is read and zeroed 16 bytes at a time.
     dev.check_workspace(
         launch_cfg,
         need,
+        if raw.deterministic { 4 } else { 16 },
         &if raw.deterministic {
             format!("Delta of Hq·Tq = {}·{}", raw.heads_q, sh.total_q)
         } else {
@@ -509,18 +511,6 @@ pub(crate) fn backward(
         },
     )?;
 
-    // The dQ accumulator is read and zeroed 16 bytes at a time.
-    if !raw.deterministic {
-        if let Some(ws) = &launch_cfg.workspace {
-            if (ws.ptr as usize) % 16 != 0 {
-                bail!(
-                    InvalidArgument,
-                    "the workspace of a non-deterministic attention backward must be 16-byte \
-                     aligned (it holds the f32 dQ accumulator)"
-                );
-            }
-        }
-    }
     let shape = AttentionShape::new(sh, raw.heads_q, raw.heads_kv, raw.causal, raw.scale)?;
     to_i32("Hq·Tq", raw.heads_q.saturating_mul(sh.total_q))?;
     let delta_items = raw.heads_q * sh.total_q;

@@ -130,6 +130,9 @@ fn index_of(x: f32) -> Option<u32> {
 /// For each probed operand, the elements the card read from a place other than the layout we
 /// assume: "(row, col) ← (row', col')" with "?" where a probe's output is no single element.
 /// `outputs[i]` is the output of `probes[i]` (64 × 64 for ss, 64 × 128 for rs, row-major).
+///
+/// # Panics
+/// If `outputs` does not hold one output per probe.
 pub fn wgmma_map_report(probes: &[WgmmaProbe], outputs: &[Vec<f32>]) -> String {
     assert_eq!(probes.len(), outputs.len(), "one output per probe");
     let mut lines = Vec::new();

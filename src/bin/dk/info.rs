@@ -114,7 +114,7 @@ pub fn run() -> i32 {
     outln!(
         "best:        {}",
         if usable > 0 {
-            Context::best().describe()
+            Context::best().map_or_else(|e| format!("none: {e}"), |c| c.describe())
         } else {
             "cpu".into()
         }
