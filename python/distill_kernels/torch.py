@@ -39,7 +39,9 @@ _DTYPES = {torch.float32: _lib.DTYPE_F32, torch.bfloat16: _lib.DTYPE_BF16, torch
 def _eager(fn):
     """Runs ``fn`` eagerly under ``torch.compile``: a clean graph break around the ctypes call
     (Dynamo would otherwise try to trace into ctypes, warn three times per call site, and break
-    there anyway). ``fullgraph=True`` therefore refuses these functions."""
+    there anyway). ``fullgraph=True`` therefore refuses these functions: the MoE faces and the
+    forms that write into inputs or caller buffers. The others are traced as the custom ops of
+    :mod:`distill_kernels._torch_ops`."""
     return torch.compiler.disable(fn)
 
 
@@ -90,6 +92,8 @@ def _matrix(name: str, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
         raise TypeError(f"{name} dtype {x.dtype} is not supported: use float32, bfloat16 or float16")
     if x.dim() == 1:
         x = x.unsqueeze(0)
+    elif x.dim() > 2:
+        x = x.reshape(-1, x.shape[-1])  # a view where the leading axes flatten, else a copy
     if not _rows_addressable(x):
         x = x.contiguous()
     n, v = x.shape
@@ -229,6 +233,37 @@ def scale_rows_(x: torch.Tensor, factors) -> torch.Tensor:
     return x
 
 
+def _divergence_run(student, teacher, labels, params, reduction_none: bool, want_grad: bool,
+                    inplace: bool = False):
+    """One dk_divergence call over ``[N, V]`` (or ``[V]``) logits on their device's current
+    stream: (loss 0-d, per-token ``[N]`` or None, gradient buffer ``[N, V]`` or None). The
+    gradient is written over ``student`` with ``inplace`` (its rows addressable: validated by
+    the caller); else into a new buffer of the student's dtype (float32 for float16)."""
+    device = _device_ordinal(student)
+    s, s_stride = _matrix("student", student)
+    t, t_stride = _matrix("teacher", teacher)
+    n, v = s.shape
+    dev = s.device
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    per_token = torch.empty(n, dtype=torch.float32, device=dev) if reduction_none else None
+    grad, g_stride = None, 0
+    if inplace:
+        if s.data_ptr() != student.data_ptr():  # pragma: no cover - a bug if reached
+            raise RuntimeError("grad_inplace: the student logits were copied")
+        grad, g_stride = s, s_stride
+    elif want_grad:
+        if s.dtype == torch.float16:
+            # A float16 gradient of the loss (batchmean: about (q - p) / N per entry) mostly
+            # falls below float16's smallest value before backward multiplies it by
+            # grad_output, an AMP loss scale: computed from a float32 copy of the student
+            # (the same values) into a float32 buffer, rounded to float16 after the scaling.
+            s, s_stride = s.float(), v
+        grad, g_stride = torch.empty((n, v), dtype=s.dtype, device=dev), v
+    _on_device(device, lambda: _launch(device, s, s_stride, t, t_stride, labels, params, loss,
+                                       per_token, grad, g_stride))
+    return loss, per_token, grad
+
+
 class DivergenceFunction(torch.autograd.Function):
     """autograd.Function behind :func:`divergence` (arguments already validated)."""
 
@@ -236,33 +271,9 @@ class DivergenceFunction(torch.autograd.Function):
     def forward(ctx, student, teacher, labels, params, reduction_none, want_grad, inplace):
         out_shape = student.shape
         lead_shape = student.shape[:-1]
-        device = _device_ordinal(student)
-        s, s_stride = _matrix("student", student)
-        t, t_stride = _matrix("teacher", teacher)
-        n, v = s.shape
-        dev = s.device
-        loss = torch.empty((), dtype=torch.float32, device=dev)
-        per_token = torch.empty(n, dtype=torch.float32, device=dev) if reduction_none else None
-        grad, g_stride = None, 0
-        if inplace:  # validated by divergence(): s is a view of student's own memory
-            if s.data_ptr() != student.data_ptr():  # pragma: no cover - a bug if reached
-                raise RuntimeError("grad_inplace: the student logits were copied")
-            grad, g_stride = s, s_stride
-        elif want_grad:
-            if s.dtype == torch.float16:
-                # A float16 gradient of the loss (batchmean: about (q - p) / N per entry) mostly
-                # falls below float16's smallest value before backward multiplies it by
-                # grad_output, an AMP loss scale: computed from a float32 copy of the student
-                # (the same values) into a float32 buffer, rounded to float16 after the scaling.
-                s, s_stride = s.float(), v
-            grad, g_stride = torch.empty((n, v), dtype=s.dtype, device=dev), v
-        if device >= 0 and device != torch.cuda.current_device():
-            with torch.cuda.device(device):
-                _launch(device, s, s_stride, t, t_stride, labels, params, loss, per_token, grad,
-                        g_stride)
-        else:
-            _launch(device, s, s_stride, t, t_stride, labels, params, loss, per_token, grad,
-                    g_stride)
+        # inplace: validated by divergence() (student's rows are addressable in place).
+        loss, per_token, grad = _divergence_run(student, teacher, labels, params,
+                                                reduction_none, want_grad, inplace)
         if inplace:
             # student now holds the gradient: autograd nodes that saved it for their backward
             # raise ("modified by an inplace operation") instead of reading the gradient.
@@ -295,7 +306,6 @@ class DivergenceFunction(torch.autograd.Function):
         return g, None, None, None, None, None, None
 
 
-@_eager
 def divergence(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -316,8 +326,18 @@ def divergence(
     loss (``batchmean`` / ``sum``) or the float32 per-token losses (``none``). The gradient is
     computed in the forward pass when ``student.requires_grad`` (and grad mode is on); pass
     ``grad=False`` to skip it. ``grad=True`` does not force one: without ``requires_grad`` (or
-    under ``torch.no_grad()``) nothing could receive it, and the call is forward only. ``num_items`` must be a Python number (not a tensor: reading a
-    device tensor would synchronise the host).
+    under ``torch.no_grad()``) nothing could receive it, and the call is forward only.
+
+    ``logits`` may have any leading shape ``[..., V]`` (``[B, T, V]``): they are flattened to rows,
+    as a view where the leading axes allow it, else by a copy (``logits[:, :-1]`` of a
+    contiguous ``[B, T, V]`` is copied: prefer ``logits`` whole with the labels of each
+    sequence's last position set to ``ignore_index``); ``labels`` and the ``none`` output have
+    the leading shape.
+
+    ``num_items`` is a Python number, or a tensor with one value (such as the Hugging Face
+    Trainer's ``num_items_in_batch``): then the call computes the ``sum`` and divides it by that
+    value on the device (no host synchronisation; a value <= 0 counts as 1, since checking it
+    would synchronise), which gives the same loss and gradients up to float32 rounding.
 
     The gradient is kept in the student's dtype until backward multiplies it by ``grad_output``,
     except for a float16 student: its gradient entries (about ``(q - p) / N`` under
@@ -346,12 +366,52 @@ def divergence(
     check, as they do for torch's own in-place ops. When no gradient is computed, nothing is
     written.
     """
+    items = _num_items_tensor(num_items, reduction, student)
+    if items is not None:
+        total = divergence(student, teacher, kind=kind, beta=beta, temperature=temperature,
+                           labels=labels, ignore_index=ignore_index, reduction="sum",
+                           num_items=None, grad=grad, grad_inplace=grad_inplace)
+        return total / items
+    if not grad_inplace and _TRACEABLE and torch.compiler.is_compiling():
+        # Under torch.compile: the custom op distill_kernels::divergence, traced into the graph
+        # (no graph break). grad_inplace writes over an input, so it stays eager (a break).
+        return _torch_ops.divergence(student, teacher, kind=kind, beta=beta,
+                                     temperature=temperature, labels=labels,
+                                     ignore_index=ignore_index, reduction=reduction,
+                                     num_items=num_items, grad=grad)
+    return _divergence_eager(student, teacher, kind=kind, beta=beta, temperature=temperature,
+                             labels=labels, ignore_index=ignore_index, reduction=reduction,
+                             num_items=num_items, grad=grad, grad_inplace=grad_inplace)
+
+
+def _num_items_tensor(num_items, reduction, like) -> Optional[torch.Tensor]:
+    """``num_items`` given as a tensor (one value): its float32 value on like's device, values
+    <= 0 (or NaN) read as 1; None for a Python number or None."""
+    if not isinstance(num_items, torch.Tensor) or not isinstance(like, torch.Tensor):
+        return None
+    if reduction != "batchmean":
+        raise ValueError(f"num_items only applies to reduction='batchmean' (got reduction="
+                         f"{reduction!r})")
+    if num_items.numel() != 1:
+        raise ValueError(f"num_items must hold one value, got shape {tuple(num_items.shape)}")
+    if num_items.dtype == torch.bool or num_items.is_complex():
+        raise TypeError(f"num_items must be a real number, got a {num_items.dtype} tensor")
+    if num_items.device != like.device and num_items.device.type != "cpu":
+        raise ValueError(f"num_items is on {num_items.device} but the inputs are on "
+                         f"{like.device}")
+    d = num_items.detach().reshape(()).to(device=like.device, dtype=torch.float32)
+    return torch.where(d > 0, d, torch.ones_like(d))
+
+
+def _check_divergence_inputs(student, teacher, labels, beta, temperature, num_items, grad,
+                             grad_inplace):
+    """The tensor and flag checks of :func:`divergence` (plain Python on shapes, dtypes and
+    devices: traceable by torch.compile); returns the int64 labels ``[N]`` or None."""
     if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
         raise TypeError("student and teacher must be torch tensors")
     for name, x in (("beta", beta), ("temperature", temperature), ("num_items", num_items)):
         if isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a Python number (a tensor would force a host sync)")
-    params = _lib.make_params(kind, beta, temperature, ignore_index, reduction, num_items)
     if grad is not None and not isinstance(grad, bool):
         raise TypeError(f"grad must be None or a bool, got {grad!r}")
     for name, x in (("student", student), ("teacher", teacher)):
@@ -359,8 +419,8 @@ def divergence(
             raise TypeError(
                 f"{name} dtype {x.dtype} is not supported: use float32, bfloat16 or float16"
             )
-        if x.dim() not in (1, 2):
-            raise ValueError(f"{name} must be 2-D [N, V] (or 1-D [V]), got {tuple(x.shape)}")
+        if x.dim() == 0:
+            raise ValueError(f"{name} must be [..., V] logits (at least 1-D), got a 0-d tensor")
     if student.shape != teacher.shape:
         raise ValueError(
             f"student shape {tuple(student.shape)} and teacher shape {tuple(teacher.shape)} differ"
@@ -371,13 +431,22 @@ def divergence(
     if student.shape[-1] == 0:
         raise ValueError(f"empty rows: shape {tuple(student.shape)} (V must be at least 1; N = 0 "
                          "rows is an empty batch, loss 0)")
-    n = 1 if student.dim() == 1 else student.shape[0]
+    n = student.numel() // student.shape[-1]  # V >= 1: checked
     lab = _labels(labels, n, student.shape[:-1], student.device)
     if not isinstance(grad_inplace, bool):
         raise TypeError(f"grad_inplace must be a bool, got {grad_inplace!r}")
     if grad_inplace and grad is False:
         raise ValueError("grad_inplace=True writes the gradient over student: it needs the "
                          "gradient (grad=False asks for none)")
+    return lab
+
+
+@_eager
+def _divergence_eager(student, teacher, *, kind, beta, temperature, labels, ignore_index,
+                      reduction, num_items, grad, grad_inplace):
+    lab = _check_divergence_inputs(student, teacher, labels, beta, temperature, num_items, grad,
+                                   grad_inplace)
+    params = _lib.make_params(kind, beta, temperature, ignore_index, reduction, num_items)
     want_grad = bool(student.requires_grad and torch.is_grad_enabled() and grad is not False)
     inplace = grad_inplace and want_grad
     if inplace:
@@ -402,9 +471,16 @@ def _check_inplace_student(student: torch.Tensor) -> None:
             "intermediate result (such as the lm_head output), not a leaf tensor or a view of "
             "one: the leaf's data would be overwritten and its .grad would be its own memory"
         )
-    if not _rows_addressable(student.unsqueeze(0) if student.dim() == 1 else student):
+    rows = student.unsqueeze(0) if student.dim() == 1 else student
+    if rows.dim() > 2:
+        try:
+            rows = rows.view(-1, rows.shape[-1])
+        except RuntimeError:
+            rows = None  # the leading axes do not flatten without a copy
+    if rows is None or not _rows_addressable(rows):
         raise ValueError(
-            f"grad_inplace=True needs student rows of contiguous elements, got strides "
+            f"grad_inplace=True needs student rows of contiguous elements over leading axes "
+            f"that flatten without a copy, got shape {tuple(student.shape)} and strides "
             f"{tuple(student.stride())}: call .contiguous() first or drop grad_inplace"
         )
 
@@ -647,6 +723,20 @@ class MoeCombineFunction(torch.autograd.Function):
         return grad_eo, grad_w, None, None, None
 
 
+def _differentiable_route_weights(logits: torch.Tensor, expert_ids: torch.Tensor,
+                                  weights: torch.Tensor, params) -> torch.Tensor:
+    """The kernel's ``weights`` as values, with the gradient of the same formula in torch ops:
+    scores of the chosen experts (softmax over all E, or sigmoid), renormalised, scaled."""
+    x = logits.float()
+    scores = torch.softmax(x, dim=-1) if params.score == _lib.MOE_SCORES["softmax"] else x.sigmoid()
+    w = scores.gather(1, expert_ids.long())
+    if params.renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    w = w * params.scale
+    # Straight through: w - w.detach() is exactly 0, so the values stay the kernel's bits.
+    return weights + (w - w.detach())
+
+
 @_eager
 def moe_route(
     logits: torch.Tensor,
@@ -664,11 +754,15 @@ def moe_route(
 ) -> MoeRoute:
     """Top-k routing and the deterministic permutation; same parameters and math as
     :func:`distill_kernels.moe_route`, on router logits ``[N, E]`` (float32 or bfloat16; float16
-    is widened to float32) on a CUDA device (or the CPU). No gradient flows to the logits.
+    is widened to float32) on a CUDA device (or the CPU).
 
-    Returns a :class:`MoeRoute` of device tensors. ``route.weights`` is a plain float32 leaf
-    tensor: call ``route.weights.requires_grad_()`` (or pass your own differentiable ``weights=``
-    to :func:`moe_permute` / :func:`moe_combine`) to get its gradient.
+    Returns a :class:`MoeRoute` of device tensors. When ``logits`` requires grad (and grad mode
+    is on), ``route.weights`` is differentiable in them: its values are the kernel's, its
+    gradient that of the scores of the chosen experts (softmax over all E or sigmoid, the
+    renormalisation and ``scale``; the bias and the group limit only select), so a router
+    trains through :func:`moe_combine` (or a scaling :func:`moe_permute`) as it would with
+    torch's own top-k. The selection itself (``expert_ids``, the permutation) has no gradient.
+    Otherwise ``route.weights`` is a plain float32 tensor.
 
     Host synchronisation: the number of permuted rows R = offsets[E] sizes the permuted tensor.
     Without ``capacity`` and with ``block=1``, R = N·k is known up front and nothing is
@@ -745,6 +839,8 @@ def moe_route(
         num_rows = int(offsets[e].item())  # the one host synchronisation
     else:
         num_rows = max_rows
+    if logits.requires_grad and torch.is_grad_enabled():
+        weights = _differentiable_route_weights(logits, expert_ids, weights, params)
     return MoeRoute(
         expert_ids=expert_ids, weights=weights, counts=counts, offsets=offsets,
         perm=perm[:num_rows], position=position, n=n, e=e, k=k, num_rows=num_rows,
@@ -918,6 +1014,27 @@ def _fused_launch(device: int, hs, ws, ht, wt, labels, params, loss, per_token, 
     _on_device(device, go)
 
 
+def _fused_run(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, params,
+               reduction_none: bool, want_gh: bool, want_gw: bool, grad_dtype: torch.dtype):
+    """One dk_fused_linear_divergence call with new output buffers: (loss 0-d, per-token [N] or
+    None, grad_hidden [N, H] or None, grad_weight [V, H] or None)."""
+    device = _device_ordinal(student_hidden)
+    h = student_hidden.shape[-1]
+    hs = _matrix("student_hidden", student_hidden.reshape(-1, h))
+    ht = _matrix("teacher_hidden", teacher_hidden.reshape(-1, teacher_hidden.shape[-1]))
+    ws = _matrix("student_weight", student_weight)
+    wt = ws if teacher_weight is student_weight else _matrix("teacher_weight", teacher_weight)
+    n, v = hs[0].shape[0], ws[0].shape[0]
+    dev = student_hidden.device
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    per_token = torch.empty(n, dtype=torch.float32, device=dev) if reduction_none else None
+    gh = torch.empty((n, h), dtype=grad_dtype, device=dev) if want_gh else None
+    gw = torch.empty((v, h), dtype=grad_dtype, device=dev) if want_gw else None
+    _fused_launch(device, hs, ws, ht, wt, labels, params, loss, per_token,
+                  None if gh is None else (gh, h), None if gw is None else (gw, h))
+    return loss, per_token, gh, gw
+
+
 class FusedLinearFunction(torch.autograd.Function):
     """autograd.Function behind :func:`fused_linear_divergence` (arguments already validated).
 
@@ -927,22 +1044,11 @@ class FusedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                 params, reduction_none, want_gh, want_gw, grad_dtype):
-        device = _device_ordinal(student_hidden)
         hidden_shape = student_hidden.shape
         lead_shape = student_hidden.shape[:-1]
-        h = student_hidden.shape[-1]
-        hs = _matrix("student_hidden", student_hidden.reshape(-1, h))
-        ht = _matrix("teacher_hidden", teacher_hidden.reshape(-1, teacher_hidden.shape[-1]))
-        ws = _matrix("student_weight", student_weight)
-        wt = ws if teacher_weight is student_weight else _matrix("teacher_weight", teacher_weight)
-        n, v = hs[0].shape[0], ws[0].shape[0]
-        dev = student_hidden.device
-        loss = torch.empty((), dtype=torch.float32, device=dev)
-        per_token = torch.empty(n, dtype=torch.float32, device=dev) if reduction_none else None
-        gh = torch.empty((n, h), dtype=grad_dtype, device=dev) if want_gh else None
-        gw = torch.empty((v, h), dtype=grad_dtype, device=dev) if want_gw else None
-        _fused_launch(device, hs, ws, ht, wt, labels, params, loss, per_token,
-                      None if gh is None else (gh, h), None if gw is None else (gw, h))
+        loss, per_token, gh, gw = _fused_run(student_hidden, student_weight, teacher_hidden,
+                                             teacher_weight, labels, params, reduction_none,
+                                             want_gh, want_gw, grad_dtype)
         ctx.grads = (gh, gw)
         ctx.hidden_shape = hidden_shape
         ctx.reduction_none = reduction_none
@@ -1001,7 +1107,6 @@ def _fused_out_buffer(name: str, out, shape, in_dtype: torch.dtype, grad_dtype, 
     return o, (cols if rows == 1 else o.stride(0))
 
 
-@_eager
 def fused_linear_divergence(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -1047,11 +1152,54 @@ def fused_linear_divergence(
     products run in it as ``F.linear``'s would and a float32 lm_head weight receives a float32
     gradient.
 
+    ``num_items`` may be a one-value tensor (the Hugging Face Trainer's ``num_items_in_batch``),
+    as in :func:`divergence`: the ``sum`` divided on the device, a value <= 0 counting as 1.
+
     Accumulation (``grad_hidden_out`` and / or ``grad_weight_out`` given, input dtype or float32,
     contiguous rows): no autograd; the gradients of the returned loss itself (grad_output = 1) are
     added to the given buffers in this call (the others are not computed) and the loss returned
-    does not require grad. Scale the loss through ``num_items`` if needed.
+    does not require grad. Scale the loss through ``num_items`` if needed. An input that
+    requires grad must then have its buffer (``ValueError`` otherwise: it would get no gradient);
+    pass frozen inputs detached.
+
+    CPU tensors run the library's float64 reference backend: it converts both weights and the
+    weight gradient to float64 whole (O((N + V)·H) extra host memory, not O(chunk_rows × V)),
+    and is much slower than ``matmul`` + :func:`divergence`; use it to check, not to train.
     """
+    accumulate = grad_hidden_out is not None or grad_weight_out is not None
+    items = _num_items_tensor(num_items, reduction, student_hidden)
+    if items is not None:
+        if accumulate:
+            raise TypeError("num_items must be a Python number with grad_hidden_out / "
+                            "grad_weight_out (the gradients are added in this call, scaled by it)")
+        total = fused_linear_divergence(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, kind=kind, beta=beta,
+            temperature=temperature, labels=labels, ignore_index=ignore_index, reduction="sum",
+            num_items=None, logit_scale=logit_scale, softcap=softcap, chunk_rows=chunk_rows,
+            grad=grad, grad_dtype=grad_dtype)
+        return total / items
+    if not accumulate and _TRACEABLE and torch.compiler.is_compiling():
+        # Under torch.compile: the custom op distill_kernels::fused_linear_divergence, traced
+        # into the graph (no graph break). The accumulating form writes into the caller's
+        # buffers, so it stays eager (a break).
+        return _torch_ops.fused_linear_divergence(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, kind=kind, beta=beta, temperature=temperature, labels=labels,
+        ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+        logit_scale=logit_scale, softcap=softcap, chunk_rows=chunk_rows, grad=grad,
+        grad_dtype=grad_dtype)
+    return _fused_eager(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, kind=kind, beta=beta, temperature=temperature, labels=labels,
+        ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+        logit_scale=logit_scale, softcap=softcap, chunk_rows=chunk_rows, grad=grad,
+        grad_dtype=grad_dtype,
+        grad_hidden_out=grad_hidden_out, grad_weight_out=grad_weight_out)
+
+
+def _fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, *, beta,
+                  temperature, labels, num_items, logit_scale, softcap, grad, grad_dtype):
+    """The tensor and flag checks of :func:`fused_linear_divergence` and its autocast cast (plain
+    Python on tensor metadata: traceable by torch.compile): (hs, ws, ht, wt, labels [N] or None,
+    gradient dtype)."""
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         if not isinstance(x, torch.Tensor):
@@ -1066,9 +1214,6 @@ def fused_linear_divergence(
                     ("logit_scale", logit_scale), ("softcap", softcap)):
         if isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a Python number (a tensor would force a host sync)")
-    accumulate = grad_hidden_out is not None or grad_weight_out is not None
-    params = _lib.make_fused_params(kind, beta, temperature, ignore_index, reduction, num_items,
-                                    logit_scale, softcap, chunk_rows, accumulate)
     if grad is not None and not isinstance(grad, bool):
         raise TypeError(f"grad must be None or a bool, got {grad!r}")
     hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
@@ -1108,11 +1253,52 @@ def fused_linear_divergence(
         n *= d
     lab = _labels(labels, n, lead_shape, hs.device)
     g_dtype = _fused_grad_dtype(grad_dtype, dtype)
+    return hs, ws, ht, wt, lab, g_dtype
+
+
+def _fused_wanted(hs: torch.Tensor, ws: torch.Tensor, grad, reduction) -> Tuple[bool, bool]:
+    """Which gradients the autograd form computes: (grad_hidden, grad_weight)."""
+    on = torch.is_grad_enabled() and grad is not False
+    want_gh = bool(on and hs.requires_grad)
+    want_gw = bool(on and ws.requires_grad)
+    if reduction == "none" and want_gw:
+        raise ValueError(
+            "reduction='none' with student_weight requiring grad is not supported: the weight "
+            "gradient of a per-token weighted sum cannot be scaled after the fact; use "
+            "reduction='sum' or 'batchmean' (num_items for custom divisors), or freeze the weight"
+        )
+    return want_gh, want_gw
+
+
+@_eager
+def _fused_eager(student_hidden, student_weight, teacher_hidden, teacher_weight, *, kind, beta,
+                 temperature, labels, ignore_index, reduction, num_items, logit_scale, softcap,
+                 chunk_rows, grad, grad_dtype, grad_hidden_out, grad_weight_out):
+    hs, ws, ht, wt, lab, g_dtype = _fused_inputs(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, beta=beta,
+        temperature=temperature, labels=labels, num_items=num_items, logit_scale=logit_scale,
+        softcap=softcap, grad=grad, grad_dtype=grad_dtype)
+    accumulate = grad_hidden_out is not None or grad_weight_out is not None
+    params = _lib.make_fused_params(kind, beta, temperature, ignore_index, reduction, num_items,
+                                    logit_scale, softcap, chunk_rows, accumulate)
+    dtype, h, lead_shape = hs.dtype, hs.shape[-1], hs.shape[:-1]
+    n = hs.numel() // h  # h >= 1: checked
     device = _device_ordinal(hs)
 
     if accumulate:
         if grad is False:
             raise ValueError("grad_hidden_out / grad_weight_out need grad=None or True")
+        # The loss returned does not require grad, so an input that does and has no buffer
+        # would get no gradient at all: typically grad_weight_out=weight.grad after
+        # zero_grad() set it to None.
+        for name, x, out in (("student_hidden", hs, grad_hidden_out),
+                             ("student_weight", ws, grad_weight_out)):
+            if out is None and x.requires_grad and torch.is_grad_enabled():
+                raise ValueError(
+                    f"{name} requires grad but {name.replace('student_', 'grad_')}_out is None, "
+                    "and the accumulating form (a buffer given) computes no autograd gradient: "
+                    "pass a buffer for it too (param.grad is None after zero_grad(): use "
+                    "torch.zeros_like(param)), or pass that input detached")
         gh = gw = None
         if grad_hidden_out is not None:
             gh = _fused_out_buffer("grad_hidden_out", grad_hidden_out, hs.shape, dtype,
@@ -1131,15 +1317,7 @@ def fused_linear_divergence(
             _fused_launch(device, m_hs, m_ws, m_ht, m_wt, lab, params, loss, per_token, gh, gw)
         return per_token.reshape(lead_shape) if per_token is not None else loss
 
-    on = torch.is_grad_enabled() and grad is not False
-    want_gh = bool(on and hs.requires_grad)
-    want_gw = bool(on and ws.requires_grad)
-    if reduction == "none" and want_gw:
-        raise ValueError(
-            "reduction='none' with student_weight requiring grad is not supported: the weight "
-            "gradient of a per-token weighted sum cannot be scaled after the fact; use "
-            "reduction='sum' or 'batchmean' (num_items for custom divisors), or freeze the weight"
-        )
+    want_gh, want_gw = _fused_wanted(hs, ws, grad, reduction)
     same_weight = wt is ws
     hs_in = hs if want_gh else hs.detach()
     ws_in = ws if want_gw else ws.detach()
@@ -1317,7 +1495,6 @@ def _max_seqlen(name: str, x) -> int:
     return _lib._int(name, x, 0, 2**31 - 1)
 
 
-@_eager
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1358,6 +1535,23 @@ def attention(
     ``deterministic`` (default True) bitwise reproducible dq / dk / dv; ``False`` sums dq with
     f32 atomics as FlashAttention-2 does (faster; dq's last bits vary between runs, dk / dv do not).
     """
+    q, k, v, cu_q, cu_k, device = _attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                    softmax_scale)
+    return_lse = _check_flag("return_lse", return_lse)
+    if _TRACEABLE and torch.compiler.is_compiling():
+        # Under torch.compile: the custom ops distill_kernels::attention_forward / _backward,
+        # traced into the graph (no graph break).
+        out, lse = _torch_ops.attention(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal,
+                                        softmax_scale, deterministic)
+    else:
+        out, lse = _attention_eager(q, k, v, cu_q, cu_k, device, max_seqlen_q, max_seqlen_k,
+                                    causal, softmax_scale, deterministic)
+    return (out, lse) if return_lse else out
+
+
+def _attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale):
+    """The type, dtype and device checks of :func:`attention` and its autocast cast (plain
+    Python on tensor metadata: traceable by torch.compile): (q, k, v, cu_q, cu_k, device)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
@@ -1385,23 +1579,30 @@ def attention(
     if device >= 0 and q.dtype not in _ATTN_DTYPES_CUDA:
         raise TypeError(f"CUDA attention takes bfloat16 or float16, got {q.dtype} (float32 runs "
                         "on CPU tensors only)")
-    return_lse = _check_flag("return_lse", return_lse)
     if isinstance(softmax_scale, torch.Tensor):
         raise TypeError("softmax_scale must be a Python number (a tensor would force a host sync)")
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (varlen) or not at "
                          "all (padded)")
+    cu_q = cu_k = None
+    if cu_seqlens_q is not None:
+        cu_q = _cu_seqlens_t("cu_seqlens_q", cu_seqlens_q, q.device)
+        cu_k = _cu_seqlens_t("cu_seqlens_k", cu_seqlens_k, q.device)
+    return q, k, v, cu_q, cu_k, device
+
+
+def _attention_meta(q, k, v, cu_q, cu_k, device, max_seqlen_q, max_seqlen_k, causal,
+                    softmax_scale, deterministic) -> _AttnMeta:
+    """The shapes and parameters of one attention call, checked; for packed sequences without
+    both bounds, the one host synchronisation that reads the offsets."""
     meta = _AttnMeta()
     meta.device = device
-    meta.varlen = cu_seqlens_q is not None
-    cu_q = cu_k = None
+    meta.varlen = cu_q is not None
     if meta.varlen:
         for name, x in (("q", q), ("k", k), ("v", v)):
             if x.dim() != 3:
                 raise ValueError(f"with cu_seqlens (packed sequences) {name} must be 3-D [tokens, "
                                  f"heads, D], got shape {tuple(x.shape)}")
-        cu_q = _cu_seqlens_t("cu_seqlens_q", cu_seqlens_q, q.device)
-        cu_k = _cu_seqlens_t("cu_seqlens_k", cu_seqlens_k, q.device)
         if cu_q.shape != cu_k.shape:
             raise ValueError(f"cu_seqlens_q has {cu_q.shape[0]} entries and cu_seqlens_k "
                              f"{cu_k.shape[0]}: both must be [B + 1] for the same B")
@@ -1457,5 +1658,20 @@ def attention(
         raise ValueError("too many rows: token rows and heads × rows must fit in int32")
     meta.params = _lib.make_attention_params(meta.heads_q, meta.heads_kv, meta.head_dim, causal,
                                              softmax_scale, deterministic)
-    out, lse = AttentionFunction.apply(q, k, v, cu_q, cu_k, meta)
-    return (out, lse) if return_lse else out
+    return meta
+
+
+@_eager
+def _attention_eager(q, k, v, cu_q, cu_k, device, max_seqlen_q, max_seqlen_k, causal,
+                     softmax_scale, deterministic):
+    meta = _attention_meta(q, k, v, cu_q, cu_k, device, max_seqlen_q, max_seqlen_k, causal,
+                           softmax_scale, deterministic)
+    return AttentionFunction.apply(q, k, v, cu_q, cu_k, meta)
+
+
+# The torch.compile face: registers the distill_kernels:: custom ops the functions above call
+# while Dynamo traces them (it reads this module's helpers, hence last). torch.library's
+# custom_op / register_autograd arrived in torch 2.4: older versions keep the graph breaks.
+_TRACEABLE = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd")
+if _TRACEABLE:
+    from . import _torch_ops  # noqa: E402

@@ -212,6 +212,20 @@ def test_grad_dtype_f32_and_accumulate_buffers(device):
         assert not loss.requires_grad
     assert rel(gw, gw0.double() + 2 * gw_ref.double()) <= 1e-2
     assert rel(gh, gh0.double() + 2 * gh_ref.double()) <= 1e-2
+    # An input that requires grad with no buffer would get no gradient at all (the loss does
+    # not require grad): refused, nothing written. The idiom grad_weight_out=w.grad after
+    # zero_grad() passes None.
+    w = ws.detach().clone().requires_grad_(True)
+    x = hs.detach().clone().requires_grad_(True)
+    before = gh.clone()
+    with pytest.raises(ValueError, match="student_weight requires grad but grad_weight_out is None"):
+        dkt.fused_linear_divergence(hs, w, ht, wt, grad_hidden_out=gh, grad_weight_out=w.grad)
+    with pytest.raises(ValueError, match="student_hidden requires grad but grad_hidden_out is None"):
+        dkt.fused_linear_divergence(x, ws, ht, wt, grad_weight_out=gw)
+    assert torch.equal(gh, before)
+    dkt.fused_linear_divergence(x.detach(), w.detach(), ht, wt, grad_hidden_out=gh)
+    with torch.no_grad():
+        dkt.fused_linear_divergence(x, w, ht, wt, grad_hidden_out=gh)
 
 
 def test_matches_cpu_numpy_face(device):
@@ -278,8 +292,8 @@ def test_bad_input(device):
         dkt.fused_linear_divergence(hs, ws, ht, wt, softcap=0.0)
     with pytest.raises(ValueError):
         dkt.fused_linear_divergence(hs, ws, ht, wt, chunk_rows=0)
-    with pytest.raises(TypeError):
-        dkt.fused_linear_divergence(hs, ws, ht, wt, num_items=torch.tensor(3.0))
+    with pytest.raises(ValueError, match="num_items only applies"):
+        dkt.fused_linear_divergence(hs, ws, ht, wt, reduction="sum", num_items=torch.tensor(3.0))
     with pytest.raises(ValueError):
         dkt.fused_linear_divergence(hs, ws, ht.to(other), wt)
     with pytest.raises(ValueError):

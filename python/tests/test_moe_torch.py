@@ -312,6 +312,35 @@ def test_gradient_reaches_the_router_through_weights(device):
         assert rel_err(a, b) <= 1e-5
 
 
+@pytest.mark.parametrize("case", ["llama4", "qwen3", "deepseek_v3", "capacity_block"])
+def test_route_weights_carry_the_router_gradient(device, case):
+    """route.weights of logits that require grad: the kernel's values bit for bit, and the
+    gradient of the chosen experts' scores (plain torch routing in float64), through a default
+    (route-weighted) combine; without requires_grad a plain tensor."""
+    n, e, k, kw = ROUTES[case]
+    kw = route_kw(kw, e, device)
+    base = make_logits(n, e, torch.float32, 21, device)
+    plain = dkt.moe_route(base, k, **kw)
+    assert not plain.weights.requires_grad
+    lg = base.clone().requires_grad_(True)
+    route = dkt.moe_route(lg, k, **kw)
+    assert route.weights.requires_grad
+    assert torch.equal(route.weights.detach().view(torch.int32), plain.weights.view(torch.int32))
+    h = 16
+    g = torch.Generator(device=device).manual_seed(22)
+    eo = torch.randn(route.num_rows, h, device=device, generator=g)
+    gy = torch.randn(n, h, device=device, generator=g)
+    (grad,) = torch.autograd.grad((dkt.moe_combine(eo, route) * gy).sum(), (lg,))
+    ld = base.double().requires_grad_(True)
+    ref = torch_route(ld, k, **kw)
+    assert torch.equal(ref["expert_ids"], route.expert_ids.long())
+    y = torch_combine(eo.double(), route.position.long(), ref["weights"])
+    (want,) = torch.autograd.grad((y * gy.double()).sum(), (ld,))
+    assert rel_err(grad, want) <= 1e-5
+    with torch.no_grad():
+        assert not dkt.moe_route(lg, k, **kw).weights.requires_grad
+
+
 @cuda_only("torch streams")
 def test_cuda_bitwise_deterministic_and_on_a_side_stream():
     n, e, k, h = 4096, 128, 8, 256
