@@ -28,10 +28,24 @@ from . import torch as _face
 
 _NS = "distill_kernels"
 
+_DOUBLE_BACKWARD = (
+    "distill_kernels.torch: double backward (create_graph=True) is not supported: the gradients "
+    "of divergence / fused_linear_divergence are computed in the forward pass and are not "
+    "differentiable themselves")
+
 
 def _grad_dtype(student_dtype: torch.dtype) -> torch.dtype:
     # float16 gradients are computed and scaled in float32 (see divergence's docstring).
     return torch.float32 if student_dtype == torch.float16 else student_dtype
+
+
+def _check_names(kind, reduction) -> None:
+    """The string parameters, constants while tracing: refused before the op is traced (a plain
+    ValueError) and again by the fakes for direct callers of the ops."""
+    if not isinstance(kind, str) or kind not in _lib.KINDS:
+        raise ValueError(f"kind must be one of {sorted(_lib.KINDS)}, got {kind!r}")
+    if not isinstance(reduction, str) or reduction not in _lib.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {sorted(_lib.REDUCTIONS)}, got {reduction!r}")
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -68,11 +82,7 @@ def _divergence_op(
 @_divergence_op.register_fake
 def _divergence_fake(student, teacher, labels, kind, beta, temperature, ignore_index, reduction,
                      num_items, want_grad):
-    # The string parameters are constants while tracing: refused here already.
-    if kind not in _lib.KINDS:
-        raise ValueError(f"kind must be one of {sorted(_lib.KINDS)}, got {kind!r}")
-    if reduction not in _lib.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {sorted(_lib.REDUCTIONS)}, got {reduction!r}")
+    _check_names(kind, reduction)
     n, v = student.shape
     f32 = torch.float32
     per_token = student.new_empty((n,) if reduction == "none" else (0,), dtype=f32)
@@ -101,13 +111,17 @@ torch.library.register_autograd(f"{_NS}::divergence", _divergence_backward,
 @torch.library.custom_op(f"{_NS}::scale_grad_", mutates_args=("grad",))
 def _scale_grad_op(grad: Tensor, factor: Tensor, per_row: bool) -> None:
     """grad *= factor (per row, or one value) in place (on CUDA through dk_scale_rows: no pass
-    when the factor is exactly 1)."""
+    when the factor is exactly 1). Runs in the backward: grad mode on there means
+    create_graph=True, whose second-order terms these forward-computed buffers cannot give."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(_DOUBLE_BACKWARD)
     _face._scale_by_grad_output(grad, factor, per_row)
 
 
 def divergence(student, teacher, *, kind, beta, temperature, labels, ignore_index, reduction,
                num_items, grad):
     """:func:`distill_kernels.torch.divergence` as traced by torch.compile (grad_inplace off)."""
+    _check_names(kind, reduction)
     lab = _face._check_divergence_inputs(student, teacher, labels, beta, temperature, num_items,
                                          grad, False)
     want_grad = bool(student.requires_grad and torch.is_grad_enabled() and grad is not False)
@@ -211,6 +225,7 @@ torch.library.register_autograd(f"{_NS}::attention_forward", _attention_backward
 def attention(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
               deterministic):
     """:func:`distill_kernels.torch.attention` as traced by torch.compile: (out, lse)."""
+    _face._attention_shapes(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k)
     return torch.ops.distill_kernels.attention_forward(
         q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic)
 
@@ -255,10 +270,7 @@ def _fused_op(
 def _fused_fake(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, kind, beta,
                 temperature, ignore_index, reduction, num_items, logit_scale, softcap, chunk_rows,
                 want_grad_hidden, want_grad_weight, grad_dtype):
-    if kind not in _lib.KINDS:
-        raise ValueError(f"kind must be one of {sorted(_lib.KINDS)}, got {kind!r}")
-    if reduction not in _lib.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {sorted(_lib.REDUCTIONS)}, got {reduction!r}")
+    _check_names(kind, reduction)
     n, h = student_hidden.shape
     v = student_weight.shape[0]
     f32 = torch.float32
@@ -299,6 +311,7 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
                             logit_scale, softcap, chunk_rows, grad, grad_dtype):
     """:func:`distill_kernels.torch.fused_linear_divergence` as traced by torch.compile (the
     autograd form: no ``*_out`` buffers)."""
+    _check_names(kind, reduction)
     hs, ws, ht, wt, lab, g_dtype = _face._fused_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_weight, beta=beta,
         temperature=temperature, labels=labels, num_items=num_items, logit_scale=logit_scale,

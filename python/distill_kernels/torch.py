@@ -337,7 +337,9 @@ def divergence(
     ``num_items`` is a Python number, or a tensor with one value (such as the Hugging Face
     Trainer's ``num_items_in_batch``): then the call computes the ``sum`` and divides it by that
     value on the device (no host synchronisation; a value <= 0 counts as 1, since checking it
-    would synchronise), which gives the same loss and gradients up to float32 rounding.
+    would synchronise), which gives the same loss and gradients up to float32 rounding. On CUDA
+    that division costs one pass over the gradient in backward (its factor is not 1), which a
+    Python number, folded into the gradient by the kernel, does not.
 
     The gradient is kept in the student's dtype until backward multiplies it by ``grad_output``,
     except for a float16 student: its gradient entries (about ``(q - p) / N`` under
@@ -1591,14 +1593,9 @@ def _attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale):
     return q, k, v, cu_q, cu_k, device
 
 
-def _attention_meta(q, k, v, cu_q, cu_k, device, max_seqlen_q, max_seqlen_k, causal,
-                    softmax_scale, deterministic) -> _AttnMeta:
-    """The shapes and parameters of one attention call, checked; for packed sequences without
-    both bounds, the one host synchronisation that reads the offsets."""
-    meta = _AttnMeta()
-    meta.device = device
-    meta.varlen = cu_q is not None
-    if meta.varlen:
+def _attention_shapes(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k) -> None:
+    """The layout checks of :func:`attention` that read only shapes (traceable)."""
+    if cu_q is not None:
         for name, x in (("q", q), ("k", k), ("v", v)):
             if x.dim() != 3:
                 raise ValueError(f"with cu_seqlens (packed sequences) {name} must be 3-D [tokens, "
@@ -1606,6 +1603,32 @@ def _attention_meta(q, k, v, cu_q, cu_k, device, max_seqlen_q, max_seqlen_k, cau
         if cu_q.shape != cu_k.shape:
             raise ValueError(f"cu_seqlens_q has {cu_q.shape[0]} entries and cu_seqlens_k "
                              f"{cu_k.shape[0]}: both must be [B + 1] for the same B")
+    else:
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError("max_seqlen_q / max_seqlen_k only apply with cu_seqlens (varlen)")
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.dim() != 4:
+                raise ValueError(f"{name} must be 4-D [B, S, heads, D] (or 3-D [tokens, heads, D] "
+                                 f"with cu_seqlens), got shape {tuple(x.shape)}")
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same "
+                             "batch size B")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same head "
+                         "dimension D (last axis)")
+
+
+def _attention_meta(q, k, v, cu_q, cu_k, device, max_seqlen_q, max_seqlen_k, causal,
+                    softmax_scale, deterministic) -> _AttnMeta:
+    """The shapes and parameters of one attention call, checked; for packed sequences without
+    both bounds, the one host synchronisation that reads the offsets."""
+    _attention_shapes(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k)
+    meta = _AttnMeta()
+    meta.device = device
+    meta.varlen = cu_q is not None
+    if meta.varlen:
         meta.batch = cu_q.shape[0] - 1
         meta.rows_q, meta.rows_k = q.shape[0], k.shape[0]
         if max_seqlen_q is not None and max_seqlen_k is not None:
@@ -1637,22 +1660,8 @@ def _attention_meta(q, k, v, cu_q, cu_k, device, max_seqlen_q, max_seqlen_k, cau
                     f"max_seqlen_q = {meta.seqlen_q}, max_seqlen_k = {meta.seqlen_k} are below the "
                     f"longest sequences of cu_seqlens ({int(mq)} queries, {int(mk)} keys)")
     else:
-        if max_seqlen_q is not None or max_seqlen_k is not None:
-            raise ValueError("max_seqlen_q / max_seqlen_k only apply with cu_seqlens (varlen)")
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            if x.dim() != 4:
-                raise ValueError(f"{name} must be 4-D [B, S, heads, D] (or 3-D [tokens, heads, D] "
-                                 f"with cu_seqlens), got shape {tuple(x.shape)}")
-        if k.shape[0] != q.shape[0]:
-            raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same "
-                             "batch size B")
         meta.batch, meta.seqlen_q, meta.seqlen_k = q.shape[0], q.shape[1], k.shape[1]
         meta.rows_q, meta.rows_k = meta.batch * meta.seqlen_q, meta.batch * meta.seqlen_k
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same head "
-                         "dimension D (last axis)")
     meta.heads_q, meta.head_dim, meta.heads_kv = q.shape[-2], q.shape[-1], k.shape[-2]
     if max(meta.rows_q, meta.rows_k) >= 2**31 or meta.heads_q * meta.rows_q >= 2**31:
         raise ValueError("too many rows: token rows and heads × rows must fit in int32")

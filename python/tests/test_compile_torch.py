@@ -189,10 +189,15 @@ def test_divergence_compiled_leading_axes_and_num_items_tensor(device):
 def test_divergence_compiled_rejects_bad_parameters(device):
     s = rand((3, 50), torch.float32, device, 9).requires_grad_()
     t = rand((3, 50), torch.float32, device, 10)
-    with pytest.raises(Exception, match="kind must be one of"):
-        compiled(lambda s, t: dkt.divergence(s, t, kind="kl"), "aot_eager")(s, t)
+    # Refused before the op is traced: the eager error type without fullgraph.
+    with pytest.raises(ValueError, match="kind must be one of"):
+        torch.compile(lambda s, t: dkt.divergence(s, t, kind="kl"), backend="aot_eager")(s, t)
     torch._dynamo.reset()
-    # A float parameter is a graph input (not specialised): checked when the op runs.
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        torch.compile(lambda h, w: dkt.fused_linear_divergence(h, w, h, w, reduction="avg"),
+                      backend="aot_eager")(s, s.detach().clone())
+    torch._dynamo.reset()
+    # A float given as an input of the compiled function: its range checked when the op runs.
     with pytest.raises(ValueError, match="temperature must be finite and > 0"):
         compiled(lambda s, t, T: dkt.divergence(s, t, temperature=T), "aot_eager")(s, t, -1.0)
     torch._dynamo.reset()
@@ -396,5 +401,56 @@ def test_ops_pass_torch_library_opcheck(device):
     torch.library.opcheck(torch.ops.distill_kernels.attention_forward.default,
                           (q, k, v, None, None, None, None, True, None, True))
     g = rand((3, 40), torch.float32, device, 57)
-    torch.library.opcheck(torch.ops.distill_kernels.scale_grad_.default,
-                          (g, torch.full((3,), 0.5, device=device), True))
+    with torch.no_grad():  # it runs in backward passes, and refuses create_graph's grad mode
+        torch.library.opcheck(torch.ops.distill_kernels.scale_grad_.default,
+                              (g, torch.full((3,), 0.5, device=device), True))
+
+
+def test_compiled_double_backward_raises_as_in_eager(device):
+    """create_graph=True: the forward-computed gradients have no second-order terms; compiled,
+    the backward's scale_grad_ refuses it instead of returning a first-order result."""
+    s0 = rand((4, 30), torch.float32, device, 60)
+    t = rand((4, 30), torch.float32, device, 61)
+    h0 = rand((4, 8), torch.float32, device, 62)
+    w = rand((30, 8), torch.float32, device, 63)
+
+    def div(s):
+        return dkt.divergence(s, t, kind="jsd")
+
+    def fused(h):
+        return dkt.fused_linear_divergence(h, w, h.detach(), w)
+
+    for fn, x0 in ((div, s0), (fused, h0)):
+        for f in (fn, compiled(fn, "aot_eager")):
+            x = x0.clone().requires_grad_()
+            loss = f(x)
+            with pytest.raises(RuntimeError, match="double backward"):
+                torch.autograd.grad(loss, x, create_graph=True)
+            torch._dynamo.reset()
+
+
+def test_compiled_attention_refuses_bad_layouts_clearly(device):
+    q = rand((8, 64), torch.float32, device, 64)
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        torch.compile(lambda q: dkt.attention(q, q, q), backend="aot_eager")(q)
+    torch._dynamo.reset()
+    q = rand((1, 4, 2, 64), torch.float32, device, 65)
+    k = rand((1, 4, 1, 64), torch.float32, device, 66)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        torch.compile(lambda q, k: dkt.attention(q, k, k[:, :3]), backend="aot_eager")(q, k)
+
+
+def test_a_changing_num_items_tensor_compiles_once(device):
+    """num_items as a tensor (Hugging Face's num_items_in_batch) is data, not a constant: new
+    values reuse the graph."""
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    t = rand((4, 30), torch.float32, device, 67)
+    step = torch.compile(lambda s, n: dkt.divergence(s, t, num_items=n), backend=counter,
+                         fullgraph=True)
+    for i in range(5):
+        s = rand((4, 30), torch.float32, device, 68 + i).requires_grad_()
+        step(s, torch.tensor(3 + i, device=device)).backward()
+        e = s.detach().clone().requires_grad_()
+        dkt.divergence(e, t, num_items=torch.tensor(3 + i, device=device)).backward()
+        same(s.grad, e.grad)
+    assert counter.frame_count == 1
