@@ -92,7 +92,8 @@ dk_status dk_context_device(const dk_context* ctx, int32_t* out);
 typedef struct dk_divergence_params {
   int32_t kind;         /* DK_FORWARD_KL, DK_REVERSE_KL, DK_JSD */
   float beta;           /* JSD teacher weight, in [0, 1] */
-  float temperature;    /* finite, > 0; logits are divided by it (gradient includes the 1/T) */
+  float temperature;    /* finite, >= FLT_MIN (normal); logits are divided by it (gradient
+                           includes the 1/T) */
   int32_t reduction;    /* DK_REDUCTION_* */
   int64_t ignore_index; /* rows whose label equals it are skipped (default -100) */
   float num_items;      /* batchmean divisor override; 0 = count the valid rows */

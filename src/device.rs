@@ -438,9 +438,11 @@ pub struct Launch<'a> {
 }
 
 // SAFETY: the stream is an opaque CUDA handle, usable from any thread (the driver API is
-// thread-safe and a stream belongs to no thread); the workspace view is itself Send + Sync.
+// thread-safe and a stream belongs to no thread); the workspace view is Send.
 unsafe impl Send for Launch<'_> {}
-// SAFETY: as above; a shared `&Launch` only reads the handle.
+// SAFETY: a shared `&Launch` hands out only the stream handle and the workspace's address and
+// length (device memory the library uses in stream order, never through a host reference), so
+// sharing it between threads gives none of them a way to touch host memory concurrently.
 unsafe impl Sync for Launch<'_> {}
 
 impl Default for Launch<'_> {

@@ -379,7 +379,9 @@ fn temperature_out_of_range() {
         f32::INFINITY,
         f32::NEG_INFINITY,
         f32::NAN,
-        // Subnormal: 1 / T is infinite in f32 (the CUDA kernels' scale).
+        // Subnormal: log2(e) / T is infinite in f32 (the CUDA kernels' scale), even where 1 / T
+        // is not (3e-39).
+        3e-39,
         1e-39,
         f32::from_bits(1),
     ] {

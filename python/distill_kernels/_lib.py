@@ -864,9 +864,11 @@ def make_params(
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     temperature = _real("temperature", temperature)
     t32 = ctypes.c_float(temperature).value
-    if not (math.isfinite(temperature) and temperature > 0 and math.isfinite(t32) and t32 > 0):
+    # A normal float32 (the CUDA kernels scale by log2(e) / T in float32).
+    if not (math.isfinite(temperature) and math.isfinite(t32) and t32 >= 2.0**-126):
         raise ValueError(
-            f"temperature must be finite and > 0 (as a float32), got {temperature}"
+            f"temperature must be finite and at least 1.1754944e-38 (the smallest normal "
+            f"float32), got {temperature}"
         )
     if isinstance(ignore_index, bool) or not _is_int(ignore_index):
         raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")

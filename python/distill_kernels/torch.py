@@ -1,9 +1,9 @@
 """torch face of the token-level divergence: an autograd function over the C ABI.
 
-``divergence(student, teacher, ...)`` takes ``[N, V]`` (or ``[V]``) logits on a CUDA device and
+``divergence(student, teacher, ...)`` takes ``[..., V]`` logits on a CUDA device and
 runs zero-copy on that device's current torch stream, with no host synchronisation: the loss is
 written into a device tensor. It returns a 0-d float32 tensor for ``batchmean`` / ``sum`` and the
-per-token float32 ``[N]`` tensor for ``none``. When the student requires grad, the gradient is
+per-token float32 tensor of the leading shape for ``none``. When the student requires grad, the gradient is
 computed in the same pass into a buffer of the student's dtype (float32 for a float16 student,
 so that it does not underflow before the loss scale reaches it); backward scales it by
 ``grad_output`` (in place, so each graph can be backpropagated once; on CUDA through
@@ -335,9 +335,11 @@ def divergence(
     the leading shape.
 
     ``num_items`` is a Python number, or a tensor with one value (such as the Hugging Face
-    Trainer's ``num_items_in_batch``): then the call computes the ``sum`` and divides it by that
-    value on the device (no host synchronisation; a value <= 0 counts as 1, since checking it
-    would synchronise), which gives the same loss and gradients up to float32 rounding. On CUDA
+    Trainer's ``num_items_in_batch``, on the logits' device or the CPU): then the call computes
+    the ``sum`` and divides it by that value (no host synchronisation; a value that is not
+    finite and > 0 counts as 1, since checking it would synchronise), which gives the same loss
+    and gradients up to rounding (the sum's gradient is rounded to the student's dtype before
+    the division). On CUDA
     that division costs one pass over the gradient in backward (its factor is not 1), which a
     Python number, folded into the gradient by the kernel, does not.
 
@@ -387,8 +389,9 @@ def divergence(
 
 
 def _num_items_tensor(num_items, reduction, like) -> Optional[torch.Tensor]:
-    """``num_items`` given as a tensor (one value): its float32 value on like's device, values
-    <= 0 (or NaN) read as 1; None for a Python number or None."""
+    """``num_items`` given as a tensor (one value): its float32 value (on its own device, the
+    CPU or like's), values that are not finite and > 0 read as 1; None for a Python number or
+    None."""
     if not isinstance(num_items, torch.Tensor) or not isinstance(like, torch.Tensor):
         return None
     if reduction != "batchmean":
@@ -401,8 +404,10 @@ def _num_items_tensor(num_items, reduction, like) -> Optional[torch.Tensor]:
     if num_items.device != like.device and num_items.device.type != "cpu":
         raise ValueError(f"num_items is on {num_items.device} but the inputs are on "
                          f"{like.device}")
-    d = num_items.detach().reshape(()).to(device=like.device, dtype=torch.float32)
-    return torch.where(d > 0, d, torch.ones_like(d))
+    # A CPU value stays on the CPU: a 0-d CPU tensor divides CUDA tensors as a scalar, where
+    # copying it to the device would synchronise the host.
+    d = num_items.detach().reshape(()).to(torch.float32)
+    return torch.where((d > 0) & torch.isfinite(d), d, torch.ones_like(d))
 
 
 def _check_divergence_inputs(student, teacher, labels, beta, temperature, num_items, grad,
@@ -725,18 +730,35 @@ class MoeCombineFunction(torch.autograd.Function):
         return grad_eo, grad_w, None, None, None
 
 
+class _KernelValuesFormulaGradient(torch.autograd.Function):
+    """forward(values, formula) -> a copy of ``values``; backward sends the gradient to
+    ``formula``: the kernel's bits forward (no re-computation that could round, underflow or
+    lose a sign), the formula's derivative backward."""
+
+    @staticmethod
+    def forward(ctx, values, formula):
+        ctx.formula_dtype = formula.dtype
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad.to(ctx.formula_dtype)
+
+
 def _differentiable_route_weights(logits: torch.Tensor, expert_ids: torch.Tensor,
                                   weights: torch.Tensor, params) -> torch.Tensor:
-    """The kernel's ``weights`` as values, with the gradient of the same formula in torch ops:
-    scores of the chosen experts (softmax over all E, or sigmoid), renormalised, scaled."""
-    x = logits.float()
+    """The kernel's ``weights`` as values, with the gradient of the same formula in torch ops
+    (float64, so that scores underflowing float32 still have one): scores of the chosen experts
+    (softmax over all E, or sigmoid), renormalised, scaled."""
+    x = logits.double()
     scores = torch.softmax(x, dim=-1) if params.score == _lib.MOE_SCORES["softmax"] else x.sigmoid()
     w = scores.gather(1, expert_ids.long())
     if params.renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
     w = w * params.scale
-    # Straight through: w - w.detach() is exactly 0, so the values stay the kernel's bits.
-    return weights + (w - w.detach())
+    out = _KernelValuesFormulaGradient.apply(weights, w)
+    out.retain_grad()  # route.weights.grad is filled, as it was when the weights were a leaf
+    return out
 
 
 @_eager

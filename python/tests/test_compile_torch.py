@@ -198,7 +198,7 @@ def test_divergence_compiled_rejects_bad_parameters(device):
                       backend="aot_eager")(s, s.detach().clone())
     torch._dynamo.reset()
     # A float given as an input of the compiled function: its range checked when the op runs.
-    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+    with pytest.raises(ValueError, match="temperature must be finite and at least"):
         compiled(lambda s, t, T: dkt.divergence(s, t, temperature=T), "aot_eager")(s, t, -1.0)
     torch._dynamo.reset()
     with pytest.raises(Exception, match="student shape"):

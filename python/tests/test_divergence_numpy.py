@@ -591,6 +591,7 @@ def _bad_cases():
         ("temperature inf", dict(ok, temperature=float("inf")), ValueError),
         ("temperature nan", dict(ok, temperature=float("nan")), ValueError),
         ("temperature underflows f32", dict(ok, temperature=1e-60), ValueError),
+        ("temperature subnormal f32", dict(ok, temperature=3e-39), ValueError),
         ("labels too short", dict(ok, labels=lab[:3]), ValueError),
         ("labels too long", dict(ok, labels=np.arange(5)), ValueError),
         ("labels 2-D", dict(ok, labels=lab.reshape(2, 2)), ValueError),

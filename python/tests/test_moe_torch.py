@@ -339,6 +339,24 @@ def test_route_weights_carry_the_router_gradient(device, case):
     assert rel_err(grad, want) <= 1e-5
     with torch.no_grad():
         assert not dkt.moe_route(lg, k, **kw).weights.requires_grad
+    # The old pattern still fills route.weights.grad (no longer a leaf: the grad is retained).
+    r = dkt.moe_route(lg, k, **kw)
+    r.weights.requires_grad_()
+    (dkt.moe_combine(eo, r) * gy).sum().backward()
+    assert r.weights.grad is not None and r.weights.grad.shape == (n, k)
+
+
+def test_route_weights_keep_the_kernels_bits_where_float32_scores_underflow(device):
+    """The differentiable weights are the kernel's values, not a float32 re-computation: scores
+    that underflow float32 (sigmoid of -110, renormalised) stay finite, and a negative scale's
+    -0.0 keeps its sign."""
+    lg = torch.full((2, 8), -110.0, device=device)
+    lg[1, :] = torch.arange(8, device=device, dtype=torch.float32) * 1e3 - 4e3
+    for kw in (dict(score="sigmoid", renormalize=True), dict(scale=-1.0, score="sigmoid")):
+        plain = dkt.moe_route(lg, 2, **kw).weights
+        got = dkt.moe_route(lg.clone().requires_grad_(True), 2, **kw).weights
+        assert torch.isfinite(plain).all()
+        assert torch.equal(got.detach().view(torch.int32), plain.view(torch.int32)), (got, plain)
 
 
 @cuda_only("torch streams")

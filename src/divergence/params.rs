@@ -124,16 +124,13 @@ impl Params {
         if !(0.0..=1.0).contains(&self.beta) {
             bail!(InvalidArgument, "beta must be in [0, 1], got {}", self.beta);
         }
-        // The kernels scale by 1 / T in f32: a subnormal T (below about 2.9e-39) would make it
-        // infinite and the rows NaN on CUDA, where the CPU's f64 gives a finite result.
-        if !(self.temperature.is_finite()
-            && self.temperature > 0.0
-            && (1.0 / self.temperature).is_finite())
-        {
+        // The CUDA kernels scale by log2(e) / T in f32: a subnormal T makes it infinite (already
+        // below about 4.25e-39) and the rows NaN, where the CPU's f64 gives a finite result. A
+        // normal T (>= f32::MIN_POSITIVE, 1.18e-38) keeps it below 1.3e38.
+        if !(self.temperature.is_finite() && self.temperature >= f32::MIN_POSITIVE) {
             bail!(
                 InvalidArgument,
-                "temperature must be finite and > 0 with a finite f32 reciprocal (at least about \
-                 2.9e-39), got {}",
+                "temperature must be finite and at least f32::MIN_POSITIVE (1.1754944e-38), got {}",
                 self.temperature
             );
         }
