@@ -394,6 +394,8 @@ def _num_items_tensor(num_items, reduction, like) -> Optional[torch.Tensor]:
     None."""
     if not isinstance(num_items, torch.Tensor) or not isinstance(like, torch.Tensor):
         return None
+    if not isinstance(reduction, str) or reduction not in _lib.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {sorted(_lib.REDUCTIONS)}, got {reduction!r}")
     if reduction != "batchmean":
         raise ValueError(f"num_items only applies to reduction='batchmean' (got reduction="
                          f"{reduction!r})")

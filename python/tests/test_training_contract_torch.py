@@ -142,6 +142,8 @@ def test_tensor_valued_scalars_are_refused_except_num_items(device):
             dkt.fused_linear_divergence(h, w, h, w, **{name: torch.tensor(0.5)})
     with pytest.raises(ValueError, match="num_items only applies"):
         dkt.divergence(s, s, reduction="sum", num_items=torch.tensor(3.0))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        dkt.divergence(s, s, reduction="mean", num_items=torch.tensor(3.0))
     with pytest.raises(ValueError, match="one value"):
         dkt.divergence(s, s, num_items=torch.tensor([3.0, 4.0]))
     with pytest.raises(TypeError, match="Python number with grad_hidden_out"):
