@@ -59,3 +59,26 @@ pub(crate) fn for_each_range(
         }
     });
 }
+
+/// [`for_each_range`] over the items of `out`, one output value per item: `f(start, chunk)`
+/// gets contiguous chunks of `out` (`start` the index of `chunk[0]`), on as many threads as the
+/// work deserves (one, for small calls).
+pub(crate) fn for_each_chunk_mut<T: Send>(
+    out: &mut [T],
+    work_per_item: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let items = out.len();
+    let threads = threads_for(items, work_per_item);
+    if threads == 1 {
+        f(0, out);
+        return;
+    }
+    let per = items.div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (i, chunk) in out.chunks_mut(per).enumerate() {
+            let f = &f;
+            scope.spawn(move || f(i * per, chunk));
+        }
+    });
+}

@@ -2,22 +2,21 @@
 
 Outside torch.compile the public functions of :mod:`distill_kernels.torch` run their eager
 autograd Functions. While Dynamo traces them (``torch.compiler.is_compiling()``) they call the
-ops below instead, so a compiled training step keeps one graph (``fullgraph=True`` works) and
-can be captured in CUDA graphs (``mode="reduce-overhead"``). Each op has a fake (shape-only)
+ops below instead, so a compiled training step keeps one graph (``fullgraph=True`` works; CUDA
+graphs, ``mode="reduce-overhead"``, have not been tried on a GPU). Each op has a fake (shape-only)
 implementation for tracing and an autograd formula; the real implementation is the same C ABI
 call the eager face makes, on the current stream.
 
 The divergence and the fused linear divergence compute their gradients in the forward, as
 the eager face does, and the backward scales those buffers in place by ``grad_output``
 (``distill_kernels::scale_grad_``: on CUDA no pass at all when it is exactly 1). AOTAutograd
-donates the saved buffers to the backward, so Inductor runs that mutation on them with no copy
-(and torch itself then refuses ``retain_graph=True``); where buffers are not donated it works
-on a copy, and a second backward stays correct.
+donates the saved buffers to the backward, so Inductor runs that mutation on them with no copy;
+under ``retain_graph=True`` torch keeps copies or refuses with its own error, so a buffer is
+never scaled twice. ``scale_grad_`` refuses grad mode (``create_graph=True``).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -32,11 +31,6 @@ _DOUBLE_BACKWARD = (
     "distill_kernels.torch: double backward (create_graph=True) is not supported: the gradients "
     "of divergence / fused_linear_divergence are computed in the forward pass and are not "
     "differentiable themselves")
-
-
-def _grad_dtype(student_dtype: torch.dtype) -> torch.dtype:
-    # float16 gradients are computed and scaled in float32 (see divergence's docstring).
-    return torch.float32 if student_dtype == torch.float16 else student_dtype
 
 
 def _check_names(kind, reduction) -> None:
@@ -70,7 +64,8 @@ def _divergence_op(
     want_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(loss 0-d, per-token [N] or [0], gradient [N, V] or [0]) for 2-D logits. The gradient
-    output belongs to the op's backward, which scales it in place: not for the caller's use. The scalar parameters are checked here, where they are concrete numbers."""
+    output belongs to the op's backward, which scales it in place: not for the caller's use.
+    The scalar parameters are checked here, where they are concrete numbers."""
     params = _lib.make_params(kind, beta, temperature, ignore_index, reduction, num_items)
     loss, per_token, grad = _face._divergence_run(student, teacher, labels, params,
                                                   reduction == "none", want_grad)
@@ -85,9 +80,10 @@ def _divergence_fake(student, teacher, labels, kind, beta, temperature, ignore_i
     _check_names(kind, reduction)
     n, v = student.shape
     f32 = torch.float32
-    per_token = student.new_empty((n,) if reduction == "none" else (0,), dtype=f32)
-    grad = (student.new_empty((n, v), dtype=_grad_dtype(student.dtype)) if want_grad
-            else student.new_empty(0, dtype=f32))
+    per_token = student.new_empty((n,), dtype=f32) if reduction == "none" else _empty(student)
+    # float16 gradients are computed and scaled in float32 (see divergence's docstring).
+    grad = (student.new_empty((n, v), dtype=_face._grad_buffer_dtype(None, student.dtype))
+            if want_grad else _empty(student))
     return student.new_empty((), dtype=f32), per_token, grad
 
 
@@ -122,8 +118,8 @@ def divergence(student, teacher, *, kind, beta, temperature, labels, ignore_inde
                num_items, grad):
     """:func:`distill_kernels.torch.divergence` as traced by torch.compile (grad_inplace off)."""
     _check_names(kind, reduction)
-    lab = _face._check_divergence_inputs(student, teacher, labels, beta, temperature, num_items,
-                                         grad, False)
+    lab = _face._check_divergence_inputs(student, teacher, labels, beta, temperature, grad,
+                                         False)
     want_grad = bool(student.requires_grad and torch.is_grad_enabled() and grad is not False)
     lead_shape, v = student.shape[:-1], student.shape[-1]
     s = student.reshape(-1, v)  # [..., V] as rows ([V]: one row)
@@ -274,10 +270,10 @@ def _fused_fake(student_hidden, student_weight, teacher_hidden, teacher_weight, 
     n, h = student_hidden.shape
     v = student_weight.shape[0]
     f32 = torch.float32
-    new = student_hidden.new_empty
-    return (new((), dtype=f32), new((n,) if reduction == "none" else (0,), dtype=f32),
-            new((n, h), dtype=grad_dtype) if want_grad_hidden else new(0, dtype=f32),
-            new((v, h), dtype=grad_dtype) if want_grad_weight else new(0, dtype=f32))
+    hs, new = student_hidden, student_hidden.new_empty
+    return (new((), dtype=f32), new((n,), dtype=f32) if reduction == "none" else _empty(hs),
+            new((n, h), dtype=grad_dtype) if want_grad_hidden else _empty(hs),
+            new((v, h), dtype=grad_dtype) if want_grad_weight else _empty(hs))
 
 
 def _fused_setup(ctx, inputs, output):
@@ -314,8 +310,8 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     _check_names(kind, reduction)
     hs, ws, ht, wt, lab, g_dtype = _face._fused_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_weight, beta=beta,
-        temperature=temperature, labels=labels, num_items=num_items, logit_scale=logit_scale,
-        softcap=softcap, grad=grad, grad_dtype=grad_dtype)
+        temperature=temperature, labels=labels, logit_scale=logit_scale, softcap=softcap,
+        grad=grad, grad_dtype=grad_dtype)
     want_gh, want_gw = _face._fused_wanted(hs, ws, grad, reduction)
     lead_shape = hs.shape[:-1]
     hs2 = hs.reshape(-1, hs.shape[-1])

@@ -3,8 +3,8 @@
 ``divergence(student, teacher, ...)`` takes ``[..., V]`` logits on a CUDA device and
 runs zero-copy on that device's current torch stream, with no host synchronisation: the loss is
 written into a device tensor. It returns a 0-d float32 tensor for ``batchmean`` / ``sum`` and the
-per-token float32 tensor of the leading shape for ``none``. When the student requires grad, the gradient is
-computed in the same pass into a buffer of the student's dtype (float32 for a float16 student,
+per-token float32 tensor of the leading shape for ``none``. When the student requires grad, the
+gradient is computed in the same pass into a buffer of the student's dtype (float32 for a float16 student,
 so that it does not underflow before the loss scale reaches it); backward scales it by
 ``grad_output`` (in place, so each graph can be backpropagated once; on CUDA through
 dk_scale_rows, see :func:`scale_rows_`, which reads ``grad_output`` on the device and skips the
@@ -167,11 +167,7 @@ def _scale_rows_launch(x: torch.Tensor, factors: torch.Tensor, factor_stride: in
                              x.stride(0) if n > 1 else v, factors.data_ptr(), factor_stride,
                              stream)
 
-    if device >= 0 and device != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            go()
-    else:
-        go()
+    _on_device(device, go)
 
 
 def _scale_by_grad_output(g: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> None:
@@ -235,7 +231,7 @@ def scale_rows_(x: torch.Tensor, factors) -> torch.Tensor:
 
 def _divergence_run(student, teacher, labels, params, reduction_none: bool, want_grad: bool,
                     inplace: bool = False):
-    """One dk_divergence call over ``[N, V]`` (or ``[V]``) logits on their device's current
+    """One dk_divergence call over ``[..., V]`` logits (as N rows) on their device's current
     stream: (loss 0-d, per-token ``[N]`` or None, gradient buffer ``[N, V]`` or None). The
     gradient is written over ``student`` with ``inplace`` (its rows addressable: validated by
     the caller); else into a new buffer of the student's dtype (float32 for float16)."""
@@ -339,9 +335,8 @@ def divergence(
     the ``sum`` and divides it by that value (no host synchronisation; a value that is not
     finite and > 0 counts as 1, since checking it would synchronise), which gives the same loss
     and gradients up to rounding (the sum's gradient is rounded to the student's dtype before
-    the division). On CUDA
-    that division costs one pass over the gradient in backward (its factor is not 1), which a
-    Python number, folded into the gradient by the kernel, does not.
+    the division). On CUDA that division costs one pass over the gradient in backward (its
+    factor is not 1), which a Python number, folded into the gradient by the kernel, does not.
 
     The gradient is kept in the student's dtype until backward multiplies it by ``grad_output``,
     except for a float16 student: its gradient entries (about ``(q - p) / N`` under
@@ -412,13 +407,13 @@ def _num_items_tensor(num_items, reduction, like) -> Optional[torch.Tensor]:
     return torch.where((d > 0) & torch.isfinite(d), d, torch.ones_like(d))
 
 
-def _check_divergence_inputs(student, teacher, labels, beta, temperature, num_items, grad,
-                             grad_inplace):
+def _check_divergence_inputs(student, teacher, labels, beta, temperature, grad, grad_inplace):
     """The tensor and flag checks of :func:`divergence` (plain Python on shapes, dtypes and
-    devices: traceable by torch.compile); returns the int64 labels ``[N]`` or None."""
+    devices: traceable by torch.compile); returns the int64 labels ``[N]`` or None. A tensor
+    ``num_items`` was taken by :func:`divergence` before."""
     if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
         raise TypeError("student and teacher must be torch tensors")
-    for name, x in (("beta", beta), ("temperature", temperature), ("num_items", num_items)):
+    for name, x in (("beta", beta), ("temperature", temperature)):
         if isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a Python number (a tensor would force a host sync)")
     if grad is not None and not isinstance(grad, bool):
@@ -453,7 +448,7 @@ def _check_divergence_inputs(student, teacher, labels, beta, temperature, num_it
 @_eager
 def _divergence_eager(student, teacher, *, kind, beta, temperature, labels, ignore_index,
                       reduction, num_items, grad, grad_inplace):
-    lab = _check_divergence_inputs(student, teacher, labels, beta, temperature, num_items, grad,
+    lab = _check_divergence_inputs(student, teacher, labels, beta, temperature, grad,
                                    grad_inplace)
     params = _lib.make_params(kind, beta, temperature, ignore_index, reduction, num_items)
     want_grad = bool(student.requires_grad and torch.is_grad_enabled() and grad is not False)
@@ -991,7 +986,9 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
         return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
-def _fused_grad_dtype(grad_dtype, in_dtype: torch.dtype) -> torch.dtype:
+def _grad_buffer_dtype(grad_dtype, in_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the gradient buffers computed in the forward, for inputs of ``in_dtype`` and
+    the caller's ``grad_dtype`` (None: the default)."""
     if grad_dtype is None:
         # float16 gradients of a loss underflow before backward applies grad_output (an AMP
         # loss scale): float32 buffers by default, cast to float16 by autograd after the scaling.
@@ -1115,7 +1112,7 @@ def _fused_out_buffer(name: str, out, shape, in_dtype: torch.dtype, grad_dtype, 
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
     if out.dtype not in (torch.float32, in_dtype):
         raise TypeError(f"{name} dtype {out.dtype} must be float32 or the input dtype {in_dtype}")
-    if grad_dtype is not None and _fused_grad_dtype(grad_dtype, in_dtype) != out.dtype:
+    if grad_dtype is not None and _grad_buffer_dtype(grad_dtype, in_dtype) != out.dtype:
         raise ValueError(f"{name} has dtype {out.dtype} but grad_dtype is {grad_dtype!r}")
     if out.device != device:
         raise ValueError(f"{name} is on {out.device} but the inputs are on {device}")
@@ -1179,7 +1176,8 @@ def fused_linear_divergence(
     gradient.
 
     ``num_items`` may be a one-value tensor (the Hugging Face Trainer's ``num_items_in_batch``),
-    as in :func:`divergence`: the ``sum`` divided on the device, a value <= 0 counting as 1.
+    as in :func:`divergence`: the ``sum`` divided by it without a host synchronisation, a value
+    that is not finite and > 0 counting as 1.
 
     Accumulation (``grad_hidden_out`` and / or ``grad_weight_out`` given, input dtype or float32,
     contiguous rows): no autograd; the gradients of the returned loss itself (grad_output = 1) are
@@ -1209,20 +1207,20 @@ def fused_linear_divergence(
         # into the graph (no graph break). The accumulating form writes into the caller's
         # buffers, so it stays eager (a break).
         return _torch_ops.fused_linear_divergence(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, kind=kind, beta=beta, temperature=temperature, labels=labels,
-        ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-        logit_scale=logit_scale, softcap=softcap, chunk_rows=chunk_rows, grad=grad,
-        grad_dtype=grad_dtype)
+            student_hidden, student_weight, teacher_hidden, teacher_weight, kind=kind, beta=beta,
+            temperature=temperature, labels=labels, ignore_index=ignore_index,
+            reduction=reduction, num_items=num_items, logit_scale=logit_scale, softcap=softcap,
+            chunk_rows=chunk_rows, grad=grad, grad_dtype=grad_dtype)
     return _fused_eager(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, kind=kind, beta=beta, temperature=temperature, labels=labels,
-        ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-        logit_scale=logit_scale, softcap=softcap, chunk_rows=chunk_rows, grad=grad,
-        grad_dtype=grad_dtype,
-        grad_hidden_out=grad_hidden_out, grad_weight_out=grad_weight_out)
+        student_hidden, student_weight, teacher_hidden, teacher_weight, kind=kind, beta=beta,
+        temperature=temperature, labels=labels, ignore_index=ignore_index, reduction=reduction,
+        num_items=num_items, logit_scale=logit_scale, softcap=softcap, chunk_rows=chunk_rows,
+        grad=grad, grad_dtype=grad_dtype, grad_hidden_out=grad_hidden_out,
+        grad_weight_out=grad_weight_out)
 
 
 def _fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, *, beta,
-                  temperature, labels, num_items, logit_scale, softcap, grad, grad_dtype):
+                  temperature, labels, logit_scale, softcap, grad, grad_dtype):
     """The tensor and flag checks of :func:`fused_linear_divergence` and its autocast cast (plain
     Python on tensor metadata: traceable by torch.compile): (hs, ws, ht, wt, labels [N] or None,
     gradient dtype)."""
@@ -1236,7 +1234,8 @@ def _fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
         # Hidden states may have no rows (an empty batch: loss 0); every other size is >= 1.
         if x.shape[-1] == 0 or (name.endswith("weight") and x.numel() == 0):
             raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
-    for name, x in (("beta", beta), ("temperature", temperature), ("num_items", num_items),
+    # (A tensor num_items was taken by fused_linear_divergence before.)
+    for name, x in (("beta", beta), ("temperature", temperature),
                     ("logit_scale", logit_scale), ("softcap", softcap)):
         if isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a Python number (a tensor would force a host sync)")
@@ -1278,7 +1277,7 @@ def _fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
     for d in lead_shape:
         n *= d
     lab = _labels(labels, n, lead_shape, hs.device)
-    g_dtype = _fused_grad_dtype(grad_dtype, dtype)
+    g_dtype = _grad_buffer_dtype(grad_dtype, dtype)
     return hs, ws, ht, wt, lab, g_dtype
 
 
@@ -1302,8 +1301,8 @@ def _fused_eager(student_hidden, student_weight, teacher_hidden, teacher_weight,
                  chunk_rows, grad, grad_dtype, grad_hidden_out, grad_weight_out):
     hs, ws, ht, wt, lab, g_dtype = _fused_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_weight, beta=beta,
-        temperature=temperature, labels=labels, num_items=num_items, logit_scale=logit_scale,
-        softcap=softcap, grad=grad, grad_dtype=grad_dtype)
+        temperature=temperature, labels=labels, logit_scale=logit_scale, softcap=softcap,
+        grad=grad, grad_dtype=grad_dtype)
     accumulate = grad_hidden_out is not None or grad_weight_out is not None
     params = _lib.make_fused_params(kind, beta, temperature, ignore_index, reduction, num_items,
                                     logit_scale, softcap, chunk_rows, accumulate)

@@ -258,20 +258,18 @@ pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) {
     // SAFETY: labels validated by the caller.
     let scale = unsafe { loss_scale(raw, params) };
     let (n, v) = (raw.n, raw.v);
-    // Small calls stay on the calling thread (a thread start costs more than their rows).
-    let threads = crate::parallel::threads_for(n, v);
-    let rows_per = n.div_ceil(threads).max(1);
     // SAFETY: each worker reads shared inputs and writes only its own rows of the outputs.
     let shared = unsafe { Shared::new(*raw) };
     let ignore = params.ignore_index;
     let mut row_loss = vec![0.0f64; n];
-    let rows = |chunk_idx: usize, chunk: &mut [f64]| {
+    // Small calls stay on the calling thread (a thread start costs more than their rows).
+    crate::parallel::for_each_chunk_mut(&mut row_loss, v, |first, chunk| {
         let raw = shared.get();
         let mut b = vec![0.0f64; v];
         let mut a = vec![0.0f64; v];
         let mut g = vec![0.0f64; if raw.grad.is_null() { 0 } else { v }];
         for (k, out) in chunk.iter_mut().enumerate() {
-            let row = chunk_idx * rows_per + k;
+            let row = first + k;
             // SAFETY: row < n, labels hold n values when non-null.
             let ignored = !raw.labels.is_null() && unsafe { *raw.labels.add(row) } == ignore;
             if ignored {
@@ -317,17 +315,7 @@ pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) {
                 };
             }
         }
-    };
-    if threads == 1 {
-        rows(0, &mut row_loss);
-    } else {
-        std::thread::scope(|scope| {
-            for (chunk_idx, chunk) in row_loss.chunks_mut(rows_per).enumerate() {
-                let rows = &rows;
-                scope.spawn(move || rows(chunk_idx, chunk));
-            }
-        });
-    }
+    });
     if !raw.per_token.is_null() {
         for (i, &l) in row_loss.iter().enumerate() {
             // SAFETY: per_token holds n f32 values.
