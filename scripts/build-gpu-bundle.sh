@@ -13,7 +13,7 @@
 #   gpu-bundle/tests/MANIFEST.tsv            name, target kind, source, original executable
 #   gpu-bundle/include/                      the public C header
 #   gpu-bundle/python/                       the Python package source (and its tests, bench.py)
-#   gpu-bundle/c-tests/                      C sources under tests/ (if any)
+#   gpu-bundle/c-tests/                      C sources under tests/ and capi/tests/ (if any)
 #   gpu-bundle/wheels/                       the Liger-Kernel wheel (its deps are on the GPU machine)
 #   gpu-bundle/BUILD-INFO                    commit, dirty state, date, toolchain, build root
 #
@@ -76,7 +76,10 @@ for line in open(sys.argv[1]):
     elif "bin" in kinds:
         kind, out = "bin", "unit-bin-" + name
     else:
-        kind, out = "lib", "unit-" + name
+        # The C ABI crate's library is named distill_kernels too: its unit tests are unit-capi-*.
+        member = os.path.basename(os.path.dirname(msg.get("manifest_path", "")))
+        prefix = "unit-capi-" if member == "capi" else "unit-"
+        kind, out = "lib", prefix + name
     src = os.path.relpath(t["src_path"], os.getcwd())
     seen[out] = (out, kind, src, msg["executable"])
 for out in sorted(seen):
@@ -100,7 +103,7 @@ strip_into() { # src dst
 strip_into "$release/dk" "$bundle/bin/dk"
 strip_into "$release/libdistill_kernels.so" "$bundle/lib/libdistill_kernels.so"
 chmod -x "$bundle/lib/libdistill_kernels.so"
-if [ "${BUNDLE_STATIC:-0}" = 1 ] || grep -rqs -e 'distill_kernels\.a' -e 'static=distill_kernels' tests/; then
+if [ "${BUNDLE_STATIC:-0}" = 1 ] || grep -rqs -e 'distill_kernels\.a' -e 'static=distill_kernels' tests/ capi/tests/; then
   # Debug sections of the archive are not needed to link the C test (30 MB instead of 39 MB).
   cp "$release/libdistill_kernels.a" "$tmp/libdistill_kernels.a"
   command -v strip >/dev/null && strip --strip-debug "$tmp/libdistill_kernels.a"
@@ -109,7 +112,7 @@ fi
 
 # Host-only tests (no CUDA part: the kernel arithmetic / emulators and the C layout probe) run in
 # CI; carrying them would only take room from the 64 MiB the device tool carries.
-host_only="kernel_sim moe_kernel_sim attention_kernel_sim divergence_persistent_sim divergence_fused_sim moe_kernels_emulated abi_layout"
+host_only="kernel_sim moe_kernel_sim attention_kernel_sim divergence_persistent_sim divergence_fused_sim moe_kernels_emulated"
 
 printf 'name\tkind\tsource\tbuilt_as\n' >"$bundle/tests/MANIFEST.tsv"
 while IFS=$'\t' read -r name kind src exe; do
@@ -126,7 +129,7 @@ mkdir -p "$bundle/python"
     mkdir -p "$bundle/python/$(dirname "$f")"
     cp "$f" "$bundle/python/$f"
   done)
-c_sources=$(find tests -type f \( -name '*.c' -o -name '*.h' \) 2>/dev/null || true)
+c_sources=$(find tests capi/tests -type f \( -name '*.c' -o -name '*.h' \) 2>/dev/null || true)
 if [ -n "$c_sources" ]; then
   mkdir -p "$bundle/c-tests"
   for f in $c_sources; do

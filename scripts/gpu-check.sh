@@ -135,8 +135,8 @@ fi
 while IFS=$'\t' read -r name kind _; do
   [ "$name" = name ] || [ "$kind" = bench ] || cp -f "$bundle/tests/$name" "target/release/deps/$name"
 done <"$bundle/tests/MANIFEST.tsv"
-if [ -d "$bundle/c-tests/tests" ]; then
-  cp -rn "$bundle/c-tests/tests/." tests/ 2>/dev/null || true
+if [ -d "$bundle/c-tests" ]; then
+  cp -rn "$bundle/c-tests/." ./ 2>/dev/null || true
 fi
 
 # ---- step runner -----------------------------------------------------------------------------------

@@ -8,8 +8,9 @@
 //! place on the device's own factors, skipping rows whose factor is exactly 1 (the backward
 //! passes' `grad_output` scaling).
 //!
-//! Faces: this Rust API, a C ABI (`include/distill_kernels.h`) and a ctypes Python package
-//! (`python/`), all on the same [`Context`].
+//! Faces: this Rust API, a C ABI (`include/distill_kernels.h`, built by the workspace member
+//! `capi/` as `libdistill_kernels.so` / `.a`) and a ctypes Python package (`python/`) over it,
+//! all on the same [`Context`].
 //!
 //! ```
 //! use distill_kernels::{divergence::{Divergence, Kind, Params}, Context, Launch, Matrix, MatrixMut, VectorMut};
@@ -41,7 +42,6 @@
 
 pub mod aligned;
 pub mod attention;
-pub mod capi;
 mod checks;
 pub mod device;
 pub mod divergence;

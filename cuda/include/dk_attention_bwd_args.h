@@ -2,7 +2,7 @@
 // each of its kernels (Delta preprocess, dK/dV, dQ; or, in the atomic-dQ mode, Delta, dK/dV with
 // dQ accumulation, dQ conversion). Plain C so the Rust mirror
 // (`AttentionBwdArgs` in src/attention/cuda/backward.rs) can be checked against it by
-// tests/abi_layout.rs.
+// capi/src/tests/abi_layout.rs.
 #ifndef DK_ATTENTION_BWD_ARGS_H
 #define DK_ATTENTION_BWD_ARGS_H
 

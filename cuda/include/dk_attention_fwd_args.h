@@ -1,6 +1,6 @@
 // Arguments of the attention forward kernels (cuda/attention_forward.cu), passed by value. Plain
 // C so the Rust mirror (`AttentionFwdArgs` in src/attention/cuda/forward.rs) can be checked
-// against it (tests/abi_layout.rs compiles the headers with the host C compiler).
+// against it (capi/src/tests/abi_layout.rs compiles the headers with the host C compiler).
 #ifndef DK_ATTENTION_FWD_ARGS_H
 #define DK_ATTENTION_FWD_ARGS_H
 

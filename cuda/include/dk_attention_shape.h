@@ -1,6 +1,6 @@
 // Sequence structure and head layout shared by the attention kernels' argument structs
 // (dk_attention_fwd_args.h, dk_attention_bwd_args.h). Plain C so the Rust mirrors can be checked
-// against it by tests/abi_layout.rs.
+// against it by capi/src/tests/abi_layout.rs.
 #ifndef DK_ATTENTION_SHAPE_H
 #define DK_ATTENTION_SHAPE_H
 

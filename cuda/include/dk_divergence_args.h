@@ -1,6 +1,6 @@
 // Arguments of the divergence kernels, passed by value. Plain C so the Rust mirror
-// (`DivergenceArgs` in src/divergence/cuda.rs) can be checked against it: tests/abi_layout.rs
-// compiles this header with the host C compiler and compares sizes and offsets.
+// (`DivergenceArgs` in src/divergence/cuda.rs) can be checked against it:
+// capi/src/tests/abi_layout.rs compiles this header with the host C compiler and compares sizes and offsets.
 #ifndef DK_DIVERGENCE_ARGS_H
 #define DK_DIVERGENCE_ARGS_H
 

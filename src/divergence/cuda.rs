@@ -30,7 +30,8 @@ pub(crate) struct DivergenceArgs {
     pub inv_temperature: f32,
 }
 
-// SAFETY: plain-old-data with the C layout of DkDivergenceArgs (checked by tests/abi_layout.rs).
+// SAFETY: plain-old-data with the C layout of DkDivergenceArgs (checked by
+// capi/src/tests/abi_layout.rs).
 unsafe impl DeviceRepr for DivergenceArgs {}
 
 /// Size and field offsets of [`DivergenceArgs`], for the layout test against the C header.

@@ -1383,12 +1383,18 @@ pub fn assert_kind(res: Result<(), Error>, kind: distill_kernels::ErrorKind, wha
 }
 
 // ------------------------------------------------------------------------------------------
-// C toolchain helpers (tests/c_abi.rs, tests/abi_layout.rs)
+// C toolchain helpers (capi/tests/c_abi.rs, capi/src/tests/abi_layout.rs)
 // ------------------------------------------------------------------------------------------
 
 /// The repository root.
 pub fn repo_root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    // The workspace root, also from the C ABI crate's tests (capi/).
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .find(|d| d.join("include/distill_kernels.h").is_file())
+        .unwrap_or(manifest)
+        .to_path_buf()
 }
 
 /// The target directory of the running test's profile (`target/<profile>`): the test binary

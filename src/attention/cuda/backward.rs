@@ -656,7 +656,7 @@ mod tests {
     }
 
     /// The C layout of DkAttentionBwdArgs, worked out by hand from the header (natural
-    /// alignment, no packing): tests/abi_layout.rs can check the same numbers against the
+    /// alignment, no packing): capi/src/tests/abi_layout.rs can check the same numbers against the
     /// compiled header once this layout function is exported.
     #[test]
     fn args_layout_matches_the_header() {

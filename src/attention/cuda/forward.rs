@@ -172,7 +172,8 @@ unsafe impl DeviceRepr for AttentionFwdArgs {}
 
 /// Size and field offsets of [`AttentionFwdArgs`] (the fields of the embedded shape as
 /// `shape.<field>`), for the layout test against the C headers. Used by this file's tests until
-/// src/lib.rs re-exports it (through `pub use` in attention/cuda/mod.rs) for tests/abi_layout.rs.
+/// src/lib.rs re-exports it (through `pub use` in attention/cuda/mod.rs) for
+/// capi/src/tests/abi_layout.rs.
 #[doc(hidden)]
 pub fn attention_fwd_args_layout() -> Vec<(&'static str, usize)> {
     use std::mem::{offset_of, size_of};

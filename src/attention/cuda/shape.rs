@@ -76,5 +76,5 @@ impl AttentionShape {
 }
 
 // SAFETY: plain-old-data with the C layout of DkAttentionShape (checked through the args
-// layouts by tests/abi_layout.rs).
+// layouts by capi/src/tests/abi_layout.rs).
 unsafe impl DeviceRepr for AttentionShape {}

@@ -3,8 +3,9 @@
 use std::ffi::c_char;
 
 use super::{boundary, DkStatus};
-use crate::device::{cuda_device_count, Context};
-use crate::error::{bail, Result};
+use crate::bail;
+use distill_kernels::device::{cuda_device_count, Context};
+use distill_kernels::Result;
 
 /// Opaque handle of a [`Context`] (`dk_context` in C).
 pub struct DkContext {

@@ -5,10 +5,11 @@ use std::ffi::c_void;
 use super::context::{context, DkContext};
 use super::divergence::{dtype, params_from_c, DkDivergenceParams};
 use super::{boundary, read_arg, to_usize, write_workspace_size, DkStatus};
-use crate::device::{Context, Launch};
-use crate::error::{bail, Result};
-use crate::fused::{FusedLinear, FusedLinearParams};
-use crate::tensor::{Matrix, MatrixMut, Vector, VectorMut};
+use crate::bail;
+use distill_kernels::device::{Context, Launch};
+use distill_kernels::fused::{FusedLinear, FusedLinearParams};
+use distill_kernels::tensor::{Matrix, MatrixMut, Vector, VectorMut};
+use distill_kernels::Result;
 
 /// `dk_fused_linear_params`: the divergence parameters plus the logit transform and chunking.
 #[repr(C)]

@@ -2,15 +2,13 @@
 //! Each asserts the error kind AND that every buffer (inputs and poisoned outputs) is bitwise
 //! unchanged. The C ABI's own checks (codes, null pointers, dk_last_error) are at the end.
 
-mod common;
-
 use std::ffi::CStr;
 
-use common::moe::*;
-use common::*;
-use distill_kernels::capi::context::{dk_context_create, dk_context_destroy, DkContext};
-use distill_kernels::capi::error::dk_last_error;
-use distill_kernels::capi::moe::{
+use super::common::moe::*;
+use super::common::*;
+use crate::context::{dk_context_create, dk_context_destroy, DkContext};
+use crate::error::dk_last_error;
+use crate::moe::{
     dk_moe_combine, dk_moe_max_rows, dk_moe_permute, dk_moe_permute_workspace_size, dk_moe_route,
     dk_moe_route_params_default, dk_moe_route_workspace_size, dk_moe_slot_dot, DkMoeCombineArgs,
     DkMoePermuteArgs, DkMoeRouteArgs, DkMoeRouteParams, DkMoeSlotDotArgs,

@@ -1,5 +1,5 @@
 /*
- * A real C99 client of the MoE dispatch C ABI, built and run by tests/c_abi.rs.
+ * A real C99 client of the MoE dispatch C ABI, built and run by capi/tests/c_abi.rs.
  *
  * Checks, on a CPU context: dk_moe_max_rows and the default parameters; dk_moe_route (softmax
  * and sigmoid, renormalisation, scale, selection bias, group-limited selection, capacity drops,

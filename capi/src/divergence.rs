@@ -4,10 +4,11 @@ use std::ffi::c_void;
 
 use super::context::{context, DkContext};
 use super::{boundary, read_arg, to_usize, write_workspace_size, DkStatus};
-use crate::device::Launch;
-use crate::divergence::{Divergence, Kind, Params, Reduction};
-use crate::error::{bail, Result};
-use crate::tensor::{DType, Matrix, MatrixMut, Vector, VectorMut};
+use crate::bail;
+use distill_kernels::device::Launch;
+use distill_kernels::divergence::{Divergence, Kind, Params, Reduction};
+use distill_kernels::tensor::{DType, Matrix, MatrixMut, Vector, VectorMut};
+use distill_kernels::Result;
 
 /// `dk_divergence_params`: the divergence parameters.
 #[repr(C)]

@@ -1,5 +1,5 @@
 /*
- * A real C99 client of the distill-kernels C ABI, built and run by tests/c_abi.rs.
+ * A real C99 client of the distill-kernels C ABI, built and run by capi/tests/c_abi.rs.
  *
  * Checks, on a CPU context: the version, the default parameters, the divergence (forward KL,
  * reverse KL, JSD; batchmean / sum / none; labels with ignore_index; temperature; num_items;

@@ -3,15 +3,13 @@
 //! unchanged. The C ABI's own checks (null pointers, codes, negative sizes, dk_last_error) are
 //! at the end.
 
-mod common;
-
 use std::ffi::{c_void, CStr};
 
-use common::scale_rows::*;
-use common::*;
-use distill_kernels::capi::context::{dk_context_create, dk_context_destroy, DkContext};
-use distill_kernels::capi::error::dk_last_error;
-use distill_kernels::capi::scale_rows::{dk_scale_rows, DkScaleRowsArgs};
+use super::common::scale_rows::*;
+use super::common::*;
+use crate::context::{dk_context_create, dk_context_destroy, DkContext};
+use crate::error::dk_last_error;
+use crate::scale_rows::{dk_scale_rows, DkScaleRowsArgs};
 use distill_kernels::scale_rows::ScaleRows;
 use distill_kernels::{Context, DType, ErrorKind, Launch, Location, MatrixMut, Vector};
 

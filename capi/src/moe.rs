@@ -4,10 +4,11 @@ use std::ffi::c_void;
 
 use super::context::{context, DkContext};
 use super::{boundary, read_arg, to_usize, write_workspace_size, DkStatus};
-use crate::device::{Context, Launch};
-use crate::error::{bail, Result};
-use crate::moe::{Combine, Permute, Route, RouteParams, Score, SlotDot};
-use crate::tensor::{DType, Matrix, MatrixMut, Vector, VectorMut};
+use crate::bail;
+use distill_kernels::device::{Context, Launch};
+use distill_kernels::moe::{Combine, Permute, Route, RouteParams, Score, SlotDot};
+use distill_kernels::tensor::{DType, Matrix, MatrixMut, Vector, VectorMut};
+use distill_kernels::Result;
 
 /// `dk_moe_route_params`: routing parameters.
 #[repr(C)]
@@ -483,7 +484,7 @@ pub unsafe extern "C" fn dk_moe_slot_dot(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::moe::max_rows;
+    use distill_kernels::moe::max_rows;
 
     #[test]
     fn c_and_rust_bounds_agree() {

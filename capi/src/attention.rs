@@ -6,10 +6,11 @@ use std::ffi::c_void;
 use super::context::{context, DkContext};
 use super::divergence::dtype;
 use super::{boundary, read_arg, to_usize, write_workspace_size, DkStatus};
-use crate::attention::{Attention, AttentionBackward, AttentionParams, Batch};
-use crate::device::{Context, Launch};
-use crate::error::{bail, Result};
-use crate::tensor::{Location, Matrix, MatrixMut, Vector, VectorMut};
+use crate::bail;
+use distill_kernels::attention::{Attention, AttentionBackward, AttentionParams, Batch};
+use distill_kernels::device::{Context, Launch};
+use distill_kernels::tensor::{Location, Matrix, MatrixMut, Vector, VectorMut};
+use distill_kernels::Result;
 
 /// `dk_attention_params`: heads, head dimension, mask, softmax scale, determinism.
 #[repr(C)]
@@ -434,7 +435,7 @@ mod tests {
         for s in [-1.0, f32::NAN, f32::INFINITY] {
             c.softmax_scale = s;
             let e = params_from_c(&c).unwrap_err();
-            assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument, "{s}");
+            assert_eq!(e.kind(), distill_kernels::ErrorKind::InvalidArgument, "{s}");
         }
     }
 
@@ -452,7 +453,7 @@ mod tests {
         };
         // SAFETY: the one offset array set holds batch + 1 entries.
         let e = unsafe { batch_from_c(&b, Location::Host) }.unwrap_err();
-        assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+        assert_eq!(e.kind(), distill_kernels::ErrorKind::InvalidArgument);
         let b = DkAttentionBatch {
             cu_seqlens_q: std::ptr::null(),
             cu_seqlens_k: cu.as_ptr(),
@@ -460,6 +461,6 @@ mod tests {
         };
         // SAFETY: as above.
         let e = unsafe { batch_from_c(&b, Location::Host) }.unwrap_err();
-        assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+        assert_eq!(e.kind(), distill_kernels::ErrorKind::InvalidArgument);
     }
 }

@@ -1,10 +1,17 @@
-//! The C ABI (`include/distill_kernels.h`): one status enum, a thread-local last-error message,
-//! and a panic boundary on every export. One file per operation.
+//! The C ABI of distill-kernels (`include/distill_kernels.h`), built as `libdistill_kernels.so`
+//! and `libdistill_kernels.a`: one status enum, a thread-local last-error message, and a panic
+//! boundary on every export. One file per operation, each a thin layer over the Rust crate.
 //!
 //! Conventions: every function returns `dk_status`; on error nothing has been written and
 //! `dk_last_error()` says why. Pointers are host memory on a CPU context and device memory of
 //! the context's device on a CUDA context. Streams are the caller's (`cudaStream_t`/`CUstream`,
 //! NULL = the legacy default stream).
+//!
+//! This is a crate of its own (not crate types of `distill-kernels`) so that Rust programs
+//! depending on `distill-kernels` do not build a cdylib and a staticlib with it.
+
+#![warn(missing_docs)]
+#![warn(clippy::missing_errors_doc, clippy::missing_panics_doc)]
 
 pub mod attention;
 pub mod context;
@@ -16,8 +23,16 @@ pub mod scale_rows;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::device::Context;
-use crate::error::{Error, ErrorKind, Result};
+use distill_kernels::device::Context;
+use distill_kernels::error::{Error, ErrorKind, Result};
+
+/// Returns early with an error of the given kind and a formatted message.
+macro_rules! bail {
+    ($kind:ident, $($fmt:tt)+) => {
+        return Err(distill_kernels::Error::new(distill_kernels::ErrorKind::$kind, format!($($fmt)+)))
+    };
+}
+pub(crate) use bail;
 
 /// Status codes returned by every C function (`dk_status`).
 pub type DkStatus = i32;
@@ -91,3 +106,6 @@ pub(crate) unsafe fn write_workspace_size(
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,5 +1,5 @@
 /*
- * A C99 client of grouped-query attention (dk_attention_*), built and run by tests/c_abi.rs.
+ * A C99 client of grouped-query attention (dk_attention_*), built and run by capi/tests/c_abi.rs.
  *
  * On a CPU context:
  *  - dk_attention_params_default() has the documented values;

@@ -2,19 +2,15 @@
 //! asserts the error kind AND that every buffer (inputs and poisoned outputs) is bitwise
 //! unchanged. The C ABI's own checks (codes, null pointers, dk_last_error) are at the end.
 
-mod common;
-
 use std::ffi::{c_void, CStr};
 
-use common::*;
-use distill_kernels::capi::context::{
-    dk_context_create, dk_context_destroy, dk_context_device, DkContext,
-};
-use distill_kernels::capi::divergence::{
+use super::common::*;
+use crate::context::{dk_context_create, dk_context_destroy, dk_context_device, DkContext};
+use crate::divergence::{
     dk_divergence, dk_divergence_params_default, dk_divergence_workspace_size, DkDivergenceArgs,
     DkDivergenceParams,
 };
-use distill_kernels::capi::error::dk_last_error;
+use crate::error::dk_last_error;
 use distill_kernels::device::cuda_device_count;
 use distill_kernels::divergence::{Divergence, Kind, Params, Reduction};
 use distill_kernels::{

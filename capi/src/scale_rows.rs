@@ -5,9 +5,9 @@ use std::ffi::c_void;
 use super::context::{context, DkContext};
 use super::divergence::dtype;
 use super::{boundary, read_arg, to_usize, DkStatus};
-use crate::device::Launch;
-use crate::scale_rows::ScaleRows;
-use crate::tensor::{MatrixMut, Vector};
+use distill_kernels::device::Launch;
+use distill_kernels::scale_rows::ScaleRows;
+use distill_kernels::tensor::{MatrixMut, Vector};
 
 /// `dk_scale_rows_args`: `x[i, j] = round(x[i, j] · factors[i · factor_stride])`, in place.
 #[repr(C)]

@@ -6,22 +6,20 @@
 //! (include/distill_kernels.h: divergence, row scaling, fused linear divergence, MoE dispatch and
 //! attention).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::mem::{align_of, offset_of, size_of};
 use std::process::Command;
 
-use common::*;
-use distill_kernels::capi::attention::{
+use super::common::*;
+use crate::attention::{
     DkAttentionArgs, DkAttentionBackwardArgs, DkAttentionBatch, DkAttentionParams,
 };
-use distill_kernels::capi::divergence::{DkDivergenceArgs, DkDivergenceParams};
-use distill_kernels::capi::fused::{DkFusedLinearArgs, DkFusedLinearParams};
-use distill_kernels::capi::moe::{
+use crate::divergence::{DkDivergenceArgs, DkDivergenceParams};
+use crate::fused::{DkFusedLinearArgs, DkFusedLinearParams};
+use crate::moe::{
     DkMoeCombineArgs, DkMoePermuteArgs, DkMoeRouteArgs, DkMoeRouteParams, DkMoeSlotDotArgs,
 };
-use distill_kernels::capi::scale_rows::DkScaleRowsArgs;
+use crate::scale_rows::DkScaleRowsArgs;
 use distill_kernels::divergence::{Kind, Reduction};
 use distill_kernels::moe::Score;
 use distill_kernels::{DType, ErrorKind};
@@ -654,7 +652,7 @@ fn code_macros_match_rust_enums() {
         return;
     };
     let m = |name: &str| values[name] as i32;
-    assert_eq!(m("DK_OK"), distill_kernels::capi::DK_OK);
+    assert_eq!(m("DK_OK"), crate::DK_OK);
     for (name, kind) in [
         ("DK_ERR_NULL_POINTER", ErrorKind::NullPointer),
         ("DK_ERR_INVALID_ARGUMENT", ErrorKind::InvalidArgument),

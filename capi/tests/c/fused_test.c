@@ -1,6 +1,6 @@
 /*
  * A C99 client of the fused linear divergence (dk_fused_linear_*), built and run by
- * tests/c_abi.rs.
+ * capi/tests/c_abi.rs.
  *
  * On a CPU context: the default parameters, the workspace query (0 on the CPU), calls (forward
  * KL / reverse KL / JSD, logit_scale, softcap, labels, chunk sizes, self-distillation, f32
