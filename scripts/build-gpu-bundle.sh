@@ -129,7 +129,7 @@ mkdir -p "$bundle/python"
     mkdir -p "$bundle/python/$(dirname "$f")"
     cp "$f" "$bundle/python/$f"
   done)
-c_sources=$(find tests capi/tests -type f \( -name '*.c' -o -name '*.h' \) 2>/dev/null || true)
+c_sources=$(find tests capi/tests -type f \( -name '*.c' -o -name '*.cpp' -o -name '*.h' \) 2>/dev/null || true)
 if [ -n "$c_sources" ]; then
   mkdir -p "$bundle/c-tests"
   for f in $c_sources; do

@@ -1,6 +1,7 @@
-//! The C ABI from C: c/divergence_test.c, c/moe_test.c, c/fused_test.c and c/attention_test.c
-//! are compiled with the system C compiler (found by the `cc` crate),
-//! linked against the crate's cdylib (and, separately, its staticlib) and run.
+//! The C ABI from C and C++: c/divergence_test.c, c/moe_test.c, c/fused_test.c and
+//! c/attention_test.c are compiled with the system C compiler (found by the `cc` crate), linked
+//! against the crate's cdylib (and, separately, its staticlib) and run; c/cpp_client.cpp, a C++17
+//! client, against the cdylib.
 //! Also: the header's version macros equal the crate version, and the `dk_` functions the
 //! header declares are exactly the ones capi/src exports.
 
@@ -85,8 +86,9 @@ enum Link {
     Static,
 }
 
-/// Compiles tests/c/`program`.c against the cdylib or the staticlib and runs it.
-fn c_program(test: &str, program: &str, link: Link) {
+/// Compiles c/`source` (C99, or C++17 for a `.cpp` file) against the cdylib or the staticlib
+/// and runs it.
+fn c_program(test: &str, source: &str, link: Link) {
     if link == Link::Static && std::env::consts::OS != "linux" {
         visible(&format!(
             "SKIPPED {test}: native link flags only known for Linux"
@@ -97,7 +99,19 @@ fn c_program(test: &str, program: &str, link: Link) {
         Link::Dynamic => "dynamic",
         Link::Static => "static",
     });
-    let Some(mut cmd) = c_compiler(test) else {
+    let (program, cpp) = match source.strip_suffix(".cpp") {
+        Some(stem) => (stem, true),
+        None => (source.strip_suffix(".c").expect("a .c or .cpp file"), false),
+    };
+    let compiler = if cpp {
+        cpp_compiler(test).map(|mut c| {
+            c.arg("-pedantic");
+            c
+        })
+    } else {
+        c_compiler(test)
+    };
+    let Some(mut cmd) = compiler else {
         return;
     };
     let dir = scratch_dir(test);
@@ -107,7 +121,7 @@ fn c_program(test: &str, program: &str, link: Link) {
         .arg(root.join("include"))
         .arg("-I")
         .arg(root.join("capi/tests/c"))
-        .arg(root.join(format!("capi/tests/c/{program}.c")))
+        .arg(root.join("capi/tests/c").join(source))
         .arg("-o")
         .arg(&exe);
     let lib_dir = match link {
@@ -137,7 +151,7 @@ fn c_program(test: &str, program: &str, link: Link) {
     let (ok, out) = run_command(&mut cmd);
     assert!(
         ok,
-        "compiling / linking {program}.c ({link:?}) failed:\n{out}"
+        "compiling / linking {source} ({link:?}) failed:\n{out}"
     );
     run_c_program(&exe, &lib_dir);
     let _ = std::fs::remove_dir_all(&dir);
@@ -145,39 +159,39 @@ fn c_program(test: &str, program: &str, link: Link) {
 
 #[test]
 fn c_program_against_cdylib() {
-    c_program("c_program_cdylib", "divergence_test", Link::Dynamic);
+    c_program("c_program_cdylib", "divergence_test.c", Link::Dynamic);
 }
 
 #[test]
 fn c_program_against_staticlib() {
-    c_program("c_program_staticlib", "divergence_test", Link::Static);
+    c_program("c_program_staticlib", "divergence_test.c", Link::Static);
 }
 
 #[test]
 fn c_moe_program_against_cdylib() {
-    c_program("c_moe_program_cdylib", "moe_test", Link::Dynamic);
+    c_program("c_moe_program_cdylib", "moe_test.c", Link::Dynamic);
 }
 
 #[test]
 fn c_moe_program_against_staticlib() {
-    c_program("c_moe_program_staticlib", "moe_test", Link::Static);
+    c_program("c_moe_program_staticlib", "moe_test.c", Link::Static);
 }
 
 #[test]
 fn c_fused_program_against_cdylib() {
-    c_program("c_fused_program_cdylib", "fused_test", Link::Dynamic);
+    c_program("c_fused_program_cdylib", "fused_test.c", Link::Dynamic);
 }
 
 #[test]
 fn c_fused_program_against_staticlib() {
-    c_program("c_fused_program_staticlib", "fused_test", Link::Static);
+    c_program("c_fused_program_staticlib", "fused_test.c", Link::Static);
 }
 
 #[test]
 fn c_attention_program_against_cdylib() {
     c_program(
         "c_attention_program_cdylib",
-        "attention_test",
+        "attention_test.c",
         Link::Dynamic,
     );
 }
@@ -186,9 +200,14 @@ fn c_attention_program_against_cdylib() {
 fn c_attention_program_against_staticlib() {
     c_program(
         "c_attention_program_staticlib",
-        "attention_test",
+        "attention_test.c",
         Link::Static,
     );
+}
+
+#[test]
+fn cpp_program_against_cdylib() {
+    c_program("cpp_program_cdylib", "cpp_client.cpp", Link::Dynamic);
 }
 
 /// Strips /* */ and // comments.

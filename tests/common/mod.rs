@@ -1426,21 +1426,23 @@ pub fn host_triple() -> String {
     }
 }
 
-/// The system C compiler as found by the `cc` crate, as a command with C99 and strict warnings.
-/// Where no C compiler can run (a GPU machine with only the prebuilt test binaries), prints a
+/// The system C (or, with `cpp`, C++) compiler as found by the `cc` crate at `opt_level`, as a
+/// command. Where none can run (a GPU machine with only the prebuilt test binaries), prints a
 /// visible SKIPPED line and returns `None` — except under CI (`CI` set), where that is a failure.
-pub fn c_compiler(test: &str) -> Option<std::process::Command> {
+fn system_compiler(test: &str, cpp: bool, opt_level: u32) -> Option<std::process::Command> {
     let triple = host_triple();
+    let language = if cpp { "C++" } else { "C" };
     let tool = cc::Build::new()
+        .cpp(cpp)
         .target(&triple)
         .host(&triple)
-        .opt_level(1)
+        .opt_level(opt_level)
         .debug(false)
         .cargo_metadata(false)
         .cargo_warnings(false)
         .try_get_compiler();
     let why = match &tool {
-        Err(e) => Some(format!("the cc crate found no C compiler: {e}")),
+        Err(e) => Some(format!("the cc crate found no {language} compiler: {e}")),
         Ok(t) => {
             let runs = std::process::Command::new(t.path())
                 .arg("--version")
@@ -1454,8 +1456,20 @@ pub fn c_compiler(test: &str) -> Option<std::process::Command> {
         visible(&format!("SKIPPED {test}: {why}"));
         return None;
     }
-    let mut cmd = tool.unwrap().to_command();
+    Some(tool.unwrap().to_command())
+}
+
+/// The system C compiler (see `system_compiler`) with C99 and strict warnings, `-O1`.
+pub fn c_compiler(test: &str) -> Option<std::process::Command> {
+    let mut cmd = system_compiler(test, false, 1)?;
     cmd.args(["-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror"]);
+    Some(cmd)
+}
+
+/// The system C++ compiler (see `system_compiler`) with C++17 and strict warnings, `-O2`.
+pub fn cpp_compiler(test: &str) -> Option<std::process::Command> {
+    let mut cmd = system_compiler(test, true, 2)?;
+    cmd.args(["-std=c++17", "-Wall", "-Wextra", "-Werror"]);
     Some(cmd)
 }
 
@@ -1565,42 +1579,10 @@ pub fn build_kernel_simulator(
     includes: &[std::path::PathBuf],
     extra: &[&str],
 ) -> Option<std::path::PathBuf> {
-    let triple = host_triple();
-    let tool = cc::Build::new()
-        .cpp(true)
-        .target(&triple)
-        .host(&triple)
-        .opt_level(2)
-        .debug(false)
-        .cargo_metadata(false)
-        .cargo_warnings(false)
-        .try_get_compiler();
-    let why = match &tool {
-        Err(e) => Some(format!("no C++ compiler ({e})")),
-        Ok(t) => {
-            let runs = std::process::Command::new(t.path())
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success());
-            (!runs).then(|| format!("no C++ compiler ({} does not run)", t.path().display()))
-        }
-    };
-    if let Some(why) = why {
-        assert!(std::env::var_os("CI").is_none(), "{test}: {why}");
-        visible(&format!("SKIPPED {test}: {why}"));
-        return None;
-    }
     let stem = source.file_stem().expect("source file name");
     let exe = scratch_dir(test).join(stem);
-    let mut cmd = tool.unwrap().to_command();
-    cmd.args([
-        "-std=c++17",
-        "-Wall",
-        "-Wextra",
-        "-Werror",
-        "-fno-fast-math",
-    ])
-    .args(extra);
+    let mut cmd = cpp_compiler(test)?;
+    cmd.arg("-fno-fast-math").args(extra);
     for dir in includes {
         cmd.arg(format!("-I{}", dir.display()));
     }
