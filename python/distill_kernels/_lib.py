@@ -6,13 +6,15 @@ it, so ``import distill_kernels`` works (and reports ``__version__``) before the
 Where the library is looked for, first hit wins:
 
 1. ``$DISTILL_KERNELS_LIB`` -- the path of the shared library itself. When set, it must exist.
-2. ``$CARGO_TARGET_DIR/release/`` when ``CARGO_TARGET_DIR`` is set (where ``cargo build`` then
+2. This package's own folder, where ``pip install ./python`` puts the library built in the
+   checkout (python/setup.py), with the header it was built from.
+3. ``$CARGO_TARGET_DIR/release/`` when ``CARGO_TARGET_DIR`` is set (where ``cargo build`` then
    writes the library, so a stale ``target/`` in the checkout cannot shadow it).
-3. ``<repo>/target/release/`` where ``<repo>`` is two folders above this package
+4. ``<repo>/target/release/`` where ``<repo>`` is two folders above this package
    (``python/distill_kernels/../../``), when it holds a ``Cargo.toml``: the source checkout this
    package is used from (not installed).
-4. ``target/release/`` in the current working directory or any of its parents (for an installed
-   package used from inside a checkout).
+5. ``target/release/`` in the current working directory or any of its parents (for an installed
+   package without a library of its own, used from inside a checkout).
 """
 
 from __future__ import annotations
@@ -447,7 +449,8 @@ def _lib_names() -> List[str]:
 
 def _candidates() -> List[Path]:
     names = _lib_names()
-    dirs: List[Path] = []
+    # Bundled by `pip install ./python` (setup.py): built together with this package's code.
+    dirs: List[Path] = [Path(__file__).resolve().parent]
     # Where cargo builds when CARGO_TARGET_DIR is set: first, so that a stale target/ in the
     # checkout never shadows the library just built.
     target_dir = os.environ.get("CARGO_TARGET_DIR")
@@ -689,11 +692,16 @@ def _fnv1a(data: bytes) -> int:
 
 
 def _check_header(l: ctypes.CDLL, path: Path) -> None:
-    """In a checkout (the header beside the package), the library must have been built from
-    this header: a stale build keeps the version number but not the ABI."""
-    header = Path(__file__).resolve().parent.parent.parent / "include" / "distill_kernels.h"
-    if not header.is_file():
-        return  # an installed package: the version check is all there is
+    """The library must have been built from the header this package mirrors: a stale build
+    keeps the version number but not the ABI. That header is the checkout's when the package is
+    used from one, else the copy an install put beside the package (setup.py)."""
+    package = Path(__file__).resolve().parent
+    header = package.parent.parent / "include" / "distill_kernels.h"
+    installed = not header.is_file()
+    if installed:
+        header = package / "include" / "distill_kernels.h"
+        if not header.is_file():
+            return  # installed without the library (DISTILL_KERNELS_NO_BUNDLE): version only
     try:
         built = l.dk_header_hash
     except AttributeError:
@@ -702,6 +710,13 @@ def _check_header(l: ctypes.CDLL, path: Path) -> None:
         built.argtypes = []
         built.restype = ctypes.c_uint64
     if built is None or built() != _fnv1a(header.read_bytes()):
+        if installed:
+            raise LibraryNotFoundError(
+                f"libdistill_kernels at {path} was built from another include/distill_kernels.h "
+                f"than this installed package ({header}): reinstall the package from the "
+                "checkout the library was built in (`pip install ./python` after `cargo build "
+                "--release`), or point DISTILL_KERNELS_LIB at a library built with this package"
+            )
         raise LibraryNotFoundError(
             f"libdistill_kernels at {path} was built from another include/distill_kernels.h than "
             f"{header} (a stale build: `cargo run --bin dk` does not refresh "

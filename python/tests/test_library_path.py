@@ -1,28 +1,98 @@
-"""Where the package looks for the library (``distill_kernels._lib``): the folder cargo builds
-into comes before any ``target/`` that may hold an older build."""
+"""Where the package looks for the library (``distill_kernels._lib``): the copy an install
+bundled with the package first, then the folder cargo builds into before any ``target/`` that
+may hold an older build."""
 
 from pathlib import Path
 
 from distill_kernels import _lib
 
 
-def test_cargo_target_dir_comes_before_the_checkouts_target(monkeypatch, tmp_path):
+def _name():
+    return _lib._lib_names()[0]
+
+
+def test_the_bundled_library_comes_first_then_cargo_target_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("CARGO_TARGET_DIR", str(tmp_path))
     candidates = _lib._candidates()
-    assert candidates[0] == tmp_path / "release" / _lib._lib_names()[0]
+    assert candidates[0] == Path(_lib.__file__).resolve().parent / _name()
+    assert candidates[1] == tmp_path / "release" / _name()
     repo = Path(_lib.__file__).resolve().parent.parent.parent
-    in_tree = repo / "target" / "release" / _lib._lib_names()[0]
+    in_tree = repo / "target" / "release" / _name()
     if in_tree in candidates:
-        assert candidates.index(in_tree) > 0
+        assert candidates.index(in_tree) > 1
 
 
-def test_without_cargo_target_dir_the_checkout_comes_first(monkeypatch):
+def test_without_cargo_target_dir_the_checkout_comes_next(monkeypatch):
     monkeypatch.delenv("CARGO_TARGET_DIR", raising=False)
     candidates = _lib._candidates()
+    assert candidates[0] == Path(_lib.__file__).resolve().parent / _name()
     repo = Path(_lib.__file__).resolve().parent.parent.parent
     if (repo / "Cargo.toml").is_file():
-        assert candidates[0] == repo / "target" / "release" / _lib._lib_names()[0]
-    assert all(p.name == _lib._lib_names()[0] for p in candidates)
+        assert candidates[1] == repo / "target" / "release" / _name()
+    assert all(p.name == _name() for p in candidates)
+
+
+_INSTALLED_PROBE = """
+import numpy as np, distill_kernels as dk
+print(dk._lib.library_path())
+r = dk.divergence(np.ones((2, 8), np.float32), np.zeros((2, 8), np.float32), kind="forward_kl")
+print(r.loss)
+"""
+
+
+def _run_installed(site, cwd):
+    """Runs the probe with the package imported from ``site`` (an installed layout) and no
+    hint of where a library is."""
+    import os
+    import subprocess
+    import sys
+
+    hints = ("DISTILL_KERNELS_LIB", "CARGO_TARGET_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in hints}
+    env["PYTHONPATH"] = str(site)
+    return subprocess.run(
+        [sys.executable, "-c", _INSTALLED_PROBE], cwd=cwd, env=env, capture_output=True, text=True
+    )
+
+
+def test_an_installed_package_loads_its_bundled_library_and_checks_its_header(tmp_path):
+    """The layout `pip install ./python` makes (setup.py): the library and its header inside
+    the package. It is found without DISTILL_KERNELS_LIB from a folder outside any checkout, and
+    a bundled header that differs from the library's is refused with what to do."""
+    import shutil
+
+    import pytest
+
+    header = Path(_lib.__file__).resolve().parent.parent.parent / "include" / "distill_kernels.h"
+    if not header.is_file():
+        pytest.skip(f"no header at {header}: the installed layout is built from a checkout")
+    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    package = site / "distill_kernels"
+    shutil.copytree(
+        Path(_lib.__file__).resolve().parent, package, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    assert not (package / _name()).exists(), "the source tree holds no library"
+    (package / "include").mkdir()
+    shutil.copy2(header, package / "include" / header.name)
+    shutil.copy2(_lib.library_path(), package / _name())
+
+    ok = _run_installed(site, elsewhere)
+    assert ok.returncode == 0, ok.stderr
+    path, loss = ok.stdout.split()
+    assert Path(path).resolve() == (package / _name()).resolve()
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)  # uniform vs uniform
+
+    (package / "include" / header.name).write_bytes(header.read_bytes() + b"\n")
+    stale = _run_installed(site, elsewhere)
+    assert stale.returncode != 0
+    assert "LibraryNotFoundError" in stale.stderr and "reinstall the package" in stale.stderr
+
+    (package / _name()).unlink()
+    shutil.rmtree(package / "include")
+    missing = _run_installed(site, elsewhere)
+    assert missing.returncode != 0
+    assert "libdistill_kernels was not found" in missing.stderr
 
 
 def test_a_library_built_from_another_header_is_refused_as_stale():
