@@ -123,3 +123,28 @@ def test_a_library_built_from_another_header_is_refused_as_stale():
 
     with pytest.raises(_lib.LibraryNotFoundError, match="cargo build --release"):
         _lib._check_header(Older(), Path("older"))
+
+
+def test_python_m_distill_kernels_says_which_library_it_loads(tmp_path):
+    """`python -m distill_kernels` names the library and how it was found; without one it says
+    why and exits 1."""
+    import os
+    import subprocess
+    import sys
+
+    lib = _lib.library_path()
+    src = str(Path(_lib.__file__).resolve().parent.parent)
+    env = dict(os.environ, DISTILL_KERNELS_LIB=str(lib), PYTHONPATH=src)
+    ok = subprocess.run(
+        [sys.executable, "-m", "distill_kernels"], env=env, capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert f"library: {lib} (DISTILL_KERNELS_LIB), version {_lib.version()}" in ok.stdout
+    assert "CUDA devices seen by the library: " in ok.stdout
+
+    env["DISTILL_KERNELS_LIB"] = str(tmp_path / "missing.so")
+    bad = subprocess.run(
+        [sys.executable, "-m", "distill_kernels"], env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 1
+    assert "library: not loaded: DISTILL_KERNELS_LIB=" in bad.stdout
