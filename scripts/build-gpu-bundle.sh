@@ -77,10 +77,12 @@ for line in open(sys.argv[1]):
         kind, out = "bin", "unit-bin-" + name
     else:
         # The C ABI crate's library is named distill_kernels too: its unit tests are unit-capi-*.
-        member = os.path.basename(os.path.dirname(msg.get("manifest_path", "")))
+        member = os.path.relpath(os.path.dirname(msg.get("manifest_path", "")), os.getcwd())
         prefix = "unit-capi-" if member == "capi" else "unit-"
         kind, out = "lib", prefix + name
     src = os.path.relpath(t["src_path"], os.getcwd())
+    if out in seen and seen[out][3] != msg["executable"]:
+        sys.exit(f"two test executables would be carried as {out}: {seen[out][2]} and {src}")
     seen[out] = (out, kind, src, msg["executable"])
 for out in sorted(seen):
     print("\t".join(seen[out]))

@@ -105,6 +105,8 @@ export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/nvidia/lib64${LD_LIBRAR
 export PATH="/usr/local/cuda/bin:$PATH"
 export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1
 export DISTILL_KERNELS_LIB="$bundle/lib/libdistill_kernels.so"
+# The C ABI test links the bundle's .so / .a instead of building them (no cargo here).
+export DK_CAPI_TEST_LIB_DIR="$bundle/lib"
 export CARGO_MANIFEST_DIR="$root"
 dk="$bundle/bin/dk"
 py=${PYTHON:-python3}

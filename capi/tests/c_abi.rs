@@ -15,32 +15,47 @@ use std::sync::OnceLock;
 
 use common::*;
 
-/// The directory holding the library the C programs link: that of `DISTILL_KERNELS_LIB` when
-/// set (the variable the Python package reads; the GPU check points it at its bundle), else
-/// `<target>/release` after `cargo build --release -p distill-kernels-capi`, run once per test
-/// process. The build is needed because `cargo test` does not build a crate's cdylib and
-/// staticlib for its integration tests when it has no rlib; after `cargo build --release`
-/// (scripts/test.sh runs it first) it is a no-op. The C programs thus test the library Python
-/// and C programs load.
+/// The directory holding the library the C programs link: `DK_CAPI_TEST_LIB_DIR` when set (the
+/// GPU check points it at its prebuilt bundle; nothing is built), else `<target>/<profile>` of
+/// this test after `cargo build -p distill-kernels-capi` with this test's profile and target
+/// directory, run once per test process. That build is needed because `cargo test` does not
+/// build a crate's cdylib and staticlib for its integration tests when it has no rlib; it reuses
+/// every crate `cargo test` has just built (same profile, same environment: the kernels are not
+/// rebuilt) and only links the two libraries. Cargo's command-line options (`--target`,
+/// `--config`, ...) are not forwarded; its environment variables are.
 fn library_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        if let Some(lib) = std::env::var_os("DISTILL_KERNELS_LIB") {
-            let lib = PathBuf::from(lib);
-            return lib.parent().map(Path::to_path_buf).unwrap_or_default();
+        if let Some(dir) = std::env::var_os("DK_CAPI_TEST_LIB_DIR") {
+            return PathBuf::from(dir);
         }
+        // The test runs from <target>/<profile dir>/deps; `cargo test`'s own profile is `test`,
+        // whose directory is `debug`.
+        let profile_dir = profile_dir();
+        let target = profile_dir.parent().expect("target dir").to_path_buf();
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "test".to_string(),
+            Some(name) => name.to_string(),
+        };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_string());
         let mut cmd = Command::new(&cargo);
-        cmd.args(["build", "--release", "-p", "distill-kernels-capi"])
+        cmd.args(["build", "-p", "distill-kernels-capi", "--profile", &profile])
+            .arg("--target-dir")
+            .arg(&target)
             .current_dir(repo_root());
-        let (ok, out) = run_command(&mut cmd);
+        let out = cmd.output().unwrap_or_else(|e| {
+            panic!(
+                "cannot run {cargo} ({e}) to build libdistill_kernels: set DK_CAPI_TEST_LIB_DIR \
+                 to a folder holding a built libdistill_kernels.so and .a"
+            )
+        });
         assert!(
-            ok,
-            "`{cargo} build --release -p distill-kernels-capi` failed (set DISTILL_KERNELS_LIB \
-             to test a library built elsewhere):\n{out}"
+            out.status.success(),
+            "{} failed (set DK_CAPI_TEST_LIB_DIR to test a library built elsewhere):\n{}",
+            describe(&cmd),
+            String::from_utf8_lossy(&out.stderr)
         );
-        // The test runs from <target>/<profile>/deps.
-        profile_dir().parent().expect("target dir").join("release")
+        profile_dir
     })
 }
 
@@ -149,10 +164,7 @@ fn c_program(test: &str, source: &str, link: Link) {
         }
     };
     let (ok, out) = run_command(&mut cmd);
-    assert!(
-        ok,
-        "compiling / linking {source} ({link:?}) failed:\n{out}"
-    );
+    assert!(ok, "compiling / linking {source} ({link:?}) failed:\n{out}");
     run_c_program(&exe, &lib_dir);
     let _ = std::fs::remove_dir_all(&dir);
 }

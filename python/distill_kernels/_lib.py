@@ -7,7 +7,7 @@ Where the library is looked for, first hit wins:
 
 1. ``$DISTILL_KERNELS_LIB`` -- the path of the shared library itself. When set, it must exist.
 2. This package's own folder, where ``pip install ./python`` puts the library built in the
-   checkout (python/setup.py), with the header it was built from.
+   checkout (python/setup.py).
 3. ``$CARGO_TARGET_DIR/release/`` when ``CARGO_TARGET_DIR`` is set (where ``cargo build`` then
    writes the library, so a stale ``target/`` in the checkout cannot shadow it).
 4. ``<repo>/target/release/`` where ``<repo>`` is two folders above this package
@@ -75,6 +75,11 @@ __all__ = [
 ]
 
 PACKAGE_VERSION = "0.1.0"
+
+# 64-bit FNV-1a of the bytes of include/distill_kernels.h that the ctypes mirror below follows.
+# A library must report the same from dk_header_hash(); the tests require it to equal the
+# checkout's header, so a header change cannot land without a look at this mirror.
+HEADER_HASH = 0x983AD882CADE3A8B
 
 # ---- constants of include/distill_kernels.h ----------------------------------------------------
 
@@ -451,8 +456,8 @@ def _candidates() -> List[Path]:
     names = _lib_names()
     # Bundled by `pip install ./python` (setup.py): built together with this package's code.
     dirs: List[Path] = [Path(__file__).resolve().parent]
-    # Where cargo builds when CARGO_TARGET_DIR is set: first, so that a stale target/ in the
-    # checkout never shadows the library just built.
+    # Where cargo builds when CARGO_TARGET_DIR is set: before the checkout, so that a stale
+    # target/ there never shadows the library just built.
     target_dir = os.environ.get("CARGO_TARGET_DIR")
     if target_dir:
         dirs.append(Path(target_dir) / "release")
@@ -692,36 +697,47 @@ def _fnv1a(data: bytes) -> int:
 
 
 def _check_header(l: ctypes.CDLL, path: Path) -> None:
-    """The library must have been built from the header this package mirrors: a stale build
-    keeps the version number but not the ABI. That header is the checkout's when the package is
-    used from one, else the copy an install put beside the package (setup.py)."""
-    package = Path(__file__).resolve().parent
-    header = package.parent.parent / "include" / "distill_kernels.h"
-    installed = not header.is_file()
-    if installed:
-        header = package / "include" / "distill_kernels.h"
-        if not header.is_file():
-            return  # installed without the library (DISTILL_KERNELS_NO_BUNDLE): version only
+    """The library must have been built from the header this module mirrors (``HEADER_HASH``):
+    a stale build keeps the version number but not the ABI. The message says which side is
+    behind: the library (in a checkout: rebuild it), this mirror (the checkout's header changed
+    after it), or a library from elsewhere."""
     try:
-        built = l.dk_header_hash
+        built_fn = l.dk_header_hash
     except AttributeError:
         built = None
-    if built is not None:
-        built.argtypes = []
-        built.restype = ctypes.c_uint64
-    if built is None or built() != _fnv1a(header.read_bytes()):
-        if installed:
-            raise LibraryNotFoundError(
-                f"libdistill_kernels at {path} was built from another include/distill_kernels.h "
-                f"than this installed package ({header}): reinstall the package from the "
-                "checkout the library was built in (`pip install ./python` after `cargo build "
-                "--release`), or point DISTILL_KERNELS_LIB at a library built with this package"
-            )
+    else:
+        built_fn.argtypes = []
+        built_fn.restype = ctypes.c_uint64
+        built = built_fn()
+    if built == HEADER_HASH:
+        return
+    header = Path(__file__).resolve().parent.parent.parent / "include" / "distill_kernels.h"
+    in_checkout = header.is_file()
+    if in_checkout and built is not None and built == _fnv1a(header.read_bytes()):
+        raise LibraryNotFoundError(
+            f"{header} changed after the Python package's ctypes mirror of it "
+            f"(distill_kernels/_lib.py, HEADER_HASH = {HEADER_HASH:#x}): libdistill_kernels at "
+            f"{path} was built from the new header ({built:#x}). Update the mirror to the "
+            f"header, then set HEADER_HASH = {built:#x}"
+        )
+    if os.environ.get("DISTILL_KERNELS_LIB"):
+        raise LibraryNotFoundError(
+            f"libdistill_kernels at {path} (DISTILL_KERNELS_LIB) was built from another "
+            "include/distill_kernels.h than this package mirrors: point DISTILL_KERNELS_LIB at a "
+            "library built in the same checkout as the package, or unset it to let the package "
+            "find its own"
+        )
+    if in_checkout:
         raise LibraryNotFoundError(
             f"libdistill_kernels at {path} was built from another include/distill_kernels.h than "
             f"{header} (a stale build: `cargo run --bin dk` does not refresh "
             "target/release/libdistill_kernels.so); rebuild it with `cargo build --release`"
         )
+    raise LibraryNotFoundError(
+        f"libdistill_kernels at {path} was built from another include/distill_kernels.h than "
+        "this installed package mirrors: reinstall the package from the checkout the library "
+        "was built in (`pip install ./python` after `cargo build --release`)"
+    )
 
 
 def _check_version(found: str, path: Path) -> None:

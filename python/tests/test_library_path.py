@@ -55,17 +55,15 @@ def _run_installed(site, cwd):
     )
 
 
-def test_an_installed_package_loads_its_bundled_library_and_checks_its_header(tmp_path):
-    """The layout `pip install ./python` makes (setup.py): the library and its header inside
-    the package. It is found without DISTILL_KERNELS_LIB from a folder outside any checkout, and
-    a bundled header that differs from the library's is refused with what to do."""
+def test_an_installed_package_loads_its_bundled_library_and_checks_it(tmp_path):
+    """The layout `pip install ./python` makes (setup.py): the library inside the package. It is
+    found without DISTILL_KERNELS_LIB from a folder outside any checkout; a library built from
+    another header than the package mirrors is refused with what to do; none at all is
+    reported."""
     import shutil
 
     import pytest
 
-    header = Path(_lib.__file__).resolve().parent.parent.parent / "include" / "distill_kernels.h"
-    if not header.is_file():
-        pytest.skip(f"no header at {header}: the installed layout is built from a checkout")
     site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
     package = site / "distill_kernels"
@@ -73,8 +71,6 @@ def test_an_installed_package_loads_its_bundled_library_and_checks_its_header(tm
         Path(_lib.__file__).resolve().parent, package, ignore=shutil.ignore_patterns("__pycache__")
     )
     assert not (package / _name()).exists(), "the source tree holds no library"
-    (package / "include").mkdir()
-    shutil.copy2(header, package / "include" / header.name)
     shutil.copy2(_lib.library_path(), package / _name())
 
     ok = _run_installed(site, elsewhere)
@@ -83,46 +79,77 @@ def test_an_installed_package_loads_its_bundled_library_and_checks_its_header(tm
     assert Path(path).resolve() == (package / _name()).resolve()
     assert float(loss) == pytest.approx(0.0, abs=1e-6)  # uniform vs uniform
 
-    (package / "include" / header.name).write_bytes(header.read_bytes() + b"\n")
+    mirror = package / "_lib.py"
+    recorded = f"HEADER_HASH = {_lib.HEADER_HASH:#X}".replace("0X", "0x")
+    assert recorded in mirror.read_text()
+    mirror.write_text(mirror.read_text().replace(recorded, "HEADER_HASH = 0x1"))
     stale = _run_installed(site, elsewhere)
     assert stale.returncode != 0
     assert "LibraryNotFoundError" in stale.stderr and "reinstall the package" in stale.stderr
 
     (package / _name()).unlink()
-    shutil.rmtree(package / "include")
     missing = _run_installed(site, elsewhere)
     assert missing.returncode != 0
     assert "libdistill_kernels was not found" in missing.stderr
 
 
-def test_a_library_built_from_another_header_is_refused_as_stale():
-    import ctypes
-
+def _checkout_header():
     import pytest
 
     header = Path(_lib.__file__).resolve().parent.parent.parent / "include" / "distill_kernels.h"
     if not header.is_file():
-        pytest.skip(f"no header at {header} (an installed package has no header to compare)")
+        pytest.skip(f"no header at {header}: the package is not used from a checkout")
+    return header
+
+
+def test_the_recorded_header_hash_is_the_checkouts_header():
+    """_lib.HEADER_HASH names the header the ctypes mirror follows: a header change must come
+    with a look at the mirror and a new value here."""
+    actual = _lib._fnv1a(_checkout_header().read_bytes())
+    assert _lib.HEADER_HASH == actual, (
+        f"include/distill_kernels.h changed: check the ctypes mirror in _lib.py against it, then "
+        f"set HEADER_HASH = {actual:#x}"
+    )
+
+
+class _Stale:
+    """A library of the same version that reports ``value`` from dk_header_hash."""
+
+    def __init__(self, value):
+        self.dk_header_hash = lambda: value
+
+
+class _Older:
+    """A library from before dk_header_hash existed."""
+
+
+def test_a_library_built_from_another_header_is_refused_with_what_to_do(monkeypatch):
+    import ctypes
+
+    import pytest
+
+    header = _checkout_header()
     real = _lib.lib()
     # The library in use was built from this very header (Python's FNV-1a equals the Rust one).
     real.dk_header_hash.restype = ctypes.c_uint64
-    assert real.dk_header_hash() == _lib._fnv1a(header.read_bytes())
+    assert real.dk_header_hash() == _lib._fnv1a(header.read_bytes()) == _lib.HEADER_HASH
     _lib._check_header(real, Path("real"))
 
-    class Stale:
-        """A library of the same version built from another header."""
-
-        def __init__(self, value):
-            self.dk_header_hash = lambda: value
-
+    monkeypatch.delenv("DISTILL_KERNELS_LIB", raising=False)
     with pytest.raises(_lib.LibraryNotFoundError, match="stale build"):
-        _lib._check_header(Stale(real.dk_header_hash() ^ 1), Path("stale"))
-
-    class Older:
-        """A library from before dk_header_hash existed."""
-
+        _lib._check_header(_Stale(_lib.HEADER_HASH ^ 1), Path("stale"))
     with pytest.raises(_lib.LibraryNotFoundError, match="cargo build --release"):
-        _lib._check_header(Older(), Path("older"))
+        _lib._check_header(_Older(), Path("older"))
+
+    # Chosen by the user: the message is about the variable.
+    monkeypatch.setenv("DISTILL_KERNELS_LIB", "/elsewhere/libdistill_kernels.so")
+    with pytest.raises(_lib.LibraryNotFoundError, match="unset it"):
+        _lib._check_header(_Stale(_lib.HEADER_HASH ^ 1), Path("elsewhere"))
+
+    # The header moved on and the library with it, the mirror did not.
+    monkeypatch.setattr(_lib, "HEADER_HASH", _lib.HEADER_HASH ^ 1)
+    with pytest.raises(_lib.LibraryNotFoundError, match="set HEADER_HASH = "):
+        _lib._check_header(real, Path("real"))
 
 
 def test_python_m_distill_kernels_says_which_library_it_loads(tmp_path):
