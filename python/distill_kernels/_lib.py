@@ -92,6 +92,7 @@ MOE_MAX_K = 32  # dk_moe_route_params.k: 1 <= k <= min(e, 32)
 MOE_MAX_EXPERTS = 1024  # dk_moe_route_args.e: 1..1024
 ATTENTION_HEAD_DIMS = (64, 128)  # dk_attention_params.head_dim
 ATTENTION_ROW_ALIGN = 16  # bytes: token row starts (base pointers and strides) of every operand
+MOE_MAX_HIDDEN = 16384  # the hidden size H of the MoE activations: a multiple of 8 in 8..16384
 MOE_ROW_ALIGN = 16  # bytes: row starts (base pointers and strides) of the MoE activations
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -942,14 +943,30 @@ def _real(name: str, x) -> float:
     import numbers
 
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        # 0-d numpy arrays / torch scalars: accept what converts cleanly.
-        try:
-            if getattr(x, "ndim", None) == 0 or getattr(x, "shape", None) == ():
+        # 0-d numpy arrays and torch tensors of an integer or floating dtype (not bool, complex,
+        # strings or objects, which float() would also take).
+        if (getattr(x, "ndim", None) == 0 or getattr(x, "shape", None) == ()) and _real_dtype(
+            getattr(x, "dtype", None)
+        ):
+            try:
                 return float(x)
-        except Exception:
-            pass
+            except Exception:
+                pass
         raise TypeError(f"{name} must be a real number, got {x!r}")
     return float(x)
+
+
+def _real_dtype(dt) -> bool:
+    """Whether a numpy or torch dtype holds real numbers (integers or floats), without importing
+    either: numpy's kind, ml_dtypes' bfloat16 (kind "V"), torch's flags."""
+    if dt is None:
+        return False
+    kind = getattr(dt, "kind", None)
+    if isinstance(kind, str):
+        return kind in "iuf" or getattr(dt, "name", "") == "bfloat16"
+    if str(dt) == "torch.bool" or getattr(dt, "is_complex", True):
+        return False
+    return hasattr(dt, "is_floating_point")
 
 
 # ---- row scaling: the call shared by the numpy and torch faces ----------------------------------

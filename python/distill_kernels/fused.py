@@ -112,6 +112,11 @@ def _out_buffer(name: str, out, shape: Tuple[int, ...], in_dtype: np.dtype, grad
         raise ValueError(f"{name} has dtype {out.dtype} but grad_dtype is {np.dtype(grad_dtype)}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
+    if not _elements_distinct(out):
+        # A broadcast or as_strided view: gradients accumulated into it would land on each
+        # other (and the copy written back would keep only the last row's).
+        raise ValueError(f"{name} may have overlapping elements (strides {out.strides}): "
+                         "pass a buffer whose elements are separate memory")
     for iname, x in inputs:
         if np.may_share_memory(out, x):
             raise ValueError(f"{name} overlaps {iname}: the gradient buffer must be separate "
@@ -283,6 +288,18 @@ def _reshape_is_view(a: np.ndarray, shape) -> bool:
     except ValueError:
         return False
     return np.may_share_memory(r, a)  # a copy is fresh memory
+
+
+def _elements_distinct(a: np.ndarray) -> bool:
+    """Whether no two elements of ``a`` share bytes: with the dimensions ordered by stride, each
+    stride must step over everything the smaller ones span (a sufficient test; layouts that
+    interleave dimensions are refused too)."""
+    span = a.itemsize
+    for stride, n in sorted((abs(s), n) for s, n in zip(a.strides, a.shape) if n > 1):
+        if stride < span:
+            return False
+        span += stride * (n - 1)
+    return True
 
 
 def _writable_rows(view2d: Optional[np.ndarray], out: np.ndarray, shape):

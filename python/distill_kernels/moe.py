@@ -142,12 +142,17 @@ def _activations(name: str, x, h: Optional[int] = None) -> Tuple[np.ndarray, int
     _dtype_code(name, a.dtype)  # TypeError on anything but f32 / f16 / bf16
     if a.ndim != 2:
         raise ValueError(f"{name} must be 2-D [rows, H], got shape {a.shape}")
-    if a.shape[1] == 0 or a.shape[1] % 8 != 0:
-        raise ValueError(f"{name}: the hidden size H = {a.shape[1]} must be a positive multiple of 8")
+    if not (0 < a.shape[1] <= _lib.MOE_MAX_HIDDEN and a.shape[1] % 8 == 0):
+        raise ValueError(
+            f"{name}: the hidden size H = {a.shape[1]} must be a multiple of 8 in "
+            f"8..={_lib.MOE_MAX_HIDDEN}"
+        )
     if h is not None and a.shape[1] != h:
         raise ValueError(f"{name} has H = {a.shape[1]}, expected {h}")
     if a.shape[0] == 0:
-        return np.empty(a.shape, a.dtype), a.shape[1], _dtype_code(name, a.dtype)
+        # No rows to read: a native-order twin, as the copy of a byte-swapped array would be.
+        dt = _lib.native_dtype(a.dtype)
+        return np.empty(a.shape, dt), a.shape[1], _dtype_code(name, dt)
     a, stride = _row_layout(a)
     if a.ctypes.data % _lib.MOE_ROW_ALIGN or (stride * a.dtype.itemsize) % _lib.MOE_ROW_ALIGN:
         # The kernels move rows in 16-byte vectors: rows must start on 16-byte boundaries.
@@ -167,8 +172,10 @@ class _R:
             raise TypeError(f"route must be a MoeRoute (from moe_route), got {type(route).__name__}")
         n, e, k, r = route.n, route.e, route.k, route.num_rows
         for name, v in (("n", n), ("e", e), ("k", k), ("num_rows", r)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"route.{name} must be a non-negative integer, got {v!r}")
+            if v < 0:
+                raise ValueError(f"route.{name} must be a non-negative integer, got {v!r}")
         self.n, self.e, self.k, self.num_rows = int(n), int(e), int(k), int(r)
         self.position = self._ints("position", route.position, (self.n, self.k))
         full = route.perm_full if route.perm_full is not None else route.perm
@@ -425,6 +432,8 @@ def moe_permute_backward(
     r = _R(route)
     scale = _flag("scale", scale)
     _weights_unused("scale", scale, weights)
+    if not scale and x is not None:
+        raise ValueError("x= is only used with scale=True; it was given with scale=False")
     g, g_stride, code = _activations("grad_xp", grad_xp)
     r.rows_of("grad_xp", g)
     if not scale:

@@ -38,10 +38,11 @@ def scale_rows(x: np.ndarray, factors) -> np.ndarray:
         raise ValueError(f"x has empty rows: shape {x.shape}")
     if not x.flags.writeable:
         raise ValueError("x is read-only (it is scaled in place)")
-    if x.size == 0:
-        return x  # no rows: nothing to scale
     m = x.reshape(1, -1) if x.ndim == 1 else x
     n, v = m.shape
+    f, factor_stride = _factors(factors, n)  # checked even when there are no rows
+    if x.size == 0:
+        return x  # no rows: nothing to scale
     item = m.dtype.itemsize
     s0, s1 = m.strides
     if not (m.dtype.isnative and m.flags.aligned and (v == 1 or s1 == item)
@@ -51,6 +52,13 @@ def scale_rows(x: np.ndarray, factors) -> np.ndarray:
             f"dtype {x.dtype}): it is scaled in place, so it cannot be copied"
         )
     stride = v if n == 1 else s0 // item
+    _lib.scale_rows_call(_lib.context(-1), m.ctypes.data, code, n, v, stride, f.ctypes.data,
+                         factor_stride, None)
+    return x
+
+
+def _factors(factors, n: int):
+    """(float32 factors, factor stride) for ``n`` rows, or TypeError / ValueError."""
     if factors is None or isinstance(factors, (str, bytes)) or (
         isinstance(factors, np.ndarray) and factors.dtype.kind in "US"
     ):
@@ -73,6 +81,4 @@ def scale_rows(x: np.ndarray, factors) -> np.ndarray:
         factor_stride = 1
     else:
         raise ValueError(f"factors must hold 1 value (all rows) or N = {n} values, got {f.size}")
-    _lib.scale_rows_call(_lib.context(-1), m.ctypes.data, code, n, v, stride, f.ctypes.data,
-                         factor_stride, None)
-    return x
+    return f, factor_stride

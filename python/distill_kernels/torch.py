@@ -578,8 +578,11 @@ def _activation(name: str, x, h: Optional[int] = None) -> torch.Tensor:
         raise TypeError(f"{name} dtype {x.dtype} is not supported: use float32, bfloat16 or float16")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [rows, H], got shape {tuple(x.shape)}")
-    if x.shape[1] == 0 or x.shape[1] % 8 != 0:
-        raise ValueError(f"{name}: the hidden size H = {x.shape[1]} must be a positive multiple of 8")
+    if not (0 < x.shape[1] <= _lib.MOE_MAX_HIDDEN and x.shape[1] % 8 == 0):
+        raise ValueError(
+            f"{name}: the hidden size H = {x.shape[1]} must be a multiple of 8 in "
+            f"8..={_lib.MOE_MAX_HIDDEN}"
+        )
     if h is not None and x.shape[1] != h:
         raise ValueError(f"{name} has H = {x.shape[1]}, expected {h}")
     _device_ordinal(x)
@@ -915,6 +918,8 @@ def moe_permute_backward(grad_xp: torch.Tensor, route: MoeRoute, x: Optional[tor
     when ``scale`` (which needs ``x``)."""
     scale = _check_flag("scale", scale)
     _weights_unused("scale", scale, weights)
+    if not scale and x is not None:
+        raise ValueError("x= is only used with scale=True; it was given with scale=False")
     _activation("grad_xp", grad_xp)
     _check_route(route, grad_xp.device)
     _permuted_rows("grad_xp", grad_xp, route)

@@ -579,6 +579,17 @@ def test_bad_output_buffers_raise_and_touch_nothing():
     with pytest.raises(ValueError, match="overlap"):
         dk.fused_linear_divergence(hs, ws, ht, wt, grad_hidden_out=gh, grad_weight_out=gw)
     np.testing.assert_array_equal(buf, buf0)
+    # A buffer whose rows are one another (stride 0) or overlap: the accumulated rows would
+    # land on each other.
+    row = rng.standard_normal(hs.shape[1]).astype(F32)
+    row0 = row.copy()
+    same_rows = np.lib.stride_tricks.as_strided(row, hs.shape, (0, 4))
+    half_rows = np.lib.stride_tricks.as_strided(buf, hs.shape, (16, 4))  # rows 4 floats apart
+    for bad in (same_rows, half_rows):
+        with pytest.raises(ValueError, match="overlapping elements"):
+            dk.fused_linear_divergence(hs, ws, ht, wt, grad_hidden_out=bad)
+    np.testing.assert_array_equal(row, row0)
+    np.testing.assert_array_equal(buf, buf0)
 
 
 def test_missing_symbols_are_reported_clearly():

@@ -823,4 +823,27 @@ def test_no_tokens_is_an_empty_batch():
     assert ge.shape == (0, 8) and gw.shape == (0, 2)
     with pytest.raises(ValueError, match="no experts"):
         dk.moe_route(np.zeros((3, 0), np.float32), 1)
+    # A byte-swapped input gives native-order results, as with tokens (whose rows are copied).
+    xs = np.zeros((0, 8), ">f4")
+    assert dk.moe_permute(xs, r).dtype == np.float32
+    g, gw = dk.moe_permute_backward(xp, r, x=xs, scale=True)
+    assert g.dtype == np.float32 and gw.shape == (0, 2)
+
+
+def test_argument_errors_name_the_argument():
+    rng = np.random.default_rng(43)
+    n, e, k = 6, 8, 2
+    route = dk.moe_route(randn(rng, (n, e), F32), k)
+    R, wide = route.num_rows, 16392  # H beyond 16384
+    with pytest.raises(ValueError, match=r"grad_y: the hidden size H = 16392 .* 8\.\.=16384"):
+        dk.moe_combine_backward(np.zeros((n, wide), F32), np.zeros((R, wide), F32), route)
+    with pytest.raises(ValueError, match="expert_out: the hidden size H = 16392"):
+        dk.moe_combine(np.zeros((R, wide), F32), route)
+    with pytest.raises(ValueError, match="grad_xp: the hidden size H = 16392"):
+        dk.moe_permute_backward(np.zeros((R, wide), F32), route)
+    # x is read only with scale=True: given without it, it would be ignored.
+    with pytest.raises(ValueError, match="x= is only used with scale=True"):
+        dk.moe_permute_backward(np.zeros((R, 8), F32), route, x=np.zeros((n, 8), F32))
+    with pytest.raises(ValueError, match="non-negative"):
+        dk.moe_combine(np.zeros((R, 8), F32), dataclasses.replace(route, num_rows=-1))
 

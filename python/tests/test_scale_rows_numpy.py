@@ -111,6 +111,13 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="empty rows"):
         dk.scale_rows(np.ones((3, 0), dtype=np.float32), 2.0)
     assert dk.scale_rows(np.ones((0, 8), dtype=np.float32), 2.0).shape == (0, 8)  # no rows
+    # With no rows the factors are still checked.
+    with pytest.raises(TypeError, match="numbers"):
+        dk.scale_rows(np.ones((0, 8), dtype=np.float32), "junk")
+    with pytest.raises(ValueError, match=r"\[N, 1\]"):
+        dk.scale_rows(np.ones((0, 8), dtype=np.float32), np.ones((2, 2, 2)))
+    with pytest.raises(ValueError, match="N = 0"):
+        dk.scale_rows(np.ones((0, 8), dtype=np.float32), [1.0, 2.0])
     with pytest.raises(TypeError, match="numbers"):
         dk.scale_rows(x, "2")
     with pytest.raises(TypeError, match="numbers"):
