@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from . import _lib
+from ._arrays import as_array
 from .divergence import _BF16, _dtype_code
 
 __all__ = ["AttentionResult", "attention", "attention_backward"]
@@ -55,16 +56,7 @@ class AttentionResult:
 
 
 def _as_array(name: str, x) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    if type(x).__module__.startswith("torch"):
-        raise TypeError(
-            f"{name} is a torch tensor: use distill_kernels.torch.attention for tensors, or pass "
-            "tensor.numpy()"
-        )
-    if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
-        return np.asarray(x)
-    raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    return as_array(name, x, "distill_kernels.torch.attention")
 
 
 def _float_input(name: str, x) -> np.ndarray:

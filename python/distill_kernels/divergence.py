@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from . import _lib
+from ._arrays import as_array
 
 __all__ = ["DivergenceResult", "divergence"]
 
@@ -65,11 +66,7 @@ class DivergenceResult:
 
 
 def _as_logits(name: str, x) -> np.ndarray:
-    if not isinstance(x, np.ndarray):
-        if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
-            x = np.asarray(x)
-        else:
-            raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    x = as_array(name, x)
     _dtype_code(name, x.dtype)  # raises TypeError on anything else
     if x.ndim not in (1, 2):
         raise ValueError(f"{name} must be 2-D [N, V] (or 1-D [V]), got shape {x.shape}")
@@ -102,7 +99,7 @@ def _row_layout(x: np.ndarray) -> Tuple[np.ndarray, int]:
 def _labels(labels, n: int, lead_shape: Tuple[int, ...]) -> Optional[np.ndarray]:
     if labels is None:
         return None
-    lab = np.asarray(labels)
+    lab = as_array("labels", labels)
     if lab.dtype == np.bool_ or lab.dtype.kind not in "iu":
         raise TypeError(f"labels must be integers (int64 preferred), got dtype {lab.dtype}")
     single_row_ok = lead_shape == () and lab.shape == (1,)

@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from . import _lib
+from ._arrays import as_array
 from .divergence import _dtype_code, _labels, _ptr, _row_layout
 
 __all__ = ["FusedLinearResult", "fused_linear_divergence"]
@@ -58,11 +59,7 @@ class FusedLinearResult:
 
 
 def _as_array(name: str, x, min_ndim: int, max_ndim: Optional[int]) -> np.ndarray:
-    if not isinstance(x, np.ndarray):
-        if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
-            x = np.asarray(x)
-        else:
-            raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    x = as_array(name, x)
     _dtype_code(name, x.dtype)  # TypeError on anything else
     if x.ndim < min_ndim or (max_ndim is not None and x.ndim > max_ndim):
         want = "at least 2-D [..., H]" if max_ndim is None else "2-D [V, H]"

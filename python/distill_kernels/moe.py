@@ -24,6 +24,7 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 
 from . import _lib
+from ._arrays import as_array
 from .divergence import _BF16, _dtype_code, _row_layout
 
 __all__ = [
@@ -93,21 +94,10 @@ class MoeRoute:
 # ---- argument checks -------------------------------------------------------------------------
 
 
-def _as_array(name: str, x) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    if type(x).__module__.startswith("torch"):
-        raise TypeError(
-            f"{name} is a torch tensor: use distill_kernels.torch for tensors, or pass "
-            "tensor.numpy()"
-        )
-    if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
-        return np.asarray(x)
-    raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
 
 
 def _logits(logits) -> np.ndarray:
-    lg = _as_array("logits", logits)
+    lg = as_array("logits", logits)
     if not lg.dtype.isnative:
         lg = lg.astype(_lib.native_dtype(lg.dtype))  # the same values in native byte order
     if lg.dtype == np.float16:
@@ -128,7 +118,7 @@ def _logits(logits) -> np.ndarray:
 def _bias(bias, e: int) -> Optional[np.ndarray]:
     if bias is None:
         return None
-    b = _as_array("bias", bias)
+    b = as_array("bias", bias)
     if b.dtype.kind != "f" and not (_BF16 is not None and b.dtype == _BF16):
         raise TypeError(f"bias must hold floating-point numbers, got dtype {b.dtype}")
     if b.shape != (e,):
@@ -138,7 +128,7 @@ def _bias(bias, e: int) -> Optional[np.ndarray]:
 
 def _activations(name: str, x, h: Optional[int] = None) -> Tuple[np.ndarray, int, int]:
     """(array with contiguous rows, row stride in elements, dtype code) of a 2-D activation."""
-    a = _as_array(name, x)
+    a = as_array(name, x)
     _dtype_code(name, a.dtype)  # TypeError on anything but f32 / f16 / bf16
     if a.ndim != 2:
         raise ValueError(f"{name} must be 2-D [rows, H], got shape {a.shape}")
@@ -179,7 +169,7 @@ class _R:
         self.n, self.e, self.k, self.num_rows = int(n), int(e), int(k), int(r)
         self.position = self._ints("position", route.position, (self.n, self.k))
         full = route.perm_full if route.perm_full is not None else route.perm
-        full = _as_array("route.perm_full", full)
+        full = as_array("route.perm_full", full)
         if full.ndim != 1 or full.shape[0] < self.num_rows:
             raise ValueError(
                 f"route.perm_full must be 1-D with at least num_rows = {self.num_rows} entries, "
@@ -189,7 +179,7 @@ class _R:
         if route.perm_full is not None and route.perm is not None:
             # The kernels read perm_full; perm is its first num_rows entries. A route whose perm
             # was replaced alone (dataclasses.replace(route, perm=...)) would be ignored silently.
-            head = _as_array("route.perm", route.perm)
+            head = as_array("route.perm", route.perm)
             if head.shape != (self.num_rows,) or not np.array_equal(
                 head, self.perm_full[: self.num_rows]
             ):
@@ -208,7 +198,7 @@ class _R:
 
     @staticmethod
     def _ints(name, a, shape) -> np.ndarray:
-        a = _as_array(f"route.{name}", a)
+        a = as_array(f"route.{name}", a)
         if a.dtype.kind not in "iu":
             raise TypeError(f"route.{name} must hold integers, got dtype {a.dtype}")
         if a.shape != tuple(shape):
@@ -229,7 +219,7 @@ class _R:
 
     def weights(self, override=None) -> np.ndarray:
         w = self._weights if override is None else override
-        w = _as_array("weights", w)
+        w = as_array("weights", w)
         if w.dtype.kind != "f" and not (_BF16 is not None and w.dtype == _BF16):
             raise TypeError(f"weights must be floating point, got dtype {w.dtype}")
         if w.shape != (self.n, self.k):

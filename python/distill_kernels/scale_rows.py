@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _lib
+from ._arrays import as_array
 from .divergence import _dtype_code
 
 __all__ = ["scale_rows"]
@@ -64,7 +65,7 @@ def _factors(factors, n: int):
     ):
         # numpy would parse "2" as 2.0 and None as NaN: a misplaced argument, not a factor.
         raise TypeError(f"factors must be numbers, got {type(factors).__name__}")
-    raw = np.asarray(factors)
+    raw = as_array("factors", factors, numbers_ok=True)
     if not np.can_cast(raw.dtype, np.float32, "same_kind"):
         # [None, 2] is an object array whose None would become NaN; complex has no order.
         # (bfloat16 and the float8 types of ml_dtypes cast, as do ints and bools.)

@@ -581,6 +581,8 @@ def _bad_cases():
         ("int32 teacher", dict(student=s, teacher=t.astype(np.int32)), TypeError),
         ("complex", dict(student=s.astype(np.complex64), teacher=t), TypeError),
         ("not an array", dict(student="abc", teacher=t), TypeError),
+        ("masked student", dict(student=np.ma.masked_array(s, s > 0), teacher=t), TypeError),
+        ("masked labels", dict(ok, labels=np.ma.masked_array(lab, lab < 0)), TypeError),
         ("V = 0", dict(student=s[:, :0], teacher=t[:, :0]), ValueError),
         ("beta < 0", dict(ok, beta=-0.1, kind="jsd"), ValueError),
         ("beta > 1", dict(ok, beta=1.0001, kind="jsd"), ValueError),

@@ -718,6 +718,7 @@ def test_dispatch_bad_input():
         (lambda: dk.moe_permute(x.astype(np.int32), route), TypeError),
         (lambda: dk.moe_permute(x[None], route), ValueError),
         (lambda: dk.moe_permute(x, "route"), TypeError),
+        (lambda: dk.moe_permute(np.ma.masked_array(x), route), TypeError),  # mask unseen
         (lambda: dk.moe_permute(x, route, scale="yes"), TypeError),
         (lambda: dk.moe_permute(x, route, scale=True, weights=np.ones((n, k + 1))), ValueError),
         (lambda: dk.moe_permute(x, route, scale=True, weights=np.ones((n, k), np.int32)), TypeError),

@@ -131,6 +131,8 @@ def test_bad_arguments():
         dk.scale_rows(np.ones((4, 8), dtype=np.float32), np.ones((2, 2)))
     with pytest.raises(TypeError, match="numbers"):
         dk.scale_rows(x, np.array([1 + 1j, 2, 3]))
+    with pytest.raises(TypeError, match="masked array"):
+        dk.scale_rows(x, np.ma.masked_array([1.0, 2.0, 3.0], [0, 1, 0]))
     assert np.all(x == 1.0)
 
 
