@@ -72,7 +72,7 @@ def find_library():
 def mirrored(name):
     """A constant of distill_kernels/_lib.py (the package version, the header hash)."""
     text = (HERE / "distill_kernels" / "_lib.py").read_text()
-    return re.search(rf"^{name} = (.+)$", text, re.M).group(1).strip('"')
+    return re.search(rf"^{name} = ([^\s#]+)", text, re.M).group(1).strip('"')
 
 
 def check(lib):

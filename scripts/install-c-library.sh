@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Installs the C library for C and C++ programs: PREFIX/lib/libdistill_kernels.{so,a},
-# PREFIX/include/distill_kernels.h and PREFIX/lib/pkgconfig/distill_kernels.pc, so that
-#   cc prog.c $(pkg-config --cflags --libs distill_kernels)
-# builds against it (with PKG_CONFIG_PATH=PREFIX/lib/pkgconfig for a prefix pkg-config does not
-# search; `pkg-config --static --libs` adds what the static library needs).
+# Installs the C library for C and C++ programs (Linux): PREFIX/lib/libdistill_kernels.{so,a},
+# PREFIX/include/distill_kernels.h and two pkg-config files, so that
+#   cc prog.c $(pkg-config --cflags --libs distill_kernels)          # the shared library
+#   cc prog.c $(pkg-config --cflags --libs distill_kernels-static)   # the static one
+# build against it (with PKG_CONFIG_PATH=PREFIX/lib/pkgconfig for a prefix pkg-config does not
+# search). A program linked with the shared library finds it at run time through an rpath
+# (-Wl,-rpath,PREFIX/lib) or LD_LIBRARY_PATH, where the loader does not look already.
 #
-# Usage: bash scripts/install-c-library.sh PREFIX
+# Usage: bash scripts/install-c-library.sh PREFIX   (absolute or relative to where it is run)
 # Builds the library first (`cargo build --release -p distill-kernels-capi`; set NVCC or
 # CUDA_HOME as for any build to embed the CUDA kernels: build.rs says whether it did).
 set -euo pipefail
@@ -13,17 +15,21 @@ if [ $# -ne 1 ] || [ -z "$1" ]; then
   echo "usage: $0 PREFIX   (e.g. \$HOME/.local or /usr/local)" >&2
   exit 2
 fi
+if [ "$(uname -s)" != Linux ]; then
+  echo "$0: Linux only (the static library's system libraries and the loader paths differ)" >&2
+  exit 1
+fi
+case "$1" in
+  *[[:space:]]*) echo "$0: PREFIX must not contain white space (pkg-config splits it)" >&2; exit 2 ;;
+esac
+mkdir -p "$1"
+prefix=$(cd "$1" && pwd)  # before leaving the caller's directory: PREFIX may be relative
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-mkdir -p "$1"
-prefix=$(cd "$1" && pwd)
 
 cargo build --release -p distill-kernels-capi
 release="$(bash scripts/cargo-target-dir.sh)/release"
-case "$(uname -s)" in
-  Darwin) shared=libdistill_kernels.dylib ;;
-  *) shared=libdistill_kernels.so ;;
-esac
+shared=libdistill_kernels.so
 version=$(sed -n 's/^#define DK_VERSION_STRING "\(.*\)"$/\1/p' include/distill_kernels.h)
 [ -n "$version" ] || { echo "no DK_VERSION_STRING in include/distill_kernels.h" >&2; exit 1; }
 
@@ -31,23 +37,26 @@ install -d "$prefix/lib/pkgconfig" "$prefix/include"
 install -m 0755 "$release/$shared" "$prefix/lib/$shared"
 install -m 0644 "$release/libdistill_kernels.a" "$prefix/lib/libdistill_kernels.a"
 install -m 0644 include/distill_kernels.h "$prefix/include/distill_kernels.h"
-# Libs.private: what rustc's --print native-static-libs lists for a std staticlib on Linux.
-cat >"$prefix/lib/pkgconfig/distill_kernels.pc" <<EOF
-prefix=$prefix
-libdir=\${prefix}/lib
-includedir=\${prefix}/include
-
-Name: distill_kernels
-Description: Fused KL / JSD, fused linear divergence, MoE dispatch and GQA kernels for LLM distillation (C ABI)
-Version: $version
-Cflags: -I\${includedir}
-Libs: -L\${libdir} -ldistill_kernels
-Libs.private: -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
-EOF
+# The system libraries of the static library: what rustc's --print native-static-libs lists for
+# a std staticlib on Linux. -ldistill_kernels would take the .so where both are installed, so
+# the static file names the archive itself.
+system_libs="-lgcc_s -lutil -lrt -lpthread -lm -ldl -lc"
+what="Fused KL / JSD, fused linear divergence, MoE dispatch and GQA kernels for LLM distillation (C ABI)"
+pc() { # name description libs [private libs]
+  {
+    printf 'prefix=%s\nlibdir=${prefix}/lib\nincludedir=${prefix}/include\n\n' "$prefix"
+    printf 'Name: %s\nDescription: %s\nVersion: %s\n' "$1" "$2" "$version"
+    printf 'Cflags: -I${includedir}\nLibs: %s\n' "$3"
+    [ -z "${4:-}" ] || printf 'Libs.private: %s\n' "$4"
+  } >"$prefix/lib/pkgconfig/$1.pc"
+}
+pc distill_kernels "$what" '-L${libdir} -ldistill_kernels' "$system_libs"
+pc distill_kernels-static "$what, static" "\${libdir}/libdistill_kernels.a $system_libs"
 
 echo "installed distill_kernels $version into $prefix:"
 echo "  $prefix/lib/$shared, $prefix/lib/libdistill_kernels.a"
 echo "  $prefix/include/distill_kernels.h"
-echo "  $prefix/lib/pkgconfig/distill_kernels.pc"
+echo "  $prefix/lib/pkgconfig/distill_kernels.pc, distill_kernels-static.pc"
 echo "build with: cc prog.c \$(PKG_CONFIG_PATH=$prefix/lib/pkgconfig pkg-config --cflags --libs distill_kernels)"
-echo "run with the library on the loader's path (LD_LIBRARY_PATH=$prefix/lib, or -Wl,-rpath,$prefix/lib)"
+echo "  (distill_kernels-static for the static library); a program linked with the shared one"
+echo "  runs with -Wl,-rpath,$prefix/lib or LD_LIBRARY_PATH=$prefix/lib"

@@ -958,12 +958,13 @@ def _real(name: str, x) -> float:
 
 def _real_dtype(dt) -> bool:
     """Whether a numpy or torch dtype holds real numbers (integers or floats), without importing
-    either: numpy's kind, ml_dtypes' bfloat16 (kind "V"), torch's flags."""
+    either: numpy's kind, ml_dtypes' float names (kind "V"), torch's flags."""
     if dt is None:
         return False
     kind = getattr(dt, "kind", None)
     if isinstance(kind, str):
-        return kind in "iuf" or getattr(dt, "name", "") == "bfloat16"
+        # ml_dtypes' bfloat16 and float8 / float4 types are kind "V" (and some "f").
+        return kind in "iuf" or str(getattr(dt, "name", "")).startswith(("float", "bfloat"))
     if str(dt) == "torch.bool" or getattr(dt, "is_complex", True):
         return False
     return hasattr(dt, "is_floating_point")

@@ -99,7 +99,7 @@ def _row_layout(x: np.ndarray) -> Tuple[np.ndarray, int]:
 def _labels(labels, n: int, lead_shape: Tuple[int, ...]) -> Optional[np.ndarray]:
     if labels is None:
         return None
-    lab = as_array("labels", labels)
+    lab = as_array("labels", labels, anything=True)
     if lab.dtype == np.bool_ or lab.dtype.kind not in "iu":
         raise TypeError(f"labels must be integers (int64 preferred), got dtype {lab.dtype}")
     single_row_ok = lead_shape == () and lab.shape == (1,)

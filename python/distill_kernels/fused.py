@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from . import _lib
-from ._arrays import as_array
+from ._arrays import as_array, refuse_masked
 from .divergence import _dtype_code, _labels, _ptr, _row_layout
 
 __all__ = ["FusedLinearResult", "fused_linear_divergence"]
@@ -95,6 +95,7 @@ def _out_buffer(name: str, out, shape: Tuple[int, ...], in_dtype: np.dtype, grad
     """Validates a caller-provided gradient buffer; returns (array, DK_DTYPE_*)."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
+    refuse_masked(name, out)
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
     # A byte-swapped buffer is written through a native copy (_writable_rows).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _lib
-from ._arrays import as_array
+from ._arrays import as_array, refuse_masked
 from .divergence import _dtype_code
 
 __all__ = ["scale_rows"]
@@ -32,6 +32,7 @@ def scale_rows(x: np.ndarray, factors) -> np.ndarray:
     """
     if not isinstance(x, np.ndarray):
         raise TypeError(f"x must be a numpy array (scaled in place), got {type(x).__name__}")
+    refuse_masked("x", x)
     code = _dtype_code("x", x.dtype)
     if x.ndim not in (1, 2):
         raise ValueError(f"x must be 2-D [N, V] (or 1-D [V]), got shape {x.shape}")
@@ -65,7 +66,7 @@ def _factors(factors, n: int):
     ):
         # numpy would parse "2" as 2.0 and None as NaN: a misplaced argument, not a factor.
         raise TypeError(f"factors must be numbers, got {type(factors).__name__}")
-    raw = as_array("factors", factors, numbers_ok=True)
+    raw = as_array("factors", factors, anything=True)
     if not np.can_cast(raw.dtype, np.float32, "same_kind"):
         # [None, 2] is an object array whose None would become NaN; complex has no order.
         # (bfloat16 and the float8 types of ml_dtypes cast, as do ints and bools.)

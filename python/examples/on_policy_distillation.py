@@ -14,9 +14,10 @@ From logits already computed, ``distill_kernels.torch.divergence(student_logits,
 teacher_logits, ...)`` takes the same parameters.
 
 Checks, and exits non-zero if one fails: on the first micro-batch, the loss and the gradients
-of the student's hidden states and lm_head equal a plain-PyTorch JSD of the same tensors; at
-the end, the divergence has fallen. Runs on CUDA when torch sees a GPU, else on the library's
-CPU backend (a few seconds).
+of the student's hidden states and lm_head equal a plain-PyTorch JSD of the same tensors (with
+beta 0.3 there, so that swapping the teacher's and the student's roles would show); at the end,
+the divergence has fallen by a tenth. Runs on CUDA when torch sees a GPU, else on the library's
+CPU backend (under a minute).
 
 Usage: python python/examples/on_policy_distillation.py [--steps 40] [--device cpu|cuda]
 (with the library built: ``cargo build --release`` and ``pip install ./python``, or
@@ -88,14 +89,14 @@ def micro_batch(student, teacher, seq):
     return sh, th, targets.reshape(-1)
 
 
-def distillation_loss(student, teacher, seq, num_items, parts=None):
+def distillation_loss(student, teacher, seq, num_items, beta=0.5, parts=None):
     """The micro-batch's share of the step's mean JSD over completion tokens."""
     sh, th, labels = micro_batch(student, teacher, seq)
     w, tw = student.lm_head.weight, teacher.lm_head.weight
     if parts is not None:
         parts.update(sh=sh, th=th, labels=labels)
     return dkt.fused_linear_divergence(
-        sh, w, th, tw, kind="jsd", beta=0.5, labels=labels, num_items=num_items
+        sh, w, th, tw, kind="jsd", beta=beta, labels=labels, num_items=num_items
     )
 
 
@@ -133,7 +134,7 @@ def main() -> int:
     k = max(1, min(5, len(history) // 4))
     first, last = sum(history[:k]) / k, sum(history[-k:]) / k
     print(f"mean JSD of the first {k} steps {first:.4f}, of the last {k} {last:.4f}")
-    if args.steps >= 20 and not last < 0.8 * first:
+    if args.steps >= 20 and not last < 0.9 * first:
         print("FAIL: the divergence did not fall", file=sys.stderr)
         return 1
     return 0
@@ -143,10 +144,12 @@ def check_against_reference(student, teacher, seq, num_items) -> bool:
     """Loss and gradients (hidden states, lm_head) of one micro-batch against plain PyTorch in
     float64, on a forward of its own (each graph is backpropagated once)."""
     parts: dict = {}
-    loss = distillation_loss(student, teacher, seq, num_items, parts)
+    beta = 0.3  # not 0.5, where the JSD is symmetric in the two distributions
+    loss = distillation_loss(student, teacher, seq, num_items, beta, parts)
     sh, w = parts["sh"], student.lm_head.weight
     got = torch.autograd.grad(loss, [sh, w])
-    ref = reference_jsd(sh, w, parts["th"], teacher.lm_head.weight, parts["labels"], num_items)
+    ref = reference_jsd(sh, w, parts["th"], teacher.lm_head.weight, parts["labels"], num_items,
+                        beta)
     want = torch.autograd.grad(ref, [sh, w])
     # The CPU backend is exact f64 rounded once; cuBLAS products in float32 may round more.
     tol = 1e-5 if sh.device.type == "cpu" else 2e-3

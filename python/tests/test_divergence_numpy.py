@@ -768,3 +768,17 @@ def test_an_empty_batch_is_a_zero_loss(reduction):
         assert r.loss == 0.0
     with pytest.raises(ValueError, match="V must be at least 1"):
         dk.divergence(np.ones((3, 0), np.float32), np.ones((3, 0), np.float32))
+
+
+def test_scalars_in_any_real_numpy_type():
+    """A one-row call takes a plain int label; beta and temperature take numpy and ml_dtypes
+    real scalars (bfloat16, float8) as well as Python numbers."""
+    rng = np.random.default_rng(44)
+    s, t = logits(rng, (10,), F32), logits(rng, (10,), F32)
+    want = dk.divergence(s, t, kind="jsd", beta=0.5, temperature=2.0)
+    assert dk.divergence(s, t, kind="jsd", beta=0.5, temperature=2.0, labels=3).loss == want.loss
+    assert dk.divergence(s, t, labels=-100).loss == 0.0  # the one row ignored
+    for beta in (np.float16(0.5), ml_dtypes.bfloat16(0.5), ml_dtypes.float8_e4m3fn(0.5),
+                 np.array(0.5, np.float32)):
+        got = dk.divergence(s, t, kind="jsd", beta=beta, temperature=np.int64(2))
+        assert got.loss == want.loss, type(beta)

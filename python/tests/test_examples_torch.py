@@ -16,7 +16,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def test_on_policy_distillation_example(device):
     src = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    path = [src] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     run = subprocess.run(
         [sys.executable, str(EXAMPLES / "on_policy_distillation.py"), "--steps", "20",
          "--device", device],

@@ -588,6 +588,9 @@ def test_bad_output_buffers_raise_and_touch_nothing():
     for bad in (same_rows, half_rows):
         with pytest.raises(ValueError, match="overlapping elements"):
             dk.fused_linear_divergence(hs, ws, ht, wt, grad_hidden_out=bad)
+    with pytest.raises(TypeError, match="masked array"):
+        dk.fused_linear_divergence(hs, ws, ht, wt, grad_hidden_out=np.ma.masked_array(
+            np.zeros(hs.shape, F32)))
     np.testing.assert_array_equal(row, row0)
     np.testing.assert_array_equal(buf, buf0)
 

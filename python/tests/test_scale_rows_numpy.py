@@ -133,6 +133,8 @@ def test_bad_arguments():
         dk.scale_rows(x, np.array([1 + 1j, 2, 3]))
     with pytest.raises(TypeError, match="masked array"):
         dk.scale_rows(x, np.ma.masked_array([1.0, 2.0, 3.0], [0, 1, 0]))
+    with pytest.raises(TypeError, match="masked array"):
+        dk.scale_rows(np.ma.masked_array(x.copy(), x > 5), 2.0)
     assert np.all(x == 1.0)
 
 
@@ -179,3 +181,14 @@ def test_library_rejects_bad_shapes_and_writes_nothing():
     np.testing.assert_array_equal(x, np.arange(12, dtype=np.float32).reshape(3, 4))
     _lib.scale_rows_call(ctx, ptr, _lib.DTYPE_F32, 3, 4, 4, f.ctypes.data, 1, None)
     np.testing.assert_array_equal(x, np.arange(12, dtype=np.float32).reshape(3, 4) * f[:, None])
+
+
+def test_factors_from_any_sequence_of_numbers():
+    """Factors are numbers in any form numpy reads: a range, an array.array, a memoryview."""
+    import array
+
+    for factors in (range(1, 4), array.array("f", [1.0, 2.0, 3.0]),
+                    memoryview(np.array([1.0, 2.0, 3.0], np.float32))):
+        x = np.ones((3, 8), dtype=np.float32)
+        dk.scale_rows(x, factors)
+        assert np.array_equal(x[:, 0], [1.0, 2.0, 3.0]), type(factors)
