@@ -1079,7 +1079,7 @@ pub fn count(cfg: &AttnConfig<'_>, cuda: bool) -> usize {
 
 pub fn print_header(cfg: &AttnConfig<'_>, cuda: bool) {
     outln!(
-        "attention: median of {} timed run(s) after a checked one, {} query rows and {} key rows checked per result",
+        "attention: median of {} timed run(s) after a checked one, up to {} query rows and {} key rows checked per result (all where there are fewer)",
         cfg.iters,
         cfg.check_rows,
         cfg.check_rows
@@ -1091,11 +1091,11 @@ pub fn print_header(cfg: &AttnConfig<'_>, cuda: bool) {
         outln!("  (f32 skipped: the CUDA kernels take bf16 / f16; f32 runs on the CPU backend)");
     }
     outln!(
-        "FLOP/s: 4*Hq*D per visible (query, key) pair (causal Sq = Sk: S^2/2, as ANCHORS.md), x3.5 for fwd+bwd"
+        "FLOP/s: 4*Hq*D per visible (query, key) pair (causal Sq = Sk: S^2/2, as docs/ANCHORS.md), x3.5 for fwd+bwd"
     );
     if cuda {
         outln!(
-            "vs FA2*: this rate over ANCHORS.md's FlashAttention-2 (SDPA flash) rate, measured on an H200 in another run; same-run comparisons: python/bench.py --ops attention"
+            "vs FA2*: this rate over docs/ANCHORS.md's FlashAttention-2 (SDPA flash) rate, measured on an H200 in another run; same-run comparisons: python/bench.py --ops attention"
         );
     }
     outln!(

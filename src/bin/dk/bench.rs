@@ -68,8 +68,8 @@ options:
   --attn-shapes S,. attention shapes (default on CUDA phi4-mini,llama4,varlen; on the CPU
                     small,small-varlen; 'all' also works, but the CUDA shapes take hours
                     on the CPU: ~90 s per phi4-mini forward call, ~10 min per llama4 one):
-                      phi4-mini     B 4, S 4096, 24/8 heads, D 128, causal (ANCHORS.md)
-                      llama4        B 1, S 16384, 40/8 heads, D 128, causal (ANCHORS.md)
+                      phi4-mini     B 4, S 4096, 24/8 heads, D 128, causal (docs/ANCHORS.md)
+                      llama4        B 1, S 16384, 40/8 heads, D 128, causal (docs/ANCHORS.md)
                       varlen        8 packed sequences, 16384 tokens, 24/8, D 128, causal
                       small         B 2, Sq 96, Sk 160, 8/2, D 64, causal (CPU)
                       small-varlen  5 packed sequences (empty, 1 token, Sq > Sk), 6/2, D 128
@@ -107,10 +107,11 @@ bitwise identical outputs. On CUDA each MoE run is timed with events after a 256
 evicts the L2 cache, queued behind GPU work so that the events time the GPU, not the host's
 launch rate; 'host us' is the host's time to enqueue one run (library calls and launches).
 
-Attention rows (per shape and dtype: fwd, fwd+bwd = the forward call then the backward call,
-deterministic): median time and FLOP/s (TFLOP/s on CUDA, GFLOP/s on the CPU) counted as
-ANCHORS.md does: 4*Hq*D per visible (query, key) pair, S^2/2 pairs for causal Sq = Sk, x3.5 for
-fwd+bwd; on CUDA, for the ANCHORS.md shapes, the ratio to ANCHORS.md's FlashAttention-2 rate
+Attention rows (per shape and dtype: fwd; fwd+bwd = the forward call then the deterministic
+backward; fwd+bwd/a = the same with deterministic = false, dQ summed by f32 atomics as FA2 does):
+median time and FLOP/s (TFLOP/s on CUDA, GFLOP/s on the CPU) counted as docs/ANCHORS.md does:
+4*Hq*D per visible (query, key) pair, S^2/2 pairs for causal Sq = Sk, x3.5 for fwd+bwd; on
+CUDA, for the docs/ANCHORS.md shapes, the ratio to its FlashAttention-2 rate
 (an H200 in another run; python/bench.py --ops attention measures FA2 and cuDNN in the same run).
 Checks: out and lse on sampled query rows (all heads) against an f64 forward written in dk; rows
 that see no key exactly out 0, lse -inf; dq on the sampled query rows and dk / dv on sampled key
@@ -247,6 +248,16 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
             "json",
         ],
     )?;
+    // --kind is another spelling of --kinds: both given is a repeat, as for any other option.
+    let given = |name: &str| {
+        opts.iter()
+            .any(|o| matches!(o, cli::Opt::Value(n, _) if n == name))
+    };
+    if given("kind") && given("kinds") {
+        return Err(cli::UsageError(
+            "options '--kind' and '--kinds' of 'dk bench' are the same option, given twice".into(),
+        ));
+    }
     let mut c = Config {
         device: DeviceChoice::Auto,
         divergence: true,
@@ -1357,9 +1368,14 @@ mod tests {
             &["--moe-shapes", "mixtral"],
             &["--tokens", "0"],
             &["--frobnicate"],
+            &["--rows", "8", "--rows", "16"],
+            // --kind is --kinds spelt otherwise: together they are a repeat, not "last wins".
+            &["--kinds", "jsd", "--kind", "forward_kl"],
         ] {
             assert!(parse(&args(bad)).is_err(), "{bad:?}");
         }
+        let c = parse(&args(&["--kind", "reverse_kl"])).unwrap().unwrap();
+        assert_eq!(c.kinds, vec![Kind::ReverseKl]);
     }
 
     #[test]

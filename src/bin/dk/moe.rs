@@ -1254,7 +1254,7 @@ pub fn count(cfg: &MoeConfig<'_>) -> usize {
 /// Prints the section's header and table head.
 pub fn print_header(cfg: &MoeConfig<'_>, cuda: bool) {
     outln!(
-        "MoE dispatch: N = {} tokens per shape, activations {}, router logits f32 ~ N(0, 1), activations ~ N(0, 1); median of {} timed run(s) after a checked one; {} rows checked per output",
+        "MoE dispatch: N = {} tokens per shape, activations {}, router logits f32 ~ N(0, 1), activations ~ N(0, 1); median of {} timed run(s) after a checked one; up to {} rows checked per output (all where there are fewer)",
         cfg.tokens,
         cfg.dtypes.iter().map(|d| d.name()).collect::<Vec<_>>().join(","),
         cfg.iters,
