@@ -31,7 +31,8 @@ best backend present, checked and timed
 
 usage: dk bench [OPS] [options]     (OPS: 'dk bench attention' = 'dk bench --ops attention')
 
-options:
+options (an option that sets rows the run does not include, such as --vocab with --ops moe, is
+an error rather than ignored):
   --device D        cpu | cuda | cuda:N | auto (default auto: CUDA device 0 when it is present
                     and its kernels load, else the CPU)
   --ops O,...       divergence,moe,attention,fused (default all four; 'all' also works); fused:
@@ -248,11 +249,16 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
             "json",
         ],
     )?;
+    // The valued options given (for the checks of repeats and of options no row reads).
+    let named: Vec<String> = opts
+        .iter()
+        .filter_map(|o| match o {
+            cli::Opt::Value(n, _) => Some(n.clone()),
+            _ => None,
+        })
+        .collect();
+    let given = |name: &str| named.iter().any(|n| n == name);
     // --kind is another spelling of --kinds: both given is a repeat, as for any other option.
-    let given = |name: &str| {
-        opts.iter()
-            .any(|o| matches!(o, cli::Opt::Value(n, _) if n == name))
-    };
     if given("kind") && given("kinds") {
         return Err(cli::UsageError(
             "options '--kind' and '--kinds' of 'dk bench' are the same option, given twice".into(),
@@ -402,6 +408,25 @@ fn parse(args: &[String]) -> Result<Option<Config>, UsageError> {
                     _ => unreachable!("cli::parse only returns declared options"),
                 }
             }
+        }
+    }
+    // An option for rows the run does not have would be ignored: say so instead.
+    for (name, applies, rows) in [
+        ("kinds", c.divergence, "divergence"),
+        ("kind", c.divergence, "divergence"),
+        ("rows", c.divergence, "divergence"),
+        ("vocab", c.divergence, "divergence"),
+        ("passes", c.divergence, "divergence"),
+        ("temperature", c.divergence, "divergence"),
+        ("beta", c.divergence || c.fused, "divergence and fused"),
+        ("tokens", c.moe, "MoE"),
+        ("moe-shapes", c.moe, "MoE"),
+        ("attn-shapes", c.attention, "attention"),
+    ] {
+        if given(name) && !applies {
+            usage!(
+                "option '--{name}' sets the {rows} rows, which this run does not include (--ops)"
+            );
         }
     }
     Ok(Some(c))
@@ -1373,11 +1398,20 @@ mod tests {
             &["--rows", "8", "--rows", "16"],
             // --kind is --kinds spelt otherwise: together they are a repeat, not "last wins".
             &["--kinds", "jsd", "--kind", "forward_kl"],
+            // Options for rows the run leaves out would be ignored: refused instead.
+            &["--ops", "moe", "--vocab", "1000"],
+            &["--ops", "attention", "--tokens", "64"],
+            &["--ops", "divergence", "--attn-shapes", "small"],
+            &["--ops", "fused", "--temperature", "2"],
         ] {
             assert!(parse(&args(bad)).is_err(), "{bad:?}");
         }
         let c = parse(&args(&["--kind", "reverse_kl"])).unwrap().unwrap();
         assert_eq!(c.kinds, vec![Kind::ReverseKl]);
+        let c = parse(&args(&["--ops", "fused", "--beta", "0.3"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.beta, 0.3); // beta is the fused JSD's too
     }
 
     #[test]
