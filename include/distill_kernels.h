@@ -72,11 +72,15 @@ const char* dk_version(void);
    header you compile against to catch a stale library of the same version. */
 uint64_t dk_header_hash(void);
 /* Message of the last call on this thread that returned a dk_status ("" after a success).
-   Functions that return no status (dk_version, dk_cuda_device_count, dk_moe_max_rows, the
-   *_params_default) leave it as it was. */
+   Functions that return no status (dk_version, dk_cuda_archs, dk_cuda_device_count,
+   dk_moe_max_rows, the *_params_default) leave it as it was. */
 const char* dk_last_error(void);
 /* Number of CUDA devices (0 when no driver is present). */
 int32_t dk_cuda_device_count(void);
+/* The GPU architectures whose kernels are compiled into this library, comma-separated
+   ("sm_80,sm_90a,compute_80"; static storage), or "" for a library built without nvcc, which
+   refuses CUDA contexts (DK_ERR_NO_DEVICE). */
+const char* dk_cuda_archs(void);
 
 /* device = -1: CPU; n >= 0: CUDA device n (its primary context, the one PyTorch uses).
    A CUDA context is refused with DK_ERR_INVALID_ARGUMENT while a DK_* A/B switch of the

@@ -1,10 +1,11 @@
 //! Context lifetime, version and device queries.
 
-use std::ffi::c_char;
+use std::ffi::{c_char, CString};
+use std::sync::OnceLock;
 
 use super::{boundary, DkStatus};
 use crate::bail;
-use distill_kernels::device::{cuda_device_count, Context};
+use distill_kernels::device::{compiled_cuda_archs, cuda_device_count, Context};
 use distill_kernels::Result;
 
 /// Opaque handle of a [`Context`] (`dk_context` in C).
@@ -50,6 +51,17 @@ const HEADER_HASH: u64 = fnv1a(include_bytes!("../../include/distill_kernels.h")
 #[no_mangle]
 pub extern "C" fn dk_header_hash() -> u64 {
     HEADER_HASH
+}
+
+/// The GPU architectures whose kernels are compiled into this library, comma-separated
+/// (`"sm_80,sm_90a,compute_80"`, static storage), or `""` for a library built without `nvcc`
+/// (its CUDA contexts are refused).
+#[no_mangle]
+pub extern "C" fn dk_cuda_archs() -> *const c_char {
+    static ARCHS: OnceLock<CString> = OnceLock::new();
+    ARCHS
+        .get_or_init(|| CString::new(compiled_cuda_archs().join(",")).unwrap_or_default())
+        .as_ptr()
 }
 
 /// Number of CUDA devices present (0 without a driver).

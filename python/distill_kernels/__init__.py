@@ -26,6 +26,7 @@ from ._lib import (
     UnsupportedDtypeError,
     WorkspaceTooSmallError,
     WrongDeviceError,
+    cuda_archs,
     cuda_device_count,
     library_path,
     version,
@@ -46,6 +47,7 @@ from .moe import (  # noqa: E402
 __all__ = [
     "__version__",
     "version",
+    "cuda_archs",
     "cuda_device_count",
     "library_path",
     "divergence",

@@ -29,6 +29,12 @@ def main() -> int:
     else:
         how = "found in a cargo target folder"
     print(f"library: {path} ({how}), version {dk.version()}")
+    archs = dk.cuda_archs()
+    print(
+        "CUDA kernels compiled in: "
+        + (", ".join(archs) if archs else "none: built without nvcc, the CPU backend only "
+           "(set NVCC or CUDA_HOME and rebuild for CUDA)")
+    )
     devices = dk.cuda_device_count()
     print(f"CUDA devices seen by the library: {devices}")
     try:

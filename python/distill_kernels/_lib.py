@@ -67,6 +67,7 @@ __all__ = [
     "context",
     "version",
     "cuda_device_count",
+    "cuda_archs",
     "KINDS",
     "REDUCTIONS",
     "DTYPE_F32",
@@ -79,7 +80,7 @@ PACKAGE_VERSION = "0.1.0"
 # 64-bit FNV-1a of the bytes of include/distill_kernels.h that the ctypes mirror below follows.
 # A library must report the same from dk_header_hash(); the tests require it to equal the
 # checkout's header, so a header change cannot land without a look at this mirror.
-HEADER_HASH = 0x983AD882CADE3A8B
+HEADER_HASH = 0x6350D2118259CEB3
 
 # ---- constants of include/distill_kernels.h ----------------------------------------------------
 
@@ -515,6 +516,8 @@ def _declare(l: ctypes.CDLL) -> None:
     l.dk_last_error.restype = ctypes.c_char_p
     l.dk_cuda_device_count.argtypes = []
     l.dk_cuda_device_count.restype = ctypes.c_int32
+    l.dk_cuda_archs.argtypes = []
+    l.dk_cuda_archs.restype = ctypes.c_char_p
     l.dk_context_create.argtypes = [ctypes.c_int32, ctypes.POINTER(c_ctx_p)]
     l.dk_context_create.restype = ctypes.c_int32
     l.dk_context_destroy.argtypes = [c_ctx_p]
@@ -852,6 +855,14 @@ def version() -> str:
 def cuda_device_count() -> int:
     """Number of CUDA devices the library sees (0 without a driver)."""
     return int(lib().dk_cuda_device_count())
+
+
+def cuda_archs() -> List[str]:
+    """The GPU architectures whose kernels are compiled into the library (``dk_cuda_archs()``),
+    such as ``["sm_80", "sm_90a", "compute_80"]``; empty for a library built without nvcc,
+    which runs on the CPU only."""
+    text = lib().dk_cuda_archs().decode()
+    return [a for a in text.split(",") if a]
 
 
 # Contexts are created once per device and kept for the life of the process (never destroyed:

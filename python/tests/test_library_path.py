@@ -168,6 +168,10 @@ def test_python_m_distill_kernels_says_which_library_it_loads(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert f"library: {lib} (DISTILL_KERNELS_LIB), version {_lib.version()}" in ok.stdout
     assert "CUDA devices seen by the library: " in ok.stdout
+    archs = _lib.cuda_archs()
+    assert all(a.startswith(("sm_", "compute_")) for a in archs), archs
+    shown = ", ".join(archs) if archs else "none: built without nvcc"
+    assert f"CUDA kernels compiled in: {shown}" in ok.stdout
 
     env["DISTILL_KERNELS_LIB"] = str(tmp_path / "missing.so")
     bad = subprocess.run(

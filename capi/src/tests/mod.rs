@@ -17,3 +17,18 @@ fn dk_version_is_the_crate_version() {
     let v = unsafe { std::ffi::CStr::from_ptr(crate::context::dk_version()) };
     assert_eq!(v.to_str().unwrap(), distill_kernels::VERSION);
 }
+
+/// `dk_cuda_archs()` lists what the build compiled, the Rust side's list joined by commas.
+#[test]
+fn dk_cuda_archs_is_the_build_list() {
+    // SAFETY: dk_cuda_archs returns a static NUL-terminated string.
+    let s = unsafe { std::ffi::CStr::from_ptr(crate::context::dk_cuda_archs()) };
+    let want = distill_kernels::device::compiled_cuda_archs().join(",");
+    assert_eq!(s.to_str().unwrap(), want);
+    for arch in want.split(',').filter(|a| !a.is_empty()) {
+        assert!(
+            arch.starts_with("sm_") || arch.starts_with("compute_"),
+            "{arch}"
+        );
+    }
+}

@@ -626,6 +626,12 @@ int main(int argc, char** argv) {
   CHECK(strcmp(version, DK_VERSION_STRING) == 0, "numeric macros %s vs %s\n", version,
         DK_VERSION_STRING);
 
+  /* The compiled architectures: a string, non-empty where the CUDA part is expected to run. */
+  CHECK(dk_cuda_archs() != NULL, "dk_cuda_archs() is NULL\n");
+  if (cuda_expected)
+    CHECK(dk_cuda_archs() != NULL && strncmp(dk_cuda_archs(), "sm_", 3) == 0,
+          "dk_cuda_archs() '%s' with kernels expected\n", dk_cuda_archs() ? dk_cuda_archs() : "");
+
   /* Defaults. */
   p = dk_divergence_params_default();
   CHECK(p.kind == DK_FORWARD_KL && p.beta == 0.5f && p.temperature == 1.0f &&
