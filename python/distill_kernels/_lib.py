@@ -516,8 +516,9 @@ def _declare(l: ctypes.CDLL) -> None:
     l.dk_last_error.restype = ctypes.c_char_p
     l.dk_cuda_device_count.argtypes = []
     l.dk_cuda_device_count.restype = ctypes.c_int32
-    l.dk_cuda_archs.argtypes = []
-    l.dk_cuda_archs.restype = ctypes.c_char_p
+    if hasattr(l, "dk_cuda_archs"):  # an older library lacks it: the header check says so next
+        l.dk_cuda_archs.argtypes = []
+        l.dk_cuda_archs.restype = ctypes.c_char_p
     l.dk_context_create.argtypes = [ctypes.c_int32, ctypes.POINTER(c_ctx_p)]
     l.dk_context_create.restype = ctypes.c_int32
     l.dk_context_destroy.argtypes = [c_ctx_p]
