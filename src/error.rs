@@ -100,10 +100,29 @@ impl From<cudarc::driver::DriverError> for Error {
 /// Result with the crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Returns early with an error of the given kind and a formatted message.
-macro_rules! bail {
+/// The `# Errors` section every operation's documentation shares (`#[doc =
+/// crate::error::call_errors_doc!()]`): the rules are the same for each call, so they are
+/// written once.
+macro_rules! call_errors_doc {
+    () => {
+        "# Errors\n\
+         Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind) \
+         naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs), \
+         `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory \
+         not where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU \
+         backend cannot allocate its working copies; `Cuda` where the driver refuses to queue \
+         the work."
+    };
+}
+pub(crate) use call_errors_doc;
+
+/// Returns early with an error of the given kind and a formatted message. Exported (hidden) for
+/// the C ABI crate, `capi/`, which uses it as its own `bail!`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __dk_bail {
     ($kind:ident, $($fmt:tt)+) => {
         return Err($crate::error::Error::new($crate::error::ErrorKind::$kind, format!($($fmt)+)))
     };
 }
-pub(crate) use bail;
+pub(crate) use crate::__dk_bail as bail;

@@ -26,13 +26,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use distill_kernels::device::Context;
 use distill_kernels::error::{Error, ErrorKind, Result};
 
-/// Returns early with an error of the given kind and a formatted message.
-macro_rules! bail {
-    ($kind:ident, $($fmt:tt)+) => {
-        return Err(distill_kernels::Error::new(distill_kernels::ErrorKind::$kind, format!($($fmt)+)))
-    };
-}
-pub(crate) use bail;
+/// Returns early with an error of the given kind and a formatted message (the Rust crate's).
+pub(crate) use distill_kernels::__dk_bail as bail;
 
 /// Status codes returned by every C function (`dk_status`).
 pub type DkStatus = i32;

@@ -191,12 +191,7 @@ pub(crate) struct RawAttentionBackward {
 impl Context {
     /// Attention forward: out and LSE. Stream-ordered on CUDA; on error nothing is written.
     ///
-    /// # Errors
-    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
-    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
-    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
-    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
-    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
+    #[doc = crate::error::call_errors_doc!()]
     pub fn attention(
         &self,
         call: Attention<'_>,
@@ -230,12 +225,7 @@ impl Context {
 
     /// Attention backward: dQ, dK, dV. Stream-ordered on CUDA; on error nothing is written.
     ///
-    /// # Errors
-    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
-    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
-    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
-    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
-    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
+    #[doc = crate::error::call_errors_doc!()]
     pub fn attention_backward(
         &self,
         call: AttentionBackward<'_>,

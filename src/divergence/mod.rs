@@ -341,12 +341,7 @@ impl Context {
     /// Stream-ordered on CUDA: returns once the work is queued on `launch.stream`, without
     /// synchronising. On error nothing has been written.
     ///
-    /// # Errors
-    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
-    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
-    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
-    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
-    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
+    #[doc = crate::error::call_errors_doc!()]
     pub fn divergence(
         &self,
         call: Divergence<'_>,
@@ -413,12 +408,7 @@ impl Context {
 
     /// Runs the divergence and overwrites the student logits with the gradient.
     ///
-    /// # Errors
-    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
-    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
-    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
-    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
-    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
+    #[doc = crate::error::call_errors_doc!()]
     pub fn divergence_in_place(
         &self,
         call: DivergenceInPlace<'_>,

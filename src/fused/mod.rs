@@ -204,12 +204,7 @@ impl Context {
     /// N = 0 rows is an empty batch: the loss is 0, and so is the weight gradient (left as it
     /// is when accumulating); the hidden-state views of no rows may have null pointers.
     ///
-    /// # Errors
-    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
-    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
-    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
-    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
-    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
+    #[doc = crate::error::call_errors_doc!()]
     pub fn fused_linear_divergence(
         &self,
         call: FusedLinear<'_>,

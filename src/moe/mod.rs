@@ -235,12 +235,7 @@ impl Context {
     /// # Ok::<(), distill_kernels::Error>(())
     /// ```
     ///
-    /// # Errors
-    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
-    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
-    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
-    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
-    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
+    #[doc = crate::error::call_errors_doc!()]
     pub fn moe_route(
         &self,
         call: Route<'_>,
@@ -271,12 +266,7 @@ impl Context {
     /// `launch`'s workspace (at least [`Context::moe_permute_workspace_size`] bytes, 4-byte
     /// aligned) holds the scratch; without one the library allocates it on the stream.
     ///
-    /// # Errors
-    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
-    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
-    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
-    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
-    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
+    #[doc = crate::error::call_errors_doc!()]
     pub fn moe_permute(&self, call: Permute<'_>, launch: &Launch<'_>) -> Result<()> {
         let raw = RawPermute::validate(self, call)?;
         if raw.n == 0 || raw.rows == 0 {
@@ -291,12 +281,7 @@ impl Context {
 
     /// Each token's weighted sum of its expert rows, deterministic (no atomics).
     ///
-    /// # Errors
-    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
-    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
-    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
-    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
-    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
+    #[doc = crate::error::call_errors_doc!()]
     pub fn moe_combine(&self, call: Combine<'_>, launch: &Launch<'_>) -> Result<()> {
         let raw = RawCombine::validate(self, call)?;
         if raw.n == 0 {
@@ -311,12 +296,7 @@ impl Context {
 
     /// Per-slot dot products of token rows with their permuted rows (weights' gradients).
     ///
-    /// # Errors
-    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
-    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
-    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
-    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
-    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
+    #[doc = crate::error::call_errors_doc!()]
     pub fn moe_slot_dot(&self, call: SlotDot<'_>, launch: &Launch<'_>) -> Result<()> {
         let raw = RawSlotDot::validate(self, call)?;
         if raw.n == 0 {

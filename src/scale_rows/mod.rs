@@ -144,12 +144,7 @@ impl Context {
     /// are read on the device, when the kernel runs); no workspace is used. On error nothing has
     /// been written.
     ///
-    /// # Errors
-    /// Refused before anything is queued or written, with the [`ErrorKind`](crate::ErrorKind)
-    /// naming the rule: `NullPointer`, `Shape` (sizes, strides, overlapping outputs),
-    /// `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory not
-    /// where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU backend
-    /// cannot allocate its working copies; `Cuda` where the driver refuses to queue the work.
+    #[doc = crate::error::call_errors_doc!()]
     pub fn scale_rows(&self, call: ScaleRows<'_>, launch: &Launch<'_>) -> Result<()> {
         let raw = RawScaleRows::validate(self, &call)?;
         if raw.n == 0 {
