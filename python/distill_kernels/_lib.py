@@ -968,6 +968,15 @@ def _real(name: str, x) -> float:
     return float(x)
 
 
+def check_moe_hidden(name: str, h: int) -> None:
+    """ValueError, naming the argument, unless ``h`` is a MoE hidden size the kernels take (a
+    multiple of 8 in 8..=MOE_MAX_HIDDEN); shared by the numpy and torch faces."""
+    if not (0 < h <= MOE_MAX_HIDDEN and h % 8 == 0):
+        raise ValueError(
+            f"{name}: the hidden size H = {h} must be a multiple of 8 in 8..={MOE_MAX_HIDDEN}"
+        )
+
+
 def _real_dtype(dt) -> bool:
     """Whether a numpy or torch dtype holds real numbers (integers or floats), without importing
     either: numpy's kind, ml_dtypes' float names (kind "V"), torch's flags."""

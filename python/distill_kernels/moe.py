@@ -94,8 +94,6 @@ class MoeRoute:
 # ---- argument checks -------------------------------------------------------------------------
 
 
-
-
 def _logits(logits) -> np.ndarray:
     lg = as_array("logits", logits)
     if not lg.dtype.isnative:
@@ -132,11 +130,7 @@ def _activations(name: str, x, h: Optional[int] = None) -> Tuple[np.ndarray, int
     _dtype_code(name, a.dtype)  # TypeError on anything but f32 / f16 / bf16
     if a.ndim != 2:
         raise ValueError(f"{name} must be 2-D [rows, H], got shape {a.shape}")
-    if not (0 < a.shape[1] <= _lib.MOE_MAX_HIDDEN and a.shape[1] % 8 == 0):
-        raise ValueError(
-            f"{name}: the hidden size H = {a.shape[1]} must be a multiple of 8 in "
-            f"8..={_lib.MOE_MAX_HIDDEN}"
-        )
+    _lib.check_moe_hidden(name, a.shape[1])
     if h is not None and a.shape[1] != h:
         raise ValueError(f"{name} has H = {a.shape[1]}, expected {h}")
     if a.shape[0] == 0:
@@ -248,11 +242,11 @@ def _flag(name: str, v) -> bool:
     return _lib._bool(name, v)
 
 
-def _weights_unused(flag: str, on: bool, weights) -> None:
-    """``weights=`` is read only when ``flag`` is on: given with it off, it would be ignored,
+def _only_with(flag: str, on: bool, name: str, value) -> None:
+    """``name=`` is read only when ``flag`` is on: given with it off, it would be ignored,
     which is a mistake to report, not to pass over."""
-    if not on and weights is not None:
-        raise ValueError(f"weights= is only used with {flag}=True; it was given with {flag}=False")
+    if not on and value is not None:
+        raise ValueError(f"{name}= is only used with {flag}=True; it was given with {flag}=False")
 
 
 # ---- the primitives ---------------------------------------------------------------------------
@@ -389,7 +383,7 @@ def moe_permute(x, route: MoeRoute, scale: bool = False, *, weights=None) -> np.
     ``route.weights``."""
     r = _R(route)
     scale = _flag("scale", scale)
-    _weights_unused("scale", scale, weights)
+    _only_with("scale", scale, "weights", weights)
     x, stride, code = _token_rows("x", x, r)
     w = r.weights(weights) if scale else None
     return _permute(x, stride, code, r, w, r.num_rows, "moe_permute")
@@ -404,7 +398,7 @@ def moe_combine(expert_out, route: MoeRoute, weighted: bool = True, *, weights=N
     accepted too: rows past R are ignored); the result is ``[N, H]`` in its dtype."""
     r = _R(route)
     weighted = _flag("weighted", weighted)
-    _weights_unused("weighted", weighted, weights)
+    _only_with("weighted", weighted, "weights", weights)
     eo, stride, code = _activations("expert_out", expert_out)
     r.rows_of("expert_out", eo)
     w = r.weights(weights) if weighted else None
@@ -421,9 +415,8 @@ def moe_permute_backward(
     slots)."""
     r = _R(route)
     scale = _flag("scale", scale)
-    _weights_unused("scale", scale, weights)
-    if not scale and x is not None:
-        raise ValueError("x= is only used with scale=True; it was given with scale=False")
+    _only_with("scale", scale, "weights", weights)
+    _only_with("scale", scale, "x", x)
     g, g_stride, code = _activations("grad_xp", grad_xp)
     r.rows_of("grad_xp", g)
     if not scale:
@@ -452,7 +445,7 @@ def moe_combine_backward(
     result has R rows)."""
     r = _R(route)
     weighted = _flag("weighted", weighted)
-    _weights_unused("weighted", weighted, weights)
+    _only_with("weighted", weighted, "weights", weights)
     g, g_stride, code = _token_rows("grad_y", grad_y, r)
     if expert_out is None:
         if weighted:

@@ -495,7 +495,7 @@ def _check_inplace_student(student: torch.Tensor) -> None:
 # the current stream of the tensors' device; the only host synchronisation is the one documented
 # in moe_route (reading R when it depends on the data).
 
-from .moe import MoeRoute, _weights_unused  # noqa: E402
+from .moe import MoeRoute, _only_with  # noqa: E402
 
 __all__ += [
     "MoeRoute",
@@ -578,11 +578,7 @@ def _activation(name: str, x, h: Optional[int] = None) -> torch.Tensor:
         raise TypeError(f"{name} dtype {x.dtype} is not supported: use float32, bfloat16 or float16")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [rows, H], got shape {tuple(x.shape)}")
-    if not (0 < x.shape[1] <= _lib.MOE_MAX_HIDDEN and x.shape[1] % 8 == 0):
-        raise ValueError(
-            f"{name}: the hidden size H = {x.shape[1]} must be a multiple of 8 in "
-            f"8..={_lib.MOE_MAX_HIDDEN}"
-        )
+    _lib.check_moe_hidden(name, x.shape[1])
     if h is not None and x.shape[1] != h:
         raise ValueError(f"{name} has H = {x.shape[1]}, expected {h}")
     _device_ordinal(x)
@@ -881,7 +877,7 @@ def moe_permute(x: torch.Tensor, route: MoeRoute, scale: bool = False, *,
     Differentiable in ``x`` and, when ``scale``, in the weights (``route.weights`` or
     ``weights``): backward is a combine (weighted when scaled) and a per-slot dot product."""
     scale = _check_flag("scale", scale)
-    _weights_unused("scale", scale, weights)
+    _only_with("scale", scale, "weights", weights)
     _activation("x", x)
     _check_route(route, x.device)
     if x.shape[0] != route.n:
@@ -901,7 +897,7 @@ def moe_combine(expert_out: torch.Tensor, route: MoeRoute, weighted: bool = True
     the result ``[N, H]`` has its dtype. Differentiable in ``expert_out`` and, when weighted, in
     the weights: backward is a permute scaled by the weights and a per-slot dot product."""
     weighted = _check_flag("weighted", weighted)
-    _weights_unused("weighted", weighted, weights)
+    _only_with("weighted", weighted, "weights", weights)
     _activation("expert_out", expert_out)
     _check_route(route, expert_out.device)
     _permuted_rows("expert_out", expert_out, route)
@@ -917,9 +913,8 @@ def moe_permute_backward(grad_xp: torch.Tensor, route: MoeRoute, x: Optional[tor
     :func:`distill_kernels.moe_permute_backward`): ``grad_x``, or ``(grad_x, grad_weights)``
     when ``scale`` (which needs ``x``)."""
     scale = _check_flag("scale", scale)
-    _weights_unused("scale", scale, weights)
-    if not scale and x is not None:
-        raise ValueError("x= is only used with scale=True; it was given with scale=False")
+    _only_with("scale", scale, "weights", weights)
+    _only_with("scale", scale, "x", x)
     _activation("grad_xp", grad_xp)
     _check_route(route, grad_xp.device)
     _permuted_rows("grad_xp", grad_xp, route)
@@ -944,7 +939,7 @@ def moe_combine_backward(grad_y: torch.Tensor, expert_out: Optional[torch.Tensor
     """The gradient of :func:`moe_combine` without autograd (same contract as
     :func:`distill_kernels.moe_combine_backward`): ``(grad_expert_out, grad_weights)``."""
     weighted = _check_flag("weighted", weighted)
-    _weights_unused("weighted", weighted, weights)
+    _only_with("weighted", weighted, "weights", weights)
     _activation("grad_y", grad_y)
     _check_route(route, grad_y.device)
     if grad_y.shape[0] != route.n:
