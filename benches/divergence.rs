@@ -72,6 +72,7 @@ fn bench_cpu(c: &mut Criterion) {
                 b.iter(|| {
                     ctx.divergence(
                         Divergence {
+                            num_items: None,
                             student: Matrix::host(&student, n, v, v).unwrap(),
                             teacher: Matrix::host(&teacher, n, v, v).unwrap(),
                             labels: None,
@@ -145,6 +146,7 @@ mod cuda {
                         let (call, launch) = unsafe {
                             (
                                 Divergence {
+                                    num_items: None,
                                     student: Matrix::from_raw(
                                         sp as *const u8,
                                         DType::BF16,

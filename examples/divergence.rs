@@ -37,6 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut grad = vec![0f32; n * v];
     ctx.divergence(
         Divergence {
+            num_items: None,
             student: Matrix::host(&student, n, v, v)?,
             teacher: Matrix::host(&teacher, n, v, v)?,
             labels: Some(Vector::host(&labels)),
@@ -79,6 +80,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut loss16 = [0f32];
     ctx.divergence(
         Divergence {
+            num_items: None,
             student: Matrix::host(&student16, n, v, v)?,
             teacher: Matrix::host(&teacher16, n, v, v)?,
             labels: Some(Vector::host(&labels)),
@@ -94,6 +96,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut loss_rounded = [0f32];
     ctx.divergence(
         Divergence {
+            num_items: None,
             student: Matrix::host(&s32, n, v, v)?,
             teacher: Matrix::host(&t32, n, v, v)?,
             labels: Some(Vector::host(&labels)),

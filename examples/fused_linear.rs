@@ -37,6 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (mut gh, mut gw) = (vec![0f32; n * h], vec![0f32; v * h]);
         ctx.fused_linear_divergence(
             FusedLinear {
+                num_items: None,
                 student_hidden: Matrix::host(&student_hidden, n, h, h)?,
                 student_weight: Matrix::host(&weight, v, h, h)?,
                 teacher_hidden: Matrix::host(&teacher_hidden, n, h, h)?,

@@ -117,6 +117,10 @@ typedef struct dk_divergence_args {
   float* per_token;       /* [n] per-row loss before the reduction's scale (0 if ignored), or NULL */
   void* grad;             /* [n, v] d(loss)/d(student) or NULL (forward only); may equal student */
   int64_t grad_stride;    /* >= v; equal to student_stride when grad == student */
+  const float* num_items; /* NULL, or 1 float in the context's memory: batchmean's divisor, read
+                             when the call runs (a token count computed on the device needs no
+                             host sync); replaces params->num_items (which must then be 0), needs
+                             DK_REDUCTION_BATCHMEAN; a value not finite and > 0 gives the sum */
 } dk_divergence_args;
 
 /*
@@ -315,6 +319,7 @@ typedef struct dk_fused_linear_args {
   void* grad_weight;             /* [v, h] d(loss)/d(student_weight) or NULL */
   int32_t grad_weight_dtype;     /* the input dtype, or DK_DTYPE_F32 (f32 accumulation) */
   int64_t grad_weight_stride;    /* >= h */
+  const float* num_items;        /* NULL, or batchmean's divisor in memory: as dk_divergence_args */
 } dk_fused_linear_args;
 
 /* Defaults: the divergence defaults, logit_scale 1, no softcap, automatic chunks, overwrite. */

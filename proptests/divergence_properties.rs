@@ -30,6 +30,7 @@ fn run(s: &[f32], t: &[f32], n: usize, v: usize, params: Params, labels: Option<
     Context::cpu()
         .divergence(
             Divergence {
+                num_items: None,
                 student: Matrix::host(s, n, v, v).unwrap(),
                 teacher: Matrix::host(t, n, v, v).unwrap(),
                 labels: labels.map(Vector::host),

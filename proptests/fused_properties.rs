@@ -128,6 +128,7 @@ fn fused(x: &Inputs, params: &FusedLinearParams, prev: Option<(&[f32], &[f32])>)
     Context::cpu()
         .fused_linear_divergence(
             FusedLinear {
+                num_items: None,
                 student_hidden: Matrix::host(&x.sh, n, h, h).unwrap(),
                 student_weight: Matrix::host(&x.sw, v, h, h).unwrap(),
                 teacher_hidden: Matrix::host(&x.th, n, ht, ht).unwrap(),
@@ -236,6 +237,7 @@ fn equals_the_divergence_on_materialised_logits() {
             Context::cpu()
                 .divergence(
                     Divergence {
+                        num_items: None,
                         student: Matrix::host(&zs, n, v, v).unwrap(),
                         teacher: Matrix::host(&zt, n, v, v).unwrap(),
                         labels: Some(Vector::host(&labels)),

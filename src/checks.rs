@@ -55,3 +55,31 @@ pub(crate) fn check_disjoint<F: Footprint>(outputs: &[F], inputs: &[F]) -> Resul
     }
     Ok(())
 }
+
+/// A `num_items` held in memory (the `batchmean` divisor of the divergence and fused calls): one
+/// 4-byte aligned f32 where the context runs. Returns its pointer, or null when absent.
+pub(crate) fn num_items_pointer(
+    ctx: &Context,
+    view: Option<&crate::tensor::Vector<'_, f32>>,
+) -> Result<*const f32> {
+    let Some(d) = view else {
+        return Ok(std::ptr::null());
+    };
+    check_location(ctx, "num_items", d.location)?;
+    check_non_null("num_items", d.ptr)?;
+    if d.len != 1 {
+        bail!(
+            Shape,
+            "num_items must hold exactly 1 element, it has {}",
+            d.len
+        );
+    }
+    if d.ptr as usize % 4 != 0 {
+        bail!(
+            InvalidArgument,
+            "num_items pointer {:#x} is not aligned to its 4-byte element",
+            d.ptr as usize
+        );
+    }
+    Ok(d.ptr)
+}

@@ -28,6 +28,7 @@
 //!         per_token: None,
 //!         loss: Some(VectorMut::host(&mut loss)),
 //!         grad: Some(MatrixMut::host(&mut grad, n, v, v)?),
+//!         num_items: None,
 //!     },
 //!     &Params::new(Kind::Jsd),
 //!     &Launch::default(),

@@ -6,8 +6,8 @@
 mod common;
 
 use common::*;
-use distill_kernels::divergence::{Kind, Params, Reduction};
-use distill_kernels::{Context, DType, Launch, Location};
+use distill_kernels::divergence::{Divergence, Kind, Params, Reduction};
+use distill_kernels::{Context, DType, ErrorKind, Launch, Location, Matrix, Vector, VectorMut};
 
 const TEMPERATURES: [f32; 4] = [1.0, 0.7, 2.5, 1.3];
 const REDUCTIONS: [Reduction; 3] = [Reduction::BatchMean, Reduction::Sum, Reduction::None];
@@ -163,6 +163,183 @@ fn batchmean_divisor_and_grad_scale() {
             "{a} vs 4 × {b}"
         );
     }
+}
+
+/// Bitwise equality of two runs' outputs (loss, per-token losses, gradient), NaN included.
+fn same_bits(a: &Outputs, b: &Outputs, what: &str) {
+    let bits = |o: &Outputs| {
+        (
+            o.loss.map(f32::to_bits),
+            o.per_token
+                .as_ref()
+                .map(|p| p.iter().map(|x| x.to_bits()).collect::<Vec<_>>()),
+            o.grad_bits.clone(),
+        )
+    };
+    assert!(bits(a) == bits(b), "{what}: outputs differ");
+}
+
+#[test]
+fn num_items_in_memory_matches_the_parameter() {
+    // The divisor read from memory when the call runs gives bitwise the results of the same
+    // value passed as Params::num_items (checked against the f64 reference by the test above),
+    // in place too; a value that is not finite and > 0 gives the sum.
+    let test = "num_items_in_memory_matches_the_parameter";
+    let mut rng = Rng::fresh(test);
+    for dev in devices(test) {
+        for params in [
+            Params::new(Kind::ForwardKl),
+            Params::new(Kind::ReverseKl),
+            Params {
+                beta: 0.3,
+                ..Params::new(Kind::Jsd)
+            },
+        ] {
+            for (s_dtype, in_place) in [(DType::BF16, false), (DType::F32, true)] {
+                let mut base = Case::random(&mut rng, 9, 517, s_dtype, DType::BF16, params)
+                    .with_labels(vec![3, -100, 5, 7, -100, 11, 13, 2, 1]);
+                if in_place {
+                    base = base.grad_out(GradOut::InPlace);
+                }
+                let run = |c: &Case| {
+                    let (r, before, after) = dev.run(c);
+                    r.unwrap_or_else(|e| panic!("{} {}: {e}", dev.name(), c.what));
+                    check_untouched(c, &before, &after).unwrap();
+                    outputs(c, &after)
+                };
+                let what =
+                    |d: f32| format!("{} {:?} {s_dtype:?} num_items {d}", dev.name(), params.kind);
+                for d in [37.5f32, 1.0, 3.0e-3, 1.0e30] {
+                    let mut by_value = base.clone();
+                    by_value.params.num_items = Some(d);
+                    let mut in_memory = base.clone();
+                    in_memory.num_items_mem = Some(d);
+                    same_bits(&run(&by_value), &run(&in_memory), &what(d));
+                }
+                let mut sum = base.clone();
+                sum.params.reduction = Reduction::Sum;
+                let sum = run(&sum);
+                for d in [
+                    0.0f32,
+                    -0.0,
+                    -4.0,
+                    f32::NAN,
+                    f32::INFINITY,
+                    f32::NEG_INFINITY,
+                ] {
+                    let mut in_memory = base.clone();
+                    in_memory.num_items_mem = Some(d);
+                    same_bits(&sum, &run(&in_memory), &what(d));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn num_items_in_memory_refusals_write_nothing() {
+    let test = "num_items_in_memory_refusals_write_nothing";
+    let mut rng = Rng::fresh(test);
+    for dev in devices(test) {
+        let mut base = Case::random(&mut rng, 4, 64, DType::F32, DType::F32, Params::default());
+        base.num_items_mem = Some(3.0);
+        let refused = |c: &Case, kind: ErrorKind, needle: &str| {
+            let (r, before, after) = dev.run(c);
+            let e = r.expect_err("the call must be refused");
+            assert_eq!(e.kind(), kind, "{}: {e}", dev.name());
+            assert!(e.to_string().contains(needle), "{}: {e}", dev.name());
+            assert_eq!(before, after, "{}: a refused call wrote", dev.name());
+        };
+        let mut both = base.clone();
+        both.params.num_items = Some(3.0);
+        refused(&both, ErrorKind::InvalidArgument, "given twice");
+        for reduction in [Reduction::Sum, Reduction::None] {
+            let mut c = base.clone();
+            c.params.reduction = reduction;
+            refused(
+                &c,
+                ErrorKind::InvalidArgument,
+                "only applies to reduction=batchmean",
+            );
+        }
+    }
+    // The view itself: one aligned f32 where the context runs, clear of the outputs.
+    let ctx = Context::cpu();
+    let (n, v) = (2, 8);
+    let s: Vec<f32> = (0..n * v).map(|i| (i as f32 * 0.7).sin()).collect();
+    let t: Vec<f32> = (0..n * v).map(|i| (i as f32 * 0.3).cos()).collect();
+    let words = [4.0f32, 4.0, 4.0];
+    let misaligned = words.as_ptr().cast::<u8>().wrapping_add(2).cast::<f32>();
+    let cases: [(&str, Vector<'_, f32>, ErrorKind, &str); 4] = [
+        (
+            "two values",
+            Vector::host(&words[..2]),
+            ErrorKind::Shape,
+            "exactly 1 element",
+        ),
+        // SAFETY (these three): refused before any access.
+        (
+            "device view",
+            unsafe { Vector::from_raw(words.as_ptr(), 1, Location::Cuda(0)) },
+            ErrorKind::WrongDevice,
+            "num_items",
+        ),
+        (
+            "null",
+            unsafe { Vector::from_raw(std::ptr::null(), 1, Location::Host) },
+            ErrorKind::NullPointer,
+            "num_items",
+        ),
+        (
+            "misaligned",
+            unsafe { Vector::from_raw(misaligned, 1, Location::Host) },
+            ErrorKind::InvalidArgument,
+            "aligned",
+        ),
+    ];
+    for (what, num_items, kind, needle) in cases {
+        let mut loss = [f32::NAN];
+        let e = ctx
+            .divergence(
+                Divergence {
+                    student: Matrix::host(&s, n, v, v).unwrap(),
+                    teacher: Matrix::host(&t, n, v, v).unwrap(),
+                    labels: None,
+                    per_token: None,
+                    loss: Some(VectorMut::host(&mut loss)),
+                    grad: None,
+                    num_items: Some(num_items),
+                },
+                &Params::default(),
+                &Launch::default(),
+            )
+            .expect_err(what);
+        assert_eq!(e.kind(), kind, "{what}: {e}");
+        assert!(e.to_string().contains(needle), "{what}: {e}");
+        assert!(loss[0].is_nan(), "{what}: the loss was written");
+    }
+    // num_items inside an output.
+    let mut per_token = [f32::NAN; 2];
+    let inside = per_token.as_ptr().wrapping_add(1);
+    // SAFETY: a host f32 inside per_token; the call is refused before any access.
+    let num_items = unsafe { Vector::from_raw(inside, 1, Location::Host) };
+    let e = ctx
+        .divergence(
+            Divergence {
+                student: Matrix::host(&s, n, v, v).unwrap(),
+                teacher: Matrix::host(&t, n, v, v).unwrap(),
+                labels: None,
+                per_token: Some(VectorMut::host(&mut per_token)),
+                loss: None,
+                grad: None,
+                num_items: Some(num_items),
+            },
+            &Params::default(),
+            &Launch::default(),
+        )
+        .expect_err("overlap");
+    assert_eq!(e.kind(), ErrorKind::Shape, "{e}");
+    assert!(e.to_string().contains("overlaps num_items"), "{e}");
 }
 
 #[test]
@@ -723,6 +900,7 @@ fn cuda_default_stream_and_caller_workspace() {
         labels: std::ptr::null_mut(),
         per_token: ptr(3),
         loss: ptr(4),
+        num_items: std::ptr::null_mut(),
     };
     // SAFETY: device buffers laid out for the case.
     unsafe { call(&c.ctx, &case, base, Location::Cuda(0), &Launch::default()) }.unwrap();

@@ -113,6 +113,7 @@ fn the_divergence_of_no_rows_is_a_zero_loss() {
                         if in_place {
                             ctx.divergence_in_place(
                                 DivergenceInPlace {
+                                    num_items: None,
                                     student: empty_mut(DType::BF16, V, loc),
                                     teacher: empty(DType::F32, V, loc),
                                     labels: Some(labels),
@@ -125,6 +126,7 @@ fn the_divergence_of_no_rows_is_a_zero_loss() {
                         } else {
                             ctx.divergence(
                                 Divergence {
+                                    num_items: None,
                                     student: empty(DType::BF16, V, loc),
                                     teacher: empty(DType::F32, V, loc),
                                     labels: Some(labels),
@@ -151,6 +153,7 @@ fn the_divergence_of_no_rows_is_a_zero_loss() {
         let err = run(&dev, &mut out, |loc, loss, _, launch| {
             ctx.divergence(
                 Divergence {
+                    num_items: None,
                     student: empty(DType::F32, 0, loc),
                     teacher: empty(DType::F32, 0, loc),
                     labels: None,
@@ -203,6 +206,7 @@ fn the_fused_divergence_of_no_rows_zeroes_the_weight_gradient() {
                 };
                 ctx.fused_linear_divergence(
                     FusedLinear {
+                        num_items: None,
                         student_hidden: empty(DType::F32, H, loc),
                         student_weight: w,
                         teacher_hidden: empty(DType::F32, H, loc),

@@ -159,6 +159,7 @@ fn run_on(
     // SAFETY (vectors): as above.
     let call = unsafe {
         FusedLinear {
+            num_items: None,
             student_hidden: mat(SH),
             student_weight: mat(SW),
             teacher_hidden: mat(TH),
@@ -541,6 +542,7 @@ fn host_pointers_on_a_cuda_context() {
     let (th, tw) = (vals(&mut rng, 12), vals(&mut rng, 18));
     let mut gw = vec![poison_f32(); 30];
     let call = FusedLinear {
+        num_items: None,
         student_hidden: Matrix::host(&sh, 4, 5, 5).unwrap(),
         student_weight: Matrix::host(&sw, 6, 5, 5).unwrap(),
         teacher_hidden: Matrix::host(&th, 4, 3, 3).unwrap(),
@@ -573,6 +575,7 @@ fn workspace_query_checks_shapes_and_params() {
     let th = vec![1.0f32; 12];
     let tw = vec![1.0f32; 18];
     let make = |sw_cols: usize| FusedLinear {
+        num_items: None,
         student_hidden: Matrix::host(&sh, 4, 5, 5).unwrap(),
         student_weight: Matrix::host(&sw, 6, sw_cols, 5).unwrap(),
         teacher_hidden: Matrix::host(&th, 4, 3, 3).unwrap(),

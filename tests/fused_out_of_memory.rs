@@ -82,6 +82,7 @@ fn child() {
     let err = Context::cpu()
         .fused_linear_divergence(
             FusedLinear {
+                num_items: None,
                 student_hidden: Matrix::host(&hidden, N, H, H).unwrap(),
                 student_weight: Matrix::host(&weight, V, H, H).unwrap(),
                 teacher_hidden: Matrix::host(&teacher_hidden, N, HT, HT).unwrap(),

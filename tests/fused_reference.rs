@@ -19,7 +19,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use distill_kernels::divergence::{Kind, Params, Reduction};
 use distill_kernels::fused::{FusedLinear, FusedLinearParams};
 use distill_kernels::{
-    Context, DType, Error, Launch, Location, Matrix, MatrixMut, Vector, VectorMut,
+    Context, DType, Error, ErrorKind, Launch, Location, Matrix, MatrixMut, Vector, VectorMut,
 };
 
 // ------------------------------------------------------------------------------------------
@@ -83,6 +83,8 @@ struct FCase {
     loss: bool,
     gh: Option<GradOut>,
     gw: Option<GradOut>,
+    /// `num_items` held in memory (the call's `num_items` view), `None` = absent.
+    num_items_mem: Option<f32>,
     what: String,
 }
 
@@ -140,6 +142,7 @@ impl FCase {
                 stride: h,
                 prev: None,
             }),
+            num_items_mem: None,
             what,
         }
     }
@@ -290,7 +293,8 @@ const PT: usize = 5;
 const LOSS: usize = 6;
 const GH: usize = 7;
 const GW: usize = 8;
-const SLOTS: usize = 9;
+const NUM_ITEMS: usize = 9;
+const SLOTS: usize = 10;
 
 /// Every buffer of a call; `None` where the case has no such buffer.
 #[derive(Debug, Clone, PartialEq)]
@@ -330,6 +334,7 @@ impl FBufs {
             .then(|| Bytes::from_slice(&poison_bytes(DType::F32, 1)));
         b[GH] = c.gh.as_ref().map(|g| grad_buffer(g, n, h));
         b[GW] = c.gw.as_ref().map(|g| grad_buffer(g, v, h));
+        b[NUM_ITEMS] = c.num_items_mem.map(|d| Bytes::from_slice(&d.to_le_bytes()));
         FBufs(b)
     }
 
@@ -367,6 +372,9 @@ unsafe fn call(
     unsafe {
         ctx.fused_linear_divergence(
             FusedLinear {
+                num_items: c
+                    .num_items_mem
+                    .map(|_| Vector::from_raw(p[NUM_ITEMS] as *const f32, 1, loc)),
                 student_hidden: Matrix::from_raw(p[SH], d, n, h, c.sh.stride, loc),
                 student_weight: Matrix::from_raw(p[SW], d, v, h, c.sw.stride, loc),
                 teacher_hidden: Matrix::from_raw(p[TH], d, n, ht, c.th.stride, loc),
@@ -637,6 +645,86 @@ fn labels_ignore_index_and_num_items() {
                     .random_labels(&mut rng, 0.4);
                 check_case(&dev, &c);
             }
+        }
+    }
+}
+
+#[test]
+fn num_items_in_memory_matches_the_parameter() {
+    // Bitwise the outputs of the same value as the parameter (checked against the reference
+    // above), over several chunks and with accumulation; a value that is not finite and > 0
+    // gives the sum. Refused: both given, or a reduction other than batchmean.
+    let test = "fused num_items_in_memory_matches_the_parameter";
+    let mut rng = Rng::fresh(test);
+    let outputs_of = |b: &FBufs| [PT, LOSS, GH, GW].map(|i| b.0[i].clone());
+    for dev in devices(test) {
+        for (dtype, accumulate) in [(DType::F32, false), (DType::BF16, true)] {
+            let d = divergence_params(Kind::Jsd, 0.4, Reduction::BatchMean);
+            let p = FusedLinearParams {
+                accumulate,
+                chunk_rows: Some(3),
+                ..fparams(d)
+            };
+            let mut base =
+                FCase::random(&mut rng, dtype, 7, 19, 8, 8, p).random_labels(&mut rng, 0.3);
+            if accumulate {
+                let (n, v, h) = (base.n(), base.v(), base.h());
+                let mut prev = |len: usize| -> Option<Vec<f64>> {
+                    Some(
+                        (0..len)
+                            .map(|_| round_to(dtype, 0.05 * rng.normal()))
+                            .collect(),
+                    )
+                };
+                base.gh.as_mut().unwrap().prev = prev(n * h);
+                base.gw.as_mut().unwrap().prev = prev(v * h);
+            }
+            let ok = |c: &FCase| {
+                let (r, before, after) = run(&dev, c);
+                r.unwrap_or_else(|e| panic!("{} {}: {e}", dev.name(), c.what));
+                assert_eq!(before.0[NUM_ITEMS], after.0[NUM_ITEMS], "num_items written");
+                outputs_of(&after)
+            };
+            for value in [5.5f32, 1.0, 2.0e-3] {
+                let mut by_value = base.clone();
+                by_value.params.divergence.num_items = Some(value);
+                let mut in_memory = base.clone();
+                in_memory.num_items_mem = Some(value);
+                assert!(
+                    ok(&by_value) == ok(&in_memory),
+                    "{} {}: num_items {value} in memory differs from the parameter",
+                    dev.name(),
+                    base.what
+                );
+            }
+            let mut sum = base.clone();
+            sum.params.divergence.reduction = Reduction::Sum;
+            let sum = ok(&sum);
+            for value in [0.0f32, -1.0, f32::NAN, f32::INFINITY] {
+                let mut in_memory = base.clone();
+                in_memory.num_items_mem = Some(value);
+                assert!(
+                    ok(&in_memory) == sum,
+                    "{} {}: num_items {value} in memory is not the sum",
+                    dev.name(),
+                    base.what
+                );
+            }
+            let refused = |c: &FCase, needle: &str| {
+                let (r, before, after) = run(&dev, c);
+                let e = r.expect_err("refused");
+                assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+                assert!(e.to_string().contains(needle), "{e}");
+                assert_eq!(before, after, "{}: a refused call wrote", dev.name());
+            };
+            let mut both = base.clone();
+            both.num_items_mem = Some(2.0);
+            both.params.divergence.num_items = Some(2.0);
+            refused(&both, "given twice");
+            let mut wrong = base.clone();
+            wrong.num_items_mem = Some(2.0);
+            wrong.params.divergence.reduction = Reduction::Sum;
+            refused(&wrong, "only applies to reduction=batchmean");
         }
     }
 }

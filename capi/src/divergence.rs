@@ -58,6 +58,8 @@ pub struct DkDivergenceArgs {
     pub grad: *mut c_void,
     /// Elements between gradient rows (>= v; must equal `student_stride` in place).
     pub grad_stride: i64,
+    /// Optional batchmean divisor in the context's memory (one float), read when the call runs.
+    pub num_items: *const f32,
 }
 
 pub(crate) fn dtype(what: &str, code: i32) -> Result<DType> {
@@ -181,6 +183,7 @@ pub unsafe extern "C" fn dk_divergence(
                         loc,
                     ))
                 },
+                num_items: (!a.num_items.is_null()).then(|| Vector::from_raw(a.num_items, 1, loc)),
             }
         };
         // SAFETY: the caller guarantees the stream; the workspace, when given, is device memory

@@ -75,6 +75,8 @@ pub struct DkFusedLinearArgs {
     pub grad_weight_dtype: i32,
     /// Elements between `grad_weight` rows (>= h).
     pub grad_weight_stride: i64,
+    /// Optional batchmean divisor in the context's memory (one float), read when the call runs.
+    pub num_items: *const f32,
 }
 
 fn fused_params_from_c(p: &DkFusedLinearParams) -> Result<FusedLinearParams> {
@@ -161,6 +163,7 @@ unsafe fn call_from_c<'a>(
                 .map(|(ptr, gd, stride)| MatrixMut::from_raw(ptr.cast(), gd, n, h, stride, loc)),
             grad_weight: grad_weight
                 .map(|(ptr, gd, stride)| MatrixMut::from_raw(ptr.cast(), gd, v, h, stride, loc)),
+            num_items: (!a.num_items.is_null()).then(|| Vector::from_raw(a.num_items, 1, loc)),
         }
     };
     Ok((call, params))

@@ -80,7 +80,7 @@ PACKAGE_VERSION = "0.1.0"
 # 64-bit FNV-1a of the bytes of include/distill_kernels.h that the ctypes mirror below follows.
 # A library must report the same from dk_header_hash(); the tests require it to equal the
 # checkout's header, so a header change cannot land without a look at this mirror.
-HEADER_HASH = 0x6350D2118259CEB3
+HEADER_HASH = 0xB17DA856F24C3FBA
 
 # ---- constants of include/distill_kernels.h ----------------------------------------------------
 
@@ -225,6 +225,7 @@ class DivergenceArgs(ctypes.Structure):
         ("per_token", ctypes.c_void_p),
         ("grad", ctypes.c_void_p),
         ("grad_stride", ctypes.c_int64),
+        ("num_items", ctypes.c_void_p),
     ]
 
 
@@ -369,6 +370,7 @@ class FusedLinearArgs(ctypes.Structure):
         ("grad_weight", ctypes.c_void_p),
         ("grad_weight_dtype", ctypes.c_int32),
         ("grad_weight_stride", ctypes.c_int64),
+        ("num_items", ctypes.c_void_p),
     ]
 
 

@@ -62,13 +62,18 @@ def _divergence_op(
     reduction: str,
     num_items: Optional[float],
     want_grad: bool,
+    num_items_t: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(loss 0-d, per-token [N] or [0], gradient [N, V] or [0]) for 2-D logits. The gradient
     output belongs to the op's backward, which scales it in place: not for the caller's use.
-    The scalar parameters are checked here, where they are concrete numbers."""
+    The scalar parameters are checked here, where they are concrete numbers. ``num_items_t``: a
+    tensor num_items (checked by the face), read where the call runs."""
+    num_items, items_mem, reduction = _face._num_items_resolved(num_items_t, num_items,
+                                                                reduction, student)
     params = _lib.make_params(kind, beta, temperature, ignore_index, reduction, num_items)
     loss, per_token, grad = _face._divergence_run(student, teacher, labels, params,
-                                                  reduction == "none", want_grad)
+                                                  reduction == "none", want_grad,
+                                                  num_items_mem=items_mem)
     # Absent outputs are empty tensors, each its own (outputs must not alias one another).
     return (loss, per_token if per_token is not None else _empty(student),
             grad if grad is not None else _empty(student))
@@ -76,7 +81,7 @@ def _divergence_op(
 
 @_divergence_op.register_fake
 def _divergence_fake(student, teacher, labels, kind, beta, temperature, ignore_index, reduction,
-                     num_items, want_grad):
+                     num_items, want_grad, num_items_t):
     _check_names(kind, reduction)
     n, v = student.shape
     f32 = torch.float32
@@ -97,7 +102,7 @@ def _divergence_backward(ctx, d_loss, d_per_token, _d_grad):
     (grad,) = ctx.saved_tensors
     factor = d_per_token if ctx.reduction_none else d_loss
     torch.ops.distill_kernels.scale_grad_(grad, factor, ctx.reduction_none)
-    return (grad.to(ctx.student_dtype),) + (None,) * 9
+    return (grad.to(ctx.student_dtype),) + (None,) * 10
 
 
 torch.library.register_autograd(f"{_NS}::divergence", _divergence_backward,
@@ -115,7 +120,7 @@ def _scale_grad_op(grad: Tensor, factor: Tensor, per_row: bool) -> None:
 
 
 def divergence(student, teacher, *, kind, beta, temperature, labels, ignore_index, reduction,
-               num_items, grad):
+               num_items, num_items_t, grad):
     """:func:`distill_kernels.torch.divergence` as traced by torch.compile (grad_inplace off)."""
     _check_names(kind, reduction)
     lab = _face._check_divergence_inputs(student, teacher, labels, beta, temperature, grad,
@@ -127,7 +132,8 @@ def divergence(student, teacher, *, kind, beta, temperature, labels, ignore_inde
         s = s.detach()
     t = teacher.reshape(-1, v).detach()
     loss, per_token, _ = torch.ops.distill_kernels.divergence(
-        s, t, lab, kind, beta, temperature, ignore_index, reduction, num_items, want_grad)
+        s, t, lab, kind, beta, temperature, ignore_index, reduction, num_items, want_grad,
+        num_items_t)
     return per_token.reshape(lead_shape) if reduction == "none" else loss
 
 
@@ -248,15 +254,18 @@ def _fused_op(
     want_grad_hidden: bool,
     want_grad_weight: bool,
     grad_dtype: torch.dtype,
+    num_items_t: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss 0-d, per-token [N] or [0], grad_hidden [N, H] or [0], grad_weight [V, H] or [0])
     for hidden states 2-D [N, H]. The gradient outputs belong to the op's backward, which
-    scales them in place: not for the caller's use."""
+    scales them in place: not for the caller's use. ``num_items_t`` as in the divergence op."""
+    num_items, items_mem, reduction = _face._num_items_resolved(num_items_t, num_items,
+                                                                reduction, student_hidden)
     params = _lib.make_fused_params(kind, beta, temperature, ignore_index, reduction, num_items,
                                     logit_scale, softcap, chunk_rows, False)
     loss, per_token, gh, gw = _face._fused_run(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, params,
-        reduction == "none", want_grad_hidden, want_grad_weight, grad_dtype)
+        reduction == "none", want_grad_hidden, want_grad_weight, grad_dtype, items_mem)
     hs = student_hidden
     return (loss, _empty(hs) if per_token is None else per_token,
             _empty(hs) if gh is None else gh, _empty(hs) if gw is None else gw)
@@ -265,7 +274,7 @@ def _fused_op(
 @_fused_op.register_fake
 def _fused_fake(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, kind, beta,
                 temperature, ignore_index, reduction, num_items, logit_scale, softcap, chunk_rows,
-                want_grad_hidden, want_grad_weight, grad_dtype):
+                want_grad_hidden, want_grad_weight, grad_dtype, num_items_t):
     _check_names(kind, reduction)
     n, h = student_hidden.shape
     v = student_weight.shape[0]
@@ -295,7 +304,7 @@ def _fused_backward(ctx, d_loss, d_per_token, _d_gh, _d_gw):
     if ctx.wanted[1]:
         torch.ops.distill_kernels.scale_grad_(gw, factor, False)
         grads[1] = gw.to(ctx.dtypes[1])
-    return tuple(grads) + (None,) * 15
+    return tuple(grads) + (None,) * 16
 
 
 torch.library.register_autograd(f"{_NS}::fused_linear_divergence", _fused_backward,
@@ -304,7 +313,7 @@ torch.library.register_autograd(f"{_NS}::fused_linear_divergence", _fused_backwa
 
 def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
                             kind, beta, temperature, labels, ignore_index, reduction, num_items,
-                            logit_scale, softcap, chunk_rows, grad, grad_dtype):
+                            num_items_t, logit_scale, softcap, chunk_rows, grad, grad_dtype):
     """:func:`distill_kernels.torch.fused_linear_divergence` as traced by torch.compile (the
     autograd form: no ``*_out`` buffers)."""
     _check_names(kind, reduction)
@@ -321,5 +330,5 @@ def fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     loss, per_token, _, _ = torch.ops.distill_kernels.fused_linear_divergence(
         hs2, ws_in, ht.reshape(-1, ht.shape[-1]).detach(), wt.detach(), lab, kind, beta,
         temperature, ignore_index, reduction, num_items, logit_scale, softcap, chunk_rows,
-        want_gh, want_gw, g_dtype)
+        want_gh, want_gw, g_dtype, num_items_t)
     return per_token.reshape(lead_shape) if reduction == "none" else loss

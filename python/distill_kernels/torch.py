@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 from typing import Optional, Tuple
 
 try:
@@ -120,7 +121,7 @@ def _ptr(x: Optional[torch.Tensor]) -> Optional[int]:
 
 
 def _launch(device: int, student, s_stride, teacher, t_stride, labels, params, loss, per_token,
-            grad, g_stride) -> None:
+            grad, g_stride, num_items_mem=None) -> None:
     l = _lib.lib()
     handle = _lib.context(device)
     n, v = student.shape
@@ -149,6 +150,7 @@ def _launch(device: int, student, s_stride, teacher, t_stride, labels, params, l
         per_token=_ptr(per_token),
         grad=_ptr(grad),
         grad_stride=g_stride,
+        num_items=_ptr(num_items_mem),
     )
     status = l.dk_divergence(handle, ctypes.byref(args), ctypes.byref(params), _ptr(workspace),
                              ws_bytes, stream)
@@ -230,11 +232,13 @@ def scale_rows_(x: torch.Tensor, factors) -> torch.Tensor:
 
 
 def _divergence_run(student, teacher, labels, params, reduction_none: bool, want_grad: bool,
-                    inplace: bool = False):
+                    inplace: bool = False, num_items_mem: Optional[torch.Tensor] = None):
     """One dk_divergence call over ``[..., V]`` logits (as N rows) on their device's current
     stream: (loss 0-d, per-token ``[N]`` or None, gradient buffer ``[N, V]`` or None). The
     gradient is written over ``student`` with ``inplace`` (its rows addressable: validated by
-    the caller); else into a new buffer of the student's dtype (float32 for float16)."""
+    the caller); else into a new buffer of the student's dtype (float32 for float16).
+    ``num_items_mem``: batchmean's divisor as a float32 ``[1]`` tensor on the student's device
+    (see :func:`_num_items_resolved`), read by the library when the call runs."""
     device = _device_ordinal(student)
     s, s_stride = _matrix("student", student)
     t, t_stride = _matrix("teacher", teacher)
@@ -256,7 +260,7 @@ def _divergence_run(student, teacher, labels, params, reduction_none: bool, want
             s, s_stride = s.float(), v
         grad, g_stride = torch.empty((n, v), dtype=s.dtype, device=dev), v
     _on_device(device, lambda: _launch(device, s, s_stride, t, t_stride, labels, params, loss,
-                                       per_token, grad, g_stride))
+                                       per_token, grad, g_stride, num_items_mem))
     return loss, per_token, grad
 
 
@@ -264,12 +268,14 @@ class DivergenceFunction(torch.autograd.Function):
     """autograd.Function behind :func:`divergence` (arguments already validated)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, params, reduction_none, want_grad, inplace):
+    def forward(ctx, student, teacher, labels, params, reduction_none, want_grad, inplace,
+                num_items_mem=None):
         out_shape = student.shape
         lead_shape = student.shape[:-1]
         # inplace: validated by divergence() (student's rows are addressable in place).
         loss, per_token, grad = _divergence_run(student, teacher, labels, params,
-                                                reduction_none, want_grad, inplace)
+                                                reduction_none, want_grad, inplace,
+                                                num_items_mem)
         if inplace:
             # student now holds the gradient: autograd nodes that saved it for their backward
             # raise ("modified by an inplace operation") instead of reading the gradient.
@@ -293,13 +299,13 @@ class DivergenceFunction(torch.autograd.Function):
                     "by an earlier backward (it is scaled in place); run the forward again "
                     "instead of backpropagating the same graph twice"
                 )
-            return None, None, None, None, None, None, None
+            return (None,) * 8
         ctx.grad_buf = None
         _scale_by_grad_output(g, grad_output, ctx.reduction_none)
         # A float32 buffer of a float16 student goes back as float16, rounded once after the
         # scaling (the others are already the student's dtype: no copy).
         g = g.to(ctx.student_dtype).view(ctx.out_shape)
-        return g, None, None, None, None, None, None
+        return (g,) + (None,) * 7
 
 
 def divergence(
@@ -331,12 +337,14 @@ def divergence(
     the leading shape.
 
     ``num_items`` is a Python number, or a tensor with one value (such as the Hugging Face
-    Trainer's ``num_items_in_batch``, on the logits' device or the CPU): then the call computes
-    the ``sum`` and divides it by that value (no host synchronisation; a value that is not
-    finite and > 0 counts as 1, since checking it would synchronise), which gives the same loss
-    and gradients up to rounding (the sum's gradient is rounded to the student's dtype before
-    the division). On CUDA that division costs one pass over the gradient in backward (its
-    factor is not 1), which a Python number, folded into the gradient by the kernel, does not.
+    Trainer's ``num_items_in_batch``, on the logits' device or the CPU), read as float32. A
+    tensor on the logits' device is read by the library's kernels on the current stream (no
+    host synchronisation); a CPU tensor is read on the host (no synchronisation either). A
+    value that is not finite and > 0 gives the ``sum`` (checking it would synchronise). Either
+    way the divisor is folded into the gradient by the kernel, as a Python number is: the
+    results are bitwise those of ``num_items=float(value)``, and backward makes no pass over
+    the gradient when ``grad_output`` is 1 (under ``torch.compile`` a CPU tensor with CUDA
+    logits divides the ``sum`` instead, which costs that pass).
 
     The gradient is kept in the student's dtype until backward multiplies it by ``grad_output``,
     except for a float16 student: its gradient entries (about ``(q - p) / N`` under
@@ -365,28 +373,57 @@ def divergence(
     check, as they do for torch's own in-place ops. When no gradient is computed, nothing is
     written.
     """
+    compiling = _TRACEABLE and torch.compiler.is_compiling()
     items = _num_items_tensor(num_items, reduction, student)
-    if items is not None:
+    if items is not None and compiling and items.device != student.device:
+        # A CPU value with CUDA logits under torch.compile: reading it would break the graph.
         total = divergence(student, teacher, kind=kind, beta=beta, temperature=temperature,
                            labels=labels, ignore_index=ignore_index, reduction="sum",
                            num_items=None, grad=grad, grad_inplace=grad_inplace)
-        return total / items
-    if not grad_inplace and _TRACEABLE and torch.compiler.is_compiling():
+        return total / _positive_or_one(items)
+    if items is not None:
+        num_items = None
+    if not grad_inplace and compiling:
         # Under torch.compile: the custom op distill_kernels::divergence, traced into the graph
         # (no graph break). grad_inplace writes over an input, so it stays eager (a break).
         return _torch_ops.divergence(student, teacher, kind=kind, beta=beta,
                                      temperature=temperature, labels=labels,
                                      ignore_index=ignore_index, reduction=reduction,
-                                     num_items=num_items, grad=grad)
+                                     num_items=num_items, num_items_t=items, grad=grad)
     return _divergence_eager(student, teacher, kind=kind, beta=beta, temperature=temperature,
                              labels=labels, ignore_index=ignore_index, reduction=reduction,
-                             num_items=num_items, grad=grad, grad_inplace=grad_inplace)
+                             num_items=num_items, num_items_t=items, grad=grad,
+                             grad_inplace=grad_inplace)
+
+
+def _positive_or_one(d: torch.Tensor) -> torch.Tensor:
+    """``d`` where it is finite and > 0, else 1 (float32, on d's device: no host sync)."""
+    d = d.reshape(()).to(torch.float32)
+    return torch.where((d > 0) & torch.isfinite(d), d, torch.ones_like(d))
+
+
+def _num_items_resolved(items: Optional[torch.Tensor], num_items, reduction: str,
+                        like: torch.Tensor):
+    """Where the call's batchmean divisor comes from, right before it runs: (num_items for the
+    parameters, ``num_items_mem`` for the arguments, reduction). ``items`` is a tensor
+    ``num_items`` checked by :func:`_num_items_tensor`, or None (``num_items`` then stands). On
+    ``like``'s device it becomes ``num_items_mem``, a float32 ``[1]`` tensor the library reads
+    when the call runs (no host sync). A CPU tensor with CUDA inputs is read here on the host (no
+    device sync): its value, or the ``sum`` where it is not finite and > 0 as a float32."""
+    if items is None:
+        return num_items, None, reduction
+    d = items.detach().reshape(1).to(torch.float32)
+    if d.device == like.device:
+        return None, d.contiguous(), reduction
+    value = float(d[0])
+    if math.isfinite(value) and value > 0:
+        return value, None, reduction
+    return None, None, "sum"
 
 
 def _num_items_tensor(num_items, reduction, like) -> Optional[torch.Tensor]:
-    """``num_items`` given as a tensor (one value): its float32 value (on its own device, the
-    CPU or like's), values that are not finite and > 0 read as 1; None for a Python number or
-    None."""
+    """``num_items`` given as a tensor, checked (one real value, on like's device or the CPU,
+    with ``reduction='batchmean'``): the tensor; None for a Python number or None."""
     if not isinstance(num_items, torch.Tensor) or not isinstance(like, torch.Tensor):
         return None
     if not isinstance(reduction, str) or reduction not in _lib.REDUCTIONS:
@@ -401,10 +438,7 @@ def _num_items_tensor(num_items, reduction, like) -> Optional[torch.Tensor]:
     if num_items.device != like.device and num_items.device.type != "cpu":
         raise ValueError(f"num_items is on {num_items.device} but the inputs are on "
                          f"{like.device}")
-    # A CPU value stays on the CPU: a 0-d CPU tensor divides CUDA tensors as a scalar, where
-    # copying it to the device would synchronise the host.
-    d = num_items.detach().reshape(()).to(torch.float32)
-    return torch.where((d > 0) & torch.isfinite(d), d, torch.ones_like(d))
+    return num_items.detach()
 
 
 def _check_divergence_inputs(student, teacher, labels, beta, temperature, grad, grad_inplace):
@@ -447,9 +481,11 @@ def _check_divergence_inputs(student, teacher, labels, beta, temperature, grad, 
 
 @_eager
 def _divergence_eager(student, teacher, *, kind, beta, temperature, labels, ignore_index,
-                      reduction, num_items, grad, grad_inplace):
+                      reduction, num_items, num_items_t, grad, grad_inplace):
     lab = _check_divergence_inputs(student, teacher, labels, beta, temperature, grad,
                                    grad_inplace)
+    num_items, items_mem, reduction = _num_items_resolved(num_items_t, num_items, reduction,
+                                                          student)
     params = _lib.make_params(kind, beta, temperature, ignore_index, reduction, num_items)
     want_grad = bool(student.requires_grad and torch.is_grad_enabled() and grad is not False)
     inplace = grad_inplace and want_grad
@@ -460,7 +496,7 @@ def _divergence_eager(student, teacher, *, kind, beta, temperature, labels, igno
     # The teacher is a constant: detached, so a teacher that requires grad does not make the
     # result claim a gradient that would never reach it.
     return DivergenceFunction.apply(
-        student, teacher.detach(), lab, params, reduction == "none", want_grad, inplace
+        student, teacher.detach(), lab, params, reduction == "none", want_grad, inplace, items_mem
     )
 
 
@@ -1004,9 +1040,11 @@ def _grad_buffer_dtype(grad_dtype, in_dtype: torch.dtype) -> torch.dtype:
     )
 
 
-def _fused_launch(device: int, hs, ws, ht, wt, labels, params, loss, per_token, gh, gw) -> None:
+def _fused_launch(device: int, hs, ws, ht, wt, labels, params, loss, per_token, gh, gw,
+                  num_items_mem=None) -> None:
     """One dk_fused_linear_divergence call on the current stream of `device` (2-D operands whose
-    rows are contiguous; gh / gw: (tensor, stride) or None)."""
+    rows are contiguous; gh / gw: (tensor, stride) or None; num_items_mem: batchmean's divisor
+    as a float32 [1] tensor on the device, or None)."""
     (hs, hs_stride), (ws, ws_stride), (ht, ht_stride), (wt, wt_stride) = hs, ws, ht, wt
     n, h = hs.shape
     v = ws.shape[0]
@@ -1026,6 +1064,7 @@ def _fused_launch(device: int, hs, ws, ht, wt, labels, params, loss, per_token, 
             grad_weight=None if gw is None else gw[0].data_ptr(),
             grad_weight_dtype=_DTYPES[hs.dtype] if gw is None else _DTYPES[gw[0].dtype],
             grad_weight_stride=0 if gw is None else gw[1],
+            num_items=_ptr(num_items_mem),
         )
         workspace, ws_bytes = None, 0
         if device >= 0:
@@ -1038,7 +1077,8 @@ def _fused_launch(device: int, hs, ws, ht, wt, labels, params, loss, per_token, 
 
 
 def _fused_run(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, params,
-               reduction_none: bool, want_gh: bool, want_gw: bool, grad_dtype: torch.dtype):
+               reduction_none: bool, want_gh: bool, want_gw: bool, grad_dtype: torch.dtype,
+               num_items_mem: Optional[torch.Tensor] = None):
     """One dk_fused_linear_divergence call with new output buffers: (loss 0-d, per-token [N] or
     None, grad_hidden [N, H] or None, grad_weight [V, H] or None)."""
     device = _device_ordinal(student_hidden)
@@ -1054,7 +1094,8 @@ def _fused_run(student_hidden, student_weight, teacher_hidden, teacher_weight, l
     gh = torch.empty((n, h), dtype=grad_dtype, device=dev) if want_gh else None
     gw = torch.empty((v, h), dtype=grad_dtype, device=dev) if want_gw else None
     _fused_launch(device, hs, ws, ht, wt, labels, params, loss, per_token,
-                  None if gh is None else (gh, h), None if gw is None else (gw, h))
+                  None if gh is None else (gh, h), None if gw is None else (gw, h),
+                  num_items_mem)
     return loss, per_token, gh, gw
 
 
@@ -1062,16 +1103,17 @@ class FusedLinearFunction(torch.autograd.Function):
     """autograd.Function behind :func:`fused_linear_divergence` (arguments already validated).
 
     forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, params,
-    reduction_none, want_grad_hidden, want_grad_weight, grad_dtype) -> loss or per-token."""
+    reduction_none, want_grad_hidden, want_grad_weight, grad_dtype, num_items_mem=None) -> loss
+    or per-token."""
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                params, reduction_none, want_gh, want_gw, grad_dtype):
+                params, reduction_none, want_gh, want_gw, grad_dtype, num_items_mem=None):
         hidden_shape = student_hidden.shape
         lead_shape = student_hidden.shape[:-1]
         loss, per_token, gh, gw = _fused_run(student_hidden, student_weight, teacher_hidden,
                                              teacher_weight, labels, params, reduction_none,
-                                             want_gh, want_gw, grad_dtype)
+                                             want_gh, want_gw, grad_dtype, num_items_mem)
         ctx.grads = (gh, gw)
         ctx.hidden_shape = hidden_shape
         ctx.reduction_none = reduction_none
@@ -1101,7 +1143,7 @@ class FusedLinearFunction(torch.autograd.Function):
             gh = gh.view(ctx.hidden_shape)
         if gw is not None:
             _scale_by_grad_output(gw, grad_output, False)
-        return gh, gw, None, None, None, None, None, None, None, None
+        return (gh, gw) + (None,) * 9
 
 
 def _fused_out_buffer(name: str, out, shape, in_dtype: torch.dtype, grad_dtype, device):
@@ -1176,8 +1218,10 @@ def fused_linear_divergence(
     gradient.
 
     ``num_items`` may be a one-value tensor (the Hugging Face Trainer's ``num_items_in_batch``),
-    as in :func:`divergence`: the ``sum`` divided by it without a host synchronisation, a value
-    that is not finite and > 0 counting as 1.
+    as in :func:`divergence`: read by the library where the call runs, without a host
+    synchronisation, and folded into the gradients (bitwise the results of
+    ``num_items=float(value)``); a value that is not finite and > 0 gives the ``sum``. It works
+    with the accumulating form too (the token count of the whole accumulated batch).
 
     Accumulation (``grad_hidden_out`` and / or ``grad_weight_out`` given, input dtype or float32,
     contiguous rows): no autograd; the gradients of the returned loss itself (grad_output = 1) are
@@ -1191,30 +1235,33 @@ def fused_linear_divergence(
     and is much slower than ``matmul`` + :func:`divergence`; use it to check, not to train.
     """
     accumulate = grad_hidden_out is not None or grad_weight_out is not None
+    compiling = _TRACEABLE and torch.compiler.is_compiling()
     items = _num_items_tensor(num_items, reduction, student_hidden)
-    if items is not None:
-        if accumulate:
-            raise TypeError("num_items must be a Python number with grad_hidden_out / "
-                            "grad_weight_out (the gradients are added in this call, scaled by it)")
+    if (items is not None and compiling and not accumulate
+            and items.device != student_hidden.device):
+        # A CPU value with CUDA inputs under torch.compile: reading it would break the graph.
         total = fused_linear_divergence(
             student_hidden, student_weight, teacher_hidden, teacher_weight, kind=kind, beta=beta,
             temperature=temperature, labels=labels, ignore_index=ignore_index, reduction="sum",
             num_items=None, logit_scale=logit_scale, softcap=softcap, chunk_rows=chunk_rows,
             grad=grad, grad_dtype=grad_dtype)
-        return total / items
-    if not accumulate and _TRACEABLE and torch.compiler.is_compiling():
+        return total / _positive_or_one(items)
+    if items is not None:
+        num_items = None
+    if not accumulate and compiling:
         # Under torch.compile: the custom op distill_kernels::fused_linear_divergence, traced
         # into the graph (no graph break). The accumulating form writes into the caller's
         # buffers, so it stays eager (a break).
         return _torch_ops.fused_linear_divergence(
             student_hidden, student_weight, teacher_hidden, teacher_weight, kind=kind, beta=beta,
             temperature=temperature, labels=labels, ignore_index=ignore_index,
-            reduction=reduction, num_items=num_items, logit_scale=logit_scale, softcap=softcap,
-            chunk_rows=chunk_rows, grad=grad, grad_dtype=grad_dtype)
+            reduction=reduction, num_items=num_items, num_items_t=items, logit_scale=logit_scale,
+            softcap=softcap, chunk_rows=chunk_rows, grad=grad, grad_dtype=grad_dtype)
     return _fused_eager(
         student_hidden, student_weight, teacher_hidden, teacher_weight, kind=kind, beta=beta,
         temperature=temperature, labels=labels, ignore_index=ignore_index, reduction=reduction,
-        num_items=num_items, logit_scale=logit_scale, softcap=softcap, chunk_rows=chunk_rows,
+        num_items=num_items, num_items_t=items, logit_scale=logit_scale, softcap=softcap,
+        chunk_rows=chunk_rows,
         grad=grad, grad_dtype=grad_dtype, grad_hidden_out=grad_hidden_out,
         grad_weight_out=grad_weight_out)
 
@@ -1297,13 +1344,15 @@ def _fused_wanted(hs: torch.Tensor, ws: torch.Tensor, grad, reduction) -> Tuple[
 
 @_eager
 def _fused_eager(student_hidden, student_weight, teacher_hidden, teacher_weight, *, kind, beta,
-                 temperature, labels, ignore_index, reduction, num_items, logit_scale, softcap,
-                 chunk_rows, grad, grad_dtype, grad_hidden_out, grad_weight_out):
+                 temperature, labels, ignore_index, reduction, num_items, num_items_t,
+                 logit_scale, softcap, chunk_rows, grad, grad_dtype, grad_hidden_out,
+                 grad_weight_out):
     hs, ws, ht, wt, lab, g_dtype = _fused_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_weight, beta=beta,
         temperature=temperature, labels=labels, logit_scale=logit_scale, softcap=softcap,
         grad=grad, grad_dtype=grad_dtype)
     accumulate = grad_hidden_out is not None or grad_weight_out is not None
+    num_items, items_mem, reduction = _num_items_resolved(num_items_t, num_items, reduction, hs)
     params = _lib.make_fused_params(kind, beta, temperature, ignore_index, reduction, num_items,
                                     logit_scale, softcap, chunk_rows, accumulate)
     dtype, h, lead_shape = hs.dtype, hs.shape[-1], hs.shape[:-1]
@@ -1339,7 +1388,8 @@ def _fused_eager(student_hidden, student_weight, teacher_hidden, teacher_weight,
             loss = torch.empty((), dtype=torch.float32, device=hs.device)
             per_token = (torch.empty(n, dtype=torch.float32, device=hs.device)
                          if reduction == "none" else None)
-            _fused_launch(device, m_hs, m_ws, m_ht, m_wt, lab, params, loss, per_token, gh, gw)
+            _fused_launch(device, m_hs, m_ws, m_ht, m_wt, lab, params, loss, per_token, gh, gw,
+                          items_mem)
         return per_token.reshape(lead_shape) if per_token is not None else loss
 
     want_gh, want_gw = _fused_wanted(hs, ws, grad, reduction)
@@ -1348,7 +1398,7 @@ def _fused_eager(student_hidden, student_weight, teacher_hidden, teacher_weight,
     ws_in = ws if want_gw else ws.detach()
     wt_in = ws_in if same_weight else wt.detach()
     return FusedLinearFunction.apply(hs_in, ws_in, ht.detach(), wt_in, lab, params,
-                                     reduction == "none", want_gh, want_gw, g_dtype)
+                                     reduction == "none", want_gh, want_gw, g_dtype, items_mem)
 
 
 # ---- grouped-query attention -------------------------------------------------------------------

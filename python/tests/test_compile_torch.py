@@ -385,15 +385,20 @@ def test_ops_pass_torch_library_opcheck(device):
     real ones, autograd registration, and (attention, scale_grad_) AOT dispatch."""
     s = rand((3, 40), torch.float32, device, 50).requires_grad_()
     t = rand((3, 40), torch.float32, device, 51)
-    torch.library.opcheck(torch.ops.distill_kernels.divergence.default,
-                          (s, t, None, "jsd", 0.5, 1.0, -100, "batchmean", None, True),
-                          test_utils=NO_AOT)
+    items = torch.tensor(5, device=device)  # a tensor num_items, read where the op runs
+    for num_items_t in (None, items):
+        torch.library.opcheck(torch.ops.distill_kernels.divergence.default,
+                              (s, t, None, "jsd", 0.5, 1.0, -100, "batchmean", None, True,
+                               num_items_t),
+                              test_utils=NO_AOT)
     hs = rand((4, 8), torch.float32, device, 52).requires_grad_()
     w = rand((30, 8), torch.float32, device, 53).requires_grad_()
-    torch.library.opcheck(torch.ops.distill_kernels.fused_linear_divergence.default,
-                          (hs, w, hs.detach(), w.detach(), None, "forward_kl", 0.5, 1.0, -100,
-                           "sum", None, 1.0, None, None, True, True, torch.float32),
-                          test_utils=NO_AOT)
+    for reduction, num_items_t in (("sum", None), ("batchmean", items)):
+        torch.library.opcheck(torch.ops.distill_kernels.fused_linear_divergence.default,
+                              (hs, w, hs.detach(), w.detach(), None, "forward_kl", 0.5, 1.0,
+                               -100, reduction, None, 1.0, None, None, True, True,
+                               torch.float32, num_items_t),
+                              test_utils=NO_AOT)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q = rand((1, 6, 4, 64), dtype, device, 54).requires_grad_()
     k = rand((1, 6, 2, 64), dtype, device, 55).requires_grad_()

@@ -215,22 +215,40 @@ unsafe fn write_row(
 /// The divisor `batchmean` uses and the factor the gradient is scaled by.
 ///
 /// # Safety
-/// `raw.labels` is null or points to `raw.n` host i64 values.
+/// `raw.labels` is null or points to `raw.n` host i64 values; `raw.num_items` is null or points
+/// to one host f32.
 pub(crate) unsafe fn loss_scale(raw: &RawDivergence, params: &Params) -> f64 {
     // SAFETY: forwarded from the caller.
-    unsafe { reduction_scale(raw.labels, raw.n, params) }
+    unsafe { reduction_scale(raw.labels, raw.n, raw.num_items, params) }
 }
 
 /// The factor the reduction multiplies the summed row losses (and the gradient) by: 1 for
 /// `sum` / `none`, `1 / num_items` or `1 / max(1, valid rows)` for `batchmean`, the valid rows
 /// counted over all `n` labels (rows whose label is not `ignore_index`; all rows without labels).
+/// `num_items_mem` (or null) is `num_items` held in memory, read here; a value there that is
+/// not finite and > 0 gives the sum (factor 1), as on CUDA.
 ///
 /// # Safety
-/// `labels` is null or points to `n` host i64 values.
-pub(crate) unsafe fn reduction_scale(labels: *const i64, n: usize, params: &Params) -> f64 {
+/// `labels` is null or points to `n` host i64 values; `num_items_mem` is null or points to one
+/// host f32.
+pub(crate) unsafe fn reduction_scale(
+    labels: *const i64,
+    n: usize,
+    num_items_mem: *const f32,
+    params: &Params,
+) -> f64 {
     match params.reduction {
         Reduction::Sum | Reduction::None => 1.0,
         Reduction::BatchMean => {
+            if !num_items_mem.is_null() {
+                // SAFETY: the caller guarantees one readable f32.
+                let d = unsafe { num_items_mem.read() };
+                return if d.is_finite() && d > 0.0 {
+                    1.0 / d as f64
+                } else {
+                    1.0
+                };
+            }
             if let Some(n) = params.num_items {
                 return 1.0 / n as f64;
             }

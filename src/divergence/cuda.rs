@@ -358,19 +358,22 @@ impl<'d> RowKernels<'d> {
     }
 
     /// Queues `dk_div_prepare`: writes d(reduced loss)/d(row loss) to `scale_out` (one f32 of
-    /// device memory), from the `n` labels (0 = none), the reduction and `num_items`.
+    /// device memory), from the `n` labels (0 = none), the reduction and `num_items` (the
+    /// parameter, or the f32 at `num_items_mem` when that is not 0).
     pub(crate) fn prepare(
         &self,
         stream: &Arc<CudaStream>,
         labels: u64,
         n: i64,
         params: &Params,
+        num_items_mem: u64,
         scale_out: u64,
     ) -> Result<()> {
         let reduction = params.reduction as i32;
         let num_items = params.num_items.unwrap_or(0.0);
         // SAFETY: argument types and order match dk_div_prepare's signature; the caller passes
-        // device memory of this device (labels: n entries or 0; scale_out: one f32).
+        // device memory of this device (labels: n entries or 0; num_items_mem: one f32 or 0;
+        // scale_out: one f32).
         unsafe {
             stream
                 .launch_builder(self.prepare)
@@ -379,6 +382,7 @@ impl<'d> RowKernels<'d> {
                 .arg(&params.ignore_index)
                 .arg(&reduction)
                 .arg(&num_items)
+                .arg(&num_items_mem)
                 .arg(&scale_out)
                 .launch(SINGLE_BLOCK)?;
         }
@@ -653,6 +657,7 @@ pub(crate) fn divergence(
         ("labels", raw.labels as *const _),
         ("per-token loss", raw.per_token as *const _),
         ("loss", raw.loss as *const _),
+        ("num_items", raw.num_items as *const _),
     ] {
         dev.check_pointer(what, p)?;
     }
@@ -680,7 +685,7 @@ pub(crate) fn divergence(
 
     let n = raw.n as i64;
     let labels = raw.labels as u64;
-    kernels.prepare(&stream, labels, n, params, scale_ptr)?;
+    kernels.prepare(&stream, labels, n, params, raw.num_items as u64, scale_ptr)?;
 
     let args = DivergenceArgs {
         student: raw.student as u64,

@@ -25,7 +25,7 @@ pub use cluster::fallback_reason as cluster_fallback_reason;
 pub use cluster::launch_shapes as cluster_launch_shapes;
 pub use params::{Kind, Params, Reduction};
 
-use crate::checks::check_location;
+use crate::checks::{check_location, num_items_pointer};
 use crate::device::{Backend, Context, Launch};
 use crate::empty_batch::Fill;
 use crate::error::{bail, Result};
@@ -49,6 +49,12 @@ pub struct Divergence<'a> {
     /// Optional gradient of the reduced loss w.r.t. the student logits, `[N, V]` in the
     /// student's dtype. `None` computes the forward pass only.
     pub grad: Option<MatrixMut<'a>>,
+    /// Optional `batchmean` divisor in memory: one f32 at the context's location, read when the
+    /// call runs (on CUDA by a kernel on the stream, so a token count the trainer computed on
+    /// the device needs no host synchronisation). It replaces [`Params::num_items`] (giving
+    /// both is an error) and needs `reduction = batchmean`. A value that is not finite and > 0
+    /// gives the sum (divisor 1), since no error could be reported without a synchronisation.
+    pub num_items: Option<Vector<'a, f32>>,
 }
 
 /// Inputs and outputs of one divergence call that overwrites the student logits with the gradient.
@@ -66,6 +72,12 @@ pub struct DivergenceInPlace<'a> {
     pub per_token: Option<VectorMut<'a, f32>>,
     /// Optional reduced loss output (one f32).
     pub loss: Option<VectorMut<'a, f32>>,
+    /// Optional `batchmean` divisor in memory: one f32 at the context's location, read when the
+    /// call runs (on CUDA by a kernel on the stream, so a token count the trainer computed on
+    /// the device needs no host synchronisation). It replaces [`Params::num_items`] (giving
+    /// both is an error) and needs `reduction = batchmean`. A value that is not finite and > 0
+    /// gives the sum (divisor 1), since no error could be reported without a synchronisation.
+    pub num_items: Option<Vector<'a, f32>>,
 }
 
 /// A validated call in raw pointers, what the backends consume.
@@ -88,6 +100,8 @@ pub(crate) struct RawDivergence {
     pub per_token: *mut f32,
     /// Null when absent.
     pub loss: *mut f32,
+    /// Null when absent: batchmean's divisor in memory (one f32).
+    pub num_items: *const f32,
 }
 
 /// The address range a matrix spans, or a shape error where it overflows the address space.
@@ -166,6 +180,7 @@ impl RawDivergence {
             ("labels", self.labels as usize, 8),
             ("per-token loss", self.per_token as usize, 4),
             ("loss", self.loss as usize, 4),
+            ("num_items", self.num_items as usize, 4),
         ]
         .into_iter()
         .find(|(_, addr, align)| addr % align != 0);
@@ -239,6 +254,12 @@ impl RawDivergence {
                 let l = self.labels as usize;
                 if overlaps(*range, (l, l.saturating_add(8 * self.n))) {
                     bail!(Shape, "{name} output overlaps the labels");
+                }
+            }
+            if !self.num_items.is_null() {
+                let d = self.num_items as usize;
+                if overlaps(*range, (d, d.saturating_add(4))) {
+                    bail!(Shape, "{name} output overlaps num_items");
                 }
             }
             for (other, orange) in &outputs[i + 1..] {
@@ -387,6 +408,8 @@ impl Context {
                 loss: &call.loss,
             },
         )?;
+        params.check_num_items_in_memory(call.num_items.is_some())?;
+        let num_items = num_items_pointer(self, call.num_items.as_ref())?;
         let raw = RawDivergence {
             n,
             v: call.student.cols,
@@ -401,6 +424,7 @@ impl Context {
             labels,
             per_token,
             loss,
+            num_items,
         };
         raw.validate(false)?;
         self.run_divergence(&raw, params, launch)
@@ -428,6 +452,8 @@ impl Context {
                 loss: &call.loss,
             },
         )?;
+        params.check_num_items_in_memory(call.num_items.is_some())?;
+        let num_items = num_items_pointer(self, call.num_items.as_ref())?;
         let raw = RawDivergence {
             n,
             v: student.cols,
@@ -442,6 +468,7 @@ impl Context {
             labels,
             per_token,
             loss,
+            num_items,
         };
         raw.validate(true)?;
         self.run_divergence(&raw, params, launch)
@@ -461,6 +488,7 @@ impl Context {
                 ("gradient", raw.grad.cast_const().cast()),
                 ("labels", raw.labels.cast()),
                 ("per-token loss", raw.per_token.cast_const().cast()),
+                ("num_items", raw.num_items.cast()),
             ];
             let loss = Fill::bytes("loss", raw.loss.cast(), 4, 0);
             // SAFETY: the loss is null or a validated f32 at this context's location.

@@ -149,6 +149,28 @@ impl Params {
         Ok(())
     }
 
+    /// Checks a `num_items` given in memory (`in_memory`: the call's `num_items` view) against
+    /// these parameters: it needs `batchmean` and replaces [`Params::num_items`].
+    pub(crate) fn check_num_items_in_memory(&self, in_memory: bool) -> Result<()> {
+        if !in_memory {
+            return Ok(());
+        }
+        if let Some(n) = self.num_items {
+            bail!(
+                InvalidArgument,
+                "num_items is given twice: {n} in the parameters and a value in memory"
+            );
+        }
+        if self.reduction != Reduction::BatchMean {
+            bail!(
+                InvalidArgument,
+                "num_items only applies to reduction=batchmean (got {})",
+                self.reduction.name()
+            );
+        }
+        Ok(())
+    }
+
     /// The divergence actually computed: JSD with β = 0 is forward KL, with β = 1 reverse KL.
     pub fn effective_kind(&self) -> Kind {
         match self.kind {

@@ -347,8 +347,8 @@ pub(crate) unsafe fn fused_linear(raw: &RawFusedLinear, params: &FusedLinearPara
         inv_t: 1.0 / dp.temperature as f64,
         logit_scale: params.logit_scale as f64,
         cap: params.softcap.map(|c| c as f64),
-        // SAFETY: labels are null or n host values (validated).
-        reduction: unsafe { reduction_scale(raw.labels, n, dp) },
+        // SAFETY: labels are null or n host values, num_items null or one (validated).
+        reduction: unsafe { reduction_scale(raw.labels, n, raw.num_items, dp) },
     };
     // SAFETY: the four inputs are valid host matrices of the validated shapes.
     let (sh, sw, th, tw) = unsafe {

@@ -683,6 +683,7 @@ pub(crate) fn fused_linear(
         ("per-token loss", raw.per_token as *const c_void),
         ("grad_hidden", raw.grad_hidden as *const c_void),
         ("grad_weight", raw.grad_weight as *const c_void),
+        ("num_items", raw.num_items as *const c_void),
     ] {
         dev.check_pointer(what, p)?;
     }
@@ -770,7 +771,15 @@ pub(crate) fn fused_linear(
 
     // The loss scale over all N rows, and the GEMM constants.
     if want_grad || !raw.loss.is_null() {
-        rows.prepare(&stream, raw.labels as u64, n as i64, div, konst(C_SCALE))?;
+        let num_items = raw.num_items as u64;
+        rows.prepare(
+            &stream,
+            raw.labels as u64,
+            n as i64,
+            div,
+            num_items,
+            konst(C_SCALE),
+        )?;
     }
     if want_grad {
         let (scale, zero, one, alpha) = (
@@ -1048,6 +1057,7 @@ mod tests {
             grad_weight: std::ptr::null_mut(),
             grad_weight_dtype: DType::F32,
             grad_weight_stride: 64,
+            num_items: std::ptr::null(),
         }
     }
 

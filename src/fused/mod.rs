@@ -46,6 +46,11 @@ pub struct FusedLinear<'a> {
     pub grad_hidden: Option<MatrixMut<'a>>,
     /// Optional `[V, H]` gradient w.r.t. the student weight (input dtype or f32).
     pub grad_weight: Option<MatrixMut<'a>>,
+    /// Optional `batchmean` divisor in memory (one f32 at the context's location), read when
+    /// the call runs, as [`Divergence::num_items`](crate::divergence::Divergence::num_items):
+    /// it replaces the parameters' `num_items` (giving both is an error), needs `batchmean`, and
+    /// a value that is not finite and > 0 gives the sum.
+    pub num_items: Option<Vector<'a, f32>>,
 }
 
 /// Operands of [`Context::fused_linear_reference_gemms`]: the four matrix products a fused
@@ -98,6 +103,8 @@ pub(crate) struct RawFusedLinear {
     pub grad_weight: *mut u8,
     pub grad_weight_dtype: DType,
     pub grad_weight_stride: usize,
+    /// Null when absent: batchmean's divisor in memory (one f32).
+    pub num_items: *const f32,
 }
 
 impl Context {
@@ -112,6 +119,9 @@ impl Context {
         params: &FusedLinearParams,
     ) -> Result<usize> {
         params.validate()?;
+        params
+            .divergence
+            .check_num_items_in_memory(call.num_items.is_some())?;
         let raw = RawFusedLinear::describe(self, call)?;
         Ok(match self.backend() {
             Backend::Cpu => 0,
@@ -189,6 +199,7 @@ impl Context {
     ///         loss: Some(VectorMut::host(&mut loss)),
     ///         grad_hidden: Some(MatrixMut::host(&mut gh, n, h, h)?),
     ///         grad_weight: Some(MatrixMut::host(&mut gw, v, h, h)?),
+    ///         num_items: None,
     ///     },
     ///     &FusedLinearParams {
     ///         divergence: Params { beta: 0.5, ..Params::new(Kind::Jsd) },
@@ -239,6 +250,7 @@ impl Context {
             ("per-token loss", raw.per_token.cast_const().cast()),
             ("grad_hidden", raw.grad_hidden.cast_const().cast()),
             ("grad_weight", raw.grad_weight.cast_const().cast()),
+            ("num_items", raw.num_items.cast()),
         ];
         let size = raw.grad_weight_dtype.size();
         let weight = Fill {

@@ -7,7 +7,7 @@
 //! output must be disjoint from every input and from every other output.
 
 use super::{FusedLinear, FusedLinearParams, RawFusedLinear};
-use crate::checks::{check_disjoint, check_location, check_non_null, Footprint};
+use crate::checks::{check_disjoint, check_location, check_non_null, num_items_pointer, Footprint};
 use crate::device::Context;
 use crate::error::{bail, Result};
 use crate::tensor::{DType, Matrix, MatrixMut, Vector, VectorMut};
@@ -252,6 +252,10 @@ impl RawFusedLinear {
             inputs.push(Span::of("labels", l.ptr.cast(), n, 8)?);
             labels = l.ptr;
         }
+        let num_items = num_items_pointer(ctx, call.num_items.as_ref())?;
+        if !num_items.is_null() {
+            inputs.push(Span::of("num_items", num_items.cast(), 1, 4)?);
+        }
         let mut per_token = std::ptr::null_mut();
         if let Some(p) = &call.per_token {
             vector_out(ctx, "per-token loss", p, n)?;
@@ -316,6 +320,7 @@ impl RawFusedLinear {
             grad_weight,
             grad_weight_dtype,
             grad_weight_stride,
+            num_items,
         })
     }
 
@@ -327,6 +332,9 @@ impl RawFusedLinear {
         params: &FusedLinearParams,
     ) -> Result<Self> {
         params.validate()?;
+        params
+            .divergence
+            .check_num_items_in_memory(call.num_items.is_some())?;
         RawFusedLinear::describe(ctx, &call)
     }
 }

@@ -362,6 +362,8 @@ pub struct Case {
     pub loss: Option<usize>,
     /// Elements every matrix pointer is shifted by inside its buffer (misalignment).
     pub offset: usize,
+    /// `num_items` held in memory (the call's `num_items` view over one f32), `None` = absent.
+    pub num_items_mem: Option<f32>,
     pub nulls: Nulls,
     /// What this case is, for messages.
     pub what: String,
@@ -386,6 +388,7 @@ impl Case {
             per_token: Some(n),
             loss: Some(1),
             offset: 0,
+            num_items_mem: None,
             nulls: Nulls::default(),
             what: String::new(),
         }
@@ -647,6 +650,8 @@ pub struct Bufs {
     pub labels: Option<Bytes>,
     pub per_token: Bytes,
     pub loss: Bytes,
+    /// The f32 of `num_items` in memory (an input).
+    pub num_items: Option<Bytes>,
 }
 
 impl Bufs {
@@ -684,6 +689,9 @@ impl Bufs {
             labels,
             per_token: Bytes::from_slice(&poison_bytes(DType::F32, pt)),
             loss: Bytes::from_slice(&poison_bytes(DType::F32, ls)),
+            num_items: case
+                .num_items_mem
+                .map(|d| Bytes::from_slice(&d.to_le_bytes())),
         }
     }
 }
@@ -697,6 +705,7 @@ pub struct BasePtrs {
     pub labels: *mut u8,
     pub per_token: *mut u8,
     pub loss: *mut u8,
+    pub num_items: *mut u8,
 }
 
 impl BasePtrs {
@@ -708,6 +717,10 @@ impl BasePtrs {
             labels: b.labels.as_mut().map_or(std::ptr::null_mut(), |g| g.ptr()),
             per_token: b.per_token.ptr(),
             loss: b.loss.ptr(),
+            num_items: b
+                .num_items
+                .as_mut()
+                .map_or(std::ptr::null_mut(), |g| g.ptr()),
         }
     }
 }
@@ -753,9 +766,13 @@ pub unsafe fn call(
     let loss = case
         .loss
         .map(|len| VectorMut::from_raw(nul(case.nulls.loss, base.loss) as *mut f32, len, loc));
+    let num_items = case
+        .num_items_mem
+        .map(|_| Vector::from_raw(base.num_items as *const f32, 1, loc));
     match case.grad {
         GradOut::InPlace => ctx.divergence_in_place(
             DivergenceInPlace {
+                num_items,
                 student: MatrixMut::from_raw(sp, s.dtype, s.rows, s.cols, s.stride, loc),
                 teacher,
                 labels,
@@ -790,6 +807,7 @@ pub unsafe fn call(
             };
             ctx.divergence(
                 Divergence {
+                    num_items,
                     student: Matrix::from_raw(sp, s.dtype, s.rows, s.cols, s.stride, loc),
                     teacher,
                     labels,
@@ -929,6 +947,7 @@ impl CudaDev {
         let d_labels = bufs.labels.as_ref().map(|g| self.upload(g));
         let d_per_token = self.upload(&bufs.per_token);
         let d_loss = self.upload(&bufs.loss);
+        let d_num_items = bufs.num_items.as_ref().map(|g| self.upload(g));
         let base = BasePtrs {
             student: self.ptr(&d_student),
             teacher: self.ptr(&d_teacher),
@@ -940,6 +959,9 @@ impl CudaDev {
                 .map_or(std::ptr::null_mut(), |d| self.ptr(d)),
             per_token: self.ptr(&d_per_token),
             loss: self.ptr(&d_loss),
+            num_items: d_num_items
+                .as_ref()
+                .map_or(std::ptr::null_mut(), |d| self.ptr(d)),
         };
         let ws_bytes = match ws {
             Workspace::Library => None,
@@ -1135,6 +1157,9 @@ pub fn check_untouched(case: &Case, before: &Bufs, after: &Bufs) -> Result<(), S
     }
     if before.labels != after.labels {
         return Err("labels were modified".into());
+    }
+    if before.num_items != after.num_items {
+        return Err("num_items was modified".into());
     }
     let s = &case.student;
     let size = s.dtype.size();

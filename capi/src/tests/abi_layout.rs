@@ -299,6 +299,7 @@ fn c_abi_structs_match_rust() {
             ("per_token", offset_of!(DkDivergenceArgs, per_token)),
             ("grad", offset_of!(DkDivergenceArgs, grad)),
             ("grad_stride", offset_of!(DkDivergenceArgs, grad_stride)),
+            ("num_items", offset_of!(DkDivergenceArgs, num_items)),
         ],
     );
     compare(
@@ -510,6 +511,7 @@ fn c_abi_structs_match_rust() {
                 "grad_weight_stride",
                 offset_of!(DkFusedLinearArgs, grad_weight_stride),
             ),
+            ("num_items", offset_of!(DkFusedLinearArgs, num_items)),
         ],
     );
     compare(

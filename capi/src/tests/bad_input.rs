@@ -232,6 +232,7 @@ fn outputs_overlapping_inputs() {
     let res = unsafe {
         ctx.divergence(
             Divergence {
+                num_items: None,
                 student: Matrix::host(&student, n, v, v).unwrap(),
                 teacher: Matrix::from_raw(tp.cast(), DType::F32, n, v, v, Location::Host),
                 labels: None,
@@ -249,6 +250,7 @@ fn outputs_overlapping_inputs() {
     let res = unsafe {
         ctx.divergence(
             Divergence {
+                num_items: None,
                 student: Matrix::host(&student, n, v, v).unwrap(),
                 teacher: Matrix::from_raw(tp.cast(), DType::F32, n, v, v, Location::Host),
                 labels: None,
@@ -276,6 +278,7 @@ fn outputs_overlapping_inputs() {
     let res = unsafe {
         ctx.divergence(
             Divergence {
+                num_items: None,
                 student: Matrix::host(&student, n, v, v).unwrap(),
                 teacher: Matrix::host(&t0, n, v, v).unwrap(),
                 labels: None,
@@ -294,6 +297,7 @@ fn outputs_overlapping_inputs() {
     let res = unsafe {
         ctx.divergence(
             Divergence {
+                num_items: None,
                 student: Matrix::host(&student, n, v, v).unwrap(),
                 teacher: Matrix::host(&t0, n, v, v).unwrap(),
                 labels: Some(Vector::from_raw(lp, n, Location::Host)),
@@ -531,6 +535,7 @@ fn cuda_host_memory_and_workspace() {
         labels: ptr(3),
         per_token: ptr(4),
         loss: ptr(5),
+        num_items: std::ptr::null_mut(),
     };
     // SAFETY: live stream of device 0.
     let launch =
@@ -538,6 +543,28 @@ fn cuda_host_memory_and_workspace() {
     // SAFETY: device buffers laid out for the case.
     let res = unsafe { call(&cuda.ctx, &c, base_ptrs, Location::Cuda(0), &launch) };
     assert_kind(res, ErrorKind::WrongDevice, "host workspace");
+    cuda.stream.synchronize().unwrap();
+    // num_items in host memory (the rest on the device).
+    let mut host_items = 4.0f32;
+    let mut with_items = c.clone();
+    with_items.num_items_mem = Some(4.0);
+    let items_ptrs = BasePtrs {
+        num_items: (&mut host_items as *mut f32).cast(),
+        ..base_ptrs
+    };
+    // SAFETY: live stream of device 0.
+    let launch = unsafe { Launch::on_stream(cuda.stream.cu_stream() as *mut c_void) };
+    // SAFETY: device buffers laid out for the case, num_items deliberately on the host.
+    let res = unsafe {
+        call(
+            &cuda.ctx,
+            &with_items,
+            items_ptrs,
+            Location::Cuda(0),
+            &launch,
+        )
+    };
+    assert_kind(res, ErrorKind::WrongDevice, "num_items in host memory");
     cuda.stream.synchronize().unwrap();
     let back: Vec<Vec<u8>> = d
         .iter()
@@ -612,6 +639,7 @@ impl CCall {
             per_token: self.per_token.as_mut_ptr(),
             grad: self.grad.as_mut_ptr().cast(),
             grad_stride: 20,
+            num_items: std::ptr::null(),
         }
     }
 
@@ -661,6 +689,38 @@ fn c_rejects(
 }
 
 #[test]
+fn c_abi_num_items_in_memory_equals_the_parameter() {
+    // The same divisor through args->num_items gives bitwise the params->num_items outputs;
+    // a value there that is not finite and > 0 gives the sum.
+    let mut rng = Rng::fresh("c_abi_num_items_in_memory_equals_the_parameter");
+    let outputs = |c: &CCall| {
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        (c.loss.to_bits(), bits(&c.per_token), bits(&c.grad))
+    };
+    let c0 = CCall::new(&mut rng);
+    let (student, teacher) = (c0.student.clone(), c0.teacher.clone());
+    let run = |edit: &dyn Fn(&mut DkDivergenceArgs, &mut DkDivergenceParams)| {
+        let mut c = CCall::new(&mut Rng::new(0));
+        (c.student, c.teacher) = (student.clone(), teacher.clone());
+        let s = c.run(edit);
+        assert_eq!(s, 0, "{}", last_error());
+        outputs(&c)
+    };
+    let items = 6.5f32;
+    let by_value = run(&|_, p| p.num_items = items);
+    let in_memory = run(&|a, _| a.num_items = &items);
+    assert!(
+        by_value == in_memory,
+        "num_items in memory differs from the parameter"
+    );
+    let sum = run(&|_, p| p.reduction = 1);
+    for bad in [0.0f32, -2.0, f32::NAN] {
+        let got = run(&|a, _| a.num_items = &bad);
+        assert!(got == sum, "num_items {bad} in memory is not the sum");
+    }
+}
+
+#[test]
 fn c_abi_valid_call_then_errors() {
     let mut rng = Rng::fresh("c_abi_valid_call_then_errors");
     let mut c = CCall::new(&mut rng);
@@ -690,6 +750,19 @@ fn c_abi_valid_call_then_errors() {
     c_rejects(&mut c, 2, "num_items with sum", |_, p| {
         p.num_items = 3.0;
         p.reduction = 1;
+    });
+    let items = [3.0f32, 3.0];
+    let at = items.as_ptr();
+    c_rejects(&mut c, 2, "num_items in memory and in params", |a, p| {
+        a.num_items = at;
+        p.num_items = 3.0;
+    });
+    c_rejects(&mut c, 2, "num_items in memory with sum", |a, p| {
+        a.num_items = at;
+        p.reduction = 1;
+    });
+    c_rejects(&mut c, 2, "num_items in memory misaligned", |a, _| {
+        a.num_items = at.cast::<u8>().wrapping_add(1).cast();
     });
     c_rejects(&mut c, 3, "v = 0", |a, _| a.v = 0);
     c_rejects(&mut c, 3, "n = -1", |a, _| a.n = -1);

@@ -124,6 +124,26 @@ int main(int argc, char** argv) {
         static_cast<double>(loss), want_loss);
   CHECK(worst_grad <= 1e-6, "gradient off by %g", worst_grad);
 
+  // The divisor as a float in the context's memory (a token count the trainer computed), read
+  // when the call runs: 4 here, twice the valid rows, so exactly half the loss and gradient.
+  const float items = 4.0f;
+  const std::vector<float> grad_by_count = grad;
+  const float loss_by_count = loss;
+  a.num_items = &items;
+  CHECK(dk_divergence(ctx.get(), &a, &p, nullptr, 0, nullptr) == DK_OK, "%s", dk_last_error());
+  CHECK(loss == loss_by_count / 2.0f, "num_items in memory: loss %g vs %g / 2",
+        static_cast<double>(loss), static_cast<double>(loss_by_count));
+  bool halved = true;
+  for (std::size_t i = 0; i < grad.size(); ++i) {
+    halved = halved && grad[i] == grad_by_count[i] / 2.0f;
+  }
+  CHECK(halved, "num_items in memory: the gradient is not half the counted one");
+  p.num_items = 2.0f;  // both ways at once is refused
+  CHECK(dk_divergence(ctx.get(), &a, &p, nullptr, 0, nullptr) == DK_ERR_INVALID_ARGUMENT,
+        "num_items twice");
+  p.num_items = 0.0f;
+  a.num_items = nullptr;
+
   // An error: status, a message naming the argument, and nothing written.
   const std::vector<float> grad_before = grad;
   loss = -1.0f;

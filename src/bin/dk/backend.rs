@@ -521,6 +521,7 @@ impl CpuRunner {
         // (same rows and stride), which the library allows.
         let call = unsafe {
             Divergence {
+                num_items: None,
                 student: Matrix::from_raw(g.student.ptr(), dtype, n, v, v, Location::Host),
                 teacher: Matrix::from_raw(g.teacher.ptr(), dtype, n, v, v, Location::Host),
                 labels: None,
@@ -895,6 +896,7 @@ impl CudaRunner {
         let (call, launch) = unsafe {
             (
                 Divergence {
+                    num_items: None,
                     student: Matrix::from_raw(
                         self.ptr(&g.student) as *const u8,
                         dtype,

@@ -338,6 +338,7 @@ fn run_row(
     // describes (allocated above); outputs are distinct from inputs and from each other.
     let call = || unsafe {
         FusedLinear {
+            num_items: None,
             student_hidden: Matrix::from_raw(hs_p, dtype, n, h, h, loc),
             student_weight: Matrix::from_raw(w_p, dtype, v, h, h, loc),
             teacher_hidden: Matrix::from_raw(ht_p, dtype, n, h, h, loc),
