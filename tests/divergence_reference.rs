@@ -6,11 +6,25 @@
 mod common;
 
 use common::*;
-use distill_kernels::divergence::{Divergence, Kind, Params, Reduction};
-use distill_kernels::{Context, DType, ErrorKind, Launch, Location, Matrix, Vector, VectorMut};
+use distill_kernels::divergence::{Divergence, DivergenceInPlace, Kind, Params, Reduction};
+use distill_kernels::{
+    Context, DType, ErrorKind, Launch, Location, Matrix, MatrixMut, Vector, VectorMut,
+};
 
 const TEMPERATURES: [f32; 4] = [1.0, 0.7, 2.5, 1.3];
 const REDUCTIONS: [Reduction; 3] = [Reduction::BatchMean, Reduction::Sum, Reduction::None];
+
+/// Forward KL, reverse KL and JSD with this β.
+fn three_kinds(beta: f32) -> [Params; 3] {
+    [
+        Params::new(Kind::ForwardKl),
+        Params::new(Kind::ReverseKl),
+        Params {
+            beta,
+            ..Params::new(Kind::Jsd)
+        },
+    ]
+}
 
 /// The kind this case effectively computes (JSD β = 0 / 1 are forward / reverse KL).
 fn effective(p: &Params) -> Kind {
@@ -62,14 +76,7 @@ fn temperatures() {
 fn reductions_labels_and_num_items() {
     let mut rng = Rng::fresh("reductions_labels_and_num_items");
     for dev in devices("reductions_labels_and_num_items") {
-        for kind in [
-            Params::new(Kind::ForwardKl),
-            Params::new(Kind::ReverseKl),
-            Params {
-                beta: 0.5,
-                ..Params::new(Kind::Jsd)
-            },
-        ] {
+        for kind in three_kinds(0.5) {
             for reduction in REDUCTIONS {
                 let num_items: &[Option<f32>] = if reduction == Reduction::BatchMean {
                     &[None, Some(2.5), Some(1000.0)]
@@ -187,14 +194,7 @@ fn num_items_in_memory_matches_the_parameter() {
     let test = "num_items_in_memory_matches_the_parameter";
     let mut rng = Rng::fresh(test);
     for dev in devices(test) {
-        for params in [
-            Params::new(Kind::ForwardKl),
-            Params::new(Kind::ReverseKl),
-            Params {
-                beta: 0.3,
-                ..Params::new(Kind::Jsd)
-            },
-        ] {
+        for params in three_kinds(0.3) {
             for (s_dtype, in_place) in [(DType::BF16, false), (DType::F32, true)] {
                 let mut base = Case::random(&mut rng, 9, 517, s_dtype, DType::BF16, params)
                     .with_labels(vec![3, -100, 5, 7, -100, 11, 13, 2, 1]);
@@ -340,6 +340,86 @@ fn num_items_in_memory_refusals_write_nothing() {
         .expect_err("overlap");
     assert_eq!(e.kind(), ErrorKind::Shape, "{e}");
     assert!(e.to_string().contains("overlaps num_items"), "{e}");
+    // num_items inside the gradient, and inside the student logits the gradient replaces.
+    let mut grad = vec![f32::NAN; n * v];
+    let inside = grad.as_ptr().wrapping_add(5);
+    // SAFETY: a host f32 inside the gradient; the call is refused before any access.
+    let num_items = unsafe { Vector::from_raw(inside, 1, Location::Host) };
+    let e = ctx
+        .divergence(
+            Divergence {
+                student: Matrix::host(&s, n, v, v).unwrap(),
+                teacher: Matrix::host(&t, n, v, v).unwrap(),
+                labels: None,
+                per_token: None,
+                loss: None,
+                grad: Some(MatrixMut::host(&mut grad, n, v, v).unwrap()),
+                num_items: Some(num_items),
+            },
+            &Params::default(),
+            &Launch::default(),
+        )
+        .expect_err("overlap with the gradient");
+    assert_eq!(e.kind(), ErrorKind::Shape, "{e}");
+    assert!(grad.iter().all(|x| x.is_nan()), "the gradient was written");
+    let mut student = s.clone();
+    let inside = student.as_ptr().wrapping_add(v);
+    // SAFETY: as above, inside the student logits.
+    let num_items = unsafe { Vector::from_raw(inside, 1, Location::Host) };
+    let e = ctx
+        .divergence_in_place(
+            DivergenceInPlace {
+                student: MatrixMut::host(&mut student, n, v, v).unwrap(),
+                teacher: Matrix::host(&t, n, v, v).unwrap(),
+                labels: None,
+                per_token: None,
+                loss: None,
+                num_items: Some(num_items),
+            },
+            &Params::default(),
+            &Launch::default(),
+        )
+        .expect_err("overlap with the in-place gradient");
+    assert_eq!(e.kind(), ErrorKind::Shape, "{e}");
+    assert_eq!(student, s, "the student logits were written");
+}
+
+#[test]
+fn num_items_in_memory_with_an_empty_batch() {
+    // N = 0 reads nothing and writes a zero loss, but the view must still be valid memory where
+    // the context runs (a host pointer on CUDA is refused, as for the other operands).
+    let test = "num_items_in_memory_with_an_empty_batch";
+    let items = [5.0f32];
+    for dev in devices(test) {
+        let loc = dev.context().location();
+        // SAFETY (views): no rows, nothing is read; the num_items view is host memory, on
+        // CUDA deliberately so.
+        let empty = unsafe { Matrix::from_raw(std::ptr::null(), DType::F32, 0, 9, 9, loc) };
+        let num_items = unsafe { Vector::from_raw(items.as_ptr(), 1, loc) };
+        let mut loss = [f32::NAN];
+        let result = dev.context().divergence(
+            Divergence {
+                student: empty,
+                teacher: empty,
+                labels: None,
+                per_token: None,
+                loss: (!dev.is_cuda()).then(|| VectorMut::host(&mut loss)),
+                grad: None,
+                num_items: Some(num_items),
+            },
+            &Params::default(),
+            &Launch::default(),
+        );
+        if dev.is_cuda() {
+            assert_eq!(
+                result.expect_err("host num_items").kind(),
+                ErrorKind::WrongDevice
+            );
+        } else {
+            result.unwrap();
+            assert_eq!(loss[0].to_bits(), 0f32.to_bits(), "the empty batch's loss");
+        }
+    }
 }
 
 #[test]
@@ -712,14 +792,7 @@ fn large_vocabularies() {
     for dev in devices("large_vocabularies") {
         let n = if dev.is_cuda() { 8 } else { 2 };
         for v in [262_145, 262_144, 151_936] {
-            for kind in [
-                Params::new(Kind::ForwardKl),
-                Params::new(Kind::ReverseKl),
-                Params {
-                    beta: 0.5,
-                    ..Params::new(Kind::Jsd)
-                },
-            ] {
+            for kind in three_kinds(0.5) {
                 for (s, t) in [
                     (DType::BF16, DType::BF16),
                     (DType::F32, DType::F32),

@@ -21,7 +21,9 @@ const PT: usize = 5;
 const LOSS: usize = 6;
 const GH: usize = 7;
 const GW: usize = 8;
-const SLOTS: usize = 9;
+/// `num_items` in memory (absent from the valid spec).
+const NUM_ITEMS: usize = 9;
+const SLOTS: usize = 10;
 
 /// Bytes every buffer gets: far more than any spec below can reach.
 const BUF_BYTES: usize = 1 << 14;
@@ -75,10 +77,13 @@ impl Spec {
         lens[LABELS] = n;
         lens[PT] = n;
         lens[LOSS] = 1;
+        lens[NUM_ITEMS] = 1;
+        let mut present = [true; SLOTS];
+        present[NUM_ITEMS] = false;
         Spec {
             views,
             lens,
-            present: [true; SLOTS],
+            present,
             null: [false; SLOTS],
             offset: [0; SLOTS],
             alias: [None; SLOTS],
@@ -159,7 +164,6 @@ fn run_on(
     // SAFETY (vectors): as above.
     let call = unsafe {
         FusedLinear {
-            num_items: None,
             student_hidden: mat(SH),
             student_weight: mat(SW),
             teacher_hidden: mat(TH),
@@ -172,6 +176,13 @@ fn run_on(
                 .then(|| VectorMut::from_raw(p[LOSS] as *mut f32, spec.lens[LOSS], loc(LOSS))),
             grad_hidden: present(GH).then(|| mat_mut(GH)),
             grad_weight: present(GW).then(|| mat_mut(GW)),
+            num_items: present(NUM_ITEMS).then(|| {
+                Vector::from_raw(
+                    p[NUM_ITEMS] as *const f32,
+                    spec.lens[NUM_ITEMS],
+                    loc(NUM_ITEMS),
+                )
+            }),
         }
     };
     let result = ctx.fused_linear_divergence(call, &spec.params, &Launch::default());
@@ -518,6 +529,60 @@ fn parameters_out_of_range() {
 }
 
 #[test]
+fn num_items_in_memory() {
+    let with = || {
+        let mut s = Spec::valid();
+        s.present[NUM_ITEMS] = true;
+        s
+    };
+    let mut rng = Rng::fresh("fused num_items_in_memory");
+    let (result, _, _) = run_on(&Context::cpu(), &with(), &mut rng);
+    result.expect("a valid num_items in memory");
+    let mut s = with();
+    s.params.divergence.num_items = Some(2.0);
+    rejects(
+        &s,
+        ErrorKind::InvalidArgument,
+        "num_items in memory and in the parameters",
+    );
+    for reduction in [Reduction::Sum, Reduction::None] {
+        let mut s = with();
+        s.params.divergence.reduction = reduction;
+        s.present[GW] = false; // none refuses a weight gradient on its own
+        rejects(
+            &s,
+            ErrorKind::InvalidArgument,
+            &format!("num_items in memory with {}", reduction.name()),
+        );
+    }
+    let mut s = with();
+    s.lens[NUM_ITEMS] = 2;
+    rejects(&s, ErrorKind::Shape, "num_items of 2 values");
+    let mut s = with();
+    s.null[NUM_ITEMS] = true;
+    rejects(&s, ErrorKind::NullPointer, "num_items null");
+    let mut s = with();
+    s.offset[NUM_ITEMS] = 2;
+    rejects(&s, ErrorKind::InvalidArgument, "num_items misaligned");
+    let mut s = with();
+    s.on_cuda = Some(NUM_ITEMS);
+    rejects(
+        &s,
+        ErrorKind::WrongDevice,
+        "num_items in CUDA memory on a CPU context",
+    );
+    for (out, bytes) in [(PT, 4), (LOSS, 0), (GW, 8), (GH, 0)] {
+        let mut s = with();
+        s.alias[NUM_ITEMS] = Some((out, bytes));
+        rejects(
+            &s,
+            ErrorKind::Shape,
+            &format!("num_items inside output slot {out}"),
+        );
+    }
+}
+
+#[test]
 fn operands_on_another_device() {
     for slot in [SH, SW, TH, TW, LABELS, PT, LOSS, GH, GW] {
         let mut s = Spec::valid();
@@ -595,4 +660,15 @@ fn workspace_query_checks_shapes_and_params() {
     bad.divergence.temperature = f32::NAN;
     let e = ctx.fused_linear_workspace_size(&make(5), &bad).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    // And num_items in memory where the parameters have one already.
+    let items = [3.0f32];
+    let mut both = FusedLinearParams::default();
+    both.divergence.num_items = Some(3.0);
+    let call = FusedLinear {
+        num_items: Some(Vector::host(&items)),
+        ..make(5)
+    };
+    let e = ctx.fused_linear_workspace_size(&call, &both).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("given twice"), "{e}");
 }

@@ -337,14 +337,15 @@ def divergence(
     the leading shape.
 
     ``num_items`` is a Python number, or a tensor with one value (such as the Hugging Face
-    Trainer's ``num_items_in_batch``, on the logits' device or the CPU), read as float32. A
+    Trainer's ``num_items_in_batch``, on the logits' device or the CPU), converted to float32. A
     tensor on the logits' device is read by the library's kernels on the current stream (no
     host synchronisation); a CPU tensor is read on the host (no synchronisation either). A
-    value that is not finite and > 0 gives the ``sum`` (checking it would synchronise). Either
-    way the divisor is folded into the gradient by the kernel, as a Python number is: the
-    results are bitwise those of ``num_items=float(value)``, and backward makes no pass over
-    the gradient when ``grad_output`` is 1 (under ``torch.compile`` a CPU tensor with CUDA
-    logits divides the ``sum`` instead, which costs that pass).
+    value that is not finite and > 0 as a float32 gives the ``sum`` (checking it would
+    synchronise; a Python number out of that range is an error instead). Either way the divisor
+    is folded into the gradient by the kernel, as a Python number is: the results are bitwise
+    those of ``num_items=float(value.float())``, and backward makes no pass over the gradient
+    when ``grad_output`` is 1 (under ``torch.compile`` a CPU tensor with CUDA logits divides the
+    ``sum`` instead, which costs that pass).
 
     The gradient is kept in the student's dtype until backward multiplies it by ``grad_output``,
     except for a float16 student: its gradient entries (about ``(q - p) / N`` under
@@ -1220,7 +1221,8 @@ def fused_linear_divergence(
     ``num_items`` may be a one-value tensor (the Hugging Face Trainer's ``num_items_in_batch``),
     as in :func:`divergence`: read by the library where the call runs, without a host
     synchronisation, and folded into the gradients (bitwise the results of
-    ``num_items=float(value)``); a value that is not finite and > 0 gives the ``sum``. It works
+    ``num_items=float(value.float())``); a value that is not finite and > 0 as a float32 gives
+    the ``sum``. It works
     with the accumulating form too (the token count of the whole accumulated batch).
 
     Accumulation (``grad_hidden_out`` and / or ``grad_weight_out`` given, input dtype or float32,

@@ -194,6 +194,32 @@ def test_num_items_as_a_tensor_is_folded_into_the_gradient(device):
     assert zero.item() == 0.0
 
 
+def test_num_items_read_on_the_host_for_inputs_elsewhere():
+    """A CPU tensor with inputs on another device (CUDA; the meta device stands in for it here,
+    so this runs without a GPU) is read on the host as float32: its value, or the sum where it is
+    not finite and > 0 as a float32 (a float64 1e39 overflows, 1e-50 rounds to 0)."""
+    from distill_kernels.torch import _num_items_resolved, _positive_or_one
+    elsewhere = torch.empty(0, device="meta")
+    for value, want in ((17, 17.0), (2.5, 2.5), (torch.tensor(3.0, dtype=torch.float64), 3.0)):
+        got = _num_items_resolved(torch.as_tensor(value).reshape(1), None, "batchmean",
+                                  elsewhere)
+        assert got == (want, None, "batchmean"), got
+    for bad in (0, -2.0, float("nan"), float("inf"), 1e39, 1e-50):
+        got = _num_items_resolved(torch.tensor(bad, dtype=torch.float64), None, "batchmean",
+                                  elsewhere)
+        assert got == (None, None, "sum"), (bad, got)
+    # Same device: the float32 [1] tensor the library reads, no host read.
+    num, mem, red = _num_items_resolved(torch.tensor(9), None, "batchmean", torch.empty(0))
+    assert num is None and red == "batchmean" and mem.dtype == torch.float32
+    assert mem.shape == (1,) and mem.item() == 9.0
+    # No tensor: the Python number stands.
+    assert _num_items_resolved(None, 4.0, "batchmean", elsewhere) == (4.0, None, "batchmean")
+    # The torch.compile fallback's divisor: the value, or 1.
+    assert _positive_or_one(torch.tensor(6)).item() == 6.0
+    for bad in (0.0, -1.0, float("nan"), float("-inf"), 1e39):
+        assert _positive_or_one(torch.tensor(bad, dtype=torch.float64)).item() == 1.0
+
+
 def test_num_items_tensor_with_accumulated_gradients(device):
     """The accumulating fused form (gradients added into the caller's buffers) takes a tensor
     num_items too: bitwise the Python number's sums."""

@@ -138,13 +138,19 @@ impl Params {
             if !(n.is_finite() && n > 0.0) {
                 bail!(InvalidArgument, "num_items must be finite and > 0, got {n}");
             }
-            if self.reduction != Reduction::BatchMean {
-                bail!(
-                    InvalidArgument,
-                    "num_items only applies to reduction=batchmean (got {})",
-                    self.reduction.name()
-                );
-            }
+            self.num_items_reduction()?;
+        }
+        Ok(())
+    }
+
+    /// `num_items`, in either form, is the divisor of `batchmean` only.
+    fn num_items_reduction(&self) -> Result<()> {
+        if self.reduction != Reduction::BatchMean {
+            bail!(
+                InvalidArgument,
+                "num_items only applies to reduction=batchmean (got {})",
+                self.reduction.name()
+            );
         }
         Ok(())
     }
@@ -161,14 +167,7 @@ impl Params {
                 "num_items is given twice: {n} in the parameters and a value in memory"
             );
         }
-        if self.reduction != Reduction::BatchMean {
-            bail!(
-                InvalidArgument,
-                "num_items only applies to reduction=batchmean (got {})",
-                self.reduction.name()
-            );
-        }
-        Ok(())
+        self.num_items_reduction()
     }
 
     /// The divergence actually computed: JSD with β = 0 is forward KL, with β = 1 reverse KL.

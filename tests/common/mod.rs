@@ -1006,6 +1006,9 @@ impl CudaDev {
         }
         back(&d_per_token, &mut bufs.per_token);
         back(&d_loss, &mut bufs.loss);
+        if let (Some(d), Some(h)) = (&d_num_items, bufs.num_items.as_mut()) {
+            back(d, h);
+        }
         self.stream.synchronize().expect("sync after copies");
         // The workspace and the device buffers are freed here, after the synchronisations.
         result

@@ -714,7 +714,7 @@ fn c_abi_num_items_in_memory_equals_the_parameter() {
         "num_items in memory differs from the parameter"
     );
     let sum = run(&|_, p| p.reduction = 1);
-    for bad in [0.0f32, -2.0, f32::NAN] {
+    for bad in [0.0f32, -2.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         let got = run(&|a, _| a.num_items = &bad);
         assert!(got == sum, "num_items {bad} in memory is not the sum");
     }

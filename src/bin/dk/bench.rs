@@ -771,11 +771,18 @@ fn to_json(
         json_num(info.copy_bw / 1e9),
         json_str(info.copy_method)
     );
-    s += &format!(
-        "  \"rows\": {},\n  \"iters\": {},\n  \"seed\": {},\n  \"beta\": {},\n  \"temperature\": {},\n  \"reduction\": \"batchmean\",\n",
-        info.n, info.iters, info.seed, info.cfg.beta, info.cfg.temperature
-    );
-    s += &format!("  \"check_rows\": {},\n", info.check_rows.min(info.n));
+    s += &format!("  \"seed\": {},\n", info.seed);
+    if info.cfg.divergence {
+        // The divergence rows' settings (the other operations have their own objects below).
+        s += &format!(
+            "  \"divergence\": {{\"rows\": {}, \"iters\": {}, \"beta\": {}, \"temperature\": {}, \"reduction\": \"batchmean\", \"check_rows\": {}}},\n",
+            info.n,
+            info.iters,
+            info.cfg.beta,
+            info.cfg.temperature,
+            info.check_rows.min(info.n)
+        );
+    }
     let mut ops = Vec::new();
     if info.cfg.divergence {
         ops.push("\"divergence\"");
@@ -800,7 +807,7 @@ fn to_json(
         );
     }
     s += &format!(
-        "  \"passed\": {},\n  \"failed\": {},\n  \"ok\": {},\n  \"results\": [\n",
+        "  \"passed\": {},\n  \"failed\": {},\n  \"ok\": {},\n  \"divergence_results\": [\n",
         total - failed,
         failed,
         failed == 0
@@ -1319,6 +1326,39 @@ mod tests {
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn json_has_divergence_settings_only_when_it_ran() {
+        let json_for = |ops: &[&str]| {
+            let cfg = parse(&args(ops)).unwrap().unwrap();
+            let info = RunInfo {
+                device: "test",
+                backend: "cpu",
+                copy_bw: 1e9,
+                copy_method: "test",
+                n: 7,
+                iters: 3,
+                seed: 11,
+                started: 0,
+                cfg: &cfg,
+                check_rows: 5,
+                moe: None,
+                attention: None,
+            };
+            to_json(&info, &[], &[], &[], &[])
+        };
+        let div = json_for(&["--ops", "divergence"]);
+        assert!(
+            div.contains("\"divergence\": {\"rows\": 7, \"iters\": 3,")
+                && div.contains("\"check_rows\": 5}")
+                && div.contains("\"seed\": 11,"),
+            "{div}"
+        );
+        let moe = json_for(&["--ops", "moe"]);
+        assert!(!moe.contains("\"divergence\":"), "{moe}");
+        assert!(!moe.contains("\"beta\""), "{moe}");
+        assert!(moe.contains("\"divergence_results\": [") && moe.contains("\"seed\": 11,"));
     }
 
     #[test]
