@@ -35,6 +35,14 @@ extern "C" {
 #define DK_VERSION_PATCH 0
 #define DK_VERSION_STRING "0.1.0"
 
+/* ABI version: raised whenever a struct's layout, a constant's value or a function's signature
+   changes (the version number does not say: 0.x releases may change the ABI). Check
+   dk_abi_version() == DK_ABI_VERSION once before the first call: a library of another ABI would
+   read this header's structs wrongly (a field read past the end of a caller's struct, say).
+   History: 1, the ABI until 2026-11-27 (no macro); 2 (2026-11-28): dk_divergence_args and
+   dk_fused_linear_args gained num_items. */
+#define DK_ABI_VERSION 2
+
 /* Status codes (see the conventions above; the message is in dk_last_error()). */
 typedef int32_t dk_status;
 #define DK_OK 0
@@ -68,6 +76,8 @@ typedef struct dk_context dk_context;
 
 /* "MAJOR.MINOR.PATCH", static storage. */
 const char* dk_version(void);
+/* The DK_ABI_VERSION this library was built with. */
+uint32_t dk_abi_version(void);
 /* 64-bit FNV-1a of the bytes of this header file as the library was built: compare it with the
    header you compile against to catch a stale library of the same version. */
 uint64_t dk_header_hash(void);

@@ -31,6 +31,17 @@ pub extern "C" fn dk_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
+/// The C ABI's version, `DK_ABI_VERSION` of `include/distill_kernels.h` (a unit test keeps the two
+/// equal and fails when the header's declarations change without it).
+pub const ABI_VERSION: u32 = 2;
+
+/// The `DK_ABI_VERSION` this library was built with: a C program compares it with the header it
+/// was compiled against before its first call.
+#[no_mangle]
+pub extern "C" fn dk_abi_version() -> u32 {
+    ABI_VERSION
+}
+
 /// 64-bit FNV-1a of `bytes` (at compile time: the header's fingerprint).
 const fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;

@@ -32,3 +32,78 @@ fn dk_cuda_archs_is_the_build_list() {
         );
     }
 }
+
+/// The header's declarations without comments, the version macros or spacing: what the ABI
+/// is made of.
+fn declarations(header: &str) -> String {
+    let mut code = String::new();
+    let mut rest = header;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix("/*") {
+            rest = after.find("*/").map_or("", |end| &after[end + 2..]);
+            code.push(' ');
+        } else if let Some(after) = rest.strip_prefix("//") {
+            rest = after.find('\n').map_or("", |end| &after[end..]);
+        } else {
+            let c = rest.chars().next().unwrap();
+            code.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    code.lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            !l.starts_with("#define DK_VERSION_") && !l.starts_with("#define DK_ABI_VERSION")
+        })
+        .flat_map(str::split_whitespace)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `DK_ABI_VERSION` is the library's, and the header's declarations are those recorded for it:
+/// a change to a struct, a constant or a signature without raising the ABI version fails here.
+#[test]
+fn abi_version_follows_the_declarations() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../include/distill_kernels.h");
+    let header = std::fs::read_to_string(path).unwrap();
+    let version = header
+        .lines()
+        .find_map(|l| l.strip_prefix("#define DK_ABI_VERSION "))
+        .map(|v| v.trim().parse::<u32>().expect("DK_ABI_VERSION is a number"))
+        .expect("the header defines DK_ABI_VERSION");
+    assert_eq!(
+        version,
+        crate::context::ABI_VERSION,
+        "header vs capi/src/context.rs"
+    );
+    assert_eq!(crate::context::dk_abi_version(), version);
+    let fingerprint = declarations(&header)
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    // The ABI version and the FNV-1a of its declarations, recorded together.
+    const RECORDED: (u32, u64) = (2, 0xa4dc_827c_0bfb_92d6);
+    assert!(
+        RECORDED == (version, fingerprint),
+        "the C header's declarations changed (fingerprint {fingerprint:#x}; recorded \
+         {:#x} for ABI version {}). If a struct's layout, a constant's value or a signature \
+         changed, raise DK_ABI_VERSION (include/distill_kernels.h, its history line, and \
+         capi/src/context.rs); then record ({version}, {fingerprint:#x}) here",
+        RECORDED.1,
+        RECORDED.0
+    );
+}
+
+/// Comments, spacing and the version macros do not count; declarations do.
+#[test]
+fn declarations_ignore_comments_and_spacing() {
+    let a = "#define DK_VERSION_PATCH 0\n/* doc */ int32_t dk_f(void); // why\n#define DK_X 1\n";
+    let b = "#define DK_VERSION_PATCH 7\nint32_t   dk_f(void);\n/* other\n doc */\n#define DK_X 1";
+    assert_eq!(declarations(a), declarations(b));
+    assert_eq!(declarations(a), "int32_t dk_f(void); #define DK_X 1");
+    assert_ne!(
+        declarations(a),
+        declarations(&a.replace("DK_X 1", "DK_X 2"))
+    );
+}

@@ -66,6 +66,8 @@ std::vector<double> log_softmax(const float* x, std::size_t v, double t) {
 int main(int argc, char** argv) {
   if (argc > 1) rng_state = std::strtoull(argv[1], nullptr, 0) | 1u;
   CHECK(std::string(dk_version()) == DK_VERSION_STRING, "dk_version %s", dk_version());
+  CHECK(dk_abi_version() == DK_ABI_VERSION, "dk_abi_version %u vs the header's %u",
+        static_cast<unsigned>(dk_abi_version()), static_cast<unsigned>(DK_ABI_VERSION));
 
   dk_context* raw = nullptr;
   CHECK(dk_context_create(-1, &raw) == DK_OK, "CPU context: %s", dk_last_error());

@@ -622,6 +622,8 @@ int main(int argc, char** argv) {
   /* Version: the function, the string macro and the numeric macros agree. */
   CHECK(strcmp(dk_version(), DK_VERSION_STRING) == 0, "dk_version() %s vs header %s\n",
         dk_version(), DK_VERSION_STRING);
+  CHECK(dk_abi_version() == DK_ABI_VERSION, "dk_abi_version() %u vs header %u\n",
+        (unsigned)dk_abi_version(), (unsigned)DK_ABI_VERSION);
   sprintf(version, "%d.%d.%d", DK_VERSION_MAJOR, DK_VERSION_MINOR, DK_VERSION_PATCH);
   CHECK(strcmp(version, DK_VERSION_STRING) == 0, "numeric macros %s vs %s\n", version,
         DK_VERSION_STRING);
