@@ -57,7 +57,10 @@ Two more rows per shape and kind time this crate as a trainer calls it, on the l
 (an intermediate tensor) with the gradient taken by torch.autograd.grad: with a separate gradient
 and with grad_inplace=True (the gradient written over the logits: no [N, V] allocation). The
 logits are refilled from the kept student before every run, outside the CUDA events, and their
-extra peak memory leaves the kept copy out (run_logits_rows).
+extra peak memory leaves the kept copy out (run_logits_rows). With ``--impls ...,num_items``
+(opt-in) two more: this crate with num_items as a device tensor (folded into the gradient by
+the kernels) and its summed loss divided by that tensor by hand (backward then scales the whole
+gradient), both dividing by N as the plain row's batchmean does (num_items_impls).
 
 MoE dispatch (bf16 activations; ANCHORS.md, "MoE dispatch in plain PyTorch"):
 
@@ -248,9 +251,37 @@ def make_impls(kinds, device="cuda", wanted=None):
             impls[("distill_kernels", kind)] = (
                 lambda s, t, kind=kind: dkt.divergence(s, t, kind=kind, beta=BETA)
             )
+        if wanted and any("num_items" in w for w in wanted):
+            impls.update(num_items_impls(dkt, kinds))
     except Exception as e:  # noqa: BLE001
         for kind in kinds:
             impls[("distill_kernels", kind)] = e
+    return impls
+
+
+# ---- num_items as a device tensor (opt-in: --impls distill_kernels,num_items) -------------------
+#
+# A trainer's token count (Hugging Face's num_items_in_batch) is a tensor on the device. This crate
+# reads it in its kernels and folds it into the gradient, so its row should time as the plain
+# row: 3 N·V passes. Dividing the summed loss by the tensor by hand, what a trainer would write
+# around a loss without that option, makes backward scale the whole gradient (grad_output ≠ 1):
+# 5 passes. Both divide by N, the plain row's batchmean divisor (no labels), so the reference is
+# the same; the count is filled on the device by each call (a fill kernel, no host copy).
+
+
+def num_items_impls(dkt, kinds):
+    """{(impl, kind): callable(s, t) -> loss}: this crate with num_items as a device tensor, and
+    the summed loss divided by that tensor by hand."""
+    def count(s):
+        return torch.full((), s.shape[0], dtype=torch.float32, device=s.device)
+
+    impls = {}
+    for kind in kinds:
+        impls[("distill_kernels num_items tensor", kind)] = (
+            lambda s, t, kind=kind: dkt.divergence(s, t, kind=kind, beta=BETA, num_items=count(s)))
+        impls[("distill_kernels sum / num_items tensor", kind)] = (
+            lambda s, t, kind=kind: dkt.divergence(s, t, kind=kind, beta=BETA, reduction="sum")
+            / count(s))
     return impls
 
 
@@ -1363,7 +1394,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", help="comma-separated NxV list, e.g. 4096x151936,4096x202048")
     p.add_argument("--kinds", default="forward_kl,jsd", help="forward_kl and/or jsd (beta 0.5)")
     p.add_argument("--impls", default="", help="only these implementations (comma-separated "
-                   "substrings of: torch eager, torch.compile, Liger, distill_kernels)")
+                   "substrings of: torch eager, torch.compile, Liger, distill_kernels; "
+                   "num_items adds this crate's rows with num_items as a device tensor)")
     p.add_argument("--ops", default="divergence,moe", help="comma-separated: divergence, "
                    "moe_route, moe_permute, moe_combine, moe (the three MoE ops), fused (the "
                    "fused linear JSD) and attention (grouped-query attention, forward and "

@@ -46,8 +46,9 @@
 # start with one of these (e.g. the benchmarks of code a run has not changed).
 # PYTEST_K: a pytest -k expression for step 8.
 # PY_BENCH_OPS: the --ops of step 10 (default: divergence,moe); PY_BENCH_SHAPES: its divergence
-# shapes (NxV list); PY_BENCH_FULL_SECONDS: the seconds left under which step 10 runs --quick
-# (default 150).
+# shapes (NxV list); PY_BENCH_IMPLS: its --impls (e.g. distill_kernels,num_items: this crate's
+# rows only, with the num_items-tensor rows); PY_BENCH_FULL_SECONDS: the seconds left under which
+# step 10 runs --quick (default 150).
 #
 # Output: logs and JSON in $OUT (when set, as on the device tool; else ./gpu-check-out), at most
 # 8 files, written as the steps end (a run stopped at the device tool's limit still returns the
@@ -510,7 +511,8 @@ if [ -f python/bench.py ]; then
   # PY_BENCH_SHAPES: NxV list for the divergence rows (issue 3's shapes, e.g.
   # 4096x262144,16384x151936,256x151936); default bench.py's own.
   run_step python-bench 240 1 "$py" python/bench.py --ops "${PY_BENCH_OPS:-divergence,moe}" \
-    "${quick[@]}" ${PY_BENCH_SHAPES:+--shapes "$PY_BENCH_SHAPES"} --json "$out/python-bench.json"
+    "${quick[@]}" ${PY_BENCH_SHAPES:+--shapes "$PY_BENCH_SHAPES"} \
+    ${PY_BENCH_IMPLS:+--impls "$PY_BENCH_IMPLS"} --json "$out/python-bench.json"
 else
   skip_step python-bench "python/bench.py missing"
 fi

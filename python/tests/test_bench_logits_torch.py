@@ -73,3 +73,35 @@ def test_logits_rows_time_the_right_gradient_every_run(device, kind):
     assert torch.equal(separate.outputs[0][1], inplace.outputs[0][1])
     assert len({p for *_, p in inplace.outputs}) == 1  # one buffer, the logits, every run
     assert torch.equal(s, kept)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_num_items_rows_compute_the_plain_rows_quantity(device, kind):
+    """bench.py's opt-in num_items rows (--impls ...,num_items): the device-tensor row gives
+    bitwise the plain row's loss and gradient (num_items = N is batchmean's own divisor here),
+    the hand-divided sum the same values to rounding, and neither row appears unless asked."""
+    import distill_kernels.torch as dkt
+
+    g = torch.Generator().manual_seed(7)
+    s = (torch.randn(6, 90, generator=g) * 2).to(device)
+    t = (torch.randn(6, 90, generator=g) * 2).to(device)
+    impls = bench.num_items_impls(dkt, [kind])
+
+    def run(fn):
+        x = s.clone().requires_grad_(True)
+        loss = fn(x, t)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    plain = run(lambda x, y: dkt.divergence(x, y, kind=kind, beta=bench.BETA))
+    tensor = run(impls[("distill_kernels num_items tensor", kind)])
+    by_hand = run(impls[("distill_kernels sum / num_items tensor", kind)])
+    for a, b in zip(tensor, plain):
+        assert torch.equal(a, b)
+    for a, b in zip(by_hand, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    made = bench.make_impls([kind], device=device, wanted=["distill_kernels"])
+    assert not any("num_items" in name for name, _ in made)
+    made = bench.make_impls([kind], device=device, wanted=["distill_kernels", "num_items"])
+    assert {name for name, _ in made} >= {"distill_kernels", "distill_kernels num_items tensor",
+                                         "distill_kernels sum / num_items tensor"}
