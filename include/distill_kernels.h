@@ -35,10 +35,12 @@ extern "C" {
 #define DK_VERSION_PATCH 0
 #define DK_VERSION_STRING "0.1.0"
 
-/* ABI version: raised whenever a struct's layout, a constant's value or a function's signature
-   changes (the version number does not say: 0.x releases may change the ABI). Check
-   dk_abi_version() == DK_ABI_VERSION once before the first call: a library of another ABI would
-   read this header's structs wrongly (a field read past the end of a caller's struct, say).
+/* ABI version: raised whenever a declaration of this header is added, removed or changed (a
+   struct's layout, a constant's value, a function or its signature); the version number does
+   not say, as 0.x releases may change the ABI. Check dk_abi_version() == DK_ABI_VERSION once
+   before the first call: a library of another ABI would read this header's structs wrongly (a
+   field read past the end of a caller's struct, say) or lack a function. A library from before
+   version 2 has no dk_abi_version at all: the program then fails to load or link.
    History: 1, the ABI until 2026-11-27 (no macro); 2 (2026-11-28): dk_divergence_args and
    dk_fused_linear_args gained num_items. */
 #define DK_ABI_VERSION 2

@@ -32,6 +32,8 @@ release="$(bash scripts/cargo-target-dir.sh)/release"
 shared=libdistill_kernels.so
 version=$(sed -n 's/^#define DK_VERSION_STRING "\(.*\)"$/\1/p' include/distill_kernels.h)
 [ -n "$version" ] || { echo "no DK_VERSION_STRING in include/distill_kernels.h" >&2; exit 1; }
+abi=$(sed -n 's/^#define DK_ABI_VERSION \([0-9]*\)$/\1/p' include/distill_kernels.h)
+[ -n "$abi" ] || { echo "no DK_ABI_VERSION in include/distill_kernels.h" >&2; exit 1; }
 
 install -d "$prefix/lib/pkgconfig" "$prefix/include"
 install -m 0755 "$release/$shared" "$prefix/lib/$shared"
@@ -44,7 +46,9 @@ system_libs="-lgcc_s -lutil -lrt -lpthread -lm -ldl -lc"
 what="Fused KL / JSD, fused linear divergence, MoE dispatch and GQA kernels for LLM distillation (C ABI)"
 pc() { # name description libs [private libs]
   {
-    printf 'prefix=%s\nlibdir=${prefix}/lib\nincludedir=${prefix}/include\n\n' "$prefix"
+    printf 'prefix=%s\nlibdir=${prefix}/lib\nincludedir=${prefix}/include\n' "$prefix"
+    # pkg-config --variable=abi_version distill_kernels: DK_ABI_VERSION of the installed header.
+    printf 'abi_version=%s\n\n' "$abi"
     printf 'Name: %s\nDescription: %s\nVersion: %s\n' "$1" "$2" "$version"
     printf 'Cflags: -I${includedir}\nLibs: %s\n' "$3"
     [ -z "${4:-}" ] || printf 'Libs.private: %s\n' "$4"
@@ -53,7 +57,7 @@ pc() { # name description libs [private libs]
 pc distill_kernels "$what" '-L${libdir} -ldistill_kernels' "$system_libs"
 pc distill_kernels-static "$what, static" "\${libdir}/libdistill_kernels.a $system_libs"
 
-echo "installed distill_kernels $version into $prefix:"
+echo "installed distill_kernels $version (C ABI version $abi) into $prefix:"
 echo "  $prefix/lib/$shared, $prefix/lib/libdistill_kernels.a"
 echo "  $prefix/include/distill_kernels.h"
 echo "  $prefix/lib/pkgconfig/distill_kernels.pc, distill_kernels-static.pc"

@@ -361,6 +361,7 @@ fn num_items_in_memory_refusals_write_nothing() {
         )
         .expect_err("overlap with the gradient");
     assert_eq!(e.kind(), ErrorKind::Shape, "{e}");
+    assert!(e.to_string().contains("overlaps num_items"), "{e}");
     assert!(grad.iter().all(|x| x.is_nan()), "the gradient was written");
     let mut student = s.clone();
     let inside = student.as_ptr().wrapping_add(v);
@@ -381,6 +382,7 @@ fn num_items_in_memory_refusals_write_nothing() {
         )
         .expect_err("overlap with the in-place gradient");
     assert_eq!(e.kind(), ErrorKind::Shape, "{e}");
+    assert!(e.to_string().contains("overlaps num_items"), "{e}");
     assert_eq!(student, s, "the student logits were written");
 }
 
@@ -411,13 +413,46 @@ fn num_items_in_memory_with_an_empty_batch() {
             &Launch::default(),
         );
         if dev.is_cuda() {
-            assert_eq!(
-                result.expect_err("host num_items").kind(),
-                ErrorKind::WrongDevice
-            );
-        } else {
-            result.unwrap();
-            assert_eq!(loss[0].to_bits(), 0f32.to_bits(), "the empty batch's loss");
+            let e = result.expect_err("host num_items");
+            assert_eq!(e.kind(), ErrorKind::WrongDevice, "{e}");
+            continue;
+        }
+        result.unwrap();
+        assert_eq!(loss[0].to_bits(), 0f32.to_bits(), "the empty batch's loss");
+        // On the CPU: a view claiming CUDA memory, and a misaligned one, are refused too.
+        let words = [5.0f32, 5.0];
+        let misaligned = words.as_ptr().cast::<u8>().wrapping_add(1).cast::<f32>();
+        for (num_items, kind) in [
+            // SAFETY (both): refused before any access.
+            (
+                unsafe { Vector::from_raw(items.as_ptr(), 1, Location::Cuda(0)) },
+                ErrorKind::WrongDevice,
+            ),
+            (
+                unsafe { Vector::from_raw(misaligned, 1, loc) },
+                ErrorKind::InvalidArgument,
+            ),
+        ] {
+            let mut loss = [f32::NAN];
+            let e = dev
+                .context()
+                .divergence(
+                    Divergence {
+                        student: empty,
+                        teacher: empty,
+                        labels: None,
+                        per_token: None,
+                        loss: Some(VectorMut::host(&mut loss)),
+                        grad: None,
+                        num_items: Some(num_items),
+                    },
+                    &Params::default(),
+                    &Launch::default(),
+                )
+                .expect_err("a bad num_items with an empty batch");
+            assert_eq!(e.kind(), kind, "{e}");
+            assert!(e.to_string().contains("num_items"), "{e}");
+            assert!(loss[0].is_nan(), "the loss was written");
         }
     }
 }

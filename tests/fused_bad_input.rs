@@ -548,7 +548,6 @@ fn num_items_in_memory() {
     for reduction in [Reduction::Sum, Reduction::None] {
         let mut s = with();
         s.params.divergence.reduction = reduction;
-        s.present[GW] = false; // none refuses a weight gradient on its own
         rejects(
             &s,
             ErrorKind::InvalidArgument,

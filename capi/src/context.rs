@@ -31,8 +31,9 @@ pub extern "C" fn dk_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
-/// The C ABI's version, `DK_ABI_VERSION` of `include/distill_kernels.h` (a unit test keeps the two
-/// equal and fails when the header's declarations change without it).
+/// The C ABI's version, `DK_ABI_VERSION` of `include/distill_kernels.h`: raised whenever a
+/// declaration of the header is added, removed or changed (a unit test keeps the two equal and
+/// fails when the declarations change without it).
 pub const ABI_VERSION: u32 = 2;
 
 /// The `DK_ABI_VERSION` this library was built with: a C program compares it with the header it

@@ -741,6 +741,7 @@ struct RunInfo<'a> {
     check_rows: usize,
     moe: Option<&'a MoeConfig<'a>>,
     attention: Option<&'a AttnConfig<'a>>,
+    fused: Option<&'a FusedConfig<'a>>,
 }
 
 fn to_json(
@@ -859,6 +860,15 @@ fn to_json(
         "  \"attention_results\": {},\n",
         attention::to_json(attn_rows, info.backend == "cuda")
     );
+    if let Some(f) = info.fused {
+        s += &format!(
+            "  \"fused\": {{\"iters\": {}, \"check_rows\": {}, \"kind\": \"jsd\", \"beta\": {}, \"temperature\": 1, \"shapes\": [{}]}},\n",
+            f.iters,
+            f.check_rows,
+            f.beta,
+            json_strs(f.shapes.iter().map(|x| x.name()))
+        );
+    }
     s += &format!("  \"fused_results\": {}\n}}\n", fused::to_json(fused_rows));
     s
 }
@@ -1136,6 +1146,7 @@ pub fn run(args: &[String]) -> i32 {
             check_rows,
             moe: cfg.moe.then_some(&moe_cfg),
             attention: cfg.attention.then_some(&attn_cfg),
+            fused: cfg.fused.then_some(&fused_cfg),
         };
         if let Err(e) = std::fs::write(
             path,
@@ -1330,6 +1341,14 @@ mod tests {
 
     #[test]
     fn json_has_divergence_settings_only_when_it_ran() {
+        let fused_cfg = FusedConfig {
+            shapes: &CPU_FUSED_SHAPES,
+            dtypes: &[DType::F32],
+            iters: 2,
+            check_rows: 3,
+            seed: 1,
+            beta: 0.3,
+        };
         let json_for = |ops: &[&str]| {
             let cfg = parse(&args(ops)).unwrap().unwrap();
             let info = RunInfo {
@@ -1345,6 +1364,7 @@ mod tests {
                 check_rows: 5,
                 moe: None,
                 attention: None,
+                fused: cfg.fused.then_some(&fused_cfg),
             };
             to_json(&info, &[], &[], &[], &[])
         };
@@ -1359,6 +1379,16 @@ mod tests {
         assert!(!moe.contains("\"divergence\":"), "{moe}");
         assert!(!moe.contains("\"beta\""), "{moe}");
         assert!(moe.contains("\"divergence_results\": [") && moe.contains("\"seed\": 11,"));
+        assert!(!moe.contains("\"fused\":"), "{moe}");
+        // The fused rows' settings (--beta is theirs too) in their own object.
+        let fused = json_for(&["--ops", "fused", "--beta", "0.3"]);
+        assert!(
+            fused.contains(
+                "\"fused\": {\"iters\": 2, \"check_rows\": 3, \"kind\": \"jsd\", \"beta\": 0.3,"
+            ),
+            "{fused}"
+        );
+        assert!(!fused.contains("\"divergence\":"), "{fused}");
     }
 
     #[test]
