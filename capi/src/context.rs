@@ -33,8 +33,9 @@ pub extern "C" fn dk_version() -> *const c_char {
 
 /// The C ABI's version, `DK_ABI_VERSION` of `include/distill_kernels.h`: raised whenever a
 /// declaration of the header is added, removed or changed (a unit test keeps the two equal and
-/// fails when the declarations change without it).
-pub const ABI_VERSION: u32 = 2;
+/// fails when the declarations change without it). Kept in the Rust crate, where `dk info`
+/// reads it too.
+pub const ABI_VERSION: u32 = distill_kernels::C_ABI_VERSION;
 
 /// The `DK_ABI_VERSION` this library was built with: a C program compares it with the header it
 /// was compiled against before its first call.

@@ -106,7 +106,7 @@ fn abi_version_follows_the_declarations() {
     assert_eq!(
         version,
         crate::context::ABI_VERSION,
-        "DK_ABI_VERSION (include/distill_kernels.h) and ABI_VERSION (capi/src/context.rs) differ"
+        "DK_ABI_VERSION (include/distill_kernels.h) and C_ABI_VERSION (src/lib.rs) differ"
     );
     assert_eq!(crate::context::dk_abi_version(), version);
     let fingerprint = fnv1a(declarations(&header).as_bytes());
@@ -117,7 +117,7 @@ fn abi_version_follows_the_declarations() {
             fingerprint == RECORDED.1,
             "the C header's declarations changed (fingerprint {fingerprint:#x}, recorded \
              {:#x} for ABI version {version}): raise DK_ABI_VERSION to {} (the header, its \
-             history line and capi/src/context.rs), then record ({}, {fingerprint:#x}) here",
+             history line and C_ABI_VERSION in src/lib.rs), then record ({}, {fingerprint:#x}) here",
             RECORDED.1,
             version + 1,
             version + 1

@@ -55,7 +55,11 @@ fn arch_match(archs: &[&str], (ma, mi): (i32, i32)) -> String {
 }
 
 pub fn run() -> i32 {
-    outln!("dk {} (distill-kernels)", distill_kernels::VERSION);
+    outln!(
+        "dk {} (distill-kernels), C ABI version {}",
+        distill_kernels::VERSION,
+        distill_kernels::C_ABI_VERSION
+    );
     let archs = compiled_cuda_archs();
     match nvcc_version() {
         Some(v) => outln!("kernels:     compiled with nvcc {v}"),
