@@ -37,13 +37,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut grad = vec![0f32; n * v];
     ctx.divergence(
         Divergence {
-            num_items: None,
-            student: Matrix::host(&student, n, v, v)?,
-            teacher: Matrix::host(&teacher, n, v, v)?,
             labels: Some(Vector::host(&labels)),
             per_token: Some(VectorMut::host(&mut per_token)),
             loss: Some(VectorMut::host(&mut loss)),
             grad: Some(MatrixMut::host(&mut grad, n, v, v)?),
+            ..Divergence::new(
+                Matrix::host(&student, n, v, v)?,
+                Matrix::host(&teacher, n, v, v)?,
+            )
         },
         &params,
         &Launch::default(),
@@ -80,13 +81,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut loss16 = [0f32];
     ctx.divergence(
         Divergence {
-            num_items: None,
-            student: Matrix::host(&student16, n, v, v)?,
-            teacher: Matrix::host(&teacher16, n, v, v)?,
             labels: Some(Vector::host(&labels)),
-            per_token: None,
             loss: Some(VectorMut::host(&mut loss16)),
             grad: Some(MatrixMut::host(&mut grad16, n, v, v)?),
+            ..Divergence::new(
+                Matrix::host(&student16, n, v, v)?,
+                Matrix::host(&teacher16, n, v, v)?,
+            )
         },
         &params,
         &Launch::default(),
@@ -96,13 +97,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut loss_rounded = [0f32];
     ctx.divergence(
         Divergence {
-            num_items: None,
-            student: Matrix::host(&s32, n, v, v)?,
-            teacher: Matrix::host(&t32, n, v, v)?,
             labels: Some(Vector::host(&labels)),
-            per_token: None,
             loss: Some(VectorMut::host(&mut loss_rounded)),
-            grad: None, // forward only
+            // no grad: forward only
+            ..Divergence::new(Matrix::host(&s32, n, v, v)?, Matrix::host(&t32, n, v, v)?)
         },
         &params,
         &Launch::default(),

@@ -37,16 +37,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (mut gh, mut gw) = (vec![0f32; n * h], vec![0f32; v * h]);
         ctx.fused_linear_divergence(
             FusedLinear {
-                num_items: None,
-                student_hidden: Matrix::host(&student_hidden, n, h, h)?,
-                student_weight: Matrix::host(&weight, v, h, h)?,
-                teacher_hidden: Matrix::host(&teacher_hidden, n, h, h)?,
-                teacher_weight: Matrix::host(&weight, v, h, h)?,
                 labels: Some(Vector::host(&labels)),
                 per_token: Some(VectorMut::host(&mut per_token)),
                 loss: Some(VectorMut::host(&mut loss)),
                 grad_hidden: Some(MatrixMut::host(&mut gh, n, h, h)?),
                 grad_weight: Some(MatrixMut::host(&mut gw, v, h, h)?),
+                // The teacher reads the student's own lm_head (self-distillation).
+                ..FusedLinear::new(
+                    Matrix::host(&student_hidden, n, h, h)?,
+                    Matrix::host(&weight, v, h, h)?,
+                    Matrix::host(&teacher_hidden, n, h, h)?,
+                    Matrix::host(&weight, v, h, h)?,
+                )
             },
             &FusedLinearParams {
                 divergence: Params {

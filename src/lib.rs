@@ -22,13 +22,9 @@
 //! let ctx = Context::cpu();
 //! ctx.divergence(
 //!     Divergence {
-//!         student: Matrix::host(&student, n, v, v)?,
-//!         teacher: Matrix::host(&teacher, n, v, v)?,
-//!         labels: None,
-//!         per_token: None,
 //!         loss: Some(VectorMut::host(&mut loss)),
 //!         grad: Some(MatrixMut::host(&mut grad, n, v, v)?),
-//!         num_items: None,
+//!         ..Divergence::new(Matrix::host(&student, n, v, v)?, Matrix::host(&teacher, n, v, v)?)
 //!     },
 //!     &Params::new(Kind::Jsd),
 //!     &Launch::default(),

@@ -326,7 +326,10 @@ def moe_route(
     weights are the unbiased scores of the chosen experts, divided by their sum when
     ``renormalize``, then times ``scale``. A NaN selection score ranks below every number: with
     ``sigmoid`` a NaN logit only keeps its expert from being chosen (the weights stay finite),
-    with ``softmax`` a NaN logit makes the whole token's scores, and so its weights, NaN.
+    with ``softmax`` a NaN logit makes the whole token's scores, and so its weights, NaN. A
+    token whose logits are all ``-inf`` has NaN ``softmax`` scores (0 / 0, as ``torch.softmax``
+    gives): it goes to experts 0..k−1 with NaN weights; under ``sigmoid`` its scores are 0, and
+    so are its weights (NaN with ``renormalize``, 0 / 0). Other tokens are not affected.
 
     The permuted rows are ordered by expert, then token, then slot. With a ``capacity``, an
     expert keeps its first ``capacity`` tokens in token order; the others are dropped

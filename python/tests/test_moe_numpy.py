@@ -316,6 +316,24 @@ def test_route_group_ties_go_to_the_lower_group():
         assert (got.expert_ids < 3 * g).all()
 
 
+def test_route_token_of_all_minus_inf_logits():
+    """The documented outcome (docstring, header): softmax 0 / 0 gives NaN scores, experts 0..k-1
+    with NaN weights; sigmoid gives 0 (NaN renormalised); the other tokens are untouched."""
+    rng = np.random.default_rng(8)
+    lg = rng.standard_normal((4, 16)).astype(np.float32)
+    masked = lg.copy()
+    masked[2] = -np.inf
+    for kw, weights in ((dict(), "nan"), (dict(score="sigmoid"), "zero"),
+                        (dict(score="sigmoid", renormalize=True), "nan")):
+        got = dk.moe_route(masked, 3, **kw)
+        assert got.expert_ids[2].tolist() == [0, 1, 2], kw
+        w = got.weights[2]
+        assert (np.isnan(w).all() if weights == "nan" else (w == 0).all()), (kw, w)
+        clean = dk.moe_route(lg[[0, 1, 3]], 3, **kw)
+        np.testing.assert_array_equal(got.expert_ids[[0, 1, 3]], clean.expert_ids)
+        np.testing.assert_array_equal(got.weights[[0, 1, 3]], clean.weights)
+
+
 def test_route_groups_use_the_top2_sum():
     """A group with one huge expert loses to a group with two good ones."""
     lg = np.array([[5.0, -9.0, -9.0, -9.0, 2.0, 2.0, -9.0, -9.0]], np.float32)

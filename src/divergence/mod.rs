@@ -80,6 +80,38 @@ pub struct DivergenceInPlace<'a> {
     pub num_items: Option<Vector<'a, f32>>,
 }
 
+impl<'a> Divergence<'a> {
+    /// A call over these logits with every optional operand absent (no labels, no outputs, no
+    /// `num_items`): set the ones wanted with struct update syntax,
+    /// `Divergence { loss: Some(..), grad: Some(..), ..Divergence::new(student, teacher) }`, which
+    /// keeps compiling when an optional field is added.
+    pub fn new(student: Matrix<'a>, teacher: Matrix<'a>) -> Self {
+        Divergence {
+            student,
+            teacher,
+            labels: None,
+            per_token: None,
+            loss: None,
+            grad: None,
+            num_items: None,
+        }
+    }
+}
+
+impl<'a> DivergenceInPlace<'a> {
+    /// A call over these logits with every optional operand absent, as [`Divergence::new`].
+    pub fn new(student: MatrixMut<'a>, teacher: Matrix<'a>) -> Self {
+        DivergenceInPlace {
+            student,
+            teacher,
+            labels: None,
+            per_token: None,
+            loss: None,
+            num_items: None,
+        }
+    }
+}
+
 /// A validated call in raw pointers, what the backends consume.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RawDivergence {

@@ -53,6 +53,32 @@ pub struct FusedLinear<'a> {
     pub num_items: Option<Vector<'a, f32>>,
 }
 
+impl<'a> FusedLinear<'a> {
+    /// A call over these four inputs with every optional operand absent (no labels, no outputs,
+    /// no `num_items`): set the ones wanted with struct update syntax,
+    /// `FusedLinear { loss: Some(..), ..FusedLinear::new(sh, sw, th, tw) }`, which keeps
+    /// compiling when an optional field is added.
+    pub fn new(
+        student_hidden: Matrix<'a>,
+        student_weight: Matrix<'a>,
+        teacher_hidden: Matrix<'a>,
+        teacher_weight: Matrix<'a>,
+    ) -> Self {
+        FusedLinear {
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            labels: None,
+            per_token: None,
+            loss: None,
+            grad_hidden: None,
+            grad_weight: None,
+            num_items: None,
+        }
+    }
+}
+
 /// Operands of [`Context::fused_linear_reference_gemms`]: the four matrix products a fused
 /// linear divergence call of these shapes performs, at full N, alone (self-distillation shapes:
 /// the teacher product reuses `hidden` and `weight`).
@@ -190,16 +216,15 @@ impl Context {
     /// let (mut loss, mut gh, mut gw) = ([0f32], vec![0f32; n * h], vec![0f32; v * h]);
     /// Context::cpu().fused_linear_divergence(
     ///     FusedLinear {
-    ///         student_hidden: Matrix::host(&hidden, n, h, h)?,
-    ///         student_weight: Matrix::host(&weight, v, h, h)?,
-    ///         teacher_hidden: Matrix::host(&teacher, n, h, h)?,
-    ///         teacher_weight: Matrix::host(&weight, v, h, h)?,
-    ///         labels: None,
-    ///         per_token: None,
     ///         loss: Some(VectorMut::host(&mut loss)),
     ///         grad_hidden: Some(MatrixMut::host(&mut gh, n, h, h)?),
     ///         grad_weight: Some(MatrixMut::host(&mut gw, v, h, h)?),
-    ///         num_items: None,
+    ///         ..FusedLinear::new(
+    ///             Matrix::host(&hidden, n, h, h)?,
+    ///             Matrix::host(&weight, v, h, h)?,
+    ///             Matrix::host(&teacher, n, h, h)?,
+    ///             Matrix::host(&weight, v, h, h)?,
+    ///         )
     ///     },
     ///     &FusedLinearParams {
     ///         divergence: Params { beta: 0.5, ..Params::new(Kind::Jsd) },
