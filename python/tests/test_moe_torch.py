@@ -153,6 +153,25 @@ def test_route_ties_go_to_the_lower_expert(device):
             check_route(dkt.moe_route(lg, k, **kw), torch_route(lg, k, **kw))
 
 
+def test_route_token_of_all_minus_inf_logits(device):
+    """The documented outcome (header, numpy docstring) on every backend: softmax 0 / 0 gives NaN
+    scores, experts 0..k-1 with NaN weights; sigmoid gives weights 0 (NaN renormalised); the
+    other tokens are routed as without that token."""
+    g = torch.Generator().manual_seed(8)
+    lg = torch.randn(4, 16, generator=g).to(device)
+    masked = lg.clone()
+    masked[2] = float("-inf")
+    for kw, nan in ((dict(), True), (dict(score="sigmoid"), False),
+                    (dict(score="sigmoid", renormalize=True), True)):
+        got = dkt.moe_route(masked, 3, **kw)
+        assert got.expert_ids[2].tolist() == [0, 1, 2], kw
+        w = got.weights[2]
+        assert bool(w.isnan().all()) if nan else bool((w == 0).all()), (kw, w)
+        clean = dkt.moe_route(lg[[0, 1, 3]], 3, **kw)
+        assert torch.equal(got.expert_ids[[0, 1, 3]], clean.expert_ids), kw
+        assert torch.equal(got.weights[[0, 1, 3]], clean.weights), kw
+
+
 @cuda_only("torch.cuda.set_sync_debug_mode")
 def test_cuda_route_without_host_sync_when_r_is_known_or_bounded():
     lg = make_logits(128, 64, torch.bfloat16, seed=4, device="cuda")
