@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use distill_kernels::divergence::{Divergence, DivergenceInPlace, Kind, Params, Reduction};
 use distill_kernels::{
-    Context, DType, ErrorKind, Launch, Location, Matrix, MatrixMut, Vector, VectorMut,
+    Context, DType, Error, ErrorKind, Launch, Location, Matrix, MatrixMut, Vector, VectorMut,
 };
 
 const TEMPERATURES: [f32; 4] = [1.0, 0.7, 2.5, 1.3];
@@ -297,92 +297,68 @@ fn num_items_in_memory_refusals_write_nothing() {
             "aligned",
         ),
     ];
+    // Views are Copy: one pair serves every call.
+    let (sm, tm) = (
+        Matrix::host(&s, n, v, v).unwrap(),
+        Matrix::host(&t, n, v, v).unwrap(),
+    );
+    let refused = |call: Divergence<'_>, what: &str| -> Error {
+        ctx.divergence(call, &Params::default(), &Launch::default())
+            .expect_err(what)
+    };
     for (what, num_items, kind, needle) in cases {
         let mut loss = [f32::NAN];
-        let e = ctx
-            .divergence(
-                Divergence {
-                    student: Matrix::host(&s, n, v, v).unwrap(),
-                    teacher: Matrix::host(&t, n, v, v).unwrap(),
-                    labels: None,
-                    per_token: None,
-                    loss: Some(VectorMut::host(&mut loss)),
-                    grad: None,
-                    num_items: Some(num_items),
-                },
-                &Params::default(),
-                &Launch::default(),
-            )
-            .expect_err(what);
+        let call = Divergence {
+            loss: Some(VectorMut::host(&mut loss)),
+            num_items: Some(num_items),
+            ..Divergence::new(sm, tm)
+        };
+        let e = refused(call, what);
         assert_eq!(e.kind(), kind, "{what}: {e}");
         assert!(e.to_string().contains(needle), "{what}: {e}");
         assert!(loss[0].is_nan(), "{what}: the loss was written");
     }
-    // num_items inside an output.
+    let overlap = |e: Error| {
+        assert_eq!(e.kind(), ErrorKind::Shape, "{e}");
+        assert!(e.to_string().contains("overlaps num_items"), "{e}");
+    };
+    // num_items inside an output, the gradient, and the student logits the gradient replaces.
     let mut per_token = [f32::NAN; 2];
     let inside = per_token.as_ptr().wrapping_add(1);
-    // SAFETY: a host f32 inside per_token; the call is refused before any access.
+    // SAFETY (the three views below): a host f32 inside another operand; the call is refused
+    // before any access.
     let num_items = unsafe { Vector::from_raw(inside, 1, Location::Host) };
-    let e = ctx
-        .divergence(
-            Divergence {
-                student: Matrix::host(&s, n, v, v).unwrap(),
-                teacher: Matrix::host(&t, n, v, v).unwrap(),
-                labels: None,
-                per_token: Some(VectorMut::host(&mut per_token)),
-                loss: None,
-                grad: None,
-                num_items: Some(num_items),
-            },
-            &Params::default(),
-            &Launch::default(),
-        )
-        .expect_err("overlap");
-    assert_eq!(e.kind(), ErrorKind::Shape, "{e}");
-    assert!(e.to_string().contains("overlaps num_items"), "{e}");
-    // num_items inside the gradient, and inside the student logits the gradient replaces.
+    overlap(refused(
+        Divergence {
+            per_token: Some(VectorMut::host(&mut per_token)),
+            num_items: Some(num_items),
+            ..Divergence::new(sm, tm)
+        },
+        "inside per_token",
+    ));
     let mut grad = vec![f32::NAN; n * v];
     let inside = grad.as_ptr().wrapping_add(5);
-    // SAFETY: a host f32 inside the gradient; the call is refused before any access.
     let num_items = unsafe { Vector::from_raw(inside, 1, Location::Host) };
-    let e = ctx
-        .divergence(
-            Divergence {
-                student: Matrix::host(&s, n, v, v).unwrap(),
-                teacher: Matrix::host(&t, n, v, v).unwrap(),
-                labels: None,
-                per_token: None,
-                loss: None,
-                grad: Some(MatrixMut::host(&mut grad, n, v, v).unwrap()),
-                num_items: Some(num_items),
-            },
-            &Params::default(),
-            &Launch::default(),
-        )
-        .expect_err("overlap with the gradient");
-    assert_eq!(e.kind(), ErrorKind::Shape, "{e}");
-    assert!(e.to_string().contains("overlaps num_items"), "{e}");
+    overlap(refused(
+        Divergence {
+            grad: Some(MatrixMut::host(&mut grad, n, v, v).unwrap()),
+            num_items: Some(num_items),
+            ..Divergence::new(sm, tm)
+        },
+        "inside the gradient",
+    ));
     assert!(grad.iter().all(|x| x.is_nan()), "the gradient was written");
     let mut student = s.clone();
     let inside = student.as_ptr().wrapping_add(v);
-    // SAFETY: as above, inside the student logits.
     let num_items = unsafe { Vector::from_raw(inside, 1, Location::Host) };
-    let e = ctx
-        .divergence_in_place(
-            DivergenceInPlace {
-                student: MatrixMut::host(&mut student, n, v, v).unwrap(),
-                teacher: Matrix::host(&t, n, v, v).unwrap(),
-                labels: None,
-                per_token: None,
-                loss: None,
-                num_items: Some(num_items),
-            },
-            &Params::default(),
-            &Launch::default(),
-        )
-        .expect_err("overlap with the in-place gradient");
-    assert_eq!(e.kind(), ErrorKind::Shape, "{e}");
-    assert!(e.to_string().contains("overlaps num_items"), "{e}");
+    let call = DivergenceInPlace {
+        num_items: Some(num_items),
+        ..DivergenceInPlace::new(MatrixMut::host(&mut student, n, v, v).unwrap(), tm)
+    };
+    overlap(
+        ctx.divergence_in_place(call, &Params::default(), &Launch::default())
+            .expect_err("inside the in-place student"),
+    );
     assert_eq!(student, s, "the student logits were written");
 }
 
@@ -401,13 +377,9 @@ fn num_items_in_memory_with_an_empty_batch() {
         let mut loss = [f32::NAN];
         let result = dev.context().divergence(
             Divergence {
-                student: empty,
-                teacher: empty,
-                labels: None,
-                per_token: None,
                 loss: (!dev.is_cuda()).then(|| VectorMut::host(&mut loss)),
-                grad: None,
                 num_items: Some(num_items),
+                ..Divergence::new(empty, empty)
             },
             &Params::default(),
             &Launch::default(),
@@ -434,21 +406,14 @@ fn num_items_in_memory_with_an_empty_batch() {
             ),
         ] {
             let mut loss = [f32::NAN];
+            let call = Divergence {
+                loss: Some(VectorMut::host(&mut loss)),
+                num_items: Some(num_items),
+                ..Divergence::new(empty, empty)
+            };
             let e = dev
                 .context()
-                .divergence(
-                    Divergence {
-                        student: empty,
-                        teacher: empty,
-                        labels: None,
-                        per_token: None,
-                        loss: Some(VectorMut::host(&mut loss)),
-                        grad: None,
-                        num_items: Some(num_items),
-                    },
-                    &Params::default(),
-                    &Launch::default(),
-                )
+                .divergence(call, &Params::default(), &Launch::default())
                 .expect_err("a bad num_items with an empty batch");
             assert_eq!(e.kind(), kind, "{e}");
             assert!(e.to_string().contains("num_items"), "{e}");
