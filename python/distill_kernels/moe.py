@@ -329,7 +329,10 @@ def moe_route(
     with ``softmax`` a NaN logit makes the whole token's scores, and so its weights, NaN. A
     token whose logits are all ``-inf`` has NaN ``softmax`` scores (0 / 0, as ``torch.softmax``
     gives): it goes to experts 0..k−1 with NaN weights; under ``sigmoid`` its scores are 0, and
-    so are its weights (NaN with ``renormalize``, 0 / 0). Other tokens are not affected.
+    so are its weights (NaN with ``renormalize``, 0 / 0), its experts chosen by ``bias`` alone
+    (0..k−1 without one). Other tokens keep their experts and weights, but such a token still
+    takes its experts' rows (``counts``, ``offsets``, ``capacity``) and its NaN weights reach
+    their gradients: leave padding tokens out of the batch rather than masking their logits.
 
     The permuted rows are ordered by expert, then token, then slot. With a ``capacity``, an
     expert keeps its first ``capacity`` tokens in token order; the others are dropped

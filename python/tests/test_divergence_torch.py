@@ -334,6 +334,27 @@ def test_cuda_graph_capture():
     assert rel_err(loss, kl_div_reference(s2, t2, "forward_kl")) <= 1e-4
 
 
+@cuda_only("CUDA graph capture")
+def test_cuda_graph_reads_a_device_num_items_at_every_replay():
+    """python/README.md: a num_items tensor on the logits' device is read by the kernels at every
+    replay of a captured graph (float32 by pointer, int64 through a captured cast), so a count
+    updated in place is used; the loss matches an eager call with the new count."""
+    s, t = make(16, 4096, torch.bfloat16, "cuda", seed=14)
+    for dtype in (torch.float32, torch.int64):
+        items = torch.tensor(7, dtype=dtype, device="cuda")
+        dkt.divergence(s, t, kind="forward_kl", num_items=items)  # warm up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = dkt.divergence(s, t, kind="forward_kl", num_items=items)
+        for count in (7, 11, 3):
+            items.fill_(count)
+            graph.replay()
+            torch.cuda.synchronize()
+            want = dkt.divergence(s, t, kind="forward_kl", num_items=float(count))
+            assert torch.equal(loss, want), (dtype, count, loss.item(), want.item())
+
+
 def test_bad_input(device):
     s, t = make(4, 64, torch.float32, device, seed=13)
     other = other_device(device)
