@@ -376,8 +376,7 @@ def divergence(
     """
     compiling = _TRACEABLE and torch.compiler.is_compiling()
     items = _num_items_tensor(num_items, reduction, student)
-    if items is not None and compiling and items.device != student.device:
-        # A CPU value with CUDA logits under torch.compile: reading it would break the graph.
+    if compiling and _num_items_on_host_only(items, student):
         total = divergence(student, teacher, kind=kind, beta=beta, temperature=temperature,
                            labels=labels, ignore_index=ignore_index, reduction="sum",
                            num_items=None, grad=grad, grad_inplace=grad_inplace)
@@ -395,6 +394,12 @@ def divergence(
                              labels=labels, ignore_index=ignore_index, reduction=reduction,
                              num_items=num_items, num_items_t=items, grad=grad,
                              grad_inplace=grad_inplace)
+
+
+def _num_items_on_host_only(items: Optional[torch.Tensor], like: torch.Tensor) -> bool:
+    """A tensor ``num_items`` on the CPU with inputs elsewhere: under torch.compile reading it
+    would break the graph, so the compiled call divides the ``sum`` by it instead."""
+    return items is not None and items.device != like.device
 
 
 def _positive_or_one(d: torch.Tensor) -> torch.Tensor:
@@ -1222,8 +1227,8 @@ def fused_linear_divergence(
     as in :func:`divergence`: read by the library where the call runs, without a host
     synchronisation, and folded into the gradients (bitwise the results of
     ``num_items=float(value.float())``); a value that is not finite and > 0 as a float32 gives
-    the ``sum``. It works
-    with the accumulating form too (the token count of the whole accumulated batch).
+    the ``sum``. It works with the accumulating form too (the token count of the whole
+    accumulated batch).
 
     Accumulation (``grad_hidden_out`` and / or ``grad_weight_out`` given, input dtype or float32,
     contiguous rows): no autograd; the gradients of the returned loss itself (grad_output = 1) are
@@ -1239,9 +1244,7 @@ def fused_linear_divergence(
     accumulate = grad_hidden_out is not None or grad_weight_out is not None
     compiling = _TRACEABLE and torch.compiler.is_compiling()
     items = _num_items_tensor(num_items, reduction, student_hidden)
-    if (items is not None and compiling and not accumulate
-            and items.device != student_hidden.device):
-        # A CPU value with CUDA inputs under torch.compile: reading it would break the graph.
+    if compiling and not accumulate and _num_items_on_host_only(items, student_hidden):
         total = fused_linear_divergence(
             student_hidden, student_weight, teacher_hidden, teacher_weight, kind=kind, beta=beta,
             temperature=temperature, labels=labels, ignore_index=ignore_index, reduction="sum",
@@ -1263,8 +1266,7 @@ def fused_linear_divergence(
         student_hidden, student_weight, teacher_hidden, teacher_weight, kind=kind, beta=beta,
         temperature=temperature, labels=labels, ignore_index=ignore_index, reduction=reduction,
         num_items=num_items, num_items_t=items, logit_scale=logit_scale, softcap=softcap,
-        chunk_rows=chunk_rows,
-        grad=grad, grad_dtype=grad_dtype, grad_hidden_out=grad_hidden_out,
+        chunk_rows=chunk_rows, grad=grad, grad_dtype=grad_dtype, grad_hidden_out=grad_hidden_out,
         grad_weight_out=grad_weight_out)
 
 

@@ -72,11 +72,7 @@ pub struct DivergenceInPlace<'a> {
     pub per_token: Option<VectorMut<'a, f32>>,
     /// Optional reduced loss output (one f32).
     pub loss: Option<VectorMut<'a, f32>>,
-    /// Optional `batchmean` divisor in memory: one f32 at the context's location, read when the
-    /// call runs (on CUDA by a kernel on the stream, so a token count the trainer computed on
-    /// the device needs no host synchronisation). It replaces [`Params::num_items`] (giving
-    /// both is an error) and needs `reduction = batchmean`. A value that is not finite and > 0
-    /// gives the sum (divisor 1), since no error could be reported without a synchronisation.
+    /// Optional `batchmean` divisor in memory, as [`Divergence::num_items`].
     pub num_items: Option<Vector<'a, f32>>,
 }
 
@@ -212,7 +208,6 @@ impl RawDivergence {
             ("labels", self.labels as usize, 8),
             ("per-token loss", self.per_token as usize, 4),
             ("loss", self.loss as usize, 4),
-            ("num_items", self.num_items as usize, 4),
         ]
         .into_iter()
         .find(|(_, addr, align)| addr % align != 0);
@@ -308,14 +303,20 @@ struct Optionals<'a, 'b> {
     labels: &'b Option<Vector<'a, i64>>,
     per_token: &'b Option<VectorMut<'a, f32>>,
     loss: &'b Option<VectorMut<'a, f32>>,
+    num_items: &'b Option<Vector<'a, f32>>,
 }
 
-/// Checks the optional vectors against `n` and the context, returning their raw pointers.
+/// The raw pointers of the optional vectors: labels, per-token loss, loss, num_items.
+type RawOptionals = (*const i64, *mut f32, *mut f32, *const f32);
+
+/// Checks the optional vectors against `n`, the context and (`num_items` in memory) the
+/// parameters, returning their raw pointers.
 fn raw_optionals(
     ctx: &Context,
     n: usize,
+    params: &Params,
     o: Optionals<'_, '_>,
-) -> Result<(*const i64, *mut f32, *mut f32)> {
+) -> Result<RawOptionals> {
     let mut labels = std::ptr::null();
     if let Some(l) = o.labels {
         check_location(ctx, "labels", l.location)?;
@@ -357,7 +358,9 @@ fn raw_optionals(
         }
         loss = l.ptr;
     }
-    Ok((labels, per_token, loss))
+    params.check_num_items_in_memory(o.num_items.is_some())?;
+    let num_items = num_items_pointer(ctx, o.num_items.as_ref())?;
+    Ok((labels, per_token, loss, num_items))
 }
 
 fn check_pair(ctx: &Context, student: &Matrix<'_>, teacher: &Matrix<'_>) -> Result<()> {
@@ -431,17 +434,17 @@ impl Context {
             grad_stride = g.row_stride;
         }
         let n = call.student.rows;
-        let (labels, per_token, loss) = raw_optionals(
+        let (labels, per_token, loss, num_items) = raw_optionals(
             self,
             n,
+            params,
             Optionals {
                 labels: &call.labels,
                 per_token: &call.per_token,
                 loss: &call.loss,
+                num_items: &call.num_items,
             },
         )?;
-        params.check_num_items_in_memory(call.num_items.is_some())?;
-        let num_items = num_items_pointer(self, call.num_items.as_ref())?;
         let raw = RawDivergence {
             n,
             v: call.student.cols,
@@ -475,17 +478,17 @@ impl Context {
         let student = call.student.as_matrix();
         check_pair(self, &student, &call.teacher)?;
         let n = student.rows;
-        let (labels, per_token, loss) = raw_optionals(
+        let (labels, per_token, loss, num_items) = raw_optionals(
             self,
             n,
+            params,
             Optionals {
                 labels: &call.labels,
                 per_token: &call.per_token,
                 loss: &call.loss,
+                num_items: &call.num_items,
             },
         )?;
-        params.check_num_items_in_memory(call.num_items.is_some())?;
-        let num_items = num_items_pointer(self, call.num_items.as_ref())?;
         let raw = RawDivergence {
             n,
             v: student.cols,

@@ -144,11 +144,7 @@ impl Context {
         call: &FusedLinear<'_>,
         params: &FusedLinearParams,
     ) -> Result<usize> {
-        params.validate()?;
-        params
-            .divergence
-            .check_num_items_in_memory(call.num_items.is_some())?;
-        let raw = RawFusedLinear::describe(self, call)?;
+        let raw = RawFusedLinear::validate(self, call, params)?;
         Ok(match self.backend() {
             Backend::Cpu => 0,
             Backend::Cuda(_) => cuda::workspace_size(&raw, params),
@@ -247,7 +243,7 @@ impl Context {
         params: &FusedLinearParams,
         launch: &Launch<'_>,
     ) -> Result<()> {
-        let raw = RawFusedLinear::validate(self, call, params)?;
+        let raw = RawFusedLinear::validate(self, &call, params)?;
         if raw.n == 0 {
             return self.fused_linear_empty(&raw, params, launch);
         }

@@ -181,7 +181,7 @@ fn vector_out<T>(ctx: &Context, what: &str, v: &VectorMut<'_, T>, len: usize) ->
 
 impl RawFusedLinear {
     /// Shapes, pointers, dtypes, locations, alignment and overlaps, without the parameter
-    /// checks (the workspace query uses it).
+    /// checks.
     pub(crate) fn describe(ctx: &Context, call: &FusedLinear<'_>) -> Result<Self> {
         let (sh, sw, th, tw) = (
             &call.student_hidden,
@@ -328,13 +328,13 @@ impl RawFusedLinear {
     /// has been written.
     pub(crate) fn validate(
         ctx: &Context,
-        call: FusedLinear<'_>,
+        call: &FusedLinear<'_>,
         params: &FusedLinearParams,
     ) -> Result<Self> {
         params.validate()?;
         params
             .divergence
             .check_num_items_in_memory(call.num_items.is_some())?;
-        RawFusedLinear::describe(ctx, &call)
+        RawFusedLinear::describe(ctx, call)
     }
 }

@@ -1340,7 +1340,7 @@ mod tests {
     }
 
     #[test]
-    fn json_has_divergence_settings_only_when_it_ran() {
+    fn json_has_each_operations_settings_only_when_it_ran() {
         let fused_cfg = FusedConfig {
             shapes: &CPU_FUSED_SHAPES,
             dtypes: &[DType::F32],
