@@ -11,7 +11,9 @@
  *  - Scratch memory: query *_workspace_size and pass at least that many bytes of device memory,
  *    or pass NULL to let the library allocate on the stream (cuMemAllocAsync). Its start must
  *    be 4-byte aligned (16 for the non-deterministic attention backward; any for the fused
- *    linear divergence), as every allocator's is: DK_ERR_INVALID_ARGUMENT otherwise.
+ *    linear divergence), as every allocator's is: DK_ERR_INVALID_ARGUMENT otherwise. The CPU
+ *    context needs none (its queries say 0) and ignores a workspace given, unchecked: a run on
+ *    the CPU does not test a program's workspace handling.
  *  - Pointers are aligned to their element size (DK_ERR_INVALID_ARGUMENT otherwise); MoE and
  *    attention rows need 16-byte alignment (their sections say which).
  *  - Outputs may not overlap the inputs or each other (DK_ERR_SHAPE), except the documented
@@ -94,11 +96,13 @@ int32_t dk_cuda_device_count(void);
    refuses CUDA contexts (DK_ERR_NO_DEVICE). */
 const char* dk_cuda_archs(void);
 
-/* device = -1: CPU; n >= 0: CUDA device n (its primary context, the one PyTorch uses).
-   A CUDA context is refused with DK_ERR_INVALID_ARGUMENT while a DK_* A/B switch of the
-   environment (README, "A/B switches") holds a value it does not take. */
+/* device = -1: CPU; n >= 0: CUDA device n (its primary context, the one PyTorch uses); below -1
+   DK_ERR_INVALID_ARGUMENT. A CUDA context is refused with DK_ERR_INVALID_ARGUMENT while a DK_*
+   A/B switch of the environment (README, "A/B switches") holds a value it does not take (checked
+   once a device is found: without a driver the status is DK_ERR_NO_DEVICE). */
 dk_status dk_context_create(int32_t device, dk_context** out);
-/* NULL is a no-op. */
+/* NULL is a no-op. The context must not be used, or destroyed again, afterwards (undefined
+   behaviour, as for free()). */
 dk_status dk_context_destroy(dk_context* ctx);
 /* -1 for the CPU, else the CUDA ordinal. */
 dk_status dk_context_device(const dk_context* ctx, int32_t* out);
@@ -200,9 +204,11 @@ typedef struct dk_moe_route_params {
   int32_t k;           /* experts per token, 1 <= k <= e (and k <= 32) */
   int32_t score;       /* DK_MOE_SOFTMAX (over the e logits) or DK_MOE_SIGMOID */
   int32_t renormalize; /* 1: the k weights are divided by their sum */
-  int32_t n_groups;    /* e experts in n_groups contiguous groups (1 = no grouping) */
-  int32_t topk_groups; /* groups kept, ranked by the sum of their top-2 selection scores */
-  float scale;         /* weights are multiplied by it (after renormalisation) */
+  int32_t n_groups;    /* e experts in n_groups contiguous groups (1 = no grouping); it must
+                          divide e, with at least 2 experts per group when > 1 */
+  int32_t topk_groups; /* groups kept (1..n_groups), ranked by the sum of their top-2 selection
+                          scores; k <= topk_groups * e / n_groups */
+  float scale;         /* weights are multiplied by it (after renormalisation); finite */
   int64_t capacity;    /* tokens per expert, later tokens dropped in token order; 0 = unlimited,
                           < 0 invalid */
   int32_t block;       /* each expert's segment padded to a multiple of it (>= 1) */
@@ -229,7 +235,8 @@ typedef struct dk_moe_route_args {
 int64_t dk_moe_max_rows(int64_t n, int32_t e, int32_t k, int32_t block, int64_t capacity);
 /* Defaults: k = 1, softmax, no renormalisation, 1 group, scale 1, no capacity, block 1. */
 dk_moe_route_params dk_moe_route_params_default(void);
-/* Scratch of dk_moe_route (0 on the CPU); a workspace given must be 4-byte aligned. */
+/* Scratch of dk_moe_route (0 on the CPU); a workspace given must be 4-byte aligned. Checks n, e
+   and k as dk_moe_route does, with the same status. */
 dk_status dk_moe_route_workspace_size(const dk_context* ctx, int64_t n, int32_t e, int32_t k,
                                       size_t* bytes);
 dk_status dk_moe_route(const dk_context* ctx, const dk_moe_route_args* args,
@@ -252,7 +259,8 @@ typedef struct dk_moe_permute_args {
 } dk_moe_permute_args;
 /* Scratch of dk_moe_permute: 0 on the CPU and for k = 1 or n = 0; on CUDA for k > 1,
    4 * (n * k + 1) bytes (4-byte aligned; NULL lets the library allocate it on the stream). A
-   workspace given is checked (device, size, alignment) even where the call needs none. */
+   workspace given is checked (device, size, alignment) even where the call needs none (on a
+   CUDA context). Checks n and k as dk_moe_permute does, with the same status. */
 dk_status dk_moe_permute_workspace_size(const dk_context* ctx, int64_t n, int32_t k,
                                         size_t* bytes);
 dk_status dk_moe_permute(const dk_context* ctx, const dk_moe_permute_args* args, void* workspace,
@@ -263,7 +271,7 @@ dk_status dk_moe_permute(const dk_context* ctx, const dk_moe_permute_args* args,
 typedef struct dk_moe_combine_args {
   int64_t n;                 /* tokens, >= 0 (0: nothing to write) */
   int64_t h;                 /* hidden size, a multiple of 8 */
-  int32_t k;                 /* slots per token */
+  int32_t k;                 /* slots per token, 1..32 */
   int64_t rows;              /* rows of the permuted buffer (>= 1 when n > 0) */
   int32_t dtype;             /* DK_DTYPE_* of rows and y */
   const void* rows_in;       /* [rows, h] expert outputs (or gradients) in permuted order */
@@ -279,7 +287,7 @@ dk_status dk_moe_combine(const dk_context* ctx, const dk_moe_combine_args* args,
 typedef struct dk_moe_slot_dot_args {
   int64_t n;                 /* tokens, >= 0 (0: nothing to write) */
   int64_t h;                 /* hidden size, a multiple of 8 */
-  int32_t k;                 /* slots per token */
+  int32_t k;                 /* slots per token, 1..32 */
   int64_t rows;              /* rows of the permuted buffer (>= 1 when n > 0) */
   int32_t dtype;             /* DK_DTYPE_* of both inputs */
   const void* tokens;        /* [n, h] */
@@ -314,8 +322,8 @@ typedef struct dk_fused_linear_params {
 typedef struct dk_fused_linear_args {
   int64_t n;                     /* rows (tokens), >= 0 (0: *loss = 0, grad_weight = 0 unless accumulating) */
   int64_t v;                     /* vocabulary size (student and teacher), >= 1 */
-  int64_t h;                     /* student hidden size */
-  int64_t ht;                    /* teacher hidden size */
+  int64_t h;                     /* student hidden size, >= 1 */
+  int64_t ht;                    /* teacher hidden size, >= 1 */
   int32_t dtype;                 /* DK_DTYPE_* of all four inputs (bf16, f16 or f32) */
   const void* student_hidden;    /* [n, h] */
   int64_t student_hidden_stride; /* >= h */

@@ -46,6 +46,7 @@ mod element;
 mod empty_batch;
 pub mod error;
 pub mod fused;
+mod host_alloc;
 pub mod moe;
 mod parallel;
 pub mod scale_rows;

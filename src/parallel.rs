@@ -60,25 +60,36 @@ pub(crate) fn for_each_range(
     });
 }
 
-/// [`for_each_range`] over the items of `out`, one output value per item: `f(start, chunk)`
-/// gets contiguous chunks of `out` (`start` the index of `chunk[0]`), on as many threads as the
-/// work deserves (one, for small calls).
-pub(crate) fn for_each_chunk_mut<T: Send>(
+/// [`for_each_range`] over the items of `out`, one output value per item, where each worker also
+/// needs `scratch` f64 values of working memory: `f(start, chunk, scratch)` gets contiguous
+/// chunks of `out` (`start` the index of `chunk[0]`), on as many threads as the work deserves
+/// (one, for small calls). The workers' memory is allocated on the calling thread before any starts,
+/// so where the host refuses it the call returns [`crate::error::ErrorKind::OutOfMemory`]
+/// (naming `what`) having done nothing.
+pub(crate) fn for_each_chunk_with_scratch<T: Send>(
     out: &mut [T],
     work_per_item: usize,
-    f: impl Fn(usize, &mut [T]) + Sync,
-) {
+    scratch: usize,
+    what: &str,
+    f: impl Fn(usize, &mut [T], &mut [f64]) + Sync,
+) -> crate::error::Result<()> {
     let items = out.len();
     let threads = threads_for(items, work_per_item);
+    let mut memory = crate::host_alloc::filled(threads.saturating_mul(scratch), 0.0, what)?;
     if threads == 1 {
-        f(0, out);
-        return;
+        f(0, out, &mut memory);
+        return Ok(());
     }
     let per = items.div_ceil(threads);
     std::thread::scope(|scope| {
-        for (i, chunk) in out.chunks_mut(per).enumerate() {
+        for (i, (chunk, mine)) in out
+            .chunks_mut(per)
+            .zip(memory.chunks_mut(scratch.max(1)))
+            .enumerate()
+        {
             let f = &f;
-            scope.spawn(move || f(i * per, chunk));
+            scope.spawn(move || f(i * per, chunk, mine));
         }
     });
+    Ok(())
 }

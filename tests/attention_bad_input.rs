@@ -8,7 +8,7 @@
 mod common;
 
 use common::attention::*;
-use common::moe::Vw;
+use common::moe::{Mt, Vw};
 use common::*;
 use distill_kernels::attention::{AttentionParams, MAX_ROWS};
 use distill_kernels::{Context, DType, ErrorKind, Location};
@@ -704,6 +704,14 @@ fn strides() {
             "out row stride",
             |s: &mut FwdSpec, _| s.out.stride = s.out.cols - 8
         ),
+        // A span between 2^63 and 2^64 bytes: inside the address space's arithmetic, longer
+        // than any allocation (it made the CPU backend read past the address space).
+        rule!(
+            "q span past isize::MAX bytes",
+            Shape,
+            "q spans more bytes",
+            |s: &mut FwdSpec, _| s.q.stride = past_isize_max(&s.q)
+        ),
     ];
     forward_rejects(test, &case, fwd);
     let bwd = vec![
@@ -716,8 +724,22 @@ fn strides() {
         rule!("dv stride", Shape, "dv row stride", |s: &mut BwdSpec, _| {
             s.dv.stride = 0
         }),
+        rule!(
+            "dk span past isize::MAX bytes",
+            Shape,
+            "dk spans more bytes",
+            |s: &mut BwdSpec, _| s.dk.stride = past_isize_max(&s.dk)
+        ),
     ];
     backward_rejects(test, &case, bwd);
+}
+
+/// A row stride (a multiple of 64 elements, so alignment passes) that puts `m`'s last row just
+/// past 2^63 bytes from its first: the span's end still fits 64 bits.
+fn past_isize_max(m: &Mt) -> usize {
+    assert!(m.rows >= 2, "the case needs two rows of {m:?}");
+    let step_bytes = (1usize << 63) / (m.rows - 1) + 1;
+    (step_bytes / m.dtype.size()).div_ceil(64) * 64
 }
 
 #[test]

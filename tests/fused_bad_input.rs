@@ -322,6 +322,27 @@ fn strides_smaller_than_rows() {
     }
 }
 
+/// A stride whose span passes 2^63 bytes: no allocation is that long, and the backends' offsets
+/// would overflow (a stride of 2^61 f32 elements made the CPU backend read past the address
+/// space instead of refusing).
+#[test]
+fn strides_past_the_address_space() {
+    for (slot, what) in [
+        (SH, "student hidden"),
+        (SW, "student weight"),
+        (TH, "teacher hidden"),
+        (TW, "teacher weight"),
+        (GH, "grad_hidden"),
+        (GW, "grad_weight"),
+    ] {
+        for stride in [1usize << 61, (isize::MAX as usize) / 4 + 1] {
+            let mut s = Spec::valid();
+            s.views[slot].stride = stride;
+            rejects(&s, ErrorKind::Shape, &format!("{what} stride {stride}"));
+        }
+    }
+}
+
 #[test]
 fn input_dtypes_differ() {
     for slot in [SW, TH, TW] {

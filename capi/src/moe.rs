@@ -6,7 +6,9 @@ use super::context::{context, DkContext};
 use super::{boundary, read_arg, to_usize, write_workspace_size, DkStatus};
 use crate::bail;
 use distill_kernels::device::{Context, Launch};
-use distill_kernels::moe::{Combine, Permute, Route, RouteParams, Score, SlotDot};
+use distill_kernels::moe::{
+    check_tokens_and_slots, Combine, Permute, Route, RouteParams, Score, SlotDot,
+};
 use distill_kernels::tensor::{DType, Matrix, MatrixMut, Vector, VectorMut};
 use distill_kernels::Result;
 
@@ -260,6 +262,9 @@ pub unsafe extern "C" fn dk_moe_route_workspace_size(
             let n = to_usize("n", n)?;
             let e = to_usize("e", e as i64)?;
             let k = to_usize("k", k as i64)?;
+            // The checks dk_moe_route makes of N, E and k: the same status as the call.
+            RouteParams::new(k).validate(e)?;
+            check_tokens_and_slots(n, k)?;
             Ok(c.moe_route_workspace_size(n, e, k))
         })
     }
@@ -356,6 +361,7 @@ pub unsafe extern "C" fn dk_moe_permute_workspace_size(
         write_workspace_size(ctx, bytes, |c| {
             let n = to_usize("n", n)?;
             let k = positive("k", k as i64)?;
+            check_tokens_and_slots(n, k)?;
             Ok(c.moe_permute_workspace_size(n, k))
         })
     }

@@ -80,7 +80,7 @@ PACKAGE_VERSION = "0.1.0"
 # 64-bit FNV-1a of the bytes of include/distill_kernels.h that the ctypes mirror below follows.
 # A library must report the same from dk_header_hash(); the tests require it to equal the
 # checkout's header, so a header change cannot land without a look at this mirror.
-HEADER_HASH = 0x6FB2FAB75774BE33
+HEADER_HASH = 0x12B7BD7AFDD62B90
 
 # ---- constants of include/distill_kernels.h ----------------------------------------------------
 
@@ -908,6 +908,15 @@ def make_params(
     beta = _real("beta", beta)
     if not (0.0 <= beta <= 1.0):
         raise ValueError(f"beta must be in [0, 1], got {beta}")
+    b32 = ctypes.c_float(beta).value
+    if 0.0 < beta < 1.0 and b32 in (0.0, 1.0):
+        # The C ABI's beta is a float32, and 0 and 1 select forward and reverse KL: a JSD beta
+        # that rounds to either would silently become that KL (a loss ~1e7 times larger).
+        raise ValueError(
+            f"beta = {beta!r} rounds to {b32:g} as a float32 (the library's type), which selects "
+            f"{'reverse' if b32 == 1.0 else 'forward'} KL; pass {b32:g} for that, or a beta "
+            f"that float32 keeps inside (0, 1) (between 1.4e-45 and 1 - 6e-8)"
+        )
     temperature = _real("temperature", temperature)
     t32 = ctypes.c_float(temperature).value
     # A normal float32 (the CUDA kernels scale by log2(e) / T in float32).

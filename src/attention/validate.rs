@@ -489,7 +489,9 @@ fn check_strides_and_extent(mats: &[Operand], vecs: &[Vec1]) -> Result<()> {
         .map(Operand::region)
         .chain(vecs.iter().map(Vec1::region));
     for r in regions {
-        if r.end() > usize::MAX as u128 {
+        // No allocation exceeds isize::MAX bytes: a longer span is a stride that would make the
+        // backends' offsets overflow, not memory the caller has.
+        if r.end() > usize::MAX as u128 || r.end() - r.start > isize::MAX as u128 {
             bail!(
                 Shape,
                 "{} spans more bytes than the address space holds",

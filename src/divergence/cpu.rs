@@ -4,7 +4,9 @@
 use half::{bf16, f16};
 
 use super::{Kind, Params, RawDivergence, Reduction};
-use crate::parallel::Shared;
+use crate::error::Result;
+use crate::host_alloc::filled;
+use crate::parallel::{for_each_chunk_with_scratch, Shared};
 use crate::tensor::{DType, Element};
 
 /// Loss of one row and, when `grad` is given, d(loss)/dz for z = logits / T (unscaled).
@@ -269,7 +271,11 @@ pub(crate) unsafe fn reduction_scale(
 /// # Safety
 /// The pointers of `raw` must be valid host memory for the shape it describes (validated by the
 /// caller), with outputs not aliasing inputs except a gradient exactly over the student logits.
-pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) {
+///
+/// # Errors
+/// [`crate::error::ErrorKind::OutOfMemory`] where the host refuses the f64 rows (3 · V values per
+/// worker thread) or the row losses; nothing is written then.
+pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) -> Result<()> {
     let kind = params.effective_kind();
     let beta = params.beta as f64;
     let inv_t = 1.0 / params.temperature as f64;
@@ -279,13 +285,15 @@ pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) {
     // SAFETY: each worker reads shared inputs and writes only its own rows of the outputs.
     let shared = unsafe { Shared::new(*raw) };
     let ignore = params.ignore_index;
-    let mut row_loss = vec![0.0f64; n];
+    let mut row_loss = filled(n, 0.0f64, "the CPU divergence's row losses")?;
+    let rows_per_worker = if raw.grad.is_null() { 2 } else { 3 };
     // Small calls stay on the calling thread (a thread start costs more than their rows).
-    crate::parallel::for_each_chunk_mut(&mut row_loss, v, |first, chunk| {
+    let scratch = rows_per_worker * v;
+    let what = "the CPU divergence's f64 rows (2 or 3 · V values per thread)";
+    for_each_chunk_with_scratch(&mut row_loss, v, scratch, what, |first, chunk, mem| {
         let raw = shared.get();
-        let mut b = vec![0.0f64; v];
-        let mut a = vec![0.0f64; v];
-        let mut g = vec![0.0f64; if raw.grad.is_null() { 0 } else { v }];
+        let (b, rest) = mem.split_at_mut(v);
+        let (a, g) = rest.split_at_mut(v);
         for (k, out) in chunk.iter_mut().enumerate() {
             let row = first + k;
             // SAFETY: row < n, labels hold n values when non-null.
@@ -302,7 +310,7 @@ pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) {
                         raw.student_stride,
                         row,
                         inv_t,
-                        &mut b,
+                        b,
                     );
                     read_row(
                         raw.teacher,
@@ -310,11 +318,11 @@ pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) {
                         raw.teacher_stride,
                         row,
                         inv_t,
-                        &mut a,
+                        a,
                     );
                 }
-                let grad = (!raw.grad.is_null()).then_some(g.as_mut_slice());
-                let loss = row_divergence(kind, beta, &b, &a, grad);
+                let grad = (!raw.grad.is_null()).then_some(&mut *g);
+                let loss = row_divergence(kind, beta, b, a, grad);
                 // A divergence is >= 0; rounding of equal rows can give -1e-16 (NaN stays).
                 *out = if loss < 0.0 { 0.0 } else { loss };
             }
@@ -328,12 +336,12 @@ pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) {
                         raw.grad_stride,
                         row,
                         scale * inv_t,
-                        &g,
+                        g,
                     )
                 };
             }
         }
-    });
+    })?;
     if !raw.per_token.is_null() {
         for (i, &l) in row_loss.iter().enumerate() {
             // SAFETY: per_token holds n f32 values.
@@ -345,4 +353,5 @@ pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) {
         // SAFETY: loss holds one f32.
         unsafe { *raw.loss = (total * scale) as f32 };
     }
+    Ok(())
 }

@@ -533,8 +533,7 @@ impl Context {
             Backend::Cpu => {
                 // SAFETY: every pointer was checked non-null (or is an absent optional), in host
                 // memory, and spans the validated shape by the views' construction contracts.
-                unsafe { cpu::divergence(raw, params) };
-                Ok(())
+                unsafe { cpu::divergence(raw, params) }
             }
             Backend::Cuda(dev) => cuda::divergence(dev, raw, params, launch),
         }

@@ -24,11 +24,14 @@ struct Span {
 }
 
 impl Span {
-    /// The bytes of `elems` elements of `elem_size` bytes at `ptr`; a Shape error on overflow.
+    /// The bytes of `elems` elements of `elem_size` bytes at `ptr`; a Shape error on overflow or
+    /// past `isize::MAX` bytes, which no allocation spans (such a stride would make the backends'
+    /// offsets overflow).
     fn of(what: &'static str, ptr: *const u8, elems: usize, elem_size: usize) -> Result<Span> {
         let start = ptr as usize;
         let end = elems
             .checked_mul(elem_size)
+            .filter(|&bytes| bytes <= isize::MAX as usize)
             .and_then(|bytes| start.checked_add(bytes));
         match end {
             Some(end) => Ok(Span { what, start, end }),
@@ -131,11 +134,15 @@ fn grad_out(
         check_non_null(what, m.ptr)?;
     }
     if m.dtype != input && m.dtype != DType::F32 {
+        let allowed = if input == DType::F32 {
+            "must be f32, the input dtype".to_string()
+        } else {
+            format!("is neither the input dtype {} nor f32", input.name())
+        };
         bail!(
             UnsupportedDtype,
-            "{what} dtype {} is neither the input dtype {} nor f32",
-            m.dtype.name(),
-            input.name()
+            "{what} dtype {} {allowed}",
+            m.dtype.name()
         );
     }
     if m.rows != rows || m.cols != cols {

@@ -21,6 +21,7 @@ mod params;
 mod validate;
 
 pub use params::{max_rows, RouteParams, Score, MAX_EXPERTS, MAX_HIDDEN, MAX_K, ROW_ALIGN};
+pub use validate::check_tokens_and_slots;
 
 use crate::device::{Backend, Context, Launch};
 use crate::error::Result;

@@ -214,6 +214,18 @@ fn check_hidden(what: &str, h: usize) -> Result<()> {
     Ok(())
 }
 
+/// The checks every MoE call makes of its N tokens and k slots per token: N ≤ 2^31 − 1,
+/// 1 ≤ k ≤ [`MAX_K`](super::MAX_K) and N·k ≤ 2^31 − 1 (int32 indices). Returns N·k. The C ABI's
+/// workspace queries make them too, so a query answers with the status its call would.
+///
+/// # Errors
+/// [`ErrorKind::Shape`](crate::ErrorKind::Shape) for N or N·k out of range,
+/// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) for k.
+pub fn check_tokens_and_slots(n: usize, k: usize) -> Result<usize> {
+    check_tokens(n)?;
+    check_slots(n, k)
+}
+
 fn check_tokens(n: usize) -> Result<()> {
     // N = 0 is an empty batch (src/moe/empty.rs).
     if n > MAX_I32 {

@@ -1260,6 +1260,32 @@ fn c_abi_max_rows_defaults_and_workspace() {
         assert_eq!(bytes, 77);
         assert_eq!(dk_moe_route_workspace_size(ctx, -1, 8, 2, &mut bytes), 3);
         assert_eq!(bytes, 77);
+        // The queries answer with the status of their calls: E, k and N·k as dk_moe_route and
+        // dk_moe_permute check them (they once said DK_OK to what the calls refuse).
+        for (n, e, k, status) in [
+            (100, 0, 1, 3),      // no expert
+            (100, 2000, 8, 3),   // E past MAX_EXPERTS
+            (100, 8, 0, 2),      // k = 0
+            (100, 8, 9, 2),      // k > E
+            (100, 64, 40, 2),    // k past MAX_K
+            (1 << 31, 8, 2, 3),  // N past 2^31 - 1
+            (1 << 28, 64, 8, 3), // N·k past 2^31 - 1
+        ] {
+            assert_eq!(
+                dk_moe_route_workspace_size(ctx, n, e, k, &mut bytes),
+                status,
+                "route size query, n {n}, e {e}, k {k}"
+            );
+            assert_eq!(bytes, 77);
+        }
+        for (n, k, status) in [(100, 33, 2), (1 << 31, 2, 3), (1 << 28, 8, 3)] {
+            assert_eq!(
+                dk_moe_permute_workspace_size(ctx, n, k, &mut bytes),
+                status,
+                "permute size query, n {n}, k {k}"
+            );
+            assert_eq!(bytes, 77);
+        }
         assert_eq!(
             dk_moe_route_workspace_size(ctx, 1, 8, 2, std::ptr::null_mut()),
             1
