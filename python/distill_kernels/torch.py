@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 try:
     import torch
@@ -318,7 +318,7 @@ def divergence(
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     reduction: str = "batchmean",
-    num_items: Optional[float] = None,
+    num_items: Optional[Union[float, torch.Tensor]] = None,
     grad: Optional[bool] = None,
     grad_inplace: bool = False,
 ) -> torch.Tensor:
@@ -1190,7 +1190,7 @@ def fused_linear_divergence(
     labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     reduction: str = "batchmean",
-    num_items: Optional[float] = None,
+    num_items: Optional[Union[float, torch.Tensor]] = None,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
     chunk_rows: Optional[int] = None,

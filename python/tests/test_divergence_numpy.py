@@ -587,6 +587,9 @@ def _bad_cases():
         ("beta < 0", dict(ok, beta=-0.1, kind="jsd"), ValueError),
         ("beta > 1", dict(ok, beta=1.0001, kind="jsd"), ValueError),
         ("beta nan", dict(ok, beta=float("nan"), kind="jsd"), ValueError),
+        # JSD betas that float32 (the library's type) rounds to 1 or 0: reverse / forward KL.
+        ("beta rounds to 1", dict(ok, beta=1 - 2.9e-8, kind="jsd"), ValueError),
+        ("beta rounds to 0", dict(ok, beta=1e-46, kind="jsd"), ValueError),
         ("beta str", dict(ok, beta="0.5"), TypeError),
         ("beta numpy bool", dict(ok, beta=np.bool_(True), kind="jsd"), TypeError),
         ("beta complex", dict(ok, beta=np.complex64(0.5 + 1j), kind="jsd"), TypeError),
