@@ -42,7 +42,9 @@ extern "C" {
    not say, as 0.x releases may change the ABI. Check dk_abi_version() == DK_ABI_VERSION once
    before the first call: a library of another ABI would read this header's structs wrongly (a
    field read past the end of a caller's struct, say) or lack a function. A library from before
-   version 2 has no dk_abi_version at all: the program then fails to load or link.
+   version 2 has no dk_abi_version at all: the program then fails to load or link. On Linux the
+   shared library's SONAME is libdistill_kernels.so.<DK_ABI_VERSION> (since 2026-11-28), so a
+   program linked against it is refused by the loader where only another ABI's library is found.
    History: 1, the ABI until 2026-11-27 (no macro); 2 (2026-11-28): dk_divergence_args and
    dk_fused_linear_args gained num_items. */
 #define DK_ABI_VERSION 2

@@ -152,6 +152,11 @@ setup_tree() {
   fi
   mkdir -p target/release/deps target/tmp
   copy_if_changed "$bundle/lib/libdistill_kernels.so" target/release/libdistill_kernels.so
+  # Its SONAME (libdistill_kernels.so.<DK_ABI_VERSION>, capi/build.rs): what the C programs
+  # linked against it look for at run time.
+  local abi
+  abi=$(sed -n 's/^#define DK_ABI_VERSION \([0-9]*\)$/\1/p' include/distill_kernels.h)
+  [ -n "$abi" ] && ln -sfn libdistill_kernels.so "target/release/libdistill_kernels.so.$abi"
   copy_if_changed "$dk" target/release/dk
   copy_if_changed "$(bundled lib/libdistill_kernels.a)" target/release/libdistill_kernels.a
   # The C ABI test links the bundle's libraries instead of building them (no cargo here).

@@ -9,7 +9,11 @@
 #
 # Usage: bash scripts/install-c-library.sh PREFIX   (absolute or relative to where it is run)
 # Builds the library first (`cargo build --release -p distill-kernels-capi`; set NVCC or
-# CUDA_HOME as for any build to embed the CUDA kernels: build.rs says whether it did).
+# CUDA_HOME as for any build to embed the CUDA kernels: build.rs says whether it did), unless
+# DK_INSTALL_FROM names a folder holding a library built already (libdistill_kernels.so and .a
+# of this checkout's header, e.g. a CUDA build made on another machine): no cargo then.
+# DESTDIR (packaging): files go under DESTDIR/PREFIX, the pkg-config files name PREFIX (then
+# absolute).
 set -euo pipefail
 if [ $# -ne 1 ] || [ -z "$1" ]; then
   echo "usage: $0 PREFIX   (e.g. \$HOME/.local or /usr/local)" >&2
@@ -22,23 +26,45 @@ fi
 case "$1" in
   *[[:space:]]*) echo "$0: PREFIX must not contain white space (pkg-config splits it)" >&2; exit 2 ;;
 esac
-mkdir -p "$1"
-prefix=$(cd "$1" && pwd)  # before leaving the caller's directory: PREFIX may be relative
+destdir=${DESTDIR:-}
+if [ -n "$destdir" ]; then
+  case "$1" in
+    /*) prefix=${1%/} ;;
+    *) echo "$0: with DESTDIR, PREFIX must be absolute (it is what the installed files name)" >&2; exit 2 ;;
+  esac
+  mkdir -p "$destdir"
+  destdir=$(cd "$destdir" && pwd)
+else
+  mkdir -p "$1"
+  prefix=$(cd "$1" && pwd)  # before leaving the caller's directory: PREFIX may be relative
+fi
+if [ -n "${DK_INSTALL_FROM:-}" ]; then
+  release=$(cd "$DK_INSTALL_FROM" && pwd) || exit 1
+fi
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-cargo build --release -p distill-kernels-capi
-release="$(bash scripts/cargo-target-dir.sh)/release"
+if [ -z "${DK_INSTALL_FROM:-}" ]; then
+  cargo build --release -p distill-kernels-capi
+  release="$(bash scripts/cargo-target-dir.sh)/release"
+fi
+for f in libdistill_kernels.so libdistill_kernels.a; do
+  [ -f "$release/$f" ] || { echo "$0: $release/$f not found" >&2; exit 1; }
+done
 shared=libdistill_kernels.so
 version=$(sed -n 's/^#define DK_VERSION_STRING "\(.*\)"$/\1/p' include/distill_kernels.h)
 [ -n "$version" ] || { echo "no DK_VERSION_STRING in include/distill_kernels.h" >&2; exit 1; }
 abi=$(sed -n 's/^#define DK_ABI_VERSION \([0-9]*\)$/\1/p' include/distill_kernels.h)
 [ -n "$abi" ] || { echo "no DK_ABI_VERSION in include/distill_kernels.h" >&2; exit 1; }
 
-install -d "$prefix/lib/pkgconfig" "$prefix/include"
-install -m 0755 "$release/$shared" "$prefix/lib/$shared"
-install -m 0644 "$release/libdistill_kernels.a" "$prefix/lib/libdistill_kernels.a"
-install -m 0644 include/distill_kernels.h "$prefix/include/distill_kernels.h"
+dest=$destdir$prefix
+install -d "$dest/lib/pkgconfig" "$dest/include"
+# The file has its SONAME's name (capi/build.rs: libdistill_kernels.so.<DK_ABI_VERSION>), which
+# programs linked against it look for; the unversioned name is the link -ldistill_kernels finds.
+install -m 0755 "$release/$shared" "$dest/lib/$shared.$abi"
+ln -sfn "$shared.$abi" "$dest/lib/$shared"
+install -m 0644 "$release/libdistill_kernels.a" "$dest/lib/libdistill_kernels.a"
+install -m 0644 include/distill_kernels.h "$dest/include/distill_kernels.h"
 # The system libraries of the static library: what rustc's --print native-static-libs lists for
 # a std staticlib on Linux. -ldistill_kernels would take the .so where both are installed, so
 # the static file names the archive itself.
@@ -52,13 +78,13 @@ pc() { # name description libs [private libs]
     printf 'Name: %s\nDescription: %s\nVersion: %s\n' "$1" "$2" "$version"
     printf 'Cflags: -I${includedir}\nLibs: %s\n' "$3"
     [ -z "${4:-}" ] || printf 'Libs.private: %s\n' "$4"
-  } >"$prefix/lib/pkgconfig/$1.pc"
+  } >"$dest/lib/pkgconfig/$1.pc"
 }
 pc distill_kernels "$what" '-L${libdir} -ldistill_kernels' "$system_libs"
 pc distill_kernels-static "$what, static" "\${libdir}/libdistill_kernels.a $system_libs"
 
-echo "installed distill_kernels $version (C ABI version $abi) into $prefix:"
-echo "  $prefix/lib/$shared, $prefix/lib/libdistill_kernels.a"
+echo "installed distill_kernels $version (C ABI version $abi) into $dest:"
+echo "  $prefix/lib/$shared.$abi (and the link $shared), $prefix/lib/libdistill_kernels.a"
 echo "  $prefix/include/distill_kernels.h"
 echo "  $prefix/lib/pkgconfig/distill_kernels.pc, distill_kernels-static.pc"
 echo "build with: cc prog.c \$(PKG_CONFIG_PATH=$prefix/lib/pkgconfig pkg-config --cflags --libs distill_kernels)"

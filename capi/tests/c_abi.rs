@@ -367,19 +367,58 @@ fn header_and_exports_agree() {
     }
 }
 
+/// The value of `#define NAME value` in include/distill_kernels.h (quotes stripped).
+fn header_define(name: &str) -> String {
+    let header = std::fs::read_to_string(repo_root().join("include/distill_kernels.h")).unwrap();
+    header
+        .lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("#define") && w.next() == Some(name))
+                .then(|| w.next().unwrap_or("").trim_matches('"').to_string())
+        })
+        .unwrap_or_else(|| panic!("{name} not defined in the header"))
+}
+
+/// The shared library is named by its C ABI version (capi/build.rs), so a program linked against
+/// another ABI is refused by the loader instead of misreading the structs, and the name resolves
+/// next to the library the C programs above link (they ran, so the loader found it).
+#[test]
+fn shared_library_soname_is_its_abi_version() {
+    if std::env::consts::OS != "linux" {
+        visible("SKIPPED shared_library_soname_is_its_abi_version: SONAME set on Linux only");
+        return;
+    }
+    let lib = library("dynamic");
+    let soname = format!("libdistill_kernels.so.{}", header_define("DK_ABI_VERSION"));
+    let out = match Command::new("readelf").arg("-d").arg(&lib).output() {
+        Ok(out) if out.status.success() => out,
+        other => {
+            visible(&format!(
+                "SKIPPED shared_library_soname_is_its_abi_version: readelf -d failed ({other:?})"
+            ));
+            return;
+        }
+    };
+    let dynamic = String::from_utf8_lossy(&out.stdout);
+    let line = dynamic.lines().find(|l| l.contains("(SONAME)"));
+    assert!(
+        line.is_some_and(|l| l.contains(&format!("[{soname}]"))),
+        "{}: SONAME should be {soname}, readelf -d says {line:?}",
+        lib.display()
+    );
+    let link = lib.with_file_name(&soname);
+    assert!(
+        link.exists(),
+        "{} missing: capi/build.rs links it to libdistill_kernels.so (a copied library needs \
+         `ln -s libdistill_kernels.so {soname}` beside it)",
+        link.display()
+    );
+}
+
 #[test]
 fn header_version_matches_crate() {
-    let header = std::fs::read_to_string(repo_root().join("include/distill_kernels.h")).unwrap();
-    let define = |name: &str| -> String {
-        header
-            .lines()
-            .find_map(|l| {
-                let mut w = l.split_whitespace();
-                (w.next() == Some("#define") && w.next() == Some(name))
-                    .then(|| w.next().unwrap_or("").trim_matches('"').to_string())
-            })
-            .unwrap_or_else(|| panic!("{name} not defined in the header"))
-    };
+    let define = header_define;
     let version = env!("CARGO_PKG_VERSION");
     assert_eq!(define("DK_VERSION_STRING"), version);
     let numeric = format!(
