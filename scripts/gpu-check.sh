@@ -47,11 +47,12 @@
 # GPU_CHECK_ONLY=a,b,...: run only the steps whose names start with one of these, or, for a name
 # ending in '=', the step of exactly that name (e.g.
 # GPU_CHECK_ONLY=ncu for a second call that profiles, or =dk-bench-attention,python-bench-attention);
-# the others are listed as not selected. GPU_CHECK_SKIP=a,b,...: leave out the steps whose names
+# the others are counted as not selected. GPU_CHECK_SKIP=a,b,...: leave out the steps whose names
 # start with one of these (e.g. the benchmarks of code a run has not changed).
 # GPU_CHECK_LIST=1: print the steps in the order this call would run them (selected or not, with
 # their expected seconds) and run nothing; GPU_CHECK_ONLY / _SKIP entries that name no step are
 # reported there, at the start of a run and in the summary.
+# GPU_CHECK_PLAN=1|2|3a|3b: the step lists of BENCHMARKS.md's "The next session's plan" (below).
 # PYTEST_K: a pytest -k expression for step 8.
 # PY_BENCH_OPS: the --ops of step 10 (default: divergence,moe); PY_BENCH_SHAPES: its divergence
 # shapes (NxV list); PY_BENCH_IMPLS: its --impls (e.g. distill_kernels,num_items: this crate's
@@ -77,6 +78,42 @@ out=${OUT:-$root/gpu-check-out}
 budget=${GPU_CHECK_BUDGET:-330}
 GPU_CHECK_SKIP=${GPU_CHECK_SKIP:-}
 GPU_CHECK_ONLY=${GPU_CHECK_ONLY:-}
+# GPU_CHECK_PLAN=1|2|3a|3b: the steps of BENCHMARKS.md's "The next session's plan" (kept here, in
+# one place, so a device call names them instead of copying lists): sets GPU_CHECK_ONLY, and
+# PYTEST_K / PY_BENCH_SHAPES where unset. GPU_CHECK_BUDGET stays the caller's.
+case ${GPU_CHECK_PLAN:-} in
+  "") ;;
+  1) # the attention kernels on wgmma: the layouts on the card, correctness, speed, limits
+    plan_steps="nvidia-smi,dk-info,test-unit-distill_kernels,test-attention_reference-wgmma"
+    plan_steps+=",dk-bench-attention=,dk-bench-attention-wgmma,python-bench-attention="
+    plan_steps+=",python-bench-attention-wgmma,ncu-attention-fwd-wgmma,ncu-attention-bwd-wgmma"
+    plan_steps+=",racecheck-attention-wgmma,memcheck-attention-wgmma" ;;
+  2) # the divergence (persistent kernels, v7 math, in place), fused, MoE, the empty batch
+    plan_steps="nvidia-smi,test-divergence_reference=,test-divergence_reference-persist="
+    plan_steps+=",test-fused_reference=,test-fused_reference-v1,test-fused_reference-persist="
+    plan_steps+=",test-moe_reference,test-empty_batch,dk-bench-bf16,dk-bench-persist="
+    plan_steps+=",dk-bench-short-persist=,dk-bench-inplace=,dk-bench-moe=,dk-bench-fused="
+    plan_steps+=",dk-bench-fused-persist" ;;
+  3a) # the 256-thread persistent variant, the other A/B rows, the wide attention kernels
+    plan_steps="nvidia-smi,test-divergence_reference-persist256,test-fused_reference-persist256"
+    plan_steps+=",test-attention_reference-wide,dk-bench-persist256,dk-bench-short-persist256"
+    plan_steps+=",dk-bench-inplace-persist,dk-bench-moe-nopdl,dk-bench-persist-c"
+    plan_steps+=",racecheck-attention-wide,memcheck-persist" ;;
+  3b) # the torch face on CUDA, the Python benchmarks against torch / Liger, the profiles
+    plan_steps="nvidia-smi,liger-install,pytest,python-bench-fused,python-bench="
+    plan_steps+=",ncu-divergence-persist,ncu-fused,ncu-moe-route,ncu-moe-combine"
+    plan_steps+=",ncu-attention-fwd-wide,ncu-attention-bwd-wide"
+    PYTEST_K=${PYTEST_K:-contract or compile or examples or num_items or minus_inf}
+    PY_BENCH_SHAPES=${PY_BENCH_SHAPES:-4096x151936,4096x262144,16384x151936,256x151936} ;;
+  *) echo "gpu-check: GPU_CHECK_PLAN=$GPU_CHECK_PLAN: the plan's steps are 1, 2, 3a, 3b" >&2; exit 2 ;;
+esac
+if [ -n "${GPU_CHECK_PLAN:-}" ]; then
+  if [ -n "$GPU_CHECK_ONLY" ]; then
+    echo "gpu-check: GPU_CHECK_PLAN and GPU_CHECK_ONLY both set: name the steps one way" >&2
+    exit 2
+  fi
+  GPU_CHECK_ONLY=$plan_steps
+fi
 mkdir -p "$out"
 logs=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 t0=$(date +%s.%N)
@@ -98,7 +135,10 @@ fi
 # Unpacked again whenever the bundle's BUILD-INFO differs from the one it was unpacked from.
 unpacked=${GPU_CHECK_UNPACKED:-$root/target/gpu-bundle-unpacked}
 unpack_bundle() {
-  [ -f "$bundle/packed.tar.xz" ] || return 0
+  if [ ! -f "$bundle/packed.tar.xz" ]; then
+    rm -rf "$unpacked" # an older bundle's files must not stand in for this loose one's
+    return 0
+  fi
   if [ -f "$unpacked/BUILD-INFO" ] && cmp -s "$unpacked/BUILD-INFO" "$bundle/BUILD-INFO"; then
     return 0
   fi
@@ -131,11 +171,17 @@ py=${PYTHON:-python3}
 # library in the folder above their own (cargo's target/release/deps layout): point the build
 # root at this checkout, and lay out target/release as a build would (the executables are copied,
 # not linked, as the tests resolve their own path). Files are replaced where they differ (a warm
-# machine keeps an older bundle's copies).
+# machine keeps an older bundle's copies), by a new file: cargo's outputs in target/release are
+# hard links into deps/, which a copy over them would rewrite. In a cargo build tree (a dry run
+# on the build machine: target/release/.cargo-lock) the files cargo built are left alone.
 setup_notes=""
 copy_if_changed() { # SRC DEST
   [ -e "$1" ] || return 0
-  cmp -s "$1" "$2" 2>/dev/null || cp -f "$1" "$2"
+  if [ -e target/release/.cargo-lock ] && [ -e "$2" ]; then
+    return 0
+  fi
+  cmp -s "$1" "$2" 2>/dev/null && return 0
+  rm -f "$2" && cp "$1" "$2"
 }
 setup_tree() {
   local build_root name kind
@@ -191,6 +237,8 @@ LISTING=0
 all_steps=()       # every step, in the order of this call (listing pass)
 declare -A pos=()  # step -> index in all_steps
 hung=""            # variant words of steps that ran into their own cap (see run_step)
+declare -A optional=() # step -> 1 when it is optional (listing pass)
+declare -A cannot=()   # step -> 1 when it cannot run here (a tool or file missing: listing pass)
 unmatched=""       # GPU_CHECK_ONLY / _SKIP entries that name no step
 site=""            # where step 7 installs Liger (made before the steps run)
 not_selected=0
@@ -266,25 +314,47 @@ expected_seconds() {
     *) echo 20 ;;
   esac
 }
-# Seconds the selected steps after NAME are expected to take.
+# Seconds the selected steps after NAME are expected to take: those that can run (no tool
+# missing, no hung variant), the optional ones counting for 60 s at most together.
 expected_after() {
-  local i total=0
+  local i n total=0 opt=0
   for ((i = ${pos[$1]:-${#all_steps[@]}} + 1; i < ${#all_steps[@]}; i++)); do
-    want "${all_steps[$i]}" && total=$((total + $(expected_seconds "${all_steps[$i]}")))
+    n=${all_steps[$i]}
+    want "$n" || continue
+    [ -n "${cannot[$n]:-}" ] && continue
+    skipped_as_hung "$n" >/dev/null && continue
+    if [ -n "${optional[$n]:-}" ]; then
+      opt=$((opt + $(expected_seconds "$n")))
+    else
+      total=$((total + $(expected_seconds "$n")))
+    fi
   done
-  echo "$total"
+  [ "$opt" -gt 60 ] && opt=60
+  echo $((total + opt))
 }
 
-# A step that ran into its own cap (a hang, or far slower than planned) marks its variant: the
-# later steps of that variant (the same word in their name: persist, persist256, wgmma, wide,
-# smem, stream) are skipped, so one stuck kernel cannot eat the budget of every step after it.
+# A benchmark or test that ran into its own cap, a cap at least twice its expected time (a hang,
+# not a slow run), marks its variant: the later benchmarks, profiles and sanitizer runs of that
+# variant (the same word in their name: persist, persist256, wgmma, wide, smem, stream) are
+# skipped, so one stuck kernel cannot eat the budget of every step after it. Tests still run
+# (each under its own cap): they are the evidence. Profiler and sanitizer steps mark nothing
+# (their instrumentation makes them slow).
 variant_words="persist persist256 wgmma wide smem stream"
-hung_variant() { # STEP: the hung variant it belongs to, if any
+skipped_as_hung() { # STEP: the hung variant that skips it, if any
   local w
+  case $1 in test-*) return 1 ;; esac
   for w in $hung; do
     case "-$1-" in *"-$w-"*) echo "$w"; return 0 ;; esac
   done
   return 1
+}
+mark_hung() { # STEP CAP
+  local v
+  case $1 in ncu-* | memcheck* | racecheck*) return 0 ;; esac
+  [ "$2" -ge $((2 * $(expected_seconds "$1"))) ] || return 0
+  for v in $variant_words; do
+    case "-$1-" in *"-$v-"*) hung+=" $v" ;; esac
+  done
 }
 
 record_skip() { # NAME STATUS
@@ -301,13 +371,14 @@ run_step() {
   if [ "$LISTING" = 1 ]; then
     pos[$name]=${#all_steps[@]}
     all_steps+=("$name")
+    [ "$required" = 1 ] || optional[$name]=1
     return 0
   fi
   if ! want "$name"; then
     not_selected=$((not_selected + 1))
     return 0
   fi
-  if v=$(hung_variant "$name"); then
+  if v=$(skipped_as_hung "$name"); then
     record_skip "$name" "skipped (a $v step hit its cap)"
     [ "$required" = 1 ] && required_failed=$((required_failed + 1))
     return 0
@@ -332,12 +403,8 @@ run_step() {
     124 | 137) status="TIMEOUT (${t}s)" ;;
     *) status="FAIL (rc $rc)" ;;
   esac
-  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-    if [ "$t" = "$cap" ]; then
-      for v in $variant_words; do
-        case "-$name-" in *"-$v-"*) hung+=" $v" ;; esac
-      done
-    fi
+  if { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && [ "$t" = "$cap" ]; then
+    mark_hung "$name" "$cap"
   fi
   if [ "$rc" != 0 ]; then
     if [ "$required" = 1 ]; then
@@ -355,6 +422,7 @@ run_step() {
 skip_step() { # NAME REASON (a selected step that cannot run here)
   if [ "$LISTING" = 1 ]; then
     run_step "$1" 0 0 true
+    cannot[$1]=1
   elif ! want "$1"; then
     not_selected=$((not_selected + 1))
   else
