@@ -26,13 +26,21 @@ fn main() {
     let soname = format!("libdistill_kernels.so.{abi}");
     println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,{soname}");
 
-    // OUT_DIR is <target>/<profile>/build/<package>-<hash>/out: the link goes into <profile>,
-    // beside the library cargo links there after this script (it dangles until then).
+    link_soname(&soname);
+}
+
+/// Makes `<profile dir>/<soname>` a link to `libdistill_kernels.so`. OUT_DIR is
+/// `<target>/<profile>/build/<package>-<hash>/out`, so the link goes beside the library cargo
+/// puts in `<profile>` after this script (it dangles until then). (With cargo's `build-dir` set
+/// apart from the target directory it lands in the build directory instead; the C ABI test then
+/// says the link is missing.)
+#[cfg(unix)]
+fn link_soname(soname: &str) {
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets it"));
     let Some(profile_dir) = out.ancestors().nth(3) else {
         return;
     };
-    let link = profile_dir.join(&soname);
+    let link = profile_dir.join(soname);
     let _ = std::fs::remove_file(&link);
     if let Err(e) = std::os::unix::fs::symlink("libdistill_kernels.so", &link) {
         println!(
@@ -41,4 +49,10 @@ fn main() {
             link.display()
         );
     }
+}
+
+/// A Linux target built on a host without symbolic links: no link (the SONAME still applies).
+#[cfg(not(unix))]
+fn link_soname(soname: &str) {
+    println!("cargo:warning=no {soname} link made on this host: link it to libdistill_kernels.so");
 }

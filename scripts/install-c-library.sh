@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the C library for C and C++ programs (Linux): PREFIX/lib/libdistill_kernels.{so,a},
+# Installs the C library for C and C++ programs (Linux): PREFIX/lib/libdistill_kernels.so.<ABI>
+# (with the link libdistill_kernels.so) and libdistill_kernels.a,
 # PREFIX/include/distill_kernels.h and two pkg-config files, so that
 #   cc prog.c $(pkg-config --cflags --libs distill_kernels)          # the shared library
 #   cc prog.c $(pkg-config --cflags --libs distill_kernels-static)   # the static one
@@ -57,6 +58,18 @@ version=$(sed -n 's/^#define DK_VERSION_STRING "\(.*\)"$/\1/p' include/distill_k
 abi=$(sed -n 's/^#define DK_ABI_VERSION \([0-9]*\)$/\1/p' include/distill_kernels.h)
 [ -n "$abi" ] || { echo "no DK_ABI_VERSION in include/distill_kernels.h" >&2; exit 1; }
 
+# The library must carry the SONAME of this header's ABI (capi/build.rs): one built before it
+# had none, one of another ABI another, and either installed under this name would defeat it.
+if command -v readelf >/dev/null; then
+  soname=$(readelf -d "$release/$shared" | sed -n 's/.*(SONAME).*\[\(.*\)\].*/\1/p')
+  if [ "$soname" != "$shared.$abi" ]; then
+    echo "$0: $release/$shared has SONAME '${soname:-none}', not $shared.$abi (DK_ABI_VERSION" \
+      "of include/distill_kernels.h): built from other sources; rebuild it" >&2
+    exit 1
+  fi
+else
+  echo "$0: readelf not found: the library's SONAME is not checked" >&2
+fi
 dest=$destdir$prefix
 install -d "$dest/lib/pkgconfig" "$dest/include"
 # The file has its SONAME's name (capi/build.rs: libdistill_kernels.so.<DK_ABI_VERSION>), which

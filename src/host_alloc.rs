@@ -4,9 +4,9 @@
 
 use crate::error::{Error, ErrorKind, Result};
 
-/// `len` copies of `value`, or [`ErrorKind::OutOfMemory`] naming `what` (a phrase such as "the
-/// CPU divergence's f64 rows") and the size where the host refuses the memory.
-pub(crate) fn filled<T: Copy>(len: usize, value: T, what: &str) -> Result<Vec<T>> {
+/// An empty vector with room for `len` values, or [`ErrorKind::OutOfMemory`] naming `what` (a
+/// phrase such as "the CPU divergence's f64 rows") and the size where the host refuses it.
+pub(crate) fn with_capacity<T>(len: usize, what: &str) -> Result<Vec<T>> {
     let mut out = Vec::new();
     out.try_reserve_exact(len).map_err(|_| {
         Error::new(
@@ -17,6 +17,12 @@ pub(crate) fn filled<T: Copy>(len: usize, value: T, what: &str) -> Result<Vec<T>
             ),
         )
     })?;
+    Ok(out)
+}
+
+/// `len` copies of `value`, or [`ErrorKind::OutOfMemory`] as [`with_capacity`].
+pub(crate) fn filled<T: Copy>(len: usize, value: T, what: &str) -> Result<Vec<T>> {
+    let mut out = with_capacity(len, what)?;
     out.resize(len, value);
     Ok(out)
 }

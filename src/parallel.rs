@@ -81,15 +81,42 @@ pub(crate) fn for_each_chunk_with_scratch<T: Send>(
         return Ok(());
     }
     let per = items.div_ceil(threads);
+    // One scratch slice per chunk (at most `threads` chunks); empty ones when `scratch` is 0.
+    let mut slices: Vec<&mut [f64]> = if scratch == 0 {
+        (0..threads).map(|_| <&mut [f64]>::default()).collect()
+    } else {
+        memory.chunks_mut(scratch).collect()
+    };
     std::thread::scope(|scope| {
-        for (i, (chunk, mine)) in out
-            .chunks_mut(per)
-            .zip(memory.chunks_mut(scratch.max(1)))
-            .enumerate()
-        {
+        for (i, (chunk, mine)) in out.chunks_mut(per).zip(slices.drain(..)).enumerate() {
             let f = &f;
             scope.spawn(move || f(i * per, chunk, mine));
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every item is visited once with its start index, each worker gets `scratch` values (or
+    /// none), however many threads the host has.
+    #[test]
+    fn chunks_with_scratch_cover_every_item() {
+        for scratch in [0usize, 3] {
+            for items in [1usize, 2, 7, 64] {
+                let mut out = vec![usize::MAX; items];
+                for_each_chunk_with_scratch(&mut out, 1 << 20, scratch, "a test", |start, c, m| {
+                    assert_eq!(m.len(), scratch);
+                    m.fill(1.0);
+                    for (i, x) in c.iter_mut().enumerate() {
+                        *x = start + i;
+                    }
+                })
+                .unwrap();
+                assert_eq!(out, (0..items).collect::<Vec<_>>(), "scratch {scratch}");
+            }
+        }
+    }
 }

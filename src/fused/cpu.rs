@@ -18,32 +18,29 @@ use half::{bf16, f16};
 use super::{FusedLinearParams, RawFusedLinear};
 use crate::divergence::cpu::{reduction_scale, row_divergence};
 use crate::divergence::Kind;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::Result;
+use crate::host_alloc;
 use crate::tensor::{DType, Element};
 
-/// An empty f64 buffer with room for `len` values, or [`ErrorKind::OutOfMemory`] where the host
-/// refuses it: this reference widens whole operands to f64 (a 152k × 4096 weight is 5 GB), and
-/// a failed allocation must be an error for the caller, not an abort of its process.
+/// What an allocation of the fused reference is for, in an
+/// [`OutOfMemory`](crate::error::ErrorKind::OutOfMemory) message: it widens whole operands to f64
+/// (a 152k × 4096 weight is 5 GB).
+fn purpose(what: &str) -> String {
+    format!(
+        "the f64 {what} of the CPU fused linear divergence (it widens whole operands: \
+         O((N + V)·H) memory)"
+    )
+}
+
+/// An empty f64 buffer with room for `len` values, or
+/// [`OutOfMemory`](crate::error::ErrorKind::OutOfMemory) where the host refuses it.
 fn f64_buffer(len: usize, what: &str) -> Result<Vec<f64>> {
-    let mut out = Vec::new();
-    out.try_reserve_exact(len).map_err(|_| {
-        Error::new(
-            ErrorKind::OutOfMemory,
-            format!(
-                "the CPU fused linear divergence could not allocate {:.2} GiB for its f64 {what} \
-                 (it widens whole operands: O((N + V)·H) memory)",
-                len as f64 * 8.0 / (1u64 << 30) as f64
-            ),
-        )
-    })?;
-    Ok(out)
+    host_alloc::with_capacity(len, &purpose(what))
 }
 
 /// [`f64_buffer`] filled with `len` zeros.
 fn f64_zeros(len: usize, what: &str) -> Result<Vec<f64>> {
-    let mut out = f64_buffer(len, what)?;
-    out.resize(len, 0.0);
-    Ok(out)
+    host_alloc::filled(len, 0.0, &purpose(what))
 }
 
 /// Reads a `rows × cols` matrix with `stride` into a compact f64 buffer (`what` names it in an

@@ -12,6 +12,7 @@ use half::{bf16, f16};
 
 use super::{RawCombine, RawPermute, RawRoute, RawSlotDot, RouteParams, Score};
 use crate::error::{bail, Result};
+use crate::host_alloc::filled;
 use crate::parallel::{for_each_range, threads_for, Shared};
 use crate::tensor::{DType, Element};
 
@@ -157,8 +158,9 @@ struct Permutation {
 }
 
 /// Counting sort of the slots (expert-major, then token, then slot) with capacity drops and
-/// block padding. `ids` holds `n·k` valid expert indices below `e`.
-fn permutation(ids: &[i32], e: usize, perm_rows: usize, p: &RouteParams) -> Permutation {
+/// block padding. `ids` holds `n·k` valid expert indices below `e`. Errors only where the host
+/// refuses the memory of `perm` and `position`.
+fn permutation(ids: &[i32], e: usize, perm_rows: usize, p: &RouteParams) -> Result<Permutation> {
     let mut seen = vec![0usize; e];
     for &id in ids {
         seen[id as usize] += 1;
@@ -171,8 +173,8 @@ fn permutation(ids: &[i32], e: usize, perm_rows: usize, p: &RouteParams) -> Perm
         let last = offsets[offsets.len() - 1];
         offsets.push(last + c.next_multiple_of(p.block));
     }
-    let mut perm = vec![-1i32; perm_rows];
-    let mut position = vec![-1i32; ids.len()];
+    let mut perm = filled(perm_rows, -1i32, "the CPU route's permutation")?;
+    let mut position = filled(ids.len(), -1i32, "the CPU route's positions")?;
     let mut cursor = vec![0usize; e];
     // Slots in flat order n·k + j are already token-major, slot-minor: walking them once and
     // appending to each expert's segment gives expert, then token, then slot.
@@ -186,12 +188,12 @@ fn permutation(ids: &[i32], e: usize, perm_rows: usize, p: &RouteParams) -> Perm
             position[slot] = row as i32;
         }
     }
-    Permutation {
+    Ok(Permutation {
         counts: counts.iter().map(|&c| c as i32).collect(),
         offsets: offsets.iter().map(|&o| o as i32).collect(),
         perm,
         position,
-    }
+    })
 }
 
 /// Copies `src` to the `dst` host pointer.
@@ -219,8 +221,10 @@ pub(crate) unsafe fn route(raw: &RawRoute, params: &RouteParams) -> Result<()> {
             .map(|&b| b as f64)
             .collect()
     };
-    let mut ids = vec![0i32; n * k];
-    let mut weights = vec![0f32; n * k];
+    // The outputs are built here and stored at the end (nothing is written on error): a
+    // refused allocation is an error for the caller, not an abort.
+    let mut ids = filled(n * k, 0i32, "the CPU route's expert ids")?;
+    let mut weights = filled(n * k, 0f32, "the CPU route's weights")?;
     let threads = threads_for(n, e * 8);
     let per = n.div_ceil(threads);
     // SAFETY: the workers read shared inputs and each writes only its own rows of the outputs.
@@ -253,7 +257,7 @@ pub(crate) unsafe fn route(raw: &RawRoute, params: &RouteParams) -> Result<()> {
             });
         }
     });
-    let p = permutation(&ids, e, raw.perm_rows, params);
+    let p = permutation(&ids, e, raw.perm_rows, params)?;
     // SAFETY: validated output lengths (n·k, e, e + 1, perm_rows, n·k), disjoint from the inputs
     // and from each other.
     unsafe {
