@@ -44,7 +44,8 @@ extern "C" {
    field read past the end of a caller's struct, say) or lack a function. A library from before
    version 2 has no dk_abi_version at all: the program then fails to load or link. On Linux the
    shared library's SONAME is libdistill_kernels.so.<DK_ABI_VERSION> (since 2026-11-28), so a
-   program linked against it is refused by the loader where only another ABI's library is found.
+   program linked against such a library is refused by the loader where only another ABI's
+   library is found (one linked against an earlier library records the unversioned name).
    History: 1, the ABI until 2026-11-27 (no macro); 2 (2026-11-28): dk_divergence_args and
    dk_fused_linear_args gained num_items. */
 #define DK_ABI_VERSION 2
@@ -232,7 +233,8 @@ typedef struct dk_moe_route_args {
   int32_t* position;      /* [n, k] out: permuted row of (n, j), -1 if dropped */
 } dk_moe_route_args;
 
-/* Upper bound on R = offsets[e]: min(n*k, e*capacity) + e*(block-1) (capacity 0 = unlimited).
+/* Upper bound on R = offsets[e]: K + min(e, K)*(block-1) with K = min(n*k, e*capacity) the slots
+ * kept (capacity 0 = unlimited; only experts that receive a slot are padded).
  * -1 on bad arguments (n < 0; e, k or block < 1; capacity < 0) or int64 overflow. */
 int64_t dk_moe_max_rows(int64_t n, int32_t e, int32_t k, int32_t block, int64_t capacity);
 /* Defaults: k = 1, softmax, no renormalisation, 1 group, scale 1, no capacity, block 1. */
@@ -269,7 +271,8 @@ dk_status dk_moe_permute(const dk_context* ctx, const dk_moe_permute_args* args,
                          size_t workspace_bytes, void* stream);
 
 /* y[t] = sum over j of weights[t, j] * rows[position[t, j]] (weights NULL: unweighted), slots
- * with position -1 skipped, accumulated in f32 in slot order and rounded once to the dtype. */
+ * with position -1 skipped, accumulated in slot order (in f32 on CUDA, f64 on the CPU reference)
+ * and rounded once to the dtype. */
 typedef struct dk_moe_combine_args {
   int64_t n;                 /* tokens, >= 0 (0: nothing to write) */
   int64_t h;                 /* hidden size, a multiple of 8 */
@@ -285,7 +288,8 @@ typedef struct dk_moe_combine_args {
 } dk_moe_combine_args;
 dk_status dk_moe_combine(const dk_context* ctx, const dk_moe_combine_args* args, void* stream);
 
-/* out[t, j] = dot(tokens[t], rows[position[t, j]]) in f32 (0 where position is -1). */
+/* out[t, j] = dot(tokens[t], rows[position[t, j]]), summed in f32 on CUDA (f64 on the CPU
+ * reference), 0 where position is -1. */
 typedef struct dk_moe_slot_dot_args {
   int64_t n;                 /* tokens, >= 0 (0: nothing to write) */
   int64_t h;                 /* hidden size, a multiple of 8 */

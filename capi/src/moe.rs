@@ -7,7 +7,7 @@ use super::{boundary, read_arg, to_usize, write_workspace_size, DkStatus};
 use crate::bail;
 use distill_kernels::device::{Context, Launch};
 use distill_kernels::moe::{
-    check_tokens_and_slots, Combine, Permute, Route, RouteParams, Score, SlotDot,
+    check_tokens_and_slots, max_rows, Combine, Permute, Route, RouteParams, Score, SlotDot,
 };
 use distill_kernels::tensor::{DType, Matrix, MatrixMut, Vector, VectorMut};
 use distill_kernels::Result;
@@ -209,22 +209,18 @@ fn params_from_c(p: &DkMoeRouteParams) -> Result<RouteParams> {
     })
 }
 
-/// Upper bound on the permuted rows R: `min(n·k, e·capacity) + e·(block − 1)` (capacity 0 =
-/// unlimited). −1 when an argument is out of range (n < 0, e, k or block < 1, capacity < 0) or
+/// Upper bound on the permuted rows R: `K + min(e, K)·(block − 1)` with `K = min(n·k,
+/// e·capacity)` the slots kept (capacity 0 = unlimited; `distill_kernels::moe::max_rows`). −1 when an argument is out of range (n < 0, e, k or block < 1, capacity < 0) or
 /// the bound overflows int64.
 #[no_mangle]
 pub extern "C" fn dk_moe_max_rows(n: i64, e: i32, k: i32, block: i32, capacity: i64) -> i64 {
     if n < 0 || e < 1 || k < 1 || block < 1 || capacity < 0 {
         return -1;
     }
-    let (n, e, k, block) = (n as i128, e as i128, k as i128, block as i128);
-    let slots = n * k;
-    let kept = if capacity == 0 {
-        slots
-    } else {
-        slots.min(e * capacity as i128)
-    };
-    i64::try_from(kept + e * (block - 1)).unwrap_or(-1)
+    // The crate's bound (saturating at usize::MAX, which no i64 holds: -1 as for overflow).
+    let capacity = (capacity > 0).then_some(capacity as u64 as usize);
+    let rows = max_rows(n as usize, e as usize, k as usize, block as usize, capacity);
+    i64::try_from(rows).unwrap_or(-1)
 }
 
 /// The default routing parameters: k = 1, softmax, no renormalisation, one group, scale 1, no

@@ -82,7 +82,8 @@ class MoeRoute:
     ``exact_rows=False``, the bound ``max_rows``; rows past R are padding)."""
     perm_full: Any = None
     """int32 ``[max_rows]``: the whole permutation buffer (``perm`` is its first ``num_rows``
-    entries; the entries past R are −1). ``max_rows`` = min(N·k, E·capacity) + E·(block − 1)."""
+    entries; the entries past R are −1). ``max_rows`` = K + min(E, K)·(block − 1), with
+    K = min(N·k, E·capacity) the slots kept."""
 
     @property
     def max_rows(self) -> int:
@@ -397,8 +398,8 @@ def moe_permute(x, route: MoeRoute, scale: bool = False, *, weights=None) -> np.
 
 def moe_combine(expert_out, route: MoeRoute, weighted: bool = True, *, weights=None) -> np.ndarray:
     """Sums each token's expert rows: ``y[n] = Σ_j w[n, j] · expert_out[position[n, j]]``
-    (``weighted=False``: w = 1), dropped slots skipped, accumulated in float32 in slot order
-    (bitwise reproducible).
+    (``weighted=False``: w = 1), dropped slots skipped, accumulated in slot order (in float32 on
+    CUDA, float64 on this CPU reference) and rounded once (bitwise reproducible).
 
     ``expert_out`` is ``[R, H]`` in permuted order (a buffer of up to ``route.max_rows`` rows is
     accepted too: rows past R are ignored); the result is ``[N, H]`` in its dtype."""

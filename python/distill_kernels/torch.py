@@ -46,13 +46,18 @@ def _eager(fn):
     return torch.compiler.disable(fn)
 
 
-def _first_order(what: str):
-    """Decorator for the backward of a Function whose gradients are computed in the forward
-    pass: they are constants, not functions of the inputs, so a double backward
-    (``torch.autograd.grad(..., create_graph=True)``, under which autograd runs backward with
-    grad mode on) raises here instead of building a graph that silently lacks every
-    second-order term through this call. ``once_differentiable`` alone catches only the case
-    where ``grad_output`` itself requires grad."""
+_FORWARD_GRADIENTS = ("its gradients are computed in the forward pass and are not differentiable "
+                      "themselves")
+_KERNEL_BACKWARD = "its backward runs library kernels that autograd cannot differentiate"
+
+
+def _first_order(what: str, why: str = _FORWARD_GRADIENTS):
+    """Decorator for the backward of a Function whose backward is not differentiable (its
+    gradients are computed in the forward pass, or by library kernels, ``why``): a double
+    backward (``torch.autograd.grad(..., create_graph=True)``, under which autograd runs
+    backward with grad mode on) raises here instead of building a graph that silently lacks
+    every second-order term through this call. ``once_differentiable`` alone catches only the
+    case where ``grad_output`` itself requires grad."""
 
     def wrap(backward):
         inner = once_differentiable(backward)
@@ -62,8 +67,7 @@ def _first_order(what: str):
             if torch.is_grad_enabled():
                 raise RuntimeError(
                     f"distill_kernels.torch.{what}: double backward (create_graph=True) is not "
-                    "supported: its gradients are computed in the forward pass and are not "
-                    "differentiable themselves"
+                    f"supported: {why}"
                 )
             return inner(ctx, *grad_outputs)
 
@@ -731,7 +735,7 @@ class MoePermuteFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @_first_order("moe_permute")
+    @_first_order("moe_permute", _KERNEL_BACKWARD)
     def backward(ctx, grad_out):
         x, weights, position = ctx.saved_tensors
         grad_x = grad_w = None
@@ -757,7 +761,7 @@ class MoeCombineFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @_first_order("moe_combine")
+    @_first_order("moe_combine", _KERNEL_BACKWARD)
     def backward(ctx, grad_y):
         expert_out, weights, perm_full, position = ctx.saved_tensors
         grad_eo = grad_w = None
@@ -785,12 +789,20 @@ class _KernelValuesFormulaGradient(torch.autograd.Function):
 
 def _differentiable_route_weights(logits: torch.Tensor, expert_ids: torch.Tensor,
                                   weights: torch.Tensor, params) -> torch.Tensor:
-    """The kernel's ``weights`` as values, with the gradient of the same formula in torch ops
-    (float64, so that scores underflowing float32 still have one): scores of the chosen experts
-    (softmax over all E, or sigmoid), renormalised, scaled."""
-    x = logits.double()
-    scores = torch.softmax(x, dim=-1) if params.score == _lib.MOE_SCORES["softmax"] else x.sigmoid()
-    w = scores.gather(1, expert_ids.long())
+    """The kernel's ``weights`` as values, with the gradient of the same formula in torch ops:
+    scores of the chosen experts (softmax over all E, or sigmoid), renormalised, scaled.
+
+    Only ``[N, k]`` tensors are formed beyond the logits: the chosen logits are gathered first
+    (in float32), and softmax's normaliser is the ``[N, 1]`` logsumexp (whose backward keeps the
+    float32 logits, bfloat16 ones widened); the scores themselves are taken in float64, so that
+    scores underflowing float32 still have a gradient. (A softmax over all E in float64 kept two
+    ``[N, E]`` float64 tensors per layer until backward.)"""
+    x = logits if logits.dtype == torch.float32 else logits.float()
+    picked = x.gather(1, expert_ids.long()).double()
+    if params.score == _lib.MOE_SCORES["softmax"]:
+        w = (picked - torch.logsumexp(x, dim=-1, keepdim=True).double()).exp()
+    else:
+        w = picked.sigmoid()
     if params.renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
     w = w * params.scale
@@ -831,7 +843,8 @@ def moe_route(
     synchronised. Otherwise R depends on the routing: with ``exact_rows=True`` (the default) it is
     read back to the host (one synchronisation of the current stream, in this call); with
     ``exact_rows=False`` nothing is synchronised and ``route.num_rows`` is the bound
-    ``max_rows`` = min(N·k, E·capacity) + E·(block − 1): permuted tensors then have max_rows rows,
+    ``max_rows`` = K + min(E, K)·(block − 1), K = min(N·k, E·capacity) the slots kept: permuted
+    tensors then have max_rows rows,
     the rows past R are zero (``perm`` −1, like padding) and are ignored by combine; read the
     real R from ``route.offsets[-1]`` when you need it.
     """
@@ -933,7 +946,8 @@ def moe_permute(x: torch.Tensor, route: MoeRoute, scale: bool = False, *,
 def moe_combine(expert_out: torch.Tensor, route: MoeRoute, weighted: bool = True, *,
                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y[n] = Σ_j w[n, j] · expert_out[position[n, j]]`` (``weighted=False``: w = 1), dropped
-    slots skipped, f32 accumulation in slot order, no atomics (bitwise reproducible).
+    slots skipped, accumulated in slot order (f32 on CUDA, f64 on the CPU reference), no atomics
+    (bitwise reproducible).
 
     ``expert_out`` is ``[num_rows, H]`` in permuted order (up to ``max_rows`` rows accepted);
     the result ``[N, H]`` has its dtype. Differentiable in ``expert_out`` and, when weighted, in

@@ -96,7 +96,8 @@ def ref_route(logits, k, *, score="softmax", renormalize=False, bias=None, n_gro
         perm.extend([-1] * (padded - len(kept)))
         offsets.append(start + padded)
     kept_bound = n * k if capacity is None else min(n * k, e * capacity)
-    max_rows = kept_bound + e * (block - 1)
+    # Only experts that receive a slot are padded: at most min(E, kept) of them.
+    max_rows = kept_bound + min(e, kept_bound) * (block - 1)
     perm_full = np.array(perm + [-1] * (max_rows - len(perm)), dtype=np.int64)
     return dict(
         expert_ids=ids, weights=w, counts=counts, offsets=np.array(offsets), perm=np.array(perm),
@@ -393,8 +394,10 @@ def test_route_is_deterministic():
 def test_max_rows_bound():
     l = _lib.moe_lib()
     for n, e, k, block, cap in [(10, 4, 2, 1, 0), (10, 4, 2, 8, 0), (100, 8, 2, 4, 5),
-                                (3, 16, 4, 1, 100), (1, 1, 1, 1, 0)]:
-        bound = (n * k if cap == 0 else min(n * k, e * cap)) + e * (block - 1)
+                                (3, 16, 4, 1, 100), (1, 1, 1, 1, 0), (1, 256, 8, 128, 0),
+                                (3, 256, 8, 128, 1), (2, 16, 2, 8, 0)]:
+        kept = n * k if cap == 0 else min(n * k, e * cap)
+        bound = kept + min(e, kept) * (block - 1)
         assert l.dk_moe_max_rows(n, e, k, block, cap) == bound
     assert l.dk_moe_max_rows(0, 4, 1, 1, 0) == -1 or l.dk_moe_max_rows(0, 4, 1, 1, 0) == 0
     assert l.dk_moe_max_rows(10, 4, 2, 0, 0) == -1

@@ -365,6 +365,27 @@ def test_route_weights_carry_the_router_gradient(device, case):
     assert r.weights.grad is not None and r.weights.grad.shape == (n, k)
 
 
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_route_weights_save_no_n_by_e_copies_for_backward(device, score):
+    """The router gradient's graph keeps [N, k] tensors and at most the float32 logits
+    themselves until backward (a float64 softmax over all E kept two [N, E] float64 tensors per
+    MoE layer: 4x the logits)."""
+    n, e, k = 64, 32, 4
+    lg = make_logits(n, e, torch.float32, 23, device).requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        route = dkt.moe_route(lg, k, score=score, renormalize=True)
+    big = [t for t in saved if t.numel() >= n * e]
+    assert all(t.dtype == torch.float32 and t.data_ptr() == lg.data_ptr() for t in big), [
+        (tuple(t.shape), t.dtype) for t in big]
+    assert route.weights.requires_grad
+
+
 def test_route_weights_keep_the_kernels_bits_where_float32_scores_underflow(device):
     """The differentiable weights are the kernel's values, not a float32 re-computation: scores
     that underflow float32 (sigmoid of -110, renormalised) stay finite, and a negative scale's

@@ -157,16 +157,19 @@ impl RouteParams {
     }
 }
 
-/// Upper bound on the permuted rows `R = offsets[E]`: `min(N·k, E·capacity) + E·(block − 1)`,
-/// saturating at `usize::MAX` (such a bound is rejected by the operations, whose row indices are
-/// 32-bit).
+/// Upper bound on the permuted rows `R = offsets[E]`: `K + min(E, K)·(block − 1)` with
+/// `K = min(N·k, E·capacity)` the slots kept, saturating at `usize::MAX` (such a bound is
+/// rejected by the operations, whose row indices are 32-bit). Only an expert that receives a
+/// slot has a segment to pad, and at most `min(E, K)` do: a decode step of DeepSeek-V3 (N = 1,
+/// k = 8 of E = 256, block 128) needs 1024 rows, where `K + E·(block − 1)` said 32520.
 pub fn max_rows(n: usize, e: usize, k: usize, block: usize, capacity: Option<usize>) -> usize {
     let slots = n.saturating_mul(k);
     let kept = match capacity {
         Some(c) => slots.min(e.saturating_mul(c)),
         None => slots,
     };
-    kept.saturating_add(e.saturating_mul(block.saturating_sub(1)))
+    let padded = e.min(kept);
+    kept.saturating_add(padded.saturating_mul(block.saturating_sub(1)))
 }
 
 #[cfg(test)]
@@ -177,6 +180,10 @@ mod tests {
     fn max_rows_bound() {
         assert_eq!(max_rows(10, 4, 2, 1, None), 20);
         assert_eq!(max_rows(10, 4, 2, 8, None), 20 + 28);
+        // Only experts that receive a slot are padded: at most min(E, kept) of them.
+        assert_eq!(max_rows(1, 256, 8, 128, None), 8 * 128);
+        assert_eq!(max_rows(3, 256, 8, 128, Some(1)), 24 * 128);
+        assert_eq!(max_rows(0, 256, 8, 128, None), 0);
         assert_eq!(max_rows(10, 4, 2, 1, Some(3)), 12);
         assert_eq!(max_rows(10, 4, 2, 1, Some(300)), 20);
         assert_eq!(max_rows(usize::MAX, 4, 2, 1, None), usize::MAX);
