@@ -306,16 +306,19 @@ fn vector_lengths() {
     }
 }
 
+/// The six matrix slots and their names.
+const MATRICES: [(usize, &str); 6] = [
+    (SH, "student hidden"),
+    (SW, "student weight"),
+    (TH, "teacher hidden"),
+    (TW, "teacher weight"),
+    (GH, "grad_hidden"),
+    (GW, "grad_weight"),
+];
+
 #[test]
 fn strides_smaller_than_rows() {
-    for (slot, what) in [
-        (SH, "student hidden"),
-        (SW, "student weight"),
-        (TH, "teacher hidden"),
-        (TW, "teacher weight"),
-        (GH, "grad_hidden"),
-        (GW, "grad_weight"),
-    ] {
+    for (slot, what) in MATRICES {
         let mut s = Spec::valid();
         s.views[slot].stride = s.views[slot].cols - 1;
         rejects(&s, ErrorKind::Shape, &format!("{what} stride < columns"));
@@ -327,14 +330,7 @@ fn strides_smaller_than_rows() {
 /// space instead of refusing).
 #[test]
 fn strides_past_the_address_space() {
-    for (slot, what) in [
-        (SH, "student hidden"),
-        (SW, "student weight"),
-        (TH, "teacher hidden"),
-        (TW, "teacher weight"),
-        (GH, "grad_hidden"),
-        (GW, "grad_weight"),
-    ] {
+    for (slot, what) in MATRICES {
         let mut s = Spec::valid();
         let view = s.views[slot];
         // Just past 2^63 bytes from the first row to the last: the span's end still fits 64
