@@ -8,8 +8,9 @@
 # Steps, each under its own time limit and all inside GPU_CHECK_BUDGET seconds (default 330); a
 # failing step is recorded and the next one runs. A step may use its cap but not the time the
 # selected steps after it are expected to need (expected_seconds), except that it may always use
-# half of what is left. A step that runs into its own cap (a hang) skips the later steps of its
-# variant (persist, persist256, wgmma, wide, smem, stream). A full run goes in the order below; a
+# half of what is left. A benchmark or test that runs into its own cap (a hang) skips the later
+# benchmarks, profiles and sanitizer runs of its variant (persist, persist256, wgmma, wide, smem,
+# stream); a test's also skips the variant's later tests. A full run goes in the order below; a
 # call that names its steps (GPU_CHECK_ONLY) runs the card steps, then the tests (6), then the
 # benchmarks (3-5c), then the rest: code that never ran on a card is checked before it is timed.
 #   1. nvidia-smi one-liner
@@ -97,6 +98,7 @@ case ${GPU_CHECK_PLAN:-} in
   3a) # the 256-thread persistent variant, the other A/B rows, the wide attention kernels
     plan_steps="nvidia-smi,test-divergence_reference-persist256,test-fused_reference-persist256"
     plan_steps+=",test-attention_reference-wide,dk-bench-persist256,dk-bench-short-persist256"
+    plan_steps+=",dk-bench-attention-wide"
     plan_steps+=",dk-bench-inplace-persist,dk-bench-moe-nopdl,dk-bench-persist-c"
     plan_steps+=",racecheck-attention-wide,memcheck-persist" ;;
   3b) # the torch face on CUDA, the Python benchmarks against torch / Liger, the profiles
@@ -333,17 +335,19 @@ expected_after() {
   echo $((total + opt))
 }
 
-# A benchmark or test that ran into its own cap, a cap at least twice its expected time (a hang,
-# not a slow run), marks its variant: the later benchmarks, profiles and sanitizer runs of that
-# variant (the same word in their name: persist, persist256, wgmma, wide, smem, stream) are
-# skipped, so one stuck kernel cannot eat the budget of every step after it. Tests still run
-# (each under its own cap): they are the evidence. Profiler and sanitizer steps mark nothing
-# (their instrumentation makes them slow).
+# A benchmark or test that ran into its own cap (at least 5 s past its expected time: a hang,
+# or far slower than planned) marks its variant (the word in its name: persist, persist256,
+# wgmma, wide, smem, stream): the later benchmarks, profiles and sanitizer runs of that variant
+# are skipped, so one stuck kernel cannot eat the budget of every step after it. A test's mark
+# skips the variant's later tests too; a benchmark's does not (tests are the evidence, each
+# under its own cap). Profiler and sanitizer steps mark nothing (their instrumentation makes
+# them slow).
 variant_words="persist persist256 wgmma wide smem stream"
+hung_tests=""      # variant words marked by a test
 skipped_as_hung() { # STEP: the hung variant that skips it, if any
-  local w
-  case $1 in test-*) return 1 ;; esac
-  for w in $hung; do
+  local w marks=$hung
+  case $1 in test-*) marks=$hung_tests ;; esac
+  for w in $marks; do
     case "-$1-" in *"-$w-"*) echo "$w"; return 0 ;; esac
   done
   return 1
@@ -351,9 +355,14 @@ skipped_as_hung() { # STEP: the hung variant that skips it, if any
 mark_hung() { # STEP CAP
   local v
   case $1 in ncu-* | memcheck* | racecheck*) return 0 ;; esac
-  [ "$2" -ge $((2 * $(expected_seconds "$1"))) ] || return 0
+  [ "$2" -ge $(($(expected_seconds "$1") + 5)) ] || return 0
   for v in $variant_words; do
-    case "-$1-" in *"-$v-"*) hung+=" $v" ;; esac
+    case "-$1-" in
+      *"-$v-"*)
+        hung+=" $v"
+        case $1 in test-*) hung_tests+=" $v" ;; esac
+        ;;
+    esac
   done
 }
 

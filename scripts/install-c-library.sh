@@ -61,7 +61,8 @@ abi=$(sed -n 's/^#define DK_ABI_VERSION \([0-9]*\)$/\1/p' include/distill_kernel
 # The library must carry the SONAME of this header's ABI (capi/build.rs): one built before it
 # had none, one of another ABI another, and either installed under this name would defeat it.
 if command -v readelf >/dev/null; then
-  soname=$(readelf -d "$release/$shared" | sed -n 's/.*(SONAME).*\[\(.*\)\].*/\1/p')
+  soname=$(readelf -d "$release/$shared" 2>/dev/null | sed -n 's/.*(SONAME).*\[\(.*\)\].*/\1/p') ||
+    soname=""
   if [ "$soname" != "$shared.$abi" ]; then
     echo "$0: $release/$shared has SONAME '${soname:-none}', not $shared.$abi (DK_ABI_VERSION" \
       "of include/distill_kernels.h): built from other sources; rebuild it" >&2

@@ -218,8 +218,11 @@ pub extern "C" fn dk_moe_max_rows(n: i64, e: i32, k: i32, block: i32, capacity: 
         return -1;
     }
     // The crate's bound (saturating at usize::MAX, which no i64 holds: -1 as for overflow).
-    let capacity = (capacity > 0).then_some(capacity as u64 as usize);
-    let rows = max_rows(n as usize, e as usize, k as usize, block as usize, capacity);
+    let (Ok(n), Ok(capacity)) = (usize::try_from(n), usize::try_from(capacity)) else {
+        return -1; // a 32-bit usize
+    };
+    let capacity = (capacity > 0).then_some(capacity);
+    let rows = max_rows(n, e as usize, k as usize, block as usize, capacity);
     i64::try_from(rows).unwrap_or(-1)
 }
 

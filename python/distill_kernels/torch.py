@@ -787,22 +787,39 @@ class _KernelValuesFormulaGradient(torch.autograd.Function):
         return None, grad.to(ctx.formula_dtype)
 
 
+class _ChosenLogSoftmax(torch.autograd.Function):
+    """forward(logits [N, E], ids [N, k]) -> log softmax(logits)[ids] in float64 [N, k].
+    Saves the logits, the ids and the [N, 1] float64 logsumexp: no [N, E] tensor is kept for
+    backward (torch's softmax over all E kept two float64 ones per MoE layer). Backward forms
+    softmax in float64 again, so the gradient of a dominant chosen score (where its two terms
+    cancel) stays float64-accurate."""
+
+    @staticmethod
+    def forward(ctx, logits, ids):
+        x = logits.double()
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        ctx.save_for_backward(logits, ids, lse)
+        return x.gather(1, ids) - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, ids, lse = ctx.saved_tensors
+        g = -(logits.double() - lse).exp() * grad.sum(dim=-1, keepdim=True)
+        g.scatter_add_(1, ids, grad)
+        return g.to(logits.dtype), None
+
+
 def _differentiable_route_weights(logits: torch.Tensor, expert_ids: torch.Tensor,
                                   weights: torch.Tensor, params) -> torch.Tensor:
-    """The kernel's ``weights`` as values, with the gradient of the same formula in torch ops:
-    scores of the chosen experts (softmax over all E, or sigmoid), renormalised, scaled.
-
-    Only ``[N, k]`` tensors are formed beyond the logits: the chosen logits are gathered first
-    (in float32), and softmax's normaliser is the ``[N, 1]`` logsumexp (whose backward keeps the
-    float32 logits, bfloat16 ones widened); the scores themselves are taken in float64, so that
-    scores underflowing float32 still have a gradient. (A softmax over all E in float64 kept two
-    ``[N, E]`` float64 tensors per layer until backward.)"""
-    x = logits if logits.dtype == torch.float32 else logits.float()
-    picked = x.gather(1, expert_ids.long()).double()
+    """The kernel's ``weights`` as values, with the gradient of the same formula, in float64
+    (so that scores underflowing float32 still have one): scores of the chosen experts (softmax
+    over all E, or sigmoid), renormalised, scaled. Only [N, k] tensors (and the logits) are
+    kept for backward."""
+    ids = expert_ids.long()
     if params.score == _lib.MOE_SCORES["softmax"]:
-        w = (picked - torch.logsumexp(x, dim=-1, keepdim=True).double()).exp()
+        w = _ChosenLogSoftmax.apply(logits, ids).exp()
     else:
-        w = picked.sigmoid()
+        w = logits.gather(1, ids).double().sigmoid()
     if params.renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
     w = w * params.scale
