@@ -568,30 +568,24 @@ phase_tests() {
   done <"$bundle/tests/MANIFEST.tsv"
   # Every path stays correct on Hopper: the default (one block per row from 512 rows, stream
   # clusters below), the one-block kernel alone, and each cluster variant on every row count.
+  # test-NAME-STEP for each STEP:VALUE of DK_DIVERGENCE_CLUSTER (v1:0 is the one-block kernel).
+  local v
   if has_test divergence_reference; then
-    run_step test-divergence_reference-v1 90 1 env DK_DIVERGENCE_CLUSTER=0 \
-      target/release/deps/divergence_reference
-    run_step test-divergence_reference-smem 90 1 env DK_DIVERGENCE_CLUSTER=smem \
-      target/release/deps/divergence_reference
-    run_step test-divergence_reference-stream 90 1 env DK_DIVERGENCE_CLUSTER=stream \
-      target/release/deps/divergence_reference
-    run_step test-divergence_reference-persist 90 1 env DK_DIVERGENCE_CLUSTER=persist \
-      target/release/deps/divergence_reference
-    run_step test-divergence_reference-persist256 90 1 env DK_DIVERGENCE_CLUSTER=persist256 \
-      target/release/deps/divergence_reference
+    for v in v1:0 smem:smem stream:stream persist:persist persist256:persist256; do
+      run_step "test-divergence_reference-${v%%:*}" 90 1 env DK_DIVERGENCE_CLUSTER="${v#*:}" \
+        target/release/deps/divergence_reference
+    done
   fi
-  # The fused linear divergence with every chunk on one block per row: on Hopper its small test
-  # shapes otherwise run the cluster row kernels and the separate conversion pass, so this is what
-  # checks dk_div_fused_* (G written over S by the chunk's divergence, cuda/FUSED.md version 2).
+  # The fused linear divergence with every chunk on one block per row (v1): on Hopper its small
+  # test shapes otherwise run the cluster row kernels and the separate conversion pass, so this is
+  # what checks dk_div_fused_* (G written over S by the chunk's divergence, cuda/FUSED.md version
+  # 2); and on the persistent kernels that write G over the previous row of their cluster
+  # (dk_divcp_fused_*, cuda/FUSED.md version 3).
   if has_test fused_reference; then
-    run_step test-fused_reference-v1 90 1 env DK_DIVERGENCE_CLUSTER=0 \
-      target/release/deps/fused_reference
-    # Every chunk on the persistent kernel that writes G over the previous row of its cluster
-    # (dk_divcp_fused_*, cuda/FUSED.md version 3).
-    run_step test-fused_reference-persist 90 1 env DK_DIVERGENCE_CLUSTER=persist \
-      target/release/deps/fused_reference
-    run_step test-fused_reference-persist256 90 1 env DK_DIVERGENCE_CLUSTER=persist256 \
-      target/release/deps/fused_reference
+    for v in v1:0 persist:persist persist256:persist256; do
+      run_step "test-fused_reference-${v%%:*}" 90 1 env DK_DIVERGENCE_CLUSTER="${v#*:}" \
+        target/release/deps/fused_reference
+    done
   fi
   if has_test attention_reference; then
     run_step test-attention_reference-wide 90 1 env DK_ATTENTION_FWD=wide DK_ATTENTION_BWD=wide \
