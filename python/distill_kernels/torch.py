@@ -1576,7 +1576,7 @@ class AttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @_first_order("attention")
+    @_first_order("attention", _KERNEL_BACKWARD)
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         if dout is None:
