@@ -63,9 +63,9 @@ pub(crate) fn for_each_range(
 /// [`for_each_range`] over the items of `out`, one output value per item, where each worker also
 /// needs `scratch` f64 values of working memory: `f(start, chunk, scratch)` gets contiguous
 /// chunks of `out` (`start` the index of `chunk[0]`), on as many threads as the work deserves
-/// (one, for small calls). The workers' memory is allocated on the calling thread before any starts,
-/// so where the host refuses it the call returns [`crate::error::ErrorKind::OutOfMemory`]
-/// (naming `what`) having done nothing.
+/// (one, for small calls). The workers' memory is allocated on the calling thread before any
+/// starts, so where the host refuses it the call returns
+/// [`crate::error::ErrorKind::OutOfMemory`] (naming `what`) having done nothing.
 pub(crate) fn for_each_chunk_with_scratch<T: Send>(
     out: &mut [T],
     work_per_item: usize,
@@ -81,14 +81,12 @@ pub(crate) fn for_each_chunk_with_scratch<T: Send>(
         return Ok(());
     }
     let per = items.div_ceil(threads);
-    // One scratch slice per chunk (at most `threads` chunks); empty ones when `scratch` is 0.
-    let mut slices: Vec<&mut [f64]> = if scratch == 0 {
-        (0..threads).map(|_| <&mut [f64]>::default()).collect()
-    } else {
-        memory.chunks_mut(scratch).collect()
-    };
+    // At most `threads` chunks, each with the next `scratch` values (none when it is 0).
+    let mut rest = memory.as_mut_slice();
     std::thread::scope(|scope| {
-        for (i, (chunk, mine)) in out.chunks_mut(per).zip(slices.drain(..)).enumerate() {
+        for (i, chunk) in out.chunks_mut(per).enumerate() {
+            let (mine, next) = std::mem::take(&mut rest).split_at_mut(scratch);
+            rest = next;
             let f = &f;
             scope.spawn(move || f(i * per, chunk, mine));
         }

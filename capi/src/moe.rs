@@ -210,8 +210,9 @@ fn params_from_c(p: &DkMoeRouteParams) -> Result<RouteParams> {
 }
 
 /// Upper bound on the permuted rows R: `K + min(e, K)·(block − 1)` with `K = min(n·k,
-/// e·capacity)` the slots kept (capacity 0 = unlimited; `distill_kernels::moe::max_rows`). −1 when an argument is out of range (n < 0, e, k or block < 1, capacity < 0) or
-/// the bound overflows int64.
+/// e·capacity)` the slots kept (capacity 0 = unlimited; `distill_kernels::moe::max_rows`). −1
+/// when an argument is out of range (n < 0, e, k or block < 1, capacity < 0) or the bound
+/// overflows int64.
 #[no_mangle]
 pub extern "C" fn dk_moe_max_rows(n: i64, e: i32, k: i32, block: i32, capacity: i64) -> i64 {
     if n < 0 || e < 1 || k < 1 || block < 1 || capacity < 0 {

@@ -1108,9 +1108,8 @@ def moe_max_rows(n: int, e: int, k: int, block: int, capacity: int) -> int:
         )
     if rows >= 2**31:
         raise ValueError(
-            f"the permuted buffer would have {rows} rows (K + min(E, K)·(block − 1), K the "
-            f"slots kept), more than the "
-            "int32 row indices of perm / position can address"
+            f"the permuted buffer would have {rows} rows (K + min(E, K)·(block − 1), K the slots "
+            "kept), more than the int32 row indices of perm / position can address"
         )
     return rows
 

@@ -861,9 +861,8 @@ def moe_route(
     read back to the host (one synchronisation of the current stream, in this call); with
     ``exact_rows=False`` nothing is synchronised and ``route.num_rows`` is the bound
     ``max_rows`` = K + min(E, K)·(block − 1), K = min(N·k, E·capacity) the slots kept: permuted
-    tensors then have max_rows rows,
-    the rows past R are zero (``perm`` −1, like padding) and are ignored by combine; read the
-    real R from ``route.offsets[-1]`` when you need it.
+    tensors then have max_rows rows, the rows past R are zero (``perm`` −1, like padding) and are
+    ignored by combine; read the real R from ``route.offsets[-1]`` when you need it.
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch tensor, got {type(logits).__name__}")

@@ -273,8 +273,8 @@ pub(crate) unsafe fn reduction_scale(
 /// caller), with outputs not aliasing inputs except a gradient exactly over the student logits.
 ///
 /// # Errors
-/// [`crate::error::ErrorKind::OutOfMemory`] where the host refuses the f64 rows (3 · V values per
-/// worker thread) or the row losses; nothing is written then.
+/// [`crate::error::ErrorKind::OutOfMemory`] where the host refuses the f64 rows (2 or 3 · V values
+/// per worker thread) or the row losses; nothing is written then.
 pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) -> Result<()> {
     let kind = params.effective_kind();
     let beta = params.beta as f64;
@@ -286,10 +286,10 @@ pub(crate) unsafe fn divergence(raw: &RawDivergence, params: &Params) -> Result<
     let shared = unsafe { Shared::new(*raw) };
     let ignore = params.ignore_index;
     let mut row_loss = filled(n, 0.0f64, "the CPU divergence's row losses")?;
-    let rows_per_worker = if raw.grad.is_null() { 2 } else { 3 };
-    // Small calls stay on the calling thread (a thread start costs more than their rows).
-    let scratch = rows_per_worker * v;
+    // Each worker's f64 rows: student, teacher and, with a gradient, the gradient.
+    let scratch = if raw.grad.is_null() { 2 * v } else { 3 * v };
     let what = "the CPU divergence's f64 rows (2 or 3 · V values per thread)";
+    // Small calls stay on the calling thread (a thread start costs more than their rows).
     for_each_chunk_with_scratch(&mut row_loss, v, scratch, what, |first, chunk, mem| {
         let raw = shared.get();
         let (b, rest) = mem.split_at_mut(v);
