@@ -550,6 +550,15 @@ fn shapes() {
             |s: &mut FwdSpec, _| varlen(&mut s.batch, |_, k, _, _| k.len -= 1)
         ),
         rule!(
+            "one-entry offsets with rows",
+            Shape,
+            "no sequences",
+            |s: &mut FwdSpec, _| varlen(&mut s.batch, |q, k, _, _| {
+                q.len = 1;
+                k.len = 1;
+            })
+        ),
+        rule!(
             "max_seqlen_q below the longest",
             Shape,
             "max_seqlen_q",

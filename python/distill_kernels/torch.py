@@ -1742,6 +1742,9 @@ def _attention_meta(q, k, v, cu_q, cu_k, device, max_seqlen_q, max_seqlen_k, cau
             meta.seqlen_q = _max_seqlen("max_seqlen_q", max_seqlen_q)
             meta.seqlen_k = _max_seqlen("max_seqlen_k", max_seqlen_k)
         elif meta.batch == 0:
+            if meta.rows_q or meta.rows_k:
+                raise ValueError(f"cu_seqlens have one entry (no sequences) but q has "
+                                 f"{meta.rows_q} rows and k {meta.rows_k}: both must be empty")
             meta.seqlen_q = meta.seqlen_k = 0
         else:
             # The one host synchronisation: lengths and the offsets' consistency in one read.

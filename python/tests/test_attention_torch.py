@@ -218,6 +218,12 @@ def test_varlen_offsets_are_checked_when_read(device):
         dkt.attention(q, k, k, cu_seqlens_q=ok, cu_seqlens_k=ok, max_seqlen_q=3)
     out = dkt.attention(q, k, k, cu_seqlens_q=ok, cu_seqlens_k=ok, max_seqlen_k=9)
     assert torch.equal(out, dkt.attention(q, k, k, cu_seqlens_q=ok, cu_seqlens_k=ok))
+    # One offset entry is zero sequences: rows in q or k are an error that says so, with or
+    # without the bounds (the latter through the library's own check).
+    none = torch.zeros(1, dtype=torch.int32, device=device)
+    for bounds in ({}, dict(max_seqlen_q=0, max_seqlen_k=0)):
+        with pytest.raises(ValueError, match="no sequences"):
+            dkt.attention(q, k, k, cu_seqlens_q=none, cu_seqlens_k=none, **bounds)
 
 
 def test_backward_reads_the_forward_row_layouts_without_copying_again(device, monkeypatch):

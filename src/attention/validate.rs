@@ -358,6 +358,12 @@ fn describe_batch(batch: &Batch<'_>, total_q: usize, total_k: usize) -> Result<R
             check_32bit("batch (cu_seqlens entries - 1)", batch)?;
             check_32bit("max_seqlen_q", max_seqlen_q)?;
             check_32bit("max_seqlen_k", max_seqlen_k)?;
+            if batch == 0 && (total_q > 0 || total_k > 0) {
+                bail!(
+                    Shape,
+                    "cu_seqlens have one entry (no sequences) but q has {total_q} rows and k {total_k}: both must be empty"
+                );
+            }
             for (what, bound, rows, of) in [
                 ("max_seqlen_q", max_seqlen_q, total_q, "q"),
                 ("max_seqlen_k", max_seqlen_k, total_k, "k"),
