@@ -221,7 +221,8 @@ DK_DIV_FUSED_KERNELS_FOR_KIND(jsd, Kind::Jsd)
 // num_items. Runs on the device so the trainer's stream never waits on the host.
 // `num_items_mem` (or null): batchmean's divisor in device memory, written by the trainer's
 // earlier work on the stream (a token count); read here, so the host never waits for it. A value
-// that is not finite and > 0 gives the sum (divisor 1): nothing could report it without a sync.
+// that is not finite and >= 2^-126 gives the sum (divisor 1): nothing could report it without a
+// sync (a subnormal's reciprocal overflows to inf).
 extern "C" __global__ void __launch_bounds__(1024)
     dk_div_prepare(const int64_t* labels, int64_t n, int64_t ignore_index, int reduction,
                    float num_items, const float* num_items_mem, float* scale_out) {
@@ -233,7 +234,8 @@ extern "C" __global__ void __launch_bounds__(1024)
   if (num_items_mem != nullptr) {
     if (threadIdx.x == 0) {
       const float d = *num_items_mem;
-      *scale_out = (d > 0.f && d < INFINITY) ? 1.f / d : 1.f;  // NaN fails both compares
+      // 2^-126: float's smallest normal. NaN fails both compares.
+      *scale_out = (d >= 0x1p-126f && d < INFINITY) ? 1.f / d : 1.f;
     }
     return;
   }

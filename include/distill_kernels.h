@@ -119,12 +119,13 @@ typedef struct dk_divergence_params {
                            includes the 1/T) */
   int32_t reduction;    /* DK_REDUCTION_* */
   int64_t ignore_index; /* rows whose label equals it are skipped (default -100) */
-  float num_items;      /* batchmean divisor override; 0 = count the valid rows */
+  float num_items;      /* batchmean divisor override; 0 = count the valid rows; else finite,
+                           >= FLT_MIN (normal) */
 } dk_divergence_params;
 
 typedef struct dk_divergence_args {
   int64_t n;              /* rows, >= 0 (0: an empty batch, *loss = 0, nothing else written) */
-  int64_t v;              /* vocabulary size, >= 1 */
+  int64_t v;              /* vocabulary size, 1 ..= 2^31 - 2^16 */
   const void* student;    /* [n, v] logits */
   int32_t student_dtype;  /* DK_DTYPE_* (also the gradient's dtype) */
   int64_t student_stride; /* elements between rows, >= v */
@@ -139,7 +140,8 @@ typedef struct dk_divergence_args {
   const float* num_items; /* NULL, or 1 float in the context's memory: batchmean's divisor, read
                              when the call runs (a token count computed on the device needs no
                              host sync); replaces params->num_items (which must then be 0), needs
-                             DK_REDUCTION_BATCHMEAN; a value not finite and > 0 gives the sum */
+                             DK_REDUCTION_BATCHMEAN; a value not finite and >= 2^-126 (FLT_MIN)
+                             gives the sum */
 } dk_divergence_args;
 
 /*
@@ -189,7 +191,9 @@ dk_status dk_scale_rows(const dk_context* ctx, const dk_scale_rows_args* args, v
  * for the expert rows and slot_dot for the weights.
  *
  * Selection: a higher selection score (score + bias) first, equal scores to the lower expert
- * (group) index; a NaN selection score ranks below every number. A token whose logits are all
+ * (group) index; a NaN selection score ranks below every number. Sigmoid with no bias and no
+ * group left out compares the logits (the exact scores' order: f32 scores saturate at 1 from
+ * logits of ~17 and would tie). A token whose logits are all
  * -inf has NaN softmax scores (0/0): experts 0..k-1, NaN weights; under sigmoid weights 0 (NaN
  * when renormalised), experts chosen by the bias alone. It still takes rows of those experts
  * (counts, capacity): leave padding tokens out rather than mask them. Activations (permute, combine,
@@ -327,7 +331,7 @@ typedef struct dk_fused_linear_params {
 
 typedef struct dk_fused_linear_args {
   int64_t n;                     /* rows (tokens), >= 0 (0: *loss = 0, grad_weight = 0 unless accumulating) */
-  int64_t v;                     /* vocabulary size (student and teacher), >= 1 */
+  int64_t v;                     /* vocabulary size (student and teacher), 1 ..= 2^31 - 2^16 */
   int64_t h;                     /* student hidden size, >= 1 */
   int64_t ht;                    /* teacher hidden size, >= 1 */
   int32_t dtype;                 /* DK_DTYPE_* of all four inputs (bf16, f16 or f32) */
@@ -378,7 +382,9 @@ dk_status dk_fused_linear_divergence(const dk_context* ctx, const dk_fused_linea
  * seqlen_k are then upper bounds on the longest sequences (they size the CUDA grid; at most
  * INT32_MAX, and batch * seqlen must cover rows_q / rows_k, checked on every context); lse is
  * [heads_q, rows_q]. On a CUDA context the offsets are device memory read only by the kernels
- * (not checked; out-of-range entries are clamped so memory stays safe). Exactly one of the two
+ * (not checked; out-of-range entries are clamped so memory stays safe, and the rows of a
+ * sequence longer than its seqlen bound past that bound are left unwritten: the CPU context
+ * refuses such a bound with DK_ERR_SHAPE). Exactly one of the two
  * offset pointers NULL is DK_ERR_INVALID_ARGUMENT; a negative count or stride, heads_q or
  * heads_kv of 0, heads_q not a multiple of heads_kv, or a head_dim other than 64 and 128 is
  * DK_ERR_SHAPE; causal and deterministic other than 0 or 1 are DK_ERR_INVALID_ARGUMENT.

@@ -190,7 +190,8 @@ fn same_bits(a: &Outputs, b: &Outputs, what: &str) {
 fn num_items_in_memory_matches_the_parameter() {
     // The divisor read from memory when the call runs gives bitwise the results of the same
     // value passed as Params::num_items (checked against the f64 reference by the test above),
-    // in place too; a value that is not finite and > 0 gives the sum.
+    // in place too; a value that is not finite and at least 2^-126 (subnormals included, whose
+    // f32 reciprocal overflows) gives the sum.
     let test = "num_items_in_memory_matches_the_parameter";
     let mut rng = Rng::fresh(test);
     for dev in devices(test) {
@@ -209,7 +210,7 @@ fn num_items_in_memory_matches_the_parameter() {
                 };
                 let what =
                     |d: f32| format!("{} {:?} {s_dtype:?} num_items {d}", dev.name(), params.kind);
-                for d in [37.5f32, 1.0, 3.0e-3, 1.0e30] {
+                for d in [37.5f32, 1.0, 3.0e-3, 1.0e30, f32::MIN_POSITIVE] {
                     let mut by_value = base.clone();
                     by_value.params.num_items = Some(d);
                     let mut in_memory = base.clone();
@@ -226,6 +227,8 @@ fn num_items_in_memory_matches_the_parameter() {
                     f32::NAN,
                     f32::INFINITY,
                     f32::NEG_INFINITY,
+                    f32::MIN_POSITIVE / 2.0,
+                    f32::from_bits(1),
                 ] {
                     let mut in_memory = base.clone();
                     in_memory.num_items_mem = Some(d);

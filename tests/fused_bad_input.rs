@@ -269,6 +269,17 @@ fn rows_beyond_32_bits() {
 }
 
 #[test]
+fn vocabulary_beyond_max_vocab() {
+    // V past 2^31 - 2^16: the divergence kernels' 32-bit in-row indices would wrap.
+    let mut s = Spec::valid();
+    let v = distill_kernels::divergence::MAX_VOCAB + 1;
+    s.views[SW].rows = v;
+    s.views[TW].rows = v;
+    s.present[GW] = false;
+    rejects(&s, ErrorKind::Shape, "V = MAX_VOCAB + 1");
+}
+
+#[test]
 fn inconsistent_shapes() {
     type Edit = fn(&mut Spec);
     let cases: [(&str, Edit); 8] = [

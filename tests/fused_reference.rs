@@ -652,8 +652,8 @@ fn labels_ignore_index_and_num_items() {
 #[test]
 fn num_items_in_memory_matches_the_parameter() {
     // Bitwise the outputs of the same value as the parameter (checked against the reference
-    // above), over several chunks and with accumulation; a value that is not finite and > 0
-    // gives the sum. Refused: both given, or a reduction other than batchmean.
+    // above), over several chunks and with accumulation; a value that is not finite and at
+    // least 2^-126 gives the sum. Refused: both given, or a reduction other than batchmean.
     let test = "fused num_items_in_memory_matches_the_parameter";
     let mut rng = Rng::fresh(test);
     let outputs_of = |b: &FBufs| [PT, LOSS, GH, GW].map(|i| b.0[i].clone());

@@ -197,11 +197,18 @@ fn desc(v: &[f64]) -> impl Fn(&usize, &usize) -> std::cmp::Ordering + '_ {
 fn reference_topk(cfg: &Cfg, row: &[f32], bias: Option<&[f32]>) -> Option<Vec<usize>> {
     let e = cfg.e;
     let sc = scores(row, cfg.sigmoid);
+    let excluding = cfg.n_groups > 1 && cfg.topk_groups < cfg.n_groups;
+    // Sigmoid with no bias and no group left out ranks the logits (the exact scores' order).
+    let by_logit = cfg.sigmoid && bias.is_none() && !excluding;
     let sel: Vec<f64> = (0..e)
-        .map(|i| rank_key(sc[i] + bias.map_or(0.0, |b| b[i] as f64)))
+        .map(|i| match bias {
+            _ if by_logit => rank_key(row[i] as f64),
+            Some(b) => rank_key(sc[i] + b[i] as f64),
+            None => rank_key(sc[i]),
+        })
         .collect();
     let mut allowed = vec![true; e];
-    if cfg.n_groups > 1 && cfg.topk_groups < cfg.n_groups {
+    if excluding {
         let gsize = e / cfg.n_groups;
         let gs: Vec<f64> = (0..cfg.n_groups)
             .map(|g| {
@@ -702,6 +709,17 @@ fn route_math_capacity_padding_and_nan() {
         cfg,
         70,
         nan.clone(),
+        None,
+    ));
+    // Saturating sigmoid scores (f32: 1 from x ~ 17, 0 below ~ -88): ranked by the logits.
+    cases.push(case(
+        "sigmoid, saturated logits, top-4 of 16",
+        Cfg {
+            sigmoid: true,
+            ..capped(16, 4, None, 1)
+        },
+        70,
+        normal_logits(&mut rng, 70, 16, 60.0),
         None,
     ));
     cases.push(case(

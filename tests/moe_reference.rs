@@ -39,10 +39,19 @@ fn ref_scores(case: &RouteCase) -> (Vec<f64>, Vec<f64>) {
             }
         }
     }
+    // Sigmoid with no bias and no group left out ranks the logits (the exact scores' order).
+    let p = &case.params;
+    let by_logit = p.score == Score::Sigmoid
+        && case.bias.is_none()
+        && !(p.n_groups > 1 && p.topk_groups < p.n_groups);
     let sel = scores
         .iter()
         .enumerate()
-        .map(|(i, &s)| s + case.bias.as_ref().map_or(0.0, |b| b[i % e] as f64))
+        .map(|(i, &s)| match &case.bias {
+            _ if by_logit => case.logits.row(i / e)[i % e],
+            Some(b) => s + b[i % e] as f64,
+            None => s,
+        })
         .collect();
     (scores, sel)
 }
@@ -877,6 +886,51 @@ fn nan_logits_rank_last() {
         assert_eq!(&out.expert_ids[..2], &[0, 1]);
         assert!(out.weights[..2].iter().all(|w| w.is_nan()));
         assert_eq!(&out.expert_ids[2..], &[7, 6]);
+    }
+}
+
+#[test]
+fn sigmoid_without_bias_ranks_the_logits() {
+    // Sigmoid scores saturate (exactly 1 from logits of ~17 in f32, ~37 in f64; 0 below ~-88 in
+    // f32): without a bias the logits are compared, which is the exact scores' order (and
+    // Llama 4's). With a bias the saturated scores tie and go to the lower index.
+    let row = [
+        40.0,
+        45.0,
+        17.0,
+        20.0,
+        -100.0,
+        f64::NEG_INFINITY,
+        -90.0,
+        0.0,
+    ];
+    for dev in devices("sigmoid_without_bias_ranks_the_logits") {
+        let case = RouteCase::new(
+            Logits::new(DType::F32, 1, 8, &row),
+            None,
+            RouteParams {
+                score: Score::Sigmoid,
+                ..RouteParams::new(8)
+            },
+        );
+        let (res, before, after) = case.run(&dev);
+        res.unwrap();
+        case.tails(&before, &after).unwrap();
+        let out = case.outputs(&after);
+        assert_eq!(
+            out.expert_ids,
+            vec![1, 0, 3, 2, 7, 6, 4, 5],
+            "{}",
+            dev.name()
+        );
+        let biased = RouteCase {
+            bias: Some(vec![0.0; 8]),
+            ..case
+        };
+        let (res, _, after) = biased.run(&dev);
+        res.unwrap();
+        let out = biased.outputs(&after);
+        assert_eq!(&out.expert_ids[..2], &[0, 1], "{}", dev.name());
     }
 }
 

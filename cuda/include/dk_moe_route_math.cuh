@@ -322,8 +322,13 @@ DK_UNROLL
       key[i] = i < nv ? order_key(score[i] + c.bias[idx]) : kKeyNone;
     }
   } else {
+    // Sigmoid with no bias and no group excluded ranks the logits themselves: the order of the
+    // exact scores, where float32 ones saturate (1 from x ~ 17, 0 below ~ -88) and would tie
+    // (Llama 4's reference ranks the logits too). Groups sum scores, so they keep them.
+    const bool by_logit =
+        c.score != DK_MOE_ARGS_SOFTMAX && !(c.n_groups > 1 && c.topk_groups < c.n_groups);
 DK_UNROLL
-    for (int i = 0; i < P; ++i) key[i] = i < nv ? order_key(score[i]) : kKeyNone;
+    for (int i = 0; i < P; ++i) key[i] = i < nv ? order_key(by_logit ? x[i] : score[i]) : kKeyNone;
   }
 
   // Group-limited selection: a group's score is the sum of its top-2 selection scores; the

@@ -80,7 +80,7 @@ PACKAGE_VERSION = "0.1.0"
 # 64-bit FNV-1a of the bytes of include/distill_kernels.h that the ctypes mirror below follows.
 # A library must report the same from dk_header_hash(); the tests require it to equal the
 # checkout's header, so a header change cannot land without a look at this mirror.
-HEADER_HASH = 0xBDE120FC09A89B21
+HEADER_HASH = 0xF3C93F219B3D8C3F
 
 # ---- constants of include/distill_kernels.h ----------------------------------------------------
 
@@ -98,6 +98,9 @@ MOE_ROW_ALIGN = 16  # bytes: row starts (base pointers and strides) of the MoE a
 
 # ---- errors ----------------------------------------------------------------------------------
 
+
+# float32's smallest normal value (2^-126): the lower bound of temperature and num_items.
+FLT_MIN = 2.0**-126
 
 class DistillKernelsError(Exception):
     """An error reported by the library; ``status`` is the ``DK_ERR_*`` code (0 if raised here)."""
@@ -920,7 +923,7 @@ def make_params(
     temperature = _real("temperature", temperature)
     t32 = ctypes.c_float(temperature).value
     # A normal float32 (the CUDA kernels scale by log2(e) / T in float32).
-    if not (math.isfinite(temperature) and math.isfinite(t32) and t32 >= 2.0**-126):
+    if not (math.isfinite(temperature) and math.isfinite(t32) and t32 >= FLT_MIN):
         raise ValueError(
             f"temperature must be finite and at least 1.1754944e-38 (the smallest normal "
             f"float32), got {temperature}"
@@ -934,8 +937,11 @@ def make_params(
     if num_items is not None:
         num_items = _real("num_items", num_items)
         n32 = ctypes.c_float(num_items).value
-        if not (math.isfinite(num_items) and num_items > 0 and math.isfinite(n32) and n32 > 0):
-            raise ValueError(f"num_items must be finite and > 0 (as a float32), got {num_items}")
+        if not (math.isfinite(num_items) and math.isfinite(n32) and n32 >= FLT_MIN):
+            raise ValueError(
+                f"num_items must be finite and at least 1.1754944e-38 (the smallest normal "
+                f"float32: the reduction divides by it), got {num_items}"
+            )
         if reduction != "batchmean":
             raise ValueError(
                 f"num_items only applies to reduction='batchmean' (got reduction={reduction!r})"

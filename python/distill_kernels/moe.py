@@ -323,7 +323,9 @@ def moe_route(
     selection score is score + ``bias[e]`` (``bias`` is used for selection only). With
     ``n_groups`` > 1 the experts form ``n_groups`` contiguous groups; a group is scored by the
     sum of its two best selection scores, the best ``topk_groups`` groups are kept (ties to the
-    lower group) and the k experts are chosen inside them (ties to the lower expert). The
+    lower group) and the k experts are chosen inside them (ties to the lower expert). ``sigmoid``
+    with no ``bias`` and no group left out compares the logits themselves (the exact scores'
+    order; float32 scores saturate at 1 from logits of ~17 and would tie). The
     weights are the unbiased scores of the chosen experts, divided by their sum when
     ``renormalize``, then times ``scale``. A NaN selection score ranks below every number: with
     ``sigmoid`` a NaN logit only keeps its expert from being chosen (the weights stay finite),

@@ -48,6 +48,7 @@ def _eager(fn):
 
 _FORWARD_GRADIENTS = ("its gradients are computed in the forward pass and are not differentiable "
                       "themselves")
+_FLT_MIN = _lib.FLT_MIN
 _KERNEL_BACKWARD = "its backward runs library kernels that autograd cannot differentiate"
 
 
@@ -344,7 +345,8 @@ def divergence(
     Trainer's ``num_items_in_batch``, on the logits' device or the CPU), converted to float32. A
     tensor on the logits' device is read by the library's kernels on the current stream (no
     host synchronisation); a CPU tensor is read on the host (no synchronisation either). A
-    value that is not finite and > 0 as a float32 gives the ``sum`` (checking it would
+    value that is not a finite float32 of at least 2^-126 (the smallest normal: a subnormal's
+    reciprocal overflows) gives the ``sum`` (checking it would
     synchronise; a Python number out of that range is an error instead). Either way the divisor
     is folded into the gradient by the kernel, as a Python number is: the results are bitwise
     those of ``num_items=float(value.float())``, and backward makes no pass over the gradient
@@ -407,9 +409,10 @@ def _num_items_on_host_only(items: Optional[torch.Tensor], like: torch.Tensor) -
 
 
 def _positive_or_one(d: torch.Tensor) -> torch.Tensor:
-    """``d`` where it is finite and > 0, else 1 (float32, on d's device: no host sync)."""
+    """``d`` where it is finite and at least 2^-126, else 1 (float32, on d's device: no host
+    sync)."""
     d = d.reshape(()).to(torch.float32)
-    return torch.where((d > 0) & torch.isfinite(d), d, torch.ones_like(d))
+    return torch.where((d >= _FLT_MIN) & torch.isfinite(d), d, torch.ones_like(d))
 
 
 def _num_items_resolved(items: Optional[torch.Tensor], num_items, reduction: str,
@@ -419,14 +422,14 @@ def _num_items_resolved(items: Optional[torch.Tensor], num_items, reduction: str
     ``num_items`` checked by :func:`_num_items_tensor`, or None (``num_items`` then stands). On
     ``like``'s device it becomes ``num_items_mem``, a float32 ``[1]`` tensor the library reads
     when the call runs (no host sync). A CPU tensor with CUDA inputs is read here on the host (no
-    device sync): its value, or the ``sum`` where it is not finite and > 0 as a float32."""
+    device sync): its value, or the ``sum`` where it is not a finite float32 of at least 2^-126."""
     if items is None:
         return num_items, None, reduction
     d = items.detach().reshape(1).to(torch.float32)
     if d.device == like.device:
         return None, d.contiguous(), reduction
     value = float(d[0])
-    if math.isfinite(value) and value > 0:
+    if math.isfinite(value) and value >= _FLT_MIN:
         return value, None, reduction
     return None, None, "sum"
 
@@ -1256,8 +1259,8 @@ def fused_linear_divergence(
     ``num_items`` may be a one-value tensor (the Hugging Face Trainer's ``num_items_in_batch``),
     as in :func:`divergence`: read by the library where the call runs, without a host
     synchronisation, and folded into the gradients (bitwise the results of
-    ``num_items=float(value.float())``); a value that is not finite and > 0 as a float32 gives
-    the ``sum``. It works with the accumulating form too (the token count of the whole
+    ``num_items=float(value.float())``); a value that is not a finite float32 of at least 2^-126
+    gives the ``sum``. It works with the accumulating form too (the token count of the whole
     accumulated batch).
 
     Accumulation (``grad_hidden_out`` and / or ``grad_weight_out`` given, input dtype or float32,
@@ -1632,7 +1635,8 @@ def attention(
     sequences; they size the CUDA grid) avoid any host synchronisation; when either is missing
     both are computed, and the offsets checked (start 0, non-decreasing, end at the row counts),
     with one device-to-host read. With both given the offsets are trusted (out-of-range entries
-    are clamped by the kernels: memory stays safe, results are meaningless).
+    are clamped by the kernels: memory stays safe, results are meaningless; on CUDA the rows of
+    a sequence longer than its bound past the bound are left unwritten).
 
     Under ``torch.autocast`` q, k and v are cast to its dtype first, as SDPA's are. Inputs the
     kernels cannot read in place are copied once, in the forward, and the copies are what the

@@ -608,6 +608,7 @@ def _bad_cases():
         ("num_items 0", dict(ok, num_items=0), ValueError),
         ("num_items < 0", dict(ok, num_items=-2.0), ValueError),
         ("num_items nan", dict(ok, num_items=float("nan")), ValueError),
+        ("num_items subnormal", dict(ok, num_items=1e-40), ValueError),
         ("num_items tiny", dict(ok, num_items=1e-60), ValueError),
         ("num_items with sum", dict(ok, num_items=4, reduction="sum"), ValueError),
         ("num_items with none", dict(ok, num_items=4, reduction="none"), ValueError),

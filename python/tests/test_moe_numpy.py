@@ -66,6 +66,8 @@ def ref_route(logits, k, *, score="softmax", renormalize=False, bias=None, n_gro
     sel = s.copy()
     if bias is not None:
         sel = sel + np.asarray(bias, dtype=np.float32).astype(np.float64)[None, :]
+    elif score == "sigmoid" and not (n_groups > 1 and topk_groups < n_groups):
+        sel = lg.copy()  # the logits: the exact scores' order (sigmoid saturates at 1)
     if n_groups > 1:
         g = e // n_groups
         top2 = np.sort(sel.reshape(n, n_groups, g), axis=2)[:, :, -2:]

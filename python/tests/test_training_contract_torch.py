@@ -158,7 +158,8 @@ def test_num_items_as_a_tensor_is_folded_into_the_gradient(device):
     """Hugging Face's num_items_in_batch is a tensor: read where the call runs (on the device:
     no host sync) and folded into the gradient by the kernel, so the loss has no division node
     (backward makes no pass over the gradient) and the results are bitwise those of the Python
-    number; a value that is not finite and > 0 gives the sum."""
+    number; a value that is not a finite float32 of at least 2^-126 (a subnormal's reciprocal
+    overflows) gives the sum."""
     g = torch.Generator().manual_seed(14)
     s0 = torch.randn(2, 5, 60, generator=g).to(device)
     t = torch.randn(2, 5, 60, generator=g).to(device)
@@ -184,7 +185,7 @@ def test_num_items_as_a_tensor_is_folded_into_the_gradient(device):
         for x, y in zip(got, want):
             _bits_equal(x, y, f"num_items={items!r}")
     want_sum, _ = run(None, reduction="sum")
-    for bad in (0, -3.0, float("nan"), float("inf")):
+    for bad in (0, -3.0, float("nan"), float("inf"), 2.0**-127):
         for items in (torch.tensor(bad, device=device), torch.tensor(bad)):
             got, _ = run(items)
             for x, y in zip(got, want_sum):
@@ -197,14 +198,15 @@ def test_num_items_as_a_tensor_is_folded_into_the_gradient(device):
 def test_num_items_read_on_the_host_for_inputs_elsewhere():
     """A CPU tensor with inputs on another device (CUDA; the meta device stands in for it here,
     so this runs without a GPU) is read on the host as float32: its value, or the sum where it is
-    not finite and > 0 as a float32 (a float64 1e39 overflows, 1e-50 rounds to 0)."""
+    not a finite float32 of at least 2^-126 (a float64 1e39 overflows, 1e-50 rounds to 0, 1e-40
+    is subnormal)."""
     from distill_kernels.torch import _num_items_resolved, _positive_or_one
     elsewhere = torch.empty(0, device="meta")
     for value, want in ((17, 17.0), (2.5, 2.5), (torch.tensor(3.0, dtype=torch.float64), 3.0)):
         got = _num_items_resolved(torch.as_tensor(value).reshape(1), None, "batchmean",
                                   elsewhere)
         assert got == (want, None, "batchmean"), got
-    for bad in (0, -2.0, float("nan"), float("inf"), 1e39, 1e-50):
+    for bad in (0, -2.0, float("nan"), float("inf"), 1e39, 1e-50, 1e-40):
         got = _num_items_resolved(torch.tensor(bad, dtype=torch.float64), None, "batchmean",
                                   elsewhere)
         assert got == (None, None, "sum"), (bad, got)
@@ -216,7 +218,7 @@ def test_num_items_read_on_the_host_for_inputs_elsewhere():
     assert _num_items_resolved(None, 4.0, "batchmean", elsewhere) == (4.0, None, "batchmean")
     # The torch.compile fallback's divisor: the value, or 1.
     assert _positive_or_one(torch.tensor(6)).item() == 6.0
-    for bad in (0.0, -1.0, float("nan"), float("-inf"), 1e39):
+    for bad in (0.0, -1.0, float("nan"), float("-inf"), 1e39, 1e-40):
         assert _positive_or_one(torch.tensor(bad, dtype=torch.float64)).item() == 1.0
 
 

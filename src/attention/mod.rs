@@ -45,7 +45,9 @@ pub enum Batch<'a> {
     ///
     /// The CPU backend checks every entry; on CUDA the arrays live in device memory and are read
     /// by the kernels only, so they are trusted (out-of-range entries are clamped to the rows that
-    /// exist, which keeps memory safe but gives meaningless results).
+    /// exist, which keeps memory safe but gives meaningless results; a sequence longer than
+    /// `max_seqlen_q` / `max_seqlen_k` has its rows past the bound left unwritten, where the CPU
+    /// backend refuses the bound).
     Varlen {
         /// `[B + 1]` query row offsets.
         cu_seqlens_q: Vector<'a, i32>,

@@ -228,7 +228,7 @@ pub(crate) unsafe fn loss_scale(raw: &RawDivergence, params: &Params) -> f64 {
 /// `sum` / `none`, `1 / num_items` or `1 / max(1, valid rows)` for `batchmean`, the valid rows
 /// counted over all `n` labels (rows whose label is not `ignore_index`; all rows without labels).
 /// `num_items_mem` (or null) is `num_items` held in memory, read here; a value there that is
-/// not finite and > 0 gives the sum (factor 1), as on CUDA.
+/// not finite and at least `f32::MIN_POSITIVE` (2^-126) gives the sum (factor 1), as on CUDA.
 ///
 /// # Safety
 /// `labels` is null or points to `n` host i64 values; `num_items_mem` is null or points to one
@@ -245,7 +245,7 @@ pub(crate) unsafe fn reduction_scale(
             if !num_items_mem.is_null() {
                 // SAFETY: the caller guarantees one readable f32.
                 let d = unsafe { num_items_mem.read() };
-                return if d.is_finite() && d > 0.0 {
+                return if d.is_finite() && d >= f32::MIN_POSITIVE {
                     1.0 / d as f64
                 } else {
                     1.0

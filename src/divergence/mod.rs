@@ -25,6 +25,11 @@ pub use cluster::fallback_reason as cluster_fallback_reason;
 pub use cluster::launch_shapes as cluster_launch_shapes;
 pub use params::{Kind, Params, Reduction};
 
+/// The largest vocabulary (row length V) the divergence and the fused linear divergence take:
+/// 2^31 − 2^16, so the kernels' 32-bit in-row indices keep a margin for their strides (a
+/// block's step, a cluster's slices) without wrapping.
+pub const MAX_VOCAB: usize = (1 << 31) - (1 << 16);
+
 use crate::checks::{check_location, num_items_pointer};
 use crate::device::{Backend, Context, Launch};
 use crate::empty_batch::Fill;
@@ -52,8 +57,9 @@ pub struct Divergence<'a> {
     /// Optional `batchmean` divisor in memory: one f32 at the context's location, read when the
     /// call runs (on CUDA by a kernel on the stream, so a token count the trainer computed on
     /// the device needs no host synchronisation). It replaces [`Params::num_items`] (giving
-    /// both is an error) and needs `reduction = batchmean`. A value that is not finite and > 0
-    /// gives the sum (divisor 1), since no error could be reported without a synchronisation.
+    /// both is an error) and needs `reduction = batchmean`. A value that is not finite and at
+    /// least `f32::MIN_POSITIVE` (2^-126; a subnormal's reciprocal overflows) gives the sum
+    /// (divisor 1), since no error could be reported without a synchronisation.
     pub num_items: Option<Vector<'a, f32>>,
 }
 
@@ -174,8 +180,15 @@ impl RawDivergence {
                 "empty rows: V = 0 (the vocabulary must hold at least 1 entry)"
             );
         }
-        if self.n > i32::MAX as usize || self.v > i32::MAX as usize {
-            bail!(Shape, "N = {} or V = {} exceeds 2^31 - 1", self.n, self.v);
+        if self.n > i32::MAX as usize {
+            bail!(Shape, "N = {} exceeds 2^31 - 1", self.n);
+        }
+        if self.v > MAX_VOCAB {
+            bail!(
+                Shape,
+                "V = {} exceeds MAX_VOCAB = 2^31 - 2^16 = {MAX_VOCAB}",
+                self.v
+            );
         }
         if self.student_stride < self.v {
             bail!(

@@ -89,7 +89,8 @@ pub struct Params {
     pub ignore_index: i64,
     /// Reduction of the per-row losses.
     pub reduction: Reduction,
-    /// Divisor that replaces the count of valid rows for `batchmean` (gradient accumulation).
+    /// Divisor that replaces the count of valid rows for `batchmean` (gradient accumulation):
+    /// finite and at least `f32::MIN_POSITIVE` (2^-126), else the call is refused.
     pub num_items: Option<f32>,
 }
 
@@ -135,8 +136,12 @@ impl Params {
             );
         }
         if let Some(n) = self.num_items {
-            if !(n.is_finite() && n > 0.0) {
-                bail!(InvalidArgument, "num_items must be finite and > 0, got {n}");
+            // A subnormal divisor's f32 reciprocal overflows: refused like 0.
+            if !(n.is_finite() && n >= f32::MIN_POSITIVE) {
+                bail!(
+                    InvalidArgument,
+                    "num_items must be finite and at least f32::MIN_POSITIVE (1.1754944e-38), got {n}"
+                );
             }
             self.num_items_reduction()?;
         }

@@ -49,7 +49,7 @@ pub struct FusedLinear<'a> {
     /// Optional `batchmean` divisor in memory (one f32 at the context's location), read when
     /// the call runs, as [`Divergence::num_items`](crate::divergence::Divergence::num_items):
     /// it replaces the parameters' `num_items` (giving both is an error), needs `batchmean`, and
-    /// a value that is not finite and > 0 gives the sum.
+    /// a value that is not finite and at least 2^-126 gives the sum.
     pub num_items: Option<Vector<'a, f32>>,
 }
 

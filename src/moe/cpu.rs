@@ -4,7 +4,9 @@
 //!
 //! Selection order: a higher selection score first, equal scores to the lower expert (group)
 //! index; a NaN selection score ranks as −∞ (so the choice is always defined; its weight stays
-//! NaN). The index contents (`perm`, `position`) are checked before anything is written.
+//! NaN). Sigmoid without a bias or an excluded group compares the logits instead: the order of
+//! the exact scores, which saturate at 1 in f64 from logits of ~37 and would tie. The index
+//! contents (`perm`, `position`) are checked before anything is written.
 
 use std::cmp::Ordering;
 
@@ -58,6 +60,11 @@ fn score_row(score: Score, l: &[f64], scores: &mut [f64]) {
     }
 }
 
+/// Whether group-limited selection leaves some group out (`topk_groups < n_groups`).
+fn excludes_groups(p: &RouteParams) -> bool {
+    p.n_groups > 1 && p.topk_groups < p.n_groups
+}
+
 /// Per-token scratch of the selection.
 struct Selector {
     logits: Vec<f64>,
@@ -83,7 +90,14 @@ impl Selector {
     fn select(&mut self, p: &RouteParams, bias: &[f64], ids: &mut [i32], weights: &mut [f32]) {
         let e = self.logits.len();
         score_row(p.score, &self.logits, &mut self.scores);
-        let sel = |i: usize| key(self.scores[i] + bias.get(i).copied().unwrap_or(0.0));
+        let by_logit = p.score == Score::Sigmoid && bias.is_empty() && !excludes_groups(p);
+        let sel = |i: usize| {
+            key(if by_logit {
+                self.logits[i]
+            } else {
+                self.scores[i] + bias.get(i).copied().unwrap_or(0.0)
+            })
+        };
         self.candidates.clear();
         if p.n_groups > 1 {
             let size = e / p.n_groups;

@@ -8,7 +8,9 @@ use crate::error::{bail, Result};
 pub enum Score {
     /// Softmax over the E logits of a token (Qwen3-MoE, Mixtral).
     Softmax = 0,
-    /// Element-wise sigmoid (Llama 4, DeepSeek-V3).
+    /// Element-wise sigmoid (Llama 4, DeepSeek-V3). With no bias and no group left out the
+    /// selection compares the logits themselves: the exact scores' order, where f32 scores
+    /// saturate at 1 from logits of ~17 (and f64 ones from ~37) and would tie.
     Sigmoid = 1,
 }
 

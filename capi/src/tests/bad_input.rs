@@ -691,7 +691,7 @@ fn c_rejects(
 #[test]
 fn c_abi_num_items_in_memory_equals_the_parameter() {
     // The same divisor through args->num_items gives bitwise the params->num_items outputs;
-    // a value there that is not finite and > 0 gives the sum.
+    // a value there that is not finite and at least 2^-126 (a subnormal too) gives the sum.
     let mut rng = Rng::fresh("c_abi_num_items_in_memory_equals_the_parameter");
     let outputs = |c: &CCall| {
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
@@ -714,7 +714,15 @@ fn c_abi_num_items_in_memory_equals_the_parameter() {
         "num_items in memory differs from the parameter"
     );
     let sum = run(&|_, p| p.reduction = 1);
-    for bad in [0.0f32, -2.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+    let subnormal = f32::MIN_POSITIVE / 4.0;
+    for bad in [
+        0.0f32,
+        -2.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        subnormal,
+    ] {
         let got = run(&|a, _| a.num_items = &bad);
         assert!(got == sum, "num_items {bad} in memory is not the sum");
     }
@@ -747,6 +755,9 @@ fn c_abi_valid_call_then_errors() {
         p.temperature = f32::NAN
     });
     c_rejects(&mut c, 2, "num_items -1", |_, p| p.num_items = -1.0);
+    c_rejects(&mut c, 2, "num_items subnormal", |_, p| {
+        p.num_items = f32::MIN_POSITIVE / 2.0
+    });
     c_rejects(&mut c, 2, "num_items with sum", |_, p| {
         p.num_items = 3.0;
         p.reduction = 1;
@@ -767,6 +778,13 @@ fn c_abi_valid_call_then_errors() {
     c_rejects(&mut c, 3, "v = 0", |a, _| a.v = 0);
     c_rejects(&mut c, 3, "n = -1", |a, _| a.n = -1);
     c_rejects(&mut c, 3, "v = -5", |a, _| a.v = -5);
+    // V past 2^31 - 2^16 (the kernels' 32-bit in-row indices would wrap near 2^31).
+    c_rejects(&mut c, 3, "v = 2^31 - 2^16 + 1", |a, _| {
+        a.v = (1 << 31) - (1 << 16) + 1;
+        a.student_stride = a.v;
+        a.teacher_stride = a.v;
+        a.grad_stride = a.v;
+    });
     c_rejects(&mut c, 3, "student_stride 19 < v", |a, _| {
         a.student_stride = 19
     });
