@@ -8,7 +8,30 @@
     python python/bench.py --ops moe_route,moe_permute,moe_combine --impls distill_kernels
 
 ``--ops`` picks among divergence, moe_route, moe_permute, moe_combine (``moe`` = the three MoE
-ones; default: divergence and moe), fused and attention.
+ones; default: divergence and moe), fused and attention. They run in the order MoE, divergence,
+fused, attention: MoE takes seconds, the divergence (torch.compile at every shape) minutes, so a
+run cut off at its time limit loses the slow rows, not the quick ones.
+
+Timing: medians of CUDA events around each call, from bench.py's own loop (not
+triton.testing.do_bench: its L2 flush zeroes a 256 MB buffer right before the start event, and up
+to an L2's worth of those dirty lines, 50-60 MB, is then written back inside the timed call).
+Before every timed call the loop zeroes one 256 MB buffer and then sums a second one into a
+single element, a read pass that evicts the dirty lines (their write-back happens there) and
+leaves L2 holding clean lines only; every implementation is timed alike, and so is the copy
+bandwidth of the floors. A call's first timed run sizes the rest: about 100 ms of calls, at least
+MIN_SAMPLES; calls of SLOW_CALL_MS (100 ms) or more take SLOW_SAMPLES (3) samples, that first
+one included, and no other warm-up (they already ran untimed to give the errors and the memory).
+
+Verdict: every row of this crate (implementation distill_kernels...) gets ok or FAIL in the last
+column. FAIL: it raised (OOM included), an error is not finite or above DESIGN.md's tolerance
+(‖x − ref‖ / ‖ref‖ ≤ 1e-2 for bf16 / f16 outputs, ≤ 1e-4 for a loss accumulated in f32 from 16-bit
+inputs, ≤ 1e-5 for f32 paths; a MoE route choosing other experts than a stable sort's for any
+token), an error it should have has no value (no reference), or two runs gave different bits.
+The other implementations' failures (eager OOM, a Liger convention mismatch, torch.compile)
+are informational rows. Each row is printed (stdout, flushed) and the JSON rewritten as soon as
+it is measured, so a run stopped at its limit keeps the rows it finished ("finished": false in
+the JSON until the end). After the tables a last line lists the failures; the exit status is 1
+when there is one, 0 otherwise (2: no CUDA device).
 
 Grouped-query attention (``--ops attention``; ANCHORS.md "Grouped-query attention"): bf16,
 causal, D = 128, B = 4, S = 4096, Hq / Hkv = 24 / 8 (Phi-4-mini) and B = 1, S = 16384, 40 / 8
@@ -28,21 +51,26 @@ switches DK_ATTENTION_FWD=wide|wgmma / DK_ATTENTION_BWD=wide select this crate's
 
 Fused linear JSD (``--ops fused``; ANCHORS.md "Fused linear JSD"): bf16 hidden states and lm_head
 weights, JSD beta = 0.5, N = 4096, H = 3072, V = 200064 (Phi-4-mini head) and N = 16384, H = 5120,
-V = 202048 (Llama 4 Scout head; an OOM becomes a row). Rows: the four cuBLAS GEMMs (torch.matmul:
-student logits, teacher logits, grad of hidden, grad of weight) timed in the same run as the
-floor; torch eager (matmul + TRL's JSD + autograd); Liger LigerFusedLinearJSD (shift_labels=None)
-and the chunked LigerFusedLinearJSDLoss (compiled, chunk 1024, weight_hard_loss=0 and
-weight_soft_loss=1: the JSD alone, no cross-entropy) when importable; this crate (bf16 and f32
-grads). Each Liger variant (here and for the divergence) is first run on a small float32 probe
+V = 202048 (Llama 4 Scout head; an OOM becomes a row). Rows, in the order they run per shape:
+the four cuBLAS GEMMs (torch.matmul: student logits, teacher logits, grad of hidden, grad of
+weight) timed in the same run as the floor; this crate (bf16 grads, f32 grads, and chunks sized
+for issue 4's 2 GiB: see _fused_within_2gib); then the baselines, slowest last: torch eager
+(matmul + TRL's JSD + autograd), Liger LigerFusedLinearJSD (shift_labels=None) and the chunked
+LigerFusedLinearJSDLoss (compiled, chunk 1024, weight_hard_loss=0 and weight_soft_loss=1: the JSD
+alone, no cross-entropy; timed uncompiled, and labelled so, when torch.compile fails) when
+importable. This crate's rows come first so that a run cut off at its time limit still has them.
+Each Liger variant (here and for the divergence) is first run on a small float32 probe
 and compared with the float64 value of our quantity; one that computes something else gets an
 error row saying so (the mapping of Liger's conventions to ours is written above
-_liger_checked in the source).
+_liger_checked in the source). The Liger version and the implementation its dispatcher picks
+for the JSD kernel (Triton, CuTe DSL, ...) are logged and kept in the JSON's meta.
 Each gives the time, its ratio to the four GEMMs, the extra peak memory of one forward + backward
-(gradients included) and the errors of the loss and both gradients against a chunked fp32
-PyTorch computation on the same inputs.
+with the gradients of hidden and weight and without them (the gradient buffers the row returns
+subtracted: f32 ones for the f32-grads row; issue 4's 2 GiB, where grad_weight alone is 1.93 GiB
+at the Scout shape), and the relative errors ‖x − ref‖ / ‖ref‖ of the loss and of both whole
+gradients against a chunked fp32 PyTorch computation on the same inputs.
 
-For every shape (bf16 logits) and kind (forward_kl, jsd with beta = 0.5) it times, with
-triton.testing.do_bench medians (CUDA events when triton is missing):
+For every shape (bf16 logits) and kind (forward_kl, jsd with beta = 0.5) it times:
 
 - torch eager:   log_softmax (in float32) + F.kl_div, or TRL's generalized_jsd_loss formula
 - torch.compile: the same functions compiled
@@ -51,8 +79,13 @@ triton.testing.do_bench medians (CUDA events when triton is missing):
 
 and reports the time, the fraction of the floor (3 * N * V * 2 bytes over the device-to-device
 copy bandwidth measured in this run), the extra peak memory of one forward + backward (the
-gradient included), and the error against a float64 reference (loss over all rows, gradient on a
-few sampled rows). Failures (OOM included) become rows of the table instead of stopping the run.
+gradient included), for issue 3's "at most 64 bytes per row beyond inputs and outputs" the same
+peak without the gradient, in bytes per row, beside this crate's own workspace per row
+(dk_divergence_workspace_size), and two errors against a float64 reference, both relative norms
+‖x − ref‖ / ‖ref‖ (not maximum errors): the batchmean loss over all N rows, and the gradient on
+--sample-rows rows (default 4) only, drawn by torch.randperm(N) under the seed --seed + N + V
+(printed under the table's floors). Failures (OOM included) become rows of the table instead of
+stopping the run.
 Two more rows per shape and kind time this crate as a trainer calls it, on the lm_head's output
 (an intermediate tensor) with the gradient taken by torch.autograd.grad: with a separate gradient
 and with grad_inplace=True (the gradient written over the logits: no [N, V] allocation). The
@@ -92,6 +125,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -118,20 +152,59 @@ def log(msg: str) -> None:
 # ---- timing -------------------------------------------------------------------------------------
 
 
-# Timed calls a median takes at least: do_bench runs about rep_ms / (one call's time) calls, so
-# a 180 ms eager step under rep_ms = 100 would be a single sample.
+# Timed calls a median takes at least, below SLOW_CALL_MS: about rep_ms / (one call's time) calls
+# would leave a 60 ms call with one or two samples.
 MIN_SAMPLES = 8
+# Calls this slow (LigerFusedLinearJSD at the Scout shape: ~1.2 s) take SLOW_SAMPLES timed samples
+# and nothing more: at MIN_SAMPLES each they alone would use up a gpu-check step's time limit.
+SLOW_CALL_MS = 100.0
+SLOW_SAMPLES = 3
+FLUSH_BYTES = 256 << 20  # > 4 × the 50-60 MB L2 of an H100 / H200
+
+
+class L2Flush:
+    """Empties L2 before a timed call, leaving no dirty lines in it.
+
+    Zeroing a buffer larger than L2 (what triton.testing.do_bench does) evicts every line of the
+    previous call, but leaves L2 full of the zeros' dirty lines, which are written back to DRAM
+    while the next timed call runs: up to 50-60 MB of writes charged to it, a visible bias at
+    N = 256 (floor ~55 µs) and for the MoE permute / combine. After the zeroing a read pass over a
+    second buffer (summed into one element) evicts those lines, their write-back happening there,
+    outside the timed events, and leaves only clean lines, which cost nothing to evict."""
+
+    def __init__(self, nbytes: int = FLUSH_BYTES, device="cuda"):
+        n = nbytes // 4
+        self.dirty = torch.empty(n, dtype=torch.int32, device=device)
+        self.clean = torch.ones(n, dtype=torch.float32, device=device)  # read only, from here on
+        self.sink = torch.empty((), dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        self.dirty.zero_()
+        torch.sum(self.clean, dim=0, out=self.sink)
+
+
+_FLUSH = None
+
+
+def l2_flush() -> None:
+    """The L2 flush of every timed call (one L2Flush, made on first use: 512 MB of the card)."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = L2Flush()
+    _FLUSH()
 
 
 def _one_call_ms(fn, setup=None) -> float:
-    """One warm call of fn, timed with CUDA events (the estimate that sizes the repetitions);
-    ``setup()``, when given, runs before each of the two calls outside the events."""
+    """One warm call of fn, timed with CUDA events after an L2 flush (the estimate that sizes the
+    repetitions, and a sample of its own for a slow call); ``setup()``, when given, runs before
+    each of the two calls outside the events."""
     setup = setup or (lambda: None)
     setup()
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     setup()
+    l2_flush()
     start.record()
     fn()
     end.record()
@@ -140,36 +213,36 @@ def _one_call_ms(fn, setup=None) -> float:
 
 
 def _events_median(fn, warmup_ms: float, rep_ms: float, setup=None) -> float:
-    """Median time in ms of fn(), with CUDA events around each call; ``setup()``, when given,
-    runs before every call (warm-up included) outside the events."""
+    """Median time in ms of fn(), with CUDA events around each call and an L2 flush before each
+    (outside the events); ``setup()``, when given, runs before every call (warm-up included),
+    before the flush. The events are read once, after the last call: no host synchronisation
+    between calls, so the GPU never idles between a start event and the call's first kernel."""
     setup = setup or (lambda: None)
     est = _one_call_ms(fn, setup)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(max(1, int(warmup_ms / est))):
+    if est >= SLOW_CALL_MS:
+        times, warm, reps = [est], 0, SLOW_SAMPLES - 1
+    else:
+        times, warm = [], max(1, int(warmup_ms / est))
+        reps = max(MIN_SAMPLES, min(1000, int(rep_ms / est)))
+    for _ in range(warm):
         setup()
         fn()
-    times = []
-    for _ in range(max(MIN_SAMPLES, min(1000, int(rep_ms / est)))):
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for start, end in events:
         setup()
+        l2_flush()
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    torch.cuda.synchronize()
+    times += [start.elapsed_time(end) for start, end in events]
     return statistics.median(times)
 
 
 def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        return _events_median(fn, warmup_ms, rep_ms)
-    # Long calls get MIN_SAMPLES timed runs (a little more: do_bench's own estimate varies).
-    rep_ms = max(rep_ms, (MIN_SAMPLES + 1) * _one_call_ms(fn))
-    try:
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    except TypeError:  # older triton: no return_mode
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5]))
+    """Median ms of fn() (see _events_median); every row of every table is timed by it."""
+    return _events_median(fn, warmup_ms, rep_ms)
 
 
 def copy_bandwidth(gib: float = 1.0) -> float:
@@ -181,8 +254,8 @@ def copy_bandwidth(gib: float = 1.0) -> float:
     return 2 * n * 2 / (ms * 1e-3)
 
 
-def extra_peak_gib(step) -> float:
-    """GiB allocated at the peak of one ``step()`` beyond what was allocated before it (CUDA;
+def extra_peak_bytes(step) -> int:
+    """Bytes allocated at the peak of one ``step()`` beyond what was allocated before it (CUDA;
     what step returns is kept until the peak is read)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -191,7 +264,12 @@ def extra_peak_gib(step) -> float:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     del kept
-    return (peak - base) / GIB
+    return peak - base
+
+
+def extra_peak_gib(step) -> float:
+    """extra_peak_bytes in GiB."""
+    return extra_peak_bytes(step) / GIB
 
 
 # ---- the implementations --------------------------------------------------------------------
@@ -459,6 +537,52 @@ def _liger_divergence_fns():
     return {"forward_kl": liger_kl_fn, "jsd": liger_jsd_fn}
 
 
+def liger_info():
+    """What Liger-Kernel runs here: {"version", "ops", "jsd_loss_and_grad"} (values are strings,
+    "unknown (...)" where the installed version does not say).
+
+    In liger-kernel 0.8.5 two things choose its kernels. liger_kernel.ops replaces its Function
+    classes (LigerJSDFunction, LigerKLDivLossFunction, LigerFusedLinearJSDFunction, ...) with an
+    implementation's when one is the default for the device or named by LIGER_KERNEL_IMPL
+    ("ops": none on CUDA unless asked, the Triton kernels). Inside them, LigerJSD and
+    LigerFusedLinearJSD compute their per-chunk loss and gradient through the dispatcher
+    (liger_kernel.backends.dispatch, op "jsd_loss_and_grad"), which takes the available
+    implementation of best rank: "nvidia-cutedsl" (CuTe DSL, sm_90+, needs the cutlass package)
+    before "nvidia-triton". LigerKLDIVLoss calls its Triton kernel directly; the chunked
+    LigerFusedLinearJSDLoss is PyTorch (torch.compile when compiled=True)."""
+    info = {}
+    try:
+        from importlib import metadata
+
+        info["version"] = metadata.version("liger-kernel")
+    except Exception as e:  # noqa: BLE001
+        info["version"] = f"unknown ({_one_line(e, 80)})"
+    try:
+        import liger_kernel.ops  # noqa: F401  (runs its implementation selection)
+        from liger_kernel.ops.backends import LIGER_KERNEL_IMPL_ENV, select_impl
+        from liger_kernel.utils import infer_device
+
+        explicit = os.environ.get(LIGER_KERNEL_IMPL_ENV, "").strip().lower() or None
+        chosen = select_impl(infer_device(), explicit=explicit)
+        info["ops"] = chosen.name if chosen is not None else "default (Triton)"
+    except Exception as e:  # noqa: BLE001
+        info["ops"] = f"unknown ({_one_line(e, 80)})"
+    try:
+        from liger_kernel.backends.dispatch import resolve_impl
+
+        info["jsd_loss_and_grad"] = resolve_impl("jsd_loss_and_grad").impl_name
+    except Exception as e:  # noqa: BLE001
+        info["jsd_loss_and_grad"] = f"unknown ({_one_line(e, 80)})"
+    return info
+
+
+def fmt_liger(info) -> str:
+    return (f"{info.get('version')}; Function classes: {info.get('ops')}; LigerJSD / "
+            f"LigerFusedLinearJSD per-chunk kernel (jsd_loss_and_grad): "
+            f"{info.get('jsd_loss_and_grad')}; LigerKLDIVLoss: its Triton kernel; chunked "
+            "loss: PyTorch")
+
+
 LIGER_FUSED = "Liger LigerFusedLinearJSD"
 LIGER_CHUNKED = "Liger chunked LigerFusedLinearJSDLoss"
 
@@ -537,11 +661,189 @@ def rel_err(out, ref) -> float:
     return (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
 
 
+# ---- verdicts: this crate's rows against DESIGN.md's tolerances ---------------------------------
+#
+# DESIGN.md "Numerics and tests": ‖out − ref‖ / ‖ref‖ against the reference, f32 paths ≤ 1e-5,
+# bf16 / f16 outputs ≤ 1e-2 and the loss (accumulated in f32 from 16-bit inputs) ≤ 1e-4; NaN
+# never passes. Issue 4 asks the fused gradients within the bf16 tolerance of an fp32 PyTorch
+# reference, which is what the fused rows compare with. The route's error is the fraction of
+# tokens whose experts differ from a stable sort's (ties to the lower expert, issue 5): exact.
+
+TOL_16BIT = 1e-2
+TOL_LOSS_16BIT = 1e-4
+TOL_F32 = 1e-5
+TOL_ROUTE = 0.0
+SECTIONS = ("moe", "results", "fused", "attention")  # the JSON's keys, in the order they run
+
+
+def is_ours(row) -> bool:
+    """Whether a row is this crate's (its implementation name starts with distill_kernels)."""
+    return str(row.get("impl", "")).startswith("distill_kernels")
+
+
+def _f32(dtype) -> bool:
+    return str(dtype).replace("torch.", "") == "float32"
+
+
+def expected_errors(section, row):
+    """{error column: its tolerance} for a row of ``section`` (the columns it must have)."""
+    dtype = row.get("dtype", "bfloat16")
+    out_tol = TOL_F32 if _f32(dtype) else TOL_16BIT
+    loss_tol = TOL_F32 if _f32(dtype) else TOL_LOSS_16BIT
+    if section == "results":
+        return {"loss_err": loss_tol, "grad_err": out_tol}
+    if section == "moe":
+        return {"err": TOL_ROUTE if row.get("op") == "route" else out_tol}
+    if section == "fused":
+        return {"loss_err": loss_tol, "grad_hidden_err": out_tol, "grad_weight_err": out_tol}
+    if section == "attention":
+        errs = {"out_err": out_tol}
+        if row.get("pass") == "fwd+bwd":
+            errs["grad_err"] = out_tol
+        return errs
+    raise ValueError(f"unknown section {section!r}")
+
+
+def row_failures(section, row):
+    """None for another implementation's row (informational); for this crate's, the reasons it
+    fails ([] when it passes): it raised, an error is missing, not finite or above its
+    tolerance, or a bitwise-determinism check (MoE, attention) failed or did not run."""
+    if not is_ours(row):
+        return None
+    if "error" in row:
+        return [f"raised: {row['error']}"]
+    why = []
+    for key, tol in expected_errors(section, row).items():
+        value = row.get(key)
+        if value is None:
+            why.append(f"{key} missing (no reference)")
+        elif not math.isfinite(value):
+            why.append(f"{key} = {value}")
+        elif value > tol:
+            why.append(f"{key} {value:.2e} > {tol:.0e}")
+    if section in ("moe", "attention") and row.get("bitwise") is not True:
+        why.append("two runs gave different bits" if row.get("bitwise") is False
+                   else "bitwise check missing")
+    return why
+
+
+def verdict_cell(row) -> str:
+    return row.get("verdict", "")
+
+
+def row_label(section, row) -> str:
+    """A row's name in the failure list."""
+    impl = row.get("impl", "?") + (f" ({row['note']})" if row.get("note") else "")
+    if section == "results":
+        return f"divergence {impl} {row.get('kind')} {row.get('n')}x{row.get('v')}"
+    if section == "moe":
+        return f"moe {row.get('op')} {impl} [{row.get('shape')}]"
+    if section == "attention":
+        return f"attention {impl} [{row.get('shape')}] {row.get('pass')}"
+    return f"fused {impl} [{row.get('shape')}]"
+
+
+class Report:
+    """The rows of a run, as they are measured: each judged (row_failures), printed under its
+    table's header on ``out`` and flushed, and the whole JSON rewritten (atomically), so that a
+    run stopped at its time limit still leaves every row it finished."""
+
+    def __init__(self, meta, json_path=None, out=None):
+        self.meta = meta
+        self.json_path = json_path
+        self.out = out or sys.stdout
+        self.rows = {s: [] for s in SECTIONS}
+        self.preambles = {}
+        self.finished = False
+
+    def preamble(self, section, lines) -> None:
+        """Lines printed before ``section``'s table header, with its first row."""
+        self.preambles[section] = list(lines)
+
+    def add(self, section, row) -> None:
+        why = row_failures(section, row)
+        if why is not None:
+            row["verdict"] = "FAIL" if why else "ok"
+            if why:
+                row["failures"] = why
+        rows = self.rows[section]
+        if not rows:
+            print(file=self.out)
+            for line in self.preambles.get(section, ()) + list(TABLE_HEADERS[section]):
+                print(line, file=self.out)
+        rows.append(row)
+        print(ROW_FORMATS[section](row), file=self.out, flush=True)
+        self.write_json()
+
+    def failures(self):
+        return [(s, r) for s in SECTIONS for r in self.rows[s] if r.get("verdict") == "FAIL"]
+
+    def ours(self) -> int:
+        return sum(1 for s in SECTIONS for r in self.rows[s] if "verdict" in r)
+
+    def summary(self) -> str:
+        """The last line of a run: this crate's failures, or that there were none."""
+        fails = self.failures()
+        if not fails:
+            return (f"ok: all {self.ours()} distill_kernels rows ran, within DESIGN.md's "
+                    "tolerances and bitwise reproducible where checked")
+        return (f"FAIL: {len(fails)} of {self.ours()} distill_kernels rows: " + "; ".join(
+            f"{row_label(s, r)}: {', '.join(r['failures'])}" for s, r in fails))
+
+    def write_json(self) -> None:
+        if not self.json_path:
+            return
+        doc = {"meta": self.meta, **{s: self.rows[s] for s in SECTIONS},
+               "failures": [f"{row_label(s, r)}: {', '.join(r['failures'])}"
+                            for s, r in self.failures()],
+               "finished": self.finished}
+        tmp = f"{self.json_path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=2)
+        os.replace(tmp, self.json_path)
+
+
 # ---- one row of the table -----------------------------------------------------------------------
 
 
+def dk_workspace_bytes(n: int, device) -> "int | None":
+    """This crate's own workspace for an n-row divergence call on ``device``
+    (dk_divergence_workspace_size, what distill_kernels.torch allocates per call), or None where
+    the library cannot say."""
+    try:
+        import ctypes
+
+        from distill_kernels import _lib as dk_lib
+
+        l = dk_lib.lib()
+        if not hasattr(l, "dk_divergence_workspace_size"):
+            return None
+        index = -1
+        if torch.device(device).type == "cuda":
+            index = torch.device(device).index
+            index = torch.cuda.current_device() if index is None else index
+        size = ctypes.c_size_t(0)
+        dk_lib.check(l.dk_divergence_workspace_size(dk_lib.context(index), n, ctypes.byref(size)),
+                     "dk_divergence_workspace_size")
+        return int(size.value)
+    except Exception:  # noqa: BLE001  (a column left empty, not a failed row)
+        return None
+
+
+def _memory_columns(row, peak_bytes, grad_bytes, n, device) -> None:
+    """The extra peak memory of one call, whole (GiB) and, for issue 3's "at most 64 bytes per
+    row beyond inputs and outputs", without the gradient output, in bytes per row."""
+    row["extra_gib"] = peak_bytes / GIB
+    row["extra_bytes_per_row_excl_grad"] = (peak_bytes - grad_bytes) / max(n, 1)
+    if is_ours(row):
+        ws = dk_workspace_bytes(n, device)
+        if ws is not None:
+            row["workspace_bytes_per_row"] = ws / max(n, 1)
+
+
 def run_one(impl_name, kind, fn, s, t, ref, rows, floor_ms, args):
-    row = {"impl": impl_name, "kind": kind, "n": s.shape[0], "v": s.shape[1]}
+    row = {"impl": impl_name, "kind": kind, "n": s.shape[0], "v": s.shape[1],
+           "dtype": str(s.dtype).replace("torch.", "")}
     if getattr(fn, "note", None):
         row["note"] = fn.note
     if isinstance(fn, Exception):  # one line: the row is a markdown table cell
@@ -564,10 +866,11 @@ def run_one(impl_name, kind, fn, s, t, ref, rows, floor_ms, args):
         loss = loss.detach().reshape(())
         row["loss_err"] = rel_err(loss, torch.tensor(ref_loss, device=loss.device))
         row["grad_err"] = rel_err(x.grad[rows], ref_grad)
+        grad_bytes = x.grad.numel() * x.grad.element_size()
         del loss
         # Extra peak memory of one forward + backward (the gradient buffer included).
         x.grad = None
-        row["extra_gib"] = extra_peak_gib(step)
+        _memory_columns(row, extra_peak_bytes(step), grad_bytes, s.shape[0], s.device)
         ms = bench_ms(step, args.warmup_ms, args.rep_ms)
         row["ms"] = ms
         row["pct_floor"] = 100.0 * floor_ms / ms
@@ -583,15 +886,33 @@ def run_one(impl_name, kind, fn, s, t, ref, rows, floor_ms, args):
     return row
 
 
+def _per_row_bytes(x) -> str:
+    if x is None or not math.isfinite(x):
+        return ""
+    return f"{x:.0f}" if abs(x) < 1e5 else f"{x:.2e}"
+
+
+DIVERGENCE_HEADER = (
+    "| implementation | kind | N × V | time | % of floor | extra peak memory "
+    "| extra excl. grad, B/row | dk workspace, B/row | loss rel err | grad rel err (sampled rows) "
+    "| verdict |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+)
+
+
 def fmt_row(r) -> str:
     if r.get("note"):
         r = {**r, "impl": f"{r['impl']} ({r['note']})"}
     shape = f"{r['n']} × {r['v']}"
     if "error" in r:
-        return f"| {r['impl']} | {r['kind']} | {shape} | {r['error']} | | | | |"
+        return (f"| {r['impl']} | {r['kind']} | {shape} | {r['error']} | | | | | | "
+                f"| {verdict_cell(r)} |")
+    mem = f"{r['extra_gib']:.2f} GiB" if math.isfinite(r.get("extra_gib", math.nan)) else ""
     return (
         f"| {r['impl']} | {r['kind']} | {shape} | {r['ms']:.3f} ms | {r['pct_floor']:.1f} % "
-        f"| {r['extra_gib']:.2f} GiB | {r['loss_err']:.1e} | {r['grad_err']:.1e} |"
+        f"| {mem} | {_per_row_bytes(r.get('extra_bytes_per_row_excl_grad'))} "
+        f"| {_per_row_bytes(r.get('workspace_bytes_per_row'))} "
+        f"| {r['loss_err']:.1e} | {r['grad_err']:.1e} | {verdict_cell(r)} |"
     )
 
 
@@ -611,7 +932,9 @@ LOGITS_ROWS = (("separate gradient", False), ("grad_inplace=True", True))
 
 def run_logits_rows(kind, s, t, ref, rows, floor_ms, args, timer=None):
     """Rows for distill_kernels.torch.divergence on an intermediate logits tensor, separate
-    gradient and in place; ``timer(fn, warmup_ms, rep_ms, setup)`` defaults to CUDA events."""
+    gradient and in place; ``timer(fn, warmup_ms, rep_ms, setup)`` defaults to _events_median:
+    CUDA events, the refill (``setup``) then the L2 flush before each timed call, so the refill's
+    dirty lines are written back before the start event, not inside the timed call."""
     import distill_kernels.torch as dkt
 
     timer = timer or _events_median
@@ -619,6 +942,7 @@ def run_logits_rows(kind, s, t, ref, rows, floor_ms, args, timer=None):
     out = []
     for note, inplace in LOGITS_ROWS:
         row = {"impl": "distill_kernels", "kind": kind, "n": s.shape[0], "v": s.shape[1],
+               "dtype": str(s.dtype).replace("torch.", ""),
                "note": f"logits refilled untimed, {note}", "inplace": inplace}
         logits = None
         try:
@@ -645,10 +969,13 @@ def run_logits_rows(kind, s, t, ref, rows, floor_ms, args, timer=None):
             loss = loss.detach().reshape(())
             row["loss_err"] = rel_err(loss, torch.tensor(ref_loss, device=loss.device))
             row["grad_err"] = rel_err(g[rows], ref_grad)
+            # The gradient output: a new [N, V] buffer, or none at all when written in place.
+            grad_bytes = 0 if inplace else g.numel() * g.element_size()
             del loss, g
             refill()
             # no allocator statistics on the CPU
-            row["extra_gib"] = extra_peak_gib(step) if cuda else float("nan")
+            peak = extra_peak_bytes(step) if cuda else float("nan")
+            _memory_columns(row, peak, grad_bytes, s.shape[0], s.device)
             ms = timer(step, args.warmup_ms, args.rep_ms, setup=refill)
             row["ms"] = ms
             row["pct_floor"] = 100.0 * floor_ms / ms
@@ -748,12 +1075,14 @@ def _grad_fn(out, inputs, grad):
     return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
 
 
-def run_moe(ops, impls, bw, args, log_fn):
-    """The MoE rows of the table."""
+def run_moe(ops, impls, bw, args, log_fn, emit=None):
+    """The MoE rows of the table; ``emit(row)``, when given, gets each row as it is measured."""
     rows = []
 
     def add(row):
         rows.append(row)
+        if emit is not None:
+            emit(row)
         log_fn("    " + fmt_moe_row(row))
 
     if "moe_route" in ops:
@@ -892,13 +1221,20 @@ def run_moe(ops, impls, bw, args, log_fn):
     return rows
 
 
+MOE_HEADER = (
+    "| op | implementation | shape | time | % of strict floor | rel err | bitwise | verdict |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- |",
+)
+
+
 def fmt_moe_row(r) -> str:
     if "error" in r:
-        return f"| {r['op']} | {r['impl']} | {r['shape']} | {r['error']} | | | |"
+        return (f"| {r['op']} | {r['impl']} | {r['shape']} | {r['error']} | | | "
+                f"| {verdict_cell(r)} |")
     err = f"{r['err']:.1e}" if r.get("err") is not None else ""
     bits = {True: "yes", False: "NO", None: ""}[r.get("bitwise")]
     return (f"| {r['op']} | {r['impl']} | {r['shape']} | {r['ms'] * 1e3:.1f} µs "
-            f"| {r['pct_floor']:.1f} % | {err} | {bits} |")
+            f"| {r['pct_floor']:.1f} % | {err} | {bits} | {verdict_cell(r)} |")
 
 
 # ---- fused linear divergence (lm_head + JSD) ------------------------------------------------------
@@ -913,8 +1249,34 @@ def _fused_eager(hs, ws, ht, wt):
     return eager_jsd(hs @ ws.T, (ht @ wt.T).detach())
 
 
+def _one_line(e, width=160) -> str:
+    """An exception as one table cell: its type and the first line of its message."""
+    text = str(e).splitlines()[0][:width] if str(e) else ""
+    return f"{type(e).__name__}: {text}"
+
+
 def _fused_impls(wanted, device="cuda", compiled=True):
-    impls = {"torch eager": _fused_eager}
+    """{name: fn(hs, ws, ht, wt) -> loss, or the exception that says why it cannot run}: this
+    crate's rows first, then the baselines, slowest last (the order run_fused times them in)."""
+    impls = {}
+    try:
+        import distill_kernels.torch as dkt
+        from distill_kernels import _lib as dk_lib
+
+        dk_lib.fused_lib()
+        impls["distill_kernels"] = lambda hs, ws, ht, wt: dkt.fused_linear_divergence(
+            hs, ws, ht, wt, kind="jsd", beta=BETA)
+
+        def f32_grads(hs, ws, ht, wt):
+            return dkt.fused_linear_divergence(hs, ws, ht, wt, kind="jsd", beta=BETA,
+                                               grad_dtype=torch.float32)
+
+        f32_grads.grad_dtype = torch.float32  # its gradient outputs (cast by autograd after)
+        impls["distill_kernels (f32 grads)"] = f32_grads
+        impls["distill_kernels (≤ 2 GiB)"] = _fused_within_2gib(dkt)
+    except Exception as e:  # noqa: BLE001
+        impls["distill_kernels"] = e
+    impls["torch eager"] = _fused_eager
     if not wanted or any(w in n.lower() for w in wanted for n in (LIGER_FUSED, LIGER_CHUNKED)):
         probe = None
         for name, entry in _liger_fused_fns(compiled, FUSED_CHUNK).items():
@@ -924,51 +1286,56 @@ def _fused_impls(wanted, device="cuda", compiled=True):
             fn, probe_fn = entry
             try:  # a wrong convention becomes the row's error, not a silently wrong number
                 probe = probe or _fused_probe(device)
-                impls[name] = _liger_checked(fn, probe, probe_fn)
+                checked = _liger_checked(fn, probe, probe_fn)
+                if probe_fn is not None:
+                    # The compiled chunked loss: its uncompiled twin (same math, checked on its
+                    # own) is timed instead, and the row says so, if torch.compile fails.
+                    try:
+                        checked.uncompiled = _liger_checked(probe_fn, probe)
+                    except Exception:  # noqa: BLE001  (then a compile failure stays the error)
+                        pass
+                impls[name] = checked
             except Exception as e:  # noqa: BLE001
                 impls[name] = e
-    try:
-        import distill_kernels.torch as dkt
-        from distill_kernels import _lib as dk_lib
-
-        dk_lib.fused_lib()
-        impls["distill_kernels"] = lambda hs, ws, ht, wt: dkt.fused_linear_divergence(
-            hs, ws, ht, wt, kind="jsd", beta=BETA)
-        impls["distill_kernels (f32 grads)"] = lambda hs, ws, ht, wt: dkt.fused_linear_divergence(
-            hs, ws, ht, wt, kind="jsd", beta=BETA, grad_dtype=torch.float32)
-        impls["distill_kernels (≤ 2 GiB)"] = _fused_within_2gib(dkt)
-    except Exception as e:  # noqa: BLE001
-        impls["distill_kernels"] = e
     if wanted:
         impls = {k: v for k, v in impls.items() if any(w in k.lower() for w in wanted)}
     return impls
 
 
+FUSED_BUDGET = 2 << 30  # issue 4: at most 2 GiB of extra peak memory
+FUSED_MARGIN = 96 << 20  # cuBLAS's 32 MiB workspace, the per-row losses, the allocator
+
+
+def fused_2gib_chunk(n, h, v, elem):
+    """(chunk rows, note) for issue 4's 2 GiB: the chunk's two f32 logit buffers (8 bytes per
+    padded column per row) get what FUSED_MARGIN, the crate's pad before them (cuda/FUSED.md,
+    version 3: at least 32 rows, else up to 32 MiB of them) and the gradient outputs leave, in
+    multiples of 64 rows. The issue does not say whether its 2 GiB count the gradients: counted
+    when they leave room for a chunk; where they alone take about all of it (grad_weight alone
+    is 1.93 GiB at the Scout shape, V 202048 × H 5120 in bf16) the 2 GiB are what comes beyond
+    them, and the note says which."""
+    ld = -(-v // 8) * 8
+    pad = 4 * max(32, (32 << 20) // (4 * ld)) * ld
+    grads = (n * h + v * h) * elem
+    for left, what in ((FUSED_BUDGET - FUSED_MARGIN - pad - grads, "≤ 2 GiB with the gradients"),
+                       (FUSED_BUDGET - FUSED_MARGIN - pad,
+                        f"≤ 2 GiB beyond the gradients, {grads / GIB:.2f} GiB alone")):
+        rows = left // (8 * ld) // 64 * 64
+        if rows >= 64:
+            return int(rows), f"chunks of {rows} rows, {what}"
+    raise RuntimeError(f"no chunk of 64 rows fits 2 GiB at V = {v}")
+
+
 def _fused_within_2gib(dkt):
-    """This crate with chunks small enough that the extra peak memory, the weight gradient
-    included (as counted here and in ANCHORS.md), stays within issue 4's 2 GiB: the chunk's two
-    f32 logit buffers get what the bf16 weight gradient, the pad before them and a 96 MiB
-    margin (cuBLAS's 32 MiB workspace, the per-row losses, the allocator) leave, in multiples
-    of 64 rows. The default chunks take up to 1.5 GiB (cuda/FUSED.md): this row measures what
-    the smaller ones cost. A shape whose weight gradient alone leaves no room raises (the row
-    shows why)."""
-    budget, margin = 2 << 30, 96 << 20
+    """This crate with chunks small enough for issue 4's 2 GiB (fused_2gib_chunk). The default
+    chunks take up to 1.5 GiB (cuda/FUSED.md): this row measures what smaller ones cost."""
 
     def run(hs, ws, ht, wt):
-        v, h = ws.shape
-        ld = -(-v // 8) * 8
-        # The crate's pad before S (cuda/FUSED.md, version 3: at least 32 rows, else up to
-        # 32 MiB of them) comes off the top.
-        pad_rows = max(32, (32 << 20) // (4 * ld))
-        left = budget - margin - v * h * ws.element_size() - 4 * pad_rows * ld
-        rows = left // (8 * ld) // 64 * 64
-        if rows < 64:
-            raise RuntimeError(
-                f"no chunk fits 2 GiB: the weight gradient alone is "
-                f"{v * h * ws.element_size() / 2**30:.2f} GiB")
+        rows, _ = fused_2gib_chunk(hs.shape[0], ws.shape[1], ws.shape[0], ws.element_size())
         return dkt.fused_linear_divergence(hs, ws, ht, wt, kind="jsd", beta=BETA,
-                                           chunk_rows=int(rows))
+                                           chunk_rows=rows)
 
+    run.chunk_plan = fused_2gib_chunk
     return run
 
 
@@ -997,23 +1364,117 @@ def _fused_reference(hs, ws, ht, wt, chunk=512):
     return total / n, gh, gw
 
 
-def run_fused(shapes, impls, args, log_fn):
+def _sync(t) -> None:
+    if t.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_fused_row(impl, fn, hs, ws, ht, wt, ref, gemm_ms, shape, args, log_fn):
+    """One row: the first call (errors against ``ref``; a compiled Liger loss that fails in
+    torch.compile falls back to its uncompiled twin, labelled), the extra peak memory of one
+    forward + backward with and without the gradient outputs, the median time."""
+    row = {"impl": impl, "shape": shape, "dtype": str(hs.dtype).replace("torch.", "")}
+    if getattr(fn, "note", None):
+        row["note"] = fn.note
+    if isinstance(fn, Exception):
+        row["error"] = _one_line(fn)
+        return row
+    plan = getattr(fn, "chunk_plan", None)
+    if plan is not None:
+        row["chunk_rows"], row["note"] = plan(hs.shape[0], ws.shape[1], ws.shape[0],
+                                              ws.element_size())
+    a = hs.detach().clone().requires_grad_(True)
+    b = ws.detach().clone().requires_grad_(True)
+
+    def first(f):
+        a.grad = b.grad = None
+        out = f(a, b, ht, wt)
+        out.backward()
+        _sync(a)
+        return out
+
+    try:
+        t0 = time.time()
+        try:
+            loss = first(fn)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            fallback = getattr(fn, "uncompiled", None)
+            if fallback is None:
+                raise
+            row["note"] = (f"uncompiled: torch.compile failed ({_one_line(e, 100)}); "
+                           f"{getattr(fallback, 'note', '')}")
+            log_fn(f"    {impl}: torch.compile failed ({_one_line(e, 100)}); timing it uncompiled")
+            fn = fallback
+            t0 = time.time()
+            loss = first(fn)
+        row["first_call_s"] = round(time.time() - t0, 2)
+        if ref is not None:
+            row["loss_err"] = abs(loss.item() - ref[0]) / abs(ref[0])
+            row["grad_hidden_err"] = rel_err(a.grad, ref[1])
+            row["grad_weight_err"] = rel_err(b.grad, ref[2])
+        del loss
+        # The gradient outputs as the row returns them (f32 buffers for the f32-grads row,
+        # which autograd then casts to the parameters' dtype: those copies stay in the peak).
+        g_dtype = getattr(fn, "grad_dtype", a.dtype)
+        grad_bytes = (a.numel() + b.numel()) * (torch.finfo(g_dtype).bits // 8)
+        a.grad = b.grad = None
+
+        def step(f=fn):
+            a.grad = b.grad = None
+            f(a, b, ht, wt).backward()
+
+        # Extra peak memory beyond the inputs, with the gradients of hidden and weight and
+        # without them.
+        peak = extra_peak_bytes(step)
+        row["extra_gib"] = peak / GIB
+        row["extra_excl_grads_gib"] = (peak - grad_bytes) / GIB
+        row["ms"] = bench_ms(step, args.warmup_ms, args.rep_ms)
+        row["ratio"] = row["ms"] / gemm_ms
+    except torch.cuda.OutOfMemoryError as e:
+        row["error"] = "OOM: " + str(e).split("\n")[0][:120]
+    except Exception as e:  # noqa: BLE001
+        row["error"] = _one_line(e)
+        if args.verbose:
+            traceback.print_exc()
+    finally:
+        a.grad = b.grad = None
+        a = b = None
+        _sync(hs)
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_fused(shapes, impls, args, log_fn, emit=None, device="cuda"):
+    """Per shape: the four GEMMs, the fp32 reference, this crate's rows, then the baselines
+    (their first calls compile: LigerFusedLinearJSD ~1.2 s a call and the compiled chunked loss
+    20-40 s at the Scout shape, enough to use up a time limit before this crate's rows came).
+    ``emit(row)``, when given, gets each row as it is measured."""
     rows = []
+
+    def add(row):
+        rows.append(row)
+        if emit is not None:
+            emit(row)
+        log_fn("    " + fmt_fused_row(row))
+
+    order = sorted(impls, key=lambda name: not is_ours({"impl": name}))  # stable: ours first
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     for name, n, h, v in shapes:
         shape = f"{name}: N {n}, H {h}, V {v}"
         try:
             torch.cuda.empty_cache()
-            hs = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
-            ws = (torch.randn(v, h, device="cuda") * (2.0 / math.sqrt(h))).to(torch.bfloat16)
-            ht = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
-            wt = (torch.randn(v, h, device="cuda") * (2.0 / math.sqrt(h))).to(torch.bfloat16)
+            hs = torch.randn(n, h, device=device, dtype=torch.bfloat16)
+            ws = (torch.randn(v, h, device=device) * (2.0 / math.sqrt(h))).to(torch.bfloat16)
+            ht = torch.randn(n, h, device=device, dtype=torch.bfloat16)
+            wt = (torch.randn(v, h, device=device) * (2.0 / math.sqrt(h))).to(torch.bfloat16)
         except torch.cuda.OutOfMemoryError as e:
-            rows.append({"impl": "-", "shape": shape, "error": f"OOM allocating inputs: {e}"[:120]})
+            add({"impl": "-", "shape": shape, "error": f"OOM allocating inputs: {e}"[:120]})
             continue
         # Floor: the four cuBLAS GEMMs, timed in this run.
         try:
-            gl = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)  # a logits gradient
+            gl = torch.randn(n, v, device=device, dtype=torch.bfloat16)  # a logits gradient
             t_s = bench_ms(lambda: hs @ ws.T, args.warmup_ms, args.rep_ms)
             t_t = bench_ms(lambda: ht @ wt.T, args.warmup_ms, args.rep_ms)
             t_h = bench_ms(lambda: gl @ ws, args.warmup_ms, args.rep_ms)
@@ -1021,13 +1482,13 @@ def run_fused(shapes, impls, args, log_fn):
             gl = None
             gemm_ms = t_s + t_t + t_h + t_w
             tflops = 4 * 2 * n * h * v / (gemm_ms * 1e-3) / 1e12
-            rows.append({"impl": "4 cuBLAS GEMMs (torch.matmul)", "shape": shape, "ms": gemm_ms,
-                         "ratio": 1.0, "detail": f"{t_s:.2f} + {t_t:.2f} + {t_h:.2f} + {t_w:.2f} ms,"
-                         f" {tflops:.0f} TFLOP/s"})
-            log_fn("    " + fmt_fused_row(rows[-1]))
+            add({"impl": "4 cuBLAS GEMMs (torch.matmul)", "shape": shape, "ms": gemm_ms,
+                 "ratio": 1.0, "detail": f"{t_s:.2f} + {t_t:.2f} + {t_h:.2f} + {t_w:.2f} ms,"
+                 f" {tflops:.0f} TFLOP/s"})
         except torch.cuda.OutOfMemoryError as e:
+            gl = None
             gemm_ms = float("nan")
-            rows.append({"impl": "4 cuBLAS GEMMs", "shape": shape, "error": f"OOM: {e}"[:120]})
+            add({"impl": "4 cuBLAS GEMMs", "shape": shape, "error": f"OOM: {e}"[:120]})
         torch.cuda.empty_cache()
         try:
             torch.backends.cuda.matmul.allow_tf32 = False
@@ -1038,73 +1499,37 @@ def run_fused(shapes, impls, args, log_fn):
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old_tf32
         torch.cuda.empty_cache()
-        for impl, fn in impls.items():
+        for impl in order:
             log_fn(f"fused {impl} {shape} ...")
-            row = {"impl": impl, "shape": shape}
-            if getattr(fn, "note", None):
-                row["note"] = fn.note
-            if isinstance(fn, Exception):
-                row["error"] = f"{type(fn).__name__}: {str(fn).splitlines()[0][:160] if str(fn) else ''}"
-                rows.append(row)
-                log_fn("    " + fmt_fused_row(row))
-                continue
-            a = hs.detach().clone().requires_grad_(True)
-            b = ws.detach().clone().requires_grad_(True)
-
-            def step():
-                a.grad = b.grad = None
-                fn(a, b, ht, wt).backward()
-
-            try:
-                t0 = time.time()
-                a.grad = b.grad = None
-                loss = fn(a, b, ht, wt)
-                loss.backward()
-                torch.cuda.synchronize()
-                row["first_call_s"] = round(time.time() - t0, 2)
-                if ref is not None:
-                    row["loss_err"] = abs(loss.item() - ref[0]) / abs(ref[0])
-                    row["grad_hidden_err"] = rel_err(a.grad, ref[1])
-                    row["grad_weight_err"] = rel_err(b.grad, ref[2])
-                del loss
-                a.grad = b.grad = None
-                # Extra peak memory beyond the inputs, gradients of hidden and weight included.
-                row["extra_gib"] = extra_peak_gib(step)
-                row["ms"] = bench_ms(step, args.warmup_ms, args.rep_ms)
-                row["ratio"] = row["ms"] / gemm_ms
-            except torch.cuda.OutOfMemoryError as e:
-                row["error"] = "OOM: " + str(e).split("\n")[0][:120]
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-                if args.verbose:
-                    traceback.print_exc()
-            finally:
-                a.grad = b.grad = None
-                a = b = None
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-            rows.append(row)
-            log_fn("    " + fmt_fused_row(row))
+            add(run_fused_row(impl, impls[impl], hs, ws, ht, wt, ref, gemm_ms, shape, args,
+                              log_fn))
         hs = ws = ht = wt = ref = None
         torch.cuda.empty_cache()
     return rows
 
 
+FUSED_HEADER = (
+    "| implementation | shape | time | × GEMMs | extra peak, with grads | extra peak, excl. grads "
+    "| loss rel err | grad rel err (hidden / weight) | verdict |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+)
+
+
 def fmt_fused_row(r) -> str:
     if r.get("note"):
         r = {**r, "impl": f"{r['impl']} ({r['note']})"}
+    verdict = verdict_cell(r)
     if "error" in r:
-        return f"| {r['impl']} | {r['shape']} | {r['error']} | | | | |"
+        return f"| {r['impl']} | {r['shape']} | {r['error']} | | | | | | {verdict} |"
     if "detail" in r:
-        return f"| {r['impl']} | {r['shape']} | {r['ms']:.2f} ms | 1.00 × | {r['detail']} | | |"
-    errs = ""
+        return f"| {r['impl']} | {r['shape']} | {r['ms']:.2f} ms | 1.00 × | {r['detail']} | | | | |"
+    errs = " | "
     if "loss_err" in r:
         errs = (f"{r['loss_err']:.1e} | {r['grad_hidden_err']:.1e} / "
                 f"{r['grad_weight_err']:.1e}")
-    else:
-        errs = " | "
+    excl = f"{r['extra_excl_grads_gib']:.2f} GiB" if "extra_excl_grads_gib" in r else ""
     return (f"| {r['impl']} | {r['shape']} | {r['ms']:.2f} ms | {r['ratio']:.2f} × "
-            f"| {r['extra_gib']:.2f} GiB | {errs} |")
+            f"| {r['extra_gib']:.2f} GiB | {excl} | {errs} | {verdict} |")
 
 
 # ---- grouped-query attention ----------------------------------------------------------------------
@@ -1207,15 +1632,17 @@ def _attn_impls(wanted):
     return impls
 
 
-def run_attention(shapes, impls, args, log_fn):
+def run_attention(shapes, impls, args, log_fn, emit=None):
     """Rows per shape: forward and forward + backward of each implementation (TFLOP/s, ratio to
     SDPA flash = FA2 measured in this run, extra peak memory of the timed call, errors of out /
     dq / dk / dv on one (sequence, KV head) slice against float64), K / V expansion when a
-    backend needed it."""
+    backend needed it. ``emit(row)``, when given, gets each row as it is measured."""
     rows = []
 
     def add(row):
         rows.append(row)
+        if emit is not None:
+            emit(row)
         log_fn("    " + fmt_attn_row(row))
 
     for name, b, s, hq, hkv, d in shapes:
@@ -1374,9 +1801,17 @@ def run_attention(shapes, impls, args, log_fn):
     return rows
 
 
+ATTN_HEADER = (
+    "| implementation | shape | pass | time | TFLOP/s | vs FA2 | extra peak memory "
+    "| out rel err | grad rel err | bitwise | verdict |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+)
+
+
 def fmt_attn_row(r) -> str:
     if "error" in r:
-        return f"| {r['impl']} | {r['shape']} | {r['pass']} | {r['error']} | | | | | | |"
+        return (f"| {r['impl']} | {r['shape']} | {r['pass']} | {r['error']} | | | | | | "
+                f"| {verdict_cell(r)} |")
     tf = f"{r['tflops']:.0f}" if "tflops" in r else ""
     vs = f"{r['vs_fa2']:.2f} ×" if "vs_fa2" in r else ""
     mem = f"{r['extra_gib']:.2f} GiB" if "extra_gib" in r else ""
@@ -1385,7 +1820,86 @@ def fmt_attn_row(r) -> str:
     bits = {True: "yes", False: "NO", None: ""}[r.get("bitwise")]
     note = f" ({r['note']})" if r.get("note") else ""
     return (f"| {r['impl']}{note} | {r['shape']} | {r['pass']} | {r['ms']:.3f} ms | {tf} | {vs} "
-            f"| {mem} | {oe} | {ge} | {bits} |")
+            f"| {mem} | {oe} | {ge} | {bits} | {verdict_cell(r)} |")
+
+
+# ---- the divergence table ------------------------------------------------------------------------
+
+
+def sampled_rows(n: int, v: int, seed: int, count: int):
+    """The rows whose gradient is compared with the float64 reference at shape n × v: the first
+    ``count`` of torch.randperm(n) under the seed ``seed + n + v``, sorted."""
+    g = torch.Generator().manual_seed(seed + n + v)
+    return sorted(torch.randperm(n, generator=g)[:count].tolist())
+
+
+def run_divergence(shapes, kinds, impls, logits_rows, bw, args, log_fn, emit=None, started=None):
+    """The divergence rows, per shape: every implementation and kind (run_one), then this crate
+    on a logits buffer (run_logits_rows) when ``logits_rows``. ``emit(row)``, when given, gets
+    each row as it is measured."""
+    started = time.time() if started is None else started
+    results = []
+
+    def add(r):
+        results.append(r)
+        if emit is not None:
+            emit(r)
+        log_fn("    " + fmt_row(r))
+
+    for n, v in shapes:
+        floor_ms = 3 * n * v * 2 / bw * 1e3
+        try:
+            s = (torch.randn(n, v, device="cuda") * 2).to(torch.bfloat16)
+            t = (torch.randn(n, v, device="cuda") * 2).to(torch.bfloat16)
+        except torch.cuda.OutOfMemoryError as e:
+            for (impl, kind) in impls:
+                add({"impl": impl, "kind": kind, "n": n, "v": v,
+                     "error": f"OOM allocating the inputs: {str(e)[:80]}"})
+            continue
+        rows = sampled_rows(n, v, args.seed, args.sample_rows)
+        refs = {}
+        for (impl, kind), fn in impls.items():
+            if kind not in refs:
+                refs[kind] = reference(s, t, kind, rows)
+                torch.cuda.empty_cache()
+            log_fn(f"[{time.time() - started:6.1f} s] {impl} {kind} {n}x{v} ...")
+            r = run_one(impl, kind, fn, s, t, refs[kind], rows, floor_ms, args)
+            torch.cuda.empty_cache()  # what run_one allocated is free now
+            r["floor_ms"] = floor_ms
+            add(r)
+        for kind in kinds if logits_rows else ():
+            if kind not in refs:
+                refs[kind] = reference(s, t, kind, rows)
+                torch.cuda.empty_cache()
+            log_fn(f"[{time.time() - started:6.1f} s] distill_kernels {kind} {n}x{v}, logits "
+                   "buffer ...")
+            for r in run_logits_rows(kind, s, t, refs[kind], rows, floor_ms, args):
+                r["floor_ms"] = floor_ms
+                add(r)
+            torch.cuda.empty_cache()
+        del s, t, refs
+        torch.cuda.empty_cache()
+    return results
+
+
+TABLE_HEADERS = {"results": DIVERGENCE_HEADER, "moe": MOE_HEADER, "fused": FUSED_HEADER,
+                 "attention": ATTN_HEADER}
+ROW_FORMATS = {"results": fmt_row, "moe": fmt_moe_row, "fused": fmt_fused_row,
+               "attention": fmt_attn_row}
+# What a section's row needs to be printed, for the row that says a whole section stopped.
+_SECTION_BLANKS = {"results": {"kind": "-", "n": "-", "v": "-"}, "moe": {"op": "-", "shape": "-"},
+                   "fused": {"shape": "-"}, "attention": {"shape": "-", "pass": "-"}}
+
+
+def _run_section(report, section, run) -> None:
+    """run(emit) with its rows going to ``report``; an exception that escapes the runner (a bug,
+    not a failed row) becomes a failed row of this crate instead of ending the run."""
+    try:
+        run(lambda row: report.add(section, row))
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        report.add(section, {"impl": "distill_kernels", **_SECTION_BLANKS[section],
+                             "error": f"section stopped: {_one_line(e)}"})
 
 
 def main(argv=None) -> int:
@@ -1451,122 +1965,80 @@ def main(argv=None) -> int:
         meta["triton"] = triton.__version__
     except ImportError:
         meta["triton"] = None
+    if ops & {"divergence", "fused"} and (not wanted or any(w in "liger" for w in wanted)):
+        meta["liger"] = liger_info()
+        log(f"Liger-Kernel: {fmt_liger(meta['liger'])}")
 
-    impls = make_impls(kinds, wanted=wanted) if "divergence" in ops else {}
-    if wanted:
-        impls = {k: v for k, v in impls.items() if any(w in k[0].lower() for w in wanted)}
-    # This crate on an intermediate logits tensor, separate gradient and in place (see
-    # run_logits_rows), after the rows above; only where its face imports.
-    logits_rows = ("divergence" in ops and any(
-        impl == "distill_kernels" and not isinstance(fn, Exception)
-        for (impl, _), fn in impls.items()))
-    results = []
-    if "divergence" not in ops:
-        shapes = []
-    for n, v in shapes:
-        floor_ms = 3 * n * v * 2 / bw * 1e3
-        try:
-            s = (torch.randn(n, v, device="cuda") * 2).to(torch.bfloat16)
-            t = (torch.randn(n, v, device="cuda") * 2).to(torch.bfloat16)
-        except torch.cuda.OutOfMemoryError as e:
-            for (impl, kind) in impls:
-                results.append({"impl": impl, "kind": kind, "n": n, "v": v,
-                                "error": f"OOM allocating the inputs: {str(e)[:80]}"})
-            continue
-        g = torch.Generator().manual_seed(args.seed + n + v)
-        rows = sorted(torch.randperm(n, generator=g)[: args.sample_rows].tolist())
-        refs = {}
-        for (impl, kind), fn in impls.items():
-            if kind not in refs:
-                refs[kind] = reference(s, t, kind, rows)
-                torch.cuda.empty_cache()
-            log(f"[{time.time() - started:6.1f} s] {impl} {kind} {n}x{v} ...")
-            r = run_one(impl, kind, fn, s, t, refs[kind], rows, floor_ms, args)
-            torch.cuda.empty_cache()  # what run_one allocated is free now
-            r["floor_ms"] = floor_ms
-            results.append(r)
-            log("    " + fmt_row(r))
-        for kind in kinds if logits_rows else ():
-            if kind not in refs:
-                refs[kind] = reference(s, t, kind, rows)
-                torch.cuda.empty_cache()
-            log(f"[{time.time() - started:6.1f} s] distill_kernels {kind} {n}x{v}, logits buffer ...")
-            for r in run_logits_rows(kind, s, t, refs[kind], rows, floor_ms, args):
-                r["floor_ms"] = floor_ms
-                results.append(r)
-                log("    " + fmt_row(r))
-            torch.cuda.empty_cache()
-        del s, t, refs
-        torch.cuda.empty_cache()
-
-    moe_results = []
-    if ops & set(MOE_OPS):
-        log(f"[{time.time() - started:6.1f} s] MoE dispatch ...")
-        moe_results = run_moe(ops, _moe_impls(wanted), bw, args, log)
-
-    fused_results = []
-    if "fused" in ops:
-        log(f"[{time.time() - started:6.1f} s] fused linear JSD ...")
-        fused_results = run_fused(FUSED_QUICK if args.quick else FUSED_SHAPES,
-                                  _fused_impls(wanted), args, log)
-
-    attn_results = []
-    if "attention" in ops:
-        log(f"[{time.time() - started:6.1f} s] grouped-query attention ...")
-        attn_results = run_attention(ATTN_QUICK if args.quick else ATTN_SHAPES,
-                                     _attn_impls(wanted), args, log)
-
-    print()
+    report = Report(meta, args.json)
     print(f"{dev}, copy {bw / 1e9:.0f} GB/s, torch {torch.__version__}, "
           f"distill_kernels {meta['distill_kernels']}, bf16 forward + backward, "
-          f"jsd beta = {BETA}, {time.time() - started:.0f} s")
-    for n, v in shapes:
-        print(f"floor {n} × {v}: {3 * n * v * 2 / bw * 1e3:.3f} ms")
-    print()
-    if results:
-        print("| implementation | kind | N × V | time | % of floor | extra peak memory "
-              "| loss rel err | grad rel err |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for r in results:
-            print(fmt_row(r))
-    if moe_results:
-        print()
-        print("MoE dispatch, bf16; % of strict floor = minimal bytes (each operand read once, "
-              "see --help; dk bench's 'of floor' is ANCHORS.md's 2·R·H·2, its 'strict' this one) "
-              "over the copy rate; route err = fraction of tokens whose experts differ from a "
-              "stable sort's")
-        print("| op | implementation | shape | time | % of strict floor | rel err | bitwise |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        for r in moe_results:
-            print(fmt_moe_row(r))
-    if fused_results:
-        print()
-        print(f"Fused linear JSD (beta = {BETA}), bf16, forward + backward (grad of hidden and "
-              "weight); ratio to the four cuBLAS GEMMs of the same run; errors vs fp32 PyTorch on "
-              "the same inputs")
-        print("| implementation | shape | time | × GEMMs | extra peak memory | loss rel err "
-              "| grad rel err (hidden / weight) |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        for r in fused_results:
-            print(fmt_fused_row(r))
-    if attn_results:
-        print()
-        print("Grouped-query attention, bf16, causal, D 128, q/k/v [B, S, H, D] for this crate "
-              "and [B, H, S, D] for SDPA; TFLOP/s = 4·B·Hq·S²·D/2 forward, × 3.5 forward + "
-              "backward (ANCHORS.md); vs FA2 = ratio to SDPA's flash backend in this run; errors "
-              "= ‖x − ref‖ / ‖ref‖ on one (sequence, KV head) slice against float64 (grad: the "
-              "largest of dq, dk, dv); bitwise = two runs gave the same bits")
-        print("| implementation | shape | pass | time | TFLOP/s | vs FA2 | extra peak memory "
-              "| out rel err | grad rel err | bitwise |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for r in attn_results:
-            print(fmt_attn_row(r))
+          f"jsd beta = {BETA}", flush=True)
+    if "liger" in meta:
+        print(f"Liger-Kernel: {fmt_liger(meta['liger'])}", flush=True)
+
+    # MoE first: seconds, where the divergence's torch.compile rows take minutes.
+    if ops & set(MOE_OPS):
+        log(f"[{time.time() - started:6.1f} s] MoE dispatch ...")
+        report.preamble("moe", [
+            "MoE dispatch, bf16; % of strict floor = minimal bytes (each operand read once, "
+            "see --help; dk bench's 'of floor' is ANCHORS.md's 2·R·H·2, its 'strict' this one) "
+            "over the copy rate; rel err = ‖x − ref‖ / ‖ref‖ against float32 on the same "
+            "routing (route: fraction of tokens whose experts differ from a stable sort's)"])
+        _run_section(report, "moe",
+                     lambda emit: run_moe(ops, _moe_impls(wanted), bw, args, log, emit=emit))
+
+    if "divergence" in ops:
+        impls = make_impls(kinds, wanted=wanted)
+        if wanted:
+            impls = {k: v for k, v in impls.items() if any(w in k[0].lower() for w in wanted)}
+        # This crate on an intermediate logits tensor, separate gradient and in place (see
+        # run_logits_rows), after the rows above; only where its face imports.
+        logits_rows = any(impl == "distill_kernels" and not isinstance(fn, Exception)
+                          for (impl, _), fn in impls.items())
+        lines = ["Divergence, bf16 logits, forward + backward; loss rel err = |loss − ref| / |ref| "
+                 "(batchmean over all N rows), grad rel err = ‖g − ref‖ / ‖ref‖ over the sampled "
+                 "rows below only, both against float64; extra excl. grad = extra peak memory "
+                 "less the [N, V] gradient output, per row (issue 3: ≤ 64 B/row beyond inputs "
+                 "and outputs); dk workspace = dk_divergence_workspace_size / N"]
+        for n, v in shapes:
+            lines.append(f"floor {n} × {v}: {3 * n * v * 2 / bw * 1e3:.3f} ms; gradient "
+                         f"checked on rows {sampled_rows(n, v, args.seed, args.sample_rows)}")
+        report.preamble("results", lines)
+        _run_section(report, "results", lambda emit: run_divergence(
+            shapes, kinds, impls, logits_rows, bw, args, log, emit=emit, started=started))
+
+    if "fused" in ops:
+        log(f"[{time.time() - started:6.1f} s] fused linear JSD ...")
+        report.preamble("fused", [
+            f"Fused linear JSD (beta = {BETA}), bf16, forward + backward (grad of hidden and "
+            "weight); ratio to the four cuBLAS GEMMs of the same run; extra peak with the "
+            "gradient outputs and without them (issue 4: ≤ 2 GiB); errors = ‖x − ref‖ / ‖ref‖ "
+            "(loss, whole gradients) against fp32 PyTorch on the same inputs"])
+        _run_section(report, "fused", lambda emit: run_fused(
+            FUSED_QUICK if args.quick else FUSED_SHAPES, _fused_impls(wanted), args, log,
+            emit=emit))
+
+    if "attention" in ops:
+        log(f"[{time.time() - started:6.1f} s] grouped-query attention ...")
+        report.preamble("attention", [
+            "Grouped-query attention, bf16, causal, D 128, q/k/v [B, S, H, D] for this crate "
+            "and [B, H, S, D] for SDPA; TFLOP/s = 4·B·Hq·S²·D/2 forward, × 3.5 forward + "
+            "backward (ANCHORS.md); vs FA2 = ratio to SDPA's flash backend in this run; errors "
+            "= ‖x − ref‖ / ‖ref‖ on one (sequence, KV head) slice against float64 (grad: the "
+            "largest of dq, dk, dv); bitwise = two runs gave the same bits"])
+        _run_section(report, "attention", lambda emit: run_attention(
+            ATTN_QUICK if args.quick else ATTN_SHAPES, _attn_impls(wanted), args, log,
+            emit=emit))
+
+    report.finished = True
+    report.write_json()
+    summary = report.summary()
+    print(f"\n{time.time() - started:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results, "moe": moe_results,
-                       "fused": fused_results, "attention": attn_results}, f, indent=2)
-        print(f"\nwrote {args.json}")
-    return 0
+        print(f"wrote {args.json}")
+    print(summary, flush=True)
+    log(summary)
+    return 1 if report.failures() else 0
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@
 # GPU_CHECK_LIST=1: print the steps in the order this call would run them (selected or not, with
 # their expected seconds) and run nothing; GPU_CHECK_ONLY / _SKIP entries that name no step are
 # reported there, at the start of a run and in the summary.
-# GPU_CHECK_PLAN=1|2|3a|3b: the step lists of BENCHMARKS.md's "The next session's plan" (below).
+# GPU_CHECK_PLAN=1|2|3a|3b|3c: the step lists of BENCHMARKS.md's "The next session's plan" (below).
 # PYTEST_K: a pytest -k expression for step 8.
 # PY_BENCH_OPS: the --ops of step 10 (default: divergence,moe); PY_BENCH_SHAPES: its divergence
 # shapes (NxV list); PY_BENCH_IMPLS: its --impls (e.g. distill_kernels,num_items: this crate's
@@ -79,7 +79,7 @@ out=${OUT:-$root/gpu-check-out}
 budget=${GPU_CHECK_BUDGET:-330}
 GPU_CHECK_SKIP=${GPU_CHECK_SKIP:-}
 GPU_CHECK_ONLY=${GPU_CHECK_ONLY:-}
-# GPU_CHECK_PLAN=1|2|3a|3b: the steps of BENCHMARKS.md's "The next session's plan" (kept here, in
+# GPU_CHECK_PLAN=1|2|3a|3b|3c: the steps of BENCHMARKS.md's "The next session's plan" (kept here, in
 # one place, so a device call names them instead of copying lists): sets GPU_CHECK_ONLY, and
 # PYTEST_K / PY_BENCH_SHAPES where unset. GPU_CHECK_BUDGET stays the caller's.
 case ${GPU_CHECK_PLAN:-} in
@@ -93,21 +93,24 @@ case ${GPU_CHECK_PLAN:-} in
     plan_steps="nvidia-smi,test-divergence_reference=,test-divergence_reference-persist="
     plan_steps+=",test-fused_reference=,test-fused_reference-v1,test-fused_reference-persist="
     plan_steps+=",test-moe_reference,test-empty_batch,dk-bench-bf16,dk-bench-persist="
-    plan_steps+=",dk-bench-short-persist=,dk-bench-inplace=,dk-bench-moe=,dk-bench-fused="
-    plan_steps+=",dk-bench-fused-persist" ;;
-  3a) # the 256-thread persistent variant, the other A/B rows, the wide attention kernels
+    plan_steps+=",dk-bench-short=,dk-bench-short-persist=,dk-bench-inplace=,dk-bench-moe="
+    plan_steps+=",dk-bench-moe-nopdl,dk-bench-fused=,dk-bench-fused-persist" ;;
+  3a) # issue 3's other shapes (N = 16384, f32 logits), the 256-thread persistent variant, the
+    # sanitizers on the default attention kernels (issue 6)
     plan_steps="nvidia-smi,test-divergence_reference-persist256,test-fused_reference-persist256"
-    plan_steps+=",test-attention_reference-wide,dk-bench-persist256,dk-bench-short-persist256"
-    plan_steps+=",dk-bench-attention-wide"
-    plan_steps+=",dk-bench-inplace-persist,dk-bench-moe-nopdl,dk-bench-persist-c"
-    plan_steps+=",racecheck-attention-wide,memcheck-persist" ;;
+    plan_steps+=",dk-bench-16k=,dk-bench-f32=,dk-bench-persist256,dk-bench-short-persist256"
+    plan_steps+=",dk-bench-inplace-persist,racecheck-attention=,memcheck-attention=,memcheck-persist=" ;;
   3b) # the torch face on CUDA, the Python benchmarks against torch / Liger, the profiles
     plan_steps="nvidia-smi,liger-install,pytest,python-bench-fused,python-bench="
     plan_steps+=",ncu-divergence-persist,ncu-fused,ncu-moe-route,ncu-moe-combine"
-    plan_steps+=",ncu-attention-fwd-wide,ncu-attention-bwd-wide"
     PYTEST_K=${PYTEST_K:-contract or compile or examples or num_items or minus_inf}
     PY_BENCH_SHAPES=${PY_BENCH_SHAPES:-4096x151936,4096x262144,16384x151936,256x151936} ;;
-  *) echo "gpu-check: GPU_CHECK_PLAN=$GPU_CHECK_PLAN: the plan's steps are 1, 2, 3a, 3b" >&2; exit 2 ;;
+  3c) # A/B rows: the wide attention kernels beside the default ones, the persistent cluster sizes
+    plan_steps="nvidia-smi,test-attention_reference-wide,dk-bench-attention=,dk-bench-attention-wide"
+    plan_steps+=",racecheck-attention-wide,ncu-attention-fwd-wide,ncu-attention-bwd-wide"
+    plan_steps+=",dk-bench-persist=,dk-bench-persist-c" ;;
+  *) echo "gpu-check: GPU_CHECK_PLAN=$GPU_CHECK_PLAN: the plan's steps are 1, 2, 3a, 3b, 3c" >&2
+     exit 2 ;;
 esac
 if [ -n "${GPU_CHECK_PLAN:-}" ]; then
   if [ -n "$GPU_CHECK_ONLY" ]; then
@@ -165,6 +168,9 @@ export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/nvidia/lib64${LD_LIBRAR
 export PATH="/usr/local/cuda/bin:$PATH"
 export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1
 export DISTILL_KERNELS_LIB="$bundle/lib/libdistill_kernels.so"
+# dk bench --json records it (the bundle's commit: no git on the GPU machine).
+DK_BENCH_COMMIT=$(sed -n 's/^commit=//p' "$bundle/BUILD-INFO" 2>/dev/null || true)
+export DK_BENCH_COMMIT
 export CARGO_MANIFEST_DIR="$root"
 dk="$bundle/bin/dk"
 py=${PYTHON:-python3}
@@ -304,6 +310,9 @@ expected_seconds() {
   case $1 in
     nvidia-smi | dk-info | liger-install) echo 5 ;;
     dk-bench-bf16 | dk-bench-persist | dk-bench-persist256) echo 45 ;;
+    dk-bench-16k) echo 75 ;;
+    dk-bench-f32) echo 40 ;;
+    dk-bench-short | dk-bench-short-* | dk-bench-moe-nopdl) echo 12 ;;
     dk-bench-*) echo 25 ;;
     test-divergence_reference* | test-fused_reference* | test-attention_reference*) echo 30 ;;
     test-*) echo 15 ;;
@@ -459,16 +468,18 @@ phase_benches() {
   # ---- 3./4. dk bench on CUDA (first: the numbers this check is for) -------------------------
   run_step dk-bench-bf16 120 1 "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 4096 \
     --vocab 151936,200064,202048,262144 --kinds forward_kl,reverse_kl,jsd --json "$out/dk-bench.json"
-  run_step dk-bench-f32 45 1 "$dk" bench --device cuda --ops divergence --dtype f32 --rows 4096 \
-    --vocab 151936 --kinds jsd --passes fwd+bwd --json "$out/dk-bench-f32.json"
+  # Issue 3's f32 logits: every kind, vocabulary and pass at N = 4096 (8.6 GB of inputs at most).
+  run_step dk-bench-f32 90 1 "$dk" bench --device cuda --ops divergence --dtype f32 --rows 4096 \
+    --vocab 151936,202048,262144 --kinds forward_kl,reverse_kl,jsd --json "$out/dk-bench-f32.json"
   # Issue 3's other targets: a short batch (N = 256, rows split over a cluster), N = 16384, and
   # version 1 (one block per row, DK_DIVERGENCE_CLUSTER=0) side by side with the cluster kernel.
   # No JSON files for these (the device tool returns at most 8 files): their tables are printed
   # below and kept in gpu-check.log.
   run_step dk-bench-short 30 1 "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 256 \
     --vocab 151936 --kinds forward_kl,jsd
-  run_step dk-bench-16k 45 1 "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 16384 \
-    --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd --iters 5
+  # N = 16384 on issue 3's three vocabularies, both passes (10 G input pairs made on the host).
+  run_step dk-bench-16k 150 1 "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 16384 \
+    --vocab 151936,202048,262144 --kinds forward_kl,reverse_kl,jsd --iters 5
   run_step dk-bench-v1 45 1 env DK_DIVERGENCE_CLUSTER=0 "$dk" bench --device cuda --ops divergence \
     --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd
   # The Hopper cluster variants forced onto the long batch, side by side with the default (one
@@ -686,11 +697,12 @@ phase_profile() {
   # (dk_divcs_*, dk_divc_*) where a switch forces them.
   ncu_run ncu-divergence 40 'dk_div(cs?)?_(fkl|jsd)_bf16_bf16' 4 --ops divergence --dtype bf16 \
     --rows 4096 --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd --iters 1 --check-rows 2
-  DK_DIVERGENCE_CLUSTER=persist ncu_run ncu-divergence-persist 40 'dk_divcp_(fkl|jsd)_bf16_bf16' 2 \
+  # Launch count 4: each kind's checked run and first timed run (2 would profile forward KL only).
+  DK_DIVERGENCE_CLUSTER=persist ncu_run ncu-divergence-persist 40 'dk_divcp_(fkl|jsd)_bf16_bf16' 4 \
     --ops divergence --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd \
     --passes fwd+bwd --iters 1 --check-rows 2
   DK_DIVERGENCE_CLUSTER=persist256 ncu_run ncu-divergence-persist256 40 \
-    'dk_divcp256_(fkl|jsd)_bf16_bf16' 2 --ops divergence --dtype bf16 --rows 4096 --vocab 151936 \
+    'dk_divcp256_(fkl|jsd)_bf16_bf16' 4 --ops divergence --dtype bf16 --rows 4096 --vocab 151936 \
     --kinds forward_kl,jsd --passes fwd+bwd --iters 1 --check-rows 2
   # Route's three launches one by one (issue 5: which of top-k, scan and assign holds the 35 us).
   ncu_run ncu-moe-route 40 'dk_moe_(topk|scan|assign)' 3 --ops moe --dtype bf16 --tokens 16384 \

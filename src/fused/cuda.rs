@@ -434,13 +434,15 @@ struct Operand {
 /// hidden size `h`; `dt` the dtype of the hidden states and weights). The fused call and the
 /// reference GEMMs build them here, so both time the same cuBLAS calls.
 impl Gemm {
-    /// `out [rows, V]` (f32) = `x [rows, H]` · `w [V, H]`ᵀ: a chunk's logits.
+    /// `out [rows, V]` (`out_type`: f32 in the operation) = `x [rows, H]` · `w [V, H]`ᵀ: a
+    /// chunk's logits.
     fn logits(
         dt: DType,
         (rows, h, v): (i32, i32, i32),
         x: Operand,
         w: Operand,
         out: Operand,
+        out_type: DType,
     ) -> Gemm {
         Gemm {
             transa: true,
@@ -455,7 +457,7 @@ impl Gemm {
             b_type: dt,
             ldb: x.ld,
             c: out.ptr,
-            c_type: DType::F32,
+            c_type: out_type,
             ldc: out.ld,
         }
     }
@@ -630,7 +632,14 @@ pub(crate) fn reference_gemms(
     let (hidden, weight) = (op(g.hidden.ptr, lx), op(g.weight.ptr, lw));
     let grad_logits = op(g.grad_logits.ptr, lg);
     let dims = (n_i, h_i, v_i);
-    let logits = Gemm::logits(dt, dims, hidden, weight, op(g.logits.ptr, ll));
+    let logits = Gemm::logits(
+        dt,
+        dims,
+        hidden,
+        weight,
+        op(g.logits.ptr, ll),
+        g.logits.dtype,
+    );
     let grad_hidden = Gemm::grad_hidden(
         dt,
         dims,
@@ -827,6 +836,7 @@ pub(crate) fn fused_linear(
                 op(x, x_ld),
                 op(w, w_ld),
                 op(out, ld_i),
+                DType::F32,
             )
         };
         // SAFETY: validated operands (device memory of this device, shapes and strides checked);

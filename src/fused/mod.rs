@@ -89,7 +89,8 @@ pub struct ReferenceGemms<'a> {
     pub hidden: Matrix<'a>,
     /// `[V, H]`, the dtype of `hidden`.
     pub weight: Matrix<'a>,
-    /// `[N, V]` f32: receives `hidden · weightᵀ` twice (student, then teacher logits).
+    /// `[N, V]` f32 (as the operation) or the dtype of `hidden`: receives `hidden · weightᵀ`
+    /// twice (student, then teacher logits).
     pub logits: MatrixMut<'a>,
     /// `[N, V]` in the dtype of `hidden`: the logits' gradient the last two products read.
     pub grad_logits: Matrix<'a>,
@@ -153,7 +154,9 @@ impl Context {
 
     /// The floor a fused linear divergence is measured against (`dk bench`): its four matrix
     /// products alone, with the settings the operation uses (cuBLAS `GemmEx`, f32 accumulation,
-    /// f32 logits). CUDA only; stream-ordered. Not a user operation: hidden from the docs.
+    /// f32 logits), or with logits in the operands' dtype (what `torch.matmul` gives: the
+    /// baseline ANCHORS.md timed). CUDA only; stream-ordered. Not a user operation: hidden from
+    /// the docs.
     #[doc(hidden)]
     pub fn fused_linear_reference_gemms(
         &self,
@@ -174,7 +177,7 @@ impl Context {
             );
         }
         let dtypes_ok = dt != DType::F32
-            && g.logits.dtype() == DType::F32
+            && (g.logits.dtype() == DType::F32 || g.logits.dtype() == dt)
             && [
                 g.weight.dtype(),
                 g.grad_logits.dtype(),
@@ -186,7 +189,7 @@ impl Context {
         if !dtypes_ok {
             crate::error::bail!(
                 UnsupportedDtype,
-                "reference GEMMs: bf16 or f16 operands, f32 logits"
+                "reference GEMMs: bf16 or f16 operands, f32 logits or the operands' dtype"
             );
         }
         match self.backend() {

@@ -217,6 +217,35 @@ impl Runner {
         }
     }
 
+    /// Fills `dst` with copies of `pattern` (the last one cut short) and waits: device data that
+    /// looks random without making the whole buffer on the host.
+    pub fn upload_tiled(&self, dst: &mut Buf, pattern: &[u8]) -> Result<(), String> {
+        if pattern.is_empty() {
+            return Err("upload_tiled: empty pattern".into());
+        }
+        let len = dst.len();
+        match (self, dst) {
+            (Runner::Cpu(_), Buf::Host(d)) => {
+                for chunk in d.as_bytes_mut().chunks_mut(pattern.len()) {
+                    chunk.copy_from_slice(&pattern[..chunk.len()]);
+                }
+                Ok(())
+            }
+            (Runner::Cuda(c), Buf::Cuda(d)) => {
+                let s = &c.stream;
+                for start in (0..len).step_by(pattern.len()) {
+                    let end = (start + pattern.len()).min(len);
+                    drv(
+                        "cuMemcpyHtoD",
+                        s.memcpy_htod(&pattern[..end - start], &mut d.slice_mut(start..end)),
+                    )?;
+                }
+                drv("cuStreamSynchronize", s.synchronize())
+            }
+            _ => Err("buffer of another backend".into()),
+        }
+    }
+
     /// The whole buffer, copied to the host (after the work queued before it).
     pub fn download(&self, src: &Buf) -> Result<Vec<u8>, String> {
         match (self, src) {

@@ -773,6 +773,20 @@ fn to_json(
         json_str(info.copy_method)
     );
     s += &format!("  \"seed\": {},\n", info.seed);
+    // What the numbers were measured with besides the defaults: the A/B switches set, and the
+    // commit the caller names (DK_BENCH_COMMIT: gpu-check.sh passes its bundle's; no git here).
+    let switches: Vec<String> = distill_kernels::switches::active()
+        .iter()
+        .map(|s| json_str(s))
+        .collect();
+    s += &format!("  \"switches\": [{}],\n", switches.join(", "));
+    let commit = std::env::var("DK_BENCH_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty());
+    s += &format!(
+        "  \"commit\": {},\n",
+        commit.as_deref().map_or("null".into(), json_str)
+    );
     if info.cfg.divergence {
         // The divergence rows' settings (the other operations have their own objects below).
         s += &format!(
