@@ -51,14 +51,15 @@ switches DK_ATTENTION_FWD=wide|wgmma / DK_ATTENTION_BWD=wide select this crate's
 
 Fused linear JSD (``--ops fused``; ANCHORS.md "Fused linear JSD"): bf16 hidden states and lm_head
 weights, JSD beta = 0.5, N = 4096, H = 3072, V = 200064 (Phi-4-mini head) and N = 16384, H = 5120,
-V = 202048 (Llama 4 Scout head; an OOM becomes a row). Rows, in the order they run per shape:
-the four cuBLAS GEMMs (torch.matmul: student logits, teacher logits, grad of hidden, grad of
-weight) timed in the same run as the floor; this crate (bf16 grads, f32 grads, and chunks sized
-for issue 4's 2 GiB: see _fused_within_2gib); then the baselines, slowest last: torch eager
-(matmul + TRL's JSD + autograd), Liger LigerFusedLinearJSD (shift_labels=None) and the chunked
-LigerFusedLinearJSDLoss (compiled, chunk 1024, weight_hard_loss=0 and weight_soft_loss=1: the JSD
-alone, no cross-entropy; timed uncompiled, and labelled so, when torch.compile fails) when
-importable. This crate's rows come first so that a run cut off at its time limit still has them.
+V = 202048 (Llama 4 Scout head; an OOM becomes a row). Rows, in the order they run: for each
+shape the four cuBLAS GEMMs (torch.matmul: student logits, teacher logits, grad of hidden, grad
+of weight) timed in the same run as the floor, and this crate (bf16 grads, f32 grads, and chunks
+sized for issue 4's 2 GiB: see fused_2gib_chunk); then, for each shape again, the baselines,
+slowest last: torch eager (matmul + TRL's JSD + autograd), Liger LigerFusedLinearJSD
+(shift_labels=None) and the chunked LigerFusedLinearJSDLoss (compiled, chunk 1024,
+weight_hard_loss=0 and weight_soft_loss=1: the JSD alone, no cross-entropy; timed uncompiled, and
+labelled so, when torch.compile fails) when importable. This crate's rows come first so that a
+run cut off at its time limit still has them.
 Each Liger variant (here and for the divergence) is first run on a small float32 probe
 and compared with the float64 value of our quantity; one that computes something else gets an
 error row saying so (the mapping of Liger's conventions to ours is written above
@@ -769,7 +770,7 @@ class Report:
         rows = self.rows[section]
         if not rows:
             print(file=self.out)
-            for line in self.preambles.get(section, ()) + list(TABLE_HEADERS[section]):
+            for line in [*self.preambles.get(section, ()), *TABLE_HEADERS[section]]:
                 print(line, file=self.out)
         rows.append(row)
         print(ROW_FORMATS[section](row), file=self.out, flush=True)
@@ -798,9 +799,12 @@ class Report:
                             for s, r in self.failures()],
                "finished": self.finished}
         tmp = f"{self.json_path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-        os.replace(tmp, self.json_path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f, indent=2)
+            os.replace(tmp, self.json_path)
+        except OSError as e:  # the table on stdout stays the record
+            log(f"could not write {self.json_path}: {e}")
 
 
 # ---- one row of the table -----------------------------------------------------------------------
@@ -1322,7 +1326,8 @@ def fused_2gib_chunk(n, h, v, elem):
                         f"≤ 2 GiB beyond the gradients, {grads / GIB:.2f} GiB alone")):
         rows = left // (8 * ld) // 64 * 64
         if rows >= 64:
-            return int(rows), f"chunks of {rows} rows, {what}"
+            rows = int(min(rows, max(n, 1)))  # no chunk holds more rows than the call has
+            return rows, f"chunks of {rows} rows, {what}"
     raise RuntimeError(f"no chunk of 64 rows fits 2 GiB at V = {v}")
 
 
@@ -1447,10 +1452,11 @@ def run_fused_row(impl, fn, hs, ws, ht, wt, ref, gemm_ms, shape, args, log_fn):
 
 
 def run_fused(shapes, impls, args, log_fn, emit=None, device="cuda"):
-    """Per shape: the four GEMMs, the fp32 reference, this crate's rows, then the baselines
-    (their first calls compile: LigerFusedLinearJSD ~1.2 s a call and the compiled chunked loss
-    20-40 s at the Scout shape, enough to use up a time limit before this crate's rows came).
-    ``emit(row)``, when given, gets each row as it is measured."""
+    """Every shape's four GEMMs, fp32 reference and this crate's rows first; then, shape by shape
+    again (inputs and reference kept), the baselines. Their first calls compile and they are
+    slow (LigerFusedLinearJSD ~1.2 s a call at the Scout shape, the compiled chunked loss 20-40 s
+    of torch.compile per shape): run first, they could use up a time limit before this crate's
+    rows came. ``emit(row)``, when given, gets each row as it is measured."""
     rows = []
 
     def add(row):
@@ -1459,7 +1465,9 @@ def run_fused(shapes, impls, args, log_fn, emit=None, device="cuda"):
             emit(row)
         log_fn("    " + fmt_fused_row(row))
 
-    order = sorted(impls, key=lambda name: not is_ours({"impl": name}))  # stable: ours first
+    ours = [name for name in impls if is_ours({"impl": name})]
+    others = [name for name in impls if name not in ours]
+    kept = []  # (shape, inputs, reference, GEMM time) of each shape, for the baselines
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     for name, n, h, v in shapes:
         shape = f"{name}: N {n}, H {h}, V {v}"
@@ -1470,6 +1478,7 @@ def run_fused(shapes, impls, args, log_fn, emit=None, device="cuda"):
             ht = torch.randn(n, h, device=device, dtype=torch.bfloat16)
             wt = (torch.randn(v, h, device=device) * (2.0 / math.sqrt(h))).to(torch.bfloat16)
         except torch.cuda.OutOfMemoryError as e:
+            hs = ws = ht = wt = None
             add({"impl": "-", "shape": shape, "error": f"OOM allocating inputs: {e}"[:120]})
             continue
         # Floor: the four cuBLAS GEMMs, timed in this run.
@@ -1499,7 +1508,17 @@ def run_fused(shapes, impls, args, log_fn, emit=None, device="cuda"):
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old_tf32
         torch.cuda.empty_cache()
-        for impl in order:
+        for impl in ours:
+            log_fn(f"fused {impl} {shape} ...")
+            add(run_fused_row(impl, impls[impl], hs, ws, ht, wt, ref, gemm_ms, shape, args,
+                              log_fn))
+        if others:
+            kept.append((shape, (hs, ws, ht, wt), ref, gemm_ms))
+        hs = ws = ht = wt = ref = None
+        torch.cuda.empty_cache()
+    while kept:
+        shape, (hs, ws, ht, wt), ref, gemm_ms = kept.pop(0)  # freed once its rows are done
+        for impl in others:
             log_fn(f"fused {impl} {shape} ...")
             add(run_fused_row(impl, impls[impl], hs, ws, ht, wt, ref, gemm_ms, shape, args,
                               log_fn))
@@ -1833,7 +1852,8 @@ def sampled_rows(n: int, v: int, seed: int, count: int):
     return sorted(torch.randperm(n, generator=g)[:count].tolist())
 
 
-def run_divergence(shapes, kinds, impls, logits_rows, bw, args, log_fn, emit=None, started=None):
+def run_divergence(shapes, kinds, impls, logits_rows, bw, args, log_fn, emit=None, started=None,
+                   device="cuda"):
     """The divergence rows, per shape: every implementation and kind (run_one), then this crate
     on a logits buffer (run_logits_rows) when ``logits_rows``. ``emit(row)``, when given, gets
     each row as it is measured."""
@@ -1849,8 +1869,8 @@ def run_divergence(shapes, kinds, impls, logits_rows, bw, args, log_fn, emit=Non
     for n, v in shapes:
         floor_ms = 3 * n * v * 2 / bw * 1e3
         try:
-            s = (torch.randn(n, v, device="cuda") * 2).to(torch.bfloat16)
-            t = (torch.randn(n, v, device="cuda") * 2).to(torch.bfloat16)
+            s = (torch.randn(n, v, device=device) * 2).to(torch.bfloat16)
+            t = (torch.randn(n, v, device=device) * 2).to(torch.bfloat16)
         except torch.cuda.OutOfMemoryError as e:
             for (impl, kind) in impls:
                 add({"impl": impl, "kind": kind, "n": n, "v": v,
@@ -2033,7 +2053,7 @@ def main(argv=None) -> int:
     report.finished = True
     report.write_json()
     summary = report.summary()
-    print(f"\n{time.time() - started:.0f} s")
+    print(f"\nfinished in {time.time() - started:.0f} s")
     if args.json:
         print(f"wrote {args.json}")
     print(summary, flush=True)

@@ -317,7 +317,7 @@ expected_seconds() {
     test-divergence_reference* | test-fused_reference* | test-attention_reference*) echo 30 ;;
     test-*) echo 15 ;;
     pytest) echo 90 ;;
-    python-bench-fused) echo 75 ;;
+    python-bench-fused) echo 110 ;;
     python-bench-attention*) echo 45 ;;
     python-bench) echo 100 ;;
     ncu-*) echo 30 ;;
@@ -652,9 +652,10 @@ phase_python() {
   if [ -f python/bench.py ]; then
     fquick=()
     [ "$(left)" -lt 170 ] && fquick=(--quick)
-    # 90 s: torch.compile of Liger's chunked loss at two shapes, eager and LigerFusedLinearJSD at
-    # ~0.2-1.2 s a call with at least 8 timed calls each (bench.py's MIN_SAMPLES).
-    run_step python-bench-fused 90 1 "$py" python/bench.py --ops fused "${fquick[@]}"
+    # 150 s (~110 expected): this crate's rows and the GEMMs of both shapes first (~30-40 s), then
+    # torch eager, LigerFusedLinearJSD (~1.2 s a call at Scout, 3 samples for calls over 100 ms)
+    # and torch.compile of Liger's chunked loss (15-40 s per shape); rows print as they finish.
+    run_step python-bench-fused 150 1 "$py" python/bench.py --ops fused "${fquick[@]}"
   else
     skip_step python-bench-fused "python/bench.py missing"
   fi
