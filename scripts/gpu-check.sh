@@ -104,7 +104,7 @@ case ${GPU_CHECK_PLAN:-} in
     plan_steps="nvidia-smi,liger-install,pytest,python-bench-fused,python-bench="
     plan_steps+=",ncu-divergence-persist,ncu-fused,ncu-moe-route,ncu-moe-combine"
     PYTEST_K=${PYTEST_K:-contract or compile or examples or num_items or minus_inf}
-    PY_BENCH_SHAPES=${PY_BENCH_SHAPES:-4096x151936,4096x262144,16384x151936,256x151936} ;;
+    PY_BENCH_SHAPES=${PY_BENCH_SHAPES:-256x151936,4096x151936,4096x262144,16384x151936} ;;
   3c) # A/B rows: the wide attention kernels beside the default ones, the persistent cluster sizes
     plan_steps="nvidia-smi,test-attention_reference-wide,dk-bench-attention=,dk-bench-attention-wide"
     plan_steps+=",racecheck-attention-wide,ncu-attention-fwd-wide,ncu-attention-bwd-wide"
