@@ -127,6 +127,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -677,6 +678,16 @@ TOL_ROUTE = 0.0
 SECTIONS = ("moe", "results", "fused", "attention")  # the JSON's keys, in the order they run
 
 
+# --deadline: past it the other implementations' rows are skipped (this crate's still run), so a
+# time limit cuts baselines, not this crate's rows. Absolute time.time(); None: no deadline.
+_DEADLINE = None
+SKIPPED_PAST_DEADLINE = "skipped: past --deadline (this crate's rows still ran)"
+
+
+def past_deadline() -> bool:
+    return _DEADLINE is not None and time.time() > _DEADLINE
+
+
 def is_ours(row) -> bool:
     """Whether a row is this crate's (its implementation name starts with distill_kernels)."""
     return str(row.get("impl", "")).startswith("distill_kernels")
@@ -805,6 +816,14 @@ class Report:
             os.replace(tmp, self.json_path)
         except OSError as e:  # the table on stdout stays the record
             log(f"could not write {self.json_path}: {e}")
+        finally:
+            # Cut off mid-write (SIGTERM from a time limit, see main): no stray file is left in
+            # the output folder (the device tool returns a limited number of files).
+            if os.path.exists(tmp):
+                try:
+                    os.remove(tmp)
+                except OSError:
+                    pass
 
 
 # ---- one row of the table -----------------------------------------------------------------------
@@ -1138,7 +1157,9 @@ def run_moe(ops, impls, bw, args, log_fn, emit=None):
             gxp = torch.randn(R, h, device="cuda", dtype=torch.bfloat16)
             gy = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
         except torch.cuda.OutOfMemoryError as ex:
-            add({"op": "permute/combine", "impl": "-", "shape": shape, "error": f"OOM: {ex}"[:120]})
+            # This crate's rows of the shape cannot run: a failure of the run, not a note.
+            add({"op": "permute/combine", "impl": "distill_kernels", "shape": shape,
+                 "error": f"OOM allocating the inputs: {ex}"[:120]})
             continue
         tok = order // k
         w_perm = w.flatten()[order]
@@ -1386,8 +1407,12 @@ def run_fused_row(impl, fn, hs, ws, ht, wt, ref, gemm_ms, shape, args, log_fn):
         return row
     plan = getattr(fn, "chunk_plan", None)
     if plan is not None:
-        row["chunk_rows"], row["note"] = plan(hs.shape[0], ws.shape[1], ws.shape[0],
-                                              ws.element_size())
+        try:
+            row["chunk_rows"], row["note"] = plan(hs.shape[0], ws.shape[1], ws.shape[0],
+                                                  ws.element_size())
+        except Exception as e:  # noqa: BLE001 (one failed row, not the section)
+            row["error"] = f"chunk plan: {_one_line(e)}"
+            return row
     a = hs.detach().clone().requires_grad_(True)
     b = ws.detach().clone().requires_grad_(True)
 
@@ -1479,7 +1504,8 @@ def run_fused(shapes, impls, args, log_fn, emit=None, device="cuda"):
             wt = (torch.randn(v, h, device=device) * (2.0 / math.sqrt(h))).to(torch.bfloat16)
         except torch.cuda.OutOfMemoryError as e:
             hs = ws = ht = wt = None
-            add({"impl": "-", "shape": shape, "error": f"OOM allocating inputs: {e}"[:120]})
+            for impl in ours:  # this crate's rows of the shape cannot run: failures
+                add({"impl": impl, "shape": shape, "error": f"OOM allocating inputs: {e}"[:120]})
             continue
         # Floor: the four cuBLAS GEMMs, timed in this run.
         try:
@@ -1519,6 +1545,9 @@ def run_fused(shapes, impls, args, log_fn, emit=None, device="cuda"):
     while kept:
         shape, (hs, ws, ht, wt), ref, gemm_ms = kept.pop(0)  # freed once its rows are done
         for impl in others:
+            if past_deadline():
+                add({"impl": impl, "shape": shape, "error": SKIPPED_PAST_DEADLINE})
+                continue
             log_fn(f"fused {impl} {shape} ...")
             add(run_fused_row(impl, impls[impl], hs, ws, ht, wt, ref, gemm_ms, shape, args,
                               log_fn))
@@ -1677,7 +1706,9 @@ def run_attention(shapes, impls, args, log_fn, emit=None):
             do = torch.randn(b, s, hq, d, device="cuda", dtype=torch.bfloat16)
             qh, kh, vh, doh = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))
         except torch.cuda.OutOfMemoryError as e:
-            add({"impl": "-", "shape": shape, "pass": "-", "error": f"OOM allocating inputs: {e}"[:120]})
+            # This crate's rows of the shape cannot run: a failure of the run, not a note.
+            add({"impl": "distill_kernels", "shape": shape, "pass": "-",
+                 "error": f"OOM allocating inputs: {e}"[:120]})
             continue
         sb, shk = b - 1, hkv - 1  # the checked slice: last sequence, last KV head
         try:
@@ -1882,6 +1913,9 @@ def run_divergence(shapes, kinds, impls, logits_rows, bw, args, log_fn, emit=Non
             if kind not in refs:
                 refs[kind] = reference(s, t, kind, rows)
                 torch.cuda.empty_cache()
+            if not is_ours({"impl": impl}) and past_deadline():
+                add({"impl": impl, "kind": kind, "n": n, "v": v, "error": SKIPPED_PAST_DEADLINE})
+                continue
             log_fn(f"[{time.time() - started:6.1f} s] {impl} {kind} {n}x{v} ...")
             r = run_one(impl, kind, fn, s, t, refs[kind], rows, floor_ms, args)
             torch.cuda.empty_cache()  # what run_one allocated is free now
@@ -1940,7 +1974,19 @@ def main(argv=None) -> int:
     p.add_argument("--sample-rows", type=int, default=4, help="rows whose gradient is checked")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failures")
+    step_limit = os.environ.get("GPU_CHECK_STEP_LIMIT", "")
+    p.add_argument("--deadline", type=float, metavar="SECONDS",
+                   default=float(step_limit) - 20 if step_limit.isdigit() else None,
+                   help="seconds from the start after which the other implementations' rows "
+                   "(torch eager, torch.compile, Liger) are skipped and this crate's still run, "
+                   "so a time limit cuts baselines; default: scripts/gpu-check.sh's step limit "
+                   "(GPU_CHECK_STEP_LIMIT) minus 20, else none")
     args = p.parse_args(argv)
+    global _DEADLINE
+    _DEADLINE = None if args.deadline is None else time.time() + args.deadline
+    # A time limit's SIGTERM (timeout(1)) unwinds like an exception, so the JSON write above
+    # cleans up after itself; the rows already written stay.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     if not torch.cuda.is_available():
         print("bench.py needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)

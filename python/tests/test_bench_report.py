@@ -24,6 +24,7 @@ import io
 import json
 import os
 import sys
+import time
 import types
 
 import pytest
@@ -483,3 +484,40 @@ def test_divergence_rows_on_cpu_through_the_report(monkeypatch):
     assert lines[4].startswith("| distill_kernels | jsd | 16 × 300 | 0.500 ms |")
     assert lines[4].endswith("| 32 | 0 | " + f"{rows[1]['loss_err']:.1e} | "
                              f"{rows[1]['grad_err']:.1e} | ok |")
+
+
+def test_past_the_deadline_baselines_are_skipped_and_this_crates_rows_still_run(monkeypatch):
+    """--deadline (gpu-check's step limit minus 20 s): a time limit cuts the baselines, never
+    this crate's rows, and the skipped baselines do not fail the run."""
+    import distill_kernels.torch as dkt
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(bench, "bench_ms", lambda fn, *a, **kw: (fn(), 0.5)[1])
+    monkeypatch.setattr(bench, "_events_median",
+                        lambda fn, w, r, setup=None: (setup(), fn(), 0.5)[2])
+    monkeypatch.setattr(bench, "extra_peak_bytes", lambda step: (step(), 0)[1])
+    monkeypatch.setattr(bench, "_DEADLINE", time.time() - 1.0)
+    calls = []
+
+    def eager(s, t):
+        calls.append("eager")
+        return bench.eager_jsd(s, t)
+
+    impls = {("torch eager", "jsd"): eager,
+             ("distill_kernels", "jsd"): lambda s, t: dkt.divergence(s, t, kind="jsd",
+                                                                     beta=bench.BETA)}
+    args = types.SimpleNamespace(warmup_ms=0, rep_ms=0, verbose=False, seed=0, sample_rows=2)
+    rows = bench.run_divergence([(8, 64)], ["jsd"], impls, False, 1e12, args, lambda m: None,
+                                device="cpu")
+    assert calls == []
+    assert rows[0]["impl"] == "torch eager" and rows[0]["error"] == bench.SKIPPED_PAST_DEADLINE
+    assert bench.row_failures("results", rows[0]) is None  # not this crate's: informational
+    assert rows[1]["impl"] == "distill_kernels" and bench.row_failures("results", rows[1]) == []
+    fused = bench._fused_impls(["distill"], device="cpu")
+    frows = bench.run_fused([("tiny", 24, 16, 40)], {"torch eager": bench._fused_eager, **fused},
+                            args, lambda m: None, device="cpu")
+    skipped = [r for r in frows if r.get("error") == bench.SKIPPED_PAST_DEADLINE]
+    assert [r["impl"] for r in skipped] == ["torch eager"]
+    assert all(bench.row_failures("fused", r) == [] for r in frows if bench.is_ours(r))
+    monkeypatch.setattr(bench, "_DEADLINE", None)
+    assert not bench.past_deadline()
