@@ -16,7 +16,7 @@
 #   1. nvidia-smi one-liner
 #   2. dk info
 #   3. dk bench on CUDA, bf16, N=4096, 4 vocabs, all kinds, fwd+bwd and fwd
-#   4. dk bench: one f32 row; N=256 and N=16384 (issue 3); the one-block kernel alone
+#   4. dk bench: f32 (every kind, 3 vocabs); N=256; N=16384 (3 vocabs); the one-block kernel alone
 #      (DK_DIVERGENCE_CLUSTER=0), and the shared-memory and stream cluster variants forced onto
 #      N=4096 (=smem, =stream), side by side with the default; version 6, the persistent
 #      cluster kernels (=persist, =persist256), at their own cluster size and at 4, 8 and 16;
@@ -108,7 +108,7 @@ case ${GPU_CHECK_PLAN:-} in
   3c) # A/B rows: the wide attention kernels beside the default ones, the persistent cluster sizes
     plan_steps="nvidia-smi,test-attention_reference-wide,dk-bench-attention=,dk-bench-attention-wide"
     plan_steps+=",racecheck-attention-wide,ncu-attention-fwd-wide,ncu-attention-bwd-wide"
-    plan_steps+=",dk-bench-persist=,dk-bench-persist-c" ;;
+    plan_steps+=",dk-bench-persist=,dk-bench-persist-c,memcheck-persist256" ;;
   *) echo "gpu-check: GPU_CHECK_PLAN=$GPU_CHECK_PLAN: the plan's steps are 1, 2, 3a, 3b, 3c" >&2
      exit 2 ;;
 esac

@@ -202,6 +202,8 @@ fn reference_topk(cfg: &Cfg, row: &[f32], bias: Option<&[f32]>) -> Option<Vec<us
     let by_logit = cfg.sigmoid && bias.is_none() && !excluding;
     let sel: Vec<f64> = (0..e)
         .map(|i| match bias {
+            // NaN still ranks below -inf: -inf moves to f64::MIN, below every f32 logit.
+            _ if by_logit && row[i] == f32::NEG_INFINITY => f64::MIN,
             _ if by_logit => rank_key(row[i] as f64),
             Some(b) => rank_key(sc[i] + b[i] as f64),
             None => rank_key(sc[i]),
@@ -720,6 +722,32 @@ fn route_math_capacity_padding_and_nan() {
         },
         70,
         normal_logits(&mut rng, 70, 16, 60.0),
+        None,
+    ));
+    // By logit (sigmoid, no bias, no group left out): NaN still below -inf.
+    let mut nan_inf = normal_logits(&mut rng, 70, 16, 1.0);
+    for t in 0..70 {
+        nan_inf[t * 16 + t % 16] = f32::NAN;
+        nan_inf[t * 16 + (t + 5) % 16] = f32::NEG_INFINITY;
+        if t % 4 == 0 {
+            // a token with most experts NaN or -inf, so k reaches them
+            for j in 0..12 {
+                nan_inf[t * 16 + j] = if j % 2 == 0 {
+                    f32::NAN
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+        }
+    }
+    cases.push(case(
+        "NaN and -inf logits, sigmoid by logit, top-6 of 16",
+        Cfg {
+            sigmoid: true,
+            ..capped(16, 6, None, 1)
+        },
+        70,
+        nan_inf,
         None,
     ));
     cases.push(case(

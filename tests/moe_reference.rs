@@ -931,6 +931,26 @@ fn sigmoid_without_bias_ranks_the_logits() {
         res.unwrap();
         let out = biased.outputs(&after);
         assert_eq!(&out.expert_ids[..2], &[0, 1], "{}", dev.name());
+        // A NaN logit still ranks below every number, -inf included (its weight stays NaN).
+        let nan = RouteCase::new(
+            Logits::new(
+                DType::F32,
+                1,
+                4,
+                &[f64::NAN, f64::NEG_INFINITY, 1.0, f64::NEG_INFINITY],
+            ),
+            None,
+            RouteParams {
+                score: Score::Sigmoid,
+                ..RouteParams::new(4)
+            },
+        );
+        let (res, _, after) = nan.run(&dev);
+        res.unwrap();
+        let out = nan.outputs(&after);
+        assert_eq!(out.expert_ids, vec![2, 1, 3, 0], "{}", dev.name());
+        assert_eq!(&out.weights[1..3], &[0.0, 0.0]);
+        assert!(out.weights[3].is_nan());
     }
 }
 

@@ -324,11 +324,16 @@ DK_UNROLL
   } else {
     // Sigmoid with no bias and no group excluded ranks the logits themselves: the order of the
     // exact scores, where float32 ones saturate (1 from x ~ 17, 0 below ~ -88) and would tie
-    // (Llama 4's reference ranks the logits too). Groups sum scores, so they keep them.
+    // (Llama 4's reference ranks the logits too). Groups sum scores, so they keep them. A NaN
+    // logit (a NaN score) keeps ranking below every number, -inf included: key 1, between
+    // kKeyNone and order_key(-inf).
     const bool by_logit =
         c.score != DK_MOE_ARGS_SOFTMAX && !(c.n_groups > 1 && c.topk_groups < c.n_groups);
 DK_UNROLL
-    for (int i = 0; i < P; ++i) key[i] = i < nv ? order_key(by_logit ? x[i] : score[i]) : kKeyNone;
+    for (int i = 0; i < P; ++i) {
+      const uint32_t k = by_logit ? (x[i] != x[i] ? 1u : order_key(x[i])) : order_key(score[i]);
+      key[i] = i < nv ? k : kKeyNone;
+    }
   }
 
   // Group-limited selection: a group's score is the sum of its top-2 selection scores; the

@@ -46,6 +46,8 @@ def torch_route(logits, k, *, score="softmax", renormalize=False, bias=None, n_g
     n, e = lg.shape
     s = lg.softmax(-1) if score == "softmax" else lg.sigmoid()
     sel = s if bias is None else s + bias.float().double()
+    if score == "sigmoid" and bias is None and not (n_groups > 1 and topk_groups < n_groups):
+        sel = lg  # the logits: the exact scores' order (sigmoid saturates at 1)
     if n_groups > 1:
         gs = sel.view(n, n_groups, -1).topk(2, dim=-1).values.sum(-1)
         keep = torch.sort(gs, dim=-1, descending=True, stable=True).indices[:, :topk_groups]

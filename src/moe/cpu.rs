@@ -31,6 +31,19 @@ fn key(x: f64) -> f64 {
     }
 }
 
+/// The ranking key of a logit, where logits are compared (sigmoid without a bias or an excluded
+/// group): the logit, except that a NaN (a NaN score) still ranks below every number, −∞
+/// included, as on CUDA: −∞ becomes `f64::MIN` (below every f32 / bf16 logit) and NaN −∞.
+fn logit_key(x: f64) -> f64 {
+    if x.is_nan() {
+        f64::NEG_INFINITY
+    } else if x == f64::NEG_INFINITY {
+        f64::MIN
+    } else {
+        x
+    }
+}
+
 /// Descending key, then ascending index: a total order on `(key, index)` pairs.
 fn by_rank(a: (f64, usize), b: (f64, usize)) -> Ordering {
     b.0.partial_cmp(&a.0)
@@ -92,11 +105,11 @@ impl Selector {
         score_row(p.score, &self.logits, &mut self.scores);
         let by_logit = p.score == Score::Sigmoid && bias.is_empty() && !excludes_groups(p);
         let sel = |i: usize| {
-            key(if by_logit {
-                self.logits[i]
+            if by_logit {
+                logit_key(self.logits[i])
             } else {
-                self.scores[i] + bias.get(i).copied().unwrap_or(0.0)
-            })
+                key(self.scores[i] + bias.get(i).copied().unwrap_or(0.0))
+            }
         };
         self.candidates.clear();
         if p.n_groups > 1 {
