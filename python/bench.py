@@ -1098,15 +1098,24 @@ def _grad_fn(out, inputs, grad):
     return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
 
 
-def run_moe(ops, impls, bw, args, log_fn, emit=None):
-    """The MoE rows of the table; ``emit(row)``, when given, gets each row as it is measured."""
-    rows = []
+def _row_adder(rows, emit, fmt, log_fn):
+    """A section's ``add(row)``: keeps the row, hands it to ``emit`` (the report, which prints
+    and saves it as it comes) when given, and logs it formatted by ``fmt``."""
 
     def add(row):
         rows.append(row)
         if emit is not None:
             emit(row)
-        log_fn("    " + fmt_moe_row(row))
+        log_fn("    " + fmt(row))
+
+    return add
+
+
+def run_moe(ops, impls, bw, args, log_fn, emit=None):
+    """The MoE rows of the table; ``emit(row)``, when given, gets each row as it is measured."""
+    rows = []
+
+    add = _row_adder(rows, emit, fmt_moe_row, log_fn)
 
     if "moe_route" in ops:
         n, e, k = MOE_ROUTE_SHAPE
@@ -1484,11 +1493,7 @@ def run_fused(shapes, impls, args, log_fn, emit=None, device="cuda"):
     rows came. ``emit(row)``, when given, gets each row as it is measured."""
     rows = []
 
-    def add(row):
-        rows.append(row)
-        if emit is not None:
-            emit(row)
-        log_fn("    " + fmt_fused_row(row))
+    add = _row_adder(rows, emit, fmt_fused_row, log_fn)
 
     ours = [name for name in impls if is_ours({"impl": name})]
     others = [name for name in impls if name not in ours]
@@ -1687,11 +1692,7 @@ def run_attention(shapes, impls, args, log_fn, emit=None):
     backend needed it. ``emit(row)``, when given, gets each row as it is measured."""
     rows = []
 
-    def add(row):
-        rows.append(row)
-        if emit is not None:
-            emit(row)
-        log_fn("    " + fmt_attn_row(row))
+    add = _row_adder(rows, emit, fmt_attn_row, log_fn)
 
     for name, b, s, hq, hkv, d in shapes:
         shape = f"{name}: B {b}, S {s}, {hq}/{hkv}, D {d}"
@@ -1891,11 +1892,7 @@ def run_divergence(shapes, kinds, impls, logits_rows, bw, args, log_fn, emit=Non
     started = time.time() if started is None else started
     results = []
 
-    def add(r):
-        results.append(r)
-        if emit is not None:
-            emit(r)
-        log_fn("    " + fmt_row(r))
+    add = _row_adder(results, emit, fmt_row, log_fn)
 
     for n, v in shapes:
         floor_ms = 3 * n * v * 2 / bw * 1e3
