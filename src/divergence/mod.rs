@@ -30,6 +30,18 @@ pub use params::{Kind, Params, Reduction};
 /// block's step, a cluster's slices) without wrapping.
 pub const MAX_VOCAB: usize = (1 << 31) - (1 << 16);
 
+/// Refuses a vocabulary past [`MAX_VOCAB`]; `what` names it in the message (the divergence's V,
+/// the fused operation's weight rows).
+pub(crate) fn check_vocab(what: &str, v: usize) -> Result<()> {
+    if v > MAX_VOCAB {
+        bail!(
+            Shape,
+            "{what} = {v} exceeds MAX_VOCAB = 2^31 - 2^16 = {MAX_VOCAB}"
+        );
+    }
+    Ok(())
+}
+
 use crate::checks::{check_location, num_items_pointer};
 use crate::device::{Backend, Context, Launch};
 use crate::empty_batch::Fill;
@@ -183,13 +195,7 @@ impl RawDivergence {
         if self.n > i32::MAX as usize {
             bail!(Shape, "N = {} exceeds 2^31 - 1", self.n);
         }
-        if self.v > MAX_VOCAB {
-            bail!(
-                Shape,
-                "V = {} exceeds MAX_VOCAB = 2^31 - 2^16 = {MAX_VOCAB}",
-                self.v
-            );
-        }
+        check_vocab("V", self.v)?;
         if self.student_stride < self.v {
             bail!(
                 Shape,

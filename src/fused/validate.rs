@@ -9,7 +9,7 @@
 use super::{FusedLinear, FusedLinearParams, RawFusedLinear};
 use crate::checks::{check_disjoint, check_location, check_non_null, num_items_pointer, Footprint};
 use crate::device::Context;
-use crate::divergence::MAX_VOCAB;
+use crate::divergence::check_vocab;
 use crate::error::{bail, Result};
 use crate::tensor::{DType, Matrix, MatrixMut, Vector, VectorMut};
 
@@ -223,12 +223,7 @@ impl RawFusedLinear {
         }
         check_dim("H (student hidden size)", h)?;
         check_dim("V (student weight rows)", v)?;
-        if v > MAX_VOCAB {
-            bail!(
-                Shape,
-                "V (student weight rows) = {v} exceeds MAX_VOCAB = 2^31 - 2^16 = {MAX_VOCAB}"
-            );
-        }
+        check_vocab("V (student weight rows)", v)?;
         check_dim("Ht (teacher hidden size)", ht)?;
         if sw.cols != h {
             bail!(
