@@ -226,7 +226,7 @@ DK_DIV_FUSED_KERNELS_FOR_KIND(jsd, Kind::Jsd)
 extern "C" __global__ void __launch_bounds__(1024)
     dk_div_prepare(const int64_t* labels, int64_t n, int64_t ignore_index, int reduction,
                    float num_items, const float* num_items_mem, float* scale_out) {
-  __shared__ float smem[32];
+  __shared__ unsigned long long counts[32];
   if (reduction != DK_ARGS_REDUCTION_BATCHMEAN) {
     if (threadIdx.x == 0) *scale_out = 1.f;
     return;
@@ -243,14 +243,24 @@ extern "C" __global__ void __launch_bounds__(1024)
     if (threadIdx.x == 0) *scale_out = 1.f / num_items;
     return;
   }
-  float valid = 0.f;  // exact: counts below 2^24 per thread
+  // Counted in integers (a float count is inexact past 2^24 rows) and divided in f64, as the
+  // CPU reference does: the scale is 1 / #valid correctly rounded to f32.
+  unsigned long long valid = 0;
   if (labels == nullptr) {
-    valid = threadIdx.x == 0 ? static_cast<float>(n) : 0.f;
+    valid = threadIdx.x == 0 ? static_cast<unsigned long long>(n) : 0ull;
   } else {
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) valid += labels[i] != ignore_index ? 1.f : 0.f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) valid += labels[i] != ignore_index;
   }
-  const float total = dk::block_sum(valid, smem);
-  if (threadIdx.x == 0) *scale_out = 1.f / fmaxf(total, 1.f);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) valid += __shfl_xor_sync(dk::kFullMask, valid, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) counts[warp] = valid;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long total = 0;
+    for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += counts[w];
+    *scale_out = static_cast<float>(1.0 / static_cast<double>(total > 0 ? total : 1ull));
+  }
 }
 
 // One block: loss = scale * Σ per_row, summed in f64 in a fixed order.
