@@ -71,22 +71,28 @@ subtracted: f32 ones for the f32-grads row; issue 4's 2 GiB, where grad_weight a
 at the Scout shape), and the relative errors ‖x − ref‖ / ‖ref‖ of the loss and of both whole
 gradients against a chunked fp32 PyTorch computation on the same inputs.
 
-For every shape (bf16 logits) and kind (forward_kl, jsd with beta = 0.5) it times:
+For every shape, logits dtype (--dtypes: bf16 by default, f32, f16), pass (--passes: fwd+bwd by
+default, fwd = forward only, under torch.no_grad()) and kind (--kinds: forward_kl and jsd with
+beta = 0.5 by default, reverse_kl) it times:
 
-- torch eager:   log_softmax (in float32) + F.kl_div, or TRL's generalized_jsd_loss formula
+- torch eager:   log_softmax (in float32) + F.kl_div, as TRL's generalized_jsd_loss computes each
+                 kind (beta 0: kl_div(student, teacher); beta 1: kl_div(teacher, student), the
+                 gradient through the target; else its JSD formula)
 - torch.compile: the same functions compiled
-- Liger-Kernel:  LigerKLDIVLoss / LigerJSD plus the log_softmax they need (when importable)
+- Liger-Kernel:  LigerKLDIVLoss (forward_kl) / LigerJSD (jsd; reverse_kl = LigerJSD(beta=1), as
+                 its docstring maps it) plus the log_softmax they need (when importable)
 - this crate:    distill_kernels.torch.divergence
 
-and reports the time, the fraction of the floor (3 * N * V * 2 bytes over the device-to-device
-copy bandwidth measured in this run), the extra peak memory of one forward + backward (the
-gradient included), for issue 3's "at most 64 bytes per row beyond inputs and outputs" the same
-peak without the gradient, in bytes per row, beside this crate's own workspace per row
+and reports the time, the fraction of the floor (3 * N * V * e bytes forward + backward, 2 * N *
+V * e forward only, e = 2 for 16-bit logits and 4 for f32, over the device-to-device copy
+bandwidth measured in this run), the extra peak memory of one call (the gradient included), for
+issue 3's "at most 64 bytes per row beyond inputs and outputs" the same peak without the
+gradient, in bytes per row, beside this crate's own workspace per row
 (dk_divergence_workspace_size), and two errors against a float64 reference, both relative norms
-‖x − ref‖ / ‖ref‖ (not maximum errors): the batchmean loss over all N rows, and the gradient on
---sample-rows rows (default 4) only, drawn by torch.randperm(N) under the seed --seed + N + V
-(printed under the table's floors). Failures (OOM included) become rows of the table instead of
-stopping the run.
+‖x − ref‖ / ‖ref‖ (not maximum errors): the batchmean loss over all N rows, and (forward +
+backward) the gradient on --sample-rows rows (default 4) only, drawn by torch.randperm(N) under
+the seed --seed + N + V (printed under the table's floors). Failures (OOM included) become rows
+of the table instead of stopping the run.
 Two more rows per shape and kind time this crate as a trainer calls it, on the lm_head's output
 (an intermediate tensor) with the gradient taken by torch.autograd.grad: with a separate gradient
 and with grad_inplace=True (the gradient written over the logits: no [N, V] allocation). The
@@ -284,6 +290,15 @@ def eager_kl(s, t):
     return F.kl_div(ls, lt, reduction="batchmean", log_target=True)
 
 
+def eager_reverse_kl(s, t):
+    """torch eager: KL(student || teacher), batchmean, log-probs in float32: TRL's
+    generalized_jsd_loss at beta = 1 (F.kl_div with the student's log-probs as the target, its
+    gradient taken through the target)."""
+    ls = F.log_softmax(s.float(), dim=-1)
+    lt = F.log_softmax(t.float(), dim=-1)
+    return F.kl_div(lt, ls, reduction="batchmean", log_target=True)
+
+
 def eager_jsd(s, t, beta=BETA):
     """TRL's generalized_jsd_loss (batchmean, no labels), log-probs in float32."""
     ls = F.log_softmax(s.float(), dim=-1)
@@ -296,7 +311,13 @@ def eager_jsd(s, t, beta=BETA):
     return jsd.sum() / jsd.size(0)
 
 
-EAGER = {"forward_kl": eager_kl, "jsd": eager_jsd}
+EAGER = {"forward_kl": eager_kl, "reverse_kl": eager_reverse_kl, "jsd": eager_jsd}
+# Each kind as our jsd(β) (DESIGN.md: β = 0 is the forward KL, β = 1 the reverse KL).
+KIND_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": BETA}
+# --dtypes: the logits dtypes a run may ask for, by their short names.
+DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+# --passes: forward + backward (the gradient of the student logits) and forward only.
+PASSES = ("fwd+bwd", "fwd")
 
 
 def make_impls(kinds, device="cuda", wanted=None):
@@ -473,7 +494,7 @@ def _divergence_probe(kind, device, seed=1234):
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(n, v, generator=g) * 2
     t = torch.randn(n, v, generator=g) * 2
-    beta = 0.0 if kind == "forward_kl" else BETA
+    beta = KIND_BETA[kind]
     x = s.double().requires_grad_(True)
     loss = _f64_rows(F.log_softmax(x, -1), F.log_softmax(t.double(), -1), beta).sum() / n
     (gx,) = torch.autograd.grad(loss, x)
@@ -529,6 +550,7 @@ def _liger_divergence_fns():
 
     liger_kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
     liger_jsd = LigerJSD(beta=BETA)  # same β as ours (see the mapping above)
+    liger_rkl = LigerJSD(beta=1.0)  # β = 1: the reverse KL (its docstring; the probe checks it)
 
     def liger_kl_fn(s, t):
         return liger_kl(F.log_softmax(s.float(), dim=-1), F.log_softmax(t.float(), dim=-1))
@@ -536,7 +558,10 @@ def _liger_divergence_fns():
     def liger_jsd_fn(s, t):
         return liger_jsd(F.log_softmax(s.float(), dim=-1), F.log_softmax(t.float(), dim=-1))
 
-    return {"forward_kl": liger_kl_fn, "jsd": liger_jsd_fn}
+    def liger_rkl_fn(s, t):
+        return liger_rkl(F.log_softmax(s.float(), dim=-1), F.log_softmax(t.float(), dim=-1))
+
+    return {"forward_kl": liger_kl_fn, "reverse_kl": liger_rkl_fn, "jsd": liger_jsd_fn}
 
 
 def liger_info():
@@ -643,13 +668,7 @@ def reference(s, t, kind, rows, chunk=128):
 
 def _ref_rows(s, t, kind, grad=False):
     s = s.double().requires_grad_(grad)
-    ls = F.log_softmax(s, dim=-1)
-    lt = F.log_softmax(t.double(), dim=-1)
-    if kind == "forward_kl":
-        rows = (lt.exp() * (lt - ls)).sum(-1)
-    else:
-        lm = torch.logaddexp(lt + math.log(BETA), ls + math.log1p(-BETA))
-        rows = BETA * (lt.exp() * (lt - lm)).sum(-1) + (1 - BETA) * (ls.exp() * (ls - lm)).sum(-1)
+    rows = _f64_rows(F.log_softmax(s, dim=-1), F.log_softmax(t.double(), dim=-1), KIND_BETA[kind])
     if not grad:
         return rows.detach(), None
     (g,) = torch.autograd.grad(rows.sum(), s)
@@ -703,6 +722,8 @@ def expected_errors(section, row):
     out_tol = TOL_F32 if _f32(dtype) else TOL_16BIT
     loss_tol = TOL_F32 if _f32(dtype) else TOL_LOSS_16BIT
     if section == "results":
+        if row.get("pass") == "fwd":  # forward only: no gradient to compare
+            return {"loss_err": loss_tol}
         return {"loss_err": loss_tol, "grad_err": out_tol}
     if section == "moe":
         return {"err": TOL_ROUTE if row.get("op") == "route" else out_tol}
@@ -747,7 +768,8 @@ def row_label(section, row) -> str:
     """A row's name in the failure list."""
     impl = row.get("impl", "?") + (f" ({row['note']})" if row.get("note") else "")
     if section == "results":
-        return f"divergence {impl} {row.get('kind')} {row.get('n')}x{row.get('v')}"
+        return (f"divergence {impl} {row.get('kind')} {row.get('n')}x{row.get('v')} "
+                f"{case_label(row)}")
     if section == "moe":
         return f"moe {row.get('op')} {impl} [{row.get('shape')}]"
     if section == "attention":
@@ -864,35 +886,44 @@ def _memory_columns(row, peak_bytes, grad_bytes, n, device) -> None:
             row["workspace_bytes_per_row"] = ws / max(n, 1)
 
 
-def run_one(impl_name, kind, fn, s, t, ref, rows, floor_ms, args):
+def run_one(impl_name, kind, fn, s, t, ref, rows, floor_ms, args, pass_="fwd+bwd"):
+    """One divergence row: ``fn(student, teacher) -> loss`` forward + backward (``pass_``
+    "fwd+bwd": the gradient of a leaf copy of ``s``) or forward only ("fwd": ``s`` itself, no
+    gradient, under torch.no_grad(), as an evaluation or a logging call runs it)."""
     row = {"impl": impl_name, "kind": kind, "n": s.shape[0], "v": s.shape[1],
-           "dtype": str(s.dtype).replace("torch.", "")}
+           "dtype": str(s.dtype).replace("torch.", ""), "pass": pass_}
     if getattr(fn, "note", None):
         row["note"] = fn.note
     if isinstance(fn, Exception):  # one line: the row is a markdown table cell
         row["error"] = f"{type(fn).__name__}: {str(fn).splitlines()[0][:160] if str(fn) else ''}"
         return row
-    x = s.detach().clone().requires_grad_(True)
+    forward_only = pass_ == "fwd"
+    x = s.detach() if forward_only else s.detach().clone().requires_grad_(True)
 
     def step():
+        if forward_only:
+            with torch.no_grad():
+                return fn(x, t)
         x.grad = None
-        fn(x, t).backward()
+        loss = fn(x, t)
+        loss.backward()
+        return loss
 
     try:
         t0 = time.time()
-        x.grad = None
-        loss = fn(x, t)  # first call: compiles / loads, and gives the values to check
-        loss.backward()
+        loss = step()  # first call: compiles / loads, and gives the values to check
         torch.cuda.synchronize()
         row["first_call_s"] = round(time.time() - t0, 2)
         ref_loss, ref_grad = ref
         loss = loss.detach().reshape(())
         row["loss_err"] = rel_err(loss, torch.tensor(ref_loss, device=loss.device))
-        row["grad_err"] = rel_err(x.grad[rows], ref_grad)
-        grad_bytes = x.grad.numel() * x.grad.element_size()
+        grad_bytes = 0
+        if not forward_only:
+            row["grad_err"] = rel_err(x.grad[rows], ref_grad)
+            grad_bytes = x.grad.numel() * x.grad.element_size()
+            x.grad = None
         del loss
-        # Extra peak memory of one forward + backward (the gradient buffer included).
-        x.grad = None
+        # Extra peak memory of one call (the gradient buffer included).
         _memory_columns(row, extra_peak_bytes(step), grad_bytes, s.shape[0], s.device)
         ms = bench_ms(step, args.warmup_ms, args.rep_ms)
         row["ms"] = ms
@@ -904,7 +935,8 @@ def run_one(impl_name, kind, fn, s, t, ref, rows, floor_ms, args):
         if args.verbose:
             traceback.print_exc()
     finally:
-        x.grad = None
+        if not forward_only:
+            x.grad = None
         torch.cuda.synchronize()
     return row
 
@@ -916,26 +948,40 @@ def _per_row_bytes(x) -> str:
 
 
 DIVERGENCE_HEADER = (
-    "| implementation | kind | N × V | time | % of floor | extra peak memory "
+    "| implementation | kind | N × V | logits, pass | time | % of floor | extra peak memory "
     "| extra excl. grad, B/row | dk workspace, B/row | loss rel err | grad rel err (sampled rows) "
     "| verdict |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 )
+_DTYPE_SHORT = {str(d).replace("torch.", ""): name for name, d in DTYPES.items()}
+
+
+def case_label(r) -> str:
+    """A divergence row's logits dtype and pass, e.g. "bf16 fwd+bwd" (the defaults when unset)."""
+    dtype = str(r.get("dtype", "bfloat16")).replace("torch.", "")
+    return f"{_DTYPE_SHORT.get(dtype, dtype)} {r.get('pass', 'fwd+bwd')}"
+
+
+def divergence_floor_ms(n, v, dtype, pass_, bw) -> float:
+    """The memory floor of one call: each input read once and (forward + backward) the gradient
+    written once, n × v elements of ``dtype`` each, over the copy bandwidth ``bw`` (bytes/s)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return (3 if pass_ == "fwd+bwd" else 2) * n * v * elem / bw * 1e3
 
 
 def fmt_row(r) -> str:
     if r.get("note"):
         r = {**r, "impl": f"{r['impl']} ({r['note']})"}
-    shape = f"{r['n']} × {r['v']}"
+    lead = f"| {r['impl']} | {r['kind']} | {r['n']} × {r['v']} | {case_label(r)} "
     if "error" in r:
-        return (f"| {r['impl']} | {r['kind']} | {shape} | {r['error']} | | | | | | "
-                f"| {verdict_cell(r)} |")
+        return f"{lead}| {r['error']} | | | | | | | {verdict_cell(r)} |"
     mem = f"{r['extra_gib']:.2f} GiB" if math.isfinite(r.get("extra_gib", math.nan)) else ""
+    grad = f"{r['grad_err']:.1e}" if "grad_err" in r else "-"
     return (
-        f"| {r['impl']} | {r['kind']} | {shape} | {r['ms']:.3f} ms | {r['pct_floor']:.1f} % "
+        f"{lead}| {r['ms']:.3f} ms | {r['pct_floor']:.1f} % "
         f"| {mem} | {_per_row_bytes(r.get('extra_bytes_per_row_excl_grad'))} "
         f"| {_per_row_bytes(r.get('workspace_bytes_per_row'))} "
-        f"| {r['loss_err']:.1e} | {r['grad_err']:.1e} | {verdict_cell(r)} |"
+        f"| {r['loss_err']:.1e} | {grad} | {verdict_cell(r)} |"
     )
 
 
@@ -965,7 +1011,7 @@ def run_logits_rows(kind, s, t, ref, rows, floor_ms, args, timer=None):
     out = []
     for note, inplace in LOGITS_ROWS:
         row = {"impl": "distill_kernels", "kind": kind, "n": s.shape[0], "v": s.shape[1],
-               "dtype": str(s.dtype).replace("torch.", ""),
+               "dtype": str(s.dtype).replace("torch.", ""), "pass": "fwd+bwd",
                "note": f"logits refilled untimed, {note}", "inplace": inplace}
         logits = None
         try:
@@ -1885,51 +1931,65 @@ def sampled_rows(n: int, v: int, seed: int, count: int):
 
 
 def run_divergence(shapes, kinds, impls, logits_rows, bw, args, log_fn, emit=None, started=None,
-                   device="cuda"):
-    """The divergence rows, per shape: every implementation and kind (run_one), then this crate
-    on a logits buffer (run_logits_rows) when ``logits_rows``. ``emit(row)``, when given, gets
-    each row as it is measured."""
+                   device="cuda", dtypes=(torch.bfloat16,), passes=("fwd+bwd",)):
+    """The divergence rows, per shape and logits dtype: for each pass every implementation and
+    kind (run_one), then (forward + backward) this crate on a logits buffer (run_logits_rows) when
+    ``logits_rows``. ``emit(row)``, when given, gets each row as it is measured."""
     started = time.time() if started is None else started
     results = []
 
     add = _row_adder(results, emit, fmt_row, log_fn)
+    cuda = torch.device(device).type == "cuda"
+
+    def free():
+        if cuda:
+            torch.cuda.empty_cache()
 
     for n, v in shapes:
-        floor_ms = 3 * n * v * 2 / bw * 1e3
-        try:
-            s = (torch.randn(n, v, device=device) * 2).to(torch.bfloat16)
-            t = (torch.randn(n, v, device=device) * 2).to(torch.bfloat16)
-        except torch.cuda.OutOfMemoryError as e:
-            for (impl, kind) in impls:
-                add({"impl": impl, "kind": kind, "n": n, "v": v,
-                     "error": f"OOM allocating the inputs: {str(e)[:80]}"})
-            continue
         rows = sampled_rows(n, v, args.seed, args.sample_rows)
-        refs = {}
-        for (impl, kind), fn in impls.items():
-            if kind not in refs:
-                refs[kind] = reference(s, t, kind, rows)
-                torch.cuda.empty_cache()
-            if not is_ours({"impl": impl}) and past_deadline():
-                add({"impl": impl, "kind": kind, "n": n, "v": v, "error": SKIPPED_PAST_DEADLINE})
+        for dtype in dtypes:
+            name = str(dtype).replace("torch.", "")
+            try:
+                s = (torch.randn(n, v, device=device) * 2).to(dtype)
+                t = (torch.randn(n, v, device=device) * 2).to(dtype)
+            except torch.cuda.OutOfMemoryError as e:
+                for pass_ in passes:
+                    for (impl, kind) in impls:
+                        add({"impl": impl, "kind": kind, "n": n, "v": v, "dtype": name,
+                             "pass": pass_, "error": f"OOM allocating the inputs: {str(e)[:80]}"})
                 continue
-            log_fn(f"[{time.time() - started:6.1f} s] {impl} {kind} {n}x{v} ...")
-            r = run_one(impl, kind, fn, s, t, refs[kind], rows, floor_ms, args)
-            torch.cuda.empty_cache()  # what run_one allocated is free now
-            r["floor_ms"] = floor_ms
-            add(r)
-        for kind in kinds if logits_rows else ():
-            if kind not in refs:
-                refs[kind] = reference(s, t, kind, rows)
-                torch.cuda.empty_cache()
-            log_fn(f"[{time.time() - started:6.1f} s] distill_kernels {kind} {n}x{v}, logits "
-                   "buffer ...")
-            for r in run_logits_rows(kind, s, t, refs[kind], rows, floor_ms, args):
-                r["floor_ms"] = floor_ms
-                add(r)
-            torch.cuda.empty_cache()
-        del s, t, refs
-        torch.cuda.empty_cache()
+            refs = {}
+
+            def ref_of(kind, s=s, t=t, refs=refs):
+                if kind not in refs:
+                    refs[kind] = reference(s, t, kind, rows)
+                    free()
+                return refs[kind]
+
+            for pass_ in passes:
+                floor_ms = divergence_floor_ms(n, v, dtype, pass_, bw)
+                for (impl, kind), fn in impls.items():
+                    if not is_ours({"impl": impl}) and past_deadline():
+                        add({"impl": impl, "kind": kind, "n": n, "v": v, "dtype": name,
+                             "pass": pass_, "error": SKIPPED_PAST_DEADLINE})
+                        continue
+                    ref = ref_of(kind)
+                    log_fn(f"[{time.time() - started:6.1f} s] {impl} {kind} {n}x{v} "
+                           f"{case_label({'dtype': name, 'pass': pass_})} ...")
+                    r = run_one(impl, kind, fn, s, t, ref, rows, floor_ms, args, pass_=pass_)
+                    free()  # what run_one allocated is free now
+                    r["floor_ms"] = floor_ms
+                    add(r)
+                for kind in kinds if logits_rows and pass_ == "fwd+bwd" else ():
+                    ref = ref_of(kind)
+                    log_fn(f"[{time.time() - started:6.1f} s] distill_kernels {kind} {n}x{v} "
+                           f"{name}, logits buffer ...")
+                    for r in run_logits_rows(kind, s, t, ref, rows, floor_ms, args):
+                        r["floor_ms"] = floor_ms
+                        add(r)
+                    free()
+            del s, t, refs
+            free()
     return results
 
 
@@ -1957,7 +2017,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller shapes (smoke run)")
     p.add_argument("--shapes", help="comma-separated NxV list, e.g. 4096x151936,4096x202048")
-    p.add_argument("--kinds", default="forward_kl,jsd", help="forward_kl and/or jsd (beta 0.5)")
+    p.add_argument("--kinds", default="forward_kl,jsd",
+                   help="comma-separated: forward_kl, reverse_kl, jsd (beta 0.5)")
+    p.add_argument("--dtypes", default="bf16",
+                   help="the divergence's logits dtypes, comma-separated: bf16, f32, f16")
+    p.add_argument("--passes", default="fwd+bwd",
+                   help="the divergence's passes, comma-separated: fwd+bwd (forward + backward), "
+                   "fwd (forward only)")
     p.add_argument("--impls", default="", help="only these implementations (comma-separated "
                    "substrings of: torch eager, torch.compile, Liger, distill_kernels; "
                    "num_items adds this crate's rows with num_items as a device tensor)")
@@ -1995,7 +2061,18 @@ def main(argv=None) -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     for k in kinds:
         if k not in EAGER:
-            p.error(f"unknown kind {k!r} (forward_kl, jsd)")
+            p.error(f"unknown kind {k!r} (forward_kl, reverse_kl, jsd)")
+    dtype_names = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in dtype_names:
+        if d not in DTYPES:
+            p.error(f"unknown dtype {d!r} (bf16, f32, f16)")
+    dtypes = [DTYPES[d] for d in dtype_names]
+    passes = [x.strip() for x in args.passes.split(",") if x.strip()]
+    for x in passes:
+        if x not in PASSES:
+            p.error(f"unknown pass {x!r} (fwd+bwd, fwd)")
+    if not (kinds and dtypes and passes):
+        p.error("--kinds, --dtypes and --passes each need at least one value")
     wanted = [w.strip().lower() for w in args.impls.split(",") if w.strip()]
     ops = set()
     for o in (x.strip() for x in args.ops.split(",") if x.strip()):
@@ -2034,8 +2111,7 @@ def main(argv=None) -> int:
 
     report = Report(meta, args.json)
     print(f"{dev}, copy {bw / 1e9:.0f} GB/s, torch {torch.__version__}, "
-          f"distill_kernels {meta['distill_kernels']}, bf16 forward + backward, "
-          f"jsd beta = {BETA}", flush=True)
+          f"distill_kernels {meta['distill_kernels']}, jsd beta = {BETA}", flush=True)
     if "liger" in meta:
         print(f"Liger-Kernel: {fmt_liger(meta['liger'])}", flush=True)
 
@@ -2058,17 +2134,23 @@ def main(argv=None) -> int:
         # run_logits_rows), after the rows above; only where its face imports.
         logits_rows = any(impl == "distill_kernels" and not isinstance(fn, Exception)
                           for (impl, _), fn in impls.items())
-        lines = ["Divergence, bf16 logits, forward + backward; loss rel err = |loss − ref| / |ref| "
+        lines = [f"Divergence, logits {', '.join(dtype_names)}, passes {', '.join(passes)} "
+                 "(fwd+bwd: forward + backward, fwd: forward only); floor = each input read "
+                 "once and the gradient written once; loss rel err = |loss − ref| / |ref| "
                  "(batchmean over all N rows), grad rel err = ‖g − ref‖ / ‖ref‖ over the sampled "
                  "rows below only, both against float64; extra excl. grad = extra peak memory "
                  "less the [N, V] gradient output, per row (issue 3: ≤ 64 B/row beyond inputs "
                  "and outputs); dk workspace = dk_divergence_workspace_size / N"]
         for n, v in shapes:
-            lines.append(f"floor {n} × {v}: {3 * n * v * 2 / bw * 1e3:.3f} ms; gradient "
-                         f"checked on rows {sampled_rows(n, v, args.seed, args.sample_rows)}")
+            floors = ", ".join(
+                f"{case_label({'dtype': str(d).replace('torch.', ''), 'pass': x})} "
+                f"{divergence_floor_ms(n, v, d, x, bw):.3f} ms" for d in dtypes for x in passes)
+            lines.append(f"floor {n} × {v}: {floors}; gradient checked on rows "
+                         f"{sampled_rows(n, v, args.seed, args.sample_rows)}")
         report.preamble("results", lines)
         _run_section(report, "results", lambda emit: run_divergence(
-            shapes, kinds, impls, logits_rows, bw, args, log, emit=emit, started=started))
+            shapes, kinds, impls, logits_rows, bw, args, log, emit=emit, started=started,
+            dtypes=dtypes, passes=passes))
 
     if "fused" in ops:
         log(f"[{time.time() - started:6.1f} s] fused linear JSD ...")

@@ -36,7 +36,7 @@
 #  9b. python/bench.py --ops fused: the fused linear JSD vs torch eager / compile / Liger and the
 #      four GEMMs (--quick when short)
 #  10. python/bench.py (torch eager, torch.compile, Liger, this crate; --quick when under 150 s
-#      are left)
+#      are left; the divergence's kinds, logits dtypes and passes as PY_BENCH_* below say)
 #  10b. optional, when time is left: Nsight Compute (ncu --clock-control none) speed-of-light
 #      and compute-workload sections of the key kernels: the cluster divergence kernels (KL, JSD;
 #      bf16, N 4096, V 151936) and the attention kernels at the Phi-4-mini shape (forward D 128,
@@ -53,12 +53,17 @@
 # GPU_CHECK_LIST=1: print the steps in the order this call would run them (selected or not, with
 # their expected seconds) and run nothing; GPU_CHECK_ONLY / _SKIP entries that name no step are
 # reported there, at the start of a run and in the summary.
-# GPU_CHECK_PLAN=1|2|3a|3b|3c: the step lists of BENCHMARKS.md's "The next session's plan" (below).
+# GPU_CHECK_PLAN=1|2|3a|3b|3c|3d: the step lists of BENCHMARKS.md's "The next session's plan"
+# (below).
 # PYTEST_K: a pytest -k expression for step 8.
 # PY_BENCH_OPS: the --ops of step 10 (default: divergence,moe); PY_BENCH_SHAPES: its divergence
 # shapes (NxV list); PY_BENCH_IMPLS: its --impls (e.g. distill_kernels,num_items: this crate's
-# rows only, with the num_items-tensor rows); PY_BENCH_FULL_SECONDS: the seconds left under which
-# step 10 runs --quick (default 150).
+# rows only, with the num_items-tensor rows); PY_BENCH_KINDS / PY_BENCH_DTYPES / PY_BENCH_PASSES:
+# its --kinds (forward_kl, reverse_kl, jsd), --dtypes (bf16, f32, f16) and --passes (fwd+bwd,
+# fwd), default bench.py's own (forward_kl,jsd; bf16; fwd+bwd); PY_BENCH_CAP: its time cap in
+# seconds (default 240), PY_BENCH_EXPECTED the seconds it is expected to take (default 100);
+# PY_BENCH_FULL_SECONDS: the seconds left under which step 10 runs --quick
+# (default 150).
 #
 # Output: logs and JSON in $OUT (when set, as on the device tool; else ./gpu-check-out), at most
 # 8 files, written as the steps end (a run stopped at the device tool's limit still returns the
@@ -79,9 +84,9 @@ out=${OUT:-$root/gpu-check-out}
 budget=${GPU_CHECK_BUDGET:-330}
 GPU_CHECK_SKIP=${GPU_CHECK_SKIP:-}
 GPU_CHECK_ONLY=${GPU_CHECK_ONLY:-}
-# GPU_CHECK_PLAN=1|2|3a|3b|3c: the steps of BENCHMARKS.md's "The next session's plan" (kept here, in
-# one place, so a device call names them instead of copying lists): sets GPU_CHECK_ONLY, and
-# PYTEST_K / PY_BENCH_SHAPES where unset. GPU_CHECK_BUDGET stays the caller's.
+# GPU_CHECK_PLAN=1|2|3a|3b|3c|3d: the steps of BENCHMARKS.md's "The next session's plan" (kept here,
+# in one place, so a device call names them instead of copying lists): sets GPU_CHECK_ONLY, and
+# PYTEST_K / PY_BENCH_* where unset. GPU_CHECK_BUDGET stays the caller's.
 case ${GPU_CHECK_PLAN:-} in
   "") ;;
   1) # the attention kernels on wgmma: the layouts on the card, correctness, speed, limits
@@ -109,7 +114,18 @@ case ${GPU_CHECK_PLAN:-} in
     plan_steps="nvidia-smi,test-attention_reference-wide,dk-bench-attention=,dk-bench-attention-wide"
     plan_steps+=",racecheck-attention-wide,ncu-attention-fwd-wide,ncu-attention-bwd-wide"
     plan_steps+=",dk-bench-persist=,dk-bench-persist-c,memcheck-persist256" ;;
-  *) echo "gpu-check: GPU_CHECK_PLAN=$GPU_CHECK_PLAN: the plan's steps are 1, 2, 3a, 3b, 3c" >&2
+  3d) # issue 3's rows beside the baselines that no other plan has: reverse KL, forward only and
+    # f32 logits, against torch eager, torch.compile (a compile per kind, dtype and pass: most of
+    # the step's time) and Liger, at one shape
+    plan_steps="nvidia-smi,liger-install,python-bench="
+    PY_BENCH_OPS=${PY_BENCH_OPS:-divergence}
+    PY_BENCH_SHAPES=${PY_BENCH_SHAPES:-4096x151936}
+    PY_BENCH_KINDS=${PY_BENCH_KINDS:-forward_kl,reverse_kl,jsd}
+    PY_BENCH_DTYPES=${PY_BENCH_DTYPES:-bf16,f32}
+    PY_BENCH_PASSES=${PY_BENCH_PASSES:-fwd+bwd,fwd}
+    PY_BENCH_CAP=${PY_BENCH_CAP:-480}
+    PY_BENCH_EXPECTED=${PY_BENCH_EXPECTED:-300} ;;
+  *) echo "gpu-check: GPU_CHECK_PLAN=$GPU_CHECK_PLAN: the plan's steps are 1, 2, 3a, 3b, 3c, 3d" >&2
      exit 2 ;;
 esac
 if [ -n "${GPU_CHECK_PLAN:-}" ]; then
@@ -319,7 +335,7 @@ expected_seconds() {
     pytest) echo 90 ;;
     python-bench-fused) echo 110 ;;
     python-bench-attention*) echo 45 ;;
-    python-bench) echo 100 ;;
+    python-bench) echo "${PY_BENCH_EXPECTED:-100}" ;;
     ncu-*) echo 30 ;;
     memcheck* | racecheck*) echo 40 ;;
     *) echo 20 ;;
@@ -668,9 +684,11 @@ phase_python() {
     [ "$(left)" -lt "${PY_BENCH_FULL_SECONDS:-150}" ] && quick=(--quick)
     # PY_BENCH_SHAPES: NxV list for the divergence rows (issue 3's shapes, e.g.
     # 4096x262144,16384x151936,256x151936); default bench.py's own.
-    run_step python-bench 240 1 "$py" python/bench.py --ops "${PY_BENCH_OPS:-divergence,moe}" \
-      "${quick[@]}" ${PY_BENCH_SHAPES:+--shapes "$PY_BENCH_SHAPES"} \
-      ${PY_BENCH_IMPLS:+--impls "$PY_BENCH_IMPLS"} --json "$out/python-bench.json"
+    run_step python-bench "${PY_BENCH_CAP:-240}" 1 "$py" python/bench.py \
+      --ops "${PY_BENCH_OPS:-divergence,moe}" "${quick[@]}" \
+      ${PY_BENCH_SHAPES:+--shapes "$PY_BENCH_SHAPES"} ${PY_BENCH_IMPLS:+--impls "$PY_BENCH_IMPLS"} \
+      ${PY_BENCH_KINDS:+--kinds "$PY_BENCH_KINDS"} ${PY_BENCH_DTYPES:+--dtypes "$PY_BENCH_DTYPES"} \
+      ${PY_BENCH_PASSES:+--passes "$PY_BENCH_PASSES"} --json "$out/python-bench.json"
   else
     skip_step python-bench "python/bench.py missing"
   fi

@@ -94,8 +94,8 @@ out["summed"] = {"note": getattr(summed, "note", None),
 # run) against bench.py's float64 reference.
 s = torch.randn(12, 300) * 2
 t = torch.randn(12, 300) * 2
-div = bench.make_impls(["forward_kl", "jsd"], device="cpu")
-for kind in ("forward_kl", "jsd"):
+div = bench.make_impls(["forward_kl", "reverse_kl", "jsd"], device="cpu")
+for kind in ("forward_kl", "reverse_kl", "jsd"):
     fn = div[("Liger", kind)]
     if isinstance(fn, Exception):
         out["Liger " + kind] = {"error": f"{type(fn).__name__}: {fn}"}
@@ -164,6 +164,14 @@ def test_summed_variant_is_divided_by_n(result):
 
 def test_liger_jsd_divergence(result):
     r = result["Liger jsd"]
+    _skip_on_interpreter_error(r, "LigerJSD")
+    assert "error" not in r, r
+    assert r["note"] == "convention checked" and r["loss_err"] < 1e-5 and r["grad_err"] < 1e-4, r
+
+
+def test_liger_reverse_kl_divergence(result):
+    """LigerJSD(beta=1), bench.py's Liger call for the reverse KL, is KL(student ‖ teacher)."""
+    r = result["Liger reverse_kl"]
     _skip_on_interpreter_error(r, "LigerJSD")
     assert "error" not in r, r
     assert r["note"] == "convention checked" and r["loss_err"] < 1e-5 and r["grad_err"] < 1e-4, r

@@ -122,7 +122,7 @@ def test_report_prints_and_writes_each_row_as_it_comes(tmp_path):
     rep.add("results", div_row(grad_err=float("nan")))
     doc = json.loads(path.read_text())
     assert doc["results"][1]["verdict"] == "FAIL" and doc["failures"] == [
-        "divergence distill_kernels jsd 4x8: grad_err = nan"]
+        "divergence distill_kernels jsd 4x8 bf16 fwd+bwd: grad_err = nan"]
     assert out.getvalue().count("| implementation |") == 1  # one header per table
     assert out.getvalue().rstrip().endswith("| FAIL |")
     assert rep.summary().startswith("FAIL: 1 of 1 distill_kernels rows: divergence")
@@ -202,19 +202,55 @@ def test_default_ops_run_moe_before_the_divergence(fake_cuda, monkeypatch, capsy
         return []
 
     def run_divergence(shapes, kinds, impls, logits_rows, bw, args, log_fn, emit=None,
-                       started=None):
-        calls.append("divergence")
+                       started=None, dtypes=None, passes=None):
+        calls.append(("divergence", tuple(kinds), tuple(dtypes), tuple(passes)))
         emit(div_row(n=shapes[0][0], v=shapes[0][1]))
         return []
 
     monkeypatch.setattr(bench, "run_moe", run_moe)
     monkeypatch.setattr(bench, "run_divergence", run_divergence)
     assert bench.main(["--shapes", "256x151936"]) == 0
-    assert calls == ["moe", "divergence"]
+    assert calls == ["moe", ("divergence", ("forward_kl", "jsd"), (torch.bfloat16,), ("fwd+bwd",))]
     out = capsys.readouterr().out
     rows = bench.sampled_rows(256, 151936, 0, 4)
-    assert f"floor 256 × 151936: {3 * 256 * 151936 * 2 / 4.0e12 * 1e3:.3f} ms" in out
+    assert f"floor 256 × 151936: bf16 fwd+bwd {3 * 256 * 151936 * 2 / 4.0e12 * 1e3:.3f} ms" in out
     assert f"gradient checked on rows {rows}" in out and "over the sampled rows" in out
+
+
+def test_kinds_dtypes_and_passes_reach_the_divergence_and_its_floors(fake_cuda, monkeypatch,
+                                                                    capsys):
+    """--kinds / --dtypes / --passes (issue 3's reverse KL, f32 logits, forward only): passed on,
+    one floor per dtype and pass (3 units forward + backward, 2 forward only, 4-byte f32)."""
+    calls = []
+
+    def run_divergence(shapes, kinds, impls, logits_rows, bw, args, log_fn, emit=None,
+                       started=None, dtypes=None, passes=None):
+        calls.append((tuple(kinds), tuple(dtypes), tuple(passes), sorted({k for _, k in impls})))
+        emit(div_row(kind="reverse_kl", n=shapes[0][0], v=shapes[0][1], dtype="float32",
+                     **{"pass": "fwd"}))
+        return []
+
+    monkeypatch.setattr(bench, "run_divergence", run_divergence)
+    monkeypatch.setattr(bench, "make_impls", lambda kinds, wanted=None: {
+        ("distill_kernels", k): (lambda s, t: None) for k in kinds})
+    argv = ["--ops", "divergence", "--shapes", "4096x151936", "--kinds", "reverse_kl",
+            "--dtypes", "bf16,f32", "--passes", "fwd+bwd,fwd"]
+    assert bench.main(argv) == 0
+    assert calls == [(("reverse_kl",), (torch.bfloat16, torch.float32), ("fwd+bwd", "fwd"),
+                      ["reverse_kl"])]
+    out = capsys.readouterr().out
+    floor = [f"{u * 4096 * 151936 * e / 4.0e12 * 1e3:.3f} ms" for e in (2, 4) for u in (3, 2)]
+    assert (f"floor 4096 × 151936: bf16 fwd+bwd {floor[0]}, bf16 fwd {floor[1]}, f32 fwd+bwd "
+            f"{floor[2]}, f32 fwd {floor[3]};") in out
+    assert "| distill_kernels | reverse_kl | 4096 × 151936 | f32 fwd | 1.000 ms |" in out
+
+
+@pytest.mark.parametrize("flag, value", [("--kinds", "kl"), ("--dtypes", "fp8"),
+                                         ("--passes", "bwd"), ("--passes", ",")])
+def test_unknown_kinds_dtypes_and_passes_are_refused(fake_cuda, flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--ops", "divergence", flag, value])
+    assert e.value.code == 2
 
 
 def test_memory_columns_leave_the_gradient_out():
@@ -481,7 +517,7 @@ def test_divergence_rows_on_cpu_through_the_report(monkeypatch):
     assert lines[1] == bench.DIVERGENCE_HEADER[0]
     for line in lines[3:]:
         assert line.count("|") == bench.DIVERGENCE_HEADER[0].count("|"), line
-    assert lines[4].startswith("| distill_kernels | jsd | 16 × 300 | 0.500 ms |")
+    assert lines[4].startswith("| distill_kernels | jsd | 16 × 300 | bf16 fwd+bwd | 0.500 ms |")
     assert lines[4].endswith("| 32 | 0 | " + f"{rows[1]['loss_err']:.1e} | "
                              f"{rows[1]['grad_err']:.1e} | ok |")
 
@@ -521,3 +557,60 @@ def test_past_the_deadline_baselines_are_skipped_and_this_crates_rows_still_run(
     assert all(bench.row_failures("fused", r) == [] for r in frows if bench.is_ours(r))
     monkeypatch.setattr(bench, "_DEADLINE", None)
     assert not bench.past_deadline()
+
+
+def test_every_kind_dtype_and_pass_on_cpu(monkeypatch):
+    """run_divergence on CPU tensors for issue 3's other rows: reverse KL, f32 logits, forward
+    only. torch eager (TRL's formulas, an independent computation) and this crate agree with the
+    float64 reference within DESIGN.md's tolerances; forward-only rows have no gradient, a
+    floor of 2 units and nothing of the gradient in their memory; the logits-buffer rows run
+    with forward + backward only."""
+    import distill_kernels.torch as dkt
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(bench, "bench_ms", lambda fn, *a, **kw: (fn(), 0.5)[1])
+    monkeypatch.setattr(bench, "_events_median",
+                        lambda fn, w, r, setup=None: (setup(), fn(), 0.5)[2])
+    grad_seen = []
+
+    def peak(step):
+        out = step()
+        grad_seen.append(out.requires_grad)
+        return 1000
+
+    monkeypatch.setattr(bench, "extra_peak_bytes", peak)
+    kinds = ["forward_kl", "reverse_kl", "jsd"]
+    impls = {}
+    for kind in kinds:
+        impls[("torch eager", kind)] = bench.EAGER[kind]
+        impls[("distill_kernels", kind)] = (
+            lambda s, t, kind=kind: dkt.divergence(s, t, kind=kind, beta=bench.BETA))
+    args = types.SimpleNamespace(warmup_ms=0, rep_ms=0, verbose=True, seed=0, sample_rows=3)
+    n, v, bw = 12, 257, 1e12
+    rows = bench.run_divergence([(n, v)], kinds, impls, True, bw, args, lambda m: None,
+                                device="cpu", dtypes=(torch.bfloat16, torch.float32),
+                                passes=("fwd+bwd", "fwd"))
+    plain = [r for r in rows if "inplace" not in r]
+    assert len(plain) == 2 * 2 * len(impls) and all("error" not in r for r in rows), rows
+    for r in plain:
+        f32 = r["dtype"] == "float32"
+        assert r["floor_ms"] == pytest.approx(
+            (3 if r["pass"] == "fwd+bwd" else 2) * n * v * (4 if f32 else 2) / bw * 1e3)
+        assert r["loss_err"] < (1e-5 if f32 else 1e-4), r
+        if r["pass"] == "fwd":
+            assert "grad_err" not in r and r["extra_bytes_per_row_excl_grad"] == 1000 / n, r
+        else:
+            assert r["grad_err"] < (1e-5 if f32 else 1e-2), r
+            assert r["extra_bytes_per_row_excl_grad"] < 0, r  # the gradient left out
+        if bench.is_ours(r):
+            assert bench.row_failures("results", r) == [], r
+    # forward-only calls build no graph
+    assert grad_seen == [p == "fwd+bwd" for p in [r["pass"] for r in plain]]
+    logits = [r for r in rows if "inplace" in r]
+    assert sorted({(r["kind"], r["dtype"], r["pass"]) for r in logits}) == sorted(
+        (k, d, "fwd+bwd") for k in kinds for d in ("bfloat16", "float32"))
+    assert all(bench.row_failures("results", r) == [] for r in logits), logits
+    text = "\n".join(bench.fmt_row(r) for r in rows)
+    assert "| torch eager | reverse_kl | 12 × 257 | f32 fwd | 0.500 ms |" in text
+    assert all(line.count("|") == bench.DIVERGENCE_HEADER[0].count("|")
+               for line in text.splitlines())
