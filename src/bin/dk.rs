@@ -56,6 +56,8 @@ mod data;
 mod fused;
 #[path = "dk/info.rs"]
 mod info;
+#[path = "dk/l2_evict.rs"]
+mod l2_evict;
 #[path = "dk/moe.rs"]
 mod moe;
 #[path = "dk/reference.rs"]

@@ -665,7 +665,7 @@ fn setup(
     let nseq = spec.seqs().len();
     let act = (3 * tq * qw + 4 * tk * kw) * b + 4 * spec.heads_q * tq;
     if let Some(free) = runner.free_memory() {
-        // Margin: the 256 MiB the CUDA timing writes to evict L2, the workspace, some slack.
+        // Margin: the 256 MiB buffer the CUDA timing reads to evict L2, the workspace, some slack.
         if act + (768 << 20) > free {
             return Err(format!(
                 "{} needs {:.2} GiB of device memory, {:.2} GiB are free",

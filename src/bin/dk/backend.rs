@@ -11,6 +11,7 @@ use distill_kernels::divergence::{Divergence, Params};
 use distill_kernels::{Context, DType, Launch, Location, Matrix, MatrixMut, VectorMut};
 
 use crate::data::{fill_rows, host_memory_available, widen, HostBuf, Rng};
+use crate::l2_evict::L2Evict;
 
 /// Sampled rows of the inputs, widened to f64 (not yet divided by T).
 pub struct Inputs {
@@ -70,6 +71,25 @@ impl Runner {
                 std::thread::available_parallelism().map_or(1, |t| t.get())
             ),
             Runner::Cuda(c) => c.ctx.describe(),
+        }
+    }
+
+    /// How the CUDA timing evicts the L2 cache before each timed run (`time_parts`), for the
+    /// report; `None` on the CPU.
+    pub fn flush_method(&self) -> Option<String> {
+        match self {
+            Runner::Cpu(_) => None,
+            Runner::Cuda(c) => Some(match &c.evict {
+                Ok(_) => format!(
+                    "a read pass over {} MiB (dk_bench_l2_evict): clean lines only",
+                    FLUSH_BYTES >> 20
+                ),
+                Err(e) => format!(
+                    "a {} MiB memset (the read kernel did not load: {e}): up to an L2 of dirty \
+                     lines written back inside each timed run",
+                    FLUSH_BYTES >> 20
+                ),
+            }),
         }
     }
 
@@ -327,9 +347,10 @@ impl Runner {
     }
 
     /// `iters` runs of the sequence `parts`, each part timed on its own. On the CPU: the host
-    /// clock around each call. On CUDA: events around each launch; before each run a 256 MiB
-    /// memset evicts the L2 cache (outside the timed events, as `triton.testing.do_bench`
-    /// does), and the runs are queued behind GPU work long enough to cover their enqueueing, so
+    /// clock around each call. On CUDA: events around each launch; before each run a read pass
+    /// over a zeroed 256 MiB buffer evicts the L2 cache (outside the timed events; see
+    /// `l2_evict`: unlike a memset it leaves no dirty lines to be written back inside the
+    /// run), and the runs are queued behind GPU work long enough to cover their enqueueing, so
     /// that the events time the GPU, not the host's launch rate.
     pub fn time_parts(&self, iters: usize, parts: &[Part<'_>]) -> Result<Timed, String> {
         let mut out = vec![Vec::with_capacity(iters); parts.len()];
@@ -410,8 +431,8 @@ pub fn measure(
     })
 }
 
-/// Bytes of the scratch buffer the CUDA timing writes to evict the L2 cache (50 MB on H100,
-/// 60 MB on H200) and to hold the GPU busy while runs are queued.
+/// Bytes of the scratch buffer the CUDA timing reads to evict the L2 cache (50 MB on H100 and
+/// H200) and writes to hold the GPU busy while runs are queued.
 const FLUSH_BYTES: usize = 256 << 20;
 
 // ------------------------------------------------------------------------------------------
@@ -656,6 +677,8 @@ pub struct CudaRunner {
     /// The copy bandwidth measured by `copy_bandwidth` (bytes read + written per second), 0
     /// before.
     copy_bw: f64,
+    /// The L2 flush kernel, or why it did not load (the timing then flushes with a memset).
+    evict: Result<L2Evict, String>,
 }
 
 fn drv<T>(what: &str, r: Result<T, cudarc::driver::DriverError>) -> Result<T, String> {
@@ -672,6 +695,14 @@ impl CudaRunner {
         // SAFETY: dk uses one stream for everything, so cudarc's event tracking is not needed.
         unsafe { cu.disable_event_tracking() };
         let stream = drv("cuStreamCreate", cu.new_stream())?;
+        let sms = drv(
+            "cuDeviceGetAttribute",
+            cu.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
+        )?;
+        let evict = L2Evict::load(&stream, sms.max(1) as usize);
+        if let Err(e) = &evict {
+            eprintln!("dk: warning: {e}; the L2 flush falls back to a memset");
+        }
         Ok(CudaRunner {
             ctx,
             cu,
@@ -679,6 +710,7 @@ impl CudaRunner {
             ordinal,
             group: None,
             copy_bw: 0.0,
+            evict,
         })
     }
 
@@ -741,7 +773,11 @@ impl CudaRunner {
         let events = self.timing_events(iters * per)?;
         let mut host = 0.0;
         for run in events.chunks(per) {
-            memset()?; // evict the L2 cache: each run starts from DRAM
+            // Evict the L2 cache: each run starts from DRAM, with no dirty line left to write.
+            match &self.evict {
+                Ok(evict) => evict.launch(s, &scratch)?,
+                Err(_) => memset()?,
+            }
             drv("cuEventRecord", run[0].record(s))?;
             for (p, e) in parts.iter().zip(&run[1..]) {
                 let t0 = Instant::now();

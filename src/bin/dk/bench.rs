@@ -104,9 +104,9 @@ of the strict floor (each operand once). Checks: the route against the CPU backe
 counts/offsets/perm/position exact; permute/combine/slot-dot against the CPU backend on sampled
 rows (unscaled permute bitwise; activations 1e-2 bf16/f16, 1e-5 f32; weight gradient 1e-5);
 outputs poisoned first and scanned for unwritten elements; and a second poisoned run must give
-bitwise identical outputs. On CUDA each MoE run is timed with events after a 256 MiB memset that
-evicts the L2 cache, queued behind GPU work so that the events time the GPU, not the host's
-launch rate; 'host us' is the host's time to enqueue one run (library calls and launches).
+bitwise identical outputs. On CUDA each MoE run is timed with events after a read pass over a
+zeroed 256 MiB buffer that evicts the L2 cache and leaves no dirty line to write back inside the
+run, queued behind GPU work so that the events time the GPU, not the host's launch rate; 'host us' is the host's time to enqueue one run (library calls and launches).
 
 Attention rows (per shape and dtype: fwd; fwd+bwd = the forward call then the deterministic
 backward; fwd+bwd/a = the same with deterministic = false, dQ summed by f32 atomics as FA2 does):
@@ -733,6 +733,9 @@ struct RunInfo<'a> {
     backend: &'a str,
     copy_bw: f64,
     copy_method: &'a str,
+    /// How each timed run of `time_parts` (MoE, attention, fused) starts with an evicted L2;
+    /// `None` on the CPU.
+    l2_flush: Option<&'a str>,
     n: usize,
     iters: usize,
     seed: u64,
@@ -771,6 +774,10 @@ fn to_json(
         "  \"copy_gbps\": {},\n  \"copy_method\": {},\n",
         json_num(info.copy_bw / 1e9),
         json_str(info.copy_method)
+    );
+    s += &format!(
+        "  \"l2_flush\": {},\n",
+        info.l2_flush.map_or("null".into(), json_str)
     );
     s += &format!("  \"seed\": {},\n", info.seed);
     // What the numbers were measured with besides the defaults: the A/B switches set, and the
@@ -1071,6 +1078,12 @@ pub fn run(args: &[String]) -> i32 {
     if !cuda {
         outln!("note: the CPU backend is the exact f64 reference; its times say nothing about the GPU kernels");
     }
+    let l2_flush = runner.flush_method();
+    if let Some(flush) = &l2_flush {
+        if cfg.moe || cfg.attention || cfg.fused {
+            outln!("L2 flush before each timed MoE / attention / fused run: {flush}");
+        }
+    }
 
     let div_total = if cfg.divergence {
         cfg.dtypes.len() * cfg.vocabs.len() * cfg.kinds.len() * cfg.passes.len()
@@ -1152,6 +1165,7 @@ pub fn run(args: &[String]) -> i32 {
             backend: if cuda { "cuda" } else { "cpu" },
             copy_bw,
             copy_method: &copy_method,
+            l2_flush: l2_flush.as_deref(),
             n,
             iters,
             seed,
@@ -1370,6 +1384,7 @@ mod tests {
                 backend: "cpu",
                 copy_bw: 1e9,
                 copy_method: "test",
+                l2_flush: None,
                 n: 7,
                 iters: 3,
                 seed: 11,

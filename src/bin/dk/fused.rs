@@ -206,7 +206,7 @@ fn format_row(r: &FusedRow, cuda: bool) -> String {
 
 /// Device bytes a CUDA row needs at most: hidden states of both sides and the weight, the two
 /// gradients, the operation's workspace (chunk logits ≤ 1.5 GiB and cuBLAS's), the GEMM floor's
-/// f32 logits and logit gradient, the 256 MiB the timing writes to evict L2, and 1 GiB slack.
+/// f32 logits and logit gradient, the 256 MiB buffer the timing reads to evict L2, and 1 GiB slack.
 fn device_bytes(shape: FusedShape, dtype: DType) -> usize {
     let (n, h, v) = shape.dims();
     let es = dtype.size();

@@ -832,7 +832,7 @@ fn setup_shape(
     let host_bytes = n * e * 4 + (2 * n * h + rows * h) * b;
     match runner.free_memory() {
         Some(free) => {
-            // Margin: the 256 MiB the CUDA timing writes to evict L2, and some slack.
+            // Margin: the 256 MiB buffer the CUDA timing reads to evict L2, and some slack.
             if act + need + (512 << 20) > free {
                 return Err(format!(
                     "{} at N = {n} needs {:.2} GiB of device memory, {:.2} GiB are free (use --tokens)",
