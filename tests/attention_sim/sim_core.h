@@ -891,6 +891,14 @@ inline double __shfl_xor_sync(unsigned mask, double v, int m, int width = 32) {
   memcpy(&v, &bits, sizeof v);
   return v;
 }
+// A 64-bit integer as two 32-bit shuffles, likewise (dk_div_prepare's count of valid rows).
+inline unsigned long long __shfl_xor_sync(unsigned mask, unsigned long long v, int m,
+                                          int width = 32) {
+  if (width != 32) sim::fail("%s: shuffle width %d", sim::where(), width);
+  const uint64_t lo = sim::shfl_bits(mask, static_cast<uint32_t>(v), m, 0);
+  const uint64_t hi = sim::shfl_bits(mask, static_cast<uint32_t>(v >> 32), m, 0);
+  return lo | (hi << 32);
+}
 inline int __shfl_up_sync(unsigned mask, int v, unsigned delta, int width = 32) {
   if (width != 32) sim::fail("%s: shuffle width %d", sim::where(), width);
   return static_cast<int>(sim::shfl_bits(mask, static_cast<uint32_t>(v), static_cast<int>(delta), 2));
