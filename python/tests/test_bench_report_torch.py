@@ -246,7 +246,8 @@ def test_kinds_dtypes_and_passes_reach_the_divergence_and_its_floors(fake_cuda, 
 
 
 @pytest.mark.parametrize("flag, value", [("--kinds", "kl"), ("--dtypes", "fp8"),
-                                         ("--passes", "bwd"), ("--passes", ",")])
+                                         ("--dtypes", "f16"), ("--passes", "bwd"),
+                                         ("--passes", ",")])
 def test_unknown_kinds_dtypes_and_passes_are_refused(fake_cuda, flag, value, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--ops", "divergence", flag, value])

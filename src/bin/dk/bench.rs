@@ -106,7 +106,8 @@ rows (unscaled permute bitwise; activations 1e-2 bf16/f16, 1e-5 f32; weight grad
 outputs poisoned first and scanned for unwritten elements; and a second poisoned run must give
 bitwise identical outputs. On CUDA each MoE run is timed with events after a read pass over a
 zeroed 256 MiB buffer that evicts the L2 cache and leaves no dirty line to write back inside the
-run, queued behind GPU work so that the events time the GPU, not the host's launch rate; 'host us' is the host's time to enqueue one run (library calls and launches).
+run, queued behind GPU work so that the events time the GPU, not the host's launch rate; 'host us'
+is the host's time to enqueue one run (library calls and launches).
 
 Attention rows (per shape and dtype: fwd; fwd+bwd = the forward call then the deterministic
 backward; fwd+bwd/a = the same with deterministic = false, dQ summed by f32 atomics as FA2 does):

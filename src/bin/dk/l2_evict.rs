@@ -1,10 +1,10 @@
 //! The L2 flush before each timed CUDA run: a read pass over a 256 MiB buffer.
 //!
-//! A memset alone evicts the benchmark's data but leaves up to an L2's worth (50–60 MB) of dirty
-//! lines, and their write-back then happens inside the next timed run (up to ~12–14 µs at the
-//! copy rate: a real share of a 30 µs route or an 80 µs combine). Reading a buffer larger than
-//! the L2 evicts everything before it (dirty lines are written back during the read, outside
-//! the events) and leaves clean lines only. `python/bench.py` flushes the same way (a memset
+//! A memset alone evicts the benchmark's data but leaves up to an L2's worth (50 MB on H100 and
+//! H200) of dirty lines, and their write-back then happens inside the next timed run (up to
+//! ~12 µs at the copy rate: a real share of a 30 µs route or an 80 µs combine). Reading a buffer
+//! larger than the L2 evicts everything before it (dirty lines are written back during the
+//! read, outside the events) and leaves clean lines only. `python/bench.py` flushes the same way (a memset
 //! then a read).
 //!
 //! The kernel is PTX text, assembled by the driver when the runner starts, so that `dk` needs
