@@ -251,14 +251,8 @@ extern "C" __global__ void __launch_bounds__(1024)
   } else {
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) valid += labels[i] != ignore_index;
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) valid += __shfl_xor_sync(dk::kFullMask, valid, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) counts[warp] = valid;
-  __syncthreads();
+  const unsigned long long total = dk::block_sum_to_thread0(valid, counts);
   if (threadIdx.x == 0) {
-    unsigned long long total = 0;
-    for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += counts[w];
     *scale_out = static_cast<float>(1.0 / static_cast<double>(total > 0 ? total : 1ull));
   }
 }
@@ -269,14 +263,6 @@ extern "C" __global__ void __launch_bounds__(1024)
   __shared__ double smem[32];
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += per_row[i];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(dk::kFullMask, acc, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) smem[warp] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double total = 0.0;
-    for (int w = 0; w < (blockDim.x >> 5); ++w) total += smem[w];
-    *loss = static_cast<float>(total * static_cast<double>(*scale));
-  }
+  const double total = dk::block_sum_to_thread0(acc, smem);
+  if (threadIdx.x == 0) *loss = static_cast<float>(total * static_cast<double>(*scale));
 }

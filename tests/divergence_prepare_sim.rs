@@ -33,40 +33,8 @@ const NONE: i32 = 2;
 
 fn simulator() -> Option<PathBuf> {
     static SIM: OnceLock<Option<PathBuf>> = OnceLock::new();
-    SIM.get_or_init(|| {
-        // cuda/divergence.cu staged as in divergence_fused_sim.rs; `DK_SIM_DIVERGENCE_CU=<file>`
-        // stages that file instead (to check that the test catches a deliberately broken copy).
-        let root = repo_root();
-        let stage = scratch_dir(TEST).join("kernel");
-        std::fs::create_dir_all(&stage).expect("create the staging directory");
-        let src = match std::env::var_os("DK_SIM_DIVERGENCE_CU") {
-            Some(alt) => {
-                visible(&format!(
-                    "{TEST}: kernel source {alt:?} (DK_SIM_DIVERGENCE_CU)"
-                ));
-                PathBuf::from(alt)
-            }
-            None => root.join("cuda/divergence.cu"),
-        };
-        let text = std::fs::read_to_string(&src).expect("read the kernel source");
-        std::fs::write(stage.join("divergence.cu"), rewrite_shared(&text))
-            .expect("stage divergence.cu");
-        build_kernel_simulator(
-            TEST,
-            &root.join("tests/divergence_sim/divergence_prepare_sim.cpp"),
-            &[
-                stage,
-                root.join("cuda/include"),
-                root.join("tests/attention_sim"),
-            ],
-            &[
-                "-Wno-unknown-pragmas",
-                "-Wno-sign-compare",
-                "-Wno-missing-field-initializers",
-            ],
-        )
-    })
-    .clone()
+    SIM.get_or_init(|| divergence_cu_simulator(TEST, "divergence_prepare_sim.cpp"))
+        .clone()
 }
 
 struct Case {

@@ -26,6 +26,24 @@ __device__ __forceinline__ float block_sum(float x, float* smem) {
   return warp_sum(x);
 }
 
+// Sum over the block in a fixed order (the warps' xor butterflies, then thread 0 adds the warps'
+// sums in warp order), returned to thread 0; the other threads get an unspecified value. For
+// the one-block loss kernels' f64 sum and 64-bit count. `smem` holds at least 32 values.
+template <typename T>
+__device__ __forceinline__ T block_sum_to_thread0(T x, T* smem) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();  // smem may still be read by a previous reduction
+  if (lane == 0) smem[warp] = x;
+  __syncthreads();
+  T total = T(0);
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < warps; ++w) total += smem[w];
+  }
+  return total;
+}
+
 // The skeleton of a block reduction: `warp_reduce` (every lane of a warp ends with the warp's
 // result) within each warp, then over the warps' results in every warp, lanes past the last warp
 // holding a default-constructed (empty) state. `smem` holds at least 32 states and may be

@@ -1640,6 +1640,45 @@ pub fn run_command(cmd: &mut std::process::Command) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Builds the emulator driver `tests/divergence_sim/<driver>`, which includes cuda/divergence.cu
+/// (through tests/divergence_sim/divergence_cu.h), with that file staged for the emulator: its
+/// static `__shared__` arrays rewritten as the emulator's guarded ones (`rewrite_shared`).
+/// `DK_SIM_DIVERGENCE_CU=<file>` stages that file instead, to check that a test catches a
+/// deliberately broken copy. `None` where there is no C++ compiler (see
+/// `build_kernel_simulator`).
+pub fn divergence_cu_simulator(test: &str, driver: &str) -> Option<std::path::PathBuf> {
+    let root = repo_root();
+    let stage = scratch_dir(test).join("kernel");
+    std::fs::create_dir_all(&stage).expect("create the staging directory");
+    let src = match std::env::var_os("DK_SIM_DIVERGENCE_CU") {
+        Some(alt) => {
+            visible(&format!(
+                "{test}: kernel source {alt:?} (DK_SIM_DIVERGENCE_CU)"
+            ));
+            std::path::PathBuf::from(alt)
+        }
+        None => root.join("cuda/divergence.cu"),
+    };
+    let text = std::fs::read_to_string(&src).expect("read the kernel source");
+    std::fs::write(stage.join("divergence.cu"), rewrite_shared(&text))
+        .expect("stage divergence.cu");
+    build_kernel_simulator(
+        test,
+        &root.join("tests/divergence_sim").join(driver),
+        &[
+            stage,
+            root.join("cuda/include"),
+            root.join("tests/attention_sim"),
+        ],
+        // CUDA idioms the host compiler warns about (see divergence_persistent_sim.rs).
+        &[
+            "-Wno-unknown-pragmas",
+            "-Wno-sign-compare",
+            "-Wno-missing-field-initializers",
+        ],
+    )
+}
+
 /// Rewrites each static `__shared__ [__align__(n)] T name[dims];` as
 /// `SIM_SHARED(T, name, [dims]);` (the driver's guarded arrays); every `__shared__` in the file
 /// must be such a declaration. Used to stage a kernel file for the host emulator

@@ -8,9 +8,8 @@
 // threads read, so the emulator's thread orders (ascending, descending) show a missing barrier
 // as a difference between the two runs and against the reference.
 //
-// __CUDA_ARCH__ and the math helpers are arranged as in divergence_persistent_sim.cpp: the
-// headers first, with __CUDACC__ defined and __CUDA_ARCH__ not, so dk_math.cuh keeps its host
-// versions (exact exp2 / log2, the device's flush to zero).
+// __CUDA_ARCH__ and the math helpers are arranged in divergence_cu.h (as in
+// divergence_persistent_sim.cpp: dk_math.cuh keeps its host versions).
 //
 // Protocol (binary, native endianness), one launch per process:
 //   stdin:  u32 magic 0x46444b44 ("DKDF"); str kernel name (e.g. dk_div_fused_jsd_bf16);
@@ -23,23 +22,9 @@
 //           launch.
 //   stderr: statistics, or "EMULATOR ERROR: ..." and exit status 3 (a check failed) or 4 (a
 //           guard region was hit).
-#include "sim_impl.h"
-
 #include <string>
 
-#define __CUDACC__ 1
-#include "dk_math.cuh"
-#include "dk_divergence_math.cuh"
-#include "dk_reduce.cuh"
-#include "dk_vec.cuh"
-#include "dk_divergence_passes.cuh"
-#include "dk_divergence_args.h"
-#include "host_math_check.h"
-
-#define __CUDA_ARCH__ 900
-#include "divergence.cu"
-#undef __CUDA_ARCH__
-#undef __CUDACC__
+#include "divergence_cu.h"
 
 namespace {
 

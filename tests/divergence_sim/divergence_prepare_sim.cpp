@@ -5,7 +5,7 @@
 // dk_div_prepare (the loss scale: 1 / #valid rows, 1 / num_items as a parameter or in device
 // memory, or 1) and, when asked, dk_div_finish (loss = scale · Σ per_row, summed in f64).
 //
-// Headers and __CUDA_ARCH__ as in divergence_fused_sim.cpp.
+// The kernel file through divergence_cu.h, as divergence_fused_sim.cpp includes it.
 //
 // Protocol (binary, native endianness), one launch pair per process:
 //   stdin:  u32 magic 0x50444b44 ("DKDP"); i32 reverse order; i64 n, ignore_index;
@@ -15,21 +15,7 @@
 //           if finish].
 //   stdout: the scale (f32), then the loss (f32) when finish.
 //   stderr: statistics, or "EMULATOR ERROR: ..." and exit status 3 or 4.
-#include "sim_impl.h"
-
-#define __CUDACC__ 1
-#include "dk_math.cuh"
-#include "dk_divergence_math.cuh"
-#include "dk_reduce.cuh"
-#include "dk_vec.cuh"
-#include "dk_divergence_passes.cuh"
-#include "dk_divergence_args.h"
-#include "host_math_check.h"
-
-#define __CUDA_ARCH__ 900
-#include "divergence.cu"
-#undef __CUDA_ARCH__
-#undef __CUDACC__
+#include "divergence_cu.h"
 
 namespace {
 
