@@ -114,7 +114,8 @@ fi
 
 # Host-only tests (no CUDA part: the kernel arithmetic / emulators and the C layout probe) run in
 # CI; carrying them would only take room from the 64 MiB the device tool carries.
-host_only="kernel_sim moe_kernel_sim attention_kernel_sim divergence_persistent_sim divergence_fused_sim moe_kernels_emulated"
+host_only="kernel_sim moe_kernel_sim attention_kernel_sim divergence_persistent_sim"
+host_only+=" divergence_fused_sim divergence_prepare_sim moe_kernels_emulated"
 
 printf 'name\tkind\tsource\tbuilt_as\n' >"$bundle/tests/MANIFEST.tsv"
 while IFS=$'\t' read -r name kind src exe; do
