@@ -105,13 +105,7 @@ fn build_simulator() -> Option<PathBuf> {
         TEST,
         &sim_dir.join("divergence_persistent_sim.cpp"),
         &[stage, root.join("tests/attention_sim")],
-        // CUDA idioms the host compiler warns about: `#pragma unroll`, threadIdx.x (unsigned)
-        // against int lengths, aggregates initialised up to their accumulators.
-        &[
-            "-Wno-unknown-pragmas",
-            "-Wno-sign-compare",
-            "-Wno-missing-field-initializers",
-        ],
+        EMULATOR_CXX_FLAGS,
     )
 }
 

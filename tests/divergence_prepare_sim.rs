@@ -51,7 +51,7 @@ struct Case {
 
 fn input(c: &Case, reverse: bool) -> Vec<u8> {
     let mut b = Vec::new();
-    b.extend(0x5044_4b44u32.to_ne_bytes());
+    b.extend(0x5344_4b44u32.to_ne_bytes());
     b.extend((reverse as i32).to_ne_bytes());
     b.extend((c.n as i64).to_ne_bytes());
     b.extend(IGNORE.to_ne_bytes());

@@ -126,20 +126,7 @@ fn simulator() -> Option<PathBuf> {
 
 fn build_simulator() -> Option<PathBuf> {
     let root = repo_root();
-    let stage = scratch_dir(TEST).join("kernel");
-    std::fs::create_dir_all(&stage).expect("create the staging directory");
-    let src = match std::env::var_os("DK_SIM_MOE_CU") {
-        Some(alt) => {
-            visible(&format!(
-                "{TEST}: kernel source {} (DK_SIM_MOE_CU)",
-                Path::new(&alt).display()
-            ));
-            PathBuf::from(alt)
-        }
-        None => root.join("cuda/moe.cu"),
-    };
-    let text = std::fs::read_to_string(&src).expect("read the kernel source");
-    std::fs::write(stage.join("moe.cu"), rewrite_shared(&text)).expect("stage moe.cu");
+    let stage = stage_kernel_source(TEST, "moe.cu", "DK_SIM_MOE_CU");
     let include = match std::env::var_os("DK_SIM_MOE_INCLUDE") {
         Some(alt) => {
             visible(&format!(
@@ -154,13 +141,7 @@ fn build_simulator() -> Option<PathBuf> {
         TEST,
         &root.join("tests/moe_sim_kernels/moe_kernels_emu.cpp"),
         &[stage, include, root.join("tests/attention_sim")],
-        // CUDA idioms the host compiler warns about: `#pragma unroll`, threadIdx.x (unsigned)
-        // against int lengths, aggregates initialised up to their accumulators.
-        &[
-            "-Wno-unknown-pragmas",
-            "-Wno-sign-compare",
-            "-Wno-missing-field-initializers",
-        ],
+        EMULATOR_CXX_FLAGS,
     )
 }
 

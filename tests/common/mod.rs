@@ -1640,28 +1640,46 @@ pub fn run_command(cmd: &mut std::process::Command) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// Builds the emulator driver `tests/divergence_sim/<driver>`, which includes cuda/divergence.cu
-/// (through tests/divergence_sim/divergence_cu.h), with that file staged for the emulator: its
-/// static `__shared__` arrays rewritten as the emulator's guarded ones (`rewrite_shared`).
-/// `DK_SIM_DIVERGENCE_CU=<file>` stages that file instead, to check that a test catches a
-/// deliberately broken copy. `None` where there is no C++ compiler (see
-/// `build_kernel_simulator`).
-pub fn divergence_cu_simulator(test: &str, driver: &str) -> Option<std::path::PathBuf> {
-    let root = repo_root();
+/// Flags for the emulator drivers: CUDA idioms the host compiler warns about (`#pragma
+/// unroll`, threadIdx.x (unsigned) against int lengths, aggregates initialised up to their
+/// accumulators).
+pub const EMULATOR_CXX_FLAGS: &[&str] = &[
+    "-Wno-unknown-pragmas",
+    "-Wno-sign-compare",
+    "-Wno-missing-field-initializers",
+];
+
+/// Stages `cuda/<file>` for the host emulator in this test's scratch directory, its static
+/// `__shared__` arrays rewritten as the emulator's guarded ones (`rewrite_shared`), and returns
+/// the directory. The environment variable `override_var`, when set, names a file staged
+/// instead (to check that a test catches a deliberately broken copy).
+pub fn stage_kernel_source(test: &str, file: &str, override_var: &str) -> std::path::PathBuf {
     let stage = scratch_dir(test).join("kernel");
     std::fs::create_dir_all(&stage).expect("create the staging directory");
-    let src = match std::env::var_os("DK_SIM_DIVERGENCE_CU") {
+    let src = match std::env::var_os(override_var) {
         Some(alt) => {
+            let alt = std::path::PathBuf::from(alt);
             visible(&format!(
-                "{test}: kernel source {alt:?} (DK_SIM_DIVERGENCE_CU)"
+                "{test}: kernel source {} ({override_var})",
+                alt.display()
             ));
-            std::path::PathBuf::from(alt)
+            alt
         }
-        None => root.join("cuda/divergence.cu"),
+        None => repo_root().join("cuda").join(file),
     };
     let text = std::fs::read_to_string(&src).expect("read the kernel source");
-    std::fs::write(stage.join("divergence.cu"), rewrite_shared(&text))
-        .expect("stage divergence.cu");
+    std::fs::write(stage.join(file), rewrite_shared(&text))
+        .unwrap_or_else(|e| panic!("stage {file}: {e}"));
+    stage
+}
+
+/// Builds the emulator driver `tests/divergence_sim/<driver>`, which includes cuda/divergence.cu
+/// (through tests/divergence_sim/divergence_cu.h) staged by [`stage_kernel_source`]
+/// (`DK_SIM_DIVERGENCE_CU=<file>` stages that file instead). `None` where there is no C++
+/// compiler (see `build_kernel_simulator`).
+pub fn divergence_cu_simulator(test: &str, driver: &str) -> Option<std::path::PathBuf> {
+    let root = repo_root();
+    let stage = stage_kernel_source(test, "divergence.cu", "DK_SIM_DIVERGENCE_CU");
     build_kernel_simulator(
         test,
         &root.join("tests/divergence_sim").join(driver),
@@ -1670,12 +1688,7 @@ pub fn divergence_cu_simulator(test: &str, driver: &str) -> Option<std::path::Pa
             root.join("cuda/include"),
             root.join("tests/attention_sim"),
         ],
-        // CUDA idioms the host compiler warns about (see divergence_persistent_sim.rs).
-        &[
-            "-Wno-unknown-pragmas",
-            "-Wno-sign-compare",
-            "-Wno-missing-field-initializers",
-        ],
+        EMULATOR_CXX_FLAGS,
     )
 }
 

@@ -8,7 +8,7 @@
 // The kernel file through divergence_cu.h, as divergence_fused_sim.cpp includes it.
 //
 // Protocol (binary, native endianness), one launch pair per process:
-//   stdin:  u32 magic 0x50444b44 ("DKDP"); i32 reverse order; i64 n, ignore_index;
+//   stdin:  u32 magic 0x53444b44 ("DKDS"); i32 reverse order; i64 n, ignore_index;
 //           i32 reduction (DK_ARGS_REDUCTION_*); f32 num_items (the parameter); i32 has_mem;
 //           f32 the value in device memory (read when has_mem); i32 has_labels; i32 finish;
 //           buffers, each u64 bytes + bytes: [labels (n i64) if has_labels], [per_row (n f32)
@@ -51,7 +51,7 @@ int main() {
   sim::install_fault_handler();
   check_host_math();
   Reader in = Reader::from_stdin();
-  if (in.get<uint32_t>() != 0x50444b44u) sim::fail("bad magic");
+  if (in.get<uint32_t>() != 0x53444b44u) sim::fail("bad magic");
   sim::S.reverse = in.get<int32_t>() != 0;
   Prepare p;
   p.n = in.get<int64_t>();
