@@ -728,8 +728,13 @@ def is_ours(row) -> bool:
     return str(row.get("impl", "")).startswith("distill_kernels")
 
 
+def dtype_name(dtype) -> str:
+    """A dtype's name as rows record it ("bfloat16", "float32"), from a torch dtype or a name."""
+    return str(dtype).replace("torch.", "")
+
+
 def _f32(dtype) -> bool:
-    return str(dtype).replace("torch.", "") == "float32"
+    return dtype_name(dtype) == "float32"
 
 
 def expected_errors(section, row):
@@ -907,7 +912,7 @@ def run_one(impl_name, kind, fn, s, t, ref, rows, floor_ms, args, pass_="fwd+bwd
     "fwd+bwd": the gradient of a leaf copy of ``s``) or forward only ("fwd": ``s`` itself, no
     gradient, under torch.no_grad(), as an evaluation or a logging call runs it)."""
     row = {"impl": impl_name, "kind": kind, "n": s.shape[0], "v": s.shape[1],
-           "dtype": str(s.dtype).replace("torch.", ""), "pass": pass_}
+           "dtype": dtype_name(s.dtype), "pass": pass_}
     if getattr(fn, "note", None):
         row["note"] = fn.note
     if isinstance(fn, Exception):  # one line: the row is a markdown table cell
@@ -969,12 +974,12 @@ DIVERGENCE_HEADER = (
     "| verdict |",
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 )
-_DTYPE_SHORT = {str(d).replace("torch.", ""): name for name, d in DTYPES.items()}
+_DTYPE_SHORT = {dtype_name(d): name for name, d in DTYPES.items()}
 
 
 def case_label(r) -> str:
     """A divergence row's logits dtype and pass, e.g. "bf16 fwd+bwd" (the defaults when unset)."""
-    dtype = str(r.get("dtype", "bfloat16")).replace("torch.", "")
+    dtype = dtype_name(r.get("dtype", "bfloat16"))
     return f"{_DTYPE_SHORT.get(dtype, dtype)} {r.get('pass', 'fwd+bwd')}"
 
 
@@ -1027,7 +1032,7 @@ def run_logits_rows(kind, s, t, ref, rows, floor_ms, args, timer=None):
     out = []
     for note, inplace in LOGITS_ROWS:
         row = {"impl": "distill_kernels", "kind": kind, "n": s.shape[0], "v": s.shape[1],
-               "dtype": str(s.dtype).replace("torch.", ""), "pass": "fwd+bwd",
+               "dtype": dtype_name(s.dtype), "pass": "fwd+bwd",
                "note": f"logits refilled untimed, {note}", "inplace": inplace}
         logits = None
         try:
@@ -1470,7 +1475,7 @@ def run_fused_row(impl, fn, hs, ws, ht, wt, ref, gemm_ms, shape, args, log_fn):
     """One row: the first call (errors against ``ref``; a compiled Liger loss that fails in
     torch.compile falls back to its uncompiled twin, labelled), the extra peak memory of one
     forward + backward with and without the gradient outputs, the median time."""
-    row = {"impl": impl, "shape": shape, "dtype": str(hs.dtype).replace("torch.", "")}
+    row = {"impl": impl, "shape": shape, "dtype": dtype_name(hs.dtype)}
     if getattr(fn, "note", None):
         row["note"] = fn.note
     if isinstance(fn, Exception):
@@ -1964,7 +1969,7 @@ def run_divergence(shapes, kinds, impls, logits_rows, bw, args, log_fn, emit=Non
     for n, v in shapes:
         rows = sampled_rows(n, v, args.seed, args.sample_rows)
         for dtype in dtypes:
-            name = str(dtype).replace("torch.", "")
+            name = dtype_name(dtype)
             try:
                 s = t = None  # the previous dtype's inputs are gone before these are made
                 s = (torch.randn(n, v, device=device) * 2).to(dtype)
@@ -2162,7 +2167,7 @@ def main(argv=None) -> int:
                  "and outputs); dk workspace = dk_divergence_workspace_size / N"]
         for n, v in shapes:
             floors = ", ".join(
-                f"{case_label({'dtype': str(d).replace('torch.', ''), 'pass': x})} "
+                f"{case_label({'dtype': d, 'pass': x})} "
                 f"{divergence_floor_ms(n, v, d, x, bw):.3f} ms" for d in dtypes for x in passes)
             lines.append(f"floor {n} × {v}: {floors}; gradient checked on rows "
                          f"{sampled_rows(n, v, args.seed, args.sample_rows)}")

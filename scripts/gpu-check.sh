@@ -59,11 +59,10 @@
 # PY_BENCH_OPS: the --ops of step 10 (default: divergence,moe); PY_BENCH_SHAPES: its divergence
 # shapes (NxV list); PY_BENCH_IMPLS: its --impls (e.g. distill_kernels,num_items: this crate's
 # rows only, with the num_items-tensor rows); PY_BENCH_KINDS / PY_BENCH_DTYPES / PY_BENCH_PASSES:
-# its --kinds (forward_kl, reverse_kl, jsd), --dtypes (bf16, f32, f16) and --passes (fwd+bwd,
-# fwd), default bench.py's own (forward_kl,jsd; bf16; fwd+bwd); PY_BENCH_CAP: its time cap in
-# seconds (default 240), PY_BENCH_EXPECTED the seconds it is expected to take (default 100);
-# PY_BENCH_FULL_SECONDS: the seconds left under which step 10 runs --quick
-# (default 150).
+# its --kinds (forward_kl, reverse_kl, jsd), --dtypes (bf16, f32) and --passes (fwd+bwd, fwd),
+# default bench.py's own (forward_kl,jsd; bf16; fwd+bwd); PY_BENCH_CAP: its time cap in seconds
+# (default 240), PY_BENCH_EXPECTED the seconds it is expected to take (default 100);
+# PY_BENCH_FULL_SECONDS: the seconds left under which step 10 runs --quick (default 150).
 #
 # Output: logs and JSON in $OUT (when set, as on the device tool; else ./gpu-check-out), at most
 # 8 files, written as the steps end (a run stopped at the device tool's limit still returns the

@@ -678,7 +678,7 @@ pub struct CudaRunner {
     /// before.
     copy_bw: f64,
     /// The L2 flush kernel, or why it did not load (the timing then flushes with a memset).
-    evict: Result<Arc<L2Evict>, String>,
+    evict: Result<L2Evict, String>,
 }
 
 fn drv<T>(what: &str, r: Result<T, cudarc::driver::DriverError>) -> Result<T, String> {
@@ -699,7 +699,7 @@ impl CudaRunner {
             "cuDeviceGetAttribute",
             cu.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
         )?;
-        let evict = L2Evict::load(&stream, sms.max(1) as usize).map(Arc::new);
+        let evict = L2Evict::load(&stream, sms.max(1) as usize);
         if let Err(e) = &evict {
             eprintln!("dk: warning: {e}; the L2 flush falls back to a memset");
         }
@@ -1057,12 +1057,13 @@ impl CudaRunner {
         // at N = 256).
         let times = if g.pristine.is_some() {
             let events = self.timing_events(2 * iters)?;
-            let flush = match self.evict.as_ref().ok().cloned() {
-                Some(evict) => Some((
+            // (A clone of the kernel handle: restore_student borrows the runner mutably.)
+            let flush = match self.evict.clone() {
+                Ok(evict) => Some((
                     evict,
                     drv("cuMemAlloc (L2 flush)", s.alloc_zeros::<u8>(FLUSH_BYTES))?,
                 )),
-                None => None,
+                Err(_) => None,
             };
             for pair in events.chunks_exact(2) {
                 self.restore_student()?;

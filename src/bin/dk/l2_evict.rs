@@ -93,7 +93,8 @@ $L__BB0_5:
 }
 "#;
 
-/// The loaded flush kernel.
+/// The loaded flush kernel (cheap to clone: the module is reference-counted).
+#[derive(Clone)]
 pub struct L2Evict {
     function: CudaFunction,
     blocks: u32,
