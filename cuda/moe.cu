@@ -128,7 +128,9 @@ __device__ __forceinline__ void topk(const DkMoeRouteArgs& a) {
       }
       int ex;
       float wt;
-      route_token<P>(w, x, cfg, scratch[warp], ex, wt);
+      const T* token_row = row + t * row_step;
+      route_token<P>(w, x, cfg, scratch[warp], [=](int i) { return to_float(token_row[i]); }, ex,
+                     wt);
       if (lane < k) {
         expert_ids[slot] = ex;
         weights[slot] = wt;

@@ -173,6 +173,40 @@ fn scores(row: &[f32], sigmoid: bool) -> Vec<f64> {
     }
 }
 
+/// Natural logs of the scores, which do not underflow where the scores do: softmax x − M −
+/// ln Σ e^(x − M) (NaN everywhere when a logit is NaN), sigmoid −ln(1 + e^−x).
+fn log_scores(row: &[f32], sigmoid: bool) -> Vec<f64> {
+    let x: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+    if sigmoid {
+        x.iter()
+            .map(|&v| {
+                if v >= 0.0 {
+                    -(-v).exp().ln_1p()
+                } else {
+                    v - v.exp().ln_1p()
+                }
+            })
+            .collect()
+    } else {
+        let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + x.iter().map(|&v| (v - m).exp()).sum::<f64>().ln();
+        x.iter().map(|&v| v - lse).collect()
+    }
+}
+
+/// The chosen experts' scores divided by their sum, from log scores: e^(l − max l) over the
+/// chosen, so that scores too small for f64 (a sigmoid of −1e30) still have exact ratios. NaN
+/// when a chosen log score is NaN or all are −∞ (0 / 0).
+fn renormalised(log_scores: &[f64], chosen: &[usize]) -> Vec<f64> {
+    let m = chosen
+        .iter()
+        .map(|&i| log_scores[i])
+        .fold(f64::NEG_INFINITY, f64::max);
+    let r: Vec<f64> = chosen.iter().map(|&i| (log_scores[i] - m).exp()).collect();
+    let sum: f64 = r.iter().sum();
+    r.iter().map(|v| v / sum).collect()
+}
+
 /// Two finite values an f32 computation may order either way: a few ulps of f32 (~2e-7
 /// relative) for the scores and group sums, with a margin.
 fn near(a: f64, b: f64) -> bool {
@@ -299,15 +333,15 @@ fn check(c: &Case, o: &SimOut) {
             }
             None => skipped += 1,
         }
-        let sc = scores(row, cfg.sigmoid);
-        let chosen: Vec<f64> = ids.iter().map(|&x| sc[x as usize]).collect();
-        let sum: f64 = chosen.iter().sum();
-        for (j, &score) in chosen.iter().enumerate() {
-            let mut w = score;
-            if cfg.renormalize {
-                w /= sum;
-            }
-            w *= cfg.scale as f64;
+        let chosen: Vec<usize> = ids.iter().map(|&x| x as usize).collect();
+        let unscaled = if cfg.renormalize {
+            renormalised(&log_scores(row, cfg.sigmoid), &chosen)
+        } else {
+            let sc = scores(row, cfg.sigmoid);
+            chosen.iter().map(|&x| sc[x]).collect()
+        };
+        for (j, &w) in unscaled.iter().enumerate() {
+            let w = w * cfg.scale as f64;
             let got = f32::from_bits(o.weights[t * k + j]) as f64;
             if w.is_nan() {
                 assert!(
@@ -756,6 +790,82 @@ fn route_math_capacity_padding_and_nan() {
         70,
         nan,
         None,
+    ));
+    run_and_check(&cases);
+}
+
+#[test]
+fn route_math_renormalises_scores_that_underflow() {
+    // f32 scores of these tokens underflow (sigmoid below ~-88, softmax probabilities ~87 below
+    // the max): renormalised, their ratios must still be exact, not 0 / 0.
+    let mut rng = Rng::fresh("moe_sim_underflow");
+    let mut cases = Vec::new();
+    let renorm = |e, k, sigmoid| Cfg {
+        sigmoid,
+        renormalize: true,
+        ..Cfg::new(e, k)
+    };
+    // Sigmoid ranked by logit: tokens around -95 (every score 0 or subnormal), -75 (small but
+    // normal), -6 (just under the direct-division bound) and 0 (the direct division).
+    let centres = [-95.0f32, -75.0, -6.0, 0.0];
+    let mut lg = normal_logits(&mut rng, 120, 16, 3.0);
+    for (t, row) in lg.chunks_mut(16).enumerate() {
+        row.iter_mut().for_each(|v| *v += centres[t % 4]);
+    }
+    cases.push(case(
+        "sigmoid, logits near -95 / -75 / -6 / 0, top-4 of 16",
+        renorm(16, 4, true),
+        120,
+        lg,
+        None,
+    ));
+    // Logits that f64 cannot exponentiate either, and tokens whose chosen logits are all -inf
+    // (NaN weights: 0 / 0) next to tokens with one finite chosen logit.
+    let mut far: Vec<f32> = (0..64 * 8)
+        .map(|_| -1e30 * (1.0 + rng.uniform() as f32))
+        .collect();
+    for t in (0..64).step_by(5) {
+        far[t * 8..(t + 1) * 8].fill(f32::NEG_INFINITY);
+        if t % 2 == 1 {
+            far[t * 8 + 3] = -3.0e38;
+        }
+    }
+    cases.push(case(
+        "sigmoid, logits near -1e30 and -inf, top-3 of 8",
+        renorm(8, 3, true),
+        64,
+        far,
+        None,
+    ));
+    // Softmax with a selection bias that picks experts ~150 below the token's best logit.
+    let mut soft = normal_logits(&mut rng, 90, 64, 1.0);
+    for row in soft.chunks_mut(64) {
+        row[..8].iter_mut().for_each(|v| *v = *v * 4.0 - 150.0);
+    }
+    let mut bias = vec![0f32; 64];
+    bias[..8].fill(10.0);
+    cases.push(case(
+        "softmax, bias picks experts 150 below the max, top-4 of 64",
+        renorm(64, 4, false),
+        90,
+        soft,
+        Some(bias),
+    ));
+    // DeepSeek-V3's configuration on logits near -100.
+    let mut deep = normal_logits(&mut rng, 40, 256, 4.0);
+    deep.iter_mut().for_each(|v| *v -= 100.0);
+    let bias = random_bias(&mut rng, 256, 0.05);
+    cases.push(case(
+        "DeepSeek-V3 configuration, logits near -100",
+        Cfg {
+            n_groups: 8,
+            topk_groups: 4,
+            scale: 2.5,
+            ..renorm(256, 8, true)
+        },
+        40,
+        deep,
+        Some(bias),
     ));
     run_and_check(&cases);
 }

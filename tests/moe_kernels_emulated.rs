@@ -562,6 +562,9 @@ struct Special {
     nan: Vec<usize>,
     pos_inf: Vec<usize>,
     neg_inf: Vec<usize>,
+    /// Rows shifted by −100: every f32 sigmoid score 0 or subnormal, so renormalisation reads
+    /// the logits again (the kernel's `logit_of`, this token's row).
+    low: Vec<usize>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -616,6 +619,7 @@ fn try_route_case(
     let mut vals = Vec::with_capacity(n * e);
     for t in 0..n {
         let special = sp.all_equal.contains(&t)
+            || sp.low.contains(&t)
             || sp.duplicated.contains(&t)
             || sp.nan.contains(&t)
             || sp.pos_inf.contains(&t)
@@ -642,6 +646,9 @@ fn try_route_case(
             }
             if sp.nan.contains(&t) {
                 row[e / 2] = f64::NAN;
+            }
+            if sp.low.contains(&t) {
+                row.iter_mut().for_each(|x| *x = round(*x - 100.0));
             }
             if !row_near_tie(&row, bias.as_deref(), &params) {
                 break;
@@ -678,6 +685,12 @@ fn route_cases(rng: &mut Rng) -> Vec<RouteCase> {
         nan: vec![n - 1],
         pos_inf: vec![n - 2],
         neg_inf: vec![3, n - 3],
+        low: Vec::new(),
+    };
+    // Renormalised sigmoid: rows near -100 (tokens at each of a warp's four turns).
+    let low = |n: usize| Special {
+        low: vec![0, 5, n / 3, n / 2 + 1, n - 4],
+        ..specials(n)
     };
     // Qwen3-MoE: softmax top-8 of 128, renormalised (P = 4, sorted candidates).
     let qwen = RouteParams {
@@ -754,7 +767,7 @@ fn route_cases(rng: &mut Rng) -> Vec<RouteCase> {
         1.5,
         ds,
         true,
-        &specials(40),
+        &low(40),
     ));
     out.push(route_case(
         rng,
@@ -770,6 +783,21 @@ fn route_cases(rng: &mut Rng) -> Vec<RouteCase> {
         },
         true,
         &Special::default(),
+    ));
+    // Sigmoid ranked by the logits, renormalised, rows near -100, padded stride (P = 2).
+    out.push(route_case(
+        rng,
+        "sigmoid top-4 renormalised, low rows",
+        BF16,
+        (44, 48),
+        8,
+        3.0,
+        RouteParams {
+            renormalize: true,
+            ..params(4, Sigmoid)
+        },
+        false,
+        &low(44),
     ));
     // P = 16 (E = 512): scan selection; more than 32 groups (one lane per group).
     out.push(route_case(

@@ -98,17 +98,23 @@ fn ref_choose(p: &RouteParams, sel: &[f64]) -> Vec<i32> {
         .collect()
 }
 
-/// Weights of a given choice: unbiased scores, renormalised, scaled.
-fn ref_weights(p: &RouteParams, scores: &[f64], ids: &[i32]) -> Vec<f64> {
-    let picked: Vec<f64> = ids.iter().map(|&i| scores[i as usize]).collect();
-    let total: f64 = picked.iter().sum();
-    picked
-        .iter()
-        .map(|&s| {
-            let w = if p.renormalize { s / total } else { s };
-            w * p.scale as f64
-        })
-        .collect()
+/// Weights of a given choice: unbiased scores, renormalised, scaled. Renormalised weights come
+/// from log scores (softmax x − ln Σ e^x, sigmoid −softplus(−x)), so that scores too small for
+/// f64 still divide exactly: e^(l − max l) / Σ e^(l − max l) over the chosen experts.
+fn ref_weights(p: &RouteParams, logits: &[f64], scores: &[f64], ids: &[i32]) -> Vec<f64> {
+    let unscaled: Vec<f64> = if p.renormalize {
+        let log_score = |x: f64| match p.score {
+            Score::Sigmoid => -((-x).max(0.0) + (-x.abs()).exp().ln_1p()),
+            Score::Softmax => x - logits.iter().map(|&y| y.exp()).sum::<f64>().ln(),
+        };
+        let l: Vec<f64> = ids.iter().map(|&i| log_score(logits[i as usize])).collect();
+        let m = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let total: f64 = l.iter().map(|&v| (v - m).exp()).sum();
+        l.iter().map(|&v| (v - m).exp() / total).collect()
+    } else {
+        ids.iter().map(|&i| scores[i as usize]).collect()
+    };
+    unscaled.iter().map(|&w| w * p.scale as f64).collect()
 }
 
 /// Counts, offsets, perm and position of a choice, from a sorted list of (expert, token, slot).
@@ -152,7 +158,12 @@ fn ref_route(case: &RouteCase) -> RouteOut {
     for t in 0..n {
         let chosen = ref_choose(&case.params, &sel[t * e..(t + 1) * e]);
         weights.extend(
-            ref_weights(&case.params, &scores[t * e..(t + 1) * e], &chosen)
+            ref_weights(
+                &case.params,
+                case.logits.row(t),
+                &scores[t * e..(t + 1) * e],
+                &chosen,
+            )
                 .iter()
                 .map(|&w| w as f32),
         );
@@ -295,6 +306,7 @@ fn check_route(dev: &Device, case: &RouteCase) -> RouteOut {
     for t in 0..n {
         want_w.extend(ref_weights(
             &case.params,
+            case.logits.row(t),
             &scores[t * e..(t + 1) * e],
             &out.expert_ids[t * k..(t + 1) * k],
         ));
@@ -951,6 +963,115 @@ fn sigmoid_without_bias_ranks_the_logits() {
         assert_eq!(out.expert_ids, vec![2, 1, 3, 0], "{}", dev.name());
         assert_eq!(&out.weights[1..3], &[0.0, 0.0]);
         assert!(out.weights[3].is_nan());
+    }
+}
+
+#[test]
+fn renormalised_weights_of_underflowing_scores() {
+    // Chosen scores that underflow (f32: a sigmoid below ~-88, a softmax probability ~87 below
+    // the token's max; f64: -745) still have exact ratios: renormalised weights stay finite and
+    // sum to 1, and a token whose chosen logits are all -inf gets NaN (0 / 0).
+    let mut rng = Rng::fresh("renormalised_weights_of_underflowing_scores");
+    for dev in devices("renormalised_weights_of_underflowing_scores") {
+        for dtype in [DType::F32, DType::BF16] {
+            let sigmoid = |k| RouteParams {
+                score: Score::Sigmoid,
+                renormalize: true,
+                ..RouteParams::new(k)
+            };
+            // Tokens around -100, -80, -6 and 0: scores zero or subnormal, small, near the
+            // kernels' direct-division bound, ordinary.
+            let (n, e) = (24, 32);
+            let mut vals = rng.logits(n, e, 3.0);
+            for (t, row) in vals.chunks_mut(e).enumerate() {
+                let centre = [-100.0, -80.0, -6.0, 0.0][t % 4];
+                row.iter_mut().for_each(|v| *v += centre);
+            }
+            let case = RouteCase::new(Logits::new(dtype, n, e, &vals), None, sigmoid(4));
+            let out = check_route(&dev, &case);
+            for t in 0..n {
+                let sum: f32 = out.weights[t * 4..(t + 1) * 4].iter().sum();
+                assert!(
+                    (sum - 1.0).abs() < 1e-5,
+                    "[{}] token {t}: weights sum to {sum}",
+                    dev.name()
+                );
+            }
+            // DeepSeek-V3's configuration on logits near -100 (the bias picks the experts).
+            let mut vals = rng.logits(16, 256, 4.0);
+            vals.iter_mut().for_each(|v| *v -= 100.0);
+            let case = RouteCase::new(
+                Logits::new(dtype, 16, 256, &vals),
+                Some(random_bias(&mut rng, 256)),
+                RouteParams {
+                    n_groups: 8,
+                    topk_groups: 4,
+                    scale: 2.5,
+                    ..sigmoid(8)
+                },
+            );
+            check_route(&dev, &case);
+            // Softmax whose bias picks experts 150 below the token's best logit.
+            let (n, e) = (12, 64);
+            let mut vals = rng.logits(n, e, 1.0);
+            for row in vals.chunks_mut(e) {
+                row[..8].iter_mut().for_each(|v| *v = *v * 4.0 - 150.0);
+            }
+            let mut bias = vec![0f32; e];
+            bias[..8].fill(10.0);
+            let case = RouteCase::new(
+                Logits::new(dtype, n, e, &vals),
+                Some(bias),
+                RouteParams {
+                    renormalize: true,
+                    ..RouteParams::new(4)
+                },
+            );
+            let out = check_route(&dev, &case);
+            assert!(out.expert_ids.iter().all(|&x| x < 8), "[{}]", dev.name());
+        }
+        // Beyond f64's exponent (f32 only): one-hot when one logit is far above the others;
+        // NaN when every chosen logit is -inf.
+        let vals = [
+            -1e30,
+            -2e30,
+            -3e38,
+            f64::NEG_INFINITY,
+            f64::NEG_INFINITY,
+            f64::NEG_INFINITY,
+            -3e38,
+            f64::NEG_INFINITY,
+        ];
+        let case = RouteCase::new(
+            Logits::new(DType::F32, 2, 4, &vals),
+            None,
+            RouteParams {
+                score: Score::Sigmoid,
+                renormalize: true,
+                ..RouteParams::new(3)
+            },
+        );
+        let (res, before, after) = case.run(&dev);
+        res.unwrap();
+        case.tails(&before, &after).unwrap();
+        let out = case.outputs(&after);
+        assert_eq!(out.expert_ids, vec![0, 1, 2, 2, 0, 1], "[{}]", dev.name());
+        assert_eq!(&out.weights[..3], &[1.0, 0.0, 0.0], "[{}]", dev.name());
+        assert_eq!(out.weights[3], 1.0, "[{}]", dev.name());
+        let all_minus_inf = RouteCase::new(
+            Logits::new(DType::F32, 1, 4, &[f64::NEG_INFINITY; 4]),
+            None,
+            RouteParams {
+                score: Score::Sigmoid,
+                renormalize: true,
+                ..RouteParams::new(2)
+            },
+        );
+        let (res, _, after) = all_minus_inf.run(&dev);
+        res.unwrap();
+        let out = all_minus_inf.outputs(&after);
+        assert_eq!(out.expert_ids, vec![0, 1], "[{}]", dev.name());
+        assert!(out.weights.iter().all(|w| w.is_nan()), "[{}]", dev.name());
     }
 }
 

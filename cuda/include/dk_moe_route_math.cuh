@@ -277,14 +277,37 @@ DK_UNROLL
   return out;
 }
 
+// Renormalisation divides each chosen score by their sum. At or above this sum the f32 scores
+// give it to an ulp or two: a score that underflowed (a sigmoid below ~-88, a softmax
+// probability ~87 below the token's max) has a true weight under FLT_MIN * 2^8 ~ 3e-36. Below
+// it renormalise_small recomputes the ratios from the logits (rare: the chosen scores of a
+// token sum to less than 0.4 %).
+constexpr float kRenormaliseDirectMin = 0x1p-8f;
+
+// Renormalised weight of the chosen expert whose logit lane holds in `xj` (`chosen`; other
+// lanes pass -inf and get 0) when the chosen scores are too small to divide directly. The
+// ratios are taken against the largest chosen logit mc, so nothing overflows or underflows
+// before the division: softmax e^(x - mc); sigmoid s(x) (1 + e^-mc) = e^(x - mc) (1 + e^mc) /
+// (1 + e^x), exact for any mc < 0 (here mc < ln 2^-8: the largest score is below 2^-8). A
+// token whose chosen logits are all -inf gets NaN (0 / 0, as the direct division gives).
+template <class W>
+DK_MOE_FN float renormalise_small(W& w, const RouteConfig& c, float xj, bool chosen) {
+  const float mc = key_value(w.redux_max(order_key(xj)));
+  float r = expf(xj - mc);
+  if (c.score != DK_MOE_ARGS_SOFTMAX) r = r * ((1.f + expf(mc)) / (1.f + expf(xj)));
+  r = chosen ? r : 0.f;
+  return r / warp_sum(w, r);
+}
+
 // Routes one token held by a warp: lane l holds the logits of experts i * 32 + l (i < P) in
 // x[i] (anything where the expert is >= e). On return lane j < k holds the j-th chosen expert
 // (descending selection score, ties to the lower index) and its weight; other lanes hold -1, 0.
 // `scratch` is kScratchWords<P> words of this warp's shared memory, 8-byte aligned; route_token
 // leaves the warp converged and done with it (the next call may write it at once).
-template <int P, class W>
+// `logit_of(i)` returns expert i's logit as x holds it (read again only by renormalise_small).
+template <int P, class W, class LogitOf>
 DK_MOE_FN void route_token(W& w, const float (&x)[P], const RouteConfig& c, uint32_t* scratch,
-                           int& out_expert, float& out_weight) {
+                           const LogitOf& logit_of, int& out_expert, float& out_weight) {
   const int lane = w.lane();
   // Slice i holds an expert (i * 32 + lane < e) iff i < nv: one compare per use.
   const int nv = (c.e - lane + 31) >> 5;
@@ -442,7 +465,16 @@ DK_UNROLL
   w.syncwarp();  // scratch is rewritten by the next token
 
   float wv = my_score;
-  if (c.renormalize) wv = wv / warp_sum(w, wv);
+  if (c.renormalize) {
+    const float total = warp_sum(w, wv);  // the same bits on every lane (butterfly)
+    // Uniform over the warp; a NaN total keeps the division (NaN weights, as documented).
+    if (total < kRenormaliseDirectMin) {
+      const bool chosen = lane < c.k && win != 0xffffffffu;
+      wv = renormalise_small(w, c, chosen ? logit_of(static_cast<int>(win)) : -INFINITY, chosen);
+    } else {
+      wv = wv / total;
+    }
+  }
   out_weight = lane < c.k ? wv * c.scale : 0.f;
 }
 

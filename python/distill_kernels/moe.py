@@ -327,7 +327,8 @@ def moe_route(
     with no ``bias`` and no group left out compares the logits themselves (the exact scores'
     order; float32 scores saturate at 1 from logits of ~17 and would tie). The
     weights are the unbiased scores of the chosen experts, divided by their sum when
-    ``renormalize``, then times ``scale``. A NaN selection score ranks below every number: with
+    ``renormalize`` (exact ratios even where the scores underflow, e.g. a sigmoid of -100:
+    finite logits give finite weights), then times ``scale``. A NaN selection score ranks below every number: with
     ``sigmoid`` a NaN logit only keeps its expert from being chosen (the weights stay finite),
     with ``softmax`` a NaN logit makes the whole token's scores, and so its weights, NaN. A
     token whose logits are all ``-inf`` has NaN ``softmax`` scores (0 / 0, as ``torch.softmax``

@@ -79,7 +79,17 @@ def ref_route(logits, k, *, score="softmax", renormalize=False, bias=None, n_gro
     ids = np.argsort(-sel, axis=1, kind="stable")[:, :k]  # descending, ties to the lower id
     w = np.take_along_axis(s, ids, axis=1)
     if renormalize:
-        w = w / w.sum(axis=1, keepdims=True)
+        # From log scores, so that scores too small for float64 (a sigmoid of -1e30) still
+        # divide exactly: e^(l - max l) over the chosen experts.
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            if score == "softmax":
+                m = lg.max(axis=1, keepdims=True)
+                ls = lg - (m + np.log(np.exp(lg - m).sum(axis=1, keepdims=True)))
+            else:
+                ls = -np.logaddexp(0.0, -lg)
+            lc = np.take_along_axis(ls, ids, axis=1)
+            r = np.exp(lc - np.max(lc, axis=1, keepdims=True))
+            w = r / r.sum(axis=1, keepdims=True)
     w = w * float(np.float32(scale))
 
     flat = ids.reshape(-1)
@@ -335,6 +345,41 @@ def test_route_token_of_all_minus_inf_logits():
         clean = dk.moe_route(lg[[0, 1, 3]], 3, **kw)
         np.testing.assert_array_equal(got.expert_ids[[0, 1, 3]], clean.expert_ids)
         np.testing.assert_array_equal(got.weights[[0, 1, 3]], clean.weights)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_route_renormalises_scores_that_underflow(dtype):
+    """Renormalised weights are exact ratios even where the scores underflow (float32: a sigmoid
+    below ~-88, a softmax probability ~87 below the token's best; float64: -745): they sum to 1
+    and match the log-domain reference, instead of 0 / 0."""
+    rng = np.random.default_rng(31)
+    lg = (rng.standard_normal((40, 32)) * 3.0).astype(np.float32)
+    lg += np.repeat(np.array([-100.0, -80.0, -6.0, 0.0], np.float32), 10)[:, None]
+    lg = lg.astype(dtype)
+    got = dk.moe_route(lg, 4, score="sigmoid", renormalize=True)
+    check_route(got, ref_route(lg, 4, score="sigmoid", renormalize=True))
+    np.testing.assert_allclose(got.weights.sum(axis=1), 1.0, rtol=1e-5)
+    # softmax: a bias that picks experts 150 below the token's best logit
+    soft = rng.standard_normal((12, 64)).astype(np.float32)
+    soft[:, :8] = soft[:, :8] * 4.0 - 150.0
+    bias = np.zeros(64, np.float32)
+    bias[:8] = 10.0
+    soft = soft.astype(dtype)
+    got = dk.moe_route(soft, 4, renormalize=True, bias=bias)
+    check_route(got, ref_route(soft, 4, renormalize=True, bias=bias))
+    assert (got.expert_ids < 8).all() and np.isfinite(got.weights).all()
+
+
+def test_route_renormalised_sigmoid_beyond_float64():
+    """Logits of -1e30: float64 scores are 0 too; the weights still come from the logits (one-hot
+    here), while a token whose chosen logits are all -inf keeps NaN weights (0 / 0)."""
+    lg = np.array([[-1e30, -2e30, -3e38, -np.inf],
+                   [-np.inf, -np.inf, -3e38, -np.inf],
+                   [-np.inf] * 4], np.float32)
+    got = dk.moe_route(lg, 3, score="sigmoid", renormalize=True)
+    assert got.expert_ids.tolist() == [[0, 1, 2], [2, 0, 1], [0, 1, 2]]
+    assert got.weights[:2].tolist() == [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    assert np.isnan(got.weights[2]).all()
 
 
 def test_route_groups_use_the_top2_sum():

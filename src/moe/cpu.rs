@@ -144,14 +144,40 @@ impl Selector {
         let chosen = &mut self.candidates[..k];
         chosen.sort_by(|&a, &b| by_rank(a, b));
         let total: f64 = chosen.iter().map(|&(_, i)| self.scores[i]).sum();
-        let norm = if p.renormalize { total } else { 1.0 };
         let scale = p.scale as f64;
         for (j, &(_, i)) in chosen.iter().enumerate() {
             ids[j] = i as i32;
-            weights[j] = (self.scores[i] / norm * scale) as f32;
+            weights[j] = (self.scores[i] * scale) as f32;
+        }
+        // A NaN total keeps the division: NaN weights, as documented.
+        if p.renormalize && total < RENORMALISE_DIRECT_MIN {
+            let mc = chosen
+                .iter()
+                .map(|&(_, i)| self.logits[i])
+                .fold(f64::NEG_INFINITY, f64::max);
+            let ratio = |x: f64| match p.score {
+                Score::Softmax => (x - mc).exp(),
+                Score::Sigmoid => (x - mc).exp() * ((1.0 + mc.exp()) / (1.0 + x.exp())),
+            };
+            let sum: f64 = chosen.iter().map(|&(_, i)| ratio(self.logits[i])).sum();
+            for (j, &(_, i)) in chosen.iter().enumerate() {
+                weights[j] = (ratio(self.logits[i]) / sum * scale) as f32;
+            }
+        } else if p.renormalize {
+            for (j, &(_, i)) in chosen.iter().enumerate() {
+                weights[j] = (self.scores[i] / total * scale) as f32;
+            }
         }
     }
 }
+
+/// Below this sum of the chosen scores, renormalisation takes the ratios from the logits (as the
+/// CUDA kernels do below the same f32 sum): the scores themselves may have underflowed, a
+/// sigmoid below about -745 or a softmax probability 745 below the token's max in f64, and
+/// 0 / 0 would make finite logits' weights NaN. Softmax: e^(x - mc) with mc the largest chosen
+/// logit; sigmoid: s(x) (1 + e^-mc) = e^(x - mc) (1 + e^mc) / (1 + e^x), exact for mc < 0
+/// (here mc < ln 2^-8). A token whose chosen logits are all -inf still gets NaN (0 / 0).
+const RENORMALISE_DIRECT_MIN: f64 = 1.0 / 256.0;
 
 /// Widens row `row` of a logits matrix into `out`.
 ///

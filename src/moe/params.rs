@@ -47,7 +47,9 @@ pub struct RouteParams {
     pub k: usize,
     /// Score function.
     pub score: Score,
-    /// Divide the k weights by their sum.
+    /// Divide the k weights by their sum. The ratios are exact even where the chosen scores
+    /// underflow (a sigmoid of −100, a softmax probability far below the token's best): finite
+    /// logits give finite weights; chosen logits all −∞ give NaN (0 / 0).
     pub renormalize: bool,
     /// Experts split into this many contiguous groups (1 = no grouping).
     pub n_groups: usize,

@@ -169,7 +169,9 @@ void route_all(const Case& c, Out& o) {
           const int idx = i * 32 + lane;
           x[i] = idx < e ? c.logits[tok * e + idx] : -INFINITY;
         }
-        route_token<P>(warp, x, cfg, scratch.data(), ex[lane], wt[lane]);
+        const float* token_row = c.logits.data() + tok * e;
+        route_token<P>(
+            warp, x, cfg, scratch.data(), [=](int i) { return token_row[i]; }, ex[lane], wt[lane]);
       });
       if (!ok) {
         o.converged = false;
