@@ -164,8 +164,8 @@ fn ref_route(case: &RouteCase) -> RouteOut {
                 &scores[t * e..(t + 1) * e],
                 &chosen,
             )
-                .iter()
-                .map(|&w| w as f32),
+            .iter()
+            .map(|&w| w as f32),
         );
         ids.extend(chosen);
     }
