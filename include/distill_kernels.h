@@ -193,12 +193,12 @@ dk_status dk_scale_rows(const dk_context* ctx, const dk_scale_rows_args* args, v
  * Selection: a higher selection score (score + bias) first, equal scores to the lower expert
  * (group) index; a NaN selection score ranks below every number. Sigmoid with no bias and no
  * group left out compares the logits (the exact scores' order: f32 scores saturate at 1 from
- * logits of ~17 and would tie). A token whose logits are all
- * -inf has NaN softmax scores (0/0): experts 0..k-1, NaN weights; under sigmoid weights 0 (NaN
- * when renormalised: 0/0), experts chosen by the bias alone. Renormalised weights are exact
- * ratios even where the chosen scores underflow (a sigmoid of -100, a softmax probability far
- * below the token's best): finite logits give finite weights. It still takes rows of those experts
- * (counts, capacity): leave padding tokens out rather than mask them. Activations (permute, combine,
+ * logits of ~17 and would tie). A token whose logits are all -inf has NaN softmax scores (0/0):
+ * experts 0..k-1, NaN weights; under sigmoid weights 0 (NaN when renormalised: 0/0), experts
+ * chosen by the bias alone. Such a token still takes rows of those experts (counts, capacity):
+ * leave padding tokens out rather than mask them. Renormalised weights are exact ratios even
+ * where the chosen scores underflow (a sigmoid of -100, a softmax probability far below the
+ * token's best): finite logits give finite weights. Activations (permute, combine,
  * slot_dot): h a multiple of 8 in 8..16384, every row start 16-byte aligned (base pointer and
  * stride * element size multiples of 16), on every backend. Index contents (perm, position): an
  * entry outside -1..limit is an error (DK_ERR_INVALID_ARGUMENT, nothing written) on the CPU and

@@ -806,14 +806,39 @@ fn route_math_renormalises_scores_that_underflow() {
         ..Cfg::new(e, k)
     };
     // Sigmoid ranked by logit: tokens around -95 (every score 0 or subnormal), -75 (small but
-    // normal), -6 (just under the direct-division bound) and 0 (the direct division).
-    let centres = [-95.0f32, -75.0, -6.0, 0.0];
-    let mut lg = normal_logits(&mut rng, 120, 16, 3.0);
+    // normal), -10 with a spread of 1 (below the direct-division bound, where the sigmoid
+    // factor (1 + e^mc) / (1 + e^x) moves the ratios by ~1e-3), -6 (mostly above it) and 0.
+    let centres = [
+        (-95.0f32, 3.0f32),
+        (-75.0, 3.0),
+        (-10.0, 1.0),
+        (-6.0, 3.0),
+        (0.0, 3.0),
+    ];
+    let mut lg = normal_logits(&mut rng, 120, 16, 1.0);
     for (t, row) in lg.chunks_mut(16).enumerate() {
-        row.iter_mut().for_each(|v| *v += centres[t % 4]);
+        let (centre, spread) = centres[t % 5];
+        row.iter_mut().for_each(|v| *v = *v * spread + centre);
     }
+    // The tokens near -10 must take the ratios-from-logits path, and with a factor that matters.
+    let small_path = lg
+        .chunks(16)
+        .filter(|row| {
+            let mut s: Vec<f64> = row
+                .iter()
+                .map(|&x| 1.0 / (1.0 + (-x as f64).exp()))
+                .collect();
+            s.sort_by(|a, b| b.partial_cmp(a).unwrap());
+            let total: f64 = s[..4].iter().sum();
+            total < 1.0 / 256.0 && s[0] > 1e-5
+        })
+        .count();
+    assert!(
+        small_path >= 20,
+        "{small_path} tokens near -10 below the bound"
+    );
     cases.push(case(
-        "sigmoid, logits near -95 / -75 / -6 / 0, top-4 of 16",
+        "sigmoid, logits near -95 / -75 / -10 / -6 / 0, top-4 of 16",
         renorm(16, 4, true),
         120,
         lg,

@@ -105,7 +105,11 @@ fn ref_weights(p: &RouteParams, logits: &[f64], scores: &[f64], ids: &[i32]) -> 
     let unscaled: Vec<f64> = if p.renormalize {
         let log_score = |x: f64| match p.score {
             Score::Sigmoid => -((-x).max(0.0) + (-x.abs()).exp().ln_1p()),
-            Score::Softmax => x - logits.iter().map(|&y| y.exp()).sum::<f64>().ln(),
+            Score::Softmax => {
+                // ln Σ e^y, shifted by the max so that no logit overflows (NaN with a NaN logit)
+                let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                x - m - logits.iter().map(|&y| (y - m).exp()).sum::<f64>().ln()
+            }
         };
         let l: Vec<f64> = ids.iter().map(|&i| log_score(logits[i as usize])).collect();
         let m = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -979,13 +983,14 @@ fn renormalised_weights_of_underflowing_scores() {
                 renormalize: true,
                 ..RouteParams::new(k)
             };
-            // Tokens around -100, -80, -6 and 0: scores zero or subnormal, small, near the
-            // kernels' direct-division bound, ordinary.
+            // Tokens around -100, -80, -10 (spread 1: below the kernels' direct-division bound,
+            // where the sigmoid factor (1 + e^mc) / (1 + e^x) moves the ratios by ~1e-3) and 0.
             let (n, e) = (24, 32);
-            let mut vals = rng.logits(n, e, 3.0);
+            let mut vals = rng.logits(n, e, 1.0);
             for (t, row) in vals.chunks_mut(e).enumerate() {
-                let centre = [-100.0, -80.0, -6.0, 0.0][t % 4];
-                row.iter_mut().for_each(|v| *v += centre);
+                let (centre, spread) =
+                    [(-100.0, 3.0), (-80.0, 3.0), (-10.0, 1.0), (0.0, 3.0)][t % 4];
+                row.iter_mut().for_each(|v| *v = *v * spread + centre);
             }
             let case = RouteCase::new(Logits::new(dtype, n, e, &vals), None, sigmoid(4));
             let out = check_route(&dev, &case);

@@ -288,8 +288,9 @@ constexpr float kRenormaliseDirectMin = 0x1p-8f;
 // lanes pass -inf and get 0) when the chosen scores are too small to divide directly. The
 // ratios are taken against the largest chosen logit mc, so nothing overflows or underflows
 // before the division: softmax e^(x - mc); sigmoid s(x) (1 + e^-mc) = e^(x - mc) (1 + e^mc) /
-// (1 + e^x), exact for any mc < 0 (here mc < ln 2^-8: the largest score is below 2^-8). A
-// token whose chosen logits are all -inf gets NaN (0 / 0, as the direct division gives).
+// (1 + e^x), an identity; e^mc cannot overflow here (the largest score is below 2^-8, so
+// mc < -ln 255 ~ -5.5). A token whose chosen logits are all -inf gets NaN (0 / 0, as the
+// direct division gives).
 template <class W>
 DK_MOE_FN float renormalise_small(W& w, const RouteConfig& c, float xj, bool chosen) {
   const float mc = key_value(w.redux_max(order_key(xj)));

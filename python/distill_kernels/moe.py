@@ -325,10 +325,10 @@ def moe_route(
     sum of its two best selection scores, the best ``topk_groups`` groups are kept (ties to the
     lower group) and the k experts are chosen inside them (ties to the lower expert). ``sigmoid``
     with no ``bias`` and no group left out compares the logits themselves (the exact scores'
-    order; float32 scores saturate at 1 from logits of ~17 and would tie). The
-    weights are the unbiased scores of the chosen experts, divided by their sum when
-    ``renormalize`` (exact ratios even where the scores underflow, e.g. a sigmoid of -100:
-    finite logits give finite weights), then times ``scale``. A NaN selection score ranks below every number: with
+    order; float32 scores saturate at 1 from logits of ~17 and would tie). The weights are the
+    unbiased scores of the chosen experts, divided by their sum when ``renormalize`` (exact
+    ratios even where the scores underflow, e.g. a sigmoid of -100: finite logits give finite
+    weights), then times ``scale``. A NaN selection score ranks below every number: with
     ``sigmoid`` a NaN logit only keeps its expert from being chosen (the weights stay finite),
     with ``softmax`` a NaN logit makes the whole token's scores, and so its weights, NaN. A
     token whose logits are all ``-inf`` has NaN ``softmax`` scores (0 / 0, as ``torch.softmax``

@@ -817,14 +817,14 @@ def _differentiable_route_weights(logits: torch.Tensor, expert_ids: torch.Tensor
     """The kernel's ``weights`` as values, with the gradient of the same formula, in float64
     (so that scores underflowing float32 still have one): scores of the chosen experts (softmax
     over all E, or sigmoid), renormalised, scaled. Only [N, k] tensors (and the logits) are
-    kept for backward."""
+    kept for backward. Renormalised, the weights are a softmax of the chosen log scores: the
+    same ratios, without the 0 / 0 of scores that underflow even float64 (a sigmoid of -800)."""
     ids = expert_ids.long()
     if params.score == _lib.MOE_SCORES["softmax"]:
-        w = _ChosenLogSoftmax.apply(logits, ids).exp()
+        log_w = _ChosenLogSoftmax.apply(logits, ids)
     else:
-        w = logits.gather(1, ids).double().sigmoid()
-    if params.renormalize:
-        w = w / w.sum(dim=-1, keepdim=True)
+        log_w = torch.nn.functional.logsigmoid(logits.gather(1, ids).double())
+    w = torch.softmax(log_w, dim=-1) if params.renormalize else log_w.exp()
     w = w * params.scale
     out = _KernelValuesFormulaGradient.apply(weights, w)
     out.retain_grad()  # route.weights.grad is filled, as it was when the weights were a leaf

@@ -353,8 +353,11 @@ def test_route_renormalises_scores_that_underflow(dtype):
     below ~-88, a softmax probability ~87 below the token's best; float64: -745): they sum to 1
     and match the log-domain reference, instead of 0 / 0."""
     rng = np.random.default_rng(31)
-    lg = (rng.standard_normal((40, 32)) * 3.0).astype(np.float32)
-    lg += np.repeat(np.array([-100.0, -80.0, -6.0, 0.0], np.float32), 10)[:, None]
+    # centres -100, -80, -10 (spread 1: below the kernels' direct-division bound, where the
+    # sigmoid factor (1 + e^mc) / (1 + e^x) moves the ratios by ~1e-3) and 0
+    centre = np.repeat(np.array([-100.0, -80.0, -10.0, 0.0]), 10)[:, None]
+    spread = np.repeat(np.array([3.0, 3.0, 1.0, 3.0]), 10)[:, None]
+    lg = (rng.standard_normal((40, 32)) * spread + centre).astype(np.float32)
     lg = lg.astype(dtype)
     got = dk.moe_route(lg, 4, score="sigmoid", renormalize=True)
     check_route(got, ref_route(lg, 4, score="sigmoid", renormalize=True))

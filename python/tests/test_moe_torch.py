@@ -418,6 +418,39 @@ def test_route_weights_keep_the_kernels_bits_where_float32_scores_underflow(devi
         assert torch.equal(got.detach().view(torch.int32), plain.view(torch.int32)), (got, plain)
 
 
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_router_gradient_where_float64_scores_underflow(device, score):
+    """Renormalised weights of chosen scores below float64's range (a sigmoid of -800; softmax
+    experts a bias picks 800 below the token's best) have finite values and a finite gradient:
+    that of the ratios e^(l - max l) / sum of the chosen log scores l, written out here."""
+    g = torch.Generator(device="cpu").manual_seed(41)
+    lg = torch.randn(6, 8, generator=g).to(device)
+    kw = dict(score=score, renormalize=True)
+    if score == "sigmoid":
+        lg -= 800.0
+    else:
+        lg[:, :4] -= 800.0
+        kw["bias"] = torch.tensor([1.0] * 4 + [0.0] * 4, device=device)
+    lga = lg.clone().requires_grad_(True)
+    route = dkt.moe_route(lga, 3, **kw)
+    assert torch.isfinite(route.weights).all()
+    gw = torch.randn(6, 3, generator=g).to(device)
+    (grad,) = torch.autograd.grad((route.weights * gw).sum(), (lga,))
+    x = lg.detach().double().requires_grad_(True)
+    if score == "sigmoid":
+        l_all = x - torch.log1p(torch.exp(x))  # log sigmoid for x < 0
+    else:
+        m = x.max(dim=-1, keepdim=True).values
+        l_all = x - m - torch.log(torch.exp(x - m).sum(dim=-1, keepdim=True))
+    lc = l_all.gather(1, route.expert_ids.long())
+    r = torch.exp(lc - lc.max(dim=-1, keepdim=True).values)
+    w = r / r.sum(dim=-1, keepdim=True)
+    assert rel_err(route.weights, w) <= 1e-6
+    (want,) = torch.autograd.grad((w * gw.double()).sum(), (x,))
+    assert torch.isfinite(grad).all()
+    assert rel_err(grad, want) <= 1e-6
+
+
 @cuda_only("torch streams")
 def test_cuda_bitwise_deterministic_and_on_a_side_stream():
     n, e, k, h = 4096, 128, 8, 256

@@ -175,8 +175,9 @@ impl Selector {
 /// CUDA kernels do below the same f32 sum): the scores themselves may have underflowed, a
 /// sigmoid below about -745 or a softmax probability 745 below the token's max in f64, and
 /// 0 / 0 would make finite logits' weights NaN. Softmax: e^(x - mc) with mc the largest chosen
-/// logit; sigmoid: s(x) (1 + e^-mc) = e^(x - mc) (1 + e^mc) / (1 + e^x), exact for mc < 0
-/// (here mc < ln 2^-8). A token whose chosen logits are all -inf still gets NaN (0 / 0).
+/// logit; sigmoid: s(x) (1 + e^-mc) = e^(x - mc) (1 + e^mc) / (1 + e^x), an identity whose
+/// e^mc cannot overflow here (the largest score is below 2^-8, so mc < -ln 255 ≈ -5.5). A
+/// token whose chosen logits are all -inf still gets NaN (0 / 0).
 const RENORMALISE_DIRECT_MIN: f64 = 1.0 / 256.0;
 
 /// Widens row `row` of a logits matrix into `out`.
