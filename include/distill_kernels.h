@@ -391,7 +391,8 @@ dk_status dk_fused_linear_divergence(const dk_context* ctx, const dk_fused_linea
  * heads_kv of 0, heads_q not a multiple of heads_kv, or a head_dim other than 64 and 128 is
  * DK_ERR_SHAPE; causal and deterministic other than 0 or 1 are DK_ERR_INVALID_ARGUMENT.
  * Also DK_ERR_INVALID_ARGUMENT: a base pointer or stride that breaks the 16-byte rule, a
- * softmax_scale that is not finite and > 0 (0 and -0 select 1 / sqrt(head_dim)). DK_ERR_SHAPE:
+ * softmax_scale that is not > 0 and at most 2.3586574e38, the last float whose product with
+ * log2(e) is finite (0 and -0 select 1 / sqrt(head_dim)). DK_ERR_SHAPE:
  * outputs overlapping inputs or each other; offsets that break the rules above on the CPU
  * context (which reads them).
  */
@@ -400,7 +401,7 @@ typedef struct dk_attention_params {
   int64_t heads_kv;      /* >= 1 */
   int64_t head_dim;      /* 64 or 128 */
   int32_t causal;        /* 1: query i sees keys j <= i + Sk - Sq (bottom-right), per sequence */
-  float softmax_scale;   /* 0: 1 / sqrt(head_dim); else finite and > 0 */
+  float softmax_scale;   /* 0: 1 / sqrt(head_dim); else > 0 and <= 2.3586574e38 */
   int32_t deterministic; /* backward: 1 = bitwise reproducible dq / dk / dv (no float atomics);
                             0 = dq summed by f32 atomics on CUDA (faster, last bits vary from run
                             to run; dk / dv still reproducible; needs a larger workspace) */

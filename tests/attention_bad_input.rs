@@ -195,6 +195,13 @@ fn parameters() {
             "softmax_scale",
             with(scale(f32::INFINITY))
         ),
+        // Finite, but softmax_scale · log2(e) is not: every output would be NaN.
+        rule!(
+            "scale 3e38",
+            InvalidArgument,
+            "softmax_scale",
+            with(scale(3e38))
+        ),
         // Consistent with the matrices' columns, but a different head split.
         rule!(
             "heads 6 / 1 against k's 128 columns",

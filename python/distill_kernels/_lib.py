@@ -80,7 +80,7 @@ PACKAGE_VERSION = "0.1.0"
 # 64-bit FNV-1a of the bytes of include/distill_kernels.h that the ctypes mirror below follows.
 # A library must report the same from dk_header_hash(); the tests require it to equal the
 # checkout's header, so a header change cannot land without a look at this mirror.
-HEADER_HASH = 0x596AD4E294FFD6D
+HEADER_HASH = 0xAB251AF6B751FCCB
 
 # ---- constants of include/distill_kernels.h ----------------------------------------------------
 
@@ -93,6 +93,8 @@ MOE_MAX_K = 32  # dk_moe_route_params.k: 1 <= k <= min(e, 32)
 MOE_MAX_EXPERTS = 1024  # dk_moe_route_args.e: 1..1024
 ATTENTION_HEAD_DIMS = (64, 128)  # dk_attention_params.head_dim
 ATTENTION_ROW_ALIGN = 16  # bytes: token row starts (base pointers and strides) of every operand
+# dk_attention_params.softmax_scale: at most this float32 (softmax_scale * log2(e) stays finite)
+ATTENTION_MAX_SOFTMAX_SCALE = ctypes.c_float(2.3586574e38).value
 MOE_MAX_HIDDEN = 16384  # the hidden size H of the MoE activations: a multiple of 8 in 8..16384
 MOE_ROW_ALIGN = 16  # bytes: row starts (base pointers and strides) of the MoE activations
 
@@ -1254,11 +1256,11 @@ def make_attention_params(
     if softmax_scale is not None:
         softmax_scale = _real("softmax_scale", softmax_scale)
         scale = ctypes.c_float(softmax_scale).value
-        if not (math.isfinite(softmax_scale) and softmax_scale > 0 and math.isfinite(scale)
-                and scale > 0):
+        if not (math.isfinite(softmax_scale) and 0 < scale <= ATTENTION_MAX_SOFTMAX_SCALE):
             raise ValueError(
-                f"softmax_scale must be None (1/sqrt(D)) or finite and > 0 (as a float32), got "
-                f"{softmax_scale}"
+                f"softmax_scale must be None (1/sqrt(D)) or > 0 and at most "
+                f"{ATTENTION_MAX_SOFTMAX_SCALE:.8g} (as a float32; the kernels use softmax_scale "
+                f"* log2(e) as a float32), got {softmax_scale}"
             )
     return AttentionParams(
         heads_q=heads_q,

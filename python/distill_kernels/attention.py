@@ -245,8 +245,14 @@ def attention(
     ``q [B, Sq, Hq, D]``, ``k`` / ``v [B, Sk, Hkv, D]`` (padded), or ``q [Tq, Hq, D]``, ``k`` /
     ``v [Tk, Hkv, D]`` with ``cu_seqlens_q`` / ``cu_seqlens_k`` (packed, int32 ``[B + 1]``).
     ``causal`` masks bottom-right per sequence (query i sees keys j <= i + Sk − Sq);
-    ``softmax_scale`` None is 1/√D. Returns :class:`AttentionResult` (``out`` like q, ``lse``
-    float32 ``[B, Hq, Sq]`` or ``[Hq, Tq]``).
+    ``softmax_scale`` None is 1/√D (else > 0, at most ~2.36e38). Returns
+    :class:`AttentionResult` (``out`` like q, ``lse`` float32 ``[B, Hq, Sq]`` or ``[Hq, Tq]``).
+
+    Limits of the CUDA kernels (as in FlashAttention-2): sums run in float32, so Sk·max|v| and
+    D·max|q|·max|k| must stay below ~3.4e38; probabilities are rounded to the input dtype for
+    the P·V product, so with float16 a key weighted below ~3e-8 of the row's running maximum
+    counts as 0 (bfloat16 keeps float32's range), and values at float16's maximum can round
+    to inf.
 
     Raises ValueError / TypeError for bad shapes, dtypes or parameters before calling the
     library (a :class:`DistillKernelsError` subclass when the library rejects a call).

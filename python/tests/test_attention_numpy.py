@@ -514,7 +514,7 @@ def test_errors_dtypes_and_parameters():
         dk.attention(q.astype(np.int32), k, v)
     with pytest.raises(TypeError, match="one dtype"):
         dk.attention(q, k.astype(np.float16), v)
-    for bad in (0.0, -1.0, float("nan"), float("inf"), 1e60):
+    for bad in (0.0, -1.0, float("nan"), float("inf"), 1e60, 3e38):
         with pytest.raises(ValueError, match="softmax_scale"):
             dk.attention(q, k, v, softmax_scale=bad)
     with pytest.raises(TypeError, match="softmax_scale"):

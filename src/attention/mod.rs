@@ -19,7 +19,7 @@ mod params;
 mod validate;
 
 pub use cuda::kernels_used;
-pub use params::{AttentionParams, HEAD_DIMS, MAX_ROWS, ROW_ALIGN};
+pub use params::{AttentionParams, HEAD_DIMS, MAX_ROWS, MAX_SOFTMAX_SCALE, ROW_ALIGN};
 
 use crate::device::{Backend, Context, Launch};
 use crate::error::Result;

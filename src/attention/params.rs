@@ -15,6 +15,10 @@ pub const ROW_ALIGN: usize = 16;
 /// index with 32-bit integers.
 pub const MAX_ROWS: usize = i32::MAX as usize;
 
+/// The largest `softmax_scale` accepted: the kernels use `softmax_scale · log2(e)` as an f32,
+/// which must be finite (f32::MAX / log2(e), rounded down).
+pub const MAX_SOFTMAX_SCALE: f32 = 2.358_657_4e38;
+
 /// Parameters of [`crate::Context::attention`] and [`crate::Context::attention_backward`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttentionParams {
@@ -26,7 +30,8 @@ pub struct AttentionParams {
     pub head_dim: usize,
     /// Causal mask aligned bottom-right: query `i` of a sequence sees keys `j ≤ i + Sk − Sq`.
     pub causal: bool,
-    /// Scale applied to `q·k` before the softmax; `None` is `1/√D`. Finite and > 0 when set.
+    /// Scale applied to `q·k` before the softmax; `None` is `1/√D`. When set: > 0 and at most
+    /// [`MAX_SOFTMAX_SCALE`].
     pub softmax_scale: Option<f32>,
     /// Backward only: bitwise reproducible dQ, dK and dV (no floating-point atomics). `false`
     /// lets the CUDA backend sum dQ over key tiles with f32 atomics, as FlashAttention-2 does:
@@ -96,13 +101,35 @@ impl AttentionParams {
             );
         }
         if let Some(s) = self.softmax_scale {
-            if !(s.is_finite() && s > 0.0) {
+            // The kernels scale by softmax_scale · log2(e) in f32: past ~2.36e38 that is +inf,
+            // and inf − inf would make every output NaN.
+            if !(s.is_finite() && s > 0.0 && (s * std::f32::consts::LOG2_E).is_finite()) {
                 bail!(
                     InvalidArgument,
-                    "softmax_scale = {s} must be finite and > 0"
+                    "softmax_scale = {s} must be finite, > 0 and at most {MAX_SOFTMAX_SCALE:e} \
+                     (softmax_scale · log2(e) must be a finite f32)"
                 );
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_softmax_scale_is_the_last_scale_with_a_finite_log2_scale() {
+        let log2 = |s: f32| s * std::f32::consts::LOG2_E;
+        assert!(log2(MAX_SOFTMAX_SCALE).is_finite());
+        assert!(log2(MAX_SOFTMAX_SCALE.next_up()).is_infinite());
+        let p = |s| AttentionParams {
+            softmax_scale: Some(s),
+            ..AttentionParams::new(8, 8, 64)
+        };
+        assert!(p(MAX_SOFTMAX_SCALE).validate().is_ok());
+        let err = p(MAX_SOFTMAX_SCALE.next_up()).validate().unwrap_err();
+        assert!(err.to_string().contains("softmax_scale"), "{err}");
     }
 }
