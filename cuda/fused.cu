@@ -81,14 +81,17 @@ __device__ __forceinline__ void grad_rows(const float* g, int64_t g_ld, const fl
 
 // One thread: the constants the GEMMs read in device pointer mode. `scale` is the divergence's
 // loss scale (dk_div_prepare: 1 / #valid rows, 1 / num_items, or 1); the gradient GEMMs use
-// α = scale · logit_scale, so G itself carries neither (no f16 underflow from a 1/N factor).
+// α = scale · logit_scale / g_scale, so G itself carries neither (no f16 underflow from a 1/N
+// factor). `g_scale` (a power of two, 1 unless G is f16: src/fused/cuda.rs `g_scale`) is the
+// loss scale the divergence kernels write G with; α divides it out again, exactly.
 extern "C" __global__ void __launch_bounds__(32)
-    dk_fused_constants(const float* scale, float logit_scale, float* zero, float* one,
-                       float* grad_alpha) {
+    dk_fused_constants(const float* scale, float logit_scale, float g_scale, float* zero,
+                       float* one, float* grad_alpha, float* g_scale_out) {
   if (threadIdx.x == 0 && blockIdx.x == 0) {
     *zero = 0.f;
     *one = 1.f;
-    *grad_alpha = *scale * logit_scale;
+    *grad_alpha = *scale * logit_scale * (1.f / g_scale);
+    *g_scale_out = g_scale;
   }
 }
 

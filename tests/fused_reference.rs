@@ -863,6 +863,49 @@ fn input_and_gradient_dtypes() {
 }
 
 #[test]
+fn f16_gradients_of_a_close_teacher_at_a_large_vocabulary() {
+    // A teacher close to the student (self-distillation: shared weight, hidden states 0.1
+    // apart) at V = 65536, T = 8: most of G = dL/dlogits lies below f16's normals (6.1e-5)
+    // unless it is scaled (src/fused/cuda.rs `g_scale`); a float64 model of the unscaled f16 G
+    // gives 1.9e-2 (KL) and 0.96 (JSD) relative error in grad_hidden, the scaled one < 5e-5.
+    // f32 gradient outputs, so that only G's precision is measured, relative to the
+    // gradients' own norm (check_case's floor of 1e-2 would hide errors of gradients this
+    // small).
+    let mut rng = Rng::fresh("f16_gradients_of_a_close_teacher_at_a_large_vocabulary");
+    for dev in devices("f16_gradients_of_a_close_teacher_at_a_large_vocabulary") {
+        for kind in [Kind::ForwardKl, Kind::ReverseKl, Kind::Jsd] {
+            let p = FusedLinearParams {
+                chunk_rows: Some(3),
+                ..fparams(Params {
+                    temperature: 8.0,
+                    reduction: Reduction::Sum,
+                    ..Params::new(kind)
+                })
+            };
+            let (n, v, h) = (5, 65536, 32);
+            let mut c = FCase::random(&mut rng, DType::F16, n, v, h, h, p)
+                .grad_dtypes(DType::F32, DType::F32);
+            c.self_distill = true;
+            c.th.vals =
+                c.sh.vals
+                    .iter()
+                    .map(|&x| round_to(DType::F16, x + 0.1 * rng.normal()))
+                    .collect();
+            c.what += " close teacher, f32 gradients";
+            let out = check_case(&dev, &c);
+            let r = reference(&c);
+            for (name, got, want) in [
+                ("grad_hidden", &out.gh, &r.gh),
+                ("grad_weight", &out.gw, &r.gw),
+            ] {
+                let e = rel_err(got.as_ref().unwrap(), want, 0.0);
+                assert!(e <= 1e-3, "[{}] {}: {name} error {e:e}", dev.name(), c.what);
+            }
+        }
+    }
+}
+
+#[test]
 fn padded_strides() {
     let mut rng = Rng::fresh("padded_strides");
     for dev in devices("padded_strides") {

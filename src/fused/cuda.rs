@@ -9,7 +9,8 @@
 //!
 //! 1. `S = logit_scale · Xs Wsᵀ`, `T = logit_scale · Xt Wtᵀ` (two GEMMs, f32 output, f32 compute);
 //! 2. with a softcap, `dk_fused_softcap` in place over `S` and `T`;
-//! 3. the divergence of the chunk with a loss scale of 1, its per-row losses into the chunk's
+//! 3. the divergence of the chunk with a loss scale of `g_scale` (1, or for f16 `G` a power of
+//!    two that lifts it out of f16's subnormals), its per-row losses into the chunk's
 //!    slice of the per-row buffer. Where the divergence's policy runs one block per row (every
 //!    chunk of ≥ 512 rows, and every chunk off Hopper), `dk_div_fused_<kind>_<dtype>`
 //!    (cuda/divergence.cu) writes `G`, the gradient w.r.t. the raw logits (softcap slope
@@ -24,7 +25,7 @@
 //! 4. `dk_fused_grad_<dtype>`: `G = T · (1 − (S/cap)²)` converted to the input dtype and written
 //!    over `S` (bf16/f16, row stride `2·ld`), or over `T` in place (f32; skipped without softcap);
 //! 5. `grad_hidden[chunk] = α · G Ws` and `grad_weight (+)= α · Gᵀ Xs[chunk]`, `α` = loss scale ×
-//!    logit_scale read from device memory (the scale is only known on the device: it counts the
+//!    logit_scale / `g_scale` read from device memory (the scale is only known on the device: it counts the
 //!    valid labels), `β` = 1 when accumulating (and for `grad_weight` after the first chunk).
 //!
 //! Before the chunks `dk_div_prepare` writes the loss scale over all N labels and
@@ -98,6 +99,32 @@ const C_ZERO: usize = 0;
 const C_ONE: usize = 1;
 const C_SCALE: usize = 2;
 const C_GRAD_ALPHA: usize = 3;
+const C_G_SCALE: usize = 4;
+
+/// The power of two the divergence kernels scale `G` by (their loss scale; `α` divides it out):
+/// 1 for bf16 and f32, whose exponent range is f32's. f16 normals end at 6.1e-5, and at large
+/// vocabularies most entries of `G = (q − p) / T` lie below that: at V = 262144, T = 4 the f16
+/// `G` put a 1.4e-1 relative error into `grad_hidden` (a float64 model; 2e-4 with this scale).
+/// So f16 `G` is scaled towards f16's top: `|G| ≤ b / T`, with `b` a bound on `T·|∂L/∂s|` of
+/// the kind, and `2^k ≤ 2^15 · T / b`:
+/// - forward KL: `|q − p| ≤ 1`, so `b` = 1;
+/// - JSD with β < 1: `(1 − β) q |ln(q/m) − KL(q ‖ m)| ≤ (1 − β)(1/e + ln(1 / (1 − β))) ≤ 2/e`
+///   (`q/m ≤ 1 / (1 − β)`, `q ln(q/m) ≥ −m/e`), so `b` = 1 too (β = 0 is forward KL);
+/// - reverse KL (and JSD with β = 1): `q |ln(q/p) − L|` has no bound; `b` = 1024 keeps it finite
+///   up to ~2047 (log ratios of ~2000 nats: logit gaps of 2000·T, far past a real lm_head's),
+///   where the unscaled f16 `G` overflowed past 65504·T.
+///
+/// The exponent stays in [−111, 64], where `2^k` and `2^−k` are normal floats.
+fn g_scale(dtype: DType, div: &crate::divergence::Params) -> f32 {
+    use crate::divergence::Kind;
+    if dtype != DType::F16 {
+        return 1.0;
+    }
+    let reverse = div.kind == Kind::ReverseKl || (div.kind == Kind::Jsd && div.beta == 1.0);
+    let bound = if reverse { 1024.0 } else { 1.0 };
+    let k = (32768.0 * div.temperature as f64 / bound).log2().floor();
+    (k.clamp(-111.0, 64.0) as i32 as f64).exp2() as f32
+}
 
 /// Row stride (f32 elements) of the chunk's logit buffers: 32-byte aligned rows, so the
 /// kernels' 16-byte vectors and cuBLAS's aligned paths apply, also to the bf16/f16 `G` written
@@ -183,7 +210,7 @@ struct Layout {
 fn layout(raw: &RawFusedLinear, params: &FusedLinearParams) -> Layout {
     let chunk = chunk_rows(raw.n, raw.v, params.chunk_rows);
     let ld = logits_ld(raw.v);
-    let mut off = ALIGN; // the constant block (4 floats used)
+    let mut off = ALIGN; // the constant block (5 floats used)
     let per_row = if raw.per_token.is_null() {
         let at = off;
         off += (4 * raw.n).next_multiple_of(ALIGN);
@@ -791,27 +818,31 @@ pub(crate) fn fused_linear(
         )?;
     }
     if want_grad {
-        let (scale, zero, one, alpha) = (
+        let (scale, zero, one, alpha, g_scale_at) = (
             konst(C_SCALE),
             konst(C_ZERO),
             konst(C_ONE),
             konst(C_GRAD_ALPHA),
+            konst(C_G_SCALE),
         );
+        let g = g_scale(raw.dtype, div);
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches dk_fused_constants(const float*, float, float*, float*, float*); all
-        // four pointers are floats of the workspace's constant block.
+        // SAFETY: matches dk_fused_constants(const float*, float, float, float*, float*,
+        // float*, float*); all five pointers are floats of the workspace's constant block.
         unsafe {
             stream
                 .launch_builder(kernels.constants)
                 .arg(&scale)
                 .arg(&params.logit_scale)
+                .arg(&g)
                 .arg(&zero)
                 .arg(&one)
                 .arg(&alpha)
+                .arg(&g_scale_at)
                 .launch(cfg)?;
         }
     }
@@ -898,7 +929,9 @@ pub(crate) fn fused_linear(
             grad: 0,
             labels,
             per_row,
-            scale: konst(C_ONE),
+            // G's scale (`g_scale`): read only when the gradient is written, after
+            // dk_fused_constants wrote it.
+            scale: konst(C_G_SCALE),
             n: c as i64,
             v: v as i64,
             student_stride: lay.ld as i64,
@@ -1257,5 +1290,73 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn f16_g_scale_keeps_the_bounded_gradient_under_2_pow_15() {
+        use crate::divergence::{Kind, Params};
+        let p = |kind, beta: f32, temperature: f32| Params {
+            beta,
+            temperature,
+            ..Params::new(kind)
+        };
+        // bf16 and f32 G keep the old scale of 1 (bitwise the old path).
+        for dtype in [DType::BF16, DType::F32] {
+            assert_eq!(g_scale(dtype, &p(Kind::Jsd, 0.5, 4.0)), 1.0);
+        }
+        for (kind, beta, bound) in [
+            (Kind::ForwardKl, 0.5, 1.0),
+            (Kind::Jsd, 0.0, 1.0),
+            (Kind::Jsd, 0.5, 1.0),
+            (Kind::Jsd, 1.0 - f32::EPSILON, 1.0),
+            (Kind::Jsd, 1.0, 1024.0),
+            (Kind::ReverseKl, 0.5, 1024.0),
+        ] {
+            for t in [1e-30f32, 1e-3, 0.25, 1.0, 4.0, 1e3] {
+                let g = g_scale(DType::F16, &p(kind, beta, t)) as f64;
+                let k = g.log2();
+                assert_eq!(k, k.round(), "{kind:?} T = {t}: {g} is not a power of two");
+                assert!((-111.0..=64.0).contains(&k), "{kind:?} T = {t}: 2^{k}");
+                // Largest such power of two: |G| · 2^k ≤ 2^15 and twice it would not be.
+                let top = bound / t as f64 * g;
+                if k > -111.0 && k < 64.0 {
+                    assert!(top <= 32768.0 && top > 16384.0, "{kind:?} T = {t}: {top}");
+                }
+            }
+        }
+        // The bounds themselves: |T · ∂L/∂s| of random JSD rows stays within 2/e < 1.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut uniform = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut worst = 0f64;
+        for _ in 0..2000 {
+            let v = 2 + (uniform() * 6.0) as usize;
+            let beta = uniform();
+            let logits = |u: &mut dyn FnMut() -> f64| -> Vec<f64> {
+                (0..v).map(|_| (u() - 0.5) * 40.0).collect()
+            };
+            let softmax = |x: &[f64]| -> Vec<f64> {
+                let m = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = x.iter().map(|&y| (y - m).exp()).collect();
+                let s: f64 = e.iter().sum();
+                e.iter().map(|&y| y / s).collect()
+            };
+            let q = softmax(&logits(&mut uniform));
+            let pt = softmax(&logits(&mut uniform));
+            let m: Vec<f64> = (0..v).map(|i| beta * pt[i] + (1.0 - beta) * q[i]).collect();
+            let kl: f64 = (0..v)
+                .filter(|&i| q[i] > 0.0)
+                .map(|i| q[i] * (q[i] / m[i]).ln())
+                .sum();
+            for i in (0..v).filter(|&i| q[i] > 0.0) {
+                let g = (1.0 - beta) * q[i] * ((q[i] / m[i]).ln() - kl);
+                worst = worst.max(g.abs());
+            }
+        }
+        assert!(worst <= 2.0 / std::f64::consts::E, "{worst}");
     }
 }
