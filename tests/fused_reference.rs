@@ -870,7 +870,9 @@ fn f16_gradients_of_a_close_teacher_at_a_large_vocabulary() {
     // gives 1.9e-2 (KL) and 0.96 (JSD) relative error in grad_hidden, the scaled one < 5e-5.
     // f32 gradient outputs, so that only G's precision is measured, relative to the
     // gradients' own norm (check_case's floor of 1e-2 would hide errors of gradients this
-    // small).
+    // small). Reverse KL's scale is 2^10 smaller (its gradient has no bound, and overflow is
+    // worse than underflow): part of its G stays subnormal here, grad_weight ~1e-3 to 3e-3 in
+    // a model (a review), so it is held to the f16 contract's 1e-2.
     let mut rng = Rng::fresh("f16_gradients_of_a_close_teacher_at_a_large_vocabulary");
     for dev in devices("f16_gradients_of_a_close_teacher_at_a_large_vocabulary") {
         for kind in [Kind::ForwardKl, Kind::ReverseKl, Kind::Jsd] {
@@ -894,12 +896,13 @@ fn f16_gradients_of_a_close_teacher_at_a_large_vocabulary() {
             c.what += " close teacher, f32 gradients";
             let out = check_case(&dev, &c);
             let r = reference(&c);
+            let tol = if kind == Kind::ReverseKl { 1e-2 } else { 1e-3 };
             for (name, got, want) in [
                 ("grad_hidden", &out.gh, &r.gh),
                 ("grad_weight", &out.gw, &r.gw),
             ] {
                 let e = rel_err(got.as_ref().unwrap(), want, 0.0);
-                assert!(e <= 1e-3, "[{}] {}: {name} error {e:e}", dev.name(), c.what);
+                assert!(e <= tol, "[{}] {}: {name} error {e:e}", dev.name(), c.what);
             }
         }
     }
