@@ -248,6 +248,15 @@ fn cancellation_floor(c: &SimCase) -> f64 {
     16.0 * f32::EPSILON as f64 * m * inv_t
 }
 
+/// Euclidean distance ‖a − b‖.
+fn distance(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt()
+}
+
 /// DESIGN.md's criterion over the whole batch: ‖out − ref‖ / ‖ref‖ of all per-row losses and
 /// of all gradient rows together ≤ `tol`. Each row must also be within 100 × `tol` of its own
 /// reference (with a floor), or within [`cancellation_floor`] of it in absolute terms: a near
@@ -279,12 +288,7 @@ fn check_rows(cases: &[SimCase], outs: &[SimOut], what: &str, tol: f64, slack: f
             "{label}: loss {} vs reference {rl} (rel {loss_err:e})",
             o.loss
         );
-        let abs_err = g
-            .iter()
-            .zip(&rg)
-            .map(|(x, r)| (x - r) * (x - r))
-            .sum::<f64>()
-            .sqrt();
+        let abs_err = distance(&g, &rg);
         let floor = cancellation_floor(c) * slack;
         assert!(
             grad_err <= 100.0 * tol * slack || abs_err <= floor,
@@ -629,12 +633,7 @@ fn near_identical_checks(cases: &[SimCase], outs: &[SimOut], model: &str) {
     for (c, o) in cases.iter().zip(outs) {
         let g: Vec<f64> = o.grad.iter().map(|&x| x as f64).collect();
         let r = reference_row(c).1;
-        let d = g
-            .iter()
-            .zip(&r)
-            .map(|(a, b)| (a - b) * (a - b))
-            .sum::<f64>()
-            .sqrt();
+        let d = distance(&g, &r);
         let norm = r.iter().map(|x| x * x).sum::<f64>().sqrt();
         assert!(
             d <= 3e-4 * norm + 2.5e-7,

@@ -976,13 +976,13 @@ fn renormalised_weights_of_underflowing_scores() {
     // the token's max; f64: -745) still have exact ratios: renormalised weights stay finite and
     // sum to 1, and a token whose chosen logits are all -inf gets NaN (0 / 0).
     let mut rng = Rng::fresh("renormalised_weights_of_underflowing_scores");
+    let sigmoid = |k| RouteParams {
+        score: Score::Sigmoid,
+        renormalize: true,
+        ..RouteParams::new(k)
+    };
     for dev in devices("renormalised_weights_of_underflowing_scores") {
         for dtype in [DType::F32, DType::BF16] {
-            let sigmoid = |k| RouteParams {
-                score: Score::Sigmoid,
-                renormalize: true,
-                ..RouteParams::new(k)
-            };
             // Tokens around -100, -80, -10 (spread 1: below the kernels' direct-division bound,
             // where the sigmoid factor (1 + e^mc) / (1 + e^x) moves the ratios by ~1e-3) and 0.
             let (n, e) = (24, 32);
@@ -1047,15 +1047,7 @@ fn renormalised_weights_of_underflowing_scores() {
             -3e38,
             f64::NEG_INFINITY,
         ];
-        let case = RouteCase::new(
-            Logits::new(DType::F32, 2, 4, &vals),
-            None,
-            RouteParams {
-                score: Score::Sigmoid,
-                renormalize: true,
-                ..RouteParams::new(3)
-            },
-        );
+        let case = RouteCase::new(Logits::new(DType::F32, 2, 4, &vals), None, sigmoid(3));
         let (res, before, after) = case.run(&dev);
         res.unwrap();
         case.tails(&before, &after).unwrap();
@@ -1066,11 +1058,7 @@ fn renormalised_weights_of_underflowing_scores() {
         let all_minus_inf = RouteCase::new(
             Logits::new(DType::F32, 1, 4, &[f64::NEG_INFINITY; 4]),
             None,
-            RouteParams {
-                score: Score::Sigmoid,
-                renormalize: true,
-                ..RouteParams::new(2)
-            },
+            sigmoid(2),
         );
         let (res, _, after) = all_minus_inf.run(&dev);
         res.unwrap();

@@ -250,10 +250,9 @@ def attention(
 
     Limits of the CUDA kernels (as in FlashAttention-2): sums run in float32, so Sk·max|v| and
     D·max|q|·max|k| must stay below ~3.4e38, and scores times ``softmax_scale`` below ~2.4e38;
-    probabilities are rounded to the input dtype for
-    the P·V product, so with float16 a key weighted below ~3e-8 of the row's running maximum
-    counts as 0 (bfloat16 keeps float32's range), and values at float16's maximum can round
-    to inf.
+    probabilities are rounded to the input dtype for the P·V product, so with float16 a key
+    weighted below ~3e-8 of the row's running maximum counts as 0 (bfloat16 keeps float32's
+    range), and values at float16's maximum can round to inf.
 
     Raises ValueError / TypeError for bad shapes, dtypes or parameters before calling the
     library (a :class:`DistillKernelsError` subclass when the library rejects a call).

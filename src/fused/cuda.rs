@@ -25,8 +25,9 @@
 //! 4. `dk_fused_grad_<dtype>`: `G = T · (1 − (S/cap)²)` converted to the input dtype and written
 //!    over `S` (bf16/f16, row stride `2·ld`), or over `T` in place (f32; skipped without softcap);
 //! 5. `grad_hidden[chunk] = α · G Ws` and `grad_weight (+)= α · Gᵀ Xs[chunk]`, `α` = loss scale ×
-//!    logit_scale / `g_scale` read from device memory (the scale is only known on the device: it counts the
-//!    valid labels), `β` = 1 when accumulating (and for `grad_weight` after the first chunk).
+//!    logit_scale / `g_scale` read from device memory (the scale is only known on the device: it
+//!    counts the valid labels), `β` = 1 when accumulating (and for `grad_weight` after the first
+//!    chunk).
 //!
 //! Before the chunks `dk_div_prepare` writes the loss scale over all N labels and
 //! `dk_fused_constants` derives `α` and the constants 0 and 1 that `β` points to; after them

@@ -144,29 +144,30 @@ impl Selector {
         let chosen = &mut self.candidates[..k];
         chosen.sort_by(|&a, &b| by_rank(a, b));
         let total: f64 = chosen.iter().map(|&(_, i)| self.scores[i]).sum();
+        // Renormalised scores too small to divide directly: ratios from the logits (a NaN total
+        // keeps the division: NaN weights, as documented).
+        let small = p.renormalize && total < RENORMALISE_DIRECT_MIN;
+        let mc = chosen
+            .iter()
+            .map(|&(_, i)| self.logits[i])
+            .fold(f64::NEG_INFINITY, f64::max);
+        let numerator = |i: usize| {
+            let x = self.logits[i];
+            match (small, p.score) {
+                (false, _) => self.scores[i],
+                (true, Score::Softmax) => (x - mc).exp(),
+                (true, Score::Sigmoid) => (x - mc).exp() * ((1.0 + mc.exp()) / (1.0 + x.exp())),
+            }
+        };
+        let norm = match (small, p.renormalize) {
+            (true, _) => chosen.iter().map(|&(_, i)| numerator(i)).sum(),
+            (false, true) => total,
+            (false, false) => 1.0,
+        };
         let scale = p.scale as f64;
         for (j, &(_, i)) in chosen.iter().enumerate() {
             ids[j] = i as i32;
-            weights[j] = (self.scores[i] * scale) as f32;
-        }
-        // A NaN total keeps the division: NaN weights, as documented.
-        if p.renormalize && total < RENORMALISE_DIRECT_MIN {
-            let mc = chosen
-                .iter()
-                .map(|&(_, i)| self.logits[i])
-                .fold(f64::NEG_INFINITY, f64::max);
-            let ratio = |x: f64| match p.score {
-                Score::Softmax => (x - mc).exp(),
-                Score::Sigmoid => (x - mc).exp() * ((1.0 + mc.exp()) / (1.0 + x.exp())),
-            };
-            let sum: f64 = chosen.iter().map(|&(_, i)| ratio(self.logits[i])).sum();
-            for (j, &(_, i)) in chosen.iter().enumerate() {
-                weights[j] = (ratio(self.logits[i]) / sum * scale) as f32;
-            }
-        } else if p.renormalize {
-            for (j, &(_, i)) in chosen.iter().enumerate() {
-                weights[j] = (self.scores[i] / total * scale) as f32;
-            }
+            weights[j] = (numerator(i) / norm * scale) as f32;
         }
     }
 }

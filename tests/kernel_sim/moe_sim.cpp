@@ -164,12 +164,12 @@ void route_all(const Case& c, Out& o) {
       int ex[32];
       float wt[32];
       const bool ok = warp.run([&](int lane) {
+        const float* token_row = c.logits.data() + tok * e;
         float x[P];
         for (int i = 0; i < P; ++i) {
           const int idx = i * 32 + lane;
-          x[i] = idx < e ? c.logits[tok * e + idx] : -INFINITY;
+          x[i] = idx < e ? token_row[idx] : -INFINITY;
         }
-        const float* token_row = c.logits.data() + tok * e;
         route_token<P>(
             warp, x, cfg, scratch.data(), [=](int i) { return token_row[i]; }, ex[lane], wt[lane]);
       });
