@@ -40,10 +40,10 @@ struct GradSink {
   __device__ __forceinline__ bool wanted() const { return g != nullptr; }
   __device__ __forceinline__ bool aligned() const { return g == nullptr || aligned16(g); }
   __device__ __forceinline__ void zero(int v, bool vec) const { zero_row(g, v, vec); }
-  template <typename TT>
+  template <bool kSeries, typename TT>
   __device__ __forceinline__ void write(const TS* s, const TT* t, int v, bool vec,
                                         const GradRow& gr) const {
-    GradPass<K, TS> gp{gr, g};
+    GradPass<K, TS, kSeries> gp{gr, g};
     for_each(s, t, v, vec, gp);
   }
 };
@@ -74,23 +74,24 @@ struct FusedGradSink {
   __device__ __forceinline__ bool aligned() const { return out == nullptr || aligned16(out); }
   __device__ __forceinline__ void zero(int v, bool vec) const { zero_row(out, v, vec); }
 
+  template <bool kSeries>
   __device__ __forceinline__ void write(const float* s, const float* t, int v, bool,
                                         const GradRow& gr) const {
     if (inv_cap != 0.f) {
-      write_steps<true>(s, t, v, gr);
+      write_steps<true, kSeries>(s, t, v, gr);
     } else {
-      write_steps<false>(s, t, v, gr);
+      write_steps<false, kSeries>(s, t, v, gr);
     }
   }
 
   // Entry i's G: the gradient times the softcap's slope (kCap) or as it is.
-  template <bool kCap>
+  template <bool kCap, bool kSeries>
   __device__ __forceinline__ float entry(const GradRow& gr, float s, float t) const {
-    const float g = grad_entry<K>(gr, s, t);
+    const float g = grad_entry<K, kSeries>(gr, s, t);
     return kCap ? g * softcap_slope(s, inv_cap) : g;
   }
 
-  template <bool kCap>
+  template <bool kCap, bool kSeries>
   __device__ __forceinline__ void write_steps(const float* s, const float* t, int v,
                                               const GradRow& gr) const {
     const int chunks = v / kVec;
@@ -104,7 +105,7 @@ struct FusedGradSink {
         load8(s + c * kVec, sv);
         load8(t + c * kVec, tv);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) o[k] = entry<kCap>(gr, sv[k], tv[k]);
+        for (int k = 0; k < kVec; ++k) o[k] = entry<kCap, kSeries>(gr, sv[k], tv[k]);
       }
       if (j != 1 && (j & (j - 1)) == 0) __syncthreads();  // j = 0, 2, 4, 8, … (see above)
       if (active) store8(out + c * kVec, o);
@@ -112,13 +113,14 @@ struct FusedGradSink {
     const int i = chunks * kVec + static_cast<int>(threadIdx.x);
     const bool active = i < v;  // v mod 8 < blockDim
     float o = 0.f;
-    if (active) o = entry<kCap>(gr, s[i], t[i]);
+    if (active) o = entry<kCap, kSeries>(gr, s[i], t[i]);
     __syncthreads();
     if (active) out[i] = from_float<TO>(o);
   }
 };
 
-template <Kind K, typename TS, typename TT, typename Sink>
+// One block per row; kSeries: Row's JSD mode (the `jsdx` kernels, for extreme β).
+template <Kind K, typename TS, typename TT, bool kSeries, typename Sink>
 __device__ __forceinline__ void rows(const DkDivergenceArgs& a, const Sink& sink) {
   __shared__ RowStats<K> smem_stats[32];
   __shared__ float smem_sum[32];
@@ -150,12 +152,12 @@ __device__ __forceinline__ void rows(const DkDivergenceArgs& a, const Sink& sink
   }
 
   const float beta = a.beta;
-  const Row r = row_of(st, a.inv_temperature, beta);
+  const Row r = row_of<K, kSeries>(st, a.inv_temperature, beta);
   float loss, center;
   if (K != Kind::Jsd) {
     loss = kl_loss(st, r, &center);
   } else {
-    JsdPass jp{r};
+    JsdPass<kSeries> jp{r};
     for_each(s, t, v, vec, jp);
     const float kl_pm = block_sum(jp.kl_pm, smem_sum);
     center = block_sum(jp.kl_qm, smem_sum);
@@ -164,8 +166,9 @@ __device__ __forceinline__ void rows(const DkDivergenceArgs& a, const Sink& sink
   if (threadIdx.x == 0) per_row[row] = clamp_loss(loss);
   if (!sink.wanted()) return;
 
-  const float gscale = grad_scale(*reinterpret_cast<const float*>(a.scale) * a.inv_temperature, loss);
-  sink.write(s, t, v, vec, grad_row_of<K>(r, center, beta, gscale));
+  const float gscale =
+      grad_scale(*reinterpret_cast<const float*>(a.scale) * a.inv_temperature, loss);
+  sink.template write<kSeries>(s, t, v, vec, grad_row_of<K, kSeries>(r, center, beta, gscale));
 }
 
 }  // namespace divergence
@@ -173,49 +176,54 @@ __device__ __forceinline__ void rows(const DkDivergenceArgs& a, const Sink& sink
 
 using dk::divergence::Kind;
 
-#define DK_DIV_KERNEL(kname, KIND, sname, TS, tname, TT)                                     \
-  extern "C" __global__ void __launch_bounds__(dk::divergence::kThreads)                    \
-      dk_div_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                     \
-    using Sink = dk::divergence::GradSink<KIND, TS>;                                         \
+#define DK_DIV_KERNEL(kname, KIND, SERIES, sname, TS, tname, TT)                              \
+  extern "C" __global__ void __launch_bounds__(dk::divergence::kThreads)                      \
+      dk_div_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                       \
+    using Sink = dk::divergence::GradSink<KIND, TS>;                                          \
     const Sink sink{dk::divergence::block_row<TS>(args.grad, args.grad_stride)};              \
-    dk::divergence::rows<KIND, TS, TT>(args, sink);                                           \
+    dk::divergence::rows<KIND, TS, TT, SERIES>(args, sink);                                   \
   }
 
-#define DK_DIV_KERNELS_FOR_KIND(kname, KIND)                                   \
-  DK_DIV_KERNEL(kname, KIND, f32, float, f32, float)                           \
-  DK_DIV_KERNEL(kname, KIND, f32, float, bf16, __nv_bfloat16)                  \
-  DK_DIV_KERNEL(kname, KIND, f32, float, f16, __half)                          \
-  DK_DIV_KERNEL(kname, KIND, bf16, __nv_bfloat16, f32, float)                  \
-  DK_DIV_KERNEL(kname, KIND, bf16, __nv_bfloat16, bf16, __nv_bfloat16)         \
-  DK_DIV_KERNEL(kname, KIND, bf16, __nv_bfloat16, f16, __half)                 \
-  DK_DIV_KERNEL(kname, KIND, f16, __half, f32, float)                          \
-  DK_DIV_KERNEL(kname, KIND, f16, __half, bf16, __nv_bfloat16)                 \
-  DK_DIV_KERNEL(kname, KIND, f16, __half, f16, __half)
+#define DK_DIV_KERNELS_FOR_KIND(kname, KIND, SERIES)                                   \
+  DK_DIV_KERNEL(kname, KIND, SERIES, f32, float, f32, float)                           \
+  DK_DIV_KERNEL(kname, KIND, SERIES, f32, float, bf16, __nv_bfloat16)                  \
+  DK_DIV_KERNEL(kname, KIND, SERIES, f32, float, f16, __half)                          \
+  DK_DIV_KERNEL(kname, KIND, SERIES, bf16, __nv_bfloat16, f32, float)                  \
+  DK_DIV_KERNEL(kname, KIND, SERIES, bf16, __nv_bfloat16, bf16, __nv_bfloat16)         \
+  DK_DIV_KERNEL(kname, KIND, SERIES, bf16, __nv_bfloat16, f16, __half)                 \
+  DK_DIV_KERNEL(kname, KIND, SERIES, f16, __half, f32, float)                          \
+  DK_DIV_KERNEL(kname, KIND, SERIES, f16, __half, bf16, __nv_bfloat16)                 \
+  DK_DIV_KERNEL(kname, KIND, SERIES, f16, __half, f16, __half)
 
-DK_DIV_KERNELS_FOR_KIND(fkl, Kind::ForwardKl)
-DK_DIV_KERNELS_FOR_KIND(rkl, Kind::ReverseKl)
-DK_DIV_KERNELS_FOR_KIND(jsd, Kind::Jsd)
+// jsdx: JSD at extreme β, min(β, 1 − β) < 2^-5, with the series tails (Row in
+// dk_divergence_math.cuh); kernels of their own so that the others' code and registers do not
+// change for it.
+DK_DIV_KERNELS_FOR_KIND(fkl, Kind::ForwardKl, false)
+DK_DIV_KERNELS_FOR_KIND(rkl, Kind::ReverseKl, false)
+DK_DIV_KERNELS_FOR_KIND(jsd, Kind::Jsd, false)
+DK_DIV_KERNELS_FOR_KIND(jsdx, Kind::Jsd, true)
 
 // The fused linear divergence's chunk kernels: f32 logits S (student) and T (teacher); G, the
 // gradient w.r.t. the raw logits (softcap slope applied when inv_cap ≠ 0, loss scale as in
 // `scale`), in the GEMMs' dtype over S (args.grad = S, args.grad_stride = the S row stride in
 // TO elements), or null for forward only. See FusedGradSink.
-#define DK_DIV_FUSED_KERNEL(kname, KIND, oname, TO)                                           \
-  extern "C" __global__ void __launch_bounds__(dk::divergence::kThreads)                     \
-      dk_div_fused_##kname##_##oname(const DkDivergenceArgs args, float inv_cap) {           \
-    using Sink = dk::divergence::FusedGradSink<KIND, TO>;                                    \
-    const Sink sink{dk::divergence::block_row<TO>(args.grad, args.grad_stride), inv_cap};    \
-    dk::divergence::rows<KIND, float, float>(args, sink);                                    \
+#define DK_DIV_FUSED_KERNEL(kname, KIND, SERIES, oname, TO)                                   \
+  extern "C" __global__ void __launch_bounds__(dk::divergence::kThreads)                      \
+      dk_div_fused_##kname##_##oname(const DkDivergenceArgs args, float inv_cap) {            \
+    using Sink = dk::divergence::FusedGradSink<KIND, TO>;                                     \
+    const Sink sink{dk::divergence::block_row<TO>(args.grad, args.grad_stride), inv_cap};     \
+    dk::divergence::rows<KIND, float, float, SERIES>(args, sink);                             \
   }
 
-#define DK_DIV_FUSED_KERNELS_FOR_KIND(kname, KIND)    \
-  DK_DIV_FUSED_KERNEL(kname, KIND, f32, float)        \
-  DK_DIV_FUSED_KERNEL(kname, KIND, bf16, __nv_bfloat16) \
-  DK_DIV_FUSED_KERNEL(kname, KIND, f16, __half)
+#define DK_DIV_FUSED_KERNELS_FOR_KIND(kname, KIND, SERIES)      \
+  DK_DIV_FUSED_KERNEL(kname, KIND, SERIES, f32, float)          \
+  DK_DIV_FUSED_KERNEL(kname, KIND, SERIES, bf16, __nv_bfloat16) \
+  DK_DIV_FUSED_KERNEL(kname, KIND, SERIES, f16, __half)
 
-DK_DIV_FUSED_KERNELS_FOR_KIND(fkl, Kind::ForwardKl)
-DK_DIV_FUSED_KERNELS_FOR_KIND(rkl, Kind::ReverseKl)
-DK_DIV_FUSED_KERNELS_FOR_KIND(jsd, Kind::Jsd)
+DK_DIV_FUSED_KERNELS_FOR_KIND(fkl, Kind::ForwardKl, false)
+DK_DIV_FUSED_KERNELS_FOR_KIND(rkl, Kind::ReverseKl, false)
+DK_DIV_FUSED_KERNELS_FOR_KIND(jsd, Kind::Jsd, false)
+DK_DIV_FUSED_KERNELS_FOR_KIND(jsdx, Kind::Jsd, true)
 
 // One block: the factor d(reduced loss)/d(row loss), from the labels when batchmean has no
 // num_items. Runs on the device so the trainer's stream never waits on the host.

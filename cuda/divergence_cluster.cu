@@ -64,19 +64,21 @@ __device__ __forceinline__ void copy_slice_async(T* s, const T* g, int len) {
 }
 
 // Runs pass `f` over the block's slice: from shared memory (smem variant) or global memory
-// (stream variant; the rows are 16-byte aligned, which the launcher checks).
-template <bool kStream, typename TS, typename TT, typename F>
+// (stream variant; the rows are 16-byte aligned, which the launcher checks), with kSteps
+// 16-byte steps of loads in flight in the stream variant (1 for the JSD passes of the series
+// mode, whose tails need the registers of the second step: 64 at two blocks per SM).
+template <bool kStream, int kSteps = 2, typename TS, typename TT, typename F>
 __device__ __forceinline__ void slice_pass(const TS* ss, const TT* ts, const TS* s, const TT* t,
                                            int len, F&& f) {
   // for_each inlined over pointers into the shared-memory array compiles to shared loads.
   if (kStream) {
-    for_each<2>(s, t, len, true, f);
+    for_each<kSteps>(s, t, len, true, f);
   } else {
     for_each(ss, ts, len, true, f);
   }
 }
 
-template <Kind K, typename TS, typename TT, bool kStream>
+template <Kind K, typename TS, typename TT, bool kStream, bool kSeries>
 __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
   namespace cg = cooperative_groups;
   extern __shared__ __align__(16) unsigned char dk_divc_smem[];
@@ -129,13 +131,13 @@ __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
   // A side with no finite entry has no distribution: loss 0, gradient 0 (NaN rows go on).
   const bool empty = st.empty();
   const float beta = a.beta;
-  const Row r = row_of(st, a.inv_temperature, beta);
+  const Row r = row_of<K, kSeries>(st, a.inv_temperature, beta);
   float loss = 0.f, center = 0.f;
   if (K != Kind::Jsd && !empty) loss = kl_loss(st, r, &center);
   if (K == Kind::Jsd) {
     // Every block takes this branch (empty is the same everywhere), so the barrier is uniform.
-    JsdPass jp{r};
-    if (!empty) slice_pass<kStream>(ss, ts, s, t, len, jp);
+    JsdPass<kSeries> jp{r};
+    if (!empty) slice_pass<kStream, kSeries ? 1 : 2>(ss, ts, s, t, len, jp);
     const float pm = block_sum(jp.kl_pm, smem_sum);
     const float qm = block_sum(jp.kl_qm, smem_sum);
     if (threadIdx.x == 0) slot_kl = make_float2(pm, qm);
@@ -159,8 +161,8 @@ __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
       // In place over the student row is safe: the smem variant reads its copy; the stream
       // variant's thread reads each chunk before it writes that chunk's gradient, and no other
       // thread or block touches the chunk.
-      GradPass<K, TS> gp{grad_row_of<K>(r, center, beta, gscale), g};
-      slice_pass<kStream>(ss, ts, s, t, len, gp);
+      GradPass<K, TS, kSeries> gp{grad_row_of<K, kSeries>(r, center, beta, gscale), g};
+      slice_pass<kStream, kSeries ? 1 : 2>(ss, ts, s, t, len, gp);
     }
   }
   cluster.sync();  // the other blocks may still be reading this block's slots
@@ -172,32 +174,35 @@ __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
 }  // namespace dk
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define DK_DIVC_BODY(KIND, TS, TT, STREAM) dk::divergence::cluster_rows<KIND, TS, TT, STREAM>(args);
+#define DK_DIVC_BODY(KIND, SERIES, TS, TT, STREAM) \
+  dk::divergence::cluster_rows<KIND, TS, TT, STREAM, SERIES>(args);
 #else
-#define DK_DIVC_BODY(KIND, TS, TT, STREAM) (void)args;
+#define DK_DIVC_BODY(KIND, SERIES, TS, TT, STREAM) (void)args;
 #endif
 
-#define DK_DIVC_KERNEL(kname, KIND, sname, TS, tname, TT)                                     \
-  extern "C" __global__ void __launch_bounds__(dk::divergence::kClusterThreads)              \
-      dk_divc_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                     \
-    DK_DIVC_BODY(KIND, TS, TT, false)                                                        \
-  }                                                                                          \
-  extern "C" __global__ void __launch_bounds__(dk::divergence::kClusterThreads, 2)           \
-      dk_divcs_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                    \
-    DK_DIVC_BODY(KIND, TS, TT, true)                                                         \
+#define DK_DIVC_KERNEL(kname, KIND, SERIES, sname, TS, tname, TT)                             \
+  extern "C" __global__ void __launch_bounds__(dk::divergence::kClusterThreads)               \
+      dk_divc_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                      \
+    DK_DIVC_BODY(KIND, SERIES, TS, TT, false)                                                 \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(dk::divergence::kClusterThreads, 2)            \
+      dk_divcs_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                     \
+    DK_DIVC_BODY(KIND, SERIES, TS, TT, true)                                                  \
   }
 
-#define DK_DIVC_KERNELS_FOR_KIND(kname, KIND)                                   \
-  DK_DIVC_KERNEL(kname, KIND, f32, float, f32, float)                           \
-  DK_DIVC_KERNEL(kname, KIND, f32, float, bf16, __nv_bfloat16)                  \
-  DK_DIVC_KERNEL(kname, KIND, f32, float, f16, __half)                          \
-  DK_DIVC_KERNEL(kname, KIND, bf16, __nv_bfloat16, f32, float)                  \
-  DK_DIVC_KERNEL(kname, KIND, bf16, __nv_bfloat16, bf16, __nv_bfloat16)         \
-  DK_DIVC_KERNEL(kname, KIND, bf16, __nv_bfloat16, f16, __half)                 \
-  DK_DIVC_KERNEL(kname, KIND, f16, __half, f32, float)                          \
-  DK_DIVC_KERNEL(kname, KIND, f16, __half, bf16, __nv_bfloat16)                 \
-  DK_DIVC_KERNEL(kname, KIND, f16, __half, f16, __half)
+#define DK_DIVC_KERNELS_FOR_KIND(kname, KIND, SERIES)                                   \
+  DK_DIVC_KERNEL(kname, KIND, SERIES, f32, float, f32, float)                           \
+  DK_DIVC_KERNEL(kname, KIND, SERIES, f32, float, bf16, __nv_bfloat16)                  \
+  DK_DIVC_KERNEL(kname, KIND, SERIES, f32, float, f16, __half)                          \
+  DK_DIVC_KERNEL(kname, KIND, SERIES, bf16, __nv_bfloat16, f32, float)                  \
+  DK_DIVC_KERNEL(kname, KIND, SERIES, bf16, __nv_bfloat16, bf16, __nv_bfloat16)         \
+  DK_DIVC_KERNEL(kname, KIND, SERIES, bf16, __nv_bfloat16, f16, __half)                 \
+  DK_DIVC_KERNEL(kname, KIND, SERIES, f16, __half, f32, float)                          \
+  DK_DIVC_KERNEL(kname, KIND, SERIES, f16, __half, bf16, __nv_bfloat16)                 \
+  DK_DIVC_KERNEL(kname, KIND, SERIES, f16, __half, f16, __half)
 
-DK_DIVC_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl)
-DK_DIVC_KERNELS_FOR_KIND(rkl, dk::divergence::Kind::ReverseKl)
-DK_DIVC_KERNELS_FOR_KIND(jsd, dk::divergence::Kind::Jsd)
+// jsdx: JSD at extreme β (the series tails; see cuda/divergence.cu).
+DK_DIVC_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl, false)
+DK_DIVC_KERNELS_FOR_KIND(rkl, dk::divergence::Kind::ReverseKl, false)
+DK_DIVC_KERNELS_FOR_KIND(jsd, dk::divergence::Kind::Jsd, false)
+DK_DIVC_KERNELS_FOR_KIND(jsdx, dk::divergence::Kind::Jsd, true)

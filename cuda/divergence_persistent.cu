@@ -189,7 +189,7 @@ enum class GradMode { None, Zero, Grad };
 // softcap's slope (softcap_slope of the capped student logit), in TO. Without a
 // softcap (inv_cap = 0, uniform) it is GradPass's store. Same entries as FusedGradSink
 // (cuda/divergence.cu), the one-block kernel's.
-template <Kind K, typename TO>
+template <Kind K, typename TO, bool kSeries>
 struct FusedGradPass {
   GradRow row;
   TO* g;
@@ -198,7 +198,7 @@ struct FusedGradPass {
   __device__ __forceinline__ void chunk(int i, const float (&s)[N], const float (&t)[N]) {
     float out[N];
 #pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = grad_entry<K>(row, s[k], t[k]);
+    for (int k = 0; k < N; ++k) out[k] = grad_entry<K, kSeries>(row, s[k], t[k]);
     if (inv_cap != 0.f) {
 #pragma unroll
       for (int k = 0; k < N; ++k) out[k] *= softcap_slope(s[k], inv_cap);
@@ -208,25 +208,27 @@ struct FusedGradPass {
 };
 
 // The gradient stage's functor: GradPass over TS for the divergence kernels, FusedGradPass
-// over TO for the fused linear divergence's (kFused).
-template <Kind K, typename TS, typename TO, bool kFused>
+// over TO for the fused linear divergence's (kFused); kSeries: Row's JSD mode.
+template <Kind K, typename TS, typename TO, bool kFused, bool kSeries>
 struct GradStageOf {
   using Out = TS;
-  using Type = GradPass<K, TS>;
+  using Type = GradPass<K, TS, kSeries>;
   static __device__ __forceinline__ Type make(const GradRow& r, TS* g, float) { return {r, g}; }
 };
-template <Kind K, typename TS, typename TO>
-struct GradStageOf<K, TS, TO, true> {
+template <Kind K, typename TS, typename TO, bool kSeries>
+struct GradStageOf<K, TS, TO, true, kSeries> {
   using Out = TO;
-  using Type = FusedGradPass<K, TO>;
+  using Type = FusedGradPass<K, TO, kSeries>;
   static __device__ __forceinline__ Type make(const GradRow& r, TO* g, float inv_cap) {
     return {r, g, inv_cap};
   }
 };
 
 // kSteps: chunk steps whose loads are issued together (for_each_rows). kFused: the fused
-// linear divergence's variant, G in TO with the softcap slope (inv_cap; see the top).
-template <Kind K, typename TS, typename TT, int kSteps, bool kFused = false, typename TO = TS>
+// linear divergence's variant, G in TO with the softcap slope (inv_cap; see the top). kSeries:
+// Row's JSD mode (the `jsdx` kernels, for extreme β).
+template <Kind K, typename TS, typename TT, int kSteps, bool kSeries, bool kFused = false,
+          typename TO = TS>
 __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a, float inv_cap = 0.f) {
   static_assert(kFused || sizeof(TO) == sizeof(TS), "TO is TS outside the fused variant");
   constexpr bool kJsd = K == Kind::Jsd;
@@ -325,7 +327,7 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a, float
           const RowStats<K> st = merge_slots(&slot_stats[p], c, lane, k);
           // A side with no finite entry has no distribution: loss 0, gradient 0.
           live = !st.empty();
-          r = row_of(st, a.inv_temperature, beta);
+          r = row_of<K, kSeries>(st, a.inv_temperature, beta);
           if (!kJsd && live) loss = kl_loss(st, r, &center);
         }
         if (kJsd) {
@@ -343,7 +345,7 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a, float
       }
     }
 
-    using GradFn = GradStageOf<K, TS, TO, kFused>;
+    using GradFn = GradStageOf<K, TS, TO, kFused, kSeries>;
     using GradOut = typename GradFn::Out;
     GradOut* g = grad_mode == GradMode::None
                      ? nullptr
@@ -353,16 +355,16 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a, float
 
     StatsPass<K, TS, TT> sp{k, student(stats_at), teacher(stats_at)};
     typename GradFn::Type gp =
-        GradFn::make(grad_row_of<K>(grad_row, grad_center, beta, grad_gscale), g, inv_cap);
+        GradFn::make(grad_row_of<K, kSeries>(grad_row, grad_center, beta, grad_gscale), g, inv_cap);
     const TS* ss = stats_on ? sp.s : nullptr;
     const TS* gs = grad_on ? student(grad_at) : nullptr;
     const Stage<TS, TT, StatsPass<K, TS, TT>> stats_stage{ss, sp.t, sp};
     const Stage<TS, TT, typename GradFn::Type> grad_stage{gs, grad_on ? teacher(grad_at) : nullptr,
                                                           gp};
     if (kJsd) {
-      JsdPass jp{mix_row};
+      JsdPass<kSeries> jp{mix_row};
       const int64_t mix_at = row_at(i - 1);
-      const Stage<TS, TT, JsdPass> mix_stage{mix_on ? student(mix_at) : nullptr,
+      const Stage<TS, TT, JsdPass<kSeries>> mix_stage{mix_on ? student(mix_at) : nullptr,
                                              mix_on ? teacher(mix_at) : nullptr, jp};
       for_each_rows<kSteps>(len, stats_stage, mix_stage, grad_stage);
       if (mix_on) {
@@ -397,14 +399,14 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a, float
 }  // namespace dk
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define DK_DIVP_BODY(KIND, TS, TT, STEPS) \
-  dk::divergence::persistent_rows<KIND, TS, TT, STEPS>(args);
-#define DK_DIVP_FUSED_BODY(KIND, TO, STEPS) \
-  dk::divergence::persistent_rows<KIND, float, float, STEPS, true, TO>(args, inv_cap);
+#define DK_DIVP_BODY(KIND, SERIES, TS, TT, STEPS) \
+  dk::divergence::persistent_rows<KIND, TS, TT, STEPS, SERIES>(args);
+#define DK_DIVP_FUSED_BODY(KIND, SERIES, TO, STEPS) \
+  dk::divergence::persistent_rows<KIND, float, float, STEPS, SERIES, true, TO>(args, inv_cap);
 #else
-#define DK_DIVP_BODY(KIND, TS, TT, STEPS) (void)args;
-#define DK_DIVP_FUSED_BODY(KIND, TO, STEPS) \
-  (void)args;                               \
+#define DK_DIVP_BODY(KIND, SERIES, TS, TT, STEPS) (void)args;
+#define DK_DIVP_FUSED_BODY(KIND, SERIES, TO, STEPS) \
+  (void)args;                                       \
   (void)inv_cap;
 #endif
 
@@ -414,50 +416,53 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a, float
 //   dk_divcp256_*: 256 threads, two steps in flight (twice the bytes per thread), two blocks
 //                  per SM: half the threads per row, so each thread has twice the chunks between
 //                  two row reductions, whose cost per thread is fixed.
-#define DK_DIVP_KERNEL(kname, KIND, BLOCKS, sname, TS, tname, TT)                             \
-  extern "C" __global__ void __launch_bounds__(512, BLOCKS)                                  \
-      dk_divcp_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                    \
-    DK_DIVP_BODY(KIND, TS, TT, 1)                                                            \
-  }                                                                                          \
-  extern "C" __global__ void __launch_bounds__(256, 2)                                       \
-      dk_divcp256_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                 \
-    DK_DIVP_BODY(KIND, TS, TT, 2)                                                            \
+#define DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, sname, TS, tname, TT)                     \
+  extern "C" __global__ void __launch_bounds__(512, BLOCKS)                                   \
+      dk_divcp_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                     \
+    DK_DIVP_BODY(KIND, SERIES, TS, TT, 1)                                                     \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(256, 2)                                        \
+      dk_divcp256_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                  \
+    DK_DIVP_BODY(KIND, SERIES, TS, TT, 2)                                                     \
   }
 
-#define DK_DIVP_KERNELS_FOR_KIND(kname, KIND, BLOCKS)                                   \
-  DK_DIVP_KERNEL(kname, KIND, BLOCKS, f32, float, f32, float)                           \
-  DK_DIVP_KERNEL(kname, KIND, BLOCKS, f32, float, bf16, __nv_bfloat16)                  \
-  DK_DIVP_KERNEL(kname, KIND, BLOCKS, f32, float, f16, __half)                          \
-  DK_DIVP_KERNEL(kname, KIND, BLOCKS, bf16, __nv_bfloat16, f32, float)                  \
-  DK_DIVP_KERNEL(kname, KIND, BLOCKS, bf16, __nv_bfloat16, bf16, __nv_bfloat16)         \
-  DK_DIVP_KERNEL(kname, KIND, BLOCKS, bf16, __nv_bfloat16, f16, __half)                 \
-  DK_DIVP_KERNEL(kname, KIND, BLOCKS, f16, __half, f32, float)                          \
-  DK_DIVP_KERNEL(kname, KIND, BLOCKS, f16, __half, bf16, __nv_bfloat16)                 \
-  DK_DIVP_KERNEL(kname, KIND, BLOCKS, f16, __half, f16, __half)
+#define DK_DIVP_KERNELS_FOR_KIND(kname, KIND, SERIES, BLOCKS)                                   \
+  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, f32, float, f32, float)                           \
+  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, f32, float, bf16, __nv_bfloat16)                  \
+  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, f32, float, f16, __half)                          \
+  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, bf16, __nv_bfloat16, f32, float)                  \
+  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, bf16, __nv_bfloat16, bf16, __nv_bfloat16)         \
+  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, bf16, __nv_bfloat16, f16, __half)                 \
+  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, f16, __half, f32, float)                          \
+  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, f16, __half, bf16, __nv_bfloat16)                 \
+  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, f16, __half, f16, __half)
 
-DK_DIVP_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl, 2)
-DK_DIVP_KERNELS_FOR_KIND(rkl, dk::divergence::Kind::ReverseKl, 2)
-DK_DIVP_KERNELS_FOR_KIND(jsd, dk::divergence::Kind::Jsd, 1)
+// jsdx: JSD at extreme β (the series tails; see cuda/divergence.cu).
+DK_DIVP_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl, false, 2)
+DK_DIVP_KERNELS_FOR_KIND(rkl, dk::divergence::Kind::ReverseKl, false, 2)
+DK_DIVP_KERNELS_FOR_KIND(jsd, dk::divergence::Kind::Jsd, false, 1)
+DK_DIVP_KERNELS_FOR_KIND(jsdx, dk::divergence::Kind::Jsd, true, 1)
 
 // The fused linear divergence's chunk kernels (src/fused/cuda.rs): f32 logits S (student) and
 // T (teacher); G (softcap slope applied when inv_cap ≠ 0, loss scale as in `scale`) in the
 // GEMMs' dtype TO at args.grad with row stride args.grad_stride (TO elements), which may alias
 // the logits of row r − Q for row r (see the top), or null for forward only.
-#define DK_DIVP_FUSED_KERNEL(kname, KIND, BLOCKS, oname, TO)                              \
-  extern "C" __global__ void __launch_bounds__(512, BLOCKS)                              \
-      dk_divcp_fused_##kname##_##oname(const DkDivergenceArgs args, float inv_cap) {     \
-    DK_DIVP_FUSED_BODY(KIND, TO, 1)                                                      \
-  }                                                                                      \
-  extern "C" __global__ void __launch_bounds__(256, 2)                                   \
-      dk_divcp256_fused_##kname##_##oname(const DkDivergenceArgs args, float inv_cap) {  \
-    DK_DIVP_FUSED_BODY(KIND, TO, 2)                                                      \
+#define DK_DIVP_FUSED_KERNEL(kname, KIND, SERIES, BLOCKS, oname, TO)                      \
+  extern "C" __global__ void __launch_bounds__(512, BLOCKS)                               \
+      dk_divcp_fused_##kname##_##oname(const DkDivergenceArgs args, float inv_cap) {      \
+    DK_DIVP_FUSED_BODY(KIND, SERIES, TO, 1)                                               \
+  }                                                                                       \
+  extern "C" __global__ void __launch_bounds__(256, 2)                                    \
+      dk_divcp256_fused_##kname##_##oname(const DkDivergenceArgs args, float inv_cap) {   \
+    DK_DIVP_FUSED_BODY(KIND, SERIES, TO, 2)                                               \
   }
 
-#define DK_DIVP_FUSED_KERNELS_FOR_KIND(kname, KIND, BLOCKS)          \
-  DK_DIVP_FUSED_KERNEL(kname, KIND, BLOCKS, f32, float)              \
-  DK_DIVP_FUSED_KERNEL(kname, KIND, BLOCKS, bf16, __nv_bfloat16)     \
-  DK_DIVP_FUSED_KERNEL(kname, KIND, BLOCKS, f16, __half)
+#define DK_DIVP_FUSED_KERNELS_FOR_KIND(kname, KIND, SERIES, BLOCKS)          \
+  DK_DIVP_FUSED_KERNEL(kname, KIND, SERIES, BLOCKS, f32, float)              \
+  DK_DIVP_FUSED_KERNEL(kname, KIND, SERIES, BLOCKS, bf16, __nv_bfloat16)     \
+  DK_DIVP_FUSED_KERNEL(kname, KIND, SERIES, BLOCKS, f16, __half)
 
-DK_DIVP_FUSED_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl, 2)
-DK_DIVP_FUSED_KERNELS_FOR_KIND(rkl, dk::divergence::Kind::ReverseKl, 2)
-DK_DIVP_FUSED_KERNELS_FOR_KIND(jsd, dk::divergence::Kind::Jsd, 1)
+DK_DIVP_FUSED_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl, false, 2)
+DK_DIVP_FUSED_KERNELS_FOR_KIND(rkl, dk::divergence::Kind::ReverseKl, false, 2)
+DK_DIVP_FUSED_KERNELS_FOR_KIND(jsd, dk::divergence::Kind::Jsd, false, 1)
+DK_DIVP_FUSED_KERNELS_FOR_KIND(jsdx, dk::divergence::Kind::Jsd, true, 1)

@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use common::*;
-use distill_kernels::divergence::Kind;
+use distill_kernels::divergence::{kernel_kind_tag, Kind};
 use distill_kernels::DType;
 
 const TEST: &str = "divergence_fused_sim";
@@ -66,11 +66,8 @@ struct FusedCase {
 
 impl FusedCase {
     fn kernel(&self) -> String {
-        let k = match self.kind {
-            Kind::ForwardKl => "fkl",
-            Kind::ReverseKl => "rkl",
-            Kind::Jsd => "jsd",
-        };
+        // The launcher's choice (jsdx: JSD at an extreme β).
+        let k = kernel_kind_tag(self.kind, self.beta);
         format!("dk_div_fused_{k}_{}", self.out.name())
     }
 
@@ -139,6 +136,7 @@ fn cases(rng: &mut Rng) -> Vec<FusedCase> {
         (Kind::ReverseKl, 0.5),
         (Kind::Jsd, 0.5),
         (Kind::Jsd, 0.25),
+        (Kind::Jsd, 1e-3), // the jsdx kernels' series tails
     ];
     for (i, &(kind, beta)) in kinds.iter().enumerate() {
         for (j, &dtype) in [BF16, F16, F32].iter().enumerate() {

@@ -53,7 +53,7 @@ use std::sync::OnceLock;
 
 use common::fused_chunk::{self, chunk_logits, g_tol, reference_row, ChunkParams};
 use common::*;
-use distill_kernels::divergence::{Kind, Params, Reduction};
+use distill_kernels::divergence::{kernel_kind_tag, Kind, Params, Reduction};
 use distill_kernels::{Context, DType};
 
 const TEST: &str = "divergence_persistent_sim";
@@ -139,11 +139,8 @@ impl SimCase {
         } else {
             "dk_divcp256"
         };
-        let kind = match self.case.params.effective_kind() {
-            Kind::ForwardKl => "fkl",
-            Kind::ReverseKl => "rkl",
-            Kind::Jsd => "jsd",
-        };
+        // The launcher's choice (jsdx: JSD at an extreme β).
+        let kind = kernel_kind_tag(self.case.params.effective_kind(), self.case.params.beta);
         format!(
             "{prefix}_{kind}_{}_{}",
             self.case.student.dtype.name(),
@@ -429,8 +426,12 @@ fn cases(rng: &mut Rng) -> Vec<SimCase> {
         Grad::Separate,
         &ends(6, 2),
     ));
-    // Effective kinds: JSD with β = 0 / 1 runs the forward / reverse KL kernels; β = 0.25.
-    for (k, params) in [jsd(0.0), jsd(1.0), jsd(0.25)].into_iter().enumerate() {
+    // Effective kinds: JSD with β = 0 / 1 runs the forward / reverse KL kernels; β = 0.25; and
+    // β = 1e-3 and 1 − 1e-3, the series tails of the jsdx kernels.
+    for (k, params) in [jsd(0.0), jsd(1.0), jsd(0.25), jsd(1e-3), jsd(0.999)]
+        .into_iter()
+        .enumerate()
+    {
         out.push(make(
             rng,
             params,
@@ -896,11 +897,7 @@ impl FusedSimCase {
         } else {
             "dk_divcp256"
         };
-        let kind = match self.p.kind {
-            Kind::ForwardKl => "fkl",
-            Kind::ReverseKl => "rkl",
-            Kind::Jsd => "jsd",
-        };
+        let kind = kernel_kind_tag(self.p.kind, self.p.beta);
         format!("{prefix}_fused_{kind}_{}", self.out.name())
     }
 

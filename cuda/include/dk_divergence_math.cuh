@@ -175,9 +175,27 @@ DK_UNROLL
 // gives finite log ratios, which its zero probability multiplies to 0 without a test, and the
 // clamped values give the right limits (p = 0: log2(q/m) = −log2(1−β); q = 0: log2(p/m) =
 // −log2 β). Unmasked entries have |w| < 300 (p, q ≥ 2^-126 and β a normal f32), far inside.
+//
+// Extreme β (kSeries, min(β, 1 − β) < 2^-5: jsd_series_tails). The loss then scales with
+// min(β, 1 − β) and, as β → 0, the gradient's log2 q − log2 m is the tail difference alone,
+// of size ~β. Three f32 effects that are negligible at β = 0.5 then dominate: 1 + u rounds u
+// to 2^-24 absolute; lg2.approx is off by up to 2^-22 absolute near 1; and w ≈ B2 ≈ ±23 is
+// rounded to 2^-19, which the bracket B2 − w passes on. The host replay measured, before this
+// mode, gradients 3e-4 (β = 0.01), 5e-2 (1e-4) and 100 % (1e-7) off, relative, and losses of
+// near-identical rows at β → 1 off by orders of magnitude. So with kSeries a tail below 2^-4
+// is the series u·log2(e)·(1 − u/2 + u²/3 − u³/4 + u⁴/5) (relative error u⁵/6 ≤ 1.6e-7,
+// nothing rounded against 1), and the brackets are formed from z = d − R2 (= w − B2, clamped
+// like w), never from w:
+//   max(B2, 0) − max(w, 0) = min(neg − z, pos),   neg + min(w, 0) = min(z + pos, neg),
+// with w = z + B2 used only inside the tail, where its rounding moves the result by a relative
+// 2^-19 · ln 2 of a tail. Identical rows still give exactly 0 (z = 0: both minima are 0, and
+// w = B2 exactly). The mode is a template parameter, compiled into kernels of its own
+// (`dk_div*_jsdx_*`, launched for such β), so the kernels for ordinary β keep their
+// instructions and registers and pay nothing for it.
 struct Row {
   float k, nmt, nms, inv_st, inv_ss, log_ratio;
-  // JSD: c2 = B2 − R2 (w = d + c2), pos = max(B2, 0), neg = max(−B2, 0), tail0 = tail(B2).
+  // JSD: c2 = B2 − R2 (w = d + c2; kSeries: c2 = −R2, z = d + c2), pos = max(B2, 0),
+  // neg = max(−B2, 0) (B2 = pos − neg exactly), tail0 = tail(B2).
   float c2, pos, neg, tail0;
 
   static constexpr float kWClamp = 1024.f;
@@ -199,32 +217,56 @@ struct Row {
   // w of an entry, clamped (see above; fminf / fmaxf also turn a NaN d into a finite w).
   DK_HD float mixture_w(float d) const { return fminf(fmaxf(d + c2, -kWClamp), kWClamp); }
 
-  // tail(w) = log2(1 + 2^−|w|).
-  static DK_HD float softplus2_tail(float w) { return fast_log2(1.f + fast_exp2(-fabsf(w))); }
+  // tail(w) = log2(1 + 2^−|w|); with kSeries, below u = 2^-4 by its series (see above).
+  template <bool kSeries = false>
+  static DK_HD float softplus2_tail(float w) {
+    const float u = fast_exp2(-fabsf(w));
+    if (kSeries && u < 0x1p-4f) {
+      // log2(e) · (1, −1/2, 1/3, −1/4, 1/5), by Horner.
+      float c = fmaf(u, 0.28853900817779268f, -0.36067376022224085f);
+      c = fmaf(u, c, 0.48089834696298783f);
+      c = fmaf(u, c, -0.72134752044448170f);
+      c = fmaf(u, c, 1.4426950408889634f);
+      return u * c;
+    }
+    return fast_log2(1.f + u);
+  }
 
   // (log2 p − log2 m, log2 q − log2 m) for the JSD mixture, from an entry's d.
+  template <bool kSeries = false>
   DK_HD float2 log2_ratios_to_mixture(float d) const {
+    if (kSeries) {
+      const float z = mixture_w(d);  // c2 = −R2 here: z = w − B2
+      const float dt = tail0 - softplus2_tail<true>(z + (pos - neg));  // w, from B2 = pos − neg
+      return make_float2(fminf(neg - z, pos) + dt, fminf(z + pos, neg) + dt);
+    }
     const float w = mixture_w(d);
     const float dt = tail0 - softplus2_tail(w);
     return make_float2((pos - fmaxf(w, 0.f)) + dt, (neg + fminf(w, 0.f)) + dt);
   }
 };
 
+// Whether a JSD launch takes the series tails (Row, "Extreme β"): min(β, 1 − β) < 2^-5 (1 − β
+// is exact for β ≥ 1/2). The host makes the same choice (jsd_series_tails in
+// src/divergence/cuda.rs) and launches the `jsdx` kernels for it.
+DK_HD bool jsd_series_tails(float beta) { return fminf(beta, 1.f - beta) < 0x1p-5f; }
+
 // log2(e) / T: the factor of every base-2 exponent of the divergence kernels.
 DK_HD float exp2_scale(float inv_t) { return inv_t * 1.4426950408889634f; }
 
-// The later passes' row constants from the merged statistics.
-template <Kind K>
+// The later passes' row constants from the merged statistics (kSeries: the JSD mode of Row).
+template <Kind K, bool kSeries = false>
 DK_HD Row row_of(const RowStats<K>& st, float inv_t, float beta) {
   Row r{exp2_scale(inv_t), -st.mt, -st.ms, 1.f / st.st, 1.f / st.ss, logf(st.ss / st.st),
         0.f, 0.f, 0.f, 0.f};
   if (K == Kind::Jsd) {
     // β in (0, 1): the launchers run β = 0 and 1 as the KL kinds (Params::effective_kind).
     const float b2 = log2f(1.f - beta) - log2f(beta);
-    r.c2 = b2 - log2f(st.ss / st.st);
+    const float r2 = log2f(st.ss / st.st);
+    r.c2 = kSeries ? -r2 : b2 - r2;
     r.pos = fmaxf(b2, 0.f);
     r.neg = fmaxf(-b2, 0.f);
-    r.tail0 = Row::softplus2_tail(b2);
+    r.tail0 = Row::softplus2_tail<kSeries>(b2);
   }
   return r;
 }
@@ -265,7 +307,8 @@ struct GradRow {
   float gq, gp, center;
 };
 
-template <Kind K>
+// kSeries: Row's JSD mode (the same values; see below).
+template <Kind K, bool kSeries = false>
 DK_HD GradRow grad_row_of(const Row& row, float center, float beta, float gscale) {
   GradRow g{row, row.inv_ss * gscale, row.inv_st * gscale, center};
   if (K == Kind::Jsd) {
@@ -274,13 +317,16 @@ DK_HD GradRow grad_row_of(const Row& row, float center, float beta, float gscale
     // peak is the small difference of the two, and a cheaper but differently rounded form
     // (a row constant + min(w, 0) − tail(w), three instructions fewer) put such rows' gradients 1e-3
     // off in the host replay.
-    g.gq *= (1.f - beta) * kLn2;
+    // (kSeries: 1 − β formed here again, not taken from row_of's log2f(1 − β): held over the
+    // mixture pass, it was the one spill of dk_div_fused_jsdx_f32 on sm_90a.)
+    g.gq *= (kSeries ? sub_rn(1.f, beta) : 1.f - beta) * kLn2;
   }
   return g;
 }
 
-// Per-entry gradient dL/ds (scaled) of the passes after the statistics.
-template <Kind K>
+// Per-entry gradient dL/ds (scaled) of the passes after the statistics (kSeries: Row's JSD
+// mode, the row's).
+template <Kind K, bool kSeries = false>
 DK_HD float grad_entry(const GradRow& g, float s, float t) {
   const Row& row = g.row;
   const float X = mul_rn(t + row.nmt, row.k), Y = mul_rn(s + row.nms, row.k);
@@ -288,14 +334,15 @@ DK_HD float grad_entry(const GradRow& g, float s, float t) {
   // (Both products rounded: a contracted FFMA(eq, gq, −ex·gp) is not 0 for identical rows.)
   if (K == Kind::ForwardKl) return mul_rn(eq, g.gq) - mul_rn(fast_exp2(X), g.gp);
   if (K == Kind::ReverseKl) return xlog(eq, fmaf(Y - X, kLn2, -g.center)) * g.gq;
-  return eq * g.gq * (row.log2_ratios_to_mixture(Y - X).y - g.center);
+  return eq * g.gq * (row.log2_ratios_to_mixture<kSeries>(Y - X).y - g.center);
 }
 
 // (p (log2 p − log2 m), q (log2 q − log2 m)) of one entry, summed by the JSD pass. Both log
 // ratios are finite (clamped w), so masked entries (probability 0) add exactly 0.
+template <bool kSeries = false>
 DK_HD float2 jsd_terms(const Row& row, float s, float t) {
   const Row::Entry e = row.entry(s, t);
-  const float2 lr = row.log2_ratios_to_mixture(e.d);
+  const float2 lr = row.log2_ratios_to_mixture<kSeries>(e.d);
   return make_float2(e.p * lr.x, e.q * lr.y);
 }
 

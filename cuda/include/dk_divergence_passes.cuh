@@ -80,7 +80,8 @@ struct StatsPass {
   }
 };
 
-// Pass 2 of JSD: Σ p (log p - log m) and Σ q (log q - log m).
+// Pass 2 of JSD: Σ p (log p - log m) and Σ q (log q - log m) (kSeries: Row's JSD mode).
+template <bool kSeries = false>
 struct JsdPass {
   Row row;
   float kl_pm = 0.f, kl_qm = 0.f;
@@ -88,7 +89,7 @@ struct JsdPass {
   __device__ __forceinline__ void chunk(int, const float (&s)[N], const float (&t)[N]) {
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float2 terms = jsd_terms(row, s[k], t[k]);
+      const float2 terms = jsd_terms<kSeries>(row, s[k], t[k]);
       kl_pm += terms.x;
       kl_qm += terms.y;
     }
@@ -106,8 +107,8 @@ __device__ __forceinline__ void store_chunk(T* p, const float (&out)[N]) {
   }
 }
 
-// Final pass: the gradient, stored 8 at a time when aligned.
-template <Kind K, typename TS>
+// Final pass: the gradient, stored 8 at a time when aligned (kSeries: Row's JSD mode).
+template <Kind K, typename TS, bool kSeries = false>
 struct GradPass {
   GradRow row;  // grad_row_of<K>(row constants, center, β, gscale)
   TS* g;
@@ -115,7 +116,7 @@ struct GradPass {
   __device__ __forceinline__ void chunk(int i, const float (&s)[N], const float (&t)[N]) {
     float out[N];
 #pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = grad_entry<K>(row, s[k], t[k]);
+    for (int k = 0; k < N; ++k) out[k] = grad_entry<K, kSeries>(row, s[k], t[k]);
     store_chunk(g + i, out);
   }
 };

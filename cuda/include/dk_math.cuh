@@ -69,6 +69,16 @@ DK_HD float mul_rn(float a, float b) {
 #endif
 }
 
+// a − b rounded on its own, as an operation the compiler does not merge with an equal `a − b`
+// elsewhere (__fsub_rn): a value recomputed where it is used instead of held in a register.
+DK_HD float sub_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
 // log2(x) on the special-function unit: one MUFU.LG2 (lg2.approx.ftz, absolute error ≈ 2^-22).
 // The JSD passes take it of 1 + e, e in [0, 1] (their base-2 softplus): three instructions
 // with the FADD where libm's log1pf spends ≈ 25 on its range reduction (cuda/DIVERGENCE.md,

@@ -94,6 +94,15 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_div_jsd_f16_f32",
     "dk_div_jsd_f16_bf16",
     "dk_div_jsd_f16_f16",
+    "dk_div_jsdx_f32_f32",
+    "dk_div_jsdx_f32_bf16",
+    "dk_div_jsdx_f32_f16",
+    "dk_div_jsdx_bf16_f32",
+    "dk_div_jsdx_bf16_bf16",
+    "dk_div_jsdx_bf16_f16",
+    "dk_div_jsdx_f16_f32",
+    "dk_div_jsdx_f16_bf16",
+    "dk_div_jsdx_f16_f16",
     "dk_divc_fkl_f32_f32",
     "dk_divc_fkl_f32_bf16",
     "dk_divc_fkl_f32_f16",
@@ -121,6 +130,15 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_divc_jsd_f16_f32",
     "dk_divc_jsd_f16_bf16",
     "dk_divc_jsd_f16_f16",
+    "dk_divc_jsdx_f32_f32",
+    "dk_divc_jsdx_f32_bf16",
+    "dk_divc_jsdx_f32_f16",
+    "dk_divc_jsdx_bf16_f32",
+    "dk_divc_jsdx_bf16_bf16",
+    "dk_divc_jsdx_bf16_f16",
+    "dk_divc_jsdx_f16_f32",
+    "dk_divc_jsdx_f16_bf16",
+    "dk_divc_jsdx_f16_f16",
     "dk_divcs_fkl_f32_f32",
     "dk_divcs_fkl_f32_bf16",
     "dk_divcs_fkl_f32_f16",
@@ -148,6 +166,15 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_divcs_jsd_f16_f32",
     "dk_divcs_jsd_f16_bf16",
     "dk_divcs_jsd_f16_f16",
+    "dk_divcs_jsdx_f32_f32",
+    "dk_divcs_jsdx_f32_bf16",
+    "dk_divcs_jsdx_f32_f16",
+    "dk_divcs_jsdx_bf16_f32",
+    "dk_divcs_jsdx_bf16_bf16",
+    "dk_divcs_jsdx_bf16_f16",
+    "dk_divcs_jsdx_f16_f32",
+    "dk_divcs_jsdx_f16_bf16",
+    "dk_divcs_jsdx_f16_f16",
     "dk_divcp_fkl_f32_f32",
     "dk_divcp_fkl_f32_bf16",
     "dk_divcp_fkl_f32_f16",
@@ -175,6 +202,15 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_divcp_jsd_f16_f32",
     "dk_divcp_jsd_f16_bf16",
     "dk_divcp_jsd_f16_f16",
+    "dk_divcp_jsdx_f32_f32",
+    "dk_divcp_jsdx_f32_bf16",
+    "dk_divcp_jsdx_f32_f16",
+    "dk_divcp_jsdx_bf16_f32",
+    "dk_divcp_jsdx_bf16_bf16",
+    "dk_divcp_jsdx_bf16_f16",
+    "dk_divcp_jsdx_f16_f32",
+    "dk_divcp_jsdx_f16_bf16",
+    "dk_divcp_jsdx_f16_f16",
     "dk_divcp256_fkl_f32_f32",
     "dk_divcp256_fkl_f32_bf16",
     "dk_divcp256_fkl_f32_f16",
@@ -202,6 +238,15 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_divcp256_jsd_f16_f32",
     "dk_divcp256_jsd_f16_bf16",
     "dk_divcp256_jsd_f16_f16",
+    "dk_divcp256_jsdx_f32_f32",
+    "dk_divcp256_jsdx_f32_bf16",
+    "dk_divcp256_jsdx_f32_f16",
+    "dk_divcp256_jsdx_bf16_f32",
+    "dk_divcp256_jsdx_bf16_bf16",
+    "dk_divcp256_jsdx_bf16_f16",
+    "dk_divcp256_jsdx_f16_f32",
+    "dk_divcp256_jsdx_f16_bf16",
+    "dk_divcp256_jsdx_f16_f16",
     "dk_divcp_fused_fkl_f32",
     "dk_divcp_fused_fkl_bf16",
     "dk_divcp_fused_fkl_f16",
@@ -211,6 +256,9 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_divcp_fused_jsd_f32",
     "dk_divcp_fused_jsd_bf16",
     "dk_divcp_fused_jsd_f16",
+    "dk_divcp_fused_jsdx_f32",
+    "dk_divcp_fused_jsdx_bf16",
+    "dk_divcp_fused_jsdx_f16",
     "dk_divcp256_fused_fkl_f32",
     "dk_divcp256_fused_fkl_bf16",
     "dk_divcp256_fused_fkl_f16",
@@ -220,6 +268,9 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_divcp256_fused_jsd_f32",
     "dk_divcp256_fused_jsd_bf16",
     "dk_divcp256_fused_jsd_f16",
+    "dk_divcp256_fused_jsdx_f32",
+    "dk_divcp256_fused_jsdx_bf16",
+    "dk_divcp256_fused_jsdx_f16",
 ];
 
 /// Threads per block of the row kernel (`kThreads` in divergence.cu).
@@ -236,22 +287,31 @@ pub(crate) fn workspace_size(n: usize) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-/// The kind's part of the kernel names: `fkl`, `rkl`, `jsd`.
-fn kind_tag(kind: Kind) -> &'static str {
+/// Whether JSD at this β runs the `jsdx` kernels: min(β, 1 − β) < 2⁻⁵ in f32, the test of
+/// `jsd_series_tails` in `cuda/include/dk_divergence_math.cuh`. There the loss scales with
+/// min(β, 1 − β) and the gradient, as β → 0, with β, and the ordinary kernels' softplus tail
+/// (`lg2.approx(1 + u)`, absolute error ~2⁻²²) swamped it: gradients 3e-4 off at β = 0.01 and
+/// wholly wrong at 1e-7 in the host replay. The `jsdx` kernels take a series for small tails
+/// (cuda/DIVERGENCE.md, "Extreme β"); the others are compiled without it and do not change.
+pub(crate) fn jsd_series_tails(beta: f32) -> bool {
+    beta.min(1.0 - beta) < 1.0 / 32.0
+}
+
+/// The kind's part of the kernel names: `fkl`, `rkl`, `jsd`, or `jsdx` for JSD at an extreme
+/// β ([`jsd_series_tails`]). `kind` is the effective kind ([`Params::effective_kind`]).
+/// Public (hidden) for the kernel emulator tests, which name the kernel the launcher would.
+#[doc(hidden)]
+pub fn kind_tag(kind: Kind, beta: f32) -> &'static str {
     match kind {
         Kind::ForwardKl => "fkl",
         Kind::ReverseKl => "rkl",
+        Kind::Jsd if jsd_series_tails(beta) => "jsdx",
         Kind::Jsd => "jsd",
     }
 }
 
-fn row_kernel_name(kind: Kind, student: DType, teacher: DType) -> String {
-    format!(
-        "dk_div_{}_{}_{}",
-        kind_tag(kind),
-        student.name(),
-        teacher.name()
-    )
+fn row_kernel_name(tag: &str, student: DType, teacher: DType) -> String {
+    format!("dk_div_{tag}_{}_{}", student.name(), teacher.name())
 }
 
 /// How [`RowKernels::queue_persistent`] launches a persistent kernel.
@@ -279,6 +339,8 @@ pub(crate) struct RowKernels<'d> {
     rows: &'d CudaFunction,
     /// The cluster variant of `rows` (Hopper, sm_90, only), which one it is, and its name.
     cluster_rows: Option<(&'d CudaFunction, cluster::Variant, String)>,
+    /// The kind's part of the kernel names (`kind_tag`).
+    tag: &'static str,
     /// Whether the kind needs a pass after the statistics when no gradient is asked for (JSD).
     fwd_multi_pass: bool,
     /// Bytes per element of the student and teacher logits.
@@ -308,25 +370,29 @@ const SINGLE_BLOCK: LaunchConfig = LaunchConfig {
 };
 
 impl<'d> RowKernels<'d> {
-    /// The kernels of `kind` (already the effective kind: see [`Params::effective_kind`]) for
-    /// these student and teacher dtypes.
+    /// The kernels of `kind` (already the effective kind: see [`Params::effective_kind`]) at
+    /// this β (JSD's `jsdx` kernels or the others: [`jsd_series_tails`]) for these student and
+    /// teacher dtypes.
     pub(crate) fn new(
         dev: &'d CudaDevice,
         kind: Kind,
+        beta: f32,
         student: DType,
         teacher: DType,
     ) -> Result<Self> {
+        let tag = kind_tag(kind, beta);
         Ok(RowKernels {
             prepare: dev.function("dk_div_prepare")?,
-            rows: dev.function(&row_kernel_name(kind, student, teacher))?,
+            rows: dev.function(&row_kernel_name(tag, student, teacher))?,
             cluster_rows: match dev.cluster_divergence() {
                 Some(variant) => {
-                    let name = row_kernel_name(kind, student, teacher)
-                        .replace("dk_div_", variant.prefix());
+                    let name =
+                        row_kernel_name(tag, student, teacher).replace("dk_div_", variant.prefix());
                     Some((dev.function(&name)?, variant, name))
                 }
                 None => None,
             },
+            tag,
             fwd_multi_pass: kind == Kind::Jsd,
             elem_bytes: (student.size(), teacher.size()),
             l2_bytes: dev.l2_bytes(),
@@ -335,15 +401,14 @@ impl<'d> RowKernels<'d> {
         })
     }
 
-    /// The fused linear divergence's chunk kernels for G in `dtype` (this `RowKernels` is the
-    /// f32 one of the effective kind `kind`).
+    /// The fused linear divergence's chunk kernels for G in `dtype`, of this `RowKernels`' kind
+    /// and β (it is the f32 one).
     pub(crate) fn fused_kernels(
         &self,
         dev: &'d CudaDevice,
-        kind: Kind,
         dtype: DType,
     ) -> Result<FusedRowKernels<'d>> {
-        let k = kind_tag(kind);
+        let k = self.tag;
         let persistent = match &self.cluster_rows {
             Some((_, variant, _)) if variant.persistent() => {
                 let name = format!("{}fused_{k}_{}", variant.prefix(), dtype.name());
@@ -667,6 +732,7 @@ pub(crate) fn divergence(
     let kernels = RowKernels::new(
         dev,
         params.effective_kind(),
+        params.beta,
         raw.student_dtype,
         raw.teacher_dtype,
     )?;
@@ -711,4 +777,68 @@ pub(crate) fn divergence(
     }
     drop(owned); // stream-ordered free after the kernels that use it
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_tails_are_taken_at_the_extremes_of_beta_only() {
+        // The boundary min(β, 1 − β) = 2⁻⁵ itself, and 1 − 2⁻⁵ (1 − β exact there), stay ordinary.
+        for beta in [
+            1e-30f32,
+            1e-7,
+            1e-3,
+            0.01,
+            0.031,
+            0.969,
+            0.999,
+            1.0 - 2f32.powi(-24),
+        ] {
+            assert!(jsd_series_tails(beta), "beta {beta}");
+        }
+        for beta in [1.0f32 / 32.0, 0.032, 0.1, 0.5, 0.9, 0.968, 1.0 - 1.0 / 32.0] {
+            assert!(!jsd_series_tails(beta), "beta {beta}");
+        }
+    }
+
+    #[test]
+    fn every_kernel_the_launchers_name_is_listed() {
+        let dtypes = [DType::F32, DType::BF16, DType::F16];
+        let prefixes = [
+            "dk_div_",
+            "dk_divc_",
+            "dk_divcs_",
+            "dk_divcp_",
+            "dk_divcp256_",
+        ];
+        for (kind, beta) in [
+            (Kind::ForwardKl, 0.5f32),
+            (Kind::ReverseKl, 0.5),
+            (Kind::Jsd, 0.5),
+            (Kind::Jsd, 1e-3),
+        ] {
+            let tag = kind_tag(kind, beta);
+            for s in dtypes {
+                for t in dtypes {
+                    for prefix in prefixes {
+                        let name = row_kernel_name(tag, s, t).replace("dk_div_", prefix);
+                        assert!(KERNEL_NAMES.contains(&name.as_str()), "{name}");
+                    }
+                }
+                let fused = format!("dk_div_fused_{tag}_{}", s.name());
+                assert!(
+                    crate::fused::cuda::KERNEL_NAMES.contains(&fused.as_str()),
+                    "{fused}"
+                );
+                for prefix in ["dk_divcp_", "dk_divcp256_"] {
+                    let name = format!("{prefix}fused_{tag}_{}", s.name());
+                    assert!(KERNEL_NAMES.contains(&name.as_str()), "{name}");
+                }
+            }
+        }
+        assert_eq!(kind_tag(Kind::Jsd, 1e-3), "jsdx");
+        assert_eq!(kind_tag(Kind::Jsd, 0.5), "jsd");
+    }
 }

@@ -23,6 +23,8 @@ mod params;
 
 pub use cluster::fallback_reason as cluster_fallback_reason;
 pub use cluster::launch_shapes as cluster_launch_shapes;
+#[doc(hidden)]
+pub use cuda::kind_tag as kernel_kind_tag;
 pub use params::{Kind, Params, Reduction};
 
 /// The largest vocabulary (row length V) the divergence and the fused linear divergence take:

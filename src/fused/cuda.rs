@@ -79,6 +79,9 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_div_fused_jsd_f32",
     "dk_div_fused_jsd_bf16",
     "dk_div_fused_jsd_f16",
+    "dk_div_fused_jsdx_f32",
+    "dk_div_fused_jsdx_bf16",
+    "dk_div_fused_jsdx_f16",
 ];
 
 /// Alignment of every region of the workspace (cuBLAS wants 256 bytes for its workspace).
@@ -778,12 +781,12 @@ pub(crate) fn fused_linear(
     )?;
     cublas_loadable()?;
     let div = &params.divergence;
-    let rows = RowKernels::new(dev, div.effective_kind(), DType::F32, DType::F32)?;
+    let rows = RowKernels::new(dev, div.effective_kind(), div.beta, DType::F32, DType::F32)?;
     let kernels = FusedKernels {
         constants: dev.function("dk_fused_constants")?,
         softcap: dev.function("dk_fused_softcap")?,
         grad: dev.function(&format!("dk_fused_grad_{}", raw.dtype.name()))?,
-        rows_to_g: rows.fused_kernels(dev, div.effective_kind(), raw.dtype)?,
+        rows_to_g: rows.fused_kernels(dev, raw.dtype)?,
     };
     let guard = dev.blas.acquire(&dev.ctx)?;
     let handle = handle_of(&guard)?;

@@ -38,7 +38,7 @@ struct Named {
 
 #define DK_SIM_K(k, o) {"dk_div_fused_" #k "_" #o, dk_div_fused_##k##_##o},
 #define DK_SIM_KIND(k) DK_SIM_K(k, f32) DK_SIM_K(k, bf16) DK_SIM_K(k, f16)
-const Named kKernels[] = {DK_SIM_KIND(fkl) DK_SIM_KIND(rkl) DK_SIM_KIND(jsd)};
+const Named kKernels[] = {DK_SIM_KIND(fkl) DK_SIM_KIND(rkl) DK_SIM_KIND(jsd) DK_SIM_KIND(jsdx)};
 #undef DK_SIM_KIND
 #undef DK_SIM_K
 

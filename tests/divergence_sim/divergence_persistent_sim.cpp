@@ -97,14 +97,14 @@ struct NamedFused {
   DK_SIM_K(k, f32, f32) DK_SIM_K(k, f32, bf16) DK_SIM_K(k, f32, f16)                \
   DK_SIM_K(k, bf16, f32) DK_SIM_K(k, bf16, bf16) DK_SIM_K(k, bf16, f16)             \
   DK_SIM_K(k, f16, f32) DK_SIM_K(k, f16, bf16) DK_SIM_K(k, f16, f16)
-const Named kKernels[] = {DK_SIM_KIND(fkl) DK_SIM_KIND(rkl) DK_SIM_KIND(jsd)};
+const Named kKernels[] = {DK_SIM_KIND(fkl) DK_SIM_KIND(rkl) DK_SIM_KIND(jsd) DK_SIM_KIND(jsdx)};
 #undef DK_SIM_KIND
 #undef DK_SIM_K
 
 #define DK_SIM_K(k, o) {"dk_divcp_fused_" #k "_" #o, dk_divcp_fused_##k##_##o}, \
                        {"dk_divcp256_fused_" #k "_" #o, dk_divcp256_fused_##k##_##o},
 #define DK_SIM_KIND(k) DK_SIM_K(k, f32) DK_SIM_K(k, bf16) DK_SIM_K(k, f16)
-const NamedFused kFusedKernels[] = {DK_SIM_KIND(fkl) DK_SIM_KIND(rkl) DK_SIM_KIND(jsd)};
+const NamedFused kFusedKernels[] = {DK_SIM_KIND(fkl) DK_SIM_KIND(rkl) DK_SIM_KIND(jsd) DK_SIM_KIND(jsdx)};
 #undef DK_SIM_KIND
 #undef DK_SIM_K
 

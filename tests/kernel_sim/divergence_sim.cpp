@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "dk_divergence_math.cuh"
@@ -160,7 +161,8 @@ std::vector<Part> parts_of(int v, int cluster) {
   return parts;
 }
 
-template <Kind K>
+// kSeries: Row's JSD mode, chosen from β by main() with the kernels' with_tails.
+template <Kind K, bool kSeries>
 void run_row(float beta, float inv_t, const float* s, const float* t, int v, int threads, bool vec,
              int cluster, bool tree, float* loss_out, float* grad, bool* agree) {
   auto merge = [](RowStats<K> x, const RowStats<K>& y) {
@@ -206,7 +208,7 @@ void run_row(float beta, float inv_t, const float* s, const float* t, int v, int
     for (int i = 0; i < v; ++i) grad[i] = 0.f;
     return;
   }
-  const Row r = row_of(st, inv_t, beta);
+  const Row r = row_of<K, kSeries>(st, inv_t, beta);
   float loss, center = 0.f;
   if (K != Kind::Jsd) {
     loss = kl_loss(st, r, &center);
@@ -219,7 +221,8 @@ void run_row(float beta, float inv_t, const float* s, const float* t, int v, int
       for (int lane = 0; lane < threads; ++lane) {
         for_each_lane(lane, threads, part.len, vec, [&](int i, int n) {
           for (int k = 0; k < n; ++k) {
-            const float2 terms = jsd_terms(r, s[part.start + i + k], t[part.start + i + k]);
+            const float2 terms =
+                jsd_terms<kSeries>(r, s[part.start + i + k], t[part.start + i + k]);
             pm[lane] += terms.x;
             qm[lane] += terms.y;
           }
@@ -246,8 +249,8 @@ void run_row(float beta, float inv_t, const float* s, const float* t, int v, int
     loss = jsd_loss(beta, kl_pm, center);
   }
   *loss_out = clamp_loss(loss);
-  const GradRow g = grad_row_of<K>(r, center, beta, grad_scale(inv_t, loss));
-  for (int i = 0; i < v; ++i) grad[i] = grad_entry<K>(g, s[i], t[i]);
+  const GradRow g = grad_row_of<K, kSeries>(r, center, beta, grad_scale(inv_t, loss));
+  for (int i = 0; i < v; ++i) grad[i] = grad_entry<K, kSeries>(g, s[i], t[i]);
 }
 
 template <typename T>
@@ -281,9 +284,16 @@ int main() {
     }
     float loss = 0.f;
     bool agree = true;
-    if (kind == 0) run_row<Kind::ForwardKl>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, cluster, tree != 0, &loss, grad.data(), &agree);
-    if (kind == 1) run_row<Kind::ReverseKl>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, cluster, tree != 0, &loss, grad.data(), &agree);
-    if (kind == 2) run_row<Kind::Jsd>(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, cluster, tree != 0, &loss, grad.data(), &agree);
+    auto run = [&](auto kind_tag) {
+      constexpr Kind K = decltype(kind_tag)::value;
+      // The kernel the host launches for this β: jsdx (series tails) or the others.
+      auto row = K == Kind::Jsd && jsd_series_tails(beta) ? run_row<K, true> : run_row<K, false>;
+      row(beta, inv_t, s.data(), t.data(), v, threads, vec != 0, cluster, tree != 0, &loss,
+          grad.data(), &agree);
+    };
+    if (kind == 0) run(std::integral_constant<Kind, Kind::ForwardKl>{});
+    if (kind == 1) run(std::integral_constant<Kind, Kind::ReverseKl>{});
+    if (kind == 2) run(std::integral_constant<Kind, Kind::Jsd>{});
     const uint8_t ok = agree ? 1 : 0;
     std::fwrite(&loss, sizeof(float), 1, stdout);
     std::fwrite(grad.data(), sizeof(float), v, stdout);
