@@ -184,16 +184,8 @@ using dk::divergence::Kind;
     dk::divergence::rows<KIND, TS, TT, SERIES>(args, sink);                                   \
   }
 
-#define DK_DIV_KERNELS_FOR_KIND(kname, KIND, SERIES)                                   \
-  DK_DIV_KERNEL(kname, KIND, SERIES, f32, float, f32, float)                           \
-  DK_DIV_KERNEL(kname, KIND, SERIES, f32, float, bf16, __nv_bfloat16)                  \
-  DK_DIV_KERNEL(kname, KIND, SERIES, f32, float, f16, __half)                          \
-  DK_DIV_KERNEL(kname, KIND, SERIES, bf16, __nv_bfloat16, f32, float)                  \
-  DK_DIV_KERNEL(kname, KIND, SERIES, bf16, __nv_bfloat16, bf16, __nv_bfloat16)         \
-  DK_DIV_KERNEL(kname, KIND, SERIES, bf16, __nv_bfloat16, f16, __half)                 \
-  DK_DIV_KERNEL(kname, KIND, SERIES, f16, __half, f32, float)                          \
-  DK_DIV_KERNEL(kname, KIND, SERIES, f16, __half, bf16, __nv_bfloat16)                 \
-  DK_DIV_KERNEL(kname, KIND, SERIES, f16, __half, f16, __half)
+#define DK_DIV_KERNELS_FOR_KIND(kname, KIND, SERIES) \
+  DK_DIV_DTYPE_PAIRS(DK_DIV_KERNEL, kname, KIND, SERIES)
 
 // jsdx: JSD at extreme β, min(β, 1 − β) < 2^-5, with the series tails (Row in
 // dk_divergence_math.cuh); kernels of their own so that the others' code and registers do not

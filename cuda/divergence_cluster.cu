@@ -190,16 +190,8 @@ __device__ __forceinline__ void cluster_rows(const DkDivergenceArgs& a) {
     DK_DIVC_BODY(KIND, SERIES, TS, TT, true)                                                  \
   }
 
-#define DK_DIVC_KERNELS_FOR_KIND(kname, KIND, SERIES)                                   \
-  DK_DIVC_KERNEL(kname, KIND, SERIES, f32, float, f32, float)                           \
-  DK_DIVC_KERNEL(kname, KIND, SERIES, f32, float, bf16, __nv_bfloat16)                  \
-  DK_DIVC_KERNEL(kname, KIND, SERIES, f32, float, f16, __half)                          \
-  DK_DIVC_KERNEL(kname, KIND, SERIES, bf16, __nv_bfloat16, f32, float)                  \
-  DK_DIVC_KERNEL(kname, KIND, SERIES, bf16, __nv_bfloat16, bf16, __nv_bfloat16)         \
-  DK_DIVC_KERNEL(kname, KIND, SERIES, bf16, __nv_bfloat16, f16, __half)                 \
-  DK_DIVC_KERNEL(kname, KIND, SERIES, f16, __half, f32, float)                          \
-  DK_DIVC_KERNEL(kname, KIND, SERIES, f16, __half, bf16, __nv_bfloat16)                 \
-  DK_DIVC_KERNEL(kname, KIND, SERIES, f16, __half, f16, __half)
+#define DK_DIVC_KERNELS_FOR_KIND(kname, KIND, SERIES) \
+  DK_DIV_DTYPE_PAIRS(DK_DIVC_KERNEL, kname, KIND, SERIES)
 
 // jsdx: JSD at extreme β (the series tails; see cuda/divergence.cu).
 DK_DIVC_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl, false)

@@ -426,16 +426,8 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a, float
     DK_DIVP_BODY(KIND, SERIES, TS, TT, 2)                                                     \
   }
 
-#define DK_DIVP_KERNELS_FOR_KIND(kname, KIND, SERIES, BLOCKS)                                   \
-  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, f32, float, f32, float)                           \
-  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, f32, float, bf16, __nv_bfloat16)                  \
-  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, f32, float, f16, __half)                          \
-  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, bf16, __nv_bfloat16, f32, float)                  \
-  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, bf16, __nv_bfloat16, bf16, __nv_bfloat16)         \
-  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, bf16, __nv_bfloat16, f16, __half)                 \
-  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, f16, __half, f32, float)                          \
-  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, f16, __half, bf16, __nv_bfloat16)                 \
-  DK_DIVP_KERNEL(kname, KIND, SERIES, BLOCKS, f16, __half, f16, __half)
+#define DK_DIVP_KERNELS_FOR_KIND(kname, KIND, SERIES, BLOCKS) \
+  DK_DIV_DTYPE_PAIRS(DK_DIVP_KERNEL, kname, KIND, SERIES, BLOCKS)
 
 // jsdx: JSD at extreme β (the series tails; see cuda/divergence.cu).
 DK_DIVP_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl, false, 2)
@@ -457,9 +449,9 @@ DK_DIVP_KERNELS_FOR_KIND(jsdx, dk::divergence::Kind::Jsd, true, 1)
     DK_DIVP_FUSED_BODY(KIND, SERIES, TO, 2)                                               \
   }
 
-#define DK_DIVP_FUSED_KERNELS_FOR_KIND(kname, KIND, SERIES, BLOCKS)          \
-  DK_DIVP_FUSED_KERNEL(kname, KIND, SERIES, BLOCKS, f32, float)              \
-  DK_DIVP_FUSED_KERNEL(kname, KIND, SERIES, BLOCKS, bf16, __nv_bfloat16)     \
+#define DK_DIVP_FUSED_KERNELS_FOR_KIND(kname, KIND, SERIES, BLOCKS)      \
+  DK_DIVP_FUSED_KERNEL(kname, KIND, SERIES, BLOCKS, f32, float)          \
+  DK_DIVP_FUSED_KERNEL(kname, KIND, SERIES, BLOCKS, bf16, __nv_bfloat16) \
   DK_DIVP_FUSED_KERNEL(kname, KIND, SERIES, BLOCKS, f16, __half)
 
 DK_DIVP_FUSED_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl, false, 2)

@@ -67,7 +67,7 @@ struct FusedCase {
 impl FusedCase {
     fn kernel(&self) -> String {
         // The launcher's choice (jsdx: JSD at an extreme β).
-        let k = kernel_kind_tag(self.kind, self.beta);
+        let k = kernel_kind_tag(effective_kind(self.kind, self.beta), self.beta);
         format!("dk_div_fused_{k}_{}", self.out.name())
     }
 

@@ -897,7 +897,7 @@ impl FusedSimCase {
         } else {
             "dk_divcp256"
         };
-        let kind = kernel_kind_tag(self.p.kind, self.p.beta);
+        let kind = kernel_kind_tag(effective_kind(self.p.kind, self.p.beta), self.p.beta);
         format!("{prefix}_fused_{kind}_{}", self.out.name())
     }
 
@@ -1054,7 +1054,8 @@ fn make_fused(
     }
 }
 
-/// The fused cases: every kind (JSD β = 0.5, 0.25) with G in f32, bf16 and f16, with and
+/// The fused cases: every kind (JSD β = 0.5, 0.25, and 1e-3: the jsdx kernels) with G in f32,
+/// bf16 and f16, with and
 /// without a softcap, both shapes, C = 1, 2, 4, 8 and Q = 1..4 with 2 to 12 / Q rows per
 /// cluster, rows of 2 to 3.5 16-byte chunks per thread (both of the 256-thread shape's loops)
 /// with a scalar tail in some; short rows (blocks with empty slices); forward only.
@@ -1065,6 +1066,7 @@ fn fused_cases(rng: &mut Rng) -> Vec<FusedSimCase> {
         (Kind::ReverseKl, 0.5),
         (Kind::Jsd, 0.5),
         (Kind::Jsd, 0.25),
+        (Kind::Jsd, 1e-3),
     ];
     let mut out = Vec::new();
     for (k, &kind) in kinds.iter().enumerate() {

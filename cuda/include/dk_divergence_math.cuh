@@ -187,9 +187,10 @@ DK_UNROLL
 // nothing rounded against 1), and the brackets are formed from z = d − R2 (= w − B2, clamped
 // like w), never from w:
 //   max(B2, 0) − max(w, 0) = min(neg − z, pos),   neg + min(w, 0) = min(z + pos, neg),
-// with w = z + B2 used only inside the tail, where its rounding moves the result by a relative
-// 2^-19 · ln 2 of a tail. Identical rows still give exactly 0 (z = 0: both minima are 0, and
-// w = B2 exactly). The mode is a template parameter, compiled into kernels of its own
+// with w = z + B2 used only inside the tail, where its rounding moves the tail by a relative
+// ulp(w) · ln 2 (2^-19 · ln 2 for |w| < 32). Identical rows still give exactly 0 (z = 0: both
+// minima are 0, w = B2 exactly, and the tail's last product is rounded on its own, so tail0
+// and the entry's tail are the same number; checked in the host replay, not yet on a GPU). The mode is a template parameter, compiled into kernels of its own
 // (`dk_div*_jsdx_*`, launched for such β), so the kernels for ordinary β keep their
 // instructions and registers and pay nothing for it.
 struct Row {
@@ -227,7 +228,9 @@ struct Row {
       c = fmaf(u, c, 0.48089834696298783f);
       c = fmaf(u, c, -0.72134752044448170f);
       c = fmaf(u, c, 1.4426950408889634f);
-      return u * c;
+      // Rounded on its own: contracted into the caller's tail0 − u·c (one FFMA), identical
+      // rows would get that product's rounding residual instead of exactly 0 (as mul_rn notes).
+      return mul_rn(u, c);
     }
     return fast_log2(1.f + u);
   }

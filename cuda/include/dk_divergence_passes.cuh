@@ -8,6 +8,19 @@
 #include "dk_reduce.cuh"
 #include "dk_vec.cuh"
 
+// Every (student, teacher) dtype pair the divergence kernels are compiled for: expands to
+// M(args..., sname, TS, tname, TT) once per pair (the kernel files' instantiation lists).
+#define DK_DIV_DTYPE_PAIRS(M, ...)                         \
+  M(__VA_ARGS__, f32, float, f32, float)                   \
+  M(__VA_ARGS__, f32, float, bf16, __nv_bfloat16)          \
+  M(__VA_ARGS__, f32, float, f16, __half)                  \
+  M(__VA_ARGS__, bf16, __nv_bfloat16, f32, float)          \
+  M(__VA_ARGS__, bf16, __nv_bfloat16, bf16, __nv_bfloat16) \
+  M(__VA_ARGS__, bf16, __nv_bfloat16, f16, __half)         \
+  M(__VA_ARGS__, f16, __half, f32, float)                  \
+  M(__VA_ARGS__, f16, __half, bf16, __nv_bfloat16)         \
+  M(__VA_ARGS__, f16, __half, f16, __half)
+
 namespace dk {
 namespace divergence {
 

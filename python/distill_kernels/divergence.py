@@ -151,11 +151,13 @@ def divergence(
     gradient NaN and leaves other rows alone.
 
     Accuracy of the CUDA kernels (float32 arithmetic, hardware exp2 / log2): about 1e-5 relative
-    at β in [0.05, 0.95] and T up to ~10. JSD with min(β, 1 − β) < 2^-5 runs kernels of its own
-    that keep the loss and gradient accurate relative to their size (which shrinks with
-    min(β, 1 − β)); for β between 2^-5 and 0.1 (or 0.9 and 1 − 2^-5), a row's gradient may be
-    up to ~1e-3 of its norm off under a worst-case model of that hardware. The KL loss's absolute error floor (~1e-7 per row) weighs more
-    as T shrinks the divergence (~1e-3 relative at T = 100). With finite masks
+    at β in [0.1, 0.9] and T up to ~10. JSD with min(β, 1 − β) < 2^-5 runs kernels of its own
+    whose loss and gradient errors shrink with min(β, 1 − β) as the values do (in a host replay
+    of their arithmetic: within 3e-6 · min(β, 1 − β) plus 1e-3 relative for the loss, 2e-3 of
+    the row's norm for the gradient). For β between 2^-5 and 0.1 (or 0.9 and 1 − 2^-5), a row's
+    gradient may be up to ~1e-3 of its norm off under a worst-case model of the hardware's
+    error. The KL loss's absolute error floor (~1e-7 per row) weighs more as T shrinks the
+    divergence (~1e-3 relative at T = 100). With finite masks
     (``torch.finfo(dtype).min``) on one side only, the result is as undefined as the infinite
     one, and the CUDA kernels may give ``inf`` / NaN where float64 stays finite. A ``num_items``
     below ~T / 3.4e38 overflows the gradient's float32 scale. The CPU backend computes in

@@ -292,7 +292,7 @@ pub(crate) fn workspace_size(n: usize) -> usize {
 /// min(β, 1 − β) and the gradient, as β → 0, with β, and the ordinary kernels' softplus tail
 /// (`lg2.approx(1 + u)`, absolute error ~2⁻²²) swamped it: gradients 3e-4 off at β = 0.01 and
 /// wholly wrong at 1e-7 in the host replay. The `jsdx` kernels take a series for small tails
-/// (cuda/DIVERGENCE.md, "Extreme β"); the others are compiled without it and do not change.
+/// (cuda/DIVERGENCE.md, "Version 8"); the others are compiled without it and do not change.
 pub(crate) fn jsd_series_tails(beta: f32) -> bool {
     beta.min(1.0 - beta) < 1.0 / 32.0
 }

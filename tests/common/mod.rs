@@ -1387,6 +1387,15 @@ pub fn dtype_pairs() -> Vec<(DType, DType)> {
 }
 
 /// The kinds to cover: forward, reverse, and JSD with β ∈ {0, 0.25, 0.5, 1}.
+/// The kind the launcher runs for `kind` at this β (JSD β = 0 / 1: forward / reverse KL).
+pub fn effective_kind(kind: Kind, beta: f32) -> Kind {
+    Params {
+        beta,
+        ..Params::new(kind)
+    }
+    .effective_kind()
+}
+
 pub fn kinds() -> Vec<Params> {
     let mut out = vec![Params::new(Kind::ForwardKl), Params::new(Kind::ReverseKl)];
     // β = 0 / 1 run the KL kernels; 1e-3 the jsdx kernels (series tails) on CUDA.
