@@ -115,8 +115,9 @@ case ${GPU_CHECK_PLAN:-} in
     plan_steps+=",dk-bench-persist=,dk-bench-persist-c,memcheck-persist256" ;;
   3d) # issue 3's rows beside the baselines that no other plan has: reverse KL, forward only and
     # f32 logits, against torch eager, torch.compile (a compile per kind, dtype and pass: most of
-    # the step's time) and Liger, at one shape
-    plan_steps="nvidia-smi,liger-install,python-bench="
+    # the step's time) and Liger, at one shape; first the jsdx kernels (JSD at β = 1e-3) beside
+    # the ordinary JSD kernels in the same call
+    plan_steps="nvidia-smi,dk-bench-jsdx,dk-bench-jsdx-base,liger-install,python-bench="
     PY_BENCH_OPS=${PY_BENCH_OPS:-divergence}
     PY_BENCH_SHAPES=${PY_BENCH_SHAPES:-4096x151936}
     PY_BENCH_KINDS=${PY_BENCH_KINDS:-forward_kl,reverse_kl,jsd}
@@ -327,7 +328,7 @@ expected_seconds() {
     dk-bench-bf16 | dk-bench-persist | dk-bench-persist256) echo 45 ;;
     dk-bench-16k) echo 75 ;;
     dk-bench-f32) echo 40 ;;
-    dk-bench-short | dk-bench-short-* | dk-bench-moe-nopdl) echo 12 ;;
+    dk-bench-short | dk-bench-short-* | dk-bench-moe-nopdl | dk-bench-jsdx*) echo 12 ;;
     dk-bench-*) echo 25 ;;
     test-divergence_reference* | test-fused_reference* | test-attention_reference*) echo 30 ;;
     test-*) echo 15 ;;
@@ -494,6 +495,12 @@ phase_benches() {
   # below and kept in gpu-check.log.
   run_step dk-bench-short 30 1 "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 256 \
     --vocab 151936 --kinds forward_kl,jsd
+  # JSD at an extreme β runs the jsdx kernels (series tails: cuda/DIVERGENCE.md, version 8),
+  # never timed on a GPU; the base row is the ordinary JSD kernel at the same shape and call.
+  run_step dk-bench-jsdx 30 0 "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 4096 \
+    --vocab 151936 --kinds jsd --beta 0.001
+  run_step dk-bench-jsdx-base 30 0 "$dk" bench --device cuda --ops divergence --dtype bf16 \
+    --rows 4096 --vocab 151936 --kinds jsd --beta 0.5
   # N = 16384 on issue 3's three vocabularies, both passes (10 G input pairs made on the host).
   run_step dk-bench-16k 150 1 "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 16384 \
     --vocab 151936,202048,262144 --kinds forward_kl,reverse_kl,jsd --iters 5
