@@ -190,9 +190,10 @@ DK_UNROLL
 // with w = z + B2 used only inside the tail, where its rounding moves the tail by a relative
 // ulp(w) · ln 2 (2^-19 · ln 2 for |w| < 32). Identical rows still give exactly 0 (z = 0: both
 // minima are 0, w = B2 exactly, and the tail's last product is rounded on its own, so tail0
-// and the entry's tail are the same number; checked in the host replay, not yet on a GPU). The mode is a template parameter, compiled into kernels of its own
-// (`dk_div*_jsdx_*`, launched for such β), so the kernels for ordinary β keep their
-// instructions and registers and pay nothing for it.
+// and the entry's tail are the same number; checked in the host replay, not yet on a GPU).
+// The mode is a template parameter, compiled into kernels of its own (`dk_div*_jsdx_*`,
+// launched for such β), so the kernels for ordinary β keep their instructions and registers
+// and pay nothing for it.
 struct Row {
   float k, nmt, nms, inv_st, inv_ss, log_ratio;
   // JSD: c2 = B2 − R2 (w = d + c2; kSeries: c2 = −R2, z = d + c2), pos = max(B2, 0),
