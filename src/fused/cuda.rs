@@ -124,8 +124,11 @@ fn g_scale(dtype: DType, div: &crate::divergence::Params) -> f32 {
     if dtype != DType::F16 {
         return 1.0;
     }
-    let reverse = div.kind == Kind::ReverseKl || (div.kind == Kind::Jsd && div.beta == 1.0);
-    let bound = if reverse { 1024.0 } else { 1.0 };
+    let bound = if div.effective_kind() == Kind::ReverseKl {
+        1024.0
+    } else {
+        1.0
+    };
     let k = (32768.0 * div.temperature as f64 / bound).log2().floor();
     (k.clamp(-111.0, 64.0) as i32 as f64).exp2() as f32
 }
