@@ -394,6 +394,25 @@ fn masked_cases(rng: &mut Rng, kind: Kind, beta: f32, temperature: f32, mask: f3
         }
         cases.push(c);
     }
+    // The weighting side (teacher for forward KL, student for reverse KL) masked on a run that
+    // fills whole chunks and threads, the other side too on every third entry of it. A thread
+    // with only such entries has its own maximum at the mask and, at a finite mask, mass
+    // against the other side's masks relative to it (+inf) that the row's maximum must cancel:
+    // forward KL rows of this kind were +inf on the H200 (2026-11-28) before RowStats::rebase
+    // dropped such +inf where the rescale is below f64's range too.
+    let mut c = random_case(rng, kind, beta, temperature, 1200, true);
+    let (w, o) = if kind == Kind::ReverseKl {
+        (&mut c.s, &mut c.t)
+    } else {
+        (&mut c.t, &mut c.s)
+    };
+    for i in 40..1100 {
+        w[i] = mask;
+        if i % 3 == 0 {
+            o[i] = mask;
+        }
+    }
+    cases.push(c);
     cases
 }
 

@@ -43,17 +43,24 @@ struct RowStats {
       // Every d shifts by (-(mw2 - mw) + (mo2 - mo))·k. An unseen other side (mo = -inf) means
       // all accumulated d were +inf already, and they stay +inf.
       const float shift = ((mw2 - mw) - (mo2 == mo ? 0.f : mo2 - mo)) * k;
-      // +inf (mass against a masked entry) stays +inf, also when the rescale underflows to 0.
+      // +inf (mass against a masked entry) stays +inf, also when the rescale underflows to 0,
+      // while that mass is within f64's range: the old entries' exponents are at most
+      // lift = (mw − mw2)·k, and the f64 reference's exp underflows to 0 below 2^-1075.
       // Otherwise a rescale of 0 leaves 0 (xlog): the old entries have no mass next to the new
       // maximum. That includes entries at a finite mask, torch.finfo(dtype).min, which were
       // their side's maximum until now; there mw2 − mw and mo2 − mo overflow to +inf and the
-      // shift is NaN.
+      // shift is NaN; and their +inf against the other side's finite mask (H200, 2026-11-28:
+      // forward KL rows with teacher-only and two-sided finfo.min masks gave +inf).
+      const bool keep_inf = acc == INFINITY && (mw - mw2) * k >= -1075.f;
       acc = mw == -INFINITY
                 ? 0.f
-                : (acc == INFINITY ? acc : xlog(rescale2(mw, mw2, k), acc - sw * shift));
+                : (keep_inf ? acc : xlog(rescale2(mw, mw2, k), acc - sw * shift));
     }
-    st *= rescale2(mt, mt2, k);
-    ss *= rescale2(ms, ms2, k);
+    // Each product rounded on its own: merge adds the other state's rescaled sum next, and nvcc
+    // contracted one side's st·r + o.st·r' into an FFMA but not the other's, so identical rows
+    // got sums an ulp apart, nonzero gradients and losses ~1e-7 (H200, 2026-11-28).
+    st = mul_rn(st, rescale2(mt, mt2, k));
+    ss = mul_rn(ss, rescale2(ms, ms2, k));
     mt = mt2;
     ms = ms2;
   }
