@@ -1,5 +1,6 @@
-// Attention backward's deterministic kernels on Hopper's warpgroup MMA (wgmma, sm_90a;
-// `DK_ATTENTION_BWD=wgmma` until measured): the contracts of kernels 2 and 3 of
+// Attention backward's deterministic kernels on Hopper's warpgroup MMA (wgmma, sm_90a; the
+// default on compute capability 9.0, for both modes, since measured at 1.64-1.67x the mma.sync
+// kernels' forward + backward on an H200; `DK_ATTENTION_BWD=mma` for those): the contracts of kernels 2 and 3 of
 // cuda/attention_backward.cu (dK, dV and dQ each written once per element, bitwise
 // reproducible) with the tensor cores reading Q, dO, K and V straight from shared memory.
 // Design notes: cuda/ATTENTION.md ("Backward on wgmma").

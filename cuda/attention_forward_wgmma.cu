@@ -1,5 +1,6 @@
-// Attention forward on Hopper's warpgroup MMA (wgmma, sm_90a; `DK_ATTENTION_FWD=wgmma` until
-// measured): the same contract as cuda/attention_forward.cu, with the tensor cores reading K and
+// Attention forward on Hopper's warpgroup MMA (wgmma, sm_90a; the default on compute capability
+// 9.0 since measured at 1.45-1.64x the mma.sync kernel on an H200, `DK_ATTENTION_FWD=mma` for
+// those): the same contract as cuda/attention_forward.cu, with the tensor cores reading K and
 // V (and Q) straight from shared memory instead of through ldmatrix. Design notes:
 // cuda/ATTENTION.md ("Forward on wgmma").
 //

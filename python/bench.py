@@ -47,7 +47,8 @@ peak memory of one timed call, and the errors of out and of dq / dk / dv on one 
 head) slice against a float64 computation (chunked over queries). After the other rows of a
 shape the flash backend is timed once more ("SDPA flash (FA2), again"): its ratio to the first
 measurement is the drift of the reference over the run (clocks, temperature). The environment
-switches DK_ATTENTION_FWD=wide|wgmma / DK_ATTENTION_BWD=wide select this crate's opt-in kernels.
+switches DK_ATTENTION_FWD / DK_ATTENTION_BWD = mma|wide|wgmma select this crate's kernel family
+for A/B rows (unset: the wgmma kernels on compute capability 9.0, mma.sync elsewhere).
 
 Fused linear JSD (``--ops fused``; ANCHORS.md "Fused linear JSD"): bf16 hidden states and lm_head
 weights, JSD beta = 0.5, N = 4096, H = 3072, V = 200064 (Phi-4-mini head) and N = 16384, H = 5120,

@@ -207,7 +207,7 @@ impl CudaDevice {
     }
 
     /// Whether the 128-key attention dK/dV kernels accepted their shared memory when the device
-    /// opened (`DK_ATTENTION_BWD=wide` may select them only then).
+    /// opened (`DK_ATTENTION_BWD=wide`, or `wgmma` off Hopper, may select them only then).
     pub(crate) fn attention_wide_bwd(&self) -> bool {
         self.attention_wide.backward
     }
@@ -219,13 +219,15 @@ impl CudaDevice {
     }
 
     /// Whether the Hopper wgmma attention forward accepted its shared memory when the device
-    /// opened (compute capability 9.0; `DK_ATTENTION_FWD=wgmma` may select it only then).
+    /// opened (compute capability 9.0): only then is it the default forward (unless
+    /// `DK_ATTENTION_FWD=mma` or `wide` asks for the mma.sync kernels).
     pub(crate) fn attention_wgmma_fwd(&self) -> bool {
         self.attention_wide.wgmma_forward
     }
 
     /// Whether the Hopper wgmma attention dK/dV and dQ kernels accepted their shared memory when
-    /// the device opened (compute capability 9.0; `DK_ATTENTION_BWD=wgmma` may select it only then).
+    /// the device opened (compute capability 9.0): only then are they the default backward, in
+    /// both modes (unless `DK_ATTENTION_BWD=mma` or `wide` asks for the mma.sync kernels).
     pub(crate) fn attention_wgmma_bwd(&self) -> bool {
         self.attention_wide.wgmma_backward
     }

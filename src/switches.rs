@@ -35,11 +35,11 @@ const SWITCHES: &[Switch] = &[
     },
     Switch {
         name: "DK_ATTENTION_FWD",
-        values: &["wide", "wgmma"],
+        values: &["mma", "wide", "wgmma"],
     },
     Switch {
         name: "DK_ATTENTION_BWD",
-        values: &["wide", "wgmma"],
+        values: &["mma", "wide", "wgmma"],
     },
 ];
 
@@ -137,6 +137,11 @@ mod tests {
         assert_eq!(parse(c, Some("persist256")), Ok(Some("persist256")));
         let size = switch("DK_DIVERGENCE_CLUSTER_SIZE");
         assert_eq!(parse(size, Some("16")), Ok(Some("16")));
+        for name in ["DK_ATTENTION_FWD", "DK_ATTENTION_BWD"] {
+            for v in ["mma", "wide", "wgmma"] {
+                assert_eq!(parse(switch(name), Some(v)), Ok(Some(v)), "{name}={v}");
+            }
+        }
         // Misspellings, case, padding and out-of-range sizes are errors, not the default.
         for (sw, bad) in [
             (c, "persistent"),
@@ -144,6 +149,8 @@ mod tests {
             (size, "8 "),
             (size, "32"),
             (switch("DK_ATTENTION_BWD"), "WGMMA"),
+            (switch("DK_ATTENTION_FWD"), "mma.sync"),
+            (switch("DK_ATTENTION_FWD"), "default"),
             (switch("DK_MOE_PDL"), "false"),
             (switch("DK_MOE_PERMUTE"), "1"),
         ] {

@@ -11,9 +11,10 @@
 //! kernels (the 16-row one, the D = 128 split one, the wgmma one of both head dimensions; the
 //! wgmma kernel is skipped, with a printed NOTE, while its source file does not exist or with
 //! `DK_ATTENTION_SIM_NO_WGMMA=1`) and then the backward kernels of both modes (deterministic,
-//! and atomic dQ; fed the emulated forward's out and LSE) in each configuration (the default
-//! 64-row kernels, `DK_ATTENTION_BWD=wide`'s 128-row ones, and `DK_ATTENTION_BWD=wgmma`'s
-//! deterministic wgmma dK/dV and dQ, skipped like the wgmma forward) with the grids, blocks and
+//! and atomic dQ; fed the emulated forward's out and LSE) in each configuration (the mma.sync
+//! 64-row kernels, `DK_ATTENTION_BWD=mma` and the default off Hopper, `DK_ATTENTION_BWD=wide`'s
+//! 128-row ones, and the deterministic wgmma dK/dV and dQ, the default on Hopper, skipped like
+//! the wgmma forward) with the grids, blocks and
 //! shared-memory sizes of the Rust launchers (src/attention/cuda/forward.rs,
 //! src/attention/cuda/backward.rs: the formulas are repeated below), on poisoned outputs, and
 //! checks:

@@ -758,9 +758,11 @@ fn deterministic_bitwise() {
     }
 }
 
-/// `deterministic = false` (CUDA: dQ summed by f32 atomics in L2): the same results within
-/// tolerance, against the reference and the CPU backend; on CUDA dk and dv bitwise those of the
-/// deterministic mode (the same kernels' arithmetic), dq within the bf16 / f16 tolerance of it.
+/// `deterministic = false` (CUDA: dQ summed by f32 atomics in L2 with the mma.sync kernels; with
+/// the wgmma backward, Hopper's default, the deterministic kernels run in this mode too): the
+/// same results within tolerance, against the reference and the CPU backend; on CUDA dk and dv
+/// bitwise those of the deterministic mode (the same arithmetic), dq within the bf16 / f16
+/// tolerance of it.
 /// Both workspace kinds: the library's and a caller buffer of exactly the queried size.
 #[test]
 fn atomic_dq_mode() {
@@ -845,22 +847,20 @@ fn lengths_across_tile_boundaries() {
     }
 }
 
-/// Under `DK_ATTENTION_FWD` / `DK_ATTENTION_BWD` (scripts/gpu-check.sh's A/B steps run this file
-/// with them), the kernels asked for must be the ones that ran wherever the device has them:
-/// otherwise a `-wgmma` or `-wide` step would pass on the default kernels. `wgmma` needs compute
-/// capability 9; `wide` runs everywhere the device accepted its shared memory (every Hopper and
-/// A100). Without either switch, or without CUDA, it says so and checks nothing.
+/// The kernels `DK_ATTENTION_FWD` / `DK_ATTENTION_BWD` ask for (unset: the default policy) must
+/// be the ones that ran wherever the device has them: otherwise a step of scripts/gpu-check.sh
+/// (the default one, `-wide` or `-wgmma`) would pass on other kernels. Unset or `wgmma`: the wgmma
+/// kernels on compute capability 9.0 (where the device accepted their shared memory, as every
+/// H100 / H200 does), else the mma.sync kernels of 4 warps (the backward's `wgmma`: the wide
+/// ones); `mma`: those everywhere; `wide`: the wide kernels everywhere the device accepted their
+/// shared memory (every Hopper and A100), also over wgmma. Without CUDA it says so and checks
+/// nothing. Other tests of this process also run kernels, so it checks only that the expected
+/// ones ran; the atomic-dQ mode's choice is a unit test (src/attention/cuda/backward.rs).
 #[test]
 fn requested_kernels_ran() {
     let test = "requested_kernels_ran";
     let fwd = std::env::var("DK_ATTENTION_FWD").unwrap_or_default();
     let bwd = std::env::var("DK_ATTENTION_BWD").unwrap_or_default();
-    if fwd.is_empty() && bwd.is_empty() {
-        visible(&format!(
-            "SKIPPED {test}: neither DK_ATTENTION_FWD nor DK_ATTENTION_BWD is set"
-        ));
-        return;
-    }
     let Some(c) = cuda(test) else { return };
     let hopper = c.cu.compute_capability().expect("compute capability") == (9, 0);
     let dev = Device::Cuda(c);
@@ -880,25 +880,36 @@ fn requested_kernels_ran() {
     }
     let ran = distill_kernels::attention::kernels_used();
     let expect: Vec<&str> = match (fwd.as_str(), hopper) {
-        ("wgmma", true) => vec!["dk_attn_fwd_bf16_d64g", "dk_attn_fwd_bf16_d128g"],
-        ("wide", _) => vec!["dk_attn_fwd_bf16_d128w"],
-        _ => vec![],
+        ("" | "wgmma", true) => vec!["dk_attn_fwd_bf16_d64g", "dk_attn_fwd_bf16_d128g"],
+        ("wide", _) => vec!["dk_attn_fwd_bf16_d64", "dk_attn_fwd_bf16_d128w"],
+        _ => vec!["dk_attn_fwd_bf16_d64", "dk_attn_fwd_bf16_d128"],
     }
     .into_iter()
     .chain(match (bwd.as_str(), hopper) {
-        ("wgmma", true) => vec![
+        ("" | "wgmma", true) => vec![
             "dk_attn_bwd_dkdvg_bf16_d64",
             "dk_attn_bwd_dkdvg_bf16_d128",
             "dk_attn_bwd_dqg_bf16_d64",
             "dk_attn_bwd_dqg_bf16_d128",
         ],
-        ("wide", _) | ("wgmma", false) => {
-            vec!["dk_attn_bwd_dkdvw_bf16_d128", "dk_attn_bwd_dqw_bf16_d128"]
-        }
-        _ => vec![],
+        ("wide", _) | ("wgmma", false) => vec![
+            "dk_attn_bwd_dkdvw_bf16_d64",
+            "dk_attn_bwd_dkdvw_bf16_d128",
+            "dk_attn_bwd_dqw_bf16_d64",
+            "dk_attn_bwd_dqw_bf16_d128",
+        ],
+        _ => vec![
+            "dk_attn_bwd_dkdv_bf16_d64",
+            "dk_attn_bwd_dkdv_bf16_d128",
+            "dk_attn_bwd_dq_bf16_d64",
+            "dk_attn_bwd_dq_bf16_d128",
+        ],
     })
     .collect();
-    visible(&format!("{test}: ran {ran:?}"));
+    visible(&format!(
+        "{test}: DK_ATTENTION_FWD={fwd:?} DK_ATTENTION_BWD={bwd:?}, compute capability 9.0: \
+         {hopper}; ran {ran:?}"
+    ));
     for name in expect {
         assert!(
             ran.contains(&name),

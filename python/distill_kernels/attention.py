@@ -302,8 +302,9 @@ def attention_backward(
     ``lse``, returns ``(dq, dk, dv)`` shaped like q, k, v, in their dtype (dK / dV summed over
     each KV head's query group). Same layouts and keywords as :func:`attention`, which must be
     the ones of the forward call; ``deterministic`` asks for bitwise reproducible gradients;
-    ``False`` lets CUDA sum dQ with f32 atomics (faster; dQ's last bits then vary between runs,
-    dK / dV do not). The CPU backend is always reproducible.
+    ``False`` lets CUDA sum dQ with f32 atomics (faster on the mma.sync kernels; dQ's last bits
+    then vary between runs, dK / dV do not; on H100 / H200 the default wgmma kernels run the
+    reproducible kernels for it, which are faster there). The CPU backend is always reproducible.
     """
     q = _float_input("q", q)
     k = _float_input("k", k)

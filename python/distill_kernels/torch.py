@@ -1645,8 +1645,10 @@ def attention(
 
     Returns ``out`` (like q), or ``(out, lse)`` with ``return_lse=True`` (float32 ``[B, Hq, Sq]``
     or ``[Hq, Tq]``, not differentiable). The backward computes dq, dk, dv in one call, with
-    ``deterministic`` (default True) bitwise reproducible dq / dk / dv; ``False`` sums dq with
-    f32 atomics as FlashAttention-2 does (faster; dq's last bits vary between runs, dk / dv do not).
+    ``deterministic`` (default True) bitwise reproducible dq / dk / dv; ``False`` lets dq be
+    summed with f32 atomics as FlashAttention-2 does (faster on the mma.sync kernels; dq's last
+    bits vary between runs, dk / dv do not; on H100 / H200 the default wgmma kernels run the
+    reproducible kernels for it, which are faster there).
     """
     q, k, v, cu_q, cu_k, device = _attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                     softmax_scale)

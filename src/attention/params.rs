@@ -36,8 +36,10 @@ pub struct AttentionParams {
     /// Backward only: bitwise reproducible dQ, dK and dV (no floating-point atomics). `false`
     /// lets the CUDA backend sum dQ over key tiles with f32 atomics, as FlashAttention-2 does:
     /// five GEMMs instead of seven and a workspace of `4·Tq·Hq·D` more bytes; dQ's last bits then
-    /// vary from run to run, dK and dV stay reproducible. The CPU backend and the forward pass
-    /// are always deterministic.
+    /// vary from run to run, dK and dV stay reproducible. On a Hopper device running the wgmma
+    /// backward (its default) `false` runs the deterministic kernels, faster there, so dQ is
+    /// reproducible too; the workspace size asked for stays the same. The CPU backend and the
+    /// forward pass are always deterministic.
     pub deterministic: bool,
 }
 

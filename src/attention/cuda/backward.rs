@@ -20,17 +20,27 @@
 //! reductions in L2; `dk_attn_bwd_dq_convert_*` writes `dq = scale · accumulator`. dk and dv stay
 //! bitwise reproducible; dq varies in its last bits from run to run (addition order).
 //!
-//! `DK_ATTENTION_BWD=wide` (A/B until measured on a GPU) runs dK/dV in 128-key blocks of 8 warps
-//! instead (`dk_attn_bwd_dkdvw_*`, `dk_attn_bwd_dkdvdqw_*`: each warp owns 32 keys, so every
+//! Kernel families (`cuda/ATTENTION.md`, "Backward on wgmma" for the measurements). On a
+//! compute capability 9.0 device that accepted their shared memory the default is Hopper's
+//! warpgroup MMA (`cuda/attention_backward_wgmma.cu`: `dk_attn_bwd_dkdvg_*`, 128 key rows of 2
+//! warpgroups, 64-query steps; `dk_attn_bwd_dqg_*`, 128 query rows, 64-key steps), the
+//! deterministic mode's three launches with kernels 2 and 3 replaced, in BOTH modes: on an H200
+//! (bf16, causal, D = 128) fwd+bwd ran at 391–415 TFLOP/s on it against 236–249 for the
+//! mma.sync deterministic mode and 210–241 for the mma.sync atomic-dQ mode (278–307 with the
+//! 128-key atomic-dQ kernels), so `deterministic = false` takes it too: dq is then reproducible
+//! as well and dk / dv are identical between the modes. The workspace size reported stays the
+//! atomic-dQ mode's (a caller's buffer is checked against it); only its Delta region is used,
+//! and the dQ accumulator is neither zeroed nor converted. Elsewhere the default is the mma.sync
+//! kernels above.
+//!
+//! `DK_ATTENTION_BWD=mma` asks for the mma.sync kernels above everywhere (the A/B baseline on
+//! Hopper). `DK_ATTENTION_BWD=wide` runs the mma.sync dK/dV in 128-key blocks of 8 warps instead
+//! (`dk_attn_bwd_dkdvw_*`, `dk_attn_bwd_dkdvdqw_*`: each warp owns 32 keys, so every
 //! shared-memory B fragment feeds two MMA row tiles, FlashAttention-2's layout), in both modes,
 //! and the deterministic mode's dQ in 128-row blocks of 8 warps (`dk_attn_bwd_dqw_*`, warp
 //! pairs splitting each key step), where the device allows their shared memory (161 and
-//! 144 KiB at D = 128); otherwise, and by default, the 64-row kernels above.
-//! `DK_ATTENTION_BWD=wgmma` (A/B, unmeasured) runs the deterministic mode's dK/dV and dQ on
-//! Hopper's warpgroup MMA (`cuda/attention_backward_wgmma.cu`: `dk_attn_bwd_dkdvg_*`, 128 key
-//! rows of 2 warpgroups, 64-query steps; `dk_attn_bwd_dqg_*`, 128 query rows, 64-key steps), on
-//! compute capability 9.0 devices that accepted their shared memory; the atomic-dQ mode then runs
-//! as with `wide`.
+//! 144 KiB at D = 128; else as `mma`), taking precedence over wgmma on Hopper.
+//! `DK_ATTENTION_BWD=wgmma` is the default's policy on Hopper and falls back to `wide` elsewhere.
 //! `attention::kernels_used` lists what ran.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
@@ -246,21 +256,51 @@ fn dkdv_wgmma_smem_bytes(head_dim: usize) -> usize {
     1024 + (2 * WGMMA_KEYS * head_dim + 4 * 64 * head_dim) * 2 + 4 * 64 * 4
 }
 
-/// `DK_ATTENTION_BWD`, read once: `wide` (the 128-key dK/dV kernels and, in the deterministic
-/// mode, the 128-row dQ kernel) or `wgmma` (the deterministic mode on the wgmma kernels, the
-/// atomic-dQ mode as `wide`); each where the device opted it in.
+/// The value of `DK_ATTENTION_BWD`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Requested {
+    /// Unset: wgmma where the device has it, else the mma.sync kernels of 4 warps.
     Default,
+    /// `mma`: the mma.sync kernels of 4 warps everywhere.
+    Mma,
+    /// `wide`: the mma.sync 128-key dK/dV and 128-row dQ kernels where the device accepted
+    /// them, else as `mma`.
     Wide,
+    /// `wgmma`: wgmma where the device has it, else as `wide` (its fallback before wgmma became
+    /// the default).
     Wgmma,
 }
 
+/// `DK_ATTENTION_BWD`, read once.
 fn requested() -> Requested {
     match crate::switches::value("DK_ATTENTION_BWD") {
+        Some("mma") => Requested::Mma,
         Some("wide") => Requested::Wide,
         Some("wgmma") => Requested::Wgmma,
         _ => Requested::Default,
+    }
+}
+
+/// The kernel family of a backward call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// mma.sync, 64-key dK/dV and 64-row dQ blocks of 4 warps.
+    Mma,
+    /// mma.sync, 128-key dK/dV and 128-row dQ blocks of 8 warps.
+    Wide,
+    /// Hopper wgmma, 128-key dK/dV and 128-row dQ blocks of 2 warpgroups: deterministic
+    /// kernels only, which then serve both modes.
+    Wgmma,
+}
+
+/// The family a call runs, given what was requested and what the device accepted when it
+/// opened: `mma` and `wide` take precedence over wgmma; the default and `wgmma` run wgmma where
+/// the device has it, else the mma.sync kernels (`wgmma`: the wide ones where accepted).
+fn family(req: Requested, wide_ok: bool, wgmma_ok: bool) -> Family {
+    match req {
+        Requested::Default | Requested::Wgmma if wgmma_ok => Family::Wgmma,
+        Requested::Wide | Requested::Wgmma if wide_ok => Family::Wide,
+        _ => Family::Mma,
     }
 }
 
@@ -363,7 +403,8 @@ fn default_opt_ins(d: usize) -> [(&'static str, usize); 3] {
     ]
 }
 
-/// The 128-key kernels `configure` opts in where the device allows (`DK_ATTENTION_BWD=wide`).
+/// The 128-key kernels `configure` opts in where the device allows (`DK_ATTENTION_BWD=wide`, and
+/// `wgmma` off Hopper).
 fn wide_opt_ins(d: usize) -> [(&'static str, usize); 3] {
     [
         ("dkdvw", dkdv_wide_smem_bytes(d)),
@@ -372,7 +413,7 @@ fn wide_opt_ins(d: usize) -> [(&'static str, usize); 3] {
     ]
 }
 
-/// The wgmma kernels `configure_wgmma` opts in on a Hopper device (`DK_ATTENTION_BWD=wgmma`).
+/// The wgmma kernels `configure_wgmma` opts in on a Hopper device (the default there).
 fn wgmma_opt_ins(d: usize) -> [(&'static str, usize); 2] {
     [
         ("dkdvg", dkdv_wgmma_smem_bytes(d)),
@@ -408,7 +449,7 @@ fn opt_in<const K: usize>(
 /// Opts the dK/dV and dQ kernels in to their dynamic shared memory (over the 48 KB default),
 /// once when a device opens (an error where the default kernels are refused). Returns whether
 /// the 128-key kernels were accepted too (their 161 KiB at D = 128 exceed what some devices
-/// allow a block): only then may `DK_ATTENTION_BWD=wide` select them.
+/// allow a block): only then may `DK_ATTENTION_BWD=wide` (or `wgmma` off Hopper) select them.
 pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Result<bool> {
     if let Some(why) = opt_in(functions, default_opt_ins) {
         bail!(
@@ -422,7 +463,8 @@ pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Resu
 /// Opts the wgmma dK/dV and dQ kernels into their dynamic shared memory (66 and 130 KiB, 65
 /// and 129 KiB) on a Hopper device: compute capability 9.0 exactly, the one the sm_90a cubin
 /// runs on (elsewhere the sm_80 code, whose wgmma kernels are empty bodies). False elsewhere or
-/// where the device refuses: only then may `DK_ATTENTION_BWD=wgmma` select them.
+/// where the device refuses: only then do they serve calls (by default, unless
+/// `DK_ATTENTION_BWD=mma` or `wide` asks for the mma.sync kernels).
 pub(crate) fn configure_wgmma(
     functions: &HashMap<&'static str, CudaFunction>,
     compute_capability: (i32, i32),
@@ -431,30 +473,50 @@ pub(crate) fn configure_wgmma(
 }
 
 /// The kernels of one backward call, each as (name stem, dynamic shared memory, threads): every
-/// stem with more than 48 KB is in the opt-in table of its mode (see the tests).
+/// stem with more than 48 KB is in the opt-in table of its family (see the tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Kernels {
     dkdv: (&'static str, usize, u32),
     dq: (&'static str, usize, u32),
+    /// Key rows per dK/dV block.
+    dkdv_keys: usize,
+    /// Query rows per dQ block (unused when `atomic_dq`: the conversion runs over Delta's items).
+    dq_rows: usize,
+    /// Whether dQ is summed with f32 atomics into the workspace's accumulator (then `dq` is the
+    /// conversion kernel). Never with wgmma: its deterministic kernels serve both modes.
+    atomic_dq: bool,
 }
 
-/// Which kernels serve a call: `wgmma` (deterministic only) and `wide` where the device opted
-/// them in and `DK_ATTENTION_BWD` asked, `atomic_dq` for the non-deterministic mode.
-fn kernels(wgmma: bool, wide: bool, atomic_dq: bool, d: usize) -> Kernels {
-    let dkdv = match (wide, atomic_dq) {
-        _ if wgmma => ("dkdvg", dkdv_wgmma_smem_bytes(d), WIDE_THREADS),
-        (true, true) => ("dkdvdqw", dkdv_wide_smem_bytes(d), WIDE_THREADS),
-        (true, false) => ("dkdvw", dkdv_wide_smem_bytes(d), WIDE_THREADS),
-        (false, true) => ("dkdvdq", dkdvdq_smem_bytes(d), THREADS),
-        (false, false) => ("dkdv", dkdv_smem_bytes(d), THREADS),
+/// Which kernels serve a call of `family` at head dimension `d`; `deterministic` as asked by
+/// the call (the atomic-dQ mode for `false`, except on wgmma).
+fn kernels(family: Family, deterministic: bool, d: usize) -> Kernels {
+    let atomic_dq = !deterministic && family != Family::Wgmma;
+    let (dkdv, dkdv_keys) = match (family, atomic_dq) {
+        (Family::Wgmma, _) => (
+            ("dkdvg", dkdv_wgmma_smem_bytes(d), WIDE_THREADS),
+            WGMMA_KEYS,
+        ),
+        (Family::Wide, true) => (
+            ("dkdvdqw", dkdv_wide_smem_bytes(d), WIDE_THREADS),
+            WIDE_KEYS,
+        ),
+        (Family::Wide, false) => (("dkdvw", dkdv_wide_smem_bytes(d), WIDE_THREADS), WIDE_KEYS),
+        (Family::Mma, true) => (("dkdvdq", dkdvdq_smem_bytes(d), THREADS), DKDV_KEYS),
+        (Family::Mma, false) => (("dkdv", dkdv_smem_bytes(d), THREADS), DKDV_KEYS),
     };
-    let dq = match (atomic_dq, wgmma, wide) {
-        (true, _, _) => ("dq_convert", 0, DELTA_THREADS),
-        (false, true, _) => ("dqg", dq_wgmma_smem_bytes(d), WIDE_THREADS),
-        (false, false, true) => ("dqw", dq_wide_smem_bytes(d), WIDE_THREADS),
-        (false, false, false) => ("dq", dq_smem_bytes(d), THREADS),
+    let (dq, dq_rows) = match (atomic_dq, family) {
+        (true, _) => (("dq_convert", 0, DELTA_THREADS), DQ_QUERIES),
+        (false, Family::Wgmma) => (("dqg", dq_wgmma_smem_bytes(d), WIDE_THREADS), WGMMA_DQ_ROWS),
+        (false, Family::Wide) => (("dqw", dq_wide_smem_bytes(d), WIDE_THREADS), WIDE_DQ_ROWS),
+        (false, Family::Mma) => (("dq", dq_smem_bytes(d), THREADS), DQ_QUERIES),
     };
-    Kernels { dkdv, dq }
+    Kernels {
+        dkdv,
+        dq,
+        dkdv_keys,
+        dq_rows,
+        atomic_dq,
+    }
 }
 
 /// Backward pass on the caller's stream: dq, dk, dv, in the mode `raw.deterministic` asks for
@@ -518,27 +580,21 @@ pub(crate) fn backward(
         "the Delta grid (blocks)",
         delta_items.div_ceil(DELTA_THREADS as usize / (d / 8)),
     )? as u32;
-    let req = requested();
-    let wide = req != Requested::Default && dev.attention_wide_bwd();
-    let atomic_dq = !raw.deterministic;
-    let wgmma = req == Requested::Wgmma && dev.attention_wgmma_bwd() && !atomic_dq;
-    let chosen = kernels(wgmma, wide, atomic_dq, d);
-    let dkdv_keys = if wgmma {
-        WGMMA_KEYS
-    } else if wide {
-        WIDE_KEYS
-    } else {
-        DKDV_KEYS
-    };
-    let dkdv_blocks = grid_blocks("dK/dV", sh.seqlen_k, dkdv_keys, sh.batch, raw.heads_kv)?;
-    let dq_rows = if wgmma {
-        WGMMA_DQ_ROWS
-    } else if wide {
-        WIDE_DQ_ROWS
-    } else {
-        DQ_QUERIES
-    };
-    let dq_blocks = grid_blocks("dQ", sh.seqlen_q, dq_rows, sh.batch, raw.heads_q)?;
+    let family = family(
+        requested(),
+        dev.attention_wide_bwd(),
+        dev.attention_wgmma_bwd(),
+    );
+    let chosen = kernels(family, raw.deterministic, d);
+    let atomic_dq = chosen.atomic_dq;
+    let dkdv_blocks = grid_blocks(
+        "dK/dV",
+        sh.seqlen_k,
+        chosen.dkdv_keys,
+        sh.batch,
+        raw.heads_kv,
+    )?;
+    let dq_blocks = grid_blocks("dQ", sh.seqlen_q, chosen.dq_rows, sh.batch, raw.heads_q)?;
     if sh.total_q == 0 && sh.total_k == 0 {
         return Ok(()); // no row to write
     }
@@ -555,9 +611,17 @@ pub(crate) fn backward(
     // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
     // is unsafe for that reason), or null for the legacy default stream.
     let stream = unsafe { dev.borrow_stream(launch_cfg.stream) };
-    // Library-owned workspace (when none is given and one is needed): stream-ordered.
-    let (ws, owned) = if need > 0 {
-        dev.workspace(launch_cfg, &stream, need)?
+    // Library-owned workspace (when none is given and one is needed): stream-ordered, only the
+    // Delta region when no dQ accumulator is used (`deterministic = false` on wgmma: the caller
+    // was told, and checked above against, the atomic-dQ mode's size, which covers it).
+    let used = if atomic_dq {
+        need
+    } else {
+        delta_region_bytes(raw)
+    };
+    debug_assert!(used <= need);
+    let (ws, owned) = if used > 0 {
+        dev.workspace(launch_cfg, &stream, used)?
     } else {
         (0, None)
     };
@@ -588,8 +652,9 @@ pub(crate) fn backward(
             0
         },
     };
-    // Delta first (the other two read it); dK/dV also runs without query rows (it writes the
-    // zero gradients of keys no query sees), dQ also without keys (zero gradients).
+    // Delta first (the other two read it; with `dq_accum` it also zeroes the accumulator, which
+    // only the atomic-dQ kernels read); dK/dV also runs without query rows (it writes the zero
+    // gradients of keys no query sees), dQ also without keys (zero gradients).
     if sh.total_q > 0 {
         launch(&stream, f_delta, &args, delta_blocks, DELTA_THREADS, 0)?;
     }
@@ -623,36 +688,153 @@ mod tests {
         // DK_ATTENTION_BWD=wgmma once launched the wgmma dK/dV kernel with 66 / 130 KiB that
         // only its dQ kernel had been opted into: CUDA_ERROR_INVALID_VALUE on every Hopper call.
         for d in [64, 128] {
-            for (wgmma, wide, atomic_dq) in [
-                (false, false, false),
-                (false, false, true),
-                (false, true, false),
-                (false, true, true),
-                (true, false, false),
-                (true, true, false),
-            ] {
-                let mut granted: Vec<(&str, usize)> = default_opt_ins(d).to_vec();
-                if wide {
-                    granted.extend(wide_opt_ins(d));
-                }
-                if wgmma {
-                    granted.extend(wgmma_opt_ins(d));
-                }
-                let k = kernels(wgmma, wide, atomic_dq, d);
-                for (stem, smem, _) in [k.dkdv, k.dq] {
-                    let ok = smem <= 48 * 1024
-                        || granted.iter().any(|&(g, bytes)| g == stem && smem <= bytes);
-                    assert!(
-                        ok,
-                        "D = {d}, wgmma {wgmma}, wide {wide}, atomic dQ {atomic_dq}: {stem} asks \
-                         for {smem} bytes without an opt-in"
-                    );
-                }
-                if wgmma {
-                    assert_eq!((k.dkdv.0, k.dq.0), ("dkdvg", "dqg"));
+            for family in [Family::Mma, Family::Wide, Family::Wgmma] {
+                for deterministic in [true, false] {
+                    let mut granted: Vec<(&str, usize)> = default_opt_ins(d).to_vec();
+                    match family {
+                        Family::Mma => {}
+                        Family::Wide => granted.extend(wide_opt_ins(d)),
+                        Family::Wgmma => granted.extend(wgmma_opt_ins(d)),
+                    }
+                    let k = kernels(family, deterministic, d);
+                    for (stem, smem, _) in [k.dkdv, k.dq] {
+                        let ok = smem <= 48 * 1024
+                            || granted.iter().any(|&(g, bytes)| g == stem && smem <= bytes);
+                        assert!(
+                            ok,
+                            "D = {d}, {family:?}, deterministic {deterministic}: {stem} asks \
+                             for {smem} bytes without an opt-in"
+                        );
+                    }
                 }
             }
         }
+    }
+
+    #[test]
+    fn wgmma_is_the_default_where_the_device_has_it() {
+        use Family as F;
+        use Requested as R;
+        // (requested, wide accepted, wgmma accepted) → family.
+        for (req, wide_ok, wgmma_ok, want) in [
+            // Hopper (both accepted): wgmma unless an mma.sync family is asked for.
+            (R::Default, true, true, F::Wgmma),
+            (R::Wgmma, true, true, F::Wgmma),
+            (R::Mma, true, true, F::Mma),
+            (R::Wide, true, true, F::Wide),
+            (R::Wide, false, true, F::Mma),
+            // Elsewhere: the 64-row mma.sync kernels by default; `wgmma` falls back to `wide`.
+            (R::Default, true, false, F::Mma),
+            (R::Default, false, false, F::Mma),
+            (R::Mma, true, false, F::Mma),
+            (R::Wide, true, false, F::Wide),
+            (R::Wide, false, false, F::Mma),
+            (R::Wgmma, true, false, F::Wide),
+            (R::Wgmma, false, false, F::Mma),
+        ] {
+            assert_eq!(
+                family(req, wide_ok, wgmma_ok),
+                want,
+                "{req:?}, wide {wide_ok}, wgmma {wgmma_ok}"
+            );
+        }
+    }
+
+    #[test]
+    fn kernels_of_each_family_and_mode() {
+        for d in [64, 128] {
+            let stems = |f, det| {
+                let k = kernels(f, det, d);
+                (k.dkdv.0, k.dq.0, k.dkdv_keys, k.atomic_dq)
+            };
+            assert_eq!(stems(Family::Mma, true), ("dkdv", "dq", DKDV_KEYS, false));
+            assert_eq!(
+                stems(Family::Mma, false),
+                ("dkdvdq", "dq_convert", DKDV_KEYS, true)
+            );
+            assert_eq!(
+                stems(Family::Wide, true),
+                ("dkdvw", "dqw", WIDE_KEYS, false)
+            );
+            assert_eq!(
+                stems(Family::Wide, false),
+                ("dkdvdqw", "dq_convert", WIDE_KEYS, true)
+            );
+            assert_eq!(
+                stems(Family::Wgmma, true),
+                ("dkdvg", "dqg", WGMMA_KEYS, false)
+            );
+        }
+    }
+
+    #[test]
+    fn atomic_dq_mode_on_wgmma_runs_the_deterministic_wgmma_kernels() {
+        // deterministic = false on Hopper: the deterministic wgmma kernels (faster there than the
+        // atomic-dQ kernels, and dk / dv identical between the modes), no accumulator, no
+        // conversion; the same launches as deterministic = true.
+        for d in [64, 128] {
+            let atomic = kernels(Family::Wgmma, false, d);
+            assert_eq!(atomic, kernels(Family::Wgmma, true, d));
+            assert!(!atomic.atomic_dq);
+            assert_eq!((atomic.dkdv.0, atomic.dq.0), ("dkdvg", "dqg"));
+            assert_eq!(
+                (atomic.dkdv_keys, atomic.dq_rows),
+                (WGMMA_KEYS, WGMMA_DQ_ROWS)
+            );
+            assert_eq!(atomic.dq.1, dq_wgmma_smem_bytes(d));
+        }
+        // What the default policy picks on a Hopper device for that mode.
+        let k = kernels(family(Requested::Default, true, true), false, 128);
+        assert_eq!((k.dkdv.0, k.dq.0, k.atomic_dq), ("dkdvg", "dqg", false));
+    }
+
+    #[test]
+    fn the_reported_workspace_covers_every_family() {
+        // The size reported for deterministic = false (the dQ accumulator after Delta) is at
+        // least what any family uses: Delta only on wgmma, Delta + accumulator otherwise.
+        let raw = RawAttentionBackward {
+            shape: crate::attention::RawBatch {
+                batch: 2,
+                seqlen_q: 150,
+                seqlen_k: 150,
+                total_q: 300,
+                total_k: 300,
+                cu_seqlens_q: std::ptr::null(),
+                cu_seqlens_k: std::ptr::null(),
+            },
+            heads_q: 8,
+            heads_kv: 1,
+            head_dim: 128,
+            dtype: DType::BF16,
+            causal: true,
+            scale: 0.088,
+            deterministic: false,
+            dout: std::ptr::null(),
+            dout_stride: 1024,
+            q: std::ptr::null(),
+            q_stride: 1024,
+            k: std::ptr::null(),
+            k_stride: 128,
+            v: std::ptr::null(),
+            v_stride: 128,
+            out: std::ptr::null(),
+            out_stride: 1024,
+            lse: std::ptr::null(),
+            dq: std::ptr::null_mut(),
+            dq_stride: 1024,
+            dk: std::ptr::null_mut(),
+            dk_stride: 128,
+            dv: std::ptr::null_mut(),
+            dv_stride: 128,
+        };
+        let delta = delta_region_bytes(&raw);
+        assert_eq!(delta, (4 * 8 * 300usize).next_multiple_of(REGION_ALIGN));
+        assert_eq!(backward_workspace_size(&raw), delta + 4 * 300 * 8 * 128);
+        let det = RawAttentionBackward {
+            deterministic: true,
+            ..raw
+        };
+        assert_eq!(backward_workspace_size(&det), delta);
     }
 
     /// The C layout of DkAttentionBwdArgs, worked out by hand from the header (natural

@@ -1,9 +1,16 @@
-//! Launcher of the attention forward kernels (`cuda/attention_forward.cu`): the argument structs
-//! shared with them (`cuda/include/dk_attention_shape.h`, `cuda/include/dk_attention_fwd_args.h`),
-//! the choice of instantiation (dtype × head dimension; `DK_ATTENTION_FWD=wide` for the D = 128
-//! kernel of 8 warps whose pairs split each key tile, `DK_ATTENTION_FWD=wgmma` for the Hopper
-//! kernels of `cuda/attention_forward_wgmma.cu`) and the grid. Design notes: `cuda/ATTENTION.md`.
-
+//! Launcher of the attention forward kernels (`cuda/attention_forward.cu`,
+//! `cuda/attention_forward_wgmma.cu`): the argument structs shared with them
+//! (`cuda/include/dk_attention_shape.h`, `cuda/include/dk_attention_fwd_args.h`), the choice of
+//! instantiation (dtype × head dimension × kernel family) and the grid. Design notes and
+//! measurements: `cuda/ATTENTION.md`.
+//!
+//! Kernel families: on a compute capability 9.0 device that accepted their shared memory, the
+//! Hopper wgmma kernels (`dk_attn_fwd_*_d{64,128}g`) by default (measured on an H200 at 1.5–1.6×
+//! the mma.sync kernels, cuda/ATTENTION.md "Forward on wgmma"); elsewhere the mma.sync kernels of
+//! 4 warps (`dk_attn_fwd_*_d{64,128}`). `DK_ATTENTION_FWD=mma` asks for those everywhere (the
+//! A/B baseline on Hopper), `DK_ATTENTION_FWD=wide` for the mma.sync D = 128 kernel of 8 warps
+//! whose pairs split each key tile (`dk_attn_fwd_*_d128w`, where the device accepted its shared
+//! memory; it takes precedence over wgmma), `DK_ATTENTION_FWD=wgmma` is the default's policy.
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
@@ -75,31 +82,57 @@ fn wgmma_smem_bytes(head_dim: usize) -> usize {
 /// Which forward kernels serve a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
-    /// `dk_attn_fwd_*_d{64,128}`: mma.sync, 4 warps.
-    Default,
+    /// `dk_attn_fwd_*_d{64,128}`: mma.sync, 4 warps (the default off Hopper).
+    Mma,
     /// `DK_ATTENTION_FWD=wide`: the D = 128 split kernel (`dk_attn_fwd_*_d128w`).
     Wide,
-    /// `DK_ATTENTION_FWD=wgmma`: the Hopper kernels (`dk_attn_fwd_*_d{64,128}g`).
+    /// The Hopper kernels (`dk_attn_fwd_*_d{64,128}g`): the default where the device has them.
     Wgmma,
 }
 
-/// `DK_ATTENTION_FWD`, read once: `wide` or `wgmma` (A/B switches until measured on a GPU).
-fn requested() -> Variant {
+/// The value of `DK_ATTENTION_FWD`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Requested {
+    /// Unset: wgmma where the device has it, else mma.sync.
+    Default,
+    /// `mma`: the mma.sync kernels of 4 warps everywhere.
+    Mma,
+    /// `wide`: the D = 128 split kernel where the device accepted it (D = 64: as `mma`).
+    Wide,
+    /// `wgmma`: as unset (the switch value of the A/B runs before wgmma became the default).
+    Wgmma,
+}
+
+/// `DK_ATTENTION_FWD`, read once.
+fn requested() -> Requested {
     match crate::switches::value("DK_ATTENTION_FWD") {
-        Some("wide") => Variant::Wide,
-        Some("wgmma") => Variant::Wgmma,
-        _ => Variant::Default,
+        Some("mma") => Requested::Mma,
+        Some("wide") => Requested::Wide,
+        Some("wgmma") => Requested::Wgmma,
+        _ => Requested::Default,
     }
 }
 
-/// The variant a call runs: the requested one where this device accepted it (and, for the
-/// split kernel, D = 128), else the default kernels.
-fn variant(dev: &CudaDevice, head_dim: usize) -> Variant {
-    match requested() {
-        Variant::Wide if head_dim == 128 && dev.attention_wide_fwd() => Variant::Wide,
-        Variant::Wgmma if dev.attention_wgmma_fwd() => Variant::Wgmma,
-        _ => Variant::Default,
+/// The variant a call runs, given what was requested and what the device accepted when it
+/// opened: `wide` (D = 128) and `mma` take precedence over wgmma; the default and `wgmma` run
+/// wgmma where the device has it; everything else the mma.sync kernels.
+fn choose(req: Requested, head_dim: usize, wide_ok: bool, wgmma_ok: bool) -> Variant {
+    match req {
+        Requested::Wide if head_dim == 128 && wide_ok => Variant::Wide,
+        Requested::Wide | Requested::Mma => Variant::Mma,
+        Requested::Default | Requested::Wgmma if wgmma_ok => Variant::Wgmma,
+        Requested::Default | Requested::Wgmma => Variant::Mma,
     }
+}
+
+/// The variant a call runs on `dev` (see [`choose`]).
+fn variant(dev: &CudaDevice, head_dim: usize) -> Variant {
+    choose(
+        requested(),
+        head_dim,
+        dev.attention_wide_fwd(),
+        dev.attention_wgmma_fwd(),
+    )
 }
 
 /// Sets a kernel's dynamic shared memory limit; false where the device refuses.
@@ -124,7 +157,8 @@ pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> bool
 
 /// Opts the wgmma kernels into their dynamic shared memory (81 and 161 KiB) on a Hopper device:
 /// compute capability 9.0 exactly, the one the sm_90a cubin runs on (elsewhere the sm_80 code,
-/// whose wgmma kernels are empty bodies). False elsewhere or where the device refuses.
+/// whose wgmma kernels are empty bodies). False elsewhere or where the device refuses (the
+/// mma.sync kernels then serve every call).
 pub(crate) fn configure_wgmma(
     functions: &HashMap<&'static str, CudaFunction>,
     compute_capability: (i32, i32),
@@ -260,7 +294,7 @@ fn launches(raw: &RawAttention, variant: Variant) -> Vec<(usize, usize, LaunchCo
     let (block_m, smem, threads) = match variant {
         Variant::Wide => (SPLIT_ROWS, split_smem_bytes(), SPLIT_THREADS),
         Variant::Wgmma => (SPLIT_ROWS, wgmma_smem_bytes(raw.head_dim), SPLIT_THREADS),
-        Variant::Default => {
+        Variant::Mma => {
             let (block_m, smem) = tiling(raw.head_dim);
             (block_m, smem, THREADS)
         }
@@ -323,7 +357,7 @@ pub(crate) fn forward(dev: &CudaDevice, raw: &RawAttention, launch: &Launch<'_>)
     let stream = unsafe { dev.borrow_stream(launch.stream) };
     for (h0, b0, cfg) in launches {
         debug_assert!(
-            variant != Variant::Default || cfg.shared_mem_bytes as usize <= DEFAULT_SMEM_LIMIT
+            variant != Variant::Mma || cfg.shared_mem_bytes as usize <= DEFAULT_SMEM_LIMIT
         );
         // Below heads_q and batch, which AttentionShape::new checked to fit i32.
         args.head_offset = h0 as i32;
@@ -381,19 +415,51 @@ mod tests {
     fn every_instantiation_is_listed() {
         for dtype in [DType::BF16, DType::F16] {
             for d in crate::attention::HEAD_DIMS {
-                for v in [Variant::Default, Variant::Wide, Variant::Wgmma] {
+                for v in [Variant::Mma, Variant::Wide, Variant::Wgmma] {
                     let name = kernel_name(dtype, d, v).unwrap();
                     assert!(KERNEL_NAMES.contains(&name), "{name}");
                     assert_eq!(WGMMA_KERNELS.contains(&name), v == Variant::Wgmma, "{name}");
                 }
             }
         }
-        assert!(kernel_name(DType::F32, 64, Variant::Default).is_err());
-        // The split kernel exists at D = 128 only; D = 64 keeps the default kernel.
+        assert!(kernel_name(DType::F32, 64, Variant::Mma).is_err());
+        // The split kernel exists at D = 128 only; D = 64 keeps the mma.sync kernel of 4 warps.
         assert_eq!(
             kernel_name(DType::BF16, 64, Variant::Wide).unwrap(),
             "dk_attn_fwd_bf16_d64"
         );
+    }
+
+    #[test]
+    fn wgmma_is_the_default_where_the_device_has_it() {
+        use Requested as R;
+        use Variant as V;
+        // (requested, D, wide accepted, wgmma accepted) → variant.
+        for (req, d, wide_ok, wgmma_ok, want) in [
+            // Hopper (both accepted): wgmma unless mma.sync is asked for; wide wins at D = 128.
+            (R::Default, 64, true, true, V::Wgmma),
+            (R::Default, 128, true, true, V::Wgmma),
+            (R::Wgmma, 128, true, true, V::Wgmma),
+            (R::Mma, 64, true, true, V::Mma),
+            (R::Mma, 128, true, true, V::Mma),
+            (R::Wide, 128, true, true, V::Wide),
+            (R::Wide, 64, true, true, V::Mma),
+            // Elsewhere (no wgmma): the mma.sync kernels, wide where accepted.
+            (R::Default, 128, true, false, V::Mma),
+            (R::Wgmma, 64, true, false, V::Mma),
+            (R::Wgmma, 128, true, false, V::Mma),
+            (R::Mma, 128, true, false, V::Mma),
+            (R::Wide, 128, true, false, V::Wide),
+            (R::Wide, 128, false, false, V::Mma),
+            // A Hopper device that refused the wide kernel's shared memory.
+            (R::Wide, 128, false, true, V::Mma),
+        ] {
+            assert_eq!(
+                choose(req, d, wide_ok, wgmma_ok),
+                want,
+                "{req:?} D = {d}, wide {wide_ok}, wgmma {wgmma_ok}"
+            );
+        }
     }
 
     fn raw(batch: usize, seqlen_q: usize, total_q: usize, heads_q: usize) -> RawAttention {
@@ -445,7 +511,7 @@ mod tests {
         assert_eq!(l[0].2.grid_dim, (2, 3, 2));
         assert_eq!(l[0].2.block_dim, (SPLIT_THREADS, 1, 1));
         assert_eq!(l[0].2.shared_mem_bytes as usize, split_smem_bytes());
-        assert_eq!(launches(&r, Variant::Default)[0].2.grid_dim, (3, 3, 2));
+        assert_eq!(launches(&r, Variant::Mma)[0].2.grid_dim, (3, 3, 2));
         // 81 KiB: two blocks fit an A100 SM (164 KiB) and a Hopper SM (228 KiB).
         assert_eq!(split_smem_bytes(), 82_944);
     }
@@ -469,14 +535,14 @@ mod tests {
 
     #[test]
     fn launches_cover_rows_heads_and_sequences() {
-        assert!(launches(&raw(0, 5, 0, 4), Variant::Default).is_empty());
-        assert!(launches(&raw(3, 0, 0, 4), Variant::Default).is_empty());
-        let l = launches(&raw(2, 129, 258, 3), Variant::Default);
+        assert!(launches(&raw(0, 5, 0, 4), Variant::Mma).is_empty());
+        assert!(launches(&raw(3, 0, 0, 4), Variant::Mma).is_empty());
+        let l = launches(&raw(2, 129, 258, 3), Variant::Mma);
         assert_eq!(l.len(), 1);
         assert_eq!((l[0].0, l[0].1), (0, 0));
         assert_eq!(l[0].2.grid_dim, (2, 3, 2)); // D = 64: 128 rows per block
         assert_eq!(l[0].2.block_dim, (THREADS, 1, 1));
-        let l = launches(&raw(70000, 1, 70000, 8), Variant::Default);
+        let l = launches(&raw(70000, 1, 70000, 8), Variant::Mma);
         let starts: Vec<_> = l.iter().map(|(h, b, c)| (*h, *b, c.grid_dim)).collect();
         assert_eq!(
             starts,

@@ -38,17 +38,18 @@ fn note_kernel(name: &'static str) {
     }
 }
 
-/// The forward and dK/dV kernels the attention calls of this process ran (e.g.
-/// `dk_attn_fwd_bf16_d128w`, `dk_attn_bwd_dkdvw_bf16_d128`), in first-use order: benchmarks print
-/// them, so that an A/B run (`DK_ATTENTION_FWD=wide|wgmma`, `DK_ATTENTION_BWD=wide|wgmma`) says what it
-/// measured.
+/// The forward, dK/dV and deterministic dQ kernels the attention calls of this process ran (e.g.
+/// `dk_attn_fwd_bf16_d128g`, `dk_attn_bwd_dkdvg_bf16_d128`), in first-use order: benchmarks print
+/// them, so that a run (the default: wgmma on Hopper, or an A/B run with
+/// `DK_ATTENTION_FWD=mma|wide|wgmma`, `DK_ATTENTION_BWD=mma|wide|wgmma`) says what it measured.
 pub fn kernels_used() -> Vec<&'static str> {
     USED.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
-/// Which opt-in attention kernels a device accepted when it opened (their dynamic shared memory
-/// is above the default 48 KB): `DK_ATTENTION_FWD=wide|wgmma` / `DK_ATTENTION_BWD=wide|wgmma` select
-/// them only then.
+/// Which attention kernels beyond the mma.sync defaults a device accepted when it opened (their
+/// dynamic shared memory is above the default 48 KB): the wgmma kernels serve calls by default
+/// only then, and `DK_ATTENTION_FWD=wide` / `DK_ATTENTION_BWD=wide` select the wide ones only
+/// then.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct WideKernels {
     /// The D = 128 split forward (`dk_attn_fwd_*_d128w`, 81 KiB).
@@ -56,15 +57,16 @@ pub(crate) struct WideKernels {
     /// The 128-key dK/dV kernels (`dk_attn_bwd_dkdv{,dq}w_*`, up to 161 KiB).
     pub backward: bool,
     /// The Hopper wgmma forward (`dk_attn_fwd_*_d{64,128}g`, up to 161 KiB; compute capability
-    /// 9 only).
+    /// 9.0 only): the default forward where accepted.
     pub wgmma_forward: bool,
     /// The Hopper wgmma dK/dV and dQ kernels (`dk_attn_bwd_{dkdvg,dqg}_*`, up to 130 KiB;
-    /// compute capability 9.0 only).
+    /// compute capability 9.0 only): the default backward, both modes, where accepted.
     pub wgmma_backward: bool,
 }
 
 /// Opts the attention kernels into their dynamic shared memory, once when a device opens. An
-/// error for a default kernel fails the open; a refused opt-in kernel only turns its switch off.
+/// error for an mma.sync default kernel fails the open; a refused wide or wgmma kernel is only
+/// never selected (the mma.sync kernels serve its calls).
 pub(crate) fn configure(
     functions: &std::collections::HashMap<&'static str, cudarc::driver::CudaFunction>,
     compute_capability: (i32, i32),

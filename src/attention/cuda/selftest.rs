@@ -2,8 +2,8 @@
 //! (`cuda/attention_wgmma_selftest.cu`): one shared-memory product (the `S = Q·Kᵀ` form) and one
 //! register-operand product (the `P·V` form) against f64 products, on a compute capability 9.0
 //! device. It separates a misreading of the PTX ISA's descriptor layouts from attention logic:
-//! if the attention reference tests fail under `DK_ATTENTION_FWD=wgmma` and this passes, the
-//! fault is in the kernels.
+//! if the attention reference tests fail on a Hopper device (whose default is the wgmma kernels)
+//! and this passes, the fault is in the kernels.
 
 /// The self-test kernels, loaded with the others when a device opens.
 pub(crate) const KERNEL_NAMES: &[&str] =

@@ -1232,7 +1232,8 @@ pub fn run(args: &[String]) -> i32 {
     }
     let attn = distill_kernels::attention::kernels_used();
     if !attn.is_empty() {
-        // Which forward and dK/dV kernels served attention (the A/B switch DK_ATTENTION_BWD).
+        // Which forward and backward kernels served attention (the A/B switches DK_ATTENTION_FWD /
+        // DK_ATTENTION_BWD pick the family: wgmma by default on Hopper).
         outln!("attention kernels: {}", attn.join(", "));
     }
     if let Some(why) = distill_kernels::divergence::cluster_fallback_reason() {
