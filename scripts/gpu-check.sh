@@ -9,7 +9,7 @@
 # failing step is recorded and the next one runs. A step may use its cap but not the time the
 # selected steps after it are expected to need (expected_seconds), except that it may always use
 # half of what is left. A benchmark or test that runs into its own cap (a hang) skips the later
-# benchmarks, profiles and sanitizer runs of its variant (persist, persist256, wgmma, wide, smem,
+# benchmarks, profiles and sanitizer runs of its variant (persist, persist256, mma, wide, smem,
 # stream); a test's also skips the variant's later tests. A full run goes in the order below; a
 # call that names its steps (GPU_CHECK_ONLY) runs the card steps, then the tests (6), then the
 # benchmarks (3-5c), then the rest: code that never ran on a card is checked before it is timed.
@@ -23,8 +23,8 @@
 #      the gradient over the student logits (--passes fwd+bwd,in-place), default and persist
 #   5. dk bench --ops moe: route, permute, combine fwd/bwd, 3 ANCHORS shapes, N=16384
 #  5b. dk bench --ops attention: fwd, fwd+bwd, ANCHORS shapes + varlen, bf16, TFLOP/s; again with
-#      the opt-in kernels (DK_ATTENTION_FWD=wide, DK_ATTENTION_BWD=wide), and with the Hopper
-#      wgmma kernels (DK_ATTENTION_FWD=wgmma, DK_ATTENTION_BWD=wgmma)
+#      the opt-in kernels (DK_ATTENTION_FWD=wide, DK_ATTENTION_BWD=wide), and with the mma.sync
+#      kernels (DK_ATTENTION_FWD=mma, DK_ATTENTION_BWD=mma) beside the Hopper default, wgmma
 #  5c. dk bench --ops fused: fused linear JSD (N 4096, H 3072, V 200064; N 16384, H 5120,
 #      V 202048) against its four cuBLAS GEMMs alone, measured in the same run (issue 4)
 #   6. every Rust test executable (their CUDA variants run here), the divergence reference tests
@@ -88,27 +88,23 @@ GPU_CHECK_ONLY=${GPU_CHECK_ONLY:-}
 # PYTEST_K / PY_BENCH_* where unset. GPU_CHECK_BUDGET stays the caller's.
 case ${GPU_CHECK_PLAN:-} in
   "") ;;
-  1) # the attention kernels on wgmma: the layouts on the card, correctness, speed, limits
-    plan_steps="nvidia-smi,dk-info,test-unit-distill_kernels,test-attention_reference-wgmma"
-    plan_steps+=",dk-bench-attention=,dk-bench-attention-wgmma,python-bench-attention="
-    plan_steps+=",python-bench-attention-wgmma,ncu-attention-fwd-wgmma,ncu-attention-bwd-wgmma"
-    plan_steps+=",racecheck-attention-wgmma,memcheck-attention-wgmma" ;;
-  2) # the divergence (persistent kernels, v7 math, in place), fused, MoE, the empty batch
-    plan_steps="nvidia-smi,test-divergence_reference=,test-divergence_reference-persist="
-    plan_steps+=",test-fused_reference=,test-fused_reference-v1,test-fused_reference-persist="
-    plan_steps+=",test-moe_reference,test-empty_batch,dk-bench-bf16,dk-bench-persist="
-    plan_steps+=",dk-bench-short=,dk-bench-short-persist=,dk-bench-inplace=,dk-bench-moe="
-    plan_steps+=",dk-bench-moe-nopdl,dk-bench-fused=,dk-bench-fused-persist" ;;
+  1) # run 5's failures after their fixes (divergence and fused tests, the atomic-dQ mode on
+    # wgmma), the wgmma attention kernels as the Hopper default, the racecheck question
+    plan_steps="nvidia-smi,dk-info,test-divergence_reference=,test-divergence_reference-persist="
+    plan_steps+=",test-fused_reference=,test-fused_reference-v1,test-attention_reference="
+    plan_steps+=",test-attention_reference-mma,racecheck-barrier-repro,racecheck-attention="
+    plan_steps+=",memcheck-attention=,dk-bench-attention=,dk-bench-attention-mma,dk-bench-bf16" ;;
+  2) # the Python face on CUDA (run 5's pytest was cut off after two failures) and the Python
+    # benchmarks against SDPA (FA2, cuDNN), torch eager, torch.compile and Liger, MoE included
+    plan_steps="nvidia-smi,liger-install,pytest,python-bench-attention=,python-bench=" ;;
   3a) # issue 3's other shapes (N = 16384, f32 logits), the 256-thread persistent variant, the
     # sanitizers on the default attention kernels (issue 6)
     plan_steps="nvidia-smi,test-divergence_reference-persist256,test-fused_reference-persist256"
     plan_steps+=",dk-bench-16k=,dk-bench-f32=,dk-bench-persist256,dk-bench-short-persist256"
     plan_steps+=",dk-bench-inplace-persist,racecheck-attention=,memcheck-attention=,memcheck-persist=" ;;
-  3b) # the torch face on CUDA, the Python benchmarks against torch / Liger, the profiles
-    plan_steps="nvidia-smi,liger-install,pytest,python-bench-fused,python-bench="
-    plan_steps+=",ncu-divergence-persist,ncu-fused,ncu-moe-route,ncu-moe-combine"
-    PYTEST_K=${PYTEST_K:-contract or compile or examples or num_items or minus_inf}
-    PY_BENCH_SHAPES=${PY_BENCH_SHAPES:-256x151936,4096x151936,4096x262144,16384x151936} ;;
+  3b) # the fused and MoE rows again after any change there, the profiles
+    plan_steps="nvidia-smi,liger-install,python-bench-fused,dk-bench-fused=,dk-bench-moe="
+    plan_steps+=",ncu-fused,ncu-moe-route,ncu-moe-combine,ncu-attention-fwd=,ncu-attention-bwd=" ;;
   3c) # A/B rows: the wide attention kernels beside the default ones, the persistent cluster sizes
     plan_steps="nvidia-smi,test-attention_reference-wide,dk-bench-attention=,dk-bench-attention-wide"
     plan_steps+=",racecheck-attention-wide,ncu-attention-fwd-wide,ncu-attention-bwd-wide"
@@ -320,7 +316,7 @@ want() {
   return 1
 }
 
-# What a step is expected to take on an H100 / H200 (runs 1-4; guesses for steps that never ran):
+# What a step is expected to take on an H100 / H200 (runs 1-5; guesses for steps that never ran):
 # the time kept for it while earlier steps run. Not a limit: each step has its own cap.
 expected_seconds() {
   case $1 in
@@ -330,14 +326,16 @@ expected_seconds() {
     dk-bench-f32) echo 40 ;;
     dk-bench-short | dk-bench-short-* | dk-bench-moe-nopdl | dk-bench-jsdx*) echo 12 ;;
     dk-bench-*) echo 25 ;;
-    test-divergence_reference* | test-fused_reference* | test-attention_reference*) echo 30 ;;
+    test-divergence_reference*) echo 35 ;;
+    test-fused_reference* | test-attention_reference*) echo 12 ;;  # run 5: 4.5-5.7 s
     test-*) echo 15 ;;
-    pytest) echo 90 ;;
+    pytest) echo 200 ;;
     python-bench-fused) echo 110 ;;
     python-bench-attention*) echo 45 ;;
     python-bench) echo "${PY_BENCH_EXPECTED:-100}" ;;
     ncu-*) echo 30 ;;
-    memcheck* | racecheck*) echo 40 ;;
+    memcheck*) echo 12 ;;  # run 5: 4.7-5.8 s
+    racecheck*) echo 30 ;;  # run 5: 17-24 s
     *) echo 20 ;;
   esac
 }
@@ -362,12 +360,12 @@ expected_after() {
 
 # A benchmark or test that ran into its own cap (at least 5 s past its expected time: a hang,
 # or far slower than planned) marks its variant (the word in its name: persist, persist256,
-# wgmma, wide, smem, stream): the later benchmarks, profiles and sanitizer runs of that variant
+# mma, wide, smem, stream): the later benchmarks, profiles and sanitizer runs of that variant
 # are skipped, so one stuck kernel cannot eat the budget of every step after it. A test's mark
 # skips the variant's later tests too; a benchmark's does not (tests are the evidence, each
 # under its own cap). Profiler and sanitizer steps mark nothing (their instrumentation makes
 # them slow).
-variant_words="persist persist256 wgmma wide smem stream"
+variant_words="persist persist256 mma wide smem stream"
 hung_tests=""      # variant words marked by a test
 skipped_as_hung() { # STEP: the hung variant that skips it, if any
   local w marks=$hung
@@ -571,10 +569,9 @@ phase_benches() {
   # attention kernels that ran.
   run_step dk-bench-attention-wide 60 0 env DK_ATTENTION_FWD=wide DK_ATTENTION_BWD=wide "$dk" \
     bench --device cuda --ops attention --dtype bf16 --attn-shapes phi4-mini,llama4,varlen
-  # A/B: the forward on wgmma (cuda/attention_forward_wgmma.cu, "Forward on wgmma" in
-  # cuda/ATTENTION.md; its fwd rows against dk-bench-attention's) and the deterministic backward
-  # on wgmma ("Backward on wgmma"; fwd+bwd minus fwd against dk-bench-attention-wide's).
-  run_step dk-bench-attention-wgmma 60 0 env DK_ATTENTION_FWD=wgmma DK_ATTENTION_BWD=wgmma "$dk" \
+  # A/B: the mma.sync kernels (the default off Hopper) against the default wgmma kernels of an
+  # H100 / H200 (cuda/ATTENTION.md, "Forward on wgmma", "Backward on wgmma"; run 5: 1.45-1.67x).
+  run_step dk-bench-attention-mma 60 0 env DK_ATTENTION_FWD=mma DK_ATTENTION_BWD=mma "$dk" \
     bench --device cuda --ops attention --dtype bf16 --attn-shapes phi4-mini,llama4,varlen
 
   # ---- 5c. dk bench fused linear JSD against the four GEMMs alone (issue 4's two shapes) ---------
@@ -625,7 +622,7 @@ phase_tests() {
   if has_test attention_reference; then
     run_step test-attention_reference-wide 90 1 env DK_ATTENTION_FWD=wide DK_ATTENTION_BWD=wide \
       target/release/deps/attention_reference
-    run_step test-attention_reference-wgmma 90 1 env DK_ATTENTION_FWD=wgmma DK_ATTENTION_BWD=wgmma \
+    run_step test-attention_reference-mma 90 1 env DK_ATTENTION_FWD=mma DK_ATTENTION_BWD=mma \
       target/release/deps/attention_reference
   fi
 }
@@ -641,7 +638,9 @@ phase_python() {
 
   # ---- 8. Python tests (torch tests on CUDA) --------------------------------------------------------
   # PYTEST_K: a pytest -k expression to run a subset (a second call after a fix).
-  run_step pytest 120 1 "$py" -m pytest python/tests -q -rs -p no:cacheprovider \
+  # -v: each test's verdict as it ends, so a step cut off at its cap still names its failures
+  # (run 5, 2026-11-28: two F marks, then the 120 s cap, and no name); --durations: the slow ones.
+  run_step pytest 240 1 "$py" -m pytest python/tests -v -rfs --durations=15 -p no:cacheprovider \
     ${PYTEST_K:+-k "$PYTEST_K"}
 
   # ---- 9. Python benchmark of attention against SDPA's flash (FA2) and cuDNN backends -------------
@@ -659,15 +658,15 @@ phase_python() {
       skip_step python-bench-attention-wide "out of time"
     fi
     if [ -n "${GPU_CHECK_ONLY:-}" ] || [ "$(left)" -gt 200 ]; then
-      run_step python-bench-attention-wgmma 60 0 env DK_ATTENTION_FWD=wgmma DK_ATTENTION_BWD=wgmma \
+      run_step python-bench-attention-mma 60 0 env DK_ATTENTION_FWD=mma DK_ATTENTION_BWD=mma \
         "$py" python/bench.py --ops attention --impls distill "${aquick[@]}"
     else
-      skip_step python-bench-attention-wgmma "out of time"
+      skip_step python-bench-attention-mma "out of time"
     fi
   else
     skip_step python-bench-attention "python/bench.py missing"
     skip_step python-bench-attention-wide "python/bench.py missing"
-    skip_step python-bench-attention-wgmma "python/bench.py missing"
+    skip_step python-bench-attention-mma "python/bench.py missing"
   fi
 
   # ---- 9b. Python benchmark of the fused linear JSD (issue 4): torch eager, torch.compile, Liger's
@@ -761,19 +760,21 @@ phase_profile() {
   else
     skip_step ncu-moe-combine "ncu not found or out of time"
   fi
-  ncu_run ncu-attention-fwd 40 'dk_attn_fwd_bf16_d128' 1 --ops attention --dtype bf16 \
+  # The default on an H100 / H200: the wgmma kernels (both backward modes run dkdvg + dqg).
+  ncu_run ncu-attention-fwd 40 'dk_attn_fwd_bf16_d128g' 1 --ops attention --dtype bf16 \
     --attn-shapes phi4-mini --iters 1 --check-rows 2
-  ncu_run ncu-attention-bwd 40 'dk_attn_bwd_(dkdv|dq)_bf16_d128' 2 --ops attention --dtype bf16 \
+  ncu_run ncu-attention-bwd 40 'dk_attn_bwd_(dkdvg|dqg)_bf16_d128' 2 --ops attention --dtype bf16 \
     --attn-shapes phi4-mini --iters 1 --check-rows 2
-  ncu_run ncu-attention-bwd-atomic 40 'dk_attn_bwd_dkdvdq_bf16_d128' 1 --ops attention \
-    --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
+  # The mma.sync kernels (DK_ATTENTION_*=mma: the default off Hopper), both backward modes.
+  DK_ATTENTION_FWD=mma ncu_run ncu-attention-fwd-mma 40 'dk_attn_fwd_bf16_d128' 1 \
+    --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
+  DK_ATTENTION_BWD=mma ncu_run ncu-attention-bwd-mma 40 'dk_attn_bwd_(dkdv|dq)_bf16_d128' 2 \
+    --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
+  DK_ATTENTION_BWD=mma ncu_run ncu-attention-bwd-atomic 40 'dk_attn_bwd_dkdvdq_bf16_d128' 1 \
+    --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
   DK_ATTENTION_FWD=wide ncu_run ncu-attention-fwd-wide 40 'dk_attn_fwd_bf16_d128w' 1 \
     --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
   DK_ATTENTION_BWD=wide ncu_run ncu-attention-bwd-wide 40 'dk_attn_bwd_(dkdvw|dqw)_bf16_d128' 2 \
-    --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
-  DK_ATTENTION_FWD=wgmma ncu_run ncu-attention-fwd-wgmma 40 'dk_attn_fwd_bf16_d128g' 1 \
-    --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
-  DK_ATTENTION_BWD=wgmma ncu_run ncu-attention-bwd-wgmma 40 'dk_attn_bwd_(dkdvg|dqg)_bf16_d128' 2 \
     --ops attention --dtype bf16 --attn-shapes phi4-mini --iters 1 --check-rows 2
 }
 
@@ -810,10 +811,25 @@ phase_sanitizer() {
   # Every attention kernel (forward, backward; D 64 and 128; padded Sq != Sk, and varlen with an
   # empty sequence, a 1-token one and rows that see no key) on the small shapes.
   # Then the same with the opt-in kernels (DK_ATTENTION_FWD=wide, DK_ATTENTION_BWD=wide), and
-  # with the wgmma kernels (DK_ATTENTION_FWD=wgmma, DK_ATTENTION_BWD=wgmma). The default kernels:
+  # with the mma.sync kernels (DK_ATTENTION_FWD=mma, DK_ATTENTION_BWD=mma; the default off an
+  # H100 / H200, whose default is the wgmma kernels). The default kernels:
   # the switches empty (a value outside README's table is refused).
+  # Whether racecheck's hazards on the wgmma kernels (run 5) come from its model of the
+  # bar.arrive / bar.sync ping-pong: a 30-line program with the same barriers and no wgmma
+  # (scripts/racecheck-barrier-repro.cu says what each outcome means). Its output is the
+  # finding; the step fails only if the program computes wrong values or does not build.
+  local dev_nvcc
+  dev_nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+  if [ "$LISTING" = 1 ] || { [ -n "$sanitizer" ] && [ -x "$dev_nvcc" ]; }; then
+    run_step racecheck-barrier-repro 40 0 bash -c '"$3" -O2 -arch=sm_90a -o "$1/barrier-repro" \
+      scripts/racecheck-barrier-repro.cu && "$1/barrier-repro" && "$2" --tool racecheck \
+      --print-limit 4 "$1/barrier-repro" 2>&1 | grep -E "mode|Race reported|RACECHECK SUMMARY"' \
+      _ "${TMPDIR:-/tmp}" "$sanitizer" "$dev_nvcc"
+  else
+    skip_step racecheck-barrier-repro "compute-sanitizer or nvcc not found"
+  fi
   local variant tool name value
-  for variant in default wide wgmma; do
+  for variant in default wide mma; do
     for tool in memcheck racecheck; do
       name="$tool-attention"
       value=
@@ -926,7 +942,7 @@ cmp_variants divergence default=dk-bench-bf16 one-block=dk-bench-v1 stream=dk-be
 cmp_variants divergence default=dk-bench-short persist=dk-bench-short-persist \
   persist256=dk-bench-short-persist256
 cmp_variants attention default=dk-bench-attention wide=dk-bench-attention-wide \
-  wgmma=dk-bench-attention-wgmma
+  mma=dk-bench-attention-mma
 echo
 py_table() { # STEP FIRST-LINE-REGEX (empty: the last 40 lines): a python bench step's table
   want "$1" || return 0
@@ -943,10 +959,10 @@ py_table() { # STEP FIRST-LINE-REGEX (empty: the last 40 lines): a python bench 
 }
 py_table python-bench-attention '^Grouped-query attention'
 py_table python-bench-attention-wide '^Grouped-query attention'
-py_table python-bench-attention-wgmma '^Grouped-query attention'
+py_table python-bench-attention-mma '^Grouped-query attention'
 py_table python-bench-fused '^Fused linear JSD'
 py_table python-bench ''
-for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-moe-combine ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic ncu-attention-fwd-wide ncu-attention-bwd-wide ncu-attention-fwd-wgmma ncu-attention-bwd-wgmma; do
+for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-moe-combine ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic ncu-attention-fwd-wide ncu-attention-bwd-wide ncu-attention-fwd-mma ncu-attention-bwd-mma; do
   [ -s "$logs/$n.out" ] || continue
   echo
   echo "================ $n (Nsight Compute, clocks untouched)"
