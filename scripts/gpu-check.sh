@@ -96,7 +96,9 @@ case ${GPU_CHECK_PLAN:-} in
     plan_steps+=",memcheck-attention=,dk-bench-attention=,dk-bench-attention-mma,dk-bench-bf16" ;;
   2) # the Python face on CUDA (run 5's pytest was cut off after two failures) and the Python
     # benchmarks against SDPA (FA2, cuDNN), torch eager, torch.compile and Liger, MoE included
-    plan_steps="nvidia-smi,liger-install,pytest,python-bench-attention=,python-bench=" ;;
+    plan_steps="nvidia-smi,liger-install,pytest,python-bench-attention=,python-bench="
+    # run 5's subset (both of its failures were in it; the whole suite may not fit 240 s)
+    PYTEST_K=${PYTEST_K:-contract or compile or examples or num_items or minus_inf} ;;
   3a) # issue 3's other shapes (N = 16384, f32 logits), the 256-thread persistent variant, the
     # sanitizers on the default attention kernels (issue 6)
     plan_steps="nvidia-smi,test-divergence_reference-persist256,test-fused_reference-persist256"
@@ -821,10 +823,14 @@ phase_sanitizer() {
   local dev_nvcc
   dev_nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
   if [ "$LISTING" = 1 ] || { [ -n "$sanitizer" ] && [ -x "$dev_nvcc" ]; }; then
+    # All modes once plainly (every value right, else the step fails), then each mode in its own
+    # racecheck process, so that each summary line belongs to one mode.
     run_step racecheck-barrier-repro 40 0 bash -c '"$3" -O2 -arch=sm_90a -o "$1/barrier-repro" \
-      scripts/racecheck-barrier-repro.cu && "$1/barrier-repro" && "$2" --tool racecheck \
-      --print-limit 4 "$1/barrier-repro" 2>&1 | grep -E "mode|Race reported|RACECHECK SUMMARY"' \
-      _ "${TMPDIR:-/tmp}" "$sanitizer" "$dev_nvcc"
+      scripts/racecheck-barrier-repro.cu && "$1/barrier-repro" || exit 1
+      for m in 0 1 2; do
+        echo "== racecheck, mode $m"
+        "$2" --tool racecheck "$1/barrier-repro" "$m" 2>&1 | grep -E "RACECHECK SUMMARY|Race reported"
+      done; exit 0' _ "${TMPDIR:-/tmp}" "$sanitizer" "$dev_nvcc"
   else
     skip_step racecheck-barrier-repro "compute-sanitizer or nvcc not found"
   fi

@@ -14,8 +14,11 @@
 // other warpgroup's entry. The pattern is race-free in every mode; on hardware every value
 // must be right. Under racecheck, hazards in mode 0 with n >= 1 only (and none in modes 1, 2)
 // confirm the false positive; hazards nowhere mean the kernels' report has another cause.
-// scripts/gpu-check.sh step `racecheck-barrier-repro` builds it with the device's nvcc.
+// With an argument (0, 1 or 2) it runs that mode only, so that racecheck's summary of each
+// run belongs to one mode: scripts/gpu-check.sh step `racecheck-barrier-repro` builds it with
+// the device's nvcc, runs all modes once plainly (the values), then each under racecheck.
 #include <cstdio>
+#include <cstdlib>
 
 __global__ void ping_pong_then_exchange(int rounds, int mode, int* out) {
   __shared__ int staged[256];
@@ -35,7 +38,8 @@ __global__ void ping_pong_then_exchange(int rounds, int mode, int* out) {
   out[tid] = staged[tid ^ 128];   // each thread reads the other warpgroup's entry
 }
 
-int main() {
+int main(int argc, char** argv) {
+  const int only = argc > 1 ? std::atoi(argv[1]) : -1;
   int* d = nullptr;
   if (cudaMalloc(&d, 256 * sizeof(int)) != cudaSuccess) {
     std::printf("cudaMalloc failed\n");
@@ -43,6 +47,7 @@ int main() {
   }
   int wrong_total = 0;
   for (int mode = 0; mode < 3; ++mode) {
+    if (only >= 0 && mode != only) continue;
     for (int rounds : {0, 1, 3}) {
       ping_pong_then_exchange<<<1, 256>>>(rounds, mode, d);
       int h[256];

@@ -413,6 +413,22 @@ fn masked_cases(rng: &mut Rng, kind: Kind, beta: f32, temperature: f32, mask: f3
         }
     }
     cases.push(c);
+    if mask != f32::NEG_INFINITY {
+        // The weighting side at the finite mask where the other side is masked with -inf
+        // (HF-style finfo.min on one model, -inf on the other): no mass in f64, so nothing
+        // added, where the rule for real mass against a masked entry gave +inf.
+        let mut c = random_case(rng, kind, beta, temperature, 700, true);
+        let (w, o) = if kind == Kind::ReverseKl {
+            (&mut c.s, &mut c.t)
+        } else {
+            (&mut c.t, &mut c.s)
+        };
+        for i in (0..700).filter(|i| i % 7 == 3) {
+            w[i] = mask;
+            o[i] = f32::NEG_INFINITY;
+        }
+        cases.push(c);
+    }
     cases
 }
 

@@ -104,7 +104,9 @@ DK_UNROLL
   // the other side is masked makes the KL +inf, as it should: any finite logit has mass, even
   // one whose 2^X is below f32's range (fast_exp2 flushes it to 0), as in the f64 reference.
   // A finite mask (torch.finfo(dtype).min) overflows X or Y to -inf here; its weight 2^X is 0,
-  // and xlog keeps 0 · ∞ at 0 (no mass, as the f64 reference has) instead of NaN.
+  // and xlog keeps 0 · ∞ at 0 (no mass, as the f64 reference has) instead of NaN. Against a
+  // masked (-inf) other side such an entry has no mass either: +inf only while its exponent is
+  // within f64's range, the rule rebase applies when the maximum moves.
   template <int N>
   DK_HD void add_masked(const float (&t)[N], const float (&s)[N]) {
     const float nt = shift_of(mt), ns = shift_of(ms);
@@ -112,9 +114,11 @@ DK_UNROLL
     for (int j = 0; j < N; ++j) {
       const float X = mul_rn(t[j] + nt, k), Y = mul_rn(s[j] + ns, k);
       const float xw = kTeacherWeights ? t[j] : s[j], xo = kTeacherWeights ? s[j] : t[j];
-      const float ew = fast_exp2(kTeacherWeights ? X : Y);
+      const float Xw = kTeacherWeights ? X : Y;
+      const float ew = fast_exp2(Xw);
       const float d = kTeacherWeights ? X - Y : Y - X;
-      acc += xw == -INFINITY ? 0.f : (xo == -INFINITY ? INFINITY : xlog(ew, d));
+      const float mass_vs_mask = Xw >= -1075.f ? INFINITY : 0.f;
+      acc += xw == -INFINITY ? 0.f : (xo == -INFINITY ? mass_vs_mask : xlog(ew, d));
     }
   }
 

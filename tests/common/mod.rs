@@ -1105,7 +1105,8 @@ pub fn rel_err(out: &[f64], reference: &[f64], floor: f64) -> f64 {
 }
 
 /// The denominator floor of `rel_err` under which `len` values each off by `abs` still pass a
-/// relative tolerance `tol`: an absolute allowance expressed in rel_err's terms.
+/// relative tolerance `tol`: an absolute allowance expressed in rel_err's terms (the check then
+/// passes within the larger of the relative and the absolute bound).
 pub fn abs_floor(floor: f64, abs: f64, len: usize, tol: f64) -> f64 {
     floor.max(abs * (len as f64).sqrt() / tol)
 }
@@ -1118,8 +1119,8 @@ pub struct Tol {
     pub grad: f64,
     /// Lower bound on ‖ref‖ in the denominator.
     pub floor: f64,
-    /// Absolute error allowed per token on top of the relative tolerances of the per-token
-    /// losses and the loss (0 but for JSD on CUDA: [`Tol::JSD_MUFU_PER_TOKEN`]).
+    /// Absolute error allowed per token where it exceeds the relative tolerances of the
+    /// per-token losses and the loss (0 but for JSD on CUDA: [`Tol::JSD_MUFU_PER_TOKEN`]).
     pub abs_per_token: f64,
 }
 
@@ -1296,8 +1297,20 @@ pub fn check(
                 return Err(format!("loss should be NaN, got {l}"));
             }
         } else {
-            // A sum over n tokens at most: the allowance of each.
-            let floor = abs_floor(tol.floor, tol.abs_per_token * n as f64, 1, tol.loss);
+            // The loss is the per-token losses times one factor (1 for sum, 1 / the divisor
+            // for batchmean): each token's allowance times that factor.
+            let finite: Vec<f64> = (0..n)
+                .filter(|&i| !reference.nan_rows[i])
+                .map(|i| reference.per_token[i])
+                .collect();
+            let total: f64 = finite.iter().sum();
+            let factor = if total > 0.0 && reference.loss.is_finite() {
+                reference.loss / total
+            } else {
+                1.0
+            };
+            let abs = tol.abs_per_token * finite.len() as f64 * factor;
+            let floor = abs_floor(tol.floor, abs, 1, tol.loss);
             let e = rel_err(&[l as f64], &[reference.loss], floor);
             if e > tol.loss {
                 return Err(format!(
