@@ -49,6 +49,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::shape::{to_i32, AttentionShape};
+use super::{requested, Requested};
 use crate::attention::RawAttentionBackward;
 use crate::device::{CudaDevice, Launch};
 use crate::error::{bail, Result};
@@ -254,31 +255,6 @@ const WGMMA_KEYS: usize = 128;
 /// of 64 queries, two stages of their LSE and Delta.
 fn dkdv_wgmma_smem_bytes(head_dim: usize) -> usize {
     1024 + (2 * WGMMA_KEYS * head_dim + 4 * 64 * head_dim) * 2 + 4 * 64 * 4
-}
-
-/// The value of `DK_ATTENTION_BWD`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Requested {
-    /// Unset: wgmma where the device has it, else the mma.sync kernels of 4 warps.
-    Default,
-    /// `mma`: the mma.sync kernels of 4 warps everywhere.
-    Mma,
-    /// `wide`: the mma.sync 128-key dK/dV and 128-row dQ kernels where the device accepted
-    /// them, else as `mma`.
-    Wide,
-    /// `wgmma`: wgmma where the device has it, else as `wide` (its fallback before wgmma became
-    /// the default).
-    Wgmma,
-}
-
-/// `DK_ATTENTION_BWD`, read once.
-fn requested() -> Requested {
-    match crate::switches::value("DK_ATTENTION_BWD") {
-        Some("mma") => Requested::Mma,
-        Some("wide") => Requested::Wide,
-        Some("wgmma") => Requested::Wgmma,
-        _ => Requested::Default,
-    }
 }
 
 /// The kernel family of a backward call.
@@ -581,7 +557,7 @@ pub(crate) fn backward(
         delta_items.div_ceil(DELTA_THREADS as usize / (d / 8)),
     )? as u32;
     let family = family(
-        requested(),
+        requested("DK_ATTENTION_BWD"),
         dev.attention_wide_bwd(),
         dev.attention_wgmma_bwd(),
     );

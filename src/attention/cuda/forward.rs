@@ -16,6 +16,7 @@ use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 
 use super::shape::AttentionShape;
+use super::{requested, Requested};
 use crate::attention::RawAttention;
 use crate::device::{CudaDevice, Launch};
 use crate::error::{bail, Result};
@@ -90,29 +91,6 @@ enum Variant {
     Wgmma,
 }
 
-/// The value of `DK_ATTENTION_FWD`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Requested {
-    /// Unset: wgmma where the device has it, else mma.sync.
-    Default,
-    /// `mma`: the mma.sync kernels of 4 warps everywhere.
-    Mma,
-    /// `wide`: the D = 128 split kernel where the device accepted it (D = 64: as `mma`).
-    Wide,
-    /// `wgmma`: as unset (the switch value of the A/B runs before wgmma became the default).
-    Wgmma,
-}
-
-/// `DK_ATTENTION_FWD`, read once.
-fn requested() -> Requested {
-    match crate::switches::value("DK_ATTENTION_FWD") {
-        Some("mma") => Requested::Mma,
-        Some("wide") => Requested::Wide,
-        Some("wgmma") => Requested::Wgmma,
-        _ => Requested::Default,
-    }
-}
-
 /// The variant a call runs, given what was requested and what the device accepted when it
 /// opened: `wide` (D = 128) and `mma` take precedence over wgmma; the default and `wgmma` run
 /// wgmma where the device has it; everything else the mma.sync kernels.
@@ -128,7 +106,7 @@ fn choose(req: Requested, head_dim: usize, wide_ok: bool, wgmma_ok: bool) -> Var
 /// The variant a call runs on `dev` (see [`choose`]).
 fn variant(dev: &CudaDevice, head_dim: usize) -> Variant {
     choose(
-        requested(),
+        requested("DK_ATTENTION_FWD"),
         head_dim,
         dev.attention_wide_fwd(),
         dev.attention_wgmma_fwd(),

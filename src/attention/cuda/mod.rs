@@ -20,6 +20,31 @@ pub use selftest_probe::{
     WGMMA_SWEEP_SMEM_BYTES,
 };
 
+/// The value of an attention switch (`DK_ATTENTION_FWD`, `DK_ATTENTION_BWD`): which kernel
+/// family the call asks for. What each means, and its fallback where the device lacks the
+/// family, is the launcher's (`forward::choose`, `backward::family`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Requested {
+    /// Unset: wgmma where the device has it, else the mma.sync kernels.
+    Default,
+    /// `mma`: the mma.sync kernels of 4 warps everywhere.
+    Mma,
+    /// `wide`: the wide mma.sync kernels where the device accepted them.
+    Wide,
+    /// `wgmma`: the value of the A/B runs before wgmma became the default.
+    Wgmma,
+}
+
+/// The switch `name`'s value (read once per process by `crate::switches`).
+fn requested(name: &str) -> Requested {
+    match crate::switches::value(name) {
+        Some("mma") => Requested::Mma,
+        Some("wide") => Requested::Wide,
+        Some("wgmma") => Requested::Wgmma,
+        _ => Requested::Default,
+    }
+}
+
 /// Kernels the attention launchers use (loaded from the fatbin when a device opens).
 pub(crate) const KERNEL_NAMES: [&[&str]; 3] = [
     forward::KERNEL_NAMES,
