@@ -476,6 +476,22 @@ __device__ __forceinline__ void load_segment_raw(const T* row, int64_t c0, int64
   }
 }
 
+// acc += w * v over the lane's chunks inside the row from raw words (fma_segment's arithmetic).
+template <typename T>
+__device__ __forceinline__ void fma_segment_raw(float w, const Raw8<T> (&r)[kSegVecs], int64_t c0,
+                                                int64_t hv, float (&acc)[kSegVecs][kVec]) {
+#pragma unroll
+  for (int u = 0; u < kSegVecs; ++u) {
+    if (c0 + 32 * u < hv) {
+      float v[kVec];
+      unpack8(r[u], v);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[u][i] = fmaf(w, v[i], acc[u][i]);
+    }
+  }
+}
+
+
 // y = fmaf(w, v, 0) over the lane's chunks inside the row (0 where the slot is skipped): the
 // general loop's result for one slot, bit for bit (fmaf(w, v, +0) turns a -0 product into +0,
 // as acc = 0 then fma does; w * v would not).
@@ -595,13 +611,48 @@ __device__ __forceinline__ void combine(const DkMoeRowsArgs& a) {
   }
 }
 
-// out[s] = <tokens[s / k], rows[position[s]]>: one warp per slot; each lane accumulates its
-// chunks into 8 partial sums (element i of every chunk), added in order, then the warp
-// butterfly: a fixed order.
+// ---- Dot products of token rows with permuted rows (the weights' gradients) ---------------
+//
+// Every dot is summed in one order, whichever kernel computes it: per segment, each lane's
+// chunks into 8 partial sums (element i of every chunk, chunks in order), the 8 added in order,
+// the warp butterfly (every lane ends with the same bits); the segments' sums added in segment
+// order starting from 0. So the fused backward kernels below give slot_dot's bits.
+
+// The lane's partial dot of two segments (its chunks c0 + 32 u inside the row).
+template <typename T>
+__device__ __forceinline__ float segment_dot(const Raw8<T> (&a)[kSegVecs], const Raw8<T> (&b)[kSegVecs],
+                                             int64_t c0, int64_t hv) {
+  float acc[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int u = 0; u < kSegVecs; ++u) {
+    if (c0 + 32 * u < hv) {
+      float va[kVec], vb[kVec];
+      unpack8(a[u], va);
+      unpack8(b[u], vb);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[i] = fmaf(va[i], vb[i], acc[i]);
+    }
+  }
+  float t = acc[0];
+#pragma unroll
+  for (int i = 1; i < kVec; ++i) t += acc[i];
+  return t;
+}
+
+// Sum over the warp by the xor butterfly: every lane gets the same bits (each step adds the same
+// two values on both partners).
+__device__ __forceinline__ float warp_sum(float t) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(kFull, t, o);
+  return t;
+}
+
+// out[s] = <tokens[s / k], rows[position[s]]>: one warp per slot, segment by segment.
 template <typename T>
 __device__ __forceinline__ void slot_dot(const DkMoeRowsArgs& a) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t hv = a.h / kVec;
+  const int64_t nseg = (hv + kSegChunks - 1) / kSegChunks;
   const T* tokens = reinterpret_cast<const T*>(a.src);
   const T* rows = reinterpret_cast<const T*>(a.src2);
   const int* position = reinterpret_cast<const int*>(a.index);
@@ -613,27 +664,217 @@ __device__ __forceinline__ void slot_dot(const DkMoeRowsArgs& a) {
     if (p >= 0 && p < a.limit) {  // uniform over the warp
       const T* tk = tokens + (s / a.k) * a.src_stride;
       const T* rw = rows + static_cast<int64_t>(p) * a.src2_stride;
-      float acc[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (int64_t c0 = lane; c0 < hv; c0 += kSegChunks) {
-        float ta[kSegVecs][kVec], rb[kSegVecs][kVec];
-        load_segment(tk, c0, hv, ta);
-        load_segment(rw, c0, hv, rb);
+      for (int64_t g = 0; g < nseg; ++g) {  // uniform: the butterfly needs every lane
+        const int64_t c0 = g * kSegChunks + lane;
+        Raw8<T> ta[kSegVecs], rb[kSegVecs];
+        load_segment_raw(tk, c0, hv, ta);
+        load_segment_raw(rw, c0, hv, rb);
+        result += warp_sum(segment_dot(ta, rb, c0, hv));
+      }
+    }
+    if (lane == 0) out[s] = result;
+  }
+}
+
+// ---- Fused backward passes: each row read once ------------------------------------------
+//
+// The backward of a scaled permute is combine(grad_xp, w) and slot_dot(x, grad_xp); that of a
+// weighted combine is permute(grad_y, w) and slot_dot(grad_y, expert_out). Run as two kernels,
+// the row read by both (grad_xp; grad_y) is read twice. These kernels do both in one pass, with
+// the primitives' arithmetic: their outputs are bitwise those of the two launches.
+
+// combine_dot (permute backward): src = rows (grad_xp) [limit, h], src2 = x [items, h], index =
+// position, weights (or 0), dst = y (grad_x) [items, h], dst2 = dots (float) [items * k].
+// A warp per token, segment by segment: x's segment and two slots' row segments loaded, the
+// rows accumulated as combine does (slot order, fma in f32), each slot's dot as slot_dot sums it.
+template <typename T>
+__device__ __forceinline__ void combine_dot(const DkMoeRowsArgs& a) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t hv = a.h / kVec;
+  const int64_t nseg = (hv + kSegChunks - 1) / kSegChunks;
+  const T* rows = reinterpret_cast<const T*>(a.src);
+  const T* x = reinterpret_cast<const T*>(a.src2);
+  const int* position = reinterpret_cast<const int*>(a.index);
+  const float* wts = reinterpret_cast<const float*>(a.weights);
+  T* y = reinterpret_cast<T*>(a.dst);
+  float* dots = reinterpret_cast<float*>(a.dst2);
+  const int k = a.k;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsWarps + warp; n < a.items;
+       n += static_cast<int64_t>(gridDim.x) * kRowsWarps) {
+    int my_p = -1;
+    float my_w = 1.f;
+    if (lane < k) {
+      my_p = position[n * k + lane];
+      if (my_p >= a.limit) my_p = -1;
+      if (wts != nullptr) my_w = wts[n * k + lane];
+    }
+    float my_dot = 0.f;  // lane j: slot j's dot
+    for (int64_t g = 0; g < nseg; ++g) {
+      const int64_t c0 = g * kSegChunks + lane;
+      Raw8<T> xr[kSegVecs];
+      load_segment_raw(x + n * a.src2_stride, c0, hv, xr);
+      float acc[kSegVecs][kVec];
 #pragma unroll
-        for (int u = 0; u < kSegVecs; ++u) {
-          if (c0 + 32 * u < hv) {
+      for (int u = 0; u < kSegVecs; ++u) {
 #pragma unroll
-            for (int i = 0; i < kVec; ++i) acc[i] = fmaf(ta[u][i], rb[u][i], acc[i]);
+        for (int i = 0; i < kVec; ++i) acc[u][i] = 0.f;
+      }
+      for (int j = 0; j < k; j += 2) {
+        const int p0 = __shfl_sync(kFull, my_p, j);
+        const float w0 = __shfl_sync(kFull, my_w, j);
+        const int p1_raw = __shfl_sync(kFull, my_p, (j + 1) & 31);
+        const float w1 = __shfl_sync(kFull, my_w, (j + 1) & 31);
+        const int p1 = j + 1 < k ? p1_raw : -1;
+        Raw8<T> r0[kSegVecs], r1[kSegVecs];
+        if (p0 >= 0) load_segment_raw(rows + static_cast<int64_t>(p0) * a.src_stride, c0, hv, r0);
+        if (p1 >= 0) load_segment_raw(rows + static_cast<int64_t>(p1) * a.src_stride, c0, hv, r1);
+        if (p0 >= 0) {
+          fma_segment_raw(w0, r0, c0, hv, acc);
+          const float d = warp_sum(segment_dot(xr, r0, c0, hv));
+          if (lane == j) my_dot += d;
+        }
+        if (p1 >= 0) {
+          fma_segment_raw(w1, r1, c0, hv, acc);
+          const float d = warp_sum(segment_dot(xr, r1, c0, hv));
+          if (lane == j + 1) my_dot += d;
+        }
+      }
+      T* dst = y + n * a.dst_stride;
+#pragma unroll
+      for (int u = 0; u < kSegVecs; ++u) {
+        const int64_t c = c0 + 32 * u;
+        if (c < hv) store8(dst + c * kVec, acc[u]);
+      }
+    }
+    if (lane < k) dots[n * k + lane] = my_dot;
+  }
+}
+
+// dst = src (raw copy), or w · src rounded once when `scale` (permute's arithmetic), over the
+// lane's chunks of a segment, skipped when dst is null; returns the lane's partial dot of src with
+// `other` (segment_dot's order), 0 when other is null. Not inlined, for the reason copy_segment
+// is not (16-byte stores behind a shuffled row index).
+template <typename T>
+__device__ __noinline__ float store_and_dot(const T* src, T* dst, const T* other, float w, bool scale,
+                                            int64_t c0, int64_t hv) {
+  Raw8<T> r[kSegVecs], o[kSegVecs];
+#pragma unroll
+  for (int u = 0; u < kSegVecs; ++u) {
+    const int64_t c = c0 + 32 * u;
+    if (c < hv) {
+      r[u] = load_raw8(src + c * kVec);
+      if (other != nullptr) o[u] = load_raw8(other + c * kVec);
+    }
+  }
+  if (dst != nullptr) {
+#pragma unroll
+    for (int u = 0; u < kSegVecs; ++u) {
+      const int64_t c = c0 + 32 * u;
+      if (c < hv) {
+        if (scale) {
+          float v[kVec];
+          unpack8(r[u], v);
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) v[i] *= w;
+          store8(dst + c * kVec, v);
+        } else {
+          store_raw8(dst + c * kVec, r[u]);
+        }
+      }
+    }
+  }
+  return other != nullptr ? segment_dot(r, o, c0, hv) : 0.f;
+}
+
+// permute_dot (combine backward): src = tokens (grad_y) [items, h], src2 = other rows
+// (expert_out) [limit, h] or 0, index = position [items * k], index2 = perm [limit], weights (or
+// 0), dst = out (grad_expert_out) [limit, h], dst2 = dots (float) [items * k] or 0.
+// out is permute(tokens, perm, weights) and dots slot_dot(tokens, other, position) for ANY perm
+// and position, each output row written by exactly one warp:
+// - warp items [0, items): a token. Slot s = n·k + j with row r = position[s] writes out[r] when
+//   it owns the row (perm[r] == s), from the token's segment loaded once (later slots hit L1),
+//   and its dot with other[r] (also when it does not own the row).
+// - warp items past that: 32 rows each. A row whose perm entry is outside [0, items·k) is
+//   zeroed; one whose slot does not point back to it (never, for a route's perm and position)
+//   is gathered as permute does.
+template <typename T>
+__device__ __forceinline__ void permute_dot(const DkMoeRowsArgs& a) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int k = a.k;
+  const int64_t hv = a.h / kVec;
+  const int64_t nseg = (hv + kSegChunks - 1) / kSegChunks;
+  const int64_t slots = a.items * k;
+  const int64_t groups = (static_cast<int64_t>(a.limit) + 31) / 32;
+  const T* tokens = reinterpret_cast<const T*>(a.src);
+  const T* other = reinterpret_cast<const T*>(a.src2);
+  const int* position = reinterpret_cast<const int*>(a.index);
+  const int* perm = reinterpret_cast<const int*>(a.index2);
+  const float* wts = reinterpret_cast<const float*>(a.weights);
+  T* out = reinterpret_cast<T*>(a.dst);
+  float* dots = reinterpret_cast<float*>(a.dst2);
+  for (int64_t it = static_cast<int64_t>(blockIdx.x) * kRowsWarps + warp; it < a.items + groups;
+       it += static_cast<int64_t>(gridDim.x) * kRowsWarps) {
+    if (it >= a.items) {  // uniform over the warp
+      const int64_t r = (it - a.items) * 32 + lane;
+      int p = -1;
+      bool pad = false, gather = false;
+      if (r < a.limit) {
+        p = perm[r];
+        pad = p < 0 || p >= slots;
+        gather = !pad && position[p] != r;
+      }
+      for (unsigned m = __ballot_sync(kFull, pad); m != 0; m &= m - 1) {
+        const float z[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        T* dst = out + ((it - a.items) * 32 + __ffs(static_cast<int>(m)) - 1) * a.dst_stride;
+        for (int64_t c = lane; c < hv; c += 32) store8(dst + c * kVec, z);
+      }
+      for (unsigned m = __ballot_sync(kFull, gather); m != 0; m &= m - 1) {
+        const int src_lane = __ffs(static_cast<int>(m)) - 1;
+        const int q = __shfl_sync(kFull, p, src_lane);
+        const T* src = tokens + static_cast<int64_t>(q / k) * a.src_stride;
+        T* dst = out + ((it - a.items) * 32 + src_lane) * a.dst_stride;
+        for (int64_t g = 0; g < nseg; ++g) {
+          const int64_t c0 = g * kSegChunks + lane;
+          if (wts == nullptr) {
+            copy_segment(src, dst, c0, hv);
+          } else {
+            scale_segment(src, dst, wts[q], c0, hv);
           }
         }
       }
-      float t = acc[0];
-#pragma unroll
-      for (int i = 1; i < kVec; ++i) t += acc[i];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(kFull, t, o);
-      result = t;
+      continue;
     }
-    if (lane == 0) out[s] = result;
+    const int64_t n = it;
+    // Lane j: slot j's row (-1: dropped or out of range), whether it owns it, its weight.
+    int my_r = -1;
+    bool my_own = false;
+    float my_w = 1.f;
+    if (lane < k) {
+      my_r = position[n * k + lane];
+      if (my_r >= a.limit) my_r = -1;
+      if (my_r >= 0) my_own = perm[my_r] == n * k + lane;
+      if (wts != nullptr) my_w = wts[n * k + lane];
+    }
+    const unsigned owners = __ballot_sync(kFull, my_own);
+    const T* src = tokens + n * a.src_stride;
+    float my_dot = 0.f;
+    for (int64_t g = 0; g < nseg; ++g) {
+      const int64_t c0 = g * kSegChunks + lane;
+      for (int j = 0; j < k; ++j) {
+        const int r = __shfl_sync(kFull, my_r, j);
+        const float w = __shfl_sync(kFull, my_w, j);
+        if (r < 0) continue;  // uniform
+        T* dst = (owners >> j) & 1u ? out + static_cast<int64_t>(r) * a.dst_stride : nullptr;
+        const T* o = other != nullptr ? other + static_cast<int64_t>(r) * a.src2_stride : nullptr;
+        if (dst == nullptr && o == nullptr) continue;
+        const float d = store_and_dot(src, dst, o, w, wts != nullptr, c0, hv);
+        if (o != nullptr) {
+          const float t = warp_sum(d);
+          if (lane == j) my_dot += t;
+        }
+      }
+    }
+    if (dots != nullptr && lane < k) dots[n * k + lane] = my_dot;
   }
 }
 
@@ -690,3 +931,5 @@ DK_MOE_ROWS_ALL(perm_invert)
 DK_MOE_ROWS_ALL(permute_tokens)
 DK_MOE_ROWS_ALL(combine)
 DK_MOE_ROWS_ALL(slot_dot)
+DK_MOE_ROWS_ALL(combine_dot)
+DK_MOE_ROWS_ALL(permute_dot)

@@ -215,7 +215,7 @@ impl RouteArgs {
 /// `DkMoeRowsArgs`: pointer fields as above.
 #[derive(Default, Clone, Copy)]
 struct RowsArgs {
-    ptrs: [u64; 5], // src src2 index weights dst
+    ptrs: [u64; 7], // src src2 index index2 weights dst dst2
     items: i64,
     h: i64,
     src_stride: i64,
@@ -240,7 +240,7 @@ impl RowsArgs {
         .for_each(|x| o.extend(x.to_ne_bytes()));
         o.extend(self.k.to_ne_bytes());
         o.extend(self.limit.to_ne_bytes());
-        assert_eq!(o.len(), 88, "sizeof(DkMoeRowsArgs)");
+        assert_eq!(o.len(), 104, "sizeof(DkMoeRowsArgs)");
         o
     }
 }
@@ -1098,7 +1098,7 @@ fn check_permute(exe: &Path, c: &PermuteCase, gather: bool) -> Result<String, St
         mat_buf("out", &b[3], dt, rows, h, c.out_stride, true),
     ];
     let mut args = RowsArgs {
-        ptrs: [1, 0, 2, if c.weights.is_some() { 3 } else { 0 }, 4],
+        ptrs: [1, 0, 2, 0, if c.weights.is_some() { 3 } else { 0 }, 4, 0],
         items: rows as i64,
         h: h as i64,
         src_stride: c.x.stride as i64,
@@ -1213,7 +1213,7 @@ fn check_combine(exe: &Path, c: &CombineCase, k: usize) -> Result<String, String
         mat_buf("y", &b[3], dt, n, h, c.y_stride, true),
     ];
     let args = RowsArgs {
-        ptrs: [1, 0, 2, if c.weights.is_some() { 3 } else { 0 }, 4],
+        ptrs: [1, 0, 2, 0, if c.weights.is_some() { 3 } else { 0 }, 4, 0],
         items: n as i64,
         h: h as i64,
         src_stride: c.rows.stride as i64,
@@ -1275,6 +1275,43 @@ fn check_combine(exe: &Path, c: &CombineCase, k: usize) -> Result<String, String
     Ok(log)
 }
 
+/// The kernels' order for one dot product of two rows (cuda/moe.cu, "Dot products"): per
+/// 1024-element segment, each lane's chunks into 8 partial sums (element i of each chunk, chunks
+/// in order), the 8 added in order, the xor butterfly; the segments' sums added in order from 0.
+/// Also Σ|t·r| for the tolerance against the CPU.
+fn model_dot(t: &[f32], r: &[f32]) -> (f32, f64) {
+    let h = t.len();
+    let hv = h / 8;
+    let (mut total, mut mag) = (0f32, 0f64);
+    for g in 0..hv.div_ceil(SEG_CHUNKS) {
+        let mut lanes = [0f32; 32];
+        for (lane, out) in lanes.iter_mut().enumerate() {
+            let mut acc = [0f32; 8];
+            for u in 0..4 {
+                let ch = g * SEG_CHUNKS + lane + 32 * u;
+                if ch < hv {
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let (x, y) = (t[ch * 8 + i], r[ch * 8 + i]);
+                        *a = x.mul_add(y, *a);
+                        mag += (x as f64 * y as f64).abs();
+                    }
+                }
+            }
+            *out = acc.iter().skip(1).fold(acc[0], |t, &a| t + a);
+        }
+        let mut o = 16;
+        while o > 0 {
+            let prev = lanes;
+            for (l, x) in lanes.iter_mut().enumerate() {
+                *x = prev[l] + prev[l ^ o];
+            }
+            o >>= 1;
+        }
+        total += lanes[0];
+    }
+    (total, mag)
+}
+
 /// Slot dot: `SlotDotCase` through `dk_moe_slot_dot_*` (src/moe/cuda.rs `slot_dot`).
 fn check_slot_dot(exe: &Path, c: &SlotDotCase, k: usize) -> Result<String, String> {
     let sane = SlotDotCase {
@@ -1294,7 +1331,7 @@ fn check_slot_dot(exe: &Path, c: &SlotDotCase, k: usize) -> Result<String, Strin
         vec_buf("out", &b[3], 4 * slots, true),
     ];
     let args = RowsArgs {
-        ptrs: [1, 2, 3, 0, 4],
+        ptrs: [1, 2, 3, 0, 0, 4, 0],
         items: slots as i64,
         h: h as i64,
         src_stride: c.tokens.stride as i64,
@@ -1325,42 +1362,13 @@ fn check_slot_dot(exe: &Path, c: &SlotDotCase, k: usize) -> Result<String, Strin
     if got[slots..].iter().any(|x| x.to_bits() != POISON_F32) {
         return Err("slot dot: written past N·k".into());
     }
-    let hv = h / 8;
     for s in 0..slots {
         let p = c.position[s];
         let (model, mag) = if p < 0 || p as usize >= rows {
             (0f32, 0f64)
         } else {
             let (t0, r0) = ((s / k) * h, p as usize * h);
-            let mut mag = 0f64;
-            let mut lanes = [0f32; 32];
-            for (lane, out) in lanes.iter_mut().enumerate() {
-                let mut acc = [0f32; 8];
-                let mut c0 = lane;
-                while c0 < hv {
-                    for u in 0..4 {
-                        let ch = c0 + 32 * u;
-                        if ch < hv {
-                            for (i, a) in acc.iter_mut().enumerate() {
-                                let (x, y) = (tk[t0 + ch * 8 + i], rw[r0 + ch * 8 + i]);
-                                *a = x.mul_add(y, *a);
-                                mag += (x as f64 * y as f64).abs();
-                            }
-                        }
-                    }
-                    c0 += SEG_CHUNKS;
-                }
-                *out = acc.iter().skip(1).fold(acc[0], |t, &a| t + a);
-            }
-            let mut o = 16;
-            while o > 0 {
-                let prev = lanes;
-                for (l, x) in lanes.iter_mut().enumerate() {
-                    *x = prev[l] + prev[l ^ o];
-                }
-                o >>= 1;
-            }
-            (lanes[0], mag)
+            model_dot(&tk[t0..t0 + h], &rw[r0..r0 + h])
         };
         if got[s].to_bits() != model.to_bits() {
             return Err(format!(
@@ -1377,6 +1385,282 @@ fn check_slot_dot(exe: &Path, c: &SlotDotCase, k: usize) -> Result<String, Strin
         }
     }
     Ok(log)
+}
+
+/// Launches of `dk_moe_combine_*` over buffers (rows, position, weights, y) = (1, 2, 3, 4), as
+/// `check_combine` (src/moe/cuda.rs `combine`) builds them.
+fn combine_launch(c: &CombineCase, k: usize) -> SimLaunch {
+    let (n, h) = (c.n, c.rows.cols);
+    let args = RowsArgs {
+        ptrs: [1, 0, 2, 0, if c.weights.is_some() { 3 } else { 0 }, 4, 0],
+        items: n as i64,
+        h: h as i64,
+        src_stride: c.rows.stride as i64,
+        src2_stride: 0,
+        dst_stride: c.y_stride as i64,
+        k: k as i32,
+        limit: c.rows.rows.min(i32::MAX as usize) as i32,
+    };
+    let items = n * segments(h);
+    SimLaunch {
+        kernel: format!("dk_moe_combine_{}", c.rows.dtype.name()),
+        grid: rows_grid(if k == 1 { items.div_ceil(2) } else { items }),
+        block: ROWS_THREADS,
+        args: args.bytes(),
+    }
+}
+
+/// A slot-dot launch (src/moe/cuda.rs `slot_dot`) with the given buffer numbers for (tokens,
+/// rows, position, out).
+fn slot_dot_launch(c: &SlotDotCase, k: usize, ptrs: [u64; 4]) -> SimLaunch {
+    let slots = c.tokens.rows * k;
+    let args = RowsArgs {
+        ptrs: [ptrs[0], ptrs[1], ptrs[2], 0, 0, ptrs[3], 0],
+        items: slots as i64,
+        h: c.tokens.cols as i64,
+        src_stride: c.tokens.stride as i64,
+        src2_stride: c.rows.stride as i64,
+        dst_stride: 0,
+        k: k as i32,
+        limit: c.rows.rows.min(i32::MAX as usize) as i32,
+    };
+    SimLaunch {
+        kernel: format!("dk_moe_slot_dot_{}", c.tokens.dtype.name()),
+        grid: rows_grid(slots),
+        block: ROWS_THREADS,
+        args: args.bytes(),
+    }
+}
+
+/// A fused backward kernel's outputs against the two primitives' launches on the same buffers:
+/// inputs unchanged, every output bitwise the primitives' (matrices through `compare_rows`, so
+/// also every element written, padding columns and rows past the output untouched; dot vectors
+/// written in [0, slots) and not past).
+fn same_as_primitives(
+    what: &str,
+    bufs: &[SimBuf],
+    fused: &[Bytes],
+    unfused: &[Bytes],
+    mats: &[(usize, DType, usize, usize, usize)],
+    dots: Option<(usize, usize)>,
+) -> Result<(), String> {
+    for (i, b) in bufs.iter().enumerate() {
+        if !b.writable && fused[i] != b.bytes {
+            return Err(format!("{what}: input {} modified", b.name));
+        }
+    }
+    for &(i, dtype, rows, cols, stride) in mats {
+        let u = unfused[i].as_ref();
+        let model = (0..rows)
+            .flat_map(|r| (0..cols).map(move |c| (r, c)))
+            .map(|(r, c)| elem_bits(dtype, u, r * stride.max(cols) + c))
+            .collect();
+        let e = Expect {
+            dtype,
+            rows,
+            cols,
+            stride,
+            model,
+            cpu_bitwise: true,
+            tol: vec![],
+        };
+        compare_rows(
+            &format!("{what}: {}", bufs[i].name),
+            &e,
+            &fused[i],
+            &unfused[i],
+        )?;
+    }
+    if let Some((i, slots)) = dots {
+        let (got, want) = (to_f32s(&fused[i]), to_f32s(&unfused[i]));
+        if let Some(s) = (0..slots).find(|&s| got[s].to_bits() == POISON_F32) {
+            return Err(format!("{what}: grad_weights[{s}] not written"));
+        }
+        if got[slots..].iter().any(|x| x.to_bits() != POISON_F32) {
+            return Err(format!("{what}: grad_weights written past N·k"));
+        }
+        if let Some(s) = (0..slots).find(|&s| got[s].to_bits() != want[s].to_bits()) {
+            return Err(format!(
+                "{what}: grad_weights[{s}] = {:e} where combine + slot dot give {:e}",
+                got[s], want[s]
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Permute backward, fused (`dk_moe_combine_dot_*`, src/moe/cuda.rs `permute_backward`): the
+/// combine of grad_xp and the slot dot of x with grad_xp in one pass, bitwise those two kernels'
+/// results on the same inputs (which `check_combine` and `check_slot_dot` hold to the CPU).
+fn check_permute_backward(
+    exe: &Path,
+    comb: &CombineCase,
+    dot: &SlotDotCase,
+    k: usize,
+) -> Result<String, String> {
+    let (n, h, rows, dt) = (comb.n, comb.rows.cols, comb.rows.rows, comb.rows.dtype);
+    let slots = n * k;
+    let (cb, db) = (comb.bufs(), dot.bufs());
+    let weighted = comb.weights.is_some();
+    let bufs = vec![
+        mat_buf("grad_xp", &cb[0], dt, rows, h, comb.rows.stride, false),
+        vec_buf("position", &cb[1], 4 * slots, false),
+        vec_buf(
+            "weights",
+            &cb[2],
+            if weighted { 4 * slots } else { 0 },
+            false,
+        ),
+        mat_buf("grad_x", &cb[3], dt, n, h, comb.y_stride, true),
+        mat_buf("x", &db[0], dt, n, h, dot.tokens.stride, false),
+        vec_buf("grad_weights", &db[3], 4 * slots, true),
+    ];
+    let args = RowsArgs {
+        ptrs: [1, 5, 2, 0, if weighted { 3 } else { 0 }, 4, 6],
+        items: n as i64,
+        h: h as i64,
+        src_stride: comb.rows.stride as i64,
+        src2_stride: dot.tokens.stride as i64,
+        dst_stride: comb.y_stride as i64,
+        k: k as i32,
+        limit: rows.min(i32::MAX as usize) as i32,
+    };
+    // `permute_backward`: a warp per token.
+    let fused = [SimLaunch {
+        kernel: format!("dk_moe_combine_dot_{}", dt.name()),
+        grid: rows_grid(n),
+        block: ROWS_THREADS,
+        args: args.bytes(),
+    }];
+    let (after, log) = run_all_orders(exe, &bufs, &fused)?;
+    let primitives = [
+        combine_launch(comb, k),
+        slot_dot_launch(dot, k, [5, 1, 2, 6]),
+    ];
+    let (want, _) = run_sim(exe, &bufs, &primitives, 0)?;
+    same_as_primitives(
+        "permute backward",
+        &bufs,
+        &after,
+        &want,
+        &[(3, dt, n, h, comb.y_stride)],
+        Some((5, slots)),
+    )?;
+    Ok(log)
+}
+
+/// Combine backward, fused (`dk_moe_permute_dot_*`, src/moe/cuda.rs `combine_backward`): the
+/// permute of grad_y (here against the row gather, whose contract holds for any perm) and, when
+/// weighted, the slot dot of grad_y with expert_out, bitwise; `position` may disagree with
+/// `perm` (rows then come from the kernel's row items).
+fn check_combine_backward(
+    exe: &Path,
+    perm: &PermuteCase,
+    position: &[i32],
+    dot: Option<&SlotDotCase>,
+) -> Result<String, String> {
+    let (n, h, k, rows, dt) = (perm.x.rows, perm.x.cols, perm.k, perm.rows(), perm.x.dtype);
+    let slots = n * k;
+    let pb = perm.bufs();
+    let weighted = perm.weights.is_some();
+    let mut bufs = vec![
+        mat_buf("grad_y", &pb[0], dt, n, h, perm.x.stride, false),
+        vec_buf("perm", &pb[1], 4 * rows, false),
+        vec_buf(
+            "weights",
+            &pb[2],
+            if weighted { 4 * slots } else { 0 },
+            false,
+        ),
+        mat_buf(
+            "grad_expert_out",
+            &pb[3],
+            dt,
+            rows,
+            h,
+            perm.out_stride,
+            true,
+        ),
+        vec_buf("position", &bytes_i32(position), 4 * slots, false),
+    ];
+    if let Some(d) = dot {
+        let db = d.bufs();
+        bufs.push(mat_buf(
+            "expert_out",
+            &db[1],
+            dt,
+            d.rows.rows,
+            h,
+            d.rows.stride,
+            false,
+        ));
+        bufs.push(vec_buf("grad_weights", &db[3], 4 * slots, true));
+    }
+    let has = |i: u64| if dot.is_some() { i } else { 0 };
+    let args = RowsArgs {
+        ptrs: [1, has(6), 5, 2, if weighted { 3 } else { 0 }, 4, has(7)],
+        items: n as i64,
+        h: h as i64,
+        src_stride: perm.x.stride as i64,
+        src2_stride: dot.map_or(0, |d| d.rows.stride) as i64,
+        dst_stride: perm.out_stride as i64,
+        k: k as i32,
+        limit: rows as i32,
+    };
+    // `combine_backward`: a warp per token, then one per 32 rows.
+    let fused = [SimLaunch {
+        kernel: format!("dk_moe_permute_dot_{}", dt.name()),
+        grid: rows_grid(n + rows.div_ceil(32)),
+        block: ROWS_THREADS,
+        args: args.bytes(),
+    }];
+    let (after, log) = run_all_orders(exe, &bufs, &fused)?;
+    let gather = RowsArgs {
+        ptrs: [1, 0, 2, 0, if weighted { 3 } else { 0 }, 4, 0],
+        items: rows as i64,
+        h: h as i64,
+        src_stride: perm.x.stride as i64,
+        src2_stride: 0,
+        dst_stride: perm.out_stride as i64,
+        k: k as i32,
+        limit: slots as i32,
+    };
+    let mut primitives = vec![SimLaunch {
+        kernel: format!("dk_moe_permute_{}", dt.name()),
+        grid: rows_grid(rows * segments(h)),
+        block: ROWS_THREADS,
+        args: gather.bytes(),
+    }];
+    if let Some(d) = dot {
+        primitives.push(slot_dot_launch(d, k, [1, 6, 5, 7]));
+    }
+    let (want, _) = run_sim(exe, &bufs, &primitives, 0)?;
+    same_as_primitives(
+        "combine backward",
+        &bufs,
+        &after,
+        &want,
+        &[(3, dt, rows, h, perm.out_stride)],
+        dot.map(|_| (6, slots)),
+    )?;
+    Ok(log)
+}
+
+/// A copy of a route's position whose slots disagree with perm: two kept slots swap rows, a
+/// third points at a fourth's row, and a dropped slot (if any) at a padding row (if any).
+fn scrambled(position: &[i32], perm: &[i32]) -> Vec<i32> {
+    let mut v = position.to_vec();
+    let kept: Vec<usize> = (0..v.len()).filter(|&s| v[s] >= 0).collect();
+    if kept.len() >= 4 {
+        v.swap(kept[0], kept[1]);
+        v[kept[2]] = v[kept[3]];
+    }
+    let dropped = (0..v.len()).find(|&s| v[s] < 0);
+    let pad = perm.iter().position(|&p| p < 0);
+    if let (Some(s), Some(r)) = (dropped, pad) {
+        v[s] = r as i32;
+    }
+    v
 }
 
 /// A mover scenario: a route (on the CPU), activations of dtype and H, and the forward and
@@ -1398,6 +1682,10 @@ enum MoverCall {
     Permute(PermuteCase, bool),
     Combine(CombineCase, usize),
     SlotDot(SlotDotCase, usize),
+    /// The fused permute backward: its combine and slot-dot cases, k.
+    PermuteBackward(CombineCase, SlotDotCase, usize),
+    /// The fused combine backward: its permute case, the position, the slot-dot case if weighted.
+    CombineBackward(PermuteCase, Vec<i32>, Option<SlotDotCase>),
 }
 
 impl MoverCall {
@@ -1408,6 +1696,8 @@ impl MoverCall {
             }
             MoverCall::Combine(c, _) => format!("combine {}", c.what),
             MoverCall::SlotDot(c, _) => format!("slot dot {}", c.what),
+            MoverCall::PermuteBackward(c, ..) => format!("fused {}", c.what),
+            MoverCall::CombineBackward(c, ..) => format!("fused {}", c.what),
         }
     }
     fn check(&self, exe: &Path) -> Result<String, String> {
@@ -1415,6 +1705,10 @@ impl MoverCall {
             MoverCall::Permute(c, g) => check_permute(exe, c, *g),
             MoverCall::Combine(c, k) => check_combine(exe, c, *k),
             MoverCall::SlotDot(c, k) => check_slot_dot(exe, c, *k),
+            MoverCall::PermuteBackward(c, d, k) => check_permute_backward(exe, c, d, *k),
+            MoverCall::CombineBackward(p, pos, d) => {
+                check_combine_backward(exe, p, pos, d.as_ref())
+            }
         }
     }
 }
@@ -1472,13 +1766,16 @@ fn mover_calls(rng: &mut Rng, m: &MoverCase) -> Vec<MoverCall> {
         k,
     ));
     if m.scaled {
-        out.push(MoverCall::SlotDot(
-            SlotDotCase {
-                tokens: x.clone(),
-                rows: grad_xp.clone(),
-                position: r.position.clone(),
-                what: format!("{tag} permute backward (weights)"),
-            },
+        let dot = SlotDotCase {
+            tokens: x.clone(),
+            rows: grad_xp.clone(),
+            position: r.position.clone(),
+            what: format!("{tag} permute backward (weights)"),
+        };
+        out.push(MoverCall::SlotDot(dot.clone(), k));
+        out.push(MoverCall::PermuteBackward(
+            combine(&grad_xp, w(true), "permute backward"),
+            dot,
             k,
         ));
     }
@@ -1489,17 +1786,20 @@ fn mover_calls(rng: &mut Rng, m: &MoverCase) -> Vec<MoverCall> {
         permute(&grad_y, w(m.weighted), "combine backward"),
         false,
     ));
-    if m.weighted {
-        out.push(MoverCall::SlotDot(
-            SlotDotCase {
-                tokens: grad_y,
-                rows: expert_out,
-                position: r.position.clone(),
-                what: format!("{tag} combine backward (weights)"),
-            },
-            k,
-        ));
+    let dot = m.weighted.then(|| SlotDotCase {
+        tokens: grad_y.clone(),
+        rows: expert_out,
+        position: r.position.clone(),
+        what: format!("{tag} combine backward (weights)"),
+    });
+    if let Some(d) = &dot {
+        out.push(MoverCall::SlotDot(d.clone(), k));
     }
+    out.push(MoverCall::CombineBackward(
+        permute(&grad_y, w(m.weighted), "combine backward"),
+        r.position.clone(),
+        dot,
+    ));
     out
 }
 
@@ -1648,6 +1948,10 @@ fn mover_cases(rng: &mut Rng) -> Vec<MoverCall> {
                 c.what.starts_with("[Qwen3]") || c.what.starts_with("[Llama4]")
             }
             MoverCall::SlotDot(c, _) => c.what.starts_with("[Qwen3]"),
+            MoverCall::PermuteBackward(c, ..) => c.what.starts_with("[Llama4]"),
+            MoverCall::CombineBackward(c, ..) => {
+                c.what.starts_with("[Qwen3]") || c.what.starts_with("[Llama4]")
+            }
         })
         .map(|m| match m {
             MoverCall::Permute(c, g) => MoverCall::Permute(
@@ -1674,9 +1978,56 @@ fn mover_cases(rng: &mut Rng) -> Vec<MoverCall> {
                 },
                 *k,
             ),
+            MoverCall::PermuteBackward(c, d, k) => MoverCall::PermuteBackward(
+                CombineCase {
+                    position: corrupted(&c.position, c.rows.rows),
+                    what: format!("{} (indices out of range)", c.what),
+                    ..c.clone()
+                },
+                SlotDotCase {
+                    position: corrupted(&d.position, d.rows.rows),
+                    ..d.clone()
+                },
+                *k,
+            ),
+            MoverCall::CombineBackward(c, pos, d) => MoverCall::CombineBackward(
+                PermuteCase {
+                    perm: corrupted(&c.perm, c.x.rows * c.k),
+                    what: format!("{} (indices out of range)", c.what),
+                    ..c.clone()
+                },
+                corrupted(pos, c.rows()),
+                d.as_ref().map(|d| SlotDotCase {
+                    position: corrupted(pos, c.rows()),
+                    ..d.clone()
+                }),
+            ),
         })
         .collect();
     out.extend(bad);
+    // Position disagreeing with perm (in range): the fused combine backward's row items gather
+    // the rows no slot owns, non-owning slots still get their dots.
+    let scramble: Vec<MoverCall> = out
+        .iter()
+        .filter_map(|m| match m {
+            MoverCall::CombineBackward(c, pos, d) if !c.what.contains("out of range") => {
+                let pos = scrambled(pos, &c.perm);
+                Some(MoverCall::CombineBackward(
+                    PermuteCase {
+                        what: format!("{} (position disagrees with perm)", c.what),
+                        ..c.clone()
+                    },
+                    pos.clone(),
+                    d.as_ref().map(|d| SlotDotCase {
+                        position: pos,
+                        ..d.clone()
+                    }),
+                ))
+            }
+            _ => None,
+        })
+        .collect();
+    out.extend(scramble);
     // k = 1 combine (two items per warp): an odd number of items (H = 5120: 5 segments, 7
     // tokens), a dropped slot, zero and negative weights and ±0 rows, where fmaf(w, v, +0) and
     // w · v differ in the sign of zero.

@@ -39,24 +39,33 @@ typedef struct DkMoeRouteArgs {
   float scale;            // weights multiplied by it (after renormalisation)
 } DkMoeRouteArgs;
 
-// Permute, combine and slot-dot take the same struct; the fields mean:
-//   permute:  src = x [n, h], index = perm [items], weights = [n * k] or 0, dst = out [items, h];
-//             items = permuted rows.
-//   combine:  src = rows [rows, h], index = position [n * k], weights = [n * k] or 0,
-//             dst = y [n, h]; items = n.
-//   slot_dot: src = tokens [n, h], src2 = rows [rows, h], index = position [n * k],
-//             dst = out (float) [n * k]; items = n * k.
+// Permute, combine, slot-dot and the fused backward kernels take the same struct; the fields
+// mean:
+//   permute:     src = x [n, h], index = perm [items], weights = [n * k] or 0,
+//                dst = out [items, h]; items = permuted rows.
+//   combine:     src = rows [rows, h], index = position [n * k], weights = [n * k] or 0,
+//                dst = y [n, h]; items = n.
+//   slot_dot:    src = tokens [n, h], src2 = rows [rows, h], index = position [n * k],
+//                dst = out (float) [n * k]; items = n * k.
+//   combine_dot: combine's fields, plus src2 = x [n, h] and dst2 = dots (float) [n * k]: the
+//                backward of a scaled permute (grad_x and the weights' gradient).
+//   permute_dot: src = tokens [n, h], src2 = other rows [rows, h] or 0, index = position
+//                [n * k], index2 = perm [rows], weights = [n * k] or 0, dst = out [rows, h],
+//                dst2 = dots (float) [n * k] or 0; items = n: the backward of a combine.
 // `limit` bounds the indices read from `index`: n * k for perm entries (permute), the rows of
-// the permuted buffer for positions (combine, slot_dot). An index outside [0, limit) is treated
-// as -1 (a zero row, a skipped slot, a zero dot product) instead of being dereferenced.
+// the permuted buffer for positions (the others). An index outside [0, limit) is treated as -1
+// (a zero row, a skipped slot, a zero dot product) instead of being dereferenced.
 // Row starts are 16-byte aligned (checked on the host): h % 8 == 0, every stride a multiple of
-// 16 bytes, every base pointer 16-byte aligned.
+// 16 bytes, every base pointer 16-byte aligned. The pointer fields come first (the kernel
+// emulator of the tests patches them).
 typedef struct DkMoeRowsArgs {
   uint64_t src;
   uint64_t src2;
   uint64_t index;
+  uint64_t index2;
   uint64_t weights;
   uint64_t dst;
+  uint64_t dst2;
   int64_t items;
   int64_t h;
   int64_t src_stride;   // elements

@@ -12,7 +12,10 @@ use std::cmp::Ordering;
 
 use half::{bf16, f16};
 
-use super::{RawCombine, RawPermute, RawRoute, RawSlotDot, RouteParams, Score};
+use super::{
+    RawCombine, RawCombineBackward, RawPermute, RawPermuteBackward, RawRoute, RawSlotDot,
+    RouteParams, Score,
+};
 use crate::error::{bail, Result};
 use crate::host_alloc::filled;
 use crate::parallel::{for_each_range, threads_for, Shared};
@@ -565,6 +568,40 @@ pub(crate) unsafe fn slot_dot(raw: &RawSlotDot) -> Result<()> {
             DType::BF16 => typed::<bf16>(raw, position),
             DType::F16 => typed::<f16>(raw, position),
         }
+    }
+    Ok(())
+}
+
+/// The gradients of a permute: the combine, then the slot-dot (which checks the same position
+/// against the same rows, so nothing is written unless both run).
+///
+/// # Safety
+/// `raw` was validated: host pointers covering its shapes.
+pub(crate) unsafe fn permute_backward(raw: &RawPermuteBackward) -> Result<()> {
+    // SAFETY: forwarded contract.
+    unsafe { combine(&raw.combine)? };
+    if let Some(dot) = &raw.dot {
+        // SAFETY: forwarded contract.
+        unsafe { slot_dot(dot)? };
+    }
+    Ok(())
+}
+
+/// The gradients of a combine: the permute, then the slot-dot; `position` is checked first, so
+/// nothing is written on error.
+///
+/// # Safety
+/// `raw` was validated: host pointers covering its shapes.
+pub(crate) unsafe fn combine_backward(raw: &RawCombineBackward) -> Result<()> {
+    let p = &raw.permute;
+    // SAFETY: position holds n·k values.
+    let position = unsafe { std::slice::from_raw_parts(raw.position, p.n * p.k) };
+    check_indices("position", position, p.rows)?;
+    // SAFETY: forwarded contract.
+    unsafe { permute(p)? };
+    if let Some(dot) = &raw.dot {
+        // SAFETY: forwarded contract.
+        unsafe { slot_dot(dot)? };
     }
     Ok(())
 }

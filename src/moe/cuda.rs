@@ -12,7 +12,8 @@ use cudarc::driver::{sys, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, Pu
 use std::sync::Arc;
 
 use super::{
-    max_rows, RawCombine, RawPermute, RawRoute, RawSlotDot, RouteParams, Score, MAX_EXPERTS, MAX_K,
+    max_rows, RawCombine, RawCombineBackward, RawPermute, RawPermuteBackward, RawRoute, RawSlotDot,
+    RouteParams, Score, MAX_EXPERTS, MAX_K,
 };
 use crate::device::{launch_config_1d, CudaDevice, Launch};
 use crate::error::{bail, Result};
@@ -50,15 +51,18 @@ pub(crate) struct MoeRouteArgs {
 // SAFETY: plain-old-data with the C layout of DkMoeRouteArgs (see moe_route_args_layout).
 unsafe impl DeviceRepr for MoeRouteArgs {}
 
-/// Rust mirror of `DkMoeRowsArgs` (cuda/include/dk_moe_args.h): permute, combine, slot-dot.
+/// Rust mirror of `DkMoeRowsArgs` (cuda/include/dk_moe_args.h): permute, combine, slot-dot and
+/// the fused backward kernels.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct MoeRowsArgs {
     pub src: u64,
     pub src2: u64,
     pub index: u64,
+    pub index2: u64,
     pub weights: u64,
     pub dst: u64,
+    pub dst2: u64,
     pub items: i64,
     pub h: i64,
     pub src_stride: i64,
@@ -111,8 +115,10 @@ pub fn moe_rows_args_layout() -> Vec<(&'static str, usize)> {
         ("src", offset_of!(MoeRowsArgs, src)),
         ("src2", offset_of!(MoeRowsArgs, src2)),
         ("index", offset_of!(MoeRowsArgs, index)),
+        ("index2", offset_of!(MoeRowsArgs, index2)),
         ("weights", offset_of!(MoeRowsArgs, weights)),
         ("dst", offset_of!(MoeRowsArgs, dst)),
+        ("dst2", offset_of!(MoeRowsArgs, dst2)),
         ("items", offset_of!(MoeRowsArgs, items)),
         ("h", offset_of!(MoeRowsArgs, h)),
         ("src_stride", offset_of!(MoeRowsArgs, src_stride)),
@@ -154,6 +160,12 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_moe_slot_dot_f32",
     "dk_moe_slot_dot_bf16",
     "dk_moe_slot_dot_f16",
+    "dk_moe_combine_dot_f32",
+    "dk_moe_combine_dot_bf16",
+    "dk_moe_combine_dot_f16",
+    "dk_moe_permute_dot_f32",
+    "dk_moe_permute_dot_bf16",
+    "dk_moe_permute_dot_f16",
 ];
 
 /// Tokens per chunk of the counting pass (`DK_MOE_CHUNK`).
@@ -468,8 +480,10 @@ pub(crate) fn permute(dev: &CudaDevice, raw: &RawPermute, launch: &Launch<'_>) -
         src: raw.x as u64,
         src2: 0,
         index: raw.perm as u64,
+        index2: 0,
         weights: raw.weights as u64,
         dst: raw.out as u64,
+        dst2: 0,
         items: raw.rows as i64,
         h: raw.h as i64,
         src_stride: raw.x_stride as i64,
@@ -568,8 +582,10 @@ pub(crate) fn combine(dev: &CudaDevice, raw: &RawCombine, launch: &Launch<'_>) -
         src: raw.rows_in as u64,
         src2: 0,
         index: raw.position as u64,
+        index2: 0,
         weights: raw.weights as u64,
         dst: raw.y as u64,
+        dst2: 0,
         items: raw.n as i64,
         h: raw.h as i64,
         src_stride: raw.rows_stride as i64,
@@ -614,8 +630,10 @@ pub(crate) fn slot_dot(dev: &CudaDevice, raw: &RawSlotDot, launch: &Launch<'_>) 
         src: raw.tokens as u64,
         src2: raw.rows_in as u64,
         index: raw.position as u64,
+        index2: 0,
         weights: 0,
         dst: raw.out as u64,
+        dst2: 0,
         items: slots as i64,
         h: raw.h as i64,
         src_stride: raw.tokens_stride as i64,
@@ -626,6 +644,137 @@ pub(crate) fn slot_dot(dev: &CudaDevice, raw: &RawSlotDot, launch: &Launch<'_>) 
     };
     let name = format!("dk_moe_slot_dot_{}", raw.dtype.name());
     launch_rows(dev, launch, &name, &args, slots)
+}
+
+/// Queues the gradients of a permute: without the weights' gradient the combine; with it
+/// `dk_moe_combine_dot_*`, a warp per token reading each row of grad_xp once for both outputs.
+pub(crate) fn permute_backward(
+    dev: &CudaDevice,
+    raw: &RawPermuteBackward,
+    launch: &Launch<'_>,
+) -> Result<()> {
+    let Some(dot) = &raw.dot else {
+        return combine(dev, &raw.combine, launch);
+    };
+    let c = &raw.combine;
+    for (what, p) in [
+        ("grad_xp", c.rows_in as *const _),
+        ("position", c.position as *const _),
+        ("weights", c.weights as *const _),
+        ("grad_x", c.y as *const _),
+        ("x", dot.tokens as *const _),
+        ("grad_weights", dot.out as *const _),
+    ] {
+        dev.check_pointer(what, p)?;
+    }
+    if c.h == 0 {
+        // No elements: grad_x is empty and every dot is 0.
+        return slot_dot(dev, dot, launch);
+    }
+    if c.k > MAX_K {
+        bail!(
+            InvalidArgument,
+            "k = {}: the CUDA backward takes at most 32 slots per token",
+            c.k
+        );
+    }
+    check_rows_alignment(
+        c.h,
+        c.dtype,
+        &[
+            ("grad_xp", c.rows_in, c.rows_stride),
+            ("grad_x", c.y as *const u8, c.y_stride),
+            ("x", dot.tokens, dot.tokens_stride),
+        ],
+    )?;
+    check_i32("N·k", c.n.saturating_mul(c.k))?;
+    let args = MoeRowsArgs {
+        src: c.rows_in as u64,
+        src2: dot.tokens as u64,
+        index: c.position as u64,
+        index2: 0,
+        weights: c.weights as u64,
+        dst: c.y as u64,
+        dst2: dot.out as u64,
+        items: c.n as i64,
+        h: c.h as i64,
+        src_stride: c.rows_stride as i64,
+        src2_stride: dot.tokens_stride as i64,
+        dst_stride: c.y_stride as i64,
+        k: c.k as i32,
+        limit: c.rows.min(i32::MAX as usize) as i32,
+    };
+    let name = format!("dk_moe_combine_dot_{}", c.dtype.name());
+    launch_rows(dev, launch, &name, &args, c.n)
+}
+
+/// Queues the gradients of a combine: `dk_moe_permute_dot_*`, a warp per token (its row of
+/// grad_y read once for all of its slots, their rows of grad_expert_out and their dots) and a
+/// warp per 32 rows for the padding, in one launch and without workspace.
+pub(crate) fn combine_backward(
+    dev: &CudaDevice,
+    raw: &RawCombineBackward,
+    launch: &Launch<'_>,
+) -> Result<()> {
+    let p = &raw.permute;
+    let (other, dots) = raw
+        .dot
+        .as_ref()
+        .map_or((std::ptr::null(), std::ptr::null_mut()), |d| {
+            (d.rows_in, d.out)
+        });
+    for (what, ptr) in [
+        ("grad_y", p.x as *const _),
+        ("perm", p.perm as *const _),
+        ("position", raw.position as *const _),
+        ("weights", p.weights as *const _),
+        ("grad_expert_out", p.out as *const _),
+        ("expert_out", other as *const _),
+        ("grad_weights", dots as *const _),
+    ] {
+        dev.check_pointer(what, ptr)?;
+    }
+    if p.h == 0 {
+        // No elements: grad_expert_out is empty and every dot is 0.
+        return match &raw.dot {
+            Some(dot) => slot_dot(dev, dot, launch),
+            None => Ok(()),
+        };
+    }
+    if p.k > MAX_K {
+        bail!(
+            InvalidArgument,
+            "k = {}: the CUDA backward takes at most 32 slots per token",
+            p.k
+        );
+    }
+    let mut mats = vec![
+        ("grad_y", p.x, p.x_stride),
+        ("grad_expert_out", p.out as *const u8, p.out_stride),
+    ];
+    if let Some(d) = &raw.dot {
+        mats.push(("expert_out", d.rows_in, d.rows_stride));
+    }
+    check_rows_alignment(p.h, p.dtype, &mats)?;
+    check_i32("N·k", p.n.saturating_mul(p.k))?;
+    let args = MoeRowsArgs {
+        src: p.x as u64,
+        src2: other as u64,
+        index: raw.position as u64,
+        index2: p.perm as u64,
+        weights: p.weights as u64,
+        dst: p.out as u64,
+        dst2: dots as u64,
+        items: p.n as i64,
+        h: p.h as i64,
+        src_stride: p.x_stride as i64,
+        src2_stride: raw.dot.as_ref().map_or(0, |d| d.rows_stride) as i64,
+        dst_stride: p.out_stride as i64,
+        k: p.k as i32,
+        limit: check_i32("permuted rows", p.rows)?,
+    };
+    let name = format!("dk_moe_permute_dot_{}", p.dtype.name());
+    launch_rows(dev, launch, &name, &args, p.n + p.rows.div_ceil(32))
 }
 
 #[cfg(test)]
@@ -656,6 +805,6 @@ mod tests {
         let route = moe_route_args_layout();
         assert_eq!(route[0], ("sizeof", 136));
         let rows = moe_rows_args_layout();
-        assert_eq!(rows[0], ("sizeof", 88));
+        assert_eq!(rows[0], ("sizeof", 104));
     }
 }

@@ -1,9 +1,10 @@
 //! MoE calls with nothing to compute, which launch no kernel (crate::empty_batch writes their
 //! outputs): a route of no tokens (N = 0) writes zero counts and offsets and a perm of padding
 //! (−1); a permute of no tokens writes zero rows (its perm can only hold padding), one of no
-//! rows nothing; a combine or slot-dot of no tokens has no output.
+//! rows nothing; a combine or slot-dot of no tokens has no output; the backward passes, what
+//! their primitives do.
 
-use super::{RawCombine, RawPermute, RawRoute, RawSlotDot};
+use super::{RawCombine, RawCombineBackward, RawPermute, RawPermuteBackward, RawRoute, RawSlotDot};
 use crate::device::{Backend, Context, Launch};
 use crate::empty_batch::Fill;
 use crate::error::{bail, Result};
@@ -81,5 +82,43 @@ impl Context {
         ];
         // SAFETY: no fills.
         unsafe { self.write_empty_outputs(&operands, &[], launch) }
+    }
+
+    /// A permute backward of no tokens: no output (the combine's and slot-dot's).
+    pub(super) fn moe_permute_backward_empty(
+        &self,
+        raw: &RawPermuteBackward,
+        launch: &Launch<'_>,
+    ) -> Result<()> {
+        self.moe_combine_empty(&raw.combine, launch)?;
+        match &raw.dot {
+            Some(dot) => self.moe_slot_dot_empty(dot, launch),
+            None => Ok(()),
+        }
+    }
+
+    /// A combine backward of no tokens (zero rows of gradient, as the permute of no tokens
+    /// writes) or of no rows (no output; without rows every slot must be dropped, and the
+    /// weights' gradient needs rows, so validation refused that case with grad_weights).
+    pub(super) fn moe_combine_backward_empty(
+        &self,
+        raw: &RawCombineBackward,
+        launch: &Launch<'_>,
+    ) -> Result<()> {
+        let p = &raw.permute;
+        if matches!(self.backend(), Backend::Cpu) && p.n > 0 {
+            // SAFETY: position holds n·k validated host entries.
+            let position = unsafe { std::slice::from_raw_parts(raw.position, p.n * p.k) };
+            if let Some((i, &v)) = position.iter().enumerate().find(|&(_, &v)| v != -1) {
+                bail!(
+                    InvalidArgument,
+                    "position[{i}] = {v} is outside -1..0 (no permuted rows: every slot is dropped)"
+                );
+            }
+        }
+        if let Some(dot) = &raw.dot {
+            self.moe_slot_dot_empty(dot, launch)?;
+        }
+        self.moe_permute_empty(p, launch)
     }
 }

@@ -13,6 +13,10 @@
 //!   `grad_weights = slot_dot(x, grad_xp)`;
 //! - combine (weighted): `grad_expert_out = permute(grad_y, weights)`,
 //!   `grad_weights = slot_dot(grad_y, expert_out)`; unweighted: `permute(grad_y, None)`.
+//!
+//! [`Context::moe_permute_backward`] and [`Context::moe_combine_backward`] compute each pair in
+//! one call with the same results bit for bit; on CUDA one kernel reads each row once instead of
+//! the row read by both primitives twice (`cuda/MOE.md`, "Fused backward passes").
 
 pub(crate) mod cpu;
 pub(crate) mod cuda;
@@ -95,6 +99,56 @@ pub struct SlotDot<'a> {
     pub out: VectorMut<'a, f32>,
 }
 
+/// Operands of [`Context::moe_permute_backward`]: the gradients of a [`Permute`] from the
+/// gradient of its output.
+#[derive(Debug)]
+pub struct PermuteBackward<'a> {
+    /// Gradient of the permuted rows `[R, H]`.
+    pub grad_xp: Matrix<'a>,
+    /// Slots per token (the route's k); `position` must hold `N·k` entries for the `N` rows of
+    /// `grad_x`.
+    pub k: usize,
+    /// `[N·k]` from [`Route::position`]; −1 slots are skipped.
+    pub position: Vector<'a, i32>,
+    /// The `[N·k]` weights the forward scaled by; None when it did not scale.
+    pub weights: Option<Vector<'a, f32>>,
+    /// The forward's input `[N, H]`, same dtype as `grad_xp`: given with, and only with,
+    /// `grad_weights`.
+    pub x: Option<Matrix<'a>>,
+    /// Out `[N, H]`: `Σ_j w[n, j] · grad_xp[position[n, j]]` (w = 1 unscaled), [`Combine`]'s
+    /// result bit for bit.
+    pub grad_x: MatrixMut<'a>,
+    /// Optional out `[N·k]` (f32): `⟨x[n], grad_xp[position[n, j]]⟩`, 0 for dropped slots,
+    /// [`SlotDot`]'s result bit for bit.
+    pub grad_weights: Option<VectorMut<'a, f32>>,
+}
+
+/// Operands of [`Context::moe_combine_backward`]: the gradients of a [`Combine`] from the
+/// gradient of its output.
+#[derive(Debug)]
+pub struct CombineBackward<'a> {
+    /// Gradient of the combined rows `[N, H]`.
+    pub grad_y: Matrix<'a>,
+    /// The forward's rows in permuted order `[R, H]`, same dtype as `grad_y`: given with, and
+    /// only with, `grad_weights`.
+    pub expert_out: Option<Matrix<'a>>,
+    /// Slots per token (the route's k); `position` must hold `N·k` entries for the `N` rows of
+    /// `grad_y`.
+    pub k: usize,
+    /// `[R]` from [`Route::perm`] (one entry per row of `grad_expert_out`).
+    pub perm: Vector<'a, i32>,
+    /// `[N·k]` from [`Route::position`], the same route's.
+    pub position: Vector<'a, i32>,
+    /// The `[N·k]` weights of a weighted combine; None for an unweighted one.
+    pub weights: Option<Vector<'a, f32>>,
+    /// Out `[R, H]`: `w[perm[r]] · grad_y[perm[r] / k]` (w = 1 unweighted), zero rows for
+    /// padding: [`Permute`]'s result bit for bit.
+    pub grad_expert_out: MatrixMut<'a>,
+    /// Optional out `[N·k]` (f32): `⟨grad_y[n], expert_out[position[n, j]]⟩`, 0 for dropped
+    /// slots, [`SlotDot`]'s result bit for bit.
+    pub grad_weights: Option<VectorMut<'a, f32>>,
+}
+
 /// A validated route call in raw pointers.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RawRoute {
@@ -163,6 +217,23 @@ pub(crate) struct RawSlotDot {
     pub rows_stride: usize,
     pub position: *const i32,
     pub out: *mut f32,
+}
+
+/// A validated permute backward: the combine it computes and, with the weights' gradient, the
+/// slot-dot.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawPermuteBackward {
+    pub combine: RawCombine,
+    pub dot: Option<RawSlotDot>,
+}
+
+/// A validated combine backward: the permute it computes, the route's position and, with the
+/// weights' gradient, the slot-dot.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawCombineBackward {
+    pub permute: RawPermute,
+    pub position: *const i32,
+    pub dot: Option<RawSlotDot>,
 }
 
 impl Context {
@@ -307,6 +378,82 @@ impl Context {
             // SAFETY: validated host pointers covering the shapes.
             Backend::Cpu => unsafe { cpu::slot_dot(&raw) },
             Backend::Cuda(dev) => cuda::slot_dot(dev, &raw, launch),
+        }
+    }
+
+    /// The gradients of a permute: `grad_x` (a combine of `grad_xp`, weighted when the forward
+    /// scaled) and, when asked, the weights' gradient (a slot-dot of `x` with `grad_xp`) in one
+    /// call; on CUDA one kernel reads each row of `grad_xp` once for both.
+    ///
+    /// ```
+    /// use distill_kernels::moe::PermuteBackward;
+    /// use distill_kernels::{Context, Launch, Matrix, MatrixMut, Vector, VectorMut};
+    ///
+    /// // Two tokens, k = 2, H = 8; the route put slot s in row position[s] (slot 3 dropped).
+    /// let (n, k, h, r) = (2, 2, 8, 3);
+    /// let position = [2, 0, 1, -1];
+    /// let weights = [0.5f32, 0.25, 1.0, 2.0];
+    /// let x: Vec<f32> = (0..n * h).map(|i| i as f32).collect();
+    /// let grad_xp: Vec<f32> = (0..r * h).map(|i| 0.1 * i as f32).collect();
+    /// let (mut grad_x, mut grad_w) = (vec![0f32; n * h], vec![0f32; n * k]);
+    /// Context::cpu().moe_permute_backward(
+    ///     PermuteBackward {
+    ///         grad_xp: Matrix::host(&grad_xp, r, h, h)?,
+    ///         k,
+    ///         position: Vector::host(&position),
+    ///         weights: Some(Vector::host(&weights)),
+    ///         x: Some(Matrix::host(&x, n, h, h)?),
+    ///         grad_x: MatrixMut::host(&mut grad_x, n, h, h)?,
+    ///         grad_weights: Some(VectorMut::host(&mut grad_w)),
+    ///     },
+    ///     &Launch::default(),
+    /// )?;
+    /// // Token 1 has one kept slot (row 1, weight 1): its gradient is that row.
+    /// assert_eq!(&grad_x[h..], &grad_xp[h..2 * h]);
+    /// assert_eq!(grad_w[3], 0.0); // dropped
+    /// # Ok::<(), distill_kernels::Error>(())
+    /// ```
+    ///
+    #[doc = crate::error::call_errors_doc!()]
+    pub fn moe_permute_backward(
+        &self,
+        call: PermuteBackward<'_>,
+        launch: &Launch<'_>,
+    ) -> Result<()> {
+        let raw = RawPermuteBackward::validate(self, call)?;
+        if raw.combine.n == 0 {
+            return self.moe_permute_backward_empty(&raw, launch);
+        }
+        match self.backend() {
+            // SAFETY: validated host pointers covering the shapes.
+            Backend::Cpu => unsafe { cpu::permute_backward(&raw) },
+            Backend::Cuda(dev) => cuda::permute_backward(dev, &raw, launch),
+        }
+    }
+
+    /// The gradients of a combine: `grad_expert_out` (a permute of `grad_y`, scaled when the
+    /// combine was weighted) and, when asked, the weights' gradient (a slot-dot of `grad_y` with
+    /// `expert_out`) in one call; on CUDA one kernel reads each row of `grad_y` once for all of
+    /// its slots and both outputs, and needs no workspace.
+    ///
+    /// `perm` and `position` must come from the same route for the single pass; any other pair
+    /// still gives the primitives' results (rows a slot does not point back to are gathered as
+    /// [`Context::moe_permute`] does).
+    ///
+    #[doc = crate::error::call_errors_doc!()]
+    pub fn moe_combine_backward(
+        &self,
+        call: CombineBackward<'_>,
+        launch: &Launch<'_>,
+    ) -> Result<()> {
+        let raw = RawCombineBackward::validate(self, call)?;
+        if raw.permute.n == 0 || raw.permute.rows == 0 {
+            return self.moe_combine_backward_empty(&raw, launch);
+        }
+        match self.backend() {
+            // SAFETY: validated host pointers covering the shapes.
+            Backend::Cpu => unsafe { cpu::combine_backward(&raw) },
+            Backend::Cuda(dev) => cuda::combine_backward(dev, &raw, launch),
         }
     }
 }

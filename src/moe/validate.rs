@@ -11,11 +11,12 @@
 
 use super::params::{MAX_HIDDEN, MAX_K, ROW_ALIGN};
 use super::{
-    Combine, Permute, RawCombine, RawPermute, RawRoute, RawSlotDot, Route, RouteParams, SlotDot,
+    Combine, CombineBackward, Permute, PermuteBackward, RawCombine, RawCombineBackward, RawPermute,
+    RawPermuteBackward, RawRoute, RawSlotDot, Route, RouteParams, SlotDot,
 };
 use crate::checks::{check_location, check_non_null};
 use crate::device::Context;
-use crate::error::{bail, Result};
+use crate::error::{bail, Error, Result};
 use crate::tensor::{span_bytes, DType, Matrix, MatrixMut, Vector, VectorMut};
 
 /// Largest count or index that fits the int32 outputs (`perm`, `position`, `offsets`).
@@ -525,6 +526,166 @@ impl RawSlotDot {
             rows_stride: rows_in.row_stride,
             position: call.position.ptr,
             out: call.out.ptr,
+        })
+    }
+}
+
+/// A sub-call's error with the backward pass's name for its operands in front.
+fn within<T>(role: &str, r: Result<T>) -> Result<T> {
+    r.map_err(|e| Error::new(e.kind(), format!("{role}: {}", e.message())))
+}
+
+/// `grad_weights` and the operand its dots need are given together or not at all.
+fn check_pair(operand: &str, has_operand: bool, has_grad_weights: bool) -> Result<()> {
+    if has_operand != has_grad_weights {
+        bail!(
+            InvalidArgument,
+            "{operand} and grad_weights go together (the weights' gradient needs {operand}); one was given without the other"
+        );
+    }
+    Ok(())
+}
+
+impl RawPermuteBackward {
+    /// Checks a permute backward against `ctx`: the combine it computes and the slot-dot of the
+    /// weights' gradient, then what neither checks (same tokens, outputs apart from each other
+    /// and from the other call's inputs).
+    pub(crate) fn validate(ctx: &Context, call: PermuteBackward<'_>) -> Result<Self> {
+        check_pair("x", call.x.is_some(), call.grad_weights.is_some())?;
+        let (grad_xp, k, position, weights) = (call.grad_xp, call.k, call.position, call.weights);
+        let combine = within(
+            "grad_x = combine(grad_xp as rows)",
+            RawCombine::validate(
+                ctx,
+                Combine {
+                    rows: grad_xp,
+                    k,
+                    position,
+                    weights,
+                    y: call.grad_x,
+                },
+            ),
+        )?;
+        let (Some(x), Some(out)) = (call.x, call.grad_weights) else {
+            return Ok(RawPermuteBackward { combine, dot: None });
+        };
+        let dot = within(
+            "grad_weights = slot_dot(x as tokens, grad_xp as rows)",
+            RawSlotDot::validate(
+                ctx,
+                SlotDot {
+                    tokens: x,
+                    rows: grad_xp,
+                    k,
+                    position,
+                    out,
+                },
+            ),
+        )?;
+        if dot.n != combine.n {
+            bail!(
+                Shape,
+                "x has {} rows but grad_x has {} (one per token)",
+                dot.n,
+                combine.n
+            );
+        }
+        let c = &combine;
+        let grad_x = Span::matrix("grad_x", c.y, c.n, c.h, c.y_stride, c.dtype)?;
+        let x_span = Span::matrix("x", dot.tokens, dot.n, dot.h, dot.tokens_stride, dot.dtype)?;
+        let slots = c.n * c.k;
+        let grad_w = Span::vector("grad_weights", dot.out, slots);
+        let w = Span::vector(
+            "weights",
+            c.weights,
+            if c.weights.is_null() { 0 } else { slots },
+        );
+        check_disjoint(&[grad_x, grad_w], &[x_span, w])?;
+        Ok(RawPermuteBackward {
+            combine,
+            dot: Some(dot),
+        })
+    }
+}
+
+impl RawCombineBackward {
+    /// Checks a combine backward against `ctx`: the permute it computes, the route's position,
+    /// and the slot-dot of the weights' gradient, then what none of them checks.
+    pub(crate) fn validate(ctx: &Context, call: CombineBackward<'_>) -> Result<Self> {
+        check_pair(
+            "expert_out",
+            call.expert_out.is_some(),
+            call.grad_weights.is_some(),
+        )?;
+        let (grad_y, k, position) = (call.grad_y, call.k, call.position);
+        let permute = within(
+            "grad_expert_out = permute(grad_y as x)",
+            RawPermute::validate(
+                ctx,
+                Permute {
+                    x: grad_y,
+                    k,
+                    perm: call.perm,
+                    weights: call.weights,
+                    out: call.grad_expert_out,
+                },
+            ),
+        )?;
+        vector_in(ctx, "position", &position)?;
+        let p = &permute;
+        let slots = check_position(p.n, k, position.len)?;
+        let pos_span = Span::vector("position", position.ptr, slots);
+        check_aligned(&[(pos_span, 4)])?;
+        let grad_eo = Span::matrix("grad_expert_out", p.out, p.rows, p.h, p.out_stride, p.dtype)?;
+        let (Some(expert_out), Some(out)) = (call.expert_out, call.grad_weights) else {
+            check_disjoint(&[grad_eo], &[pos_span])?;
+            return Ok(RawCombineBackward {
+                permute,
+                position: position.ptr,
+                dot: None,
+            });
+        };
+        let dot = within(
+            "grad_weights = slot_dot(grad_y as tokens, expert_out as rows)",
+            RawSlotDot::validate(
+                ctx,
+                SlotDot {
+                    tokens: grad_y,
+                    rows: expert_out,
+                    k,
+                    position,
+                    out,
+                },
+            ),
+        )?;
+        if dot.rows != p.rows {
+            bail!(
+                Shape,
+                "expert_out has {} rows but grad_expert_out and perm have {} (one per permuted row)",
+                dot.rows,
+                p.rows
+            );
+        }
+        let eo = Span::matrix(
+            "expert_out",
+            dot.rows_in,
+            dot.rows,
+            dot.h,
+            dot.rows_stride,
+            dot.dtype,
+        )?;
+        let grad_w = Span::vector("grad_weights", dot.out, slots);
+        let perm = Span::vector("perm", p.perm, p.rows);
+        let w = Span::vector(
+            "weights",
+            p.weights,
+            if p.weights.is_null() { 0 } else { slots },
+        );
+        check_disjoint(&[grad_eo, grad_w], &[pos_span, eo, perm, w])?;
+        Ok(RawCombineBackward {
+            permute,
+            position: position.ptr,
+            dot: Some(dot),
         })
     }
 }

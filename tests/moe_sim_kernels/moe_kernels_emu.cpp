@@ -71,7 +71,7 @@ const Named kKernels[] = {
     {"dk_moe_scan", dk_moe_scan, nullptr},
     {"dk_moe_assign", dk_moe_assign, nullptr},
     DK_SIM_ROWS(permute) DK_SIM_ROWS(perm_invert) DK_SIM_ROWS(permute_tokens)
-    DK_SIM_ROWS(combine) DK_SIM_ROWS(slot_dot)};
+    DK_SIM_ROWS(combine) DK_SIM_ROWS(slot_dot) DK_SIM_ROWS(combine_dot) DK_SIM_ROWS(permute_dot)};
 #undef DK_SIM_TOPK
 #undef DK_SIM_TOPK_ALL
 #undef DK_SIM_ROWS
@@ -152,7 +152,7 @@ int main() {
     if (g_kernel->route) {
       g_route = patch<DkMoeRouteArgs>(args, nargs, 9, bufs);
     } else {
-      g_rows = patch<DkMoeRowsArgs>(args, nargs, 5, bufs);
+      g_rows = patch<DkMoeRowsArgs>(args, nargs, 7, bufs);
     }
     const long c0 = sim::S.collectives, b0 = sim::S.barriers, k0 = sim::S.blocks;
     sim::launch(name.c_str(), entry, grid, block, smem);
