@@ -21,7 +21,8 @@
 #      N=4096 (=smem, =stream), side by side with the default; version 6, the persistent
 #      cluster kernels (=persist, =persist256), at their own cluster size and at 4, 8 and 16;
 #      the gradient over the student logits (--passes fwd+bwd,in-place), default and persist
-#   5. dk bench --ops moe: route, permute, combine fwd/bwd, 3 ANCHORS shapes, N=16384
+#   5. dk bench --ops moe: route, permute, combine fwd/bwd, 3 ANCHORS shapes, N=16384; the bwd
+#      rows again as two primitive kernels each (DK_MOE_BACKWARD=primitives, A/B of the fused ones)
 #  5b. dk bench --ops attention: fwd, fwd+bwd, ANCHORS shapes + varlen, bf16, TFLOP/s; again with
 #      the opt-in kernels (DK_ATTENTION_FWD=wide, DK_ATTENTION_BWD=wide), and with the mma.sync
 #      kernels (DK_ATTENTION_FWD=mma, DK_ATTENTION_BWD=mma) beside the Hopper default, wgmma
@@ -93,7 +94,8 @@ case ${GPU_CHECK_PLAN:-} in
     plan_steps="nvidia-smi,dk-info,test-divergence_reference=,test-divergence_reference-persist="
     plan_steps+=",test-fused_reference=,test-fused_reference-v1,test-attention_reference="
     plan_steps+=",test-attention_reference-mma,racecheck-barrier-repro,racecheck-attention="
-    plan_steps+=",memcheck-attention=,dk-bench-attention=,dk-bench-attention-mma,dk-bench-bf16" ;;
+    plan_steps+=",memcheck-attention=,dk-bench-attention=,dk-bench-attention-mma,dk-bench-bf16"
+    plan_steps+=",test-moe_backward" ;;
   2) # the Python face on CUDA (run 5's pytest was cut off after two failures) and the Python
     # benchmarks against SDPA (FA2, cuDNN), torch eager, torch.compile and Liger, MoE included
     plan_steps="nvidia-smi,liger-install,pytest,python-bench-attention=,python-bench="
@@ -104,8 +106,10 @@ case ${GPU_CHECK_PLAN:-} in
     plan_steps="nvidia-smi,test-divergence_reference-persist256,test-fused_reference-persist256"
     plan_steps+=",dk-bench-16k=,dk-bench-f32=,dk-bench-persist256,dk-bench-short-persist256"
     plan_steps+=",dk-bench-inplace-persist,racecheck-attention=,memcheck-attention=,memcheck-persist=" ;;
-  3b) # the fused and MoE rows again after any change there, the profiles
+  3b) # the fused and MoE rows again after any change there (the fused MoE backward kernels
+    # beside their two primitives each), the profiles
     plan_steps="nvidia-smi,liger-install,python-bench-fused,dk-bench-fused=,dk-bench-moe="
+    plan_steps+=",dk-bench-moe-primitives,memcheck-moe"
     plan_steps+=",ncu-fused,ncu-moe-route,ncu-moe-combine,ncu-attention-fwd=,ncu-attention-bwd=" ;;
   3c) # A/B rows: the wide attention kernels beside the default ones, the persistent cluster sizes
     plan_steps="nvidia-smi,test-attention_reference-wide,dk-bench-attention=,dk-bench-attention-wide"
@@ -559,6 +563,10 @@ phase_benches() {
   # The route's scan and assignment without programmatic dependent launch (A/B for the route time).
   run_step dk-bench-moe-nopdl 30 0 env DK_MOE_PDL=0 "$dk" bench --device cuda --ops moe \
     --dtype bf16 --tokens 16384 --moe-shapes qwen3
+  # The backward passes with the weights' gradient as their two primitive kernels each (A/B for
+  # the fused combine-dot / permute-dot kernels of the default: compare the "bwd" rows).
+  run_step dk-bench-moe-primitives 45 0 env DK_MOE_BACKWARD=primitives "$dk" bench --device cuda \
+    --ops moe --dtype bf16 --tokens 16384 --moe-shapes scout,maverick,qwen3
 
   # ---- 5b. dk bench attention: fwd and fwd+bwd, the ANCHORS shapes and a varlen batch, bf16 --------
   # 6 results (TFLOP/s, ratio to ANCHORS.md's FA2 numbers), each checked on sampled rows against an

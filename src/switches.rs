@@ -34,6 +34,10 @@ const SWITCHES: &[Switch] = &[
         values: &["0"],
     },
     Switch {
+        name: "DK_MOE_BACKWARD",
+        values: &["primitives"],
+    },
+    Switch {
         name: "DK_ATTENTION_FWD",
         values: &["mma", "wide", "wgmma"],
     },
@@ -153,6 +157,7 @@ mod tests {
             (switch("DK_ATTENTION_FWD"), "default"),
             (switch("DK_MOE_PDL"), "false"),
             (switch("DK_MOE_PERMUTE"), "1"),
+            (switch("DK_MOE_BACKWARD"), "fused"),
         ] {
             let err = parse(sw, Some(bad)).unwrap_err();
             assert!(

@@ -646,6 +646,12 @@ pub(crate) fn slot_dot(dev: &CudaDevice, raw: &RawSlotDot, launch: &Launch<'_>) 
     launch_rows(dev, launch, &name, &args, slots)
 }
 
+/// `DK_MOE_BACKWARD=primitives` in the environment runs the backward passes as their two
+/// primitives (A/B measurements of the fused kernels).
+fn backward_primitives() -> bool {
+    crate::switches::value("DK_MOE_BACKWARD") == Some("primitives")
+}
+
 /// Queues the gradients of a permute: without the weights' gradient the combine; with it
 /// `dk_moe_combine_dot_*`, a warp per token reading each row of grad_xp once for both outputs.
 pub(crate) fn permute_backward(
@@ -656,6 +662,10 @@ pub(crate) fn permute_backward(
     let Some(dot) = &raw.dot else {
         return combine(dev, &raw.combine, launch);
     };
+    if backward_primitives() {
+        combine(dev, &raw.combine, launch)?;
+        return slot_dot(dev, dot, launch);
+    }
     let c = &raw.combine;
     for (what, p) in [
         ("grad_xp", c.rows_in as *const _),
@@ -708,38 +718,38 @@ pub(crate) fn permute_backward(
     launch_rows(dev, launch, &name, &args, c.n)
 }
 
-/// Queues the gradients of a combine: `dk_moe_permute_dot_*`, a warp per token (its row of
-/// grad_y read once for all of its slots, their rows of grad_expert_out and their dots) and a
-/// warp per 32 rows for the padding, in one launch and without workspace.
+/// Queues the gradients of a combine. With the weights' gradient: `dk_moe_permute_dot_*`, a warp
+/// per token (its row of grad_y read once for all of its slots, their rows of grad_expert_out
+/// and their dots) and a warp per 32 rows for the padding, in one launch and without workspace.
+/// Without it: the permute.
 pub(crate) fn combine_backward(
     dev: &CudaDevice,
     raw: &RawCombineBackward,
     launch: &Launch<'_>,
 ) -> Result<()> {
     let p = &raw.permute;
-    let (other, dots) = raw
-        .dot
-        .as_ref()
-        .map_or((std::ptr::null(), std::ptr::null_mut()), |d| {
-            (d.rows_in, d.out)
-        });
+    let Some(dot) = &raw.dot else {
+        // Nothing to fuse: the permute (token-major for k > 1, measured at 87-94 % of its floor).
+        return permute(dev, p, launch);
+    };
+    if backward_primitives() {
+        permute(dev, p, launch)?;
+        return slot_dot(dev, dot, launch);
+    }
     for (what, ptr) in [
         ("grad_y", p.x as *const _),
         ("perm", p.perm as *const _),
         ("position", raw.position as *const _),
         ("weights", p.weights as *const _),
         ("grad_expert_out", p.out as *const _),
-        ("expert_out", other as *const _),
-        ("grad_weights", dots as *const _),
+        ("expert_out", dot.rows_in as *const _),
+        ("grad_weights", dot.out as *const _),
     ] {
         dev.check_pointer(what, ptr)?;
     }
     if p.h == 0 {
         // No elements: grad_expert_out is empty and every dot is 0.
-        return match &raw.dot {
-            Some(dot) => slot_dot(dev, dot, launch),
-            None => Ok(()),
-        };
+        return slot_dot(dev, dot, launch);
     }
     if p.k > MAX_K {
         bail!(
@@ -748,27 +758,28 @@ pub(crate) fn combine_backward(
             p.k
         );
     }
-    let mut mats = vec![
-        ("grad_y", p.x, p.x_stride),
-        ("grad_expert_out", p.out as *const u8, p.out_stride),
-    ];
-    if let Some(d) = &raw.dot {
-        mats.push(("expert_out", d.rows_in, d.rows_stride));
-    }
-    check_rows_alignment(p.h, p.dtype, &mats)?;
+    check_rows_alignment(
+        p.h,
+        p.dtype,
+        &[
+            ("grad_y", p.x, p.x_stride),
+            ("grad_expert_out", p.out as *const u8, p.out_stride),
+            ("expert_out", dot.rows_in, dot.rows_stride),
+        ],
+    )?;
     check_i32("N·k", p.n.saturating_mul(p.k))?;
     let args = MoeRowsArgs {
         src: p.x as u64,
-        src2: other as u64,
+        src2: dot.rows_in as u64,
         index: raw.position as u64,
         index2: p.perm as u64,
         weights: p.weights as u64,
         dst: p.out as u64,
-        dst2: dots as u64,
+        dst2: dot.out as u64,
         items: p.n as i64,
         h: p.h as i64,
         src_stride: p.x_stride as i64,
-        src2_stride: raw.dot.as_ref().map_or(0, |d| d.rows_stride) as i64,
+        src2_stride: dot.rows_stride as i64,
         dst_stride: p.out_stride as i64,
         k: p.k as i32,
         limit: check_i32("permuted rows", p.rows)?,

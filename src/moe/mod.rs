@@ -15,8 +15,9 @@
 //!   `grad_weights = slot_dot(grad_y, expert_out)`; unweighted: `permute(grad_y, None)`.
 //!
 //! [`Context::moe_permute_backward`] and [`Context::moe_combine_backward`] compute each pair in
-//! one call with the same results bit for bit; on CUDA one kernel reads each row once instead of
-//! the row read by both primitives twice (`cuda/MOE.md`, "Fused backward passes").
+//! one call with the same results bit for bit; on CUDA, where the weights' gradient is asked
+//! for, one kernel reads each row once instead of the row both primitives read twice
+//! (`cuda/MOE.md`, "Fused backward passes").
 
 pub(crate) mod cpu;
 pub(crate) mod cuda;
@@ -433,8 +434,9 @@ impl Context {
 
     /// The gradients of a combine: `grad_expert_out` (a permute of `grad_y`, scaled when the
     /// combine was weighted) and, when asked, the weights' gradient (a slot-dot of `grad_y` with
-    /// `expert_out`) in one call; on CUDA one kernel reads each row of `grad_y` once for all of
-    /// its slots and both outputs, and needs no workspace.
+    /// `expert_out`) in one call. On CUDA with the weights' gradient one kernel reads each row of
+    /// `grad_y` once for all of its slots and both outputs, and needs no workspace; without it
+    /// the call is [`Context::moe_permute`] (whose workspace `launch` may carry).
     ///
     /// `perm` and `position` must come from the same route for the single pass; any other pair
     /// still gives the primitives' results (rows a slot does not point back to are gathered as

@@ -13,6 +13,11 @@
 //! - combine bwd: `grad_eo = permute(grad_y)` (scaled by the weights, plus
 //!   `grad_w = slot_dot(grad_y, expert_out)`, when the forward was weighted).
 //!
+//! The backward passes are one call each (`moe_permute_backward`, `moe_combine_backward`): with
+//! the weights' gradient on CUDA one fused kernel, whose floor is the strict one (each operand
+//! read or written once); on the CPU, and on CUDA under `DK_MOE_BACKWARD=primitives`, the two
+//! primitives, and the row is labelled and floored as those two.
+//!
 //! Checks: the route against the CPU backend on every token (on CUDA, whose scores are f32, a
 //! token whose selection differs must be a valid top-k within 1e-5 of the f64 scores: a near-tie,
 //! counted), its weights within 1e-5 and the permutation exactly; permute / combine / slot-dot
@@ -20,7 +25,10 @@
 //! before the checked run and scanned for unwritten (non-finite) elements; and every output of a
 //! second poisoned run compared bitwise with the first.
 
-use distill_kernels::moe::{max_rows, Combine, Permute, Route, RouteParams, Score, SlotDot};
+use distill_kernels::moe::{
+    max_rows, Combine, CombineBackward, Permute, PermuteBackward, Route, RouteParams, Score,
+    SlotDot,
+};
 use distill_kernels::{Context, DType, Launch, Location, Matrix, MatrixMut, Vector, VectorMut};
 
 use crate::backend::{measure, median, Buf, Measured, Part, Runner};
@@ -1072,21 +1080,49 @@ fn run_rows(
                 .map_err(err_string)
         }
     };
-    let slot_dot = |tokens: *mut u8| {
+    let permute_backward = |scaled: bool| {
         move || -> Result<(), String> {
             let call = unsafe {
-                SlotDot {
-                    tokens: Matrix::from_raw(tokens, dtype, n, h, h, loc),
-                    rows: Matrix::from_raw(a.rows_in, dtype, rows, h, h, loc),
+                PermuteBackward {
+                    grad_xp: Matrix::from_raw(a.rows_in, dtype, rows, h, h, loc),
                     k,
                     position: Vector::from_raw(a.position.cast(), n * k, loc),
-                    out: VectorMut::from_raw(a.grad_w.cast(), n * k, loc),
+                    weights: scaled.then(|| Vector::from_raw(a.weights.cast(), n * k, loc)),
+                    x: scaled.then(|| Matrix::from_raw(a.x, dtype, n, h, h, loc)),
+                    grad_x: MatrixMut::from_raw(a.out_tok, dtype, n, h, h, loc),
+                    grad_weights: scaled.then(|| VectorMut::from_raw(a.grad_w.cast(), n * k, loc)),
                 }
             };
-            ctx.moe_slot_dot(call, &runner.launch(None))
+            ctx.moe_permute_backward(call, &runner.launch(None))
                 .map_err(err_string)
         }
     };
+    let combine_backward = |weighted: bool| {
+        move || -> Result<(), String> {
+            let call = unsafe {
+                CombineBackward {
+                    grad_y: Matrix::from_raw(a.g_tok, dtype, n, h, h, loc),
+                    expert_out: weighted
+                        .then(|| Matrix::from_raw(a.rows_in, dtype, rows, h, h, loc)),
+                    k,
+                    perm: Vector::from_raw(a.perm.cast(), rows, loc),
+                    position: Vector::from_raw(a.position.cast(), n * k, loc),
+                    weights: weighted.then(|| Vector::from_raw(a.weights.cast(), n * k, loc)),
+                    grad_expert_out: MatrixMut::from_raw(a.out_rows, dtype, rows, h, h, loc),
+                    grad_weights: weighted
+                        .then(|| VectorMut::from_raw(a.grad_w.cast(), n * k, loc)),
+                }
+            };
+            ctx.moe_combine_backward(call, &runner.launch(None))
+                .map_err(err_string)
+        }
+    };
+    // Backward passes that run as their two primitives (the CPU backend's, or CUDA's under the
+    // A/B switch): labelled and floored as those two kernels.
+    let primitives = !runner.is_cuda()
+        || distill_kernels::switches::active()
+            .iter()
+            .any(|s| s == "DK_MOE_BACKWARD=primitives");
 
     let seed = mix(&[rows as u64, n as u64, op as u64, shape as u64]);
     let row_idx = sample_rows(rows, g.check_rows, seed);
@@ -1117,22 +1153,22 @@ fn run_rows(
             )?);
         }
         Op::PermuteBwd => {
-            // grad_x = combine(grad_xp[, w]); when scaled, grad_w = slot_dot(x, grad_xp).
-            let f = combine(scaled);
-            let d = slot_dot(a.x);
+            // grad_x = combine(grad_xp[, w]); when scaled, grad_w = slot_dot(x, grad_xp): one
+            // fused kernel (two launches under DK_MOE_BACKWARD=primitives).
+            let f = permute_backward(scaled);
             let (m, names, bytes, strict) = if scaled {
                 let m = measure(
                     runner,
-                    &[&f, &d],
+                    &[&f],
                     &mut [&mut bufs.out_tok, &mut bufs.grad_w],
                     row.iters,
                 )?;
-                (
-                    m,
-                    vec![cname(true), "slot-dot"],
-                    vec![cf, cf],
-                    row_bytes + 2.0 * tok_bytes + grad_w_bytes,
-                )
+                let strict = row_bytes + 2.0 * tok_bytes + grad_w_bytes;
+                if primitives {
+                    (m, vec!["combine(w)+slot-dot"], vec![2.0 * cf], strict)
+                } else {
+                    (m, vec!["combine-dot(w)"], vec![strict], strict)
+                }
             } else {
                 let m = measure(runner, &[&f], &mut [&mut bufs.out_tok], row.iters)?;
                 (m, vec![cname(false)], vec![cf], cf)
@@ -1182,24 +1218,26 @@ fn run_rows(
             )?);
         }
         Op::CombineBwd => {
-            // grad_eo = permute(grad_y[, w]); when weighted, grad_w = slot_dot(grad_y, eo).
+            // grad_eo = permute(grad_y[, w]); when weighted, grad_w = slot_dot(grad_y, eo): one
+            // fused kernel reading each row of grad_y once for all of its slots (the primitives'
+            // permute and slot-dot under DK_MOE_BACKWARD=primitives).
             let weighted = !scaled;
-            let f = permute(a.g_tok, weighted);
-            let d = slot_dot(a.g_tok);
+            let f = combine_backward(weighted);
             let (m, names, bytes, strict) = if weighted {
                 let m = measure(
                     runner,
-                    &[&f, &d],
+                    &[&f],
                     &mut [&mut bufs.out_rows, &mut bufs.grad_w],
                     row.iters,
                 )?;
-                (
-                    m,
-                    vec![pname(true), "slot-dot"],
-                    vec![pf, cf],
-                    2.0 * row_bytes + tok_bytes + grad_w_bytes,
-                )
+                let strict = 2.0 * row_bytes + tok_bytes + grad_w_bytes;
+                if primitives {
+                    (m, vec!["permute(w)+slot-dot"], vec![pf + cf], strict)
+                } else {
+                    (m, vec!["permute-dot(w)"], vec![strict], strict)
+                }
             } else {
+                // Without the weights' gradient the call is the permute (nothing to fuse).
                 let m = measure(runner, &[&f], &mut [&mut bufs.out_rows], row.iters)?;
                 (m, vec![pname(false)], vec![pf], row_bytes + tok_bytes)
             };
@@ -1264,7 +1302,7 @@ pub fn print_header(cfg: &MoeConfig<'_>, cuda: bool) {
         outln!("  {:<9} {}", s.name(), s.describe());
     }
     outln!(
-        "floor = bytes / copy bandwidth, bytes per cuda/MOE.md (b = element size): route N*E*4 + 4*(3*N*k + R); permute 2*R*H*b; combine, slot-dot (R + N)*H*b; a bwd sums its kernels"
+        "floor = bytes / copy bandwidth, bytes per cuda/MOE.md (b = element size): route N*E*4 + 4*(3*N*k + R); permute 2*R*H*b; combine, slot-dot (R + N)*H*b; a bwd sums its kernels (a fused one: its strict bytes)"
     );
     outln!(
         "strict = the op's operands each read or written once ((N + R)*H*b for permute; bwd with slot-dot adds the other operand and 4*N*k)"
