@@ -1,6 +1,9 @@
 //! Criterion benchmarks of MoE dispatch: route, permute, combine and slot-dot, throughput in
 //! the floor bytes of `cuda/MOE.md` (route: N·E·4 + 4·(3·N·k + R); permute 2·R·H·b; combine
-//! and slot-dot (R + N)·H·b; b = 2 for bf16, R = N·k permuted rows).
+//! and slot-dot (R + N)·H·b; b = 2 for bf16, R = N·k permuted rows); on CUDA also the backward
+//! passes with the weights' gradient (`permute_backward` where the shape scales the input,
+//! `combine_backward` where it weights the output: one fused kernel each), in their strict bytes
+//! (each operand read or written once: (R + 2N)·H·b, or (2R + N)·H·b, plus 4·N·k).
 //!
 //! - `moe/cpu/<op>/<shape>`: the CPU reference backend, small: route at N = 1024, the row
 //!   operations at N = 128 tokens (bf16 activations, f32 router logits).
@@ -18,7 +21,9 @@ use std::time::Duration;
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
-use distill_kernels::moe::{Combine, Permute, Route, RouteParams, Score, SlotDot};
+use distill_kernels::moe::{
+    Combine, CombineBackward, Permute, PermuteBackward, Route, RouteParams, Score, SlotDot,
+};
 use distill_kernels::{Context, DType, Launch, Location, Matrix, MatrixMut, Vector, VectorMut};
 use half::bf16;
 
@@ -244,7 +249,9 @@ mod cuda {
             let rows: CudaSlice<u16> = stream.clone_htod(&bits(bf16s(r * h, 7))).expect("upload");
             let xp: CudaSlice<u16> = stream.alloc_zeros(r * h).expect("alloc");
             let y: CudaSlice<u16> = stream.alloc_zeros(n * h).expect("alloc");
+            let grad_w: CudaSlice<f32> = stream.alloc_zeros(n * k).expect("alloc");
             stream.synchronize().expect("sync");
+            let gwa = ptr(&grad_w, &stream);
             let (lp, ip, wp, cp, op, pp, qp, sp) = (
                 ptr(&logits, &stream),
                 ptr(&ids, &stream),
@@ -315,15 +322,63 @@ mod cuda {
                 };
                 ctx.moe_combine(call, &launch(false)).unwrap();
             };
+            // The backward pass with the weights' gradient of whichever op the shape weights:
+            // x and the permuted rows stand in for (grad_y, expert_out) / (x, grad_xp).
+            let backward = || {
+                let launch = launch(false);
+                // SAFETY: as above; grad_w holds n·k floats.
+                unsafe {
+                    let tokens = Matrix::from_raw(xa as *const u8, DType::BF16, n, h, h, loc);
+                    let permuted = Matrix::from_raw(ra as *const u8, DType::BF16, r, h, h, loc);
+                    let position = Vector::from_raw(qp as *const i32, n * k, loc);
+                    let w = Some(Vector::from_raw(wp as *const f32, n * k, loc));
+                    let gw = Some(VectorMut::from_raw(gwa as *mut f32, n * k, loc));
+                    if s.scaled_input {
+                        let grad_x = MatrixMut::from_raw(ya as *mut u8, DType::BF16, n, h, h, loc);
+                        let call = PermuteBackward {
+                            grad_xp: permuted,
+                            k,
+                            position,
+                            weights: w,
+                            x: Some(tokens),
+                            grad_x,
+                            grad_weights: gw,
+                        };
+                        ctx.moe_permute_backward(call, &launch).unwrap();
+                    } else {
+                        let grad_eo =
+                            MatrixMut::from_raw(xpa as *mut u8, DType::BF16, r, h, h, loc);
+                        let call = CombineBackward {
+                            grad_y: tokens,
+                            expert_out: Some(permuted),
+                            k,
+                            perm: Vector::from_raw(pp as *const i32, r, loc),
+                            position,
+                            weights: w,
+                            grad_expert_out: grad_eo,
+                            grad_weights: gw,
+                        };
+                        ctx.moe_combine_backward(call, &launch).unwrap();
+                    }
+                }
+            };
             // The route's outputs feed permute and combine.
             route();
             stream.synchronize().expect("sync");
             let id = |op: &str| BenchmarkId::new(op.to_string(), format!("{}_n{n}", s.name));
             let (pb, cb) = row_bytes(n, &s);
+            let strict =
+                (s.h * 2 * if s.scaled_input { r + 2 * n } else { 2 * r + n } + 4 * n * k) as u64;
+            let bwd = if s.scaled_input {
+                "permute_backward"
+            } else {
+                "combine_backward"
+            };
             for (name, bytes, f) in [
                 ("route", route_bytes(n, &s), &route as &dyn Fn()),
                 ("permute", pb, &permute),
                 ("combine", cb, &combine),
+                (bwd, strict, &backward),
             ] {
                 group.throughput(Throughput::Bytes(bytes));
                 group.bench_function(id(name), |b| iter_synced(b, &stream, f));
