@@ -221,7 +221,7 @@ impl Context {
         let raw = RawAttentionBackward::validate(self, call, params)?;
         Ok(match self.backend() {
             Backend::Cpu => 0,
-            Backend::Cuda(_) => cuda::backward_workspace_size(&raw),
+            Backend::Cuda(dev) => cuda::backward_workspace_size(dev, &raw),
         })
     }
 

@@ -324,16 +324,34 @@ fn delta_region_bytes(raw: &RawAttentionBackward) -> usize {
     (4 * raw.heads_q * raw.shape.total_q).next_multiple_of(REGION_ALIGN)
 }
 
-/// Device workspace the backward needs: the Delta region and, in the atomic-dQ mode
-/// (`deterministic = false`), the f32 dQ accumulator `[Tq, Hq·D]` after it; 0 when there is no
-/// query row.
-pub(crate) fn backward_workspace_size(raw: &RawAttentionBackward) -> usize {
-    let accum = if raw.deterministic {
-        0
-    } else {
+/// Workspace bytes of a call: the Delta region and, when dQ is summed with atomics, the f32 dQ
+/// accumulator `[Tq, Hq·D]` after it; 0 when there is no query row.
+fn workspace_bytes(raw: &RawAttentionBackward, atomic_dq: bool) -> usize {
+    let accum = if atomic_dq {
         4 * raw.shape.total_q * raw.heads_q * raw.head_dim
+    } else {
+        0
     };
     delta_region_bytes(raw) + accum
+}
+
+/// Whether a call in the given mode sums dQ with atomics on `dev`: the atomic-dQ mode
+/// (`deterministic = false`) on the kernels the device and `DK_ATTENTION_BWD` choose (never on
+/// wgmma, whose deterministic kernels serve both modes).
+fn uses_atomic_dq(dev: &CudaDevice, deterministic: bool) -> bool {
+    let family = family(
+        requested("DK_ATTENTION_BWD"),
+        dev.attention_wide_bwd(),
+        dev.attention_wgmma_bwd(),
+    );
+    !deterministic && family != Family::Wgmma
+}
+
+/// Device workspace the backward needs on `dev`: the Delta region, plus the f32 dQ accumulator
+/// where the kernels that serve the call sum dQ with atomics (the atomic-dQ mode, except on the
+/// Hopper wgmma kernels: there only the Delta region).
+pub(crate) fn backward_workspace_size(dev: &CudaDevice, raw: &RawAttentionBackward) -> usize {
+    workspace_bytes(raw, uses_atomic_dq(dev, raw.deterministic))
 }
 
 /// Blocks of a grid over (tiles, sequences, heads), flattened into x.
@@ -533,13 +551,21 @@ pub(crate) fn backward(
         );
     }
     let sh = &raw.shape;
-    let need = backward_workspace_size(raw);
-    // Delta is f32; the non-deterministic dQ accumulator is read and zeroed 16 bytes at a time.
+    let family = family(
+        requested("DK_ATTENTION_BWD"),
+        dev.attention_wide_bwd(),
+        dev.attention_wgmma_bwd(),
+    );
+    let chosen = kernels(family, raw.deterministic, d);
+    let atomic_dq = chosen.atomic_dq;
+    debug_assert_eq!(atomic_dq, uses_atomic_dq(dev, raw.deterministic));
+    let need = workspace_bytes(raw, atomic_dq);
+    // Delta is f32; the atomic-dQ accumulator is read and zeroed 16 bytes at a time.
     dev.check_workspace(
         launch_cfg,
         need,
-        if raw.deterministic { 4 } else { 16 },
-        &if raw.deterministic {
+        if atomic_dq { 16 } else { 4 },
+        &if !atomic_dq {
             format!("Delta of Hq·Tq = {}·{}", raw.heads_q, sh.total_q)
         } else {
             format!(
@@ -556,13 +582,6 @@ pub(crate) fn backward(
         "the Delta grid (blocks)",
         delta_items.div_ceil(DELTA_THREADS as usize / (d / 8)),
     )? as u32;
-    let family = family(
-        requested("DK_ATTENTION_BWD"),
-        dev.attention_wide_bwd(),
-        dev.attention_wgmma_bwd(),
-    );
-    let chosen = kernels(family, raw.deterministic, d);
-    let atomic_dq = chosen.atomic_dq;
     let dkdv_blocks = grid_blocks(
         "dK/dV",
         sh.seqlen_k,
@@ -587,17 +606,9 @@ pub(crate) fn backward(
     // SAFETY: the caller of the safe API handed a live stream of this device (Launch::on_stream
     // is unsafe for that reason), or null for the legacy default stream.
     let stream = unsafe { dev.borrow_stream(launch_cfg.stream) };
-    // Library-owned workspace (when none is given and one is needed): stream-ordered, only the
-    // Delta region when no dQ accumulator is used (`deterministic = false` on wgmma: the caller
-    // was told, and checked above against, the atomic-dQ mode's size, which covers it).
-    let used = if atomic_dq {
-        need
-    } else {
-        delta_region_bytes(raw)
-    };
-    debug_assert!(used <= need);
-    let (ws, owned) = if used > 0 {
-        dev.workspace(launch_cfg, &stream, used)?
+    // Library-owned workspace (when none is given and one is needed): stream-ordered.
+    let (ws, owned) = if need > 0 {
+        dev.workspace(launch_cfg, &stream, need)?
     } else {
         (0, None)
     };
@@ -805,12 +816,8 @@ mod tests {
         };
         let delta = delta_region_bytes(&raw);
         assert_eq!(delta, (4 * 8 * 300usize).next_multiple_of(REGION_ALIGN));
-        assert_eq!(backward_workspace_size(&raw), delta + 4 * 300 * 8 * 128);
-        let det = RawAttentionBackward {
-            deterministic: true,
-            ..raw
-        };
-        assert_eq!(backward_workspace_size(&det), delta);
+        assert_eq!(workspace_bytes(&raw, true), delta + 4 * 300 * 8 * 128);
+        assert_eq!(workspace_bytes(&raw, false), delta);
     }
 
     /// The C layout of DkAttentionBwdArgs, worked out by hand from the header (natural
