@@ -47,8 +47,9 @@ extern "C" {
    program linked against such a library is refused by the loader where only another ABI's
    library is found (one linked against an earlier library records the unversioned name).
    History: 1, the ABI until 2026-11-27 (no macro); 2 (2026-11-28): dk_divergence_args and
-   dk_fused_linear_args gained num_items. */
-#define DK_ABI_VERSION 2
+   dk_fused_linear_args gained num_items; 3 (2026-11-28): dk_moe_permute_backward and
+   dk_moe_combine_backward. */
+#define DK_ABI_VERSION 3
 
 /* Status codes (see the conventions above; the message is in dk_last_error()). */
 typedef int32_t dk_status;
@@ -188,7 +189,9 @@ dk_status dk_scale_rows(const dk_context* ctx, const dk_scale_rows_args* args, v
  * atomics: bitwise reproducible), slot_dot gives the per-slot dot products the backward passes
  * need. Backward of permute = combine (weighted by the weights when permute scaled, plus
  * slot_dot for the weights' gradient); backward of combine = permute (scaled by the weights)
- * for the expert rows and slot_dot for the weights.
+ * for the expert rows and slot_dot for the weights. dk_moe_permute_backward and
+ * dk_moe_combine_backward compute each pair in one call, bit for bit the same results (on CUDA
+ * one kernel reads the shared operand's rows once for both outputs).
  *
  * Selection: a higher selection score (score + bias) first, equal scores to the lower expert
  * (group) index; a NaN selection score ranks below every number. Sigmoid with no bias and no
@@ -199,10 +202,11 @@ dk_status dk_scale_rows(const dk_context* ctx, const dk_scale_rows_args* args, v
  * leave padding tokens out rather than mask them. Renormalised weights are exact ratios even
  * where the chosen scores underflow (a sigmoid of -100, a softmax probability far below the
  * token's best): finite logits give finite weights. Activations (permute, combine,
- * slot_dot): h a multiple of 8 in 8..16384, every row start 16-byte aligned (base pointer and
- * stride * element size multiples of 16), on every backend. Index contents (perm, position): an
- * entry outside -1..limit is an error (DK_ERR_INVALID_ARGUMENT, nothing written) on the CPU and
- * is treated as -1 on CUDA, which cannot read them before launching.
+ * slot_dot and the backward calls): h a multiple of 8 in 8..16384, every row start 16-byte
+ * aligned (base pointer and stride * element size multiples of 16), on every backend. Index
+ * contents (perm, position): an entry outside -1..limit is an error (DK_ERR_INVALID_ARGUMENT,
+ * nothing written) on the CPU and is treated as -1 on CUDA, which cannot read them before
+ * launching.
  */
 
 /* Score functions (dk_moe_route_params.score). */
@@ -310,6 +314,72 @@ typedef struct dk_moe_slot_dot_args {
   float* out;                /* [n, k] */
 } dk_moe_slot_dot_args;
 dk_status dk_moe_slot_dot(const dk_context* ctx, const dk_moe_slot_dot_args* args, void* stream);
+
+/* The gradients of dk_moe_permute from grad_xp = d(loss)/d(out), in one call:
+ *   grad_x[t] = sum over j of w[t, j] * grad_xp[position[t, j]], w = weights (the forward
+ *     scaled) or 1 (weights NULL), slots with position -1 skipped: dk_moe_combine's result with
+ *     rows_in = grad_xp, bit for bit;
+ *   grad_weights[t, j] = dot(x[t], grad_xp[position[t, j]]), 0 where position is -1:
+ *     dk_moe_slot_dot's result with tokens = x, rows_in = grad_xp, bit for bit.
+ * x and grad_weights are given together (the weights' gradient) or both NULL (grad_x only);
+ * one without the other is DK_ERR_INVALID_ARGUMENT. Each operand is checked as in those two
+ * calls, with the same statuses; the outputs may not overlap each other or any input. No
+ * workspace. */
+typedef struct dk_moe_permute_backward_args {
+  int64_t n;                 /* tokens, >= 0 (0: nothing to write) */
+  int64_t h;                 /* hidden size, a multiple of 8 */
+  int32_t k;                 /* slots per token, 1..32 */
+  int64_t rows;              /* rows of grad_xp (>= 1 when n > 0) */
+  int32_t dtype;             /* DK_DTYPE_* of grad_xp, x and grad_x */
+  const void* grad_xp;       /* [rows, h] gradient of dk_moe_permute's out */
+  int64_t grad_xp_stride;    /* >= h */
+  const int32_t* position;   /* [n, k], from dk_moe_route */
+  const float* weights;      /* [n, k] the forward scaled by, or NULL (it did not scale) */
+  const void* x;             /* [n, h] the forward's input, or NULL (needed for grad_weights) */
+  int64_t x_stride;          /* >= h; ignored when x is NULL */
+  void* grad_x;              /* [n, h] out */
+  int64_t grad_x_stride;     /* >= h */
+  float* grad_weights;       /* [n, k] out, or NULL (not computed) */
+} dk_moe_permute_backward_args;
+dk_status dk_moe_permute_backward(const dk_context* ctx, const dk_moe_permute_backward_args* args,
+                                  void* stream);
+
+/* The gradients of dk_moe_combine from grad_y = d(loss)/d(y), in one call:
+ *   grad_expert_out[r] = w[perm[r]] * grad_y[perm[r] / k], w = weights (a weighted combine) or
+ *     1 (weights NULL), 0 where perm[r] = -1: dk_moe_permute's result with x = grad_y, bit for
+ *     bit;
+ *   grad_weights[t, j] = dot(grad_y[t], expert_out[position[t, j]]), 0 where position is -1:
+ *     dk_moe_slot_dot's result with tokens = grad_y, rows_in = expert_out, bit for bit.
+ * expert_out and grad_weights are given together or both NULL (one without the other is
+ * DK_ERR_INVALID_ARGUMENT). perm and position come from the same dk_moe_route: on CUDA each row
+ * of grad_y is then read once for all its slots and both outputs (any other pair still gives
+ * the two calls' results). Each operand is checked as in those two calls, with the same
+ * statuses; the outputs may not overlap each other or any input. No workspace argument: with
+ * grad_weights CUDA needs none; without it the call is dk_moe_permute, whose scratch (k > 1 on
+ * CUDA) the library then allocates on the stream. */
+typedef struct dk_moe_combine_backward_args {
+  int64_t n;                       /* tokens, >= 0 (0: the rows of grad_expert_out become 0) */
+  int64_t h;                       /* hidden size, a multiple of 8 */
+  int32_t k;                       /* slots per token, 1..32 */
+  int64_t rows;                    /* permuted rows: entries of perm, rows of grad_expert_out
+                                      and expert_out (R, or a buffer of up to dk_moe_max_rows
+                                      rows whose perm entries past R are -1); >= 1 when n > 0
+                                      and grad_weights is given */
+  int32_t dtype;                   /* DK_DTYPE_* of grad_y, expert_out and grad_expert_out */
+  const void* grad_y;              /* [n, h] gradient of dk_moe_combine's y */
+  int64_t grad_y_stride;           /* >= h */
+  const void* expert_out;          /* [rows, h] the forward's rows, or NULL (needed for
+                                      grad_weights) */
+  int64_t expert_out_stride;       /* >= h; ignored when expert_out is NULL */
+  const int32_t* perm;             /* [rows], from dk_moe_route */
+  const int32_t* position;         /* [n, k], from the same dk_moe_route */
+  const float* weights;            /* [n, k] of a weighted combine, or NULL (unweighted) */
+  void* grad_expert_out;           /* [rows, h] out */
+  int64_t grad_expert_out_stride;  /* >= h */
+  float* grad_weights;             /* [n, k] out, or NULL (not computed) */
+} dk_moe_combine_backward_args;
+dk_status dk_moe_combine_backward(const dk_context* ctx, const dk_moe_combine_backward_args* args,
+                                  void* stream);
 
 /* ---- Fused linear divergence ------------------------------------------------------------ */
 /*
@@ -460,7 +530,9 @@ dk_status dk_attention_forward(const dk_context* ctx, const dk_attention_args* a
                                const dk_attention_params* params, void* stream);
 /* Checks the call as dk_attention_backward does (same statuses), then writes the bytes of
    scratch it needs: 0 on the CPU context; on CUDA f32 Delta for heads_q * rows_q rows and, with
-   deterministic = 0, the f32 dq accumulator [rows_q, heads_q * head_dim] after it. */
+   deterministic = 0 where the device's kernels sum dq with atomics, the f32 dq accumulator
+   [rows_q, heads_q * head_dim] after it (none on compute capability 9.0, whose default kernels
+   serve both modes deterministically; DK_ATTENTION_BWD can choose otherwise). */
 dk_status dk_attention_backward_workspace_size(const dk_context* ctx,
                                                const dk_attention_backward_args* args,
                                                const dk_attention_params* params, size_t* bytes);

@@ -69,7 +69,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The version of the C ABI built from this crate: `DK_ABI_VERSION` of
 /// `include/distill_kernels.h`, returned by its `dk_abi_version()`. Raised whenever a declaration
 /// of that header is added, removed or changed (the crate version does not say, before 1.0).
-pub const C_ABI_VERSION: u32 = 2;
+pub const C_ABI_VERSION: u32 = 3;
 
 #[doc(hidden)]
 pub use attention::cuda::{attention_bwd_args_layout, attention_fwd_args_layout};

@@ -1,4 +1,5 @@
-//! C ABI of MoE dispatch (`dk_moe_*`): route, permute, combine, slot dot.
+//! C ABI of MoE dispatch (`dk_moe_*`): route, permute, combine, slot dot, and the backward
+//! passes of permute and combine in one call each.
 
 use std::ffi::c_void;
 
@@ -7,7 +8,8 @@ use super::{boundary, read_arg, to_usize, write_workspace_size, DkStatus};
 use crate::bail;
 use distill_kernels::device::{Context, Launch};
 use distill_kernels::moe::{
-    check_tokens_and_slots, max_rows, Combine, Permute, Route, RouteParams, Score, SlotDot,
+    check_tokens_and_slots, max_rows, Combine, CombineBackward, Permute, PermuteBackward, Route,
+    RouteParams, Score, SlotDot,
 };
 use distill_kernels::tensor::{DType, Matrix, MatrixMut, Vector, VectorMut};
 use distill_kernels::Result;
@@ -150,6 +152,79 @@ pub struct DkMoeSlotDotArgs {
     pub out: *mut f32,
 }
 
+/// `dk_moe_permute_backward_args`: the gradients of a permute, `grad_x[t] = Σ_j w[t, j] ·
+/// grad_xp[position[t, j]]` and `grad_weights[t, j] = ⟨x[t], grad_xp[position[t, j]]⟩`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DkMoePermuteBackwardArgs {
+    /// Tokens.
+    pub n: i64,
+    /// Hidden size (a multiple of 8).
+    pub h: i64,
+    /// Slots per token.
+    pub k: i32,
+    /// Rows of `grad_xp` (the permuted rows).
+    pub rows: i64,
+    /// `dk_dtype` of `grad_xp`, `x` and `grad_x`.
+    pub dtype: i32,
+    /// `[rows, h]` gradient of the permuted rows.
+    pub grad_xp: *const c_void,
+    /// Elements between rows of `grad_xp` (≥ h).
+    pub grad_xp_stride: i64,
+    /// `[n, k]` from `dk_moe_route`.
+    pub position: *const i32,
+    /// `[n, k]` the forward scaled by, or NULL (it did not scale).
+    pub weights: *const f32,
+    /// `[n, h]` the forward's input, or NULL: given with, and only with, `grad_weights`.
+    pub x: *const c_void,
+    /// Elements between rows of `x` (≥ h; ignored when `x` is NULL).
+    pub x_stride: i64,
+    /// Out `[n, h]`.
+    pub grad_x: *mut c_void,
+    /// Elements between rows of `grad_x` (≥ h).
+    pub grad_x_stride: i64,
+    /// Out `[n, k]` (f32), or NULL (not computed).
+    pub grad_weights: *mut f32,
+}
+
+/// `dk_moe_combine_backward_args`: the gradients of a combine, `grad_expert_out[r] =
+/// w[perm[r]] · grad_y[perm[r] / k]` and `grad_weights[t, j] = ⟨grad_y[t],
+/// expert_out[position[t, j]]⟩`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DkMoeCombineBackwardArgs {
+    /// Tokens.
+    pub n: i64,
+    /// Hidden size (a multiple of 8).
+    pub h: i64,
+    /// Slots per token.
+    pub k: i32,
+    /// Permuted rows: entries of `perm`, rows of `grad_expert_out` and of `expert_out`.
+    pub rows: i64,
+    /// `dk_dtype` of `grad_y`, `expert_out` and `grad_expert_out`.
+    pub dtype: i32,
+    /// `[n, h]` gradient of the combined rows.
+    pub grad_y: *const c_void,
+    /// Elements between rows of `grad_y` (≥ h).
+    pub grad_y_stride: i64,
+    /// `[rows, h]` the forward's rows, or NULL: given with, and only with, `grad_weights`.
+    pub expert_out: *const c_void,
+    /// Elements between rows of `expert_out` (≥ h; ignored when `expert_out` is NULL).
+    pub expert_out_stride: i64,
+    /// `[rows]` from `dk_moe_route`.
+    pub perm: *const i32,
+    /// `[n, k]` from the same `dk_moe_route`.
+    pub position: *const i32,
+    /// `[n, k]` of a weighted combine, or NULL (unweighted).
+    pub weights: *const f32,
+    /// Out `[rows, h]`.
+    pub grad_expert_out: *mut c_void,
+    /// Elements between rows of `grad_expert_out` (≥ h).
+    pub grad_expert_out_stride: i64,
+    /// Out `[n, k]` (f32), or NULL (not computed).
+    pub grad_weights: *mut f32,
+}
+
 fn dtype(what: &str, code: i32) -> Result<DType> {
     match DType::from_code(code) {
         Some(d) => Ok(d),
@@ -174,6 +249,34 @@ fn slots(n: usize, k: usize) -> Result<usize> {
         Some(s) => Ok(s),
         None => bail!(Shape, "n·k = {n}·{k} overflows"),
     }
+}
+
+/// The row stride of an optional matrix: checked only when its pointer is non-null (a NULL
+/// operand's stride is ignored, whatever it holds).
+fn optional_stride<T>(what: &str, ptr: *const T, stride: i64) -> Result<usize> {
+    if ptr.is_null() {
+        Ok(0)
+    } else {
+        to_usize(what, stride)
+    }
+}
+
+/// The sizes every activation call (permute, combine, slot-dot and the backward calls) shares,
+/// converted and checked: `(n, h, k, rows, dtype, n·k)`; `dtype_of` names the operand whose dtype
+/// `code` is (in the error message).
+fn sizes(
+    n: i64,
+    h: i64,
+    k: i32,
+    rows: i64,
+    dtype_of: &str,
+    code: i32,
+) -> Result<(usize, usize, usize, usize, DType, usize)> {
+    let (n, h) = (to_usize("n", n)?, to_usize("h", h)?);
+    let k = positive("k", k as i64)?;
+    let rows = to_usize("rows", rows)?;
+    let dt = dtype(dtype_of, code)?;
+    Ok((n, h, k, rows, dt, slots(n, k)?))
 }
 
 fn params_from_c(p: &DkMoeRouteParams) -> Result<RouteParams> {
@@ -384,13 +487,9 @@ pub unsafe extern "C" fn dk_moe_permute(
         let c = unsafe { context(ctx)? };
         // SAFETY: forwarded contract (null is rejected).
         let a = unsafe { read_arg("args", args)? };
-        let (n, h) = (to_usize("n", a.n)?, to_usize("h", a.h)?);
-        let k = positive("k", a.k as i64)?;
-        let rows = to_usize("rows", a.rows)?;
-        let dt = dtype("x", a.dtype)?;
+        let (n, h, k, rows, dt, slots) = sizes(a.n, a.h, a.k, a.rows, "x", a.dtype)?;
         let x_stride = to_usize("x_stride", a.x_stride)?;
         let out_stride = to_usize("out_stride", a.out_stride)?;
-        let slots = slots(n, k)?;
         let loc = c.location();
         // SAFETY (all views): as in dk_moe_route.
         let call = unsafe {
@@ -423,13 +522,9 @@ pub unsafe extern "C" fn dk_moe_combine(
         let c = unsafe { context(ctx)? };
         // SAFETY: forwarded contract (null is rejected).
         let a = unsafe { read_arg("args", args)? };
-        let (n, h) = (to_usize("n", a.n)?, to_usize("h", a.h)?);
-        let k = positive("k", a.k as i64)?;
-        let rows = to_usize("rows", a.rows)?;
-        let dt = dtype("rows_in", a.dtype)?;
+        let (n, h, k, rows, dt, slots) = sizes(a.n, a.h, a.k, a.rows, "rows_in", a.dtype)?;
         let rows_stride = to_usize("rows_stride", a.rows_stride)?;
         let y_stride = to_usize("y_stride", a.y_stride)?;
-        let slots = slots(n, k)?;
         let loc = c.location();
         // SAFETY (all views): as in dk_moe_route.
         let call = unsafe {
@@ -462,13 +557,9 @@ pub unsafe extern "C" fn dk_moe_slot_dot(
         let c = unsafe { context(ctx)? };
         // SAFETY: forwarded contract (null is rejected).
         let a = unsafe { read_arg("args", args)? };
-        let (n, h) = (to_usize("n", a.n)?, to_usize("h", a.h)?);
-        let k = positive("k", a.k as i64)?;
-        let rows = to_usize("rows", a.rows)?;
-        let dt = dtype("tokens", a.dtype)?;
+        let (n, h, k, rows, dt, slots) = sizes(a.n, a.h, a.k, a.rows, "tokens", a.dtype)?;
         let tokens_stride = to_usize("tokens_stride", a.tokens_stride)?;
         let rows_stride = to_usize("rows_stride", a.rows_stride)?;
-        let slots = slots(n, k)?;
         let loc = c.location();
         // SAFETY (all views): as in dk_moe_route.
         let call = unsafe {
@@ -483,6 +574,100 @@ pub unsafe extern "C" fn dk_moe_slot_dot(
         // SAFETY: forwarded contract.
         let launch = unsafe { Launch::on_stream(stream) };
         c.moe_slot_dot(call, &launch)
+    })
+}
+
+/// The gradients of a permute in one call on the caller's stream: `grad_x` (the combine of
+/// `grad_xp`, weighted when the forward scaled) and, with `x` and `grad_weights`, the weights'
+/// gradient (the slot-dot of `x` with `grad_xp`), bit for bit `dk_moe_combine` +
+/// `dk_moe_slot_dot`.
+///
+/// # Safety
+/// As [`dk_moe_route`].
+#[no_mangle]
+pub unsafe extern "C" fn dk_moe_permute_backward(
+    ctx: *const DkContext,
+    args: *const DkMoePermuteBackwardArgs,
+    stream: *mut c_void,
+) -> DkStatus {
+    boundary(|| {
+        // SAFETY: forwarded contract.
+        let c = unsafe { context(ctx)? };
+        // SAFETY: forwarded contract (null is rejected).
+        let a = unsafe { read_arg("args", args)? };
+        let (n, h, k, rows, dt, slots) = sizes(a.n, a.h, a.k, a.rows, "grad_xp", a.dtype)?;
+        let grad_xp_stride = to_usize("grad_xp_stride", a.grad_xp_stride)?;
+        let x_stride = optional_stride("x_stride", a.x, a.x_stride)?;
+        let grad_x_stride = to_usize("grad_x_stride", a.grad_x_stride)?;
+        let loc = c.location();
+        // SAFETY (all views): as in dk_moe_route.
+        let call = unsafe {
+            PermuteBackward {
+                grad_xp: Matrix::from_raw(a.grad_xp.cast(), dt, rows, h, grad_xp_stride, loc),
+                k,
+                position: Vector::from_raw(a.position, slots, loc),
+                weights: (!a.weights.is_null()).then(|| Vector::from_raw(a.weights, slots, loc)),
+                x: (!a.x.is_null()).then(|| Matrix::from_raw(a.x.cast(), dt, n, h, x_stride, loc)),
+                grad_x: MatrixMut::from_raw(a.grad_x.cast(), dt, n, h, grad_x_stride, loc),
+                grad_weights: (!a.grad_weights.is_null())
+                    .then(|| VectorMut::from_raw(a.grad_weights, slots, loc)),
+            }
+        };
+        // SAFETY: forwarded contract.
+        let launch = unsafe { Launch::on_stream(stream) };
+        c.moe_permute_backward(call, &launch)
+    })
+}
+
+/// The gradients of a combine in one call on the caller's stream: `grad_expert_out` (the
+/// permute of `grad_y`, scaled when the combine was weighted) and, with `expert_out` and
+/// `grad_weights`, the weights' gradient (the slot-dot of `grad_y` with `expert_out`), bit for
+/// bit `dk_moe_permute` + `dk_moe_slot_dot`. No workspace argument (without `grad_weights` on
+/// CUDA the permute's scratch is allocated on the stream).
+///
+/// # Safety
+/// As [`dk_moe_route`].
+#[no_mangle]
+pub unsafe extern "C" fn dk_moe_combine_backward(
+    ctx: *const DkContext,
+    args: *const DkMoeCombineBackwardArgs,
+    stream: *mut c_void,
+) -> DkStatus {
+    boundary(|| {
+        // SAFETY: forwarded contract.
+        let c = unsafe { context(ctx)? };
+        // SAFETY: forwarded contract (null is rejected).
+        let a = unsafe { read_arg("args", args)? };
+        let (n, h, k, rows, dt, slots) = sizes(a.n, a.h, a.k, a.rows, "grad_y", a.dtype)?;
+        let grad_y_stride = to_usize("grad_y_stride", a.grad_y_stride)?;
+        let eo_stride = optional_stride("expert_out_stride", a.expert_out, a.expert_out_stride)?;
+        let geo_stride = to_usize("grad_expert_out_stride", a.grad_expert_out_stride)?;
+        let loc = c.location();
+        // SAFETY (all views): as in dk_moe_route.
+        let call = unsafe {
+            CombineBackward {
+                grad_y: Matrix::from_raw(a.grad_y.cast(), dt, n, h, grad_y_stride, loc),
+                expert_out: (!a.expert_out.is_null())
+                    .then(|| Matrix::from_raw(a.expert_out.cast(), dt, rows, h, eo_stride, loc)),
+                k,
+                perm: Vector::from_raw(a.perm, rows, loc),
+                position: Vector::from_raw(a.position, slots, loc),
+                weights: (!a.weights.is_null()).then(|| Vector::from_raw(a.weights, slots, loc)),
+                grad_expert_out: MatrixMut::from_raw(
+                    a.grad_expert_out.cast(),
+                    dt,
+                    rows,
+                    h,
+                    geo_stride,
+                    loc,
+                ),
+                grad_weights: (!a.grad_weights.is_null())
+                    .then(|| VectorMut::from_raw(a.grad_weights, slots, loc)),
+            }
+        };
+        // SAFETY: forwarded contract.
+        let launch = unsafe { Launch::on_stream(stream) };
+        c.moe_combine_backward(call, &launch)
     })
 }
 

@@ -48,6 +48,8 @@ __all__ = [
     "MoePermuteArgs",
     "MoeCombineArgs",
     "MoeSlotDotArgs",
+    "MoePermuteBackwardArgs",
+    "MoeCombineBackwardArgs",
     "MOE_SCORES",
     "FusedLinearParams",
     "FusedLinearArgs",
@@ -80,7 +82,7 @@ PACKAGE_VERSION = "0.1.0"
 # 64-bit FNV-1a of the bytes of include/distill_kernels.h that the ctypes mirror below follows.
 # A library must report the same from dk_header_hash(); the tests require it to equal the
 # checkout's header, so a header change cannot land without a look at this mirror.
-HEADER_HASH = 0xAB251AF6B751FCCB
+HEADER_HASH = 0xF6E2BFD2C311D762
 
 # ---- constants of include/distill_kernels.h ----------------------------------------------------
 
@@ -337,6 +339,49 @@ class MoeSlotDotArgs(ctypes.Structure):
     ]
 
 
+class MoePermuteBackwardArgs(ctypes.Structure):
+    """``dk_moe_permute_backward_args``."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("h", ctypes.c_int64),
+        ("k", ctypes.c_int32),
+        ("rows", ctypes.c_int64),
+        ("dtype", ctypes.c_int32),
+        ("grad_xp", ctypes.c_void_p),
+        ("grad_xp_stride", ctypes.c_int64),
+        ("position", ctypes.c_void_p),
+        ("weights", ctypes.c_void_p),
+        ("x", ctypes.c_void_p),
+        ("x_stride", ctypes.c_int64),
+        ("grad_x", ctypes.c_void_p),
+        ("grad_x_stride", ctypes.c_int64),
+        ("grad_weights", ctypes.c_void_p),
+    ]
+
+
+class MoeCombineBackwardArgs(ctypes.Structure):
+    """``dk_moe_combine_backward_args``."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("h", ctypes.c_int64),
+        ("k", ctypes.c_int32),
+        ("rows", ctypes.c_int64),
+        ("dtype", ctypes.c_int32),
+        ("grad_y", ctypes.c_void_p),
+        ("grad_y_stride", ctypes.c_int64),
+        ("expert_out", ctypes.c_void_p),
+        ("expert_out_stride", ctypes.c_int64),
+        ("perm", ctypes.c_void_p),
+        ("position", ctypes.c_void_p),
+        ("weights", ctypes.c_void_p),
+        ("grad_expert_out", ctypes.c_void_p),
+        ("grad_expert_out_stride", ctypes.c_int64),
+        ("grad_weights", ctypes.c_void_p),
+    ]
+
+
 class FusedLinearParams(ctypes.Structure):
     """``dk_fused_linear_params`` (embeds ``dk_divergence_params``)."""
 
@@ -579,6 +624,8 @@ _MOE_SYMBOLS = (
     "dk_moe_permute",
     "dk_moe_combine",
     "dk_moe_slot_dot",
+    "dk_moe_permute_backward",
+    "dk_moe_combine_backward",
 )
 
 
@@ -617,6 +664,10 @@ def _declare_moe(l: ctypes.CDLL) -> Optional[str]:
     l.dk_moe_combine.restype = i32
     l.dk_moe_slot_dot.argtypes = [c_ctx_p, ctypes.POINTER(MoeSlotDotArgs), vp]
     l.dk_moe_slot_dot.restype = i32
+    l.dk_moe_permute_backward.argtypes = [c_ctx_p, ctypes.POINTER(MoePermuteBackwardArgs), vp]
+    l.dk_moe_permute_backward.restype = i32
+    l.dk_moe_combine_backward.argtypes = [c_ctx_p, ctypes.POINTER(MoeCombineBackwardArgs), vp]
+    l.dk_moe_combine_backward.restype = i32
     return None
 
 
@@ -1161,6 +1212,16 @@ def moe_combine_call(handle, args: MoeCombineArgs, stream, what: str = "moe_comb
 
 def moe_slot_dot_call(handle, args: MoeSlotDotArgs, stream, what: str = "moe_slot_dot") -> None:
     check(moe_lib().dk_moe_slot_dot(handle, ctypes.byref(args), stream), what)
+
+
+def moe_permute_backward_call(handle, args: MoePermuteBackwardArgs, stream,
+                              what: str = "moe_permute_backward") -> None:
+    check(moe_lib().dk_moe_permute_backward(handle, ctypes.byref(args), stream), what)
+
+
+def moe_combine_backward_call(handle, args: MoeCombineBackwardArgs, stream,
+                              what: str = "moe_combine_backward") -> None:
+    check(moe_lib().dk_moe_combine_backward(handle, ctypes.byref(args), stream), what)
 
 
 # ---- fused linear divergence: parameters and calls shared by the numpy and torch faces ---------

@@ -3,7 +3,9 @@
 Routing turns router logits ``[N, E]`` into the top-k experts of every token, their weights and
 a deterministic permutation of the N·k (token, slot) pairs into expert-major order (expert, then
 token, then slot); permute gathers token rows into that order, combine sums each token's k expert
-rows back, weighted. The backward passes are built from the same primitives:
+rows back, weighted. The backward passes are the same primitives, each pair computed by one
+library call (``dk_moe_permute_backward`` / ``dk_moe_combine_backward``) with their results bit
+for bit:
 
 - ``moe_permute_backward(g, route)``            = ``combine(g, unweighted)``;
 - ``moe_permute_backward(g, route, x, scale=True)`` = ``combine(g, weights)`` and
@@ -250,14 +252,20 @@ def _only_with(flag: str, on: bool, name: str, value) -> None:
         raise ValueError(f"{name}= is only used with {flag}=True; it was given with {flag}=False")
 
 
-# ---- the primitives ---------------------------------------------------------------------------
+# ---- the library calls -------------------------------------------------------------------------
+
+
+def _output(shape, dtype) -> np.ndarray:
+    """An output array, filled with NaN first when the tests poison outputs."""
+    out = np.empty(shape, dtype=dtype)
+    if _POISON:
+        out.fill(np.nan)
+    return out
 
 
 def _permute(x, x_stride, code, r: _R, w: Optional[np.ndarray], rows: int, what: str) -> np.ndarray:
     h = x.shape[1]
-    out = np.empty((rows, h), dtype=x.dtype)
-    if _POISON:
-        out.fill(np.nan)
+    out = _output((rows, h), x.dtype)
     if rows == 0:
         return out
     perm = r.perm(rows)
@@ -271,9 +279,7 @@ def _permute(x, x_stride, code, r: _R, w: Optional[np.ndarray], rows: int, what:
 
 def _combine(rows_in, rows_stride, code, r: _R, w: Optional[np.ndarray], what: str) -> np.ndarray:
     h = rows_in.shape[1]
-    y = np.empty((r.n, h), dtype=rows_in.dtype)
-    if _POISON:
-        y.fill(np.nan)
+    y = _output((r.n, h), rows_in.dtype)
     args = _lib.MoeCombineArgs(
         n=r.n, h=h, k=r.k, rows=rows_in.shape[0], dtype=code, rows_in=_ptr(rows_in),
         rows_stride=rows_stride, position=_ptr(r.position), weights=_ptr(w), y=_ptr(y),
@@ -283,17 +289,39 @@ def _combine(rows_in, rows_stride, code, r: _R, w: Optional[np.ndarray], what: s
     return y
 
 
-def _slot_dot(tokens, t_stride, rows_in, r_stride, code, r: _R, what: str) -> np.ndarray:
-    out = np.empty((r.n, r.k), dtype=np.float32)
-    if _POISON:
-        out.fill(np.nan)
-    args = _lib.MoeSlotDotArgs(
-        n=r.n, h=tokens.shape[1], k=r.k, rows=rows_in.shape[0], dtype=code, tokens=_ptr(tokens),
-        tokens_stride=t_stride, rows_in=_ptr(rows_in), rows_stride=r_stride,
-        position=_ptr(r.position), out=_ptr(out),
+def _permute_backward(g, g_stride, code, r: _R, w: Optional[np.ndarray], x: Optional[np.ndarray],
+                      x_stride: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``dk_moe_permute_backward``: grad_x ``[N, H]`` (the combine of ``g``, weighted by ``w``
+    when given) and, when ``x`` is given, grad_weights ``[N, k]`` (its slot-dot with ``g``)."""
+    h = g.shape[1]
+    grad_x = _output((r.n, h), g.dtype)
+    grad_w = None if x is None else _output((r.n, r.k), np.float32)
+    args = _lib.MoePermuteBackwardArgs(
+        n=r.n, h=h, k=r.k, rows=g.shape[0], dtype=code, grad_xp=_ptr(g), grad_xp_stride=g_stride,
+        position=_ptr(r.position), weights=_ptr(w), x=_ptr(x), x_stride=x_stride,
+        grad_x=_ptr(grad_x), grad_x_stride=h, grad_weights=_ptr(grad_w),
     )
-    _lib.moe_slot_dot_call(_lib.context(-1), args, None, what)
-    return out
+    _lib.moe_permute_backward_call(_lib.context(-1), args, None, "moe_permute_backward")
+    return grad_x, grad_w
+
+
+def _combine_backward(g, g_stride, code, r: _R, w: Optional[np.ndarray],
+                      eo: Optional[np.ndarray], eo_stride: int,
+                      rows: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``dk_moe_combine_backward``: grad_expert_out ``[rows, H]`` (the permute of ``g``, scaled
+    by ``w`` when given) and, when ``eo`` is given, grad_weights ``[N, k]`` (the slot-dot of
+    ``g`` with ``eo``)."""
+    h = g.shape[1]
+    grad_eo = _output((rows, h), g.dtype)
+    grad_w = None if eo is None else _output((r.n, r.k), np.float32)
+    args = _lib.MoeCombineBackwardArgs(
+        n=r.n, h=h, k=r.k, rows=rows, dtype=code, grad_y=_ptr(g), grad_y_stride=g_stride,
+        expert_out=_ptr(eo), expert_out_stride=eo_stride, perm=_ptr(r.perm(rows)),
+        position=_ptr(r.position), weights=_ptr(w), grad_expert_out=_ptr(grad_eo),
+        grad_expert_out_stride=h, grad_weights=_ptr(grad_w),
+    )
+    _lib.moe_combine_backward_call(_lib.context(-1), args, None, "moe_combine_backward")
+    return grad_eo, grad_w
 
 
 def _same_dtype(a_name, a, b_name, b) -> None:
@@ -430,18 +458,15 @@ def moe_permute_backward(
     g, g_stride, code = _activations("grad_xp", grad_xp)
     r.rows_of("grad_xp", g)
     if not scale:
-        return _combine(g, g_stride, code, r, None, "moe_permute_backward")
+        return _permute_backward(g, g_stride, code, r, None, None, 0)[0]
     if x is None:
         raise ValueError(
             "moe_permute_backward(scale=True) needs x, the forward input (the weights' gradient "
             "is <x[n], grad_xp[position[n, j]]>)"
         )
-    xa, x_stride, x_code = _token_rows("x", x, r, g.shape[1])
+    xa, x_stride, _ = _token_rows("x", x, r, g.shape[1])
     _same_dtype("x", xa, "grad_xp", g)
-    w = r.weights(weights)
-    grad_x = _combine(g, g_stride, code, r, w, "moe_permute_backward")
-    grad_w = _slot_dot(xa, x_stride, g, g_stride, code, r, "moe_permute_backward (weights)")
-    return grad_x, grad_w
+    return _permute_backward(g, g_stride, code, r, r.weights(weights), xa, x_stride)
 
 
 def moe_combine_backward(
@@ -463,13 +488,10 @@ def moe_combine_backward(
                 "moe_combine_backward(weighted=True) needs expert_out (the weights' gradient is "
                 "<grad_y[n], expert_out[position[n, j]]>)"
             )
-        return _permute(g, g_stride, code, r, None, r.num_rows, "moe_combine_backward"), None
+        return _combine_backward(g, g_stride, code, r, None, None, 0, r.num_rows)
     eo, eo_stride, _ = _activations("expert_out", expert_out, g.shape[1])
     rows = r.rows_of("expert_out", eo)
     _same_dtype("grad_y", g, "expert_out", eo)
     if not weighted:
-        return _permute(g, g_stride, code, r, None, rows, "moe_combine_backward"), None
-    w = r.weights(weights)
-    grad_eo = _permute(g, g_stride, code, r, w, rows, "moe_combine_backward")
-    grad_w = _slot_dot(g, g_stride, eo, eo_stride, code, r, "moe_combine_backward (weights)")
-    return grad_eo, grad_w
+        return _combine_backward(g, g_stride, code, r, None, None, 0, rows)
+    return _combine_backward(g, g_stride, code, r, r.weights(weights), eo, eo_stride, rows)

@@ -645,7 +645,8 @@ def _permuted_rows(name: str, x: torch.Tensor, route) -> int:
     return rows
 
 
-# The three primitives on tensors (validated shapes; x / rows 2-D with H a multiple of 8).
+# The three primitives and the two backward calls on tensors (validated shapes; activations 2-D
+# with H a multiple of 8).
 
 
 def _moe_matrix(name: str, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
@@ -725,6 +726,62 @@ def _slot_dot_t(tokens: torch.Tensor, rows_in: torch.Tensor, position: torch.Ten
     return out
 
 
+def _permute_backward_t(grad_xp: torch.Tensor, position: torch.Tensor, w: Optional[torch.Tensor],
+                        x: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``dk_moe_permute_backward``: grad_x ``[N, H]`` (the combine of ``grad_xp``, weighted by
+    ``w`` when given) and, when ``x`` is given, the float32 grad_weights ``[N, k]`` (the slot-dot
+    of ``x`` with ``grad_xp``), in one call."""
+    device = _device_ordinal(grad_xp)
+    gm, gs = _moe_matrix("grad_xp", grad_xp)
+    xm, xs = (None, 0) if x is None else _moe_matrix("x", x)
+    n, k = position.shape
+    h = gm.shape[1]
+    grad_x = torch.empty((n, h), dtype=gm.dtype, device=gm.device)
+    grad_w = None if x is None else torch.empty((n, k), dtype=torch.float32, device=gm.device)
+
+    def go():
+        args = _lib.MoePermuteBackwardArgs(
+            n=n, h=h, k=k, rows=gm.shape[0], dtype=_DTYPES[gm.dtype], grad_xp=gm.data_ptr(),
+            grad_xp_stride=gs, position=position.data_ptr(), weights=_ptr(w), x=_ptr(xm),
+            x_stride=xs, grad_x=grad_x.data_ptr(), grad_x_stride=h, grad_weights=_ptr(grad_w),
+        )
+        _lib.moe_permute_backward_call(_lib.context(device), args, _stream(device))
+
+    _on_device(device, go)
+    return grad_x, grad_w
+
+
+def _combine_backward_t(grad_y: torch.Tensor, perm_full: torch.Tensor, position: torch.Tensor,
+                        w: Optional[torch.Tensor], expert_out: Optional[torch.Tensor], rows: int
+                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``dk_moe_combine_backward``: grad_expert_out ``[rows, H]`` (the permute of ``grad_y``,
+    scaled by ``w`` when given) and, when ``expert_out`` is given, the float32 grad_weights
+    ``[N, k]`` (the slot-dot of ``grad_y`` with ``expert_out``), in one call. Called with
+    ``expert_out`` (the fused kernel on CUDA, which needs no workspace); without it the callers
+    use ``_permute_t``, which hands the permute its scratch from torch's allocator."""
+    device = _device_ordinal(grad_y)
+    gm, gs = _moe_matrix("grad_y", grad_y)
+    em, es = (None, 0) if expert_out is None else _moe_matrix("expert_out", expert_out)
+    n, k = position.shape
+    h = gm.shape[1]
+    grad_eo = torch.empty((rows, h), dtype=gm.dtype, device=gm.device)
+    grad_w = None if expert_out is None else torch.empty((n, k), dtype=torch.float32,
+                                                         device=gm.device)
+
+    def go():
+        args = _lib.MoeCombineBackwardArgs(
+            n=n, h=h, k=k, rows=rows, dtype=_DTYPES[gm.dtype], grad_y=gm.data_ptr(),
+            grad_y_stride=gs, expert_out=_ptr(em), expert_out_stride=es,
+            perm=perm_full.data_ptr(), position=position.data_ptr(), weights=_ptr(w),
+            grad_expert_out=grad_eo.data_ptr(), grad_expert_out_stride=h,
+            grad_weights=_ptr(grad_w),
+        )
+        _lib.moe_combine_backward_call(_lib.context(device), args, _stream(device))
+
+    _on_device(device, go)
+    return grad_eo, grad_w
+
+
 class MoePermuteFunction(torch.autograd.Function):
     """autograd.Function behind :func:`moe_permute` (arguments already validated).
 
@@ -740,12 +797,14 @@ class MoePermuteFunction(torch.autograd.Function):
     @staticmethod
     @_first_order("moe_permute", _KERNEL_BACKWARD)
     def backward(ctx, grad_out):
+        # x was saved when, and only when, the weights' gradient is wanted.
         x, weights, position = ctx.saved_tensors
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _combine_t(grad_out, position, weights)
-        if weights is not None and ctx.needs_input_grad[1]:
-            grad_w = _slot_dot_t(x, grad_out.to(x.dtype), position)
+        g = grad_out if x is None else grad_out.to(x.dtype)
+        if ctx.needs_input_grad[0]:  # both gradients in one call
+            grad_x, grad_w = _permute_backward_t(g, position, weights, x)
+        elif x is not None:
+            grad_w = _slot_dot_t(x, g, position)
         return grad_x, grad_w, None, None, None, None
 
 
@@ -759,19 +818,24 @@ class MoeCombineFunction(torch.autograd.Function):
         y = _combine_t(expert_out, position, weights)
         want_w = weights is not None and ctx.needs_input_grad[1]
         ctx.save_for_backward(expert_out if want_w else None, weights, perm_full, position)
-        ctx.rows = expert_out.shape[0]
-        ctx.k = k
+        ctx.rows = expert_out.shape[0]  # (k is position's second dimension)
         return y
 
     @staticmethod
     @_first_order("moe_combine", _KERNEL_BACKWARD)
     def backward(ctx, grad_y):
+        # expert_out was saved when, and only when, the weights' gradient is wanted.
         expert_out, weights, perm_full, position = ctx.saved_tensors
         grad_eo = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_eo = _permute_t(grad_y, perm_full, ctx.k, weights, ctx.rows)
-        if weights is not None and ctx.needs_input_grad[1]:
-            grad_w = _slot_dot_t(grad_y.to(expert_out.dtype), expert_out, position)
+        g = grad_y if expert_out is None else grad_y.to(expert_out.dtype)
+        if ctx.needs_input_grad[0] and expert_out is None:
+            # Nothing to fuse: the permute, with its scratch from torch's allocator.
+            grad_eo = _permute_t(g, perm_full, position.shape[1], weights, ctx.rows)
+        elif ctx.needs_input_grad[0]:  # both gradients in one call
+            grad_eo, grad_w = _combine_backward_t(g, perm_full, position, weights, expert_out,
+                                                  ctx.rows)
+        elif expert_out is not None:
+            grad_w = _slot_dot_t(g, expert_out, position)
         return grad_eo, grad_w, None, None, None
 
 
@@ -994,7 +1058,7 @@ def moe_permute_backward(grad_xp: torch.Tensor, route: MoeRoute, x: Optional[tor
     _check_route(route, grad_xp.device)
     _permuted_rows("grad_xp", grad_xp, route)
     if not scale:
-        return _combine_t(grad_xp, route.position, None)
+        return _permute_backward_t(grad_xp, route.position, None, None)[0]
     if x is None:
         raise ValueError("moe_permute_backward(scale=True) needs x, the forward input")
     _activation("x", x, grad_xp.shape[1])
@@ -1004,7 +1068,7 @@ def moe_permute_backward(grad_xp: torch.Tensor, route: MoeRoute, x: Optional[tor
         raise TypeError(f"x ({x.dtype}, {x.device}) and grad_xp ({grad_xp.dtype}, "
                         f"{grad_xp.device}) must have the same dtype and device")
     w = _route_weights(route, weights, grad_xp.device).detach()
-    return _combine_t(grad_xp, route.position, w), _slot_dot_t(x, grad_xp, route.position)
+    return _permute_backward_t(grad_xp, route.position, w, x)
 
 
 @_eager
@@ -1031,11 +1095,10 @@ def moe_combine_backward(grad_y: torch.Tensor, expert_out: Optional[torch.Tensor
             raise TypeError(f"grad_y ({grad_y.dtype}, {grad_y.device}) and expert_out "
                             f"({expert_out.dtype}, {expert_out.device}) must have the same dtype "
                             "and device")
-    if not weighted:
+    if not weighted:  # nothing to fuse: the permute, with its scratch from torch's allocator
         return _permute_t(grad_y, full, route.k, None, rows), None
     w = _route_weights(route, weights, grad_y.device).detach()
-    return (_permute_t(grad_y, full, route.k, w, rows),
-            _slot_dot_t(grad_y, expert_out, route.position))
+    return _combine_backward_t(grad_y, full, route.position, w, expert_out, rows)
 
 
 # ---- fused linear divergence -------------------------------------------------------------------

@@ -716,6 +716,76 @@ def test_dispatch_is_bitwise_deterministic(dtype):
     assert runs[0] == runs[1]
 
 
+# ---- the backward calls are the primitives, bit for bit ---------------------------------------
+
+# Routes with dropped slots (capacity) and padding rows (block > 1), k = 1 and k = 8:
+# (n, e, k, h, route kwargs).
+BACKWARD_CASES = {
+    "k1_drops_padding": (40, 8, 1, 16, dict(score="sigmoid", capacity=3, block=2)),
+    "k8_drops_padding": (33, 16, 8, 24, dict(renormalize=True, capacity=10, block=4)),
+}
+
+
+def primitive_slot_dot(tokens, rows, route):
+    """dk_moe_slot_dot itself (the numpy face has no public slot-dot): out[n, j] =
+    <tokens[n], rows[position[n, j]]>, float32 [N, k]."""
+    tokens, rows = np.ascontiguousarray(tokens), np.ascontiguousarray(rows)
+    out = np.full((route.n, route.k), np.nan, np.float32)
+    args = _lib.MoeSlotDotArgs(
+        n=route.n, h=tokens.shape[1], k=route.k, rows=rows.shape[0],
+        dtype=dk_moe_module._dtype_code("tokens", tokens.dtype), tokens=tokens.ctypes.data,
+        tokens_stride=tokens.shape[1], rows_in=rows.ctypes.data, rows_stride=rows.shape[1],
+        position=route.position.ctypes.data, out=out.ctypes.data,
+    )
+    _lib.moe_slot_dot_call(_lib.context(-1), args, None)
+    return out
+
+
+def same_bits(a, b, what):
+    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
+    assert a.tobytes() == b.tobytes(), f"{what}: not the primitives' bits"
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("case", sorted(BACKWARD_CASES))
+def test_backward_calls_are_the_primitives_bitwise(case, dtype):
+    """moe_permute_backward and moe_combine_backward (one library call each) give exactly what
+    moe_combine / moe_permute and dk_moe_slot_dot give on the same operands: scaled / weighted
+    or not, with strided rows, over dropped slots (gradient 0) and padding rows (zero rows), on
+    R rows and on a buffer of max_rows rows."""
+    n, e, k, h, kw = BACKWARD_CASES[case]
+    dt = DTYPES[dtype]
+    rng = np.random.default_rng(seed("backward", case, dtype))
+    route = make_route(rng, n, e, k, kw)
+    pos = route.position
+    assert (pos < 0).any() and (route.perm < 0).any(), "the case must drop slots and pad rows"
+    # Every operand a strided view (rows 16-byte aligned: read in place, strides passed on).
+    x = randn(rng, (n, h + 8), dt)[:, :h]
+    gy = randn(rng, (n, h + 8), dt)[:, 8:]
+    # Routes on R rows and on the max_rows bound (rows past R are padding, perm -1).
+    for rows in (route.num_rows, route.max_rows):
+        r = dataclasses.replace(route, num_rows=rows, perm=route.perm_full[:rows])
+        g = randn(rng, (rows, h + 8), dt)[:, :h]  # grad_xp, and expert_out
+        w = randn(rng, (n, k), F32)
+        what = f"{case}, {dtype}, {rows} rows"
+
+        same_bits(dk.moe_permute_backward(g, r), dk.moe_combine(g, r, weighted=False), what)
+        g_x, g_w = dk.moe_permute_backward(g, r, x=x, scale=True, weights=w)
+        same_bits(g_x, dk.moe_combine(g, r, weights=w), what)
+        same_bits(g_w, primitive_slot_dot(x, g, r), what)
+        assert (g_w[pos < 0] == 0).all()
+
+        g_eo, g_w = dk.moe_combine_backward(gy, g, r, weights=w)
+        same_bits(g_eo, dk.moe_permute(gy, r, scale=True, weights=w), what)
+        assert (g_eo[r.perm < 0] == 0).all()
+        same_bits(g_w, primitive_slot_dot(gy, g, r), what)
+        assert (g_w[pos < 0] == 0).all()
+        for eo in (g, None):  # unweighted: expert_out is not needed
+            g_eo, g_w = dk.moe_combine_backward(gy, eo, r, weighted=False)
+            assert g_w is None
+            same_bits(g_eo, dk.moe_permute(gy, r), what)
+
+
 # ---- bad input -------------------------------------------------------------------------------
 
 

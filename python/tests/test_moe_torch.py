@@ -269,6 +269,65 @@ def test_forward_and_autograd_match_plain_torch(device, case, dtype):
     assert torch.equal(g_x, xa.grad) and torch.equal(g_w, wa.grad)
 
 
+# Routes with dropped slots (capacity) and padding rows (block > 1), k = 1 and k = 8.
+BACKWARD_ROUTES = {
+    "k1_drops_padding": (64, 16, 1, dict(score="sigmoid", capacity=5, block=2)),
+    "k8_drops_padding": (65, 16, 8, dict(renormalize=True, capacity=23, block=4)),
+}
+
+
+@pytest.mark.parametrize("exact_rows", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(BACKWARD_ROUTES))
+def test_backward_calls_are_the_primitives_bitwise(device, case, dtype, exact_rows):
+    """The backward of moe_permute (scaled) and moe_combine, under autograd and as the functional
+    moe_*_backward, computes both gradients in one library call: their bits are those of
+    moe_combine / moe_permute and the slot-dot primitive on the same tensors, over dropped slots
+    and padding rows, on R rows and (exact_rows=False) on max_rows rows; with one of the two
+    gradients wanted alone too, and unscaled / unweighted."""
+    n, e, k, kw = BACKWARD_ROUTES[case]
+    lg = make_logits(n, e, torch.float32, seed=12, device=device)
+    route = dkt.moe_route(lg, k, exact_rows=exact_rows, **kw)
+    rows, pos = route.num_rows, route.position
+    assert (pos < 0).any() and (route.perm < 0).any(), "the case must drop slots and pad rows"
+    g = torch.Generator().manual_seed(13)
+    x, gy = (torch.randn(n, 32, generator=g).to(dtype).to(device) for _ in range(2))
+    grad_xp, eo = (torch.randn(rows, 32, generator=g).to(dtype).to(device) for _ in range(2))
+    w = torch.rand(n, k, generator=g).to(device)
+    slot_dot = dkt._slot_dot_t  # the primitive (the torch face has no public slot-dot)
+    permute_grads = (dkt.moe_combine(grad_xp, route, weights=w), slot_dot(x, grad_xp, pos))
+    combine_grads = (dkt.moe_permute(gy, route, scale=True, weights=w), slot_dot(gy, eo, pos))
+    assert (permute_grads[1][pos < 0] == 0).all() and (combine_grads[1][pos < 0] == 0).all()
+    assert (combine_grads[0][route.perm < 0] == 0).all()
+
+    for forward, a, grad, want in (
+        (lambda a_, w_: dkt.moe_permute(a_, route, scale=True, weights=w_), x, grad_xp,
+         permute_grads),
+        (lambda a_, w_: dkt.moe_combine(a_, route, weights=w_), eo, gy, combine_grads),
+    ):
+        for need_a, need_w in ((True, True), (True, False), (False, True)):
+            aa, wa = a.clone().requires_grad_(need_a), w.clone().requires_grad_(need_w)
+            forward(aa, wa).backward(grad)
+            for got, need, bits in ((aa.grad, need_a, want[0]), (wa.grad, need_w, want[1])):
+                assert (got is not None) == need
+                assert not need or torch.equal(got, bits), (need_a, need_w)
+    xa, ea = x.clone().requires_grad_(True), eo.clone().requires_grad_(True)
+    dkt.moe_permute(xa, route).backward(grad_xp)
+    dkt.moe_combine(ea, route, weighted=False).backward(gy)
+    assert torch.equal(xa.grad, dkt.moe_combine(grad_xp, route, weighted=False))
+    assert torch.equal(ea.grad, dkt.moe_permute(gy, route))
+
+    # Without autograd.
+    assert torch.equal(dkt.moe_permute_backward(grad_xp, route), xa.grad)
+    got = dkt.moe_permute_backward(grad_xp, route, x=x, scale=True, weights=w)
+    assert all(torch.equal(a, b) for a, b in zip(got, permute_grads))
+    got = dkt.moe_combine_backward(gy, eo, route, weights=w)
+    assert all(torch.equal(a, b) for a, b in zip(got, combine_grads))
+    for expert_out in (eo, None):
+        g_eo, g_w = dkt.moe_combine_backward(gy, expert_out, route, weighted=False)
+        assert g_w is None and torch.equal(g_eo, ea.grad)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_views_off_16_byte_rows_are_copied_forward_and_backward(device, dtype):
     # Slices of wider tensors (odd offsets and row strides) as inputs, and as the gradients

@@ -17,7 +17,8 @@ use crate::attention::{
 use crate::divergence::{DkDivergenceArgs, DkDivergenceParams};
 use crate::fused::{DkFusedLinearArgs, DkFusedLinearParams};
 use crate::moe::{
-    DkMoeCombineArgs, DkMoePermuteArgs, DkMoeRouteArgs, DkMoeRouteParams, DkMoeSlotDotArgs,
+    DkMoeCombineArgs, DkMoeCombineBackwardArgs, DkMoePermuteArgs, DkMoePermuteBackwardArgs,
+    DkMoeRouteArgs, DkMoeRouteParams, DkMoeSlotDotArgs,
 };
 use crate::scale_rows::DkScaleRowsArgs;
 use distill_kernels::divergence::{Kind, Reduction};
@@ -435,6 +436,80 @@ fn c_abi_structs_match_rust() {
     compare(
         &values,
         &fields,
+        "dk_moe_permute_backward_args",
+        size_of::<DkMoePermuteBackwardArgs>(),
+        Some(align_of::<DkMoePermuteBackwardArgs>()),
+        &[
+            ("n", offset_of!(DkMoePermuteBackwardArgs, n)),
+            ("h", offset_of!(DkMoePermuteBackwardArgs, h)),
+            ("k", offset_of!(DkMoePermuteBackwardArgs, k)),
+            ("rows", offset_of!(DkMoePermuteBackwardArgs, rows)),
+            ("dtype", offset_of!(DkMoePermuteBackwardArgs, dtype)),
+            ("grad_xp", offset_of!(DkMoePermuteBackwardArgs, grad_xp)),
+            (
+                "grad_xp_stride",
+                offset_of!(DkMoePermuteBackwardArgs, grad_xp_stride),
+            ),
+            ("position", offset_of!(DkMoePermuteBackwardArgs, position)),
+            ("weights", offset_of!(DkMoePermuteBackwardArgs, weights)),
+            ("x", offset_of!(DkMoePermuteBackwardArgs, x)),
+            ("x_stride", offset_of!(DkMoePermuteBackwardArgs, x_stride)),
+            ("grad_x", offset_of!(DkMoePermuteBackwardArgs, grad_x)),
+            (
+                "grad_x_stride",
+                offset_of!(DkMoePermuteBackwardArgs, grad_x_stride),
+            ),
+            (
+                "grad_weights",
+                offset_of!(DkMoePermuteBackwardArgs, grad_weights),
+            ),
+        ],
+    );
+    compare(
+        &values,
+        &fields,
+        "dk_moe_combine_backward_args",
+        size_of::<DkMoeCombineBackwardArgs>(),
+        Some(align_of::<DkMoeCombineBackwardArgs>()),
+        &[
+            ("n", offset_of!(DkMoeCombineBackwardArgs, n)),
+            ("h", offset_of!(DkMoeCombineBackwardArgs, h)),
+            ("k", offset_of!(DkMoeCombineBackwardArgs, k)),
+            ("rows", offset_of!(DkMoeCombineBackwardArgs, rows)),
+            ("dtype", offset_of!(DkMoeCombineBackwardArgs, dtype)),
+            ("grad_y", offset_of!(DkMoeCombineBackwardArgs, grad_y)),
+            (
+                "grad_y_stride",
+                offset_of!(DkMoeCombineBackwardArgs, grad_y_stride),
+            ),
+            (
+                "expert_out",
+                offset_of!(DkMoeCombineBackwardArgs, expert_out),
+            ),
+            (
+                "expert_out_stride",
+                offset_of!(DkMoeCombineBackwardArgs, expert_out_stride),
+            ),
+            ("perm", offset_of!(DkMoeCombineBackwardArgs, perm)),
+            ("position", offset_of!(DkMoeCombineBackwardArgs, position)),
+            ("weights", offset_of!(DkMoeCombineBackwardArgs, weights)),
+            (
+                "grad_expert_out",
+                offset_of!(DkMoeCombineBackwardArgs, grad_expert_out),
+            ),
+            (
+                "grad_expert_out_stride",
+                offset_of!(DkMoeCombineBackwardArgs, grad_expert_out_stride),
+            ),
+            (
+                "grad_weights",
+                offset_of!(DkMoeCombineBackwardArgs, grad_weights),
+            ),
+        ],
+    );
+    compare(
+        &values,
+        &fields,
         "dk_fused_linear_params",
         size_of::<DkFusedLinearParams>(),
         Some(align_of::<DkFusedLinearParams>()),
@@ -635,6 +710,8 @@ fn c_abi_structs_match_rust() {
         "dk_moe_permute_args",
         "dk_moe_combine_args",
         "dk_moe_slot_dot_args",
+        "dk_moe_permute_backward_args",
+        "dk_moe_combine_backward_args",
         "dk_attention_params",
         "dk_attention_batch",
         "dk_attention_args",

@@ -9,9 +9,11 @@ use super::common::*;
 use crate::context::{dk_context_create, dk_context_destroy, DkContext};
 use crate::error::dk_last_error;
 use crate::moe::{
-    dk_moe_combine, dk_moe_max_rows, dk_moe_permute, dk_moe_permute_workspace_size, dk_moe_route,
+    dk_moe_combine, dk_moe_combine_backward, dk_moe_max_rows, dk_moe_permute,
+    dk_moe_permute_backward, dk_moe_permute_workspace_size, dk_moe_route,
     dk_moe_route_params_default, dk_moe_route_workspace_size, dk_moe_slot_dot, DkMoeCombineArgs,
-    DkMoePermuteArgs, DkMoeRouteArgs, DkMoeRouteParams, DkMoeSlotDotArgs,
+    DkMoeCombineBackwardArgs, DkMoePermuteArgs, DkMoePermuteBackwardArgs, DkMoeRouteArgs,
+    DkMoeRouteParams, DkMoeSlotDotArgs,
 };
 use distill_kernels::moe::{Combine, RouteParams, Score, SlotDot, MAX_EXPERTS, MAX_HIDDEN};
 use distill_kernels::{
@@ -900,7 +902,11 @@ fn last_error() -> String {
         .into_owned()
 }
 
-/// A CPU context and valid host buffers for every MoE call (n = 6, e = 8, k = 2, h = 8).
+/// A bad call: what it is, the status it must get, and the edit of valid arguments that makes it.
+type ErrorCase<'a, A> = (&'a str, i32, fn(&mut A));
+
+/// A CPU context and valid host buffers for every MoE call (n = 6, e = 8, k = 2, h = 8): `x`
+/// holds token rows, `xp` permuted rows (R = 12); `out` and `dots` are the poisoned outputs.
 struct CMoe {
     ctx: *mut DkContext,
     logits: Vec<f32>,
@@ -911,6 +917,7 @@ struct CMoe {
     perm: Vec<i32>,
     position: Vec<i32>,
     x: Vec<f32>,
+    xp: Vec<f32>,
     out: Vec<f32>,
     dots: Vec<f32>,
 }
@@ -930,6 +937,7 @@ impl CMoe {
             perm: vec![POISON_I32; 12],
             position: vec![POISON_I32; 12],
             x: (0..48).map(|i| i as f32 * 0.25).collect(),
+            xp: (0..96).map(|i| (i % 13) as f32 * 0.375 - 2.0).collect(),
             out: vec![poison_f32(); 12 * 8],
             dots: vec![poison_f32(); 12],
         }
@@ -976,6 +984,37 @@ impl CMoe {
     fn outs_untouched(&self) -> bool {
         self.out.iter().all(|x| x.to_bits() == POISON_F32)
             && self.dots.iter().all(|x| x.to_bits() == POISON_F32)
+    }
+
+    /// Poisons `out` and `dots` again (after a valid call wrote them).
+    fn repoison(&mut self) {
+        self.out.fill(poison_f32());
+        self.dots.fill(poison_f32());
+    }
+
+    /// Runs `call` on `base` edited by each case: the status is the case's, with a message, and
+    /// neither the outputs nor the activations (`x`, `xp`: inputs an overlapping output would
+    /// write) changed.
+    fn expect_errors<A: Copy>(
+        &self,
+        op: &str,
+        base: A,
+        cases: &[ErrorCase<A>],
+        call: impl Fn(&A) -> i32,
+    ) {
+        let inputs = (self.x.clone(), self.xp.clone());
+        for (what, code, edit) in cases {
+            let mut a = base;
+            edit(&mut a);
+            let s = call(&a);
+            assert_eq!(s, *code, "{op} {what}: status {s}, {:?}", last_error());
+            assert!(!last_error().is_empty(), "{op} {what}: empty dk_last_error");
+            assert!(self.outs_untouched(), "{op} {what}: outputs written");
+            assert!(
+                (&self.x, &self.xp) == (&inputs.0, &inputs.1),
+                "{op} {what}: inputs written"
+            );
+        }
     }
 
     fn route(&mut self, edit: impl FnOnce(&mut DkMoeRouteArgs, &mut DkMoeRouteParams)) -> i32 {
@@ -1031,6 +1070,47 @@ impl CMoe {
             weights: self.weights.as_ptr(),
             y: self.out.as_mut_ptr().cast(),
             y_stride: 8,
+        }
+    }
+
+    /// grad_xp = `xp` (R = 12 rows), scaled forward, with the weights' gradient.
+    fn permute_backward_args(&mut self) -> DkMoePermuteBackwardArgs {
+        DkMoePermuteBackwardArgs {
+            n: 6,
+            h: 8,
+            k: 2,
+            rows: 12,
+            dtype: 0,
+            grad_xp: self.xp.as_ptr().cast(),
+            grad_xp_stride: 8,
+            position: self.position.as_ptr(),
+            weights: self.weights.as_ptr(),
+            x: self.x.as_ptr().cast(),
+            x_stride: 8,
+            grad_x: self.out.as_mut_ptr().cast(),
+            grad_x_stride: 8,
+            grad_weights: self.dots.as_mut_ptr(),
+        }
+    }
+
+    /// grad_y = `x`, expert_out = `xp` (R = 12 rows), weighted, with the weights' gradient.
+    fn combine_backward_args(&mut self) -> DkMoeCombineBackwardArgs {
+        DkMoeCombineBackwardArgs {
+            n: 6,
+            h: 8,
+            k: 2,
+            rows: 12,
+            dtype: 0,
+            grad_y: self.x.as_ptr().cast(),
+            grad_y_stride: 8,
+            expert_out: self.xp.as_ptr().cast(),
+            expert_out_stride: 8,
+            perm: self.perm.as_ptr(),
+            position: self.position.as_ptr(),
+            weights: self.weights.as_ptr(),
+            grad_expert_out: self.out.as_mut_ptr().cast(),
+            grad_expert_out_stride: 8,
+            grad_weights: self.dots.as_mut_ptr(),
         }
     }
 
@@ -1126,14 +1206,11 @@ fn c_abi_permute_combine_slot_dot_errors() {
         }),
         ("dtype 3", 4, |a| a.dtype = 3),
     ];
-    for (what, code, edit) in permute {
-        let mut a = c.permute_args();
-        edit(&mut a);
-        // SAFETY: pointers into `c`'s live buffers (or null / claims rejected before access).
-        let s = unsafe { dk_moe_permute(c.ctx, &a, null, 0, null) };
-        assert_eq!(s, code, "permute {what}: status {s}, {:?}", last_error());
-        assert!(c.outs_untouched(), "permute {what}: outputs written");
-    }
+    let base = c.permute_args();
+    // SAFETY: pointers into `c`'s live buffers (or null / claims rejected before access).
+    c.expect_errors("permute", base, &permute, |a| unsafe {
+        dk_moe_permute(c.ctx, a, null, 0, null)
+    });
     type CEdit = fn(&mut DkMoeCombineArgs);
     let combine: [(&str, i32, CEdit); 6] = [
         // (n = 0 is an empty batch, tests/empty_batch.rs)
@@ -1148,14 +1225,11 @@ fn c_abi_permute_combine_slot_dot_errors() {
         ("rows 0 for n tokens", 3, |a| a.rows = 0),
         ("dtype -1", 4, |a| a.dtype = -1),
     ];
-    for (what, code, edit) in combine {
-        let mut a = c.combine_args();
-        edit(&mut a);
-        // SAFETY: as above.
-        let s = unsafe { dk_moe_combine(c.ctx, &a, null) };
-        assert_eq!(s, code, "combine {what}: status {s}, {:?}", last_error());
-        assert!(c.outs_untouched(), "combine {what}: outputs written");
-    }
+    let base = c.combine_args();
+    // SAFETY: as above.
+    c.expect_errors("combine", base, &combine, |a| unsafe {
+        dk_moe_combine(c.ctx, a, null)
+    });
     type DEdit = fn(&mut DkMoeSlotDotArgs);
     let dots: [(&str, i32, DEdit); 5] = [
         ("null out", 1, |a| a.out = std::ptr::null_mut()),
@@ -1164,14 +1238,11 @@ fn c_abi_permute_combine_slot_dot_errors() {
         ("rows_stride -8", 3, |a| a.rows_stride = -8),
         ("dtype 7", 4, |a| a.dtype = 7),
     ];
-    for (what, code, edit) in dots {
-        let mut a = c.slot_dot_args();
-        edit(&mut a);
-        // SAFETY: as above.
-        let s = unsafe { dk_moe_slot_dot(c.ctx, &a, null) };
-        assert_eq!(s, code, "slot_dot {what}: status {s}, {:?}", last_error());
-        assert!(c.outs_untouched(), "slot_dot {what}: outputs written");
-    }
+    let base = c.slot_dot_args();
+    // SAFETY: as above.
+    c.expect_errors("slot_dot", base, &dots, |a| unsafe {
+        dk_moe_slot_dot(c.ctx, a, null)
+    });
     // Null ctx / args.
     let (pa, ca, da) = (c.permute_args(), c.combine_args(), c.slot_dot_args());
     // SAFETY: null handles are rejected before any access.
@@ -1207,6 +1278,273 @@ fn c_abi_permute_combine_slot_dot_errors() {
             assert_eq!(c.dots[t * 2 + j], norm2, "token {t}, slot {j}");
         }
     }
+}
+
+/// The two backward calls refuse what the primitives they stand for refuse, and what is theirs
+/// alone: the weights' gradient without its operand or the operand without it, outputs over
+/// each other or over an input. Nothing is written; the valid calls then give the primitives'
+/// results bit for bit.
+#[test]
+fn c_abi_permute_backward_errors() {
+    let mut rng = Rng::fresh("c_abi_permute_backward_errors");
+    let mut c = CMoe::routed(&mut rng);
+    let null = std::ptr::null_mut();
+    type Edit = fn(&mut DkMoePermuteBackwardArgs);
+    let cases: [(&str, i32, Edit); 17] = [
+        ("null grad_xp", 1, |a| a.grad_xp = std::ptr::null()),
+        ("null position", 1, |a| a.position = std::ptr::null()),
+        ("null grad_x", 1, |a| a.grad_x = std::ptr::null_mut()),
+        ("x without grad_weights", 2, |a| {
+            a.grad_weights = std::ptr::null_mut()
+        }),
+        ("grad_weights without x", 2, |a| a.x = std::ptr::null()),
+        ("k 0", 2, |a| a.k = 0),
+        ("k 33", 2, |a| {
+            a.k = 33;
+            a.n = 1;
+            a.weights = std::ptr::null();
+        }),
+        ("grad_xp + 4 bytes (rows not 16-byte aligned)", 2, |a| {
+            a.grad_xp = a.grad_xp.wrapping_byte_add(4)
+        }),
+        ("h 12", 3, |a| a.h = 12),
+        ("rows -1", 3, |a| a.rows = -1),
+        ("rows 0 for n tokens", 3, |a| a.rows = 0),
+        ("grad_x_stride 4", 3, |a| a.grad_x_stride = 4),
+        ("x_stride -8", 3, |a| a.x_stride = -8),
+        ("grad_x over grad_xp", 3, |a| {
+            a.grad_x = a.grad_xp.cast_mut()
+        }),
+        ("grad_x over x", 3, |a| a.grad_x = a.x.cast_mut()),
+        ("grad_weights over x", 3, |a| {
+            a.grad_weights = a.x.cast_mut().cast()
+        }),
+        ("dtype 3", 4, |a| a.dtype = 3),
+    ];
+    let base = c.permute_backward_args();
+    // SAFETY: pointers into `c`'s live buffers (or null / claims rejected before access).
+    let call = |a: &DkMoePermuteBackwardArgs| unsafe { dk_moe_permute_backward(c.ctx, a, null) };
+    c.expect_errors("permute_backward", base, &cases, call);
+    // SAFETY: null handles are rejected before any access.
+    unsafe {
+        assert_eq!(dk_moe_permute_backward(std::ptr::null(), &base, null), 1);
+        assert_eq!(dk_moe_permute_backward(c.ctx, std::ptr::null(), null), 1);
+    }
+    assert!(c.outs_untouched());
+
+    // Valid: the combine and the slot-dot of the same operands, bit for bit.
+    let (ca, da) = (c.combine_args(), c.slot_dot_args());
+    let (grad_xp, rows) = (c.xp.as_ptr().cast(), 12);
+    let mut want_x = vec![poison_f32(); 48];
+    let mut want_w = vec![poison_f32(); 12];
+    // SAFETY: pointers into `c`'s live buffers and the local vectors.
+    unsafe {
+        let y = want_x.as_mut_ptr().cast();
+        let ca = DkMoeCombineArgs {
+            rows_in: grad_xp,
+            rows,
+            y,
+            ..ca
+        };
+        assert_eq!(dk_moe_combine(c.ctx, &ca, null), 0, "{}", last_error());
+        let out = want_w.as_mut_ptr();
+        let da = DkMoeSlotDotArgs {
+            rows_in: grad_xp,
+            rows,
+            out,
+            ..da
+        };
+        assert_eq!(dk_moe_slot_dot(c.ctx, &da, null), 0, "{}", last_error());
+        assert_eq!(
+            dk_moe_permute_backward(c.ctx, &base, null),
+            0,
+            "{}",
+            last_error()
+        );
+    }
+    assert_eq!(last_error(), "");
+    assert_eq!(bits(&c.out[..48]), bits(&want_x));
+    assert!(
+        c.out[48..].iter().all(|x| x.to_bits() == POISON_F32),
+        "past grad_x written"
+    );
+    assert_eq!(bits(&c.dots), bits(&want_w));
+    // grad_x only: x_stride is not read when x is NULL.
+    c.repoison();
+    let a = DkMoePermuteBackwardArgs {
+        x: std::ptr::null(),
+        x_stride: -1,
+        grad_weights: null.cast(),
+        ..base
+    };
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { dk_moe_permute_backward(c.ctx, &a, null) },
+        0,
+        "{}",
+        last_error()
+    );
+    assert_eq!(bits(&c.out[..48]), bits(&want_x));
+    assert!(
+        c.dots.iter().all(|x| x.to_bits() == POISON_F32),
+        "grad_weights written"
+    );
+}
+
+#[test]
+fn c_abi_combine_backward_errors() {
+    let mut rng = Rng::fresh("c_abi_combine_backward_errors");
+    let mut c = CMoe::routed(&mut rng);
+    let null = std::ptr::null_mut();
+    type Edit = fn(&mut DkMoeCombineBackwardArgs);
+    let cases: [(&str, i32, Edit); 21] = [
+        ("null grad_y", 1, |a| a.grad_y = std::ptr::null()),
+        ("null perm", 1, |a| a.perm = std::ptr::null()),
+        ("null position", 1, |a| a.position = std::ptr::null()),
+        ("null grad_expert_out", 1, |a| {
+            a.grad_expert_out = std::ptr::null_mut()
+        }),
+        ("expert_out without grad_weights", 2, |a| {
+            a.grad_weights = std::ptr::null_mut()
+        }),
+        ("grad_weights without expert_out", 2, |a| {
+            a.expert_out = std::ptr::null()
+        }),
+        ("k -1", 2, |a| a.k = -1),
+        ("k 33", 2, |a| {
+            a.k = 33;
+            a.n = 1;
+            a.weights = std::ptr::null();
+        }),
+        (
+            "grad_expert_out + 8 bytes (rows not 16-byte aligned)",
+            2,
+            |a| a.grad_expert_out = a.grad_expert_out.wrapping_byte_add(8),
+        ),
+        ("position + 2 bytes", 2, |a| {
+            a.position = a.position.wrapping_byte_add(2)
+        }),
+        ("h 12", 3, |a| a.h = 12),
+        ("rows -1", 3, |a| a.rows = -1),
+        ("rows 0 with grad_weights", 3, |a| a.rows = 0),
+        ("n -1", 3, |a| a.n = -1),
+        ("grad_y_stride 4", 3, |a| a.grad_y_stride = 4),
+        ("expert_out_stride -1", 3, |a| a.expert_out_stride = -1),
+        ("grad_expert_out_stride 7", 3, |a| {
+            a.grad_expert_out_stride = 7
+        }),
+        ("grad_expert_out over expert_out", 3, |a| {
+            a.grad_expert_out = a.expert_out.cast_mut()
+        }),
+        ("grad_weights over grad_y", 3, |a| {
+            a.grad_weights = a.grad_y.cast_mut().cast()
+        }),
+        ("grad_weights over grad_expert_out", 3, |a| {
+            a.grad_weights = a.grad_expert_out.cast()
+        }),
+        ("dtype -1", 4, |a| a.dtype = -1),
+    ];
+    let base = c.combine_backward_args();
+    // SAFETY: pointers into `c`'s live buffers (or null / claims rejected before access).
+    let call = |a: &DkMoeCombineBackwardArgs| unsafe { dk_moe_combine_backward(c.ctx, a, null) };
+    c.expect_errors("combine_backward", base, &cases, call);
+    // Index contents are checked on the CPU before anything is written.
+    let (perm, position) = (c.perm.clone(), c.position.clone());
+    for (what, entry) in [("perm", 12), ("position", -2)] {
+        let mut a = base;
+        let mut bad = if what == "perm" {
+            perm.clone()
+        } else {
+            position.clone()
+        };
+        bad[3] = entry;
+        if what == "perm" {
+            a.perm = bad.as_ptr();
+        } else {
+            a.position = bad.as_ptr();
+        }
+        // SAFETY: as above.
+        let s = unsafe { dk_moe_combine_backward(c.ctx, &a, null) };
+        assert_eq!(s, 2, "{what} entry {entry}: status {s}, {:?}", last_error());
+        assert!(c.outs_untouched(), "{what} entry {entry}: outputs written");
+    }
+    // SAFETY: null handles are rejected before any access.
+    unsafe {
+        assert_eq!(dk_moe_combine_backward(std::ptr::null(), &base, null), 1);
+        assert_eq!(dk_moe_combine_backward(c.ctx, std::ptr::null(), null), 1);
+    }
+    assert!(c.outs_untouched());
+
+    // Valid: the permute and the slot-dot of the same operands, bit for bit.
+    let (pa, da) = (c.permute_args(), c.slot_dot_args());
+    let mut want_eo = vec![poison_f32(); 96];
+    let mut want_w = vec![poison_f32(); 12];
+    // SAFETY: pointers into `c`'s live buffers and the local vectors.
+    unsafe {
+        let out = want_eo.as_mut_ptr().cast();
+        let pa = DkMoePermuteArgs { out, ..pa };
+        assert_eq!(
+            dk_moe_permute(c.ctx, &pa, null, 0, null),
+            0,
+            "{}",
+            last_error()
+        );
+        let (rows_in, out) = (c.xp.as_ptr().cast(), want_w.as_mut_ptr());
+        let da = DkMoeSlotDotArgs {
+            rows_in,
+            rows: 12,
+            out,
+            ..da
+        };
+        assert_eq!(dk_moe_slot_dot(c.ctx, &da, null), 0, "{}", last_error());
+        assert_eq!(
+            dk_moe_combine_backward(c.ctx, &base, null),
+            0,
+            "{}",
+            last_error()
+        );
+    }
+    assert_eq!(last_error(), "");
+    assert_eq!(bits(&c.out), bits(&want_eo));
+    assert_eq!(bits(&c.dots), bits(&want_w));
+    // Unweighted, without the weights' gradient: expert_out_stride is not read.
+    c.repoison();
+    let a = DkMoeCombineBackwardArgs {
+        expert_out: std::ptr::null(),
+        expert_out_stride: -1,
+        weights: std::ptr::null(),
+        grad_weights: null.cast(),
+        ..base
+    };
+    let pa = DkMoePermuteArgs {
+        weights: std::ptr::null(),
+        out: want_eo.as_mut_ptr().cast(),
+        ..pa
+    };
+    // SAFETY: as above.
+    unsafe {
+        assert_eq!(
+            dk_moe_permute(c.ctx, &pa, null, 0, null),
+            0,
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            dk_moe_combine_backward(c.ctx, &a, null),
+            0,
+            "{}",
+            last_error()
+        );
+    }
+    assert_eq!(bits(&c.out), bits(&want_eo));
+    assert!(
+        c.dots.iter().all(|x| x.to_bits() == POISON_F32),
+        "grad_weights written"
+    );
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
 }
 
 #[test]

@@ -31,7 +31,9 @@ static_assert(plain_struct<dk_divergence_params> && plain_struct<dk_divergence_a
 static_assert(plain_struct<dk_scale_rows_args>, "scale_rows");
 static_assert(plain_struct<dk_moe_route_params> && plain_struct<dk_moe_route_args> &&
                   plain_struct<dk_moe_permute_args> && plain_struct<dk_moe_combine_args> &&
-                  plain_struct<dk_moe_slot_dot_args>,
+                  plain_struct<dk_moe_slot_dot_args> &&
+                  plain_struct<dk_moe_permute_backward_args> &&
+                  plain_struct<dk_moe_combine_backward_args>,
               "moe");
 static_assert(plain_struct<dk_fused_linear_params> && plain_struct<dk_fused_linear_args>, "fused");
 static_assert(plain_struct<dk_attention_params> && plain_struct<dk_attention_batch> &&

@@ -5,9 +5,10 @@
  * and sigmoid, renormalisation, scale, selection bias, group-limited selection, capacity drops,
  * block padding, ties, f32 and bf16 logits with a row stride) against its own double-precision
  * implementation below; dk_moe_permute / dk_moe_combine / dk_moe_slot_dot (f32 and bf16) on
- * the routed batch against the same; poisoned outputs written everywhere and nothing past them;
- * and the error paths (NULL arguments, bad codes, bad shapes: status, dk_last_error, nothing
- * written). On CUDA (argv[2] = "1") it checks the workspace query and that host pointers are
+ * the routed batch against the same; dk_moe_permute_backward / dk_moe_combine_backward against
+ * those primitives on the same operands, bit for bit; poisoned outputs written everywhere and
+ * nothing past them; and the error paths (NULL arguments, bad codes, bad shapes: status,
+ * dk_last_error, nothing written). On CUDA (argv[2] = "1") it checks the workspace query and that host pointers are
  * refused; the numerical CUDA checks live in the Rust tests.
  *
  * Usage: moe_test SEED CUDA_EXPECTED
@@ -438,6 +439,107 @@ static void run_activations(dk_context* ctx, const char* name, const batch* b, i
   free(ref_d);
 }
 
+/* ---- the backward calls against the primitives ----------------------------------------------- */
+
+/* A [rows, stride] matrix of es-byte elements (4: f32, 2: bf16): random values in the first h
+ * columns and NaN past them (never read), or poison everywhere (an output). */
+static unsigned char* new_matrix(int rows, int h, int stride, size_t es, int poisoned) {
+  size_t i, len = (size_t)rows * stride;
+  unsigned char* m = malloc(es * (len > 0 ? len : 1));
+  for (i = 0; i < len; ++i) {
+    float f = poisoned ? poison_f32() : (int)(i % stride) < h ? (float)rng_normal() : NAN;
+    uint16_t v = poisoned ? POISON16 : (int)(i % stride) < h ? f32_to_bf16(f) : 0x7fc1;
+    if (es == 2)
+      memcpy(m + 2 * i, &v, 2);
+    else
+      memcpy(m + 4 * i, &f, 4);
+  }
+  return m;
+}
+
+static float* new_poisoned(int len) {
+  float* v = malloc(sizeof(float) * (size_t)len);
+  int i;
+  for (i = 0; i < len; ++i) v[i] = poison_f32();
+  return v;
+}
+
+/* dk_moe_permute_backward = dk_moe_combine + dk_moe_slot_dot and dk_moe_combine_backward =
+ * dk_moe_permute + dk_moe_slot_dot on the same operands, every byte of the outputs (row padding
+ * and the entries past grad_weights stay poisoned): f32 with row strides and bf16, weighted with
+ * the weights' gradient and unweighted without it. */
+static void run_backward(dk_context* ctx, const char* name, const batch* b, int h) {
+  int n = b->n, k = b->k, rows = b->rows, pass, i;
+  for (pass = 0; pass < 4; ++pass) {
+    int bf16 = pass & 1, grads = pass < 2, s = bf16 ? h : h + 8;
+    int32_t dt = bf16 ? DK_DTYPE_BF16 : DK_DTYPE_F32;
+    size_t es = bf16 ? 2 : 4, dots_bytes = sizeof(float) * (size_t)(n * k + PAD);
+    const char* what = bf16 ? (grads ? "bf16, weighted" : "bf16, unweighted")
+                            : (grads ? "f32, weighted" : "f32, unweighted");
+    const float* w = grads ? b->weights : NULL;
+    /* Token rows (x, or grad_y) and permuted rows (grad_xp, or expert_out); outputs: [0] the
+     * primitives', [1] the backward call's. */
+    unsigned char* tok = new_matrix(n, h, s, es, 0);
+    unsigned char* prm = new_matrix(rows, h, s, es, 0);
+    unsigned char* tok_out[2] = {new_matrix(n, h, s, es, 1), new_matrix(n, h, s, es, 1)};
+    unsigned char* prm_out[2] = {new_matrix(rows, h, s, es, 1), new_matrix(rows, h, s, es, 1)};
+    float* dots[2] = {new_poisoned(n * k + PAD), new_poisoned(n * k + PAD)};
+    /* The slot-dot both backward calls compute: tokens = tok, rows = prm. */
+    dk_moe_slot_dot_args da = {.n = n, .h = h, .k = k, .rows = rows, .dtype = dt, .tokens = tok,
+                               .tokens_stride = s, .rows_in = prm, .rows_stride = s,
+                               .position = b->position, .out = dots[0]};
+    /* The permute's gradients (grad_xp = prm, x = tok); x_stride is not read without x. */
+    dk_moe_combine_args ca = {.n = n, .h = h, .k = k, .rows = rows, .dtype = dt, .rows_in = prm,
+                              .rows_stride = s, .position = b->position, .weights = w,
+                              .y = tok_out[0], .y_stride = s};
+    dk_moe_permute_backward_args pb = {
+        .n = n, .h = h, .k = k, .rows = rows, .dtype = dt, .grad_xp = prm, .grad_xp_stride = s,
+        .position = b->position, .weights = w, .x = grads ? tok : NULL, .x_stride = grads ? s : -1,
+        .grad_x = tok_out[1], .grad_x_stride = s, .grad_weights = grads ? dots[1] : NULL};
+    /* The combine's gradients (grad_y = tok, expert_out = prm). */
+    dk_moe_permute_args pa = {.n = n, .h = h, .k = k, .rows = rows, .dtype = dt, .x = tok,
+                              .x_stride = s, .perm = b->perm, .weights = w, .out = prm_out[0],
+                              .out_stride = s};
+    dk_moe_combine_backward_args cb = {
+        .n = n, .h = h, .k = k, .rows = rows, .dtype = dt, .grad_y = tok, .grad_y_stride = s,
+        .expert_out = grads ? prm : NULL, .expert_out_stride = grads ? s : -1, .perm = b->perm,
+        .position = b->position, .weights = w, .grad_expert_out = prm_out[1],
+        .grad_expert_out_stride = s, .grad_weights = grads ? dots[1] : NULL};
+    dk_status st[4];
+
+    st[0] = grads ? dk_moe_slot_dot(ctx, &da, NULL) : DK_OK;
+    st[1] = dk_moe_combine(ctx, &ca, NULL);
+    st[2] = dk_moe_permute_backward(ctx, &pb, NULL);
+    CHECK(st[0] == DK_OK && st[1] == DK_OK && st[2] == DK_OK,
+          "%s %s: slot_dot %d, combine %d, permute_backward %d (%s)\n", name, what, (int)st[0],
+          (int)st[1], (int)st[2], dk_last_error());
+    CHECK(memcmp(tok_out[0], tok_out[1], es * (size_t)n * s) == 0,
+          "%s %s: permute_backward's grad_x is not dk_moe_combine's\n", name, what);
+    CHECK(memcmp(dots[0], dots[1], dots_bytes) == 0,
+          "%s %s: permute_backward's grad_weights are not dk_moe_slot_dot's\n", name, what);
+
+    for (i = 0; i < n * k + PAD; ++i) dots[1][i] = poison_f32();
+    st[3] = dk_moe_permute(ctx, &pa, NULL, 0, NULL);
+    st[2] = dk_moe_combine_backward(ctx, &cb, NULL);
+    CHECK(st[3] == DK_OK && st[2] == DK_OK, "%s %s: permute %d, combine_backward %d (%s)\n", name,
+          what, (int)st[3], (int)st[2], dk_last_error());
+    CHECK(memcmp(prm_out[0], prm_out[1], es * (size_t)rows * s) == 0,
+          "%s %s: combine_backward's grad_expert_out is not dk_moe_permute's\n", name, what);
+    CHECK(memcmp(dots[0], dots[1], dots_bytes) == 0,
+          "%s %s: combine_backward's grad_weights are not dk_moe_slot_dot's\n", name, what);
+    CHECK(!grads || !is_poison(dots[1][0]), "%s %s: grad_weights unwritten\n", name, what);
+
+    free(tok);
+    free(prm);
+    for (i = 0; i < 2; ++i) {
+      free(tok_out[i]);
+      free(prm_out[i]);
+      free(dots[i]);
+    }
+  }
+  printf("ok   %-52s backward calls = the primitives, bit for bit\n", name);
+}
+
 static dk_moe_route_params make_params(int k, int score, int renormalize, int n_groups,
                                        int topk_groups, float scale, int64_t capacity,
                                        int block) {
@@ -466,6 +568,8 @@ static void check_errors(dk_context* ctx) {
   dk_moe_permute_args pa;
   dk_moe_combine_args ca;
   dk_moe_slot_dot_args da;
+  dk_moe_permute_backward_args pb;
+  dk_moe_combine_backward_args cb;
   dk_status st;
   size_t ws = 99;
   int i, untouched;
@@ -622,6 +726,39 @@ static void check_errors(dk_context* ctx) {
   da.out = dots;
   da.k = -1;
   EXPECT_STATUS(dk_moe_slot_dot(ctx, &da, NULL), DK_ERR_INVALID_ARGUMENT, "slot_dot k = -1");
+  /* The backward calls: their own rules (the weights' gradient with its operand, outputs apart). */
+  pb = (dk_moe_permute_backward_args){
+      .n = 3, .h = 8, .k = 2, .rows = 3, .dtype = DK_DTYPE_F32, .grad_xp = x, .grad_xp_stride = 8,
+      .position = position, .weights = NULL, .x = x, .x_stride = 8, .grad_x = out,
+      .grad_x_stride = 8, .grad_weights = NULL};
+  EXPECT_STATUS(dk_moe_permute_backward(ctx, NULL, NULL), DK_ERR_NULL_POINTER,
+                "permute_backward NULL args");
+  EXPECT_STATUS(dk_moe_permute_backward(ctx, &pb, NULL), DK_ERR_INVALID_ARGUMENT,
+                "permute_backward x, no grad_weights");
+  pb.grad_weights = dots;
+  pb.grad_x = x;
+  EXPECT_STATUS(dk_moe_permute_backward(ctx, &pb, NULL), DK_ERR_SHAPE,
+                "permute_backward grad_x over grad_xp, x");
+  pb.grad_x = out;
+  pb.dtype = 3;
+  EXPECT_STATUS(dk_moe_permute_backward(ctx, &pb, NULL), DK_ERR_UNSUPPORTED_DTYPE,
+                "permute_backward dtype 3");
+  cb = (dk_moe_combine_backward_args){
+      .n = 3, .h = 8, .k = 2, .rows = 3, .dtype = DK_DTYPE_F32, .grad_y = x, .grad_y_stride = 8,
+      .expert_out = x, .expert_out_stride = 8, .perm = perm, .position = position, .weights = NULL,
+      .grad_expert_out = out, .grad_expert_out_stride = 8, .grad_weights = NULL};
+  EXPECT_STATUS(dk_moe_combine_backward(NULL, &cb, NULL), DK_ERR_NULL_POINTER,
+                "combine_backward NULL context");
+  EXPECT_STATUS(dk_moe_combine_backward(ctx, &cb, NULL), DK_ERR_INVALID_ARGUMENT,
+                "combine_backward expert_out, no grad_weights");
+  cb.grad_weights = dots;
+  cb.perm = NULL;
+  EXPECT_STATUS(dk_moe_combine_backward(ctx, &cb, NULL), DK_ERR_NULL_POINTER,
+                "combine_backward NULL perm");
+  cb.perm = perm;
+  cb.grad_expert_out_stride = 4;
+  EXPECT_STATUS(dk_moe_combine_backward(ctx, &cb, NULL), DK_ERR_SHAPE,
+                "combine_backward grad_expert_out_stride < h");
 #undef EXPECT_STATUS
 
   /* Out-of-range indices are refused on the CPU (before anything is written). */
@@ -724,18 +861,22 @@ int main(int argc, char** argv) {
   run_route(ctx, "softmax top-4 of 16, renormalised", 37, 16, 16, 0, 0, NULL,
             make_params(4, DK_MOE_SOFTMAX, 1, 1, 1, 1.0f, 0, 1), &b);
   run_activations(ctx, "softmax top-4 of 16", &b, 24);
+  run_backward(ctx, "softmax top-4 of 16", &b, 24);
   free_batch(&b);
   run_route(ctx, "sigmoid, bias, 4 groups keep 2, x2.5, cap 8, block 4, bf16", 37, 16, 20, 1, 1,
             NULL, make_params(4, DK_MOE_SIGMOID, 1, 4, 2, 2.5f, 8, 4), &b);
   run_activations(ctx, "grouped, capacity, padding", &b, 16);
+  run_backward(ctx, "grouped, capacity, padding", &b, 16);
   free_batch(&b);
   run_route(ctx, "sigmoid top-1 (Llama 4 style), cap 3", 40, 8, 8, 0, 0, NULL,
             make_params(1, DK_MOE_SIGMOID, 0, 1, 1, 1.0f, 3, 1), &b);
   run_activations(ctx, "top-1 with drops", &b, 8);
+  run_backward(ctx, "top-1 with drops", &b, 8);
   free_batch(&b);
   run_route(ctx, "one token, all 8 experts, block 3", 1, 8, 8, 1, 0, NULL,
             make_params(8, DK_MOE_SOFTMAX, 0, 1, 1, 0.5f, 0, 3), &b);
   run_activations(ctx, "one token", &b, 8);
+  run_backward(ctx, "one token", &b, 8);
   free_batch(&b);
   run_route(ctx, "ties: equal logits go to lower ids", 2, 8, 8, 0, 0, ties,
             make_params(3, DK_MOE_SOFTMAX, 0, 1, 1, 1.0f, 0, 1), &b);
