@@ -751,22 +751,23 @@ __device__ __forceinline__ void combine_dot(const DkMoeRowsArgs& a) {
 }
 
 // dst = src (raw copy), or w · src rounded once when `scale` (permute's arithmetic), over the
-// lane's chunks of a segment, skipped when dst is null; returns the lane's partial dot of src with
-// `other` (segment_dot's order), 0 when other is null. Not inlined, for the reason copy_segment
-// is not (16-byte stores behind a shuffled row index).
+// lane's chunks of a segment, when `store`; returns the lane's partial dot of src with `other`
+// (segment_dot's order) when `dot`, else 0. Every pointer is a valid row whether used or not: a
+// null `other` made nvcc emit generic LD.E.128 for its loads instead of LDG.E.128 (SASS, sm_90a).
+// Not inlined, for the reason copy_segment is not (16-byte stores behind a shuffled row index).
 template <typename T>
 __device__ __noinline__ float store_and_dot(const T* src, T* dst, const T* other, float w, bool scale,
-                                            int64_t c0, int64_t hv) {
+                                            bool store, bool dot, int64_t c0, int64_t hv) {
   Raw8<T> r[kSegVecs], o[kSegVecs];
 #pragma unroll
   for (int u = 0; u < kSegVecs; ++u) {
     const int64_t c = c0 + 32 * u;
     if (c < hv) {
       r[u] = load_raw8(src + c * kVec);
-      if (other != nullptr) o[u] = load_raw8(other + c * kVec);
+      if (dot) o[u] = load_raw8(other + c * kVec);
     }
   }
-  if (dst != nullptr) {
+  if (store) {
 #pragma unroll
     for (int u = 0; u < kSegVecs; ++u) {
       const int64_t c = c0 + 32 * u;
@@ -783,7 +784,7 @@ __device__ __noinline__ float store_and_dot(const T* src, T* dst, const T* other
       }
     }
   }
-  return other != nullptr ? segment_dot(r, o, c0, hv) : 0.f;
+  return dot ? segment_dot(r, o, c0, hv) : 0.f;
 }
 
 // permute_dot (combine backward): src = tokens (grad_y) [items, h], src2 = other rows
@@ -864,11 +865,12 @@ __device__ __forceinline__ void permute_dot(const DkMoeRowsArgs& a) {
         const int r = __shfl_sync(kFull, my_r, j);
         const float w = __shfl_sync(kFull, my_w, j);
         if (r < 0) continue;  // uniform
-        T* dst = (owners >> j) & 1u ? out + static_cast<int64_t>(r) * a.dst_stride : nullptr;
-        const T* o = other != nullptr ? other + static_cast<int64_t>(r) * a.src2_stride : nullptr;
-        if (dst == nullptr && o == nullptr) continue;
-        const float d = store_and_dot(src, dst, o, w, wts != nullptr, c0, hv);
-        if (o != nullptr) {
+        const bool own = (owners >> j) & 1u, dot = other != nullptr;
+        if (!own && !dot) continue;
+        const float d = store_and_dot(src, out + static_cast<int64_t>(r) * a.dst_stride,
+                                      dot ? other + static_cast<int64_t>(r) * a.src2_stride : src, w,
+                                      wts != nullptr, own, dot, c0, hv);
+        if (dot) {
           const float t = warp_sum(d);
           if (lane == j) my_dot += t;
         }
