@@ -10,8 +10,9 @@
  *    synchronises the host. On the CPU context pointers are host memory and calls are blocking.
  *  - Scratch memory: query *_workspace_size and pass at least that many bytes of device memory,
  *    or pass NULL to let the library allocate on the stream (cuMemAllocAsync). Its start must
- *    be 4-byte aligned (16 for the non-deterministic attention backward; any for the fused
- *    linear divergence), as every allocator's is: DK_ERR_INVALID_ARGUMENT otherwise. The CPU
+ *    be 4-byte aligned (16 for the non-deterministic attention backward where the device's
+ *    kernels sum dq with atomics; any for the fused linear divergence), as every allocator's
+ *    is: DK_ERR_INVALID_ARGUMENT otherwise. The CPU
  *    context needs none (its queries say 0) and ignores a workspace given, unchecked: a run on
  *    the CPU does not test a program's workspace handling.
  *  - Pointers are aligned to their element size (DK_ERR_INVALID_ARGUMENT otherwise); MoE and

@@ -662,11 +662,8 @@ pub(crate) fn permute_backward(
     let Some(dot) = &raw.dot else {
         return combine(dev, &raw.combine, launch);
     };
-    if backward_primitives() {
-        combine(dev, &raw.combine, launch)?;
-        return slot_dot(dev, dot, launch);
-    }
     let c = &raw.combine;
+    // Every pointer checked before anything is queued, on both paths.
     for (what, p) in [
         ("grad_xp", c.rows_in as *const _),
         ("position", c.position as *const _),
@@ -676,6 +673,10 @@ pub(crate) fn permute_backward(
         ("grad_weights", dot.out as *const _),
     ] {
         dev.check_pointer(what, p)?;
+    }
+    if backward_primitives() {
+        combine(dev, c, launch)?;
+        return slot_dot(dev, dot, launch);
     }
     if c.h == 0 {
         // No elements: grad_x is empty and every dot is 0.
@@ -732,10 +733,7 @@ pub(crate) fn combine_backward(
         // Nothing to fuse: the permute (token-major for k > 1, measured at 87-94 % of its floor).
         return permute(dev, p, launch);
     };
-    if backward_primitives() {
-        permute(dev, p, launch)?;
-        return slot_dot(dev, dot, launch);
-    }
+    // Every pointer checked before anything is queued, on both paths.
     for (what, ptr) in [
         ("grad_y", p.x as *const _),
         ("perm", p.perm as *const _),
@@ -747,6 +745,18 @@ pub(crate) fn combine_backward(
     ] {
         dev.check_pointer(what, ptr)?;
     }
+    if backward_primitives() {
+        permute(dev, p, launch)?;
+        return slot_dot(dev, dot, launch);
+    }
+    // The fused kernel needs no scratch; a caller's workspace is checked as the permute checks
+    // it, so a call is refused or not whatever the A/B switch.
+    check_int_workspace(
+        dev,
+        launch,
+        permute_workspace_size(p.n, p.k),
+        &format!("a combine backward of N·k = {}·{} slots", p.n, p.k),
+    )?;
     if p.h == 0 {
         // No elements: grad_expert_out is empty and every dot is 0.
         return slot_dot(dev, dot, launch);
