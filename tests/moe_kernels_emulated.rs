@@ -52,7 +52,8 @@
 //! Cases: Qwen3-like (softmax top-8 of 128, renormalised), Llama-4-like (sigmoid top-1 with the
 //! expert input scaled), DeepSeek-V3-like (sigmoid + bias, 8 groups keep 4, top-8, renormalised,
 //! × 2.5), group selection with more than 32 groups, E from 8 to 1024 (every P: 1, 2, 4, 8, 16,
-//! 32, both selection paths of P ≤ 8), k = 1 ... 32, ties (equal logits, duplicated groups), NaN
+//! 32, both selection paths of P ≤ 8), k = 1 ... 32 (the movers and fused backward kernels
+//! at k = 1, 2, 3, 8 and 32), ties (equal logits, duplicated groups), NaN
 //! and ±inf logits, capacity drops, block padding, N not a multiple of the 32-token chunk, padded
 //! logit strides (NaN padding), bf16 / f16 / f32 activations, H a multiple of 8 but not of the
 //! 1024-element segment (and H = 8), perm that is not a permutation (the token-major path's
@@ -1933,6 +1934,30 @@ fn mover_cases(rng: &mut Rng) -> Vec<MoverCall> {
         dtype: F32,
         h: 1024,
         scaled: false,
+        weighted: true,
+        gather_too: false,
+    });
+    // k = 32 (every lane a slot; the combine pairs' (j + 1) & 31), with drops; H = 16.
+    scenarios.push(MoverCase {
+        what: "k=32".into(),
+        route: route_case(
+            rng,
+            "k=32",
+            F32,
+            (9, 64),
+            0,
+            1.0,
+            RouteParams {
+                capacity: Some(4),
+                block: 2,
+                ..params(32, Softmax)
+            },
+            false,
+            &none,
+        ),
+        dtype: F32,
+        h: 16,
+        scaled: true,
         weighted: true,
         gather_too: false,
     });
