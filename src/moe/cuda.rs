@@ -402,6 +402,18 @@ pub(crate) fn route(
     Ok(())
 }
 
+/// The kernels that hold a token's slots in lanes take at most 32; N·k must fit an i32.
+fn check_slots_per_token(what: &str, n: usize, k: usize) -> Result<()> {
+    if k > MAX_K {
+        bail!(
+            InvalidArgument,
+            "k = {k}: the CUDA {what} takes at most 32 slots per token"
+        );
+    }
+    check_i32("N·k", n.saturating_mul(k))?;
+    Ok(())
+}
+
 /// Row starts must be 16-byte aligned for the kernels' vector loads and stores.
 fn check_rows_alignment(h: usize, dtype: DType, mats: &[(&str, *const u8, usize)]) -> Result<()> {
     if h % 8 != 0 {
@@ -562,13 +574,7 @@ pub(crate) fn combine(dev: &CudaDevice, raw: &RawCombine, launch: &Launch<'_>) -
     if raw.n == 0 || raw.h == 0 {
         return Ok(());
     }
-    if raw.k > MAX_K {
-        bail!(
-            InvalidArgument,
-            "k = {}: the CUDA combine takes at most 32 slots per token",
-            raw.k
-        );
-    }
+    check_slots_per_token("combine", raw.n, raw.k)?;
     check_rows_alignment(
         raw.h,
         raw.dtype,
@@ -577,7 +583,6 @@ pub(crate) fn combine(dev: &CudaDevice, raw: &RawCombine, launch: &Launch<'_>) -
             ("y", raw.y as *const u8, raw.y_stride),
         ],
     )?;
-    check_i32("N·k", raw.n.saturating_mul(raw.k))?;
     let args = MoeRowsArgs {
         src: raw.rows_in as u64,
         src2: 0,
@@ -682,13 +687,7 @@ pub(crate) fn permute_backward(
         // No elements: grad_x is empty and every dot is 0.
         return slot_dot(dev, dot, launch);
     }
-    if c.k > MAX_K {
-        bail!(
-            InvalidArgument,
-            "k = {}: the CUDA backward takes at most 32 slots per token",
-            c.k
-        );
-    }
+    check_slots_per_token("backward", c.n, c.k)?;
     check_rows_alignment(
         c.h,
         c.dtype,
@@ -698,7 +697,6 @@ pub(crate) fn permute_backward(
             ("x", dot.tokens, dot.tokens_stride),
         ],
     )?;
-    check_i32("N·k", c.n.saturating_mul(c.k))?;
     let args = MoeRowsArgs {
         src: c.rows_in as u64,
         src2: dot.tokens as u64,
@@ -761,13 +759,7 @@ pub(crate) fn combine_backward(
         // No elements: grad_expert_out is empty and every dot is 0.
         return slot_dot(dev, dot, launch);
     }
-    if p.k > MAX_K {
-        bail!(
-            InvalidArgument,
-            "k = {}: the CUDA backward takes at most 32 slots per token",
-            p.k
-        );
-    }
+    check_slots_per_token("backward", p.n, p.k)?;
     check_rows_alignment(
         p.h,
         p.dtype,
@@ -777,7 +769,6 @@ pub(crate) fn combine_backward(
             ("expert_out", dot.rows_in, dot.rows_stride),
         ],
     )?;
-    check_i32("N·k", p.n.saturating_mul(p.k))?;
     let args = MoeRowsArgs {
         src: p.x as u64,
         src2: dot.rows_in as u64,
