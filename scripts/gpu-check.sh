@@ -334,6 +334,7 @@ expected_seconds() {
     dk-bench-*) echo 25 ;;
     test-divergence_reference*) echo 35 ;;
     test-fused_reference* | test-attention_reference*) echo 12 ;;  # run 5: 4.5-5.7 s
+    test-moe*) echo 8 ;;  # a few small calls per device (guess; CPU part ~0.2 s)
     test-*) echo 15 ;;
     pytest) echo 200 ;;
     python-bench-fused) echo 110 ;;
