@@ -335,23 +335,22 @@ fn workspace_bytes(raw: &RawAttentionBackward, atomic_dq: bool) -> usize {
     delta_region_bytes(raw) + accum
 }
 
-/// Whether a call in the given mode sums dQ with atomics on `dev`: the atomic-dQ mode
-/// (`deterministic = false`) on the kernels the device and `DK_ATTENTION_BWD` choose (never on
-/// wgmma, whose deterministic kernels serve both modes).
-fn uses_atomic_dq(dev: &CudaDevice, deterministic: bool) -> bool {
+/// The kernels that serve `raw` on `dev`: the family the device and `DK_ATTENTION_BWD` choose,
+/// in the mode the call asks for. The size query and the call both ask here.
+fn chosen_kernels(dev: &CudaDevice, raw: &RawAttentionBackward) -> Kernels {
     let family = family(
         requested("DK_ATTENTION_BWD"),
         dev.attention_wide_bwd(),
         dev.attention_wgmma_bwd(),
     );
-    !deterministic && family != Family::Wgmma
+    kernels(family, raw.deterministic, raw.head_dim)
 }
 
 /// Device workspace the backward needs on `dev`: the Delta region, plus the f32 dQ accumulator
 /// where the kernels that serve the call sum dQ with atomics (the atomic-dQ mode, except on the
 /// Hopper wgmma kernels: there only the Delta region).
 pub(crate) fn backward_workspace_size(dev: &CudaDevice, raw: &RawAttentionBackward) -> usize {
-    workspace_bytes(raw, uses_atomic_dq(dev, raw.deterministic))
+    workspace_bytes(raw, chosen_kernels(dev, raw).atomic_dq)
 }
 
 /// Blocks of a grid over (tiles, sequences, heads), flattened into x.
@@ -551,14 +550,8 @@ pub(crate) fn backward(
         );
     }
     let sh = &raw.shape;
-    let family = family(
-        requested("DK_ATTENTION_BWD"),
-        dev.attention_wide_bwd(),
-        dev.attention_wgmma_bwd(),
-    );
-    let chosen = kernels(family, raw.deterministic, d);
+    let chosen = chosen_kernels(dev, raw);
     let atomic_dq = chosen.atomic_dq;
-    debug_assert_eq!(atomic_dq, uses_atomic_dq(dev, raw.deterministic));
     let need = workspace_bytes(raw, atomic_dq);
     // Delta is f32; the atomic-dQ accumulator is read and zeroed 16 bytes at a time.
     dev.check_workspace(
