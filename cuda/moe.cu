@@ -362,6 +362,18 @@ __device__ __forceinline__ void permute(const DkMoeRowsArgs& a) {
 
 // ---- Token-major permute (k > 1): each token row read once -----------------------------------
 
+// Zeroes, by the whole warp, row i of the 32 rows starting at `rows` for each bit i of `mask`
+// (a warp-uniform ballot): padding rows of perm_invert and permute_dot.
+template <typename T>
+__device__ __forceinline__ void zero_rows(unsigned mask, T* rows, int64_t stride, int64_t hv) {
+  const int lane = threadIdx.x & 31;
+  const float z[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (unsigned m = mask; m != 0; m &= m - 1) {
+    T* dst = rows + (__ffs(static_cast<int>(m)) - 1) * stride;
+    for (int64_t c = lane; c < hv; c += 32) store8(dst + c * kVec, z);
+  }
+}
+
 // One row per thread: a kept row claims its slot in pos (32 claims per warp in flight at once);
 // the warp then zeroes its padding rows (perm -1 or out of range) together. Was one warp per
 // row with one lane claiming: 16384 blocks of one dependent load and one CAS each at Qwen3's
@@ -388,11 +400,7 @@ __device__ __forceinline__ void perm_invert(const DkMoeRowsArgs& a) {
         pad = true;
       }
     }
-    for (unsigned m = __ballot_sync(0xffffffffu, pad); m != 0; m &= m - 1) {
-      const float z[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      T* dst = out + (base + __ffs(static_cast<int>(m)) - 1) * a.dst_stride;
-      for (int64_t c = lane; c < hv; c += 32) store8(dst + c * kVec, z);
-    }
+    zero_rows(__ballot_sync(kFull, pad), out + base * a.dst_stride, a.dst_stride, hv);
   }
 }
 
@@ -490,7 +498,6 @@ __device__ __forceinline__ void fma_segment_raw(float w, const Raw8<T> (&r)[kSeg
     }
   }
 }
-
 
 // y = fmaf(w, v, 0) over the lane's chunks inside the row (0 where the slot is skipped): the
 // general loop's result for one slot, bit for bit (fmaf(w, v, +0) turns a -0 product into +0,
@@ -824,22 +831,20 @@ __device__ __forceinline__ void permute_dot(const DkMoeRowsArgs& a) {
         pad = p < 0 || p >= slots;
         gather = !pad && position[p] != r;
       }
-      for (unsigned m = __ballot_sync(kFull, pad); m != 0; m &= m - 1) {
-        const float z[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        T* dst = out + ((it - a.items) * 32 + __ffs(static_cast<int>(m)) - 1) * a.dst_stride;
-        for (int64_t c = lane; c < hv; c += 32) store8(dst + c * kVec, z);
-      }
+      T* group = out + (it - a.items) * 32 * a.dst_stride;
+      zero_rows(__ballot_sync(kFull, pad), group, a.dst_stride, hv);
       for (unsigned m = __ballot_sync(kFull, gather); m != 0; m &= m - 1) {
         const int src_lane = __ffs(static_cast<int>(m)) - 1;
         const int q = __shfl_sync(kFull, p, src_lane);
         const T* src = tokens + static_cast<int64_t>(q / k) * a.src_stride;
-        T* dst = out + ((it - a.items) * 32 + src_lane) * a.dst_stride;
+        T* dst = group + src_lane * a.dst_stride;
+        const float w = wts != nullptr ? wts[q] : 1.f;
         for (int64_t g = 0; g < nseg; ++g) {
           const int64_t c0 = g * kSegChunks + lane;
           if (wts == nullptr) {
             copy_segment(src, dst, c0, hv);
           } else {
-            scale_segment(src, dst, wts[q], c0, hv);
+            scale_segment(src, dst, w, c0, hv);
           }
         }
       }
@@ -858,6 +863,7 @@ __device__ __forceinline__ void permute_dot(const DkMoeRowsArgs& a) {
     }
     const unsigned owners = __ballot_sync(kFull, my_own);
     const T* src = tokens + n * a.src_stride;
+    const bool dot = other != nullptr;
     float my_dot = 0.f;
     for (int64_t g = 0; g < nseg; ++g) {
       const int64_t c0 = g * kSegChunks + lane;
@@ -865,7 +871,7 @@ __device__ __forceinline__ void permute_dot(const DkMoeRowsArgs& a) {
         const int r = __shfl_sync(kFull, my_r, j);
         const float w = __shfl_sync(kFull, my_w, j);
         if (r < 0) continue;  // uniform
-        const bool own = (owners >> j) & 1u, dot = other != nullptr;
+        const bool own = (owners >> j) & 1u;
         if (!own && !dot) continue;
         const float d = store_and_dot(src, out + static_cast<int64_t>(r) * a.dst_stride,
                                       dot ? other + static_cast<int64_t>(r) * a.src2_stride : src, w,

@@ -683,10 +683,6 @@ pub(crate) fn permute_backward(
         combine(dev, c, launch)?;
         return slot_dot(dev, dot, launch);
     }
-    if c.h == 0 {
-        // No elements: grad_x is empty and every dot is 0.
-        return slot_dot(dev, dot, launch);
-    }
     check_slots_per_token("backward", c.n, c.k)?;
     check_rows_alignment(
         c.h,
@@ -755,10 +751,6 @@ pub(crate) fn combine_backward(
         permute_workspace_size(p.n, p.k),
         &format!("a combine backward of N·k = {}·{} slots", p.n, p.k),
     )?;
-    if p.h == 0 {
-        // No elements: grad_expert_out is empty and every dot is 0.
-        return slot_dot(dev, dot, launch);
-    }
     check_slots_per_token("backward", p.n, p.k)?;
     check_rows_alignment(
         p.h,
