@@ -26,8 +26,8 @@
 // The per-chunk arithmetic is the stream cluster kernel's, on the same slices (cluster_slice).
 // The reductions are cheaper, because a block has only a few chunks per thread per row: the
 // block statistics in two phases (maxima, one rebase, sums: block_stats) instead of a butterfly
-// of merges, and the C block results combined the same way over C lanes (merge_slots) instead
-// of merged in rank order. tests/kernel_sim replays that arithmetic;
+// of merges, and the C block results combined the same way over C lanes (merge_slots in
+// dk_divergence_cluster.cuh) instead of merged in rank order. tests/kernel_sim replays that arithmetic;
 // tests/divergence_persistent_sim runs this file on a host emulator with clusters (the
 // pipeline, slots, barriers). Gradient in place over the student logits stays safe: an iteration writes the
 // gradient of an older row than any it reads, and each thread reads a chunk before it writes
@@ -49,6 +49,7 @@
 
 #include "dk_cluster.cuh"
 #include "dk_divergence_args.h"
+#include "dk_divergence_cluster.cuh"
 #include "dk_divergence_math.cuh"
 #include "dk_divergence_passes.cuh"
 #include "dk_reduce.cuh"
@@ -155,19 +156,6 @@ __device__ __forceinline__ void for_each_rows(int len, const Stage<TS, TT, F0>& 
   }
 }
 
-// The statistics of the cluster from its C slots (C a power of two, at most 16), the same bits
-// in every thread: lane r of each warp reads block r's slot (C remote loads per warp, not per
-// thread), warp_stats combines groups of C lanes (maxima, one rebase, sums by butterflies with
-// offsets C/2 .. 1), and lane 0's result is broadcast. (The stream cluster kernel merges the
-// slots in rank order with RowStats::merge, C − 1 dependent steps of ~84 instructions;
-// tests/kernel_sim replays both.)
-template <Kind K>
-__device__ __forceinline__ RowStats<K> merge_slots(RowStats<K>* slot, int c, int lane, float k) {
-  RowStats<K> x;
-  if (lane < c) x = *cluster_map(slot, lane);
-  return warp_stats(x, k, c).shfl(0);
-}
-
 // The kernel's shared memory, one dynamic region (kPersistentSmemBytes, which the launcher
 // passes: PERSISTENT_SMEM_BYTES in src/divergence/cluster.rs) rather than static __shared__
 // variables, so that a host emulator can give each block of a cluster its own.
@@ -239,26 +227,14 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a, float
   RowStats<K>* const slot_stats = sm.slot_stats;
   float2* const slot_kl = sm.slot_kl;
 
-  const int c = cluster_blocks();
-  const int rank = cluster_rank();
-  const int64_t first = blockIdx.x / c, clusters = gridDim.x / c;
-  const int v = static_cast<int>(a.v);
-  const int slice = cluster_slice(v, c);
-  const int start = min(v, rank * slice);
-  const int len = min(v, start + slice) - start;
-  // Rows of this cluster: first, first + clusters, ...; the pipeline needs one iteration more
-  // per pass after the statistics (the last ones only finish the rows still in flight).
-  const int64_t mine = first < a.n ? (a.n - first + clusters - 1) / clusters : 0;
+  const ClusterWalk walk(a);
+  const int c = walk.c, start = walk.start, len = walk.len;
+  const int64_t mine = walk.mine;
+  // The pipeline needs one iteration more per pass after the statistics (the last ones only
+  // finish the rows still in flight).
   const int64_t iters = mine + (kJsd ? 2 : 1);
-
-  const int64_t* labels = reinterpret_cast<const int64_t*>(a.labels);
-  float* per_row = reinterpret_cast<float*>(a.per_row);
-  const bool writer = rank == 0 && threadIdx.x == 0;
   const int lane = threadIdx.x & 31;
   const float k = exp2_scale(a.inv_temperature), beta = a.beta;
-  const float gfactor = *reinterpret_cast<const float*>(a.scale) * a.inv_temperature;
-  auto row_at = [&](int64_t i) { return first + i * clusters; };
-  auto ignored = [&](int64_t row) { return labels != nullptr && labels[row] == a.ignore_index; };
   auto student = [&](int64_t row) {
     return reinterpret_cast<const TS*>(a.student) + row * a.student_stride + start;
   };
@@ -276,10 +252,10 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a, float
 
   // Whether the rows of the statistics stage (this iteration's, and the next one's, read one
   // iteration ahead so that its latency hides behind the loop) and of the merge are ignored.
-  bool ignored_now = mine > 0 && ignored(row_at(0)), ignored_merge = false;
+  bool ignored_now = mine > 0 && walk.ignored(walk.row_at(0)), ignored_merge = false;
   for (int64_t i = 0; i < iters; ++i) {
-    const bool ignored_next = i + 1 < mine && ignored(row_at(i + 1));
-    const int64_t stats_at = row_at(i);
+    const bool ignored_next = i + 1 < mine && walk.ignored(walk.row_at(i + 1));
+    const int64_t stats_at = walk.row_at(i);
     const bool stats_on = i < mine && !ignored_now;
     if (stats_on && threadIdx.x == 0) {
       // The block's whole slice of the new row, asked of L2 before the barrier wait, so the
@@ -301,25 +277,20 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a, float
         // Row i − 2 finished its mixture pass in iteration i − 1: its loss, then its gradient.
         float loss = 0.f, center = 0.f;
         if (mix_live) {
-          float2 part = make_float2(0.f, 0.f);
-          if (lane < c) part = *cluster_map(&slot_kl[p], lane);
-          for (int o = c >> 1; o > 0; o >>= 1) {
-            part.x += __shfl_xor_sync(kFullMask, part.x, o);
-            part.y += __shfl_xor_sync(kFullMask, part.y, o);
-          }
-          center = __shfl_sync(kFullMask, part.y, 0);
-          loss = jsd_loss(beta, __shfl_sync(kFullMask, part.x, 0), center);
+          const float2 sums = sum_slots(&slot_kl[p], c, lane);
+          center = sums.y;
+          loss = jsd_loss(beta, sums.x, center);
         }
-        grad_at = row_at(i - 2);
-        if (writer) per_row[grad_at] = clamp_loss(loss);
+        grad_at = walk.row_at(i - 2);
+        if (walk.writer) walk.per_row[grad_at] = clamp_loss(loss);
         grad_row = mix_row;
         grad_center = center;
-        grad_gscale = grad_scale(gfactor, loss);
+        grad_gscale = grad_scale(walk.gfactor, loss);
         grad_mode = a.grad == 0 ? GradMode::None : (mix_live ? GradMode::Grad : GradMode::Zero);
       }
       if (i - 1 < mine) {
         // Row i − 1 finished its statistics in iteration i − 1.
-        const int64_t row = row_at(i - 1);
+        const int64_t row = walk.row_at(i - 1);
         bool live = false;
         Row r{};
         float loss = 0.f, center = 0.f;
@@ -336,10 +307,10 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a, float
           mix_on = live;
         } else {
           grad_at = row;
-          if (writer) per_row[row] = clamp_loss(loss);
+          if (walk.writer) walk.per_row[row] = clamp_loss(loss);
           grad_row = r;
           grad_center = center;
-          grad_gscale = grad_scale(gfactor, loss);
+          grad_gscale = grad_scale(walk.gfactor, loss);
           grad_mode = a.grad == 0 ? GradMode::None : (live ? GradMode::Grad : GradMode::Zero);
         }
       }
@@ -363,7 +334,7 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a, float
                                                           gp};
     if (kJsd) {
       JsdPass<kSeries> jp{mix_row};
-      const int64_t mix_at = row_at(i - 1);
+      const int64_t mix_at = walk.row_at(i - 1);
       const Stage<TS, TT, JsdPass<kSeries>> mix_stage{mix_on ? student(mix_at) : nullptr,
                                              mix_on ? teacher(mix_at) : nullptr, jp};
       for_each_rows<kSteps>(len, stats_stage, mix_stage, grad_stage);
