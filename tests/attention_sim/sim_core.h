@@ -124,6 +124,8 @@
 //     executed by one of r's threads (0xff before any). So a remote read sees only what was
 //     fenced (the relaxed arrive publishes nothing), and a missing fence shows as stale data.
 //     Writes through a mapped pointer are not modelled (they would land in the copy).
+//   cp.async: as above, each block with its own map of copies in flight (the staged
+//     divergence kernel copies its next row while it computes the current one).
 //
 // Additions for the MoE kernels (tests/moe_sim_kernels): 32-bit integer shuffles (bfly, idx, up;
 // the bits travel unchanged), redux.sync.{min,max}.u32, vote.sync.ballot, __popc, __ffs, atomicOr / atomicCAS /
@@ -360,7 +362,9 @@ struct State {
   uint32_t smem_base = 0;
   char* smem_map = nullptr;
   size_t smem_map_bytes = 0;
-  std::vector<uint16_t> inflight;  // copies in flight per 16-byte chunk
+  // Copies in flight per 16-byte chunk of the running block's shared memory (its
+  // GroupBlock::inflight: each block of a cluster has its own).
+  uint16_t* inflight = nullptr;
   // wgmma (sim_wgmma.h): per warp of the block, per warpgroup the operands of its products in
   // issue order; per 16-byte chunk the pending products reading it (busy: no write allowed)
   // and the warp of the latest; the thread (group lane + 1, 0: none) of the last generic-proxy
@@ -377,6 +381,7 @@ struct State {
     char* map;
     size_t map_bytes;
     char* published;  // the copy remote readers see (cluster > 1), guarded the same way
+    std::vector<uint16_t> inflight;  // cp.async copies in flight per 16-byte chunk
     char* pub_map;
     size_t pub_map_bytes;
     bool exited;
@@ -713,7 +718,6 @@ inline void land(const Copy& c) {
 }
 
 inline void cp_async(uint32_t dst_addr, const void* src, int bytes) {
-  if (S.clustered) fail("%s: cp.async in a cluster launch (not modelled)", where());
   const uint32_t dst = smem_off(dst_addr, "cp.async destination");
   if (bytes < 0 || bytes > 16) fail("%s: cp.async src-size %d (0..16)", where(), bytes);
   check_smem(dst, 16, 16, "cp.async destination", true, false);

@@ -94,6 +94,7 @@ static void enter_block(int b) {
   S.smem = g.smem;
   S.smem_map = g.map;
   S.smem_map_bytes = g.map_bytes;
+  S.inflight = S.group[b].inflight.data();
 }
 
 static void resume(int i) {
@@ -346,8 +347,8 @@ static void run_group() {
   }
   S.phases = 0;
   S.static_live = 0;
+  for (State::GroupBlock& g : S.group) std::fill(g.inflight.begin(), g.inflight.end(), 0);
   enter_block(0);
-  std::fill(S.inflight.begin(), S.inflight.end(), 0);
   wg_reset(total);
   S.blocks += nb_group;
   // Named barriers of block b: barrier id opens once as many of the block's threads wait at it
@@ -695,10 +696,11 @@ void launch(const char* name, void (*entry)(), dim3 grid, dim3 block, uint32_t s
   for (State::StaticShared& a : S.static_shared) munmap(a.map, a.map_bytes);
   S.static_shared.clear();
   S.static_live = 0;
-  S.inflight.assign(round_up(smem_bytes, 16) / 16 + 1, 0);
-  S.wg_busy.assign(S.inflight.size(), 0);
-  S.wg_busy_warp.assign(S.inflight.size(), 0);
-  S.gen_writer.assign(S.inflight.size(), 0);
+  const size_t chunks16 = round_up(smem_bytes, 16) / 16 + 1;
+  for (State::GroupBlock& g : S.group) g.inflight.assign(chunks16, 0);
+  S.wg_busy.assign(chunks16, 0);
+  S.wg_busy_warp.assign(chunks16, 0);
+  S.gen_writer.assign(chunks16, 0);
   for (Alloc& a : S.allocs) a.stores.clear();
   const unsigned nx = grid.x, ny = grid.y, nz = grid.z;
   const uint64_t nblocks = static_cast<uint64_t>(nx) * ny * nz, ngroups = nblocks / S.cluster;
