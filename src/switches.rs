@@ -19,7 +19,7 @@ struct Switch {
 const SWITCHES: &[Switch] = &[
     Switch {
         name: "DK_DIVERGENCE_CLUSTER",
-        values: &["0", "smem", "stream", "persist", "persist256"],
+        values: &["0", "smem", "stream", "persist", "persist256", "staged"],
     },
     Switch {
         name: "DK_DIVERGENCE_CLUSTER_SIZE",
@@ -139,6 +139,7 @@ mod tests {
         assert_eq!(parse(c, Some("")), Ok(None));
         assert_eq!(parse(c, Some("persist")), Ok(Some("persist")));
         assert_eq!(parse(c, Some("persist256")), Ok(Some("persist256")));
+        assert_eq!(parse(c, Some("staged")), Ok(Some("staged")));
         let size = switch("DK_DIVERGENCE_CLUSTER_SIZE");
         assert_eq!(parse(size, Some("16")), Ok(Some("16")));
         for name in ["DK_ATTENTION_FWD", "DK_ATTENTION_BWD"] {

@@ -61,6 +61,14 @@ const TEST: &str = "divergence_persistent_sim";
 /// `PERSISTENT_SMEM_BYTES` of src/divergence/cluster.rs (`kPersistentSmemBytes` in the kernel).
 const PERSISTENT_SMEM_BYTES: u32 = 1024;
 
+/// The staged kernels' dynamic shared memory, as src/divergence/cluster.rs `staged_smem_bytes`
+/// sizes it: the scratch (`kStagedScratchBytes`), then two buffers of the block's slice of
+/// both inputs (the driver checks the same formula).
+fn staged_smem_bytes(v: usize, c: usize, pair_bytes: usize) -> u32 {
+    let slice = v.div_ceil(c).next_multiple_of(8);
+    (1024 + 2 * slice * pair_bytes) as u32
+}
+
 // ------------------------------------------------------------------------------------------
 // Building the emulator
 // ------------------------------------------------------------------------------------------
@@ -70,9 +78,11 @@ fn simulator() -> Option<PathBuf> {
     SIM.get_or_init(build_simulator).clone()
 }
 
-/// Copies the kernel source and its headers into a scratch directory with the emulator's
-/// dk_cluster.cuh in place of the real one, and builds the driver against them.
-/// `DK_SIM_PERSISTENT_CU=<file>` stages that file instead of cuda/divergence_persistent.cu (to
+/// Copies the kernel sources (the persistent and the staged kernels) and their headers into a
+/// scratch directory with the emulator's dk_cluster.cuh in place of the real one (and without
+/// dk_mma.cuh, whose emulator version tests/attention_sim has: the staged kernels' cp.async),
+/// and builds the driver against them. `DK_SIM_PERSISTENT_CU=<file>` / `DK_SIM_STAGED_CU=<file>`
+/// stage that file instead of cuda/divergence_persistent.cu / cuda/divergence_staged.cu (to
 /// check that the test catches a deliberately broken copy).
 fn build_simulator() -> Option<PathBuf> {
     let root = repo_root();
@@ -82,20 +92,28 @@ fn build_simulator() -> Option<PathBuf> {
         let to = stage.join(from.file_name().unwrap());
         std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
     };
-    match std::env::var_os("DK_SIM_PERSISTENT_CU") {
-        Some(alt) => {
-            visible(&format!(
-                "{TEST}: kernel source {} (DK_SIM_PERSISTENT_CU)",
-                Path::new(&alt).display()
-            ));
-            std::fs::copy(&alt, stage.join("divergence_persistent.cu"))
-                .unwrap_or_else(|e| panic!("copy {}: {e}", Path::new(&alt).display()));
-        }
-        None => copy(&root.join("cuda/divergence_persistent.cu")),
+    // The kernel files, each from `cuda/` unless its variable names another copy.
+    for (file, var) in [
+        ("divergence_persistent.cu", "DK_SIM_PERSISTENT_CU"),
+        ("divergence_staged.cu", "DK_SIM_STAGED_CU"),
+    ] {
+        let from = match std::env::var_os(var) {
+            Some(alt) => {
+                let alt = PathBuf::from(alt);
+                visible(&format!("{TEST}: kernel source {} ({var})", alt.display()));
+                alt
+            }
+            None => root.join("cuda").join(file),
+        };
+        std::fs::copy(&from, stage.join(file))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
     }
     for entry in std::fs::read_dir(root.join("cuda/include")).expect("cuda/include") {
         let path = entry.expect("cuda/include entry").path();
-        if path.file_name().is_some_and(|n| n != "dk_cluster.cuh") {
+        if path
+            .file_name()
+            .is_some_and(|n| n != "dk_cluster.cuh" && n != "dk_mma.cuh")
+        {
             copy(&path);
         }
     }
@@ -124,8 +142,12 @@ enum Grad {
 /// shape.
 struct SimCase {
     case: Case,
-    /// 512: `dk_divcp_*` (one load step); 256: `dk_divcp256_*` (two).
+    /// 512: `dk_divcp_*` (one load step); 256: `dk_divcp256_*` (two). 512 for the staged
+    /// kernels.
     threads: u32,
+    /// The staged kernels (`dk_divcq_*`, cuda/divergence_staged.cu) instead of the persistent
+    /// ones.
+    staged: bool,
     /// Blocks per cluster.
     c: usize,
     /// Clusters.
@@ -134,7 +156,9 @@ struct SimCase {
 
 impl SimCase {
     fn kernel(&self) -> String {
-        let prefix = if self.threads == 512 {
+        let prefix = if self.staged {
+            "dk_divcq"
+        } else if self.threads == 512 {
             "dk_divcp"
         } else {
             "dk_divcp256"
@@ -276,6 +300,7 @@ fn make(
     SimCase {
         case,
         threads,
+        staged: false,
         c,
         q,
     }
@@ -568,6 +593,8 @@ struct Header {
     kernel: String,
     /// (threads, C, Q).
     shape: (u32, usize, usize),
+    /// Dynamic shared memory per block.
+    smem: u32,
     reverse: bool,
     n: usize,
     v: usize,
@@ -593,7 +620,7 @@ impl Header {
         for x in [threads as i32, c as i32, q as i32] {
             o.extend(x.to_ne_bytes());
         }
-        o.extend(PERSISTENT_SMEM_BYTES.to_ne_bytes());
+        o.extend(self.smem.to_ne_bytes());
         o.extend((self.reverse as i32).to_ne_bytes());
         let (ss, ts, gs) = self.strides;
         for x in [
@@ -665,6 +692,12 @@ fn run_sim(
     Header {
         kernel: sc.kernel(),
         shape: (sc.threads, sc.c, sc.q),
+        smem: if sc.staged {
+            let pair = c.student.dtype.size() + c.teacher.dtype.size();
+            staged_smem_bytes(c.v(), sc.c, pair)
+        } else {
+            PERSISTENT_SMEM_BYTES
+        },
         reverse,
         n: c.n(),
         v: c.v(),
@@ -848,6 +881,30 @@ fn persistent_kernels_match_the_cpu_backend() {
     });
 }
 
+/// The staged kernels (`dk_divcq_*`, cuda/divergence_staged.cu: each block holds its slice of
+/// two rows in shared memory, copying the next while it computes the current) on the same
+/// cases, at their one block shape (512 threads); the descending run lands the cp.async copies
+/// late (at the wait that forces them), so a read of a chunk before its copy is waited for is
+/// an error there.
+#[test]
+fn staged_kernels_match_the_cpu_backend() {
+    let Some(exe) = simulator() else {
+        return;
+    };
+    let mut rng = Rng::fresh(&format!("{TEST}-staged"));
+    let cases: Vec<SimCase> = cases(&mut rng)
+        .into_iter()
+        .map(|sc| SimCase {
+            threads: 512,
+            staged: true,
+            ..sc
+        })
+        .collect();
+    run_cases_parallel(TEST, cases.len(), |i| {
+        (cases[i].what(), check_case(&exe, &cases[i]))
+    });
+}
+
 // ------------------------------------------------------------------------------------------
 // The fused linear divergence's variant (dk_divcp_fused_*, dk_divcp256_fused_*)
 // ------------------------------------------------------------------------------------------
@@ -941,6 +998,7 @@ impl FusedSimCase {
         Header {
             kernel: self.kernel(),
             shape: (self.threads, self.c, self.q),
+            smem: PERSISTENT_SMEM_BYTES,
             reverse,
             n: self.n,
             v: self.v,

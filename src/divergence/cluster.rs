@@ -2,9 +2,10 @@
 //! thread-block cluster per row, each block owning a slice of the row, so that the later passes
 //! find the row on chip (in L2 for the stream variant, in shared memory for the smem variant).
 //! Since the H100 runs (cuda/DIVERGENCE.md, version 4) it serves short batches only, on the
-//! stream variant; `src/divergence/cuda.rs` decides. This file chooses the variant and the
-//! cluster size and launches with `cuLaunchKernelEx` (cudarc's launch builder has no cluster
-//! attribute).
+//! stream variant; `src/divergence/cuda.rs` decides. The persistent variants
+//! (`cuda/divergence_persistent.cu`, `cuda/divergence_staged.cu`: resident clusters that walk
+//! many rows) are opt-in. This file chooses the variant and the cluster size and launches with
+//! `cuLaunchKernelEx` (cudarc's launch builder has no cluster attribute).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -56,6 +57,10 @@ pub(crate) enum Variant {
     /// `dk_divcp256_*`: the same with blocks of 256 threads, each with two steps of loads in
     /// flight (twice the chunks per thread between two row reductions).
     Persistent256,
+    /// `dk_divcq_*` (cuda/divergence_staged.cu): resident clusters whose blocks hold their slice
+    /// of two rows in shared memory, copying the next row while they compute the current one
+    /// (sized by [`staged_grid`]). Opt-in until measured on a GPU.
+    Staged,
 }
 
 impl Variant {
@@ -66,6 +71,7 @@ impl Variant {
             Variant::Smem => "dk_divc_",
             Variant::Persistent => "dk_divcp_",
             Variant::Persistent256 => "dk_divcp256_",
+            Variant::Staged => "dk_divcq_",
         }
     }
 
@@ -84,7 +90,7 @@ impl Variant {
 }
 
 /// `DK_DIVERGENCE_CLUSTER`, read once: `0` turns the cluster path off (one block per row);
-/// `smem`, `stream`, `persist` or `persist256` runs every aligned call on that variant,
+/// `smem`, `stream`, `persist`, `persist256` or `staged` runs every aligned call on that variant,
 /// whatever the number of rows (A/B measurements); unset, the stream variant for short batches
 /// only (any other value is refused when the context opens: `crate::switches`). Returns the variant, if any, and whether it was named.
 fn env_choice() -> (Option<Variant>, bool) {
@@ -94,17 +100,18 @@ fn env_choice() -> (Option<Variant>, bool) {
         Some("stream") => (Some(Variant::Stream), true),
         Some("persist") => (Some(Variant::Persistent), true),
         Some("persist256") => (Some(Variant::Persistent256), true),
+        Some("staged") => (Some(Variant::Staged), true),
         _ => (Some(Variant::Stream), false),
     }
 }
 
 /// Whether `DK_DIVERGENCE_CLUSTER` names a variant (`smem`, `stream`, `persist`,
-/// `persist256`): the cluster path then serves long batches too.
+/// `persist256`, `staged`): the cluster path then serves long batches too.
 pub(crate) fn forced_by_env() -> bool {
     env_choice().1
 }
 
-/// `DK_DIVERGENCE_CLUSTER_SIZE=<1|2|4|8|16>`: forces the stream and persistent variants'
+/// `DK_DIVERGENCE_CLUSTER_SIZE=<1|2|4|8|16>`: forces the stream, persistent and staged variants'
 /// cluster size (A/B measurements); any other value is refused when the context opens
 /// (`crate::switches`).
 fn forced_size() -> Option<usize> {
@@ -193,8 +200,8 @@ pub(crate) fn cluster_size(
         Variant::Stream => {
             Some(forced_size().unwrap_or_else(|| stream_cluster_size(n, v, elem_bytes)))
         }
-        // Sized with the device's occupancy and L2: persistent_grid.
-        Variant::Persistent | Variant::Persistent256 => None,
+        // Sized with the device's occupancy (and L2): persistent_grid, staged_grid.
+        Variant::Persistent | Variant::Persistent256 | Variant::Staged => None,
     }
 }
 
@@ -266,13 +273,73 @@ pub(crate) fn persistent_grid(
     Ok((clusters > 0).then_some((c, clusters)))
 }
 
+/// Staged variant: the head of a block's dynamic shared memory (`kStagedScratchBytes` in
+/// cuda/divergence_staged.cu: its reduction scratch and cluster slots); the row buffers follow.
+pub(crate) const STAGED_SCRATCH_BYTES: usize = 1024;
+
+/// The most dynamic shared memory a Hopper block may opt in to (227 KB); the staged kernels are
+/// configured for it.
+const STAGED_MAX_SMEM: usize = 227 * 1024;
+
+/// Staged variant: a block's dynamic shared memory for rows of `v` elements with `pair_bytes`
+/// bytes per (student, teacher) element pair in clusters of `c`: the scratch, then two buffers
+/// of its slice of both inputs.
+pub(crate) fn staged_smem_bytes(v: usize, c: usize, pair_bytes: usize) -> usize {
+    STAGED_SCRATCH_BYTES + 2 * slice(v, c) * pair_bytes
+}
+
+/// Staged variant: the smallest cluster size whose blocks hold two rows' slices, doubled (up to
+/// 8) while `n` rows give fewer clusters than `sm_count / c` (a short batch leaves SMs idle)
+/// and slices stay at least [`MIN_SLICE`] long. None when even 16 blocks cannot hold two rows
+/// (f32 pairs past ~215k elements): the one-block kernel serves those.
+pub(crate) fn staged_cluster_size(
+    n: usize,
+    v: usize,
+    pair_bytes: usize,
+    sm_count: usize,
+) -> Option<usize> {
+    let mut c = CLUSTER_SIZES
+        .into_iter()
+        .find(|&c| staged_smem_bytes(v, c, pair_bytes) <= STAGED_MAX_SMEM)?;
+    while n * c < sm_count && c < 8 && slice(v, 2 * c) >= MIN_SLICE {
+        c *= 2;
+    }
+    Some(c)
+}
+
+/// The staged variant's cluster size ([`staged_cluster_size`], or `DK_DIVERGENCE_CLUSTER_SIZE`
+/// where the rows fit it), number of clusters (as many as the card runs at once, at most one
+/// per row) and dynamic shared memory per block. None when the rows do not fit or the card
+/// places no cluster of that shape.
+pub(crate) fn staged_grid(
+    f: &CudaFunction,
+    stream: &Arc<CudaStream>,
+    (n, v): (usize, usize),
+    pair_bytes: usize,
+    sm_count: usize,
+) -> Result<Option<(usize, usize, usize)>> {
+    let fits = |c: usize| staged_smem_bytes(v, c, pair_bytes) <= STAGED_MAX_SMEM;
+    let Some(c) = forced_size()
+        .filter(|&c| fits(c))
+        .or_else(|| staged_cluster_size(n, v, pair_bytes, sm_count))
+    else {
+        return Ok(None);
+    };
+    stream.context().bind_to_thread()?;
+    let smem = staged_smem_bytes(v, c, pair_bytes);
+    let clusters = max_active_clusters(f, Variant::Staged.threads(), c, smem).min(n);
+    Ok((clusters > 0).then_some((c, clusters, smem)))
+}
+
 /// How many clusters of `c` blocks of `f` (`threads` threads and `smem` bytes of dynamic shared
-/// memory each, fixed per function) the device runs at once (`cuOccupancyMaxActiveClusters`;
-/// GPC sizes limit the larger clusters), 0 when it cannot place one. Cached per function and
-/// size: the answer does not change while the process runs.
+/// memory each) the device runs at once (`cuOccupancyMaxActiveClusters`;
+/// GPC sizes limit the larger clusters), 0 when it cannot place one. Cached per function, size
+/// and shared memory: the answer does not change while the process runs.
 fn max_active_clusters(f: &CudaFunction, threads: u32, c: usize, smem: usize) -> usize {
-    static CACHE: OnceLock<Mutex<HashMap<(usize, usize), usize>>> = OnceLock::new();
-    let key = (f.cu_function() as usize, c);
+    /// (function, cluster size, shared memory) → clusters.
+    type Cache = Mutex<HashMap<(usize, usize, usize), usize>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let key = (f.cu_function() as usize, c, smem);
     let cache = CACHE.get_or_init(Default::default);
     if let Some(&k) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return k;
@@ -368,9 +435,21 @@ pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Resu
                 MAX_SLICE_BYTES as i32,
             )?;
         }
-        if ["dk_divc_", "dk_divcs_", "dk_divcp_", "dk_divcp256_"]
-            .iter()
-            .any(|p| name.starts_with(p))
+        if name.starts_with("dk_divcq_") {
+            f.set_attribute(
+                Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                STAGED_MAX_SMEM as i32,
+            )?;
+        }
+        if [
+            "dk_divc_",
+            "dk_divcs_",
+            "dk_divcp_",
+            "dk_divcp256_",
+            "dk_divcq_",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p))
         {
             f.set_attribute(Attr::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)?;
         }
@@ -402,7 +481,7 @@ pub(crate) fn launch(
     threads: u32,
     smem: usize,
 ) -> Result<Launched> {
-    debug_assert!(smem <= MAX_SLICE_BYTES);
+    debug_assert!(smem <= MAX_SLICE_BYTES.max(STAGED_MAX_SMEM));
     let blocks = u32::try_from(clusters * c).map_err(|_| {
         Error::new(
             ErrorKind::Shape,
@@ -449,6 +528,36 @@ pub(crate) fn launch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staged_clusters_hold_two_rows_in_shared_memory() {
+        let sms = 132;
+        // bf16 pairs (4 bytes per element): two rows of 151936 or 202048 in 8 blocks (149 KB,
+        // 198 KB each), of 262144 in 16 (129 KB).
+        assert_eq!(staged_cluster_size(4096, 151936, 4, sms), Some(8));
+        assert_eq!(staged_smem_bytes(151936, 8, 4), 1024 + 2 * 18992 * 4);
+        assert_eq!(staged_cluster_size(4096, 202048, 4, sms), Some(8));
+        assert_eq!(staged_cluster_size(4096, 262144, 4, sms), Some(16));
+        // f32 pairs: 16 blocks up to ~215k elements (the fused path's 200064), none past it.
+        assert_eq!(staged_cluster_size(4096, 200064, 8, sms), Some(16));
+        assert_eq!(staged_cluster_size(4096, 262144, 8, sms), None);
+        // Every size it picks fits the opt-in limit, and the next smaller one does not.
+        for (v, pair) in [(151936, 4), (32000, 4), (200064, 8), (50000, 8), (1000, 2)] {
+            let c = staged_cluster_size(4096, v, pair, sms).unwrap();
+            assert!(staged_smem_bytes(v, c, pair) <= STAGED_MAX_SMEM);
+            if c > 1 {
+                assert!(
+                    staged_smem_bytes(v, c / 2, pair) > STAGED_MAX_SMEM,
+                    "{v} {pair}"
+                );
+            }
+        }
+        // Short batches: clusters doubled up to 8 while the rows leave SMs idle and slices stay
+        // at least 4096 long.
+        assert_eq!(staged_cluster_size(2, 32768, 4, sms), Some(8));
+        assert_eq!(staged_cluster_size(2, 16384, 4, sms), Some(4));
+        assert_eq!(staged_cluster_size(256, 151936, 4, sms), Some(8));
+    }
 
     #[test]
     fn cluster_sizes_for_model_vocabularies() {

@@ -60,9 +60,9 @@ pub fn divergence_args_layout() -> Vec<(&'static str, usize)> {
     ]
 }
 
-/// Every kernel of `cuda/divergence.cu`, `cuda/divergence_cluster.cu` and
+/// Every kernel of `cuda/divergence.cu`, `cuda/divergence_cluster.cu`,
 /// `cuda/divergence_persistent.cu` (the fused linear divergence's persistent chunk kernels
-/// included), loaded when a CUDA context opens (the cluster kernels have empty bodies in the
+/// included) and `cuda/divergence_staged.cu`, loaded when a CUDA context opens (the cluster kernels have empty bodies in the
 /// sm_80 cubin and are only launched on Hopper, sm_90).
 pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_div_prepare",
@@ -271,6 +271,42 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_divcp256_fused_jsdx_f32",
     "dk_divcp256_fused_jsdx_bf16",
     "dk_divcp256_fused_jsdx_f16",
+    "dk_divcq_fkl_f32_f32",
+    "dk_divcq_fkl_f32_bf16",
+    "dk_divcq_fkl_f32_f16",
+    "dk_divcq_fkl_bf16_f32",
+    "dk_divcq_fkl_bf16_bf16",
+    "dk_divcq_fkl_bf16_f16",
+    "dk_divcq_fkl_f16_f32",
+    "dk_divcq_fkl_f16_bf16",
+    "dk_divcq_fkl_f16_f16",
+    "dk_divcq_rkl_f32_f32",
+    "dk_divcq_rkl_f32_bf16",
+    "dk_divcq_rkl_f32_f16",
+    "dk_divcq_rkl_bf16_f32",
+    "dk_divcq_rkl_bf16_bf16",
+    "dk_divcq_rkl_bf16_f16",
+    "dk_divcq_rkl_f16_f32",
+    "dk_divcq_rkl_f16_bf16",
+    "dk_divcq_rkl_f16_f16",
+    "dk_divcq_jsd_f32_f32",
+    "dk_divcq_jsd_f32_bf16",
+    "dk_divcq_jsd_f32_f16",
+    "dk_divcq_jsd_bf16_f32",
+    "dk_divcq_jsd_bf16_bf16",
+    "dk_divcq_jsd_bf16_f16",
+    "dk_divcq_jsd_f16_f32",
+    "dk_divcq_jsd_f16_bf16",
+    "dk_divcq_jsd_f16_f16",
+    "dk_divcq_jsdx_f32_f32",
+    "dk_divcq_jsdx_f32_bf16",
+    "dk_divcq_jsdx_f32_f16",
+    "dk_divcq_jsdx_bf16_f32",
+    "dk_divcq_jsdx_bf16_bf16",
+    "dk_divcq_jsdx_bf16_f16",
+    "dk_divcq_jsdx_f16_f32",
+    "dk_divcq_jsdx_f16_bf16",
+    "dk_divcq_jsdx_f16_f16",
 ];
 
 /// Threads per block of the row kernel (`kThreads` in divergence.cu).
@@ -465,6 +501,10 @@ impl<'d> RowKernels<'d> {
             let (f, variant) = (*f, *variant);
             if variant.persistent() {
                 if self.persistent((f, name), variant, stream, args)? {
+                    return Ok(());
+                }
+            } else if variant == cluster::Variant::Staged {
+                if self.staged((f, name), stream, args)? {
                     return Ok(());
                 }
             } else if let Some(c) = cluster::cluster_size(variant, n, v, sb + tb) {
@@ -684,6 +724,46 @@ impl<'d> RowKernels<'d> {
             .is_some())
     }
 
+    /// Queues the staged cluster kernel (`DK_DIVERGENCE_CLUSTER=staged`,
+    /// cuda/divergence_staged.cu) when the rows are 16-byte aligned, two of their slices fit a
+    /// block's shared memory and the card places the clusters; false when the caller must run
+    /// the one-block kernel instead (nothing queued; why is noted).
+    fn staged(
+        &self,
+        (f, name): (&CudaFunction, &str),
+        stream: &Arc<CudaStream>,
+        args: &DivergenceArgs,
+    ) -> Result<bool> {
+        let (sb, tb) = self.elem_bytes;
+        if !cluster::rows_aligned(args, sb, tb) {
+            return Ok(false);
+        }
+        let (n, v) = (args.n as usize, args.v as usize);
+        let Some((c, q, smem)) = cluster::staged_grid(f, stream, (n, v), sb + tb, self.sm_count)?
+        else {
+            cluster::note_fallback(format!(
+                "two rows of V = {v} do not fit the shared memory of 16 blocks of {name}, or the \
+                 card places no such cluster; such rows run the one-block kernel"
+            ));
+            return Ok(false);
+        };
+        match cluster::launch(
+            (f, name),
+            stream,
+            args,
+            None,
+            (c, q),
+            cluster::Variant::Staged.threads(),
+            smem,
+        )? {
+            cluster::Launched::Queued => Ok(true),
+            cluster::Launched::Refused(e) => {
+                cluster::note_refused_launch(c, smem, &e);
+                Ok(false)
+            }
+        }
+    }
+
     /// Queues `dk_div_finish`: `loss = *scale · Σ per_row[0..n]` (f64, fixed order).
     pub(crate) fn finish(
         &self,
@@ -812,6 +892,7 @@ mod tests {
             "dk_divcs_",
             "dk_divcp_",
             "dk_divcp256_",
+            "dk_divcq_",
         ];
         for (kind, beta) in [
             (Kind::ForwardKl, 0.5f32),

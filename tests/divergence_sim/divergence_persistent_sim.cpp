@@ -1,11 +1,14 @@
 // Driver of the persistent divergence kernel emulator (tests/divergence_persistent_sim.rs):
-// compiles the REAL cuda/divergence_persistent.cu (staged by the test next to this directory's
-// dk_cluster.cuh, the only header replaced) against the host emulator of
+// compiles the REAL cuda/divergence_persistent.cu and cuda/divergence_staged.cu (staged by the
+// test next to this directory's dk_cluster.cuh; dk_mma.cuh, for the staged kernels' cp.async,
+// comes from tests/attention_sim) against the host emulator of
 // tests/attention_sim/sim_core.h (every CUDA thread a fiber, warp collectives, __syncthreads,
 // thread-block clusters with a split barrier and distributed shared memory, guarded memory;
 // see there for what is and is not modelled) and runs one launch of one dk_divcp_* /
-// dk_divcp256_* kernel on the buffers it is given: a divergence kernel
-// (dk_divcp[256]_<kind>_<student>_<teacher>) or a fused linear divergence chunk kernel
+// dk_divcp256_* / dk_divcq_* kernel on the buffers it is given: a divergence kernel
+// (dk_divcp[256]_<kind>_<student>_<teacher>, dk_divcq_<kind>_<student>_<teacher>: the staged
+// kernels, whose dynamic shared memory must be their scratch plus two slices of both inputs,
+// as the launcher sizes it) or a fused linear divergence chunk kernel
 // (dk_divcp[256]_fused_<kind>_<G dtype>: f32 S and T, G with the softcap slope, written
 // `shift` rows before S in S's own buffer, grad mode 3 below).
 //
@@ -20,7 +23,8 @@
 //
 // Protocol (binary, native endianness), one launch per process:
 //   stdin:  u32 magic 0x50444b44 ("DKDP"); str kernel name (e.g. dk_divcp256_jsd_bf16_f32);
-//           i32 threads, cluster C, clusters Q, dynamic shared bytes, reverse order;
+//           i32 threads, cluster C, clusters Q, dynamic shared bytes, reverse order (which
+//           also lands cp.async copies late: only at the wait that forces them);
 //           i64 n, v, student_stride, teacher_stride, grad_stride, ignore_index;
 //           f32 beta, inv_temperature, scale (the f32 the prepare kernel would write),
 //           inv_cap (the fused kernels' softcap argument; 0 for the others);
@@ -57,6 +61,7 @@ unsigned char (*sim_divcp_smem())[] { return reinterpret_cast<unsigned char(*)[]
 }  // namespace divergence
 }  // namespace dk
 #define dk_divcp_smem (*sim_divcp_smem())
+#define dk_divcq_smem (*sim_divcp_smem())
 
 #define __CUDACC__ 1
 #include "dk_math.cuh"
@@ -69,6 +74,7 @@ unsigned char (*sim_divcp_smem())[] { return reinterpret_cast<unsigned char(*)[]
 
 #define __CUDA_ARCH__ 900
 #include "divergence_persistent.cu"
+#include "divergence_staged.cu"
 #undef __CUDA_ARCH__
 #undef __CUDACC__
 
@@ -98,6 +104,17 @@ struct NamedFused {
   DK_SIM_K(k, bf16, f32) DK_SIM_K(k, bf16, bf16) DK_SIM_K(k, bf16, f16)             \
   DK_SIM_K(k, f16, f32) DK_SIM_K(k, f16, bf16) DK_SIM_K(k, f16, f16)
 const Named kKernels[] = {DK_SIM_KIND(fkl) DK_SIM_KIND(rkl) DK_SIM_KIND(jsd) DK_SIM_KIND(jsdx)};
+#undef DK_SIM_KIND
+#undef DK_SIM_K
+
+// The staged kernels (divergence_staged.cu, version 9): one 512-thread shape.
+#define DK_SIM_K(k, s, t) {"dk_divcq_" #k "_" #s "_" #t, dk_divcq_##k##_##s##_##t},
+#define DK_SIM_KIND(k)                                                              \
+  DK_SIM_K(k, f32, f32) DK_SIM_K(k, f32, bf16) DK_SIM_K(k, f32, f16)                \
+  DK_SIM_K(k, bf16, f32) DK_SIM_K(k, bf16, bf16) DK_SIM_K(k, bf16, f16)             \
+  DK_SIM_K(k, f16, f32) DK_SIM_K(k, f16, bf16) DK_SIM_K(k, f16, f16)
+const Named kStagedKernels[] = {DK_SIM_KIND(fkl) DK_SIM_KIND(rkl) DK_SIM_KIND(jsd)
+                                    DK_SIM_KIND(jsdx)};
 #undef DK_SIM_KIND
 #undef DK_SIM_K
 
@@ -150,6 +167,9 @@ int main() {
   g_fused_fn = nullptr;
   for (const Named& k : kKernels)
     if (name == k.name) g_fn = k.fn;
+  bool staged = false;
+  for (const Named& k : kStagedKernels)
+    if (name == k.name) g_fn = k.fn, staged = true;
   for (const NamedFused& k : kFusedKernels)
     if (name == k.name) g_fused_fn = k.fn;
   if (!g_fn && !g_fused_fn) sim::fail("no kernel %s", name.c_str());
@@ -161,6 +181,10 @@ int main() {
     sim::fail("shift %ld in grad mode %d", static_cast<long>(shift), grad_mode);
   if (smem < sizeof(dk::divergence::PersistentSmem<dk::divergence::Kind::Jsd>))
     sim::fail("%u bytes of dynamic shared memory, the kernel's PersistentSmem needs more", smem);
+  // The descending run also lands cp.async copies late (only at the wait that forces them; the
+  // staged kernels' copies of the next rows): a read of a chunk whose copy is in flight is an
+  // error, and the two runs must still agree bitwise.
+  sim::S.late_copies = sim::S.reverse;
 
   // Bytes of a student, teacher and gradient element (the fused kernels: f32 S and T, G named
   // last).
@@ -168,6 +192,15 @@ int main() {
   const char* tail = name.c_str() + name.rfind('_') + 1;
   const int64_t last = strcmp(tail, "f32") == 0 ? 4 : 2;
   const int64_t sb = fused ? 4 : s16 ? 2 : 4, tb = fused ? 4 : last, gb = fused ? last : sb;
+  if (staged) {
+    // The staged kernels' scratch, then two buffers of both inputs' slices (STAGED_SCRATCH_BYTES
+    // and staged_smem_bytes in src/divergence/cluster.rs).
+    const int64_t slice = dk::divergence::cluster_slice(static_cast<int>(a.v), cluster);
+    const int64_t need = dk::divergence::kStagedScratchBytes + 2 * slice * (sb + tb);
+    if (smem != need)
+      sim::fail("%u bytes of dynamic shared memory for %s, the launcher gives %ld", smem,
+                name.c_str(), static_cast<long>(need));
+  }
 
   sim::Buffers bufs;
   auto take = [&](const char* what, bool returned = true) { return bufs.take(in, what, returned); };

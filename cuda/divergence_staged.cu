@@ -1,0 +1,243 @@
+// Token-level divergence on Hopper (sm_90), version 9: persistent clusters whose blocks stage
+// each row's slice in shared memory, the next row's slice copying while the current one is
+// computed (cuda/DIVERGENCE.md, version 9; opt-in: DK_DIVERGENCE_CLUSTER=staged).
+//
+// Why. Every earlier kernel loses on one of two counts. The one-block kernel (version 1)
+// streams at the copy rate but reads each row two or three times from DRAM (hundreds of rows in
+// flight do not fit L2): 59 % of the floor for KL, 41 % for JSD. The cluster kernels keep the
+// re-reads on chip but leave DRAM idle while they reduce: the smem kernel (version 2) copies a
+// slice, waits for it, computes, and exits; the persistent one (version 6) re-reads from L2
+// and pays each iteration's barrier and reductions with no load in flight but the next
+// row's prefetch (H200: 45.5 % of the floor, DRAM 60 % busy, issue 54 %).
+//
+// Here a cluster of C blocks (one or two per SM) stays resident and walks the rows q, q + Q,
+// q + 2Q, ... (Q clusters). A block holds its slice (cluster_slice elements of both inputs)
+// of two rows in shared memory: while it computes every pass of row i from buffer i & 1, the
+// cp.async copies of row i + 1 fill the other buffer, and when it is done with row i it queues
+// row i + 2 into the buffer it just left. So each logit leaves DRAM once (the floor's traffic,
+// whatever the passes), and DRAM has a whole slice of loads in flight per block at all times,
+// through the reductions and cluster barriers too. The kernel is memory-bound as long as a
+// row's passes, reductions and barriers take less time than its slice takes to arrive.
+//
+// Each thread copies the 8-element chunks it will compute (c = threadIdx.x, + blockDim.x, ...;
+// the partial last chunk of a row by its owner, zero-filled past the row) and waits only for
+// its own copies (cp.async.wait_group): no block barrier guards the buffers, and the refill of
+// a buffer by a thread follows that thread's own last read of it.
+//
+// Per row: statistics pass → block_stats → slot → cluster barrier → merge_slots (JSD: mixture
+// pass → block sums → slot → barrier → sum_slots) → gradient pass from shared memory, 16-byte
+// stores. Slots are double-buffered by barrier phase: slot[p & 1] is written before barrier p
+// and read by every block after it; its next write comes before barrier p + 2, after barrier
+// p + 1, which no block passes before every block has arrived there, i.e. has consumed its
+// reads of barrier p's slots (each read's value is used before the thread arrives again).
+// Ignored rows skip the passes and the barriers in every block of the cluster alike (labels
+// are per row), so the phases stay in step.
+//
+// The gradient may go in place over the student logits: a block writes only its own slice of
+// row i, which is in its shared memory since before the statistics pass, and the copies in
+// flight are of rows i + 1 and i + 2.
+//
+// tests/kernel_sim replays the arithmetic (the same passes and reductions as version 6);
+// tests/divergence_persistent_sim runs this file on the host emulator with clusters and
+// cp.async (both copy timing models), against the CPU backend.
+
+#include "dk_cluster.cuh"
+#include "dk_divergence_args.h"
+#include "dk_divergence_cluster.cuh"
+#include "dk_divergence_math.cuh"
+#include "dk_divergence_passes.cuh"
+#include "dk_mma.cuh"
+#include "dk_reduce.cuh"
+#include "dk_vec.cuh"
+
+namespace dk {
+namespace divergence {
+
+// Threads per staged block (src/divergence/cluster.rs: Variant::Staged).
+constexpr int kStagedThreads = 512;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+
+// The head of the kernel's dynamic shared memory: reduction scratch and the cluster slots.
+// The two row buffers follow it (kStagedScratchBytes on: STAGED_SCRATCH_BYTES in
+// src/divergence/cluster.rs, which sizes the launch).
+template <Kind K>
+struct StagedScratch {
+  RowStats<K> stats[32];      // block_stats scratch
+  float sums[32];             // block_sum scratch
+  RowStats<K> slot_stats[2];  // this block's statistics of a row, by barrier phase
+  float2 slot_kl[2];          // JSD: this block's mixture sums of a row, by barrier phase
+};
+constexpr int kStagedScratchBytes = 1024;
+static_assert(sizeof(StagedScratch<Kind::ForwardKl>) <= kStagedScratchBytes, "smem");
+static_assert(sizeof(StagedScratch<Kind::Jsd>) <= kStagedScratchBytes, "smem");
+
+// Queues the copy of this thread's chunks of `len` elements at `src` (16-byte aligned) into
+// `dst`: the chunks c = threadIdx.x + j · blockDim.x, 16 bytes per cp.async (two per chunk for
+// f32), the partial last chunk with cp.async's zero-fill (only its valid bytes are read).
+template <typename T>
+__device__ __forceinline__ void stage_chunks(T* dst, const T* src, int len) {
+  constexpr int kPer16 = 16 / static_cast<int>(sizeof(T));
+  constexpr int kPieces = kVec / kPer16;
+  const int chunks = (len + kVec - 1) / kVec;
+  for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+#pragma unroll
+    for (int p = 0; p < kPieces; ++p) {
+      const int e = c * kVec + p * kPer16;
+      const int valid = max(0, min(kPer16, len - e));
+      cp_async_16(smem_addr(dst + e), valid > 0 ? src + e : src,
+                  valid * static_cast<int>(sizeof(T)));
+    }
+  }
+}
+
+// Runs pass `f` over the staged slice (`len` elements at ss / ts in shared memory), each
+// thread over the chunks it copied: whole chunks 16 bytes at a time, the partial last chunk
+// element by element by its owner.
+template <typename TS, typename TT, typename F>
+__device__ __forceinline__ void staged_pass(const TS* ss, const TT* ts, int len, F& f) {
+  const int full = len / kVec;
+  for (int c = threadIdx.x; c < full; c += blockDim.x) {
+    float sv[kVec], tv[kVec];
+    load8(ss + c * kVec, sv);
+    load8(ts + c * kVec, tv);
+    f.template chunk<kVec>(c * kVec, sv, tv);
+  }
+  if (full * kVec < len && static_cast<int>(threadIdx.x) == full % static_cast<int>(blockDim.x)) {
+    for (int i = full * kVec; i < len; ++i) {
+      const float sv[1] = {to_float(ss[i])}, tv[1] = {to_float(ts[i])};
+      f.template chunk<1>(i, sv, tv);
+    }
+  }
+}
+
+// kSeries: Row's JSD mode (the `jsdx` kernels, for extreme β).
+template <Kind K, typename TS, typename TT, bool kSeries>
+__device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a) {
+  constexpr bool kJsd = K == Kind::Jsd;
+  extern __shared__ __align__(16) unsigned char dk_divcq_smem[];
+  StagedScratch<K>& sm = *reinterpret_cast<StagedScratch<K>*>(dk_divcq_smem);
+
+  const ClusterWalk walk(a);
+  const int c = walk.c, slice = walk.slice, start = walk.start, len = walk.len;
+  // Buffer b: the student slice, then the teacher slice (slice is a multiple of 8 elements,
+  // so both start 16-byte aligned).
+  const size_t buffer_bytes = static_cast<size_t>(slice) * (sizeof(TS) + sizeof(TT));
+  auto student_buf = [&](int64_t i) {
+    return reinterpret_cast<TS*>(dk_divcq_smem + kStagedScratchBytes + (i & 1) * buffer_bytes);
+  };
+  auto teacher_buf = [&](int64_t i) {
+    return reinterpret_cast<TT*>(dk_divcq_smem + kStagedScratchBytes + (i & 1) * buffer_bytes +
+                                 static_cast<size_t>(slice) * sizeof(TS));
+  };
+  const int lane = threadIdx.x & 31;
+  const float k = exp2_scale(a.inv_temperature), beta = a.beta;
+
+  // Queues this thread's chunks of the i-th row of the walk into buffer i & 1 (nothing for an
+  // ignored row or past the walk's end) and closes a copy group either way, so that group i is
+  // always row i's.
+  auto stage = [&](int64_t i) {
+    if (i < walk.mine) {
+      const int64_t row = walk.row_at(i);
+      if (!walk.ignored(row)) {
+        stage_chunks(student_buf(i),
+                     reinterpret_cast<const TS*>(a.student) + row * a.student_stride + start, len);
+        stage_chunks(teacher_buf(i),
+                     reinterpret_cast<const TT*>(a.teacher) + row * a.teacher_stride + start, len);
+      }
+    }
+    cp_async_commit();
+  };
+
+  stage(0);
+  stage(1);
+  int phase = 0;  // cluster barriers passed: slot parity
+  for (int64_t i = 0; i < walk.mine; ++i) {
+    const int64_t row = walk.row_at(i);
+    TS* g = a.grad == 0 ? nullptr : reinterpret_cast<TS*>(a.grad) + row * a.grad_stride + start;
+    cp_async_wait<1>();  // group i (this row) has landed; group i + 1 may be in flight
+    if (walk.ignored(row)) {  // the same branch in every block of the cluster
+      if (walk.writer) walk.per_row[row] = 0.f;
+      if (g) zero_row(g, len, true);
+    } else {
+      const TS* ss = student_buf(i);
+      const TT* ts = teacher_buf(i);
+      StatsPass<K, TS, TT> sp{k, ss, ts};
+      staged_pass(ss, ts, len, sp);
+      const RowStats<K> mine_stats = block_stats(sp.stats, k, sm.stats);
+      if (threadIdx.x == 0) {
+        sm.slot_stats[phase & 1] = mine_stats;
+        cluster_fence();  // publish the slot
+      }
+      cluster_arrive_relaxed();
+      cluster_wait();
+      const RowStats<K> st = merge_slots(&sm.slot_stats[phase & 1], c, lane, k);
+      ++phase;
+      // A side with no finite entry has no distribution: loss 0, gradient 0.
+      const bool live = !st.empty();
+      const Row r = row_of<K, kSeries>(st, a.inv_temperature, beta);
+      float loss = 0.f, center = 0.f;
+      if (!kJsd && live) loss = kl_loss(st, r, &center);
+      if (kJsd) {
+        // Every block takes this branch (live is the same everywhere): the barrier is uniform.
+        JsdPass<kSeries> jp{r};
+        if (live) staged_pass(ss, ts, len, jp);
+        const float pm = block_sum(jp.kl_pm, sm.sums);
+        const float qm = block_sum(jp.kl_qm, sm.sums);
+        if (threadIdx.x == 0) {
+          sm.slot_kl[phase & 1] = make_float2(pm, qm);
+          cluster_fence();
+        }
+        cluster_arrive_relaxed();
+        cluster_wait();
+        const float2 sums = sum_slots(&sm.slot_kl[phase & 1], c, lane);
+        ++phase;
+        center = sums.y;
+        loss = live ? jsd_loss(beta, sums.x, center) : 0.f;
+      }
+      if (walk.writer) walk.per_row[row] = clamp_loss(loss);
+      if (g) {
+        if (!live) {
+          zero_row(g, len, true);
+        } else {
+          GradPass<K, TS, kSeries> gp{
+              grad_row_of<K, kSeries>(r, center, beta, grad_scale(walk.gfactor, loss)), g};
+          staged_pass(ss, ts, len, gp);
+        }
+      }
+    }
+    stage(i + 2);  // into the buffer this thread has just finished reading
+  }
+  cp_async_wait<0>();
+  // No block leaves while another may still read its slots (the last barrier's reads).
+  cluster_arrive_release();
+  cluster_wait();
+}
+
+#endif  // __CUDA_ARCH__ >= 900
+
+}  // namespace divergence
+}  // namespace dk
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define DK_DIVQ_BODY(KIND, SERIES, TS, TT) dk::divergence::staged_rows<KIND, TS, TT, SERIES>(args);
+#else
+#define DK_DIVQ_BODY(KIND, SERIES, TS, TT) (void)args;
+#endif
+
+// One block shape: 512 threads; one block per SM when the two buffers take more than half of
+// the shared memory, two otherwise (the launcher sizes C and the grid).
+#define DK_DIVQ_KERNEL(kname, KIND, SERIES, sname, TS, tname, TT)                           \
+  extern "C" __global__ void __launch_bounds__(dk::divergence::kStagedThreads, 1)           \
+      dk_divcq_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                   \
+    DK_DIVQ_BODY(KIND, SERIES, TS, TT)                                                      \
+  }
+
+#define DK_DIVQ_KERNELS_FOR_KIND(kname, KIND, SERIES) \
+  DK_DIV_DTYPE_PAIRS(DK_DIVQ_KERNEL, kname, KIND, SERIES)
+
+// jsdx: JSD at extreme β (the series tails; see cuda/divergence.cu).
+DK_DIVQ_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl, false)
+DK_DIVQ_KERNELS_FOR_KIND(rkl, dk::divergence::Kind::ReverseKl, false)
+DK_DIVQ_KERNELS_FOR_KIND(jsd, dk::divergence::Kind::Jsd, false)
+DK_DIVQ_KERNELS_FOR_KIND(jsdx, dk::divergence::Kind::Jsd, true)
