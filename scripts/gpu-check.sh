@@ -9,8 +9,8 @@
 # failing step is recorded and the next one runs. A step may use its cap but not the time the
 # selected steps after it are expected to need (expected_seconds), except that it may always use
 # half of what is left. A benchmark or test that runs into its own cap (a hang) skips the later
-# benchmarks, profiles and sanitizer runs of its variant (persist, persist256, mma, wide, smem,
-# stream); a test's also skips the variant's later tests. A full run goes in the order below; a
+# benchmarks, profiles and sanitizer runs of its variant (persist, persist256, staged, mma, wide,
+# smem, stream); a test's also skips the variant's later tests. A full run goes in the order below; a
 # call that names its steps (GPU_CHECK_ONLY) runs the card steps, then the tests (6), then the
 # benchmarks (3-5c), then the rest: code that never ran on a card is checked before it is timed.
 #   1. nvidia-smi one-liner
@@ -20,7 +20,8 @@
 #      (DK_DIVERGENCE_CLUSTER=0), and the shared-memory and stream cluster variants forced onto
 #      N=4096 (=smem, =stream), side by side with the default; version 6, the persistent
 #      cluster kernels (=persist, =persist256), at their own cluster size and at 4, 8 and 16;
-#      the gradient over the student logits (--passes fwd+bwd,in-place), default and persist
+#      version 9, the staged cluster kernels (=staged), also at N=256 and at C=16;
+#      the gradient over the student logits (--passes fwd+bwd,in-place), default, persist, staged
 #   5. dk bench --ops moe: route, permute, combine fwd/bwd, 3 ANCHORS shapes, N=16384; the bwd
 #      rows again as two primitive kernels each (DK_MOE_BACKWARD=primitives, A/B of the fused ones)
 #  5b. dk bench --ops attention: fwd, fwd+bwd, ANCHORS shapes + varlen, bf16, TFLOP/s; again with
@@ -54,7 +55,7 @@
 # GPU_CHECK_LIST=1: print the steps in the order this call would run them (selected or not, with
 # their expected seconds) and run nothing; GPU_CHECK_ONLY / _SKIP entries that name no step are
 # reported there, at the start of a run and in the summary.
-# GPU_CHECK_PLAN=1|2|3a|3b|3c|3d: the step lists of BENCHMARKS.md's "The next session's plan"
+# GPU_CHECK_PLAN=1|2|3a|3b|3c|3d|3e: the step lists of BENCHMARKS.md's "The next session's plan"
 # (below).
 # PYTEST_K: a pytest -k expression for step 8.
 # PY_BENCH_OPS: the --ops of step 10 (default: divergence,moe); PY_BENCH_SHAPES: its divergence
@@ -84,7 +85,7 @@ out=${OUT:-$root/gpu-check-out}
 budget=${GPU_CHECK_BUDGET:-330}
 GPU_CHECK_SKIP=${GPU_CHECK_SKIP:-}
 GPU_CHECK_ONLY=${GPU_CHECK_ONLY:-}
-# GPU_CHECK_PLAN=1|2|3a|3b|3c|3d: the steps of BENCHMARKS.md's "The next session's plan" (kept here,
+# GPU_CHECK_PLAN=1|2|3a|3b|3c|3d|3e: the steps of BENCHMARKS.md's "The next session's plan" (kept here,
 # in one place, so a device call names them instead of copying lists): sets GPU_CHECK_ONLY, and
 # PYTEST_K / PY_BENCH_* where unset. GPU_CHECK_BUDGET stays the caller's.
 case ${GPU_CHECK_PLAN:-} in
@@ -115,6 +116,15 @@ case ${GPU_CHECK_PLAN:-} in
     plan_steps="nvidia-smi,test-attention_reference-wide,dk-bench-attention=,dk-bench-attention-wide"
     plan_steps+=",racecheck-attention-wide,ncu-attention-fwd-wide,ncu-attention-bwd-wide"
     plan_steps+=",dk-bench-persist=,dk-bench-persist-c,memcheck-persist256" ;;
+  3e) # issue 3's version 9 (DK_DIVERGENCE_CLUSTER=staged: two rows' slices in shared memory per
+    # block, the next copying while the current one is computed): correctness first, then its
+    # rows beside the default's in the same run (long, short, in place, f32, the fused chunks),
+    # memcheck, and its profile
+    plan_steps="nvidia-smi,test-divergence_reference-staged,test-fused_reference-staged"
+    plan_steps+=",dk-bench-bf16,dk-bench-staged=,dk-bench-short=,dk-bench-short-staged"
+    plan_steps+=",dk-bench-inplace-staged,dk-bench-staged-c16,dk-bench-staged-f32,dk-bench-fused="
+    plan_steps+=",dk-bench-fused-staged"
+    plan_steps+=",memcheck-staged,ncu-divergence-staged" ;;
   3d) # issue 3's rows beside the baselines that no other plan has: reverse KL, forward only and
     # f32 logits, against torch eager, torch.compile (a compile per kind, dtype and pass: most of
     # the step's time) and Liger, at one shape; first the jsdx kernels (JSD at β = 1e-3) beside
@@ -127,7 +137,7 @@ case ${GPU_CHECK_PLAN:-} in
     PY_BENCH_PASSES=${PY_BENCH_PASSES:-fwd+bwd,fwd}
     PY_BENCH_CAP=${PY_BENCH_CAP:-480}
     PY_BENCH_EXPECTED=${PY_BENCH_EXPECTED:-300} ;;
-  *) echo "gpu-check: GPU_CHECK_PLAN=$GPU_CHECK_PLAN: the plan's steps are 1, 2, 3a, 3b, 3c, 3d" >&2
+  *) echo "gpu-check: GPU_CHECK_PLAN=$GPU_CHECK_PLAN: the plan's steps are 1, 2, 3a, 3b, 3c, 3d, 3e" >&2
      exit 2 ;;
 esac
 if [ -n "${GPU_CHECK_PLAN:-}" ]; then
@@ -327,7 +337,7 @@ want() {
 expected_seconds() {
   case $1 in
     nvidia-smi | dk-info | liger-install) echo 5 ;;
-    dk-bench-bf16 | dk-bench-persist | dk-bench-persist256) echo 45 ;;
+    dk-bench-bf16 | dk-bench-persist | dk-bench-persist256 | dk-bench-staged) echo 45 ;;
     dk-bench-16k) echo 75 ;;
     dk-bench-f32) echo 40 ;;
     dk-bench-short | dk-bench-short-* | dk-bench-moe-nopdl | dk-bench-jsdx*) echo 12 ;;
@@ -367,12 +377,12 @@ expected_after() {
 
 # A benchmark or test that ran into its own cap (at least 5 s past its expected time: a hang,
 # or far slower than planned) marks its variant (the word in its name: persist, persist256,
-# mma, wide, smem, stream): the later benchmarks, profiles and sanitizer runs of that variant
+# staged, mma, wide, smem, stream): the later benchmarks, profiles and sanitizer runs of that variant
 # are skipped, so one stuck kernel cannot eat the budget of every step after it. A test's mark
 # skips the variant's later tests too; a benchmark's does not (tests are the evidence, each
 # under its own cap). Profiler and sanitizer steps mark nothing (their instrumentation makes
 # them slow).
-variant_words="persist persist256 mma wide smem stream"
+variant_words="persist persist256 staged mma wide smem stream"
 hung_tests=""      # variant words marked by a test
 skipped_as_hung() { # STEP: the hung variant that skips it, if any
   local w marks=$hung
@@ -536,8 +546,23 @@ phase_benches() {
   run_step dk-bench-persist256 90 1 env DK_DIVERGENCE_CLUSTER=persist256 "$dk" bench \
     --device cuda --ops divergence --dtype bf16,f32 --rows 4096 --vocab 151936,262144 \
     --kinds forward_kl,jsd
-  # Issue 3's short batch (N = 256, default: stream clusters at 32.8 % on the H200) on both shapes.
-  for p in persist persist256; do
+  # Version 9 (issue 3): the staged cluster kernels (each block holds its slice of two rows in
+  # shared memory and copies the next row while it computes the current one: DRAM traffic at the
+  # floor, loads in flight through the reductions and barriers), issue 3's bf16 shapes, both
+  # passes; then f32 logits (two rows of 262144 f32 pairs fit no cluster: the one-block kernel
+  # serves them, and the output says so).
+  run_step dk-bench-staged 90 1 env DK_DIVERGENCE_CLUSTER=staged "$dk" bench --device cuda \
+    --ops divergence --dtype bf16 --rows 4096 --vocab 151936,202048,262144 \
+    --kinds forward_kl,reverse_kl,jsd
+  run_step dk-bench-staged-f32 45 0 env DK_DIVERGENCE_CLUSTER=staged "$dk" bench --device cuda \
+    --ops divergence --dtype f32 --rows 4096 --vocab 151936,202048 --kinds forward_kl,jsd
+  # Its cluster size 16 at V = 151936 (76 KB per buffer; the default is 8, one block of 152 KB
+  # per SM): more, shorter slices per row.
+  run_step dk-bench-staged-c16 30 0 env DK_DIVERGENCE_CLUSTER=staged DK_DIVERGENCE_CLUSTER_SIZE=16 \
+    "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 4096 --vocab 151936 \
+    --kinds forward_kl,jsd --passes fwd+bwd
+  # Issue 3's short batch (N = 256, default: stream clusters at 32.8 % on the H200) on each variant.
+  for p in persist persist256 staged; do
     run_step "dk-bench-short-$p" 30 0 env DK_DIVERGENCE_CLUSTER=$p "$dk" bench --device cuda \
       --ops divergence --dtype bf16 --rows 256 --vocab 151936 --kinds forward_kl,jsd
   done
@@ -553,6 +578,9 @@ phase_benches() {
   run_step dk-bench-inplace 40 0 "$dk" bench --device cuda --ops divergence --dtype bf16 \
     --rows 4096 --vocab 151936 --kinds forward_kl,jsd --passes fwd+bwd,in-place
   run_step dk-bench-inplace-persist 40 0 env DK_DIVERGENCE_CLUSTER=persist "$dk" bench \
+    --device cuda --ops divergence --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd \
+    --passes fwd+bwd,in-place
+  run_step dk-bench-inplace-staged 40 0 env DK_DIVERGENCE_CLUSTER=staged "$dk" bench \
     --device cuda --ops divergence --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd \
     --passes fwd+bwd,in-place
 
@@ -600,6 +628,10 @@ phase_benches() {
   # which writes G itself over the row its cluster finished before (cuda/FUSED.md, version 3).
   run_step dk-bench-fused-persist 45 0 env DK_DIVERGENCE_CLUSTER=persist "$dk" bench --device cuda \
     --ops fused --dtype bf16 --iters 5 --check-rows 2
+  # A/B: the chunks' f32 rows on the staged cluster kernel (version 9: 16 blocks of 195 KB per
+  # row pair at V 200064, each logit read once), its gradient over T, then the conversion to G.
+  run_step dk-bench-fused-staged 45 0 env DK_DIVERGENCE_CLUSTER=staged "$dk" bench --device cuda \
+    --ops fused --dtype bf16 --iters 5 --check-rows 2
 }
 
 phase_tests() {
@@ -614,7 +646,7 @@ phase_tests() {
   # test-NAME-STEP for each STEP:VALUE of DK_DIVERGENCE_CLUSTER (v1:0 is the one-block kernel).
   local v
   if has_test divergence_reference; then
-    for v in v1:0 smem:smem stream:stream persist:persist persist256:persist256; do
+    for v in v1:0 smem:smem stream:stream persist:persist persist256:persist256 staged:staged; do
       run_step "test-divergence_reference-${v%%:*}" 90 1 env DK_DIVERGENCE_CLUSTER="${v#*:}" \
         target/release/deps/divergence_reference
     done
@@ -625,7 +657,7 @@ phase_tests() {
   # 2); and on the persistent kernels that write G over the previous row of their cluster
   # (dk_divcp_fused_*, cuda/FUSED.md version 3).
   if has_test fused_reference; then
-    for v in v1:0 persist:persist persist256:persist256; do
+    for v in v1:0 persist:persist persist256:persist256 staged:staged; do
       run_step "test-fused_reference-${v%%:*}" 90 1 env DK_DIVERGENCE_CLUSTER="${v#*:}" \
         target/release/deps/fused_reference
     done
@@ -741,6 +773,11 @@ phase_profile() {
   DK_DIVERGENCE_CLUSTER=persist256 ncu_run ncu-divergence-persist256 40 \
     'dk_divcp256_(fkl|jsd)_bf16_bf16' 4 --ops divergence --dtype bf16 --rows 4096 --vocab 151936 \
     --kinds forward_kl,jsd --passes fwd+bwd --iters 1 --check-rows 2
+  # Version 9: is it at the DRAM roofline (DRAM throughput near its peak at the floor's bytes), or
+  # issue- / MUFU-bound (the busiest pipe), or waiting at its barriers?
+  DK_DIVERGENCE_CLUSTER=staged ncu_run ncu-divergence-staged 40 'dk_divcq_(fkl|jsd)_bf16_bf16' 4 \
+    --ops divergence --dtype bf16 --rows 4096 --vocab 151936 --kinds forward_kl,jsd \
+    --passes fwd+bwd --iters 1 --check-rows 2
   # Route's three launches one by one (issue 5: which of top-k, scan and assign holds the 35 us).
   ncu_run ncu-moe-route 40 'dk_moe_(topk|scan|assign)' 3 --ops moe --dtype bf16 --tokens 16384 \
     --moe-shapes qwen3 --iters 1
@@ -810,9 +847,9 @@ phase_sanitizer() {
   }
   san_step memcheck -- memcheck --ops divergence --rows 64 --vocab 1000,151936 --iters 1 \
     --check-rows 4 --kinds forward_kl,jsd
-  # The persistent cluster kernel (version 6): 300 rows over fewer clusters, so each walks
-  # several rows (the reference tests cover ignored, masked and unaligned-tail rows).
-  for p in persist persist256; do
+  # The persistent cluster kernels (versions 6 and 9): 300 rows over fewer clusters, so each
+  # walks several rows (the reference tests cover ignored, masked and unaligned-tail rows).
+  for p in persist persist256 staged; do
     san_step "memcheck-$p" DK_DIVERGENCE_CLUSTER=$p -- memcheck --ops divergence --rows 300 \
       --vocab 1000,151936 --iters 1 --check-rows 4 --kinds forward_kl,jsd
   done
@@ -953,9 +990,10 @@ cmp_variants() { # KIND NAME=STEP...: rows of the steps that ran, one column per
   python3 "$root/scripts/compare-variants.py" "$kind" "${args[@]}" || true
 }
 cmp_variants divergence default=dk-bench-bf16 one-block=dk-bench-v1 stream=dk-bench-stream \
-  smem=dk-bench-smem persist=dk-bench-persist persist256=dk-bench-persist256
+  smem=dk-bench-smem persist=dk-bench-persist persist256=dk-bench-persist256 \
+  staged=dk-bench-staged staged-c16=dk-bench-staged-c16
 cmp_variants divergence default=dk-bench-short persist=dk-bench-short-persist \
-  persist256=dk-bench-short-persist256
+  persist256=dk-bench-short-persist256 staged=dk-bench-short-staged
 cmp_variants attention default=dk-bench-attention wide=dk-bench-attention-wide \
   mma=dk-bench-attention-mma
 echo
@@ -977,7 +1015,7 @@ py_table python-bench-attention-wide '^Grouped-query attention'
 py_table python-bench-attention-mma '^Grouped-query attention'
 py_table python-bench-fused '^Fused linear JSD'
 py_table python-bench ''
-for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-moe-combine ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic ncu-attention-fwd-wide ncu-attention-bwd-wide ncu-attention-fwd-mma ncu-attention-bwd-mma; do
+for n in ncu-divergence ncu-divergence-persist ncu-divergence-persist256 ncu-divergence-staged ncu-moe-combine ncu-attention-fwd ncu-attention-bwd ncu-attention-bwd-atomic ncu-attention-fwd-wide ncu-attention-bwd-wide ncu-attention-fwd-mma ncu-attention-bwd-mma; do
   [ -s "$logs/$n.out" ] || continue
   echo
   echo "================ $n (Nsight Compute, clocks untouched)"
