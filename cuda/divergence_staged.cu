@@ -37,6 +37,14 @@
 // row i, which is in its shared memory since before the statistics pass, and the copies in
 // flight are of rows i + 1 and i + 2.
 //
+// The fused linear divergence's variant (dk_divcq_fused_*: f32 logits S and T, G in the GEMMs'
+// dtype with the softcap's slope; cuda/FUSED.md, version 4) writes row i's G over S's row i
+// itself, with S's row bytes as G's row stride. A 16-bit G row covers the first half of the f32
+// row's bytes, i.e. other blocks' slices; but no block reads S's row i from global memory after
+// it has waited for its own copies of it, and every block has done that before it arrives at
+// row i's first cluster barrier, which comes before any gradient pass of row i. (An ignored
+// row is never copied, and its zero G has no reader either.)
+//
 // tests/kernel_sim replays the arithmetic (the same passes and reductions as version 6);
 // tests/divergence_persistent_sim runs this file on the host emulator with clusters and
 // cp.async (both copy timing models), against the CPU backend.
@@ -111,10 +119,15 @@ __device__ __forceinline__ void staged_pass(const TS* ss, const TT* ts, int len,
   }
 }
 
-// kSeries: Row's JSD mode (the `jsdx` kernels, for extreme β).
-template <Kind K, typename TS, typename TT, bool kSeries>
-__device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a) {
+// kSeries: Row's JSD mode (the `jsdx` kernels, for extreme β). kFused: the fused linear
+// divergence's variant (f32 logits S and T; G, the gradient times the softcap's slope
+// inv_cap, in TO over S's own row: see the top).
+template <Kind K, typename TS, typename TT, bool kSeries, bool kFused = false, typename TO = TS>
+__device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv_cap = 0.f) {
+  static_assert(kFused || sizeof(TO) == sizeof(TS), "TO is TS outside the fused variant");
   constexpr bool kJsd = K == Kind::Jsd;
+  using GradFn = GradStageOf<K, TS, TO, kFused, kSeries>;
+  using GradOut = typename GradFn::Out;
   extern __shared__ __align__(16) unsigned char dk_divcq_smem[];
   StagedScratch<K>& sm = *reinterpret_cast<StagedScratch<K>*>(dk_divcq_smem);
 
@@ -154,7 +167,8 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a) {
   int phase = 0;  // cluster barriers passed: slot parity
   for (int64_t i = 0; i < walk.mine; ++i) {
     const int64_t row = walk.row_at(i);
-    TS* g = a.grad == 0 ? nullptr : reinterpret_cast<TS*>(a.grad) + row * a.grad_stride + start;
+    GradOut* g =
+        a.grad == 0 ? nullptr : reinterpret_cast<GradOut*>(a.grad) + row * a.grad_stride + start;
     cp_async_wait<1>();  // group i (this row) has landed; group i + 1 may be in flight
     if (walk.ignored(row)) {  // the same branch in every block of the cluster
       if (walk.writer) walk.per_row[row] = 0.f;
@@ -200,8 +214,9 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a) {
         if (!live) {
           zero_row(g, len, true);
         } else {
-          GradPass<K, TS, kSeries> gp{
-              grad_row_of<K, kSeries>(r, center, beta, grad_scale(walk.gfactor, loss)), g};
+          typename GradFn::Type gp = GradFn::make(
+              grad_row_of<K, kSeries>(r, center, beta, grad_scale(walk.gfactor, loss)), g,
+              inv_cap);
           staged_pass(ss, ts, len, gp);
         }
       }
@@ -221,8 +236,13 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a) {
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define DK_DIVQ_BODY(KIND, SERIES, TS, TT) dk::divergence::staged_rows<KIND, TS, TT, SERIES>(args);
+#define DK_DIVQ_FUSED_BODY(KIND, SERIES, TO) \
+  dk::divergence::staged_rows<KIND, float, float, SERIES, true, TO>(args, inv_cap);
 #else
 #define DK_DIVQ_BODY(KIND, SERIES, TS, TT) (void)args;
+#define DK_DIVQ_FUSED_BODY(KIND, SERIES, TO) \
+  (void)args;                                \
+  (void)inv_cap;
 #endif
 
 // One block shape: 512 threads; one block per SM when the two buffers take more than half of
@@ -241,3 +261,23 @@ DK_DIVQ_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl, false)
 DK_DIVQ_KERNELS_FOR_KIND(rkl, dk::divergence::Kind::ReverseKl, false)
 DK_DIVQ_KERNELS_FOR_KIND(jsd, dk::divergence::Kind::Jsd, false)
 DK_DIVQ_KERNELS_FOR_KIND(jsdx, dk::divergence::Kind::Jsd, true)
+
+// The fused linear divergence's chunk kernels (src/divergence/cuda.rs, fused_rows): f32 logits
+// S (student) and T (teacher); G (softcap slope applied when inv_cap ≠ 0, loss scale as in
+// `scale`) in the GEMMs' dtype TO at args.grad = S, row stride args.grad_stride (TO elements:
+// S's row bytes), i.e. over S's own rows; or args.grad = 0 for forward only.
+#define DK_DIVQ_FUSED_KERNEL(kname, KIND, SERIES, oname, TO)                                \
+  extern "C" __global__ void __launch_bounds__(dk::divergence::kStagedThreads, 1)           \
+      dk_divcq_fused_##kname##_##oname(const DkDivergenceArgs args, float inv_cap) {        \
+    DK_DIVQ_FUSED_BODY(KIND, SERIES, TO)                                                    \
+  }
+
+#define DK_DIVQ_FUSED_KERNELS_FOR_KIND(kname, KIND, SERIES)      \
+  DK_DIVQ_FUSED_KERNEL(kname, KIND, SERIES, f32, float)          \
+  DK_DIVQ_FUSED_KERNEL(kname, KIND, SERIES, bf16, __nv_bfloat16) \
+  DK_DIVQ_FUSED_KERNEL(kname, KIND, SERIES, f16, __half)
+
+DK_DIVQ_FUSED_KERNELS_FOR_KIND(fkl, dk::divergence::Kind::ForwardKl, false)
+DK_DIVQ_FUSED_KERNELS_FOR_KIND(rkl, dk::divergence::Kind::ReverseKl, false)
+DK_DIVQ_FUSED_KERNELS_FOR_KIND(jsd, dk::divergence::Kind::Jsd, false)
+DK_DIVQ_FUSED_KERNELS_FOR_KIND(jsdx, dk::divergence::Kind::Jsd, true)

@@ -134,6 +134,46 @@ struct GradPass {
   }
 };
 
+// The fused variant's gradient stage: G = the gradient w.r.t. the capped logits times the
+// softcap's slope (softcap_slope of the capped student logit), in TO. Without a
+// softcap (inv_cap = 0, uniform) it is GradPass's store. Same entries as FusedGradSink
+// (cuda/divergence.cu), the one-block kernel's. Used by the persistent and staged cluster
+// kernels' fused variants (divergence_persistent.cu, divergence_staged.cu).
+template <Kind K, typename TO, bool kSeries>
+struct FusedGradPass {
+  GradRow row;
+  TO* g;
+  float inv_cap;
+  template <int N>
+  __device__ __forceinline__ void chunk(int i, const float (&s)[N], const float (&t)[N]) {
+    float out[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = grad_entry<K, kSeries>(row, s[k], t[k]);
+    if (inv_cap != 0.f) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) out[k] *= softcap_slope(s[k], inv_cap);
+    }
+    store_chunk(g + i, out);
+  }
+};
+
+// The gradient stage's functor: GradPass over TS for the divergence kernels, FusedGradPass
+// over TO for the fused linear divergence's (kFused); kSeries: Row's JSD mode.
+template <Kind K, typename TS, typename TO, bool kFused, bool kSeries>
+struct GradStageOf {
+  using Out = TS;
+  using Type = GradPass<K, TS, kSeries>;
+  static __device__ __forceinline__ Type make(const GradRow& r, TS* g, float) { return {r, g}; }
+};
+template <Kind K, typename TS, typename TO, bool kSeries>
+struct GradStageOf<K, TS, TO, true, kSeries> {
+  using Out = TO;
+  using Type = FusedGradPass<K, TO, kSeries>;
+  static __device__ __forceinline__ Type make(const GradRow& r, TO* g, float inv_cap) {
+    return {r, g, inv_cap};
+  }
+};
+
 // The statistics of a warp in two phases, every lane ending with the same bits: the maxima
 // by a butterfly of fmaxf (exact, so the order does not matter), one rebase of each lane's
 // state to them, then the three sums by a butterfly of additions (commutative, so the lanes of

@@ -307,6 +307,18 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dk_divcq_jsdx_f16_f32",
     "dk_divcq_jsdx_f16_bf16",
     "dk_divcq_jsdx_f16_f16",
+    "dk_divcq_fused_fkl_f32",
+    "dk_divcq_fused_fkl_bf16",
+    "dk_divcq_fused_fkl_f16",
+    "dk_divcq_fused_rkl_f32",
+    "dk_divcq_fused_rkl_bf16",
+    "dk_divcq_fused_rkl_f16",
+    "dk_divcq_fused_jsd_f32",
+    "dk_divcq_fused_jsd_bf16",
+    "dk_divcq_fused_jsd_f16",
+    "dk_divcq_fused_jsdx_f32",
+    "dk_divcq_fused_jsdx_bf16",
+    "dk_divcq_fused_jsdx_f16",
 ];
 
 /// Threads per block of the row kernel (`kThreads` in divergence.cu).
@@ -393,9 +405,10 @@ pub(crate) struct RowKernels<'d> {
 pub(crate) struct FusedRowKernels<'d> {
     /// `dk_div_fused_<kind>_<dtype>` (cuda/divergence.cu): one block per row, G over S.
     one_block: &'d CudaFunction,
-    /// `dk_divcp[256]_fused_<kind>_<dtype>` (cuda/divergence_persistent.cu) and its name, when
-    /// the divergence runs a persistent cluster variant on this device.
-    persistent: Option<(&'d CudaFunction, String)>,
+    /// `dk_divcp[256]_fused_<kind>_<dtype>` (cuda/divergence_persistent.cu) or
+    /// `dk_divcq_fused_<kind>_<dtype>` (cuda/divergence_staged.cu) and its name, when the
+    /// divergence runs a persistent or the staged cluster variant on this device.
+    cluster: Option<(&'d CudaFunction, String)>,
 }
 
 /// One block of 1024 threads: `dk_div_prepare` and `dk_div_finish`.
@@ -445,8 +458,10 @@ impl<'d> RowKernels<'d> {
         dtype: DType,
     ) -> Result<FusedRowKernels<'d>> {
         let k = self.tag;
-        let persistent = match &self.cluster_rows {
-            Some((_, variant, _)) if variant.persistent() => {
+        let cluster = match &self.cluster_rows {
+            Some((_, variant, _))
+                if variant.persistent() || *variant == cluster::Variant::Staged =>
+            {
                 let name = format!("{}fused_{k}_{}", variant.prefix(), dtype.name());
                 Some((dev.function(&name)?, name))
             }
@@ -454,7 +469,7 @@ impl<'d> RowKernels<'d> {
         };
         Ok(FusedRowKernels {
             one_block: dev.function(&format!("dk_div_fused_{k}_{}", dtype.name()))?,
-            persistent,
+            cluster,
         })
     }
 
@@ -565,6 +580,10 @@ impl<'d> RowKernels<'d> {
     ///   cuda/divergence_persistent.cu) on Q ≤ `pad_rows` clusters, G of row r over the logits of
     ///   row r − Q (the row its cluster finished an iteration earlier): G starts Q rows of S
     ///   before S, in the `pad_rows` rows the caller reserved there.
+    /// - Where `rows` would run the staged variant (`DK_DIVERGENCE_CLUSTER=staged`):
+    ///   `kernels.cluster` (`dk_divcq_fused_*`, cuda/divergence_staged.cu), G of row r over S's
+    ///   row r itself (every block has its slice of the row in shared memory before any writes
+    ///   G): G starts at S; None where two rows of the chunk fit no cluster.
     /// - Otherwise (the smem and stream cluster variants, unaligned rows): None.
     pub(crate) fn fused_rows(
         &self,
@@ -587,7 +606,10 @@ impl<'d> RowKernels<'d> {
         }
         if let Some((_, variant, _)) = self.cluster_rows.as_ref() {
             if !self.one_block_policy(args) {
-                return match &kernels.persistent {
+                return match &kernels.cluster {
+                    Some(f) if *variant == cluster::Variant::Staged => {
+                        self.fused_staged(f, stream, (args, inv_cap))
+                    }
                     Some(f) => {
                         self.fused_persistent(f, *variant, stream, (args, inv_cap), pad_rows)
                     }
@@ -632,6 +654,18 @@ impl<'d> RowKernels<'d> {
             instead: "the plain persistent or one-block kernel and a separate conversion",
         };
         self.queue_persistent((f, name.as_str()), variant, stream, args, &launch)
+    }
+
+    /// [`Self::fused_rows`] on the staged variant: G of row r over S's row r (`args.grad` is S).
+    fn fused_staged(
+        &self,
+        (f, name): &(&CudaFunction, String),
+        stream: &Arc<CudaStream>,
+        (args, inv_cap): (&DivergenceArgs, f32),
+    ) -> Result<Option<u64>> {
+        let instead = "the one-block kernel and a separate conversion";
+        let queued = self.queue_staged((f, name), stream, args, 8, Some(&inv_cap), instead)?;
+        Ok(queued.then_some(args.grad))
     }
 
     /// Sizes a persistent kernel's grid (`persistent_grid`, at most `launch.max_clusters`
@@ -738,24 +772,41 @@ impl<'d> RowKernels<'d> {
         if !cluster::rows_aligned(args, sb, tb) {
             return Ok(false);
         }
-        let (n, v) = (args.n as usize, args.v as usize);
-        let Some((c, q, smem)) = cluster::staged_grid(f, stream, (n, v), sb + tb, self.sm_count)?
-        else {
-            cluster::note_fallback(format!(
-                "two rows of V = {v} do not fit the shared memory of 16 blocks of {name}, or the \
-                 card places no such cluster; such rows run the one-block kernel"
-            ));
-            return Ok(false);
-        };
-        match cluster::launch(
+        self.queue_staged(
             (f, name),
             stream,
             args,
+            sb + tb,
             None,
-            (c, q),
-            cluster::Variant::Staged.threads(),
-            smem,
-        )? {
+            "the one-block kernel",
+        )
+    }
+
+    /// Sizes a staged kernel's grid (`staged_grid`; `pair_bytes` per student and teacher
+    /// element pair, `inv_cap` the fused kernels' second parameter) and queues it; false, with
+    /// nothing queued and the reason noted (`instead`: what runs then), where two rows fit no
+    /// cluster, the card places none, or it refuses the launch.
+    fn queue_staged(
+        &self,
+        (f, name): (&CudaFunction, &str),
+        stream: &Arc<CudaStream>,
+        args: &DivergenceArgs,
+        pair_bytes: usize,
+        inv_cap: Option<&f32>,
+        instead: &str,
+    ) -> Result<bool> {
+        let (n, v) = (args.n as usize, args.v as usize);
+        let Some((c, q, smem)) =
+            cluster::staged_grid(f, stream, (n, v), pair_bytes, self.sm_count)?
+        else {
+            cluster::note_fallback(format!(
+                "two rows of V = {v} do not fit the shared memory of 16 blocks of {name}, or the \
+                 card places no such cluster; such rows run {instead}"
+            ));
+            return Ok(false);
+        };
+        let threads = cluster::Variant::Staged.threads();
+        match cluster::launch((f, name), stream, args, inv_cap, (c, q), threads, smem)? {
             cluster::Launched::Queued => Ok(true),
             cluster::Launched::Refused(e) => {
                 cluster::note_refused_launch(c, smem, &e);
@@ -913,7 +964,7 @@ mod tests {
                     crate::fused::cuda::KERNEL_NAMES.contains(&fused.as_str()),
                     "{fused}"
                 );
-                for prefix in ["dk_divcp_", "dk_divcp256_"] {
+                for prefix in ["dk_divcp_", "dk_divcp256_", "dk_divcq_"] {
                     let name = format!("{prefix}fused_{tag}_{}", s.name());
                     assert!(KERNEL_NAMES.contains(&name.as_str()), "{name}");
                 }

@@ -19,8 +19,11 @@
 //!    (`DK_DIVERGENCE_CLUSTER=persist` / `persist256`), `dk_divcp[256]_fused_<kind>_<dtype>`
 //!    (cuda/divergence_persistent.cu) writes `G` of row r over `S` row r − Q (Q clusters, the
 //!    row the cluster finished before; the first rows' G in the pad), so `G` starts Q rows
-//!    before `S`, and step 4 is skipped. Otherwise (short chunks on Hopper under the stream or
-//!    smem cluster variant) the row kernel writes the gradient w.r.t. the capped logits over
+//!    before `S`, and step 4 is skipped. Under the staged cluster variant
+//!    (`DK_DIVERGENCE_CLUSTER=staged`), `dk_divcq_fused_<kind>_<dtype>`
+//!    (cuda/divergence_staged.cu) writes `G` of row r over `S` row r itself (each block holds
+//!    its slice of the row in shared memory before any block writes G), and step 4 is skipped.
+//!    Otherwise (short chunks on Hopper under the stream or smem cluster variant) the row kernel writes the gradient w.r.t. the capped logits over
 //!    `T` (each element read and written by the same thread), and
 //! 4. `dk_fused_grad_<dtype>`: `G = T · (1 − (S/cap)²)` converted to the input dtype and written
 //!    over `S` (bf16/f16, row stride `2·ld`), or over `T` in place (f32; skipped without softcap);

@@ -125,6 +125,13 @@ const NamedFused kFusedKernels[] = {DK_SIM_KIND(fkl) DK_SIM_KIND(rkl) DK_SIM_KIN
 #undef DK_SIM_KIND
 #undef DK_SIM_K
 
+#define DK_SIM_K(k, o) {"dk_divcq_fused_" #k "_" #o, dk_divcq_fused_##k##_##o},
+#define DK_SIM_KIND(k) DK_SIM_K(k, f32) DK_SIM_K(k, bf16) DK_SIM_K(k, f16)
+const NamedFused kStagedFusedKernels[] = {DK_SIM_KIND(fkl) DK_SIM_KIND(rkl) DK_SIM_KIND(jsd)
+                                              DK_SIM_KIND(jsdx)};
+#undef DK_SIM_KIND
+#undef DK_SIM_K
+
 DkDivergenceArgs g_args;
 Kernel g_fn;
 FusedKernel g_fused_fn;
@@ -172,6 +179,8 @@ int main() {
     if (name == k.name) g_fn = k.fn, staged = true;
   for (const NamedFused& k : kFusedKernels)
     if (name == k.name) g_fused_fn = k.fn;
+  for (const NamedFused& k : kStagedFusedKernels)
+    if (name == k.name) g_fused_fn = k.fn, staged = true;
   if (!g_fn && !g_fused_fn) sim::fail("no kernel %s", name.c_str());
   const bool fused = g_fused_fn != nullptr;
   if (fused ? grad_mode != 0 && grad_mode != 3 : grad_mode < 0 || grad_mode > 2)
