@@ -10,9 +10,9 @@
 // and pays each iteration's barrier and reductions with no load in flight but the next
 // row's prefetch (H200: 45.5 % of the floor, DRAM 60 % busy, issue 54 %).
 //
-// Here a cluster of C blocks (one or two per SM) stays resident and walks the rows q, q + Q,
-// q + 2Q, ... (Q clusters). A block holds its slice (cluster_slice elements of both inputs)
-// of two rows in shared memory: while it computes every pass of row i from buffer i & 1, the
+// Here a cluster of C blocks (one per SM: 512 threads of 67–96 registers) stays resident and
+// walks the rows q, q + Q, q + 2Q, ... (Q clusters). A block holds its slice (cluster_slice
+// elements of both inputs) of two rows in shared memory: while it computes every pass of row i from buffer i & 1, the
 // cp.async copies of row i + 1 fill the other buffer, and when it is done with row i it queues
 // row i + 2 into the buffer it just left. So each logit leaves DRAM once (the floor's traffic,
 // whatever the passes), and DRAM has a whole slice of loads in flight per block at all times,
@@ -22,7 +22,10 @@
 // Each thread copies the 8-element chunks it will compute (c = threadIdx.x, + blockDim.x, ...;
 // the partial last chunk of a row by its owner, zero-filled past the row) and waits only for
 // its own copies (cp.async.wait_group): no block barrier guards the buffers, and the refill of
-// a buffer by a thread follows that thread's own last read of it.
+// a buffer by a thread follows that thread's own last read of it. (That read has completed
+// when the refill issues: instructions issue in order, and every value a pass reads is used
+// by a store, a shuffle or a block barrier before the refill in program order; compiler_fence
+// keeps the compiler from reordering around the copies.)
 //
 // Per row: statistics pass → block_stats → slot → cluster barrier → merge_slots (JSD: mixture
 // pass → block sums → slot → barrier → sum_slots) → gradient pass from shared memory, 16-byte
@@ -35,7 +38,7 @@
 //
 // The gradient may go in place over the student logits: a block writes only its own slice of
 // row i, which is in its shared memory since before the statistics pass, and the copies in
-// flight are of rows i + 1 and i + 2.
+// flight are of later rows.
 //
 // The fused linear divergence's variant (dk_divcq_fused_*: f32 logits S and T, G in the GEMMs'
 // dtype with the softcap's slope; cuda/FUSED.md, version 4) writes row i's G over S's row i
@@ -79,6 +82,13 @@ struct StagedScratch {
 constexpr int kStagedScratchBytes = 1024;
 static_assert(sizeof(StagedScratch<Kind::ForwardKl>) <= kStagedScratchBytes, "smem");
 static_assert(sizeof(StagedScratch<Kind::Jsd>) <= kStagedScratchBytes, "smem");
+
+// Keeps the compiler from moving memory accesses across this point. cp_async_16 and
+// cp_async_wait (dk_mma.cuh) are volatile asm without a memory clobber, and the kernels that
+// share them follow each wait with __syncthreads(); here a thread's own wait is the only
+// synchronisation of a buffer, so the plain shared-memory reads of a row must not be hoisted
+// above it, nor sunk below the refill of the same buffer (a review's point).
+__device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
 
 // Queues the copy of this thread's chunks of `len` elements at `src` (16-byte aligned) into
 // `dst`: the chunks c = threadIdx.x + j · blockDim.x, 16 bytes per cp.async (two per chunk for
@@ -170,6 +180,7 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
     GradOut* g =
         a.grad == 0 ? nullptr : reinterpret_cast<GradOut*>(a.grad) + row * a.grad_stride + start;
     cp_async_wait<1>();  // group i (this row) has landed; group i + 1 may be in flight
+    compiler_fence();    // no read of the buffer moves above the wait
     if (walk.ignored(row)) {  // the same branch in every block of the cluster
       if (walk.writer) walk.per_row[row] = 0.f;
       if (g) zero_row(g, len, true);
@@ -221,7 +232,8 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
         }
       }
     }
-    stage(i + 2);  // into the buffer this thread has just finished reading
+    compiler_fence();  // no read of the buffer moves below its refill
+    stage(i + 2);      // into the buffer this thread has just finished reading
   }
   cp_async_wait<0>();
   // No block leaves while another may still read its slots (the last barrier's reads).
@@ -245,8 +257,8 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
   (void)inv_cap;
 #endif
 
-// One block shape: 512 threads; one block per SM when the two buffers take more than half of
-// the shared memory, two otherwise (the launcher sizes C and the grid).
+// One block shape: 512 threads, one block per SM (its registers take more than half of the
+// register file; the launcher sizes C and the grid).
 #define DK_DIVQ_KERNEL(kname, KIND, SERIES, sname, TS, tname, TT)                           \
   extern "C" __global__ void __launch_bounds__(dk::divergence::kStagedThreads, 1)           \
       dk_divcq_##kname##_##sname##_##tname(const DkDivergenceArgs args) {                   \

@@ -628,8 +628,8 @@ phase_benches() {
   # which writes G itself over the row its cluster finished before (cuda/FUSED.md, version 3).
   run_step dk-bench-fused-persist 45 0 env DK_DIVERGENCE_CLUSTER=persist "$dk" bench --device cuda \
     --ops fused --dtype bf16 --iters 5 --check-rows 2
-  # A/B: the chunks' f32 rows on the staged cluster kernel (version 9: 16 blocks of 195 KB per
-  # row pair at V 200064, each logit read once), its gradient over T, then the conversion to G.
+  # A/B: the chunks' f32 rows on the staged cluster kernel (version 9: 16 blocks of 197 KB at
+  # V 200064, each logit read once), which writes G over S's own row (cuda/FUSED.md, version 4).
   run_step dk-bench-fused-staged 45 0 env DK_DIVERGENCE_CLUSTER=staged "$dk" bench --device cuda \
     --ops fused --dtype bf16 --iters 5 --check-rows 2
 }

@@ -291,7 +291,7 @@ pub(crate) fn staged_smem_bytes(v: usize, c: usize, pair_bytes: usize) -> usize 
 /// Staged variant: the smallest cluster size whose blocks hold two rows' slices, doubled (up to
 /// 8) while `n` rows give fewer clusters than `sm_count / c` (a short batch leaves SMs idle)
 /// and slices stay at least [`MIN_SLICE`] long. None when even 16 blocks cannot hold two rows
-/// (f32 pairs past ~215k elements): the one-block kernel serves those.
+/// (f32 pairs past V = 231424): the one-block kernel serves those.
 pub(crate) fn staged_cluster_size(
     n: usize,
     v: usize,
@@ -538,9 +538,11 @@ mod tests {
         assert_eq!(staged_smem_bytes(151936, 8, 4), 1024 + 2 * 18992 * 4);
         assert_eq!(staged_cluster_size(4096, 202048, 4, sms), Some(8));
         assert_eq!(staged_cluster_size(4096, 262144, 4, sms), Some(16));
-        // f32 pairs: 16 blocks up to ~215k elements (the fused path's 200064), none past it.
+        // f32 pairs: 16 blocks up to V = 231424 (the fused path's 200064), none past it.
         assert_eq!(staged_cluster_size(4096, 200064, 8, sms), Some(16));
         assert_eq!(staged_cluster_size(4096, 262144, 8, sms), None);
+        assert_eq!(staged_cluster_size(4096, 231424, 8, sms), Some(16));
+        assert_eq!(staged_cluster_size(4096, 231432, 8, sms), None);
         // Every size it picks fits the opt-in limit, and the next smaller one does not.
         for (v, pair) in [(151936, 4), (32000, 4), (200064, 8), (50000, 8), (1000, 2)] {
             let c = staged_cluster_size(4096, v, pair, sms).unwrap();

@@ -583,7 +583,9 @@ impl<'d> RowKernels<'d> {
     /// - Where `rows` would run the staged variant (`DK_DIVERGENCE_CLUSTER=staged`):
     ///   `kernels.cluster` (`dk_divcq_fused_*`, cuda/divergence_staged.cu), G of row r over S's
     ///   row r itself (every block has its slice of the row in shared memory before any writes
-    ///   G): G starts at S; None where two rows of the chunk fit no cluster.
+    ///   G): G starts at S.
+    /// - Where the persistent or staged kernel cannot run (two rows fit no cluster, or the card
+    ///   places none; noted): the one-block kernel, as above.
     /// - Otherwise (the smem and stream cluster variants, unaligned rows): None.
     pub(crate) fn fused_rows(
         &self,
@@ -606,15 +608,21 @@ impl<'d> RowKernels<'d> {
         }
         if let Some((_, variant, _)) = self.cluster_rows.as_ref() {
             if !self.one_block_policy(args) {
-                return match &kernels.cluster {
+                let queued = match &kernels.cluster {
                     Some(f) if *variant == cluster::Variant::Staged => {
-                        self.fused_staged(f, stream, (args, inv_cap))
+                        self.fused_staged(f, stream, (args, inv_cap))?
                     }
                     Some(f) => {
-                        self.fused_persistent(f, *variant, stream, (args, inv_cap), pad_rows)
+                        self.fused_persistent(f, *variant, stream, (args, inv_cap), pad_rows)?
                     }
-                    None => Ok(None),
+                    // The smem and stream variants: the caller's cluster kernel and conversion.
+                    None => return Ok(None),
                 };
+                if queued.is_some() {
+                    return Ok(queued);
+                }
+                // The card placed no cluster of the variant (noted): the one-block kernel
+                // below writes G over S instead.
             }
         }
         let cfg = LaunchConfig {
@@ -651,7 +659,7 @@ impl<'d> RowKernels<'d> {
             max_clusters: pad_rows,
             inv_cap: Some(inv_cap),
             grad_before_student: true,
-            instead: "the plain persistent or one-block kernel and a separate conversion",
+            instead: "the one-block kernel (G over S)",
         };
         self.queue_persistent((f, name.as_str()), variant, stream, args, &launch)
     }
@@ -663,7 +671,7 @@ impl<'d> RowKernels<'d> {
         stream: &Arc<CudaStream>,
         (args, inv_cap): (&DivergenceArgs, f32),
     ) -> Result<Option<u64>> {
-        let instead = "the one-block kernel and a separate conversion";
+        let instead = "the one-block kernel (G over S)";
         let queued = self.queue_staged((f, name), stream, args, 8, Some(&inv_cap), instead)?;
         Ok(queued.then_some(args.grad))
     }
@@ -770,6 +778,9 @@ impl<'d> RowKernels<'d> {
     ) -> Result<bool> {
         let (sb, tb) = self.elem_bytes;
         if !cluster::rows_aligned(args, sb, tb) {
+            cluster::note_fallback(format!(
+                "{name} copies 16-byte pieces: rows not 16-byte aligned run the one-block kernel"
+            ));
             return Ok(false);
         }
         self.queue_staged(
