@@ -137,9 +137,14 @@ impl CudaDevice {
         ctx.bind_to_thread()?;
         // A cluster configuration the driver refuses only costs speed: the one-block kernel
         // serves every row then (the reason is kept for `divergence::cluster_fallback_reason`).
+        let smem_optin = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )?
+            .max(0) as usize;
         let cluster_divergence =
             crate::divergence::cluster::available(compute_capability).filter(|_| {
-                match crate::divergence::cluster::configure(&functions) {
+                match crate::divergence::cluster::configure(&functions, smem_optin) {
                     Ok(()) => true,
                     Err(e) => {
                         crate::divergence::cluster::note_fallback(format!(

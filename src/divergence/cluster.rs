@@ -426,7 +426,13 @@ pub(crate) fn rows_aligned(
 
 /// Opts the cluster kernels in to their shared memory and to 16-block clusters, once when a
 /// device opens (not per launch): a fixed cap, so launches of any size from any thread fit it.
-pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Result<()> {
+/// The staged kernels' cap is the device's opt-in limit (`smem_optin` bytes) where that is below
+/// [`STAGED_MAX_SMEM`]: their larger launches are then refused and noted, not the device's
+/// cluster kernels as a whole.
+pub(crate) fn configure(
+    functions: &HashMap<&'static str, CudaFunction>,
+    smem_optin: usize,
+) -> Result<()> {
     use sys::CUfunction_attribute_enum as Attr;
     for (name, f) in functions {
         if name.starts_with("dk_divc_") {
@@ -438,7 +444,7 @@ pub(crate) fn configure(functions: &HashMap<&'static str, CudaFunction>) -> Resu
         if name.starts_with("dk_divcq_") {
             f.set_attribute(
                 Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                STAGED_MAX_SMEM as i32,
+                STAGED_MAX_SMEM.min(smem_optin) as i32,
             )?;
         }
         if [
