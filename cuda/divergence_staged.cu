@@ -90,44 +90,91 @@ static_assert(sizeof(StagedScratch<Kind::Jsd>) <= kStagedScratchBytes, "smem");
 // above it, nor sunk below the refill of the same buffer (a review's point).
 __device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
 
-// Queues the copy of this thread's chunks of `len` elements at `src` (16-byte aligned) into
-// `dst`: the chunks c = threadIdx.x + j · blockDim.x, 16 bytes per cp.async (two per chunk for
-// f32), the partial last chunk with cp.async's zero-fill (only its valid bytes are read).
+// A slice of one input in a row buffer (`slice` elements, a multiple of 8). An 8-element chunk
+// of a 16-bit type is one 16-byte piece, stored at the chunk's place. An f32 chunk is two
+// pieces, and they are stored apart: piece p of chunk c at byte p · (slice / 8) · 16 + c · 16.
+// So when a warp's 32 threads read the same piece of 32 consecutive chunks, the 512 bytes are
+// contiguous and the 16-byte loads are free of bank conflicts; with the chunks in place, a
+// 32-byte stride between threads would make each load take twice the shared-memory cycles.
 template <typename T>
-__device__ __forceinline__ void stage_chunks(T* dst, const T* src, int len) {
-  constexpr int kPer16 = 16 / static_cast<int>(sizeof(T));
-  constexpr int kPieces = kVec / kPer16;
+struct SlicePieces {
+  static constexpr int kPer16 = 16 / static_cast<int>(sizeof(T));  // elements per piece
+  static constexpr int kPieces = kVec / kPer16;                     // pieces per chunk
+  // The byte offset of piece p of chunk c.
+  static __device__ __forceinline__ int offset(int c, int p, int slice) {
+    return p * (slice / kVec) * 16 + c * 16;
+  }
+  // The 8 elements of chunk c, widened.
+  static __device__ __forceinline__ void load(const T* buf, int c, int slice, float (&out)[kVec]) {
+    const unsigned char* b = reinterpret_cast<const unsigned char*>(buf);
+    Raw8<T> r;
+#pragma unroll
+    for (int p = 0; p < kPieces; ++p) r.w[p] = *reinterpret_cast<const uint4*>(b + offset(c, p, slice));
+    unpack8(r, out);
+  }
+  // Element e of the slice.
+  static __device__ __forceinline__ float element(const T* buf, int e, int slice) {
+    const unsigned char* b = reinterpret_cast<const unsigned char*>(buf);
+    const int c = e / kVec, r = e % kVec;
+    return to_float(reinterpret_cast<const T*>(b + offset(c, r / kPer16, slice))[r % kPer16]);
+  }
+};
+
+// Queues the copy of this thread's chunks of `len` elements at `src` (16-byte aligned) into
+// `dst` (a slice of `slice` elements, laid out as SlicePieces says): the chunks c = threadIdx.x +
+// j · blockDim.x, 16 bytes per cp.async, the partial last chunk with cp.async's zero-fill (only
+// its valid bytes are read).
+template <typename T>
+__device__ __forceinline__ void stage_chunks(T* dst, const T* src, int len, int slice) {
+  using P = SlicePieces<T>;
+  unsigned char* d = reinterpret_cast<unsigned char*>(dst);
   const int chunks = (len + kVec - 1) / kVec;
   for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
 #pragma unroll
-    for (int p = 0; p < kPieces; ++p) {
-      const int e = c * kVec + p * kPer16;
-      const int valid = max(0, min(kPer16, len - e));
-      cp_async_16(smem_addr(dst + e), valid > 0 ? src + e : src,
+    for (int p = 0; p < P::kPieces; ++p) {
+      const int e = c * kVec + p * P::kPer16;
+      const int valid = max(0, min(P::kPer16, len - e));
+      cp_async_16(smem_addr(d + P::offset(c, p, slice)), valid > 0 ? src + e : src,
                   valid * static_cast<int>(sizeof(T)));
     }
   }
 }
 
-// Runs pass `f` over the staged slice (`len` elements at ss / ts in shared memory), each
-// thread over the chunks it copied: whole chunks 16 bytes at a time, the partial last chunk
-// element by element by its owner.
+// Runs pass `f` over the staged slice (`len` elements at ss / ts in shared memory, slices of
+// `slice`), each thread over the chunks it copied: whole chunks by 16-byte loads, the partial
+// last chunk element by element by its owner.
 template <typename TS, typename TT, typename F>
-__device__ __forceinline__ void staged_pass(const TS* ss, const TT* ts, int len, F& f) {
+__device__ __forceinline__ void staged_pass(const TS* ss, const TT* ts, int len, int slice,
+                                            F& f) {
   const int full = len / kVec;
   for (int c = threadIdx.x; c < full; c += blockDim.x) {
     float sv[kVec], tv[kVec];
-    load8(ss + c * kVec, sv);
-    load8(ts + c * kVec, tv);
+    SlicePieces<TS>::load(ss, c, slice, sv);
+    SlicePieces<TT>::load(ts, c, slice, tv);
     f.template chunk<kVec>(c * kVec, sv, tv);
   }
   if (full * kVec < len && static_cast<int>(threadIdx.x) == full % static_cast<int>(blockDim.x)) {
     for (int i = full * kVec; i < len; ++i) {
-      const float sv[1] = {to_float(ss[i])}, tv[1] = {to_float(ts[i])};
+      const float sv[1] = {SlicePieces<TS>::element(ss, i, slice)};
+      const float tv[1] = {SlicePieces<TT>::element(ts, i, slice)};
       f.template chunk<1>(i, sv, tv);
     }
   }
 }
+
+// The statistics pass over a staged slice: StatsPass's arithmetic, but a chunk holding a masked
+// logit is summed again from the values in hand (StatsPass reads it again from memory so that
+// they need not stay live in the register-bound kernels; here registers are not the limit, and
+// an f32 chunk does not lie contiguously in the buffer).
+template <Kind K>
+struct StagedStatsPass {
+  float k;
+  RowStats<K> stats;
+  template <int N>
+  __device__ __forceinline__ void chunk(int, const float (&sv)[N], const float (&tv)[N]) {
+    if (stats.add(tv, sv, k)) stats.add_masked(tv, sv);
+  }
+};
 
 // kSeries: Row's JSD mode (the `jsdx` kernels, for extreme β). kFused: the fused linear
 // divergence's variant (f32 logits S and T; G, the gradient times the softcap's slope
@@ -164,9 +211,11 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
       const int64_t row = walk.row_at(i);
       if (!walk.ignored(row)) {
         stage_chunks(student_buf(i),
-                     reinterpret_cast<const TS*>(a.student) + row * a.student_stride + start, len);
+                     reinterpret_cast<const TS*>(a.student) + row * a.student_stride + start, len,
+                     slice);
         stage_chunks(teacher_buf(i),
-                     reinterpret_cast<const TT*>(a.teacher) + row * a.teacher_stride + start, len);
+                     reinterpret_cast<const TT*>(a.teacher) + row * a.teacher_stride + start, len,
+                     slice);
       }
     }
     cp_async_commit();
@@ -187,8 +236,8 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
     } else {
       const TS* ss = student_buf(i);
       const TT* ts = teacher_buf(i);
-      StatsPass<K, TS, TT> sp{k, ss, ts};
-      staged_pass(ss, ts, len, sp);
+      StagedStatsPass<K> sp{k};
+      staged_pass(ss, ts, len, slice, sp);
       const RowStats<K> mine_stats = block_stats(sp.stats, k, sm.stats);
       if (threadIdx.x == 0) {
         sm.slot_stats[phase & 1] = mine_stats;
@@ -206,7 +255,7 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
       if (kJsd) {
         // Every block takes this branch (live is the same everywhere): the barrier is uniform.
         JsdPass<kSeries> jp{r};
-        if (live) staged_pass(ss, ts, len, jp);
+        if (live) staged_pass(ss, ts, len, slice, jp);
         const float pm = block_sum(jp.kl_pm, sm.sums);
         const float qm = block_sum(jp.kl_qm, sm.sums);
         if (threadIdx.x == 0) {
@@ -228,7 +277,7 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
           typename GradFn::Type gp = GradFn::make(
               grad_row_of<K, kSeries>(r, center, beta, grad_scale(walk.gfactor, loss)), g,
               inv_cap);
-          staged_pass(ss, ts, len, gp);
+          staged_pass(ss, ts, len, slice, gp);
         }
       }
     }
