@@ -156,20 +156,6 @@ __device__ __forceinline__ void for_each_rows(int len, const Stage<TS, TT, F0>& 
   }
 }
 
-// The kernel's shared memory, one dynamic region (kPersistentSmemBytes, which the launcher
-// passes: PERSISTENT_SMEM_BYTES in src/divergence/cluster.rs) rather than static __shared__
-// variables, so that a host emulator can give each block of a cluster its own.
-template <Kind K>
-struct PersistentSmem {
-  RowStats<K> stats[32];  // block_stats scratch
-  float sums[32];         // block_sum scratch
-  RowStats<K> slot_stats[2];  // this block's statistics of a row, by iteration parity
-  float2 slot_kl[2];          // JSD: this block's mixture sums of a row
-};
-constexpr int kPersistentSmemBytes = 1024;
-static_assert(sizeof(PersistentSmem<Kind::ForwardKl>) <= kPersistentSmemBytes, "smem");
-static_assert(sizeof(PersistentSmem<Kind::Jsd>) <= kPersistentSmemBytes, "smem");
-
 // What the gradient stage does with its row this iteration.
 enum class GradMode { None, Zero, Grad };
 
@@ -182,7 +168,8 @@ __device__ __forceinline__ void persistent_rows(const DkDivergenceArgs& a, float
   static_assert(kFused || sizeof(TO) == sizeof(TS), "TO is TS outside the fused variant");
   constexpr bool kJsd = K == Kind::Jsd;
   extern __shared__ __align__(16) unsigned char dk_divcp_smem[];
-  PersistentSmem<K>& sm = *reinterpret_cast<PersistentSmem<K>*>(dk_divcp_smem);
+  // Its whole dynamic shared memory (kClusterScratchBytes; slots by iteration parity).
+  ClusterScratch<K>& sm = *reinterpret_cast<ClusterScratch<K>*>(dk_divcp_smem);
   RowStats<K>* const smem_stats = sm.stats;
   float* const smem_sum = sm.sums;
   RowStats<K>* const slot_stats = sm.slot_stats;

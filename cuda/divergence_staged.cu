@@ -10,11 +10,11 @@
 // and pays each iteration's barrier and reductions with no load in flight but the next
 // row's prefetch (H200: 45.5 % of the floor, DRAM 60 % busy, issue 54 %).
 //
-// Here a cluster of C blocks (one per SM: 512 threads of 67–96 registers) stays resident and
+// Here a cluster of C blocks (one per SM: 512 threads of 80–96 registers) stays resident and
 // walks the rows q, q + Q, q + 2Q, ... (Q clusters). A block holds its slice (cluster_slice
-// elements of both inputs) of two rows in shared memory: while it computes every pass of row i from buffer i & 1, the
-// cp.async copies of row i + 1 fill the other buffer, and when it is done with row i it queues
-// row i + 2 into the buffer it just left. So each logit leaves DRAM once (the floor's traffic,
+// elements of both inputs) of two rows in shared memory: while it computes every pass of row i
+// from buffer i & 1, the cp.async copies of row i + 1 fill the other buffer, and when it is
+// done with row i it queues row i + 2 into the buffer it just left. So each logit leaves DRAM once (the floor's traffic,
 // whatever the passes), and DRAM has a whole slice of loads in flight per block at all times,
 // through the reductions and cluster barriers too. The kernel is memory-bound as long as a
 // row's passes, reductions and barriers take less time than its slice takes to arrive.
@@ -48,7 +48,8 @@
 // row i's first cluster barrier, which comes before any gradient pass of row i. (An ignored
 // row is never copied, and its zero G has no reader either.)
 //
-// tests/kernel_sim replays the arithmetic (the same passes and reductions as version 6);
+// tests/kernel_sim replays the per-chunk arithmetic and the reductions (version 6's: only the
+// scalar tail's thread and the masked-chunk path's operands differ);
 // tests/divergence_persistent_sim runs this file on the host emulator with clusters and
 // cp.async (both copy timing models), against the CPU backend.
 
@@ -68,20 +69,6 @@ namespace divergence {
 constexpr int kStagedThreads = 512;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-
-// The head of the kernel's dynamic shared memory: reduction scratch and the cluster slots.
-// The two row buffers follow it (kStagedScratchBytes on: STAGED_SCRATCH_BYTES in
-// src/divergence/cluster.rs, which sizes the launch).
-template <Kind K>
-struct StagedScratch {
-  RowStats<K> stats[32];      // block_stats scratch
-  float sums[32];             // block_sum scratch
-  RowStats<K> slot_stats[2];  // this block's statistics of a row, by barrier phase
-  float2 slot_kl[2];          // JSD: this block's mixture sums of a row, by barrier phase
-};
-constexpr int kStagedScratchBytes = 1024;
-static_assert(sizeof(StagedScratch<Kind::ForwardKl>) <= kStagedScratchBytes, "smem");
-static_assert(sizeof(StagedScratch<Kind::Jsd>) <= kStagedScratchBytes, "smem");
 
 // Keeps the compiler from moving memory accesses across this point. cp_async_16 and
 // cp_async_wait (dk_mma.cuh) are volatile asm without a memory clobber, and the kernels that
@@ -186,7 +173,9 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
   using GradFn = GradStageOf<K, TS, TO, kFused, kSeries>;
   using GradOut = typename GradFn::Out;
   extern __shared__ __align__(16) unsigned char dk_divcq_smem[];
-  StagedScratch<K>& sm = *reinterpret_cast<StagedScratch<K>*>(dk_divcq_smem);
+  // Scratch and slots (slots by barrier phase), then the two row buffers
+  // (src/divergence/cluster.rs staged_smem_bytes sizes the launch).
+  ClusterScratch<K>& sm = *reinterpret_cast<ClusterScratch<K>*>(dk_divcq_smem);
 
   const ClusterWalk walk(a);
   const int c = walk.c, slice = walk.slice, start = walk.start, len = walk.len;
@@ -194,10 +183,10 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
   // so both start 16-byte aligned).
   const size_t buffer_bytes = static_cast<size_t>(slice) * (sizeof(TS) + sizeof(TT));
   auto student_buf = [&](int64_t i) {
-    return reinterpret_cast<TS*>(dk_divcq_smem + kStagedScratchBytes + (i & 1) * buffer_bytes);
+    return reinterpret_cast<TS*>(dk_divcq_smem + kClusterScratchBytes + (i & 1) * buffer_bytes);
   };
   auto teacher_buf = [&](int64_t i) {
-    return reinterpret_cast<TT*>(dk_divcq_smem + kStagedScratchBytes + (i & 1) * buffer_bytes +
+    return reinterpret_cast<TT*>(dk_divcq_smem + kClusterScratchBytes + (i & 1) * buffer_bytes +
                                  static_cast<size_t>(slice) * sizeof(TS));
   };
   const int lane = threadIdx.x & 31;
@@ -238,9 +227,9 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
       const TT* ts = teacher_buf(i);
       StagedStatsPass<K> sp{k};
       staged_pass(ss, ts, len, slice, sp);
-      const RowStats<K> mine_stats = block_stats(sp.stats, k, sm.stats);
+      const RowStats<K> block = block_stats(sp.stats, k, sm.stats);
       if (threadIdx.x == 0) {
-        sm.slot_stats[phase & 1] = mine_stats;
+        sm.slot_stats[phase & 1] = block;
         cluster_fence();  // publish the slot
       }
       cluster_arrive_relaxed();

@@ -58,15 +58,15 @@ use distill_kernels::{Context, DType};
 
 const TEST: &str = "divergence_persistent_sim";
 
-/// `PERSISTENT_SMEM_BYTES` of src/divergence/cluster.rs (`kPersistentSmemBytes` in the kernel).
+/// `PERSISTENT_SMEM_BYTES` of src/divergence/cluster.rs (`kClusterScratchBytes` in the kernels).
 const PERSISTENT_SMEM_BYTES: u32 = 1024;
 
 /// The staged kernels' dynamic shared memory, as src/divergence/cluster.rs `staged_smem_bytes`
-/// sizes it: the scratch (`kStagedScratchBytes`), then two buffers of the block's slice of
+/// sizes it: the scratch (`kClusterScratchBytes`), then two buffers of the block's slice of
 /// both inputs (the driver checks the same formula).
 fn staged_smem_bytes(v: usize, c: usize, pair_bytes: usize) -> u32 {
     let slice = v.div_ceil(c).next_multiple_of(8);
-    (1024 + 2 * slice * pair_bytes) as u32
+    PERSISTENT_SMEM_BYTES + (2 * slice * pair_bytes) as u32
 }
 
 // ------------------------------------------------------------------------------------------

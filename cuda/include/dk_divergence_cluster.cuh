@@ -16,6 +16,22 @@ namespace divergence {
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 
+// The head of a persistent cluster kernel's dynamic shared memory (all of it for version 6, the
+// scratch before the row buffers for version 9): the reduction scratch and this block's slots,
+// which the cluster reads after a barrier, by parity. Dynamic rather than static __shared__ so
+// that a host emulator can give each block of a cluster its own. kClusterScratchBytes is
+// PERSISTENT_SMEM_BYTES in src/divergence/cluster.rs.
+template <Kind K>
+struct ClusterScratch {
+  RowStats<K> stats[32];      // block_stats scratch
+  float sums[32];             // block_sum scratch
+  RowStats<K> slot_stats[2];  // this block's statistics of a row, by parity
+  float2 slot_kl[2];          // JSD: this block's mixture sums of a row, by parity
+};
+constexpr int kClusterScratchBytes = 1024;
+static_assert(sizeof(ClusterScratch<Kind::ForwardKl>) <= kClusterScratchBytes, "smem");
+static_assert(sizeof(ClusterScratch<Kind::Jsd>) <= kClusterScratchBytes, "smem");
+
 // A persistent cluster kernel's share of a call (versions 6 and 9): this block's slice of every
 // row (cluster_slice elements from `start`; `len` may be short or 0 at the row's end), the rows
 // its cluster walks (first, first + clusters, ...: `mine` of them), and the per-row bookkeeping.

@@ -238,8 +238,8 @@ pub(crate) fn persistent_cluster_size(
         .map_or(16, |&(c, _)| c)
 }
 
-/// Dynamic shared memory of a persistent-kernel block (`kPersistentSmemBytes` in
-/// cuda/divergence_persistent.cu: its reduction scratch and cluster slots).
+/// Dynamic shared memory of a persistent-kernel block: its reduction scratch and cluster slots
+/// (`ClusterScratch`, `kClusterScratchBytes` in cuda/include/dk_divergence_cluster.cuh).
 pub(crate) const PERSISTENT_SMEM_BYTES: usize = 1024;
 
 /// Blocks per SM the persistent variants aim at: each SM then holds blocks of two clusters, so
@@ -273,19 +273,15 @@ pub(crate) fn persistent_grid(
     Ok((clusters > 0).then_some((c, clusters)))
 }
 
-/// Staged variant: the head of a block's dynamic shared memory (`kStagedScratchBytes` in
-/// cuda/divergence_staged.cu: its reduction scratch and cluster slots); the row buffers follow.
-pub(crate) const STAGED_SCRATCH_BYTES: usize = 1024;
-
 /// The most dynamic shared memory a Hopper block may opt in to (227 KB); the staged kernels are
 /// configured for it.
 const STAGED_MAX_SMEM: usize = 227 * 1024;
 
 /// Staged variant: a block's dynamic shared memory for rows of `v` elements with `pair_bytes`
-/// bytes per (student, teacher) element pair in clusters of `c`: the scratch, then two buffers
-/// of its slice of both inputs.
+/// bytes per (student, teacher) element pair in clusters of `c`: the persistent kernels' scratch
+/// ([`PERSISTENT_SMEM_BYTES`]), then two buffers of its slice of both inputs.
 pub(crate) fn staged_smem_bytes(v: usize, c: usize, pair_bytes: usize) -> usize {
-    STAGED_SCRATCH_BYTES + 2 * slice(v, c) * pair_bytes
+    PERSISTENT_SMEM_BYTES + 2 * slice(v, c) * pair_bytes
 }
 
 /// Staged variant: the smallest cluster size whose blocks hold two rows' slices, doubled (up to

@@ -188,8 +188,8 @@ int main() {
   if (!fused && g_inv_cap != 0.f) sim::fail("inv_cap %g for %s", g_inv_cap, name.c_str());
   if (grad_mode == 3 ? shift < 0 : shift != 0)
     sim::fail("shift %ld in grad mode %d", static_cast<long>(shift), grad_mode);
-  if (smem < sizeof(dk::divergence::PersistentSmem<dk::divergence::Kind::Jsd>))
-    sim::fail("%u bytes of dynamic shared memory, the kernel's PersistentSmem needs more", smem);
+  if (smem < sizeof(dk::divergence::ClusterScratch<dk::divergence::Kind::Jsd>))
+    sim::fail("%u bytes of dynamic shared memory, the kernel's ClusterScratch needs more", smem);
   // The descending run also lands cp.async copies late (only at the wait that forces them; the
   // staged kernels' copies of the next rows): a read of a chunk whose copy is in flight is an
   // error, and the two runs must still agree bitwise.
@@ -202,10 +202,10 @@ int main() {
   const int64_t last = strcmp(tail, "f32") == 0 ? 4 : 2;
   const int64_t sb = fused ? 4 : s16 ? 2 : 4, tb = fused ? 4 : last, gb = fused ? last : sb;
   if (staged) {
-    // The staged kernels' scratch, then two buffers of both inputs' slices (STAGED_SCRATCH_BYTES
-    // and staged_smem_bytes in src/divergence/cluster.rs).
+    // The kernels' scratch, then two buffers of both inputs' slices (staged_smem_bytes in
+    // src/divergence/cluster.rs).
     const int64_t slice = dk::divergence::cluster_slice(static_cast<int>(a.v), cluster);
-    const int64_t need = dk::divergence::kStagedScratchBytes + 2 * slice * (sb + tb);
+    const int64_t need = dk::divergence::kClusterScratchBytes + 2 * slice * (sb + tb);
     if (smem != need)
       sim::fail("%u bytes of dynamic shared memory for %s, the launcher gives %ld", smem,
                 name.c_str(), static_cast<long>(need));
