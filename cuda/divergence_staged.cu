@@ -10,7 +10,7 @@
 // and pays each iteration's barrier and reductions with no load in flight but the next
 // row's prefetch (H200: 45.5 % of the floor, DRAM 60 % busy, issue 54 %).
 //
-// Here a cluster of C blocks (one per SM: 512 threads of 80–96 registers) stays resident and
+// Here a cluster of C blocks (one per SM: 512 threads of 80–110 registers) stays resident and
 // walks the rows q, q + Q, q + 2Q, ... (Q clusters). A block holds its slice (cluster_slice
 // elements of both inputs) of two rows in shared memory: while it computes every pass of row i
 // from buffer i & 1, the cp.async copies of row i + 1 fill the other buffer, and when it is
@@ -29,7 +29,9 @@
 //
 // Per row: statistics pass → block_stats → slot → cluster barrier → merge_slots (JSD: mixture
 // pass → block sums → slot → barrier → sum_slots) → gradient pass from shared memory, 16-byte
-// stores. Slots are double-buffered by barrier phase: slot[p & 1] is written before barrier p
+// stores. JSD with a gradient (DK_ARGS_STASH_JSD; version 10): the mixture pass keeps each
+// entry's log2(q/m) and the gradient pass reads it instead of forming it again, bitwise the
+// same values for one exponential per element instead of three transcendental operations. Slots are double-buffered by barrier phase: slot[p & 1] is written before barrier p
 // and read by every block after it; its next write comes before barrier p + 2, after barrier
 // p + 1, which no block passes before every block has arrived there, i.e. has consumed its
 // reads of barrier p's slots (each read's value is used before the thread arrives again).
@@ -101,11 +103,33 @@ struct SlicePieces {
   }
   // Element e of the slice.
   static __device__ __forceinline__ float element(const T* buf, int e, int slice) {
+    return to_float(*at(buf, e, slice));
+  }
+  // Where element e of the slice is.
+  static __device__ __forceinline__ T* at(const T* buf, int e, int slice) {
     const unsigned char* b = reinterpret_cast<const unsigned char*>(buf);
     const int c = e / kVec, r = e % kVec;
-    return to_float(reinterpret_cast<const T*>(b + offset(c, r / kPer16, slice))[r % kPer16]);
+    return const_cast<T*>(reinterpret_cast<const T*>(b + offset(c, r / kPer16, slice)) + r % kPer16);
   }
 };
+
+// Stores the N values of the chunk at element i (a whole chunk when N is 8: two 16-byte stores)
+// into an f32 slice laid out as SlicePieces<float> says: the JSD stash.
+template <int N>
+__device__ __forceinline__ void store_f32_chunk(float* buf, int i, int slice, const float (&v)[N]) {
+  using P = SlicePieces<float>;
+  if constexpr (N == kVec) {
+    unsigned char* b = reinterpret_cast<unsigned char*>(buf);
+#pragma unroll
+    for (int p = 0; p < P::kPieces; ++p) {
+      *reinterpret_cast<float4*>(b + P::offset(i / kVec, p, slice)) =
+          make_float4(v[4 * p], v[4 * p + 1], v[4 * p + 2], v[4 * p + 3]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) *P::at(buf, i + k, slice) = v[k];
+  }
+}
 
 // Queues the copy of this thread's chunks of `len` elements at `src` (16-byte aligned) into
 // `dst` (a slice of `slice` elements, laid out as SlicePieces says): the chunks c = threadIdx.x +
@@ -163,6 +187,30 @@ struct StagedStatsPass {
   }
 };
 
+// The JSD mixture pass (JsdPass's sums, the same terms) that also keeps each entry's log2(q/m)
+// in `stash` (an f32 slice, SlicePieces<float>'s layout) for the gradient pass: there it saves
+// an exponential and a logarithm per element (cuda/DIVERGENCE.md, version 10). Each entry's
+// value goes where its chunk's owner reads it, so the stash needs no synchronisation either;
+// it may be the teacher's own f32 slice, each chunk overwritten after it is read.
+template <bool kSeries>
+struct StashJsdPass {
+  Row row;
+  float* stash;
+  int slice;
+  float kl_pm = 0.f, kl_qm = 0.f;
+  template <int N>
+  __device__ __forceinline__ void chunk(int i, const float (&s)[N], const float (&t)[N]) {
+    float lq[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float2 terms = jsd_terms<kSeries>(row, s[k], t[k], &lq[k]);
+      kl_pm += terms.x;
+      kl_qm += terms.y;
+    }
+    store_f32_chunk(stash, i, slice, lq);
+  }
+};
+
 // kSeries: Row's JSD mode (the `jsdx` kernels, for extreme β). kFused: the fused linear
 // divergence's variant (f32 logits S and T; G, the gradient times the softcap's slope
 // inv_cap, in TO over S's own row: see the top).
@@ -171,6 +219,7 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
   static_assert(kFused || sizeof(TO) == sizeof(TS), "TO is TS outside the fused variant");
   constexpr bool kJsd = K == Kind::Jsd;
   using GradFn = GradStageOf<K, TS, TO, kFused, kSeries>;
+  using StashedGradFn = GradStageOf<K, TS, TO, kFused, kSeries, kJsd>;
   using GradOut = typename GradFn::Out;
   extern __shared__ __align__(16) unsigned char dk_divcq_smem[];
   // Scratch and slots (slots by barrier phase), then the two row buffers
@@ -188,6 +237,19 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
   auto teacher_buf = [&](int64_t i) {
     return reinterpret_cast<TT*>(dk_divcq_smem + kClusterScratchBytes + (i & 1) * buffer_bytes +
                                  static_cast<size_t>(slice) * sizeof(TS));
+  };
+  // JSD with a gradient and DK_ARGS_STASH_JSD: the mixture pass keeps each entry's log2(q/m)
+  // for the gradient pass, over the teacher's slice of the row when it is f32 (the gradient
+  // pass reads only the student's), else in a slice of its own after the two row buffers
+  // (one for every row: a thread's entries of row i + 1 are written after it has read row i's).
+  const bool stash = kJsd && (a.options & DK_ARGS_STASH_JSD) != 0 && a.grad != 0;
+  auto stash_buf = [&](int64_t i) {
+    if constexpr (sizeof(TT) == sizeof(float)) {
+      return reinterpret_cast<float*>(teacher_buf(i));
+    } else {
+      (void)i;
+      return reinterpret_cast<float*>(dk_divcq_smem + kClusterScratchBytes + 2 * buffer_bytes);
+    }
   };
   const int lane = threadIdx.x & 31;
   const float k = exp2_scale(a.inv_temperature), beta = a.beta;
@@ -243,10 +305,20 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
       if (!kJsd && live) loss = kl_loss(st, r, &center);
       if (kJsd) {
         // Every block takes this branch (live is the same everywhere): the barrier is uniform.
-        JsdPass<kSeries> jp{r};
-        if (live) staged_pass(ss, ts, len, slice, jp);
-        const float pm = block_sum(jp.kl_pm, sm.sums);
-        const float qm = block_sum(jp.kl_qm, sm.sums);
+        float pm = 0.f, qm = 0.f;
+        if (live && stash) {
+          StashJsdPass<kSeries> jp{r, stash_buf(i), slice};
+          staged_pass(ss, ts, len, slice, jp);
+          pm = jp.kl_pm;
+          qm = jp.kl_qm;
+        } else if (live) {
+          JsdPass<kSeries> jp{r};
+          staged_pass(ss, ts, len, slice, jp);
+          pm = jp.kl_pm;
+          qm = jp.kl_qm;
+        }
+        pm = block_sum(pm, sm.sums);
+        qm = block_sum(qm, sm.sums);
         if (threadIdx.x == 0) {
           sm.slot_kl[phase & 1] = make_float2(pm, qm);
           cluster_fence();
@@ -263,10 +335,15 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
         if (!live) {
           zero_row(g, len, true);
         } else {
-          typename GradFn::Type gp = GradFn::make(
-              grad_row_of<K, kSeries>(r, center, beta, grad_scale(walk.gfactor, loss)), g,
-              inv_cap);
-          staged_pass(ss, ts, len, slice, gp);
+          const GradRow gr =
+              grad_row_of<K, kSeries>(r, center, beta, grad_scale(walk.gfactor, loss));
+          if (stash) {  // from the student's slice and the kept log2(q/m)
+            typename StashedGradFn::Type gp = StashedGradFn::make(gr, g, inv_cap);
+            staged_pass(ss, static_cast<const float*>(stash_buf(i)), len, slice, gp);
+          } else {
+            typename GradFn::Type gp = GradFn::make(gr, g, inv_cap);
+            staged_pass(ss, ts, len, slice, gp);
+          }
         }
       }
     }

@@ -26,6 +26,10 @@ const SWITCHES: &[Switch] = &[
         values: &["1", "2", "4", "8", "16"],
     },
     Switch {
+        name: "DK_DIVERGENCE_JSD_STASH",
+        values: &["0"],
+    },
+    Switch {
         name: "DK_MOE_PERMUTE",
         values: &["gather"],
     },

@@ -63,11 +63,16 @@ const PERSISTENT_SMEM_BYTES: u32 = 1024;
 
 /// The staged kernels' dynamic shared memory, as src/divergence/cluster.rs `staged_smem_bytes`
 /// sizes it: the scratch (`kClusterScratchBytes`), then two buffers of the block's slice of
-/// both inputs (the driver checks the same formula).
-fn staged_smem_bytes(v: usize, c: usize, pair_bytes: usize) -> u32 {
+/// both inputs, then `stash_bytes` per slice element (the JSD stash of a 16-bit teacher: 4; the
+/// driver checks the same formula).
+fn staged_smem_bytes(v: usize, c: usize, pair_bytes: usize, stash_bytes: usize) -> u32 {
     let slice = v.div_ceil(c).next_multiple_of(8);
-    PERSISTENT_SMEM_BYTES + (2 * slice * pair_bytes) as u32
+    PERSISTENT_SMEM_BYTES + (slice * (2 * pair_bytes + stash_bytes)) as u32
 }
+
+/// `DK_ARGS_STASH_JSD` (cuda/include/dk_divergence_args.h): the staged JSD kernels keep each
+/// entry's log2(q/m) for the gradient pass.
+const STASH_JSD: u32 = 1;
 
 // ------------------------------------------------------------------------------------------
 // Building the emulator
@@ -148,6 +153,9 @@ struct SimCase {
     /// The staged kernels (`dk_divcq_*`, cuda/divergence_staged.cu) instead of the persistent
     /// ones.
     staged: bool,
+    /// Staged JSD with a gradient: `DK_ARGS_STASH_JSD` set (what the launcher does unless
+    /// `DK_DIVERGENCE_JSD_STASH=0`), the stash's slice in the shared memory for a 16-bit teacher.
+    stash: bool,
     /// Blocks per cluster.
     c: usize,
     /// Clusters.
@@ -301,6 +309,7 @@ fn make(
         case,
         threads,
         staged: false,
+        stash: false,
         c,
         q,
     }
@@ -605,6 +614,8 @@ struct Header {
     temperature: f32,
     scale: f32,
     inv_cap: f32,
+    /// `DK_ARGS_*` bits of the kernel arguments (`options`).
+    options: u32,
     /// 0 forward only, 1 separate, 2 in place, 3 fused G `shift` rows before S.
     grad_mode: i32,
     shift: usize,
@@ -640,6 +651,7 @@ impl Header {
         for x in [self.grad_mode, self.shift as i32, self.has_labels as i32] {
             o.extend(x.to_ne_bytes());
         }
+        o.extend(self.options.to_ne_bytes());
     }
 }
 
@@ -694,7 +706,12 @@ fn run_sim(
         shape: (sc.threads, sc.c, sc.q),
         smem: if sc.staged {
             let pair = c.student.dtype.size() + c.teacher.dtype.size();
-            staged_smem_bytes(c.v(), sc.c, pair)
+            let stash = if sc.stash && c.teacher.dtype.size() == 2 {
+                4
+            } else {
+                0
+            };
+            staged_smem_bytes(c.v(), sc.c, pair, stash)
         } else {
             PERSISTENT_SMEM_BYTES
         },
@@ -707,6 +724,7 @@ fn run_sim(
         temperature: c.params.temperature,
         scale: scale(c),
         inv_cap: 0.0,
+        options: if sc.stash { STASH_JSD } else { 0 },
         grad_mode,
         shift: 0,
         has_labels: c.labels.is_some(),
@@ -892,16 +910,65 @@ fn staged_kernels_match_the_cpu_backend() {
         return;
     };
     let mut rng = Rng::fresh(&format!("{TEST}-staged"));
-    let cases: Vec<SimCase> = cases(&mut rng)
-        .into_iter()
-        .map(|sc| SimCase {
-            threads: 512,
-            staged: true,
-            ..sc
-        })
-        .collect();
+    let cases: Vec<SimCase> = cases(&mut rng).into_iter().map(staged).collect();
     run_cases_parallel(TEST, cases.len(), |i| {
         (cases[i].what(), check_case(&exe, &cases[i]))
+    });
+}
+
+/// A case on the staged kernel as the launcher runs it: JSD with a gradient keeps log2(q/m)
+/// for the gradient pass (`stash`).
+fn staged(sc: SimCase) -> SimCase {
+    let stash = sc.case.params.effective_kind() == Kind::Jsd && sc.case.grad != GradOut::None;
+    SimCase {
+        threads: 512,
+        staged: true,
+        stash,
+        ..sc
+    }
+}
+
+/// The staged JSD kernels' stash (cuda/DIVERGENCE.md, version 10: the mixture pass keeps each
+/// entry's log2(q/m) over an f32 teacher's slice or in a slice of its own, and the gradient
+/// pass reads it instead of forming it again) changes no bit: on the JSD cases with a gradient
+/// of `cases` (fresh draws; `staged_kernels_match_the_cpu_backend` checks the stashed runs
+/// against the CPU backend in both orders), the launch without it (`DK_DIVERGENCE_JSD_STASH=0`) must give
+/// bitwise the same buffers. A value stashed for the wrong entry, or read before it is
+/// written, shows here even where it stays within the reference's tolerance.
+#[test]
+fn staged_jsd_stash_changes_no_bit() {
+    let Some(exe) = simulator() else {
+        return;
+    };
+    let mut rng = Rng::fresh(&format!("{TEST}-staged"));
+    let cases: Vec<SimCase> = cases(&mut rng)
+        .into_iter()
+        .map(staged)
+        .filter(|sc| sc.stash)
+        .collect();
+    assert!(
+        cases.len() >= 8,
+        "{} JSD cases with a gradient",
+        cases.len()
+    );
+    run_cases_parallel(TEST, cases.len(), |i| {
+        let on = &cases[i];
+        let result = (|| {
+            let before = Bufs::new(&on.case);
+            let (with, log) = run_sim(&exe, on, &before, false)?;
+            let off = SimCase {
+                stash: false,
+                case: on.case.clone(),
+                ..*on
+            };
+            let (without, _) = run_sim(&exe, &off, &before, false)?;
+            if with != without {
+                let at = first_difference(on, &with, &without).unwrap_or_default();
+                return Err(format!("the stash changed the outputs: first at {at}"));
+            }
+            Ok(log)
+        })();
+        (on.what(), result)
     });
 }
 
@@ -936,6 +1003,8 @@ struct FusedSimCase {
     threads: u32,
     /// The staged kernels (`dk_divcq_fused_*`) instead of the persistent ones.
     staged: bool,
+    /// Staged JSD: `DK_ARGS_STASH_JSD` set (log2(q/m) kept over T's slice for the gradient).
+    stash: bool,
     c: usize,
     q: usize,
     n: usize,
@@ -1005,7 +1074,7 @@ impl FusedSimCase {
             kernel: self.kernel(),
             shape: (self.threads, self.c, self.q),
             smem: if self.staged {
-                staged_smem_bytes(self.v, self.c, 8)
+                staged_smem_bytes(self.v, self.c, 8, 0)
             } else {
                 PERSISTENT_SMEM_BYTES
             },
@@ -1018,6 +1087,7 @@ impl FusedSimCase {
             temperature: self.p.temperature,
             scale: self.p.scale,
             inv_cap: self.p.inv_cap(),
+            options: if self.stash { STASH_JSD } else { 0 },
             grad_mode: if self.place == GPlace::None { 0 } else { 3 },
             shift: self.shift(),
             has_labels: self.labels.is_some(),
@@ -1110,6 +1180,7 @@ fn make_fused(
         place,
         threads,
         staged: false,
+        stash: false,
         c,
         q,
         n,
@@ -1381,6 +1452,8 @@ fn fused_staged_kernels_write_g_over_s() {
         .map(|c| FusedSimCase {
             threads: 512,
             staged: true,
+            // As the launcher: JSD keeps log2(q/m) over T's slice.
+            stash: effective_kind(c.p.kind, c.p.beta) == Kind::Jsd,
             place: match c.place {
                 GPlace::None => GPlace::None,
                 GPlace::Before | GPlace::Own => GPlace::Own,
@@ -1396,6 +1469,53 @@ fn fused_staged_kernels_write_g_over_s() {
         (
             format!("{} C={} Q={}: {}", c.kernel(), c.c, c.q, c.what),
             check_fused_case(&exe, c),
+        )
+    });
+}
+
+/// The fused staged JSD kernels' stash (over T's f32 slice) changes no bit either: the JSD cases
+/// with G of `fused_cases` (fresh draws), run with and without it, must give bitwise the same
+/// buffers (`fused_staged_kernels_write_g_over_s` checks the stashed runs against the reference).
+#[test]
+fn fused_staged_jsd_stash_changes_no_bit() {
+    let Some(exe) = simulator() else {
+        return;
+    };
+    let mut rng = Rng::fresh("fused_staged_kernels_write_g_over_s");
+    let cases: Vec<FusedSimCase> = fused_cases(&mut rng)
+        .into_iter()
+        .filter(|c| effective_kind(c.p.kind, c.p.beta) == Kind::Jsd && c.place != GPlace::None)
+        .map(|c| FusedSimCase {
+            threads: 512,
+            staged: true,
+            stash: true,
+            place: GPlace::Own,
+            ..c
+        })
+        .collect();
+    assert!(cases.len() >= 6, "{} fused JSD cases", cases.len());
+    run_cases_parallel(TEST, cases.len(), |i| {
+        let on = &cases[i];
+        let result = (|| {
+            let (with, log) = run_emulator(&exe, on.input(false), on.output_len())?;
+            let off = FusedSimCase {
+                stash: false,
+                what: String::new(),
+                s: on.s.clone(),
+                t: on.t.clone(),
+                labels: on.labels.clone(),
+                ..*on
+            };
+            let (without, _) = run_emulator(&exe, off.input(false), off.output_len())?;
+            match with.iter().zip(&without).position(|(a, b)| a != b) {
+                Some(at) => Err(format!("the stash changed the output at byte {at}")),
+                None if with.len() != without.len() => Err("output lengths differ".into()),
+                None => Ok(log),
+            }
+        })();
+        (
+            format!("{} C={} Q={}: {}", on.kernel(), on.c, on.q, on.what),
+            result,
         )
     });
 }

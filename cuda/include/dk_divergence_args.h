@@ -21,7 +21,14 @@ typedef struct DkDivergenceArgs {
   int64_t ignore_index;
   float beta;              // jsd only, strictly inside (0, 1)
   float inv_temperature;
+  uint32_t options;        // DK_ARGS_* bits below (0 for every other kernel)
 } DkDivergenceArgs;
+
+// The staged JSD kernels (cuda/divergence_staged.cu) keep each entry's log2(q/m) from the
+// mixture pass for the gradient pass, over the teacher's slice when it is f32, else in a slice
+// of their own after the row buffers (src/divergence/cluster.rs sizes it): one exponential and
+// one logarithm fewer per element in the gradient pass.
+#define DK_ARGS_STASH_JSD 1u
 
 // Reduction codes shared with the C ABI (dk_reduction).
 #define DK_ARGS_REDUCTION_BATCHMEAN 0

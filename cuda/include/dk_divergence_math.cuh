@@ -339,6 +339,12 @@ DK_HD GradRow grad_row_of(const Row& row, float center, float beta, float gscale
   return g;
 }
 
+// JSD's gradient entry (1 − β) ln 2 · gscale · q · (log2 q − log2 m − center) from 2^Y and the
+// log ratio: one expression for grad_entry and jsd_grad_stashed, so that they round alike.
+DK_HD float jsd_grad_of(const GradRow& g, float eq, float log2_qm) {
+  return eq * g.gq * (log2_qm - g.center);
+}
+
 // Per-entry gradient dL/ds (scaled) of the passes after the statistics (kSeries: Row's JSD
 // mode, the row's).
 template <Kind K, bool kSeries = false>
@@ -349,16 +355,38 @@ DK_HD float grad_entry(const GradRow& g, float s, float t) {
   // (Both products rounded: a contracted FFMA(eq, gq, −ex·gp) is not 0 for identical rows.)
   if (K == Kind::ForwardKl) return mul_rn(eq, g.gq) - mul_rn(fast_exp2(X), g.gp);
   if (K == Kind::ReverseKl) return xlog(eq, fmaf(Y - X, kLn2, -g.center)) * g.gq;
-  return eq * g.gq * (row.log2_ratios_to_mixture<kSeries>(Y - X).y - g.center);
+  return jsd_grad_of(g, eq, row.log2_ratios_to_mixture<kSeries>(Y - X).y);
 }
 
 // (p (log2 p − log2 m), q (log2 q − log2 m)) of one entry, summed by the JSD pass. Both log
-// ratios are finite (clamped w), so masked entries (probability 0) add exactly 0.
+// ratios are finite (clamped w), so masked entries (probability 0) add exactly 0. With
+// `log2_qm`, also the entry's log2 q − log2 m (the staged kernels keep it for the gradient).
 template <bool kSeries = false>
-DK_HD float2 jsd_terms(const Row& row, float s, float t) {
+DK_HD float2 jsd_terms(const Row& row, float s, float t, float* log2_qm = nullptr) {
   const Row::Entry e = row.entry(s, t);
   const float2 lr = row.log2_ratios_to_mixture<kSeries>(e.d);
+  if (log2_qm) *log2_qm = lr.y;
   return make_float2(e.p * lr.x, e.q * lr.y);
+}
+
+// JSD's gradient entry from the student logit s and the entry's log2 q − log2 m as the mixture
+// pass formed it (jsd_terms' log2_qm): grad_entry's value, bitwise (the same Y, the same
+// jsd_grad_of), with one exponential instead of three transcendental operations.
+DK_HD float jsd_grad_stashed(const GradRow& g, float s, float log2_qm) {
+  const float Y = mul_rn(s + g.row.nms, g.row.k);
+  return jsd_grad_of(g, fast_exp2(Y), log2_qm);
+}
+
+// A gradient entry from s and x: the teacher logit (grad_entry), or with kStashed (JSD only)
+// the entry's log2 q − log2 m kept by the mixture pass (jsd_grad_stashed).
+template <Kind K, bool kSeries, bool kStashed>
+DK_HD float grad_entry_from(const GradRow& g, float s, float x) {
+  if constexpr (kStashed) {
+    static_assert(K == Kind::Jsd, "only JSD keeps a per-entry value");
+    return jsd_grad_stashed(g, s, x);
+  } else {
+    return grad_entry<K, kSeries>(g, s, x);
+  }
 }
 
 

@@ -120,8 +120,10 @@ __device__ __forceinline__ void store_chunk(T* p, const float (&out)[N]) {
   }
 }
 
-// Final pass: the gradient, stored 8 at a time when aligned (kSeries: Row's JSD mode).
-template <Kind K, typename TS, bool kSeries = false>
+// Final pass: the gradient, stored 8 at a time when aligned (kSeries: Row's JSD mode;
+// kStashed: the second operand is each entry's log2(q/m) kept by the mixture pass, not the
+// teacher logit: grad_entry_from).
+template <Kind K, typename TS, bool kSeries = false, bool kStashed = false>
 struct GradPass {
   GradRow row;  // grad_row_of<K>(row constants, center, β, gscale)
   TS* g;
@@ -129,7 +131,7 @@ struct GradPass {
   __device__ __forceinline__ void chunk(int i, const float (&s)[N], const float (&t)[N]) {
     float out[N];
 #pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = grad_entry<K, kSeries>(row, s[k], t[k]);
+    for (int k = 0; k < N; ++k) out[k] = grad_entry_from<K, kSeries, kStashed>(row, s[k], t[k]);
     store_chunk(g + i, out);
   }
 };
@@ -138,8 +140,9 @@ struct GradPass {
 // softcap's slope (softcap_slope of the capped student logit), in TO. Without a
 // softcap (inv_cap = 0, uniform) it is GradPass's store. Same entries as FusedGradSink
 // (cuda/divergence.cu), the one-block kernel's. Used by the persistent and staged cluster
-// kernels' fused variants (divergence_persistent.cu, divergence_staged.cu).
-template <Kind K, typename TO, bool kSeries>
+// kernels' fused variants (divergence_persistent.cu, divergence_staged.cu). kStashed: as
+// GradPass's.
+template <Kind K, typename TO, bool kSeries, bool kStashed = false>
 struct FusedGradPass {
   GradRow row;
   TO* g;
@@ -148,7 +151,7 @@ struct FusedGradPass {
   __device__ __forceinline__ void chunk(int i, const float (&s)[N], const float (&t)[N]) {
     float out[N];
 #pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = grad_entry<K, kSeries>(row, s[k], t[k]);
+    for (int k = 0; k < N; ++k) out[k] = grad_entry_from<K, kSeries, kStashed>(row, s[k], t[k]);
     if (inv_cap != 0.f) {
 #pragma unroll
       for (int k = 0; k < N; ++k) out[k] *= softcap_slope(s[k], inv_cap);
@@ -158,17 +161,18 @@ struct FusedGradPass {
 };
 
 // The gradient stage's functor: GradPass over TS for the divergence kernels, FusedGradPass
-// over TO for the fused linear divergence's (kFused); kSeries: Row's JSD mode.
-template <Kind K, typename TS, typename TO, bool kFused, bool kSeries>
+// over TO for the fused linear divergence's (kFused); kSeries: Row's JSD mode; kStashed: the
+// passes' second operand is the kept log2(q/m) (GradPass).
+template <Kind K, typename TS, typename TO, bool kFused, bool kSeries, bool kStashed = false>
 struct GradStageOf {
   using Out = TS;
-  using Type = GradPass<K, TS, kSeries>;
+  using Type = GradPass<K, TS, kSeries, kStashed>;
   static __device__ __forceinline__ Type make(const GradRow& r, TS* g, float) { return {r, g}; }
 };
-template <Kind K, typename TS, typename TO, bool kSeries>
-struct GradStageOf<K, TS, TO, true, kSeries> {
+template <Kind K, typename TS, typename TO, bool kSeries, bool kStashed>
+struct GradStageOf<K, TS, TO, true, kSeries, kStashed> {
   using Out = TO;
-  using Type = FusedGradPass<K, TO, kSeries>;
+  using Type = FusedGradPass<K, TO, kSeries, kStashed>;
   static __device__ __forceinline__ Type make(const GradRow& r, TO* g, float inv_cap) {
     return {r, g, inv_cap};
   }

@@ -125,9 +125,16 @@ fn forced_size() -> Option<usize> {
 static SHAPES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 const MAX_SHAPES: usize = 32;
 
-/// Records a queued cluster launch shape (once per distinct description).
-fn note_shape(kernel: &str, (c, clusters): (usize, usize), n: i64, v: i64) {
-    let what = format!("{kernel}: {clusters} clusters of {c} blocks for {n} rows of {v}");
+/// Records a queued cluster launch shape (once per distinct description), and whether the staged
+/// JSD kernel kept log2(q/m) ([`Stash`]).
+fn note_shape(kernel: &str, (c, clusters): (usize, usize), args: &DivergenceArgs) {
+    let (n, v) = (args.n, args.v);
+    let stash = if args.options & super::cuda::STASH_JSD != 0 {
+        ", log2(q/m) kept for the gradient"
+    } else {
+        ""
+    };
+    let what = format!("{kernel}: {clusters} clusters of {c} blocks for {n} rows of {v}{stash}");
     let mut shapes = SHAPES.lock().unwrap_or_else(|p| p.into_inner());
     if shapes.len() < MAX_SHAPES && !shapes.contains(&what) {
         shapes.push(what);
@@ -277,54 +284,119 @@ pub(crate) fn persistent_grid(
 /// configured for it.
 const STAGED_MAX_SMEM: usize = 227 * 1024;
 
-/// Staged variant: a block's dynamic shared memory for rows of `v` elements with `pair_bytes`
-/// bytes per (student, teacher) element pair in clusters of `c`: the persistent kernels' scratch
-/// ([`PERSISTENT_SMEM_BYTES`]), then two buffers of its slice of both inputs.
-pub(crate) fn staged_smem_bytes(v: usize, c: usize, pair_bytes: usize) -> usize {
-    PERSISTENT_SMEM_BYTES + 2 * slice(v, c) * pair_bytes
+/// Where the staged JSD kernels keep each entry's log2(q/m) from the mixture pass for the
+/// gradient pass (`DK_ARGS_STASH_JSD`; cuda/DIVERGENCE.md, version 10): the gradient pass then
+/// spends one exponential per element instead of two exponentials and a logarithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stash {
+    /// Not kept: the gradient pass forms it again (the KL kinds, forward only,
+    /// `DK_DIVERGENCE_JSD_STASH=0`, or rows whose stash fits no cluster).
+    Off,
+    /// Over the teacher's slice of the row, when the teacher logits are f32 (no extra memory).
+    OverTeacher,
+    /// In an f32 slice of its own after the two row buffers (16-bit teacher logits).
+    Slice,
 }
 
-/// Staged variant: the smallest cluster size whose blocks hold two rows' slices, doubled (up to
-/// 8) while `n` rows give fewer clusters than `sm_count / c` (a short batch leaves SMs idle)
-/// and slices stay at least [`MIN_SLICE`] long. None when even 16 blocks cannot hold two rows
-/// (f32 pairs past V = 231424): the one-block kernel serves those.
+impl Stash {
+    /// The stash of a staged launch: kept for JSD with a gradient (`jsd_grad`) unless
+    /// `DK_DIVERGENCE_JSD_STASH=0`, over the teacher's slice when its elements are 4 bytes.
+    pub(crate) fn for_rows(jsd_grad: bool, teacher_bytes: usize) -> Stash {
+        if !jsd_grad || crate::switches::value("DK_DIVERGENCE_JSD_STASH") == Some("0") {
+            Stash::Off
+        } else if teacher_bytes == 4 {
+            Stash::OverTeacher
+        } else {
+            Stash::Slice
+        }
+    }
+
+    /// Shared memory per slice element beyond the row buffers.
+    pub(crate) fn bytes(self) -> usize {
+        match self {
+            Stash::Slice => 4,
+            Stash::Off | Stash::OverTeacher => 0,
+        }
+    }
+
+    /// The kernel arguments' `options` bits.
+    pub(crate) fn options(self) -> u32 {
+        match self {
+            Stash::Off => 0,
+            Stash::OverTeacher | Stash::Slice => super::cuda::STASH_JSD,
+        }
+    }
+}
+
+/// Staged variant: a block's dynamic shared memory for rows of `v` elements with `pair_bytes`
+/// bytes per (student, teacher) element pair in clusters of `c`: the persistent kernels' scratch
+/// ([`PERSISTENT_SMEM_BYTES`]), then two buffers of its slice of both inputs, then the JSD
+/// stash's slice where it has one ([`Stash::Slice`]).
+pub(crate) fn staged_smem_bytes(v: usize, c: usize, pair_bytes: usize, stash: Stash) -> usize {
+    PERSISTENT_SMEM_BYTES + slice(v, c) * (2 * pair_bytes + stash.bytes())
+}
+
+/// Staged variant: the smallest cluster size whose blocks hold two rows' slices (and the
+/// stash), doubled (up to 8) while `n` rows give fewer clusters than `sm_count / c` (a short
+/// batch leaves SMs idle) and slices stay at least [`MIN_SLICE`] long. None when even 16 blocks
+/// cannot hold them (f32 pairs past V = 231424): the one-block kernel serves those.
 pub(crate) fn staged_cluster_size(
     n: usize,
     v: usize,
     pair_bytes: usize,
+    stash: Stash,
     sm_count: usize,
 ) -> Option<usize> {
     let mut c = CLUSTER_SIZES
         .into_iter()
-        .find(|&c| staged_smem_bytes(v, c, pair_bytes) <= STAGED_MAX_SMEM)?;
+        .find(|&c| staged_smem_bytes(v, c, pair_bytes, stash) <= STAGED_MAX_SMEM)?;
     while n * c < sm_count && c < 8 && slice(v, 2 * c) >= MIN_SLICE {
         c *= 2;
     }
     Some(c)
 }
 
-/// The staged variant's cluster size ([`staged_cluster_size`], or `DK_DIVERGENCE_CLUSTER_SIZE`
-/// where the rows fit it), number of clusters (as many as the card runs at once, at most one
-/// per row) and dynamic shared memory per block. None when the rows do not fit or the card
-/// places no cluster of that shape.
+/// A staged launch's shape: cluster size, clusters, dynamic shared memory per block, and the
+/// stash it has room for.
+pub(crate) struct StagedShape {
+    pub c: usize,
+    pub clusters: usize,
+    pub smem: usize,
+    pub stash: Stash,
+}
+
+/// The staged variant's shape: the cluster size ([`staged_cluster_size`], or
+/// `DK_DIVERGENCE_CLUSTER_SIZE` where the rows fit it), as many clusters as the card runs at
+/// once (at most one per row), the shared memory per block; with the stash asked for where it
+/// fits, else without it ([`Stash::Off`]: the rows are the same). None when the rows do not fit
+/// or the card places no cluster of that shape.
 pub(crate) fn staged_grid(
     f: &CudaFunction,
     stream: &Arc<CudaStream>,
     (n, v): (usize, usize),
     pair_bytes: usize,
+    stash: Stash,
     sm_count: usize,
-) -> Result<Option<(usize, usize, usize)>> {
-    let fits = |c: usize| staged_smem_bytes(v, c, pair_bytes) <= STAGED_MAX_SMEM;
-    let Some(c) = forced_size()
-        .filter(|&c| fits(c))
-        .or_else(|| staged_cluster_size(n, v, pair_bytes, sm_count))
-    else {
+) -> Result<Option<StagedShape>> {
+    let size = |stash: Stash| {
+        let fits = |c: usize| staged_smem_bytes(v, c, pair_bytes, stash) <= STAGED_MAX_SMEM;
+        forced_size()
+            .filter(|&c| fits(c))
+            .or_else(|| staged_cluster_size(n, v, pair_bytes, stash, sm_count))
+            .map(|c| (c, stash))
+    };
+    let Some((c, stash)) = size(stash).or_else(|| size(Stash::Off)) else {
         return Ok(None);
     };
     stream.context().bind_to_thread()?;
-    let smem = staged_smem_bytes(v, c, pair_bytes);
+    let smem = staged_smem_bytes(v, c, pair_bytes, stash);
     let clusters = max_active_clusters(f, Variant::Staged.threads(), c, smem).min(n);
-    Ok((clusters > 0).then_some((c, clusters, smem)))
+    Ok((clusters > 0).then_some(StagedShape {
+        c,
+        clusters,
+        smem,
+        stash,
+    }))
 }
 
 /// How many clusters of `c` blocks of `f` (`threads` threads and `smem` bytes of dynamic shared
@@ -515,7 +587,7 @@ pub(crate) fn launch(
     use sys::CUresult as R;
     match r {
         R::CUDA_SUCCESS => {
-            note_shape(name, (c, clusters), args.n, args.v);
+            note_shape(name, (c, clusters), args);
             Ok(Launched::Queued)
         }
         // The cluster shape itself: a card that cannot place it (launch-time, not sticky).
@@ -534,33 +606,72 @@ mod tests {
     #[test]
     fn staged_clusters_hold_two_rows_in_shared_memory() {
         let sms = 132;
+        let off = Stash::Off;
+        let size = |n, v, pair| staged_cluster_size(n, v, pair, off, sms);
         // bf16 pairs (4 bytes per element): two rows of 151936 or 202048 in 8 blocks (149 KB,
         // 198 KB each), of 262144 in 16 (129 KB).
-        assert_eq!(staged_cluster_size(4096, 151936, 4, sms), Some(8));
-        assert_eq!(staged_smem_bytes(151936, 8, 4), 1024 + 2 * 18992 * 4);
-        assert_eq!(staged_cluster_size(4096, 202048, 4, sms), Some(8));
-        assert_eq!(staged_cluster_size(4096, 262144, 4, sms), Some(16));
+        assert_eq!(size(4096, 151936, 4), Some(8));
+        assert_eq!(staged_smem_bytes(151936, 8, 4, off), 1024 + 2 * 18992 * 4);
+        assert_eq!(size(4096, 202048, 4), Some(8));
+        assert_eq!(size(4096, 262144, 4), Some(16));
         // f32 pairs: 16 blocks up to V = 231424 (the fused path's 200064), none past it.
-        assert_eq!(staged_cluster_size(4096, 200064, 8, sms), Some(16));
-        assert_eq!(staged_cluster_size(4096, 262144, 8, sms), None);
-        assert_eq!(staged_cluster_size(4096, 231424, 8, sms), Some(16));
-        assert_eq!(staged_cluster_size(4096, 231432, 8, sms), None);
-        // Every size it picks fits the opt-in limit, and the next smaller one does not.
-        for (v, pair) in [(151936, 4), (32000, 4), (200064, 8), (50000, 8), (1000, 2)] {
-            let c = staged_cluster_size(4096, v, pair, sms).unwrap();
-            assert!(staged_smem_bytes(v, c, pair) <= STAGED_MAX_SMEM);
-            if c > 1 {
-                assert!(
-                    staged_smem_bytes(v, c / 2, pair) > STAGED_MAX_SMEM,
-                    "{v} {pair}"
-                );
+        assert_eq!(size(4096, 200064, 8), Some(16));
+        assert_eq!(size(4096, 262144, 8), None);
+        assert_eq!(size(4096, 231424, 8), Some(16));
+        assert_eq!(size(4096, 231432, 8), None);
+        // Every size it picks fits the opt-in limit, and the next smaller one does not (the
+        // stash's own slice is for 16-bit teachers: 2- and 4-byte pairs).
+        for stash in [Stash::Off, Stash::OverTeacher, Stash::Slice] {
+            for (v, pair) in [(151936, 4), (32000, 4), (200064, 8), (50000, 8), (1000, 2)] {
+                if stash == Stash::Slice && pair == 8 {
+                    continue;
+                }
+                let c = staged_cluster_size(4096, v, pair, stash, sms).unwrap();
+                assert!(staged_smem_bytes(v, c, pair, stash) <= STAGED_MAX_SMEM);
+                if c > 1 {
+                    assert!(
+                        staged_smem_bytes(v, c / 2, pair, stash) > STAGED_MAX_SMEM,
+                        "{v} {pair} {stash:?}"
+                    );
+                }
             }
         }
         // Short batches: clusters doubled up to 8 while the rows leave SMs idle and slices stay
         // at least 4096 long.
-        assert_eq!(staged_cluster_size(2, 32768, 4, sms), Some(8));
-        assert_eq!(staged_cluster_size(2, 16384, 4, sms), Some(4));
-        assert_eq!(staged_cluster_size(256, 151936, 4, sms), Some(8));
+        assert_eq!(size(2, 32768, 4), Some(8));
+        assert_eq!(size(2, 16384, 4), Some(4));
+        assert_eq!(size(256, 151936, 4), Some(8));
+    }
+
+    #[test]
+    fn the_jsd_stash_of_16_bit_teachers_takes_four_bytes_an_element() {
+        let sms = 132;
+        let slice = |v, pair| staged_cluster_size(4096, v, pair, Stash::Slice, sms);
+        // bf16 pairs with the f32 stash, 12 bytes per slice element: 151936 still fits 8 blocks
+        // (224 KB), 202048 needs 16 (148 KB), 262144 fits 16 (193 KB).
+        assert_eq!(slice(151936, 4), Some(8));
+        assert_eq!(
+            staged_smem_bytes(151936, 8, 4, Stash::Slice),
+            1024 + 18992 * (2 * 4 + 4)
+        );
+        assert_eq!(slice(202048, 4), Some(16));
+        assert_eq!(slice(262144, 4), Some(16));
+        // f32 student, bf16 teacher (6-byte pairs, 16 with the stash): none past V = 231424,
+        // where the launch goes without the stash (staged_grid) rather than off the variant.
+        assert_eq!(slice(231424, 6), Some(16));
+        assert_eq!(slice(262144, 6), None);
+        assert_eq!(
+            staged_cluster_size(4096, 262144, 6, Stash::Off, sms),
+            Some(16)
+        );
+        // Over an f32 teacher's slice the stash costs nothing.
+        assert_eq!(
+            staged_smem_bytes(200064, 16, 8, Stash::OverTeacher),
+            staged_smem_bytes(200064, 16, 8, Stash::Off)
+        );
+        assert_eq!(Stash::Off.options(), 0);
+        assert_eq!(Stash::Slice.options(), super::super::cuda::STASH_JSD);
+        assert_eq!(Stash::OverTeacher.options(), super::super::cuda::STASH_JSD);
     }
 
     #[test]

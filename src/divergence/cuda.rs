@@ -28,7 +28,13 @@ pub(crate) struct DivergenceArgs {
     pub ignore_index: i64,
     pub beta: f32,
     pub inv_temperature: f32,
+    /// `DK_ARGS_*` bits ([`STASH_JSD`]); 0 except where the staged launcher sets them.
+    pub options: u32,
 }
+
+/// `DK_ARGS_STASH_JSD`: the staged JSD kernels keep each entry's log2(q/m) from the mixture
+/// pass for the gradient pass ([`cluster::Stash`]).
+pub(crate) const STASH_JSD: u32 = 1;
 
 // SAFETY: plain-old-data with the C layout of DkDivergenceArgs (checked by
 // capi/src/tests/abi_layout.rs).
@@ -57,6 +63,7 @@ pub fn divergence_args_layout() -> Vec<(&'static str, usize)> {
             "inv_temperature",
             offset_of!(DivergenceArgs, inv_temperature),
         ),
+        ("options", offset_of!(DivergenceArgs, options)),
     ]
 }
 
@@ -672,7 +679,10 @@ impl<'d> RowKernels<'d> {
         (args, inv_cap): (&DivergenceArgs, f32),
     ) -> Result<Option<u64>> {
         let instead = "the one-block kernel (G over S)";
-        let queued = self.queue_staged((f, name), stream, args, 8, Some(&inv_cap), instead)?;
+        // S and T are f32: JSD's stash goes over T's slice.
+        let stash = cluster::Stash::for_rows(self.fwd_multi_pass, 4);
+        let launch = (8, stash, Some(&inv_cap));
+        let queued = self.queue_staged((f, name), stream, args, launch, instead)?;
         Ok(queued.then_some(args.grad))
     }
 
@@ -783,32 +793,33 @@ impl<'d> RowKernels<'d> {
             ));
             return Ok(false);
         }
+        // JSD (the kind with a pass after the statistics) keeps log2(q/m) for its gradient.
+        let stash = cluster::Stash::for_rows(self.fwd_multi_pass && args.grad != 0, tb);
         self.queue_staged(
             (f, name),
             stream,
             args,
-            sb + tb,
-            None,
+            (sb + tb, stash, None),
             "the one-block kernel",
         )
     }
 
     /// Sizes a staged kernel's grid (`staged_grid`; `pair_bytes` per student and teacher
-    /// element pair, `inv_cap` the fused kernels' second parameter) and queues it; false, with
-    /// nothing queued and the reason noted (`instead`: what runs then), where two rows fit no
-    /// cluster, the card places none, or it refuses the launch.
+    /// element pair, the JSD stash asked for, `inv_cap` the fused kernels' second parameter) and
+    /// queues it, with the stash's option bit where it has room; false, with nothing queued and
+    /// the reason noted (`instead`: what runs then), where two rows fit no cluster, the card
+    /// places none, or it refuses the launch.
     fn queue_staged(
         &self,
         (f, name): (&CudaFunction, &str),
         stream: &Arc<CudaStream>,
         args: &DivergenceArgs,
-        pair_bytes: usize,
-        inv_cap: Option<&f32>,
+        (pair_bytes, stash, inv_cap): (usize, cluster::Stash, Option<&f32>),
         instead: &str,
     ) -> Result<bool> {
         let (n, v) = (args.n as usize, args.v as usize);
-        let Some((c, q, smem)) =
-            cluster::staged_grid(f, stream, (n, v), pair_bytes, self.sm_count)?
+        let Some(shape) =
+            cluster::staged_grid(f, stream, (n, v), pair_bytes, stash, self.sm_count)?
         else {
             cluster::note_fallback(format!(
                 "two rows of V = {v} do not fit the shared memory of 16 blocks of {name}, or the \
@@ -816,8 +827,26 @@ impl<'d> RowKernels<'d> {
             ));
             return Ok(false);
         };
+        let cluster::StagedShape {
+            c,
+            clusters,
+            smem,
+            stash,
+        } = shape;
+        let args = DivergenceArgs {
+            options: args.options | stash.options(),
+            ..*args
+        };
         let threads = cluster::Variant::Staged.threads();
-        match cluster::launch((f, name), stream, args, inv_cap, (c, q), threads, smem)? {
+        match cluster::launch(
+            (f, name),
+            stream,
+            &args,
+            inv_cap,
+            (c, clusters),
+            threads,
+            smem,
+        )? {
             cluster::Launched::Queued => Ok(true),
             cluster::Launched::Refused(e) => {
                 cluster::note_refused_launch(c, smem, &e);
@@ -910,6 +939,7 @@ pub(crate) fn divergence(
         ignore_index: params.ignore_index,
         beta: params.beta,
         inv_temperature: 1.0 / params.temperature,
+        options: 0,
     };
     // The shapes were validated and every pointer checked to be device memory of this device.
     kernels.rows(&stream, &args)?;

@@ -950,6 +950,7 @@ pub(crate) fn fused_linear(
             ignore_index: div.ignore_index,
             beta: div.beta,
             inv_temperature: 1.0 / div.temperature,
+            options: 0,
         };
         // G's row stride (elements of the input dtype) over S: S's row bytes.
         let g_over_s = match raw.dtype {

@@ -30,7 +30,8 @@
 //           inv_cap (the fused kernels' softcap argument; 0 for the others);
 //           i32 grad mode (0 forward only, 1 separate buffer, 2 in place over the student,
 //           3 the fused kernels' G `shift` rows before S: see below), i32 shift (0 unless
-//           mode 3), i32 has_labels;
+//           mode 3), i32 has_labels; u32 options (the arguments' DK_ARGS_* bits: the staged
+//           JSD kernels' stash, whose slice a 16-bit teacher adds to the shared memory);
 //           buffers, each u64 bytes + bytes: student, teacher, [grad if mode 1],
 //           [labels if has_labels], per_row
 //   (str = u32 length + bytes).
@@ -170,6 +171,7 @@ int main() {
   const int grad_mode = in.get<int32_t>();
   const int64_t shift = in.get<int32_t>();
   const bool has_labels = in.get<int32_t>() != 0;
+  a.options = in.get<uint32_t>();
   g_fn = nullptr;
   g_fused_fn = nullptr;
   for (const Named& k : kKernels)
@@ -201,11 +203,17 @@ int main() {
   const char* tail = name.c_str() + name.rfind('_') + 1;
   const int64_t last = strcmp(tail, "f32") == 0 ? 4 : 2;
   const int64_t sb = fused ? 4 : s16 ? 2 : 4, tb = fused ? 4 : last, gb = fused ? last : sb;
+  const bool jsd = name.find("_jsd") != std::string::npos;
+  if (a.options != 0 && !(staged && jsd))
+    sim::fail("options %u for %s (the staged JSD kernels' stash only)", a.options, name.c_str());
   if (staged) {
-    // The kernels' scratch, then two buffers of both inputs' slices (staged_smem_bytes in
-    // src/divergence/cluster.rs).
+    // The kernels' scratch, then two buffers of both inputs' slices, then the JSD stash's slice
+    // when it is kept (DK_ARGS_STASH_JSD, a gradient) and the teacher's is not f32
+    // (staged_smem_bytes in src/divergence/cluster.rs).
     const int64_t slice = dk::divergence::cluster_slice(static_cast<int>(a.v), cluster);
-    const int64_t need = dk::divergence::kClusterScratchBytes + 2 * slice * (sb + tb);
+    const bool stash_slice = (a.options & DK_ARGS_STASH_JSD) != 0 && grad_mode != 0 && tb == 2;
+    const int64_t need =
+        dk::divergence::kClusterScratchBytes + slice * (2 * (sb + tb) + (stash_slice ? 4 : 0));
     if (smem != need)
       sim::fail("%u bytes of dynamic shared memory for %s, the launcher gives %ld", smem,
                 name.c_str(), static_cast<long>(need));
