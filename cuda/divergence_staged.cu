@@ -187,6 +187,18 @@ struct StagedStatsPass {
   }
 };
 
+// Loads the N values of the chunk at element i of a slice laid out as SlicePieces<T> says (a
+// whole chunk when N is 8), widened.
+template <typename T, int N>
+__device__ __forceinline__ void load_chunk_at(const T* buf, int i, int slice, float (&v)[N]) {
+  if constexpr (N == kVec) {
+    SlicePieces<T>::load(buf, i / kVec, slice, v);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) v[k] = SlicePieces<T>::element(buf, i + k, slice);
+  }
+}
+
 // The JSD mixture pass (JsdPass's sums, the same terms) that also keeps each entry's log2(q/m)
 // in `stash` (an f32 slice, SlicePieces<float>'s layout) for the gradient pass: there it saves
 // an exponential and a logarithm per element (cuda/DIVERGENCE.md, version 10). Each entry's
@@ -208,6 +220,100 @@ struct StashJsdPass {
       kl_qm += terms.y;
     }
     store_f32_chunk(stash, i, slice, lq);
+  }
+};
+
+// Version 11 (DK_ARGS_STASH_JSD_EXP; cuda/DIVERGENCE.md): the JSD statistics pass keeps each
+// entry's exponentials, so that the mixture pass spends no MUFU operation on p and q and the
+// gradient pass none at all. It takes two passes over the staged slice: first the thread's
+// maxima of its entries (no exponential; fmaxf drops NaN as RowStats::add does) ...
+struct MaxPass {
+  float mt = -INFINITY, ms = -INFINITY;
+  template <int N>
+  __device__ __forceinline__ void chunk(int, const float (&s)[N], const float (&t)[N]) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      mt = fmaxf(mt, t[j]);
+      ms = fmaxf(ms, s[j]);
+    }
+  }
+};
+
+// ... then 2^X and 2^Y relative to those maxima (nt, ns: RowStats::shift_of them), summed in
+// the order RowStats::add sums them and kept in `et` and `es` (f32 slices, SlicePieces<float>'s
+// layout): the thread's RowStats with no rebase.
+struct KeepExpStatsPass {
+  float k, nt, ns;
+  float* et;
+  float* es;
+  int slice;
+  float st = 0.f, ss = 0.f;
+  template <int N>
+  __device__ __forceinline__ void chunk(int i, const float (&s)[N], const float (&t)[N]) {
+    float a[N], b[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      a[j] = fast_exp2(mul_rn(t[j] + nt, k));
+      b[j] = fast_exp2(mul_rn(s[j] + ns, k));
+      st += a[j];
+      ss += b[j];
+    }
+    store_f32_chunk(et, i, slice, a);
+    store_f32_chunk(es, i, slice, b);
+  }
+};
+
+// The mixture pass from the kept exponentials: p = 2^X_thread · pt, q = 2^Y_thread · qt, where
+// pt = 2^((Mt_thread − Mt)·k) / St (qt likewise) is the thread's factor to the row's maxima and
+// sums; d from the logits as Row::entry forms it; log2(q/m) kept over 2^X_thread (read first).
+// Identical rows still give p = q bitwise (the same operations on both sides) and, as before,
+// log ratios of exactly 0.
+template <bool kSeries>
+struct KeptJsdPass {
+  Row row;
+  float pt, qt;
+  float* et;
+  const float* es;
+  int slice;
+  float kl_pm = 0.f, kl_qm = 0.f;
+  template <int N>
+  __device__ __forceinline__ void chunk(int i, const float (&s)[N], const float (&t)[N]) {
+    float a[N], b[N], lq[N];
+    load_chunk_at(static_cast<const float*>(et), i, slice, a);
+    load_chunk_at(es, i, slice, b);
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const float2 terms =
+          jsd_terms_of<kSeries>(row, row.d_of(s[j], t[j]), a[j] * pt, b[j] * qt, &lq[j]);
+      kl_pm += terms.x;
+      kl_qm += terms.y;
+    }
+    store_f32_chunk(et, i, slice, lq);
+  }
+};
+
+// The gradient pass from the kept 2^Y_thread and log2(q/m) (its two operands): `row.gq`
+// already carries the thread's factor 2^((Ms_thread − Ms)·k). The fused variant's softcap slope
+// needs the student logit, read from the row buffer `ss` only then.
+template <typename TS, typename Out, bool kFused>
+struct KeptJsdGradPass {
+  GradRow row;
+  Out* g;
+  float inv_cap;
+  const TS* ss;
+  int slice;
+  template <int N>
+  __device__ __forceinline__ void chunk(int i, const float (&es)[N], const float (&lq)[N]) {
+    float out[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = jsd_grad_of(row, es[j], lq[j]);
+    if (kFused && inv_cap != 0.f) {
+      float sv[N];
+      load_chunk_at(ss, i, slice, sv);
+#pragma unroll
+      for (int j = 0; j < N; ++j) out[j] *= softcap_slope(sv[j], inv_cap);
+    }
+    store_chunk(g + i, out);
   }
 };
 
@@ -251,6 +357,12 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
       return reinterpret_cast<float*>(dk_divcq_smem + kClusterScratchBytes + 2 * buffer_bytes);
     }
   };
+  // DK_ARGS_STASH_JSD_EXP as well (version 11): the statistics pass keeps 2^X and 2^Y relative
+  // to the thread's own maxima in two f32 slices after the row buffers (log2(q/m) then goes
+  // over 2^X).
+  const bool keep_exp = stash && (a.options & DK_ARGS_STASH_JSD_EXP) != 0;
+  float* const kept_t = reinterpret_cast<float*>(dk_divcq_smem + kClusterScratchBytes + 2 * buffer_bytes);
+  float* const kept_s = kept_t + slice;
   const int lane = threadIdx.x & 31;
   const float k = exp2_scale(a.inv_temperature), beta = a.beta;
 
@@ -287,9 +399,25 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
     } else {
       const TS* ss = student_buf(i);
       const TT* ts = teacher_buf(i);
-      StagedStatsPass<K> sp{k};
-      staged_pass(ss, ts, len, slice, sp);
-      const RowStats<K> block = block_stats(sp.stats, k, sm.stats);
+      RowStats<K> mine;
+      float mt_thread = -INFINITY, ms_thread = -INFINITY;  // keep_exp: the thread's maxima
+      if (keep_exp) {
+        MaxPass mp;
+        staged_pass(ss, ts, len, slice, mp);
+        KeepExpStatsPass kp{k,      RowStats<K>::shift_of(mp.mt), RowStats<K>::shift_of(mp.ms),
+                            kept_t, kept_s,                       slice};
+        staged_pass(ss, ts, len, slice, kp);
+        mt_thread = mine.mt = mp.mt;
+        ms_thread = mine.ms = mp.ms;
+        mine.st = kp.st;
+        mine.ss = kp.ss;
+        mine.k = k;
+      } else {
+        StagedStatsPass<K> sp{k};
+        staged_pass(ss, ts, len, slice, sp);
+        mine = sp.stats;
+      }
+      const RowStats<K> block = block_stats(mine, k, sm.stats);
       if (threadIdx.x == 0) {
         sm.slot_stats[phase & 1] = block;
         cluster_fence();  // publish the slot
@@ -306,7 +434,14 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
       if (kJsd) {
         // Every block takes this branch (live is the same everywhere): the barrier is uniform.
         float pm = 0.f, qm = 0.f;
-        if (live && stash) {
+        if (live && keep_exp) {
+          const float pt = rescale2(mt_thread, st.mt, k) * r.inv_st;
+          const float qt = rescale2(ms_thread, st.ms, k) * r.inv_ss;
+          KeptJsdPass<kSeries> jp{r, pt, qt, kept_t, kept_s, slice};
+          staged_pass(ss, ts, len, slice, jp);
+          pm = jp.kl_pm;
+          qm = jp.kl_qm;
+        } else if (live && stash) {
           StashJsdPass<kSeries> jp{r, stash_buf(i), slice};
           staged_pass(ss, ts, len, slice, jp);
           pm = jp.kl_pm;
@@ -337,7 +472,13 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
         } else {
           const GradRow gr =
               grad_row_of<K, kSeries>(r, center, beta, grad_scale(walk.gfactor, loss));
-          if (stash) {  // from the student's slice and the kept log2(q/m)
+          if (keep_exp) {  // from the kept 2^Y_thread and log2(q/m)
+            GradRow gk = gr;
+            gk.gq = mul_rn(gr.gq, rescale2(ms_thread, st.ms, k));
+            KeptJsdGradPass<TS, GradOut, kFused> gp{gk, g, inv_cap, ss, slice};
+            staged_pass(static_cast<const float*>(kept_s), static_cast<const float*>(kept_t), len,
+                        slice, gp);
+          } else if (stash) {  // from the student's slice and the kept log2(q/m)
             typename StashedGradFn::Type gp = StashedGradFn::make(gr, g, inv_cap);
             staged_pass(ss, static_cast<const float*>(stash_buf(i)), len, slice, gp);
           } else {

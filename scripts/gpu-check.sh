@@ -20,7 +20,8 @@
 #      (DK_DIVERGENCE_CLUSTER=0), and the shared-memory and stream cluster variants forced onto
 #      N=4096 (=smem, =stream), side by side with the default; version 6, the persistent
 #      cluster kernels (=persist, =persist256), at their own cluster size and at 4, 8 and 16;
-#      version 9, the staged cluster kernels (=staged), also at N=256 and at C=16;
+#      version 9, the staged cluster kernels (=staged), also at N=256 and at C=16, and their
+#      JSD without the stash (version 10's A/B) and with the kept exponentials (version 11);
 #      the gradient over the student logits (--passes fwd+bwd,in-place), default, persist, staged
 #   5. dk bench --ops moe: route, permute, combine fwd/bwd, 3 ANCHORS shapes, N=16384; the bwd
 #      rows again as two primitive kernels each (DK_MOE_BACKWARD=primitives, A/B of the fused ones)
@@ -120,9 +121,11 @@ case ${GPU_CHECK_PLAN:-} in
     # block, the next copying while the current one is computed): correctness first, then its
     # rows beside the default's in the same run (long, short, in place, f32, the fused chunks),
     # memcheck, and its profile
-    plan_steps="nvidia-smi,test-divergence_reference-staged,test-fused_reference-staged"
+    plan_steps="nvidia-smi,test-divergence_reference-staged=,test-fused_reference-staged"
+    plan_steps+=",test-divergence_reference-staged-exp"
     plan_steps+=",dk-bench-bf16,dk-bench-staged=,dk-bench-short=,dk-bench-short-staged"
     plan_steps+=",dk-bench-inplace-staged,dk-bench-staged-c16,dk-bench-staged-nostash"
+    plan_steps+=",dk-bench-staged-exp"
     plan_steps+=",dk-bench-staged-f32,dk-bench-fused="
     plan_steps+=",dk-bench-fused-staged"
     plan_steps+=",memcheck-staged,ncu-divergence-staged" ;;
@@ -568,6 +571,11 @@ phase_benches() {
   run_step dk-bench-staged-nostash 30 0 env DK_DIVERGENCE_CLUSTER=staged DK_DIVERGENCE_JSD_STASH=0 \
     "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 4096 --vocab 151936,202048 \
     --kinds jsd --passes fwd+bwd
+  # Version 11 (opt-in): the statistics pass keeps the exponentials too (4 MUFU and ~49
+  # instructions per element; C = 16 at both vocabularies, 16 bytes per slice element).
+  run_step dk-bench-staged-exp 30 0 env DK_DIVERGENCE_CLUSTER=staged DK_DIVERGENCE_JSD_STASH=exp \
+    "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 4096 --vocab 151936,202048 \
+    --kinds jsd --passes fwd+bwd
   # Issue 3's short batch (N = 256, default: stream clusters at 32.8 % on the H200) on each variant.
   for p in persist persist256 staged; do
     run_step "dk-bench-short-$p" 30 0 env DK_DIVERGENCE_CLUSTER=$p "$dk" bench --device cuda \
@@ -657,6 +665,9 @@ phase_tests() {
       run_step "test-divergence_reference-${v%%:*}" 90 1 env DK_DIVERGENCE_CLUSTER="${v#*:}" \
         target/release/deps/divergence_reference
     done
+    # The staged JSD kernels with the statistics pass's exponentials kept (version 11, opt-in).
+    run_step test-divergence_reference-staged-exp 90 1 env DK_DIVERGENCE_CLUSTER=staged \
+      DK_DIVERGENCE_JSD_STASH=exp target/release/deps/divergence_reference
   fi
   # The fused linear divergence with every chunk on one block per row (v1): on Hopper its small
   # test shapes otherwise run the cluster row kernels and the separate conversion pass, so this is
@@ -998,7 +1009,8 @@ cmp_variants() { # KIND NAME=STEP...: rows of the steps that ran, one column per
 }
 cmp_variants divergence default=dk-bench-bf16 one-block=dk-bench-v1 stream=dk-bench-stream \
   smem=dk-bench-smem persist=dk-bench-persist persist256=dk-bench-persist256 \
-  staged=dk-bench-staged staged-c16=dk-bench-staged-c16 staged-nostash=dk-bench-staged-nostash
+  staged=dk-bench-staged staged-c16=dk-bench-staged-c16 staged-nostash=dk-bench-staged-nostash \
+  staged-exp=dk-bench-staged-exp
 cmp_variants divergence default=dk-bench-short persist=dk-bench-short-persist \
   persist256=dk-bench-short-persist256 staged=dk-bench-short-staged
 cmp_variants attention default=dk-bench-attention wide=dk-bench-attention-wide \

@@ -70,9 +70,38 @@ fn staged_smem_bytes(v: usize, c: usize, pair_bytes: usize, stash_bytes: usize) 
     PERSISTENT_SMEM_BYTES + (slice * (2 * pair_bytes + stash_bytes)) as u32
 }
 
-/// `DK_ARGS_STASH_JSD` (cuda/include/dk_divergence_args.h): the staged JSD kernels keep each
-/// entry's log2(q/m) for the gradient pass.
-const STASH_JSD: u32 = 1;
+/// What the staged JSD kernels keep between their passes (src/divergence/cluster.rs `Stash`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stash {
+    Off,
+    /// Version 10 (`DK_ARGS_STASH_JSD`): log2(q/m), over an f32 teacher's slice or in a slice
+    /// of its own.
+    LogRatio,
+    /// Version 11 (`DK_ARGS_STASH_JSD_EXP` too): also the statistics pass's exponentials, in
+    /// two slices of their own.
+    Exp,
+}
+
+impl Stash {
+    /// The kernel arguments' `options` (cuda/include/dk_divergence_args.h).
+    fn options(self) -> u32 {
+        match self {
+            Stash::Off => 0,
+            Stash::LogRatio => 1,
+            Stash::Exp => 3,
+        }
+    }
+
+    /// Shared memory per slice element beyond the row buffers, for teacher elements of
+    /// `teacher_bytes`.
+    fn bytes(self, teacher_bytes: usize) -> usize {
+        match self {
+            Stash::LogRatio if teacher_bytes == 2 => 4,
+            Stash::Exp => 8,
+            _ => 0,
+        }
+    }
+}
 
 // ------------------------------------------------------------------------------------------
 // Building the emulator
@@ -153,9 +182,9 @@ struct SimCase {
     /// The staged kernels (`dk_divcq_*`, cuda/divergence_staged.cu) instead of the persistent
     /// ones.
     staged: bool,
-    /// Staged JSD with a gradient: `DK_ARGS_STASH_JSD` set (what the launcher does unless
-    /// `DK_DIVERGENCE_JSD_STASH=0`), the stash's slice in the shared memory for a 16-bit teacher.
-    stash: bool,
+    /// Staged JSD with a gradient: what the kernel keeps between passes (the launcher's
+    /// default is `LogRatio`).
+    stash: Stash,
     /// Blocks per cluster.
     c: usize,
     /// Clusters.
@@ -309,7 +338,7 @@ fn make(
         case,
         threads,
         staged: false,
-        stash: false,
+        stash: Stash::Off,
         c,
         q,
     }
@@ -706,11 +735,7 @@ fn run_sim(
         shape: (sc.threads, sc.c, sc.q),
         smem: if sc.staged {
             let pair = c.student.dtype.size() + c.teacher.dtype.size();
-            let stash = if sc.stash && c.teacher.dtype.size() == 2 {
-                4
-            } else {
-                0
-            };
+            let stash = sc.stash.bytes(c.teacher.dtype.size());
             staged_smem_bytes(c.v(), sc.c, pair, stash)
         } else {
             PERSISTENT_SMEM_BYTES
@@ -724,7 +749,7 @@ fn run_sim(
         temperature: c.params.temperature,
         scale: scale(c),
         inv_cap: 0.0,
-        options: if sc.stash { STASH_JSD } else { 0 },
+        options: sc.stash.options(),
         grad_mode,
         shift: 0,
         has_labels: c.labels.is_some(),
@@ -919,13 +944,49 @@ fn staged_kernels_match_the_cpu_backend() {
 /// A case on the staged kernel as the launcher runs it: JSD with a gradient keeps log2(q/m)
 /// for the gradient pass (`stash`).
 fn staged(sc: SimCase) -> SimCase {
-    let stash = sc.case.params.effective_kind() == Kind::Jsd && sc.case.grad != GradOut::None;
+    let jsd_grad = sc.case.params.effective_kind() == Kind::Jsd && sc.case.grad != GradOut::None;
+    let stash = if jsd_grad {
+        Stash::LogRatio
+    } else {
+        Stash::Off
+    };
     SimCase {
         threads: 512,
         staged: true,
         stash,
         ..sc
     }
+}
+
+/// The staged JSD kernels with the statistics pass's exponentials kept (cuda/DIVERGENCE.md,
+/// version 11, `DK_DIVERGENCE_JSD_STASH=exp`: the thread's maxima first, then 2^X and 2^Y
+/// relative to them in two f32 slices, p and q from those and the thread's factors, the
+/// gradient from 2^Y and log2(q/m) kept over 2^X) on the JSD cases with a gradient, checked
+/// like `staged_kernels_match_the_cpu_backend` (both orders, against the CPU backend). Its
+/// values round differently from version 10's, so this is the check, not bitwise equality.
+#[test]
+fn staged_jsd_kept_exponentials_match_the_cpu_backend() {
+    let Some(exe) = simulator() else {
+        return;
+    };
+    let mut rng = Rng::fresh(&format!("{TEST}-staged-exp"));
+    let cases: Vec<SimCase> = cases(&mut rng)
+        .into_iter()
+        .map(staged)
+        .filter(|sc| sc.stash != Stash::Off)
+        .map(|sc| SimCase {
+            stash: Stash::Exp,
+            ..sc
+        })
+        .collect();
+    assert!(
+        cases.len() >= 8,
+        "{} JSD cases with a gradient",
+        cases.len()
+    );
+    run_cases_parallel(TEST, cases.len(), |i| {
+        (cases[i].what(), check_case(&exe, &cases[i]))
+    });
 }
 
 /// The staged JSD kernels' stash (cuda/DIVERGENCE.md, version 10: the mixture pass keeps each
@@ -944,7 +1005,7 @@ fn staged_jsd_stash_changes_no_bit() {
     let cases: Vec<SimCase> = cases(&mut rng)
         .into_iter()
         .map(staged)
-        .filter(|sc| sc.stash)
+        .filter(|sc| sc.stash != Stash::Off)
         .collect();
     assert!(
         cases.len() >= 8,
@@ -957,7 +1018,7 @@ fn staged_jsd_stash_changes_no_bit() {
             let before = Bufs::new(&on.case);
             let (with, log) = run_sim(&exe, on, &before, false)?;
             let off = SimCase {
-                stash: false,
+                stash: Stash::Off,
                 case: on.case.clone(),
                 ..*on
             };
@@ -1003,8 +1064,9 @@ struct FusedSimCase {
     threads: u32,
     /// The staged kernels (`dk_divcq_fused_*`) instead of the persistent ones.
     staged: bool,
-    /// Staged JSD: `DK_ARGS_STASH_JSD` set (log2(q/m) kept over T's slice for the gradient).
-    stash: bool,
+    /// Staged JSD: what the kernel keeps between passes (the launcher's default: log2(q/m) over
+    /// T's slice).
+    stash: Stash,
     c: usize,
     q: usize,
     n: usize,
@@ -1074,7 +1136,7 @@ impl FusedSimCase {
             kernel: self.kernel(),
             shape: (self.threads, self.c, self.q),
             smem: if self.staged {
-                staged_smem_bytes(self.v, self.c, 8, 0)
+                staged_smem_bytes(self.v, self.c, 8, self.stash.bytes(4))
             } else {
                 PERSISTENT_SMEM_BYTES
             },
@@ -1087,7 +1149,7 @@ impl FusedSimCase {
             temperature: self.p.temperature,
             scale: self.p.scale,
             inv_cap: self.p.inv_cap(),
-            options: if self.stash { STASH_JSD } else { 0 },
+            options: self.stash.options(),
             grad_mode: if self.place == GPlace::None { 0 } else { 3 },
             shift: self.shift(),
             has_labels: self.labels.is_some(),
@@ -1180,7 +1242,7 @@ fn make_fused(
         place,
         threads,
         staged: false,
-        stash: false,
+        stash: Stash::Off,
         c,
         q,
         n,
@@ -1453,7 +1515,11 @@ fn fused_staged_kernels_write_g_over_s() {
             threads: 512,
             staged: true,
             // As the launcher: JSD keeps log2(q/m) over T's slice.
-            stash: effective_kind(c.p.kind, c.p.beta) == Kind::Jsd,
+            stash: if effective_kind(c.p.kind, c.p.beta) == Kind::Jsd {
+                Stash::LogRatio
+            } else {
+                Stash::Off
+            },
             place: match c.place {
                 GPlace::None => GPlace::None,
                 GPlace::Before | GPlace::Own => GPlace::Own,
@@ -1488,7 +1554,7 @@ fn fused_staged_jsd_stash_changes_no_bit() {
         .map(|c| FusedSimCase {
             threads: 512,
             staged: true,
-            stash: true,
+            stash: Stash::LogRatio,
             place: GPlace::Own,
             ..c
         })
@@ -1499,7 +1565,7 @@ fn fused_staged_jsd_stash_changes_no_bit() {
         let result = (|| {
             let (with, log) = run_emulator(&exe, on.input(false), on.output_len())?;
             let off = FusedSimCase {
-                stash: false,
+                stash: Stash::Off,
                 what: String::new(),
                 s: on.s.clone(),
                 t: on.t.clone(),
@@ -1516,6 +1582,38 @@ fn fused_staged_jsd_stash_changes_no_bit() {
         (
             format!("{} C={} Q={}: {}", on.kernel(), on.c, on.q, on.what),
             result,
+        )
+    });
+}
+
+/// The fused staged JSD kernels with the exponentials kept (version 11) on the JSD cases with
+/// G of `fused_cases`, G over S's own rows: `fused_staged_kernels_write_g_over_s`'s checks.
+#[test]
+fn fused_staged_jsd_kept_exponentials_write_g_over_s() {
+    let Some(exe) = simulator() else {
+        return;
+    };
+    let mut rng = Rng::fresh("fused_staged_jsd_kept_exponentials_write_g_over_s");
+    let cases: Vec<FusedSimCase> = fused_cases(&mut rng)
+        .into_iter()
+        .filter(|c| effective_kind(c.p.kind, c.p.beta) == Kind::Jsd && c.place != GPlace::None)
+        .map(|c| FusedSimCase {
+            threads: 512,
+            staged: true,
+            stash: Stash::Exp,
+            place: GPlace::Own,
+            what: c
+                .what
+                .replace(&format!("G {} rows before S", c.q), "G over its own rows"),
+            ..c
+        })
+        .collect();
+    assert!(cases.len() >= 6, "{} fused JSD cases", cases.len());
+    run_cases_parallel(TEST, cases.len(), |i| {
+        let c = &cases[i];
+        (
+            format!("{} C={} Q={}: {}", c.kernel(), c.c, c.q, c.what),
+            check_fused_case(&exe, c),
         )
     });
 }

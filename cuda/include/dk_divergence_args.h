@@ -29,6 +29,11 @@ typedef struct DkDivergenceArgs {
 // of their own after the row buffers (src/divergence/cluster.rs sizes it): one exponential and
 // one logarithm fewer per element in the gradient pass.
 #define DK_ARGS_STASH_JSD 1u
+// With DK_ARGS_STASH_JSD, the statistics pass of the staged JSD kernels also keeps each entry's
+// 2^X and 2^Y (relative to the thread's maxima) in two f32 slices after the row buffers (8 bytes
+// per slice element, log2(q/m) then over the first): no MUFU operation for p and q in the
+// mixture pass, none in the gradient pass (cuda/DIVERGENCE.md, version 11).
+#define DK_ARGS_STASH_JSD_EXP 2u
 
 // Reduction codes shared with the C ABI (dk_reduction).
 #define DK_ARGS_REDUCTION_BATCHMEAN 0

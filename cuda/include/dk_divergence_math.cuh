@@ -227,6 +227,10 @@ struct Row {
     return e;
   }
 
+  // An entry's d = Y − X alone, as `entry` forms it (the staged kernels' kept exponentials give
+  // p and q).
+  DK_HD float d_of(float s, float t) const { return mul_rn(s + nms, k) - mul_rn(t + nmt, k); }
+
   // w of an entry, clamped (see above; fminf / fmaxf also turn a NaN d into a finite w).
   DK_HD float mixture_w(float d) const { return fminf(fmaxf(d + c2, -kWClamp), kWClamp); }
 
@@ -358,15 +362,23 @@ DK_HD float grad_entry(const GradRow& g, float s, float t) {
   return jsd_grad_of(g, eq, row.log2_ratios_to_mixture<kSeries>(Y - X).y);
 }
 
+// jsd_terms (below) from an entry's d (Row::d_of) and its probabilities p and q however
+// formed: `jsd_terms`' tail, and the staged kernels' with p and q from the exponentials the
+// statistics pass kept (cuda/DIVERGENCE.md, version 11).
+template <bool kSeries = false>
+DK_HD float2 jsd_terms_of(const Row& row, float d, float p, float q, float* log2_qm) {
+  const float2 lr = row.log2_ratios_to_mixture<kSeries>(d);
+  if (log2_qm) *log2_qm = lr.y;
+  return make_float2(p * lr.x, q * lr.y);
+}
+
 // (p (log2 p − log2 m), q (log2 q − log2 m)) of one entry, summed by the JSD pass. Both log
 // ratios are finite (clamped w), so masked entries (probability 0) add exactly 0. With
 // `log2_qm`, also the entry's log2 q − log2 m (the staged kernels keep it for the gradient).
 template <bool kSeries = false>
 DK_HD float2 jsd_terms(const Row& row, float s, float t, float* log2_qm = nullptr) {
   const Row::Entry e = row.entry(s, t);
-  const float2 lr = row.log2_ratios_to_mixture<kSeries>(e.d);
-  if (log2_qm) *log2_qm = lr.y;
-  return make_float2(e.p * lr.x, e.q * lr.y);
+  return jsd_terms_of<kSeries>(row, e.d, e.p, e.q, log2_qm);
 }
 
 // JSD's gradient entry from the student logit s and the entry's log2 q − log2 m as the mixture

@@ -296,24 +296,50 @@ pub(crate) enum Stash {
     OverTeacher,
     /// In an f32 slice of its own after the two row buffers (16-bit teacher logits).
     Slice,
+    /// Version 11 (`DK_DIVERGENCE_JSD_STASH=exp`, `DK_ARGS_STASH_JSD_EXP`): the statistics pass
+    /// also keeps each entry's two exponentials, in two f32 slices after the row buffers
+    /// (log2(q/m) then over the first): no MUFU operation for p and q in the mixture pass, none
+    /// in the gradient pass, for 8 bytes per slice element and one more pass over the slice
+    /// (the thread's maxima first).
+    Exp,
 }
 
 impl Stash {
     /// The stash of a staged launch: kept for JSD with a gradient (`jsd_grad`) unless
-    /// `DK_DIVERGENCE_JSD_STASH=0`, over the teacher's slice when its elements are 4 bytes.
+    /// `DK_DIVERGENCE_JSD_STASH=0`, over the teacher's slice when its elements are 4 bytes;
+    /// [`Stash::Exp`] under `DK_DIVERGENCE_JSD_STASH=exp`.
     pub(crate) fn for_rows(jsd_grad: bool, teacher_bytes: usize) -> Stash {
-        if !jsd_grad || crate::switches::value("DK_DIVERGENCE_JSD_STASH") == Some("0") {
-            Stash::Off
-        } else if teacher_bytes == 4 {
+        match crate::switches::value("DK_DIVERGENCE_JSD_STASH") {
+            _ if !jsd_grad => Stash::Off,
+            Some("0") => Stash::Off,
+            Some("exp") => Stash::Exp,
+            _ => Stash::log_ratio_for(teacher_bytes),
+        }
+    }
+
+    /// Version 10's stash for teacher elements of `teacher_bytes`.
+    fn log_ratio_for(teacher_bytes: usize) -> Stash {
+        if teacher_bytes == 4 {
             Stash::OverTeacher
         } else {
             Stash::Slice
         }
     }
 
+    /// What to try where this stash fits no cluster: [`Stash::Exp`] falls back to version 10's,
+    /// that to none; None where nothing smaller exists (the rows fit no cluster at all).
+    pub(crate) fn smaller(self, teacher_bytes: usize) -> Option<Stash> {
+        match self {
+            Stash::Exp => Some(Stash::log_ratio_for(teacher_bytes)),
+            Stash::Slice => Some(Stash::Off),
+            Stash::OverTeacher | Stash::Off => None,
+        }
+    }
+
     /// Shared memory per slice element beyond the row buffers.
     pub(crate) fn bytes(self) -> usize {
         match self {
+            Stash::Exp => 8,
             Stash::Slice => 4,
             Stash::Off | Stash::OverTeacher => 0,
         }
@@ -321,9 +347,11 @@ impl Stash {
 
     /// The kernel arguments' `options` bits.
     pub(crate) fn options(self) -> u32 {
+        use super::cuda::{STASH_JSD, STASH_JSD_EXP};
         match self {
             Stash::Off => 0,
-            Stash::OverTeacher | Stash::Slice => super::cuda::STASH_JSD,
+            Stash::OverTeacher | Stash::Slice => STASH_JSD,
+            Stash::Exp => STASH_JSD | STASH_JSD_EXP,
         }
     }
 }
@@ -368,28 +396,21 @@ pub(crate) struct StagedShape {
 /// The staged variant's shape: the cluster size ([`staged_cluster_size`], or
 /// `DK_DIVERGENCE_CLUSTER_SIZE` where the rows fit it), as many clusters as the card runs at
 /// once (at most one per row), the shared memory per block; with the stash asked for where it
-/// fits, else without it ([`Stash::Off`]: the rows are the same). None when the rows do not fit
-/// or the card places no cluster of that shape.
+/// fits, else the next smaller one ([`Stash::smaller`]: the results are the same or within the
+/// same tolerance). None when the rows do not fit or the card places no cluster of that shape.
 pub(crate) fn staged_grid(
     f: &CudaFunction,
     stream: &Arc<CudaStream>,
     (n, v): (usize, usize),
-    pair_bytes: usize,
+    elem_bytes: (usize, usize),
     stash: Stash,
     sm_count: usize,
 ) -> Result<Option<StagedShape>> {
-    let size = |stash: Stash| {
-        let fits = |c: usize| staged_smem_bytes(v, c, pair_bytes, stash) <= STAGED_MAX_SMEM;
-        forced_size()
-            .filter(|&c| fits(c))
-            .or_else(|| staged_cluster_size(n, v, pair_bytes, stash, sm_count))
-            .map(|c| (c, stash))
-    };
-    let Some((c, stash)) = size(stash).or_else(|| size(Stash::Off)) else {
+    let Some((c, stash)) = staged_size((n, v), elem_bytes, stash, sm_count, forced_size()) else {
         return Ok(None);
     };
     stream.context().bind_to_thread()?;
-    let smem = staged_smem_bytes(v, c, pair_bytes, stash);
+    let smem = staged_smem_bytes(v, c, elem_bytes.0 + elem_bytes.1, stash);
     let clusters = max_active_clusters(f, Variant::Staged.threads(), c, smem).min(n);
     Ok((clusters > 0).then_some(StagedShape {
         c,
@@ -397,6 +418,31 @@ pub(crate) fn staged_grid(
         smem,
         stash,
     }))
+}
+
+/// [`staged_grid`]'s cluster size and stash: the stash asked for at `forced`
+/// (`DK_DIVERGENCE_CLUSTER_SIZE`) where the rows and that stash fit it, else at the first size
+/// that holds them ([`staged_cluster_size`]); where none does, the next smaller stash
+/// ([`Stash::smaller`]) the same way; None where no stash lets the rows fit.
+fn staged_size(
+    (n, v): (usize, usize),
+    (student_bytes, teacher_bytes): (usize, usize),
+    stash: Stash,
+    sm_count: usize,
+    forced: Option<usize>,
+) -> Option<(usize, Stash)> {
+    let pair_bytes = student_bytes + teacher_bytes;
+    let mut tried = stash;
+    loop {
+        let fits = |c: usize| staged_smem_bytes(v, c, pair_bytes, tried) <= STAGED_MAX_SMEM;
+        let size = forced
+            .filter(|&c| fits(c))
+            .or_else(|| staged_cluster_size(n, v, pair_bytes, tried, sm_count));
+        if let Some(c) = size {
+            return Some((c, tried));
+        }
+        tried = tried.smaller(teacher_bytes)?;
+    }
 }
 
 /// How many clusters of `c` blocks of `f` (`threads` threads and `smem` bytes of dynamic shared
@@ -670,8 +716,56 @@ mod tests {
             staged_smem_bytes(200064, 16, 8, Stash::Off)
         );
         assert_eq!(Stash::Off.options(), 0);
+        assert_eq!(Stash::Exp.options(), 3);
         assert_eq!(Stash::Slice.options(), super::super::cuda::STASH_JSD);
         assert_eq!(Stash::OverTeacher.options(), super::super::cuda::STASH_JSD);
+    }
+
+    #[test]
+    fn kept_exponentials_take_eight_bytes_and_fall_back_where_they_do_not_fit() {
+        let sms = 132;
+        let size = |v, elem, stash, forced| staged_size((4096, v), elem, stash, sms, forced);
+        let bf16 = (2, 2);
+        let f32 = (4, 4);
+        // bf16 pairs with the two kept f32 exponentials, 16 bytes per slice element: 16 blocks
+        // at 151936 (149 KB) and 202048 (199 KB); at 262144 (257 KB) version 10's slice.
+        assert_eq!(size(151936, bf16, Stash::Exp, None), Some((16, Stash::Exp)));
+        assert_eq!(
+            staged_smem_bytes(151936, 16, 4, Stash::Exp),
+            1024 + 9496 * (2 * 4 + 8)
+        );
+        assert_eq!(size(202048, bf16, Stash::Exp, None), Some((16, Stash::Exp)));
+        assert_eq!(
+            size(262144, bf16, Stash::Exp, None),
+            Some((16, Stash::Slice))
+        );
+        // f32 pairs, 24 bytes: 151936 just fits 16 blocks (224 KB); the fused path's 200064
+        // takes version 10's stash over T; 262144 fits no stash and no cluster at all.
+        assert_eq!(size(151936, f32, Stash::Exp, None), Some((16, Stash::Exp)));
+        assert_eq!(
+            size(200064, f32, Stash::Exp, None),
+            Some((16, Stash::OverTeacher))
+        );
+        assert_eq!(size(262144, f32, Stash::Exp, None), None);
+        // A 16-bit teacher past what its slice allows: no stash rather than no staged kernel.
+        assert_eq!(
+            size(262144, (4, 2), Stash::Slice, None),
+            Some((16, Stash::Off))
+        );
+        // A forced size is taken where the stash fits it; else the stash keeps its own size (as
+        // a forced size that fits no stash is ignored, DK_DIVERGENCE_CLUSTER_SIZE's rule).
+        assert_eq!(
+            size(151936, bf16, Stash::Slice, Some(8)),
+            Some((8, Stash::Slice))
+        );
+        assert_eq!(
+            size(151936, bf16, Stash::Exp, Some(8)),
+            Some((16, Stash::Exp))
+        );
+        assert_eq!(
+            size(151936, bf16, Stash::Exp, Some(16)),
+            Some((16, Stash::Exp))
+        );
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub(crate) struct DivergenceArgs {
 /// `DK_ARGS_STASH_JSD`: the staged JSD kernels keep each entry's log2(q/m) from the mixture
 /// pass for the gradient pass ([`cluster::Stash`]).
 pub(crate) const STASH_JSD: u32 = 1;
+/// `DK_ARGS_STASH_JSD_EXP`: with [`STASH_JSD`], their statistics pass also keeps each entry's
+/// exponentials ([`cluster::Stash::Exp`]).
+pub(crate) const STASH_JSD_EXP: u32 = 2;
 
 // SAFETY: plain-old-data with the C layout of DkDivergenceArgs (checked by
 // capi/src/tests/abi_layout.rs).
@@ -681,7 +684,7 @@ impl<'d> RowKernels<'d> {
         let instead = "the one-block kernel (G over S)";
         // S and T are f32: JSD's stash goes over T's slice.
         let stash = cluster::Stash::for_rows(self.fwd_multi_pass, 4);
-        let launch = (8, stash, Some(&inv_cap));
+        let launch = ((4, 4), stash, Some(&inv_cap));
         let queued = self.queue_staged((f, name), stream, args, launch, instead)?;
         Ok(queued.then_some(args.grad))
     }
@@ -799,13 +802,13 @@ impl<'d> RowKernels<'d> {
             (f, name),
             stream,
             args,
-            (sb + tb, stash, None),
+            ((sb, tb), stash, None),
             "the one-block kernel",
         )
     }
 
-    /// Sizes a staged kernel's grid (`staged_grid`; `pair_bytes` per student and teacher
-    /// element pair, the JSD stash asked for, `inv_cap` the fused kernels' second parameter) and
+    /// Sizes a staged kernel's grid (`staged_grid`; bytes per student and teacher element, the
+    /// JSD stash asked for, `inv_cap` the fused kernels' second parameter) and
     /// queues it, with the stash's option bit where it has room; false, with nothing queued and
     /// the reason noted (`instead`: what runs then), where two rows fit no cluster, the card
     /// places none, or it refuses the launch.
@@ -814,12 +817,12 @@ impl<'d> RowKernels<'d> {
         (f, name): (&CudaFunction, &str),
         stream: &Arc<CudaStream>,
         args: &DivergenceArgs,
-        (pair_bytes, stash, inv_cap): (usize, cluster::Stash, Option<&f32>),
+        (elem_bytes, stash, inv_cap): ((usize, usize), cluster::Stash, Option<&f32>),
         instead: &str,
     ) -> Result<bool> {
         let (n, v) = (args.n as usize, args.v as usize);
         let Some(shape) =
-            cluster::staged_grid(f, stream, (n, v), pair_bytes, stash, self.sm_count)?
+            cluster::staged_grid(f, stream, (n, v), elem_bytes, stash, self.sm_count)?
         else {
             cluster::note_fallback(format!(
                 "two rows of V = {v} do not fit the shared memory of 16 blocks of {name}, or the \

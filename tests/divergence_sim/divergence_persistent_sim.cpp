@@ -31,7 +31,8 @@
 //           i32 grad mode (0 forward only, 1 separate buffer, 2 in place over the student,
 //           3 the fused kernels' G `shift` rows before S: see below), i32 shift (0 unless
 //           mode 3), i32 has_labels; u32 options (the arguments' DK_ARGS_* bits: the staged
-//           JSD kernels' stash, whose slice a 16-bit teacher adds to the shared memory);
+//           JSD kernels' stash, whose slices add to the shared memory: 4 bytes per slice
+//           element for log2(q/m) with a 16-bit teacher, 8 with the kept exponentials);
 //           buffers, each u64 bytes + bytes: student, teacher, [grad if mode 1],
 //           [labels if has_labels], per_row
 //   (str = u32 length + bytes).
@@ -204,16 +205,20 @@ int main() {
   const int64_t last = strcmp(tail, "f32") == 0 ? 4 : 2;
   const int64_t sb = fused ? 4 : s16 ? 2 : 4, tb = fused ? 4 : last, gb = fused ? last : sb;
   const bool jsd = name.find("_jsd") != std::string::npos;
-  if (a.options != 0 && !(staged && jsd))
+  if ((a.options & ~(DK_ARGS_STASH_JSD | DK_ARGS_STASH_JSD_EXP)) != 0 ||
+      (a.options & DK_ARGS_STASH_JSD_EXP && !(a.options & DK_ARGS_STASH_JSD)) ||
+      (a.options != 0 && !(staged && jsd)))
     sim::fail("options %u for %s (the staged JSD kernels' stash only)", a.options, name.c_str());
   if (staged) {
     // The kernels' scratch, then two buffers of both inputs' slices, then the JSD stash's slice
     // when it is kept (DK_ARGS_STASH_JSD, a gradient) and the teacher's is not f32
     // (staged_smem_bytes in src/divergence/cluster.rs).
     const int64_t slice = dk::divergence::cluster_slice(static_cast<int>(a.v), cluster);
-    const bool stash_slice = (a.options & DK_ARGS_STASH_JSD) != 0 && grad_mode != 0 && tb == 2;
-    const int64_t need =
-        dk::divergence::kClusterScratchBytes + slice * (2 * (sb + tb) + (stash_slice ? 4 : 0));
+    // (DK_ARGS_STASH_JSD_EXP as well: two f32 slices, whatever the teacher).
+    const bool stash = (a.options & DK_ARGS_STASH_JSD) != 0 && grad_mode != 0;
+    const int64_t stash_bytes =
+        !stash ? 0 : (a.options & DK_ARGS_STASH_JSD_EXP) != 0 ? 8 : tb == 2 ? 4 : 0;
+    const int64_t need = dk::divergence::kClusterScratchBytes + slice * (2 * (sb + tb) + stash_bytes);
     if (smem != need)
       sim::fail("%u bytes of dynamic shared memory for %s, the launcher gives %ld", smem,
                 name.c_str(), static_cast<long>(need));
