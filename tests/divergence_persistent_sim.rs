@@ -45,6 +45,11 @@
 //! before) has its own cases and checks (`fused_persistent_kernels_write_g_q_rows_before_s`),
 //! and a negative test that the race of G over its own rows is seen
 //! (`fused_persistent_g_over_its_own_rows_is_seen_to_race`).
+//!
+//! The staged kernels (`dk_divcq_*`, cuda/divergence_staged.cu) run the same cases, their fused
+//! variant G over its own rows; their JSD stashes (cuda/DIVERGENCE.md, versions 10 and 11) are
+//! checked against the CPU backend too, and version 10's to change no bit
+//! (`staged_jsd_stash_changes_no_bit`, `fused_staged_jsd_stash_changes_no_bit`).
 
 mod common;
 
@@ -958,6 +963,23 @@ fn staged(sc: SimCase) -> SimCase {
     }
 }
 
+/// The JSD cases with a gradient of `cases` (fresh draws from `rng`) on the staged kernel
+/// with `stash`.
+fn staged_jsd_cases(rng: &mut Rng, stash: Stash) -> Vec<SimCase> {
+    let cases: Vec<SimCase> = cases(rng)
+        .into_iter()
+        .map(staged)
+        .filter(|sc| sc.stash != Stash::Off)
+        .map(|sc| SimCase { stash, ..sc })
+        .collect();
+    assert!(
+        cases.len() >= 8,
+        "{} JSD cases with a gradient",
+        cases.len()
+    );
+    cases
+}
+
 /// The staged JSD kernels with the statistics pass's exponentials kept (cuda/DIVERGENCE.md,
 /// version 11, `DK_DIVERGENCE_JSD_STASH=exp`: the thread's maxima first, then 2^X and 2^Y
 /// relative to them in two f32 slices, p and q from those and the thread's factors, the
@@ -970,20 +992,7 @@ fn staged_jsd_kept_exponentials_match_the_cpu_backend() {
         return;
     };
     let mut rng = Rng::fresh(&format!("{TEST}-staged-exp"));
-    let cases: Vec<SimCase> = cases(&mut rng)
-        .into_iter()
-        .map(staged)
-        .filter(|sc| sc.stash != Stash::Off)
-        .map(|sc| SimCase {
-            stash: Stash::Exp,
-            ..sc
-        })
-        .collect();
-    assert!(
-        cases.len() >= 8,
-        "{} JSD cases with a gradient",
-        cases.len()
-    );
+    let cases = staged_jsd_cases(&mut rng, Stash::Exp);
     run_cases_parallel(TEST, cases.len(), |i| {
         (cases[i].what(), check_case(&exe, &cases[i]))
     });
@@ -993,25 +1002,16 @@ fn staged_jsd_kept_exponentials_match_the_cpu_backend() {
 /// entry's log2(q/m) over an f32 teacher's slice or in a slice of its own, and the gradient
 /// pass reads it instead of forming it again) changes no bit: on the JSD cases with a gradient
 /// of `cases` (fresh draws; `staged_kernels_match_the_cpu_backend` checks the stashed runs
-/// against the CPU backend in both orders), the launch without it (`DK_DIVERGENCE_JSD_STASH=0`) must give
-/// bitwise the same buffers. A value stashed for the wrong entry, or read before it is
+/// against the CPU backend in both orders), the launch without it (`DK_DIVERGENCE_JSD_STASH=0`)
+/// must give bitwise the same buffers. A value stashed for the wrong entry, or read before it is
 /// written, shows here even where it stays within the reference's tolerance.
 #[test]
 fn staged_jsd_stash_changes_no_bit() {
     let Some(exe) = simulator() else {
         return;
     };
-    let mut rng = Rng::fresh(&format!("{TEST}-staged"));
-    let cases: Vec<SimCase> = cases(&mut rng)
-        .into_iter()
-        .map(staged)
-        .filter(|sc| sc.stash != Stash::Off)
-        .collect();
-    assert!(
-        cases.len() >= 8,
-        "{} JSD cases with a gradient",
-        cases.len()
-    );
+    let mut rng = Rng::fresh(&format!("{TEST}-staged-stash"));
+    let cases = staged_jsd_cases(&mut rng, Stash::LogRatio);
     run_cases_parallel(TEST, cases.len(), |i| {
         let on = &cases[i];
         let result = (|| {
@@ -1497,6 +1497,35 @@ fn fused_persistent_kernels_write_g_q_rows_before_s() {
     });
 }
 
+/// A fused case on the staged kernel (512 threads, G over S's own rows unless forward only)
+/// with `stash`.
+fn on_staged(c: FusedSimCase, stash: Stash) -> FusedSimCase {
+    FusedSimCase {
+        threads: 512,
+        staged: true,
+        stash,
+        place: match c.place {
+            GPlace::None => GPlace::None,
+            GPlace::Before | GPlace::Own => GPlace::Own,
+        },
+        what: c
+            .what
+            .replace(&format!("G {} rows before S", c.q), "G over its own rows"),
+        ..c
+    }
+}
+
+/// The JSD cases with G of `fused_cases` on the staged kernel with `stash`.
+fn fused_staged_jsd_cases(rng: &mut Rng, stash: Stash) -> Vec<FusedSimCase> {
+    let cases: Vec<FusedSimCase> = fused_cases(rng)
+        .into_iter()
+        .filter(|c| effective_kind(c.p.kind, c.p.beta) == Kind::Jsd && c.place != GPlace::None)
+        .map(|c| on_staged(c, stash))
+        .collect();
+    assert!(cases.len() >= 6, "{} fused JSD cases", cases.len());
+    cases
+}
+
 /// The staged kernels' fused variant (`dk_divcq_fused_*`, cuda/divergence_staged.cu and
 /// cuda/FUSED.md, version 4) on the same cases, G over S's own rows as the launcher lays it
 /// out for them (shift 0, S's row bytes as G's stride: the layout the next test shows to race
@@ -1511,23 +1540,10 @@ fn fused_staged_kernels_write_g_over_s() {
     let mut rng = Rng::fresh("fused_staged_kernels_write_g_over_s");
     let cases: Vec<FusedSimCase> = fused_cases(&mut rng)
         .into_iter()
-        .map(|c| FusedSimCase {
-            threads: 512,
-            staged: true,
+        .map(|c| {
             // As the launcher: JSD keeps log2(q/m) over T's slice.
-            stash: if effective_kind(c.p.kind, c.p.beta) == Kind::Jsd {
-                Stash::LogRatio
-            } else {
-                Stash::Off
-            },
-            place: match c.place {
-                GPlace::None => GPlace::None,
-                GPlace::Before | GPlace::Own => GPlace::Own,
-            },
-            what: c
-                .what
-                .replace(&format!("G {} rows before S", c.q), "G over its own rows"),
-            ..c
+            let jsd = effective_kind(c.p.kind, c.p.beta) == Kind::Jsd;
+            on_staged(c, if jsd { Stash::LogRatio } else { Stash::Off })
         })
         .collect();
     run_cases_parallel(TEST, cases.len(), |i| {
@@ -1547,19 +1563,8 @@ fn fused_staged_jsd_stash_changes_no_bit() {
     let Some(exe) = simulator() else {
         return;
     };
-    let mut rng = Rng::fresh("fused_staged_kernels_write_g_over_s");
-    let cases: Vec<FusedSimCase> = fused_cases(&mut rng)
-        .into_iter()
-        .filter(|c| effective_kind(c.p.kind, c.p.beta) == Kind::Jsd && c.place != GPlace::None)
-        .map(|c| FusedSimCase {
-            threads: 512,
-            staged: true,
-            stash: Stash::LogRatio,
-            place: GPlace::Own,
-            ..c
-        })
-        .collect();
-    assert!(cases.len() >= 6, "{} fused JSD cases", cases.len());
+    let mut rng = Rng::fresh("fused_staged_jsd_stash_changes_no_bit");
+    let cases = fused_staged_jsd_cases(&mut rng, Stash::LogRatio);
     run_cases_parallel(TEST, cases.len(), |i| {
         let on = &cases[i];
         let result = (|| {
@@ -1594,21 +1599,7 @@ fn fused_staged_jsd_kept_exponentials_write_g_over_s() {
         return;
     };
     let mut rng = Rng::fresh("fused_staged_jsd_kept_exponentials_write_g_over_s");
-    let cases: Vec<FusedSimCase> = fused_cases(&mut rng)
-        .into_iter()
-        .filter(|c| effective_kind(c.p.kind, c.p.beta) == Kind::Jsd && c.place != GPlace::None)
-        .map(|c| FusedSimCase {
-            threads: 512,
-            staged: true,
-            stash: Stash::Exp,
-            place: GPlace::Own,
-            what: c
-                .what
-                .replace(&format!("G {} rows before S", c.q), "G over its own rows"),
-            ..c
-        })
-        .collect();
-    assert!(cases.len() >= 6, "{} fused JSD cases", cases.len());
+    let cases = fused_staged_jsd_cases(&mut rng, Stash::Exp);
     run_cases_parallel(TEST, cases.len(), |i| {
         let c = &cases[i];
         (
