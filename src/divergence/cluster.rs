@@ -125,11 +125,14 @@ fn forced_size() -> Option<usize> {
 static SHAPES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 const MAX_SHAPES: usize = 32;
 
-/// Records a queued cluster launch shape (once per distinct description), and whether the staged
-/// JSD kernel kept log2(q/m) ([`Stash`]).
+/// Records a queued cluster launch shape (once per distinct description), and what the staged
+/// JSD kernel kept between its passes ([`Stash`]).
 fn note_shape(kernel: &str, (c, clusters): (usize, usize), args: &DivergenceArgs) {
     let (n, v) = (args.n, args.v);
-    let stash = if args.options & super::cuda::STASH_JSD != 0 {
+    use super::cuda::{STASH_JSD, STASH_JSD_EXP};
+    let stash = if args.options & STASH_JSD_EXP != 0 {
+        ", exponentials and log2(q/m) kept"
+    } else if args.options & STASH_JSD != 0 {
         ", log2(q/m) kept for the gradient"
     } else {
         ""
