@@ -121,8 +121,8 @@ case ${GPU_CHECK_PLAN:-} in
     # block, the next copying while the current one is computed): correctness first, then its
     # rows beside the default's in the same run (long, short, in place, f32, the fused chunks),
     # memcheck, and its profile
-    plan_steps="nvidia-smi,test-divergence_reference-staged=,test-fused_reference-staged"
-    plan_steps+=",test-divergence_reference-staged-exp"
+    plan_steps="nvidia-smi,test-divergence_reference-staged=,test-fused_reference-staged="
+    plan_steps+=",test-divergence_reference-staged-exp,test-fused_reference-staged-exp"
     plan_steps+=",dk-bench-bf16,dk-bench-staged=,dk-bench-short=,dk-bench-short-staged"
     plan_steps+=",dk-bench-inplace-staged,dk-bench-staged-c16,dk-bench-staged-nostash"
     plan_steps+=",dk-bench-staged-exp"
@@ -679,6 +679,9 @@ phase_tests() {
       run_step "test-fused_reference-${v%%:*}" 90 1 env DK_DIVERGENCE_CLUSTER="${v#*:}" \
         target/release/deps/fused_reference
     done
+    # Version 11 on the fused chunks (the test's small vocabularies fit its kept exponentials).
+    run_step test-fused_reference-staged-exp 90 1 env DK_DIVERGENCE_CLUSTER=staged \
+      DK_DIVERGENCE_JSD_STASH=exp target/release/deps/fused_reference
   fi
   if has_test attention_reference; then
     run_step test-attention_reference-wide 90 1 env DK_ATTENTION_FWD=wide DK_ATTENTION_BWD=wide \

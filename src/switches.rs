@@ -27,7 +27,7 @@ const SWITCHES: &[Switch] = &[
     },
     Switch {
         name: "DK_DIVERGENCE_JSD_STASH",
-        values: &["0"],
+        values: &["0", "exp"],
     },
     Switch {
         name: "DK_MOE_PERMUTE",
@@ -146,6 +146,10 @@ mod tests {
         assert_eq!(parse(c, Some("staged")), Ok(Some("staged")));
         let size = switch("DK_DIVERGENCE_CLUSTER_SIZE");
         assert_eq!(parse(size, Some("16")), Ok(Some("16")));
+        let stash = switch("DK_DIVERGENCE_JSD_STASH");
+        assert_eq!(parse(stash, Some("0")), Ok(Some("0")));
+        assert_eq!(parse(stash, Some("exp")), Ok(Some("exp")));
+        assert!(parse(stash, Some("1")).is_err());
         for name in ["DK_ATTENTION_FWD", "DK_ATTENTION_BWD"] {
             for v in ["mma", "wide", "wgmma"] {
                 assert_eq!(parse(switch(name), Some(v)), Ok(Some(v)), "{name}={v}");

@@ -389,6 +389,7 @@ pub(crate) fn staged_cluster_size(
 
 /// A staged launch's shape: cluster size, clusters, dynamic shared memory per block, and the
 /// stash it has room for.
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct StagedShape {
     pub c: usize,
     pub clusters: usize,
@@ -409,43 +410,51 @@ pub(crate) fn staged_grid(
     stash: Stash,
     sm_count: usize,
 ) -> Result<Option<StagedShape>> {
-    let Some((c, stash)) = staged_size((n, v), elem_bytes, stash, sm_count, forced_size()) else {
-        return Ok(None);
-    };
     stream.context().bind_to_thread()?;
-    let smem = staged_smem_bytes(v, c, elem_bytes.0 + elem_bytes.1, stash);
-    let clusters = max_active_clusters(f, Variant::Staged.threads(), c, smem).min(n);
-    Ok((clusters > 0).then_some(StagedShape {
-        c,
-        clusters,
-        smem,
+    let placed = |c: usize, smem: usize| max_active_clusters(f, Variant::Staged.threads(), c, smem);
+    let forced = forced_size();
+    Ok(staged_choice(
+        (n, v),
+        elem_bytes,
         stash,
-    }))
+        (sm_count, forced),
+        placed,
+    ))
 }
 
-/// [`staged_grid`]'s cluster size and stash: the stash asked for at `forced`
-/// (`DK_DIVERGENCE_CLUSTER_SIZE`) where the rows and that stash fit it, else at the first size
-/// that holds them ([`staged_cluster_size`]); where none does, the next smaller stash
-/// ([`Stash::smaller`]) the same way; None where no stash lets the rows fit.
-fn staged_size(
+/// [`staged_grid`]'s choice, with `placed(c, smem)` the clusters of that shape the card runs at
+/// once. Candidates, in order, each taken where its shared memory fits and the card places at
+/// least one cluster of it: the forced size (`DK_DIVERGENCE_CLUSTER_SIZE`) with the stash asked
+/// for, then with each smaller one ([`Stash::smaller`]: an A/B of the cluster size keeps its
+/// size); then the first size that holds the rows ([`staged_cluster_size`]) with the stash asked
+/// for, then with each smaller one (so a card that cannot place a 16-block cluster still gets
+/// the smaller stash at 8). None when no candidate runs.
+fn staged_choice(
     (n, v): (usize, usize),
     (student_bytes, teacher_bytes): (usize, usize),
     stash: Stash,
-    sm_count: usize,
-    forced: Option<usize>,
-) -> Option<(usize, Stash)> {
+    (sm_count, forced): (usize, Option<usize>),
+    placed: impl Fn(usize, usize) -> usize,
+) -> Option<StagedShape> {
     let pair_bytes = student_bytes + teacher_bytes;
-    let mut tried = stash;
-    loop {
-        let fits = |c: usize| staged_smem_bytes(v, c, pair_bytes, tried) <= STAGED_MAX_SMEM;
-        let size = forced
-            .filter(|&c| fits(c))
-            .or_else(|| staged_cluster_size(n, v, pair_bytes, tried, sm_count));
-        if let Some(c) = size {
-            return Some((c, tried));
-        }
-        tried = tried.smaller(teacher_bytes)?;
-    }
+    let chain = std::iter::successors(Some(stash), |s| s.smaller(teacher_bytes));
+    let at_forced = chain.clone().filter_map(|s| forced.map(|c| (c, s)));
+    let own =
+        chain.filter_map(|s| staged_cluster_size(n, v, pair_bytes, s, sm_count).map(|c| (c, s)));
+    at_forced.chain(own).find_map(|(c, stash)| {
+        let smem = staged_smem_bytes(v, c, pair_bytes, stash);
+        let clusters = if smem <= STAGED_MAX_SMEM {
+            placed(c, smem).min(n)
+        } else {
+            0
+        };
+        (clusters > 0).then_some(StagedShape {
+            c,
+            clusters,
+            smem,
+            stash,
+        })
+    })
 }
 
 /// How many clusters of `c` blocks of `f` (`threads` threads and `smem` bytes of dynamic shared
@@ -727,48 +736,80 @@ mod tests {
     #[test]
     fn kept_exponentials_take_eight_bytes_and_fall_back_where_they_do_not_fit() {
         let sms = 132;
-        let size = |v, elem, stash, forced| staged_size((4096, v), elem, stash, sms, forced);
+        // A card that places 8 clusters of any shape, and one that places none of 16 blocks.
+        let any = |_: usize, _: usize| 8;
+        let no16 = |c: usize, _: usize| if c == 16 { 0 } else { 8 };
+        let pick = |v, elem, stash, forced, placed: &dyn Fn(usize, usize) -> usize| {
+            staged_choice((4096, v), elem, stash, (sms, forced), placed).map(|s| (s.c, s.stash))
+        };
         let bf16 = (2, 2);
         let f32 = (4, 4);
         // bf16 pairs with the two kept f32 exponentials, 16 bytes per slice element: 16 blocks
         // at 151936 (149 KB) and 202048 (199 KB); at 262144 (257 KB) version 10's slice.
-        assert_eq!(size(151936, bf16, Stash::Exp, None), Some((16, Stash::Exp)));
+        assert_eq!(
+            pick(151936, bf16, Stash::Exp, None, &any),
+            Some((16, Stash::Exp))
+        );
         assert_eq!(
             staged_smem_bytes(151936, 16, 4, Stash::Exp),
             1024 + 9496 * (2 * 4 + 8)
         );
-        assert_eq!(size(202048, bf16, Stash::Exp, None), Some((16, Stash::Exp)));
         assert_eq!(
-            size(262144, bf16, Stash::Exp, None),
+            pick(202048, bf16, Stash::Exp, None, &any),
+            Some((16, Stash::Exp))
+        );
+        assert_eq!(
+            pick(262144, bf16, Stash::Exp, None, &any),
             Some((16, Stash::Slice))
         );
         // f32 pairs, 24 bytes: 151936 just fits 16 blocks (224 KB); the fused path's 200064
         // takes version 10's stash over T; 262144 fits no stash and no cluster at all.
-        assert_eq!(size(151936, f32, Stash::Exp, None), Some((16, Stash::Exp)));
         assert_eq!(
-            size(200064, f32, Stash::Exp, None),
+            pick(151936, f32, Stash::Exp, None, &any),
+            Some((16, Stash::Exp))
+        );
+        assert_eq!(
+            pick(200064, f32, Stash::Exp, None, &any),
             Some((16, Stash::OverTeacher))
         );
-        assert_eq!(size(262144, f32, Stash::Exp, None), None);
+        assert_eq!(pick(262144, f32, Stash::Exp, None, &any), None);
         // A 16-bit teacher past what its slice allows: no stash rather than no staged kernel.
         assert_eq!(
-            size(262144, (4, 2), Stash::Slice, None),
+            pick(262144, (4, 2), Stash::Slice, None, &any),
             Some((16, Stash::Off))
         );
-        // A forced size is taken where the stash fits it; else the stash keeps its own size (as
-        // a forced size that fits no stash is ignored, DK_DIVERGENCE_CLUSTER_SIZE's rule).
+        // A forced size keeps its size: the stash gets smaller until it fits (an A/B of the
+        // cluster size measures that size); a forced size that fits nothing is ignored.
         assert_eq!(
-            size(151936, bf16, Stash::Slice, Some(8)),
+            pick(202048, bf16, Stash::Slice, Some(8), &any),
+            Some((8, Stash::Off))
+        );
+        assert_eq!(
+            pick(151936, bf16, Stash::Exp, Some(8), &any),
             Some((8, Stash::Slice))
         );
         assert_eq!(
-            size(151936, bf16, Stash::Exp, Some(8)),
+            pick(151936, bf16, Stash::Exp, Some(16), &any),
             Some((16, Stash::Exp))
         );
         assert_eq!(
-            size(151936, bf16, Stash::Exp, Some(16)),
-            Some((16, Stash::Exp))
+            pick(262144, bf16, Stash::Slice, Some(4), &any),
+            Some((16, Stash::Slice))
         );
+        // A card that places no 16-block cluster: the smaller stash at 8 blocks, where it fits.
+        assert_eq!(
+            pick(151936, bf16, Stash::Exp, None, &no16),
+            Some((8, Stash::Slice))
+        );
+        assert_eq!(
+            pick(202048, bf16, Stash::Slice, None, &no16),
+            Some((8, Stash::Off))
+        );
+        assert_eq!(pick(262144, bf16, Stash::Slice, None, &no16), None);
+        // The clusters never exceed the rows, and the shared memory is the chosen stash's.
+        let short = staged_choice((3, 151936), bf16, Stash::Exp, (sms, None), any).unwrap();
+        assert_eq!(short.clusters, 3);
+        assert_eq!(short.smem, staged_smem_bytes(151936, 16, 4, Stash::Exp));
     }
 
     #[test]
