@@ -14,10 +14,11 @@
 // walks the rows q, q + Q, q + 2Q, ... (Q clusters). A block holds its slice (cluster_slice
 // elements of both inputs) of two rows in shared memory: while it computes every pass of row i
 // from buffer i & 1, the cp.async copies of row i + 1 fill the other buffer, and when it is
-// done with row i it queues row i + 2 into the buffer it just left. So each logit leaves DRAM once (the floor's traffic,
-// whatever the passes), and DRAM has a whole slice of loads in flight per block at all times,
-// through the reductions and cluster barriers too. The kernel is memory-bound as long as a
-// row's passes, reductions and barriers take less time than its slice takes to arrive.
+// done with row i it queues row i + 2 into the buffer it just left. So each logit leaves DRAM
+// once (the floor's traffic, whatever the passes), and DRAM has a whole slice of loads in
+// flight per block at all times, through the reductions and cluster barriers too. The kernel
+// is memory-bound as long as a row's passes, reductions and barriers take less time than its
+// slice takes to arrive.
 //
 // Each thread copies the 8-element chunks it will compute (c = threadIdx.x, + blockDim.x, ...;
 // the partial last chunk of a row by its owner, zero-filled past the row) and waits only for
@@ -31,8 +32,10 @@
 // pass → block sums → slot → barrier → sum_slots) → gradient pass from shared memory, 16-byte
 // stores. JSD with a gradient (DK_ARGS_STASH_JSD; version 10): the mixture pass keeps each
 // entry's log2(q/m) and the gradient pass reads it instead of forming it again, bitwise the
-// same values for one exponential per element instead of three transcendental operations. Slots are double-buffered by barrier phase: slot[p & 1] is written before barrier p
-// and read by every block after it; its next write comes before barrier p + 2, after barrier
+// same values for one exponential per element instead of three transcendental operations
+// (version 11, DK_ARGS_STASH_JSD_EXP: the statistics pass keeps the exponentials too).
+// Slots are double-buffered by barrier phase: slot[p & 1] is written before barrier p and read
+// by every block after it; its next write comes before barrier p + 2, after barrier
 // p + 1, which no block passes before every block has arrived there, i.e. has consumed its
 // reads of barrier p's slots (each read's value is used before the thread arrives again).
 // Ignored rows skip the passes and the barriers in every block of the cluster alike (labels
@@ -349,20 +352,23 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
   // pass reads only the student's), else in a slice of its own after the two row buffers
   // (one for every row: a thread's entries of row i + 1 are written after it has read row i's).
   const bool stash = kJsd && (a.options & DK_ARGS_STASH_JSD) != 0 && a.grad != 0;
+  // The f32 slices after the two row buffers (version 10's stash, or version 11's two).
+  float* const extra =
+      reinterpret_cast<float*>(dk_divcq_smem + kClusterScratchBytes + 2 * buffer_bytes);
   auto stash_buf = [&](int64_t i) {
     if constexpr (sizeof(TT) == sizeof(float)) {
       return reinterpret_cast<float*>(teacher_buf(i));
     } else {
       (void)i;
-      return reinterpret_cast<float*>(dk_divcq_smem + kClusterScratchBytes + 2 * buffer_bytes);
+      return extra;
     }
   };
   // DK_ARGS_STASH_JSD_EXP as well (version 11): the statistics pass keeps 2^X and 2^Y relative
   // to the thread's own maxima in two f32 slices after the row buffers (log2(q/m) then goes
   // over 2^X).
   const bool keep_exp = stash && (a.options & DK_ARGS_STASH_JSD_EXP) != 0;
-  float* const kept_t = reinterpret_cast<float*>(dk_divcq_smem + kClusterScratchBytes + 2 * buffer_bytes);
-  float* const kept_s = kept_t + slice;
+  float* const kept_t = extra;
+  float* const kept_s = extra + slice;
   const int lane = threadIdx.x & 31;
   const float k = exp2_scale(a.inv_temperature), beta = a.beta;
 
@@ -399,16 +405,15 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
     } else {
       const TS* ss = student_buf(i);
       const TT* ts = teacher_buf(i);
-      RowStats<K> mine;
-      float mt_thread = -INFINITY, ms_thread = -INFINITY;  // keep_exp: the thread's maxima
+      RowStats<K> mine;  // keep_exp: its maxima are the thread's own, kept's reference
       if (keep_exp) {
         MaxPass mp;
         staged_pass(ss, ts, len, slice, mp);
         KeepExpStatsPass kp{k,      RowStats<K>::shift_of(mp.mt), RowStats<K>::shift_of(mp.ms),
                             kept_t, kept_s,                       slice};
         staged_pass(ss, ts, len, slice, kp);
-        mt_thread = mine.mt = mp.mt;
-        ms_thread = mine.ms = mp.ms;
+        mine.mt = mp.mt;
+        mine.ms = mp.ms;
         mine.st = kp.st;
         mine.ss = kp.ss;
         mine.k = k;
@@ -433,24 +438,21 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
       if (!kJsd && live) loss = kl_loss(st, r, &center);
       if (kJsd) {
         // Every block takes this branch (live is the same everywhere): the barrier is uniform.
+        // The thread's sums of the mixture pass run by `jp` (0 for a row that is not live).
         float pm = 0.f, qm = 0.f;
+        auto mixture = [&](auto&& jp) {
+          staged_pass(ss, ts, len, slice, jp);
+          pm = jp.kl_pm;
+          qm = jp.kl_qm;
+        };
         if (live && keep_exp) {
-          const float pt = rescale2(mt_thread, st.mt, k) * r.inv_st;
-          const float qt = rescale2(ms_thread, st.ms, k) * r.inv_ss;
-          KeptJsdPass<kSeries> jp{r, pt, qt, kept_t, kept_s, slice};
-          staged_pass(ss, ts, len, slice, jp);
-          pm = jp.kl_pm;
-          qm = jp.kl_qm;
+          const float pt = rescale2(mine.mt, st.mt, k) * r.inv_st;
+          const float qt = rescale2(mine.ms, st.ms, k) * r.inv_ss;
+          mixture(KeptJsdPass<kSeries>{r, pt, qt, kept_t, kept_s, slice});
         } else if (live && stash) {
-          StashJsdPass<kSeries> jp{r, stash_buf(i), slice};
-          staged_pass(ss, ts, len, slice, jp);
-          pm = jp.kl_pm;
-          qm = jp.kl_qm;
+          mixture(StashJsdPass<kSeries>{r, stash_buf(i), slice});
         } else if (live) {
-          JsdPass<kSeries> jp{r};
-          staged_pass(ss, ts, len, slice, jp);
-          pm = jp.kl_pm;
-          qm = jp.kl_qm;
+          mixture(JsdPass<kSeries>{r});
         }
         pm = block_sum(pm, sm.sums);
         qm = block_sum(qm, sm.sums);
@@ -474,7 +476,7 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
               grad_row_of<K, kSeries>(r, center, beta, grad_scale(walk.gfactor, loss));
           if (keep_exp) {  // from the kept 2^Y_thread and log2(q/m)
             GradRow gk = gr;
-            gk.gq = mul_rn(gr.gq, rescale2(ms_thread, st.ms, k));
+            gk.gq = mul_rn(gr.gq, rescale2(mine.ms, st.ms, k));
             KeptJsdGradPass<TS, GradOut, kFused> gp{gk, g, inv_cap, ss, slice};
             staged_pass(static_cast<const float*>(kept_s), static_cast<const float*>(kept_t), len,
                         slice, gp);

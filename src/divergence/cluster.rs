@@ -362,7 +362,7 @@ impl Stash {
 /// Staged variant: a block's dynamic shared memory for rows of `v` elements with `pair_bytes`
 /// bytes per (student, teacher) element pair in clusters of `c`: the persistent kernels' scratch
 /// ([`PERSISTENT_SMEM_BYTES`]), then two buffers of its slice of both inputs, then the JSD
-/// stash's slice where it has one ([`Stash::Slice`]).
+/// stash's own slices where it has them ([`Stash::bytes`]: [`Stash::Slice`], [`Stash::Exp`]).
 pub(crate) fn staged_smem_bytes(v: usize, c: usize, pair_bytes: usize, stash: Stash) -> usize {
     PERSISTENT_SMEM_BYTES + slice(v, c) * (2 * pair_bytes + stash.bytes())
 }
@@ -397,11 +397,10 @@ pub(crate) struct StagedShape {
     pub stash: Stash,
 }
 
-/// The staged variant's shape: the cluster size ([`staged_cluster_size`], or
-/// `DK_DIVERGENCE_CLUSTER_SIZE` where the rows fit it), as many clusters as the card runs at
-/// once (at most one per row), the shared memory per block; with the stash asked for where it
-/// fits, else the next smaller one ([`Stash::smaller`]: the results are the same or within the
-/// same tolerance). None when the rows do not fit or the card places no cluster of that shape.
+/// The staged variant's shape ([`staged_choice`] on this card, under
+/// `DK_DIVERGENCE_CLUSTER_SIZE`): cluster size, clusters (as many as the card runs at once, at
+/// most one per row), shared memory per block and stash. None when no size and stash fit the
+/// rows or the card places no cluster of those that do.
 pub(crate) fn staged_grid(
     f: &CudaFunction,
     stream: &Arc<CudaStream>,
