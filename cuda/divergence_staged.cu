@@ -266,19 +266,20 @@ struct KeepExpStatsPass {
   }
 };
 
-// The mixture pass from the kept exponentials: p = 2^X_thread · pt, q = 2^Y_thread · qt, where
-// pt = 2^((Mt_thread − Mt)·k) / St (qt likewise) is the thread's factor to the row's maxima and
-// sums; d from the logits as Row::entry forms it; log2(q/m) kept over 2^X_thread (read first).
-// Identical rows still give p = q bitwise (the same operations on both sides) and, as before,
-// log ratios of exactly 0.
+// The mixture pass from the kept exponentials. With pt = 2^((Mt_thread − Mt)·k) / St, the
+// thread's factor to the row's maxima and sums (qt likewise), p = 2^X_thread · pt and
+// q = 2^Y_thread · qt, so the thread's Σ p·log2(p/m) is pt · Σ 2^X_thread · log2(p/m): the pass
+// sums the kept exponentials against the log ratios (one FFMA each) and the caller applies pt
+// and qt once (`sums`). The log ratios come from w = k·(s − t) + cw (Row::mixture_w_of, version
+// 12: no X or Y is formed). log2(q/m) is kept over 2^X_thread (read first). Identical rows still
+// give log ratios of exactly 0, hence a loss and gradient of exactly 0.
 template <bool kSeries>
 struct KeptJsdPass {
   Row row;
-  float pt, qt;
   float* et;
   const float* es;
   int slice;
-  float kl_pm = 0.f, kl_qm = 0.f;
+  float sum_p = 0.f, sum_q = 0.f;  // Σ 2^X_thread · log2(p/m), Σ 2^Y_thread · log2(q/m)
   template <int N>
   __device__ __forceinline__ void chunk(int i, const float (&s)[N], const float (&t)[N]) {
     float a[N], b[N], lq[N];
@@ -286,12 +287,16 @@ struct KeptJsdPass {
     load_chunk_at(es, i, slice, b);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const float2 terms =
-          jsd_terms_of<kSeries>(row, row.d_of(s[j], t[j]), a[j] * pt, b[j] * qt, &lq[j]);
-      kl_pm += terms.x;
-      kl_qm += terms.y;
+      const float2 lr = row.log2_ratios_of_w<kSeries>(row.mixture_w_of(s[j], t[j]));
+      lq[j] = lr.y;
+      sum_p = fmaf(a[j], lr.x, sum_p);
+      sum_q = fmaf(b[j], lr.y, sum_q);
     }
     store_f32_chunk(et, i, slice, lq);
+  }
+  // The thread's (Σ p·log2(p/m), Σ q·log2(q/m)) from the factors pt and qt.
+  __device__ __forceinline__ float2 sums(float pt, float qt) const {
+    return make_float2(sum_p * pt, sum_q * qt);
   }
 };
 
@@ -363,10 +368,10 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
       return extra;
     }
   };
-  // DK_ARGS_STASH_JSD_EXP as well (version 11): the statistics pass keeps 2^X and 2^Y relative
-  // to the thread's own maxima in two f32 slices after the row buffers (log2(q/m) then goes
-  // over 2^X).
-  const bool keep_exp = stash && (a.options & DK_ARGS_STASH_JSD_EXP) != 0;
+  // DK_ARGS_STASH_JSD_EXP (version 11; forward only too since version 12): the statistics pass
+  // keeps 2^X and 2^Y relative to the thread's own maxima in two f32 slices after the row
+  // buffers (log2(q/m) then goes over 2^X).
+  const bool keep_exp = kJsd && (a.options & DK_ARGS_STASH_JSD_EXP) != 0;
   float* const kept_t = extra;
   float* const kept_s = extra + slice;
   const int lane = threadIdx.x & 31;
@@ -446,9 +451,12 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
           qm = jp.kl_qm;
         };
         if (live && keep_exp) {
-          const float pt = rescale2(mine.mt, st.mt, k) * r.inv_st;
-          const float qt = rescale2(mine.ms, st.ms, k) * r.inv_ss;
-          mixture(KeptJsdPass<kSeries>{r, pt, qt, kept_t, kept_s, slice});
+          KeptJsdPass<kSeries> jp{r, kept_t, kept_s, slice};
+          staged_pass(ss, ts, len, slice, jp);
+          const float2 t = jp.sums(rescale2(mine.mt, st.mt, k) * r.inv_st,
+                                   rescale2(mine.ms, st.ms, k) * r.inv_ss);
+          pm = t.x;
+          qm = t.y;
         } else if (live && stash) {
           mixture(StashJsdPass<kSeries>{r, stash_buf(i), slice});
         } else if (live) {

@@ -344,6 +344,7 @@ expected_seconds() {
     dk-bench-bf16 | dk-bench-persist | dk-bench-persist256 | dk-bench-staged) echo 45 ;;
     dk-bench-16k) echo 75 ;;
     dk-bench-f32) echo 40 ;;
+    dk-bench-staged-exp) echo 32 ;;  # both passes at two vocabularies (guess)
     dk-bench-short | dk-bench-short-* | dk-bench-moe-nopdl | dk-bench-jsdx*) echo 12 ;;
     dk-bench-*) echo 25 ;;
     test-divergence_reference*) echo 35 ;;
@@ -571,11 +572,12 @@ phase_benches() {
   run_step dk-bench-staged-nostash 30 0 env DK_DIVERGENCE_CLUSTER=staged DK_DIVERGENCE_JSD_STASH=0 \
     "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 4096 --vocab 151936,202048 \
     --kinds jsd --passes fwd+bwd
-  # Version 11 (opt-in): the statistics pass keeps the exponentials too (4 MUFU and ~49
-  # instructions per element; C = 16 at both vocabularies, 16 bytes per slice element).
-  run_step dk-bench-staged-exp 30 0 env DK_DIVERGENCE_CLUSTER=staged DK_DIVERGENCE_JSD_STASH=exp \
+  # Versions 11-12 (opt-in): the statistics pass keeps the exponentials too (4 MUFU and ~43
+  # instructions per element; C = 16 at both vocabularies, 16 bytes per slice element), forward
+  # only too (~37 instructions and 4 MUFU per element, against version 9's 43 and 6.25).
+  run_step dk-bench-staged-exp 40 0 env DK_DIVERGENCE_CLUSTER=staged DK_DIVERGENCE_JSD_STASH=exp \
     "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 4096 --vocab 151936,202048 \
-    --kinds jsd --passes fwd+bwd
+    --kinds jsd --passes fwd+bwd,fwd
   # Issue 3's short batch (N = 256, default: stream clusters at 32.8 % on the H200) on each variant.
   for p in persist persist256 staged; do
     run_step "dk-bench-short-$p" 30 0 env DK_DIVERGENCE_CLUSTER=$p "$dk" bench --device cuda \

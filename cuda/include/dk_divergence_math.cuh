@@ -208,8 +208,9 @@ DK_UNROLL
 struct Row {
   float k, nmt, nms, inv_st, inv_ss, log_ratio;
   // JSD: c2 = B2 − R2 (w = d + c2; kSeries: c2 = −R2, z = d + c2), pos = max(B2, 0),
-  // neg = max(−B2, 0) (B2 = pos − neg exactly), tail0 = tail(B2).
-  float c2, pos, neg, tail0;
+  // neg = max(−B2, 0) (B2 = pos − neg exactly), tail0 = tail(B2), cw = c2 + k·(nms − nmt)
+  // (mixture_w_of).
+  float c2, pos, neg, tail0, cw;
 
   static constexpr float kWClamp = 1024.f;
 
@@ -227,12 +228,23 @@ struct Row {
     return e;
   }
 
-  // An entry's d = Y − X alone, as `entry` forms it (the staged kernels' kept exponentials give
-  // p and q).
-  DK_HD float d_of(float s, float t) const { return mul_rn(s + nms, k) - mul_rn(t + nmt, k); }
-
   // w of an entry, clamped (see above; fminf / fmaxf also turn a NaN d into a finite w).
-  DK_HD float mixture_w(float d) const { return fminf(fmaxf(d + c2, -kWClamp), kWClamp); }
+  DK_HD float mixture_w(float d) const { return clamp_w(d + c2); }
+
+  // mixture_w(d) from the entry's logits alone, as k·(s − t) + cw: one FADD and one FFMA where
+  // d + c2 takes two rounded products and three additions. For the staged kernels' kept
+  // exponentials (cuda/DIVERGENCE.md, version 12), which need neither X nor Y otherwise. Not
+  // bitwise d + c2, and no less accurate: s − t is exact for close logits (where d rounds X and
+  // Y, each up to 2^-24 of its size), and cw's own rounding shifts every w of the row alike,
+  // which moves neither the JSD terms (their derivative in w is 0 at fixed p and q:
+  // β·p·∂(log2 p/m)/∂w + (1−β)·q·∂(log2 q/m)/∂w = −β(1−β)pq/m + β(1−β)pq/m) nor the
+  // gradient (the row's center moves with it). Identical rows still give w = B2 (kSeries:
+  // z = 0) exactly: s − t = 0 and, with equal maxima and sums, cw = c2 = B2 (−R2 = 0).
+  // Masked entries: s − t is ±inf or NaN (both sides masked), clamped as mixture_w clamps d.
+  DK_HD float mixture_w_of(float s, float t) const { return clamp_w(fmaf(s - t, k, cw)); }
+
+  // Clamps w to ±kWClamp; fminf / fmaxf also turn a NaN into −kWClamp.
+  static DK_HD float clamp_w(float w) { return fminf(fmaxf(w, -kWClamp), kWClamp); }
 
   // tail(w) = log2(1 + 2^−|w|); with kSeries, below u = 2^-4 by its series (see above).
   template <bool kSeries = false>
@@ -254,12 +266,17 @@ struct Row {
   // (log2 p − log2 m, log2 q − log2 m) for the JSD mixture, from an entry's d.
   template <bool kSeries = false>
   DK_HD float2 log2_ratios_to_mixture(float d) const {
+    return log2_ratios_of_w<kSeries>(mixture_w(d));
+  }
+
+  // The same from the entry's clamped w (mixture_w or mixture_w_of; kSeries: z = w − B2).
+  template <bool kSeries = false>
+  DK_HD float2 log2_ratios_of_w(float w) const {
     if (kSeries) {
-      const float z = mixture_w(d);  // c2 = −R2 here: z = w − B2
+      const float z = w;  // c2 = −R2 here: z = w − B2
       const float dt = tail0 - softplus2_tail<true>(z + (pos - neg));  // w, from B2 = pos − neg
       return make_float2(fminf(neg - z, pos) + dt, fminf(z + pos, neg) + dt);
     }
-    const float w = mixture_w(d);
     const float dt = tail0 - softplus2_tail(w);
     return make_float2((pos - fmaxf(w, 0.f)) + dt, (neg + fminf(w, 0.f)) + dt);
   }
@@ -277,7 +294,7 @@ DK_HD float exp2_scale(float inv_t) { return inv_t * 1.4426950408889634f; }
 template <Kind K, bool kSeries = false>
 DK_HD Row row_of(const RowStats<K>& st, float inv_t, float beta) {
   Row r{exp2_scale(inv_t), -st.mt, -st.ms, 1.f / st.st, 1.f / st.ss, logf(st.ss / st.st),
-        0.f, 0.f, 0.f, 0.f};
+        0.f, 0.f, 0.f, 0.f, 0.f};
   if (K == Kind::Jsd) {
     // β in (0, 1): the launchers run β = 0 and 1 as the KL kinds (Params::effective_kind).
     const float b2 = log2f(1.f - beta) - log2f(beta);
@@ -286,6 +303,7 @@ DK_HD Row row_of(const RowStats<K>& st, float inv_t, float beta) {
     r.pos = fmaxf(b2, 0.f);
     r.neg = fmaxf(-b2, 0.f);
     r.tail0 = Row::softplus2_tail<kSeries>(b2);
+    r.cw = fmaf(r.k, r.nms - r.nmt, r.c2);  // exactly c2 where the maxima agree
   }
   return r;
 }
@@ -362,23 +380,15 @@ DK_HD float grad_entry(const GradRow& g, float s, float t) {
   return jsd_grad_of(g, eq, row.log2_ratios_to_mixture<kSeries>(Y - X).y);
 }
 
-// jsd_terms (below) from an entry's d (Row::d_of) and its probabilities p and q however
-// formed: `jsd_terms`' tail, and the staged kernels' with p and q from the exponentials the
-// statistics pass kept (cuda/DIVERGENCE.md, version 11).
-template <bool kSeries = false>
-DK_HD float2 jsd_terms_of(const Row& row, float d, float p, float q, float* log2_qm) {
-  const float2 lr = row.log2_ratios_to_mixture<kSeries>(d);
-  if (log2_qm) *log2_qm = lr.y;
-  return make_float2(p * lr.x, q * lr.y);
-}
-
 // (p (log2 p − log2 m), q (log2 q − log2 m)) of one entry, summed by the JSD pass. Both log
 // ratios are finite (clamped w), so masked entries (probability 0) add exactly 0. With
 // `log2_qm`, also the entry's log2 q − log2 m (the staged kernels keep it for the gradient).
 template <bool kSeries = false>
 DK_HD float2 jsd_terms(const Row& row, float s, float t, float* log2_qm = nullptr) {
   const Row::Entry e = row.entry(s, t);
-  return jsd_terms_of<kSeries>(row, e.d, e.p, e.q, log2_qm);
+  const float2 lr = row.log2_ratios_to_mixture<kSeries>(e.d);
+  if (log2_qm) *log2_qm = lr.y;
+  return make_float2(e.p * lr.x, e.q * lr.y);
 }
 
 // JSD's gradient entry from the student logit s and the entry's log2 q − log2 m as the mixture

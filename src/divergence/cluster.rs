@@ -303,20 +303,23 @@ pub(crate) enum Stash {
     /// also keeps each entry's two exponentials, in two f32 slices after the row buffers
     /// (log2(q/m) then over the first): no MUFU operation for p and q in the mixture pass, none
     /// in the gradient pass, for 8 bytes per slice element and one more pass over the slice
-    /// (the thread's maxima first).
+    /// (the thread's maxima first). Forward only too (version 12): the mixture pass alone
+    /// spares its two exponentials per element.
     Exp,
 }
 
 impl Stash {
-    /// The stash of a staged launch: kept for JSD with a gradient (`jsd_grad`) unless
-    /// `DK_DIVERGENCE_JSD_STASH=0`, over the teacher's slice when its elements are 4 bytes;
-    /// [`Stash::Exp`] under `DK_DIVERGENCE_JSD_STASH=exp`.
-    pub(crate) fn for_rows(jsd_grad: bool, teacher_bytes: usize) -> Stash {
+    /// The stash of a staged launch: for JSD (`jsd`), [`Stash::Exp`] under
+    /// `DK_DIVERGENCE_JSD_STASH=exp`, with a gradient (`grad`) or without; else with a gradient
+    /// log2(q/m) unless `DK_DIVERGENCE_JSD_STASH=0`, over the teacher's slice when its elements
+    /// are 4 bytes; nothing for the KL kinds or a forward-only JSD by default.
+    pub(crate) fn for_rows(jsd: bool, grad: bool, teacher_bytes: usize) -> Stash {
         match crate::switches::value("DK_DIVERGENCE_JSD_STASH") {
-            _ if !jsd_grad => Stash::Off,
+            _ if !jsd => Stash::Off,
             Some("0") => Stash::Off,
             Some("exp") => Stash::Exp,
-            _ => Stash::log_ratio_for(teacher_bytes),
+            _ if grad => Stash::log_ratio_for(teacher_bytes),
+            _ => Stash::Off,
         }
     }
 
@@ -329,12 +332,14 @@ impl Stash {
         }
     }
 
-    /// What to try where this stash fits no cluster: [`Stash::Exp`] falls back to version 10's,
-    /// that to none; None where nothing smaller exists (the rows fit no cluster at all).
-    pub(crate) fn smaller(self, teacher_bytes: usize) -> Option<Stash> {
+    /// What to try where this stash fits no cluster: [`Stash::Exp`] falls back to version 10's
+    /// with a gradient (`grad`) and to none without (log2(q/m) serves only the gradient
+    /// pass), version 10's to none; None where nothing smaller exists (the rows fit no cluster
+    /// at all).
+    pub(crate) fn smaller(self, grad: bool, teacher_bytes: usize) -> Option<Stash> {
         match self {
-            Stash::Exp => Some(Stash::log_ratio_for(teacher_bytes)),
-            Stash::Slice => Some(Stash::Off),
+            Stash::Exp if grad => Some(Stash::log_ratio_for(teacher_bytes)),
+            Stash::Exp | Stash::Slice => Some(Stash::Off),
             Stash::OverTeacher | Stash::Off => None,
         }
     }
@@ -406,7 +411,7 @@ pub(crate) fn staged_grid(
     stream: &Arc<CudaStream>,
     (n, v): (usize, usize),
     elem_bytes: (usize, usize),
-    stash: Stash,
+    stash: (Stash, bool),
     sm_count: usize,
 ) -> Result<Option<StagedShape>> {
     stream.context().bind_to_thread()?;
@@ -431,12 +436,12 @@ pub(crate) fn staged_grid(
 fn staged_choice(
     (n, v): (usize, usize),
     (student_bytes, teacher_bytes): (usize, usize),
-    stash: Stash,
+    (stash, grad): (Stash, bool),
     (sm_count, forced): (usize, Option<usize>),
     placed: impl Fn(usize, usize) -> usize,
 ) -> Option<StagedShape> {
     let pair_bytes = student_bytes + teacher_bytes;
-    let chain = std::iter::successors(Some(stash), |s| s.smaller(teacher_bytes));
+    let chain = std::iter::successors(Some(stash), |s| s.smaller(grad, teacher_bytes));
     let at_forced = chain.clone().filter_map(|s| forced.map(|c| (c, s)));
     let own =
         chain.filter_map(|s| staged_cluster_size(n, v, pair_bytes, s, sm_count).map(|c| (c, s)));
@@ -739,7 +744,8 @@ mod tests {
         let any = |_: usize, _: usize| 8;
         let no16 = |c: usize, _: usize| if c == 16 { 0 } else { 8 };
         let pick = |v, elem, stash, forced, placed: &dyn Fn(usize, usize) -> usize| {
-            staged_choice((4096, v), elem, stash, (sms, forced), placed).map(|s| (s.c, s.stash))
+            staged_choice((4096, v), elem, (stash, true), (sms, forced), placed)
+                .map(|s| (s.c, s.stash))
         };
         let bf16 = (2, 2);
         let f32 = (4, 4);
@@ -806,9 +812,19 @@ mod tests {
         );
         assert_eq!(pick(262144, bf16, Stash::Slice, None, &no16), None);
         // The clusters never exceed the rows, and the shared memory is the chosen stash's.
-        let short = staged_choice((3, 151936), bf16, Stash::Exp, (sms, None), any).unwrap();
+        let short = staged_choice((3, 151936), bf16, (Stash::Exp, true), (sms, None), any);
+        let short = short.unwrap();
         assert_eq!(short.clusters, 3);
         assert_eq!(short.smem, staged_smem_bytes(151936, 16, 4, Stash::Exp));
+        // Forward only (version 12), the kept exponentials fall back to no stash at all: the
+        // log ratio serves only the gradient pass.
+        let forward = |v, elem| {
+            staged_choice((4096, v), elem, (Stash::Exp, false), (sms, None), any)
+                .map(|s| (s.c, s.stash))
+        };
+        assert_eq!(forward(151936, bf16), Some((16, Stash::Exp)));
+        assert_eq!(forward(262144, bf16), Some((16, Stash::Off)));
+        assert_eq!(forward(200064, f32), Some((16, Stash::Off)));
     }
 
     #[test]

@@ -683,7 +683,7 @@ impl<'d> RowKernels<'d> {
     ) -> Result<Option<u64>> {
         let instead = "the one-block kernel (G over S)";
         // S and T are f32: JSD's stash goes over T's slice.
-        let stash = cluster::Stash::for_rows(self.fwd_multi_pass, 4);
+        let stash = cluster::Stash::for_rows(self.fwd_multi_pass, args.grad != 0, 4);
         let launch = ((4, 4), stash, Some(&inv_cap));
         let queued = self.queue_staged((f, name), stream, args, launch, instead)?;
         Ok(queued.then_some(args.grad))
@@ -797,7 +797,7 @@ impl<'d> RowKernels<'d> {
             return Ok(false);
         }
         // JSD (the kind with a pass after the statistics) keeps log2(q/m) for its gradient.
-        let stash = cluster::Stash::for_rows(self.fwd_multi_pass && args.grad != 0, tb);
+        let stash = cluster::Stash::for_rows(self.fwd_multi_pass, args.grad != 0, tb);
         self.queue_staged(
             (f, name),
             stream,
@@ -821,6 +821,7 @@ impl<'d> RowKernels<'d> {
         instead: &str,
     ) -> Result<bool> {
         let (n, v) = (args.n as usize, args.v as usize);
+        let stash = (stash, args.grad != 0);
         let Some(shape) =
             cluster::staged_grid(f, stream, (n, v), elem_bytes, stash, self.sm_count)?
         else {

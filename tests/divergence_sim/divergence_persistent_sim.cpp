@@ -212,12 +212,14 @@ int main() {
   if (staged) {
     // The kernels' scratch, then two buffers of both inputs' slices, then the JSD stash's slice
     // when it is kept (DK_ARGS_STASH_JSD, a gradient) and the teacher's is not f32
-    // (staged_smem_bytes in src/divergence/cluster.rs).
+    // (staged_smem_bytes in src/divergence/cluster.rs); with DK_ARGS_STASH_JSD_EXP, two f32
+    // slices whatever the teacher, with a gradient or forward only (version 12).
     const int64_t slice = dk::divergence::cluster_slice(static_cast<int>(a.v), cluster);
-    // (DK_ARGS_STASH_JSD_EXP as well: two f32 slices, whatever the teacher).
     const bool stash = (a.options & DK_ARGS_STASH_JSD) != 0 && grad_mode != 0;
-    const int64_t stash_bytes =
-        !stash ? 0 : (a.options & DK_ARGS_STASH_JSD_EXP) != 0 ? 8 : tb == 2 ? 4 : 0;
+    const int64_t stash_bytes = (a.options & DK_ARGS_STASH_JSD_EXP) != 0 ? 8
+                                : !stash                                ? 0
+                                : tb == 2                               ? 4
+                                                                        : 0;
     const int64_t need = dk::divergence::kClusterScratchBytes + slice * (2 * (sb + tb) + stash_bytes);
     if (smem != need)
       sim::fail("%u bytes of dynamic shared memory for %s, the launcher gives %ld", smem,
