@@ -32,8 +32,10 @@
 // pass → block sums → slot → barrier → sum_slots) → gradient pass from shared memory, 16-byte
 // stores. JSD with a gradient (DK_ARGS_STASH_JSD; version 10): the mixture pass keeps each
 // entry's log2(q/m) and the gradient pass reads it instead of forming it again, bitwise the
-// same values for one exponential per element instead of three transcendental operations
-// (version 11, DK_ARGS_STASH_JSD_EXP: the statistics pass keeps the exponentials too).
+// same values for one exponential per element instead of three transcendental operations.
+// DK_ARGS_STASH_JSD_EXP (versions 11 and 12, with a gradient or forward only): the statistics
+// pass keeps the exponentials, so that the mixture pass forms no p or q and the gradient pass
+// spends no MUFU operation.
 // Slots are double-buffered by barrier phase: slot[p & 1] is written before barrier p and read
 // by every block after it; its next write comes before barrier p + 2, after barrier
 // p + 1, which no block passes before every block has arrived there, i.e. has consumed its
@@ -270,9 +272,10 @@ struct KeepExpStatsPass {
 // thread's factor to the row's maxima and sums (qt likewise), p = 2^X_thread · pt and
 // q = 2^Y_thread · qt, so the thread's Σ p·log2(p/m) is pt · Σ 2^X_thread · log2(p/m): the pass
 // sums the kept exponentials against the log ratios (one FFMA each) and the caller applies pt
-// and qt once (`sums`). The log ratios come from w = k·(s − t) + cw (Row::mixture_w_of, version
-// 12: no X or Y is formed). log2(q/m) is kept over 2^X_thread (read first). Identical rows still
-// give log ratios of exactly 0, hence a loss and gradient of exactly 0.
+// and qt once (`sums`). The log ratios come from w = ((s − Ms) − (t − Mt))·k + c2
+// (Row::mixture_w_of, version 12: no X or Y is formed). log2(q/m) is kept over 2^X_thread (read
+// first). Identical rows still give log ratios of exactly 0, hence a loss and gradient of
+// exactly 0.
 template <bool kSeries>
 struct KeptJsdPass {
   Row row;

@@ -572,9 +572,9 @@ phase_benches() {
   run_step dk-bench-staged-nostash 30 0 env DK_DIVERGENCE_CLUSTER=staged DK_DIVERGENCE_JSD_STASH=0 \
     "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 4096 --vocab 151936,202048 \
     --kinds jsd --passes fwd+bwd
-  # Versions 11-12 (opt-in): the statistics pass keeps the exponentials too (4 MUFU and ~43
+  # Versions 11-12 (opt-in): the statistics pass keeps the exponentials too (4 MUFU and ~45
   # instructions per element; C = 16 at both vocabularies, 16 bytes per slice element), forward
-  # only too (~37 instructions and 4 MUFU per element, against version 9's 43 and 6.25).
+  # only too (~39 instructions and 4 MUFU per element, against version 9's 43 and 6.25).
   run_step dk-bench-staged-exp 40 0 env DK_DIVERGENCE_CLUSTER=staged DK_DIVERGENCE_JSD_STASH=exp \
     "$dk" bench --device cuda --ops divergence --dtype bf16 --rows 4096 --vocab 151936,202048 \
     --kinds jsd --passes fwd+bwd,fwd

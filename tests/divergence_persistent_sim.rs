@@ -933,14 +933,17 @@ fn persistent_kernels_match_the_cpu_backend() {
 /// two rows in shared memory, copying the next while it computes the current) on the same
 /// cases, at their one block shape (512 threads); the descending run lands the cp.async copies
 /// late (at the wait that forces them), so a read of a chunk before its copy is waited for is
-/// an error there.
+/// an error there. Every third case has a row with a whole side at finfo.min.
 #[test]
 fn staged_kernels_match_the_cpu_backend() {
     let Some(exe) = simulator() else {
         return;
     };
     let mut rng = Rng::fresh(&format!("{TEST}-staged"));
-    let cases: Vec<SimCase> = cases(&mut rng).into_iter().map(staged).collect();
+    let mut cases: Vec<SimCase> = cases(&mut rng).into_iter().map(staged).collect();
+    for (i, sc) in cases.iter_mut().enumerate().filter(|(i, _)| i % 3 == 0) {
+        finite_mask_side(&mut sc.case, i % 2 == 0);
+    }
     run_cases_parallel(TEST, cases.len(), |i| {
         (cases[i].what(), check_case(&exe, &cases[i]))
     });
@@ -961,6 +964,37 @@ fn staged(sc: SimCase) -> SimCase {
         stash,
         ..sc
     }
+}
+
+/// The most negative finite value of a dtype: the mask of `masked_fill(mask,
+/// torch.finfo(dtype).min)`.
+fn finfo_min(d: DType) -> f64 {
+    match d {
+        DType::F32 => f32::MIN as f64,
+        DType::BF16 => half::bf16::MIN.to_f64(),
+        DType::F16 => half::f16::MIN.to_f64(),
+    }
+}
+
+/// Fills one side (the teacher's, or the student's) of the case's first row that is not
+/// ignored with its dtype's finite minimum, over whatever the row held.
+fn finite_mask_side(case: &mut Case, teacher: bool) {
+    let ii = case.params.ignore_index;
+    let n = case.student.rows;
+    let Some(r) = (0..n).find(|&r| case.labels.as_ref().map_or(true, |l| l[r] != ii)) else {
+        return;
+    };
+    let side = if teacher {
+        &mut case.teacher
+    } else {
+        &mut case.student
+    };
+    let m = finfo_min(side.dtype);
+    side.row_mut(r).fill(m);
+    case.what += &format!(
+        " {} row {r} at finfo.min",
+        if teacher { "teacher" } else { "student" }
+    );
 }
 
 /// `sc` without its gradient: forward only (`args.grad` = 0).
@@ -993,8 +1027,11 @@ fn staged_jsd_cases(rng: &mut Rng, stash: Stash) -> Vec<SimCase> {
 /// relative to them in two f32 slices, the mixture sums from those and the thread's factors,
 /// the gradient from 2^Y and log2(q/m) kept over 2^X) on the JSD cases with a gradient, and
 /// every other one of them forward only (version 12), checked like
-/// `staged_kernels_match_the_cpu_backend` (both orders, against the CPU backend). Its values
-/// round differently from version 10's, so this is the check, not bitwise equality.
+/// `staged_kernels_match_the_cpu_backend` (both orders, against the CPU backend). In every
+/// case one row has a whole side at the dtype's finite minimum (`torch.finfo(dtype).min`
+/// masks: that side is then uniform, and version 12's w must not lose the other side's logits
+/// to the far maximum). Its values round differently from version 10's, so this is the check,
+/// not bitwise equality.
 #[test]
 fn staged_jsd_kept_exponentials_match_the_cpu_backend() {
     let Some(exe) = simulator() else {
@@ -1004,6 +1041,9 @@ fn staged_jsd_kept_exponentials_match_the_cpu_backend() {
     let mut cases = staged_jsd_cases(&mut rng, Stash::Exp);
     let forward: Vec<SimCase> = cases.iter().step_by(2).map(forward_only).collect();
     cases.extend(forward);
+    for (i, sc) in cases.iter_mut().enumerate() {
+        finite_mask_side(&mut sc.case, i % 2 == 0);
+    }
     run_cases_parallel(TEST, cases.len(), |i| {
         (cases[i].what(), check_case(&exe, &cases[i]))
     });
@@ -1526,11 +1566,13 @@ fn on_staged(c: FusedSimCase, stash: Stash) -> FusedSimCase {
     }
 }
 
-/// The JSD cases with G of `fused_cases` on the staged kernel with `stash`.
-fn fused_staged_jsd_cases(rng: &mut Rng, stash: Stash) -> Vec<FusedSimCase> {
+/// The JSD cases of `fused_cases` on the staged kernel with `stash`: those with G, and with
+/// `forward` the forward-only ones too.
+fn fused_staged_jsd_cases(rng: &mut Rng, stash: Stash, forward: bool) -> Vec<FusedSimCase> {
     let cases: Vec<FusedSimCase> = fused_cases(rng)
         .into_iter()
-        .filter(|c| effective_kind(c.p.kind, c.p.beta) == Kind::Jsd && c.place != GPlace::None)
+        .filter(|c| effective_kind(c.p.kind, c.p.beta) == Kind::Jsd)
+        .filter(|c| forward || c.place != GPlace::None)
         .map(|c| on_staged(c, stash))
         .collect();
     assert!(cases.len() >= 6, "{} fused JSD cases", cases.len());
@@ -1552,9 +1594,17 @@ fn fused_staged_kernels_write_g_over_s() {
     let cases: Vec<FusedSimCase> = fused_cases(&mut rng)
         .into_iter()
         .map(|c| {
-            // As the launcher: JSD keeps log2(q/m) over T's slice.
-            let jsd = effective_kind(c.p.kind, c.p.beta) == Kind::Jsd;
-            on_staged(c, if jsd { Stash::LogRatio } else { Stash::Off })
+            // As the launcher: JSD with G keeps log2(q/m) over T's slice; forward only, nothing.
+            let jsd_grad =
+                effective_kind(c.p.kind, c.p.beta) == Kind::Jsd && c.place != GPlace::None;
+            on_staged(
+                c,
+                if jsd_grad {
+                    Stash::LogRatio
+                } else {
+                    Stash::Off
+                },
+            )
         })
         .collect();
     run_cases_parallel(TEST, cases.len(), |i| {
@@ -1575,7 +1625,7 @@ fn fused_staged_jsd_stash_changes_no_bit() {
         return;
     };
     let mut rng = Rng::fresh("fused_staged_jsd_stash_changes_no_bit");
-    let cases = fused_staged_jsd_cases(&mut rng, Stash::LogRatio);
+    let cases = fused_staged_jsd_cases(&mut rng, Stash::LogRatio, false);
     run_cases_parallel(TEST, cases.len(), |i| {
         let on = &cases[i];
         let result = (|| {
@@ -1602,15 +1652,16 @@ fn fused_staged_jsd_stash_changes_no_bit() {
     });
 }
 
-/// The fused staged JSD kernels with the exponentials kept (version 11) on the JSD cases with
-/// G of `fused_cases`, G over S's own rows: `fused_staged_kernels_write_g_over_s`'s checks.
+/// The fused staged JSD kernels with the exponentials kept (versions 11 and 12) on the JSD
+/// cases of `fused_cases`, G over S's own rows or forward only (version 12):
+/// `fused_staged_kernels_write_g_over_s`'s checks.
 #[test]
 fn fused_staged_jsd_kept_exponentials_write_g_over_s() {
     let Some(exe) = simulator() else {
         return;
     };
     let mut rng = Rng::fresh("fused_staged_jsd_kept_exponentials_write_g_over_s");
-    let cases = fused_staged_jsd_cases(&mut rng, Stash::Exp);
+    let cases = fused_staged_jsd_cases(&mut rng, Stash::Exp, true);
     run_cases_parallel(TEST, cases.len(), |i| {
         let c = &cases[i];
         (

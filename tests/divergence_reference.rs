@@ -614,6 +614,41 @@ fn masked_entries_check(name: &str, mask: fn(DType) -> f64) {
 }
 
 #[test]
+fn whole_sides_at_finfo_min_are_uniform() {
+    // A row whose whole side is torch.finfo(dtype).min (every entry masked with
+    // `masked_fill`) is a uniform distribution on that side, not a masked one: the value is
+    // finite. Its maximum is then ≈ −3.4e38 (f32), where max + ln Σ rounds back to max in f64,
+    // so a log-softmax formed as x − (max + ln Σ) loses ln V (the CPU backend did, until
+    // 2026-11-29: losses off by O(1)); the naive reference forms (x − max) − ln Σ. Row 0: the
+    // teacher side; row 1: the student side; row 2: both (two uniform rows: loss 0); row 3
+    // untouched.
+    let name = "whole_sides_at_finfo_min_are_uniform";
+    let mut rng = Rng::fresh(name);
+    for dev in devices(name) {
+        for kind in kinds() {
+            for (s, t) in dtype_pairs() {
+                let (n, v) = (4, 203);
+                let mut case = Case::random(&mut rng, n, v, s, t, kind);
+                case.teacher.row_mut(0).fill(finfo_min(t));
+                case.student.row_mut(1).fill(finfo_min(s));
+                case.teacher.row_mut(2).fill(finfo_min(t));
+                case.student.row_mut(2).fill(finfo_min(s));
+                case.what += " whole sides at finfo.min";
+                let (out, _) = run_checked(&dev, &case);
+                let pt = out.per_token.unwrap();
+                // Not treated as masked rows (loss 0): a random row against a uniform one.
+                assert!(pt[0] > 0.0 && pt[1] > 0.0, "{}: {pt:?}", case.what);
+                assert!(
+                    pt[2].abs() <= 1e-12,
+                    "{}: two uniform rows: {pt:?}",
+                    case.what
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn agreeing_distributions_give_exactly_zero() {
     // Rows whose teacher is the student (same dtype, same bits), and one-entry rows (any two
     // logits: both distributions are [1]): the divergence is 0 and so is the gradient. The

@@ -538,6 +538,31 @@ fn kernel_math_masks_of_finfo_min_are_finite_like_masks_of_minus_infinity() {
 }
 
 #[test]
+fn kernel_math_whole_sides_at_finfo_min_are_uniform() {
+    // A whole side at finfo.min (every entry masked with masked_fill) is a uniform distribution:
+    // the kernels' exponents relative to the side's maximum are exactly 0 there, and the f64
+    // reference forms (x − max) − ln Σ, which keeps ln V at a maximum of −3.4e38.
+    let Some(exe) = simulator() else { return };
+    let mut rng = Rng::fresh("kernel_sim_finfo_min_sides");
+    let mut cases = Vec::new();
+    for &(kind, beta) in &KINDS {
+        for &temperature in &[1.0f32, 0.5] {
+            for teacher in [true, false] {
+                let mut c = random_case(&mut rng, kind, beta, temperature, 1000, true);
+                let side = if teacher { &mut c.t } else { &mut c.s };
+                side.fill(FINFO_MINS[rng.below(0, 2)]);
+                cases.push(c);
+            }
+        }
+    }
+    add_cluster_variants(&mut rng, &mut cases);
+    for (model, outs) in run_sim_models(&exe, &cases) {
+        let what = format!("whole sides at finfo.min [{model}]");
+        check_rows(&cases, &outs, &what, 1e-5, row_slack(model));
+    }
+}
+
+#[test]
 fn kernel_math_mass_below_f32_range_against_a_masked_entry_is_infinite() {
     // Forward KL: the teacher has mass e^-95 (relative to its maximum; 0 in f32, not in f64)
     // on an entry the student masks: KL(p || q) = +inf, as the f64 reference says. Reverse KL

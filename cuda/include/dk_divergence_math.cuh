@@ -208,9 +208,8 @@ DK_UNROLL
 struct Row {
   float k, nmt, nms, inv_st, inv_ss, log_ratio;
   // JSD: c2 = B2 − R2 (w = d + c2; kSeries: c2 = −R2, z = d + c2), pos = max(B2, 0),
-  // neg = max(−B2, 0) (B2 = pos − neg exactly), tail0 = tail(B2), cw = c2 + k·(nms − nmt)
-  // (mixture_w_of).
-  float c2, pos, neg, tail0, cw;
+  // neg = max(−B2, 0) (B2 = pos − neg exactly), tail0 = tail(B2).
+  float c2, pos, neg, tail0;
 
   static constexpr float kWClamp = 1024.f;
 
@@ -231,17 +230,21 @@ struct Row {
   // w of an entry, clamped (see above; fminf / fmaxf also turn a NaN d into a finite w).
   DK_HD float mixture_w(float d) const { return clamp_w(d + c2); }
 
-  // mixture_w(d) from the entry's logits alone, as k·(s − t) + cw: one FADD and one FFMA where
-  // d + c2 takes two rounded products and three additions. For the staged kernels' kept
-  // exponentials (cuda/DIVERGENCE.md, version 12), which need neither X nor Y otherwise. Not
-  // bitwise d + c2, and no less accurate: s − t is exact for close logits (where d rounds X and
-  // Y, each up to 2^-24 of its size), and cw's own rounding shifts every w of the row alike,
-  // which moves neither the JSD terms (their derivative in w is 0 at fixed p and q:
-  // β·p·∂(log2 p/m)/∂w + (1−β)·q·∂(log2 q/m)/∂w = −β(1−β)pq/m + β(1−β)pq/m) nor the
-  // gradient (the row's center moves with it). Identical rows still give w = B2 (kSeries:
-  // z = 0) exactly: s − t = 0 and, with equal maxima and sums, cw = c2 = B2 (−R2 = 0).
-  // Masked entries: s − t is ±inf or NaN (both sides masked), clamped as mixture_w clamps d.
-  DK_HD float mixture_w_of(float s, float t) const { return clamp_w(fmaf(s - t, k, cw)); }
+  // mixture_w(d) from the entry's logits alone, as ((s − Ms) − (t − Mt))·k + c2 with one FFMA:
+  // three FADDs and an FFMA where d + c2 takes two rounded products and three additions. For
+  // the staged kernels' kept exponentials (cuda/DIVERGENCE.md, version 12), which need neither
+  // X nor Y otherwise. Not bitwise d + c2, and as accurate: the shifted logits are exact near
+  // their maxima, where the probability is, and one rounding of their difference replaces the
+  // two of X and Y. The shifts come first because the rows' maxima may lie far apart: k·(s − t)
+  // plus a row constant k·(Mt − Ms) + c2 would round both to the size of Mt − Ms (a gradient
+  // off by 1e-4 relative at an offset of 1e3), and overflow where a whole side sits at a
+  // finite mask (torch.finfo.min: Mt = −FLT_MAX), losing the student's logits from w
+  // altogether (a review's finding). Exactly B2 (kSeries: z = 0) where an entry's shifted
+  // logits agree: identical rows, and one-entry rows. Masked entries (±inf or NaN, or a
+  // finite mask against a finite logit) are clamped as mixture_w clamps d.
+  DK_HD float mixture_w_of(float s, float t) const {
+    return clamp_w(fmaf((s + nms) - (t + nmt), k, c2));
+  }
 
   // Clamps w to ±kWClamp; fminf / fmaxf also turn a NaN into −kWClamp.
   static DK_HD float clamp_w(float w) { return fminf(fmaxf(w, -kWClamp), kWClamp); }
@@ -294,7 +297,7 @@ DK_HD float exp2_scale(float inv_t) { return inv_t * 1.4426950408889634f; }
 template <Kind K, bool kSeries = false>
 DK_HD Row row_of(const RowStats<K>& st, float inv_t, float beta) {
   Row r{exp2_scale(inv_t), -st.mt, -st.ms, 1.f / st.st, 1.f / st.ss, logf(st.ss / st.st),
-        0.f, 0.f, 0.f, 0.f, 0.f};
+        0.f, 0.f, 0.f, 0.f};
   if (K == Kind::Jsd) {
     // β in (0, 1): the launchers run β = 0 and 1 as the KL kinds (Params::effective_kind).
     const float b2 = log2f(1.f - beta) - log2f(beta);
@@ -303,7 +306,6 @@ DK_HD Row row_of(const RowStats<K>& st, float inv_t, float beta) {
     r.pos = fmaxf(b2, 0.f);
     r.neg = fmaxf(-b2, 0.f);
     r.tail0 = Row::softplus2_tail<kSeries>(b2);
-    r.cw = fmaf(r.k, r.nms - r.nmt, r.c2);  // exactly c2 where the maxima agree
   }
   return r;
 }

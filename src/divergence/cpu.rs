@@ -34,20 +34,41 @@ pub fn row_divergence(
     })
 }
 
-/// The log-sum-exp of `x` and Σ e^(x − max), with `e[i] = e^(x[i] − max)` left in `e` (untouched
-/// when the max is −inf or NaN, whose lse is that max).
-fn log_sum_exp(x: &[f64], e: &mut Vec<f64>) -> (f64, f64) {
-    let m = x.iter().fold(
+/// A row's softmax normaliser: its maximum `max` and `sum` = Σ e^(x − max), with
+/// `e[i] = e^(x[i] − max)` left in the caller's buffer.
+struct Normaliser {
+    max: f64,
+    sum: f64,
+}
+
+impl Normaliser {
+    /// The log-sum-exp, max + ln(sum): NaN for a NaN row, −inf for one with nothing finite.
+    fn lse(&self) -> f64 {
+        self.max + self.sum.ln()
+    }
+
+    /// log softmax of an entry x: (x − max) − ln(sum). Not x − lse: where the maximum is huge
+    /// (a whole row at a finite mask, torch.finfo(dtype).min ≈ −3.4e38), max + ln(sum) rounds
+    /// back to max and the entries would lose ln(sum) entirely; x − max is exact there.
+    fn log_prob(&self, x: f64) -> f64 {
+        (x - self.max) - self.sum.ln()
+    }
+}
+
+/// The normaliser of `x`, with `e[i] = e^(x[i] − max)` left in `e` (untouched when the max is
+/// −inf or NaN: the sum is then 0 and the lse that max).
+fn log_sum_exp(x: &[f64], e: &mut Vec<f64>) -> Normaliser {
+    let max = x.iter().fold(
         f64::NEG_INFINITY,
         |m, &v| if v > m || v.is_nan() { v } else { m },
     );
-    if m == f64::NEG_INFINITY || m.is_nan() {
-        return (m, 0.0);
+    if max == f64::NEG_INFINITY || max.is_nan() {
+        return Normaliser { max, sum: 1.0 };
     }
     e.clear();
-    e.extend(x.iter().map(|&v| (v - m).exp()));
+    e.extend(x.iter().map(|&v| (v - max).exp()));
     let sum = e.iter().sum::<f64>();
-    (m + sum.ln(), sum)
+    Normaliser { max, sum }
 }
 
 fn row_divergence_with(
@@ -59,7 +80,8 @@ fn row_divergence_with(
     eb: &mut Vec<f64>,
     ea: &mut Vec<f64>,
 ) -> f64 {
-    let ((lzs, ss), (lzt, st)) = (log_sum_exp(b, eb), log_sum_exp(a, ea));
+    let (zs, zt) = (log_sum_exp(b, eb), log_sum_exp(a, ea));
+    let (lzs, lzt, ss, st) = (zs.lse(), zt.lse(), zs.sum, zt.sum);
     if lzs.is_nan() || lzt.is_nan() || lzs == f64::INFINITY || lzt == f64::INFINITY {
         if let Some(g) = grad {
             g.fill(f64::NAN);
@@ -75,8 +97,8 @@ fn row_divergence_with(
     // log p, log q and p, q for entry i; masked entries give log = −inf and prob = 0. p and q
     // are e^(x − max) / Σ e^(x − max), from the log-sum-exp pass.
     let (inv_st, inv_ss) = (1.0 / st, 1.0 / ss);
-    let lp = |i: usize| a[i] - lzt;
-    let lq = |i: usize| b[i] - lzs;
+    let lp = |i: usize| zt.log_prob(a[i]);
+    let lq = |i: usize| zs.log_prob(b[i]);
     let p = |i: usize| ea[i] * inv_st;
     let q = |i: usize| eb[i] * inv_ss;
     let (lb, l1b) = (beta.ln(), (-beta).ln_1p());

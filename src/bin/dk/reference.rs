@@ -15,8 +15,10 @@ fn log_softmax(x: &[f64]) -> Option<(Vec<f64>, Vec<f64>)> {
     if m == f64::NEG_INFINITY {
         return None;
     }
-    let lse = m + x.iter().map(|&v| (v - m).exp()).sum::<f64>().ln();
-    let logp: Vec<f64> = x.iter().map(|&v| v - lse).collect();
+    // (v − m) − ln Σ, not v − (m + ln Σ): where a whole row sits at a finite mask (m ≈ −3.4e38)
+    // m + ln Σ rounds back to m.
+    let ln_sum = x.iter().map(|&v| (v - m).exp()).sum::<f64>().ln();
+    let logp: Vec<f64> = x.iter().map(|&v| (v - m) - ln_sum).collect();
     let p = logp.iter().map(|l| l.exp()).collect();
     Some((logp, p))
 }
