@@ -46,8 +46,9 @@ def _log_softmax(x):
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         m = np.max(x, axis=1, keepdims=True)
         m = np.where(np.isfinite(m), m, 0.0)
-        lse = m + np.log(np.sum(np.exp(x - m), axis=1, keepdims=True))
-        return x - lse
+        # (x - m) - log(sum), not x - (m + log(sum)): at m = finfo.min (a whole row masked with
+        # it) m + log(sum) rounds back to m.
+        return (x - m) - np.log(np.sum(np.exp(x - m), axis=1, keepdims=True))
 
 
 def _xlogy_diff(x, d):
@@ -374,6 +375,35 @@ def test_masked_entries(kind, beta, dtype):
         assert rel_err(g[row, keep], grad[0]) <= tol_grad, row
     # ... and the whole call equals the reference with the same masks.
     run_and_check(s, t, kind=kind, beta=beta, reduction="sum")
+
+
+@pytest.mark.parametrize("kind,beta", KIND_BETAS)
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
+def test_whole_sides_at_finfo_min_are_uniform(kind, beta, dtype):
+    """A side masked entirely with finfo(dtype).min (masked_fill over the whole row) is a uniform
+    distribution, as a row of zeros is: the same bits of loss and gradient. (The CPU backend
+    formed log p = x - (max + ln sum) until 2026-11-29, which at max = -3.4e38 rounds to x - max
+    and loses ln V: losses off by O(1).) Row 0: the teacher side, row 1: the student side, row
+    2: both."""
+    rng = np.random.default_rng(41)
+    d = DTYPES[dtype]
+    n, v = 3, 150
+    s, t = logits(rng, (n, v), d), logits(rng, (n, v), d)
+    lo = ml_dtypes.finfo(d).min
+    masked = (s.copy(), t.copy())
+    zeros = (s.copy(), t.copy())
+    for (ss, tt), fill in ((masked, lo), (zeros, 0)):
+        tt[0] = fill
+        ss[1] = fill
+        ss[2] = fill
+        tt[2] = fill
+    r = dk.divergence(*masked, kind=kind, beta=beta)
+    z = dk.divergence(*zeros, kind=kind, beta=beta)
+    np.testing.assert_array_equal(r.per_token, z.per_token)
+    np.testing.assert_array_equal(r.grad.astype(np.float64), z.grad.astype(np.float64))
+    assert r.per_token[0] > 0.0 and r.per_token[1] > 0.0  # not treated as masked rows
+    # ... and both agree with the reference computed from the masked logits themselves.
+    run_and_check(*masked, kind=kind, beta=beta)
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
