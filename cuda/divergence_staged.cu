@@ -442,6 +442,8 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
       // A side with no finite entry has no distribution: loss 0, gradient 0.
       const bool live = !st.empty();
       const Row r = row_of<K, kSeries>(st, a.inv_temperature, beta);
+      // keep_exp: the thread's factors from its own maxima to the row's (mixture and gradient).
+      const float to_row_t = rescale2(mine.mt, st.mt, k), to_row_s = rescale2(mine.ms, st.ms, k);
       float loss = 0.f, center = 0.f;
       if (!kJsd && live) loss = kl_loss(st, r, &center);
       if (kJsd) {
@@ -456,8 +458,7 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
         if (live && keep_exp) {
           KeptJsdPass<kSeries> jp{r, kept_t, kept_s, slice};
           staged_pass(ss, ts, len, slice, jp);
-          const float2 t = jp.sums(rescale2(mine.mt, st.mt, k) * r.inv_st,
-                                   rescale2(mine.ms, st.ms, k) * r.inv_ss);
+          const float2 t = jp.sums(to_row_t * r.inv_st, to_row_s * r.inv_ss);
           pm = t.x;
           qm = t.y;
         } else if (live && stash) {
@@ -487,7 +488,7 @@ __device__ __forceinline__ void staged_rows(const DkDivergenceArgs& a, float inv
               grad_row_of<K, kSeries>(r, center, beta, grad_scale(walk.gfactor, loss));
           if (keep_exp) {  // from the kept 2^Y_thread and log2(q/m)
             GradRow gk = gr;
-            gk.gq = mul_rn(gr.gq, rescale2(mine.ms, st.ms, k));
+            gk.gq = mul_rn(gr.gq, to_row_s);
             KeptJsdGradPass<TS, GradOut, kFused> gp{gk, g, inv_cap, ss, slice};
             staged_pass(static_cast<const float*>(kept_s), static_cast<const float*>(kept_t), len,
                         slice, gp);

@@ -966,16 +966,6 @@ fn staged(sc: SimCase) -> SimCase {
     }
 }
 
-/// The most negative finite value of a dtype: the mask of `masked_fill(mask,
-/// torch.finfo(dtype).min)`.
-fn finfo_min(d: DType) -> f64 {
-    match d {
-        DType::F32 => f32::MIN as f64,
-        DType::BF16 => half::bf16::MIN.to_f64(),
-        DType::F16 => half::f16::MIN.to_f64(),
-    }
-}
-
 /// Fills one side (the teacher's, or the student's) of the case's first row that is not
 /// ignored with its dtype's finite minimum, over whatever the row held.
 fn finite_mask_side(case: &mut Case, teacher: bool) {
@@ -1597,14 +1587,12 @@ fn fused_staged_kernels_write_g_over_s() {
             // As the launcher: JSD with G keeps log2(q/m) over T's slice; forward only, nothing.
             let jsd_grad =
                 effective_kind(c.p.kind, c.p.beta) == Kind::Jsd && c.place != GPlace::None;
-            on_staged(
-                c,
-                if jsd_grad {
-                    Stash::LogRatio
-                } else {
-                    Stash::Off
-                },
-            )
+            let stash = if jsd_grad {
+                Stash::LogRatio
+            } else {
+                Stash::Off
+            };
+            on_staged(c, stash)
         })
         .collect();
     run_cases_parallel(TEST, cases.len(), |i| {

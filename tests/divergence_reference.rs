@@ -547,16 +547,6 @@ fn mask_sides(p: &Params) -> (bool, bool) {
     }
 }
 
-/// The most negative finite value of a dtype: the mask of `masked_fill(mask,
-/// torch.finfo(dtype).min)`, which Hugging Face code uses instead of −inf.
-fn finfo_min(d: DType) -> f64 {
-    match d {
-        DType::F32 => f32::MIN as f64,
-        DType::BF16 => half::bf16::MIN.to_f64(),
-        DType::F16 => half::f16::MIN.to_f64(),
-    }
-}
-
 #[test]
 fn masked_entries_contribute_nothing() {
     masked_entries_check("masked_entries_contribute_nothing", |_| f64::NEG_INFINITY);

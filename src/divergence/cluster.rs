@@ -404,8 +404,10 @@ pub(crate) struct StagedShape {
 
 /// The staged variant's shape ([`staged_choice`] on this card, under
 /// `DK_DIVERGENCE_CLUSTER_SIZE`): cluster size, clusters (as many as the card runs at once, at
-/// most one per row), shared memory per block and stash. None when no size and stash fit the
-/// rows or the card places no cluster of those that do.
+/// most one per row), shared memory per block and stash. `stash`: the stash asked for and
+/// whether the launch has a gradient pass (which decides the smaller stashes to fall back to,
+/// [`Stash::smaller`]). None when no size and stash fit the rows or the card places no cluster
+/// of those that do.
 pub(crate) fn staged_grid(
     f: &CudaFunction,
     stream: &Arc<CudaStream>,
@@ -427,7 +429,7 @@ pub(crate) fn staged_grid(
 }
 
 /// [`staged_grid`]'s choice, with `placed(c, smem)` the clusters of that shape the card runs at
-/// once. Candidates, in order, each taken where its shared memory fits and the card places at
+/// once and `grad` whether the launch has a gradient pass. Candidates, in order, each taken where its shared memory fits and the card places at
 /// least one cluster of it: the forced size (`DK_DIVERGENCE_CLUSTER_SIZE`) with the stash asked
 /// for, then with each smaller one ([`Stash::smaller`]: an A/B of the cluster size keeps its
 /// size); then the first size that holds the rows ([`staged_cluster_size`]) with the stash asked
@@ -743,9 +745,12 @@ mod tests {
         // A card that places 8 clusters of any shape, and one that places none of 16 blocks.
         let any = |_: usize, _: usize| 8;
         let no16 = |c: usize, _: usize| if c == 16 { 0 } else { 8 };
+        let choose = |v, elem, stash, forced, placed: &dyn Fn(usize, usize) -> usize| {
+            staged_choice((4096, v), elem, stash, (sms, forced), placed).map(|s| (s.c, s.stash))
+        };
+        // With a gradient pass.
         let pick = |v, elem, stash, forced, placed: &dyn Fn(usize, usize) -> usize| {
-            staged_choice((4096, v), elem, (stash, true), (sms, forced), placed)
-                .map(|s| (s.c, s.stash))
+            choose(v, elem, (stash, true), forced, placed)
         };
         let bf16 = (2, 2);
         let f32 = (4, 4);
@@ -818,10 +823,7 @@ mod tests {
         assert_eq!(short.smem, staged_smem_bytes(151936, 16, 4, Stash::Exp));
         // Forward only (version 12), the kept exponentials fall back to no stash at all: the
         // log ratio serves only the gradient pass.
-        let forward = |v, elem| {
-            staged_choice((4096, v), elem, (Stash::Exp, false), (sms, None), any)
-                .map(|s| (s.c, s.stash))
-        };
+        let forward = |v, elem| choose(v, elem, (Stash::Exp, false), None, &any);
         assert_eq!(forward(151936, bf16), Some((16, Stash::Exp)));
         assert_eq!(forward(262144, bf16), Some((16, Stash::Off)));
         assert_eq!(forward(200064, f32), Some((16, Stash::Off)));

@@ -56,7 +56,7 @@ impl Normaliser {
 }
 
 /// The normaliser of `x`, with `e[i] = e^(x[i] − max)` left in `e` (untouched when the max is
-/// −inf or NaN: the sum is then 0 and the lse that max).
+/// −inf or NaN: the sum is then 1, so that the lse is that max).
 fn log_sum_exp(x: &[f64], e: &mut Vec<f64>) -> Normaliser {
     let max = x.iter().fold(
         f64::NEG_INFINITY,

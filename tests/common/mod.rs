@@ -278,6 +278,16 @@ pub struct Logits {
     pub vals: Vec<f64>,
 }
 
+/// The most negative finite value of a dtype: the mask of `masked_fill(mask,
+/// torch.finfo(dtype).min)`, which Hugging Face code uses instead of −inf.
+pub fn finfo_min(d: DType) -> f64 {
+    match d {
+        DType::F32 => f32::MIN as f64,
+        DType::BF16 => bf16::MIN.to_f64(),
+        DType::F16 => f16::MIN.to_f64(),
+    }
+}
+
 impl Logits {
     pub fn new(dtype: DType, rows: usize, cols: usize, vals: &[f64]) -> Self {
         assert_eq!(vals.len(), rows * cols);
