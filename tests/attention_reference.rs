@@ -575,6 +575,31 @@ fn custom_softmax_scale() {
     }
 }
 
+/// Scores in the thousands to millions (peaked softmax, |LSE| up to ~10⁷): the CPU backend's
+/// backward forms P from the row's own f64 statistics, so it stays exact where P rebuilt from
+/// the f32 LSE is scaled by e^(|LSE|·2⁻²⁴) (dV 3e-4 off at 1e4, 2e-2 at 1e6). CPU only: the
+/// kernels take the given LSE by design (cuda/ATTENTION.md, "Numerics") and f32 is CPU-only.
+#[test]
+fn cpu_backward_exact_at_large_scores() {
+    let test = "cpu_backward_exact_at_large_scores";
+    let mut rng = Rng::fresh(test);
+    let cpu = Device::Cpu(Context::cpu());
+    for (i, scale) in [1e3f32, 1e4, 1e6].into_iter().enumerate() {
+        let p = AttentionParams {
+            softmax_scale: Some(scale),
+            ..params(3, 1, 64, i != 1)
+        };
+        let case = AttnCase::random(
+            &mut rng,
+            DType::F32,
+            Seqs::varlen(&[5, 3], &[6, 3]),
+            p,
+            Layout::Separate { pad: 0 },
+        );
+        check_case(&cpu, &case);
+    }
+}
+
 /// `Σ w ∘ out` in f64.
 fn weighted(w: &[f64], out: &[f64]) -> f64 {
     w.iter().zip(out).map(|(a, b)| a * b).sum()

@@ -305,6 +305,10 @@ def attention_backward(
     ``False`` lets CUDA sum dQ with f32 atomics (faster on the mma.sync kernels; dQ's last bits
     then vary between runs, dK / dV do not; on H100 / H200 the default wgmma kernels run the
     reproducible kernels for it, which are faster there). The CPU backend is always reproducible.
+
+    The CUDA kernels rebuild the probabilities from the float32 ``lse`` (as FlashAttention-2),
+    so its rounding, up to |lse|·2^-24, is a relative error of the gradients (1e-4 at |lse| ~
+    2000); the CPU backend recomputes each row's statistics in float64.
     """
     q = _float_input("q", q)
     k = _float_input("k", k)

@@ -222,6 +222,27 @@ impl Scratch {
         }
     }
 
+    /// Scores the loaded query row against the first `n` (≥ 1) loaded keys: leaves
+    /// `scores[j]` = exp(scale·q·k_j − m) and returns (m, Σ_j scores[j]), m the largest score.
+    fn score_row(&mut self, n: usize, d: usize, scale: f64) -> (f64, f64) {
+        self.scores.clear();
+        for j in 0..n {
+            self.scores
+                .push(scale * dot(&self.q, &self.k[j * d..(j + 1) * d]));
+        }
+        let m = self
+            .scores
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
+        let mut sum = 0.0;
+        for x in self.scores.iter_mut() {
+            *x = (*x - m).exp();
+            sum += *x;
+        }
+        (m, sum)
+    }
+
     /// Loads the `sk` keys and values of KV head `g` starting at key row `k0`.
     ///
     /// # Safety
@@ -305,16 +326,9 @@ pub(crate) unsafe fn forward(raw: &RawAttention) -> Result<()> {
                 } else {
                     // SAFETY: query row `row` < Tq, head h < Hq.
                     unsafe { load(raw.q, raw.dtype, row * raw.q_stride + h * d, &mut s.q) };
-                    s.scores.clear();
+                    let (m, sum) = s.score_row(n, d, scale);
                     for j in 0..n {
-                        s.scores.push(scale * dot(&s.q, &s.k[j * d..(j + 1) * d]));
-                    }
-                    let m = s.scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let mut sum = 0.0;
-                    for j in 0..n {
-                        let p = (s.scores[j] - m).exp();
-                        sum += p;
-                        axpy(&mut s.acc, p, &s.v[j * d..(j + 1) * d]);
+                        axpy(&mut s.acc, s.scores[j], &s.v[j * d..(j + 1) * d]);
                     }
                     for a in s.acc.iter_mut() {
                         *a /= sum;
@@ -387,9 +401,8 @@ pub(crate) unsafe fn backward(raw: &RawAttentionBackward) -> Result<()> {
                     let n = visible(i, seq.sq, seq.sk, raw.causal);
                     // SAFETY: LSE entry of a query row < Tq and head < Hq (< Hq·Tq entries).
                     let lse = unsafe { *raw.lse.add(lse_index(&raw.shape, hq, b, h, i, row)) };
-                    let lse = lse as f64;
                     s.acc.fill(0.0);
-                    if n > 0 && lse != f64::NEG_INFINITY {
+                    if n > 0 && lse != f32::NEG_INFINITY {
                         // SAFETY: query row `row` < Tq, head h < Hq, of q, dout and out.
                         unsafe {
                             load(raw.q, raw.dtype, row * raw.q_stride + h * d, &mut s.q);
@@ -402,10 +415,14 @@ pub(crate) unsafe fn backward(raw: &RawAttentionBackward) -> Result<()> {
                             load(raw.out, raw.dtype, row * raw.out_stride + h * d, &mut s.o);
                         }
                         let delta = dot(&s.dout, &s.o);
+                        // P from the row's f64 statistics, not from the f32 LSE given: its
+                        // rounding, |lse|·2⁻²⁴, would scale every P by e^error (dV 2e-2 off
+                        // at scores near 1e6, NaN near 1e10). The kernels use the given LSE.
+                        let (_, sum) = s.score_row(n, d, scale);
                         for j in 0..n {
                             let kj = &s.k[j * d..(j + 1) * d];
                             let vj = &s.v[j * d..(j + 1) * d];
-                            let p = (scale * dot(&s.q, kj) - lse).exp();
+                            let p = s.scores[j] / sum;
                             let ds = p * (dot(&s.dout, vj) - delta);
                             axpy(&mut s.acc, ds, kj);
                             axpy(&mut s.dk[j * d..(j + 1) * d], ds, &s.q);
