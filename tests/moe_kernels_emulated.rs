@@ -923,6 +923,26 @@ fn route_cases(rng: &mut Rng) -> Vec<RouteCase> {
         false,
         &Special::default(),
     ));
+    // Experts switched off by a −∞ bias beside NaN logits: NaN ranks below −∞ (select_key),
+    // through the plain selection and through groups (their sums ranking a NaN as −∞).
+    for (e, groups, k) in [(8, (1, 1), 8), (8, (4, 3), 5), (64, (8, 3), 9)] {
+        let n = 6;
+        let mut vals = rng.logits(n, e, 1.0);
+        for (t, row) in vals.chunks_mut(e).enumerate() {
+            for x in row.iter_mut().skip(t % 3 + 1).step_by(3) {
+                *x = f64::NAN;
+            }
+        }
+        let bias: Vec<f32> = (0..e)
+            .map(|i| if i % 4 == 2 { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        let p = RouteParams {
+            n_groups: groups.0,
+            topk_groups: groups.1,
+            ..params(k, Sigmoid)
+        };
+        out.push(RouteCase::new(Logits::new(F32, n, e, &vals), Some(bias), p));
+    }
     out
 }
 

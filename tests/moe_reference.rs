@@ -906,6 +906,73 @@ fn nan_logits_rank_last() {
 }
 
 #[test]
+fn nan_scores_rank_below_experts_masked_by_a_minus_inf_bias() {
+    // A NaN selection score ranks below every number, −∞ included, with a bias too: a −∞ bias
+    // (an expert switched off) gives a score of −∞, which is still a number, so the NaN
+    // logit's expert comes after it, and its NaN weight reaches nothing at k = 2 or 3.
+    let row = [
+        1.0,
+        f64::NAN,
+        2.0,
+        3.0,
+        -1.0,
+        f64::NAN,
+        0.5,
+        f64::NEG_INFINITY,
+    ];
+    let bias = vec![
+        0.0,
+        0.0,
+        f32::NEG_INFINITY,
+        f32::NEG_INFINITY,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    ];
+    for dev in devices("nan_scores_rank_below_experts_masked_by_a_minus_inf_bias") {
+        // (score, groups / kept groups, k, expected ids): one token of 8 experts; with 2 groups
+        // of 4 both kept; with 4 groups of 2 keeping 3: groups 0 ({0, 1}: 0.73 + NaN), 1
+        // ({2, 3}: −∞ + −∞) and 2 ({4, 5}: 0.27 + NaN) all score −∞ and tie, so 0 and 1 are
+        // kept beside 3 ({6, 7}: 0.62 + 0).
+        for (score, (ng, kg), k, want) in [
+            (Score::Sigmoid, (1, 1), 3, vec![0, 6, 4]),
+            (Score::Sigmoid, (1, 1), 8, vec![0, 6, 4, 7, 2, 3, 1, 5]),
+            (Score::Sigmoid, (2, 2), 6, vec![0, 6, 4, 7, 2, 3]),
+            (Score::Sigmoid, (4, 3), 5, vec![0, 6, 7, 2, 3]),
+        ] {
+            let case = RouteCase::new(
+                Logits::new(DType::F32, 1, 8, &row),
+                Some(bias.clone()),
+                RouteParams {
+                    score,
+                    n_groups: ng,
+                    topk_groups: kg,
+                    ..RouteParams::new(k)
+                },
+            );
+            let (res, before, after) = case.run(&dev);
+            res.unwrap_or_else(|e| panic!("[{}] {}: {e}", dev.name(), case.what));
+            case.tails(&before, &after).unwrap();
+            let out = case.outputs(&after);
+            assert_eq!(out.expert_ids, want, "[{}] {}", dev.name(), case.what);
+            let finite = want
+                .iter()
+                .take_while(|&&i| !row[i as usize].is_nan())
+                .count();
+            assert!(
+                out.weights[..finite].iter().all(|w| w.is_finite())
+                    && out.weights[finite..].iter().all(|w| w.is_nan()),
+                "[{}] {}: weights {:?}",
+                dev.name(),
+                case.what,
+                out.weights
+            );
+        }
+    }
+}
+
+#[test]
 fn sigmoid_without_bias_ranks_the_logits() {
     // Sigmoid scores saturate (exactly 1 from logits of ~17 in f32, ~37 in f64; 0 below ~-88 in
     // f32): without a bias the logits are compared, which is the exact scores' order (and

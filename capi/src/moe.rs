@@ -422,7 +422,15 @@ pub unsafe extern "C" fn dk_moe_route(
         let params = params_from_c(&p)?;
         let n = to_usize("n", a.n)?;
         let e = to_usize("e", a.e as i64)?;
-        let logits_dtype = dtype("logits", a.logits_dtype)?;
+        // Router logits take f32 and bf16 only: say so for an unknown code too.
+        let logits_dtype = match DType::from_code(a.logits_dtype) {
+            Some(d @ (DType::F32 | DType::BF16)) => d,
+            _ => bail!(
+                UnsupportedDtype,
+                "router logits dtype code {} is not f32 (0) or bf16 (1)",
+                a.logits_dtype
+            ),
+        };
         let stride = to_usize("logits_stride", a.logits_stride)?;
         let perm_rows = to_usize("perm_rows", a.perm_rows)?;
         let slots = slots(n, params.k)?;

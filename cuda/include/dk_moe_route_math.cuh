@@ -29,11 +29,14 @@ namespace moe {
 
 // ---- Order keys -----------------------------------------------------------------------------
 // A float maps to a uint32 whose unsigned order is the float order, so one integer max (REDUX)
-// picks the best score and one integer min picks the lowest index among equal scores. NaN ranks
-// as -inf (as in the CPU reference: the choice is always defined, ties to the lower index), -0
-// as +0, and kKeyNone, below every float, marks excluded entries (taken, outside the kept
+// picks the best score and one integer min picks the lowest index among equal scores. -0 ranks
+// as +0; order_key ranks NaN as -inf, select_key (expert selection) below -inf, as in the CPU
+// reference: the choice is always defined, and a NaN never displaces an expert masked with a
+// -inf bias. kKeyNone, below every float, marks excluded entries (taken, outside the kept
 // groups, past E).
 constexpr uint32_t kKeyNone = 0u;
+// A NaN selection score: above kKeyNone, below order_key(-inf); key_value gives a NaN back.
+constexpr uint32_t kKeyNaN = 1u;
 
 DK_MOE_FN uint32_t float_bits(float f) {
 #ifdef __CUDA_ARCH__
@@ -61,6 +64,9 @@ DK_MOE_FN uint32_t order_key(float f) {
   const uint32_t u = float_bits(fmaxf(f, -INFINITY) + 0.f);
   return u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
 }
+
+// The key of an expert's selection score: order_key, except NaN -> kKeyNaN.
+DK_MOE_FN uint32_t select_key(float f) { return f != f ? kKeyNaN : order_key(f); }
 
 // Inverse of order_key on its image.
 DK_MOE_FN float key_value(uint32_t k) {
@@ -343,19 +349,18 @@ DK_UNROLL
 DK_UNROLL
     for (int i = 0; i < P; ++i) {
       const int idx = i * 32 + lane;
-      key[i] = i < nv ? order_key(score[i] + c.bias[idx]) : kKeyNone;
+      key[i] = i < nv ? select_key(score[i] + c.bias[idx]) : kKeyNone;
     }
   } else {
     // Sigmoid with no bias and no group excluded ranks the logits themselves: the order of the
     // exact scores, where float32 ones saturate (1 from x ~ 17, 0 below ~ -88) and would tie
     // (Llama 4's reference ranks the logits too). Groups sum scores, so they keep them. A NaN
-    // logit (a NaN score) keeps ranking below every number, -inf included: key 1, between
-    // kKeyNone and order_key(-inf).
+    // logit (a NaN score) keeps ranking below every number, -inf included (select_key).
     const bool by_logit =
         c.score != DK_MOE_ARGS_SOFTMAX && !(c.n_groups > 1 && c.topk_groups < c.n_groups);
 DK_UNROLL
     for (int i = 0; i < P; ++i) {
-      const uint32_t k = by_logit ? (x[i] != x[i] ? 1u : order_key(x[i])) : order_key(score[i]);
+      const uint32_t k = select_key(by_logit ? x[i] : score[i]);
       key[i] = i < nv ? k : kKeyNone;
     }
   }

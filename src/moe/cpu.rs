@@ -3,8 +3,8 @@
 //! by one thread in a fixed order, and the permutation is a sequential counting sort.
 //!
 //! Selection order: a higher selection score first, equal scores to the lower expert (group)
-//! index; a NaN selection score ranks as −∞ (so the choice is always defined; its weight stays
-//! NaN). Sigmoid without a bias or an excluded group compares the logits instead: the order of
+//! index; a NaN selection score ranks below every number, −∞ included (so the choice is always
+//! defined, and a NaN never displaces an expert masked by a −∞ bias; its weight stays NaN). Sigmoid without a bias or an excluded group compares the logits instead: the order of
 //! the exact scores, which saturate at 1 in f64 from logits of ~37 and would tie. The index
 //! contents (`perm`, `position`) are checked before anything is written.
 
@@ -25,7 +25,8 @@ use crate::tensor::{DType, Element};
 // Route
 // ------------------------------------------------------------------------------------------
 
-/// The ranking key of a selection score: NaN ranks as −∞.
+/// A group's score from the sum of its two best selection scores: NaN (a NaN among them, or
+/// −∞ + ∞) ranks as −∞.
 fn key(x: f64) -> f64 {
     if x.is_nan() {
         f64::NEG_INFINITY
@@ -34,10 +35,11 @@ fn key(x: f64) -> f64 {
     }
 }
 
-/// The ranking key of a logit, where logits are compared (sigmoid without a bias or an excluded
-/// group): the logit, except that a NaN (a NaN score) still ranks below every number, −∞
-/// included, as on CUDA: −∞ becomes `f64::MIN` (below every f32 / bf16 logit) and NaN −∞.
-fn logit_key(x: f64) -> f64 {
+/// The ranking key of a selection score (or of a logit, where logits are compared: sigmoid
+/// without a bias or an excluded group): the value, except that a NaN ranks below every number,
+/// −∞ included, as on CUDA: −∞ becomes `f64::MIN` (below every sum of an f32 score and bias)
+/// and NaN −∞. So a NaN logit never displaces an expert masked with a −∞ bias.
+fn rank_key(x: f64) -> f64 {
     if x.is_nan() {
         f64::NEG_INFINITY
     } else if x == f64::NEG_INFINITY {
@@ -107,29 +109,35 @@ impl Selector {
         let e = self.logits.len();
         score_row(p.score, &self.logits, &mut self.scores);
         let by_logit = p.score == Score::Sigmoid && bias.is_empty() && !excludes_groups(p);
-        let sel = |i: usize| {
+        // The selection score of expert i (its logit where logits are compared).
+        let value = |i: usize| {
             if by_logit {
-                logit_key(self.logits[i])
+                self.logits[i]
             } else {
-                key(self.scores[i] + bias.get(i).copied().unwrap_or(0.0))
+                self.scores[i] + bias.get(i).copied().unwrap_or(0.0)
             }
         };
+        let sel = |i: usize| rank_key(value(i));
         self.candidates.clear();
         if p.n_groups > 1 {
             let size = e / p.n_groups;
             self.groups.clear();
             for g in 0..p.n_groups {
-                let (mut first, mut second) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+                // The two best by rank, summed as values. A group has ≥ 2 experts, so a slot
+                // still empty at the end means NaN scores, which the NaN it starts with stands
+                // for (rank −∞: NaN ranks are never greater).
+                let nan = (f64::NEG_INFINITY, f64::NAN);
+                let (mut first, mut second) = (nan, nan);
                 for i in g * size..(g + 1) * size {
-                    let s = sel(i);
-                    if s > first {
+                    let s = (sel(i), value(i));
+                    if s.0 > first.0 {
                         second = first;
                         first = s;
-                    } else if s > second {
+                    } else if s.0 > second.0 {
                         second = s;
                     }
                 }
-                self.groups.push((key(first + second), g));
+                self.groups.push((key(first.1 + second.1), g));
             }
             self.groups.sort_by(|&a, &b| by_rank(a, b));
             for &(_, g) in &self.groups[..p.topk_groups] {
@@ -333,14 +341,17 @@ pub(crate) unsafe fn route(raw: &RawRoute, params: &RouteParams) -> Result<()> {
 // Permute, combine, slot dot
 // ------------------------------------------------------------------------------------------
 
-/// Checks that every index is −1 or in `0..bound`, before anything is written.
+/// Checks that every index is −1 or in [0, bound), before anything is written.
 fn check_indices(what: &str, indices: &[i32], bound: usize) -> Result<()> {
     if let Some((i, &v)) = indices
         .iter()
         .enumerate()
         .find(|&(_, &v)| v < -1 || (v >= 0 && v as usize >= bound))
     {
-        bail!(InvalidArgument, "{what}[{i}] = {v} is outside -1..{bound}");
+        bail!(
+            InvalidArgument,
+            "{what}[{i}] = {v} is neither -1 nor in [0, {bound})"
+        );
     }
     Ok(())
 }

@@ -38,7 +38,7 @@ impl Context {
             if let Some((i, &p)) = perm.iter().enumerate().find(|&(_, &p)| p != -1) {
                 bail!(
                     InvalidArgument,
-                    "perm[{i}] = {p} is outside -1..0 (N = 0 tokens: every row is padding)"
+                    "perm[{i}] = {p} is not -1 (N = 0 tokens: every row is padding)"
                 );
             }
         }
@@ -112,7 +112,7 @@ impl Context {
             if let Some((i, &v)) = position.iter().enumerate().find(|&(_, &v)| v != -1) {
                 bail!(
                     InvalidArgument,
-                    "position[{i}] = {v} is outside -1..0 (no permuted rows: every slot is dropped)"
+                    "position[{i}] = {v} is not -1 (no permuted rows: every slot is dropped)"
                 );
             }
         }

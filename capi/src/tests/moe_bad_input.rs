@@ -1168,6 +1168,14 @@ fn c_abi_route_errors() {
         assert_eq!(s, code, "{what}: status {s}, message {:?}", last_error());
         assert!(!last_error().is_empty(), "{what}: empty dk_last_error");
         assert!(c.route_untouched(), "{what}: outputs were written");
+        if matches!(what, "f16 logits" | "dtype 9") {
+            // Both name what router logits take (f16 is a dtype, but not one of theirs).
+            assert!(
+                last_error().contains("is not f32 (0) or bf16 (1)"),
+                "{what}: {}",
+                last_error()
+            );
+        }
     }
     // Null ctx / args / params.
     let a = c.route_args();
