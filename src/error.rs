@@ -12,7 +12,7 @@ pub enum ErrorKind {
     NullPointer = 1,
     /// A parameter is out of range (β outside [0, 1], temperature ≤ 0, …).
     InvalidArgument = 2,
-    /// Shapes, lengths or strides do not fit together.
+    /// Shapes, lengths or strides do not fit together, or operands overlap where they may not.
     Shape = 3,
     /// A dtype the operation does not accept.
     UnsupportedDtype = 4,
@@ -37,7 +37,7 @@ impl ErrorKind {
         match self {
             ErrorKind::NullPointer => "null pointer",
             ErrorKind::InvalidArgument => "invalid argument",
-            ErrorKind::Shape => "shape mismatch",
+            ErrorKind::Shape => "shape or layout mismatch",
             ErrorKind::UnsupportedDtype => "unsupported dtype",
             ErrorKind::NoDevice => "no device",
             ErrorKind::WrongDevice => "wrong device",

@@ -323,7 +323,7 @@ fn num_items_in_memory_refusals_write_nothing() {
     }
     let overlap = |e: Error| {
         assert_eq!(e.kind(), ErrorKind::Shape, "{e}");
-        assert!(e.to_string().contains("overlaps num_items"), "{e}");
+        assert!(e.to_string().contains("overlaps the num_items"), "{e}");
     };
     // num_items inside an output, the gradient, and the student logits the gradient replaces.
     let mut per_token = [f32::NAN; 2];

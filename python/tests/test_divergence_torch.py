@@ -446,6 +446,22 @@ def test_cuda_grad_inplace_allocates_no_gradient():
     assert peaks[True] < grad_bytes // 4, peaks
 
 
+def test_grad_inplace_beside_a_teacher_in_the_same_buffer(device):
+    # Student and teacher as the two halves of one [N, 2V] output (rows that share no element):
+    # the gradient goes over the student's half, the teacher's half is left as it was.
+    g = torch.Generator().manual_seed(31)
+    both0 = torch.randn(8, 2 * 96, generator=g).to(device)
+    x = both0.clone().requires_grad_(True)
+    both = x * 1.0
+    s, t = both[:, :96], both[:, 96:].detach()
+    teacher_before = t.clone()
+    dkt.divergence(s, t, kind="jsd", grad_inplace=True).backward()
+    assert torch.equal(t, teacher_before)
+    e = both0[:, :96].clone().requires_grad_(True)
+    dkt.divergence(e, both0[:, 96:], kind="jsd").backward()
+    assert torch.equal(x.grad[:, :96], e.grad) and not x.grad[:, 96:].any()
+
+
 def test_grad_inplace_refusals_and_the_version_bump(device):
     s0, t = make(4, 64, torch.float32, device, seed=23)
     leaf = s0.clone().requires_grad_(True)

@@ -43,7 +43,7 @@ use super::{
     Attention, AttentionBackward, AttentionParams, Batch, RawAttention, RawAttentionBackward,
     RawBatch,
 };
-use crate::checks::{check_disjoint, check_location, Footprint};
+use crate::checks::{check_disjoint, check_location, Region};
 use crate::device::Context;
 use crate::error::{bail, Result};
 use crate::tensor::{DType, Location, Matrix, MatrixMut, Vector, VectorMut};
@@ -143,68 +143,6 @@ impl Vec1 {
             row_bytes: bytes,
             stride_bytes: bytes,
         }
-    }
-}
-
-/// The bytes an operand touches: `rows` runs of `row_bytes` bytes, `stride_bytes` apart, from
-/// `start` (128-bit arithmetic: nothing overflows).
-#[derive(Debug, Clone, Copy)]
-struct Region {
-    what: &'static str,
-    start: u128,
-    rows: u128,
-    row_bytes: u128,
-    stride_bytes: u128,
-}
-
-impl Region {
-    fn is_empty(&self) -> bool {
-        self.rows == 0 || self.row_bytes == 0
-    }
-
-    /// One past the last byte (= `start` when empty).
-    fn end(&self) -> u128 {
-        if self.is_empty() {
-            self.start
-        } else {
-            self.start + (self.rows - 1) * self.stride_bytes + self.row_bytes
-        }
-    }
-}
-
-impl Footprint for Region {
-    fn what(&self) -> &str {
-        self.what
-    }
-
-    /// Whether some byte lies in both regions. Exact when the two share a stride (or either has
-    /// a single row); otherwise the byte ranges are compared.
-    fn overlaps(&self, other: &Region) -> bool {
-        if self.is_empty() || other.is_empty() {
-            return false;
-        }
-        if self.start >= other.end() || other.start >= self.end() {
-            return false;
-        }
-        let period = match (self.rows, other.rows) {
-            (1, 1) => return true,
-            (1, _) => other.stride_bytes,
-            (_, 1) => self.stride_bytes,
-            _ if self.stride_bytes == other.stride_bytes => self.stride_bytes,
-            _ => return true,
-        };
-        if period == 0 {
-            return true;
-        }
-        // Rows i of self and j of other share a byte iff, with m = i − j and d = other − self,
-        // d − len(self) < m·period < d + len(other); m ranges over −(rows(other) − 1) ..= rows(self) − 1.
-        let s = period as i128;
-        let d = other.start as i128 - self.start as i128;
-        let lo = (d - self.row_bytes as i128).div_euclid(s) + 1;
-        let hi = (d + other.row_bytes as i128 - 1).div_euclid(s);
-        let lo = lo.max(1 - other.rows as i128);
-        let hi = hi.min(self.rows as i128 - 1);
-        lo <= hi
     }
 }
 
@@ -743,71 +681,5 @@ impl RawAttentionBackward {
             dv: call.dv.ptr,
             dv_stride: dv.stride,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{Footprint, Region};
-
-    fn mat(start: u128, rows: u128, row_bytes: u128, stride_bytes: u128) -> Region {
-        Region {
-            what: "m",
-            start,
-            rows,
-            row_bytes,
-            stride_bytes,
-        }
-    }
-
-    /// Byte-by-byte overlap, for comparison.
-    fn brute(a: &Region, b: &Region) -> bool {
-        let bytes = |r: &Region| {
-            let mut s = std::collections::BTreeSet::new();
-            for i in 0..r.rows {
-                for c in 0..r.row_bytes {
-                    s.insert(r.start + i * r.stride_bytes + c);
-                }
-            }
-            s
-        };
-        !bytes(a).is_disjoint(&bytes(b))
-    }
-
-    #[test]
-    fn overlap_is_exact_for_equal_strides() {
-        let mut cases = 0;
-        for sa in 0..40u128 {
-            for sb in 0..40u128 {
-                for (ra, rb) in [(1, 1), (1, 3), (3, 1), (2, 4), (4, 4), (0, 3)] {
-                    for (la, lb) in [(8, 8), (16, 8), (8, 24), (40, 8)] {
-                        // Same stride 16 when both have several rows (row lengths up to it),
-                        // any lengths when one is a single row.
-                        let stride = 16u128;
-                        if (ra > 1 && la > stride) || (rb > 1 && lb > stride) {
-                            continue;
-                        }
-                        let a = mat(sa, ra, la, stride);
-                        let b = mat(sb, rb, lb, stride);
-                        assert_eq!(a.overlaps(&b), brute(&a, &b), "{a:?} {b:?}");
-                        assert_eq!(b.overlaps(&a), brute(&a, &b), "{b:?} {a:?}");
-                        cases += 1;
-                    }
-                }
-            }
-        }
-        assert!(cases > 1000);
-    }
-
-    #[test]
-    fn different_strides_compare_ranges() {
-        // Interleaved but of different strides: reported (conservative).
-        let a = mat(0, 4, 8, 32);
-        let b = mat(8, 2, 8, 64);
-        assert!(!brute(&a, &b));
-        assert!(a.overlaps(&b));
-        // Disjoint ranges: never reported.
-        let c = mat(1000, 2, 8, 64);
-        assert!(!a.overlaps(&c));
     }
 }

@@ -44,7 +44,7 @@ pub(crate) fn check_vocab(what: &str, v: usize) -> Result<()> {
     Ok(())
 }
 
-use crate::checks::{check_location, num_items_pointer};
+use crate::checks::{check_location, num_items_pointer, Footprint, Region};
 use crate::device::{Backend, Context, Launch};
 use crate::empty_batch::Fill;
 use crate::error::{bail, Result};
@@ -172,11 +172,6 @@ fn byte_range(
     }
 }
 
-/// Whether two byte ranges share a byte (an empty range shares none).
-fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
-    a.0 < a.1 && b.0 < b.1 && a.0 < b.1 && b.0 < a.1
-}
-
 impl RawDivergence {
     /// Checks everything that can be checked without touching memory; on error nothing is written.
     fn validate(&self, in_place: bool) -> Result<()> {
@@ -238,7 +233,8 @@ impl RawDivergence {
                 "{what} pointer {addr:#x} is not aligned to its {align}-byte elements"
             );
         }
-        let student = byte_range(
+        // Neither matrix may run past the end of the address space.
+        byte_range(
             "student logits",
             self.student,
             self.n,
@@ -246,7 +242,7 @@ impl RawDivergence {
             self.student_stride,
             self.student_dtype,
         )?;
-        let teacher = byte_range(
+        byte_range(
             "teacher logits",
             self.teacher,
             self.n,
@@ -254,15 +250,25 @@ impl RawDivergence {
             self.teacher_stride,
             self.teacher_dtype,
         )?;
-        let mut outputs: Vec<(&str, (usize, usize))> = Vec::new();
-        if !self.per_token.is_null() {
-            let s = self.per_token as usize;
-            outputs.push(("per-token loss", (s, s.saturating_add(4 * self.n))));
-        }
-        if !self.loss.is_null() {
-            let s = self.loss as usize;
-            outputs.push(("loss", (s, s.saturating_add(4))));
-        }
+        // Exact for strided rows of one stride: disjoint row views of one buffer (student and
+        // teacher interleaved, [N, 2V] halves) may take the gradient in place.
+        let (n, v) = (self.n, self.v);
+        let student_region = Region::matrix(
+            "student logits",
+            self.student,
+            (n, v, self.student_stride),
+            self.student_dtype.size(),
+        );
+        let teacher_region = Region::matrix(
+            "teacher logits",
+            self.teacher,
+            (n, v, self.teacher_stride),
+            self.teacher_dtype.size(),
+        );
+        let mut outputs = vec![
+            Region::bytes("per-token loss output", self.per_token.cast(), 4 * n),
+            Region::bytes("loss output", self.loss.cast(), 4),
+        ];
         if !self.grad.is_null() {
             if self.grad_stride < self.v {
                 bail!(
@@ -272,7 +278,7 @@ impl RawDivergence {
                     self.v
                 );
             }
-            let grad = byte_range(
+            byte_range(
                 "gradient",
                 self.grad,
                 self.n,
@@ -280,40 +286,42 @@ impl RawDivergence {
                 self.grad_stride,
                 self.student_dtype,
             )?;
-            if in_place {
-                // The student's own memory: only the other inputs must stay clear of it.
-            } else if std::ptr::eq(self.grad, self.student)
-                && self.grad_stride == self.student_stride
-            {
-                // Same buffer, same layout: an in-place call through the separate-buffer entry (C ABI).
-            } else if overlaps(grad, student) {
+            let same_as_student =
+                std::ptr::eq(self.grad, self.student) && self.grad_stride == self.student_stride;
+            let what = if in_place || same_as_student {
+                "gradient written over the student logits"
+            } else {
+                "gradient output"
+            };
+            let grad = Region::matrix(
+                what,
+                self.grad,
+                (n, v, self.grad_stride),
+                self.student_dtype.size(),
+            );
+            if in_place || same_as_student {
+                // The student's own memory (in place, or the same buffer and layout through the
+                // separate-buffer entry of the C ABI): only the other operands must stay clear.
+            } else if grad.overlaps(&student_region) {
                 bail!(Shape, "gradient buffer partly overlaps the student logits (in place needs the same pointer and stride)");
             }
-            outputs.push(("gradient", grad));
+            outputs.push(grad);
         }
-        for (i, (name, range)) in outputs.iter().enumerate() {
-            if overlaps(*range, teacher) {
-                bail!(Shape, "{name} output overlaps the teacher logits");
+        let inputs = [
+            teacher_region,
+            Region::bytes("labels", self.labels.cast(), 8 * n),
+            Region::bytes("num_items", self.num_items.cast(), 4),
+        ];
+        for (i, out) in outputs.iter().enumerate() {
+            let what = out.what();
+            if let Some(input) = inputs.iter().find(|r| out.overlaps(r)) {
+                bail!(Shape, "{what} overlaps the {}", input.what());
             }
-            if *name != "gradient" && overlaps(*range, student) {
-                bail!(Shape, "{name} output overlaps the student logits");
+            if !what.starts_with("gradient") && out.overlaps(&student_region) {
+                bail!(Shape, "{what} overlaps the student logits");
             }
-            if !self.labels.is_null() {
-                let l = self.labels as usize;
-                if overlaps(*range, (l, l.saturating_add(8 * self.n))) {
-                    bail!(Shape, "{name} output overlaps the labels");
-                }
-            }
-            if !self.num_items.is_null() {
-                let d = self.num_items as usize;
-                if overlaps(*range, (d, d.saturating_add(4))) {
-                    bail!(Shape, "{name} output overlaps num_items");
-                }
-            }
-            for (other, orange) in &outputs[i + 1..] {
-                if overlaps(*range, *orange) {
-                    bail!(Shape, "{name} output overlaps the {other} output");
-                }
+            if let Some(other) = outputs[i + 1..].iter().find(|r| out.overlaps(r)) {
+                bail!(Shape, "{what} overlaps the {}", other.what());
             }
         }
         Ok(())
