@@ -116,7 +116,8 @@ dk_status dk_context_device(const dk_context* ctx, int32_t* out);
 
 typedef struct dk_divergence_params {
   int32_t kind;         /* DK_FORWARD_KL, DK_REVERSE_KL, DK_JSD */
-  float beta;           /* JSD teacher weight, in [0, 1] */
+  float beta;           /* JSD teacher weight, in [0, 1]; a float, so near 1 its rounding moves
+                           1 - beta by up to 2^-25 / (1 - beta) relative (and the JSD with it) */
   float temperature;    /* finite, >= FLT_MIN (normal); logits are divided by it (gradient
                            includes the 1/T) */
   int32_t reduction;    /* DK_REDUCTION_* */

@@ -82,7 +82,7 @@ PACKAGE_VERSION = "0.1.0"
 # 64-bit FNV-1a of the bytes of include/distill_kernels.h that the ctypes mirror below follows.
 # A library must report the same from dk_header_hash(); the tests require it to equal the
 # checkout's header, so a header change cannot land without a look at this mirror.
-HEADER_HASH = 0x483CDC5C420A8096
+HEADER_HASH = 0x2B4AACBA7612408D
 
 # ---- constants of include/distill_kernels.h ----------------------------------------------------
 
@@ -988,6 +988,9 @@ def make_params(
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     n32 = 0.0
     if num_items is not None:
+        # One value in any shape ([1], [[x]]), as a token count often arrives; 0-d and numbers too.
+        if getattr(num_items, "size", None) == 1 and getattr(num_items, "ndim", 0) > 0:
+            num_items = num_items.reshape(())
         num_items = _real("num_items", num_items)
         n32 = ctypes.c_float(num_items).value
         if not (math.isfinite(num_items) and math.isfinite(n32) and n32 >= FLT_MIN):

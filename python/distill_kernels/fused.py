@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _lib
 from ._arrays import as_array, refuse_masked
-from .divergence import _dtype_code, _labels, _ptr, _row_layout
+from .divergence import _dtype_code, _grad_code, _labels, _ptr, _row_layout
 
 __all__ = ["FusedLinearResult", "fused_linear_divergence"]
 
@@ -68,26 +68,6 @@ def _as_array(name: str, x, min_ndim: int, max_ndim: Optional[int]) -> np.ndarra
     if x.shape[-1] == 0 or (max_ndim is not None and 0 in x.shape):
         raise ValueError(f"{name} is empty: shape {x.shape}")
     return x
-
-
-def _grad_code(grad_dtype, in_dtype: np.dtype) -> Tuple[np.dtype, int]:
-    """(numpy dtype, DK_DTYPE_*) of the gradients: the input dtype or float32."""
-    if grad_dtype is None:
-        return in_dtype, _dtype_code("input", in_dtype)
-    try:
-        dt = np.dtype(grad_dtype)
-    except TypeError as e:
-        raise TypeError(f"grad_dtype must be None, 'float32' or the input dtype, got "
-                        f"{grad_dtype!r}") from e
-    dt = _lib.native_dtype(dt)
-    if dt == np.float32:
-        return dt, _lib.DTYPE_F32
-    if dt == in_dtype:
-        return dt, _dtype_code("input", in_dtype)
-    raise ValueError(
-        f"grad_dtype must be None (the input dtype {in_dtype}), the input dtype or float32, "
-        f"got {dt}"
-    )
 
 
 def _out_buffer(name: str, out, shape: Tuple[int, ...], in_dtype: np.dtype, grad_dtype,
@@ -150,7 +130,8 @@ def fused_linear_divergence(
     ``teacher_hidden`` and ``teacher_weight`` (pass the same array as ``student_weight`` for
     self-distillation). Then the divergence of :func:`distill_kernels.divergence` with the same
     ``kind``, ``beta``, ``temperature``, ``labels`` / ``ignore_index``, ``reduction`` and
-    ``num_items``.
+    ``num_items``. ``labels``: one integer per row, in the leading shape of the hidden states or
+    flattened (``[N]``).
 
     ``chunk_rows`` rows are processed at a time (None: chosen from V and H); the result does not
     depend on it. With ``grad=True`` the gradients of the loss w.r.t. ``student_hidden`` and

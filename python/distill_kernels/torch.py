@@ -116,8 +116,11 @@ def _labels(labels, n: int, lead_shape, device: torch.device) -> Optional[torch.
         raise TypeError(f"labels must be integers (int64 preferred), got {labels.dtype}")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but the logits are on {device}")
-    if tuple(labels.shape) != tuple(lead_shape) and not (lead_shape == () and labels.shape == (1,)):
-        raise ValueError(f"labels must have shape {tuple(lead_shape)}, got {tuple(labels.shape)}")
+    # The leading shape of the rows, or those rows flattened ([N], row-major, as DESIGN.md has it).
+    lead_shape = tuple(lead_shape)
+    if tuple(labels.shape) not in (lead_shape, (n,)):
+        want = f"{lead_shape} or ({n},)" if len(lead_shape) != 1 else f"{lead_shape}"
+        raise ValueError(f"labels must have shape {want} (one per row), got {tuple(labels.shape)}")
     return labels.reshape(n).to(torch.int64).contiguous()
 
 
@@ -338,8 +341,8 @@ def divergence(
     ``logits`` may have any leading shape ``[..., V]`` (``[B, T, V]``): they are flattened to rows,
     as a view where the leading axes allow it, else by a copy (``logits[:, :-1]`` of a
     contiguous ``[B, T, V]`` is copied: prefer ``logits`` whole with the labels of each
-    sequence's last position set to ``ignore_index``); ``labels`` and the ``none`` output have
-    the leading shape.
+    sequence's last position set to ``ignore_index``); ``labels`` have the leading shape (or
+    are those rows flattened, ``[N]``), and so has the ``none`` output.
 
     ``num_items`` is a Python number, or a tensor with one value (such as the Hugging Face
     Trainer's ``num_items_in_batch``, on the logits' device or the CPU), converted to float32. A

@@ -782,9 +782,92 @@ def test_grad_inplace_refuses_what_it_cannot_write_and_writes_nothing():
     # Student over the teacher's memory: the library refuses the overlap before writing.
     with pytest.raises(dk.DistillKernelsError, match="overlaps the teacher"):
         dk.divergence(s, s, grad_inplace=True)
+    wide = base[:20, :24].copy()
+    with pytest.raises(dk.DistillKernelsError, match="overlaps the teacher"):
+        dk.divergence(wide[:, :12], wide[:, 6:18], grad_inplace=True)  # rows share 6 entries
+    np.testing.assert_array_equal(wide, base[:20, :24])
     with pytest.raises(ValueError):  # a bad argument the library rejects: nothing written
         dk.divergence(s, t, beta=2.0, grad_inplace=True)
     np.testing.assert_array_equal(s, before)
+
+
+def test_grad_inplace_beside_a_teacher_in_the_same_buffer():
+    # Student and teacher as disjoint row views of one buffer (the halves of [N, 2V] rows, or
+    # alternate rows): they share no element, so the gradient may go over the student in place.
+    rng = np.random.default_rng(41)
+    for kind in ("forward_kl", "jsd"):
+        for split in ("halves", "alternate rows"):
+            big = rng.standard_normal((16, 26)).astype(np.float32)
+            if split == "halves":
+                s, t = big[:, :13], big[:, 13:]
+            else:
+                s, t = big[0::2], big[1::2]
+            want = dk.divergence(s.copy(), t.copy(), kind=kind)
+            teacher_before = t.copy()
+            got = dk.divergence(s, t, kind=kind, grad_inplace=True)
+            assert np.shares_memory(got.grad, big)
+            np.testing.assert_array_equal(got.grad, want.grad)
+            np.testing.assert_array_equal(t, teacher_before)
+            assert got.loss == want.loss
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32])
+def test_grad_dtype_float32_keeps_small_half_precision_gradients(dtype):
+    # batchmean over N rows: entries ~ (q - p) / N, below float16's 6e-8 for most of a wide
+    # row. grad_dtype="float32" returns them in float32: the call on the student widened.
+    rng = np.random.default_rng(43)
+    s = (rng.standard_normal((64, 4000)) * 2).astype(dtype)
+    t = (rng.standard_normal((64, 4000)) * 2).astype(np.float32)
+    wide = dk.divergence(s.astype(np.float32), t, kind="jsd")
+    got = dk.divergence(s, t, kind="jsd", grad_dtype="float32")
+    assert got.grad.dtype == np.float32
+    np.testing.assert_array_equal(got.grad, wide.grad)
+    assert got.loss == wide.loss
+    native = dk.divergence(s, t, kind="jsd").grad
+    assert native.dtype == dtype
+    if dtype == np.float16:
+        assert (native == 0).mean() > 0.1 and (got.grad == 0).mean() == 0.0  # 19 % here, none
+    with pytest.raises(ValueError, match="needs grad=True"):
+        dk.divergence(s, t, grad=False, grad_dtype="float32")
+    with pytest.raises(ValueError, match="grad_dtype must be"):
+        dk.divergence(s, t, grad_dtype=np.float64)
+    if dtype != np.float32:
+        inplace = s.copy()
+        with pytest.raises(ValueError, match="drop grad_dtype"):
+            dk.divergence(inplace, t, grad_inplace=True, grad_dtype="float32")
+        np.testing.assert_array_equal(inplace, s)
+
+
+def test_beta_is_taken_as_float32():
+    # The library's β is a float32 (the C ABI's type), on every backend: near 1, 1 − β moves
+    # by up to 2^-25 / (1 − β) relative when β is rounded. The CPU result is exact for that
+    # float32 β, and differs from the float64 β's by about that much (documented).
+    rng = np.random.default_rng(44)
+    s = rng.standard_normal((4, 50)).astype(np.float32)
+    t = rng.standard_normal((4, 50)).astype(np.float32)
+    for beta in (0.999, 1 - 1e-6):
+        b32 = float(np.float32(beta))
+        got = dk.divergence(s, t, kind="jsd", beta=beta, reduction="sum")
+        exact32, _, g32 = reference(s, t, "jsd", b32, reduction="sum")
+        exact64, _, _ = reference(s, t, "jsd", beta, reduction="sum")
+        assert abs(got.loss - exact32) <= 1e-6 * abs(exact32)
+        np.testing.assert_allclose(got.grad, g32, rtol=1e-5, atol=1e-7)
+        bound = 2.0**-25 / (1 - beta)
+        assert abs(exact32 - exact64) <= 1.5 * bound * abs(exact64)
+
+
+def test_num_items_as_a_one_value_array():
+    # A token count of one value in any shape, as the torch face takes one-value tensors.
+    rng = np.random.default_rng(42)
+    s, t = rng.standard_normal((2, 6, 9)).astype(np.float32)
+    want = dk.divergence(s, t, num_items=7.0)
+    for n in (np.array(7.0), np.array([7.0]), np.array([[7]]), np.float32(7)):
+        got = dk.divergence(s, t, num_items=n)
+        assert got.loss == want.loss
+        np.testing.assert_array_equal(got.grad, want.grad)
+    for bad in (np.array([7.0, 8.0]), np.zeros((0,)), np.array([True])):
+        with pytest.raises((TypeError, ValueError)):
+            dk.divergence(s, t, num_items=bad)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])

@@ -426,6 +426,14 @@ def test_strided_inputs_and_leading_axes():
     r = run_and_check(h3, ws, t3, wt, labels=labels, chunk_rows=5)
     assert r.per_token.shape == (3, 4) and r.grad_hidden.shape == (3, 4, 16)
     assert r.per_token[1, 2] == 0.0
+    # Labels flattened to [N] name the same rows (row-major); a wrong count or shape is refused.
+    flat = dk.fused_linear_divergence(h3, ws, t3, wt, labels=labels.reshape(12), chunk_rows=5)
+    for got, want in ((flat.loss, r.loss), (flat.per_token, r.per_token),
+                      (flat.grad_hidden, r.grad_hidden), (flat.grad_weight, r.grad_weight)):
+        np.testing.assert_array_equal(got, want)
+    for bad in (labels.reshape(4, 3), labels.reshape(12)[:-1]):
+        with pytest.raises(ValueError, match=r"labels must have shape \(3, 4\) or \(12,\)"):
+            dk.fused_linear_divergence(h3, ws, t3, wt, labels=bad)
 
 
 @needs_lib

@@ -276,8 +276,13 @@ def test_divergence_takes_leading_axes(device):
     assert torch.equal(sliced.grad[:, :-1], e.grad) and not sliced.grad[:, -1].any()
     with pytest.raises(ValueError, match="flatten without a copy"):
         dkt.divergence((sliced * 1.0)[:, :-1], t[:, :-1], grad_inplace=True)
-    with pytest.raises(ValueError, match="labels must have shape"):
-        dkt.divergence(s0, t, labels=labels.reshape(12))
+    # Labels flattened to [N] (as for cross_entropy) name the same rows, row-major.
+    flat_labels = dkt.divergence(s0, t, kind="reverse_kl", labels=labels.reshape(12),
+                                 reduction="none")
+    assert torch.equal(flat_labels, per.detach()) and flat_labels.shape == (3, 4)
+    for bad in (labels.reshape(4, 3), labels.reshape(12)[:-1], labels[:, :-1]):
+        with pytest.raises(ValueError, match=r"labels must have shape \(3, 4\) or \(12,\)"):
+            dkt.divergence(s0, t, labels=bad)
 
 
 def test_torch_compile_traces_the_calls_as_custom_ops_not_ctypes(device):
