@@ -358,7 +358,8 @@ def moe_route(
     ratios even where the scores underflow, e.g. a sigmoid of -100: finite logits give finite
     weights), then times ``scale``. A NaN selection score ranks below every number: with
     ``sigmoid`` a NaN logit only keeps its expert from being chosen (the weights stay finite),
-    with ``softmax`` a NaN logit makes the whole token's scores, and so its weights, NaN. A
+    with ``softmax`` a NaN logit makes the whole token's scores, and so its weights, NaN (so
+    does a ``+inf`` logit: inf − inf, as ``torch.softmax`` gives). A
     token whose logits are all ``-inf`` has NaN ``softmax`` scores (0 / 0, as ``torch.softmax``
     gives): it goes to experts 0..k−1 with NaN weights; under ``sigmoid`` its scores are 0, and
     so are its weights (NaN with ``renormalize``, 0 / 0), its experts chosen by ``bias`` alone
