@@ -42,6 +42,22 @@ fn link_soname(soname: &str) {
     };
     let link = profile_dir.join(soname);
     let _ = std::fs::remove_file(&link);
+    // Links of other ABIs (a build tree that built an older one) would let a program linked
+    // against that ABI load this library: only the current SONAME may name it.
+    if let Ok(entries) = std::fs::read_dir(profile_dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let other_abi = name
+                .strip_prefix("libdistill_kernels.so.")
+                .is_some_and(|abi| !abi.is_empty() && abi.bytes().all(|b| b.is_ascii_digit()));
+            let ours = std::fs::read_link(entry.path())
+                .is_ok_and(|t| t.as_os_str() == "libdistill_kernels.so");
+            if other_abi && ours && name != soname {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
     if let Err(e) = std::os::unix::fs::symlink("libdistill_kernels.so", &link) {
         println!(
             "cargo:warning=could not link {} -> libdistill_kernels.so ({e}): programs linked \

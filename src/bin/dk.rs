@@ -130,6 +130,13 @@ fn main() {
             eprint!("{HELP}");
             2
         }
+        Some(flag @ ("-h" | "--help" | "-V" | "--version")) if args.len() > 1 => {
+            eprintln!(
+                "dk: error: unexpected argument '{}' after {flag} (for a command's help: 'dk help <command>')",
+                args[1]
+            );
+            2
+        }
         Some("-h" | "--help") => help_for(None),
         Some("-V" | "--version") => {
             outln!("dk {}", distill_kernels::VERSION);

@@ -1090,6 +1090,11 @@ pub fn print_header(cfg: &AttnConfig<'_>, cuda: bool) {
     if cuda && cfg.dtypes.contains(&DType::F32) {
         outln!("  (f32 skipped: the CUDA kernels take bf16 / f16; f32 runs on the CPU backend)");
     }
+    if !cuda && cfg.shapes.iter().any(|s| CUDA_ATTN_SHAPES.contains(s)) {
+        outln!(
+            "  note: the CUDA shapes run on the f64 CPU backend here: expect hours (the CPU's own shapes are small, small-varlen)"
+        );
+    }
     outln!(
         "FLOP/s: 4*Hq*D per visible (query, key) pair (causal Sq = Sk: S^2/2, as docs/ANCHORS.md), x3.5 for fwd+bwd"
     );

@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use distill_kernels::device::{cuda_device_count, cuda_driver_present};
 use distill_kernels::divergence::{Kind, Params};
-use distill_kernels::{Context, DType, Element};
+use distill_kernels::{Context, DType, Element, ErrorKind};
 
 use crate::attention::{self, AttnConfig, AttnRow, AttnShape, CPU_ATTN_SHAPES, CUDA_ATTN_SHAPES};
 use crate::backend::{median, Inputs, Outputs, Runner};
@@ -42,7 +42,8 @@ an error rather than ignored):
   --kinds K,...     forward_kl,reverse_kl,jsd (default all three; 'all' also works; --kind
                     is the same option); the divergence only (fused runs JSD at T 1)
   --dtype T,...     bf16 | f16 | f32, or a list (default bf16); student and teacher share it,
-                    and it is the MoE activations' dtype (router logits are always f32)
+                    and it is the MoE activations' dtype (router logits are always f32) and
+                    the attention and fused operands' (bf16 / f16 only on CUDA: f32 skipped)
   --rows N          divergence rows per call (default 4096 on CUDA, 8 on the CPU; --quick:
                     1024 / 2)
   --vocab V,...     vocabulary sizes (default 151936,200064,202048,262144)
@@ -80,8 +81,9 @@ an error rather than ignored):
   -h, --help        this help
 
 Inputs: fresh random logits, student ~ N(0, 3^2), teacher = 0.9 * student + N(0, 1.5^2),
-reduction batchmean. The reference is distill_kernels' f64 row divergence on the same (rounded)
-inputs; the gradient compared is scale/T times its gradient.
+reduction batchmean. The reference is dk's own f64 divergence (src/bin/dk/reference.rs, which
+shares no code with the library) on the same (rounded) inputs; the gradient compared is scale/T
+times its gradient.
 
 Each result row: shape, dtype, kind, pass, median time, GB/s (bytes: both inputs read + the
 gradient written for fwd+bwd; both inputs read for fwd), that rate as a fraction of the copy
@@ -937,12 +939,17 @@ fn choose_runner(device: DeviceChoice) -> Result<Runner, String> {
                 eprintln!("note: no CUDA device visible: running on the CPU");
                 return Ok(Runner::cpu());
             }
+            // Only a missing device falls back (as Context::best): a misspelt A/B switch or a
+            // driver error must not quietly measure the CPU instead.
             match Context::cuda(0) {
                 Ok(ctx) => Runner::cuda(ctx),
-                Err(e) => {
+                Err(e) if e.kind() == ErrorKind::NoDevice => {
                     eprintln!("note: CUDA device 0 not usable ({e}): running on the CPU");
                     Ok(Runner::cpu())
                 }
+                Err(e) => Err(format!(
+                    "CUDA device 0: {e} (pass --device cpu to run on the CPU)"
+                )),
             }
         }
     }
@@ -1103,6 +1110,15 @@ pub fn run(args: &[String]) -> i32 {
         } else {
             0
         };
+    if total == 0 {
+        // Every requested dtype was dropped (f32 attention / fused on CUDA): nothing measured
+        // must not read as a pass.
+        eprintln!(
+            "dk bench: error: nothing to run on this device: the CUDA attention and fused \
+             kernels take bf16 / f16 (--dtype)\n(see 'dk help bench')"
+        );
+        return 2;
+    }
     let mut done = 0;
     let mut rows: Vec<Row> = Vec::with_capacity(div_total);
     if cfg.divergence {

@@ -124,9 +124,12 @@ pub fn print_header(cfg: &FusedConfig<'_>, cuda: bool) {
             s.name()
         );
     }
+    if cuda && cfg.dtypes.contains(&DType::F32) {
+        outln!("  (f32 skipped: the CUDA path takes bf16 / f16 hidden states and weights; f32 runs on the CPU backend)");
+    }
     if cuda {
         outln!(
-            "x GEMMs = time / the four cuBLAS GEMMs alone (student and teacher logits in f32, grad hidden, grad weight), measured in this run; issue 4 asks <= 1.25"
+            "x GEMMs = time / the four cuBLAS GEMMs alone (student and teacher logits in f32, grad hidden, grad weight), measured in this run; the target is <= 1.25"
         );
         outln!(
             "x GEMMs16 = time / the same four GEMMs with logits in the operands' dtype (torch.matmul's outputs, as ANCHORS.md timed them); the logits' gradient is random data"
