@@ -18,8 +18,10 @@
  *  - Pointers are aligned to their element size (DK_ERR_INVALID_ARGUMENT otherwise); MoE and
  *    attention rows need 16-byte alignment (their sections say which).
  *  - Outputs may not overlap the inputs or each other (DK_ERR_SHAPE), except the documented
- *    in-place forms. The check compares each matrix's first-to-last byte range, so interleaved
- *    layouts that share no element (two halves of one [n, 2v] buffer) are refused too.
+ *    in-place forms. The divergence and attention compare the bytes the strided rows touch, so
+ *    rows of one stride that share no element (two halves of one [n, 2v] buffer) are accepted;
+ *    the fused, MoE and row-scaling calls compare each matrix's first-to-last byte range, so
+ *    there such interleaved layouts are refused too.
  *  - A context may be used from several threads at once; each thread has its own message.
  *  - No panic or exception crosses this boundary.
  */

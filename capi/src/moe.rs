@@ -362,10 +362,11 @@ pub unsafe extern "C" fn dk_moe_route_workspace_size(
     // SAFETY: forwarded contract.
     unsafe {
         write_workspace_size(ctx, bytes, |c| {
+            // The checks dk_moe_route makes of N, E and k, in its order (k with the params,
+            // first): the same status as the call.
+            let k = positive("k", k as i64)?;
             let n = to_usize("n", n)?;
             let e = to_usize("e", e as i64)?;
-            let k = to_usize("k", k as i64)?;
-            // The checks dk_moe_route makes of N, E and k: the same status as the call.
             RouteParams::new(k).validate(e)?;
             check_tokens_and_slots(n, k)?;
             Ok(c.moe_route_workspace_size(n, e, k))

@@ -620,12 +620,15 @@ pub(crate) fn launch(
     smem: usize,
 ) -> Result<Launched> {
     debug_assert!(smem <= MAX_SLICE_BYTES.max(STAGED_MAX_SMEM));
-    let blocks = u32::try_from(clusters * c).map_err(|_| {
-        Error::new(
+    // Past the grid's 2^31 - 1 blocks (a forced stream cluster over ~2^27 rows): refused like a
+    // shape the driver turns down, so the rows fall back to the one-block kernel.
+    let Some(blocks) = clusters.checked_mul(c).filter(|&b| b <= i32::MAX as usize) else {
+        return Ok(Launched::Refused(Error::new(
             ErrorKind::Shape,
-            format!("{clusters} clusters x {c} blocks exceed the grid limit"),
-        )
-    })?;
+            format!("{clusters} clusters x {c} blocks pass the grid limit (2^31 - 1 blocks)"),
+        )));
+    };
+    let blocks = blocks as u32;
     let mut attr = cluster_attribute(c);
     let config = launch_config_1d(blocks, threads, smem, stream.cu_stream(), &mut attr);
     let mut params = [

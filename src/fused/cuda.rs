@@ -217,37 +217,123 @@ struct Layout {
     total: usize,
 }
 
-fn layout(raw: &RawFusedLinear, params: &FusedLinearParams) -> Layout {
+/// The workspace layout of a call; a shape error where its bytes would pass the address space
+/// (N and V near their limits: unchecked, the size wrapped to a small number and the chunk
+/// buffers landed outside the workspace).
+fn layout(raw: &RawFusedLinear, params: &FusedLinearParams) -> Result<Layout> {
     let chunk = chunk_rows(raw.n, raw.v, params.chunk_rows);
     let ld = logits_ld(raw.v);
+    let too_big = || {
+        Error::new(
+            ErrorKind::Shape,
+            format!(
+                "the fused workspace of N = {}, V = {} in chunks of {chunk} rows passes the \
+                 address space (pass a smaller chunk_rows)",
+                raw.n, raw.v
+            ),
+        )
+    };
+    // `count` f32 values, rounded up to whole 256-byte blocks.
+    let f32_blocks = |count: Option<usize>| {
+        count
+            .and_then(|c| c.checked_mul(4))
+            .and_then(|b| b.checked_next_multiple_of(ALIGN))
+            .ok_or_else(too_big)
+    };
     let mut off = ALIGN; // the constant block (5 floats used)
     let per_row = if raw.per_token.is_null() {
         let at = off;
-        off += (4 * raw.n).next_multiple_of(ALIGN);
+        off = off
+            .checked_add(f32_blocks(Some(raw.n))?)
+            .ok_or_else(too_big)?;
         Some(at)
     } else {
         None
     };
     let pad = g_pad_rows(chunk, ld);
-    off += (4 * pad * ld).next_multiple_of(ALIGN);
+    off = off
+        .checked_add(f32_blocks(pad.checked_mul(ld))?)
+        .ok_or_else(too_big)?;
     let logits = off;
-    off += (2 * 4 * chunk * ld).next_multiple_of(ALIGN);
+    off = off
+        .checked_add(f32_blocks(
+            chunk.checked_mul(ld).and_then(|x| x.checked_mul(2)),
+        )?)
+        .ok_or_else(too_big)?;
     let cublas = off;
-    off += CUBLAS_WORKSPACE;
-    Layout {
+    let total = off
+        .checked_add(CUBLAS_WORKSPACE + ALIGN)
+        .filter(|&t| t <= isize::MAX as usize)
+        .ok_or_else(too_big)?;
+    Ok(Layout {
         chunk,
         ld,
         per_row,
         pad,
         logits,
         cublas,
-        total: off + ALIGN,
-    }
+        total,
+    })
 }
 
-/// Exact bytes of device workspace [`fused_linear`] uses for this call.
-pub(crate) fn workspace_size(raw: &RawFusedLinear, params: &FusedLinearParams) -> usize {
-    layout(raw, params).total
+/// cuBLAS's 32-bit sizes and row strides of a call (0 for a gradient not requested).
+struct GemmInts {
+    v: i32,
+    h: i32,
+    ht: i32,
+    /// The chunk logits' row stride (f32 elements).
+    ld: i32,
+    student_hidden: i32,
+    student_weight: i32,
+    teacher_hidden: i32,
+    teacher_weight: i32,
+    grad_hidden: i32,
+    grad_weight: i32,
+}
+
+/// Checks every size the GEMMs take as an `int` up front, so that no GEMM fails halfway and
+/// the size query refuses what the call refuses.
+fn gemm_ints(raw: &RawFusedLinear, lay: &Layout) -> Result<GemmInts> {
+    to_i32("N", raw.n)?;
+    if raw.dtype != DType::F32 {
+        // A 16-bit G over S has a row stride of S's row bytes: 2·ld of its elements.
+        to_i32("the bf16/f16 gradient row stride", 2 * lay.ld)?;
+    }
+    let grad = |wanted: bool, what: &str, stride: usize| {
+        if wanted {
+            to_i32(what, stride)
+        } else {
+            Ok(0)
+        }
+    };
+    Ok(GemmInts {
+        v: to_i32("V", raw.v)?,
+        h: to_i32("H", raw.h)?,
+        ht: to_i32("Ht", raw.ht)?,
+        ld: to_i32("the chunk logits' row stride", lay.ld)?,
+        student_hidden: to_i32("student hidden row stride", raw.student_hidden_stride)?,
+        student_weight: to_i32("student weight row stride", raw.student_weight_stride)?,
+        teacher_hidden: to_i32("teacher hidden row stride", raw.teacher_hidden_stride)?,
+        teacher_weight: to_i32("teacher weight row stride", raw.teacher_weight_stride)?,
+        grad_hidden: grad(
+            !raw.grad_hidden.is_null(),
+            "grad_hidden row stride",
+            raw.grad_hidden_stride,
+        )?,
+        grad_weight: grad(
+            !raw.grad_weight.is_null(),
+            "grad_weight row stride",
+            raw.grad_weight_stride,
+        )?,
+    })
+}
+
+/// Exact bytes of device workspace [`fused_linear`] uses for this call; what the call would
+/// refuse for its sizes (the workspace's or cuBLAS's 32-bit ones) is refused here too.
+pub(crate) fn workspace_size(raw: &RawFusedLinear, params: &FusedLinearParams) -> Result<usize> {
+    let lay = layout(raw, params)?;
+    gemm_ints(raw, &lay)?;
+    Ok(lay.total)
 }
 
 // ---- cuBLAS: loading and the per-device handle ------------------------------------------------
@@ -753,30 +839,14 @@ pub(crate) fn fused_linear(
         }
     }
 
-    let lay = layout(raw, params);
-    let (n, v, h, ht) = (raw.n, raw.v, raw.h, raw.ht);
+    let lay = layout(raw, params)?;
+    let (n, v) = (raw.n, raw.v);
     let esize = raw.dtype.size();
-    // cuBLAS's int sizes: checked up front so no GEMM fails halfway.
-    let v_i = to_i32("V", v)?;
-    let h_i = to_i32("H", h)?;
-    let ht_i = to_i32("Ht", ht)?;
-    to_i32("N", n)?;
-    to_i32("the bf16/f16 gradient row stride", 2 * lay.ld)?;
-    let ld_i = lay.ld as i32;
-    let sxs = to_i32("student hidden row stride", raw.student_hidden_stride)?;
-    let sws = to_i32("student weight row stride", raw.student_weight_stride)?;
-    let sxt = to_i32("teacher hidden row stride", raw.teacher_hidden_stride)?;
-    let swt = to_i32("teacher weight row stride", raw.teacher_weight_stride)?;
-    let sgh = if want_hidden {
-        to_i32("grad_hidden row stride", raw.grad_hidden_stride)?
-    } else {
-        0
-    };
-    let sgw = if want_weight {
-        to_i32("grad_weight row stride", raw.grad_weight_stride)?
-    } else {
-        0
-    };
+    let ints = gemm_ints(raw, &lay)?;
+    let (v_i, h_i, ht_i, ld_i) = (ints.v, ints.h, ints.ht, ints.ld);
+    let (sxs, sws) = (ints.student_hidden, ints.student_weight);
+    let (sxt, swt) = (ints.teacher_hidden, ints.teacher_weight);
+    let (sgh, sgw) = (ints.grad_hidden, ints.grad_weight);
 
     // Any start: the layout's slack aligns it.
     dev.check_workspace(
@@ -1205,7 +1275,7 @@ mod tests {
         };
         for per_token in [false, true] {
             let r = raw(1000, 1001, per_token);
-            let l = layout(&r, &params);
+            let l = layout(&r, &params).unwrap();
             assert_eq!(l.chunk, 100);
             assert_eq!(l.ld, 1008);
             let per_row = if per_token { 0 } else { 4096 };
@@ -1219,11 +1289,56 @@ mod tests {
             );
             assert_eq!(l.cublas, l.logits + 2 * 4 * 100 * 1008);
             assert_eq!(l.total, l.cublas + CUBLAS_WORKSPACE + 256);
-            assert_eq!(workspace_size(&r, &params), l.total);
+            assert_eq!(workspace_size(&r, &params).unwrap(), l.total);
             for off in [l.logits, l.cublas] {
                 assert_eq!(off % ALIGN, 0);
             }
         }
+    }
+
+    #[test]
+    fn sizes_past_the_address_space_or_cublas_ints_are_refused() {
+        // N = chunk = 2^31 - 1 rows of ld = 2^30 - 8: 2^64 + 32 MiB of workspace, which wrapped
+        // to 32 MiB (and put S past it) before the checked layout.
+        let n = (1usize << 31) - 1;
+        let r = raw(n, (1 << 30) - 15, false);
+        let params = FusedLinearParams {
+            chunk_rows: Some(n),
+            ..FusedLinearParams::default()
+        };
+        let e = layout(&r, &params).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Shape, "{e}");
+        assert!(e.to_string().contains("address space"), "{e}");
+        assert_eq!(
+            workspace_size(&r, &params).unwrap_err().kind(),
+            ErrorKind::Shape
+        );
+        // A 16-bit G over S has a row stride of 2·ld elements: past 2^31 - 1 the query refuses
+        // it as the call does; f32 G (stride ld) is fine there.
+        let small = FusedLinearParams {
+            chunk_rows: Some(1),
+            ..FusedLinearParams::default()
+        };
+        let v = (1 << 30) - 7; // ld 2^30: 2·ld = 2^31
+        let e = workspace_size(&raw(1, v, true), &small).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(e.to_string().contains("gradient row stride"), "{e}");
+        let f32_call = RawFusedLinear {
+            dtype: DType::F32,
+            ..raw(1, v, true)
+        };
+        assert!(workspace_size(&f32_call, &small).is_ok());
+        // A gradient's row stride past cuBLAS's int only counts when that gradient is wanted.
+        let strided = RawFusedLinear {
+            grad_weight_stride: 1 << 31,
+            ..raw(4, 100, true)
+        };
+        assert!(workspace_size(&strided, &small).is_ok());
+        let wanted = RawFusedLinear {
+            grad_weight: std::ptr::NonNull::<u8>::dangling().as_ptr().cast(),
+            ..strided
+        };
+        assert!(workspace_size(&wanted, &small).is_err());
     }
 
     /// Plays out dk_fused_grad_bf16 writing over the capped logits it reads (cuda/fused.cu,

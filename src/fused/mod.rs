@@ -148,7 +148,7 @@ impl Context {
         let raw = RawFusedLinear::validate(self, call, params)?;
         Ok(match self.backend() {
             Backend::Cpu => 0,
-            Backend::Cuda(_) => cuda::workspace_size(&raw, params),
+            Backend::Cuda(_) => cuda::workspace_size(&raw, params)?,
         })
     }
 

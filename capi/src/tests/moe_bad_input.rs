@@ -1616,6 +1616,10 @@ fn c_abi_max_rows_defaults_and_workspace() {
             (100, 64, 40, 2),    // k past MAX_K
             (1 << 31, 8, 2, 3),  // N past 2^31 - 1
             (1 << 28, 64, 8, 3), // N·k past 2^31 - 1
+            // Two bad values: k is checked first, with the params, as the call checks it.
+            (-1, 4, 0, 2),
+            (4, 0, 0, 2),
+            (4, 1025, 0, 2),
         ] {
             assert_eq!(
                 dk_moe_route_workspace_size(ctx, n, e, k, &mut bytes),
