@@ -9,8 +9,8 @@
 //! ```
 //!
 //! CPU backend (exact f64 reference, host slices). On CUDA use `Context::cuda(0)?`, device
-//! pointers wrapped with the `unsafe` `Matrix::from_raw(.., Location::Cuda(0))` (bf16 / f16 there,
-//! the products go through cuBLAS) and `unsafe { Launch::on_stream(stream) }`.
+//! pointers wrapped with the `unsafe` `Matrix::from_raw(.., Location::Cuda(0))` (f32, bf16 or
+//! f16; the products go through cuBLAS) and `unsafe { Launch::on_stream(stream) }`.
 
 mod common;
 

@@ -22,7 +22,9 @@
  *    rows of one stride that share no element (two halves of one [n, 2v] buffer) are accepted;
  *    the fused, MoE and row-scaling calls compare each matrix's first-to-last byte range, so
  *    there such interleaved layouts are refused too.
- *  - A context may be used from several threads at once; each thread has its own message.
+ *  - A context may be used from several threads at once; each thread has its own message. A
+ *    caller's workspace serves one call at a time: calls that may interleave (from other
+ *    threads, or on other streams) each need their own.
  *  - No panic or exception crosses this boundary.
  */
 #ifndef DISTILL_KERNELS_H

@@ -46,7 +46,8 @@ impl<T: Element> AlignedBuf<T> {
     /// `len` copies of `value`.
     ///
     /// # Panics
-    /// If `len` elements (plus alignment slack) overflow `usize` or cannot be allocated.
+    /// If `len` elements (plus alignment slack) overflow `usize`. (Where the memory cannot be
+    /// allocated the process aborts, as for a `Vec`.)
     pub fn filled(len: usize, value: T) -> Self {
         let size = std::mem::size_of::<T>();
         // Enough spare elements to reach the next boundary from any element-aligned address.

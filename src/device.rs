@@ -437,7 +437,18 @@ impl Context {
 
 /// How a call is launched on a CUDA context: the stream, and optionally a caller-owned
 /// workspace. Ignored by the CPU backend. `Launch::default()` is the legacy default stream with
-/// a workspace allocated (stream-ordered) by the library.
+/// a workspace allocated (stream-ordered) by the library. `Send` but not `Sync`: one workspace
+/// serves one call at a time, so threads do not share a `Launch`:
+///
+/// ```
+/// fn send<T: Send>() {}
+/// send::<distill_kernels::Launch<'static>>(); // moved to a thread: fine
+/// ```
+///
+/// ```compile_fail
+/// fn sync<T: Sync>() {}
+/// sync::<distill_kernels::Launch<'static>>(); // shared between threads: refused
+/// ```
 #[derive(Debug)]
 pub struct Launch<'a> {
     pub(crate) stream: *mut c_void,
@@ -447,10 +458,10 @@ pub struct Launch<'a> {
 // SAFETY: the stream is an opaque CUDA handle, usable from any thread (the driver API is
 // thread-safe and a stream belongs to no thread); the workspace view is Send.
 unsafe impl Send for Launch<'_> {}
-// SAFETY: a shared `&Launch` hands out only the stream handle and the workspace's address and
-// length (device memory the library uses in stream order, never through a host reference), so
-// sharing it between threads gives none of them a way to touch host memory concurrently.
-unsafe impl Sync for Launch<'_> {}
+// Not Sync: a call writes its workspace in one kernel and reads it in a later one, so two
+// threads queueing calls through one `&Launch` (one workspace) could interleave them and
+// clobber each other's scratch (an out-of-bounds write where the route's scratch holds row
+// offsets). Each thread builds its own `Launch` (cheap); calls on one thread are stream-ordered.
 
 impl Default for Launch<'_> {
     fn default() -> Self {

@@ -111,7 +111,8 @@ macro_rules! call_errors_doc {
          `UnsupportedDtype`, `InvalidArgument` (parameters, alignment), `WrongDevice` (memory \
          not where the context expects it), `WorkspaceTooSmall`; `OutOfMemory` where the CPU \
          backend cannot allocate its working copies; `Cuda` where the driver refuses to queue \
-         the work."
+         the work; `NoDevice` where a library the call needs cannot be loaded (cuBLAS, for the \
+         fused linear divergence on CUDA)."
     };
 }
 pub(crate) use call_errors_doc;

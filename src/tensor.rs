@@ -158,8 +158,9 @@ impl<'a> Matrix<'a> {
     ///
     /// # Safety
     /// `ptr` must be valid for reads of `span` elements of `dtype` at `location`, where span is
-    /// `(rows - 1) * row_stride + cols` (0 for an empty view), or null (which the operations
-    /// reject), and not be written through another path while the view is used. Valid for `'a`
+    /// `(rows - 1) * row_stride + cols` (0 for an empty view), or null (the operations reject a
+    /// null view of any element; one of none, as an empty tensor's, is accepted), and not be
+    /// written through another path while the view is used. Valid for `'a`
     /// and, for CUDA memory, until the work queued on the stream of every call that used the
     /// view has completed: the calls return once their work is queued.
     pub unsafe fn from_raw(
@@ -246,8 +247,10 @@ impl<'a> MatrixMut<'a> {
     ///
     /// # Safety
     /// `ptr` must be valid for reads and writes of `span` elements of `dtype` at `location`,
-    /// where span is `(rows - 1) * row_stride + cols` (0 for an empty view), or null (which the
-    /// operations reject), with no other access while the view is used. Valid for `'a` and, for
+    /// where span is `(rows - 1) * row_stride + cols` (0 for an empty view), or null (the
+    /// operations reject a null view of any element; one of none is accepted), with no other
+    /// access while the view is used (the divergence's gradient over the student logits is the
+    /// one exception, through [`crate::divergence::DivergenceInPlace`]). Valid for `'a` and, for
     /// CUDA memory, until the work queued on the stream of every call that used the view has
     /// completed: the calls return once their work is queued.
     pub unsafe fn from_raw(
@@ -332,8 +335,8 @@ impl<'a, T> Vector<'a, T> {
     /// Wraps a raw pointer.
     ///
     /// # Safety
-    /// `ptr` must be valid for reads of `len` elements at `location` (or null, which the
-    /// operations reject) for `'a` and, for CUDA memory, until the work queued on the stream of
+    /// `ptr` must be valid for reads of `len` elements at `location` (or null: rejected unless
+    /// `len` is 0) for `'a` and, for CUDA memory, until the work queued on the stream of
     /// every call that used the view has completed (the calls return once it is queued).
     pub unsafe fn from_raw(ptr: *const T, len: usize, location: Location) -> Self {
         Vector {
@@ -384,8 +387,8 @@ impl<'a, T> VectorMut<'a, T> {
     /// Wraps a raw pointer.
     ///
     /// # Safety
-    /// `ptr` must be valid for reads and writes of `len` elements at `location` (or null, which
-    /// the operations reject) for `'a` and, for CUDA memory, until the work queued on the stream
+    /// `ptr` must be valid for reads and writes of `len` elements at `location` (or null:
+    /// rejected unless `len` is 0) for `'a` and, for CUDA memory, until the work queued on the stream
     /// of every call that used the view has completed (the calls return once it is queued), with
     /// no other access while the view is used.
     pub unsafe fn from_raw(ptr: *mut T, len: usize, location: Location) -> Self {

@@ -14,6 +14,9 @@ use crate::tensor::{DType, Element};
 /// `b` and `a` are the student and teacher logits already divided by T. Masked entries (−inf)
 /// contribute 0; a row with no finite entry on either side has loss 0 and gradient 0; NaN or
 /// +inf anywhere makes the loss NaN.
+///
+/// # Panics
+/// If `a` or `grad` is shorter than `b`.
 pub fn row_divergence(
     kind: Kind,
     beta: f64,

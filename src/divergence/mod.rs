@@ -66,7 +66,9 @@ pub struct Divergence<'a> {
     /// Optional reduced loss output (one f32).
     pub loss: Option<VectorMut<'a, f32>>,
     /// Optional gradient of the reduced loss w.r.t. the student logits, `[N, V]` in the
-    /// student's dtype. `None` computes the forward pass only.
+    /// student's dtype. `None` computes the forward pass only. To write it over the student
+    /// logits, call [`Context::divergence_in_place`] with a [`DivergenceInPlace`] (a separate
+    /// view over the same memory here would break the views' no-aliasing contract).
     pub grad: Option<MatrixMut<'a>>,
     /// Optional `batchmean` divisor in memory: one f32 at the context's location, read when the
     /// call runs (on CUDA by a kernel on the stream, so a token count the trainer computed on
@@ -411,6 +413,7 @@ fn check_pair(ctx: &Context, student: &Matrix<'_>, teacher: &Matrix<'_>) -> Resu
 impl Context {
     /// Bytes of device workspace a divergence over `n` rows needs (0 on the CPU). Pass at least
     /// this much through [`Launch::with_workspace`], or none to let the library allocate on the stream.
+    /// A size, not a check: the call validates its operands.
     pub fn divergence_workspace_size(&self, n: usize) -> usize {
         match self.backend() {
             Backend::Cpu => 0,

@@ -119,8 +119,8 @@ impl Params {
     /// Rejects out-of-range values with a message naming the parameter.
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) (or `Shape` for a
-    /// size that does not fit), with a message naming the parameter and its range.
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument), with a message naming
+    /// the parameter and its range.
     pub fn validate(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.beta) {
             bail!(InvalidArgument, "beta must be in [0, 1], got {}", self.beta);

@@ -121,36 +121,41 @@ unsafe fn store_matrix(
     }
 }
 
-/// Runs `f(first_row, rows_a, rows_b)` over contiguous row ranges of `a` (`wa` values per row)
-/// and `b` (`wb` per row) on up to all cores; `rows` rows in all.
+/// The threads [`par_rows`] runs on at most (all cores).
+fn max_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |t| t.get())
+}
+
+/// Runs `f(first_row, rows_a, rows_b, scratch)` over contiguous row ranges of `a` (`wa` values
+/// per row) and `b` (`wb` per row) on up to all cores; `rows` rows in all. Each worker gets its
+/// own `per_thread` values of `pool`, which holds [`max_threads`] × `per_thread` (allocated by
+/// the caller before any worker starts, so a refusal is an error, not an abort).
 fn par_rows(
     rows: usize,
-    a: &mut [f64],
-    wa: usize,
-    b: &mut [f64],
-    wb: usize,
-    f: impl Fn(usize, &mut [f64], &mut [f64]) + Sync,
+    (a, wa): (&mut [f64], usize),
+    (b, wb): (&mut [f64], usize),
+    (pool, per_thread): (&mut [f64], usize),
+    f: impl Fn(usize, &mut [f64], &mut [f64], &mut [f64]) + Sync,
 ) {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |t| t.get())
-        .min(rows)
-        .max(1);
+    let threads = max_threads().min(rows).max(1);
     let per = rows.div_ceil(threads);
     if threads == 1 {
-        f(0, a, b);
+        f(0, a, b, &mut pool[..per_thread]);
         return;
     }
     std::thread::scope(|scope| {
         let mut a_rest = a;
         let mut b_rest = b;
+        let mut pool_rest = pool;
         let mut first = 0;
         while first < rows {
             let take = per.min(rows - first);
             let (a_now, a_next) = std::mem::take(&mut a_rest).split_at_mut(take * wa);
             let (b_now, b_next) = std::mem::take(&mut b_rest).split_at_mut(take * wb);
-            (a_rest, b_rest) = (a_next, b_next);
+            let (p_now, p_next) = std::mem::take(&mut pool_rest).split_at_mut(per_thread);
+            (a_rest, b_rest, pool_rest) = (a_next, b_next, p_next);
             let f = &f;
-            scope.spawn(move || f(first, a_now, b_now));
+            scope.spawn(move || f(first, a_now, b_now, p_now));
             first += take;
         }
     });
@@ -400,24 +405,29 @@ pub(crate) unsafe fn fused_linear(raw: &RawFusedLinear, params: &FusedLinearPara
     )?;
     let gw = if want_grad { v } else { 0 };
 
+    // Each worker's logits of one block of rows: student, teacher (and the cap's derivative).
+    let with_dcap = want_grad && math.cap.is_some();
+    let block_values = (2 + usize::from(with_dcap)) * BLOCK.min(chunk) * v;
+    let mut pool = f64_zeros(
+        max_threads().min(chunk).max(1) * block_values,
+        "per-thread logit blocks",
+    )?;
     for r0 in (0..n).step_by(chunk) {
         let rows = chunk.min(n - r0);
         let g = &mut g[..rows * gw];
         // Logits, divergence and G, in blocks of rows that share each weight row's reads.
         par_rows(
             rows,
-            g,
-            gw,
-            &mut row_loss[r0..r0 + rows],
-            1,
-            |first, g_rows, losses| {
-                let with_dcap = want_grad && math.cap.is_some();
+            (g, gw),
+            (&mut row_loss[r0..r0 + rows], 1),
+            (&mut pool, block_values),
+            |first, g_rows, losses, scratch| {
                 // Scratch for one block: at most this thread's rows, so with many threads and
                 // few rows each it stays the one-row size.
                 let blk = BLOCK.min(losses.len());
-                let mut b = vec![0.0f64; blk * v];
-                let mut a = vec![0.0f64; blk * v];
-                let mut dcap = vec![0.0f64; if with_dcap { blk * v } else { 0 }];
+                let (b, rest) = scratch.split_at_mut(blk * v);
+                let (a, rest) = rest.split_at_mut(blk * v);
+                let dcap = &mut rest[..if with_dcap { blk * v } else { 0 }];
                 let dv = if with_dcap { v } else { 0 };
                 let mut none: [f64; 0] = [];
                 // The rows that need logits; ignored rows are settled here.
@@ -443,10 +453,10 @@ pub(crate) unsafe fn fused_linear(raw: &RawFusedLinear, params: &FusedLinearPara
                         &sw,
                         s,
                         math.cap,
-                        &mut b,
+                        &mut *b,
                         &mut dcap[..block.len() * dv],
                     );
-                    logits_block(&teacher, &tw, s, math.cap, &mut a, &mut none);
+                    logits_block(&teacher, &tw, s, math.cap, &mut *a, &mut none);
                     for (i, &k) in block.iter().enumerate() {
                         let (b, a) = (&mut b[i * v..(i + 1) * v], &mut a[i * v..(i + 1) * v]);
                         b.iter_mut().for_each(|x| *x *= math.inv_t);
@@ -473,11 +483,10 @@ pub(crate) unsafe fn fused_linear(raw: &RawFusedLinear, params: &FusedLinearPara
             let mut unused: [f64; 0] = [];
             par_rows(
                 rows,
-                &mut grad_hidden[r0 * h..(r0 + rows) * h],
-                h,
-                &mut unused,
-                0,
-                |first, out, _| {
+                (&mut grad_hidden[r0 * h..(r0 + rows) * h], h),
+                (&mut unused, 0),
+                (&mut [], 0),
+                |first, out, _, _| {
                     let mut outs: Vec<&mut [f64]> = out.chunks_exact_mut(h).collect();
                     let ks: Vec<usize> = (0..outs.len()).collect();
                     for_blocks(&ks, |block| {
@@ -496,22 +505,28 @@ pub(crate) unsafe fn fused_linear(raw: &RawFusedLinear, params: &FusedLinearPara
         if want_gw {
             let mut unused: [f64; 0] = [];
             let x = &sh[r0 * h..(r0 + rows) * h];
-            par_rows(v, &mut grad_weight, h, &mut unused, 0, |first, out, _| {
-                let mut outs: Vec<&mut [f64]> = out.chunks_exact_mut(h).collect();
-                let js: Vec<usize> = (0..outs.len()).collect();
-                // Column j of G, gathered once per block.
-                let mut cols = vec![0.0f64; BLOCK * rows];
-                for_blocks(&js, |block| {
-                    for (i, &jj) in block.iter().enumerate() {
-                        for k in 0..rows {
-                            cols[i * rows + k] = g[k * v + first + jj];
+            par_rows(
+                v,
+                (&mut grad_weight, h),
+                (&mut unused, 0),
+                (&mut [], 0),
+                |first, out, _, _| {
+                    let mut outs: Vec<&mut [f64]> = out.chunks_exact_mut(h).collect();
+                    let js: Vec<usize> = (0..outs.len()).collect();
+                    // Column j of G, gathered once per block.
+                    let mut cols = vec![0.0f64; BLOCK * rows];
+                    for_blocks(&js, |block| {
+                        for (i, &jj) in block.iter().enumerate() {
+                            for k in 0..rows {
+                                cols[i * rows + k] = g[k * v + first + jj];
+                            }
                         }
-                    }
-                    let coef: Vec<&[f64]> = cols.chunks_exact(rows).take(block.len()).collect();
-                    let o = &mut outs[block[0]..block[0] + block.len()];
-                    axpy_block(&coef, x, o);
-                });
-            });
+                        let coef: Vec<&[f64]> = cols.chunks_exact(rows).take(block.len()).collect();
+                        let o = &mut outs[block[0]..block[0] + block.len()];
+                        axpy_block(&coef, x, o);
+                    });
+                },
+            );
         }
     }
 

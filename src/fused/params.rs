@@ -68,8 +68,8 @@ impl FusedLinearParams {
     /// `chunk_rows` (≥ 1 when set).
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) (or `Shape` for a
-    /// size that does not fit), with a message naming the parameter and its range.
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument), with a message naming
+    /// the parameter and its range.
     pub fn validate(&self) -> Result<()> {
         self.divergence.validate()?;
         if !(self.logit_scale.is_finite() && self.logit_scale > 0.0) {
@@ -95,7 +95,7 @@ impl FusedLinearParams {
 
     /// Rows per chunk for a call of `n` rows, vocabulary `v` and hidden sizes `h` (student) and
     /// `ht` (teacher): `chunk_rows` when set, else the automatic choice from the shapes; never
-    /// more than `n` (nor less than 1).
+    /// more than `n` nor less than 1 (so 1 for n = 0, an empty batch, which runs no chunk).
     pub fn rows_per_chunk(&self, n: usize, v: usize, h: usize, ht: usize) -> usize {
         self.chunk_rows
             .unwrap_or_else(|| chunk_rows_for(n, v, h, ht))

@@ -14,6 +14,12 @@
 //! - combine (weighted): `grad_expert_out = permute(grad_y, weights)`,
 //!   `grad_weights = slot_dot(grad_y, expert_out)`; unweighted: `permute(grad_y, None)`.
 //!
+//! Index contents (`perm`, `position`, as a route wrote them or the caller's own): an entry
+//! other than −1 or a row (a flat slot for `perm`) in range is an
+//! [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) on the CPU, with nothing
+//! written; the CUDA kernels, which cannot read them before launching without a host sync,
+//! treat such an entry as −1 (a padding row, a dropped slot).
+//!
 //! [`Context::moe_permute_backward`] and [`Context::moe_combine_backward`] compute each pair in
 //! one call with the same results bit for bit; on CUDA, where the weights' gradient is asked
 //! for, one kernel reads each row once instead of the row both primitives read twice
@@ -238,7 +244,9 @@ pub(crate) struct RawCombineBackward {
 }
 
 impl Context {
-    /// Bytes of device workspace [`Context::moe_route`] needs (0 on the CPU).
+    /// Bytes of device workspace [`Context::moe_route`] needs (0 on the CPU). A size, not a
+    /// check: the sizes are validated by the call (the C ABI's query, `dk_moe_route_workspace_size`,
+    /// also refuses what the call would).
     pub fn moe_route_workspace_size(&self, n: usize, e: usize, k: usize) -> usize {
         match self.backend() {
             Backend::Cpu => 0,
@@ -327,7 +335,8 @@ impl Context {
     }
 
     /// Bytes of device workspace [`Context::moe_permute`] needs for `n` tokens of `k` slots: 0
-    /// on the CPU and for k = 1; on CUDA for k > 1, 4 · (n·k + 1) (the inverse of perm).
+    /// on the CPU and for k = 1; on CUDA for k > 1, 4 · (n·k + 1) (the inverse of perm). A size,
+    /// not a check, as [`Context::moe_route_workspace_size`].
     pub fn moe_permute_workspace_size(&self, n: usize, k: usize) -> usize {
         match self.backend() {
             Backend::Cpu => 0,

@@ -7,7 +7,7 @@
 //! combine, slot dot) to [`ROW_ALIGN`] bytes (base pointer and row stride), on every backend.
 //!
 //! The index contents (`perm`, `position`) cannot be checked here: the CPU backend checks them
-//! before writing; the CUDA kernels trust them.
+//! before writing; the CUDA kernels treat an entry out of range as −1 (they clamp).
 
 use super::params::{MAX_HIDDEN, MAX_K, ROW_ALIGN};
 use super::{
