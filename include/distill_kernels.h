@@ -111,7 +111,8 @@ const char* dk_cuda_archs(void);
    once a device is found: without a driver the status is DK_ERR_NO_DEVICE). */
 dk_status dk_context_create(int32_t device, dk_context** out);
 /* NULL is a no-op. The context must not be used, or destroyed again, afterwards (undefined
-   behaviour, as for free()). */
+   behaviour, as for free()). A CUDA context unloads its kernels here: destroy it only after
+   the work queued through it has finished (synchronise its streams first). */
 dk_status dk_context_destroy(dk_context* ctx);
 /* -1 for the CPU, else the CUDA ordinal. */
 dk_status dk_context_device(const dk_context* ctx, int32_t* out);

@@ -349,6 +349,9 @@ pub(crate) enum Backend {
 }
 
 /// Where operations run: the CPU reference, or one CUDA device.
+///
+/// Dropping a CUDA context unloads its kernels and destroys its cuBLAS handle: drop it only
+/// after the work queued through it has finished (synchronise the streams it used first).
 #[derive(Debug)]
 pub struct Context {
     backend: Backend,
