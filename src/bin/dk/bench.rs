@@ -885,10 +885,16 @@ fn to_json(
         attention::to_json(attn_rows, info.backend == "cuda")
     );
     if let Some(f) = info.fused {
+        // The CPU checks every row of its small shape (and the weight gradient).
+        let checked = if info.backend == "cuda" {
+            f.check_rows.to_string()
+        } else {
+            "\"all\"".to_string()
+        };
         s += &format!(
             "  \"fused\": {{\"iters\": {}, \"check_rows\": {}, \"kind\": \"jsd\", \"beta\": {}, \"temperature\": 1, \"shapes\": [{}]}},\n",
             f.iters,
-            f.check_rows,
+            checked,
             f.beta,
             json_strs(f.shapes.iter().map(|x| x.name()))
         );
