@@ -1433,11 +1433,12 @@ mod tests {
         assert!(!moe.contains("\"beta\""), "{moe}");
         assert!(moe.contains("\"divergence_results\": [") && moe.contains("\"seed\": 11,"));
         assert!(!moe.contains("\"fused\":"), "{moe}");
-        // The fused rows' settings (--beta is theirs too) in their own object.
+        // The fused rows' settings (--beta is theirs too) in their own object; on the CPU
+        // (this RunInfo's backend) every row is checked, whatever --check-rows asked.
         let fused = json_for(&["--ops", "fused", "--beta", "0.3"]);
         assert!(
             fused.contains(
-                "\"fused\": {\"iters\": 2, \"check_rows\": 3, \"kind\": \"jsd\", \"beta\": 0.3,"
+                "\"fused\": {\"iters\": 2, \"check_rows\": \"all\", \"kind\": \"jsd\", \"beta\": 0.3,"
             ),
             "{fused}"
         );
