@@ -114,8 +114,7 @@ impl Region {
 
     /// `bytes` contiguous bytes from `ptr` (empty where `ptr` is null).
     pub(crate) fn bytes(what: &'static str, ptr: *const u8, bytes: usize) -> Region {
-        let rows = u128::from(!ptr.is_null());
-        Region::matrix(what, ptr, (rows as usize, bytes, bytes), 1)
+        Region::matrix(what, ptr, (usize::from(!ptr.is_null()), bytes, bytes), 1)
     }
 
     fn is_empty(&self) -> bool {

@@ -1024,6 +1024,16 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral)
 
 
+def check_labels_shape(shape, lead_shape, n: int) -> None:
+    """ValueError unless labels of ``shape`` give one per row: the rows' leading shape, or those
+    rows flattened (``[N]``, row-major, as DESIGN.md has it); shared by the numpy and torch
+    faces."""
+    shape, lead_shape = tuple(shape), tuple(lead_shape)
+    if shape not in (lead_shape, (n,)):
+        want = f"{lead_shape} or ({n},)" if len(lead_shape) != 1 else f"{lead_shape}"
+        raise ValueError(f"labels must have shape {want} (one per row), got {shape}")
+
+
 def _real(name: str, x) -> float:
     import numbers
 

@@ -102,10 +102,7 @@ def _labels(labels, n: int, lead_shape: Tuple[int, ...]) -> Optional[np.ndarray]
     lab = as_array("labels", labels, anything=True)
     if lab.dtype == np.bool_ or lab.dtype.kind not in "iu":
         raise TypeError(f"labels must be integers (int64 preferred), got dtype {lab.dtype}")
-    # The leading shape of the rows, or those rows flattened ([N], row-major, as DESIGN.md has it).
-    if lab.shape != lead_shape and lab.shape != (n,):
-        want = f"{lead_shape} or ({n},)" if len(lead_shape) != 1 else f"{lead_shape}"
-        raise ValueError(f"labels must have shape {want} (one per row), got {lab.shape}")
+    _lib.check_labels_shape(lab.shape, lead_shape, n)
     if lab.dtype == np.uint64 and lab.size and int(lab.max()) >= 2**63:
         raise ValueError("labels do not fit in int64")
     return np.ascontiguousarray(lab.reshape(n), dtype=np.int64)

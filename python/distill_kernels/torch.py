@@ -116,11 +116,7 @@ def _labels(labels, n: int, lead_shape, device: torch.device) -> Optional[torch.
         raise TypeError(f"labels must be integers (int64 preferred), got {labels.dtype}")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but the logits are on {device}")
-    # The leading shape of the rows, or those rows flattened ([N], row-major, as DESIGN.md has it).
-    lead_shape = tuple(lead_shape)
-    if tuple(labels.shape) not in (lead_shape, (n,)):
-        want = f"{lead_shape} or ({n},)" if len(lead_shape) != 1 else f"{lead_shape}"
-        raise ValueError(f"labels must have shape {want} (one per row), got {tuple(labels.shape)}")
+    _lib.check_labels_shape(labels.shape, lead_shape, n)
     return labels.reshape(n).to(torch.int64).contiguous()
 
 

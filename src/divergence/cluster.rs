@@ -429,12 +429,13 @@ pub(crate) fn staged_grid(
 }
 
 /// [`staged_grid`]'s choice, with `placed(c, smem)` the clusters of that shape the card runs at
-/// once and `grad` whether the launch has a gradient pass. Candidates, in order, each taken where its shared memory fits and the card places at
-/// least one cluster of it: the forced size (`DK_DIVERGENCE_CLUSTER_SIZE`) with the stash asked
-/// for, then with each smaller one ([`Stash::smaller`]: an A/B of the cluster size keeps its
-/// size); then the first size that holds the rows ([`staged_cluster_size`]) with the stash asked
-/// for, then with each smaller one (so a card that cannot place a 16-block cluster still gets
-/// the smaller stash at 8). None when no candidate runs.
+/// once and `grad` whether the launch has a gradient pass. Candidates, in order, each taken
+/// where its shared memory fits and the card places at least one cluster of it: the forced
+/// size (`DK_DIVERGENCE_CLUSTER_SIZE`) with the stash asked for, then with each smaller one
+/// ([`Stash::smaller`]: an A/B of the cluster size keeps its size); then the first size that
+/// holds the rows ([`staged_cluster_size`]) with the stash asked for, then with each smaller
+/// one (so a card that cannot place a 16-block cluster still gets the smaller stash at 8).
+/// None when no candidate runs.
 fn staged_choice(
     (n, v): (usize, usize),
     (student_bytes, teacher_bytes): (usize, usize),

@@ -223,56 +223,40 @@ struct Layout {
 fn layout(raw: &RawFusedLinear, params: &FusedLinearParams) -> Result<Layout> {
     let chunk = chunk_rows(raw.n, raw.v, params.chunk_rows);
     let ld = logits_ld(raw.v);
-    let too_big = || {
-        Error::new(
-            ErrorKind::Shape,
-            format!(
-                "the fused workspace of N = {}, V = {} in chunks of {chunk} rows passes the \
-                 address space (pass a smaller chunk_rows)",
-                raw.n, raw.v
-            ),
-        )
-    };
-    // `count` f32 values, rounded up to whole 256-byte blocks.
-    let f32_blocks = |count: Option<usize>| {
-        count
-            .and_then(|c| c.checked_mul(4))
-            .and_then(|b| b.checked_next_multiple_of(ALIGN))
-            .ok_or_else(too_big)
-    };
-    let mut off = ALIGN; // the constant block (5 floats used)
+    // In u128, where nothing overflows (chunk ≤ N < 2^63, ld < 2^31); the offsets grow, so the
+    // total bounds them all.
+    let f32_blocks = |count: u128| (4 * count).next_multiple_of(ALIGN as u128);
+    let mut off = ALIGN as u128; // the constant block (5 floats used)
     let per_row = if raw.per_token.is_null() {
         let at = off;
-        off = off
-            .checked_add(f32_blocks(Some(raw.n))?)
-            .ok_or_else(too_big)?;
+        off += f32_blocks(raw.n as u128);
         Some(at)
     } else {
         None
     };
     let pad = g_pad_rows(chunk, ld);
-    off = off
-        .checked_add(f32_blocks(pad.checked_mul(ld))?)
-        .ok_or_else(too_big)?;
+    off += f32_blocks(pad as u128 * ld as u128);
     let logits = off;
-    off = off
-        .checked_add(f32_blocks(
-            chunk.checked_mul(ld).and_then(|x| x.checked_mul(2)),
-        )?)
-        .ok_or_else(too_big)?;
+    off += f32_blocks(2 * chunk as u128 * ld as u128);
     let cublas = off;
-    let total = off
-        .checked_add(CUBLAS_WORKSPACE + ALIGN)
-        .filter(|&t| t <= isize::MAX as usize)
-        .ok_or_else(too_big)?;
+    let total = off + (CUBLAS_WORKSPACE + ALIGN) as u128;
+    if total > isize::MAX as u128 {
+        bail!(
+            Shape,
+            "the fused workspace of N = {}, V = {} in chunks of {chunk} rows passes the address \
+             space (pass a smaller chunk_rows)",
+            raw.n,
+            raw.v
+        );
+    }
     Ok(Layout {
         chunk,
         ld,
-        per_row,
+        per_row: per_row.map(|at| at as usize),
         pad,
-        logits,
-        cublas,
-        total,
+        logits: logits as usize,
+        cublas: cublas as usize,
+        total: total as usize,
     })
 }
 
@@ -842,11 +826,18 @@ pub(crate) fn fused_linear(
     let lay = layout(raw, params)?;
     let (n, v) = (raw.n, raw.v);
     let esize = raw.dtype.size();
-    let ints = gemm_ints(raw, &lay)?;
-    let (v_i, h_i, ht_i, ld_i) = (ints.v, ints.h, ints.ht, ints.ld);
-    let (sxs, sws) = (ints.student_hidden, ints.student_weight);
-    let (sxt, swt) = (ints.teacher_hidden, ints.teacher_weight);
-    let (sgh, sgw) = (ints.grad_hidden, ints.grad_weight);
+    let GemmInts {
+        v: v_i,
+        h: h_i,
+        ht: ht_i,
+        ld: ld_i,
+        student_hidden: sxs,
+        student_weight: sws,
+        teacher_hidden: sxt,
+        teacher_weight: swt,
+        grad_hidden: sgh,
+        grad_weight: sgw,
+    } = gemm_ints(raw, &lay)?;
 
     // Any start: the layout's slack aligns it.
     dev.check_workspace(
