@@ -1,5 +1,5 @@
-//! Compiles every kernel in `cuda/` into one fatbin (sm_80 and sm_90a cubins, compute_80 PTX)
-//! embedded in the library. Without `nvcc` the crate still builds, CPU backend only.
+//! Compiles every kernel in `cuda/` into one fatbin (sm_80, sm_90a, sm_100 and sm_120 cubins,
+//! compute_80 PTX) embedded in the library. Without `nvcc` the crate still builds, CPU backend only.
 //!
 //! Environment:
 //! - `NVCC`, `CUDA_HOME` (`$CUDA_HOME/bin/nvcc`), then `PATH`: where to find the compiler.
@@ -18,10 +18,16 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Architectures compiled into the fatbin: (virtual arch, real code).
+/// Architectures compiled into the fatbin: (virtual arch, real code). Blackwell (sm_100: B200,
+/// B300, GB200; sm_120: RTX 50, RTX PRO 6000) gets cubins of the sm_80 code, because the driver
+/// would otherwise JIT the 10 MB of compute_80 PTX when a device first opens (about a minute of
+/// ptxas); the PTX stays for later architectures. The Hopper-only kernels (clusters, wgmma) are
+/// empty outside sm_90a, and the launchers pick them on compute capability 9.0 only.
 const GENCODES: &[(&str, &str)] = &[
     ("compute_80", "sm_80"),
     ("compute_90a", "sm_90a"),
+    ("compute_80", "sm_100"),
+    ("compute_80", "sm_120"),
     ("compute_80", "compute_80"),
 ];
 

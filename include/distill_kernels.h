@@ -101,8 +101,8 @@ const char* dk_last_error(void);
 /* Number of CUDA devices (0 when no driver is present). */
 int32_t dk_cuda_device_count(void);
 /* The GPU architectures whose kernels are compiled into this library, comma-separated
-   ("sm_80,sm_90a,compute_80"; static storage), or "" for a library built without nvcc, which
-   refuses CUDA contexts (DK_ERR_NO_DEVICE). */
+   ("sm_80,sm_90a,sm_100,sm_120,compute_80"; static storage), or "" for a library built without
+   nvcc, which refuses CUDA contexts (DK_ERR_NO_DEVICE). */
 const char* dk_cuda_archs(void);
 
 /* device = -1: CPU; n >= 0: CUDA device n (its primary context, the one PyTorch uses); below -1

@@ -82,7 +82,7 @@ PACKAGE_VERSION = "0.1.0"
 # 64-bit FNV-1a of the bytes of include/distill_kernels.h that the ctypes mirror below follows.
 # A library must report the same from dk_header_hash(); the tests require it to equal the
 # checkout's header, so a header change cannot land without a look at this mirror.
-HEADER_HASH = 0x2436B3E677BF4FEF
+HEADER_HASH = 0xCC16F4EC471E708B
 
 # ---- constants of include/distill_kernels.h ----------------------------------------------------
 
@@ -918,8 +918,8 @@ def cuda_device_count() -> int:
 
 def cuda_archs() -> List[str]:
     """The GPU architectures whose kernels are compiled into the library (``dk_cuda_archs()``),
-    such as ``["sm_80", "sm_90a", "compute_80"]``; empty for a library built without nvcc,
-    which runs on the CPU only."""
+    such as ``["sm_80", "sm_90a", "sm_100", "sm_120", "compute_80"]``; empty for a library built
+    without nvcc, which runs on the CPU only."""
     text = lib().dk_cuda_archs().decode()
     return [a for a in text.split(",") if a]
 

@@ -181,9 +181,9 @@ pub fn fallback_reason() -> Option<String> {
 }
 
 /// Whether the cluster kernels may be used on a device of this compute capability: the sm_90
-/// family only, the one the fatbin has a cubin for. On a newer card the driver would JIT the
-/// compute_80 PTX, where these kernels are empty (clusters need sm_90), so they would write
-/// nothing; the one-block kernel serves those cards.
+/// family only, the one the fatbin has an sm_90a cubin for. A newer card runs code compiled from
+/// compute_80 (the sm_100 / sm_120 cubins or the PTX), where these kernels are empty (their body
+/// is sm_90a's), so they would write nothing; the one-block kernel serves those cards.
 pub(crate) fn available(compute_capability: (i32, i32)) -> Option<Variant> {
     if compute_capability.0 == 9 {
         env_choice().0

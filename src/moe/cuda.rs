@@ -263,7 +263,8 @@ fn launch_route(
 /// drains, hiding two launch gaps of the three-kernel route. The kernels wait for the previous
 /// grid themselves (`cuda/include/dk_pdl.cuh`). `DK_MOE_PDL=0` launches them plainly (A/B).
 fn dependent_launch(dev: &CudaDevice) -> bool {
-    // Exactly 9: newer cards run the compute_80 PTX, in which the kernels' waits are empty.
+    // Exactly 9: newer cards run code compiled from compute_80 (sm_100 / sm_120 cubins, the
+    // PTX), in which the kernels' waits are empty.
     dev.compute_capability().0 == 9 && crate::switches::value("DK_MOE_PDL") != Some("0")
 }
 

@@ -137,5 +137,11 @@ mod tests {
         assert_eq!(arch_match(&archs, (8, 6)), "runs the sm_80 cubin");
         assert!(arch_match(&archs, (10, 0)).contains("PTX"));
         assert!(arch_match(&[], (9, 0)).contains("no compatible"));
+        // This build's list: Blackwell's cubins serve their families (B300 is 10.3, GB10 12.1).
+        let archs = ["sm_80", "sm_90a", "sm_100", "sm_120", "compute_80"];
+        assert_eq!(arch_match(&archs, (10, 0)), "runs the sm_100 cubin");
+        assert_eq!(arch_match(&archs, (10, 3)), "runs the sm_100 cubin");
+        assert_eq!(arch_match(&archs, (12, 1)), "runs the sm_120 cubin");
+        assert!(arch_match(&archs, (11, 0)).contains("compute_80 PTX"));
     }
 }

@@ -178,7 +178,16 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let src = dir.join("l2_evict.ptx");
         std::fs::write(&src, PTX).unwrap();
-        for arch in ["sm_80", "sm_90a"] {
+        let archs: Vec<&str> = distill_kernels::device::compiled_cuda_archs()
+            .into_iter()
+            .filter(|a| a.starts_with("sm_"))
+            .collect();
+        let archs = if archs.is_empty() {
+            vec!["sm_80", "sm_90a"]
+        } else {
+            archs
+        };
+        for arch in archs {
             let out = Command::new(&ptxas)
                 .args(["-arch", arch, "-v", "-o"])
                 .arg(dir.join(format!("{arch}.cubin")))
