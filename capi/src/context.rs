@@ -67,8 +67,8 @@ pub extern "C" fn dk_header_hash() -> u64 {
 }
 
 /// The GPU architectures whose kernels are compiled into this library, comma-separated
-/// (`"sm_80,sm_90a,compute_80"`, static storage), or `""` for a library built without `nvcc`
-/// (its CUDA contexts are refused).
+/// (`"sm_80,sm_90a,sm_100,sm_120,compute_80"`, static storage), or `""` for a library built
+/// without `nvcc` (its CUDA contexts are refused).
 #[no_mangle]
 pub extern "C" fn dk_cuda_archs() -> *const c_char {
     static ARCHS: OnceLock<CString> = OnceLock::new();
@@ -90,13 +90,11 @@ pub extern "C" fn dk_cuda_device_count() -> i32 {
 #[no_mangle]
 pub unsafe extern "C" fn dk_context_create(device: i32, out: *mut *mut DkContext) -> DkStatus {
     boundary(|| {
-        if out.is_null() {
-            bail!(NullPointer, "out (context handle) is null");
-        }
+        crate::check_out("out (context handle)", out)?;
         let ctx = Box::new(DkContext {
             inner: Context::new(device)?,
         });
-        // SAFETY: checked non-null; the caller owns the handle until dk_context_destroy.
+        // SAFETY: checked non-null and aligned; the caller owns the handle until dk_context_destroy.
         unsafe { *out = Box::into_raw(ctx) };
         Ok(())
     })
@@ -126,11 +124,9 @@ pub unsafe extern "C" fn dk_context_device(ctx: *const DkContext, out: *mut i32)
     boundary(|| {
         // SAFETY: forwarded contract.
         let c = unsafe { context(ctx)? };
-        if out.is_null() {
-            bail!(NullPointer, "out is null");
-        }
+        crate::check_out("out", out)?;
         let dev = c.cuda_device().map_or(-1, |d| d.ordinal() as i32);
-        // SAFETY: checked non-null.
+        // SAFETY: checked non-null and aligned.
         unsafe { *out = dev };
         Ok(())
     })

@@ -69,8 +69,31 @@ pub(crate) unsafe fn read_arg<T: Copy>(what: &str, p: *const T) -> Result<T> {
             format!("{what} is null"),
         ));
     }
-    // SAFETY: non-null and, by the caller's contract, a valid `T`.
-    Ok(unsafe { *p })
+    // SAFETY: non-null and, by the caller's contract, a valid `T`; read unaligned because the
+    // argument structs' alignment is the caller's C compiler's business, not a checked rule.
+    Ok(unsafe { p.read_unaligned() })
+}
+
+/// Checks a single-value output pointer before anything is computed: non-null, and aligned to
+/// its type as the header asks of every pointer (a misaligned write would be undefined
+/// behaviour here, not just slow).
+pub(crate) fn check_out<T>(what: &str, p: *mut T) -> Result<()> {
+    if p.is_null() {
+        return Err(Error::new(
+            ErrorKind::NullPointer,
+            format!("{what} is null"),
+        ));
+    }
+    if !p.is_aligned() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "{what} is not aligned to {} bytes",
+                std::mem::align_of::<T>()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Converts a C size to `usize`, rejecting negatives.
@@ -92,11 +115,9 @@ pub(crate) unsafe fn write_workspace_size(
     boundary(|| {
         // SAFETY: forwarded contract.
         let c = unsafe { context::context(ctx)? };
-        if bytes.is_null() {
-            return Err(Error::new(ErrorKind::NullPointer, "bytes (output) is null"));
-        }
+        check_out("bytes (output)", bytes)?;
         let n = size(c)?;
-        // SAFETY: checked non-null.
+        // SAFETY: checked non-null and aligned.
         unsafe { *bytes = n };
         Ok(())
     })

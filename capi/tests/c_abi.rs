@@ -1,7 +1,7 @@
-//! The C ABI from C and C++: c/divergence_test.c, c/moe_test.c, c/fused_test.c and
-//! c/attention_test.c are compiled with the system C compiler (found by the `cc` crate), linked
-//! against the crate's cdylib (and, separately, its staticlib) and run; c/cpp_client.cpp, a C++17
-//! client, against the cdylib.
+//! The C ABI from C and C++: c/divergence_test.c, c/moe_test.c, c/fused_test.c,
+//! c/attention_test.c and c/thread_exit_test.c are compiled with the system C compiler (found by
+//! the `cc` crate), linked against the crate's cdylib (and, separately, its staticlib) and run;
+//! c/cpp_client.cpp, a C++17 client, against the cdylib.
 //! Also: the header's version macros equal the crate version, and the `dk_` functions the
 //! header declares are exactly the ones capi/src exports.
 
@@ -214,6 +214,16 @@ fn c_attention_program_against_staticlib() {
         "c_attention_program_staticlib",
         "attention_test.c",
         Link::Static,
+    );
+}
+
+/// dk_ calls from a pthread key's destructor, where the thread's Rust thread-locals may be gone.
+#[test]
+fn c_thread_exit_program_against_cdylib() {
+    c_program(
+        "c_thread_exit_program_cdylib",
+        "thread_exit_test.c",
+        Link::Dynamic,
     );
 }
 

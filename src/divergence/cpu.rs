@@ -31,10 +31,18 @@ pub fn row_divergence(
             std::cell::RefCell::new((Vec::new(), Vec::new()))
         };
     }
-    SHIFTED.with(|cell| {
-        let (eb, ea) = &mut *cell.borrow_mut();
-        row_divergence_with(kind, beta, b, a, grad, eb, ea)
-    })
+    // `try_with`: a call made while its thread exits (from a C thread-key destructor) finds the
+    // thread-local gone, and `with` would panic; such a call uses buffers of its own.
+    let mut grad = grad;
+    SHIFTED
+        .try_with(|cell| {
+            let (eb, ea) = &mut *cell.borrow_mut();
+            row_divergence_with(kind, beta, b, a, grad.take(), eb, ea)
+        })
+        .unwrap_or_else(|_| {
+            let (mut eb, mut ea) = (Vec::new(), Vec::new());
+            row_divergence_with(kind, beta, b, a, grad.take(), &mut eb, &mut ea)
+        })
 }
 
 /// A row's softmax normaliser: its maximum `max` and `sum` = Σ e^(x − max), with

@@ -902,3 +902,32 @@ fn c_abi_context_and_queries() {
         assert_eq!((d.beta, d.temperature, d.num_items), (0.5, 1.0, 0.0));
     }
 }
+
+/// The single-value outputs (a context handle, a device, a workspace size) are refused when
+/// misaligned, as the header asks of every pointer, with nothing written: a write through such
+/// a pointer would be undefined behaviour in the library, not a slow store.
+#[test]
+fn c_abi_misaligned_single_value_outputs() {
+    let mut storage = [0x5Au8; 32];
+    let base = storage.as_mut_ptr();
+    // An address one byte past an 8-byte boundary: misaligned for every multi-byte type.
+    let odd = base.wrapping_add(8 - (base as usize % 8) + 1);
+    // SAFETY (block): each pointer is a valid local, misaligned ones inside `storage` with
+    // room for the value; the calls refuse them before writing.
+    unsafe {
+        let mut ctx: *mut DkContext = std::ptr::null_mut();
+        assert_eq!(dk_context_create(-1, &mut ctx), 0);
+        assert_eq!(dk_context_create(-1, odd.cast()), 2, "context handle");
+        assert!(last_error().contains("not aligned"), "{}", last_error());
+        assert_eq!(dk_context_device(ctx, odd.cast()), 2, "device");
+        assert!(
+            last_error().contains("out is not aligned"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(dk_divergence_workspace_size(ctx, 4, odd.cast()), 2);
+        assert!(last_error().contains("bytes (output)"), "{}", last_error());
+        assert!(storage.iter().all(|&b| b == 0x5A), "an output was written");
+        assert_eq!(dk_context_destroy(ctx), 0);
+    }
+}
