@@ -1,5 +1,6 @@
 //! The CPU backend widens to f64: the fused linear divergence whole operands (O((N + V)·H)
-//! memory), the divergence each worker's rows (3 · V values). Where the host refuses that memory
+//! memory), the divergence each worker's rows (3 · V values), the attention each worker's keys
+//! and values of the longest sequence (2 · Sk · D values). Where the host refuses that memory
 //! the call must fail with `ErrorKind::OutOfMemory`, leaving the outputs as they were, instead of
 //! aborting the caller's process ("memory allocation of … failed").
 //!
@@ -8,6 +9,7 @@
 
 #![cfg(target_os = "linux")]
 
+use distill_kernels::attention::{Attention, AttentionParams, Batch};
 use distill_kernels::divergence::{Divergence, Kind, Params};
 use distill_kernels::fused::{FusedLinear, FusedLinearParams};
 use distill_kernels::{Context, ErrorKind, Launch, Matrix, MatrixMut, VectorMut};
@@ -120,6 +122,56 @@ fn divergence_child() {
     assert!(err.message().contains("f64 rows"), "{err}");
     assert!(
         loss[0].is_nan() && grad.iter().all(|g| g.is_nan()),
+        "an output was written"
+    );
+    println!("child: {:?}: {err}", err.kind());
+}
+
+/// One query against 2^21 keys of D = 64 in f32: k and v 512 MiB each (zero pages); the CPU
+/// backend's f64 copies of them, 2 GiB for its one worker.
+const KEYS: usize = 1 << 21;
+
+#[test]
+fn the_attention_refuses_keys_it_cannot_widen() {
+    if std::env::var_os(CHILD).is_some() {
+        return attention_child();
+    }
+    // k and v (1 GiB) and 700 MiB for the process fit; the f64 keys and values do not.
+    run_child(
+        "the_attention_refuses_keys_it_cannot_widen",
+        (1024 + 700) * 1024,
+    );
+}
+
+fn attention_child() {
+    child_started();
+    const D: usize = 64;
+    let q: Vec<f32> = (0..D).map(|i| (i as f32 * 0.37).sin()).collect();
+    let kv = vec![0.0f32; KEYS * D];
+    let mut out = vec![f32::NAN; D];
+    let mut lse = [f32::NAN];
+    let err = Context::cpu()
+        .attention(
+            Attention {
+                batch: Batch::Padded {
+                    batch: 1,
+                    seqlen_q: 1,
+                    seqlen_k: KEYS,
+                },
+                q: Matrix::host(&q, 1, D, D).unwrap(),
+                k: Matrix::host(&kv, KEYS, D, D).unwrap(),
+                v: Matrix::host(&kv, KEYS, D, D).unwrap(),
+                out: MatrixMut::host(&mut out, 1, D, D).unwrap(),
+                lse: VectorMut::host(&mut lse),
+            },
+            &AttentionParams::new(1, 1, D),
+            &Launch::default(),
+        )
+        .expect_err("the f64 keys and values cannot fit the limit");
+    assert_eq!(err.kind(), ErrorKind::OutOfMemory, "{err}");
+    assert!(err.message().contains("key and value rows"), "{err}");
+    assert!(
+        lse[0].is_nan() && out.iter().all(|o| o.is_nan()),
         "an output was written"
     );
     println!("child: {:?}: {err}", err.kind());

@@ -19,6 +19,7 @@ use half::{bf16, f16};
 
 use super::{RawAttention, RawAttentionBackward, RawBatch};
 use crate::error::Result;
+use crate::host_alloc;
 use crate::parallel::Shared;
 use crate::tensor::{DType, Element};
 
@@ -34,37 +35,66 @@ struct Seq {
     sk: usize,
 }
 
-/// The sequences of a validated batch.
-///
-/// # Safety
-/// For a varlen batch the offset pointers must be host memory of `batch + 1` entries each,
-/// checked by validation (starting at 0, non-decreasing, ending at the row counts).
-unsafe fn sequences(b: &RawBatch) -> Vec<Seq> {
-    if !b.is_varlen() {
-        return (0..b.batch)
-            .map(|i| Seq {
-                q0: i * b.seqlen_q,
-                sq: b.seqlen_q,
-                k0: i * b.seqlen_k,
-                sk: b.seqlen_k,
-            })
-            .collect();
+/// The sequences of a validated batch, read by index: not collected into a table, which for
+/// a batch of 2³¹ − 1 empty sequences (a valid call) would take 64 GiB.
+#[derive(Clone, Copy)]
+struct Sequences<'a> {
+    batch: usize,
+    seqlen_q: usize,
+    seqlen_k: usize,
+    /// The varlen offsets `(cu_seqlens_q, cu_seqlens_k)`, `batch + 1` entries each.
+    offsets: Option<(&'a [i32], &'a [i32])>,
+}
+
+impl Sequences<'_> {
+    /// The sequences of `b`.
+    ///
+    /// # Safety
+    /// For a varlen batch the offset pointers must be host memory of `batch + 1` entries each,
+    /// checked by validation (starting at 0, non-decreasing, ending at the row counts), alive
+    /// while the result is used.
+    unsafe fn of(b: &RawBatch) -> Self {
+        let offsets = b.is_varlen().then(|| {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                (
+                    std::slice::from_raw_parts(b.cu_seqlens_q, b.batch + 1),
+                    std::slice::from_raw_parts(b.cu_seqlens_k, b.batch + 1),
+                )
+            }
+        });
+        Sequences {
+            batch: b.batch,
+            seqlen_q: b.seqlen_q,
+            seqlen_k: b.seqlen_k,
+            offsets,
+        }
     }
-    // SAFETY: forwarded from the caller.
-    let (cq, ck) = unsafe {
-        (
-            std::slice::from_raw_parts(b.cu_seqlens_q, b.batch + 1),
-            std::slice::from_raw_parts(b.cu_seqlens_k, b.batch + 1),
-        )
-    };
-    (0..b.batch)
-        .map(|i| Seq {
-            q0: cq[i] as usize,
-            sq: (cq[i + 1] - cq[i]) as usize,
-            k0: ck[i] as usize,
-            sk: (ck[i + 1] - ck[i]) as usize,
-        })
-        .collect()
+
+    fn len(&self) -> usize {
+        self.batch
+    }
+
+    fn get(&self, i: usize) -> Seq {
+        match self.offsets {
+            None => Seq {
+                q0: i * self.seqlen_q,
+                sq: self.seqlen_q,
+                k0: i * self.seqlen_k,
+                sk: self.seqlen_k,
+            },
+            Some((cq, ck)) => Seq {
+                q0: cq[i] as usize,
+                sq: (cq[i + 1] - cq[i]) as usize,
+                k0: ck[i] as usize,
+                sk: (ck[i + 1] - ck[i]) as usize,
+            },
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = Seq> + '_ {
+        (0..self.len()).map(|i| self.get(i))
+    }
 }
 
 /// Keys query `i` of a sequence of `sq` queries and `sk` keys sees: `0..visible`. Causal is
@@ -134,34 +164,28 @@ fn axpy(acc: &mut [f64], a: f64, x: &[f64]) {
     }
 }
 
-/// Runs `f(state, item)` for every item in `0..items` on up to `threads` threads (items handed
-/// out one at a time, so uneven sequences balance), with one `init()` state per thread.
-fn for_each_item<S>(
-    items: usize,
-    threads: usize,
-    init: impl Fn() -> S + Sync,
-    f: impl Fn(&mut S, usize) + Sync,
-) {
-    let threads = threads.min(items).max(1);
-    if threads == 1 {
-        let mut state = init();
-        for i in 0..items {
-            f(&mut state, i);
+/// Runs `f(state, item)` for every item in `0..items` on one thread per state in `states`
+/// (items handed out one at a time, so uneven sequences balance). The states are built by the
+/// caller, on its thread, so that a refused allocation is an error before any work starts.
+fn for_each_item<S: Send>(items: usize, states: Vec<S>, f: impl Fn(&mut S, usize) + Sync) {
+    if states.len() <= 1 || items <= 1 {
+        if let Some(mut state) = states.into_iter().next() {
+            for i in 0..items {
+                f(&mut state, i);
+            }
         }
         return;
     }
     let next = AtomicUsize::new(0);
     std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                let mut state = init();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= items {
-                        break;
-                    }
-                    f(&mut state, i);
+        for mut state in states.into_iter().take(items) {
+            let (next, f) = (&next, &f);
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= items {
+                    break;
                 }
+                f(&mut state, i);
             });
         }
     });
@@ -177,7 +201,7 @@ fn threads_for(work: usize) -> usize {
 
 /// Multiply-adds of a call with `heads` query heads of dimension `d` over `seqs` (upper bound:
 /// no causal discount).
-fn work(seqs: &[Seq], heads: usize, d: usize) -> usize {
+fn work(seqs: &Sequences, heads: usize, d: usize) -> usize {
     seqs.iter()
         .map(|s| s.sq.saturating_mul(s.sk))
         .fold(0usize, |a, b| a.saturating_add(b))
@@ -208,18 +232,39 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(d: usize) -> Self {
-        Scratch {
-            k: Vec::new(),
-            v: Vec::new(),
-            dk: Vec::new(),
-            dv: Vec::new(),
+    /// One worker's scratch for keys of sequences up to `max_sk` long, all of it reserved here
+    /// (the loads and scores then stay within capacity): [`ErrorKind::OutOfMemory`] where the
+    /// host refuses it. `gradients`: also dK and dV (the backward).
+    ///
+    /// [`ErrorKind::OutOfMemory`]: crate::error::ErrorKind::OutOfMemory
+    fn new(d: usize, max_sk: usize, gradients: bool) -> Result<Self> {
+        let keys = max_sk.saturating_mul(d);
+        let what = "the CPU attention's per-thread key and value rows (f64)";
+        let grads = if gradients { keys } else { 0 };
+        Ok(Scratch {
+            k: host_alloc::with_capacity(keys, what)?,
+            v: host_alloc::with_capacity(keys, what)?,
+            dk: host_alloc::with_capacity(grads, what)?,
+            dv: host_alloc::with_capacity(grads, what)?,
             q: vec![0.0; d],
             o: vec![0.0; d],
             dout: vec![0.0; d],
             acc: vec![0.0; d],
-            scores: Vec::new(),
-        }
+            scores: host_alloc::with_capacity(max_sk, "the CPU attention's per-thread scores")?,
+        })
+    }
+
+    /// `threads` scratches (at least one) for the sequences of `seqs`.
+    fn for_threads(
+        threads: usize,
+        seqs: &Sequences,
+        d: usize,
+        gradients: bool,
+    ) -> Result<Vec<Self>> {
+        let max_sk = seqs.iter().map(|s| s.sk).max().unwrap_or(0);
+        (0..threads.max(1))
+            .map(|_| Scratch::new(d, max_sk, gradients))
+            .collect()
     }
 
     /// Scores the loaded query row against the first `n` (≥ 1) loaded keys: leaves
@@ -287,23 +332,28 @@ impl Scratch {
 /// `raw` was validated for a host context: its pointers are valid host memory covering the
 /// shapes, the outputs are disjoint from the inputs and from each other.
 pub(crate) unsafe fn forward(raw: &RawAttention) -> Result<()> {
+    if raw.shape.total_q == 0 {
+        // No query row: out and the LSE have no element (a batch of empty sequences, however
+        // many, is done without visiting them).
+        return Ok(());
+    }
     // SAFETY: validated offsets (host context).
-    let seqs = unsafe { sequences(&raw.shape) };
+    let seqs = unsafe { Sequences::of(&raw.shape) };
     let (hq, d) = (raw.heads_q, raw.head_dim);
     let group = raw.heads_q / raw.heads_kv;
     let scale = raw.scale as f64;
     // SAFETY: the workers read shared inputs and each writes only the output elements of its
     // own items (disjoint by construction, see the module docs).
     let shared = unsafe { Shared::new(*raw) };
-    let threads = threads_for(work(&seqs, hq, d));
+    let items = seqs.len() * hq;
+    let threads = threads_for(work(&seqs, hq, d)).min(items);
     for_each_item(
-        seqs.len() * hq,
-        threads,
-        || Scratch::new(d),
+        items,
+        Scratch::for_threads(threads, &seqs, d, false)?,
         |s, item| {
             let raw = shared.get();
             let (b, h) = (item / hq, item % hq);
-            let seq = seqs[b];
+            let seq = seqs.get(b);
             // SAFETY: key rows k0..k0 + sk of a validated sequence, KV head h / group < Hkv.
             unsafe {
                 s.load_kv(
@@ -359,8 +409,12 @@ pub(crate) unsafe fn forward(raw: &RawAttention) -> Result<()> {
 /// `raw` was validated for a host context: its pointers are valid host memory covering the
 /// shapes, the outputs are disjoint from the inputs and from each other.
 pub(crate) unsafe fn backward(raw: &RawAttentionBackward) -> Result<()> {
+    if raw.shape.total_q == 0 && raw.shape.total_k == 0 {
+        // No row of dq, dk or dv to write.
+        return Ok(());
+    }
     // SAFETY: validated offsets (host context).
-    let seqs = unsafe { sequences(&raw.shape) };
+    let seqs = unsafe { Sequences::of(&raw.shape) };
     let (hq, hkv, d) = (raw.heads_q, raw.heads_kv, raw.head_dim);
     let group = hq / hkv;
     let scale = raw.scale as f64;
@@ -370,15 +424,15 @@ pub(crate) unsafe fn backward(raw: &RawAttentionBackward) -> Result<()> {
     // own items (disjoint by construction, see the module docs).
     let shared = unsafe { Shared::new(*raw) };
     // Backward is about 2.5× the forward's multiply-adds.
-    let threads = threads_for(work(&seqs, hq, d).saturating_mul(5) / 2);
+    let items = seqs.len() * hkv;
+    let threads = threads_for(work(&seqs, hq, d).saturating_mul(5) / 2).min(items);
     for_each_item(
-        seqs.len() * hkv,
-        threads,
-        || Scratch::new(d),
+        items,
+        Scratch::for_threads(threads, &seqs, d, true)?,
         |s, item| {
             let raw = shared.get();
             let (b, g) = (item / hkv, item % hkv);
-            let seq = seqs[b];
+            let seq = seqs.get(b);
             // SAFETY: key rows k0..k0 + sk of a validated sequence, KV head g < Hkv.
             unsafe {
                 s.load_kv(
@@ -458,7 +512,25 @@ pub(crate) unsafe fn backward(raw: &RawAttentionBackward) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::visible;
+    use super::{visible, Scratch};
+    use crate::error::ErrorKind;
+
+    /// Key rows the host cannot hold (one query against more keys than memory) are an
+    /// OutOfMemory error from the calling thread, not an abort of the process; the scratch of
+    /// an ordinary call has room for its longest sequence.
+    #[test]
+    fn scratch_the_host_refuses_is_an_out_of_memory_error() {
+        match Scratch::new(128, usize::MAX / 256, false) {
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::OutOfMemory);
+                assert!(e.to_string().contains("key and value rows"), "{e}");
+            }
+            Ok(_) => panic!("a scratch of 2^64 / 2 bytes was allocated"),
+        }
+        let s = Scratch::new(64, 300, true).unwrap();
+        assert!(s.k.capacity() >= 300 * 64 && s.dv.capacity() >= 300 * 64);
+        assert!(s.scores.capacity() >= 300);
+    }
 
     #[test]
     fn causal_alignment_is_bottom_right() {

@@ -137,7 +137,10 @@ fn par_rows(
     (pool, per_thread): (&mut [f64], usize),
     f: impl Fn(usize, &mut [f64], &mut [f64], &mut [f64]) + Sync,
 ) {
-    let threads = max_threads().min(rows).max(1);
+    // Never more workers than the pool has blocks for: the core count is asked again here and
+    // may have grown since the caller sized the pool (the thread's affinity widened mid-call).
+    let pool_blocks = pool.len().checked_div(per_thread).unwrap_or(usize::MAX);
+    let threads = max_threads().min(pool_blocks).min(rows).max(1);
     let per = rows.div_ceil(threads);
     if threads == 1 {
         f(0, a, b, &mut pool[..per_thread]);
@@ -566,4 +569,36 @@ pub(crate) unsafe fn fused_linear(raw: &RawFusedLinear, params: &FusedLinearPara
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::par_rows;
+
+    /// A pool sized for fewer workers than the cores (the core count grew after the caller
+    /// sized it: a widened affinity) still runs every row, on as many workers as it has
+    /// blocks for, instead of panicking when it is split.
+    #[test]
+    fn par_rows_runs_on_the_blocks_the_pool_has() {
+        let rows = 37;
+        let mut a: Vec<f64> = (0..rows * 2).map(|i| i as f64).collect();
+        let mut b = vec![0.0f64; rows];
+        let per_thread = 3;
+        let mut pool = vec![f64::NAN; per_thread]; // one worker's block
+        par_rows(
+            rows,
+            (&mut a, 2),
+            (&mut b, 1),
+            (&mut pool, per_thread),
+            |first, a_rows, b_rows, scratch| {
+                assert_eq!(scratch.len(), per_thread);
+                for (r, out) in b_rows.iter_mut().enumerate() {
+                    *out = (first + r) as f64 + a_rows[2 * r + 1];
+                }
+            },
+        );
+        for (r, &v) in b.iter().enumerate() {
+            assert_eq!(v, (r + 2 * r + 1) as f64, "row {r}");
+        }
+    }
 }

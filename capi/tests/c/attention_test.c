@@ -732,6 +732,52 @@ static void error_paths(dk_context* ctx) {
   problem_free(&p);
 }
 
+/* A batch of 2^31 - 1 sequences with no rows is a valid call with nothing to compute: it must
+   return DK_OK (at once: the CPU backend does not build a table of the sequences, which would take
+   64 GiB) and write nothing. Forward and backward, padded and varlen (2^20 empty sequences). */
+static void empty_sequences(dk_context* ctx) {
+  /* Rows of 64 bf16 (128 bytes: 16-byte aligned inside the arrays' 16-byte aligned start). */
+  static uint16_t rows[5][64] __attribute__((aligned(16)));
+  static float lse[4];
+  static int32_t zeros[(1 << 20) + 1];
+  dk_attention_params p = dk_attention_params_default();
+  dk_attention_batch padded = {INT32_MAX, 0, 0, NULL, NULL, 0, 0};
+  dk_attention_batch varlen = {1 << 20, 0, 0, zeros, zeros, 0, 0};
+  const dk_attention_batch* batches[2] = {&padded, &varlen};
+  int b;
+  p.head_dim = 64;
+  for (b = 0; b < 2; ++b) {
+    dk_attention_args a;
+    dk_attention_backward_args g;
+    dk_status st;
+    size_t i;
+    memset(&a, 0, sizeof a);
+    memset(&g, 0, sizeof g);
+    for (i = 0; i < 5 * 64; ++i) rows[i / 64][i % 64] = POISON16;
+    lse[0] = 7.0f;
+    a.batch = g.batch = *batches[b];
+    a.dtype = g.dtype = DK_DTYPE_BF16;
+    a.q = a.k = a.v = g.dout = g.q = g.k = g.v = g.out = rows[0];
+    a.out = rows[1];
+    g.dq = rows[2];
+    g.dk = rows[3];
+    g.dv = rows[4];
+    a.q_stride = a.k_stride = a.v_stride = a.out_stride = 64;
+    g.dout_stride = g.q_stride = g.k_stride = g.v_stride = g.out_stride = 64;
+    g.dq_stride = g.dk_stride = g.dv_stride = 64;
+    a.lse = lse;
+    g.lse = lse;
+    st = dk_attention_forward(ctx, &a, &p, NULL);
+    CHECK(st == DK_OK, "forward over %s empty sequences: %d (%s)", b ? "2^20 varlen" : "2^31 - 1",
+          st, dk_last_error());
+    st = dk_attention_backward(ctx, &g, &p, NULL, 0, NULL);
+    CHECK(st == DK_OK, "backward over %s empty sequences: %d (%s)", b ? "2^20 varlen" : "2^31 - 1",
+          st, dk_last_error());
+    for (i = 0; i < 5 * 64; ++i) CHECK(rows[i / 64][i % 64] == POISON16, "element %zu written", i);
+    CHECK(lse[0] == 7.0f, "an empty batch wrote the lse");
+  }
+}
+
 int main(int argc, char** argv) {
   /* Varlen: sequence 1 has no queries, sequence 2 no keys; uneven lengths. */
   static const int32_t cu_q[5] = {0, 3, 3, 8, 9}, cu_k[5] = {0, 4, 6, 6, 13};
@@ -769,6 +815,7 @@ int main(int argc, char** argv) {
   CHECK(st == DK_OK && ctx != NULL, "CPU context: %d", st);
   for (n = 0; n < sizeof cases / sizeof cases[0]; ++n) run_case(ctx, &cases[n]);
   default_scale(ctx);
+  empty_sequences(ctx);
   error_paths(ctx);
   dk_context_destroy(ctx);
 
