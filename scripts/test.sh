@@ -7,6 +7,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+start=$(date +%s)
 
 venv="$root/.venv"
 if [ ! -x "$venv/bin/python" ]; then
@@ -27,3 +28,4 @@ cargo test --profile release-tests
 echo "== pytest python/tests"
 DISTILL_KERNELS_LIB="$release/libdistill_kernels.so" \
   "$venv/bin/python" -m pytest python/tests -q -rs
+echo "== scripts/test.sh: every step passed in $(( $(date +%s) - start )) s"

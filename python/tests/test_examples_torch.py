@@ -26,3 +26,5 @@ def test_on_policy_distillation_example(device):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "gradient of lm_head: relative error" in run.stdout
     assert "mean JSD of the first 5 steps" in run.stdout
+    assert run.stdout.startswith(f"device: {device}"), run.stdout
+    assert run.stdout.rstrip().endswith("\nok"), run.stdout

@@ -57,7 +57,8 @@ an error rather than ignored):
   --temperature T   softmax temperature > 0 (default 1.0); the divergence only
   --check-rows K    rows checked against the reference per result (default 8 for the
                     divergence and for attention's query and key rows, 64 for MoE outputs,
-                    4 for fused; all rows when there are at most K)
+                    4 for fused; all rows when there are at most K; the CPU's fused shape
+                    is always checked whole)
   --tokens N        MoE tokens per shape (default 16384 on CUDA, 2048 on the CPU; --quick:
                     2048 / 256)
   --moe-shapes S,.. scout,maverick,qwen3 (default all three; 'all' also works):
@@ -77,7 +78,8 @@ an error rather than ignored):
                       small-varlen  5 packed sequences (empty, 1 token, Sq > Sk), 6/2, D 128
   --seed S          seed of the random logits (default: from the clock, printed)
   --quick           fewer rows and runs (what CI runs)
-  --json PATH       also write every result to PATH as JSON
+  --json PATH       also write every result to PATH as JSON (its commit field is the value of
+                    DK_BENCH_COMMIT, which scripts/gpu-check.sh sets; null without it)
   -h, --help        this help
 
 Inputs: fresh random logits, student ~ N(0, 3^2), teacher = 0.9 * student + N(0, 1.5^2),
@@ -96,20 +98,21 @@ the JSON), the loss as the largest relative error of the checked per-row losses 
 loss. Tolerances: bf16/f16 gradient 1e-2, loss 1e-4; f32 both 1e-5. Every output is poisoned
 with NaN before the checked run; NaN never passes.
 
-MoE rows (per shape: route, permute fwd/bwd, combine fwd/bwd; backward = the kernels the
-library's backward is made of: permute's is a combine (weighted, plus a slot-dot for the weight
-gradient, when the forward scaled), combine's a permute (scaled, plus a slot-dot, when weighted)):
-median time, GB/s and fraction of the floor as cuda/MOE.md defines it (route N*E*4 + 4*(3*N*k + R);
-permute 2*R*H*b; combine and slot-dot (R + N)*H*b; b = element size, R = N*k permuted rows), and
-of the strict floor (each operand once). Checks: the route against the CPU backend on every token
-(on CUDA, f32 near-ties within 1e-5 may pick either expert: validated and counted), weights 1e-5,
-counts/offsets/perm/position exact; permute/combine/slot-dot against the CPU backend on sampled
-rows (unscaled permute bitwise; activations 1e-2 bf16/f16, 1e-5 f32; weight gradient 1e-5);
-outputs poisoned first and scanned for unwritten elements; and a second poisoned run must give
-bitwise identical outputs. On CUDA each MoE run is timed with events after a read pass over a
-zeroed 256 MiB buffer that evicts the L2 cache and leaves no dirty line to write back inside the
-run, queued behind GPU work so that the events time the GPU, not the host's launch rate; 'host us'
-is the host's time to enqueue one run (library calls and launches).
+MoE rows (per shape: route, permute fwd/bwd, combine fwd/bwd; backward = the kernels the library's
+backward is made of: permute's is a combine (weighted, plus a slot-dot for the weight gradient,
+when the forward scaled), combine's a permute (scaled, plus a slot-dot, when weighted)): median
+time, GB/s and fraction of the floor as cuda/MOE.md defines it (route N*E*4 + 4*(3*N*k + R);
+permute 2*R*H*b; combine and slot-dot (R + N)*H*b; b = element size, R = N*k permuted rows), and of
+the strict floor (each operand once). On the CPU a shape small enough for the caches can pass 100 %
+of a floor measured by copying 256 MiB (from memory, not cache). Checks: the route against the CPU
+backend on every token (on CUDA, f32 near-ties within 1e-5 may pick either expert: validated and
+counted), weights 1e-5, counts/offsets/perm/position exact; permute/combine/slot-dot against the
+CPU backend on sampled rows (unscaled permute bitwise; activations 1e-2 bf16/f16, 1e-5 f32; weight
+gradient 1e-5); outputs poisoned first and scanned for unwritten elements; and a second poisoned
+run must give bitwise identical outputs. On CUDA each MoE run is timed with events after a read
+pass over a zeroed 256 MiB buffer that evicts the L2 cache and leaves no dirty line to write back
+inside the run, queued behind GPU work so that the events time the GPU, not the host's launch rate;
+'host us' is the host's time to enqueue one run (library calls and launches).
 
 Attention rows (per shape and dtype: fwd; fwd+bwd = the forward call then the deterministic
 backward; fwd+bwd/a = the same with deterministic = false, dQ summed by f32 atomics as FA2 does):
