@@ -27,6 +27,11 @@ fi
 case "$1" in
   *[[:space:]]*) echo "$0: PREFIX must not contain white space (pkg-config splits it)" >&2; exit 2 ;;
 esac
+# A missing DK_INSTALL_FROM fails before anything is created under PREFIX.
+if [ -n "${DK_INSTALL_FROM:-}" ]; then
+  release=$(cd "$DK_INSTALL_FROM" 2>/dev/null && pwd) ||
+    { echo "$0: DK_INSTALL_FROM=$DK_INSTALL_FROM is not a folder" >&2; exit 1; }
+fi
 destdir=${DESTDIR:-}
 if [ -n "$destdir" ]; then
   case "$1" in
@@ -38,9 +43,6 @@ if [ -n "$destdir" ]; then
 else
   mkdir -p "$1"
   prefix=$(cd "$1" && pwd)  # before leaving the caller's directory: PREFIX may be relative
-fi
-if [ -n "${DK_INSTALL_FROM:-}" ]; then
-  release=$(cd "$DK_INSTALL_FROM" && pwd) || exit 1
 fi
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
