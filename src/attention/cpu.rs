@@ -240,12 +240,13 @@ impl Scratch {
     fn new(d: usize, max_sk: usize, gradients: bool) -> Result<Self> {
         let keys = max_sk.saturating_mul(d);
         let what = "the CPU attention's per-thread key and value rows (f64)";
+        let grads_what = "the CPU attention's per-thread dK and dV rows (f64)";
         let grads = if gradients { keys } else { 0 };
         Ok(Scratch {
             k: host_alloc::with_capacity(keys, what)?,
             v: host_alloc::with_capacity(keys, what)?,
-            dk: host_alloc::with_capacity(grads, what)?,
-            dv: host_alloc::with_capacity(grads, what)?,
+            dk: host_alloc::with_capacity(grads, grads_what)?,
+            dv: host_alloc::with_capacity(grads, grads_what)?,
             q: vec![0.0; d],
             o: vec![0.0; d],
             dout: vec![0.0; d],
